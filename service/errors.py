@@ -70,11 +70,8 @@ class SopsError(SwitchboardError):
 
     def __init__(self, file: str, message: str) -> None:
         self.file = file
+        self.case = message
         super().__init__(f"{file}: {message}")
-
-    @property
-    def case(self) -> str:
-        return str(self.args[0]).split(": ", 1)[-1]
 
 
 class SopsNotFound(SopsError):

@@ -10,7 +10,9 @@ import hmac
 import re
 from typing import Any, NoReturn
 
-SOPS_VALUE = re.compile(r"^ENC\[AES256_GCM,data:[A-Za-z0-9+/=]*,iv:[A-Za-z0-9+/=]+,tag:[A-Za-z0-9+/=]+,type:\w+\]$")
+SOPS_VALUE = re.compile(
+    r"^ENC\[AES256_GCM,data:[A-Za-z0-9+/=]*,iv:[A-Za-z0-9+/=]+,tag:[A-Za-z0-9+/=]+,type:\w+\]$"
+)
 """A value encrypted by sops, as it appears in a file."""
 
 _MIN_SHOWN_LENGTH = 12
