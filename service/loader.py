@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import ValidationError
 
-from service.errors import FileRejected, Problem, SopsError
+from service.errors import FileRejected, Problem, SopsError, SopsTampered
 from service.models import MODELS, SECRET_FIELDS, AiServer, ApiKey, Document
 from service.secret import SOPS_VALUE, Sealed, Secret
 
@@ -121,7 +121,10 @@ async def decrypt_async(loaded: Loaded, sops: Sops) -> Loaded:
 
 
 def _sops_rejection(loaded: Loaded, exc: SopsError) -> FileRejected:
-    rejected = FileRejected([Problem(loaded.file, loaded.line("sops"), exc.case)])
+    # A tampered value is shown at the secret; a key or MAC problem at the sops metadata.
+    secrets = [name for name in SECRET_FIELDS if (name,) in loaded.lines]
+    line = loaded.line(secrets[0]) if isinstance(exc, SopsTampered) and secrets else loaded.line("sops")
+    rejected = FileRejected([Problem(loaded.file, line, exc.case)])
     rejected.sops_error = exc  # type: ignore[attr-defined]
     return rejected
 

@@ -44,7 +44,7 @@ _BY_EXIT_CODE: dict[int, tuple[type[SopsError], str]] = {
     ),
     51: (
         SopsMacMismatch,
-        "MAC mismatch: the file was changed without sops (re-encrypt it with `switchboard encrypt`)",
+        "MAC mismatch: the file was changed without sops (restore it from git, then use `switchboard edit`)",
     ),
     25: (SopsTampered, "an encrypted value was tampered with (restore the file from git)"),
 }

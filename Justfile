@@ -1,0 +1,40 @@
+# Switchboard's tasks: one entry point each, used by CI (.ci/run) and the README alike.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# list the recipes
+default:
+    @just --list
+
+# install the project and its development tools
+install:
+    python -m pip install -q -e '.[dev]'
+
+# serve the example configuration with a throwaway identity and a local stand-in upstream
+demo:
+    python -m service validate providers.d
+
+# run the test suite
+test *ARGS:
+    python -m pytest {{ARGS}}
+
+# ruff (lint and format) and mypy strict on service/
+lint:
+    ruff check .
+    ruff format --check .
+    mypy
+
+# check the shipped examples, as CI does on a pull request
+validate:
+    python -m service validate providers.d
+
+# fail when schemas/ is stale
+schema-check:
+    python -m service schema --check
+
+# regenerate schemas/ from the models
+schema:
+    python -m service schema
+
+# everything CI runs
+ci: lint schema-check validate test

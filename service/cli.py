@@ -1,0 +1,189 @@
+"""The `switchboard` command. `cli(*args)` is what tests call; `main()` is the console script.
+
+Exit codes: 0 success, 1 the check or operation found problems, 2 wrong usage. Errors are
+one line each on stderr, never a traceback: every SwitchboardError is turned into a message
+here, in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from service import __version__
+from service.errors import ConfigError, SwitchboardError
+from service.settings import Settings
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def main() -> int:
+    """Console script entry point."""
+    return cli(*sys.argv[1:])
+
+
+def cli(*args: str) -> int:
+    """Run one command; returns its exit code."""
+    parser = _parser()
+    ns = parser.parse_args(args)
+    try:
+        settings = _settings(ns)
+        command: Command = ns.command
+        return command(ns, settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except SwitchboardError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in error["loc"])
+            print(f"switchboard: error: setting {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("switchboard: interrupted", file=sys.stderr)
+        return 130
+
+
+def _settings(ns: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in vars(ns).items()
+        if key in Settings.model_fields and value is not None and key != "command"
+    }
+    return Settings(**overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard", description="GitOps configuration service and gateway for LLM providers."
+    )
+    parser.add_argument("--version", action="version", version=f"switchboard {__version__}")
+    parser.add_argument("--root", type=Path, help="the configuration repository (default: here)")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check provider files (for CI and pre-commit)")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH")
+    p.add_argument("--format", choices=["text", "json", "github"], default="text")
+    p.add_argument("--decrypt", action="store_true", help="also decrypt each file and check its MAC")
+    p.set_defaults(command=_validate)
+
+    p = sub.add_parser("schema", help="write schemas/*.schema.json from the models")
+    p.add_argument("--check", action="store_true", help="exit 1 when the files are stale")
+    p.set_defaults(command=_schema)
+
+    p = sub.add_parser("keygen", help="make an age identity and add its recipient to .sops.yaml")
+    p.add_argument("--key-file", type=Path, help="default: ~/.config/sops/age/keys.txt")
+    p.set_defaults(command=_keygen)
+
+    p = sub.add_parser("encrypt", help="encrypt files in place with the project's rules")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(command=_encrypt)
+
+    p = sub.add_parser("edit", help="edit an encrypted file through sops")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(command=_edit)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def _sops(settings: Settings) -> Any:
+    from service.secret import Secret
+    from service.sops import Sops
+
+    key = Secret(settings.age_key.get_secret_value()) if settings.age_key else None
+    return Sops(
+        settings.sops_binary, age_key_file=settings.age_key_file, age_key=key, project_root=settings.root
+    )
+
+
+def _validate(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.validate import collect, render, validate
+
+    paths = list(ns.paths) or [settings.providers_dir]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        for path in missing:
+            print(f"switchboard: error: {path}: no such file or folder", file=sys.stderr)
+        return 1
+    problems = validate(paths, sops=_sops(settings) if ns.decrypt else None)
+    files = len(collect(paths))
+    output = render(problems, ns.format, files)
+    if output:
+        print(output)
+    if ns.format == "text":
+        verdict = f"{len(problems)} problem(s)" if problems else "ok"
+        print(f"{files} file(s) checked: {verdict}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _schema(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.schemas import render_schemas
+
+    folder = settings.root / "schemas"
+    stale = []
+    for name, text in render_schemas().items():
+        path = folder / name
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == text:
+            continue
+        stale.append(path)
+        if not ns.check:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if ns.check and stale:
+        for path in stale:
+            print(f"{path}: stale; run `switchboard schema`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _keygen(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.keys import add_recipient, default_key_file, write_identity
+
+    config_home = os.environ.get("XDG_CONFIG_HOME")
+    key_file = ns.key_file or default_key_file(Path.home(), Path(config_home) if config_home else None)
+    recipient = write_identity(key_file)
+    added = add_recipient(settings.sops_config, recipient)
+    print(f"identity: {key_file} (private: keep it out of git)")
+    print(f"recipient: {recipient}")
+    if added:
+        print(f"added the recipient to {settings.sops_config}")
+    return 0
+
+
+def _encrypt(ns: argparse.Namespace, settings: Settings) -> int:
+    sops = _sops(settings)
+    for path in ns.files:
+        sops.encrypt_in_place(path)
+        print(f"encrypted {path}")
+    return 0
+
+
+def _edit(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.validate import render, validate
+
+    code = int(_sops(settings).edit(ns.file))
+    if code not in (0, 200):
+        return 1
+    problems = validate([ns.file])
+    if problems:
+        print(render(problems, "text", 1))
+        return 1
+    return 0
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

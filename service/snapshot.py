@@ -1,0 +1,126 @@
+"""The whole configuration at one moment: an immutable `Snapshot` built from loaded files.
+
+Building a snapshot runs the cross-file checks (unique ids, one routing and one clients
+file, routing naming enabled providers that list the purpose); a set of files that fails
+them is refused as a whole. Every request reads one snapshot from start to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from service.errors import Problem, SnapshotRejected
+from service.loader import Loaded
+from service.models import AiServer, ApiKey, Clients, Provider, Routing
+
+ConfigView = dict[str, Any]
+"""The masked, JSON-ready configuration: {"providers": {...}, "routing": {...}, "clients": {...}}."""
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def cross_check(files: Iterable[Loaded]) -> list[Problem]:
+    """Problems between files: duplicate ids, a second routing or clients file, bad routing."""
+    problems: list[Problem] = []
+    providers: dict[str, Loaded] = {}
+    singles: dict[str, Loaded] = {}
+    for loaded in sorted(files, key=lambda f: f.file):
+        doc = loaded.document
+        if isinstance(doc, AiServer | ApiKey):
+            if doc.id in providers:
+                other = providers[doc.id].file
+                problems.append(
+                    Problem(loaded.file, loaded.line("id"), f"id `{doc.id}` is also defined in {other}")
+                )
+            else:
+                providers[doc.id] = loaded
+        elif doc.kind in singles:
+            first = singles[doc.kind].file
+            message = f"more than one {doc.kind} file: {first} already defines `kind: {doc.kind}`"
+            problems.append(Problem(loaded.file, loaded.line("kind"), message))
+        else:
+            singles[doc.kind] = loaded
+    routing = singles.get("routing")
+    if routing is not None and isinstance(routing.document, Routing):
+        known = {k: v.document for k, v in providers.items() if isinstance(v.document, AiServer | ApiKey)}
+        problems += _check_routing(routing, routing.document, known)
+    return problems
+
+
+def _check_routing(loaded: Loaded, routing: Routing, providers: Mapping[str, Provider]) -> list[Problem]:
+    problems = []
+    for purpose, route in routing.purposes.items():
+        for role, ids in (("primary", route.primary), ("fallbacks", route.fallbacks)):
+            for index, provider_id in enumerate(ids):
+                line = loaded.line("purposes", purpose, role, index)
+                provider = providers.get(provider_id)
+                where = f"routing for `{purpose}` names `{provider_id}`"
+                if provider is None:
+                    problems.append(Problem(loaded.file, line, f"{where}, which does not exist"))
+                elif not provider.enabled:
+                    problems.append(Problem(loaded.file, line, f"{where}, which is disabled"))
+                elif purpose not in provider.purposes:
+                    message = f"{where}, whose purposes ({', '.join(provider.purposes)}) lack `{purpose}`"
+                    problems.append(Problem(loaded.file, line, message))
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The configuration at one generation. Never mutated: a change builds a new one."""
+
+    generation: int = 0
+    files: Mapping[str, Loaded] = field(default_factory=lambda: _EMPTY)
+    providers: Mapping[str, Provider] = field(default_factory=lambda: _EMPTY)
+    routing: Routing | None = None
+    clients: Clients | None = None
+
+    @classmethod
+    def build(cls, files: Mapping[str, Loaded], generation: int = 0) -> Snapshot:
+        """A snapshot of these files, or SnapshotRejected with every cross-file problem."""
+        problems = cross_check(files.values())
+        if problems:
+            raise SnapshotRejected(problems)
+        providers: dict[str, Provider] = {}
+        routing = clients = None
+        for loaded in files.values():
+            doc = loaded.document
+            if isinstance(doc, AiServer | ApiKey):
+                providers[doc.id] = doc
+            elif isinstance(doc, Routing):
+                routing = doc
+            else:
+                clients = doc
+        return cls(
+            generation=generation,
+            files=MappingProxyType(dict(sorted(files.items()))),
+            providers=MappingProxyType(dict(sorted(providers.items()))),
+            routing=routing,
+            clients=clients,
+        )
+
+    def file_of(self, provider_id: str) -> str | None:
+        """The file that defines a provider."""
+        for path, loaded in self.files.items():
+            doc = loaded.document
+            if isinstance(doc, AiServer | ApiKey) and doc.id == provider_id:
+                return path
+        return None
+
+    def view(self) -> ConfigView:
+        """The masked configuration, as events record it and `state --at` rebuilds it."""
+        providers = {}
+        for path, loaded in self.files.items():
+            doc = loaded.document
+            if isinstance(doc, AiServer | ApiKey):
+                providers[doc.id] = {**doc.model_dump(mode="json"), "file": path}
+        routing = (
+            {p: r.model_dump(mode="json") for p, r in sorted(self.routing.purposes.items())}
+            if self.routing
+            else {}
+        )
+        clients = {c.name: {"scopes": list(c.scopes)} for c in self.clients.clients} if self.clients else {}
+        return {"providers": dict(sorted(providers.items())), "routing": routing, "clients": clients}
