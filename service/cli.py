@@ -13,13 +13,16 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from service import __version__
 from service.errors import ConfigError, SwitchboardError
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.sops import Sops
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -92,13 +95,43 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an encrypted file through sops")
     p.add_argument("file", type=Path, metavar="FILE")
     p.set_defaults(command=_edit)
+
+    p = sub.add_parser("rotate", help="re-encrypt every file with a new data key, updating recipients")
+    p.add_argument("--add-recipient", action="append", default=[], metavar="R")
+    p.add_argument("--remove-recipient", action="append", default=[], metavar="R")
+    p.set_defaults(command=_lazy("service.rotate", "command"))
+
+    p = sub.add_parser("plan", help="semantic diff of the configuration between two git revisions")
+    p.add_argument("base", nargs="?", metavar="BASE", help="default: the merge base with the default branch")
+    p.add_argument("head", nargs="?", metavar="HEAD", help="default: the working tree")
+    p.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    p.set_defaults(command=_lazy("service.plan", "command"))
+
+    p = sub.add_parser("export", help="LiteLLM proxy config.yaml, or WilmerAI endpoint files")
+    p.add_argument("target", choices=["litellm", "wilmer"])
+    p.add_argument("--out", type=Path, metavar="PATH")
+    p.add_argument("--with-secrets", action="store_true", help="write decrypted keys, not env references")
+    p.set_defaults(command=_lazy("service.export", "command"))
     return parser
+
+
+def _lazy(module: str, name: str) -> Command:
+    """A command whose module is imported only when it runs, so `switchboard` starts fast."""
+
+    def command(ns: argparse.Namespace, settings: Settings) -> int:
+        import importlib
+
+        function: Command = getattr(importlib.import_module(module), name)
+        return function(ns, settings)
+
+    return command
 
 
 # -- commands ------------------------------------------------------------------------------
 
 
-def _sops(settings: Settings) -> Any:
+def make_sops(settings: Settings) -> Sops:
+    """The sops runner for these settings (the identity from SOPS_AGE_KEY_FILE / SOPS_AGE_KEY)."""
     from service.secret import Secret
     from service.sops import Sops
 
@@ -117,7 +150,7 @@ def _validate(ns: argparse.Namespace, settings: Settings) -> int:
         for path in missing:
             print(f"switchboard: error: {path}: no such file or folder", file=sys.stderr)
         return 1
-    problems = validate(paths, sops=_sops(settings) if ns.decrypt else None)
+    problems = validate(paths, sops=make_sops(settings) if ns.decrypt else None)
     files = len(collect(paths))
     output = render(problems, ns.format, files)
     if output:
@@ -165,7 +198,7 @@ def _keygen(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _encrypt(ns: argparse.Namespace, settings: Settings) -> int:
-    sops = _sops(settings)
+    sops = make_sops(settings)
     for path in ns.files:
         sops.encrypt_in_place(path)
         print(f"encrypted {path}")
@@ -175,7 +208,7 @@ def _encrypt(ns: argparse.Namespace, settings: Settings) -> int:
 def _edit(ns: argparse.Namespace, settings: Settings) -> int:
     from service.validate import render, validate
 
-    code = int(_sops(settings).edit(ns.file))
+    code = int(make_sops(settings).edit(ns.file))
     if code not in (0, 200):
         return 1
     problems = validate([ns.file])
