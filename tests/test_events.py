@@ -235,6 +235,14 @@ def test_deleted_middle_line_is_named_by_verify(log_path: Path) -> None:
     assert broken.value.seq == 4
 
 
+def test_verify_counts_an_empty_log_and_refuses_a_missing_one(log_path: Path) -> None:
+    EventLog(log_path).close()
+
+    assert verify(log_path) == 0
+    with pytest.raises(EventLogError, match="cannot read"):
+        verify(log_path.with_name("missing.jsonl"))
+
+
 def test_garbage_in_the_middle_is_not_repaired_on_open(log_path: Path) -> None:
     write_events(log_path, 3)
     text = lines(log_path)
