@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
 from service import __version__
 from service.errors import ConfigError, SwitchboardError
+from service.models import Scope
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -95,6 +97,41 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit an encrypted file through sops")
     p.add_argument("file", type=Path, metavar="FILE")
     p.set_defaults(command=_edit)
+
+    p = sub.add_parser("serve", help="run the service")
+    p.add_argument("--providers", type=Path, metavar="DIR", help="default: providers.d")
+    p.add_argument("--host", metavar="H", help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, metavar="P", help="default: 8080")
+    p.add_argument("--events", type=Path, metavar="FILE", help="default: var/events.jsonl")
+    p.set_defaults(command=_serve)
+
+    p = sub.add_parser("audit", help="read or check the event log")
+    audit = p.add_subparsers(required=True, metavar="ACTION")
+    q = audit.add_parser("show", help="events, oldest first")
+    q.add_argument("--subject", metavar="ID")
+    q.add_argument("--type", dest="event_type", metavar="T", help="a type, or a family like `provider`")
+    q.add_argument("--since", metavar="T", help="ISO 8601, a date, or 10m / 2h / 3d ago")
+    q.add_argument("--until", metavar="T")
+    q.add_argument("--limit", type=int, metavar="N", help="the N most recent")
+    q.add_argument("--format", choices=["text", "json"], default="text")
+    q.add_argument("--events", type=Path, metavar="FILE")
+    q.set_defaults(command=_audit_show)
+    q = audit.add_parser("verify", help="check the hash chain; names the first bad seq")
+    q.add_argument("--events", type=Path, metavar="FILE")
+    q.set_defaults(command=_audit_verify)
+
+    p = sub.add_parser("state", help="the configuration as it stood at a time, from the event log")
+    p.add_argument("--at", metavar="TIME", help="default: now")
+    p.add_argument("--events", type=Path, metavar="FILE")
+    p.set_defaults(command=_state)
+
+    p = sub.add_parser("token", help="API tokens")
+    token = p.add_subparsers(required=True, metavar="ACTION")
+    q = token.add_parser("create", help="make a token, print it once, add its hash to the clients file")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--scope", nargs="+", required=True, choices=list(get_args(Scope)), metavar="S")
+    q.add_argument("--providers", type=Path, metavar="DIR")
+    q.set_defaults(command=_token_create)
 
     p = sub.add_parser("rotate", help="re-encrypt every file with a new data key, updating recipients")
     p.add_argument("--add-recipient", action="append", default=[], metavar="R")
@@ -218,5 +255,82 @@ def _edit(ns: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _dump(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+def _serve(ns: argparse.Namespace, settings: Settings) -> int:
+    from aiohttp import web
+
+    from service.app import create_app
+    from service.auth import is_loopback
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.providers_dir.is_dir():
+        print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
+        return 1
+    has_clients = any((settings.providers_dir / f"clients.{ext}").exists() for ext in ("yaml", "yml"))
+    if not has_clients and not is_loopback(settings.host):
+        print(
+            f"switchboard: error: refusing to listen on {settings.host} without authentication: "
+            f"there is no clients file in {settings.providers_dir} "
+            "(create one with `switchboard token create`), or listen on 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 1
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        shutdown_timeout=10,
+        print=lambda line: logging.getLogger("service").info(line.strip()),
+    )
+    return 0
+
+
+def _audit_show(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.events import filter_events, parse_time, read_events
+
+    events = read_events(settings.events_file)
+    try:
+        since = parse_time(ns.since) if ns.since else None
+        until = parse_time(ns.until) if ns.until else None
+    except ValueError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 2
+    for event in filter_events(events, ns.subject, ns.event_type, since, until, ns.limit):
+        if ns.format == "json":
+            print(event.model_dump_json())
+            continue
+        commit = (event.commit or "")[:10] or ("uncommitted" if event.uncommitted else "-")
+        fields = ", ".join(event.changes) or getattr(event, "reason", None) or ""
+        line = f"{event.seq:>6} {event.model_dump(mode='json')['ts']} {event.type:<24} {event.subject or '-'}"
+        print(f"{line} [{commit}] {event.author or ''} {fields}".rstrip())
+    return 0
+
+
+def _audit_verify(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.events import verify
+
+    count = verify(settings.events_file)
+    print(f"{settings.events_file}: {count} events, hash chain intact")
+    return 0
+
+
+def _state(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.events import parse_time, read_events, replay
+
+    try:
+        at = parse_time(ns.at) if ns.at else None
+    except ValueError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(replay(read_events(settings.events_file), at), indent=2, sort_keys=True))
+    return 0
+
+
+def _token_create(ns: argparse.Namespace, settings: Settings) -> int:
+    from service.tokens import create_token
+
+    token, path = create_token(settings.providers_dir, ns.name, ns.scope)
+    print(token)
+    print(f"added client {ns.name!r} to {path}; the token is shown only this once", file=sys.stderr)
+    return 0

@@ -56,7 +56,8 @@ class FileRejected(ConfigError):
 
     @property
     def reason(self) -> str:
-        return "; ".join(p.message for p in self.problems)
+        """Every problem of the file, as `line N: message`, for events and `/readyz`."""
+        return "; ".join(f"line {p.line}: {p.message}" for p in self.problems)
 
 
 class SnapshotRejected(ConfigError):

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast, get_args
@@ -233,8 +233,10 @@ class EventLog:
     fails, and `verify` names the first bad seq. The hash chain itself is checked by `verify`.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, on_append: Callable[[BaseEvent], None] | None = None) -> None:
         self.path = Path(path)
+        self.on_append = on_append
+        """Called after each append (metrics count events by type here)."""
         self.recovered_tail: str | None = None
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +305,9 @@ class EventLog:
             self._write(line)
             event = event.model_copy(update={"hash": data["hash"]})
             self._events.append(cast("Event", event))
-            return event
+        if self.on_append is not None:
+            self.on_append(event)
+        return event
 
     def _write(self, line: bytes) -> None:
         size = os.fstat(self._fd).st_size

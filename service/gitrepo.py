@@ -1,0 +1,180 @@
+"""Read-only access to the git repository that holds the configuration.
+
+Nothing here checks anything out or writes to the repository: files of a revision are read
+straight from the object store (`git ls-tree` + `git cat-file --batch`), so `plan` can compare
+two revisions while the working tree stays as the user left it, and the service can tell
+which commit a file came from.
+
+    repo = GitRepo.find(Path("."))
+    base = repo.merge_base("HEAD", repo.default_branch() or "HEAD")
+    files = repo.read_tree(base, "providers.d")   # {"providers.d/x.yaml": b"..."}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from service.errors import GitError
+
+_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """A commit and its author, as `"Name <email>"`."""
+
+    sha: str
+    author: str
+
+
+def blob_sha(data: bytes) -> str:
+    """The id git gives a blob with this content (`git hash-object`), without asking git."""
+    header = f"blob {len(data)}\0".encode()
+    return hashlib.sha1(header + data, usedforsecurity=False).hexdigest()
+
+
+class GitRepo:
+    """A git work tree at `root` (its top level), read through the `git` binary."""
+
+    def __init__(self, root: Path, *, binary: str = "git", environ: Mapping[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.binary = binary
+        self._env = dict(environ) if environ is not None else None
+
+    def __repr__(self) -> str:
+        return f"GitRepo({str(self.root)!r})"
+
+    @classmethod
+    def find(cls, path: Path, *, binary: str = "git") -> GitRepo | None:
+        """The repository whose work tree contains `path`, or None when there is none."""
+        try:
+            proc = subprocess.run(
+                [binary, "-C", str(path), "rev-parse", "--show-toplevel"],
+                capture_output=True,
+                timeout=_TIMEOUT_S,
+                check=False,
+            )
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode != 0:
+            return None
+        return cls(Path(proc.stdout.decode().strip()), binary=binary)
+
+    # -- running git ------------------------------------------------------------------------
+
+    def run(self, *args: str, data: bytes | None = None, ok: tuple[int, ...] = (0,)) -> bytes:
+        """Run `git ARGS` at the top level; returns stdout. Raises GitError on another exit code."""
+        argv = [self.binary, "-C", str(self.root), *args]
+        try:
+            proc = subprocess.run(
+                argv,
+                input=data,
+                capture_output=True,
+                env=self._env,
+                timeout=_TIMEOUT_S,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise GitError(f"the git binary {self.binary!r} was not found") from None
+        except subprocess.TimeoutExpired:
+            raise GitError(f"git {args[0]} did not finish within {_TIMEOUT_S:g}s") from None
+        if proc.returncode not in ok:
+            reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            detail = reason[-1] if reason else f"exit {proc.returncode}"
+            raise GitError(f"git {args[0]} failed: {detail}")
+        return proc.stdout
+
+    # -- revisions --------------------------------------------------------------------------
+
+    def resolve(self, rev: str) -> str:
+        """The commit id `rev` names. Raises GitError for an unknown revision."""
+        out = self.run("rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", ok=(0, 1))
+        if not out.strip():
+            raise GitError(f"unknown revision {rev!r}")
+        return out.decode().strip()
+
+    def head(self) -> str | None:
+        """The commit HEAD points at, or None in a repository without commits."""
+        out = self.run("rev-parse", "--verify", "--quiet", "HEAD^{commit}", ok=(0, 1)).strip()
+        return out.decode() if out else None
+
+    def default_branch(self) -> str | None:
+        """The branch pull requests go to: `origin/HEAD`'s target, else `main`, else `master`."""
+        out = self.run("symbolic-ref", "--quiet", "--short", "refs/remotes/origin/HEAD", ok=(0, 1, 128))
+        candidates = [out.decode().strip()] if out.strip() else []
+        candidates += ["main", "master", "origin/main", "origin/master"]
+        for name in candidates:
+            if self.run("rev-parse", "--verify", "--quiet", f"{name}^{{commit}}", ok=(0, 1)).strip():
+                return name
+        return None
+
+    def merge_base(self, a: str, b: str) -> str | None:
+        """The best common ancestor of two revisions, or None when they share no history."""
+        out = self.run("merge-base", a, b, ok=(0, 1)).strip()
+        return out.decode() if out else None
+
+    # -- contents ---------------------------------------------------------------------------
+
+    def read_tree(self, rev: str, folder: str) -> dict[str, bytes]:
+        """The files directly in `folder` (relative to the top level) at `rev`: {path: bytes}.
+
+        Paths are POSIX and relative to the top level. Symlinks and submodules are skipped.
+        """
+        prefix = PurePosixPath(folder).as_posix().strip("/")
+        out = self.run("ls-tree", "-z", "--full-tree", rev, "--", f"{prefix}/" if prefix else ".")
+        blobs: dict[str, str] = {}
+        for entry in out.split(b"\0"):
+            if not entry:
+                continue
+            meta, _, path = entry.partition(b"\t")
+            mode, kind, sha = meta.decode().split()
+            if kind == "blob" and mode in ("100644", "100755"):
+                blobs[path.decode("utf-8", "surrogateescape")] = sha
+        contents = self._cat_blobs(list(blobs.values()))
+        return {path: contents[sha] for path, sha in sorted(blobs.items())}
+
+    def read_file(self, rev: str, path: str) -> bytes | None:
+        """One file at `rev` (path relative to the top level), or None when it is not there."""
+        out = self.run("ls-tree", "-z", "--full-tree", rev, "--", path)
+        for entry in out.split(b"\0"):
+            meta, _, name = entry.partition(b"\t")
+            if name.decode("utf-8", "surrogateescape") == path and meta.split()[1:2] == [b"blob"]:
+                sha = meta.split()[2].decode()
+                return self._cat_blobs([sha])[sha]
+        return None
+
+    def _cat_blobs(self, shas: list[str]) -> dict[str, bytes]:
+        """Many blobs in one `git cat-file --batch` call."""
+        if not shas:
+            return {}
+        out = self.run("cat-file", "--batch", data="".join(f"{s}\n" for s in shas).encode())
+        found: dict[str, bytes] = {}
+        pos = 0
+        for _ in shas:
+            end = out.index(b"\n", pos)
+            sha, kind, size = out[pos:end].decode().split()
+            if kind != "blob":
+                raise GitError(f"object {sha} is a {kind}, not a blob")
+            start = end + 1
+            found[sha] = out[start : start + int(size)]
+            pos = start + int(size) + 1  # the content is followed by a newline
+        return found
+
+    def last_commit(self, path: str, rev: str = "HEAD") -> Commit | None:
+        """The last commit up to `rev` that touched `path`, with its author; None if none did."""
+        out = self.run("log", "-1", "--format=%H%x00%an <%ae>", rev, "--", path, ok=(0, 128)).strip()
+        if not out:
+            return None
+        sha, _, author = out.decode("utf-8", "replace").partition("\0")
+        return Commit(sha, author)
+
+    def relative(self, path: Path) -> str:
+        """`path` relative to the top level, POSIX; raises GitError when it lies outside."""
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            raise GitError(f"{path} is not inside the repository at {self.root}") from None
