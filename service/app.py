@@ -19,9 +19,10 @@ from aiohttp import web
 from service import __version__, api, gateway
 from service.attribution import Attributor
 from service.auth import Handler
-from service.context import EVENTS, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS
+from service.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.events import BaseEvent, EventLog, ServiceStarted
+from service.health import Health
 from service.metrics import CONTENT_TYPE, Metrics
 from service.registry import Outcome, Registry
 from service.settings import Settings
@@ -36,6 +37,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[HEALTH] = Health()
     app[SOPS] = sops or Sops(
         settings.sops_binary,
         age_key_file=settings.age_key_file,

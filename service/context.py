@@ -8,6 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from service.events import EventLog
+from service.health import Health
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
@@ -20,3 +21,4 @@ SOPS = web.AppKey("sops", Sops)
 EVENTS = web.AppKey("events", EventLog)
 REGISTRY = web.AppKey("registry", Registry)
 RELOADER = web.AppKey("reloader", Reloader)
+HEALTH = web.AppKey("health", Health)

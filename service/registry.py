@@ -52,6 +52,8 @@ class Registry:
         self.last_applied_commit: str | None = None
         self.last_attempted_commit: str | None = None
         self._snapshot = Snapshot()
+        self.attribution: Mapping[str, Attribution] = MappingProxyType({})
+        """Where each file of the current snapshot came from (commit, author)."""
         self._view: ConfigView = replay(events.events())
         """What the log says the configuration is: the first apply records the difference."""
 
@@ -101,12 +103,14 @@ class Registry:
             return 0
         view = snapshot.view()
         changes = diff_views(self._view, view, _secrets_changed(old, snapshot))
-        contents: dict[Path, bytes | None] = {}
+        contents: dict[Path, bytes | None] = {self.root / f: x.data for f, x in snapshot.files.items()}
         for change in changes:
-            if change.file is not None:
-                loaded = snapshot.files.get(change.file)
-                contents[self.root / change.file] = loaded.data if loaded else None
+            if change.file is not None and change.file not in snapshot.files:
+                contents[self.root / change.file] = None  # removed
         attribution = self._attribute(contents)
+        self.attribution = MappingProxyType(
+            {f: attribution.get(self.root / f, NO_GIT) for f in snapshot.files}
+        )
         for change in changes:
             who = attribution.get(self.root / change.file, NO_GIT) if change.file else NO_GIT
             draft = draft_from_change(
