@@ -382,16 +382,10 @@ def _updated(change: dict[str, Any]) -> list[str]:
         "|---|---|---|",
     ]
     for name, values in change["changes"].items():
+        before = _code(values.get("old"))
         after = _code(values.get("new")) if "new" in values else "*(removed)*"
         if "note" in values:
-            after = (
-                f"{after} {_cell(values['note'])}"
-                if values.get("new") != values.get("old")
-                else values["note"]
-            )
-            before = _code(values.get("old")) if values.get("new") != values.get("old") else ""
-        else:
-            before = _code(values.get("old"))
+            after = f"{after}: {_cell(values['note'])}"
         lines.append(f"| {name} | {before} | {after} |")
     return [*lines, ""]
 
