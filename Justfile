@@ -12,7 +12,7 @@ install:
 
 # serve the example configuration with a throwaway identity and a local stand-in upstream
 demo:
-    python -m service validate providers.d
+    LITELLM_LOCAL_MODEL_COST_MAP=True python -m demo
 
 # run the test suite
 test *ARGS:
