@@ -51,12 +51,14 @@ def _identity() -> Path:
 async def _stand_ins(examples: dict[str, dict[str, Any]]) -> dict[str, FakeUpstream]:
     ups = {}
     for provider_id, doc in examples.items():
-        protocol = "anthropic" if doc.get("provider") == "anthropic" else "openai"
-        models = tuple(str(m) for m in doc.get("models") or []) + tuple(
-            str(m)
-            for m in dict(doc.get("model_map") or {}).values()  # type: ignore[call-overload]
+        models = tuple(str(m) for m in doc.get("models") or [])
+        models += tuple(str(m) for m in (doc.get("model_map") or {}).values())
+        anthropic = doc.get("provider") == "anthropic"
+        up = FakeUpstream(
+            protocol="anthropic" if anthropic else "openai",
+            name=provider_id,
+            models=models or ("demo-model",),
         )
-        up = FakeUpstream(protocol=protocol, name=provider_id, models=models or ("demo-model",))
         ups[provider_id] = await up.start()
     return ups
 
