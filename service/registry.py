@@ -52,8 +52,7 @@ class Registry:
         self.last_applied_commit: str | None = None
         self.last_attempted_commit: str | None = None
         self._snapshot = Snapshot()
-        self.attribution: Mapping[str, Attribution] = MappingProxyType({})
-        """Where each file of the current snapshot came from (commit, author)."""
+        self._attributed_head: str | None = None
         self._view: ConfigView = replay(events.events())
         """What the log says the configuration is: the first apply records the difference."""
 
@@ -61,6 +60,11 @@ class Registry:
     def snapshot(self) -> Snapshot:
         """The current snapshot. Take it once per request and read only that one."""
         return self._snapshot
+
+    @property
+    def attribution(self) -> Mapping[str, Attribution]:
+        """Where each file of the current snapshot came from (commit, author)."""
+        return self._snapshot.attribution
 
     def apply(self, candidate: Mapping[str, Loaded], rejected: Mapping[str, str]) -> Outcome:
         """Try `candidate` (file -> loaded) as the next configuration; `rejected` failed on their own.
@@ -88,18 +92,23 @@ class Registry:
                 files = {f: loaded for f, loaded in files.items() if f not in reasons}
         else:
             snapshot = Snapshot(generation=self._snapshot.generation + 1)
-        recorded += self._swap(snapshot)
+        recorded += self._swap(snapshot, head)
         self.last_applied_commit = head
         self.refused = MappingProxyType(refused)
         self.ready = True
         return Outcome(self._snapshot, True, recorded, self.refused)
 
-    def _swap(self, snapshot: Snapshot) -> int:
+    def _swap(self, snapshot: Snapshot, head: str | None) -> int:
         old = self._snapshot
         same_files = {f: x.sha256 for f, x in old.files.items()} == {
             f: x.sha256 for f, x in snapshot.files.items()
         }
         if same_files and old.generation > 0:
+            if head != self._attributed_head:
+                # Same files, new HEAD (a commit, or git moving HEAD after writing the files):
+                # the answers' commits are refreshed; nothing changed, so no event.
+                current = {self.root / f: x.data for f, x in old.files.items()}
+                self._snapshot = self._attributed(old, self._attribute(current), head)
             return 0
         view = snapshot.view()
         changes = diff_views(self._view, view, _secrets_changed(old, snapshot))
@@ -108,9 +117,7 @@ class Registry:
             if change.file is not None and change.file not in snapshot.files:
                 contents[self.root / change.file] = None  # removed
         attribution = self._attribute(contents)
-        self.attribution = MappingProxyType(
-            {f: attribution.get(self.root / f, NO_GIT) for f in snapshot.files}
-        )
+        snapshot = self._attributed(snapshot, attribution, head)
         for change in changes:
             who = attribution.get(self.root / change.file, NO_GIT) if change.file else NO_GIT
             draft = draft_from_change(
@@ -123,6 +130,15 @@ class Registry:
             self._snapshot = replace(snapshot, generation=old.generation)
         self._view = view
         return len(changes)
+
+    def _attributed(
+        self, snapshot: Snapshot, attribution: Mapping[Path, Attribution], head: str | None
+    ) -> Snapshot:
+        """`snapshot` carrying its files' attribution, so a reader needs nothing else."""
+        self._attributed_head = head
+        files = {f: attribution.get(self.root / f, NO_GIT) for f in snapshot.files}
+        whole = head is not None and all(a.commit == head for a in files.values())
+        return replace(snapshot, attribution=MappingProxyType(files), commit=head if whole else None)
 
     def _record_rejections(self, reasons: Mapping[str, str]) -> int:
         fresh = {f: r for f, r in reasons.items() if self.refused.get(f) != r}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from service.attribution import NO_GIT, Attribution
 from service.errors import Problem, SnapshotRejected
 from service.loader import Loaded
 from service.models import AiServer, ApiKey, Clients, Provider, Routing
@@ -77,6 +78,10 @@ class Snapshot:
     providers: Mapping[str, Provider] = field(default_factory=lambda: _EMPTY)
     routing: Routing | None = None
     clients: Clients | None = None
+    attribution: Mapping[str, Attribution] = field(default_factory=lambda: _EMPTY)
+    """Where each file came from (commit, author), set by the registry when it swaps this in."""
+    commit: str | None = None
+    """The commit this whole configuration is, when every file is committed unchanged in it."""
 
     @classmethod
     def build(cls, files: Mapping[str, Loaded], generation: int = 0) -> Snapshot:
@@ -109,6 +114,10 @@ class Snapshot:
             if isinstance(doc, AiServer | ApiKey) and doc.id == provider_id:
                 return path
         return None
+
+    def attribution_of(self, file: str) -> Attribution:
+        """The commit and author of one file of this snapshot (all null outside git)."""
+        return self.attribution.get(file, NO_GIT)
 
     def view(self) -> ConfigView:
         """The masked configuration, as events record it and `state --at` rebuilds it."""
