@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from service.context import REGISTRY, SETTINGS
-from service.errors import Forbidden, Unauthorized
+from service.errors import Forbidden, NotReady, Unauthorized
 from service.models import Client, Scope
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -41,6 +41,8 @@ def token_sha256(token: str) -> str:
 def authenticate(request: web.Request, scope: Scope) -> Client | None:
     """The client calling, checked for `scope`; None when the service runs without auth."""
     registry = request.app[REGISTRY]
+    if not registry.ready:  # before the first load, "no clients" would mean "no auth"
+        raise NotReady("the configuration, and with it the clients file, is not loaded yet")
     clients = registry.snapshot.clients
     if clients is None:
         if is_loopback(request.app[SETTINGS].host) and not _clients_file_refused(registry.refused):
