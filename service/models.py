@@ -6,7 +6,7 @@ in a pull request fails validation instead of passing silently.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -138,6 +138,18 @@ class _Provider(_Document):
     def upstream_model(self, model: str) -> str:
         """The model name to send upstream for a requested model."""
         return self.model_map.get(model, model)
+
+    def to_litellm_config(self, model: str | None = None, *, with_secrets: bool = False) -> dict[str, Any]:
+        """LiteLLM `litellm_params` for `model` (None: any); the key as an env reference unless asked."""
+        from service.export import litellm_params
+
+        return litellm_params(cast("Provider", self), model, with_secrets=with_secrets)
+
+    def to_wilmer_config(self, *, with_secrets: bool = False) -> dict[str, Any] | None:
+        """A WilmerAI endpoint file's content, or None when WilmerAI has no API type for this provider."""
+        from service.export import wilmer_endpoint
+
+        return wilmer_endpoint(cast("Provider", self), with_secrets=with_secrets)
 
 
 class AiServer(_Provider):
