@@ -122,12 +122,13 @@ class Sops:
         project_root: Path | str = ".",
         environ: Mapping[str, str] | None = None,
         timeout_s: float = 60.0,
-        max_parallel: int = 8,
+        max_parallel: int | None = None,
     ) -> None:
         self.binary = binary
         self.project_root = Path(project_root).resolve()
         self.timeout_s = timeout_s
-        self._max_parallel = max_parallel
+        # sops is CPU-bound (~25 ms of CPU a call here): more at once than cores only adds contention.
+        self._max_parallel = max_parallel or max(os.cpu_count() or 1, 2)
         self._semaphores: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         env = dict(os.environ if environ is None else environ)
         if age_key_file is not None or age_key is not None:

@@ -133,7 +133,8 @@ class Reloader:
         if read.data is None:
             return read.sha256, read.error or "cannot read"
         try:
-            return read.sha256, await decrypt_async(parse(file, read.data), self.sops)
+            parsed = await asyncio.to_thread(parse, file, read.data)  # keep the loop free for requests
+            return read.sha256, await decrypt_async(parsed, self.sops)
         except FileRejected as exc:
             return read.sha256, exc.reason
         except Exception as exc:
