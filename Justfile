@@ -36,5 +36,11 @@ schema-check:
 schema:
     python -m service schema
 
+# benchmarks: the gateway against direct and LiteLLM's proxy, then the configuration service
+bench:
+    python -m bench.litellm_proxy setup
+    python -m bench.gateway
+    python -m bench.config
+
 # everything CI runs
 ci: lint schema-check validate test
