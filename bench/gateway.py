@@ -138,17 +138,25 @@ def _table(results: dict[tuple[str, str], list[LoadResult]], names: list[str]) -
     ]
     for name in names:
         p50, p99 = _median(results[(name, "c1")], "p50_ms"), _median(results[(name, "c1")], "p99_ms")
-        rows.append(
-            f"| {name} | {p50:.2f} ms | {p99:.2f} ms | {p50 - direct_p50:+.2f} ms | {p99 - direct_p99:+.2f} ms "
-            f"| {_median(results[(name, 'c32')], 'rps'):,.0f} | {_median(results[(name, 'c32')], 'p99_ms'):.1f} ms "
-            f"| {_median(results[(name, 'c64')], 'rps'):,.0f} | {_median(results[(name, 'c64')], 'p99_ms'):.1f} ms "
-            f"| {_median(results[(name, 'stream')], 'ttfb_p50_ms'):.2f} ms |"
-        )
-    c64 = {name: _median(results[(name, "c64")], "rps") for name in names}
+        c32, c64 = results[(name, "c32")], results[(name, "c64")]
+        cells = [
+            name,
+            f"{p50:.2f} ms",
+            f"{p99:.2f} ms",
+            f"{p50 - direct_p50:+.2f} ms",
+            f"{p99 - direct_p99:+.2f} ms",
+            f"{_median(c32, 'rps'):,.0f}",
+            f"{_median(c32, 'p99_ms'):.1f} ms",
+            f"{_median(c64, 'rps'):,.0f}",
+            f"{_median(c64, 'p99_ms'):.1f} ms",
+            f"{_median(results[(name, 'stream')], 'ttfb_p50_ms'):.2f} ms",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    rates = {name: _median(results[(name, "c64")], "rps") for name in names}
     rows.append("")
-    rows.append(f"Switchboard at c=64 serves {c64['switchboard'] / c64['direct']:.0%} of the direct rate")
-    if "litellm" in c64 and c64["litellm"]:
-        rows[-1] += f" and {c64['switchboard'] / c64['litellm']:.1f}x LiteLLM's proxy."
+    rows.append(f"Switchboard at c=64 serves {rates['switchboard'] / rates['direct']:.0%} of the direct rate")
+    if rates.get("litellm"):
+        rows[-1] += f" and {rates['switchboard'] / rates['litellm']:.1f}x LiteLLM's proxy."
     return "\n".join(rows)
 
 
