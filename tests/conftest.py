@@ -8,13 +8,26 @@ identity is set through GIT_* variables for tests that commit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import inspect
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from service.app import create_app
+from service.context import REGISTRY
+from service.events import Event, read_events
 from service.keys import write_identity
+from service.registry import Registry
+from service.settings import Settings
 from service.sops import Sops
 
 _AMBIENT_SOPS_VARS = (
@@ -101,3 +114,148 @@ def sops_project(tmp_path: Path, age_identity: AgeIdentity) -> SopsProject:
     _write_sops_yaml(root, age_identity.recipient)
     sops = Sops(age_key_file=age_identity.key_file, project_root=root)
     return SopsProject(root=root, providers=root / "providers.d", sops=sops, identity=age_identity)
+
+
+# -- a running service ---------------------------------------------------------------------
+# Real server on 127.0.0.1 port 0, real files, real watcher, real sops. Files are written the
+# way editors and git do (temp file + rename) unless a test is about something else.
+
+SERVER_YAML = """kind: ai_server
+id: {id}
+server_type: vllm
+base_url: {base_url}
+purposes: [{purposes}]
+"""
+KEY_YAML = """kind: api_key
+id: {id}
+provider: openrouter
+api_key: {key}
+purposes: [chat]
+"""
+
+
+def write_atomically(path: Path, text: str) -> Path:
+    """Write `path` as editors and git do: a temp file beside it, then a rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_server(
+    project: SopsProject, provider_id: str, base_url: str = "http://127.0.0.1:9/v1", purposes: str = "chat"
+) -> Path:
+    """A plaintext `ai_server` file (no secret, so no sops)."""
+    text = SERVER_YAML.format(id=provider_id, base_url=base_url, purposes=purposes)
+    return write_atomically(project.providers / f"{provider_id}.yaml", text)
+
+
+def write_key(project: SopsProject, provider_id: str, key: str) -> Path:
+    """An `api_key` file encrypted by real sops for the project's identity, then moved in place."""
+    path = project.providers / f"{provider_id}.yaml"
+    data = project.sops.encrypt(KEY_YAML.format(id=provider_id, key=key).encode(), str(path))
+    return write_atomically(path, data.decode("utf-8"))
+
+
+def write_routing(project: SopsProject, chat: Sequence[str], fallbacks: Sequence[str] = ()) -> Path:
+    """`routing.yaml` routing chat to `chat`, then `fallbacks`."""
+    text = f"kind: routing\npurposes:\n  chat:\n    primary: [{', '.join(chat)}]\n"
+    if fallbacks:
+        text += f"    fallbacks: [{', '.join(fallbacks)}]\n"
+    return write_atomically(project.providers / "routing.yaml", text)
+
+
+def git(root: Path, *args: str) -> str:
+    """Run git in `root` (identity from the GIT_* variables set for every test)."""
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def git_init(root: Path) -> None:
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "commit.gpgsign", "false")
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll `check` until it neither raises AssertionError nor returns False; bounded by `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            assert result is not False
+            return result
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Service:
+    """A running service and a client for it."""
+
+    app: web.Application
+    client: TestClient[web.Request, web.Application]
+    settings: Settings
+    project: SopsProject
+
+    @property
+    def registry(self) -> Registry:
+        return self.app[REGISTRY]
+
+    @property
+    def events_file(self) -> Path:
+        return self.settings.events_file
+
+    def events(self) -> list[Event]:
+        return read_events(self.events_file)
+
+    async def get(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.client.get(path, headers=headers) as response:
+            return response.status, await response.json()
+
+    async def text(self, path: str, token: str | None = None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.client.get(path, headers=headers) as response:
+            return response.status, await response.text()
+
+
+@contextlib.asynccontextmanager
+async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]:
+    """Start the service on `project` (port 0) and wait until /readyz answers 200."""
+    values: dict[str, Any] = {
+        "root": project.root,
+        "providers": project.providers,
+        "events": project.root / "var" / "events.jsonl",
+        "port": 0,
+        "debounce_ms": 20,
+        "age_key_file": project.identity.key_file,
+        "health_interval_s": 0,
+    }
+    config = Settings(**(values | settings))
+    app = create_app(config)
+    client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    try:
+        service = Service(app, client, config, project)
+
+        async def ready() -> None:
+            status, _ = await service.get("/readyz")
+            assert status == 200
+
+        await eventually(ready, timeout=20)
+        yield service
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def running_service(sops_project: SopsProject) -> AsyncIterator[Service]:
+    """The service on a project with one server `gpu` routed for chat."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project) as service:
+        yield service
