@@ -165,9 +165,11 @@ def write_routing(project: SopsProject, chat: Sequence[str], fallbacks: Sequence
     return write_atomically(project.providers / "routing.yaml", text)
 
 
-def git(root: Path, *args: str) -> str:
+def git(root: Path, *args: str, input_text: str | None = None) -> str:
     """Run git in `root` (identity from the GIT_* variables set for every test)."""
-    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["git", *args], cwd=root, input=input_text, capture_output=True, text=True, check=True
+    )
     return done.stdout.strip()
 
 
