@@ -7,13 +7,15 @@ file. Outside a git repository both are null. This runs on the reload path, neve
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-_GIT_TIMEOUT_S = 10
+from service.errors import GitError
+from service.gitrepo import GitRepo, blob_sha
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,100 +30,58 @@ class Attribution:
 NO_GIT = Attribution(None, None, False)
 
 
-def blob_sha(data: bytes) -> str:
-    """The id git gives a blob with this content (`git hash-object`)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
-
-
 class Attributor:
     """Asks git about files under `root`; every answer is computed on demand, off the hot path."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
-        self._toplevel = self._git("rev-parse", "--show-toplevel")
-
-    @property
-    def in_repository(self) -> bool:
-        return self._toplevel is not None
+        self.repo = GitRepo.find(root)
 
     def head(self) -> str | None:
         """The HEAD commit, or None outside a repository or before the first commit."""
-        return self._git("rev-parse", "--verify", "-q", "HEAD") if self.in_repository else None
+        try:
+            return self.repo.head() if self.repo else None
+        except GitError as exc:
+            log.warning("git: %s", exc)
+            return None
 
     def attribute(self, files: Mapping[Path, bytes | None]) -> dict[Path, Attribution]:
         """Attribution of each file, given its current content (None: the file was removed).
 
-        Three git calls for the whole batch, whatever its size: HEAD, the blobs of HEAD's
+        Three git calls for the whole batch, whatever its size: HEAD, the blob ids of HEAD's
         tree, and one walk of the log for the last author of each file.
         """
-        if self._toplevel is None:
+        if self.repo is None:
             return dict.fromkeys(files, NO_GIT)
         head = self.head()
         relative = {path: self._relative(path) for path in files}
-        known = [r for r in relative.values() if r is not None]
+        known = sorted({r for r in relative.values() if r is not None})
         if head is None or not known:
             return dict.fromkeys(files, Attribution(None, None, True))
-        blobs = self._blobs(known)
-        authors = self._authors(known)
+        try:
+            blobs: dict[str, str] = {}
+            for folder in sorted({str(PurePosixPath(p).parent) for p in known}):
+                blobs.update(self.repo.blob_ids("HEAD", folder))
+            authors = self.repo.last_authors(known)
+        except GitError as exc:
+            log.warning("git: %s", exc)
+            return dict.fromkeys(files, Attribution(None, None, True))
         result = {}
         for path, data in files.items():
             rel = relative[path]
-            if rel is None:
-                result[path] = Attribution(None, None, True)
-                continue
-            in_head = blobs.get(rel)
-            committed = (in_head is None) if data is None else (in_head == blob_sha(data))
-            author = authors.get(rel)
+            in_head = blobs.get(rel) if rel else None
+            committed = rel is not None and (
+                (in_head is None) if data is None else (in_head == blob_sha(data))
+            )
+            author = authors.get(rel) if rel else None
             result[path] = Attribution(head, author, False) if committed else Attribution(None, author, True)
         return result
 
     def _relative(self, path: Path) -> str | None:
-        top = Path(self._toplevel or "/")
+        assert self.repo is not None  # noqa: S101 - checked by the caller
+        top = self.repo.root
         for candidate in (path.absolute(), path.absolute().parent.resolve() / path.name):
             try:
                 return candidate.relative_to(top).as_posix()
             except ValueError:
                 continue
         return None
-
-    def _blobs(self, paths: list[str]) -> dict[str, str]:
-        out = self._git(
-            "ls-tree", "-r", "--full-tree", "HEAD", "--", *sorted({str(Path(p).parent) for p in paths})
-        )
-        blobs = {}
-        for line in (out or "").splitlines():
-            meta, _, name = line.partition("\t")
-            parts = meta.split()
-            if len(parts) == 3 and parts[1] == "blob":
-                blobs[name] = parts[2]
-        return blobs
-
-    def _authors(self, paths: list[str]) -> dict[str, str]:
-        wanted = set(paths)
-        folders = sorted({str(Path(p).parent) for p in paths})
-        out = self._git("log", "--format=%x00%an <%ae>", "--name-only", "HEAD", "--", *folders)
-        authors: dict[str, str] = {}
-        author = ""
-        for line in (out or "").splitlines():
-            if line.startswith("\0"):
-                author = line[1:]
-            elif line in wanted and line not in authors:
-                authors[line] = author
-                if len(authors) == len(wanted):
-                    break
-        return authors
-
-    def _git(self, *args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args],
-                cwd=self.root,
-                capture_output=True,
-                timeout=_GIT_TIMEOUT_S,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if done.returncode != 0:
-            return None
-        return done.stdout.decode("utf-8", "replace").strip()

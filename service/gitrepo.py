@@ -124,6 +124,12 @@ class GitRepo:
 
         Paths are POSIX and relative to the top level. Symlinks and submodules are skipped.
         """
+        blobs = self.blob_ids(rev, folder)
+        contents = self._cat_blobs(list(blobs.values()))
+        return {path: contents[sha] for path, sha in sorted(blobs.items())}
+
+    def blob_ids(self, rev: str, folder: str) -> dict[str, str]:
+        """The blob id of each file directly in `folder` at `rev`, without reading the contents."""
         prefix = PurePosixPath(folder).as_posix().strip("/")
         out = self.run("ls-tree", "-z", "--full-tree", rev, "--", f"{prefix}/" if prefix else ".")
         blobs: dict[str, str] = {}
@@ -134,8 +140,23 @@ class GitRepo:
             mode, kind, sha = meta.decode().split()
             if kind == "blob" and mode in ("100644", "100755"):
                 blobs[path.decode("utf-8", "surrogateescape")] = sha
-        contents = self._cat_blobs(list(blobs.values()))
-        return {path: contents[sha] for path, sha in sorted(blobs.items())}
+        return blobs
+
+    def last_authors(self, paths: list[str], rev: str = "HEAD") -> dict[str, str]:
+        """The author of the last commit touching each path, in one walk of the log."""
+        wanted = set(paths)
+        folders = sorted({str(PurePosixPath(p).parent) for p in paths})
+        out = self.run("log", "--format=%x00%an <%ae>", "--name-only", rev, "--", *folders, ok=(0, 128))
+        authors: dict[str, str] = {}
+        author = ""
+        for line in out.decode("utf-8", "replace").splitlines():
+            if line.startswith("\0"):
+                author = line[1:]
+            elif line in wanted and line not in authors:
+                authors[line] = author
+                if len(authors) == len(wanted):
+                    break
+        return authors
 
     def read_file(self, rev: str, path: str) -> bytes | None:
         """One file at `rev` (path relative to the top level), or None when it is not there."""
