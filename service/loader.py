@@ -29,6 +29,8 @@ MAX_ALIAS_EXPANSION = 10_000
 """How many more nodes aliases may add to a document than it has: a "billion laughs" stops here."""
 
 _IGNORED_SUFFIXES = ("~", ".swp", ".tmp", ".bak")
+_C_LOADER_MAX_BRACKETS = 1_000
+_C_LOADER_MAX_INDENT = 1_000
 
 Path_ = tuple[str | int, ...]
 
@@ -145,8 +147,7 @@ def _read_yaml(file: str, data: bytes) -> tuple[dict[str, Any], dict[Path_, int]
         raise reject("not UTF-8 text (a binary file?)", line) from None
     if "\x00" in text:
         raise reject("not text: contains NUL bytes", text[: text.index("\x00")].count("\n") + 1)
-    # The pure-Python loader: libyaml's C composer overflows the C stack on deep nesting.
-    loader = yaml.SafeLoader(text)
+    loader = _loader_for(text)(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -174,6 +175,19 @@ def _read_yaml(file: str, data: bytes) -> tuple[dict[str, Any], dict[Path_, int]
     has_sops = "sops" in tree
     tree.pop("sops", None)
     return tree, lines, has_sops
+
+
+def _loader_for(text: str) -> type[yaml.SafeLoader] | type[yaml.CSafeLoader]:
+    """libyaml's loader (fast), unless the text could nest deeply enough to overflow its C stack.
+
+    Nesting needs brackets or indentation; the pure-Python loader turns deep nesting into a
+    RecursionError instead of a crash, so it takes any text that could nest deep.
+    """
+    c_loader = getattr(yaml, "CSafeLoader", None)
+    if c_loader is None or text.count("[") + text.count("{") > _C_LOADER_MAX_BRACKETS:
+        return yaml.SafeLoader
+    deepest = max((len(line) - len(line.lstrip(" ")) for line in text.splitlines()), default=0)
+    return yaml.SafeLoader if deepest > _C_LOADER_MAX_INDENT else c_loader
 
 
 def _inspect(file: str, root: yaml.Node, lines: dict[Path_, int]) -> None:
