@@ -9,6 +9,7 @@ at once (sops takes ~70 ms a file). A file that fails keeps its last good versio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -85,20 +86,41 @@ class Reloader:
             return outcome
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Load once, then reload on every batch of changes until `stop` is set."""
+        """Load once, then reload on every batch of changes until `stop` is set.
+
+        A folder deleted and made again is watched afresh: the old watch would only ever see
+        its changes through the periodic rescan. While there is no folder, it is rescanned
+        every second (its files stay refused, their last good versions served).
+        """
         await self._reload_logged()
         timeout_ms = max(int(self.rescan_s * 1000), 1)
-        async for _ in awatch(
-            self.folder,
-            watch_filter=None,  # every event is a hint; the rescan decides what changed
-            debounce=self.debounce_ms,
-            step=min(self.debounce_ms, 10),
-            stop_event=stop,
-            rust_timeout=timeout_ms,
-            yield_on_timeout=True,
-            recursive=False,
-        ):
-            await self._reload_logged()
+        while not stop.is_set():
+            watched = _identity(self.folder)
+            if watched is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=min(self.rescan_s, 1.0))
+                await self._reload_logged()
+                continue
+            changes = awatch(
+                self.folder,
+                watch_filter=None,  # every event is a hint; the rescan decides what changed
+                debounce=self.debounce_ms,
+                step=min(self.debounce_ms, 10),
+                stop_event=stop,
+                rust_timeout=timeout_ms,
+                yield_on_timeout=True,
+                recursive=False,
+            )
+            try:
+                async with contextlib.aclosing(changes):
+                    async for _ in changes:
+                        await self._reload_logged()
+                        if _identity(self.folder) != watched:
+                            break
+            except FileNotFoundError:  # gone between the check and the watch
+                continue
+            if not stop.is_set():
+                await self._reload_logged()  # what changed while no watch was set
 
     async def _reload_logged(self) -> None:
         try:
@@ -112,7 +134,9 @@ class Reloader:
             entries = sorted(os.scandir(self.folder), key=lambda e: e.name)
         except OSError as exc:
             log.error("cannot list %s: %s", self.folder, exc.strerror)
-            return {f: _Read(None, sha, "unreadable folder") for f, (sha, _) in self._cache.items()}
+            # A hash no content has: the files are refused (their last good versions stay)
+            # and reloaded once the folder can be read again.
+            return {f: _Read(None, "unreadable-folder", "unreadable folder") for f in self._cache}
         for entry in entries:
             if not is_config_file(entry.name):
                 continue
@@ -147,3 +171,12 @@ class Reloader:
             return path.absolute().relative_to(self.root.absolute()).as_posix()
         except ValueError:
             return path.absolute().as_posix()
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """Which folder is at `folder` now (device, inode); None when there is none."""
+    try:
+        stat = folder.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
