@@ -37,7 +37,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[HEALTH] = Health()
+    app[HEALTH] = Health(failures=settings.circuit_failures, cooldown_s=settings.circuit_cooldown_s)
     app[SOPS] = sops or Sops(
         settings.sops_binary,
         age_key_file=settings.age_key_file,
@@ -47,9 +47,9 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
     api.setup(app)
     gateway.setup(app)
-    app.cleanup_ctx.append(_service)
     return app
 
 
