@@ -1,15 +1,42 @@
-"""Provider health: what is known of each provider, read by the API and the gateway.
+"""Provider health: passive circuit breakers, active checks, and what the API shows.
 
-Placeholder interface; the gateway work fills in passive circuit breakers and active checks.
+Two sources feed one `Health` per app:
+
+- **passive**: the gateway reports each upstream attempt. `circuit_failures` consecutive
+  failures open a provider's circuit for `circuit_cooldown_s`; after the cooldown one trial
+  request is let through (half-open): success closes the circuit, failure opens it again.
+- **active**: every `health_interval_s` the gateway asks each enabled provider for its
+  models (`check`). A success closes the circuit; a failure that the request path would
+  also fall back on (no connection, a timeout, 408, 429, 5xx) opens it. A check answered
+  with another 4xx (a wrong key, no models endpoint) shows the provider unhealthy without
+  touching the circuit, since requests may still work.
+
+Status changes are reported to `on_change` (the gateway turns them into
+`provider.health_changed` events and a gauge). The hot path costs a dictionary read and an
+integer store per request: `HealthState` objects are only built on a change or a check.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+from service.errors import NotFound
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from service.models import Provider
 
 Status = Literal["healthy", "unhealthy", "unknown"]
+Listener = Callable[[str, Status, Status, str | None], None]
+"""Called as `(provider_id, old, new, reason)` on every status change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +52,148 @@ class HealthState:
         return {"status": self.status, "checked_at": checked, "latency_ms": self.latency_ms}
 
 
-class Health:
-    """Health of every provider, by id."""
+_UNKNOWN = HealthState()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one active check: `opens` when the failure is one requests fall back on."""
+
+    ok: bool
+    latency_ms: float
+    message: str
+    opens: bool = False
+
+    def as_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "latency_ms": self.latency_ms, "message": self.message}
+
+
+class _Circuit:
+    __slots__ = ("failures", "open_until", "trial")
 
     def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0  # monotonic; 0 = closed
+        self.trial = False  # the one half-open request is in flight
+
+
+class Health:
+    """Health and circuit of every provider, by id."""
+
+    def __init__(self, *, failures: int = 3, cooldown_s: float = 30.0) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self.on_change: Listener | None = None
         self._states: dict[str, HealthState] = {}
+        self._circuits: dict[str, _Circuit] = {}
 
     def get(self, provider_id: str) -> HealthState:
-        return self._states.get(provider_id, HealthState())
+        """The last known health; `unknown` before any request or check."""
+        return self._states.get(provider_id, _UNKNOWN)
+
+    def is_open(self, provider_id: str) -> bool:
+        """Whether requests must skip the provider now (open, or half-open with its trial out)."""
+        circuit = self._circuits.get(provider_id)
+        if circuit is None or not circuit.open_until:
+            return False
+        return circuit.trial or time.monotonic() < circuit.open_until
+
+    def admit(self, provider_id: str) -> bool:
+        """Take the right to send one request now: always when closed, once when half-open."""
+        circuit = self._circuits.get(provider_id)
+        if circuit is None or not circuit.open_until:
+            return True
+        if circuit.trial or time.monotonic() < circuit.open_until:
+            return False
+        circuit.trial = True
+        return True
+
+    def abandon(self, provider_id: str) -> None:
+        """An admitted request ended without an outcome (the client left): free the trial."""
+        circuit = self._circuits.get(provider_id)
+        if circuit is not None:
+            circuit.trial = False
+
+    def succeeded(self, provider_id: str, latency_s: float) -> None:
+        """A request to the provider worked: reset its failures, close its circuit."""
+        circuit = self._circuits.get(provider_id)
+        if circuit is None:
+            circuit = self._circuits[provider_id] = _Circuit()
+        circuit.failures = 0
+        if circuit.open_until or self._states.get(provider_id, _UNKNOWN).status != "healthy":
+            circuit.open_until, circuit.trial = 0.0, False
+            self._set(provider_id, "healthy", latency_s * 1000, None)
+
+    def failed(self, provider_id: str, reason: str) -> None:
+        """A request failed in a way that falls back; opens the circuit at the threshold."""
+        circuit = self._circuits.get(provider_id)
+        if circuit is None:
+            circuit = self._circuits[provider_id] = _Circuit()
+        circuit.failures += 1
+        if circuit.trial or (not circuit.open_until and circuit.failures >= self.failures):
+            circuit.trial = False
+            circuit.open_until = time.monotonic() + self.cooldown_s
+            self._set(provider_id, "unhealthy", None, reason)
+
+    def checked(self, provider_id: str, result: CheckResult) -> None:
+        """Record an active check (or `POST …/test`)."""
+        circuit = self._circuits.get(provider_id)
+        if circuit is None:
+            circuit = self._circuits[provider_id] = _Circuit()
+        if result.ok:
+            circuit.failures, circuit.open_until, circuit.trial = 0, 0.0, False
+        elif result.opens:
+            circuit.open_until, circuit.trial = time.monotonic() + self.cooldown_s, False
+        status: Status = "healthy" if result.ok else "unhealthy"
+        self._set(provider_id, status, result.latency_ms, None if result.ok else result.message)
+
+    def _set(self, provider_id: str, status: Status, latency_ms: float | None, reason: str | None) -> None:
+        old = self._states.get(provider_id, _UNKNOWN).status
+        latency = round(latency_ms, 2) if latency_ms is not None else None
+        self._states[provider_id] = HealthState(status, datetime.now(UTC), latency)
+        if old != status and self.on_change is not None:
+            self.on_change(provider_id, old, status, reason)
+
+
+async def check(provider: Provider, session: aiohttp.ClientSession) -> CheckResult:
+    """Ask the provider for its models now, with its key; never raises for an upstream failure."""
+    from service.upstream import list_models
+
+    started = time.perf_counter()
+    outcome = await list_models(provider, session)
+    latency = round((time.perf_counter() - started) * 1000, 2)
+    if outcome.models is not None:
+        count = len(outcome.models)
+        return CheckResult(True, latency, f"ok: {count} model{'s' if count != 1 else ''} listed")
+    return CheckResult(False, latency, outcome.reason, opens=outcome.retryable)
+
+
+def command(ns: argparse.Namespace, settings: Settings) -> int:
+    """`switchboard test ID`: load and decrypt one provider's file, check it now, print the result."""
+    from service.cli import make_sops
+    from service.loader import decrypt, is_config_file, parse
+    from service.models import AiServer, ApiKey
+
+    provider_id: str = ns.provider_id
+    folder = settings.providers_dir
+    files = [folder / f"{provider_id}.{ext}" for ext in ("yaml", "yml")]
+    found = [f for f in files if f.is_file() and is_config_file(f.name)]
+    if not found:
+        raise NotFound(f"no provider file {provider_id}.yaml in {folder}")
+    path = found[0]
+    name = str(path.relative_to(settings.root)) if path.is_relative_to(settings.root) else str(path)
+    loaded = decrypt(parse(name, path.read_bytes()), make_sops(settings))
+    provider = loaded.document
+    if not isinstance(provider, AiServer | ApiKey):
+        raise NotFound(f"{name} is not a provider (kind: {provider.kind})")
+    result = asyncio.run(_check_once(provider))
+    verdict = "ok" if result.ok else "failed"
+    print(f"{provider_id}: {verdict} in {result.latency_ms:.1f} ms: {result.message}")
+    return 0 if result.ok else 1
+
+
+async def _check_once(provider: Provider) -> CheckResult:
+    from service.upstream import open_session
+
+    async with open_session() as session:
+        return await check(provider, session)
