@@ -21,6 +21,7 @@ import yaml
 from aiohttp import web
 
 from service.app import create_app
+from service.gateway import GATEWAY
 from service.settings import Settings
 from tests.conftest import SopsProject
 
@@ -97,6 +98,10 @@ class Switchboard:
         async with self.http.get(self.url + path, headers=headers) as response:
             await response.read()
             return response
+
+    async def recorded(self) -> None:
+        """Wait until the health events queued so far are in the log."""
+        await asyncio.wait_for(self.app[GATEWAY].events.join(), timeout=5)
 
     async def metrics(self) -> str:
         return await (await self.get("/metrics")).text()

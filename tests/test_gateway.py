@@ -7,7 +7,6 @@ import json
 import logging
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -16,7 +15,6 @@ from service.context import HEALTH
 from tests.conftest import SopsProject
 from tests.gateway_fixtures import (
     CANARY,
-    Switchboard,
     running,
     write_clients,
     write_provider,
@@ -416,6 +414,7 @@ async def test_provider_test_and_server_models(sops_project: SopsProject) -> Non
             not_a_server = await board.get("/api/v1/llm-config/servers/k/models")
             dead_models = await board.get("/api/v1/llm-config/servers/dead/models")
             health = board.app[HEALTH].get("dead")
+            await board.recorded()
             changes = board.events("provider.health_changed")
     assert ok["ok"] is True and ok["latency_ms"] >= 0 and "2 models" in ok["message"]
     assert down["ok"] is False and down["message"].startswith("cannot connect")
