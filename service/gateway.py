@@ -76,6 +76,15 @@ class Gateway:
             child = self._children[labels] = metric.labels(*values)
         child.inc(amount)
 
+    def observe(self, provider_id: str, seconds: float) -> None:
+        """Record an upstream's time to its first byte."""
+        child = self._children.get(("latency", provider_id))
+        if child is None:
+            child = self._children[("latency", provider_id)] = self.metrics.upstream_seconds.labels(
+                provider_id
+            )
+        child.observe(seconds)
+
     def tokens(self, target: Target, model: str | None, client: str, usage: dict[str, Any]) -> None:
         """Count the prompt and completion tokens an upstream reported."""
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
@@ -195,7 +204,7 @@ def _succeeded(
     else:
         gateway.health.succeeded(target.id, call.first_byte_s)
         gateway.count("attempt", target.id, "ok" if response.status < 400 else "client_error")
-    gateway.metrics.upstream_seconds.labels(target.id).observe(call.first_byte_s)
+    gateway.observe(target.id, call.first_byte_s)
     if attempts:
         gateway.count("fallback", call.purpose)
     if call.usage is not None:
