@@ -86,20 +86,20 @@ class Reloader:
             return outcome
 
     async def watch(self, stop: asyncio.Event) -> None:
-        """Load once, then reload on every batch of changes until `stop` is set.
+        """Load, then reload on every batch of changes until `stop` is set.
 
-        A folder deleted and made again is watched afresh: the old watch would only ever see
+        Each load runs once the watch is set, so nothing written before it goes unseen. A
+        folder deleted and made again is watched afresh: the old watch would only ever see
         its changes through the periodic rescan. While there is no folder, it is rescanned
         every second (its files stay refused, their last good versions served).
         """
-        await self._reload_logged()
         timeout_ms = max(int(self.rescan_s * 1000), 1)
         while not stop.is_set():
             watched = _identity(self.folder)
             if watched is None:
+                await self._reload_logged()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=min(self.rescan_s, 1.0))
-                await self._reload_logged()
                 continue
             changes = awatch(
                 self.folder,
@@ -111,6 +111,8 @@ class Reloader:
                 yield_on_timeout=True,
                 recursive=False,
             )
+            # Starts when this task first waits inside awatch, that is once the watch is set.
+            catch_up = asyncio.create_task(self._reload_logged())
             try:
                 async with contextlib.aclosing(changes):
                     async for _ in changes:
@@ -118,9 +120,12 @@ class Reloader:
                         if _identity(self.folder) != watched:
                             break
             except FileNotFoundError:  # gone between the check and the watch
-                continue
-            if not stop.is_set():
-                await self._reload_logged()  # what changed while no watch was set
+                pass
+            finally:
+                if not catch_up.done():  # stopping, or the folder went before the watch was set
+                    catch_up.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await catch_up
 
     async def _reload_logged(self) -> None:
         try:
