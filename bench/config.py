@@ -37,7 +37,7 @@ from service.secret import mask
 from service.sops import Sops
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-KEY = "sk-bench-{variant}-{index:04d}-0123456789abcdef"
+KEY = "sk-bench-{index:04d}-0123456789abcdef-{variant}{variant}{variant}"
 
 
 def _free_port() -> int:
@@ -197,7 +197,7 @@ async def main(argv: list[str] | None = None) -> None:
                 )
         finally:
             service.stop()
-        rows.append((size, cold, statistics.median(reloads), percentile(reloads, 99)))
+        rows.append((size, cold, statistics.median(reloads or [0.0]), percentile(reloads, 99)))
         print(f"  {size}: cold start {cold:.2f} s, reload p50 {rows[-1][2]:.0f} ms", file=sys.stderr)
     print("| files | cold start to ready | reload p50 | reload p99 |")
     print("|---:|---:|---:|---:|")
