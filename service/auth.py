@@ -23,6 +23,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT = web.RequestKey("client", Client)
 
 
+@functools.lru_cache(maxsize=16)  # asked on every request without a clients file
 def is_loopback(host: str) -> bool:
     """Whether `host` only accepts connections from this machine."""
     if host == "localhost":

@@ -133,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--providers", type=Path, metavar="DIR")
     q.set_defaults(command=_token_create)
 
+    p = sub.add_parser("test", help="health-check one provider now")
+    p.add_argument("provider_id", metavar="ID")
+    p.set_defaults(command=_lazy("service.health", "command"))
+
     p = sub.add_parser("rotate", help="re-encrypt every file with a new data key, updating recipients")
     p.add_argument("--add-recipient", action="append", default=[], metavar="R")
     p.add_argument("--remove-recipient", action="append", default=[], metavar="R")
@@ -281,6 +285,7 @@ def _serve(ns: argparse.Namespace, settings: Settings) -> int:
         port=settings.port,
         access_log=None,
         shutdown_timeout=10,
+        handler_cancellation=True,  # a client that leaves cancels its upstream request
         print=lambda line: logging.getLogger("service").info(line.strip()),
     )
     return 0
