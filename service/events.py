@@ -42,6 +42,7 @@ from typing_extensions import TypedDict
 
 from service import state
 from service.errors import ChainBroken, EventLogError
+from service.files import fsync_path
 
 GENESIS = "0" * 64
 """The `prev` of the first event (seq 1): there is no event before it."""
@@ -249,7 +250,7 @@ class EventLog:
             raise EventLogError(f"{self.path}: another process has the event log open") from exc
         try:
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_path(self.path.parent)
             self._events = self._load()
         except BaseException:
             os.close(self._fd)
@@ -278,7 +279,7 @@ class EventLog:
             out.flush()
             os.fsync(out.fileno())
         if not existed:
-            _fsync_dir(broken.parent)
+            fsync_path(broken.parent)
         os.ftruncate(self._fd, keep)
         os.fsync(self._fd)
         self.recovered_tail = (
@@ -473,11 +474,3 @@ def _split(data: bytes) -> tuple[list[bytes], bytes | None]:
             torn = lines.pop()
             return lines, torn + b"\n"
     return lines, None
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

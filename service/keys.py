@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pyrage
 import yaml
 
 from service.errors import ConfigError, KeyFileExists, Problem
+from service.files import write_atomically
 
 PROVIDERS_PATH_REGEX = r"providers.d/.*\.ya?ml$"
 ENCRYPTED_REGEX = r"^(api_key)$"
@@ -199,17 +199,7 @@ def _write_config(path: Path, config: dict[str, Any]) -> None:
                 break
             header += line
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=1000)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sops.yaml.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(header + body)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, (header + body).encode("utf-8"), mode=0o644)
 
 
 def check_sops_config(path: Path, files: list[str]) -> list[str]:

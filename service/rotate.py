@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from service.errors import SopsError, SopsFailed, SopsNoKey
+from service.files import fsync_path
 from service.keys import add_recipient, recipients, remove_recipient
 from service.loader import is_config_file
 from service.settings import Settings
@@ -167,11 +168,11 @@ def rotate_file(path: Path, sops: Sops, desired: Sequence[str]) -> None:
     try:
         _write_synced(tmp, data, path.stat().st_mode & 0o777)
         sops.rotate(tmp, add_age=add, remove_age=remove)
-        _fsync(tmp)
+        fsync_path(tmp)
         rotated = tmp.read_bytes()
         _check(name, rotated, before, desired, sops)
         tmp.replace(path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -197,11 +198,3 @@ def _write_synced(path: Path, data: bytes, mode: int) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

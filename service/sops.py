@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from service.errors import (
     SopsNotFound,
     SopsTampered,
 )
+from service.files import write_atomically
 from service.secret import Secret
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class Sops:
         """Encrypt the plaintext file at `path`, replacing it atomically (same mode)."""
         path = Path(path)
         ciphertext = self.encrypt(path.read_bytes(), str(path.resolve()))
-        _replace_atomically(path, ciphertext)
+        write_atomically(path, ciphertext)
 
     def updatekeys(self, path: Path | str) -> None:
         """Re-wrap the file's data key for the recipients `.sops.yaml` now lists (non-interactive)."""
@@ -289,19 +289,3 @@ class Sops:
         out = self._run(["--version", "--disable-version-check"], "sops").decode()
         first = out.strip().splitlines()[0] if out.strip() else ""
         return first.split()[1] if first.startswith("sops ") else first
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, and rename it over `path`."""
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import yaml
 
 from service.auth import token_sha256
 from service.errors import ConfigError, Problem
+from service.files import write_atomically
 from service.loader import parse
 from service.models import Clients
 
@@ -40,19 +39,5 @@ def create_token(folder: Path, name: str, scopes: Sequence[str]) -> tuple[str, P
     body = yaml.safe_dump({"kind": "clients", "clients": entries}, sort_keys=False)
     text = _HEADER + body
     Clients.model_validate(yaml.safe_load(text))  # never write a file the service would refuse
-    _write_atomically(path, text.encode("utf-8"))
+    write_atomically(path, text.encode("utf-8"))
     return token, path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
