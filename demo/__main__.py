@@ -57,7 +57,7 @@ async def _stand_ins(examples: dict[str, dict[str, Any]]) -> dict[str, FakeUpstr
         up = FakeUpstream(
             protocol="anthropic" if anthropic else "openai",
             name=provider_id,
-            models=models or ("demo-model",),
+            models=tuple(dict.fromkeys(models)) or ("demo-model",),
         )
         ups[provider_id] = await up.start()
     return ups
