@@ -57,6 +57,13 @@ def cli(*args: str) -> int:
     except KeyboardInterrupt:
         print("switchboard: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"switchboard: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line, never a traceback (SPEC 3); our messages hold no secrets
+        print(f"switchboard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _settings(ns: argparse.Namespace) -> Settings:
