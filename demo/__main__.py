@@ -10,6 +10,8 @@ so the demo makes its own world in `.demo/` (git-ignored):
    repository so that events carry a commit and an author;
 4. Switchboard serving that copy on http://127.0.0.1:8080 (SWITCHBOARD_PORT to change it),
    watching `.demo/providers.d/`: edit a file there and see it reload.
+
+SWITCHBOARD_DEMO_DIR puts the demo's world elsewhere than `.demo/` (the tests use it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from service.sops import Sops
 from tests.upstreams import FakeUpstream
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / ".demo"
+DEMO = Path(os.environ.get("SWITCHBOARD_DEMO_DIR", REPO / ".demo")).resolve()
 
 
 def _identity() -> Path:
