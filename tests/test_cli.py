@@ -100,7 +100,9 @@ def test_audit_on_a_missing_log_is_empty_and_verify_fails(
     assert err.startswith("switchboard: error:")
 
 
-def test_a_missing_file_is_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_file_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = run(capsys, "--root", str(tmp_path), "encrypt", str(tmp_path / "nope.yaml"))
     assert code == 1
     assert err.strip() == f"switchboard: error: No such file or directory: {tmp_path / 'nope.yaml'}"
