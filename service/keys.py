@@ -26,7 +26,7 @@ _SAMPLE_PROVIDER_FILE = "providers.d/example.yaml"
 
 
 def generate_identity() -> tuple[str, str]:
-    """A new age X25519 identity: (secret key `AGE-SECRET-KEY-1…`, recipient `age1…`)."""
+    """A new age X25519 identity: (its secret key text, its recipient `age1…`)."""
     identity = pyrage.x25519.Identity.generate()
     return str(identity), str(identity.to_public())
 

@@ -33,6 +33,7 @@ from service.events import (
     verify,
 )
 from service.state import ConfigView, diff_views, empty_view
+from tests.strategies import views
 
 SECRET = "sk-or-v1-0123456789abcdef5d80"
 
@@ -379,31 +380,6 @@ def test_a_value_json_cannot_hold_is_refused_and_nothing_is_written(log_path: Pa
 def test_a_draft_with_a_commit_cannot_be_uncommitted() -> None:
     with pytest.raises(ValueError, match="uncommitted"):
         ProviderAdded(subject="a", commit="abc", uncommitted=True)
-
-
-json_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=5)
-)
-json_value = st.recursive(
-    json_leaf,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=6,
-)
-ids = st.sampled_from(["a", "b", "c"])
-providers = st.dictionaries(
-    ids, st.dictionaries(st.sampled_from(["api_key", "models", "enabled"]), json_value)
-)
-routes = st.dictionaries(
-    st.sampled_from(["chat", "embeddings"]), st.fixed_dictionaries({"primary": st.lists(ids)})
-)
-clients = st.dictionaries(
-    ids, st.fixed_dictionaries({"scopes": st.lists(st.sampled_from(["admin", "completions"]))})
-)
-views = st.fixed_dictionaries({"providers": providers, "routing": routes, "clients": clients})
 
 
 @settings(

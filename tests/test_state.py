@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.state import Change, ConfigView, apply_change, diff_views, empty_view
+from tests.strategies import ids, views
 
 
 def provider(pid: str, **fields: Any) -> dict[str, Any]:
@@ -163,32 +164,6 @@ def test_events_that_do_not_change_the_configuration_leave_the_view_alone() -> N
     for event_type in ("service.started", "config.rejected", "provider.health_changed", "secret.read"):
         changes = {"status": {"old": "unknown", "new": "healthy"}}
         assert apply_change(view, event_type, "a", changes) == view
-
-
-json_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=5)
-)
-json_value = st.recursive(
-    json_leaf,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=8,
-)
-ids = st.sampled_from(["a", "b", "c", "d"])
-fields = st.dictionaries(st.sampled_from(["api_key", "base_url", "models", "enabled", "x"]), json_value)
-providers = st.dictionaries(ids, fields.map(lambda f: {"kind": "api_key", **f}), max_size=4)
-routes = st.dictionaries(
-    st.sampled_from(["chat", "embeddings", "reranking"]),
-    st.fixed_dictionaries(
-        {"primary": st.lists(ids, max_size=2), "weights": st.dictionaries(ids, st.integers())}
-    ),
-    max_size=3,
-)
-clients = st.dictionaries(ids, st.fixed_dictionaries({"scopes": st.lists(st.text(max_size=6), max_size=2)}))
-views = st.fixed_dictionaries({"providers": providers, "routing": routes, "clients": clients})
 
 
 @settings(max_examples=300, deadline=None, database=None)
