@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import create_app
 from service.context import REGISTRY
@@ -196,12 +196,14 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
 
 @dataclass
 class Service:
-    """A running service and a client for it."""
+    """A running service (as `switchboard serve` runs it) and an HTTP session to call it."""
 
     app: web.Application
-    client: TestClient[web.Request, web.Application]
     settings: Settings
     project: SopsProject
+    url: str
+    http: aiohttp.ClientSession
+    runner: web.AppRunner
 
     @property
     def registry(self) -> Registry:
@@ -216,42 +218,54 @@ class Service:
 
     async def get(self, path: str, token: str | None = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.client.get(path, headers=headers) as response:
+        async with self.http.get(self.url + path, headers=headers) as response:
             return response.status, await response.json()
 
     async def text(self, path: str, token: str | None = None) -> tuple[int, str]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self.client.get(path, headers=headers) as response:
+        async with self.http.get(self.url + path, headers=headers) as response:
             return response.status, await response.text()
+
+    async def stop(self) -> None:
+        """Shut the service down as SIGTERM does (the event log is closed); idempotent."""
+        await self.runner.cleanup()
 
 
 @contextlib.asynccontextmanager
 async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]:
-    """Start the service on `project` (port 0) and wait until /readyz answers 200."""
+    """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200.
+
+    The app runs as `switchboard serve` runs it (handler cancellation on, so a client that
+    leaves cancels its upstream request), with a short debounce and health checks off
+    unless `settings` say otherwise.
+    """
     values: dict[str, Any] = {
         "root": project.root,
         "providers": project.providers,
         "events": project.root / "var" / "events.jsonl",
         "port": 0,
-        "debounce_ms": 20,
+        "debounce_ms": 10,
         "age_key_file": project.identity.key_file,
         "health_interval_s": 0,
     }
     config = Settings(**(values | settings))
-    app = create_app(config)
-    client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, host="127.0.0.1", port=0))
-    await client.start_server()
-    try:
-        service = Service(app, client, config, project)
+    app = create_app(config, sops=project.sops)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with aiohttp.ClientSession() as http:
+        service = Service(app, config, project, url, http, runner)
+        try:
 
-        async def ready() -> None:
-            status, _ = await service.get("/readyz")
-            assert status == 200
+            async def ready() -> None:
+                status, _ = await service.get("/readyz")
+                assert status == 200
 
-        await eventually(ready, timeout=20)
-        yield service
-    finally:
-        await client.close()
+            await eventually(ready, timeout=20)
+            yield service
+        finally:
+            await service.stop()
 
 
 @pytest.fixture

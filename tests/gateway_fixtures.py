@@ -20,10 +20,8 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from service.app import create_app
 from service.gateway import GATEWAY
-from service.settings import Settings
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, serve
 
 CANARY = "sk-canary-5e1f0c9a7b3d2e4f6a8b"
 """A key that must never come back out: in no answer, log line, event or metric."""
@@ -119,25 +117,5 @@ class Switchboard:
 @contextlib.asynccontextmanager
 async def running(project: SopsProject, **settings: Any) -> AsyncIterator[Switchboard]:
     """Serve the project until the block ends (health checks off unless asked for)."""
-    options: dict[str, Any] = {
-        "root": project.root,
-        "providers": Path("providers.d"),
-        "events": Path("var/events.jsonl"),
-        "debounce_ms": 10,
-        "health_interval_s": 0,
-        "age_key_file": project.identity.key_file,
-        **settings,
-    }
-    app = create_app(Settings(**options), sops=project.sops)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    async with aiohttp.ClientSession() as http:
-        board = Switchboard(f"http://127.0.0.1:{port}", app, project, http, project.root / "var/events.jsonl")
-        try:
-            await board.wait_for_generation(1)
-            yield board
-        finally:
-            await runner.cleanup()
+    async with serve(project, **settings) as service:
+        yield Switchboard(service.url, service.app, project, service.http, service.events_file)

@@ -302,7 +302,7 @@ async def test_files_encrypted_to_another_key_or_tampered_are_refused_with_their
 
 async def test_a_torn_last_line_is_set_aside_and_reported_at_start(running_service: Service) -> None:
     project, path = running_service.project, running_service.events_file
-    await running_service.client.close()
+    await running_service.stop()
     torn = b'{"seq": 4, "ts": "2026-11-27T05:33'
     with path.open("ab") as f:
         f.write(torn)
@@ -319,7 +319,7 @@ async def test_a_tampered_middle_line_is_named_by_audit_verify(
     running_service: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = running_service.events_file
-    await running_service.client.close()
+    await running_service.stop()
     lines = path.read_bytes().splitlines(keepends=True)
     assert len(lines) >= 3
     lines[1] = lines[1].replace(b'"gpu"', b'"gpx"', 1)
@@ -333,7 +333,7 @@ async def test_changes_made_while_the_service_was_down_are_recorded_at_restart(
     running_service: Service,
 ) -> None:
     project = running_service.project
-    await running_service.client.close()
+    await running_service.stop()
     before = read_events(running_service.events_file)
     gpu = project.providers / "gpu.yaml"
     write_atomically(gpu, gpu.read_text().replace(":9/v1", ":7000/v1"))
