@@ -27,10 +27,10 @@ from typing import Any
 
 from aiohttp import web
 
+from service.audit import filter_events, parse_time, replay
 from service.auth import Handler, scoped
 from service.context import EVENTS, HEALTH, REGISTRY
 from service.errors import BadRequest, NotFound, NotReady
-from service.events import filter_events, parse_time, replay
 from service.health import Health, HealthState
 from service.models import PURPOSES, AiServer, ApiKey, Provider
 from service.snapshot import Snapshot

@@ -299,7 +299,8 @@ def _serve(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _audit_show(ns: argparse.Namespace, settings: Settings) -> int:
-    from service.events import filter_events, parse_time, read_events
+    from service.audit import filter_events, parse_time
+    from service.events import read_events
 
     events = read_events(settings.events_file)
     try:
@@ -328,7 +329,8 @@ def _audit_verify(ns: argparse.Namespace, settings: Settings) -> int:
 
 
 def _state(ns: argparse.Namespace, settings: Settings) -> int:
-    from service.events import parse_time, read_events, replay
+    from service.audit import parse_time, replay
+    from service.events import read_events
 
     try:
         at = parse_time(ns.at) if ns.at else None

@@ -19,10 +19,9 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
@@ -52,21 +51,23 @@ _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TS_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$"
 
 
-def _to_utc(value: datetime) -> datetime:
+def to_utc(value: datetime) -> datetime:
+    """`value` in UTC; a naive time is taken as UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _format_ts(value: datetime) -> str:
-    return _to_utc(value).strftime(_TS_FORMAT)
+    return to_utc(value).strftime(_TS_FORMAT)
 
 
-def _now() -> datetime:
+def now() -> datetime:
+    """The current time, in UTC."""
     return datetime.now(UTC)
 
 
 Timestamp = Annotated[
     datetime,
-    AfterValidator(_to_utc),
+    AfterValidator(to_utc),
     PlainSerializer(_format_ts, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time", "pattern": _TS_PATTERN}),
 ]
@@ -87,7 +88,7 @@ class BaseEvent(BaseModel):
 
     # Drafts have seq 0 and empty hashes; the schema (json_schema_extra) describes the log's lines.
     seq: int = Field(0, ge=0, json_schema_extra={"minimum": 1}, description="1, 2, 3... in the log")
-    ts: Timestamp = Field(default_factory=_now, description="when it was appended, UTC")
+    ts: Timestamp = Field(default_factory=now, description="when it was appended, UTC")
     type: str
     subject: str | None = Field(None, description="the provider id, 'routing' or 'clients'")
     file: str | None = Field(None, description="the file it came from, e.g. providers.d/x.yaml")
@@ -294,7 +295,7 @@ class EventLog:
             if self._fd < 0:
                 raise EventLogError(f"{self.path}: the event log is closed")
             last = self._events[-1] if self._events else None
-            ts = _now() if last is None else max(_now(), last.ts)  # never backwards, for replay
+            ts = now() if last is None else max(now(), last.ts)  # never backwards, for replay
             update = {"seq": self.last_seq + 1, "ts": ts, "prev": self.last_hash, "hash": ""}
             event = draft.model_copy(update=update)
             data = event.model_dump(mode="json", exclude={"prev", "hash"}) | {"prev": event.prev}
@@ -400,66 +401,6 @@ def verify(path: Path | str) -> int:
             raise ChainBroken(seq, f"not a valid event ({exc.error_count()} errors)") from None
         prev = record["hash"]
     return len(raw_lines)
-
-
-def replay(events: Iterable[BaseEvent], at: datetime | None = None) -> state.ConfigView:
-    """The configuration (masked) as it stood at `at` (default: now), rebuilt from the events."""
-    limit = None if at is None else _to_utc(at)
-    view = state.empty_view()
-    for event in events:
-        if limit is None or event.ts <= limit:
-            view = state.apply_change(view, event.type, event.subject, event.changes)
-    return view
-
-
-def filter_events(
-    events: Sequence[_E],
-    subject: str | None = None,
-    type: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int | None = None,
-) -> list[_E]:
-    """Events matching every filter given, oldest first; `limit` keeps the most recent ones.
-
-    `type` is a type (`provider.updated`) or a family (`provider`); `since` and `until`
-    are inclusive.
-    """
-    low = None if since is None else _to_utc(since)
-    high = None if until is None else _to_utc(until)
-    found = [
-        e
-        for e in events
-        if (subject is None or e.subject == subject)
-        and (type is None or e.type == type or e.type.startswith(type + "."))
-        and (low is None or e.ts >= low)
-        and (high is None or e.ts <= high)
-    ]
-    if limit is not None:
-        found = found[-limit:] if limit > 0 else []
-    return found
-
-
-_RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_time(text: str, now: datetime | None = None) -> datetime:
-    """A time argument: ISO 8601 (naive = UTC), a date (midnight UTC), `now`, or `10m`/`2h`/`3d` ago."""
-    reference = _now() if now is None else _to_utc(now)
-    value = text.strip()
-    if value == "now":
-        return reference
-    relative = _RELATIVE.match(value)
-    if relative:
-        amount, unit = relative.groups()
-        return reference - timedelta(**{_UNITS[unit]: int(amount)})
-    try:
-        return _to_utc(datetime.fromisoformat(value))  # a date alone is its midnight
-    except ValueError:
-        raise ValueError(
-            f"not a time: {text!r} (use ISO 8601 like 2026-11-27T05:33:08Z, a date, or 10m, 2h, 3d)"
-        ) from None
 
 
 def _split(data: bytes) -> tuple[list[bytes], bytes | None]:

@@ -16,8 +16,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from service.attribution import NO_GIT, Attribution, Attributor
+from service.audit import replay
 from service.errors import Problem, SnapshotRejected
-from service.events import ConfigRejected, EventLog, draft_from_change, replay
+from service.events import ConfigRejected, EventLog, draft_from_change
 from service.loader import Loaded
 from service.models import AiServer, ApiKey
 from service.secret import Secret

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from service.attribution import Attributor
-from service.events import EventLog, read_events, replay
+from service.audit import replay
+from service.events import EventLog, read_events
 from service.loader import Loaded, parse, with_secrets
 from service.registry import Registry
 from tests.conftest import git, git_init

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from service.audit import replay
 from service.cli import cli
 from service.context import EVENTS
-from service.events import Event, read_events, replay
+from service.events import Event, read_events
 from service.secret import Secret
 from service.sops import Sops
 from tests.conftest import (

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from service.audit import replay
 from service.context import EVENTS
-from service.events import replay
 from tests.conftest import Service, eventually, write_server
 
 SERVER = "kind: ai_server\nid: {id}\nserver_type: vllm\nbase_url: http://127.0.0.1:{port}/v1\n"
