@@ -63,7 +63,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     if events.recovered_tail:
         log.warning("event log: %s", events.recovered_tail)
     events.append(ServiceStarted(version=__version__, pid=os.getpid(), recovered=events.recovered_tail))
-    registry = Registry(events, settings.root, Attributor(settings.root))
+    registry = Registry(events, settings.files_root, Attributor(settings.providers_dir))
 
     def on_reload(outcome: Outcome, seconds: float) -> None:
         metrics.reloads.labels("applied" if outcome.applied else "refused").inc()
@@ -74,7 +74,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
 
     reloader = Reloader(
         settings.providers_dir,
-        settings.root,
+        settings.files_root,
         registry,
         app[SOPS],
         debounce_ms=settings.debounce_ms,

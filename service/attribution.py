@@ -31,10 +31,12 @@ NO_GIT = Attribution(None, None, False)
 
 
 class Attributor:
-    """Asks git about files under `root`; every answer is computed on demand, off the hot path."""
+    """Asks git about the files of one folder; every answer is computed on demand, off the hot path."""
 
-    def __init__(self, root: Path) -> None:
-        self.repo = GitRepo.find(root)
+    def __init__(self, folder: Path) -> None:
+        # The repository holding the folder; the folder itself may not exist yet.
+        existing = next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), folder)
+        self.repo = GitRepo.find(existing)
 
     def head(self) -> str | None:
         """The HEAD commit, or None outside a repository or before the first commit."""

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
         return self.path(self.providers)
 
     @property
+    def files_root(self) -> Path:
+        """What the `file` of events and answers is relative to: the repository root, or, for a
+        providers folder outside it, the folder's parent (so names read `providers.d/x.yaml`)."""
+        providers, root = self.providers_dir.absolute(), self.root.absolute()
+        return root if providers.is_relative_to(root) else providers.parent
+
+    @property
     def events_file(self) -> Path:
         return self.path(self.events)
 

@@ -482,3 +482,20 @@ async def test_replaying_the_log_gives_the_registry_after_random_edits(running_s
 
     await eventually(caught_up)
     assert replay(read_events(service.events_file)) == service.registry.snapshot.view()
+
+
+async def test_a_providers_folder_outside_the_root_is_named_from_its_parent_and_attributed(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    git_init(sops_project.root)
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    git(sops_project.root, "add", "-A")
+    git(sops_project.root, "commit", "-qm", "add gpu")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    async with serve(sops_project, root=elsewhere, events=elsewhere / "events.jsonl") as service:
+        (added,) = [e for e in service.events() if e.type == "provider.added"]
+        assert added.file == "providers.d/gpu.yaml"
+        assert added.commit == git(sops_project.root, "rev-parse", "HEAD")
+        assert added.author == AUTHOR
