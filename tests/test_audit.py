@@ -10,7 +10,8 @@ import pytest
 from service.audit import filter_events, parse_time, replay
 from service.events import EventLog, ProviderHealthChanged, ServiceStarted, read_events
 from service.state import empty_view
-from tests.test_events import provider_view, record
+from tests.test_events import record
+from tests.views import provider_view
 
 
 @pytest.fixture

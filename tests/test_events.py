@@ -32,27 +32,9 @@ from service.events import (
 )
 from service.state import ConfigView, diff_views, empty_view
 from tests.strategies import views
+from tests.views import provider_view
 
 SECRET = "sk-or-v1-0123456789abcdef5d80"
-
-
-def provider_view(pid: str, api_key: str | None = "****5d80", **fields: Any) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "kind": "api_key",
-        "id": pid,
-        "name": None,
-        "enabled": True,
-        "provider": "openrouter",
-        "base_url": "https://a/v1",
-        "api_key": api_key,
-        "models": [],
-        "model_map": {},
-        "purposes": ["chat"],
-        "timeout_s": 60.0,
-        "first_byte_timeout_s": 15.0,
-        "file": f"providers.d/{pid}.yaml",
-    }
-    return view | fields
 
 
 def record(log: EventLog, old: ConfigView, new: ConfigView, **git: Any) -> None:

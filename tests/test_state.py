@@ -4,37 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.state import Change, ConfigView, apply_change, diff_views, empty_view
 from tests.strategies import ids, views
-
-
-def provider(pid: str, **fields: Any) -> dict[str, Any]:
-    view: dict[str, Any] = {
-        "kind": "api_key",
-        "id": pid,
-        "name": None,
-        "enabled": True,
-        "provider": "openrouter",
-        "base_url": "https://openrouter.ai/api/v1",
-        "api_key": "****5d80",
-        "models": [],
-        "model_map": {},
-        "purposes": ["chat"],
-        "timeout_s": 60.0,
-        "first_byte_timeout_s": 15.0,
-        "file": f"providers.d/{pid}.yaml",
-    }
-    view.update(fields)
-    return view
-
-
-def view_of(*providers: dict[str, Any], routing: Any = None, clients: Any = None) -> ConfigView:
-    return {"providers": {p["id"]: p for p in providers}, "routing": routing or {}, "clients": clients or {}}
+from tests.views import provider_view as provider
+from tests.views import view_of
 
 
 def replayed(start: ConfigView, changes: list[Change]) -> ConfigView:
