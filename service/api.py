@@ -33,7 +33,7 @@ from service.context import EVENTS, HEALTH, REGISTRY
 from service.errors import BadRequest, NotFound, NotReady
 from service.health import Health, HealthState
 from service.models import PURPOSES, AiServer, ApiKey, Provider
-from service.snapshot import Snapshot
+from service.snapshot import PerSnapshot, Snapshot
 
 PREFIX = "/api/v1/llm-config"
 DEFAULT_AUDIT_LIMIT = 1000
@@ -45,7 +45,7 @@ _KINDS = {"providers": None, "api-keys": "api_key", "servers": "ai_server"}
 
 def setup(app: web.Application) -> None:
     """Add the configuration endpoints to the app."""
-    app[_CACHE] = _Cache()
+    app[_CACHE] = PerSnapshot(_render)
     add = app.router.add_get
     add(f"{PREFIX}/active", _active_all)
     add(f"{PREFIX}/active/{{purpose}}", _active)
@@ -104,20 +104,7 @@ class _Rendered:
         return route.encoded
 
 
-class _Cache:
-    """The rendering of the latest snapshot seen; replaced when the registry swaps."""
-
-    def __init__(self) -> None:
-        self._rendered: _Rendered | None = None
-
-    def of(self, snapshot: Snapshot) -> _Rendered:
-        rendered = self._rendered
-        if rendered is None or rendered.snapshot is not snapshot:
-            rendered = self._rendered = _render(snapshot)
-        return rendered
-
-
-_CACHE = web.AppKey("llm_config_cache", _Cache)
+_CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
 
 
 def _render(snapshot: Snapshot) -> _Rendered:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from service.health import Health
 from service.models import PURPOSES, Provider
-from service.snapshot import Snapshot
+from service.snapshot import PerSnapshot, Snapshot
 from service.upstream import Target
 
 
@@ -66,14 +66,11 @@ class Router:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._random = (rng or random.Random()).random  # noqa: S311 - load balancing, not secrecy
-        self._plan: Plan | None = None
+        self._plans = PerSnapshot(Plan)
 
     def plan(self, snapshot: Snapshot) -> Plan:
         """The plan of `snapshot`, built on first sight of a new snapshot."""
-        plan = self._plan
-        if plan is None or plan.snapshot is not snapshot:
-            plan = self._plan = Plan(snapshot)
-        return plan
+        return self._plans.of(snapshot)
 
     def candidates(self, plan: Plan, purpose: str, model: str | None, health: Health) -> list[Target]:
         """The targets to try for one request, best first; empty when none may serve it."""

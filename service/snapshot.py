@@ -7,10 +7,10 @@ them is refused as a whole. Every request reads one snapshot from start to end.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from service.attribution import NO_GIT, Attribution
 from service.errors import Problem, SnapshotRejected
@@ -133,3 +133,25 @@ class Snapshot:
         )
         clients = {c.name: {"scopes": list(c.scopes)} for c in self.clients.clients} if self.clients else {}
         return {"providers": dict(sorted(providers.items())), "routing": routing, "clients": clients}
+
+
+_T = TypeVar("_T")
+
+
+class PerSnapshot(Generic[_T]):
+    """A value derived from a snapshot, built on first sight of each new snapshot and reused.
+
+    Request handlers read the registry's current snapshot; what they render from it (JSON,
+    routing plans) is computed once per snapshot here instead of once per request.
+    """
+
+    def __init__(self, build: Callable[[Snapshot], _T]) -> None:
+        self._build = build
+        self._last: tuple[Snapshot, _T] | None = None
+
+    def of(self, snapshot: Snapshot) -> _T:
+        """The value for `snapshot`: the one built before when it is the same snapshot."""
+        last = self._last
+        if last is None or last[0] is not snapshot:
+            last = self._last = (snapshot, self._build(snapshot))
+        return last[1]
