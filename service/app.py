@@ -106,7 +106,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except HTTPError as exc:
         response = web.json_response(exc.body(), status=exc.status)
     except web.HTTPRequestEntityTooLarge:
-        error = PayloadTooLarge(f"request body over {request.app[SETTINGS].max_body_bytes} bytes")
+        error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
         response = web.json_response(error.body(), status=error.status)
     except web.HTTPException as exc:
         if exc.status < 400:

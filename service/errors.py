@@ -160,6 +160,11 @@ class PayloadTooLarge(HTTPError):
     status = 413
     type = "payload_too_large"
 
+    @classmethod
+    def over(cls, limit: int) -> PayloadTooLarge:
+        """The answer to a body over `limit` bytes (the `max_body_bytes` setting)."""
+        return cls(f"request body over {limit} bytes")
+
 
 class UpstreamsFailed(HTTPError):
     status = 502

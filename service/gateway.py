@@ -128,8 +128,7 @@ def _answering(handler: Handler) -> Handler:
         except HTTPError as exc:
             return _error(exc, _NONE, 0)
         except web.HTTPRequestEntityTooLarge:
-            limit = request.app[SETTINGS].max_body_bytes
-            return _error(PayloadTooLarge(f"request body over {limit} bytes"), _NONE, 0)
+            return _error(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), _NONE, 0)
 
     return answer
 
@@ -144,7 +143,7 @@ def _relay(purpose: str, path: str) -> Handler:
         app = request.app
         length = request.content_length
         if length is not None and length > app[SETTINGS].max_body_bytes:
-            raise PayloadTooLarge(f"request body over {app[SETTINGS].max_body_bytes} bytes")
+            raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
         body = await request.read()
         try:
             data = json.loads(body)
