@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from service.errors import ConfigError, FileRejected, Problem
+from service.files import write_atomically
 from service.loader import Loaded, decrypt, is_config_file, parse
 from service.models import ApiKey, Provider, Routing
 from service.secret import Secret
@@ -90,9 +90,7 @@ def load(folder: Path, shown: str, sops: Sops | None) -> Snapshot:
 
 
 def _write(path: Path, text: str, *, secret: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_atomically(path, text.encode("utf-8"), mode=0o600 if secret else 0o644)
 
 
 # -- one provider ------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def command(ns: argparse.Namespace, settings: Settings) -> int:
     if not found:
         raise NotFound(f"no provider file {provider_id}.yaml in {folder}")
     path = found[0]
-    name = str(path.relative_to(settings.root)) if path.is_relative_to(settings.root) else str(path)
+    name = path.absolute().relative_to(settings.files_root).as_posix()
     loaded = decrypt(parse(name, path.read_bytes()), make_sops(settings))
     provider = loaded.document
     if not isinstance(provider, AiServer | ApiKey):
