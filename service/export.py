@@ -25,7 +25,7 @@ import yaml
 
 from service.errors import ConfigError, FileRejected, Problem
 from service.files import write_atomically
-from service.loader import Loaded, decrypt, is_config_file, parse
+from service.loader import Loaded, config_files, decrypt, parse
 from service.models import ApiKey, Provider, Routing
 from service.secret import Secret
 from service.settings import Settings
@@ -76,14 +76,13 @@ def load(folder: Path, shown: str, sops: Sops | None) -> Snapshot:
     """The snapshot of the files in `folder`, decrypted when `sops` is given. Raises ConfigError."""
     files: dict[str, Loaded] = {}
     problems: list[Problem] = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if path.is_file() and is_config_file(path.name):
-            name = f"{shown.rstrip('/')}/{path.name}"
-            try:
-                loaded = parse(name, path.read_bytes())
-                files[name] = decrypt(loaded, sops) if sops is not None else loaded
-            except FileRejected as exc:
-                problems += exc.problems
+    for path in config_files(folder):
+        name = f"{shown.rstrip('/')}/{path.name}"
+        try:
+            loaded = parse(name, path.read_bytes())
+            files[name] = decrypt(loaded, sops) if sops is not None else loaded
+        except FileRejected as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return Snapshot.build(files)

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -40,6 +40,13 @@ def is_config_file(name: str) -> bool:
     return (
         not name.startswith(".") and not name.endswith(_IGNORED_SUFFIXES) and name.endswith((".yaml", ".yml"))
     )
+
+
+def config_files(folder: Path) -> list[Path]:
+    """The documents directly in `folder`, in name order; none when it is not a folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_config_file(p.name))
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from typing import Any
 from service.errors import FileRejected, GitError, Problem, SopsError
 from service.gitrepo import GitRepo
 from service.keys import check_sops_config
-from service.loader import Loaded, is_config_file, parse
+from service.loader import Loaded, config_files, is_config_file, parse
 from service.models import SECRET_FIELDS, AiServer, ApiKey, Clients, Routing
 from service.rotate import file_recipients
 from service.secret import Sealed, mask
@@ -127,11 +127,7 @@ def _side_at(repo: GitRepo, settings: Settings, commit: str, name: str) -> Side:
 def _worktree(settings: Settings) -> Side:
     folder = settings.providers_dir
     shown = _shown_folder(settings)
-    files: dict[str, bytes] = {}
-    if folder.is_dir():
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and is_config_file(path.name):
-                files[f"{shown}/{path.name}"] = path.read_bytes()
+    files = {f"{shown}/{path.name}": path.read_bytes() for path in config_files(folder)}
     config = settings.sops_config.read_bytes() if settings.sops_config.exists() else None
     return Side(None, None, files, config)
 

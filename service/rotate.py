@@ -27,7 +27,7 @@ import yaml
 from service.errors import SopsError, SopsFailed, SopsNoKey
 from service.files import fsync_path
 from service.keys import add_recipient, recipients, remove_recipient
-from service.loader import is_config_file
+from service.loader import config_files
 from service.settings import Settings
 from service.sops import Sops
 
@@ -117,14 +117,11 @@ def file_recipients(data: bytes) -> set[str]:
 
 def encrypted_files(folder: Path) -> list[Path]:
     """The documents of `folder` that carry a sops block, in name order."""
-    if not folder.is_dir():
-        return []
     found = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and is_config_file(path.name):
-            tree = _yaml(path.read_bytes())
-            if tree and "sops" in tree:
-                found.append(path)
+    for path in config_files(folder):
+        tree = _yaml(path.read_bytes())
+        if tree and "sops" in tree:
+            found.append(path)
     return found
 
 

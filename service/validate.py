@@ -16,7 +16,7 @@ from pathlib import Path
 
 from service.errors import FileRejected, Problem
 from service.keys import check_sops_config
-from service.loader import Loaded, decrypt, is_config_file, parse
+from service.loader import Loaded, config_files, decrypt, parse
 from service.models import SECRET_FIELDS
 from service.snapshot import cross_check
 from service.sops import Sops
@@ -27,7 +27,7 @@ def collect(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and is_config_file(p.name))
+            found += config_files(path)
         else:
             found.append(path)
     return list(dict.fromkeys(found))
