@@ -18,11 +18,12 @@ demo:
 test *ARGS:
     python -m pytest {{ARGS}}
 
-# ruff (lint and format) and mypy strict on service/
+# ruff (lint and format), mypy strict on service/, and the layers of the architecture
 lint:
     ruff check .
     ruff format --check .
     mypy
+    lint-imports
 
 # check the shipped examples, as CI does on a pull request
 validate:

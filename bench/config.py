@@ -32,9 +32,9 @@ from pathlib import Path
 import aiohttp
 
 from bench.load import percentile
-from service.keys import add_recipient, write_identity
-from service.secret import mask
-from service.sops import Sops
+from service.config.secret import mask
+from service.crypto.keys import add_recipient, write_identity
+from service.crypto.sops import Sops
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 KEY = "sk-bench-{index:04d}-0123456789abcdef-{variant}{variant}{variant}"

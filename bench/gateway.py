@@ -32,9 +32,9 @@ from bench.config import CACHE, Service
 from bench.litellm_proxy import LiteLLMProxy
 from bench.load import LoadResult, run_load
 from bench.upstream import UpstreamProcess
-from service.keys import add_recipient, write_identity
-from service.sops import Sops
-from service.tokens import create_token
+from service.crypto.keys import add_recipient, write_identity
+from service.crypto.sops import Sops
+from service.crypto.tokens import create_token
 
 UPSTREAM_KEY = "sk-upstream-bench-0123456789"
 MODEL = "fake-model"

@@ -1,4 +1,4 @@
-"""The fake upstream (`tests.upstreams`) in its own process, so it does not share a CPU with the load."""
+"""The fake upstream (`tests.support.upstreams`) in its own process, apart from the load."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(slots=True)
 class UpstreamProcess:
-    """``python -m tests.upstreams`` on a free loopback port, as an async context manager."""
+    """``python -m tests.support.upstreams`` on a free loopback port, as an async context manager."""
 
     name: str = "upstream"
     api_key: str = "sk-upstream"
@@ -30,7 +30,7 @@ class UpstreamProcess:
     async def start(self) -> UpstreamProcess:
         """Start it and wait for its ``listening on URL`` line."""
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.upstreams", "--port", "0", "--protocol", self.protocol,
+            sys.executable, "-m", "tests.support.upstreams", "--port", "0", "--protocol", self.protocol,
             "--name", self.name, "--api-key", self.api_key, "--latency-ms", str(self.latency_ms),
             cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip

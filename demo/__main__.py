@@ -29,11 +29,11 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from service.app import create_app
-from service.keys import add_recipient, write_identity
+from service.crypto.keys import add_recipient, write_identity
+from service.crypto.sops import Sops
+from service.http.app import create_app
 from service.settings import Settings
-from service.sops import Sops
-from tests.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = Path(os.environ.get("SWITCHBOARD_DEMO_DIR", REPO / ".demo")).resolve()

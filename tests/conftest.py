@@ -22,13 +22,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from service.app import create_app
-from service.context import REGISTRY
-from service.events import Event, read_events
-from service.keys import write_identity
-from service.registry import Registry
+from service.crypto.keys import write_identity
+from service.crypto.sops import Sops
+from service.http.app import create_app
+from service.http.context import REGISTRY
+from service.journal.events import Event
+from service.journal.log import read_events
+from service.runtime.registry import Registry
 from service.settings import Settings
-from service.sops import Sops
 
 _AMBIENT_SOPS_VARS = (
     "SOPS_AGE_KEY",

@@ -1,0 +1,47 @@
+"""`switchboard export litellm|wilmer [--out PATH] [--with-secrets]`: other tools' configuration.
+
+Keys are environment references unless `--with-secrets` (then files are written mode 0600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from service.config.export import litellm_yaml, wilmer_endpoints
+from service.config.snapshot import load_folder
+from service.crypto.sops import Sops
+from service.files import write_atomically
+from service.settings import Settings
+
+
+def run(ns: argparse.Namespace, settings: Settings) -> int:
+    """`switchboard export litellm [--out FILE]` / `export wilmer --out DIR` [`--with-secrets`]."""
+    if ns.target == "wilmer" and ns.out is None:
+        print("switchboard: error: export wilmer needs --out DIR", file=sys.stderr)
+        return 2
+    sops = Sops.from_settings(settings) if ns.with_secrets else None
+    snapshot = load_folder(settings.providers_dir, settings.providers.as_posix(), sops)
+    if ns.target == "litellm":
+        text = litellm_yaml(snapshot, with_secrets=ns.with_secrets)
+        if ns.out is None:
+            print(text, end="")
+        else:
+            _write(ns.out, text, secret=ns.with_secrets)
+            print(f"wrote {ns.out}", file=sys.stderr)
+        return 0
+    files = wilmer_endpoints(snapshot, with_secrets=ns.with_secrets)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    for name, endpoint in files.items():
+        _write(ns.out / name, json.dumps(endpoint, indent=2) + "\n", secret=ns.with_secrets)
+    skipped = sorted(set(snapshot.providers) - {n.removesuffix(".json") for n in files})
+    print(f"wrote {len(files)} endpoint file(s) to {ns.out}", file=sys.stderr)
+    if skipped:
+        print(f"skipped (disabled, or no WilmerAI API type): {', '.join(skipped)}", file=sys.stderr)
+    return 0
+
+
+def _write(path: Path, text: str, *, secret: bool) -> None:
+    write_atomically(path, text.encode("utf-8"), mode=0o600 if secret else 0o644)

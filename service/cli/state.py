@@ -1,0 +1,23 @@
+"""`switchboard state [--at TIME]`: the configuration as it stood at a time, from the event log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from service.journal.log import read_events
+from service.journal.replay import parse_time, replay
+from service.settings import Settings
+
+
+def run(ns: argparse.Namespace, settings: Settings) -> int:
+    """Print the masked configuration at `--at` (default: now) as JSON."""
+
+    try:
+        at = parse_time(ns.at) if ns.at else None
+    except ValueError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(replay(read_events(settings.events_file), at), indent=2, sort_keys=True))
+    return 0

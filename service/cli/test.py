@@ -1,0 +1,39 @@
+"""`switchboard test ID`: health-check one provider now, with its decrypted key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from service.config.loader import decrypt, is_config_file, parse
+from service.config.models import AiServer, ApiKey, Provider
+from service.crypto.sops import Sops
+from service.errors import NotFound
+from service.gateway.health import CheckResult, check
+from service.gateway.transports.base import open_session
+from service.settings import Settings
+
+
+def run(ns: argparse.Namespace, settings: Settings) -> int:
+    """Load and decrypt one provider's file, check it now, print the result; 1 when it failed."""
+    provider_id: str = ns.provider_id
+    folder = settings.providers_dir
+    files = [folder / f"{provider_id}.{ext}" for ext in ("yaml", "yml")]
+    found = [f for f in files if f.is_file() and is_config_file(f.name)]
+    if not found:
+        raise NotFound(f"no provider file {provider_id}.yaml in {folder}")
+    path = found[0]
+    name = path.absolute().relative_to(settings.files_root).as_posix()
+    loaded = decrypt(parse(name, path.read_bytes()), Sops.from_settings(settings))
+    provider = loaded.document
+    if not isinstance(provider, AiServer | ApiKey):
+        raise NotFound(f"{name} is not a provider (kind: {provider.kind})")
+    result = asyncio.run(_check_once(provider))
+    verdict = "ok" if result.ok else "failed"
+    print(f"{provider_id}: {verdict} in {result.latency_ms:.1f} ms: {result.message}")
+    return 0 if result.ok else 1
+
+
+async def _check_once(provider: Provider) -> CheckResult:
+    async with open_session() as session:
+        return await check(provider, session)

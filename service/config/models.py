@@ -1,0 +1,319 @@
+"""The documents of `providers.d/`: providers (`ai_server`, `api_key`), `routing` and `clients`.
+
+Every model is frozen and strict: unknown fields are errors, types are not coerced, so a typo
+in a pull request fails validation instead of passing silently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from service import formats
+from service.config.secret import SOPS_VALUE, Sealed, Secret
+from service.errors import ConfigError, Problem
+from service.vendors import VENDORS
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+SECRET_FIELDS = ("api_key",)
+"""Fields that must be SOPS-encrypted in git (the `encrypted_regex` of `.sops.yaml`)."""
+
+Purpose = Literal["chat", "embeddings", "reranking"]
+PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
+ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
+Scope = Literal["completions", "config:read", "admin", "secrets:read"]
+ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class PlaintextSecretError(ValueError):
+    """A secret field holds a plaintext value in a file that should carry SOPS ciphertext."""
+
+
+def _to_secret(value: object) -> Secret | Sealed:
+    if isinstance(value, Secret | Sealed):
+        return value
+    if isinstance(value, str) and SOPS_VALUE.match(value):
+        return Sealed(value)
+    if isinstance(value, str):
+        # The value itself must never be echoed: this message is all that is reported.
+        raise PlaintextSecretError("is in plaintext; encrypt the file with `switchboard encrypt FILE`")
+    raise ValueError("must be a string encrypted by sops")
+
+
+SecretField = Annotated[
+    Secret | Sealed,
+    BeforeValidator(_to_secret),
+    PlainSerializer(lambda s: s.masked, return_type=str),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^ENC\[AES256_GCM,",
+            "description": "The secret, encrypted by sops (`switchboard encrypt FILE`); never plaintext.",
+        }
+    ),
+]
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials; put the key in `api_key`")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or a fragment")
+    try:
+        parts.port  # noqa: B018 - the property validates the port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return value.rstrip("/")
+
+
+Url = Annotated[
+    str,
+    BeforeValidator(lambda v: _check_url(v) if isinstance(v, str) else v),
+    WithJsonSchema({"type": "string", "format": "uri", "pattern": "^https?://"}),
+]
+
+
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
+
+
+class _Provider(_Document):
+    kind: Literal["ai_server", "api_key"]
+    id: ProviderId = Field(description="Unique id; equals the file name without extension.")
+    name: str | None = Field(None, description="Display name.")
+    enabled: bool = Field(True, description="Disabled providers are kept but never routed to.")
+    models: list[str] = Field(default_factory=list, description="Models served; empty means any model.")
+    model_map: dict[str, str] = Field(
+        default_factory=dict, description="Requested model alias -> model name sent upstream."
+    )
+    purposes: list[Purpose] = Field(default_factory=lambda: list[Purpose](["chat"]), min_length=1)
+    timeout_s: float = Field(60, gt=0, description="Upstream request timeout, seconds.")
+    first_byte_timeout_s: float = Field(
+        15, gt=0, description="No first byte by then counts as a failure, seconds."
+    )
+
+    @field_validator("purposes")
+    @classmethod
+    def _unique_purposes(cls, value: list[Purpose]) -> list[Purpose]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a purpose twice")
+        return value
+
+    @property
+    def label(self) -> str:
+        """The server type or vendor."""
+        raise NotImplementedError
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to (the vendor's default when none is set)."""
+        raise NotImplementedError
+
+    @property
+    def speaks_openai(self) -> bool:
+        """True when requests are forwarded as they are; False when litellm translates them."""
+        raise NotImplementedError
+
+    def serves(self, model: str | None) -> bool:
+        """Whether a request for `model` may go to this provider."""
+        return not self.models or model is None or model in self.models or model in self.model_map
+
+    def upstream_model(self, model: str) -> str:
+        """The model name to send upstream for a requested model."""
+        return self.model_map.get(model, model)
+
+    def describe(self) -> dict[str, Any]:
+        """The provider as the HTTP API shows it: masked (`api_key` is `****5d80` or null), URL resolved."""
+        dumped = self.model_dump(mode="json")  # secrets serialize as their mask
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            **self._label_field(),
+            "base_url": self.endpoint,
+            "models": dumped["models"],
+            "model_map": dumped["model_map"],
+            "purposes": dumped["purposes"],
+            "enabled": self.enabled,
+            "api_key": dumped["api_key"],
+            "timeout_s": dumped["timeout_s"],
+            "first_byte_timeout_s": dumped["first_byte_timeout_s"],
+        }
+
+    def _label_field(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def revealed_key(self) -> str | None:
+        """The decrypted key (None without one); ConfigError when it could not be decrypted here."""
+        key = getattr(self, "api_key", None)
+        if key is None:
+            return None
+        if not isinstance(key, Secret):
+            raise ConfigError([Problem(self.id, 0, "the key was not decrypted; is a key at hand?")])
+        return key.reveal()
+
+    def to_litellm_config(self, model: str | None = None, *, with_secrets: bool = False) -> dict[str, Any]:
+        """LiteLLM `litellm_params` for `model` (None: any); the key as an env reference unless asked."""
+        key = self.revealed_key() if with_secrets else None
+        return formats.litellm_params(self.describe(), model, key=key)
+
+    def to_wilmer_config(self, *, with_secrets: bool = False) -> dict[str, Any] | None:
+        """A WilmerAI endpoint file's content, or None when WilmerAI has no API type for this provider."""
+        key = self.revealed_key() if with_secrets else None
+        return formats.wilmer_endpoint(self.describe(), key=key)
+
+
+class AiServer(_Provider):
+    """A self-hosted model server (vLLM, Ollama, llama.cpp, TEI...)."""
+
+    kind: Literal["ai_server"]
+    server_type: ServerType
+    base_url: Url
+    api_key: SecretField | None = None
+
+    @property
+    def label(self) -> str:
+        return self.server_type
+
+    def _label_field(self) -> dict[str, str]:
+        return {"server_type": self.server_type}
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url
+
+    @property
+    def speaks_openai(self) -> bool:
+        return True
+
+
+class ApiKey(_Provider):
+    """A key for a third-party vendor (OpenRouter, OpenAI, Anthropic...)."""
+
+    kind: Literal["api_key"]
+    provider: str = Field(json_schema_extra={"enum": list[JsonValue](sorted(VENDORS))})
+    base_url: Url | None = None
+    api_key: SecretField
+
+    @field_validator("provider")
+    @classmethod
+    def _known_vendor(cls, value: str) -> str:
+        if value not in VENDORS:
+            raise ValueError(f"unknown vendor; one of {', '.join(sorted(VENDORS))}")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.provider
+
+    def _label_field(self) -> dict[str, str]:
+        return {"provider": self.provider}
+
+    @property
+    def endpoint(self) -> str:
+        return self.base_url or VENDORS[self.provider].base_url
+
+    @property
+    def speaks_openai(self) -> bool:
+        return VENDORS[self.provider].openai_compatible
+
+
+Provider = AiServer | ApiKey
+
+
+class Route(_Document):
+    """Who serves one purpose: load-balanced primaries, then fallbacks in order."""
+
+    primary: Annotated[list[ProviderId], BeforeValidator(_one_or_many), Field(min_length=1)]
+    weights: dict[ProviderId, float] = Field(default_factory=dict)
+    fallbacks: Annotated[list[ProviderId], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Route:
+        named = self.primary + self.fallbacks
+        twice = sorted({i for i in named if named.count(i) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once")
+        stray = sorted(set(self.weights) - set(self.primary))
+        if stray:
+            raise ValueError(f"weights name {', '.join(stray)}, which is not a primary")
+        if any(w <= 0 for w in self.weights.values()):
+            raise ValueError("weights must be greater than 0")
+        return self
+
+    def weight(self, provider_id: str) -> float:
+        return self.weights.get(provider_id, 1.0)
+
+
+class Routing(_Document):
+    """`providers.d/routing.yaml`: the active providers of each purpose."""
+
+    kind: Literal["routing"]
+    purposes: dict[Purpose, Route]
+
+
+class Client(_Document):
+    """A caller of the HTTP API, known by the sha256 of its bearer token."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: list[Scope] = Field(min_length=1)
+
+
+class Clients(_Document):
+    """`providers.d/clients.yaml`: who may call the HTTP API, with which scopes."""
+
+    kind: Literal["clients"]
+    clients: list[Client] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Clients:
+        names = [c.name for c in self.clients]
+        hashes = [c.token_sha256 for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError("two clients have the same name")
+        if len(set(hashes)) != len(hashes):
+            raise ValueError("two clients have the same token")
+        return self
+
+
+Document = AiServer | ApiKey | Routing | Clients
+MODELS: dict[str, type[AiServer] | type[ApiKey] | type[Routing] | type[Clients]] = {
+    "ai_server": AiServer,
+    "api_key": ApiKey,
+    "routing": Routing,
+    "clients": Clients,
+}
+"""The model of each `kind`."""
+
+
+def json_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of one kind, for editors (`yaml-language-server`) and CI."""
+    schema = MODELS[kind].model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"{kind}.schema.json"
+    # Files in git carry sops metadata beside the document; the loader sets it aside.
+    schema.setdefault("properties", {})["sops"] = {
+        "type": "object",
+        "description": "SOPS metadata, written by sops. Do not edit.",
+    }
+    return schema

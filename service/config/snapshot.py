@@ -1,0 +1,191 @@
+"""The whole configuration at one moment: an immutable `Snapshot` built from loaded files.
+
+Building a snapshot runs the cross-file checks (unique ids, one routing and one clients
+file, routing naming enabled providers that list the purpose); a set of files that fails
+them is refused as a whole. Every request reads one snapshot from start to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
+
+from service.config.loader import Decrypter, Loaded, config_files, decrypt, parse
+from service.config.models import AiServer, ApiKey, Clients, Provider, Routing
+from service.config.view import ConfigView
+from service.errors import ConfigError, FileRejected, Problem, SnapshotRejected
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Where a file's current content came from (SPEC 5): its commit and author.
+
+    `commit` is HEAD when the file is committed unchanged there, else None with `uncommitted`;
+    `author` is the author of the last commit touching the file. Outside git, all null.
+    `service.vcs.attribution` asks git; the snapshot only carries the answers.
+    """
+
+    commit: str | None
+    author: str | None
+    uncommitted: bool
+
+
+NO_GIT = Attribution(None, None, False)
+
+
+def cross_check(files: Iterable[Loaded]) -> list[Problem]:
+    """Problems between files: duplicate ids, a second routing or clients file, bad routing."""
+    problems: list[Problem] = []
+    providers: dict[str, Loaded] = {}
+    singles: dict[str, Loaded] = {}
+    for loaded in sorted(files, key=lambda f: f.file):
+        doc = loaded.document
+        if isinstance(doc, AiServer | ApiKey):
+            if doc.id in providers:
+                other = providers[doc.id].file
+                problems.append(
+                    Problem(loaded.file, loaded.line("id"), f"id `{doc.id}` is also defined in {other}")
+                )
+            else:
+                providers[doc.id] = loaded
+        elif doc.kind in singles:
+            first = singles[doc.kind].file
+            message = f"more than one {doc.kind} file: {first} already defines `kind: {doc.kind}`"
+            problems.append(Problem(loaded.file, loaded.line("kind"), message))
+        else:
+            singles[doc.kind] = loaded
+    routing = singles.get("routing")
+    if routing is not None and isinstance(routing.document, Routing):
+        known = {k: v.document for k, v in providers.items() if isinstance(v.document, AiServer | ApiKey)}
+        problems += _check_routing(routing, routing.document, known)
+    return problems
+
+
+def _check_routing(loaded: Loaded, routing: Routing, providers: Mapping[str, Provider]) -> list[Problem]:
+    problems = []
+    for purpose, route in routing.purposes.items():
+        for role, ids in (("primary", route.primary), ("fallbacks", route.fallbacks)):
+            for index, provider_id in enumerate(ids):
+                line = loaded.line("purposes", purpose, role, index)
+                provider = providers.get(provider_id)
+                where = f"routing for `{purpose}` names `{provider_id}`"
+                if provider is None:
+                    problems.append(Problem(loaded.file, line, f"{where}, which does not exist"))
+                elif not provider.enabled:
+                    problems.append(Problem(loaded.file, line, f"{where}, which is disabled"))
+                elif purpose not in provider.purposes:
+                    message = f"{where}, whose purposes ({', '.join(provider.purposes)}) lack `{purpose}`"
+                    problems.append(Problem(loaded.file, line, message))
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The configuration at one generation. Never mutated: a change builds a new one."""
+
+    generation: int = 0
+    files: Mapping[str, Loaded] = field(default_factory=lambda: _EMPTY)
+    providers: Mapping[str, Provider] = field(default_factory=lambda: _EMPTY)
+    routing: Routing | None = None
+    clients: Clients | None = None
+    attribution: Mapping[str, Attribution] = field(default_factory=lambda: _EMPTY)
+    """Where each file came from (commit, author), set by the registry when it swaps this in."""
+    commit: str | None = None
+    """The commit this whole configuration is, when every file is committed unchanged in it."""
+
+    @classmethod
+    def build(cls, files: Mapping[str, Loaded], generation: int = 0) -> Snapshot:
+        """A snapshot of these files, or SnapshotRejected with every cross-file problem."""
+        problems = cross_check(files.values())
+        if problems:
+            raise SnapshotRejected(problems)
+        providers: dict[str, Provider] = {}
+        routing = clients = None
+        for loaded in files.values():
+            doc = loaded.document
+            if isinstance(doc, AiServer | ApiKey):
+                providers[doc.id] = doc
+            elif isinstance(doc, Routing):
+                routing = doc
+            else:
+                clients = doc
+        return cls(
+            generation=generation,
+            files=MappingProxyType(dict(sorted(files.items()))),
+            providers=MappingProxyType(dict(sorted(providers.items()))),
+            routing=routing,
+            clients=clients,
+        )
+
+    def file_of(self, provider_id: str) -> str | None:
+        """The file that defines a provider."""
+        for path, loaded in self.files.items():
+            doc = loaded.document
+            if isinstance(doc, AiServer | ApiKey) and doc.id == provider_id:
+                return path
+        return None
+
+    def attribution_of(self, file: str) -> Attribution:
+        """The commit and author of one file of this snapshot (all null outside git)."""
+        return self.attribution.get(file, NO_GIT)
+
+    def view(self) -> ConfigView:
+        """The masked configuration, as events record it and `state --at` rebuilds it."""
+        providers = {}
+        for path, loaded in self.files.items():
+            doc = loaded.document
+            if isinstance(doc, AiServer | ApiKey):
+                providers[doc.id] = {**doc.model_dump(mode="json"), "file": path}
+        routing = (
+            {p: r.model_dump(mode="json") for p, r in sorted(self.routing.purposes.items())}
+            if self.routing
+            else {}
+        )
+        clients = {c.name: {"scopes": list(c.scopes)} for c in self.clients.clients} if self.clients else {}
+        return {"providers": dict(sorted(providers.items())), "routing": routing, "clients": clients}
+
+
+def load_folder(folder: Path, shown: str, sops: Decrypter | None = None) -> Snapshot:
+    """A snapshot of the files in `folder` (named `shown/x.yaml`), decrypted when `sops` is given.
+
+    Raises ConfigError with every problem of every file, or SnapshotRejected.
+    """
+    files: dict[str, Loaded] = {}
+    problems: list[Problem] = []
+    for path in config_files(folder):
+        name = f"{shown.rstrip('/')}/{path.name}"
+        try:
+            loaded = parse(name, path.read_bytes())
+            files[name] = decrypt(loaded, sops) if sops is not None else loaded
+        except FileRejected as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return Snapshot.build(files)
+
+
+_T = TypeVar("_T")
+
+
+class PerSnapshot(Generic[_T]):
+    """A value derived from a snapshot, built on first sight of each new snapshot and reused.
+
+    Request handlers read the registry's current snapshot; what they render from it (JSON,
+    routing plans) is computed once per snapshot here instead of once per request.
+    """
+
+    def __init__(self, build: Callable[[Snapshot], _T]) -> None:
+        self._build = build
+        self._last: tuple[Snapshot, _T] | None = None
+
+    def of(self, snapshot: Snapshot) -> _T:
+        """The value for `snapshot`: the one built before when it is the same snapshot."""
+        last = self._last
+        if last is None or last[0] is not snapshot:
+            last = self._last = (snapshot, self._build(snapshot))
+        return last[1]

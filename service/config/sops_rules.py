@@ -1,0 +1,138 @@
+"""`.sops.yaml` read: which creation rule covers a file, its recipients, and what is wrong with it.
+
+Reading only: `service.crypto.keys` edits the file (`keygen`, `rotate`). `validate` and the
+write API check here that `.sops.yaml` encrypts `api_key` of every file that holds one,
+for at least one age recipient (SPEC 2.4).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.errors import ConfigError, Problem
+
+PROVIDERS_PATH_REGEX = r"providers.d/.*\.ya?ml$"
+ENCRYPTED_REGEX = r"^(api_key)$"
+SAMPLE_PROVIDER_FILE = "providers.d/example.yaml"
+"""A path the `providers.d/` rule must match, to find that rule."""
+
+
+def load_sops_config(path: Path) -> dict[str, Any]:
+    """The parsed `.sops.yaml`; `{}` when the file does not exist. Raises ConfigError if malformed."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError([Problem(str(path), line, "not valid YAML")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(str(path), 1, "must be a mapping with `creation_rules`")])
+    rules = data.get("creation_rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError([Problem(str(path), 1, "`creation_rules` must be a list of mappings")])
+    return data
+
+
+def rule_for(rules: list[dict[str, Any]], relpath: str) -> dict[str, Any] | None:
+    """The first rule whose path_regex matches, as sops chooses (no path_regex matches all)."""
+    for rule in rules:
+        regex = rule.get("path_regex")
+        if regex is None:
+            return rule
+        try:
+            if re.search(str(regex), relpath):
+                return rule
+        except re.error:
+            continue
+    return None
+
+
+def age_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def rule_recipients(rule: dict[str, Any]) -> list[str]:
+    found = age_list(rule.get("age"))
+    for group in rule.get("key_groups") or []:
+        if isinstance(group, dict):
+            found += age_list(group.get("age"))
+    return found
+
+
+def recipients(path: Path) -> list[str]:
+    """The age recipients of the rule that covers `providers.d/` files (empty if none)."""
+    rule = rule_for(load_sops_config(path).get("creation_rules", []), SAMPLE_PROVIDER_FILE)
+    return rule_recipients(rule) if rule is not None else []
+
+
+def check_sops_config(path: Path, files: list[str]) -> list[str]:
+    """Problems, in plain words, with how `.sops.yaml` at `path` covers the given provider files.
+
+    `files` are paths relative to the directory of `.sops.yaml`, or absolute. For each, the
+    first rule whose path_regex matches must encrypt `api_key` for at least one age recipient.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [f"{path.name}: missing; run `switchboard keygen` to create it"]
+    try:
+        rules = load_sops_config(path).get("creation_rules", [])
+    except ConfigError as exc:
+        return [p.message if p.line == 0 else f"{path.name}:{p.line}: {p.message}" for p in exc.problems]
+    root = path.resolve().parent
+    problems: list[str] = []
+    for number, rule in enumerate(rules, 1):
+        try:
+            re.compile(str(rule.get("path_regex", "")))
+        except re.error:
+            problems.append(
+                f"creation rule {number} of {path.name}: path_regex is not a valid regular expression"
+            )
+    for file in files:
+        relpath = _relative_to(root, file)
+        rule = rule_for(rules, relpath)
+        if rule is None:
+            problems.append(f"{relpath}: no creation rule in {path.name} covers this file")
+            continue
+        problems += [f"{relpath}: {p}" for p in _rule_problems(rule, path.name, rules.index(rule) + 1)]
+    return problems
+
+
+def _relative_to(root: Path, file: str) -> str:
+    p = Path(file)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return p.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def _rule_problems(rule: dict[str, Any], config_name: str, number: int) -> list[str]:
+    where = f"creation rule {number} of {config_name}"
+    problems = []
+    regex = rule.get("encrypted_regex")
+    if regex is None:
+        problems.append(
+            f"{where} has no encrypted_regex, so sops would encrypt every field (want ^(api_key)$)"
+        )
+    else:
+        try:
+            if not re.search(str(regex), "api_key"):
+                problems.append(f"{where}: encrypted_regex {regex!r} does not match api_key")
+        except re.error:
+            problems.append(f"{where}: encrypted_regex {regex!r} is not a valid regular expression")
+    if not rule_recipients(rule):
+        problems.append(f"{where} has no age recipient")
+    return problems

@@ -1,0 +1,89 @@
+"""Every problem of a set of files, as `switchboard validate` reports it for CI and pre-commit.
+
+It needs no key. Files are parsed and checked one by one, then together (cross-file checks
+over each folder involved, so a single changed file is still checked against its siblings),
+and `.sops.yaml` is checked to cover the files that hold secrets. With `decrypt`, each
+encrypted file also goes through sops, which checks its MAC.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from service.config.loader import Decrypter, Loaded, config_files, decrypt, parse
+from service.config.models import SECRET_FIELDS
+from service.config.snapshot import cross_check
+from service.config.sops_rules import check_sops_config
+from service.errors import FileRejected, Problem
+
+
+def collect(paths: Iterable[Path]) -> list[Path]:
+    """The documents named: files as given, folders expanded to their documents."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += config_files(path)
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found))
+
+
+def validate(
+    paths: Iterable[Path], *, sops: Decrypter | None = None, sops_config: Path | None = None
+) -> list[Problem]:
+    """Every problem in the files at `paths`; decrypts too when a `Sops` is given."""
+    named = collect(paths)
+    problems: list[Problem] = []
+    loaded: dict[Path, Loaded] = {}
+    for path in named:
+        try:
+            loaded[path] = _load(path)
+            if sops is not None:
+                decrypt(loaded[path], sops)
+        except FileRejected as exc:
+            problems += exc.problems
+    siblings = {p for folder in {p.parent for p in named} for p in collect([folder])} - set(named)
+    for path in sorted(siblings):
+        try:
+            loaded[path] = _load(path)
+        except FileRejected:
+            continue  # only the files named are reported; a broken sibling is its own change
+    problems += cross_check(loaded.values())
+    secret_files = [p for p in named if p in loaded and holds_secrets(loaded[p])]
+    if secret_files:
+        config = sops_config or _find_sops_config(secret_files[0])
+        for message in check_sops_config(config, [str(p.resolve()) for p in secret_files]):
+            problems.append(Problem(_display(config), 1, message))
+    return sorted(dict.fromkeys(problems), key=lambda p: (p.file, p.line))
+
+
+def _load(path: Path) -> Loaded:
+    file = _display(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FileRejected([Problem(file, 1, f"cannot read: {exc.strerror}")]) from None
+    return parse(file, data)
+
+
+def holds_secrets(loaded: Loaded) -> bool:
+    """Whether a file holds a secret field (encrypted or not), so `.sops.yaml` must cover it."""
+    return loaded.encrypted or any(getattr(loaded.document, f, None) is not None for f in SECRET_FIELDS)
+
+
+def _find_sops_config(start: Path) -> Path:
+    """`.sops.yaml` in the file's folder or the nearest parent, as sops looks for it."""
+    folder = start.resolve().parent
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".sops.yaml").exists():
+            return candidate / ".sops.yaml"
+    return Path(".sops.yaml")
+
+
+def _display(path: Path) -> str:
+    if not path.is_absolute():
+        return path.as_posix()
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else Path(relative).as_posix()

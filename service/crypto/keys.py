@@ -1,0 +1,150 @@
+"""Age identities and the `.sops.yaml` that names their recipients.
+
+An identity is written once, in age's `keys.txt` format, mode 0600, never overwritten.
+`.sops.yaml` is edited by a YAML round trip: keys and rule order are kept, the comment block
+at the top of the file is kept, other comments are lost (PyYAML does not carry them). The
+rule Switchboard needs (SPEC 2.4) is created when no rule covers `providers.d/`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyrage
+import yaml
+
+from service.config.sops_rules import (
+    ENCRYPTED_REGEX,
+    PROVIDERS_PATH_REGEX,
+    SAMPLE_PROVIDER_FILE,
+    age_list,
+    load_sops_config,
+    rule_for,
+    rule_recipients,
+)
+from service.errors import ConfigError, KeyFileExists, Problem
+from service.files import write_atomically
+
+
+def generate_identity() -> tuple[str, str]:
+    """A new age X25519 identity: (its secret key text, its recipient `age1…`)."""
+    identity = pyrage.x25519.Identity.generate()
+    return str(identity), str(identity.to_public())
+
+
+def default_key_file(home: Path, config_home: Path | None = None) -> Path:
+    """Where sops looks for age identities: `$XDG_CONFIG_HOME/sops/age/keys.txt`, else `~/.config/…`."""
+    return (config_home if config_home is not None else home / ".config") / "sops" / "age" / "keys.txt"
+
+
+def write_identity(path: Path) -> str:
+    """Generate an identity into a new key file at `path` (0600, parents 0700); returns its recipient.
+
+    Raises KeyFileExists when `path` exists: an identity is never overwritten.
+    """
+    path = Path(path)
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+    secret, recipient = generate_identity()
+    created = datetime.now(UTC).replace(microsecond=0).isoformat()
+    text = f"# created: {created}\n# public key: {recipient}\n{secret}\n"
+    try:
+        # O_EXCL: a file (or symlink) created meanwhile by someone else is not overwritten either.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise KeyFileExists(f"{path}: an identity file already exists; keygen never overwrites one") from None
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return recipient
+
+
+def identity_recipient(path: Path) -> str:
+    """The recipient of the first identity in an age key file (to report an existing one)."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("AGE-SECRET-KEY-"):
+            try:
+                return str(pyrage.x25519.Identity.from_str(line.strip()).to_public())
+            except pyrage.IdentityError:
+                break
+    raise ConfigError([Problem(str(path), 0, "no valid age identity in this key file")])
+
+
+# -- .sops.yaml --------------------------------------------------------------------------
+
+
+def _check_recipient(path: Path, recipient: str) -> None:
+    try:
+        pyrage.x25519.Recipient.from_str(recipient)
+    except pyrage.RecipientError:
+        raise ConfigError([Problem(str(path), 0, f"not an age recipient: {recipient!r}")]) from None
+
+
+def add_recipient(path: Path, recipient: str) -> bool:
+    """Add `recipient` to the `providers.d/` rule, creating the SPEC rule first when none covers it.
+
+    Returns False when the recipient was already there (nothing is written).
+    """
+    path = Path(path)
+    _check_recipient(path, recipient)
+    config = load_sops_config(path)
+    rules: list[dict[str, Any]] = config.setdefault("creation_rules", [])
+    rule = rule_for(rules, SAMPLE_PROVIDER_FILE)
+    if rule is None:
+        # First, so that no later catch-all rule shadows it (the first match wins).
+        rules.insert(
+            0,
+            {"path_regex": PROVIDERS_PATH_REGEX, "encrypted_regex": ENCRYPTED_REGEX, "age": recipient},
+        )
+    elif recipient in rule_recipients(rule):
+        return False
+    elif "key_groups" in rule:
+        raise ConfigError([Problem(str(path), 0, "the providers.d rule uses key_groups; edit it by hand")])
+    else:
+        rule["age"] = _with_age(rule.get("age"), [*age_list(rule.get("age")), recipient])
+    _write_config(path, config)
+    return True
+
+
+def remove_recipient(path: Path, recipient: str) -> bool:
+    """Remove `recipient` from the `providers.d/` rule; False when it was not there.
+
+    Refuses (ConfigError) to remove the last recipient: nobody could encrypt any more.
+    """
+    path = Path(path)
+    config = load_sops_config(path)
+    rule = rule_for(config.get("creation_rules", []), SAMPLE_PROVIDER_FILE)
+    if rule is None or recipient not in age_list(rule.get("age")):
+        return False
+    remaining = [r for r in age_list(rule.get("age")) if r != recipient]
+    if not remaining and not rule.get("key_groups"):
+        raise ConfigError([Problem(str(path), 0, "refusing to remove the last age recipient")])
+    rule["age"] = _with_age(rule.get("age"), remaining)
+    _write_config(path, config)
+    return True
+
+
+def _with_age(old: Any, new: list[str]) -> str | list[str]:
+    """Keep the shape the user chose: a YAML list stays a list, a string stays comma-separated."""
+    return new if isinstance(old, list) else ",".join(new)
+
+
+def _write_config(path: Path, config: dict[str, Any]) -> None:
+    header = ""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        for line in lines:
+            if not line.lstrip().startswith("#"):
+                break
+            header += line
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=1000)
+    write_atomically(path, (header + body).encode("utf-8"), mode=0o644)

@@ -1,0 +1,89 @@
+"""One client request on its way through the gateway, and how an attempt at it fails.
+
+A `Call` is parsed once (its `model` and `stream`), then handed to one transport after
+another until one answers. An attempt that fails in a way the next candidate may fix raises
+`Failure`, as long as nothing has reached the client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from service.config.models import Provider
+
+PROVIDER_HEADER = "x-switchboard-provider"
+ATTEMPTS_HEADER = "x-switchboard-attempts"
+
+
+class Failure(Exception):
+    """An attempt failed before anything reached the client; the next candidate may serve."""
+
+    def __init__(self, status: int | None, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+def retryable(status: int) -> bool:
+    """Statuses that move on to the next candidate (SPEC 7): 408, 429 and 5xx."""
+    return status >= 500 or status in (408, 429)
+
+
+class Call:
+    """One client request being relayed: what every attempt needs, and what it learned."""
+
+    __slots__ = (
+        "body",
+        "broken",
+        "client",
+        "data",
+        "first_byte_s",
+        "model",
+        "path",
+        "purpose",
+        "request",
+        "stream",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        purpose: str,
+        path: str,
+        body: bytes,
+        data: dict[str, Any],
+        client: str = "anonymous",
+    ) -> None:
+        self.request = request
+        self.client = client
+        """The calling client's name, for the token metrics."""
+        self.purpose = purpose
+        self.path = path
+        self.body = body
+        self.data = data
+        model = data.get("model")
+        self.model: str | None = model if isinstance(model, str) else None
+        self.stream = data.get("stream") is True
+        self.usage: dict[str, Any] | None = None
+        self.broken: str | None = None
+        """Why a stream ended early, after its first byte reached the client."""
+        self.first_byte_s = 0.0
+
+    def body_for(self, provider: Provider) -> bytes:
+        """The bytes to send `provider`: the client's own, unless the provider renames the model."""
+        model = self.model
+        if model is None or model not in provider.model_map:
+            return self.body
+        data = {**self.data, "model": provider.model_map[model]}
+        return json.dumps(data, ensure_ascii=False).encode()
+
+
+def model_label(provider: Provider, model: str | None) -> str:
+    """The model as a metric label: as named only when the provider's config names it."""
+    if model is not None and (model in provider.models or model in provider.model_map):
+        return model
+    return "other"

@@ -1,0 +1,75 @@
+"""What models a provider says it serves: its models endpoint, in its vendor's protocol.
+
+Used by the active health checks (a provider that lists its models answers, with its key),
+by `GET …/servers/{id}/models`, and by `/v1/models` for providers that declare none. A
+failure is described, never raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from service.config.models import Provider
+from service.config.secret import Secret
+from service.gateway.call import retryable
+from service.gateway.transports.base import describe_error
+
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    """What a provider's models endpoint said: the ids, or why there are none."""
+
+    models: list[str] | None
+    reason: str = ""
+    retryable: bool = False
+    status: int | None = None
+
+
+def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
+    """The URL and headers that list a provider's models, in its vendor's protocol."""
+    base = provider.endpoint.rstrip("/")
+    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
+    vendor = getattr(provider, "provider", None)
+    if provider.speaks_openai or vendor is None:
+        return f"{base}/models", ({"Authorization": f"Bearer {key}"} if key else {})
+    if vendor == "anthropic":
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        return f"{base}/v1/models", ({**headers, "x-api-key": key} if key else headers)
+    if vendor == "gemini":
+        return f"{base}/v1beta/models", ({"x-goog-api-key": key} if key else {})
+    return f"{base}/v1/models", ({"Authorization": f"Bearer {key}"} if key else {})
+
+
+async def list_models(provider: Provider, session: aiohttp.ClientSession) -> ModelList:
+    """Ask the provider for its models; a failure is described, never raised."""
+    url, headers = models_request(provider)
+    timeout = aiohttp.ClientTimeout(total=min(provider.timeout_s, provider.first_byte_timeout_s))
+    try:
+        async with session.get(url, headers=headers, timeout=timeout) as response:
+            if response.status >= 400:
+                status = response.status
+                return ModelList(None, f"HTTP {status}", retryable(status), status)
+            payload = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return ModelList(None, describe_error(exc), True)
+    except ValueError:
+        return ModelList(None, "the models endpoint did not answer JSON")
+    return ModelList(_model_ids(payload))
+
+
+def _model_ids(payload: Any) -> list[str]:
+    items = payload.get("data", payload.get("models", [])) if isinstance(payload, dict) else payload
+    ids = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            name = item.get("id", item.get("name"))
+            if isinstance(name, str):
+                ids.append(name.removeprefix("models/"))
+        elif isinstance(item, str):
+            ids.append(item)
+    return ids

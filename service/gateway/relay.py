@@ -1,0 +1,122 @@
+"""The gateway's core: try each candidate provider in turn until one answers (SPEC 7).
+
+`Relay` holds what every request shares: the router, the health of each provider, the
+transports (OpenAI's protocol directly, litellm for the other vendors), and cached metric
+children. `relay(call, snapshot)` orders the candidates, sends through each one's transport,
+records the outcome (circuit, counters, tokens) and answers with the first that worked, or
+a 502 listing every attempt. It reads one snapshot and touches no file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from service.config.models import Provider
+from service.config.snapshot import Snapshot
+from service.errors import NoCandidate, UpstreamsFailed
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call, Failure, model_label
+from service.gateway.health import Health
+from service.gateway.routing import Router
+from service.gateway.transports.base import Transport
+from service.gateway.transports.litellm import LiteLLMTransport
+from service.gateway.transports.openai import OpenAITransport
+from service.metrics import Metrics
+
+NO_PROVIDER = "none"
+"""`x-switchboard-provider` on an answer that no provider gave."""
+
+
+class Relay:
+    """What the gateway's requests share: router, health, transports and metric children."""
+
+    def __init__(self, metrics: Metrics, health: Health, session: aiohttp.ClientSession) -> None:
+        self.metrics = metrics
+        self.health = health
+        self.router = Router()
+        self.session = session
+        self.openai = OpenAITransport(session)
+        self.litellm = LiteLLMTransport()
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def transport(self, provider: Provider) -> Transport:
+        """How requests reach `provider`: directly when it speaks OpenAI's protocol, else litellm."""
+        return self.openai if provider.speaks_openai else self.litellm
+
+    async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
+        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
+        table = self.router.table(snapshot)
+        health = self.health
+        attempts: list[dict[str, Any]] = []
+        for provider in self.router.candidates(table, call.purpose, call.model, health):
+            pid = provider.id
+            if not health.admit(pid):
+                continue  # half-open, and its one trial request is out
+            headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
+            try:
+                response = await self.transport(provider).send(call, provider, headers)
+            except Failure as failure:
+                health.failed(pid, failure.reason)
+                self.count("attempt", pid, "failed")
+                attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+                continue
+            except BaseException:
+                health.abandon(pid)
+                raise
+            self._succeeded(call, provider, response, attempts)
+            return response
+        if not attempts:
+            what = f"model {call.model!r}" if call.model else "this request"
+            raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
+        raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+
+    def _succeeded(
+        self, call: Call, provider: Provider, response: web.StreamResponse, attempts: list[Any]
+    ) -> None:
+        pid = provider.id
+        if call.broken is not None:
+            self.health.failed(pid, call.broken)
+            self.count("attempt", pid, "broken")
+        else:
+            self.health.succeeded(pid, call.first_byte_s)
+            self.count("attempt", pid, "ok" if response.status < 400 else "client_error")
+        self.observe(pid, call.first_byte_s)
+        if attempts:
+            self.count("fallback", call.purpose)
+        if call.usage is not None:
+            self.tokens(provider, call.model, call.client, call.usage)
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def count(self, *labels: str, amount: float = 1) -> None:
+        """Increase a cached counter child: ("attempt", provider, outcome), ("fallback", purpose)…"""
+        child = self._children.get(labels)
+        if child is None:
+            kind, *values = labels
+            metric = {"attempt": self.metrics.upstream_requests, "fallback": self.metrics.fallbacks}.get(
+                kind, self.metrics.tokens
+            )
+            child = self._children[labels] = metric.labels(*values)
+        child.inc(amount)
+
+    def observe(self, provider_id: str, seconds: float) -> None:
+        """Record an upstream's time to its first byte."""
+        child = self._children.get(("latency", provider_id))
+        if child is None:
+            child = self._children[("latency", provider_id)] = self.metrics.upstream_seconds.labels(
+                provider_id
+            )
+        child.observe(seconds)
+
+    def tokens(self, provider: Provider, model: str | None, client: str, usage: dict[str, Any]) -> None:
+        """Count the prompt and completion tokens an upstream reported."""
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if prompt is None and completion is None:
+            prompt = usage.get("total_tokens")
+        label = model_label(provider, model)
+        for kind, value in (("prompt", prompt), ("completion", completion)):
+            if isinstance(value, int) and value > 0:
+                self.count("tokens", provider.id, label, client, kind, amount=value)

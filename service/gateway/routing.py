@@ -1,0 +1,120 @@
+"""Which providers a request may go to, in which order (SPEC 7).
+
+The candidates of a request are its purpose's primaries, in a weighted random order, then
+its fallbacks in the order written; providers that are disabled, whose `models` exclude
+the requested model, or whose circuit is open are skipped. Everything that depends only
+on the configuration (targets with their headers, the routes, the `/v1/models` answer) is
+computed once per snapshot in a `RoutingTable`, so a request costs a few dictionary reads
+and one random number per primary. Routing chooses providers; how a request reaches one is
+its transport's business (`service.gateway.transports`), so nothing here holds a key.
+
+The weighted order is Efraimidis-Spirakis sampling: each primary draws `u ** (1 / w)` with
+`u` uniform in [0, 1), and the largest key goes first. The first pick is then each primary
+with probability `w / sum(w)`, and the rest follow in the same way among those left.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from service.config.models import Provider
+from service.config.snapshot import PerSnapshot, Snapshot
+from service.gateway.health import Health
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One purpose's providers: primaries with their sampling exponents, then fallbacks."""
+
+    primaries: tuple[Provider, ...]
+    exponents: tuple[float, ...]
+    fallbacks: tuple[Provider, ...]
+
+    @property
+    def ordered(self) -> tuple[Provider, ...]:
+        """Primaries then fallbacks, in the order the routing file names them."""
+        return self.primaries + self.fallbacks
+
+
+class RoutingTable:
+    """What routing needs from one snapshot, computed once when the snapshot is new."""
+
+    __slots__ = ("models_answer", "routes", "snapshot")
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        providers = snapshot.providers
+        routes: dict[str, Route] = {}
+        if snapshot.routing is not None:
+            for purpose, route in snapshot.routing.purposes.items():
+                primaries = tuple(providers[i] for i in route.primary if i in providers)
+                routes[purpose] = Route(
+                    primaries=primaries,
+                    exponents=tuple(1.0 / route.weight(p.id) for p in primaries),
+                    fallbacks=tuple(providers[i] for i in route.fallbacks if i in providers),
+                )
+        self.routes: Mapping[str, Route] = routes
+        self.models_answer = _models_answer(providers.values())
+        """The encoded answer of `GET /v1/models`."""
+
+
+class Router:
+    """Orders candidates; holds the plan of the last snapshot it saw."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._random = (rng or random.Random()).random  # noqa: S311 - load balancing, not secrecy
+        self._tables = PerSnapshot(RoutingTable)
+
+    def table(self, snapshot: Snapshot) -> RoutingTable:
+        """The routing table of `snapshot`, built on first sight of a new snapshot."""
+        return self._tables.of(snapshot)
+
+    def candidates(
+        self, table: RoutingTable, purpose: str, model: str | None, health: Health
+    ) -> list[Provider]:
+        """The providers to try for one request, best first; empty when none may serve it."""
+        route = table.routes.get(purpose)
+        if route is None:
+            return []
+        primaries = route.primaries
+        if len(primaries) > 1:
+            draw = self._random
+            keys = [draw() ** e for e in route.exponents]
+            primaries = tuple(
+                t for _, t in sorted(zip(keys, primaries, strict=True), key=_first, reverse=True)
+            )
+        return [
+            p
+            for p in primaries + route.fallbacks
+            if p.enabled and p.serves(model) and not health.is_open(p.id)
+        ]
+
+
+def first_healthy(table: RoutingTable, purpose: str, health: Health) -> Provider | None:
+    """The first candidate, in the routing file's order, that is enabled and not known to be down."""
+    route = table.routes.get(purpose)
+    for provider in route.ordered if route is not None else ():
+        if (
+            provider.enabled
+            and not health.is_open(provider.id)
+            and health.get(provider.id).status != "unhealthy"
+        ):
+            return provider
+    return None
+
+
+def _first(pair: tuple[float, Provider]) -> float:
+    return pair[0]
+
+
+def _models_answer(providers: Iterable[Provider]) -> bytes:
+    data: dict[str, dict[str, object]] = {}
+    for provider in providers:
+        if not provider.enabled:
+            continue
+        for model in [*provider.models, *provider.model_map]:
+            data.setdefault(model, {"id": model, "object": "model", "created": 0, "owned_by": provider.id})
+    return json.dumps({"object": "list", "data": list(data.values())}).encode()

@@ -1,0 +1,53 @@
+"""The interface every transport implements, and what they share: the pooled session, errors.
+
+A transport takes one `Call` to one provider and relays the answer to the client. It builds
+the upstream request itself, from the provider's file alone (URL, key, timeouts): routing
+only chooses which provider, and the client's body never chooses where it goes or with
+which credentials. A failure the next candidate may fix raises `Failure`, as long as nothing
+has reached the client.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import aiohttp
+from aiohttp import web
+
+from service.config.models import Provider
+from service.gateway.call import Call
+
+
+class Transport(abc.ABC):
+    """One way of relaying a request to a provider (OpenAI's protocol, litellm, TEI...)."""
+
+    @abc.abstractmethod
+    async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
+        """Relay `call` to `provider`; `headers` go on the answer. Raises `Failure` to move on."""
+
+
+def open_session() -> aiohttp.ClientSession:
+    """The pooled client session for upstream calls (call inside a running loop)."""
+    connector = aiohttp.TCPConnector(
+        limit=1024, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60, enable_cleanup_closed=False
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+        trust_env=False,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for an attempt list: the kind of failure, never a URL's credentials or a key."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the upstream closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the upstream broke off its answer"
+    return type(exc).__name__

@@ -1,0 +1,172 @@
+"""The litellm path: vendors that do not speak OpenAI's HTTP API (Anthropic, Gemini, Cohere).
+
+This module is imported only when a request goes to such a vendor: importing litellm takes
+seconds, and nothing on the direct path may pay for it. litellm reads its own environment,
+so `LITELLM_LOCAL_MODEL_COST_MAP` is set here, before the import, to keep it from fetching
+its cost map over the network. litellm's own retries are off: falling back is ours.
+
+The contract is the one of `service.gateway.transports.openai.forward`: the answer is relayed in OpenAI's
+shape (JSON, or server-sent events chunk by chunk), and a failure the next candidate may
+fix raises `Failure` as long as nothing reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any
+
+from aiohttp import web
+
+from service.config.models import Provider
+from service.config.secret import Secret
+from service.gateway.call import Call, Failure, retryable
+from service.gateway.transports.base import Transport
+from service.vendors import VENDORS
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def litellm_model(provider: Provider, model: str) -> str:
+    """`vendor/model` as litellm names it, for the model the provider is asked for."""
+    vendor = getattr(provider, "provider", None)
+    prefix = VENDORS[vendor].litellm_prefix if vendor in VENDORS else "openai"
+    return f"{prefix}/{provider.upstream_model(model)}"
+
+
+def _import_litellm() -> ModuleType:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before the import that reads it
+    module = importlib.import_module("litellm")
+    module.suppress_debug_info = True  # type: ignore[attr-defined]  # litellm's module-level settings
+    module.telemetry = False  # type: ignore[attr-defined]
+    logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+    return module
+
+
+class LiteLLMTransport(Transport):
+    """Translates through litellm for vendors with their own protocols (Anthropic, Gemini, Cohere)."""
+
+    def __init__(self) -> None:
+        self._module: ModuleType | None = None
+        self._loading: asyncio.Future[ModuleType] | None = None
+
+    async def warm(self) -> ModuleType:
+        """Import litellm once, in a worker thread, so the event loop goes on serving meanwhile."""
+        if self._module is not None:
+            return self._module
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(_import_litellm))
+        self._module = await asyncio.shield(self._loading)
+        return self._module
+
+    async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
+        """Send `call` through litellm to `provider` and relay the answer; raises `Failure` to move on."""
+        litellm = self._module or await self.warm()
+        return await _forward(litellm, call, provider, headers)
+
+
+async def _forward(
+    litellm: Any, call: Call, provider: Provider, headers: dict[str, str]
+) -> web.StreamResponse:
+    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
+    params = {k: v for k, v in call.data.items() if k not in ("model", "stream")}
+    params.update(
+        model=litellm_model(provider, call.model or ""),
+        api_key=key,
+        api_base=provider.endpoint.rstrip("/"),
+        timeout=provider.timeout_s,
+        num_retries=0,
+    )
+    if call.purpose == "chat":
+        params["max_retries"] = 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(provider.first_byte_timeout_s):
+            if call.purpose == "embeddings":
+                result: Any = await litellm.aembedding(**params)
+            elif call.purpose == "reranking":
+                result = await litellm.arerank(**params)
+            elif call.stream:
+                result = await litellm.acompletion(stream=True, drop_params=True, **params)
+                first = await anext(result)
+            else:
+                result = await litellm.acompletion(drop_params=True, **params)
+    except TimeoutError:
+        raise Failure(None, f"no first byte within {provider.first_byte_timeout_s:g} s") from None
+    except Exception as exc:
+        status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500 and not retryable(status):
+            return _client_error(exc, status, key, headers)
+        reason = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
+        raise Failure(status if isinstance(status, int) else None, reason) from None
+    call.first_byte_s = loop.time() - started
+    if call.stream and call.purpose == "chat":
+        return await _relay_stream(call, result, first, headers)
+    call.usage = _usage(result)
+    headers["Content-Type"] = "application/json"
+    return web.Response(body=result.model_dump_json(exclude_none=True), headers=headers)
+
+
+async def _relay_stream(call: Call, stream: Any, first: Any, headers: dict[str, str]) -> web.StreamResponse:
+    headers["Content-Type"] = "text/event-stream"
+    headers["Cache-Control"] = "no-cache"
+    answer = web.StreamResponse(headers=headers)
+    chunks: AsyncIterator[Any] = stream
+    chunk = first
+    try:
+        await answer.prepare(call.request)
+        while True:
+            call.usage = _usage(chunk) or call.usage
+            await answer.write(b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n")
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                await answer.write(_DONE)
+                break
+            except Exception as exc:
+                call.broken = f"stream cut short: {type(exc).__name__}"
+                error = {"error": {"type": "upstream_failed", "message": call.broken}}
+                await answer.write(b"\n\ndata: " + json.dumps(error).encode() + b"\n\n")
+                break
+        await answer.write_eof()
+    except ConnectionResetError:
+        await _close(stream)  # the client left: drop the upstream request too
+    except BaseException:
+        await _close(stream)
+        raise
+    return answer
+
+
+def _client_error(exc: Exception, status: int, key: str | None, headers: dict[str, str]) -> web.Response:
+    """The vendor's refusal of the client's request, in OpenAI's error shape."""
+    message = str(exc)
+    if key:
+        message = message.replace(key, "****")
+    error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
+    headers["Content-Type"] = "application/json"
+    return web.Response(body=json.dumps(error), status=status, headers=headers)
+
+
+def _usage(result: Any) -> dict[str, Any] | None:
+    usage = getattr(result, "usage", None)
+    if usage is None:
+        return None
+    prompt = getattr(usage, "prompt_tokens", None)
+    completion = getattr(usage, "completion_tokens", None)
+    if prompt is None and completion is None:
+        return None
+    return {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0}
+
+
+async def _close(stream: Any) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):  # a half-dead stream may fail to close: nothing to do
+            await close()

@@ -1,0 +1,142 @@
+"""The aiohttp application: `create_app(settings)` and the service's lifecycle.
+
+The cleanup context opens the event log, records `service.started`, builds the registry
+and runs the watcher as a background task; on shutdown it stops the watcher and closes the
+log. Every error leaves as SPEC's JSON `{"error": {"type", "message"}}` from one middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service import __version__
+from service.crypto.sops import Sops
+from service.errors import HTTPError, NotReady, PayloadTooLarge
+from service.gateway.health import Health
+from service.http import config_api, openai_api
+from service.http.auth import Handler
+from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS
+from service.journal.events import BaseEvent, ServiceStarted
+from service.journal.log import EventLog
+from service.metrics import CONTENT_TYPE, Metrics
+from service.runtime.registry import Outcome, Registry
+from service.runtime.watcher import Reloader
+from service.settings import Settings
+from service.vcs.attribution import Attributor
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Application:
+    """The service as an aiohttp application; nothing starts until the app runs."""
+    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[HEALTH] = Health(failures=settings.circuit_failures, cooldown_s=settings.circuit_cooldown_s)
+    app[SOPS] = sops or Sops.from_settings(settings)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
+    config_api.setup(app)
+    openai_api.setup(app)
+    return app
+
+
+async def _service(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+
+    def count(event: BaseEvent) -> None:
+        metrics.events.labels(event.type).inc()
+
+    events = EventLog(settings.events_file, on_append=count)
+    if events.recovered_tail:
+        log.warning("event log: %s", events.recovered_tail)
+    events.append(ServiceStarted(version=__version__, pid=os.getpid(), recovered=events.recovered_tail))
+    registry = Registry(events, settings.files_root, Attributor(settings.providers_dir))
+
+    def on_reload(outcome: Outcome, seconds: float) -> None:
+        metrics.reloads.labels("applied" if outcome.applied else "refused").inc()
+        metrics.reload_seconds.observe(seconds)
+        metrics.generation.set(outcome.snapshot.generation)
+        metrics.providers.set(len(outcome.snapshot.providers))
+        metrics.files_refused.set(len(outcome.refused))
+
+    reloader = Reloader(
+        settings.providers_dir,
+        settings.files_root,
+        registry,
+        app[SOPS],
+        debounce_ms=settings.debounce_ms,
+        on_reload=on_reload,
+    )
+    app[EVENTS], app[REGISTRY], app[RELOADER] = events, registry, reloader
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(reloader.watch(stop), name="switchboard-watcher")
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(watcher, timeout=5)
+        except (TimeoutError, asyncio.CancelledError):
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        events.close()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except HTTPError as exc:
+        response = web.json_response(exc.body(), status=exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
+        response = web.json_response(error.body(), status=error.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = exc.reason.lower().replace(" ", "_")
+        response = web.json_response({"error": {"type": kind, "message": exc.reason}}, status=exc.status)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, route)
+        body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
+        response = web.json_response(body, status=500)
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    registry = request.app.get(REGISTRY)
+    if registry is None or not registry.ready:
+        raise NotReady("the first load of the configuration is not complete")
+    return web.json_response(
+        {
+            "status": "ready",
+            "generation": registry.snapshot.generation,
+            "last_applied_commit": registry.last_applied_commit,
+            "last_attempted_commit": registry.last_attempted_commit,
+            "refused": [{"file": f, "reason": r} for f, r in sorted(registry.refused.items())],
+        }
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,86 @@
+"""Bearer tokens and scopes, from the clients file (SPEC 2.3 and 6).
+
+With no clients file the service runs without authentication, and then it only ever
+listens on loopback: `serve` refuses another address, and a service bound elsewhere whose
+clients file disappears or was never valid refuses every request (it fails closed).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from service.config.models import Client, Scope
+from service.crypto.tokens import token_sha256
+from service.errors import Forbidden, NotReady, Unauthorized
+from service.http.context import REGISTRY, SETTINGS
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT = web.RequestKey("client", Client)
+
+
+@functools.lru_cache(maxsize=16)  # asked on every request without a clients file
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def authenticate(request: web.Request, scope: Scope) -> Client | None:
+    """The client calling, checked for `scope`; None when the service runs without auth."""
+    registry = request.app[REGISTRY]
+    if not registry.ready:  # before the first load, "no clients" would mean "no auth"
+        raise NotReady("the configuration, and with it the clients file, is not loaded yet")
+    clients = registry.snapshot.clients
+    if clients is None:
+        if is_loopback(request.app[SETTINGS].host) and not _clients_file_refused(registry.refused):
+            return None
+        raise Unauthorized("authentication is required but no valid clients file is loaded")
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
+    digest = token_sha256(token.strip())
+    found = None
+    for client in clients.clients:  # every hash compared, in constant time each
+        if hmac.compare_digest(client.token_sha256, digest):
+            found = client
+    if found is None:
+        raise Unauthorized("unknown token")
+    if scope not in found.scopes:
+        raise Forbidden(f"client {found.name!r} lacks the scope {scope!r}")
+    return found
+
+
+def scoped(scope: Scope) -> Callable[[Handler], Handler]:
+    """A handler that runs only for a client with `scope`; the client is at `request[CLIENT]`."""
+
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            client = authenticate(request, scope)
+            if client is not None:
+                request[CLIENT] = client
+            return await handler(request)
+
+        return guarded
+
+    return decorate
+
+
+def client_name(request: web.Request) -> str:
+    """The calling client's name, or `anonymous` without auth."""
+    client = request.get(CLIENT)
+    return client.name if client is not None else "anonymous"
+
+
+def _clients_file_refused(refused: Mapping[str, str]) -> bool:
+    return any(f.rsplit("/", 1)[-1] in ("clients.yaml", "clients.yml") for f in refused)

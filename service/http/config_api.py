@@ -1,0 +1,321 @@
+"""The configuration API of SPEC 6: what is active, the providers, the audit log, past states.
+
+    GET /api/v1/llm-config/active                 config:read  every routed purpose, resolved
+    GET /api/v1/llm-config/active/{purpose}       config:read  one purpose; 404 when not routed
+    GET /api/v1/llm-config/providers[/{id}]       config:read  providers, masked, with health
+    GET /api/v1/llm-config/api-keys[/{id}]        config:read  the same, `kind: api_key` only
+    GET /api/v1/llm-config/servers[/{id}]         config:read  the same, `kind: ai_server` only
+    GET /api/v1/llm-config/audit?subject=&type=&since=&until=&limit=   admin   events
+    GET /api/v1/llm-config/state?at=              admin        the configuration at a time
+    GET /api/v1/llm-config/active/{purpose}/litellm   secrets:read   first healthy, key decrypted
+    POST /api/v1/llm-config/providers/{id}/test   admin        a health check now
+    GET /api/v1/llm-config/servers/{id}/models    config:read  the models a server reports
+
+A purpose with no route in `routing.yaml` (or no routing file at all) answers 404, like an
+unknown purpose, and `active` lists exactly the purposes that `active/{purpose}` answers.
+
+Every handler takes `registry.snapshot` once and answers from that snapshot alone. The JSON
+of each provider and route is rendered once per snapshot; `active/{purpose}`, the hot path,
+keeps its encoded answer and re-encodes only when the snapshot or its providers' health
+changed, so a lookup costs a few dictionary reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from service.config.models import PURPOSES, AiServer, ApiKey
+from service.config.snapshot import PerSnapshot, Snapshot
+from service.errors import BadRequest, NoCandidate, NotFound, NotReady, UpstreamsFailed
+from service.gateway.catalog import list_models
+from service.gateway.health import Health, HealthState, check
+from service.gateway.routing import first_healthy
+from service.http.auth import Handler, client_name, scoped
+from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
+from service.journal.events import SecretRead
+from service.journal.replay import filter_events, parse_time, replay
+
+DEFAULT_AUDIT_LIMIT = 1000
+MAX_AUDIT_LIMIT = 10_000
+
+_KINDS = {"providers": None, "api-keys": "api_key", "servers": "ai_server"}
+"""Path segment -> the `kind` it lists (None: every provider)."""
+
+
+def setup(app: web.Application) -> None:
+    """Add the configuration endpoints to the app."""
+    app[_CACHE] = PerSnapshot(_render)
+    add = app.router.add_get
+    add(f"{PREFIX}/active", _active_all)
+    add(f"{PREFIX}/active/{{purpose}}", _active)
+    for segment, kind in _KINDS.items():
+        add(f"{PREFIX}/{segment}", _lister(kind))
+        add(f"{PREFIX}/{segment}/{{id}}", _getter(kind))
+    add(f"{PREFIX}/audit", _audit)
+    add(f"{PREFIX}/state", _state)
+    add(f"{PREFIX}/active/{{purpose}}/litellm", _litellm)
+    app.router.add_post(f"{PREFIX}/providers/{{id}}/test", _test)
+    add(f"{PREFIX}/servers/{{id}}/models", _server_models)
+
+
+# -- what is rendered once per snapshot ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Route:
+    """One routed purpose: its answer without health, and the last encoding with health."""
+
+    purpose: str
+    primary: tuple[str, ...]
+    fallbacks: tuple[str, ...]
+    weights: dict[str, float]
+    health: tuple[HealthState, ...] | None = None
+    encoded: bytes = b""
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return self.primary + self.fallbacks
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """The JSON-ready parts of one snapshot."""
+
+    snapshot: Snapshot
+    providers: Mapping[str, dict[str, Any]]
+    routes: Mapping[str, _Route] = field(default_factory=dict)
+
+    def provider(self, provider_id: str, health: Health) -> dict[str, Any]:
+        return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
+
+    def route(self, route: _Route, health: Health) -> dict[str, Any]:
+        return {
+            "purpose": route.purpose,
+            "primary": [self.provider(i, health) for i in route.primary],
+            "fallbacks": [self.provider(i, health) for i in route.fallbacks],
+            "weights": route.weights,
+            "commit": self.snapshot.commit,
+            "generation": self.snapshot.generation,
+        }
+
+    def encoded_route(self, route: _Route, health: Health) -> bytes:
+        states = tuple(health.get(i) for i in route.ids)
+        if states != route.health:  # HealthState is a frozen value: equal means same answer
+            route.encoded = _encode(self.route(route, health))
+            route.health = states
+        return route.encoded
+
+
+_CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
+
+
+def _render(snapshot: Snapshot) -> _Rendered:
+    providers: dict[str, dict[str, Any]] = {}
+    for path, loaded in snapshot.files.items():
+        doc = loaded.document
+        if isinstance(doc, AiServer | ApiKey):
+            commit = snapshot.attribution_of(path).commit
+            providers[doc.id] = {**doc.describe(), "file": path, "commit": commit}
+    routes: dict[str, _Route] = {}
+    if snapshot.routing is not None:
+        for purpose, route in sorted(snapshot.routing.purposes.items()):
+            weights = {i: route.weight(i) for i in route.primary}
+            routes[purpose] = _Route(purpose, tuple(route.primary), tuple(route.fallbacks), weights)
+    return _Rendered(snapshot, dict(sorted(providers.items())), routes)
+
+
+def _encode(body: Any) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+def _current(request: web.Request) -> _Rendered:
+    """The rendering of the current snapshot: the one read of the registry per request."""
+    registry = request.app[REGISTRY]
+    if not registry.ready:
+        raise NotReady("the first load of the configuration is not complete")
+    return request.app[_CACHE].of(registry.snapshot)
+
+
+# -- active --------------------------------------------------------------------------------
+
+
+@scoped("config:read")
+async def _active(request: web.Request) -> web.StreamResponse:
+    rendered = _current(request)
+    purpose = request.match_info["purpose"]
+    route = rendered.routes.get(purpose)
+    if route is None:
+        raise NotFound(_no_route(purpose))
+    body = rendered.encoded_route(route, request.app[HEALTH])
+    return web.Response(body=body, content_type="application/json")
+
+
+@scoped("config:read")
+async def _active_all(request: web.Request) -> web.StreamResponse:
+    rendered = _current(request)
+    health = request.app[HEALTH]
+    return _json(
+        {
+            "purposes": {p: rendered.route(r, health) for p, r in rendered.routes.items()},
+            "commit": rendered.snapshot.commit,
+            "generation": rendered.snapshot.generation,
+        }
+    )
+
+
+def _no_route(purpose: str) -> str:
+    if purpose in PURPOSES:
+        return f"no provider is routed for `{purpose}` (providers.d/routing.yaml)"
+    return f"unknown purpose `{purpose}`; one of {', '.join(PURPOSES)}"
+
+
+# -- providers, api-keys, servers ------------------------------------------------------------
+
+
+def _lister(kind: str | None) -> Handler:
+    @scoped("config:read")
+    async def providers(request: web.Request) -> web.StreamResponse:
+        rendered = _current(request)
+        health = request.app[HEALTH]
+        listed = [
+            rendered.provider(i, health)
+            for i, p in rendered.providers.items()
+            if kind is None or p["kind"] == kind
+        ]
+        return _json({"providers": listed, "generation": rendered.snapshot.generation})
+
+    return providers
+
+
+def _getter(kind: str | None) -> Handler:
+    @scoped("config:read")
+    async def provider(request: web.Request) -> web.StreamResponse:
+        rendered = _current(request)
+        provider_id = request.match_info["id"]
+        found = rendered.providers.get(provider_id)
+        if found is None:
+            raise NotFound(f"no provider `{provider_id}`")
+        if kind is not None and found["kind"] != kind:
+            raise NotFound(f"`{provider_id}` is an {found['kind']}, not an {kind}")
+        return _json(rendered.provider(provider_id, request.app[HEALTH]))
+
+    return provider
+
+
+# -- audit and state -------------------------------------------------------------------------
+
+
+@scoped("admin")
+async def _audit(request: web.Request) -> web.StreamResponse:
+    query = request.query
+    since, until = _time(query, "since"), _time(query, "until")
+    limit = _limit(query.get("limit"))
+    events = filter_events(
+        request.app[EVENTS].events(),
+        subject=query.get("subject") or None,
+        type=query.get("type") or None,
+        since=since,
+        until=until,
+        limit=limit,
+    )
+    return _json({"events": [e.model_dump(mode="json") for e in events], "count": len(events)})
+
+
+@scoped("admin")
+async def _state(request: web.Request) -> web.StreamResponse:
+    at = _time(request.query, "at") or datetime.now(UTC)
+    included = [e for e in request.app[EVENTS].events() if e.ts <= at]
+    return _json(
+        {
+            "at": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "seq": included[-1].seq if included else 0,
+            "config": replay(included),
+        }
+    )
+
+
+def _time(query: Mapping[str, str], name: str) -> datetime | None:
+    text = query.get(name)
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise BadRequest(f"`{name}`: {exc}") from None
+
+
+def _limit(text: str | None) -> int:
+    if not text:
+        return DEFAULT_AUDIT_LIMIT
+    try:
+        limit = int(text)
+    except ValueError:
+        raise BadRequest(f"`limit` is not a whole number: {text!r}") from None
+    if not 1 <= limit <= MAX_AUDIT_LIMIT:
+        raise BadRequest(f"`limit` must be between 1 and {MAX_AUDIT_LIMIT}")
+    return limit
+
+
+# -- resolved parameters, tests, models ----------------------------------------------------------
+
+
+@scoped("secrets:read")
+async def _litellm(request: web.Request) -> web.StreamResponse:
+    """The first healthy candidate of a purpose as LiteLLM parameters, key included; audited."""
+    purpose = request.match_info["purpose"]
+    app = request.app
+    snapshot = app[REGISTRY].snapshot
+    table = app[RELAY].router.table(snapshot)
+    if purpose not in PURPOSES or purpose not in table.routes:
+        raise NotFound(f"no routing for purpose {purpose!r}")
+    provider = first_healthy(table, purpose, app[HEALTH])
+    if provider is None:
+        raise NoCandidate(f"no provider of `{purpose}` is healthy now")
+    model = provider.models[0] if provider.models else None
+    params = provider.to_litellm_config(model, with_secrets=True)
+    read = SecretRead(subject=provider.id, client=client_name(request), purpose=purpose)
+    await asyncio.to_thread(app[EVENTS].append, read)  # recorded before the key leaves
+    answer = {
+        "purpose": purpose,
+        "provider": provider.id,
+        "generation": snapshot.generation,
+        "litellm_params": params,
+        "models": list(provider.models),
+    }
+    return web.json_response(answer)
+
+
+@scoped("admin")
+async def _test(request: web.Request) -> web.StreamResponse:
+    provider_id = request.match_info["id"]
+    provider = request.app[REGISTRY].snapshot.providers.get(provider_id)
+    if provider is None:
+        raise NotFound(f"no provider {provider_id!r}")
+    relay = request.app[RELAY]
+    result = await check(provider, relay.session)
+    relay.health.checked(provider_id, result)
+    return web.json_response(result.as_json())
+
+
+@scoped("config:read")
+async def _server_models(request: web.Request) -> web.StreamResponse:
+    server_id = request.match_info["id"]
+    server = request.app[REGISTRY].snapshot.providers.get(server_id)
+    if not isinstance(server, AiServer):
+        raise NotFound(f"no server {server_id!r}")
+    listed = await list_models(server, request.app[RELAY].session)
+    if listed.models is None:
+        attempt = {"provider": server_id, "status": listed.status, "reason": listed.reason}
+        raise UpstreamsFailed(f"server {server_id!r} did not list its models", attempts=[attempt])
+    return web.json_response({"id": server_id, "models": listed.models})

@@ -1,0 +1,34 @@
+"""What request handlers read: the typed keys of the aiohttp application, and the API's prefix.
+
+Set by `create_app` and the cleanup contexts; handlers only read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from service.crypto.sops import Sops
+from service.gateway.health import Health
+from service.gateway.relay import Relay
+from service.journal.events import BaseEvent
+from service.journal.log import EventLog
+from service.metrics import Metrics
+from service.runtime.registry import Registry
+from service.runtime.watcher import Reloader
+from service.settings import Settings
+
+PREFIX = "/api/v1/llm-config"
+"""Where the configuration API lives."""
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+SOPS = web.AppKey("sops", Sops)
+EVENTS = web.AppKey("events", EventLog)
+REGISTRY = web.AppKey("registry", Registry)
+RELOADER = web.AppKey("reloader", Reloader)
+HEALTH = web.AppKey("health", Health)
+RELAY = web.AppKey("relay", Relay)
+HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
+"""Health transitions waiting to be appended to the log, off the request path."""

@@ -1,0 +1,172 @@
+"""The OpenAI-compatible face of the gateway (SPEC 6 and 7).
+
+    POST /v1/chat/completions, /v1/embeddings, /v1/rerank; GET /v1/models     completions
+
+A request is parsed once (for `model` and `stream`) and handed to the `Relay`, which reads
+`registry.snapshot` once and tries the candidates in turn. Errors carry the gateway's
+headers like every other answer. Events (health transitions) are written by a background
+task, never by a request.
+
+The cleanup context opens the pooled client session and the relay, runs the active health
+checks and the event writer, and closes them on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from service.errors import BadRequest, HTTPError, PayloadTooLarge
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
+from service.gateway.health import CheckResult, Status, check
+from service.gateway.relay import NO_PROVIDER, Relay
+from service.gateway.transports.base import open_session
+from service.http.auth import Handler, client_name, scoped
+from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS
+from service.journal.events import BaseEvent, ProviderHealthChanged
+
+log = logging.getLogger(__name__)
+
+
+def setup(app: web.Application) -> None:
+    """Add the gateway's routes and its cleanup context to the app."""
+    app[HEALTH_EVENTS] = asyncio.Queue()
+    add = app.router
+    add.add_post(
+        "/v1/chat/completions", _answering(scoped("completions")(_relay("chat", "/chat/completions")))
+    )
+    add.add_post("/v1/embeddings", _answering(scoped("completions")(_relay("embeddings", "/embeddings"))))
+    add.add_post("/v1/rerank", _answering(scoped("completions")(_relay("reranking", "/rerank"))))
+    add.add_get("/v1/models", _answering(scoped("completions")(_models)))
+    app.cleanup_ctx.append(_lifecycle)
+
+
+# -- /v1/* ---------------------------------------------------------------------------------
+
+
+def _answering(handler: Handler) -> Handler:
+    """Errors as SPEC's JSON, carrying the gateway's headers like every other answer."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HTTPError as exc:
+            return _error(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes))
+
+    return answer
+
+
+def _error(exc: HTTPError) -> web.Response:
+    attempts = exc.extra.get("attempts")
+    count = len(attempts) if isinstance(attempts, list) else 0
+    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count)}
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+def _relay(purpose: str, path: str) -> Handler:
+    async def relay(request: web.Request) -> web.StreamResponse:
+        app = request.app
+        length = request.content_length
+        if length is not None and length > app[SETTINGS].max_body_bytes:
+            raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
+        body = await request.read()
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise BadRequest("the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        if not isinstance(data.get("model", ""), str):
+            raise BadRequest("`model` must be a string")
+        call = Call(request, purpose, path, body, data, client_name(request))
+        return await app[RELAY].relay(call, app[REGISTRY].snapshot)
+
+    return relay
+
+
+async def _models(request: web.Request) -> web.Response:
+    table = request.app[RELAY].router.table(request.app[REGISTRY].snapshot)
+    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", "Content-Type": "application/json"}
+    return web.Response(body=table.models_answer, headers=headers)
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings, health, queue = app[SETTINGS], app[HEALTH], app[HEALTH_EVENTS]
+    session = open_session()
+    app[RELAY] = Relay(app[METRICS], health, session)
+    health.on_change = _on_health_change(app)
+    tasks = [asyncio.create_task(_write_events(app, queue), name="switchboard-health-events")]
+    if settings.health_interval_s > 0:
+        periodic = _check_periodically(app, settings.health_interval_s)
+        tasks.append(asyncio.create_task(periodic, name="switchboard-health-checks"))
+    try:
+        yield
+    finally:
+        health.on_change = None
+        writer, *checks = tasks
+        for task in checks:
+            await _stop(task)
+        with contextlib.suppress(TimeoutError):  # let the writer record what is queued
+            await asyncio.wait_for(queue.join(), timeout=5)
+        await _stop(writer)
+        await session.close()
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _on_health_change(app: web.Application) -> Callable[[str, Status, Status, str | None], None]:
+    gauge = app[METRICS].provider_healthy
+    queue = app[HEALTH_EVENTS]
+    values = {"healthy": 1, "unhealthy": 0, "unknown": -1}
+
+    def changed(provider_id: str, old: Status, new: Status, reason: str | None) -> None:
+        gauge.labels(provider_id).set(values[new])
+        if old != "unknown" or new != "healthy":  # learning a provider works is no transition
+            changes: Any = {"status": {"old": old, "new": new}}
+            queue.put_nowait(ProviderHealthChanged(subject=provider_id, changes=changes, reason=reason))
+
+    return changed
+
+
+async def _write_events(app: web.Application, queue: asyncio.Queue[BaseEvent]) -> None:
+    """Append queued events in order, off the request path (each append is fsynced)."""
+    while True:
+        draft = await queue.get()
+        try:
+            await asyncio.to_thread(app[EVENTS].append, draft)
+        except Exception:
+            log.exception("cannot record %s", draft.type)
+        finally:
+            queue.task_done()
+
+
+async def _check_periodically(app: web.Application, interval_s: float) -> None:
+    """Check every enabled provider's models endpoint, every `interval_s`."""
+    registry, relay = app[REGISTRY], app[RELAY]
+    while True:
+        if registry.ready:
+            providers = [p for p in registry.snapshot.providers.values() if p.enabled]
+            results = await asyncio.gather(
+                *(check(p, relay.session) for p in providers), return_exceptions=True
+            )
+            for provider, result in zip(providers, results, strict=True):
+                if isinstance(result, CheckResult):
+                    relay.health.checked(provider.id, result)
+                elif isinstance(result, Exception):
+                    log.warning("health check of %s failed: %s", provider.id, type(result).__name__)
+        await asyncio.sleep(interval_s if registry.ready else 0.05)

@@ -1,0 +1,77 @@
+"""Which commit and author a change in `providers.d/` came from, as SPEC 5 records them.
+
+`commit` is HEAD when the file's content is committed unchanged there; otherwise it is null
+and the event says `uncommitted`. `author` is the author of the last commit touching the
+file. Outside a git repository both are null. This runs on the reload path, never per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+
+from service.config.snapshot import NO_GIT, Attribution
+from service.errors import GitError
+from service.vcs.gitrepo import GitRepo, blob_sha
+
+log = logging.getLogger(__name__)
+
+
+class Attributor:
+    """Asks git about the files of one folder; every answer is computed on demand, off the hot path."""
+
+    def __init__(self, folder: Path) -> None:
+        # The repository holding the folder; the folder itself may not exist yet.
+        existing = next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), folder)
+        self.repo = GitRepo.find(existing)
+
+    def head(self) -> str | None:
+        """The HEAD commit, or None outside a repository or before the first commit."""
+        try:
+            return self.repo.head() if self.repo else None
+        except GitError as exc:
+            log.warning("git: %s", exc)
+            return None
+
+    def attribute(self, files: Mapping[Path, bytes | None]) -> dict[Path, Attribution]:
+        """Attribution of each file, given its current content (None: the file was removed).
+
+        Three git calls for the whole batch, whatever its size: HEAD, the blob ids of HEAD's
+        tree, and one walk of the log for the last author of each file.
+        """
+        if self.repo is None:
+            return dict.fromkeys(files, NO_GIT)
+        head = self.head()
+        relative = {path: self._relative(path) for path in files}
+        known = sorted({r for r in relative.values() if r is not None})
+        if head is None or not known:
+            return dict.fromkeys(files, Attribution(None, None, True))
+        try:
+            blobs: dict[str, str] = {}
+            for folder in sorted({str(PurePosixPath(p).parent) for p in known}):
+                blobs.update(self.repo.blob_ids("HEAD", folder))
+            authors = self.repo.last_authors(known)
+        except GitError as exc:
+            log.warning("git: %s", exc)
+            return dict.fromkeys(files, Attribution(None, None, True))
+        result = {}
+        for path, data in files.items():
+            rel = relative[path]
+            in_head = blobs.get(rel) if rel else None
+            committed = rel is not None and (
+                (in_head is None) if data is None else (in_head == blob_sha(data))
+            )
+            author = authors.get(rel) if rel else None
+            result[path] = Attribution(head, author, False) if committed else Attribution(None, author, True)
+        return result
+
+    def _relative(self, path: Path) -> str | None:
+        assert self.repo is not None  # noqa: S101 - checked by the caller
+        top = self.repo.root
+        for candidate in (path.absolute(), path.absolute().parent.resolve() / path.name):
+            try:
+                return candidate.relative_to(top).as_posix()
+            except ValueError:
+                continue
+        return None

@@ -1,0 +1,108 @@
+"""The service commands of the CLI that need no running server: token, serve's refusals, audit."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.cli.main import cli
+from service.config.loader import parse
+from service.config.models import Clients
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli(*args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_token_create_prints_the_token_once_and_stores_only_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "providers.d"
+    code, out, err = run(
+        capsys,
+        "token",
+        "create",
+        "ops-center",
+        "--scope",
+        "config:read",
+        "completions",
+        "--providers",
+        str(folder),
+    )
+    assert code == 0
+    token = out.strip()
+    assert token.startswith("sb_") and len(token) > 40
+    text = (folder / "clients.yaml").read_text()
+    assert token not in text + err
+    loaded = parse("providers.d/clients.yaml", text.encode())
+    assert isinstance(loaded.document, Clients)
+    (client,) = loaded.document.clients
+    assert client.name == "ops-center"
+    assert client.scopes == ["config:read", "completions"]
+    assert client.token_sha256 == hashlib.sha256(token.encode()).hexdigest()
+
+    code, out, _ = run(capsys, "token", "create", "ci", "--scope", "admin", "--providers", str(folder))
+    assert code == 0
+    assert [c["name"] for c in yaml.safe_load((folder / "clients.yaml").read_text())["clients"]] == [
+        "ops-center",
+        "ci",
+    ]
+
+
+def test_token_create_refuses_a_name_taken_and_an_unknown_scope(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "providers.d"
+    assert run(capsys, "token", "create", "a", "--scope", "admin", "--providers", str(folder))[0] == 0
+    before = (folder / "clients.yaml").read_bytes()
+    code, _, err = run(capsys, "token", "create", "a", "--scope", "admin", "--providers", str(folder))
+    assert code == 1
+    assert "a client named 'a' exists already" in err
+    assert (folder / "clients.yaml").read_bytes() == before
+    with pytest.raises(SystemExit) as caught:
+        cli("token", "create", "b", "--scope", "root", "--providers", str(folder))
+    assert caught.value.code == 2
+
+
+def test_serve_refuses_a_public_address_without_a_clients_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "providers.d").mkdir()
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--host", "0.0.0.0", "--port", "0")  # noqa: S104
+    assert code == 1
+    assert "refusing to listen on 0.0.0.0 without authentication" in err
+    assert "switchboard token create" in err
+
+
+def test_serve_needs_the_providers_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 1
+    assert "providers.d: no such folder" in err
+
+
+def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "--root", str(tmp_path), "state", "--at", "yesterday-ish")
+    assert code == 2
+    assert "not a time" in err
+
+
+def test_audit_on_a_missing_log_is_empty_and_verify_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "--root", str(tmp_path), "audit", "show") == (0, "", "")
+    code, _, err = run(capsys, "--root", str(tmp_path), "audit", "verify")
+    assert code == 1
+    assert err.startswith("switchboard: error:")
+
+
+def test_a_missing_file_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "--root", str(tmp_path), "encrypt", str(tmp_path / "nope.yaml"))
+    assert code == 1
+    assert err.strip() == f"switchboard: error: No such file or directory: {tmp_path / 'nope.yaml'}"

@@ -1,0 +1,101 @@
+"""The litellm path: Anthropic behind Switchboard, spoken to in OpenAI's protocol."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import SopsProject
+from tests.support.gateway import CANARY, running, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream, upstreams
+
+# litellm's own types warn about pydantic internals while it works; warnings are errors here.
+pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
+
+MESSAGES: Any = [{"role": "user", "content": "hello claude"}]
+
+
+def _anthropic(project: SopsProject, up: FakeUpstream, provider_id: str = "claude", **fields: Any) -> None:
+    write_provider(project, provider_id, provider="anthropic", base_url=up.url, api_key=CANARY, **fields)
+
+
+async def test_a_completion_through_litellm(sops_project: SopsProject) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY, models=("claude-x",)) as up:
+        _anthropic(sops_project, up, models=["claude-x"], model_map={"smart": "claude-x"})
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            raw = await client.chat.completions.with_raw_response.create(
+                model="smart", messages=MESSAGES, max_tokens=50
+            )
+            await client.close()
+            metrics = await board.metrics()
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "claude says: hello claude"
+    assert raw.headers["x-switchboard-provider"] == "claude"
+    assert up.requests[-1].path == "/v1/messages"
+    assert up.requests[-1].json["model"] == "claude-x"
+    assert up.requests[-1].headers["x-api-key"] == CANARY
+    assert (
+        'switchboard_tokens_total{client="anonymous",kind="completion",model="smart",provider="claude"} 4.0'
+        in metrics
+    )
+    assert CANARY not in metrics
+
+
+async def test_a_stream_through_litellm(sops_project: SopsProject) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="claude-x", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
+            parts, usage = [], None
+            async for chunk in stream:
+                parts += [c.delta.content or "" for c in chunk.choices]
+                usage = chunk.usage or usage
+            await client.close()
+    assert "".join(parts) == "claude says: hello claude"
+    assert usage is not None and usage.prompt_tokens == 2
+    assert up.requests[-1].json["stream"] is True
+
+
+async def test_an_anthropic_failure_falls_back_and_a_refusal_does_not(sops_project: SopsProject) -> None:
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY}, {"name": "backup"}
+    ) as (
+        up,
+        backup,
+    ):
+        _anthropic(sops_project, up)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            up.fail(529)
+            overloaded = await board.chat(max_tokens=10)
+            up.fail(429)
+            limited = await board.chat(max_tokens=10, stream=True)
+            up.fail(400)
+            refused = await board.chat(max_tokens=10)
+            refused_text = await refused.text()
+    assert overloaded.status == limited.status == 200
+    assert (
+        overloaded.headers["x-switchboard-provider"] == limited.headers["x-switchboard-provider"] == "backup"
+    )
+    assert refused.status == 400 and refused.headers["x-switchboard-provider"] == "claude"
+    assert "injected failure 400" in refused_text and CANARY not in refused_text
+    assert len(backup.requests) == 2
+
+
+def test_the_direct_path_does_not_import_litellm() -> None:
+    code = (
+        "import sys, service.http.app, service.gateway.relay, service.gateway.transports.litellm\n"
+        "assert 'litellm' not in sys.modules, 'litellm imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)

@@ -1,0 +1,451 @@
+"""The gateway end to end: a real Switchboard in front of local stand-in vendors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from service.http.context import HEALTH
+from tests.conftest import SopsProject
+from tests.support.gateway import (
+    CANARY,
+    running,
+    write_clients,
+    write_provider,
+    write_routing,
+)
+from tests.support.upstreams import FakeUpstream, closed_port_url, upstreams
+
+PROVIDER = "x-switchboard-provider"
+ATTEMPTS = "x-switchboard-attempts"
+
+
+async def test_a_completion_is_relayed_with_the_providers_key(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", api_key=CANARY) as up:
+        write_provider(sops_project, "a", provider="openai", base_url=up.base_url, api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            response = await board.chat("hello there")
+            assert response.status == 200, await response.text()
+            body = await response.json()
+    assert body["choices"][0]["message"]["content"] == "a says: hello there"
+    assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("a", "1")
+    assert up.requests[-1].headers["authorization"] == f"Bearer {CANARY}"
+    assert up.requests[-1].json["messages"] == [{"role": "user", "content": "hello there"}]
+
+
+async def test_the_body_goes_out_as_sent_unless_the_model_is_renamed(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_provider(
+            sops_project, "b", base_url=b.base_url, model_map={"alias": "real-model"}, purposes=["embeddings"]
+        )
+        write_routing(sops_project, chat="a", embeddings="b")
+        async with running(sops_project) as board:
+            raw = b'{"model":  "fake-model", "messages": [{"role": "user", "content": "x"}], "extra": 1}'
+            async with board.http.post(f"{board.base_url}/chat/completions", data=raw) as response:
+                assert response.status == 200
+            response = await board.post("/v1/embeddings", {"model": "alias", "input": "text"})
+            assert response.status == 200
+    assert a.requests[-1].json == json.loads(raw)  # every field kept, unknown ones too
+    assert b.requests[-1].json == {"model": "real-model", "input": "text"}
+
+
+FAULTS = {
+    "connection refused": None,
+    "500": ("fail", 500),
+    "503": ("fail", 503),
+    "429": ("fail", 429),
+    "408": ("fail", 408),
+    "hang before the headers": ("hang", 5),
+    "stall after the headers": ("stall", 5),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: str, stream: bool) -> None:
+    async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
+        spec = FAULTS[fault]
+        url = closed_port_url() if spec is None else primary.base_url
+        if spec is not None:
+            getattr(primary, spec[0])(spec[1])
+        write_provider(sops_project, "primary", base_url=url, first_byte_timeout_s=0.3)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat("ping", stream=stream)
+            text = await response.text()
+    assert response.status == 200, text
+    assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("backup", "2")
+    assert "backup says: ping" in text or "backup" in text
+    assert len(backup.requests) == 1
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+async def test_a_client_error_is_returned_as_it_is(sops_project: SopsProject, status: int) -> None:
+    async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
+        primary.fail(status)
+        write_provider(sops_project, "primary", base_url=primary.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat()
+            body = await response.json()
+    assert response.status == status
+    assert body["error"]["message"] == f"injected failure {status} from primary"
+    assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("primary", "1")
+    assert not backup.requests
+
+
+async def test_every_candidate_failing_is_a_502_listing_each_attempt(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "api_key": CANARY}, {"name": "b"}) as (a, b):
+        a.fail(500)
+        b.fail(429)
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
+        write_provider(sops_project, "b", base_url=b.base_url)
+        dead = closed_port_url()
+        write_provider(sops_project, "c", base_url=dead)
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b", "c"]})
+        async with running(sops_project) as board:
+            response = await board.chat()
+            text = await response.text()
+    assert response.status == 502
+    assert response.headers[ATTEMPTS] == "3"
+    error = json.loads(text)["error"]
+    assert error["type"] == "upstreams_failed"
+    assert [(x["provider"], x["status"]) for x in error["attempts"]] == [("a", 500), ("b", 429), ("c", None)]
+    assert error["attempts"][2]["reason"].startswith("cannot connect")
+    assert CANARY not in text
+
+
+async def test_no_candidate_is_a_503(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(
+            sops_project, "a", base_url=a.base_url, models=["only-this"], purposes=["chat", "embeddings"]
+        )
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            excluded = await board.chat(model="another-model")
+            unrouted = await board.post("/v1/embeddings", {"model": "only-this", "input": "x"})
+            served = await board.chat(model="only-this")
+    assert excluded.status == unrouted.status == 503
+    assert (await excluded.json())["error"]["type"] == "no_candidate"
+    assert (excluded.headers[PROVIDER], excluded.headers[ATTEMPTS]) == ("none", "0")
+    assert served.status == 200
+    assert [r.json["model"] for r in a.requests] == ["only-this"]
+
+
+async def test_a_disabled_provider_is_skipped(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project) as board:
+            generation = (await (await board.get("/readyz")).json())["generation"]
+            write_routing(sops_project, chat={"primary": "b"})
+            write_provider(sops_project, "a", base_url=a.base_url, enabled=False)
+            await board.wait_for_generation(generation + 1)
+            response = await board.chat()
+    assert response.headers[PROVIDER] == "b"
+    assert not a.requests
+
+
+async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project, max_body_bytes=2048) as board:
+            url = f"{board.base_url}/chat/completions"
+            async with board.http.post(url, data=b"{not json") as malformed:
+                assert malformed.status == 400
+            async with board.http.post(url, data=b"[1, 2]") as not_an_object:
+                assert not_an_object.status == 400
+            big = await board.chat("x" * 4096)
+
+            async def chunks() -> Any:
+                yield b'{"model": "fake-model", "messages": [{"role": "user", "content": "'
+                yield b"y" * 4096
+                yield b'"}]}'
+
+            async with board.http.post(url, data=chunks()) as chunked:
+                chunked_body = await chunked.json()
+    assert big.status == 413
+    assert (await big.json())["error"]["type"] == "payload_too_large"
+    assert (big.headers[PROVIDER], big.headers[ATTEMPTS]) == ("none", "0")
+    assert chunked.status == 413, chunked_body
+    assert not a.requests
+
+
+async def test_the_openai_sdk_works_plain_and_streaming(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            messages: Any = [{"role": "user", "content": "stream me"}]
+            plain = await client.chat.completions.with_raw_response.create(
+                model="fake-model", messages=messages
+            )
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=messages, stream=True, stream_options={"include_usage": True}
+            )
+            parts, usage = [], None
+            async for chunk in stream:
+                parts += [c.delta.content or "" for c in chunk.choices]
+                usage = chunk.usage or usage
+            await client.close()
+            metrics = await board.metrics()
+    assert plain.headers[PROVIDER] == "a"
+    assert plain.parse().choices[0].message.content == "a says: stream me"
+    assert "".join(parts) == "a says: stream me"
+    assert usage is not None and usage.completion_tokens == 4
+    # The model is not listed by the provider, so it is counted as "other".
+    assert (
+        'switchboard_tokens_total{client="anonymous",kind="completion",model="other",provider="a"} 8.0'
+        in metrics
+    )
+
+
+async def test_a_stream_cut_after_its_first_byte_ends_with_an_error_event(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "primary", "chunk_interval_s": 0.01}, {"name": "backup"}) as (
+        primary,
+        backup,
+    ):
+        primary.drop_after(3)
+        write_provider(sops_project, "primary", base_url=primary.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "a b c d e"}], stream=True
+            )
+            parts = []
+            with pytest.raises(openai.APIError, match="stream cut short"):
+                async for chunk in stream:
+                    parts += [c.delta.content or "" for c in chunk.choices]
+            await client.close()
+            metrics = await board.metrics()
+    assert "".join(parts) == "primary says:"  # the role chunk, then two words
+    assert not backup.requests
+    assert 'switchboard_upstream_requests_total{outcome="broken",provider="primary"} 1.0' in metrics
+
+
+async def test_a_plain_answer_cut_short_falls_back(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
+        primary.drop_after(1)
+        write_provider(sops_project, "primary", base_url=primary.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat()
+    assert response.status == 200
+    assert response.headers[PROVIDER] == "backup"
+
+
+async def test_a_client_that_leaves_cancels_the_upstream_request(sops_project: SopsProject) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return web.json_response({})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", slow)
+    runner = web.AppRunner(upstream, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        write_provider(sops_project, "slow", base_url=url, first_byte_timeout_s=30)
+        write_routing(sops_project, chat="slow")
+        async with running(sops_project) as board:
+            request = asyncio.create_task(board.chat())
+            await asyncio.wait_for(started.wait(), 5)
+            request.cancel()
+            await asyncio.wait_for(cancelled.wait(), 5)
+            assert board.app  # the service is still up
+            assert (await board.get("/healthz")).status == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_embeddings_and_rerank_end_to_end(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="tei", models=("embedder", "reranker")) as up:
+        write_provider(
+            sops_project,
+            "tei",
+            base_url=up.base_url,
+            server_type="tei",
+            purposes=["embeddings", "reranking"],
+            models=["embedder", "reranker"],
+        )
+        write_routing(sops_project, embeddings="tei", reranking="tei")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            embedded = await client.embeddings.create(model="embedder", input=["one", "two"])
+            await client.close()
+            documents = ["the cat sat", "dogs bark", "a cat and a dog"]
+            response = await board.post(
+                "/v1/rerank", {"model": "reranker", "query": "cat", "documents": documents, "top_n": 2}
+            )
+            ranked = await response.json()
+            metrics = await board.metrics()
+    assert len(embedded.data) == 2 and len(embedded.data[0].embedding) > 0
+    assert response.status == 200 and response.headers[PROVIDER] == "tei"
+    assert [r["index"] for r in ranked["results"]] == [0, 2]
+    assert 'model="embedder",provider="tei"' in metrics
+    assert 'model="reranker",provider="tei"' in metrics
+
+
+async def test_models_lists_what_enabled_providers_serve(sops_project: SopsProject) -> None:
+    write_provider(
+        sops_project, "a", base_url="http://127.0.0.1:9/v1", models=["m1", "m2"], model_map={"fast": "m1"}
+    )
+    write_provider(sops_project, "b", base_url="http://127.0.0.1:9/v1", models=["m3"], enabled=False)
+    async with running(sops_project) as board:
+        client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+        models = await client.models.list()
+        await client.close()
+    assert sorted(m.id for m in models.data) == ["fast", "m1", "m2"]
+
+
+async def test_completions_need_the_scope_once_clients_exist(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(
+            sops_project, {"app": ("tok-app", ["completions"]), "ops": ("tok-ops", ["config:read"])}
+        )
+        async with running(sops_project) as board:
+            anonymous = await board.chat()
+            wrong_scope = await board.chat(token="tok-ops")
+            allowed = await board.chat(token="tok-app")
+            metrics = await board.metrics()
+    assert (anonymous.status, wrong_scope.status, allowed.status) == (401, 403, 200)
+    assert (
+        'switchboard_tokens_total{client="app",kind="prompt",model="fake-model",provider="a"} 1.0' in metrics
+    )
+    assert "tok-app" not in a.requests[-1].headers.get("authorization", "")
+
+
+async def test_usage_latency_and_fallbacks_are_counted(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        a.fail(500)
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_provider(sops_project, "b", base_url=b.base_url, models=["fake-model"])
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project) as board:
+            await board.chat("one two three")
+            metrics = await board.metrics()
+    assert 'switchboard_fallbacks_total{purpose="chat"} 1.0' in metrics
+    assert 'switchboard_upstream_requests_total{outcome="failed",provider="a"} 1.0' in metrics
+    assert 'switchboard_upstream_requests_total{outcome="ok",provider="b"} 1.0' in metrics
+    assert (
+        'switchboard_tokens_total{client="anonymous",kind="prompt",model="fake-model",provider="b"} 3.0'
+        in metrics
+    )
+    assert 'switchboard_upstream_seconds_count{provider="b"} 1.0' in metrics
+
+
+async def test_weights_share_the_load(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "heavy"}, {"name": "light"}) as (heavy, light):
+        write_provider(sops_project, "heavy", base_url=heavy.base_url)
+        write_provider(sops_project, "light", base_url=light.base_url)
+        write_routing(sops_project, chat={"primary": ["heavy", "light"], "weights": {"heavy": 3}})
+        async with running(sops_project) as board:
+            served = [(await board.chat()).headers[PROVIDER] for _ in range(400)]
+    share = served.count("heavy") / len(served)
+    assert 0.68 < share < 0.82  # 0.75 expected; 5 standard deviations is about 0.11
+    assert len(heavy.requests) + len(light.requests) == 400
+
+
+async def test_the_litellm_parameters_are_given_and_audited(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        write_provider(
+            sops_project, "a", provider="openrouter", base_url=a.base_url, api_key=CANARY, models=["m"]
+        )
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        write_clients(
+            sops_project, {"deployer": ("tok-d", ["secrets:read"]), "ops": ("tok-o", ["config:read"])}
+        )
+        async with running(sops_project) as board:
+            denied = await board.get("/api/v1/llm-config/active/chat/litellm", token="tok-o")
+            answer = await board.get("/api/v1/llm-config/active/chat/litellm", token="tok-d")
+            unknown = await board.get("/api/v1/llm-config/active/nope/litellm", token="tok-d")
+            unrouted = await board.get("/api/v1/llm-config/active/embeddings/litellm", token="tok-d")
+            body = await answer.json()
+            reads = board.events("secret.read")
+    assert denied.status == 403 and unknown.status == 404 and unrouted.status == 404
+    assert body["provider"] == "a"
+    assert body["litellm_params"] == {
+        "model": "openrouter/m",
+        "api_base": a.base_url,
+        "api_key": CANARY,
+        "timeout": 60,
+    }
+    assert [(e["subject"], e["client"], e["purpose"]) for e in reads] == [("a", "deployer", "chat")]
+
+
+async def test_provider_test_and_server_models(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", models=("m1", "m2")) as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_provider(sops_project, "dead", base_url=closed_port_url())
+        write_provider(sops_project, "k", provider="openai", base_url=a.base_url, api_key=CANARY)
+        async with running(sops_project) as board:
+            ok = await (await board.post("/api/v1/llm-config/providers/a/test", {})).json()
+            down = await (await board.post("/api/v1/llm-config/providers/dead/test", {})).json()
+            missing = await board.post("/api/v1/llm-config/providers/nope/test", {})
+            models = await board.get("/api/v1/llm-config/servers/a/models")
+            not_a_server = await board.get("/api/v1/llm-config/servers/k/models")
+            dead_models = await board.get("/api/v1/llm-config/servers/dead/models")
+            health = board.app[HEALTH].get("dead")
+            await board.recorded()
+            changes = board.events("provider.health_changed")
+    assert ok["ok"] is True and ok["latency_ms"] >= 0 and "2 models" in ok["message"]
+    assert down["ok"] is False and down["message"].startswith("cannot connect")
+    assert missing.status == 404 and not_a_server.status == 404
+    assert await models.json() == {"id": "a", "models": ["m1", "m2"]}
+    assert dead_models.status == 502
+    assert health.status == "unhealthy"
+    assert [(e["subject"], e["changes"]["status"]) for e in changes] == [
+        ("dead", {"old": "unknown", "new": "unhealthy"})
+    ]
+
+
+async def test_the_key_leaks_nowhere(sops_project: SopsProject, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with FakeUpstream(name="a", api_key=CANARY) as a:
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
+        write_provider(sops_project, "dead", provider="openai", base_url=closed_port_url(), api_key=CANARY)
+        write_routing(sops_project, chat={"primary": "dead", "fallbacks": ["a"]})
+        async with running(sops_project, circuit_failures=1) as board:
+            answers = [await (await board.chat(stream=s)).text() for s in (False, True)]
+            a.fail(500)
+            answers.append(await (await board.chat()).text())
+            a.fail(400)
+            answers.append(await (await board.chat()).text())
+            a.answer_normally()
+            for path in ("/api/v1/llm-config/providers", "/api/v1/llm-config/providers/a/test"):
+                answers.append(await (await board.get(path)).text())
+            answers.append(await (await board.post("/api/v1/llm-config/providers/dead/test", {})).text())
+            answers.append(await board.metrics())
+            events = board.events_file.read_text()
+    assert any("a says" in text for text in answers)
+    for text in [*answers, events, caplog.text]:
+        assert CANARY not in text
+        assert CANARY[-12:] not in text

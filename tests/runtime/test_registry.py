@@ -1,0 +1,190 @@
+"""The registry on its own: snapshots swapped whole, refusals, attribution, and the log's replay."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.config.loader import Loaded, parse, with_secrets
+from service.journal.log import EventLog, read_events
+from service.journal.replay import replay
+from service.runtime.registry import Registry
+from service.vcs.attribution import Attributor
+from tests.conftest import git, git_init
+
+
+def sealed(secret: str) -> str:
+    """A value shaped like sops' ciphertext, different for every secret as sops' would be."""
+    return f"ENC[AES256_GCM,data:{hashlib.sha256(secret.encode()).hexdigest()},iv:AAAA,tag:AAAA,type:str]"
+
+
+def server(
+    provider_id: str, url: str = "http://gpu:8000/v1", *, enabled: bool = True, models: str = ""
+) -> bytes:
+    return (
+        f"kind: ai_server\nid: {provider_id}\nserver_type: vllm\nbase_url: {url}\n"
+        f"enabled: {str(enabled).lower()}\nmodels: [{models}]\n"
+    ).encode()
+
+
+def routing(*primary: str) -> bytes:
+    return f"kind: routing\npurposes:\n  chat:\n    primary: [{', '.join(primary)}]\n".encode()
+
+
+def load(name: str, data: bytes) -> Loaded:
+    return parse(f"providers.d/{name}.yaml", data)
+
+
+def key(provider_id: str, secret: str) -> Loaded:
+    """An api_key file as the loader gives it after sops decrypted it."""
+    text = f"kind: api_key\nid: {provider_id}\nprovider: openai\napi_key: {sealed(secret)}\nsops: {{}}\n"
+    data = text.encode()
+    return with_secrets(load(provider_id, data), {"api_key": secret})
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[EventLog]:
+    with EventLog(tmp_path / "events.jsonl") as events:
+        yield events
+
+
+def test_a_batch_whose_routing_names_a_missing_provider_is_refused_whole(
+    tmp_path: Path, log: EventLog
+) -> None:
+    registry = Registry(log, tmp_path)
+    files = {
+        "providers.d/a.yaml": load("a", server("a")),
+        "providers.d/routing.yaml": load("routing", routing("a")),
+    }
+    registry.apply(files, {})
+    before = registry.snapshot
+
+    files["providers.d/b.yaml"] = load("b", server("b", "http://b/v1"))
+    files["providers.d/routing.yaml"] = load("routing", routing("a", "ghost"))
+    outcome = registry.apply(files, {})
+
+    assert not outcome.applied
+    assert registry.snapshot is before  # b is not added either: the batch is refused whole
+    assert "names `ghost`, which does not exist" in registry.refused["providers.d/routing.yaml"]
+    assert [e.type for e in log.events()][-1] == "config.rejected"
+
+    outcome = registry.apply(files, {})  # the same refusal again is not a new event
+    assert outcome.events == 0
+
+    del files["providers.d/routing.yaml"]
+    assert registry.apply(files, {}).applied
+    assert set(registry.snapshot.providers) == {"a", "b"}
+    assert registry.refused == {}
+
+
+def test_a_broken_routing_file_does_not_keep_the_first_load_from_completing(
+    tmp_path: Path, log: EventLog
+) -> None:
+    registry = Registry(log, tmp_path)
+    files = {
+        "providers.d/a.yaml": load("a", server("a")),
+        "providers.d/routing.yaml": load("routing", routing("x")),
+    }
+    outcome = registry.apply(files, {})
+    assert outcome.applied and registry.ready
+    assert set(registry.snapshot.providers) == {"a"} and registry.snapshot.routing is None
+    assert "providers.d/routing.yaml" in registry.refused
+
+
+def test_new_bytes_with_the_same_configuration_record_nothing(tmp_path: Path, log: EventLog) -> None:
+    registry = Registry(log, tmp_path)
+    registry.apply({"providers.d/a.yaml": load("a", server("a"))}, {})
+    seq, generation = log.last_seq, registry.snapshot.generation
+    outcome = registry.apply({"providers.d/a.yaml": load("a", b"# a comment\n" + server("a"))}, {})
+    assert outcome.applied and outcome.events == 0
+    assert (log.last_seq, registry.snapshot.generation) == (seq, generation)
+
+
+def test_a_rotated_key_with_the_same_last_four_characters_is_still_an_update(
+    tmp_path: Path, log: EventLog
+) -> None:
+    registry = Registry(log, tmp_path)
+    registry.apply({"providers.d/k.yaml": key("k", "sk-first-key-0000-5d80")}, {})
+    registry.apply({"providers.d/k.yaml": key("k", "sk-second-key-111-5d80")}, {})
+    last = log.events()[-1]
+    assert (last.type, last.subject) == ("provider.updated", "k")
+    assert last.changes == {"api_key": {"old": "****5d80", "new": "****5d80"}}
+
+
+def test_a_restart_records_only_what_changed_while_down(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    files = {"providers.d/a.yaml": load("a", server("a")), "providers.d/b.yaml": load("b", server("b"))}
+    with EventLog(path) as log:
+        Registry(log, tmp_path).apply(files, {})
+    with EventLog(path) as log:
+        seq = log.last_seq
+        Registry(log, tmp_path).apply(files, {})
+        assert log.last_seq == seq  # nothing changed: nothing recorded
+    files["providers.d/a.yaml"] = load("a", server("a", "http://moved/v1"))
+    del files["providers.d/b.yaml"]
+    with EventLog(path) as log:
+        registry = Registry(log, tmp_path)
+        registry.apply(files, {})
+        recorded = [(e.type, e.subject) for e in log.events()[seq:]]
+        assert recorded == [("provider.updated", "a"), ("provider.removed", "b")]
+        assert replay(log.events()) == registry.snapshot.view()
+
+
+def test_answers_name_the_commit_once_the_files_are_committed(tmp_path: Path, log: EventLog) -> None:
+    git_init(tmp_path)
+    (tmp_path / "providers.d").mkdir()
+    data = server("a")
+    (tmp_path / "providers.d" / "a.yaml").write_bytes(data)
+    registry = Registry(log, tmp_path, Attributor(tmp_path))
+    registry.apply({"providers.d/a.yaml": load("a", data)}, {})
+    added = log.events()[-1]
+    assert (added.commit, added.uncommitted) == (None, True)
+    assert registry.snapshot.commit is None
+
+    git(tmp_path, "add", "providers.d")
+    git(tmp_path, "commit", "-q", "-m", "add a")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    seq, generation = log.last_seq, registry.snapshot.generation
+    registry.apply({"providers.d/a.yaml": load("a", data)}, {})  # a rescan after the commit
+    assert registry.snapshot.commit == head
+    assert registry.snapshot.attribution_of("providers.d/a.yaml").commit == head
+    assert registry.snapshot.attribution_of("providers.d/a.yaml").author == (
+        "Switchboard Tests <tests@switchboard.invalid>"
+    )
+    assert (log.last_seq, registry.snapshot.generation) == (seq, generation)
+
+
+def test_replaying_the_log_rebuilds_the_registry_after_any_sequence_of_edits(
+    tmp_path: Path, log: EventLog
+) -> None:
+    rng = random.Random(20261127)
+    registry = Registry(log, tmp_path)
+    files: dict[str, Loaded] = {}
+    ids = [f"p{i}" for i in range(8)]
+    for step in range(300):
+        pid = rng.choice(ids)
+        name = f"providers.d/{pid}.yaml"
+        action = rng.random()
+        if action < 0.35:
+            url = f"http://{rng.choice(['a', 'b', 'c'])}:{rng.randint(1, 3)}/v1"
+            models = ", ".join(rng.sample(["m1", "m2", "m3"], rng.randint(0, 2)))
+            files[name] = load(pid, server(pid, url, enabled=rng.random() > 0.1, models=models))
+        elif action < 0.5:
+            secret = f"sk-{rng.choice(['x', 'y'])}{step:05d}-{rng.choice(['5d80', '9a1c'])}"
+            files[name] = key(pid, secret)
+        elif action < 0.7:
+            files.pop(name, None)
+        elif action < 0.9:
+            present = [f.removesuffix(".yaml").rsplit("/", 1)[1] for f in files if "/p" in f]
+            chosen = rng.sample(present, min(len(present), rng.randint(1, 3))) if present else ["p0"]
+            files["providers.d/routing.yaml"] = load("routing", routing(*chosen))
+        else:
+            files.pop("providers.d/routing.yaml", None)
+        registry.apply(dict(files), {})
+        assert replay(log.events()) == registry.snapshot.view(), f"step {step}"
+    assert replay(read_events(log.path)) == registry.snapshot.view()
+    assert registry.snapshot.generation > 50  # the walk did change things

@@ -1,0 +1,125 @@
+"""The watcher under the ways files really change: bursts, races, symlinks, editors' droppings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.http.context import EVENTS
+from service.journal.replay import replay
+from tests.conftest import Service, eventually, write_server
+
+SERVER = "kind: ai_server\nid: {id}\nserver_type: vllm\nbase_url: http://127.0.0.1:{port}/v1\n"
+
+
+def urls(service: Service) -> dict[str, str]:
+    return {i: p.endpoint for i, p in service.registry.snapshot.providers.items()}
+
+
+async def test_a_burst_of_a_hundred_changes_ends_in_the_right_state(running_service: Service) -> None:
+    service, providers = running_service, running_service.project.providers
+    expected = {"gpu": "http://127.0.0.1:9/v1"}
+    for i in range(50):  # plain in-place writes, as scripts do: the watcher may see them half done
+        (providers / f"b{i:02d}.yaml").write_text(SERVER.format(id=f"b{i:02d}", port=1000 + i))
+    for i in range(50):
+        (providers / f"b{i:02d}.yaml").write_text(SERVER.format(id=f"b{i:02d}", port=2000 + i))
+        expected[f"b{i:02d}"] = f"http://127.0.0.1:{2000 + i}/v1"
+
+    def settled() -> None:
+        assert urls(service) == expected
+        assert service.registry.refused == {}
+
+    await eventually(settled)
+    assert replay(service.app[EVENTS].events()) == service.registry.snapshot.view()
+
+
+async def test_a_file_deleted_while_the_folder_is_read_is_taken_as_gone(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, project = running_service, running_service.project
+    write_server(project, "victim")
+    await eventually(lambda: "victim" in service.registry.snapshot.providers)
+    real_scandir = os.scandir
+
+    def scandir_then_delete(path: Any) -> Iterator[os.DirEntry[str]]:
+        entries = list(real_scandir(path))
+        if Path(path) == project.providers:  # listed, then gone before it is read
+            (project.providers / "victim.yaml").unlink(missing_ok=True)
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir_then_delete)
+    write_server(project, "other")
+    await eventually(lambda: set(service.registry.snapshot.providers) == {"gpu", "other"})
+    monkeypatch.undo()
+    write_server(project, "after")  # the watcher goes on
+    await eventually(lambda: "after" in service.registry.snapshot.providers)
+    assert service.registry.refused == {}
+
+
+async def test_symlinks_are_followed_and_dangling_ones_skipped(
+    running_service: Service, tmp_path: Path
+) -> None:
+    service, providers = running_service, running_service.project.providers
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "linked.yaml").write_text(SERVER.format(id="linked", port=3000))
+    (providers / "linked.yaml").symlink_to(outside / "linked.yaml")
+    (providers / "dangling.yaml").symlink_to(outside / "missing.yaml")
+    (providers / "folder.yaml").symlink_to(outside, target_is_directory=True)
+    await eventually(lambda: "linked" in service.registry.snapshot.providers)
+    assert service.registry.snapshot.providers["linked"].endpoint == "http://127.0.0.1:3000/v1"
+    assert service.registry.refused == {}
+
+    # retargeting the link is a change of the file
+    (outside / "moved.yaml").write_text(SERVER.format(id="linked", port=3001))
+    tmp_link = providers / ".linked.yaml.tmp"
+    tmp_link.symlink_to(outside / "moved.yaml")
+    tmp_link.replace(providers / "linked.yaml")
+    await eventually(lambda: urls(service)["linked"] == "http://127.0.0.1:3001/v1")
+
+    (providers / "linked.yaml").unlink()
+    await eventually(lambda: "linked" not in service.registry.snapshot.providers)
+
+
+async def test_editor_droppings_and_other_names_are_ignored(running_service: Service) -> None:
+    service, providers = running_service, running_service.project.providers
+    seq = service.app[EVENTS].last_seq
+    for name in (".gpu.yaml.swp", "gpu.yaml~", "gpu.yaml.bak", "gpu.yaml.tmp", ".hidden.yaml", "notes.txt"):
+        (providers / name).write_text("not: [yaml")
+    write_server(running_service.project, "marker")  # a change that is seen, after the others
+    await eventually(lambda: "marker" in service.registry.snapshot.providers)
+    assert [(e.type, e.subject) for e in service.app[EVENTS].events()[seq:]] == [("provider.added", "marker")]
+    assert service.registry.refused == {}
+
+
+async def test_a_broken_edit_keeps_the_last_good_version_until_fixed(running_service: Service) -> None:
+    service, project = running_service, running_service.project
+    write_server(project, "kept")
+    await eventually(lambda: "kept" in service.registry.snapshot.providers)
+    (project.providers / "kept.yaml").write_text("kind: ai_server\nid: [\n")
+    await eventually(lambda: "providers.d/kept.yaml" in service.registry.refused)
+    assert "kept" in service.registry.snapshot.providers
+    write_server(project, "kept", "http://127.0.0.1:4000/v1")
+    await eventually(lambda: urls(service).get("kept") == "http://127.0.0.1:4000/v1")
+    assert service.registry.refused == {}
+
+
+async def test_a_provider_folder_that_disappears_and_returns_does_not_stop_the_watcher(
+    running_service: Service,
+) -> None:
+    service, project = running_service, running_service.project
+    aside = project.root / "providers.d.aside"
+    shutil.copytree(project.providers, aside)
+    shutil.rmtree(project.providers)  # deleted, then made again: a new folder to watch
+    gone = {"providers.d/gpu.yaml": "unreadable folder", "providers.d/routing.yaml": "unreadable folder"}
+    await eventually(lambda: service.registry.refused == gone)
+    assert "gpu" in service.registry.snapshot.providers  # nothing is dropped while it is away
+    aside.rename(project.providers)
+    write_server(project, "back")
+    await eventually(lambda: "back" in service.registry.snapshot.providers)
+    assert service.registry.refused == {}

@@ -1,0 +1,513 @@
+"""Local stand-ins for LLM vendors: real aiohttp servers on 127.0.0.1 that tests can misbehave.
+
+Two protocols are spoken:
+
+- ``openai``: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE stream),
+  ``POST /v1/embeddings`` (deterministic vectors, float or base64) and ``POST /v1/rerank``
+  (the Cohere/Jina shape served by TEI, Infinity and vLLM). Every path also answers without
+  the ``/v1`` prefix.
+- ``anthropic``: ``GET /v1/models`` and ``POST /v1/messages`` (JSON or the real event stream).
+
+Every request is recorded (`FakeUpstream.requests`), and at run time the server can be told
+to fail with a status, hang before the headers, stall after them, or drop a stream midway;
+`refuse_connections` makes its port refuse connections, and `closed_port_url` gives a URL
+nobody listens on. Out of process the same controls are ``POST /_control`` (a JSON `Fault`,
+or ``{"fault": "none"}``), ``GET /_requests`` and ``DELETE /_requests``::
+
+    async with FakeUpstream(name="a", api_key="sk-a") as up:
+        up.fail(503, times=1)
+        ...  # point the code under test at up.base_url
+
+    python -m tests.support.upstreams --port 8001 --protocol openai --name a --api-key sk-a
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+Protocol = Literal["openai", "anthropic"]
+FaultKind = Literal["status", "hang", "stall", "drop"]
+
+_JSON = dict[str, Any]
+_CONTROL_PATHS = ("/_control", "/_requests")
+_BODY: web.RequestKey[Any] = web.RequestKey("body")
+_FAULT: web.RequestKey[Fault | None] = web.RequestKey("fault")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as it arrived: header names are lower-cased, ``json`` is None if not JSON."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    json: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A misbehaviour applied to the next `times` requests (every request when None).
+
+    ``status``: answer `status` with a vendor-style error body. ``hang``: sleep `seconds`
+    before sending anything. ``stall``: send the headers, then sleep `seconds` before the
+    body. ``drop``: send `chunks` stream chunks (half the body when not streaming), then
+    close the connection.
+    """
+
+    kind: FaultKind
+    status: int = 500
+    seconds: float = 0.0
+    chunks: int = 1
+    times: int | None = None
+
+
+@dataclass(slots=True)
+class FakeUpstream:
+    """A stand-in LLM vendor; use as ``async with`` or call `start` and `close`."""
+
+    protocol: Protocol = "openai"
+    name: str = "upstream"
+    api_key: str | None = None
+    """Expected key (bearer token, or ``x-api-key``); any key, or none, is accepted when None."""
+    latency_s: float = 0.0
+    """Added before every answer, as a model's processing time."""
+    chunk_interval_s: float = 0.0
+    """Pause between stream chunks."""
+    models: tuple[str, ...] = ("fake-model",)
+    port: int = 0
+    record_limit: int = 10_000
+    requests: deque[RecordedRequest] = field(init=False)
+    _fault: Fault | None = field(default=None, init=False)
+    _runner: web.AppRunner | None = field(default=None, init=False)
+    _site: web.TCPSite | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.requests = deque(maxlen=self.record_limit)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> FakeUpstream:
+        """Listen on 127.0.0.1 (`port`, or a free one when 0) and return self."""
+        app = web.Application(middlewares=[self._middleware])
+        routes = _ANTHROPIC_ROUTES if self.protocol == "anthropic" else _OPENAI_ROUTES
+        for method, path, handler_name in routes:
+            handler = getattr(self, handler_name)
+            app.router.add_route(method, path, handler)
+            app.router.add_route(method, path.removeprefix("/v1"), handler)
+        app.router.add_post("/_control", self._control)
+        app.router.add_get("/_requests", self._list_requests)
+        app.router.add_delete("/_requests", self._clear_requests)
+        # Cancel handlers whose client went away, and do not wait for hanging ones on close.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await self.accept_connections()
+        return self
+
+    async def close(self) -> None:
+        """Stop listening and drop every open connection."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = self._site = None
+
+    async def __aenter__(self) -> FakeUpstream:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def refuse_connections(self) -> None:
+        """Stop listening and drop open connections; the port refuses until `accept_connections`."""
+        assert self._runner is not None and self._site is not None, "not started"
+        await self._site.stop()
+        self._site = None
+        for handler in list(self._runner.server.connections if self._runner.server else ()):
+            handler.force_close()
+
+    async def accept_connections(self) -> None:
+        """Listen again, on the same port as before."""
+        assert self._runner is not None, "not started"
+        if self._site is None:
+            self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+            await self._site.start()
+            self.port = self._runner.addresses[0][1]
+
+    @property
+    def url(self) -> str:
+        """The server root, e.g. ``http://127.0.0.1:41234``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The root plus ``/v1``, as OpenAI-style clients expect."""
+        return f"{self.url}/v1"
+
+    # -- behaviour ---------------------------------------------------------------------------
+
+    def answer_normally(self) -> None:
+        """Forget any fault."""
+        self._fault = None
+
+    def inject(self, fault: Fault) -> None:
+        """Apply `fault` to the next requests."""
+        self._fault = fault
+
+    def fail(self, status: int = 500, *, times: int | None = None) -> None:
+        """Answer `status` (500, 429, 400, 408 ...) with a vendor-style error body."""
+        self.inject(Fault("status", status=status, times=times))
+
+    def hang(self, seconds: float, *, times: int | None = None) -> None:
+        """Sleep `seconds` before sending the headers."""
+        self.inject(Fault("hang", seconds=seconds, times=times))
+
+    def stall(self, seconds: float, *, times: int | None = None) -> None:
+        """Send the headers, then sleep `seconds` before the first byte of the body."""
+        self.inject(Fault("stall", seconds=seconds, times=times))
+
+    def drop_after(self, chunks: int, *, times: int | None = None) -> None:
+        """Send `chunks` stream chunks, then close the connection without finishing."""
+        self.inject(Fault("drop", chunks=chunks, times=times))
+
+    def _take_fault(self) -> Fault | None:
+        fault = self._fault
+        if fault is not None and fault.times is not None:
+            left = fault.times - 1
+            self._fault = Fault(fault.kind, fault.status, fault.seconds, fault.chunks, left) if left else None
+        return fault
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _CONTROL_PATHS:
+            return await handler(request)
+        body: Any = None
+        if request.can_read_body:
+            with contextlib.suppress(ValueError):
+                body = await request.json()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.requests.append(RecordedRequest(request.method, request.path, headers, body))
+        if (auth_error := self._check_auth(request)) is not None:
+            return auth_error
+        fault = self._take_fault()
+        if fault is not None and fault.kind == "hang":
+            await asyncio.sleep(fault.seconds)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if fault is not None and fault.kind == "status":
+            return self._error(fault.status, f"injected failure {fault.status} from {self.name}")
+        request[_FAULT] = fault if fault is not None and fault.kind in ("stall", "drop") else None
+        request[_BODY] = body
+        return await handler(request)
+
+    def _check_auth(self, request: web.Request) -> web.Response | None:
+        if self.protocol == "anthropic":
+            if "anthropic-version" not in request.headers:
+                return self._error(400, "anthropic-version: header is required")
+            given = request.headers.get("x-api-key")
+        else:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.api_key is not None and given != self.api_key:
+            return self._error(401, "Incorrect API key provided")
+        return None
+
+    def _error(self, status: int, message: str) -> web.Response:
+        if self.protocol == "anthropic":
+            kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
+            kind = kinds.get(status, "api_error" if status >= 500 else "invalid_request_error")
+            error: _JSON = {"type": kind, "message": message}
+            return web.json_response({"type": "error", "error": error}, status=status)
+        code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
+        kind = "server_error" if status >= 500 else "invalid_request_error"
+        openai_error = {"message": message, "type": kind, "param": None, "code": code}
+        return web.json_response({"error": openai_error}, status=status)
+
+    async def _send(self, request: web.Request, payload: _JSON) -> web.StreamResponse:
+        """Send a JSON answer, honouring a stall or drop fault."""
+        fault = request[_FAULT]
+        if fault is None:
+            return web.json_response(payload, headers=self._headers())
+        body = json.dumps(payload).encode()
+        response = web.StreamResponse(headers={**self._headers(), "Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        if fault.kind == "stall":
+            await asyncio.sleep(fault.seconds)
+            await response.write(body)
+            return response
+        await response.write(body[: len(body) // 2])
+        return _drop(request, response)
+
+    async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
+        """Send server-sent events one by one, honouring a stall or drop fault."""
+        fault = request[_FAULT]
+        response = web.StreamResponse(
+            headers={**self._headers(), "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        if fault is not None and fault.kind == "stall":
+            await asyncio.sleep(fault.seconds)
+        for i, event in enumerate(events):
+            if fault is not None and fault.kind == "drop" and i == fault.chunks:
+                return _drop(request, response)
+            if i and self.chunk_interval_s:
+                await asyncio.sleep(self.chunk_interval_s)
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-upstream-name": self.name}
+
+    def _reply_text(self, prompt: str) -> str:
+        return f"{self.name} says: {prompt}" if prompt else f"{self.name} says hello"
+
+    # -- control endpoints -------------------------------------------------------------------
+
+    async def _control(self, request: web.Request) -> web.Response:
+        data: _JSON = await request.json()
+        kind = data.pop("fault", "none")
+        for setting in ("latency_s", "chunk_interval_s", "name", "api_key"):
+            if setting in data:
+                setattr(self, setting, data.pop(setting))
+        try:
+            self._fault = None if kind == "none" else Fault(kind=kind, **data)
+        except TypeError as exc:
+            return web.json_response({"error": {"message": str(exc)}}, status=400)
+        return web.json_response({"fault": None if self._fault is None else asdict(self._fault)})
+
+    async def _list_requests(self, request: web.Request) -> web.Response:
+        return web.json_response([asdict(r) for r in self.requests])
+
+    async def _clear_requests(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        return web.json_response({})
+
+    # -- OpenAI ------------------------------------------------------------------------------
+
+    async def _openai_models(self, request: web.Request) -> web.StreamResponse:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": self.name} for m in self.models]
+        return await self._send(request, {"object": "list", "data": data})
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        model = str(body.get("model", self.models[0]))
+        prompt = _last_text(body.get("messages", []))
+        text = self._reply_text(prompt)
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        base: _JSON = {"id": f"chatcmpl-{self.name}", "created": int(time.time()), "model": model}
+        base["system_fingerprint"] = self.name
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            completion = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return await self._send(request, completion)
+        chunk = {**base, "object": "chat.completion.chunk"}
+        words = text.split(" ")
+        deltas: list[_JSON] = [{"role": "assistant", "content": ""}]
+        deltas += [{"content": w if i == 0 else f" {w}"} for i, w in enumerate(words)]
+        choices: list[_JSON] = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+        choices.append({"index": 0, "delta": {}, "finish_reason": "stop"})
+        chunks = [{**chunk, "choices": [c]} for c in choices]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append({**chunk, "choices": [], "usage": usage})
+        events = [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
+        return await self._stream(request, events)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        inputs = body.get("input", "")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        dimensions = int(body.get("dimensions", 8))
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, item in enumerate(inputs):
+            vector: Any = embed(str(item), dimensions)
+            if as_base64:  # what the openai SDK asks for by default
+                vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(str(item).split()) for item in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        model = body.get("model", self.models[0])
+        return await self._send(request, {"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def _rerank(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        query = str(body.get("query", ""))
+        documents = [d.get("text", "") if isinstance(d, dict) else str(d) for d in body.get("documents", [])]
+        ranked = sorted(
+            ({"index": i, "relevance_score": relevance(query, doc)} for i, doc in enumerate(documents)),
+            key=lambda r: -r["relevance_score"],
+        )
+        top_n = body.get("top_n")
+        results: list[_JSON] = ranked[: int(top_n)] if top_n is not None else ranked
+        if body.get("return_documents"):
+            results = [{**r, "document": {"text": documents[r["index"]]}} for r in results]
+        tokens = len(query.split()) + sum(len(d.split()) for d in documents)
+        model = body.get("model", self.models[0])
+        payload = {"id": f"rerank-{self.name}", "model": model, "results": results}
+        return await self._send(request, {**payload, "usage": {"total_tokens": tokens}})
+
+    # -- Anthropic ---------------------------------------------------------------------------
+
+    async def _anthropic_models(self, request: web.Request) -> web.StreamResponse:
+        created = "2025-01-01T00:00:00Z"
+        data = [{"type": "model", "id": m, "display_name": m, "created_at": created} for m in self.models]
+        page = {"data": data, "has_more": False, "first_id": self.models[0], "last_id": self.models[-1]}
+        return await self._send(request, page)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        if "max_tokens" not in body:
+            return self._error(400, "max_tokens: Field required")
+        prompt = _last_text(body.get("messages", []))
+        text = self._reply_text(prompt)
+        usage = {"input_tokens": len(prompt.split()), "output_tokens": len(text.split())}
+        message: _JSON = {
+            "id": f"msg_{self.name}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model", self.models[0]),
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not body.get("stream"):
+            return await self._send(request, message)
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        words = text.split(" ")
+        events: list[_JSON] = [
+            {"type": "message_start", "message": start},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "ping"},
+            *(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}
+                for t in [words[0], *(f" {w}" for w in words[1:])]
+            ),
+            {"type": "content_block_stop", "index": 0},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+            {"type": "message_stop"},
+        ]
+        sse = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+        return await self._stream(request, sse)
+
+
+_OPENAI_ROUTES = (
+    ("GET", "/v1/models", "_openai_models"),
+    ("POST", "/v1/chat/completions", "_chat_completions"),
+    ("POST", "/v1/embeddings", "_embeddings"),
+    ("POST", "/v1/rerank", "_rerank"),
+)
+_ANTHROPIC_ROUTES = (
+    ("GET", "/v1/models", "_anthropic_models"),
+    ("POST", "/v1/messages", "_messages"),
+)
+
+
+def _drop(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Close the connection under a half-sent response, as a crashed upstream would."""
+    if request.transport is not None:
+        request.transport.abort()
+    return response
+
+
+def _json_body(request: web.Request) -> _JSON:
+    body = request[_BODY]
+    return body if isinstance(body, dict) else {}
+
+
+def _last_text(messages: list[_JSON]) -> str:
+    """The text of the last message, whether its content is a string or a list of parts."""
+    if not messages:
+        return ""
+    content = messages[-1].get("content", "")
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def embed(text: str, dimensions: int = 8) -> list[float]:
+    """A deterministic unit vector for `text` (same text, same vector)."""
+    digest = hashlib.sha256(text.encode()).digest() * (dimensions // 32 + 1)
+    raw = [b / 255 - 0.5 for b in digest[:dimensions]]
+    norm = sum(x * x for x in raw) ** 0.5 or 1.0
+    return [x / norm for x in raw]
+
+
+def relevance(query: str, document: str) -> float:
+    """Share of the query's words found in `document`, in [0, 1]."""
+    words = set(query.lower().split())
+    return len(words & set(document.lower().split())) / len(words) if words else 0.0
+
+
+def closed_port_url() -> str:
+    """A loopback URL nobody listens on, so connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.asynccontextmanager
+async def upstreams(*specs: _JSON) -> AsyncIterator[list[FakeUpstream]]:
+    """Run several stand-ins at once: ``async with upstreams({"name": "a"}, {"name": "b"}) as (a, b)``."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(FakeUpstream(**spec)) for spec in specs]
+
+
+async def _serve(upstream: FakeUpstream) -> None:
+    async with upstream:
+        print(f"listening on {upstream.url}", flush=True)
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one stand-in until interrupted; prints ``listening on URL`` once ready."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.support.upstreams", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--protocol", choices=["openai", "anthropic"], default="openai")
+    parser.add_argument("--name", default="upstream")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--chunk-interval-ms", type=float, default=0.0)
+    parser.add_argument("--model", action="append", help="a model served (repeatable)")
+    parser.add_argument("--record-limit", type=int, default=1000)
+    args = parser.parse_args(argv)
+    upstream = FakeUpstream(
+        protocol=args.protocol,
+        name=args.name,
+        api_key=args.api_key,
+        latency_s=args.latency_ms / 1000,
+        chunk_interval_s=args.chunk_interval_ms / 1000,
+        models=tuple(args.model or ["fake-model"]),
+        port=args.port,
+        record_limit=args.record_limit,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(upstream))
+
+
+if __name__ == "__main__":
+    main()

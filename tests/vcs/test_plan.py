@@ -1,0 +1,268 @@
+"""`switchboard plan`: the configuration difference between git revisions, as a pull request sees it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.cli.main import cli
+from service.vcs.gitrepo import GitRepo, blob_sha
+from tests.conftest import SopsProject
+
+OLD_KEY = "sk-or-old-5d80aaaa1111bbbb5d80"
+NEW_KEY = "sk-or-new-9a1cbbbb2222cccc9a1c"
+
+ROUTING = """kind: routing
+purposes:
+  chat:
+    primary: [openrouter-main]
+    fallbacks: [gpu]
+"""
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def commit(project: SopsProject, message: str) -> str:
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-q", "-m", message)
+    return git(project.root, "rev-parse", "HEAD").strip()
+
+
+def write_key(project: SopsProject, provider_id: str, key: str, extra: str = "") -> Path:
+    path = project.providers / f"{provider_id}.yaml"
+    path.write_text(f"kind: api_key\nid: {provider_id}\nprovider: openrouter\napi_key: {key}\n{extra}")
+    project.sops.encrypt_in_place(path)
+    return path
+
+
+def write_server(project: SopsProject, provider_id: str, extra: str = "") -> Path:
+    path = project.providers / f"{provider_id}.yaml"
+    path.write_text(
+        f"kind: ai_server\nid: {provider_id}\nserver_type: vllm\nbase_url: http://10.0.0.5:8000/v1\n{extra}"
+    )
+    return path
+
+
+@pytest.fixture
+def repo(sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch) -> SopsProject:
+    """A git repository on `main` with one key, one server and routing committed."""
+    monkeypatch.chdir(sops_project.root)
+    git(sops_project.root, "init", "-q", "-b", "main")
+    write_key(sops_project, "openrouter-main", OLD_KEY)
+    write_server(sops_project, "gpu")
+    (sops_project.providers / "routing.yaml").write_text(ROUTING)
+    commit(sops_project, "initial configuration")
+    git(sops_project.root, "checkout", "-q", "-b", "feature")
+    return sops_project
+
+
+def plan(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli("plan", *args)
+    out, err = capsys.readouterr()
+    assert OLD_KEY not in out + err and NEW_KEY not in out + err
+    return code, out
+
+
+def test_no_change_is_said_plainly(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = plan(capsys)
+    assert code == 0
+    assert "No configuration changes." in out
+    assert "The service would accept this configuration" in out
+
+
+def test_added_changed_and_removed_providers_field_by_field(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_server(repo, "gpu", "models: [llama-3.1-8b]\ntimeout_s: 30\n")
+    write_server(repo, "tei", "purposes: [embeddings]\n")
+    write_server(repo, "spare")
+    commit(repo, "add spare")
+    (repo.providers / "spare.yaml").unlink()
+    code, out = plan(capsys, "main")
+    assert code == 0
+    assert "## Switchboard plan: `main` (" in out and "→ the working tree" in out
+    assert "### Providers added" in out
+    assert "- **`tei`** (`providers.d/tei.yaml`): kind: `ai_server`, server_type: `vllm`" in out
+    assert 'purposes: `["embeddings"]`' in out
+    assert "spare" not in out  # added and removed again: no change against main
+    assert "### Providers changed" in out
+    assert '| models | `[]` | `["llama-3.1-8b"]` |' in out
+    assert "| timeout_s | `60.0` | `30.0` |" in out
+
+
+def test_a_removed_provider_is_listed(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
+    write_server(repo, "spare")
+    commit(repo, "add spare")
+    git(repo.root, "checkout", "-q", "main")
+    git(repo.root, "merge", "-q", "feature")
+    git(repo.root, "checkout", "-q", "feature")
+    (repo.providers / "spare.yaml").unlink()
+    code, out = plan(capsys)
+    assert code == 0
+    assert "### Providers removed\n\n- **`spare`** (`providers.d/spare.yaml`)" in out
+
+
+def test_a_removal_routing_still_names_is_refused(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (repo.providers / "gpu.yaml").unlink()
+    commit(repo, "drop the gpu")
+    code, out = plan(capsys, "main", "HEAD")
+    assert code == 1
+    assert "The service would refuse this configuration" in out
+    assert "`gpu` is removed but routing for `chat` still names it" in out
+    assert "- `providers.d/routing.yaml:5`: routing for `chat` names `gpu`, which does not exist" in out
+
+
+def test_routing_changes_per_purpose_and_a_purpose_left_without_fallback(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (repo.providers / "routing.yaml").write_text("kind: routing\npurposes:\n  chat:\n    primary: [gpu]\n")
+    code, out = plan(capsys)
+    assert code == 0
+    assert "### Routing" in out
+    assert "| `chat` | primary: openrouter-main; fallbacks: gpu | primary: gpu; fallbacks: none |" in out
+    assert "`chat` has no fallback" in out
+
+
+def test_disabling_an_active_provider_warns_and_is_refused(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_server(repo, "gpu", "enabled: false\n")
+    code, out = plan(capsys)
+    assert code == 1
+    assert "`gpu` was active for `chat` and is now disabled" in out
+    assert "| enabled | `true` | `false` |" in out
+    assert "names `gpu`, which is disabled" in out
+
+
+def test_a_re_encryption_without_a_key_shows_changed_ciphertext(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo.sops.rotate(repo.providers / "openrouter-main.yaml")
+    commit(repo, "rotate the data key")
+    code, out = plan(capsys)
+    assert code == 0
+    assert "| api_key | `****` | `****`: ciphertext changed (re-encrypted or a new key) |" in out
+
+
+def test_with_a_key_a_re_encryption_is_told_from_a_new_key(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOPS_AGE_KEY_FILE", str(repo.identity.key_file))
+    repo.sops.rotate(repo.providers / "openrouter-main.yaml")
+    code, out = plan(capsys)
+    assert code == 0
+    assert "| api_key | `****` | `****`: re-encrypted; the key is unchanged |" in out
+    write_key(repo, "openrouter-main", NEW_KEY)
+    code, out = plan(capsys)
+    assert "| api_key | `****` | `****`: a new key: ****5d80 → ****9a1c |" in out
+
+
+def test_a_new_key_without_a_key_at_hand_is_changed_ciphertext(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_key(repo, "openrouter-main", NEW_KEY)
+    code, out = plan(capsys)
+    assert code == 0
+    assert "ciphertext changed (re-encrypted or a new key)" in out
+
+
+def test_a_plaintext_secret_is_refused_and_never_shown(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (repo.providers / "leaky.yaml").write_text(
+        f"kind: api_key\nid: leaky\nprovider: groq\napi_key: {NEW_KEY}\n"
+    )
+    code, out = plan(capsys)
+    assert code == 1
+    assert "providers.d/leaky.yaml: a plaintext secret" in out
+    assert "`providers.d/leaky.yaml:4`: `api_key` is in plaintext" in out
+
+
+def test_a_file_failing_validation_keeps_its_last_good_version(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (repo.providers / "gpu.yaml").write_text("kind: ai_server\nid: gpu\nserver_typo: vllm\n")
+    code, out = plan(capsys)
+    assert code == 1
+    assert "Providers removed" not in out
+    assert "unknown field `server_typo`" in out
+
+
+def test_a_sops_config_that_stops_covering_the_files_is_refused(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (repo.root / ".sops.yaml").write_text("creation_rules:\n  - path_regex: elsewhere/.*\n    age: x\n")
+    code, out = plan(capsys)
+    assert code == 1
+    assert "no creation rule in .sops.yaml covers this file" in out
+
+
+def test_default_base_is_the_merge_base_with_main(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_server(repo, "ours")
+    commit(repo, "ours, on the branch")
+    git(repo.root, "checkout", "-q", "main")
+    write_server(repo, "theirs")
+    commit(repo, "theirs, on main meanwhile")
+    git(repo.root, "checkout", "-q", "feature")
+    code, out = plan(capsys)
+    assert code == 0
+    assert "**`ours`**" in out
+    assert "theirs" not in out
+
+
+def test_two_revisions_are_read_without_touching_the_working_tree(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_server(repo, "committed")
+    first = commit(repo, "committed")
+    write_server(repo, "uncommitted")
+    _, out = plan(capsys, "main", first)
+    assert "**`committed`**" in out
+    assert "uncommitted" not in out
+    assert (repo.providers / "uncommitted.yaml").exists()
+    assert git(repo.root, "status", "--porcelain").strip() == "?? providers.d/uncommitted.yaml"
+
+
+def test_json_output(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
+    (repo.providers / "gpu.yaml").unlink()
+    code, out = plan(capsys, "--format", "json")
+    body = json.loads(out)
+    assert code == 1
+    assert body["refused"] is True
+    assert body["base"]["rev"] == "main"
+    assert body["head"] == {"rev": None, "commit": None, "worktree": True}
+    assert [c["type"] for c in body["changes"]] == ["provider.removed"]
+    assert body["changes"][0]["subject"] == "gpu"
+    assert body["problems"][0]["file"] == "providers.d/routing.yaml"
+
+
+def test_an_unknown_revision_is_an_error(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("plan", "no-such-branch") == 1
+    assert "unknown revision 'no-such-branch'" in capsys.readouterr().err
+
+
+def test_git_reads_files_of_a_revision_and_blob_ids(repo: SopsProject) -> None:
+    git_repo = GitRepo.find(repo.root)
+    assert git_repo is not None
+    files = git_repo.read_tree("main", "providers.d")
+    assert sorted(files) == [
+        "providers.d/gpu.yaml",
+        "providers.d/openrouter-main.yaml",
+        "providers.d/routing.yaml",
+    ]
+    assert files["providers.d/routing.yaml"] == ROUTING.encode()
+    sha = git(repo.root, "rev-parse", "main:providers.d/routing.yaml").strip()
+    assert blob_sha(ROUTING.encode()) == sha
+    assert git_repo.read_file("main", "providers.d/none.yaml") is None
+    last = git_repo.last_commit("providers.d/gpu.yaml")
+    assert last is not None and last.author == "Switchboard Tests <tests@switchboard.invalid>"
+    assert git_repo.default_branch() == "main"
