@@ -16,7 +16,9 @@
     ├── GitError                    a git command failed
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
         ├── BadRequest (400), Unauthorized (401), Forbidden (403), NotFound (404),
-        ├── PayloadTooLarge (413), UpstreamsFailed (502), NotReady (503), NoCandidate (503)
+        ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412),
+        ├── PayloadTooLarge (413), Unprocessable (422), UpstreamsFailed (502),
+        └── NotReady (503), NoCandidate (503), Busy (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
 """
@@ -156,6 +158,21 @@ class NotFound(HTTPError):
     type = "not_found"
 
 
+class MethodNotAllowed(HTTPError):
+    status = 405
+    type = "method_not_allowed"
+
+
+class Conflict(HTTPError):
+    status = 409
+    type = "conflict"
+
+
+class PreconditionFailed(HTTPError):
+    status = 412
+    type = "precondition_failed"
+
+
 class PayloadTooLarge(HTTPError):
     status = 413
     type = "payload_too_large"
@@ -164,6 +181,13 @@ class PayloadTooLarge(HTTPError):
     def over(cls, limit: int) -> PayloadTooLarge:
         """The answer to a body over `limit` bytes (the `max_body_bytes` setting)."""
         return cls(f"request body over {limit} bytes")
+
+
+class Unprocessable(HTTPError):
+    """A write that validation refuses; `problems` lists each one ({"file", "path", "message"})."""
+
+    status = 422
+    type = "invalid"
 
 
 class UpstreamsFailed(HTTPError):
@@ -179,3 +203,10 @@ class NotReady(HTTPError):
 class NoCandidate(HTTPError):
     status = 503
     type = "no_candidate"
+
+
+class Busy(HTTPError):
+    """Too many held requests (blocking queries, event streams); try again after `Retry-After`."""
+
+    status = 503
+    type = "busy"

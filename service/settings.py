@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,10 +34,33 @@ class Settings(BaseSettings):
     )
 
     debounce_ms: int = Field(50, ge=1, description="How long the watcher gathers changes into one batch.")
+    rescan_s: float = Field(10.0, gt=0, description="A full rescan of the folder at least this often.")
     max_body_bytes: int = Field(16 << 20, gt=0, description="Larger request bodies get 413.")
+    max_upstream_bytes: int = Field(64 << 20, gt=0, description="Larger non-streamed upstream answers: 502.")
     health_interval_s: float = Field(30.0, ge=0, description="Active health checks; 0 turns them off.")
+    health_confirm: int = Field(
+        2, ge=1, description="Consecutive results a new health status must hold before it is an event."
+    )
     circuit_failures: int = Field(3, ge=1, description="Consecutive failures that open a circuit.")
     circuit_cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
+    max_watchers: int = Field(1000, ge=0, description="Blocking queries and event streams held at once.")
+
+    # Writes over HTTP (SPEC 8)
+    write_mode: Literal["commit", "branch", "off"] | None = Field(
+        None, description="commit / branch / off; default: commit inside a git repository, else off."
+    )
+    git_push: str | None = Field(None, description="A remote each write commit (or branch) is pushed to.")
+    git_committer: str = Field(
+        "Switchboard <switchboard@localhost>", description="The committer of writes over HTTP."
+    )
+
+    # Many replicas (SPEC 12)
+    replica: str = Field(default_factory=socket.gethostname, description="This replica's name.")
+    git_pull: str | None = Field(None, description="REMOTE/BRANCH to fetch and fast-forward to.")
+    git_pull_interval_s: float = Field(30.0, gt=0, description="How often the built-in pull fetches.")
+    webhook_secret: SecretStr | None = Field(None, description="Checks the git host's push notifications.")
+    redis_url: SecretStr | None = Field(None, description="Redis for fan-out and heartbeats (optional).")
+
     log_level: str = "INFO"
 
     def path(self, path: Path) -> Path:

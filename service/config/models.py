@@ -33,7 +33,7 @@ SECRET_FIELDS = ("api_key",)
 Purpose = Literal["chat", "embeddings", "reranking"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
 ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
-Scope = Literal["completions", "config:read", "admin", "secrets:read"]
+Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read"]
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 

@@ -75,6 +75,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         registry,
         app[SOPS],
         debounce_ms=settings.debounce_ms,
+        rescan_s=settings.rescan_s,
         on_reload=on_reload,
     )
     app[EVENTS], app[REGISTRY], app[RELOADER] = events, registry, reloader
