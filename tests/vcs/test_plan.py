@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from service.cli.main import cli
-from service.vcs.gitrepo import GitRepo, blob_sha
 from tests.conftest import SopsProject
 
 OLD_KEY = "sk-or-old-5d80aaaa1111bbbb5d80"
@@ -248,21 +247,3 @@ def test_json_output(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> N
 def test_an_unknown_revision_is_an_error(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("plan", "no-such-branch") == 1
     assert "unknown revision 'no-such-branch'" in capsys.readouterr().err
-
-
-def test_git_reads_files_of_a_revision_and_blob_ids(repo: SopsProject) -> None:
-    git_repo = GitRepo.find(repo.root)
-    assert git_repo is not None
-    files = git_repo.read_tree("main", "providers.d")
-    assert sorted(files) == [
-        "providers.d/gpu.yaml",
-        "providers.d/openrouter-main.yaml",
-        "providers.d/routing.yaml",
-    ]
-    assert files["providers.d/routing.yaml"] == ROUTING.encode()
-    sha = git(repo.root, "rev-parse", "main:providers.d/routing.yaml").strip()
-    assert blob_sha(ROUTING.encode()) == sha
-    assert git_repo.read_file("main", "providers.d/none.yaml") is None
-    last = git_repo.last_commit("providers.d/gpu.yaml")
-    assert last is not None and last.author == "Switchboard Tests <tests@switchboard.invalid>"
-    assert git_repo.default_branch() == "main"
