@@ -1,0 +1,157 @@
+"""Attributor: the commit and author of each file's current content (SPEC 5), from real git."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config.snapshot import NO_GIT, Attribution
+from service.vcs.attribution import Attributor
+from tests.conftest import git, git_init
+
+ME = "Switchboard Tests <tests@switchboard.invalid>"
+ADA = "Ada Lovelace <ada@switchboard.invalid>"
+
+
+def commit(root: Path, message: str, author: str | None = None) -> str:
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", message, *(["--author", author] if author else []))
+    return git(root, "rev-parse", "HEAD")
+
+
+def server(provider_id: str, url: str = "http://gpu:8000/v1") -> bytes:
+    return f"kind: ai_server\nid: {provider_id}\nserver_type: vllm\nbase_url: {url}\n".encode()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """`providers.d/` of a repository with `a.yaml` committed by Ada."""
+    git_init(tmp_path)
+    providers = tmp_path / "providers.d"
+    providers.mkdir()
+    (providers / "a.yaml").write_bytes(server("a"))
+    commit(tmp_path, "add a", author=ADA)
+    return providers
+
+
+def current(*paths: Path) -> dict[Path, bytes | None]:
+    """Each path with its content now (None: it is gone), as the watcher hands them over."""
+    return {p: p.read_bytes() if p.exists() else None for p in paths}
+
+
+def test_a_file_committed_unchanged_is_heads_commit_and_its_author(folder: Path) -> None:
+    attributor = Attributor(folder)
+    head = git(folder, "rev-parse", "HEAD")
+    assert attributor.head() == head
+    path = folder / "a.yaml"
+    assert attributor.attribute(current(path)) == {path: Attribution(head, ADA, False)}
+
+
+def test_an_edited_file_is_uncommitted_with_the_last_author(folder: Path) -> None:
+    path = folder / "a.yaml"
+    path.write_bytes(server("a", "http://elsewhere:8000/v1"))
+    assert Attributor(folder).attribute(current(path)) == {path: Attribution(None, ADA, True)}
+
+
+def test_a_new_file_is_uncommitted_without_an_author(folder: Path) -> None:
+    path = folder / "b.yaml"
+    path.write_bytes(server("b"))
+    assert Attributor(folder).attribute(current(path)) == {path: Attribution(None, None, True)}
+
+
+def test_a_removed_file_is_uncommitted_until_the_removal_is(folder: Path) -> None:
+    path = folder / "a.yaml"
+    path.unlink()
+    attributor = Attributor(folder)
+    assert attributor.attribute({path: None}) == {path: Attribution(None, ADA, True)}
+    head = commit(folder, "drop a")
+    assert attributor.attribute({path: None}) == {path: Attribution(head, ME, False)}
+
+
+def test_the_author_is_of_the_last_commit_touching_the_file(folder: Path) -> None:
+    (folder / "b.yaml").write_bytes(server("b"))
+    head = commit(folder, "add b")
+    a, b = folder / "a.yaml", folder / "b.yaml"
+    assert Attributor(folder).attribute(current(a, b)) == {
+        a: Attribution(head, ADA, False),
+        b: Attribution(head, ME, False),
+    }
+
+
+def test_outside_a_repository_everything_is_null(tmp_path: Path) -> None:
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    (folder / "a.yaml").write_bytes(server("a"))
+    attributor = Attributor(folder)
+    assert attributor.repo is None
+    assert attributor.head() is None
+    assert attributor.attribute(current(folder / "a.yaml")) == {folder / "a.yaml": NO_GIT}
+    assert (NO_GIT.commit, NO_GIT.author, NO_GIT.uncommitted) == (None, None, False)
+
+
+def test_a_repository_without_commits_is_uncommitted(tmp_path: Path) -> None:
+    git_init(tmp_path)
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    (folder / "a.yaml").write_bytes(server("a"))
+    attributor = Attributor(folder)
+    assert attributor.head() is None
+    assert attributor.attribute(current(folder / "a.yaml")) == {
+        folder / "a.yaml": Attribution(None, None, True)
+    }
+
+
+def test_a_folder_that_does_not_exist_yet_belongs_to_the_repository_around_it(tmp_path: Path) -> None:
+    git_init(tmp_path)
+    (tmp_path / "README").write_text("top\n")
+    head = commit(tmp_path, "first")
+    attributor = Attributor(tmp_path / "providers.d")
+    assert attributor.repo is not None
+    assert attributor.head() == head
+
+
+def test_a_folder_reached_through_a_symlink_is_attributed(folder: Path, tmp_path: Path) -> None:
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    path = link / "providers.d" / "a.yaml"
+    head = git(folder, "rev-parse", "HEAD")
+    assert Attributor(link / "providers.d").attribute(current(path)) == {path: Attribution(head, ADA, False)}
+
+
+def test_a_batch_of_many_files_is_attributed_file_by_file_in_three_git_calls(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [f"p{i:03d}" for i in range(300)]
+    for provider_id in ids:
+        (folder / f"{provider_id}.yaml").write_bytes(server(provider_id))
+    head = commit(folder, "three hundred providers")
+    for provider_id in ids[:100]:  # edited, not committed
+        (folder / f"{provider_id}.yaml").write_bytes(server(provider_id, "http://moved:8000/v1"))
+    for provider_id in ids[100:150]:  # removed, not committed
+        (folder / f"{provider_id}.yaml").unlink()
+    for provider_id in ("new1", "new2"):
+        (folder / f"{provider_id}.yaml").write_bytes(server(provider_id))
+    paths = [folder / f"{name}.yaml" for name in (*ids, "new1", "new2", "a")]
+
+    attributor = Attributor(folder)
+    assert attributor.repo is not None
+    calls: list[str] = []
+    run = attributor.repo.run
+
+    def counted(*args: str, **kwargs: object) -> bytes:
+        calls.append(args[0])
+        return run(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(attributor.repo, "run", counted)
+    found = attributor.attribute(current(*paths))
+
+    assert len(calls) == 3, calls  # HEAD, HEAD's blob ids, one walk of the log
+    assert list(found) == paths
+    edited, removed, unchanged = ids[:100], ids[100:150], ids[150:]
+    for provider_id in edited + removed:
+        assert found[folder / f"{provider_id}.yaml"] == Attribution(None, ME, True), provider_id
+    for provider_id in unchanged:
+        assert found[folder / f"{provider_id}.yaml"] == Attribution(head, ME, False), provider_id
+    assert found[folder / "new1.yaml"] == found[folder / "new2.yaml"] == Attribution(None, None, True)
+    assert found[folder / "a.yaml"] == Attribution(head, ADA, False)
