@@ -35,11 +35,13 @@ class SwitchboardError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One thing wrong with one file, at a line when one is known."""
+    """One thing wrong with one file, at a line when one is known, and at a field (`path`,
+    dotted like `purposes.chat.primary.0`) when one is to blame."""
 
     file: str
     line: int
     message: str
+    path: str = ""
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: error: {self.message}"

@@ -88,12 +88,12 @@ def parse(file: str, data: bytes) -> Loaded:
     if model is None:
         expected = ", ".join(MODELS)
         what = "missing `kind`" if kind is None else "unknown `kind`"
-        raise FileRejected([Problem(file, _line_of(lines, ("kind",)), f"{what}; one of {expected}")])
+        raise FileRejected([Problem(file, _line_of(lines, ("kind",)), f"{what}; one of {expected}", "kind")])
     problems += _check_secrets(file, tree, lines, has_sops)
     stem = PurePath(file).stem
     if model in (AiServer, ApiKey) and isinstance(tree.get("id"), str) and tree["id"] != stem:
         message = f"`id` is {tree['id']!r} but the file is named {stem!r}; they must be equal"
-        problems.append(Problem(file, _line_of(lines, ("id",)), message))
+        problems.append(Problem(file, _line_of(lines, ("id",)), message, "id"))
     try:
         document = model.model_validate(tree)
     except ValidationError as exc:
@@ -267,7 +267,7 @@ def _check_secrets(
         line = _line_of(lines, (name,))
         if SOPS_VALUE.match(value) and not has_sops:
             problems.append(
-                Problem(file, line, f"`{name}` looks encrypted but the file has no `sops:` block")
+                Problem(file, line, f"`{name}` looks encrypted but the file has no `sops:` block", name)
             )
         elif not SOPS_VALUE.match(value):
             problems.append(
@@ -275,6 +275,7 @@ def _check_secrets(
                     file,
                     line,
                     f"`{name}` is in plaintext; encrypt it before committing: switchboard encrypt {file}",
+                    name,
                 )
             )
             tree[name] = Sealed("")  # reported here; keep the schema check from repeating it
@@ -296,11 +297,11 @@ def _problem(
     if kind == "extra_forbidden":
         guess = difflib.get_close_matches(str(loc[-1]), list(fields), n=1) if len(loc) == 1 else []
         hint = f"; did you mean `{guess[0]}`?" if guess else ""
-        return Problem(file, line, f"unknown field `{where}`{hint}")
+        return Problem(file, line, f"unknown field `{where}`{hint}", where)
     if kind == "missing":
-        return Problem(file, _line_of(lines, loc[:-1]), f"missing required field `{where}`")
+        return Problem(file, _line_of(lines, loc[:-1]), f"missing required field `{where}`", where)
     message = str(error["msg"]).removeprefix("Value error, ")
-    return Problem(file, line, f"`{where}`: {message}" if where else message)
+    return Problem(file, line, f"`{where}`: {message}" if where else message, where)
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

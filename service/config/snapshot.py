@@ -48,15 +48,14 @@ def cross_check(files: Iterable[Loaded]) -> list[Problem]:
         if isinstance(doc, AiServer | ApiKey):
             if doc.id in providers:
                 other = providers[doc.id].file
-                problems.append(
-                    Problem(loaded.file, loaded.line("id"), f"id `{doc.id}` is also defined in {other}")
-                )
+                message = f"id `{doc.id}` is also defined in {other}"
+                problems.append(Problem(loaded.file, loaded.line("id"), message, "id"))
             else:
                 providers[doc.id] = loaded
         elif doc.kind in singles:
             first = singles[doc.kind].file
             message = f"more than one {doc.kind} file: {first} already defines `kind: {doc.kind}`"
-            problems.append(Problem(loaded.file, loaded.line("kind"), message))
+            problems.append(Problem(loaded.file, loaded.line("kind"), message, "kind"))
         else:
             singles[doc.kind] = loaded
     routing = singles.get("routing")
@@ -72,15 +71,16 @@ def _check_routing(loaded: Loaded, routing: Routing, providers: Mapping[str, Pro
         for role, ids in (("primary", route.primary), ("fallbacks", route.fallbacks)):
             for index, provider_id in enumerate(ids):
                 line = loaded.line("purposes", purpose, role, index)
+                path = f"purposes.{purpose}.{role}.{index}"
                 provider = providers.get(provider_id)
                 where = f"routing for `{purpose}` names `{provider_id}`"
                 if provider is None:
-                    problems.append(Problem(loaded.file, line, f"{where}, which does not exist"))
+                    problems.append(Problem(loaded.file, line, f"{where}, which does not exist", path))
                 elif not provider.enabled:
-                    problems.append(Problem(loaded.file, line, f"{where}, which is disabled"))
+                    problems.append(Problem(loaded.file, line, f"{where}, which is disabled", path))
                 elif purpose not in provider.purposes:
                     message = f"{where}, whose purposes ({', '.join(provider.purposes)}) lack `{purpose}`"
-                    problems.append(Problem(loaded.file, line, message))
+                    problems.append(Problem(loaded.file, line, message, path))
     return problems
 
 

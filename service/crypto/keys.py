@@ -68,6 +68,18 @@ def write_identity(path: Path) -> str:
     return recipient
 
 
+def recipients_of(identities: str) -> set[str]:
+    """The recipients of every age identity in `identities` (a key file's text, or SOPS_AGE_KEY)."""
+    found = set()
+    for line in identities.splitlines():
+        if line.strip().startswith("AGE-SECRET-KEY-"):
+            try:
+                found.add(str(pyrage.x25519.Identity.from_str(line.strip()).to_public()))
+            except pyrage.IdentityError:
+                continue
+    return found
+
+
 def identity_recipient(path: Path) -> str:
     """The recipient of the first identity in an age key file (to report an existing one)."""
     for line in Path(path).read_text(encoding="utf-8").splitlines():

@@ -14,6 +14,7 @@ a broken `.sops.yaml` commit must not stop the service from reading files it alr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config.secret import Secret
+from service.crypto.keys import recipients_of
 from service.errors import (
     SopsError,
     SopsFailed,
@@ -193,14 +195,14 @@ class Sops:
             raise _error(proc.returncode, file, proc.stderr)
         return proc.stdout
 
-    def _decrypt_args(self, filename: str) -> list[str]:
+    def _decrypt_args(self, filename: str, output: str = "json") -> list[str]:
         name = self.relative(filename)
         return [
             *self._config(rules=False),
             "decrypt",
             *_input_type(name),
             "--output-type",
-            "json",
+            output,
             "--filename-override",
             name,
         ]
@@ -214,6 +216,19 @@ class Sops:
         SopsNotFound or SopsFailed.
         """
         return _parse_json(self._run(self._decrypt_args(filename), filename, data), filename)
+
+    def own_recipients(self) -> set[str]:
+        """The recipients of the identities this runner decrypts with (none: it cannot decrypt)."""
+        text = self._env.get("SOPS_AGE_KEY", "")
+        key_file = self._env.get("SOPS_AGE_KEY_FILE")
+        if key_file:
+            with contextlib.suppress(OSError):
+                text += "\n" + Path(key_file).read_text(encoding="utf-8")
+        return recipients_of(text)
+
+    def decrypt_text(self, data: bytes, filename: str) -> bytes:
+        """The plaintext of a YAML file as YAML, comments kept, to edit it (the MAC is checked)."""
+        return self._run(self._decrypt_args(filename, output="yaml"), filename, data)
 
     async def decrypt_async(self, data: bytes, filename: str) -> dict[str, Any]:
         """`decrypt` without blocking the loop; at most `max_parallel` sops run at once."""

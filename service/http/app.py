@@ -20,14 +20,15 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api
+from service.http import config_api, openai_api, write_api
 from service.http.auth import Handler
-from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS
+from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
 from service.metrics import CONTENT_TYPE, Metrics
 from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader
+from service.runtime.writer import Writer
 from service.settings import Settings
 from service.vcs.attribution import Attributor
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app.router.add_get("/metrics", _metrics)
     app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
     config_api.setup(app)
+    write_api.setup(app)
     openai_api.setup(app)
     return app
 
@@ -60,7 +62,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     if events.recovered_tail:
         log.warning("event log: %s", events.recovered_tail)
     events.append(ServiceStarted(version=__version__, pid=os.getpid(), recovered=events.recovered_tail))
-    registry = Registry(events, settings.files_root, Attributor(settings.providers_dir))
+    attributor = Attributor(settings.providers_dir)
+    registry = Registry(events, settings.files_root, attributor)
 
     def on_reload(outcome: Outcome, seconds: float) -> None:
         metrics.reloads.labels("applied" if outcome.applied else "refused").inc()
@@ -78,7 +81,9 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         rescan_s=settings.rescan_s,
         on_reload=on_reload,
     )
-    app[EVENTS], app[REGISTRY], app[RELOADER] = events, registry, reloader
+    writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo)
+    await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
+    app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     stop = asyncio.Event()
     watcher = asyncio.create_task(reloader.watch(stop), name="switchboard-watcher")
     try:

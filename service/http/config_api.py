@@ -31,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from service.config.models import PURPOSES, AiServer, ApiKey
+from service.config.models import PURPOSES, AiServer, ApiKey, Provider
 from service.config.snapshot import PerSnapshot, Snapshot
 from service.errors import BadRequest, NoCandidate, NotFound, NotReady, UpstreamsFailed
 from service.gateway.catalog import list_models
@@ -137,6 +137,21 @@ def _encode(body: Any) -> bytes:
 
 def _json(body: Any) -> web.Response:
     return web.Response(body=_encode(body), content_type="application/json")
+
+
+def provider_answer(app: web.Application, snapshot: Snapshot, provider_id: str) -> dict[str, Any] | None:
+    """A provider of `snapshot` as the API shows it (masked, with health), or None."""
+    rendered = app[_CACHE].of(snapshot)
+    if provider_id not in rendered.providers:
+        return None
+    return rendered.provider(provider_id, app[HEALTH])
+
+
+def route_answer(app: web.Application, snapshot: Snapshot, purpose: str) -> dict[str, Any] | None:
+    """A purpose's route in `snapshot` as `GET …/active/{purpose}` answers it, or None."""
+    rendered = app[_CACHE].of(snapshot)
+    route = rendered.routes.get(purpose)
+    return rendered.route(route, app[HEALTH]) if route is not None else None
 
 
 def _current(request: web.Request) -> _Rendered:
@@ -302,9 +317,14 @@ async def _test(request: web.Request) -> web.StreamResponse:
     provider = request.app[REGISTRY].snapshot.providers.get(provider_id)
     if provider is None:
         raise NotFound(f"no provider {provider_id!r}")
+    return await test_provider(request, provider)
+
+
+async def test_provider(request: web.Request, provider: Provider) -> web.StreamResponse:
+    """Check `provider` now and answer `{"ok", "latency_ms", "message"}`; the result counts as health."""
     relay = request.app[RELAY]
     result = await check(provider, relay.session)
-    relay.health.checked(provider_id, result)
+    relay.health.checked(provider.id, result)
     return web.json_response(result.as_json())
 
 

@@ -17,6 +17,7 @@ from service.journal.log import EventLog
 from service.metrics import Metrics
 from service.runtime.registry import Registry
 from service.runtime.watcher import Reloader
+from service.runtime.writer import Writer
 from service.settings import Settings
 
 PREFIX = "/api/v1/llm-config"
@@ -30,5 +31,6 @@ REGISTRY = web.AppKey("registry", Registry)
 RELOADER = web.AppKey("reloader", Reloader)
 HEALTH = web.AppKey("health", Health)
 RELAY = web.AppKey("relay", Relay)
+WRITER = web.AppKey("writer", Writer)
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""

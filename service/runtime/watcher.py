@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,27 +63,37 @@ class Reloader:
     async def reload(self) -> Outcome:
         """Rescan the folder, load what changed, and apply the result. Never raises on bad files."""
         async with self._lock:
-            started = time.perf_counter()
-            present = await asyncio.to_thread(self._scan)
-            todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
-            loaded = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
-            for file in set(self._cache) - set(present):
-                del self._cache[file]
-            self._cache.update(zip(todo, loaded, strict=True))
-            candidate: dict[str, Loaded] = {}
-            rejected: dict[str, str] = {}
-            current = self.registry.snapshot.files
-            for file, (_, result) in self._cache.items():
-                if isinstance(result, Loaded):
-                    candidate[file] = result
-                    continue
-                rejected[file] = result
-                if file in current:  # refused: the last good version stays
-                    candidate[file] = current[file]
-            outcome = await asyncio.to_thread(self.registry.apply, candidate, rejected)
-            if self.on_reload is not None:
-                self.on_reload(outcome, time.perf_counter() - started)
-            return outcome
+            return await self._reload()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[Callable[[], Awaitable[Outcome]]]:
+        """Hold the watcher's reloads off while git writes files (so none sees half a change);
+        yields the reload to run, once, before letting go."""
+        async with self._lock:
+            yield self._reload
+
+    async def _reload(self) -> Outcome:
+        started = time.perf_counter()
+        present = await asyncio.to_thread(self._scan)
+        todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
+        loaded = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
+        for file in set(self._cache) - set(present):
+            del self._cache[file]
+        self._cache.update(zip(todo, loaded, strict=True))
+        candidate: dict[str, Loaded] = {}
+        rejected: dict[str, str] = {}
+        current = self.registry.snapshot.files
+        for file, (_, result) in self._cache.items():
+            if isinstance(result, Loaded):
+                candidate[file] = result
+                continue
+            rejected[file] = result
+            if file in current:  # refused: the last good version stays
+                candidate[file] = current[file]
+        outcome = await asyncio.to_thread(self.registry.apply, candidate, rejected)
+        if self.on_reload is not None:
+            self.on_reload(outcome, time.perf_counter() - started)
+        return outcome
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Load, then reload on every batch of changes until `stop` is set.

@@ -13,6 +13,8 @@ which commit a file came from.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +23,37 @@ from pathlib import Path, PurePosixPath
 from service.errors import GitError
 
 _TIMEOUT_S = 30.0
+
+SAFE_CONFIG = (
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "protocol.ext.allow=never",
+)
+"""Passed to every git command the service runs: no hook, no fsmonitor and no `ext::` transport
+can run a program of the repository's choosing in the process that holds the keys."""
+
+_DROPPED_PREFIXES = ("SOPS_", "SWITCHBOARD_", "GIT_AUTHOR_", "GIT_COMMITTER_", "GIT_CONFIG")
+_DROPPED = frozenset({"EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"})
+
+
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URL in it masked (`https://****@host/...`)."""
+    return _CREDENTIALS.sub(r"\1****@", text)
+
+
+def safe_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment git runs with: no age identity or service secret, no ambient git identity
+    (commits name their author and committer explicitly), and never a prompt for credentials."""
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)}
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    return env
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +76,7 @@ class GitRepo:
     def __init__(self, root: Path, *, binary: str = "git", environ: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)
         self.binary = binary
-        self._env = dict(environ) if environ is not None else None
+        self._env = safe_environ(environ)
 
     def __repr__(self) -> str:
         return f"GitRepo({str(self.root)!r})"
@@ -53,8 +86,9 @@ class GitRepo:
         """The repository whose work tree contains `path`, or None when there is none."""
         try:
             proc = subprocess.run(
-                [binary, "-C", str(path), "rev-parse", "--show-toplevel"],
+                [binary, "-C", str(path), *SAFE_CONFIG, "rev-parse", "--show-toplevel"],
                 capture_output=True,
+                env=safe_environ(),
                 timeout=_TIMEOUT_S,
                 check=False,
             )
@@ -66,26 +100,36 @@ class GitRepo:
 
     # -- running git ------------------------------------------------------------------------
 
-    def run(self, *args: str, data: bytes | None = None, ok: tuple[int, ...] = (0,)) -> bytes:
-        """Run `git ARGS` at the top level; returns stdout. Raises GitError on another exit code."""
-        argv = [self.binary, "-C", str(self.root), *args]
+    def run(
+        self,
+        *args: str,
+        data: bytes | None = None,
+        ok: tuple[int, ...] = (0,),
+        env: Mapping[str, str] | None = None,
+        timeout_s: float = _TIMEOUT_S,
+    ) -> bytes:
+        """Run `git ARGS` at the top level; returns stdout. Raises GitError on another exit code.
+
+        `env` adds variables to the safe environment (a temporary index file, say).
+        """
+        argv = [self.binary, "-C", str(self.root), *SAFE_CONFIG, *args]
         try:
             proc = subprocess.run(
                 argv,
                 input=data,
                 capture_output=True,
-                env=self._env,
-                timeout=_TIMEOUT_S,
+                env=self._env | dict(env) if env else self._env,
+                timeout=timeout_s,
                 check=False,
             )
         except FileNotFoundError:
             raise GitError(f"the git binary {self.binary!r} was not found") from None
         except subprocess.TimeoutExpired:
-            raise GitError(f"git {args[0]} did not finish within {_TIMEOUT_S:g}s") from None
+            raise GitError(f"git {args[0]} did not finish within {timeout_s:g}s") from None
         if proc.returncode not in ok:
             reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
             detail = reason[-1] if reason else f"exit {proc.returncode}"
-            raise GitError(f"git {args[0]} failed: {detail}")
+            raise GitError(f"git {args[0]} failed: {redact(detail)}")
         return proc.stdout
 
     # -- revisions --------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""How a document of `providers.d/` is changed by a write over HTTP (SPEC 8), as text.
+
+A new file is written in the shape of the examples (the schema modeline, then the fields in
+a fixed order); an existing one is edited as a YAML round trip (ruamel.yaml), so comments,
+key order and the modeline a person wrote stay. Values are set through the YAML emitter,
+never pasted into text, so no field can smuggle YAML (a newline and `kind: clients`, say)
+into the file. Encryption is the caller's: these functions see the plaintext.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap
+
+from service.config.models import MODELS
+
+FIELD_ORDER = (
+    "kind",
+    "id",
+    "name",
+    "provider",
+    "server_type",
+    "base_url",
+    "api_key",
+    "models",
+    "model_map",
+    "purposes",
+    "enabled",
+    "connect_timeout_s",
+    "timeout_s",
+    "first_byte_timeout_s",
+    "idle_timeout_s",
+)
+"""The order of a new provider file's fields; fields not listed follow in the order given."""
+
+MAX_DEPTH = 32
+"""Deeper JSON than any document needs is refused before it reaches YAML."""
+
+
+def _yaml() -> YAML:
+    yaml = YAML(typ="rt")
+    yaml.width = 4096  # long URLs and keys stay on one line
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.preserve_quotes = True
+    return yaml
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """`target` with a JSON merge patch (RFC 7386) applied; neither argument is modified."""
+    if not isinstance(patch, Mapping):
+        return patch
+    result: dict[str, Any] = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deeply `value` nests (a scalar is 0); stops counting past `limit`."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, Mapping):
+            stack += [(v, level + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, level + 1) for v in item]
+    return deepest
+
+
+def load(text: bytes) -> dict[str, Any]:
+    """A document's plaintext as plain data (no sops block); {} for text that is not a mapping."""
+    tree = _yaml().load(text)
+    if not isinstance(tree, Mapping):
+        return {}
+    return {str(k): _plain(v) for k, v in tree.items() if k != "sops"}
+
+
+def render_new(document: Mapping[str, Any]) -> bytes:
+    """A new file for `document`: the schema modeline, then its fields in `FIELD_ORDER`."""
+    kind = str(document.get("kind", ""))
+    ordered = CommentedMap()
+    for key in sorted(document, key=_position):
+        ordered[key] = document[key]
+    header = ""
+    if kind in MODELS:
+        header = f"# yaml-language-server: $schema=../schemas/{kind}.schema.json\n"
+    return header.encode() + _dump(ordered)
+
+
+def render_edit(original: bytes, document: Mapping[str, Any]) -> bytes:
+    """`original` (plaintext YAML) changed to hold exactly `document`: comments and order kept."""
+    tree = _yaml().load(original)
+    if not isinstance(tree, CommentedMap):
+        return render_new(document)
+    tree.pop("sops", None)
+    for key in [k for k in tree if k not in document]:
+        del tree[key]
+    for key, value in document.items():
+        if key not in tree:
+            tree.insert(_insert_at(tree, key), key, value)
+        elif _plain(tree[key]) != value:
+            tree[key] = value
+    return _dump(tree)
+
+
+def _dump(tree: Any) -> bytes:
+    out = io.StringIO()
+    _yaml().dump(tree, out)
+    return out.getvalue().encode("utf-8")
+
+
+def _position(key: str) -> tuple[int, str]:
+    return (FIELD_ORDER.index(key), "") if key in FIELD_ORDER else (len(FIELD_ORDER), key)
+
+
+def _insert_at(tree: CommentedMap, key: str) -> int:
+    """Where a new key goes in an existing file: after the last present key that precedes it."""
+    rank = _position(key)
+    keys = list(tree)
+    for index in range(len(keys) - 1, -1, -1):
+        if _position(str(keys[index])) <= rank:
+            return index + 1
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    """ruamel's round-trip types as plain JSON-like values, for comparing and reading."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value

@@ -1,0 +1,190 @@
+"""Writes over HTTP that become git commits (SPEC 8), all with the scope `config:write`.
+
+    POST   /api/v1/llm-config/api-keys | servers            a new provider          201, Location
+    PUT    /api/v1/llm-config/api-keys/{id} | servers/{id}   the whole document      200
+    PATCH  /api/v1/llm-config/api-keys/{id} | servers/{id}   a JSON merge patch      200
+    DELETE /api/v1/llm-config/api-keys/{id} | servers/{id}   409 while routed        200
+    PUT    /api/v1/llm-config/active/{purpose}              {"primary", "weights"?, "fallbacks"?}
+    POST   /api/v1/llm-config/active      {"purpose", "provider_id", "fallback_provider_id"?}
+    POST   /api/v1/llm-config/api-keys/{id}/test | servers/{id}/test   admin: a health check now
+
+Each write is answered once the service has applied its commit, with the provider or route
+(masked), `commit` and `generation`, and the file's `ETag`; in `branch` mode with 202 and
+`{"branch", "commit"}`. `If-Match` (the ETag's blob part) makes a write fail with 412 when
+the file changed since. The request's `X-Switchboard-Reason` becomes the commit's body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from service.errors import BadRequest, NotFound, Unprocessable
+from service.http.auth import Handler, client_name, scoped
+from service.http.bodies import json_body
+from service.http.config_api import provider_answer, route_answer, test_provider
+from service.http.context import PREFIX, WRITER
+from service.runtime.writer import ProviderKind, Written
+
+REASON_HEADER = "X-Switchboard-Reason"
+_SEGMENTS: dict[str, ProviderKind] = {"api-keys": "api_key", "servers": "ai_server"}
+
+
+def setup(app: web.Application) -> None:
+    """Add the write routes to the app (the writer itself is made with the registry)."""
+    router = app.router
+    for segment, kind in _SEGMENTS.items():
+        router.add_post(f"{PREFIX}/{segment}", _create(kind, segment))
+        router.add_put(f"{PREFIX}/{segment}/{{id}}", _replace(kind))
+        router.add_patch(f"{PREFIX}/{segment}/{{id}}", _patch(kind))
+        router.add_delete(f"{PREFIX}/{segment}/{{id}}", _delete(kind))
+        router.add_post(f"{PREFIX}/{segment}/{{id}}/test", _test(kind))
+    router.add_put(f"{PREFIX}/active/{{purpose}}", _route)
+    router.add_post(f"{PREFIX}/active", _route_old_form)
+
+
+def _reason(request: web.Request) -> str | None:
+    return request.headers.get(REASON_HEADER)
+
+
+def _create(kind: ProviderKind, segment: str) -> Handler:
+    @scoped("config:write")
+    async def create(request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        written = await request.app[WRITER].create(kind, body, client_name(request), _reason(request))
+        return _provider(request, written, status=201, location=f"{PREFIX}/{segment}/{written.subject}")
+
+    return create
+
+
+def _replace(kind: ProviderKind) -> Handler:
+    @scoped("config:write")
+    async def replace(request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        written = await request.app[WRITER].replace(
+            kind, request.match_info["id"], body, client_name(request), _reason(request), _if_match(request)
+        )
+        return _provider(request, written)
+
+    return replace
+
+
+def _patch(kind: ProviderKind) -> Handler:
+    @scoped("config:write")
+    async def patch(request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        if not isinstance(body, Mapping):
+            raise BadRequest("a merge patch is a JSON object")
+        written = await request.app[WRITER].patch(
+            kind, request.match_info["id"], body, client_name(request), _reason(request), _if_match(request)
+        )
+        return _provider(request, written)
+
+    return patch
+
+
+def _delete(kind: ProviderKind) -> Handler:
+    @scoped("config:write")
+    async def delete(request: web.Request) -> web.StreamResponse:
+        provider_id = request.match_info["id"]
+        written = await request.app[WRITER].delete(
+            kind, provider_id, client_name(request), _reason(request), _if_match(request)
+        )
+        if written.branch is not None:
+            return _branched(written)
+        body = {"id": provider_id, "kind": kind, "deleted": True, "file": written.file}
+        return web.json_response(body | {"commit": written.commit, "generation": written.generation})
+
+    return delete
+
+
+def _test(kind: ProviderKind) -> Handler:
+    @scoped("admin")
+    async def test(request: web.Request) -> web.StreamResponse:
+        provider = request.app[WRITER].registry.snapshot.providers.get(request.match_info["id"])
+        if provider is None or provider.kind != kind:
+            raise NotFound(f"no {kind} `{request.match_info['id']}`")
+        return await test_provider(request, provider)
+
+    return test
+
+
+@scoped("config:write")
+async def _route(request: web.Request) -> web.StreamResponse:
+    body = await json_body(request)
+    purpose = request.match_info["purpose"]
+    written = await request.app[WRITER].route(
+        purpose, body, client_name(request), _reason(request), _if_match(request)
+    )
+    return _routed(request, written, purpose)
+
+
+@scoped("config:write")
+async def _route_old_form(request: web.Request) -> web.StreamResponse:
+    """The old design's `{"purpose", "provider_id", "fallback_provider_id"?}`: one active provider.
+
+    Without `fallback_provider_id` the route keeps the fallbacks it has (but the new primary).
+    """
+    body = await json_body(request)
+    if not isinstance(body, Mapping):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - {"purpose", "provider_id", "fallback_provider_id"})
+    missing = [name for name in ("purpose", "provider_id") if not isinstance(body.get(name), str)]
+    if unknown or missing:
+        problems = [{"file": "", "path": n, "message": "unknown field"} for n in unknown]
+        problems += [{"file": "", "path": n, "message": "required: a string"} for n in missing]
+        raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
+    purpose, primary = body["purpose"], body["provider_id"]
+    fallback = body.get("fallback_provider_id")
+    route: dict[str, Any] = {"primary": [primary]}
+    if fallback is not None:
+        route["fallbacks"] = [fallback]
+    else:
+        current = route_answer(request.app, request.app[WRITER].registry.snapshot, purpose)
+        kept = [p["id"] for p in current["fallbacks"]] if current else []
+        if [f for f in kept if f != primary]:
+            route["fallbacks"] = [f for f in kept if f != primary]
+    written = await request.app[WRITER].route(purpose, route, client_name(request), _reason(request), None)
+    return _routed(request, written, purpose)
+
+
+# -- answers ------------------------------------------------------------------------------------
+
+
+def _if_match(request: web.Request) -> str | None:
+    return request.headers.get("If-Match")
+
+
+def _etag(written: Written) -> dict[str, str]:
+    return {"ETag": f'"{written.blob}"'} if written.blob else {}
+
+
+def _branched(written: Written) -> web.Response:
+    body = {"branch": written.branch, "commit": written.commit, "file": written.file}
+    return web.json_response(body, status=202, headers=_etag(written))
+
+
+def _provider(
+    request: web.Request, written: Written, *, status: int = 200, location: str | None = None
+) -> web.Response:
+    if written.branch is not None:
+        return _branched(written)
+    assert written.snapshot is not None  # noqa: S101 - applied writes carry their snapshot
+    answer = provider_answer(request.app, written.snapshot, written.subject)
+    if answer is None:
+        raise NotFound(f"`{written.subject}` was written but is not in the configuration")
+    headers = _etag(written) | ({"Location": location} if location and written.changed else {})
+    body = answer | {"commit": written.commit or answer.get("commit"), "generation": written.generation}
+    return web.json_response(body, status=status if written.changed else 200, headers=headers)
+
+
+def _routed(request: web.Request, written: Written, purpose: str) -> web.Response:
+    if written.branch is not None:
+        return _branched(written)
+    assert written.snapshot is not None  # noqa: S101
+    answer = route_answer(request.app, written.snapshot, purpose)
+    if answer is None:
+        raise NotFound(f"no route for `{purpose}` after the write")
+    return web.json_response(answer | {"commit": written.commit}, headers=_etag(written))

@@ -1,0 +1,277 @@
+"""Writing to git for the service: a commit made without hooks, then the branch and files moved.
+
+The service holds decrypted keys, so nothing in or beside the repository may run a program in
+its process: commits are built with plumbing (`hash-object`, a temporary index, `write-tree`,
+and the commit object written out whole, author and committer included), which runs no hook
+and needs no identity from the environment; every command also gets `SAFE_CONFIG`.
+
+A write is three steps, each safe to stop after:
+
+1. `build`: the new commit object on top of a base. Nothing visible has changed.
+2. `advance`: an intent record in the git directory, then the branch moved from the base to
+   the commit (compare-and-swap: a branch moved by someone else meanwhile is refused), then
+   each changed file written atomically and its index entry updated.
+3. the intent record removed.
+
+`recover` (run before the service loads anything) finishes a step 2 that a crash cut short,
+so after a restart the working tree is clean and the commit whole, never half of either.
+`undo` puts branch, index and files back as they were when something fails after step 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import GitError
+from service.files import fsync_path, write_atomically
+from service.vcs.gitrepo import GitRepo
+
+log = logging.getLogger(__name__)
+
+_IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")
+_INTENT = "switchboard-write.json"
+_MAX_REASON = 2000
+
+Changes = Mapping[str, bytes | None]
+"""Path (relative to the top level, POSIX) -> new content, or None to delete the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An author or committer: `Name <email>`."""
+
+    name: str
+    email: str
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        """`Name <email>`; ValueError for anything git would not take as one."""
+        match = _IDENTITY.match(text.strip())
+        if match is None:
+            raise ValueError(f"not an identity of the form `Name <email>`: {text!r}")
+        return cls(match["name"].strip(), match["email"])
+
+    @classmethod
+    def client(cls, name: str) -> Identity:
+        """The author of a write by the API client `name` (SPEC 8)."""
+        return cls(name, f"{name}@clients.switchboard.invalid")
+
+    def line(self, when: int) -> str:
+        return f"{self.name} <{self.email}> {when} +0000"
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.email}>"
+
+
+def message(subject: str, reason: str | None, client: str) -> str:
+    """A commit message: the subject, the reason (the request's X-Switchboard-Reason) as the body,
+    and a `Switchboard-Client` trailer."""
+    parts = [subject.strip()]
+    text = " ".join((reason or "").split())[:_MAX_REASON]  # one paragraph, no control characters
+    if text:
+        parts.append(text)
+    parts.append(f"Switchboard-Client: {client}")
+    return "\n\n".join(parts) + "\n"
+
+
+class Committer:
+    """Builds commits in one repository and moves its branch and files to them."""
+
+    def __init__(self, repo: GitRepo, committer: Identity) -> None:
+        self.repo = repo
+        self.committer = committer
+        self._git_dir = Path(repo.run("rev-parse", "--absolute-git-dir").decode().strip())
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def ref(self) -> str:
+        """The ref a write moves: the current branch (`refs/heads/main`), or `HEAD` when detached."""
+        out = self.repo.run("symbolic-ref", "-q", "HEAD", ok=(0, 1)).decode().strip()
+        return out or "HEAD"
+
+    def resolve(self, ref: str) -> str | None:
+        """The commit `ref` points at, or None (an unborn branch, an unknown ref)."""
+        out = self.repo.run("rev-parse", "-q", "--verify", f"{ref}^{{commit}}", ok=(0, 1)).strip()
+        return out.decode() if out else None
+
+    def changed(self, old: str | None, new: str) -> list[str]:
+        """The paths that differ between two commits (all of `new`'s when `old` is None)."""
+        if old is None:
+            out = self.repo.run("ls-tree", "-r", "-z", "--name-only", "--full-tree", new)
+        else:
+            out = self.repo.run("diff-tree", "-r", "-z", "--no-renames", "--name-only", old, new)
+        return sorted(p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p)
+
+    def is_dirty(self, path: str, base: str | None) -> bool:
+        """Whether `path` has local changes against `base` in the working tree or the index."""
+        expected = self.repo.read_file(base, path) if base else None
+        try:
+            current: bytes | None = (self.repo.root / path).read_bytes()
+        except FileNotFoundError:
+            current = None
+        if current != expected:
+            return True
+        staged = self.repo.run("diff-index", "--cached", "--name-only", base, "--", path) if base else b""
+        return bool(staged.strip())
+
+    # -- step 1: a commit object ----------------------------------------------------------------
+
+    def build(self, base: str | None, changes: Changes, *, author: Identity, text: str) -> str:
+        """A commit on top of `base` with `changes`; touches no ref, no index and no file."""
+        index = self._git_dir / f"switchboard-index-{secrets.token_hex(6)}"
+        env = {"GIT_INDEX_FILE": str(index)}
+        try:
+            if base is None:
+                self.repo.run("read-tree", "--empty", env=env)
+            else:
+                self.repo.run("read-tree", base, env=env)
+            for path, data in changes.items():
+                if data is None:
+                    self.repo.run("update-index", "--force-remove", "--", path, env=env)
+                else:
+                    blob = self.repo.run("hash-object", "-w", "--stdin", data=data).decode().strip()
+                    self.repo.run("update-index", "--add", "--cacheinfo", f"100644,{blob},{path}", env=env)
+            tree = self.repo.run("write-tree", env=env).decode().strip()
+        finally:
+            index.unlink(missing_ok=True)
+        when = int(time.time())
+        header = [f"tree {tree}"] + ([f"parent {base}"] if base else [])
+        header += [f"author {author.line(when)}", f"committer {self.committer.line(when)}"]
+        body = "\n".join(header) + "\n\n" + text
+        return (
+            self.repo.run("hash-object", "-t", "commit", "-w", "--stdin", data=body.encode()).decode().strip()
+        )
+
+    # -- step 2: the branch and the files --------------------------------------------------------
+
+    def advance(self, ref: str, old: str | None, new: str) -> list[str]:
+        """Move `ref` from `old` to `new` and bring the changed files and index entries along.
+
+        Raises GitError when the branch is no longer at `old` (nothing changed then), or when a
+        later step fails (everything is put back first). Returns the paths changed.
+        """
+        paths = self.changed(old, new)
+        self._record(ref, old, new)
+        try:
+            self._move(ref, old, new)
+        except GitError:
+            self._forget()
+            raise
+        try:
+            self._bring_files(new, paths)
+        except (GitError, OSError) as exc:
+            self.undo(ref, old, new, paths)
+            raise GitError(f"could not update the working tree: {exc}") from exc
+        self._forget()
+        return paths
+
+    def undo(self, ref: str, old: str | None, new: str, paths: list[str]) -> None:
+        """Put `ref`, the index entries and the files of `paths` back as they were at `old`."""
+        self._move(ref, new, old)
+        self._bring_files(old, paths)
+        self._forget()
+
+    def _move(self, ref: str, old: str | None, new: str | None) -> None:
+        zero = "0" * 40
+        if new is None:
+            self.repo.run("update-ref", "-d", ref, old or zero)
+        else:
+            self.repo.run("update-ref", "-m", "switchboard: write over HTTP", ref, new, old or zero)
+
+    def _bring_files(self, commit: str | None, paths: list[str]) -> None:
+        """Each of `paths` as it is in `commit`, written atomically; then their index entries."""
+        for path in paths:
+            data = self.repo.read_file(commit, path) if commit else None
+            target = self.repo.root / path
+            if data is None:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
+                    fsync_path(target.parent)
+            else:
+                write_atomically(target, data)
+        if paths:
+            if commit is None:
+                self.repo.run("rm", "-q", "--cached", "--ignore-unmatch", "--", *paths)
+            else:
+                self.repo.run("reset", "-q", commit, "--", *paths)
+
+    # -- the intent record, and recovery -------------------------------------------------------
+
+    @property
+    def _intent(self) -> Path:
+        return self._git_dir / _INTENT
+
+    def _record(self, ref: str, old: str | None, new: str) -> None:
+        write_atomically(self._intent, json.dumps({"ref": ref, "old": old, "new": new}).encode(), mode=0o600)
+
+    def _forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._intent.unlink()
+            fsync_path(self._git_dir)
+
+    def recover(self) -> str | None:
+        """Finish a write a crash cut short; returns what was done, or None when there was nothing."""
+        try:
+            intent = json.loads(self._intent.read_bytes())
+            ref, old, new = str(intent["ref"]), intent.get("old"), str(intent["new"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            self._forget()
+            return "a damaged write record was removed"
+        current = self.resolve(ref)
+        paths = self.changed(old, new) if self.resolve(new) else []
+        self._clear_temporary_files(paths)
+        if current == new:
+            self._clear_stale_index_lock()
+            self._bring_files(new, paths)
+            self._forget()
+            return f"finished a write cut short: {ref} is at {new[:10]}, its files now match"
+        self._forget()
+        if current == old:
+            return f"a write cut short before it moved {ref} left nothing to undo"
+        return f"a write record for {ref} was stale ({ref} has moved on); removed"
+
+    def _clear_temporary_files(self, paths: list[str]) -> None:
+        """The hidden temporary files of `write_atomically` a kill left beside `paths`."""
+        for path in paths:
+            target = self.repo.root / path
+            for leftover in target.parent.glob(f".{target.name}.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    def _clear_stale_index_lock(self) -> None:
+        """A git killed mid-update leaves `index.lock`; at recovery no git of ours is running."""
+        lock = self._git_dir / "index.lock"
+        if lock.exists():
+            log.warning("removing a stale %s left by a write cut short", lock)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+
+    # -- remotes ----------------------------------------------------------------------------------
+
+    def push(self, remote: str, commit: str, branch: str) -> str | None:
+        """Push `commit` to `branch` on `remote`; None when done, else git's reason (rejected...)."""
+        try:
+            self.repo.run(
+                "push", "--porcelain", "--no-verify", remote, f"{commit}:refs/heads/{branch}", timeout_s=60
+            )
+        except GitError as exc:
+            return str(exc)
+        return None
+
+    def fetch(self, remote: str, branch: str) -> str:
+        """Fetch `branch` from `remote`; the commit it is at there."""
+        self.repo.run("fetch", "-q", "--no-tags", remote, f"refs/heads/{branch}", timeout_s=60)
+        commit = self.resolve("FETCH_HEAD")
+        if commit is None:
+            raise GitError(f"git fetch {remote} {branch} gave no commit")
+        return commit

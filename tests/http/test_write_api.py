@@ -1,0 +1,574 @@
+"""Writes over HTTP that become commits (SPEC 8), end to end: real sops, real git, a real server.
+
+Every write is checked where it lands: the answer, the file on disk, the commit (author,
+committer, message, reason, trailer), the event log, and what the service then serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import stat
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from service.config.secret import Secret
+from tests.conftest import Service, SopsProject, git, git_init, serve, write_routing, write_server
+
+API = "/api/v1/llm-config"
+CANARY = "sk-canary-write-3c1d9e7f5a2b4c6d8e0f"
+OTHER_KEY = "sk-another-key-7a8b9c0d1e2f3a4b"
+GIT_ENV_MARKER = "SWITCHBOARD_TEST_GIT_ENV"
+
+
+def commit_all(root: Path, message: str = "setup") -> str:
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", message)
+    return git(root, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def repo(sops_project: SopsProject) -> SopsProject:
+    """A git repository with a server `gpu` routed for chat, committed; var/ ignored."""
+    root = sops_project.root
+    git_init(root)
+    (root / ".gitignore").write_text("var/\n")
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    commit_all(root)
+    return sops_project
+
+
+@pytest.fixture
+async def service(repo: SopsProject) -> AsyncIterator[Service]:
+    async with serve(repo) as running:
+        yield running
+
+
+async def call(
+    service: Service,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    content_type: str = "application/json",
+) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    sent = dict(headers or {})
+    if token:
+        sent["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        sent["Content-Type"] = content_type
+    async with service.http.request(method, service.url + API + path, data=data, headers=sent) as response:
+        text = await response.text()
+        return response.status, (json.loads(text) if text else None), response.headers
+
+
+def blob(data: bytes) -> str:
+    return hashlib.sha1(f"blob {len(data)}\0".encode() + data, usedforsecurity=False).hexdigest()
+
+
+def head(root: Path) -> str:
+    return git(root, "rev-parse", "HEAD")
+
+
+def vendor(**fields: Any) -> dict[str, Any]:
+    return {"id": "vendor", "provider": "openai", "api_key": CANARY, "purposes": ["chat"], **fields}
+
+
+# -- create ---------------------------------------------------------------------------------------
+
+
+async def test_a_created_key_is_one_commit_encrypted_applied_and_recorded(
+    repo: SopsProject, service: Service
+) -> None:
+    before = head(repo.root)
+    status, body, headers = await call(
+        service, "POST", "/api-keys", vendor(name="Vendor"), headers={"X-Switchboard-Reason": "new vendor"}
+    )
+    assert status == 201, body
+    path = repo.providers / "vendor.yaml"
+    data = path.read_bytes()
+    assert headers["Location"] == f"{API}/api-keys/vendor"
+    assert headers["ETag"] == f'"{blob(data)}"'
+    assert body["id"] == "vendor" and body["api_key"] == "****" + CANARY[-4:]
+    assert body["commit"] == head(repo.root) != before
+    assert body["generation"] == service.registry.snapshot.generation
+    assert CANARY.encode() not in data and b"ENC[AES256_GCM" in data and b"sops:" in data
+    assert data.startswith(b"# yaml-language-server: $schema=../schemas/api_key.schema.json\n")
+    assert git(repo.root, "rev-list", "--count", f"{before}..HEAD") == "1"
+    log = git(repo.root, "log", "-1", "--format=%an <%ae>%n%cn <%ce>%n%B")
+    assert log.splitlines()[:2] == [
+        "anonymous <anonymous@clients.switchboard.invalid>",
+        "Switchboard <switchboard@localhost>",
+    ]
+    assert "create api_key vendor\n\nnew vendor\n\nSwitchboard-Client: anonymous" in log
+    assert git(repo.root, "status", "--porcelain") == ""
+    (added,) = [e for e in service.events() if e.type == "provider.added" and e.subject == "vendor"]
+    assert added.commit == body["commit"]
+    assert added.author == "anonymous <anonymous@clients.switchboard.invalid>"
+    assert service.registry.snapshot.providers["vendor"].api_key == Secret(CANARY)
+
+
+async def test_a_server_is_created_without_sops(repo: SopsProject, service: Service) -> None:
+    body = {"id": "tei", "server_type": "tei", "base_url": "http://127.0.0.1:8081", "purposes": ["reranking"]}
+    status, answer, _ = await call(service, "POST", "/servers", body)
+    assert status == 201, answer
+    assert b"sops:" not in (repo.providers / "tei.yaml").read_bytes()
+    assert answer["server_type"] == "tei" and answer["api_key"] is None
+
+
+async def test_an_existing_id_cannot_be_created_again(service: Service) -> None:
+    status, body, _ = await call(
+        service, "POST", "/servers", {"id": "gpu", "server_type": "vllm", "base_url": "http://h"}
+    )
+    assert status == 409 and "exists" in body["error"]["message"]
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        ({"id": "bad", "server_type": "vllm", "base_url": "ftp://host"}, "base_url"),
+        ({"id": "bad", "server_type": "vllm", "base_url": "http://h", "timeout": 3}, "timeout"),
+        ({"id": "bad", "server_type": "gpu-box", "base_url": "http://h"}, "server_type"),
+        ({"id": "Bad Name", "server_type": "vllm", "base_url": "http://h"}, "id"),
+        ({"id": "../../escape", "server_type": "vllm", "base_url": "http://h"}, "id"),
+        ({"id": "bad", "kind": "api_key", "server_type": "vllm", "base_url": "http://h"}, "kind"),
+        ({"id": "bad", "server_type": "vllm", "base_url": "http://h", "api_key": {"a": 1}}, "api_key"),
+        ({"id": "bad", "server_type": "vllm", "base_url": "http://h", "sops": {}}, "sops"),
+    ],
+)
+async def test_a_refused_write_is_422_with_its_problems_and_writes_nothing(
+    repo: SopsProject, service: Service, body: dict[str, Any], path: str
+) -> None:
+    before = head(repo.root)
+    status, answer, _ = await call(service, "POST", "/servers", body)
+    assert status == 422, answer
+    assert answer["error"]["type"] == "invalid"
+    assert path in [p["path"] for p in answer["error"]["problems"]]
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    assert sorted(p.name for p in repo.providers.iterdir()) == ["gpu.yaml", "routing.yaml"]
+
+
+async def test_a_route_naming_a_missing_provider_is_refused_as_a_pull_request_would_be(
+    repo: SopsProject, service: Service
+) -> None:
+    status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu", "ghost"]})
+    assert status == 422
+    (problem,) = answer["error"]["problems"]
+    assert problem == {
+        "file": "providers.d/routing.yaml",
+        "path": "purposes.chat.primary.1",
+        "message": "routing for `chat` names `ghost`, which does not exist",
+    }
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{not json", b"[" * 100_000 + b"]" * 100_000, b'"just a string"'],
+    ids=["invalid", "deeply-nested", "not-an-object"],
+)
+async def test_malformed_bodies_are_400_or_422_never_500(service: Service, payload: bytes) -> None:
+    status, answer, _ = await call(service, "POST", "/servers", payload)
+    assert status in (400, 422), answer
+
+
+async def test_a_write_needs_a_json_media_type(service: Service) -> None:
+    status, _, _ = await call(
+        service,
+        "POST",
+        "/servers",
+        {"id": "x", "server_type": "vllm", "base_url": "http://h"},
+        content_type="text/plain",
+    )
+    assert status == 400
+
+
+async def test_a_field_cannot_smuggle_yaml_into_the_file(repo: SopsProject, service: Service) -> None:
+    name = "x\nkind: clients\nclients: []\n# <script>"
+    status, answer, _ = await call(
+        service,
+        "POST",
+        "/servers",
+        {"id": "smug", "server_type": "vllm", "base_url": "http://h", "name": name},
+    )
+    assert status == 201, answer
+    document = yaml.safe_load((repo.providers / "smug.yaml").read_text())
+    assert document["kind"] == "ai_server" and document["name"] == name
+    assert answer["name"] == name
+
+
+# -- update and delete ----------------------------------------------------------------------------
+
+
+async def test_put_without_a_key_keeps_the_key_and_patch_merges(repo: SopsProject, service: Service) -> None:
+    assert (await call(service, "POST", "/api-keys", vendor()))[0] == 201
+    status, body, _ = await call(service, "PUT", "/api-keys/vendor", {"provider": "openai", "models": ["m1"]})
+    assert status == 200, body
+    assert body["models"] == ["m1"] and body["api_key"] == "****" + CANARY[-4:]
+    assert service.registry.snapshot.providers["vendor"].api_key == Secret(CANARY)
+    assert "purposes" not in yaml.safe_load((repo.providers / "vendor.yaml").read_text())
+    status, body, _ = await call(
+        service,
+        "PATCH",
+        "/api-keys/vendor",
+        {"name": "V", "models": None, "api_key": OTHER_KEY},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+    assert body["name"] == "V" and body["models"] == [] and body["api_key"] == "****" + OTHER_KEY[-4:]
+    assert service.registry.snapshot.providers["vendor"].api_key == Secret(OTHER_KEY)
+    subjects = git(repo.root, "log", "--format=%s", "-3").splitlines()
+    assert subjects == ["update api_key vendor", "update api_key vendor", "create api_key vendor"]
+
+
+async def test_an_edit_keeps_the_comments_people_wrote(repo: SopsProject, service: Service) -> None:
+    path = repo.providers / "gpu.yaml"
+    path.write_text("# Our GPU box: ask #infra before touching it\n" + path.read_text() + "# end\n")
+    commit_all(repo.root, "comment")
+    await asyncio.sleep(0)
+    status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "GPU"})
+    assert status == 200, body
+    text = path.read_text()
+    assert text.startswith("# Our GPU box: ask #infra before touching it\n") and "name: GPU" in text
+
+
+async def test_a_change_to_nothing_makes_no_commit(repo: SopsProject, service: Service) -> None:
+    before = head(repo.root)
+    status, body, _ = await call(service, "PATCH", "/servers/gpu", {"server_type": "vllm"})
+    assert status == 200 and head(repo.root) == before and body["id"] == "gpu"
+
+
+async def test_if_match_refuses_a_write_to_a_file_that_changed(repo: SopsProject, service: Service) -> None:
+    etag = f'"{blob((repo.providers / "gpu.yaml").read_bytes())}"'
+    status, _, headers = await call(
+        service, "PATCH", "/servers/gpu", {"name": "one"}, headers={"If-Match": etag}
+    )
+    assert status == 200
+    new_etag = headers["ETag"]
+    status, answer, _ = await call(
+        service, "PATCH", "/servers/gpu", {"name": "two"}, headers={"If-Match": etag}
+    )
+    assert status == 412 and answer["error"]["type"] == "precondition_failed"
+    with_index = new_etag[:-1] + '.17"'  # a GET's tag carries the index after the blob: only the blob counts
+    status, _, _ = await call(
+        service, "PATCH", "/servers/gpu", {"name": "two"}, headers={"If-Match": with_index}
+    )
+    assert status == 200
+    assert yaml.safe_load((repo.providers / "gpu.yaml").read_text())["name"] == "two"
+
+
+async def test_delete_is_refused_while_routed_then_removes_the_file(
+    repo: SopsProject, service: Service
+) -> None:
+    write_server(repo, "spare")
+    commit_all(repo.root, "spare")
+    await asyncio.sleep(0)
+    status, answer, _ = await call(service, "DELETE", "/servers/gpu")
+    assert status == 409 and "routing names `gpu`" in answer["error"]["message"]
+    status, answer, _ = await call(service, "DELETE", "/servers/spare")
+    assert status == 200, answer
+    assert not (repo.providers / "spare.yaml").exists()
+    assert "spare" not in service.registry.snapshot.providers
+    assert git(repo.root, "log", "-1", "--format=%s") == "delete ai_server spare"
+
+
+async def test_a_write_to_the_wrong_kind_or_id_is_404(service: Service) -> None:
+    assert (await call(service, "PATCH", "/api-keys/gpu", {"name": "x"}))[0] == 404
+    assert (await call(service, "PATCH", "/servers/nobody", {"name": "x"}))[0] == 404
+    assert (await call(service, "DELETE", "/servers/nobody"))[0] == 404
+
+
+# -- routes ------------------------------------------------------------------------------------------
+
+
+async def test_a_route_is_set_and_the_old_form_still_works(repo: SopsProject, service: Service) -> None:
+    write_server(repo, "spare")
+    commit_all(repo.root, "spare")
+    status, body, headers = await call(
+        service, "PUT", "/active/chat", {"primary": ["gpu", "spare"], "weights": {"gpu": 3}}
+    )
+    assert status == 200, body
+    assert [p["id"] for p in body["primary"]] == ["gpu", "spare"] and body["weights"] == {
+        "gpu": 3,
+        "spare": 1,
+    }
+    assert headers["ETag"] == f'"{blob((repo.providers / "routing.yaml").read_bytes())}"'
+    assert git(repo.root, "log", "-1", "--format=%s") == "update routing chat"
+    status, body, _ = await call(
+        service, "POST", "/active", {"purpose": "chat", "provider_id": "spare", "fallback_provider_id": "gpu"}
+    )
+    assert status == 200, body
+    assert [p["id"] for p in body["primary"]] == ["spare"] and [p["id"] for p in body["fallbacks"]] == ["gpu"]
+    status, body, _ = await call(service, "POST", "/active", {"purpose": "chat", "provider_id": "gpu"})
+    assert [p["id"] for p in body["primary"]] == ["gpu"] and body["fallbacks"] == []
+    assert (await call(service, "PUT", "/active/dreaming", {"primary": "gpu"}))[0] == 404
+    assert (await call(service, "POST", "/active", {"purpose": "chat"}))[0] == 422
+
+
+# -- auth ----------------------------------------------------------------------------------------------
+
+
+async def test_writes_need_config_write_and_name_the_client(repo: SopsProject) -> None:
+    from tests.support.gateway import write_clients
+
+    write_clients(repo, {"deployer": ("tok-w", ["config:write"]), "reader": ("tok-r", ["config:read"])})
+    commit_all(repo.root, "clients")
+    async with serve(repo) as service:
+        body = {"id": "x", "server_type": "vllm", "base_url": "http://h"}
+        assert (await call(service, "POST", "/servers", body))[0] == 401
+        assert (await call(service, "POST", "/servers", body, token="tok-r"))[0] == 403
+        status, answer, _ = await call(service, "POST", "/servers", body, token="tok-w")
+        assert status == 201, answer
+    log = git(repo.root, "log", "-1", "--format=%an <%ae>%n%B")
+    assert log.startswith("deployer <deployer@clients.switchboard.invalid>\n")
+    assert log.rstrip().endswith("Switchboard-Client: deployer")
+
+
+# -- nothing half-done -------------------------------------------------------------------------------
+
+
+async def test_a_file_with_local_edits_is_never_overwritten(repo: SopsProject, service: Service) -> None:
+    path = repo.providers / "gpu.yaml"
+    edited = path.read_text() + "name: mine\n"
+    path.write_text(edited)
+    before = head(repo.root)
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "theirs"})
+    assert status == 409 and "local changes" in answer["error"]["message"]
+    assert path.read_text() == edited and head(repo.root) == before
+
+
+async def test_git_refusing_the_commit_leaves_file_and_branch_as_they_were(
+    repo: SopsProject, service: Service
+) -> None:
+    lock = repo.root / ".git" / "refs" / "heads" / "main.lock"
+    lock.write_text("")
+    before = head(repo.root)
+    try:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "locked"})
+    finally:
+        lock.unlink()
+    assert status == 409 and "git refused" in answer["error"]["message"]
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    assert "name" not in yaml.safe_load((repo.providers / "gpu.yaml").read_text())
+
+
+async def test_no_hook_of_the_repository_runs_and_git_gets_no_identity_or_key(
+    repo: SopsProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "hook-ran"
+    hooks = repo.root / ".git" / "hooks"
+    for name in (
+        "pre-commit",
+        "commit-msg",
+        "post-commit",
+        "reference-transaction",
+        "post-checkout",
+        "post-index-change",
+        "pre-push",
+        "post-rewrite",
+    ):
+        hook = hooks / name
+        hook.write_text(f"#!/bin/sh\necho {name} >> {marker}\n")
+        hook.chmod(hook.stat().st_mode | stat.S_IEXEC)
+    # A real git behind a shim that records the environment every git call gets.
+    shim_dir = tmp_path / "bin"
+    shim_dir.mkdir()
+    seen = tmp_path / "git-env"
+    real_git = subprocess.run(["which", "git"], capture_output=True, text=True, check=True).stdout.strip()
+    shim = shim_dir / "git"
+    shim.write_text(f'#!/bin/sh\nenv >> {seen}\necho ---- >> {seen}\nexec {real_git} "$@"\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SOPS_AGE_KEY", "AGE-SECRET-KEY-1NOTAREALKEYBUTITMUSTNOTREACHGIT")
+    monkeypatch.setenv("SWITCHBOARD_WEBHOOK_SECRET", "webhook-secret-must-not-reach-git")
+    async with serve(repo) as service:
+        status, answer, _ = await call(service, "POST", "/api-keys", vendor())
+        assert status == 201, answer
+        assert (await call(service, "PATCH", "/api-keys/vendor", {"name": "n"}))[0] == 200
+    assert not marker.exists(), marker.read_text()
+    environments = seen.read_text()
+    assert environments.count("----") > 5
+    for leaked in ("SOPS_AGE", "GIT_AUTHOR_", "GIT_COMMITTER_", "webhook-secret", "NOTAREALKEY", CANARY):
+        assert leaked not in environments
+
+
+# -- many writers ------------------------------------------------------------------------------------
+
+
+async def test_twenty_concurrent_writes_are_twenty_commits_and_events_in_one_order(
+    repo: SopsProject, service: Service
+) -> None:
+    before = head(repo.root)
+    bodies = [
+        {"id": f"s{i:02d}", "server_type": "vllm", "base_url": f"http://127.0.0.1:{9000 + i}/v1"}
+        for i in range(20)
+    ]
+    results = await asyncio.gather(*(call(service, "POST", "/servers", b) for b in bodies))
+    assert [r[0] for r in results] == [201] * 20
+    commits = git(repo.root, "log", "--reverse", "--format=%H %s", f"{before}..HEAD").splitlines()
+    assert len(commits) == 20
+    order = [line.split()[-1] for line in commits]
+    added = [e for e in service.events() if e.type == "provider.added" and e.subject in order]
+    assert [e.subject for e in added] == order
+    assert [e.commit for e in added] == [line.split()[0] for line in commits]
+    assert sorted(r[1]["generation"] for r in results) == [
+        r[1]["generation"] for r in sorted(results, key=lambda r: r[1]["generation"])
+    ]
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+# -- modes -------------------------------------------------------------------------------------------
+
+
+async def test_branch_mode_commits_to_a_new_branch_and_applies_nothing(repo: SopsProject) -> None:
+    async with serve(repo, write_mode="branch") as service:
+        before = head(repo.root)
+        generation = service.registry.snapshot.generation
+        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "reviewed"})
+        assert status == 202, body
+        assert body["branch"] == "switchboard/update-gpu-1"
+        status, body2, _ = await call(service, "PATCH", "/servers/gpu", {"name": "again"})
+        assert body2["branch"] == "switchboard/update-gpu-2"
+        assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+        assert service.registry.snapshot.generation == generation
+        assert git(repo.root, "rev-parse", "switchboard/update-gpu-1") == body["commit"]
+        shown = git(repo.root, "show", f"{body['commit']}:providers.d/gpu.yaml")
+        assert "name: reviewed" in shown
+
+
+async def test_writes_outside_git_are_405(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    async with serve(sops_project) as service:
+        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+    assert status == 405 and "git" in body["error"]["message"]
+
+
+async def test_write_mode_off_is_405(repo: SopsProject) -> None:
+    async with serve(repo, write_mode="off") as service:
+        assert (await call(service, "PATCH", "/servers/gpu", {"name": "x"}))[0] == 405
+
+
+# -- a remote --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def remote(repo: SopsProject, tmp_path: Path) -> Path:
+    """A bare repository standing in for GitHub, with `repo`'s main pushed to it as origin."""
+    bare = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(bare)], check=True)
+    git(repo.root, "remote", "add", "origin", str(bare))
+    git(repo.root, "push", "-q", "origin", "main")
+    return bare
+
+
+def other_clone(remote: Path, tmp_path: Path, name: str = "colleague") -> Path:
+    clone = tmp_path / name
+    subprocess.run(["git", "clone", "-q", str(remote), str(clone)], check=True)
+    return clone
+
+
+async def test_a_write_is_pushed_and_rebased_over_a_colleagues_push(
+    repo: SopsProject, remote: Path, tmp_path: Path
+) -> None:
+    clone = other_clone(remote, tmp_path)
+    async with serve(repo, git_push="origin") as service:
+        (clone / "providers.d" / "theirs.yaml").write_text(
+            "kind: ai_server\nid: theirs\nserver_type: ollama\nbase_url: http://127.0.0.1:11434/v1\n"
+        )
+        commit_all(clone, "colleague adds theirs")
+        git(clone, "push", "-q", "origin", "main")
+        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "ours"})
+        assert status == 200, body
+        assert body["commit"] == git(remote, "rev-parse", "main") == head(repo.root)
+        assert {"gpu", "theirs"} <= set(service.registry.snapshot.providers)
+    assert git(repo.root, "status", "--porcelain") == ""
+    assert git(remote, "log", "--format=%s", "-2", "main").splitlines() == [
+        "update ai_server gpu",
+        "colleague adds theirs",
+    ]
+
+
+async def test_a_push_refused_every_time_leaves_local_and_remote_as_they_were(
+    repo: SopsProject, remote: Path
+) -> None:
+    hook = remote / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'main is protected' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    before, remote_before = head(repo.root), git(remote, "rev-parse", "main")
+    async with serve(repo, git_push="origin") as service:
+        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "ours"})
+    assert status == 409 and "push" in body["error"]["message"]
+    assert head(repo.root) == before and git(remote, "rev-parse", "main") == remote_before
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+async def test_a_conflicting_remote_change_is_validated_again(
+    repo: SopsProject, remote: Path, tmp_path: Path
+) -> None:
+    """The colleague removed `spare` while we route to it: the rebuilt write is refused."""
+    write_server(repo, "spare")
+    commit_all(repo.root, "spare")
+    git(repo.root, "push", "-q", "origin", "main")
+    clone = other_clone(remote, tmp_path)
+    (clone / "providers.d" / "spare.yaml").unlink()
+    commit_all(clone, "colleague removes spare")
+    git(clone, "push", "-q", "origin", "main")
+    before = head(repo.root)
+    async with serve(repo, git_push="origin") as service:
+        status, body, _ = await call(service, "PUT", "/active/chat", {"primary": ["spare"]})
+    assert status == 422, body
+    assert head(repo.root) == before
+
+
+# -- secrets -------------------------------------------------------------------------------------------
+
+
+async def test_a_canary_key_written_over_http_is_in_no_file_commit_event_log_or_answer(
+    repo: SopsProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answers = []
+    async with serve(repo) as service:
+        for method, path, body in (
+            ("POST", "/api-keys", vendor()),
+            ("PATCH", "/api-keys/vendor", {"name": "renamed"}),
+            ("PUT", "/api-keys/vendor", {"provider": "openai", "api_key": CANARY, "base_url": "ftp://bad"}),
+            ("POST", "/api-keys", vendor(id="other", provider="nope")),
+            ("PUT", "/active/chat", {"primary": ["gpu", "vendor"]}),
+            ("GET", "/providers", None),
+        ):
+            _, answer, headers = await call(service, method, path, body)
+            answers.append(json.dumps(answer) + json.dumps(dict(headers)))
+        _, metrics = await service.text("/metrics")
+    everything = "\n".join(answers) + metrics + caplog.text + service.events_file.read_text()
+    everything += subprocess.run(
+        ["git", "log", "--all", "-p", "--format=%B"],
+        cwd=repo.root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for path in repo.root.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            everything += path.read_text(errors="replace")
+    objects = subprocess.run(
+        ["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo.root, capture_output=True, check=True
+    ).stdout
+    assert CANARY not in everything and CANARY.encode() not in objects
+    assert "****" + CANARY[-4:] in everything

@@ -1,0 +1,186 @@
+"""Commits made with plumbing, the branch and files moved to them, and recovery after a crash."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from service.errors import GitError
+from service.vcs.commit import Committer, Identity, message
+from service.vcs.gitrepo import GitRepo, redact, safe_environ
+from tests.conftest import git, git_init
+
+COMMITTER = Identity("Switchboard", "switchboard@localhost")
+AUTHOR = Identity.client("deployer")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> GitRepo:
+    root = tmp_path / "repo"
+    (root / "providers.d").mkdir(parents=True)
+    git_init(root)
+    (root / "providers.d" / "a.yaml").write_text("a: 1\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    found = GitRepo.find(root)
+    assert found is not None
+    return found
+
+
+def test_an_identity_is_parsed_and_refused_when_git_would_refuse_it() -> None:
+    assert Identity.parse("Jane Doe <jane@example.com>") == Identity("Jane Doe", "jane@example.com")
+    assert str(Identity.client("ops")) == "ops <ops@clients.switchboard.invalid>"
+    for bad in ("no email", "<only@email>", "a <b> <c>", "name <with space@x>", "evil\n <x@y>"):
+        with pytest.raises(ValueError, match="identity"):
+            Identity.parse(bad)
+
+
+def test_a_message_has_the_subject_the_reason_as_body_and_the_trailer() -> None:
+    text = message("create api_key x", "rotating\nbecause\tleaked  ", "ops")
+    assert text == "create api_key x\n\nrotating because leaked\n\nSwitchboard-Client: ops\n"
+    assert (
+        message("delete ai_server y", None, "anonymous")
+        == "delete ai_server y\n\nSwitchboard-Client: anonymous\n"
+    )
+    assert len(message("s", "x" * 10_000, "c")) < 2100
+
+
+def test_a_commit_is_built_without_touching_ref_index_or_files(repo: GitRepo) -> None:
+    committer = Committer(repo, COMMITTER)
+    base = committer.resolve("HEAD")
+    commit = committer.build(
+        base, {"providers.d/b.yaml": b"b: 2\n"}, author=AUTHOR, text=message("s", None, "x")
+    )
+    assert committer.resolve("HEAD") == base
+    assert git(repo.root, "status", "--porcelain") == ""
+    assert not (repo.root / "providers.d" / "b.yaml").exists()
+    shown = git(repo.root, "log", "-1", "--format=%an <%ae>|%cn <%ce>|%P", commit)
+    assert (
+        shown == f"deployer <deployer@clients.switchboard.invalid>|Switchboard <switchboard@localhost>|{base}"
+    )
+    assert repo.read_file(commit, "providers.d/b.yaml") == b"b: 2\n"
+
+
+def test_advance_moves_branch_files_and_index_together(repo: GitRepo) -> None:
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    assert ref == "refs/heads/main"
+    commit = committer.build(
+        base, {"providers.d/a.yaml": None, "providers.d/b.yaml": b"b: 2\n"}, author=AUTHOR, text="m\n"
+    )
+    assert committer.advance(ref, base, commit) == ["providers.d/a.yaml", "providers.d/b.yaml"]
+    assert committer.resolve("HEAD") == commit
+    assert git(repo.root, "status", "--porcelain") == ""
+    assert not (repo.root / "providers.d" / "a.yaml").exists()
+    assert (repo.root / "providers.d" / "b.yaml").read_bytes() == b"b: 2\n"
+
+
+def test_a_branch_moved_meanwhile_is_refused_and_nothing_changes(repo: GitRepo) -> None:
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/b.yaml": b"b\n"}, author=AUTHOR, text="m\n")
+    (repo.root / "other.txt").write_text("x")
+    git(repo.root, "add", "other.txt")
+    git(repo.root, "commit", "-qm", "someone else")
+    moved = committer.resolve("HEAD")
+    with pytest.raises(GitError):
+        committer.advance(ref, base, commit)
+    assert committer.resolve("HEAD") == moved and not (repo.root / "providers.d" / "b.yaml").exists()
+    assert not (repo.root / ".git" / "switchboard-write.json").exists()
+
+
+def test_no_hook_runs(repo: GitRepo, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    for name in ("pre-commit", "post-commit", "reference-transaction", "post-index-change", "post-checkout"):
+        hook = repo.root / ".git" / "hooks" / name
+        hook.write_text(f"#!/bin/sh\necho {name} >> {marker}\n")
+        hook.chmod(hook.stat().st_mode | stat.S_IEXEC)
+    committer = Committer(repo, COMMITTER)
+    base = committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/b.yaml": b"b\n"}, author=AUTHOR, text="m\n")
+    committer.advance(committer.ref(), base, commit)
+    assert not marker.exists()
+    git(repo.root, "commit", "-q", "--allow-empty", "-m", "a person's commit runs hooks")
+    assert marker.exists()  # the hooks do work: they just never run for the service
+
+
+def _crash_after_the_ref_moved(committer: Committer, repo: GitRepo) -> tuple[str | None, str]:
+    """The state a kill leaves between `update-ref` and the files: the record, the ref moved."""
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    commit = committer.build(
+        base, {"providers.d/a.yaml": b"a: 2\n", "providers.d/c.yaml": b"c\n"}, author=AUTHOR, text="m\n"
+    )
+    (repo.root / ".git" / "switchboard-write.json").write_text(
+        json.dumps({"ref": ref, "old": base, "new": commit})
+    )
+    git(repo.root, "update-ref", ref, commit, base or "")
+    (repo.root / "providers.d" / "a.yaml").write_bytes(b"a: 2\n")  # one file written, the other not
+    (repo.root / ".git" / "index.lock").write_text("")  # and git killed holding the index
+    return base, commit
+
+
+def test_recovery_finishes_a_write_cut_short_after_the_ref_moved(repo: GitRepo) -> None:
+    committer = Committer(repo, COMMITTER)
+    _, commit = _crash_after_the_ref_moved(committer, repo)
+    assert git(repo.root, "status", "--porcelain") != ""
+    done = Committer(repo, COMMITTER).recover()
+    assert done is not None and "finished" in done
+    assert git(repo.root, "status", "--porcelain") == ""
+    assert committer.resolve("HEAD") == commit
+    assert (repo.root / "providers.d" / "c.yaml").read_bytes() == b"c\n"
+    assert Committer(repo, COMMITTER).recover() is None
+
+
+def test_recovery_before_the_ref_moved_leaves_everything_as_it_was(repo: GitRepo) -> None:
+    committer = Committer(repo, COMMITTER)
+    base = committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/a.yaml": b"a: 2\n"}, author=AUTHOR, text="m\n")
+    record = {"ref": committer.ref(), "old": base, "new": commit}
+    (repo.root / ".git" / "switchboard-write.json").write_text(json.dumps(record))
+    done = committer.recover()
+    assert done is not None and "nothing to undo" in done
+    assert committer.resolve("HEAD") == base and git(repo.root, "status", "--porcelain") == ""
+
+
+def test_a_damaged_record_is_removed(repo: GitRepo) -> None:
+    (repo.root / ".git" / "switchboard-write.json").write_text("{torn")
+    assert "damaged" in (Committer(repo, COMMITTER).recover() or "")
+    assert not (repo.root / ".git" / "switchboard-write.json").exists()
+
+
+def test_undo_puts_branch_files_and_index_back(repo: GitRepo) -> None:
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/a.yaml": b"changed\n"}, author=AUTHOR, text="m\n")
+    paths = committer.advance(ref, base, commit)
+    committer.undo(ref, base, commit, paths)
+    assert committer.resolve("HEAD") == base
+    assert (repo.root / "providers.d" / "a.yaml").read_bytes() == b"a: 1\n"
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_git_runs_without_secrets_identity_or_prompts() -> None:
+    env = safe_environ(
+        {
+            "PATH": "/bin",
+            "HOME": "/home/x",
+            "SOPS_AGE_KEY": "AGE-SECRET-KEY-1",
+            "SOPS_AGE_KEY_FILE": "/k",
+            "SWITCHBOARD_WEBHOOK_SECRET": "s",
+            "GIT_AUTHOR_NAME": "a",
+            "GIT_COMMITTER_EMAIL": "c",
+            "EMAIL": "e",
+            "GIT_DIR": "/elsewhere",
+            "GIT_CONFIG_PARAMETERS": "'core.hookspath'='/tmp/evil'",
+        }
+    )
+    assert env == {"PATH": "/bin", "HOME": "/home/x", "GIT_TERMINAL_PROMPT": "0"}
+
+
+def test_credentials_in_urls_are_masked_in_git_errors() -> None:
+    assert redact("fatal: unable to access 'https://bot:ghp_secret@github.com/o/r.git/'") == (
+        "fatal: unable to access 'https://****@github.com/o/r.git/'"
+    )
