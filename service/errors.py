@@ -139,6 +139,10 @@ class HTTPError(SwitchboardError):
     def body(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "message": self.message, **self.extra}}
 
+    def headers(self) -> dict[str, str]:
+        """Headers the answer carries besides the body (`Retry-After`, say)."""
+        return {}
+
 
 class BadRequest(HTTPError):
     status = 400
@@ -212,3 +216,10 @@ class Busy(HTTPError):
 
     status = 503
     type = "busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}

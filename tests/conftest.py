@@ -253,7 +253,7 @@ async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]
     app = create_app(config, sops=project.sops)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    await web.TCPSite(runner, "127.0.0.1", config.port).start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     async with aiohttp.ClientSession() as http:
         service = Service(app, config, project, url, http, runner)

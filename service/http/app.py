@@ -107,7 +107,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
     except HTTPError as exc:
-        response = web.json_response(exc.body(), status=exc.status)
+        response = web.json_response(exc.body(), status=exc.status, headers=exc.headers())
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
         response = web.json_response(error.body(), status=error.status)

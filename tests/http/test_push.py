@@ -1,0 +1,297 @@
+"""Change push (SPEC 9) against a real server: ETags, blocking queries, the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.http import push
+from service.http.push import CHANGES
+from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
+from tests.support.gateway import write_clients
+
+API = "/api/v1/llm-config"
+
+
+async def get(service: Service, path: str, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    async with service.http.get(service.url + path, headers=headers or {}) as response:
+        await response.read()
+        return response
+
+
+def move(project: SopsProject, port: int) -> None:
+    """A change to the configuration: `gpu` moves to another port."""
+    write_server(project, "gpu", base_url=f"http://127.0.0.1:{port}/v1")
+
+
+# -- conditional GETs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/active", "/active/chat", "/providers", "/servers", "/servers/gpu", "/providers/gpu"])
+async def test_every_get_has_an_etag_and_answers_304_while_it_holds(running_service: Service, path: str) -> None:
+    first = await get(running_service, API + path)
+    assert first.status == 200
+    tag = first.headers["ETag"]
+    assert first.headers[push.INDEX_HEADER].isdigit() and first.headers[push.REPLICA_HEADER]
+    again = await get(running_service, API + path, {"If-None-Match": tag})
+    assert again.status == 304 and again.headers["ETag"] == tag and await again.read() == b""
+    move(running_service.project, 7001)
+    changed = await eventually(lambda: _tag_changed(running_service, API + path, tag))
+    assert changed.status == 200
+
+
+async def _tag_changed(service: Service, path: str, tag: str) -> aiohttp.ClientResponse:
+    response = await get(service, path, {"If-None-Match": tag})
+    assert response.status == 200 and response.headers["ETag"] != tag
+    return response
+
+
+async def test_one_providers_tag_is_its_blob_and_the_index(running_service: Service) -> None:
+    from service.vcs.gitrepo import blob_sha
+
+    response = await get(running_service, API + "/providers/gpu")
+    blob = blob_sha((running_service.project.providers / "gpu.yaml").read_bytes())
+    assert response.headers["ETag"] == f'"{blob}.{response.headers[push.INDEX_HEADER]}"'
+
+
+async def test_saving_the_same_content_keeps_the_tag(running_service: Service) -> None:
+    tag = (await get(running_service, API + "/active/chat")).headers["ETag"]
+    path = running_service.project.providers / "gpu.yaml"
+    path.write_bytes(path.read_bytes())
+    await asyncio.sleep(0.2)
+    assert (await get(running_service, API + "/active/chat")).headers["ETag"] == tag
+
+
+# -- blocking queries -----------------------------------------------------------------------------
+
+
+async def test_a_held_query_is_answered_when_a_file_is_saved(running_service: Service) -> None:
+    first = await get(running_service, API + "/active/chat")
+    index = first.headers[push.INDEX_HEADER]
+    held = asyncio.create_task(get(running_service, f"{API}/active/chat?index={index}&wait=30s"))
+    await asyncio.sleep(0.3)
+    assert not held.done()
+    saved = time.monotonic()
+    move(running_service.project, 7002)
+    answer = await asyncio.wait_for(held, 10)
+    assert time.monotonic() - saved < 5
+    assert int(answer.headers[push.INDEX_HEADER]) > int(index)
+    assert json.loads(await answer.read())["primary"][0]["base_url"].endswith(":7002/v1")
+
+
+async def test_a_held_query_answers_when_its_wait_runs_out(running_service: Service) -> None:
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    started = time.monotonic()
+    answer = await get(running_service, f"{API}/active?index={index}&wait=300ms")
+    assert answer.status == 200 and 0.25 < time.monotonic() - started < 3
+    assert answer.headers[push.INDEX_HEADER] == index
+
+
+async def test_an_index_ahead_of_the_service_answers_at_once(running_service: Service) -> None:
+    started = time.monotonic()
+    answer = await get(running_service, f"{API}/active?index=999999&wait=30s")
+    assert answer.status == 200 and time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("query", ["index=x", "index=-1", "index=1&wait=soon", "index=1&wait=10h"])
+async def test_bad_index_or_wait_is_400(running_service: Service, query: str) -> None:
+    assert (await get(running_service, f"{API}/active?{query}")).status == 400
+
+
+async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project, max_watchers=2) as service:
+        index = (await get(service, API + "/active")).headers[push.INDEX_HEADER]
+        held = [asyncio.create_task(get(service, f"{API}/active?index={index}&wait=30s")) for _ in range(2)]
+        await eventually(lambda: service.app[CHANGES].held == 2)
+        refused = await get(service, f"{API}/active?index={index}&wait=30s")
+        assert refused.status == 503 and refused.headers["Retry-After"].isdigit()
+        assert json.loads(await refused.read())["error"]["type"] == "busy"
+        move(sops_project, 7003)
+        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+
+
+async def test_nothing_is_held_before_the_client_is_known(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    write_clients(sops_project, {"reader": ("tok-r", ["config:read"])})
+    async with serve(sops_project) as service:
+        started = time.monotonic()
+        answer = await get(service, f"{API}/active?index=1&wait=30s")
+        assert answer.status == 401 and time.monotonic() - started < 2
+        assert service.app[CHANGES].held == 0
+
+
+async def test_shutdown_answers_held_queries_at_once(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project) as service:
+        index = (await get(service, API + "/active")).headers[push.INDEX_HEADER]
+        held = asyncio.create_task(get(service, f"{API}/active?index={index}&wait=300s"))
+        await eventually(lambda: service.app[CHANGES].held == 1)
+        started = time.monotonic()
+        await service.stop()
+        answer = await asyncio.wait_for(held, 10)
+        assert answer.status == 200 and time.monotonic() - started < 5
+
+
+# -- the event stream ---------------------------------------------------------------------------
+
+
+async def sse(
+    service: Service, headers: dict[str, str] | None = None, query: str = ""
+) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+    """(kind, event) for each frame: ("event", data) or ("comment", None)."""
+    async with service.http.get(
+        f"{service.url}{API}/events{query}", headers=headers or {}, timeout=aiohttp.ClientTimeout(total=30)
+    ) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert "ETag" not in response.headers
+        fields: dict[str, str] = {}
+        async for raw in response.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                yield "comment", None
+            elif line == "":
+                if "data" in fields:
+                    data = json.loads(fields["data"])
+                    assert int(fields["id"]) == data["seq"] and fields["event"] == data["type"]
+                    yield "event", data
+                fields = {}
+            else:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+
+
+async def take(stream: AsyncIterator[tuple[str, dict[str, Any] | None]], count: int) -> list[dict[str, Any]]:
+    found = []
+    async for kind, data in stream:
+        if kind == "event" and data is not None:
+            found.append(data)
+            if len(found) == count:
+                return found
+    return found
+
+
+async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicate(
+    running_service: Service,
+) -> None:
+    live = sse(running_service)
+    first_frame = await anext(live)
+    assert first_frame == ("comment", None)
+    move(running_service.project, 7010)
+    (updated,) = await asyncio.wait_for(take(live, 1), 10)
+    assert updated["type"] == "provider.updated" and updated["subject"] == "gpu"
+    await live.aclose()
+    move(running_service.project, 7011)  # missed while disconnected
+    move(running_service.project, 7012)
+    everything = [e.seq for e in running_service.events()]
+    resumed = sse(running_service, {"Last-Event-ID": str(updated["seq"])}, "?after=1")  # the header wins
+    missed = await asyncio.wait_for(take(resumed, 2), 10)
+    assert [e["seq"] for e in missed] == [s for s in everything if s > updated["seq"]][:2]
+    move(running_service.project, 7013)
+    (next_one,) = await asyncio.wait_for(take(resumed, 1), 10)
+    assert next_one["seq"] == missed[-1]["seq"] + 1
+    await resumed.aclose()
+    from_start = sse(running_service, query="?after=0")
+    replayed = await asyncio.wait_for(take(from_start, len(everything)), 10)
+    assert [e["seq"] for e in replayed] == everything
+    await from_start.aclose()
+
+
+async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {"reader": ("tok-r", ["config:read"]), "boss": ("tok-a", ["config:read", "admin", "secrets:read"])}
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        auth = {"reader": {"Authorization": "Bearer tok-r"}, "boss": {"Authorization": "Bearer tok-a"}}
+        streams = {name: sse(service, headers, "?after=0") for name, headers in auth.items()}
+        await get(service, API + "/active/chat/litellm", auth["boss"])  # a secret.read
+        clients["new"] = ("tok-n", ["completions"])
+        write_clients(sops_project, clients)  # a clients.updated
+        move(sops_project, 7020)
+        seen: dict[str, list[str]] = {}
+        for name, stream in streams.items():
+            events = await asyncio.wait_for(_until(stream, "provider.updated"), 10)
+            seen[name] = [e["type"] for e in events]
+            await stream.aclose()
+    assert "secret.read" in seen["boss"] and "clients.updated" in seen["boss"]
+    assert "secret.read" not in seen["reader"] and "clients.updated" not in seen["reader"]
+
+
+async def _until(stream: AsyncIterator[tuple[str, dict[str, Any] | None]], kind: str) -> list[dict[str, Any]]:
+    found = []
+    async for frame_kind, data in stream:
+        if frame_kind == "event" and data is not None:
+            found.append(data)
+            if data["type"] == kind and data.get("subject") == "gpu":
+                return found
+    return found
+
+
+async def test_the_stream_sends_keep_alive_comments(running_service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(push, "KEEPALIVE_S", 0.2)
+    stream = sse(running_service)
+    frames = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
+    assert frames == [("comment", None)] * 3
+    await stream.aclose()
+
+
+async def test_a_stream_that_falls_too_far_behind_is_closed_and_holds_no_memory(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(push, "STREAM_BACKLOG", 3)
+    changes = running_service.app[CHANGES]
+    async with running_service.http.get(f"{running_service.url}{API}/events") as response:
+        await eventually(lambda: len(changes._streams) == 1)
+        (stream,) = changes._streams
+        stream.ready.set = lambda: None  # a handler that never gets to run: the backlog only grows
+        for port in range(7030, 7036):
+            move(running_service.project, port)
+            await eventually(lambda p=port: running_service.registry.snapshot.providers["gpu"].endpoint.endswith(f":{p}/v1"))
+        assert stream.overflowed and len(stream.backlog) <= 3
+        del stream.ready.set
+        stream.ready.set()
+        await asyncio.wait_for(response.content.read(), 10)  # the service ended it
+    await eventually(lambda: not changes._streams)
+
+
+# -- at scale ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_thousand_held_queries_and_a_hundred_streams_all_hear_one_change(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project, max_watchers=1200) as service:
+        index = (await get(service, API + "/active/chat")).headers[push.INDEX_HEADER]
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+
+            async def held() -> int:
+                async with http.get(f"{service.url}{API}/active/chat?index={index}&wait=60s") as response:
+                    await response.read()
+                    return int(response.headers[push.INDEX_HEADER])
+
+            async def stream() -> int:
+                async with http.get(f"{service.url}{API}/events") as response:
+                    async for raw in response.content:
+                        if raw.startswith(b"id: "):
+                            return int(raw[4:])
+                return 0
+
+            queries = [asyncio.create_task(held()) for _ in range(1000)]
+            streams = [asyncio.create_task(stream()) for _ in range(100)]
+            await eventually(lambda: service.app[CHANGES].held == 1100, timeout=60)
+            move(sops_project, 7040)
+            indexes = await asyncio.wait_for(asyncio.gather(*queries, *streams), 30)
+        assert all(i > int(index) for i in indexes)

@@ -1,0 +1,176 @@
+"""The Python client (SPEC 11) against a real service: the old interface, kept current by push."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from service.client import Forbidden, NotFound, Switchboard, Unavailable
+from service.config.export import litellm_config
+from service.config.snapshot import load_folder
+from tests.conftest import SopsProject, eventually, serve, write_routing, write_server
+from tests.support.gateway import CANARY, write_clients, write_provider
+from tests.support.upstreams import FakeUpstream
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def project_with_route(project: SopsProject, *, key: bool = False) -> None:
+    write_server(project, "a", base_url="http://127.0.0.1:9/v1")
+    write_server(project, "b", base_url="http://127.0.0.1:10/v1")
+    write_server(project, "c", base_url="http://127.0.0.1:11/v1")
+    if key:
+        write_provider(project, "k", provider="openai", base_url="http://127.0.0.1:12/v1", api_key=CANARY)
+    write_routing(project, ["a", "b"], fallbacks=["c"])
+
+
+async def test_the_old_interface_answers_from_a_copy_kept_current(sops_project: SopsProject) -> None:
+    project_with_route(sops_project)
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        chat = await sb.get_active_llm_provider("chat")
+        assert chat is not None and (chat.id, chat.role, chat.stale) == ("a", "primary", False)
+        backup = await sb.get_fallback_provider(chat)
+        assert backup is not None and backup.id == "b"
+        last = await sb.get_fallback_provider(backup)
+        assert last is not None and (last.id, last.role) == ("c", "fallback")
+        assert await sb.get_fallback_provider(last) is None
+        with pytest.raises(NotFound):
+            await sb.get_active_llm_provider("reranking")
+        # A change is seen without asking again: the held query brings it.
+        index = sb.index
+        write_routing(sops_project, ["b"], fallbacks=["a"])
+        started = time.monotonic()
+        await sb.wait_for_change(index, timeout_s=10)
+        assert time.monotonic() - started < 2
+        chat = await sb.get_active_llm_provider("chat")
+        assert chat is not None and chat.id == "b"
+
+
+async def test_unhealthy_candidates_are_skipped(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="c") as c:
+        write_server(sops_project, "a", base_url="http://127.0.0.1:9/v1")  # nobody listens
+        write_server(sops_project, "c", base_url=c.base_url)
+        write_routing(sops_project, ["a"], fallbacks=["c"])
+        async with serve(sops_project) as service, Switchboard(service.url) as sb:
+            result = await sb.test_provider("a")
+            assert not result.ok and "cannot connect" in result.message
+            await eventually(lambda: _first_is(sb, "c"), timeout=10)
+
+
+async def _first_is(sb: Switchboard, provider_id: str) -> None:
+    chat = await sb.get_active_llm_provider("chat")
+    assert chat is not None and chat.id == provider_id
+
+
+async def test_exports_match_switchboard_export(sops_project: SopsProject) -> None:
+    project_with_route(sops_project, key=True)
+    snapshot = load_folder(sops_project.providers, "providers.d")
+    exported = {
+        d["model_info"]["switchboard_provider"]: d["litellm_params"] for d in litellm_config(snapshot)["model_list"]
+    }
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        chat = await sb.get_active_llm_provider("chat")
+        assert chat is not None
+        assert chat.to_litellm_config() == exported["a"] == snapshot.providers["a"].to_litellm_config()
+        assert chat.to_wilmer_config() == snapshot.providers["a"].to_wilmer_config()
+        providers = {p.id: p for p in await sb.providers()}
+        assert providers["k"].to_litellm_config() == snapshot.providers["k"].to_litellm_config()
+        assert providers["k"].api_key == "****" + CANARY[-4:]
+        assert CANARY not in json.dumps(providers["k"].raw)
+
+
+async def test_litellm_params_need_secrets_read_and_give_the_key(sops_project: SopsProject) -> None:
+    write_provider(sops_project, "k", provider="openai", base_url="http://127.0.0.1:12/v1", api_key=CANARY)
+    write_routing(sops_project, ["k"])
+    write_clients(sops_project, {"app": ("tok-app", ["config:read", "secrets:read"]), "ro": ("tok-ro", ["config:read"])})
+    async with serve(sops_project) as service:
+        async with Switchboard(service.url, token="tok-app") as sb:
+            params = await sb.litellm_params("chat")
+            assert params["api_key"] == CANARY and params["model"] == "openai/*"
+        async with Switchboard(service.url, token="tok-ro") as sb:
+            with pytest.raises(Forbidden):
+                await sb.litellm_params("chat")
+            with pytest.raises(Forbidden):
+                await sb.test_provider("k")
+
+
+async def test_the_client_outlives_a_restart_answering_stale_meanwhile(sops_project: SopsProject) -> None:
+    project_with_route(sops_project)
+    async with serve(sops_project) as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        sb = Switchboard(first.url, backoff_s=(0.05, 0.2))
+        await sb.start()
+        assert (await sb.get_active_llm_provider("chat")).id == "a"  # type: ignore[union-attr]
+    # The service is gone: answers come from the last copy, marked stale.
+    await eventually(lambda: sb.stale, timeout=10)
+    chat = await sb.get_active_llm_provider("chat")
+    assert chat is not None and chat.id == "a" and chat.stale
+    write_routing(sops_project, ["c"])  # changed while it was down
+    async with serve(sops_project, port=port) as second:
+        assert second.url.endswith(f":{port}")
+        await eventually(lambda: _first_is(sb, "c"), timeout=15)
+        chat = await sb.get_active_llm_provider("chat")
+        assert chat is not None and not chat.stale
+    await sb.close()
+
+
+async def test_no_copy_yet_is_unavailable(tmp_path: Path) -> None:
+    async with Switchboard("http://127.0.0.1:9", backoff_s=(0.05, 0.1)) as sb:
+        with pytest.raises(Unavailable):
+            await sb.get_active_llm_provider("chat", timeout_s=0.3)
+
+
+async def test_events_resume_after_a_disconnect(sops_project: SopsProject) -> None:
+    project_with_route(sops_project)
+    async with serve(sops_project) as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        async with Switchboard(first.url, backoff_s=(0.05, 0.2)) as sb:
+            stream = sb.events(after=0)
+            seen = [await asyncio.wait_for(anext(stream), 10)]
+            await first.stop()
+            write_server(sops_project, "b", base_url="http://127.0.0.1:7777/v1")
+            async with serve(sops_project, port=port):
+                while not any(e.type == "provider.updated" and e.subject == "b" for e in seen):
+                    seen.append(await asyncio.wait_for(anext(stream), 15))
+            await stream.aclose()
+    seqs = [e.seq for e in seen]
+    assert seqs == sorted(set(seqs)), "no event twice, in order"
+    logged = [e.seq for e in first.events()]
+    assert seqs == logged[: len(seqs)], "no gap"
+
+
+# -- packaging -------------------------------------------------------------------------------------
+
+
+def test_importing_the_client_imports_nothing_of_the_server() -> None:
+    code = (
+        "import sys, service.client\n"
+        "server = [m for m in sys.modules if m.startswith(('service.', 'litellm', 'pydantic', 'yaml', 'aiohttp.web'))"
+        " and m not in ('service.client', 'service.formats', 'service.vendors')]\n"
+        "assert not server, server\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30, cwd=REPO)
+
+
+@pytest.mark.timeout(180)
+def test_the_client_distribution_ships_alone(tmp_path: Path) -> None:
+    """`pip install ./client`: a wheel of the client's modules that depends on aiohttp only."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO / "client")],
+        check=True,
+        timeout=150,
+    )
+    (wheel,) = tmp_path.glob("switchboard_client-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        modules = sorted(n for n in archive.namelist() if n.endswith(".py"))
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith("METADATA"))).decode()
+    assert modules == ["service/__init__.py", "service/client.py", "service/formats.py", "service/vendors.py"]
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert requires == ["Requires-Dist: aiohttp<4,>=3.10"]
