@@ -173,6 +173,12 @@ async def test_audit_refuses_a_bad_time_or_limit(running_service: Service, query
     assert body["error"]["message"].startswith(message)
 
 
+async def test_state_at_a_year_before_1000_keeps_four_digits(running_service: Service) -> None:
+    """Found by schemathesis: strftime wrote year 256 as `256`, off the answer's documented pattern."""
+    status, body = await running_service.get(f"{API}/state?at=0256-06-16T13:01:50.8Z")
+    assert (status, body["at"]) == (200, "0256-06-16T13:01:50.800000Z")
+
+
 async def test_state_refuses_a_bad_time_and_is_empty_before_the_first_event(running_service: Service) -> None:
     status, body = await running_service.get(f"{API}/state?at=soon")
     assert (status, body["error"]["type"]) == (400, "bad_request")
