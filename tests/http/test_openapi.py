@@ -23,6 +23,7 @@ from openapi_spec_validator import validate
 from service.config.models import Scope
 from service.http.app import create_app
 from service.http.openapi import PATH, document
+from service.journal.log import verify
 from service.settings import Settings
 from tests.conftest import Service, SopsProject, git, git_init, serve
 from tests.support.gateway import write_clients, write_provider, write_routing
@@ -329,6 +330,13 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_
             started = time.perf_counter()
             code, report = await schemathesis(service, tmp_path)
             took = time.perf_counter() - started
-    print(report[-3000:], f"\nschemathesis took {took:.1f} s")
+    print(report[-3000:], f"\nschemathesis took {took:.1f} s")  # shown with -s
     assert code == 0, report[-30_000:]
     assert "No issues found" in report or "passed" in report, report[-5000:]
+    # The writes were real: commits by the API's client, nothing left half-done, the log whole.
+    authors = git(sops_project.root, "log", "--format=%ae").splitlines()
+    written = authors.count("tester@clients.switchboard.invalid")
+    print(f"{written} commits written over HTTP")
+    assert written >= 5, authors
+    assert git(sops_project.root, "status", "--porcelain") == ""
+    verify(sops_project.root / "var" / "events.jsonl")
