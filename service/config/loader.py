@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from service.config.models import MODELS, SECRET_FIELDS, AiServer, ApiKey, Document
-from service.config.secret import SOPS_VALUE, Sealed, Secret
+from service.config.secret import SOPS_VALUE, Sealed, Secret, unsendable
 from service.errors import FileRejected, Problem, SopsError, SopsTampered
 
 MAX_FILE_BYTES = 1 << 20
@@ -112,6 +112,9 @@ def with_secrets(loaded: Loaded, plaintext: Mapping[str, Any]) -> Loaded:
         if isinstance(getattr(loaded.document, name, None), Sealed):
             if not isinstance(value, str):
                 raise FileRejected([Problem(loaded.file, loaded.line(name), f"`{name}` did not decrypt")])
+            if unsendable(value):  # it would fail every request it was sent with
+                message = f"`{name}` holds a control character (a line break?); a key is one line"
+                raise FileRejected([Problem(loaded.file, loaded.line(name), message, name)])
             update[name] = Secret(value)
     return replace(loaded, document=loaded.document.model_copy(update=update)) if update else loaded
 

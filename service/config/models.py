@@ -93,7 +93,10 @@ def _one_or_many(value: object) -> object:
 
 
 class _Document(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
+    # No `.inf` or `.nan`: a timeout or a weight must be a number, and the event log is strict JSON.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True, allow_inf_nan=False
+    )
 
 
 class _Provider(_Document):

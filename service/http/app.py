@@ -20,7 +20,7 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api, write_api
+from service.http import config_api, openai_api, openapi, write_api
 from service.http.auth import Handler
 from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
 from service.journal.events import BaseEvent, ServiceStarted
@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    openapi.setup(app)
     return app
 
 

@@ -253,7 +253,8 @@ async def _state(request: web.Request) -> web.StreamResponse:
     included = [e for e in request.app[EVENTS].events() if e.ts <= at]
     return _json(
         {
-            "at": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            # isoformat pads the year to four digits, where strftime's %Y writes year 256 as `256`
+            "at": at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "seq": included[-1].seq if included else 0,
             "config": replay(included),
         }

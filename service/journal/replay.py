@@ -68,11 +68,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     if value == "now":
         return reference
     relative = _RELATIVE.match(value)
-    if relative:
-        amount, unit = relative.groups()
-        return reference - timedelta(**{_UNITS[unit]: int(amount)})
     try:
+        if relative:
+            amount, unit = relative.groups()
+            return reference - timedelta(**{_UNITS[unit]: int(amount)})
         return to_utc(datetime.fromisoformat(value))  # a date alone is its midnight
+    except OverflowError:  # `99999999d` ago, or a time that leaves the calendar once in UTC
+        raise ValueError(f"out of range: {text!r}") from None
     except ValueError:
         raise ValueError(
             f"not a time: {text!r} (use ISO 8601 like 2026-11-27T05:33:08Z, a date, or 10m, 2h, 3d)"

@@ -132,6 +132,23 @@ async def test_rerank_orders_by_relevance_and_honours_top_n(
     assert results[0]["document"] == {"text": "red apple pie"}
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", {"model": "m", "messages": ["not an object"]}),
+        ("/chat/completions", {"model": "m", "messages": [], "stream": True, "stream_options": 5}),
+        ("/embeddings", {"model": "m", "input": "x", "dimensions": "eight"}),
+        ("/rerank", {"query": "q", "documents": 3}),
+    ],
+)
+async def test_a_body_of_the_wrong_shape_is_a_400_as_a_vendor_answers(
+    upstream: FakeUpstream, session: aiohttp.ClientSession, path: str, body: dict[str, object]
+) -> None:
+    async with session.post(upstream.base_url + path, json=body) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
 async def test_wrong_key_is_refused_with_401(upstream: FakeUpstream) -> None:
     async with _sdk(upstream, key="sk-wrong") as client:
         with pytest.raises(openai.AuthenticationError):

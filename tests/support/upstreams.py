@@ -212,7 +212,10 @@ class FakeUpstream:
             return self._error(fault.status, f"injected failure {fault.status} from {self.name}")
         request[_FAULT] = fault if fault is not None and fault.kind in ("stall", "drop") else None
         request[_BODY] = body
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (AttributeError, KeyError, TypeError, ValueError):  # as a vendor, a 400 and not a 500
+            return self._error(400, "the request body does not have the expected shape")
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
         if self.protocol == "anthropic":
