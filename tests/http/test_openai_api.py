@@ -57,6 +57,32 @@ async def test_the_body_goes_out_as_sent_unless_the_model_is_renamed(sops_projec
     assert b.requests[-1].json == {"model": "real-model", "input": "text"}
 
 
+async def test_the_request_never_chooses_where_it_goes_on_the_direct_path(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "api_key": CANARY}, {"name": "attacker"}) as (a, attacker):
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        hostile = {
+            "base_url": attacker.base_url,
+            "api_base": attacker.base_url,
+            "api_key": "sk-attacker-chosen",
+            "extra_headers": {"Authorization": "Bearer sk-attacker-chosen"},
+            "custom_llm_provider": "openai",
+            "api_version": "2099-01-01",
+            "extra_body": {"base_url": attacker.base_url},
+        }
+        client_headers = {"X-Api-Key": "sk-attacker-chosen", "X-Stolen": "1", "X-Forwarded-Host": "evil"}
+        async with running(sops_project) as board:
+            payload = {"model": "fake-model", "messages": [{"role": "user", "content": "x"}], **hostile}
+            url = f"{board.base_url}/chat/completions"
+            async with board.http.post(url, json=payload, headers=client_headers) as response:
+                assert response.status == 200, await response.text()
+    assert not attacker.requests
+    received = a.requests[-1]
+    assert received.json == payload  # the body passes unchanged: the server's business
+    assert received.headers["authorization"] == f"Bearer {CANARY}"
+    assert not {"x-api-key", "x-stolen", "x-forwarded-host"} & set(received.headers)
+
+
 FAULTS = {
     "connection refused": None,
     "500": ("fail", 500),

@@ -32,6 +32,21 @@ from service.vendors import VENDORS
 
 _DONE = b"data: [DONE]\n\n"
 
+OPENAI_FIELDS = frozenset(
+    (
+        "messages", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+        "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+        "top_logprobs", "seed", "user", "tools", "tool_choice", "parallel_tool_calls",
+        "response_format", "input", "encoding_format", "dimensions", "query", "documents", "top_n",
+    )
+)  # fmt: skip
+"""The request fields passed on to litellm (SPEC 7), besides `model` and `stream`, which are ours.
+
+litellm takes its routing and credentials from the same keyword arguments as the request
+(`base_url`, `api_base`, `api_key`, `extra_headers`, `custom_llm_provider`, `api_version`,
+`litellm_params`, `model_list`, `mock_response`...): anything a client sends beyond these
+fields could choose where the provider's key goes, so it is dropped, not forwarded."""
+
 
 def litellm_model(provider: Provider, model: str) -> str:
     """`vendor/model` as litellm names it, for the model the provider is asked for."""
@@ -75,7 +90,11 @@ async def _forward(
     litellm: Any, call: Call, provider: Provider, headers: dict[str, str]
 ) -> web.StreamResponse:
     key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
-    params = {k: v for k, v in call.data.items() if k not in ("model", "stream")}
+    params = {k: v for k, v in call.data.items() if k in OPENAI_FIELDS}
+    options = params.get("stream_options")
+    if options is not None:  # only what OpenAI defines; litellm reads nothing else from it
+        wanted = options.get("include_usage") if isinstance(options, dict) else None
+        params["stream_options"] = {"include_usage": wanted is True}
     params.update(
         model=litellm_model(provider, call.model or ""),
         api_key=key,

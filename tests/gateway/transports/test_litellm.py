@@ -99,3 +99,50 @@ def test_the_direct_path_does_not_import_litellm() -> None:
         "assert 'litellm' not in sys.modules, 'litellm imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def _hostile_bodies(attacker: str) -> list[dict[str, Any]]:
+    """Bodies that try to send the provider's key elsewhere, or to choose its credentials."""
+    v1 = f"{attacker}/v1"
+    return [
+        {"base_url": attacker},
+        {"api_base": attacker},
+        {"base_url": v1, "api_base": v1, "custom_llm_provider": "openai"},
+        {"custom_llm_provider": "openai", "api_base": v1},
+        {"api_version": "2099-01-01", "api_base": attacker},
+        {"api_key": "sk-attacker-chosen"},
+        {"extra_headers": {"x-api-key": "sk-attacker-chosen", "x-stolen": "1"}},
+        {"headers": {"x-api-key": "sk-attacker-chosen"}},
+        {"extra_body": {"base_url": attacker, "api_base": attacker}},
+        {"litellm_params": {"api_base": attacker, "api_key": "sk-attacker-chosen"}},
+        {"metadata": {"api_base": attacker, "headers": {"x-stolen": "1"}}},
+        {"model_list": [{"model_name": "claude-x", "litellm_params": {"api_base": attacker}}]},
+        {"deployment_id": "x", "azure_ad_token": "t", "aws_region_name": "us-east-1"},
+        {"mock_response": "not from the vendor"},
+        {"stream_options": {"include_usage": True, "api_base": attacker}},
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_hostile_body_cannot_send_the_key_elsewhere(sops_project: SopsProject, stream: bool) -> None:
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY},
+        {"name": "attacker"},
+    ) as (up, attacker):
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            answers = []
+            for hostile in _hostile_bodies(attacker.url):
+                response = await board.chat("hi", max_tokens=10, stream=stream, **hostile)
+                answers.append((hostile, response.status, await response.text()))
+    assert not attacker.requests, [r.path for r in attacker.requests]
+    for hostile, status, text in answers:
+        assert status == 200, (hostile, text)
+        assert "claude says: hi" in text or "claude" in text, (hostile, text)
+        assert "not from the vendor" not in text
+    assert len(up.requests) == len(answers)
+    for request in up.requests:
+        assert request.headers["x-api-key"] == CANARY
+        assert "x-stolen" not in request.headers
+        assert set(request.json) <= {"model", "messages", "max_tokens", "stream", "metadata", "system"}
