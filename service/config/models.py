@@ -106,9 +106,24 @@ class _Provider(_Document):
         default_factory=dict, description="Requested model alias -> model name sent upstream."
     )
     purposes: list[Purpose] = Field(default_factory=lambda: list[Purpose](["chat"]), min_length=1)
-    timeout_s: float = Field(60, gt=0, description="Upstream request timeout, seconds.")
+    connect_timeout_s: float = Field(
+        5, gt=0, description="Connecting to the upstream, seconds; then it counts as a failure."
+    )
+    timeout_s: float = Field(
+        600,
+        gt=0,
+        description="Non-streaming requests: the whole answer, seconds. A stream has no total limit.",
+    )
     first_byte_timeout_s: float = Field(
-        15, gt=0, description="No first byte by then counts as a failure, seconds."
+        15,
+        gt=0,
+        description="Streaming requests: no first body byte by then is a failure (it falls back), seconds.",
+    )
+    idle_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="Streaming requests: the longest silence between two chunks after the first, seconds; "
+        "then the stream ends with an error event.",
     )
 
     @field_validator("purposes")
@@ -155,8 +170,10 @@ class _Provider(_Document):
             "purposes": dumped["purposes"],
             "enabled": self.enabled,
             "api_key": dumped["api_key"],
+            "connect_timeout_s": dumped["connect_timeout_s"],
             "timeout_s": dumped["timeout_s"],
             "first_byte_timeout_s": dumped["first_byte_timeout_s"],
+            "idle_timeout_s": dumped["idle_timeout_s"],
         }
 
     def _label_field(self) -> dict[str, str]:

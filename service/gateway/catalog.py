@@ -48,7 +48,10 @@ def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
 async def list_models(provider: Provider, session: aiohttp.ClientSession) -> ModelList:
     """Ask the provider for its models; a failure is described, never raised."""
     url, headers = models_request(provider)
-    timeout = aiohttp.ClientTimeout(total=min(provider.timeout_s, provider.first_byte_timeout_s))
+    # A models list is small and ready at once, like a stream's first byte: it gets as long.
+    timeout = aiohttp.ClientTimeout(
+        total=provider.first_byte_timeout_s, sock_connect=provider.connect_timeout_s
+    )
     try:
         async with session.get(url, headers=headers, timeout=timeout) as response:
             if response.status >= 400:

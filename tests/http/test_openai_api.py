@@ -20,7 +20,7 @@ from tests.support.gateway import (
     write_provider,
     write_routing,
 )
-from tests.support.upstreams import FakeUpstream, closed_port_url, upstreams
+from tests.support.upstreams import FakeUpstream, closed_port_url, unanswered_url, upstreams
 
 PROVIDER = "x-switchboard-provider"
 ATTEMPTS = "x-switchboard-attempts"
@@ -102,7 +102,8 @@ async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: st
         url = closed_port_url() if spec is None else primary.base_url
         if spec is not None:
             getattr(primary, spec[0])(spec[1])
-        write_provider(sops_project, "primary", base_url=url, first_byte_timeout_s=0.3)
+        # A plain answer has `timeout_s` for all of it; a stream `first_byte_timeout_s` to start.
+        write_provider(sops_project, "primary", base_url=url, first_byte_timeout_s=0.3, timeout_s=0.3)
         write_provider(sops_project, "backup", base_url=backup.base_url)
         write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
         async with running(sops_project) as board:
@@ -112,6 +113,97 @@ async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: st
     assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("backup", "2")
     assert "backup says: ping" in text or "backup" in text
     assert len(backup.requests) == 1
+
+
+async def test_a_plain_answer_slower_than_the_first_byte_timeout_is_not_cut(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "slow", "latency_s": 0.5}, {"name": "backup"}) as (slow, backup):
+        write_provider(sops_project, "slow", base_url=slow.base_url, first_byte_timeout_s=0.1)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "slow", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat("take your time")
+            body = await response.json()
+    assert response.status == 200, body
+    assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("slow", "1")
+    assert body["choices"][0]["message"]["content"] == "slow says: take your time"
+    assert len(slow.requests) == 1 and not backup.requests  # asked once, paid once
+
+
+async def test_a_stream_longer_than_timeout_s_is_not_cut(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "chunk_interval_s": 0.08}, {"name": "backup"}) as (a, backup):
+        write_provider(sops_project, "a", base_url=a.base_url, timeout_s=0.2, idle_timeout_s=5)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": "one two three four five"}],
+                stream=True,
+            )
+            started = asyncio.get_running_loop().time()
+            parts = [c.delta.content or "" async for chunk in stream for c in chunk.choices]
+            took = asyncio.get_running_loop().time() - started
+            await client.close()
+            metrics = await board.metrics()
+    assert "".join(parts) == "a says: one two three four five"
+    assert took > 0.4  # twice `timeout_s`: a stream has no total limit
+    assert not backup.requests
+    assert 'outcome="broken"' not in metrics
+
+
+async def test_a_stream_that_falls_silent_ends_with_an_error_event(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "chunk_interval_s": 0.5}, {"name": "backup"}) as (a, backup):
+        write_provider(sops_project, "a", base_url=a.base_url, idle_timeout_s=0.1)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+            parts = []
+            with pytest.raises(openai.APIError, match=r"no chunk within 0\.1 s"):
+                async for chunk in stream:
+                    parts += [c.delta.content or "" for c in chunk.choices]
+            await client.close()
+            metrics = await board.metrics()
+    assert parts == [""]  # the role chunk came, then silence
+    assert not backup.requests
+    assert 'switchboard_upstream_requests_total{outcome="broken",provider="a"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_connect_timeout_falls_back(sops_project: SopsProject, stream: bool) -> None:
+    async with upstreams({"name": "backup"}) as (backup,):
+        with unanswered_url() as url:
+            write_provider(
+                sops_project,
+                "unanswered",
+                base_url=url,
+                connect_timeout_s=0.2,
+                first_byte_timeout_s=30,
+                timeout_s=30,
+            )
+            write_provider(sops_project, "backup", base_url=backup.base_url)
+            write_routing(sops_project, chat={"primary": "unanswered", "fallbacks": ["backup"]})
+            async with running(sops_project) as board:
+                started = asyncio.get_running_loop().time()
+                served = await board.chat(stream=stream)
+                backup.fail(500)
+                failed = await board.chat(stream=stream)
+                took = asyncio.get_running_loop().time() - started
+                error = (await failed.json())["error"]
+    assert (served.status, served.headers[PROVIDER], served.headers[ATTEMPTS]) == (200, "backup", "2")
+    assert failed.status == 502
+    assert error["attempts"][0] == {
+        "provider": "unanswered",
+        "status": None,
+        "reason": "no connection within 0.2 s",
+    }
+    assert took < 5
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
@@ -422,7 +514,7 @@ async def test_the_litellm_parameters_are_given_and_audited(sops_project: SopsPr
         "model": "openrouter/m",
         "api_base": a.base_url,
         "api_key": CANARY,
-        "timeout": 60,
+        "timeout": 600,
     }
     assert [(e["subject"], e["client"], e["purpose"]) for e in reads] == [("a", "deployer", "chat")]
 

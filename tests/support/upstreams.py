@@ -10,9 +10,10 @@ Two protocols are spoken:
 
 Every request is recorded (`FakeUpstream.requests`), and at run time the server can be told
 to fail with a status, hang before the headers, stall after them, or drop a stream midway;
-`refuse_connections` makes its port refuse connections, and `closed_port_url` gives a URL
-nobody listens on. Out of process the same controls are ``POST /_control`` (a JSON `Fault`,
-or ``{"fault": "none"}``), ``GET /_requests`` and ``DELETE /_requests``::
+`refuse_connections` makes its port refuse connections, `closed_port_url` gives a URL
+nobody listens on, and `unanswered_url` one whose connections never complete. Out of
+process the same controls are ``POST /_control`` (a JSON `Fault`, or ``{"fault": "none"}``),
+``GET /_requests`` and ``DELETE /_requests``::
 
     async with FakeUpstream(name="a", api_key="sk-a") as up:
         up.fail(503, times=1)
@@ -33,7 +34,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -466,6 +467,25 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.contextmanager
+def unanswered_url() -> Iterator[str]:
+    """A loopback URL whose connections never complete (for connect timeouts), while the block runs.
+
+    The port listens with a full accept queue that nobody drains, so the kernel drops the
+    next handshakes and a client waits in `connect` until its own timeout.
+    """
+    with socket.socket() as server, contextlib.ExitStack() as stack:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        for _ in range(4):  # more than the queue holds
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield f"http://127.0.0.1:{port}/v1"
 
 
 @contextlib.asynccontextmanager

@@ -95,11 +95,19 @@ async def _forward(
     if options is not None:  # only what OpenAI defines; litellm reads nothing else from it
         wanted = options.get("include_usage") if isinstance(options, dict) else None
         params["stream_options"] = {"include_usage": wanted is True}
+    streaming = call.stream and call.purpose == "chat"
+    # litellm's own timeout (one number for httpx: connecting and each read) only backs
+    # ours up; the limits of SPEC 2.1 are the asyncio timeouts around what it does.
+    if streaming:
+        limit, late = provider.first_byte_timeout_s, "no first byte within {:g} s"
+        params["timeout"] = max(provider.first_byte_timeout_s, provider.idle_timeout_s)
+    else:
+        limit, late = provider.timeout_s, "no whole answer within {:g} s"
+        params["timeout"] = provider.timeout_s
     params.update(
         model=litellm_model(provider, call.model or ""),
         api_key=key,
         api_base=provider.endpoint.rstrip("/"),
-        timeout=provider.timeout_s,
         num_retries=0,
     )
     if call.purpose == "chat":
@@ -107,18 +115,18 @@ async def _forward(
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        async with asyncio.timeout(provider.first_byte_timeout_s):
+        async with asyncio.timeout(limit):
             if call.purpose == "embeddings":
                 result: Any = await litellm.aembedding(**params)
             elif call.purpose == "reranking":
                 result = await litellm.arerank(**params)
-            elif call.stream:
+            elif streaming:
                 result = await litellm.acompletion(stream=True, drop_params=True, **params)
                 first = await anext(result)
             else:
                 result = await litellm.acompletion(drop_params=True, **params)
     except TimeoutError:
-        raise Failure(None, f"no first byte within {provider.first_byte_timeout_s:g} s") from None
+        raise Failure(None, late.format(limit)) from None
     except Exception as exc:
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and 400 <= status < 500 and not retryable(status):
@@ -126,14 +134,16 @@ async def _forward(
         reason = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
         raise Failure(status if isinstance(status, int) else None, reason) from None
     call.first_byte_s = loop.time() - started
-    if call.stream and call.purpose == "chat":
-        return await _relay_stream(call, result, first, headers)
+    if streaming:
+        return await _relay_stream(call, result, first, headers, provider.idle_timeout_s)
     call.usage = _usage(result)
     headers["Content-Type"] = "application/json"
     return web.Response(body=result.model_dump_json(exclude_none=True), headers=headers)
 
 
-async def _relay_stream(call: Call, stream: Any, first: Any, headers: dict[str, str]) -> web.StreamResponse:
+async def _relay_stream(
+    call: Call, stream: Any, first: Any, headers: dict[str, str], idle_s: float
+) -> web.StreamResponse:
     headers["Content-Type"] = "text/event-stream"
     headers["Cache-Control"] = "no-cache"
     answer = web.StreamResponse(headers=headers)
@@ -145,14 +155,19 @@ async def _relay_stream(call: Call, stream: Any, first: Any, headers: dict[str, 
             call.usage = _usage(chunk) or call.usage
             await answer.write(b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n")
             try:
-                chunk = await anext(chunks)
+                async with asyncio.timeout(idle_s):
+                    chunk = await anext(chunks)
             except StopAsyncIteration:
                 await answer.write(_DONE)
                 break
             except Exception as exc:
-                call.broken = f"stream cut short: {type(exc).__name__}"
+                late = isinstance(exc, TimeoutError)
+                call.broken = (
+                    f"stream cut short: {f'no chunk within {idle_s:g} s' if late else type(exc).__name__}"
+                )
                 error = {"error": {"type": "upstream_failed", "message": call.broken}}
                 await answer.write(b"\n\ndata: " + json.dumps(error).encode() + b"\n\n")
+                await _close(stream)
                 break
         await answer.write_eof()
     except ConnectionResetError:

@@ -7,9 +7,16 @@ answer is read whole (it is needed whole for its `usage`, and one write is the f
 answer), an event stream is relayed chunk by chunk as it is read. Nothing here imports
 litellm.
 
-An attempt that fails in a way the next candidate may fix (no connection, a timeout, no
-first byte within `first_byte_timeout_s`, 408, 429, 5xx) raises `Failure`, as long as
-nothing has reached the client. Other answers are the client's, sent as they are.
+Timeouts follow the kind of request (SPEC 2.1). Connecting is bounded by
+`connect_timeout_s`. A non-streaming request has `timeout_s` for its whole answer, which
+comes at the end of the generation: no first-byte limit applies to it. A stream has no
+total limit: its first body byte must come within `first_byte_timeout_s` (so a stalled
+upstream falls back), then each chunk within `idle_timeout_s` of the last, or the stream
+ends with an error event.
+
+An attempt that fails in a way the next candidate may fix (no connection, a timeout, 408,
+429, 5xx) raises `Failure`, as long as nothing has reached the client. Other answers are
+the client's, sent as they are.
 """
 
 from __future__ import annotations
@@ -41,8 +48,12 @@ class _Upstream:
     provider: Provider
     base: str
     headers: Mapping[str, str]
-    timeout: aiohttp.ClientTimeout
+    plain: aiohttp.ClientTimeout
+    """Non-streaming requests: connecting, then the whole answer."""
+    streaming: aiohttp.ClientTimeout
+    """Streams: connecting only; the first byte and the silences are timed as they are read."""
     first_byte_s: float
+    idle_s: float
 
     @classmethod
     def of(cls, provider: Provider) -> _Upstream:
@@ -50,12 +61,15 @@ class _Upstream:
         key = provider.api_key
         if isinstance(key, Secret):
             headers["Authorization"] = f"Bearer {key.reveal()}"
+        connect = provider.connect_timeout_s
         return cls(
             provider=provider,
             base=provider.endpoint.rstrip("/"),
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=provider.timeout_s),
+            plain=aiohttp.ClientTimeout(total=provider.timeout_s, sock_connect=connect),
+            streaming=aiohttp.ClientTimeout(total=None, sock_connect=connect),
             first_byte_s=provider.first_byte_timeout_s,
+            idle_s=provider.idle_timeout_s,
         )
 
     def __repr__(self) -> str:  # the headers hold the key
@@ -80,6 +94,44 @@ class OpenAITransport(Transport):
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
         """Send `call` to `provider` and relay its answer; raises `Failure` to move on."""
         target = self.upstream(provider)
+        if call.stream:
+            return await self._send_stream(call, target, headers)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await self.session.post(
+                target.base + call.path,
+                data=call.body_for(target.provider),
+                headers=target.headers,
+                timeout=target.plain,
+            )
+            status = response.status
+            if retryable(status):
+                raise Failure(status, f"HTTP {status}")
+            call.first_byte_s = loop.time() - started
+            body = await response.read()
+        except TimeoutError as exc:
+            _close(response)
+            raise Failure(
+                None, _timed_out(exc, target, f"no whole answer within {target.plain.total:g} s")
+            ) from None
+        except aiohttp.ClientError as exc:
+            _close(response)
+            reason = describe_error(exc)
+            raise Failure(None, reason if response is None else f"answer cut short: {reason}") from None
+        except BaseException:
+            _close(response)
+            raise
+        response.release()
+        if status < 300:
+            call.usage = find_usage(body)
+        headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
+        return web.Response(body=body, status=status, headers=headers)
+
+    async def _send_stream(
+        self, call: Call, target: _Upstream, headers: dict[str, str]
+    ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
         response: aiohttp.ClientResponse | None = None
@@ -87,9 +139,9 @@ class OpenAITransport(Transport):
             async with asyncio.timeout(target.first_byte_s):
                 response = await self.session.post(
                     target.base + call.path,
-                    data=call.body_for(provider),
+                    data=call.body_for(target.provider),
                     headers=target.headers,
-                    timeout=target.timeout,
+                    timeout=target.streaming,
                 )
                 status = response.status
                 if retryable(status):
@@ -97,9 +149,8 @@ class OpenAITransport(Transport):
                 first = await response.content.readany()
         except TimeoutError as exc:
             _close(response)
-            late = f"no first byte within {target.first_byte_s:g} s"
             raise Failure(
-                None, describe_error(exc) if isinstance(exc, aiohttp.ClientError) else late
+                None, _timed_out(exc, target, f"no first byte within {target.first_byte_s:g} s")
             ) from None
         except aiohttp.ClientError as exc:
             _close(response)
@@ -110,10 +161,14 @@ class OpenAITransport(Transport):
         call.first_byte_s = loop.time() - started
         content_type = response.headers.get("Content-Type", "application/json")
         headers["Content-Type"] = content_type
-        if call.stream and status < 300 and content_type.startswith(_SSE):
-            return await _relay_stream(call, response, first, headers)
+        if status < 300 and content_type.startswith(_SSE):
+            return await _relay_stream(call, response, first, headers, target.idle_s)
+        # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
+        chunks = [first]
         try:
-            body = first if response.content.at_eof() else first + await response.content.read()
+            while not response.content.at_eof():
+                async with asyncio.timeout(target.idle_s):
+                    chunks.append(await response.content.readany())
         except (aiohttp.ClientError, TimeoutError) as exc:
             response.close()
             raise Failure(None, f"answer cut short: {describe_error(exc)}") from None
@@ -121,13 +176,14 @@ class OpenAITransport(Transport):
             response.close()
             raise
         response.release()
+        body = b"".join(chunks)
         if status < 300:
             call.usage = find_usage(body)
         return web.Response(body=body, status=status, headers=headers)
 
 
 async def _relay_stream(
-    call: Call, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str]
+    call: Call, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str], idle_s: float
 ) -> web.StreamResponse:
     headers["Cache-Control"] = "no-cache"
     answer = web.StreamResponse(status=upstream.status, headers=headers)
@@ -146,8 +202,13 @@ async def _relay_stream(
                 pending = b""
             await answer.write(chunk)
             try:
-                chunk = await upstream.content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                async with asyncio.timeout(idle_s):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                call.broken = f"stream cut short: no chunk within {idle_s:g} s"
+                await answer.write(_error_event(call.broken))
+                break
+            except aiohttp.ClientError as exc:
                 call.broken = f"stream cut short: {describe_error(exc)}"
                 await answer.write(_error_event(call.broken))
                 break
@@ -186,6 +247,13 @@ def find_usage(data: bytes, end: int | None = None) -> dict[str, Any] | None:
         stop = at
         at = data.rfind(_USAGE, 0, at)
     return None
+
+
+def _timed_out(exc: TimeoutError, target: _Upstream, otherwise: str) -> str:
+    """Why an attempt timed out: connecting, or `otherwise` (the answer was too slow)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"no connection within {target.plain.sock_connect:g} s"
+    return otherwise
 
 
 def _close(response: aiohttp.ClientResponse | None) -> None:

@@ -146,3 +146,35 @@ async def test_a_hostile_body_cannot_send_the_key_elsewhere(sops_project: SopsPr
         assert request.headers["x-api-key"] == CANARY
         assert "x-stolen" not in request.headers
         assert set(request.json) <= {"model", "messages", "max_tokens", "stream", "metadata", "system"}
+
+
+async def test_a_plain_answer_slower_than_the_first_byte_timeout_is_not_cut(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY, "latency_s": 0.5}, {"name": "backup"}
+    ) as (up, backup):
+        _anthropic(sops_project, up, first_byte_timeout_s=0.1)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat("slowly", max_tokens=10)
+            body = await response.json()
+    assert response.status == 200, body
+    assert response.headers["x-switchboard-provider"] == "claude"
+    assert body["choices"][0]["message"]["content"] == "claude says: slowly"
+    assert len(up.requests) == 1 and not backup.requests
+
+
+async def test_a_stream_through_litellm_that_falls_silent_ends_with_an_error_event(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY, chunk_interval_s=0.5) as up:
+        _anthropic(sops_project, up, idle_timeout_s=0.1, timeout_s=0.2)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            response = await board.chat("a b c", max_tokens=10, stream=True)
+            text = await response.text()
+    assert response.status == 200
+    assert "no chunk within 0.1 s" in text
+    assert CANARY not in text
