@@ -26,10 +26,32 @@ class Failure(Exception):
         self.reason = reason
         super().__init__(reason)
 
+    @classmethod
+    def of_status(cls, status: int) -> Failure:
+        """The failure an upstream's status means (one that `falls_back`)."""
+        if refused(status):
+            return cls(status, f"HTTP {status}: the upstream refused the provider's key")
+        return cls(status, f"HTTP {status}")
+
+    @property
+    def refused(self) -> bool:
+        """The upstream refused the provider's key: its circuit opens at once (SPEC 7)."""
+        return self.status is not None and refused(self.status)
+
 
 def retryable(status: int) -> bool:
-    """Statuses that move on to the next candidate (SPEC 7): 408, 429 and 5xx."""
+    """Statuses the upstream may answer otherwise next time (SPEC 7): 408, 429 and 5xx."""
     return status >= 500 or status in (408, 429)
+
+
+def refused(status: int) -> bool:
+    """401 and 403: the upstream refused the provider's own key, which the client cannot fix."""
+    return status in (401, 403)
+
+
+def falls_back(status: int) -> bool:
+    """Statuses that move on to the next candidate: `retryable` ones and `refused` ones."""
+    return status >= 500 or status in (401, 403, 408, 429)
 
 
 class Call:

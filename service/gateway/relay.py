@@ -58,7 +58,10 @@ class Relay:
             try:
                 response = await self.transport(provider).send(call, provider, headers)
             except Failure as failure:
-                health.failed(pid, failure.reason)
+                if failure.refused:
+                    health.refuse(pid, failure.reason)
+                else:
+                    health.failed(pid, failure.reason)
                 self.count("attempt", pid, "failed")
                 attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                 continue

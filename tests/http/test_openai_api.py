@@ -206,7 +206,7 @@ async def test_a_connect_timeout_falls_back(sops_project: SopsProject, stream: b
     assert took < 5
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 422])
+@pytest.mark.parametrize("status", [400, 404, 422])
 async def test_a_client_error_is_returned_as_it_is(sops_project: SopsProject, status: int) -> None:
     async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
         primary.fail(status)
@@ -220,6 +220,33 @@ async def test_a_client_error_is_returned_as_it_is(sops_project: SopsProject, st
     assert body["error"]["message"] == f"injected failure {status} from primary"
     assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("primary", "1")
     assert not backup.requests
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_key_falls_back_and_opens_the_circuit(
+    sops_project: SopsProject, status: int, stream: bool
+) -> None:
+    async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
+        primary.fail(status)
+        write_provider(sops_project, "primary", base_url=primary.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
+        async with running(sops_project, circuit_failures=3) as board:
+            served = await board.chat(stream=stream)
+            skipped = await board.chat(stream=stream)
+            backup.fail(500)
+            failed = await board.chat(stream=stream)
+            error = (await failed.json())["error"]
+            await board.recorded()
+            changes = board.events("provider.health_changed")
+    assert (served.status, served.headers[PROVIDER], served.headers[ATTEMPTS]) == (200, "backup", "2")
+    assert skipped.headers[ATTEMPTS] == "1" and len(primary.requests) == 1
+    assert failed.status == 502 and [a["provider"] for a in error["attempts"]] == ["backup"]
+    reason = f"HTTP {status}: the upstream refused the provider's key"
+    assert [(e["subject"], e["changes"]["status"]["new"], e["reason"]) for e in changes] == [
+        ("primary", "unhealthy", reason)
+    ]
 
 
 async def test_every_candidate_failing_is_a_502_listing_each_attempt(sops_project: SopsProject) -> None:
@@ -524,7 +551,7 @@ async def test_provider_test_and_server_models(sops_project: SopsProject) -> Non
         write_provider(sops_project, "a", base_url=a.base_url)
         write_provider(sops_project, "dead", base_url=closed_port_url())
         write_provider(sops_project, "k", provider="openai", base_url=a.base_url, api_key=CANARY)
-        async with running(sops_project) as board:
+        async with running(sops_project, health_confirm=1) as board:
             ok = await (await board.post("/api/v1/llm-config/providers/a/test", {})).json()
             down = await (await board.post("/api/v1/llm-config/providers/dead/test", {})).json()
             missing = await board.post("/api/v1/llm-config/providers/nope/test", {})

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.secret import Secret
-from service.gateway.call import Call, Failure, retryable
+from service.gateway.call import Call, Failure, falls_back
 from service.gateway.transports.base import Transport
 from service.vendors import VENDORS
 
@@ -129,10 +129,11 @@ async def _forward(
         raise Failure(None, late.format(limit)) from None
     except Exception as exc:
         status = getattr(exc, "status_code", None)
-        if isinstance(status, int) and 400 <= status < 500 and not retryable(status):
+        if not isinstance(status, int):
+            raise Failure(None, type(exc).__name__) from None
+        if 400 <= status < 500 and not falls_back(status):
             return _client_error(exc, status, key, headers)
-        reason = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
-        raise Failure(status if isinstance(status, int) else None, reason) from None
+        raise Failure.of_status(status) from None
     call.first_byte_s = loop.time() - started
     if streaming:
         return await _relay_stream(call, result, first, headers, provider.idle_timeout_s)

@@ -15,8 +15,8 @@ upstream falls back), then each chunk within `idle_timeout_s` of the last, or th
 ends with an error event.
 
 An attempt that fails in a way the next candidate may fix (no connection, a timeout, 408,
-429, 5xx) raises `Failure`, as long as nothing has reached the client. Other answers are
-the client's, sent as they are.
+429, 5xx, and 401 or 403: the provider's key refused) raises `Failure`, as long as nothing
+has reached the client. Other answers are the client's, sent as they are.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.secret import Secret
-from service.gateway.call import Call, Failure, retryable
+from service.gateway.call import Call, Failure, falls_back
 from service.gateway.transports.base import Transport, describe_error
 
 _USAGE = b'"usage"'
@@ -107,8 +107,8 @@ class OpenAITransport(Transport):
                 timeout=target.plain,
             )
             status = response.status
-            if retryable(status):
-                raise Failure(status, f"HTTP {status}")
+            if falls_back(status):
+                raise Failure.of_status(status)
             call.first_byte_s = loop.time() - started
             body = await response.read()
         except TimeoutError as exc:
@@ -144,8 +144,8 @@ class OpenAITransport(Transport):
                     timeout=target.streaming,
                 )
                 status = response.status
-                if retryable(status):
-                    raise Failure(status, f"HTTP {status}")
+                if falls_back(status):
+                    raise Failure.of_status(status)
                 first = await response.content.readany()
         except TimeoutError as exc:
             _close(response)

@@ -9,6 +9,7 @@ from typing import Any
 import openai
 import pytest
 
+from service.http.context import HEALTH
 from tests.conftest import SopsProject
 from tests.support.gateway import CANARY, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, upstreams
@@ -81,16 +82,18 @@ async def test_an_anthropic_failure_falls_back_and_a_refusal_does_not(sops_proje
             overloaded = await board.chat(max_tokens=10)
             up.fail(429)
             limited = await board.chat(max_tokens=10, stream=True)
+            up.fail(401)
+            revoked = await board.chat(max_tokens=10)
+            assert board.app[HEALTH].is_open("claude")  # a refused key opens the circuit at once
+            board.app[HEALTH].succeeded("claude", 0.01)  # as its trial would
             up.fail(400)
             refused = await board.chat(max_tokens=10)
             refused_text = await refused.text()
-    assert overloaded.status == limited.status == 200
-    assert (
-        overloaded.headers["x-switchboard-provider"] == limited.headers["x-switchboard-provider"] == "backup"
-    )
+    assert overloaded.status == limited.status == revoked.status == 200
+    assert {r.headers["x-switchboard-provider"] for r in (overloaded, limited, revoked)} == {"backup"}
     assert refused.status == 400 and refused.headers["x-switchboard-provider"] == "claude"
     assert "injected failure 400" in refused_text and CANARY not in refused_text
-    assert len(backup.requests) == 2
+    assert len(backup.requests) == 3
 
 
 def test_the_direct_path_does_not_import_litellm() -> None:
