@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from service.config.models import Provider
+from service.errors import BadRequest
 
 PROVIDER_HEADER = "x-switchboard-provider"
 ATTEMPTS_HEADER = "x-switchboard-attempts"
@@ -101,7 +102,10 @@ class Call:
         if model is None or model not in provider.model_map:
             return self.body
         data = {**self.data, "model": provider.model_map[model]}
-        return json.dumps(data, ensure_ascii=False).encode()
+        try:
+            return json.dumps(data, ensure_ascii=False).encode()
+        except RecursionError:  # parsed near the stack's limit, encoded a little deeper
+            raise BadRequest("the body is JSON nested too deep") from None
 
 
 def model_label(provider: Provider, model: str | None) -> str:

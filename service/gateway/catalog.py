@@ -7,6 +7,7 @@ failure is described, never raised.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,11 @@ import aiohttp
 from service.config.models import Provider
 from service.config.secret import Secret
 from service.gateway.call import retryable
-from service.gateway.transports.base import describe_error
+from service.gateway.transports.base import TooLarge, describe_error, read_within
 
 ANTHROPIC_VERSION = "2023-06-01"
+MAX_MODELS_BYTES = 8 << 20
+"""The largest models list read (OpenRouter's, the longest known, is about 1 MiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +60,14 @@ async def list_models(provider: Provider, session: aiohttp.ClientSession) -> Mod
             if response.status >= 400:
                 status = response.status
                 return ModelList(None, f"HTTP {status}", retryable(status), status)
-            payload = await response.json(content_type=None)
+            body = await read_within(response, MAX_MODELS_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         return ModelList(None, describe_error(exc), True)
-    except ValueError:
+    except TooLarge as exc:
+        return ModelList(None, f"models list {exc}")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested past the stack
         return ModelList(None, "the models endpoint did not answer JSON")
     return ModelList(_model_ids(payload))
 

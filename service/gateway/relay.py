@@ -32,12 +32,19 @@ NO_PROVIDER = "none"
 class Relay:
     """What the gateway's requests share: router, health, transports and metric children."""
 
-    def __init__(self, metrics: Metrics, health: Health, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: Health,
+        session: aiohttp.ClientSession,
+        *,
+        max_upstream_bytes: int = 64 << 20,
+    ) -> None:
         self.metrics = metrics
         self.health = health
         self.router = Router()
         self.session = session
-        self.openai = OpenAITransport(session)
+        self.openai = OpenAITransport(session, max_upstream_bytes)
         self.litellm = LiteLLMTransport()
         self._children: dict[tuple[str, ...], Any] = {}
 

@@ -20,7 +20,7 @@ from tests.support.gateway import (
     write_provider,
     write_routing,
 )
-from tests.support.upstreams import FakeUpstream, closed_port_url, unanswered_url, upstreams
+from tests.support.upstreams import FakeUpstream, closed_port_url, serving, unanswered_url, upstreams
 
 PROVIDER = "x-switchboard-provider"
 ATTEMPTS = "x-switchboard-attempts"
@@ -326,6 +326,111 @@ async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProj
     assert (big.headers[PROVIDER], big.headers[ATTEMPTS]) == ("none", "0")
     assert chunked.status == 413, chunked_body
     assert not a.requests
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/rerank"])
+async def test_a_body_nested_too_deep_is_a_400(sops_project: SopsProject, path: str) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, purposes=["chat", "embeddings", "reranking"])
+        write_routing(sops_project, chat="a", embeddings="a", reranking="a")
+        async with running(sops_project) as board:
+            answers = []
+            for raw in (
+                NESTED,
+                '{"model": "m", "messages": ' + NESTED + "}",
+                '{"a":' * 100_000 + "1" + "}" * 100_000,
+            ):
+                async with board.http.post(board.url + path, data=raw.encode()) as response:
+                    answers.append((response.status, await response.json()))
+    for status, body in answers:
+        assert status == 400, body
+        assert body["error"] == {"type": "bad_request", "message": "the body is JSON nested too deep"}
+    assert not a.requests
+
+
+async def test_a_body_nested_near_the_limit_with_a_model_map_is_not_a_500(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, model_map={"alias": "real"})
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            statuses = set()
+            for depth in range(850, 1000, 5):
+                raw = '{"model": "alias", "messages": [], "x": ' + "[" * depth + "]" * depth + "}"
+                async with board.http.post(
+                    f"{board.base_url}/chat/completions", data=raw.encode()
+                ) as response:
+                    statuses.add(response.status)
+    assert statuses <= {200, 400}, statuses
+
+
+async def test_an_answer_over_the_upstream_limit_falls_back(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "big", "padding": 5000}, {"name": "backup"}) as (big, backup):
+        write_provider(sops_project, "big", base_url=big.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "big", "fallbacks": ["backup"]})
+        async with running(sops_project, max_upstream_bytes=4096) as board:
+            served = await board.chat()
+            backup.padding = 5000
+            failed = await board.chat()
+            error = (await failed.json())["error"]
+    assert (served.status, served.headers[PROVIDER]) == (200, "backup")
+    assert failed.status == 502
+    assert [(x["provider"], x["reason"]) for x in error["attempts"]] == [
+        ("big", "answer over 4096 bytes"),
+        ("backup", "answer over 4096 bytes"),
+    ]
+
+
+async def test_a_stream_request_answered_whole_is_read_within_the_limit(sops_project: SopsProject) -> None:
+    async def whole(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked, no length
+        await response.prepare(request)
+        for _ in range(10):
+            await response.write(b" " * 1000)
+        await response.write(b'{"choices": []}')
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", whole)
+    async with serving(upstream) as url, FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "whole", base_url=f"{url}/v1")
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "whole", "fallbacks": ["backup"]})
+        async with running(sops_project, max_upstream_bytes=4096) as board:
+            response = await board.chat(stream=True)
+    assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_usage_nested_too_deep_is_relayed_without_counting(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    deep = b'{"choices": [], "usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            return web.Response(body=deep, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + deep + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", answer)
+    async with serving(upstream) as url:
+        write_provider(sops_project, "deep", base_url=f"{url}/v1")
+        write_routing(sops_project, chat="deep")
+        async with running(sops_project) as board:
+            payload = {"model": "m", "messages": [], "stream": stream}
+            async with board.http.post(f"{board.base_url}/chat/completions", json=payload) as response:
+                body = await response.read()
+            metrics = await board.metrics()
+    assert response.status == 200
+    assert deep in body
+    assert "switchboard_tokens_total{" not in metrics
 
 
 async def test_the_openai_sdk_works_plain_and_streaming(sops_project: SopsProject) -> None:

@@ -90,6 +90,8 @@ class FakeUpstream:
     chunk_interval_s: float = 0.0
     """Pause between stream chunks."""
     models: tuple[str, ...] = ("fake-model",)
+    padding: int = 0
+    """Bytes of filler added to every JSON answer (a `padding` field), to make answers large."""
     port: int = 0
     record_limit: int = 10_000
     requests: deque[RecordedRequest] = field(init=False)
@@ -239,6 +241,8 @@ class FakeUpstream:
 
     async def _send(self, request: web.Request, payload: _JSON) -> web.StreamResponse:
         """Send a JSON answer, honouring a stall or drop fault."""
+        if self.padding:
+            payload = {**payload, "padding": "x" * self.padding}
         fault = request[_FAULT]
         if fault is None:
             return web.json_response(payload, headers=self._headers())
@@ -282,7 +286,7 @@ class FakeUpstream:
     async def _control(self, request: web.Request) -> web.Response:
         data: _JSON = await request.json()
         kind = data.pop("fault", "none")
-        for setting in ("latency_s", "chunk_interval_s", "name", "api_key"):
+        for setting in ("latency_s", "chunk_interval_s", "name", "api_key", "padding"):
             if setting in data:
                 setattr(self, setting, data.pop(setting))
         try:
@@ -467,6 +471,18 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve a hand-written upstream `app` on 127.0.0.1 while the block runs; yields its root URL."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.contextmanager

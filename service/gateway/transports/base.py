@@ -40,6 +40,29 @@ def open_session() -> aiohttp.ClientSession:
     )
 
 
+class TooLarge(Exception):
+    """An upstream's answer is over the limit of what is read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer over {limit} bytes")
+        self.limit = limit
+
+
+async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The rest of `response`'s body, or `TooLarge` as soon as it passes `limit` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TooLarge(limit)
+    content = response.content
+    chunks = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def describe_error(exc: BaseException) -> str:
     """A short reason for an attempt list: the kind of failure, never a URL's credentials or a key."""
     if isinstance(exc, aiohttp.ClientConnectorError):

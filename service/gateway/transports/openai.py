@@ -33,7 +33,7 @@ from aiohttp import web
 from service.config.models import Provider
 from service.config.secret import Secret
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import Transport, describe_error
+from service.gateway.transports.base import TooLarge, Transport, describe_error, read_within
 
 _USAGE = b'"usage"'
 _DECODER = json.JSONDecoder()
@@ -79,8 +79,10 @@ class _Upstream:
 class OpenAITransport(Transport):
     """Forwards to providers that speak OpenAI's HTTP API, through one pooled session."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, max_bytes: int = 64 << 20) -> None:
         self.session = session
+        self.max_bytes = max_bytes
+        """The largest non-streamed answer read (`SWITCHBOARD_MAX_UPSTREAM_BYTES`); larger ones fail."""
         self._upstreams: dict[str, _Upstream] = {}
         """Provider id -> its prepared upstream, rebuilt when the provider object changes."""
 
@@ -110,12 +112,15 @@ class OpenAITransport(Transport):
             if falls_back(status):
                 raise Failure.of_status(status)
             call.first_byte_s = loop.time() - started
-            body = await response.read()
+            body = await read_within(response, self.max_bytes)
         except TimeoutError as exc:
             _close(response)
             raise Failure(
                 None, _timed_out(exc, target, f"no whole answer within {target.plain.total:g} s")
             ) from None
+        except TooLarge as exc:
+            _close(response)
+            raise Failure(None, str(exc)) from None
         except aiohttp.ClientError as exc:
             _close(response)
             reason = describe_error(exc)
@@ -164,11 +169,14 @@ class OpenAITransport(Transport):
         if status < 300 and content_type.startswith(_SSE):
             return await _relay_stream(call, response, first, headers, target.idle_s)
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
-        chunks = [first]
         try:
-            while not response.content.at_eof():
-                async with asyncio.timeout(target.idle_s):
-                    chunks.append(await response.content.readany())
+            if len(first) > self.max_bytes:
+                raise TooLarge(self.max_bytes)
+            async with asyncio.timeout(target.idle_s):
+                body = first + await read_within(response, self.max_bytes - len(first))
+        except TooLarge as exc:
+            response.close()
+            raise Failure(None, str(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             response.close()
             raise Failure(None, f"answer cut short: {describe_error(exc)}") from None
@@ -176,7 +184,6 @@ class OpenAITransport(Transport):
             response.close()
             raise
         response.release()
-        body = b"".join(chunks)
         if status < 300:
             call.usage = find_usage(body)
         return web.Response(body=body, status=status, headers=headers)
@@ -240,7 +247,7 @@ def find_usage(data: bytes, end: int | None = None) -> dict[str, Any] | None:
             text = data[colon + 1 : stop].decode("utf-8", "replace").lstrip()
             try:
                 value, _ = _DECODER.raw_decode(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the stack
                 value = None
             if isinstance(value, dict):
                 return value
