@@ -17,7 +17,15 @@ from aiohttp import web
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
 from service.errors import NoCandidate, UpstreamsFailed
-from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call, Failure, model_label
+from service.gateway.call import (
+    ATTEMPTS_HEADER,
+    MAX_ANSWER_MODELS,
+    MAX_MODEL_LABEL,
+    PROVIDER_HEADER,
+    Call,
+    Failure,
+    model_label,
+)
 from service.gateway.health import Health
 from service.gateway.routing import Router
 from service.gateway.transports.base import Transport
@@ -47,6 +55,8 @@ class Relay:
         self.openai = OpenAITransport(session, max_upstream_bytes)
         self.litellm = LiteLLMTransport()
         self._children: dict[tuple[str, ...], Any] = {}
+        self._answer_models: dict[str, set[str]] = {}
+        """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
 
     def transport(self, provider: Provider) -> Transport:
         """How requests reach `provider`: directly when it speaks OpenAI's protocol, else litellm."""
@@ -96,7 +106,7 @@ class Relay:
         if attempts:
             self.count("fallback", call.purpose)
         if call.usage is not None:
-            self.tokens(provider, call.model, call.client, call.usage)
+            self.tokens(provider, self.model_label(provider, call), call.client, call.usage)
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -120,13 +130,33 @@ class Relay:
             )
         child.observe(seconds)
 
-    def tokens(self, provider: Provider, model: str | None, client: str, usage: dict[str, Any]) -> None:
-        """Count the prompt and completion tokens an upstream reported."""
+    def model_label(self, provider: Provider, call: Call) -> str:
+        """The model label of a call's tokens, bounded so that no client can grow the metrics.
+
+        A provider that declares its models: the requested model when it is one of them. One
+        that declares none (any model): the model its answer names, up to `MAX_ANSWER_MODELS`
+        distinct ones per provider. Anything else is `other`.
+        """
+        if provider.models:
+            return model_label(provider, call.model)
+        name = call.answer_model
+        if name is None or len(name) > MAX_MODEL_LABEL:
+            return "other"
+        seen = self._answer_models.get(provider.id)
+        if seen is None:
+            seen = self._answer_models[provider.id] = set()
+        if name not in seen:
+            if len(seen) >= MAX_ANSWER_MODELS:
+                return "other"
+            seen.add(name)
+        return name
+
+    def tokens(self, provider: Provider, label: str, client: str, usage: dict[str, Any]) -> None:
+        """Count the prompt and completion tokens an upstream reported, under a model `label`."""
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if prompt is None and completion is None:
             prompt = usage.get("total_tokens")
-        label = model_label(provider, model)
         for kind, value in (("prompt", prompt), ("completion", completion)):
             if isinstance(value, int) and value > 0:
                 self.count("tokens", provider.id, label, client, kind, amount=value)

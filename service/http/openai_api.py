@@ -95,9 +95,10 @@ def _relay(purpose: str, path: str) -> Handler:
 
 
 async def _models(request: web.Request) -> web.Response:
-    table = request.app[RELAY].router.table(request.app[REGISTRY].snapshot)
+    relay = request.app[RELAY]
+    table = relay.router.table(request.app[REGISTRY].snapshot)
     headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", "Content-Type": "application/json"}
-    return web.Response(body=table.models_answer, headers=headers)
+    return web.Response(body=table.models_answer(relay.health), headers=headers)
 
 
 # -- lifecycle -----------------------------------------------------------------------------

@@ -456,9 +456,9 @@ async def test_the_openai_sdk_works_plain_and_streaming(sops_project: SopsProjec
     assert plain.parse().choices[0].message.content == "a says: stream me"
     assert "".join(parts) == "a says: stream me"
     assert usage is not None and usage.completion_tokens == 4
-    # The model is not listed by the provider, so it is counted as "other".
+    # The provider declares no models: the model its answers name is the label.
     assert (
-        'switchboard_tokens_total{client="anonymous",kind="completion",model="other",provider="a"} 8.0'
+        'switchboard_tokens_total{client="anonymous",kind="completion",model="fake-model",provider="a"} 8.0'
         in metrics
     )
 
@@ -571,6 +571,112 @@ async def test_models_lists_what_enabled_providers_serve(sops_project: SopsProje
         models = await client.models.list()
         await client.close()
     assert sorted(m.id for m in models.data) == ["fast", "m1", "m2"]
+
+
+async def test_models_lists_what_checks_found_for_providers_that_declare_none(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "auto", "models": ("found-1", "found-2")}, {"name": "off"}) as (auto, off):
+        write_provider(sops_project, "auto", base_url=auto.base_url)
+        write_provider(sops_project, "declared", base_url=auto.base_url, models=["m1"])
+        write_provider(sops_project, "off", base_url=off.base_url, enabled=False)
+        async with running(sops_project) as board:
+            before = await (await board.get("/v1/models")).json()
+            for provider_id in ("auto", "off"):
+                assert (
+                    await board.post(f"/api/v1/llm-config/providers/{provider_id}/test", {})
+                ).status == 200
+            after = await (await board.get("/v1/models")).json()
+            auto.fail(500)  # a failed check keeps what the last successful one listed
+            await board.post("/api/v1/llm-config/providers/auto/test", {})
+            failed = await (await board.get("/v1/models")).json()
+    assert [(m["id"], m["owned_by"]) for m in before["data"]] == [("m1", "declared")]
+    listed = [(m["id"], m["owned_by"]) for m in after["data"]]
+    assert listed == [("m1", "declared"), ("found-1", "auto"), ("found-2", "auto")]
+    assert failed == after
+
+
+async def test_a_stream_is_counted_when_the_client_did_not_ask_for_usage(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", models=("m",)) as a:
+        write_provider(sops_project, "a", base_url=a.base_url, models=["m"])
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "count me"}], stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+            await client.close()
+            own = await board.chat("x", model="m", stream=True, stream_options={"include_usage": False})
+            own_text = await own.text()
+            metrics = await board.metrics()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a says: count me"
+    assert all(c.choices and c.usage is None for c in chunks)  # the usage chunk was the gateway's
+    assert a.requests[0].json["stream_options"] == {"include_usage": True}
+    assert a.requests[1].json["stream_options"] == {"include_usage": True}
+    assert '"usage"' not in own_text and own_text.endswith("data: [DONE]\n\n")
+    assert (
+        'switchboard_tokens_total{client="anonymous",kind="completion",model="m",provider="a"} 7.0' in metrics
+    )
+    assert 'switchboard_tokens_total{client="anonymous",kind="prompt",model="m",provider="a"} 3.0' in metrics
+
+
+async def test_an_upstream_that_refuses_stream_options_is_asked_again_and_remembered(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="old", stream_options=False) as old:
+        write_provider(sops_project, "old", base_url=old.base_url)
+        write_routing(sops_project, chat="old")
+        async with running(sops_project) as board:
+            first = await board.chat("one", stream=True)
+            first_text = await first.text()
+            second = await board.chat("two", stream=True)
+            asked = await board.chat("three", stream=True, stream_options={"include_usage": True})
+            metrics = await board.metrics()
+    assert first.status == second.status == 200
+    assert '"content": " one"' in first_text and first_text.endswith("data: [DONE]\n\n")
+    assert [("stream_options" in r.json) for r in old.requests] == [True, False, False, True]
+    assert asked.status == 400  # the client's own stream_options are the client's business
+    assert 'outcome="failed"' not in metrics
+
+
+async def test_a_refused_stream_is_not_taken_for_a_refusal_of_stream_options(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            a.fail(400, times=2)
+            refused = await board.chat(stream=True)
+            body = await refused.json()
+            later = await board.chat(stream=True)
+    assert refused.status == 400 and body["error"]["message"] == "injected failure 400 from a"
+    assert later.status == 200
+    assert [("stream_options" in r.json) for r in a.requests] == [True, False, True]
+
+
+async def test_tokens_of_a_provider_without_models_are_labelled_by_the_answer(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="any") as up:
+        write_provider(sops_project, "any", base_url=up.base_url, model_map={"alias": "real-name"})
+        write_routing(sops_project, chat="any")
+        async with running(sops_project) as board:
+            await board.chat("one", model="alias")  # the answer names the model sent upstream
+            for i in range(105):
+                await board.chat("two", model=f"model-{i:03}")
+            await board.chat("three", model="model-000")  # seen already: still its own label
+            metrics = await board.metrics()
+    labels = {
+        line.split('model="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("switchboard_tokens_total{") and 'kind="prompt"' in line
+    }
+    assert "real-name" in labels and "alias" not in labels
+    assert len(labels) == 101 and "other" in labels  # 100 models of this provider, then `other`
+    assert 'kind="prompt",model="model-000",provider="any"} 2.0' in metrics
+    assert 'kind="prompt",model="other",provider="any"} 6.0' in metrics
 
 
 async def test_completions_need_the_scope_once_clients_exist(sops_project: SopsProject) -> None:

@@ -92,6 +92,8 @@ class FakeUpstream:
     models: tuple[str, ...] = ("fake-model",)
     padding: int = 0
     """Bytes of filler added to every JSON answer (a `padding` field), to make answers large."""
+    stream_options: bool = True
+    """Whether chat requests may carry `stream_options`; an older server refuses them with 400."""
     port: int = 0
     record_limit: int = 10_000
     requests: deque[RecordedRequest] = field(init=False)
@@ -286,7 +288,7 @@ class FakeUpstream:
     async def _control(self, request: web.Request) -> web.Response:
         data: _JSON = await request.json()
         kind = data.pop("fault", "none")
-        for setting in ("latency_s", "chunk_interval_s", "name", "api_key", "padding"):
+        for setting in ("latency_s", "chunk_interval_s", "name", "api_key", "padding", "stream_options"):
             if setting in data:
                 setattr(self, setting, data.pop(setting))
         try:
@@ -310,6 +312,8 @@ class FakeUpstream:
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = _json_body(request)
+        if "stream_options" in body and not self.stream_options:
+            return self._error(400, "Unrecognized request argument supplied: stream_options")
         model = str(body.get("model", self.models[0]))
         prompt = _last_text(body.get("messages", []))
         text = self._reply_text(prompt)

@@ -91,11 +91,11 @@ async def _forward(
 ) -> web.StreamResponse:
     key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
     params = {k: v for k, v in call.data.items() if k in OPENAI_FIELDS}
-    options = params.get("stream_options")
-    if options is not None:  # only what OpenAI defines; litellm reads nothing else from it
-        wanted = options.get("include_usage") if isinstance(options, dict) else None
-        params["stream_options"] = {"include_usage": wanted is True}
     streaming = call.stream and call.purpose == "chat"
+    if streaming:  # every stream is counted; the client gets the usage chunk if it asked
+        params["stream_options"] = {"include_usage": True}
+    else:
+        params.pop("stream_options", None)
     # litellm's own timeout (one number for httpx: connecting and each read) only backs
     # ours up; the limits of SPEC 2.1 are the asyncio timeouts around what it does.
     if streaming:
@@ -138,6 +138,7 @@ async def _forward(
     if streaming:
         return await _relay_stream(call, result, first, headers, provider.idle_timeout_s)
     call.usage = _usage(result)
+    call.answer_model = _model(result)
     headers["Content-Type"] = "application/json"
     return web.Response(body=result.model_dump_json(exclude_none=True), headers=headers)
 
@@ -152,9 +153,13 @@ async def _relay_stream(
     chunk = first
     try:
         await answer.prepare(call.request)
+        call.answer_model = _model(chunk)
         while True:
-            call.usage = _usage(chunk) or call.usage
-            await answer.write(b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n")
+            usage = _usage(chunk)
+            if usage is None or call.wants_usage or getattr(chunk, "choices", None):
+                data = chunk.model_dump_json(exclude_none=True).encode()
+                await answer.write(b"data: " + data + b"\n\n")
+            call.usage = usage or call.usage
             try:
                 async with asyncio.timeout(idle_s):
                     chunk = await anext(chunks)
@@ -187,6 +192,11 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
     error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
     headers["Content-Type"] = "application/json"
     return web.Response(body=json.dumps(error), status=status, headers=headers)
+
+
+def _model(result: Any) -> str | None:
+    model = getattr(result, "model", None)
+    return model if isinstance(model, str) else None
 
 
 def _usage(result: Any) -> dict[str, Any] | None:

@@ -1,11 +1,17 @@
 """The direct path: requests relayed to upstreams that speak OpenAI's HTTP API.
 
 One pooled `aiohttp.ClientSession` per app carries every upstream call. The client's body
-goes out as the same bytes unless the provider renames the model (`model_map`); the URL and
-headers come from the provider's file alone. The answer comes back as it arrives: a JSON
-answer is read whole (it is needed whole for its `usage`, and one write is the fastest
-answer), an event stream is relayed chunk by chunk as it is read. Nothing here imports
-litellm.
+goes out as the same bytes unless the provider renames the model (`model_map`) or a stream
+is asked for its usage (below); the URL and headers come from the provider's file alone.
+The answer comes back as it arrives: a JSON answer is read whole, within
+`SWITCHBOARD_MAX_UPSTREAM_BYTES` (it is needed whole for its `usage`, and one write is the
+fastest answer), an event stream is relayed chunk by chunk as it is read. Nothing here
+imports litellm.
+
+Every stream is counted (SPEC 7): a client that did not ask for
+`stream_options.include_usage` gets it asked for on its behalf, and the usage-only chunk is
+dropped before it reaches the client. An upstream that refuses `stream_options` with a 400
+is asked again without them, and once that worked it is not asked again.
 
 Timeouts follow the kind of request (SPEC 2.1). Connecting is bounded by
 `connect_timeout_s`. A non-streaming request has `timeout_s` for its whole answer, which
@@ -22,10 +28,8 @@ has reached the client. Other answers are the client's, sent as they are.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -34,14 +38,13 @@ from service.config.models import Provider
 from service.config.secret import Secret
 from service.gateway.call import Call, Failure, falls_back
 from service.gateway.transports.base import TooLarge, Transport, describe_error, read_within
+from service.gateway.transports.scan import find_model, find_usage
+from service.gateway.transports.sse import relay_events
 
-_USAGE = b'"usage"'
-_DECODER = json.JSONDecoder()
 _SSE = "text/event-stream"
-_MAX_PENDING = 1 << 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Upstream:
     """A provider made ready to receive requests: URL, headers and timeouts computed once."""
 
@@ -54,6 +57,10 @@ class _Upstream:
     """Streams: connecting only; the first byte and the silences are timed as they are read."""
     first_byte_s: float
     idle_s: float
+    names_models: bool
+    """The provider declares no models: the metrics label tokens with the model answers name."""
+    stream_options: bool = True
+    """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
 
     @classmethod
     def of(cls, provider: Provider) -> _Upstream:
@@ -70,6 +77,7 @@ class _Upstream:
             streaming=aiohttp.ClientTimeout(total=None, sock_connect=connect),
             first_byte_s=provider.first_byte_timeout_s,
             idle_s=provider.idle_timeout_s,
+            names_models=not provider.models,
         )
 
     def __repr__(self) -> str:  # the headers hold the key
@@ -131,6 +139,8 @@ class OpenAITransport(Transport):
         response.release()
         if status < 300:
             call.usage = find_usage(body)
+            if target.names_models and call.usage is not None:
+                call.answer_model = find_model(body)
         headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
         return web.Response(body=body, status=status, headers=headers)
 
@@ -139,16 +149,27 @@ class OpenAITransport(Transport):
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        url, provider = target.base + call.path, target.provider
+        # Every stream is counted: ask for its usage chunk, which the client did not ask for.
+        asked = not call.wants_usage and target.stream_options and call.purpose == "chat"
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(target.first_byte_s):
+                body = call.body_asking_usage(provider) if asked else call.body_for(provider)
                 response = await self.session.post(
-                    target.base + call.path,
-                    data=call.body_for(target.provider),
-                    headers=target.headers,
-                    timeout=target.streaming,
+                    url, data=body, headers=target.headers, timeout=target.streaming
                 )
                 status = response.status
+                if status == 400 and asked:  # maybe `stream_options` itself: ask again without
+                    response.close()
+                    response = None
+                    response = await self.session.post(
+                        url, data=call.body_for(provider), headers=target.headers, timeout=target.streaming
+                    )
+                    status = response.status
+                    asked = False
+                    if status < 400:
+                        target.stream_options = False
                 if falls_back(status):
                     raise Failure.of_status(status)
                 first = await response.content.readany()
@@ -167,7 +188,15 @@ class OpenAITransport(Transport):
         content_type = response.headers.get("Content-Type", "application/json")
         headers["Content-Type"] = content_type
         if status < 300 and content_type.startswith(_SSE):
-            return await _relay_stream(call, response, first, headers, target.idle_s)
+            return await relay_events(
+                call,
+                response,
+                first,
+                headers,
+                target.idle_s,
+                drop_usage=asked,
+                name_model=target.names_models,
+            )
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
         try:
             if len(first) > self.max_bytes:
@@ -186,74 +215,9 @@ class OpenAITransport(Transport):
         response.release()
         if status < 300:
             call.usage = find_usage(body)
+            if target.names_models and call.usage is not None:
+                call.answer_model = find_model(body)
         return web.Response(body=body, status=status, headers=headers)
-
-
-async def _relay_stream(
-    call: Call, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str], idle_s: float
-) -> web.StreamResponse:
-    headers["Cache-Control"] = "no-cache"
-    answer = web.StreamResponse(status=upstream.status, headers=headers)
-    usage: dict[str, Any] | None = None
-    pending = b""
-    chunk = first
-    try:
-        await answer.prepare(call.request)
-        while chunk:
-            window = pending + chunk  # `pending`: a torn event carried over, usually empty
-            end = window.rfind(b"\n\n")
-            if end >= 0 and _USAGE in window:
-                usage = find_usage(window, end) or usage
-            pending = window[end + 2 :] if end >= 0 else window
-            if len(pending) > _MAX_PENDING:  # no event boundary in sight: stop looking
-                pending = b""
-            await answer.write(chunk)
-            try:
-                async with asyncio.timeout(idle_s):
-                    chunk = await upstream.content.readany()
-            except TimeoutError:
-                call.broken = f"stream cut short: no chunk within {idle_s:g} s"
-                await answer.write(_error_event(call.broken))
-                break
-            except aiohttp.ClientError as exc:
-                call.broken = f"stream cut short: {describe_error(exc)}"
-                await answer.write(_error_event(call.broken))
-                break
-        await answer.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        upstream.close()  # the client left: drop the upstream connection too
-        return answer
-    except BaseException:
-        upstream.close()
-        raise
-    upstream.release()
-    call.usage = usage
-    return answer
-
-
-def _error_event(reason: str) -> bytes:
-    """An SSE event the OpenAI SDKs raise as an APIError; the blank lines end any torn event."""
-    error = {"error": {"type": "upstream_failed", "message": reason}}
-    return b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
-
-
-def find_usage(data: bytes, end: int | None = None) -> dict[str, Any] | None:
-    """The last non-null `"usage": {...}` object in `data[:end]`, without decoding the rest."""
-    stop = len(data) if end is None or end < 0 else end
-    at = data.rfind(_USAGE, 0, stop)
-    while at >= 0:
-        colon = data.find(b":", at + len(_USAGE), stop)
-        if colon > 0:
-            text = data[colon + 1 : stop].decode("utf-8", "replace").lstrip()
-            try:
-                value, _ = _DECODER.raw_decode(text)
-            except (ValueError, RecursionError):  # not JSON, or nested past the stack
-                value = None
-            if isinstance(value, dict):
-                return value
-        stop = at
-        at = data.rfind(_USAGE, 0, at)
-    return None
 
 
 def _timed_out(exc: TimeoutError, target: _Upstream, otherwise: str) -> str:

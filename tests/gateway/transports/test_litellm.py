@@ -181,3 +181,24 @@ async def test_a_stream_through_litellm_that_falls_silent_ends_with_an_error_eve
     assert response.status == 200
     assert "no chunk within 0.1 s" in text
     assert CANARY not in text
+
+
+async def test_a_stream_through_litellm_is_counted_when_the_client_did_not_ask(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(model="claude-x", messages=MESSAGES, stream=True)
+            chunks = [chunk async for chunk in stream]
+            await client.close()
+            metrics = await board.metrics()
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "claude says: hello claude"
+    )
+    assert all(c.choices and c.usage is None for c in chunks), chunks  # no usage the client did not ask for
+    # Anthropic declares no models here: the label is the model the answer names.
+    assert 'kind="completion",model="claude-x",provider="claude"} 4.0' in metrics
+    assert 'kind="prompt",model="claude-x",provider="claude"} 2.0' in metrics
