@@ -38,6 +38,8 @@ def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
     base = provider.endpoint.rstrip("/")
     key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
     vendor = getattr(provider, "provider", None)
+    if getattr(provider, "server_type", None) == "tei":  # TEI has no models list: its `/info` names the one
+        return f"{base.removesuffix('/v1')}/info", ({"Authorization": f"Bearer {key}"} if key else {})
     if provider.speaks_openai or vendor is None:
         return f"{base}/models", ({"Authorization": f"Bearer {key}"} if key else {})
     if vendor == "anthropic":
@@ -73,6 +75,8 @@ async def list_models(provider: Provider, session: aiohttp.ClientSession) -> Mod
 
 
 def _model_ids(payload: Any) -> list[str]:
+    if isinstance(payload, dict) and isinstance(payload.get("model_id"), str):  # TEI's `/info`
+        return [payload["model_id"]]
     items = payload.get("data", payload.get("models", [])) if isinstance(payload, dict) else payload
     ids = []
     for item in items if isinstance(items, list) else []:

@@ -1,10 +1,11 @@
 """The gateway's core: try each candidate provider in turn until one answers (SPEC 7).
 
 `Relay` holds what every request shares: the router, the health of each provider, the
-transports (OpenAI's protocol directly, litellm for the other vendors), and cached metric
-children. `relay(call, snapshot)` orders the candidates, sends through each one's transport,
-records the outcome (circuit, counters, tokens) and answers with the first that worked, or
-a 502 listing every attempt. It reads one snapshot and touches no file.
+transports (OpenAI's protocol directly, TEI's own for reranking on TEI, litellm for the
+other vendors), and cached metric children. `relay(call, snapshot)` orders the candidates,
+sends through each one's transport, records the outcome (circuit, counters, tokens) and
+answers with the first that worked, or a 502 listing every attempt. It reads one snapshot
+and touches no file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from service.gateway.routing import Router
 from service.gateway.transports.base import Transport
 from service.gateway.transports.litellm import LiteLLMTransport
 from service.gateway.transports.openai import OpenAITransport
+from service.gateway.transports.tei import TEITransport
 from service.metrics import Metrics
 
 NO_PROVIDER = "none"
@@ -54,13 +56,19 @@ class Relay:
         self.session = session
         self.openai = OpenAITransport(session, max_upstream_bytes)
         self.litellm = LiteLLMTransport()
+        self.tei = TEITransport(self.openai)
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
 
-    def transport(self, provider: Provider) -> Transport:
-        """How requests reach `provider`: directly when it speaks OpenAI's protocol, else litellm."""
-        return self.openai if provider.speaks_openai else self.litellm
+    def transport(self, provider: Provider, purpose: str) -> Transport:
+        """How requests reach `provider`: directly when it speaks OpenAI's protocol (but TEI's
+        own `/rerank` for reranking on a `tei` server), else through litellm."""
+        if not provider.speaks_openai:
+            return self.litellm
+        if purpose == "reranking" and provider.label == "tei":
+            return self.tei
+        return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
         """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
@@ -73,7 +81,7 @@ class Relay:
                 continue  # half-open, and its one trial request is out
             headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
             try:
-                response = await self.transport(provider).send(call, provider, headers)
+                response = await self.transport(provider, call.purpose).send(call, provider, headers)
             except Failure as failure:
                 if failure.refused:
                     health.refuse(pid, failure.reason)

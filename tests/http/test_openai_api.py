@@ -534,12 +534,12 @@ async def test_a_client_that_leaves_cancels_the_upstream_request(sops_project: S
 
 
 async def test_embeddings_and_rerank_end_to_end(sops_project: SopsProject) -> None:
-    async with FakeUpstream(name="tei", models=("embedder", "reranker")) as up:
+    async with FakeUpstream(name="infinity", models=("embedder", "reranker")) as up:
         write_provider(
             sops_project,
             "tei",
             base_url=up.base_url,
-            server_type="tei",
+            server_type="infinity",  # its /v1/rerank speaks the Cohere shape: forwarded as it is
             purposes=["embeddings", "reranking"],
             models=["embedder", "reranker"],
         )
@@ -559,6 +559,90 @@ async def test_embeddings_and_rerank_end_to_end(sops_project: SopsProject) -> No
     assert [r["index"] for r in ranked["results"]] == [0, 2]
     assert 'model="embedder",provider="tei"' in metrics
     assert 'model="reranker",provider="tei"' in metrics
+
+
+async def test_rerank_on_tei_speaks_its_own_protocol(sops_project: SopsProject) -> None:
+    async with upstreams({"protocol": "tei", "name": "tei", "api_key": CANARY, "models": ("bge",)}) as (tei,):
+        write_provider(
+            sops_project,
+            "tei",
+            base_url=tei.base_url,
+            server_type="tei",
+            api_key=CANARY,
+            purposes=["embeddings", "reranking"],
+        )
+        write_routing(sops_project, embeddings="tei", reranking="tei")
+        async with running(sops_project) as board:
+            documents: list[Any] = ["the cat sat", {"text": "dogs bark"}, "a cat and a dog"]
+            request = {"model": "bge", "query": "cat", "documents": documents}
+            ranked = await board.post("/v1/rerank", {**request, "top_n": 2, "return_documents": True})
+            body = await ranked.json()
+            everything = await (await board.post("/v1/rerank", request)).json()
+            invalid = await board.post("/v1/rerank", {"model": "bge", "query": "cat", "documents": "no"})
+            tei.fail(422, times=1)
+            refused = await board.post("/v1/rerank", request)
+            refused_body = await refused.json()
+            embedded = await board.post("/v1/embeddings", {"model": "bge", "input": "cat"})
+            check = await (await board.post("/api/v1/llm-config/providers/tei/test", {})).json()
+    assert ranked.status == 200 and ranked.headers[PROVIDER] == "tei"
+    assert body["model"] == "bge" and body["id"].startswith("rerank-")
+    assert body["results"] == [
+        {"index": 0, "relevance_score": 1.0, "document": {"text": "the cat sat"}},
+        {"index": 2, "relevance_score": 1.0, "document": {"text": "a cat and a dog"}},
+    ]
+    assert [r["index"] for r in everything["results"]] == [0, 2, 1]
+    assert "document" not in everything["results"][0]
+    rerank = tei.requests[0]
+    assert (rerank.path, rerank.json) == (
+        "/rerank",
+        {"query": "cat", "texts": ["the cat sat", "dogs bark", "a cat and a dog"]},
+    )
+    assert rerank.headers["authorization"] == f"Bearer {CANARY}"
+    assert invalid.status == 400
+    assert refused.status == 422 and refused_body["error"]["type"] == "validation"
+    assert embedded.status == 200 and tei.requests[-2].path == "/v1/embeddings"
+    assert check["ok"] is True and tei.requests[-1].path == "/info"
+
+
+async def test_upstream_request_ids_and_rate_limits_are_passed_back(sops_project: SopsProject) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {
+            "X-Request-Id": "req-123",
+            "Retry-After": "3",
+            "X-RateLimit-Remaining-Tokens": "9000",
+            "x-ratelimit-reset-requests": "2s",
+            "X-Internal-Secret": "not for clients",
+            "Set-Cookie": "session=upstream",
+        }
+        if not (await request.json()).get("stream"):
+            return web.json_response({"choices": []}, headers=headers)
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", answer)
+    async with serving(upstream) as url, FakeUpstream(name="a") as a:
+        write_provider(sops_project, "custom", base_url=f"{url}/v1")
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="custom")
+        async with running(sops_project) as board:
+            answers = [await board.chat(stream=s) for s in (False, True)]
+            generation = (await (await board.get("/readyz")).json())["generation"]
+            write_routing(sops_project, chat="a")
+            await board.wait_for_generation(generation + 1)
+            a.fail(400, times=1)
+            refused = await board.chat()
+    for response in answers:
+        assert response.status == 200
+        assert response.headers["x-request-id"] == "req-123"
+        assert response.headers["retry-after"] == "3"
+        assert response.headers["x-ratelimit-remaining-tokens"] == "9000"
+        assert response.headers["x-ratelimit-reset-requests"] == "2s"
+        assert "x-internal-secret" not in response.headers and "set-cookie" not in response.headers
+    assert refused.status == 400 and refused.headers["x-request-id"] == "req-a-1"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "999"
 
 
 async def test_models_lists_what_enabled_providers_serve(sops_project: SopsProject) -> None:

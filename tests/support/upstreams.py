@@ -1,12 +1,17 @@
 """Local stand-ins for LLM vendors: real aiohttp servers on 127.0.0.1 that tests can misbehave.
 
-Two protocols are spoken:
+Three protocols are spoken:
 
 - ``openai``: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE stream),
   ``POST /v1/embeddings`` (deterministic vectors, float or base64) and ``POST /v1/rerank``
-  (the Cohere/Jina shape served by TEI, Infinity and vLLM). Every path also answers without
+  (the Cohere/Jina shape served by Infinity and vLLM). Every path also answers without
   the ``/v1`` prefix.
 - ``anthropic``: ``GET /v1/models`` and ``POST /v1/messages`` (JSON or the real event stream).
+- ``tei`` (Hugging Face's Text Embeddings Inference): ``GET /info``, ``POST /rerank``
+  (``{"query", "texts"}`` -> ``[{"index", "score"}]``, best first), ``POST /embed`` and the
+  OpenAI-compatible ``POST /v1/embeddings``; errors are ``{"error", "error_type"}``.
+
+Answers carry a request id and rate-limit headers, as vendors send them.
 
 Every request is recorded (`FakeUpstream.requests`), and at run time the server can be told
 to fail with a status, hang before the headers, stall after them, or drop a stream midway;
@@ -41,7 +46,7 @@ from typing import Any, Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-Protocol = Literal["openai", "anthropic"]
+Protocol = Literal["openai", "anthropic", "tei"]
 FaultKind = Literal["status", "hang", "stall", "drop"]
 
 _JSON = dict[str, Any]
@@ -98,6 +103,7 @@ class FakeUpstream:
     record_limit: int = 10_000
     requests: deque[RecordedRequest] = field(init=False)
     _fault: Fault | None = field(default=None, init=False)
+    _served: int = field(default=0, init=False)
     _runner: web.AppRunner | None = field(default=None, init=False)
     _site: web.TCPSite | None = field(default=None, init=False)
 
@@ -109,8 +115,14 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         """Listen on 127.0.0.1 (`port`, or a free one when 0) and return self."""
         app = web.Application(middlewares=[self._middleware])
-        routes = _ANTHROPIC_ROUTES if self.protocol == "anthropic" else _OPENAI_ROUTES
-        for method, path, handler_name in routes:
+        if self.protocol == "tei":  # TEI's paths are exactly these: /rerank has no /v1 twin
+            for method, path, handler_name in _TEI_ROUTES:
+                app.router.add_route(method, path, getattr(self, handler_name))
+        for method, path, handler_name in _ANTHROPIC_ROUTES if self.protocol == "anthropic" else ():
+            handler = getattr(self, handler_name)
+            app.router.add_route(method, path, handler)
+            app.router.add_route(method, path.removeprefix("/v1"), handler)
+        for method, path, handler_name in _OPENAI_ROUTES if self.protocol == "openai" else ():
             handler = getattr(self, handler_name)
             app.router.add_route(method, path, handler)
             app.router.add_route(method, path.removeprefix("/v1"), handler)
@@ -231,19 +243,25 @@ class FakeUpstream:
         return None
 
     def _error(self, status: int, message: str) -> web.Response:
+        headers = self._headers()
+        if status == 429:
+            headers["retry-after"] = "7"
+        if self.protocol == "tei":
+            kind = "overloaded" if status == 429 else "backend" if status >= 500 else "validation"
+            return web.json_response({"error": message, "error_type": kind}, status=status, headers=headers)
         if self.protocol == "anthropic":
             kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
             kind = kinds.get(status, "api_error" if status >= 500 else "invalid_request_error")
             error: _JSON = {"type": kind, "message": message}
-            return web.json_response({"type": "error", "error": error}, status=status)
+            return web.json_response({"type": "error", "error": error}, status=status, headers=headers)
         code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
         kind = "server_error" if status >= 500 else "invalid_request_error"
         openai_error = {"message": message, "type": kind, "param": None, "code": code}
-        return web.json_response({"error": openai_error}, status=status)
+        return web.json_response({"error": openai_error}, status=status, headers=headers)
 
-    async def _send(self, request: web.Request, payload: _JSON) -> web.StreamResponse:
+    async def _send(self, request: web.Request, payload: Any) -> web.StreamResponse:
         """Send a JSON answer, honouring a stall or drop fault."""
-        if self.padding:
+        if self.padding and isinstance(payload, dict):
             payload = {**payload, "padding": "x" * self.padding}
         fault = request[_FAULT]
         if fault is None:
@@ -278,7 +296,22 @@ class FakeUpstream:
         return response
 
     def _headers(self) -> dict[str, str]:
-        return {"x-upstream-name": self.name}
+        """What a vendor says beside its answer: its name here, a request id, rate limits."""
+        self._served += 1
+        if self.protocol == "anthropic":
+            return {
+                "x-upstream-name": self.name,
+                "request-id": f"req_{self.name}_{self._served}",
+                "anthropic-ratelimit-requests-limit": "1000",
+                "anthropic-ratelimit-requests-remaining": str(1000 - self._served),
+            }
+        return {
+            "x-upstream-name": self.name,
+            "x-request-id": f"req-{self.name}-{self._served}",
+            "x-ratelimit-limit-requests": "1000",
+            "x-ratelimit-remaining-requests": str(1000 - self._served),
+            "x-ratelimit-reset-requests": "1s",
+        }
 
     def _reply_text(self, prompt: str) -> str:
         return f"{self.name} says: {prompt}" if prompt else f"{self.name} says hello"
@@ -372,6 +405,37 @@ class FakeUpstream:
         payload = {"id": f"rerank-{self.name}", "model": model, "results": results}
         return await self._send(request, {**payload, "usage": {"total_tokens": tokens}})
 
+    # -- TEI (Hugging Face's Text Embeddings Inference) ----------------------------------------
+
+    async def _tei_info(self, request: web.Request) -> web.StreamResponse:
+        return await self._send(
+            request, {"model_id": self.models[0], "max_input_length": 512, "version": "1.8.0"}
+        )
+
+    async def _tei_rerank(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        query, texts = body.get("query"), body.get("texts")
+        if (
+            not isinstance(query, str)
+            or not isinstance(texts, list)
+            or not all(isinstance(t, str) for t in texts)
+        ):
+            return self._error(422, "Failed to deserialize the JSON body: `query` and `texts` are required")
+        if not texts:
+            return self._error(422, "`texts` cannot be empty")
+        ranked: list[_JSON] = sorted(
+            ({"index": i, "score": relevance(query, text)} for i, text in enumerate(texts)),
+            key=lambda r: -r["score"],
+        )
+        if body.get("return_text"):
+            ranked = [{**r, "text": texts[r["index"]]} for r in ranked]
+        return await self._send(request, ranked)
+
+    async def _tei_embed(self, request: web.Request) -> web.StreamResponse:
+        inputs = _json_body(request).get("inputs", "")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        return await self._send(request, [embed(str(item)) for item in inputs])
+
     # -- Anthropic ---------------------------------------------------------------------------
 
     async def _anthropic_models(self, request: web.Request) -> web.StreamResponse:
@@ -426,6 +490,12 @@ _OPENAI_ROUTES = (
     ("POST", "/v1/chat/completions", "_chat_completions"),
     ("POST", "/v1/embeddings", "_embeddings"),
     ("POST", "/v1/rerank", "_rerank"),
+)
+_TEI_ROUTES = (
+    ("GET", "/info", "_tei_info"),
+    ("POST", "/rerank", "_tei_rerank"),
+    ("POST", "/embed", "_tei_embed"),
+    ("POST", "/v1/embeddings", "_embeddings"),
 )
 _ANTHROPIC_ROUTES = (
     ("GET", "/v1/models", "_anthropic_models"),
@@ -527,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m tests.support.upstreams", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--protocol", choices=["openai", "anthropic"], default="openai")
+    parser.add_argument("--protocol", choices=["openai", "anthropic", "tei"], default="openai")
     parser.add_argument("--name", default="upstream")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--latency-ms", type=float, default=0.0)

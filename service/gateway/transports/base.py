@@ -10,6 +10,7 @@ has reached the client.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
@@ -38,6 +39,17 @@ def open_session() -> aiohttp.ClientSession:
         raise_for_status=False,
         trust_env=False,
     )
+
+
+_PASSED_BACK = frozenset(("x-request-id", "retry-after"))
+
+
+def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
+    """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer (SPEC 7)."""
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _PASSED_BACK or lower.startswith("x-ratelimit-"):
+            headers[lower] = value
 
 
 class TooLarge(Exception):

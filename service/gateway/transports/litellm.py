@@ -135,6 +135,7 @@ async def _forward(
             return _client_error(exc, status, key, headers)
         raise Failure.of_status(status) from None
     call.first_byte_s = loop.time() - started
+    _pass_back(result, headers)
     if streaming:
         return await _relay_stream(call, result, first, headers, provider.idle_timeout_s)
     call.usage = _usage(result)
@@ -192,6 +193,20 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
     error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
     headers["Content-Type"] = "application/json"
     return web.Response(body=json.dumps(error), status=status, headers=headers)
+
+
+def _pass_back(result: Any, headers: dict[str, str]) -> None:
+    """The vendor's request id and rate limits, as litellm kept them, onto the answer (SPEC 7)."""
+    hidden = getattr(result, "_hidden_params", None)
+    kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+    if not isinstance(kept, dict):
+        return
+    for key, value in kept.items():
+        name = str(key).removeprefix("llm_provider-").lower()
+        if name == "request-id":  # Anthropic's name for it
+            name = "x-request-id"
+        if name in ("x-request-id", "retry-after") or name.startswith("x-ratelimit-"):
+            headers.setdefault(name, str(value))
 
 
 def _model(result: Any) -> str | None:

@@ -37,7 +37,13 @@ from aiohttp import web
 from service.config.models import Provider
 from service.config.secret import Secret
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import TooLarge, Transport, describe_error, read_within
+from service.gateway.transports.base import (
+    TooLarge,
+    Transport,
+    describe_error,
+    pass_back,
+    read_within,
+)
 from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
 
@@ -106,21 +112,34 @@ class OpenAITransport(Transport):
         target = self.upstream(provider)
         if call.stream:
             return await self._send_stream(call, target, headers)
+        response, body = await self.exchange(call, target, target.base + call.path, call.body_for(provider))
+        status = response.status
+        if status < 300:
+            call.usage = find_usage(body)
+            if target.names_models and call.usage is not None:
+                call.answer_model = find_model(body)
+        upstream_headers = response.headers
+        headers["Content-Type"] = upstream_headers.get("Content-Type", "application/json")
+        pass_back(upstream_headers, headers)
+        return web.Response(body=body, status=status, headers=headers)
+
+    async def exchange(
+        self, call: Call, target: _Upstream, url: str, body: bytes
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST `body` to `url` and read the whole answer, within `timeout_s` and `max_bytes`.
+
+        Returns the (released) response and its body; raises `Failure` to move on.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         response: aiohttp.ClientResponse | None = None
         try:
-            response = await self.session.post(
-                target.base + call.path,
-                data=call.body_for(target.provider),
-                headers=target.headers,
-                timeout=target.plain,
-            )
+            response = await self.session.post(url, data=body, headers=target.headers, timeout=target.plain)
             status = response.status
             if falls_back(status):
                 raise Failure.of_status(status)
             call.first_byte_s = loop.time() - started
-            body = await read_within(response, self.max_bytes)
+            answer = await read_within(response, self.max_bytes)
         except TimeoutError as exc:
             _close(response)
             raise Failure(
@@ -137,12 +156,7 @@ class OpenAITransport(Transport):
             _close(response)
             raise
         response.release()
-        if status < 300:
-            call.usage = find_usage(body)
-            if target.names_models and call.usage is not None:
-                call.answer_model = find_model(body)
-        headers["Content-Type"] = response.headers.get("Content-Type", "application/json")
-        return web.Response(body=body, status=status, headers=headers)
+        return response, answer
 
     async def _send_stream(
         self, call: Call, target: _Upstream, headers: dict[str, str]
@@ -187,6 +201,7 @@ class OpenAITransport(Transport):
         call.first_byte_s = loop.time() - started
         content_type = response.headers.get("Content-Type", "application/json")
         headers["Content-Type"] = content_type
+        pass_back(response.headers, headers)
         if status < 300 and content_type.startswith(_SSE):
             return await relay_events(
                 call,

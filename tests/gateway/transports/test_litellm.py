@@ -38,6 +38,8 @@ async def test_a_completion_through_litellm(sops_project: SopsProject) -> None:
     completion = raw.parse()
     assert completion.choices[0].message.content == "claude says: hello claude"
     assert raw.headers["x-switchboard-provider"] == "claude"
+    assert raw.headers["x-request-id"] == "req_claude_1"  # Anthropic's request-id, passed back
+    assert raw.headers["x-ratelimit-remaining-requests"] == "999"
     assert up.requests[-1].path == "/v1/messages"
     assert up.requests[-1].json["model"] == "claude-x"
     assert up.requests[-1].headers["x-api-key"] == CANARY
@@ -54,9 +56,11 @@ async def test_a_stream_through_litellm(sops_project: SopsProject) -> None:
         write_routing(sops_project, chat="claude")
         async with running(sops_project) as board:
             client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
-            stream = await client.chat.completions.create(
+            raw = await client.chat.completions.with_raw_response.create(
                 model="claude-x", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
             )
+            assert raw.headers["x-request-id"] == "req_claude_1"
+            stream = raw.parse()
             parts, usage = [], None
             async for chunk in stream:
                 parts += [c.delta.content or "" for c in chunk.choices]
