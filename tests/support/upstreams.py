@@ -63,6 +63,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     json: Any
+    raw: bytes = b""
+    """The body's bytes exactly as they arrived (not listed by ``GET /_requests``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +215,11 @@ class FakeUpstream:
         if request.path in _CONTROL_PATHS:
             return await handler(request)
         body: Any = None
-        if request.can_read_body:
-            with contextlib.suppress(ValueError):
-                body = await request.json()
+        raw = await request.read() if request.can_read_body else b""
+        with contextlib.suppress(ValueError, RecursionError):
+            body = json.loads(raw) if raw else None
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.requests.append(RecordedRequest(request.method, request.path, headers, body))
+        self.requests.append(RecordedRequest(request.method, request.path, headers, body, raw))
         if (auth_error := self._check_auth(request)) is not None:
             return auth_error
         fault = self._take_fault()
@@ -331,7 +333,8 @@ class FakeUpstream:
         return web.json_response({"fault": None if self._fault is None else asdict(self._fault)})
 
     async def _list_requests(self, request: web.Request) -> web.Response:
-        return web.json_response([asdict(r) for r in self.requests])
+        listed = [{k: v for k, v in asdict(r).items() if k != "raw"} for r in self.requests]
+        return web.json_response(listed)
 
     async def _clear_requests(self, request: web.Request) -> web.Response:
         self.requests.clear()
