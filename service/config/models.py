@@ -88,6 +88,10 @@ Url = Annotated[
 ]
 
 
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A duration in seconds: finite and positive (`.inf` is no way to say "no limit")."""
+
+
 def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
@@ -106,23 +110,19 @@ class _Provider(_Document):
         default_factory=dict, description="Requested model alias -> model name sent upstream."
     )
     purposes: list[Purpose] = Field(default_factory=lambda: list[Purpose](["chat"]), min_length=1)
-    connect_timeout_s: float = Field(
-        5, gt=0, description="Connecting to the upstream, seconds; then it counts as a failure."
+    connect_timeout_s: Seconds = Field(
+        5, description="Seconds to connect to the upstream; then it counts as a failure."
     )
-    timeout_s: float = Field(
+    timeout_s: Seconds = Field(
         600,
-        gt=0,
-        description="Non-streaming requests: the whole answer, seconds. A stream has no total limit.",
+        description="Seconds for the whole answer of a non-streaming request. A stream has no total limit.",
     )
-    first_byte_timeout_s: float = Field(
-        15,
-        gt=0,
-        description="Streaming requests: no first body byte by then is a failure (it falls back), seconds.",
+    first_byte_timeout_s: Seconds = Field(
+        15, description="Seconds to a stream's first body byte; none by then is a failure (it falls back)."
     )
-    idle_timeout_s: float = Field(
+    idle_timeout_s: Seconds = Field(
         60,
-        gt=0,
-        description="Streaming requests: the longest silence between two chunks after the first, seconds; "
+        description="Seconds of the longest silence between two chunks of a stream after the first; "
         "then the stream ends with an error event.",
     )
 

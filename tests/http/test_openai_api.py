@@ -115,6 +115,21 @@ async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: st
     assert len(backup.requests) == 1
 
 
+@pytest.mark.parametrize(
+    "field", ["connect_timeout_s", "timeout_s", "first_byte_timeout_s", "idle_timeout_s"]
+)
+async def test_an_infinite_timeout_is_refused_not_a_500(sops_project: SopsProject, field: str) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "endless", base_url=a.base_url, **{field: float("inf")})
+        write_routing(sops_project, chat="endless")
+        async with running(sops_project) as board:
+            refused = (await (await board.get("/readyz")).json())["refused"]
+            answers = [await board.chat(stream=s) for s in (False, True)]
+    reasons = {r["file"]: r["reason"] for r in refused}
+    assert "finite" in reasons["providers.d/endless.yaml"]
+    assert 500 not in [r.status for r in answers]
+
+
 async def test_a_plain_answer_slower_than_the_first_byte_timeout_is_not_cut(
     sops_project: SopsProject,
 ) -> None:
