@@ -125,7 +125,10 @@ class Call:
 
 def _encode(data: dict[str, Any]) -> bytes:
     try:
-        return json.dumps(data, ensure_ascii=False).encode()
+        try:
+            return json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate (`"\ud800"`) parses, but is no UTF-8
+            return json.dumps(data).encode()
     except RecursionError:  # parsed near the stack's limit, encoded a little deeper
         raise BadRequest("the body is JSON nested too deep") from None
 

@@ -381,6 +381,27 @@ async def test_a_body_nested_near_the_limit_with_a_model_map_is_not_a_500(sops_p
     assert statuses <= {200, 400}, statuses
 
 
+async def test_a_lone_surrogate_in_a_body_that_is_re_encoded_is_not_a_500(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"protocol": "tei", "name": "tei"}) as (a, tei):
+        write_provider(sops_project, "a", base_url=a.base_url, model_map={"alias": "real"})
+        write_provider(sops_project, "tei", base_url=tei.base_url, server_type="tei", purposes=["reranking"])
+        write_routing(sops_project, chat="a", reranking="tei")
+        async with running(sops_project) as board:
+            url = board.base_url
+            raw = b'{"model": "alias", "messages": [{"role": "user", "content": "\\ud800"}]'
+            statuses = []
+            for extra in (b"}", b', "stream": true}'):  # renamed; asked for its usage
+                async with board.http.post(f"{url}/chat/completions", data=raw + extra) as response:
+                    statuses.append(response.status)
+            rerank = (
+                b'{"model": "r", "query": "\\ud800", "documents": ["\\udfff x"], "return_documents": true}'
+            )
+            async with board.http.post(f"{url}/rerank", data=rerank) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 200, 200]
+    assert a.requests[0].json["messages"][0]["content"] == "\ud800"
+
+
 async def test_an_answer_over_the_upstream_limit_falls_back(sops_project: SopsProject) -> None:
     async with upstreams({"name": "big", "padding": 5000}, {"name": "backup"}) as (big, backup):
         write_provider(sops_project, "big", base_url=big.base_url)

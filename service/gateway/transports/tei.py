@@ -35,7 +35,7 @@ class TEITransport(Transport):
         query, texts, top_n, with_documents = _request(call.data)
         target = self.direct.upstream(provider)
         url = target.base.removesuffix("/v1") + "/rerank"
-        body = json.dumps({"query": query, "texts": texts}, ensure_ascii=False).encode()
+        body = json.dumps({"query": query, "texts": texts}).encode()  # ASCII: a lone surrogate stays valid
         response, answer = await self.direct.exchange(call, target, url, body)
         pass_back(response.headers, headers)
         headers["Content-Type"] = "application/json"
@@ -47,7 +47,7 @@ class TEITransport(Transport):
         if with_documents:
             results = [{**r, "document": {"text": texts[r["index"]]}} for r in results]
         reranked = {"id": f"rerank-{os.urandom(8).hex()}", "model": call.model, "results": results}
-        return web.Response(body=json.dumps(reranked, ensure_ascii=False), headers=headers)
+        return web.Response(body=json.dumps(reranked).encode(), headers=headers)
 
 
 def _request(data: dict[str, Any]) -> tuple[str, list[str], int | None, bool]:
