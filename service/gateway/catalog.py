@@ -14,9 +14,8 @@ from typing import Any
 import aiohttp
 
 from service.config.models import Provider
-from service.config.secret import Secret
 from service.gateway.call import retryable
-from service.gateway.transports.base import TooLarge, describe_error, read_within
+from service.gateway.transports.base import TooLarge, describe_error, read_within, sendable_key
 
 ANTHROPIC_VERSION = "2023-06-01"
 MAX_MODELS_BYTES = 8 << 20
@@ -34,9 +33,12 @@ class ModelList:
 
 
 def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
-    """The URL and headers that list a provider's models, in its vendor's protocol."""
+    """The URL and headers that list a provider's models, in its vendor's protocol.
+
+    Raises `ValueError` when the provider's key cannot be sent (`sendable_key`).
+    """
     base = provider.endpoint.rstrip("/")
-    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
+    key = sendable_key(provider)
     vendor = getattr(provider, "provider", None)
     if getattr(provider, "server_type", None) == "tei":  # TEI has no models list: its `/info` names the one
         return f"{base.removesuffix('/v1')}/info", ({"Authorization": f"Bearer {key}"} if key else {})
@@ -52,7 +54,10 @@ def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
 
 async def list_models(provider: Provider, session: aiohttp.ClientSession) -> ModelList:
     """Ask the provider for its models; a failure is described, never raised."""
-    url, headers = models_request(provider)
+    try:
+        url, headers = models_request(provider)
+    except ValueError as exc:
+        return ModelList(None, str(exc))
     # A models list is small and ready at once, like a stream's first byte: it gets as long.
     timeout = aiohttp.ClientTimeout(
         total=provider.first_byte_timeout_s, sock_connect=provider.connect_timeout_s

@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
+from service.config.secret import Secret
 from service.gateway.call import Call
 
 
@@ -39,6 +40,22 @@ def open_session() -> aiohttp.ClientSession:
         raise_for_status=False,
         trust_env=False,
     )
+
+
+def sendable_key(provider: Provider) -> str | None:
+    """The provider's decrypted key as it can go in a header (None without one).
+
+    Surrounding whitespace (a newline pasted with the key) is removed; a key that still holds
+    a control character cannot be sent (aiohttp refuses it as header injection) and raises
+    `ValueError`, so the provider fails instead of the request.
+    """
+    key = provider.api_key
+    if not isinstance(key, Secret):
+        return None
+    value = key.reveal().strip()
+    if not value.isprintable():
+        raise ValueError("the provider's key holds a control character; fix its file")
+    return value
 
 
 _PASSED_BACK = frozenset(("x-request-id", "retry-after"))

@@ -25,9 +25,8 @@ from typing import Any
 from aiohttp import web
 
 from service.config.models import Provider
-from service.config.secret import Secret
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import Transport
+from service.gateway.transports.base import Transport, sendable_key
 from service.vendors import VENDORS
 
 _DONE = b"data: [DONE]\n\n"
@@ -89,7 +88,10 @@ class LiteLLMTransport(Transport):
 async def _forward(
     litellm: Any, call: Call, provider: Provider, headers: dict[str, str]
 ) -> web.StreamResponse:
-    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
+    try:
+        key = sendable_key(provider)
+    except ValueError as exc:
+        raise Failure(None, str(exc)) from None
     params = {k: v for k, v in call.data.items() if k in OPENAI_FIELDS}
     streaming = call.stream and call.purpose == "chat"
     if streaming:  # every stream is counted; the client gets the usage chunk if it asked

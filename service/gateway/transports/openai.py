@@ -35,7 +35,6 @@ import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
-from service.config.secret import Secret
 from service.gateway.call import Call, Failure, falls_back
 from service.gateway.transports.base import (
     TooLarge,
@@ -43,6 +42,7 @@ from service.gateway.transports.base import (
     describe_error,
     pass_back,
     read_within,
+    sendable_key,
 )
 from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
@@ -65,15 +65,21 @@ class _Upstream:
     idle_s: float
     names_models: bool
     """The provider declares no models: the metrics label tokens with the model answers name."""
+    unusable: str | None = None
+    """Why no request can be sent to this provider as its file stands (a key that is no header)."""
     stream_options: bool = True
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
 
     @classmethod
     def of(cls, provider: Provider) -> _Upstream:
         headers = {"Content-Type": "application/json"}
-        key = provider.api_key
-        if isinstance(key, Secret):
-            headers["Authorization"] = f"Bearer {key.reveal()}"
+        unusable = None
+        try:
+            key = sendable_key(provider)
+        except ValueError as exc:
+            key, unusable = None, str(exc)
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
         connect = provider.connect_timeout_s
         return cls(
             provider=provider,
@@ -84,6 +90,7 @@ class _Upstream:
             first_byte_s=provider.first_byte_timeout_s,
             idle_s=provider.idle_timeout_s,
             names_models=not provider.models,
+            unusable=unusable,
         )
 
     def __repr__(self) -> str:  # the headers hold the key
@@ -110,6 +117,8 @@ class OpenAITransport(Transport):
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
         """Send `call` to `provider` and relay its answer; raises `Failure` to move on."""
         target = self.upstream(provider)
+        if target.unusable is not None:
+            raise Failure(None, target.unusable)
         if call.stream:
             return await self._send_stream(call, target, headers)
         response, body = await self.exchange(call, target, target.base + call.path, call.body_for(provider))

@@ -34,6 +34,8 @@ class TEITransport(Transport):
         """Rerank through TEI and answer in `/v1/rerank`'s shape; raises `Failure` to move on."""
         query, texts, top_n, with_documents = _request(call.data)
         target = self.direct.upstream(provider)
+        if target.unusable is not None:
+            raise Failure(None, target.unusable)
         url = target.base.removesuffix("/v1") + "/rerank"
         body = json.dumps({"query": query, "texts": texts}).encode()  # ASCII: a lone surrogate stays valid
         response, answer = await self.direct.exchange(call, target, url, body)
