@@ -51,7 +51,7 @@ _SSE = "text/event-stream"
 
 
 @dataclass(slots=True, eq=False)
-class _Upstream:
+class Upstream:
     """A provider made ready to receive requests: URL, headers and timeouts computed once."""
 
     provider: Provider
@@ -71,7 +71,7 @@ class _Upstream:
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
 
     @classmethod
-    def of(cls, provider: Provider) -> _Upstream:
+    def of(cls, provider: Provider) -> Upstream:
         headers = {"Content-Type": "application/json"}
         unusable = None
         try:
@@ -94,7 +94,7 @@ class _Upstream:
         )
 
     def __repr__(self) -> str:  # the headers hold the key
-        return f"_Upstream({self.provider.id!r})"
+        return f"Upstream({self.provider.id!r})"
 
 
 class OpenAITransport(Transport):
@@ -104,14 +104,14 @@ class OpenAITransport(Transport):
         self.session = session
         self.max_bytes = max_bytes
         """The largest non-streamed answer read (`SWITCHBOARD_MAX_UPSTREAM_BYTES`); larger ones fail."""
-        self._upstreams: dict[str, _Upstream] = {}
+        self._upstreams: dict[str, Upstream] = {}
         """Provider id -> its prepared upstream, rebuilt when the provider object changes."""
 
-    def upstream(self, provider: Provider) -> _Upstream:
+    def upstream(self, provider: Provider) -> Upstream:
         """The prepared URL, headers and timeouts of `provider` (built once per version of its file)."""
         found = self._upstreams.get(provider.id)
         if found is None or found.provider is not provider:
-            found = self._upstreams[provider.id] = _Upstream.of(provider)
+            found = self._upstreams[provider.id] = Upstream.of(provider)
         return found
 
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
@@ -133,7 +133,7 @@ class OpenAITransport(Transport):
         return web.Response(body=body, status=status, headers=headers)
 
     async def exchange(
-        self, call: Call, target: _Upstream, url: str, body: bytes
+        self, call: Call, target: Upstream, url: str, body: bytes
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """POST `body` to `url` and read the whole answer, within `timeout_s` and `max_bytes`.
 
@@ -167,9 +167,7 @@ class OpenAITransport(Transport):
         response.release()
         return response, answer
 
-    async def _send_stream(
-        self, call: Call, target: _Upstream, headers: dict[str, str]
-    ) -> web.StreamResponse:
+    async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
         url, provider = target.base + call.path, target.provider
@@ -244,7 +242,7 @@ class OpenAITransport(Transport):
         return web.Response(body=body, status=status, headers=headers)
 
 
-def _timed_out(exc: TimeoutError, target: _Upstream, otherwise: str) -> str:
+def _timed_out(exc: TimeoutError, target: Upstream, otherwise: str) -> str:
     """Why an attempt timed out: connecting, or `otherwise` (the answer was too slow)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return f"no connection within {target.plain.sock_connect:g} s"
