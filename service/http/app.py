@@ -40,7 +40,11 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[HEALTH] = Health(failures=settings.circuit_failures, cooldown_s=settings.circuit_cooldown_s)
+    app[HEALTH] = Health(
+        failures=settings.circuit_failures,
+        cooldown_s=settings.circuit_cooldown_s,
+        confirm=settings.health_confirm,
+    )
     app[SOPS] = sops or Sops.from_settings(settings)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

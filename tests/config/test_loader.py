@@ -29,8 +29,10 @@ def test_a_self_hosted_server_loads_with_defaults() -> None:
     assert isinstance(loaded.document, AiServer)
     assert loaded.document.base_url == "http://10.0.0.5:8000/v1"
     assert loaded.document.purposes == ["chat"]
-    assert loaded.document.timeout_s == 60
+    assert loaded.document.connect_timeout_s == 5
+    assert loaded.document.timeout_s == 600
     assert loaded.document.first_byte_timeout_s == 15
+    assert loaded.document.idle_timeout_s == 60
     assert loaded.document.enabled is True
     assert not loaded.encrypted
 
