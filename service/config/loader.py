@@ -112,6 +112,7 @@ def with_secrets(loaded: Loaded, plaintext: Mapping[str, Any]) -> Loaded:
         if isinstance(getattr(loaded.document, name, None), Sealed):
             if not isinstance(value, str):
                 raise FileRejected([Problem(loaded.file, loaded.line(name), f"`{name}` did not decrypt")])
+            value = value.strip()  # a key pasted with its line break works as the key it is
             if unsendable(value):  # it would fail every request it was sent with
                 message = f"`{name}` holds a control character (a line break?); a key is one line"
                 raise FileRejected([Problem(loaded.file, loaded.line(name), message, name)])

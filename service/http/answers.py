@@ -44,8 +44,10 @@ class _Provider(_Answer):
     purposes: list[Purpose]
     enabled: bool
     api_key: str | None = Field(description="masked: `****5d80` (`****` for a short key), or null")
+    connect_timeout_s: float
     timeout_s: float
     first_byte_timeout_s: float
+    idle_timeout_s: float
     file: str = Field(description="the file that defines it, e.g. `providers.d/gpu.yaml`")
     commit: str | None = Field(description="the last commit that touched the file; null outside git")
     health: ProviderHealth

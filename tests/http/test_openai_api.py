@@ -264,9 +264,11 @@ async def test_a_refused_key_falls_back_and_opens_the_circuit(
     ]
 
 
-async def test_a_key_pasted_with_a_newline_works_and_one_that_is_no_header_fails_over(
+async def test_a_key_pasted_with_a_newline_works_and_one_that_is_no_header_is_refused(
     sops_project: SopsProject,
 ) -> None:
+    """A line break around a key is a paste; one inside it could never be sent (or would smuggle a
+    header): that file is refused with its reason, where /readyz and the event log show it."""
     async with upstreams({"name": "a", "api_key": CANARY}, {"name": "backup"}) as (a, backup):
         write_provider(sops_project, "pasted", provider="openai", base_url=a.base_url, api_key=CANARY + "\n")
         broken_key = "sk-a\r\nX-Evil: 1"
@@ -279,31 +281,21 @@ async def test_a_key_pasted_with_a_newline_works_and_one_that_is_no_header_fails
             purposes=["embeddings"],
         )
         write_provider(sops_project, "backup", base_url=backup.base_url, purposes=["embeddings"])
-        write_routing(
-            sops_project,
-            chat={"primary": "pasted"},
-            embeddings={"primary": "broken", "fallbacks": ["backup"]},
-        )
+        write_routing(sops_project, chat={"primary": "pasted"}, embeddings={"primary": "backup"})
         async with running(sops_project) as board:
             pasted = [await board.chat(stream=s) for s in (False, True)]
-            broken = await board.post("/v1/embeddings", {"model": "e", "input": "x"})
-            backup.fail(500)
-            failed = await board.post("/v1/embeddings", {"model": "e", "input": "x"})
-            error = (await failed.json())["error"]
-            checks = [
-                await (await board.post(f"/api/v1/llm-config/providers/{p}/test", {})).json()
-                for p in ("pasted", "broken")
-            ]
+            embedded = await board.post("/v1/embeddings", {"model": "e", "input": "x"})
+            ready = await (await board.get("/readyz")).json()
+            check = await (await board.post("/api/v1/llm-config/providers/pasted/test", {})).json()
+            rejected = board.events("config.rejected")
     assert [r.status for r in pasted] == [200, 200]
     assert {r.headers["authorization"] for r in a.requests} == {f"Bearer {CANARY}"}
-    assert (broken.status, broken.headers[PROVIDER]) == (200, "backup")
-    reason = "the provider's key holds a control character; fix its file"
-    assert error["attempts"][0] == {"provider": "broken", "status": None, "reason": reason}
-    assert checks[0]["ok"] is True and checks[1] == {
-        "ok": False,
-        "latency_ms": checks[1]["latency_ms"],
-        "message": reason,
-    }
+    assert (embedded.status, embedded.headers[PROVIDER]) == (200, "backup")
+    assert check["ok"] is True
+    (refused,) = [r for r in ready["refused"] if r["file"] == "providers.d/broken.yaml"]
+    assert "control character" in refused["reason"]
+    assert [e["file"] for e in rejected] == ["providers.d/broken.yaml"]
+    assert broken_key not in json.dumps(ready) + json.dumps(rejected)
     assert not [r for r in a.requests if "x-evil" in r.headers]
 
 
