@@ -130,6 +130,10 @@ class Snapshot:
                 return path
         return None
 
+    def file_of_kind(self, kind: str) -> str | None:
+        """The file holding the `kind: routing` or `kind: clients` document, whatever its name."""
+        return file_of_kind(self.files, kind)
+
     def attribution_of(self, file: str) -> Attribution:
         """The commit and author of one file of this snapshot (all null outside git)."""
         return self.attribution.get(file, NO_GIT)
@@ -148,6 +152,11 @@ class Snapshot:
         )
         clients = {c.name: {"scopes": list(c.scopes)} for c in self.clients.clients} if self.clients else {}
         return {"providers": dict(sorted(providers.items())), "routing": routing, "clients": clients}
+
+
+def file_of_kind(files: Mapping[str, Loaded], kind: str) -> str | None:
+    """The first file (by name) whose document is of `kind`; None when there is none."""
+    return next((f for f, loaded in sorted(files.items()) if loaded.document.kind == kind), None)
 
 
 def load_folder(folder: Path, shown: str, sops: Decrypter | None = None) -> Snapshot:

@@ -25,7 +25,7 @@ def replay(events: Iterable[BaseEvent], at: datetime | None = None) -> ConfigVie
     config = empty_view()
     for event in events:
         if limit is None or event.ts <= limit:
-            config = apply_change(config, event.type, event.subject, event.changes)
+            apply_change(config, event.type, event.subject, event.changes)  # in place
     return config
 
 

@@ -113,7 +113,13 @@ class Registry:
                 self._snapshot = self._attributed(old, self._attribute(current), head)
             return 0
         view = snapshot.view()
-        changes = diff_views(self._view, view, _secrets_changed(old, snapshot))
+        changes = diff_views(
+            self._view,
+            view,
+            _secrets_changed(old, snapshot),
+            routing_file=snapshot.file_of_kind("routing") or old.file_of_kind("routing"),
+            clients_file=snapshot.file_of_kind("clients") or old.file_of_kind("clients"),
+        )
         contents: dict[Path, bytes | None] = {self.root / f: x.data for f, x in snapshot.files.items()}
         for change in changes:
             if change.file is not None and change.file not in snapshot.files:

@@ -188,3 +188,38 @@ def test_replaying_the_log_rebuilds_the_registry_after_any_sequence_of_edits(
         assert replay(log.events()) == registry.snapshot.view(), f"step {step}"
     assert replay(read_events(log.path)) == registry.snapshot.view()
     assert registry.snapshot.generation > 50  # the walk did change things
+
+
+def test_routing_and_clients_events_name_their_actual_files_and_those_files_commits(
+    tmp_path: Path, log: EventLog
+) -> None:
+    git_init(tmp_path)
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    contents = {
+        "a": server("a"),
+        "routes": routing("a"),
+        "tokens": (
+            f"kind: clients\nclients:\n  - name: ops\n    token_sha256: {'ab' * 32}\n    scopes: [admin]\n"
+        ).encode(),
+    }
+    for name, data in contents.items():
+        (folder / f"{name}.yaml").write_bytes(data)
+    git(tmp_path, "add", "providers.d")
+    git(tmp_path, "commit", "-q", "-m", "routes and tokens")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    registry = Registry(log, tmp_path, Attributor(tmp_path))
+    files = {f"providers.d/{name}.yaml": load(name, data) for name, data in contents.items()}
+    registry.apply(files, {})
+
+    by_type = {e.type: e for e in log.events()}
+    for event_type, file in (("routing.updated", "routes"), ("clients.updated", "tokens")):
+        event = by_type[event_type]
+        assert event.file == f"providers.d/{file}.yaml"
+        assert (event.commit, event.author) == (head, "Switchboard Tests <tests@switchboard.invalid>")
+
+    (folder / "routes.yaml").unlink()
+    del files["providers.d/routes.yaml"]
+    registry.apply(files, {})
+    removed = log.events()[-1]
+    assert (removed.type, removed.file) == ("routing.updated", "providers.d/routes.yaml")
