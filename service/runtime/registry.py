@@ -23,7 +23,6 @@ from service.config.view import ConfigView, diff_views
 from service.errors import Problem, SnapshotRejected
 from service.journal.events import ConfigRejected, draft_from_change
 from service.journal.log import EventLog
-from service.journal.replay import replay
 from service.vcs.attribution import Attributor
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class Registry:
         self.last_attempted_commit: str | None = None
         self._snapshot = Snapshot()
         self._attributed_head: str | None = None
-        self._view: ConfigView = replay(events.events())
+        self._view: ConfigView = events.checkpoint()
         """What the log says the configuration is: the first apply records the difference."""
 
     @property
@@ -117,8 +116,8 @@ class Registry:
             self._view,
             view,
             _secrets_changed(old, snapshot),
-            routing_file=snapshot.file_of_kind("routing") or old.file_of_kind("routing"),
-            clients_file=snapshot.file_of_kind("clients") or old.file_of_kind("clients"),
+            routing_file=self._file_of("routing", snapshot, old),
+            clients_file=self._file_of("clients", snapshot, old),
         )
         contents: dict[Path, bytes | None] = {self.root / f: x.data for f, x in snapshot.files.items()}
         for change in changes:
@@ -138,6 +137,12 @@ class Registry:
             self._snapshot = replace(snapshot, generation=old.generation)
         self._view = view
         return len(changes)
+
+    def _file_of(self, kind: str, new: Snapshot, old: Snapshot) -> str | None:
+        """The file a routing or clients change names: the new one, the old one, or (at the
+        first load after a restart, when it was removed while the service was down) the one
+        the log last named."""
+        return new.file_of_kind(kind) or old.file_of_kind(kind) or self.events.last_file_of(f"{kind}.updated")
 
     def _attributed(
         self, snapshot: Snapshot, attribution: Mapping[Path, Attribution], head: str | None
