@@ -43,7 +43,7 @@ NOT_CONFIG_CHANGES = frozenset({"secret.read", "service.started"})
 
 _NAMED_FILES = frozenset({"routing.updated", "clients.updated"})
 
-_BLOCK = 1 << 20
+_BLOCK = 64 << 10
 """Past events are read back from the file in blocks of about this many bytes."""
 
 
