@@ -14,6 +14,13 @@
 A purpose with no route in `routing.yaml` (or no routing file at all) answers 404, like an
 unknown purpose, and `active` lists exactly the purposes that `active/{purpose}` answers.
 
+A route may name a provider whose file is refused and has no good version (SPEC 4: it
+stays known to routing, and is skipped until a good version arrives). `primary` and
+`fallbacks` list only providers a request can go to, each a whole provider as SPEC 6 shows
+it, so a client that takes "the first healthy one" never meets a stub; such a route adds
+`"unavailable": [id, ...]`, the ids it names that are left out (their files are in
+`/readyz`'s `refused`). The key is there only when the list is not empty.
+
 Every handler takes `registry.snapshot` once and answers from that snapshot alone. The JSON
 of each provider and route is rendered once per snapshot; `active/{purpose}`, the hot path,
 keeps its encoded answer and re-encodes only when the snapshot or its providers' health
@@ -76,6 +83,8 @@ class _Route:
     primary: tuple[str, ...]
     fallbacks: tuple[str, ...]
     weights: dict[str, float]
+    unavailable: tuple[str, ...] = ()
+    """Ids the routing names whose files are refused with no good version: left out above."""
     health: tuple[HealthState, ...] | None = None
     encoded: bytes = b""
 
@@ -96,7 +105,7 @@ class _Rendered:
         return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
 
     def route(self, route: _Route, health: Health) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
             "purpose": route.purpose,
             "primary": [self.provider(i, health) for i in route.primary],
             "fallbacks": [self.provider(i, health) for i in route.fallbacks],
@@ -104,6 +113,9 @@ class _Rendered:
             "commit": self.snapshot.commit,
             "generation": self.snapshot.generation,
         }
+        if route.unavailable:
+            answer["unavailable"] = list(route.unavailable)
+        return answer
 
     def encoded_route(self, route: _Route, health: Health) -> bytes:
         states = tuple(health.get(i) for i in route.ids)
@@ -126,8 +138,11 @@ def _render(snapshot: Snapshot) -> _Rendered:
     routes: dict[str, _Route] = {}
     if snapshot.routing is not None:
         for purpose, route in sorted(snapshot.routing.purposes.items()):
-            weights = {i: route.weight(i) for i in route.primary}
-            routes[purpose] = _Route(purpose, tuple(route.primary), tuple(route.fallbacks), weights)
+            primary = tuple(i for i in route.primary if i in providers)
+            fallbacks = tuple(i for i in route.fallbacks if i in providers)
+            missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
+            weights = {i: route.weight(i) for i in primary}
+            routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
     return _Rendered(snapshot, dict(sorted(providers.items())), routes)
 
 
