@@ -19,12 +19,13 @@ from service.settings import Settings
 def has_clients_file(folder: Path) -> bool:
     """Whether a file of `folder` is a clients file: by its kind, never by its name (SPEC 2.3).
 
-    A file that fails to load counts when its text says `kind: clients` (`declared_kind`),
-    and so does one that cannot be read at all. Counting them errs on the safe side: the
-    service treats such a file as a clients file too, so it starts with authentication on
-    and answers 503 until a good version is loaded. Not counting them would refuse to
-    start, over what may be one typo, a service whose operator plainly meant it to check
-    tokens; it never turns a broken clients file into a service without authentication.
+    A file that fails to load counts when its text says `kind: clients` (`declared_kind`):
+    the service counts it the same way, so it starts with authentication on and answers 503
+    until a good version loads. Refusing to start instead would turn one typo into an
+    outage of a service whose operator plainly meant it to check tokens, and gain nothing:
+    no request is served without a valid token either way. A file that cannot be read at
+    all counts too, for the same reason: without good clients, a service on an address
+    other than loopback answers 503 to every protected endpoint (it fails closed).
     """
     for path in config_files(folder):
         try:
