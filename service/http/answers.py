@@ -100,6 +100,9 @@ class RouteAnswer(_Answer):
     primary: list[ProviderAnswer]
     fallbacks: list[ProviderAnswer]
     weights: dict[str, float]
+    unavailable: list[str] | None = Field(
+        None, description="ids the route names whose files are refused here (left out of the lists above)"
+    )
     commit: str | None
     generation: int
 
@@ -205,6 +208,7 @@ class Readiness(_Answer):
     last_applied_commit: str | None
     last_attempted_commit: str | None
     refused: list[RefusedFile]
+    degraded: bool = Field(description="true while any file is refused")
 
 
 # -- the gateway --------------------------------------------------------------------------------------
