@@ -42,6 +42,7 @@ bench:
     python -m bench.litellm_proxy setup
     python -m bench.gateway
     python -m bench.config
+    python -m bench.events
 
 # everything CI runs
 ci: lint schema-check validate test

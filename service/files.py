@@ -7,9 +7,14 @@ see the old content or the new.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+HEAD_BYTES = 64 << 10
+"""How much of a file over its limit `read_limited` still reads: enough to tell what it is."""
 
 
 def write_atomically(path: Path, data: bytes, *, mode: int | None = None) -> None:
@@ -39,3 +44,23 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_limited(path: Path, limit: int) -> tuple[bytes, int | None]:
+    """The bytes of the regular file `path` when it holds at most `limit`: (data, None).
+
+    A larger file is not read whole: (its first `HEAD_BYTES`, its size). The size is checked
+    before reading, and the read itself stops past `limit`, so a file that grows meanwhile
+    cannot make it read more. A FIFO or a device is refused (OSError) without blocking.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if info.st_size > limit:
+            return f.read(HEAD_BYTES), info.st_size
+        data = f.read(limit + 1)
+        if len(data) > limit:  # it grew since the stat
+            return data[:HEAD_BYTES], max(os.fstat(fd).st_size, len(data))
+        return data, None

@@ -1,7 +1,9 @@
 """Prometheus metrics, one registry per app (so tests can run several apps in one process).
 
-Labels never carry secrets, and never raw client input without a bound: model names are
-recorded as sent only when the provider lists them, otherwise as `other`.
+Labels never carry secrets, and never raw client input without a bound: a provider that
+declares its models labels tokens with the model requested when it is one of them; one that
+declares none, with the model its answers name, up to 100 per provider; anything else is
+`other`.
 """
 
 from __future__ import annotations

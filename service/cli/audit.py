@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.journal.log import read_events
+from service.journal.log import iter_events
 from service.journal.log import verify as verify_chain
 from service.journal.replay import filter_events, parse_time
 from service.settings import Settings
@@ -14,7 +14,7 @@ from service.settings import Settings
 def show(ns: argparse.Namespace, settings: Settings) -> int:
     """Events matching the filters, oldest first, as text lines or JSON."""
 
-    events = read_events(settings.events_file)
+    events = iter_events(settings.events_file)  # streamed: the log may be long
     try:
         since = parse_time(ns.since) if ns.since else None
         until = parse_time(ns.until) if ns.until else None

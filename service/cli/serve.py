@@ -5,12 +5,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
+from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
+from service.files import read_limited
 from service.http.app import create_app
 from service.http.auth import is_loopback
 from service.settings import Settings
+
+
+def has_clients_file(folder: Path) -> bool:
+    """Whether a file of `folder` is a clients file: by its kind, never by its name (SPEC 2.3).
+
+    A file that fails to load counts when its text says `kind: clients` (`declared_kind`):
+    the service counts it the same way, so it starts with authentication on and answers 503
+    until a good version loads. Refusing to start instead would turn one typo into an
+    outage of a service whose operator plainly meant it to check tokens, and gain nothing:
+    no request is served without a valid token either way. A file that cannot be read at
+    all counts too, for the same reason: without good clients, a service on an address
+    other than loopback answers 503 to every protected endpoint (it fails closed).
+    """
+    for path in config_files(folder):
+        try:
+            data, _ = read_limited(path, MAX_FILE_BYTES)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+        if declared_kind(data) == "clients":
+            return True
+    return False
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
@@ -19,8 +45,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if not settings.providers_dir.is_dir():
         print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
         return 1
-    has_clients = any((settings.providers_dir / f"clients.{ext}").exists() for ext in ("yaml", "yml"))
-    if not has_clients and not is_loopback(settings.host):
+    if not is_loopback(settings.host) and not has_clients_file(settings.providers_dir):
         print(
             f"switchboard: error: refusing to listen on {settings.host} without authentication: "
             f"there is no clients file in {settings.providers_dir} "

@@ -6,18 +6,21 @@ import argparse
 import json
 import sys
 
-from service.journal.log import read_events
+from service.journal.log import iter_events
 from service.journal.replay import parse_time, replay
 from service.settings import Settings
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
-    """Print the masked configuration at `--at` (default: now) as JSON."""
+    """Print the masked configuration at `--at` (default: now) as JSON.
+
+    The log is streamed (the service may be appending to it): memory stays bounded.
+    """
 
     try:
         at = parse_time(ns.at) if ns.at else None
     except ValueError as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(replay(read_events(settings.events_file), at), indent=2, sort_keys=True))
+    print(json.dumps(replay(iter_events(settings.events_file), at), indent=2, sort_keys=True))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
@@ -18,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from service.config.models import MODELS, SECRET_FIELDS, AiServer, ApiKey, Document
-from service.config.secret import SOPS_VALUE, Sealed, Secret
+from service.config.secret import SOPS_VALUE, Sealed, Secret, unsendable
 from service.errors import FileRejected, Problem, SopsError, SopsTampered
 
 MAX_FILE_BYTES = 1 << 20
@@ -104,6 +105,42 @@ def parse(file: str, data: bytes) -> Loaded:
     return Loaded(file, digest, document, data, lines, has_sops)
 
 
+def too_large(file: str, size: int) -> FileRejected:
+    """The refusal of a file over `MAX_FILE_BYTES` (1 MiB)."""
+    message = f"file is {size:,} bytes; the limit is {MAX_FILE_BYTES:,} (1 MiB)"
+    return FileRejected([Problem(file, 1, message)])
+
+
+_KIND_TEXT = re.compile(r"""^\s*["']?kind["']?\s*:\s*["']?([A-Za-z_]+)""", re.MULTILINE)
+_CLIENTS_TEXT = re.compile(r"""^["']?clients["']?\s*:""", re.MULTILINE)
+
+
+def declared_kind(data: bytes) -> str | None:
+    """The `kind` a file says it is, even when it fails to load; None when it cannot be told.
+
+    From the YAML when it parses to a mapping with a known `kind`; otherwise from the text
+    (a syntax error, a head cut off a file too large). Where it is unclear it errs towards
+    `clients`, the answer that keeps authentication on: a `kind: clients` line anywhere, or
+    a top-level `clients:` key under a missing or misspelt kind, makes it a clients file.
+    """
+    try:
+        tree: dict[str, Any] | None = _read_yaml("", data)[0]
+    except FileRejected:
+        tree = None
+    if tree is not None:
+        kind = tree.get("kind")
+        if isinstance(kind, str) and kind in MODELS:
+            return kind
+        if "clients" in tree:
+            return "clients"
+    text = data.decode("utf-8", "replace")
+    found = [m.group(1) for m in _KIND_TEXT.finditer(text)]
+    if "clients" in found or (not set(found) & set(MODELS) and _CLIENTS_TEXT.search(text)):
+        return "clients"
+    known = [k for k in found if k in MODELS]
+    return known[0] if known else None
+
+
 def with_secrets(loaded: Loaded, plaintext: Mapping[str, Any]) -> Loaded:
     """The same file with its secret fields replaced by the decrypted values."""
     update: dict[str, Secret] = {}
@@ -112,6 +149,10 @@ def with_secrets(loaded: Loaded, plaintext: Mapping[str, Any]) -> Loaded:
         if isinstance(getattr(loaded.document, name, None), Sealed):
             if not isinstance(value, str):
                 raise FileRejected([Problem(loaded.file, loaded.line(name), f"`{name}` did not decrypt")])
+            value = value.strip()  # a key pasted with its line break works as the key it is
+            if unsendable(value):  # it would fail every request it was sent with
+                message = f"`{name}` holds a control character (a line break?); a key is one line"
+                raise FileRejected([Problem(loaded.file, loaded.line(name), message, name)])
             update[name] = Secret(value)
     return replace(loaded, document=loaded.document.model_copy(update=update)) if update else loaded
 
@@ -155,7 +196,7 @@ def _read_yaml(file: str, data: bytes) -> tuple[dict[str, Any], dict[Path_, int]
         return FileRejected([Problem(file, line, message)])
 
     if len(data) > MAX_FILE_BYTES:
-        raise reject(f"file is {len(data):,} bytes; the limit is {MAX_FILE_BYTES:,} (1 MiB)")
+        raise too_large(file, len(data))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

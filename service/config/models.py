@@ -88,12 +88,19 @@ Url = Annotated[
 ]
 
 
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A duration in seconds: finite and positive (`.inf` is no way to say "no limit")."""
+
+
 def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
 class _Document(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
+    # No `.inf` or `.nan`: a timeout or a weight must be a number, and the event log is strict JSON.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True, allow_inf_nan=False
+    )
 
 
 class _Provider(_Document):
@@ -106,9 +113,20 @@ class _Provider(_Document):
         default_factory=dict, description="Requested model alias -> model name sent upstream."
     )
     purposes: list[Purpose] = Field(default_factory=lambda: list[Purpose](["chat"]), min_length=1)
-    timeout_s: float = Field(60, gt=0, description="Upstream request timeout, seconds.")
-    first_byte_timeout_s: float = Field(
-        15, gt=0, description="No first byte by then counts as a failure, seconds."
+    connect_timeout_s: Seconds = Field(
+        5, description="Seconds to connect to the upstream; then it counts as a failure."
+    )
+    timeout_s: Seconds = Field(
+        600,
+        description="Seconds for the whole answer of a non-streaming request. A stream has no total limit.",
+    )
+    first_byte_timeout_s: Seconds = Field(
+        15, description="Seconds to a stream's first body byte; none by then is a failure (it falls back)."
+    )
+    idle_timeout_s: Seconds = Field(
+        60,
+        description="Seconds of the longest silence between two chunks of a stream after the first; "
+        "then the stream ends with an error event.",
     )
 
     @field_validator("purposes")
@@ -155,8 +173,10 @@ class _Provider(_Document):
             "purposes": dumped["purposes"],
             "enabled": self.enabled,
             "api_key": dumped["api_key"],
+            "connect_timeout_s": dumped["connect_timeout_s"],
             "timeout_s": dumped["timeout_s"],
             "first_byte_timeout_s": dumped["first_byte_timeout_s"],
+            "idle_timeout_s": dumped["idle_timeout_s"],
         }
 
     def _label_field(self) -> dict[str, str]:

@@ -25,6 +25,11 @@ def mask(value: str) -> str:
     return "****" + value[-4:]
 
 
+def unsendable(value: str) -> bool:
+    """Whether a key holds a control character (a line break, a NUL...): no HTTP header can carry it."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+
+
 class Secret:
     """A decrypted secret. Only `reveal()` gives the value; everything else sees the mask."""
 

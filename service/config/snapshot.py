@@ -7,7 +7,7 @@ them is refused as a whole. Every request reads one snapshot from start to end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -38,8 +38,12 @@ class Attribution:
 NO_GIT = Attribution(None, None, False)
 
 
-def cross_check(files: Iterable[Loaded]) -> list[Problem]:
-    """Problems between files: duplicate ids, a second routing or clients file, bad routing."""
+def cross_check(files: Iterable[Loaded], unavailable: Collection[str] = ()) -> list[Problem]:
+    """Problems between files: duplicate ids, a second routing or clients file, bad routing.
+
+    `unavailable` are provider ids whose files exist but are refused (SPEC 4): routing may
+    name them, as it may name any provider a file defines.
+    """
     problems: list[Problem] = []
     providers: dict[str, Loaded] = {}
     singles: dict[str, Loaded] = {}
@@ -61,11 +65,13 @@ def cross_check(files: Iterable[Loaded]) -> list[Problem]:
     routing = singles.get("routing")
     if routing is not None and isinstance(routing.document, Routing):
         known = {k: v.document for k, v in providers.items() if isinstance(v.document, AiServer | ApiKey)}
-        problems += _check_routing(routing, routing.document, known)
+        problems += _check_routing(routing, routing.document, known, unavailable)
     return problems
 
 
-def _check_routing(loaded: Loaded, routing: Routing, providers: Mapping[str, Provider]) -> list[Problem]:
+def _check_routing(
+    loaded: Loaded, routing: Routing, providers: Mapping[str, Provider], unavailable: Collection[str]
+) -> list[Problem]:
     problems = []
     for purpose, route in routing.purposes.items():
         for role, ids in (("primary", route.primary), ("fallbacks", route.fallbacks)):
@@ -74,6 +80,8 @@ def _check_routing(loaded: Loaded, routing: Routing, providers: Mapping[str, Pro
                 path = f"purposes.{purpose}.{role}.{index}"
                 provider = providers.get(provider_id)
                 where = f"routing for `{purpose}` names `{provider_id}`"
+                if provider is None and provider_id in unavailable:
+                    continue  # known, skipped until a good version of its file arrives
                 if provider is None:
                     problems.append(Problem(loaded.file, line, f"{where}, which does not exist", path))
                 elif not provider.enabled:
@@ -97,11 +105,19 @@ class Snapshot:
     """Where each file came from (commit, author), set by the registry when it swaps this in."""
     commit: str | None = None
     """The commit this whole configuration is, when every file is committed unchanged in it."""
+    unavailable: frozenset[str] = frozenset()
+    """Provider ids whose files are refused and have no good version (SPEC 4): routing may
+    name them, and every reader skips them (they are not in `providers`) until one arrives."""
 
     @classmethod
-    def build(cls, files: Mapping[str, Loaded], generation: int = 0) -> Snapshot:
-        """A snapshot of these files, or SnapshotRejected with every cross-file problem."""
-        problems = cross_check(files.values())
+    def build(
+        cls, files: Mapping[str, Loaded], generation: int = 0, unavailable: Collection[str] = ()
+    ) -> Snapshot:
+        """A snapshot of these files, or SnapshotRejected with every cross-file problem.
+
+        `unavailable`: the ids of refused provider files that count as known (`cross_check`).
+        """
+        problems = cross_check(files.values(), unavailable)
         if problems:
             raise SnapshotRejected(problems)
         providers: dict[str, Provider] = {}
@@ -120,6 +136,7 @@ class Snapshot:
             providers=MappingProxyType(dict(sorted(providers.items()))),
             routing=routing,
             clients=clients,
+            unavailable=frozenset(unavailable) - providers.keys(),
         )
 
     def file_of(self, provider_id: str) -> str | None:
@@ -129,6 +146,10 @@ class Snapshot:
             if isinstance(doc, AiServer | ApiKey) and doc.id == provider_id:
                 return path
         return None
+
+    def file_of_kind(self, kind: str) -> str | None:
+        """The file holding the `kind: routing` or `kind: clients` document, whatever its name."""
+        return file_of_kind(self.files, kind)
 
     def attribution_of(self, file: str) -> Attribution:
         """The commit and author of one file of this snapshot (all null outside git)."""
@@ -148,6 +169,11 @@ class Snapshot:
         )
         clients = {c.name: {"scopes": list(c.scopes)} for c in self.clients.clients} if self.clients else {}
         return {"providers": dict(sorted(providers.items())), "routing": routing, "clients": clients}
+
+
+def file_of_kind(files: Mapping[str, Loaded], kind: str) -> str | None:
+    """The first file (by name) whose document is of `kind`; None when there is none."""
+    return next((f for f, loaded in sorted(files.items()) if loaded.document.kind == kind), None)
 
 
 def load_folder(folder: Path, shown: str, sops: Decrypter | None = None) -> Snapshot:

@@ -1,9 +1,9 @@
 """Age identities and the `.sops.yaml` that names their recipients.
 
 An identity is written once, in age's `keys.txt` format, mode 0600, never overwritten.
-`.sops.yaml` is edited by a YAML round trip: keys and rule order are kept, the comment block
-at the top of the file is kept, other comments are lost (PyYAML does not carry them). The
-rule Switchboard needs (SPEC 2.4) is created when no rule covers `providers.d/`.
+`.sops.yaml` is edited by a ruamel.yaml round trip: every comment, the key and rule order,
+quoting and the file's indentation are kept, and only the recipients change. The rule
+Switchboard needs (SPEC 2.4) is created when no rule covers `providers.d/`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pyrage
-import yaml
 
+from service.config.roundtrip import CommentedMap, CommentedSeq, Document, YAMLError, append
 from service.config.sops_rules import (
     ENCRYPTED_REGEX,
     PROVIDERS_PATH_REGEX,
@@ -108,22 +107,27 @@ def add_recipient(path: Path, recipient: str) -> bool:
     """
     path = Path(path)
     _check_recipient(path, recipient)
-    config = load_sops_config(path)
-    rules: list[dict[str, Any]] = config.setdefault("creation_rules", [])
+    document = _edit(path)
+    config = document.data
+    rules = config.setdefault("creation_rules", CommentedSeq())
     rule = rule_for(rules, SAMPLE_PROVIDER_FILE)
     if rule is None:
         # First, so that no later catch-all rule shadows it (the first match wins).
-        rules.insert(
-            0,
-            {"path_regex": PROVIDERS_PATH_REGEX, "encrypted_regex": ENCRYPTED_REGEX, "age": recipient},
-        )
+        fields = [
+            ("path_regex", PROVIDERS_PATH_REGEX),
+            ("encrypted_regex", ENCRYPTED_REGEX),
+            ("age", recipient),
+        ]
+        rules.insert(0, CommentedMap(fields))
     elif recipient in rule_recipients(rule):
         return False
     elif "key_groups" in rule:
         raise ConfigError([Problem(str(path), 0, "the providers.d rule uses key_groups; edit it by hand")])
+    elif isinstance(rule.get("age"), list):
+        append(rule["age"], recipient)  # in place: the list keeps its comments and its style
     else:
-        rule["age"] = _with_age(rule.get("age"), [*age_list(rule.get("age")), recipient])
-    _write_config(path, config)
+        rule["age"] = ",".join([*age_list(rule.get("age")), recipient])
+    _write(path, document)
     return True
 
 
@@ -133,30 +137,32 @@ def remove_recipient(path: Path, recipient: str) -> bool:
     Refuses (ConfigError) to remove the last recipient: nobody could encrypt any more.
     """
     path = Path(path)
-    config = load_sops_config(path)
-    rule = rule_for(config.get("creation_rules", []), SAMPLE_PROVIDER_FILE)
+    document = _edit(path)
+    rule = rule_for(document.data.get("creation_rules", []), SAMPLE_PROVIDER_FILE)
     if rule is None or recipient not in age_list(rule.get("age")):
         return False
     remaining = [r for r in age_list(rule.get("age")) if r != recipient]
     if not remaining and not rule.get("key_groups"):
         raise ConfigError([Problem(str(path), 0, "refusing to remove the last age recipient")])
-    rule["age"] = _with_age(rule.get("age"), remaining)
-    _write_config(path, config)
+    age = rule.get("age")
+    if isinstance(age, list):  # the shape the user chose: a YAML list stays a list
+        for index in reversed(range(len(age))):
+            if str(age[index]).strip() == recipient:
+                del age[index]
+    else:  # and a string stays comma-separated
+        rule["age"] = ",".join(remaining)
+    _write(path, document)
     return True
 
 
-def _with_age(old: Any, new: list[str]) -> str | list[str]:
-    """Keep the shape the user chose: a YAML list stays a list, a string stays comma-separated."""
-    return new if isinstance(old, list) else ",".join(new)
+def _edit(path: Path) -> Document:
+    """`.sops.yaml`, checked as sops reads it, loaded for an edit that keeps its comments."""
+    load_sops_config(path)  # the checks, with their messages
+    try:
+        return Document.read(path)
+    except YAMLError:  # valid for PyYAML, yet ruamel cannot keep it as written
+        raise ConfigError([Problem(str(path), 0, "cannot be edited while keeping its comments")]) from None
 
 
-def _write_config(path: Path, config: dict[str, Any]) -> None:
-    header = ""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        for line in lines:
-            if not line.lstrip().startswith("#"):
-                break
-            header += line
-    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=1000)
-    write_atomically(path, (header + body).encode("utf-8"), mode=0o644)
+def _write(path: Path, document: Document) -> None:
+    write_atomically(path, document.dump().encode("utf-8"), mode=None if path.exists() else 0o644)

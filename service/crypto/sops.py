@@ -108,6 +108,20 @@ def _parse_json(out: bytes, file: str) -> dict[str, Any]:
     return value
 
 
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill `proc` and wait until it is reaped, even if cancelled again meanwhile.
+
+    Killing alone leaves a process that may still run for a moment, then a zombie and an
+    open transport until someone waits for it; the caller re-raises its own cancellation.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    waiting = asyncio.ensure_future(proc.wait())
+    while not waiting.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(waiting)
+
+
 class Sops:
     """Runs sops with an explicit age identity, project root and environment.
 
@@ -248,11 +262,10 @@ class Sops:
             try:
                 out, err = await asyncio.wait_for(proc.communicate(data), self.timeout_s)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                await _kill(proc)
                 raise SopsFailed(filename, f"sops did not finish within {self.timeout_s:g}s") from None
             except asyncio.CancelledError:
-                proc.kill()  # a cancelled reload must not leave sops running
+                await _kill(proc)  # a cancelled reload leaves no sops running, nor a zombie
                 raise
         if proc.returncode != 0:
             code = proc.returncode if proc.returncode is not None else -1

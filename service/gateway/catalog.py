@@ -7,17 +7,19 @@ failure is described, never raised.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from service.config.models import Provider
-from service.config.secret import Secret
 from service.gateway.call import retryable
-from service.gateway.transports.base import describe_error
+from service.gateway.transports.base import TooLarge, describe_error, read_within, sendable_key
 
 ANTHROPIC_VERSION = "2023-06-01"
+MAX_MODELS_BYTES = 8 << 20
+"""The largest models list read (OpenRouter's, the longest known, is about 1 MiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +33,15 @@ class ModelList:
 
 
 def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
-    """The URL and headers that list a provider's models, in its vendor's protocol."""
+    """The URL and headers that list a provider's models, in its vendor's protocol.
+
+    Raises `ValueError` when the provider's key cannot be sent (`sendable_key`).
+    """
     base = provider.endpoint.rstrip("/")
-    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
+    key = sendable_key(provider)
     vendor = getattr(provider, "provider", None)
+    if getattr(provider, "server_type", None) == "tei":  # TEI has no models list: its `/info` names the one
+        return f"{base.removesuffix('/v1')}/info", ({"Authorization": f"Bearer {key}"} if key else {})
     if provider.speaks_openai or vendor is None:
         return f"{base}/models", ({"Authorization": f"Bearer {key}"} if key else {})
     if vendor == "anthropic":
@@ -47,22 +54,34 @@ def models_request(provider: Provider) -> tuple[str, dict[str, str]]:
 
 async def list_models(provider: Provider, session: aiohttp.ClientSession) -> ModelList:
     """Ask the provider for its models; a failure is described, never raised."""
-    url, headers = models_request(provider)
-    timeout = aiohttp.ClientTimeout(total=min(provider.timeout_s, provider.first_byte_timeout_s))
+    try:
+        url, headers = models_request(provider)
+    except ValueError as exc:
+        return ModelList(None, str(exc))
+    # A models list is small and ready at once, like a stream's first byte: it gets as long.
+    timeout = aiohttp.ClientTimeout(
+        total=provider.first_byte_timeout_s, sock_connect=provider.connect_timeout_s
+    )
     try:
         async with session.get(url, headers=headers, timeout=timeout) as response:
             if response.status >= 400:
                 status = response.status
                 return ModelList(None, f"HTTP {status}", retryable(status), status)
-            payload = await response.json(content_type=None)
+            body = await read_within(response, MAX_MODELS_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:
         return ModelList(None, describe_error(exc), True)
-    except ValueError:
+    except TooLarge as exc:
+        return ModelList(None, f"models list {exc}")
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested past the stack
         return ModelList(None, "the models endpoint did not answer JSON")
     return ModelList(_model_ids(payload))
 
 
 def _model_ids(payload: Any) -> list[str]:
+    if isinstance(payload, dict) and isinstance(payload.get("model_id"), str):  # TEI's `/info`
+        return [payload["model_id"]]
     items = payload.get("data", payload.get("models", [])) if isinstance(payload, dict) else payload
     ids = []
     for item in items if isinstance(items, list) else []:

@@ -1,10 +1,11 @@
 """The gateway's core: try each candidate provider in turn until one answers (SPEC 7).
 
 `Relay` holds what every request shares: the router, the health of each provider, the
-transports (OpenAI's protocol directly, litellm for the other vendors), and cached metric
-children. `relay(call, snapshot)` orders the candidates, sends through each one's transport,
-records the outcome (circuit, counters, tokens) and answers with the first that worked, or
-a 502 listing every attempt. It reads one snapshot and touches no file.
+transports (OpenAI's protocol directly, TEI's own for reranking on TEI, litellm for the
+other vendors), and cached metric children. `relay(call, snapshot)` orders the candidates,
+sends through each one's transport, records the outcome (circuit, counters, tokens) and
+answers with the first that worked, or a 502 listing every attempt. It reads one snapshot
+and touches no file.
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ from aiohttp import web
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
 from service.errors import NoCandidate, UpstreamsFailed
-from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call, Failure, model_label
+from service.gateway.call import (
+    ATTEMPTS_HEADER,
+    MAX_ANSWER_MODELS,
+    MAX_MODEL_LABEL,
+    PROVIDER_HEADER,
+    Call,
+    Failure,
+    model_label,
+)
 from service.gateway.health import Health
 from service.gateway.routing import Router
 from service.gateway.transports.base import Transport
 from service.gateway.transports.litellm import LiteLLMTransport
 from service.gateway.transports.openai import OpenAITransport
+from service.gateway.transports.tei import TEITransport
 from service.metrics import Metrics
 
 NO_PROVIDER = "none"
@@ -32,18 +42,33 @@ NO_PROVIDER = "none"
 class Relay:
     """What the gateway's requests share: router, health, transports and metric children."""
 
-    def __init__(self, metrics: Metrics, health: Health, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: Health,
+        session: aiohttp.ClientSession,
+        *,
+        max_upstream_bytes: int = 64 << 20,
+    ) -> None:
         self.metrics = metrics
         self.health = health
         self.router = Router()
         self.session = session
-        self.openai = OpenAITransport(session)
+        self.openai = OpenAITransport(session, max_upstream_bytes)
         self.litellm = LiteLLMTransport()
+        self.tei = TEITransport(self.openai)
         self._children: dict[tuple[str, ...], Any] = {}
+        self._answer_models: dict[str, set[str]] = {}
+        """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
 
-    def transport(self, provider: Provider) -> Transport:
-        """How requests reach `provider`: directly when it speaks OpenAI's protocol, else litellm."""
-        return self.openai if provider.speaks_openai else self.litellm
+    def transport(self, provider: Provider, purpose: str) -> Transport:
+        """How requests reach `provider`: directly when it speaks OpenAI's protocol (but TEI's
+        own `/rerank` for reranking on a `tei` server), else through litellm."""
+        if not provider.speaks_openai:
+            return self.litellm
+        if purpose == "reranking" and provider.label == "tei":
+            return self.tei
+        return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
         """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
@@ -56,9 +81,12 @@ class Relay:
                 continue  # half-open, and its one trial request is out
             headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
             try:
-                response = await self.transport(provider).send(call, provider, headers)
+                response = await self.transport(provider, call.purpose).send(call, provider, headers)
             except Failure as failure:
-                health.failed(pid, failure.reason)
+                if failure.refused:
+                    health.refuse(pid, failure.reason)
+                else:
+                    health.failed(pid, failure.reason)
                 self.count("attempt", pid, "failed")
                 attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                 continue
@@ -86,7 +114,7 @@ class Relay:
         if attempts:
             self.count("fallback", call.purpose)
         if call.usage is not None:
-            self.tokens(provider, call.model, call.client, call.usage)
+            self.tokens(provider, self.model_label(provider, call), call.client, call.usage)
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -110,13 +138,33 @@ class Relay:
             )
         child.observe(seconds)
 
-    def tokens(self, provider: Provider, model: str | None, client: str, usage: dict[str, Any]) -> None:
-        """Count the prompt and completion tokens an upstream reported."""
+    def model_label(self, provider: Provider, call: Call) -> str:
+        """The model label of a call's tokens, bounded so that no client can grow the metrics.
+
+        A provider that declares its models: the requested model when it is one of them. One
+        that declares none (any model): the model its answer names, up to `MAX_ANSWER_MODELS`
+        distinct ones per provider. Anything else is `other`.
+        """
+        if provider.models:
+            return model_label(provider, call.model)
+        name = call.answer_model
+        if name is None or len(name) > MAX_MODEL_LABEL:
+            return "other"
+        seen = self._answer_models.get(provider.id)
+        if seen is None:
+            seen = self._answer_models[provider.id] = set()
+        if name not in seen:
+            if len(seen) >= MAX_ANSWER_MODELS:
+                return "other"
+            seen.add(name)
+        return name
+
+    def tokens(self, provider: Provider, label: str, client: str, usage: dict[str, Any]) -> None:
+        """Count the prompt and completion tokens an upstream reported, under a model `label`."""
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if prompt is None and completion is None:
             prompt = usage.get("total_tokens")
-        label = model_label(provider, model)
         for kind, value in (("prompt", prompt), ("completion", completion)):
             if isinstance(value, int) and value > 0:
                 self.count("tokens", provider.id, label, client, kind, amount=value)

@@ -4,7 +4,8 @@ The candidates of a request are its purpose's primaries, in a weighted random or
 its fallbacks in the order written; providers that are disabled, whose `models` exclude
 the requested model, or whose circuit is open are skipped. Everything that depends only
 on the configuration (targets with their headers, the routes, the `/v1/models` answer) is
-computed once per snapshot in a `RoutingTable`, so a request costs a few dictionary reads
+computed once per snapshot in a `RoutingTable` (the `/v1/models` answer again only when a
+health check found new models), so a request costs a few dictionary reads
 and one random number per primary. Routing chooses providers; how a request reaches one is
 its transport's business (`service.gateway.transports`), so nothing here holds a key.
 
@@ -42,7 +43,7 @@ class Route:
 class RoutingTable:
     """What routing needs from one snapshot, computed once when the snapshot is new."""
 
-    __slots__ = ("models_answer", "routes", "snapshot")
+    __slots__ = ("_declared", "_listed", "_undeclared", "routes", "snapshot")
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
@@ -57,8 +58,26 @@ class RoutingTable:
                     fallbacks=tuple(providers[i] for i in route.fallbacks if i in providers),
                 )
         self.routes: Mapping[str, Route] = routes
-        self.models_answer = _models_answer(providers.values())
-        """The encoded answer of `GET /v1/models`."""
+        enabled = [p for p in providers.values() if p.enabled]
+        self._declared = _declared_models(enabled)
+        self._undeclared = tuple(p.id for p in enabled if not p.models)
+        """Enabled providers that declare no models: `/v1/models` lists what their checks found."""
+        self._listed: tuple[int, bytes] | None = None
+
+    def models_answer(self, health: Health) -> bytes:
+        """The encoded answer of `GET /v1/models`: the models enabled providers declare, and for
+        those that declare none, the models their last successful health check listed."""
+        version = health.models_version if self._undeclared else 0
+        listed = self._listed
+        if listed is not None and listed[0] == version:
+            return listed[1]
+        data = dict(self._declared)
+        for provider_id in self._undeclared:
+            for model in health.models(provider_id):
+                data.setdefault(model, _model_entry(model, provider_id))
+        encoded = json.dumps({"object": "list", "data": list(data.values())}).encode()
+        self._listed = (version, encoded)
+        return encoded
 
 
 class Router:
@@ -110,11 +129,13 @@ def _first(pair: tuple[float, Provider]) -> float:
     return pair[0]
 
 
-def _models_answer(providers: Iterable[Provider]) -> bytes:
+def _declared_models(providers: Iterable[Provider]) -> dict[str, dict[str, object]]:
     data: dict[str, dict[str, object]] = {}
     for provider in providers:
-        if not provider.enabled:
-            continue
         for model in [*provider.models, *provider.model_map]:
-            data.setdefault(model, {"id": model, "object": "model", "created": 0, "owned_by": provider.id})
-    return json.dumps({"object": "list", "data": list(data.values())}).encode()
+            data.setdefault(model, _model_entry(model, provider.id))
+    return data
+
+
+def _model_entry(model: str, provider_id: str) -> dict[str, object]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": provider_id}

@@ -1,8 +1,9 @@
 """The aiohttp application: `create_app(settings)` and the service's lifecycle.
 
 The cleanup context opens the event log, records `service.started`, builds the registry
-and runs the watcher as a background task; on shutdown it stops the watcher and closes the
-log. Every error leaves as SPEC's JSON `{"error": {"type", "message"}}` from one middleware.
+and runs the watcher as a background task; on shutdown it stops the watcher, waits for any
+apply still running in its thread, and only then closes the log, so no append comes late.
+Every error leaves as SPEC's JSON `{"error": {"type", "message"}}` from one middleware.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api, write_api
+from service.http import config_api, openai_api, openapi, write_api
 from service.http.auth import Handler
 from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
 from service.journal.events import BaseEvent, ServiceStarted
@@ -40,7 +41,11 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[HEALTH] = Health(failures=settings.circuit_failures, cooldown_s=settings.circuit_cooldown_s)
+    app[HEALTH] = Health(
+        failures=settings.circuit_failures,
+        cooldown_s=settings.circuit_cooldown_s,
+        confirm=settings.health_confirm,
+    )
     app[SOPS] = sops or Sops.from_settings(settings)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -49,6 +54,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    openapi.setup(app)
     return app
 
 
@@ -96,6 +102,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        await reloader.aclose()  # a cancelled reload's apply finishes in its thread first
         events.close()
 
 
@@ -131,15 +138,17 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     registry = request.app.get(REGISTRY)
-    if registry is None or not registry.ready:
+    state = registry.state if registry is not None else None
+    if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
     return web.json_response(
         {
             "status": "ready",
-            "generation": registry.snapshot.generation,
-            "last_applied_commit": registry.last_applied_commit,
-            "last_attempted_commit": registry.last_attempted_commit,
-            "refused": [{"file": f, "reason": r} for f, r in sorted(registry.refused.items())],
+            "generation": state.snapshot.generation,
+            "last_applied_commit": state.last_applied_commit,
+            "last_attempted_commit": state.last_attempted_commit,
+            "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
+            "degraded": state.degraded,
         }
     )
 

@@ -1,8 +1,12 @@
 """Bearer tokens and scopes, from the clients file (SPEC 2.3 and 6).
 
-With no clients file the service runs without authentication, and then it only ever
-listens on loopback: `serve` refuses another address, and a service bound elsewhere whose
-clients file disappears or was never valid refuses every request (it fails closed).
+A clients file is any file of `kind: clients`, whatever its name. With none the service
+runs without authentication, and then it only ever listens on loopback: `serve` refuses
+another address. Once a clients file has been seen, good or refused, authentication stays
+on until the process ends: a broken one keeps the last good clients, a removed one too
+(the registry keeps them), and before any good one every protected endpoint answers 503.
+A service bound elsewhere than loopback without clients answers 503 as well: it fails
+closed.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -36,14 +40,14 @@ def is_loopback(host: str) -> bool:
 
 def authenticate(request: web.Request, scope: Scope) -> Client | None:
     """The client calling, checked for `scope`; None when the service runs without auth."""
-    registry = request.app[REGISTRY]
-    if not registry.ready:  # before the first load, "no clients" would mean "no auth"
+    state = request.app[REGISTRY].state
+    if not state.ready:  # before the first load, "no clients" would mean "no auth"
         raise NotReady("the configuration, and with it the clients file, is not loaded yet")
-    clients = registry.snapshot.clients
+    clients = state.snapshot.clients
     if clients is None:
-        if is_loopback(request.app[SETTINGS].host) and not _clients_file_refused(registry.refused):
+        if not state.auth_required and is_loopback(request.app[SETTINGS].host):
             return None
-        raise Unauthorized("authentication is required but no valid clients file is loaded")
+        raise NotReady("authentication is required but no valid clients file is loaded (see /readyz)")
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -80,7 +84,3 @@ def client_name(request: web.Request) -> str:
     """The calling client's name, or `anonymous` without auth."""
     client = request.get(CLIENT)
     return client.name if client is not None else "anonymous"
-
-
-def _clients_file_refused(refused: Mapping[str, str]) -> bool:
-    return any(f.rsplit("/", 1)[-1] in ("clients.yaml", "clients.yml") for f in refused)

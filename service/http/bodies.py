@@ -1,12 +1,15 @@
-"""Request bodies: JSON read within limits, so no body can make the service answer 500."""
+"""Request bodies: JSON read within limits, so no body can make the service answer 500; and
+the shapes of the write routes' bodies, as `GET /openapi.json` describes them."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from service.config.models import ProviderId, Purpose
 from service.errors import BadRequest, PayloadTooLarge
 from service.http.context import SETTINGS
 
@@ -28,3 +31,71 @@ async def json_body(request: web.Request, *, types: tuple[str, ...] = JSON_TYPES
         raise BadRequest("the body is JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not valid JSON") from None
+
+
+# -- what the write routes take (SPEC 8), for `GET /openapi.json` --------------------------------
+# The handlers read bodies as JSON and the writer validates them as `validate` would; these
+# models only describe the bodies. Provider bodies are described from the file models instead
+# (service/http/openapi.py), so a field added to a file is a field of its body at once.
+
+
+class RouteBody(BaseModel):
+    """`PUT …/active/{purpose}`: the purpose's primaries (one id or a list), weights, fallbacks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    primary: ProviderId | Annotated[list[ProviderId], Field(min_length=1)]
+    weights: dict[ProviderId, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="a primary's share of requests (default 1)"
+    )
+    fallbacks: ProviderId | list[ProviderId] = Field(
+        default_factory=list, description="tried in order once every primary failed"
+    )
+
+
+class ActiveForm(BaseModel):
+    """`POST …/active`, the old design's form: one active provider (file ids) and its fallback."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    purpose: Purpose
+    provider_id: ProviderId
+    fallback_provider_id: ProviderId | None = Field(
+        None, description="left out: the route keeps the fallbacks it has"
+    )
+
+
+# -- what the gateway takes (SPEC 7): only what it reads is described; the rest passes on -----------
+
+
+class _Passed(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ChatMessage(_Passed):
+    role: str
+    content: JsonValue = None
+
+
+class ChatCompletionRequest(_Passed):
+    """OpenAI's chat completion request; `stream: true` is answered with Server-Sent Events."""
+
+    model: str = Field(description="the model; a provider's `model_map` may rename it")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+
+
+class EmbeddingsRequest(_Passed):
+    """OpenAI's embeddings request."""
+
+    model: str = Field(description="the model; a provider's `model_map` may rename it")
+    input: str | Annotated[list[str], Field(min_length=1)]
+
+
+class RerankRequest(_Passed):
+    """A rerank request, in the shape TEI, Infinity and vLLM serve."""
+
+    model: str | None = Field(None, description="the model; a provider's `model_map` may rename it")
+    query: str
+    documents: list[str]
+    top_n: int | None = Field(None, ge=1)

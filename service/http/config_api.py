@@ -14,6 +14,13 @@
 A purpose with no route in `routing.yaml` (or no routing file at all) answers 404, like an
 unknown purpose, and `active` lists exactly the purposes that `active/{purpose}` answers.
 
+A route may name a provider whose file is refused and has no good version (SPEC 4: it
+stays known to routing, and is skipped until a good version arrives). `primary` and
+`fallbacks` list only providers a request can go to, each a whole provider as SPEC 6 shows
+it, so a client that takes "the first healthy one" never meets a stub; such a route adds
+`"unavailable": [id, ...]`, the ids it names that are left out (their files are in
+`/readyz`'s `refused`). The key is there only when the list is not empty.
+
 Every handler takes `registry.snapshot` once and answers from that snapshot alone. The JSON
 of each provider and route is rendered once per snapshot; `active/{purpose}`, the hot path,
 keeps its encoded answer and re-encodes only when the snapshot or its providers' health
@@ -40,7 +47,7 @@ from service.gateway.routing import first_healthy
 from service.http.auth import Handler, client_name, scoped
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
 from service.journal.events import SecretRead
-from service.journal.replay import filter_events, parse_time, replay
+from service.journal.replay import parse_time
 
 DEFAULT_AUDIT_LIMIT = 1000
 MAX_AUDIT_LIMIT = 10_000
@@ -76,6 +83,8 @@ class _Route:
     primary: tuple[str, ...]
     fallbacks: tuple[str, ...]
     weights: dict[str, float]
+    unavailable: tuple[str, ...] = ()
+    """Ids the routing names whose files are refused with no good version: left out above."""
     health: tuple[HealthState, ...] | None = None
     encoded: bytes = b""
 
@@ -96,7 +105,7 @@ class _Rendered:
         return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
 
     def route(self, route: _Route, health: Health) -> dict[str, Any]:
-        return {
+        answer: dict[str, Any] = {
             "purpose": route.purpose,
             "primary": [self.provider(i, health) for i in route.primary],
             "fallbacks": [self.provider(i, health) for i in route.fallbacks],
@@ -104,6 +113,9 @@ class _Rendered:
             "commit": self.snapshot.commit,
             "generation": self.snapshot.generation,
         }
+        if route.unavailable:
+            answer["unavailable"] = list(route.unavailable)
+        return answer
 
     def encoded_route(self, route: _Route, health: Health) -> bytes:
         states = tuple(health.get(i) for i in route.ids)
@@ -126,8 +138,11 @@ def _render(snapshot: Snapshot) -> _Rendered:
     routes: dict[str, _Route] = {}
     if snapshot.routing is not None:
         for purpose, route in sorted(snapshot.routing.purposes.items()):
-            weights = {i: route.weight(i) for i in route.primary}
-            routes[purpose] = _Route(purpose, tuple(route.primary), tuple(route.fallbacks), weights)
+            primary = tuple(i for i in route.primary if i in providers)
+            fallbacks = tuple(i for i in route.fallbacks if i in providers)
+            missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
+            weights = {i: route.weight(i) for i in primary}
+            routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
     return _Rendered(snapshot, dict(sorted(providers.items())), routes)
 
 
@@ -236,8 +251,8 @@ async def _audit(request: web.Request) -> web.StreamResponse:
     query = request.query
     since, until = _time(query, "since"), _time(query, "until")
     limit = _limit(query.get("limit"))
-    events = filter_events(
-        request.app[EVENTS].events(),
+    events = await asyncio.to_thread(  # reads the file: off the event loop
+        request.app[EVENTS].select,
         subject=query.get("subject") or None,
         type=query.get("type") or None,
         since=since,
@@ -250,14 +265,10 @@ async def _audit(request: web.Request) -> web.StreamResponse:
 @scoped("admin")
 async def _state(request: web.Request) -> web.StreamResponse:
     at = _time(request.query, "at") or datetime.now(UTC)
-    included = [e for e in request.app[EVENTS].events() if e.ts <= at]
-    return _json(
-        {
-            "at": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "seq": included[-1].seq if included else 0,
-            "config": replay(included),
-        }
-    )
+    seq, config = await asyncio.to_thread(request.app[EVENTS].replay, at)  # reads the file
+    # isoformat pads the year to four digits, where strftime's %Y writes year 256 as `256`
+    shown = at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return _json({"at": shown, "seq": seq, "config": config})
 
 
 def _time(query: Mapping[str, str], name: str) -> datetime | None:

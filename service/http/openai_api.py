@@ -82,6 +82,8 @@ def _relay(purpose: str, path: str) -> Handler:
             data = json.loads(body)
         except ValueError:
             raise BadRequest("the body is not valid JSON") from None
+        except RecursionError:
+            raise BadRequest("the body is JSON nested too deep") from None
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         if not isinstance(data.get("model", ""), str):
@@ -93,9 +95,10 @@ def _relay(purpose: str, path: str) -> Handler:
 
 
 async def _models(request: web.Request) -> web.Response:
-    table = request.app[RELAY].router.table(request.app[REGISTRY].snapshot)
+    relay = request.app[RELAY]
+    table = relay.router.table(request.app[REGISTRY].snapshot)
     headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", "Content-Type": "application/json"}
-    return web.Response(body=table.models_answer, headers=headers)
+    return web.Response(body=table.models_answer(relay.health), headers=headers)
 
 
 # -- lifecycle -----------------------------------------------------------------------------
@@ -104,7 +107,7 @@ async def _models(request: web.Request) -> web.Response:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, health, queue = app[SETTINGS], app[HEALTH], app[HEALTH_EVENTS]
     session = open_session()
-    app[RELAY] = Relay(app[METRICS], health, session)
+    app[RELAY] = Relay(app[METRICS], health, session, max_upstream_bytes=settings.max_upstream_bytes)
     health.on_change = _on_health_change(app)
     tasks = [asyncio.create_task(_write_events(app, queue), name="switchboard-health-events")]
     if settings.health_interval_s > 0:

@@ -2,43 +2,73 @@
 
 Each append is one write, flushed and fsynced; a torn last line left by a crash is set
 aside on open and reported. `verify` checks the whole chain and names the first bad seq.
+
+The log grows for years, so the process keeps no event in memory: an `Index` of where each
+one is in the file, and the configuration the log ends with (the checkpoint the registry
+starts from). Reading past events (`events_after`, `select`, `replay`) goes back to the
+file, from any thread, while appends go on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
+import logging
 import os
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import BinaryIO, TypeVar, cast
 
 from pydantic import ValidationError
 
+from service.config.view import VIEW_CHANGING_TYPES, ConfigView, apply_change, empty_view
 from service.errors import ChainBroken, EventLogError
 from service.files import fsync_path
 from service.journal.events import EVENT, EVENT_TYPES, GENESIS, BaseEvent, Event, event_hash, now, parse_event
+from service.journal.index import VIEW_CHANGING_CODES, Index, type_codes
+
+log = logging.getLogger(__name__)
 
 _E = TypeVar("_E", bound=BaseEvent)
+
+OnAppend = Callable[[Event], None]
+
+NOT_CONFIG_CHANGES = frozenset({"secret.read", "service.started"})
+"""Event types that do not move `config_index` (SPEC 9's X-Switchboard-Index)."""
+
+_NAMED_FILES = frozenset({"routing.updated", "clients.updated"})
+
+_BLOCK = 64 << 10
+"""Past events are read back from the file in blocks of about this many bytes."""
 
 
 class EventLog:
     """The log file, opened for appending; one process at a time (an exclusive flock).
 
-    Opening reads every event. A torn last line, left by a crash mid-write, is moved to
-    `<path>.broken` and described in `recovered_tail`; the file is cut back to the last
-    whole line. Lines that do not parse in the middle of the file are not repaired: opening
-    fails, and `verify` names the first bad seq. The hash chain itself is checked by `verify`.
+    Opening reads the file once, line by line: each event is checked, indexed and applied
+    to the checkpoint, then dropped. A torn last line, left by a crash mid-write, is moved
+    to `<path>.broken` and described in `recovered_tail`; the file is cut back to the last
+    whole line. Lines that are not events in the middle of the file are not repaired:
+    opening fails, and `verify` names the first bad seq. The hash chain is checked by `verify`.
     """
 
-    def __init__(self, path: Path | str, on_append: Callable[[BaseEvent], None] | None = None) -> None:
+    def __init__(self, path: Path | str, on_append: OnAppend | None = None) -> None:
         self.path = Path(path)
-        self.on_append = on_append
-        """Called after each append (metrics count events by type here)."""
+        self.on_append: list[OnAppend] = [on_append] if on_append is not None else []
+        """Called with each event once it is written, in the appending thread (metrics count
+        events here). A callback that raises is logged and the others still run."""
         self.recovered_tail: str | None = None
         self._lock = threading.Lock()
+        self._index = Index()
+        self._view = empty_view()
+        self._last: BaseEvent | None = None
+        self._config_index = 0
+        self._files: dict[str, str | None] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
@@ -50,25 +80,49 @@ class EventLog:
         try:
             if created:
                 fsync_path(self.path.parent)
-            self._events = self._load()
+            self._load()
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _load(self) -> list[Event]:
-        data = self.path.read_bytes()
-        lines, tail = _split(data)
-        if tail is not None:
-            self._set_aside(tail, len(data) - len(tail), len(lines))
-        events: list[Event] = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                events.append(parse_event(line))
-            except ValueError as exc:
-                raise EventLogError(
-                    f"{self.path}: line {number} is not a valid event; run `switchboard audit verify`"
-                ) from exc
-        return events
+    # -- opening -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        offset, number = 0, 0
+        pending: bytes | None = None
+        with self.path.open("rb") as f:
+            for line in f:
+                if pending is not None:
+                    number += 1
+                    self._take(offset, pending, number)
+                    offset += len(pending)
+                pending = line
+        if pending is None:
+            return
+        if pending.endswith(b"\n") and _is_json(pending):
+            self._take(offset, pending, number + 1)
+        else:
+            self._set_aside(pending, offset, number)
+
+    def _take(self, offset: int, line: bytes, number: int) -> None:
+        try:
+            event = parse_event(line)
+        except ValueError as exc:
+            raise EventLogError(
+                f"{self.path}: line {number} is not a valid event; run `switchboard audit verify`"
+            ) from exc
+        self._track(offset, len(line), event)
+
+    def _track(self, offset: int, length: int, event: BaseEvent) -> None:
+        """Index `event` and bring the checkpoint and counters up to it (under the lock)."""
+        self._index.add(offset, length, event.seq, event.ts, event.type)
+        self._last = event
+        if event.type in VIEW_CHANGING_TYPES:
+            apply_change(self._view, event.type, event.subject, event.changes)
+            if event.type in _NAMED_FILES:
+                self._files[event.type] = event.file
+        if event.type not in NOT_CONFIG_CHANGES:
+            self._config_index = event.seq
 
     def _set_aside(self, tail: bytes, keep: int, whole_lines: int) -> None:
         broken = self.path.with_name(self.path.name + ".broken")
@@ -85,6 +139,8 @@ class EventLog:
             f"a torn last line ({len(tail)} bytes after line {whole_lines}) was moved to {broken}"
         )
 
+    # -- appending ---------------------------------------------------------------------------
+
     def append(self, draft: _E) -> _E:
         """Write `draft` as the next event (seq, ts, prev, hash filled in): one write, fsynced."""
         if type(draft) not in EVENT_TYPES:  # only what `parse_event` can read back
@@ -92,7 +148,7 @@ class EventLog:
         with self._lock:
             if self._fd < 0:
                 raise EventLogError(f"{self.path}: the event log is closed")
-            last = self._events[-1] if self._events else None
+            last = self._last
             ts = now() if last is None else max(now(), last.ts)  # never backwards, for replay
             update = {"seq": self.last_seq + 1, "ts": ts, "prev": self.last_hash, "hash": ""}
             event = draft.model_copy(update=update)
@@ -102,14 +158,18 @@ class EventLog:
                 line = (json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
             except ValueError as exc:
                 raise EventLogError(f"{self.path}: event is not valid JSON: {exc}") from exc
-            self._write(line)
+            offset = self._write(line)
             event = event.model_copy(update={"hash": data["hash"]})
-            self._events.append(cast("Event", event))
-        if self.on_append is not None:
-            self.on_append(event)
+            self._track(offset, len(line), event)
+        for callback in list(self.on_append):
+            try:
+                callback(cast("Event", event))
+            except Exception:  # the event is written; one listener's bug must not undo that
+                log.exception("an on_append callback failed on seq %d", event.seq)
         return event
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: bytes) -> int:
+        """Append `line`; returns the offset it starts at."""
         size = os.fstat(self._fd).st_size
         try:
             written = os.write(self._fd, line)  # one write: a crash leaves at most a torn tail
@@ -120,21 +180,142 @@ class EventLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)
             raise EventLogError(f"{self.path}: cannot append: {exc}") from exc
+        return size
 
-    def events(self) -> list[Event]:
-        """Every event in the log, oldest first (a copy of the list; the events are frozen)."""
-        with self._lock:
-            return list(self._events)
+    # -- where the log stands ----------------------------------------------------------------
 
     @property
     def last_seq(self) -> int:
         """The seq of the last event, 0 for an empty log."""
-        return self._events[-1].seq if self._events else 0
+        return self._last.seq if self._last is not None else 0
 
     @property
     def last_hash(self) -> str:
         """The hash of the last event, `GENESIS` for an empty log."""
-        return self._events[-1].hash if self._events else GENESIS
+        return self._last.hash if self._last is not None else GENESIS
+
+    @property
+    def config_index(self) -> int:
+        """The seq of the last event other than `secret.read` and `service.started` (0: none).
+
+        SPEC 9's `X-Switchboard-Index`: it moves on every configuration and health change,
+        and, read back from the file on open, never goes back across restarts.
+        """
+        return self._config_index
+
+    def checkpoint(self) -> ConfigView:
+        """The configuration the log ends with (masked), as a replay of every event gives it.
+
+        Kept up to date on every append; a copy, so the caller may keep or change it.
+        """
+        with self._lock:
+            return copy.deepcopy(self._view)
+
+    def last_file_of(self, event_type: str) -> str | None:
+        """The file the last `routing.updated` / `clients.updated` event named (None: none yet)."""
+        with self._lock:
+            return self._files.get(event_type)
+
+    # -- reading past events back from the file ------------------------------------------------
+
+    def events_after(self, seq: int = 0, limit: int | None = None) -> Iterator[Event]:
+        """The events whose seq is above `seq`, in order, read from the file (at most `limit`).
+
+        Safe from any thread while appends go on: it reads through its own file handle and
+        ends with the last event appended before it reaches the end. A reader that must miss
+        nothing (an event stream) registers in `on_append` first, then reads, and skips the
+        seqs it has seen.
+        """
+        with self._lock:
+            start = self._index.after_seq(seq)
+            stop = None if limit is None else start + limit
+        for _, line in self._lines(start, stop):
+            yield self._parse(line)
+
+    def events(self) -> list[Event]:
+        """Every event, oldest first, read from the file. For small logs and tests:
+        `events_after` streams instead of holding them all."""
+        return list(self.events_after(0))
+
+    def replay(self, at: datetime | None = None) -> tuple[int, ConfigView]:
+        """The configuration (masked) as it stood at `at` (default: now), rebuilt from the file.
+
+        Returns the seq of the last event at or before `at` (0 when none) and the view. Only
+        the lines of events that change the configuration are parsed. It reads the file:
+        call it off the event loop.
+        """
+        with self._lock:
+            stop = len(self._index) if at is None else self._index.until(at)
+            seq = self._index.seqs[stop - 1] if stop else 0
+        view = empty_view()
+        types = self._index.types
+        for position, line in self._lines(0, stop):
+            if types[position] in VIEW_CHANGING_CODES:
+                record = json.loads(line)
+                apply_change(view, record["type"], record.get("subject"), record.get("changes") or {})
+        return seq, view
+
+    def select(
+        self,
+        subject: str | None = None,
+        type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events matching every filter given, oldest first; `limit` keeps the most recent ones.
+
+        As `service.journal.replay.filter_events`, read from the file: time and type narrow
+        the lines with the index, and only the lines kept are parsed. Call it off the loop.
+        """
+        if limit is not None and limit <= 0:
+            return []
+        codes = type_codes(type) if type is not None else None
+        with self._lock:
+            start = self._index.since(since) if since is not None else 0
+            stop = self._index.until(until) if until is not None else len(self._index)
+        types = self._index.types
+        kept: deque[bytes] = deque(maxlen=limit)
+        for position, line in self._lines(start, stop):
+            if codes is not None and types[position] not in codes:
+                continue
+            if subject is not None and json.loads(line).get("subject") != subject:
+                continue
+            kept.append(line)
+        return [self._parse(line) for line in kept]
+
+    def _lines(self, start: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
+        """(position, line) of the events from `start` to `stop` (None: to the end, as it grows)."""
+        index = self._index
+        with self.path.open("rb") as f:
+            position = start
+            while True:
+                with self._lock:
+                    end = len(index) if stop is None else min(stop, len(index))
+                    if position >= end:
+                        return
+                    last, first, after = index.block(position, end, _BLOCK)
+                    offsets = index.offsets[position:last]
+                data = _read_at(f, first, after - first)
+                bounds = [*offsets, after]
+                for i in range(len(offsets)):
+                    yield position + i, data[bounds[i] - first : bounds[i + 1] - first]
+                position = last
+
+    def _parse(self, line: bytes) -> Event:
+        try:
+            return parse_event(line)
+        except ValueError:
+            raise EventLogError(
+                f"{self.path}: a line changed since it was written; run `switchboard audit verify`"
+            ) from None
+
+    # -- closing -----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: appending is then an error (reading still works)."""
+        return self._fd < 0
 
     def close(self) -> None:
         """Release the file; appending afterwards is an error."""
@@ -150,66 +331,89 @@ class EventLog:
         self.close()
 
 
-def read_events(path: Path | str) -> list[Event]:
-    """The events of a log without opening it for writing (a torn last line is skipped)."""
+def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise EventLogError(f"{f.name}: the file is shorter than its index; was it replaced?")
+    return data
+
+
+def _is_json(line: bytes) -> bool:
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return []
-    lines, _ = _split(data)
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+# -- reading a log without opening it for appending (the commands) ------------------------------
+
+
+def iter_events(path: Path | str) -> Iterator[Event]:
+    """The events of a log, streamed from the file (a torn last line is skipped).
+
+    For the commands, which may read while the service appends; memory stays bounded
+    whatever the length of the log.
+    """
+    with contextlib.suppress(FileNotFoundError), Path(path).open("rb") as f:
+        pending: bytes | None = None
+        for line in f:
+            if pending is not None:
+                yield _event(path, pending)
+            pending = line
+        if pending is not None and pending.endswith(b"\n") and _is_json(pending):
+            yield _event(path, pending)
+
+
+def _event(path: Path | str, line: bytes) -> Event:
     try:
-        return [parse_event(line) for line in lines]
+        return parse_event(line)
     except ValueError as exc:
         message = f"{path}: the event log has invalid lines; run `switchboard audit verify`"
         raise EventLogError(message) from exc
 
 
+def read_events(path: Path | str) -> list[Event]:
+    """Every event of a log, without opening it for writing (a torn last line is skipped)."""
+    return list(iter_events(path))
+
+
 def verify(path: Path | str) -> int:
     """Check the whole chain; the number of events, or ChainBroken naming the first bad seq."""
+    prev = GENESIS
+    seq = 0
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            for seq, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
+                    raise ChainBroken(seq, "the last line is torn (no newline at its end)")
+                prev = _check_link(seq, line, prev)
     except OSError as exc:
         raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
-    prev = GENESIS
-    raw_lines = data.split(b"\n")
-    if raw_lines[-1] == b"":
-        raw_lines.pop()
-    for seq, line in enumerate(raw_lines, start=1):
-        if seq == len(raw_lines) and not data.endswith(b"\n"):
-            raise ChainBroken(seq, "the last line is torn (no newline at its end)")
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise ChainBroken(seq, f"line {seq} is not valid JSON") from None
-        if not isinstance(record, dict):
-            raise ChainBroken(seq, f"line {seq} is not a JSON object")
-        if record.get("seq") != seq:
-            raise ChainBroken(seq, f"expected seq {seq} on line {seq}, found {record.get('seq')!r}")
-        if record.get("prev") != prev:
-            raise ChainBroken(seq, "prev is not the hash of the event before it")
-        try:
-            intact = record.get("hash") == event_hash(record)
-        except ValueError:  # NaN or Infinity: json.loads takes them, canonical JSON does not
-            intact = False
-        if not intact:
-            raise ChainBroken(seq, "hash does not match the event's content")
-        try:
-            EVENT.validate_python(record)
-        except ValidationError as exc:
-            raise ChainBroken(seq, f"not a valid event ({exc.error_count()} errors)") from None
-        prev = record["hash"]
-    return len(raw_lines)
+    return seq
 
 
-def _split(data: bytes) -> tuple[list[bytes], bytes | None]:
-    """Whole lines, and a torn tail: bytes after the last newline, or a last line that is not JSON."""
-    *lines, rest = data.split(b"\n")
-    if rest:
-        return lines, rest
-    if lines:
-        try:
-            json.loads(lines[-1])
-        except ValueError:
-            torn = lines.pop()
-            return lines, torn + b"\n"
-    return lines, None
+def _check_link(seq: int, line: bytes, prev: str) -> str:
+    """Check one line against the hash before it; returns its own hash."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        raise ChainBroken(seq, f"line {seq} is not valid JSON") from None
+    if not isinstance(record, dict):
+        raise ChainBroken(seq, f"line {seq} is not a JSON object")
+    if record.get("seq") != seq:
+        raise ChainBroken(seq, f"expected seq {seq} on line {seq}, found {record.get('seq')!r}")
+    if record.get("prev") != prev:
+        raise ChainBroken(seq, "prev is not the hash of the event before it")
+    try:
+        intact = record.get("hash") == event_hash(record)
+    except ValueError:  # NaN or Infinity: json.loads takes them, canonical JSON does not
+        intact = False
+    if not intact:
+        raise ChainBroken(seq, "hash does not match the event's content")
+    try:
+        EVENT.validate_python(record)
+    except ValidationError as exc:
+        raise ChainBroken(seq, f"not a valid event ({exc.error_count()} errors)") from None
+    return str(record["hash"])

@@ -8,7 +8,8 @@ events in order rebuilds the masked configuration exactly. `filter_events` and
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -25,12 +26,12 @@ def replay(events: Iterable[BaseEvent], at: datetime | None = None) -> ConfigVie
     config = empty_view()
     for event in events:
         if limit is None or event.ts <= limit:
-            config = apply_change(config, event.type, event.subject, event.changes)
+            apply_change(config, event.type, event.subject, event.changes)  # in place
     return config
 
 
 def filter_events(
-    events: Sequence[_E],
+    events: Iterable[_E],
     subject: str | None = None,
     type: str | None = None,
     since: datetime | None = None,
@@ -39,22 +40,25 @@ def filter_events(
 ) -> list[_E]:
     """Events matching every filter given, oldest first; `limit` keeps the most recent ones.
 
+    `events` may be a stream (`iter_events`): it is read once.
+
     `type` is a type (`provider.updated`) or a family (`provider`); `since` and `until`
     are inclusive.
     """
+    if limit is not None and limit <= 0:
+        return []
     low = None if since is None else to_utc(since)
     high = None if until is None else to_utc(until)
-    found = [
-        e
-        for e in events
-        if (subject is None or e.subject == subject)
-        and (type is None or e.type == type or e.type.startswith(type + "."))
-        and (low is None or e.ts >= low)
-        and (high is None or e.ts <= high)
-    ]
-    if limit is not None:
-        found = found[-limit:] if limit > 0 else []
-    return found
+    found: deque[_E] = deque(maxlen=limit)  # a stream of any length: only the last `limit` kept
+    for e in events:
+        if (
+            (subject is None or e.subject == subject)
+            and (type is None or e.type == type or e.type.startswith(type + "."))
+            and (low is None or e.ts >= low)
+            and (high is None or e.ts <= high)
+        ):
+            found.append(e)
+    return list(found)
 
 
 _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
@@ -68,11 +72,13 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     if value == "now":
         return reference
     relative = _RELATIVE.match(value)
-    if relative:
-        amount, unit = relative.groups()
-        return reference - timedelta(**{_UNITS[unit]: int(amount)})
     try:
+        if relative:
+            amount, unit = relative.groups()
+            return reference - timedelta(**{_UNITS[unit]: int(amount)})
         return to_utc(datetime.fromisoformat(value))  # a date alone is its midnight
+    except OverflowError:  # `99999999d` ago, or a time that leaves the calendar once in UTC
+        raise ValueError(f"out of range: {text!r}") from None
     except ValueError:
         raise ValueError(
             f"not a time: {text!r} (use ISO 8601 like 2026-11-27T05:33:08Z, a date, or 10m, 2h, 3d)"

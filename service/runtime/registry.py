@@ -3,32 +3,78 @@
 `Registry.apply` takes the set of files to try (each one parsed and decrypted already),
 builds the next snapshot, and records the difference to the previous one in the event log
 with the commit and author it came from. A set whose cross-file checks fail is refused as
-a whole and the previous snapshot stays. Readers take `registry.snapshot` once per request:
-an attribute read, so they see the old or the new snapshot, never a mix.
+a whole and the previous snapshot stays.
+
+What readers see is one immutable `State` (snapshot, refused files, commits, readiness,
+whether authentication is required), published in one assignment: take `registry.state`
+once per request and read only that, and nothing can pair a new snapshot with an old list
+of refusals. `apply` runs in a worker thread (it appends fsynced events and asks git), one
+at a time; it knows nothing of asyncio. `on_apply` callbacks hear of every outcome.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
-from service.config.loader import Loaded
-from service.config.models import AiServer, ApiKey
+from service.config.loader import MAX_FILE_BYTES, Loaded
+from service.config.models import AiServer, ApiKey, Clients
 from service.config.secret import Secret
 from service.config.snapshot import NO_GIT, Attribution, Snapshot
 from service.config.view import ConfigView, diff_views
-from service.errors import Problem, SnapshotRejected
+from service.errors import EventLogError, Problem, SnapshotRejected
+from service.files import read_limited
 from service.journal.events import ConfigRejected, draft_from_change
 from service.journal.log import EventLog
-from service.journal.replay import replay
 from service.vcs.attribution import Attributor
 
 log = logging.getLogger(__name__)
 
 _FIRST_LOAD_ATTEMPTS = 8
+_PROVIDER_KINDS = ("ai_server", "api_key")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+CLIENTS_GONE = (
+    "the clients file was removed; its last good clients stay until a clients file is back "
+    "(authentication is never turned off while the service runs)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why one file was refused, and the `kind` it declares when that can be told.
+
+    The kind matters even for a file that fails: a refused `kind: clients` file keeps
+    authentication on, and a refused provider file stays known to routing (SPEC 2.3, 4).
+    """
+
+    reason: str
+    kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Everything readers see of the registry at one moment, published whole."""
+
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    refused: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    """Files refused now, with the reason: their last good version (if any) is served."""
+    ready: bool = False
+    """The first load is complete."""
+    last_applied_commit: str | None = None
+    last_attempted_commit: str | None = None
+    auth_required: bool = False
+    """A clients file has been seen (good or refused) since the start: authentication stays
+    on from then on, answering 503 while no good clients are loaded (SPEC 2.3, 6)."""
+
+    @property
+    def degraded(self) -> bool:
+        """Some file is refused (`/readyz`)."""
+        return bool(self.refused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,79 +87,140 @@ class Outcome:
     refused: Mapping[str, str] = field(default_factory=dict)
 
 
+OnApply = Callable[[Outcome], None]
+
+
 class Registry:
-    """Holds the current snapshot and the files refused, and records every change."""
+    """Holds the current state, and records every change of it in the event log."""
 
     def __init__(self, events: EventLog, root: Path, attributor: Attributor | None = None) -> None:
         self.events = events
         self.root = root
         self.attributor = attributor
-        self.ready = False
-        self.refused: Mapping[str, str] = MappingProxyType({})
-        """Files refused now, with the reason: their last good version (if any) is served."""
-        self.last_applied_commit: str | None = None
-        self.last_attempted_commit: str | None = None
-        self._snapshot = Snapshot()
+        self.on_apply: list[OnApply] = []
+        """Called with the `Outcome` of every apply, applied or refused, in order, in the
+        applying thread (a worker thread: hand over to a loop with `call_soon_threadsafe`).
+        A callback that raises is logged; the others still run."""
+        self._state = State()
+        self._lock = threading.Lock()
         self._attributed_head: str | None = None
-        self._view: ConfigView = replay(events.events())
+        self._view: ConfigView = events.checkpoint()
         """What the log says the configuration is: the first apply records the difference."""
 
     @property
+    def state(self) -> State:
+        """The current state. Take it once per request and read only that one."""
+        return self._state
+
+    @property
     def snapshot(self) -> Snapshot:
-        """The current snapshot. Take it once per request and read only that one."""
-        return self._snapshot
+        """The current snapshot (`state.snapshot`)."""
+        return self._state.snapshot
+
+    @property
+    def ready(self) -> bool:
+        return self._state.ready
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        return self._state.refused
+
+    @property
+    def last_applied_commit(self) -> str | None:
+        return self._state.last_applied_commit
+
+    @property
+    def last_attempted_commit(self) -> str | None:
+        return self._state.last_attempted_commit
 
     @property
     def attribution(self) -> Mapping[str, Attribution]:
         """Where each file of the current snapshot came from (commit, author)."""
-        return self._snapshot.attribution
+        return self._state.snapshot.attribution
 
-    def apply(self, candidate: Mapping[str, Loaded], rejected: Mapping[str, str]) -> Outcome:
+    def apply(self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal | str]) -> Outcome:
         """Try `candidate` (file -> loaded) as the next configuration; `rejected` failed on their own.
 
         Files in `rejected` that are new or have a new reason get a `config.rejected` event.
-        On the first load a set that fails its cross-file checks is retried without the
-        files at fault, so that a broken routing file cannot keep the service from starting.
+        A refused provider file without a good version still counts as known, so routing
+        naming it applies (SPEC 4). On the first load a set that fails its cross-file checks
+        is retried without the files at fault, so that a broken routing file cannot keep the
+        service from starting. One apply at a time, from any thread; EventLogError once the
+        log is closed (the service is stopping), before anything is recorded.
         """
+        with self._lock:
+            if self.events.closed:
+                raise EventLogError(f"{self.events.path}: the event log is closed; nothing applied")
+            outcome = self._apply(candidate, {f: _refusal(r) for f, r in rejected.items()})
+            for callback in list(self.on_apply):
+                try:
+                    callback(outcome)
+                except Exception:
+                    log.exception("an on_apply callback failed")
+        return outcome
+
+    def _apply(self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal]) -> Outcome:
+        state = self._state
         head = self.attributor.head() if self.attributor else None
-        self.last_attempted_commit = head
-        refused = dict(rejected)
-        recorded = self._record_rejections(rejected)
         files = dict(candidate)
-        for _ in range(_FIRST_LOAD_ATTEMPTS if not self.ready else 1):
+        refusals = dict(rejected)
+        _keep_clients(files, refusals, state.snapshot)
+        recorded = self._record_rejections(refusals, state.refused)
+        unavailable = _unavailable(files, refusals)
+        auth_required = state.auth_required or any(r.kind == "clients" for r in refusals.values())
+        generation = state.snapshot.generation + 1
+        for _ in range(_FIRST_LOAD_ATTEMPTS if not state.ready else 1):
             try:
-                snapshot = Snapshot.build(files, self._snapshot.generation + 1)
+                snapshot = Snapshot.build(files, generation, unavailable)
                 break
             except SnapshotRejected as exc:
                 reasons = _by_file(exc.problems)
-                recorded += self._record_rejections(reasons)
-                refused.update(reasons)
-                if self.ready:
-                    self.refused = MappingProxyType(refused)
-                    return Outcome(self._snapshot, False, recorded, self.refused)
+                at_fault = {f: Refusal(r, _kind(files.get(f))) for f, r in reasons.items()}
+                recorded += self._record_rejections(at_fault, state.refused)
+                refusals.update(at_fault)
+                if state.ready:
+                    self._state = replace(
+                        state,
+                        refused=_reasons(refusals),
+                        last_attempted_commit=head,
+                        auth_required=auth_required,
+                    )
+                    return Outcome(state.snapshot, False, recorded, self._state.refused)
                 files = {f: loaded for f, loaded in files.items() if f not in reasons}
         else:
-            snapshot = Snapshot(generation=self._snapshot.generation + 1)
-        recorded += self._swap(snapshot, head)
-        self.last_applied_commit = head
-        self.refused = MappingProxyType(refused)
-        self.ready = True
-        return Outcome(self._snapshot, True, recorded, self.refused)
+            snapshot = Snapshot(generation=generation)
+        snapshot, changed = self._swap(state, snapshot, head)
+        self._state = State(
+            snapshot=snapshot,
+            refused=_reasons(refusals),
+            ready=True,
+            last_applied_commit=head,
+            last_attempted_commit=head,
+            auth_required=auth_required or snapshot.clients is not None,
+        )
+        return Outcome(snapshot, True, recorded + changed, self._state.refused)
 
-    def _swap(self, snapshot: Snapshot, head: str | None) -> int:
-        old = self._snapshot
+    def _swap(self, state: State, snapshot: Snapshot, head: str | None) -> tuple[Snapshot, int]:
+        """The snapshot to publish, with its attribution, and how many change events it recorded."""
+        old = state.snapshot
         same_files = {f: x.sha256 for f, x in old.files.items()} == {
             f: x.sha256 for f, x in snapshot.files.items()
         }
-        if same_files and old.generation > 0:
+        if same_files and old.unavailable == snapshot.unavailable and old.generation > 0:
             if head != self._attributed_head:
                 # Same files, new HEAD (a commit, or git moving HEAD after writing the files):
                 # the answers' commits are refreshed; nothing changed, so no event.
                 current = {self.root / f: x.data for f, x in old.files.items()}
-                self._snapshot = self._attributed(old, self._attribute(current), head)
-            return 0
+                return self._attributed(old, self._attribute(current), head), 0
+            return old, 0
         view = snapshot.view()
-        changes = diff_views(self._view, view, _secrets_changed(old, snapshot))
+        changes = diff_views(
+            self._view,
+            view,
+            _secrets_changed(old, snapshot),
+            routing_file=self._file_of("routing", snapshot, old),
+            clients_file=self._file_of("clients", snapshot, old),
+        )
         contents: dict[Path, bytes | None] = {self.root / f: x.data for f, x in snapshot.files.items()}
         for change in changes:
             if change.file is not None and change.file not in snapshot.files:
@@ -126,12 +233,16 @@ class Registry:
                 change, commit=who.commit, author=who.author, uncommitted=who.uncommitted
             )
             self.events.append(draft)
-        if changes or not self.ready:
-            self._snapshot = snapshot
-        else:  # same configuration, new bytes (a re-encryption): no new generation
-            self._snapshot = replace(snapshot, generation=old.generation)
         self._view = view
-        return len(changes)
+        if not changes and state.ready:  # same configuration, new bytes (a re-encryption)
+            snapshot = replace(snapshot, generation=old.generation)
+        return snapshot, len(changes)
+
+    def _file_of(self, kind: str, new: Snapshot, old: Snapshot) -> str | None:
+        """The file a routing or clients change names: the new one, the old one, or (at the
+        first load after a restart, when it was removed while the service was down) the one
+        the log last named."""
+        return new.file_of_kind(kind) or old.file_of_kind(kind) or self.events.last_file_of(f"{kind}.updated")
 
     def _attributed(
         self, snapshot: Snapshot, attribution: Mapping[Path, Attribution], head: str | None
@@ -142,8 +253,8 @@ class Registry:
         whole = head is not None and all(a.commit == head for a in files.values())
         return replace(snapshot, attribution=MappingProxyType(files), commit=head if whole else None)
 
-    def _record_rejections(self, reasons: Mapping[str, str]) -> int:
-        fresh = {f: r for f, r in reasons.items() if self.refused.get(f) != r}
+    def _record_rejections(self, refusals: Mapping[str, Refusal], before: Mapping[str, str]) -> int:
+        fresh = {f: r.reason for f, r in refusals.items() if before.get(f) != r.reason}
         attribution = self._attribute({self.root / f: _read(self.root / f) for f in fresh})
         for file, reason in sorted(fresh.items()):
             who = attribution.get(self.root / file, NO_GIT)
@@ -166,6 +277,37 @@ class Registry:
         return self.attributor.attribute(contents)
 
 
+def _refusal(value: Refusal | str) -> Refusal:
+    return value if isinstance(value, Refusal) else Refusal(value)
+
+
+def _reasons(refusals: Mapping[str, Refusal]) -> Mapping[str, str]:
+    return MappingProxyType({f: r.reason for f, r in sorted(refusals.items())})
+
+
+def _kind(loaded: Loaded | None) -> str | None:
+    return loaded.document.kind if loaded is not None else None
+
+
+def _keep_clients(files: dict[str, Loaded], refusals: dict[str, Refusal], current: Snapshot) -> None:
+    """A clients file removed while the service runs keeps its last good clients (SPEC 6)."""
+    if any(isinstance(loaded.document, Clients) for loaded in files.values()):
+        return
+    kept = current.file_of_kind("clients")
+    if kept is not None:
+        files[kept] = current.files[kept]
+        refusals.setdefault(kept, Refusal(CLIENTS_GONE, "clients"))
+
+
+def _unavailable(files: Mapping[str, Loaded], refusals: Mapping[str, Refusal]) -> frozenset[str]:
+    """Ids of refused provider files with no good version to serve (a file's id is its name)."""
+    return frozenset(
+        Path(file).stem
+        for file, refusal in refusals.items()
+        if refusal.kind in _PROVIDER_KINDS and file not in files
+    )
+
+
 def _by_file(problems: list[Problem]) -> dict[str, str]:
     reasons: dict[str, list[str]] = {}
     for problem in problems:
@@ -185,7 +327,12 @@ def _secrets_changed(old: Snapshot, new: Snapshot) -> frozenset[str]:
 
 
 def _read(path: Path) -> bytes | None:
+    """A refused file's content, for its attribution; never more than the 1 MiB limit.
+
+    A file over the limit gives its head, so it is attributed as uncommitted (with the
+    author of its last commit): reading it whole is what its refusal is there to avoid.
+    """
     try:
-        return path.read_bytes()
+        return read_limited(path, MAX_FILE_BYTES)[0]
     except OSError:
         return None

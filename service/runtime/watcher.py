@@ -3,7 +3,12 @@
 Watch events are only hints. Each batch rescans the folder and compares files by content
 hash, so a missed, merged or mislabelled event cannot leave the registry wrong; a periodic
 rescan covers events lost altogether. Only changed files are parsed and decrypted, and many
-at once (sops takes ~70 ms a file). A file that fails keeps its last good version.
+at once (sops takes ~70 ms a file). A file that fails keeps its last good version, and its
+refusal carries the kind it declares (a refused clients file keeps authentication on). No
+file is read past the 1 MiB limit.
+
+The registry's apply runs in a worker thread that cancellation cannot stop; `aclose` waits
+for it, so the service closes its event log only once nothing can append to it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,19 @@ from pathlib import Path
 
 from watchfiles import awatch
 
-from service.config.loader import Loaded, decrypt_async, is_config_file, parse
+from service.config.loader import (
+    MAX_FILE_BYTES,
+    Loaded,
+    declared_kind,
+    decrypt_async,
+    is_config_file,
+    parse,
+    too_large,
+)
 from service.crypto.sops import Sops
-from service.errors import FileRejected
-from service.runtime.registry import Outcome, Registry
+from service.errors import EventLogError, FileRejected
+from service.files import read_limited
+from service.runtime.registry import Outcome, Refusal, Registry
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +47,8 @@ class _Read:
     data: bytes | None
     sha256: str
     error: str | None = None
+    kind: str | None = None
+    """For a file that could not be read whole: the kind it declares, when that can be told."""
 
 
 class Reloader:
@@ -56,12 +72,17 @@ class Reloader:
         self.debounce_ms = debounce_ms
         self.rescan_s = rescan_s
         self.on_reload = on_reload
-        self._cache: dict[str, tuple[str, Loaded | str]] = {}
-        """file -> (content hash, loaded document or the reason it was refused)."""
+        self._cache: dict[str, tuple[str, Loaded | Refusal]] = {}
+        """file -> (content hash, loaded document or why it was refused)."""
         self._lock = asyncio.Lock()
+        self._applying: asyncio.Future[Outcome] | None = None
+        self._closed = False
 
     async def reload(self) -> Outcome:
-        """Rescan the folder, load what changed, and apply the result. Never raises on bad files."""
+        """Rescan the folder, load what changed, and apply the result. Never raises on bad files.
+
+        Once `aclose` was called it changes nothing and answers with the current state.
+        """
         async with self._lock:
             return await self._reload()
 
@@ -73,6 +94,9 @@ class Reloader:
             yield self._reload
 
     async def _reload(self) -> Outcome:
+        if self._closed:
+            state = self.registry.state
+            return Outcome(state.snapshot, False, 0, state.refused)
         started = time.perf_counter()
         present = await asyncio.to_thread(self._scan)
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
@@ -81,7 +105,7 @@ class Reloader:
             del self._cache[file]
         self._cache.update(zip(todo, loaded, strict=True))
         candidate: dict[str, Loaded] = {}
-        rejected: dict[str, str] = {}
+        rejected: dict[str, Refusal] = {}
         current = self.registry.snapshot.files
         for file, (_, result) in self._cache.items():
             if isinstance(result, Loaded):
@@ -90,7 +114,11 @@ class Reloader:
             rejected[file] = result
             if file in current:  # refused: the last good version stays
                 candidate[file] = current[file]
-        outcome = await asyncio.to_thread(self.registry.apply, candidate, rejected)
+        # The apply goes on in its thread even if this task is cancelled (shutdown):
+        # shielded, and remembered so that `aclose` can wait for it.
+        applying = asyncio.ensure_future(asyncio.to_thread(self.registry.apply, candidate, rejected))
+        self._applying = applying
+        outcome = await asyncio.shield(applying)
         if self.on_reload is not None:
             self.on_reload(outcome, time.perf_counter() - started)
         return outcome
@@ -137,9 +165,22 @@ class Reloader:
                     with contextlib.suppress(asyncio.CancelledError):
                         await catch_up
 
+    async def aclose(self) -> None:
+        """Stop reloading, and wait for an apply still running in its thread (after a cancel).
+
+        Afterwards nothing of the reloader appends to the event log, which may then close.
+        """
+        self._closed = True
+        applying = self._applying
+        if applying is not None:
+            with contextlib.suppress(Exception):
+                await applying
+
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
+        except EventLogError as exc:  # stopping: the log closed under a direct apply
+            log.warning("reload not applied: %s", exc)
         except Exception:  # the watcher must outlive any bug in one batch
             log.exception("reload failed; the previous configuration stays")
 
@@ -151,7 +192,10 @@ class Reloader:
             log.error("cannot list %s: %s", self.folder, exc.strerror)
             # A hash no content has: the files are refused (their last good versions stay)
             # and reloaded once the folder can be read again.
-            return {f: _Read(None, "unreadable-folder", "unreadable folder") for f in self._cache}
+            return {
+                f: _Read(None, "unreadable-folder", "unreadable folder", self._known_kind(f))
+                for f in self._cache
+            }
         for entry in entries:
             if not is_config_file(entry.name):
                 continue
@@ -159,26 +203,42 @@ class Reloader:
             try:
                 if not entry.is_file():  # follows symlinks; a folder or a dangling link is skipped
                     continue
-                data = Path(entry.path).read_bytes()
+                data, size = read_limited(Path(entry.path), MAX_FILE_BYTES)
             except FileNotFoundError:
                 continue  # deleted while we looked: the next batch sees it gone
             except OSError as exc:
-                found[file] = _Read(None, f"error:{exc.errno}", f"cannot read: {exc.strerror}")
+                reason = f"cannot read: {exc.strerror}"
+                found[file] = _Read(None, f"error:{exc.errno}", reason, self._known_kind(file))
+                continue
+            if size is not None:  # too large: refused from its size and a head, never read whole
+                error = too_large(file, size).reason
+                found[file] = _Read(None, f"too-large:{size}", error, declared_kind(data))
                 continue
             found[file] = _Read(data, hashlib.sha256(data).hexdigest())
         return found
 
-    async def _load(self, file: str, read: _Read) -> tuple[str, Loaded | str]:
+    def _known_kind(self, file: str) -> str | None:
+        """The kind a file had when it was last read, for one that cannot be read now."""
+        cached = self._cache.get(file)
+        if cached is None:
+            return None
+        result = cached[1]
+        return result.document.kind if isinstance(result, Loaded) else result.kind
+
+    async def _load(self, file: str, read: _Read) -> tuple[str, Loaded | Refusal]:
         if read.data is None:
-            return read.sha256, read.error or "cannot read"
+            return read.sha256, Refusal(read.error or "cannot read", read.kind)
+        parsed = await asyncio.to_thread(_parse, file, read.data)  # keep the loop free for requests
+        if isinstance(parsed, Refusal):
+            return read.sha256, parsed
         try:
-            parsed = await asyncio.to_thread(parse, file, read.data)  # keep the loop free for requests
             return read.sha256, await decrypt_async(parsed, self.sops)
         except FileRejected as exc:
-            return read.sha256, exc.reason
+            return read.sha256, Refusal(exc.reason, parsed.document.kind)
         except Exception as exc:
             log.exception("loading %s failed", file)
-            return read.sha256, f"internal error while loading ({type(exc).__name__})"
+            reason = f"internal error while loading ({type(exc).__name__})"
+            return read.sha256, Refusal(reason, parsed.document.kind)
 
     def _name(self, path: Path) -> str:
         """The file as events name it: relative to the repository root when inside it."""
@@ -186,6 +246,17 @@ class Reloader:
             return path.absolute().relative_to(self.root.absolute()).as_posix()
         except ValueError:
             return path.absolute().as_posix()
+
+
+def _parse(file: str, data: bytes) -> Loaded | Refusal:
+    """`parse`, or the refusal with the kind the file declares (told from its text if need be)."""
+    try:
+        return parse(file, data)
+    except FileRejected as exc:
+        return Refusal(exc.reason, declared_kind(data))
+    except Exception as exc:
+        log.exception("parsing %s failed", file)
+        return Refusal(f"internal error while loading ({type(exc).__name__})", declared_kind(data))
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from service.config import editing
 from service.config.loader import Loaded, is_config_file, parse
 from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS, Routing
+from service.config.secret import unsendable
 from service.config.snapshot import Snapshot, cross_check
 from service.config.sops_rules import check_sops_config, recipients
 from service.crypto.sops import Sops
@@ -574,6 +575,10 @@ def _check_body(document: Mapping[str, Any]) -> None:
         if value is not None and value is not _KEEP and not isinstance(value, str):
             raise Unprocessable(
                 f"`{name}` must be a string", problems=[_problem("", name, "must be a string")]
+            )
+        if isinstance(value, str) and unsendable(value):
+            raise Unprocessable(
+                f"`{name}` holds a control character", problems=[_problem("", name, "must be one line")]
             )
     if editing.depth(document) > editing.MAX_DEPTH:
         raise Unprocessable("the document nests too deeply", problems=[_problem("", "", "nested too deeply")])

@@ -19,7 +19,7 @@ from typing import Any
 from service.config.loader import Loaded, config_files, is_config_file, parse
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
-from service.config.snapshot import Snapshot, cross_check
+from service.config.snapshot import Snapshot, cross_check, file_of_kind
 from service.config.sops_rules import check_sops_config
 from service.config.validation import holds_secrets
 from service.config.view import ConfigView, diff_views
@@ -188,7 +188,13 @@ def make_plan(base: Side, head: Side, *, sops: Sops | None = None) -> Plan:
         for pid in sorted(old_files.keys() & new_files.keys())
         if (note := _secret_note(old_files[pid], new_files[pid], sops))
     }
-    for change in diff_views(before.view, after.view):
+    named = {
+        kind: file_of_kind(after.loaded, kind) or file_of_kind(before.loaded, kind)
+        for kind in ("routing", "clients")
+    }
+    for change in diff_views(
+        before.view, after.view, routing_file=named["routing"], clients_file=named["clients"]
+    ):
         payload = asdict(change)
         note = secrets.get(change.subject) if change.type == "provider.updated" else None
         if note:

@@ -101,7 +101,7 @@ def test_litellm_deployments_fallbacks_and_env_references(
         "model": "openai/fake-model",
         "api_base": "http://127.0.0.1:9/v1",
         "api_key": "os.environ/SWITCHBOARD_KEY_VENDOR",
-        "timeout": 60,
+        "timeout": 600,
     }
     assert deployments["embedder/*", "embedder"]["model_info"]["mode"] == "embedding"
     assert deployments["embedder/*", "embedder"]["litellm_params"]["api_key"] == "no-key"

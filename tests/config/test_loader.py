@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from service.config.loader import MAX_FILE_BYTES, is_config_file, parse
+from service.config.loader import MAX_FILE_BYTES, decrypt, is_config_file, parse
 from service.config.models import AiServer, ApiKey, Routing
 from service.config.secret import Sealed
 from service.errors import FileRejected
+from tests.conftest import SopsProject
 
 ENC = "ENC[AES256_GCM,data:Zm9v,iv:aXZpdml2aXZpdml2aXY=,tag:dGFndGFndGFndGFn,type:str]"
 SOPS_BLOCK = "sops:\n  mac: ENC[AES256_GCM,data:eA==,iv:eA==,tag:eA==,type:str]\n  version: 3.11.0\n"
@@ -28,8 +29,10 @@ def test_a_self_hosted_server_loads_with_defaults() -> None:
     assert isinstance(loaded.document, AiServer)
     assert loaded.document.base_url == "http://10.0.0.5:8000/v1"
     assert loaded.document.purposes == ["chat"]
-    assert loaded.document.timeout_s == 60
+    assert loaded.document.connect_timeout_s == 5
+    assert loaded.document.timeout_s == 600
     assert loaded.document.first_byte_timeout_s == 15
+    assert loaded.document.idle_timeout_s == 60
     assert loaded.document.enabled is True
     assert not loaded.encrypted
 
@@ -116,6 +119,29 @@ def test_routing_accepts_one_id_or_a_list_and_checks_weights() -> None:
     bad = "kind: routing\npurposes:\n  chat:\n    primary: [a, a]\n    weights: {c: 2}\n"
     (found,) = problems("providers.d/routing.yaml", bad)
     assert found.startswith("providers.d/routing.yaml:3: error: `purposes.chat`: names a more than once")
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "1.0e+400"])
+def test_numbers_that_are_not_finite_are_refused(value: str) -> None:
+    """A timeout of `.inf` passed validation, and its event then could not be written as JSON."""
+    server = f"kind: ai_server\nid: x\nserver_type: vllm\nbase_url: http://h\ntimeout_s: {value}\n"
+    (found,) = problems("providers.d/x.yaml", server)
+    assert found.startswith("providers.d/x.yaml:5: error: `timeout_s`")
+    routing = f"kind: routing\npurposes:\n  chat:\n    primary: a\n    weights: {{a: {value}}}\n"
+    (found,) = problems("providers.d/routing.yaml", routing)
+    assert "weights" in found
+
+
+def test_a_key_with_a_line_break_is_refused_once_decrypted(sops_project: SopsProject) -> None:
+    """No HTTP header can carry it: every request sent with it raised in aiohttp, a 500."""
+    path = sops_project.providers / "k.yaml"
+    text = 'kind: api_key\nid: k\nprovider: openrouter\napi_key: "sk-a\\r\\nInjected: yes"\n'
+    loaded = parse("providers.d/k.yaml", sops_project.sops.encrypt(text.encode(), str(path)))
+    with pytest.raises(FileRejected) as caught:
+        decrypt(loaded, sops_project.sops)
+    (found,) = caught.value.problems
+    assert "control character" in found.message and found.path == "api_key"
+    assert "Injected" not in str(caught.value)
 
 
 def test_an_empty_file_is_refused() -> None:

@@ -15,10 +15,20 @@ from tests.support.views import view_of
 
 
 def replayed(start: ConfigView, changes: list[Change]) -> ConfigView:
-    view = start
+    view = copy.deepcopy(start)
     for change in changes:
-        view = apply_change(view, change.type, change.subject, change.changes)
+        apply_change(view, change.type, change.subject, change.changes)
     return view
+
+
+def diff(old: ConfigView, new: ConfigView, secret_changed: frozenset[str] = frozenset()) -> list[Change]:
+    return diff_views(
+        old,
+        new,
+        secret_changed,
+        routing_file="providers.d/routing.yaml",
+        clients_file="providers.d/clients.yaml",
+    )
 
 
 def as_json(view: ConfigView) -> str:
@@ -26,7 +36,7 @@ def as_json(view: ConfigView) -> str:
 
 
 def test_added_provider_lists_every_field_as_new() -> None:
-    [change] = diff_views(empty_view(), view_of(provider("a")))
+    [change] = diff(empty_view(), view_of(provider("a")))
 
     assert change.type == "provider.added"
     assert change.subject == "a"
@@ -39,7 +49,7 @@ def test_updated_provider_lists_only_the_fields_that_differ() -> None:
     old = view_of(provider("a"))
     new = view_of(provider("a", base_url="https://b/v1", api_key="****9a1c"))
 
-    [change] = diff_views(old, new)
+    [change] = diff(old, new)
 
     assert change.type == "provider.updated"
     assert change.changes == {
@@ -51,13 +61,13 @@ def test_updated_provider_lists_only_the_fields_that_differ() -> None:
 def test_key_rotated_to_the_same_last_four_characters_is_still_a_change() -> None:
     view = view_of(provider("a"))
 
-    assert diff_views(view, view) == []
-    [change] = diff_views(view, view, secret_changed=frozenset({"a"}))
+    assert diff(view, view) == []
+    [change] = diff(view, view, secret_changed=frozenset({"a"}))
     assert change.changes == {"api_key": {"old": "****5d80", "new": "****5d80"}}
 
 
 def test_removed_provider_lists_every_field_as_old() -> None:
-    [change] = diff_views(view_of(provider("a")), empty_view())
+    [change] = diff(view_of(provider("a")), empty_view())
 
     assert change.type == "provider.removed"
     assert change.changes["id"] == {"old": "a", "new": None}
@@ -72,13 +82,10 @@ def test_routing_and_clients_changes_are_per_purpose_and_per_client() -> None:
         clients={"ci": {"scopes": ["config:read"]}},
     )
 
-    routing, clients = diff_views(old, new)
+    routing, clients = diff_views(old, new, routing_file="conf/routes.yaml", clients_file="conf/tokens.yaml")
 
-    assert (routing.type, routing.subject, routing.file) == (
-        "routing.updated",
-        "routing",
-        "providers.d/routing.yaml",
-    )
+    assert (routing.type, routing.subject, routing.file) == ("routing.updated", "routing", "conf/routes.yaml")
+    assert (clients.type, clients.file) == ("clients.updated", "conf/tokens.yaml")
     assert list(routing.changes) == ["embeddings"]
     assert routing.changes["embeddings"]["old"] is None
     assert clients.changes == {
@@ -91,7 +98,7 @@ def test_order_keeps_every_prefix_naming_only_existing_providers() -> None:
     old = view_of(provider("gone"), provider("kept"), routing={"chat": {"primary": ["gone"]}})
     new = view_of(provider("kept", enabled=False), provider("new"), routing={"chat": {"primary": ["new"]}})
 
-    changes = diff_views(old, new, routing_file="conf/routing.yaml")
+    changes = diff_views(old, new, routing_file="conf/routing.yaml", clients_file=None)
 
     assert [(c.type, c.subject) for c in changes] == [
         ("provider.added", "new"),
@@ -100,9 +107,9 @@ def test_order_keeps_every_prefix_naming_only_existing_providers() -> None:
         ("provider.removed", "gone"),
     ]
     assert changes[2].file == "conf/routing.yaml"
-    view = old
+    view = copy.deepcopy(old)
     for change in changes:
-        view = apply_change(view, change.type, change.subject, change.changes)
+        apply_change(view, change.type, change.subject, change.changes)
         named = {pid for route in view["routing"].values() for pid in route["primary"]}
         assert named <= set(view["providers"])
 
@@ -111,36 +118,42 @@ def test_types_differ_even_when_python_calls_them_equal() -> None:
     old = view_of(provider("a", timeout_s=1, enabled=True))
     new = view_of(provider("a", timeout_s=1.0, enabled=1))
 
-    assert as_json(replayed(old, diff_views(old, new))) == as_json(new)
+    assert as_json(replayed(old, diff(old, new))) == as_json(new)
 
 
 def test_a_field_that_disappears_is_removed_on_replay() -> None:
     old = view_of(provider("a", legacy="x"))
     new = view_of(provider("a"))
 
-    [change] = diff_views(old, new)
+    [change] = diff(old, new)
 
     assert change.changes == {"legacy": {"old": "x"}}
     assert replayed(old, [change]) == new
 
 
-def test_apply_change_never_modifies_its_input() -> None:
+def test_apply_change_builds_in_place_and_never_edits_a_provider_someone_holds() -> None:
     old = view_of(provider("a"), routing={"chat": {"primary": ["a"]}})
     new = view_of(provider("a", models=["m"]), routing={"chat": {"primary": ["a", "b"]}})
-    frozen = copy.deepcopy(old)
+    held = old["providers"]["a"]
+    frozen = copy.deepcopy(held)
 
-    result = replayed(old, diff_views(old, new))
+    changes = diff(old, new)
+    result = old
+    for change in changes:
+        assert apply_change(old, change.type, change.subject, change.changes) is old  # in place
+
+    assert result == new
+    assert held == frozen  # the provider's old dict was replaced, not edited
     result["providers"]["a"]["models"].append("changed")
-
-    assert old == frozen
-    assert new["providers"]["a"]["models"] == ["m"]
+    assert new["providers"]["a"]["models"] == ["m"]  # diffs copy what they take from a view
 
 
 def test_events_that_do_not_change_the_configuration_leave_the_view_alone() -> None:
     view = view_of(provider("a"))
+    before = copy.deepcopy(view)
     for event_type in ("service.started", "config.rejected", "provider.health_changed", "secret.read"):
         changes = {"status": {"old": "unknown", "new": "healthy"}}
-        assert apply_change(view, event_type, "a", changes) == view
+        assert apply_change(view, event_type, "a", changes) == before
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -150,7 +163,7 @@ def test_replaying_diffs_rebuilds_each_view_exactly(
 ) -> None:
     view = empty_view()
     for target in sequence:
-        changes = diff_views(view, target, rotated)
+        changes = diff(view, target, rotated)
         view = replayed(view, changes)
         assert as_json(view) == as_json(target)
-        assert diff_views(view, target) == []
+        assert diff(view, target) == []

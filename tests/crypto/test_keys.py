@@ -197,3 +197,30 @@ def test_check_sops_config_reports_an_invalid_regex(tmp_path: Path) -> None:
     path.write_text(f"creation_rules:\n  - path_regex: providers.d/(\n    age: {_recipient()}\n")
     problems = sops_rules.check_sops_config(path, ["providers.d/a.yaml"])
     assert "creation rule 1 of .sops.yaml: path_regex is not a valid regular expression" in problems
+
+
+def test_recipients_change_and_every_comment_and_the_layout_of_sops_yaml_stay(tmp_path: Path) -> None:
+    first, second, third = _recipient(), _recipient(), _recipient()
+    path = tmp_path / ".sops.yaml"
+    original = (
+        "# Project sops rules.\n"
+        "creation_rules:\n"
+        "  # provider files: only the key is encrypted\n"
+        "  - path_regex: providers.d/.*\\.ya?ml$\n"
+        "    encrypted_regex: '^(api_key)$'  # keep ids and URLs reviewable\n"
+        "    age:\n"
+        f"      - {first}  # ops laptop\n"
+        "  # everything else\n"
+        "  - path_regex: secrets/.*\n"
+        f"    age: {first}\n"
+    )
+    path.write_text(original)
+
+    keys.add_recipient(path, second)
+    keys.add_recipient(path, third)
+    keys.remove_recipient(path, second)
+
+    assert path.read_text() == original.replace(
+        f"      - {first}  # ops laptop\n", f"      - {first}  # ops laptop\n      - {third}\n"
+    )
+    assert sops_rules.recipients(path) == [first, third]

@@ -244,3 +244,22 @@ def test_edit_without_a_change_returns_sops_unchanged_code(
 
 def test_version_is_reported_without_network(sops_project: SopsProject) -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", sops_project.sops.version())
+
+
+async def test_a_cancelled_decrypt_kills_sops_and_waits_for_it(tmp_path: Path) -> None:
+    """A sops that hangs (here: a stand-in that sleeps) is killed and reaped when its reload is
+    cancelled: no process, not even a zombie, is left once the cancellation returns."""
+    for run in range(5):
+        pid_file = tmp_path / f"pid-{run}"
+        binary = tmp_path / f"slow-sops-{run}"
+        binary.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 30\n")
+        binary.chmod(0o755)
+        sops = Sops(str(binary), project_root=tmp_path)
+        task = asyncio.create_task(sops.decrypt_async(PLAIN, "providers.d/x.yaml"))
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            await asyncio.sleep(0.01)
+        pid = int(pid_file.read_text())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not Path(f"/proc/{pid}").exists(), f"sops {pid} left behind on run {run}"

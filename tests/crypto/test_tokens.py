@@ -90,7 +90,7 @@ def test_a_clients_yaml_of_another_kind_is_refused_untouched(tmp_path: Path) -> 
 
 def test_an_invalid_name_or_scope_writes_nothing(tmp_path: Path) -> None:
     for name, scopes in (("has spaces", ["admin"]), ("ops", ["root"]), ("ops", [])):
-        with pytest.raises(ValueError, match="validation error"):
+        with pytest.raises(ConfigError):
             create_token(tmp_path, name, scopes)
     assert list(tmp_path.iterdir()) == []
 
@@ -102,3 +102,53 @@ def test_the_written_file_keeps_every_client_and_its_comments(tmp_path: Path) ->
     assert [c.name for c in clients_of(path).clients] == [f"client-{i}" for i in range(5)]
     assert yaml.safe_load(path.read_text())["kind"] == "clients"
     assert path.read_text().count("# ") == 2  # the header, once
+
+
+# -- the clients file, found by kind, comments kept --
+
+EXISTING = (
+    "# yaml-language-server: $schema=../schemas/clients.schema.json\n"
+    "# Who may call us. Ask #platform before adding a client.\n"
+    "kind: clients\n"
+    "clients:\n"
+    "  # the dashboard, read-only\n"
+    f"  - name: dashboard\n    token_sha256: {'ab' * 32}  # rotated 2026-11\n"
+    "    scopes: [config:read]\n"
+)
+
+
+def test_a_new_token_joins_the_clients_file_found_by_kind_keeping_its_comments(tmp_path: Path) -> None:
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    (folder / "access.yaml").write_text(EXISTING)
+
+    token, path = create_token(folder, "deployer", ["secrets:read", "completions"])
+
+    assert path == folder / "access.yaml"
+    assert not (folder / "clients.yaml").exists()
+    text = path.read_text()
+    assert text.startswith(EXISTING)  # every comment and line as it was, the new client after
+    added = text.removeprefix(EXISTING)
+    digest = token_sha256(token)
+    assert (
+        added == f"  - name: deployer\n    token_sha256: {digest}\n    scopes: [secrets:read, completions]\n"
+    )
+    document = parse("providers.d/access.yaml", text.encode()).document
+    assert isinstance(document, Clients)
+    assert [c.name for c in document.clients] == ["dashboard", "deployer"]
+
+
+def test_without_a_clients_file_one_is_made_with_its_header(tmp_path: Path) -> None:
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    (folder / "clients.yaml.bak").write_text("kind: clients\n")  # not a document: ignored
+
+    token, path = create_token(folder, "ops", ["admin"])
+
+    assert path == folder / "clients.yaml"
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=../schemas/clients.schema.json\n")
+    assert yaml.safe_load(text) == {
+        "kind": "clients",
+        "clients": [{"name": "ops", "token_sha256": token_sha256(token), "scopes": ["admin"]}],
+    }

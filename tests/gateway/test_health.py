@@ -1,48 +1,64 @@
-"""Provider health: circuit breakers, active checks, transitions as events, `switchboard test ID`."""
+"""Provider health: circuit breakers, active checks, refused keys, confirmed transitions as events."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import time
-from pathlib import Path
 
-import pytest
+from aiohttp import web
 
-from service.cli.test import run as command
 from service.gateway.health import CheckResult, Health
 from service.http.context import HEALTH
-from service.settings import Settings
 from tests.conftest import SopsProject
 from tests.support.gateway import CANARY, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, closed_port_url, upstreams
 
 
+class Clock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _recording(health: Health) -> list[tuple[str, str, str, str | None]]:
+    changes: list[tuple[str, str, str, str | None]] = []
+    health.on_change = lambda pid, old, new, reason: changes.append((pid, old, new, reason))
+    return changes
+
+
 def test_consecutive_failures_open_the_circuit_and_one_trial_follows_the_cooldown() -> None:
-    changes: list[tuple[str, str, str]] = []
-    health = Health(failures=2, cooldown_s=0.05)
-    health.on_change = lambda pid, old, new, reason: changes.append((pid, old, new))
+    clock = Clock()
+    health = Health(failures=2, cooldown_s=30, confirm=1, clock=clock)
+    changes = _recording(health)
     health.failed("p", "HTTP 500")
     assert not health.is_open("p") and health.get("p").status == "unknown"
     health.failed("p", "HTTP 500")
     assert health.is_open("p") and not health.admit("p")
     assert health.get("p").status == "unhealthy"
-    time.sleep(0.06)
+    clock.advance(29.9)
+    assert health.is_open("p")
+    clock.advance(0.2)
     assert not health.is_open("p")
     assert health.admit("p")  # the one trial
     assert health.is_open("p") and not health.admit("p")
     health.failed("p", "HTTP 500")  # the trial failed: open again
     assert health.is_open("p")
-    time.sleep(0.06)
+    clock.advance(30.1)
     assert health.admit("p")
     health.succeeded("p", 0.01)
     assert not health.is_open("p") and health.admit("p") and health.admit("p")
     assert health.get("p").status == "healthy" and health.get("p").latency_ms == 10.0
-    assert changes == [("p", "unknown", "unhealthy"), ("p", "unhealthy", "healthy")]
+    assert changes == [("p", "unknown", "unhealthy", "HTTP 500"), ("p", "unhealthy", "healthy", None)]
 
 
 def test_a_success_resets_the_count_of_failures() -> None:
-    health = Health(failures=2, cooldown_s=10)
+    health = Health(failures=2, cooldown_s=10, clock=Clock())
     for _ in range(5):
         health.failed("p", "HTTP 500")
         health.succeeded("p", 0.001)
@@ -50,17 +66,18 @@ def test_a_success_resets_the_count_of_failures() -> None:
 
 
 def test_an_abandoned_trial_frees_the_slot() -> None:
-    health = Health(failures=1, cooldown_s=0.01)
+    clock = Clock()
+    health = Health(failures=1, cooldown_s=10, clock=clock)
     health.failed("p", "timed out")
-    time.sleep(0.02)
+    clock.advance(10.1)
     assert health.admit("p") and not health.admit("p")
     health.abandon("p")
     assert health.admit("p")
 
 
 def test_checks_open_circuits_only_for_failures_requests_would_fall_back_on() -> None:
-    health = Health(failures=3, cooldown_s=10)
-    health.checked("p", CheckResult(False, 1.0, "HTTP 401", opens=False))
+    health = Health(failures=3, cooldown_s=10, clock=Clock())
+    health.checked("p", CheckResult(False, 1.0, "HTTP 404", opens=False))
     assert health.get("p").status == "unhealthy" and not health.is_open("p")
     health.checked("p", CheckResult(False, 1.0, "cannot connect", opens=True))
     assert health.is_open("p")
@@ -71,17 +88,77 @@ def test_checks_open_circuits_only_for_failures_requests_would_fall_back_on() ->
     assert state.as_json()["checked_at"].endswith("Z")  # type: ignore[union-attr]
 
 
+def test_a_refused_key_opens_the_circuit_at_once_and_only_a_request_clears_it() -> None:
+    clock = Clock()
+    health = Health(failures=3, cooldown_s=30, confirm=2, clock=clock)
+    changes = _recording(health)
+    health.succeeded("p", 0.01)
+    health.succeeded("p", 0.01)
+    health.refuse("p", "HTTP 401: the upstream refused the provider's key")
+    assert health.is_open("p") and health.get("p").status == "unhealthy"
+    assert changes == [  # at once: no confirmation for a refused key
+        ("p", "unknown", "healthy", None),
+        ("p", "healthy", "unhealthy", "HTTP 401: the upstream refused the provider's key"),
+    ]
+    for _ in range(3):  # a public models list still answers: that clears nothing
+        health.checked("p", CheckResult(True, 1.0, "ok: 3 models listed"))
+    assert health.is_open("p") and health.get("p").status == "unhealthy"
+    clock.advance(30.1)
+    health.checked("p", CheckResult(True, 1.0, "ok: 3 models listed"))
+    assert health.get("p").status == "unhealthy"
+    assert health.admit("p")  # the trial, after the cooldown
+    health.refuse("p", "HTTP 403: the upstream refused the provider's key")  # still refused
+    assert health.is_open("p")
+    clock.advance(30.1)
+    assert health.admit("p")
+    health.succeeded("p", 0.02)  # the key works again
+    assert not health.is_open("p") and health.get("p").status == "healthy"
+    health.succeeded("p", 0.02)
+    assert changes[2:] == [("p", "unhealthy", "healthy", None)]
+
+
+def test_a_check_refused_by_the_upstream_opens_the_circuit() -> None:
+    health = Health(failures=3, cooldown_s=30, clock=Clock())
+    changes = _recording(health)
+    health.checked("p", CheckResult(False, 1.0, "HTTP 401", refused=True))
+    assert health.is_open("p") and health.get("p").status == "unhealthy"
+    assert changes == [("p", "unknown", "unhealthy", "HTTP 401")]
+
+
+def test_a_change_is_reported_once_it_held_for_the_confirmation_count() -> None:
+    health = Health(failures=1, cooldown_s=30, confirm=2, clock=Clock())
+    changes = _recording(health)
+    ok, down = CheckResult(True, 1.0, "ok"), CheckResult(False, 1.0, "HTTP 500", opens=True)
+    health.checked("p", ok)
+    health.checked("p", ok)
+    assert changes == [("p", "unknown", "healthy", None)]
+    for _ in range(10):  # flapping: never two results alike in a row
+        health.checked("p", down)
+        assert health.get("p").status == "unhealthy"  # what is shown follows at once
+        health.checked("p", ok)
+        assert health.get("p").status == "healthy"
+    assert len(changes) == 1
+    health.checked("p", down)
+    health.checked("p", down)
+    assert changes[1:] == [("p", "healthy", "unhealthy", "HTTP 500")]
+    health.failed("p", "HTTP 500")  # the circuit was open already; no new status
+    assert len(changes) == 2
+
+
 async def test_a_failing_provider_is_skipped_while_its_circuit_is_open(sops_project: SopsProject) -> None:
     async with upstreams({"name": "flaky"}, {"name": "backup"}) as (flaky, backup):
         flaky.fail(500)
         write_provider(sops_project, "flaky", base_url=flaky.base_url)
         write_provider(sops_project, "backup", base_url=backup.base_url)
         write_routing(sops_project, chat={"primary": "flaky", "fallbacks": ["backup"]})
-        async with running(sops_project, circuit_failures=2, circuit_cooldown_s=0.3) as board:
+        async with running(
+            sops_project, circuit_failures=2, circuit_cooldown_s=30, health_confirm=1
+        ) as board:
+            clock = board.app[HEALTH].clock = Clock()
             first = [(await board.chat()).headers["x-switchboard-attempts"] for _ in range(4)]
             assert board.app[HEALTH].get("flaky").status == "unhealthy"
             flaky.answer_normally()
-            await asyncio.sleep(0.35)
+            clock.advance(30.1)
             trial = await board.chat()
             after = await board.chat()
             await board.recorded()
@@ -91,6 +168,77 @@ async def test_a_failing_provider_is_skipped_while_its_circuit_is_open(sops_proj
     assert trial.headers["x-switchboard-provider"] == after.headers["x-switchboard-provider"] == "flaky"
     assert [e["changes"]["status"]["new"] for e in changes] == ["unhealthy", "healthy"]
     assert changes[0]["subject"] == "flaky" and changes[0]["reason"] == "HTTP 500"
+
+
+async def test_a_revoked_key_falls_back_and_opens_the_circuit_at_once(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "revoked", "api_key": CANARY}, {"name": "backup"}) as (revoked, backup):
+        revoked.fail(401, times=1)
+        write_provider(sops_project, "revoked", provider="openai", base_url=revoked.base_url, api_key=CANARY)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "revoked", "fallbacks": ["backup"]})
+        async with running(sops_project, circuit_failures=3, circuit_cooldown_s=30) as board:
+            health = board.app[HEALTH]
+            clock = health.clock = Clock()
+            served = await board.chat()
+            skipped = await board.chat()
+            assert health.is_open("revoked") and health.get("revoked").status == "unhealthy"
+            await board.recorded()
+            marked = board.events("provider.health_changed")
+            # The models list answers (it may be public): the mark stays.
+            check = await board.post("/api/v1/llm-config/providers/revoked/test", {})
+            assert (await check.json())["ok"] is True
+            assert health.is_open("revoked") and health.get("revoked").status == "unhealthy"
+            clock.advance(30.1)
+            trial = await board.chat()  # the key works again: the trial clears it
+            assert health.get("revoked").status == "healthy" and not health.is_open("revoked")
+            await board.recorded()
+            changes = board.events("provider.health_changed")
+    assert (
+        served.status,
+        served.headers["x-switchboard-provider"],
+        served.headers["x-switchboard-attempts"],
+    ) == (
+        200,
+        "backup",
+        "2",
+    )
+    assert skipped.headers["x-switchboard-attempts"] == "1"  # the circuit opened on the first 401
+    assert trial.headers["x-switchboard-provider"] == "revoked"
+    assert [(e["subject"], e["changes"]["status"], e["reason"]) for e in marked] == [
+        (
+            "revoked",
+            {"old": "unknown", "new": "unhealthy"},
+            "HTTP 401: the upstream refused the provider's key",
+        )
+    ]
+    assert len(changes) == 1  # the recovery is one result so far: not yet confirmed
+
+
+async def test_a_flapping_provider_does_not_flood_the_log(sops_project: SopsProject) -> None:
+    checks = 0
+
+    async def models(request: web.Request) -> web.Response:
+        nonlocal checks
+        checks += 1
+        if checks % 2:
+            return web.json_response({"data": [{"id": "m"}]})
+        return web.json_response({"error": {"message": "overloaded"}}, status=503)
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/models", models)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        write_provider(sops_project, "flapping", base_url=url)
+        async with running(sops_project, health_interval_s=0.02) as board:
+            await _until(lambda: checks >= 20)
+            await board.recorded()
+            changes = board.events("provider.health_changed")
+    finally:
+        await runner.cleanup()
+    assert changes == []
 
 
 async def test_when_every_circuit_is_open_there_is_no_candidate(sops_project: SopsProject) -> None:
@@ -108,13 +256,16 @@ async def test_active_checks_find_a_provider_down_and_back(sops_project: SopsPro
         write_routing(sops_project, chat="a")
         async with running(sops_project, health_interval_s=0.05) as board:
             health = board.app[HEALTH]
-            await _until(lambda: health.get("a").status == "healthy")
+            healthy = 'switchboard_provider_healthy{provider="a"} 1.0'
+            async with asyncio.timeout(20):
+                while healthy not in await board.metrics():  # confirmed by two checks
+                    await asyncio.sleep(0.02)
             await a.refuse_connections()
             await _until(lambda: health.get("a").status == "unhealthy")
             assert health.is_open("a")
+            await _until(lambda: board.events("provider.health_changed"))  # confirmed by a second check
             await a.accept_connections()
-            await _until(lambda: health.get("a").status == "healthy")
-            await board.recorded()
+            await _until(lambda: len(board.events("provider.health_changed")) == 2)
             changes = board.events("provider.health_changed")
             metrics = await board.metrics()
     assert [e["changes"]["status"] for e in changes] == [
@@ -134,34 +285,7 @@ async def test_anthropic_is_checked_in_its_own_protocol(sops_project: SopsProjec
     assert up.requests[-1].headers["x-api-key"] == CANARY
 
 
-async def _until(condition: object, timeout: float = 5) -> None:
+async def _until(condition: object, timeout: float = 20) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # type: ignore[operator]
             await asyncio.sleep(0.02)
-
-
-def _settings(project: SopsProject) -> Settings:
-    return Settings(root=project.root, providers=Path("providers.d"), age_key_file=project.identity.key_file)
-
-
-async def test_the_test_command_checks_one_provider(
-    sops_project: SopsProject, capsys: pytest.CaptureFixture[str]
-) -> None:
-    async with FakeUpstream(name="a", api_key=CANARY, models=("m1", "m2", "m3")) as a:
-        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
-        write_provider(sops_project, "dead", base_url=closed_port_url())
-        settings = _settings(sops_project)
-        ok = await asyncio.to_thread(command, argparse.Namespace(provider_id="a"), settings)
-        down = await asyncio.to_thread(command, argparse.Namespace(provider_id="dead"), settings)
-    out = capsys.readouterr().out
-    assert (ok, down) == (0, 1)
-    assert "a: ok in" in out and "3 models listed" in out
-    assert "dead: failed in" in out and "cannot connect" in out
-    assert CANARY not in out
-
-
-def test_the_test_command_names_an_unknown_provider(sops_project: SopsProject) -> None:
-    from service.errors import NotFound
-
-    with pytest.raises(NotFound, match=r"no provider file nope\.yaml"):
-        command(argparse.Namespace(provider_id="nope"), _settings(sops_project))

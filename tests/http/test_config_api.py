@@ -60,8 +60,10 @@ async def test_active_purpose_answers_primaries_fallbacks_and_weights_as_masked_
         "purposes": ["chat"],
         "enabled": True,
         "api_key": "****5d80",
-        "timeout_s": 60,
+        "connect_timeout_s": 5,
+        "timeout_s": 600,
         "first_byte_timeout_s": 15,
+        "idle_timeout_s": 60,
         "file": "providers.d/openrouter-main.yaml",
         "commit": None,
         "health": {"status": "unknown", "checked_at": None, "latency_ms": None},
@@ -163,6 +165,8 @@ async def test_audit_filters_by_subject_type_time_and_limit(routed: Service) -> 
         ("limit=ten", "`limit` is not a whole number: 'ten'"),
         ("limit=0", "`limit` must be between 1 and 10000"),
         ("limit=10001", "`limit` must be between 1 and 10000"),
+        ("since=99999999999d", "`since`: out of range"),
+        ("until=0001-01-01T00:00:00%2B14:00", "`until`: out of range"),
     ],
 )
 async def test_audit_refuses_a_bad_time_or_limit(running_service: Service, query: str, message: str) -> None:
@@ -171,8 +175,16 @@ async def test_audit_refuses_a_bad_time_or_limit(running_service: Service, query
     assert body["error"]["message"].startswith(message)
 
 
+async def test_state_at_a_year_before_1000_keeps_four_digits(running_service: Service) -> None:
+    """Found by schemathesis: strftime wrote year 256 as `256`, off the answer's documented pattern."""
+    status, body = await running_service.get(f"{API}/state?at=0256-06-16T13:01:50.8Z")
+    assert (status, body["at"]) == (200, "0256-06-16T13:01:50.800000Z")
+
+
 async def test_state_refuses_a_bad_time_and_is_empty_before_the_first_event(running_service: Service) -> None:
     status, body = await running_service.get(f"{API}/state?at=soon")
+    assert (status, body["error"]["type"]) == (400, "bad_request")
+    status, body = await running_service.get(f"{API}/state?at=9999999d")  # was a 500
     assert (status, body["error"]["type"]) == (400, "bad_request")
     status, body = await running_service.get(f"{API}/state?at=2000-01-01")
     assert (status, body) == (

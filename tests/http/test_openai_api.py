@@ -20,7 +20,7 @@ from tests.support.gateway import (
     write_provider,
     write_routing,
 )
-from tests.support.upstreams import FakeUpstream, closed_port_url, upstreams
+from tests.support.upstreams import FakeUpstream, closed_port_url, serving, unanswered_url, upstreams
 
 PROVIDER = "x-switchboard-provider"
 ATTEMPTS = "x-switchboard-attempts"
@@ -57,6 +57,32 @@ async def test_the_body_goes_out_as_sent_unless_the_model_is_renamed(sops_projec
     assert b.requests[-1].json == {"model": "real-model", "input": "text"}
 
 
+async def test_the_request_never_chooses_where_it_goes_on_the_direct_path(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "api_key": CANARY}, {"name": "attacker"}) as (a, attacker):
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        hostile = {
+            "base_url": attacker.base_url,
+            "api_base": attacker.base_url,
+            "api_key": "sk-attacker-chosen",
+            "extra_headers": {"Authorization": "Bearer sk-attacker-chosen"},
+            "custom_llm_provider": "openai",
+            "api_version": "2099-01-01",
+            "extra_body": {"base_url": attacker.base_url},
+        }
+        client_headers = {"X-Api-Key": "sk-attacker-chosen", "X-Stolen": "1", "X-Forwarded-Host": "evil"}
+        async with running(sops_project) as board:
+            payload = {"model": "fake-model", "messages": [{"role": "user", "content": "x"}], **hostile}
+            url = f"{board.base_url}/chat/completions"
+            async with board.http.post(url, json=payload, headers=client_headers) as response:
+                assert response.status == 200, await response.text()
+    assert not attacker.requests
+    received = a.requests[-1]
+    assert received.json == payload  # the body passes unchanged: the server's business
+    assert received.headers["authorization"] == f"Bearer {CANARY}"
+    assert not {"x-api-key", "x-stolen", "x-forwarded-host"} & set(received.headers)
+
+
 FAULTS = {
     "connection refused": None,
     "500": ("fail", 500),
@@ -76,7 +102,8 @@ async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: st
         url = closed_port_url() if spec is None else primary.base_url
         if spec is not None:
             getattr(primary, spec[0])(spec[1])
-        write_provider(sops_project, "primary", base_url=url, first_byte_timeout_s=0.3)
+        # A plain answer has `timeout_s` for all of it; a stream `first_byte_timeout_s` to start.
+        write_provider(sops_project, "primary", base_url=url, first_byte_timeout_s=0.3, timeout_s=0.3)
         write_provider(sops_project, "backup", base_url=backup.base_url)
         write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
         async with running(sops_project) as board:
@@ -88,7 +115,113 @@ async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: st
     assert len(backup.requests) == 1
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 422])
+@pytest.mark.parametrize(
+    "field", ["connect_timeout_s", "timeout_s", "first_byte_timeout_s", "idle_timeout_s"]
+)
+async def test_an_infinite_timeout_is_refused_not_a_500(sops_project: SopsProject, field: str) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "endless", base_url=a.base_url, **{field: float("inf")})
+        write_routing(sops_project, chat="endless")
+        async with running(sops_project) as board:
+            refused = (await (await board.get("/readyz")).json())["refused"]
+            answers = [await board.chat(stream=s) for s in (False, True)]
+    reasons = {r["file"]: r["reason"] for r in refused}
+    assert "finite" in reasons["providers.d/endless.yaml"]
+    assert 500 not in [r.status for r in answers]
+
+
+async def test_a_plain_answer_slower_than_the_first_byte_timeout_is_not_cut(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "slow", "latency_s": 0.5}, {"name": "backup"}) as (slow, backup):
+        write_provider(sops_project, "slow", base_url=slow.base_url, first_byte_timeout_s=0.1)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "slow", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat("take your time")
+            body = await response.json()
+    assert response.status == 200, body
+    assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("slow", "1")
+    assert body["choices"][0]["message"]["content"] == "slow says: take your time"
+    assert len(slow.requests) == 1 and not backup.requests  # asked once, paid once
+
+
+async def test_a_stream_longer_than_timeout_s_is_not_cut(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "chunk_interval_s": 0.08}, {"name": "backup"}) as (a, backup):
+        write_provider(sops_project, "a", base_url=a.base_url, timeout_s=0.2, idle_timeout_s=5)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="fake-model",
+                messages=[{"role": "user", "content": "one two three four five"}],
+                stream=True,
+            )
+            started = asyncio.get_running_loop().time()
+            parts = [c.delta.content or "" async for chunk in stream for c in chunk.choices]
+            took = asyncio.get_running_loop().time() - started
+            await client.close()
+            metrics = await board.metrics()
+    assert "".join(parts) == "a says: one two three four five"
+    assert took > 0.4  # twice `timeout_s`: a stream has no total limit
+    assert not backup.requests
+    assert 'outcome="broken"' not in metrics
+
+
+async def test_a_stream_that_falls_silent_ends_with_an_error_event(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "chunk_interval_s": 0.5}, {"name": "backup"}) as (a, backup):
+        write_provider(sops_project, "a", base_url=a.base_url, idle_timeout_s=0.1)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+            parts = []
+            with pytest.raises(openai.APIError, match=r"no chunk within 0\.1 s"):
+                async for chunk in stream:
+                    parts += [c.delta.content or "" for c in chunk.choices]
+            await client.close()
+            metrics = await board.metrics()
+    assert parts == [""]  # the role chunk came, then silence
+    assert not backup.requests
+    assert 'switchboard_upstream_requests_total{outcome="broken",provider="a"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_connect_timeout_falls_back(sops_project: SopsProject, stream: bool) -> None:
+    async with upstreams({"name": "backup"}) as (backup,):
+        with unanswered_url() as url:
+            write_provider(
+                sops_project,
+                "unanswered",
+                base_url=url,
+                connect_timeout_s=0.2,
+                first_byte_timeout_s=30,
+                timeout_s=30,
+            )
+            write_provider(sops_project, "backup", base_url=backup.base_url)
+            write_routing(sops_project, chat={"primary": "unanswered", "fallbacks": ["backup"]})
+            async with running(sops_project) as board:
+                started = asyncio.get_running_loop().time()
+                served = await board.chat(stream=stream)
+                backup.fail(500)
+                failed = await board.chat(stream=stream)
+                took = asyncio.get_running_loop().time() - started
+                error = (await failed.json())["error"]
+    assert (served.status, served.headers[PROVIDER], served.headers[ATTEMPTS]) == (200, "backup", "2")
+    assert failed.status == 502
+    assert error["attempts"][0] == {
+        "provider": "unanswered",
+        "status": None,
+        "reason": "no connection within 0.2 s",
+    }
+    assert took < 5
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
 async def test_a_client_error_is_returned_as_it_is(sops_project: SopsProject, status: int) -> None:
     async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
         primary.fail(status)
@@ -102,6 +235,68 @@ async def test_a_client_error_is_returned_as_it_is(sops_project: SopsProject, st
     assert body["error"]["message"] == f"injected failure {status} from primary"
     assert (response.headers[PROVIDER], response.headers[ATTEMPTS]) == ("primary", "1")
     assert not backup.requests
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_key_falls_back_and_opens_the_circuit(
+    sops_project: SopsProject, status: int, stream: bool
+) -> None:
+    async with upstreams({"name": "primary"}, {"name": "backup"}) as (primary, backup):
+        primary.fail(status)
+        write_provider(sops_project, "primary", base_url=primary.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "primary", "fallbacks": ["backup"]})
+        async with running(sops_project, circuit_failures=3) as board:
+            served = await board.chat(stream=stream)
+            skipped = await board.chat(stream=stream)
+            backup.fail(500)
+            failed = await board.chat(stream=stream)
+            error = (await failed.json())["error"]
+            await board.recorded()
+            changes = board.events("provider.health_changed")
+    assert (served.status, served.headers[PROVIDER], served.headers[ATTEMPTS]) == (200, "backup", "2")
+    assert skipped.headers[ATTEMPTS] == "1" and len(primary.requests) == 1
+    assert failed.status == 502 and [a["provider"] for a in error["attempts"]] == ["backup"]
+    reason = f"HTTP {status}: the upstream refused the provider's key"
+    assert [(e["subject"], e["changes"]["status"]["new"], e["reason"]) for e in changes] == [
+        ("primary", "unhealthy", reason)
+    ]
+
+
+async def test_a_key_pasted_with_a_newline_works_and_one_that_is_no_header_is_refused(
+    sops_project: SopsProject,
+) -> None:
+    """A line break around a key is a paste; one inside it could never be sent (or would smuggle a
+    header): that file is refused with its reason, where /readyz and the event log show it."""
+    async with upstreams({"name": "a", "api_key": CANARY}, {"name": "backup"}) as (a, backup):
+        write_provider(sops_project, "pasted", provider="openai", base_url=a.base_url, api_key=CANARY + "\n")
+        broken_key = "sk-a\r\nX-Evil: 1"
+        write_provider(
+            sops_project,
+            "broken",
+            provider="openai",
+            base_url=a.base_url,
+            api_key=broken_key,
+            purposes=["embeddings"],
+        )
+        write_provider(sops_project, "backup", base_url=backup.base_url, purposes=["embeddings"])
+        write_routing(sops_project, chat={"primary": "pasted"}, embeddings={"primary": "backup"})
+        async with running(sops_project) as board:
+            pasted = [await board.chat(stream=s) for s in (False, True)]
+            embedded = await board.post("/v1/embeddings", {"model": "e", "input": "x"})
+            ready = await (await board.get("/readyz")).json()
+            check = await (await board.post("/api/v1/llm-config/providers/pasted/test", {})).json()
+            rejected = board.events("config.rejected")
+    assert [r.status for r in pasted] == [200, 200]
+    assert {r.headers["authorization"] for r in a.requests} == {f"Bearer {CANARY}"}
+    assert (embedded.status, embedded.headers[PROVIDER]) == (200, "backup")
+    assert check["ok"] is True
+    (refused,) = [r for r in ready["refused"] if r["file"] == "providers.d/broken.yaml"]
+    assert "control character" in refused["reason"]
+    assert [e["file"] for e in rejected] == ["providers.d/broken.yaml"]
+    assert broken_key not in json.dumps(ready) + json.dumps(rejected)
+    assert not [r for r in a.requests if "x-evil" in r.headers]
 
 
 async def test_every_candidate_failing_is_a_502_listing_each_attempt(sops_project: SopsProject) -> None:
@@ -183,6 +378,132 @@ async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProj
     assert not a.requests
 
 
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/rerank"])
+async def test_a_body_nested_too_deep_is_a_400(sops_project: SopsProject, path: str) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, purposes=["chat", "embeddings", "reranking"])
+        write_routing(sops_project, chat="a", embeddings="a", reranking="a")
+        async with running(sops_project) as board:
+            answers = []
+            for raw in (
+                NESTED,
+                '{"model": "m", "messages": ' + NESTED + "}",
+                '{"a":' * 100_000 + "1" + "}" * 100_000,
+            ):
+                async with board.http.post(board.url + path, data=raw.encode()) as response:
+                    answers.append((response.status, await response.json()))
+    for status, body in answers:
+        assert status == 400, body
+        assert body["error"] == {"type": "bad_request", "message": "the body is JSON nested too deep"}
+    assert not a.requests
+
+
+async def test_a_body_nested_near_the_limit_with_a_model_map_is_not_a_500(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, model_map={"alias": "real"})
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            statuses = set()
+            for depth in range(850, 1000, 5):
+                raw = '{"model": "alias", "messages": [], "x": ' + "[" * depth + "]" * depth + "}"
+                async with board.http.post(
+                    f"{board.base_url}/chat/completions", data=raw.encode()
+                ) as response:
+                    statuses.add(response.status)
+    assert statuses <= {200, 400}, statuses
+
+
+async def test_a_lone_surrogate_in_a_body_that_is_re_encoded_is_not_a_500(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"protocol": "tei", "name": "tei"}) as (a, tei):
+        write_provider(sops_project, "a", base_url=a.base_url, model_map={"alias": "real"})
+        write_provider(sops_project, "tei", base_url=tei.base_url, server_type="tei", purposes=["reranking"])
+        write_routing(sops_project, chat="a", reranking="tei")
+        async with running(sops_project) as board:
+            url = board.base_url
+            raw = b'{"model": "alias", "messages": [{"role": "user", "content": "\\ud800"}]'
+            statuses = []
+            for extra in (b"}", b', "stream": true}'):  # renamed; asked for its usage
+                async with board.http.post(f"{url}/chat/completions", data=raw + extra) as response:
+                    statuses.append(response.status)
+            rerank = (
+                b'{"model": "r", "query": "\\ud800", "documents": ["\\udfff x"], "return_documents": true}'
+            )
+            async with board.http.post(f"{url}/rerank", data=rerank) as response:
+                statuses.append(response.status)
+    assert statuses == [200, 200, 200]
+    assert a.requests[0].json["messages"][0]["content"] == "\ud800"
+
+
+async def test_an_answer_over_the_upstream_limit_falls_back(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "big", "padding": 5000}, {"name": "backup"}) as (big, backup):
+        write_provider(sops_project, "big", base_url=big.base_url)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "big", "fallbacks": ["backup"]})
+        async with running(sops_project, max_upstream_bytes=4096) as board:
+            served = await board.chat()
+            backup.padding = 5000
+            failed = await board.chat()
+            error = (await failed.json())["error"]
+    assert (served.status, served.headers[PROVIDER]) == (200, "backup")
+    assert failed.status == 502
+    assert [(x["provider"], x["reason"]) for x in error["attempts"]] == [
+        ("big", "answer over 4096 bytes"),
+        ("backup", "answer over 4096 bytes"),
+    ]
+
+
+async def test_a_stream_request_answered_whole_is_read_within_the_limit(sops_project: SopsProject) -> None:
+    async def whole(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})  # chunked, no length
+        await response.prepare(request)
+        for _ in range(10):
+            await response.write(b" " * 1000)
+        await response.write(b'{"choices": []}')
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", whole)
+    async with serving(upstream) as url, FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "whole", base_url=f"{url}/v1")
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "whole", "fallbacks": ["backup"]})
+        async with running(sops_project, max_upstream_bytes=4096) as board:
+            response = await board.chat(stream=True)
+    assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_usage_nested_too_deep_is_relayed_without_counting(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    deep = b'{"choices": [], "usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if not stream:
+            return web.Response(body=deep, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + deep + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", answer)
+    async with serving(upstream) as url:
+        write_provider(sops_project, "deep", base_url=f"{url}/v1")
+        write_routing(sops_project, chat="deep")
+        async with running(sops_project) as board:
+            payload = {"model": "m", "messages": [], "stream": stream}
+            async with board.http.post(f"{board.base_url}/chat/completions", json=payload) as response:
+                body = await response.read()
+            metrics = await board.metrics()
+    assert response.status == 200
+    assert deep in body
+    assert "switchboard_tokens_total{" not in metrics
+
+
 async def test_the_openai_sdk_works_plain_and_streaming(sops_project: SopsProject) -> None:
     async with FakeUpstream(name="a") as a:
         write_provider(sops_project, "a", base_url=a.base_url)
@@ -206,9 +527,9 @@ async def test_the_openai_sdk_works_plain_and_streaming(sops_project: SopsProjec
     assert plain.parse().choices[0].message.content == "a says: stream me"
     assert "".join(parts) == "a says: stream me"
     assert usage is not None and usage.completion_tokens == 4
-    # The model is not listed by the provider, so it is counted as "other".
+    # The provider declares no models: the model its answers name is the label.
     assert (
-        'switchboard_tokens_total{client="anonymous",kind="completion",model="other",provider="a"} 8.0'
+        'switchboard_tokens_total{client="anonymous",kind="completion",model="fake-model",provider="a"} 8.0'
         in metrics
     )
 
@@ -284,12 +605,12 @@ async def test_a_client_that_leaves_cancels_the_upstream_request(sops_project: S
 
 
 async def test_embeddings_and_rerank_end_to_end(sops_project: SopsProject) -> None:
-    async with FakeUpstream(name="tei", models=("embedder", "reranker")) as up:
+    async with FakeUpstream(name="infinity", models=("embedder", "reranker")) as up:
         write_provider(
             sops_project,
             "tei",
             base_url=up.base_url,
-            server_type="tei",
+            server_type="infinity",  # its /v1/rerank speaks the Cohere shape: forwarded as it is
             purposes=["embeddings", "reranking"],
             models=["embedder", "reranker"],
         )
@@ -311,6 +632,90 @@ async def test_embeddings_and_rerank_end_to_end(sops_project: SopsProject) -> No
     assert 'model="reranker",provider="tei"' in metrics
 
 
+async def test_rerank_on_tei_speaks_its_own_protocol(sops_project: SopsProject) -> None:
+    async with upstreams({"protocol": "tei", "name": "tei", "api_key": CANARY, "models": ("bge",)}) as (tei,):
+        write_provider(
+            sops_project,
+            "tei",
+            base_url=tei.base_url,
+            server_type="tei",
+            api_key=CANARY,
+            purposes=["embeddings", "reranking"],
+        )
+        write_routing(sops_project, embeddings="tei", reranking="tei")
+        async with running(sops_project) as board:
+            documents: list[Any] = ["the cat sat", {"text": "dogs bark"}, "a cat and a dog"]
+            request = {"model": "bge", "query": "cat", "documents": documents}
+            ranked = await board.post("/v1/rerank", {**request, "top_n": 2, "return_documents": True})
+            body = await ranked.json()
+            everything = await (await board.post("/v1/rerank", request)).json()
+            invalid = await board.post("/v1/rerank", {"model": "bge", "query": "cat", "documents": "no"})
+            tei.fail(422, times=1)
+            refused = await board.post("/v1/rerank", request)
+            refused_body = await refused.json()
+            embedded = await board.post("/v1/embeddings", {"model": "bge", "input": "cat"})
+            check = await (await board.post("/api/v1/llm-config/providers/tei/test", {})).json()
+    assert ranked.status == 200 and ranked.headers[PROVIDER] == "tei"
+    assert body["model"] == "bge" and body["id"].startswith("rerank-")
+    assert body["results"] == [
+        {"index": 0, "relevance_score": 1.0, "document": {"text": "the cat sat"}},
+        {"index": 2, "relevance_score": 1.0, "document": {"text": "a cat and a dog"}},
+    ]
+    assert [r["index"] for r in everything["results"]] == [0, 2, 1]
+    assert "document" not in everything["results"][0]
+    rerank = tei.requests[0]
+    assert (rerank.path, rerank.json) == (
+        "/rerank",
+        {"query": "cat", "texts": ["the cat sat", "dogs bark", "a cat and a dog"]},
+    )
+    assert rerank.headers["authorization"] == f"Bearer {CANARY}"
+    assert invalid.status == 400
+    assert refused.status == 422 and refused_body["error"]["type"] == "validation"
+    assert embedded.status == 200 and tei.requests[-2].path == "/v1/embeddings"
+    assert check["ok"] is True and tei.requests[-1].path == "/info"
+
+
+async def test_upstream_request_ids_and_rate_limits_are_passed_back(sops_project: SopsProject) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {
+            "X-Request-Id": "req-123",
+            "Retry-After": "3",
+            "X-RateLimit-Remaining-Tokens": "9000",
+            "x-ratelimit-reset-requests": "2s",
+            "X-Internal-Secret": "not for clients",
+            "Set-Cookie": "session=upstream",
+        }
+        if not (await request.json()).get("stream"):
+            return web.json_response({"choices": []}, headers=headers)
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", answer)
+    async with serving(upstream) as url, FakeUpstream(name="a") as a:
+        write_provider(sops_project, "custom", base_url=f"{url}/v1")
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="custom")
+        async with running(sops_project) as board:
+            answers = [await board.chat(stream=s) for s in (False, True)]
+            generation = (await (await board.get("/readyz")).json())["generation"]
+            write_routing(sops_project, chat="a")
+            await board.wait_for_generation(generation + 1)
+            a.fail(400, times=1)
+            refused = await board.chat()
+    for response in answers:
+        assert response.status == 200
+        assert response.headers["x-request-id"] == "req-123"
+        assert response.headers["retry-after"] == "3"
+        assert response.headers["x-ratelimit-remaining-tokens"] == "9000"
+        assert response.headers["x-ratelimit-reset-requests"] == "2s"
+        assert "x-internal-secret" not in response.headers and "set-cookie" not in response.headers
+    assert refused.status == 400 and refused.headers["x-request-id"] == "req-a-1"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "999"
+
+
 async def test_models_lists_what_enabled_providers_serve(sops_project: SopsProject) -> None:
     write_provider(
         sops_project, "a", base_url="http://127.0.0.1:9/v1", models=["m1", "m2"], model_map={"fast": "m1"}
@@ -321,6 +726,112 @@ async def test_models_lists_what_enabled_providers_serve(sops_project: SopsProje
         models = await client.models.list()
         await client.close()
     assert sorted(m.id for m in models.data) == ["fast", "m1", "m2"]
+
+
+async def test_models_lists_what_checks_found_for_providers_that_declare_none(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "auto", "models": ("found-1", "found-2")}, {"name": "off"}) as (auto, off):
+        write_provider(sops_project, "auto", base_url=auto.base_url)
+        write_provider(sops_project, "declared", base_url=auto.base_url, models=["m1"])
+        write_provider(sops_project, "off", base_url=off.base_url, enabled=False)
+        async with running(sops_project) as board:
+            before = await (await board.get("/v1/models")).json()
+            for provider_id in ("auto", "off"):
+                assert (
+                    await board.post(f"/api/v1/llm-config/providers/{provider_id}/test", {})
+                ).status == 200
+            after = await (await board.get("/v1/models")).json()
+            auto.fail(500)  # a failed check keeps what the last successful one listed
+            await board.post("/api/v1/llm-config/providers/auto/test", {})
+            failed = await (await board.get("/v1/models")).json()
+    assert [(m["id"], m["owned_by"]) for m in before["data"]] == [("m1", "declared")]
+    listed = [(m["id"], m["owned_by"]) for m in after["data"]]
+    assert listed == [("m1", "declared"), ("found-1", "auto"), ("found-2", "auto")]
+    assert failed == after
+
+
+async def test_a_stream_is_counted_when_the_client_did_not_ask_for_usage(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", models=("m",)) as a:
+        write_provider(sops_project, "a", base_url=a.base_url, models=["m"])
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "count me"}], stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+            await client.close()
+            own = await board.chat("x", model="m", stream=True, stream_options={"include_usage": False})
+            own_text = await own.text()
+            metrics = await board.metrics()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a says: count me"
+    assert all(c.choices and c.usage is None for c in chunks)  # the usage chunk was the gateway's
+    assert a.requests[0].json["stream_options"] == {"include_usage": True}
+    assert a.requests[1].json["stream_options"] == {"include_usage": True}
+    assert '"usage"' not in own_text and own_text.endswith("data: [DONE]\n\n")
+    assert (
+        'switchboard_tokens_total{client="anonymous",kind="completion",model="m",provider="a"} 7.0' in metrics
+    )
+    assert 'switchboard_tokens_total{client="anonymous",kind="prompt",model="m",provider="a"} 3.0' in metrics
+
+
+async def test_an_upstream_that_refuses_stream_options_is_asked_again_and_remembered(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="old", stream_options=False) as old:
+        write_provider(sops_project, "old", base_url=old.base_url)
+        write_routing(sops_project, chat="old")
+        async with running(sops_project) as board:
+            first = await board.chat("one", stream=True)
+            first_text = await first.text()
+            second = await board.chat("two", stream=True)
+            asked = await board.chat("three", stream=True, stream_options={"include_usage": True})
+            metrics = await board.metrics()
+    assert first.status == second.status == 200
+    assert '"content": " one"' in first_text and first_text.endswith("data: [DONE]\n\n")
+    assert [("stream_options" in r.json) for r in old.requests] == [True, False, False, True]
+    assert asked.status == 400  # the client's own stream_options are the client's business
+    assert 'outcome="failed"' not in metrics
+
+
+async def test_a_refused_stream_is_not_taken_for_a_refusal_of_stream_options(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            a.fail(400, times=2)
+            refused = await board.chat(stream=True)
+            body = await refused.json()
+            later = await board.chat(stream=True)
+    assert refused.status == 400 and body["error"]["message"] == "injected failure 400 from a"
+    assert later.status == 200
+    assert [("stream_options" in r.json) for r in a.requests] == [True, False, True]
+
+
+async def test_tokens_of_a_provider_without_models_are_labelled_by_the_answer(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="any") as up:
+        write_provider(sops_project, "any", base_url=up.base_url, model_map={"alias": "real-name"})
+        write_routing(sops_project, chat="any")
+        async with running(sops_project) as board:
+            await board.chat("one", model="alias")  # the answer names the model sent upstream
+            for i in range(105):
+                await board.chat("two", model=f"model-{i:03}")
+            await board.chat("three", model="model-000")  # seen already: still its own label
+            metrics = await board.metrics()
+    labels = {
+        line.split('model="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("switchboard_tokens_total{") and 'kind="prompt"' in line
+    }
+    assert "real-name" in labels and "alias" not in labels
+    assert len(labels) == 101 and "other" in labels  # 100 models of this provider, then `other`
+    assert 'kind="prompt",model="model-000",provider="any"} 2.0' in metrics
+    assert 'kind="prompt",model="other",provider="any"} 6.0' in metrics
 
 
 async def test_completions_need_the_scope_once_clients_exist(sops_project: SopsProject) -> None:
@@ -396,7 +907,7 @@ async def test_the_litellm_parameters_are_given_and_audited(sops_project: SopsPr
         "model": "openrouter/m",
         "api_base": a.base_url,
         "api_key": CANARY,
-        "timeout": 60,
+        "timeout": 600,
     }
     assert [(e["subject"], e["client"], e["purpose"]) for e in reads] == [("a", "deployer", "chat")]
 
@@ -406,7 +917,7 @@ async def test_provider_test_and_server_models(sops_project: SopsProject) -> Non
         write_provider(sops_project, "a", base_url=a.base_url)
         write_provider(sops_project, "dead", base_url=closed_port_url())
         write_provider(sops_project, "k", provider="openai", base_url=a.base_url, api_key=CANARY)
-        async with running(sops_project) as board:
+        async with running(sops_project, health_confirm=1) as board:
             ok = await (await board.post("/api/v1/llm-config/providers/a/test", {})).json()
             down = await (await board.post("/api/v1/llm-config/providers/dead/test", {})).json()
             missing = await board.post("/api/v1/llm-config/providers/nope/test", {})

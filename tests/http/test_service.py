@@ -11,19 +11,24 @@ import json
 import logging
 import random
 import re
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from service.cli.main import cli
 from service.config.secret import Secret
 from service.crypto.sops import Sops
-from service.http.context import EVENTS
+from service.http.app import create_app
+from service.http.context import EVENTS, REGISTRY
 from service.journal.events import Event
 from service.journal.log import read_events
 from service.journal.replay import replay
+from service.settings import Settings
 from tests.conftest import (
     KEY_YAML,
     AgeIdentity,
@@ -299,6 +304,26 @@ async def test_files_encrypted_to_another_key_or_tampered_are_refused_with_their
         assert (await service.get(f"{API}/servers/gpu"))[0] == 200
 
 
+async def test_a_fallback_that_cannot_be_decrypted_here_leaves_its_purpose_routed(
+    sops_project: SopsProject, other_age_identity: AgeIdentity, tmp_path: Path
+) -> None:
+    write_server(sops_project, "gpu")
+    foreign = _encrypt_for(other_age_identity, tmp_path, "backup", CANARY)
+    write_atomically(sops_project.providers / "backup.yaml", foreign)
+    write_routing(sops_project, ["gpu"], fallbacks=["backup"])
+    async with serve(sops_project) as service:
+        status, route = await service.get(f"{API}/active/chat")
+        _, everything = await service.get(f"{API}/active")
+        _, ready = await service.get("/readyz")
+    assert status == 200, route
+    assert [p["id"] for p in route["primary"]] == ["gpu"]
+    assert (route["fallbacks"], route["unavailable"]) == ([], ["backup"])
+    assert everything["purposes"]["chat"] == route
+    assert ready["degraded"] is True
+    assert [r["file"] for r in ready["refused"]] == ["providers.d/backup.yaml"]
+    assert "no age identity here" in ready["refused"][0]["reason"]
+
+
 # -- the event log across restarts -----------------------------------------------------------
 
 
@@ -500,3 +525,42 @@ async def test_a_providers_folder_outside_the_root_is_named_from_its_parent_and_
         assert added.file == "providers.d/gpu.yaml"
         assert added.commit == git(sops_project.root, "rev-parse", "HEAD")
         assert added.author == AUTHOR
+
+
+# -- shutdown ----------------------------------------------------------------------------------
+
+
+async def test_stopping_during_the_first_load_waits_for_its_apply_before_closing_the_log(
+    sops_project: SopsProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_server(sops_project, "gpu")
+    settings = Settings(
+        root=sops_project.root,
+        providers=sops_project.providers,
+        events=sops_project.root / "var" / "events.jsonl",
+        debounce_ms=10,
+        health_interval_s=0,
+    )
+    runner = web.AppRunner(create_app(settings, sops=sops_project.sops), shutdown_timeout=0.5)
+    await runner.setup()
+    registry = runner.app[REGISTRY]
+    apply, started, results = registry.apply, threading.Event(), []
+
+    def slow_apply(*args: Any) -> Any:  # the first load, caught in its worker thread
+        started.set()
+        time.sleep(0.5)
+        try:
+            outcome = apply(*args)
+        except Exception as exc:
+            results.append(repr(exc))
+            raise
+        results.append("applied")
+        return outcome
+
+    registry.apply = slow_apply  # type: ignore[method-assign]
+    await eventually(started.is_set)
+    await runner.cleanup()  # cancels the reload under way
+
+    assert results == ["applied"]  # before the log closed, not after
+    assert [e.type for e in read_events(settings.events_file)] == ["service.started", "provider.added"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

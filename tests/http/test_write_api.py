@@ -572,3 +572,26 @@ async def test_a_canary_key_written_over_http_is_in_no_file_commit_event_log_or_
     ).stdout
     assert CANARY not in everything and CANARY.encode() not in objects
     assert "****" + CANARY[-4:] in everything
+
+
+async def test_a_key_with_a_line_break_is_refused_before_anything_is_written(
+    repo: SopsProject, service: Service
+) -> None:
+    """Such a key could never be sent (no HTTP header carries a line break): it made every request 500."""
+    before = head(repo.root)
+    status, body, _ = await call(service, "POST", "/api-keys", vendor(api_key="sk-a\r\nInjected: yes"))
+    assert (status, body["error"]["problems"][0]["path"]) == (422, "api_key"), body
+    assert "Injected" not in json.dumps(body)
+    assert head(repo.root) == before and not (repo.providers / "vendor.yaml").exists()
+
+
+async def test_a_number_out_of_range_is_refused_and_later_writes_still_land(
+    repo: SopsProject, service: Service
+) -> None:
+    """`1e400` is JSON for infinity: it was committed, and its event could not be logged (500s after)."""
+    server = {"id": "tei", "server_type": "tei", "base_url": "http://127.0.0.1:8081"}
+    raw = json.dumps(server | {"timeout_s": 0}).replace('"timeout_s": 0', '"timeout_s": 1e400').encode()
+    status, body, _ = await call(service, "POST", "/servers", raw)
+    assert (status, body["error"]["problems"][0]["path"]) == (422, "timeout_s"), body
+    status, body, _ = await call(service, "POST", "/servers", server)
+    assert status == 201, body

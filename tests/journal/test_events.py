@@ -36,7 +36,7 @@ SECRET = "sk-or-v1-0123456789abcdef5d80"
 
 
 def record(log: EventLog, old: ConfigView, new: ConfigView, **git: Any) -> None:
-    for change in diff_views(old, new):
+    for change in diff_views(old, new, routing_file="providers.d/routing.yaml", clients_file=None):
         log.append(draft_from_change(change, **git))
 
 
@@ -279,7 +279,7 @@ def test_secrets_never_reach_the_log_only_their_masks(log_path: Path) -> None:
     }
     with EventLog(log_path) as log:
         record(log, empty_view(), old)
-        for change in diff_views(old, new, secret_changed=frozenset({"a"})):
+        for change in diff_views(old, new, frozenset({"a"}), routing_file=None, clients_file=None):
             log.append(draft_from_change(change))
 
     text = log_path.read_text(encoding="utf-8")

@@ -74,3 +74,12 @@ def test_parse_time_reads_iso_dates_and_relative_ages(text: str, expected: datet
 def test_parse_time_refuses_what_it_cannot_read(text: str) -> None:
     with pytest.raises(ValueError, match="not a time"):
         parse_time(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["99999999999d", "9999999w", "0001-01-01T00:00:00+14:00", "9999-12-31T23:00:00-05:00"]
+)
+def test_parse_time_refuses_a_time_out_of_the_calendar(text: str) -> None:
+    """Found by schemathesis' probes of `?since=`: these raised OverflowError, a 500."""
+    with pytest.raises(ValueError, match="out of range"):
+        parse_time(text, now=datetime(2026, 11, 28, 12, 0, tzinfo=UTC))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.config.loader import Loaded, parse, with_secrets
+from service.gateway.routing import RoutingTable
 from service.journal.log import EventLog, read_events
 from service.journal.replay import replay
-from service.runtime.registry import Registry
+from service.runtime.registry import Outcome, Refusal, Registry
 from service.vcs.attribution import Attributor
 from tests.conftest import git, git_init
 
@@ -188,3 +190,118 @@ def test_replaying_the_log_rebuilds_the_registry_after_any_sequence_of_edits(
         assert replay(log.events()) == registry.snapshot.view(), f"step {step}"
     assert replay(read_events(log.path)) == registry.snapshot.view()
     assert registry.snapshot.generation > 50  # the walk did change things
+
+
+def test_routing_and_clients_events_name_their_actual_files_and_those_files_commits(
+    tmp_path: Path, log: EventLog
+) -> None:
+    git_init(tmp_path)
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    contents = {
+        "a": server("a"),
+        "routes": routing("a"),
+        "tokens": (
+            f"kind: clients\nclients:\n  - name: ops\n    token_sha256: {'ab' * 32}\n    scopes: [admin]\n"
+        ).encode(),
+    }
+    for name, data in contents.items():
+        (folder / f"{name}.yaml").write_bytes(data)
+    git(tmp_path, "add", "providers.d")
+    git(tmp_path, "commit", "-q", "-m", "routes and tokens")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    registry = Registry(log, tmp_path, Attributor(tmp_path))
+    files = {f"providers.d/{name}.yaml": load(name, data) for name, data in contents.items()}
+    registry.apply(files, {})
+
+    by_type = {e.type: e for e in log.events()}
+    for event_type, file in (("routing.updated", "routes"), ("clients.updated", "tokens")):
+        event = by_type[event_type]
+        assert event.file == f"providers.d/{file}.yaml"
+        assert (event.commit, event.author) == (head, "Switchboard Tests <tests@switchboard.invalid>")
+
+    (folder / "routes.yaml").unlink()
+    del files["providers.d/routes.yaml"]
+    registry.apply(files, {})
+    removed = log.events()[-1]
+    assert (removed.type, removed.file) == ("routing.updated", "providers.d/routes.yaml")
+
+
+def test_a_fallback_refused_at_the_first_load_keeps_its_route_and_is_skipped_until_it_is_good(
+    tmp_path: Path, log: EventLog
+) -> None:
+    registry = Registry(log, tmp_path)
+    route = b"kind: routing\npurposes:\n  chat:\n    primary: [a]\n    fallbacks: [fb]\n"
+    files = {"providers.d/a.yaml": load("a", server("a")), "providers.d/routing.yaml": load("routing", route)}
+    cannot = {"providers.d/fb.yaml": Refusal("line 9: cannot decrypt: no age identity here", "api_key")}
+
+    assert registry.apply(files, cannot).applied
+    snapshot = registry.snapshot
+    assert snapshot.routing is not None and snapshot.unavailable == {"fb"}
+    assert "fb" not in snapshot.providers
+    assert [p.id for p in RoutingTable(snapshot).routes["chat"].ordered] == ["a"]
+    assert registry.refused == {"providers.d/fb.yaml": cannot["providers.d/fb.yaml"].reason}
+    assert registry.state.degraded
+
+    files["providers.d/b.yaml"] = load("b", server("b"))  # a later change applies as usual
+    assert registry.apply(files, cannot).applied
+    assert set(registry.snapshot.providers) == {"a", "b"}
+
+    files["providers.d/fb.yaml"] = load("fb", server("fb"))  # the good version arrives
+    assert registry.apply(files, {}).applied
+    assert [p.id for p in RoutingTable(registry.snapshot).routes["chat"].ordered] == ["a", "fb"]
+    assert registry.snapshot.unavailable == frozenset() and not registry.state.degraded
+
+    del files["providers.d/fb.yaml"]  # gone while routing names it: refused whole, as before
+    assert not registry.apply(files, {}).applied
+    assert "fb" in registry.snapshot.providers
+
+
+def test_readers_see_each_snapshot_with_its_own_refusals(tmp_path: Path, log: EventLog) -> None:
+    registry = Registry(log, tmp_path)
+    both = {"providers.d/a.yaml": load("a", server("a")), "providers.d/c.yaml": load("c", server("c"))}
+    only_a = {"providers.d/a.yaml": both["providers.d/a.yaml"]}
+    c_refused = {"providers.d/c.yaml": Refusal("line 1: broken", "ai_server")}
+    registry.apply(both, {})
+    stop = threading.Event()
+    seen: list[str] = []
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                state = registry.state  # one read: the snapshot and its refusals together
+                if ("c" in state.snapshot.providers) == ("providers.d/c.yaml" in state.refused):
+                    seen.append(f"generation {state.snapshot.generation} with refused {dict(state.refused)}")
+        except Exception as exc:
+            seen.append(repr(exc))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(60):
+            if n % 2:
+                registry.apply(both, {})
+            else:
+                registry.apply(only_a, c_refused)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen == []
+
+
+def test_on_apply_hears_every_outcome_applied_or_refused_in_order(tmp_path: Path, log: EventLog) -> None:
+    registry = Registry(log, tmp_path)
+    heard: list[tuple[bool, int, int]] = []
+
+    def broken(outcome: Outcome) -> None:
+        raise RuntimeError("listener bug")
+
+    registry.on_apply += [broken, lambda o: heard.append((o.applied, o.snapshot.generation, len(o.refused)))]
+    files = {"providers.d/a.yaml": load("a", server("a"))}
+    registry.apply(files, {})
+    files["providers.d/routing.yaml"] = load("routing", routing("ghost"))
+    registry.apply(files, {})
+    del files["providers.d/routing.yaml"]
+    registry.apply(files, {})
+
+    assert heard == [(True, 1, 0), (False, 1, 1), (True, 1, 0)]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.http.context import EVENTS
+from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
 from tests.conftest import Service, eventually, write_server
 
@@ -123,3 +124,23 @@ async def test_a_provider_folder_that_disappears_and_returns_does_not_stop_the_w
     write_server(project, "back")
     await eventually(lambda: "back" in service.registry.snapshot.providers)
     assert service.registry.refused == {}
+
+
+async def test_a_file_over_the_limit_is_refused_from_its_size_without_being_read(
+    running_service: Service,
+) -> None:
+    service = running_service
+    with (service.project.providers / "huge.yaml").open("wb") as f:
+        f.write(b"kind: clients\nclients:\n")
+        f.truncate(64 << 20)  # sparse: 64 MiB on paper, nothing on disk
+    tracemalloc.start()
+    try:
+        await service.app[RELOADER].reload()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert service.registry.refused == {
+        "providers.d/huge.yaml": "line 1: file is 67,108,864 bytes; the limit is 1,048,576 (1 MiB)"
+    }
+    assert peak < 8 << 20  # the head it reads, not the file
+    assert service.registry.state.auth_required  # its head says what it is: a clients file

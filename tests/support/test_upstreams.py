@@ -132,6 +132,23 @@ async def test_rerank_orders_by_relevance_and_honours_top_n(
     assert results[0]["document"] == {"text": "red apple pie"}
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", {"model": "m", "messages": ["not an object"]}),
+        ("/chat/completions", {"model": "m", "messages": [], "stream": True, "stream_options": 5}),
+        ("/embeddings", {"model": "m", "input": "x", "dimensions": "eight"}),
+        ("/rerank", {"query": "q", "documents": 3}),
+    ],
+)
+async def test_a_body_of_the_wrong_shape_is_a_400_as_a_vendor_answers(
+    upstream: FakeUpstream, session: aiohttp.ClientSession, path: str, body: dict[str, object]
+) -> None:
+    async with session.post(upstream.base_url + path, json=body) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["type"] == "invalid_request_error"
+
+
 async def test_wrong_key_is_refused_with_401(upstream: FakeUpstream) -> None:
     async with _sdk(upstream, key="sk-wrong") as client:
         with pytest.raises(openai.AuthenticationError):
@@ -326,6 +343,50 @@ async def test_anthropic_models(anthropic: FakeUpstream) -> None:
 
 
 # -- standalone ------------------------------------------------------------------------------
+
+
+async def test_answers_carry_a_request_id_and_rate_limits(
+    upstream: FakeUpstream, anthropic: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(f"{upstream.base_url}/chat/completions", json=CHAT) as r:
+        first = r.headers
+    upstream.fail(429, times=1)
+    async with session.post(f"{upstream.base_url}/chat/completions", json=CHAT) as r:
+        limited = r.headers
+    async with session.get(f"{anthropic.base_url}/models", headers=_anthropic_headers()) as r:
+        claude = r.headers
+    assert first["x-request-id"] == "req-alpha-1" and first["x-ratelimit-remaining-requests"] == "999"
+    assert limited["retry-after"] == "7" and limited["x-request-id"] == "req-alpha-2"
+    assert claude["request-id"] == "req_claude-ish_1" and "anthropic-ratelimit-requests-remaining" in claude
+
+
+# -- TEI ---------------------------------------------------------------------------------------
+
+
+async def test_tei_reranks_in_its_own_shape(session: aiohttp.ClientSession) -> None:
+    async with FakeUpstream(protocol="tei", name="tei", api_key=KEY, models=("bge-reranker",)) as tei:
+        body = {"query": "red apple", "texts": ["blue sky", "red apple pie", "red car"]}
+        async with session.post(f"{tei.url}/rerank", json=body) as r:
+            ranked = await r.json()
+        async with session.post(f"{tei.url}/rerank", json={**body, "return_text": True}) as r:
+            with_text = await r.json()
+        async with session.post(f"{tei.url}/rerank", json={"query": "x"}) as r:
+            invalid = (r.status, await r.json())
+        async with session.post(f"{tei.base_url}/rerank", json=body) as r:
+            no_v1_twin = r.status
+        async with session.get(f"{tei.url}/info") as r:
+            info = await r.json()
+        async with session.post(f"{tei.url}/embed", json={"inputs": ["a", "b"]}) as r:
+            vectors = await r.json()
+        async with session.post(f"{tei.base_url}/embeddings", json={"model": "e", "input": "a"}) as r:
+            openai_style = await r.json()
+    assert [x["index"] for x in ranked] == [1, 2, 0] and ranked[0] == {"index": 1, "score": 1.0}
+    assert with_text[0]["text"] == "red apple pie"
+    assert invalid[0] == 422 and invalid[1]["error_type"] == "validation"
+    assert no_v1_twin == 404
+    assert info["model_id"] == "bge-reranker"
+    assert vectors == [embed("a"), embed("b")]
+    assert openai_style["data"][0]["embedding"] == embed("a")
 
 
 async def test_runs_as_a_standalone_process() -> None:

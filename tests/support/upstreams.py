@@ -1,18 +1,24 @@
 """Local stand-ins for LLM vendors: real aiohttp servers on 127.0.0.1 that tests can misbehave.
 
-Two protocols are spoken:
+Three protocols are spoken:
 
 - ``openai``: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE stream),
   ``POST /v1/embeddings`` (deterministic vectors, float or base64) and ``POST /v1/rerank``
-  (the Cohere/Jina shape served by TEI, Infinity and vLLM). Every path also answers without
+  (the Cohere/Jina shape served by Infinity and vLLM). Every path also answers without
   the ``/v1`` prefix.
 - ``anthropic``: ``GET /v1/models`` and ``POST /v1/messages`` (JSON or the real event stream).
+- ``tei`` (Hugging Face's Text Embeddings Inference): ``GET /info``, ``POST /rerank``
+  (``{"query", "texts"}`` -> ``[{"index", "score"}]``, best first), ``POST /embed`` and the
+  OpenAI-compatible ``POST /v1/embeddings``; errors are ``{"error", "error_type"}``.
+
+Answers carry a request id and rate-limit headers, as vendors send them.
 
 Every request is recorded (`FakeUpstream.requests`), and at run time the server can be told
 to fail with a status, hang before the headers, stall after them, or drop a stream midway;
-`refuse_connections` makes its port refuse connections, and `closed_port_url` gives a URL
-nobody listens on. Out of process the same controls are ``POST /_control`` (a JSON `Fault`,
-or ``{"fault": "none"}``), ``GET /_requests`` and ``DELETE /_requests``::
+`refuse_connections` makes its port refuse connections, `closed_port_url` gives a URL
+nobody listens on, and `unanswered_url` one whose connections never complete. Out of
+process the same controls are ``POST /_control`` (a JSON `Fault`, or ``{"fault": "none"}``),
+``GET /_requests`` and ``DELETE /_requests``::
 
     async with FakeUpstream(name="a", api_key="sk-a") as up:
         up.fail(503, times=1)
@@ -33,14 +39,14 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-Protocol = Literal["openai", "anthropic"]
+Protocol = Literal["openai", "anthropic", "tei"]
 FaultKind = Literal["status", "hang", "stall", "drop"]
 
 _JSON = dict[str, Any]
@@ -57,6 +63,8 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     json: Any
+    raw: bytes = b""
+    """The body's bytes exactly as they arrived (not listed by ``GET /_requests``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +97,15 @@ class FakeUpstream:
     chunk_interval_s: float = 0.0
     """Pause between stream chunks."""
     models: tuple[str, ...] = ("fake-model",)
+    padding: int = 0
+    """Bytes of filler added to every JSON answer (a `padding` field), to make answers large."""
+    stream_options: bool = True
+    """Whether chat requests may carry `stream_options`; an older server refuses them with 400."""
     port: int = 0
     record_limit: int = 10_000
     requests: deque[RecordedRequest] = field(init=False)
     _fault: Fault | None = field(default=None, init=False)
+    _served: int = field(default=0, init=False)
     _runner: web.AppRunner | None = field(default=None, init=False)
     _site: web.TCPSite | None = field(default=None, init=False)
 
@@ -104,8 +117,14 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         """Listen on 127.0.0.1 (`port`, or a free one when 0) and return self."""
         app = web.Application(middlewares=[self._middleware])
-        routes = _ANTHROPIC_ROUTES if self.protocol == "anthropic" else _OPENAI_ROUTES
-        for method, path, handler_name in routes:
+        if self.protocol == "tei":  # TEI's paths are exactly these: /rerank has no /v1 twin
+            for method, path, handler_name in _TEI_ROUTES:
+                app.router.add_route(method, path, getattr(self, handler_name))
+        for method, path, handler_name in _ANTHROPIC_ROUTES if self.protocol == "anthropic" else ():
+            handler = getattr(self, handler_name)
+            app.router.add_route(method, path, handler)
+            app.router.add_route(method, path.removeprefix("/v1"), handler)
+        for method, path, handler_name in _OPENAI_ROUTES if self.protocol == "openai" else ():
             handler = getattr(self, handler_name)
             app.router.add_route(method, path, handler)
             app.router.add_route(method, path.removeprefix("/v1"), handler)
@@ -196,11 +215,11 @@ class FakeUpstream:
         if request.path in _CONTROL_PATHS:
             return await handler(request)
         body: Any = None
-        if request.can_read_body:
-            with contextlib.suppress(ValueError):
-                body = await request.json()
+        raw = await request.read() if request.can_read_body else b""
+        with contextlib.suppress(ValueError, RecursionError):
+            body = json.loads(raw) if raw else None
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.requests.append(RecordedRequest(request.method, request.path, headers, body))
+        self.requests.append(RecordedRequest(request.method, request.path, headers, body, raw))
         if (auth_error := self._check_auth(request)) is not None:
             return auth_error
         fault = self._take_fault()
@@ -212,7 +231,10 @@ class FakeUpstream:
             return self._error(fault.status, f"injected failure {fault.status} from {self.name}")
         request[_FAULT] = fault if fault is not None and fault.kind in ("stall", "drop") else None
         request[_BODY] = body
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (AttributeError, KeyError, TypeError, ValueError):  # as a vendor, a 400 and not a 500
+            return self._error(400, "the request body does not have the expected shape")
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
         if self.protocol == "anthropic":
@@ -226,18 +248,26 @@ class FakeUpstream:
         return None
 
     def _error(self, status: int, message: str) -> web.Response:
+        headers = self._headers()
+        if status == 429:
+            headers["retry-after"] = "7"
+        if self.protocol == "tei":
+            kind = "overloaded" if status == 429 else "backend" if status >= 500 else "validation"
+            return web.json_response({"error": message, "error_type": kind}, status=status, headers=headers)
         if self.protocol == "anthropic":
             kinds = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
             kind = kinds.get(status, "api_error" if status >= 500 else "invalid_request_error")
             error: _JSON = {"type": kind, "message": message}
-            return web.json_response({"type": "error", "error": error}, status=status)
+            return web.json_response({"type": "error", "error": error}, status=status, headers=headers)
         code = {401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status)
         kind = "server_error" if status >= 500 else "invalid_request_error"
         openai_error = {"message": message, "type": kind, "param": None, "code": code}
-        return web.json_response({"error": openai_error}, status=status)
+        return web.json_response({"error": openai_error}, status=status, headers=headers)
 
-    async def _send(self, request: web.Request, payload: _JSON) -> web.StreamResponse:
+    async def _send(self, request: web.Request, payload: Any) -> web.StreamResponse:
         """Send a JSON answer, honouring a stall or drop fault."""
+        if self.padding and isinstance(payload, dict):
+            payload = {**payload, "padding": "x" * self.padding}
         fault = request[_FAULT]
         if fault is None:
             return web.json_response(payload, headers=self._headers())
@@ -271,7 +301,22 @@ class FakeUpstream:
         return response
 
     def _headers(self) -> dict[str, str]:
-        return {"x-upstream-name": self.name}
+        """What a vendor says beside its answer: its name here, a request id, rate limits."""
+        self._served += 1
+        if self.protocol == "anthropic":
+            return {
+                "x-upstream-name": self.name,
+                "request-id": f"req_{self.name}_{self._served}",
+                "anthropic-ratelimit-requests-limit": "1000",
+                "anthropic-ratelimit-requests-remaining": str(1000 - self._served),
+            }
+        return {
+            "x-upstream-name": self.name,
+            "x-request-id": f"req-{self.name}-{self._served}",
+            "x-ratelimit-limit-requests": "1000",
+            "x-ratelimit-remaining-requests": str(1000 - self._served),
+            "x-ratelimit-reset-requests": "1s",
+        }
 
     def _reply_text(self, prompt: str) -> str:
         return f"{self.name} says: {prompt}" if prompt else f"{self.name} says hello"
@@ -281,7 +326,7 @@ class FakeUpstream:
     async def _control(self, request: web.Request) -> web.Response:
         data: _JSON = await request.json()
         kind = data.pop("fault", "none")
-        for setting in ("latency_s", "chunk_interval_s", "name", "api_key"):
+        for setting in ("latency_s", "chunk_interval_s", "name", "api_key", "padding", "stream_options"):
             if setting in data:
                 setattr(self, setting, data.pop(setting))
         try:
@@ -291,7 +336,8 @@ class FakeUpstream:
         return web.json_response({"fault": None if self._fault is None else asdict(self._fault)})
 
     async def _list_requests(self, request: web.Request) -> web.Response:
-        return web.json_response([asdict(r) for r in self.requests])
+        listed = [{k: v for k, v in asdict(r).items() if k != "raw"} for r in self.requests]
+        return web.json_response(listed)
 
     async def _clear_requests(self, request: web.Request) -> web.Response:
         self.requests.clear()
@@ -305,6 +351,8 @@ class FakeUpstream:
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = _json_body(request)
+        if "stream_options" in body and not self.stream_options:
+            return self._error(400, "Unrecognized request argument supplied: stream_options")
         model = str(body.get("model", self.models[0]))
         prompt = _last_text(body.get("messages", []))
         text = self._reply_text(prompt)
@@ -363,6 +411,37 @@ class FakeUpstream:
         payload = {"id": f"rerank-{self.name}", "model": model, "results": results}
         return await self._send(request, {**payload, "usage": {"total_tokens": tokens}})
 
+    # -- TEI (Hugging Face's Text Embeddings Inference) ----------------------------------------
+
+    async def _tei_info(self, request: web.Request) -> web.StreamResponse:
+        return await self._send(
+            request, {"model_id": self.models[0], "max_input_length": 512, "version": "1.8.0"}
+        )
+
+    async def _tei_rerank(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        query, texts = body.get("query"), body.get("texts")
+        if (
+            not isinstance(query, str)
+            or not isinstance(texts, list)
+            or not all(isinstance(t, str) for t in texts)
+        ):
+            return self._error(422, "Failed to deserialize the JSON body: `query` and `texts` are required")
+        if not texts:
+            return self._error(422, "`texts` cannot be empty")
+        ranked: list[_JSON] = sorted(
+            ({"index": i, "score": relevance(query, text)} for i, text in enumerate(texts)),
+            key=lambda r: -r["score"],
+        )
+        if body.get("return_text"):
+            ranked = [{**r, "text": texts[r["index"]]} for r in ranked]
+        return await self._send(request, ranked)
+
+    async def _tei_embed(self, request: web.Request) -> web.StreamResponse:
+        inputs = _json_body(request).get("inputs", "")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        return await self._send(request, [embed(str(item)) for item in inputs])
+
     # -- Anthropic ---------------------------------------------------------------------------
 
     async def _anthropic_models(self, request: web.Request) -> web.StreamResponse:
@@ -418,6 +497,12 @@ _OPENAI_ROUTES = (
     ("POST", "/v1/embeddings", "_embeddings"),
     ("POST", "/v1/rerank", "_rerank"),
 )
+_TEI_ROUTES = (
+    ("GET", "/info", "_tei_info"),
+    ("POST", "/rerank", "_tei_rerank"),
+    ("POST", "/embed", "_tei_embed"),
+    ("POST", "/v1/embeddings", "_embeddings"),
+)
 _ANTHROPIC_ROUTES = (
     ("GET", "/v1/models", "_anthropic_models"),
     ("POST", "/v1/messages", "_messages"),
@@ -469,6 +554,37 @@ def closed_port_url() -> str:
 
 
 @contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve a hand-written upstream `app` on 127.0.0.1 while the block runs; yields its root URL."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.contextmanager
+def unanswered_url() -> Iterator[str]:
+    """A loopback URL whose connections never complete (for connect timeouts), while the block runs.
+
+    The port listens with a full accept queue that nobody drains, so the kernel drops the
+    next handshakes and a client waits in `connect` until its own timeout.
+    """
+    with socket.socket() as server, contextlib.ExitStack() as stack:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        for _ in range(4):  # more than the queue holds
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextlib.asynccontextmanager
 async def upstreams(*specs: _JSON) -> AsyncIterator[list[FakeUpstream]]:
     """Run several stand-ins at once: ``async with upstreams({"name": "a"}, {"name": "b"}) as (a, b)``."""
     async with contextlib.AsyncExitStack() as stack:
@@ -487,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m tests.support.upstreams", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--protocol", choices=["openai", "anthropic"], default="openai")
+    parser.add_argument("--protocol", choices=["openai", "anthropic", "tei"], default="openai")
     parser.add_argument("--name", default="upstream")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--latency-ms", type=float, default=0.0)

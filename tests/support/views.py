@@ -20,8 +20,10 @@ def provider_view(pid: str, **fields: Any) -> dict[str, Any]:
         "models": [],
         "model_map": {},
         "purposes": ["chat"],
-        "timeout_s": 60.0,
+        "connect_timeout_s": 5.0,
+        "timeout_s": 600.0,
         "first_byte_timeout_s": 15.0,
+        "idle_timeout_s": 60.0,
         "file": f"providers.d/{pid}.yaml",
     }
     return view | fields

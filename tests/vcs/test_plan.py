@@ -91,7 +91,7 @@ def test_added_changed_and_removed_providers_field_by_field(
     assert "spare" not in out  # added and removed again: no change against main
     assert "### Providers changed" in out
     assert '| models | `[]` | `["llama-3.1-8b"]` |' in out
-    assert "| timeout_s | `60.0` | `30.0` |" in out
+    assert "| timeout_s | `600.0` | `30.0` |" in out
 
 
 def test_a_removed_provider_is_listed(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:

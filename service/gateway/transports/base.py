@@ -10,11 +10,13 @@ has reached the client.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
+from service.config.secret import Secret
 from service.gateway.call import Call
 
 
@@ -38,6 +40,56 @@ def open_session() -> aiohttp.ClientSession:
         raise_for_status=False,
         trust_env=False,
     )
+
+
+def sendable_key(provider: Provider) -> str | None:
+    """The provider's decrypted key as it can go in a header (None without one).
+
+    Surrounding whitespace (a newline pasted with the key) is removed; a key that still holds
+    a control character cannot be sent (aiohttp refuses it as header injection) and raises
+    `ValueError`, so the provider fails instead of the request.
+    """
+    key = provider.api_key
+    if not isinstance(key, Secret):
+        return None
+    value = key.reveal().strip()
+    if not value.isprintable():
+        raise ValueError("the provider's key holds a control character; fix its file")
+    return value
+
+
+_PASSED_BACK = frozenset(("x-request-id", "retry-after"))
+
+
+def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
+    """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer (SPEC 7)."""
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _PASSED_BACK or lower.startswith("x-ratelimit-"):
+            headers[lower] = value
+
+
+class TooLarge(Exception):
+    """An upstream's answer is over the limit of what is read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer over {limit} bytes")
+        self.limit = limit
+
+
+async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The rest of `response`'s body, or `TooLarge` as soon as it passes `limit` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TooLarge(limit)
+    content = response.content
+    chunks = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def describe_error(exc: BaseException) -> str:

@@ -25,12 +25,26 @@ from typing import Any
 from aiohttp import web
 
 from service.config.models import Provider
-from service.config.secret import Secret
-from service.gateway.call import Call, Failure, retryable
-from service.gateway.transports.base import Transport
+from service.gateway.call import Call, Failure, falls_back
+from service.gateway.transports.base import Transport, sendable_key
 from service.vendors import VENDORS
 
 _DONE = b"data: [DONE]\n\n"
+
+OPENAI_FIELDS = frozenset(
+    (
+        "messages", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+        "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+        "top_logprobs", "seed", "user", "tools", "tool_choice", "parallel_tool_calls",
+        "response_format", "input", "encoding_format", "dimensions", "query", "documents", "top_n",
+    )
+)  # fmt: skip
+"""The request fields passed on to litellm (SPEC 7), besides `model` and `stream`, which are ours.
+
+litellm takes its routing and credentials from the same keyword arguments as the request
+(`base_url`, `api_base`, `api_key`, `extra_headers`, `custom_llm_provider`, `api_version`,
+`litellm_params`, `model_list`, `mock_response`...): anything a client sends beyond these
+fields could choose where the provider's key goes, so it is dropped, not forwarded."""
 
 
 def litellm_model(provider: Provider, model: str) -> str:
@@ -74,13 +88,28 @@ class LiteLLMTransport(Transport):
 async def _forward(
     litellm: Any, call: Call, provider: Provider, headers: dict[str, str]
 ) -> web.StreamResponse:
-    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else None
-    params = {k: v for k, v in call.data.items() if k not in ("model", "stream")}
+    try:
+        key = sendable_key(provider)
+    except ValueError as exc:
+        raise Failure(None, str(exc)) from None
+    params = {k: v for k, v in call.data.items() if k in OPENAI_FIELDS}
+    streaming = call.stream and call.purpose == "chat"
+    if streaming:  # every stream is counted; the client gets the usage chunk if it asked
+        params["stream_options"] = {"include_usage": True}
+    else:
+        params.pop("stream_options", None)
+    # litellm's own timeout (one number for httpx: connecting and each read) only backs
+    # ours up; the limits of SPEC 2.1 are the asyncio timeouts around what it does.
+    if streaming:
+        limit, late = provider.first_byte_timeout_s, "no first byte within {:g} s"
+        params["timeout"] = max(provider.first_byte_timeout_s, provider.idle_timeout_s)
+    else:
+        limit, late = provider.timeout_s, "no whole answer within {:g} s"
+        params["timeout"] = provider.timeout_s
     params.update(
         model=litellm_model(provider, call.model or ""),
         api_key=key,
         api_base=provider.endpoint.rstrip("/"),
-        timeout=provider.timeout_s,
         num_retries=0,
     )
     if call.purpose == "chat":
@@ -88,33 +117,38 @@ async def _forward(
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        async with asyncio.timeout(provider.first_byte_timeout_s):
+        async with asyncio.timeout(limit):
             if call.purpose == "embeddings":
                 result: Any = await litellm.aembedding(**params)
             elif call.purpose == "reranking":
                 result = await litellm.arerank(**params)
-            elif call.stream:
+            elif streaming:
                 result = await litellm.acompletion(stream=True, drop_params=True, **params)
                 first = await anext(result)
             else:
                 result = await litellm.acompletion(drop_params=True, **params)
     except TimeoutError:
-        raise Failure(None, f"no first byte within {provider.first_byte_timeout_s:g} s") from None
+        raise Failure(None, late.format(limit)) from None
     except Exception as exc:
         status = getattr(exc, "status_code", None)
-        if isinstance(status, int) and 400 <= status < 500 and not retryable(status):
+        if not isinstance(status, int):
+            raise Failure(None, type(exc).__name__) from None
+        if 400 <= status < 500 and not falls_back(status):
             return _client_error(exc, status, key, headers)
-        reason = f"HTTP {status}" if isinstance(status, int) else type(exc).__name__
-        raise Failure(status if isinstance(status, int) else None, reason) from None
+        raise Failure.of_status(status) from None
     call.first_byte_s = loop.time() - started
-    if call.stream and call.purpose == "chat":
-        return await _relay_stream(call, result, first, headers)
+    _pass_back(result, headers)
+    if streaming:
+        return await _relay_stream(call, result, first, headers, provider.idle_timeout_s)
     call.usage = _usage(result)
+    call.answer_model = _model(result)
     headers["Content-Type"] = "application/json"
     return web.Response(body=result.model_dump_json(exclude_none=True), headers=headers)
 
 
-async def _relay_stream(call: Call, stream: Any, first: Any, headers: dict[str, str]) -> web.StreamResponse:
+async def _relay_stream(
+    call: Call, stream: Any, first: Any, headers: dict[str, str], idle_s: float
+) -> web.StreamResponse:
     headers["Content-Type"] = "text/event-stream"
     headers["Cache-Control"] = "no-cache"
     answer = web.StreamResponse(headers=headers)
@@ -122,18 +156,27 @@ async def _relay_stream(call: Call, stream: Any, first: Any, headers: dict[str, 
     chunk = first
     try:
         await answer.prepare(call.request)
+        call.answer_model = _model(chunk)
         while True:
-            call.usage = _usage(chunk) or call.usage
-            await answer.write(b"data: " + chunk.model_dump_json(exclude_none=True).encode() + b"\n\n")
+            usage = _usage(chunk)
+            if usage is None or call.wants_usage or getattr(chunk, "choices", None):
+                data = chunk.model_dump_json(exclude_none=True).encode()
+                await answer.write(b"data: " + data + b"\n\n")
+            call.usage = usage or call.usage
             try:
-                chunk = await anext(chunks)
+                async with asyncio.timeout(idle_s):
+                    chunk = await anext(chunks)
             except StopAsyncIteration:
                 await answer.write(_DONE)
                 break
             except Exception as exc:
-                call.broken = f"stream cut short: {type(exc).__name__}"
+                late = isinstance(exc, TimeoutError)
+                call.broken = (
+                    f"stream cut short: {f'no chunk within {idle_s:g} s' if late else type(exc).__name__}"
+                )
                 error = {"error": {"type": "upstream_failed", "message": call.broken}}
                 await answer.write(b"\n\ndata: " + json.dumps(error).encode() + b"\n\n")
+                await _close(stream)
                 break
         await answer.write_eof()
     except ConnectionResetError:
@@ -152,6 +195,25 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
     error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
     headers["Content-Type"] = "application/json"
     return web.Response(body=json.dumps(error), status=status, headers=headers)
+
+
+def _pass_back(result: Any, headers: dict[str, str]) -> None:
+    """The vendor's request id and rate limits, as litellm kept them, onto the answer (SPEC 7)."""
+    hidden = getattr(result, "_hidden_params", None)
+    kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+    if not isinstance(kept, dict):
+        return
+    for key, value in kept.items():
+        name = str(key).removeprefix("llm_provider-").lower()
+        if name == "request-id":  # Anthropic's name for it
+            name = "x-request-id"
+        if name in ("x-request-id", "retry-after") or name.startswith("x-ratelimit-"):
+            headers.setdefault(name, str(value))
+
+
+def _model(result: Any) -> str | None:
+    model = getattr(result, "model", None)
+    return model if isinstance(model, str) else None
 
 
 def _usage(result: Any) -> dict[str, Any] | None:

@@ -1,105 +1,203 @@
 """The direct path: requests relayed to upstreams that speak OpenAI's HTTP API.
 
 One pooled `aiohttp.ClientSession` per app carries every upstream call. The client's body
-goes out as the same bytes unless the provider renames the model (`model_map`); the URL and
-headers come from the provider's file alone. The answer comes back as it arrives: a JSON
-answer is read whole (it is needed whole for its `usage`, and one write is the fastest
-answer), an event stream is relayed chunk by chunk as it is read. Nothing here imports
-litellm.
+goes out as the same bytes unless the provider renames the model (`model_map`) or a stream
+is asked for its usage (below); the URL and headers come from the provider's file alone.
+The answer comes back as it arrives: a JSON answer is read whole, within
+`SWITCHBOARD_MAX_UPSTREAM_BYTES` (it is needed whole for its `usage`, and one write is the
+fastest answer), an event stream is relayed chunk by chunk as it is read. Nothing here
+imports litellm.
 
-An attempt that fails in a way the next candidate may fix (no connection, a timeout, no
-first byte within `first_byte_timeout_s`, 408, 429, 5xx) raises `Failure`, as long as
-nothing has reached the client. Other answers are the client's, sent as they are.
+Every stream is counted (SPEC 7): a client that did not ask for
+`stream_options.include_usage` gets it asked for on its behalf, and the usage-only chunk is
+dropped before it reaches the client. An upstream that refuses `stream_options` with a 400
+is asked again without them, and once that worked it is not asked again.
+
+Timeouts follow the kind of request (SPEC 2.1). Connecting is bounded by
+`connect_timeout_s`. A non-streaming request has `timeout_s` for its whole answer, which
+comes at the end of the generation: no first-byte limit applies to it. A stream has no
+total limit: its first body byte must come within `first_byte_timeout_s` (so a stalled
+upstream falls back), then each chunk within `idle_timeout_s` of the last, or the stream
+ends with an error event.
+
+An attempt that fails in a way the next candidate may fix (no connection, a timeout, 408,
+429, 5xx, and 401 or 403: the provider's key refused) raises `Failure`, as long as nothing
+has reached the client. Other answers are the client's, sent as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
-from service.config.secret import Secret
-from service.gateway.call import Call, Failure, retryable
-from service.gateway.transports.base import Transport, describe_error
+from service.gateway.call import Call, Failure, falls_back
+from service.gateway.transports.base import (
+    TooLarge,
+    Transport,
+    describe_error,
+    pass_back,
+    read_within,
+    sendable_key,
+)
+from service.gateway.transports.scan import find_model, find_usage
+from service.gateway.transports.sse import relay_events
 
-_USAGE = b'"usage"'
-_DECODER = json.JSONDecoder()
 _SSE = "text/event-stream"
-_MAX_PENDING = 1 << 16
 
 
-@dataclass(frozen=True, slots=True)
-class _Upstream:
+@dataclass(slots=True, eq=False)
+class Upstream:
     """A provider made ready to receive requests: URL, headers and timeouts computed once."""
 
     provider: Provider
     base: str
     headers: Mapping[str, str]
-    timeout: aiohttp.ClientTimeout
+    plain: aiohttp.ClientTimeout
+    """Non-streaming requests: connecting, then the whole answer."""
+    streaming: aiohttp.ClientTimeout
+    """Streams: connecting only; the first byte and the silences are timed as they are read."""
     first_byte_s: float
+    idle_s: float
+    names_models: bool
+    """The provider declares no models: the metrics label tokens with the model answers name."""
+    unusable: str | None = None
+    """Why no request can be sent to this provider as its file stands (a key that is no header)."""
+    stream_options: bool = True
+    """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
 
     @classmethod
-    def of(cls, provider: Provider) -> _Upstream:
+    def of(cls, provider: Provider) -> Upstream:
         headers = {"Content-Type": "application/json"}
-        key = provider.api_key
-        if isinstance(key, Secret):
-            headers["Authorization"] = f"Bearer {key.reveal()}"
+        unusable = None
+        try:
+            key = sendable_key(provider)
+        except ValueError as exc:
+            key, unusable = None, str(exc)
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        connect = provider.connect_timeout_s
         return cls(
             provider=provider,
             base=provider.endpoint.rstrip("/"),
             headers=headers,
-            timeout=aiohttp.ClientTimeout(total=provider.timeout_s),
+            plain=aiohttp.ClientTimeout(total=provider.timeout_s, sock_connect=connect),
+            streaming=aiohttp.ClientTimeout(total=None, sock_connect=connect),
             first_byte_s=provider.first_byte_timeout_s,
+            idle_s=provider.idle_timeout_s,
+            names_models=not provider.models,
+            unusable=unusable,
         )
 
     def __repr__(self) -> str:  # the headers hold the key
-        return f"_Upstream({self.provider.id!r})"
+        return f"Upstream({self.provider.id!r})"
 
 
 class OpenAITransport(Transport):
     """Forwards to providers that speak OpenAI's HTTP API, through one pooled session."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, max_bytes: int = 64 << 20) -> None:
         self.session = session
-        self._upstreams: dict[str, _Upstream] = {}
+        self.max_bytes = max_bytes
+        """The largest non-streamed answer read (`SWITCHBOARD_MAX_UPSTREAM_BYTES`); larger ones fail."""
+        self._upstreams: dict[str, Upstream] = {}
         """Provider id -> its prepared upstream, rebuilt when the provider object changes."""
 
-    def upstream(self, provider: Provider) -> _Upstream:
+    def upstream(self, provider: Provider) -> Upstream:
         """The prepared URL, headers and timeouts of `provider` (built once per version of its file)."""
         found = self._upstreams.get(provider.id)
         if found is None or found.provider is not provider:
-            found = self._upstreams[provider.id] = _Upstream.of(provider)
+            found = self._upstreams[provider.id] = Upstream.of(provider)
         return found
 
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
         """Send `call` to `provider` and relay its answer; raises `Failure` to move on."""
         target = self.upstream(provider)
+        if target.unusable is not None:
+            raise Failure(None, target.unusable)
+        if call.stream:
+            return await self._send_stream(call, target, headers)
+        response, body = await self.exchange(call, target, target.base + call.path, call.body_for(provider))
+        status = response.status
+        if status < 300:
+            call.usage = find_usage(body)
+            if target.names_models and call.usage is not None:
+                call.answer_model = find_model(body)
+        upstream_headers = response.headers
+        headers["Content-Type"] = upstream_headers.get("Content-Type", "application/json")
+        pass_back(upstream_headers, headers)
+        return web.Response(body=body, status=status, headers=headers)
+
+    async def exchange(
+        self, call: Call, target: Upstream, url: str, body: bytes
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST `body` to `url` and read the whole answer, within `timeout_s` and `max_bytes`.
+
+        Returns the (released) response and its body; raises `Failure` to move on.
+        """
         loop = asyncio.get_running_loop()
         started = loop.time()
         response: aiohttp.ClientResponse | None = None
         try:
+            response = await self.session.post(url, data=body, headers=target.headers, timeout=target.plain)
+            status = response.status
+            if falls_back(status):
+                raise Failure.of_status(status)
+            call.first_byte_s = loop.time() - started
+            answer = await read_within(response, self.max_bytes)
+        except TimeoutError as exc:
+            _close(response)
+            raise Failure(
+                None, _timed_out(exc, target, f"no whole answer within {target.plain.total:g} s")
+            ) from None
+        except TooLarge as exc:
+            _close(response)
+            raise Failure(None, str(exc)) from None
+        except aiohttp.ClientError as exc:
+            _close(response)
+            reason = describe_error(exc)
+            raise Failure(None, reason if response is None else f"answer cut short: {reason}") from None
+        except BaseException:
+            _close(response)
+            raise
+        response.release()
+        return response, answer
+
+    async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        url, provider = target.base + call.path, target.provider
+        # Every stream is counted: ask for its usage chunk, which the client did not ask for.
+        asked = not call.wants_usage and target.stream_options and call.purpose == "chat"
+        response: aiohttp.ClientResponse | None = None
+        try:
             async with asyncio.timeout(target.first_byte_s):
+                body = call.body_asking_usage(provider) if asked else call.body_for(provider)
                 response = await self.session.post(
-                    target.base + call.path,
-                    data=call.body_for(provider),
-                    headers=target.headers,
-                    timeout=target.timeout,
+                    url, data=body, headers=target.headers, timeout=target.streaming
                 )
                 status = response.status
-                if retryable(status):
-                    raise Failure(status, f"HTTP {status}")
+                if status == 400 and asked:  # maybe `stream_options` itself: ask again without
+                    response.close()
+                    response = None
+                    response = await self.session.post(
+                        url, data=call.body_for(provider), headers=target.headers, timeout=target.streaming
+                    )
+                    status = response.status
+                    asked = False
+                    if status < 400:
+                        target.stream_options = False
+                if falls_back(status):
+                    raise Failure.of_status(status)
                 first = await response.content.readany()
         except TimeoutError as exc:
             _close(response)
-            late = f"no first byte within {target.first_byte_s:g} s"
             raise Failure(
-                None, describe_error(exc) if isinstance(exc, aiohttp.ClientError) else late
+                None, _timed_out(exc, target, f"no first byte within {target.first_byte_s:g} s")
             ) from None
         except aiohttp.ClientError as exc:
             _close(response)
@@ -110,10 +208,26 @@ class OpenAITransport(Transport):
         call.first_byte_s = loop.time() - started
         content_type = response.headers.get("Content-Type", "application/json")
         headers["Content-Type"] = content_type
-        if call.stream and status < 300 and content_type.startswith(_SSE):
-            return await _relay_stream(call, response, first, headers)
+        pass_back(response.headers, headers)
+        if status < 300 and content_type.startswith(_SSE):
+            return await relay_events(
+                call,
+                response,
+                first,
+                headers,
+                target.idle_s,
+                drop_usage=asked,
+                name_model=target.names_models,
+            )
+        # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
         try:
-            body = first if response.content.at_eof() else first + await response.content.read()
+            if len(first) > self.max_bytes:
+                raise TooLarge(self.max_bytes)
+            async with asyncio.timeout(target.idle_s):
+                body = first + await read_within(response, self.max_bytes - len(first))
+        except TooLarge as exc:
+            response.close()
+            raise Failure(None, str(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             response.close()
             raise Failure(None, f"answer cut short: {describe_error(exc)}") from None
@@ -123,69 +237,16 @@ class OpenAITransport(Transport):
         response.release()
         if status < 300:
             call.usage = find_usage(body)
+            if target.names_models and call.usage is not None:
+                call.answer_model = find_model(body)
         return web.Response(body=body, status=status, headers=headers)
 
 
-async def _relay_stream(
-    call: Call, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str]
-) -> web.StreamResponse:
-    headers["Cache-Control"] = "no-cache"
-    answer = web.StreamResponse(status=upstream.status, headers=headers)
-    usage: dict[str, Any] | None = None
-    pending = b""
-    chunk = first
-    try:
-        await answer.prepare(call.request)
-        while chunk:
-            window = pending + chunk  # `pending`: a torn event carried over, usually empty
-            end = window.rfind(b"\n\n")
-            if end >= 0 and _USAGE in window:
-                usage = find_usage(window, end) or usage
-            pending = window[end + 2 :] if end >= 0 else window
-            if len(pending) > _MAX_PENDING:  # no event boundary in sight: stop looking
-                pending = b""
-            await answer.write(chunk)
-            try:
-                chunk = await upstream.content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                call.broken = f"stream cut short: {describe_error(exc)}"
-                await answer.write(_error_event(call.broken))
-                break
-        await answer.write_eof()
-    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        upstream.close()  # the client left: drop the upstream connection too
-        return answer
-    except BaseException:
-        upstream.close()
-        raise
-    upstream.release()
-    call.usage = usage
-    return answer
-
-
-def _error_event(reason: str) -> bytes:
-    """An SSE event the OpenAI SDKs raise as an APIError; the blank lines end any torn event."""
-    error = {"error": {"type": "upstream_failed", "message": reason}}
-    return b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
-
-
-def find_usage(data: bytes, end: int | None = None) -> dict[str, Any] | None:
-    """The last non-null `"usage": {...}` object in `data[:end]`, without decoding the rest."""
-    stop = len(data) if end is None or end < 0 else end
-    at = data.rfind(_USAGE, 0, stop)
-    while at >= 0:
-        colon = data.find(b":", at + len(_USAGE), stop)
-        if colon > 0:
-            text = data[colon + 1 : stop].decode("utf-8", "replace").lstrip()
-            try:
-                value, _ = _DECODER.raw_decode(text)
-            except ValueError:
-                value = None
-            if isinstance(value, dict):
-                return value
-        stop = at
-        at = data.rfind(_USAGE, 0, at)
-    return None
+def _timed_out(exc: TimeoutError, target: Upstream, otherwise: str) -> str:
+    """Why an attempt timed out: connecting, or `otherwise` (the answer was too slow)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return f"no connection within {target.plain.sock_connect:g} s"
+    return otherwise
 
 
 def _close(response: aiohttp.ClientResponse | None) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import openai
 import pytest
 
+from service.http.context import HEALTH
 from tests.conftest import SopsProject
 from tests.support.gateway import CANARY, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, upstreams
@@ -37,6 +38,8 @@ async def test_a_completion_through_litellm(sops_project: SopsProject) -> None:
     completion = raw.parse()
     assert completion.choices[0].message.content == "claude says: hello claude"
     assert raw.headers["x-switchboard-provider"] == "claude"
+    assert raw.headers["x-request-id"] == "req_claude_1"  # Anthropic's request-id, passed back
+    assert raw.headers["x-ratelimit-remaining-requests"] == "999"
     assert up.requests[-1].path == "/v1/messages"
     assert up.requests[-1].json["model"] == "claude-x"
     assert up.requests[-1].headers["x-api-key"] == CANARY
@@ -53,9 +56,11 @@ async def test_a_stream_through_litellm(sops_project: SopsProject) -> None:
         write_routing(sops_project, chat="claude")
         async with running(sops_project) as board:
             client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
-            stream = await client.chat.completions.create(
+            raw = await client.chat.completions.with_raw_response.create(
                 model="claude-x", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
             )
+            assert raw.headers["x-request-id"] == "req_claude_1"
+            stream = raw.parse()
             parts, usage = [], None
             async for chunk in stream:
                 parts += [c.delta.content or "" for c in chunk.choices]
@@ -81,16 +86,18 @@ async def test_an_anthropic_failure_falls_back_and_a_refusal_does_not(sops_proje
             overloaded = await board.chat(max_tokens=10)
             up.fail(429)
             limited = await board.chat(max_tokens=10, stream=True)
+            up.fail(401)
+            revoked = await board.chat(max_tokens=10)
+            assert board.app[HEALTH].is_open("claude")  # a refused key opens the circuit at once
+            board.app[HEALTH].succeeded("claude", 0.01)  # as its trial would
             up.fail(400)
             refused = await board.chat(max_tokens=10)
             refused_text = await refused.text()
-    assert overloaded.status == limited.status == 200
-    assert (
-        overloaded.headers["x-switchboard-provider"] == limited.headers["x-switchboard-provider"] == "backup"
-    )
+    assert overloaded.status == limited.status == revoked.status == 200
+    assert {r.headers["x-switchboard-provider"] for r in (overloaded, limited, revoked)} == {"backup"}
     assert refused.status == 400 and refused.headers["x-switchboard-provider"] == "claude"
     assert "injected failure 400" in refused_text and CANARY not in refused_text
-    assert len(backup.requests) == 2
+    assert len(backup.requests) == 3
 
 
 def test_the_direct_path_does_not_import_litellm() -> None:
@@ -99,3 +106,103 @@ def test_the_direct_path_does_not_import_litellm() -> None:
         "assert 'litellm' not in sys.modules, 'litellm imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def _hostile_bodies(attacker: str) -> list[dict[str, Any]]:
+    """Bodies that try to send the provider's key elsewhere, or to choose its credentials."""
+    v1 = f"{attacker}/v1"
+    return [
+        {"base_url": attacker},
+        {"api_base": attacker},
+        {"base_url": v1, "api_base": v1, "custom_llm_provider": "openai"},
+        {"custom_llm_provider": "openai", "api_base": v1},
+        {"api_version": "2099-01-01", "api_base": attacker},
+        {"api_key": "sk-attacker-chosen"},
+        {"extra_headers": {"x-api-key": "sk-attacker-chosen", "x-stolen": "1"}},
+        {"headers": {"x-api-key": "sk-attacker-chosen"}},
+        {"extra_body": {"base_url": attacker, "api_base": attacker}},
+        {"litellm_params": {"api_base": attacker, "api_key": "sk-attacker-chosen"}},
+        {"metadata": {"api_base": attacker, "headers": {"x-stolen": "1"}}},
+        {"model_list": [{"model_name": "claude-x", "litellm_params": {"api_base": attacker}}]},
+        {"deployment_id": "x", "azure_ad_token": "t", "aws_region_name": "us-east-1"},
+        {"mock_response": "not from the vendor"},
+        {"stream_options": {"include_usage": True, "api_base": attacker}},
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_hostile_body_cannot_send_the_key_elsewhere(sops_project: SopsProject, stream: bool) -> None:
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY},
+        {"name": "attacker"},
+    ) as (up, attacker):
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            answers = []
+            for hostile in _hostile_bodies(attacker.url):
+                response = await board.chat("hi", max_tokens=10, stream=stream, **hostile)
+                answers.append((hostile, response.status, await response.text()))
+    assert not attacker.requests, [r.path for r in attacker.requests]
+    for hostile, status, text in answers:
+        assert status == 200, (hostile, text)
+        assert "claude says: hi" in text or "claude" in text, (hostile, text)
+        assert "not from the vendor" not in text
+    assert len(up.requests) == len(answers)
+    for request in up.requests:
+        assert request.headers["x-api-key"] == CANARY
+        assert "x-stolen" not in request.headers
+        assert set(request.json) <= {"model", "messages", "max_tokens", "stream", "metadata", "system"}
+
+
+async def test_a_plain_answer_slower_than_the_first_byte_timeout_is_not_cut(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY, "latency_s": 0.5}, {"name": "backup"}
+    ) as (up, backup):
+        _anthropic(sops_project, up, first_byte_timeout_s=0.1)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat("slowly", max_tokens=10)
+            body = await response.json()
+    assert response.status == 200, body
+    assert response.headers["x-switchboard-provider"] == "claude"
+    assert body["choices"][0]["message"]["content"] == "claude says: slowly"
+    assert len(up.requests) == 1 and not backup.requests
+
+
+async def test_a_stream_through_litellm_that_falls_silent_ends_with_an_error_event(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY, chunk_interval_s=0.5) as up:
+        _anthropic(sops_project, up, idle_timeout_s=0.1, timeout_s=0.2)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            response = await board.chat("a b c", max_tokens=10, stream=True)
+            text = await response.text()
+    assert response.status == 200
+    assert "no chunk within 0.1 s" in text
+    assert CANARY not in text
+
+
+async def test_a_stream_through_litellm_is_counted_when_the_client_did_not_ask(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            client = openai.AsyncOpenAI(base_url=board.base_url, api_key="unused", max_retries=0)
+            stream = await client.chat.completions.create(model="claude-x", messages=MESSAGES, stream=True)
+            chunks = [chunk async for chunk in stream]
+            await client.close()
+            metrics = await board.metrics()
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "claude says: hello claude"
+    )
+    assert all(c.choices and c.usage is None for c in chunks), chunks  # no usage the client did not ask for
+    # Anthropic declares no models here: the label is the model the answer names.
+    assert 'kind="completion",model="claude-x",provider="claude"} 4.0' in metrics
+    assert 'kind="prompt",model="claude-x",provider="claude"} 2.0' in metrics

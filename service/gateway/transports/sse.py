@@ -1,0 +1,124 @@
+"""Relaying an upstream's server-sent events to the client as they arrive.
+
+Chunks are written as they are read, not buffered, and the stream's `usage` is picked up on
+the way. When the gateway asked the upstream for a usage chunk that the client did not ask
+for (`stream_options.include_usage`, so that every stream is counted), the relay writes
+whole events only and drops that usage-only chunk; a torn event waits for its end.
+
+After the first byte reached the client nothing can fall back: an upstream that breaks off
+or falls silent for `idle_s` ends the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+from aiohttp import web
+
+from service.gateway.call import Call
+from service.gateway.transports.base import describe_error
+from service.gateway.transports.scan import find_model, find_usage
+
+_USAGE = b'"usage"'
+_NO_CHOICES = (b'"choices":[]', b'"choices": []')
+_MAX_PENDING = 1 << 16
+"""A torn event longer than this is given up on: written as it is, not looked into."""
+
+
+async def relay_events(
+    call: Call,
+    upstream: aiohttp.ClientResponse,
+    first: bytes,
+    headers: dict[str, str],
+    idle_s: float,
+    *,
+    drop_usage: bool = False,
+    name_model: bool = False,
+) -> web.StreamResponse:
+    """Relay `upstream`'s event stream (its `first` bytes read already) to the client.
+
+    `drop_usage`: the usage-only chunk is the gateway's, not the client's; `name_model`: find
+    the model the stream names (`call.answer_model`), for the metrics.
+    """
+    headers["Cache-Control"] = "no-cache"
+    answer = web.StreamResponse(status=upstream.status, headers=headers)
+    usage = None
+    pending = b""
+    chunk = window = first
+    if name_model:
+        call.answer_model = find_model(first)
+    try:
+        await answer.prepare(call.request)
+        while chunk:
+            window = pending + chunk  # `pending`: a torn event carried over, usually empty
+            end = window.rfind(b"\n\n")
+            if end >= 0 and _USAGE in window:
+                usage = find_usage(window, end) or usage
+            if not drop_usage:
+                pending = window[end + 2 :] if end >= 0 else window
+                if len(pending) > _MAX_PENDING:  # no event boundary in sight: stop looking
+                    pending = b""
+                await answer.write(chunk)
+            elif end >= 0:
+                whole, pending = window[: end + 2], window[end + 2 :]
+                whole = _without_usage_chunks(whole)
+                if whole:
+                    await answer.write(whole)
+            elif len(window) > _MAX_PENDING:
+                pending = b""
+                await answer.write(window)
+            else:
+                pending = window
+            try:
+                async with asyncio.timeout(idle_s):
+                    chunk = await upstream.content.readany()
+            except TimeoutError:
+                call.broken = f"stream cut short: no chunk within {idle_s:g} s"
+            except aiohttp.ClientError as exc:
+                call.broken = f"stream cut short: {describe_error(exc)}"
+            if call.broken is not None:
+                await answer.write(error_event(call.broken))
+                break
+        if drop_usage and pending and call.broken is None:
+            await answer.write(pending)  # the last event, without its blank line
+        await answer.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        upstream.close()  # the client left: drop the upstream connection too
+        return answer
+    except BaseException:
+        upstream.close()
+        raise
+    upstream.release()
+    call.usage = usage
+    if name_model and call.answer_model is None and usage is not None:
+        call.answer_model = find_model(window)
+    return answer
+
+
+def error_event(reason: str) -> bytes:
+    """An SSE event the OpenAI SDKs raise as an APIError; the blank lines end any torn event."""
+    error = {"error": {"type": "upstream_failed", "message": reason}}
+    return b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
+
+
+def _without_usage_chunks(events: bytes) -> bytes:
+    """`events` (whole ones) without the chunks that carry only a usage and no choices."""
+    if not any(marker in events for marker in _NO_CHOICES):
+        return events
+    kept = [event for event in events.split(b"\n\n") if not _usage_only(event)]
+    return b"\n\n".join(kept)
+
+
+def _usage_only(event: bytes) -> bool:
+    if _USAGE not in event:
+        return False
+    at = event.find(b"data:")
+    if at < 0:
+        return False
+    try:
+        chunk = json.loads(event[at + 5 :])
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(chunk, dict) and not chunk.get("choices") and chunk.get("usage") is not None

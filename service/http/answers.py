@@ -1,0 +1,290 @@
+"""What the HTTP API answers, as pydantic models: the response schemas of `GET /openapi.json`.
+
+Handlers build their answers as plain dicts (rendered once per snapshot, cheap to encode);
+these models describe those dicts and are never on a request's path. They are strict
+(`extra="forbid"`), so schemathesis, run against a live service in the tests, fails when an
+answer grows a field that is not described here: describe it, then ship it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from service.config.models import Purpose, ServerType
+from service.journal.events import Event
+from service.vendors import VENDORS
+
+ProviderKind = Literal["ai_server", "api_key"]
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- providers and routes ------------------------------------------------------------------------
+
+
+class ProviderHealth(_Answer):
+    """What the gateway knows of a provider's health now (an open circuit counts as unhealthy)."""
+
+    status: Literal["healthy", "unhealthy", "unknown"]
+    checked_at: datetime | None = Field(description="the last check or request that told, UTC")
+    latency_ms: float | None
+
+
+class _Provider(_Answer):
+    id: str
+    name: str | None
+    base_url: str = Field(description="where requests go (the vendor's default when the file sets none)")
+    models: list[str]
+    model_map: dict[str, str]
+    purposes: list[Purpose]
+    enabled: bool
+    api_key: str | None = Field(description="masked: `****5d80` (`****` for a short key), or null")
+    connect_timeout_s: float
+    timeout_s: float
+    first_byte_timeout_s: float
+    idle_timeout_s: float
+    file: str = Field(description="the file that defines it, e.g. `providers.d/gpu.yaml`")
+    commit: str | None = Field(description="the last commit that touched the file; null outside git")
+    health: ProviderHealth
+
+
+class ServerAnswer(_Provider):
+    """A self-hosted model server, masked, with its health."""
+
+    kind: Literal["ai_server"]
+    server_type: ServerType
+
+
+class ApiKeyAnswer(_Provider):
+    """A vendor key, masked, with its health."""
+
+    kind: Literal["api_key"]
+    provider: str = Field(json_schema_extra={"enum": list[JsonValue](sorted(VENDORS))})
+
+
+ProviderAnswer = Annotated[ServerAnswer | ApiKeyAnswer, Field(discriminator="kind")]
+"""A provider as `GET …/providers/{id}` answers it."""
+
+
+class WrittenServer(ServerAnswer):
+    """A server as a write answers it: the provider once applied, with the generation that applied it."""
+
+    generation: int
+
+
+class WrittenApiKey(ApiKeyAnswer):
+    """A key as a write answers it: the provider once applied, with the generation that applied it."""
+
+    generation: int
+
+
+WrittenProvider = Annotated[WrittenServer | WrittenApiKey, Field(discriminator="kind")]
+
+
+class ProviderList(_Answer):
+    """Providers of the current configuration, by id."""
+
+    providers: list[ProviderAnswer]
+    generation: int
+
+
+class RouteAnswer(_Answer):
+    """One purpose, resolved: its primaries (load-balanced by weight), then its fallbacks in order."""
+
+    purpose: Purpose
+    primary: list[ProviderAnswer]
+    fallbacks: list[ProviderAnswer]
+    weights: dict[str, float]
+    unavailable: list[str] | None = Field(
+        None, description="ids the route names whose files are refused here (left out of the lists above)"
+    )
+    commit: str | None
+    generation: int
+
+
+class ActiveAnswer(_Answer):
+    """Every routed purpose, resolved."""
+
+    purposes: dict[Purpose, RouteAnswer]
+    commit: str | None
+    generation: int
+
+
+class Deleted(_Answer):
+    """A provider whose file a write removed."""
+
+    id: str
+    kind: ProviderKind
+    deleted: Literal[True]
+    file: str
+    commit: str
+    generation: int
+
+
+class Branched(_Answer):
+    """A write in `branch` mode: committed to a new branch for review, nothing applied."""
+
+    branch: str = Field(description="`switchboard/<verb>-<id>-<n>`")
+    commit: str
+    file: str
+
+
+# -- checks, models, secrets ----------------------------------------------------------------------
+
+
+class CheckAnswer(_Answer):
+    """A health check run now: the provider's models endpoint asked with its key."""
+
+    ok: bool
+    latency_ms: float
+    message: str
+
+
+class ServerModels(_Answer):
+    """The models a server reports."""
+
+    id: str
+    models: list[str]
+
+
+class LitellmAnswer(_Answer):
+    """The first healthy candidate of a purpose as LiteLLM parameters, its key decrypted."""
+
+    purpose: Purpose
+    provider: str
+    generation: int
+    litellm_params: dict[str, JsonValue]
+    models: list[str]
+
+
+# -- the event log -----------------------------------------------------------------------------------
+
+
+class AuditAnswer(_Answer):
+    """Events of the log that match the filters, oldest first."""
+
+    events: list[Event]
+    count: int
+
+
+class ConfigView(_Answer):
+    """The configuration as the event log records it: masked, providers by id."""
+
+    providers: dict[str, dict[str, JsonValue]]
+    routing: dict[str, dict[str, JsonValue]]
+    clients: dict[str, dict[str, JsonValue]]
+
+
+class StateAnswer(_Answer):
+    """The configuration as it stood at a time, rebuilt from the event log."""
+
+    at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+    seq: int = Field(description="the last event at or before `at` (0: none)")
+    config: ConfigView
+
+
+# -- the service ----------------------------------------------------------------------------------
+
+
+class Liveness(_Answer):
+    status: Literal["ok"]
+
+
+class RefusedFile(_Answer):
+    file: str
+    reason: str
+
+
+class Readiness(_Answer):
+    """Ready once the first load is done; `refused` lists the files the last load set aside."""
+
+    status: Literal["ready"]
+    generation: int
+    last_applied_commit: str | None
+    last_attempted_commit: str | None
+    refused: list[RefusedFile]
+    degraded: bool = Field(description="true while any file is refused")
+
+
+# -- the gateway --------------------------------------------------------------------------------------
+
+
+class ModelEntry(_Answer):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str = Field(description="the provider that serves it")
+
+
+class ServerSentEvent(BaseModel):
+    """One event of a `text/event-stream` answer: `data:` is a JSON chunk, or `[DONE]` at the end."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    event: str | None = None
+    id: str | None = None
+
+
+class ModelsAnswer(_Answer):
+    """OpenAI's model list: the models of the enabled providers."""
+
+    object: Literal["list"]
+    data: list[ModelEntry]
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """`type` names the case (`not_found`, `conflict`...); more fields may describe it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str
+    message: str
+
+
+class ErrorAnswer(_Answer):
+    """Every error: `{"error": {"type", "message", ...}}`."""
+
+    error: ErrorDetail
+
+
+class ProblemItem(_Answer):
+    file: str
+    path: str = Field(description="the field to blame, dotted (`purposes.chat.primary.0`); empty for none")
+    message: str
+
+
+class InvalidDetail(ErrorDetail):
+    type: Literal["invalid"]
+    problems: list[ProblemItem]
+
+
+class InvalidAnswer(_Answer):
+    """422: the write would make the configuration invalid; nothing was written."""
+
+    error: InvalidDetail
+
+
+class Attempt(_Answer):
+    provider: str
+    status: int | None = Field(description="the upstream's HTTP status; null when none came back")
+    reason: str
+
+
+class UpstreamsFailedDetail(ErrorDetail):
+    type: Literal["upstreams_failed"]
+    attempts: list[Attempt]
+
+
+class UpstreamsFailedAnswer(_Answer):
+    """502: every candidate upstream failed; each attempt is listed."""
+
+    error: UpstreamsFailedDetail

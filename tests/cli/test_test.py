@@ -1,0 +1,41 @@
+"""`switchboard test ID`: one provider checked now, with its decrypted key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from service.cli.test import run as command
+from service.errors import NotFound
+from service.settings import Settings
+from tests.conftest import SopsProject
+from tests.support.gateway import CANARY, write_provider
+from tests.support.upstreams import FakeUpstream, closed_port_url
+
+
+def _settings(project: SopsProject) -> Settings:
+    return Settings(root=project.root, providers=Path("providers.d"), age_key_file=project.identity.key_file)
+
+
+async def test_the_test_command_checks_one_provider(
+    sops_project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with FakeUpstream(name="a", api_key=CANARY, models=("m1", "m2", "m3")) as a:
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
+        write_provider(sops_project, "dead", base_url=closed_port_url())
+        settings = _settings(sops_project)
+        ok = await asyncio.to_thread(command, argparse.Namespace(provider_id="a"), settings)
+        down = await asyncio.to_thread(command, argparse.Namespace(provider_id="dead"), settings)
+    out = capsys.readouterr().out
+    assert (ok, down) == (0, 1)
+    assert "a: ok in" in out and "3 models listed" in out
+    assert "dead: failed in" in out and "cannot connect" in out
+    assert CANARY not in out
+
+
+def test_the_test_command_names_an_unknown_provider(sops_project: SopsProject) -> None:
+    with pytest.raises(NotFound, match=r"no provider file nope\.yaml"):
+        command(argparse.Namespace(provider_id="nope"), _settings(sops_project))

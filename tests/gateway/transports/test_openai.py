@@ -1,0 +1,254 @@
+"""The direct transport on its own: one `OpenAITransport` between a client and a stand-in upstream.
+
+A small aiohttp app stands where the relay would: it builds the `Call` and hands it to the
+transport, and answers a `Failure` as a 599 carrying its status and reason, so each test
+sees exactly what the transport did with one attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from service.config.models import AiServer, ApiKey, Provider
+from service.config.secret import Secret
+from service.gateway.call import Call, Failure
+from service.gateway.transports.base import open_session
+from service.gateway.transports.openai import OpenAITransport
+from tests.support.gateway import CANARY
+from tests.support.upstreams import FakeUpstream, closed_port_url, serving
+
+FAILED = 599
+
+
+@dataclass
+class Harness:
+    """A client in front of one transport; `calls` are the calls it relayed."""
+
+    url: str
+    http: aiohttp.ClientSession
+    transport: OpenAITransport
+    calls: list[Call] = field(default_factory=list)
+
+    async def post(
+        self, path: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, CIMultiDict[str], bytes]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with self.http.post(self.url + path, data=data, headers=headers or {}) as response:
+            return response.status, CIMultiDict(response.headers), await response.read()
+
+
+@contextlib.asynccontextmanager
+async def relaying(provider: Provider, **options: Any) -> AsyncIterator[Harness]:
+    """Serve `provider` through a fresh `OpenAITransport` (its `options`: `max_bytes`)."""
+    async with open_session() as session, aiohttp.ClientSession() as http:
+        transport = OpenAITransport(session, **options)
+        calls: list[Call] = []
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            path = "/" + request.match_info["path"]
+            purpose = {"/embeddings": "embeddings", "/rerank": "reranking"}.get(path, "chat")
+            call = Call(request, purpose, path, body, json.loads(body))
+            calls.append(call)
+            try:
+                return await transport.send(call, provider, {"x-switchboard-provider": provider.id})
+            except Failure as failure:
+                answer = {"status": failure.status, "reason": failure.reason, "refused": failure.refused}
+                return web.json_response(answer, status=FAILED)
+
+        app = web.Application()
+        app.router.add_post("/v1/{path:.*}", handler)
+        async with serving(app) as url:
+            yield Harness(f"{url}/v1", http, transport, calls)
+
+
+def server(url: str, **fields: Any) -> AiServer:
+    return AiServer(kind="ai_server", id="s", server_type="vllm", base_url=url, **fields)
+
+
+def keyed(url: str, **fields: Any) -> ApiKey:
+    return ApiKey(kind="api_key", id="k", provider="openai", base_url=url, api_key=Secret(CANARY), **fields)
+
+
+# -- what goes out ---------------------------------------------------------------------------
+
+
+async def test_the_body_goes_out_as_the_same_bytes() -> None:
+    raw = '{ "messages":[{"role":"user","content":"h\\u00e9 — ok"}],  "model":"m", "extra": [1, 2.50] }'
+    async with FakeUpstream() as up, relaying(server(up.base_url)) as harness:
+        status, _, _ = await harness.post("/chat/completions", raw.encode())
+        own_usage = json.loads(raw) | {"stream": True, "stream_options": {"include_usage": True}}
+        streamed = json.dumps(own_usage, indent=1).encode()
+        stream_status, _, _ = await harness.post("/chat/completions", streamed)
+    assert status == stream_status == 200
+    assert up.requests[0].raw == raw.encode()  # not re-encoded: spacing, order, escapes kept
+    assert up.requests[1].raw == streamed  # the client asked for usage itself: untouched too
+
+
+async def test_model_map_renames_the_model_and_nothing_else() -> None:
+    body = {"model": "alias", "messages": [], "temperature": 0.5, "unknown": {"kept": True}}
+    async with FakeUpstream() as up, relaying(server(up.base_url, model_map={"alias": "real"})) as harness:
+        await harness.post("/chat/completions", body)
+        await harness.post("/chat/completions", {**body, "model": "other"})
+    assert up.requests[0].json == {**body, "model": "real"}
+    assert up.requests[1].raw == json.dumps({**body, "model": "other"}).encode()
+
+
+async def test_the_url_and_headers_come_from_the_provider_file() -> None:
+    client_headers = {
+        "Authorization": "Bearer the-clients-own-token",
+        "X-Api-Key": "sk-client",
+        "Cookie": "session=client",
+        "X-Forwarded-Host": "evil.example",
+    }
+    async with FakeUpstream() as up, relaying(keyed(f"{up.url}/custom/v1")) as harness:
+        body = {"model": "m", "messages": [], "base_url": "http://evil.example", "api_key": "sk-client"}
+        status, _, _ = await harness.post("/chat/completions", body, client_headers)
+    received = up.requests[-1]
+    assert status == 404 and received.path == "/custom/v1/chat/completions"  # where the file says
+    assert received.headers["authorization"] == f"Bearer {CANARY}"
+    assert received.headers["content-type"] == "application/json"
+    assert not {"x-api-key", "cookie", "x-forwarded-host"} & set(received.headers)
+
+
+async def test_a_provider_is_prepared_once_per_version_of_its_file() -> None:
+    async with open_session() as session:
+        transport = OpenAITransport(session)
+        provider = keyed("http://127.0.0.1:9/v1")
+        prepared = transport.upstream(provider)
+        assert transport.upstream(provider) is prepared
+        assert transport.upstream(keyed("http://127.0.0.1:9/v1")) is not prepared
+    assert CANARY not in repr(prepared)
+
+
+# -- what comes back -------------------------------------------------------------------------
+
+
+async def test_usage_and_the_answers_model_are_found() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "one two"}]}
+    async with FakeUpstream(name="a") as up, relaying(server(up.base_url)) as harness:
+        await harness.post("/chat/completions", chat)
+        await harness.post("/chat/completions", {**chat, "stream": True})
+        await harness.post("/embeddings", {"model": "e", "input": ["x y z"]})
+    plain, streamed, embedded = harness.calls
+    assert plain.usage == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    assert streamed.usage == plain.usage  # asked for on the client's behalf
+    assert embedded.usage == {"prompt_tokens": 3, "total_tokens": 3}
+    assert (plain.answer_model, streamed.answer_model) == ("m", "m")
+
+
+async def test_upstream_headers_worth_passing_are_passed_back() -> None:
+    async with FakeUpstream(name="a") as up, relaying(server(up.base_url)) as harness:
+        _, headers, _ = await harness.post("/chat/completions", {"model": "m", "messages": []})
+    assert headers["x-request-id"] == "req-a-1"
+    assert headers["x-ratelimit-remaining-requests"] == "999"
+    assert "x-upstream-name" not in headers
+
+
+async def test_a_stream_is_relayed_chunk_by_chunk() -> None:
+    second = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"delta": {"content": "one"}}]}\n\n')
+        await asyncio.wait_for(second.wait(), 5)  # the client must have the first one by then
+        await response.write(b'data: {"choices": [{"delta": {"content": "two"}}]}\n\ndata: [DONE]\n\n')
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", stream)
+    async with serving(upstream) as url, relaying(server(f"{url}/v1")) as harness:
+        body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+        async with harness.http.post(f"{harness.url}/chat/completions", json=body) as response:
+            first = await response.content.readuntil(b"\n\n")
+            second.set()
+            rest = await response.content.read()
+    assert first == b'data: {"choices": [{"delta": {"content": "one"}}]}\n\n'
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert response.headers["Content-Type"] == "text/event-stream"
+
+
+async def test_the_usage_chunk_asked_for_is_dropped_even_when_events_are_torn() -> None:
+    events = [
+        {"model": "m", "choices": [{"delta": {"content": "one"}}], "usage": None},
+        {"model": "m", "choices": [{"delta": {"content": " two"}}], "usage": None},
+        {"model": "m", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+    ]
+    wire = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for at in range(0, len(wire), 7):  # torn everywhere, the usage chunk too
+            await response.write(wire[at : at + 7])
+            await asyncio.sleep(0)
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", stream)
+    async with serving(upstream) as url, relaying(server(f"{url}/v1")) as harness:
+        _, _, relayed = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": True}
+        )
+    assert relayed == wire.replace(b"data: " + json.dumps(events[2]).encode() + b"\n\n", b"")
+    assert harness.calls[0].usage == {"prompt_tokens": 5, "completion_tokens": 2}
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 429, 401, 403])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_statuses_that_fall_back_are_failures(status: int, stream: bool) -> None:
+    async with FakeUpstream() as up, relaying(server(up.base_url)) as harness:
+        up.fail(status)
+        code, _, body = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": stream}
+        )
+    failure = json.loads(body)
+    assert code == FAILED and failure["status"] == status
+    assert failure["refused"] is (status in (401, 403))
+    assert failure["reason"].startswith(f"HTTP {status}")
+
+
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
+async def test_other_client_errors_are_the_clients(status: int) -> None:
+    async with FakeUpstream(name="a") as up, relaying(server(up.base_url)) as harness:
+        up.fail(status)
+        code, headers, body = await harness.post("/chat/completions", {"model": "m", "messages": []})
+    assert code == status
+    assert json.loads(body)["error"]["message"] == f"injected failure {status} from a"
+    assert headers["x-switchboard-provider"] == "s"
+
+
+async def test_what_goes_wrong_on_the_way_is_described() -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "a b c"}]}
+    async with FakeUpstream() as up:
+        async with relaying(server(closed_port_url())) as harness:
+            _, _, refused = await harness.post("/chat/completions", chat)
+        async with relaying(server(up.base_url, first_byte_timeout_s=0.1)) as harness:
+            up.stall(5, times=1)
+            _, _, stalled = await harness.post("/chat/completions", {**chat, "stream": True})
+        async with relaying(server(up.base_url, timeout_s=0.1)) as harness:
+            up.hang(5, times=1)
+            _, _, slow = await harness.post("/chat/completions", chat)
+            up.drop_after(1, times=1)
+            _, _, cut = await harness.post("/chat/completions", chat)
+        async with relaying(server(up.base_url), max_bytes=100) as harness:
+            _, _, large = await harness.post("/chat/completions", chat)
+    assert json.loads(refused)["reason"].startswith("cannot connect")
+    assert json.loads(stalled)["reason"] == "no first byte within 0.1 s"
+    assert json.loads(slow)["reason"] == "no whole answer within 0.1 s"
+    assert json.loads(cut)["reason"].startswith("answer cut short")
+    assert json.loads(large)["reason"] == "answer over 100 bytes"
