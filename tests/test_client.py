@@ -59,8 +59,9 @@ async def test_unhealthy_candidates_are_skipped(sops_project: SopsProject) -> No
         write_server(sops_project, "c", base_url=c.base_url)
         write_routing(sops_project, ["a"], fallbacks=["c"])
         async with serve(sops_project) as service, Switchboard(service.url) as sb:
-            result = await sb.test_provider("a")
-            assert not result.ok and "cannot connect" in result.message
+            for _ in range(2):  # a status change is pushed once confirmed (SWITCHBOARD_HEALTH_CONFIRM=2)
+                result = await sb.test_provider("a")
+                assert not result.ok and "cannot connect" in result.message
             await eventually(lambda: _first_is(sb, "c"), timeout=10)
 
 
@@ -73,7 +74,8 @@ async def test_exports_match_switchboard_export(sops_project: SopsProject) -> No
     project_with_route(sops_project, key=True)
     snapshot = load_folder(sops_project.providers, "providers.d")
     exported = {
-        d["model_info"]["switchboard_provider"]: d["litellm_params"] for d in litellm_config(snapshot)["model_list"]
+        d["model_info"]["switchboard_provider"]: d["litellm_params"]
+        for d in litellm_config(snapshot)["model_list"]
     }
     async with serve(sops_project) as service, Switchboard(service.url) as sb:
         chat = await sb.get_active_llm_provider("chat")
@@ -89,7 +91,9 @@ async def test_exports_match_switchboard_export(sops_project: SopsProject) -> No
 async def test_litellm_params_need_secrets_read_and_give_the_key(sops_project: SopsProject) -> None:
     write_provider(sops_project, "k", provider="openai", base_url="http://127.0.0.1:12/v1", api_key=CANARY)
     write_routing(sops_project, ["k"])
-    write_clients(sops_project, {"app": ("tok-app", ["config:read", "secrets:read"]), "ro": ("tok-ro", ["config:read"])})
+    write_clients(
+        sops_project, {"app": ("tok-app", ["config:read", "secrets:read"]), "ro": ("tok-ro", ["config:read"])}
+    )
     async with serve(sops_project) as service:
         async with Switchboard(service.url, token="tok-app") as sb:
             params = await sb.litellm_params("chat")
@@ -152,8 +156,9 @@ async def test_events_resume_after_a_disconnect(sops_project: SopsProject) -> No
 def test_importing_the_client_imports_nothing_of_the_server() -> None:
     code = (
         "import sys, service.client\n"
-        "server = [m for m in sys.modules if m.startswith(('service.', 'litellm', 'pydantic', 'yaml', 'aiohttp.web'))"
-        " and m not in ('service.client', 'service.formats', 'service.vendors')]\n"
+        "server = [m for m in sys.modules\n"
+        "          if m.startswith(('service.', 'litellm', 'pydantic', 'yaml', 'aiohttp.web'))\n"
+        "          and m not in ('service.client', 'service.formats', 'service.vendors')]\n"
         "assert not server, server\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30, cwd=REPO)

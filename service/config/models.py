@@ -6,7 +6,7 @@ in a pull request fails validation instead of passing silently.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -34,6 +34,7 @@ Purpose = Literal["chat", "embeddings", "reranking"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
 ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
 Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read"]
+SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from service.config.models import Purpose, ServerType
+from service.config.models import Purpose, Scope, ServerType
 from service.journal.events import Event
 from service.vendors import VENDORS
 
@@ -288,3 +288,10 @@ class UpstreamsFailedAnswer(_Answer):
     """502: every candidate upstream failed; each attempt is listed."""
 
     error: UpstreamsFailedDetail
+
+
+class WhoAmI(_Answer):
+    """Who a token is: its client's name (null without a clients file) and its scopes."""
+
+    client: str | None
+    scopes: list[Scope]

@@ -21,9 +21,10 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api, openapi, write_api
+from service.http import config_api, openai_api, openapi, push, write_api
 from service.http.auth import Handler
 from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
+from service.http.push import CHANGES, Changes
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
 from service.metrics import CONTENT_TYPE, Metrics
@@ -55,6 +56,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     write_api.setup(app)
     openai_api.setup(app)
     openapi.setup(app)
+    push.setup(app)
     return app
 
 
@@ -90,6 +92,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo)
     await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
+    # Before the first load, so blocking queries and streams hear of it.
+    app[CHANGES] = Changes(events, registry, settings.replica, settings.max_watchers)
     stop = asyncio.Event()
     watcher = asyncio.create_task(reloader.watch(stop), name="switchboard-watcher")
     try:

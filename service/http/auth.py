@@ -38,8 +38,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def authenticate(request: web.Request, scope: Scope) -> Client | None:
-    """The client calling, checked for `scope`; None when the service runs without auth."""
+def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
+    """The client calling, checked for `scope` (None: any valid token); None without auth."""
     state = request.app[REGISTRY].state
     if not state.ready:  # before the first load, "no clients" would mean "no auth"
         raise NotReady("the configuration, and with it the clients file, is not loaded yet")
@@ -59,7 +59,7 @@ def authenticate(request: web.Request, scope: Scope) -> Client | None:
             found = client
     if found is None:
         raise Unauthorized("unknown token")
-    if scope not in found.scopes:
+    if scope is not None and scope not in found.scopes:
         raise Forbidden(f"client {found.name!r} lacks the scope {scope!r}")
     return found
 
@@ -78,6 +78,19 @@ def scoped(scope: Scope) -> Callable[[Handler], Handler]:
         return guarded
 
     return decorate
+
+
+def authenticated(handler: Handler) -> Handler:
+    """A handler that runs for any valid token (no scope needed); the client is at `request[CLIENT]`."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        client = authenticate(request, None)
+        if client is not None:
+            request[CLIENT] = client
+        return await handler(request)
+
+    return guarded
 
 
 def client_name(request: web.Request) -> str:

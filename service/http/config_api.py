@@ -38,16 +38,18 @@ from typing import Any
 
 from aiohttp import web
 
-from service.config.models import PURPOSES, AiServer, ApiKey, Provider
+from service.config.models import PURPOSES, SCOPES, AiServer, ApiKey, Provider
 from service.config.snapshot import PerSnapshot, Snapshot
 from service.errors import BadRequest, NoCandidate, NotFound, NotReady, UpstreamsFailed
 from service.gateway.catalog import list_models
 from service.gateway.health import Health, HealthState, check
 from service.gateway.routing import first_healthy
-from service.http.auth import Handler, client_name, scoped
+from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
+from service.http.push import CHANGES, body_tag, event_stream, watched
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
+from service.vcs.gitrepo import blob_sha
 
 DEFAULT_AUDIT_LIMIT = 1000
 MAX_AUDIT_LIMIT = 10_000
@@ -70,6 +72,8 @@ def setup(app: web.Application) -> None:
     add(f"{PREFIX}/active/{{purpose}}/litellm", _litellm)
     app.router.add_post(f"{PREFIX}/providers/{{id}}/test", _test)
     add(f"{PREFIX}/servers/{{id}}/models", _server_models)
+    add(f"{PREFIX}/events", scoped("config:read")(event_stream))
+    add(f"{PREFIX}/whoami", _whoami)
 
 
 # -- what is rendered once per snapshot ----------------------------------------------------
@@ -87,6 +91,7 @@ class _Route:
     """Ids the routing names whose files are refused with no good version: left out above."""
     health: tuple[HealthState, ...] | None = None
     encoded: bytes = b""
+    etag: str = ""
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -100,6 +105,8 @@ class _Rendered:
     snapshot: Snapshot
     providers: Mapping[str, dict[str, Any]]
     routes: Mapping[str, _Route] = field(default_factory=dict)
+    blobs: Mapping[str, str] = field(default_factory=dict)
+    """Provider id -> the git blob id of its file: a provider's ETag is `"<blob>.<index>"`."""
 
     def provider(self, provider_id: str, health: Health) -> dict[str, Any]:
         return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
@@ -117,12 +124,14 @@ class _Rendered:
             answer["unavailable"] = list(route.unavailable)
         return answer
 
-    def encoded_route(self, route: _Route, health: Health) -> bytes:
+    def encoded_route(self, route: _Route, health: Health) -> tuple[bytes, str]:
+        """The route's answer encoded, and its ETag: made again only when its health changed."""
         states = tuple(health.get(i) for i in route.ids)
         if states != route.health:  # HealthState is a frozen value: equal means same answer
             route.encoded = _encode(self.route(route, health))
+            route.etag = body_tag(route.encoded)
             route.health = states
-        return route.encoded
+        return route.encoded, route.etag
 
 
 _CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
@@ -130,11 +139,13 @@ _CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
 
 def _render(snapshot: Snapshot) -> _Rendered:
     providers: dict[str, dict[str, Any]] = {}
+    blobs: dict[str, str] = {}
     for path, loaded in snapshot.files.items():
         doc = loaded.document
         if isinstance(doc, AiServer | ApiKey):
             commit = snapshot.attribution_of(path).commit
             providers[doc.id] = {**doc.describe(), "file": path, "commit": commit}
+            blobs[doc.id] = blob_sha(loaded.data)
     routes: dict[str, _Route] = {}
     if snapshot.routing is not None:
         for purpose, route in sorted(snapshot.routing.purposes.items()):
@@ -143,7 +154,7 @@ def _render(snapshot: Snapshot) -> _Rendered:
             missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
             weights = {i: route.weight(i) for i in primary}
             routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
-    return _Rendered(snapshot, dict(sorted(providers.items())), routes)
+    return _Rendered(snapshot, dict(sorted(providers.items())), routes, blobs)
 
 
 def _encode(body: Any) -> bytes:
@@ -181,17 +192,19 @@ def _current(request: web.Request) -> _Rendered:
 
 
 @scoped("config:read")
+@watched
 async def _active(request: web.Request) -> web.StreamResponse:
     rendered = _current(request)
     purpose = request.match_info["purpose"]
     route = rendered.routes.get(purpose)
     if route is None:
         raise NotFound(_no_route(purpose))
-    body = rendered.encoded_route(route, request.app[HEALTH])
-    return web.Response(body=body, content_type="application/json")
+    body, etag = rendered.encoded_route(route, request.app[HEALTH])
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
 
 @scoped("config:read")
+@watched
 async def _active_all(request: web.Request) -> web.StreamResponse:
     rendered = _current(request)
     health = request.app[HEALTH]
@@ -215,6 +228,7 @@ def _no_route(purpose: str) -> str:
 
 def _lister(kind: str | None) -> Handler:
     @scoped("config:read")
+    @watched
     async def providers(request: web.Request) -> web.StreamResponse:
         rendered = _current(request)
         health = request.app[HEALTH]
@@ -230,6 +244,7 @@ def _lister(kind: str | None) -> Handler:
 
 def _getter(kind: str | None) -> Handler:
     @scoped("config:read")
+    @watched
     async def provider(request: web.Request) -> web.StreamResponse:
         rendered = _current(request)
         provider_id = request.match_info["id"]
@@ -238,7 +253,10 @@ def _getter(kind: str | None) -> Handler:
             raise NotFound(f"no provider `{provider_id}`")
         if kind is not None and found["kind"] != kind:
             raise NotFound(f"`{provider_id}` is an {found['kind']}, not an {kind}")
-        return _json(rendered.provider(provider_id, request.app[HEALTH]))
+        response = _json(rendered.provider(provider_id, request.app[HEALTH]))
+        # The blob tells an edit (If-Match compares it alone), the index a health change.
+        response.headers["ETag"] = f'"{rendered.blobs[provider_id]}.{request.app[CHANGES].index}"'
+        return response
 
     return provider
 
@@ -247,6 +265,7 @@ def _getter(kind: str | None) -> Handler:
 
 
 @scoped("admin")
+@watched
 async def _audit(request: web.Request) -> web.StreamResponse:
     query = request.query
     since, until = _time(query, "since"), _time(query, "until")
@@ -263,6 +282,7 @@ async def _audit(request: web.Request) -> web.StreamResponse:
 
 
 @scoped("admin")
+@watched
 async def _state(request: web.Request) -> web.StreamResponse:
     at = _time(request.query, "at") or datetime.now(UTC)
     seq, config = await asyncio.to_thread(request.app[EVENTS].replay, at)  # reads the file
@@ -340,6 +360,7 @@ async def test_provider(request: web.Request, provider: Provider) -> web.StreamR
 
 
 @scoped("config:read")
+@watched
 async def _server_models(request: web.Request) -> web.StreamResponse:
     server_id = request.match_info["id"]
     server = request.app[REGISTRY].snapshot.providers.get(server_id)
@@ -350,3 +371,13 @@ async def _server_models(request: web.Request) -> web.StreamResponse:
         attempt = {"provider": server_id, "status": listed.status, "reason": listed.reason}
         raise UpstreamsFailed(f"server {server_id!r} did not list its models", attempts=[attempt])
     return web.json_response({"id": server_id, "models": listed.models})
+
+
+@authenticated
+@watched
+async def _whoami(request: web.Request) -> web.StreamResponse:
+    """Who the token is and what it may do; with no clients file, nobody, and every scope."""
+    client = request.get(CLIENT)
+    if client is None:
+        return _json({"client": None, "scopes": list(SCOPES)})
+    return _json({"client": client.name, "scopes": list(client.scopes)})

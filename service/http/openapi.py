@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
 from service import __version__
 from service.config.models import AiServer, ApiKey
-from service.http import answers, bodies
+from service.http import answers, bodies, push
 from service.http.context import PREFIX
 from service.http.operations import (
     ETAG,
@@ -42,6 +42,7 @@ from service.http.operations import (
     query,
     ref,
     request,
+    with_headers,
     write_errors,
 )
 from service.http.write_api import REASON_HEADER
@@ -120,9 +121,107 @@ _TAGS = {
 def operations(schemas: Schemas) -> Iterable[Operation]:
     """Every operation of the app: a route added to the app is described here."""
     yield from _service(schemas)
-    yield from _configuration(schemas)
+    for operation in _configuration(schemas):
+        yield _watched(operation, schemas) if _is_watched(operation) else operation
+    yield from _push(schemas)
     yield from _writes(schemas)
     yield from _gateway(schemas)
+
+
+# -- change push (SPEC 9) ---------------------------------------------------------------------------
+
+_PUSH_HEADERS = {
+    "ETag": header('the answer\'s tag; for one provider `"<git blob id>.<index>"`'),
+    push.INDEX_HEADER: header(
+        "the index: the seq of the last configuration or health event", pattern="^[0-9]+$"
+    ),
+    push.REPLICA_HEADER: header("the replica that answered (an index means something only there)"),
+}
+_BLOCKING = (
+    query(
+        "index",
+        "hold the answer until the index moves past this one (a blocking query)",
+        {"type": "integer", "minimum": 0},
+    ),
+    query(
+        "wait",
+        "how long to hold: `500ms`, `30s`, `5m` or seconds (default 60 s, at most 300 s)",
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m)?\s*$"},
+    ),
+    {
+        "name": "If-None-Match",
+        "in": "header",
+        "description": "an `ETag` held: 304 while it is current",
+        "schema": {"type": "string"},
+    },
+)
+
+
+def _is_watched(operation: Operation) -> bool:
+    return operation.method == "GET" and operation.scope != "secrets:read"
+
+
+def _watched(operation: Operation, s: Schemas) -> Operation:
+    """A GET with SPEC 9's conditional and blocking forms, and their headers on its answers."""
+    answers_ = dict(operation.answers)
+    answers_["200"] = with_headers(answers_["200"], _PUSH_HEADERS)
+    answers_["304"] = with_headers(
+        {"description": "the `If-None-Match` tag is current: no body"}, _PUSH_HEADERS
+    )
+    answers_.setdefault("400", s.error("`index` or `wait` (or another parameter) is not valid"))
+    answers_["503"] = s.error(
+        "not ready, or too many requests held (`SWITCHBOARD_MAX_WATCHERS`; then with `Retry-After`)"
+    )
+    return replace(operation, answers=answers_, parameters=(*operation.parameters, *_BLOCKING))
+
+
+def _push(s: Schemas) -> Iterable[Operation]:
+    events = {
+        "text/event-stream": {
+            "schema": {
+                "type": "string",
+                "description": "`id: <seq>`, `event: <type>`, `data: <the event's JSON>` per event; "
+                "`: keep-alive` comments every 15 s",
+            }
+        }
+    }
+    yield Operation(
+        "GET",
+        f"{PREFIX}/events",
+        "config:read",
+        "The event log as a live stream of server-sent events",
+        {
+            "200": {"description": "events as they are appended", "content": events},
+            "400": s.error("`Last-Event-ID` or `after` is not a seq"),
+            "503": s.error("too many streams held (`SWITCHBOARD_MAX_WATCHERS`), or not ready"),
+        },
+        (
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "description": "resume after this seq (wins over `after`)",
+                "schema": {"type": "string", "pattern": "^[0-9]*$"},
+            },
+            query(
+                "after",
+                "resume after this seq: what was missed comes first, from the log",
+                {"type": "integer", "minimum": 0},
+            ),
+        ),
+        description="`secret.read` and `clients.updated` go only to tokens that also hold `admin`. "
+        "Without `Last-Event-ID` or `after`, events from now on.",
+    )
+    yield _watched(
+        Operation(
+            "GET",
+            f"{PREFIX}/whoami",
+            "any",
+            "Who the token is and what it may do",
+            {"200": s.returns(answers.WhoAmI, "the client, and its scopes")},
+            description="Any valid token. Without a clients file: `client` null and every scope.",
+        ),
+        s,
+    )
 
 
 # -- the service ------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ class Operation:
 
     method: str
     path: str
-    scope: Scope | None
+    scope: Scope | Literal["any"] | None
+    """`any`: any valid token, whatever its scopes."""
     summary: str
     answers: Mapping[str, dict[str, Any]]
     parameters: tuple[dict[str, Any], ...] = ()

@@ -51,8 +51,14 @@ WRITE_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 5
 
 APPLIED_TYPES = frozenset(
-    {"provider.added", "provider.updated", "provider.removed", "routing.updated", "clients.updated",
-     "config.rejected"}
+    {
+        "provider.added",
+        "provider.updated",
+        "provider.removed",
+        "routing.updated",
+        "clients.updated",
+        "config.rejected",
+    }
 )
 """Events the registry appends while it applies: visible once its state is swapped in."""
 ADMIN_ONLY = frozenset({"secret.read", "clients.updated"})
@@ -248,13 +254,16 @@ def conditional(request: web.Request, response: web.StreamResponse, changes: Cha
         return response
     tag = response.headers.get("ETag")
     if tag is None:
-        body = response.body if isinstance(response.body, bytes) else b""
-        tag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-        headers["ETag"] = tag
+        tag = headers["ETag"] = body_tag(response.body if isinstance(response.body, bytes) else b"")
     if _matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers={**headers, "ETag": tag})
     response.headers.update(headers)
     return response
+
+
+def body_tag(body: bytes) -> str:
+    """A strong ETag for an answer: it changes exactly when the bytes do."""
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
 
 
 def _matches(header: str | None, tag: str) -> bool:
@@ -328,13 +337,17 @@ async def _replay(events: EventLog, after: int, admin: bool, send: Callable[[byt
     """Send the logged events after `after` (read off the loop, in batches); the last seq sent."""
     last = after
     while True:
-        batch = await asyncio.to_thread(lambda start=last: list(events.events_after(start, limit=500)))
+        batch = await asyncio.to_thread(_batch, events, last)
         for event in batch:
             if event.type not in ADMIN_ONLY or admin:
                 await send(frame(event))
             last = event.seq
         if len(batch) < 500:
             return last
+
+
+def _batch(events: EventLog, after: int) -> list[BaseEvent]:
+    return list(events.events_after(after, limit=500))
 
 
 def setup(app: web.Application) -> None:
@@ -346,4 +359,3 @@ def setup(app: web.Application) -> None:
             changes.close()
 
     app.on_shutdown.append(close)
-

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -19,10 +20,19 @@ from tests.support.gateway import write_clients
 API = "/api/v1/llm-config"
 
 
-async def get(service: Service, path: str, headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def get(service: Service, path: str, headers: dict[str, str] | None = None) -> Answer:
     async with service.http.get(service.url + path, headers=headers or {}) as response:
-        await response.read()
-        return response
+        return Answer(response.status, response.headers, await response.read())
 
 
 def move(project: SopsProject, port: int) -> None:
@@ -30,23 +40,33 @@ def move(project: SopsProject, port: int) -> None:
     write_server(project, "gpu", base_url=f"http://127.0.0.1:{port}/v1")
 
 
+async def moved(service: Service, port: int) -> None:
+    """`move`, and wait until the service applied it (each move is then an event of its own)."""
+    move(service.project, port)
+    await eventually(lambda: service.registry.snapshot.providers["gpu"].endpoint.endswith(f":{port}/v1"))
+
+
 # -- conditional GETs -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/active", "/active/chat", "/providers", "/servers", "/servers/gpu", "/providers/gpu"])
-async def test_every_get_has_an_etag_and_answers_304_while_it_holds(running_service: Service, path: str) -> None:
+@pytest.mark.parametrize(
+    "path", ["/active", "/active/chat", "/providers", "/servers", "/servers/gpu", "/providers/gpu"]
+)
+async def test_every_get_has_an_etag_and_answers_304_while_it_holds(
+    running_service: Service, path: str
+) -> None:
     first = await get(running_service, API + path)
     assert first.status == 200
     tag = first.headers["ETag"]
     assert first.headers[push.INDEX_HEADER].isdigit() and first.headers[push.REPLICA_HEADER]
     again = await get(running_service, API + path, {"If-None-Match": tag})
-    assert again.status == 304 and again.headers["ETag"] == tag and await again.read() == b""
+    assert again.status == 304 and again.headers["ETag"] == tag and again.body == b""
     move(running_service.project, 7001)
     changed = await eventually(lambda: _tag_changed(running_service, API + path, tag))
     assert changed.status == 200
 
 
-async def _tag_changed(service: Service, path: str, tag: str) -> aiohttp.ClientResponse:
+async def _tag_changed(service: Service, path: str, tag: str) -> Answer:
     response = await get(service, path, {"If-None-Match": tag})
     assert response.status == 200 and response.headers["ETag"] != tag
     return response
@@ -82,7 +102,7 @@ async def test_a_held_query_is_answered_when_a_file_is_saved(running_service: Se
     answer = await asyncio.wait_for(held, 10)
     assert time.monotonic() - saved < 5
     assert int(answer.headers[push.INDEX_HEADER]) > int(index)
-    assert json.loads(await answer.read())["primary"][0]["base_url"].endswith(":7002/v1")
+    assert answer.json()["primary"][0]["base_url"].endswith(":7002/v1")
 
 
 async def test_a_held_query_answers_when_its_wait_runs_out(running_service: Service) -> None:
@@ -113,7 +133,7 @@ async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
         await eventually(lambda: service.app[CHANGES].held == 2)
         refused = await get(service, f"{API}/active?index={index}&wait=30s")
         assert refused.status == 503 and refused.headers["Retry-After"].isdigit()
-        assert json.loads(await refused.read())["error"]["type"] == "busy"
+        assert refused.json()["error"]["type"] == "busy"
         move(sops_project, 7003)
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
 
@@ -191,8 +211,8 @@ async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicat
     (updated,) = await asyncio.wait_for(take(live, 1), 10)
     assert updated["type"] == "provider.updated" and updated["subject"] == "gpu"
     await live.aclose()
-    move(running_service.project, 7011)  # missed while disconnected
-    move(running_service.project, 7012)
+    await moved(running_service, 7011)  # missed while disconnected
+    await moved(running_service, 7012)
     everything = [e.seq for e in running_service.events()]
     resumed = sse(running_service, {"Last-Event-ID": str(updated["seq"])}, "?after=1")  # the header wins
     missed = await asyncio.wait_for(take(resumed, 2), 10)
@@ -210,7 +230,10 @@ async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicat
 async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     write_routing(sops_project, ["gpu"])
-    clients = {"reader": ("tok-r", ["config:read"]), "boss": ("tok-a", ["config:read", "admin", "secrets:read"])}
+    clients = {
+        "reader": ("tok-r", ["config:read"]),
+        "boss": ("tok-a", ["config:read", "admin", "secrets:read"]),
+    }
     write_clients(sops_project, clients)
     async with serve(sops_project) as service:
         auth = {"reader": {"Authorization": "Bearer tok-r"}, "boss": {"Authorization": "Bearer tok-a"}}
@@ -238,7 +261,9 @@ async def _until(stream: AsyncIterator[tuple[str, dict[str, Any] | None]], kind:
     return found
 
 
-async def test_the_stream_sends_keep_alive_comments(running_service: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_stream_sends_keep_alive_comments(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(push, "KEEPALIVE_S", 0.2)
     stream = sse(running_service)
     frames = [await asyncio.wait_for(anext(stream), 5) for _ in range(3)]
@@ -256,8 +281,7 @@ async def test_a_stream_that_falls_too_far_behind_is_closed_and_holds_no_memory(
         (stream,) = changes._streams
         stream.ready.set = lambda: None  # a handler that never gets to run: the backlog only grows
         for port in range(7030, 7036):
-            move(running_service.project, port)
-            await eventually(lambda p=port: running_service.registry.snapshot.providers["gpu"].endpoint.endswith(f":{p}/v1"))
+            await moved(running_service, port)
         assert stream.overflowed and len(stream.backlog) <= 3
         del stream.ready.set
         stream.ready.set()
@@ -269,7 +293,9 @@ async def test_a_stream_that_falls_too_far_behind_is_closed_and_holds_no_memory(
 
 
 @pytest.mark.timeout(120)
-async def test_a_thousand_held_queries_and_a_hundred_streams_all_hear_one_change(sops_project: SopsProject) -> None:
+async def test_a_thousand_held_queries_and_a_hundred_streams_all_hear_one_change(
+    sops_project: SopsProject,
+) -> None:
     write_server(sops_project, "gpu")
     write_routing(sops_project, ["gpu"])
     async with serve(sops_project, max_watchers=1200) as service:
