@@ -57,7 +57,8 @@ def build_project() -> tuple[Path, Path]:
     (root / "providers.d" / "gpu.yaml").write_text(
         "kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: http://127.0.0.1:9/v1\n"
     )
-    (root / "providers.d" / "routing.yaml").write_text("kind: routing\npurposes:\n  chat:\n    primary: [gpu]\n")
+    routing = "kind: routing\npurposes:\n  chat:\n    primary: [gpu]\n"
+    (root / "providers.d" / "routing.yaml").write_text(routing)
     _git(root, "init", "-q", "-b", "main")
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "bench: start")
@@ -134,7 +135,8 @@ async def main(argv: list[str] | None = None) -> None:
     print("|---|---:|")
     print(f"| create answered (encrypt, commit, applied), p50 | {percentile(ms, 50):.0f} ms |")
     print(f"| create answered, p99 | {percentile(ms, 99):.0f} ms |")
-    print(f"| 20 concurrent writes, all answered (median of {args.rounds}) | {statistics.median(bursts):.2f} s |")
+    burst = statistics.median(bursts)
+    print(f"| 20 concurrent writes, all answered (median of {args.rounds}) | {burst:.2f} s |")
     print(f"| one `sops encrypt` alone | {encrypt * 1000:.0f} ms |")
     print(f"| one `sops decrypt` alone | {decrypt * 1000:.0f} ms |")
 

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from service.errors import BadRequest, NotFound, Unprocessable
-from service.http.auth import Handler, client_name, scoped
+from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.bodies import json_body
 from service.http.config_api import provider_answer, route_answer, test_provider
 from service.http.context import PREFIX, WRITER
@@ -49,6 +49,13 @@ def _reason(request: web.Request) -> str | None:
     return request.headers.get(REASON_HEADER)
 
 
+def _key_readable(request: web.Request) -> bool:
+    """Whether the client may read decrypted keys (so may send a kept key elsewhere): without
+    auth, or with `secrets:read`."""
+    client = request.get(CLIENT)
+    return client is None or "secrets:read" in client.scopes
+
+
 def _create(kind: ProviderKind, segment: str) -> Handler:
     @scoped("config:write")
     async def create(request: web.Request) -> web.StreamResponse:
@@ -64,7 +71,13 @@ def _replace(kind: ProviderKind) -> Handler:
     async def replace(request: web.Request) -> web.StreamResponse:
         body = await json_body(request)
         written = await request.app[WRITER].replace(
-            kind, request.match_info["id"], body, client_name(request), _reason(request), _if_match(request)
+            kind,
+            request.match_info["id"],
+            body,
+            client_name(request),
+            _reason(request),
+            _if_match(request),
+            key_readable=_key_readable(request),
         )
         return _provider(request, written)
 
@@ -78,7 +91,13 @@ def _patch(kind: ProviderKind) -> Handler:
         if not isinstance(body, Mapping):
             raise BadRequest("a merge patch is a JSON object")
         written = await request.app[WRITER].patch(
-            kind, request.match_info["id"], body, client_name(request), _reason(request), _if_match(request)
+            kind,
+            request.match_info["id"],
+            body,
+            client_name(request),
+            _reason(request),
+            _if_match(request),
+            key_readable=_key_readable(request),
         )
         return _provider(request, written)
 

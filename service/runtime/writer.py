@@ -39,6 +39,7 @@ from service.crypto.sops import Sops
 from service.errors import (
     Conflict,
     FileRejected,
+    Forbidden,
     GitError,
     MethodNotAllowed,
     NotFound,
@@ -62,6 +63,8 @@ ProviderKind = Literal["api_key", "ai_server"]
 
 PUSH_ATTEMPTS = 3
 _KEEP = object()
+DESTINATION_FIELDS = ("base_url", "provider")
+"""The fields that decide where a provider's key is sent (`provider`: the vendor's default URL)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,12 +158,20 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
+        *,
+        key_readable: bool,
     ) -> Written:
-        """The whole document of `provider_id` replaced by `body` (`api_key` left out: kept)."""
+        """The whole document of `provider_id` replaced by `body` (`api_key` left out: kept).
+
+        `key_readable`: the client may read decrypted keys (`secrets:read`); see `_update`.
+        """
         document = _provider_body(kind, body, provider_id=provider_id)
-        if "api_key" not in document:
+        supplied = "api_key" in document
+        if not supplied:
             document["api_key"] = _KEEP
-        return await self._update(kind, provider_id, lambda current: document, client, reason, if_match)
+        return await self._update(
+            kind, provider_id, lambda current: document, client, reason, if_match, supplied or key_readable
+        )
 
     async def patch(
         self,
@@ -170,15 +181,23 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
+        *,
+        key_readable: bool,
     ) -> Written:
-        """`provider_id`'s document with a JSON merge patch (RFC 7386) applied."""
+        """`provider_id`'s document with a JSON merge patch (RFC 7386); `key_readable` as in `replace`."""
         for name in ("kind", "id"):
             if name in patch and patch[name] != (kind if name == "kind" else provider_id):
                 raise Unprocessable(
                     f"`{name}` cannot be changed", problems=[_problem("", name, "cannot be changed")]
                 )
         return await self._update(
-            kind, provider_id, lambda current: editing.merge_patch(current, patch), client, reason, if_match
+            kind,
+            provider_id,
+            lambda current: editing.merge_patch(current, patch),
+            client,
+            reason,
+            if_match,
+            "api_key" in patch or key_readable,
         )
 
     async def delete(
@@ -247,7 +266,13 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
+        may_move_key: bool,
     ) -> Written:
+        """Change an existing provider. The service's identity lets it re-encrypt a key it keeps,
+        but a client that neither sends the key nor may read it cannot change where the key goes:
+        the MAC covers every value so that nobody sends a key they cannot read to a host of
+        their choosing (SPEC 2.4), and a write over HTTP keeps that promise (403)."""
+
         def make(files: Mapping[str, bytes], base: str | None) -> tuple[str, bytes | None, bool]:
             path, loaded = self._existing(files, kind, provider_id)
             self._check_match(path, files, if_match)
@@ -269,6 +294,13 @@ class Writer:
             if document == current:
                 return path, files[path], False
             _check_body(document)
+            moved = [f for f in DESTINATION_FIELDS if document.get(f) != current.get(f)]
+            keyed = current.get("api_key") is not None and document.get("api_key") is not None
+            if keyed and moved and not may_move_key:
+                raise Forbidden(
+                    f"changing `{'`, `'.join(moved)}` of {self._display(path)} would send its key "
+                    "somewhere else: send `api_key` with the change (or be a client with secrets:read)"
+                )
             return path, self._render(path, original, document), True
 
         return await self._write(_Draft("update", kind, provider_id, make), client, reason)

@@ -572,3 +572,62 @@ async def test_a_canary_key_written_over_http_is_in_no_file_commit_event_log_or_
     ).stdout
     assert CANARY not in everything and CANARY.encode() not in objects
     assert "****" + CANARY[-4:] in everything
+
+
+# -- a hostile client: config:write, and nothing else ----------------------------------------------
+
+
+@pytest.fixture
+async def hostile(repo: SopsProject) -> AsyncIterator[Service]:
+    """The service with a keyed provider `vendor`, and clients `writer` (config:write only) and
+    `keeper` (config:write and secrets:read)."""
+    from tests.support.gateway import write_clients
+
+    write_clients(
+        repo,
+        {"writer": ("tok-w", ["config:write"]), "keeper": ("tok-k", ["config:write", "secrets:read"])},
+    )
+    commit_all(repo.root, "clients")
+    async with serve(repo) as running:
+        status, answer, _ = await call(running, "POST", "/api-keys", vendor(), token="tok-w")
+        assert status == 201, answer
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("PATCH", {"base_url": "https://attacker.example/v1"}),
+        ("PATCH", {"provider": "groq"}),
+        ("PUT", {"provider": "openai", "base_url": "https://attacker.example/v1", "purposes": ["chat"]}),
+    ],
+    ids=["patch-base-url", "patch-vendor", "put-without-the-key"],
+)
+async def test_a_client_that_cannot_read_a_key_cannot_send_it_to_another_host(
+    repo: SopsProject, hostile: Service, method: str, body: dict[str, Any]
+) -> None:
+    """SPEC 2.4: the MAC covers every value so that nobody can send a key they cannot read to a
+    host of their choosing. The service holds the identity, so it must keep that promise itself."""
+    path = repo.providers / "vendor.yaml"
+    before, data = head(repo.root), path.read_bytes()
+    status, answer, _ = await call(hostile, method, "/api-keys/vendor", body, token="tok-w")
+    assert status == 403, answer
+    assert answer["error"]["type"] == "forbidden" and "api_key" in answer["error"]["message"]
+    assert head(repo.root) == before and path.read_bytes() == data
+    assert hostile.registry.snapshot.providers["vendor"].endpoint == "https://api.openai.com/v1"
+
+
+async def test_a_key_moves_with_the_key_sent_along_or_for_a_client_that_may_read_it(
+    repo: SopsProject, hostile: Service
+) -> None:
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "V"}, token="tok-w")
+    assert status == 200, answer  # other fields stay the writer's to change
+    moved = {"base_url": "https://a.example/v1", "api_key": OTHER_KEY}
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", moved, token="tok-w")
+    assert status == 200, answer  # its own key: it may send that anywhere
+    assert hostile.registry.snapshot.providers["vendor"].api_key == Secret(OTHER_KEY)
+    status, answer, _ = await call(
+        hostile, "PATCH", "/api-keys/vendor", {"base_url": "https://b.example/v1"}, token="tok-k"
+    )
+    assert status == 200, answer
+    assert hostile.registry.snapshot.providers["vendor"].endpoint == "https://b.example/v1"
