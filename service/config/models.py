@@ -93,7 +93,10 @@ def _one_or_many(value: object) -> object:
 
 
 class _Document(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True)
+    # No `.inf` or `.nan`: no timeout or weight means one, and the event log (JSON) cannot hold it.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=True, arbitrary_types_allowed=True, allow_inf_nan=False
+    )
 
 
 class _Provider(_Document):

@@ -23,8 +23,13 @@ async def json_body(request: web.Request, *, types: tuple[str, ...] = JSON_TYPES
         raise PayloadTooLarge.over(limit)
     data = await request.read()
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_not_json)
     except RecursionError:
         raise BadRequest("the body is JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the body is not valid JSON") from None
+
+
+def _not_json(name: str) -> Any:
+    """`NaN`, `Infinity`: Python's json reads them, but they are not JSON (RFC 8259)."""
+    raise ValueError(f"{name} is not JSON")

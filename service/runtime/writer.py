@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -49,7 +49,7 @@ from service.errors import (
     SopsNoKey,
     Unprocessable,
 )
-from service.runtime.registry import Registry
+from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader
 from service.settings import Settings
 from service.vcs.commit import Committer, Identity, message
@@ -480,18 +480,35 @@ class Writer:
                 moved = await asyncio.to_thread(committer.advance, ref, local, commit)
             except GitError as exc:
                 raise Conflict(f"git refused the write; nothing changed: {exc}") from None
-            outcome = await reload()
             name = self._display(path)
-            if name in outcome.refused and not self.settings.git_push:
-                reason = outcome.refused[name]
+            refusal = await self._refusal(reload, name)
+            if refusal is not None and not self.settings.git_push:
                 await asyncio.to_thread(committer.undo, ref, local, commit, moved)
-                await reload()
-                raise Conflict(f"the service refused the written file, and the write was undone: {reason}")
+                await self._refusal(reload, name)
+                raise Conflict(f"the service did not apply the write, and it was undone: {refusal}")
         snapshot = self.registry.snapshot
         blob = blob_sha(data) if data is not None else None
         return Written(
             draft.verb, draft.kind, draft.subject, name, commit, blob, snapshot.generation, snapshot
         )
+
+    @staticmethod
+    async def _refusal(reload: Callable[[], Awaitable[Outcome]], name: str) -> str | None:
+        """Reload; why the written file `name` was not applied, or None when it was.
+
+        Not applied: the file refused, the batch refused as a whole (files with local edits may
+        make it fail cross-file checks that passed at HEAD), or the reload failing outright.
+        """
+        try:
+            outcome = await reload()
+        except Exception:  # a write must not stay half-applied, whatever went wrong
+            log.exception("the reload after a write failed")
+            return "the reload failed (see the service log)"
+        if name in outcome.refused:
+            return outcome.refused[name]
+        if not outcome.applied:
+            return "; ".join(f"{file}: {reason}" for file, reason in sorted(outcome.refused.items()))
+        return None
 
     async def _unchanged(self, draft: _Draft, path: str, data: bytes | None, base: str | None) -> Written:
         snapshot = self.registry.snapshot

@@ -631,3 +631,45 @@ async def test_a_key_moves_with_the_key_sent_along_or_for_a_client_that_may_read
     )
     assert status == 200, answer
     assert hostile.registry.snapshot.providers["vendor"].endpoint == "https://b.example/v1"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "status"),
+    [
+        ("PATCH", "/servers/gpu", b'{"timeout_s": 1e999}', 422),
+        ("PATCH", "/servers/gpu", b'{"first_byte_timeout_s": Infinity}', 400),
+        ("PUT", "/active/chat", b'{"primary": "gpu", "weights": {"gpu": NaN}}', 400),
+        ("PUT", "/active/chat", b'{"primary": "gpu", "weights": {"gpu": 1e400}}', 422),
+    ],
+    ids=["overflow", "infinity", "nan", "infinite-weight"],
+)
+async def test_a_number_json_cannot_hold_is_refused_and_never_wedges_the_service(
+    repo: SopsProject, service: Service, method: str, path: str, payload: bytes, status: int
+) -> None:
+    """`.inf` in a file would be committed, then every reload (and every restart) fail writing
+    an event the log cannot hold: the service would apply no change ever again."""
+    before = head(repo.root)
+    answer_status, answer, _ = await call(service, method, path, payload)
+    assert answer_status == status, answer
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "still works"})
+    assert status == 200, answer
+    assert service.registry.snapshot.providers["gpu"].name == "still works"
+
+
+async def test_a_write_the_service_does_not_apply_is_undone(repo: SopsProject) -> None:
+    """Checked at HEAD, a delete is fine; but someone's uncommitted routing edit names the
+    provider, so the reload refuses the batch. The answer must not say it was applied."""
+    write_server(repo, "spare")
+    commit_all(repo.root, "spare")
+    async with serve(repo) as service:
+        routing = repo.providers / "routing.yaml"
+        routing.write_text("kind: routing\npurposes:\n  chat:\n    primary: [gpu, spare]\n")
+        await asyncio.sleep(0.3)  # the watcher applies the local edit
+        before = head(repo.root)
+        status, answer, _ = await call(service, "DELETE", "/servers/spare")
+        assert status == 409, answer
+        assert "undone" in answer["error"]["message"]
+        assert head(repo.root) == before and (repo.providers / "spare.yaml").exists()
+        assert git(repo.root, "status", "--porcelain") == "M providers.d/routing.yaml"  # theirs, kept
+        assert "spare" in service.registry.snapshot.providers
