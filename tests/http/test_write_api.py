@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -673,3 +674,17 @@ async def test_a_write_the_service_does_not_apply_is_undone(repo: SopsProject) -
         assert head(repo.root) == before and (repo.providers / "spare.yaml").exists()
         assert git(repo.root, "status", "--porcelain") == "M providers.d/routing.yaml"  # theirs, kept
         assert "spare" in service.registry.snapshot.providers
+
+
+async def test_a_write_body_larger_than_a_file_may_be_is_refused_before_any_work(
+    repo: SopsProject, service: Service
+) -> None:
+    """No file over 1 MiB is valid, so a larger body is 413 at once: rendering and encrypting
+    16 MiB took ~20 s of CPU with the write lock held, every other write waiting."""
+    body = json.dumps({"models": [f"model-{i:07d}" for i in range(100_000)]}).encode()
+    assert len(body) > 1 << 20
+    before = head(repo.root)
+    url, headers = service.url + API + "/servers/gpu", {"Content-Type": "application/json"}
+    async with service.http.patch(url, data=io.BytesIO(body), headers=headers) as response:
+        assert response.status == 413, await response.text()
+    assert head(repo.root) == before
