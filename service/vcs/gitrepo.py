@@ -31,9 +31,13 @@ SAFE_CONFIG = (
     "core.fsmonitor=false",
     "-c",
     "protocol.ext.allow=never",
+    "-c",
+    "log.showSignature=false",
 )
-"""Passed to every git command the service runs: no hook, no fsmonitor and no `ext::` transport
-can run a program of the repository's choosing in the process that holds the keys."""
+"""Passed to every git command the service runs: no hook, no fsmonitor, no `ext::` transport and
+no signature check (`gpg.program`) can run a program of the repository's choosing in the
+process that holds the keys. (The commands themselves read no working tree file through a
+filter, and push and fetch name the stock pack programs.)"""
 
 _DROPPED_PREFIXES = ("SOPS_", "SWITCHBOARD_", "GIT_AUTHOR_", "GIT_COMMITTER_", "GIT_CONFIG")
 _DROPPED = frozenset({"EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"})
