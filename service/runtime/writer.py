@@ -62,6 +62,7 @@ Verb = Literal["create", "update", "delete"]
 ProviderKind = Literal["api_key", "ai_server"]
 
 PUSH_ATTEMPTS = 3
+_BRANCH_ATTEMPTS = 5
 _KEEP = object()
 DESTINATION_FIELDS = ("base_url", "provider")
 """The fields that decide where a provider's key is sent (`provider`: the vendor's default URL)."""
@@ -526,16 +527,23 @@ class Writer:
         )
 
     def _branch(self, draft: _Draft, commit: str) -> str:
-        """A new branch `switchboard/<verb>-<id>-<n>` at `commit` (never an existing one)."""
+        """A new branch `switchboard/<verb>-<id>-<n>` at `commit` (never an existing one).
+
+        `n` follows the highest taken, found in one listing (trying numbers one git call each
+        made the thousandth write of an id cost a thousand calls). An id may hold `..`, which
+        a ref name may not: it is written `.`.
+        """
         assert self.repo is not None  # noqa: S101
-        stem = f"switchboard/{draft.verb}-{draft.subject}"
-        for n in range(1, 10_000):
-            name = f"{stem}-{n}"
+        stem = f"switchboard/{draft.verb}-{re.sub(r'[.]{2,}', '.', draft.subject)}"
+        listed = self.repo.run("for-each-ref", "--format=%(refname:strip=2)", f"refs/heads/{stem}-*")
+        tails = (line.removeprefix(f"{stem}-") for line in listed.decode().splitlines())
+        highest = max((int(t) for t in tails if t.isdigit()), default=0)
+        for n in range(highest + 1, highest + 1 + _BRANCH_ATTEMPTS):
             try:
-                self.repo.run("update-ref", f"refs/heads/{name}", commit, "0" * 40)
+                self.repo.run("update-ref", f"refs/heads/{stem}-{n}", commit, "0" * 40)
             except GitError:
-                continue  # taken (or being taken): the next number
-            return name
+                continue  # taken meanwhile (another replica?): the next number
+            return f"{stem}-{n}"
         raise Conflict(f"no free branch name under {stem}-")
 
     # -- files ------------------------------------------------------------------------------------

@@ -688,3 +688,18 @@ async def test_a_write_body_larger_than_a_file_may_be_is_refused_before_any_work
     async with service.http.patch(url, data=io.BytesIO(body), headers=headers) as response:
         assert response.status == 413, await response.text()
     assert head(repo.root) == before
+
+
+async def test_branch_mode_names_a_branch_for_any_id_in_one_look(repo: SopsProject) -> None:
+    """`a..b` is a valid id but not a valid ref name: each of 10,000 numbers was tried, one git
+    call each (15 s, the write lock held), and the write refused. Numbers follow the highest."""
+    for n in (1, 2, 7):
+        git(repo.root, "update-ref", f"refs/heads/switchboard/update-gpu-{n}", "HEAD")
+    async with serve(repo, write_mode="branch") as service:
+        body = {"id": "a..b", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v1"}
+        status, answer, _ = await call(service, "POST", "/servers", body)
+        assert status == 202, answer
+        assert answer["branch"] == "switchboard/create-a.b-1"
+        assert git(repo.root, "show", f"{answer['branch']}:providers.d/a..b.yaml").startswith("# yaml")
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "n"})
+        assert status == 202 and answer["branch"] == "switchboard/update-gpu-8", answer
