@@ -214,6 +214,18 @@ async def test_a_field_cannot_smuggle_yaml_into_the_file(repo: SopsProject, serv
     assert answer["name"] == name
 
 
+async def test_a_value_is_served_exactly_as_written(repo: SopsProject, service: Service) -> None:
+    """ruamel writes YAML 1.2, the service reads 1.1: unquoted, `yes` was read as true and the
+    write refused (`name` must be a string), `1:20` as 80, a NEL as a space, `1e-05` as a string."""
+    odd = ["yes", "on", "1:20", "No", "\x85", "a\u2028b"]
+    patch = {"name": "yes", "models": odd, "model_map": {v: "m" for v in odd}, "timeout_s": 0.00001}
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", patch)
+    assert status == 200, answer
+    served = service.registry.snapshot.providers["gpu"]
+    assert (served.name, served.models, served.model_map) == ("yes", odd, {v: "m" for v in odd})
+    assert served.timeout_s == 0.00001
+
+
 # -- update and delete ----------------------------------------------------------------------------
 
 
