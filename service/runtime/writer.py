@@ -167,11 +167,11 @@ class Writer:
         `key_readable`: the client may read decrypted keys (`secrets:read`); see `_update`.
         """
         document = _provider_body(kind, body, provider_id=provider_id)
-        supplied = "api_key" in document
-        if not supplied:
+        sends_key = isinstance(document.get("api_key"), str)
+        if "api_key" not in document:
             document["api_key"] = _KEEP
         return await self._update(
-            kind, provider_id, lambda current: document, client, reason, if_match, supplied or key_readable
+            kind, provider_id, lambda current: document, client, reason, if_match, sends_key, key_readable
         )
 
     async def patch(
@@ -198,7 +198,8 @@ class Writer:
             client,
             reason,
             if_match,
-            "api_key" in patch or key_readable,
+            isinstance(patch.get("api_key"), str),
+            key_readable,
         )
 
     async def delete(
@@ -267,12 +268,16 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
-        may_move_key: bool,
+        sends_key: bool,
+        key_readable: bool,
     ) -> Written:
         """Change an existing provider. The service's identity lets it re-encrypt a key it keeps,
         but a client that neither sends the key nor may read it cannot change where the key goes:
         the MAC covers every value so that nobody sends a key they cannot read to a host of
-        their choosing (SPEC 2.4), and a write over HTTP keeps that promise (403)."""
+        their choosing (SPEC 2.4), and a write over HTTP keeps that promise (403).
+
+        A write that sends a key is never "no change", even when it is the current key: the
+        answer must not tell a client whether its guess was the key."""
 
         def make(files: Mapping[str, bytes], base: str | None) -> tuple[str, bytes | None, bool]:
             path, loaded = self._existing(files, kind, provider_id)
@@ -292,12 +297,12 @@ class Writer:
                     del document["api_key"]
             document.setdefault("kind", kind)
             document.setdefault("id", provider_id)
-            if document == current:
+            if document == current and not sends_key:
                 return path, files[path], False
             _check_body(document)
             moved = [f for f in DESTINATION_FIELDS if document.get(f) != current.get(f)]
             keyed = current.get("api_key") is not None and document.get("api_key") is not None
-            if keyed and moved and not may_move_key:
+            if keyed and moved and not (sends_key or key_readable):
                 raise Forbidden(
                     f"changing `{'`, `'.join(moved)}` of {self._display(path)} would send its key "
                     "somewhere else: send `api_key` with the change (or be a client with secrets:read)"

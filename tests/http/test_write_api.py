@@ -715,3 +715,17 @@ async def test_branch_mode_names_a_branch_for_any_id_in_one_look(repo: SopsProje
         assert git(repo.root, "show", f"{answer['branch']}:providers.d/a..b.yaml").startswith("# yaml")
         status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "n"})
         assert status == 202 and answer["branch"] == "switchboard/update-gpu-8", answer
+
+
+async def test_sending_the_current_key_is_not_told_apart_from_a_wrong_guess(
+    repo: SopsProject, hostile: Service
+) -> None:
+    """ "No change, no commit" compared the decrypted key: a right guess answered 200 without a
+    commit, a wrong one made a commit (in branch mode: a harmless branch), an oracle for keys."""
+    for guess in (CANARY, "sk-wrong-guess-0000000000"):
+        before = head(repo.root)
+        status, answer, _ = await call(
+            hostile, "PATCH", "/api-keys/vendor", {"api_key": guess}, token="tok-w"
+        )
+        assert status == 200, answer
+        assert answer["commit"] == head(repo.root) != before
