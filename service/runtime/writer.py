@@ -35,6 +35,7 @@ from service.config.loader import Loaded, is_config_file, parse
 from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS, Routing
 from service.config.snapshot import Snapshot, cross_check
 from service.config.sops_rules import check_sops_config, recipients
+from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
 from service.errors import (
     Conflict,
@@ -302,12 +303,20 @@ class Writer:
             _check_body(document)
             moved = [f for f in DESTINATION_FIELDS if document.get(f) != current.get(f)]
             keyed = current.get("api_key") is not None and document.get("api_key") is not None
-            if keyed and moved and not (sends_key or key_readable):
+            kept = keyed and not (sends_key or key_readable)
+            if kept and moved:
                 raise Forbidden(
                     f"changing `{'`, `'.join(moved)}` of {self._display(path)} would send its key "
                     "somewhere else: send `api_key` with the change (or be a client with secrets:read)"
                 )
-            return path, self._render(path, original, document), True
+            data = self._render(path, original, document)
+            gained = file_recipients(data) - file_recipients(files[path]) if kept else set()
+            if gained:  # a recipient added to .sops.yaml would read a key nobody rotated for it
+                raise Conflict(
+                    f"{self._display(path)}: keeping its key would encrypt it for recipients it does not "
+                    f"have ({', '.join(sorted(gained))}): run `switchboard rotate` first, or send `api_key`"
+                )
+            return path, data, True
 
         return await self._write(_Draft("update", kind, provider_id, make), client, reason)
 

@@ -23,7 +23,17 @@ import pytest
 import yaml
 
 from service.config.secret import Secret
-from tests.conftest import Service, SopsProject, git, git_init, serve, write_routing, write_server
+from tests.conftest import (
+    AgeIdentity,
+    Service,
+    SopsProject,
+    _write_sops_yaml,
+    git,
+    git_init,
+    serve,
+    write_routing,
+    write_server,
+)
 
 API = "/api/v1/llm-config"
 CANARY = "sk-canary-write-3c1d9e7f5a2b4c6d8e0f"
@@ -729,3 +739,20 @@ async def test_sending_the_current_key_is_not_told_apart_from_a_wrong_guess(
         )
         assert status == 200, answer
         assert answer["commit"] == head(repo.root) != before
+
+
+async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
+    repo: SopsProject, hostile: Service, other_age_identity: AgeIdentity
+) -> None:
+    """A recipient added to `.sops.yaml` reads only files encrypted (or rotated) since. Any
+    edit re-encrypted the kept key for `.sops.yaml`, so `config:write` could hand every key
+    to a recipient it holds, one harmless-looking PATCH each, without anyone's rotation."""
+    _write_sops_yaml(repo.root, repo.identity.recipient, other_age_identity.recipient)
+    commit_all(repo.root, "a new recipient, for new files")
+    path = repo.providers / "vendor.yaml"
+    data = path.read_bytes()
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "innocent"}, token="tok-w")
+    assert status == 409 and "rotate" in answer["error"]["message"], answer
+    assert path.read_bytes() == data and other_age_identity.recipient.encode() not in data
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "k"}, token="tok-k")
+    assert status == 200, answer  # a client that may read the key could send it along anyway
