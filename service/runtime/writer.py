@@ -377,6 +377,8 @@ class Writer:
         committer = self.committer
         assert committer is not None  # noqa: S101 - checked by _write
         ref = await asyncio.to_thread(committer.ref)
+        if self.mode == "commit":
+            _branch_name(ref)  # a commit on a detached HEAD is lost at the next checkout or sync
         local = await asyncio.to_thread(committer.resolve, ref)
         subject = f"{draft.verb} {draft.kind} {draft.subject}"
         text = message(subject, reason, client)
@@ -660,7 +662,10 @@ def _problems(problems: list[Problem]) -> list[dict[str, str]]:
 
 def _branch_name(ref: str) -> str:
     if not ref.startswith("refs/heads/"):
-        raise Conflict("HEAD is detached (a git-sync checkout?): writes need a branch to push to")
+        raise Conflict(
+            "HEAD is detached (a git-sync checkout?): a write needs a branch to commit to "
+            "(check one out, or use SWITCHBOARD_WRITE_MODE=branch)"
+        )
     return ref.removeprefix("refs/heads/")
 
 

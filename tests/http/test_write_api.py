@@ -756,3 +756,17 @@ async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
     assert path.read_bytes() == data and other_age_identity.recipient.encode() not in data
     status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "k"}, token="tok-k")
     assert status == 200, answer  # a client that may read the key could send it along anyway
+
+
+async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
+    """SPEC 8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
+    it was applied and answered 200, then lost at the next checkout."""
+    git(repo.root, "checkout", "-q", "--detach")
+    before = head(repo.root)
+    async with serve(repo) as service:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "lost"})
+        assert status == 409 and "detached" in answer["error"]["message"], answer
+        assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    async with serve(repo, write_mode="branch") as service:  # a branch for review needs none
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "reviewed"})
+        assert status == 202, answer
