@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")
 _INTENT = "switchboard-write.json"
 _MAX_REASON = 2000
+REMOTE_TIMEOUT_S = 60.0
+"""The longest a push or a fetch may take (a write waits for it, the write lock held)."""
 _OFF = (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
 """A filter driver with these settings runs nothing."""
 
@@ -300,7 +302,7 @@ class Committer:
                 "--receive-pack=git-receive-pack",
                 remote,
                 f"{commit}:refs/heads/{branch}",
-                timeout_s=60,
+                timeout_s=REMOTE_TIMEOUT_S,
             )
         except GitError as exc:
             return str(exc)
@@ -315,7 +317,7 @@ class Committer:
             "--upload-pack=git-upload-pack",
             remote,
             f"refs/heads/{branch}",
-            timeout_s=60,
+            timeout_s=REMOTE_TIMEOUT_S,
         )
         commit = self.resolve("FETCH_HEAD")
         if commit is None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import service.vcs.commit as commit_module
 from service.errors import GitError
 from service.vcs.commit import Committer, Identity, message
 from service.vcs.gitrepo import GitRepo, redact, safe_environ
@@ -184,3 +185,33 @@ def test_credentials_in_urls_are_masked_in_git_errors() -> None:
     assert redact("fatal: unable to access 'https://bot:ghp_secret@github.com/o/r.git/'") == (
         "fatal: unable to access 'https://****@github.com/o/r.git/'"
     )
+
+
+def test_a_remote_that_hangs_takes_nothing_with_it(
+    repo: GitRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push to a dead host is given up after REMOTE_TIMEOUT_S, and the ssh that hangs goes
+    too: killing git alone left it running (one more each write), holding the terminal."""
+    pids = tmp_path / "ssh-pids"
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 30\n")
+    ssh.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(ssh))
+    monkeypatch.setattr(commit_module, "REMOTE_TIMEOUT_S", 1.0)
+    hanging = GitRepo(repo.root)
+    committer = Committer(hanging, COMMITTER)
+    base = committer.resolve("HEAD")
+    assert base is not None
+    reason = committer.push("ssh://git.example.invalid/repo.git", base, "main")
+    assert reason is not None and "did not finish" in reason
+    (pid,) = [int(p) for p in pids.read_text().split()]
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a killed process whose parent died may stay a zombie until reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
