@@ -237,6 +237,8 @@ class Writer:
 
         def make(files: Mapping[str, bytes], base: str | None) -> tuple[str, bytes | None, bool]:
             found = _routing_file(files, self._display)
+            if found is None:
+                _check_no_broken_routing(files, self._display)
             original: bytes | None = None
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
@@ -680,6 +682,28 @@ def _routing_file(files: Mapping[str, bytes], display: Callable[[str], str]) -> 
         if isinstance(loaded.document, Routing):
             return path, data
     return None
+
+
+def _check_no_broken_routing(files: Mapping[str, bytes], display: Callable[[str], str]) -> None:
+    """Conflict when a routing file in git does not load: a route written beside it, or over
+    it, would drop every purpose it holds (the service still serves them from its last good
+    version)."""
+    for path, data in sorted(files.items()):
+        if not is_config_file(PurePosixPath(path).name):
+            continue
+        try:
+            parse(display(path), data)
+        except FileRejected as exc:
+            if PurePosixPath(path).stem == "routing" or _ROUTING_KIND.search(data):
+                raise Conflict(
+                    f"{display(path)} is not valid in git ({exc.reason}); fix it through git first, "
+                    "since a route written now would drop the routes it holds"
+                ) from None
+
+
+_ROUTING_KIND = re.compile(rb"""(?m)^kind[ \t]*:[ \t]*(routing|'routing'|"routing")[ \t]*(#.*)?$""")
+"""`kind: routing` at the top level, found without loading YAML that failed to load (an alias
+bomb, say)."""
 
 
 def _purposes_naming(

@@ -770,3 +770,26 @@ async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
     async with serve(repo, write_mode="branch") as service:  # a branch for review needs none
         status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "reviewed"})
         assert status == 202, answer
+
+
+@pytest.mark.parametrize("name", ["routing.yaml", "routes.yml"])
+async def test_a_route_is_not_written_over_a_routing_file_that_does_not_load(
+    repo: SopsProject, name: str
+) -> None:
+    """The service serves the last good routing while git's is broken; a route written then
+    replaced it (or went beside it) with one purpose, and the other purposes lost their route."""
+    write_server(repo, "tei", purposes="embeddings")
+    (repo.providers / "routing.yaml").unlink()
+    good = "kind: routing\npurposes:\n  chat:\n    primary: [gpu]\n  embeddings:\n    primary: [tei]\n"
+    (repo.providers / name).write_text(good)
+    commit_all(repo.root, "two purposes")
+    async with serve(repo) as service:
+        (repo.providers / name).write_text(good.replace("[gpu]\n", "[gpu]\n    typo: 1\n"))
+        commit_all(repo.root, "a typo")
+        await asyncio.sleep(0.3)
+        before = head(repo.root)
+        status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
+        assert status == 409 and name in answer["error"]["message"], answer
+        assert head(repo.root) == before
+        routing = service.registry.snapshot.routing
+        assert routing is not None and sorted(routing.purposes) == ["chat", "embeddings"]
