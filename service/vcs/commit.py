@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")
 _INTENT = "switchboard-write.json"
 _MAX_REASON = 2000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 REMOTE_TIMEOUT_S = 60.0
 """The longest a push or a fetch may take (a write waits for it, the write lock held)."""
 _OFF = (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
@@ -79,7 +81,10 @@ def message(subject: str, reason: str | None, client: str) -> str:
     """A commit message: the subject, the reason (the request's X-Switchboard-Reason) as the body,
     and a `Switchboard-Client` trailer."""
     parts = [subject.strip()]
-    text = " ".join((reason or "").split())[:_MAX_REASON]  # one paragraph, no control characters
+    # One paragraph of text: a header's bytes that are not UTF-8 come as lone surrogates, which
+    # no commit can hold; control characters (and line breaks) become spaces.
+    text = _UNPRINTABLE.sub(" ", _SURROGATE.sub("\ufffd", reason or ""))
+    text = " ".join(text.split())[:_MAX_REASON]
     if text:
         parts.append(text)
     parts.append(f"Switchboard-Client: {client}")

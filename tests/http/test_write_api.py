@@ -793,3 +793,25 @@ async def test_a_route_is_not_written_over_a_routing_file_that_does_not_load(
         assert head(repo.root) == before
         routing = service.registry.snapshot.routing
         assert routing is not None and sorted(routing.purposes) == ["chat", "embeddings"]
+
+
+async def test_a_reason_that_is_not_utf8_is_kept_as_text_not_a_500(
+    repo: SopsProject, service: Service
+) -> None:
+    """HTTP header bytes are not always UTF-8; the reason went into the commit as lone
+    surrogates, and building the commit failed (500)."""
+    host, port = service.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"name": "reasoned"}'
+    writer.write(
+        f"PATCH {API}/servers/gpu HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n".encode()
+        + b"X-Switchboard-Reason: caf\xc3\xa9 \xff\xfe\r\n\r\n"
+        + body
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert git(repo.root, "log", "-1", "--format=%b").splitlines()[0] == "caf\u00e9 \ufffd\ufffd"

@@ -47,6 +47,10 @@ def test_a_message_has_the_subject_the_reason_as_body_and_the_trailer() -> None:
         == "delete ai_server y\n\nSwitchboard-Client: anonymous\n"
     )
     assert len(message("s", "x" * 10_000, "c")) < 2100
+    # a header's bytes that are not UTF-8 arrive as lone surrogates (aiohttp's surrogateescape)
+    odd = message("s", "caf\u00e9 \udcff\udcfe\x1b[31m\x85x\u2028y", "c")
+    assert odd == "s\n\ncaf\u00e9 \ufffd\ufffd [31m x y\n\nSwitchboard-Client: c\n"
+    odd.encode("utf-8")
 
 
 def test_a_commit_is_built_without_touching_ref_index_or_files(repo: GitRepo) -> None:
