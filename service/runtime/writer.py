@@ -63,6 +63,7 @@ Verb = Literal["create", "update", "delete"]
 ProviderKind = Literal["api_key", "ai_server"]
 
 PUSH_ATTEMPTS = 3
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _BRANCH_ATTEMPTS = 5
 _KEEP = object()
 DESTINATION_FIELDS = ("base_url", "provider")
@@ -649,6 +650,11 @@ def _check_body(document: Mapping[str, Any]) -> None:
         if value is not None and value is not _KEEP and not isinstance(value, str):
             raise Unprocessable(
                 f"`{name}` must be a string", problems=[_problem("", name, "must be a string")]
+            )
+        if isinstance(value, str) and _CONTROL.search(value):  # no header can carry it: 500s later
+            raise Unprocessable(
+                f"`{name}` holds a control character (a pasted line break?); a key is one line",
+                problems=[_problem("", name, "holds a control character")],
             )
     if editing.depth(document) > editing.MAX_DEPTH:
         raise Unprocessable("the document nests too deeply", problems=[_problem("", "", "nested too deeply")])

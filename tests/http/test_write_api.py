@@ -815,3 +815,16 @@ async def test_a_reason_that_is_not_utf8_is_kept_as_text_not_a_500(
     await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert git(repo.root, "log", "-1", "--format=%b").splitlines()[0] == "caf\u00e9 \ufffd\ufffd"
+
+
+@pytest.mark.parametrize("key", ["sk-abc\r\nX-Injected: 1", "sk-\x00abc", "sk-abc\n"])
+async def test_a_key_no_http_header_can_carry_is_refused(
+    repo: SopsProject, service: Service, key: str
+) -> None:
+    """It was encrypted and committed, then every request routed to the provider answered 500
+    (aiohttp refuses the header), with no fallback tried."""
+    status, answer, _ = await call(service, "POST", "/api-keys", vendor(api_key=key))
+    assert status == 422, answer
+    assert [p["path"] for p in answer["error"]["problems"]] == ["api_key"]
+    assert "abc" not in json.dumps(answer)
+    assert not (repo.providers / "vendor.yaml").exists()
