@@ -153,7 +153,10 @@ class GitRepo:
             raise
         if proc.returncode not in ok:
             reason = stderr.decode("utf-8", "replace").strip().splitlines()
-            detail = reason[-1] if reason else f"exit {proc.returncode}"
+            # git's own verdict (`fatal: Unable to create '…/index.lock': File exists.`), not the
+            # advice after it (`remove the file manually to continue.`)
+            verdicts = [line for line in reason if line.startswith(("fatal:", "error:"))]
+            detail = (verdicts or reason or [f"exit {proc.returncode}"])[0 if verdicts else -1]
             raise GitError(f"git {args[0]} failed: {redact(detail)}")
         return stdout
 

@@ -828,3 +828,37 @@ async def test_a_key_no_http_header_can_carry_is_refused(
     assert [p["path"] for p in answer["error"]["problems"]] == ["api_key"]
     assert "abc" not in json.dumps(answer)
     assert not (repo.providers / "vendor.yaml").exists()
+
+
+async def test_racing_writers_get_one_winner_each_time(repo: SopsProject, service: Service) -> None:
+    """Held: writes are applied one at a time, so of concurrent creates of one id one wins, and
+    of concurrent edits carrying the same If-Match one wins and the others are 412."""
+    body = {"id": "race", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v1"}
+    creates = await asyncio.gather(*(call(service, "POST", "/servers", body) for _ in range(5)))
+    assert sorted(r[0] for r in creates) == [201, 409, 409, 409, 409]
+    etag = f'"{blob((repo.providers / "race.yaml").read_bytes())}"'
+    edits = await asyncio.gather(
+        *(
+            call(service, "PATCH", "/servers/race", {"name": f"n{i}"}, headers={"If-Match": etag})
+            for i in range(5)
+        ),
+        call(service, "DELETE", "/servers/race", headers={"If-Match": etag}),
+    )
+    assert sorted(r[0] for r in edits) == [200, 412, 412, 412, 412, 412]
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+async def test_an_index_lock_held_by_a_person_is_409_and_changes_nothing(
+    repo: SopsProject, service: Service
+) -> None:
+    """Held: git refuses to write the index; branch, file and index are put back."""
+    lock = repo.root / ".git" / "index.lock"
+    lock.write_text("")
+    before, data = head(repo.root), (repo.providers / "gpu.yaml").read_bytes()
+    try:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "locked"})
+    finally:
+        lock.unlink()
+    assert status == 409 and "index.lock" in answer["error"]["message"], answer
+    assert head(repo.root) == before and (repo.providers / "gpu.yaml").read_bytes() == data
+    assert git(repo.root, "status", "--porcelain") == ""
