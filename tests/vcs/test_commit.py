@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,7 @@ def test_a_remote_that_hangs_takes_nothing_with_it(
     ssh.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 30\n")
     ssh.chmod(0o755)
     monkeypatch.setenv("GIT_SSH_COMMAND", str(ssh))
-    monkeypatch.setattr(commit_module, "REMOTE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(commit_module, "REMOTE_TIMEOUT_S", 2.0)
     hanging = GitRepo(repo.root)
     committer = Committer(hanging, COMMITTER)
     base = committer.resolve("HEAD")
@@ -209,6 +210,9 @@ def test_a_remote_that_hangs_takes_nothing_with_it(
     reason = committer.push("ssh://git.example.invalid/repo.git", base, "main")
     assert reason is not None and "did not finish" in reason
     (pid,) = [int(p) for p in pids.read_text().split()]
+    deadline = time.monotonic() + 5  # SIGKILL is delivered, not waited for
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not _running(pid)
 
 
