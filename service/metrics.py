@@ -21,6 +21,12 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.info = Gauge(
+            "switchboard_info",
+            "1, labelled with this replica and its version.",
+            ["replica", "version"],
+            registry=r,
+        )
         # configuration
         self.reloads = Counter("switchboard_reloads", "Reload batches, by result.", ["result"], registry=r)
         self.reload_seconds = Histogram(

@@ -204,6 +204,7 @@ class Readiness(_Answer):
     """Ready once the first load is done; `refused` lists the files the last load set aside."""
 
     status: Literal["ready"]
+    replica: str = Field(description="`SWITCHBOARD_REPLICA` (default: the host name)")
     generation: int
     last_applied_commit: str | None
     last_attempted_commit: str | None

@@ -42,6 +42,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[METRICS].info.labels(settings.replica, __version__).set(1)
     app[HEALTH] = Health(
         failures=settings.circuit_failures,
         cooldown_s=settings.circuit_cooldown_s,
@@ -69,7 +70,11 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     events = EventLog(settings.events_file, on_append=count)
     if events.recovered_tail:
         log.warning("event log: %s", events.recovered_tail)
-    events.append(ServiceStarted(version=__version__, pid=os.getpid(), recovered=events.recovered_tail))
+    events.append(
+        ServiceStarted(
+            version=__version__, pid=os.getpid(), replica=settings.replica, recovered=events.recovered_tail
+        )
+    )
     attributor = Attributor(settings.providers_dir)
     registry = Registry(events, settings.files_root, attributor)
 
@@ -148,6 +153,7 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "status": "ready",
+            "replica": request.app[SETTINGS].replica,
             "generation": state.snapshot.generation,
             "last_applied_commit": state.last_applied_commit,
             "last_attempted_commit": state.last_attempted_commit,

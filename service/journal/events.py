@@ -105,6 +105,7 @@ class ServiceStarted(BaseEvent):
     type: Literal["service.started"] = "service.started"
     version: str
     pid: int
+    replica: str | None = Field(None, description="SWITCHBOARD_REPLICA (SPEC 12); null in older logs")
     recovered: str | None = None
 
 
