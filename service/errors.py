@@ -16,7 +16,7 @@
     ├── GitError                    a git command failed
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
         ├── BadRequest (400), Unauthorized (401), Forbidden (403), NotFound (404),
-        ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412),
+        ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
         ├── PayloadTooLarge (413), Unprocessable (422), UpstreamsFailed (502),
         └── NotReady (503), NoCandidate (503), Busy (503)
 
@@ -167,6 +167,13 @@ class NotFound(HTTPError):
 class MethodNotAllowed(HTTPError):
     status = 405
     type = "method_not_allowed"
+
+
+class MisdirectedRequest(HTTPError):
+    """421: without authentication, a request whose `Host` is not a loopback name (DNS rebinding)."""
+
+    status = 421
+    type = "misdirected_request"
 
 
 class Conflict(HTTPError):

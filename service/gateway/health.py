@@ -120,6 +120,14 @@ class Health:
         self._tracks: dict[str, _Track] = {}
         self._models: dict[str, tuple[str, ...]] = {}
 
+    def reset(self, provider_id: str) -> None:
+        """Forget what is known of the provider (SPEC 7: its file changed, a rotated key or a new URL):
+        its circuit closes and its status is `unknown` again until a request or a check tells."""
+        self._states.pop(provider_id, None)
+        self._tracks.pop(provider_id, None)
+        if self._models.pop(provider_id, None) is not None:
+            self.models_version += 1
+
     def get(self, provider_id: str) -> HealthState:
         """The last known health; `unknown` before any request or check."""
         return self._states.get(provider_id, _UNKNOWN)

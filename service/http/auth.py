@@ -20,7 +20,7 @@ from aiohttp import web
 
 from service.config.models import Client, Scope
 from service.crypto.tokens import token_sha256
-from service.errors import Forbidden, NotReady, Unauthorized
+from service.errors import BadRequest, Forbidden, MisdirectedRequest, NotReady, PayloadTooLarge, Unauthorized
 from service.http.context import REGISTRY, SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -46,6 +46,7 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
     clients = state.snapshot.clients
     if clients is None:
         if not state.auth_required and is_loopback(request.app[SETTINGS].host):
+            _same_machine_only(request)
             return None
         raise NotReady("authentication is required but no valid clients file is loaded (see /readyz)")
     header = request.headers.get("Authorization", "")
@@ -62,6 +63,46 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
     if scope is not None and scope not in found.scopes:
         raise Forbidden(f"client {found.name!r} lacks the scope {scope!r}")
     return found
+
+
+_JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})
+
+
+def _same_machine_only(request: web.Request) -> None:
+    """Without authentication, only what a program on this machine sends (SPEC 6).
+
+    A web page can make a browser send requests to 127.0.0.1, by DNS rebinding (a name of its
+    own that resolves to 127.0.0.1: the `Host` is then not a loopback name, 421) or by a form
+    or a no-cors `fetch`. Those can only POST, with no media type or a form's: a POST must
+    carry a JSON media type, which a page cannot set without a CORS preflight that this
+    service never answers. PUT, PATCH and DELETE always need that preflight, and PUT and PATCH
+    bodies must be JSON anyway; a DELETE has no body to type.
+    """
+    if not _loopback_name(request.host):
+        raise MisdirectedRequest(
+            f"without authentication only loopback names are served (Host: {request.host[:100]!r}); "
+            "use http://127.0.0.1 or http://localhost, or set up a clients file"
+        )
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge.over(limit)  # what it is first: too large, whatever its type
+    if request.method == "POST" and request.content_type not in _JSON_TYPES:
+        raise BadRequest(
+            "without authentication a state-changing request must carry a JSON media type "
+            "(Content-Type: application/json)"
+        )
+
+
+def _loopback_name(host: str) -> bool:
+    """Whether a `Host` header names this machine: `localhost` (`*.localhost`) or a loopback address."""
+    if host.startswith("["):  # [::1]:8080
+        name = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:  # 127.0.0.1:8080, localhost:8080
+        name = host.split(":", 1)[0]
+    else:  # no port, or a bare IPv6 address
+        name = host
+    name = name.lower().rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 
 def scoped(scope: Scope) -> Callable[[Handler], Handler]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from service.config.models import Provider
 from service.errors import BadRequest, HTTPError, PayloadTooLarge
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.health import CheckResult, Status, check
@@ -30,6 +31,7 @@ from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
 from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS
 from service.journal.events import BaseEvent, ProviderHealthChanged
+from service.runtime.registry import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     session = open_session()
     app[RELAY] = Relay(app[METRICS], health, session, max_upstream_bytes=settings.max_upstream_bytes)
     health.on_change = _on_health_change(app)
+    reset = _reset_on_update(app)
+    app[REGISTRY].on_apply.append(reset)
     tasks = [asyncio.create_task(_write_events(app, queue), name="switchboard-health-events")]
     if settings.health_interval_s > 0:
         periodic = _check_periodically(app, settings.health_interval_s)
@@ -117,6 +121,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         health.on_change = None
+        app[REGISTRY].on_apply.remove(reset)
         writer, *checks = tasks
         for task in checks:
             await _stop(task)
@@ -130,6 +135,34 @@ async def _stop(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def _reset_on_update(app: web.Application) -> Callable[[Outcome], None]:
+    """A provider whose file changed (a rotated key, a new URL) starts again from `unknown`, its
+    circuit closed (SPEC 7). Told by the registry's thread; the reset runs on the loop."""
+    loop = asyncio.get_running_loop()
+    health, gauge = app[HEALTH], app[METRICS].provider_healthy
+    last = [app[REGISTRY].snapshot]
+
+    def reset(changed: list[str]) -> None:
+        for provider_id in changed:
+            health.reset(provider_id)
+            gauge.labels(provider_id).set(-1)
+
+    def applied(outcome: Outcome) -> None:
+        old, new = last[0], outcome.snapshot
+        last[0] = new
+        changed = [pid for pid, now in new.providers.items() if _changed(old.providers.get(pid), now)]
+        if changed:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the service has stopped
+                loop.call_soon_threadsafe(reset, changed)
+
+    return applied
+
+
+def _changed(before: Provider | None, after: Provider) -> bool:
+    # A re-encrypted file is a new object with equal values: not a change of the provider.
+    return before is not None and before is not after and before != after
 
 
 def _on_health_change(app: web.Application) -> Callable[[str, Status, Status, str | None], None]:

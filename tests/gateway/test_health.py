@@ -8,7 +8,7 @@ from aiohttp import web
 
 from service.gateway.health import CheckResult, Health
 from service.http.context import HEALTH
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, eventually
 from tests.support.gateway import CANARY, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, closed_port_url, upstreams
 
@@ -289,3 +289,31 @@ async def _until(condition: object, timeout: float = 20) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # type: ignore[operator]
             await asyncio.sleep(0.02)
+
+
+async def test_a_rotated_key_resets_health_and_circuit(sops_project: SopsProject) -> None:
+    """SPEC 7: a provider.updated (a rotated key, a new URL) starts the provider afresh."""
+    async with upstreams({"name": "vendor", "api_key": "sk-new-key-0123456789"}, {"name": "backup"}) as (
+        vendor,
+        backup,
+    ):
+        write_provider(sops_project, "vendor", provider="openai", base_url=vendor.base_url, api_key=CANARY)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "vendor", "fallbacks": ["backup"]})
+        async with running(sops_project, circuit_cooldown_s=300) as board:
+            health = board.app[HEALTH]
+            refused = await board.chat()  # the old key: 401, the circuit opens for 300 s
+            assert refused.headers["x-switchboard-provider"] == "backup" and health.is_open("vendor")
+            generation = (await (await board.get("/readyz")).json())["generation"]
+            write_provider(
+                sops_project,
+                "vendor",
+                provider="openai",
+                base_url=vendor.base_url,
+                api_key="sk-new-key-0123456789",
+            )
+            await board.wait_for_generation(generation + 1)
+            await eventually(lambda: not health.is_open("vendor"))
+            assert health.get("vendor").status == "unknown"
+            rotated = await board.chat()
+    assert rotated.status == 200 and rotated.headers["x-switchboard-provider"] == "vendor"

@@ -22,6 +22,8 @@ from tests.support.gateway import (
 )
 from tests.support.upstreams import FakeUpstream, closed_port_url, serving, unanswered_url, upstreams
 
+JSON = {"Content-Type": "application/json"}
+"""Without authentication a POST must say it is JSON (SPEC 6), as every client library does."""
 PROVIDER = "x-switchboard-provider"
 ATTEMPTS = "x-switchboard-attempts"
 
@@ -49,7 +51,9 @@ async def test_the_body_goes_out_as_sent_unless_the_model_is_renamed(sops_projec
         write_routing(sops_project, chat="a", embeddings="b")
         async with running(sops_project) as board:
             raw = b'{"model":  "fake-model", "messages": [{"role": "user", "content": "x"}], "extra": 1}'
-            async with board.http.post(f"{board.base_url}/chat/completions", data=raw) as response:
+            async with board.http.post(
+                f"{board.base_url}/chat/completions", data=raw, headers=JSON
+            ) as response:
                 assert response.status == 200
             response = await board.post("/v1/embeddings", {"model": "alias", "input": "text"})
             assert response.status == 200
@@ -358,9 +362,9 @@ async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProj
         write_routing(sops_project, chat="a")
         async with running(sops_project, max_body_bytes=2048) as board:
             url = f"{board.base_url}/chat/completions"
-            async with board.http.post(url, data=b"{not json") as malformed:
+            async with board.http.post(url, data=b"{not json", headers=JSON) as malformed:
                 assert malformed.status == 400
-            async with board.http.post(url, data=b"[1, 2]") as not_an_object:
+            async with board.http.post(url, data=b"[1, 2]", headers=JSON) as not_an_object:
                 assert not_an_object.status == 400
             big = await board.chat("x" * 4096)
 
@@ -369,7 +373,7 @@ async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProj
                 yield b"y" * 4096
                 yield b'"}]}'
 
-            async with board.http.post(url, data=chunks()) as chunked:
+            async with board.http.post(url, data=chunks(), headers=JSON) as chunked:
                 chunked_body = await chunked.json()
     assert big.status == 413
     assert (await big.json())["error"]["type"] == "payload_too_large"
@@ -393,7 +397,7 @@ async def test_a_body_nested_too_deep_is_a_400(sops_project: SopsProject, path: 
                 '{"model": "m", "messages": ' + NESTED + "}",
                 '{"a":' * 100_000 + "1" + "}" * 100_000,
             ):
-                async with board.http.post(board.url + path, data=raw.encode()) as response:
+                async with board.http.post(board.url + path, data=raw.encode(), headers=JSON) as response:
                     answers.append((response.status, await response.json()))
     for status, body in answers:
         assert status == 400, body
@@ -410,7 +414,7 @@ async def test_a_body_nested_near_the_limit_with_a_model_map_is_not_a_500(sops_p
             for depth in range(850, 1000, 5):
                 raw = '{"model": "alias", "messages": [], "x": ' + "[" * depth + "]" * depth + "}"
                 async with board.http.post(
-                    f"{board.base_url}/chat/completions", data=raw.encode()
+                    f"{board.base_url}/chat/completions", data=raw.encode(), headers=JSON
                 ) as response:
                     statuses.add(response.status)
     assert statuses <= {200, 400}, statuses
@@ -426,12 +430,14 @@ async def test_a_lone_surrogate_in_a_body_that_is_re_encoded_is_not_a_500(sops_p
             raw = b'{"model": "alias", "messages": [{"role": "user", "content": "\\ud800"}]'
             statuses = []
             for extra in (b"}", b', "stream": true}'):  # renamed; asked for its usage
-                async with board.http.post(f"{url}/chat/completions", data=raw + extra) as response:
+                async with board.http.post(
+                    f"{url}/chat/completions", data=raw + extra, headers=JSON
+                ) as response:
                     statuses.append(response.status)
             rerank = (
                 b'{"model": "r", "query": "\\ud800", "documents": ["\\udfff x"], "return_documents": true}'
             )
-            async with board.http.post(f"{url}/rerank", data=rerank) as response:
+            async with board.http.post(f"{url}/rerank", data=rerank, headers=JSON) as response:
                 statuses.append(response.status)
     assert statuses == [200, 200, 200]
     assert a.requests[0].json["messages"][0]["content"] == "\ud800"

@@ -1,0 +1,51 @@
+"""Without authentication the service serves only this machine's programs (SPEC 6): no DNS
+rebinding (421 for a Host that is not a loopback name) and no forged form (JSON media type)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Service
+
+API = "/api/v1/llm-config"
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:8080", "localhost", "LOCALHOST:1", "[::1]:8080", "app.localhost", "127.9.9.9"]
+)
+async def test_loopback_names_are_served(running_service: Service, host: str) -> None:
+    async with running_service.http.get(
+        running_service.url + API + "/active", headers={"Host": host}
+    ) as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "10.0.0.1", "localhost.evil.example"])
+async def test_another_host_is_421_whatever_resolves_to_here(running_service: Service, host: str) -> None:
+    async with running_service.http.get(
+        running_service.url + API + "/active", headers={"Host": host}
+    ) as response:
+        assert response.status == 421
+        assert (await response.json())["error"]["type"] == "misdirected_request"
+
+
+async def test_probes_answer_any_host(running_service: Service) -> None:
+    async with running_service.http.get(
+        running_service.url + "/readyz", headers={"Host": "lb.internal"}
+    ) as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]
+)
+async def test_a_state_changing_request_a_page_could_forge_is_refused(
+    running_service: Service, content_type: str
+) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    for path in ("/v1/chat/completions", f"{API}/providers/gpu/test"):
+        async with running_service.http.post(
+            running_service.url + path, data=body, headers={"Content-Type": content_type}
+        ) as response:
+            assert response.status == 400, path
+            assert "JSON media type" in (await response.json())["error"]["message"]
