@@ -21,9 +21,9 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api, openapi, push, write_api
+from service.http import config_api, openai_api, openapi, push, replicas, write_api
 from service.http.auth import Handler
-from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
+from service.http.context import EVENTS, HEALTH, METRICS, PULLER, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
 from service.http.push import CHANGES, Changes
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
@@ -58,6 +58,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     openai_api.setup(app)
     openapi.setup(app)
     push.setup(app)
+    replicas.setup(app)
     return app
 
 
@@ -150,17 +151,19 @@ async def _readyz(request: web.Request) -> web.Response:
     state = registry.state if registry is not None else None
     if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
-    return web.json_response(
-        {
-            "status": "ready",
-            "replica": request.app[SETTINGS].replica,
-            "generation": state.snapshot.generation,
-            "last_applied_commit": state.last_applied_commit,
-            "last_attempted_commit": state.last_attempted_commit,
-            "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-            "degraded": state.degraded,
-        }
-    )
+    puller = request.app.get(PULLER)
+    body = {
+        "status": "ready",
+        "replica": request.app[SETTINGS].replica,
+        "generation": state.snapshot.generation,
+        "last_applied_commit": state.last_applied_commit,
+        "last_attempted_commit": state.last_attempted_commit,
+        "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
+        "degraded": state.degraded,
+    }
+    if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
+        body["sync"] = puller.status.answer()
+    return web.json_response(body)
 
 
 async def _metrics(request: web.Request) -> web.Response:

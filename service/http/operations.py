@@ -100,6 +100,8 @@ class Operation:
             return "gateway"
         if not self.path.startswith(PREFIX):
             return "service"
+        if self.path.startswith((f"{PREFIX}/hooks/", f"{PREFIX}/replicas")):
+            return "replicas"
         return "configuration" if self.method == "GET" or self.path.endswith("/test") else "writes"
 
     def render(self, schemas: Schemas) -> dict[str, Any]:

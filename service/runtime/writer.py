@@ -127,7 +127,9 @@ class Writer:
         self.mode = resolve_mode(settings, repo)
         self.repo = repo
         self.committer = Committer(repo, Identity.parse(settings.git_committer)) if repo is not None else None
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        """Held while a write runs; a pull (runtime.sync) takes it too, so neither moves the branch
+        under the other."""
         self._folder = repo.relative(settings.providers_dir) if repo is not None else ""
 
     def recover(self) -> None:
@@ -374,7 +376,7 @@ class Writer:
         if self.mode == "off" or self.committer is None:
             why = "outside a git repository" if self.repo is None else "SWITCHBOARD_WRITE_MODE is off"
             raise MethodNotAllowed(f"writes over HTTP are off ({why}): change the files through git")
-        async with self._lock:
+        async with self.lock:
             return await self._commit(draft, client, reason)
 
     async def _commit(self, draft: _Draft, client: str, reason: str | None) -> Written:

@@ -547,11 +547,11 @@ async def test_stopping_during_the_first_load_waits_for_its_apply_before_closing
     registry = runner.app[REGISTRY]
     apply, started, results = registry.apply, threading.Event(), []
 
-    def slow_apply(*args: Any) -> Any:  # the first load, caught in its worker thread
+    def slow_apply(*args: Any, **kwargs: Any) -> Any:  # the first load, caught in its worker thread
         started.set()
         time.sleep(0.5)
         try:
-            outcome = apply(*args)
+            outcome = apply(*args, **kwargs)
         except Exception as exc:
             results.append(repr(exc))
             raise
