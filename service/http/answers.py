@@ -134,6 +134,19 @@ class Branched(_Answer):
     file: str
 
 
+class Pushed(_Answer):
+    """A write from git-sync's checkout, pushed to the remote but not applied here yet: git-sync
+    did not bring it back within the wait (SPEC 12). It is served once git-sync swaps it in."""
+
+    pending: Literal[True]
+    commit: str
+    file: str
+
+
+WriteAccepted = Branched | Pushed
+"""202: a write committed to a branch for review, or pushed and not applied here yet."""
+
+
 # -- checks, models, secrets ----------------------------------------------------------------------
 
 

@@ -150,7 +150,7 @@ class Reloader:
                 continue
             changes = awatch(
                 self.folder,
-                *_link_folders(self.folder),  # a swapped link is an event there, not in the folder
+                *link_folders(self.folder),  # a swapped link is an event there, not in the folder
                 watch_filter=None,  # every event is a hint; the rescan decides what changed
                 debounce=self.debounce_ms,
                 step=min(self.debounce_ms, 10),
@@ -292,7 +292,7 @@ def _target(folder: Path) -> Path | None:
     return target if target.is_dir() else None
 
 
-def _link_folders(folder: Path) -> list[Path]:
+def link_folders(folder: Path) -> list[Path]:
     """The folders holding a symlink on the way to `folder`: a link swapped by a rename shows
     as an event there (a watch of `folder` follows the old target and sees nothing)."""
     found: list[Path] = []

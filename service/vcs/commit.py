@@ -339,6 +339,32 @@ class Committer:
             raise GitError(f"git fetch {remote} {branch} gave no commit")
         return commit
 
+    def remote_branch(self, remote: str, commit: str | None) -> str:
+        """The branch of `remote` a detached checkout (git-sync's) follows: the one whose tip is
+        `commit`, the remote's default branch among several or when none is; GitError when
+        the remote cannot be asked."""
+        out = self.repo.run(
+            "ls-remote",
+            "--symref",
+            "--upload-pack=git-upload-pack",
+            remote,
+            "HEAD",
+            "refs/heads/*",
+            timeout_s=REMOTE_TIMEOUT_S,
+        )
+        default, at = None, []
+        for line in out.decode("utf-8", "replace").splitlines():
+            left, _, name = line.partition("\t")
+            if left.startswith("ref: refs/heads/") and name == "HEAD":
+                default = left.removeprefix("ref: refs/heads/")
+            elif name.startswith("refs/heads/") and left == commit:
+                at.append(name.removeprefix("refs/heads/"))
+        if len(at) == 1 or (at and default not in at):
+            return sorted(at)[0]
+        if default is None:
+            raise GitError(f"{remote} names no default branch, and no branch is at {commit}")
+        return default
+
     def is_ancestor(self, ancestor: str, commit: str) -> bool:
         """Whether `ancestor` is in `commit`'s history (itself included)."""
         try:
