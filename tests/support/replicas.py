@@ -290,12 +290,13 @@ class Replica:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
-def replica_env(age_key_file: Path, **settings: str) -> dict[str, str]:
+def replica_env(age_key_file: Path | None, **settings: str) -> dict[str, str]:
     """The environment of a replica: the repository's code first on the path, the age identity,
     a short debounce, no health checks, and `settings` as `SWITCHBOARD_<NAME>` variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SWITCHBOARD_", "SOPS_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["SOPS_AGE_KEY_FILE"] = str(age_key_file)
+    if age_key_file is not None:
+        env["SOPS_AGE_KEY_FILE"] = str(age_key_file)
     env["SWITCHBOARD_DEBOUNCE_MS"] = "10"
     env["SWITCHBOARD_HEALTH_INTERVAL_S"] = "0"
     env["SWITCHBOARD_LOG_LEVEL"] = "WARNING"
