@@ -51,6 +51,9 @@ MAX_MESSAGE = 2048
 MAX_PEERS = 1000
 REPULL_S = 10.0
 """A commit heard again that a pull did not bring is asked for at most this often."""
+CHECKS_PER_S = 20
+"""Commits looked up in git per second, at most: made-up commits cannot keep git busy (a real
+one is heard again in the next heartbeat)."""
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
@@ -149,6 +152,7 @@ class Fanout:
         """Other replicas heard from, by name (swapped whole; read from any thread)."""
         self._known: dict[str, None] = {}
         self._asked: dict[str, float] = {}
+        self._checks: list[float] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
@@ -302,6 +306,10 @@ class Fanout:
         """Ask for a pull when `commit` is one this replica does not have (at most every 10 s)."""
         if commit in self._known or now - self._asked.get(commit, -REPULL_S) < REPULL_S:
             return
+        self._checks = [t for t in self._checks if now - t < 1.0]
+        if len(self._checks) >= CHECKS_PER_S:
+            return
+        self._checks.append(now)
         if await asyncio.to_thread(self.knows, commit):
             self._known[commit] = None
             while len(self._known) > 256:

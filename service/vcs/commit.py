@@ -32,7 +32,7 @@ from pathlib import Path
 
 from service.errors import GitError
 from service.files import fsync_path, write_atomically
-from service.vcs.gitrepo import GitRepo
+from service.vcs.gitrepo import GitRepo, redact
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ class Committer:
         if len(at) == 1 or (at and default not in at):
             return sorted(at)[0]
         if default is None:
-            raise GitError(f"{remote} names no default branch, and no branch is at {commit}")
+            raise GitError(f"{redact(remote)} names no default branch, and no branch is at {commit}")
         return default
 
     def is_ancestor(self, ancestor: str, commit: str) -> bool:

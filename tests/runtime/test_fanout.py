@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from service.http.context import FANOUT, PULLER
-from service.runtime.fanout import MAX_PEERS, Beat, Fanout, parse_beat
+from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, Beat, Fanout, parse_beat
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.replicas import Checkout, RedisServer, clone, make_remote, routing_yaml, server_yaml
 
@@ -233,3 +233,19 @@ async def test_a_flood_of_made_up_replicas_is_bounded_and_a_bad_commit_pulls_not
         json.dumps({"replica": "r2", "instance": "x", "commit": "c" * 40, "generation": 2, "ready": True})
     )
     assert asked == ["c" * 40]  # asked for once, not once per replica that names it
+
+
+async def test_made_up_commits_cannot_keep_git_busy() -> None:
+    looked_up: list[str] = []
+
+    def knows(commit: str) -> bool:
+        looked_up.append(commit)
+        return False
+
+    fanout = Fanout(
+        "redis://127.0.0.1:1/0", lambda: Beat("me", None, 1, True), knows=knows, on_new=lambda c: None
+    )
+    for i in range(500):  # a flood, well within a second
+        beat = {"replica": "liar", "instance": "x", "commit": f"{i:040x}", "generation": 1, "ready": True}
+        await fanout._hear(json.dumps(beat).encode())
+    assert len(looked_up) == CHECKS_PER_S
