@@ -91,7 +91,7 @@ async def _verify(request: web.Request) -> None:
         raise Unauthorized(f"wrong {GITLAB_HEADER}")
     if github is not None:
         expected = "sha256=" + await _body_hmac(request, key)
-        if not _same(github.strip().encode("utf-8", "surrogateescape"), expected.encode()):
+        if not _same(github.strip().lower().encode("utf-8", "surrogateescape"), expected.encode()):
             raise Unauthorized(f"wrong {GITHUB_HEADER} (the HMAC-SHA256 of the body, `sha256=<hex>`)")
 
 
