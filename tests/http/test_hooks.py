@@ -160,13 +160,15 @@ async def test_without_a_pull_configured_the_hook_is_404(sops_project: SopsProje
         assert status == 404 and "SWITCHBOARD_GIT_PULL" in body["error"]["message"]
 
 
+@pytest.mark.parametrize("secret", [None, ""], ids=["unset", "empty"])
 async def test_without_a_secret_nothing_can_be_verified_so_nothing_is_accepted(
-    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, secret: str | None
 ) -> None:
     bare, _ = remote
-    async with pulling(sops_project, clone(bare, tmp_path / "replica"), webhook_secret=None) as service:
-        status, body = await post(service, PAYLOAD, github(PAYLOAD))
-        assert status == 401 and "SWITCHBOARD_WEBHOOK_SECRET" in body["error"]["message"]
+    async with pulling(sops_project, clone(bare, tmp_path / "replica"), webhook_secret=secret) as service:
+        for headers in (github(PAYLOAD, secret=""), {"X-Gitlab-Token": ""}):  # what an empty key signs
+            status, body = await post(service, PAYLOAD, headers)
+            assert status == 401 and "SWITCHBOARD_WEBHOOK_SECRET" in body["error"]["message"]
 
 
 async def test_the_hook_needs_no_token_when_clients_exist(
