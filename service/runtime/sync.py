@@ -103,7 +103,9 @@ class Puller:
             wanted = asyncio.ensure_future(self._wanted.wait())
             stopping = asyncio.ensure_future(stop.wait())
             try:
-                await asyncio.wait({wanted, stopping}, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {wanted, stopping}, timeout=self.interval_s, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 for task in (wanted, stopping):
                     task.cancel()
