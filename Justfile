@@ -49,12 +49,13 @@ schema-check:
 schema:
     python -m service schema
 
-# benchmarks: the gateway against direct and LiteLLM's proxy, then the configuration service
+# benchmarks: the gateway against direct and LiteLLM's proxy, the configuration service, replicas
 bench:
     python -m bench.litellm_proxy setup
     python -m bench.gateway
     python -m bench.config
     python -m bench.events
+    python -m bench.replicas
 
 # everything CI runs
 ci: lint schema-check validate test

@@ -21,6 +21,12 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.info = Gauge(
+            "switchboard_info",
+            "1, labelled with this replica and its version.",
+            ["replica", "version"],
+            registry=r,
+        )
         # configuration
         self.reloads = Counter("switchboard_reloads", "Reload batches, by result.", ["result"], registry=r)
         self.reload_seconds = Histogram(
@@ -31,6 +37,18 @@ class Metrics:
         )
         self.providers = Gauge("switchboard_providers", "Providers in the current snapshot.", registry=r)
         self.files_refused = Gauge("switchboard_files_refused", "Files refused now.", registry=r)
+        self.pulls = Counter(
+            "switchboard_pulls", "Pulls of SWITCHBOARD_GIT_PULL, by result.", ["result"], registry=r
+        )
+        self.sync_failures = Counter(
+            "switchboard_sync_failures", "Pulls that could not be applied (see /readyz `sync`).", registry=r
+        )
+        self.webhooks = Counter(
+            "switchboard_webhooks", "Git webhook notifications, by result.", ["result"], registry=r
+        )
+        self.fanout_connected = Gauge(
+            "switchboard_fanout_connected", "1 while the Redis fan-out is connected.", registry=r
+        )
         self.events = Counter(
             "switchboard_events", "Events appended to the log, by type.", ["type"], registry=r
         )

@@ -13,7 +13,9 @@ from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.files import read_limited
 from service.http.app import create_app
 from service.http.auth import is_loopback
+from service.runtime.sync import parse_pull
 from service.settings import Settings
+from service.vcs.gitrepo import GitRepo
 
 
 def has_clients_file(folder: Path) -> bool:
@@ -45,6 +47,19 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if not settings.providers_dir.is_dir():
         print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
         return 1
+    if settings.git_pull is not None:
+        try:
+            parse_pull(settings.git_pull)
+        except ValueError as exc:
+            print(f"switchboard: error: {exc}", file=sys.stderr)
+            return 2
+        if GitRepo.find(settings.providers_dir) is None:
+            print(
+                f"switchboard: error: SWITCHBOARD_GIT_PULL is set, but {settings.providers_dir} "
+                "is not in a git repository (clone the remote first)",
+                file=sys.stderr,
+            )
+            return 1
     if not is_loopback(settings.host) and not has_clients_file(settings.providers_dir):
         print(
             f"switchboard: error: refusing to listen on {settings.host} without authentication: "

@@ -134,6 +134,19 @@ class Branched(_Answer):
     file: str
 
 
+class Pushed(_Answer):
+    """A write from git-sync's checkout, pushed to the remote but not applied here yet: git-sync
+    did not bring it back within the wait (SPEC 12). It is served once git-sync swaps it in."""
+
+    pending: Literal[True]
+    commit: str
+    file: str
+
+
+WriteAccepted = Branched | Pushed
+"""202: a write committed to a branch for review, or pushed and not applied here yet."""
+
+
 # -- checks, models, secrets ----------------------------------------------------------------------
 
 
@@ -200,15 +213,49 @@ class RefusedFile(_Answer):
     reason: str
 
 
+class SyncAnswer(_Answer):
+    """The built-in pull (SPEC 12): `failed` while the branch cannot fast-forward, and why."""
+
+    status: Literal["ok", "failed"]
+    reason: str | None
+    remote_commit: str | None = Field(description="what the remote's branch is at; null before a fetch")
+
+
 class Readiness(_Answer):
     """Ready once the first load is done; `refused` lists the files the last load set aside."""
 
     status: Literal["ready"]
+    replica: str = Field(description="`SWITCHBOARD_REPLICA` (default: the host name)")
     generation: int
     last_applied_commit: str | None
     last_attempted_commit: str | None
     refused: list[RefusedFile]
     degraded: bool = Field(description="true while any file is refused")
+    sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
+
+
+class ReplicaAnswer(_Answer):
+    """One replica and the commit it serves, as its last heartbeat said."""
+
+    replica: str
+    commit: str | None
+    generation: int
+    ready: bool
+    seen_at: datetime = Field(description="when this replica last heard from it, UTC")
+
+
+class ReplicasAnswer(_Answer):
+    """Every replica heard from in the last 10 s (with Redis), this one included."""
+
+    replicas: list[ReplicaAnswer]
+    shared: bool = Field(description="false without Redis (or while it is unreachable): this replica alone")
+
+
+class HookAccepted(_Answer):
+    """A git host's notification, verified: a pull runs now."""
+
+    status: Literal["accepted"]
+    replica: str
 
 
 # -- the gateway --------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api, openapi, push, write_api
+from service.http import config_api, openai_api, openapi, push, replicas, write_api
 from service.http.auth import Handler
-from service.http.context import EVENTS, HEALTH, METRICS, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
+from service.http.context import EVENTS, HEALTH, METRICS, PULLER, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
 from service.http.push import CHANGES, Changes
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
@@ -42,6 +42,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[METRICS].info.labels(settings.replica, __version__).set(1)
     app[HEALTH] = Health(
         failures=settings.circuit_failures,
         cooldown_s=settings.circuit_cooldown_s,
@@ -57,6 +58,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     openai_api.setup(app)
     openapi.setup(app)
     push.setup(app)
+    replicas.setup(app)
     return app
 
 
@@ -69,7 +71,11 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     events = EventLog(settings.events_file, on_append=count)
     if events.recovered_tail:
         log.warning("event log: %s", events.recovered_tail)
-    events.append(ServiceStarted(version=__version__, pid=os.getpid(), recovered=events.recovered_tail))
+    events.append(
+        ServiceStarted(
+            version=__version__, pid=os.getpid(), replica=settings.replica, recovered=events.recovered_tail
+        )
+    )
     attributor = Attributor(settings.providers_dir)
     registry = Registry(events, settings.files_root, attributor)
 
@@ -145,16 +151,19 @@ async def _readyz(request: web.Request) -> web.Response:
     state = registry.state if registry is not None else None
     if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
-    return web.json_response(
-        {
-            "status": "ready",
-            "generation": state.snapshot.generation,
-            "last_applied_commit": state.last_applied_commit,
-            "last_attempted_commit": state.last_attempted_commit,
-            "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-            "degraded": state.degraded,
-        }
-    )
+    puller = request.app.get(PULLER)
+    body = {
+        "status": "ready",
+        "replica": request.app[SETTINGS].replica,
+        "generation": state.snapshot.generation,
+        "last_applied_commit": state.last_applied_commit,
+        "last_attempted_commit": state.last_attempted_commit,
+        "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
+        "degraded": state.degraded,
+    }
+    if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
+        body["sync"] = puller.status.answer()
+    return web.json_response(body)
 
 
 async def _metrics(request: web.Request) -> web.Response:

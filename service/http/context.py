@@ -15,7 +15,9 @@ from service.gateway.relay import Relay
 from service.journal.events import BaseEvent
 from service.journal.log import EventLog
 from service.metrics import Metrics
+from service.runtime.fanout import Fanout
 from service.runtime.registry import Registry
+from service.runtime.sync import Puller
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
@@ -32,5 +34,9 @@ RELOADER = web.AppKey("reloader", Reloader)
 HEALTH = web.AppKey("health", Health)
 RELAY = web.AppKey("relay", Relay)
 WRITER = web.AppKey("writer", Writer)
+PULLER = web.AppKey("puller", Puller)
+"""Only with SWITCHBOARD_GIT_PULL (SPEC 12)."""
+FANOUT = web.AppKey("fanout", Fanout)
+"""Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from service import __version__
 from service.config.models import AiServer, ApiKey
-from service.http import answers, bodies, push
+from service.http import answers, bodies, push, replicas
 from service.http.context import PREFIX
 from service.http.operations import (
     ETAG,
@@ -106,7 +106,8 @@ def document() -> dict[str, Any]:
 
 
 _ABOUT = (
-    "Every endpoint but `/healthz`, `/readyz`, `/metrics` and `/openapi.json` needs `Authorization: "
+    "Every endpoint but `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the signed git webhook "
+    "needs `Authorization: "
     "Bearer TOKEN` with the scope its description names (`x-switchboard-scope`) once a clients file "
     'exists. Errors are `{"error": {"type", "message", ...}}`; no input makes the service answer 500.'
 )
@@ -115,6 +116,7 @@ _TAGS = {
     "configuration": "What is active, the providers, the audit log, past states (SPEC 6).",
     "writes": "Writes that become git commits (SPEC 8).",
     "gateway": "The OpenAI-compatible gateway (SPEC 7).",
+    "replicas": "Many replicas: the git webhook, and who serves which commit (SPEC 12).",
 }
 
 
@@ -126,6 +128,7 @@ def operations(schemas: Schemas) -> Iterable[Operation]:
     yield from _push(schemas)
     yield from _writes(schemas)
     yield from _gateway(schemas)
+    yield from _replicas(schemas)
 
 
 # -- change push (SPEC 9) ---------------------------------------------------------------------------
@@ -547,4 +550,53 @@ def _gateway(s: Schemas) -> Iterable[Operation]:
         "The models of the enabled providers",
         {"200": s.returns(answers.ModelsAnswer, "OpenAI's model list")},
         headers=GATEWAY_HEADERS,
+    )
+
+
+# -- many replicas (SPEC 12) --------------------------------------------------------------------------
+
+
+def _replicas(s: Schemas) -> Iterable[Operation]:
+    signature = {
+        "name": replicas.GITHUB_HEADER,
+        "in": "header",
+        "description": "GitHub: `sha256=` and the HMAC-SHA256 hex of the raw body, keyed with "
+        "`SWITCHBOARD_WEBHOOK_SECRET`",
+        "schema": {"type": "string"},
+    }
+    token = {
+        "name": replicas.GITLAB_HEADER,
+        "in": "header",
+        "description": "GitLab: the secret token itself (`SWITCHBOARD_WEBHOOK_SECRET`)",
+        "schema": {"type": "string"},
+    }
+    payload = {"type": "object", "description": "the git host's push event; only its signature is read"}
+    yield Operation(
+        "POST",
+        replicas.HOOK,
+        None,
+        "A git host's push notification: pull now",
+        {
+            "202": s.returns(answers.HookAccepted, "verified: a pull runs now (requests coalesce)"),
+            "401": s.error("no signature, a wrong one, or no `SWITCHBOARD_WEBHOOK_SECRET` here"),
+            "404": s.error("no pull is configured here (`SWITCHBOARD_GIT_PULL`)"),
+            "413": s.error("the body is over `SWITCHBOARD_MAX_BODY_BYTES`"),
+        },
+        (signature, token),
+        {"required": False, "content": {JSON: {"schema": payload}}},
+        description="Signed by the git host instead of a token: GitHub's `X-Hub-Signature-256` or "
+        "GitLab's `X-Gitlab-Token`, compared in constant time; a wrong or missing one pulls nothing. "
+        "Answered at once: while a pull runs, any number of notifications make one more pull.",
+    )
+    yield _watched(
+        Operation(
+            "GET",
+            replicas.REPLICAS,
+            "config:read",
+            "Live replicas and the commit each serves",
+            {"200": s.returns(answers.ReplicasAnswer, "this replica and every other heard from in 10 s")},
+            description="From Redis heartbeats (every 2 s) when `SWITCHBOARD_REDIS_URL` is set; without "
+            "Redis, or while it is unreachable, this replica alone and `shared` false. Never waits on Redis.",
+        ),
+        s,
     )

@@ -100,6 +100,8 @@ class Operation:
             return "gateway"
         if not self.path.startswith(PREFIX):
             return "service"
+        if self.path.startswith((f"{PREFIX}/hooks/", f"{PREFIX}/replicas")):
+            return "replicas"
         return "configuration" if self.method == "GET" or self.path.endswith("/test") else "writes"
 
     def render(self, schemas: Schemas) -> dict[str, Any]:
@@ -177,11 +179,16 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
     """What a write may be answered besides its success (SPEC 8)."""
     errors = {
         "202": schemas.returns(
-            answers.Branched,
-            "`branch` mode: committed to a new branch for review; nothing applied",
+            answers.WriteAccepted,
+            "`branch` mode: committed to a new branch for review, nothing applied; or, from git-sync's "
+            "checkout, pushed and not applied here yet (`pending`)",
+            name="WriteAccepted",
             ETag=header("the file's blob id (none for a delete)", required=False),
         ),
-        "405": schemas.error("writes are off (`SWITCHBOARD_WRITE_MODE=off`, or no git repository)"),
+        "405": schemas.error(
+            "writes are off (`SWITCHBOARD_WRITE_MODE=off`, or no git repository), or this replica is fed "
+            "from a remote (git-sync, `SWITCHBOARD_GIT_PULL`) and `SWITCHBOARD_GIT_PUSH` is not set"
+        ),
         "409": schemas.error(
             "a conflict: the file has uncommitted local changes, git refused the write, the push "
             "failed, or (delete) routing still names the provider; nothing was written"

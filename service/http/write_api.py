@@ -118,7 +118,7 @@ def _delete(kind: ProviderKind) -> Handler:
         written = await request.app[WRITER].delete(
             kind, provider_id, client_name(request), _reason(request), _if_match(request)
         )
-        if written.branch is not None:
+        if written.branch is not None or written.pending:
             return _branched(written)
         body = {"id": provider_id, "kind": kind, "deleted": True, "file": written.file}
         return web.json_response(body | {"commit": written.commit, "generation": written.generation})
@@ -188,14 +188,19 @@ def _etag(written: Written) -> dict[str, str]:
 
 
 def _branched(written: Written) -> web.Response:
-    body = {"branch": written.branch, "commit": written.commit, "file": written.file}
+    """202: committed to a branch for review (`branch` mode), or pushed and not applied here yet
+    (from git-sync's checkout, when git-sync did not bring it back in time)."""
+    if written.pending:
+        body: dict[str, Any] = {"pending": True, "commit": written.commit, "file": written.file}
+    else:
+        body = {"branch": written.branch, "commit": written.commit, "file": written.file}
     return web.json_response(body, status=202, headers=_etag(written))
 
 
 def _provider(
     request: web.Request, written: Written, *, status: int = 200, location: str | None = None
 ) -> web.Response:
-    if written.branch is not None:
+    if written.branch is not None or written.pending:
         return _branched(written)
     assert written.snapshot is not None  # noqa: S101 - applied writes carry their snapshot
     answer = provider_answer(request.app, written.snapshot, written.subject)
@@ -207,7 +212,7 @@ def _provider(
 
 
 def _routed(request: web.Request, written: Written, purpose: str) -> web.Response:
-    if written.branch is not None:
+    if written.branch is not None or written.pending:
         return _branched(written)
     assert written.snapshot is not None  # noqa: S101
     answer = route_answer(request.app, written.snapshot, purpose)

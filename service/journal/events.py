@@ -105,6 +105,7 @@ class ServiceStarted(BaseEvent):
     type: Literal["service.started"] = "service.started"
     version: str
     pid: int
+    replica: str | None = Field(None, description="SWITCHBOARD_REPLICA (SPEC 12); null in older logs")
     recovered: str | None = None
 
 
@@ -168,6 +169,17 @@ class SecretRead(BaseEvent):
     purpose: str | None = None
 
 
+class SyncFailed(BaseEvent):
+    """A pull that could not be applied (SPEC 12), once per distinct failure: the branch cannot
+    fast-forward (local commits, local edits, a remote rewritten) or the fetch failed. The
+    replica goes on serving `commit`, what it has."""
+
+    type: Literal["sync.failed"] = "sync.failed"
+    subject: str = Field(description="what is pulled: REMOTE/BRANCH")
+    reason: str
+    remote_commit: str | None = Field(None, description="what the remote's branch is at; null if unknown")
+
+
 Event = Annotated[
     ServiceStarted
     | ProviderAdded
@@ -177,7 +189,8 @@ Event = Annotated[
     | ClientsUpdated
     | ConfigRejected
     | ProviderHealthChanged
-    | SecretRead,
+    | SecretRead
+    | SyncFailed,
     Field(discriminator="type"),
 ]
 """One line of the event log."""

@@ -138,7 +138,13 @@ class Registry:
         """Where each file of the current snapshot came from (commit, author)."""
         return self._state.snapshot.attribution
 
-    def apply(self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal | str]) -> Outcome:
+    def apply(
+        self,
+        candidate: Mapping[str, Loaded],
+        rejected: Mapping[str, Refusal | str],
+        *,
+        source: Path | None = None,
+    ) -> Outcome:
         """Try `candidate` (file -> loaded) as the next configuration; `rejected` failed on their own.
 
         Files in `rejected` that are new or have a new reason get a `config.rejected` event.
@@ -147,10 +153,15 @@ class Registry:
         is retried without the files at fault, so that a broken routing file cannot keep the
         service from starting. One apply at a time, from any thread; EventLogError once the
         log is closed (the service is stopping), before anything is recorded.
+
+        `source` is the folder the files were read from, links resolved: behind a link that
+        git-sync swaps, commits and authors are asked of that worktree's repository.
         """
         with self._lock:
             if self.events.closed:
                 raise EventLogError(f"{self.events.path}: the event log is closed; nothing applied")
+            if source is not None and self.attributor is not None:
+                self.attributor.follow(source)
             outcome = self._apply(candidate, {f: _refusal(r) for f, r in rejected.items()})
             for callback in list(self.on_apply):
                 try:

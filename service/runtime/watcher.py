@@ -7,6 +7,11 @@ at once (sops takes ~70 ms a file). A file that fails keeps its last good versio
 refusal carries the kind it declares (a refused clients file keeps authentication on). No
 file is read past the 1 MiB limit.
 
+A folder reached through a symlink that is swapped whole (git-sync's `/git/current`, pointed
+at a new worktree per commit) is followed: the watch covers the folders holding the links
+as well, so a swap is seen at once, and each scan reads one target, resolved once, checked
+again after reading: a batch is one worktree's files, never a mix of two.
+
 The registry's apply runs in a worker thread that cancellation cannot stop; `aclose` waits
 for it, so the service closes its event log only once nothing can append to it.
 """
@@ -40,6 +45,8 @@ from service.files import read_limited
 from service.runtime.registry import Outcome, Refusal, Registry
 
 log = logging.getLogger(__name__)
+
+_SCAN_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +105,7 @@ class Reloader:
             state = self.registry.state
             return Outcome(state.snapshot, False, 0, state.refused)
         started = time.perf_counter()
-        present = await asyncio.to_thread(self._scan)
+        present, source = await asyncio.to_thread(self._scan_one_target)
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
         loaded = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
         for file in set(self._cache) - set(present):
@@ -116,7 +123,9 @@ class Reloader:
                 candidate[file] = current[file]
         # The apply goes on in its thread even if this task is cancelled (shutdown):
         # shielded, and remembered so that `aclose` can wait for it.
-        applying = asyncio.ensure_future(asyncio.to_thread(self.registry.apply, candidate, rejected))
+        applying = asyncio.ensure_future(
+            asyncio.to_thread(self.registry.apply, candidate, rejected, source=source)
+        )
         self._applying = applying
         outcome = await asyncio.shield(applying)
         if self.on_reload is not None:
@@ -141,6 +150,7 @@ class Reloader:
                 continue
             changes = awatch(
                 self.folder,
+                *link_folders(self.folder),  # a swapped link is an event there, not in the folder
                 watch_filter=None,  # every event is a hint; the rescan decides what changed
                 debounce=self.debounce_ms,
                 step=min(self.debounce_ms, 10),
@@ -184,10 +194,24 @@ class Reloader:
         except Exception:  # the watcher must outlive any bug in one batch
             log.exception("reload failed; the previous configuration stays")
 
-    def _scan(self) -> dict[str, _Read]:
+    def _scan_one_target(self) -> tuple[dict[str, _Read], Path | None]:
+        """`_scan` of the folder the path leads to now, and that folder (None when there is none).
+
+        A link swapped during the scan (the old target may be deleted under it) is scanned
+        again on its new target: what is applied is always one target's files.
+        """
+        for _ in range(_SCAN_ATTEMPTS):
+            target = _target(self.folder)
+            found = self._scan(target or self.folder)
+            if _target(self.folder) == target:
+                break
+        return found, target
+
+    def _scan(self, target: Path) -> dict[str, _Read]:
+        """The config files of `target` (the folder, links resolved), named as in the folder."""
         found: dict[str, _Read] = {}
         try:
-            entries = sorted(os.scandir(self.folder), key=lambda e: e.name)
+            entries = sorted(os.scandir(target), key=lambda e: e.name)
         except OSError as exc:
             log.error("cannot list %s: %s", self.folder, exc.strerror)
             # A hash no content has: the files are refused (their last good versions stay)
@@ -199,7 +223,7 @@ class Reloader:
         for entry in entries:
             if not is_config_file(entry.name):
                 continue
-            file = self._name(Path(entry.path))
+            file = self._name(self.folder / entry.name)
             try:
                 if not entry.is_file():  # follows symlinks; a folder or a dangling link is skipped
                     continue
@@ -257,6 +281,26 @@ def _parse(file: str, data: bytes) -> Loaded | Refusal:
     except Exception as exc:
         log.exception("parsing %s failed", file)
         return Refusal(f"internal error while loading ({type(exc).__name__})", declared_kind(data))
+
+
+def _target(folder: Path) -> Path | None:
+    """The folder `folder` leads to now, every link resolved; None when there is none."""
+    try:
+        target = Path(os.path.realpath(folder, strict=True))
+    except OSError:
+        return None
+    return target if target.is_dir() else None
+
+
+def link_folders(folder: Path) -> list[Path]:
+    """The folders holding a symlink on the way to `folder`: a link swapped by a rename shows
+    as an event there (a watch of `folder` follows the old target and sees nothing)."""
+    found: list[Path] = []
+    path = folder.absolute()
+    for step in (*reversed(path.parents), path):
+        if step.is_symlink() and step.parent.is_dir() and step.parent not in found:
+            found.append(step.parent)
+    return found
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -23,10 +23,11 @@ Writes are applied one at a time, in the order they arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -52,7 +53,7 @@ from service.errors import (
     Unprocessable,
 )
 from service.runtime.registry import Outcome, Registry
-from service.runtime.watcher import Reloader
+from service.runtime.watcher import Reloader, link_folders
 from service.settings import Settings
 from service.vcs.commit import Committer, Identity, message
 from service.vcs.gitrepo import GitRepo, blob_sha
@@ -64,6 +65,9 @@ Verb = Literal["create", "update", "delete"]
 ProviderKind = Literal["api_key", "ai_server"]
 
 PUSH_ATTEMPTS = 3
+APPLY_WAIT_S = 15.0
+"""How long a write pushed from a git-sync checkout waits for git-sync to bring it back (its
+default period is 10 s); then it is answered 202, pending."""
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _BRANCH_ATTEMPTS = 5
 _KEEP = object()
@@ -87,6 +91,8 @@ class Written:
     branch: str | None = None
     changed: bool = True
     """False when the write asked for what the file already says: no commit was made."""
+    pending: bool = False
+    """Pushed, but not applied here yet (git-sync had not brought it within `apply_wait_s`)."""
 
 
 @dataclass(slots=True)
@@ -127,8 +133,12 @@ class Writer:
         self.mode = resolve_mode(settings, repo)
         self.repo = repo
         self.committer = Committer(repo, Identity.parse(settings.git_committer)) if repo is not None else None
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        """Held while a write runs; a pull (runtime.sync) takes it too, so neither moves the branch
+        under the other."""
         self._folder = repo.relative(settings.providers_dir) if repo is not None else ""
+        self.apply_wait_s = APPLY_WAIT_S
+        """With git-sync: how long a write pushed waits for the swap that brings it (SPEC 12)."""
 
     def recover(self) -> None:
         """Finish or clear a write a crash cut short; run before the first load."""
@@ -374,22 +384,79 @@ class Writer:
         if self.mode == "off" or self.committer is None:
             why = "outside a git repository" if self.repo is None else "SWITCHBOARD_WRITE_MODE is off"
             raise MethodNotAllowed(f"writes over HTTP are off ({why}): change the files through git")
-        async with self._lock:
-            return await self._commit(draft, client, reason)
+        async with self.lock:
+            synced = await asyncio.to_thread(self._delivery)
+            written = await self._commit(draft, client, reason, synced)
+        if written.pending:  # pushed from git-sync's checkout: applied when git-sync brings it
+            return await self._until_applied(written)
+        return written
 
-    async def _commit(self, draft: _Draft, client: str, reason: str | None) -> Written:
+    def _delivery(self) -> str | None:
+        """The commit git-sync's checkout is at, when this replica is fed by git-sync; None when
+        it writes to a branch of its own. MethodNotAllowed when a replica that pulls or is
+        synced has nowhere to push a write.
+
+        With the built-in pull or git-sync, the remote is the truth: a commit made here alone
+        would be served by this replica only, and (with the pull) keep its branch from ever
+        fast-forwarding again. A git-sync checkout is a worktree behind a swapped link, on a
+        detached HEAD, and git-sync's: it is never moved here (nor even read after this, since
+        git-sync may delete it any moment). The commit is built in the repository's own git
+        directory, pushed, and applied when git-sync brings it back.
+        """
+        assert self.committer is not None  # noqa: S101 - checked by _write
+        synced: str | None = None
+        if link_folders(self.settings.providers_dir):
+            found = self._checkout()
+            if found is not None:
+                synced, repo = found
+                if repo.root != self.committer.repo.root:
+                    self.repo, self.committer = repo, Committer(repo, self.committer.committer)
+        if self.settings.git_push is None and (synced or self.settings.git_pull is not None):
+            feed = "git-sync" if synced else "SWITCHBOARD_GIT_PULL"
+            raise MethodNotAllowed(
+                f"this replica is fed from a remote ({feed}), so a write must reach the remote first: "
+                "set SWITCHBOARD_GIT_PUSH, or write through git"
+            )
+        return synced
+
+    def _checkout(self) -> tuple[str, GitRepo] | None:
+        """(HEAD, the repository's git directory) of the detached worktree behind the link; None
+        for a branch checked out. A worktree git-sync removes under the question is asked again."""
+        for _ in range(3):
+            worktree = GitRepo.find(self.settings.providers_dir)
+            if worktree is None:
+                return None
+            try:
+                if worktree.run("symbolic-ref", "-q", "HEAD", ok=(0, 1)).strip():
+                    return None
+                head = worktree.head()
+                common = worktree.run("rev-parse", "--path-format=absolute", "--git-common-dir")
+            except GitError:
+                continue  # swapped and removed meanwhile
+            if head is not None:
+                return head, GitRepo(Path(common.decode().strip()))
+        raise Conflict("the checkout behind the providers link kept changing; try again")
+
+    async def _commit(
+        self, draft: _Draft, client: str, reason: str | None, synced: str | None = None
+    ) -> Written:
         committer = self.committer
         assert committer is not None  # noqa: S101 - checked by _write
-        ref = await asyncio.to_thread(committer.ref)
-        if self.mode == "commit":
-            _branch_name(ref)  # a commit on a detached HEAD is lost at the next checkout or sync
-        local = await asyncio.to_thread(committer.resolve, ref)
+        local: str | None = synced
+        ref = "HEAD"
+        if synced is None:
+            ref = await asyncio.to_thread(committer.ref)
+            if self.mode == "commit":
+                _branch_name(ref)  # a commit on a detached HEAD is lost at the next checkout or sync
+            local = await asyncio.to_thread(committer.resolve, ref)
         subject = f"{draft.verb} {draft.kind} {draft.subject}"
         text = message(subject, reason, client)
         author = Identity.client(client)
         base = local
+        target: str | None = None
         for attempt in range(1, PUSH_ATTEMPTS + 1):
-            path, data, changed = await asyncio.to_thread(self._prepare, draft, base, attempt == 1)
+            check = attempt == 1 and synced is None  # git-sync's checkouts hold no local edits
+            path, data, changed = await asyncio.to_thread(self._prepare, draft, base, check)
             if not changed:
                 return await self._unchanged(draft, path, data, base)
             commit = await asyncio.to_thread(committer.build, base, {path: data}, author=author, text=text)
@@ -410,8 +477,13 @@ class Writer:
                 )
             if not self.settings.git_push:
                 return await self._apply(draft, ref, local, commit, path, data)
-            rejected = await self._push(commit, _branch_name(ref))
+            target = target or await self._target(ref, local, synced is not None)
+            rejected = await self._push(commit, target)
             if rejected is None:
+                if synced is not None:  # git-sync's checkout is not moved here: it brings the commit back
+                    blob = blob_sha(data) if data is not None else None
+                    name = self._display(path)
+                    return Written(draft.verb, draft.kind, draft.subject, name, commit, blob, pending=True)
                 if base != local and not await asyncio.to_thread(self._descends, commit, local):
                     raise Conflict(
                         "the push landed, but the local branch has commits the remote lacks, so it was not "
@@ -422,12 +494,66 @@ class Writer:
             if attempt == PUSH_ATTEMPTS:
                 raise Conflict(f"the push was refused {PUSH_ATTEMPTS} times; nothing was written: {rejected}")
             try:
-                base = await asyncio.to_thread(committer.fetch, self.settings.git_push, _branch_name(ref))
+                base = await asyncio.to_thread(committer.fetch, self.settings.git_push, target)
             except GitError as exc:
                 raise Conflict(
                     f"the push was refused and the fetch failed; nothing was written: {exc}"
                 ) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _target(self, ref: str, local: str | None, synced: bool) -> str:
+        """The remote branch a write is pushed to: the current branch's name, or, from git-sync's
+        detached checkout, the branch it follows (`SWITCHBOARD_GIT_PULL`'s, else asked of the remote)."""
+        assert self.committer is not None and self.settings.git_push is not None  # noqa: S101
+        if not synced:
+            return _branch_name(ref)
+        if self.settings.git_pull is not None:
+            return self.settings.git_pull.partition("/")[2]
+        try:
+            return await asyncio.to_thread(self.committer.remote_branch, self.settings.git_push, local)
+        except GitError as exc:
+            raise Conflict(f"cannot tell which branch of the remote to push to: {exc}") from None
+
+    async def _until_applied(self, written: Written) -> Written:
+        """`written` once this replica applies its commit (or one after it), or still pending
+        after `apply_wait_s`; never longer."""
+        loop = asyncio.get_running_loop()
+        applied = asyncio.Event()
+
+        def wake(outcome: Outcome) -> None:  # in the applying thread
+            loop.call_soon_threadsafe(applied.set)
+
+        self.registry.on_apply.append(wake)
+        deadline = loop.time() + self.apply_wait_s
+        try:
+            while True:
+                applied.clear()
+                state = self.registry.state
+                if state.last_applied_commit is not None and await asyncio.to_thread(
+                    self._landed, written.commit, state.last_applied_commit
+                ):
+                    snapshot = state.snapshot
+                    return replace(written, generation=snapshot.generation, snapshot=snapshot, pending=False)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.info("%s pushed; not applied within %gs", written.commit[:12], self.apply_wait_s)
+                    return written
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(applied.wait(), remaining)
+        finally:
+            self.registry.on_apply.remove(wake)
+
+    def _landed(self, commit: str, applied: str) -> bool:
+        if commit == applied:
+            return True
+        repo = self.repo  # the repository's own git directory, which git-sync never removes
+        if repo is None:
+            return False
+        try:
+            repo.run("merge-base", "--is-ancestor", commit, applied)
+        except GitError:
+            return False
+        return True
 
     def _descends(self, commit: str, ancestor: str | None) -> bool:
         """Whether `ancestor` is in `commit`'s history (so moving a branch to it loses nothing)."""

@@ -22,9 +22,23 @@ class Attributor:
     """Asks git about the files of one folder; every answer is computed on demand, off the hot path."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder.absolute()
         # The repository holding the folder; the folder itself may not exist yet.
         existing = next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), folder)
         self.repo = GitRepo.find(existing)
+        self._target: Path | None = None
+
+    def follow(self, target: Path) -> None:
+        """Answer for the files of `target`: the folder as read, links resolved.
+
+        Behind a link that git-sync swaps, each commit is a new worktree with its own HEAD;
+        the repository is looked up again when the target changes (one git call), so `commit`
+        is the HEAD of the worktree the files came from.
+        """
+        if target == self._target:
+            return
+        self._target = target
+        self.repo = GitRepo.find(target)
 
     def head(self) -> str | None:
         """The HEAD commit, or None outside a repository or before the first commit."""
@@ -69,7 +83,10 @@ class Attributor:
     def _relative(self, path: Path) -> str | None:
         assert self.repo is not None  # noqa: S101 - checked by the caller
         top = self.repo.root
-        for candidate in (path.absolute(), path.absolute().parent.resolve() / path.name):
+        candidates = [path.absolute(), path.absolute().parent.resolve() / path.name]
+        if self._target is not None and path.absolute().parent == self.folder:
+            candidates.insert(0, self._target / path.name)  # as read, even if the link moved since
+        for candidate in candidates:
             try:
                 return candidate.relative_to(top).as_posix()
             except ValueError:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from service.errors import GitError
 from service.files import fsync_path, write_atomically
-from service.vcs.gitrepo import GitRepo
+from service.vcs.gitrepo import GitRepo, redact
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ REMOTE_TIMEOUT_S = 60.0
 """The longest a push or a fetch may take (a write waits for it, the write lock held)."""
 _OFF = (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
 """A filter driver with these settings runs nothing."""
+
+FETCHED = "refs/switchboard/fetched/"
+"""Where `fetch` records what a remote's branch is at."""
 
 Changes = Mapping[str, bytes | None]
 """Path (relative to the top level, POSIX) -> new content, or None to delete the file."""
@@ -161,16 +164,17 @@ class Committer:
 
     # -- step 2: the branch and the files --------------------------------------------------------
 
-    def advance(self, ref: str, old: str | None, new: str) -> list[str]:
+    def advance(self, ref: str, old: str | None, new: str, *, note: str = "write over HTTP") -> list[str]:
         """Move `ref` from `old` to `new` and bring the changed files and index entries along.
 
         Raises GitError when the branch is no longer at `old` (nothing changed then), or when a
-        later step fails (everything is put back first). Returns the paths changed.
+        later step fails (everything is put back first). Returns the paths changed. `note`
+        says why, in the reflog.
         """
         paths = self.changed(old, new)
         self._record(ref, old, new)
         try:
-            self._move(ref, old, new)
+            self._move(ref, old, new, note)
         except GitError:
             self._forget()
             raise
@@ -188,12 +192,12 @@ class Committer:
         self._bring_files(old, paths)
         self._forget()
 
-    def _move(self, ref: str, old: str | None, new: str | None) -> None:
+    def _move(self, ref: str, old: str | None, new: str | None, note: str = "undo") -> None:
         zero = "0" * 40
         if new is None:
             self.repo.run("update-ref", "-d", ref, old or zero)
         else:
-            self.repo.run("update-ref", "-m", "switchboard: write over HTTP", ref, new, old or zero)
+            self.repo.run("update-ref", "-m", f"switchboard: {note}", ref, new, old or zero)
 
     def _bring_files(self, commit: str | None, paths: list[str]) -> None:
         """Each of `paths` as it is in `commit`, written atomically; then their index entries."""
@@ -314,17 +318,74 @@ class Committer:
         return None
 
     def fetch(self, remote: str, branch: str) -> str:
-        """Fetch `branch` from `remote`; the commit it is at there."""
+        """Fetch `branch` from `remote`; the commit it is at there.
+
+        It lands in a ref of the service's own (`refs/switchboard/fetched/<branch>`), never in
+        FETCH_HEAD, which git-sync and people's own pulls read from the same repository.
+        """
+        tracking = f"{FETCHED}{branch}"
         self.repo.run(
             "fetch",
             "-q",
             "--no-tags",
+            "--no-write-fetch-head",
             "--upload-pack=git-upload-pack",
             remote,
-            f"refs/heads/{branch}",
+            f"+refs/heads/{branch}:{tracking}",  # forced: it records what the remote has, rewritten or not
             timeout_s=REMOTE_TIMEOUT_S,
         )
-        commit = self.resolve("FETCH_HEAD")
+        commit = self.resolve(tracking)
         if commit is None:
             raise GitError(f"git fetch {remote} {branch} gave no commit")
         return commit
+
+    def remote_branch(self, remote: str, commit: str | None) -> str:
+        """The branch of `remote` a detached checkout (git-sync's) follows: the one whose tip is
+        `commit`, the remote's default branch among several or when none is; GitError when
+        the remote cannot be asked."""
+        out = self.repo.run(
+            "ls-remote",
+            "--symref",
+            "--upload-pack=git-upload-pack",
+            remote,
+            "HEAD",
+            "refs/heads/*",
+            timeout_s=REMOTE_TIMEOUT_S,
+        )
+        default, at = None, []
+        for line in out.decode("utf-8", "replace").splitlines():
+            left, _, name = line.partition("\t")
+            if left.startswith("ref: refs/heads/") and name == "HEAD":
+                default = left.removeprefix("ref: refs/heads/")
+            elif name.startswith("refs/heads/") and left == commit:
+                at.append(name.removeprefix("refs/heads/"))
+        if len(at) == 1 or (at and default not in at):
+            return sorted(at)[0]
+        if default is None:
+            raise GitError(f"{redact(remote)} names no default branch, and no branch is at {commit}")
+        return default
+
+    def is_ancestor(self, ancestor: str, commit: str) -> bool:
+        """Whether `ancestor` is in `commit`'s history (itself included)."""
+        try:
+            self.repo.run("merge-base", "--is-ancestor", ancestor, commit)
+        except GitError:
+            return False
+        return True
+
+    def local_edits(self, old: str | None, new: str) -> list[str]:
+        """What a fast-forward from `old` to `new` must not run over: tracked files changed in the
+        working tree or the index, and files in the way of paths `new` adds. No filter runs."""
+        out = self.repo.run(
+            "status",
+            "--porcelain=v1",
+            "-z",
+            "--untracked-files=no",
+            "--ignore-submodules=all",
+            env=self._no_filters(),
+        )
+        edited = {e[3:].decode("utf-8", "surrogateescape") for e in out.split(b"\0") if len(e) > 3}
+        for path in self.changed(old, new):
+            if (self.repo.root / path).exists() and (old is None or self.repo.read_file(old, path) is None):
+                edited.add(path)  # untracked, where the new commit puts a file
+        return sorted(edited)

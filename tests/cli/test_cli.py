@@ -66,6 +66,18 @@ def test_serve_needs_the_providers_folder(tmp_path: Path, capsys: pytest.Capture
     assert "providers.d: no such folder" in err
 
 
+def test_serve_refuses_a_pull_it_cannot_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "providers.d").mkdir()
+    monkeypatch.setenv("SWITCHBOARD_GIT_PULL", "main")
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 2 and "REMOTE/BRANCH" in err
+    monkeypatch.setenv("SWITCHBOARD_GIT_PULL", "origin/main")
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 1 and "not in a git repository" in err
+
+
 def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--root", str(tmp_path), "state", "--at", "yesterday-ish")
     assert code == 2

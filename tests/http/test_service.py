@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import re
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -546,11 +547,11 @@ async def test_stopping_during_the_first_load_waits_for_its_apply_before_closing
     registry = runner.app[REGISTRY]
     apply, started, results = registry.apply, threading.Event(), []
 
-    def slow_apply(*args: Any) -> Any:  # the first load, caught in its worker thread
+    def slow_apply(*args: Any, **kwargs: Any) -> Any:  # the first load, caught in its worker thread
         started.set()
         time.sleep(0.5)
         try:
-            outcome = apply(*args)
+            outcome = apply(*args, **kwargs)
         except Exception as exc:
             results.append(repr(exc))
             raise
@@ -564,3 +565,21 @@ async def test_stopping_during_the_first_load_waits_for_its_apply_before_closing
     assert results == ["applied"]  # before the log closed, not after
     assert [e.type for e in read_events(settings.events_file)] == ["service.started", "provider.added"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- replica identity (SPEC 12) ----------------------------------------------------------------
+
+
+async def test_the_replica_is_named_in_service_started_readyz_and_metrics(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    async with serve(sops_project, replica="eu-west-2") as service:
+        _, ready = await service.get("/readyz")
+        assert ready["replica"] == "eu-west-2"
+        started = [e for e in service.events() if e.type == "service.started"]
+        assert [getattr(e, "replica", None) for e in started] == ["eu-west-2"]
+        _, metrics = await service.text("/metrics")
+        assert re.search(r'^switchboard_info\{replica="eu-west-2",version="[^"]+"\} 1\.0$', metrics, re.M)
+
+
+def test_the_replica_defaults_to_the_host_name() -> None:
+    assert Settings().replica == socket.gethostname()

@@ -136,6 +136,7 @@ def test_schema_has_one_definition_per_event_type() -> None:
         "config.rejected",
         "provider.health_changed",
         "secret.read",
+        "sync.failed",
     }
     assert "hash" in schema["$defs"]["SecretRead"]["required"]
     json.dumps(schema)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 
 from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
-from tests.conftest import Service, eventually, write_server
+from service.runtime import watcher
+from tests.conftest import Service, SopsProject, eventually, serve, write_server
+from tests.support.replicas import GitSync, git, make_remote, routing_yaml, server_yaml
 
 SERVER = "kind: ai_server\nid: {id}\nserver_type: vllm\nbase_url: http://127.0.0.1:{port}/v1\n"
 
@@ -144,3 +147,85 @@ async def test_a_file_over_the_limit_is_refused_from_its_size_without_being_read
     }
     assert peak < 8 << 20  # the head it reads, not the file
     assert service.registry.state.auth_required  # its head says what it is: a clients file
+
+
+# -- git-sync: the folder behind a link swapped to a new worktree per commit (SPEC 12) ------------
+
+
+async def test_a_git_sync_swap_is_applied_at_once_as_one_generation_under_the_new_head(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
+    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    remote, author = make_remote(tmp_path, sops_project.root)
+    sync = GitSync(tmp_path / "git", remote)
+    first = sync.sync()
+    async with serve(sops_project, root=sync.link, providers=sync.providers, rescan_s=60) as service:
+        assert service.registry.state.last_applied_commit == first
+        seen: list[tuple[frozenset[str], str | None]] = []
+        service.registry.on_apply.append(
+            lambda o: seen.append((frozenset(o.snapshot.providers), service.registry.last_applied_commit))
+        )
+        generation = service.registry.snapshot.generation
+        # Three files change together: a mix of the two worktrees would show as a refused batch
+        # (routing naming a provider not there yet) or a snapshot with only some of them.
+        second = author.commit(
+            {"spare.yaml": server_yaml("spare", 11), "gpu.yaml": None, "routing.yaml": routing_yaml("spare")}
+        )
+        author.push()
+        started = time.monotonic()
+        sync.sync(keep_old=True)  # nothing changes in the folder watched before: only the link
+
+        def swapped() -> None:
+            assert service.registry.state.last_applied_commit == second
+
+        await eventually(swapped, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        state = service.registry.state
+        assert set(state.snapshot.providers) == {"spare"} and state.refused == {}
+        assert state.snapshot.generation == generation + 1
+        assert [providers for providers, _ in seen] == [frozenset({"spare"})] * len(seen)
+        changes = [e for e in service.events() if e.type in ("provider.added", "provider.removed")][-2:]
+        assert {(e.type, e.subject, e.commit) for e in changes} == {
+            ("provider.added", "spare", second),
+            ("provider.removed", "gpu", second),
+        }
+        _, body = await service.get("/api/v1/llm-config/active/chat")
+        assert body["commit"] == second and [p["id"] for p in body["primary"]] == ["spare"]
+
+        # and the next swap too: the watch follows the link, not the folder it pointed at
+        third = author.commit({"spare.yaml": server_yaml("spare", 12)})
+        author.push()
+        sync.sync(keep_old=True)
+        await eventually(lambda: service.registry.state.last_applied_commit == third, timeout=1.0)
+        assert service.registry.snapshot.providers["spare"].endpoint == "http://127.0.0.1:12/v1"
+
+
+async def test_a_swap_in_the_middle_of_a_scan_is_scanned_again_never_mixed(
+    sops_project: SopsProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (sops_project.providers / "a.yaml").write_text(server_yaml("a", 1))
+    (sops_project.providers / "b.yaml").write_text(server_yaml("b", 1))
+    remote, author = make_remote(tmp_path, sops_project.root)
+    sync = GitSync(tmp_path / "git", remote)
+    sync.sync()
+    second = author.commit({"a.yaml": server_yaml("a", 2), "b.yaml": server_yaml("b", 2)})
+    author.push()
+    git(sync.root, "fetch", "-q", "origin", "main")
+    async with serve(sops_project, root=sync.link, providers=sync.providers, rescan_s=60) as service:
+        real_read = watcher.read_limited
+        swapped: list[bool] = []
+
+        def read_then_swap(path: Path, limit: int) -> tuple[bytes, int | None]:
+            data = real_read(path, limit)
+            if not swapped:  # the first file read, then the link moves on under the scan
+                swapped.append(True)
+                sync.publish(second)
+            return data
+
+        monkeypatch.setattr(watcher, "read_limited", read_then_swap)
+        await service.app[RELOADER].reload()
+        snapshot = service.registry.snapshot
+        assert swapped
+        assert {p.endpoint for p in snapshot.providers.values()} == {"http://127.0.0.1:2/v1"}
+        assert service.registry.last_applied_commit == second

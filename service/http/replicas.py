@@ -1,0 +1,225 @@
+"""Many replicas (SPEC 12): the git webhook, `GET …/replicas`, and the pull and fan-out they drive.
+
+    POST /api/v1/llm-config/hooks/git   signed by the git host     202: a pull now; 401; 404
+    GET  /api/v1/llm-config/replicas    config:read                who serves which commit
+
+The webhook needs no token: it is signed. GitHub's `X-Hub-Signature-256` is the HMAC-SHA256
+of the raw body with `SWITCHBOARD_WEBHOOK_SECRET` (`sha256=<hex>`), computed as the body
+streams in (it is never held, and never read past `SWITCHBOARD_MAX_BODY_BYTES`); GitLab's
+`X-Gitlab-Token` is the secret itself. Both are compared in constant time (hashed first, so
+not even the length shows). A notification asks for a pull and is answered at once: any
+number of them make one pull running and at most one more (`Puller.request`).
+
+The cleanup context starts the pull (with `SWITCHBOARD_GIT_PULL`) and the Redis fan-out
+(with `SWITCHBOARD_REDIS_URL`): a replica that applied a new commit tells the others, and
+one that hears of a commit it does not have pulls now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from service.errors import GitError, NotFound, PayloadTooLarge, Unauthorized
+from service.http.auth import scoped
+from service.http.context import (
+    EVENTS,
+    FANOUT,
+    METRICS,
+    PREFIX,
+    PULLER,
+    REGISTRY,
+    RELOADER,
+    SETTINGS,
+    WRITER,
+)
+from service.http.push import watched
+from service.runtime.fanout import Beat, Fanout, answer
+from service.runtime.registry import Outcome
+from service.runtime.sync import Puller, Result
+
+log = logging.getLogger(__name__)
+
+HOOK = f"{PREFIX}/hooks/git"
+REPLICAS = f"{PREFIX}/replicas"
+GITHUB_HEADER = "X-Hub-Signature-256"
+GITLAB_HEADER = "X-Gitlab-Token"
+
+
+def setup(app: web.Application) -> None:
+    """Add the webhook and `…/replicas`, and run the pull and the fan-out with the service."""
+    app.router.add_post(HOOK, _hook)
+    app.router.add_get(REPLICAS, _replicas)
+    app.cleanup_ctx.append(_replication)
+
+
+# -- the webhook ----------------------------------------------------------------------------------
+
+
+async def _hook(request: web.Request) -> web.StreamResponse:
+    settings, metrics = request.app[SETTINGS], request.app[METRICS]
+    puller = request.app.get(PULLER)
+    if puller is None:
+        raise NotFound("no pull is configured here (SWITCHBOARD_GIT_PULL): a notification has nothing to do")
+    try:
+        await _verify(request)
+    except (Unauthorized, PayloadTooLarge):
+        metrics.webhooks.labels("refused").inc()
+        raise
+    puller.request()
+    metrics.webhooks.labels("accepted").inc()
+    return web.json_response({"status": "accepted", "replica": settings.replica}, status=202)
+
+
+async def _verify(request: web.Request) -> None:
+    """Unauthorized unless the GitHub signature or the GitLab token (every one sent) is right."""
+    secret = request.app[SETTINGS].webhook_secret
+    github, gitlab = request.headers.get(GITHUB_HEADER), request.headers.get(GITLAB_HEADER)
+    if secret is None or not secret.get_secret_value():  # an empty key signs anything
+        raise Unauthorized("SWITCHBOARD_WEBHOOK_SECRET is not set here, so no notification can be verified")
+    if github is None and gitlab is None:
+        raise Unauthorized(f"a notification must be signed ({GITHUB_HEADER}, or {GITLAB_HEADER})")
+    key = secret.get_secret_value().encode()
+    if gitlab is not None and not _same(gitlab.encode("utf-8", "surrogateescape"), key):
+        raise Unauthorized(f"wrong {GITLAB_HEADER}")
+    if github is not None:
+        expected = "sha256=" + await _body_hmac(request, key)
+        if not _same(github.strip().lower().encode("utf-8", "surrogateescape"), expected.encode()):
+            raise Unauthorized(f"wrong {GITHUB_HEADER} (the HMAC-SHA256 of the body, `sha256=<hex>`)")
+
+
+async def _body_hmac(request: web.Request, key: bytes) -> str:
+    """HMAC-SHA256 hex of the body, read as it streams in, never past the body limit."""
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge.over(limit)
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge.over(limit)
+        mac.update(chunk)
+    return mac.hexdigest()
+
+
+def _same(given: bytes, expected: bytes) -> bool:
+    """Constant time, whatever the lengths: the digests of both are compared."""
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(expected).digest())
+
+
+# -- who serves what ------------------------------------------------------------------------------
+
+
+@scoped("config:read")
+@watched
+async def _replicas(request: web.Request) -> web.StreamResponse:
+    """This replica, and every other heard from in the last 10 s (with Redis); never waits on it."""
+    fanout = request.app.get(FANOUT)
+    own = answer(_beat(request.app), datetime.now(UTC))
+    others = [p.answer() for p in fanout.live()] if fanout is not None else []
+    listed = sorted([own, *others], key=lambda r: str(r["replica"]))
+    shared = fanout is not None and fanout.connected
+    return web.json_response({"replicas": listed, "shared": shared})
+
+
+def _beat(app: web.Application) -> Beat:
+    state = app[REGISTRY].state
+    return Beat(app[SETTINGS].replica, state.last_applied_commit, state.snapshot.generation, state.ready)
+
+
+# -- the pull and the fan-out, run with the service -------------------------------------------------
+
+
+async def _replication(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics, writer = app[SETTINGS], app[METRICS], app[WRITER]
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    puller: Puller | None = None
+    if settings.git_pull is not None and writer.committer is None:
+        log.error(
+            "SWITCHBOARD_GIT_PULL is set, but %s is not in a git repository: no pull", settings.providers
+        )
+    elif settings.git_pull is not None and writer.committer is not None:
+
+        def counted(result: Result) -> None:
+            metrics.pulls.labels(result).inc()
+            if result == "failed":
+                metrics.sync_failures.inc()
+
+        puller = Puller(
+            settings.git_pull,
+            writer.committer,
+            app[RELOADER],
+            app[REGISTRY],
+            app[EVENTS],
+            lock=writer.lock,
+            interval_s=settings.git_pull_interval_s,
+            on_result=counted,
+        )
+        app[PULLER] = puller
+        tasks.append(asyncio.create_task(puller.run(stop), name="switchboard-pull"))
+    fanout: Fanout | None = None
+    if settings.redis_url is not None:
+        fanout = _fanout(app, settings.redis_url.get_secret_value(), puller, loop)
+        app[FANOUT] = fanout
+        fanout.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if fanout is not None:
+            await asyncio.to_thread(fanout.stop)
+        for task in tasks:
+            try:
+                await asyncio.wait_for(task, timeout=5)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+def _fanout(app: web.Application, url: str, puller: Puller | None, loop: asyncio.AbstractEventLoop) -> Fanout:
+    registry, writer, metrics = app[REGISTRY], app[WRITER], app[METRICS]
+
+    def knows(commit: str) -> bool:
+        if commit == registry.state.last_applied_commit:
+            return True
+        repo = registry.attributor.repo if registry.attributor is not None else writer.repo
+        if repo is None:
+            return True  # nothing to pull into
+        try:
+            repo.run("cat-file", "-e", f"{commit}^{{commit}}")
+        except GitError:
+            return False
+        return True
+
+    def on_new(commit: str) -> None:
+        if puller is not None:
+            loop.call_soon_threadsafe(puller.request)
+
+    fanout = Fanout(
+        url,
+        lambda: _beat(app),
+        knows=knows,
+        on_new=on_new,
+        on_state=lambda up: metrics.fanout_connected.set(1 if up else 0),
+    )
+    announced: list[str | None] = [None]
+
+    def on_apply(outcome: Outcome) -> None:  # in the applying thread
+        commit = registry.state.last_applied_commit
+        if commit != announced[0]:
+            announced[0] = commit
+            fanout.announce()
+
+    registry.on_apply.append(on_apply)
+    return fanout

@@ -1,0 +1,339 @@
+"""Redis fan-out (SPEC 12): replicas tell each other of new commits, and who serves what.
+
+Each replica publishes a heartbeat on one channel every 2 s, and at once when it applies a
+new commit: `{"replica", "instance", "commit", "generation", "ready"}`. Every replica listens;
+one that hears of a commit it does not have asks its pull to run now, so a change that
+reached one replica (a webhook, a write pushed to the remote) reaches the others within a
+second or two. What it heard in the last 10 s is the answer of `GET …/replicas`.
+
+Redis only speeds convergence up: the replicas converge by polling without it. So nothing
+of it may ever hold a request up, or fail one. The whole client runs on an event loop in a
+thread of its own: a Redis that is down, slow, hanging or answering garbage (or a host name
+that takes minutes to resolve) only ever stalls that thread. Every call has a timeout;
+every failure ends the session, which starts again after a backoff (0.1 s doubling to 5 s);
+a session that stops hearing its own heartbeats is taken as dead. Nothing leaves the thread
+but what it heard, through `peers` (swapped whole) and `on_new` (called in the thread: hand
+over with `call_soon_threadsafe`). What is heard is checked and bounded before it is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service.vcs.gitrepo import redact
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "switchboard:replicas"
+HEARTBEAT_S = 2.0
+LIVE_S = 10.0
+"""A replica not heard from for this long is left out of `peers`."""
+TIMEOUT_S = 1.0
+"""The longest any one Redis call may take."""
+BACKOFF_S = (0.1, 5.0)
+MAX_MESSAGE = 2048
+MAX_PEERS = 1000
+REPULL_S = 10.0
+"""A commit heard again that a pull did not bring is asked for at most this often."""
+CHECKS_PER_S = 20
+"""Commits looked up in git per second, at most: made-up commits cannot keep git busy (a real
+one is heard again in the next heartbeat)."""
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What one replica serves: the heartbeat's content."""
+
+    replica: str
+    commit: str | None
+    generation: int
+    ready: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A replica heard from: its last heartbeat, and when it came (this replica's clock)."""
+
+    beat: Beat
+    seen_at: datetime
+    heard: float
+    """`time.monotonic()` when it came."""
+
+    def answer(self) -> dict[str, Any]:
+        """As `GET …/replicas` lists it."""
+        return answer(self.beat, self.seen_at)
+
+
+def answer(beat: Beat, seen_at: datetime) -> dict[str, Any]:
+    """One replica as `GET …/replicas` lists it."""
+    return {
+        "replica": beat.replica,
+        "commit": beat.commit,
+        "generation": beat.generation,
+        "ready": beat.ready,
+        "seen_at": seen_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+
+
+def parse_beat(data: Any) -> tuple[Beat, str] | None:
+    """A heartbeat and its sender's instance from a message's bytes; None for anything else."""
+    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
+        return None
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    replica, instance, commit = doc.get("replica"), doc.get("instance"), doc.get("commit")
+    generation, ready = doc.get("generation"), doc.get("ready")
+    if not (isinstance(replica, str) and _NAME.match(replica)):
+        return None
+    if not (isinstance(instance, str) and 0 < len(instance) <= 64):
+        return None
+    if commit is not None and not (isinstance(commit, str) and _COMMIT.match(commit)):
+        return None
+    if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 2**53:
+        return None
+    if not isinstance(ready, bool):
+        return None
+    return Beat(replica, commit, generation, ready), instance
+
+
+class Fanout:
+    """The Redis client of one replica, on its own thread: `start`, then `stop`."""
+
+    def __init__(
+        self,
+        url: str,
+        local: Callable[[], Beat],
+        *,
+        knows: Callable[[str], bool],
+        on_new: Callable[[str], None],
+        channel: str = CHANNEL,
+        heartbeat_s: float = HEARTBEAT_S,
+        timeout_s: float = TIMEOUT_S,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._url = url
+        self.local = local
+        """This replica's heartbeat now (read from the registry's state: any thread may call it)."""
+        self.knows = knows
+        """Whether this replica has a commit (blocking: it may ask git); called in the thread."""
+        self.on_new = on_new
+        """Called, in the thread, with a commit heard that this replica does not have."""
+        self.channel = channel
+        self.heartbeat_s = heartbeat_s
+        self.timeout_s = timeout_s
+        self.on_state = on_state
+        self.instance = secrets.token_hex(8)
+        self.connected = False
+        """A session is up and hears its own heartbeats."""
+        self.peers: Mapping[str, Peer] = MappingProxyType({})
+        """Other replicas heard from, by name (swapped whole; read from any thread)."""
+        self._known: dict[str, None] = {}
+        self._asked: dict[str, float] = {}
+        self._checks: list[float] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._last_error: str | None = None
+        self._heard_self = 0.0
+
+    # -- from the service's side ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the client on a thread of its own (returns at once)."""
+        self._thread = threading.Thread(target=self._main, name="switchboard-fanout", daemon=True)
+        self._thread.start()
+        self._started.wait(5)
+
+    def announce(self) -> None:
+        """Publish a heartbeat now (a new commit was applied); from any thread, never blocks."""
+        self._call(lambda: self._wake.set() if self._wake is not None else None)
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """Stop the client and wait (at most `timeout_s`) for its thread. Blocking."""
+        self._call(lambda: self._stop.set() if self._stop is not None else None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def live(self, now: float | None = None) -> list[Peer]:
+        """The peers heard from in the last 10 s, by name."""
+        now = time.monotonic() if now is None else now
+        return sorted(
+            (p for p in self.peers.values() if now - p.heard <= LIVE_S), key=lambda p: p.beat.replica
+        )
+
+    def _call(self, action: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(action)
+
+    # -- the thread ----------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except Exception:  # pragma: no cover - nothing is expected to get here
+            log.exception("the Redis fan-out stopped")
+        finally:
+            self._started.set()
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop, self._wake = asyncio.Event(), asyncio.Event()
+        self._started.set()
+        backoff = BACKOFF_S[0]
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                await self._session()
+            except Exception as exc:  # down, refused, garbage, timeouts: all end the session alike
+                self._report(exc)
+            self._set_connected(False)
+            if time.monotonic() - began > 4 * self.heartbeat_s:
+                backoff = BACKOFF_S[0]  # it was up a good while: try again soon
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_S[1])
+
+    async def _session(self) -> None:
+        client = redis.Redis.from_url(
+            self._url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+            max_connections=4,
+        )
+        pubsub = client.pubsub()
+        self._heard_self = time.monotonic()
+        try:
+            await asyncio.wait_for(pubsub.subscribe(self.channel), self.timeout_s)
+            tasks = {
+                asyncio.ensure_future(self._listen(pubsub)),
+                asyncio.ensure_future(self._beat(client)),
+            }
+            assert self._stop is not None  # noqa: S101 - set in _run
+            stopping = asyncio.ensure_future(self._stop.wait())
+            try:
+                done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (*tasks, stopping):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+            for task in done & tasks:
+                task.result()  # the failure that ended the session, if any
+        finally:
+            for close in (pubsub.aclose, client.aclose):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(close(), self.timeout_s)
+
+    async def _beat(self, client: redis.Redis) -> None:
+        """Publish a heartbeat every `heartbeat_s`, and at once when woken."""
+        assert self._wake is not None  # noqa: S101
+        while True:
+            self._wake.clear()
+            beat = self.local()
+            message = {
+                "replica": beat.replica,
+                "instance": self.instance,
+                "commit": beat.commit,
+                "generation": beat.generation,
+                "ready": beat.ready,
+            }
+            await asyncio.wait_for(client.publish(self.channel, json.dumps(message)), self.timeout_s)
+            if time.monotonic() - self._heard_self > 3 * self.heartbeat_s + self.timeout_s:
+                raise ConnectionError("this replica's own heartbeats do not come back")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            message = await asyncio.wait_for(
+                pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_s),
+                self.heartbeat_s + self.timeout_s,
+            )
+            if isinstance(message, dict) and message.get("type") == "message":
+                await self._hear(message.get("data"))
+
+    async def _hear(self, data: Any) -> None:
+        parsed = parse_beat(data)
+        if parsed is None:
+            log.debug("fan-out: a message that is not a heartbeat was ignored")
+            return
+        beat, instance = parsed
+        now = time.monotonic()
+        local = self.local()
+        if beat.replica == local.replica:
+            if instance == self.instance:
+                self._heard_self = now
+                self._set_connected(True)
+            return
+        peers = {n: p for n, p in self.peers.items() if now - p.heard <= LIVE_S}
+        if beat.replica in peers or len(peers) < MAX_PEERS:
+            peers[beat.replica] = Peer(beat, datetime.now(UTC), now)
+        self.peers = MappingProxyType(peers)
+        if beat.commit is not None and beat.commit != local.commit:
+            await self._consider(beat.commit, now)
+
+    async def _consider(self, commit: str, now: float) -> None:
+        """Ask for a pull when `commit` is one this replica does not have (at most every 10 s)."""
+        if commit in self._known or now - self._asked.get(commit, -REPULL_S) < REPULL_S:
+            return
+        self._checks = [t for t in self._checks if now - t < 1.0]
+        if len(self._checks) >= CHECKS_PER_S:
+            return
+        self._checks.append(now)
+        if await asyncio.to_thread(self.knows, commit):
+            self._known[commit] = None
+            while len(self._known) > 256:
+                del self._known[next(iter(self._known))]
+            return
+        self._asked = {c: t for c, t in self._asked.items() if now - t < REPULL_S}
+        if len(self._asked) < 256:
+            self._asked[commit] = now
+        log.info("fan-out: a replica serves %s, which this one does not have: pulling now", commit[:12])
+        self.on_new(commit)
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected == self.connected:
+            return
+        self.connected = connected
+        if connected:
+            log.info("fan-out: connected to Redis")
+            self._last_error = None
+        if self.on_state is not None:
+            self.on_state(connected)
+
+    def _report(self, exc: BaseException) -> None:
+        """Log a failure once per kind, not once per retry."""
+        text = redact(f"{type(exc).__name__}: {exc}")[:300]
+        if text != self._last_error:
+            self._last_error = text
+            log.warning("fan-out: Redis unavailable (%s); replicas converge by polling meanwhile", text)

@@ -1,0 +1,251 @@
+"""The Redis fan-out (SPEC 12) with Debian's real `redis-server`, and with servers that misbehave.
+
+Two services in this process share a Redis; a fake TCP server stands in for a Redis that
+hangs or answers garbage. Whatever Redis does, requests are answered at once and the
+background thread never lets an exception out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.http.context import FANOUT, PULLER
+from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, Beat, Fanout, parse_beat
+from tests.conftest import Service, SopsProject, eventually, serve
+from tests.support.replicas import Checkout, RedisServer, clone, make_remote, routing_yaml, server_yaml
+
+API = "/api/v1/llm-config"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
+    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
+    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    return make_remote(tmp_path, sops_project.root)
+
+
+@asynccontextmanager
+async def member(
+    project: SopsProject, checkout: Checkout, name: str, **settings: Any
+) -> AsyncIterator[Service]:
+    async with serve(
+        project,
+        root=checkout.root,
+        providers=checkout.providers,
+        events=checkout.root / "var" / "events.jsonl",
+        replica=name,
+        git_pull="origin/main",
+        git_pull_interval_s=3600,  # only the start, the hook and the fan-out pull
+        **settings,
+    ) as service:
+        yield service
+
+
+async def replicas(service: Service) -> dict[str, Any]:
+    status, body = await service.get(f"{API}/replicas")
+    assert status == 200
+    return dict(body)
+
+
+# -- with a real Redis -------------------------------------------------------------------------------
+
+
+async def test_replicas_see_each_other_and_a_commit_one_applies_is_pulled_by_the_other(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    bare, author = remote
+    async with (
+        member(sops_project, clone(bare, tmp_path / "a"), "a", redis_url=redis_server.url) as a,
+        member(sops_project, clone(bare, tmp_path / "b"), "b", redis_url=redis_server.url) as b,
+    ):
+
+        async def both_listed() -> None:
+            body = await replicas(a)
+            assert body["shared"] is True
+            assert [r["replica"] for r in body["replicas"]] == ["a", "b"]
+
+        await eventually(both_listed, timeout=6)
+        pushed = author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+        author.push()
+        started = time.monotonic()
+        await a.app[PULLER].pull()  # as a webhook to `a` would: b hears of it from a
+        await eventually(lambda: b.registry.state.last_applied_commit == pushed, timeout=2)
+        assert time.monotonic() - started < 2
+
+        async def converged() -> None:
+            listed = (await replicas(b))["replicas"]
+            assert {r["commit"] for r in listed} == {pushed} and all(r["ready"] for r in listed)
+
+        await eventually(converged, timeout=5)
+
+
+async def test_redis_killed_mid_run_changes_nothing_but_the_shared_flag(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    bare, _ = remote
+    async with member(sops_project, clone(bare, tmp_path / "a"), "a", redis_url=redis_server.url) as a:
+        await eventually(lambda: a.app[FANOUT].connected, timeout=5)
+        redis_server.stop()
+        await eventually(lambda: not a.app[FANOUT].connected, timeout=8)
+        await answered_at_once(a)
+        body = await replicas(a)
+        assert body["shared"] is False and [r["replica"] for r in body["replicas"]] == ["a"]
+        _, metrics = await a.text("/metrics")
+        assert "switchboard_fanout_connected 0.0" in metrics
+
+
+async def test_without_redis_the_replica_lists_itself_alone(sops_project: SopsProject) -> None:
+    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
+    async with serve(sops_project, replica="solo") as service:
+        body = await replicas(service)
+        assert body["shared"] is False
+        [own] = body["replicas"]
+        state = service.registry.state
+        assert own["replica"] == "solo" and own["ready"] is True
+        assert own["generation"] == state.snapshot.generation and own["commit"] == state.last_applied_commit
+
+
+# -- Redis that misbehaves -------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def fake_redis(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.close()
+        for writer in list(_writers):
+            writer.close()
+        _writers.clear()
+
+
+_writers: list[asyncio.StreamWriter] = []
+
+
+async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    _writers.append(writer)
+    await asyncio.sleep(3600)  # takes the connection, reads nothing, answers nothing
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    _writers.append(writer)
+    try:
+        while await reader.read(4096):
+            writer.write(b"\x00\xffnot RESP at all\r\n*-7\r\n$99999999999\r\n:nan\r\n")
+            await writer.drain()
+    except ConnectionError:
+        pass
+
+
+async def answered_at_once(service: Service) -> None:
+    """A round of requests, each answered well within 0.5 s."""
+    for path in ("/readyz", f"{API}/active/chat", f"{API}/replicas", "/metrics"):
+        for _ in range(5):
+            started = time.monotonic()
+            async with service.http.get(service.url + path) as response:
+                assert response.status == 200, path
+                await response.read()
+            assert time.monotonic() - started < 0.5, path
+
+
+@pytest.mark.parametrize("handler", [hang, garbage], ids=["hanging", "garbage"])
+async def test_a_redis_that_hangs_or_answers_garbage_holds_no_request_up(
+    sops_project: SopsProject,
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> None:
+    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
+    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    async with fake_redis(handler) as url, serve(sops_project, replica="r", redis_url=url) as service:
+        fanout = service.app[FANOUT]
+        deadline = time.monotonic() + 3  # several sessions fail and start again meanwhile
+        while time.monotonic() < deadline:
+            await answered_at_once(service)
+        assert not fanout.connected
+        assert fanout._thread is not None and fanout._thread.is_alive()  # no exception got out
+        body = await replicas(service)
+        assert body["shared"] is False and [r["replica"] for r in body["replicas"]] == ["r"]
+        started = time.monotonic()
+    assert time.monotonic() - started < 5  # and it stops promptly
+
+
+# -- what is heard -------------------------------------------------------------------------------------
+
+
+def test_only_well_formed_heartbeats_are_heard() -> None:
+    good = {"replica": "a", "instance": "i", "commit": "a" * 40, "generation": 3, "ready": True}
+    assert parse_beat(json.dumps(good).encode()) == (Beat("a", "a" * 40, 3, True), "i")
+    assert parse_beat(json.dumps(good | {"commit": None})) is not None
+    for bad in (
+        b"\xff\xfe",
+        b"[]",
+        b"null",
+        b"[" * 100_000,
+        json.dumps(good | {"commit": "HEAD~1"}).encode(),
+        json.dumps(good | {"commit": "--upload-pack=touch /tmp/x"}).encode(),
+        json.dumps(good | {"replica": ""}).encode(),
+        json.dumps(good | {"replica": "a\nb"}).encode(),
+        json.dumps(good | {"generation": True}).encode(),
+        json.dumps(good | {"generation": -1}).encode(),
+        json.dumps(good | {"ready": "yes"}).encode(),
+        json.dumps(good | {"padding": "x" * 5000}).encode(),
+    ):
+        assert parse_beat(bad) is None, bad[:60]
+
+
+async def test_a_flood_of_made_up_replicas_is_bounded_and_a_bad_commit_pulls_nothing() -> None:
+    asked: list[str] = []
+    fanout = Fanout(
+        "redis://127.0.0.1:1/0",
+        lambda: Beat("me", "b" * 40, 1, True),
+        knows=lambda commit: False,
+        on_new=asked.append,
+    )
+    for i in range(MAX_PEERS + 50):
+        beat = {"replica": f"r{i}", "instance": "x", "commit": None, "generation": 1, "ready": True}
+        await fanout._hear(json.dumps(beat).encode())
+    assert len(fanout.peers) == MAX_PEERS
+    await fanout._hear(
+        b'{"replica": "r1", "instance": "x", "commit": "not-a-commit", "generation": 1, "ready": 1}'
+    )
+    await fanout._hear(
+        json.dumps({"replica": "r1", "instance": "x", "commit": "c" * 40, "generation": 2, "ready": True})
+    )
+    await fanout._hear(
+        json.dumps({"replica": "r2", "instance": "x", "commit": "c" * 40, "generation": 2, "ready": True})
+    )
+    assert asked == ["c" * 40]  # asked for once, not once per replica that names it
+
+
+async def test_made_up_commits_cannot_keep_git_busy() -> None:
+    looked_up: list[str] = []
+
+    def knows(commit: str) -> bool:
+        looked_up.append(commit)
+        return False
+
+    fanout = Fanout(
+        "redis://127.0.0.1:1/0", lambda: Beat("me", None, 1, True), knows=knows, on_new=lambda c: None
+    )
+    for i in range(500):  # a flood, well within a second
+        beat = {"replica": "liar", "instance": "x", "commit": f"{i:040x}", "generation": 1, "ready": True}
+        await fanout._hear(json.dumps(beat).encode())
+    assert len(looked_up) == CHECKS_PER_S

@@ -1,0 +1,217 @@
+"""The built-in pull (SPEC 12) against a real remote: a bare repository, a replica's clone, real git.
+
+Pulls are run by the test (`Puller.pull`) where their count matters, and otherwise by the
+service's own loop; nothing is slept for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.http.context import EVENTS, PULLER
+from service.journal.events import SyncFailed
+from service.runtime.registry import Outcome
+from service.runtime.sync import Puller, parse_pull
+from tests.conftest import Service, SopsProject, eventually, serve
+from tests.support.replicas import Checkout, clone, git, make_remote, routing_yaml, server_yaml
+
+
+@pytest.fixture
+def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
+    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
+    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    return make_remote(tmp_path, sops_project.root)
+
+
+@asynccontextmanager
+async def replica(
+    project: SopsProject, checkout: Checkout, interval_s: float = 60, **settings: Any
+) -> AsyncIterator[Service]:
+    async with serve(
+        project,
+        root=checkout.root,
+        providers=checkout.providers,
+        events=checkout.root / "var" / "events.jsonl",
+        git_pull="origin/main",
+        git_pull_interval_s=interval_s,
+        **settings,
+    ) as service:
+        yield service
+
+
+def puller(service: Service) -> Puller:
+    return service.app[PULLER]
+
+
+def failures(service: Service) -> list[SyncFailed]:
+    return [e for e in service.app[EVENTS].events() if isinstance(e, SyncFailed)]
+
+
+async def test_a_push_is_pulled_and_applied_as_one_generation_under_its_commit(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine, interval_s=0.2) as service:
+        outcomes: list[Outcome] = []
+        service.registry.on_apply.append(outcomes.append)
+        generation = service.registry.snapshot.generation
+        # Routing and providers change together: half of the commit would be a refused batch.
+        pushed = author.commit(
+            {"spare.yaml": server_yaml("spare", 11), "gpu.yaml": None, "routing.yaml": routing_yaml("spare")}
+        )
+        author.push()
+        await eventually(lambda: service.registry.state.last_applied_commit == pushed, timeout=5)
+        assert service.registry.snapshot.generation == generation + 1
+        assert all(o.applied and o.refused == {} for o in outcomes)
+        assert {frozenset(o.snapshot.providers) for o in outcomes} == {frozenset({"spare"})}
+        assert mine.head() == pushed and git(mine.root, "status", "--porcelain") == ""
+        added = [e for e in service.events() if e.type == "provider.added" and e.subject == "spare"]
+        assert [e.commit for e in added] == [pushed]
+        _, ready = await service.get("/readyz")
+        assert ready["sync"] == {"status": "ok", "reason": None, "remote_commit": pushed}
+
+
+async def test_requests_during_a_pull_make_one_more_pull_not_one_each(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, _ = remote
+    async with replica(sops_project, clone(bare, tmp_path / "replica")) as service:
+        pull = puller(service)
+        await eventually(lambda: pull.status.remote_commit is not None)  # the pull at the start is done
+        results: list[str] = []
+        pull.on_result = results.append
+        async with pull.lock:  # the git lock held: the pull asked for now waits, as if running
+            pull.request()
+            await asyncio.sleep(0.1)  # the loop took the request and waits for the lock
+            for _ in range(50):  # a flood while "it runs"
+                pull.request()
+            await asyncio.sleep(0.1)
+        await eventually(lambda: len(results) == 2)
+        await asyncio.sleep(0.3)
+        assert results == ["unchanged", "unchanged"]  # the one running, and one more
+
+
+async def test_a_diverged_branch_is_left_alone_reported_once_and_still_served(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    local = mine.commit({"gpu.yaml": server_yaml("gpu", 10)}, "a local commit, never pushed")
+    theirs = author.commit({"gpu.yaml": server_yaml("gpu", 11)}, "the remote's commit")
+    author.push()
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        for _ in range(3):
+            assert await pull.pull() == "failed"
+        assert mine.head() == local  # never reset
+        assert service.registry.snapshot.providers["gpu"].endpoint == "http://127.0.0.1:10/v1"
+        _, ready = await service.get("/readyz")
+        assert ready["status"] == "ready" and ready["sync"]["status"] == "failed"
+        assert ready["sync"]["remote_commit"] == theirs and "diverged" in ready["sync"]["reason"]
+        assert len(failures(service)) == 1  # one event per distinct failure, not one per poll
+        event = failures(service)[0]
+        assert (event.subject, event.remote_commit, event.commit) == ("origin/main", theirs, local)
+        _, metrics = await service.text("/metrics")
+        counted = re.search(r"^switchboard_sync_failures_total (\d+)", metrics, re.M)
+        assert counted is not None and int(counted[1]) >= 3
+        # the remote moves on: a new failure (another remote commit), a new event
+        author.commit({"gpu.yaml": server_yaml("gpu", 12)})
+        author.push()
+        assert await pull.pull() == "failed"
+        assert len(failures(service)) == 2
+
+
+async def test_a_force_push_is_a_branch_that_cannot_fast_forward_never_a_reset(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        served = author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+        author.push()
+        assert await pull.pull() == "applied" and mine.head() == served
+        git(author.root, "reset", "-q", "--hard", "HEAD~1")  # history rewritten on the remote
+        rewritten = author.commit({"gpu.yaml": server_yaml("gpu", 66)}, "rewritten")
+        author.push(force=True)
+        assert await pull.pull() == "failed"
+        assert mine.head() == served
+        assert service.registry.snapshot.providers["gpu"].endpoint == "http://127.0.0.1:10/v1"
+        assert pull.status.remote_commit == rewritten and "diverged" in (pull.status.reason or "")
+
+
+async def test_local_commits_the_remote_lacks_are_reported(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, _ = remote
+    mine = clone(bare, tmp_path / "replica")
+    local = mine.commit({"gpu.yaml": server_yaml("gpu", 10)}, "local only")
+    async with replica(sops_project, mine) as service:
+        assert await puller(service).pull() == "failed"
+        assert "commits origin/main lacks" in (puller(service).status.reason or "")
+        assert mine.head() == local
+
+
+async def test_local_edits_block_the_fast_forward_until_they_are_gone(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        await eventually(lambda: pull.status.remote_commit is not None)
+        (mine.providers / "routing.yaml").write_text(routing_yaml("gpu") + "# an edit on the replica\n")
+        pushed = author.commit({"gpu.yaml": server_yaml("gpu", 11)})
+        author.push()
+        assert await pull.pull() == "failed"
+        assert "providers.d/routing.yaml" in (pull.status.reason or "")
+        assert mine.head() != pushed
+        assert (mine.providers / "routing.yaml").read_text().endswith("# an edit on the replica\n")
+        git(mine.root, "checkout", "--", "providers.d/routing.yaml")
+        assert await pull.pull() == "applied"
+        assert service.registry.state.last_applied_commit == pushed
+        assert pull.status.status == "ok"
+
+
+async def test_an_untracked_file_where_the_remote_adds_one_is_a_local_edit(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        (mine.providers / "spare.yaml").write_text(server_yaml("spare", 1))
+        author.commit({"spare.yaml": server_yaml("spare", 2)})
+        author.push()
+        assert await puller(service).pull() == "failed"
+        assert (mine.providers / "spare.yaml").read_text() == server_yaml("spare", 1)
+
+
+async def test_an_unreachable_remote_is_one_failure_and_the_replica_serves_on(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, _ = remote
+    mine = clone(bare, tmp_path / "replica")
+    bare.rename(tmp_path / "gone.git")
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        await eventually(lambda: pull.status.status == "failed")
+        assert await pull.pull() == "failed"
+        assert len(failures(service)) == 1 and "fetch" in failures(service)[0].reason
+        status, _ = await service.get("/api/v1/llm-config/active/chat")
+        assert status == 200
+
+
+def test_the_pull_setting_is_remote_slash_branch() -> None:
+    assert parse_pull("origin/main") == ("origin", "main")
+    assert parse_pull("upstream/release/v2") == ("upstream", "release/v2")
+    for bad in ("main", "/main", "origin/", "--upload-pack=x/main", "origin/-x", "origin/a..b", "origin/a b"):
+        with pytest.raises(ValueError):
+            parse_pull(bad)
