@@ -24,7 +24,7 @@ from aiohttp import web
 
 from service import __version__
 from service.config.models import AiServer, ApiKey
-from service.http import answers, bodies, push
+from service.http import answers, bodies, push, traffic
 from service.http.context import PREFIX
 from service.http.operations import (
     ETAG,
@@ -312,6 +312,16 @@ def _configuration(s: Schemas) -> Iterable[Operation]:
             {"200": provider, "404": s.error(f"no such {kind}")},
             (path_id(example),),
         )
+    yield Operation(
+        "GET",
+        traffic.PATH,
+        "config:read",
+        "Each provider's traffic since the service started: requests, errors, latency, tokens",
+        {"200": s.returns(answers.TrafficAnswer, "every provider of the current configuration, by id")},
+        description="The gateway's own counters (the numbers `/metrics` shows), by provider: attempts "
+        "sent, those that failed, the mean time to the first byte of an answer, and the tokens the "
+        "upstream reported.",
+    )
     yield Operation(
         "GET",
         f"{PREFIX}/audit",
