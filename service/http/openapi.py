@@ -278,6 +278,8 @@ def _configuration(s: Schemas) -> Iterable[Operation]:
         "One purpose, resolved",
         {"200": route, "404": s.error("no route for the purpose")},
         (purpose(),),
+        description='The `ETag` is `"<git blob id of the routing file>.<hash of the answer>"`: '
+        "`If-None-Match` compares it whole, `If-Match` on `PUT …/active/{purpose}` only its blob part.",
     )
     yield Operation(
         "GET",
