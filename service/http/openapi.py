@@ -24,7 +24,7 @@ from aiohttp import web
 
 from service import __version__
 from service.config.models import AiServer, ApiKey
-from service.http import answers, bodies, push, traffic
+from service.http import answers, bodies, console, push, traffic
 from service.http.context import PREFIX
 from service.http.operations import (
     ETAG,
@@ -106,8 +106,9 @@ def document() -> dict[str, Any]:
 
 
 _ABOUT = (
-    "Every endpoint but `/healthz`, `/readyz`, `/metrics` and `/openapi.json` needs `Authorization: "
-    "Bearer TOKEN` with the scope its description names (`x-switchboard-scope`) once a clients file "
+    "Every endpoint but `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the console's files "
+    "(`/ui/`) needs `Authorization: Bearer TOKEN` with the scope its description names "
+    "(`x-switchboard-scope`) once a clients file "
     'exists. Errors are `{"error": {"type", "message", ...}}`; no input makes the service answer 500.'
 )
 _TAGS = {
@@ -242,6 +243,37 @@ def _service(s: Schemas) -> Iterable[Operation]:
     )
     yield Operation(
         "GET", PATH, None, "This document", {"200": json_answer({"type": "object"}, "OpenAPI 3.1")}
+    )
+    html = {"text/html": {"schema": {"type": "string"}}}
+    yield Operation(
+        "GET",
+        console.PATH.rstrip("/"),
+        None,
+        "The web console, at `ui/`",
+        {"308": {"description": "to `ui/`", "headers": {"Location": header("`ui/`")}}},
+    )
+    yield Operation(
+        "GET",
+        console.PATH,
+        None,
+        "The web console (SPEC 10): a page that asks for a token and calls this API",
+        {"200": {"description": "the page; never cached", "content": html}},
+        description="Its assets are served from the package; a Content-Security-Policy allows this "
+        "origin only.",
+    )
+    yield Operation(
+        "GET",
+        console.ASSETS,
+        None,
+        "A file of the web console (script, style, icon), cached for a year at the current version",
+        {
+            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+            "404": s.error("no such file"),
+        },
+        (
+            {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+        ),
     )
 
 
