@@ -18,12 +18,24 @@ demo:
 test *ARGS:
     python -m pytest {{ARGS}}
 
-# ruff (lint and format), mypy strict on service/, and the layers of the architecture
-lint:
+# ruff (lint and format), mypy strict on service/, the layers of the architecture, deploy/
+lint: && deploy-lint
     ruff check .
     ruff format --check .
     mypy
     lint-imports
+
+# kubernetes-validate checks every manifest strictly (unknown fields are errors), on the newest
+# Kubernetes it knows and on the oldest the manifests support (1.29: native sidecars). A kind it
+# has no schema for is only a warning there, so any output fails here; custom resources
+# (deploy/kubernetes/prometheus-operator/) stay out of that folder and of this check.
+#
+# the deployment files, each by its ecosystem's linter (docs/deploy.md); no container engine needed
+deploy-lint:
+    hadolint deploy/Dockerfile
+    shellcheck deploy/*.sh
+    check-jsonschema --builtin-schema vendor.compose-spec deploy/compose.yaml
+    @for k in "" 1.29.0; do if ! out="$(kubernetes-validate --strict --quiet ${k:+-k "$k"} deploy/kubernetes/*.yaml 2>&1)" || [ -n "$out" ]; then echo "$out"; exit 1; fi; done; echo "kubernetes-validate: deploy/kubernetes/*.yaml ok"
 
 # check the shipped examples, as CI does on a pull request
 validate:

@@ -87,22 +87,36 @@ def _provider(index: int, variant: str) -> str:
 
 
 class Service:
-    """`switchboard serve` in its own process."""
+    """`switchboard serve` in its own process; `code` runs another checkout's (a baseline)."""
 
-    def __init__(self, root: Path, key_file: Path) -> None:
-        self.root, self.key_file = root, key_file
+    def __init__(self, root: Path, key_file: Path, *, code: Path | None = None, name: str = "var") -> None:
+        self.root, self.key_file, self.code = root, key_file, code
+        self.events = root / name / "events.jsonl"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> float:
         """Start, and return the seconds until `/readyz` answers 200."""
-        shutil.rmtree(self.root / "var", ignore_errors=True)
+        shutil.rmtree(self.events.parent, ignore_errors=True)
         env = {**os.environ, "SOPS_AGE_KEY_FILE": str(self.key_file), "SWITCHBOARD_LOG_LEVEL": "WARNING"}
+        if self.code is not None:  # `python -m service` from there imports that checkout's code
+            env["PYTHONPATH"] = str(self.code)
         started = time.perf_counter()
+        command = [
+            sys.executable,
+            "-m",
+            "service",
+            "--root",
+            str(self.root),
+            "serve",
+            "--port",
+            str(self.port),
+        ]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--root", str(self.root), "serve", "--port", str(self.port)],
+            [*command, "--events", str(self.events)],
             env=env,
+            cwd=self.code,
             stdout=subprocess.DEVNULL,
         )
         async with aiohttp.ClientSession() as session:

@@ -78,6 +78,12 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="rounds; the table gives medians")
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each load")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM's proxy")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also serve another checkout of Switchboard (`git worktree add ../base <rev>`) in the same run",
+    )
     args = parser.parse_args(argv)
 
     upstream = await UpstreamProcess(name="bench", api_key=UPSTREAM_KEY).start()
@@ -86,13 +92,20 @@ async def main(argv: list[str] | None = None) -> None:
     proxy = (
         None if args.no_litellm else LiteLLMProxy(upstream.base_url, model=MODEL, upstream_key=UPSTREAM_KEY)
     )
+    baseline = (
+        Service(root, key_file, code=args.baseline.resolve(), name="var-base") if args.baseline else None
+    )
     paths = {
         "direct": (f"{upstream.base_url}/chat/completions", UPSTREAM_KEY),
         "switchboard": (f"{service.url}/v1/chat/completions", token),
     }
+    if baseline is not None:
+        paths["switchboard@base"] = (f"{baseline.url}/v1/chat/completions", token)
     results: dict[tuple[str, str], list[LoadResult]] = defaultdict(list)
     try:
         await service.start()
+        if baseline is not None:
+            await baseline.start()
         if proxy is not None:
             await proxy.start()
             paths["litellm"] = (proxy.chat_url, proxy.master_key)
@@ -118,6 +131,8 @@ async def main(argv: list[str] | None = None) -> None:
                     )
     finally:
         service.stop()
+        if baseline is not None:
+            baseline.stop()
         if proxy is not None:
             await proxy.stop()
         await upstream.stop()
@@ -157,6 +172,9 @@ def _table(results: dict[tuple[str, str], list[LoadResult]], names: list[str]) -
     rows.append(f"Switchboard at c=64 serves {rates['switchboard'] / rates['direct']:.0%} of the direct rate")
     if rates.get("litellm"):
         rows[-1] += f" and {rates['switchboard'] / rates['litellm']:.1f}x LiteLLM's proxy."
+    if rates.get("switchboard@base"):
+        ratio = rates["switchboard"] / rates["switchboard@base"]
+        rows.append(f"Against the baseline checkout in the same run: {ratio:.2f}x its rate at c=64.")
     return "\n".join(rows)
 
 

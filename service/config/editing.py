@@ -10,11 +10,16 @@ into the file. Encryption is the caller's: these functions see the plaintext.
 from __future__ import annotations
 
 import io
+import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import yaml as pyyaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.representer import RoundTripRepresenter
 
 from service.config.models import MODELS
 
@@ -41,8 +46,52 @@ MAX_DEPTH = 32
 """Deeper JSON than any document needs is refused before it reaches YAML."""
 
 
+class _Given(str):
+    """A string a write sets, as opposed to one read from the file (which is written as it was)."""
+
+
+_STR = "tag:yaml.org,2002:str"
+_PYYAML = pyyaml.resolver.Resolver()
+_NOT_PLAIN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff]")
+"""Characters the service's reader (PyYAML, YAML 1.1) takes for line breaks or refuses unquoted."""
+
+
+def _represent_given(representer: RoundTripRepresenter, data: _Given) -> ScalarNode:
+    # ruamel writes YAML 1.2, the service reads 1.1: `yes`, `on`, `1:20` unquoted would come
+    # back as true, true and 80, and a NEL (U+0085) as a space. Those are double-quoted.
+    tag = _PYYAML.resolve(pyyaml.ScalarNode, data, (True, False))  # type: ignore[no-untyped-call]
+    misread = _NOT_PLAIN.search(data) or tag != _STR
+    return representer.represent_scalar(_STR, str(data), style='"' if misread else None)
+
+
+def _represent_float(representer: RoundTripRepresenter, data: float) -> ScalarNode:
+    # YAML 1.1 wants a dot in a float (`1e-05` is a string to PyYAML).
+    text = repr(data).lower()
+    if math.isfinite(data) and "e" in text and "." not in text:
+        return representer.represent_scalar("tag:yaml.org,2002:float", text.replace("e", ".0e", 1))
+    return representer.represent_float(data)
+
+
+class _Representer(RoundTripRepresenter):
+    """Values a write sets are written so that the service reads back exactly those values."""
+
+
+_Representer.add_representer(_Given, _represent_given)
+_Representer.add_representer(float, _represent_float)
+
+
+def _given(value: Any) -> Any:
+    """`value` (JSON data from a write) with its strings marked for `_represent_given`."""
+    if isinstance(value, Mapping):
+        return {_given(k): _given(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_given(v) for v in value]
+    return _Given(value) if type(value) is str else value
+
+
 def _yaml() -> YAML:
     yaml = YAML(typ="rt")
+    yaml.Representer = _Representer
     yaml.width = 4096  # long URLs and keys stay on one line
     yaml.indent(mapping=2, sequence=4, offset=2)
     yaml.preserve_quotes = True
@@ -90,7 +139,7 @@ def render_new(document: Mapping[str, Any]) -> bytes:
     kind = str(document.get("kind", ""))
     ordered = CommentedMap()
     for key in sorted(document, key=_position):
-        ordered[key] = document[key]
+        ordered[key] = _given(document[key])
     header = ""
     if kind in MODELS:
         header = f"# yaml-language-server: $schema=../schemas/{kind}.schema.json\n"
@@ -107,9 +156,9 @@ def render_edit(original: bytes, document: Mapping[str, Any]) -> bytes:
         del tree[key]
     for key, value in document.items():
         if key not in tree:
-            tree.insert(_insert_at(tree, key), key, value)
+            tree.insert(_insert_at(tree, key), key, _given(value))
         elif _plain(tree[key]) != value:
-            tree[key] = value
+            tree[key] = _given(value)
     return _dump(tree)
 
 

@@ -21,8 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from service.config.loader import MAX_FILE_BYTES
 from service.errors import BadRequest, NotFound, Unprocessable
-from service.http.auth import Handler, client_name, scoped
+from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.bodies import json_body
 from service.http.config_api import provider_answer, route_answer, test_provider
 from service.http.context import PREFIX, WRITER
@@ -45,14 +46,27 @@ def setup(app: web.Application) -> None:
     router.add_post(f"{PREFIX}/active", _route_old_form)
 
 
+async def _body(request: web.Request) -> Any:
+    """The write's JSON: no larger than the file it becomes may be (MAX_FILE_BYTES), so a body of
+    16 MiB is refused at once instead of being rendered and encrypted for seconds, lock held."""
+    return await json_body(request, limit=MAX_FILE_BYTES)
+
+
 def _reason(request: web.Request) -> str | None:
     return request.headers.get(REASON_HEADER)
+
+
+def _key_readable(request: web.Request) -> bool:
+    """Whether the client may read decrypted keys (so may send a kept key elsewhere): without
+    auth, or with `secrets:read`."""
+    client = request.get(CLIENT)
+    return client is None or "secrets:read" in client.scopes
 
 
 def _create(kind: ProviderKind, segment: str) -> Handler:
     @scoped("config:write")
     async def create(request: web.Request) -> web.StreamResponse:
-        body = await json_body(request)
+        body = await _body(request)
         written = await request.app[WRITER].create(kind, body, client_name(request), _reason(request))
         return _provider(request, written, status=201, location=f"{PREFIX}/{segment}/{written.subject}")
 
@@ -62,9 +76,15 @@ def _create(kind: ProviderKind, segment: str) -> Handler:
 def _replace(kind: ProviderKind) -> Handler:
     @scoped("config:write")
     async def replace(request: web.Request) -> web.StreamResponse:
-        body = await json_body(request)
+        body = await _body(request)
         written = await request.app[WRITER].replace(
-            kind, request.match_info["id"], body, client_name(request), _reason(request), _if_match(request)
+            kind,
+            request.match_info["id"],
+            body,
+            client_name(request),
+            _reason(request),
+            _if_match(request),
+            key_readable=_key_readable(request),
         )
         return _provider(request, written)
 
@@ -74,11 +94,17 @@ def _replace(kind: ProviderKind) -> Handler:
 def _patch(kind: ProviderKind) -> Handler:
     @scoped("config:write")
     async def patch(request: web.Request) -> web.StreamResponse:
-        body = await json_body(request)
+        body = await _body(request)
         if not isinstance(body, Mapping):
             raise BadRequest("a merge patch is a JSON object")
         written = await request.app[WRITER].patch(
-            kind, request.match_info["id"], body, client_name(request), _reason(request), _if_match(request)
+            kind,
+            request.match_info["id"],
+            body,
+            client_name(request),
+            _reason(request),
+            _if_match(request),
+            key_readable=_key_readable(request),
         )
         return _provider(request, written)
 
@@ -113,7 +139,7 @@ def _test(kind: ProviderKind) -> Handler:
 
 @scoped("config:write")
 async def _route(request: web.Request) -> web.StreamResponse:
-    body = await json_body(request)
+    body = await _body(request)
     purpose = request.match_info["purpose"]
     written = await request.app[WRITER].route(
         purpose, body, client_name(request), _reason(request), _if_match(request)
@@ -127,7 +153,7 @@ async def _route_old_form(request: web.Request) -> web.StreamResponse:
 
     Without `fallback_provider_id` the route keeps the fallbacks it has (but the new primary).
     """
-    body = await json_body(request)
+    body = await _body(request)
     if not isinstance(body, Mapping):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - {"purpose", "provider_id", "fallback_provider_id"})

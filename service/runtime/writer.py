@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -36,10 +36,12 @@ from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS, Routing
 from service.config.secret import unsendable
 from service.config.snapshot import Snapshot, cross_check
 from service.config.sops_rules import check_sops_config, recipients
+from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
 from service.errors import (
     Conflict,
     FileRejected,
+    Forbidden,
     GitError,
     MethodNotAllowed,
     NotFound,
@@ -49,7 +51,7 @@ from service.errors import (
     SopsNoKey,
     Unprocessable,
 )
-from service.runtime.registry import Registry
+from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader
 from service.settings import Settings
 from service.vcs.commit import Committer, Identity, message
@@ -62,7 +64,11 @@ Verb = Literal["create", "update", "delete"]
 ProviderKind = Literal["api_key", "ai_server"]
 
 PUSH_ATTEMPTS = 3
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_BRANCH_ATTEMPTS = 5
 _KEEP = object()
+DESTINATION_FIELDS = ("base_url", "provider")
+"""The fields that decide where a provider's key is sent (`provider`: the vendor's default URL)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +162,20 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
+        *,
+        key_readable: bool,
     ) -> Written:
-        """The whole document of `provider_id` replaced by `body` (`api_key` left out: kept)."""
+        """The whole document of `provider_id` replaced by `body` (`api_key` left out: kept).
+
+        `key_readable`: the client may read decrypted keys (`secrets:read`); see `_update`.
+        """
         document = _provider_body(kind, body, provider_id=provider_id)
+        sends_key = isinstance(document.get("api_key"), str)
         if "api_key" not in document:
             document["api_key"] = _KEEP
-        return await self._update(kind, provider_id, lambda current: document, client, reason, if_match)
+        return await self._update(
+            kind, provider_id, lambda current: document, client, reason, if_match, sends_key, key_readable
+        )
 
     async def patch(
         self,
@@ -171,15 +185,24 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
+        *,
+        key_readable: bool,
     ) -> Written:
-        """`provider_id`'s document with a JSON merge patch (RFC 7386) applied."""
+        """`provider_id`'s document with a JSON merge patch (RFC 7386); `key_readable` as in `replace`."""
         for name in ("kind", "id"):
             if name in patch and patch[name] != (kind if name == "kind" else provider_id):
                 raise Unprocessable(
                     f"`{name}` cannot be changed", problems=[_problem("", name, "cannot be changed")]
                 )
         return await self._update(
-            kind, provider_id, lambda current: editing.merge_patch(current, patch), client, reason, if_match
+            kind,
+            provider_id,
+            lambda current: editing.merge_patch(current, patch),
+            client,
+            reason,
+            if_match,
+            isinstance(patch.get("api_key"), str),
+            key_readable,
         )
 
     async def delete(
@@ -216,6 +239,8 @@ class Writer:
 
         def make(files: Mapping[str, bytes], base: str | None) -> tuple[str, bytes | None, bool]:
             found = _routing_file(files, self._display)
+            if found is None:
+                _check_no_broken_routing(files, self._display)
             original: bytes | None = None
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
@@ -248,7 +273,17 @@ class Writer:
         client: str,
         reason: str | None,
         if_match: str | None,
+        sends_key: bool,
+        key_readable: bool,
     ) -> Written:
+        """Change an existing provider. The service's identity lets it re-encrypt a key it keeps,
+        but a client that neither sends the key nor may read it cannot change where the key goes:
+        the MAC covers every value so that nobody sends a key they cannot read to a host of
+        their choosing (SPEC 2.4), and a write over HTTP keeps that promise (403).
+
+        A write that sends a key is never "no change", even when it is the current key: the
+        answer must not tell a client whether its guess was the key."""
+
         def make(files: Mapping[str, bytes], base: str | None) -> tuple[str, bytes | None, bool]:
             path, loaded = self._existing(files, kind, provider_id)
             self._check_match(path, files, if_match)
@@ -267,10 +302,25 @@ class Writer:
                     del document["api_key"]
             document.setdefault("kind", kind)
             document.setdefault("id", provider_id)
-            if document == current:
+            if document == current and not sends_key:
                 return path, files[path], False
             _check_body(document)
-            return path, self._render(path, original, document), True
+            moved = [f for f in DESTINATION_FIELDS if document.get(f) != current.get(f)]
+            keyed = current.get("api_key") is not None and document.get("api_key") is not None
+            kept = keyed and not (sends_key or key_readable)
+            if kept and moved:
+                raise Forbidden(
+                    f"changing `{'`, `'.join(moved)}` of {self._display(path)} would send its key "
+                    "somewhere else: send `api_key` with the change (or be a client with secrets:read)"
+                )
+            data = self._render(path, original, document)
+            gained = file_recipients(data) - file_recipients(files[path]) if kept else set()
+            if gained:  # a recipient added to .sops.yaml would read a key nobody rotated for it
+                raise Conflict(
+                    f"{self._display(path)}: keeping its key would encrypt it for recipients it does not "
+                    f"have ({', '.join(sorted(gained))}): run `switchboard rotate` first, or send `api_key`"
+                )
+            return path, data, True
 
         return await self._write(_Draft("update", kind, provider_id, make), client, reason)
 
@@ -331,6 +381,8 @@ class Writer:
         committer = self.committer
         assert committer is not None  # noqa: S101 - checked by _write
         ref = await asyncio.to_thread(committer.ref)
+        if self.mode == "commit":
+            _branch_name(ref)  # a commit on a detached HEAD is lost at the next checkout or sync
         local = await asyncio.to_thread(committer.resolve, ref)
         subject = f"{draft.verb} {draft.kind} {draft.subject}"
         text = message(subject, reason, client)
@@ -449,18 +501,35 @@ class Writer:
                 moved = await asyncio.to_thread(committer.advance, ref, local, commit)
             except GitError as exc:
                 raise Conflict(f"git refused the write; nothing changed: {exc}") from None
-            outcome = await reload()
             name = self._display(path)
-            if name in outcome.refused and not self.settings.git_push:
-                reason = outcome.refused[name]
+            refusal = await self._refusal(reload, name)
+            if refusal is not None and not self.settings.git_push:
                 await asyncio.to_thread(committer.undo, ref, local, commit, moved)
-                await reload()
-                raise Conflict(f"the service refused the written file, and the write was undone: {reason}")
+                await self._refusal(reload, name)
+                raise Conflict(f"the service did not apply the write, and it was undone: {refusal}")
         snapshot = self.registry.snapshot
         blob = blob_sha(data) if data is not None else None
         return Written(
             draft.verb, draft.kind, draft.subject, name, commit, blob, snapshot.generation, snapshot
         )
+
+    @staticmethod
+    async def _refusal(reload: Callable[[], Awaitable[Outcome]], name: str) -> str | None:
+        """Reload; why the written file `name` was not applied, or None when it was.
+
+        Not applied: the file refused, the batch refused as a whole (files with local edits may
+        make it fail cross-file checks that passed at HEAD), or the reload failing outright.
+        """
+        try:
+            outcome = await reload()
+        except Exception:  # a write must not stay half-applied, whatever went wrong
+            log.exception("the reload after a write failed")
+            return "the reload failed (see the service log)"
+        if name in outcome.refused:
+            return outcome.refused[name]
+        if not outcome.applied:
+            return "; ".join(f"{file}: {reason}" for file, reason in sorted(outcome.refused.items()))
+        return None
 
     async def _unchanged(self, draft: _Draft, path: str, data: bytes | None, base: str | None) -> Written:
         snapshot = self.registry.snapshot
@@ -478,16 +547,23 @@ class Writer:
         )
 
     def _branch(self, draft: _Draft, commit: str) -> str:
-        """A new branch `switchboard/<verb>-<id>-<n>` at `commit` (never an existing one)."""
+        """A new branch `switchboard/<verb>-<id>-<n>` at `commit` (never an existing one).
+
+        `n` follows the highest taken, found in one listing (trying numbers one git call each
+        made the thousandth write of an id cost a thousand calls). An id may hold `..`, which
+        a ref name may not: it is written `.`.
+        """
         assert self.repo is not None  # noqa: S101
-        stem = f"switchboard/{draft.verb}-{draft.subject}"
-        for n in range(1, 10_000):
-            name = f"{stem}-{n}"
+        stem = f"switchboard/{draft.verb}-{re.sub(r'[.]{2,}', '.', draft.subject)}"
+        listed = self.repo.run("for-each-ref", "--format=%(refname:strip=2)", f"refs/heads/{stem}-*")
+        tails = (line.removeprefix(f"{stem}-") for line in listed.decode().splitlines())
+        highest = max((int(t) for t in tails if t.isdigit()), default=0)
+        for n in range(highest + 1, highest + 1 + _BRANCH_ATTEMPTS):
             try:
-                self.repo.run("update-ref", f"refs/heads/{name}", commit, "0" * 40)
+                self.repo.run("update-ref", f"refs/heads/{stem}-{n}", commit, "0" * 40)
             except GitError:
-                continue  # taken (or being taken): the next number
-            return name
+                continue  # taken meanwhile (another replica?): the next number
+            return f"{stem}-{n}"
         raise Conflict(f"no free branch name under {stem}-")
 
     # -- files ------------------------------------------------------------------------------------
@@ -566,8 +642,9 @@ def _provider_body(kind: str, body: Mapping[str, Any], provider_id: str | None =
     return document
 
 
-def _check_body(document: Mapping[str, Any]) -> None:
-    """What must hold before anything is rendered or encrypted."""
+def _check_body(document: dict[str, Any]) -> None:
+    """What must hold before anything is rendered or encrypted; a key's surrounding whitespace
+    (a line break pasted with it) is trimmed here, so the file holds the key alone."""
     if "sops" in document:
         raise Unprocessable("`sops` is written by sops", problems=[_problem("", "sops", "not a field")])
     for name in SECRET_FIELDS:
@@ -576,9 +653,12 @@ def _check_body(document: Mapping[str, Any]) -> None:
             raise Unprocessable(
                 f"`{name}` must be a string", problems=[_problem("", name, "must be a string")]
             )
-        if isinstance(value, str) and unsendable(value):
+        if isinstance(value, str):
+            value = document[name] = value.strip()
+        if isinstance(value, str) and unsendable(value):  # no header can carry it
             raise Unprocessable(
-                f"`{name}` holds a control character", problems=[_problem("", name, "must be one line")]
+                f"`{name}` holds a control character (a pasted line break?); a key is one line",
+                problems=[_problem("", name, "holds a control character")],
             )
     if editing.depth(document) > editing.MAX_DEPTH:
         raise Unprocessable("the document nests too deeply", problems=[_problem("", "", "nested too deeply")])
@@ -594,7 +674,10 @@ def _problems(problems: list[Problem]) -> list[dict[str, str]]:
 
 def _branch_name(ref: str) -> str:
     if not ref.startswith("refs/heads/"):
-        raise Conflict("HEAD is detached (a git-sync checkout?): writes need a branch to push to")
+        raise Conflict(
+            "HEAD is detached (a git-sync checkout?): a write needs a branch to commit to "
+            "(check one out, or use SWITCHBOARD_WRITE_MODE=branch)"
+        )
     return ref.removeprefix("refs/heads/")
 
 
@@ -609,6 +692,28 @@ def _routing_file(files: Mapping[str, bytes], display: Callable[[str], str]) -> 
         if isinstance(loaded.document, Routing):
             return path, data
     return None
+
+
+def _check_no_broken_routing(files: Mapping[str, bytes], display: Callable[[str], str]) -> None:
+    """Conflict when a routing file in git does not load: a route written beside it, or over
+    it, would drop every purpose it holds (the service still serves them from its last good
+    version)."""
+    for path, data in sorted(files.items()):
+        if not is_config_file(PurePosixPath(path).name):
+            continue
+        try:
+            parse(display(path), data)
+        except FileRejected as exc:
+            if PurePosixPath(path).stem == "routing" or _ROUTING_KIND.search(data):
+                raise Conflict(
+                    f"{display(path)} is not valid in git ({exc.reason}); fix it through git first, "
+                    "since a route written now would drop the routes it holds"
+                ) from None
+
+
+_ROUTING_KIND = re.compile(rb"""(?m)^kind[ \t]*:[ \t]*(routing|'routing'|"routing")[ \t]*(#.*)?$""")
+"""`kind: routing` at the top level, found without loading YAML that failed to load (an alias
+bomb, say)."""
 
 
 def _purposes_naming(

@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 _IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")
 _INTENT = "switchboard-write.json"
 _MAX_REASON = 2000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+REMOTE_TIMEOUT_S = 60.0
+"""The longest a push or a fetch may take (a write waits for it, the write lock held)."""
+_OFF = (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
+"""A filter driver with these settings runs nothing."""
 
 Changes = Mapping[str, bytes | None]
 """Path (relative to the top level, POSIX) -> new content, or None to delete the file."""
@@ -75,7 +81,10 @@ def message(subject: str, reason: str | None, client: str) -> str:
     """A commit message: the subject, the reason (the request's X-Switchboard-Reason) as the body,
     and a `Switchboard-Client` trailer."""
     parts = [subject.strip()]
-    text = " ".join((reason or "").split())[:_MAX_REASON]  # one paragraph, no control characters
+    # One paragraph of text: a header's bytes that are not UTF-8 come as lone surrogates, which
+    # no commit can hold; control characters (and line breaks) become spaces.
+    text = _UNPRINTABLE.sub(" ", _SURROGATE.sub("\ufffd", reason or ""))
+    text = " ".join(text.split())[:_MAX_REASON]
     if text:
         parts.append(text)
     parts.append(f"Switchboard-Client: {client}")
@@ -198,10 +207,38 @@ class Committer:
             else:
                 write_atomically(target, data)
         if paths:
-            if commit is None:
-                self.repo.run("rm", "-q", "--cached", "--ignore-unmatch", "--", *paths)
-            else:
-                self.repo.run("reset", "-q", commit, "--", *paths)
+            self._set_index(commit, paths)
+
+    def _set_index(self, commit: str | None, paths: list[str]) -> None:
+        """The index entries of `paths` as in `commit` (removed where it has none).
+
+        Writing the index makes git re-read "racily clean" files through their clean filter
+        (`.gitattributes` names one, the config defines its command): every filter the config
+        defines is switched off for this one command, so none runs in this process.
+        """
+        entries: dict[str, bytes] = {}
+        if commit is not None:
+            listed = self.repo.run("ls-tree", "-z", "--full-tree", commit, "--", *paths)
+            for entry in listed.split(b"\0"):
+                meta, _, name = entry.partition(b"\t")
+                if meta:
+                    mode, _, sha = meta.split()
+                    entries[name.decode("utf-8", "surrogateescape")] = mode + b" " + sha
+        removed = b"0 " + b"0" * 40
+        lines = [entries.get(p, removed) + b"\t" + p.encode("utf-8", "surrogateescape") for p in paths]
+        data = b"\0".join(lines) + b"\0"
+        self.repo.run("update-index", "-z", "--index-info", data=data, env=self._no_filters())
+
+    def _no_filters(self) -> dict[str, str]:
+        """Environment that switches off every filter driver the config defines (GIT_CONFIG_COUNT
+        entries weigh as `-c` does, and take any name as it is)."""
+        out = self.repo.run("config", "-z", "--get-regexp", r"^filter\.", ok=(0, 1))
+        drivers = sorted({entry.split(b"\n")[0].rsplit(b".", 1)[0] for entry in out.split(b"\0") if entry})
+        env: dict[str, str] = {}
+        settings = [(f"{d.decode('utf-8', 'surrogateescape')}.{k}", v) for d in drivers for k, v in _OFF]
+        for number, (key, value) in enumerate(settings):
+            env[f"GIT_CONFIG_KEY_{number}"], env[f"GIT_CONFIG_VALUE_{number}"] = key, value
+        return env | {"GIT_CONFIG_COUNT": str(len(settings))} if settings else {}
 
     # -- the intent record, and recovery -------------------------------------------------------
 
@@ -262,7 +299,15 @@ class Committer:
         """Push `commit` to `branch` on `remote`; None when done, else git's reason (rejected...)."""
         try:
             self.repo.run(
-                "push", "--porcelain", "--no-verify", remote, f"{commit}:refs/heads/{branch}", timeout_s=60
+                "push",
+                "--porcelain",
+                "--no-verify",
+                # A remote on this machine runs the pack program here: the stock one, never a
+                # `remote.<name>.receivepack` command from the repository's config.
+                "--receive-pack=git-receive-pack",
+                remote,
+                f"{commit}:refs/heads/{branch}",
+                timeout_s=REMOTE_TIMEOUT_S,
             )
         except GitError as exc:
             return str(exc)
@@ -270,7 +315,15 @@ class Committer:
 
     def fetch(self, remote: str, branch: str) -> str:
         """Fetch `branch` from `remote`; the commit it is at there."""
-        self.repo.run("fetch", "-q", "--no-tags", remote, f"refs/heads/{branch}", timeout_s=60)
+        self.repo.run(
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--upload-pack=git-upload-pack",
+            remote,
+            f"refs/heads/{branch}",
+            timeout_s=REMOTE_TIMEOUT_S,
+        )
         commit = self.resolve("FETCH_HEAD")
         if commit is None:
             raise GitError(f"git fetch {remote} {branch} gave no commit")

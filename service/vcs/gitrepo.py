@@ -12,9 +12,11 @@ which commit a file came from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,9 +33,13 @@ SAFE_CONFIG = (
     "core.fsmonitor=false",
     "-c",
     "protocol.ext.allow=never",
+    "-c",
+    "log.showSignature=false",
 )
-"""Passed to every git command the service runs: no hook, no fsmonitor and no `ext::` transport
-can run a program of the repository's choosing in the process that holds the keys."""
+"""Passed to every git command the service runs: no hook, no fsmonitor, no `ext::` transport and
+no signature check (`gpg.program`) can run a program of the repository's choosing in the
+process that holds the keys. (The commands themselves read no working tree file through a
+filter, and push and fetch name the stock pack programs.)"""
 
 _DROPPED_PREFIXES = ("SOPS_", "SWITCHBOARD_", "GIT_AUTHOR_", "GIT_COMMITTER_", "GIT_CONFIG")
 _DROPPED = frozenset({"EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"})
@@ -54,6 +60,16 @@ def safe_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in source.items() if k not in _DROPPED and not k.startswith(_DROPPED_PREFIXES)}
     env["GIT_TERMINAL_PROMPT"] = "0"
     return env
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a git started with `start_new_session` and everything it started (ssh...)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,27 +126,39 @@ class GitRepo:
     ) -> bytes:
         """Run `git ARGS` at the top level; returns stdout. Raises GitError on another exit code.
 
-        `env` adds variables to the safe environment (a temporary index file, say).
+        `env` adds variables to the safe environment (a temporary index file, say). git runs
+        in a session of its own, without the service's terminal (so ssh cannot stop to ask for
+        a passphrase or a host key on it), and a timeout kills the whole session: an ssh that
+        hangs on a dead remote goes with the git that started it.
         """
         argv = [self.binary, "-C", str(self.root), *SAFE_CONFIG, *args]
         try:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 argv,
-                input=data,
-                capture_output=True,
+                stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=self._env | dict(env) if env else self._env,
-                timeout=timeout_s,
-                check=False,
+                start_new_session=True,
             )
         except FileNotFoundError:
             raise GitError(f"the git binary {self.binary!r} was not found") from None
+        try:
+            stdout, stderr = proc.communicate(data, timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            _kill_session(proc)
             raise GitError(f"git {args[0]} did not finish within {timeout_s:g}s") from None
+        except BaseException:  # interrupted: leave no git behind
+            _kill_session(proc)
+            raise
         if proc.returncode not in ok:
-            reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-            detail = reason[-1] if reason else f"exit {proc.returncode}"
+            reason = stderr.decode("utf-8", "replace").strip().splitlines()
+            # git's own verdict (`fatal: Unable to create '…/index.lock': File exists.`), not the
+            # advice after it (`remove the file manually to continue.`)
+            verdicts = [line for line in reason if line.startswith(("fatal:", "error:"))]
+            detail = (verdicts or reason or [f"exit {proc.returncode}"])[0 if verdicts else -1]
             raise GitError(f"git {args[0]} failed: {redact(detail)}")
-        return proc.stdout
+        return stdout
 
     # -- revisions --------------------------------------------------------------------------
 

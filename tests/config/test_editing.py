@@ -87,6 +87,18 @@ def test_an_edit_keeps_comments_order_and_untouched_values() -> None:
         "- item",
         "---\nkind: x",
         "\x00",
+        # YAML 1.2 (ruamel) writes these plain; the service reads 1.1 (PyYAML): bools, ints...
+        "yes",
+        "On",
+        "1:20",
+        "0b1",
+        "1_000",
+        "2001-12-14",
+        "<<",
+        # ...and line breaks: a NEL came back as a space
+        "\x85",
+        "a\u2028b",
+        "\ufeff",
     ],
 )
 def test_no_value_changes_the_shape_of_the_file(value: str) -> None:
@@ -101,3 +113,14 @@ def test_depth_counts_nesting_and_stops_early() -> None:
     for _ in range(10_000):
         deep = [deep]
     assert editing.depth(deep) > editing.MAX_DEPTH
+
+
+def test_a_number_is_written_as_the_service_reads_it() -> None:
+    document = {"kind": "ai_server", "id": "gpu", "timeout_s": 1e-05, "first_byte_timeout_s": 1e20}
+    assert yaml.safe_load(editing.render_new(document)) == document  # `1e-05` is a string in YAML 1.1
+
+
+def test_an_edit_leaves_the_values_it_does_not_change_as_they_were_written() -> None:
+    original = b"kind: ai_server\nid: gpu\nenabled: yes\n"
+    text = editing.render_edit(original, {"kind": "ai_server", "id": "gpu", "enabled": "yes", "name": "on"})
+    assert text == b'kind: ai_server\nid: gpu\nname: "on"\nenabled: yes\n'

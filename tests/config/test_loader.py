@@ -233,3 +233,12 @@ def test_encrypted_values_without_a_sops_block_are_refused() -> None:
 )
 def test_editor_droppings_and_other_files_are_ignored(name: str, wanted: bool) -> None:
     assert is_config_file(name) is wanted
+
+
+def test_infinite_and_nan_numbers_are_refused() -> None:
+    server = "kind: ai_server\nid: x\nserver_type: vllm\nbase_url: http://h\ntimeout_s: .inf\n"
+    (found,) = problems("providers.d/x.yaml", server)
+    assert "timeout_s" in found and "finite" in found
+    routing = "kind: routing\npurposes:\n  chat:\n    primary: [a]\n    weights: {a: .nan}\n"
+    (found,) = problems("providers.d/routing.yaml", routing)
+    assert "weights" in found

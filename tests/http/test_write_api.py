@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,7 +23,17 @@ import pytest
 import yaml
 
 from service.config.secret import Secret
-from tests.conftest import Service, SopsProject, git, git_init, serve, write_routing, write_server
+from tests.conftest import (
+    AgeIdentity,
+    Service,
+    SopsProject,
+    _write_sops_yaml,
+    git,
+    git_init,
+    serve,
+    write_routing,
+    write_server,
+)
 
 API = "/api/v1/llm-config"
 CANARY = "sk-canary-write-3c1d9e7f5a2b4c6d8e0f"
@@ -211,6 +222,18 @@ async def test_a_field_cannot_smuggle_yaml_into_the_file(repo: SopsProject, serv
     document = yaml.safe_load((repo.providers / "smug.yaml").read_text())
     assert document["kind"] == "ai_server" and document["name"] == name
     assert answer["name"] == name
+
+
+async def test_a_value_is_served_exactly_as_written(repo: SopsProject, service: Service) -> None:
+    """ruamel writes YAML 1.2, the service reads 1.1: unquoted, `yes` was read as true and the
+    write refused (`name` must be a string), `1:20` as 80, a NEL as a space, `1e-05` as a string."""
+    odd = ["yes", "on", "1:20", "No", "\x85", "a\u2028b"]
+    patch = {"name": "yes", "models": odd, "model_map": {v: "m" for v in odd}, "timeout_s": 0.00001}
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", patch)
+    assert status == 200, answer
+    served = service.registry.snapshot.providers["gpu"]
+    assert (served.name, served.models, served.model_map) == ("yes", odd, {v: "m" for v in odd})
+    assert served.timeout_s == 0.00001
 
 
 # -- update and delete ----------------------------------------------------------------------------
@@ -619,3 +642,280 @@ async def test_a_number_out_of_range_is_refused_and_later_writes_still_land(
     assert (status, body["error"]["problems"][0]["path"]) == (422, "timeout_s"), body
     status, body, _ = await call(service, "POST", "/servers", server)
     assert status == 201, body
+
+
+# -- a hostile client: config:write, and nothing else ----------------------------------------------
+
+
+@pytest.fixture
+async def hostile(repo: SopsProject) -> AsyncIterator[Service]:
+    """The service with a keyed provider `vendor`, and clients `writer` (config:write only) and
+    `keeper` (config:write and secrets:read)."""
+    from tests.support.gateway import write_clients
+
+    write_clients(
+        repo,
+        {"writer": ("tok-w", ["config:write"]), "keeper": ("tok-k", ["config:write", "secrets:read"])},
+    )
+    commit_all(repo.root, "clients")
+    async with serve(repo) as running:
+        status, answer, _ = await call(running, "POST", "/api-keys", vendor(), token="tok-w")
+        assert status == 201, answer
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("PATCH", {"base_url": "https://attacker.example/v1"}),
+        ("PATCH", {"provider": "groq"}),
+        ("PUT", {"provider": "openai", "base_url": "https://attacker.example/v1", "purposes": ["chat"]}),
+    ],
+    ids=["patch-base-url", "patch-vendor", "put-without-the-key"],
+)
+async def test_a_client_that_cannot_read_a_key_cannot_send_it_to_another_host(
+    repo: SopsProject, hostile: Service, method: str, body: dict[str, Any]
+) -> None:
+    """SPEC 2.4: the MAC covers every value so that nobody can send a key they cannot read to a
+    host of their choosing. The service holds the identity, so it must keep that promise itself."""
+    path = repo.providers / "vendor.yaml"
+    before, data = head(repo.root), path.read_bytes()
+    status, answer, _ = await call(hostile, method, "/api-keys/vendor", body, token="tok-w")
+    assert status == 403, answer
+    assert answer["error"]["type"] == "forbidden" and "api_key" in answer["error"]["message"]
+    assert head(repo.root) == before and path.read_bytes() == data
+    assert hostile.registry.snapshot.providers["vendor"].endpoint == "https://api.openai.com/v1"
+
+
+async def test_a_key_moves_with_the_key_sent_along_or_for_a_client_that_may_read_it(
+    repo: SopsProject, hostile: Service
+) -> None:
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "V"}, token="tok-w")
+    assert status == 200, answer  # other fields stay the writer's to change
+    moved = {"base_url": "https://a.example/v1", "api_key": OTHER_KEY}
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", moved, token="tok-w")
+    assert status == 200, answer  # its own key: it may send that anywhere
+    assert hostile.registry.snapshot.providers["vendor"].api_key == Secret(OTHER_KEY)
+    status, answer, _ = await call(
+        hostile, "PATCH", "/api-keys/vendor", {"base_url": "https://b.example/v1"}, token="tok-k"
+    )
+    assert status == 200, answer
+    assert hostile.registry.snapshot.providers["vendor"].endpoint == "https://b.example/v1"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "status"),
+    [
+        ("PATCH", "/servers/gpu", b'{"timeout_s": 1e999}', 422),
+        ("PATCH", "/servers/gpu", b'{"first_byte_timeout_s": Infinity}', 400),
+        ("PUT", "/active/chat", b'{"primary": "gpu", "weights": {"gpu": NaN}}', 400),
+        ("PUT", "/active/chat", b'{"primary": "gpu", "weights": {"gpu": 1e400}}', 422),
+    ],
+    ids=["overflow", "infinity", "nan", "infinite-weight"],
+)
+async def test_a_number_json_cannot_hold_is_refused_and_never_wedges_the_service(
+    repo: SopsProject, service: Service, method: str, path: str, payload: bytes, status: int
+) -> None:
+    """`.inf` in a file would be committed, then every reload (and every restart) fail writing
+    an event the log cannot hold: the service would apply no change ever again."""
+    before = head(repo.root)
+    answer_status, answer, _ = await call(service, method, path, payload)
+    assert answer_status == status, answer
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "still works"})
+    assert status == 200, answer
+    assert service.registry.snapshot.providers["gpu"].name == "still works"
+
+
+async def test_a_write_the_service_does_not_apply_is_undone(repo: SopsProject) -> None:
+    """Checked at HEAD, a delete is fine; but someone's uncommitted routing edit names the
+    provider, so the reload refuses the batch. The answer must not say it was applied."""
+    write_server(repo, "spare")
+    commit_all(repo.root, "spare")
+    async with serve(repo) as service:
+        routing = repo.providers / "routing.yaml"
+        routing.write_text("kind: routing\npurposes:\n  chat:\n    primary: [gpu, spare]\n")
+        await asyncio.sleep(0.3)  # the watcher applies the local edit
+        before = head(repo.root)
+        status, answer, _ = await call(service, "DELETE", "/servers/spare")
+        assert status == 409, answer
+        assert "undone" in answer["error"]["message"]
+        assert head(repo.root) == before and (repo.providers / "spare.yaml").exists()
+        assert git(repo.root, "status", "--porcelain") == "M providers.d/routing.yaml"  # theirs, kept
+        assert "spare" in service.registry.snapshot.providers
+
+
+async def test_a_write_body_larger_than_a_file_may_be_is_refused_before_any_work(
+    repo: SopsProject, service: Service
+) -> None:
+    """No file over 1 MiB is valid, so a larger body is 413 at once: rendering and encrypting
+    16 MiB took ~20 s of CPU with the write lock held, every other write waiting."""
+    body = json.dumps({"models": [f"model-{i:07d}" for i in range(100_000)]}).encode()
+    assert len(body) > 1 << 20
+    before = head(repo.root)
+    url, headers = service.url + API + "/servers/gpu", {"Content-Type": "application/json"}
+    async with service.http.patch(url, data=io.BytesIO(body), headers=headers) as response:
+        assert response.status == 413, await response.text()
+    assert head(repo.root) == before
+
+
+async def test_branch_mode_names_a_branch_for_any_id_in_one_look(repo: SopsProject) -> None:
+    """`a..b` is a valid id but not a valid ref name: each of 10,000 numbers was tried, one git
+    call each (15 s, the write lock held), and the write refused. Numbers follow the highest."""
+    for n in (1, 2, 7):
+        git(repo.root, "update-ref", f"refs/heads/switchboard/update-gpu-{n}", "HEAD")
+    async with serve(repo, write_mode="branch") as service:
+        body = {"id": "a..b", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v1"}
+        status, answer, _ = await call(service, "POST", "/servers", body)
+        assert status == 202, answer
+        assert answer["branch"] == "switchboard/create-a.b-1"
+        assert git(repo.root, "show", f"{answer['branch']}:providers.d/a..b.yaml").startswith("# yaml")
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "n"})
+        assert status == 202 and answer["branch"] == "switchboard/update-gpu-8", answer
+
+
+async def test_sending_the_current_key_is_not_told_apart_from_a_wrong_guess(
+    repo: SopsProject, hostile: Service
+) -> None:
+    """ "No change, no commit" compared the decrypted key: a right guess answered 200 without a
+    commit, a wrong one made a commit (in branch mode: a harmless branch), an oracle for keys."""
+    for guess in (CANARY, "sk-wrong-guess-0000000000"):
+        before = head(repo.root)
+        status, answer, _ = await call(
+            hostile, "PATCH", "/api-keys/vendor", {"api_key": guess}, token="tok-w"
+        )
+        assert status == 200, answer
+        assert answer["commit"] == head(repo.root) != before
+
+
+async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
+    repo: SopsProject, hostile: Service, other_age_identity: AgeIdentity
+) -> None:
+    """A recipient added to `.sops.yaml` reads only files encrypted (or rotated) since. Any
+    edit re-encrypted the kept key for `.sops.yaml`, so `config:write` could hand every key
+    to a recipient it holds, one harmless-looking PATCH each, without anyone's rotation."""
+    _write_sops_yaml(repo.root, repo.identity.recipient, other_age_identity.recipient)
+    commit_all(repo.root, "a new recipient, for new files")
+    path = repo.providers / "vendor.yaml"
+    data = path.read_bytes()
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "innocent"}, token="tok-w")
+    assert status == 409 and "rotate" in answer["error"]["message"], answer
+    assert path.read_bytes() == data and other_age_identity.recipient.encode() not in data
+    status, answer, _ = await call(hostile, "PATCH", "/api-keys/vendor", {"name": "k"}, token="tok-k")
+    assert status == 200, answer  # a client that may read the key could send it along anyway
+
+
+async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
+    """SPEC 8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
+    it was applied and answered 200, then lost at the next checkout."""
+    git(repo.root, "checkout", "-q", "--detach")
+    before = head(repo.root)
+    async with serve(repo) as service:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "lost"})
+        assert status == 409 and "detached" in answer["error"]["message"], answer
+        assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    async with serve(repo, write_mode="branch") as service:  # a branch for review needs none
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "reviewed"})
+        assert status == 202, answer
+
+
+@pytest.mark.parametrize("name", ["routing.yaml", "routes.yml"])
+async def test_a_route_is_not_written_over_a_routing_file_that_does_not_load(
+    repo: SopsProject, name: str
+) -> None:
+    """The service serves the last good routing while git's is broken; a route written then
+    replaced it (or went beside it) with one purpose, and the other purposes lost their route."""
+    write_server(repo, "tei", purposes="embeddings")
+    (repo.providers / "routing.yaml").unlink()
+    good = "kind: routing\npurposes:\n  chat:\n    primary: [gpu]\n  embeddings:\n    primary: [tei]\n"
+    (repo.providers / name).write_text(good)
+    commit_all(repo.root, "two purposes")
+    async with serve(repo) as service:
+        (repo.providers / name).write_text(good.replace("[gpu]\n", "[gpu]\n    typo: 1\n"))
+        commit_all(repo.root, "a typo")
+        await asyncio.sleep(0.3)
+        before = head(repo.root)
+        status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
+        assert status == 409 and name in answer["error"]["message"], answer
+        assert head(repo.root) == before
+        routing = service.registry.snapshot.routing
+        assert routing is not None and sorted(routing.purposes) == ["chat", "embeddings"]
+
+
+async def test_a_reason_that_is_not_utf8_is_kept_as_text_not_a_500(
+    repo: SopsProject, service: Service
+) -> None:
+    """HTTP header bytes are not always UTF-8; the reason went into the commit as lone
+    surrogates, and building the commit failed (500)."""
+    host, port = service.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = b'{"name": "reasoned"}'
+    writer.write(
+        f"PATCH {API}/servers/gpu HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n".encode()
+        + b"X-Switchboard-Reason: caf\xc3\xa9 \xff\xfe\r\n\r\n"
+        + body
+    )
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert git(repo.root, "log", "-1", "--format=%b").splitlines()[0] == "caf\u00e9 \ufffd\ufffd"
+
+
+@pytest.mark.parametrize("key", ["sk-abc\r\nX-Injected: 1", "sk-\x00abc", "sk-a\tbc"])
+async def test_a_key_no_http_header_can_carry_is_refused(
+    repo: SopsProject, service: Service, key: str
+) -> None:
+    """It was encrypted and committed, then every request routed to the provider answered 500
+    (aiohttp refuses the header), with no fallback tried."""
+    status, answer, _ = await call(service, "POST", "/api-keys", vendor(api_key=key))
+    assert status == 422, answer
+    assert [p["path"] for p in answer["error"]["problems"]] == ["api_key"]
+    assert "abc" not in json.dumps(answer)
+    assert not (repo.providers / "vendor.yaml").exists()
+
+
+async def test_a_key_pasted_with_its_line_break_is_stored_without_it(
+    repo: SopsProject, service: Service
+) -> None:
+    status, answer, _ = await call(service, "POST", "/api-keys", vendor(api_key=CANARY + "\n"))
+    assert status == 201, answer
+    assert service.registry.snapshot.providers["vendor"].api_key == Secret(CANARY)
+    plaintext = repo.sops.decrypt((repo.providers / "vendor.yaml").read_bytes(), "providers.d/vendor.yaml")
+    assert plaintext["api_key"] == CANARY
+
+
+async def test_racing_writers_get_one_winner_each_time(repo: SopsProject, service: Service) -> None:
+    """Held: writes are applied one at a time, so of concurrent creates of one id one wins, and
+    of concurrent edits carrying the same If-Match one wins and the others are 412."""
+    body = {"id": "race", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v1"}
+    creates = await asyncio.gather(*(call(service, "POST", "/servers", body) for _ in range(5)))
+    assert sorted(r[0] for r in creates) == [201, 409, 409, 409, 409]
+    etag = f'"{blob((repo.providers / "race.yaml").read_bytes())}"'
+    edits = await asyncio.gather(
+        *(
+            call(service, "PATCH", "/servers/race", {"name": f"n{i}"}, headers={"If-Match": etag})
+            for i in range(5)
+        ),
+        call(service, "DELETE", "/servers/race", headers={"If-Match": etag}),
+    )
+    assert sorted(r[0] for r in edits) == [200, 412, 412, 412, 412, 412]
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+async def test_an_index_lock_held_by_a_person_is_409_and_changes_nothing(
+    repo: SopsProject, service: Service
+) -> None:
+    """Held: git refuses to write the index; branch, file and index are put back."""
+    lock = repo.root / ".git" / "index.lock"
+    lock.write_text("")
+    before, data = head(repo.root), (repo.providers / "gpu.yaml").read_bytes()
+    try:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "locked"})
+    finally:
+        lock.unlink()
+    assert status == 409 and "index.lock" in answer["error"]["message"], answer
+    assert head(repo.root) == before and (repo.providers / "gpu.yaml").read_bytes() == data
+    assert git(repo.root, "status", "--porcelain") == ""

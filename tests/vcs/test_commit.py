@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
+import service.vcs.commit as commit_module
 from service.errors import GitError
 from service.vcs.commit import Committer, Identity, message
 from service.vcs.gitrepo import GitRepo, redact, safe_environ
@@ -46,6 +48,10 @@ def test_a_message_has_the_subject_the_reason_as_body_and_the_trailer() -> None:
         == "delete ai_server y\n\nSwitchboard-Client: anonymous\n"
     )
     assert len(message("s", "x" * 10_000, "c")) < 2100
+    # a header's bytes that are not UTF-8 arrive as lone surrogates (aiohttp's surrogateescape)
+    odd = message("s", "caf\u00e9 \udcff\udcfe\x1b[31m\x85x\u2028y", "c")
+    assert odd == "s\n\ncaf\u00e9 \ufffd\ufffd [31m x y\n\nSwitchboard-Client: c\n"
+    odd.encode("utf-8")
 
 
 def test_a_commit_is_built_without_touching_ref_index_or_files(repo: GitRepo) -> None:
@@ -184,3 +190,36 @@ def test_credentials_in_urls_are_masked_in_git_errors() -> None:
     assert redact("fatal: unable to access 'https://bot:ghp_secret@github.com/o/r.git/'") == (
         "fatal: unable to access 'https://****@github.com/o/r.git/'"
     )
+
+
+def test_a_remote_that_hangs_takes_nothing_with_it(
+    repo: GitRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push to a dead host is given up after REMOTE_TIMEOUT_S, and the ssh that hangs goes
+    too: killing git alone left it running (one more each write), holding the terminal."""
+    pids = tmp_path / "ssh-pids"
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\necho $$ >> {pids}\nexec sleep 30\n")
+    ssh.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(ssh))
+    monkeypatch.setattr(commit_module, "REMOTE_TIMEOUT_S", 2.0)
+    hanging = GitRepo(repo.root)
+    committer = Committer(hanging, COMMITTER)
+    base = committer.resolve("HEAD")
+    assert base is not None
+    reason = committer.push("ssh://git.example.invalid/repo.git", base, "main")
+    assert reason is not None and "did not finish" in reason
+    (pid,) = [int(p) for p in pids.read_text().split()]
+    deadline = time.monotonic() + 5  # SIGKILL is delivered, not waited for
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a killed process whose parent died may stay a zombie until reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
