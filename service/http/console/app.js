@@ -222,6 +222,7 @@ function route() {
   }
   document.title = `${main.querySelector("h1")?.textContent || entry.title} · Switchboard`;
   markNav(entry.path);
+  window.scrollTo(0, 0); // a new page starts at its top, as a link to another document would
   main.querySelector("h1")?.focus({ preventScroll: true });
 }
 

@@ -110,7 +110,16 @@ function drawRoutes(el, store) {
   const grid = h("div", { class: "route-grid" });
   for (const purpose of PURPOSES) {
     const route = purposes[purpose];
-    grid.append(route ? routeCard(purpose, route, store) : h("article", { class: "card route" }, h("h3", {}, purpose), h("p", { class: "help" }, "Not routed: requests for it answer 503.")));
+    grid.append(
+      route
+        ? routeCard(purpose, route, store)
+        : h(
+            "article",
+            { class: "card route", dataset: { purpose } },
+            h("h3", {}, purpose),
+            h("p", { class: "help" }, "Not routed: requests for it answer 503."),
+          ),
+    );
   }
   el.append(grid);
 }

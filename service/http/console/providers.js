@@ -46,6 +46,7 @@ export function mount(main, { store, params }) {
     draw();
   });
   const summary = h("p", { class: "help", id: "providers-summary", role: "status", "aria-live": "polite" });
+  const problem = h("div", { role: "alert" });
   const head = h("thead");
   const body = h("tbody");
   const pager = h("nav", { class: "pager", "aria-label": "Pages of providers" });
@@ -59,6 +60,7 @@ export function mount(main, { store, params }) {
       kind.field,
       health.field,
     ),
+    problem,
     summary,
     h("div", { class: "scroll" }, h("table", { class: "providers", "aria-describedby": "providers-summary" }, head, body)),
     pager,
@@ -126,9 +128,8 @@ export function mount(main, { store, params }) {
 
   function draw() {
     drawHead();
-    if (store.errors.get("providers")) {
-      replace(summary, "The providers could not be read: ", store.errors.get("providers").message);
-    }
+    const failed = store.errors.get("providers");
+    replace(problem, failed ? note("The providers could not be read: ", failed.message) : null);
     const found = rows();
     const pages = Math.max(1, Math.ceil(found.length / PAGE));
     state.page = Math.min(state.page, pages - 1);
