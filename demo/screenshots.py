@@ -42,7 +42,7 @@ async def _traffic(demo: World) -> None:
         headers = {"X-Switchboard-Reason": "name the workstation"}
         patch = {"name": "Ollama on the workstation", "models": ["llama3.1:8b", "qwen2.5:7b"]}
         async with http.patch(f"{demo.url}{API}/servers/local-ollama", json=patch, headers=headers) as r:
-            assert r.status == 200, await r.text()
+            _check(r.status, await r.text())
         route = {
             "primary": ["openrouter-default", "local-vllm"],
             "weights": {"openrouter-default": 2},
@@ -50,7 +50,12 @@ async def _traffic(demo: World) -> None:
         }
         headers = {"X-Switchboard-Reason": "more to the GPU box"}
         async with http.put(f"{demo.url}{API}/active/chat", json=route, headers=headers) as r:
-            assert r.status == 200, await r.text()
+            _check(r.status, await r.text())
+
+
+def _check(status: int, body: str) -> None:
+    if status != 200:
+        raise RuntimeError(f"the demo refused a change ({status}): {body}")
 
 
 async def _shoot(page: Page, url: str, ready: str, name: str, out: Path, *, whole: bool = True) -> Path:
