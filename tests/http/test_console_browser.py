@@ -315,6 +315,8 @@ async def test_the_event_timeline_shows_each_change_field_by_field_and_filters(
     async with tab(browser, world.service.url) as t:
         await t.open("#/events", READER)
         await t.live()
+        added = t.page.locator(".event[data-type='provider.added']", has_text="backup")
+        await added.locator("summary").click()  # unfolded by the operator: stays so across updates
         status, body = await world.request("PATCH", f"{API}/servers/gpu", WRITER, {"name": "Bigger GPU box"})
         assert status == 200, body
         update = t.page.locator(
@@ -325,6 +327,7 @@ async def test_the_event_timeline_shows_each_change_field_by_field_and_filters(
         await expect(row.locator(".old")).to_have_text("GPU box")
         await expect(row.locator(".new")).to_have_text("Bigger GPU box")
         await expect(update.locator(".author")).to_have_text("writer <writer@clients.switchboard.invalid>")
+        await expect(added.locator("details")).to_have_attribute("open", "")
         await t.page.fill("#event-subject", "gpu")
         await t.page.select_option("#event-type", "provider.updated")
         shown = t.page.locator(".timeline .event")
@@ -536,6 +539,11 @@ async def test_a_thousand_providers_page_and_one_is_found_by_its_id(
         await t.page.click("th button:text('Provider')")  # sort by id, descending
         await t.page.fill("#filter", "")
         await expect(t.page.locator("table.providers tbody tr").first).to_have_attribute("data-id", "p0119")
+        # A live update redraws the table and keeps the keyboard focus where it was.
+        await t.page.focus("tr[data-id=p0117] a")
+        server(sops_project, "p0120", "http://10.0.9.9:8000/v1")
+        await expect(t.page.locator("#providers-summary")).to_have_text("Showing 1\u201350 of 121")
+        assert await t.page.evaluate("document.activeElement.textContent") == "p0117"
         # Keyboard: the filter, the sort buttons and the pager are reachable with Tab.
         await t.page.focus("#filter")
         focused = []

@@ -67,9 +67,9 @@ async function boot(message) {
 }
 
 function login(message) {
+  // No `name`: were the form ever submitted natively, the token would not go into a URL.
   const input = h("input", {
     id: "token",
-    name: "token",
     type: "password",
     autocomplete: "off",
     spellcheck: "false",

@@ -54,6 +54,22 @@ export function replace(el, ...children) {
   return append(el, ...children);
 }
 
+/**
+ * Run `draw`, which rebuilds part of `container`, keeping the keyboard focus where it was: a
+ * live update must not throw a keyboard user back to the top of the page. The element that
+ * had the focus is found again in the new content by its id, or else by its link.
+ */
+export function keepFocus(container, draw) {
+  const active = document.activeElement;
+  let key = null;
+  if (active && active !== container && container.contains(active)) {
+    if (active.id) key = `#${CSS.escape(active.id)}`;
+    else if (active.getAttribute("href")) key = `[href="${CSS.escape(active.getAttribute("href"))}"]`;
+  }
+  draw();
+  if (key && !container.contains(active)) container.querySelector(key)?.focus({ preventScroll: true });
+}
+
 // -- formats -----------------------------------------------------------------------------------
 
 const NUMBER = new Intl.NumberFormat("en");

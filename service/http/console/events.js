@@ -2,9 +2,10 @@
 // stream with `?after=0`), each change field by field with its commit and author; filtered
 // by subject and type. `eventItem` draws one event, for the provider pages too.
 
-import { commitCode, h, note, number, providerLink, replace, show, when } from "./dom.js";
+import { commitCode, h, keepFocus, note, number, providerLink, replace, show, when } from "./dom.js";
 
 const STEP = 100;
+const unfolded = new Set(); // events whose folded fields the operator opened: kept open across redraws
 const TYPES = [
   "provider.added",
   "provider.updated",
@@ -95,7 +96,7 @@ export function mount(main, { store, params }) {
     replace(
       more,
       found.length > shown.length
-        ? h("button", { type: "button", onclick: () => ((state.shown += STEP), draw()) }, `Show ${number(Math.min(STEP, found.length - shown.length))} older`)
+        ? h("button", { type: "button", id: "show-older", onclick: () => ((state.shown += STEP), keepFocus(main, draw)) }, `Show ${number(Math.min(STEP, found.length - shown.length))} older`)
         : null,
     );
     const seen = new Set();
@@ -112,7 +113,7 @@ export function mount(main, { store, params }) {
       if (!changed.has("events") || frame) return;
       frame = requestAnimationFrame(() => {
         frame = 0;
-        draw();
+        keepFocus(main, draw);
       });
     },
     unmount() {
@@ -167,7 +168,11 @@ function changeTable(e, changes) {
     const shown = changes.filter(([, c]) => c[side] !== null && c[side] !== undefined);
     return h(
       "details",
-      { class: "fields" },
+      {
+        class: "fields",
+        open: unfolded.has(e.seq),
+        ontoggle: (ev) => (ev.currentTarget.open ? unfolded.add(e.seq) : unfolded.delete(e.seq)),
+      },
       h("summary", {}, `${shown.length} fields ${added ? "added" : "removed"}`),
       h(
         "table",

@@ -1,7 +1,7 @@
 // Overview: each purpose's route (primaries with their weights, fallbacks) with each
 // provider's health; the generation and commits the service runs; refused files and why.
 
-import { badge, commitCode, h, note, number, providerLink, replace } from "./dom.js";
+import { badge, commitCode, h, keepFocus, note, number, providerLink, replace } from "./dom.js";
 
 const PURPOSES = ["chat", "embeddings", "reranking"];
 
@@ -12,9 +12,11 @@ export function mount(main, { store }) {
   main.append(h("h1", { tabindex: "-1" }, "Overview"), status, refused, routes);
 
   function draw() {
-    drawStatus(status, store);
-    drawRefused(refused, store);
-    drawRoutes(routes, store);
+    keepFocus(main, () => {
+      drawStatus(status, store);
+      drawRefused(refused, store);
+      drawRoutes(routes, store);
+    });
   }
   draw();
   return {

@@ -2,7 +2,7 @@
 // a Test button (admin) that checks it now.
 
 import { API } from "./api.js";
-import { badge, commitCode, h, ms, note, number, replace, when } from "./dom.js";
+import { badge, commitCode, h, keepFocus, ms, note, number, replace, when } from "./dom.js";
 import { eventItem } from "./events.js";
 
 export function mount(main, { store, api, parts }) {
@@ -121,7 +121,7 @@ export function mount(main, { store, api, parts }) {
   draw();
   return {
     update(changed) {
-      if (changed.has("providers") || changed.has("traffic") || changed.has("events")) draw();
+      if (changed.has("providers") || changed.has("traffic") || changed.has("events")) keepFocus(main, draw);
     },
   };
 }

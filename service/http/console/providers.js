@@ -1,7 +1,7 @@
 // Providers: a table of every provider with its health and traffic, filtered, sorted and
 // paged, so a thousand of them draw as fast as fifty (only one page is in the DOM).
 
-import { badge, h, ms, note, number, providerLink, replace, when } from "./dom.js";
+import { badge, h, keepFocus, ms, note, number, providerLink, replace, when } from "./dom.js";
 
 const PAGE = 50;
 
@@ -108,12 +108,14 @@ export function mount(main, { store, params }) {
               "button",
               {
                 type: "button",
+                id: `sort-${c.key}`,
                 class: "sort",
                 title: `sort by ${c.title.toLowerCase()}`,
                 onclick: () => {
                   state.descending = sorted ? !state.descending : Boolean(c.numeric);
                   state.sort = c.key;
                   state.page = 0;
+                  keepFocus(head, drawHead);
                   draw();
                 },
               },
@@ -127,7 +129,10 @@ export function mount(main, { store, params }) {
   }
 
   function draw() {
-    drawHead();
+    keepFocus(main, redraw);
+  }
+
+  function redraw() {
     const failed = store.errors.get("providers");
     replace(problem, failed ? note("The providers could not be read: ", failed.message) : null);
     const found = rows();
@@ -149,9 +154,9 @@ export function mount(main, { store, params }) {
     );
     replace(
       pager,
-      h("button", { type: "button", disabled: state.page === 0, onclick: () => turn(-1) }, "Previous"),
+      h("button", { type: "button", id: "page-previous", disabled: state.page === 0, onclick: () => turn(-1) }, "Previous"),
       h("span", {}, ` Page ${number(state.page + 1)} of ${number(pages)} `),
-      h("button", { type: "button", disabled: state.page >= pages - 1, onclick: () => turn(1) }, "Next"),
+      h("button", { type: "button", id: "page-next", disabled: state.page >= pages - 1, onclick: () => turn(1) }, "Next"),
     );
     replace(
       since,
@@ -168,6 +173,7 @@ export function mount(main, { store, params }) {
     draw();
   }
 
+  drawHead();
   draw();
   return {
     update(changed) {
