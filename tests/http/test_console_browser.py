@@ -459,6 +459,20 @@ async def test_an_edit_carries_if_match_and_a_change_meanwhile_is_refused(
     assert git(world.root, "log", "-1", "--format=%s") == "delete ai_server to-edit"
 
 
+async def test_moving_a_keyed_provider_asks_for_its_key_beside_the_key_field(
+    browser: Browser, world: World
+) -> None:
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/backup", WRITER)
+        await expect(t.page.locator("#f-base_url")).not_to_have_value("")
+        await t.page.fill("#f-base_url", "http://127.0.0.1:9/elsewhere")
+        before = world.head()
+        await t.page.click("button.primary:text('Save changes')")
+        await expect(t.page.locator("[data-field=api_key] .field-problem")).to_contain_text("send `api_key`")
+        assert world.head() == before
+        await expect(t.page.locator("#f-api_key")).to_be_focused()
+
+
 async def test_a_route_set_through_the_form_is_a_commit_with_if_match(browser: Browser, world: World) -> None:
     puts: list[Request] = []
     async with tab(browser, world.service.url) as t:

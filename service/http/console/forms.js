@@ -128,6 +128,10 @@ export function failed(error, places, general, name, submit) {
   if (error.status === 422 && error.problems.length) {
     return showProblems(error.problems, places, general, name);
   }
+  if (error.status === 403 && places.api_key && error.message.includes("api_key")) {
+    // A key goes only where its file says: a new URL or vendor needs the key in the same write.
+    return showProblems([{ path: "api_key", message: error.message }], places, general, () => "api_key");
+  }
   const hint = {
     409: "Nothing was written.",
     412: "Someone changed it since this form was loaded: load it again, then redo the change.",
