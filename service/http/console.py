@@ -4,6 +4,7 @@
     GET /ui/                     index.html, never cached (it names the assets' version)
     GET /ui/v/{version}/{name}   app.js, app.css and the other assets: cached for a year when
                                  `version` is the current one (it changes with their content)
+    GET /ui/{name}               the same files unversioned (`/ui/app.js`), never cached
 
 No CDN, no build step: the assets are plain files of `service/http/console/` (modern JS
 modules, CSS), read once when the app is made and kept in memory with their gzip, so no
@@ -34,6 +35,7 @@ from service.vendors import VENDORS
 
 PATH = "/ui/"
 ASSETS = f"{PATH}v/{{version}}/{{name}}"
+PLAIN = f"{PATH}{{name}}"
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -130,6 +132,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get(PATH.rstrip("/"), _redirect)
     app.router.add_get(PATH, _index)
     app.router.add_get(ASSETS, _asset)
+    app.router.add_get(PLAIN, _plain)
 
 
 async def _redirect(request: web.Request) -> web.StreamResponse:
@@ -149,6 +152,15 @@ async def _asset(request: web.Request) -> web.StreamResponse:
     # An older version's URL (a page loaded before an upgrade) gets today's file, uncached.
     current = request.match_info["version"] == console.version
     return _send(request, asset, _IMMUTABLE if current else "no-cache")
+
+
+async def _plain(request: web.Request) -> web.StreamResponse:
+    console = request.app[CONSOLE]
+    name = request.match_info["name"]
+    asset = console.index if name == "index.html" else console.assets.get(name)
+    if asset is None:
+        raise NotFound(f"the console has no file {name[:100]!r}")
+    return _send(request, asset, "no-cache")
 
 
 def _send(request: web.Request, asset: Asset, cache: str) -> web.StreamResponse:

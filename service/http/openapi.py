@@ -275,6 +275,17 @@ def _service(s: Schemas) -> Iterable[Operation]:
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
         ),
     )
+    yield Operation(
+        "GET",
+        console.PLAIN,
+        None,
+        "A file of the web console by its name alone (`index.html`, `app.js`...), never cached",
+        {
+            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+            "404": s.error("no such file"),
+        },
+        ({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},),
+    )
 
 
 # -- reading the configuration -------------------------------------------------------------------------

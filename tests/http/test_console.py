@@ -135,6 +135,17 @@ async def test_assets_are_gzipped_when_asked_and_answer_304(service: Service) ->
         assert response.status == 304
 
 
+async def test_the_files_answer_by_their_name_alone_too(service: Service) -> None:
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css"), ("index.html", "text/html")):
+        async with service.http.get(f"{service.url}/ui/{name}") as response:
+            assert response.status == 200, name
+            assert response.headers["Content-Type"].startswith(kind)
+            assert response.headers["Cache-Control"] == "no-cache"
+            assert response.headers["Content-Security-Policy"] == CSP
+    async with service.http.get(f"{service.url}/ui/nope.js") as response:
+        assert response.status == 404
+
+
 async def test_an_unknown_asset_is_404_and_no_path_escapes(service: Service) -> None:
     version = service.app[CONSOLE].version
     for name in ("nope.js", "..%2Fconsole.py", "%2e%2e%2f%2e%2e%2fapp.py", "index.html"):
