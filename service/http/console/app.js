@@ -15,11 +15,13 @@ import * as provider from "./provider.js";
 import * as changes from "./changes.js";
 import * as events from "./events.js";
 
+// `polled`: what the page shows that moves without an event (traffic, health's details),
+// asked again every few seconds while the page is shown.
 const PAGES = [
-  { path: "overview", title: "Overview", scope: "config:read", page: overview },
-  { path: "providers", title: "Providers", scope: "config:read", page: providers },
-  { path: "changes", title: "Changes", scope: "config:write", page: changes },
-  { path: "events", title: "Events", scope: "config:read", page: events },
+  { path: "overview", title: "Overview", scope: "config:read", page: overview, polled: ["providers"] },
+  { path: "providers", title: "Providers", scope: "config:read", page: providers, polled: ["providers", "traffic"] },
+  { path: "changes", title: "Changes", scope: "config:write", page: changes, polled: [] },
+  { path: "events", title: "Events", scope: "config:read", page: events, polled: [] },
 ];
 
 const api = new Api(new URL("../", location.href).href);
@@ -211,6 +213,7 @@ function route() {
   let page = entry.page;
   if (entry.path === "providers" && parts[1]) page = provider;
   stopPage();
+  store.polled = entry.polled;
   const ctx = { store, api, parts: parts.slice(1), params, go: (to) => (location.hash = to) };
   const key = `${entry.path}${parts[1] ? "/" + parts[1] : ""}`;
   if (!store.can(entry.scope)) {

@@ -3,8 +3,8 @@
 // The pages read it and subscribe to its changes. The event stream keeps it current: an
 // event of a configuration or health change refreshes what it touches (conditional GETs, so
 // nothing is sent twice), and the log's events feed the timelines. Traffic and health's
-// details (latency, last check) move without an event: they are polled while the tab is
-// visible, every `POLL_MS`.
+// details (latency, last check) move without an event: what the page shown needs of them is
+// asked again every `POLL_MS` while the tab is visible.
 
 import { API, ApiError } from "./api.js";
 import { EventStream } from "./stream.js";
@@ -45,6 +45,8 @@ export class Store {
     this.refreshing = null;
     this.stream = null;
     this.poller = null;
+    // What the page shown reads that moves without an event (set by the router).
+    this.polled = [];
   }
 
   can(scope) {
@@ -88,7 +90,7 @@ export class Store {
       });
       this.stream.start();
       this.poller = setInterval(() => {
-        if (document.visibilityState === "visible") this.refresh(["providers", "traffic"]);
+        if (document.visibilityState === "visible" && this.polled.length) this.refresh(this.polled);
       }, POLL_MS);
     }
   }
