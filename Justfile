@@ -14,6 +14,10 @@ install:
 demo:
     LITELLM_LOCAL_MODEL_COST_MAP=True python -m demo
 
+# photograph each page of the web console on the demo's configuration, into docs/console/
+screenshots:
+    LITELLM_LOCAL_MODEL_COST_MAP=True python -m demo.screenshots
+
 # run the test suite
 test *ARGS:
     python -m pytest {{ARGS}}
@@ -56,6 +60,7 @@ bench:
     python -m bench.config
     python -m bench.events
     python -m bench.replicas
+    python -m bench.console
 
 # everything CI runs
 ci: lint schema-check validate test

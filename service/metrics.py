@@ -8,10 +8,18 @@ declares none, with the model its answers name, up to 100 per provider; anything
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.samples import Sample
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "Traffic"]
+
+ERROR_OUTCOMES = frozenset({"failed", "broken"})
+"""Upstream attempts that count as the provider's errors (a 4xx passed on is the client's)."""
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -20,6 +28,8 @@ class Metrics:
     """Every metric Switchboard exports."""
 
     def __init__(self) -> None:
+        self.started_at = datetime.now(UTC)
+        """When the counters started: every count is since then."""
         r = self.registry = CollectorRegistry()
         self.info = Gauge(
             "switchboard_info",
@@ -99,3 +109,51 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+    def traffic(self) -> dict[str, Traffic]:
+        """Each provider's traffic since the start, from the gateway's own counters.
+
+        Reads the metrics as Prometheus would (`collect`), so the numbers are those that
+        `/metrics` shows; only providers that saw a request are in it.
+        """
+        found: defaultdict[str, Traffic] = defaultdict(Traffic)
+        for sample in _samples(self.upstream_requests, "_total"):
+            traffic = found[sample.labels["provider"]]
+            traffic.requests += int(sample.value)
+            if sample.labels["outcome"] in ERROR_OUTCOMES:
+                traffic.errors += int(sample.value)
+        for sample in _samples(self.upstream_seconds, "_sum"):
+            found[sample.labels["provider"]].latency_s += sample.value
+        for sample in _samples(self.upstream_seconds, "_count"):
+            found[sample.labels["provider"]].answered += int(sample.value)
+        for sample in _samples(self.tokens, "_total"):
+            traffic = found[sample.labels["provider"]]
+            if sample.labels["kind"] == "prompt":
+                traffic.prompt_tokens += int(sample.value)
+            else:
+                traffic.completion_tokens += int(sample.value)
+        return dict(found)
+
+
+@dataclass(slots=True)
+class Traffic:
+    """One provider's upstream traffic since the start: attempts, errors, time to first byte, tokens."""
+
+    requests: int = 0
+    """Attempts sent to it, whatever came of them."""
+    errors: int = 0
+    """Attempts that failed (connection, timeout, 408/429/5xx, its key refused) or broke mid-answer."""
+    latency_s: float = 0.0
+    """The sum of the answered attempts' times to the first byte."""
+    answered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def latency_ms(self) -> float | None:
+        """The mean time to the first byte of an answered attempt; None before any."""
+        return round(self.latency_s / self.answered * 1000, 3) if self.answered else None
+
+
+def _samples(metric: Counter | Histogram, suffix: str) -> list[Sample]:
+    return [s for family in metric.collect() for s in family.samples if s.name.endswith(suffix)]

@@ -175,6 +175,35 @@ class LitellmAnswer(_Answer):
     models: list[str]
 
 
+# -- traffic -----------------------------------------------------------------------------------------
+
+
+class TokenCounts(_Answer):
+    prompt: int
+    completion: int
+
+
+class ProviderTraffic(_Answer):
+    """One provider's upstream traffic since the service started, from its own counters."""
+
+    requests: int = Field(description="attempts sent to the provider, whatever came of them")
+    errors: int = Field(
+        description="attempts that failed (connection, timeout, 408, 429, 5xx, its key refused) or "
+        "broke mid-answer; a 4xx passed on to the client is the client's, not counted"
+    )
+    latency_ms: float | None = Field(description="mean time to the first byte of an answer; null before any")
+    tokens: TokenCounts = Field(description="tokens the upstream reported in `usage`")
+
+
+class TrafficAnswer(_Answer):
+    """Each provider of the current configuration, with its traffic since `since`."""
+
+    since: str = Field(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$", description="when the counters started, UTC"
+    )
+    providers: dict[str, ProviderTraffic]
+
+
 # -- the event log -----------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, openai_api, openapi, push, replicas, write_api
+from service.http import config_api, console, openai_api, openapi, push, replicas, traffic, write_api
 from service.http.auth import Handler
 from service.http.context import EVENTS, HEALTH, METRICS, PULLER, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
 from service.http.push import CHANGES, Changes
@@ -59,6 +59,8 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     openapi.setup(app)
     push.setup(app)
     replicas.setup(app)
+    traffic.setup(app)
+    console.setup(app)
     return app
 
 

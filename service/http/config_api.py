@@ -107,6 +107,8 @@ class _Rendered:
     routes: Mapping[str, _Route] = field(default_factory=dict)
     blobs: Mapping[str, str] = field(default_factory=dict)
     """Provider id -> the git blob id of its file: a provider's ETag is `"<blob>.<index>"`."""
+    routing_blob: str | None = None
+    """The git blob id of the routing file: a route's ETag is `"<blob>.<answer's hash>"`."""
 
     def provider(self, provider_id: str, health: Health) -> dict[str, Any]:
         return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
@@ -129,7 +131,10 @@ class _Rendered:
         states = tuple(health.get(i) for i in route.ids)
         if states != route.health:  # HealthState is a frozen value: equal means same answer
             route.encoded = _encode(self.route(route, health))
-            route.etag = body_tag(route.encoded)
+            # If-None-Match compares the tag whole; If-Match on `PUT …/active/{purpose}` (SPEC 8)
+            # only its blob part, so a health change does not make an edit of the route fail.
+            tag = body_tag(route.encoded)
+            route.etag = f'"{self.routing_blob}.{tag[1:]}' if self.routing_blob else tag
             route.health = states
         return route.encoded, route.etag
 
@@ -147,6 +152,8 @@ def _render(snapshot: Snapshot) -> _Rendered:
             providers[doc.id] = {**doc.describe(), "file": path, "commit": commit}
             blobs[doc.id] = blob_sha(loaded.data)
     routes: dict[str, _Route] = {}
+    routing_file = snapshot.file_of_kind("routing")
+    routing_blob = blob_sha(snapshot.files[routing_file].data) if routing_file else None
     if snapshot.routing is not None:
         for purpose, route in sorted(snapshot.routing.purposes.items()):
             primary = tuple(i for i in route.primary if i in providers)
@@ -154,7 +161,7 @@ def _render(snapshot: Snapshot) -> _Rendered:
             missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
             weights = {i: route.weight(i) for i in primary}
             routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
-    return _Rendered(snapshot, dict(sorted(providers.items())), routes, blobs)
+    return _Rendered(snapshot, dict(sorted(providers.items())), routes, blobs, routing_blob)
 
 
 def _encode(body: Any) -> bytes:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from service import __version__
 from service.config.models import AiServer, ApiKey
-from service.http import answers, bodies, push, replicas
+from service.http import answers, bodies, console, push, replicas, traffic
 from service.http.context import PREFIX
 from service.http.operations import (
     ETAG,
@@ -106,9 +106,9 @@ def document() -> dict[str, Any]:
 
 
 _ABOUT = (
-    "Every endpoint but `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the signed git webhook "
-    "needs `Authorization: "
-    "Bearer TOKEN` with the scope its description names (`x-switchboard-scope`) once a clients file "
+    "Every endpoint but `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, the console's files "
+    "(`/ui/`) and the signed git webhook needs `Authorization: Bearer TOKEN` with the scope its "
+    "description names (`x-switchboard-scope`) once a clients file "
     'exists. Errors are `{"error": {"type", "message", ...}}`; no input makes the service answer 500.'
 )
 _TAGS = {
@@ -246,6 +246,48 @@ def _service(s: Schemas) -> Iterable[Operation]:
     yield Operation(
         "GET", PATH, None, "This document", {"200": json_answer({"type": "object"}, "OpenAPI 3.1")}
     )
+    html = {"text/html": {"schema": {"type": "string"}}}
+    yield Operation(
+        "GET",
+        console.PATH.rstrip("/"),
+        None,
+        "The web console, at `ui/`",
+        {"308": {"description": "to `ui/`", "headers": {"Location": header("`ui/`")}}},
+    )
+    yield Operation(
+        "GET",
+        console.PATH,
+        None,
+        "The web console (SPEC 10): a page that asks for a token and calls this API",
+        {"200": {"description": "the page; never cached", "content": html}},
+        description="Its assets are served from the package; a Content-Security-Policy allows this "
+        "origin only.",
+    )
+    yield Operation(
+        "GET",
+        console.ASSETS,
+        None,
+        "A file of the web console (script, style, icon), cached for a year at the current version",
+        {
+            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+            "404": s.error("no such file"),
+        },
+        (
+            {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+        ),
+    )
+    yield Operation(
+        "GET",
+        console.PLAIN,
+        None,
+        "A file of the web console by its name alone (`index.html`, `app.js`...), never cached",
+        {
+            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+            "404": s.error("no such file"),
+        },
+        ({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},),
+    )
 
 
 # -- reading the configuration -------------------------------------------------------------------------
@@ -281,6 +323,8 @@ def _configuration(s: Schemas) -> Iterable[Operation]:
         "One purpose, resolved",
         {"200": route, "404": s.error("no route for the purpose")},
         (purpose(),),
+        description='The `ETag` is `"<git blob id of the routing file>.<hash of the answer>"`: '
+        "`If-None-Match` compares it whole, `If-Match` on `PUT …/active/{purpose}` only its blob part.",
     )
     yield Operation(
         "GET",
@@ -315,6 +359,16 @@ def _configuration(s: Schemas) -> Iterable[Operation]:
             {"200": provider, "404": s.error(f"no such {kind}")},
             (path_id(example),),
         )
+    yield Operation(
+        "GET",
+        traffic.PATH,
+        "config:read",
+        "Each provider's traffic since the service started: requests, errors, latency, tokens",
+        {"200": s.returns(answers.TrafficAnswer, "every provider of the current configuration, by id")},
+        description="The gateway's own counters (the numbers `/metrics` shows), by provider: attempts "
+        "sent, those that failed, the mean time to the first byte of an answer, and the tokens the "
+        "upstream reported.",
+    )
     yield Operation(
         "GET",
         f"{PREFIX}/audit",

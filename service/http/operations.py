@@ -135,6 +135,8 @@ class Operation:
 
 def _operation_id(method: str, path: str) -> str:
     words = [w.strip("{}") for w in path.removeprefix(PREFIX).replace("-", "_").split("/") if w]
+    if path.endswith("/"):  # `/ui/` beside `/ui`
+        words.append("index")
     return "_".join([method.lower(), *words]).replace(".", "_")
 
 

@@ -283,7 +283,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     from the log, in order, then follows live, with no gap and no duplicate; without either
     it starts from now. `secret.read` and `clients.updated` go to `admin` tokens only.
     """
-    changes, log_ = request.app[CHANGES], request.app[EVENTS]
+    changes = request.app[CHANGES]
     after = parse_index(request.headers.get("Last-Event-ID") or request.query.get("after"))
     client = request.get(CLIENT)
     admin = client is None or "admin" in client.scopes
@@ -298,29 +298,46 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             }
         )
         await response.prepare(request)
-        send = _sender(response)
-        if after is not None and after <= log_.last_seq:
-            last = await _replay(log_, after, admin, send)
-        # An id ahead of this log (another replica's, or a log replaced) starts from now.
-        await send(b": connected\n\n")
-        while not stream.closed:
-            try:
-                await asyncio.wait_for(stream.ready.wait(), KEEPALIVE_S)
-            except TimeoutError:
-                await send(b": keep-alive\n\n")
-                continue
-            stream.ready.clear()
-            if stream.overflowed:
-                log.info("an event stream fell %d events behind and was closed", STREAM_BACKLOG)
-                break
-            while stream.backlog:
-                seq, data = stream.backlog.popleft()
-                if seq > last:
-                    await send(data)
-                    last = seq
+        try:
+            await _follow(request, response, stream, after, admin, last)
+        except ConnectionResetError:  # the client left (a tab closed mid-replay): nothing to say
+            log.debug("an event stream's client went away")
+            return response
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
     return response
+
+
+async def _follow(
+    request: web.Request,
+    response: web.StreamResponse,
+    stream: Stream,
+    after: int | None,
+    admin: bool,
+    last: int,
+) -> None:
+    """What one stream sends: the missed events from the log, then each event as it comes."""
+    log_ = request.app[EVENTS]
+    send = _sender(response)
+    if after is not None and after <= log_.last_seq:
+        last = await _replay(log_, after, admin, send)
+    # An id ahead of this log (another replica's, or a log replaced) starts from now.
+    await send(b": connected\n\n")
+    while not stream.closed:
+        try:
+            await asyncio.wait_for(stream.ready.wait(), KEEPALIVE_S)
+        except TimeoutError:
+            await send(b": keep-alive\n\n")
+            continue
+        stream.ready.clear()
+        if stream.overflowed:
+            log.info("an event stream fell %d events behind and was closed", STREAM_BACKLOG)
+            return
+        while stream.backlog:
+            seq, data = stream.backlog.popleft()
+            if seq > last:
+                await send(data)
+                last = seq
 
 
 def _sender(response: web.StreamResponse) -> Callable[[bytes], Awaitable[None]]:

@@ -321,3 +321,24 @@ async def test_a_thousand_held_queries_and_a_hundred_streams_all_hear_one_change
             move(sops_project, 7040)
             indexes = await asyncio.wait_for(asyncio.gather(*queries, *streams), 30)
         assert all(i > int(index) for i in indexes)
+
+
+async def test_a_client_that_leaves_during_the_replay_ends_its_stream_quietly(
+    sops_project: SopsProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tab closed while the log is replayed (the console reads it from the start) is no error."""
+    for n in range(300):
+        write_server(sops_project, f"p{n:03d}", base_url=f"http://127.0.0.1:9/v{'x' * 200}{n}")
+    async with serve(sops_project) as service:
+        changes = service.app[CHANGES]
+        host, port = service.url.removeprefix("http://").split(":")
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET {API}/events?after=0 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await reader.readexactly(512)  # the replay has begun; the rest is never read
+            writer.transport.abort()  # gone, as a closed tab is
+        await eventually(lambda: not changes._streams, timeout=10)
+        status, _ = await service.get("/readyz")
+        assert status == 200
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, [r.getMessage() for r in errors]

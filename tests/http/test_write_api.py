@@ -344,6 +344,30 @@ async def test_a_route_is_set_and_the_old_form_still_works(repo: SopsProject, se
     assert (await call(service, "POST", "/active", {"purpose": "chat"}))[0] == 422
 
 
+async def test_a_routes_etag_is_what_if_match_takes_to_change_it(repo: SopsProject, service: Service) -> None:
+    """`GET …/active/{purpose}`'s tag starts with the routing file's blob: a read-modify-write
+    (the console's route form) is refused when the routing changed in between."""
+    async with service.http.get(service.url + API + "/active/chat") as response:
+        tag = response.headers["ETag"]
+    assert tag.strip('"').split(".")[0] == blob((repo.providers / "routing.yaml").read_bytes())
+    headers = {"If-Match": tag}
+    status, body, _ = await call(
+        service, "PUT", "/active/chat", {"primary": ["gpu"], "weights": {"gpu": 2}}, headers=headers
+    )
+    assert status == 200, body
+    status, body, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]}, headers=headers)
+    assert status == 412, body
+    async with service.http.get(
+        service.url + API + "/active/chat", headers={"If-None-Match": tag}
+    ) as response:
+        assert response.status == 200  # the whole tag moved with the file
+        fresh = response.headers["ETag"]
+    async with service.http.get(
+        service.url + API + "/active/chat", headers={"If-None-Match": fresh}
+    ) as response:
+        assert response.status == 304
+
+
 # -- auth ----------------------------------------------------------------------------------------------
 
 
