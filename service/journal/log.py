@@ -38,7 +38,7 @@ _E = TypeVar("_E", bound=BaseEvent)
 
 OnAppend = Callable[[Event], None]
 
-NOT_CONFIG_CHANGES = frozenset({"secret.read", "service.started", "sync.failed"})
+NOT_CONFIG_CHANGES = frozenset({"secret.read", "service.started"})
 """Event types that do not move `config_index` (SPEC 9's X-Switchboard-Index)."""
 
 _NAMED_FILES = frozenset({"routing.updated", "clients.updated"})
@@ -196,7 +196,7 @@ class EventLog:
 
     @property
     def config_index(self) -> int:
-        """The seq of the last event but `secret.read`, `service.started` and `sync.failed` (0: none).
+        """The seq of the last event but `secret.read` and `service.started` (0: none).
 
         SPEC 9's `X-Switchboard-Index`: it moves on every configuration and health change,
         and, read back from the file on open, never goes back across restarts.
