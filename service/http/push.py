@@ -85,7 +85,8 @@ def parse_wait(text: str | None) -> float:
 def parse_index(text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit() or len(text) > 18:
+    # isascii: `²` is a digit to str.isdigit, but int() refuses it (it made a 500)
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise BadRequest(f"`index` must be a whole number: {text[:40]!r}")
     return int(text)
 
@@ -152,14 +153,18 @@ class Changes:
     # -- on the loop -------------------------------------------------------------------------------
 
     def _arrive(self, event: BaseEvent) -> None:
-        if event.type in APPLIED_TYPES:
-            self._pending.append(event)  # visible once the registry has swapped its state in
+        if event.type in APPLIED_TYPES or self._pending:
+            # Visible once the registry has swapped its state in; an event appended meanwhile
+            # (a health change) waits behind it, so events are shown in seq order: shown
+            # first, it would move the index while the old state is still served, and the
+            # streams, which skip what is below the last seq they sent, would drop the change.
+            self._pending.append(event)
         else:
             self._show([event])
 
     def _release(self) -> None:
         pending, self._pending = self._pending, []
-        self._show(pending)
+        self._show(sorted(pending, key=_seq))
 
     def _show(self, events: list[BaseEvent]) -> None:
         moved = False
@@ -223,6 +228,10 @@ class Changes:
         for stream in self._streams:
             stream.closed = True
             stream.ready.set()
+
+
+def _seq(event: BaseEvent) -> int:
+    return event.seq
 
 
 # -- conditional and blocking GETs ------------------------------------------------------------------

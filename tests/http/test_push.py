@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -119,9 +120,22 @@ async def test_an_index_ahead_of_the_service_answers_at_once(running_service: Se
     assert answer.status == 200 and time.monotonic() - started < 2
 
 
-@pytest.mark.parametrize("query", ["index=x", "index=-1", "index=1&wait=soon", "index=1&wait=10h"])
+@pytest.mark.parametrize(
+    "query", ["index=x", "index=-1", "index=1&wait=soon", "index=1&wait=10h", "index=%C2%B2", "index=%D9%A1"]
+)
 async def test_bad_index_or_wait_is_400(running_service: Service, query: str) -> None:
     assert (await get(running_service, f"{API}/active?{query}")).status == 400
+
+
+@pytest.mark.parametrize("where", ["query", "header"])
+@pytest.mark.parametrize("value", ["²", "-1", "x", "1" * 19])
+async def test_a_bad_last_event_id_is_400(running_service: Service, where: str, value: str) -> None:
+    # `²` is a digit to str.isdigit, which int() refuses: it made a 500
+    if where == "query":
+        answer = await get(running_service, f"{API}/events?after={quote(value)}")
+    else:
+        answer = await get(running_service, f"{API}/events", {"Last-Event-ID": value})
+    assert answer.status == 400 and answer.json()["error"]["type"] == "bad_request"
 
 
 async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
@@ -321,3 +335,35 @@ async def test_a_thousand_held_queries_and_a_hundred_streams_all_hear_one_change
             move(sops_project, 7040)
             indexes = await asyncio.wait_for(asyncio.gather(*queries, *streams), 30)
         assert all(i > int(index) for i in indexes)
+
+
+async def test_an_event_recorded_while_a_change_is_applied_waits_its_turn(running_service: Service) -> None:
+    """A health change appended while the registry applies a file (between the file's event and
+    the swap) must neither wake held queries onto the old configuration nor pass the change on
+    the streams: shown first, it moved the index early and the streams dropped the change."""
+    from service.http.context import EVENTS
+    from service.journal.events import ProviderHealthChanged
+
+    service = running_service
+    log = service.app[EVENTS]
+
+    def meanwhile(event: Any) -> None:  # as the health writer's thread would, mid-apply
+        if event.type == "provider.updated":
+            log.on_append.remove(meanwhile)
+            status = {"status": {"old": "healthy", "new": "unhealthy"}}
+            log.append(ProviderHealthChanged(subject="gpu", changes=status))
+
+    index = (await get(service, API + "/active/chat")).headers[push.INDEX_HEADER]
+    stream = sse(service)
+    assert await anext(stream) == ("comment", None)
+    log.on_append.append(meanwhile)
+    held = asyncio.create_task(get(service, f"{API}/active/chat?index={index}&wait=20s"))
+    await eventually(lambda: service.app[CHANGES].held == 1)
+    move(service.project, 7050)
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.json()["primary"][0]["base_url"] == "http://127.0.0.1:7050/v1"
+    delivered = await asyncio.wait_for(take(stream, 2), 10)
+    await stream.aclose()
+    assert [e["type"] for e in delivered] == ["provider.updated", "provider.health_changed"]
+    assert delivered[1]["seq"] == delivered[0]["seq"] + 1
+    assert answer.headers[push.INDEX_HEADER] == str(delivered[1]["seq"])
