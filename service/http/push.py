@@ -19,6 +19,7 @@ reader never pairs the new index with the old configuration.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -49,6 +50,8 @@ STREAM_BACKLOG = 256
 WRITE_TIMEOUT_S = 30.0
 """A stream whose client takes no bytes for this long is closed."""
 RETRY_AFTER_S = 5
+REPLAY_BATCH = 500
+"""Events read back from the log at a time for a resuming stream."""
 
 APPLIED_TYPES = frozenset(
     {
@@ -100,7 +103,7 @@ def frame(event: BaseEvent) -> bytes:
 class Stream:
     """One event-stream client's backlog: bounded, so a slow reader cannot hold memory."""
 
-    __slots__ = ("admin", "backlog", "closed", "overflowed", "ready")
+    __slots__ = ("admin", "backlog", "closed", "overflowed", "ready", "transport")
 
     def __init__(self, admin: bool) -> None:
         self.admin = admin
@@ -108,6 +111,7 @@ class Stream:
         self.ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        self.transport: asyncio.BaseTransport | None = None
 
     def offer(self, seq: int, kind: str, data: bytes) -> None:
         if self.overflowed or (kind in ADMIN_ONLY and not self.admin):
@@ -135,6 +139,9 @@ class Changes:
         self._streams: set[Stream] = set()
         self._pending: list[BaseEvent] = []
         self._loop = asyncio.get_running_loop()
+        self.replays = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="switchboard-replay")
+        """Where streams read the log back: their own thread, so that replays from the start of
+        a long log, for many streams at once, never queue before a reload in the default one."""
         events.on_append.append(self._appended)
         registry.on_apply.append(self._applied)
 
@@ -228,6 +235,10 @@ class Changes:
         for stream in self._streams:
             stream.closed = True
             stream.ready.set()
+            transport = stream.transport
+            if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+                # A client that takes nothing would hold the shutdown until the write timeout.
+                transport.abort()
 
 
 def _seq(event: BaseEvent) -> int:
@@ -296,39 +307,42 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     after = parse_index(request.headers.get("Last-Event-ID") or request.query.get("after"))
     client = request.get(CLIENT)
     admin = client is None or "admin" in client.scopes
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            REPLICA_HEADER: changes.replica,
+        }
+    )
     with changes.stream(admin) as stream:
         last = changes.seq
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                REPLICA_HEADER: changes.replica,
-            }
-        )
-        await response.prepare(request)
-        send = _sender(response)
-        if after is not None and after <= log_.last_seq:
-            last = await _replay(log_, after, admin, send)
-        # An id ahead of this log (another replica's, or a log replaced) starts from now.
-        await send(b": connected\n\n")
-        while not stream.closed:
-            try:
-                await asyncio.wait_for(stream.ready.wait(), KEEPALIVE_S)
-            except TimeoutError:
-                await send(b": keep-alive\n\n")
-                continue
-            stream.ready.clear()
-            if stream.overflowed:
-                log.info("an event stream fell %d events behind and was closed", STREAM_BACKLOG)
-                break
-            while stream.backlog:
-                seq, data = stream.backlog.popleft()
-                if seq > last:
-                    await send(data)
-                    last = seq
-        with contextlib.suppress(ConnectionResetError):
+        try:
+            await response.prepare(request)
+            stream.transport = request.transport
+            send = _sender(response)
+            if after is not None and after <= log_.last_seq:
+                last = await _replay(changes, log_, stream, after, send)
+            # An id ahead of this log (another replica's, or a log replaced) starts from now.
+            await send(b": connected\n\n")
+            while not stream.closed:
+                try:
+                    await asyncio.wait_for(stream.ready.wait(), KEEPALIVE_S)
+                except TimeoutError:
+                    await send(b": keep-alive\n\n")
+                    continue
+                stream.ready.clear()
+                if stream.overflowed:
+                    log.info("an event stream fell %d events behind and was closed", STREAM_BACKLOG)
+                    break
+                while stream.backlog:
+                    seq, data = stream.backlog.popleft()
+                    if seq > last:
+                        await send(data)
+                        last = seq
             await response.write_eof()
+        except ConnectionResetError:  # the client left, or took nothing for WRITE_TIMEOUT_S
+            log.debug("an event stream's client is gone")
     return response
 
 
@@ -342,21 +356,30 @@ def _sender(response: web.StreamResponse) -> Callable[[bytes], Awaitable[None]]:
     return send
 
 
-async def _replay(events: EventLog, after: int, admin: bool, send: Callable[[bytes], Awaitable[None]]) -> int:
-    """Send the logged events after `after` (read off the loop, in batches); the last seq sent."""
+async def _replay(
+    changes: Changes, events: EventLog, stream: Stream, after: int, send: Callable[[bytes], Awaitable[None]]
+) -> int:
+    """Send the logged events after `after` (read and framed off the loop, in batches, in the
+    replay thread); the last seq sent. Stops at shutdown."""
+    loop = asyncio.get_running_loop()
     last = after
-    while True:
-        batch = await asyncio.to_thread(_batch, events, last)
-        for event in batch:
-            if event.type not in ADMIN_ONLY or admin:
-                await send(frame(event))
-            last = event.seq
-        if len(batch) < 500:
-            return last
+    while not stream.closed:
+        batch = await loop.run_in_executor(changes.replays, _frames, events, last, stream.admin)
+        for seq, data in batch:
+            if data:
+                await send(data)
+            last = seq
+        if len(batch) < REPLAY_BATCH:
+            break
+    return last
 
 
-def _batch(events: EventLog, after: int) -> list[BaseEvent]:
-    return list(events.events_after(after, limit=500))
+def _frames(events: EventLog, after: int, admin: bool) -> list[tuple[int, bytes]]:
+    """(seq, frame) of the next logged events after `after`; the frame empty for one not shown."""
+    return [
+        (event.seq, frame(event) if admin or event.type not in ADMIN_ONLY else b"")
+        for event in events.events_after(after, limit=REPLAY_BATCH)
+    ]
 
 
 def setup(app: web.Application) -> None:
@@ -367,4 +390,10 @@ def setup(app: web.Application) -> None:
         if changes is not None:
             changes.close()
 
+    async def cleanup(app: web.Application) -> None:
+        changes = app.get(CHANGES)
+        if changes is not None:
+            changes.replays.shutdown(wait=False, cancel_futures=True)
+
     app.on_shutdown.append(close)
+    app.on_cleanup.append(cleanup)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -12,9 +15,13 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from service.http import push
+from service.http.app import create_app
+from service.http.context import REGISTRY
 from service.http.push import CHANGES
+from service.settings import Settings
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import write_clients
 
@@ -367,3 +374,126 @@ async def test_an_event_recorded_while_a_change_is_applied_waits_its_turn(runnin
     assert [e["type"] for e in delivered] == ["provider.updated", "provider.health_changed"]
     assert delivered[1]["seq"] == delivered[0]["seq"] + 1
     assert answer.headers[push.INDEX_HEADER] == str(delivered[1]["seq"])
+
+
+# -- consumers that take nothing, and shutdown ----------------------------------------------------
+
+
+def _reader_that_reads_nothing(url: str) -> socket.socket:
+    """An event stream opened by a client that never reads (and takes as little as the kernel lets)."""
+    host, port = url.removeprefix("http://").split(":")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((host, int(port)))
+    client.sendall(f"GET {API}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    return client
+
+
+async def _big_changes(project: SopsProject, registry: Any, count: int) -> None:
+    """`count` changes whose events are ~200 KB each (a provider's list of 2,000 models changing)."""
+    path = project.providers / "gpu.yaml"
+    for i in range(count):
+        models = ", ".join(f"m{j}-{i}-" + "y" * 100 for j in range(2000))
+        port = 8000 + i
+        path.write_text(
+            f"kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: http://127.0.0.1:{port}/v1\n"
+            f"models: [{models}]\n"
+        )
+        url = f"http://127.0.0.1:{port}/v1"
+        await eventually(lambda url=url: registry.snapshot.providers["gpu"].endpoint == url)
+
+
+async def test_a_stream_whose_client_takes_nothing_is_closed_quietly(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was closed by a ConnectionResetError that left the handler: logged as an unhandled
+    error with its traceback, counted as a 500, and a 500 answer tried on a started stream."""
+    monkeypatch.setattr(push, "WRITE_TIMEOUT_S", 0.5)
+    changes = running_service.app[CHANGES]
+    client = _reader_that_reads_nothing(running_service.url)
+    try:
+        await eventually(lambda: len(changes._streams) == 1)
+        await _big_changes(running_service.project, running_service.registry, 12)
+        await eventually(lambda: not changes._streams, timeout=10)
+    finally:
+        client.close()
+    _, metrics = await running_service.text("/metrics")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert 'route="/api/v1/llm-config/events",status="500"' not in metrics
+
+
+async def test_shutdown_does_not_wait_for_a_stream_whose_client_takes_nothing(
+    sops_project: SopsProject,
+) -> None:
+    """With `serve`'s shutdown timeout (10 s) a stream blocked on such a client held the stop
+    for 20 s; streams are ended at once (the blocked one cut), and held queries answered."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    settings = Settings(
+        root=sops_project.root,
+        providers=sops_project.providers,
+        events=sops_project.root / "var" / "events.jsonl",
+        port=0,
+        debounce_ms=10,
+        age_key_file=sops_project.identity.key_file,
+        health_interval_s=0,
+    )
+    app = create_app(settings, sops=sops_project.sops)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=10)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        await eventually(lambda: app[REGISTRY].ready)
+        client = _reader_that_reads_nothing(url)
+        await eventually(lambda: len(app[CHANGES]._streams) == 1)
+        await _big_changes(sops_project, app[REGISTRY], 12)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{url}{API}/active") as first:
+                index = first.headers[push.INDEX_HEADER]
+            held = asyncio.create_task(http.get(f"{url}{API}/active?index={index}&wait=300s"))
+            await eventually(lambda: app[CHANGES].held == 2)  # the stream, and the query
+            started = time.monotonic()
+            await runner.cleanup()
+            took = time.monotonic() - started
+            answer = await asyncio.wait_for(held, 5)
+            assert answer.status == 200
+            answer.release()
+    finally:
+        await runner.cleanup()
+        client.close()
+    assert took < 3, f"the service took {took:.1f} s to stop"
+
+
+async def test_replays_that_stall_do_not_hold_back_a_change(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams resuming from the start of a long log (a reconnect storm, consoles that read the
+    whole history) read it back in worker threads; in the default executor they queued ahead
+    of the reload, and a change reached nobody until they were done."""
+    gate = threading.Event()
+    real = push._frames
+
+    def slow(*args: Any) -> Any:
+        gate.wait(30)  # a long log on a slow disk
+        return real(*args)
+
+    monkeypatch.setattr(push, "_frames", slow)
+    service = running_service
+    streams = [sse(service, query="?after=0") for _ in range(12)]
+    pending = [asyncio.create_task(anext(stream)) for stream in streams]
+    try:
+        await eventually(lambda: len(service.app[CHANGES]._streams) == 12)
+        index = (await get(service, API + "/active/chat")).headers[push.INDEX_HEADER]
+        held = asyncio.create_task(get(service, f"{API}/active/chat?index={index}&wait=30s"))
+        await eventually(lambda: service.app[CHANGES].held == 13)
+        move(service.project, 7060)
+        answer = await asyncio.wait_for(held, 5)
+        assert answer.json()["primary"][0]["base_url"] == "http://127.0.0.1:7060/v1"
+    finally:
+        gate.set()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
