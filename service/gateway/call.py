@@ -20,11 +20,17 @@ ATTEMPTS_HEADER = "x-switchboard-attempts"
 
 
 class Failure(Exception):
-    """An attempt failed before anything reached the client; the next candidate may serve."""
+    """An attempt failed before anything reached the client; the next candidate may serve.
 
-    def __init__(self, status: int | None, reason: str) -> None:
+    `blames_provider` is False when the provider was never reached (litellm could not translate
+    the request): the next candidate is tried, but the provider's circuit does not hear of it,
+    or a client could open the circuit of a healthy provider with a few malformed requests.
+    """
+
+    def __init__(self, status: int | None, reason: str, *, blames_provider: bool = True) -> None:
         self.status = status
         self.reason = reason
+        self.blames_provider = blames_provider
         super().__init__(reason)
 
     @classmethod

@@ -85,8 +85,10 @@ class Relay:
             except Failure as failure:
                 if failure.refused:
                     health.refuse(pid, failure.reason)
-                else:
+                elif failure.blames_provider:
                     health.failed(pid, failure.reason)
+                else:
+                    health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
                 self.count("attempt", pid, "failed")
                 attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                 continue

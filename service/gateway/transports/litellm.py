@@ -131,10 +131,15 @@ async def _forward(
         raise Failure(None, late.format(limit)) from None
     except Exception as exc:
         status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
+            return _client_error(exc, status, key, headers)
+        if not _reached_upstream(exc):
+            # litellm failed on the request itself (a malformed `tools`, `messages` of another
+            # shape: it reports them as a 500 "connection error"), before sending anything.
+            reason = f"litellm could not translate the request ({_first_cause(exc)})"
+            raise Failure(None, reason, blames_provider=False) from None
         if not isinstance(status, int):
             raise Failure(None, type(exc).__name__) from None
-        if 400 <= status < 500 and not falls_back(status):
-            return _client_error(exc, status, key, headers)
         raise Failure.of_status(status) from None
     call.first_byte_s = loop.time() - started
     _pass_back(result, headers)
@@ -185,6 +190,33 @@ async def _relay_stream(
         await _close(stream)
         raise
     return answer
+
+
+_NETWORK_MODULES = ("httpx", "httpcore", "aiohttp")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from, outermost first (a few levels)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _reached_upstream(exc: BaseException) -> bool:
+    """Whether litellm's error comes from the upstream: an answer (an HTTP status error), a
+    connection or a timeout, which all pass through its HTTP client's exceptions. An error of
+    its own (translating the request) has only litellm's and Python's in its chain."""
+    return any(
+        isinstance(e, OSError | TimeoutError) or type(e).__module__.startswith(_NETWORK_MODULES)
+        for e in _causes(exc)
+    )
+
+
+def _first_cause(exc: BaseException) -> str:
+    return type(_causes(exc)[-1]).__name__
 
 
 def _client_error(exc: Exception, status: int, key: str | None, headers: dict[str, str]) -> web.Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from service.http.context import HEALTH
 from tests.conftest import SopsProject
-from tests.support.gateway import CANARY, running, write_provider, write_routing
+from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, upstreams
 
 # litellm's own types warn about pydantic internals while it works; warnings are errors here.
@@ -206,3 +207,57 @@ async def test_a_stream_through_litellm_is_counted_when_the_client_did_not_ask(
     # Anthropic declares no models here: the label is the model the answer names.
     assert 'kind="completion",model="claude-x",provider="claude"} 4.0' in metrics
     assert 'kind="prompt",model="claude-x",provider="claude"} 2.0' in metrics
+
+
+MALFORMED: list[dict[str, Any]] = [
+    {"tools": [{"type": "function"}]},
+    {"messages": "not a list"},
+    {"messages": [{"role": "user", "content": [{"type": "weird"}]}]},
+    {"response_format": {"type": "json_schema", "json_schema": "x"}},
+]
+"""Bodies litellm fails to translate for Anthropic, reporting a 500 `APIConnectionError`."""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_malformed_requests_cannot_open_a_healthy_providers_circuit(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """They counted as the provider's failures: three requests from a client holding only
+    `completions` opened the circuit of a healthy provider, for everyone, for the cooldown."""
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY}, {"name": "backup"}
+    ) as (up, backup):
+        _anthropic(sops_project, up)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        write_clients(sops_project, {"app": ("tok-c", ["completions"])})
+        async with running(sops_project) as board:
+            for body in MALFORMED * 3:
+                await board.chat("hi", token="tok-c", max_tokens=10, stream=stream, **body)
+            assert not board.app[HEALTH].is_open("claude")
+            assert board.app[HEALTH].get("claude").status != "unhealthy"
+            normal = await board.chat("hi", token="tok-c", max_tokens=10, stream=stream)
+            text = await normal.text()
+    assert normal.status == 200 and normal.headers["x-switchboard-provider"] == "claude", text
+    assert len(up.requests) == 1, "none of the malformed requests reached the vendor"
+    assert CANARY not in text
+
+
+async def test_a_malformed_request_answers_with_why_and_leaves_a_half_open_trial_free(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project, circuit_cooldown_s=0.01) as board:
+            health = board.app[HEALTH]
+            for _ in range(3):
+                health.failed("claude", "HTTP 500")
+            assert health.is_open("claude")
+            await asyncio.sleep(0.05)  # half-open: the next request is its trial
+            refused = await board.chat("hi", max_tokens=10, tools=[{"type": "function"}])
+            body = await refused.json()
+            trial = await board.chat("hi", max_tokens=10)
+    assert refused.status == 502
+    assert "litellm could not translate the request" in body["error"]["attempts"][0]["reason"]
+    assert trial.status == 200 and trial.headers["x-switchboard-provider"] == "claude"
