@@ -2,8 +2,9 @@
 
 This module is imported only when a request goes to such a vendor: importing litellm takes
 seconds, and nothing on the direct path may pay for it. litellm reads its own environment,
-so `LITELLM_LOCAL_MODEL_COST_MAP` is set here, before the import, to keep it from fetching
-its cost map over the network. litellm's own retries are off: falling back is ours.
+so `LITELLM_LOCAL_MODEL_COST_MAP` and `LITELLM_OFFLINE_MODE` are set here, before the
+import, to keep it from fetching its cost map or anything else over the network. litellm's
+own retries are off: falling back is ours.
 
 The contract is the one of `service.gateway.transports.openai.forward`: the answer is relayed in OpenAI's
 shape (JSON, or server-sent events chunk by chunk), and a failure the next candidate may
@@ -56,6 +57,9 @@ def litellm_model(provider: Provider, model: str) -> str:
 
 def _import_litellm() -> ModuleType:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before the import that reads it
+    # Nor anything else it would fetch on its own (Anthropic's beta headers from GitHub, on the
+    # first request to Anthropic: SPEC 1, nothing is downloaded at run time).
+    os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
     module = importlib.import_module("litellm")
     module.suppress_debug_info = True  # type: ignore[attr-defined]  # litellm's module-level settings
     module.telemetry = False  # type: ignore[attr-defined]

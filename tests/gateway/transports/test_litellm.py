@@ -261,3 +261,34 @@ async def test_a_malformed_request_answers_with_why_and_leaves_a_half_open_trial
     assert refused.status == 502
     assert "litellm could not translate the request" in body["error"]["attempts"][0]["reason"]
     assert trial.status == 200 and trial.headers["x-switchboard-provider"] == "claude"
+
+
+async def test_nothing_is_fetched_from_the_internet_at_run_time(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """litellm fetched Anthropic's beta headers from raw.githubusercontent.com on the first
+    request to Anthropic (SPEC 1: nothing is downloaded at run time)."""
+    from service.gateway.transports.litellm import _import_litellm
+
+    _import_litellm()  # as the service imports it: importing it here first would fetch the cost map
+    import litellm.anthropic_beta_headers_manager as beta
+
+    fetched: list[str] = []
+
+    def fetch(url: str, timeout: int = 5) -> object:
+        fetched.append(url)
+        raise OSError("no network here")
+
+    monkeypatch.delenv("LITELLM_OFFLINE_MODE", raising=False)
+    monkeypatch.setattr(beta, "_BETA_HEADERS_CONFIG", None)  # as in a fresh process
+    monkeypatch.setattr(beta.GetAnthropicBetaHeadersConfig, "fetch_remote_beta_headers_config", fetch)
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            document = [{"type": "file", "file": {"file_id": "https://example.invalid/a.pdf"}}]
+            messages = [{"role": "user", "content": document}]  # a file: Anthropic's beta headers
+            plain = await board.chat(max_tokens=10, messages=messages)
+            streamed = await board.chat(max_tokens=10, stream=True, messages=messages)
+    assert plain.status == streamed.status == 200
+    assert not fetched
