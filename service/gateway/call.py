@@ -17,6 +17,14 @@ from service.errors import BadRequest
 
 PROVIDER_HEADER = "x-switchboard-provider"
 ATTEMPTS_HEADER = "x-switchboard-attempts"
+VIA_HEADER = "x-switchboard-via"
+"""On requests forwarded directly: the gateways they went through, each by its random token,
+so that a request that comes back (a `base_url` that points at the service) is refused."""
+
+
+def came_back(via: str | None, token: str) -> bool:
+    """Whether a request whose `x-switchboard-via` is `via` already went through gateway `token`."""
+    return via is not None and token in (hop.strip() for hop in via.split(","))
 
 
 class Failure(Exception):
