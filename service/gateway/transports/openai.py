@@ -69,6 +69,8 @@ class Upstream:
     """Why no request can be sent to this provider as its file stands (a key that is no header)."""
     stream_options: bool = True
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
+    key: bytes = b""
+    """The key as sent, to mask in an error answer that echoes it (SPEC 2.4); empty without one."""
 
     @classmethod
     def of(cls, provider: Provider, via: str = "") -> Upstream:
@@ -93,7 +95,15 @@ class Upstream:
             idle_s=provider.idle_timeout_s,
             names_models=not provider.models,
             unusable=unusable,
+            key=key.encode() if key else b"",
         )
+
+    def masked(self, body: bytes, status: int) -> bytes:
+        """`body` to relay: an error answer that echoes the provider's key (some servers quote the
+        request's headers) has it replaced by `****`; it is the client's to read, not the key."""
+        if status >= 400 and self.key and self.key in body:
+            return body.replace(self.key, b"****")
+        return body
 
     def __repr__(self) -> str:  # the headers hold the key
         return f"Upstream({self.provider.id!r})"
@@ -170,7 +180,7 @@ class OpenAITransport(Transport):
             _close(response)
             raise
         response.release()
-        return response, answer
+        return response, target.masked(answer, status)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -243,7 +253,7 @@ class OpenAITransport(Transport):
             call.usage = find_usage(body)
             if target.names_models and call.usage is not None:
                 call.answer_model = find_model(body)
-        return web.Response(body=body, status=status, headers=headers)
+        return web.Response(body=target.masked(body, status), status=status, headers=headers)
 
     def _headers(self, call: Call, target: Upstream) -> Mapping[str, str]:
         """The upstream request's headers: the provider's, and the gateways it went through."""
