@@ -45,8 +45,12 @@ REPLICA_HEADER = "X-Switchboard-Replica"
 DEFAULT_WAIT_S = 60.0
 MAX_WAIT_S = 300.0
 KEEPALIVE_S = 15.0
-STREAM_BACKLOG = 256
-"""Events a stream may fall behind by before it is closed (its client resumes from the log)."""
+STREAM_BACKLOG = 1024
+"""Events a stream may fall behind by before it is closed (its client resumes from the log).
+One apply offers all its events at once (a pull request adding hundreds of providers), before
+any stream can send one: this is above what a change makes, not what a reader keeps up with."""
+STREAM_BACKLOG_BYTES = 16 << 20
+"""The same bound in bytes (frames are shared by the streams: this is what one pins at most)."""
 WRITE_TIMEOUT_S = 30.0
 """A stream whose client takes no bytes for this long is closed."""
 RETRY_AFTER_S = 5
@@ -103,11 +107,13 @@ def frame(event: BaseEvent) -> bytes:
 class Stream:
     """One event-stream client's backlog: bounded, so a slow reader cannot hold memory."""
 
-    __slots__ = ("admin", "backlog", "closed", "overflowed", "ready", "transport")
+    __slots__ = ("admin", "backlog", "closed", "overflowed", "pinned", "ready", "transport")
 
     def __init__(self, admin: bool) -> None:
         self.admin = admin
         self.backlog: deque[tuple[int, bytes]] = deque()
+        self.pinned = 0
+        """Bytes of the frames in `backlog`."""
         self.ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
@@ -116,12 +122,20 @@ class Stream:
     def offer(self, seq: int, kind: str, data: bytes) -> None:
         if self.overflowed or (kind in ADMIN_ONLY and not self.admin):
             return
-        if len(self.backlog) >= STREAM_BACKLOG:
+        if len(self.backlog) >= STREAM_BACKLOG or self.pinned + len(data) > STREAM_BACKLOG_BYTES:
             self.overflowed = True  # it resumes from the log when it reconnects
             self.backlog.clear()
+            self.pinned = 0
         else:
             self.backlog.append((seq, data))
+            self.pinned += len(data)
         self.ready.set()
+
+    def take(self) -> tuple[int, bytes]:
+        """The oldest frame of the backlog, and its seq."""
+        seq, data = self.backlog.popleft()
+        self.pinned -= len(data)
+        return seq, data
 
 
 class Changes:
@@ -333,10 +347,10 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
                     continue
                 stream.ready.clear()
                 if stream.overflowed:
-                    log.info("an event stream fell %d events behind and was closed", STREAM_BACKLOG)
+                    log.info("an event stream fell too far behind and was closed (it resumes from the log)")
                     break
                 while stream.backlog:
-                    seq, data = stream.backlog.popleft()
+                    seq, data = stream.take()
                     if seq > last:
                         await send(data)
                         last = seq

@@ -293,10 +293,11 @@ async def test_the_stream_sends_keep_alive_comments(
     await stream.aclose()
 
 
+@pytest.mark.parametrize("bound", [("STREAM_BACKLOG", 3), ("STREAM_BACKLOG_BYTES", 2000)])
 async def test_a_stream_that_falls_too_far_behind_is_closed_and_holds_no_memory(
-    running_service: Service, monkeypatch: pytest.MonkeyPatch
+    running_service: Service, monkeypatch: pytest.MonkeyPatch, bound: tuple[str, int]
 ) -> None:
-    monkeypatch.setattr(push, "STREAM_BACKLOG", 3)
+    monkeypatch.setattr(push, *bound)
     changes = running_service.app[CHANGES]
     async with running_service.http.get(f"{running_service.url}{API}/events") as response:
         await eventually(lambda: len(changes._streams) == 1)
@@ -517,3 +518,19 @@ async def test_a_providers_tag_changes_when_its_health_does(sops_project: SopsPr
             again = await get(service, API + "/providers/gpu", {"If-None-Match": before.headers["ETag"]})
     # 304 tells the client its copy, `unknown`, is current: the provider is `healthy`
     assert again.status == 200 and again.json()["health"]["status"] == "healthy"
+
+
+async def test_one_change_of_many_events_does_not_close_the_streams(sops_project: SopsProject) -> None:
+    """A pull request that adds 300 providers is one apply, 300 events offered to every stream
+    before any of them can send one: past 256 every stream, however fast, was closed as too
+    far behind, and every consumer came back at once to replay the log."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project, debounce_ms=300) as service:
+        stream = sse(service)
+        assert await anext(stream) == ("comment", None)
+        for i in range(300):
+            write_server(sops_project, f"p{i:03d}")
+        added = await asyncio.wait_for(take(stream, 300), 20)
+        await stream.aclose()
+    assert [e["subject"] for e in added] == sorted(f"p{i:03d}" for i in range(300))
