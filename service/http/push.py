@@ -31,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from service.config.models import Client
 from service.errors import BadRequest, Busy
 from service.http.auth import CLIENT, Handler
 from service.http.context import EVENTS
@@ -107,10 +108,12 @@ def frame(event: BaseEvent) -> bytes:
 class Stream:
     """One event-stream client's backlog: bounded, so a slow reader cannot hold memory."""
 
-    __slots__ = ("admin", "backlog", "closed", "overflowed", "pinned", "ready", "transport")
+    __slots__ = ("admin", "backlog", "client", "closed", "overflowed", "pinned", "ready", "transport")
 
-    def __init__(self, admin: bool) -> None:
-        self.admin = admin
+    def __init__(self, client: Client | None) -> None:
+        self.client = client
+        """Who opened it (None without authentication): checked again when the clients change."""
+        self.admin = client is None or "admin" in client.scopes
         self.backlog: deque[tuple[int, bytes]] = deque()
         self.pinned = 0
         """Bytes of the frames in `backlog`."""
@@ -153,6 +156,7 @@ class Changes:
         self._streams: set[Stream] = set()
         self._pending: list[BaseEvent] = []
         self._loop = asyncio.get_running_loop()
+        self._registry = registry
         self.replays = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="switchboard-replay")
         """Where streams read the log back: their own thread, so that replays from the start of
         a long log, for many streams at once, never queue before a reload in the default one."""
@@ -197,9 +201,31 @@ class Changes:
                 data = frame(event)
                 for stream in self._streams:
                     stream.offer(event.seq, event.type, data)
+            if event.type == "clients.updated":
+                self._recheck_clients()
         if moved:
             self._moved.set()
             self._moved = asyncio.Event()
+
+    def _recheck_clients(self) -> None:
+        """End the streams whose token was revoked or lost the scope it was opened with: a
+        stream lives as long as its connection, and must not outlive its client's rights."""
+        clients = self._registry.state.snapshot.clients
+        if clients is None:  # no authentication (a clients file, once seen, is kept)
+            return
+        now = {c.token_sha256: c for c in clients.clients}
+        for stream in self._streams:
+            was = stream.client
+            if was is None:
+                continue
+            current = now.get(was.token_sha256)
+            if (
+                current is None
+                or "config:read" not in current.scopes
+                or (stream.admin and "admin" not in current.scopes)
+            ):
+                stream.closed = True
+                stream.ready.set()
 
     # -- blocking queries --------------------------------------------------------------------------
 
@@ -232,10 +258,10 @@ class Changes:
     # -- streams -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stream(self, admin: bool) -> Iterator[Stream]:
+    def stream(self, client: Client | None) -> Iterator[Stream]:
         """A new stream's backlog, counted among the watchers while it is open."""
         with self._watching():
-            stream = Stream(admin)
+            stream = Stream(client)
             self._streams.add(stream)
             try:
                 yield stream
@@ -320,7 +346,6 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     changes, log_ = request.app[CHANGES], request.app[EVENTS]
     after = parse_index(request.headers.get("Last-Event-ID") or request.query.get("after"))
     client = request.get(CLIENT)
-    admin = client is None or "admin" in client.scopes
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -329,7 +354,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             REPLICA_HEADER: changes.replica,
         }
     )
-    with changes.stream(admin) as stream:
+    with changes.stream(client) as stream:
         last = changes.seq
         try:
             await response.prepare(request)
@@ -349,7 +374,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
                 if stream.overflowed:
                     log.info("an event stream fell too far behind and was closed (it resumes from the log)")
                     break
-                while stream.backlog:
+                while stream.backlog and not stream.closed:  # closed: its client may no longer read
                     seq, data = stream.take()
                     if seq > last:
                         await send(data)

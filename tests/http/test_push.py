@@ -534,3 +534,34 @@ async def test_one_change_of_many_events_does_not_close_the_streams(sops_project
         added = await asyncio.wait_for(take(stream, 300), 20)
         await stream.aclose()
     assert [e["subject"] for e in added] == sorted(f"p{i:03d}" for i in range(300))
+
+
+async def test_a_revoked_token_loses_its_stream(sops_project: SopsProject) -> None:
+    """A stream lives as long as its connection: a token removed from the clients file (or one
+    that lost `admin`) went on receiving every event, `secret.read` included, until it left."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {
+        "reader": ("tok-r", ["config:read"]),
+        "boss": ("tok-a", ["config:read", "admin"]),
+        "kept": ("tok-k", ["config:read"]),
+    }
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        auth = {name: {"Authorization": f"Bearer {token}"} for name, (token, _) in clients.items()}
+        streams = {name: sse(service, auth[name]) for name in clients}
+        for stream in streams.values():
+            assert await anext(stream) == ("comment", None)
+        del clients["reader"]
+        clients["boss"] = ("tok-a", ["config:read"])
+        write_clients(sops_project, clients)
+        for name in ("reader", "boss"):
+            rest = await asyncio.wait_for(take(streams[name], 1000), 10)  # ends: the service closed it
+            assert all(e["type"] != "clients.updated" for e in rest)
+        move(sops_project, 7070)
+        (still,) = await asyncio.wait_for(take(streams["kept"], 1), 10)
+        assert still["type"] == "provider.updated"
+        refused = await get(service, API + "/events", auth["reader"])
+        for stream in streams.values():
+            await stream.aclose()
+    assert refused.status == 401
