@@ -375,8 +375,9 @@ class Switchboard:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout_s),
                 ) as response:
                     await _raise_for(response)
-                    failures = 0
+                    failures += 1  # until it gives an event: one that ends at once is a failure too
                     async for event in _parse_sse(response.content):
+                        failures = 0
                         last = event.seq
                         yield event
             except (aiohttp.ClientError, TimeoutError, Unavailable) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from service.config.export import litellm_config
 from service.config.snapshot import load_folder
 from tests.conftest import AgeIdentity, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import CANARY, write_clients, write_provider
-from tests.support.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream, serving
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,6 +251,29 @@ async def test_replicas_that_alternate_do_not_make_a_loop_of_immediate_answers(
             await asyncio.sleep(2)
             asked = balancer.requests - before
     assert asked < 20, f"{asked} requests in 2 s"
+
+
+async def test_an_event_stream_that_ends_at_once_is_reopened_with_backoff() -> None:
+    """A service (or a proxy) that answers the stream and closes it at once was asked again
+    every ~50 ms forever: an answer counted as success, and reset the backoff."""
+    opened = 0
+
+    async def empty(request: web.Request) -> web.StreamResponse:
+        nonlocal opened
+        opened += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": connected\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/llm-config/events", empty)
+    async with serving(app) as url, Switchboard(url, backoff_s=(0.05, 1)) as sb:
+        stream = sb.events()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(anext(stream), 2)
+        await stream.aclose()
+    assert opened < 12, f"{opened} streams opened in 2 s"
 
 
 # -- packaging -------------------------------------------------------------------------------------
