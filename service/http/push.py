@@ -54,6 +54,8 @@ STREAM_BACKLOG_BYTES = 16 << 20
 """The same bound in bytes (frames are shared by the streams: this is what one pins at most)."""
 WRITE_TIMEOUT_S = 30.0
 """A stream whose client takes no bytes for this long is closed."""
+WRITE_PIECE = 64 << 10
+"""Writes to a stream are at most this long (aiohttp waits for the client past 64 KiB)."""
 RETRY_AFTER_S = 5
 REPLAY_BATCH = 500
 """Events read back from the log at a time for a resuming stream."""
@@ -388,7 +390,14 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
 def _sender(response: web.StreamResponse) -> Callable[[bytes], Awaitable[None]]:
     async def send(data: bytes) -> None:
         try:
-            await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_S)
+            if len(data) <= WRITE_PIECE:
+                await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_S)
+                return
+            # A large event in pieces, each written once the client took the last: written
+            # whole, each stream whose client reads nothing would hold its own copy of it.
+            view = memoryview(data)
+            for start in range(0, len(data), WRITE_PIECE):
+                await asyncio.wait_for(response.write(view[start : start + WRITE_PIECE]), WRITE_TIMEOUT_S)
         except TimeoutError:
             raise ConnectionResetError("the event stream's client took nothing for too long") from None
 

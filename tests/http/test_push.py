@@ -424,6 +424,23 @@ async def test_a_stream_whose_client_takes_nothing_is_closed_quietly(
     assert 'route="/api/v1/llm-config/events",status="500"' not in metrics
 
 
+async def test_a_stream_whose_client_takes_nothing_holds_little_memory(running_service: Service) -> None:
+    """A large event (a provider's long models list) went to the transport whole: each stream
+    whose client reads nothing held its own copy of it (1,000 streams, a 2 MB event: 2 GB)."""
+    changes = running_service.app[CHANGES]
+    client = _reader_that_reads_nothing(running_service.url)
+    try:
+        await eventually(lambda: len(changes._streams) == 1)
+        await _big_changes(running_service.project, running_service.registry, 20)  # past the kernel's buffers
+        await asyncio.sleep(0.3)
+        (stream,) = changes._streams
+        assert isinstance(stream.transport, asyncio.WriteTransport)
+        held = stream.transport.get_write_buffer_size()
+    finally:
+        client.close()
+    assert held <= 256 << 10, f"{held} bytes held for a client that reads nothing"
+
+
 async def test_shutdown_does_not_wait_for_a_stream_whose_client_takes_nothing(
     sops_project: SopsProject,
 ) -> None:
