@@ -19,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
@@ -96,6 +97,13 @@ async def _forward(
         key = sendable_key(provider)
     except ValueError as exc:
         raise Failure(None, str(exc)) from None
+    model = call.model or ""
+    if model not in provider.model_map and not _MODEL_NAME.match(model):
+        # litellm puts the model in the URL for some vendors (Gemini: `models/{model}:generateContent`):
+        # `../cachedContents`, `x?key=` would choose the endpoint the provider's key goes to.
+        named = f"a model named {model[:100]!r}" if model else "a request that names no model"
+        reason = f"{named} cannot be sent to {provider.label} (a model is letters, digits and `._@+-`)"
+        raise Failure(None, reason, blames_provider=False)
     params = {k: v for k, v in call.data.items() if k in OPENAI_FIELDS}
     streaming = call.stream and call.purpose == "chat"
     if streaming:  # every stream is counted; the client gets the usage chunk if it asked
@@ -111,7 +119,7 @@ async def _forward(
         limit, late = provider.timeout_s, "no whole answer within {:g} s"
         params["timeout"] = provider.timeout_s
     params.update(
-        model=litellm_model(provider, call.model or ""),
+        model=litellm_model(provider, model),
         api_key=key,
         api_base=provider.endpoint.rstrip("/"),
         num_retries=0,
@@ -196,6 +204,9 @@ async def _relay_stream(
     return answer
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,255}\Z")
+"""The model names a client may ask a vendor behind litellm for (every vendor's fit): nothing
+that reads as a path, a query or a fragment in a URL."""
 _NETWORK_MODULES = ("httpx", "httpcore", "aiohttp")
 
 

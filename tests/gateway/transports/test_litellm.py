@@ -9,11 +9,12 @@ from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from service.http.context import HEALTH
 from tests.conftest import SopsProject
 from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
-from tests.support.upstreams import FakeUpstream, upstreams
+from tests.support.upstreams import FakeUpstream, serving, upstreams
 
 # litellm's own types warn about pydantic internals while it works; warnings are errors here.
 pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
@@ -292,3 +293,42 @@ async def test_nothing_is_fetched_from_the_internet_at_run_time(
             streamed = await board.chat(max_tokens=10, stream=True, messages=messages)
     assert plain.status == streamed.status == 200
     assert not fetched
+
+
+HOSTILE_MODELS = [
+    "../../../../v1beta/cachedContents?x=",
+    "x/../../tunedModels#",
+    "gemini-x?key=attacker&",
+    "gemini-x:batchGenerateContent?",
+    "http://attacker.invalid/x",
+    "gemini-x/../../files",
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_model_name_cannot_choose_the_vendors_endpoint(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """litellm puts Gemini's model in the URL (`models/{model}:generateContent`): a client with
+    `completions` sent the provider's key to `/v1beta/cachedContents`, `/tunedModels`, or with
+    a `key=` of its choosing, on the vendor's host."""
+    seen: list[str] = []
+
+    async def gemini(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"error": {"code": 404, "message": "no", "status": "NOT_FOUND"}}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", gemini)
+    async with serving(app) as url, FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "gem", provider="gemini", base_url=url, api_key=CANARY)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "gem", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            answers = [await board.chat("hi", model=m, max_tokens=5, stream=stream) for m in HOSTILE_MODELS]
+            health = board.app[HEALTH].get("gem").status
+            normal = await board.chat("hi", model="gemini-2.0-flash", max_tokens=5, stream=stream)
+    assert not seen[:-1], seen
+    assert seen[-1].startswith("/models/gemini-2.0-flash:") and "?key" not in seen[-1]
+    assert [a.headers["x-switchboard-provider"] for a in answers] == ["backup"] * len(HOSTILE_MODELS)
+    assert health != "unhealthy" and normal.status == 404
