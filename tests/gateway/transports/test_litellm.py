@@ -17,7 +17,7 @@ from tests.support.gateway import CANARY, running, write_clients, write_provider
 from tests.support.upstreams import FakeUpstream, serving, upstreams
 
 # litellm's own types warn about pydantic internals while it works; warnings are errors here.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")
 
 MESSAGES: Any = [{"role": "user", "content": "hello claude"}]
 
