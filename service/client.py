@@ -58,6 +58,9 @@ INDEX_HEADER = "X-Switchboard-Index"
 REPLICA_HEADER = "X-Switchboard-Replica"
 HEALTHY = ("healthy", "unknown")
 """Statuses a candidate may have to be offered: `unknown` is a provider not yet checked."""
+MAX_EVENT_BYTES = 64 << 20
+"""The longest line of the event stream read: an event of a provider with a long models list
+is over aiohttp's own line limit (128 or 512 KiB, by version)."""
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -372,8 +375,9 @@ class Switchboard:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout_s),
                 ) as response:
                     await _raise_for(response)
-                    failures = 0
+                    failures += 1  # until it gives an event: one that ends at once is a failure too
                     async for event in _parse_sse(response.content):
+                        failures = 0
                         last = event.seq
                         yield event
             except (aiohttp.ClientError, TimeoutError, Unavailable) as exc:
@@ -385,10 +389,16 @@ class Switchboard:
 
     async def _watch(self) -> None:
         failures = 0
+        idle = 0
         while True:
             try:
-                await self._refresh()
+                brought_news = await self._refresh()
                 failures = 0
+                if brought_news:
+                    idle = 0
+                else:  # answered at once with nothing new: do not ask again at once
+                    idle += 1
+                    await asyncio.sleep(self._backoff(idle))
             except asyncio.CancelledError:
                 raise
             except (Unauthorized, Forbidden) as exc:
@@ -402,11 +412,19 @@ class Switchboard:
                 failures += 1
                 log.debug("cannot refresh from %s (%s); retrying", self.base_url, type(exc).__name__)
                 await asyncio.sleep(self._backoff(failures))
+            except Exception as exc:  # an answer of another shape: the watch must go on, stale
+                self._stale = True
+                failures += 1
+                log.warning("%s answered what the client cannot read (%r); retrying", self.base_url, exc)
+                await asyncio.sleep(self._backoff(failures))
 
-    async def _refresh(self) -> None:
+    async def _refresh(self) -> bool:
+        """Take the service's current routes (held until they change); False when the answer
+        came at once with nothing new, from which asking again at once would make a loop."""
         wait = self.wait_s if self._loaded.is_set() and not self._stale else 0
         query = f"?index={self._index}&wait={wait:g}s" if wait else ""
         timeout = aiohttp.ClientTimeout(total=wait + self.request_timeout_s)
+        started = asyncio.get_running_loop().time()
         async with self._http.get(
             f"{self.base_url}{PREFIX}/active{query}", headers=self._headers, timeout=timeout
         ) as response:
@@ -414,8 +432,14 @@ class Switchboard:
             body = await response.json()
             index = int(response.headers.get(INDEX_HEADER, "0") or 0)
             replica = response.headers.get(REPLICA_HEADER)
-        self._routes = _routes(body)
+        routes = _routes(body)
+        quick = asyncio.get_running_loop().time() - started < wait / 2
         # Another replica's index means nothing here: start over from the one it gave (SPEC 9).
+        # Behind a balancer that alternates replicas every answer would be such a start, at
+        # once: a replica switch counts as nothing new, and the next question waits a little.
+        switched = wait > 0 and self._replica is not None and replica != self._replica
+        news = not switched and not (quick and index == self._index)
+        self._routes = routes
         self._replica = replica
         self._error = None
         async with self._changed:
@@ -423,6 +447,7 @@ class Switchboard:
             self._stale = False
             self._loaded.set()
             self._changed.notify_all()
+        return news
 
     async def _first_copy(self, timeout_s: float | None) -> None:
         if not self._loaded.is_set():
@@ -502,11 +527,28 @@ def _routes(body: Mapping[str, Any]) -> dict[str, Route]:
     return routes
 
 
+async def _lines(stream: aiohttp.StreamReader, limit: int = MAX_EVENT_BYTES) -> AsyncIterator[bytes]:
+    """The lines of `stream`, each up to `limit` bytes (aiohttp's own `readline` stops at 128 KiB)."""
+    buffer = bytearray()
+    async for chunk in stream.iter_any():
+        searched = len(buffer)
+        buffer += chunk
+        start = 0
+        while (end := buffer.find(b"\n", max(start, searched))) >= 0:
+            yield bytes(buffer[start : end + 1])
+            start = end + 1
+        del buffer[:start]
+        if len(buffer) > limit:
+            raise aiohttp.ClientPayloadError(f"an event stream line is over {limit} bytes")
+    if buffer:
+        yield bytes(buffer)
+
+
 async def _parse_sse(stream: aiohttp.StreamReader) -> AsyncIterator[Event]:
     """Server-sent events (`id:`, `event:`, `data:` lines, a blank line ends one; `:` comments)."""
     fields: dict[str, str] = {}
     data: list[str] = []
-    async for raw in stream:
+    async for raw in _lines(stream):
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
             if data:

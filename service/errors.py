@@ -208,6 +208,13 @@ class UpstreamsFailed(HTTPError):
     type = "upstreams_failed"
 
 
+class LoopDetected(HTTPError):
+    """A request came back to the gateway that forwarded it: a `base_url` points at the service."""
+
+    status = 508
+    type = "loop_detected"
+
+
 class NotReady(HTTPError):
     status = 503
     type = "not_ready"

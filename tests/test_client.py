@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from service.client import Forbidden, NotFound, Switchboard, Unavailable
 from service.config.export import litellm_config
 from service.config.snapshot import load_folder
-from tests.conftest import SopsProject, eventually, serve, write_routing, write_server
+from tests.conftest import AgeIdentity, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import CANARY, write_clients, write_provider
-from tests.support.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream, serving
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,6 +153,127 @@ async def test_events_resume_after_a_disconnect(sops_project: SopsProject) -> No
     assert seqs == sorted(set(seqs)), "no event twice, in order"
     logged = [e.seq for e in first.events()]
     assert seqs == logged[: len(seqs)], "no gap"
+
+
+async def test_events_bigger_than_aiohttps_line_limit_arrive(sops_project: SopsProject) -> None:
+    """An event's `data:` line is the whole event: a provider listing 20,000 models (a file
+    under the 1 MiB limit) makes one of ~700 KB, over aiohttp's `readline` limit (128 or 512
+    KiB, by version), whose LineTooLong ended `events()` for good."""
+    project_with_route(sops_project)
+    models = [f"org/model-{i:05d}-with-a-long-name" for i in range(20000)]
+    write_provider(sops_project, "big", base_url="http://127.0.0.1:13/v1", models=models)
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        stream = sb.events(after=0)
+        seen = [await asyncio.wait_for(anext(stream), 10)]
+        while not (seen[-1].type == "provider.added" and seen[-1].subject == "big"):
+            seen.append(await asyncio.wait_for(anext(stream), 10))
+        await stream.aclose()
+    assert seen[-1].data["changes"]["models"]["new"] == models
+
+
+# -- services that misbehave ------------------------------------------------------------------------
+
+
+class Balancer:
+    """A load balancer in front of replicas: each request goes to the next one in turn (no
+    session affinity), or gets `garbage` (a 200 JSON answer of another shape) while any is left."""
+
+    def __init__(self, *backends: str) -> None:
+        self.backends = backends
+        self.garbage: list[Any] = []
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Balancer:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._http = aiohttp.ClientSession()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._http.close()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        if self.garbage:
+            return web.json_response(self.garbage.pop(0), headers={"X-Switchboard-Index": "1"})
+        backend = self.backends[self.requests % len(self.backends)]
+        async with self._http.get(backend + request.path_qs, headers=request.headers) as answer:
+            body = await answer.read()
+            kept = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.lower().startswith(("x-switchboard", "content-type"))
+            }
+            return web.Response(body=body, status=answer.status, headers=kept)
+
+
+async def test_a_service_that_answers_garbage_leaves_the_client_stale_not_stopped(
+    sops_project: SopsProject,
+) -> None:
+    """An answer of another shape raised AttributeError or KeyError in the background task,
+    which ended: the copy was never refreshed again, and never said stale."""
+    project_with_route(sops_project)
+    async with serve(sops_project) as service, Balancer(service.url) as balancer:
+        balancer.garbage = [[], {"purposes": {"chat": "x"}}, {"purposes": {"chat": {"primary": [{}]}}}]
+        async with Switchboard(balancer.url, backoff_s=(0.01, 0.05)) as sb:
+            await eventually(lambda: _first_is(sb, "a"), timeout=10)
+            assert not sb.stale
+            write_routing(sops_project, ["b"])
+            await eventually(lambda: _first_is(sb, "b"), timeout=10)
+
+
+async def test_replicas_that_alternate_do_not_make_a_loop_of_immediate_answers(
+    sops_project: SopsProject, age_identity: AgeIdentity, tmp_path: Path
+) -> None:
+    """Behind a balancer without affinity each answer came from the other replica, whose index
+    meant nothing to this one: answered at once, every time, as fast as the client could ask."""
+    project_with_route(sops_project)
+    other_root = tmp_path / "replica-b"
+    shutil.copytree(sops_project.root, other_root)
+    other = SopsProject(other_root, other_root / "providers.d", sops_project.sops, age_identity)
+    async with serve(sops_project, replica="a") as a, serve(other, replica="b") as b:
+        for port in (7101, 7102, 7103):  # b's index is ahead of a's
+            write_server(other, "c", base_url=f"http://127.0.0.1:{port}/v1")
+            await eventually(
+                lambda port=port: b.registry.snapshot.providers["c"].endpoint.endswith(f"{port}/v1")
+            )
+        async with Balancer(a.url, b.url) as balancer, Switchboard(balancer.url, backoff_s=(0.05, 1)) as sb:
+            await sb.get_active_llm_provider("chat")
+            before = balancer.requests
+            await asyncio.sleep(2)
+            asked = balancer.requests - before
+    assert asked < 20, f"{asked} requests in 2 s"
+
+
+async def test_an_event_stream_that_ends_at_once_is_reopened_with_backoff() -> None:
+    """A service (or a proxy) that answers the stream and closes it at once was asked again
+    every ~50 ms forever: an answer counted as success, and reset the backoff."""
+    opened = 0
+
+    async def empty(request: web.Request) -> web.StreamResponse:
+        nonlocal opened
+        opened += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b": connected\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/llm-config/events", empty)
+    async with serving(app) as url, Switchboard(url, backoff_s=(0.05, 1)) as sb:
+        stream = sb.events()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(anext(stream), 2)
+        await stream.aclose()
+    assert opened < 12, f"{opened} streams opened in 2 s"
 
 
 # -- packaging -------------------------------------------------------------------------------------

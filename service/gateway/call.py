@@ -17,14 +17,28 @@ from service.errors import BadRequest
 
 PROVIDER_HEADER = "x-switchboard-provider"
 ATTEMPTS_HEADER = "x-switchboard-attempts"
+VIA_HEADER = "x-switchboard-via"
+"""On requests forwarded directly: the gateways they went through, each by its random token,
+so that a request that comes back (a `base_url` that points at the service) is refused."""
+
+
+def came_back(via: str | None, token: str) -> bool:
+    """Whether a request whose `x-switchboard-via` is `via` already went through gateway `token`."""
+    return via is not None and token in (hop.strip() for hop in via.split(","))
 
 
 class Failure(Exception):
-    """An attempt failed before anything reached the client; the next candidate may serve."""
+    """An attempt failed before anything reached the client; the next candidate may serve.
 
-    def __init__(self, status: int | None, reason: str) -> None:
+    `blames_provider` is False when the provider was never reached (litellm could not translate
+    the request): the next candidate is tried, but the provider's circuit does not hear of it,
+    or a client could open the circuit of a healthy provider with a few malformed requests.
+    """
+
+    def __init__(self, status: int | None, reason: str, *, blames_provider: bool = True) -> None:
         self.status = status
         self.reason = reason
+        self.blames_provider = blames_provider
         super().__init__(reason)
 
     @classmethod

@@ -10,6 +10,7 @@ and touches no file.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import aiohttp
@@ -54,7 +55,9 @@ class Relay:
         self.health = health
         self.router = Router()
         self.session = session
-        self.openai = OpenAITransport(session, max_upstream_bytes)
+        self.via = secrets.token_hex(8)
+        """This gateway's token in `x-switchboard-via`: a request carrying it came back here."""
+        self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
         self.litellm = LiteLLMTransport()
         self.tei = TEITransport(self.openai)
         self._children: dict[tuple[str, ...], Any] = {}
@@ -85,8 +88,10 @@ class Relay:
             except Failure as failure:
                 if failure.refused:
                     health.refuse(pid, failure.reason)
-                else:
+                elif failure.blames_provider:
                     health.failed(pid, failure.reason)
+                else:
+                    health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
                 self.count("attempt", pid, "failed")
                 attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                 continue

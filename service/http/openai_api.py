@@ -23,8 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from service.config.models import Provider
-from service.errors import BadRequest, HTTPError, PayloadTooLarge
-from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
+from service.errors import BadRequest, HTTPError, LoopDetected, PayloadTooLarge
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
@@ -76,6 +76,11 @@ def _error(exc: HTTPError) -> web.Response:
 def _relay(purpose: str, path: str) -> Handler:
     async def relay(request: web.Request) -> web.StreamResponse:
         app = request.app
+        if came_back(request.headers.get(VIA_HEADER), app[RELAY].via):
+            raise LoopDetected(
+                "the request came back to the gateway that forwarded it: a provider's base_url "
+                "points at this service (or at one that forwards to it)"
+            )
         length = request.content_length
         if length is not None and length > app[SETTINGS].max_body_bytes:
             raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)

@@ -593,6 +593,7 @@ def _gateway(s: Schemas) -> Iterable[Operation]:
                     answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
                 ),
                 "503": s.error("no candidate can take the request now, or the configuration is not loaded"),
+                "508": s.error("the request came back through this gateway: a `base_url` points at it"),
             },
             body=request(s.body(body.__name__, body), example),
             headers=GATEWAY_HEADERS,

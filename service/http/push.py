@@ -19,6 +19,7 @@ reader never pairs the new index with the old configuration.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -30,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from service.config.models import Client
 from service.errors import BadRequest, Busy
 from service.http.auth import CLIENT, Handler
 from service.http.context import EVENTS
@@ -44,11 +46,19 @@ REPLICA_HEADER = "X-Switchboard-Replica"
 DEFAULT_WAIT_S = 60.0
 MAX_WAIT_S = 300.0
 KEEPALIVE_S = 15.0
-STREAM_BACKLOG = 256
-"""Events a stream may fall behind by before it is closed (its client resumes from the log)."""
+STREAM_BACKLOG = 1024
+"""Events a stream may fall behind by before it is closed (its client resumes from the log).
+One apply offers all its events at once (a pull request adding hundreds of providers), before
+any stream can send one: this is above what a change makes, not what a reader keeps up with."""
+STREAM_BACKLOG_BYTES = 16 << 20
+"""The same bound in bytes (frames are shared by the streams: this is what one pins at most)."""
 WRITE_TIMEOUT_S = 30.0
 """A stream whose client takes no bytes for this long is closed."""
+WRITE_PIECE = 64 << 10
+"""Writes to a stream are at most this long (aiohttp waits for the client past 64 KiB)."""
 RETRY_AFTER_S = 5
+REPLAY_BATCH = 500
+"""Events read back from the log at a time for a resuming stream."""
 
 APPLIED_TYPES = frozenset(
     {
@@ -85,7 +95,8 @@ def parse_wait(text: str | None) -> float:
 def parse_index(text: str | None) -> int | None:
     if text is None or text == "":
         return None
-    if not text.isdigit() or len(text) > 18:
+    # isascii: `²` is a digit to str.isdigit, but int() refuses it (it made a 500)
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise BadRequest(f"`index` must be a whole number: {text[:40]!r}")
     return int(text)
 
@@ -99,24 +110,37 @@ def frame(event: BaseEvent) -> bytes:
 class Stream:
     """One event-stream client's backlog: bounded, so a slow reader cannot hold memory."""
 
-    __slots__ = ("admin", "backlog", "closed", "overflowed", "ready")
+    __slots__ = ("admin", "backlog", "client", "closed", "overflowed", "pinned", "ready", "transport")
 
-    def __init__(self, admin: bool) -> None:
-        self.admin = admin
+    def __init__(self, client: Client | None) -> None:
+        self.client = client
+        """Who opened it (None without authentication): checked again when the clients change."""
+        self.admin = client is None or "admin" in client.scopes
         self.backlog: deque[tuple[int, bytes]] = deque()
+        self.pinned = 0
+        """Bytes of the frames in `backlog`."""
         self.ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        self.transport: asyncio.BaseTransport | None = None
 
     def offer(self, seq: int, kind: str, data: bytes) -> None:
         if self.overflowed or (kind in ADMIN_ONLY and not self.admin):
             return
-        if len(self.backlog) >= STREAM_BACKLOG:
+        if len(self.backlog) >= STREAM_BACKLOG or self.pinned + len(data) > STREAM_BACKLOG_BYTES:
             self.overflowed = True  # it resumes from the log when it reconnects
             self.backlog.clear()
+            self.pinned = 0
         else:
             self.backlog.append((seq, data))
+            self.pinned += len(data)
         self.ready.set()
+
+    def take(self) -> tuple[int, bytes]:
+        """The oldest frame of the backlog, and its seq."""
+        seq, data = self.backlog.popleft()
+        self.pinned -= len(data)
+        return seq, data
 
 
 class Changes:
@@ -134,6 +158,10 @@ class Changes:
         self._streams: set[Stream] = set()
         self._pending: list[BaseEvent] = []
         self._loop = asyncio.get_running_loop()
+        self._registry = registry
+        self.replays = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="switchboard-replay")
+        """Where streams read the log back: their own thread, so that replays from the start of
+        a long log, for many streams at once, never queue before a reload in the default one."""
         events.on_append.append(self._appended)
         registry.on_apply.append(self._applied)
 
@@ -152,14 +180,18 @@ class Changes:
     # -- on the loop -------------------------------------------------------------------------------
 
     def _arrive(self, event: BaseEvent) -> None:
-        if event.type in APPLIED_TYPES:
-            self._pending.append(event)  # visible once the registry has swapped its state in
+        if event.type in APPLIED_TYPES or self._pending:
+            # Visible once the registry has swapped its state in; an event appended meanwhile
+            # (a health change) waits behind it, so events are shown in seq order: shown
+            # first, it would move the index while the old state is still served, and the
+            # streams, which skip what is below the last seq they sent, would drop the change.
+            self._pending.append(event)
         else:
             self._show([event])
 
     def _release(self) -> None:
         pending, self._pending = self._pending, []
-        self._show(pending)
+        self._show(sorted(pending, key=_seq))
 
     def _show(self, events: list[BaseEvent]) -> None:
         moved = False
@@ -171,9 +203,31 @@ class Changes:
                 data = frame(event)
                 for stream in self._streams:
                     stream.offer(event.seq, event.type, data)
+            if event.type == "clients.updated":
+                self._recheck_clients()
         if moved:
             self._moved.set()
             self._moved = asyncio.Event()
+
+    def _recheck_clients(self) -> None:
+        """End the streams whose token was revoked or lost the scope it was opened with: a
+        stream lives as long as its connection, and must not outlive its client's rights."""
+        clients = self._registry.state.snapshot.clients
+        if clients is None:  # no authentication (a clients file, once seen, is kept)
+            return
+        now = {c.token_sha256: c for c in clients.clients}
+        for stream in self._streams:
+            was = stream.client
+            if was is None:
+                continue
+            current = now.get(was.token_sha256)
+            if (
+                current is None
+                or "config:read" not in current.scopes
+                or (stream.admin and "admin" not in current.scopes)
+            ):
+                stream.closed = True
+                stream.ready.set()
 
     # -- blocking queries --------------------------------------------------------------------------
 
@@ -206,10 +260,10 @@ class Changes:
     # -- streams -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stream(self, admin: bool) -> Iterator[Stream]:
+    def stream(self, client: Client | None) -> Iterator[Stream]:
         """A new stream's backlog, counted among the watchers while it is open."""
         with self._watching():
-            stream = Stream(admin)
+            stream = Stream(client)
             self._streams.add(stream)
             try:
                 yield stream
@@ -223,6 +277,14 @@ class Changes:
         for stream in self._streams:
             stream.closed = True
             stream.ready.set()
+            transport = stream.transport
+            if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+                # A client that takes nothing would hold the shutdown until the write timeout.
+                transport.abort()
+
+
+def _seq(event: BaseEvent) -> int:
+    return event.seq
 
 
 # -- conditional and blocking GETs ------------------------------------------------------------------
@@ -283,88 +345,89 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     from the log, in order, then follows live, with no gap and no duplicate; without either
     it starts from now. `secret.read` and `clients.updated` go to `admin` tokens only.
     """
-    changes = request.app[CHANGES]
+    changes, log_ = request.app[CHANGES], request.app[EVENTS]
     after = parse_index(request.headers.get("Last-Event-ID") or request.query.get("after"))
     client = request.get(CLIENT)
-    admin = client is None or "admin" in client.scopes
-    with changes.stream(admin) as stream:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            REPLICA_HEADER: changes.replica,
+        }
+    )
+    with changes.stream(client) as stream:
         last = changes.seq
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-                REPLICA_HEADER: changes.replica,
-            }
-        )
-        await response.prepare(request)
         try:
-            await _follow(request, response, stream, after, admin, last)
-        except ConnectionResetError:  # the client left (a tab closed mid-replay): nothing to say
-            log.debug("an event stream's client went away")
-            return response
-        with contextlib.suppress(ConnectionResetError):
+            await response.prepare(request)
+            stream.transport = request.transport
+            send = _sender(response)
+            if after is not None and after <= log_.last_seq:
+                last = await _replay(changes, log_, stream, after, send)
+            # An id ahead of this log (another replica's, or a log replaced) starts from now.
+            await send(b": connected\n\n")
+            while not stream.closed:
+                try:
+                    await asyncio.wait_for(stream.ready.wait(), KEEPALIVE_S)
+                except TimeoutError:
+                    await send(b": keep-alive\n\n")
+                    continue
+                stream.ready.clear()
+                if stream.overflowed:
+                    log.info("an event stream fell too far behind and was closed (it resumes from the log)")
+                    break
+                while stream.backlog and not stream.closed:  # closed: its client may no longer read
+                    seq, data = stream.take()
+                    if seq > last:
+                        await send(data)
+                        last = seq
             await response.write_eof()
+        except ConnectionResetError:  # the client left, or took nothing for WRITE_TIMEOUT_S
+            log.debug("an event stream's client is gone")
     return response
-
-
-async def _follow(
-    request: web.Request,
-    response: web.StreamResponse,
-    stream: Stream,
-    after: int | None,
-    admin: bool,
-    last: int,
-) -> None:
-    """What one stream sends: the missed events from the log, then each event as it comes."""
-    log_ = request.app[EVENTS]
-    send = _sender(response)
-    if after is not None and after <= log_.last_seq:
-        last = await _replay(log_, after, admin, send)
-    # An id ahead of this log (another replica's, or a log replaced) starts from now.
-    await send(b": connected\n\n")
-    while not stream.closed:
-        try:
-            await asyncio.wait_for(stream.ready.wait(), KEEPALIVE_S)
-        except TimeoutError:
-            await send(b": keep-alive\n\n")
-            continue
-        stream.ready.clear()
-        if stream.overflowed:
-            log.info("an event stream fell %d events behind and was closed", STREAM_BACKLOG)
-            return
-        while stream.backlog:
-            seq, data = stream.backlog.popleft()
-            if seq > last:
-                await send(data)
-                last = seq
 
 
 def _sender(response: web.StreamResponse) -> Callable[[bytes], Awaitable[None]]:
     async def send(data: bytes) -> None:
         try:
-            await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_S)
+            if len(data) <= WRITE_PIECE:
+                await asyncio.wait_for(response.write(data), WRITE_TIMEOUT_S)
+                return
+            # A large event in pieces, each written once the client took the last: written
+            # whole, each stream whose client reads nothing would hold its own copy of it.
+            view = memoryview(data)
+            for start in range(0, len(data), WRITE_PIECE):
+                await asyncio.wait_for(response.write(view[start : start + WRITE_PIECE]), WRITE_TIMEOUT_S)
         except TimeoutError:
             raise ConnectionResetError("the event stream's client took nothing for too long") from None
 
     return send
 
 
-async def _replay(events: EventLog, after: int, admin: bool, send: Callable[[bytes], Awaitable[None]]) -> int:
-    """Send the logged events after `after` (read off the loop, in batches); the last seq sent."""
+async def _replay(
+    changes: Changes, events: EventLog, stream: Stream, after: int, send: Callable[[bytes], Awaitable[None]]
+) -> int:
+    """Send the logged events after `after` (read and framed off the loop, in batches, in the
+    replay thread); the last seq sent. Stops at shutdown."""
+    loop = asyncio.get_running_loop()
     last = after
-    while True:
-        batch = await asyncio.to_thread(_batch, events, last)
-        for event in batch:
-            if event.type not in ADMIN_ONLY or admin:
-                await send(frame(event))
-            last = event.seq
-        if len(batch) < 500:
-            return last
+    while not stream.closed:
+        batch = await loop.run_in_executor(changes.replays, _frames, events, last, stream.admin)
+        for seq, data in batch:
+            if data:
+                await send(data)
+            last = seq
+        if len(batch) < REPLAY_BATCH:
+            break
+    return last
 
 
-def _batch(events: EventLog, after: int) -> list[BaseEvent]:
-    return list(events.events_after(after, limit=500))
+def _frames(events: EventLog, after: int, admin: bool) -> list[tuple[int, bytes]]:
+    """(seq, frame) of the next logged events after `after`; the frame empty for one not shown."""
+    return [
+        (event.seq, frame(event) if admin or event.type not in ADMIN_ONLY else b"")
+        for event in events.events_after(after, limit=REPLAY_BATCH)
+    ]
 
 
 def setup(app: web.Application) -> None:
@@ -375,4 +438,10 @@ def setup(app: web.Application) -> None:
         if changes is not None:
             changes.close()
 
+    async def cleanup(app: web.Application) -> None:
+        changes = app.get(CHANGES)
+        if changes is not None:
+            changes.replays.shutdown(wait=False, cancel_futures=True)
+
     app.on_shutdown.append(close)
+    app.on_cleanup.append(cleanup)

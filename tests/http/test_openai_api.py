@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
 
-from service.http.context import HEALTH
-from tests.conftest import SopsProject
+from service.gateway.call import VIA_HEADER
+from service.http import openai_api
+from service.http.context import HEALTH, RELAY
+from tests.conftest import SopsProject, eventually
 from tests.support.gateway import (
     CANARY,
     running,
@@ -966,3 +970,87 @@ async def test_the_key_leaks_nowhere(sops_project: SopsProject, caplog: pytest.L
     for text in [*answers, events, caplog.text]:
         assert CANARY not in text
         assert CANARY[-12:] not in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_provider_that_points_at_the_service_itself_is_a_loop_refused_at_once(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """A provider file whose base_url is the service (a pull request; without authentication
+    nothing stops the request coming back) made one request forward itself again and again:
+    within two seconds it held all 1,024 pooled connections, every other request waiting,
+    until `timeout_s` ran out (600 s by default)."""
+    port = _free_port()
+    async with FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "self", base_url=f"http://127.0.0.1:{port}/v1")
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "self", "fallbacks": ["backup"]})
+        async with running(sops_project, port=port) as board:
+            response = await asyncio.wait_for(board.chat("hi", stream=stream), 10)
+            text = await response.text()
+            in_use = len(board.app[RELAY].session.connector._acquired)  # type: ignore[union-attr]
+            alone = await asyncio.wait_for(board.chat("hi", stream=stream), 10)
+    assert response.status == 200 and response.headers["x-switchboard-provider"] == "backup", text
+    assert response.headers["x-switchboard-attempts"] == "2"
+    assert in_use <= 2
+    assert alone.status == 200
+
+
+async def test_a_request_that_came_back_is_508_and_one_from_another_gateway_is_served(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream() as up:
+        write_provider(sops_project, "gpu", base_url=up.base_url)
+        write_routing(sops_project, chat="gpu")
+        async with running(sops_project) as board:
+            token = board.app[RELAY].via
+            payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+            url = board.url + "/v1/chat/completions"
+            async with board.http.post(url, json=payload, headers={VIA_HEADER: f"abc, {token}"}) as back:
+                looped = (back.status, await back.json())
+            async with board.http.post(url, json=payload, headers={VIA_HEADER: "another-gateway"}) as other:
+                assert other.status == 200
+    assert looped[0] == 508 and looped[1]["error"]["type"] == "loop_detected"
+    assert up.requests[-1].headers[VIA_HEADER] == f"another-gateway, {token}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the pooled session is shared by every provider and client, and the wait for a free "
+    "connection counts against the provider's first-byte timeout: needs a per-client limit and "
+    "a pool wait that is not blamed on the provider",
+)
+async def test_streams_that_fill_the_pool_do_not_open_another_providers_circuit(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One client holding as many slow streams as the pool has connections (1,024; 4 here)
+    starves every other provider: their requests wait for a connection, time out, and open
+    their circuits, for every client."""
+
+    def small_pool() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=4)
+        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+    monkeypatch.setattr(openai_api, "open_session", small_pool)
+    async with upstreams({"name": "slow", "chunk_interval_s": 1.0}, {"name": "fast"}) as (slow, fast):
+        write_provider(sops_project, "slow", base_url=slow.base_url, models=["s"])
+        write_provider(sops_project, "fast", base_url=fast.base_url, models=["f"], first_byte_timeout_s=0.5)
+        write_routing(sops_project, chat=["slow", "fast"])
+        async with running(sops_project) as board:
+            held = [asyncio.create_task(board.chat("a b c d e f", model="s", stream=True)) for _ in range(4)]
+            try:
+                await eventually(lambda: len(slow.requests) == 4)
+                answers = [await board.chat("x", model="f", stream=True) for _ in range(3)]
+                opened = board.app[HEALTH].is_open("fast")
+            finally:
+                for task in held:
+                    task.cancel()
+                await asyncio.gather(*held, return_exceptions=True)
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert not opened

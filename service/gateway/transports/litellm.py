@@ -2,8 +2,9 @@
 
 This module is imported only when a request goes to such a vendor: importing litellm takes
 seconds, and nothing on the direct path may pay for it. litellm reads its own environment,
-so `LITELLM_LOCAL_MODEL_COST_MAP` is set here, before the import, to keep it from fetching
-its cost map over the network. litellm's own retries are off: falling back is ours.
+so `LITELLM_LOCAL_MODEL_COST_MAP` and `LITELLM_OFFLINE_MODE` are set here, before the
+import, to keep it from fetching its cost map or anything else over the network. litellm's
+own retries are off: falling back is ours.
 
 The contract is the one of `service.gateway.transports.openai.forward`: the answer is relayed in OpenAI's
 shape (JSON, or server-sent events chunk by chunk), and a failure the next candidate may
@@ -18,6 +19,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
@@ -56,6 +58,9 @@ def litellm_model(provider: Provider, model: str) -> str:
 
 def _import_litellm() -> ModuleType:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before the import that reads it
+    # Nor anything else it would fetch on its own (Anthropic's beta headers from GitHub, on the
+    # first request to Anthropic: SPEC 1, nothing is downloaded at run time).
+    os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
     module = importlib.import_module("litellm")
     module.suppress_debug_info = True  # type: ignore[attr-defined]  # litellm's module-level settings
     module.telemetry = False  # type: ignore[attr-defined]
@@ -92,6 +97,13 @@ async def _forward(
         key = sendable_key(provider)
     except ValueError as exc:
         raise Failure(None, str(exc)) from None
+    model = call.model or ""
+    if model not in provider.model_map and not _MODEL_NAME.match(model):
+        # litellm puts the model in the URL for some vendors (Gemini: `models/{model}:generateContent`):
+        # `../cachedContents`, `x?key=` would choose the endpoint the provider's key goes to.
+        named = f"a model named {model[:100]!r}" if model else "a request that names no model"
+        reason = f"{named} cannot be sent to {provider.label} (a model is letters, digits and `._@+-`)"
+        raise Failure(None, reason, blames_provider=False)
     params = {k: v for k, v in call.data.items() if k in OPENAI_FIELDS}
     streaming = call.stream and call.purpose == "chat"
     if streaming:  # every stream is counted; the client gets the usage chunk if it asked
@@ -107,7 +119,7 @@ async def _forward(
         limit, late = provider.timeout_s, "no whole answer within {:g} s"
         params["timeout"] = provider.timeout_s
     params.update(
-        model=litellm_model(provider, call.model or ""),
+        model=litellm_model(provider, model),
         api_key=key,
         api_base=provider.endpoint.rstrip("/"),
         num_retries=0,
@@ -131,10 +143,15 @@ async def _forward(
         raise Failure(None, late.format(limit)) from None
     except Exception as exc:
         status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
+            return _client_error(exc, status, key, headers)
+        if not _reached_upstream(exc):
+            # litellm failed on the request itself (a malformed `tools`, `messages` of another
+            # shape: it reports them as a 500 "connection error"), before sending anything.
+            reason = f"litellm could not translate the request ({_first_cause(exc)})"
+            raise Failure(None, reason, blames_provider=False) from None
         if not isinstance(status, int):
             raise Failure(None, type(exc).__name__) from None
-        if 400 <= status < 500 and not falls_back(status):
-            return _client_error(exc, status, key, headers)
         raise Failure.of_status(status) from None
     call.first_byte_s = loop.time() - started
     _pass_back(result, headers)
@@ -185,6 +202,36 @@ async def _relay_stream(
         await _close(stream)
         raise
     return answer
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,255}\Z")
+"""The model names a client may ask a vendor behind litellm for (every vendor's fit): nothing
+that reads as a path, a query or a fragment in a URL."""
+_NETWORK_MODULES = ("httpx", "httpcore", "aiohttp")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from, outermost first (a few levels)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _reached_upstream(exc: BaseException) -> bool:
+    """Whether litellm's error comes from the upstream: an answer (an HTTP status error), a
+    connection or a timeout, which all pass through its HTTP client's exceptions. An error of
+    its own (translating the request) has only litellm's and Python's in its chain."""
+    return any(
+        isinstance(e, OSError | TimeoutError) or type(e).__module__.startswith(_NETWORK_MODULES)
+        for e in _causes(exc)
+    )
+
+
+def _first_cause(exc: BaseException) -> str:
+    return type(_causes(exc)[-1]).__name__
 
 
 def _client_error(exc: Exception, status: int, key: str | None, headers: dict[str, str]) -> web.Response:

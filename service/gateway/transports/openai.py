@@ -35,7 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
-from service.gateway.call import Call, Failure, falls_back
+from service.gateway.call import VIA_HEADER, Call, Failure, falls_back
 from service.gateway.transports.base import (
     TooLarge,
     Transport,
@@ -69,10 +69,14 @@ class Upstream:
     """Why no request can be sent to this provider as its file stands (a key that is no header)."""
     stream_options: bool = True
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
+    key: bytes = b""
+    """The key as sent, to mask in an error answer that echoes it (SPEC 2.4); empty without one."""
 
     @classmethod
-    def of(cls, provider: Provider) -> Upstream:
+    def of(cls, provider: Provider, via: str = "") -> Upstream:
         headers = {"Content-Type": "application/json"}
+        if via:
+            headers[VIA_HEADER] = via
         unusable = None
         try:
             key = sendable_key(provider)
@@ -91,7 +95,15 @@ class Upstream:
             idle_s=provider.idle_timeout_s,
             names_models=not provider.models,
             unusable=unusable,
+            key=key.encode() if key else b"",
         )
+
+    def masked(self, body: bytes, status: int) -> bytes:
+        """`body` to relay: an error answer that echoes the provider's key (some servers quote the
+        request's headers) has it replaced by `****`; it is the client's to read, not the key."""
+        if status >= 400 and self.key and self.key in body:
+            return body.replace(self.key, b"****")
+        return body
 
     def __repr__(self) -> str:  # the headers hold the key
         return f"Upstream({self.provider.id!r})"
@@ -100,9 +112,11 @@ class Upstream:
 class OpenAITransport(Transport):
     """Forwards to providers that speak OpenAI's HTTP API, through one pooled session."""
 
-    def __init__(self, session: aiohttp.ClientSession, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, session: aiohttp.ClientSession, max_bytes: int = 64 << 20, via: str = "") -> None:
         self.session = session
         self.max_bytes = max_bytes
+        self.via = via
+        """This gateway's token in `x-switchboard-via` (empty: none sent)."""
         """The largest non-streamed answer read (`SWITCHBOARD_MAX_UPSTREAM_BYTES`); larger ones fail."""
         self._upstreams: dict[str, Upstream] = {}
         """Provider id -> its prepared upstream, rebuilt when the provider object changes."""
@@ -111,7 +125,7 @@ class OpenAITransport(Transport):
         """The prepared URL, headers and timeouts of `provider` (built once per version of its file)."""
         found = self._upstreams.get(provider.id)
         if found is None or found.provider is not provider:
-            found = self._upstreams[provider.id] = Upstream.of(provider)
+            found = self._upstreams[provider.id] = Upstream.of(provider, self.via)
         return found
 
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
@@ -143,7 +157,8 @@ class OpenAITransport(Transport):
         started = loop.time()
         response: aiohttp.ClientResponse | None = None
         try:
-            response = await self.session.post(url, data=body, headers=target.headers, timeout=target.plain)
+            headers = self._headers(call, target)
+            response = await self.session.post(url, data=body, headers=headers, timeout=target.plain)
             status = response.status
             if falls_back(status):
                 raise Failure.of_status(status)
@@ -165,7 +180,7 @@ class OpenAITransport(Transport):
             _close(response)
             raise
         response.release()
-        return response, answer
+        return response, target.masked(answer, status)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -174,18 +189,17 @@ class OpenAITransport(Transport):
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.
         asked = not call.wants_usage and target.stream_options and call.purpose == "chat"
         response: aiohttp.ClientResponse | None = None
+        sent = self._headers(call, target)
         try:
             async with asyncio.timeout(target.first_byte_s):
                 body = call.body_asking_usage(provider) if asked else call.body_for(provider)
-                response = await self.session.post(
-                    url, data=body, headers=target.headers, timeout=target.streaming
-                )
+                response = await self.session.post(url, data=body, headers=sent, timeout=target.streaming)
                 status = response.status
                 if status == 400 and asked:  # maybe `stream_options` itself: ask again without
                     response.close()
                     response = None
                     response = await self.session.post(
-                        url, data=call.body_for(provider), headers=target.headers, timeout=target.streaming
+                        url, data=call.body_for(provider), headers=sent, timeout=target.streaming
                     )
                     status = response.status
                     asked = False
@@ -239,7 +253,14 @@ class OpenAITransport(Transport):
             call.usage = find_usage(body)
             if target.names_models and call.usage is not None:
                 call.answer_model = find_model(body)
-        return web.Response(body=body, status=status, headers=headers)
+        return web.Response(body=target.masked(body, status), status=status, headers=headers)
+
+    def _headers(self, call: Call, target: Upstream) -> Mapping[str, str]:
+        """The upstream request's headers: the provider's, and the gateways it went through."""
+        inbound = call.request.headers.get(VIA_HEADER)
+        if not inbound or not self.via:
+            return target.headers
+        return {**target.headers, VIA_HEADER: f"{inbound[:1000]}, {self.via}"}
 
 
 def _timed_out(exc: TimeoutError, target: Upstream, otherwise: str) -> str:

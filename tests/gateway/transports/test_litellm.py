@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from typing import Any
 
 import openai
 import pytest
+from aiohttp import web
 
 from service.http.context import HEALTH
 from tests.conftest import SopsProject
-from tests.support.gateway import CANARY, running, write_provider, write_routing
-from tests.support.upstreams import FakeUpstream, upstreams
+from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream, serving, upstreams
 
 # litellm's own types warn about pydantic internals while it works; warnings are errors here.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the `ReadOnly` qualifier:UserWarning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")
 
 MESSAGES: Any = [{"role": "user", "content": "hello claude"}]
 
@@ -206,3 +208,127 @@ async def test_a_stream_through_litellm_is_counted_when_the_client_did_not_ask(
     # Anthropic declares no models here: the label is the model the answer names.
     assert 'kind="completion",model="claude-x",provider="claude"} 4.0' in metrics
     assert 'kind="prompt",model="claude-x",provider="claude"} 2.0' in metrics
+
+
+MALFORMED: list[dict[str, Any]] = [
+    {"tools": [{"type": "function"}]},
+    {"messages": "not a list"},
+    {"messages": [{"role": "user", "content": [{"type": "weird"}]}]},
+    {"response_format": {"type": "json_schema", "json_schema": "x"}},
+]
+"""Bodies litellm fails to translate for Anthropic, reporting a 500 `APIConnectionError`."""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_malformed_requests_cannot_open_a_healthy_providers_circuit(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """They counted as the provider's failures: three requests from a client holding only
+    `completions` opened the circuit of a healthy provider, for everyone, for the cooldown."""
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY}, {"name": "backup"}
+    ) as (up, backup):
+        _anthropic(sops_project, up)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        write_clients(sops_project, {"app": ("tok-c", ["completions"])})
+        async with running(sops_project) as board:
+            for body in MALFORMED * 3:
+                await board.chat("hi", token="tok-c", max_tokens=10, stream=stream, **body)
+            assert not board.app[HEALTH].is_open("claude")
+            assert board.app[HEALTH].get("claude").status != "unhealthy"
+            normal = await board.chat("hi", token="tok-c", max_tokens=10, stream=stream)
+            text = await normal.text()
+    assert normal.status == 200 and normal.headers["x-switchboard-provider"] == "claude", text
+    assert len(up.requests) == 1, "none of the malformed requests reached the vendor"
+    assert CANARY not in text
+
+
+async def test_a_malformed_request_answers_with_why_and_leaves_a_half_open_trial_free(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project, circuit_cooldown_s=0.01) as board:
+            health = board.app[HEALTH]
+            for _ in range(3):
+                health.failed("claude", "HTTP 500")
+            assert health.is_open("claude")
+            await asyncio.sleep(0.05)  # half-open: the next request is its trial
+            refused = await board.chat("hi", max_tokens=10, tools=[{"type": "function"}])
+            body = await refused.json()
+            trial = await board.chat("hi", max_tokens=10)
+    assert refused.status == 502
+    assert "litellm could not translate the request" in body["error"]["attempts"][0]["reason"]
+    assert trial.status == 200 and trial.headers["x-switchboard-provider"] == "claude"
+
+
+async def test_nothing_is_fetched_from_the_internet_at_run_time(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """litellm fetched Anthropic's beta headers from raw.githubusercontent.com on the first
+    request to Anthropic (SPEC 1: nothing is downloaded at run time)."""
+    from service.gateway.transports.litellm import _import_litellm
+
+    _import_litellm()  # as the service imports it: importing it here first would fetch the cost map
+    import litellm.anthropic_beta_headers_manager as beta
+
+    fetched: list[str] = []
+
+    def fetch(url: str, timeout: int = 5) -> object:
+        fetched.append(url)
+        raise OSError("no network here")
+
+    monkeypatch.delenv("LITELLM_OFFLINE_MODE", raising=False)
+    monkeypatch.setattr(beta, "_BETA_HEADERS_CONFIG", None)  # as in a fresh process
+    monkeypatch.setattr(beta.GetAnthropicBetaHeadersConfig, "fetch_remote_beta_headers_config", fetch)
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            document = [{"type": "file", "file": {"file_id": "https://example.invalid/a.pdf"}}]
+            messages = [{"role": "user", "content": document}]  # a file: Anthropic's beta headers
+            plain = await board.chat(max_tokens=10, messages=messages)
+            streamed = await board.chat(max_tokens=10, stream=True, messages=messages)
+    assert plain.status == streamed.status == 200
+    assert not fetched
+
+
+HOSTILE_MODELS = [
+    "../../../../v1beta/cachedContents?x=",
+    "x/../../tunedModels#",
+    "gemini-x?key=attacker&",
+    "gemini-x:batchGenerateContent?",
+    "http://attacker.invalid/x",
+    "gemini-x/../../files",
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_model_name_cannot_choose_the_vendors_endpoint(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """litellm puts Gemini's model in the URL (`models/{model}:generateContent`): a client with
+    `completions` sent the provider's key to `/v1beta/cachedContents`, `/tunedModels`, or with
+    a `key=` of its choosing, on the vendor's host."""
+    seen: list[str] = []
+
+    async def gemini(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({"error": {"code": 404, "message": "no", "status": "NOT_FOUND"}}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", gemini)
+    async with serving(app) as url, FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "gem", provider="gemini", base_url=url, api_key=CANARY)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "gem", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            answers = [await board.chat("hi", model=m, max_tokens=5, stream=stream) for m in HOSTILE_MODELS]
+            health = board.app[HEALTH].get("gem").status
+            normal = await board.chat("hi", model="gemini-2.0-flash", max_tokens=5, stream=stream)
+    assert not seen[:-1], seen
+    assert seen[-1].startswith("/models/gemini-2.0-flash:") and "?key" not in seen[-1]
+    assert [a.headers["x-switchboard-provider"] for a in answers] == ["backup"] * len(HOSTILE_MODELS)
+    assert health != "unhealthy" and normal.status == 404

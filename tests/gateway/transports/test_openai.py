@@ -232,6 +232,26 @@ async def test_other_client_errors_are_the_clients(status: int) -> None:
     assert headers["x-switchboard-provider"] == "s"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_error_answer_that_echoes_the_key_has_it_masked(stream: bool) -> None:
+    """A client's error is relayed as it is; some servers quote the request's headers in it,
+    and a client with `completions` read the provider's key in the answer (SPEC 2.4)."""
+
+    async def echo(request: web.Request) -> web.Response:
+        await request.read()
+        error = {"error": {"message": f"bad request; you sent {dict(request.headers)}"}}
+        return web.json_response(error, status=400)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", echo)
+    async with serving(app) as url, relaying(keyed(f"{url}/v1")) as harness:
+        code, _, body = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": stream}
+        )
+    assert code == 400 and b"you sent" in body
+    assert CANARY.encode() not in body and b"Bearer ****" in body
+
+
 async def test_what_goes_wrong_on_the_way_is_described() -> None:
     chat = {"model": "m", "messages": [{"role": "user", "content": "a b c"}]}
     async with FakeUpstream() as up:
