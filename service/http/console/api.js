@@ -7,6 +7,11 @@
 const TOKEN_KEY = "switchboard.token";
 export const API = "api/v1/llm-config";
 
+/** Whether `token` can travel in a header at all (Latin-1, no control characters, not blank). */
+export function sendable(token) {
+  return typeof token === "string" && /^[\u0020-\u007e\u00a0-\u00ff]+$/.test(token) && token.trim() === token && token !== "";
+}
+
 /** An error answer: `status`, and SPEC's `{"error": {"type", "message", "problems"?}}`. */
 export class ApiError extends Error {
   constructor(status, body) {
@@ -22,7 +27,11 @@ export class Api {
   /** `root`: the URL the service's paths are relative to (the console is at `<root>ui/`). */
   constructor(root) {
     this.root = root;
-    this.token = sessionStorage.getItem(TOKEN_KEY);
+    // What the tab kept, if it can be a token at all: anything else (written by hand, or by
+    // another script of this origin) would make every request throw before it is sent.
+    const kept = sessionStorage.getItem(TOKEN_KEY);
+    this.token = sendable(kept) ? kept : null;
+    if (kept !== null && this.token === null) sessionStorage.removeItem(TOKEN_KEY);
     this.cache = new Map();
     this.onUnauthorized = () => {};
   }

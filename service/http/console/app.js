@@ -6,7 +6,7 @@
 // leaves something out. Pages are `#/…` routes; each is a module with `mount(main, ctx)`
 // that returns `{update(changed), unmount()}`, so live changes redraw only what they touch.
 
-import { API, Api, ApiError } from "./api.js";
+import { API, Api, ApiError, sendable } from "./api.js";
 import { h, note, replace } from "./dom.js";
 import { Store } from "./store.js";
 import * as overview from "./overview.js";
@@ -41,6 +41,9 @@ async function boot(message) {
   stopPage();
   store?.stop();
   store = null;
+  // From here a 401 answers "does the service want a token?", not "the session ended": were
+  // the last session's handler left in place, each 401 would boot again, endlessly.
+  api.onUnauthorized = () => {};
   replace(nav);
   replace(who);
   let identity = null;
@@ -99,6 +102,11 @@ function login(message) {
     e.preventDefault();
     const token = input.value.trim();
     if (!token) return;
+    if (!sendable(token)) {
+      replace(problem, "The service does not know this token.");
+      input.focus();
+      return;
+    }
     api.token = token;
     try {
       const identity = await whoami();
@@ -136,9 +144,10 @@ function unavailable(error) {
 // -- the frame --------------------------------------------------------------------------------------
 
 function start(identity) {
-  store = new Store(api);
+  const session = (store = new Store(api));
   store.whoami = identity;
   api.onUnauthorized = () => {
+    if (store !== session) return; // the answer to a request of a session already over
     api.setToken(null);
     boot("The service stopped accepting this token; enter one again.");
   };

@@ -1,0 +1,223 @@
+"""The web console against a hostile reviewer (issue 12): what files, tokens and load try.
+
+A provider file full of markup, control and invisible characters, a 20,000-character name and
+3,000 models; a provider named `constructor`; tokens that may only read, only complete, were
+revoked or were never tokens; links that are not URLs; problems the forms do not expect; a
+burst of events and a restart under the page. Each test is a finding of that review (or what
+held against it), against a real service, real sops and git, in Debian's Chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from playwright.async_api import Browser, Page, Request, expect
+
+from tests.conftest import AgeIdentity, Service, SopsProject, eventually, git, serve, write_atomically
+from tests.support.browser import isolated, module_project, server, tab
+from tests.support.gateway import write_clients
+
+API = "/api/v1/llm-config"
+ADMIN = "sb_hostile_admin_0f1e2d3c4b5a6978"
+READER = "sb_hostile_reader_8a7b6c5d4e3f2a1b"
+WRITER = "sb_hostile_writer_1b2a3f4e5d6c7b8a"
+COMPLETER = "sb_hostile_completer_5d4c3b2a1f0e9d8c"
+VICTIM = "sb_hostile_victim_2c3d4e5f6a7b8c9d"
+CLIENTS = {
+    "admin": (ADMIN, ["config:read", "config:write", "admin", "completions"]),
+    "reader": (READER, ["config:read"]),
+    "writer": (WRITER, ["config:read", "config:write"]),
+    "completer": (COMPLETER, ["completions"]),
+    "victim": (VICTIM, ["config:read"]),
+}
+NOWHERE = "http://127.0.0.1:9/v1"
+# Markup, a right-to-left override, a zero-width space, a tag character, a Hangul filler (blank
+# in every font), an escape sequence and a bell: then 20,000 characters with nowhere to wrap.
+EVIL_NAME = "<img src=x onerror=alert(1)>\u202e\u200b\U000e0041\u3164\x1b[31m\x07" + "A" * 20_000
+EVIL_MODELS = [f"<b>m{n}</b>\u202e{'x' * 40}" for n in range(3000)]
+EVIL_MAP = {
+    "__proto__": "proto-target",
+    "a=b": "c",
+    " spaced ": " x ",
+    "<img src=x onerror=alert(5)>": "javascript:alert(1)",
+    "constructor": "k",
+}
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class World:
+    service: Service
+    project: SopsProject
+
+    @property
+    def root(self) -> Path:
+        return self.project.root
+
+    def head(self) -> str:
+        return git(self.root, "rev-parse", "HEAD")
+
+    def file(self, provider_id: str) -> dict[str, Any]:
+        loaded: dict[str, Any] = yaml.safe_load((self.project.providers / f"{provider_id}.yaml").read_text())
+        return loaded
+
+    def commit(self, message: str) -> None:
+        git(self.root, "add", "-A")
+        git(self.root, "commit", "-qm", message)
+
+    async def request(
+        self, method: str, path: str, token: str, body: Any = None, **headers: str
+    ) -> tuple[int, Any]:
+        sent = {"Authorization": f"Bearer {token}", "Content-Type": "application/json", **headers}
+        data = json.dumps(body) if body is not None else None
+        async with self.service.http.request(method, self.service.url + path, data=data, headers=sent) as r:
+            return r.status, await r.json()
+
+    async def loaded(self, provider_id: str) -> None:
+        await eventually(lambda: provider_id in self.service.registry.snapshot.providers, timeout=10)
+
+
+@pytest.fixture(scope="module")
+async def world(
+    tmp_path_factory: pytest.TempPathFactory, age_identity: AgeIdentity, _isolated_home: Path
+) -> AsyncIterator[World]:
+    with isolated(_isolated_home):
+        project = module_project(tmp_path_factory.mktemp("hostile") / "project", age_identity)
+        git(project.root, "init", "-q", "-b", "main")
+        (project.root / ".gitignore").write_text("var/\n")
+        evil = {
+            "kind": "ai_server",
+            "id": "evil",
+            "server_type": "vllm",
+            "base_url": 'http://127.0.0.1:9/"><svg onload=alert(6)>/' + "z" * 3000,
+            "name": EVIL_NAME,
+            "models": EVIL_MODELS,
+            "model_map": EVIL_MAP,
+        }
+        # YAML, not JSON: the characters as they are (JSON would escape them).
+        write_atomically(project.providers / "evil.yaml", yaml.safe_dump(evil, allow_unicode=True))
+        server(project, "gpu", NOWHERE, name="GPU box")
+        server(project, "spare", NOWHERE)
+        routing = {"kind": "routing", "purposes": {"chat": {"primary": ["gpu"], "fallbacks": ["spare"]}}}
+        write_atomically(project.providers / "routing.yaml", json.dumps(routing))
+        write_clients(project, CLIENTS)
+        git(project.root, "add", "-A")
+        git(
+            project.root,
+            "-c",
+            "user.name=<img src=x onerror=alert(7)>\u202e",
+            "commit",
+            "-qm",
+            "<script>alert(9)</script>",
+        )
+        async with serve(project) as service:
+            yield World(service, project)
+
+
+async def whoami_count(page: Page, during_s: float) -> int:
+    asked: list[Request] = []
+    page.on("request", lambda r: asked.append(r) if r.url.endswith("/whoami") else None)
+    await asyncio.sleep(during_s)
+    return len(asked)
+
+
+async def call(page: Page, module: str, function: str, *args: Any) -> Any:
+    """`function(...args)` of one of the console's modules, imported in the page as the page does."""
+    return await page.evaluate(
+        """async ([module, name, args]) => {
+            const version = document.querySelector('script[type=module]').src.split('/v/')[1].split('/')[0];
+            const loaded = await import(new URL(`v/${version}/${module}`, location.href).href);
+            return loaded[name](...args);
+        }""",
+        [module, function, list(args)],
+    )
+
+
+# -- the token -------------------------------------------------------------------------------------
+
+
+async def test_signing_out_asks_for_a_token_once_and_keeps_what_is_typed(
+    browser: Browser, world: World
+) -> None:
+    """Signing out used to start an endless loop of `whoami` (hundreds a second), redrawing the
+    sign-in form each time: the service was flooded and nobody could type a token again."""
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/overview", READER)
+        await t.live()
+        await t.page.click("text=Sign out")
+        await expect(t.page.locator("#token-problem")).to_have_text("Signed out.")
+        assert await whoami_count(t.page, 1.5) == 0
+        await t.page.fill("#token", READER)
+        await asyncio.sleep(0.3)
+        await expect(t.page.locator("#token")).to_have_value(READER)
+        await t.page.click("button[type=submit]")
+        await expect(t.page.locator(".client")).to_have_text("reader")
+
+
+@pytest.mark.parametrize("stored", ["sb_\u2019curly", "sb_line\nbreak", "  "])
+async def test_a_token_in_the_tab_that_cannot_be_a_header_is_dropped(
+    browser: Browser, world: World, stored: str
+) -> None:
+    """Not "the service cannot be reached" every 3 s forever: the tab asks for a token."""
+    async with tab(browser, world.service.url) as t:
+        await t.page.goto(f"{t.url}/ui/")
+        await expect(t.page.locator("h1")).to_have_text("Sign in")
+        await t.page.evaluate("token => sessionStorage.setItem('switchboard.token', token)", stored)
+        await t.page.reload()
+        await expect(t.page.locator("h1")).to_have_text("Sign in")
+        assert await t.page.evaluate("sessionStorage.getItem('switchboard.token')") is None
+        await t.page.fill("#token", "sb_\u2019typed")
+        await t.page.click("button[type=submit]")
+        await expect(t.page.locator("#token-problem")).to_have_text("The service does not know this token.")
+
+
+async def test_a_completions_token_is_shown_nothing_of_the_configuration(
+    browser: Browser, world: World
+) -> None:
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/overview", COMPLETER)
+        await expect(t.page.locator("main .note")).to_contain_text("needs the scope config:read")
+        for page in (
+            "#/providers",
+            "#/providers/gpu",
+            "#/changes/edit/gpu",
+            "#/changes/route/chat",
+            "#/events",
+        ):
+            await t.page.goto(f"{t.url}/ui/{page}")
+            await expect(t.page.locator("main .note")).to_contain_text("needs the scope")
+            await expect(t.page.locator("main form, main input, main table")).to_have_count(0)
+        assert not [url for url in t.api_requests() if not url.endswith("/whoami")]
+
+
+WRITES = [
+    ("POST", f"{API}/servers", {"id": "intruder", "server_type": "vllm", "base_url": NOWHERE}),
+    ("PUT", f"{API}/servers/gpu", {"id": "gpu", "server_type": "vllm", "base_url": NOWHERE}),
+    ("PATCH", f"{API}/servers/gpu", {"name": "taken over"}),
+    ("DELETE", f"{API}/servers/spare", None),
+    ("PUT", f"{API}/active/chat", {"primary": ["spare"]}),
+    ("POST", f"{API}/active", {"purpose": "chat", "provider_id": "spare"}),
+    ("POST", f"{API}/providers/gpu/test", {}),
+    ("POST", f"{API}/servers/gpu/test", {}),
+]
+
+
+@pytest.mark.parametrize("token", [READER, COMPLETER], ids=["config-read", "completions"])
+async def test_the_api_refuses_every_write_of_the_forms_to_a_token_without_the_scope(
+    world: World, token: str
+) -> None:
+    """The console is only a client: were its forms shown to anyone, the API refuses them."""
+    head = world.head()
+    for method, path, body in WRITES:
+        status, answer = await world.request(method, path, token, body, **{"If-Match": '"x"'})
+        assert status == 403, (method, path, answer)
+        assert token not in json.dumps(answer)
+    assert world.head() == head
