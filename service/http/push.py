@@ -30,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from service.config.models import Client, Clients
 from service.errors import BadRequest, Busy
 from service.http.auth import CLIENT, Handler
 from service.http.context import EVENTS
@@ -99,17 +100,19 @@ def frame(event: BaseEvent) -> bytes:
 class Stream:
     """One event-stream client's backlog: bounded, so a slow reader cannot hold memory."""
 
-    __slots__ = ("admin", "backlog", "closed", "overflowed", "ready")
+    __slots__ = ("admin", "backlog", "closed", "overflowed", "ready", "token_sha256")
 
-    def __init__(self, admin: bool) -> None:
-        self.admin = admin
+    def __init__(self, client: Client | None) -> None:
+        self.token_sha256 = client.token_sha256 if client is not None else None
+        """Whose stream it is (None without authentication): checked again when the clients change."""
+        self.admin = client is None or "admin" in client.scopes
         self.backlog: deque[tuple[int, bytes]] = deque()
         self.ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
 
     def offer(self, seq: int, kind: str, data: bytes) -> None:
-        if self.overflowed or (kind in ADMIN_ONLY and not self.admin):
+        if self.closed or self.overflowed or (kind in ADMIN_ONLY and not self.admin):
             return
         if len(self.backlog) >= STREAM_BACKLOG:
             self.overflowed = True  # it resumes from the log when it reconnects
@@ -117,6 +120,20 @@ class Stream:
         else:
             self.backlog.append((seq, data))
         self.ready.set()
+
+    def authorize(self, clients: Clients) -> None:
+        """The clients file changed: a token removed, or that lost `config:read`, hears no more
+        (the stream ends, unsent events dropped, and reconnecting gets its 401 or 403); one
+        that gained or lost `admin` gets the events that scope allows from now on."""
+        if self.token_sha256 is None:
+            return
+        scopes = next((c.scopes for c in clients.clients if c.token_sha256 == self.token_sha256), None)
+        if scopes is None or "config:read" not in scopes:
+            self.closed = True
+            self.backlog.clear()
+            self.ready.set()
+        else:
+            self.admin = "admin" in scopes
 
 
 class Changes:
@@ -133,6 +150,8 @@ class Changes:
         self._moved = asyncio.Event()
         self._streams: set[Stream] = set()
         self._pending: list[BaseEvent] = []
+        self._registry = registry
+        self._clients = registry.state.snapshot.clients
         self._loop = asyncio.get_running_loop()
         events.on_append.append(self._appended)
         registry.on_apply.append(self._applied)
@@ -158,6 +177,13 @@ class Changes:
             self._show([event])
 
     def _release(self) -> None:
+        # Who may hear first, then what happened: a revoked client is not told of its revocation.
+        clients = self._registry.state.snapshot.clients
+        if clients is not self._clients:
+            self._clients = clients
+            if clients is not None:
+                for stream in self._streams:
+                    stream.authorize(clients)
         pending, self._pending = self._pending, []
         self._show(pending)
 
@@ -206,10 +232,10 @@ class Changes:
     # -- streams -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stream(self, admin: bool) -> Iterator[Stream]:
-        """A new stream's backlog, counted among the watchers while it is open."""
+    def stream(self, client: Client | None) -> Iterator[Stream]:
+        """A new stream's backlog for `client`, counted among the watchers while it is open."""
         with self._watching():
-            stream = Stream(admin)
+            stream = Stream(client)
             self._streams.add(stream)
             try:
                 yield stream
@@ -285,9 +311,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     """
     changes = request.app[CHANGES]
     after = parse_index(request.headers.get("Last-Event-ID") or request.query.get("after"))
-    client = request.get(CLIENT)
-    admin = client is None or "admin" in client.scopes
-    with changes.stream(admin) as stream:
+    with changes.stream(request.get(CLIENT)) as stream:
         last = changes.seq
         response = web.StreamResponse(
             headers={
@@ -299,7 +323,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         try:
-            await _follow(request, response, stream, after, admin, last)
+            await _follow(request, response, stream, after, last)
         except ConnectionResetError:  # the client left (a tab closed mid-replay): nothing to say
             log.debug("an event stream's client went away")
             return response
@@ -313,14 +337,13 @@ async def _follow(
     response: web.StreamResponse,
     stream: Stream,
     after: int | None,
-    admin: bool,
     last: int,
 ) -> None:
     """What one stream sends: the missed events from the log, then each event as it comes."""
     log_ = request.app[EVENTS]
     send = _sender(response)
     if after is not None and after <= log_.last_seq:
-        last = await _replay(log_, after, admin, send)
+        last = await _replay(log_, after, stream, send)
     # An id ahead of this log (another replica's, or a log replaced) starts from now.
     await send(b": connected\n\n")
     while not stream.closed:
@@ -350,13 +373,17 @@ def _sender(response: web.StreamResponse) -> Callable[[bytes], Awaitable[None]]:
     return send
 
 
-async def _replay(events: EventLog, after: int, admin: bool, send: Callable[[bytes], Awaitable[None]]) -> int:
+async def _replay(
+    events: EventLog, after: int, stream: Stream, send: Callable[[bytes], Awaitable[None]]
+) -> int:
     """Send the logged events after `after` (read off the loop, in batches); the last seq sent."""
     last = after
     while True:
         batch = await asyncio.to_thread(_batch, events, last)
         for event in batch:
-            if event.type not in ADMIN_ONLY or admin:
+            if stream.closed:  # revoked (or shut down) mid-replay
+                return last
+            if event.type not in ADMIN_ONLY or stream.admin:
                 await send(frame(event))
             last = event.seq
         if len(batch) < 500:

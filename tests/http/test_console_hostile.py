@@ -221,3 +221,29 @@ async def test_the_api_refuses_every_write_of_the_forms_to_a_token_without_the_s
         assert status == 403, (method, path, answer)
         assert token not in json.dumps(answer)
     assert world.head() == head
+
+
+async def test_a_revoked_token_is_forgotten_and_asked_again_even_on_a_page_that_only_streams(
+    browser: Browser, world: World
+) -> None:
+    """The Events page reads only the stream: the service must end a revoked client's stream,
+    so the page hears its 401, forgets the token and asks once (no loop)."""
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/events", VICTIM)
+        await t.live()
+        remaining = {name: entry for name, entry in CLIENTS.items() if name != "victim"}
+        write_clients(world.project, remaining)
+        try:
+            await expect(t.page.locator("#token-problem")).to_contain_text(
+                "stopped accepting", timeout=10_000
+            )
+            assert await t.page.evaluate("sessionStorage.getItem('switchboard.token')") is None
+            assert await whoami_count(t.page, 1.5) == 0
+        finally:
+            write_clients(world.project, CLIENTS)
+            await eventually(lambda: _knows(world.service, "victim"), timeout=10)
+
+
+def _knows(service: Service, name: str) -> bool:
+    clients = service.registry.snapshot.clients
+    return clients is not None and any(c.name == name for c in clients.clients)
