@@ -247,3 +247,18 @@ async def test_a_revoked_token_is_forgotten_and_asked_again_even_on_a_page_that_
 def _knows(service: Service, name: str) -> bool:
     clients = service.registry.snapshot.clients
     return clients is not None and any(c.name == name for c in clients.clients)
+
+
+async def test_the_console_and_every_answer_forbid_sniffing(world: World) -> None:
+    """An error that quotes the request (`<script>` in a path) is JSON and says so firmly."""
+    headers = {"Authorization": f"Bearer {READER}"}
+    for path in (
+        "/ui/%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+        f"{API}/providers/%3Cscript%3Ealert(1)%3C%2Fscript%3E",
+        f"{API}/providers",
+        "/metrics",
+        "/openapi.json",
+        "/nowhere/%3Cscript%3E",
+    ):
+        async with world.service.http.get(world.service.url + path, headers=headers) as response:
+            assert response.headers.get("X-Content-Type-Options") == "nosniff", path
