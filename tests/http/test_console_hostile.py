@@ -106,7 +106,10 @@ async def world(
         write_atomically(project.providers / "evil.yaml", yaml.safe_dump(evil, allow_unicode=True))
         server(project, "gpu", NOWHERE, name="GPU box")
         server(project, "spare", NOWHERE)
-        routing = {"kind": "routing", "purposes": {"chat": {"primary": ["gpu"], "fallbacks": ["spare"]}}}
+        routing = {
+            "kind": "routing",
+            "purposes": {"chat": {"primary": ["gpu"], "fallbacks": ["spare", "evil"]}},
+        }
         write_atomically(project.providers / "routing.yaml", json.dumps(routing))
         write_clients(project, CLIENTS)
         git(project.root, "add", "-A")
@@ -262,3 +265,61 @@ async def test_the_console_and_every_answer_forbid_sniffing(world: World) -> Non
     ):
         async with world.service.http.get(world.service.url + path, headers=headers) as response:
             assert response.headers.get("X-Content-Type-Options") == "nosniff", path
+
+
+# -- what files say ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "character",
+    [
+        "\u202e",
+        "\u2066",
+        "\u200b",
+        "\ufeff",
+        "\x1b",
+        "\x7f",
+        "\U000e0041",
+        "\u3164",
+        "\u115f",
+        "\ufe0f",
+        "\u034f",
+    ],
+)
+async def test_invisible_and_reordering_characters_are_shown_as_escapes(
+    browser: Browser, world: World, character: str
+) -> None:
+    async with tab(browser, world.service.url) as t:
+        await t.page.goto(f"{t.url}/ui/")
+        shown = await call(t.page, "dom.js", "clean", f"a{character}b")
+        assert shown == f"a\\u{{{ord(character):04X}}}b"
+
+
+async def test_a_huge_provider_file_keeps_every_page_usable(browser: Browser, world: World) -> None:
+    """A 20,000-character name and 3,000 models made one table row 130,000 px tall (the pager
+    out of reach) and cost seconds of layout on every live redraw; now long text is clipped,
+    saying how much is left out, and a long list of models is summarised in the table."""
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/providers", READER)
+        row = t.page.locator("tr[data-id=evil]")
+        await expect(row).to_contain_text("<img src=x onerror=alert(1)>")
+        assert (await row.bounding_box() or {"height": 1e9})["height"] < 600
+        await expect(row.locator("[data-label=Models]")).to_contain_text("2,990 more")
+        await expect(row.locator("[data-label=Provider]")).to_contain_text("more characters")
+        await expect(t.page.locator("#page-next")).to_be_in_viewport()
+        for route, title in (
+            ("#/overview", "Overview"),
+            ("#/providers/evil", "evil"),
+            ("#/events?subject=evil", "Events"),
+        ):
+            await t.page.goto(f"{t.url}/ui/{route}")
+            await expect(t.page.locator("h1")).to_contain_text(title)
+            await expect(t.page.locator("main")).to_contain_text("<img src=x onerror=alert(1)>")
+            height = await t.page.evaluate("document.documentElement.scrollHeight")
+            assert height < 10_000, (route, height)
+        h1 = t.page.locator("h1")
+        await t.page.goto(f"{t.url}/ui/#/providers/evil")
+        await expect(h1).to_contain_text("more characters")
+        assert (await h1.bounding_box() or {"height": 1e9})["height"] < 1_000
+        sources = await t.page.locator("img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
+        assert all(s and s.endswith("/icon.svg") for s in sources), sources

@@ -1,7 +1,7 @@
 // Overview: each purpose's route (primaries with their weights, fallbacks) with each
 // provider's health; the generation and commits the service runs; refused files and why.
 
-import { badge, commitCode, h, keepFocus, note, number, providerLink, replace } from "./dom.js";
+import { badge, clip, commitCode, h, keepFocus, note, number, providerLink, replace } from "./dom.js";
 
 const PURPOSES = ["chat", "embeddings", "reranking"];
 
@@ -134,7 +134,7 @@ function routeCard(purpose, route, store) {
       "li",
       {},
       providerLink(p.id),
-      p.name ? h("span", { class: "muted" }, ` ${p.name}`) : null,
+      p.name ? h("span", { class: "muted" }, ` ${clip(p.name, 200)}`) : null,
       " ",
       p.enabled ? badge(health.status) : badge("disabled"),
       weight === undefined || route.primary.length < 2
