@@ -323,3 +323,44 @@ async def test_a_huge_provider_file_keeps_every_page_usable(browser: Browser, wo
         assert (await h1.bounding_box() or {"height": 1e9})["height"] < 1_000
         sources = await t.page.locator("img").evaluate_all("els => els.map(e => e.getAttribute('src'))")
         assert all(s and s.endswith("/icon.svg") for s in sources), sources
+
+
+# -- the forms -------------------------------------------------------------------------------------
+
+
+async def test_an_edit_sends_only_what_the_operator_changed(browser: Browser, world: World) -> None:
+    """A model_map key with `=`, `__proto__` or spaces, models and a name with characters an
+    input cannot hold: an edit of another field must not rewrite them (it did, silently)."""
+    patches: list[Request] = []
+    async with tab(browser, world.service.url) as t:
+        t.page.on("request", lambda r: patches.append(r) if r.method == "PATCH" else None)
+        await t.open("#/changes/edit/evil", WRITER)
+        await expect(t.page.locator("#f-models")).not_to_have_value("")
+        await t.page.click("#f-purposes-reranking")
+        await t.page.click("button.primary:text('Save changes')")
+        await expect(t.page.locator(".done .ok")).to_contain_text("Saved evil: commit")
+        assert json.loads(patches[-1].post_data or "{}") == {"purposes": ["chat", "reranking"]}
+        written = world.file("evil")
+        assert written["model_map"] == EVIL_MAP
+        assert written["models"] == EVIL_MODELS and written["name"] == EVIL_NAME
+        # Saved again with nothing changed since: nothing is sent.
+        await t.page.click("button.primary:text('Save changes')")
+        await expect(t.page.locator(".done")).to_contain_text("Nothing changed")
+        assert len(patches) == 1
+
+
+async def test_a_model_map_line_removed_in_the_form_is_removed_from_the_file(
+    browser: Browser, world: World
+) -> None:
+    """A merge patch merges objects: the removed alias has to be sent as null, or it stays."""
+    server(world.project, "mapped", NOWHERE, model_map={"fast": "m-1", "slow": "m-2"})
+    world.commit("mapped")
+    await world.loaded("mapped")
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/mapped", WRITER)
+        await expect(t.page.locator("#f-model_map")).to_have_value("fast = m-1\nslow = m-2")
+        await t.page.fill("#f-model_map", "fast = m-3")
+        await t.page.click("button.primary:text('Save changes')")
+        await expect(t.page.locator(".done .ok")).to_contain_text("Saved mapped: commit")
+        await expect(t.page.locator("#f-model_map")).to_have_value("fast = m-3")
+    assert world.file("mapped")["model_map"] == {"fast": "m-3"}
