@@ -364,3 +364,36 @@ async def test_a_model_map_line_removed_in_the_form_is_removed_from_the_file(
         await expect(t.page.locator(".done .ok")).to_contain_text("Saved mapped: commit")
         await expect(t.page.locator("#f-model_map")).to_have_value("fast = m-3")
     assert world.file("mapped")["model_map"] == {"fast": "m-3"}
+
+
+async def test_a_problem_of_another_file_is_not_shown_beside_a_field_of_this_one(
+    browser: Browser, world: World
+) -> None:
+    """Disabling `gpu`, which routing names: the problem is routing.yaml's (path
+    `purposes.chat.primary.0`), not this file's `purposes` field."""
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/gpu", WRITER)
+        await expect(t.page.locator("#f-name")).to_have_value("GPU box")
+        await t.page.click("#f-enabled")
+        await t.page.click("button.primary:text('Save changes')")
+        general = t.page.locator("form.change .form-problems")
+        await expect(general).to_contain_text("providers.d/routing.yaml")
+        await expect(general).to_contain_text("disabled")
+        await expect(t.page.locator("[data-field=purposes] .field-problem")).to_have_text("")
+
+
+async def test_a_problem_of_a_folded_field_is_shown(browser: Browser, world: World) -> None:
+    """A timeout is in a folded section: its problem used to land there, unseen."""
+    before = world.head()
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/spare", WRITER)
+        await expect(t.page.locator("#f-timeout_s")).to_have_value("600")
+        await t.page.locator("details.timeouts summary").click()
+        await t.page.fill("#f-timeout_s", "0")
+        await t.page.locator("details.timeouts summary").click()  # folded again
+        await t.page.click("button.primary:text('Save changes')")
+        problem = t.page.locator("[data-field=timeout_s] .field-problem")
+        await expect(problem).to_contain_text("greater than 0")
+        await expect(problem).to_be_visible()
+        await expect(t.page.locator("#f-timeout_s")).to_be_focused()
+    assert world.head() == before

@@ -51,8 +51,10 @@ export function checkboxes(name, legend, options, checked) {
 
 /**
  * Show each problem beside the field it concerns: `places` maps a field name to its problem
- * element; `name(problem)` gives the field a problem is about. Problems about no known field
- * go to `general`. Returns the first element that shows a problem (to focus its field).
+ * element; `name(problem)` gives the field a problem is about. Problems about no field the
+ * operator can see (none of that name, or one this form leaves out or hides) go to
+ * `general`; a folded section with a problem unfolds. Returns the first element that shows
+ * a problem (to focus its field).
  */
 export function showProblems(problems, places, general, name) {
   clearProblems(places, general);
@@ -60,9 +62,11 @@ export function showProblems(problems, places, general, name) {
   const elsewhere = [];
   for (const problem of problems) {
     const place = places[name(problem)];
-    if (place) {
+    if (place && place.isConnected && !place.closest("[hidden]")) {
       place.append(h("p", {}, problem.message));
       place.closest(".field")?.classList.add("invalid");
+      const folded = place.closest("details");
+      if (folded) folded.open = true;
       first ??= place;
     } else elsewhere.push(problem);
   }

@@ -233,6 +233,18 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     return changes;
   }
 
+  // The field a problem of the service is about, when it is about this file: routing.yaml's
+  // `purposes.chat.primary.0` is not this file's `purposes` (it goes above the button, named).
+  function ownField(problem) {
+    if (problem.file) {
+      const name = String(problem.file).split("/").pop();
+      const stem = id.input.value.trim();
+      const mine = creating ? name === `${stem}.yaml` || name === `${stem}.yml` : problem.file === provider.file;
+      if (!mine) return "";
+    }
+    return topField(problem);
+  }
+
   async function save(e) {
     e.preventDefault();
     replace(done);
@@ -292,7 +304,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
         replace(stale);
       }
     } catch (error) {
-      focusProblem(failed(error, places, general, topField, submit));
+      focusProblem(failed(error, places, general, ownField, submit));
     } finally {
       submit.disabled = false;
     }
