@@ -397,3 +397,47 @@ async def test_a_problem_of_a_folded_field_is_shown(browser: Browser, world: Wor
         await expect(problem).to_be_visible()
         await expect(t.page.locator("#f-timeout_s")).to_be_focused()
     assert world.head() == before
+
+
+# -- what links and ids say ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["#/providers/%E0%A4%A", "#/events?subject=%E0", "#/changes/edit/%"])
+async def test_a_link_that_is_not_well_encoded_still_shows_a_page(
+    browser: Browser, world: World, route: str
+) -> None:
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/overview", READER)
+        await t.page.goto(f"{t.url}/ui/{route}")
+        await expect(t.page.locator("main h1")).to_be_visible()
+    # Leaving the block fails the test on an uncaught exception (it was a URIError).
+
+
+async def test_a_provider_named_constructor_is_a_provider_like_any_other(
+    browser: Browser, world: World
+) -> None:
+    """`constructor` is a valid id and also a property of every JavaScript object: a lookup
+    by id must not find Object's (a crash of the table, `function Object()` as a weight in the log)."""
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/providers?q=constructor", READER)
+        await t.live()
+        # Traffic read before the provider was added, as the page may hold it for a moment.
+        status, before = await world.request("GET", f"{API}/traffic", READER)
+        assert status == 200 and "constructor" not in before["providers"]
+        await t.page.route("**/llm-config/traffic", lambda route: route.fulfill(json=before))
+        server(world.project, "constructor", NOWHERE)
+        world.commit("constructor")
+        row = t.page.locator("tr[data-id=constructor]")
+        await expect(row.locator("[data-label=Requests]")).to_have_text("0")
+        await expect(row.locator("[data-label=Tokens]")).to_have_text("0")
+        routing = {
+            "kind": "routing",
+            "purposes": {"chat": {"primary": ["gpu", "constructor"], "weights": {"gpu": 2}}},
+        }
+        write_atomically(world.project.providers / "routing.yaml", json.dumps(routing))
+        world.commit("route to constructor")
+        await t.page.goto(f"{t.url}/ui/#/events?subject=routing")
+        change = t.page.locator(".event[data-type='routing.updated'] td.new").first
+        await expect(change).to_have_text("gpu \u00d72, constructor")
+        await t.page.goto(f"{t.url}/ui/#/providers/constructor")
+        await expect(t.page.locator("dt:text-is('Tokens') + dd")).to_have_text("0")

@@ -216,7 +216,7 @@ function route() {
   const hash = location.hash || "#/overview";
   if (!hash.startsWith("#/")) return; // an anchor within the page
   const [pathPart, query = ""] = hash.slice(2).split("?");
-  const parts = pathPart.split("/").map((p) => decodeURIComponent(p));
+  const parts = pathPart.split("/").map(decode);
   const params = Object.fromEntries(new URLSearchParams(query));
   let entry = PAGES.find((p) => p.path === parts[0]) ?? PAGES[0];
   let page = entry.page;
@@ -236,6 +236,15 @@ function route() {
   markNav(entry.path);
   window.scrollTo(0, 0); // a new page starts at its top, as a link to another document would
   main.querySelector("h1")?.focus({ preventScroll: true });
+}
+
+/** A part of a link, decoded; anyone writes links, and `%E0` is no encoding: taken as it is. */
+function decode(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part;
+  }
 }
 
 function forbidden(entry) {

@@ -2,7 +2,7 @@
 // mapping of a 422's `problems` (`path`: the field to blame) to those places.
 
 import { ApiError } from "./api.js";
-import { commitCode, h, replace } from "./dom.js";
+import { commitCode, h, own, replace } from "./dom.js";
 
 /** `{purposes, vendors: {name: default URL}, server_types}`: from index.html, made by the service. */
 export function vocabulary() {
@@ -61,7 +61,7 @@ export function showProblems(problems, places, general, name) {
   let first = null;
   const elsewhere = [];
   for (const problem of problems) {
-    const place = places[name(problem)];
+    const place = own(places, name(problem));
     if (place && place.isConnected && !place.closest("[hidden]")) {
       place.append(h("p", {}, problem.message));
       place.closest(".field")?.classList.add("invalid");

@@ -2,7 +2,7 @@
 // a Test button (admin) that checks it now.
 
 import { API } from "./api.js";
-import { badge, clip, commitCode, h, keepFocus, ms, note, number, replace, when } from "./dom.js";
+import { badge, clip, commitCode, h, keepFocus, ms, note, number, own, replace, when } from "./dom.js";
 import { eventItem } from "./events.js";
 
 export function mount(main, { store, api, parts }) {
@@ -49,7 +49,7 @@ export function mount(main, { store, api, parts }) {
 
   function draw() {
     const p = store.byId.get(id);
-    const t = store.traffic?.providers?.[id];
+    const t = own(store.traffic?.providers, id);
     if (!p) {
       replace(detail, note("No provider ", id, " in the current configuration (removed, or its file is refused: see the Overview)."));
     } else {

@@ -1,7 +1,7 @@
 // Providers: a table of every provider with its health and traffic, filtered, sorted and
 // paged, so a thousand of them draw as fast as fifty (only one page is in the DOM).
 
-import { badge, clip, few, h, keepFocus, ms, note, number, providerLink, replace, when } from "./dom.js";
+import { badge, clip, few, h, keepFocus, ms, note, number, own, providerLink, replace, when } from "./dom.js";
 
 const PAGE = 50;
 const SHORT = 200; // a cell's text at most: one long value must not make a row a page tall
@@ -86,7 +86,7 @@ export function mount(main, { store, params }) {
     const column = COLUMNS.find((c) => c.key === state.sort) ?? COLUMNS[0];
     const sign = state.descending ? -1 : 1;
     found = found
-      .map((p) => [column.value(p, traffic[p.id]), p])
+      .map((p) => [column.value(p, own(traffic, p.id)), p])
       .sort(([a, pa], [b, pb]) => (a < b ? -sign : a > b ? sign : pa.id < pb.id ? -1 : 1))
       .map(([, p]) => p);
     // An exact id first, whatever the order: the filter box finds one provider by its id.
@@ -143,7 +143,7 @@ export function mount(main, { store, params }) {
     const first = state.page * PAGE;
     const shown = found.slice(first, first + PAGE);
     const traffic = store.traffic?.providers ?? {};
-    replace(body, shown.map((p) => row(p, traffic[p.id])));
+    replace(body, shown.map((p) => row(p, own(traffic, p.id))));
     if (!shown.length) {
       body.append(h("tr", {}, h("td", { colspan: String(COLUMNS.length), class: "empty" }, store.providers.length ? "No provider matches." : "No providers.")));
     }
