@@ -10,7 +10,10 @@ held against it), against a real service, real sops and git, in Debian's Chromiu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,9 @@ import pytest
 import yaml
 from playwright.async_api import Browser, Page, Request, expect
 
+from service.http.context import EVENTS
+from service.journal.events import ProviderHealthChanged
+from service.journal.log import EventLog
 from tests.conftest import AgeIdentity, Service, SopsProject, eventually, git, serve, write_atomically
 from tests.support.browser import isolated, module_project, server, tab
 from tests.support.gateway import write_clients
@@ -132,14 +138,17 @@ async def whoami_count(page: Page, during_s: float) -> int:
     return len(asked)
 
 
+# A page's script that imports the console's modules as the page does (`await load("dom.js")`).
+LOAD = """
+    const version = document.querySelector("script[type=module]").src.split("/v/")[1].split("/")[0];
+    const load = (name) => import(new URL(`v/${version}/${name}`, location.href).href);
+"""
+
+
 async def call(page: Page, module: str, function: str, *args: Any) -> Any:
-    """`function(...args)` of one of the console's modules, imported in the page as the page does."""
+    """`function(...args)` of one of the console's modules, in the page."""
     return await page.evaluate(
-        """async ([module, name, args]) => {
-            const version = document.querySelector('script[type=module]').src.split('/v/')[1].split('/')[0];
-            const loaded = await import(new URL(`v/${version}/${module}`, location.href).href);
-            return loaded[name](...args);
-        }""",
+        "async ([module, name, args]) => {" + LOAD + "return (await load(module))[name](...args); }",
         [module, function, list(args)],
     )
 
@@ -441,3 +450,133 @@ async def test_a_provider_named_constructor_is_a_provider_like_any_other(
         await expect(change).to_have_text("gpu \u00d72, constructor")
         await t.page.goto(f"{t.url}/ui/#/providers/constructor")
         await expect(t.page.locator("dt:text-is('Tokens') + dd")).to_have_text("0")
+
+
+# -- load and failure ------------------------------------------------------------------------------
+
+
+async def test_a_burst_of_events_arrives_once_each_and_the_page_keeps_answering(
+    browser: Browser, world: World
+) -> None:
+    """3,000 events at once: the service closes the stream, 256 behind, the page resumes
+    from the log with `Last-Event-ID` and shows each event once, and typing still answers."""
+    streams: list[Request] = []
+    async with tab(browser, world.service.url) as t:
+        t.page.on("request", lambda r: streams.append(r) if "/llm-config/events" in r.url else None)
+        await t.open("#/events?subject=burst", READER)
+        await t.live()
+        log = world.service.app[EVENTS]
+        for n in range(3000):  # on the loop: every one is offered before the stream may send any
+            log.append(ProviderHealthChanged(subject="burst", reason=f"<i>{n}</i>"))
+        summary = t.page.locator("main .help[role=status]")
+        await expect(summary).to_contain_text("3,000 events matching", timeout=20_000)
+        assert len(streams) >= 2 and "last-event-id" in streams[-1].headers
+        shown = await t.page.locator(".timeline .event").evaluate_all("els => els.map(e => e.dataset.seq)")
+        assert len(shown) == len(set(shown)) == 100
+        await t.page.fill("#event-subject", "gpu")
+        await expect(summary).not_to_contain_text("3,000", timeout=2_000)
+
+
+async def test_a_long_log_is_kept_within_bounds_without_freezing_the_page(
+    browser: Browser, world: World
+) -> None:
+    """The timeline keeps the newest 50,000 events and 64 MiB of their JSON. Past 50,000 it
+    dropped the oldest one at a time, moving the whole array for each event: reading a log of
+    150,000 took 21 s of the page's only thread; and a few thousand events of huge files
+    (a 1 MiB file changed, twice its size in an event) were all kept."""
+    async with tab(browser, world.service.url) as t:
+        await t.page.goto(f"{t.url}/ui/")
+        kept = await t.page.evaluate(
+            "async () => {"
+            + LOAD
+            + """
+                const store = new (await load("store.js")).Store({});
+                const started = performance.now();
+                for (let seq = 1; seq <= 150000; seq++) {
+                    store.arrived({ seq, type: "provider.health_changed", subject: `p${seq % 1000}` }, 200);
+                }
+                const ms = performance.now() - started;
+                const count = store.events.length;
+                for (let seq = 150001; seq <= 150200; seq++) {
+                    store.arrived({ seq, type: "provider.updated", subject: "huge" }, 2 * 1024 * 1024);
+                }
+                const seqs = store.events.map((e) => e.seq);
+                return { ms, count, chars: store.chars, seqs: [seqs[0], seqs.at(-1), seqs.length] };
+            }"""
+        )
+    assert kept["ms"] < 3_000, kept
+    assert 50_000 <= kept["count"] <= 55_000
+    assert kept["chars"] <= 64 * 2**20
+    first, last, count = kept["seqs"]
+    assert last == 150_200 and last - first + 1 == count
+
+
+@pytest.mark.timeout(120)
+async def test_a_thousand_providers_and_ten_thousand_events_stay_usable(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """Drawn within a second on this machine (3 s allowed for a busy CI), the log read in the
+    background while the pages answer, and the tab's memory bounded."""
+    for n in range(1000):
+        server(sops_project, f"p{n:04d}", f"http://10.0.{n // 250}.{n % 250}:8000/v1", name=f"Box {n}")
+    write_clients(sops_project, {"reader": (READER, ["config:read"])})
+    log = EventLog(sops_project.root / "var" / "events.jsonl")
+    for n in range(10_000):
+        log.append(ProviderHealthChanged(subject=f"p{n % 1000:04d}", reason=f"<b>check {n}</b>"))
+    log.close()
+    async with serve(sops_project) as service, tab(browser, service.url) as t:
+        await t.page.goto(f"{t.url}/ui/")
+        await t.page.fill("#token", READER)
+        started = time.perf_counter()
+        await t.page.click("button[type=submit]")
+        await expect(t.page.locator(".cards")).to_contain_text("1,000 enabled")
+        overview = time.perf_counter() - started
+        started = time.perf_counter()
+        await t.page.click("a[data-page=providers]")
+        await expect(t.page.locator("#providers-summary")).to_have_text("Showing 1\u201350 of 1,000")
+        table = time.perf_counter() - started
+        assert overview < 3 and table < 3, (overview, table)
+        await t.page.fill("#filter", "p0999")
+        await expect(t.page.locator("table.providers tbody tr")).to_have_count(1)
+        await t.live()
+        await t.page.click("a[data-page=events]")
+        logged = len([e for e in service.events() if e.type not in ("secret.read", "clients.updated")])
+        await expect(t.page.locator("main .help[role=status]")).to_have_text(f"{logged:,} events")
+        heap = await t.page.evaluate("performance.memory.usedJSHeapSize")
+        assert heap < 100 * 2**20, heap
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def test_the_page_rides_out_a_restart_of_the_service(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """The service stops under the page and comes back: the page says so, reconnects with
+    `Last-Event-ID`, and shows every event once, the new ones too."""
+    server(sops_project, "gpu", NOWHERE)
+    write_clients(sops_project, {"reader": (READER, ["config:read"])})
+    port = _free_port()
+    async with tab(browser, f"http://127.0.0.1:{port}") as t:
+        async with serve(sops_project, port=port):
+            await t.open("#/events", READER)
+            await t.live()
+        await expect(t.page.locator("#live")).to_have_text("reconnecting")
+        server(sops_project, "gpu", NOWHERE, name="while it was down")
+        async with serve(sops_project, port=port) as service:
+            await t.live()
+            logged = [e.seq for e in service.events() if e.type not in ("secret.read", "clients.updated")]
+            summary = t.page.locator("main .help[role=status]")
+            await expect(summary).to_have_text(f"{len(logged)} events", timeout=15_000)
+            shown = await t.page.locator(".timeline .event").evaluate_all(
+                "els => els.map(e => Number(e.dataset.seq))"
+            )
+            assert sorted(shown, reverse=True) == shown and len(set(shown)) == len(shown)
+            assert shown == sorted(logged, reverse=True)[: len(shown)]
+            await expect(t.page.locator(".event[data-type='provider.updated']")).to_contain_text(
+                "while it was down"
+            )
