@@ -408,10 +408,104 @@ async def test_a_problem_of_a_folded_field_is_shown(browser: Browser, world: Wor
     assert world.head() == before
 
 
+async def test_a_reason_in_any_script_is_committed_as_typed(browser: Browser, world: World) -> None:
+    """`café` went out as Latin-1 bytes and was committed `caf\ufffd` (the service reads UTF-8);
+    anything past Latin-1 (`☕`, `日本語`) was refused by the form."""
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/spare", WRITER)
+        await expect(t.page.locator("#f-timeout_s")).to_have_value("600")
+        await t.page.fill("#f-name", "Spare box")
+        await t.page.fill("#f-reason", " café crème ☕ 日本語\tok ")
+        await t.page.click("button.primary:text('Save changes')")
+        await expect(t.page.locator(".done .ok")).to_contain_text("Saved spare: commit")
+    assert git(world.root, "log", "-1", "--format=%b").splitlines()[0] == "café crème ☕ 日本語 ok"
+
+
+async def test_a_delete_that_routing_forbids_says_why_and_writes_nothing(
+    browser: Browser, world: World
+) -> None:
+    before = world.head()
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/gpu", WRITER)
+        await t.page.click("text=Delete gpu…")
+        await t.page.click("#confirm-delete")
+        await expect(t.page.locator("section.change .form-problems")).to_contain_text("409")
+        await expect(t.page.locator("section.change .form-problems")).to_contain_text("Nothing was written.")
+        await expect(t.page.get_by_role("button", name="Delete gpu…")).to_be_focused()
+    assert world.head() == before
+
+
+async def test_in_branch_mode_a_write_says_which_branch_holds_it(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """202: committed to a branch for review, nothing applied; the page says so, not "Saved"."""
+    git(sops_project.root, "init", "-q", "-b", "main")
+    (sops_project.root / ".gitignore").write_text("var/\n")
+    server(sops_project, "gpu", NOWHERE)
+    write_clients(sops_project, {"writer": (WRITER, ["config:read", "config:write"])})
+    git(sops_project.root, "add", "-A")
+    git(sops_project.root, "commit", "-qm", "start")
+    async with serve(sops_project, write_mode="branch") as service, tab(browser, service.url) as t:
+        await t.open("#/changes/edit/gpu", WRITER)
+        await expect(t.page.locator("#f-timeout_s")).to_have_value("600")
+        await t.page.fill("#f-name", "reviewed first")
+        await t.page.click("button.primary:text('Save changes')")
+        done = t.page.locator(".done .ok")
+        await expect(done).to_contain_text("Committed to the branch switchboard/update-gpu-1")
+        await expect(done).to_contain_text("nothing is applied until it is merged")
+        assert service.registry.snapshot.providers["gpu"].name is None
+
+
+async def test_while_no_clients_file_loads_the_page_waits_then_asks(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """A clients file that does not load: every protected endpoint answers 503, so does
+    `whoami`; the page says why and asks again until it loads, then asks for a token."""
+    server(sops_project, "gpu", NOWHERE)
+    clients = sops_project.providers / "clients.yaml"
+    clients.write_text("kind: clients\nclients: [{name: broken}]\n")
+    async with serve(sops_project) as service, tab(browser, service.url) as t:
+        await t.page.goto(f"{t.url}/ui/")
+        await expect(t.page.locator("h1")).to_have_text("The service cannot be reached")
+        await expect(t.page.locator("main .problem")).to_contain_text("503")
+        await expect(t.page.locator("main .problem")).to_contain_text("no valid clients file")
+        write_clients(sops_project, {"reader": (READER, ["config:read"])})
+        await expect(t.page.locator("h1")).to_have_text("Sign in", timeout=10_000)
+        await t.page.fill("#token", READER)
+        await t.page.click("button[type=submit]")
+        await expect(t.page.locator(".client")).to_have_text("reader")
+        # The browser logs each 503 as a failed resource: the service saying "not yet".
+        t.watched.errors = [e for e in t.watched.errors if "status of 503" not in e]
+
+
+async def test_no_other_origin_can_frame_the_console(browser: Browser, world: World) -> None:
+    """frame-ancestors 'none' and X-Frame-Options: a page elsewhere cannot put the console
+    under an invisible frame and have an operator click its buttons."""
+    context = await browser.new_context()
+    try:
+        page = await context.new_page()
+        await page.goto("about:blank")
+        await page.set_content(f'<iframe src="{world.service.url}/ui/"></iframe>')
+        (frame,) = page.main_frame.child_frames
+        await eventually(lambda: frame.url != "about:blank", timeout=10)
+        assert frame.url == "chrome-error://chromewebdata/"  # refused: not the console
+    finally:
+        await context.close()
+
+
 # -- what links and ids say ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["#/providers/%E0%A4%A", "#/events?subject=%E0", "#/changes/edit/%"])
+@pytest.mark.parametrize(
+    "route",
+    [
+        "#/providers/%E0%A4%A",
+        "#/events?subject=%E0",
+        "#/changes/edit/%",
+        "#/changes/edit/..",
+        "#/providers/..",
+    ],
+)
 async def test_a_link_that_is_not_well_encoded_still_shows_a_page(
     browser: Browser, world: World, route: str
 ) -> None:

@@ -70,7 +70,7 @@ export class Api {
   async send(method, path, body, { ifMatch, reason } = {}) {
     const extra = { "Content-Type": "application/json" };
     if (ifMatch) extra["If-Match"] = ifMatch;
-    if (reason) extra["X-Switchboard-Reason"] = reason;
+    if (reason) extra["X-Switchboard-Reason"] = utf8(reason);
     const init = { method, headers: this.headers(extra), cache: "no-store" };
     if (body !== undefined) init.body = JSON.stringify(body);
     const response = await fetch(this.url(path), init);
@@ -84,6 +84,15 @@ export class Api {
     if (status === 401) this.onUnauthorized(error);
     return error;
   }
+}
+
+/**
+ * `text` as its UTF-8 bytes, one character each. A header carries bytes, and fetch sends a
+ * character below 256 as that byte: sent as it is, `café` would arrive as Latin-1, which
+ * the service (reading UTF-8, as HTTP clients send) would commit as `caf\ufffd`.
+ */
+function utf8(text) {
+  return Array.from(new TextEncoder().encode(text), (byte) => String.fromCharCode(byte)).join("");
 }
 
 async function parse(response) {

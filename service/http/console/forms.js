@@ -97,10 +97,9 @@ export function topField(problem) {
   return String(problem.path ?? "").split(".")[0];
 }
 
-/** Text that may go in an HTTP header (Latin-1 without control characters), or null. */
+/** A commit's reason as one line: control characters (a pasted tab) become spaces. */
 export function headerText(text) {
-  const trimmed = text.trim();
-  return /^[\u0020-\u007e\u00a0-\u00ff]*$/.test(trimmed) ? trimmed : null;
+  return text.replace(/[\u0000-\u001f\u007f]/g, " ").trim();
 }
 
 export function lines(text) {

@@ -254,7 +254,6 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     // A line the form cannot read is a problem only where the operator wrote it.
     const problems = creating ? found : found.filter((problem) => touched.includes(topField(problem)));
     const why = headerText(reason.input.value);
-    if (why === null) problems.push({ path: "reason", message: "only Latin-1 characters can go in an HTTP header" });
     if (problems.length) {
       focusProblem(showProblems(problems, places, general, topField));
       return;

@@ -4,7 +4,7 @@
 
 import { API, ApiError } from "./api.js";
 import { commitCode, h, note, own, replace } from "./dom.js";
-import { branched, clearProblems, failed, field, focusProblem, headerText, showProblems, vocabulary } from "./forms.js";
+import { branched, clearProblems, failed, field, focusProblem, headerText, vocabulary } from "./forms.js";
 
 export function routeForm(el, { store, api, go }, subject) {
   const words = vocabulary();
@@ -179,10 +179,6 @@ export function routeForm(el, { store, api, go }, subject) {
       replace(done);
       const why = headerText(reason.input.value);
       const map = places();
-      if (why === null) {
-        focusProblem(showProblems([{ path: "reason", message: "only Latin-1 characters can go in an HTTP header" }], map, general, where));
-        return;
-      }
       clearProblems(map, general);
       submit.disabled = true;
       try {
