@@ -493,6 +493,32 @@ async def test_no_other_origin_can_frame_the_console(browser: Browser, world: Wo
         await context.close()
 
 
+async def test_a_scope_taken_away_takes_its_page_away(browser: Browser, world: World) -> None:
+    """The clients file narrows `writer` to config:read while its edit form is open: the save
+    is refused (403, the API decides) and the page, asking `whoami` again, stops offering it."""
+    before = world.head()
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/changes/edit/spare", WRITER)
+        await expect(t.page.locator("#f-timeout_s")).to_have_value("600")
+        write_clients(world.project, {**CLIENTS, "writer": (WRITER, ["config:read"])})
+        try:
+            await eventually(lambda: not _may(world.service, "writer", "config:write"), timeout=10)
+            await t.page.fill("#f-name", "not mine to change")
+            await t.page.click("button.primary:text('Save changes')")
+            await expect(t.page.locator("main .note")).to_contain_text("needs the scope config:write")
+            await expect(t.page.locator("#nav .nav-off")).to_have_text("Changes (needs config:write)")
+            await expect(t.page.locator("main form")).to_have_count(0)
+        finally:
+            write_clients(world.project, CLIENTS)
+            await eventually(lambda: _may(world.service, "writer", "config:write"), timeout=10)
+    assert world.head() == before
+
+
+def _may(service: Service, name: str, scope: str) -> bool:
+    clients = service.registry.snapshot.clients
+    return clients is not None and any(c.name == name and scope in c.scopes for c in clients.clients)
+
+
 # -- what links and ids say ------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ export class Api {
     if (kept !== null && this.token === null) sessionStorage.removeItem(TOKEN_KEY);
     this.cache = new Map();
     this.onUnauthorized = () => {};
+    this.onForbidden = () => {};
   }
 
   url(path) {
@@ -82,6 +83,7 @@ export class Api {
   failed(status, body) {
     const error = new ApiError(status, body);
     if (status === 401) this.onUnauthorized(error);
+    if (status === 403) this.onForbidden(error);
     return error;
   }
 }

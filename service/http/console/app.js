@@ -44,6 +44,7 @@ async function boot(message) {
   // From here a 401 answers "does the service want a token?", not "the session ended": were
   // the last session's handler left in place, each 401 would boot again, endlessly.
   api.onUnauthorized = () => {};
+  api.onForbidden = () => {};
   replace(nav);
   replace(who);
   let identity = null;
@@ -151,9 +152,21 @@ function start(identity) {
     api.setToken(null);
     boot("The service stopped accepting this token; enter one again.");
   };
+  // A 403 may mean the clients file took a scope away: ask who the token is now.
+  api.onForbidden = () => {
+    if (store === session) store.refresh(["whoami"]);
+  };
+  let scopes = identity.scopes.join(" ");
   drawFrame();
   store.subscribe((changed) => {
-    if (changed.has("whoami")) drawFrame();
+    if (changed.has("whoami")) {
+      drawFrame();
+      const now = store.whoami.scopes.join(" ");
+      if (now !== scopes) {
+        scopes = now;
+        route(); // the page shown may no longer be allowed (or now be)
+      }
+    }
     if (changed.has("live") || changed.has("whoami")) drawLive();
     current?.view.update(changed);
   });
@@ -222,7 +235,7 @@ function route() {
   let page = entry.page;
   if (entry.path === "providers" && parts[1]) page = provider;
   stopPage();
-  store.polled = entry.polled;
+  store.polled = store.can(entry.scope) ? entry.polled : [];
   const ctx = { store, api, parts: parts.slice(1), params, go: (to) => (location.hash = to) };
   const key = `${entry.path}${parts[1] ? "/" + parts[1] : ""}`;
   if (!store.can(entry.scope)) {
