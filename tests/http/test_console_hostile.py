@@ -164,8 +164,13 @@ async def test_signing_out_asks_for_a_token_once_and_keeps_what_is_typed(
     async with tab(browser, world.service.url) as t:
         await t.open("#/overview", READER)
         await t.live()
+        shown = await t.page.evaluate(
+            "document.documentElement.outerHTML + [...document.querySelectorAll('input')].map(i => i.value)"
+        )
+        assert READER not in shown  # in no attribute, text or field of the page
         await t.page.click("text=Sign out")
         await expect(t.page.locator("#token-problem")).to_have_text("Signed out.")
+        assert await t.page.evaluate("sessionStorage.length + localStorage.length") == 0
         assert await whoami_count(t.page, 1.5) == 0
         await t.page.fill("#token", READER)
         await asyncio.sleep(0.3)
