@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
         confirm=settings.health_confirm,
     )
     app[SOPS] = sops or Sops.from_settings(settings)
+    app.on_response_prepare.append(_nosniff)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -142,6 +143,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics.requests.labels(route, request.method, str(response.status)).inc()
     metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
     return response
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
+    # Content-Type says, never guessed into a page that would run in the console's origin.
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -10,17 +10,16 @@ Chromium is installed by CI (`.ci/run`); where it is missing these tests fail, n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from playwright.async_api import Browser, Page, Request, async_playwright, expect
+from playwright.async_api import Browser, Request, expect
 
 from service.http.push import CHANGES
 from tests.conftest import (
@@ -32,7 +31,7 @@ from tests.conftest import (
     serve,
     write_atomically,
 )
-from tests.support.browser import Watched, chromium_path, launch
+from tests.support.browser import isolated, module_project, server, tab
 from tests.support.gateway import write_clients
 from tests.support.upstreams import FakeUpstream
 
@@ -45,59 +44,6 @@ EVIL_NAME = "<img src=x onerror=alert(1)>\u202e\x1b[31m"
 EVIL_FILE = "<svg onload=alert(3)>.yaml"
 
 pytestmark = pytest.mark.timeout(60)
-
-
-# -- the browser --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    if chromium_path() is None:
-        pytest.fail("chromium is not installed: apt-get install -y chromium (CI's .ci/run does)")
-    async with async_playwright() as playwright:
-        browser = await launch(playwright)
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-@dataclass
-class Tab:
-    """One tab of the console, and what it did."""
-
-    page: Page
-    watched: Watched
-    url: str
-
-    async def open(self, route: str = "#/overview", token: str | None = None) -> None:
-        """Load the console at `route`, signing in with `token` when it asks for one."""
-        await self.page.goto(f"{self.url}/ui/{route}")
-        if token is not None:
-            await self.page.fill("#token", token)
-            await self.page.click("button[type=submit]")
-        await expect(self.page.locator("#nav a, #nav .nav-off").first).to_be_visible()
-
-    async def live(self) -> None:
-        """Wait until the event stream has caught up with the log."""
-        await expect(self.page.locator("#live")).to_have_text("live")
-
-    def api_requests(self) -> list[str]:
-        return [url for url in self.watched.requests if "/api/" in url]
-
-
-@contextlib.asynccontextmanager
-async def tab(browser: Browser, url: str, **options: Any) -> AsyncIterator[Tab]:
-    """A fresh context (cookies, storage) and page; fails the test if the page misbehaved."""
-    context = await browser.new_context(viewport={"width": 1280, "height": 900}, **options)
-    page = await context.new_page()
-    watched = Watched(url)
-    watched.attach(page)
-    try:
-        yield Tab(page, watched, url)
-    finally:
-        await context.close()
-    watched.check()
 
 
 # -- a service with a bit of everything ----------------------------------------------------------------
@@ -125,43 +71,12 @@ class World:
             return r.status, await r.json()
 
 
-@contextlib.contextmanager
-def _isolated(home: Path) -> Iterator[None]:
-    """The environment every test has (tests/conftest.py), for the module's whole service."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("SOPS_AGE_KEY", "SOPS_AGE_KEY_FILE", "SOPS_AGE_KEY_CMD", "SOPS_CONFIG"):
-            patch.delenv(name, raising=False)
-        patch.setenv("HOME", str(home))
-        patch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
-        for role in ("AUTHOR", "COMMITTER"):
-            patch.setenv(f"GIT_{role}_NAME", "Switchboard Tests")
-            patch.setenv(f"GIT_{role}_EMAIL", "tests@switchboard.invalid")
-        yield
-
-
-def _project(root: Path, identity: AgeIdentity) -> SopsProject:
-    from service.crypto.sops import Sops
-
-    (root / "providers.d").mkdir(parents=True)
-    (root / ".sops.yaml").write_text(
-        "creation_rules:\n  - path_regex: providers.d/.*\\.ya?ml$\n"
-        f"    encrypted_regex: ^(api_key)$\n    age: {identity.recipient}\n"
-    )
-    sops = Sops(age_key_file=identity.key_file, project_root=root)
-    return SopsProject(root=root, providers=root / "providers.d", sops=sops, identity=identity)
-
-
-def server(project: SopsProject, provider_id: str, base_url: str, **fields: Any) -> Path:
-    doc = {"kind": "ai_server", "id": provider_id, "server_type": "vllm", "base_url": base_url, **fields}
-    return write_atomically(project.providers / f"{provider_id}.yaml", json.dumps(doc))
-
-
 @pytest.fixture(scope="module")
 async def world(
     tmp_path_factory: pytest.TempPathFactory, age_identity: AgeIdentity, _isolated_home: Path
 ) -> AsyncIterator[World]:
-    with _isolated(_isolated_home):
-        project = _project(tmp_path_factory.mktemp("console") / "project", age_identity)
+    with isolated(_isolated_home):
+        project = module_project(tmp_path_factory.mktemp("console") / "project", age_identity)
         async with FakeUpstream(name="gpu") as gpu, FakeUpstream(name="vendor", api_key=KEY) as vendor:
             git(project.root, "init", "-q", "-b", "main")
             (project.root / ".gitignore").write_text("var/\n")

@@ -3,16 +3,26 @@
 Playwright's own browser download is not reachable (and not wanted): the browser is the
 system's `chromium` (`apt-get install chromium`, as `.ci/run` does), launched headless with
 a fresh profile. `Watched` records what a page does that the console must never do: a
-request to another origin, a console error, an uncaught exception, a dialog.
+request to another origin, a console error, an uncaught exception, a dialog. `tab` opens a
+fresh tab (its own sessionStorage) that fails the test when the page did any of those;
+`module_project` and `isolated` give a module one service for all its tests.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from playwright.async_api import Browser, ConsoleMessage, Dialog, Error, Page, Playwright, Request
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Dialog, Error, Page, Playwright, Request, expect
+
+from tests.conftest import AgeIdentity, SopsProject, write_atomically
 
 CHROMIUM_ARGS = (
     "--headless",
@@ -86,3 +96,77 @@ def _expected(text: str) -> bool:
     # 422 that the console asks for on purpose (a wrong token, a refused write); those are
     # the API working, not the page failing.
     return text.startswith("Failed to load resource: the server responded with a status of 4")
+
+
+@dataclass
+class Tab:
+    """One tab of the console, and what it did."""
+
+    page: Page
+    watched: Watched
+    url: str
+
+    async def open(self, route: str = "#/overview", token: str | None = None) -> None:
+        """Load the console at `route`, signing in with `token` when it asks for one."""
+        await self.page.goto(f"{self.url}/ui/{route}")
+        if token is not None:
+            await self.page.fill("#token", token)
+            await self.page.click("button[type=submit]")
+        await expect(self.page.locator("#nav a, #nav .nav-off").first).to_be_visible()
+
+    async def live(self) -> None:
+        """Wait until the event stream has caught up with the log."""
+        await expect(self.page.locator("#live")).to_have_text("live")
+
+    def api_requests(self) -> list[str]:
+        return [url for url in self.watched.requests if "/api/" in url]
+
+
+@contextlib.asynccontextmanager
+async def tab(browser: Browser, url: str, **options: Any) -> AsyncIterator[Tab]:
+    """A fresh context (cookies, storage) and page; fails the test if the page misbehaved."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, **options)
+    page = await context.new_page()
+    watched = Watched(url)
+    watched.attach(page)
+    try:
+        yield Tab(page, watched, url)
+    finally:
+        await context.close()
+    watched.check()
+
+
+# -- one service for a module's tests -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def isolated(home: Path) -> Iterator[None]:
+    """The environment every test has (tests/conftest.py), for a module's whole service."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("SOPS_AGE_KEY", "SOPS_AGE_KEY_FILE", "SOPS_AGE_KEY_CMD", "SOPS_CONFIG"):
+            patch.delenv(name, raising=False)
+        patch.setenv("HOME", str(home))
+        patch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+        for role in ("AUTHOR", "COMMITTER"):
+            patch.setenv(f"GIT_{role}_NAME", "Switchboard Tests")
+            patch.setenv(f"GIT_{role}_EMAIL", "tests@switchboard.invalid")
+        yield
+
+
+def module_project(root: Path, identity: AgeIdentity) -> SopsProject:
+    """A sops project at `root` for `identity` (the `sops_project` fixture, for a module)."""
+    from service.crypto.sops import Sops
+
+    (root / "providers.d").mkdir(parents=True)
+    (root / ".sops.yaml").write_text(
+        "creation_rules:\n  - path_regex: providers.d/.*\\.ya?ml$\n"
+        f"    encrypted_regex: ^(api_key)$\n    age: {identity.recipient}\n"
+    )
+    sops = Sops(age_key_file=identity.key_file, project_root=root)
+    return SopsProject(root=root, providers=root / "providers.d", sops=sops, identity=identity)
+
+
+def server(project: SopsProject, provider_id: str, base_url: str, **fields: Any) -> Path:
+    """An `ai_server` file with `fields`, written as editors do."""
+    doc = {"kind": "ai_server", "id": provider_id, "server_type": "vllm", "base_url": base_url, **fields}
+    return write_atomically(project.providers / f"{provider_id}.yaml", json.dumps(doc))

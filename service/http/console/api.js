@@ -7,6 +7,11 @@
 const TOKEN_KEY = "switchboard.token";
 export const API = "api/v1/llm-config";
 
+/** Whether `token` can travel in a header at all (Latin-1, no control characters, not blank). */
+export function sendable(token) {
+  return typeof token === "string" && /^[\u0020-\u007e\u00a0-\u00ff]+$/.test(token) && token.trim() === token && token !== "";
+}
+
 /** An error answer: `status`, and SPEC's `{"error": {"type", "message", "problems"?}}`. */
 export class ApiError extends Error {
   constructor(status, body) {
@@ -22,9 +27,14 @@ export class Api {
   /** `root`: the URL the service's paths are relative to (the console is at `<root>ui/`). */
   constructor(root) {
     this.root = root;
-    this.token = sessionStorage.getItem(TOKEN_KEY);
+    // What the tab kept, if it can be a token at all: anything else (written by hand, or by
+    // another script of this origin) would make every request throw before it is sent.
+    const kept = sessionStorage.getItem(TOKEN_KEY);
+    this.token = sendable(kept) ? kept : null;
+    if (kept !== null && this.token === null) sessionStorage.removeItem(TOKEN_KEY);
     this.cache = new Map();
     this.onUnauthorized = () => {};
+    this.onForbidden = () => {};
   }
 
   url(path) {
@@ -61,7 +71,7 @@ export class Api {
   async send(method, path, body, { ifMatch, reason } = {}) {
     const extra = { "Content-Type": "application/json" };
     if (ifMatch) extra["If-Match"] = ifMatch;
-    if (reason) extra["X-Switchboard-Reason"] = reason;
+    if (reason) extra["X-Switchboard-Reason"] = utf8(reason);
     const init = { method, headers: this.headers(extra), cache: "no-store" };
     if (body !== undefined) init.body = JSON.stringify(body);
     const response = await fetch(this.url(path), init);
@@ -73,8 +83,18 @@ export class Api {
   failed(status, body) {
     const error = new ApiError(status, body);
     if (status === 401) this.onUnauthorized(error);
+    if (status === 403) this.onForbidden(error);
     return error;
   }
+}
+
+/**
+ * `text` as its UTF-8 bytes, one character each. A header carries bytes, and fetch sends a
+ * character below 256 as that byte: sent as it is, `café` would arrive as Latin-1, which
+ * the service (reading UTF-8, as HTTP clients send) would commit as `caf\ufffd`.
+ */
+function utf8(text) {
+  return Array.from(new TextEncoder().encode(text), (byte) => String.fromCharCode(byte)).join("");
 }
 
 async function parse(response) {

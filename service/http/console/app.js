@@ -6,7 +6,7 @@
 // leaves something out. Pages are `#/…` routes; each is a module with `mount(main, ctx)`
 // that returns `{update(changed), unmount()}`, so live changes redraw only what they touch.
 
-import { API, Api, ApiError } from "./api.js";
+import { API, Api, ApiError, sendable } from "./api.js";
 import { h, note, replace } from "./dom.js";
 import { Store } from "./store.js";
 import * as overview from "./overview.js";
@@ -41,6 +41,10 @@ async function boot(message) {
   stopPage();
   store?.stop();
   store = null;
+  // From here a 401 answers "does the service want a token?", not "the session ended": were
+  // the last session's handler left in place, each 401 would boot again, endlessly.
+  api.onUnauthorized = () => {};
+  api.onForbidden = () => {};
   replace(nav);
   replace(who);
   let identity = null;
@@ -99,6 +103,11 @@ function login(message) {
     e.preventDefault();
     const token = input.value.trim();
     if (!token) return;
+    if (!sendable(token)) {
+      replace(problem, "The service does not know this token.");
+      input.focus();
+      return;
+    }
     api.token = token;
     try {
       const identity = await whoami();
@@ -136,15 +145,28 @@ function unavailable(error) {
 // -- the frame --------------------------------------------------------------------------------------
 
 function start(identity) {
-  store = new Store(api);
+  const session = (store = new Store(api));
   store.whoami = identity;
   api.onUnauthorized = () => {
+    if (store !== session) return; // the answer to a request of a session already over
     api.setToken(null);
     boot("The service stopped accepting this token; enter one again.");
   };
+  // A 403 may mean the clients file took a scope away: ask who the token is now.
+  api.onForbidden = () => {
+    if (store === session) store.refresh(["whoami"]);
+  };
+  let scopes = identity.scopes.join(" ");
   drawFrame();
   store.subscribe((changed) => {
-    if (changed.has("whoami")) drawFrame();
+    if (changed.has("whoami")) {
+      drawFrame();
+      const now = store.whoami.scopes.join(" ");
+      if (now !== scopes) {
+        scopes = now;
+        route(); // the page shown may no longer be allowed (or now be)
+      }
+    }
     if (changed.has("live") || changed.has("whoami")) drawLive();
     current?.view.update(changed);
   });
@@ -207,13 +229,13 @@ function route() {
   const hash = location.hash || "#/overview";
   if (!hash.startsWith("#/")) return; // an anchor within the page
   const [pathPart, query = ""] = hash.slice(2).split("?");
-  const parts = pathPart.split("/").map((p) => decodeURIComponent(p));
+  const parts = pathPart.split("/").map(decode);
   const params = Object.fromEntries(new URLSearchParams(query));
   let entry = PAGES.find((p) => p.path === parts[0]) ?? PAGES[0];
   let page = entry.page;
   if (entry.path === "providers" && parts[1]) page = provider;
   stopPage();
-  store.polled = entry.polled;
+  store.polled = store.can(entry.scope) ? entry.polled : [];
   const ctx = { store, api, parts: parts.slice(1), params, go: (to) => (location.hash = to) };
   const key = `${entry.path}${parts[1] ? "/" + parts[1] : ""}`;
   if (!store.can(entry.scope)) {
@@ -227,6 +249,15 @@ function route() {
   markNav(entry.path);
   window.scrollTo(0, 0); // a new page starts at its top, as a link to another document would
   main.querySelector("h1")?.focus({ preventScroll: true });
+}
+
+/** A part of a link, decoded; anyone writes links, and `%E0` is no encoding: taken as it is. */
+function decode(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part;
+  }
 }
 
 function forbidden(entry) {

@@ -2,19 +2,51 @@
 //
 // `h(tag, props, ...children)` makes an element. Strings among the children become text
 // nodes, never markup, and no code path here sets innerHTML: a provider named
-// `<img src=x onerror=alert(1)>` is shown as those characters. Control and bidirectional
-// formatting characters (which could hide or reorder what an operator reads) are shown as
-// visible `\u{…}` escapes by `clean`.
+// `<img src=x onerror=alert(1)>` is shown as those characters. Control, invisible and
+// bidirectional formatting characters (which could hide or reorder what an operator reads)
+// are shown as visible `\u{…}` escapes by `clean`, and a text longer than `MAX_TEXT` is cut
+// there, saying how much is left out: a file cannot make a page a kilometre long, nor cost
+// seconds of layout on every live redraw.
 
+// C0 and C1 controls, the soft hyphen, combining grapheme joiner, Arabic letter mark, Hangul
+// fillers, Khmer inherent vowels, Mongolian selectors, zero-width and bidi formatting
+// characters, line and paragraph separators, word joiners and invisible operators, variation
+// selectors, the BOM, interlinear annotation, musical formatting, tags and their selectors.
 const INVISIBLE =
-  /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]/gu;
+  /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\u{1d173}-\u{1d17a}\u{e0000}-\u{e0fff}]/gu;
 
-/** `value` as text an operator can trust: invisible and control characters made visible. */
+/** The longest text shown in one place; the CLI and the files have the rest. */
+export const MAX_TEXT = 2_000;
+
+/** `value` as text an operator can trust: cut at `MAX_TEXT`, invisible characters made visible. */
 export function clean(value) {
-  return String(value).replace(
+  return clip(value).replace(
     INVISIBLE,
     (c) => `\\u{${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}}`,
   );
+}
+
+/** `value` cut to `max` characters, saying how many more there are. */
+export function clip(value, max = MAX_TEXT) {
+  const text = String(value);
+  if (text.length <= max) return text;
+  const code = text.charCodeAt(max - 1);
+  const end = code >= 0xd800 && code <= 0xdbff ? max - 1 : max; // never half a character
+  return `${text.slice(0, end)}… (${NUMBER.format(text.length - end)} more characters)`;
+}
+
+/** The first `count` of `list`, each cut to `max`, then how many more there are. */
+export function few(list, count, max = 100) {
+  const shown = list.slice(0, count).map((item) => clip(item, max)).join(", ");
+  return list.length > count ? `${shown}, and ${NUMBER.format(list.length - count)} more` : shown;
+}
+
+/**
+ * `object[key]` when it is the object's own: a provider may be called `constructor`, which
+ * every JavaScript object also answers (with Object's constructor function).
+ */
+export function own(object, key) {
+  return object && Object.hasOwn(object, key) ? object[key] : undefined;
 }
 
 const SAFE_HREF = /^(#|\.\.?\/|\/(?!\/))/;

@@ -2,7 +2,7 @@
 // stream with `?after=0`), each change field by field with its commit and author; filtered
 // by subject and type. `eventItem` draws one event, for the provider pages too.
 
-import { commitCode, h, keepFocus, note, number, providerLink, replace, show, when } from "./dom.js";
+import { commitCode, h, keepFocus, note, number, own, providerLink, replace, show, when } from "./dom.js";
 
 const STEP = 100;
 const unfolded = new Set(); // events whose folded fields the operator opened: kept open across redraws
@@ -205,7 +205,10 @@ function changeTable(e, changes) {
 function route(value) {
   if (!value || typeof value !== "object" || !Array.isArray(value.primary)) return show(value);
   const weights = value.weights && typeof value.weights === "object" ? value.weights : {};
-  const primary = value.primary.map((id) => (weights[id] && weights[id] !== 1 ? `${id} ×${weights[id]}` : id));
+  const primary = value.primary.map((id) => {
+    const weight = own(weights, id);
+    return weight !== undefined && weight !== 1 ? `${id} ×${show(weight)}` : id;
+  });
   const fallbacks = Array.isArray(value.fallbacks) && value.fallbacks.length ? `; then ${value.fallbacks.join(", ")}` : "";
   return `${primary.join(", ")}${fallbacks}`;
 }

@@ -2,7 +2,7 @@
 // mapping of a 422's `problems` (`path`: the field to blame) to those places.
 
 import { ApiError } from "./api.js";
-import { commitCode, h, replace } from "./dom.js";
+import { commitCode, h, own, replace } from "./dom.js";
 
 /** `{purposes, vendors: {name: default URL}, server_types}`: from index.html, made by the service. */
 export function vocabulary() {
@@ -51,18 +51,22 @@ export function checkboxes(name, legend, options, checked) {
 
 /**
  * Show each problem beside the field it concerns: `places` maps a field name to its problem
- * element; `name(problem)` gives the field a problem is about. Problems about no known field
- * go to `general`. Returns the first element that shows a problem (to focus its field).
+ * element; `name(problem)` gives the field a problem is about. Problems about no field the
+ * operator can see (none of that name, or one this form leaves out or hides) go to
+ * `general`; a folded section with a problem unfolds. Returns the first element that shows
+ * a problem (to focus its field).
  */
 export function showProblems(problems, places, general, name) {
   clearProblems(places, general);
   let first = null;
   const elsewhere = [];
   for (const problem of problems) {
-    const place = places[name(problem)];
-    if (place) {
+    const place = own(places, name(problem));
+    if (place && place.isConnected && !place.closest("[hidden]")) {
       place.append(h("p", {}, problem.message));
       place.closest(".field")?.classList.add("invalid");
+      const folded = place.closest("details");
+      if (folded) folded.open = true;
       first ??= place;
     } else elsewhere.push(problem);
   }
@@ -93,10 +97,9 @@ export function topField(problem) {
   return String(problem.path ?? "").split(".")[0];
 }
 
-/** Text that may go in an HTTP header (Latin-1 without control characters), or null. */
+/** A commit's reason as one line: control characters (a pasted tab) become spaces. */
 export function headerText(text) {
-  const trimmed = text.trim();
-  return /^[\u0020-\u007e\u00a0-\u00ff]*$/.test(trimmed) ? trimmed : null;
+  return text.replace(/[\u0000-\u001f\u007f]/g, " ").trim();
 }
 
 export function lines(text) {

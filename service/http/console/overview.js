@@ -1,7 +1,7 @@
 // Overview: each purpose's route (primaries with their weights, fallbacks) with each
 // provider's health; the generation and commits the service runs; refused files and why.
 
-import { badge, commitCode, h, keepFocus, note, number, providerLink, replace } from "./dom.js";
+import { badge, clip, commitCode, h, keepFocus, note, number, own, providerLink, replace } from "./dom.js";
 
 const PURPOSES = ["chat", "embeddings", "reranking"];
 
@@ -127,14 +127,14 @@ function drawRoutes(el, store) {
 }
 
 function routeCard(purpose, route, store) {
-  const total = route.primary.reduce((sum, p) => sum + (route.weights[p.id] ?? 1), 0);
+  const total = route.primary.reduce((sum, p) => sum + (own(route.weights, p.id) ?? 1), 0);
   const item = (p, weight) => {
     const health = store.byId.get(p.id)?.health ?? p.health;
     return h(
       "li",
       {},
       providerLink(p.id),
-      p.name ? h("span", { class: "muted" }, ` ${p.name}`) : null,
+      p.name ? h("span", { class: "muted" }, ` ${clip(p.name, 200)}`) : null,
       " ",
       p.enabled ? badge(health.status) : badge("disabled"),
       weight === undefined || route.primary.length < 2
@@ -148,7 +148,7 @@ function routeCard(purpose, route, store) {
     h("h3", {}, purpose),
     h("h4", {}, route.primary.length > 1 ? "Primaries (load-balanced by weight)" : "Primary"),
     route.primary.length
-      ? h("ul", { class: "plain" }, route.primary.map((p) => item(p, route.weights[p.id] ?? 1)))
+      ? h("ul", { class: "plain" }, route.primary.map((p) => item(p, own(route.weights, p.id) ?? 1)))
       : h("p", { class: "help" }, "none available"),
     h("h4", {}, "Fallbacks, in order"),
     route.fallbacks.length ? h("ol", { class: "plain" }, route.fallbacks.map((p) => item(p))) : h("p", { class: "help" }, "none"),

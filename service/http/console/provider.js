@@ -2,7 +2,7 @@
 // a Test button (admin) that checks it now.
 
 import { API } from "./api.js";
-import { badge, commitCode, h, keepFocus, ms, note, number, replace, when } from "./dom.js";
+import { badge, clip, commitCode, h, keepFocus, ms, note, number, own, replace, when } from "./dom.js";
 import { eventItem } from "./events.js";
 
 export function mount(main, { store, api, parts }) {
@@ -49,11 +49,11 @@ export function mount(main, { store, api, parts }) {
 
   function draw() {
     const p = store.byId.get(id);
-    const t = store.traffic?.providers?.[id];
+    const t = own(store.traffic?.providers, id);
     if (!p) {
       replace(detail, note("No provider ", id, " in the current configuration (removed, or its file is refused: see the Overview)."));
     } else {
-      replace(title, p.id, p.name ? h("span", { class: "muted" }, ` ${p.name}`) : null);
+      replace(title, p.id, p.name ? h("span", { class: "muted" }, ` ${clip(p.name, 200)}`) : null);
       const row = (label, ...value) => [h("dt", {}, label), h("dd", {}, ...value)];
       replace(
         detail,
@@ -70,11 +70,13 @@ export function mount(main, { store, api, parts }) {
               row("Kind", p.kind),
               row(p.kind === "api_key" ? "Vendor" : "Server type", p.provider ?? p.server_type),
               row("URL", h("span", { class: "url" }, p.base_url)),
-              row("Models", p.models.length ? p.models.join(", ") : "any"),
+              row("Name", p.name ?? "none"),
+              // Every model and alias, each its own text, in a box that scrolls past a few lines.
+              row("Models", p.models.length ? long(p.models.map((m, i) => [i ? ", " : "", m])) : "any"),
               row(
                 "Model map",
                 Object.keys(p.model_map).length
-                  ? Object.entries(p.model_map).map(([a, b]) => h("div", {}, `${a} → ${b}`))
+                  ? long(Object.entries(p.model_map).map(([a, b]) => h("div", {}, `${a} → ${b}`)))
                   : "none",
               ),
               row("Purposes", p.purposes.join(", ")),
@@ -124,4 +126,9 @@ export function mount(main, { store, api, parts }) {
       if (changed.has("providers") || changed.has("traffic") || changed.has("events")) keepFocus(main, draw);
     },
   };
+}
+
+/** A long list in a box of its own height that scrolls (and takes the focus, to scroll by keys). */
+function long(children) {
+  return h("div", { class: "long", tabindex: "0" }, children);
 }

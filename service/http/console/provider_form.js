@@ -1,6 +1,10 @@
 // Adding, editing and deleting a provider (Changes, config:write). A new provider is a POST
 // of the fields given; an edit is a JSON merge patch of the fields the operator changed, with
 // `If-Match` (the ETag the form was loaded with); a delete carries it too.
+//
+// "Changed" is what the operator did to a control, not a comparison of the control with the
+// file: a form cannot hold every value a file can (a model_map key with `=` or spaces around
+// it, a name with a line break), and an edit of one field must not rewrite the others.
 
 import { API } from "./api.js";
 import { commitCode, h, note, providerLink, replace } from "./dom.js";
@@ -149,11 +153,30 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     enabled.checked = v.enabled;
     for (const t of timeouts) t.input.value = v[t.input.name] ?? "";
   }
-  if (initial) fill(initial);
+  // Each control's value as filled from the file: a control still so was not touched.
+  function controls() {
+    const raw = {
+      name: name.input.value,
+      base_url: baseUrl.input.value,
+      models: models.input.value,
+      model_map: modelMap.input.value,
+      purposes: purposes.boxes.filter((b) => b.checked).map((b) => b.value).join(" "),
+      enabled: String(enabled.checked),
+    };
+    if (kind === "api_key") raw.provider = vendor.input.value;
+    else raw.server_type = serverType.input.value;
+    for (const t of timeouts) raw[t.input.name] = t.input.value;
+    return raw;
+  }
+  let untouched = null;
+  if (initial) {
+    fill(initial);
+    untouched = controls();
+  }
   showKind();
 
   function read() {
-    const map = {};
+    const map = Object.create(null); // `__proto__` is an alias like any other
     const broken = [];
     for (const line of lines(modelMap.input.value)) {
       const at = line.indexOf("=");
@@ -198,27 +221,39 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     return doc;
   }
 
-  function patch(form) {
-    // A merge patch of what the operator changed: a cleared field goes back to its default.
+  function patch(form, touched) {
+    // A merge patch of the fields the operator changed: a cleared one goes back to its default.
     const changes = {};
-    const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
-    for (const key of ["name", "base_url"]) {
-      if (form[key] !== initial[key]) changes[key] = form[key] === "" ? null : form[key];
+    for (const key of touched) {
+      if (key === "name" || key === "base_url") changes[key] = form[key] === "" ? null : form[key];
+      else if (key === "model_map") changes.model_map = mapPatch(initial.model_map, form.model_map);
+      else changes[key] = form[key];
     }
-    for (const key of ["models", "model_map", "purposes", "enabled", "provider", "server_type"]) {
-      if (key in form && !same(form[key], initial[key])) changes[key] = form[key];
-    }
-    for (const [key] of TIMEOUTS) if (form[key] !== initial[key]) changes[key] = form[key];
     if (form.api_key) changes.api_key = form.api_key;
     return changes;
+  }
+
+  // The field a problem of the service is about, when it is about this file: routing.yaml's
+  // `purposes.chat.primary.0` is not this file's `purposes` (it goes above the button, named).
+  function ownField(problem) {
+    if (problem.file) {
+      const name = String(problem.file).split("/").pop();
+      const stem = id.input.value.trim();
+      const mine = creating ? name === `${stem}.yaml` || name === `${stem}.yml` : problem.file === provider.file;
+      if (!mine) return "";
+    }
+    return topField(problem);
   }
 
   async function save(e) {
     e.preventDefault();
     replace(done);
-    const { form, problems } = read();
+    const { form, problems: found } = read();
+    const now = creating ? {} : controls();
+    const touched = Object.keys(now).filter((key) => now[key] !== untouched[key]);
+    // A line the form cannot read is a problem only where the operator wrote it.
+    const problems = creating ? found : found.filter((problem) => touched.includes(topField(problem)));
     const why = headerText(reason.input.value);
-    if (why === null) problems.push({ path: "reason", message: "only Latin-1 characters can go in an HTTP header" });
     if (problems.length) {
       focusProblem(showProblems(problems, places, general, topField));
       return;
@@ -227,7 +262,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     let request;
     if (creating) request = ["POST", `${API}/${SEGMENT[kind]}`, document_(form), {}];
     else {
-      const changes = patch(form);
+      const changes = patch(form, touched);
       if (!Object.keys(changes).length) {
         replace(done, h("p", { class: "help" }, "Nothing changed: nothing to commit."));
         return;
@@ -263,10 +298,12 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
       } else {
         loadedTag = answer.etag ?? loadedTag;
         initial = values(written);
+        fill(initial); // what the file says now, and untouched again
+        untouched = controls();
         replace(stale);
       }
     } catch (error) {
-      focusProblem(failed(error, places, general, topField, submit));
+      focusProblem(failed(error, places, general, ownField, submit));
     } finally {
       submit.disabled = false;
     }
@@ -293,6 +330,17 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
       loadedSeq = store.events.at(-1)?.seq ?? loadedSeq;
     },
   };
+}
+
+/**
+ * A model_map as a merge patch (RFC 7386) merges it: each alias the operator removed is sent
+ * as null, or the file would keep it.
+ */
+function mapPatch(old, now) {
+  const patch = Object.create(null);
+  for (const key of Object.keys(old)) if (!Object.hasOwn(now, key)) patch[key] = null;
+  for (const [key, value] of Object.entries(now)) patch[key] = value;
+  return patch;
 }
 
 /** What the form shows for a provider as the API answers it. */

@@ -1,9 +1,11 @@
 // Providers: a table of every provider with its health and traffic, filtered, sorted and
 // paged, so a thousand of them draw as fast as fifty (only one page is in the DOM).
 
-import { badge, h, keepFocus, ms, note, number, providerLink, replace, when } from "./dom.js";
+import { badge, clip, few, h, keepFocus, ms, note, number, own, providerLink, replace, when } from "./dom.js";
 
 const PAGE = 50;
+const SHORT = 200; // a cell's text at most: one long value must not make a row a page tall
+const MODELS = 10; // models shown in a cell; the provider's page has them all
 
 const COLUMNS = [
   { key: "id", title: "Provider", value: (p) => p.id },
@@ -84,7 +86,7 @@ export function mount(main, { store, params }) {
     const column = COLUMNS.find((c) => c.key === state.sort) ?? COLUMNS[0];
     const sign = state.descending ? -1 : 1;
     found = found
-      .map((p) => [column.value(p, traffic[p.id]), p])
+      .map((p) => [column.value(p, own(traffic, p.id)), p])
       .sort(([a, pa], [b, pb]) => (a < b ? -sign : a > b ? sign : pa.id < pb.id ? -1 : 1))
       .map(([, p]) => p);
     // An exact id first, whatever the order: the filter box finds one provider by its id.
@@ -141,7 +143,7 @@ export function mount(main, { store, params }) {
     const first = state.page * PAGE;
     const shown = found.slice(first, first + PAGE);
     const traffic = store.traffic?.providers ?? {};
-    replace(body, shown.map((p) => row(p, traffic[p.id])));
+    replace(body, shown.map((p) => row(p, own(traffic, p.id))));
     if (!shown.length) {
       body.append(h("tr", {}, h("td", { colspan: String(COLUMNS.length), class: "empty" }, store.providers.length ? "No provider matches." : "No providers.")));
     }
@@ -189,11 +191,11 @@ function row(p, t) {
   return h(
     "tr",
     { dataset: { id: p.id } },
-    cell("Provider", providerLink(p.id), p.name ? h("div", { class: "muted" }, p.name) : null),
+    cell("Provider", providerLink(p.id), p.name ? h("div", { class: "muted" }, clip(p.name, SHORT)) : null),
     cell("Kind", h("span", { class: "nowrap" }, p.kind)),
     cell("Vendor / server", p.provider ?? p.server_type),
-    cell("URL", h("span", { class: "url" }, p.base_url)),
-    cell("Models", p.models.length ? p.models.join(", ") : h("span", { class: "muted" }, "any")),
+    cell("URL", h("span", { class: "url" }, clip(p.base_url, SHORT))),
+    cell("Models", p.models.length ? few(p.models, MODELS) : h("span", { class: "muted" }, "any")),
     cell("Purposes", p.purposes.join(", ")),
     cell("Key", p.api_key ? h("code", { class: "nowrap" }, p.api_key) : h("span", { class: "muted" }, "none")),
     cell("Health", p.enabled ? badge(p.health.status) : badge("disabled")),

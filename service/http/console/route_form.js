@@ -3,8 +3,8 @@
 // `If-Match` (the route's ETag starts with the routing file's blob).
 
 import { API, ApiError } from "./api.js";
-import { commitCode, h, note, replace } from "./dom.js";
-import { branched, clearProblems, failed, field, focusProblem, headerText, showProblems, vocabulary } from "./forms.js";
+import { commitCode, h, note, own, replace } from "./dom.js";
+import { branched, clearProblems, failed, field, focusProblem, headerText, vocabulary } from "./forms.js";
 
 export function routeForm(el, { store, api, go }, subject) {
   const words = vocabulary();
@@ -102,7 +102,7 @@ export function routeForm(el, { store, api, go }, subject) {
     }
 
     const primaryIds = route ? route.primary.map((p) => p.id) : [];
-    for (const id of primaryIds) row(primaries, "primary", id, route.weights[id] ?? 1);
+    for (const id of primaryIds) row(primaries, "primary", id, own(route.weights, id) ?? 1);
     if (!primaryIds.length) row(primaries, "primary");
     for (const p of route?.fallbacks ?? []) row(fallbacks, "fallbacks", p.id);
 
@@ -179,10 +179,6 @@ export function routeForm(el, { store, api, go }, subject) {
       replace(done);
       const why = headerText(reason.input.value);
       const map = places();
-      if (why === null) {
-        focusProblem(showProblems([{ path: "reason", message: "only Latin-1 characters can go in an HTTP header" }], map, general, where));
-        return;
-      }
       clearProblems(map, general);
       submit.disabled = true;
       try {

@@ -10,7 +10,14 @@ import { API, ApiError } from "./api.js";
 import { EventStream } from "./stream.js";
 
 const POLL_MS = 10_000;
-const MAX_EVENTS = 50_000; // kept for the timeline; older ones are dropped (the CLI has them all)
+// The timeline keeps the newest events (the CLI has them all): at most MAX_EVENTS, and at
+// most MAX_CHARS of their JSON, since a few events of huge files weigh as much as many small
+// ones. Older ones are dropped TRIM (or a quarter of the budget) at a time: dropping them one
+// by one moved the whole array for each event that arrived (seconds of a frozen page while a
+// log of 150,000 events was read).
+const MAX_EVENTS = 50_000;
+const MAX_CHARS = 64 * 1024 * 1024;
+const TRIM = 5_000;
 
 const REFRESHES = {
   "provider.added": ["ready", "active", "providers", "traffic"],
@@ -35,6 +42,8 @@ export class Store {
     this.byId = new Map();
     this.traffic = null;
     this.events = [];
+    this.sizes = []; // each event's JSON length, in step with `events`
+    this.chars = 0;
     this.trimmed = 0;
     this.live = "connecting";
     this.caughtUp = false;
@@ -77,7 +86,7 @@ export class Store {
     await this.refresh(kinds);
     if (this.can("config:read")) {
       this.stream = new EventStream(this.api, {
-        event: (event) => this.arrived(event),
+        event: (event, size) => this.arrived(event, size),
         connected: () => this.connected(),
         status: (text) => {
           this.live = text;
@@ -107,17 +116,28 @@ export class Store {
     this.changed("events");
   }
 
-  arrived(event) {
+  /** An event of the stream; `size`: the length of its JSON. */
+  arrived(event, size = 0) {
     this.events.push(event);
-    if (this.events.length > MAX_EVENTS) {
-      const drop = this.events.length - MAX_EVENTS;
-      this.events.splice(0, drop);
-      this.trimmed += drop;
-    }
+    this.sizes.push(size);
+    this.chars += size;
+    if (this.events.length > MAX_EVENTS + TRIM || this.chars > MAX_CHARS) this.trim();
     if (!this.caughtUp) return; // the catch-up ends with one refresh and one redraw
     this.changed("events");
     const kinds = REFRESHES[event.type];
     if (kinds) this.refresh(kinds);
+  }
+
+  /** Drop the oldest events: down to MAX_EVENTS, and to three quarters of MAX_CHARS. */
+  trim() {
+    let drop = Math.max(0, this.events.length - MAX_EVENTS);
+    let chars = this.chars;
+    for (let i = 0; i < drop; i++) chars -= this.sizes[i];
+    while (chars > (MAX_CHARS * 3) / 4 && drop < this.events.length - 1) chars -= this.sizes[drop++];
+    this.events.splice(0, drop);
+    this.sizes.splice(0, drop);
+    this.chars = chars;
+    this.trimmed += drop;
   }
 
   /** Fetch what `kinds` name, coalesced: one request of each in flight, the rest queued. */

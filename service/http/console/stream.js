@@ -12,7 +12,7 @@ const SILENCE_MS = 40_000; // the service comments every 15 s: this much silence
 const MAX_BACKOFF_MS = 15_000;
 
 export class EventStream {
-  /** `handlers`: `event(e)`, `connected()` once caught up, `status(text)`, `failed(ApiError)` (fatal). */
+  /** `handlers`: `event(e, size)` (size: its JSON's length), `connected()` once caught up, `status(text)`, `failed(ApiError)` (fatal). */
   constructor(api, handlers) {
     this.api = api;
     this.handlers = handlers;
@@ -116,9 +116,10 @@ export class EventStream {
   }
 
   dispatch(fields) {
+    const data = fields.data.join("\n");
     let event;
     try {
-      event = JSON.parse(fields.data.join("\n"));
+      event = JSON.parse(data);
     } catch {
       return; // not an event of the log: nothing to show
     }
@@ -127,7 +128,7 @@ export class EventStream {
     // sends each event once), even when its seq is lower, as after the log was replaced.
     if (this.replaying && this.last !== null && event.seq <= this.last) return;
     this.last = event.seq;
-    this.handlers.event(event);
+    this.handlers.event(event, data.length);
   }
 }
 
