@@ -240,6 +240,10 @@ class GitRepo:
                 return self._cat_blobs([sha])[sha]
         return None
 
+    def blobs(self, shas: list[str]) -> dict[str, bytes]:
+        """The contents of many blobs by id, in one `git cat-file --batch` call."""
+        return self._cat_blobs(shas)
+
     def _cat_blobs(self, shas: list[str]) -> dict[str, bytes]:
         """Many blobs in one `git cat-file --batch` call."""
         if not shas:
