@@ -33,8 +33,10 @@ from types import MappingProxyType
 from typing import Any
 
 import redis.asyncio as redis
+from redis._parsers import _AsyncRESP3Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import InvalidResponse
 
 from service.vcs.gitrepo import redact
 
@@ -48,6 +50,10 @@ TIMEOUT_S = 1.0
 """The longest any one Redis call may take."""
 BACKOFF_S = (0.1, 5.0)
 MAX_MESSAGE = 2048
+MAX_REPLY = 64 << 10
+"""The largest string any reply may hold: a heartbeat is at most `MAX_MESSAGE`."""
+MAX_ITEMS = 64
+"""The most items any array, map or set of a reply may hold."""
 MAX_PEERS = 1000
 REPULL_S = 10.0
 """A commit heard again that a pull did not bring is asked for at most this often."""
@@ -117,6 +123,29 @@ def parse_beat(data: Any) -> tuple[Beat, str] | None:
     if not isinstance(ready, bool):
         return None
     return Beat(replica, commit, generation, ready), instance
+
+
+class _BoundedParser(_AsyncRESP3Parser):
+    """redis-py's RESP parser, refusing a reply larger than anything Redis sends this client.
+
+    As it stands, the parser buffers whatever length a reply announces: a server (or whoever
+    answers at that address) that sends `$1500000000` and streams made the thread hold 5 GB
+    within the seconds before a timeout, `*100000000` built a list of as many items. Each
+    length is checked as its header is read, before anything of it is: a reply over the
+    bounds ends the session like any garbage.
+    """
+
+    async def _readline(self) -> bytes:
+        line = await super()._readline()
+        kind = line[:1]
+        if kind in (b"$", b"=", b"!", b"*", b"%", b"~", b">", b"|"):
+            try:
+                size = int(line[1:])
+            except ValueError:
+                return line  # the parser refuses it itself
+            if size > (MAX_REPLY if kind in (b"$", b"=", b"!") else MAX_ITEMS):
+                raise InvalidResponse(f"a reply of {size} (header {kind!r}) is larger than Redis sends here")
+        return line
 
 
 class Fanout:
@@ -229,11 +258,13 @@ class Fanout:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
             max_connections=4,
+            parser_class=_BoundedParser,
         )
         pubsub = client.pubsub()
         self._heard_self = time.monotonic()
         try:
-            await asyncio.wait_for(pubsub.subscribe(self.channel), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await pubsub.subscribe(self.channel)
             tasks = {
                 asyncio.ensure_future(self._listen(pubsub)),
                 asyncio.ensure_future(self._beat(client)),
@@ -252,7 +283,8 @@ class Fanout:
         finally:
             for close in (pubsub.aclose, client.aclose):
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(close(), self.timeout_s)
+                    async with asyncio.timeout(self.timeout_s):
+                        await close()
 
     async def _beat(self, client: redis.Redis) -> None:
         """Publish a heartbeat every `heartbeat_s`, and at once when woken."""
@@ -267,7 +299,8 @@ class Fanout:
                 "generation": beat.generation,
                 "ready": beat.ready,
             }
-            await asyncio.wait_for(client.publish(self.channel, json.dumps(message)), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await client.publish(self.channel, json.dumps(message))
             if time.monotonic() - self._heard_self > 3 * self.heartbeat_s + self.timeout_s:
                 raise ConnectionError("this replica's own heartbeats do not come back")
             with contextlib.suppress(TimeoutError):
@@ -275,10 +308,8 @@ class Fanout:
 
     async def _listen(self, pubsub: Any) -> None:
         while True:
-            message = await asyncio.wait_for(
-                pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_s),
-                self.heartbeat_s + self.timeout_s,
-            )
+            async with asyncio.timeout(self.heartbeat_s + self.timeout_s):
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_s)
             if isinstance(message, dict) and message.get("type") == "message":
                 await self._hear(message.get("data"))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -249,3 +250,93 @@ async def test_made_up_commits_cannot_keep_git_busy() -> None:
         beat = {"replica": "liar", "instance": "x", "commit": f"{i:040x}", "generation": 1, "ready": True}
         await fanout._hear(json.dumps(beat).encode())
     assert len(looked_up) == CHECKS_PER_S
+
+
+# -- a server that announces more than Redis ever sends ------------------------------------------------
+
+
+async def _command(reader: asyncio.StreamReader) -> list[bytes] | None:
+    line = await reader.readline()
+    if not line.startswith(b"*"):
+        return None
+    args = []
+    for _ in range(int(line[1:])):
+        await reader.readline()
+        args.append((await reader.readline()).strip())
+    return args
+
+
+def huge_reply(header: bytes, filler: bytes, sent: list[int]) -> Callable[..., Awaitable[None]]:
+    """A RESP3 server that answers HELLO and SUBSCRIBE, then pushes a message whose data
+    announces `header` and streams `filler` (at most 256 MB); `sent` counts what it got out."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _writers.append(writer)
+        channel = b"switchboard:replicas"
+        try:
+            while (args := await _command(reader)) is not None:
+                name = args[0].upper()
+                if name == b"HELLO":
+                    writer.write(b"%1\r\n+server\r\n+redis\r\n")
+                elif name == b"SUBSCRIBE":
+                    channel = args[1]
+                    writer.write(b">3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(channel), channel))
+                    writer.write(
+                        b">3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n%s\r\n" % (len(channel), channel, header)
+                    )
+                    chunk = filler * ((1 << 20) // len(filler))
+                    for _ in range(256):
+                        writer.write(chunk)
+                        await writer.drain()
+                        sent[0] += len(chunk)
+                    return
+                elif name == b"PUBLISH":
+                    writer.write(b":1\r\n")
+                else:
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("header", "filler"), [(b"$1500000000", b"x"), (b"*100000000", b":1\r\n")], ids=["string", "array"]
+)
+async def test_a_reply_larger_than_redis_sends_is_cut_off_not_buffered(header: bytes, filler: bytes) -> None:
+    """redis-py buffers whatever length a reply announces: `$1500000000` followed by a stream
+    of bytes made the fan-out thread hold gigabytes before its timeout came."""
+    sent = [0]
+    tracemalloc.start()
+    try:
+        async with fake_redis(huge_reply(header, filler, sent)) as url:
+            fanout = Fanout(
+                url, lambda: Beat("me", None, 1, True), knows=lambda c: True, on_new=lambda c: None
+            )
+            fanout.start()
+            try:
+                await asyncio.sleep(2)  # past the socket timeout: the client has given up either way
+            finally:
+                await asyncio.to_thread(fanout.stop)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the client hung up at the header, not gigabytes later
+
+
+async def test_a_redis_that_hangs_leaves_no_unretrieved_task_errors_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`asyncio.wait_for` around redis-py's own timeout (both 1 s) left the inner task's
+    TimeoutError unretrieved: a traceback logged by asyncio for every session that failed."""
+    async with fake_redis(hang) as url:
+        fanout = Fanout(
+            url, lambda: Beat("me", None, 1, True), knows=lambda c: True, on_new=lambda c: None, timeout_s=0.2
+        )
+        fanout.start()
+        try:
+            await asyncio.sleep(3)
+        finally:
+            await asyncio.to_thread(fanout.stop)
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
