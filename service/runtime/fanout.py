@@ -34,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as redis
 from redis._parsers import _AsyncRESP3Parser
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import InvalidResponse
@@ -43,6 +44,7 @@ from service.vcs.gitrepo import redact
 log = logging.getLogger(__name__)
 
 CHANNEL = "switchboard:replicas"
+"""The channel of database 0; database N's is `switchboard:replicas:N` (see `channel_of`)."""
 HEARTBEAT_S = 2.0
 LIVE_S = 10.0
 """A replica not heard from for this long is left out of `peers`."""
@@ -98,6 +100,20 @@ def answer(beat: Beat, seen_at: datetime) -> dict[str, Any]:
         "ready": beat.ready,
         "seen_at": seen_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+
+
+def channel_of(url: str) -> str:
+    """The channel of the deployment whose Redis is `url`.
+
+    Redis' pub/sub ignores the database number: two deployments sharing a Redis, each on a
+    database of its own, would hear each other (list each other's replicas, pull for each
+    other's commits) on one channel. So the database is in the channel's name.
+    """
+    try:
+        db = int(parse_url(url).get("db") or 0)
+    except (ValueError, TypeError):
+        db = 0  # a URL redis-py refuses: the session fails on it anyway
+    return CHANNEL if db == 0 else f"{CHANNEL}:{db}"
 
 
 def parse_beat(data: Any) -> tuple[Beat, str] | None:
@@ -158,7 +174,7 @@ class Fanout:
         *,
         knows: Callable[[str], bool],
         on_new: Callable[[str], None],
-        channel: str = CHANNEL,
+        channel: str | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         timeout_s: float = TIMEOUT_S,
         on_state: Callable[[bool], None] | None = None,
@@ -170,7 +186,7 @@ class Fanout:
         """Whether this replica has a commit (blocking: it may ask git); called in the thread."""
         self.on_new = on_new
         """Called, in the thread, with a commit heard that this replica does not have."""
-        self.channel = channel
+        self.channel = channel or channel_of(url)
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
         self.on_state = on_state

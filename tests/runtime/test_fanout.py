@@ -340,3 +340,27 @@ async def test_a_redis_that_hangs_leaves_no_unretrieved_task_errors_in_the_log(
         finally:
             await asyncio.to_thread(fanout.stop)
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+async def test_deployments_on_two_databases_of_one_redis_do_not_hear_each_other(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis' pub/sub ignores the database number: two deployments sharing a Redis each on a
+    database of its own (`/0`, `/1`) listed each other's replicas and pulled for each other's
+    commits."""
+    bare, _ = remote
+    first, second = redis_server.url, redis_server.url.removesuffix("/0") + "/1"
+    async with (
+        member(sops_project, clone(bare, tmp_path / "a"), "a", redis_url=first) as a,
+        member(sops_project, clone(bare, tmp_path / "b"), "b", redis_url=second) as b,
+        member(sops_project, clone(bare, tmp_path / "c"), "c", redis_url=second) as c,
+    ):
+        await eventually(lambda: a.app[FANOUT].connected and b.app[FANOUT].connected, timeout=5)
+
+        async def listed(service: Service, names: list[str]) -> None:
+            assert [r["replica"] for r in (await replicas(service))["replicas"]] == names
+
+        await eventually(lambda: listed(b, ["b", "c"]), timeout=6)
+        await asyncio.sleep(2.5)  # more than a heartbeat
+        await listed(a, ["a"])
+        await listed(c, ["b", "c"])
