@@ -176,6 +176,8 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
+        if writer.committer is not None:
+            writer.committer.abort()  # a fetch or push hanging on a dead remote goes now
         if fanout is not None:
             await asyncio.to_thread(fanout.stop)
         for task in tasks:

@@ -175,6 +175,8 @@ class Puller:
         return result
 
     async def _failed(self, reason: str, remote: str | None) -> Result:
+        if self.committer.stopping.is_set():  # a fetch killed because the service stops: no failure
+            return "failed"
         self.status = SyncStatus("failed", reason, remote)
         if self._reported == (reason, remote):
             return "failed"

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,9 +102,13 @@ def message(subject: str, reason: str | None, client: str) -> str:
 class Committer:
     """Builds commits in one repository and moves its branch and files to them."""
 
-    def __init__(self, repo: GitRepo, committer: Identity) -> None:
+    def __init__(
+        self, repo: GitRepo, committer: Identity, *, stopping: threading.Event | None = None
+    ) -> None:
         self.repo = repo
         self.committer = committer
+        self.stopping = stopping or threading.Event()
+        """Set by `abort`: pushes and fetches running are killed, new ones refused (shutdown)."""
         self._git_dir = Path(repo.run("rev-parse", "--absolute-git-dir").decode().strip())
 
     # -- reading -----------------------------------------------------------------------------
@@ -351,6 +356,14 @@ class Committer:
 
     # -- remotes ----------------------------------------------------------------------------------
 
+    def abort(self) -> None:
+        """Kill the pushes and fetches running now and refuse any more: the service is stopping.
+
+        A remote that hangs keeps its git until the 60 s timeout, and a thread waiting for git
+        cannot be cancelled: without this a stopping service waited for it, and was killed.
+        """
+        self.stopping.set()
+
     def push(self, remote: str, commit: str, branch: str) -> str | None:
         """Push `commit` to `branch` on `remote`; None when done, else git's reason (rejected...)."""
         try:
@@ -364,6 +377,7 @@ class Committer:
                 remote,
                 f"{commit}:refs/heads/{branch}",
                 timeout_s=REMOTE_TIMEOUT_S,
+                abort=self.stopping,
             )
         except GitError as exc:
             return str(exc)
@@ -385,6 +399,7 @@ class Committer:
             remote,
             f"+refs/heads/{branch}:{tracking}",  # forced: it records what the remote has, rewritten or not
             timeout_s=REMOTE_TIMEOUT_S,
+            abort=self.stopping,
         )
         commit = self.resolve(tracking)
         if commit is None:
@@ -403,6 +418,7 @@ class Committer:
             "HEAD",
             "refs/heads/*",
             timeout_s=REMOTE_TIMEOUT_S,
+            abort=self.stopping,
         )
         default, at = None, []
         for line in out.decode("utf-8", "replace").splitlines():

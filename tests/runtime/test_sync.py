@@ -7,8 +7,10 @@ service's own loop; nothing is slept for.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,7 +24,20 @@ from service.runtime.registry import Outcome
 from service.runtime.sync import Puller, parse_pull
 from service.vcs.gitrepo import GitRepo
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.support.replicas import Checkout, clone, git, make_remote, routing_yaml, server_yaml
+from tests.support.replicas import (
+    Checkout,
+    Replica,
+    clone,
+    free_port,
+    git,
+    make_remote,
+    replica_env,
+    replicas,
+    routing_yaml,
+    server_yaml,
+)
+
+API = "/api/v1/llm-config"
 
 
 @pytest.fixture
@@ -289,3 +304,39 @@ async def test_a_commit_of_thousands_of_files_is_pulled_in_a_few_git_calls(
         assert len(calls) < 50
         assert git(mine.root, "status", "--porcelain") == ""
         assert (mine.root / "docs" / "page-02999.md").read_text() == "page 2999\n"
+
+
+async def test_a_replica_stops_at_once_while_its_fetch_hangs_on_a_dead_remote(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """A thread waiting for git cannot be cancelled: a fetch from a remote that accepts and
+    never answers kept `switchboard serve` alive after SIGTERM until git's 60 s timeout (and
+    Kubernetes kills a pod 30 s after asking it to stop)."""
+    bare, _ = remote
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await asyncio.sleep(3600)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    mine = clone(bare, tmp_path / "replica")
+    git(mine.root, "remote", "set-url", "origin", f"git://127.0.0.1:{port}/remote.git")
+    env = replica_env(sops_project.identity.key_file, git_pull="origin/main", git_pull_interval_s="1")
+    member = Replica("hung", mine.root, mine.providers, free_port(), env, tmp_path)
+    try:
+        async with replicas(member):
+            await eventually(lambda: len(held) >= 1, timeout=5)  # the fetch is under way, and hangs
+            status, _ = await member.get(f"{API}/active/chat")
+            assert status == 200  # requests do not wait for it
+            started = time.monotonic()
+            await member.stop()
+            assert time.monotonic() - started < 5, member.log()
+            assert member.process is not None and member.process.returncode == 0, member.log()
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+    logged = [json.loads(line) for line in member.events_file.read_text().splitlines()]
+    assert not [e for e in logged if e["type"] == "sync.failed"]  # stopping is not a failed pull
