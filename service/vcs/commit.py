@@ -214,8 +214,10 @@ class Committer:
         Files are written atomically with their mode (100755 executable), a symlink is made a
         symlink: anything else would leave the working tree differing from the commit, and
         every later pull would refuse to run over those "local edits". Removals go first, so a
-        file can take the place of a link or of a folder the commit emptied (folders emptied are
-        otherwise left, as a folder the watcher watches must stay). Blobs are read in
+        file can take the place of a link or of a folder the commit emptied, and a folder they
+        empty goes too, as git removes it (a commit that deletes `providers.d/` whole leaves no
+        empty folder to be served as an empty configuration: the watcher keeps the last good
+        one, as after a `git pull` or a git-sync swap). Blobs are read in
         batches (one git call each, not two per file), and nothing is written through a link
         that leads out of the repository.
         """
@@ -225,6 +227,7 @@ class Committer:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 target.unlink()
                 fsync_path(target.parent)
+            self._prune(target.parent)
         wanted = [p for p in paths if p in entries and entries[p][0] != b"160000"]  # not submodules
         for start in range(0, len(wanted), _BATCH):
             batch = wanted[start : start + _BATCH]
@@ -276,6 +279,16 @@ class Committer:
             temporary.unlink(missing_ok=True)
             raise
         fsync_path(target.parent)
+
+    def _prune(self, folder: Path) -> None:
+        """Remove `folder` and its parents while they are empty, up to the top level (as git does)."""
+        root = self.repo.root.absolute()
+        while folder.absolute() != root and root in folder.absolute().parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not there): as git, leave it
+                return
+            folder = folder.parent
 
     def _set_index(self, paths: list[str], entries: Mapping[str, tuple[bytes, bytes]]) -> None:
         """The index entries of `paths` as `entries` (from `_entries`) give them (removed where none).

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -340,3 +341,67 @@ async def test_a_replica_stops_at_once_while_its_fetch_hangs_on_a_dead_remote(
             writer.close()
     logged = [json.loads(line) for line in member.events_file.read_text().splitlines()]
     assert not [e for e in logged if e["type"] == "sync.failed"]  # stopping is not a failed pull
+
+
+async def test_a_commit_that_deletes_the_providers_folder_leaves_the_last_good_configuration_served(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """git removes a folder a commit empties, and then the watcher keeps the last good files
+    (as after a `git pull` or a git-sync swap); the pull left the folder, empty, and the
+    replica served an empty configuration."""
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        shutil.rmtree(author.providers)
+        git(author.root, "add", "-A")
+        git(author.root, "commit", "-qm", "no more providers")
+        author.push()
+        assert await pull.pull() == "applied"
+        assert not mine.providers.exists() and git(mine.root, "status", "--porcelain") == ""
+        status, route = await service.get(f"{API}/active/chat")
+        assert status == 200 and [p["id"] for p in route["primary"]] == ["gpu"]
+        _, ready = await service.get("/readyz")
+        assert ready["degraded"] is True
+        author.providers.mkdir()
+        back = author.commit({"gpu.yaml": server_yaml("gpu", 12), "routing.yaml": routing_yaml("gpu")})
+        author.push()
+        assert await pull.pull() == "applied"
+        assert service.registry.state.last_applied_commit == back
+        assert service.registry.snapshot.providers["gpu"].endpoint == "http://127.0.0.1:12/v1"
+
+
+async def test_a_commit_the_service_refuses_is_pulled_reported_and_the_last_good_served(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        served = service.registry.state.last_applied_commit
+        bad = author.commit({"routing.yaml": routing_yaml("nope"), "gpu.yaml": "kind: ai_server\nid: gpu\n"})
+        author.push()
+        assert await puller(service).pull() == "applied"  # pulled; the service refuses it as any change
+        state = service.registry.state
+        assert (state.last_applied_commit, state.last_attempted_commit) == (served, bad)
+        assert set(state.refused) == {"providers.d/gpu.yaml", "providers.d/routing.yaml"}
+        status, route = await service.get(f"{API}/active/chat")
+        assert status == 200 and route["primary"][0]["base_url"] == "http://127.0.0.1:9/v1"
+
+
+async def test_a_remote_branch_deleted_is_one_failure_and_the_replica_serves_on(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        await eventually(lambda: pull.status.remote_commit is not None)
+        git(author.root, "push", "-q", "origin", "HEAD:refs/heads/other")
+        git(bare, "symbolic-ref", "HEAD", "refs/heads/other")
+        git(author.root, "push", "-q", "origin", ":main")
+        for _ in range(3):
+            assert await pull.pull() == "failed"
+        assert len(failures(service)) == 1 and "couldn't find remote ref" in failures(service)[0].reason
+        assert mine.head() == git(author.root, "rev-parse", "HEAD")
+        status, _ = await service.get(f"{API}/active/chat")
+        assert status == 200
