@@ -135,6 +135,12 @@ class Puller:
         except GitError as exc:
             return await self._failed(f"the fetch of {self.spec} failed: {exc}", None)
         ref = await asyncio.to_thread(committer.ref)
+        if ref == "HEAD":
+            return await self._failed(
+                f"HEAD is detached: the pull fast-forwards a branch, and moves no detached HEAD; "
+                f"check out the branch {self.branch}",
+                remote,
+            )
         local = await asyncio.to_thread(committer.resolve, ref)
         if local == remote:
             return self._ok(remote, "unchanged")

@@ -27,6 +27,7 @@ from service.vcs.gitrepo import GitRepo
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.replicas import (
     Checkout,
+    GitSync,
     Replica,
     clone,
     free_port,
@@ -405,3 +406,46 @@ async def test_a_remote_branch_deleted_is_one_failure_and_the_replica_serves_on(
         assert mine.head() == git(author.root, "rev-parse", "HEAD")
         status, _ = await service.get(f"{API}/active/chat")
         assert status == 200
+
+
+async def test_with_git_sync_the_pull_never_moves_its_worktree(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """With both git-sync and SWITCHBOARD_GIT_PULL (the Kubernetes manifest is one setting away
+    from it), the pull fast-forwarded git-sync's detached worktree under it, and once git-sync
+    had swapped to a new worktree and removed that one, every pull failed on a folder gone."""
+    bare, author = remote
+    sync = GitSync(tmp_path / "git", bare)
+    first = sync.sync()
+    settings = {
+        "root": sync.link,
+        "providers": sync.providers,
+        "git_pull": "origin/main",
+        "git_pull_interval_s": 0.1,
+    }
+    async with serve(sops_project, **settings) as service:
+        assert PULLER not in service.app  # no pull: git-sync brings the commits
+        second = author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+        author.push()
+        await asyncio.sleep(0.5)
+        assert git(sync.link.resolve(), "rev-parse", "HEAD") == first  # git-sync's worktree, untouched
+        sync.sync()
+        await eventually(lambda: service.registry.state.last_applied_commit == second, timeout=2)
+        assert not failures(service)
+
+
+async def test_a_detached_head_is_never_moved_by_the_pull(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    git(mine.root, "checkout", "-q", "--detach")
+    detached = mine.head()
+    async with replica(sops_project, mine) as service:
+        await eventually(lambda: puller(service).status.status == "failed")  # the pull at the start
+        author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+        author.push()
+        for _ in range(3):
+            assert await puller(service).pull() == "failed"
+        assert mine.head() == detached and "detached" in (puller(service).status.reason or "")
+        assert len(failures(service)) == 2  # the remote moved once: one failure each, not one per pull
