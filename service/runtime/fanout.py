@@ -332,18 +332,24 @@ class Fanout:
                 await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
 
     async def _listen(self, pubsub: Any) -> None:
-        window, read = time.monotonic(), 0
+        window, read = 0.0, 0
         while True:
             async with asyncio.timeout(self.heartbeat_s + self.timeout_s):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_s)
+            if message is None:
+                continue
+            if read == 0:
+                window = time.monotonic()  # a second of reading starts with its first message
+            read += 1
             if isinstance(message, dict) and message.get("type") == "message":
                 await self._hear(message.get("data"))
-            read += 1
             if read >= MESSAGES_PER_S:
                 rest = 1.0 - (time.monotonic() - window)
                 if rest > 0:
                     await asyncio.sleep(rest)
-                window, read = time.monotonic(), 0
+                read = 0
+            elif time.monotonic() - window >= 1.0:
+                read = 0
 
     async def _hear(self, data: Any) -> None:
         parsed = parse_beat(data)

@@ -50,11 +50,13 @@ _DROPPED = frozenset({"EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GI
 
 
 _CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
 
 
 def redact(text: str) -> str:
-    """`text` with the credentials of any URL in it masked (`https://****@host/...`)."""
-    return _CREDENTIALS.sub(r"\1****@", text)
+    """`text` with the credentials of any URL in it masked (`https://****@host/...`), and its query
+    too (`?private_token=…`): git masks the user and password of a URL it names, not a query."""
+    return _QUERY.sub(r"\1?****", _CREDENTIALS.sub(r"\1****@", text))
 
 
 def safe_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:

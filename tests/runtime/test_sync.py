@@ -449,3 +449,20 @@ async def test_a_detached_head_is_never_moved_by_the_pull(
             assert await puller(service).pull() == "failed"
         assert mine.head() == detached and "detached" in (puller(service).status.reason or "")
         assert len(failures(service)) == 2  # the remote moved once: one failure each, not one per pull
+
+
+async def test_a_token_in_the_remote_url_never_reaches_readyz_or_the_log(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """git names the remote's URL in its errors, and masks the user and password in it, but not
+    a token in its query (`?private_token=`): it went into `/readyz`, which is public, and into
+    the `sync.failed` event."""
+    bare, _ = remote
+    mine = clone(bare, tmp_path / "replica")
+    secret = "glpat-SEKRET0123456789"
+    git(mine.root, "remote", "set-url", "origin", f"http://127.0.0.1:1/config.git?private_token={secret}")
+    async with replica(sops_project, mine) as service:
+        await eventually(lambda: puller(service).status.status == "failed")
+        _, ready = await service.get("/readyz")
+        assert "unable to access" in ready["sync"]["reason"] and secret not in json.dumps(ready)
+        assert failures(service) and all(secret not in e.reason for e in failures(service))
