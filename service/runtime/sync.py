@@ -123,7 +123,11 @@ class Puller:
     async def pull(self) -> Result:
         """Fetch, fast-forward and apply when possible; what happened. Never resets anything."""
         async with self.lock:
-            result = await self._pull()
+            try:
+                result = await self._pull()
+            except GitError as exc:  # any other step git refused: a failed pull, said as such
+                reason = f"the pull of {self.spec} failed: {exc}"
+                result = await self._failed(reason, self.status.remote_commit)
         if self.on_result is not None:
             self.on_result(result)
         return result

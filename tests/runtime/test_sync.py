@@ -19,10 +19,12 @@ from typing import Any
 
 import pytest
 
+from service.errors import GitError
 from service.http.context import EVENTS, PULLER
 from service.journal.events import SyncFailed
 from service.runtime.registry import Outcome
 from service.runtime.sync import Puller, parse_pull
+from service.vcs.commit import Committer
 from service.vcs.gitrepo import GitRepo
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.replicas import (
@@ -466,3 +468,29 @@ async def test_a_token_in_the_remote_url_never_reaches_readyz_or_the_log(
         _, ready = await service.get("/readyz")
         assert "unable to access" in ready["sync"]["reason"] and secret not in json.dumps(ready)
         assert failures(service) and all(secret not in e.reason for e in failures(service))
+
+
+async def test_a_git_error_after_the_fetch_is_a_failed_pull_reported_not_a_silent_one(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A git error after the fetch (`git status` failing, say) went out of the pull as an
+    exception: logged with a traceback at every interval, while `/readyz` said `ok`, no
+    `sync.failed` was written and no failure was counted."""
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        await eventually(lambda: pull.status.remote_commit is not None)
+        author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+        author.push()
+
+        def broken(*args: Any, **kwargs: Any) -> list[str]:
+            raise GitError("git status failed: fatal: unknown index entry format 0x30000000")
+
+        monkeypatch.setattr(Committer, "local_edits", broken)
+        assert await pull.pull() == "failed"
+        _, ready = await service.get("/readyz")
+        assert ready["sync"]["status"] == "failed" and "unknown index entry" in ready["sync"]["reason"]
+        assert len(failures(service)) == 1
+        _, metrics = await service.text("/metrics")
+        assert re.search(r"^switchboard_sync_failures_total [1-9]", metrics, re.M)
