@@ -494,3 +494,29 @@ async def test_a_git_error_after_the_fetch_is_a_failed_pull_reported_not_a_silen
         assert len(failures(service)) == 1
         _, metrics = await service.text("/metrics")
         assert re.search(r"^switchboard_sync_failures_total [1-9]", metrics, re.M)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="not fixed (a policy call): the watcher follows a link to any file, by design "
+    "(tests/runtime/test_watcher.py::test_symlinks_are_followed_and_dangling_ones_skipped)",
+)
+async def test_a_committed_link_out_of_the_repository_is_not_read(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """Whoever may push to the configuration repository (without the age identity) can commit
+    `providers.d/x.yaml -> /any/file/of/the/replica`: git, git-sync and the pull check it out as
+    a link, and the service reads whatever it names (another team's files, a mounted secret
+    that parses as YAML, whose values a refusal may quote, or show by their mere existence)."""
+    bare, author = remote
+    mine = clone(bare, tmp_path / "replica")
+    outside = tmp_path / "elsewhere" / "stolen.yaml"
+    outside.parent.mkdir()
+    outside.write_text(server_yaml("stolen", 4))
+    async with replica(sops_project, mine) as service:
+        (author.providers / "stolen.yaml").symlink_to(outside)
+        git(author.root, "add", "-A")
+        git(author.root, "commit", "-qm", "a link out")
+        author.push()
+        assert await puller(service).pull() == "applied"
+        assert "stolen" not in service.registry.snapshot.providers
