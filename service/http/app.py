@@ -19,7 +19,7 @@ from aiohttp import web
 
 from service import __version__
 from service.crypto.sops import Sops
-from service.errors import HTTPError, NotReady, PayloadTooLarge
+from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
 from service.http import config_api, console, openai_api, openapi, push, replicas, traffic, write_api
 from service.http.auth import Handler
@@ -131,6 +131,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
         response = web.json_response(error.body(), status=error.status)
+    except web.RequestPayloadError as exc:  # a body it cannot decode: gzip that is not
+        reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        refused = BadRequest(f"the body could not be read: {type(reason).__name__}")
+        response = web.json_response(refused.body(), status=refused.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -24,6 +24,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 from aiohttp import web
 
@@ -44,6 +45,8 @@ from service.http.push import watched
 from service.runtime.fanout import Beat, Fanout, answer
 from service.runtime.registry import Outcome
 from service.runtime.sync import Puller, Result
+from service.runtime.watcher import link_folders
+from service.vcs.gitrepo import GitRepo
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,12 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
         log.error(
             "SWITCHBOARD_GIT_PULL is set, but %s is not in a git repository: no pull", settings.providers
         )
+    elif settings.git_pull is not None and await asyncio.to_thread(_synced, settings.providers_dir):
+        log.error(
+            "SWITCHBOARD_GIT_PULL is set, but %s is a git-sync checkout (a worktree on a detached HEAD "
+            "behind a link): git-sync brings the commits, and a pull would move its worktree; no pull",
+            settings.providers,
+        )
     elif settings.git_pull is not None and writer.committer is not None:
 
         def counted(result: Result) -> None:
@@ -176,6 +185,8 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
+        if writer.committer is not None:
+            writer.committer.abort()  # a fetch or push hanging on a dead remote goes now
         if fanout is not None:
             await asyncio.to_thread(fanout.stop)
         for task in tasks:
@@ -185,6 +196,19 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+def _synced(providers: Path) -> bool:
+    """Whether `providers` is reached through a link to a checkout on a detached HEAD (git-sync's)."""
+    if not link_folders(providers):
+        return False
+    repo = GitRepo.find(providers)
+    if repo is None:
+        return False
+    try:
+        return not repo.run("symbolic-ref", "-q", "HEAD", ok=(0, 1)).strip()
+    except GitError:
+        return False
 
 
 def _fanout(app: web.Application, url: str, puller: Puller | None, loop: asyncio.AbstractEventLoop) -> Fanout:

@@ -12,7 +12,7 @@ thread of its own: a Redis that is down, slow, hanging or answering garbage (or 
 that takes minutes to resolve) only ever stalls that thread. Every call has a timeout;
 every failure ends the session, which starts again after a backoff (0.1 s doubling to 5 s);
 a session that stops hearing its own heartbeats is taken as dead. Nothing leaves the thread
-but what it heard, through `peers` (swapped whole) and `on_new` (called in the thread: hand
+but what it heard, through `peers` and `on_new` (called in the thread: hand
 over with `call_soon_threadsafe`). What is heard is checked and bounded before it is kept.
 """
 
@@ -33,14 +33,18 @@ from types import MappingProxyType
 from typing import Any
 
 import redis.asyncio as redis
+from redis._parsers import _AsyncRESP3Parser
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import InvalidResponse
 
 from service.vcs.gitrepo import redact
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "switchboard:replicas"
+"""The channel of database 0; database N's is `switchboard:replicas:N` (see `channel_of`)."""
 HEARTBEAT_S = 2.0
 LIVE_S = 10.0
 """A replica not heard from for this long is left out of `peers`."""
@@ -48,7 +52,17 @@ TIMEOUT_S = 1.0
 """The longest any one Redis call may take."""
 BACKOFF_S = (0.1, 5.0)
 MAX_MESSAGE = 2048
+MAX_REPLY = 64 << 10
+"""The largest string any reply may hold: a heartbeat is at most `MAX_MESSAGE`."""
+MAX_ITEMS = 64
+"""The most items any array, map or set of a reply may hold."""
 MAX_PEERS = 1000
+MESSAGES_PER_S = 1000
+"""Messages read from Redis per second, at most (1,000 replicas beating every 2 s send 500).
+Past it the thread stops reading for the rest of the second: a flood of messages (anyone who
+may publish on the channel) would otherwise keep it busy, and every request waits its turn for
+the interpreter lock (requests' p99 went from 0.5 ms to 30-50 ms). Redis holds what is not
+read yet, or drops a subscriber that lags too far, which ends the session like any failure."""
 REPULL_S = 10.0
 """A commit heard again that a pull did not bring is asked for at most this often."""
 CHECKS_PER_S = 20
@@ -94,6 +108,20 @@ def answer(beat: Beat, seen_at: datetime) -> dict[str, Any]:
     }
 
 
+def channel_of(url: str) -> str:
+    """The channel of the deployment whose Redis is `url`.
+
+    Redis' pub/sub ignores the database number: two deployments sharing a Redis, each on a
+    database of its own, would hear each other (list each other's replicas, pull for each
+    other's commits) on one channel. So the database is in the channel's name.
+    """
+    try:
+        db = int(parse_url(url).get("db") or 0)
+    except (ValueError, TypeError):
+        db = 0  # a URL redis-py refuses: the session fails on it anyway
+    return CHANNEL if db == 0 else f"{CHANNEL}:{db}"
+
+
 def parse_beat(data: Any) -> tuple[Beat, str] | None:
     """A heartbeat and its sender's instance from a message's bytes; None for anything else."""
     if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
@@ -119,6 +147,29 @@ def parse_beat(data: Any) -> tuple[Beat, str] | None:
     return Beat(replica, commit, generation, ready), instance
 
 
+class _BoundedParser(_AsyncRESP3Parser):
+    """redis-py's RESP parser, refusing a reply larger than anything Redis sends this client.
+
+    As it stands, the parser buffers whatever length a reply announces: a server (or whoever
+    answers at that address) that sends `$1500000000` and streams made the thread hold 5 GB
+    within the seconds before a timeout, `*100000000` built a list of as many items. Each
+    length is checked as its header is read, before anything of it is: a reply over the
+    bounds ends the session like any garbage.
+    """
+
+    async def _readline(self) -> bytes:
+        line = await super()._readline()
+        kind = line[:1]
+        if kind in (b"$", b"=", b"!", b"*", b"%", b"~", b">", b"|"):
+            try:
+                size = int(line[1:])
+            except ValueError:
+                return line  # the parser refuses it itself
+            if size > (MAX_REPLY if kind in (b"$", b"=", b"!") else MAX_ITEMS):
+                raise InvalidResponse(f"a reply of {size} (header {kind!r}) is larger than Redis sends here")
+        return line
+
+
 class Fanout:
     """The Redis client of one replica, on its own thread: `start`, then `stop`."""
 
@@ -129,7 +180,7 @@ class Fanout:
         *,
         knows: Callable[[str], bool],
         on_new: Callable[[str], None],
-        channel: str = CHANNEL,
+        channel: str | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         timeout_s: float = TIMEOUT_S,
         on_state: Callable[[bool], None] | None = None,
@@ -141,15 +192,17 @@ class Fanout:
         """Whether this replica has a commit (blocking: it may ask git); called in the thread."""
         self.on_new = on_new
         """Called, in the thread, with a commit heard that this replica does not have."""
-        self.channel = channel
+        self.channel = channel or channel_of(url)
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
         self.on_state = on_state
         self.instance = secrets.token_hex(8)
         self.connected = False
         """A session is up and hears its own heartbeats."""
-        self.peers: Mapping[str, Peer] = MappingProxyType({})
-        """Other replicas heard from, by name (swapped whole; read from any thread)."""
+        self._peers: dict[str, Peer] = {}
+        self.peers: Mapping[str, Peer] = MappingProxyType(self._peers)
+        """Other replicas heard from, by name (read from any thread: a new replica swaps it whole,
+        one heard again has its entry replaced in place)."""
         self._known: dict[str, None] = {}
         self._asked: dict[str, float] = {}
         self._checks: list[float] = []
@@ -160,6 +213,7 @@ class Fanout:
         self._started = threading.Event()
         self._last_error: str | None = None
         self._heard_self = 0.0
+        self._pruned = 0.0
 
     # -- from the service's side ---------------------------------------------------------------------
 
@@ -229,11 +283,13 @@ class Fanout:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
             max_connections=4,
+            parser_class=_BoundedParser,
         )
         pubsub = client.pubsub()
         self._heard_self = time.monotonic()
         try:
-            await asyncio.wait_for(pubsub.subscribe(self.channel), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await pubsub.subscribe(self.channel)
             tasks = {
                 asyncio.ensure_future(self._listen(pubsub)),
                 asyncio.ensure_future(self._beat(client)),
@@ -252,7 +308,8 @@ class Fanout:
         finally:
             for close in (pubsub.aclose, client.aclose):
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(close(), self.timeout_s)
+                    async with asyncio.timeout(self.timeout_s):
+                        await close()
 
     async def _beat(self, client: redis.Redis) -> None:
         """Publish a heartbeat every `heartbeat_s`, and at once when woken."""
@@ -267,20 +324,32 @@ class Fanout:
                 "generation": beat.generation,
                 "ready": beat.ready,
             }
-            await asyncio.wait_for(client.publish(self.channel, json.dumps(message)), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await client.publish(self.channel, json.dumps(message))
             if time.monotonic() - self._heard_self > 3 * self.heartbeat_s + self.timeout_s:
                 raise ConnectionError("this replica's own heartbeats do not come back")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
 
     async def _listen(self, pubsub: Any) -> None:
+        window, read = 0.0, 0
         while True:
-            message = await asyncio.wait_for(
-                pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_s),
-                self.heartbeat_s + self.timeout_s,
-            )
+            async with asyncio.timeout(self.heartbeat_s + self.timeout_s):
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_s)
+            if message is None:
+                continue
+            if read == 0:
+                window = time.monotonic()  # a second of reading starts with its first message
+            read += 1
             if isinstance(message, dict) and message.get("type") == "message":
                 await self._hear(message.get("data"))
+            if read >= MESSAGES_PER_S:
+                rest = 1.0 - (time.monotonic() - window)
+                if rest > 0:
+                    await asyncio.sleep(rest)
+                read = 0
+            elif time.monotonic() - window >= 1.0:
+                read = 0
 
     async def _hear(self, data: Any) -> None:
         parsed = parse_beat(data)
@@ -295,10 +364,16 @@ class Fanout:
                 self._heard_self = now
                 self._set_connected(True)
             return
-        peers = {n: p for n, p in self.peers.items() if now - p.heard <= LIVE_S}
-        if beat.replica in peers or len(peers) < MAX_PEERS:
-            peers[beat.replica] = Peer(beat, datetime.now(UTC), now)
-        self.peers = MappingProxyType(peers)
+        peer = Peer(beat, datetime.now(UTC), now)
+        if now - self._pruned >= 1.0:  # the silent ones go once a second, not a copy per message
+            self._pruned = now
+            self._publish({n: p for n, p in self._peers.items() if now - p.heard <= LIVE_S})
+        if beat.replica in self._peers:
+            # In place: other threads iterate `peers`, which a replaced value cannot disturb
+            # (a new key would, so a new replica makes a new mapping).
+            self._peers[beat.replica] = peer
+        elif len(self._peers) < MAX_PEERS:
+            self._publish({**self._peers, beat.replica: peer})
         if beat.commit is not None and beat.commit != local.commit:
             await self._consider(beat.commit, now)
 
@@ -320,6 +395,10 @@ class Fanout:
             self._asked[commit] = now
         log.info("fan-out: a replica serves %s, which this one does not have: pulling now", commit[:12])
         self.on_new(commit)
+
+    def _publish(self, peers: dict[str, Peer]) -> None:
+        self._peers = peers
+        self.peers = MappingProxyType(peers)
 
     def _set_connected(self, connected: bool) -> None:
         if connected == self.connected:

@@ -14,6 +14,7 @@ at a time; it knows nothing of asyncio. `on_apply` callbacks hear of every outco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -162,7 +163,15 @@ class Registry:
                 raise EventLogError(f"{self.events.path}: the event log is closed; nothing applied")
             if source is not None and self.attributor is not None:
                 self.attributor.follow(source)
-            outcome = self._apply(candidate, {f: _refusal(r) for f, r in rejected.items()})
+            pinned = self.attributor.pinned() if self.attributor else contextlib.nullcontext(None)
+            with pinned as head:
+                if source is not None and not source.is_dir():
+                    # The worktree read was removed since (git-sync swapped the link on): what it
+                    # held cannot be attributed, and a newer one is there to read instead.
+                    state = self._state
+                    outcome = Outcome(state.snapshot, False, 0, state.refused)
+                else:
+                    outcome = self._apply(candidate, {f: _refusal(r) for f, r in rejected.items()}, head)
             for callback in list(self.on_apply):
                 try:
                     callback(outcome)
@@ -170,9 +179,10 @@ class Registry:
                     log.exception("an on_apply callback failed")
         return outcome
 
-    def _apply(self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal]) -> Outcome:
+    def _apply(
+        self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal], head: str | None
+    ) -> Outcome:
         state = self._state
-        head = self.attributor.head() if self.attributor else None
         files = dict(candidate)
         refusals = dict(rejected)
         _keep_clients(files, refusals, state.snapshot)

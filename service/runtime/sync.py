@@ -123,7 +123,11 @@ class Puller:
     async def pull(self) -> Result:
         """Fetch, fast-forward and apply when possible; what happened. Never resets anything."""
         async with self.lock:
-            result = await self._pull()
+            try:
+                result = await self._pull()
+            except GitError as exc:  # any other step git refused: a failed pull, said as such
+                reason = f"the pull of {self.spec} failed: {exc}"
+                result = await self._failed(reason, self.status.remote_commit)
         if self.on_result is not None:
             self.on_result(result)
         return result
@@ -135,6 +139,12 @@ class Puller:
         except GitError as exc:
             return await self._failed(f"the fetch of {self.spec} failed: {exc}", None)
         ref = await asyncio.to_thread(committer.ref)
+        if ref == "HEAD":
+            return await self._failed(
+                f"HEAD is detached: the pull fast-forwards a branch, and moves no detached HEAD; "
+                f"check out the branch {self.branch}",
+                remote,
+            )
         local = await asyncio.to_thread(committer.resolve, ref)
         if local == remote:
             return self._ok(remote, "unchanged")
@@ -175,6 +185,8 @@ class Puller:
         return result
 
     async def _failed(self, reason: str, remote: str | None) -> Result:
+        if self.committer.stopping.is_set():  # a fetch killed because the service stops: no failure
+            return "failed"
         self.status = SyncStatus("failed", reason, remote)
         if self._reported == (reason, remote):
             return "failed"

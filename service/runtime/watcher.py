@@ -101,9 +101,18 @@ class Reloader:
             yield self._reload
 
     async def _reload(self) -> Outcome:
+        """`_reload_once`, again while what it read was swapped away before it could be applied
+        (the registry applies no worktree git-sync has removed: its commit cannot be told)."""
+        for _ in range(_SCAN_ATTEMPTS):
+            outcome, source = await self._reload_once()
+            if outcome.applied or source is None or source.is_dir():
+                break
+        return outcome
+
+    async def _reload_once(self) -> tuple[Outcome, Path | None]:
         if self._closed:
             state = self.registry.state
-            return Outcome(state.snapshot, False, 0, state.refused)
+            return Outcome(state.snapshot, False, 0, state.refused), None
         started = time.perf_counter()
         present, source = await asyncio.to_thread(self._scan_one_target)
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
@@ -130,7 +139,7 @@ class Reloader:
         outcome = await asyncio.shield(applying)
         if self.on_reload is not None:
             self.on_reload(outcome, time.perf_counter() - started)
-        return outcome
+        return outcome, source
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Load, then reload on every batch of changes until `stop` is set.

@@ -410,7 +410,10 @@ class Writer:
             if found is not None:
                 synced, repo = found
                 if repo.root != self.committer.repo.root:
-                    self.repo, self.committer = repo, Committer(repo, self.committer.committer)
+                    self.repo, self.committer = (
+                        repo,
+                        Committer(repo, self.committer.committer, stopping=self.committer.stopping),
+                    )
         if self.settings.git_push is None and (synced or self.settings.git_pull is not None):
             feed = "git-sync" if synced else "SWITCHBOARD_GIT_PULL"
             raise MethodNotAllowed(

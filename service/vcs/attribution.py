@@ -7,8 +7,9 @@ file. Outside a git repository both are null. This runs on the reload path, neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from service.config.snapshot import NO_GIT, Attribution
@@ -26,19 +27,37 @@ class Attributor:
         # The repository holding the folder; the folder itself may not exist yet.
         existing = next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), folder)
         self.repo = GitRepo.find(existing)
+        self._store = _object_store(self.repo)
         self._target: Path | None = None
+        self._pin: str | None = None
 
     def follow(self, target: Path) -> None:
         """Answer for the files of `target`: the folder as read, links resolved.
 
         Behind a link that git-sync swaps, each commit is a new worktree with its own HEAD;
-        the repository is looked up again when the target changes (one git call), so `commit`
+        the repository is looked up again when the target changes (two git calls), so `commit`
         is the HEAD of the worktree the files came from.
         """
         if target == self._target:
             return
         self._target = target
         self.repo = GitRepo.find(target)
+        self._store = _object_store(self.repo)
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[str | None]:
+        """HEAD, read once; every `attribute` within answers for that commit.
+
+        Its trees and log are read from the repository's own git directory, by commit id:
+        git-sync removes a worktree as soon as it swapped the link away from it, and HEAD may
+        move meanwhile, but a batch is attributed to one commit, whole (it was attributed file by
+        file to whatever HEAD was, or to nothing once the worktree was gone).
+        """
+        self._pin = self.head()
+        try:
+            yield self._pin
+        finally:
+            self._pin = None
 
     def head(self) -> str | None:
         """The HEAD commit, or None outside a repository or before the first commit."""
@@ -56,16 +75,17 @@ class Attributor:
         """
         if self.repo is None:
             return dict.fromkeys(files, NO_GIT)
-        head = self.head()
+        head = self._pin or self.head()
         relative = {path: self._relative(path) for path in files}
         known = sorted({r for r in relative.values() if r is not None})
         if head is None or not known:
             return dict.fromkeys(files, Attribution(None, None, True))
+        store = self._store or self.repo
         try:
             blobs: dict[str, str] = {}
             for folder in sorted({str(PurePosixPath(p).parent) for p in known}):
-                blobs.update(self.repo.blob_ids("HEAD", folder))
-            authors = self.repo.last_authors(known)
+                blobs.update(store.blob_ids(head, folder))
+            authors = store.last_authors(known, head)
         except GitError as exc:
             log.warning("git: %s", exc)
             return dict.fromkeys(files, Attribution(None, None, True))
@@ -92,3 +112,14 @@ class Attributor:
             except ValueError:
                 continue
         return None
+
+
+def _object_store(repo: GitRepo | None) -> GitRepo | None:
+    """The git directory shared by `repo`'s worktrees (`.git`): it outlives any one of them."""
+    if repo is None:
+        return None
+    try:
+        common = repo.run("rev-parse", "--path-format=absolute", "--git-common-dir").decode().strip()
+    except GitError:
+        return None
+    return GitRepo(Path(common))

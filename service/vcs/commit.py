@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +47,9 @@ REMOTE_TIMEOUT_S = 60.0
 """The longest a push or a fetch may take (a write waits for it, the write lock held)."""
 _OFF = (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
 """A filter driver with these settings runs nothing."""
+
+_BATCH = 256
+"""Files whose contents one `git cat-file` call reads."""
 
 FETCHED = "refs/switchboard/fetched/"
 """Where `fetch` records what a remote's branch is at."""
@@ -97,9 +102,13 @@ def message(subject: str, reason: str | None, client: str) -> str:
 class Committer:
     """Builds commits in one repository and moves its branch and files to them."""
 
-    def __init__(self, repo: GitRepo, committer: Identity) -> None:
+    def __init__(
+        self, repo: GitRepo, committer: Identity, *, stopping: threading.Event | None = None
+    ) -> None:
         self.repo = repo
         self.committer = committer
+        self.stopping = stopping or threading.Event()
+        """Set by `abort`: pushes and fetches running are killed, new ones refused (shutdown)."""
         self._git_dir = Path(repo.run("rev-parse", "--absolute-git-dir").decode().strip())
 
     # -- reading -----------------------------------------------------------------------------
@@ -200,36 +209,97 @@ class Committer:
             self.repo.run("update-ref", "-m", f"switchboard: {note}", ref, new, old or zero)
 
     def _bring_files(self, commit: str | None, paths: list[str]) -> None:
-        """Each of `paths` as it is in `commit`, written atomically; then their index entries."""
-        for path in paths:
-            data = self.repo.read_file(commit, path) if commit else None
-            target = self.repo.root / path
-            if data is None:
-                with contextlib.suppress(FileNotFoundError):
-                    target.unlink()
-                    fsync_path(target.parent)
-            else:
-                write_atomically(target, data)
-        if paths:
-            self._set_index(commit, paths)
+        """Each of `paths` as it is in `commit`, as a checkout leaves it; then their index entries.
 
-    def _set_index(self, commit: str | None, paths: list[str]) -> None:
-        """The index entries of `paths` as in `commit` (removed where it has none).
+        Files are written atomically with their mode (100755 executable), a symlink is made a
+        symlink: anything else would leave the working tree differing from the commit, and
+        every later pull would refuse to run over those "local edits". Removals go first, so a
+        file can take the place of a link or of a folder the commit emptied, and a folder they
+        empty goes too, as git removes it (a commit that deletes `providers.d/` whole leaves no
+        empty folder to be served as an empty configuration: the watcher keeps the last good
+        one, as after a `git pull` or a git-sync swap). Blobs are read in
+        batches (one git call each, not two per file), and nothing is written through a link
+        that leads out of the repository.
+        """
+        entries = self._entries(commit, paths)
+        for path in sorted((p for p in paths if p not in entries), reverse=True):
+            target = self._inside(path)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                target.unlink()
+                fsync_path(target.parent)
+            self._prune(target.parent)
+        wanted = [p for p in paths if p in entries and entries[p][0] != b"160000"]  # not submodules
+        for start in range(0, len(wanted), _BATCH):
+            batch = wanted[start : start + _BATCH]
+            contents = self.repo.blobs(sorted({entries[p][1].decode() for p in batch}))
+            for path in batch:
+                mode, sha = entries[path]
+                self._place(self._inside(path), contents[sha.decode()], mode)
+        if paths:
+            self._set_index(paths, entries)
+
+    def _entries(self, commit: str | None, paths: list[str]) -> dict[str, tuple[bytes, bytes]]:
+        """(mode, object id) in `commit` of those of `paths` it holds: one listing of the whole
+        tree (naming thousands of paths on a command line would exceed what one may hold)."""
+        if commit is None or not paths:
+            return {}
+        wanted = set(paths)
+        found: dict[str, tuple[bytes, bytes]] = {}
+        for entry in self.repo.run("ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
+            meta, _, name = entry.partition(b"\t")
+            path = name.decode("utf-8", "surrogateescape")
+            if meta and path in wanted:
+                mode, _, sha = meta.split()
+                found[path] = (mode, sha)
+        return found
+
+    def _inside(self, path: str) -> Path:
+        """The working tree path of `path`; GitError when a link on the way leads out of the repository."""
+        target = self.repo.root / path
+        root = self.repo.root.resolve()
+        parent = target.parent.resolve()
+        if parent != root and root not in parent.parents:
+            raise GitError(f"{path}: a symlink on its way leads out of the repository; not written")
+        return target
+
+    def _place(self, target: Path, data: bytes, mode: bytes) -> None:
+        if target.is_dir() and not target.is_symlink():
+            target.rmdir()  # emptied by the removals; one that is not is an OSError, and undone
+        if mode != b"120000":
+            write_atomically(target, data, mode=0o755 if mode == b"100755" else 0o644)
+            return
+        # A symlink, replaced whole by a rename as a file is (the temporary name is one that
+        # `_clear_temporary_files` clears after a crash).
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        temporary.symlink_to(os.fsdecode(data))
+        try:
+            temporary.replace(target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        fsync_path(target.parent)
+
+    def _prune(self, folder: Path) -> None:
+        """Remove `folder` and its parents while they are empty, up to the top level (as git does)."""
+        root = self.repo.root.absolute()
+        while folder.absolute() != root and root in folder.absolute().parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not there): as git, leave it
+                return
+            folder = folder.parent
+
+    def _set_index(self, paths: list[str], entries: Mapping[str, tuple[bytes, bytes]]) -> None:
+        """The index entries of `paths` as `entries` (from `_entries`) give them (removed where none).
 
         Writing the index makes git re-read "racily clean" files through their clean filter
         (`.gitattributes` names one, the config defines its command): every filter the config
         defines is switched off for this one command, so none runs in this process.
         """
-        entries: dict[str, bytes] = {}
-        if commit is not None:
-            listed = self.repo.run("ls-tree", "-z", "--full-tree", commit, "--", *paths)
-            for entry in listed.split(b"\0"):
-                meta, _, name = entry.partition(b"\t")
-                if meta:
-                    mode, _, sha = meta.split()
-                    entries[name.decode("utf-8", "surrogateescape")] = mode + b" " + sha
         removed = b"0 " + b"0" * 40
-        lines = [entries.get(p, removed) + b"\t" + p.encode("utf-8", "surrogateescape") for p in paths]
+        entry = {p: b" ".join(e) for p, e in entries.items()}
+        lines = [entry.get(p, removed) + b"\t" + p.encode("utf-8", "surrogateescape") for p in paths]
         data = b"\0".join(lines) + b"\0"
         self.repo.run("update-index", "-z", "--index-info", data=data, env=self._no_filters())
 
@@ -299,6 +369,14 @@ class Committer:
 
     # -- remotes ----------------------------------------------------------------------------------
 
+    def abort(self) -> None:
+        """Kill the pushes and fetches running now and refuse any more: the service is stopping.
+
+        A remote that hangs keeps its git until the 60 s timeout, and a thread waiting for git
+        cannot be cancelled: without this a stopping service waited for it, and was killed.
+        """
+        self.stopping.set()
+
     def push(self, remote: str, commit: str, branch: str) -> str | None:
         """Push `commit` to `branch` on `remote`; None when done, else git's reason (rejected...)."""
         try:
@@ -312,6 +390,7 @@ class Committer:
                 remote,
                 f"{commit}:refs/heads/{branch}",
                 timeout_s=REMOTE_TIMEOUT_S,
+                abort=self.stopping,
             )
         except GitError as exc:
             return str(exc)
@@ -333,6 +412,7 @@ class Committer:
             remote,
             f"+refs/heads/{branch}:{tracking}",  # forced: it records what the remote has, rewritten or not
             timeout_s=REMOTE_TIMEOUT_S,
+            abort=self.stopping,
         )
         commit = self.resolve(tracking)
         if commit is None:
@@ -351,6 +431,7 @@ class Committer:
             "HEAD",
             "refs/heads/*",
             timeout_s=REMOTE_TIMEOUT_S,
+            abort=self.stopping,
         )
         default, at = None, []
         for line in out.decode("utf-8", "replace").splitlines():

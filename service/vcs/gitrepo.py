@@ -18,6 +18,8 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +27,8 @@ from pathlib import Path, PurePosixPath
 from service.errors import GitError
 
 _TIMEOUT_S = 30.0
+_ABORT_POLL_S = 0.1
+"""How often a command that may be aborted looks whether it is."""
 
 SAFE_CONFIG = (
     "-c",
@@ -46,11 +50,13 @@ _DROPPED = frozenset({"EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GI
 
 
 _CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
 
 
 def redact(text: str) -> str:
-    """`text` with the credentials of any URL in it masked (`https://****@host/...`)."""
-    return _CREDENTIALS.sub(r"\1****@", text)
+    """`text` with the credentials of any URL in it masked (`https://****@host/...`), and its query
+    too (`?private_token=…`): git masks the user and password of a URL it names, not a query."""
+    return _QUERY.sub(r"\1?****", _CREDENTIALS.sub(r"\1****@", text))
 
 
 def safe_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -123,14 +129,19 @@ class GitRepo:
         ok: tuple[int, ...] = (0,),
         env: Mapping[str, str] | None = None,
         timeout_s: float = _TIMEOUT_S,
+        abort: threading.Event | None = None,
     ) -> bytes:
         """Run `git ARGS` at the top level; returns stdout. Raises GitError on another exit code.
 
         `env` adds variables to the safe environment (a temporary index file, say). git runs
         in a session of its own, without the service's terminal (so ssh cannot stop to ask for
         a passphrase or a host key on it), and a timeout kills the whole session: an ssh that
-        hangs on a dead remote goes with the git that started it.
+        hangs on a dead remote goes with the git that started it. So does `abort` being set
+        (the service stopping): a fetch from a remote that hangs would otherwise keep its
+        thread, and the process, alive until its timeout, long after the service was told to stop.
         """
+        if abort is not None and abort.is_set():
+            raise GitError(f"git {args[0]} was not run: the service is stopping")
         argv = [self.binary, "-C", str(self.root), *SAFE_CONFIG, *args]
         try:
             proc = subprocess.Popen(
@@ -143,11 +154,26 @@ class GitRepo:
             )
         except FileNotFoundError:
             raise GitError(f"the git binary {self.binary!r} was not found") from None
+        deadline = time.monotonic() + timeout_s
+        pending = data
         try:
-            stdout, stderr = proc.communicate(data, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_session(proc)
-            raise GitError(f"git {args[0]} did not finish within {timeout_s:g}s") from None
+            while True:
+                wait = max(deadline - time.monotonic(), 0.0)
+                try:
+                    stdout, stderr = proc.communicate(
+                        pending, timeout=min(wait, _ABORT_POLL_S) if abort is not None else wait
+                    )
+                    break
+                except subprocess.TimeoutExpired:
+                    pending = None  # sent already: communicate goes on from where it was
+                    if abort is not None and abort.is_set():
+                        _kill_session(proc)
+                        raise GitError(f"git {args[0]} was stopped: the service is stopping") from None
+                    if time.monotonic() >= deadline:
+                        _kill_session(proc)
+                        raise GitError(f"git {args[0]} did not finish within {timeout_s:g}s") from None
+        except GitError:
+            raise
         except BaseException:  # interrupted: leave no git behind
             _kill_session(proc)
             raise
@@ -239,6 +265,10 @@ class GitRepo:
                 sha = meta.split()[2].decode()
                 return self._cat_blobs([sha])[sha]
         return None
+
+    def blobs(self, shas: list[str]) -> dict[str, bytes]:
+        """The contents of many blobs by id, in one `git cat-file --batch` call."""
+        return self._cat_blobs(shas)
 
     def _cat_blobs(self, shas: list[str]) -> dict[str, bytes]:
         """Many blobs in one `git cat-file --batch` call."""

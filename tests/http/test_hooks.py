@@ -205,3 +205,29 @@ async def test_a_flood_of_notifications_is_one_pull_running_and_one_more(
 
 def _as_project(project: SopsProject, checkout: Checkout) -> SopsProject:
     return SopsProject(checkout.root, checkout.providers, project.sops, project.identity)
+
+
+async def test_a_body_that_cannot_be_decoded_is_400_not_500(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """aiohttp inflates a `Content-Encoding: gzip` body as it is read, and one that is not gzip
+    raised out of the handler: the unauthenticated webhook (and every endpoint reading a body)
+    answered 500 to anyone."""
+    bare, _ = remote
+    async with pulling(sops_project, clone(bare, tmp_path / "replica")) as service:
+        before = await pulls(service)
+        garbage = b"\x1f\x8b not gzip at all"
+        for path, headers in (
+            (HOOK, github(garbage)),
+            ("/v1/chat/completions", {"Content-Type": JSON}),
+            ("/api/v1/llm-config/servers", {"Content-Type": JSON}),
+        ):
+            for encoding in ("gzip", "deflate", "br"):
+                sent = {**headers, "Content-Encoding": encoding, "Connection": "close"}  # it is broken
+                async with service.http.post(service.url + path, data=garbage, headers=sent) as response:
+                    text = await response.text()
+                    assert response.status == 400, (path, encoding, text)
+                    if encoding != "br":  # aiohttp refuses brotli itself, before any handler
+                        assert json.loads(text)["error"]["type"] == "bad_request"
+        await asyncio.sleep(0.2)
+        assert await pulls(service) == before

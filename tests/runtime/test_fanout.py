@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 
 from service.http.context import FANOUT, PULLER
-from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, Beat, Fanout, parse_beat
+from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, MESSAGES_PER_S, Beat, Fanout, parse_beat
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.support.replicas import Checkout, RedisServer, clone, make_remote, routing_yaml, server_yaml
+from tests.support.replicas import Checkout, RedisServer, clone, git, make_remote, routing_yaml, server_yaml
 
 API = "/api/v1/llm-config"
 
@@ -249,3 +251,182 @@ async def test_made_up_commits_cannot_keep_git_busy() -> None:
         beat = {"replica": "liar", "instance": "x", "commit": f"{i:040x}", "generation": 1, "ready": True}
         await fanout._hear(json.dumps(beat).encode())
     assert len(looked_up) == CHECKS_PER_S
+
+
+# -- a server that announces more than Redis ever sends ------------------------------------------------
+
+
+async def _command(reader: asyncio.StreamReader) -> list[bytes] | None:
+    line = await reader.readline()
+    if not line.startswith(b"*"):
+        return None
+    args = []
+    for _ in range(int(line[1:])):
+        await reader.readline()
+        args.append((await reader.readline()).strip())
+    return args
+
+
+def huge_reply(header: bytes, filler: bytes, sent: list[int]) -> Callable[..., Awaitable[None]]:
+    """A RESP3 server that answers HELLO and SUBSCRIBE, then pushes a message whose data
+    announces `header` and streams `filler` (at most 256 MB); `sent` counts what it got out."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _writers.append(writer)
+        channel = b"switchboard:replicas"
+        try:
+            while (args := await _command(reader)) is not None:
+                name = args[0].upper()
+                if name == b"HELLO":
+                    writer.write(b"%1\r\n+server\r\n+redis\r\n")
+                elif name == b"SUBSCRIBE":
+                    channel = args[1]
+                    writer.write(b">3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(channel), channel))
+                    writer.write(
+                        b">3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n%s\r\n" % (len(channel), channel, header)
+                    )
+                    chunk = filler * ((1 << 20) // len(filler))
+                    for _ in range(256):
+                        writer.write(chunk)
+                        await writer.drain()
+                        sent[0] += len(chunk)
+                    return
+                elif name == b"PUBLISH":
+                    writer.write(b":1\r\n")
+                else:
+                    writer.write(b"+OK\r\n")
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("header", "filler"), [(b"$1500000000", b"x"), (b"*100000000", b":1\r\n")], ids=["string", "array"]
+)
+async def test_a_reply_larger_than_redis_sends_is_cut_off_not_buffered(header: bytes, filler: bytes) -> None:
+    """redis-py buffers whatever length a reply announces: `$1500000000` followed by a stream
+    of bytes made the fan-out thread hold gigabytes before its timeout came."""
+    sent = [0]
+    tracemalloc.start()
+    try:
+        async with fake_redis(huge_reply(header, filler, sent)) as url:
+            fanout = Fanout(
+                url, lambda: Beat("me", None, 1, True), knows=lambda c: True, on_new=lambda c: None
+            )
+            fanout.start()
+            try:
+                await asyncio.sleep(2)  # past the socket timeout: the client has given up either way
+            finally:
+                await asyncio.to_thread(fanout.stop)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # the client hung up at the header, not gigabytes later
+
+
+async def test_a_redis_that_hangs_leaves_no_unretrieved_task_errors_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`asyncio.wait_for` around redis-py's own timeout (both 1 s) left the inner task's
+    TimeoutError unretrieved: a traceback logged by asyncio for every session that failed."""
+    async with fake_redis(hang) as url:
+        fanout = Fanout(
+            url, lambda: Beat("me", None, 1, True), knows=lambda c: True, on_new=lambda c: None, timeout_s=0.2
+        )
+        fanout.start()
+        try:
+            await asyncio.sleep(3)
+        finally:
+            await asyncio.to_thread(fanout.stop)
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+async def test_deployments_on_two_databases_of_one_redis_do_not_hear_each_other(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis' pub/sub ignores the database number: two deployments sharing a Redis each on a
+    database of its own (`/0`, `/1`) listed each other's replicas and pulled for each other's
+    commits."""
+    bare, _ = remote
+    first, second = redis_server.url, redis_server.url.removesuffix("/0") + "/1"
+    async with (
+        member(sops_project, clone(bare, tmp_path / "a"), "a", redis_url=first) as a,
+        member(sops_project, clone(bare, tmp_path / "b"), "b", redis_url=second) as b,
+        member(sops_project, clone(bare, tmp_path / "c"), "c", redis_url=second) as c,
+    ):
+        await eventually(lambda: a.app[FANOUT].connected and b.app[FANOUT].connected, timeout=5)
+
+        async def listed(service: Service, names: list[str]) -> None:
+            assert [r["replica"] for r in (await replicas(service))["replicas"]] == names
+
+        await eventually(lambda: listed(b, ["b", "c"]), timeout=6)
+        await asyncio.sleep(2.5)  # more than a heartbeat
+        await listed(a, ["a"])
+        await listed(c, ["b", "c"])
+
+
+async def test_a_flood_of_messages_is_read_at_a_bounded_rate(redis_server: RedisServer) -> None:
+    """Whoever may publish on the channel could keep the fan-out thread parsing messages as
+    fast as Redis delivers them, and every request then waited its turn for the interpreter
+    lock (requests' p99 went from 0.5 ms to 30-50 ms under a `redis-benchmark` flood). It reads at
+    most MESSAGES_PER_S a second; Redis holds the rest (or drops a subscriber that lags)."""
+    heard: list[float] = []
+    fanout = Fanout(redis_server.url, lambda: Beat("me", None, 1, True), knows=bool, on_new=lambda c: None)
+    hear = fanout._hear
+
+    async def counted(data: Any) -> None:
+        heard.append(time.monotonic())
+        await hear(data)
+
+    fanout._hear = counted  # type: ignore[method-assign]
+    fanout.start()
+    try:
+        await eventually(lambda: fanout.connected, timeout=5)
+        publisher = redis.Redis.from_url(redis_server.url)
+        async with publisher.pipeline(transaction=False) as pipe:
+            for i in range(5 * MESSAGES_PER_S):
+                made_up = {"replica": f"r{i % 500}", "instance": "x", "commit": None, "generation": 1}
+                pipe.publish(fanout.channel, json.dumps(made_up | {"ready": True}))
+            await pipe.execute()
+        await publisher.aclose()
+        await asyncio.sleep(1.5)  # into the next second, when reading goes on
+    finally:
+        await asyncio.to_thread(fanout.stop)
+    first = heard[0]
+    assert len([t for t in heard if t - first < 1.0]) <= MESSAGES_PER_S + 5
+    assert len(heard) > MESSAGES_PER_S and len(fanout.peers) > 100  # what was read was heard
+
+
+async def test_made_up_commits_and_a_peer_posing_as_this_replica_move_nothing(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """What a peer announces only ever asks for a pull, and a pull only fast-forwards to what the
+    remote's branch has: a commit of another branch, an older one or one that exists nowhere
+    moves nothing, and a peer using this replica's name is not listed over it."""
+    bare, author = remote
+    first = author.head()
+    mine = clone(bare, tmp_path / "a")
+    other = author.commit({"gpu.yaml": server_yaml("gpu", 66)}, "on another branch")
+    git(author.root, "push", "-q", "origin", "HEAD:refs/heads/other")
+    git(author.root, "reset", "-q", "--hard", first)
+    ahead = author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+    author.push()
+    git(mine.root, "pull", "-q", "--ff-only", "origin", "main")
+    async with member(sops_project, mine, "a", redis_url=redis_server.url) as a:
+        await eventually(lambda: a.app[FANOUT].connected, timeout=5)
+        assert a.registry.state.last_applied_commit == ahead
+        publisher = redis.Redis.from_url(redis_server.url)
+        try:
+            for name, commit in (("b", other), ("c", first), ("d", "e" * 40), ("a", other), ("a", None)):
+                beat = {"replica": name, "instance": "forged", "commit": commit, "generation": 99}
+                await publisher.publish(a.app[FANOUT].channel, json.dumps(beat | {"ready": True}))
+        finally:
+            await publisher.aclose()
+        await eventually(lambda: {p.beat.replica for p in a.app[FANOUT].live()} == {"b", "c", "d"}, timeout=3)
+        await asyncio.sleep(0.5)  # the pulls asked for have run
+        assert mine.head() == ahead and a.registry.state.last_applied_commit == ahead
+        assert a.app[PULLER].status.status == "ok"
+        own = [r for r in (await replicas(a))["replicas"] if r["replica"] == "a"]
+        assert len(own) == 1 and own[0]["commit"] == ahead

@@ -15,6 +15,7 @@ import pytest
 from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
 from service.runtime import watcher
+from service.vcs.gitrepo import GitRepo
 from tests.conftest import Service, SopsProject, eventually, serve, write_server
 from tests.support.replicas import GitSync, git, make_remote, routing_yaml, server_yaml
 
@@ -229,3 +230,52 @@ async def test_a_swap_in_the_middle_of_a_scan_is_scanned_again_never_mixed(
         assert swapped
         assert {p.endpoint for p in snapshot.providers.values()} == {"http://127.0.0.1:2/v1"}
         assert service.registry.last_applied_commit == second
+
+
+@pytest.mark.parametrize("when", ["before the apply", "during the apply"])
+async def test_a_worktree_git_sync_removes_under_a_reload_is_never_applied_without_its_commit(
+    sops_project: SopsProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """git-sync removes the old worktree as soon as the link moves on. One removed between the
+    scan and the apply (or during it) was applied with no commit: `last_applied_commit`
+    null, and events saying a change made by a commit was `uncommitted`."""
+    (sops_project.providers / "a.yaml").write_text(server_yaml("a", 1))
+    remote, author = make_remote(tmp_path, sops_project.root)
+    sync = GitSync(tmp_path / "git", remote)
+    sync.sync()
+    second = author.commit({"a.yaml": server_yaml("a", 2)})
+    third = author.commit({"a.yaml": server_yaml("a", 3)})
+    author.push()
+    git(sync.root, "fetch", "-q", "origin", "main")
+    async with serve(sops_project, root=sync.link, providers=sync.providers, rescan_s=60) as service:
+        seq = service.app[EVENTS].last_seq
+        swapped: list[str] = []
+
+        def swap() -> None:
+            if not swapped:
+                swapped.append(sync.publish(third))  # and the worktree just read is removed
+
+        if when == "before the apply":
+            scan = watcher.Reloader._scan_one_target
+
+            def scan_then_swap(self: watcher.Reloader) -> Any:
+                found = scan(self)
+                swap()
+                return found
+
+            monkeypatch.setattr(watcher.Reloader, "_scan_one_target", scan_then_swap)
+        else:
+            blob_ids = GitRepo.blob_ids
+
+            def swap_then_list(self: GitRepo, rev: str, folder: str) -> dict[str, str]:
+                swap()
+                return blob_ids(self, rev, folder)
+
+            monkeypatch.setattr(GitRepo, "blob_ids", swap_then_list)
+        sync.publish(second)
+        await eventually(lambda: service.registry.state.last_applied_commit == third, timeout=3)
+        assert swapped
+        changes = [e for e in service.events() if e.seq > seq and e.type == "provider.updated"]
+        assert changes and all(e.commit in (second, third) and not e.uncommitted for e in changes)
+        assert changes[-1].commit == third
+        assert service.registry.snapshot.providers["a"].endpoint == "http://127.0.0.1:3/v1"

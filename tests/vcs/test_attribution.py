@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.config.snapshot import NO_GIT, Attribution
 from service.vcs.attribution import Attributor
+from service.vcs.gitrepo import GitRepo
 from tests.conftest import git, git_init
 
 ME = "Switchboard Tests <tests@switchboard.invalid>"
@@ -137,13 +139,13 @@ def test_a_batch_of_many_files_is_attributed_file_by_file_in_three_git_calls(
     attributor = Attributor(folder)
     assert attributor.repo is not None
     calls: list[str] = []
-    run = attributor.repo.run
+    run = GitRepo.run
 
-    def counted(*args: str, **kwargs: object) -> bytes:
+    def counted(self: GitRepo, *args: str, **kwargs: Any) -> bytes:
         calls.append(args[0])
-        return run(*args, **kwargs)  # type: ignore[arg-type]
+        return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(attributor.repo, "run", counted)
+    monkeypatch.setattr(GitRepo, "run", counted)  # the worktree's and its git directory's calls
     found = attributor.attribute(current(*paths))
 
     assert len(calls) == 3, calls  # HEAD, HEAD's blob ids, one walk of the log

@@ -190,6 +190,9 @@ def test_credentials_in_urls_are_masked_in_git_errors() -> None:
     assert redact("fatal: unable to access 'https://bot:ghp_secret@github.com/o/r.git/'") == (
         "fatal: unable to access 'https://****@github.com/o/r.git/'"
     )
+    assert redact("fatal: unable to access 'https://gl.example/o/r.git?private_token=glpat-x/': no") == (
+        "fatal: unable to access 'https://gl.example/o/r.git?****': no"
+    )
 
 
 def test_a_remote_that_hangs_takes_nothing_with_it(
