@@ -171,6 +171,28 @@ async def test_nothing_is_held_before_the_client_is_known(sops_project: SopsProj
         assert service.app[CHANGES].held == 0
 
 
+async def test_a_held_query_whose_token_is_revoked_meanwhile_is_refused(sops_project: SopsProject) -> None:
+    """The token is checked again when the wait ends: a query held for minutes was answered
+    with the configuration after its token had been removed, or had lost its scope."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {"gone": ("tok-g", ["config:read"]), "narrowed": ("tok-n", ["config:read"])}
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        auth = {name: {"Authorization": f"Bearer {token}"} for name, (token, _) in clients.items()}
+        index = (await get(service, API + "/active", auth["gone"])).headers[push.INDEX_HEADER]
+        held = {
+            name: asyncio.create_task(get(service, f"{API}/active?index={index}&wait=30s", headers))
+            for name, headers in auth.items()
+        }
+        await eventually(lambda: service.app[CHANGES].held == 2)
+        write_clients(sops_project, {"narrowed": ("tok-n", ["completions"])})  # moves the index
+        answers = {name: await asyncio.wait_for(task, 10) for name, task in held.items()}
+    assert answers["gone"].status == 401
+    assert answers["narrowed"].status == 403
+    assert b"gpu" not in answers["gone"].body and b"gpu" not in answers["narrowed"].body
+
+
 async def test_shutdown_answers_held_queries_at_once(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     write_routing(sops_project, ["gpu"])
