@@ -30,7 +30,7 @@ from typing import Any
 
 from service.config.snapshot import Snapshot
 from service.crypto.sops import Sops
-from service.errors import Conflict, GitError, MethodNotAllowed
+from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
 from service.runtime.delivery import (
     Mode,
@@ -54,6 +54,11 @@ PUSH_ATTEMPTS = 3
 APPLY_WAIT_S = 15.0
 """How long a write pushed from a git-sync checkout waits for git-sync to bring it back (its
 default period is 10 s); then it is answered 202, pending."""
+
+MAX_WAITING = 64
+"""Writes queued behind the one running, at most: each takes a commit and a reload (~0.1 s),
+so a client sending writes without waiting for answers cannot pile up tasks, bodies and
+connections without bound."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +101,9 @@ class Writer:
         self.lock = asyncio.Lock()
         """Held while a write runs; a pull (runtime.sync) takes it too, so neither moves the branch
         under the other."""
+        self.max_waiting = MAX_WAITING
+        """Writes that may wait for the one running; more are refused (503, `Retry-After`)."""
+        self.waiting = 0
         self.apply_wait_s = APPLY_WAIT_S
         """With git-sync: how long a write pushed waits for the swap that brings it (SPEC 12)."""
 
@@ -171,9 +179,22 @@ class Writer:
         if self.mode == "off" or self.committer is None:
             why = "outside a git repository" if self.repo is None else "SWITCHBOARD_WRITE_MODE is off"
             raise MethodNotAllowed(f"writes over HTTP are off ({why}): change the files through git")
-        async with self.lock:
+        if self.waiting >= self.max_waiting:
+            raise Busy(
+                f"{self.waiting} writes are waiting for their turn (each is a commit, applied one "
+                "at a time): try again shortly",
+                retry_after_s=1,
+            )
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        try:
             synced = await asyncio.to_thread(self._delivery)
             written = await self._commit(draft, client, reason, synced)
+        finally:
+            self.lock.release()
         if written.pending:  # pushed from git-sync's checkout: applied when git-sync brings it
             return await self._until_applied(written)
         return written
