@@ -30,6 +30,7 @@ from service.journal.events import Event
 from service.journal.log import read_events
 from service.runtime.registry import Registry
 from service.settings import Settings
+from tests.support.replicas import Checkout, make_remote, routing_yaml, server_yaml
 
 _AMBIENT_SOPS_VARS = (
     "SOPS_AGE_KEY",
@@ -276,3 +277,12 @@ async def running_service(sops_project: SopsProject) -> AsyncIterator[Service]:
     write_routing(sops_project, ["gpu"])
     async with serve(sops_project) as service:
         yield service
+
+
+@pytest.fixture
+def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
+    """A bare repository standing in for the remote, holding `sops_project` with one routed
+    server `gpu`, and the project's checkout of it (the replica tests' starting point)."""
+    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
+    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    return make_remote(tmp_path, sops_project.root)

@@ -27,7 +27,6 @@ from tests.support.replicas import (
     clone,
     free_port,
     git,
-    make_remote,
     replica_env,
     replicas,
     routing_yaml,
@@ -59,13 +58,6 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str)
 async def all_serve(members: tuple[Replica, ...], commit: str) -> bool:
     commits = await asyncio.gather(*(m.commit() for m in members))
     return all(c == commit for c in commits)
-
-
-@pytest.fixture
-def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
-    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
-    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
-    return make_remote(tmp_path, sops_project.root)
 
 
 def members(

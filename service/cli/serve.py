@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import resource
 import sys
 from pathlib import Path
 
@@ -41,6 +43,21 @@ def has_clients_file(folder: Path) -> bool:
     return False
 
 
+OPEN_FILES = 65536
+"""The open-file limit the service asks for (each client and upstream connection is one)."""
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft open-file limit towards the hard one: the upstream pools are limited
+    per upstream, not in total, and a soft limit of 1,024 (a common default) would refuse
+    connections long before the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):  # not allowed here: keep what we have
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def run(ns: argparse.Namespace, settings: Settings) -> int:
     """Serve until SIGINT or SIGTERM; refuses a non-loopback address without a clients file."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,6 +85,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
+    raise_open_files_limit()
     app = create_app(settings)
     web.run_app(
         app,

@@ -25,6 +25,8 @@ from service.http.context import REGISTRY, SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLIENT = web.RequestKey("client", Client)
+SCOPE = web.RequestKey("scope", str)
+"""The scope the handler was guarded with, checked again after a held query's wait."""
 
 
 @functools.lru_cache(maxsize=16)  # asked on every request without a clients file
@@ -124,11 +126,20 @@ def _guarded(scope: Scope | None) -> Callable[[Handler], Handler]:
             client = authenticate(request, scope)
             if client is not None:
                 request[CLIENT] = client
+                if scope is not None:
+                    request[SCOPE] = scope
             return await handler(request)
 
         return guarded
 
     return decorate
+
+
+def authenticate_again(request: web.Request) -> None:
+    """Check the caller once more: a request that waited (a blocking query) may have outlived
+    its token, or the scope it was let in with (401 or 403 then, as a new request gets)."""
+    if request.get(CLIENT) is not None:
+        authenticate(request, request.get(SCOPE))
 
 
 def client_name(request: web.Request) -> str:

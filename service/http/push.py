@@ -33,7 +33,7 @@ from aiohttp import web
 
 from service.config.models import Client
 from service.errors import BadRequest, Busy
-from service.http.auth import CLIENT, Handler
+from service.http.auth import CLIENT, Handler, authenticate_again
 from service.http.context import EVENTS
 from service.journal.events import BaseEvent
 from service.journal.log import NOT_CONFIG_CHANGES, EventLog
@@ -300,6 +300,7 @@ def watched(handler: Handler) -> Handler:
         index = parse_index(request.query.get("index"))
         if index is not None:
             await changes.wait_past(index, parse_wait(request.query.get("wait")))
+            authenticate_again(request)  # the clients may have changed while it waited
         response = await handler(request)
         return conditional(request, response, changes)
 

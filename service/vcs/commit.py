@@ -10,7 +10,7 @@ A write is three steps, each safe to stop after:
 1. `build`: the new commit object on top of a base. Nothing visible has changed.
 2. `advance`: an intent record in the git directory, then the branch moved from the base to
    the commit (compare-and-swap: a branch moved by someone else meanwhile is refused), then
-   each changed file written atomically and its index entry updated.
+   each changed file written atomically and its index entry updated (`worktree.WorkTree`).
 3. the intent record removed.
 
 `recover` (run before the service loads anything) finishes a step 2 that a crash cut short,
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import re
 import secrets
 import threading
@@ -35,8 +33,7 @@ from pathlib import Path
 from service.errors import GitError
 from service.files import fsync_path, write_atomically
 from service.vcs.gitrepo import GitRepo, redact
-
-log = logging.getLogger(__name__)
+from service.vcs.worktree import WorkTree, no_filters
 
 _IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")
 _INTENT = "switchboard-write.json"
@@ -45,12 +42,6 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 REMOTE_TIMEOUT_S = 60.0
 """The longest a push or a fetch may take (a write waits for it, the write lock held)."""
-_OFF = (("clean", ""), ("smudge", ""), ("process", ""), ("required", "false"))
-"""A filter driver with these settings runs nothing."""
-
-_BATCH = 256
-"""Files whose contents one `git cat-file` call reads."""
-
 FETCHED = "refs/switchboard/fetched/"
 """Where `fetch` records what a remote's branch is at."""
 
@@ -110,6 +101,7 @@ class Committer:
         self.stopping = stopping or threading.Event()
         """Set by `abort`: pushes and fetches running are killed, new ones refused (shutdown)."""
         self._git_dir = Path(repo.run("rev-parse", "--absolute-git-dir").decode().strip())
+        self.tree = WorkTree(repo, self._git_dir)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -188,7 +180,7 @@ class Committer:
             self._forget()
             raise
         try:
-            self._bring_files(new, paths)
+            self.tree.bring(new, paths)
         except (GitError, OSError) as exc:
             self.undo(ref, old, new, paths)
             raise GitError(f"could not update the working tree: {exc}") from exc
@@ -198,7 +190,7 @@ class Committer:
     def undo(self, ref: str, old: str | None, new: str, paths: list[str]) -> None:
         """Put `ref`, the index entries and the files of `paths` back as they were at `old`."""
         self._move(ref, new, old)
-        self._bring_files(old, paths)
+        self.tree.bring(old, paths)
         self._forget()
 
     def _move(self, ref: str, old: str | None, new: str | None, note: str = "undo") -> None:
@@ -207,112 +199,6 @@ class Committer:
             self.repo.run("update-ref", "-d", ref, old or zero)
         else:
             self.repo.run("update-ref", "-m", f"switchboard: {note}", ref, new, old or zero)
-
-    def _bring_files(self, commit: str | None, paths: list[str]) -> None:
-        """Each of `paths` as it is in `commit`, as a checkout leaves it; then their index entries.
-
-        Files are written atomically with their mode (100755 executable), a symlink is made a
-        symlink: anything else would leave the working tree differing from the commit, and
-        every later pull would refuse to run over those "local edits". Removals go first, so a
-        file can take the place of a link or of a folder the commit emptied, and a folder they
-        empty goes too, as git removes it (a commit that deletes `providers.d/` whole leaves no
-        empty folder to be served as an empty configuration: the watcher keeps the last good
-        one, as after a `git pull` or a git-sync swap). Blobs are read in
-        batches (one git call each, not two per file), and nothing is written through a link
-        that leads out of the repository.
-        """
-        entries = self._entries(commit, paths)
-        for path in sorted((p for p in paths if p not in entries), reverse=True):
-            target = self._inside(path)
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                target.unlink()
-                fsync_path(target.parent)
-            self._prune(target.parent)
-        wanted = [p for p in paths if p in entries and entries[p][0] != b"160000"]  # not submodules
-        for start in range(0, len(wanted), _BATCH):
-            batch = wanted[start : start + _BATCH]
-            contents = self.repo.blobs(sorted({entries[p][1].decode() for p in batch}))
-            for path in batch:
-                mode, sha = entries[path]
-                self._place(self._inside(path), contents[sha.decode()], mode)
-        if paths:
-            self._set_index(paths, entries)
-
-    def _entries(self, commit: str | None, paths: list[str]) -> dict[str, tuple[bytes, bytes]]:
-        """(mode, object id) in `commit` of those of `paths` it holds: one listing of the whole
-        tree (naming thousands of paths on a command line would exceed what one may hold)."""
-        if commit is None or not paths:
-            return {}
-        wanted = set(paths)
-        found: dict[str, tuple[bytes, bytes]] = {}
-        for entry in self.repo.run("ls-tree", "-r", "-z", "--full-tree", commit).split(b"\0"):
-            meta, _, name = entry.partition(b"\t")
-            path = name.decode("utf-8", "surrogateescape")
-            if meta and path in wanted:
-                mode, _, sha = meta.split()
-                found[path] = (mode, sha)
-        return found
-
-    def _inside(self, path: str) -> Path:
-        """The working tree path of `path`; GitError when a link on the way leads out of the repository."""
-        target = self.repo.root / path
-        root = self.repo.root.resolve()
-        parent = target.parent.resolve()
-        if parent != root and root not in parent.parents:
-            raise GitError(f"{path}: a symlink on its way leads out of the repository; not written")
-        return target
-
-    def _place(self, target: Path, data: bytes, mode: bytes) -> None:
-        if target.is_dir() and not target.is_symlink():
-            target.rmdir()  # emptied by the removals; one that is not is an OSError, and undone
-        if mode != b"120000":
-            write_atomically(target, data, mode=0o755 if mode == b"100755" else 0o644)
-            return
-        # A symlink, replaced whole by a rename as a file is (the temporary name is one that
-        # `_clear_temporary_files` clears after a crash).
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-        temporary.symlink_to(os.fsdecode(data))
-        try:
-            temporary.replace(target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        fsync_path(target.parent)
-
-    def _prune(self, folder: Path) -> None:
-        """Remove `folder` and its parents while they are empty, up to the top level (as git does)."""
-        root = self.repo.root.absolute()
-        while folder.absolute() != root and root in folder.absolute().parents:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (or not there): as git, leave it
-                return
-            folder = folder.parent
-
-    def _set_index(self, paths: list[str], entries: Mapping[str, tuple[bytes, bytes]]) -> None:
-        """The index entries of `paths` as `entries` (from `_entries`) give them (removed where none).
-
-        Writing the index makes git re-read "racily clean" files through their clean filter
-        (`.gitattributes` names one, the config defines its command): every filter the config
-        defines is switched off for this one command, so none runs in this process.
-        """
-        removed = b"0 " + b"0" * 40
-        entry = {p: b" ".join(e) for p, e in entries.items()}
-        lines = [entry.get(p, removed) + b"\t" + p.encode("utf-8", "surrogateescape") for p in paths]
-        data = b"\0".join(lines) + b"\0"
-        self.repo.run("update-index", "-z", "--index-info", data=data, env=self._no_filters())
-
-    def _no_filters(self) -> dict[str, str]:
-        """Environment that switches off every filter driver the config defines (GIT_CONFIG_COUNT
-        entries weigh as `-c` does, and take any name as it is)."""
-        out = self.repo.run("config", "-z", "--get-regexp", r"^filter\.", ok=(0, 1))
-        drivers = sorted({entry.split(b"\n")[0].rsplit(b".", 1)[0] for entry in out.split(b"\0") if entry})
-        env: dict[str, str] = {}
-        settings = [(f"{d.decode('utf-8', 'surrogateescape')}.{k}", v) for d in drivers for k, v in _OFF]
-        for number, (key, value) in enumerate(settings):
-            env[f"GIT_CONFIG_KEY_{number}"], env[f"GIT_CONFIG_VALUE_{number}"] = key, value
-        return env | {"GIT_CONFIG_COUNT": str(len(settings))} if settings else {}
 
     # -- the intent record, and recovery -------------------------------------------------------
 
@@ -340,32 +226,16 @@ class Committer:
             return "a damaged write record was removed"
         current = self.resolve(ref)
         paths = self.changed(old, new) if self.resolve(new) else []
-        self._clear_temporary_files(paths)
+        self.tree.clear_leftovers(paths)
         if current == new:
-            self._clear_stale_index_lock()
-            self._bring_files(new, paths)
+            self.tree.clear_stale_index_lock()
+            self.tree.bring(new, paths)
             self._forget()
             return f"finished a write cut short: {ref} is at {new[:10]}, its files now match"
         self._forget()
         if current == old:
             return f"a write cut short before it moved {ref} left nothing to undo"
         return f"a write record for {ref} was stale ({ref} has moved on); removed"
-
-    def _clear_temporary_files(self, paths: list[str]) -> None:
-        """The hidden temporary files of `write_atomically` a kill left beside `paths`."""
-        for path in paths:
-            target = self.repo.root / path
-            for leftover in target.parent.glob(f".{target.name}.*.tmp"):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
-
-    def _clear_stale_index_lock(self) -> None:
-        """A git killed mid-update leaves `index.lock`; at recovery no git of ours is running."""
-        lock = self._git_dir / "index.lock"
-        if lock.exists():
-            log.warning("removing a stale %s left by a write cut short", lock)
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
 
     # -- remotes ----------------------------------------------------------------------------------
 
@@ -463,7 +333,7 @@ class Committer:
             "-z",
             "--untracked-files=no",
             "--ignore-submodules=all",
-            env=self._no_filters(),
+            env=no_filters(self.repo),
         )
         edited = {e[3:].decode("utf-8", "surrogateescape") for e in out.split(b"\0") if len(e) > 3}
         for path in self.changed(old, new):

@@ -21,7 +21,7 @@ import pytest
 from service.http.context import PULLER
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.gateway import write_clients
-from tests.support.replicas import Checkout, clone, git, make_remote, routing_yaml, server_yaml
+from tests.support.replicas import Checkout, clone, git, server_yaml
 
 HOOK = "/api/v1/llm-config/hooks/git"
 SECRET = "whsec-0123456789abcdef"
@@ -32,13 +32,6 @@ PAYLOAD = json.dumps({"ref": "refs/heads/main", "after": "0" * 40, "repository":
 def github(body: bytes, secret: str = SECRET) -> dict[str, str]:
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return {"X-Hub-Signature-256": f"sha256={digest}", "X-GitHub-Event": "push", "Content-Type": JSON}
-
-
-@pytest.fixture
-def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
-    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
-    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
-    return make_remote(tmp_path, sops_project.root)
 
 
 @asynccontextmanager

@@ -8,13 +8,12 @@ import logging
 import socket
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 from aiohttp import web
 
 from service.gateway.call import VIA_HEADER
-from service.http import openai_api
+from service.gateway.transports import base as transports_base
 from service.http.context import HEALTH, RELAY
 from tests.conftest import SopsProject, eventually
 from tests.support.gateway import (
@@ -1020,37 +1019,29 @@ async def test_a_request_that_came_back_is_508_and_one_from_another_gateway_is_s
     assert up.requests[-1].headers[VIA_HEADER] == f"another-gateway, {token}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the pooled session is shared by every provider and client, and the wait for a free "
-    "connection counts against the provider's first-byte timeout: needs a per-client limit and "
-    "a pool wait that is not blamed on the provider",
-)
 async def test_streams_that_fill_the_pool_do_not_open_another_providers_circuit(
     sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One client holding as many slow streams as the pool has connections (1,024; 4 here)
-    starves every other provider: their requests wait for a connection, time out, and open
-    their circuits, for every client."""
-
-    def small_pool() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=4)
-        return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-
-    monkeypatch.setattr(openai_api, "open_session", small_pool)
+    """One client holding as many slow streams as an upstream has connections (1,024; 4 here)
+    starved every other provider while the pool was shared: their requests waited for a
+    connection, timed out, and opened their circuits, for every client. The limit is per
+    upstream now, so only the slow one's requests wait."""
+    monkeypatch.setattr(transports_base, "CONNECTIONS_PER_HOST", 4)
     async with upstreams({"name": "slow", "chunk_interval_s": 1.0}, {"name": "fast"}) as (slow, fast):
         write_provider(sops_project, "slow", base_url=slow.base_url, models=["s"])
         write_provider(sops_project, "fast", base_url=fast.base_url, models=["f"], first_byte_timeout_s=0.5)
         write_routing(sops_project, chat=["slow", "fast"])
         async with running(sops_project) as board:
-            held = [asyncio.create_task(board.chat("a b c d e f", model="s", stream=True)) for _ in range(4)]
+            held = [asyncio.create_task(board.chat("a b c d e f", model="s", stream=True)) for _ in range(5)]
             try:
                 await eventually(lambda: len(slow.requests) == 4)
                 answers = [await board.chat("x", model="f", stream=True) for _ in range(3)]
                 opened = board.app[HEALTH].is_open("fast")
+                waiting = len(slow.requests)  # the fifth waits for one of the slow upstream's four
             finally:
                 for task in held:
                     task.cancel()
                 await asyncio.gather(*held, return_exceptions=True)
     assert [a.status for a in answers] == [200, 200, 200]
     assert not opened
+    assert waiting == 4

@@ -14,21 +14,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from service.http.context import PULLER, WRITER
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.support.replicas import Checkout, GitSync, clone, git, make_remote, routing_yaml, server_yaml
+from tests.support.replicas import Checkout, GitSync, clone, git, server_yaml
 
 SERVERS = "/api/v1/llm-config/servers"
 NEW = {"id": "spare", "server_type": "vllm", "base_url": "http://127.0.0.1:11/v1", "purposes": ["chat"]}
-
-
-@pytest.fixture
-def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
-    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
-    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
-    return make_remote(tmp_path, sops_project.root)
 
 
 async def write(service: Service, body: dict[str, Any] = NEW) -> tuple[int, Any]:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from service.config.secret import Secret
+from service.http.context import WRITER
 from tests.conftest import (
     AgeIdentity,
     Service,
@@ -478,6 +479,28 @@ async def test_twenty_concurrent_writes_are_twenty_commits_and_events_in_one_ord
         r[1]["generation"] for r in sorted(results, key=lambda r: r[1]["generation"])
     ]
     assert git(repo.root, "status", "--porcelain") == ""
+
+
+async def test_writes_waiting_beyond_the_bound_are_refused_busy(repo: SopsProject, service: Service) -> None:
+    """Writes run one at a time; those waiting their turn are bounded (64; 3 here), so a
+    client firing writes without waiting for answers cannot queue them without end. The
+    refused ones are 503 with Retry-After and leave no commit; the rest land."""
+    service.app[WRITER].max_waiting = 3
+    before = head(repo.root)
+    bodies = [
+        {"id": f"q{i:02d}", "server_type": "vllm", "base_url": f"http://127.0.0.1:{9100 + i}/v1"}
+        for i in range(10)
+    ]
+    results = await asyncio.gather(*(call(service, "POST", "/servers", b) for b in bodies))
+    statuses = [r[0] for r in results]
+    assert set(statuses) == {201, 503} and 1 + 3 <= statuses.count(201) < 10
+    busy = [r for r in results if r[0] == 503]
+    assert all(r[1]["error"]["type"] == "busy" and r[2]["Retry-After"] == "1" for r in busy)
+    commits = git(repo.root, "log", "--format=%s", f"{before}..HEAD").splitlines()
+    assert len(commits) == statuses.count(201)
+    assert service.app[WRITER].waiting == 0
+    again = await call(service, "POST", "/servers", bodies[statuses.index(503)])
+    assert again[0] == 201
 
 
 # -- modes -------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import redis.asyncio as redis
 from service.http.context import FANOUT, PULLER
 from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, MESSAGES_PER_S, Beat, Fanout, parse_beat
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.support.replicas import Checkout, RedisServer, clone, git, make_remote, routing_yaml, server_yaml
+from tests.support.replicas import Checkout, RedisServer, clone, git, routing_yaml, server_yaml
 
 API = "/api/v1/llm-config"
 
@@ -32,13 +32,6 @@ def redis_server(tmp_path: Path) -> Any:
     server = RedisServer(tmp_path / "redis")
     yield server
     server.stop()
-
-
-@pytest.fixture
-def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
-    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
-    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
-    return make_remote(tmp_path, sops_project.root)
 
 
 @asynccontextmanager

@@ -34,7 +34,6 @@ from tests.support.replicas import (
     clone,
     free_port,
     git,
-    make_remote,
     replica_env,
     replicas,
     routing_yaml,
@@ -42,13 +41,6 @@ from tests.support.replicas import (
 )
 
 API = "/api/v1/llm-config"
-
-
-@pytest.fixture
-def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
-    (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
-    (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
-    return make_remote(tmp_path, sops_project.root)
 
 
 @asynccontextmanager

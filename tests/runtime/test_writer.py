@@ -19,9 +19,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.runtime.writer import resolve_mode
-from service.settings import Settings
-from service.vcs.gitrepo import GitRepo
 from tests.conftest import SopsProject, git, git_init, write_routing, write_server
 
 API = "/api/v1/llm-config"
@@ -127,13 +124,3 @@ async def test_a_service_killed_mid_write_leaves_a_clean_tree_and_whole_commits(
         assert subject.startswith("create ai_server ")
         name = subject.split()[-1]
         assert git(root, "show", "--name-only", "--format=", sha) == f"providers.d/{name}.yaml"
-
-
-def test_the_mode_follows_git_unless_set(tmp_path: Path) -> None:
-    inside = tmp_path / "repo"
-    inside.mkdir()
-    git_init(inside)
-    repo = GitRepo.find(inside)
-    assert resolve_mode(Settings(root=inside), repo) == "commit"
-    assert resolve_mode(Settings(root=inside, write_mode="branch"), repo) == "branch"
-    assert resolve_mode(Settings(root=tmp_path, write_mode="commit"), None) == "off"

@@ -19,6 +19,13 @@ from service.config.models import Provider
 from service.config.secret import Secret
 from service.gateway.call import Call
 
+CONNECTIONS_PER_HOST = 1024
+"""Connections open at once to one upstream (host and port); more wait for one to free up.
+
+The limit is per upstream, with none across them: a client holding an upstream's every
+connection with slow streams makes that upstream's requests wait, never another's (a pool
+shared by all would let one slow vendor starve every provider, and open their circuits)."""
+
 
 class Transport(abc.ABC):
     """One way of relaying a request to a provider (OpenAI's protocol, litellm, TEI...)."""
@@ -31,7 +38,11 @@ class Transport(abc.ABC):
 def open_session() -> aiohttp.ClientSession:
     """The pooled client session for upstream calls (call inside a running loop)."""
     connector = aiohttp.TCPConnector(
-        limit=1024, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60, enable_cleanup_closed=False
+        limit=0,
+        limit_per_host=CONNECTIONS_PER_HOST,
+        ttl_dns_cache=300,
+        keepalive_timeout=60,
+        enable_cleanup_closed=False,
     )
     return aiohttp.ClientSession(
         connector=connector,

@@ -6,10 +6,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,6 @@ from service.config.snapshot import load_folder
 from tests.conftest import AgeIdentity, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import CANARY, write_clients, write_provider
 from tests.support.upstreams import FakeUpstream, serving
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def project_with_route(project: SopsProject, *, key: bool = False) -> None:
@@ -274,34 +269,3 @@ async def test_an_event_stream_that_ends_at_once_is_reopened_with_backoff() -> N
             await asyncio.wait_for(anext(stream), 2)
         await stream.aclose()
     assert opened < 12, f"{opened} streams opened in 2 s"
-
-
-# -- packaging -------------------------------------------------------------------------------------
-
-
-def test_importing_the_client_imports_nothing_of_the_server() -> None:
-    code = (
-        "import sys, service.client\n"
-        "server = [m for m in sys.modules\n"
-        "          if m.startswith(('service.', 'litellm', 'pydantic', 'yaml', 'aiohttp.web'))\n"
-        "          and m not in ('service.client', 'service.formats', 'service.vendors')]\n"
-        "assert not server, server\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=30, cwd=REPO)
-
-
-@pytest.mark.timeout(180)
-def test_the_client_distribution_ships_alone(tmp_path: Path) -> None:
-    """`pip install ./client`: a wheel of the client's modules that depends on aiohttp only."""
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO / "client")],
-        check=True,
-        timeout=150,
-    )
-    (wheel,) = tmp_path.glob("switchboard_client-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        modules = sorted(n for n in archive.namelist() if n.endswith(".py"))
-        metadata = archive.read(next(n for n in archive.namelist() if n.endswith("METADATA"))).decode()
-    assert modules == ["service/__init__.py", "service/client.py", "service/formats.py", "service/vendors.py"]
-    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
-    assert requires == ["Requires-Dist: aiohttp<4,>=3.10"]

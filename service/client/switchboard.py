@@ -1,225 +1,42 @@
-"""The Python client: the old integration interface, kept current by change push (SPEC 9, 11).
+"""The connection to one service: a copy of every purpose's route kept current by blocking
+queries, the old integration interface answered from it, and the live event stream.
 
-    from service.client import Switchboard
-
-    async with Switchboard("http://127.0.0.1:8080", token="sb_…") as sb:
-        chat = await sb.get_active_llm_provider("chat")     # first healthy candidate, masked key
-        backup = await sb.get_fallback_provider(chat)       # the next candidate, or None
-        params = await sb.litellm_params("chat")            # decrypted key (secrets:read)
-        result = await sb.test_provider(chat.id)            # admin
-        async for event in sb.events(): ...                 # the live event stream
-
-The client keeps a copy of every purpose's route and holds one blocking query open
-(`GET …/active?index=N&wait=…`): the service answers it the moment a configuration or
-health change is applied, so the copy is current without a polling interval or a cache to
-clear. While the service cannot be reached, answers come from the last copy with `stale`
-true; the client reconnects with exponential backoff and full jitter, and catches up.
-
-This module imports nothing of the server: only aiohttp's client, the standard library,
-and `service.formats` / `service.vendors` (which it ships with). It is packaged alone as the
-`switchboard-client` distribution (`client/`), so an application needs neither litellm nor
-the rest of the server's dependencies.
+The client holds one blocking query open (`GET …/active?index=N&wait=…`): the service
+answers it the moment a configuration or health change is applied, so the copy is current
+without a polling interval or a cache to clear. While the service cannot be reached, answers
+come from the last copy with `stale` true; the client reconnects with exponential backoff and
+full jitter, and catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
 import aiohttp
 
-from service import formats
+from service.client.errors import (
+    Forbidden,
+    NotFound,
+    SwitchboardClientError,
+    Unauthorized,
+    Unavailable,
+    raise_for,
+)
+from service.client.models import Event, Provider, Route, TestResult, parse_routes
+from service.client.stream import parse_sse
 
-__all__ = [
-    "Event",
-    "Forbidden",
-    "Health",
-    "NotFound",
-    "Provider",
-    "Route",
-    "Switchboard",
-    "SwitchboardClientError",
-    "TestResult",
-    "Unauthorized",
-    "Unavailable",
-]
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.client")  # the logger applications configured before the split
 
 PREFIX = "/api/v1/llm-config"
 INDEX_HEADER = "X-Switchboard-Index"
 REPLICA_HEADER = "X-Switchboard-Replica"
-HEALTHY = ("healthy", "unknown")
-"""Statuses a candidate may have to be offered: `unknown` is a provider not yet checked."""
-MAX_EVENT_BYTES = 64 << 20
-"""The longest line of the event stream read: an event of a provider with a long models list
-is over aiohttp's own line limit (128 or 512 KiB, by version)."""
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-
-class SwitchboardClientError(Exception):
-    """Base of what the client raises; `status` is the HTTP status when there was one."""
-
-    status: int | None = None
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-
-
-class Unauthorized(SwitchboardClientError):
-    """401: no token, or a token the service does not know."""
-
-    status = 401
-
-
-class Forbidden(SwitchboardClientError):
-    """403: the token lacks the scope this call needs."""
-
-    status = 403
-
-
-class NotFound(SwitchboardClientError):
-    """404: no such purpose or provider."""
-
-    status = 404
-
-
-class Unavailable(SwitchboardClientError):
-    """The service cannot be reached, is not ready, or has no copy to answer from yet."""
-
-
-# -- what the client returns ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Health:
-    """A provider's last known health, as the service reported it."""
-
-    status: str = "unknown"
-    checked_at: str | None = None
-    latency_ms: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Provider:
-    """One provider as the service describes it: masked key, health, and where it sits in a route.
-
-    `stale` is true when the copy it comes from could not be refreshed (the service is away).
-    """
-
-    id: str
-    kind: str
-    base_url: str
-    name: str | None = None
-    provider: str | None = None
-    server_type: str | None = None
-    models: tuple[str, ...] = ()
-    model_map: Mapping[str, str] = field(default_factory=dict)
-    purposes: tuple[str, ...] = ()
-    enabled: bool = True
-    api_key: str | None = None
-    """The key's mask (`****5d80`), or None when the provider has no key; never the key."""
-    file: str | None = None
-    commit: str | None = None
-    health: Health = Health()
-    purpose: str | None = None
-    role: str | None = None
-    """`primary` or `fallback` in the route it was taken from."""
-    stale: bool = False
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], **extra: Any) -> Provider:
-        health = data.get("health") or {}
-        return cls(
-            id=str(data["id"]),
-            kind=str(data.get("kind", "")),
-            base_url=str(data.get("base_url", "")),
-            name=data.get("name"),
-            provider=data.get("provider"),
-            server_type=data.get("server_type"),
-            models=tuple(data.get("models") or ()),
-            model_map=dict(data.get("model_map") or {}),
-            purposes=tuple(data.get("purposes") or ()),
-            enabled=bool(data.get("enabled", True)),
-            api_key=data.get("api_key"),
-            file=data.get("file"),
-            commit=data.get("commit"),
-            health=Health(
-                health.get("status", "unknown"), health.get("checked_at"), health.get("latency_ms")
-            ),
-            raw=dict(data),
-            **extra,
-        )
-
-    @property
-    def healthy(self) -> bool:
-        """Whether it may be offered: enabled, and `healthy` or not checked yet (`unknown`)."""
-        return self.enabled and self.health.status in HEALTHY
-
-    def to_litellm_config(self, model: str | None = None) -> dict[str, Any]:
-        """LiteLLM `litellm_params` for `model` (None: any), as `switchboard export litellm` writes
-        them: the key as an `os.environ/SWITCHBOARD_KEY_<ID>` reference (`litellm_params()` has it)."""
-        return formats.litellm_params(self.raw, model)
-
-    def to_wilmer_config(self) -> dict[str, Any] | None:
-        """A WilmerAI endpoint, as `switchboard export wilmer` writes it (None: WilmerAI cannot use it)."""
-        return formats.wilmer_endpoint(self.raw)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Who serves one purpose: primaries in their listed order, then fallbacks."""
-
-    purpose: str
-    primary: tuple[Provider, ...]
-    fallbacks: tuple[Provider, ...]
-    weights: Mapping[str, float] = field(default_factory=dict)
-    commit: str | None = None
-    generation: int | None = None
-
-    @property
-    def candidates(self) -> tuple[Provider, ...]:
-        return self.primary + self.fallbacks
-
-
-@dataclass(frozen=True, slots=True)
-class TestResult:
-    """The answer of a health check run now."""
-
-    __test__ = False  # not a pytest test class
-
-    ok: bool
-    latency_ms: float | None
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One event of the service's log, as the stream delivered it."""
-
-    seq: int
-    type: str
-    data: Mapping[str, Any]
-
-    @property
-    def subject(self) -> str | None:
-        subject = self.data.get("subject")
-        return subject if isinstance(subject, str) else None
-
-
-# -- the client -----------------------------------------------------------------------------------
 
 
 class Switchboard:
@@ -374,9 +191,9 @@ class Switchboard:
                     headers=headers,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout_s),
                 ) as response:
-                    await _raise_for(response)
+                    await raise_for(response)
                     failures += 1  # until it gives an event: one that ends at once is a failure too
-                    async for event in _parse_sse(response.content):
+                    async for event in parse_sse(response.content):
                         failures = 0
                         last = event.seq
                         yield event
@@ -428,11 +245,11 @@ class Switchboard:
         async with self._http.get(
             f"{self.base_url}{PREFIX}/active{query}", headers=self._headers, timeout=timeout
         ) as response:
-            await _raise_for(response)
+            await raise_for(response)
             body = await response.json()
             index = int(response.headers.get(INDEX_HEADER, "0") or 0)
             replica = response.headers.get(REPLICA_HEADER)
-        routes = _routes(body)
+        routes = parse_routes(body)
         quick = asyncio.get_running_loop().time() - started < wait / 2
         # Another replica's index means nothing here: start over from the one it gave (SPEC 9).
         # Behind a balancer that alternates replicas every answer would be such a start, at
@@ -484,88 +301,7 @@ class Switchboard:
                 json=json,
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
             ) as response:
-                await _raise_for(response)
+                await raise_for(response)
                 return await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-_BY_STATUS: dict[int, type[SwitchboardClientError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound}
-
-
-async def _raise_for(response: aiohttp.ClientResponse) -> None:
-    if response.status < 400:
-        return
-    try:
-        message = (await response.json())["error"]["message"]
-    except (ValueError, KeyError, TypeError, aiohttp.ContentTypeError):
-        message = response.reason or f"HTTP {response.status}"
-    kind = _BY_STATUS.get(response.status, Unavailable if response.status >= 500 else SwitchboardClientError)
-    raise kind(str(message), response.status)
-
-
-def _routes(body: Mapping[str, Any]) -> dict[str, Route]:
-    routes = {}
-    for purpose, route in (body.get("purposes") or {}).items():
-        primary = tuple(
-            Provider.from_json(p, purpose=purpose, role="primary") for p in route.get("primary", [])
-        )
-        fallbacks = tuple(
-            Provider.from_json(p, purpose=purpose, role="fallback") for p in route.get("fallbacks", [])
-        )
-        routes[purpose] = Route(
-            purpose,
-            primary,
-            fallbacks,
-            dict(route.get("weights") or {}),
-            route.get("commit"),
-            route.get("generation"),
-        )
-    return routes
-
-
-async def _lines(stream: aiohttp.StreamReader, limit: int = MAX_EVENT_BYTES) -> AsyncIterator[bytes]:
-    """The lines of `stream`, each up to `limit` bytes (aiohttp's own `readline` stops at 128 KiB)."""
-    buffer = bytearray()
-    async for chunk in stream.iter_any():
-        searched = len(buffer)
-        buffer += chunk
-        start = 0
-        while (end := buffer.find(b"\n", max(start, searched))) >= 0:
-            yield bytes(buffer[start : end + 1])
-            start = end + 1
-        del buffer[:start]
-        if len(buffer) > limit:
-            raise aiohttp.ClientPayloadError(f"an event stream line is over {limit} bytes")
-    if buffer:
-        yield bytes(buffer)
-
-
-async def _parse_sse(stream: aiohttp.StreamReader) -> AsyncIterator[Event]:
-    """Server-sent events (`id:`, `event:`, `data:` lines, a blank line ends one; `:` comments)."""
-    fields: dict[str, str] = {}
-    data: list[str] = []
-    async for raw in _lines(stream):
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not line:
-            if data:
-                try:
-                    payload = json.loads("\n".join(data))
-                    seq = int(fields.get("id", payload.get("seq", 0)))
-                except (ValueError, AttributeError):
-                    payload, seq = None, 0
-                if isinstance(payload, dict):
-                    yield Event(seq, fields.get("event", str(payload.get("type", "message"))), payload)
-            fields, data = {}, []
-            continue
-        if line.startswith(":"):
-            continue  # a keep-alive comment
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            data.append(value)
-        else:
-            fields[name] = value

@@ -1,0 +1,117 @@
+"""What a write must be before it is drafted, and what it must leave valid (SPEC 8): refused 422.
+
+A request body is checked before anything is rendered or encrypted; the file a draft makes is
+validated exactly as `switchboard validate` would validate the commit (the file, then the folder
+at the base with it), so a refusal writes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import PurePosixPath
+from typing import Any
+
+from service.config import editing
+from service.config.loader import Loaded, is_config_file, parse
+from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS
+from service.config.secret import unsendable
+from service.config.snapshot import cross_check
+from service.errors import FileRejected, NotFound, Problem, Unprocessable
+
+KEEP = object()
+"""Stands for the key a file holds in a replacement that leaves `api_key` out: it is kept."""
+
+
+def provider_body(kind: str, body: Mapping[str, Any], provider_id: str | None = None) -> dict[str, Any]:
+    """The provider document `body` says, of `kind` (and `provider_id` when the path names one)."""
+    if not isinstance(body, Mapping):
+        raise Unprocessable("the body must be a JSON object", problems=[problem("", "", "not an object")])
+    document = dict(body)
+    given = document.setdefault("kind", kind)
+    if given != kind:
+        raise Unprocessable(
+            f"`kind` is {given!r} but this route writes {kind!r}",
+            problems=[problem("", "kind", f"must be {kind}")],
+        )
+    if provider_id is not None and document.setdefault("id", provider_id) != provider_id:
+        raise Unprocessable(
+            "`id` must be the id in the path", problems=[problem("", "id", "must match the path")]
+        )
+    if not isinstance(document.get("id"), str) or not re.fullmatch(ID_PATTERN, document["id"]):
+        found = problem("", "id", f"required: a string matching {ID_PATTERN}")
+        raise Unprocessable(
+            "`id` must be a lowercase name that the file can be named after", problems=[found]
+        )
+    check_body(document)
+    return document
+
+
+def check_body(document: dict[str, Any]) -> None:
+    """What must hold before anything is rendered or encrypted; a key's surrounding whitespace
+    (a line break pasted with it) is trimmed here, so the file holds the key alone."""
+    if "sops" in document:
+        raise Unprocessable("`sops` is written by sops", problems=[problem("", "sops", "not a field")])
+    for name in SECRET_FIELDS:
+        value = document.get(name)
+        if value is not None and value is not KEEP and not isinstance(value, str):
+            raise Unprocessable(
+                f"`{name}` must be a string", problems=[problem("", name, "must be a string")]
+            )
+        if isinstance(value, str):
+            value = document[name] = value.strip()
+        if isinstance(value, str) and unsendable(value):  # no header can carry it
+            raise Unprocessable(
+                f"`{name}` holds a control character (a pasted line break?); a key is one line",
+                problems=[problem("", name, "holds a control character")],
+            )
+    if editing.depth(document) > editing.MAX_DEPTH:
+        raise Unprocessable("the document nests too deeply", problems=[problem("", "", "nested too deeply")])
+
+
+def check_route(purpose: str, route: Mapping[str, Any]) -> None:
+    """A route for `purpose` that a routing file can hold (404 for a purpose there is none of)."""
+    if purpose not in PURPOSES:
+        raise NotFound(f"unknown purpose `{purpose}`; one of {', '.join(PURPOSES)}")
+    if not isinstance(route, Mapping):
+        raise Unprocessable("the route must be a JSON object", problems=[problem("", "", "not an object")])
+    if editing.depth(route) > editing.MAX_DEPTH:
+        raise Unprocessable("the route nests too deeply", problems=[problem("", "", "nested too deeply")])
+
+
+def check_folder(
+    files: Mapping[str, bytes], path: str, data: bytes | None, display: Callable[[str], str]
+) -> None:
+    """`files` with `path` made `data` (None: deleted) valid as `switchboard validate` says."""
+    name = display(path)
+    loaded: dict[str, Loaded] = {}
+    if data is not None:
+        try:
+            loaded[name] = parse(name, data)
+        except FileRejected as exc:
+            raise Unprocessable(
+                f"{name} would not be valid ({len(exc.problems)} problem(s))",
+                problems=problems(exc.problems),
+            ) from None
+    for other, content in files.items():
+        if other == path or not is_config_file(PurePosixPath(other).name):
+            continue
+        try:
+            loaded[display(other)] = parse(display(other), content)
+        except FileRejected:
+            continue  # a broken sibling is its own change, as `validate` reports it
+    found = cross_check(loaded.values())
+    if found:
+        raise Unprocessable(
+            f"the configuration would not be valid ({len(found)} problem(s))", problems=problems(found)
+        )
+
+
+def problem(file: str, path: str, message: str) -> dict[str, str]:
+    """One problem as a 422 answer lists it."""
+    return {"file": file, "path": path, "message": message}
+
+
+def problems(found: list[Problem]) -> list[dict[str, str]]:
+    """Problems the loader found, as a 422 answer lists them."""
+    return [problem(p.file, p.path, p.message) for p in found]

@@ -1,0 +1,368 @@
+"""Drafting a write (SPEC 8): a request turned into the change of one file, on the files at a base.
+
+A draft is made on what git holds at a base, never on the working tree, so that a push the
+remote refused can be drafted again on the remote's head. Making it reads the file from the
+base and refuses one that changed since the client's `If-Match` (412); edits the YAML as a
+round trip (comments kept) and encrypts a plaintext `api_key` with sops for the `.sops.yaml`
+recipients, in memory; and refuses what would send a kept key somewhere else (403). The writer
+then validates the result (`checks.check_folder`) and commits it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from service.config import editing
+from service.config.loader import Loaded, is_config_file, parse
+from service.config.models import SECRET_FIELDS, Routing
+from service.config.sops_rules import check_sops_config, recipients
+from service.crypto.rotation import file_recipients
+from service.crypto.sops import Sops
+from service.errors import (
+    Conflict,
+    FileRejected,
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    SopsError,
+    SopsNoKey,
+    Unprocessable,
+)
+from service.runtime.checks import KEEP, check_body, check_route, problem, provider_body
+from service.settings import Settings
+from service.vcs.gitrepo import GitRepo, blob_sha
+
+Verb = Literal["create", "update", "delete"]
+ProviderKind = Literal["api_key", "ai_server"]
+
+DESTINATION_FIELDS = ("base_url", "provider")
+"""The fields that decide where a provider's key is sent (`provider`: the vendor's default URL)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """One file's change, made again on each base a push retry lands on."""
+
+    verb: Verb
+    kind: str
+    subject: str
+    make: Callable[[Mapping[str, bytes]], tuple[str, bytes | None, bool]]
+    """(files at the base) -> (repo path, new content or None, changed)."""
+
+
+class Drafter:
+    """Turns the requests of the HTTP layer into drafts, refusing what no commit should say."""
+
+    def __init__(self, settings: Settings, sops: Sops, repo: GitRepo | None, *, applies: bool) -> None:
+        self.settings = settings
+        self.sops = sops
+        self.repo = repo
+        """The repository written to (the writer moves it to git-sync's git directory)."""
+        self.folder = repo.relative(settings.providers_dir) if repo is not None else ""
+        """The configuration folder, relative to the repository's top level."""
+        self.applies = applies
+        """Whether this service applies what it writes (commit mode): then it must read the keys."""
+
+    def create(self, kind: ProviderKind, body: Mapping[str, Any]) -> Draft:
+        """A new provider file from `body` (its fields; `api_key` in plaintext)."""
+        document = provider_body(kind, body)
+        provider_id = str(document["id"])
+
+        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+            if self._find(files, provider_id) is not None:
+                raise Conflict(f"a provider `{provider_id}` exists already; PUT or PATCH it instead")
+            path = self._path(f"{provider_id}.yaml")
+            return path, self._render(path, None, document), True
+
+        return Draft("create", kind, provider_id, make)
+
+    def replace(
+        self,
+        kind: ProviderKind,
+        provider_id: str,
+        body: Mapping[str, Any],
+        if_match: str | None,
+        *,
+        key_readable: bool,
+    ) -> Draft:
+        """The whole document of `provider_id` replaced by `body` (`api_key` left out: kept).
+
+        `key_readable`: the client may read decrypted keys (`secrets:read`); see `_update`.
+        """
+        document = provider_body(kind, body, provider_id=provider_id)
+        sends_key = isinstance(document.get("api_key"), str)
+        if "api_key" not in document:
+            document["api_key"] = KEEP
+        return self._update(kind, provider_id, lambda current: document, if_match, sends_key, key_readable)
+
+    def patch(
+        self,
+        kind: ProviderKind,
+        provider_id: str,
+        patch: Mapping[str, Any],
+        if_match: str | None,
+        *,
+        key_readable: bool,
+    ) -> Draft:
+        """`provider_id`'s document with a JSON merge patch (RFC 7386); `key_readable` as in `replace`."""
+        for name in ("kind", "id"):
+            if name in patch and patch[name] != (kind if name == "kind" else provider_id):
+                raise Unprocessable(
+                    f"`{name}` cannot be changed", problems=[problem("", name, "cannot be changed")]
+                )
+        return self._update(
+            kind,
+            provider_id,
+            lambda current: editing.merge_patch(current, patch),
+            if_match,
+            isinstance(patch.get("api_key"), str),
+            key_readable,
+        )
+
+    def delete(self, kind: ProviderKind, provider_id: str, if_match: str | None) -> Draft:
+        """Remove `provider_id`'s file; 409 while routing names it."""
+
+        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+            path, _ = self._existing(files, kind, provider_id)
+            self._check_match(path, files, if_match)
+            naming = _purposes_naming(files, provider_id, self.display)
+            if naming:
+                raise Conflict(
+                    f"routing names `{provider_id}` for {', '.join(naming)}; change the route first"
+                )
+            return path, None, True
+
+        return Draft("delete", kind, provider_id, make)
+
+    def route(self, purpose: str, route: Mapping[str, Any], if_match: str | None) -> Draft:
+        """Set the route of `purpose` in the routing file (made when there is none)."""
+        check_route(purpose, route)
+
+        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+            found = _routing_file(files, self.display)
+            if found is None:
+                _check_no_broken_routing(files, self.display)
+            original: bytes | None = None
+            current: dict[str, Any] = {"kind": "routing", "purposes": {}}
+            path = self._path("routing.yaml")
+            if found is not None:
+                path, original = found
+                self._check_match(path, files, if_match)
+                current = editing.load(original)
+            given = current.get("purposes")
+            purposes: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
+            if purposes.get(purpose) == dict(route):
+                return path, files.get(path), False
+            purposes[purpose] = dict(route)
+            document = {**current, "kind": "routing", "purposes": purposes}
+            return path, _yaml(original, document), True
+
+        return Draft("update", "routing", purpose, make)
+
+    # -- updating a provider --------------------------------------------------------------------
+
+    def _update(
+        self,
+        kind: ProviderKind,
+        provider_id: str,
+        change: Callable[[dict[str, Any]], Any],
+        if_match: str | None,
+        sends_key: bool,
+        key_readable: bool,
+    ) -> Draft:
+        """Change an existing provider. The service's identity lets it re-encrypt a key it keeps,
+        but a client that neither sends the key nor may read it cannot change where the key goes:
+        the MAC covers every value so that nobody sends a key they cannot read to a host of
+        their choosing (SPEC 2.4), and a write over HTTP keeps that promise (403).
+
+        A write that sends a key is never "no change", even when it is the current key: the
+        answer must not tell a client whether its guess was the key."""
+
+        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+            path, loaded = self._existing(files, kind, provider_id)
+            self._check_match(path, files, if_match)
+            original = self._plaintext(path, files[path], loaded)
+            current = editing.load(original)
+            desired = change(dict(current))
+            if not isinstance(desired, Mapping):
+                raise Unprocessable(
+                    "the result is not a document", problems=[problem(path, "", "not a mapping")]
+                )
+            document = dict(desired)
+            if document.get("api_key") is KEEP:
+                if "api_key" in current:
+                    document["api_key"] = current["api_key"]
+                else:
+                    del document["api_key"]
+            document.setdefault("kind", kind)
+            document.setdefault("id", provider_id)
+            if document == current and not sends_key:
+                return path, files[path], False
+            check_body(document)
+            moved = [f for f in DESTINATION_FIELDS if document.get(f) != current.get(f)]
+            keyed = current.get("api_key") is not None and document.get("api_key") is not None
+            kept = keyed and not (sends_key or key_readable)
+            if kept and moved:
+                raise Forbidden(
+                    f"changing `{'`, `'.join(moved)}` of {self.display(path)} would send its key "
+                    "somewhere else: send `api_key` with the change (or be a client with secrets:read)"
+                )
+            data = self._render(path, original, document)
+            gained = file_recipients(data) - file_recipients(files[path]) if kept else set()
+            if gained:  # a recipient added to .sops.yaml would read a key nobody rotated for it
+                raise Conflict(
+                    f"{self.display(path)}: keeping its key would encrypt it for recipients it does not "
+                    f"have ({', '.join(sorted(gained))}): run `switchboard rotate` first, or send `api_key`"
+                )
+            return path, data, True
+
+        return Draft("update", kind, provider_id, make)
+
+    def _plaintext(self, path: str, data: bytes, loaded: Loaded) -> bytes:
+        """The file's plaintext YAML: decrypted by sops when it holds a key (its MAC covers every value)."""
+        if not loaded.encrypted:
+            return data
+        try:
+            return self.sops.decrypt_text(data, self.display(path))
+        except SopsNoKey:
+            raise Conflict(
+                f"{self.display(path)} holds a key, so changing it needs the service's identity "
+                "(SOPS_AGE_KEY_FILE), and this one cannot decrypt it"
+            ) from None
+        except SopsError as exc:
+            raise Conflict(f"{self.display(path)}: {exc.case}") from None
+
+    def _render(self, path: str, original: bytes | None, document: Mapping[str, Any]) -> bytes:
+        """The file's new bytes: YAML, with any secret encrypted by sops (in memory, never on disk)."""
+        text = _yaml(original, document)
+        if not any(document.get(name) is not None for name in SECRET_FIELDS):
+            return text
+        name = self.display(path)
+        problems = check_sops_config(self.settings.sops_config, [str(self.repo_root / path)])
+        if problems:
+            raise Unprocessable(
+                "`.sops.yaml` cannot encrypt this file",
+                problems=[problem(".sops.yaml", "", p) for p in problems],
+            )
+        if self.applies:
+            own = self.sops.own_recipients()
+            if own and not own & set(recipients(self.settings.sops_config)):
+                raise Unprocessable(
+                    "the service could not read this key: its identity is not a recipient in .sops.yaml",
+                    problems=[
+                        problem(".sops.yaml", "", "the service's identity is not among the recipients")
+                    ],
+                )
+        try:
+            return self.sops.encrypt(text, str(self.repo_root / path))
+        except SopsError as exc:
+            raise Unprocessable(
+                f"{name}: cannot encrypt: {exc.case}", problems=[problem(name, "api_key", exc.case)]
+            ) from None
+
+    # -- files ------------------------------------------------------------------------------------
+
+    @property
+    def repo_root(self) -> Path:
+        assert self.repo is not None  # noqa: S101
+        return self.repo.root
+
+    def display(self, path: str) -> str:
+        """A repository path as events and answers name files (relative to the configuration root)."""
+        absolute = (self.repo_root / path).absolute()
+        try:
+            return absolute.relative_to(self.settings.files_root.absolute()).as_posix()
+        except ValueError:
+            return path
+
+    def _path(self, name: str) -> str:
+        return f"{self.folder}/{name}" if self.folder not in ("", ".") else name
+
+    def _find(self, files: Mapping[str, bytes], provider_id: str) -> str | None:
+        for ext in ("yaml", "yml"):
+            path = self._path(f"{provider_id}.{ext}")
+            if path in files:
+                return path
+        return None
+
+    def _existing(self, files: Mapping[str, bytes], kind: str, provider_id: str) -> tuple[str, Loaded]:
+        path = self._find(files, provider_id)
+        if path is None:
+            raise NotFound(f"no provider `{provider_id}`")
+        try:
+            loaded = parse(self.display(path), files[path])
+        except FileRejected as exc:
+            raise Conflict(
+                f"{self.display(path)} is not valid in git: {exc.reason}; fix it through git"
+            ) from None
+        if loaded.document.kind != kind:
+            raise NotFound(f"`{provider_id}` is an {loaded.document.kind}, not an {kind}")
+        return path, loaded
+
+    def _check_match(self, path: str, files: Mapping[str, bytes], if_match: str | None) -> None:
+        if if_match is None:
+            return
+        current = blob_sha(files[path])
+        tags = [t.strip().removeprefix("W/").strip('"').split(".")[0] for t in if_match.split(",")]
+        if "*" not in tags and current not in tags:
+            raise PreconditionFailed(
+                f"{self.display(path)} changed since (it is now {current}); read it again"
+            )
+
+
+def _yaml(original: bytes | None, document: Mapping[str, Any]) -> bytes:
+    """`document` as YAML: an edit of `original` (its comments kept), or a new file."""
+    return editing.render_edit(original, document) if original is not None else editing.render_new(document)
+
+
+# -- the routing file at a base ---------------------------------------------------------------------
+
+
+def _routing_file(files: Mapping[str, bytes], display: Callable[[str], str]) -> tuple[str, bytes] | None:
+    for path, data in sorted(files.items()):
+        if not is_config_file(PurePosixPath(path).name):
+            continue
+        try:
+            loaded = parse(display(path), data)
+        except FileRejected:
+            continue
+        if isinstance(loaded.document, Routing):
+            return path, data
+    return None
+
+
+def _check_no_broken_routing(files: Mapping[str, bytes], display: Callable[[str], str]) -> None:
+    """Conflict when a routing file in git does not load: a route written beside it, or over
+    it, would drop every purpose it holds (the service still serves them from its last good
+    version)."""
+    for path, data in sorted(files.items()):
+        if not is_config_file(PurePosixPath(path).name):
+            continue
+        try:
+            parse(display(path), data)
+        except FileRejected as exc:
+            if PurePosixPath(path).stem == "routing" or _ROUTING_KIND.search(data):
+                raise Conflict(
+                    f"{display(path)} is not valid in git ({exc.reason}); fix it through git first, "
+                    "since a route written now would drop the routes it holds"
+                ) from None
+
+
+_ROUTING_KIND = re.compile(rb"""(?m)^kind[ \t]*:[ \t]*(routing|'routing'|"routing")[ \t]*(#.*)?$""")
+"""`kind: routing` at the top level, found without loading YAML that failed to load (an alias
+bomb, say)."""
+
+
+def _purposes_naming(
+    files: Mapping[str, bytes], provider_id: str, display: Callable[[str], str]
+) -> list[str]:
+    found = _routing_file(files, display)
+    if found is None:
+        return []
+    routing = parse(display(found[0]), found[1]).document
+    assert isinstance(routing, Routing)  # noqa: S101
+    return [p for p, r in sorted(routing.purposes.items()) if provider_id in r.primary + r.fallbacks]
