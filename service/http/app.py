@@ -21,10 +21,10 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import config_api, console, openai_api, openapi, push, replicas, traffic, write_api
+from service.http import changes, config_api, console, openai_api, openapi, replicas, traffic, write_api
 from service.http.auth import Handler
+from service.http.changes import CHANGES, Changes
 from service.http.context import EVENTS, HEALTH, METRICS, PULLER, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
-from service.http.push import CHANGES, Changes
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
 from service.metrics import CONTENT_TYPE, Metrics
@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     write_api.setup(app)
     openai_api.setup(app)
     openapi.setup(app)
-    push.setup(app)
+    changes.setup(app)
     replicas.setup(app)
     traffic.setup(app)
     console.setup(app)

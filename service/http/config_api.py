@@ -45,8 +45,9 @@ from service.gateway.catalog import list_models
 from service.gateway.health import Health, HealthState, check
 from service.gateway.routing import first_healthy
 from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
+from service.http.changes import CHANGES
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
-from service.http.push import CHANGES, body_tag, event_stream, watched
+from service.http.push import body_tag, event_stream, watched
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
 from service.vcs.gitrepo import blob_sha

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from playwright.async_api import Browser, Request, expect
 
-from service.http.push import CHANGES
+from service.http.changes import CHANGES
 from tests.conftest import (
     AgeIdentity,
     Service,

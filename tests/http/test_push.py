@@ -19,8 +19,8 @@ from aiohttp import web
 
 from service.http import push
 from service.http.app import create_app
+from service.http.changes import CHANGES
 from service.http.context import REGISTRY
-from service.http.push import CHANGES
 from service.settings import Settings
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import write_clients
@@ -352,7 +352,8 @@ async def test_the_stream_sends_keep_alive_comments(
 async def test_a_stream_that_falls_too_far_behind_is_closed_and_holds_no_memory(
     running_service: Service, monkeypatch: pytest.MonkeyPatch, bound: tuple[str, int]
 ) -> None:
-    monkeypatch.setattr(push, *bound)
+    name, value = bound
+    monkeypatch.setattr(f"service.http.changes.{name}", value)
     changes = running_service.app[CHANGES]
     async with running_service.http.get(f"{running_service.url}{API}/events") as response:
         await eventually(lambda: len(changes._streams) == 1)
