@@ -109,6 +109,16 @@ def _loopback_name(host: str) -> bool:
 
 def scoped(scope: Scope) -> Callable[[Handler], Handler]:
     """A handler that runs only for a client with `scope`; the client is at `request[CLIENT]`."""
+    return _guarded(scope)
+
+
+def authenticated(handler: Handler) -> Handler:
+    """A handler that runs for any valid token (no scope needed); the client is at `request[CLIENT]`."""
+    return _guarded(None)(handler)
+
+
+def _guarded(scope: Scope | None) -> Callable[[Handler], Handler]:
+    """The handler behind `authenticate(request, scope)`, with the client kept on the request."""
 
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -116,25 +126,13 @@ def scoped(scope: Scope) -> Callable[[Handler], Handler]:
             client = authenticate(request, scope)
             if client is not None:
                 request[CLIENT] = client
-                request[SCOPE] = scope
+                if scope is not None:
+                    request[SCOPE] = scope
             return await handler(request)
 
         return guarded
 
     return decorate
-
-
-def authenticated(handler: Handler) -> Handler:
-    """A handler that runs for any valid token (no scope needed); the client is at `request[CLIENT]`."""
-
-    @functools.wraps(handler)
-    async def guarded(request: web.Request) -> web.StreamResponse:
-        client = authenticate(request, None)
-        if client is not None:
-            request[CLIENT] = client
-        return await handler(request)
-
-    return guarded
 
 
 def authenticate_again(request: web.Request) -> None:

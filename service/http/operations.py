@@ -1,7 +1,8 @@
 """What `GET /openapi.json` is made of: operations, their parts, and schemas from pydantic types.
 
-`service.http.openapi` lists the app's operations with these parts; this module renders
-them as OpenAPI 3.1 (JSON Schema 2020-12, which is what pydantic writes).
+`service.http.openapi` and the tables beside it (`config_operations`, `write_operations`,
+`gateway_operations`) list the app's operations with these parts; this module renders them
+as OpenAPI 3.1 (JSON Schema 2020-12, which is what pydantic writes).
 """
 
 from __future__ import annotations

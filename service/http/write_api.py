@@ -38,8 +38,8 @@ def setup(app: web.Application) -> None:
     router = app.router
     for segment, kind in _SEGMENTS.items():
         router.add_post(f"{PREFIX}/{segment}", _create(kind, segment))
-        router.add_put(f"{PREFIX}/{segment}/{{id}}", _replace(kind))
-        router.add_patch(f"{PREFIX}/{segment}/{{id}}", _patch(kind))
+        router.add_put(f"{PREFIX}/{segment}/{{id}}", _change(kind, merge=False))
+        router.add_patch(f"{PREFIX}/{segment}/{{id}}", _change(kind, merge=True))
         router.add_delete(f"{PREFIX}/{segment}/{{id}}", _delete(kind))
         router.add_post(f"{PREFIX}/{segment}/{{id}}/test", _test(kind))
     router.add_put(f"{PREFIX}/active/{{purpose}}", _route)
@@ -73,31 +73,17 @@ def _create(kind: ProviderKind, segment: str) -> Handler:
     return create
 
 
-def _replace(kind: ProviderKind) -> Handler:
+def _change(kind: ProviderKind, *, merge: bool) -> Handler:
+    """PUT, the whole document, or with `merge` PATCH, a JSON merge patch: the same write else."""
+
     @scoped("config:write")
-    async def replace(request: web.Request) -> web.StreamResponse:
+    async def change(request: web.Request) -> web.StreamResponse:
         body = await _body(request)
-        written = await request.app[WRITER].replace(
-            kind,
-            request.match_info["id"],
-            body,
-            client_name(request),
-            _reason(request),
-            _if_match(request),
-            key_readable=_key_readable(request),
-        )
-        return _provider(request, written)
-
-    return replace
-
-
-def _patch(kind: ProviderKind) -> Handler:
-    @scoped("config:write")
-    async def patch(request: web.Request) -> web.StreamResponse:
-        body = await _body(request)
-        if not isinstance(body, Mapping):
+        if merge and not isinstance(body, Mapping):
             raise BadRequest("a merge patch is a JSON object")
-        written = await request.app[WRITER].patch(
+        writer = request.app[WRITER]
+        write = writer.patch if merge else writer.replace
+        written = await write(
             kind,
             request.match_info["id"],
             body,
@@ -108,7 +94,7 @@ def _patch(kind: ProviderKind) -> Handler:
         )
         return _provider(request, written)
 
-    return patch
+    return change
 
 
 def _delete(kind: ProviderKind) -> Handler:

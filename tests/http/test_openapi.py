@@ -35,6 +35,7 @@ BLOCKING = ("index", "wait", "If-None-Match")
 """SPEC 9: every GET under the API but the stream and `secrets:read` takes these."""
 KEY = "sk-openapi-provider-key-0a1b2c3d4e5f"
 METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
+WHERE = "service/http/openapi.py or the table of its part of the API (service/http/*_operations.py)"
 
 
 def routes(app: web.Application) -> set[tuple[str, str]]:
@@ -71,10 +72,10 @@ def undescribed(app: web.Application, doc: dict[str, Any]) -> str | None:
     if missing := sorted(have - told):
         return (
             f"routes the app has but /openapi.json does not describe: {missing}; describe each in "
-            "service/http/openapi.py (its scope, parameters, body and answers)"
+            f"{WHERE} (its scope, parameters, body and answers)"
         )
     if extra := sorted(told - have):
-        return f"/openapi.json describes routes the app does not have: {extra} (service/http/openapi.py)"
+        return f"/openapi.json describes routes the app does not have: {extra} ({WHERE})"
     return None
 
 
@@ -94,7 +95,7 @@ def test_a_route_added_without_a_description_fails_saying_where_to_describe_it(s
     app.router.add_get("/api/v1/llm-config/undescribed-example", undescribed_example)
     assert undescribed(app, document()) == (
         "routes the app has but /openapi.json does not describe: "
-        "[('GET', '/api/v1/llm-config/undescribed-example')]; describe each in service/http/openapi.py "
+        f"[('GET', '/api/v1/llm-config/undescribed-example')]; describe each in {WHERE} "
         "(its scope, parameters, body and answers)"
     )
     doc = document()

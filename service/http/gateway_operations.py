@@ -1,0 +1,69 @@
+"""The OpenAI-compatible gateway (`/v1/*`, SPEC 7) as `GET /openapi.json` describes it.
+
+The upstream's answer is passed on as it is, so its schema is open; what the gateway adds
+(its headers, its own errors) is described with the parts of `service.http.operations`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from service.http import answers, bodies
+from service.http.operations import GATEWAY_HEADERS, JSON, Operation, Schemas, body_errors, request
+
+_GATEWAY = (
+    (
+        "/v1/chat/completions",
+        "chat",
+        bodies.ChatCompletionRequest,
+        {"model": "fake-model", "messages": [{"role": "user", "content": "Hello"}]},
+    ),
+    ("/v1/embeddings", "embeddings", bodies.EmbeddingsRequest, {"model": "fake-model", "input": ["Hello"]}),
+    (
+        "/v1/rerank",
+        "reranking",
+        bodies.RerankRequest,
+        {"model": "fake-model", "query": "hello", "documents": ["hello there", "goodbye"], "top_n": 1},
+    ),
+)
+
+
+def gateway(s: Schemas) -> Iterable[Operation]:
+    """`/v1/chat/completions`, `/v1/embeddings`, `/v1/rerank` and `/v1/models`."""
+    passed_on = {
+        "description": "the upstream's own client error, as it is",
+        "content": {JSON: {"schema": {}}},
+    }
+    for path, purpose_, body, example in _GATEWAY:
+        ok: dict[str, Any] = {"description": "the provider's answer", "content": {JSON: {"schema": {}}}}
+        if purpose_ == "chat":
+            ok["content"]["text/event-stream"] = {
+                "schema": s.answer("ServerSentEvent", answers.ServerSentEvent)
+            }
+        yield Operation(
+            "POST",
+            path,
+            "completions",
+            f"Sent to the `{purpose_}` route's candidates: primaries by weight, then fallbacks",
+            {
+                "200": ok,
+                "4XX": passed_on,
+                **body_errors(s),
+                "502": s.returns(
+                    answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
+                ),
+                "503": s.error("no candidate can take the request now, or the configuration is not loaded"),
+                "508": s.error("the request came back through this gateway: a `base_url` points at it"),
+            },
+            body=request(s.body(body.__name__, body), example),
+            headers=GATEWAY_HEADERS,
+        )
+    yield Operation(
+        "GET",
+        "/v1/models",
+        "completions",
+        "The models of the enabled providers",
+        {"200": s.returns(answers.ModelsAnswer, "OpenAI's model list")},
+        headers=GATEWAY_HEADERS,
+    )
