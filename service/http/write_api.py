@@ -27,7 +27,8 @@ from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.bodies import json_body
 from service.http.config_api import provider_answer, route_answer, test_provider
 from service.http.context import PREFIX, WRITER
-from service.runtime.writer import ProviderKind, Written
+from service.runtime.drafts import ProviderKind
+from service.runtime.writer import Written
 
 REASON_HEADER = "X-Switchboard-Reason"
 _SEGMENTS: dict[str, ProviderKind] = {"api-keys": "api_key", "servers": "ai_server"}

@@ -40,8 +40,7 @@ from service.runtime.delivery import (
     resolve_mode,
     synced_checkout,
 )
-from service.runtime.drafts import Draft, Drafter, Verb
-from service.runtime.drafts import ProviderKind as ProviderKind  # the HTTP layer's name for it
+from service.runtime.drafts import Draft, Drafter, ProviderKind, Verb
 from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader, link_folders
 from service.settings import Settings
