@@ -9,7 +9,6 @@ Every error leaves as SPEC's JSON `{"error": {"type", "message"}}` from one midd
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -24,7 +23,18 @@ from service.gateway.health import Health
 from service.http import changes, config_api, console, openai_api, openapi, replicas, traffic, write_api
 from service.http.auth import Handler
 from service.http.changes import CHANGES, Changes
-from service.http.context import EVENTS, HEALTH, METRICS, PULLER, REGISTRY, RELOADER, SETTINGS, SOPS, WRITER
+from service.http.context import (
+    EVENTS,
+    HEALTH,
+    METRICS,
+    PULLER,
+    REGISTRY,
+    RELOADER,
+    SETTINGS,
+    SOPS,
+    WRITER,
+    stop_task,
+)
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
 from service.metrics import CONTENT_TYPE, Metrics
@@ -109,12 +119,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         stop.set()
-        try:
-            await asyncio.wait_for(watcher, timeout=5)
-        except (TimeoutError, asyncio.CancelledError):
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await stop_task(watcher)
         await reloader.aclose()  # a cancelled reload's apply finishes in its thread first
         events.close()
 

@@ -34,6 +34,12 @@ _TIME = {
     ],
     "examples": ["2026-11-27T05:33:08Z", "2h"],
 }
+_KINDS = (
+    ("providers", "provider", "gpu"),
+    ("api-keys", "api_key", "openrouter"),
+    ("servers", "ai_server", "gpu"),
+)
+"""Each way to name providers: (path segment, kind, an example id)."""
 
 
 def _reads(s: Schemas) -> Iterable[Operation]:
@@ -70,11 +76,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         },
         (purpose(),),
     )
-    for segment, kind, example in (
-        ("providers", "provider", "gpu"),
-        ("api-keys", "api_key", "openrouter"),
-        ("servers", "ai_server", "gpu"),
-    ):
+    for segment, kind, example in _KINDS:
         what = f"Providers ({kind})" if kind != "provider" else "Providers"
         yield Operation(
             "GET",
@@ -127,20 +129,14 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         {"200": s.returns(answers.StateAnswer, "masked"), "400": s.error("`at` is not a time")},
         (query("at", "the time (default: now)", _TIME),),
     )
-    yield Operation(
-        "POST",
-        f"{PREFIX}/providers/{{id}}/test",
-        "admin",
-        "Check a provider now: its models endpoint, with its key",
-        {"200": check, "404": s.error("no such provider")},
-        (path_id("gpu"),),
-    )
-    for segment, kind, example in (("api-keys", "api_key", "openrouter"), ("servers", "ai_server", "gpu")):
+    for segment, kind, example in _KINDS:
         yield Operation(
             "POST",
             f"{PREFIX}/{segment}/{{id}}/test",
             "admin",
-            f"Check a provider of kind `{kind}` now, as `POST …/providers/{{id}}/test` does",
+            "Check a provider now: its models endpoint, with its key"
+            if kind == "provider"
+            else f"Check a provider of kind `{kind}` now, as `POST …/providers/{{id}}/test` does",
             {"200": check, "404": s.error(f"no such {kind}")},
             (path_id(example),),
         )

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from service.config.models import PURPOSES, ServerType
 from service.errors import NotFound
+from service.http.push import body_tag
 from service.vendors import VENDORS
 
 PATH = "/ui/"
@@ -73,8 +74,7 @@ class Asset:
     def of(cls, name: str, body: bytes) -> Asset:
         suffix = name[name.rfind(".") :]
         content_type = _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
-        tag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-        return cls(body, gzip.compress(body, compresslevel=9, mtime=0), content_type, tag)
+        return cls(body, gzip.compress(body, compresslevel=9, mtime=0), content_type, body_tag(body))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,14 @@
 """What request handlers read: the typed keys of the aiohttp application, and the API's prefix.
 
-Set by `create_app` and the cleanup contexts; handlers only read them.
+Set by `create_app` and the cleanup contexts; handlers only read them. `stop_task` is how a
+cleanup context ends the background task it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 from aiohttp import web
 
@@ -40,3 +43,13 @@ FANOUT = web.AppKey("fanout", Fanout)
 """Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
+
+
+async def stop_task(task: asyncio.Task[Any], timeout_s: float = 5.0) -> None:
+    """Wait up to `timeout_s` for a background task told to stop, then cancel it."""
+    try:
+        await asyncio.wait_for(task, timeout=timeout_s)
+    except (TimeoutError, asyncio.CancelledError):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

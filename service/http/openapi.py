@@ -132,6 +132,13 @@ def _service(s: Schemas) -> Iterable[Operation]:
         "GET", PATH, None, "This document", {"200": json_answer({"type": "object"}, "OpenAPI 3.1")}
     )
     html = {"text/html": {"schema": {"type": "string"}}}
+
+    def file_answers() -> dict[str, Any]:
+        return {
+            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
+            "404": s.error("no such file"),
+        }
+
     yield Operation(
         "GET",
         console.PATH.rstrip("/"),
@@ -153,23 +160,19 @@ def _service(s: Schemas) -> Iterable[Operation]:
         console.ASSETS,
         None,
         "A file of the web console (script, style, icon), cached for a year at the current version",
-        {
-            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
-            "404": s.error("no such file"),
-        },
-        (
-            {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}},
-            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-        ),
+        file_answers(),
+        (_in_path("version"), _in_path("name")),
     )
     yield Operation(
         "GET",
         console.PLAIN,
         None,
         "A file of the web console by its name alone (`index.html`, `app.js`...), never cached",
-        {
-            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
-            "404": s.error("no such file"),
-        },
-        ({"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},),
+        file_answers(),
+        (_in_path("name"),),
     )
+
+
+def _in_path(name: str) -> dict[str, Any]:
+    """A string parameter of the path."""
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

@@ -18,7 +18,6 @@ one that hears of a commit it does not have pulls now.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -40,6 +39,7 @@ from service.http.context import (
     RELOADER,
     SETTINGS,
     WRITER,
+    stop_task,
 )
 from service.http.push import watched
 from service.runtime.fanout import Beat, Fanout, answer
@@ -190,12 +190,7 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
         if fanout is not None:
             await asyncio.to_thread(fanout.stop)
         for task in tasks:
-            try:
-                await asyncio.wait_for(task, timeout=5)
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
 
 
 def _synced(providers: Path) -> bool:

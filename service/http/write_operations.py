@@ -74,34 +74,35 @@ def writes(s: Schemas) -> Iterable[Operation]:
             request(ref(f"{stem}Create"), example),
             _WRITES,
         )
-        yield Operation(
-            "PUT",
-            f"{PREFIX}/{segment}/{{id}}",
-            "config:write",
-            f"Replace a provider of kind `{kind}`: one commit",
-            {
-                "200": json_answer(written, "replaced", ETag=ETAG),
-                "404": s.error(f"no such {kind}"),
-                **write_errors(s, if_match=True),
-            },
-            one,
-            request(ref(f"{stem}Replace"), {k: v for k, v in example.items() if k != "id"}),
-            _WRITES,
+        changes = (
+            (
+                "PUT",
+                f"Replace a provider of kind `{kind}`: one commit",
+                "replaced",
+                request(ref(f"{stem}Replace"), {k: v for k, v in example.items() if k != "id"}),
+            ),
+            (
+                "PATCH",
+                f"Change fields of a provider of kind `{kind}` (a JSON merge patch): one commit",
+                "changed",
+                request(ref(f"{stem}Patch"), {"name": "Spare box"}, MERGE_PATCH, JSON),
+            ),
         )
-        yield Operation(
-            "PATCH",
-            f"{PREFIX}/{segment}/{{id}}",
-            "config:write",
-            f"Change fields of a provider of kind `{kind}` (a JSON merge patch): one commit",
-            {
-                "200": json_answer(written, "changed", ETag=ETAG),
-                "404": s.error(f"no such {kind}"),
-                **write_errors(s, if_match=True),
-            },
-            one,
-            request(ref(f"{stem}Patch"), {"name": "Spare box"}, MERGE_PATCH, JSON),
-            _WRITES,
-        )
+        for method, summary, done, body in changes:
+            yield Operation(
+                method,
+                f"{PREFIX}/{segment}/{{id}}",
+                "config:write",
+                summary,
+                {
+                    "200": json_answer(written, done, ETag=ETAG),
+                    "404": s.error(f"no such {kind}"),
+                    **write_errors(s, if_match=True),
+                },
+                one,
+                body,
+                _WRITES,
+            )
         yield Operation(
             "DELETE",
             f"{PREFIX}/{segment}/{{id}}",
