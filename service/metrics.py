@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,6 +23,9 @@ ERROR_OUTCOMES = frozenset({"failed", "broken"})
 """Upstream attempts that count as the provider's errors (a 4xx passed on is the client's)."""
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class Metrics:
@@ -105,6 +109,23 @@ class Metrics:
         self.provider_healthy = Gauge(
             "switchboard_provider_healthy", "1 healthy, 0 unhealthy, -1 unknown.", ["provider"], registry=r
         )
+        self._answered: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP answer and its time. The label children are looked up once per label
+        set and kept: `labels()` takes a lock and checks its arguments, on every request."""
+        if method not in _METHODS:  # WebDAV's and the rest: one series for all
+            method = "OTHER"
+        key = (route, method, status)
+        counter = self._answered.get(key)
+        if counter is None:
+            counter = self._answered[key] = self.requests.labels(route, method, str(status))
+        counter.inc()
+        timer = self._timed.get(route)
+        if timer is None:
+            timer = self._timed[route] = self.request_seconds.labels(route)
+        timer.observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format."""

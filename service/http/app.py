@@ -149,8 +149,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled error on %s %s", request.method, route)
         body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
         response = web.json_response(body, status=500)
-    metrics.requests.labels(route, request.method, str(response.status)).inc()
-    metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+    metrics.answered(route, request.method, response.status, time.perf_counter() - started)
     return response
 
 

@@ -240,3 +240,12 @@ async def test_metrics_count_requests_by_route_template(routed: Service) -> None
     route = f"{API}/active/{{purpose}}"
     assert f'switchboard_http_requests_total{{method="GET",route="{route}",status="200"}} 3.0' in text
     assert 'route="/api/v1/llm-config/providers/{id}",status="404"} 1.0' in text
+
+
+async def test_metrics_label_an_unknown_method_other(routed: Service) -> None:
+    """Methods the API does not use (aiohttp takes WebDAV's too) are counted as `OTHER`."""
+    for method in ("PROPFIND", "MKCOL", "LOCK"):
+        async with routed.http.request(method, routed.url + f"{API}/active/chat") as response:
+            assert response.status in (400, 405)
+    _, text = await routed.text("/metrics")
+    assert 'method="OTHER",route="unmatched"' in text and "PROPFIND" not in text

@@ -90,8 +90,10 @@ class TooLarge(Exception):
 
 async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The rest of `response`'s body, or `TooLarge` as soon as it passes `limit` bytes."""
-    if response.content_length is not None and response.content_length > limit:
-        raise TooLarge(limit)
+    if response.content_length is not None:
+        if response.content_length > limit:
+            raise TooLarge(limit)
+        return await response.read()  # aiohttp reads no more than the length it was given
     content = response.content
     chunks = []
     size = 0
