@@ -98,6 +98,10 @@ def test_the_installed_wheel_works_without_the_server(wheel: Path, tmp_path: Pat
     )
     code = (
         "import importlib.util, sys\n"
+        # The system's site-packages (where aiohttp comes from) also hold this repository's
+        # editable install, whose finder maps every `service.*` name to the tree: an
+        # application's environment has no such thing, so it is left out here.
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
         "import service, service.client as client\n"
         f"assert service.__file__.startswith({str(venv)!r}), service.__file__\n"
         "for name in ('service.config', 'service.errors', 'service.http', 'service.gateway'):\n"
