@@ -200,6 +200,10 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
             answers.InvalidAnswer, "the configuration after the write would not be valid; nothing was written"
         ),
         **(body_errors(schemas) if body else {}),
+        "503": schemas.error(
+            "the first load of the configuration is not complete, or 64 writes are already waiting "
+            "for their turn (`busy`, with `Retry-After`)"
+        ),
     }
     if if_match:
         errors["412"] = schemas.error("`If-Match` names a version of the file that is no longer current")
