@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import socket
@@ -481,6 +482,29 @@ async def test_a_stream_request_answered_whole_is_read_within_the_limit(sops_pro
         write_routing(sops_project, chat={"primary": "whole", "fallbacks": ["backup"]})
         async with running(sops_project, max_upstream_bytes=4096) as board:
             response = await board.chat(stream=True)
+    assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
+
+
+async def test_a_compressed_answer_is_bounded_once_inflated(sops_project: SopsProject) -> None:
+    """A gzip answer's `Content-Length` is its compressed size: 10 KB that inflate to 10 MB
+    must fail like any answer over the limit, not be read whole because its length is small."""
+    inflated = b'{"choices": [], "pad": "' + b" " * 10_000_000 + b'"}'
+    packed = gzip.compress(inflated)
+    assert len(packed) < 4096 * 10
+
+    async def bomb(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=packed, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", bomb)
+    async with serving(upstream) as url, FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "bomb", base_url=f"{url}/v1")
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "bomb", "fallbacks": ["backup"]})
+        async with running(sops_project, max_upstream_bytes=1 << 20) as board:
+            response = await board.chat()
     assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
 
 

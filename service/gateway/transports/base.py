@@ -93,7 +93,8 @@ async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
     if response.content_length is not None:
         if response.content_length > limit:
             raise TooLarge(limit)
-        return await response.read()  # aiohttp reads no more than the length it was given
+        if "Content-Encoding" not in response.headers:  # compressed, it may inflate past `limit`
+            return await response.read()  # aiohttp reads no more than the length it was given
     content = response.content
     chunks = []
     size = 0
