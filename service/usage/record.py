@@ -1,0 +1,79 @@
+"""One request's usage: normalised token counts, and the ledger's record of the request.
+
+These two value types are the interface between the parts of metering: the gateway fills a
+`Record` when it answers, pricing turns `Tokens` into money, the ledger stores the record, and
+the limits settle a reservation to its `cost_usd`. Money is a `Decimal` (USD), never a float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A request's tokens, normalised so that each token is counted in one class only (SPEC 13).
+
+    `input` excludes cached and cache-write tokens; `output` includes `reasoning` (as OpenAI
+    counts them), which is kept apart only to be reported.
+    """
+
+    input: int = 0
+    cached_input: int = 0
+    cache_write: int = 0
+    output: int = 0
+    reasoning: int = 0
+
+    @property
+    def prompt(self) -> int:
+        """Every input token: plain, cached and cache writes (a record's `prompt_tokens`)."""
+        return self.input + self.cached_input + self.cache_write
+
+    @property
+    def total(self) -> int:
+        """Prompt and completion tokens: what a `tpm` limit counts."""
+        return self.prompt + self.output
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """The ledger's record of one answered request (SPEC 13): no prompt, no completion, no key,
+    no token. `id` is the answer's `x-request-id`."""
+
+    id: str
+    ts: datetime
+    client: str | None
+    purpose: str
+    model: str | None
+    provider: str | None
+    upstream_model: str | None
+    status: int
+    stream: bool
+    attempts: int
+    latency_ms: float
+    ttfb_ms: float | None
+    prompt_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cost_usd: Decimal
+    priced: bool
+    estimated: bool
+    replica: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as SPEC 13's JSON: `ts` ISO 8601 UTC with `Z`, `cost_usd` a decimal string."""
+        data = asdict(self)
+        data["ts"] = self.ts.isoformat().replace("+00:00", "Z")
+        data["cost_usd"] = str(self.cost_usd)
+        return data
+
+
+class RecordSink(Protocol):
+    """Where the gateway hands each record: it must not block or fail the request."""
+
+    def submit(self, record: Record) -> None: ...
