@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from service import formats
+from service.config.metering import Budget, Limits, Price
 from service.config.secret import SOPS_VALUE, Sealed, Secret
 from service.errors import ConfigError, Problem
 from service.vendors import VENDORS
@@ -33,7 +34,7 @@ SECRET_FIELDS = ("api_key",)
 Purpose = Literal["chat", "embeddings", "reranking"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
 ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
-Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read"]
+Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read", "usage:read"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
 
@@ -129,6 +130,14 @@ class _Provider(_Document):
         description="Seconds of the longest silence between two chunks of a stream after the first; "
         "then the stream ends with an error event.",
     )
+    pricing: dict[str, Price] = Field(
+        default_factory=dict,
+        description='USD per million tokens, per model as clients name it; "*" for every other model. '
+        "Unpriced models take the price map bundled with litellm (api_key providers only), else cost 0.",
+    )
+    budget: Budget | None = Field(
+        None, description="A spending cap for this provider (a vendor account's); when spent, it is skipped."
+    )
 
     @field_validator("purposes")
     @classmethod
@@ -178,6 +187,9 @@ class _Provider(_Document):
             "timeout_s": dumped["timeout_s"],
             "first_byte_timeout_s": dumped["first_byte_timeout_s"],
             "idle_timeout_s": dumped["idle_timeout_s"],
+            # Only when set: a view that gained empty fields would read as a change of every
+            # provider in the event log of a service upgraded to this version.
+            **{name: dumped[name] for name in ("pricing", "budget") if dumped[name]},
         }
 
     def _label_field(self) -> dict[str, str]:
@@ -298,6 +310,7 @@ class Client(_Document):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = Field(min_length=1)
+    limits: Limits | None = Field(None, description="Rate limits and a budget (SPEC 13); none: unlimited.")
 
 
 class Clients(_Document):

@@ -167,7 +167,15 @@ class Snapshot:
             if self.routing
             else {}
         )
-        clients = {c.name: {"scopes": list(c.scopes)} for c in self.clients.clients} if self.clients else {}
+        clients = (
+            {
+                c.name: {"scopes": list(c.scopes)}
+                | ({"limits": c.limits.model_dump(mode="json", exclude_none=True)} if c.limits else {})
+                for c in self.clients.clients
+            }
+            if self.clients
+            else {}
+        )
         return {"providers": dict(sorted(providers.items())), "routing": routing, "clients": clients}
 
 

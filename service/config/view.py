@@ -4,7 +4,7 @@ A `ConfigView` is the configuration as the event log sees it: plain JSON, secret
 
     {"providers": {id: {field: value, ..., "file": "providers.d/x.yaml"}},
      "routing":   {purpose: {"primary": [...], "weights": {...}, "fallbacks": [...]}},
-     "clients":   {name: {"scopes": [...]}}}
+     "clients":   {name: {"scopes": [...], "limits"?: {...}}}}
 
 `diff_views(a, b)` lists the `Change`s that lead from `a` to `b`; applying them in order with
 `apply_change` rebuilds `b` exactly. That is what lets the event log rebuild the configuration

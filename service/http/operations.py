@@ -247,11 +247,13 @@ def request(schema: dict[str, Any], example: Any, *media_types: str) -> dict[str
 
 
 def provider_bodies(model: type[AiServer] | type[ApiKey], stem: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """`<stem>Create`, `<stem>Replace` and `<stem>Patch`: the file's fields, `api_key` in plaintext.
+    """`<stem>Create`, `<stem>Replace` and `<stem>Patch`: the file's fields, `api_key` in plaintext
+    (after the schemas those fields refer to).
 
     Derived from the file's model, so a field added to the file is a field of the bodies.
     """
     base = model.model_json_schema(ref_template=REF, mode="validation")
+    yield from base.pop("$defs", {}).items()  # the parts the fields refer to (Price, Budget)
     properties = dict(base["properties"])
     plaintext = {
         "type": "string",
