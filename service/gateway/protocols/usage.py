@@ -85,3 +85,14 @@ def to_responses(usage: dict[str, Any] | None) -> dict[str, Any]:
         },
         "total_tokens": prompt + completion,
     }
+
+
+def as_chat(protocol: str, usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An upstream's usage, given in `protocol`'s shape, in chat's."""
+    if usage is None:
+        return None
+    if protocol == "messages":
+        return from_messages(usage)
+    if protocol == "responses":
+        return from_responses(usage)
+    return usage
