@@ -41,7 +41,7 @@ def clis() -> Path:
             pytest.fail(
                 "npm is not installed: the CLI tests need Node.js and npm (apt-get install -y nodejs npm)"
             )
-        subprocess.run(  # noqa: S603 - a fixed command
+        subprocess.run(
             [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(CLIENTS)], check=True, timeout=600
         )
     return BIN
