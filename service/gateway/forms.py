@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from service.config.models import Provider
 from service.config.secret import Secret
+from service.errors import BadRequest
 from service.gateway.call import Call, encode
 from service.gateway.protocols import ids, messages, responses
 from service.gateway.protocols.translation import NativeResponses, ToMessages, ToResponses
@@ -107,7 +108,10 @@ class Forms:
     def _translated(self, call: Call, provider: Provider) -> None:
         if call.chat is None:
             translate = messages.to_chat if call.protocol == "messages" else responses.to_chat
-            chat = translate(call.client_data)
+            try:
+                chat = translate(call.client_data)
+            except RecursionError:  # a tool input nested as deep as the parser allowed
+                raise BadRequest("the body is JSON nested too deep") from None
             call.chat = (encode(chat), chat)
         body, data = call.chat
         call.send_as(PATHS["chat"], body, data, "chat")

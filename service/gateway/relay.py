@@ -260,6 +260,8 @@ def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
         response.body = translation.answer(response.status, body if isinstance(body, bytes) else b"")
     except Untranslatable as exc:
         raise Failure(None, str(exc)) from None
+    except RecursionError:  # an answer nested as deep as the parser allowed
+        raise Failure(None, "the upstream's answer is nested too deep to translate") from None
     if call.upstream_protocol != call.protocol:
         response.content_type = "application/json"
     return response

@@ -55,6 +55,10 @@ def _relay(protocol: str) -> Handler:
             raise InvalidRequest("messages: an array of messages is required", param="messages")
         if protocol == "completions" and "prompt" not in data:
             raise InvalidRequest("prompt: a prompt is required", param="prompt")
+        if protocol == "responses" and data.get("conversation") is not None:
+            # A vendor's stored conversation, by id: Switchboard keeps none, and would not send
+            # one client's to another's account.
+            raise InvalidRequest("conversation: Switchboard keeps no conversation", param="conversation")
         if protocol == "responses" and data.get("previous_response_id") is not None:
             previous = data["previous_response_id"]
             if not isinstance(previous, str):
@@ -74,7 +78,9 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
         if not exc.over_protocol:
             raise
     headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0"}
-    return web.json_response({"input_tokens": messages.estimate_tokens(call.client_data)}, headers=headers)
+    return web.json_response(
+        {"input_tokens": messages.estimate_tokens(len(call.client_body))}, headers=headers
+    )
 
 
 async def _root(request: web.Request) -> web.Response:

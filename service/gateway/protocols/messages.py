@@ -117,12 +117,10 @@ def error(status: int, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message, **extra}}
 
 
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """A local count of a request's input tokens: a positive number that grows with the input
-    (its system, messages and tools at about four bytes a token), for `count_tokens` when no
+def estimate_tokens(size: int) -> int:
+    """A local count of a request's input tokens from its body's size in bytes: a positive
+    number that grows with the input (about four bytes a token), for `count_tokens` when no
     provider that speaks Messages can count them."""
-    parts = [body.get(name) for name in ("system", "messages", "tools")]
-    size = len(json.dumps(parts, ensure_ascii=False).encode())
     return max(1, (size + 3) // 4)
 
 

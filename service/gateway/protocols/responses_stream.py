@@ -115,7 +115,14 @@ class ResponsesStream:
     def _event(self, kind: str, **data: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self._seq, **data}
         self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(payload).encode() + b"\n\n"
+        try:
+            text = json.dumps(payload)
+        except RecursionError:  # the echoed request (its tools) is nested too deep to write back
+            self._response["tools"] = []
+            if isinstance(data.get("response"), dict):
+                payload["response"] = {**data["response"], "tools": []}
+            text = json.dumps(payload)
+        return b"event: " + kind.encode() + b"\ndata: " + text.encode() + b"\n\n"
 
     def _chunk(self, chunk: dict[str, Any]) -> bytes:
         out = b"" if self._started else self._start(chunk)

@@ -97,7 +97,11 @@ class ToResponses:
     def answer(self, status: int, body: bytes) -> bytes:
         if status >= 400:
             return json.dumps(responses.error(status, error_message(body))).encode()
-        return json.dumps(responses.from_chat(_chat(body), self.request, self.response_id)).encode()
+        answer = responses.from_chat(_chat(body), self.request, self.response_id)
+        try:
+            return json.dumps(answer).encode()
+        except RecursionError:  # the echoed request (its tools) is nested too deep to write back
+            return json.dumps({**answer, "tools": []}).encode()
 
     def stream(self) -> StreamTranslator:
         return ResponsesStream(self.request, self.response_id)

@@ -195,6 +195,4 @@ def test_errors_take_anthropics_shape_and_type() -> None:
 
 
 def test_the_local_token_estimate_is_positive_and_grows_with_the_input() -> None:
-    short = messages.estimate_tokens({"messages": [{"role": "user", "content": "hi"}]})
-    longer = messages.estimate_tokens({"messages": [{"role": "user", "content": "hi " * 100}]})
-    assert 0 < short < longer
+    assert 0 < messages.estimate_tokens(0) < messages.estimate_tokens(40) < messages.estimate_tokens(400)
