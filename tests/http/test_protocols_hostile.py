@@ -5,6 +5,7 @@ huge and deep bodies. None may work, and none may make the service answer 500.""
 from __future__ import annotations
 
 import json
+
 from aiohttp import web
 
 from tests.conftest import SopsProject
@@ -130,19 +131,20 @@ async def test_huge_and_deep_bodies_are_refused_in_the_protocols_shape(sops_proj
             response = await board.post("/v1/messages", {**MESSAGE, "pad": "x" * 200_000})
             assert response.status == 413 and (await response.json())["error"]["type"] == "request_too_large"
             for depth in (*range(850, 1000, 3), 5000):  # around where parsing and encoding give up
-                call = '{"type": "tool_use", "id": "t", "name": "f", "input": {"x": %s}}' % deep(depth)
-                tool = '{"type": "function", "name": "f", "parameters": {"x": %s}}' % deep(depth)
+                nested = deep(depth)
+                call = '{"type": "tool_use", "id": "t", "name": "f", "input": {"x": ' + nested + "}}"
+                tool = '{"type": "function", "name": "f", "parameters": {"x": ' + nested + "}}"
                 for path, raw in (
                     (
                         "/v1/messages",
-                        '{"model": "m", "messages": [{"role": "assistant", "content": [%s]}]}' % call,
+                        '{"model": "m", "messages": [{"role": "assistant", "content": [' + call + "]}]}",
                     ),
-                    ("/v1/responses", '{"model": "m", "input": "x", "tools": [%s]}' % tool),
-                    ("/v1/responses", '{"model": "m", "input": "x", "stream": true, "tools": [%s]}' % tool),
+                    ("/v1/responses", '{"model": "m", "input": "x", "tools": [' + tool + "]}"),
                     (
-                        "/v1/messages/count_tokens",
-                        '{"model": "m", "messages": [], "system": %s}' % deep(depth),
+                        "/v1/responses",
+                        '{"model": "m", "input": "x", "stream": true, "tools": [' + tool + "]}",
                     ),
+                    ("/v1/messages/count_tokens", '{"model": "m", "messages": [], "system": ' + nested + "}"),
                 ):
                     async with board.http.post(board.url + path, data=raw, headers=JSON) as response:
                         assert response.status in (200, 400), (path, depth, await response.text())
