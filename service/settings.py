@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,11 +61,56 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="Checks the git host's push notifications.")
     redis_url: SecretStr | None = Field(None, description="Redis for fan-out and heartbeats (optional).")
 
+    # Traces (SPEC 14): the exporters read the rest of the `OTEL_EXPORTER_OTLP_*` variables
+    otel_exporter: Literal["otlp", "none"] | None = Field(
+        None,
+        description="otlp: the gateway's spans and metrics go out over OTLP; unset or none: off.",
+    )
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        description="The OTLP protocol of spans and metrics (default: http/protobuf).",
+    )
+    otlp_traces_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_traces_protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+        description="The OTLP protocol of spans, when not `otlp_protocol`.",
+    )
+    otlp_metrics_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_metrics_protocol", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+        description="The OTLP protocol of metrics, when not `otlp_protocol`.",
+    )
+
     log_level: str = "INFO"
+
+    @field_validator(
+        "otel_exporter", "otlp_protocol", "otlp_traces_protocol", "otlp_metrics_protocol", mode="before"
+    )
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """An empty variable is an unset one (`OTEL_EXPORTER_OTLP_PROTOCOL=` keeps the default);
+        names are matched whatever their case."""
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return value or None
+        return value
 
     def path(self, path: Path) -> Path:
         """A path relative to the configuration repository."""
         return path if path.is_absolute() else self.root / path
+
+    @property
+    def tracing(self) -> bool:
+        """Whether the gateway's spans and metrics go out over OTLP (SPEC 14)."""
+        return self.otel_exporter == "otlp"
+
+    @property
+    def otlp_protocols(self) -> tuple[str, str]:
+        """The OTLP protocols of spans and of metrics: the signal's own, else the general one,
+        else http/protobuf (the OTLP specification's default)."""
+        default = self.otlp_protocol or "http/protobuf"
+        return self.otlp_traces_protocol or default, self.otlp_metrics_protocol or default
 
     @property
     def providers_dir(self) -> Path:

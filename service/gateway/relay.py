@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -46,6 +46,9 @@ from service.gateway.transports.openai import OpenAITransport
 from service.gateway.transports.tei import TEITransport
 from service.metrics import Metrics
 
+if TYPE_CHECKING:  # imported only when tracing is on: OpenTelemetry stays out of the process otherwise
+    from service.gateway.tracing.spans import RequestTrace, Tracing
+
 NO_PROVIDER = "none"
 """`x-switchboard-provider` on an answer that no provider gave."""
 
@@ -61,6 +64,7 @@ class Relay:
         *,
         max_upstream_bytes: int = 64 << 20,
         ids_key: bytes | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.metrics = metrics
         self.health = health
@@ -77,6 +81,8 @@ class Relay:
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
+        self.tracing = tracing
+        """OpenTelemetry's spans and metrics (SPEC 14); None when off, and nothing is traced."""
 
     def transport(self, provider: Provider, purpose: str, protocol: str = "chat") -> Transport:
         """How requests reach `provider`: directly when it speaks OpenAI's protocol (but TEI's
@@ -91,7 +97,15 @@ class Relay:
         return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
-        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
+        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers.
+
+        With tracing on, the request is a span and each attempt a child span of it."""
+        if self.tracing is None:
+            return await self._relay(call, snapshot, None)
+        with self.tracing.request(call) as trace:
+            return await self._relay(call, snapshot, trace)
+
+    async def _relay(self, call: Call, snapshot: Snapshot, trace: RequestTrace | None) -> web.StreamResponse:
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
@@ -106,6 +120,8 @@ class Relay:
             if not health.admit(pid):
                 continue  # half-open, and its one trial request is out
             headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
+            if trace is not None:
+                trace.attempt(provider)
             try:
                 self.forms.prepare(call, provider, pinned)
                 transport = self.transport(provider, call.purpose, call.upstream_protocol)
@@ -121,10 +137,14 @@ class Relay:
                     health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
                 self.count("attempt", pid, "failed")
                 attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+                if trace is not None:
+                    trace.failed(failure)
                 continue
             except BaseException:
                 health.abandon(pid)
                 raise
+            if trace is not None:
+                trace.succeeded(response)
             self._succeeded(call, provider, response, attempts)
             return response
         if not attempts:

@@ -28,6 +28,7 @@ from service.http import (
     openapi,
     protocols_api,
     replicas,
+    telemetry,
     traffic,
     write_api,
 )
@@ -76,6 +77,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
     config_api.setup(app)
     write_api.setup(app)
+    telemetry.setup(app)  # before the gateway's: its relay is given the tracing, and stops first
     openai_api.setup(app)
     protocols_api.setup(app)
     openapi.setup(app)

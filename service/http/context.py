@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -24,6 +24,9 @@ from service.runtime.sync import Puller
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+
+if TYPE_CHECKING:  # imported only when tracing is on (service/http/telemetry.py)
+    from service.gateway.tracing.exporting import Telemetry
 
 PREFIX = "/api/v1/llm-config"
 """Where the configuration API lives."""
@@ -41,6 +44,8 @@ PULLER = web.AppKey("puller", Puller)
 """Only with SWITCHBOARD_GIT_PULL (SPEC 12)."""
 FANOUT = web.AppKey("fanout", Fanout)
 """Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
+"""Only with SWITCHBOARD_OTEL_EXPORTER=otlp (SPEC 14)."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 

@@ -30,7 +30,7 @@ from service.gateway.protocols import ids
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
-from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS
+from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS, TELEMETRY
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
 from service.settings import Settings
@@ -137,6 +137,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         session,
         max_upstream_bytes=settings.max_upstream_bytes,
         ids_key=_ids_key(settings),
+        tracing=app[TELEMETRY].tracing if TELEMETRY in app else None,
     )
     health.on_change = _on_health_change(app)
     reset = _reset_on_update(app)
