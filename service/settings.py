@@ -6,8 +6,14 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_OTLP_VARIABLES = {
+    "otlp_protocol": "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "otlp_traces_protocol": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "otlp_metrics_protocol": "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+}
 
 
 class Settings(BaseSettings):
@@ -84,17 +90,28 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator(
-        "otel_exporter", "otlp_protocol", "otlp_traces_protocol", "otlp_metrics_protocol", mode="before"
-    )
+    @field_validator("otel_exporter", mode="before")
     @classmethod
-    def _unset_when_empty(cls, value: object) -> object:
-        """An empty variable is an unset one (`OTEL_EXPORTER_OTLP_PROTOCOL=` keeps the default);
-        names are matched whatever their case."""
+    def _exporter(cls, value: object) -> object:
+        """An empty variable is an unset one; the name is matched whatever its case."""
         if isinstance(value, str):
-            value = value.strip().lower()
-            return value or None
+            return value.strip().lower() or None
         return value
+
+    @field_validator("otlp_protocol", "otlp_traces_protocol", "otlp_metrics_protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: object, info: ValidationInfo) -> object:
+        """An empty variable is an unset one; another protocol than the exporters' is refused,
+        naming the variable."""
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        if value and value not in ("http/protobuf", "grpc"):
+            variable = _OTLP_VARIABLES[info.field_name or ""]
+            raise ValueError(
+                f"{variable}={value}: Switchboard's OTLP exporters speak 'http/protobuf' or 'grpc'"
+            )
+        return value or None
 
     def path(self, path: Path) -> Path:
         """A path relative to the configuration repository."""

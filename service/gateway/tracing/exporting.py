@@ -21,12 +21,19 @@ process (the tests) keep apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import (
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    OTELResourceDetector,
+    Resource,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
@@ -48,9 +55,16 @@ FLUSH_TIMEOUT_S = 10.0
 class Telemetry:
     """The SDK's tracer and meter providers, and the `Tracing` the relay is given."""
 
-    def __init__(self, tracer_provider: TracerProvider, meter_provider: MeterProvider) -> None:
+    def __init__(
+        self,
+        tracer_provider: TracerProvider,
+        meter_provider: MeterProvider,
+        exporters: tuple[SpanExporter, MetricExporter],
+    ) -> None:
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
+        self.exporters = exporters
+        """Stopped outright when the last export takes too long: they stop retrying."""
         self.tracing = Tracing(
             tracer_provider.get_tracer(SCOPE, __version__), meter_provider.get_meter(SCOPE, __version__)
         )
@@ -61,21 +75,25 @@ class Telemetry:
         resource = _resource(settings.replica)
         traces, metrics = settings.otlp_protocols
         tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter(traces)))
-        reader = PeriodicExportingMetricReader(_metric_exporter(metrics))
+        span_exporter, metric_exporter = _span_exporter(traces), _metric_exporter(metrics)
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        reader = PeriodicExportingMetricReader(metric_exporter)
         meter_provider = MeterProvider(resource=resource, metric_readers=[reader], shutdown_on_exit=False)
         for name in _CLIENT_INPUT_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
         log.info("OpenTelemetry: spans over OTLP %s, metrics over OTLP %s", traces, metrics)
-        return cls(tracer_provider, meter_provider)
+        return cls(tracer_provider, meter_provider, (span_exporter, metric_exporter))
 
-    async def aclose(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
-        """Export what is still batched, then stop the providers; waits at most `timeout_s`.
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """Export what is still batched, then stop the providers; waits at most `timeout_s`
+        (`FLUSH_TIMEOUT_S` by default).
 
         The SDK's shutdown blocks (it exports), so it runs in a thread of its own, and the event
         loop goes on meanwhile. A daemon thread: a collector that does not answer cannot hold
-        the process past `timeout_s`.
+        the process past `timeout_s`; past it, the exporters are stopped, and stop retrying.
         """
+        if timeout_s is None:
+            timeout_s = FLUSH_TIMEOUT_S
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -93,6 +111,9 @@ class Telemetry:
             await asyncio.wait_for(asyncio.shield(done), timeout_s)
         except TimeoutError:
             log.warning("OpenTelemetry: the last spans and metrics were not exported within %g s", timeout_s)
+            for exporter in self.exporters:  # an exporter told to stop gives up its retries
+                with contextlib.suppress(Exception):
+                    exporter.shutdown()
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -101,15 +122,10 @@ def _settle(future: asyncio.Future[None]) -> None:
 
 
 def _resource(replica: str) -> Resource:
-    """Switchboard's name, version and replica, under what `OTEL_SERVICE_NAME` and
-    `OTEL_RESOURCE_ATTRIBUTES` say (which win)."""
-    detected = Resource.create()
-    attributes = dict(detected.attributes)
-    if str(attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):  # the SDK's default
-        attributes[SERVICE_NAME] = "switchboard"
-    attributes.setdefault(SERVICE_VERSION, __version__)
-    attributes.setdefault(SERVICE_INSTANCE_ID, replica)
-    return Resource(attributes, detected.schema_url)
+    """The SDK's resource, Switchboard's name, version and replica over it, and what
+    `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` say over those (they win)."""
+    ours = Resource({SERVICE_NAME: "switchboard", SERVICE_VERSION: __version__, SERVICE_INSTANCE_ID: replica})
+    return Resource.create().merge(ours).merge(OTELResourceDetector().detect())
 
 
 def _span_exporter(protocol: str) -> SpanExporter:
