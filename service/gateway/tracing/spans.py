@@ -88,6 +88,7 @@ class RequestTrace:
         "_attempts",
         "_call",
         "_context",
+        "_ending",
         "_operation",
         "_span",
         "_started",
@@ -124,23 +125,26 @@ class RequestTrace:
         self._started = 0.0
         self._where: Mapping[str, AttributeValue] = {}
         """The provider attributes of the attempt under way (or the last one)."""
+        self._ending: dict[str, AttributeValue] = {}
+        """What the request's span learns before it ends, set on it at once (each call costs)."""
 
     def __enter__(self) -> RequestTrace:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        span = self._span
+        span, ending = self._span, self._ending
         if exc is not None:
             if self._attempt is not None:
                 self.aborted(exc)
             if isinstance(exc, HTTPError):
-                span.set_attributes({sc.HTTP_STATUS: exc.status, sc.ERROR_TYPE: exc.type})
+                ending[sc.HTTP_STATUS], ending[sc.ERROR_TYPE] = exc.status, exc.type
                 if exc.status >= 500:
                     span.set_status(Status(StatusCode.ERROR, sc.cut(exc.message, sc.MAX_REASON)))
             else:
-                span.set_attribute(sc.ERROR_TYPE, type(exc).__name__)
+                ending[sc.ERROR_TYPE] = type(exc).__name__
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-        span.set_attribute(sc.ATTEMPTS, self._attempts)
+        ending[sc.ATTEMPTS] = self._attempts
+        span.set_attributes(ending)
         span.end()
 
     # -- attempts ------------------------------------------------------------------------------
@@ -206,11 +210,12 @@ class RequestTrace:
             answer[sc.INPUT_TOKENS] = input_tokens
         if output_tokens is not None:
             answer[sc.OUTPUT_TOKENS] = output_tokens
-        self._span.set_attributes({**answer, **self._where})
+        self._ending.update(answer)
+        self._ending.update(self._where)
         error = reason = None
         if call.broken is not None:  # the client had a 200, and a stream that ended in an error event
             error, reason = "stream_broken", call.broken
-            self._span.set_attribute(sc.ERROR_TYPE, error)
+            self._ending[sc.ERROR_TYPE] = error
             self._span.set_status(Status(StatusCode.ERROR, sc.cut(reason, sc.MAX_REASON)))
         elif status >= 400:  # the client's error, as the upstream said it: the attempt's, not the gateway's
             error, reason = str(status), f"HTTP {status}"
