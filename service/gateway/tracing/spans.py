@@ -32,6 +32,7 @@ from service.errors import HTTPError
 from service.gateway.call import Call, Failure
 from service.gateway.tracing import semconv as sc
 
+_INT64 = 1 << 63
 _TIMED_OUT = ("timed out", " within ")
 """Failure reasons that mean the upstream was too slow (`no first byte within 5 s`...)."""
 
@@ -270,4 +271,8 @@ def _tokens(usage: dict[str, Any] | None) -> tuple[int | None, int | None]:
 
 
 def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token count as an attribute holds it: an int within OTLP's int64 (a larger one, which
+    an upstream may send, would fail the encoding of the whole batch it is in)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _INT64:
+        return value
+    return None

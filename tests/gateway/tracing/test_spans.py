@@ -7,11 +7,13 @@ import re
 from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
 
 from tests.conftest import SopsProject
 from tests.support.gateway import CANARY, Switchboard, running, write_clients, write_provider, write_routing
 from tests.support.otlp import OTLPReceiver, Span
-from tests.support.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream, serving
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -272,3 +274,37 @@ async def test_every_protocol_is_a_span_with_its_operation(
             messages = requests_of(otlp, f"{4:032x}")[0]
             assert messages.attributes["switchboard.protocol"] == "messages"
             assert messages.attributes["gen_ai.response.model"] == "fake-model"
+
+
+async def test_an_upstreams_hostile_answer_is_no_count_and_no_log_line(
+    sops_project: SopsProject, otlp: OTLPReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Token counts past int64 (OTLP's) or below zero, and a model name of 400 characters: the span
+    has no counts (the SDK would log a traceback per span for each, and the metrics would sum
+    them), and the name is cut."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "m" * 400,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 10**30, "completion_tokens": -5, "total_tokens": True},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serving(app) as url:
+        write_provider(sops_project, "odd", base_url=url + "/v1")
+        write_routing(sops_project, chat="odd")
+        async with running(sops_project) as board:
+            assert (await board.chat("hi")).status == 200
+            request = await otlp.span(lambda s: s.kind == "SERVER")
+            assert "gen_ai.usage.input_tokens" not in request.attributes
+            assert "gen_ai.usage.output_tokens" not in request.attributes
+            assert request.attributes["gen_ai.response.model"] == "m" * 256
+            await otlp.point(lambda p: p.metric == "gen_ai.client.operation.duration")
+            assert not [p for p in otlp.points if p.metric == "gen_ai.client.token.usage"]
+        assert not [r for r in caplog.records if "Failed to encode" in r.getMessage()]
