@@ -10,7 +10,7 @@ Besides the conventions' own attributes, Switchboard's are under `switchboard.`:
 `switchboard.provider.id`, `switchboard.protocol` (the client's), `switchboard.upstream.protocol`
 (what the attempt spoke), `switchboard.attempt` (its number) and `switchboard.attempts` (how
 many a request made), `switchboard.failure.reason` (why an attempt failed, as the 502's list
-says it).
+says it), `switchboard.estimated` (a token count answered by a local estimate).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ UPSTREAM_PROTOCOL = "switchboard.upstream.protocol"
 ATTEMPT = "switchboard.attempt"
 ATTEMPTS = "switchboard.attempts"
 FAILURE = "switchboard.failure.reason"
+ESTIMATED = "switchboard.estimated"
 
 TOKEN_USAGE = "gen_ai.client.token.usage"  # noqa: S105
 OPERATION_DURATION = "gen_ai.client.operation.duration"

@@ -28,7 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from service.config.models import Provider
-from service.errors import HTTPError
+from service.errors import HTTPError, ModelNotFound
 from service.gateway.call import Call, Failure
 from service.gateway.tracing import semconv as sc
 
@@ -137,7 +137,9 @@ class RequestTrace:
         if exc is not None:
             if self._attempt is not None:
                 self.aborted(exc)
-            if isinstance(exc, HTTPError):
+            if _estimated(self._call, exc):  # answered all the same: 200 and an estimate
+                ending[sc.ESTIMATED] = True
+            elif isinstance(exc, HTTPError):
                 ending[sc.HTTP_STATUS], ending[sc.ERROR_TYPE] = exc.status, exc.type
                 if exc.status >= 500:
                     span.set_status(Status(StatusCode.ERROR, sc.cut(exc.message, sc.MAX_REASON)))
@@ -253,6 +255,12 @@ class RequestTrace:
     def _name(self, model: str | None) -> str:
         """`{operation} {model}`, with the model bounded as the metrics' (a client may send any)."""
         return f"{self._operation} {self._tracing.models(model)}" if model else self._operation
+
+
+def _estimated(call: Call, exc: BaseException) -> bool:
+    """A token count that no provider speaking Messages can take: the handler answers it with a
+    local estimate (SPEC 14, service/http/protocols_api.py), not with the relay's 404."""
+    return call.protocol == "count_tokens" and isinstance(exc, ModelNotFound) and exc.over_protocol
 
 
 def _error_type(reason: str) -> str:

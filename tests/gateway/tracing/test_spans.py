@@ -308,3 +308,20 @@ async def test_an_upstreams_hostile_answer_is_no_count_and_no_log_line(
             await otlp.point(lambda p: p.metric == "gen_ai.client.operation.duration")
             assert not [p for p in otlp.points if p.metric == "gen_ai.client.token.usage"]
         assert not [r for r in caplog.records if "Failed to encode" in r.getMessage()]
+
+
+async def test_a_token_count_is_a_span_estimated_or_not(
+    sops_project: SopsProject, otlp: OTLPReceiver
+) -> None:
+    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", base_url=up.base_url)  # vllm: no Messages, so an estimate
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            response = await post(board, "/v1/messages/count_tokens", payload)
+            assert response.status == 200
+            span = await otlp.span(lambda s: s.kind == "SERVER")
+            assert span.attributes["gen_ai.operation.name"] == "count_tokens"
+            assert span.attributes["switchboard.estimated"] is True
+            assert span.attributes["switchboard.attempts"] == 0
+            assert "error.type" not in span.attributes and span.status == "UNSET"
