@@ -123,7 +123,7 @@ async def test_without_a_traceparent_the_upstream_gets_a_new_trace(
 
 
 async def test_a_malformed_traceparent_starts_a_new_trace_and_is_never_an_error(
-    sops_project: SopsProject, otlp: OTLPReceiver
+    sops_project: SopsProject, otlp: OTLPReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     garbage = [
         "garbage",
@@ -154,6 +154,8 @@ async def test_a_malformed_traceparent_starts_a_new_trace_and_is_never_an_error(
             spans = await otlp.spans_matching(lambda s: s.kind == "SERVER", len(garbage))
             assert all(s.parent_span_id == "" for s in spans)
             assert len({s.trace_id for s in spans}) == len(garbage)
+        # A client's header is worth no log line per request (OpenTelemetry's would quote it).
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry.trace")] == []
 
 
 async def test_a_fallback_is_two_attempt_spans_under_one_request(
