@@ -58,6 +58,7 @@ bench:
     python -m bench.litellm_proxy setup
     python -m bench.gateway
     python -m bench.protocols
+    python -m bench.tracing
     python -m bench.config
     python -m bench.events
     python -m bench.replicas

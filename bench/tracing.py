@@ -13,6 +13,8 @@ the exports and throws them away, as a collector's receiver would, answering at 
 - off: tracing off (the default);
 - on: `SWITCHBOARD_OTEL_EXPORTER=otlp`, spans and metrics to the sink, every request sampled,
   batches as the SDK's defaults have them (5 s, 512 spans), metrics every 5 s;
+- on@10%: the same, one trace in ten sampled (`OTEL_TRACES_SAMPLER=traceidratio`, `0.1`): the
+  metrics are still recorded for every request;
 - base (with `--baseline`): the same project served by another checkout, tracing off.
 
 Each round sends, alternating between the services, chat completions at concurrency 1, 32
@@ -185,9 +187,11 @@ async def main(args: argparse.Namespace) -> None:
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
         "OTEL_METRIC_EXPORT_INTERVAL": "5000",
     }
+    sampled = {**traced, "OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
     services = {
         "off": Service(root, key_file, name="var-off"),
         "on": Service(root, key_file, name="var-on", env=traced),
+        "on@10%": Service(root, key_file, name="var-sampled", env=sampled),
     }
     if args.baseline is not None:
         services["base"] = Service(root, key_file, code=args.baseline.resolve(), name="var-base")
@@ -209,7 +213,7 @@ async def main(args: argparse.Namespace) -> None:
                     if result.errors:
                         print(f"  {name} {load}: {result.errors} errors {result.statuses}", file=sys.stderr)
                     results[(name, load)].append(result)
-                    line = f"round {run + 1} {name:<5} {load:<7} {result.summary()}"
+                    line = f"round {run + 1} {name:<6} {load:<7} {result.summary()}"
                     print(line, file=sys.stderr, flush=True)
     finally:
         for service in services.values():
@@ -251,7 +255,7 @@ def _table(results: dict[tuple[str, str], list[LoadResult]], names: list[str]) -
         "| ratio (median of each round's) | c=1 req/s | c=32 req/s | c=64 req/s |",
         "|---|---:|---:|---:|",
     ]
-    pairs = [("on", "off")] + ([("off", "base")] if "base" in names else [])
+    pairs = [("on", "off"), ("on@10%", "off")] + ([("off", "base")] if "base" in names else [])
     for a, b in pairs:
         ratios = (f"{_ratio(results, a, b, load, 'rps'):.3f}" for load in ("c1", "c32", "c64"))
         cells = [f"{a} / {b}", *ratios]
