@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
+from service.config.upstreams import AllowedUpstreams
 from service.files import read_limited
 from service.http.app import create_app
 from service.http.auth import is_loopback
@@ -64,6 +65,11 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if not settings.providers_dir.is_dir():
         print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
         return 1
+    try:
+        AllowedUpstreams.parse(settings.allowed_upstreams)
+    except ValueError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 2
     if settings.git_pull is not None:
         try:
             parse_pull(settings.git_pull)

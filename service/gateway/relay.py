@@ -58,7 +58,7 @@ class Relay:
         self.via = secrets.token_hex(8)
         """This gateway's token in `x-switchboard-via`: a request carrying it came back here."""
         self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
-        self.litellm = LiteLLMTransport()
+        self.litellm = LiteLLMTransport(session, max_upstream_bytes)
         self.tei = TEITransport(self.openai)
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}

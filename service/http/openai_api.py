@@ -29,7 +29,17 @@ from service.gateway.health import CheckResult, Status, check
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
-from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS
+from service.http.context import (
+    EVENTS,
+    HEALTH,
+    HEALTH_EVENTS,
+    LOOKUP,
+    METRICS,
+    REGISTRY,
+    RELAY,
+    SETTINGS,
+    UPSTREAMS,
+)
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
 
@@ -113,7 +123,7 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, health, queue = app[SETTINGS], app[HEALTH], app[HEALTH_EVENTS]
-    session = open_session()
+    session = open_session(app[UPSTREAMS], app[LOOKUP])
     app[RELAY] = Relay(app[METRICS], health, session, max_upstream_bytes=settings.max_upstream_bytes)
     health.on_change = _on_health_change(app)
     reset = _reset_on_update(app)
