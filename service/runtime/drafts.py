@@ -20,6 +20,7 @@ from service.config import editing
 from service.config.loader import Loaded, is_config_file, parse
 from service.config.models import SECRET_FIELDS, Routing
 from service.config.sops_rules import check_sops_config, recipients
+from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
 from service.errors import (
@@ -32,15 +33,24 @@ from service.errors import (
     SopsNoKey,
     Unprocessable,
 )
-from service.runtime.checks import KEEP, check_body, check_route, problem, provider_body
+from service.runtime.checks import (
+    KEEP,
+    check_body,
+    check_destination,
+    check_route,
+    problem,
+    provider_body,
+)
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 Verb = Literal["create", "update", "delete"]
 ProviderKind = Literal["api_key", "ai_server"]
 
-DESTINATION_FIELDS = ("base_url", "provider")
-"""The fields that decide where a provider's key is sent (`provider`: the vendor's default URL)."""
+DESTINATION_FIELDS = ("base_url", "provider", "server_type")
+"""The fields that decide where and how a provider's key is sent: `provider` names the
+vendor's default URL, and `provider` or `server_type` the protocol, so the paths and headers
+the key goes in (`tei`: `/rerank` and `/info` at the server's root; `anthropic`: `x-api-key`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +67,22 @@ class Draft:
 class Drafter:
     """Turns the requests of the HTTP layer into drafts, refusing what no commit should say."""
 
-    def __init__(self, settings: Settings, sops: Sops, repo: GitRepo | None, *, applies: bool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sops: Sops,
+        repo: GitRepo | None,
+        *,
+        applies: bool,
+        lookup: Lookup = system_lookup,
+    ) -> None:
         self.settings = settings
         self.sops = sops
+        self.allowed = AllowedUpstreams.parse(settings.allowed_upstreams)
+        """Where a provider may send requests (SWITCHBOARD_ALLOWED_UPSTREAMS): a write naming
+        anywhere else is refused (422)."""
+        self.lookup = lookup
+        """Resolves a `base_url`'s host name, to check where it leads (called off the loop)."""
         self.repo = repo
         """The repository written to (the writer moves it to git-sync's git directory)."""
         self.folder = repo.relative(settings.providers_dir) if repo is not None else ""
@@ -76,6 +99,7 @@ class Drafter:
             if self._find(files, provider_id) is not None:
                 raise Conflict(f"a provider `{provider_id}` exists already; PUT or PATCH it instead")
             path = self._path(f"{provider_id}.yaml")
+            check_destination(self.display(path), document, self.allowed, self.lookup)
             return path, self._render(path, None, document), True
 
         return Draft("create", kind, provider_id, make)
@@ -211,6 +235,8 @@ class Drafter:
                     f"changing `{'`, `'.join(moved)}` of {self.display(path)} would send its key "
                     "somewhere else: send `api_key` with the change (or be a client with secrets:read)"
                 )
+            if moved:
+                check_destination(self.display(path), document, self.allowed, self.lookup)
             data = self._render(path, original, document)
             gained = file_recipients(data) - file_recipients(files[path]) if kept else set()
             if gained:  # a recipient added to .sops.yaml would read a key nobody rotated for it

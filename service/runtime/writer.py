@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from service.config.snapshot import Snapshot
+from service.config.upstreams import Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
@@ -90,12 +91,15 @@ class Writer:
         registry: Registry,
         reloader: Reloader,
         repo: GitRepo | None,
+        *,
+        lookup: Lookup = system_lookup,
     ) -> None:
+        """`lookup` resolves the host names of the `base_url`s written (SWITCHBOARD_ALLOWED_UPSTREAMS)."""
         self.settings = settings
         self.registry = registry
         self.reloader = reloader
         self.mode: Mode = resolve_mode(settings, repo)
-        self.drafts = Drafter(settings, sops, repo, applies=self.mode == "commit")
+        self.drafts = Drafter(settings, sops, repo, applies=self.mode == "commit", lookup=lookup)
         self.committer = Committer(repo, Identity.parse(settings.git_committer)) if repo is not None else None
         self.lock = asyncio.Lock()
         """Held while a write runs; a pull (runtime.sync) takes it too, so neither moves the branch
