@@ -328,7 +328,7 @@ class Writer:
         """Files at `base`, the draft's change on them, validated as `validate` would; raises 4xx."""
         assert self.repo is not None  # noqa: S101
         files = self.repo.read_tree(base, self.drafts.folder) if base else {}
-        path, data, changed = draft.make(files)
+        path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, first))
         if first and self.committer is not None and self.committer.is_dirty(path, base):
             raise Conflict(
                 f"{self.drafts.display(path)} has local changes that are not committed; "

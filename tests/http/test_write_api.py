@@ -876,6 +876,50 @@ async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
     assert status == 200, answer  # a client that may read the key could send it along anyway
 
 
+@pytest.mark.parametrize("how", ["edited", "staged", "untracked"])
+async def test_a_key_is_encrypted_only_for_the_committed_recipients(
+    repo: SopsProject, other_age_identity: AgeIdentity, how: str
+) -> None:
+    """SPEC 8: a key is encrypted for the recipients of the committed `.sops.yaml`. Writes read
+    the working file: whoever could edit it (a shell on the host, a bad merge left uncommitted)
+    had every new or changed key encrypted for a recipient of theirs, with nothing in git to see."""
+    sops_yaml = repo.root / ".sops.yaml"
+    committed = sops_yaml.read_bytes()
+    if how == "untracked":
+        git(repo.root, "rm", "-q", "--cached", ".sops.yaml")
+        git(repo.root, "commit", "-qm", "sops rules not tracked")
+    else:
+        _write_sops_yaml(repo.root, repo.identity.recipient, other_age_identity.recipient)
+        if how == "staged":
+            git(repo.root, "add", ".sops.yaml")
+            sops_yaml.write_bytes(committed)  # the working file as committed; the index is not
+    before = head(repo.root)
+    async with serve(repo) as running:
+        status, answer, _ = await call(running, "POST", "/api-keys", vendor())
+        plain, plain_answer, _ = await call(running, "PATCH", "/servers/gpu", {"name": "no key, no sops"})
+    assert status == 409, answer
+    assert ".sops.yaml" in answer["error"]["message"] and "commit" in answer["error"]["message"]
+    assert not (repo.providers / "vendor.yaml").exists()
+    assert plain == 200, plain_answer  # a file without a key needs no recipient
+    assert git(repo.root, "rev-list", "--count", f"{before}..HEAD") == "1"
+
+
+async def test_a_written_key_has_the_committed_recipients_and_no_other(
+    repo: SopsProject, service: Service, other_age_identity: AgeIdentity
+) -> None:
+    status, answer, _ = await call(service, "POST", "/api-keys", vendor())
+    assert status == 201, answer
+    data = (repo.providers / "vendor.yaml").read_bytes()
+    assert repo.identity.recipient.encode() in data
+    assert other_age_identity.recipient.encode() not in data
+    _write_sops_yaml(repo.root, repo.identity.recipient, other_age_identity.recipient)
+    status, answer, _ = await call(service, "PATCH", "/api-keys/vendor", {"api_key": OTHER_KEY})
+    assert status == 409, answer  # re-encrypting it would use the edited working file
+    git(repo.root, "checkout", "--", ".sops.yaml")
+    status, answer, _ = await call(service, "PATCH", "/api-keys/vendor", {"api_key": OTHER_KEY})
+    assert status == 200, answer
+
+
 async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
     """SPEC 8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
     it was applied and answered 200, then lost at the next checkout."""
