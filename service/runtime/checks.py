@@ -11,7 +11,8 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
+
+from yarl import URL
 
 from service.config import editing
 from service.config.loader import Loaded, is_config_file, parse
@@ -87,9 +88,9 @@ def check_destination(
         url = VENDORS[document["provider"]].base_url
     if not isinstance(url, str):
         return
-    try:
-        host = urlsplit(url.strip()).hostname
-    except ValueError:
+    try:  # parsed as the gateway's client parses it (fullwidth digits are 169.254... there)
+        host = URL(url.strip()).raw_host
+    except (ValueError, TypeError):
         return
     if not host:
         return

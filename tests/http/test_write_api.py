@@ -1047,6 +1047,8 @@ async def test_an_index_lock_held_by_a_person_is_409_and_changes_nothing(
         "http://[::ffff:169.254.169.254]/v1",
         "http://2852039166/v1",
         "http://metadata.test/v1",
+        "http://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/v1",  # fullwidth
+        "http://169\u3002254\u3002169\u3002254/v1",  # ideographic full stops
     ],
 )
 async def test_unset_a_write_naming_the_metadata_service_is_refused(repo: SopsProject, base_url: str) -> None:

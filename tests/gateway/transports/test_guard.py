@@ -32,6 +32,8 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:Items? .* using the `ReadOnly` 
         "http://2852039166/v1",  # 169.254.169.254, spelled as one number
         "http://0251.0376.0251.0376/v1",  # in octal
         "http://metadata.test/v1",  # a name that resolves there
+        "http://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/v1",  # fullwidth
+        "http://169\u3002254\u3002169\u3002254/v1",  # ideographic full stops
     ],
 )
 async def test_unset_the_metadata_service_is_never_reached(sops_project: SopsProject, base_url: str) -> None:
