@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         description="Where upstream requests may connect: comma-separated CIDRs and host names "
         "(`*.` wildcards), checked on the address connected to, after DNS resolution. Unset: "
         "anywhere but link-local addresses (169.254.0.0/16, fe80::/10: cloud metadata), which "
-        "only a listed network allows.",
+        "only a listed network within them allows (never a name, nor 0.0.0.0/0).",
     )
     health_interval_s: float = Field(30.0, ge=0, description="Active health checks; 0 turns them off.")
     health_confirm: int = Field(

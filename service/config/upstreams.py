@@ -6,9 +6,10 @@ Connecting to an upstream is allowed when the address connected to is in a liste
 or when the name the provider's URL gives is listed. Unset, every address is allowed.
 
 Link-local addresses (`169.254.0.0/16`, `fe80::/10`, where clouds serve instance metadata
-and credentials) and AWS's IPv6 metadata address are refused unless a listed *network*
-covers them: a listed name never unlocks them, so a name that is re-pointed at the metadata
-service reaches nothing, listed or not.
+and credentials) and AWS's IPv6 metadata address are refused unless they are listed
+explicitly: by a network inside those ranges (`169.254.169.254`, `169.254.0.0/16`), not by a
+wider one (`0.0.0.0/0` means "anywhere", not "the metadata service too"), and never by a
+name, so a name that is re-pointed at the metadata service reaches nothing, listed or not.
 
 The rule is applied to the address actually connected to, after DNS resolution and at
 connect time (`gateway.transports.guard`), so a name that resolves elsewhere later gains
@@ -35,7 +36,9 @@ METADATA: tuple[Network, ...] = (
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS's instance metadata over IPv6 (not link-local)
 )
-"""Refused unless a listed network covers them, whatever names are listed, and when unset."""
+"""Refused unless a listed network inside them covers them, whatever else is listed, and when unset."""
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+"""The well-known NAT64 prefix: its last 32 bits are the IPv4 address a NAT64 gateway reaches."""
 
 Lookup = Callable[[str], list[str]]
 """A host name -> the addresses it resolves to now (blocking: called off the event loop)."""
@@ -64,9 +67,13 @@ def address(host: str) -> Address | None:
 
 
 def unmapped(found: Address) -> Address:
-    """An IPv4-mapped IPv6 address (`::ffff:169.254.169.254`) as the IPv4 address it reaches."""
-    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
-        return found.ipv4_mapped
+    """An IPv6 address that carries an IPv4 one (`::ffff:169.254.169.254`, NAT64's
+    `64:ff9b::a9fe:a9fe`) as the IPv4 address it reaches."""
+    if isinstance(found, ipaddress.IPv6Address):
+        if found.ipv4_mapped is not None:
+            return found.ipv4_mapped
+        if found in _NAT64:
+            return ipaddress.IPv4Address(int(found) & 0xFFFFFFFF)
     return found
 
 
@@ -147,7 +154,12 @@ class AllowedUpstreams:
         found = unmapped(found)
         covered = any(found in network for network in self.networks)
         reached = f"{name} ({found})" if name else str(found)
-        if not covered and any(found in network for network in METADATA):
+        metadata = [m for m in METADATA if found in m]
+        if metadata and not any(
+            found in n and n.version == m.version and n.subnet_of(m)  # type: ignore[arg-type]
+            for n in self.networks
+            for m in metadata
+        ):
             return (
                 f"{reached} is a link-local address, where clouds serve instance metadata; "
                 f"list it in {SETTING} to allow it"

@@ -20,6 +20,7 @@ UNSET = AllowedUpstreams.parse(None)
         "::ffff:169.254.169.254",  # IPv4-mapped: a dual-stack socket reaches 169.254.169.254
         "::ffff:a9fe:a9fe",
         "fd00:ec2::254",  # AWS's metadata over IPv6
+        "64:ff9b::a9fe:a9fe",  # through NAT64
     ],
 )
 def test_unset_refuses_metadata_addresses_only(address: str) -> None:
@@ -62,6 +63,16 @@ def test_a_listed_name_never_unlocks_the_metadata_address() -> None:
     networked = AllowedUpstreams.parse("169.254.169.254")
     assert networked.refusal("169.254.169.254") is None
     assert networked.refusal("169.254.169.253") is not None
+    assert AllowedUpstreams.parse("169.254.0.0/16, fe80::/10").refusal("fe80::1") is None
+
+
+def test_anywhere_is_not_the_metadata_service_too() -> None:
+    """`0.0.0.0/0` lists every address, but not link-local explicitly: it stays refused."""
+    anywhere = AllowedUpstreams.parse("0.0.0.0/0, ::/0")
+    assert anywhere.refusal("8.8.8.8") is None and anywhere.refusal("2001:db8::1") is None
+    for address in ("169.254.169.254", "fe80::1", "::ffff:169.254.169.254", "fd00:ec2::254"):
+        reason = anywhere.refusal(address)
+        assert reason is not None and "link-local" in reason, address
 
 
 @pytest.mark.parametrize(
