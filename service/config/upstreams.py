@@ -43,6 +43,11 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 Lookup = Callable[[str], list[str]]
 """A host name -> the addresses it resolves to now (blocking: called off the event loop)."""
 
+LINK_LOCAL = (
+    "a link-local address, where clouds serve instance metadata (allowed only when listed explicitly)"
+)
+UNLISTED = "not listed"
+
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _NAME = re.compile(rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*$")
 
@@ -144,36 +149,29 @@ class AllowedUpstreams:
         return name in self.names or any(name.endswith(suffix) for suffix in self.suffixes)
 
     def refusal(self, found: Address | str, name: str | None = None) -> str | None:
-        """Why connecting to address `found` is refused (None: allowed); `name` is the host name
-        the URL gave, when it gave one rather than an address."""
+        """Why connecting to address `found` is refused, `LINK_LOCAL` or `UNLISTED` (None: it is
+        allowed); `name` is the host name the URL gave, when it gave one rather than an address.
+
+        The reason names no address: it reaches clients in a 502's attempts, and what a
+        provider's host resolves to is not theirs to learn."""
         if isinstance(found, str):
             parsed = address(found)
             if parsed is None:
-                return f"{found!r} is not an address ({SETTING})"
+                return UNLISTED
             found = parsed
         found = unmapped(found)
-        covered = any(found in network for network in self.networks)
-        reached = f"{name} ({found})" if name else str(found)
         metadata = [m for m in METADATA if found in m]
         if metadata and not any(
             found in n and n.version == m.version and n.subnet_of(m)  # type: ignore[arg-type]
             for n in self.networks
             for m in metadata
         ):
-            return (
-                f"{reached} is a link-local address, where clouds serve instance metadata; "
-                f"list it in {SETTING} to allow it"
-            )
-        if covered or not self.listed or (name is not None and self.name_listed(name)):
+            return LINK_LOCAL
+        if not self.listed or any(found in network for network in self.networks):
             return None
-        return f"{reached} is not in {SETTING}"
-
-    def describe(self) -> str:
-        """The rule in a few words, for logs and documentation."""
-        if not self.listed:
-            return "every upstream but link-local addresses"
-        shown = [str(n) for n in self.networks] + sorted(self.names) + [f"*{s}" for s in self.suffixes]
-        return ", ".join(shown)
+        if name is not None and self.name_listed(name):
+            return None
+        return UNLISTED
 
 
 def host_refusal(host: str, allowed: AllowedUpstreams, lookup: Lookup) -> str | None:
@@ -184,20 +182,22 @@ def host_refusal(host: str, allowed: AllowedUpstreams, lookup: Lookup) -> str | 
     The connection is checked again when it is made (a name can be re-pointed): this answer
     is early feedback for a write, not the guard.
     """
+    refused = f"{normal_name(host)} is refused by {SETTING}"
     if numeric_spelling(host):
-        return f"{host!r} spells an address in a legacy form: write it in dotted decimal ({SETTING})"
+        return f"{refused}: it spells an address in a legacy form (write it in dotted decimal)"
     found = address(host)
     if found is not None:
-        return allowed.refusal(found)
+        why = allowed.refusal(found)
+        return f"{refused}: it is {why}" if why else None
     try:
         addresses = lookup(host)
     except (OSError, UnicodeError):
         addresses = []
     if not addresses:
         if allowed.listed and not allowed.networks and not allowed.name_listed(host):
-            return f"{normal_name(host)} is not in {SETTING}"
+            return f"{refused}: it is {UNLISTED}"
         return None
     reasons = [allowed.refusal(a, host) for a in addresses]
-    if all(reasons):
-        return reasons[0]
-    return None
+    if not all(reasons):
+        return None
+    return f"{refused}: its address is {LINK_LOCAL if LINK_LOCAL in reasons else UNLISTED}"

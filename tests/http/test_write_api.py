@@ -1078,7 +1078,7 @@ async def test_a_write_outside_the_list_is_refused_and_inside_it_lands(repo: Sop
             running, "POST", "/api-keys", vendor(provider="anthropic")
         )
     assert refused == 422 and answer["error"]["problems"][0]["path"] == "base_url"
-    assert f"127.0.0.1 is not in {SETTING}" in answer["error"]["message"]
+    assert f"127.0.0.1 is refused by {SETTING}: it is not listed" in answer["error"]["message"]
     assert created == by_name == 201
     assert vendor_default == 201, vendor_answer  # api.anthropic.com does not resolve here: told at connect
 
@@ -1087,7 +1087,7 @@ async def test_a_names_only_list_refuses_a_vendors_default_host(repo: SopsProjec
     async with serve(repo, allowed_upstreams="api.openai.com") as running:
         refused, answer, _ = await call(running, "POST", "/api-keys", vendor(provider="anthropic"))
         allowed, _, _ = await call(running, "POST", "/api-keys", vendor(id="oai"))
-    assert refused == 422 and "api.anthropic.com is not in" in answer["error"]["message"]
+    assert refused == 422 and "api.anthropic.com is refused by" in answer["error"]["message"]
     assert allowed == 201
 
 

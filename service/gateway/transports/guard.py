@@ -26,7 +26,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from service.config.upstreams import (
+    LINK_LOCAL,
     SETTING,
+    UNLISTED,
     AllowedUpstreams,
     Lookup,
     address,
@@ -35,6 +37,13 @@ from service.config.upstreams import (
 )
 
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+_LEGACY = "the upstream's host spells an address in a legacy form (write it in dotted decimal)"
+
+
+def _refused(why: str) -> str:
+    """A refusal as attempts and checks report it: naming the setting, and no address (a client
+    may read it in a 502, and what a provider's host resolves to is not the client's to learn)."""
+    return f"refused by {SETTING}: {why}"
 
 
 class UpstreamRefused(OSError):
@@ -60,15 +69,15 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         if numeric_spelling(host):
-            raise UpstreamRefused(f"{host!r} spells an address in a legacy form ({SETTING})")
+            raise UpstreamRefused(_refused(_LEGACY))
         found = await asyncio.to_thread(self.lookup, host)
         results: list[ResolveResult] = []
         refusal = None
         for text in found:
             parsed = address(text)
-            reason = self.allowed.refusal(parsed, host) if parsed is not None else f"{text!r}: no address"
+            reason = self.allowed.refusal(parsed, host) if parsed is not None else UNLISTED
             if reason is not None:
-                refusal = refusal or reason
+                refusal = LINK_LOCAL if LINK_LOCAL in (refusal, reason) else reason
                 continue
             kind = socket.AF_INET6 if ":" in text else socket.AF_INET
             if family not in (socket.AF_UNSPEC, kind):
@@ -78,8 +87,8 @@ class GuardedResolver(AbstractResolver):
             )
         if not results:
             if refusal is not None:
-                raise UpstreamRefused(f"refused: {refusal}")
-            raise OSError(errno.EHOSTUNREACH, f"{host} resolves to no address")
+                raise UpstreamRefused(_refused(f"the upstream's address is {refusal}"))
+            raise OSError(errno.EHOSTUNREACH, "the upstream's name resolves to no address")
         return results
 
     async def close(self) -> None:
@@ -97,15 +106,13 @@ def check_literal(allowed: AllowedUpstreams) -> aiohttp.ClientMiddlewareType:
         host = request.url.raw_host or ""
         reason = None
         if numeric_spelling(host):
-            reason = f"{host!r} spells an address in a legacy form: write it in dotted decimal ({SETTING})"
+            reason = _LEGACY
         else:
             found = address(host)
-            if found is not None:
-                reason = allowed.refusal(found)
+            why = allowed.refusal(found) if found is not None else None
+            reason = f"the upstream's address is {why}" if why else None
         if reason is not None:
-            raise aiohttp.ClientConnectorDNSError(
-                request.connection_key, UpstreamRefused(f"refused: {reason}")
-            )
+            raise aiohttp.ClientConnectorDNSError(request.connection_key, UpstreamRefused(_refused(reason)))
         return await handler(request)
 
     return guard
