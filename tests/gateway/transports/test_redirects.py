@@ -186,3 +186,33 @@ async def test_a_redirect_aiohttp_would_follow_keeps_the_key_without_the_guard()
     ):
         await response.read()
     assert elsewhere.requests and elsewhere.requests[0].headers["x-api-key"] == CANARY
+
+
+PROTOCOL_CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("anthropic", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "a secret"}]}),
+    (
+        "anthropic",
+        "/v1/messages",
+        {"max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]},
+    ),
+    ("openai", "/v1/responses", {"input": "a secret prompt"}),
+    ("openai", "/v1/responses", {"input": "a secret prompt", "stream": True}),
+    ("openai", "/v1/completions", {"prompt": "a secret prompt"}),
+]
+
+
+@pytest.mark.parametrize(("vendor", "path", "body"), PROTOCOL_CASES)
+async def test_a_native_protocol_request_follows_no_redirect(
+    sops_project: SopsProject, vendor: str, path: str, body: dict[str, Any]
+) -> None:
+    """Messages, Responses and legacy completions sent as they are (SPEC 14) keep SPEC 7's rule."""
+    async with _redirect_to_other_host(307) as (url, elsewhere):
+        base = url if vendor == "anthropic" else f"{url}/v1"
+        write_provider(sops_project, "native", provider=vendor, base_url=base, api_key=CANARY)
+        write_routing(sops_project, chat="native")
+        async with running(sops_project) as board:
+            response = await board.post(path, {"model": "m1", **body})
+            text = await response.text()
+    _never_reached(elsewhere)
+    assert response.status == 502, text
+    assert CANARY not in text
