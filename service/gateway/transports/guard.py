@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 from types import SimpleNamespace
 
@@ -100,19 +101,20 @@ def check_literal(allowed: AllowedUpstreams) -> aiohttp.ClientMiddlewareType:
     (`http://169.254.169.254/`, `http://[::ffff:a9fe:a9fe]/`, `http://2852039166/`): aiohttp
     connects to those without asking the resolver."""
 
+    @functools.lru_cache(maxsize=4096)  # a few hosts, asked on every request: read each once
+    def refusal(host: str) -> str | None:
+        if numeric_spelling(host):
+            return _refused(_LEGACY)
+        found = address(host)
+        why = allowed.refusal(found) if found is not None else None
+        return _refused(f"the upstream's address is {why}") if why else None
+
     async def guard(
         request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
     ) -> aiohttp.ClientResponse:
-        host = request.url.raw_host or ""
-        reason = None
-        if numeric_spelling(host):
-            reason = _LEGACY
-        else:
-            found = address(host)
-            why = allowed.refusal(found) if found is not None else None
-            reason = f"the upstream's address is {why}" if why else None
+        reason = refusal(request.url.raw_host or "")
         if reason is not None:
-            raise aiohttp.ClientConnectorDNSError(request.connection_key, UpstreamRefused(_refused(reason)))
+            raise aiohttp.ClientConnectorDNSError(request.connection_key, UpstreamRefused(reason))
         return await handler(request)
 
     return guard
