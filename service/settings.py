@@ -36,7 +36,16 @@ class Settings(BaseSettings):
     debounce_ms: int = Field(50, ge=1, description="How long the watcher gathers changes into one batch.")
     rescan_s: float = Field(10.0, gt=0, description="A full rescan of the folder at least this often.")
     max_body_bytes: int = Field(16 << 20, gt=0, description="Larger request bodies get 413.")
-    max_upstream_bytes: int = Field(64 << 20, gt=0, description="Larger non-streamed upstream answers: 502.")
+    max_upstream_bytes: int = Field(
+        64 << 20, gt=0, description="Larger non-streamed upstream answers (litellm's too): 502."
+    )
+    allowed_upstreams: str | None = Field(
+        None,
+        description="Where upstream requests may connect: comma-separated CIDRs and host names "
+        "(`*.` wildcards), checked on the address connected to, after DNS resolution. Unset: "
+        "anywhere but link-local addresses (169.254.0.0/16, fe80::/10: cloud metadata), which "
+        "only a listed network within them allows (never a name, nor 0.0.0.0/0).",
+    )
     health_interval_s: float = Field(30.0, ge=0, description="Active health checks; 0 turns them off.")
     health_confirm: int = Field(
         2, ge=1, description="Consecutive results a new health status must hold before it is an event."

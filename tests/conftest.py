@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
 from service.http.app import create_app
@@ -234,8 +235,12 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]:
+async def serve(
+    project: SopsProject, *, lookup: Lookup = system_lookup, **settings: Any
+) -> AsyncIterator[Service]:
     """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200.
+
+    `lookup` is how the service resolves upstream host names (a test's own DNS).
 
     The app runs as `switchboard serve` runs it (handler cancellation on, so a client that
     leaves cancels its upstream request), with a short debounce and health checks off
@@ -251,7 +256,7 @@ async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]
         "health_interval_s": 0,
     }
     config = Settings(**(values | settings))
-    app = create_app(config, sops=project.sops)
+    app = create_app(config, sops=project.sops, lookup=lookup)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", config.port).start()

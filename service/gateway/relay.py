@@ -69,7 +69,7 @@ class Relay:
         self.via = secrets.token_hex(8)
         """This gateway's token in `x-switchboard-via`: a request carrying it came back here."""
         self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
-        self.litellm = LiteLLMTransport()
+        self.litellm = LiteLLMTransport(session, max_upstream_bytes)
         self.tei = TEITransport(self.openai)
         self.forms = Forms(ids_key or secrets.token_bytes(32))
         """Who speaks which protocol, and the keys of response ids (`ids_key`: for providers

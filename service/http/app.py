@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from service import __version__
+from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
@@ -36,12 +37,14 @@ from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
     HEALTH,
+    LOOKUP,
     METRICS,
     PULLER,
     REGISTRY,
     RELOADER,
     SETTINGS,
     SOPS,
+    UPSTREAMS,
     WRITER,
     stop_task,
 )
@@ -57,10 +60,18 @@ from service.vcs.attribution import Attributor
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Application:
-    """The service as an aiohttp application; nothing starts until the app runs."""
+def create_app(
+    settings: Settings, *, sops: Sops | None = None, lookup: Lookup = system_lookup
+) -> web.Application:
+    """The service as an aiohttp application; nothing starts until the app runs.
+
+    `lookup` resolves upstream host names (the system's resolver). Raises ValueError when
+    SWITCHBOARD_ALLOWED_UPSTREAMS cannot be read.
+    """
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[UPSTREAMS] = AllowedUpstreams.parse(settings.allowed_upstreams)
+    app[LOOKUP] = lookup
     app[METRICS] = Metrics()
     app[METRICS].info.labels(settings.replica, __version__).set(1)
     app[HEALTH] = Health(
@@ -119,7 +130,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         rescan_s=settings.rescan_s,
         on_reload=on_reload,
     )
-    writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo)
+    writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo, lookup=app[LOOKUP])
     await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     # Before the first load, so blocking queries and streams hear of it.

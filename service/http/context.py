@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from service.config.upstreams import AllowedUpstreams, Lookup
 from service.crypto.sops import Sops
 from service.gateway.health import Health
 from service.gateway.relay import Relay
@@ -41,6 +42,10 @@ PULLER = web.AppKey("puller", Puller)
 """Only with SWITCHBOARD_GIT_PULL (SPEC 12)."""
 FANOUT = web.AppKey("fanout", Fanout)
 """Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
+UPSTREAMS = web.AppKey("upstreams", AllowedUpstreams)
+"""SWITCHBOARD_ALLOWED_UPSTREAMS, parsed (SPEC 7)."""
+LOOKUP: web.AppKey[Lookup] = web.AppKey("lookup")
+"""How upstream host names are resolved (the system's resolver; tests pass their own)."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 

@@ -30,7 +30,17 @@ from service.gateway.protocols import ids
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
-from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS
+from service.http.context import (
+    EVENTS,
+    HEALTH,
+    HEALTH_EVENTS,
+    LOOKUP,
+    METRICS,
+    REGISTRY,
+    RELAY,
+    SETTINGS,
+    UPSTREAMS,
+)
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
 from service.settings import Settings
@@ -130,7 +140,7 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, health, queue = app[SETTINGS], app[HEALTH], app[HEALTH_EVENTS]
-    session = open_session()
+    session = open_session(app[UPSTREAMS], app[LOOKUP])
     app[RELAY] = Relay(
         app[METRICS],
         health,

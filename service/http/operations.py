@@ -193,11 +193,14 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
             "from a remote (git-sync, `SWITCHBOARD_GIT_PULL`) and `SWITCHBOARD_GIT_PUSH` is not set"
         ),
         "409": schemas.error(
-            "a conflict: the file has uncommitted local changes, git refused the write, the push "
-            "failed, or (delete) routing still names the provider; nothing was written"
+            "a conflict: the file has uncommitted local changes, a key would be encrypted while "
+            "`.sops.yaml` has uncommitted changes, git refused the write, the push failed, or "
+            "(delete) routing still names the provider; nothing was written"
         ),
         "422": schemas.returns(
-            answers.InvalidAnswer, "the configuration after the write would not be valid; nothing was written"
+            answers.InvalidAnswer,
+            "the configuration after the write would not be valid, or a `base_url` is outside "
+            "`SWITCHBOARD_ALLOWED_UPSTREAMS` (link-local when unset); nothing was written",
         ),
         **(body_errors(schemas) if body else {}),
         "503": schemas.error(

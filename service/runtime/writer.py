@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from service.config.snapshot import Snapshot
+from service.config.upstreams import Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
@@ -90,12 +91,15 @@ class Writer:
         registry: Registry,
         reloader: Reloader,
         repo: GitRepo | None,
+        *,
+        lookup: Lookup = system_lookup,
     ) -> None:
+        """`lookup` resolves the host names of the `base_url`s written (SWITCHBOARD_ALLOWED_UPSTREAMS)."""
         self.settings = settings
         self.registry = registry
         self.reloader = reloader
         self.mode: Mode = resolve_mode(settings, repo)
-        self.drafts = Drafter(settings, sops, repo, applies=self.mode == "commit")
+        self.drafts = Drafter(settings, sops, repo, applies=self.mode == "commit", lookup=lookup)
         self.committer = Committer(repo, Identity.parse(settings.git_committer)) if repo is not None else None
         self.lock = asyncio.Lock()
         """Held while a write runs; a pull (runtime.sync) takes it too, so neither moves the branch
@@ -324,7 +328,7 @@ class Writer:
         """Files at `base`, the draft's change on them, validated as `validate` would; raises 4xx."""
         assert self.repo is not None  # noqa: S101
         files = self.repo.read_tree(base, self.drafts.folder) if base else {}
-        path, data, changed = draft.make(files)
+        path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, first))
         if first and self.committer is not None and self.committer.is_dirty(path, base):
             raise Conflict(
                 f"{self.drafts.display(path)} has local changes that are not committed; "

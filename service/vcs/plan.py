@@ -21,11 +21,12 @@ from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
 from service.config.sops_rules import check_sops_config
-from service.config.validation import holds_secrets
+from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
 from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
 from service.errors import FileRejected, Problem, SopsError
+from service.files import leads_outside
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
 
@@ -42,6 +43,8 @@ class Side:
     commit: str | None
     files: Mapping[str, bytes]
     sops_config: bytes | None
+    refused: Mapping[str, str] = field(default_factory=dict)
+    """Files not read, and why: in the working tree, links out of the repository (SPEC 4)."""
 
     @property
     def label(self) -> str:
@@ -113,9 +116,15 @@ def _side_at(repo: GitRepo, settings: Settings, commit: str, name: str) -> Side:
 def _worktree(settings: Settings) -> Side:
     folder = settings.providers_dir
     shown = _shown_folder(settings)
-    files = {f"{shown}/{path.name}": path.read_bytes() for path in config_files(folder)}
+    links = (
+        [p for p in folder.iterdir() if p.is_symlink() and is_config_file(p.name)] if folder.is_dir() else []
+    )
+    out = {p.name for p in links if leads_outside(p, settings.files_root)}  # never read: a PR's link
+    files = {
+        f"{shown}/{path.name}": path.read_bytes() for path in config_files(folder) if path.name not in out
+    }
     config = settings.sops_config.read_bytes() if settings.sops_config.exists() else None
-    return Side(None, None, files, config)
+    return Side(None, None, files, config, {f"{shown}/{name}": LINK_OUT for name in sorted(out)})
 
 
 def _empty() -> Side:
@@ -145,6 +154,7 @@ def build(side: Side, last_good: Mapping[str, Loaded] | None = None) -> Configur
             problems += exc.problems
             if last_good and file in last_good:
                 loaded[file] = last_good[file]
+    problems += [Problem(file, 1, reason) for file, reason in side.refused.items()]
     problems += cross_check(loaded.values())
     problems += _coverage(side, [f for f, item in loaded.items() if holds_secrets(item)])
     return Configuration(MappingProxyType(loaded), sorted(set(problems), key=_order), _view(loaded))

@@ -184,6 +184,20 @@ def test_a_plaintext_secret_is_refused_and_never_shown(
     assert "`providers.d/leaky.yaml:4`: `api_key` is in plaintext" in out
 
 
+def test_a_link_out_of_the_repository_is_refused_and_never_read(
+    repo: SopsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pull request adding `providers.d/x.yaml -> ~/.kube/config` (or any file of the CI
+    runner): `plan` of the working tree read it, and showed what it said in the PR's comment."""
+    secret = tmp_path / "runner-secret.yaml"
+    secret.write_text(f"kind: ai_server\nid: stolen\nserver_type: vllm\nbase_url: http://{NEW_KEY}.test/v1\n")
+    (repo.providers / "stolen.yaml").symlink_to(secret)
+    code, out = plan(capsys)
+    assert code == 1
+    assert "providers.d/stolen.yaml" in out and "a symbolic link out of the repository" in out
+    assert "Providers added" not in out
+
+
 def test_a_file_failing_validation_keeps_its_last_good_version(
     repo: SopsProject, capsys: pytest.CaptureFixture[str]
 ) -> None:
