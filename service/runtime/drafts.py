@@ -37,6 +37,8 @@ from service.settings import Settings
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 Verb = Literal["create", "update", "delete"]
+RouteChange = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
+"""A route, or a function of the route the routing file has for its purpose (None: none)."""
 ProviderKind = Literal["api_key", "ai_server"]
 
 DESTINATION_FIELDS = ("base_url", "provider")
@@ -138,26 +140,34 @@ class Drafter:
 
         return Draft("delete", kind, provider_id, make)
 
-    def route(self, purpose: str, route: Mapping[str, Any], if_match: str | None) -> Draft:
-        """Set the route of `purpose` in the routing file (made when there is none)."""
-        check_route(purpose, route)
+    def route(self, purpose: str, route: RouteChange, if_match: str | None) -> Draft:
+        """Set the route of `purpose` in the routing file (made when there is none); `route`
+        may be a function of the route the file has (None: none), made on each base."""
+        check_route(purpose, route if isinstance(route, Mapping) else {})
 
         def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
             found = _routing_file(files, self.display)
-            if found is None:
-                _check_no_broken_routing(files, self.display)
             original: bytes | None = None
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
-            if found is not None:
+            if found is None:
+                _check_no_broken_routing(files, self.display)
+                if path in files:  # a provider named `routing`: never written over
+                    raise Conflict(
+                        f"there is no routing file, and {self.display(path)}, where a route write makes "
+                        "one, is a file of another kind: rename it through git first"
+                    )
+            else:
                 path, original = found
                 self._check_match(path, files, if_match)
                 current = editing.load(original)
             given = current.get("purposes")
             purposes: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
-            if purposes.get(purpose) == dict(route):
+            wanted = dict(route) if isinstance(route, Mapping) else dict(route(purposes.get(purpose)))
+            check_route(purpose, wanted)
+            if purposes.get(purpose) == wanted:
                 return path, files.get(path), False
-            purposes[purpose] = dict(route)
+            purposes[purpose] = wanted
             document = {**current, "kind": "routing", "purposes": purposes}
             return path, _yaml(original, document), True
 
