@@ -85,7 +85,7 @@ class Publisher:
         assert remote is not None  # noqa: S101
         committer, draft = making.committer, making.draft
         target = await push_target(self.settings, committer, making.ref, making.local, making.synced)
-        base, fetched, refused = making.local, None, 0
+        base, fetched, refused, rejected = making.local, None, 0, None
         while True:
             if changed:
                 commit = await asyncio.to_thread(making.build, base, path, data)
@@ -102,7 +102,10 @@ class Publisher:
                     raise Conflict(f"the push was refused {refused} times; nothing was written: {rejected}")
             elif fetched is not None:  # the remote has what was asked already
                 return await self._land(making, fetched, path, data, changed=False)
-            base = fetched = await self._remote_head(making, remote, target)
+            head = await self._remote_head(making, remote, target)
+            if refused and head == base:  # not a race lost: a hook, a protected branch, a credential
+                raise Conflict(f"the push was refused; nothing was written: {rejected}")
+            base = fetched = head
             path, data, changed = await asyncio.to_thread(self.prepare, draft, base, None)
 
     async def _remote_head(self, making: Making, remote: str, target: str) -> str:
@@ -117,9 +120,10 @@ class Publisher:
         if making.synced or local is None or await asyncio.to_thread(committer.is_ancestor, local, head):
             return head
         raise Conflict(
-            f"the local branch has commits the remote lacks (it is at {local[:12]}, the remote's "
-            f"{target} at {head[:12]}): a write would make them diverge, or publish those commits "
-            "with it; push them or reset the branch first. Nothing was written."
+            f"the local branch (at {local[:12]}) cannot fast-forward to the remote's {target} (at "
+            f"{head[:12]}): it has commits the remote lacks (or the remote was rewritten), and a write "
+            "would make the two diverge, or publish those commits with it; push them or reset the "
+            "branch first. Nothing was written."
         )
 
     async def _land(

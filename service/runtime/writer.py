@@ -225,7 +225,7 @@ class Writer:
             # Failed before anything moved: a commit git could not write (a full disk, a
             # read-only object store), a repository it could not read. Each step that moves
             # something answers for itself (`Lander.land`, `_landed`).
-            raise Conflict(f"git failed, and nothing was written: {exc}") from None
+            raise Conflict(f"the write failed, and nothing was written: {exc}") from None
         finally:
             self.lock.release()
 

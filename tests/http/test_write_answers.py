@@ -214,6 +214,18 @@ async def test_a_change_to_nothing_with_push_is_checked_against_the_remote(
         assert status == 200 and answer["commit"] == remote_head(origin) == head(repo.root), answer
 
 
+async def test_a_change_to_nothing_that_is_not_served_is_409(repo: SopsProject) -> None:
+    """The routing file in git already says it, but the service refuses that file (its
+    provider lacks the purpose): answered as if served, from the last good version."""
+    write_server(repo, "gpu", purposes="embeddings")
+    commit_all(repo.root, "gpu for embeddings only: routing.yaml is refused")
+    async with serve(repo) as service:
+        assert "providers.d/routing.yaml" in service.registry.refused
+        status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
+    assert status == 409 and "already says this" in answer["error"]["message"], answer
+    assert "lack `chat`" in answer["error"]["message"]
+
+
 async def test_a_remote_that_moves_between_look_and_push_gets_the_write_on_top(
     repo: SopsProject, origin: Path, tmp_path: Path
 ) -> None:
@@ -271,6 +283,35 @@ async def test_two_replicas_writing_at_once_both_land_in_one_history(
     for root in (repo.root, clone):
         assert git(root, "status", "--porcelain") == ""
         assert git(origin, "merge-base", "--is-ancestor", head(root), "main") == ""
+
+
+async def test_writes_at_once_on_one_replica_with_push_all_land_in_one_history(
+    repo: SopsProject, origin: Path
+) -> None:
+    async with serve(repo, git_push="origin") as service:
+        results = await asyncio.gather(
+            *(call(service, "POST", "/servers", SPARE | {"id": f"s{i}"}) for i in range(5))
+        )
+        assert [r[0] for r in results] == [201] * 5, results
+        assert head(repo.root) == remote_head(origin) == service.registry.state.last_applied_commit
+        assert {f"s{i}" for i in range(5)} <= set(service.registry.snapshot.providers)
+    assert int(git(origin, "rev-list", "--count", "main")) == 6
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+async def test_a_push_the_remote_refuses_for_good_is_tried_once(repo: SopsProject, origin: Path) -> None:
+    """A protected branch is no race lost: the remote did not move, so the write was drafted
+    again on the same head and pushed twice more, each time refused."""
+    tries = origin / "tries"
+    hook = origin / "hooks" / "pre-receive"
+    hook.write_text(f"#!/bin/sh\necho try >> {tries}\necho 'main is protected' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    before = head(repo.root)
+    async with serve(repo, git_push="origin") as service:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "ours"})
+    assert status == 409 and "the push was refused" in answer["error"]["message"], answer
+    assert tries.read_text().split() == ["try"]
+    assert (head(repo.root), remote_head(origin)) == (before, before)
 
 
 # -- 9, 10: a route write changes only what it names ---------------------------------------------------------
