@@ -71,8 +71,8 @@ class Lander:
             except (GitError, OSError) as exc:
                 log.error("a write not applied could not be undone: %s", exc)
                 return (
-                    f"the service did not apply the write ({refusal}), and undoing it failed too ({exc}); "
-                    "the service finishes the undo when it starts again"
+                    f"the service did not apply the write ({refusal}), and putting it back failed too "
+                    f"({exc}): the branch may still hold the commit (see `git log` and `git status`)"
                 )
             await self.refusal(reload, name)
         return f"the service did not apply the write, and it was undone: {refusal}"
