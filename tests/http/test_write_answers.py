@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -511,7 +511,7 @@ def mount_tmpfs(target: Path, size: str) -> bool:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> AsyncIterator[Path]:
+def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB file system (a tmpfs), where mounting one is allowed (root, CAP_SYS_ADMIN)."""
     disk = tmp_path / "disk"
     try:
