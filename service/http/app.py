@@ -140,6 +140,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await writer.aclose()  # a write whose client left runs to its end, not half-applied
         stop.set()
         await stop_task(watcher)
         await reloader.aclose()  # a cancelled reload's apply finishes in its thread first

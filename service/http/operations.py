@@ -194,8 +194,11 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
         ),
         "409": schemas.error(
             "a conflict: the file has uncommitted local changes, a key would be encrypted while "
-            "`.sops.yaml` has uncommitted changes, git refused the write, the push failed, or "
-            "(delete) routing still names the provider; nothing was written"
+            "`.sops.yaml` has uncommitted changes, git failed or refused the write (its reason in "
+            "`message`), the push failed, the local branch has commits the remote lacks, or "
+            "(delete) routing still names the provider; nothing was written. Or: the remote has "
+            "the write but this service does not serve it (refused, and why), said with "
+            '`"pushed": true` and the `commit` the remote keeps'
         ),
         "422": schemas.returns(
             answers.InvalidAnswer,

@@ -50,6 +50,8 @@ from service.vcs.gitrepo import GitRepo, blob_sha
 Verb = Literal["create", "update", "delete"]
 Rules = Callable[[], bytes]
 """The committed `.sops.yaml` a key is encrypted by, read when one is (`Drafter.committed_rules`)."""
+RouteChange = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
+"""A route, or a function of the route the routing file has for its purpose (None: none)."""
 ProviderKind = Literal["api_key", "ai_server"]
 
 DESTINATION_FIELDS = ("base_url", "provider", "server_type")
@@ -172,26 +174,34 @@ class Drafter:
 
         return Draft("delete", kind, provider_id, make)
 
-    def route(self, purpose: str, route: Mapping[str, Any], if_match: str | None) -> Draft:
-        """Set the route of `purpose` in the routing file (made when there is none)."""
-        check_route(purpose, route)
+    def route(self, purpose: str, route: RouteChange, if_match: str | None) -> Draft:
+        """Set the route of `purpose` in the routing file (made when there is none); `route`
+        may be a function of the route the file has (None: none), made on each base."""
+        check_route(purpose, route if isinstance(route, Mapping) else {})
 
         def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             found = _routing_file(files, self.display)
-            if found is None:
-                _check_no_broken_routing(files, self.display)
             original: bytes | None = None
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
-            if found is not None:
+            if found is None:
+                _check_no_broken_routing(files, self.display)
+                if path in files:  # a provider named `routing`: never written over
+                    raise Conflict(
+                        f"there is no routing file, and {self.display(path)}, where a route write makes "
+                        "one, is a file of another kind: rename it through git first"
+                    )
+            else:
                 path, original = found
                 self._check_match(path, files, if_match)
                 current = editing.load(original)
             given = current.get("purposes")
             purposes: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
-            if purposes.get(purpose) == dict(route):
+            wanted = dict(route) if isinstance(route, Mapping) else dict(route(purposes.get(purpose)))
+            check_route(purpose, wanted)
+            if purposes.get(purpose) == wanted:
                 return path, files.get(path), False
-            purposes[purpose] = dict(route)
+            purposes[purpose] = wanted
             document = {**current, "kind": "routing", "purposes": purposes}
             return path, _yaml(original, document), True
 
@@ -306,12 +316,13 @@ class Drafter:
                     f"{name}: cannot encrypt: {exc.case}", problems=[problem(name, "api_key", exc.case)]
                 ) from None
 
-    def committed_rules(self, base: str | None, local: bool) -> bytes:
+    def committed_rules(self, base: str | None, local: str | None) -> bytes:
         """`.sops.yaml` as committed at `base`: the recipients a write encrypts a key for (SPEC 8).
 
         Conflict when it is not in the repository or not committed, and, with `local` (the
-        working tree is at `base`), when it has uncommitted changes: a key is never encrypted
-        for recipients nobody committed (someone who may edit the working tree, not the repo).
+        commit the working tree is at), when it has uncommitted changes there: a key is never
+        encrypted for recipients nobody committed (someone who may edit the working tree, not
+        the repo).
         """
         where = self.sops_path
         if where is None:
@@ -325,14 +336,18 @@ class Drafter:
                 f"{where} is not committed: commit it first (a key is encrypted only for the recipients "
                 "of the committed .sops.yaml)"
             )
-        if local and self._changed_locally(where, base, committed):
+        if local is not None and self._changed_locally(
+            where,
+            local,
+            committed if local == base or self.repo is None else self.repo.read_file(local, where),
+        ):
             raise Conflict(
                 f"{where} has uncommitted changes: commit or discard them first (a key is encrypted "
                 "only for the recipients of the committed .sops.yaml)"
             )
         return committed
 
-    def _changed_locally(self, path: str, base: str | None, committed: bytes) -> bool:
+    def _changed_locally(self, path: str, base: str | None, committed: bytes | None) -> bool:
         """Whether the working tree or the index holds another `path` than `committed` (at `base`)."""
         try:
             working: bytes | None = (self.repo_root / path).read_bytes()
