@@ -5,7 +5,7 @@
     async with Switchboard("http://127.0.0.1:8080", token="sb_…") as sb:
         chat = await sb.get_active_llm_provider("chat")     # first healthy candidate, masked key
         backup = await sb.get_fallback_provider(chat)       # the next candidate, or None
-        params = await sb.litellm_params("chat")            # decrypted key (secrets:read)
+        params = await sb.litellm_params("chat", model="gpt-4o-mini")  # decrypted key (secrets:read)
         result = await sb.test_provider(chat.id)            # admin
         async for event in sb.events(): ...                 # the live event stream
 
@@ -23,7 +23,9 @@ the rest of the server's dependencies.
 from __future__ import annotations
 
 from service.client.errors import (
+    BadRequest,
     Forbidden,
+    ModelRequired,
     NotFound,
     SwitchboardClientError,
     Unauthorized,
@@ -38,9 +40,11 @@ from service.client.switchboard import REPLICA_HEADER as REPLICA_HEADER
 from service.client.switchboard import Switchboard
 
 __all__ = [
+    "BadRequest",
     "Event",
     "Forbidden",
     "Health",
+    "ModelRequired",
     "NotFound",
     "Provider",
     "Route",

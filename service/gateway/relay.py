@@ -18,7 +18,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
-from service.errors import NoCandidate, UpstreamsFailed
+from service.errors import ModelNotFound, NoCandidate, UpstreamsFailed
 from service.gateway.call import (
     ATTEMPTS_HEADER,
     MAX_ANSWER_MODELS,
@@ -38,6 +38,13 @@ from service.metrics import Metrics
 
 NO_PROVIDER = "none"
 """`x-switchboard-provider` on an answer that no provider gave."""
+SHOWN_MODEL_CHARS = 200
+"""An error quotes at most this much of a requested model's name."""
+
+
+def shown(model: str) -> str:
+    """A requested model's name as an error quotes it: repr'd, and cut when long."""
+    return repr(model if len(model) <= SHOWN_MODEL_CHARS else model[:SHOWN_MODEL_CHARS] + "…")
 
 
 class Relay:
@@ -74,7 +81,9 @@ class Relay:
         return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
-        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
+        """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
+        model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
+        tried failed."""
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
@@ -101,7 +110,9 @@ class Relay:
             self._succeeded(call, provider, response, attempts)
             return response
         if not attempts:
-            what = f"model {call.model!r}" if call.model else "this request"
+            what = f"model {shown(call.model)}" if call.model else "this request"
+            if not table.serves(call.purpose, call.model):
+                raise ModelNotFound(f"no provider of `{call.purpose}` serves {what}")
             raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
         raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
 
