@@ -13,8 +13,10 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from service import __version__
 from service.crypto.sops import Sops
@@ -49,7 +51,11 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Application:
     """The service as an aiohttp application; nothing starts until the app runs."""
-    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[_errors],
+        client_max_size=settings.max_body_bytes,
+        handler_args={"logger": _ProtocolLog(logging.getLogger("service.http.protocol"))},
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[METRICS].info.labels(settings.replica, __version__).set(1)
@@ -60,6 +66,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     )
     app[SOPS] = sops or Sops.from_settings(settings)
     app.on_response_prepare.append(_nosniff)
+    app.router.add_get("/", _root)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -144,7 +151,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = exc.reason.lower().replace(" ", "_")
-        response = web.json_response({"error": {"type": kind, "message": exc.reason}}, status=exc.status)
+        # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        body = {"error": {"type": kind, "message": exc.reason}}
+        response = web.json_response(body, status=exc.status, headers=kept)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, route)
         body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
@@ -157,6 +167,34 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
+async def _root(request: web.Request) -> web.Response:
+    # Relative, like `/ui`'s: a browser pointed at the service lands on the console, and a
+    # balancer's `HEAD /` gets an answer without a token.
+    return web.Response(status=308, headers={"Location": "ui/"})
+
+
+class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log, where a request too malformed to parse (a NUL or a line break in a
+    header, a line too long) is one warning line, not a traceback: the client's mistake, not the
+    service's. Its text names the fault, never the bytes, which may hold a token."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            remote = args[0] if args else "?"
+            self.warning("malformed request from %s: %s (%s)", remote, _fault(exc_info), exc_info.code)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
+def _fault(exc: HttpProcessingError) -> str:
+    """What the parser found wrong, without what it quotes: `Invalid header value char`."""
+    lines = str(exc.message).strip().splitlines()
+    said = lines[0].split(":", 1)[0] if lines else ""
+    for quote in (" b'", ' b"', " '", ' "'):
+        said = said.split(quote, 1)[0]
+    return f"{type(exc).__name__}: {said[:100]}" if said else type(exc).__name__
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -117,6 +117,13 @@ def operations(schemas: Schemas) -> Iterable[Operation]:
 
 def _service(s: Schemas) -> Iterable[Operation]:
     metrics = {METRICS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}
+    yield Operation(
+        "GET",
+        "/",
+        None,
+        "The service's root: to the web console",
+        {"308": {"description": "to `ui/`", "headers": {"Location": header("`ui/`")}}},
+    )
     yield Operation("GET", "/healthz", None, "Liveness", {"200": s.returns(answers.Liveness, "it answers")})
     yield Operation(
         "GET",
