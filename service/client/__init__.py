@@ -22,15 +22,15 @@ the rest of the server's dependencies.
 
 from __future__ import annotations
 
+from service.client.errors import BadRequest as BadRequest
 from service.client.errors import (
-    BadRequest,
     Forbidden,
-    ModelRequired,
     NotFound,
     SwitchboardClientError,
     Unauthorized,
     Unavailable,
 )
+from service.client.errors import ModelRequired as ModelRequired
 from service.client.models import HEALTHY as HEALTHY
 from service.client.models import Event, Health, Provider, Route, TestResult
 from service.client.stream import MAX_EVENT_BYTES as MAX_EVENT_BYTES
@@ -40,11 +40,9 @@ from service.client.switchboard import REPLICA_HEADER as REPLICA_HEADER
 from service.client.switchboard import Switchboard
 
 __all__ = [
-    "BadRequest",
     "Event",
     "Forbidden",
     "Health",
-    "ModelRequired",
     "NotFound",
     "Provider",
     "Route",
