@@ -525,13 +525,15 @@ async def test_branch_mode_commits_to_a_new_branch_and_applies_nothing(repo: Sop
 async def test_writes_outside_git_are_405(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     async with serve(sops_project) as service:
-        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+        status, body, headers = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
     assert status == 405 and "git" in body["error"]["message"]
+    assert headers["Allow"] == "GET, HEAD"  # the path is still read
 
 
 async def test_write_mode_off_is_405(repo: SopsProject) -> None:
     async with serve(repo, write_mode="off") as service:
-        assert (await call(service, "PATCH", "/servers/gpu", {"name": "x"}))[0] == 405
+        status, _, headers = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
 # -- a remote --------------------------------------------------------------------------------------
