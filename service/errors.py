@@ -15,8 +15,8 @@
     │   └── ChainBroken             the hash chain does not verify; names the first bad seq
     ├── GitError                    a git command failed
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
-        ├── BadRequest (400), Unauthorized (401), Forbidden (403), NotFound (404),
-        │   └── ModelNotFound (404 `model_not_found`, OpenAI's answer)
+        ├── BadRequest (400) > InvalidRequest, Unauthorized (401), Forbidden (403),
+        ├── NotFound (404) > ModelNotFound (`model_not_found`, as OpenAI answers it),
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
         ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), UpstreamsFailed (502),
         └── NotReady (503), NoCandidate (503), Busy (503)
@@ -150,6 +150,12 @@ class BadRequest(HTTPError):
     type = "bad_request"
 
 
+class InvalidRequest(BadRequest):
+    """A request a protocol refuses as OpenAI names it (`param`: the field at fault)."""
+
+    type = "invalid_request_error"
+
+
 class Unauthorized(HTTPError):
     status = 401
     type = "unauthorized"
@@ -166,7 +172,8 @@ class NotFound(HTTPError):
 
 
 class ModelNotFound(NotFound):
-    """No enabled provider of the purpose's route serves the model, or the purpose has no route.
+    """No enabled provider in the purpose's route serves the model (over the request's protocol),
+    or the purpose has no route (SPEC 6).
 
     Answered as OpenAI answers it (`type` and `code` both `model_not_found`), so SDKs, which
     retry a 5xx, give up at once: asking again cannot help until the configuration changes.
@@ -174,10 +181,10 @@ class ModelNotFound(NotFound):
 
     type = "model_not_found"
 
-    def body(self) -> dict[str, Any]:
-        body = super().body()
-        body["error"]["code"] = self.type
-        return body
+    def __init__(self, message: str, *, over_protocol: bool = False) -> None:
+        super().__init__(message, code="model_not_found")
+        self.over_protocol = over_protocol
+        """Some provider serves the model, but none over the request's protocol."""
 
 
 class MethodNotAllowed(HTTPError):

@@ -22,7 +22,17 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import changes, config_api, console, openai_api, openapi, replicas, traffic, write_api
+from service.http import (
+    changes,
+    config_api,
+    console,
+    openai_api,
+    openapi,
+    protocols_api,
+    replicas,
+    traffic,
+    write_api,
+)
 from service.http.auth import Handler
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
@@ -66,7 +76,6 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     )
     app[SOPS] = sops or Sops.from_settings(settings)
     app.on_response_prepare.append(_nosniff)
-    app.router.add_get("/", _root)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -74,6 +83,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    protocols_api.setup(app)
     openapi.setup(app)
     changes.setup(app)
     replicas.setup(app)
@@ -167,12 +177,6 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-
-
-async def _root(request: web.Request) -> web.Response:
-    # Relative, like `/ui`'s: a browser pointed at the service lands on the console, and a
-    # balancer's `HEAD /` gets an answer without a token.
-    return web.Response(status=308, headers={"Location": "ui/"})
 
 
 class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):

@@ -88,7 +88,8 @@ def document() -> dict[str, Any]:
 
 
 _ABOUT = (
-    "Every endpoint but `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, the console's files "
+    "Every endpoint but `/` (a probe), `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, "
+    "the console's files "
     "(`/ui/`) and the signed git webhook needs `Authorization: Bearer TOKEN` with the scope its "
     "description names (`x-switchboard-scope`) once a clients file "
     'exists. Errors are `{"error": {"type", "message", ...}}`; no input makes the service answer 500.'
@@ -117,13 +118,6 @@ def operations(schemas: Schemas) -> Iterable[Operation]:
 
 def _service(s: Schemas) -> Iterable[Operation]:
     metrics = {METRICS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}
-    yield Operation(
-        "GET",
-        "/",
-        None,
-        "The service's root: to the web console",
-        {"308": {"description": "to `ui/`", "headers": {"Location": header("`ui/`")}}},
-    )
     yield Operation("GET", "/healthz", None, "Liveness", {"200": s.returns(answers.Liveness, "it answers")})
     yield Operation(
         "GET",

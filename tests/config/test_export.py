@@ -159,6 +159,7 @@ def test_an_invalid_configuration_is_not_exported(
     assert "names `gpu`, which does not exist" in err
 
 
+@pytest.mark.filterwarnings(r"ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")  # litellm's
 async def test_litellm_router_completes_through_the_export_and_falls_back(
     project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,6 +21,8 @@ from tests.support.upstreams import FakeUpstream, upstreams
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is first imported
 
+# litellm's own types warn about pydantic internals while it works; warnings are errors here.
+pytestmark = pytest.mark.filterwarnings(r"ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 

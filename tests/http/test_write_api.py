@@ -79,10 +79,12 @@ async def call(
     sent = dict(headers or {})
     if token:
         sent["Authorization"] = f"Bearer {token}"
+    # Every write says it is JSON, body or not, as the console does: without authentication
+    # a write without a JSON media type is 415 (SPEC 6).
+    sent["Content-Type"] = content_type
     data = None
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        sent["Content-Type"] = content_type
     async with service.http.request(method, service.url + API + path, data=data, headers=sent) as response:
         text = await response.text()
         return response.status, (json.loads(text) if text else None), response.headers
@@ -208,7 +210,7 @@ async def test_a_write_needs_a_json_media_type(service: Service) -> None:
         {"id": "x", "server_type": "vllm", "base_url": "http://h"},
         content_type="text/plain",
     )
-    assert status == 400
+    assert status == 415
 
 
 async def test_a_field_cannot_smuggle_yaml_into_the_file(repo: SopsProject, service: Service) -> None:
