@@ -175,9 +175,10 @@ class _Plan:
         elif anything:
             shown = _ids(anything)
             if names:
+                takes = "takes" if len(anything) == 1 else "take"
                 self.notes.append(
-                    f"{purpose}: {shown} serve any model, but LiteLLM routes by name alone: only the "
-                    f"models {purpose}'s providers declare ({', '.join(names)}) reach them"
+                    f"{purpose}: in Switchboard {shown} {takes} any model; LiteLLM routes by name alone, "
+                    f"so only the models the purpose's providers declare ({_listed(names)}) go there"
                     + (", and other models go to chat's `*`" if catch_all else "")
                 )
             else:
@@ -274,6 +275,12 @@ def litellm_costs(provider: Provider, model: str | None) -> dict[str, float]:
         if price is not None:
             costs[litellm_name] = float(price.scaleb(-6))
     return costs
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    """Names for a note, the first `most` of them."""
+    more = f", and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _ids(providers: list[Provider]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config.export import litellm_config, litellm_yaml
+from service.config.export import litellm_export, litellm_yaml
 from service.config.snapshot import load_folder
 from service.formats import key_variable
 from tests.conftest import SopsProject
@@ -134,7 +134,12 @@ def test_a_provider_that_declares_no_models_is_listed_under_its_purposes_models(
     sops_project: SopsProject,
 ) -> None:
     configure(sops_project, *(f"http://127.0.0.1:{port}/v1" for port in range(9, 14)))
-    config = litellm_config(load_folder(sops_project.providers, "providers.d", None))
+    export = litellm_export(load_folder(sops_project.providers, "providers.d", None))
+    config = export.config
+    assert export.notes == [
+        "embeddings: in Switchboard `tei` takes any model; LiteLLM routes by name alone, so only the "
+        "models the purpose's providers declare (bge-m3) go there, and other models go to chat's `*`"
+    ]
     names: dict[str, set[str]] = {}
     for deployment in config["model_list"]:
         names.setdefault(deployment["model_name"], set()).add(
