@@ -16,9 +16,9 @@
     ├── GitError                    a git command failed
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
         ├── BadRequest (400) > InvalidRequest, Unauthorized (401), Forbidden (403),
-        ├── NotFound (404) > ModelNotFound,
+        ├── NotFound (404) > ModelNotFound (`model_not_found`, as OpenAI answers it),
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
-        ├── PayloadTooLarge (413), Unprocessable (422), UpstreamsFailed (502),
+        ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), UpstreamsFailed (502),
         └── NotReady (503), NoCandidate (503), Busy (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
@@ -172,7 +172,12 @@ class NotFound(HTTPError):
 
 
 class ModelNotFound(NotFound):
-    """No enabled provider in the route serves the model over the request's protocol (SPEC 6)."""
+    """No enabled provider in the purpose's route serves the model (over the request's protocol),
+    or the purpose has no route (SPEC 6).
+
+    Answered as OpenAI answers it (`type` and `code` both `model_not_found`), so SDKs, which
+    retry a 5xx, give up at once: asking again cannot help until the configuration changes.
+    """
 
     type = "model_not_found"
 
@@ -183,8 +188,18 @@ class ModelNotFound(NotFound):
 
 
 class MethodNotAllowed(HTTPError):
+    """405, with the methods the path does take in `Allow` (RFC 9110): a write refused by the
+    write mode, or on a replica without push, leaves the path readable (`GET, HEAD`)."""
+
     status = 405
     type = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str = "GET, HEAD") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class MisdirectedRequest(HTTPError):
@@ -212,6 +227,14 @@ class PayloadTooLarge(HTTPError):
     def over(cls, limit: int) -> PayloadTooLarge:
         """The answer to a body over `limit` bytes (the `max_body_bytes` setting)."""
         return cls(f"request body over {limit} bytes")
+
+
+class UnsupportedMediaType(HTTPError):
+    """415: a body that is not JSON, or (without authentication) a state-changing request without
+    a JSON media type (SPEC 6)."""
+
+    status = 415
+    type = "unsupported_media_type"
 
 
 class Unprocessable(HTTPError):

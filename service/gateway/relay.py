@@ -48,6 +48,13 @@ from service.metrics import Metrics
 
 NO_PROVIDER = "none"
 """`x-switchboard-provider` on an answer that no provider gave."""
+SHOWN_MODEL_CHARS = 200
+"""An error quotes at most this much of a requested model's name."""
+
+
+def shown(model: str) -> str:
+    """A requested model's name as an error quotes it: repr'd, and cut when long."""
+    return repr(model if len(model) <= SHOWN_MODEL_CHARS else model[:SHOWN_MODEL_CHARS] + "…")
 
 
 class Relay:
@@ -91,7 +98,9 @@ class Relay:
         return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
-        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
+        """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
+        model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
+        tried failed."""
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
@@ -130,24 +139,26 @@ class Relay:
         if not attempts:
             if pinned is not None:
                 raise NoCandidate(f"{pinned.provider}, which gave previous_response_id, cannot take it now")
-            what = f"model {call.model!r}" if call.model else "this request"
+            what = f"model {shown(call.model)}" if call.model else "this request"
             raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
         raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
 
     def _candidates(self, table: RoutingTable, call: Call) -> Sequence[Provider]:
-        """The call's candidates; 404 `model_not_found` when none in the route could ever serve
-        it over its protocol (a chat call keeps the router's answer)."""
+        """The call's candidates; 404 `model_not_found` when no enabled provider of the route
+        serves the model (over the call's protocol), however long one waits; an empty list when
+        some do but each is skipped now (then 503)."""
         found = self.router.candidates(table, call.purpose, call.model, self.health)
-        if call.protocol == "chat":
-            return found
-        found = [p for p in found if self.forms.serves(p, call)]
+        if call.protocol != "chat":
+            found = [p for p in found if self.forms.serves(p, call)]
         if found:
+            return found
+        what = f"model {shown(call.model)}" if call.model else "this request"
+        if not table.serves(call.purpose, call.model):
+            raise ModelNotFound(f"no enabled provider of `{call.purpose}` serves {what}")
+        if call.protocol == "chat":
             return found
         route = table.routes.get(call.purpose)
         serving = [p for p in (route.ordered if route else ()) if p.enabled and p.serves(call.model)]
-        what = f"model {call.model!r}" if call.model else "this request"
-        if not serving:
-            raise ModelNotFound(f"no enabled provider of `{call.purpose}` serves {what}")
         if not any(self.forms.serves(p, call) for p in serving):
             name = "Messages" if call.protocol == "count_tokens" else call.protocol
             raise ModelNotFound(f"no enabled provider serves {what} over {name}", over_protocol=True)

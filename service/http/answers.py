@@ -170,6 +170,7 @@ class LitellmAnswer(_Answer):
 
     purpose: Purpose
     provider: str
+    model: str = Field(description="the model as clients name it (`litellm_params.model` has it mapped)")
     generation: int
     litellm_params: dict[str, JsonValue]
     models: list[str]

@@ -13,8 +13,10 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
@@ -68,7 +70,11 @@ def create_app(
     `lookup` resolves upstream host names (the system's resolver). Raises ValueError when
     SWITCHBOARD_ALLOWED_UPSTREAMS cannot be read.
     """
-    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[_errors],
+        client_max_size=settings.max_body_bytes,
+        handler_args={"logger": _ProtocolLog(logging.getLogger("service.http.protocol"))},
+    )
     app[SETTINGS] = settings
     app[UPSTREAMS] = AllowedUpstreams.parse(settings.allowed_upstreams)
     app[LOOKUP] = lookup
@@ -167,7 +173,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = exc.reason.lower().replace(" ", "_")
-        response = web.json_response({"error": {"type": kind, "message": exc.reason}}, status=exc.status)
+        # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        body = {"error": {"type": kind, "message": exc.reason}}
+        response = web.json_response(body, status=exc.status, headers=kept)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, route)
         body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
@@ -180,6 +189,28 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
+class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log, where a request too malformed to parse (a NUL or a line break in a
+    header, a line too long) is one warning line, not a traceback: the client's mistake, not the
+    service's. Its text names the fault, never the bytes, which may hold a token."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            remote = args[0] if args else "?"
+            self.warning("malformed request from %s: %s (%s)", remote, _fault(exc_info), exc_info.code)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
+def _fault(exc: HttpProcessingError) -> str:
+    """What the parser found wrong, without what it quotes: `Invalid header value char`."""
+    lines = str(exc.message).strip().splitlines()
+    said = lines[0].split(":", 1)[0] if lines else ""
+    for quote in (" b'", ' b"', " '", ' "'):
+        said = said.split(quote, 1)[0]
+    return f"{type(exc).__name__}: {said[:100]}" if said else type(exc).__name__
 
 
 async def _healthz(request: web.Request) -> web.Response:

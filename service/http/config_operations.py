@@ -68,13 +68,23 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         "GET",
         f"{active}/{{purpose}}/litellm",
         "secrets:read",
-        "The first healthy candidate as LiteLLM parameters, its key decrypted",
+        "The first healthy candidate that serves the model as LiteLLM parameters, its key decrypted",
         {
             "200": s.returns(answers.LitellmAnswer, "recorded in the event log as `secret.read`"),
-            "404": s.error("no route for the purpose"),
+            "400": s.error("no `model` given, and the first healthy candidate declares no models"),
+            "404": s.error(
+                "no route for the purpose; or `model_not_found`: no provider of the route serves the model"
+            ),
             "503": s.error("no candidate is healthy now, or the configuration is not loaded"),
         },
-        (purpose(),),
+        (
+            purpose(),
+            query(
+                "model",
+                "the model as clients name it; the answer has it mapped through the provider's `model_map`. "
+                "Left out: the candidate's first declared model",
+            ),
+        ),
     )
     for segment, kind, example in _KINDS:
         what = f"Providers ({kind})" if kind != "provider" else "Providers"

@@ -71,12 +71,16 @@ def gateway(s: Schemas) -> Iterable[Operation]:
                 "502": s.returns(
                     answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
                 ),
-                **(
-                    {"404": s.error("no enabled provider serves the model over this protocol")}
-                    if path in _PROTOCOLS
-                    else {}
+                "404": s.error(
+                    "`model_not_found` (also its `code`, as OpenAI answers): no enabled provider of the "
+                    "route serves the model"
+                    + (" over this protocol" if path in _PROTOCOLS else "")
+                    + ", or the purpose has no route"
                 ),
-                "503": s.error("no candidate can take the request now, or the configuration is not loaded"),
+                "503": s.error(
+                    "providers serve the model but every one is skipped now (circuit open, unhealthy), "
+                    "or the configuration is not loaded"
+                ),
                 "508": s.error("the request came back through this gateway: a `base_url` points at it"),
             },
             body=request(s.body(body.__name__, body), example),

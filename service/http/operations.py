@@ -114,6 +114,8 @@ class Operation:
                 "421": schemas.error("without authentication: the `Host` is not a loopback name"),
                 "503": schemas.error("the first load of the configuration is not complete"),
             } | responses
+            if self.method in ("POST", "PUT", "PATCH", "DELETE"):
+                responses = {"415": unsupported_media_type(schemas)} | responses
         if self.headers:
             responses = {status: with_headers(r, self.headers) for status, r in responses.items()}
         scope_line = f"Scope: `{self.scope}`." if self.scope else "No authentication."
@@ -171,11 +173,18 @@ ETAG = header('`"<git blob id of the file written>"`: send it back as `If-Match`
 def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """What a request with a JSON body may be answered besides its own errors."""
     return {
-        "400": schemas.error(
-            "the body is not JSON, not an object, nested too deep, or not a JSON media type"
-        ),
+        "400": schemas.error("the body is not valid JSON, not an object, or nested too deep"),
         "413": schemas.error("the body is too large (`SWITCHBOARD_MAX_BODY_BYTES`)"),
+        "415": unsupported_media_type(schemas),
     }
+
+
+def unsupported_media_type(schemas: Schemas) -> dict[str, Any]:
+    """415, which every state-changing operation behind a token may answer (SPEC 6)."""
+    return schemas.error(
+        "a body whose `Content-Type` is not JSON (`application/json`, `application/merge-patch+json`); "
+        "without authentication, any such request without a JSON media type, body or not"
+    )
 
 
 def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict[str, dict[str, Any]]:
@@ -188,9 +197,12 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
             name="WriteAccepted",
             ETag=header("the file's blob id (none for a delete)", required=False),
         ),
-        "405": schemas.error(
-            "writes are off (`SWITCHBOARD_WRITE_MODE=off`, or no git repository), or this replica is fed "
-            "from a remote (git-sync, `SWITCHBOARD_GIT_PULL`) and `SWITCHBOARD_GIT_PUSH` is not set"
+        "405": with_headers(
+            schemas.error(
+                "writes are off (`SWITCHBOARD_WRITE_MODE=off`, or no git repository), or this replica is "
+                "fed from a remote (git-sync, `SWITCHBOARD_GIT_PULL`) and `SWITCHBOARD_GIT_PUSH` is not set"
+            ),
+            {"Allow": header("what the path still takes: `GET, HEAD`")},
         ),
         "409": schemas.error(
             "a conflict: the file has uncommitted local changes, a key would be encrypted while "

@@ -81,10 +81,12 @@ async def call(
     sent = dict(headers or {})
     if token:
         sent["Authorization"] = f"Bearer {token}"
+    # Every write says it is JSON, body or not, as the console does: without authentication
+    # a write without a JSON media type is 415 (SPEC 6).
+    sent["Content-Type"] = content_type
     data = None
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        sent["Content-Type"] = content_type
     async with service.http.request(method, service.url + API + path, data=data, headers=sent) as response:
         text = await response.text()
         return response.status, (json.loads(text) if text else None), response.headers
@@ -210,7 +212,7 @@ async def test_a_write_needs_a_json_media_type(service: Service) -> None:
         {"id": "x", "server_type": "vllm", "base_url": "http://h"},
         content_type="text/plain",
     )
-    assert status == 400
+    assert status == 415
 
 
 async def test_a_field_cannot_smuggle_yaml_into_the_file(repo: SopsProject, service: Service) -> None:
@@ -527,13 +529,15 @@ async def test_branch_mode_commits_to_a_new_branch_and_applies_nothing(repo: Sop
 async def test_writes_outside_git_are_405(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     async with serve(sops_project) as service:
-        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+        status, body, headers = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
     assert status == 405 and "git" in body["error"]["message"]
+    assert headers["Allow"] == "GET, HEAD"  # the path is still read
 
 
 async def test_write_mode_off_is_405(repo: SopsProject) -> None:
     async with serve(repo, write_mode="off") as service:
-        assert (await call(service, "PATCH", "/servers/gpu", {"name": "x"}))[0] == 405
+        status, _, headers = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
 # -- a remote --------------------------------------------------------------------------------------
