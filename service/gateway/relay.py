@@ -18,7 +18,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
-from service.errors import NoCandidate, UpstreamsFailed
+from service.errors import HTTPError, NoCandidate, UpstreamsFailed
 from service.gateway.call import (
     ATTEMPTS_HEADER,
     MAX_ANSWER_MODELS,
@@ -29,6 +29,7 @@ from service.gateway.call import (
     model_label,
 )
 from service.gateway.health import Health
+from service.gateway.metering import Meter
 from service.gateway.routing import Router
 from service.gateway.transports.base import Transport
 from service.gateway.transports.litellm import LiteLLMTransport
@@ -60,6 +61,8 @@ class Relay:
         self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
         self.litellm = LiteLLMTransport()
         self.tei = TEITransport(self.openai)
+        self.meter: Meter | None = None
+        """Limits, costs and records (SPEC 13); None: requests are not metered."""
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
@@ -74,36 +77,62 @@ class Relay:
         return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
-        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers."""
+        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers.
+
+        With a meter, the call is admitted against its client's limits first (a refusal is
+        raised), each candidate must fit its budget, and the end is settled and recorded."""
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
-        for provider in self.router.candidates(table, call.purpose, call.model, health):
-            pid = provider.id
-            if not health.admit(pid):
-                continue  # half-open, and its one trial request is out
-            headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
-            try:
-                response = await self.transport(provider, call.purpose).send(call, provider, headers)
-            except Failure as failure:
-                if failure.refused:
-                    health.refuse(pid, failure.reason)
-                elif failure.blames_provider:
-                    health.failed(pid, failure.reason)
-                else:
-                    health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
-                self.count("attempt", pid, "failed")
-                attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
-                continue
-            except BaseException:
-                health.abandon(pid)
-                raise
-            self._succeeded(call, provider, response, attempts)
-            return response
-        if not attempts:
-            what = f"model {call.model!r}" if call.model else "this request"
-            raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
-        raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+        candidates = self.router.candidates(table, call.purpose, call.model, health)
+        metered = None
+        if self.meter is not None:
+            metered = await self.meter.start(call, snapshot, candidates)
+            candidates = metered.candidates
+        try:
+            for provider in candidates:
+                pid = provider.id
+                if not health.admit(pid):
+                    continue  # half-open, and its one trial request is out
+                if metered is not None and not await metered.take(provider):
+                    health.abandon(pid)
+                    continue  # its budget cannot cover the request
+                headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
+                if metered is not None:
+                    headers.update(metered.headers)
+                    metered.sending(provider)
+                try:
+                    response = await self.transport(provider, call.purpose).send(call, provider, headers)
+                except Failure as failure:
+                    if failure.refused:
+                        health.refuse(pid, failure.reason)
+                    elif failure.blames_provider:
+                        health.failed(pid, failure.reason)
+                    else:
+                        health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
+                    self.count("attempt", pid, "failed")
+                    attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+                    if metered is not None:
+                        await metered.give_back(provider)
+                    continue
+                except BaseException:
+                    health.abandon(pid)
+                    raise
+                self._succeeded(call, provider, response, attempts)
+                if metered is not None:
+                    await metered.served(provider, response, len(attempts) + 1)
+                return response
+            if not attempts:
+                what = f"model {call.model!r}" if call.model else "this request"
+                raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
+            raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+        except HTTPError as error:
+            if metered is not None:
+                await metered.failed(error, len(attempts))
+            raise
+        finally:
+            if metered is not None and not metered.done:  # cancelled (the client left), or a bug
+                metered.abandoned(len(attempts) + (metered.sent is not None))
 
     def _succeeded(
         self, call: Call, provider: Provider, response: web.StreamResponse, attempts: list[Any]

@@ -20,14 +20,27 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import changes, config_api, console, openai_api, openapi, replicas, traffic, write_api
+from service.gateway.metering import NullSink
+from service.http import (
+    changes,
+    config_api,
+    console,
+    limits_api,
+    openai_api,
+    openapi,
+    replicas,
+    traffic,
+    write_api,
+)
 from service.http.auth import Handler
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
     HEALTH,
+    LIMITS,
     METRICS,
     PULLER,
+    RECORDS,
     REGISTRY,
     RELOADER,
     SETTINGS,
@@ -42,6 +55,7 @@ from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.pricing import litellm_version
 from service.vcs.attribution import Attributor
 
 log = logging.getLogger(__name__)
@@ -52,7 +66,8 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[METRICS].info.labels(settings.replica, __version__).set(1)
+    app[METRICS].info.labels(settings.replica, __version__, litellm_version() or "none").set(1)
+    app[RECORDS] = NullSink()  # the usage ledger, when it is wired, takes its place
     app[HEALTH] = Health(
         failures=settings.circuit_failures,
         cooldown_s=settings.circuit_cooldown_s,
@@ -67,6 +82,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    limits_api.setup(app)  # after the gateway's context: its meter goes on the relay
     openapi.setup(app)
     changes.setup(app)
     replicas.setup(app)
@@ -168,6 +184,10 @@ async def _readyz(request: web.Request) -> web.Response:
     state = registry.state if registry is not None else None
     if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
+    keeper = request.app.get(LIMITS)
+    if keeper is None or not keeper.ready.is_set():
+        raise NotReady("the budgets' spent is not read back yet (SPEC 13)")
+    limiter = keeper.limiter
     puller = request.app.get(PULLER)
     body = {
         "status": "ready",
@@ -176,7 +196,8 @@ async def _readyz(request: web.Request) -> web.Response:
         "last_applied_commit": state.last_applied_commit,
         "last_attempted_commit": state.last_attempted_commit,
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-        "degraded": state.degraded,
+        "degraded": state.degraded or limiter.degraded,
+        "limits": limiter.mode,
     }
     if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
         body["sync"] = puller.status.answer()

@@ -10,7 +10,21 @@ from collections.abc import Iterable
 from typing import Any
 
 from service.http import answers, bodies
-from service.http.operations import GATEWAY_HEADERS, JSON, Operation, Schemas, body_errors, request
+from service.http.operations import (
+    GATEWAY_HEADERS,
+    JSON,
+    Operation,
+    Schemas,
+    body_errors,
+    header,
+    request,
+    with_headers,
+)
+
+RETRY = {
+    "Retry-After": header("seconds until the limit frees (none for a `total` budget)", required=False),
+    "retry-after-ms": header("the same in milliseconds, sent exactly when `Retry-After` is", required=False),
+}
 
 _GATEWAY = (
     (
@@ -53,7 +67,18 @@ def gateway(s: Schemas) -> Iterable[Operation]:
                 "502": s.returns(
                     answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
                 ),
-                "503": s.error("no candidate can take the request now, or the configuration is not loaded"),
+                "429": with_headers(
+                    s.error(
+                        "a limit of the client's refuses (SPEC 13): `rate_limited` with `limit` (`rpm`, "
+                        "`tpm`, `max_parallel`), or `budget_exceeded` with `period_end`; nothing was sent"
+                    ),
+                    RETRY,
+                ),
+                "503": s.error(
+                    "no candidate can take the request now (circuits open, out of budget, unpriced: "
+                    "`skipped` lists them), the configuration is not loaded, or Redis is away with "
+                    "`SWITCHBOARD_LIMITS_WITHOUT_REDIS=refuse` (`limits_unavailable`)"
+                ),
                 "508": s.error("the request came back through this gateway: a `base_url` points at it"),
             },
             body=request(s.body(body.__name__, body), example),

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from service.config.models import Provider
 from service.errors import BadRequest, HTTPError, LoopDetected, PayloadTooLarge
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
+from service.gateway.metering import REQUEST_ID
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
@@ -69,7 +71,8 @@ def _answering(handler: Handler) -> Handler:
 def _error(exc: HTTPError) -> web.Response:
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count)}
+    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count), **exc.headers()}
+    headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (SPEC 13)
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
@@ -104,7 +107,12 @@ def _relay(purpose: str, path: str) -> Handler:
 async def _models(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     table = relay.router.table(request.app[REGISTRY].snapshot)
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", "Content-Type": "application/json"}
+    headers = {
+        PROVIDER_HEADER: NO_PROVIDER,
+        ATTEMPTS_HEADER: "0",
+        REQUEST_ID: uuid.uuid4().hex,
+        "Content-Type": "application/json",
+    }
     return web.Response(body=table.models_answer(relay.health), headers=headers)
 
 
