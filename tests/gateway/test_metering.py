@@ -413,3 +413,17 @@ async def test_limits_lists_every_client_and_provider_with_its_use(sops_project:
 async def _get(board: Switchboard, path: str, token: str = READER) -> tuple[int, Any]:
     response = await board.get(path, token=token)
     return response.status, await response.json() if response.status == 200 else None
+
+
+async def test_a_budget_is_not_reset_by_a_restart(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1000", "period": "month"}})
+        async with metered(sops_project) as (board, _):
+            assert (await chat(board, max_tokens=3)).status == 200
+        assert (sops_project.root / "var" / "usage-spent.json").exists()  # written at the stop
+        async with metered(sops_project) as (board, _):
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    client = next(c for c in limits["clients"] if c["name"] == "client")
+    assert client["used"]["budget_spent_usd"] == "7"

@@ -96,7 +96,12 @@ class Keeper:
         for kind, subject, budget in self.budgets:
             current = limiter.window(budget.period, now)
             key = budget_key(kind, subject, current)
-            if key not in limiter.seed:
+            if key in limiter.seed:
+                continue
+            counters = limiter.counters
+            if key in counters.spent or key in counters.reserved:
+                limiter.seed[key] = 0  # a period that began while this process counted it
+            else:
                 limiter.seed[key] = await self._spent_before(kind, subject, key, current)
 
     async def _spent_before(self, kind: str, subject: str, key: str, current: Window) -> int:
