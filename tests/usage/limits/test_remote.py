@@ -58,17 +58,20 @@ async def test_two_replicas_share_one_rpm_and_one_budget(redis_server: RedisServ
     lim = limits(rpm=30, budget={"usd": "1", "period": "day"})
     async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
         assert a.limiter.up and b.limiter.up and a.limiter.mode == "redis"
+        owners = [(a if n % 2 else b).limiter for n in range(100)]
         results = await asyncio.gather(
-            *(attempt((a if n % 2 else b).limiter, f"r{n}", lim, "0.1") for n in range(100))
+            *(attempt(owner, f"r{n}", lim, "0.1") for n, owner in enumerate(owners))
         )
-        admitted = [r for r in results if not isinstance(r, Refused)]
+        admitted = [
+            (owner, r) for owner, r in zip(owners, results, strict=True) if not isinstance(r, Refused)
+        ]
         assert len(admitted) == 10  # ten reservations of 0.1 cover the budget, across both
+        assert {owner for owner, _ in admitted} == {a.limiter, b.limiter}
         assert {r.limit for r in results if isinstance(r, Refused)} == {"budget"}
-        await asyncio.gather(
-            *((a if n % 2 else b).limiter.settle(t, Decimal("0.1"), 10) for n, t in enumerate(admitted))
-        )
+        await asyncio.gather(*(owner.settle(t, Decimal("0.1"), 10) for owner, t in admitted))
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]  # what refresh reads
         await a.refresh()
-        key = admitted[0].holds["client"].key
+        key = admitted[0][1].holds["client"].key
         assert a.limiter.known[key] == (1_000_000_000, 0)
         # The rpm: 10 admitted so far; 20 more fit in the minute across both replicas, then none.
         cheap = limits(rpm=30)
