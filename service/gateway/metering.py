@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -145,13 +145,14 @@ class Metered:
         self.meter = meter
         self.call = call
         self.limits = limits
-        self.id = uuid.uuid4().hex
+        self.id = os.urandom(16).hex()
         self.started = time.perf_counter()
         self.started_at = datetime.fromtimestamp(meter.limiter.clock(), UTC)
         self.headers: dict[str, str] = {REQUEST_ID: self.id}
         """What every answer to the call carries: its id, and the remaining-* of a limited client."""
         self.rates: dict[str, Rate] = {}
         self.bounds: dict[str, Decimal] = {}
+        """Provider id -> an upper bound of the request's cost there (made when first needed)."""
         self.skipped: list[dict[str, str]] = []
         self.refused: set[str] = set()
         self.ticket: Ticket | None = None
@@ -162,8 +163,6 @@ class Metered:
         self.sent_at = 0.0
         self.done = False
         budgeted = limits is not None and limits.budget is not None
-        prompt = len(call.body)
-        queries = 1 if call.purpose == "reranking" else 0
         wanted = _completion(call.data, call.purpose) if call.purpose == "chat" else 0
         self.completions: dict[str, int] = {}
         """Provider id -> the completion tokens bounded there (all choices)."""
@@ -184,7 +183,6 @@ class Metered:
                     completion = min(completion, rate.max_output)
             self.rates[provider.id] = rate
             self.completions[provider.id] = completion * _choices(call.data)
-            self.bounds[provider.id] = rate.bound(prompt, self.completions[provider.id], queries)
             eligible.append(provider)
         self.candidates = eligible
 
@@ -199,8 +197,10 @@ class Metered:
         first = next(iter(self.candidates), None)
         provider = None
         if first is not None and first.budget is not None:
-            provider = (first.id, first.budget, self.bounds[first.id])
-        client_cost = max(self.bounds.values(), default=_ZERO)
+            provider = (first.id, first.budget, self.bound(first))
+        client_cost = _ZERO
+        if self.limits is not None and self.limits.budget is not None:
+            client_cost = max((self.bound(p) for p in self.candidates), default=_ZERO)
         try:
             self.ticket, taken = await meter.limiter.admit(
                 self.id, call.client, self.limits, client_cost, provider
@@ -211,7 +211,9 @@ class Metered:
             self._out_of_budget(first)
         elif taken is True and first is not None:
             meter.health.release(first.id)
-        if self.limits is not None and self.ticket.use is not None:
+        if call.stream and self.limits is not None and self.ticket.use is not None:
+            # a stream's headers go before its end: what remains once it was counted. A whole
+            # answer's are set once it is settled (and an error's from the settlement too).
             self.headers.update(self.ticket.use.remaining(self.limits))
 
     async def take(self, provider: Provider) -> bool:
@@ -222,7 +224,7 @@ class Metered:
         if pid in self.refused:
             return False
         if provider.budget is not None and pid not in ticket.holds:
-            if not await self.meter.limiter.reserve(ticket, pid, provider.budget, self.bounds[pid]):
+            if not await self.meter.limiter.reserve(ticket, pid, provider.budget, self.bound(provider)):
                 self._out_of_budget(provider)
                 return False
             self.meter.health.release(pid)
@@ -267,7 +269,7 @@ class Metered:
         elif response.status >= 400:
             cost, priced = _ZERO, rate.any  # the upstream refused it: not billed
         else:
-            cost, priced, estimated = self.bounds.get(provider.id, _ZERO), rate.any, True
+            cost, priced, estimated = self.bound(provider), rate.any, True
         counted = tokens.total if tokens is not None else self._estimated_tokens(provider) if estimated else 0
         limiter = self.meter.limiter
         limiter.providers.finish(provider.id, limiter.now_ms(), min(counted, MAX_TOKENS))
@@ -301,7 +303,7 @@ class Metered:
             return
         self.done = True
         provider = self.provider if self.sent is not None else None
-        cost = self.bounds.get(provider.id, _ZERO) if provider is not None else _ZERO
+        cost = self.bound(provider) if provider is not None and provider.id in self.rates else _ZERO
         counted = self._estimated_tokens(provider) if provider is not None else 0
 
         async def settle() -> None:
@@ -314,6 +316,20 @@ class Metered:
                 )
 
         self.meter.later(settle())
+
+    def bound(self, provider: Provider) -> Decimal:
+        """An upper bound of the request's cost at `provider`: every byte of the body an input
+        token of its dearest class, and the completion bound an output token each."""
+        found = self.bounds.get(provider.id)
+        if found is None:
+            rate = self.rates.get(provider.id)
+            if rate is None:
+                return _ZERO
+            queries = 1 if self.call.purpose == "reranking" else 0
+            found = self.bounds[provider.id] = rate.bound(
+                len(self.call.body), self.completions[provider.id], queries
+            )
+        return found
 
     def _estimated_tokens(self, provider: Provider) -> int:
         """The tokens a request without usage is counted for: its bounds."""

@@ -33,6 +33,10 @@ def normalise(usage: Mapping[str, Any] | None) -> Tokens | None:
     """`usage` as `Tokens` (None when there is no usage object to read)."""
     if not isinstance(usage, Mapping):
         return None
+    if len(usage) <= 3:  # the common plain answer: {"prompt_tokens", "completion_tokens", "total_tokens"}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int and 0 <= prompt <= MAX_TOKENS >= completion >= 0:
+            return Tokens(input=prompt, output=completion)
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         return _chat(usage)
     if "input_tokens" in usage or "output_tokens" in usage:

@@ -99,6 +99,8 @@ class Limiter:
         """Told `(kind, subject, window)` the first time a budget refuses in a period."""
         self._reported: set[str] = set()
         self._windows: dict[Period, Window] = {}
+        self._keys: dict[tuple[str, str, Budget], tuple[Window, str, int]] = {}
+        """(kind, subject, budget) -> its current window, key and limit: made once per period."""
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -127,8 +129,13 @@ class Limiter:
     def hold(self, kind: str, subject: str, budget: Budget, cost: Decimal, now_ms: float) -> Hold:
         """A reservation of `cost` against `subject`'s `budget`, not taken yet."""
         current = self.window(budget.period, now_ms)
-        key = budget_key(kind, subject, current)
-        return Hold(key, subject, limit_units(budget.usd), charge_units(cost), current)
+        named = (kind, subject, budget)
+        found = self._keys.get(named)
+        if found is None or found[0] is not current:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            found = self._keys[named] = (current, budget_key(kind, subject, current), limit_units(budget.usd))
+        return Hold(found[1], subject, found[2], charge_units(cost), current)
 
     # -- admitting -----------------------------------------------------------------------------
 
@@ -192,7 +199,7 @@ class Limiter:
             use = Use(_int(answer, "requests"), _int(answer, "tokens"), _int(answer, "par"))
             if client_hold is not None:
                 use.spent, use.reserved = self._known(client_hold.key, answer.get("cb"))
-                use.window = client_hold.window
+                use.window, use.limit = client_hold.window, client_hold.limit
             refused = answer.get("refused")
             if refused is not None:
                 limit = refused if refused in ("max_parallel", "rpm", "tpm", "budget") else "rpm"
@@ -303,8 +310,10 @@ class Limiter:
         ticket.settled = True
         self.tickets.pop(ticket.id, None)
         now = self.now_ms()
-        actual = charge_units(cost)
         self.counters.finish(ticket.client, now, tokens)
+        if not ticket.holds and not ticket.counted:
+            return ticket.use  # nothing held, nothing counted but this replica's own figures
+        actual = charge_units(cost)
         remote = [
             h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == self.epoch
         ]
@@ -392,7 +401,7 @@ class Limiter:
         use = Use(counts.requests, counts.tokens, counts.in_flight)
         if hold is not None:
             use.spent, use.reserved = self.spent_here(hold.key)
-            use.window = hold.window
+            use.window, use.limit = hold.window, hold.limit
         return use
 
     # -- Redis ---------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class Use:
     """Nano-dollars spent in the budget's period (None: no budget)."""
     reserved: int | None = None
     window: Window | None = None
+    limit: int | None = None
+    """The budget in nano-dollars (None: no budget)."""
 
     def answer(self) -> dict[str, object]:
         """As `/limits` and `whoami` show it (`used`)."""
@@ -63,7 +65,8 @@ class Use:
         if limits.tpm is not None:
             headers["x-switchboard-remaining-tokens"] = str(max(0, limits.tpm - self.tokens))
         if limits.budget is not None and self.spent is not None:
-            left = max(0, limit_units(limits.budget.usd) - self.spent - (self.reserved or 0))
+            limit = self.limit if self.limit is not None else limit_units(limits.budget.usd)
+            left = max(0, limit - self.spent - (self.reserved or 0))
             headers["x-switchboard-budget-remaining-usd"] = money(usd(left))
         return headers
 
