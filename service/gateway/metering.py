@@ -273,12 +273,16 @@ class Metered:
         counted = tokens.total if tokens is not None else self._estimated_tokens(provider) if estimated else 0
         limiter = self.meter.limiter
         limiter.providers.finish(provider.id, limiter.now_ms(), min(counted, MAX_TOKENS))
-        use = await self._settle(cost, min(counted, MAX_TOKENS))
+        record_id = response.headers.get(REQUEST_ID) or self.id
+        try:
+            use = await self._settle(cost, min(counted, MAX_TOKENS))
+        except asyncio.CancelledError:  # the client left as it ended: recorded all the same
+            self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
+            raise
         if not response.prepared:  # a whole answer: what it cost, and what remains once settled
             response.headers[COST] = money(cost)
             if use is not None and self.limits is not None:
                 response.headers.update(use.remaining(self.limits))
-        record_id = response.headers.get(REQUEST_ID) or self.id
         self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
         if cost:
             self.meter.count(
@@ -290,10 +294,16 @@ class Metered:
         if self.done:
             return
         self.done = True
-        use = await self._settle(_ZERO, 0)
+        record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
+        try:
+            use = await self._settle(_ZERO, 0)
+        except asyncio.CancelledError:
+            if record:
+                self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+            raise
         self._headers_on(error, use)
-        if error.status in (400, 401, 403, 404, 413, 415):
-            return  # the client's own error: no record (SPEC 13)
+        if not record:
+            return  # no record (SPEC 13)
         self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
 
     def abandoned(self, attempts: int) -> None:

@@ -13,12 +13,13 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from service.http.context import RELAY
 from service.usage.record import Record
 from tests.conftest import SopsProject, eventually
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
-from tests.support.upstreams import FakeUpstream, upstreams
+from tests.support.upstreams import FakeUpstream, serving, upstreams
 
 TOKEN = "sk-client-0123456789abcdef"
 READER = "sk-reader-0123456789abcdef"
@@ -427,3 +428,44 @@ async def test_a_budget_is_not_reset_by_a_restart(sops_project: SopsProject) -> 
             _, limits = await _get(board, "/api/v1/llm-config/limits")
     client = next(c for c in limits["clients"] if c["name"] == "client")
     assert client["used"]["budget_spent_usd"] == "7"
+
+
+async def test_a_client_that_leaves_before_a_whole_answer_is_charged_and_recorded(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a", latency_s=1.0) as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await chat(board, max_tokens=5)
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    record = records.kept[0]
+    assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert Decimal(used["budget_spent_usd"]) == record.cost_usd and used["budget_reserved_usd"] == "0"
+
+
+async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
+    sops_project: SopsProject,
+) -> None:
+    async def odd(request: web.Request) -> web.Response:
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        return web.json_response({"choices": [], "usage": usage}, headers={"x-request-id": "a b" + "x" * 300})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", odd)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, records):
+            response = await chat(board)
+    assert response.status == 200
+    ours = response.headers[REQUEST_ID]
+    assert len(ours) == 32 and records.kept[0].id == ours

@@ -156,6 +156,7 @@ class Keeper:
         await self.seed_missing()
         if limiter.remote is not None and (limiter.up or await self.reconcile()):
             await self.refresh()
+        limiter.forget({key for key, _ in self._keys()})
         limiter.counters.forget_idle(limiter.now_ms())
         limiter.providers.forget_idle(limiter.now_ms())
         if self.gauge is not None:

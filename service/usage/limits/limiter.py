@@ -29,10 +29,10 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from service.config.metering import Budget, Limits, Period
 from service.usage.limits.amounts import charge_units, limit_units
@@ -42,6 +42,7 @@ from service.usage.limits.tickets import Hold, Refused, Ticket, Use, budget_key
 from service.usage.periods import Window, window
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WithoutRedis = Literal["local", "refuse"]
 Clock = Callable[[], float]
@@ -100,6 +101,7 @@ class Limiter:
         self._reported: set[str] = set()
         self._windows: dict[Period, Window] = {}
         self._keys: dict[tuple[str, str, Budget], tuple[Window, str, int]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         """(kind, subject, budget) -> its current window, key and limit: made once per period."""
 
     # -- state ---------------------------------------------------------------------------------
@@ -164,8 +166,12 @@ class Limiter:
         if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
             raise Refused("unavailable", 1000, None, Use())
         if self.up and (limits is not None or provider_hold is not None):
+            admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
             try:
-                taken = await self._admit_remote(ticket, client_hold, provider_hold, now)
+                taken = await asyncio.shield(admitting)
+            except asyncio.CancelledError:  # the client left: what Redis took is given back
+                self._later(self._orphaned(ticket, admitting))
+                raise
             except Unavailable as exc:
                 self.lose(str(exc))
             else:
@@ -202,7 +208,9 @@ class Limiter:
                 use.window, use.limit = client_hold.window, client_hold.limit
             refused = answer.get("refused")
             if refused is not None:
-                limit = refused if refused in ("max_parallel", "rpm", "tpm", "budget") else "rpm"
+                if refused not in ("max_parallel", "rpm", "tpm", "budget"):
+                    raise Unavailable("Redis answered something the script does not answer")
+                limit = refused
                 self._refused(limit, ticket, client_hold)
                 raise Refused(
                     limit, _int(answer, "retry_ms"), client_hold.window if client_hold else None, use
@@ -269,21 +277,23 @@ class Limiter:
         hold = self.hold("provider", provider_id, budget, cost, now)
         if self.up:
             try:
-                answer = await self.call("acquire", now, {"pb": _budget_args(hold)})
+                return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
             except Unavailable as exc:
                 self.lose(str(exc))
-            else:
-                self._known(hold.key, answer.get("pb"))
-                if answer.get("pb_ok") is not True:
-                    self._refused_provider(hold)
-                    return False
-                hold.epoch = self.epoch
-                ticket.holds[provider_id] = hold
-                return True
         if self.lock.locked():
             async with self.lock:
                 pass
         return self._reserve_local(ticket, hold)
+
+    async def _reserve_remote(self, ticket: Ticket, hold: Hold, now: float) -> bool:
+        answer = await self.call("acquire", now, {"pb": _budget_args(hold)})
+        self._known(hold.key, answer.get("pb"))
+        if answer.get("pb_ok") is not True:
+            self._refused_provider(hold)
+            return False
+        hold.epoch = self.epoch
+        ticket.holds[hold.subject] = hold
+        return True
 
     async def release(self, ticket: Ticket, provider_id: str) -> None:
         """Give back `provider_id`'s hold uncharged: the attempt failed, nothing was relayed."""
@@ -294,7 +304,8 @@ class Limiter:
             self.counters.release(hold.key, hold.amount)
         elif self.up and hold.epoch == self.epoch:
             try:
-                await self.call("release", self.now_ms(), {"k": hold.key, "amount": str(hold.amount)})
+                args = {"k": hold.key, "amount": str(hold.amount)}
+                await self._guarded(ticket, self.call("release", self.now_ms(), args))
             except Unavailable as exc:
                 self.lose(str(exc))
         # A hold of an epoch Redis lost: reconciling drops the epoch's reservations, and this
@@ -304,33 +315,58 @@ class Limiter:
 
     async def settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> Use | None:
         """The request ended: free its slot, count its `tokens`, charge `cost` to each budget it
-        holds (once: a second call does nothing). Returns the client's use after it."""
+        holds (once: a second call does nothing). Returns the client's use after it.
+
+        What must go to Redis runs to its end even if the request is cancelled meanwhile (the
+        client left): a live replica's reservation would otherwise never be given back."""
         if ticket.settled:
             return ticket.use
         ticket.settled = True
         self.tickets.pop(ticket.id, None)
+        if not ticket.pending and not (self.up and self._remote_parts(ticket)) and not self.lock.locked():
+            self._settle_here(ticket, cost, tokens)  # nothing to wait for: no task is made
+            return ticket.use
+        settling = asyncio.ensure_future(self._settle(ticket, cost, tokens))
+        self._background.add(settling)
+        settling.add_done_callback(self._background.discard)
+        return await asyncio.shield(settling)
+
+    def _remote_parts(self, ticket: Ticket) -> bool:
+        epoch = self.epoch
+        if ticket.counted and ticket.slot_epoch == epoch:
+            return True
+        return any(not h.off and h.epoch == epoch for h in ticket.holds.values())
+
+    def _settle_here(self, ticket: Ticket, cost: Decimal, tokens: int) -> None:
         now = self.now_ms()
         self.counters.finish(ticket.client, now, tokens)
-        if not ticket.holds and not ticket.counted:
-            return ticket.use  # nothing held, nothing counted but this replica's own figures
-        actual = charge_units(cost)
-        remote = [
-            h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == self.epoch
-        ]
-        slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == self.epoch
+        if ticket.holds or ticket.counted:
+            self._settle_local(ticket, charge_units(cost), tokens, now, done=set(), slot_done=False)
+
+    async def _settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> Use | None:
+        if ticket.pending:  # what a cancelled request still had on its way to Redis, first
+            for outcome in await asyncio.gather(*ticket.pending, return_exceptions=True):
+                if isinstance(outcome, Unavailable):
+                    self.lose(str(outcome))
+        now = self.now_ms()
+        epoch = self.epoch
+        remote = [h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch]
+        slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
         if self.up and (remote or slot):
+            actual = charge_units(cost)
+            self.counters.finish(ticket.client, now, tokens)
             try:
                 await self._settle_remote(ticket, remote, slot, actual, tokens, now)
             except Unavailable as exc:
                 self.lose(str(exc))
+                self._settle_local(ticket, actual, tokens, now, done=set(), slot_done=False)
             else:
-                remote_done = set(map(id, remote))
-                self._settle_local(ticket, actual, tokens, now, done=remote_done, slot_done=True)
-                return ticket.use
+                self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
+            return ticket.use
         if self.lock.locked():
             async with self.lock:
                 pass
-        self._settle_local(ticket, actual, tokens, now, done=set(), slot_done=False)
+        self._settle_here(ticket, cost, tokens)
         return ticket.use
 
     async def _settle_remote(
@@ -369,6 +405,32 @@ class Limiter:
             _append(self.unsynced_tokens, ticket.client, (now, ticket.id, tokens))
         if ticket.counted and not slot_done:
             ticket.use = self.local_use(ticket.client, ticket.holds.get("client"))
+
+    # -- a request cancelled on its way -----------------------------------------------------------
+
+    async def _guarded(self, ticket: Ticket, operation: Coroutine[Any, Any, T]) -> T:
+        """Run `operation` to its end even when the request is cancelled meanwhile (its client
+        left): what Redis took is then the ticket's, and its settlement waits for it first."""
+        task = asyncio.ensure_future(operation)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            ticket.pending.append(task)
+            raise
+
+    async def _orphaned(self, ticket: Ticket, admitting: asyncio.Future[bool | None]) -> None:
+        """An admission whose request was cancelled while Redis took it: settled at no cost."""
+        try:
+            await admitting
+        except (Refused, Unavailable):
+            return  # nothing was taken (or it is Redis' to expire)
+        self.tickets[ticket.id] = ticket
+        await self.settle(ticket, Decimal(0), 0)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- what is used --------------------------------------------------------------------------
 
@@ -449,6 +511,20 @@ class Limiter:
 
     def _refused_provider(self, hold: Hold) -> None:
         self.exhausted("provider", hold.subject, hold)
+
+    def forget(self, current: set[str]) -> None:
+        """Drop what is known of budget keys no longer `current` (past periods, removed budgets)
+        and held by no request in flight: the maps stay as small as the configuration."""
+        held = {h.key for t in self.tickets.values() for h in t.holds.values()}
+        if self.remote is None:  # its counts are the only ones: a past period's are no longer read
+            for counts in (self.counters.spent, self.counters.reserved):
+                for key in [k for k in counts if k not in current and k not in held]:
+                    del counts[key]
+        keep = current | held | set(self.counters.spent) | set(self.counters.reserved) | set(self.pending_old)
+        tables: tuple[dict[str, Any], ...] = (self.known, self.seed, self.shares)
+        for table in tables:
+            for key in [k for k in table if k not in keep]:
+                del table[key]
 
     def exhausted(self, kind: str, subject: str, hold: Hold) -> None:
         """Report a budget that refused, once per subject and period (in this process)."""

@@ -9,7 +9,9 @@ None); `off` marks one whose epoch lost its lease, so it was charged in full alr
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.config.metering import Budget, Limits
 from service.usage.limits.amounts import limit_units, usd
@@ -88,6 +90,8 @@ class Ticket:
     use: Use | None = None
     """The client's use once counted (and settled): the remaining-* headers."""
     settled: bool = False
+    pending: list[asyncio.Future[Any]] = field(default_factory=list)
+    """Redis calls of a cancelled request still running: the settlement waits for them."""
 
 
 class Refused(Exception):

@@ -147,3 +147,17 @@ async def test_what_was_spent_before_the_start_counts() -> None:
     with pytest.raises(Refused):
         await admit(limiter, 1, lim, "0.2")
     await admit(limiter, 2, lim, "0.1")
+
+
+async def test_what_is_kept_of_past_periods_is_dropped() -> None:
+    clock = Clock("2026-12-04T23:59:00")
+    limiter = Limiter(clock=clock)
+    lim = limits(budget={"usd": "10", "period": "day"})
+    for n in range(3):
+        ticket = await admit(limiter, n, lim, "1")
+        await limiter.settle(ticket, Decimal(1), 1)
+        clock.advance(86_400)
+    current = limiter.hold("client", "c", lim.budget, Decimal(0), limiter.now_ms()).key  # type: ignore[arg-type]
+    assert len(limiter.counters.spent) == 3
+    limiter.forget({current})
+    assert set(limiter.counters.spent) <= {current}

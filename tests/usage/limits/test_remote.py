@@ -21,6 +21,7 @@ from service.usage.limits.keeper import Keeper
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.remote import Remote, Unavailable
 from service.usage.limits.tickets import Refused
+from tests.conftest import eventually
 from tests.support.replicas import RedisServer
 from tests.usage.limits.test_limiter import Clock, limits
 
@@ -242,3 +243,101 @@ async def test_the_script_is_loaded_again_after_redis_forgets_it(redis_server: R
             await remote.call("nonsense", 0, "e", {"fresh": 1, "ttl": 1000})
     finally:
         await remote.aclose()
+
+
+async def test_a_request_cancelled_while_redis_holds_for_it_leaks_nothing(redis_server: RedisServer) -> None:
+    """A client that leaves while its admission, a provider's reservation or its settlement is
+    on its way to Redis (a cancelled request) must not leave a reservation or a slot behind:
+    a live replica's epoch never expires, so nothing else would ever give them back."""
+    clock = Clock()
+    lim = limits(max_parallel=1, budget={"usd": "1", "period": "day"})
+    budget = lim.budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a:
+        a.configure([("client", "c", budget), ("provider", "p", budget)], ["c"])
+        admitting = asyncio.ensure_future(a.limiter.admit("r1", "c", lim, Decimal("0.5")))
+        await asyncio.sleep(0)  # sent, not answered
+        admitting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await admitting
+
+        async def admitted() -> Any:  # its slot comes back once Redis answered the admission
+            try:
+                return (await a.limiter.admit("r2", "c", lim, Decimal("0.5")))[0]
+            except Refused as refused:
+                assert refused.limit == "max_parallel"
+                return False
+
+        ticket = await eventually(admitted)
+        reserving = asyncio.ensure_future(a.limiter.reserve(ticket, "p", budget, Decimal("0.5")))
+        await asyncio.sleep(0)
+        reserving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reserving
+        settling = asyncio.ensure_future(a.limiter.settle(ticket, Decimal("0.5"), 1))
+        await asyncio.sleep(0)
+        settling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await settling
+
+        async def settled() -> bool:
+            await a.refresh()
+            known = a.limiter.known
+            keys = {k.split(":")[0]: v for k, v in known.items()}
+            return keys == {"client": (500_000_000, 0), "provider": (500_000_000, 0)}
+
+        await eventually(settled)
+        third, _ = await a.limiter.admit("r3", "c", lim, Decimal("0.1"))  # max_parallel 1: free again
+        await a.limiter.settle(third, Decimal(0), 0)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'{"refused": "nonsense", "retry_ms": 5}',
+        b'{"requests": -1, "tokens": "0", "par": 0}',
+        b'{"requests": 1, "tokens": "1e9", "par": 0, "cb": {"spent": "1e9", "reserved": "0"}}',
+        b"[]",
+        b'{"requests": true, "tokens": "0", "par": 0}',
+    ],
+)
+async def test_a_redis_answering_well_formed_lies_is_taken_as_away(reply: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            writer.write(b"$%d\r\n%s\r\n" % (len(reply), reply))
+            await writer.drain()
+
+    async with fake_redis(answer) as url:
+        limiter = Limiter(remote=Remote(url), clock=Clock())
+        limiter.up, limiter.fresh = True, False  # as if it had answered well until now
+        lim = limits(rpm=5, budget={"usd": "1", "period": "day"})
+        ticket = await attempt(limiter, "r", lim, "0.1")
+        assert not isinstance(ticket, Refused) and not limiter.up  # counted here instead
+        await limiter.settle(ticket, Decimal("0.1"), 1)
+        assert limiter.remote is not None
+        await limiter.remote.aclose()
+
+
+@pytest.mark.parametrize("on_redis", [False, True])
+async def test_absurd_limits_in_a_clients_file_hold_without_overflow(
+    redis_server: RedisServer, on_redis: bool
+) -> None:
+    clock = Clock()
+    top = 10**12
+    lim = limits(rpm=top, tpm=top, max_parallel=top, budget={"usd": str(top), "period": "total"})
+    tiny = limits(budget={"usd": "0.000000000001", "period": "total"})
+    context = (
+        replica(redis_server.url, clock) if on_redis else contextlib.nullcontext(Keeper(Limiter(clock=clock)))
+    )
+    async with context as kept:
+        limiter = kept.limiter
+        ticket = await attempt(limiter, "big", lim, str(10**9))
+        assert not isinstance(ticket, Refused)
+        await limiter.settle(ticket, Decimal(10**9), 10**12 - 1)
+        again = await attempt(limiter, "again", lim, "1")
+        assert not isinstance(again, Refused)  # 1e9 spent (budgets count up to 4.6e9), a token short of tpm
+        await limiter.settle(again, Decimal(0), 1)
+        third = await attempt(limiter, "third", lim, "1")
+        assert isinstance(third, Refused) and third.limit == "tpm"
+        refused = await attempt(limiter, "tiny", tiny, "0.000001")  # lowered below what is spent
+        assert isinstance(refused, Refused) and refused.limit == "budget"
