@@ -31,6 +31,8 @@ MAX_REPLY = 8 << 20
 """The largest string any reply may hold (a `read` of thousands of clients is far less)."""
 MAX_ITEMS = 16
 """The most items any array of a reply may hold (the script answers one string)."""
+MAX_BATCH = 256
+"""Calls sent in one round trip, at most."""
 
 
 class Unavailable(Exception):
@@ -55,7 +57,11 @@ class _BoundedParser(_AsyncRESP2Parser):
 
 
 class Remote:
-    """The script on one Redis: `call(op, now_ms, epoch, args)` -> the script's answer."""
+    """The script on one Redis: `call(op, now_ms, epoch, args)` -> the script's answer.
+
+    Calls made while the loop runs one step are sent together, as one batch in one round trip
+    (`MAX_BATCH` at most): under load, many requests share each round trip, which costs a
+    few microseconds a call instead of a whole exchange with Redis each."""
 
     def __init__(self, url: str, *, timeout_s: float = TIMEOUT_S, prefix: str = PREFIX) -> None:
         self.timeout_s = timeout_s
@@ -70,24 +76,55 @@ class Remote:
             protocol=2,
         )
         self._sha: str | None = None
+        self._queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def call(self, op: str, now_ms: int, epoch: str, args: dict[str, Any]) -> dict[str, Any]:
         """Run `op`; raises `Unavailable` on anything but the script's answer, within `timeout_s`."""
-        encoded = json.dumps(args, separators=(",", ":"))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        future.add_done_callback(_retrieved)
+        self._queue.append(([op, epoch, str(now_ms), args], future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)
         try:
             async with asyncio.timeout(self.timeout_s):
-                reply = await self._run(op, str(now_ms), epoch, encoded)
-        except (TimeoutError, RedisError, OSError, ValueError) as exc:
-            raise Unavailable(_describe(exc)) from None
-        if not isinstance(reply, bytes) or len(reply) > MAX_REPLY:
-            raise Unavailable("Redis answered something the script does not answer")
-        try:
-            answer = json.loads(reply)
-        except (ValueError, RecursionError):
-            raise Unavailable("Redis answered something the script does not answer") from None
-        if not isinstance(answer, dict):
+                answer = await asyncio.shield(future)
+        except TimeoutError:
+            raise Unavailable("no answer in time") from None
+        if not isinstance(answer, dict) or "error" in answer:
             raise Unavailable("Redis answered something the script does not answer")
         return answer
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        if self._queue:
+            asyncio.get_running_loop().call_soon(self._flush)
+        if batch:
+            task = asyncio.ensure_future(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        futures = [future for _, future in batch]
+        try:
+            encoded = json.dumps([item for item, _ in batch], separators=(",", ":"))
+            async with asyncio.timeout(self.timeout_s):
+                reply = await self._run("batch", "0", "-", encoded)
+            if not isinstance(reply, bytes) or len(reply) > MAX_REPLY:
+                raise ValueError("not the script's answer")
+            answers = json.loads(reply)
+            if not isinstance(answers, list) or len(answers) != len(batch):
+                raise ValueError("not the script's answer")
+        except (TimeoutError, RedisError, OSError, ValueError, RecursionError) as exc:
+            failure = Unavailable(_describe(exc))
+            for future in futures:
+                if not future.done():
+                    future.set_exception(failure)
+            return
+        for future, answer in zip(futures, answers, strict=True):
+            if not future.done():
+                future.set_result(answer)
 
     async def _run(self, *argv: str) -> Any:
         if self._sha is None:
@@ -99,11 +136,19 @@ class Remote:
             return await self._client.evalsha(self._sha, 0, *argv, self.prefix)
 
     async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._client.aclose()
         except Exception:  # noqa: S110 - closing what is down: nothing more to do
             pass
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a batch's failure as seen: a caller that gave up waiting never reads it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,11 +1,14 @@
 """The Lua script that changes the shared counters in Redis: one round trip, atomic, per check.
 
-Called as `EVALSHA sha 0 op now_ms epoch args_json prefix`. Every replica process has an
-`epoch` (a random id, renewed after each outage); `{prefix}epochs` holds each epoch's lease
-(a sorted set scored by the time it ends). Whatever an epoch holds (requests in flight, budget
-reservations) lives in hash fields named by it, so what a replica that died held is released
-by its lease running out: its slots are dropped and its reservations charged in full, by
-whichever script next touches those counters.
+Called as `EVALSHA sha 0 op now_ms epoch args_json prefix`, or as `EVALSHA sha 0 batch - -
+[[op, epoch, now_ms, args], ...] prefix`: the operations of many requests in one round trip,
+each answered in order (one that fails is `{"error"}` and leaves the others alone).
+
+Every replica process has an `epoch` (a random id, renewed after each outage);
+`{prefix}epochs` holds each epoch's lease (a sorted set scored by the time it ends). Whatever
+an epoch holds (requests in flight, budget reservations) lives in hash fields named by it, so
+what a replica that died held is released by its lease running out: its slots are dropped and
+its reservations charged in full, by whichever script next touches those counters.
 
 Keys, under the prefix (a client's name and a budget's key are made of `[A-Za-z0-9._:-]`):
 
@@ -41,7 +44,8 @@ Answers are JSON strings (money as strings of digits): cjson.encode keeps them e
 from __future__ import annotations
 
 SCRIPT = r"""
-local op, now, epoch, a, P = ARGV[1], tonumber(ARGV[2]), ARGV[3], cjson.decode(ARGV[4]), ARGV[5]
+local P = ARGV[5]
+local now, epoch
 local EPOCHS = P .. 'epochs'
 local WINDOW = 60000
 
@@ -124,176 +128,189 @@ local function refusal(c, state, keys)
   return nil, 0
 end
 
-local function answer(t) return cjson.encode(t) end
+local function answer(t) return t end
 
 local function money(spent, reserved) return {spent = int(spent), reserved = int(reserved)} end
 
-if op ~= 'read' or a.renew == 1 then
-  local held = lease(epoch)
-  if (held == nil or held <= now) and a.fresh ~= 1 then return answer({lost = true}) end
-  redis.call('ZADD', EPOCHS, int(now + a.ttl), epoch)
-  if a.fresh == 1 then redis.call('ZREMRANGEBYSCORE', EPOCHS, '-inf', int(now - 86400000)) end
-end
+local function run(op, a)
+  if op ~= 'read' or a.renew == 1 then
+    local held = lease(epoch)
+    if (held == nil or held <= now) and a.fresh ~= 1 then return answer({lost = true}) end
+    redis.call('ZADD', EPOCHS, int(now + a.ttl), epoch)
+    if a.fresh == 1 then redis.call('ZREMRANGEBYSCORE', EPOCHS, '-inf', int(now - 86400000)) end
+  end
 
-if op == 'read' then
-  local out = {clients = {}, keys = {}}
-  for i, n in ipairs(a.clients or {}) do
-    local state = client(n)
-    out.clients[i] = {requests = state.requests, tokens = int(state.tokens), par = state.par}
+  if op == 'read' then
+    local out = {clients = {}, keys = {}}
+    for i, n in ipairs(a.clients or {}) do
+      local state = client(n)
+      out.clients[i] = {requests = state.requests, tokens = int(state.tokens), par = state.par}
+    end
+    for i, k in ipairs(a.keys or {}) do
+      local spent, reserved = budget(k)
+      out.keys[i] = money(spent, reserved)
+    end
+    out.replicas = redis.call('ZCOUNT', EPOCHS, '(' .. int(now), '+inf')
+    return answer(out)
   end
-  for i, k in ipairs(a.keys or {}) do
-    local spent, reserved = budget(k)
-    out.keys[i] = money(spent, reserved)
-  end
-  out.replicas = redis.call('ZCOUNT', EPOCHS, '(' .. int(now), '+inf')
-  return answer(out)
-end
 
-if op == 'acquire' or op == 'reserve' then
-  local out = {}
-  local c = a.c
-  if c then
-    local state, keys = client(c.n)
-    out.requests, out.tokens, out.par = state.requests, int(state.tokens), state.par
-    local limit, retry = refusal(c, state, keys)
-    local cb_ok, spent, reserved, sk, rk = true, 0, 0, nil, nil
-    if a.cb then
-      spent, reserved, sk, rk = budget(a.cb.k)
-      cb_ok = spent + reserved + tonumber(a.cb.amount) <= a.cb.limit
-      out.cb = money(spent, reserved)
-      if limit == nil and not cb_ok then limit, retry = 'budget', 0 end
+  if op == 'acquire' or op == 'reserve' then
+    local out = {}
+    local c = a.c
+    if c then
+      local state, keys = client(c.n)
+      out.requests, out.tokens, out.par = state.requests, int(state.tokens), state.par
+      local limit, retry = refusal(c, state, keys)
+      local cb_ok, spent, reserved, sk, rk = true, 0, 0, nil, nil
+      if a.cb then
+        spent, reserved, sk, rk = budget(a.cb.k)
+        cb_ok = spent + reserved + tonumber(a.cb.amount) <= a.cb.limit
+        out.cb = money(spent, reserved)
+        if limit == nil and not cb_ok then limit, retry = 'budget', 0 end
+      end
+      if limit then
+        out.refused, out.retry_ms = limit, retry
+        return answer(out)
+      end
+      redis.call('ZADD', keys.rpm, int(now), c.id)
+      redis.call('PEXPIRE', keys.rpm, WINDOW + 1000)
+      redis.call('HINCRBY', keys.par, epoch, 1)
+      redis.call('PEXPIRE', keys.par, 86400000)
+      out.requests, out.par = out.requests + 1, out.par + 1
+      if a.cb then
+        if a.cb.amount ~= '0' then redis.call('HINCRBY', rk, epoch, a.cb.amount) end
+        expire(a.cb, sk, rk)
+        out.cb = money(spent, reserved + tonumber(a.cb.amount))
+      end
     end
-    if limit then
-      out.refused, out.retry_ms = limit, retry
-      return answer(out)
+    if a.pb then
+      local spent, reserved, sk, rk = budget(a.pb.k)
+      out.pb_ok = spent + reserved + tonumber(a.pb.amount) <= a.pb.limit
+      if out.pb_ok then
+        if a.pb.amount ~= '0' then redis.call('HINCRBY', rk, epoch, a.pb.amount) end
+        expire(a.pb, sk, rk)
+        reserved = reserved + tonumber(a.pb.amount)
+      end
+      out.pb = money(spent, reserved)
     end
-    redis.call('ZADD', keys.rpm, int(now), c.id)
-    redis.call('PEXPIRE', keys.rpm, WINDOW + 1000)
-    redis.call('HINCRBY', keys.par, epoch, 1)
-    redis.call('PEXPIRE', keys.par, 86400000)
-    out.requests, out.par = out.requests + 1, out.par + 1
-    if a.cb then
-      if a.cb.amount ~= '0' then redis.call('HINCRBY', rk, epoch, a.cb.amount) end
-      expire(a.cb, sk, rk)
-      out.cb = money(spent, reserved + tonumber(a.cb.amount))
-    end
+    return answer(out)
   end
-  if a.pb then
-    local spent, reserved, sk, rk = budget(a.pb.k)
-    out.pb_ok = spent + reserved + tonumber(a.pb.amount) <= a.pb.limit
-    if out.pb_ok then
-      if a.pb.amount ~= '0' then redis.call('HINCRBY', rk, epoch, a.pb.amount) end
-      expire(a.pb, sk, rk)
-      reserved = reserved + tonumber(a.pb.amount)
-    end
-    out.pb = money(spent, reserved)
-  end
-  return answer(out)
-end
 
-if op == 'release' then
-  local rk = P .. 'b:' .. a.k .. ':res'
-  local cur = redis.call('HGET', rk, epoch)
-  if cur then
-    if tonumber(cur) - tonumber(a.amount) <= 0 then
-      redis.call('HDEL', rk, epoch)
-    else
-      redis.call('HINCRBY', rk, epoch, '-' .. a.amount)
-    end
-  end
-  return answer({})
-end
-
-if op == 'settle' then
-  local out = {b = {}}
-  for i, b in ipairs(a.b or {}) do
-    local sk, rk = P .. 'b:' .. b.k .. ':spent', P .. 'b:' .. b.k .. ':res'
+  if op == 'release' then
+    local rk = P .. 'b:' .. a.k .. ':res'
     local cur = redis.call('HGET', rk, epoch)
     if cur then
-      if tonumber(cur) - tonumber(b.r) <= 0 then
+      if tonumber(cur) - tonumber(a.amount) <= 0 then
         redis.call('HDEL', rk, epoch)
       else
-        redis.call('HINCRBY', rk, epoch, '-' .. b.r)
+        redis.call('HINCRBY', rk, epoch, '-' .. a.amount)
       end
-      redis.call('INCRBY', sk, b.c)
-      expire(b, sk, rk)
     end
-    local spent, reserved = budget(b.k)
-    out.b[i] = money(spent, reserved)
+    return answer({})
   end
-  local c = a.c
-  if c then
-    local base = P .. 'c:' .. c.n
-    local par = base .. ':par'
-    local left = redis.call('HINCRBY', par, epoch, -1)
-    if left <= 0 then redis.call('HDEL', par, epoch) end
-    if c.tok and c.tok ~= '0' then
-      redis.call('ZADD', base .. ':tpm', int(now), c.id .. ':' .. c.tok)
-      redis.call('INCRBY', base .. ':tsum', c.tok)
+
+  if op == 'settle' then
+    local out = {b = {}}
+    for i, b in ipairs(a.b or {}) do
+      local sk, rk = P .. 'b:' .. b.k .. ':spent', P .. 'b:' .. b.k .. ':res'
+      local cur = redis.call('HGET', rk, epoch)
+      if cur then
+        if tonumber(cur) - tonumber(b.r) <= 0 then
+          redis.call('HDEL', rk, epoch)
+        else
+          redis.call('HINCRBY', rk, epoch, '-' .. b.r)
+        end
+        redis.call('INCRBY', sk, b.c)
+        expire(b, sk, rk)
+      end
+      local spent, reserved = budget(b.k)
+      out.b[i] = money(spent, reserved)
+    end
+    local c = a.c
+    if c then
+      local base = P .. 'c:' .. c.n
+      local par = base .. ':par'
+      local left = redis.call('HINCRBY', par, epoch, -1)
+      if left <= 0 then redis.call('HDEL', par, epoch) end
+      if c.tok and c.tok ~= '0' then
+        redis.call('ZADD', base .. ':tpm', int(now), c.id .. ':' .. c.tok)
+        redis.call('INCRBY', base .. ':tsum', c.tok)
+        redis.call('PEXPIRE', base .. ':tpm', WINDOW + 1000)
+        redis.call('PEXPIRE', base .. ':tsum', WINDOW + 1000)
+      end
+      local state = client(c.n)
+      out.requests, out.tokens, out.par = state.requests, int(state.tokens), state.par
+    end
+    return answer(out)
+  end
+
+  if op == 'reconcile' then
+    local out = {keys = {}}
+    local old = a.old
+    local state = 'none'
+    if old and old ~= epoch then
+      local s = lease(old)
+      if s == nil then state = 'unknown' elseif s > now then state = 'live' else state = 'expired' end
+    end
+    for i, b in ipairs(a.keys or {}) do
+      local sk, rk = P .. 'b:' .. b.k .. ':spent', P .. 'b:' .. b.k .. ':res'
+      if tonumber(redis.call('GET', sk) or '0') < tonumber(b.known) then redis.call('SET', sk, b.known) end
+      local kept = state == 'live' or state == 'unknown'
+      if state ~= 'none' then
+        local cur = redis.call('HGET', rk, old)
+        if cur then
+          if state ~= 'live' then
+            redis.call('INCRBY', sk, cur)
+            kept = false
+          end
+          redis.call('HDEL', rk, old)
+        end
+      end
+      local reserve = tonumber(b.res_new)
+      if kept then
+        redis.call('INCRBY', sk, b.settled_old)
+        reserve = reserve + tonumber(b.res_old)
+      end
+      redis.call('INCRBY', sk, b.settled_new)
+      if reserve > 0 then redis.call('HINCRBY', rk, epoch, int(reserve)) end
+      expire(b, sk, rk)
+      out.keys[i] = kept
+    end
+    for _, c in ipairs(a.clients or {}) do
+      local base = P .. 'c:' .. c.n
+      if old then redis.call('HDEL', base .. ':par', old) end
+      if c.par > 0 then
+        redis.call('HSET', base .. ':par', epoch, c.par)
+        redis.call('PEXPIRE', base .. ':par', 86400000)
+      end
+      for _, r in ipairs(c.reqs or {}) do
+        if r[1] > now - WINDOW then redis.call('ZADD', base .. ':rpm', int(r[1]), r[2]) end
+      end
+      redis.call('PEXPIRE', base .. ':rpm', WINDOW + 1000)
+      for _, t in ipairs(c.toks or {}) do
+        if t[1] > now - WINDOW then
+          redis.call('ZADD', base .. ':tpm', int(t[1]), t[2] .. ':' .. t[3])
+          redis.call('INCRBY', base .. ':tsum', t[3])
+        end
+      end
       redis.call('PEXPIRE', base .. ':tpm', WINDOW + 1000)
       redis.call('PEXPIRE', base .. ':tsum', WINDOW + 1000)
     end
-    local state = client(c.n)
-    out.requests, out.tokens, out.par = state.requests, int(state.tokens), state.par
+    if old and old ~= epoch then redis.call('ZREM', EPOCHS, old) end
+    return answer(out)
   end
-  return answer(out)
+  error('unknown operation ' .. tostring(op))
 end
 
-if op == 'reconcile' then
-  local out = {keys = {}}
-  local old = a.old
-  local state = 'none'
-  if old and old ~= epoch then
-    local s = lease(old)
-    if s == nil then state = 'unknown' elseif s > now then state = 'live' else state = 'expired' end
+if ARGV[1] == 'batch' then
+  local results = {}
+  for i, item in ipairs(cjson.decode(ARGV[4])) do
+    now, epoch = tonumber(item[3]), item[2]
+    local ok, result = pcall(run, item[1], item[4])
+    if ok then results[i] = result else results[i] = {error = tostring(result)} end
   end
-  for i, b in ipairs(a.keys or {}) do
-    local sk, rk = P .. 'b:' .. b.k .. ':spent', P .. 'b:' .. b.k .. ':res'
-    if tonumber(redis.call('GET', sk) or '0') < tonumber(b.known) then redis.call('SET', sk, b.known) end
-    local kept = state == 'live' or state == 'unknown'
-    if state ~= 'none' then
-      local cur = redis.call('HGET', rk, old)
-      if cur then
-        if state ~= 'live' then
-          redis.call('INCRBY', sk, cur)
-          kept = false
-        end
-        redis.call('HDEL', rk, old)
-      end
-    end
-    local reserve = tonumber(b.res_new)
-    if kept then
-      redis.call('INCRBY', sk, b.settled_old)
-      reserve = reserve + tonumber(b.res_old)
-    end
-    redis.call('INCRBY', sk, b.settled_new)
-    if reserve > 0 then redis.call('HINCRBY', rk, epoch, int(reserve)) end
-    expire(b, sk, rk)
-    out.keys[i] = kept
-  end
-  for _, c in ipairs(a.clients or {}) do
-    local base = P .. 'c:' .. c.n
-    if old then redis.call('HDEL', base .. ':par', old) end
-    if c.par > 0 then
-      redis.call('HSET', base .. ':par', epoch, c.par)
-      redis.call('PEXPIRE', base .. ':par', 86400000)
-    end
-    for _, r in ipairs(c.reqs or {}) do
-      if r[1] > now - WINDOW then redis.call('ZADD', base .. ':rpm', int(r[1]), r[2]) end
-    end
-    redis.call('PEXPIRE', base .. ':rpm', WINDOW + 1000)
-    for _, t in ipairs(c.toks or {}) do
-      if t[1] > now - WINDOW then
-        redis.call('ZADD', base .. ':tpm', int(t[1]), t[2] .. ':' .. t[3])
-        redis.call('INCRBY', base .. ':tsum', t[3])
-      end
-    end
-    redis.call('PEXPIRE', base .. ':tpm', WINDOW + 1000)
-    redis.call('PEXPIRE', base .. ':tsum', WINDOW + 1000)
-  end
-  if old and old ~= epoch then redis.call('ZREM', EPOCHS, old) end
-  return answer(out)
+  return cjson.encode(results)
 end
-
-return redis.error_reply('unknown operation ' .. tostring(op))
+now, epoch = tonumber(ARGV[2]), ARGV[3]
+return cjson.encode(run(ARGV[1], cjson.decode(ARGV[4])))
 """

@@ -67,7 +67,6 @@ async def test_two_replicas_share_one_rpm_and_one_budget(redis_server: RedisServ
             (owner, r) for owner, r in zip(owners, results, strict=True) if not isinstance(r, Refused)
         ]
         assert len(admitted) == 10  # ten reservations of 0.1 cover the budget, across both
-        assert {owner for owner, _ in admitted} == {a.limiter, b.limiter}
         assert {r.limit for r in results if isinstance(r, Refused)} == {"budget"}
         await asyncio.gather(*(owner.settle(t, Decimal("0.1"), 10) for owner, t in admitted))
         a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]  # what refresh reads
