@@ -340,3 +340,17 @@ async def test_absurd_limits_in_a_clients_file_hold_without_overflow(
         assert isinstance(third, Refused) and third.limit == "tpm"
         refused = await attempt(limiter, "tiny", tiny, "0.000001")  # lowered below what is spent
         assert isinstance(refused, Refused) and refused.limit == "budget"
+
+
+async def test_concurrent_checks_share_round_trips(redis_server: RedisServer) -> None:
+    clock = Clock()
+    async with replica(redis_server.url, clock) as a:
+        client = redis.Redis.from_url(redis_server.url)
+        await client.config_resetstat()
+        results = await asyncio.gather(
+            *(attempt(a.limiter, f"r{n}", limits(rpm=1000), "0") for n in range(64))
+        )
+        assert not any(isinstance(r, Refused) for r in results)
+        stats = await client.info("commandstats")
+        await client.aclose()
+        assert stats["cmdstat_evalsha"]["calls"] <= 4  # not one a request
