@@ -20,7 +20,7 @@ import redis.asyncio as redis
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import InvalidResponse, NoScriptError, RedisError
+from redis.exceptions import InvalidResponse, NoScriptError
 
 from service.usage.limits.script import SCRIPT
 
@@ -59,9 +59,10 @@ class _BoundedParser(_AsyncRESP2Parser):
 class Remote:
     """The script on one Redis: `call(op, now_ms, epoch, args)` -> the script's answer.
 
-    Calls made while the loop runs one step are sent together, as one batch in one round trip
-    (`MAX_BATCH` at most): under load, many requests share each round trip, which costs a
-    few microseconds a call instead of a whole exchange with Redis each."""
+    One batch is on its way at a time: a call goes at once when none is, else with the calls
+    that came meanwhile, in the next batch (`MAX_BATCH` at most), as soon as the one on its way
+    is answered. Alone, a call waits for nothing; under load, many requests share each round
+    trip, which costs a few microseconds a call instead of a whole exchange with Redis each."""
 
     def __init__(self, url: str, *, timeout_s: float = TIMEOUT_S, prefix: str = PREFIX) -> None:
         self.timeout_s = timeout_s
@@ -77,7 +78,7 @@ class Remote:
         )
         self._sha: str | None = None
         self._queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._sending: asyncio.Future[None] | None = None
 
     async def call(self, op: str, now_ms: int, epoch: str, args: dict[str, Any]) -> dict[str, Any]:
         """Run `op`; raises `Unavailable` on anything but the script's answer, within `timeout_s`."""
@@ -85,8 +86,8 @@ class Remote:
         future: asyncio.Future[Any] = loop.create_future()
         future.add_done_callback(_retrieved)
         self._queue.append(([op, epoch, str(now_ms), args], future))
-        if len(self._queue) == 1:
-            loop.call_soon(self._flush)
+        if self._sending is None:
+            self._flush()
         try:
             async with asyncio.timeout(self.timeout_s):
                 answer = await asyncio.shield(future)
@@ -96,14 +97,13 @@ class Remote:
             raise Unavailable("Redis answered something the script does not answer")
         return answer
 
-    def _flush(self) -> None:
+    def _flush(self, _: object = None) -> None:
+        """Send what waits, when nothing is on its way (called again when a batch is answered)."""
+        self._sending = None
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        if self._queue:
-            asyncio.get_running_loop().call_soon(self._flush)
         if batch:
-            task = asyncio.ensure_future(self._send(batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            self._sending = asyncio.ensure_future(self._send(batch))
+            self._sending.add_done_callback(self._flush)
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
         futures = [future for _, future in batch]
@@ -116,7 +116,7 @@ class Remote:
             answers = json.loads(reply)
             if not isinstance(answers, list) or len(answers) != len(batch):
                 raise ValueError("not the script's answer")
-        except (TimeoutError, RedisError, OSError, ValueError, RecursionError) as exc:
+        except Exception as exc:  # down, slow, garbage, or a parser's surprise: every call fails alike
             failure = Unavailable(_describe(exc))
             for future in futures:
                 if not future.done():
@@ -136,8 +136,9 @@ class Remote:
             return await self._client.evalsha(self._sha, 0, *argv, self.prefix)
 
     async def aclose(self) -> None:
-        for task in list(self._sending):
-            task.cancel()
+        if self._sending is not None:
+            self._sending.remove_done_callback(self._flush)
+            self._sending.cancel()
         try:
             async with asyncio.timeout(self.timeout_s):
                 await self._client.aclose()
