@@ -128,6 +128,7 @@ class Metered:
         "id",
         "limits",
         "meter",
+        "prompt",
         "provider",
         "rates",
         "refused",
@@ -162,6 +163,8 @@ class Metered:
         """The provider the request was last sent to."""
         self.sent_at = 0.0
         self.done = False
+        self.prompt = len(call.body)
+        """The bound of its prompt tokens: the client's body in bytes (before any translation)."""
         budgeted = limits is not None and limits.budget is not None
         wanted = _completion(call.data, call.purpose) if call.purpose == "chat" else 0
         self.completions: dict[str, int] = {}
@@ -336,14 +339,12 @@ class Metered:
             if rate is None:
                 return _ZERO
             queries = 1 if self.call.purpose == "reranking" else 0
-            found = self.bounds[provider.id] = rate.bound(
-                len(self.call.body), self.completions[provider.id], queries
-            )
+            found = self.bounds[provider.id] = rate.bound(self.prompt, self.completions[provider.id], queries)
         return found
 
     def _estimated_tokens(self, provider: Provider) -> int:
         """The tokens a request without usage is counted for: its bounds."""
-        return min(len(self.call.body) + self.completions.get(provider.id, 0), MAX_TOKENS)
+        return min(self.prompt + self.completions.get(provider.id, 0), MAX_TOKENS)
 
     async def _settle(self, cost: Decimal, tokens: int) -> Use | None:
         ticket = self.ticket

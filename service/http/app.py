@@ -28,6 +28,7 @@ from service.http import (
     limits_api,
     openai_api,
     openapi,
+    protocols_api,
     replicas,
     traffic,
     write_api,
@@ -82,6 +83,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    protocols_api.setup(app)
     limits_api.setup(app)  # after the gateway's context: its meter goes on the relay
     openapi.setup(app)
     changes.setup(app)
