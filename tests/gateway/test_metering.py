@@ -469,3 +469,29 @@ async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
     assert response.status == 200
     ours = response.headers[REQUEST_ID]
     assert len(ours) == 32 and records.kept[0].id == ours
+
+
+async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)  # openai: speaks chat and responses, not messages
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 2, "budget": {"usd": "1000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            message = {
+                "model": "fake-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            translated = await board.post("/v1/messages", message, token=TOKEN)
+            assert translated.status == 200, await translated.text()
+            native = await board.post(
+                "/v1/responses", {"model": "fake-model", "input": "hi", "max_output_tokens": 5}, token=TOKEN
+            )
+            assert native.status == 200, await native.text()
+            refused = await board.post("/v1/messages", message, token=TOKEN)
+            body = await refused.json()
+    assert refused.status == 429 and body["type"] == "error"  # in Anthropic's shape
+    assert "Retry-After" in refused.headers and refused.headers["x-switchboard-remaining-requests"] == "0"
+    assert [(r.status, r.provider) for r in records.kept] == [(200, "a"), (200, "a"), (429, None)]
+    assert records.kept[0].cost_usd == 7 and translated.headers[COST] == "7"  # "hi": 1 in, 3 out
+    assert records.kept[1].cost_usd > 0 and not records.kept[1].estimated
