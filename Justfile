@@ -64,6 +64,7 @@ bench:
     python -m bench.events
     python -m bench.replicas
     python -m bench.console
+    python -m bench.limits
 
 # everything CI runs
 ci: lint schema-check validate test

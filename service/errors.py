@@ -18,8 +18,9 @@
         ├── BadRequest (400) > InvalidRequest, Unauthorized (401), Forbidden (403),
         ├── NotFound (404) > ModelNotFound (`model_not_found`, as OpenAI answers it),
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
-        ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), UpstreamsFailed (502),
-        └── NotReady (503), NoCandidate (503), Busy (503)
+        ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), RateLimited (429),
+        ├── BudgetExceeded (429), UpstreamsFailed (502),
+        └── NotReady (503), NoCandidate (503), Busy (503), LimitsUnavailable (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
 """
@@ -135,6 +136,8 @@ class HTTPError(SwitchboardError):
     def __init__(self, message: str, **extra: Any) -> None:
         self.message = message
         self.extra = extra
+        self.added: dict[str, str] = {}
+        """Headers given on the way out (the gateway's `x-request-id`, remaining-*...)."""
         super().__init__(message)
 
     def body(self) -> dict[str, Any]:
@@ -142,7 +145,7 @@ class HTTPError(SwitchboardError):
 
     def headers(self) -> dict[str, str]:
         """Headers the answer carries besides the body (`Retry-After`, say)."""
-        return {}
+        return dict(self.added)
 
 
 class BadRequest(HTTPError):
@@ -277,4 +280,43 @@ class Busy(HTTPError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        return {"Retry-After": str(self.retry_after_s), **self.added}
+
+
+class _Throttled(HTTPError):
+    """429: a limit of the client's refuses; `Retry-After` (seconds) and `retry-after-ms` say
+    when it would not (both or neither)."""
+
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_ms: int | None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.retry_after_ms = retry_after_ms
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_ms is None:
+            return dict(self.added)
+        ms = max(0, self.retry_after_ms)
+        return {"Retry-After": str(-(-ms // 1000)), "retry-after-ms": str(ms), **self.added}
+
+
+class RateLimited(_Throttled):
+    """A client over `rpm`, `tpm` or `max_parallel` (SPEC 13); `limit` names which."""
+
+    type = "rate_limited"
+
+
+class BudgetExceeded(_Throttled):
+    """A client whose budget cannot cover the request (SPEC 13); `period_end` says when it renews."""
+
+    type = "budget_exceeded"
+
+
+class LimitsUnavailable(HTTPError):
+    """A limited client while Redis is away, with `SWITCHBOARD_LIMITS_WITHOUT_REDIS=refuse`."""
+
+    status = 503
+    type = "limits_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "retry-after-ms": "1000", **self.added}

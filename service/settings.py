@@ -68,7 +68,23 @@ class Settings(BaseSettings):
     git_pull: str | None = Field(None, description="REMOTE/BRANCH to fetch and fast-forward to.")
     git_pull_interval_s: float = Field(30.0, gt=0, description="How often the built-in pull fetches.")
     webhook_secret: SecretStr | None = Field(None, description="Checks the git host's push notifications.")
-    redis_url: SecretStr | None = Field(None, description="Redis for fan-out and heartbeats (optional).")
+    redis_url: SecretStr | None = Field(
+        None, description="Redis for fan-out, heartbeats, and the limits shared by every replica (optional)."
+    )
+
+    # Limits and budgets (SPEC 13)
+    default_max_tokens: int = Field(
+        4096,
+        ge=1,
+        le=10**9,
+        description="The completion tokens a request is taken to ask for when it says nothing and the "
+        "model's output limit is unknown (what a budget reserves for it).",
+    )
+    limits_without_redis: Literal["local", "refuse"] = Field(
+        "local",
+        description="When Redis cannot be reached: `local` (each replica enforces the limits from its own "
+        "counts, and its share of each budget) or `refuse` (limited clients get 503).",
+    )
 
     log_level: str = "INFO"
 
@@ -90,6 +106,11 @@ class Settings(BaseSettings):
     @property
     def events_file(self) -> Path:
         return self.path(self.events)
+
+    @property
+    def spent_file(self) -> Path:
+        """The local snapshot of budgets' spent (SPEC 13), beside the event log and the spool."""
+        return self.events_file.parent / "usage-spent.json"
 
     @property
     def sops_config(self) -> Path:

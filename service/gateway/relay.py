@@ -24,7 +24,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
-from service.errors import InvalidRequest, ModelNotFound, NoCandidate, UpstreamsFailed
+from service.errors import HTTPError, InvalidRequest, ModelNotFound, NoCandidate, UpstreamsFailed
 from service.gateway.call import (
     ATTEMPTS_HEADER,
     MAX_ANSWER_MODELS,
@@ -37,6 +37,7 @@ from service.gateway.call import (
 )
 from service.gateway.forms import Forms
 from service.gateway.health import Health
+from service.gateway.metering import Meter
 from service.gateway.protocols import ids
 from service.gateway.protocols.translation import Untranslatable
 from service.gateway.routing import Router, RoutingTable
@@ -81,6 +82,8 @@ class Relay:
         self.forms = Forms(ids_key or secrets.token_bytes(32))
         """Who speaks which protocol, and the keys of response ids (`ids_key`: for providers
         without an API key; a random one keeps their ids on this replica)."""
+        self.meter: Meter | None = None
+        """Limits, costs and records (SPEC 13); None: requests are not metered."""
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
@@ -100,7 +103,10 @@ class Relay:
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
         """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
         model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
-        tried failed."""
+        tried failed.
+
+        With a meter, the call is admitted against its client's limits first (a refusal is
+        raised), each candidate must fit its budget, and the end is settled and recorded."""
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
@@ -110,38 +116,62 @@ class Relay:
             candidates, pinned = self._pinned(call, snapshot)
         else:
             candidates = self._candidates(table, call)
-        for provider in candidates:
-            pid = provider.id
-            if not health.admit(pid):
-                continue  # half-open, and its one trial request is out
-            headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
-            try:
-                self.forms.prepare(call, provider, pinned)
-                transport = self.transport(provider, call.purpose, call.upstream_protocol)
-                response = _translated(call, await transport.send(call, provider, headers))
-            except Failure as failure:
-                if isinstance(failure, NotSpoken):
-                    self.forms.remember(provider, failure.protocol)
-                if failure.refused:
-                    health.refuse(pid, failure.reason)
-                elif failure.blames_provider:
-                    health.failed(pid, failure.reason)
-                else:
-                    health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
-                self.count("attempt", pid, "failed")
-                attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
-                continue
-            except BaseException:
-                health.abandon(pid)
-                raise
-            self._succeeded(call, provider, response, attempts)
-            return response
-        if not attempts:
-            if pinned is not None:
-                raise NoCandidate(f"{pinned.provider}, which gave previous_response_id, cannot take it now")
-            what = f"model {shown(call.model)}" if call.model else "this request"
-            raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
-        raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+        metered = None
+        if self.meter is not None and call.metered:
+            metered = await self.meter.start(call, snapshot, candidates)
+            candidates = metered.candidates
+        try:
+            for provider in candidates:
+                pid = provider.id
+                if not health.admit(pid):
+                    continue  # half-open, and its one trial request is out
+                if metered is not None and not await metered.take(provider):
+                    health.abandon(pid)
+                    continue  # its budget cannot cover the request
+                headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
+                if metered is not None:
+                    headers.update(metered.headers)
+                    metered.sending(provider)
+                try:
+                    self.forms.prepare(call, provider, pinned)
+                    transport = self.transport(provider, call.purpose, call.upstream_protocol)
+                    response = _translated(call, await transport.send(call, provider, headers))
+                except Failure as failure:
+                    if isinstance(failure, NotSpoken):
+                        self.forms.remember(provider, failure.protocol)
+                    if failure.refused:
+                        health.refuse(pid, failure.reason)
+                    elif failure.blames_provider:
+                        health.failed(pid, failure.reason)
+                    else:
+                        health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
+                    self.count("attempt", pid, "failed")
+                    attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+                    if metered is not None:
+                        await metered.give_back(provider)
+                    continue
+                except BaseException:
+                    health.abandon(pid)
+                    raise
+                self._succeeded(call, provider, response, attempts)
+                if metered is not None:
+                    await metered.served(provider, response, len(attempts) + 1)
+                return response
+            if not attempts:
+                if pinned is not None:
+                    raise NoCandidate(
+                        f"{pinned.provider}, which gave previous_response_id, cannot take it now"
+                    )
+                what = f"model {shown(call.model)}" if call.model else "this request"
+                raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
+            raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+        except HTTPError as error:
+            if metered is not None:
+                await metered.failed(error, len(attempts))
+            raise
+        finally:
+            if metered is not None and not metered.done:  # cancelled (the client left), or a bug
+                metered.abandoned(len(attempts) + (metered.sent is not None))
 
     def _candidates(self, table: RoutingTable, call: Call) -> Sequence[Provider]:
         """The call's candidates; 404 `model_not_found` when no enabled provider of the route

@@ -23,10 +23,12 @@ from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
+from service.gateway.metering import NullSink
 from service.http import (
     changes,
     config_api,
     console,
+    limits_api,
     openai_api,
     openapi,
     protocols_api,
@@ -39,9 +41,11 @@ from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
     HEALTH,
+    LIMITS,
     LOOKUP,
     METRICS,
     PULLER,
+    RECORDS,
     REGISTRY,
     RELOADER,
     SETTINGS,
@@ -57,6 +61,7 @@ from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.pricing import litellm_version
 from service.vcs.attribution import Attributor
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,8 @@ def create_app(
     app[UPSTREAMS] = AllowedUpstreams.parse(settings.allowed_upstreams)
     app[LOOKUP] = lookup
     app[METRICS] = Metrics()
-    app[METRICS].info.labels(settings.replica, __version__).set(1)
+    app[METRICS].info.labels(settings.replica, __version__, litellm_version() or "none").set(1)
+    app[RECORDS] = NullSink()  # the usage ledger, when it is wired, takes its place
     app[HEALTH] = Health(
         failures=settings.circuit_failures,
         cooldown_s=settings.circuit_cooldown_s,
@@ -95,6 +101,7 @@ def create_app(
     write_api.setup(app)
     openai_api.setup(app)
     protocols_api.setup(app)
+    limits_api.setup(app)  # after the gateway's context: its meter goes on the relay
     openapi.setup(app)
     changes.setup(app)
     replicas.setup(app)
@@ -222,6 +229,10 @@ async def _readyz(request: web.Request) -> web.Response:
     state = registry.state if registry is not None else None
     if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
+    keeper = request.app.get(LIMITS)
+    if keeper is None or not keeper.ready.is_set():
+        raise NotReady("the budgets' spent is not read back yet (SPEC 13)")
+    limiter = keeper.limiter
     puller = request.app.get(PULLER)
     body = {
         "status": "ready",
@@ -230,7 +241,8 @@ async def _readyz(request: web.Request) -> web.Response:
         "last_applied_commit": state.last_applied_commit,
         "last_attempted_commit": state.last_attempted_commit,
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-        "degraded": state.degraded,
+        "degraded": state.degraded or limiter.degraded,
+        "limits": limiter.mode,
     }
     if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
         body["sync"] = puller.status.answer()

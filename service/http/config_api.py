@@ -48,6 +48,7 @@ from service.gateway.routing import first_healthy
 from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
 from service.http.changes import CHANGES
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
+from service.http.limits_api import own_limits
 from service.http.push import body_tag, event_stream, watched
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
@@ -404,5 +405,6 @@ async def _whoami(request: web.Request) -> web.StreamResponse:
     """Who the token is and what it may do; with no clients file, nobody, and every scope."""
     client = request.get(CLIENT)
     if client is None:
-        return _json({"client": None, "scopes": list(SCOPES)})
-    return _json({"client": client.name, "scopes": list(client.scopes)})
+        return _json({"client": None, "scopes": list(SCOPES), "limits": None, "used": None})
+    own = await own_limits(request.app, client)
+    return _json({"client": client.name, "scopes": list(client.scopes), **own})

@@ -254,8 +254,19 @@ def change_push(s: Schemas) -> Iterable[Operation]:
             f"{PREFIX}/whoami",
             "any",
             "Who the token is and what it may do",
-            {"200": s.returns(answers.WhoAmI, "the client, and its scopes")},
+            {"200": s.returns(answers.WhoAmI, "the client, its scopes, its limits and what it uses now")},
             description="Any valid token. Without a clients file: `client` null and every scope.",
+        ),
+        s,
+    )
+    yield _watched(
+        Operation(
+            "GET",
+            f"{PREFIX}/limits",
+            "usage:read",
+            "Every client's and provider's limits and budget, with what each uses now (SPEC 13)",
+            {"200": s.returns(answers.LimitsAnswer, "clients and providers, with their use")},
+            description="With Redis, the counts are every replica's; a provider's rates are this replica's.",
         ),
         s,
     )

@@ -25,6 +25,9 @@ from service.runtime.sync import Puller
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.limits.keeper import Keeper
+from service.usage.limits.spent import SpentSource
+from service.usage.record import RecordSink
 
 PREFIX = "/api/v1/llm-config"
 """Where the configuration API lives."""
@@ -46,6 +49,14 @@ UPSTREAMS = web.AppKey("upstreams", AllowedUpstreams)
 """SWITCHBOARD_ALLOWED_UPSTREAMS, parsed (SPEC 7)."""
 LOOKUP: web.AppKey[Lookup] = web.AppKey("lookup")
 """How upstream host names are resolved (the system's resolver; tests pass their own)."""
+RECORDS = web.AppKey("records", RecordSink)
+"""Where the gateway hands each answered request's `Record` (SPEC 13): the usage ledger when it
+is wired, else nowhere (`create_app` sets a sink that keeps nothing; set it before the app starts)."""
+SPENT = web.AppKey("spent", SpentSource)
+"""Optional: what budgets had spent before a start (the usage ledger); without it the local
+snapshot of spent, and the spool if the source offers it (`SpoolSource`)."""
+LIMITS = web.AppKey("limits", Keeper)
+"""The limits and budgets (SPEC 13): `LIMITS.limiter`, kept by the keeper; set by the gateway's lifecycle."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 

@@ -19,6 +19,7 @@ from service.http import answers
 from service.http.context import PREFIX
 
 REF = "#/components/schemas/{model}"
+_MONEY = r"^[0-9]+(\.[0-9]+)?$"
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -166,6 +167,24 @@ def header(description: str, *, required: bool = True, pattern: str | None = Non
 GATEWAY_HEADERS = {
     PROVIDER_HEADER: header("the provider that answered (`none` when none did)"),
     ATTEMPTS_HEADER: header("how many upstreams were tried", pattern="^[0-9]+$"),
+    "x-request-id": header(
+        "the upstream's id, or one unique to the request when it sent none: the id of its usage record"
+    ),
+    "x-switchboard-cost-usd": header(
+        "what the request cost, in USD (a whole answer only, not a stream)", required=False, pattern=_MONEY
+    ),
+    "x-switchboard-remaining-requests": header(
+        "a client with an `rpm`: requests left in the last 60 s, this one counted", required=False
+    ),
+    "x-switchboard-remaining-tokens": header(
+        "a client with a `tpm`: tokens left in the last 60 s (once settled, for a whole answer)",
+        required=False,
+    ),
+    "x-switchboard-budget-remaining-usd": header(
+        "a client with a budget: what is left in its period, this request reserved (a whole answer: settled)",
+        required=False,
+        pattern=_MONEY,
+    ),
 }
 ETAG = header('`"<git blob id of the file written>"`: send it back as `If-Match`')
 

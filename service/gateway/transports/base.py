@@ -10,6 +10,7 @@ has reached the client.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping
 
 import aiohttp
@@ -89,6 +90,9 @@ def sendable_key(provider: Provider) -> str | None:
 
 
 _PASSED_BACK = frozenset(("x-request-id", "retry-after"))
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+"""An upstream's request id that may name the answer and its ledger record: 1 to 128 visible
+ASCII characters (a longer or stranger one keeps the gateway's own id)."""
 
 
 def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
@@ -96,6 +100,8 @@ def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
     for name, value in upstream.items():
         lower = name.lower()
         if lower in _PASSED_BACK or lower.startswith("x-ratelimit-"):
+            if lower == "x-request-id" and not _REQUEST_ID.fullmatch(value):
+                continue
             headers[lower] = value
 
 

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import TooLarge, Transport, sendable_key
+from service.gateway.transports.base import TooLarge, Transport, pass_back, sendable_key
 from service.gateway.transports.guard import RedirectRefused, refusal_of
 from service.vendors import VENDORS
 
@@ -323,7 +323,9 @@ def _pass_back(result: Any, headers: dict[str, str]) -> None:
         name = str(key).removeprefix("llm_provider-").lower()
         if name == "request-id":  # Anthropic's name for it
             name = "x-request-id"
-        if name in ("x-request-id", "retry-after") or name.startswith("x-ratelimit-"):
+        if name == "x-request-id":
+            pass_back({name: str(value)}, headers)  # the vendor's id names the answer, when it is sane
+        elif name == "retry-after" or name.startswith("x-ratelimit-"):
             headers.setdefault(name, str(value))
 
 
