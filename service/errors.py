@@ -18,7 +18,7 @@
         ├── BadRequest (400), Unauthorized (401), Forbidden (403), NotFound (404),
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
         ├── PayloadTooLarge (413), Unprocessable (422), UpstreamsFailed (502),
-        └── NotReady (503), NoCandidate (503), Busy (503)
+        └── NotReady (503), NoCandidate (503), Busy (503), LedgerUnavailable (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
 """
@@ -237,3 +237,10 @@ class Busy(HTTPError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class LedgerUnavailable(HTTPError):
+    """The usage ledger's database cannot be reached now, or the ledger is off (SPEC 13)."""
+
+    status = 503
+    type = "ledger_unavailable"

@@ -61,6 +61,18 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="Checks the git host's push notifications.")
     redis_url: SecretStr | None = Field(None, description="Redis for fan-out and heartbeats (optional).")
 
+    # The usage ledger (SPEC 13)
+    usage_db: SecretStr = Field(
+        SecretStr("var/usage.db"),
+        description="The ledger: a SQLite file, `postgresql://…` (shared by replicas), or `off`.",
+    )
+    usage_retention_days: int = Field(
+        90, ge=1, description="Raw usage records are kept this long; rollups forever."
+    )
+    usage_spool: Path = Field(
+        Path("var/usage-spool"), description="Records not yet in the ledger's database wait here."
+    )
+
     log_level: str = "INFO"
 
     def path(self, path: Path) -> Path:
@@ -81,6 +93,10 @@ class Settings(BaseSettings):
     @property
     def events_file(self) -> Path:
         return self.path(self.events)
+
+    @property
+    def usage_spool_dir(self) -> Path:
+        return self.path(self.usage_spool)
 
     @property
     def sops_config(self) -> Path:

@@ -259,7 +259,11 @@ class Readiness(_Answer):
     last_applied_commit: str | None
     last_attempted_commit: str | None
     refused: list[RefusedFile]
-    degraded: bool = Field(description="true while any file is refused")
+    degraded: bool = Field(description="true while any file is refused, or the usage ledger is degraded")
+    ledger: Literal["ok", "degraded", "off"] = Field(
+        description="the usage ledger (SPEC 13): `degraded` while its database cannot be reached "
+        "(records wait in the spool), `off` with `SWITCHBOARD_USAGE_DB=off`"
+    )
     sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
 
 

@@ -20,12 +20,23 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import changes, config_api, console, openai_api, openapi, replicas, traffic, write_api
+from service.http import (
+    changes,
+    config_api,
+    console,
+    openai_api,
+    openapi,
+    replicas,
+    traffic,
+    usage_api,
+    write_api,
+)
 from service.http.auth import Handler
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
     HEALTH,
+    LEDGER,
     METRICS,
     PULLER,
     REGISTRY,
@@ -63,7 +74,8 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
+    usage_api.setup(app)  # the ledger starts before anything can answer a request, and stops last
+    app.cleanup_ctx.append(_service)  # then: the features' contexts use its log and registry
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
@@ -169,6 +181,7 @@ async def _readyz(request: web.Request) -> web.Response:
     if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
     puller = request.app.get(PULLER)
+    ledger = request.app[LEDGER].state
     body = {
         "status": "ready",
         "replica": request.app[SETTINGS].replica,
@@ -176,7 +189,8 @@ async def _readyz(request: web.Request) -> web.Response:
         "last_applied_commit": state.last_applied_commit,
         "last_attempted_commit": state.last_attempted_commit,
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-        "degraded": state.degraded,
+        "degraded": state.degraded or ledger == "degraded",
+        "ledger": ledger,
     }
     if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
         body["sync"] = puller.status.answer()

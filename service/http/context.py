@@ -24,6 +24,7 @@ from service.runtime.sync import Puller
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.ledger import Ledger
 
 PREFIX = "/api/v1/llm-config"
 """Where the configuration API lives."""
@@ -41,6 +42,9 @@ PULLER = web.AppKey("puller", Puller)
 """Only with SWITCHBOARD_GIT_PULL (SPEC 12)."""
 FANOUT = web.AppKey("fanout", Fanout)
 """Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
+LEDGER = web.AppKey("ledger", Ledger)
+"""The usage ledger (SPEC 13), always there: the gateway hands it a `Record` per answered request
+(`submit`, a `RecordSink`); with `SWITCHBOARD_USAGE_DB=off` it keeps nothing."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 
