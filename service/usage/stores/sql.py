@@ -4,8 +4,9 @@
 batch twice stores it once: the insert returns the ids it really inserted, and only those are
 added to `usage_hourly`, the rollups (client, provider, model and purpose a UTC hour, kept for
 good), in the same transaction. Money is stored as whole pico-dollars (10⁻¹² USD): exact for
-every price with up to six decimals per million tokens; sums are taken in two parts (whole
-micro-dollars, and the rest) so that no 64-bit sum overflows, and come back as `Decimal`.
+every price with up to six decimals per million tokens. Sums are taken in two parts (whole
+micro-dollars, and the rest; a rollup keeps its cost so too) so that no 64-bit integer
+overflows, however large the total, and come back as `Decimal`.
 
 Subclasses say how to connect (`_transaction`, `_reading`) and the one expression the two
 dialects write differently: the UTC hour of a timestamp.
@@ -86,13 +87,15 @@ SCHEMA = (
         cache_write_tokens BIGINT NOT NULL,
         completion_tokens BIGINT NOT NULL,
         reasoning_tokens BIGINT NOT NULL,
-        cost_pico BIGINT NOT NULL,
+        cost_micro BIGINT NOT NULL,
+        cost_rest BIGINT NOT NULL,
         PRIMARY KEY (hour, client, provider, model, purpose)
     )""",
     "CREATE INDEX IF NOT EXISTS usage_hourly_client ON usage_hourly (client, hour)",
     "CREATE INDEX IF NOT EXISTS usage_hourly_provider ON usage_hourly (provider, hour)",
 )
-"""Rollups store a missing client, provider or model as '' (a key column cannot be NULL)."""
+"""Rollups store a missing client, provider or model as '' (a key column cannot be NULL), and
+their cost as whole micro-dollars plus the rest in pico-dollars, so no hour's sum overflows."""
 
 _COLUMNS = (
     "id, ts_us, client, purpose, model, provider, upstream_model, status, stream, attempts, latency_ms, "
@@ -109,7 +112,8 @@ _ROLLUP_SUMS = (
     "cache_write_tokens",
     "completion_tokens",
     "reasoning_tokens",
-    "cost_pico",
+    "cost_micro",
+    "cost_rest",
 )
 _UPSERT = (
     "INSERT INTO usage_hourly (hour, client, provider, model, purpose, "
@@ -120,6 +124,7 @@ _UPSERT = (
     + ", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
 )
 _COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
+_ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
 _ROWS_PER_INSERT = 500
 _PURGE_CHUNK = 5000
 _PICO = Decimal(10) ** 12
@@ -133,6 +138,11 @@ class SQLStore:
     kind: Literal["sqlite", "postgresql"]
     hour_of_ts: str
     """SQL for the UTC hour of `ts_us`, as `YYYY-MM-DDTHH`."""
+
+    @property
+    def exists(self) -> bool:
+        """Whether there is a database to read (a SQLite file may not have been made yet)."""
+        return True
 
     # -- what a subclass provides --------------------------------------------------------------------
 
@@ -240,7 +250,7 @@ class SQLStore:
         first = hour_after(since)
         with self._reading() as cur:
             cur.execute(
-                f"SELECT {_COST} FROM usage_hourly WHERE {column} = ? AND hour >= ?",
+                f"SELECT {_ROLLUP_COST} FROM usage_hourly WHERE {column} = ? AND hour >= ?",
                 (subject, first.strftime("%Y-%m-%dT%H")),
             )
             total = _cost(*cur.fetchone())
@@ -263,7 +273,7 @@ class SQLStore:
                 params.append(value)
         sums = (
             "sum(requests), sum(errors), sum(limited), sum(prompt_tokens), sum(cached_tokens), "
-            f"sum(completion_tokens), sum(reasoning_tokens), {_COST}"
+            f"sum(completion_tokens), sum(reasoning_tokens), {_ROLLUP_COST}"
         )
         yield from self._groups(cur, query, keys, sums, "usage_hourly", where, params)
 
@@ -401,7 +411,7 @@ def _rollups(records: Sequence[Record]) -> dict[tuple[str, str, str, str, str], 
                 r.cache_write_tokens,
                 r.completion_tokens,
                 r.reasoning_tokens,
-                pico(r.cost_usd),
+                *divmod(pico(r.cost_usd), 1_000_000),
             )
         ):
             sums[i] += value
