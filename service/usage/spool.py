@@ -73,8 +73,9 @@ class Spool:
                     view = view[written:]
                 self._size += len(line)
             except OSError:
-                os.close(self._fd)
-                self._fd = None
+                fd, self._fd = self._fd, None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
                 raise
 
     @property

@@ -52,7 +52,9 @@ def postgres_server() -> Iterator[PostgresServer]:
     """Debian's PostgreSQL (`postgresql` package), started once for the session."""
     found = binaries()
     if found is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql): /usr/lib/postgresql/*/bin/initdb")
+        pytest.skip(
+            "PostgreSQL is not installed (apt-get install postgresql): /usr/lib/postgresql/*/bin/initdb"
+        )
     server = PostgresServer(found)
     server.start()
     try:

@@ -40,7 +40,9 @@ def test_a_batch_stored_twice_is_stored_once_and_counted_once(store: SQLStore) -
 def test_grouping_adds_whole_hours_from_rollups_and_the_edges_from_records(store: SQLStore) -> None:
     start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
     records = [
-        record(ts=start + timedelta(minutes=17 * i), client=f"c{i % 3}", model=f"m{i % 2}", cost_usd=Decimal(i))
+        record(
+            ts=start + timedelta(minutes=17 * i), client=f"c{i % 3}", model=f"m{i % 2}", cost_usd=Decimal(i)
+        )
         for i in range(200)
     ]
     store.insert(records)
