@@ -9,7 +9,6 @@ records; `stop` and `start` let a test take the server away and bring it back.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
 import shutil
@@ -24,8 +23,8 @@ from tests.support.replicas import free_port
 
 def binaries() -> Path | None:
     """The folder of `initdb` and `pg_ctl` (the newest installed), or None."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    return Path(found[-1]).parent if found else None
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[4]))
+    return found[-1].parent if found else None
 
 
 class PostgresServer:
@@ -57,6 +56,18 @@ class PostgresServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def running(self) -> bool:
+        try:
+            with psycopg.connect(self.url, connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def ensure_running(self) -> None:
+        """Start it again if a test stopped it (and failed before it could start it)."""
+        if not self.running():
+            self.start()
 
     def database(self) -> str:
         """A new, empty database; its URL."""

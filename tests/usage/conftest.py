@@ -1,4 +1,5 @@
-"""The usage ledger's fixtures: records, and a real PostgreSQL server for the session."""
+"""The usage ledger's fixtures: records, and each kind of database (PostgreSQL's server is in
+`tests/conftest.py`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import pytest
 
 from service.usage.record import Record
 from service.usage.stores import SQLStore, open_store
-from tests.support.postgres import PostgresServer, binaries
 
 _ids = itertools.count(1)
 NOW = datetime(2026, 11, 27, 5, 33, 8, 123456, tzinfo=UTC)
@@ -45,40 +45,6 @@ def record(**fields: Any) -> Record:
         "replica": "test",
     }
     return Record(**(values | fields))
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """Debian's PostgreSQL (`postgresql` package), started once for the session."""
-    found = binaries()
-    if found is None:
-        pytest.skip(
-            "PostgreSQL is not installed (apt-get install postgresql): /usr/lib/postgresql/*/bin/initdb"
-        )
-    server = PostgresServer(found)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """A fresh database on the session's server."""
-    if not _running(postgres_server):  # a test that stopped it failed before starting it again
-        postgres_server.start()
-    return postgres_server.database()
-
-
-def _running(server: PostgresServer) -> bool:
-    import psycopg
-
-    try:
-        with psycopg.connect(server.url, connect_timeout=2):
-            return True
-    except psycopg.OperationalError:
-        return False
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -258,8 +258,7 @@ async def test_postgresql_down_for_a_while_loses_no_record_and_stores_none_twice
         assert ledger.store is not None and totals(ledger.store) == {"requests": 60}
         assert await ledger.spent("client", "spooled", NOW - timedelta(days=1)) == Decimal(20)
     finally:
-        if not _up(postgres_server):
-            postgres_server.start()
+        postgres_server.ensure_running()
         await ledger.stop()
 
 
@@ -278,19 +277,8 @@ async def test_a_service_starts_with_postgresql_down_and_stores_once_it_is_up(
         await eventually(lambda: len(stored_ids(postgres_url, tmp_path)) == 10, timeout=15)
         assert ledger.state == "ok"
     finally:
-        if not _up(postgres_server):
-            postgres_server.start()
+        postgres_server.ensure_running()
         await ledger.stop()
-
-
-def _up(server: PostgresServer) -> bool:
-    import psycopg
-
-    try:
-        with psycopg.connect(server.url, connect_timeout=2):
-            return True
-    except psycopg.OperationalError:
-        return False
 
 
 # -- kill -9 ---------------------------------------------------------------------------------------
