@@ -53,7 +53,10 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     elif ns.format == "csv":
         sys.stdout.write(usage_csv(answer))
     else:
-        Console().print(_table(answer))
+        console = Console()
+        if not console.is_terminal:  # piped or captured: do not fold the columns into 80
+            console = Console(width=200)
+        console.print(_table(answer))
     _waiting(settings)
     return 0
 
@@ -70,7 +73,7 @@ def _table(answer: dict[str, Any]) -> Table:
     for i, key in enumerate(keys):
         table.add_column(key, footer="total" if i == 0 else "")
     for name in metrics:
-        table.add_column(name.replace("_", " "), justify="right", footer=str(totals[name]))
+        table.add_column(name.removesuffix("_tokens"), justify="right", footer=str(totals[name]))
     for row in answer["rows"]:
         cells = ["-" if row[k] is None else str(row[k]) for k in keys]
         table.add_row(*cells, *(str(row[m]) for m in metrics), end_section=False)
