@@ -222,6 +222,16 @@ def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def day_start(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def day_after(value: datetime) -> datetime:
+    """The first midnight (UTC) at or after `value`."""
+    start = day_start(value)
+    return start if start == value else start + timedelta(days=1)
+
+
 def hour_start(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 

@@ -22,7 +22,16 @@ from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
 from service.usage.encoding import from_micros, micros
-from service.usage.query import GroupKey, RequestsQuery, Totals, UsageQuery, hour_after, hour_start
+from service.usage.query import (
+    GroupKey,
+    RequestsQuery,
+    Totals,
+    UsageQuery,
+    day_after,
+    day_start,
+    hour_after,
+    hour_start,
+)
 from service.usage.record import Record
 
 
@@ -73,29 +82,37 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS usage_records_ts ON usage_records (ts_us, id)",
     "CREATE INDEX IF NOT EXISTS usage_records_client ON usage_records (client, ts_us)",
     "CREATE INDEX IF NOT EXISTS usage_records_provider ON usage_records (provider, ts_us)",
-    """CREATE TABLE IF NOT EXISTS usage_hourly (
-        hour TEXT NOT NULL,
-        client TEXT NOT NULL,
-        provider TEXT NOT NULL,
-        model TEXT NOT NULL,
-        purpose TEXT NOT NULL,
-        requests BIGINT NOT NULL,
-        errors BIGINT NOT NULL,
-        limited BIGINT NOT NULL,
-        prompt_tokens BIGINT NOT NULL,
-        cached_tokens BIGINT NOT NULL,
-        cache_write_tokens BIGINT NOT NULL,
-        completion_tokens BIGINT NOT NULL,
-        reasoning_tokens BIGINT NOT NULL,
-        cost_micro BIGINT NOT NULL,
-        cost_rest BIGINT NOT NULL,
-        PRIMARY KEY (hour, client, provider, model, purpose)
-    )""",
-    "CREATE INDEX IF NOT EXISTS usage_hourly_client ON usage_hourly (client, hour)",
-    "CREATE INDEX IF NOT EXISTS usage_hourly_provider ON usage_hourly (provider, hour)",
+    *(
+        statement
+        for table in ("usage_hourly", "usage_daily")
+        for statement in (
+            f"""CREATE TABLE IF NOT EXISTS {table} (
+                period TEXT NOT NULL,
+                client TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                purpose TEXT NOT NULL,
+                requests BIGINT NOT NULL,
+                errors BIGINT NOT NULL,
+                limited BIGINT NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                cached_tokens BIGINT NOT NULL,
+                cache_write_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                reasoning_tokens BIGINT NOT NULL,
+                cost_micro BIGINT NOT NULL,
+                cost_rest BIGINT NOT NULL,
+                PRIMARY KEY (period, client, provider, model, purpose)
+            ){{clustered}}""",
+            f"CREATE INDEX IF NOT EXISTS {table}_client ON {table} (client, period)",
+            f"CREATE INDEX IF NOT EXISTS {table}_provider ON {table} (provider, period)",
+        )
+    ),
 )
-"""Rollups store a missing client, provider or model as '' (a key column cannot be NULL), and
-their cost as whole micro-dollars plus the rest in pico-dollars, so no hour's sum overflows."""
+"""Rollups, by UTC hour (`period` `YYYY-MM-DDTHH`) and by UTC day (`YYYY-MM-DD`, so a month by
+day reads 30 rows a route, not 720), store a missing client, provider or model as '' (a key
+column cannot be NULL), and their cost as whole micro-dollars plus the rest in pico-dollars, so
+no period's sum overflows. `{clustered}` is where SQLite keeps them in key order."""
 
 _COLUMNS = (
     "id, ts_us, client, purpose, model, provider, upstream_model, status, stream, attempts, latency_ms, "
@@ -116,12 +133,12 @@ _ROLLUP_SUMS = (
     "cost_rest",
 )
 _UPSERT = (
-    "INSERT INTO usage_hourly (hour, client, provider, model, purpose, "
+    "INSERT INTO {table} (period, client, provider, model, purpose, "
     + ", ".join(_ROLLUP_SUMS)
     + ") VALUES ("
     + ", ".join("?" * (5 + len(_ROLLUP_SUMS)))
-    + ") ON CONFLICT (hour, client, provider, model, purpose) DO UPDATE SET "
-    + ", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
+    + ") ON CONFLICT (period, client, provider, model, purpose) DO UPDATE SET "
+    + ", ".join(f"{c} = {{table}}.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
 )
 _COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
 _ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
@@ -138,6 +155,8 @@ class SQLStore:
     kind: Literal["sqlite", "postgresql"]
     hour_of_ts: str
     """SQL for the UTC hour of `ts_us`, as `YYYY-MM-DDTHH`."""
+    clustered: str = ""
+    """What makes a table kept in key order (SQLite's `WITHOUT ROWID`)."""
 
     @property
     def exists(self) -> bool:
@@ -165,7 +184,7 @@ class SQLStore:
         with self._transaction() as cur:
             self._schema_lock(cur)
             for statement in SCHEMA:
-                cur.execute(statement)
+                cur.execute(statement.replace("{clustered}", self.clustered))
 
     def ping(self) -> None:
         with self._reading() as cur:
@@ -191,10 +210,13 @@ class SQLStore:
                 )
                 cur.execute(sql, values)
                 inserted.extend(unique[row[0]] for row in cur.fetchall())
-            rollups = _rollups(inserted)
-            if rollups:
-                # In key order: two replicas adding to the same rows take their locks in one order.
-                cur.executemany(_UPSERT, [(*key, *sums) for key, sums in sorted(rollups.items())])
+            for table, width in (("usage_hourly", 13), ("usage_daily", 10)):
+                rollups = _rollups(inserted, width)
+                if rollups:
+                    # In key order: replicas adding to the same rows take their locks in one order.
+                    cur.executemany(
+                        _UPSERT.format(table=table), [(*key, *sums) for key, sums in sorted(rollups.items())]
+                    )
         return len(inserted)
 
     def purge(self, before: datetime) -> int:
@@ -215,16 +237,15 @@ class SQLStore:
     # -- reading -----------------------------------------------------------------------------------
 
     def grouped(self, query: UsageQuery) -> dict[GroupKey, Totals]:
-        """`/usage`'s groups: whole hours from the rollups, the hours' ragged edges from the records."""
-        first, last = hour_after(query.since), hour_start(query.until)
+        """`/usage`'s groups: whole days from the daily rollups (unless grouped by hour), whole
+        hours from the hourly ones, and the range's ragged edges from the raw records."""
         groups: dict[GroupKey, Totals] = {}
         with self._reading() as cur:
-            if first < last:
-                self._merge(groups, self._from_rollups(cur, query, first, last))
-                self._merge(groups, self._from_records(cur, query, query.since, first))
-                self._merge(groups, self._from_records(cur, query, last, query.until))
-            else:
-                self._merge(groups, self._from_records(cur, query, query.since, query.until))
+            for table, since, until in _pieces(query):
+                if table == "usage_records":
+                    self._merge(groups, self._from_records(cur, query, since, until))
+                else:
+                    self._merge(groups, self._from_rollups(cur, query, table, since, until))
         return groups
 
     def requests(self, query: RequestsQuery) -> list[Record]:
@@ -250,7 +271,7 @@ class SQLStore:
         first = hour_after(since)
         with self._reading() as cur:
             cur.execute(
-                f"SELECT {_ROLLUP_COST} FROM usage_hourly WHERE {column} = ? AND hour >= ?",
+                f"SELECT {_ROLLUP_COST} FROM usage_hourly WHERE {column} = ? AND period >= ?",
                 (subject, first.strftime("%Y-%m-%dT%H")),
             )
             total = _cost(*cur.fetchone())
@@ -261,11 +282,12 @@ class SQLStore:
             return total + _cost(*cur.fetchone())
 
     def _from_rollups(
-        self, cur: Cursor, query: UsageQuery, first: datetime, last: datetime
+        self, cur: Cursor, query: UsageQuery, table: str, first: datetime, last: datetime
     ) -> Iterator[tuple[GroupKey, Totals]]:
-        keys = [_key(k, "client", "provider", "model", "hour") for k in query.group_by]
-        where = ["hour >= ?", "hour < ?"]
-        params: list[Any] = [first.strftime("%Y-%m-%dT%H"), last.strftime("%Y-%m-%dT%H")]
+        keys = [_key(k, "client", "provider", "model", "period") for k in query.group_by]
+        shape = "%Y-%m-%dT%H" if table == "usage_hourly" else "%Y-%m-%d"
+        where = ["period >= ?", "period < ?"]
+        params: list[Any] = [first.strftime(shape), last.strftime(shape)]
         for name in ("client", "provider", "model"):
             value = getattr(query, name)
             if value is not None:
@@ -275,7 +297,7 @@ class SQLStore:
             "sum(requests), sum(errors), sum(limited), sum(prompt_tokens), sum(cached_tokens), "
             f"sum(completion_tokens), sum(reasoning_tokens), {_ROLLUP_COST}"
         )
-        yield from self._groups(cur, query, keys, sums, "usage_hourly", where, params)
+        yield from self._groups(cur, query, keys, sums, table, where, params)
 
     def _from_records(
         self, cur: Cursor, query: UsageQuery, since: datetime, until: datetime
@@ -394,11 +416,13 @@ def _record(row: Sequence[Any]) -> Record:
     )
 
 
-def _rollups(records: Sequence[Record]) -> dict[tuple[str, str, str, str, str], list[int]]:
+def _rollups(records: Sequence[Record], width: int) -> dict[tuple[str, str, str, str, str], list[int]]:
+    """The records added up by period (the first `width` characters of their UTC time: 13 an
+    hour, 10 a day), client, provider, model and purpose."""
     rollups: dict[tuple[str, str, str, str, str], list[int]] = {}
     for r in records:
-        hour = from_micros(micros(r.ts)).strftime("%Y-%m-%dT%H")
-        key = (hour, r.client or "", r.provider or "", r.model or "", r.purpose)
+        period = from_micros(micros(r.ts)).isoformat()[:width]
+        key = (period, r.client or "", r.provider or "", r.model or "", r.purpose)
         sums = rollups.setdefault(key, [0] * len(_ROLLUP_SUMS))
         limited = r.limited or r.status == 429
         for i, value in enumerate(
@@ -416,6 +440,24 @@ def _rollups(records: Sequence[Record]) -> dict[tuple[str, str, str, str, str], 
         ):
             sums[i] += value
     return rollups
+
+
+def _pieces(query: UsageQuery) -> Iterator[tuple[str, datetime, datetime]]:
+    """[since, until) cut into what each table answers exactly: (table, since, until)."""
+    since, until = query.since, query.until
+    first_hour, last_hour = hour_after(since), hour_start(until)
+    if first_hour >= last_hour:
+        yield "usage_records", since, until
+        return
+    yield "usage_records", since, first_hour
+    yield "usage_records", last_hour, until
+    first_day, last_day = day_after(first_hour), day_start(last_hour)
+    if "hour" in query.group_by or first_day >= last_day:
+        yield "usage_hourly", first_hour, last_hour
+        return
+    yield "usage_hourly", first_hour, first_day
+    yield "usage_daily", first_day, last_day
+    yield "usage_hourly", last_day, last_hour
 
 
 def _record_filters(

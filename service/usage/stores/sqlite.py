@@ -27,6 +27,7 @@ class SqliteStore(SQLStore):
     kind = "sqlite"
     shared = False
     hour_of_ts = "strftime('%Y-%m-%dT%H', ts_us / 1000000, 'unixepoch')"
+    clustered = " WITHOUT ROWID"
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = path
