@@ -30,6 +30,8 @@ TIME_KEYS = frozenset({"hour", "day", "month"})
 DEFAULT_SINCE = "7d"
 MAX_REQUESTS = 1000
 DEFAULT_REQUESTS = 100
+MAX_GROUPS = 100_000
+"""More rows than a caller can use (a year by hour, client and model): narrow the query."""
 MAX_FILTER = 256
 """Longer filter values cannot match: stored text is cut to this length."""
 
@@ -153,6 +155,12 @@ def group_keys(text: str) -> tuple[str, ...]:
 
 
 # -- answers ----------------------------------------------------------------------------------------
+
+
+def too_many_groups() -> BadRequest:
+    return BadRequest(
+        f"more than {MAX_GROUPS} groups: narrow `since`/`until`, filter, or group by fewer keys"
+    )
 
 
 def usage_answer(query: UsageQuery, groups: Mapping[GroupKey, Totals], shared: bool) -> dict[str, Any]:
@@ -288,8 +296,11 @@ def _status(text: str | None) -> tuple[int, int] | None:
 def _limit(text: str | None) -> int:
     if not text:
         return DEFAULT_REQUESTS
+    digits = text.strip()
+    if digits.isascii() and digits.isdigit() and len(digits) > 9:  # however large: the maximum
+        return MAX_REQUESTS
     try:
-        limit = int(text)
+        limit = int(digits)
     except ValueError:
         raise BadRequest(f"`limit` is not a whole number: {text[:20]!r}") from None
     if limit < 1:

@@ -138,8 +138,9 @@ async def test_requests_page_newest_first_with_a_cursor_and_a_clamped_limit(serv
             break
         path = f"{REQUESTS}?limit=3&cursor={body['next_cursor']}"
     assert seen == [f"page-{i}" for i in reversed(range(7))]
-    status, body, _ = await _get(service, f"{REQUESTS}?limit=999999999")
-    assert status == 200 and len(body["requests"]) == 7 and body["next_cursor"] is None
+    for huge in ("1001", "999999999", "9" * 5000):
+        status, body, _ = await _get(service, f"{REQUESTS}?limit={huge}")
+        assert status == 200 and len(body["requests"]) == 7 and body["next_cursor"] is None
     (first, *_) = body["requests"]
     assert set(first) == {
         "id", "ts", "client", "purpose", "model", "provider", "upstream_model", "status", "stream",
@@ -162,7 +163,6 @@ async def test_requests_page_newest_first_with_a_cursor_and_a_clamped_limit(serv
         f"{REQUESTS}?limit=0",
         f"{REQUESTS}?limit=-5",
         f"{REQUESTS}?limit=lots",
-        f"{REQUESTS}?limit=" + "9" * 5000,
         f"{REQUESTS}?status=teapot",
         f"{REQUESTS}?status=6xx",
         f"{REQUESTS}?cursor=not-a-cursor",

@@ -318,3 +318,27 @@ async def test_kill_9_while_submitting_loses_no_record_and_stores_none_twice(
         assert ledger.store is not None and totals(ledger.store) == {"requests": len(ids)}
     finally:
         await ledger.stop()
+
+
+async def test_a_sqlite_file_removed_under_the_ledger_is_made_again_and_loses_nothing_more(
+    tmp_path: Path,
+) -> None:
+    """Without this, batches went on into the removed file (the open connection kept it), and
+    their spool segments were deleted: records stored nowhere anyone could read."""
+    db = tmp_path / "usage.db"
+    ledger = make_ledger(str(db), tmp_path)
+    await ledger.start()
+    try:
+        ledger.submit(record())
+        await ledger.flush()
+        for leftover in tmp_path.glob("usage.db*"):
+            leftover.unlink()
+        after = [record() for _ in range(3)]
+        for r in after:
+            ledger.submit(r)
+        await ledger.flush()
+        assert sorted(stored_ids(str(db), tmp_path)) == sorted(r.id for r in after)
+        page = await ledger.requests(RequestsQuery())
+        assert len(page["requests"]) == 3
+    finally:
+        await ledger.stop()

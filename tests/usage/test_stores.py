@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from decimal import Decimal
 
+import pytest
+
+from service.errors import BadRequest
 from service.usage.encoding import MAX_COST
 from service.usage.query import RequestsQuery, UsageQuery
-from service.usage.stores import SQLStore
+from service.usage.stores import SQLStore, sql
 from tests.usage.conftest import NOW, record
 
 
@@ -146,3 +149,24 @@ def test_values_a_caller_chose_are_bound_never_run_as_sql(store: SQLStore) -> No
     assert store.spent("client", hostile, NOW - timedelta(days=1)) == 0
     (row,) = store.requests(RequestsQuery())
     assert row.client == "robert'); DROP TABLE usage_records;--"
+
+
+def test_a_grouping_too_large_to_answer_is_refused_not_built(
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A year by hour and model would be gigabytes of JSON: refused once past MAX_GROUPS rows."""
+    store.insert([record(model=f"m{i}", ts=NOW - timedelta(hours=i)) for i in range(30)])
+    monkeypatch.setattr(sql, "MAX_GROUPS", 10)
+    with pytest.raises(BadRequest, match="more than"):
+        store.grouped(UsageQuery.parse({"since": "2026-11-20", "group_by": "hour,model"}, NOW))
+    monkeypatch.setattr(sql, "MAX_GROUPS", 30)
+    assert (
+        len(
+            store.grouped(
+                UsageQuery.parse(
+                    {"since": "2026-11-20", "group_by": "hour,model"}, NOW + timedelta(seconds=1)
+                )
+            )
+        )
+        == 30
+    )

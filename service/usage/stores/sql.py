@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 from service.errors import SwitchboardError
 from service.usage.encoding import from_micros, micros
 from service.usage.query import (
+    MAX_GROUPS,
     GroupKey,
     RequestsQuery,
     Totals,
@@ -31,6 +32,7 @@ from service.usage.query import (
     day_start,
     hour_after,
     hour_start,
+    too_many_groups,
 )
 from service.usage.record import Record
 
@@ -331,7 +333,10 @@ class SQLStore:
         # Every name in this statement comes from fixed lists; every value caller-given is bound.
         select = ", ".join([*keys, sums])
         group = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
-        cur.execute(f"SELECT {select} FROM {table} WHERE {' AND '.join(where)}{group}", params)
+        cur.execute(
+            f"SELECT {select} FROM {table} WHERE {' AND '.join(where)}{group} LIMIT ?",
+            (*params, MAX_GROUPS + 1),
+        )
         width = len(keys)
         for row in cur.fetchall():
             requests, errors, limited, prompt, cached, completion, reasoning = (
@@ -347,6 +352,8 @@ class SQLStore:
         for key, totals in found:
             if totals.requests:
                 groups.setdefault(key, Totals()).add(totals)
+        if len(groups) > MAX_GROUPS:  # a year by hour and model: the answer would be gigabytes
+            raise too_many_groups()
 
 
 # -- rows -------------------------------------------------------------------------------------------

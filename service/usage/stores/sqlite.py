@@ -9,6 +9,7 @@ a committed batch survives a power loss, since its spool segment is deleted righ
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-from service.usage.stores.sql import BadBatch, Cursor, SQLStore, StoreUnavailable
+from service.usage.stores.sql import SCHEMA, BadBatch, Cursor, SQLStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 _DATA_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError)
 
@@ -37,6 +40,9 @@ class SqliteStore(SQLStore):
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._identity: tuple[int, int] | None = None
+        """(device, inode) of the file the writer opened."""
+        self._made = False
 
     @property
     def exists(self) -> bool:
@@ -49,6 +55,10 @@ class SqliteStore(SQLStore):
             except OSError as exc:
                 raise StoreUnavailable(f"cannot make the folder of {self.path}: {exc.strerror}") from None
         super().open()
+        self._made = True
+
+    def _same_file(self) -> bool:
+        return self._identity is not None and _identity(self.path) == self._identity
 
     def _connect(self) -> sqlite3.Connection:
         mode = "rwc" if self.create else "rw"
@@ -71,8 +81,17 @@ class SqliteStore(SQLStore):
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Cursor]:
         with self._write_lock:
+            if self._writer is not None and not self._same_file():
+                # Removed or replaced under us: batches would go to a file nobody can read again,
+                # and their spool segments be deleted. Start a new file instead (and say so).
+                log.error("usage ledger: %s was removed or replaced; storing into a new one", self.path)
+                self.close()
             if self._writer is None:
                 self._writer = self._connect()
+                self._identity = _identity(self.path)
+                if self._made:
+                    for statement in SCHEMA:
+                        self._writer.execute(statement.replace("{clustered}", self.clustered))
             cur = self._writer.cursor()
             try:
                 cur.execute("BEGIN IMMEDIATE")
@@ -87,6 +106,9 @@ class SqliteStore(SQLStore):
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Cursor]:
+        if self._identity is not None and not self._same_file():
+            with self._transaction():  # makes the file again, with its tables
+                pass
         try:
             conn = self._readers.get_nowait()
         except queue.Empty:
@@ -107,7 +129,16 @@ class SqliteStore(SQLStore):
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
         self._writer = None
+        self._identity = None
         self._readers = queue.SimpleQueue()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _translated(exc: BaseException) -> BaseException:
