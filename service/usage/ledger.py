@@ -241,8 +241,6 @@ class Ledger:
         if not self._opened:
             store.open()
             self._opened = True
-        elif not self._db_up:
-            store.ping()
         self._up()
         if spool is None:
             return
@@ -302,6 +300,7 @@ class Ledger:
         if self._db_up:
             log.error("usage ledger: the database is unavailable (%s); records wait in the spool", exc)
         self._db_up = False
+        self._opened = False  # the next try makes the tables again, should they be what went
         self._failures += 1
         self._retry_at = time.monotonic() + min(0.5 * 2 ** (self._failures - 1), self._retry_max_s)
 

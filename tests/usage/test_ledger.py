@@ -342,3 +342,24 @@ async def test_a_sqlite_file_removed_under_the_ledger_is_made_again_and_loses_no
         assert len(page["requests"]) == 3
     finally:
         await ledger.stop()
+
+
+async def test_tables_dropped_under_the_ledger_are_made_again_and_no_record_is_set_aside(
+    store_url: str, tmp_path: Path
+) -> None:
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        ledger.submit(record())
+        await ledger.flush()
+        assert ledger.store is not None
+        with ledger.store._transaction() as cur:
+            for table in ("usage_records", "usage_hourly", "usage_daily"):
+                cur.execute(f"DROP TABLE {table}")
+        after = [record() for _ in range(3)]
+        for r in after:
+            ledger.submit(r)
+        await eventually(lambda: sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in after), 10)
+        assert not (tmp_path / "spool" / TORN).exists()
+    finally:
+        await ledger.stop()

@@ -70,9 +70,9 @@ class PostgresStore(SQLStore):
                 yield conn
         except PoolTimeout:
             raise StoreUnavailable("PostgreSQL cannot be reached") from None
-        except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:  # what a record holds: set it aside
             raise BadBatch(f"{type(exc).__name__}: {exc}") from None
-        except psycopg.Error as exc:
+        except psycopg.Error as exc:  # anything else (a dropped table too) is retried, records kept
             raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {_first_line(exc)}") from None
 
     def _schema_lock(self, cursor: Cursor) -> None:
