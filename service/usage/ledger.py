@@ -143,7 +143,7 @@ class Ledger:
         if self.store is None:
             return
         self._spool = await asyncio.to_thread(Spool, self.spool_dir)  # SpoolBusy: another process has it
-        await asyncio.to_thread(self._cycle)
+        await asyncio.to_thread(self._cycle, purge=False)  # retention waits for the thread: no slow start
         self._thread = threading.Thread(target=self._run, name="switchboard-ledger", daemon=True)
         self._thread.start()
 
@@ -182,7 +182,7 @@ class Ledger:
             if stopping:
                 return
 
-    def _cycle(self, *, final: bool = False) -> None:
+    def _cycle(self, *, final: bool = False, purge: bool = True) -> None:
         try:
             with self._drain_lock:
                 self._sync_spool()
@@ -191,7 +191,7 @@ class Ledger:
                     return
                 try:
                     self._drain()
-                    if now >= self._purge_at:
+                    if purge and not final and now >= self._purge_at:
                         self._purge_at = now + self._retention_every_s
                         self._purge()
                 except StoreUnavailable as exc:
