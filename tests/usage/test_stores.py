@@ -170,3 +170,12 @@ def test_a_grouping_too_large_to_answer_is_refused_not_built(
         )
         == 30
     )
+
+
+def test_two_requests_an_upstream_gave_one_request_id_are_two_records(store: SQLStore) -> None:
+    """The record's id is the answer's x-request-id, the upstream's own when it sends one: a
+    server answering `x-request-id: 1` to everything must not make the ledger keep one request."""
+    first, second = record(id="1"), record(id="1", ts=NOW + timedelta(milliseconds=3))
+    assert store.insert([first, second]) == 2
+    assert store.insert([first, second]) == 0  # each stored again: still once each
+    assert len(store.requests(RequestsQuery())) == 2

@@ -1,7 +1,8 @@
 """The ledger's tables and every statement on them, in the SQL SQLite and PostgreSQL share.
 
-`usage_records` holds one row a record (kept `retention_days`), keyed by `id`, so storing a
-batch twice stores it once: the insert returns the ids it really inserted, and only those are
+`usage_records` holds one row a record (kept `retention_days`), keyed by `id` (with its time
+and replica, since an upstream's own `x-request-id` need not be unique), so storing a batch
+twice stores it once: the insert returns the ids it really inserted, and only those are
 added to `usage_hourly`, the rollups (client, provider, model and purpose a UTC hour, kept for
 good), in the same transaction. Money is stored as whole pico-dollars (10⁻¹² USD): exact for
 every price with up to six decimals per million tokens. Sums are taken in two parts (whole
@@ -58,7 +59,7 @@ class Cursor(Protocol):
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS usage_records (
-        id TEXT PRIMARY KEY,
+        id TEXT NOT NULL,
         ts_us BIGINT NOT NULL,
         client TEXT,
         purpose TEXT NOT NULL,
@@ -79,7 +80,8 @@ SCHEMA = (
         priced SMALLINT NOT NULL,
         estimated SMALLINT NOT NULL,
         replica TEXT NOT NULL,
-        limited SMALLINT NOT NULL
+        limited SMALLINT NOT NULL,
+        PRIMARY KEY (id, ts_us, replica)
     )""",
     "CREATE INDEX IF NOT EXISTS usage_records_ts ON usage_records (ts_us, id)",
     "CREATE INDEX IF NOT EXISTS usage_records_client ON usage_records (client, ts_us)",
@@ -196,7 +198,7 @@ class SQLStore:
     def insert(self, records: Sequence[Record]) -> int:
         """Store the records and add the new ones to the rollups, in one transaction; returns how
         many were new (a record whose `id` is already stored is skipped, not counted twice)."""
-        unique = {r.id: r for r in reversed(records)}  # the first of a repeated id
+        unique = {_identity(r): r for r in reversed(records)}  # the first of a repeated one
         if not unique:
             return 0
         with self._transaction() as cur:
@@ -208,10 +210,10 @@ class SQLStore:
                 sql = (
                     f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
                     + ", ".join([_ROW] * len(chunk))
-                    + " ON CONFLICT (id) DO NOTHING RETURNING id"
+                    + " ON CONFLICT (id, ts_us, replica) DO NOTHING RETURNING id, ts_us, replica"
                 )
                 cur.execute(sql, values)
-                inserted.extend(unique[row[0]] for row in cur.fetchall())
+                inserted.extend(unique[(row[0], int(row[1]), row[2])] for row in cur.fetchall())
             for table, width in (("usage_hourly", 13), ("usage_daily", 10)):
                 rollups = _rollups(inserted, width)
                 if rollups:
@@ -227,9 +229,9 @@ class SQLStore:
         while True:
             with self._transaction() as cur:
                 cur.execute(
-                    "DELETE FROM usage_records WHERE id IN "
+                    "DELETE FROM usage_records WHERE ts_us < ? AND id IN "
                     "(SELECT id FROM usage_records WHERE ts_us < ? LIMIT ?)",
-                    (micros(before), _PURGE_CHUNK),
+                    (micros(before), micros(before), _PURGE_CHUNK),
                 )
                 count = max(cur.rowcount, 0)
             deleted += count
@@ -357,6 +359,13 @@ class SQLStore:
 
 
 # -- rows -------------------------------------------------------------------------------------------
+
+
+def _identity(r: Record) -> tuple[str, int, str]:
+    """What makes a record itself: its `id`, time and replica. The same record stored again (a
+    crash between a commit and its spool's removal) is the same three; two requests whose
+    upstream gave both one `x-request-id` are two records, not one lost."""
+    return r.id, micros(r.ts), r.replica
 
 
 def pico(amount: Decimal) -> int:
