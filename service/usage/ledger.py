@@ -25,7 +25,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from service.errors import LedgerUnavailable
+from service.errors import BadRequest, LedgerUnavailable
 from service.journal.events import to_utc
 from service.settings import Settings
 from service.usage.encoding import BadLine, decode, encode
@@ -371,6 +371,8 @@ class Ledger:
     async def _read(self, call: Callable[..., T], *args: Any) -> T:
         try:
             return await asyncio.to_thread(call, *args)
+        except BadBatch as exc:  # the database refused a value of the query: the caller's to fix
+            raise BadRequest(f"the usage ledger refused the query: {exc}") from None
         except StoreUnavailable as exc:
             self._down(exc)
             raise LedgerUnavailable(

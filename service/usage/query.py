@@ -218,7 +218,13 @@ def decode_cursor(text: str) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         ts, rid = json.loads(raw)
-        if isinstance(ts, int) and not isinstance(ts, bool) and isinstance(rid, str) and abs(ts) < 2**62:
+        if (
+            isinstance(ts, int)
+            and not isinstance(ts, bool)
+            and isinstance(rid, str)
+            and abs(ts) < 2**62
+            and "\x00" not in rid
+        ):
             return ts, rid
     except (binascii.Error, ValueError, TypeError):
         pass
@@ -278,6 +284,8 @@ def _filter(params: Mapping[str, str], name: str) -> str | None:
         return None
     if len(value) > MAX_FILTER:
         raise BadRequest(f"`{name}` is longer than {MAX_FILTER} characters")
+    if "\x00" in value:  # stored text never holds one, and PostgreSQL refuses it in a parameter
+        raise BadRequest(f"`{name}` holds a NUL character")
     return value
 
 

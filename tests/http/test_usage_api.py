@@ -168,12 +168,28 @@ async def test_requests_page_newest_first_with_a_cursor_and_a_clamped_limit(serv
         f"{REQUESTS}?cursor=not-a-cursor",
         f"{REQUESTS}?cursor=WzEsMl0",  # [1,2]: well formed, not ours
         f"{REQUESTS}?until=0001-01-01",
+        f"{USAGE}?client=%00",
+        f"{REQUESTS}?provider=a%00b",
+        f"{REQUESTS}?cursor=WzEsImFcdTAwMDAiXQ",  # [1,"a\u0000"]
     ],
 )
 async def test_bad_parameters_are_400_naming_what_is_wrong(service: Service, query: str) -> None:
     status, body, _ = await _get(service, query)
     assert status == 400, body
     assert body["error"]["type"] == "bad_request" and body["error"]["message"]
+
+
+async def test_no_parameter_makes_postgresql_answer_500(sops_project: SopsProject, postgres_url: str) -> None:
+    async with serve(_project(sops_project), usage_db=postgres_url) as service:
+        for query in (
+            f"{USAGE}?client=%00",
+            f"{REQUESTS}?client=%C3%28",
+            f"{REQUESTS}?cursor=WzEsImFcdTAwMDAiXQ",
+            f"{USAGE}?model=" + "%F0%9F%92%A9" * 50,
+            f"{REQUESTS}?provider=\\x27%3B--",
+        ):
+            status, body, _ = await _get(service, query)
+            assert status in (200, 400), (query, status, body)
 
 
 async def test_only_usage_read_reads_the_ledger_and_it_reads_nothing_else(service: Service) -> None:
