@@ -121,7 +121,8 @@ class Ledger:
             spool.append(line)
         except OSError as exc:
             self._hold(line, exc)
-        self._wake.set()
+        if not self._wake.is_set():  # a plain read; setting takes a lock
+            self._wake.set()
 
     def _hold(self, line: bytes, exc: OSError) -> None:
         with self._memory_lock:

@@ -1,13 +1,14 @@
 """The ledger's tables and every statement on them, in the SQL SQLite and PostgreSQL share.
 
-`usage_records` holds one row a record (kept `retention_days`), keyed by `id` (with its time
-and replica, since an upstream's own `x-request-id` need not be unique), so storing a batch
-twice stores it once: the insert returns the ids it really inserted, and only those are
-added to `usage_hourly`, the rollups (client, provider, model and purpose a UTC hour, kept for
-good), in the same transaction. Money is stored as whole pico-dollars (10⁻¹² USD): exact for
-every price with up to six decimals per million tokens. Sums are taken in two parts (whole
-micro-dollars, and the rest; a rollup keeps its cost so too) so that no 64-bit integer
-overflows, however large the total, and come back as `Decimal`.
+`usage_records` holds one row a record (kept `retention_days`), keyed by its time, `id` and
+replica (an upstream's own `x-request-id` need not be unique), and kept in that order in
+SQLite (a range of time is read in one sweep). Storing a batch twice stores it once: the
+insert returns the rows it really inserted, and only those are added to the rollups,
+`usage_hourly` and `usage_daily` (client, provider, model and purpose a UTC hour, and a UTC
+day, kept for good), in the same transaction. Money is stored as whole pico-dollars
+(10⁻¹² USD): exact for every price with up to six decimals per million tokens. Sums are
+taken in two parts (whole micro-dollars, and the rest; a rollup keeps its cost so too) so
+that no 64-bit integer overflows, however large the total, and come back as `Decimal`.
 
 Subclasses say how to connect (`_transaction`, `_reading`) and the one expression the two
 dialects write differently: the UTC hour of a timestamp.
@@ -81,9 +82,8 @@ SCHEMA = (
         estimated SMALLINT NOT NULL,
         replica TEXT NOT NULL,
         limited SMALLINT NOT NULL,
-        PRIMARY KEY (id, ts_us, replica)
-    )""",
-    "CREATE INDEX IF NOT EXISTS usage_records_ts ON usage_records (ts_us, id)",
+        PRIMARY KEY (ts_us, id, replica)
+    ){clustered}""",
     "CREATE INDEX IF NOT EXISTS usage_records_client ON usage_records (client, ts_us)",
     "CREATE INDEX IF NOT EXISTS usage_records_provider ON usage_records (provider, ts_us)",
     *(
@@ -210,7 +210,7 @@ class SQLStore:
                 sql = (
                     f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
                     + ", ".join([_ROW] * len(chunk))
-                    + " ON CONFLICT (id, ts_us, replica) DO NOTHING RETURNING id, ts_us, replica"
+                    + " ON CONFLICT (ts_us, id, replica) DO NOTHING RETURNING id, ts_us, replica"
                 )
                 cur.execute(sql, values)
                 inserted.extend(unique[(row[0], int(row[1]), row[2])] for row in cur.fetchall())
@@ -229,9 +229,9 @@ class SQLStore:
         while True:
             with self._transaction() as cur:
                 cur.execute(
-                    "DELETE FROM usage_records WHERE ts_us < ? AND id IN "
-                    "(SELECT id FROM usage_records WHERE ts_us < ? LIMIT ?)",
-                    (micros(before), micros(before), _PURGE_CHUNK),
+                    "DELETE FROM usage_records WHERE (ts_us, id, replica) IN "
+                    "(SELECT ts_us, id, replica FROM usage_records WHERE ts_us < ? LIMIT ?)",
+                    (micros(before), _PURGE_CHUNK),
                 )
                 count = max(cur.rowcount, 0)
             deleted += count
