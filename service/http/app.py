@@ -26,6 +26,7 @@ from service.http import (
     console,
     openai_api,
     openapi,
+    protocols_api,
     replicas,
     traffic,
     usage_api,
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    protocols_api.setup(app)
     openapi.setup(app)
     changes.setup(app)
     replicas.setup(app)

@@ -121,7 +121,7 @@ def test_each_operation_names_its_scope_and_the_bearer_scheme() -> None:
     for path, item in doc["paths"].items():
         for method, op in item.items():
             scope = op.get("x-switchboard-scope")
-            unauthenticated = ("/healthz", "/readyz", "/metrics", PATH, "/api/v1/llm-config/hooks/git")
+            unauthenticated = ("/", "/healthz", "/readyz", "/metrics", PATH, "/api/v1/llm-config/hooks/git")
             if path in unauthenticated or path.startswith("/ui"):  # SPEC 6
                 assert scope is None and op["security"] == [], (method, path)
                 continue
