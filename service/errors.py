@@ -20,7 +20,7 @@
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
         ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), RateLimited (429),
         ├── BudgetExceeded (429), UpstreamsFailed (502),
-        └── NotReady (503), NoCandidate (503), Busy (503), LimitsUnavailable (503)
+        └── NotReady (503), NoCandidate (503), Busy (503), LimitsUnavailable (503), LedgerUnavailable (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
 """
@@ -320,3 +320,10 @@ class LimitsUnavailable(HTTPError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1", "retry-after-ms": "1000", **self.added}
+
+
+class LedgerUnavailable(HTTPError):
+    """The usage ledger's database cannot be reached now, or the ledger is off (SPEC 13)."""
+
+    status = 503
+    type = "ledger_unavailable"

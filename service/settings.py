@@ -86,6 +86,18 @@ class Settings(BaseSettings):
         "counts, and its share of each budget) or `refuse` (limited clients get 503).",
     )
 
+    # The usage ledger (SPEC 13)
+    usage_db: SecretStr = Field(
+        SecretStr("var/usage.db"),
+        description="The ledger: a SQLite file, `postgresql://…` (shared by replicas), or `off`.",
+    )
+    usage_retention_days: int = Field(
+        90, ge=1, description="Raw usage records are kept this long; rollups forever."
+    )
+    usage_spool: Path = Field(
+        Path("var/usage-spool"), description="Records not yet in the ledger's database wait here."
+    )
+
     log_level: str = "INFO"
 
     def path(self, path: Path) -> Path:
@@ -108,9 +120,13 @@ class Settings(BaseSettings):
         return self.path(self.events)
 
     @property
+    def usage_spool_dir(self) -> Path:
+        return self.path(self.usage_spool)
+
+    @property
     def spent_file(self) -> Path:
-        """The local snapshot of budgets' spent (SPEC 13), beside the event log and the spool."""
-        return self.events_file.parent / "usage-spent.json"
+        """The local snapshot of budgets' spent (SPEC 13), beside the ledger's spool."""
+        return self.usage_spool_dir.parent / "usage-spent.json"
 
     @property
     def sops_config(self) -> Path:

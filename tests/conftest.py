@@ -31,6 +31,7 @@ from service.journal.events import Event
 from service.journal.log import read_events
 from service.runtime.registry import Registry
 from service.settings import Settings
+from tests.support.postgres import PostgresServer, binaries
 from tests.support.replicas import Checkout, make_remote, routing_yaml, server_yaml
 
 _AMBIENT_SOPS_VARS = (
@@ -291,3 +292,26 @@ def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
     (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
     (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
     return make_remote(tmp_path, sops_project.root)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Debian's PostgreSQL (`postgresql` package), started once for the session in a temporary folder."""
+    found = binaries()
+    if found is None:
+        pytest.skip(
+            "PostgreSQL is not installed (apt-get install postgresql): no /usr/lib/postgresql/*/bin/initdb"
+        )
+    server = PostgresServer(found)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    postgres_server.ensure_running()
+    return postgres_server.database()

@@ -264,10 +264,17 @@ class Readiness(_Answer):
     last_applied_commit: str | None
     last_attempted_commit: str | None
     refused: list[RefusedFile]
-    degraded: bool = Field(description="true while any file is refused, or Redis is configured but away")
+    degraded: bool = Field(
+        description="true while any file is refused, Redis is configured but away, or the usage ledger "
+        "is degraded"
+    )
     limits: Literal["redis", "local", "refuse"] = Field(
         description="where limits and budgets are counted: `redis`, or this replica alone (`local`; "
         "with Redis configured and away, `SWITCHBOARD_LIMITS_WITHOUT_REDIS`)"
+    )
+    ledger: Literal["ok", "degraded", "off"] = Field(
+        description="the usage ledger (SPEC 13): `degraded` while its database cannot be reached "
+        "(records wait in the spool), `off` with `SWITCHBOARD_USAGE_DB=off`"
     )
     sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
 

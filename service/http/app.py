@@ -23,7 +23,6 @@ from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.gateway.metering import NullSink
 from service.http import (
     changes,
     config_api,
@@ -34,6 +33,7 @@ from service.http import (
     protocols_api,
     replicas,
     traffic,
+    usage_api,
     write_api,
 )
 from service.http.auth import Handler
@@ -41,11 +41,11 @@ from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
     HEALTH,
+    LEDGER,
     LIMITS,
     LOOKUP,
     METRICS,
     PULLER,
-    RECORDS,
     REGISTRY,
     RELOADER,
     SETTINGS,
@@ -85,7 +85,6 @@ def create_app(
     app[LOOKUP] = lookup
     app[METRICS] = Metrics()
     app[METRICS].info.labels(settings.replica, __version__, litellm_version() or "none").set(1)
-    app[RECORDS] = NullSink()  # the usage ledger, when it is wired, takes its place
     app[HEALTH] = Health(
         failures=settings.circuit_failures,
         cooldown_s=settings.circuit_cooldown_s,
@@ -96,7 +95,8 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
+    usage_api.setup(app)  # the ledger starts before anything can answer a request, and stops last
+    app.cleanup_ctx.append(_service)  # then: the features' contexts use its log and registry
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
@@ -234,6 +234,7 @@ async def _readyz(request: web.Request) -> web.Response:
         raise NotReady("the budgets' spent is not read back yet (SPEC 13)")
     limiter = keeper.limiter
     puller = request.app.get(PULLER)
+    ledger = request.app[LEDGER].state
     body = {
         "status": "ready",
         "replica": request.app[SETTINGS].replica,
@@ -241,8 +242,9 @@ async def _readyz(request: web.Request) -> web.Response:
         "last_applied_commit": state.last_applied_commit,
         "last_attempted_commit": state.last_attempted_commit,
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-        "degraded": state.degraded or limiter.degraded,
+        "degraded": state.degraded or limiter.degraded or ledger == "degraded",
         "limits": limiter.mode,
+        "ledger": ledger,
     }
     if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
         body["sync"] = puller.status.answer()

@@ -25,6 +25,7 @@ from service.runtime.sync import Puller
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.ledger import Ledger
 from service.usage.limits.keeper import Keeper
 from service.usage.limits.spent import SpentSource
 from service.usage.record import RecordSink
@@ -57,6 +58,9 @@ SPENT = web.AppKey("spent", SpentSource)
 snapshot of spent, and the spool if the source offers it (`SpoolSource`)."""
 LIMITS = web.AppKey("limits", Keeper)
 """The limits and budgets (SPEC 13): `LIMITS.limiter`, kept by the keeper; set by the gateway's lifecycle."""
+LEDGER = web.AppKey("ledger", Ledger)
+"""The usage ledger (SPEC 13), always there: the gateway hands it a `Record` per answered request
+(`submit`, a `RecordSink`); with `SWITCHBOARD_USAGE_DB=off` it keeps nothing."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 

@@ -104,6 +104,8 @@ class Operation:
             return "service"
         if self.path.startswith((f"{PREFIX}/hooks/", f"{PREFIX}/replicas")):
             return "replicas"
+        if self.path.startswith(f"{PREFIX}/usage"):
+            return "usage"
         return "configuration" if self.method == "GET" or self.path.endswith("/test") else "writes"
 
     def render(self, schemas: Schemas) -> dict[str, Any]:
