@@ -53,9 +53,11 @@ schema-check:
 schema:
     python -m service schema
 
-# benchmarks: the gateway against direct and LiteLLM's proxy, the configuration service, replicas
+# benchmarks: the gateway against direct and LiteLLM's proxy (which first starts from `export litellm`'s
+# file, checked), the configuration service, replicas
 bench:
     python -m bench.litellm_proxy setup
+    python -m bench.litellm_export
     python -m bench.gateway
     python -m bench.protocols
     python -m bench.tracing
@@ -63,6 +65,7 @@ bench:
     python -m bench.events
     python -m bench.replicas
     python -m bench.console
+    python -m bench.limits
 
 # everything CI runs
 ci: lint schema-check validate test

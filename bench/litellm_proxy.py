@@ -97,6 +97,11 @@ class LiteLLMProxy:
     ready_timeout_s: float = 120.0
     log_path: Path | None = None
     """Where the proxy's output goes; a temporary file when None."""
+    config_path: Path | None = None
+    """A config file to start from as it is (`switchboard export litellm`'s); one sending
+    `model` to the upstream is written when None."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables the config reads (`os.environ/...`), added to the proxy's environment."""
     _process: asyncio.subprocess.Process | None = field(default=None, init=False)
     _workdir: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False)
 
@@ -119,7 +124,7 @@ class LiteLLMProxy:
             self.port = _free_port()
         self._workdir = tempfile.TemporaryDirectory(prefix="litellm-bench-")
         workdir = Path(self._workdir.name)
-        config = write_config(
+        config = self.config_path or write_config(
             workdir / "config.yaml",
             upstream_base_url=self.upstream_base_url,
             model=self.model,
@@ -127,7 +132,7 @@ class LiteLLMProxy:
             master_key=self.master_key,
         )
         self.log_path = self.log_path or workdir / "proxy.log"
-        env = {k: v for k, v in os.environ.items() if k not in _UNSET} | PROXY_ENV
+        env = {k: v for k, v in os.environ.items() if k not in _UNSET} | PROXY_ENV | self.env
         args = ["--config", str(config), "--host", "127.0.0.1", "--port", str(self.port)]
         with self.log_path.open("wb") as log:
             self._process = await asyncio.create_subprocess_exec(

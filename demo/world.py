@@ -4,7 +4,8 @@ The examples in `providers.d/` are encrypted to a recipient whose identity was t
 so the demo makes its own world in a folder (`.demo/` by default, git-ignored):
 
 1. a throwaway age identity (`age/keys.txt`) and a `.sops.yaml` naming it;
-2. one local stand-in upstream per example provider (OpenAI's protocol, or Anthropic's);
+2. one local stand-in upstream per example provider, speaking its protocol (OpenAI's,
+   Anthropic's, or TEI's for a TEI server), so every provider's health check passes;
 3. a copy of every example with its `base_url` pointed at its stand-in and its key replaced
    by a demo key, encrypted with sops to the throwaway identity, committed to a git
    repository so that events carry a commit and an author;
@@ -33,7 +34,7 @@ from service.crypto.keys import add_recipient, write_identity
 from service.crypto.sops import Sops
 from service.http.app import create_app
 from service.settings import Settings
-from tests.support.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream, Protocol
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = Path(os.environ.get("SWITCHBOARD_DEMO_DIR", REPO / ".demo")).resolve()
@@ -56,14 +57,23 @@ async def _stand_ins(examples: dict[str, dict[str, Any]]) -> dict[str, FakeUpstr
     for provider_id, doc in examples.items():
         models = tuple(str(m) for m in doc.get("models") or [])
         models += tuple(str(m) for m in (doc.get("model_map") or {}).values())
-        anthropic = doc.get("provider") == "anthropic"
         up = FakeUpstream(
-            protocol="anthropic" if anthropic else "openai",
+            protocol=_protocol(doc),
             name=provider_id,
             models=tuple(dict.fromkeys(models)) or ("demo-model",),
         )
         ups[provider_id] = await up.start()
     return ups
+
+
+def _protocol(doc: dict[str, Any]) -> Protocol:
+    """What the stand-in of an example speaks: Anthropic's protocol for an Anthropic key, TEI's
+    own for a TEI server (its health check asks TEI's `/info`), OpenAI's for the rest."""
+    if doc.get("provider") == "anthropic":
+        return "anthropic"
+    if doc.get("server_type") == "tei":
+        return "tei"
+    return "openai"
 
 
 def _write_providers(

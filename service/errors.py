@@ -16,10 +16,11 @@
     ├── GitError                    a git command failed
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
         ├── BadRequest (400) > InvalidRequest, Unauthorized (401), Forbidden (403),
-        ├── NotFound (404) > ModelNotFound,
+        ├── NotFound (404) > ModelNotFound (`model_not_found`, as OpenAI answers it),
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
-        ├── PayloadTooLarge (413), Unprocessable (422), UpstreamsFailed (502),
-        └── NotReady (503), NoCandidate (503), Busy (503)
+        ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), RateLimited (429),
+        ├── BudgetExceeded (429), UpstreamsFailed (502),
+        └── NotReady (503), NoCandidate (503), Busy (503), LimitsUnavailable (503), LedgerUnavailable (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
 """
@@ -135,6 +136,8 @@ class HTTPError(SwitchboardError):
     def __init__(self, message: str, **extra: Any) -> None:
         self.message = message
         self.extra = extra
+        self.added: dict[str, str] = {}
+        """Headers given on the way out (the gateway's `x-request-id`, remaining-*...)."""
         super().__init__(message)
 
     def body(self) -> dict[str, Any]:
@@ -142,7 +145,7 @@ class HTTPError(SwitchboardError):
 
     def headers(self) -> dict[str, str]:
         """Headers the answer carries besides the body (`Retry-After`, say)."""
-        return {}
+        return dict(self.added)
 
 
 class BadRequest(HTTPError):
@@ -172,7 +175,12 @@ class NotFound(HTTPError):
 
 
 class ModelNotFound(NotFound):
-    """No enabled provider in the route serves the model over the request's protocol (SPEC 6)."""
+    """No enabled provider in the purpose's route serves the model (over the request's protocol),
+    or the purpose has no route (SPEC 6).
+
+    Answered as OpenAI answers it (`type` and `code` both `model_not_found`), so SDKs, which
+    retry a 5xx, give up at once: asking again cannot help until the configuration changes.
+    """
 
     type = "model_not_found"
 
@@ -183,8 +191,18 @@ class ModelNotFound(NotFound):
 
 
 class MethodNotAllowed(HTTPError):
+    """405, with the methods the path does take in `Allow` (RFC 9110): a write refused by the
+    write mode, or on a replica without push, leaves the path readable (`GET, HEAD`)."""
+
     status = 405
     type = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str = "GET, HEAD") -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class MisdirectedRequest(HTTPError):
@@ -212,6 +230,14 @@ class PayloadTooLarge(HTTPError):
     def over(cls, limit: int) -> PayloadTooLarge:
         """The answer to a body over `limit` bytes (the `max_body_bytes` setting)."""
         return cls(f"request body over {limit} bytes")
+
+
+class UnsupportedMediaType(HTTPError):
+    """415: a body that is not JSON, or (without authentication) a state-changing request without
+    a JSON media type (SPEC 6)."""
+
+    status = 415
+    type = "unsupported_media_type"
 
 
 class Unprocessable(HTTPError):
@@ -254,4 +280,50 @@ class Busy(HTTPError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
+        return {"Retry-After": str(self.retry_after_s), **self.added}
+
+
+class _Throttled(HTTPError):
+    """429: a limit of the client's refuses; `Retry-After` (seconds) and `retry-after-ms` say
+    when it would not (both or neither)."""
+
+    status = 429
+
+    def __init__(self, message: str, *, retry_after_ms: int | None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.retry_after_ms = retry_after_ms
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_ms is None:
+            return dict(self.added)
+        ms = max(0, self.retry_after_ms)
+        return {"Retry-After": str(-(-ms // 1000)), "retry-after-ms": str(ms), **self.added}
+
+
+class RateLimited(_Throttled):
+    """A client over `rpm`, `tpm` or `max_parallel` (SPEC 13); `limit` names which."""
+
+    type = "rate_limited"
+
+
+class BudgetExceeded(_Throttled):
+    """A client whose budget cannot cover the request (SPEC 13); `period_end` says when it renews."""
+
+    type = "budget_exceeded"
+
+
+class LimitsUnavailable(HTTPError):
+    """A limited client while Redis is away, with `SWITCHBOARD_LIMITS_WITHOUT_REDIS=refuse`."""
+
+    status = 503
+    type = "limits_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1", "retry-after-ms": "1000", **self.added}
+
+
+class LedgerUnavailable(HTTPError):
+    """The usage ledger's database cannot be reached now, or the ledger is off (SPEC 13)."""
+
+    status = 503
+    type = "ledger_unavailable"

@@ -46,14 +46,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def read_limited(path: Path, limit: int) -> tuple[bytes, int | None]:
+def read_limited(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes, int | None]:
     """The bytes of the regular file `path` when it holds at most `limit`: (data, None).
 
     A larger file is not read whole: (its first `HEAD_BYTES`, its size). The size is checked
     before reading, and the read itself stops past `limit`, so a file that grows meanwhile
-    cannot make it read more. A FIFO or a device is refused (OSError) without blocking.
+    cannot make it read more. A FIFO or a device is refused (OSError) without blocking, and
+    without `follow` so is a symbolic link (ELOOP).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -64,3 +66,15 @@ def read_limited(path: Path, limit: int) -> tuple[bytes, int | None]:
         if len(data) > limit:  # it grew since the stat
             return data[:HEAD_BYTES], max(os.fstat(fd).st_size, len(data))
         return data, None
+
+
+def leads_outside(path: Path | str, boundary: Path) -> bool:
+    """Whether `path`, every symbolic link on the way resolved, lies outside `boundary` (itself
+    resolved), or inside a `.git` folder of it: where no link of a configuration folder may lead
+    (another team's files, a mounted secret, the repository's own git config and credentials)."""
+    real = Path(os.path.realpath(path))
+    try:
+        inside = real.relative_to(os.path.realpath(boundary))
+    except ValueError:
+        return True
+    return ".git" in inside.parts

@@ -48,7 +48,8 @@ def upstream_model(provider: Mapping[str, Any], model: str) -> str:
 def litellm_params(
     provider: Mapping[str, Any], model: str | None = None, *, key: str | None = None
 ) -> dict[str, Any]:
-    """LiteLLM `litellm_params` for a request for `model` (None: any model, as a wildcard).
+    """LiteLLM `litellm_params` for a request for `model`, mapped through `model_map` (None: any
+    model, `<prefix>/*`: a wildcard deployment of a proxy config, never a model to send).
 
     `key` is the decrypted key; without it a provider that has one gets an env reference.
     """

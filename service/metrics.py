@@ -37,8 +37,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.info = Gauge(
             "switchboard_info",
-            "1, labelled with this replica and its version.",
-            ["replica", "version"],
+            "1, labelled with this replica, its version, and the installed litellm's (whose prices it uses).",
+            ["replica", "version", "litellm"],
             registry=r,
         )
         # configuration
@@ -104,6 +104,25 @@ class Metrics:
             "switchboard_tokens",
             "Tokens reported by upstreams in `usage`.",
             ["provider", "model", "client", "kind"],
+            registry=r,
+        )
+        # usage (SPEC 13)
+        self.cost_usd = Counter(
+            "switchboard_cost_usd",
+            "USD spent through the gateway (what each request cost, or was charged when it said nothing).",
+            ["client", "provider", "model"],
+            registry=r,
+        )
+        self.limited = Counter(
+            "switchboard_limited",
+            "Requests refused by a client's limit: rpm, tpm, max_parallel, budget, unavailable.",
+            ["client", "limit"],
+            registry=r,
+        )
+        self.budget_spent = Gauge(
+            "switchboard_budget_spent_usd",
+            "What each budget has spent in its current period (kind: client or provider).",
+            ["kind", "subject"],
             registry=r,
         )
         self.provider_healthy = Gauge(

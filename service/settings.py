@@ -42,7 +42,16 @@ class Settings(BaseSettings):
     debounce_ms: int = Field(50, ge=1, description="How long the watcher gathers changes into one batch.")
     rescan_s: float = Field(10.0, gt=0, description="A full rescan of the folder at least this often.")
     max_body_bytes: int = Field(16 << 20, gt=0, description="Larger request bodies get 413.")
-    max_upstream_bytes: int = Field(64 << 20, gt=0, description="Larger non-streamed upstream answers: 502.")
+    max_upstream_bytes: int = Field(
+        64 << 20, gt=0, description="Larger non-streamed upstream answers (litellm's too): 502."
+    )
+    allowed_upstreams: str | None = Field(
+        None,
+        description="Where upstream requests may connect: comma-separated CIDRs and host names "
+        "(`*.` wildcards), checked on the address connected to, after DNS resolution. Unset: "
+        "anywhere but link-local addresses (169.254.0.0/16, fe80::/10: cloud metadata), which "
+        "only a listed network within them allows (never a name, nor 0.0.0.0/0).",
+    )
     health_interval_s: float = Field(30.0, ge=0, description="Active health checks; 0 turns them off.")
     health_confirm: int = Field(
         2, ge=1, description="Consecutive results a new health status must hold before it is an event."
@@ -65,7 +74,35 @@ class Settings(BaseSettings):
     git_pull: str | None = Field(None, description="REMOTE/BRANCH to fetch and fast-forward to.")
     git_pull_interval_s: float = Field(30.0, gt=0, description="How often the built-in pull fetches.")
     webhook_secret: SecretStr | None = Field(None, description="Checks the git host's push notifications.")
-    redis_url: SecretStr | None = Field(None, description="Redis for fan-out and heartbeats (optional).")
+    redis_url: SecretStr | None = Field(
+        None, description="Redis for fan-out, heartbeats, and the limits shared by every replica (optional)."
+    )
+
+    # Limits and budgets (SPEC 13)
+    default_max_tokens: int = Field(
+        4096,
+        ge=1,
+        le=10**9,
+        description="The completion tokens a request is taken to ask for when it says nothing and the "
+        "model's output limit is unknown (what a budget reserves for it).",
+    )
+    limits_without_redis: Literal["local", "refuse"] = Field(
+        "local",
+        description="When Redis cannot be reached: `local` (each replica enforces the limits from its own "
+        "counts, and its share of each budget) or `refuse` (limited clients get 503).",
+    )
+
+    # The usage ledger (SPEC 13)
+    usage_db: SecretStr = Field(
+        SecretStr("var/usage.db"),
+        description="The ledger: a SQLite file, `postgresql://…` (shared by replicas), or `off`.",
+    )
+    usage_retention_days: int = Field(
+        90, ge=1, description="Raw usage records are kept this long; rollups forever."
+    )
+    usage_spool: Path = Field(
+        Path("var/usage-spool"), description="Records not yet in the ledger's database wait here."
+    )
 
     # Traces (SPEC 14): the exporters read the rest of the `OTEL_EXPORTER_OTLP_*` variables
     otel_exporter: Literal["otlp", "none"] | None = Field(
@@ -143,6 +180,15 @@ class Settings(BaseSettings):
     @property
     def events_file(self) -> Path:
         return self.path(self.events)
+
+    @property
+    def usage_spool_dir(self) -> Path:
+        return self.path(self.usage_spool)
+
+    @property
+    def spent_file(self) -> Path:
+        """The local snapshot of budgets' spent (SPEC 13), beside the ledger's spool."""
+        return self.usage_spool_dir.parent / "usage-spent.json"
 
     @property
     def sops_config(self) -> Path:

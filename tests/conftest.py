@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
 from service.http.app import create_app
@@ -30,6 +31,7 @@ from service.journal.events import Event
 from service.journal.log import read_events
 from service.runtime.registry import Registry
 from service.settings import Settings
+from tests.support.postgres import PostgresServer, binaries
 from tests.support.replicas import Checkout, make_remote, routing_yaml, server_yaml
 
 _AMBIENT_SOPS_VARS = (
@@ -234,8 +236,12 @@ class Service:
 
 
 @contextlib.asynccontextmanager
-async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]:
+async def serve(
+    project: SopsProject, *, lookup: Lookup = system_lookup, **settings: Any
+) -> AsyncIterator[Service]:
     """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200.
+
+    `lookup` is how the service resolves upstream host names (a test's own DNS).
 
     The app runs as `switchboard serve` runs it (handler cancellation on, so a client that
     leaves cancels its upstream request), with a short debounce and health checks off
@@ -251,7 +257,7 @@ async def serve(project: SopsProject, **settings: Any) -> AsyncIterator[Service]
         "health_interval_s": 0,
     }
     config = Settings(**(values | settings))
-    app = create_app(config, sops=project.sops)
+    app = create_app(config, sops=project.sops, lookup=lookup)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", config.port).start()
@@ -286,3 +292,26 @@ def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
     (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
     (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
     return make_remote(tmp_path, sops_project.root)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Debian's PostgreSQL (`postgresql` package), started once for the session in a temporary folder."""
+    found = binaries()
+    if found is None:
+        pytest.skip(
+            "PostgreSQL is not installed (apt-get install postgresql): no /usr/lib/postgresql/*/bin/initdb"
+        )
+    server = PostgresServer(found)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh database on the session's PostgreSQL server."""
+    postgres_server.ensure_running()
+    return postgres_server.database()

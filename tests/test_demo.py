@@ -60,6 +60,22 @@ async def test_the_demo_serves_the_examples_end_to_end(tmp_path: Path) -> None:
                 active = await response.json()
             assert [p["id"] for p in active["primary"]] == ["openrouter-default", "local-vllm"]
             assert active["primary"][0]["api_key"].startswith("****")
+            # A newcomer's first look at the console: every provider checked, and every one healthy
+            # (each stand-in answers its protocol's health check: TEI's is `/info`).
+            for _ in range(600):
+                async with session.get(f"{base}/api/v1/llm-config/providers") as response:
+                    providers = (await response.json())["providers"]
+                if all(p["health"]["checked_at"] for p in providers):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"not every provider was checked: {providers}")
+            health = {p["id"]: p["health"]["status"] for p in providers}
+            assert set(health.values()) == {"healthy"}, health
+            body = {"model": "bge-m3", "input": ["hello"]}
+            async with session.post(f"{base}/v1/embeddings", json=body) as response:
+                assert response.status == 200, await response.text()
+                assert response.headers["x-switchboard-provider"] == "local-tei"
     finally:
         process.terminate()
         await process.wait()

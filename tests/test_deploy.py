@@ -156,6 +156,7 @@ def test_the_compose_replicas_settings_are_valid(monkeypatch: pytest.MonkeyPatch
         assert settings.redis_url.get_secret_value().startswith("redis://redis:")
         # The event log lies outside the clone: the pull needs a clean working tree.
         assert not settings.events_file.is_relative_to(settings.root)
+        _ledger_outside(settings, settings.root, settings.events_file.parent)
 
 
 def test_the_kubernetes_settings_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,12 +168,23 @@ def test_the_kubernetes_settings_are_valid(monkeypatch: pytest.MonkeyPatch) -> N
     env |= {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env["SWITCHBOARD_REPLICA"] = "switchboard-0"  # the downward API gives the pod's name
     settings = _settings_from(env, monkeypatch)
+    args = _serve(container["args"])
+    _ledger_outside(settings, Path(args.root), args.events.parent)  # git-sync swaps that checkout
     redis = manifests["Service", "switchboard-redis"]
     assert settings.redis_url is not None
     assert (
         settings.redis_url.get_secret_value()
         == f"redis://switchboard-redis:{redis['spec']['ports'][0]['port']}/0"
     )
+
+
+def _ledger_outside(settings: Settings, checkout: Path, var: Path) -> None:
+    """The usage ledger and its spool lie beside the event log, never in the configuration's
+    checkout (a pull needs it clean; git-sync replaces it at every commit, spool and all)."""
+    db = settings.path(Path(settings.usage_db.get_secret_value()))
+    for path in (db, settings.usage_spool_dir):
+        assert path.is_absolute() and not path.is_relative_to(checkout), path
+        assert path.parent == var, path  # beside the event log, on its writable volume
 
 
 # -- the Dockerfile ----------------------------------------------------------------------------
@@ -513,6 +525,8 @@ def test_a_compose_replica_clones_the_seeded_remote_and_serves_it(
         "CONFIG_REMOTE": str(remote),
         "SWITCHBOARD_ROOT": str(replica / "config"),
         "SWITCHBOARD_EVENTS": str(replica / "var" / "events.jsonl"),
+        "SWITCHBOARD_USAGE_DB": str(replica / "var" / "usage.db"),  # as compose.yaml: outside the clone
+        "SWITCHBOARD_USAGE_SPOOL": str(replica / "var" / "usage-spool"),
         "SWITCHBOARD_GIT_PULL": compose_env["SWITCHBOARD_GIT_PULL"],
         "SWITCHBOARD_REPLICA": "switchboard-1",
         "SWITCHBOARD_HEALTH_INTERVAL_S": "0",

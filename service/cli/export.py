@@ -1,6 +1,9 @@
 """`switchboard export litellm|wilmer [--out PATH] [--with-secrets]`: other tools' configuration.
 
 Keys are environment references unless `--with-secrets` (then files are written mode 0600).
+What the LiteLLM file cannot route as Switchboard does is said on stderr (and in its header);
+a configuration it cannot say at all (a model name used by two purposes) exits 1, writing
+nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from service.config.export import litellm_yaml, wilmer_endpoints
+from service.config.export import litellm_export, wilmer_endpoints
 from service.config.snapshot import load_folder
 from service.crypto.sops import Sops
 from service.files import write_atomically
@@ -25,7 +28,10 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     sops = Sops.from_settings(settings) if ns.with_secrets else None
     snapshot = load_folder(settings.providers_dir, settings.providers.as_posix(), sops)
     if ns.target == "litellm":
-        text = litellm_yaml(snapshot, with_secrets=ns.with_secrets)
+        export = litellm_export(snapshot, with_secrets=ns.with_secrets)
+        for note in export.notes:  # what LiteLLM cannot route as Switchboard does; also in the header
+            print(f"switchboard: note: {note}", file=sys.stderr)
+        text = export.yaml()
         if ns.out is None:
             print(text, end="")
         else:

@@ -153,6 +153,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["markdown", "json"], default="markdown")
     p.set_defaults(command=_lazy("plan"))
 
+    p = sub.add_parser("usage", help="the usage ledger, grouped: who spent what, where")
+    p.add_argument("--since", metavar="T", help="ISO 8601, a date, or 10m / 2h / 3d ago (default: 7d)")
+    p.add_argument("--until", metavar="T", help="default: now")
+    p.add_argument(
+        "--by", metavar="KEYS", help="client, provider, model, purpose, hour, day, month; comma-separated"
+    )
+    p.add_argument("--client", metavar="NAME")
+    p.add_argument("--provider", metavar="ID")
+    p.add_argument("--model", metavar="M")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--db", dest="usage_db", metavar="DB", help="default: SWITCHBOARD_USAGE_DB, var/usage.db")
+    p.set_defaults(command=_lazy("usage"))
+
     p = sub.add_parser("export", help="LiteLLM proxy config.yaml, or WilmerAI endpoint files")
     p.add_argument("target", choices=["litellm", "wilmer"])
     p.add_argument("--out", type=Path, metavar="PATH")

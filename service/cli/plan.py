@@ -38,6 +38,7 @@ def render_json(plan: Plan) -> str:
         "refused": plan.refused,
         "changes": plan.changes,
         "warnings": plan.warnings,
+        "limits": plan.limits,
         "problems": [asdict(p) for p in plan.problems],
     }
     return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
@@ -60,6 +61,8 @@ def render_markdown(plan: Plan) -> str:
     out += _section("Providers changed", by_type.get("provider.updated", []), _updated)
     out += _section("Routing", by_type.get("routing.updated", []), _keyed(_route))
     out += _section("Clients", by_type.get("clients.updated", []), _keyed(_scopes))
+    if plan.limits:
+        out += ["### Limits and budgets", "", *[f"- {line}" for line in plan.limits], ""]
     if plan.warnings:
         out += ["### ⚠️ Warnings", "", *[f"- {w}" for w in plan.warnings], ""]
     if plan.problems:
@@ -135,7 +138,16 @@ def _route(route: Mapping[str, Any] | None) -> str:
 
 
 def _scopes(client: Mapping[str, Any] | None) -> str:
-    return "—" if client is None else _cell(", ".join(client.get("scopes", [])))
+    if client is None:
+        return "—"
+    shown = ", ".join(client.get("scopes", []))
+    limits = client.get("limits") or {}
+    if limits:
+        parts = [f"{k} {v}" for k, v in limits.items() if k != "budget"]
+        if "budget" in limits:
+            parts.append(f"budget {limits['budget']['usd']} USD/{limits['budget']['period']}")
+        shown += f"; limits: {', '.join(parts)}"
+    return _cell(shown)
 
 
 def _code(value: Any) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 from aiohttp import web
 
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
-from service.files import read_limited
+from service.config.upstreams import AllowedUpstreams
+from service.files import leads_outside, read_limited
 from service.gateway.tracing import missing_packages
 from service.http.app import create_app
 from service.http.auth import is_loopback
@@ -21,7 +22,7 @@ from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
 
 
-def has_clients_file(folder: Path) -> bool:
+def has_clients_file(folder: Path, root: Path | None = None) -> bool:
     """Whether a file of `folder` is a clients file: by its kind, never by its name (SPEC 2.3).
 
     A file that fails to load counts when its text says `kind: clients` (`declared_kind`):
@@ -30,9 +31,12 @@ def has_clients_file(folder: Path) -> bool:
     outage of a service whose operator plainly meant it to check tokens, and gain nothing:
     no request is served without a valid token either way. A file that cannot be read at
     all counts too, for the same reason: without good clients, a service on an address
-    other than loopback answers 503 to every protected endpoint (it fails closed).
+    other than loopback answers 503 to every protected endpoint (it fails closed). So does a
+    link out of the repository `root` (which the service refuses unread): it is not read here.
     """
     for path in config_files(folder):
+        if root is not None and leads_outside(path, root):
+            return True
         try:
             data, _ = read_limited(path, MAX_FILE_BYTES)
         except FileNotFoundError:
@@ -65,6 +69,11 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if not settings.providers_dir.is_dir():
         print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
         return 1
+    try:
+        AllowedUpstreams.parse(settings.allowed_upstreams)
+    except ValueError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 2
     if settings.git_pull is not None:
         try:
             parse_pull(settings.git_pull)
@@ -78,7 +87,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return 1
-    if not is_loopback(settings.host) and not has_clients_file(settings.providers_dir):
+    if not is_loopback(settings.host) and not has_clients_file(settings.providers_dir, settings.files_root):
         print(
             f"switchboard: error: refusing to listen on {settings.host} without authentication: "
             f"there is no clients file in {settings.providers_dir} "

@@ -7,6 +7,7 @@ import asyncio
 
 from service.config.loader import decrypt, is_config_file, parse
 from service.config.models import AiServer, ApiKey, Provider
+from service.config.upstreams import AllowedUpstreams
 from service.crypto.sops import Sops
 from service.errors import NotFound
 from service.gateway.health import CheckResult, check
@@ -28,12 +29,13 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     provider = loaded.document
     if not isinstance(provider, AiServer | ApiKey):
         raise NotFound(f"{name} is not a provider (kind: {provider.kind})")
-    result = asyncio.run(_check_once(provider))
+    allowed = AllowedUpstreams.parse(settings.allowed_upstreams)
+    result = asyncio.run(_check_once(provider, allowed))
     verdict = "ok" if result.ok else "failed"
     print(f"{provider_id}: {verdict} in {result.latency_ms:.1f} ms: {result.message}")
     return 0 if result.ok else 1
 
 
-async def _check_once(provider: Provider) -> CheckResult:
-    async with open_session() as session:
+async def _check_once(provider: Provider, allowed: AllowedUpstreams) -> CheckResult:
+    async with open_session(allowed) as session:
         return await check(provider, session)

@@ -21,7 +21,9 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         for path in missing:
             print(f"switchboard: error: {path}: no such file or folder", file=sys.stderr)
         return 1
-    problems = validate(paths, sops=Sops.from_settings(settings) if ns.decrypt else None)
+    problems = validate(
+        paths, sops=Sops.from_settings(settings) if ns.decrypt else None, root=settings.files_root
+    )
     files = len(collect(paths))
     output = render(problems, ns.format, files)
     if output:

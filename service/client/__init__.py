@@ -5,7 +5,7 @@
     async with Switchboard("http://127.0.0.1:8080", token="sb_…") as sb:
         chat = await sb.get_active_llm_provider("chat")     # first healthy candidate, masked key
         backup = await sb.get_fallback_provider(chat)       # the next candidate, or None
-        params = await sb.litellm_params("chat")            # decrypted key (secrets:read)
+        params = await sb.litellm_params("chat", model="gpt-4o-mini")  # decrypted key (secrets:read)
         result = await sb.test_provider(chat.id)            # admin
         async for event in sb.events(): ...                 # the live event stream
 
@@ -22,6 +22,7 @@ the rest of the server's dependencies.
 
 from __future__ import annotations
 
+from service.client.errors import BadRequest as BadRequest
 from service.client.errors import (
     Forbidden,
     NotFound,
@@ -29,6 +30,7 @@ from service.client.errors import (
     Unauthorized,
     Unavailable,
 )
+from service.client.errors import ModelRequired as ModelRequired
 from service.client.models import HEALTHY as HEALTHY
 from service.client.models import Event, Health, Provider, Route, TestResult
 from service.client.stream import MAX_EVENT_BYTES as MAX_EVENT_BYTES

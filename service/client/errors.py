@@ -16,6 +16,17 @@ class SwitchboardClientError(Exception):
             self.status = status
 
 
+class BadRequest(SwitchboardClientError):
+    """400: the service cannot answer the call as asked."""
+
+    status = 400
+
+
+class ModelRequired(BadRequest, ValueError):
+    """`litellm_params(purpose)` without a model, when the provider it would name declares no
+    models: it serves any model, so only the caller can say which (`model=...`)."""
+
+
 class Unauthorized(SwitchboardClientError):
     """401: no token, or a token the service does not know."""
 
@@ -29,7 +40,7 @@ class Forbidden(SwitchboardClientError):
 
 
 class NotFound(SwitchboardClientError):
-    """404: no such purpose or provider."""
+    """404: no such purpose or provider, or no provider serves the model asked for."""
 
     status = 404
 
@@ -38,7 +49,12 @@ class Unavailable(SwitchboardClientError):
     """The service cannot be reached, is not ready, or has no copy to answer from yet."""
 
 
-_BY_STATUS: dict[int, type[SwitchboardClientError]] = {401: Unauthorized, 403: Forbidden, 404: NotFound}
+_BY_STATUS: dict[int, type[SwitchboardClientError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+}
 
 
 async def raise_for(response: aiohttp.ClientResponse) -> None:

@@ -80,8 +80,10 @@ class Provider:
         return self.enabled and self.health.status in HEALTHY
 
     def to_litellm_config(self, model: str | None = None) -> dict[str, Any]:
-        """LiteLLM `litellm_params` for `model` (None: any), as `switchboard export litellm` writes
-        them: the key as an `os.environ/SWITCHBOARD_KEY_<ID>` reference (`litellm_params()` has it)."""
+        """LiteLLM `litellm_params` for `model`, as `switchboard export litellm` writes a deployment
+        (without its weight and prices): the key as an `os.environ/SWITCHBOARD_KEY_<ID>` reference
+        (`litellm_params()` has it). None is any model: `<prefix>/*`, a wildcard deployment of a
+        proxy config, never a model to send (`Switchboard.litellm_params` refuses to)."""
         return formats.litellm_params(self.raw, model)
 
     def to_wilmer_config(self) -> dict[str, Any] | None:

@@ -18,11 +18,14 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
 from service.client.errors import (
+    BadRequest,
     Forbidden,
+    ModelRequired,
     NotFound,
     SwitchboardClientError,
     Unauthorized,
@@ -147,10 +150,29 @@ class Switchboard:
         """The service's index (`X-Switchboard-Index`) the copy is at."""
         return self._index
 
-    async def litellm_params(self, purpose: str) -> dict[str, Any]:
-        """The first healthy candidate as `litellm_params`, key decrypted (needs `secrets:read`;
-        every such read is an audit event on the service)."""
-        answer = await self._request("GET", f"{PREFIX}/active/{purpose}/litellm")
+    async def litellm_params(self, purpose: str, model: str | None = None) -> dict[str, Any]:
+        """The first healthy candidate that serves `model` as `litellm_params`, for
+        `litellm.acompletion(**params, messages=...)`: the model in litellm's form, mapped
+        through the provider's `model_map`, and the key decrypted (needs `secrets:read`; every
+        such read is an audit event on the service).
+
+        Without `model`, the candidate's first declared model. Raises `ModelRequired` when no
+        model can be named that way (the candidate declares none: it serves any model, and `*`
+        is no model to send), `NotFound` when no provider of the route serves `model`.
+        """
+        if model is not None and not model:
+            raise ValueError("model must be a model's name, or None")
+        query = f"?{urlencode({'model': model})}" if model is not None else ""
+        try:
+            answer = await self._request("GET", f"{PREFIX}/active/{quote(purpose, safe='')}/litellm{query}")
+        except BadRequest as exc:
+            if model is not None:
+                raise
+            raise ModelRequired(
+                f"litellm_params({purpose!r}) needs a model: {exc} — call litellm_params({purpose!r}, "
+                "model=...)",
+                exc.status,
+            ) from None
         params: dict[str, Any] = dict(answer["litellm_params"])
         return params
 

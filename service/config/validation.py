@@ -3,7 +3,8 @@
 It needs no key. Files are parsed and checked one by one, then together (cross-file checks
 over each folder involved, so a single changed file is still checked against its siblings),
 and `.sops.yaml` is checked to cover the files that hold secrets. With `decrypt`, each
-encrypted file also goes through sops, which checks its MAC.
+encrypted file also goes through sops, which checks its MAC. A file that is a symbolic link
+out of the repository is reported unread, as the service refuses it (SPEC 4).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.config.loader import Decrypter, Loaded, config_files, decrypt, parse
+from service.config.loader import Decrypter, Loaded, config_files, decrypt, is_config_file, parse
 from service.config.models import SECRET_FIELDS
 from service.config.snapshot import cross_check
 from service.config.sops_rules import check_sops_config
 from service.errors import FileRejected, Problem
+from service.files import leads_outside
+
+LINK_OUT = "a symbolic link out of the repository (or into its .git): the service refuses it unread"
 
 
 def collect(paths: Iterable[Path]) -> list[Path]:
@@ -31,13 +35,27 @@ def collect(paths: Iterable[Path]) -> list[Path]:
 
 
 def validate(
-    paths: Iterable[Path], *, sops: Decrypter | None = None, sops_config: Path | None = None
+    paths: Iterable[Path],
+    *,
+    sops: Decrypter | None = None,
+    sops_config: Path | None = None,
+    root: Path | None = None,
 ) -> list[Problem]:
-    """Every problem in the files at `paths`; decrypts too when a `Sops` is given."""
+    """Every problem in the files at `paths`; decrypts too when a `Sops` is given.
+
+    `root`: the repository (the configuration root); links out of it are reported, not read.
+    """
+    paths = list(paths)
     named = collect(paths)
+    if root is not None:  # a link out may lead nowhere here and somewhere on a replica
+        named += [p for p in _dangling_links(paths) if _link_out(p, root)]
     problems: list[Problem] = []
     loaded: dict[Path, Loaded] = {}
+    out = {p for p in named if root is not None and _link_out(p, root)}
     for path in named:
+        if path in out:
+            problems.append(Problem(_display(path), 1, LINK_OUT))
+            continue
         try:
             loaded[path] = _load(path)
             if sops is not None:
@@ -46,6 +64,8 @@ def validate(
             problems += exc.problems
     siblings = {p for folder in {p.parent for p in named} for p in collect([folder])} - set(named)
     for path in sorted(siblings):
+        if root is not None and _link_out(path, root):
+            continue
         try:
             loaded[path] = _load(path)
         except FileRejected:
@@ -57,6 +77,28 @@ def validate(
         for message in check_sops_config(config, [str(p.resolve()) for p in secret_files]):
             problems.append(Problem(_display(config), 1, message))
     return sorted(dict.fromkeys(problems), key=lambda p: (p.file, p.line))
+
+
+def _dangling_links(paths: Iterable[Path]) -> list[Path]:
+    """The documents' names in the folders named that are links to nothing (here)."""
+    found: list[Path] = []
+    for folder in paths:
+        if folder.is_dir():
+            found += sorted(
+                p for p in folder.iterdir() if p.is_symlink() and not p.exists() and is_config_file(p.name)
+            )
+    return found
+
+
+def _link_out(path: Path, root: Path) -> bool:
+    """Whether `path` is a link leading out of the repository the service would see it in: `root`
+    when the file is in it (as named, links not resolved), else the folder holding its folder
+    (as the service names files of a folder outside its root)."""
+    named = path.absolute()
+    boundary = root.absolute()
+    if not named.is_relative_to(boundary):
+        boundary = named.parent.parent
+    return leads_outside(named, boundary)
 
 
 def _load(path: Path) -> Loaded:

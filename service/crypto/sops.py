@@ -188,7 +188,9 @@ class Sops:
         # Explicit either way: sops must not pick up a .sops.yaml from a parent directory.
         return ["--config", str(self.project_root / ".sops.yaml") if rules else os.devnull]
 
-    def _run(self, args: list[str], file: str, data: bytes | None = None) -> bytes:
+    def _run(
+        self, args: list[str], file: str, data: bytes | None = None, *, cwd: Path | None = None
+    ) -> bytes:
         argv = [self.binary, *args]
         try:
             proc = subprocess.run(
@@ -196,7 +198,7 @@ class Sops:
                 input=data if data is not None else b"",
                 capture_output=True,
                 env=self._env,
-                cwd=self.project_root,
+                cwd=cwd or self.project_root,
                 timeout=self.timeout_s,
                 check=False,
             )
@@ -279,15 +281,20 @@ class Sops:
             self._semaphores = {loop: asyncio.Semaphore(self._max_parallel)}
         return self._semaphores[loop]
 
-    def encrypt(self, data: bytes, filename: str) -> bytes:
+    def encrypt(self, data: bytes, filename: str, *, config: Path | None = None) -> bytes:
         """Encrypt plaintext `data` for `filename` under the creation rules of `.sops.yaml`.
 
+        `config`: another `.sops.yaml` to take the rules from (the committed one, copied out of
+        git), with `filename` relative to its folder, as sops matches `path_regex` there.
         Input and output go through pipes; writing the result (temp file, fsync, rename) is
         the caller's, or use `encrypt_in_place`.
         """
-        name = self.relative(filename)
-        args = [*self._config(rules=True), "encrypt", *_input_type(name)]
-        return self._run([*args, "--filename-override", name], filename, data)
+        if config is None:
+            name = self.relative(filename)
+            args = [*self._config(rules=True), "encrypt", *_input_type(name)]
+            return self._run([*args, "--filename-override", name], filename, data)
+        args = ["--config", str(config), "encrypt", *_input_type(filename)]
+        return self._run([*args, "--filename-override", filename], filename, data, cwd=config.parent)
 
     def encrypt_in_place(self, path: Path | str) -> None:
         """Encrypt the plaintext file at `path`, replacing it atomically (same mode)."""

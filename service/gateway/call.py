@@ -53,6 +53,8 @@ class Failure(Exception):
         """The failure an upstream's status means (one that `falls_back`)."""
         if refused(status):
             return cls(status, f"HTTP {status}: the upstream refused the provider's key")
+        if redirect(status):
+            return cls(status, f"HTTP {status}: a redirect, not followed")
         return cls(status, f"HTTP {status}")
 
     @property
@@ -80,9 +82,15 @@ def refused(status: int) -> bool:
     return status in (401, 403)
 
 
+def redirect(status: int) -> bool:
+    """3xx: an answer that names another place. None is followed (SPEC 7): the provider's key
+    goes only to its `base_url`, so for a request it is a failure of the provider."""
+    return 300 <= status < 400
+
+
 def falls_back(status: int) -> bool:
-    """Statuses that move on to the next candidate: `retryable` ones and `refused` ones."""
-    return status >= 500 or status in (401, 403, 408, 429)
+    """Statuses that move on to the next candidate: `retryable`, `refused` and `redirect` ones."""
+    return status >= 500 or status in (401, 403, 408, 429) or 300 <= status < 400
 
 
 class Call:

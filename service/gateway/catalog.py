@@ -2,7 +2,8 @@
 
 Used by the active health checks (a provider that lists its models answers, with its key),
 by `GET …/servers/{id}/models`, and by `/v1/models` for providers that declare none. A
-failure is described, never raised.
+failure is described, never raised. A redirect is a failure, never followed: it would carry
+the key (`x-api-key`, `x-goog-api-key`, which aiohttp keeps across hosts) to another host.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from service.config.models import Provider
-from service.gateway.call import retryable
+from service.gateway.call import redirect, retryable
 from service.gateway.transports.base import TooLarge, describe_error, read_within, sendable_key
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -63,9 +64,11 @@ async def list_models(provider: Provider, session: aiohttp.ClientSession) -> Mod
         total=provider.first_byte_timeout_s, sock_connect=provider.connect_timeout_s
     )
     try:
-        async with session.get(url, headers=headers, timeout=timeout) as response:
-            if response.status >= 400:
-                status = response.status
+        async with session.get(url, headers=headers, timeout=timeout, allow_redirects=False) as response:
+            status = response.status
+            if redirect(status):  # never followed: the key would go to the host it names (SPEC 7)
+                return ModelList(None, f"HTTP {status}: a redirect, not followed", True, status)
+            if status >= 400:
                 return ModelList(None, f"HTTP {status}", retryable(status), status)
             body = await read_within(response, MAX_MODELS_BYTES)
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -54,10 +54,19 @@ class HealthState:
     status: Status = "unknown"
     checked_at: datetime | None = None
     latency_ms: float | None = None
+    reason: str | None = None
+    """Why it is unhealthy, where that is known (`budget`: out of budget)."""
 
     def as_json(self) -> dict[str, object]:
         checked = self.checked_at.isoformat().replace("+00:00", "Z") if self.checked_at else None
-        return {"status": self.status, "checked_at": checked, "latency_ms": self.latency_ms}
+        shown: dict[str, object] = {
+            "status": self.status,
+            "checked_at": checked,
+            "latency_ms": self.latency_ms,
+        }
+        if self.reason is not None:
+            shown["reason"] = self.reason
+        return shown
 
 
 _UNKNOWN = HealthState()
@@ -119,18 +128,39 @@ class Health:
         self._states: dict[str, HealthState] = {}
         self._tracks: dict[str, _Track] = {}
         self._models: dict[str, tuple[str, ...]] = {}
+        self._held: dict[str, tuple[HealthState, float | None]] = {}
+        """Provider id -> the health shown instead of its own, and until when (wall clock)."""
 
     def reset(self, provider_id: str) -> None:
         """Forget what is known of the provider (SPEC 7: its file changed, a rotated key or a new URL):
         its circuit closes and its status is `unknown` again until a request or a check tells."""
         self._states.pop(provider_id, None)
         self._tracks.pop(provider_id, None)
+        self._held.pop(provider_id, None)
         if self._models.pop(provider_id, None) is not None:
             self.models_version += 1
 
     def get(self, provider_id: str) -> HealthState:
         """The last known health; `unknown` before any request or check."""
+        if self._held:
+            held = self._held.get(provider_id)
+            if held is not None:
+                if held[1] is None or time.time() < held[1]:
+                    return held[0]
+                del self._held[provider_id]
         return self._states.get(provider_id, _UNKNOWN)
+
+    def hold(self, provider_id: str, reason: str, until: float | None) -> None:
+        """Show the provider `unhealthy` for `reason` until `until` (wall-clock seconds; None:
+        until `release`), whatever checks find: it is out of budget (SPEC 13), not down."""
+        held = self._held.get(provider_id)
+        if held is None or held[0].reason != reason or held[1] != until:
+            self._held[provider_id] = (HealthState("unhealthy", datetime.now(UTC), None, reason), until)
+
+    def release(self, provider_id: str) -> None:
+        """Stop showing a `hold`: the provider's own health shows again."""
+        if self._held:
+            self._held.pop(provider_id, None)
 
     def models(self, provider_id: str) -> tuple[str, ...]:
         """The models the provider's last successful check listed (empty before one)."""

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
-from service.errors import InvalidRequest, ModelNotFound, NoCandidate, UpstreamsFailed
+from service.errors import HTTPError, InvalidRequest, ModelNotFound, NoCandidate, UpstreamsFailed
 from service.gateway.call import (
     ATTEMPTS_HEADER,
     MAX_ANSWER_MODELS,
@@ -37,6 +37,7 @@ from service.gateway.call import (
 )
 from service.gateway.forms import Forms
 from service.gateway.health import Health
+from service.gateway.metering import Meter
 from service.gateway.protocols import ids
 from service.gateway.protocols.translation import Untranslatable
 from service.gateway.routing import Router, RoutingTable
@@ -51,6 +52,13 @@ if TYPE_CHECKING:  # imported only when tracing is on: OpenTelemetry stays out o
 
 NO_PROVIDER = "none"
 """`x-switchboard-provider` on an answer that no provider gave."""
+SHOWN_MODEL_CHARS = 200
+"""An error quotes at most this much of a requested model's name."""
+
+
+def shown(model: str) -> str:
+    """A requested model's name as an error quotes it: repr'd, and cut when long."""
+    return repr(model if len(model) <= SHOWN_MODEL_CHARS else model[:SHOWN_MODEL_CHARS] + "…")
 
 
 class Relay:
@@ -73,11 +81,13 @@ class Relay:
         self.via = secrets.token_hex(8)
         """This gateway's token in `x-switchboard-via`: a request carrying it came back here."""
         self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
-        self.litellm = LiteLLMTransport()
+        self.litellm = LiteLLMTransport(session, max_upstream_bytes)
         self.tei = TEITransport(self.openai)
         self.forms = Forms(ids_key or secrets.token_bytes(32))
         """Who speaks which protocol, and the keys of response ids (`ids_key`: for providers
         without an API key; a random one keeps their ids on this replica)."""
+        self.meter: Meter | None = None
+        """Limits, costs and records (SPEC 13); None: requests are not metered."""
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
@@ -97,9 +107,13 @@ class Relay:
         return self.openai
 
     async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
-        """Try each candidate in turn; raises NoCandidate or UpstreamsFailed when none answers.
+        """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
+        model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
+        tried failed.
 
-        With tracing on, the request is a span and each attempt a child span of it."""
+        With a meter, the call is admitted against its client's limits first (a refusal is
+        raised), each candidate must fit its budget, and the end is settled and recorded. With
+        tracing on, the request is a span and each attempt a child span of it."""
         if self.tracing is None:
             return await self._relay(call, snapshot, None)
         with self.tracing.request(call) as trace:
@@ -115,59 +129,85 @@ class Relay:
             candidates, pinned = self._pinned(call, snapshot)
         else:
             candidates = self._candidates(table, call)
-        for provider in candidates:
-            pid = provider.id
-            if not health.admit(pid):
-                continue  # half-open, and its one trial request is out
-            headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
-            if trace is not None:
-                trace.attempt(provider)
-            try:
-                self.forms.prepare(call, provider, pinned)
-                transport = self.transport(provider, call.purpose, call.upstream_protocol)
-                response = _translated(call, await transport.send(call, provider, headers))
-            except Failure as failure:
-                if isinstance(failure, NotSpoken):
-                    self.forms.remember(provider, failure.protocol)
-                if failure.refused:
-                    health.refuse(pid, failure.reason)
-                elif failure.blames_provider:
-                    health.failed(pid, failure.reason)
-                else:
-                    health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
-                self.count("attempt", pid, "failed")
-                attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+        metered = None
+        if self.meter is not None and call.metered:
+            metered = await self.meter.start(call, snapshot, candidates)
+            candidates = metered.candidates
+        try:
+            for provider in candidates:
+                pid = provider.id
+                if not health.admit(pid):
+                    continue  # half-open, and its one trial request is out
+                if metered is not None and not await metered.take(provider):
+                    health.abandon(pid)
+                    continue  # its budget cannot cover the request
+                headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
+                if metered is not None:
+                    headers.update(metered.headers)
+                    metered.sending(provider)
                 if trace is not None:
-                    trace.failed(failure)
-                continue
-            except BaseException:
-                health.abandon(pid)
-                raise
-            if trace is not None:
-                trace.succeeded(response)
-            self._succeeded(call, provider, response, attempts)
-            return response
-        if not attempts:
-            if pinned is not None:
-                raise NoCandidate(f"{pinned.provider}, which gave previous_response_id, cannot take it now")
-            what = f"model {call.model!r}" if call.model else "this request"
-            raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
-        raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+                    trace.attempt(provider)
+                try:
+                    self.forms.prepare(call, provider, pinned)
+                    transport = self.transport(provider, call.purpose, call.upstream_protocol)
+                    response = _translated(call, await transport.send(call, provider, headers))
+                except Failure as failure:
+                    if isinstance(failure, NotSpoken):
+                        self.forms.remember(provider, failure.protocol)
+                    if failure.refused:
+                        health.refuse(pid, failure.reason)
+                    elif failure.blames_provider:
+                        health.failed(pid, failure.reason)
+                    else:
+                        health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
+                    self.count("attempt", pid, "failed")
+                    attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+                    if metered is not None:
+                        await metered.give_back(provider)
+                    if trace is not None:
+                        trace.failed(failure)
+                    continue
+                except BaseException:
+                    health.abandon(pid)
+                    raise
+                if trace is not None:
+                    trace.succeeded(response)
+                self._succeeded(call, provider, response, attempts)
+                if metered is not None:
+                    await metered.served(provider, response, len(attempts) + 1)
+                return response
+            if not attempts:
+                if pinned is not None:
+                    raise NoCandidate(
+                        f"{pinned.provider}, which gave previous_response_id, cannot take it now"
+                    )
+                what = f"model {shown(call.model)}" if call.model else "this request"
+                raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
+            raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+        except HTTPError as error:
+            if metered is not None:
+                await metered.failed(error, len(attempts))
+            raise
+        finally:
+            if metered is not None and not metered.done:  # cancelled (the client left), or a bug
+                metered.abandoned(len(attempts) + (metered.sent is not None))
 
     def _candidates(self, table: RoutingTable, call: Call) -> Sequence[Provider]:
-        """The call's candidates; 404 `model_not_found` when none in the route could ever serve
-        it over its protocol (a chat call keeps the router's answer)."""
+        """The call's candidates; 404 `model_not_found` when no enabled provider of the route
+        serves the model (over the call's protocol), however long one waits; an empty list when
+        some do but each is skipped now (then 503)."""
         found = self.router.candidates(table, call.purpose, call.model, self.health)
-        if call.protocol == "chat":
-            return found
-        found = [p for p in found if self.forms.serves(p, call)]
+        if call.protocol != "chat":
+            found = [p for p in found if self.forms.serves(p, call)]
         if found:
+            return found
+        what = f"model {shown(call.model)}" if call.model else "this request"
+        if not table.serves(call.purpose, call.model):
+            raise ModelNotFound(f"no enabled provider of `{call.purpose}` serves {what}")
+        if call.protocol == "chat":
             return found
         route = table.routes.get(call.purpose)
         serving = [p for p in (route.ordered if route else ()) if p.enabled and p.serves(call.model)]
-        what = f"model {call.model!r}" if call.model else "this request"
-        if not serving:
-            raise ModelNotFound(f"no enabled provider of `{call.purpose}` serves {what}")
         if not any(self.forms.serves(p, call) for p in serving):
             name = "Messages" if call.protocol == "count_tokens" else call.protocol
             raise ModelNotFound(f"no enabled provider serves {what} over {name}", over_protocol=True)

@@ -64,6 +64,13 @@ class RoutingTable:
         """Enabled providers that declare no models: `/v1/models` lists what their checks found."""
         self._listed: tuple[int, bytes] | None = None
 
+    def serves(self, purpose: str, model: str | None) -> bool:
+        """Whether any enabled provider of the purpose's route serves `model`, now or later: when
+        none does, asking again cannot help (404 `model_not_found`), unlike a provider skipped
+        for now (503)."""
+        route = self.routes.get(purpose)
+        return route is not None and any(p.enabled and p.serves(model) for p in route.ordered)
+
     def models_answer(self, health: Health) -> bytes:
         """The encoded answer of `GET /v1/models`: the models enabled providers declare, and for
         those that declare none, the models their last successful health check listed."""
@@ -112,12 +119,16 @@ class Router:
         ]
 
 
-def first_healthy(table: RoutingTable, purpose: str, health: Health) -> Provider | None:
-    """The first candidate, in the routing file's order, that is enabled and not known to be down."""
+def first_healthy(
+    table: RoutingTable, purpose: str, health: Health, model: str | None = None
+) -> Provider | None:
+    """The first candidate, in the routing file's order, that is enabled, serves `model` (None:
+    any) and is not known to be down."""
     route = table.routes.get(purpose)
     for provider in route.ordered if route is not None else ():
         if (
             provider.enabled
+            and provider.serves(model)
             and not health.is_open(provider.id)
             and health.get(provider.id).status != "unhealthy"
         ):

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from service.config.metering import Budget, Limits, Price
 from service.config.models import Purpose, Scope, ServerType
 from service.journal.events import Event
 from service.vendors import VENDORS
@@ -33,6 +34,7 @@ class ProviderHealth(_Answer):
     status: Literal["healthy", "unhealthy", "unknown"]
     checked_at: datetime | None = Field(description="the last check or request that told, UTC")
     latency_ms: float | None
+    reason: str | None = Field(None, description="`budget`: skipped, out of budget until its period ends")
 
 
 class _Provider(_Answer):
@@ -48,6 +50,8 @@ class _Provider(_Answer):
     timeout_s: float
     first_byte_timeout_s: float
     idle_timeout_s: float
+    pricing: dict[str, Price] | None = Field(None, description="only when the file prices models (SPEC 13)")
+    budget: Budget | None = Field(None, description="only when the file sets one (SPEC 13)")
     file: str = Field(description="the file that defines it, e.g. `providers.d/gpu.yaml`")
     commit: str | None = Field(description="the last commit that touched the file; null outside git")
     health: ProviderHealth
@@ -170,6 +174,7 @@ class LitellmAnswer(_Answer):
 
     purpose: Purpose
     provider: str
+    model: str = Field(description="the model as clients name it (`litellm_params.model` has it mapped)")
     generation: int
     litellm_params: dict[str, JsonValue]
     models: list[str]
@@ -259,7 +264,18 @@ class Readiness(_Answer):
     last_applied_commit: str | None
     last_attempted_commit: str | None
     refused: list[RefusedFile]
-    degraded: bool = Field(description="true while any file is refused")
+    degraded: bool = Field(
+        description="true while any file is refused, Redis is configured but away, or the usage ledger "
+        "is degraded"
+    )
+    limits: Literal["redis", "local", "refuse"] = Field(
+        description="where limits and budgets are counted: `redis`, or this replica alone (`local`; "
+        "with Redis configured and away, `SWITCHBOARD_LIMITS_WITHOUT_REDIS`)"
+    )
+    ledger: Literal["ok", "degraded", "off"] = Field(
+        description="the usage ledger (SPEC 13): `degraded` while its database cannot be reached "
+        "(records wait in the spool), `off` with `SWITCHBOARD_USAGE_DB=off`"
+    )
     sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
 
 
@@ -366,8 +382,46 @@ class UpstreamsFailedAnswer(_Answer):
     error: UpstreamsFailedDetail
 
 
+class LimitsUse(_Answer):
+    """What a client or provider uses now (SPEC 13); money as decimal strings of USD."""
+
+    requests_60s: int
+    tokens_60s: int
+    in_flight: int
+    budget_spent_usd: str | None = Field(description="spent in the budget's period; null without a budget")
+    budget_reserved_usd: str | None = Field(description="held by requests in flight")
+    period_end: str | None = Field(description="ISO 8601 UTC; null for `total` or without a budget")
+
+
+class ClientLimits(_Answer):
+    name: str
+    limits: Limits | None
+    used: LimitsUse
+
+
+class ProviderBudget(_Answer):
+    budget: Budget
+
+
+class ProviderLimits(_Answer):
+    id: str
+    limits: ProviderBudget | None
+    used: LimitsUse
+
+
+class LimitsAnswer(_Answer):
+    """Every client's and provider's limits, with what is used now."""
+
+    clients: list[ClientLimits]
+    providers: list[ProviderLimits]
+    mode: Literal["redis", "local", "refuse"] = Field(description="as `/readyz`'s `limits`")
+
+
 class WhoAmI(_Answer):
-    """Who a token is: its client's name (null without a clients file) and its scopes."""
+    """Who a token is: its client's name (null without a clients file), its scopes, and its own
+    limits and use (null without a clients file)."""
 
     client: str | None
     scopes: list[Scope]
+    limits: Limits | None
+    used: LimitsUse | None

@@ -13,10 +13,13 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from service import __version__
+from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
@@ -24,12 +27,14 @@ from service.http import (
     changes,
     config_api,
     console,
+    limits_api,
     openai_api,
     openapi,
     protocols_api,
     replicas,
     telemetry,
     traffic,
+    usage_api,
     write_api,
 )
 from service.http.auth import Handler
@@ -37,12 +42,16 @@ from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
     HEALTH,
+    LEDGER,
+    LIMITS,
+    LOOKUP,
     METRICS,
     PULLER,
     REGISTRY,
     RELOADER,
     SETTINGS,
     SOPS,
+    UPSTREAMS,
     WRITER,
     stop_task,
 )
@@ -53,17 +62,30 @@ from service.runtime.registry import Outcome, Registry
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.pricing import litellm_version
 from service.vcs.attribution import Attributor
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Application:
-    """The service as an aiohttp application; nothing starts until the app runs."""
-    app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
+def create_app(
+    settings: Settings, *, sops: Sops | None = None, lookup: Lookup = system_lookup
+) -> web.Application:
+    """The service as an aiohttp application; nothing starts until the app runs.
+
+    `lookup` resolves upstream host names (the system's resolver). Raises ValueError when
+    SWITCHBOARD_ALLOWED_UPSTREAMS cannot be read.
+    """
+    app = web.Application(
+        middlewares=[_errors],
+        client_max_size=settings.max_body_bytes,
+        handler_args={"logger": _ProtocolLog(logging.getLogger("service.http.protocol"))},
+    )
     app[SETTINGS] = settings
+    app[UPSTREAMS] = AllowedUpstreams.parse(settings.allowed_upstreams)
+    app[LOOKUP] = lookup
     app[METRICS] = Metrics()
-    app[METRICS].info.labels(settings.replica, __version__).set(1)
+    app[METRICS].info.labels(settings.replica, __version__, litellm_version() or "none").set(1)
     app[HEALTH] = Health(
         failures=settings.circuit_failures,
         cooldown_s=settings.circuit_cooldown_s,
@@ -74,12 +96,14 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    app.cleanup_ctx.append(_service)  # first: the features' contexts use its log and registry
+    usage_api.setup(app)  # the ledger starts before anything can answer a request, and stops last
+    app.cleanup_ctx.append(_service)  # then: the features' contexts use its log and registry
     config_api.setup(app)
     write_api.setup(app)
     telemetry.setup(app)  # before the gateway's: its relay is given the tracing, and stops first
     openai_api.setup(app)
     protocols_api.setup(app)
+    limits_api.setup(app)  # after the gateway's context: its meter goes on the relay
     openapi.setup(app)
     changes.setup(app)
     replicas.setup(app)
@@ -121,7 +145,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         rescan_s=settings.rescan_s,
         on_reload=on_reload,
     )
-    writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo)
+    writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo, lookup=app[LOOKUP])
     await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     # Before the first load, so blocking queries and streams hear of it.
@@ -131,6 +155,7 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await writer.aclose()  # a write whose client left runs to its end, not half-applied
         stop.set()
         await stop_task(watcher)
         await reloader.aclose()  # a cancelled reload's apply finishes in its thread first
@@ -157,7 +182,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         kind = exc.reason.lower().replace(" ", "_")
-        response = web.json_response({"error": {"type": kind, "message": exc.reason}}, status=exc.status)
+        # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
+        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        body = {"error": {"type": kind, "message": exc.reason}}
+        response = web.json_response(body, status=exc.status, headers=kept)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, route)
         body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
@@ -172,6 +200,28 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
+class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log, where a request too malformed to parse (a NUL or a line break in a
+    header, a line too long) is one warning line, not a traceback: the client's mistake, not the
+    service's. Its text names the fault, never the bytes, which may hold a token."""
+
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            remote = args[0] if args else "?"
+            self.warning("malformed request from %s: %s (%s)", remote, _fault(exc_info), exc_info.code)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
+def _fault(exc: HttpProcessingError) -> str:
+    """What the parser found wrong, without what it quotes: `Invalid header value char`."""
+    lines = str(exc.message).strip().splitlines()
+    said = lines[0].split(":", 1)[0] if lines else ""
+    for quote in (" b'", ' b"', " '", ' "'):
+        said = said.split(quote, 1)[0]
+    return f"{type(exc).__name__}: {said[:100]}" if said else type(exc).__name__
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -181,7 +231,12 @@ async def _readyz(request: web.Request) -> web.Response:
     state = registry.state if registry is not None else None
     if state is None or not state.ready:
         raise NotReady("the first load of the configuration is not complete")
+    keeper = request.app.get(LIMITS)
+    if keeper is None or not keeper.ready.is_set():
+        raise NotReady("the budgets' spent is not read back yet (SPEC 13)")
+    limiter = keeper.limiter
     puller = request.app.get(PULLER)
+    ledger = request.app[LEDGER].state
     body = {
         "status": "ready",
         "replica": request.app[SETTINGS].replica,
@@ -189,7 +244,9 @@ async def _readyz(request: web.Request) -> web.Response:
         "last_applied_commit": state.last_applied_commit,
         "last_attempted_commit": state.last_attempted_commit,
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-        "degraded": state.degraded,
+        "degraded": state.degraded or limiter.degraded or ledger == "degraded",
+        "limits": limiter.mode,
+        "ledger": ledger,
     }
     if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
         body["sync"] = puller.status.answer()

@@ -20,7 +20,15 @@ from aiohttp import web
 
 from service.config.models import Client, Scope
 from service.crypto.tokens import token_sha256
-from service.errors import BadRequest, Forbidden, MisdirectedRequest, NotReady, PayloadTooLarge, Unauthorized
+from service.errors import (
+    Forbidden,
+    MisdirectedRequest,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from service.http.bodies import JSON_TYPES
 from service.http.context import REGISTRY, SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,7 +84,7 @@ def _token(request: web.Request) -> str | None:
     return key or None
 
 
-_JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def _same_machine_only(request: web.Request) -> None:
@@ -84,10 +92,10 @@ def _same_machine_only(request: web.Request) -> None:
 
     A web page can make a browser send requests to 127.0.0.1, by DNS rebinding (a name of its
     own that resolves to 127.0.0.1: the `Host` is then not a loopback name, 421) or by a form
-    or a no-cors `fetch`. Those can only POST, with no media type or a form's: a POST must
-    carry a JSON media type, which a page cannot set without a CORS preflight that this
-    service never answers. PUT, PATCH and DELETE always need that preflight, and PUT and PATCH
-    bodies must be JSON anyway; a DELETE has no body to type.
+    or a no-cors `fetch`. Those can only POST, with no media type or a form's: a state-changing
+    request must carry a JSON media type (415 otherwise, body or not), which a page cannot set
+    without a CORS preflight that this service never answers. PUT, PATCH and DELETE need that
+    preflight anyway; they are held to the same rule so that the rule reads as one.
     """
     if not _loopback_name(request.host):
         raise MisdirectedRequest(
@@ -97,10 +105,19 @@ def _same_machine_only(request: web.Request) -> None:
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge.over(limit)  # what it is first: too large, whatever its type
-    if request.method == "POST" and request.content_type not in _JSON_TYPES:
-        raise BadRequest(
+    if request.method in STATE_CHANGING and request.content_type not in JSON_TYPES:
+        raise UnsupportedMediaType(
             "without authentication a state-changing request must carry a JSON media type "
-            "(Content-Type: application/json)"
+            "(Content-Type: application/json), body or not"
+        )
+
+
+def _typed(request: web.Request) -> None:
+    """A body the handler may read is JSON (SPEC 6): 415 for any other media type, or none."""
+    if request.method in STATE_CHANGING and request.body_exists and request.content_type not in JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"the body must be JSON (Content-Type: {' or '.join(JSON_TYPES)}), "
+            f"not {request.content_type[:100]!r}"
         )
 
 
@@ -133,6 +150,7 @@ def _guarded(scope: Scope | None) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         async def guarded(request: web.Request) -> web.StreamResponse:
             client = authenticate(request, scope)
+            _typed(request)
             if client is not None:
                 request[CLIENT] = client
                 if scope is not None:

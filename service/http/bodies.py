@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from service.config.models import ProviderId, Purpose
-from service.errors import BadRequest, PayloadTooLarge
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from service.http.context import SETTINGS
 
 JSON_TYPES = ("application/json", "application/merge-patch+json")
@@ -20,10 +20,10 @@ JSON_TYPES = ("application/json", "application/merge-patch+json")
 async def json_body(
     request: web.Request, *, types: tuple[str, ...] = JSON_TYPES, limit: int | None = None
 ) -> Any:
-    """The body as JSON: 400 for another media type, invalid JSON or nesting too deep; 413 over
-    `limit` bytes (at most the `max_body_bytes` setting)."""
+    """The body as JSON: 415 for another media type; 400 for invalid JSON or nesting too deep; 413
+    over `limit` bytes (at most the `max_body_bytes` setting)."""
     if request.content_type not in types:
-        raise BadRequest(f"the body must be JSON (Content-Type: {' or '.join(types)})")
+        raise UnsupportedMediaType(f"the body must be JSON (Content-Type: {' or '.join(types)})")
     limit = min(limit or request.app[SETTINGS].max_body_bytes, request.app[SETTINGS].max_body_bytes)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge.over(limit)

@@ -7,7 +7,7 @@
     GET /api/v1/llm-config/servers[/{id}]         config:read  the same, `kind: ai_server` only
     GET /api/v1/llm-config/audit?subject=&type=&since=&until=&limit=   admin   events
     GET /api/v1/llm-config/state?at=              admin        the configuration at a time
-    GET /api/v1/llm-config/active/{purpose}/litellm   secrets:read   first healthy, key decrypted
+    GET /api/v1/llm-config/active/{purpose}/litellm?model=M   secrets:read   first healthy, key decrypted
     POST /api/v1/llm-config/providers/{id}/test   admin        a health check now
     GET /api/v1/llm-config/servers/{id}/models    config:read  the models a server reports
 
@@ -40,13 +40,15 @@ from aiohttp import web
 
 from service.config.models import PURPOSES, SCOPES, AiServer, ApiKey, Provider
 from service.config.snapshot import PerSnapshot, Snapshot
-from service.errors import BadRequest, NoCandidate, NotFound, NotReady, UpstreamsFailed
+from service.errors import BadRequest, ModelNotFound, NoCandidate, NotFound, NotReady, UpstreamsFailed
 from service.gateway.catalog import list_models
 from service.gateway.health import Health, HealthState, check
+from service.gateway.relay import shown
 from service.gateway.routing import first_healthy
 from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
 from service.http.changes import CHANGES
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
+from service.http.limits_api import own_limits
 from service.http.push import body_tag, event_stream, watched
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
@@ -326,23 +328,39 @@ def _limit(text: str | None) -> int:
 
 @scoped("secrets:read")
 async def _litellm(request: web.Request) -> web.StreamResponse:
-    """The first healthy candidate of a purpose as LiteLLM parameters, key included; audited."""
+    """The first healthy candidate of a purpose that serves `?model=` as LiteLLM parameters, the
+    model mapped through its `model_map` and the key included; audited.
+
+    Without `model`, the candidate's first declared model; a candidate that declares none is
+    400, since the only name left would be `*`, which no upstream serves.
+    """
     purpose = request.match_info["purpose"]
+    model = request.query.get("model") or None
     app = request.app
     snapshot = app[REGISTRY].snapshot
     table = app[RELAY].router.table(snapshot)
     if purpose not in PURPOSES or purpose not in table.routes:
         raise NotFound(f"no routing for purpose {purpose!r}")
-    provider = first_healthy(table, purpose, app[HEALTH])
+    if model is not None and not table.serves(purpose, model):
+        raise ModelNotFound(f"no provider of `{purpose}` serves model {shown(model)}")
+    provider = first_healthy(table, purpose, app[HEALTH], model)
     if provider is None:
-        raise NoCandidate(f"no provider of `{purpose}` is healthy now")
-    model = provider.models[0] if provider.models else None
+        what = f" for model {shown(model)}" if model is not None else ""
+        raise NoCandidate(f"no provider of `{purpose}`{what} is healthy now")
+    if model is None:
+        if not provider.models:
+            raise BadRequest(
+                f"`{provider.id}`, the first healthy provider of `{purpose}`, declares no models, so "
+                "the model must be named: `?model=` (the client's `litellm_params(purpose, model=...)`)"
+            )
+        model = provider.models[0]
     params = provider.to_litellm_config(model, with_secrets=True)
     read = SecretRead(subject=provider.id, client=client_name(request), purpose=purpose)
     await asyncio.to_thread(app[EVENTS].append, read)  # recorded before the key leaves
     answer = {
         "purpose": purpose,
         "provider": provider.id,
+        "model": model,
         "generation": snapshot.generation,
         "litellm_params": params,
         "models": list(provider.models),
@@ -387,5 +405,6 @@ async def _whoami(request: web.Request) -> web.StreamResponse:
     """Who the token is and what it may do; with no clients file, nobody, and every scope."""
     client = request.get(CLIENT)
     if client is None:
-        return _json({"client": None, "scopes": list(SCOPES)})
-    return _json({"client": client.name, "scopes": list(client.scopes)})
+        return _json({"client": None, "scopes": list(SCOPES), "limits": None, "used": None})
+    own = await own_limits(request.app, client)
+    return _json({"client": client.name, "scopes": list(client.scopes), **own})

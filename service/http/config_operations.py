@@ -1,7 +1,7 @@
 """The reads of the configuration API as `GET /openapi.json` describes them (SPEC 6, 9, 12).
 
 Each GET but the `secrets:read` one takes SPEC 9's conditional and blocking forms
-(`_watched`); the event stream, `whoami` and the replicas' routes are here too, beside the
+(`watched`); the event stream, `whoami` and the replicas' routes are here too, beside the
 reads they watch. The parts are `service.http.operations`; `service.http.openapi` puts these
 in the document.
 """
@@ -19,7 +19,7 @@ from service.http.operations import JSON, Operation, Schemas, header, path_id, p
 def configuration(s: Schemas) -> Iterable[Operation]:
     """The reads of the configuration, each GET with SPEC 9's blocking forms."""
     for operation in _reads(s):
-        yield _watched(operation, s) if _is_watched(operation) else operation
+        yield watched(operation, s) if _is_watched(operation) else operation
 
 
 # -- reading the configuration -------------------------------------------------------------------------
@@ -68,13 +68,23 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         "GET",
         f"{active}/{{purpose}}/litellm",
         "secrets:read",
-        "The first healthy candidate as LiteLLM parameters, its key decrypted",
+        "The first healthy candidate that serves the model as LiteLLM parameters, its key decrypted",
         {
             "200": s.returns(answers.LitellmAnswer, "recorded in the event log as `secret.read`"),
-            "404": s.error("no route for the purpose"),
+            "400": s.error("no `model` given, and the first healthy candidate declares no models"),
+            "404": s.error(
+                "no route for the purpose; or `model_not_found`: no provider of the route serves the model"
+            ),
             "503": s.error("no candidate is healthy now, or the configuration is not loaded"),
         },
-        (purpose(),),
+        (
+            purpose(),
+            query(
+                "model",
+                "the model as clients name it; the answer has it mapped through the provider's `model_map`. "
+                "Left out: the candidate's first declared model",
+            ),
+        ),
     )
     for segment, kind, example in _KINDS:
         what = f"Providers ({kind})" if kind != "provider" else "Providers"
@@ -187,7 +197,7 @@ def _is_watched(operation: Operation) -> bool:
     return operation.method == "GET" and operation.scope != "secrets:read"
 
 
-def _watched(operation: Operation, s: Schemas) -> Operation:
+def watched(operation: Operation, s: Schemas) -> Operation:
     """A GET with SPEC 9's conditional and blocking forms, and their headers on its answers."""
     answers_ = dict(operation.answers)
     answers_["200"] = with_headers(answers_["200"], _PUSH_HEADERS)
@@ -195,9 +205,9 @@ def _watched(operation: Operation, s: Schemas) -> Operation:
         {"description": "the `If-None-Match` tag is current: no body"}, _PUSH_HEADERS
     )
     answers_.setdefault("400", s.error("`index` or `wait` (or another parameter) is not valid"))
-    answers_["503"] = s.error(
-        "not ready, or too many requests held (`SWITCHBOARD_MAX_WATCHERS`; then with `Retry-After`)"
-    )
+    held = "too many requests held (`SWITCHBOARD_MAX_WATCHERS`; then with `Retry-After`)"
+    own = operation.answers.get("503")
+    answers_["503"] = s.error(f"{own['description']}; or {held}" if own else f"not ready, or {held}")
     return replace(operation, answers=answers_, parameters=(*operation.parameters, *_BLOCKING))
 
 
@@ -238,14 +248,25 @@ def change_push(s: Schemas) -> Iterable[Operation]:
         description="`secret.read` and `clients.updated` go only to tokens that also hold `admin`. "
         "Without `Last-Event-ID` or `after`, events from now on.",
     )
-    yield _watched(
+    yield watched(
         Operation(
             "GET",
             f"{PREFIX}/whoami",
             "any",
             "Who the token is and what it may do",
-            {"200": s.returns(answers.WhoAmI, "the client, and its scopes")},
+            {"200": s.returns(answers.WhoAmI, "the client, its scopes, its limits and what it uses now")},
             description="Any valid token. Without a clients file: `client` null and every scope.",
+        ),
+        s,
+    )
+    yield watched(
+        Operation(
+            "GET",
+            f"{PREFIX}/limits",
+            "usage:read",
+            "Every client's and provider's limits and budget, with what each uses now (SPEC 13)",
+            {"200": s.returns(answers.LimitsAnswer, "clients and providers, with their use")},
+            description="With Redis, the counts are every replica's; a provider's rates are this replica's.",
         ),
         s,
     )
@@ -287,7 +308,7 @@ def many_replicas(s: Schemas) -> Iterable[Operation]:
         "GitLab's `X-Gitlab-Token`, compared in constant time; a wrong or missing one pulls nothing. "
         "Answered at once: while a pull runs, any number of notifications make one more pull.",
     )
-    yield _watched(
+    yield watched(
         Operation(
             "GET",
             replicas.REPLICAS,

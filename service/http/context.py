@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from service.config.upstreams import AllowedUpstreams, Lookup
 from service.crypto.sops import Sops
 from service.gateway.health import Health
 from service.gateway.relay import Relay
@@ -24,6 +25,10 @@ from service.runtime.sync import Puller
 from service.runtime.watcher import Reloader
 from service.runtime.writer import Writer
 from service.settings import Settings
+from service.usage.ledger import Ledger
+from service.usage.limits.keeper import Keeper
+from service.usage.limits.spent import SpentSource
+from service.usage.record import RecordSink
 
 if TYPE_CHECKING:  # imported only when tracing is on (service/http/telemetry.py)
     from service.gateway.tracing.exporting import Telemetry
@@ -46,6 +51,21 @@ FANOUT = web.AppKey("fanout", Fanout)
 """Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
 """Only with SWITCHBOARD_OTEL_EXPORTER=otlp (SPEC 14)."""
+UPSTREAMS = web.AppKey("upstreams", AllowedUpstreams)
+"""SWITCHBOARD_ALLOWED_UPSTREAMS, parsed (SPEC 7)."""
+LOOKUP: web.AppKey[Lookup] = web.AppKey("lookup")
+"""How upstream host names are resolved (the system's resolver; tests pass their own)."""
+RECORDS = web.AppKey("records", RecordSink)
+"""Where the gateway hands each answered request's `Record` (SPEC 13): the usage ledger when it
+is wired, else nowhere (`create_app` sets a sink that keeps nothing; set it before the app starts)."""
+SPENT = web.AppKey("spent", SpentSource)
+"""Optional: what budgets had spent before a start (the usage ledger); without it the local
+snapshot of spent, and the spool if the source offers it (`SpoolSource`)."""
+LIMITS = web.AppKey("limits", Keeper)
+"""The limits and budgets (SPEC 13): `LIMITS.limiter`, kept by the keeper; set by the gateway's lifecycle."""
+LEDGER = web.AppKey("ledger", Ledger)
+"""The usage ledger (SPEC 13), always there: the gateway hands it a `Record` per answered request
+(`submit`, a `RecordSink`); with `SWITCHBOARD_USAGE_DB=off` it keeps nothing."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 

@@ -10,7 +10,21 @@ from collections.abc import Iterable
 from typing import Any
 
 from service.http import answers, bodies
-from service.http.operations import GATEWAY_HEADERS, JSON, Operation, Schemas, body_errors, request
+from service.http.operations import (
+    GATEWAY_HEADERS,
+    JSON,
+    Operation,
+    Schemas,
+    body_errors,
+    header,
+    request,
+    with_headers,
+)
+
+RETRY = {
+    "Retry-After": header("seconds until the limit frees (none for a `total` budget)", required=False),
+    "retry-after-ms": header("the same in milliseconds, sent exactly when `Retry-After` is", required=False),
+}
 
 _GATEWAY = (
     (
@@ -71,12 +85,24 @@ def gateway(s: Schemas) -> Iterable[Operation]:
                 "502": s.returns(
                     answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
                 ),
-                **(
-                    {"404": s.error("no enabled provider serves the model over this protocol")}
-                    if path in _PROTOCOLS
-                    else {}
+                "429": with_headers(
+                    s.error(
+                        "a limit of the client's refuses (SPEC 13): `rate_limited` with `limit` (`rpm`, "
+                        "`tpm`, `max_parallel`), or `budget_exceeded` with `period_end`; nothing was sent"
+                    ),
+                    RETRY,
                 ),
-                "503": s.error("no candidate can take the request now, or the configuration is not loaded"),
+                "404": s.error(
+                    "`model_not_found` (also its `code`, as OpenAI answers): no enabled provider of the "
+                    "route serves the model"
+                    + (" over this protocol" if path in _PROTOCOLS else "")
+                    + ", or the purpose has no route"
+                ),
+                "503": s.error(
+                    "providers serve the model but every one is skipped now (circuits open, unhealthy, "
+                    "out of budget, unpriced: `skipped` lists them), the configuration is not loaded, or "
+                    "Redis is away with `SWITCHBOARD_LIMITS_WITHOUT_REDIS=refuse` (`limits_unavailable`)"
+                ),
                 "508": s.error("the request came back through this gateway: a `base_url` points at it"),
             },
             body=request(s.body(body.__name__, body), example),

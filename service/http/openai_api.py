@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,11 +27,23 @@ from service.config.models import Provider
 from service.errors import BadRequest, HTTPError, LoopDetected, PayloadTooLarge
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
+from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import ids
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
-from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS, TELEMETRY
+from service.http.context import (
+    EVENTS,
+    HEALTH,
+    HEALTH_EVENTS,
+    LOOKUP,
+    METRICS,
+    REGISTRY,
+    RELAY,
+    SETTINGS,
+    TELEMETRY,
+    UPSTREAMS,
+)
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
 from service.settings import Settings
@@ -68,11 +81,14 @@ def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
 
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
-            return await handler(request)
+            response = await handler(request)
         except HTTPError as exc:
             return _error(exc, shape)
         except web.HTTPRequestEntityTooLarge:
             return _error(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), shape)
+        if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
+            response.headers[REQUEST_ID] = uuid.uuid4().hex
+        return response
 
     return answer
 
@@ -81,6 +97,7 @@ def _error(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
     headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count), **exc.headers()}
+    headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (SPEC 13)
     return web.json_response(shape(exc), status=exc.status, headers=headers)
 
 
@@ -121,7 +138,12 @@ def _relay(purpose: str, path: str) -> Handler:
 async def _models(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     table = relay.router.table(request.app[REGISTRY].snapshot)
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", "Content-Type": "application/json"}
+    headers = {
+        PROVIDER_HEADER: NO_PROVIDER,
+        ATTEMPTS_HEADER: "0",
+        REQUEST_ID: uuid.uuid4().hex,
+        "Content-Type": "application/json",
+    }
     return web.Response(body=table.models_answer(relay.health), headers=headers)
 
 
@@ -130,7 +152,7 @@ async def _models(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, health, queue = app[SETTINGS], app[HEALTH], app[HEALTH_EVENTS]
-    session = open_session()
+    session = open_session(app[UPSTREAMS], app[LOOKUP])
     app[RELAY] = Relay(
         app[METRICS],
         health,

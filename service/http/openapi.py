@@ -26,7 +26,14 @@ from typing import Any
 from aiohttp import web
 
 from service import __version__
-from service.http import answers, config_operations, console, gateway_operations, write_operations
+from service.http import (
+    answers,
+    config_operations,
+    console,
+    gateway_operations,
+    usage_operations,
+    write_operations,
+)
 from service.http.operations import JSON, Operation, Schemas, header, json_answer
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -100,6 +107,7 @@ _TAGS = {
     "writes": "Writes that become git commits (SPEC 8).",
     "gateway": "The OpenAI-compatible gateway (SPEC 7).",
     "replicas": "Many replicas: the git webhook, and who serves which commit (SPEC 12).",
+    "usage": "The usage ledger: every answered request, its tokens and its cost (SPEC 13).",
 }
 
 
@@ -111,6 +119,7 @@ def operations(schemas: Schemas) -> Iterable[Operation]:
     yield from write_operations.writes(schemas)
     yield from gateway_operations.gateway(schemas)
     yield from config_operations.many_replicas(schemas)
+    yield from usage_operations.usage(schemas)
 
 
 # -- the service ------------------------------------------------------------------------------------

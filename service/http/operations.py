@@ -19,6 +19,7 @@ from service.http import answers
 from service.http.context import PREFIX
 
 REF = "#/components/schemas/{model}"
+_MONEY = r"^[0-9]+(\.[0-9]+)?$"
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -103,6 +104,8 @@ class Operation:
             return "service"
         if self.path.startswith((f"{PREFIX}/hooks/", f"{PREFIX}/replicas")):
             return "replicas"
+        if self.path.startswith(f"{PREFIX}/usage"):
+            return "usage"
         return "configuration" if self.method == "GET" or self.path.endswith("/test") else "writes"
 
     def render(self, schemas: Schemas) -> dict[str, Any]:
@@ -114,6 +117,8 @@ class Operation:
                 "421": schemas.error("without authentication: the `Host` is not a loopback name"),
                 "503": schemas.error("the first load of the configuration is not complete"),
             } | responses
+            if self.method in ("POST", "PUT", "PATCH", "DELETE"):
+                responses = {"415": unsupported_media_type(schemas)} | responses
         if self.headers:
             responses = {status: with_headers(r, self.headers) for status, r in responses.items()}
         scope_line = f"Scope: `{self.scope}`." if self.scope else "No authentication."
@@ -164,6 +169,24 @@ def header(description: str, *, required: bool = True, pattern: str | None = Non
 GATEWAY_HEADERS = {
     PROVIDER_HEADER: header("the provider that answered (`none` when none did)"),
     ATTEMPTS_HEADER: header("how many upstreams were tried", pattern="^[0-9]+$"),
+    "x-request-id": header(
+        "the upstream's id, or one unique to the request when it sent none: the id of its usage record"
+    ),
+    "x-switchboard-cost-usd": header(
+        "what the request cost, in USD (a whole answer only, not a stream)", required=False, pattern=_MONEY
+    ),
+    "x-switchboard-remaining-requests": header(
+        "a client with an `rpm`: requests left in the last 60 s, this one counted", required=False
+    ),
+    "x-switchboard-remaining-tokens": header(
+        "a client with a `tpm`: tokens left in the last 60 s (once settled, for a whole answer)",
+        required=False,
+    ),
+    "x-switchboard-budget-remaining-usd": header(
+        "a client with a budget: what is left in its period, this request reserved (a whole answer: settled)",
+        required=False,
+        pattern=_MONEY,
+    ),
 }
 ETAG = header('`"<git blob id of the file written>"`: send it back as `If-Match`')
 
@@ -171,11 +194,18 @@ ETAG = header('`"<git blob id of the file written>"`: send it back as `If-Match`
 def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """What a request with a JSON body may be answered besides its own errors."""
     return {
-        "400": schemas.error(
-            "the body is not JSON, not an object, nested too deep, or not a JSON media type"
-        ),
+        "400": schemas.error("the body is not valid JSON, not an object, or nested too deep"),
         "413": schemas.error("the body is too large (`SWITCHBOARD_MAX_BODY_BYTES`)"),
+        "415": unsupported_media_type(schemas),
     }
+
+
+def unsupported_media_type(schemas: Schemas) -> dict[str, Any]:
+    """415, which every state-changing operation behind a token may answer (SPEC 6)."""
+    return schemas.error(
+        "a body whose `Content-Type` is not JSON (`application/json`, `application/merge-patch+json`); "
+        "without authentication, any such request without a JSON media type, body or not"
+    )
 
 
 def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict[str, dict[str, Any]]:
@@ -188,16 +218,25 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
             name="WriteAccepted",
             ETag=header("the file's blob id (none for a delete)", required=False),
         ),
-        "405": schemas.error(
-            "writes are off (`SWITCHBOARD_WRITE_MODE=off`, or no git repository), or this replica is fed "
-            "from a remote (git-sync, `SWITCHBOARD_GIT_PULL`) and `SWITCHBOARD_GIT_PUSH` is not set"
+        "405": with_headers(
+            schemas.error(
+                "writes are off (`SWITCHBOARD_WRITE_MODE=off`, or no git repository), or this replica is "
+                "fed from a remote (git-sync, `SWITCHBOARD_GIT_PULL`) and `SWITCHBOARD_GIT_PUSH` is not set"
+            ),
+            {"Allow": header("what the path still takes: `GET, HEAD`")},
         ),
         "409": schemas.error(
-            "a conflict: the file has uncommitted local changes, git refused the write, the push "
-            "failed, or (delete) routing still names the provider; nothing was written"
+            "a conflict: the file has uncommitted local changes, a key would be encrypted while "
+            "`.sops.yaml` has uncommitted changes, git failed or refused the write (its reason in "
+            "`message`), the push failed, the local branch has commits the remote lacks, or "
+            "(delete) routing still names the provider; nothing was written. Or: the remote has "
+            "the write but this service does not serve it (refused, and why), said with "
+            '`"pushed": true` and the `commit` the remote keeps'
         ),
         "422": schemas.returns(
-            answers.InvalidAnswer, "the configuration after the write would not be valid; nothing was written"
+            answers.InvalidAnswer,
+            "the configuration after the write would not be valid, or a `base_url` is outside "
+            "`SWITCHBOARD_ALLOWED_UPSTREAMS` (link-local when unset); nothing was written",
         ),
         **(body_errors(schemas) if body else {}),
         "503": schemas.error(

@@ -138,7 +138,8 @@ async def _route(request: web.Request) -> web.StreamResponse:
 async def _route_old_form(request: web.Request) -> web.StreamResponse:
     """The old design's `{"purpose", "provider_id", "fallback_provider_id"?}`: one active provider.
 
-    Without `fallback_provider_id` the route keeps the fallbacks it has (but the new primary).
+    Without `fallback_provider_id` the route keeps the fallbacks its file lists (but the new
+    primary): a route write changes only what it names.
     """
     body = await _body(request)
     if not isinstance(body, Mapping):
@@ -151,14 +152,17 @@ async def _route_old_form(request: web.Request) -> web.StreamResponse:
         raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
     purpose, primary = body["purpose"], body["provider_id"]
     fallback = body.get("fallback_provider_id")
-    route: dict[str, Any] = {"primary": [primary]}
-    if fallback is not None:
-        route["fallbacks"] = [fallback]
-    else:
-        current = route_answer(request.app, request.app[WRITER].registry.snapshot, purpose)
-        kept = [p["id"] for p in current["fallbacks"]] if current else []
+
+    def route(current: Any) -> dict[str, Any]:
+        """From the route in the routing file (at the commit the write is made on, not what is
+        served now): every fallback it lists is kept, those refused right now included."""
+        made: dict[str, Any] = {"primary": [primary]}
+        listed = current.get("fallbacks", []) if isinstance(current, Mapping) else []
+        kept = [fallback] if fallback is not None else [listed] if isinstance(listed, str) else list(listed)
         if [f for f in kept if f != primary]:
-            route["fallbacks"] = [f for f in kept if f != primary]
+            made["fallbacks"] = [f for f in kept if f != primary]
+        return made
+
     written = await request.app[WRITER].route(purpose, route, client_name(request), _reason(request), None)
     return _routed(request, written, purpose)
 

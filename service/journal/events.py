@@ -180,6 +180,17 @@ class SyncFailed(BaseEvent):
     remote_commit: str | None = Field(None, description="what the remote's branch is at; null if unknown")
 
 
+class BudgetExhausted(BaseEvent):
+    """A budget refused a request for the first time in its period (SPEC 13): a client's (its
+    request answered 429) or a provider's (skipped, the request fell back). Once per subject and
+    period in each replica's log; nothing else of usage goes to the log."""
+
+    type: Literal["budget.exhausted"] = "budget.exhausted"
+    subject: str = Field(description="the client's name or the provider's id")
+    kind: Literal["client", "provider"]
+    period_end: str | None = Field(description="when the period ends, ISO 8601 UTC; null for `total`")
+
+
 Event = Annotated[
     ServiceStarted
     | ProviderAdded
@@ -190,7 +201,8 @@ Event = Annotated[
     | ConfigRejected
     | ProviderHealthChanged
     | SecretRead
-    | SyncFailed,
+    | SyncFailed
+    | BudgetExhausted,
     Field(discriminator="type"),
 ]
 """One line of the event log."""

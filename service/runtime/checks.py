@@ -12,12 +12,16 @@ from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
+from yarl import URL
+
 from service.config import editing
 from service.config.loader import Loaded, is_config_file, parse
 from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS
 from service.config.secret import unsendable
 from service.config.snapshot import cross_check
+from service.config.upstreams import SETTING, AllowedUpstreams, Lookup, host_refusal
 from service.errors import FileRejected, NotFound, Problem, Unprocessable
+from service.vendors import VENDORS
 
 KEEP = object()
 """Stands for the key a file holds in a replacement that leaves `api_key` out: it is kept."""
@@ -67,6 +71,35 @@ def check_body(document: dict[str, Any]) -> None:
             )
     if editing.depth(document) > editing.MAX_DEPTH:
         raise Unprocessable("the document nests too deeply", problems=[problem("", "", "nested too deeply")])
+
+
+def check_destination(
+    file: str, document: Mapping[str, Any], allowed: AllowedUpstreams, lookup: Lookup
+) -> None:
+    """422 when the provider `document` (of `file`) would send its requests outside
+    SWITCHBOARD_ALLOWED_UPSTREAMS, or to a link-local address (cloud metadata) when it is unset.
+
+    Its `base_url`, or its vendor's default URL, is checked as a connection to it would be
+    (names resolved with `lookup`); the connection is checked again when it is made, since a
+    name can be re-pointed after this. A URL that is no URL is left to the schema's check.
+    """
+    url = document.get("base_url")
+    if url is None and isinstance(document.get("provider"), str) and document["provider"] in VENDORS:
+        url = VENDORS[document["provider"]].base_url
+    if not isinstance(url, str):
+        return
+    try:  # parsed as the gateway's client parses it (fullwidth digits are 169.254... there)
+        host = URL(url.strip()).raw_host
+    except (ValueError, TypeError):
+        return
+    if not host:
+        return
+    reason = host_refusal(host, allowed, lookup)
+    if reason is not None:
+        raise Unprocessable(
+            f"`base_url` is outside the upstreams this service may reach ({SETTING}): {reason}",
+            problems=[problem(file, "base_url", reason)],
+        )
 
 
 def check_route(purpose: str, route: Mapping[str, Any]) -> None:

@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from service.errors import Conflict, GitError
+from service.errors import Conflict, GitError, MethodNotAllowed
+from service.runtime.watcher import link_folders
 from service.settings import Settings
 from service.vcs.commit import Committer
 from service.vcs.gitrepo import GitRepo
@@ -31,6 +32,32 @@ def resolve_mode(settings: Settings, repo: GitRepo | None) -> Mode:
     if settings.write_mode is not None:
         return settings.write_mode if repo is not None else "off"
     return "commit" if repo is not None else "off"
+
+
+def fed_from(settings: Settings, repo: GitRepo) -> tuple[str | None, GitRepo]:
+    """(the commit git-sync's checkout is at, the repository behind it) when git-sync feeds this
+    replica; (None, `repo`) when it writes to a branch of its own. MethodNotAllowed when a
+    replica that pulls or is synced has nowhere to push a write.
+
+    With the built-in pull or git-sync, the remote is the truth: a commit made here alone
+    would be served by this replica only, and (with the pull) keep its branch from ever
+    fast-forwarding again. A git-sync checkout is a worktree behind a swapped link, on a
+    detached HEAD, and git-sync's: it is never moved here (nor even read after this, since
+    git-sync may delete it any moment). The commit is built in the repository's own git
+    directory, pushed, and applied when git-sync brings it back.
+    """
+    synced: str | None = None
+    if link_folders(settings.providers_dir):
+        found = synced_checkout(settings.providers_dir)
+        if found is not None:
+            synced, repo = found
+    if settings.git_push is None and (synced or settings.git_pull is not None):
+        feed = "git-sync" if synced else "SWITCHBOARD_GIT_PULL"
+        raise MethodNotAllowed(
+            f"this replica is fed from a remote ({feed}), so a write must reach the remote first: "
+            "set SWITCHBOARD_GIT_PUSH, or write through git"
+        )
+    return synced, repo
 
 
 def synced_checkout(providers_dir: Path) -> tuple[str, GitRepo] | None:

@@ -10,7 +10,9 @@ then validates the result (`checks.check_folder`) and commits it.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -20,27 +22,42 @@ from service.config import editing
 from service.config.loader import Loaded, is_config_file, parse
 from service.config.models import SECRET_FIELDS, Routing
 from service.config.sops_rules import check_sops_config, recipients
+from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
 from service.errors import (
     Conflict,
     FileRejected,
     Forbidden,
+    GitError,
     NotFound,
     PreconditionFailed,
     SopsError,
     SopsNoKey,
     Unprocessable,
 )
-from service.runtime.checks import KEEP, check_body, check_route, problem, provider_body
+from service.runtime.checks import (
+    KEEP,
+    check_body,
+    check_destination,
+    check_route,
+    problem,
+    provider_body,
+)
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 Verb = Literal["create", "update", "delete"]
+Rules = Callable[[], bytes]
+"""The committed `.sops.yaml` a key is encrypted by, read when one is (`Drafter.committed_rules`)."""
+RouteChange = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
+"""A route, or a function of the route the routing file has for its purpose (None: none)."""
 ProviderKind = Literal["api_key", "ai_server"]
 
-DESTINATION_FIELDS = ("base_url", "provider")
-"""The fields that decide where a provider's key is sent (`provider`: the vendor's default URL)."""
+DESTINATION_FIELDS = ("base_url", "provider", "server_type")
+"""The fields that decide where and how a provider's key is sent: `provider` names the
+vendor's default URL, and `provider` or `server_type` the protocol, so the paths and headers
+the key goes in (`tei`: `/rerank` and `/info` at the server's root; `anthropic`: `x-api-key`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +67,38 @@ class Draft:
     verb: Verb
     kind: str
     subject: str
-    make: Callable[[Mapping[str, bytes]], tuple[str, bytes | None, bool]]
-    """(files at the base) -> (repo path, new content or None, changed)."""
+    make: Callable[[Mapping[str, bytes], Rules], tuple[str, bytes | None, bool]]
+    """(files at the base, the base's `.sops.yaml`) -> (repo path, new content or None, changed)."""
 
 
 class Drafter:
     """Turns the requests of the HTTP layer into drafts, refusing what no commit should say."""
 
-    def __init__(self, settings: Settings, sops: Sops, repo: GitRepo | None, *, applies: bool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sops: Sops,
+        repo: GitRepo | None,
+        *,
+        applies: bool,
+        lookup: Lookup = system_lookup,
+    ) -> None:
         self.settings = settings
         self.sops = sops
+        self.allowed = AllowedUpstreams.parse(settings.allowed_upstreams)
+        """Where a provider may send requests (SWITCHBOARD_ALLOWED_UPSTREAMS): a write naming
+        anywhere else is refused (422)."""
+        self.lookup = lookup
+        """Resolves a `base_url`'s host name, to check where it leads (called off the loop)."""
         self.repo = repo
         """The repository written to (the writer moves it to git-sync's git directory)."""
         self.folder = repo.relative(settings.providers_dir) if repo is not None else ""
         """The configuration folder, relative to the repository's top level."""
+        self.sops_path: str | None = None
+        """`.sops.yaml`, relative to the repository's top level (None: outside the repository)."""
+        if repo is not None:
+            with contextlib.suppress(GitError):
+                self.sops_path = repo.relative(settings.sops_config)
         self.applies = applies
         """Whether this service applies what it writes (commit mode): then it must read the keys."""
 
@@ -72,11 +107,12 @@ class Drafter:
         document = provider_body(kind, body)
         provider_id = str(document["id"])
 
-        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+        def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             if self._find(files, provider_id) is not None:
                 raise Conflict(f"a provider `{provider_id}` exists already; PUT or PATCH it instead")
             path = self._path(f"{provider_id}.yaml")
-            return path, self._render(path, None, document), True
+            check_destination(self.display(path), document, self.allowed, self.lookup)
+            return path, self._render(path, None, document, rules), True
 
         return Draft("create", kind, provider_id, make)
 
@@ -126,7 +162,7 @@ class Drafter:
     def delete(self, kind: ProviderKind, provider_id: str, if_match: str | None) -> Draft:
         """Remove `provider_id`'s file; 409 while routing names it."""
 
-        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+        def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             path, _ = self._existing(files, kind, provider_id)
             self._check_match(path, files, if_match)
             naming = _purposes_naming(files, provider_id, self.display)
@@ -138,26 +174,34 @@ class Drafter:
 
         return Draft("delete", kind, provider_id, make)
 
-    def route(self, purpose: str, route: Mapping[str, Any], if_match: str | None) -> Draft:
-        """Set the route of `purpose` in the routing file (made when there is none)."""
-        check_route(purpose, route)
+    def route(self, purpose: str, route: RouteChange, if_match: str | None) -> Draft:
+        """Set the route of `purpose` in the routing file (made when there is none); `route`
+        may be a function of the route the file has (None: none), made on each base."""
+        check_route(purpose, route if isinstance(route, Mapping) else {})
 
-        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+        def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             found = _routing_file(files, self.display)
-            if found is None:
-                _check_no_broken_routing(files, self.display)
             original: bytes | None = None
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
-            if found is not None:
+            if found is None:
+                _check_no_broken_routing(files, self.display)
+                if path in files:  # a provider named `routing`: never written over
+                    raise Conflict(
+                        f"there is no routing file, and {self.display(path)}, where a route write makes "
+                        "one, is a file of another kind: rename it through git first"
+                    )
+            else:
                 path, original = found
                 self._check_match(path, files, if_match)
                 current = editing.load(original)
             given = current.get("purposes")
             purposes: dict[str, Any] = dict(given) if isinstance(given, Mapping) else {}
-            if purposes.get(purpose) == dict(route):
+            wanted = dict(route) if isinstance(route, Mapping) else dict(route(purposes.get(purpose)))
+            check_route(purpose, wanted)
+            if purposes.get(purpose) == wanted:
                 return path, files.get(path), False
-            purposes[purpose] = dict(route)
+            purposes[purpose] = wanted
             document = {**current, "kind": "routing", "purposes": purposes}
             return path, _yaml(original, document), True
 
@@ -182,7 +226,7 @@ class Drafter:
         A write that sends a key is never "no change", even when it is the current key: the
         answer must not tell a client whether its guess was the key."""
 
-        def make(files: Mapping[str, bytes]) -> tuple[str, bytes | None, bool]:
+        def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             path, loaded = self._existing(files, kind, provider_id)
             self._check_match(path, files, if_match)
             original = self._plaintext(path, files[path], loaded)
@@ -211,7 +255,9 @@ class Drafter:
                     f"changing `{'`, `'.join(moved)}` of {self.display(path)} would send its key "
                     "somewhere else: send `api_key` with the change (or be a client with secrets:read)"
                 )
-            data = self._render(path, original, document)
+            if moved:
+                check_destination(self.display(path), document, self.allowed, self.lookup)
+            data = self._render(path, original, document, rules)
             gained = file_recipients(data) - file_recipients(files[path]) if kept else set()
             if gained:  # a recipient added to .sops.yaml would read a key nobody rotated for it
                 raise Conflict(
@@ -236,33 +282,91 @@ class Drafter:
         except SopsError as exc:
             raise Conflict(f"{self.display(path)}: {exc.case}") from None
 
-    def _render(self, path: str, original: bytes | None, document: Mapping[str, Any]) -> bytes:
-        """The file's new bytes: YAML, with any secret encrypted by sops (in memory, never on disk)."""
+    def _render(self, path: str, original: bytes | None, document: Mapping[str, Any], rules: Rules) -> bytes:
+        """The file's new bytes: YAML, with any secret encrypted by sops (in memory, never on disk),
+        for the recipients of the committed `.sops.yaml` (`rules`), never of a working copy."""
         text = _yaml(original, document)
         if not any(document.get(name) is not None for name in SECRET_FIELDS):
             return text
         name = self.display(path)
-        problems = check_sops_config(self.settings.sops_config, [str(self.repo_root / path)])
-        if problems:
-            raise Unprocessable(
-                "`.sops.yaml` cannot encrypt this file",
-                problems=[problem(".sops.yaml", "", p) for p in problems],
-            )
-        if self.applies:
-            own = self.sops.own_recipients()
-            if own and not own & set(recipients(self.settings.sops_config)):
+        committed = rules()
+        with tempfile.TemporaryDirectory(prefix="switchboard-sops-") as folder:
+            config = Path(folder) / ".sops.yaml"
+            config.write_bytes(committed)  # public recipients and rules: no secret
+            target = self._sops_name(path)
+            problems = check_sops_config(config, [target])
+            if problems:
                 raise Unprocessable(
-                    "the service could not read this key: its identity is not a recipient in .sops.yaml",
-                    problems=[
-                        problem(".sops.yaml", "", "the service's identity is not among the recipients")
-                    ],
+                    "`.sops.yaml` cannot encrypt this file",
+                    problems=[problem(".sops.yaml", "", p) for p in problems],
                 )
+            if self.applies:
+                own = self.sops.own_recipients()
+                if own and not own & set(recipients(config)):
+                    raise Unprocessable(
+                        "the service could not read this key: its identity is not a recipient in .sops.yaml",
+                        problems=[
+                            problem(".sops.yaml", "", "the service's identity is not among the recipients")
+                        ],
+                    )
+            try:
+                return self.sops.encrypt(text, target, config=config)
+            except SopsError as exc:
+                raise Unprocessable(
+                    f"{name}: cannot encrypt: {exc.case}", problems=[problem(name, "api_key", exc.case)]
+                ) from None
+
+    def committed_rules(self, base: str | None, local: str | None) -> bytes:
+        """`.sops.yaml` as committed at `base`: the recipients a write encrypts a key for (SPEC 8).
+
+        Conflict when it is not in the repository or not committed, and, with `local` (the
+        commit the working tree is at), when it has uncommitted changes there: a key is never
+        encrypted for recipients nobody committed (someone who may edit the working tree, not
+        the repo).
+        """
+        where = self.sops_path
+        if where is None:
+            raise Conflict(
+                f"{self.settings.sops_config} is outside the repository: a key is encrypted only for "
+                "the recipients of a committed .sops.yaml"
+            )
+        committed = self.repo.read_file(base, where) if self.repo is not None and base else None
+        if committed is None:
+            raise Conflict(
+                f"{where} is not committed: commit it first (a key is encrypted only for the recipients "
+                "of the committed .sops.yaml)"
+            )
+        if local is not None and self._changed_locally(
+            where,
+            local,
+            committed if local == base or self.repo is None else self.repo.read_file(local, where),
+        ):
+            raise Conflict(
+                f"{where} has uncommitted changes: commit or discard them first (a key is encrypted "
+                "only for the recipients of the committed .sops.yaml)"
+            )
+        return committed
+
+    def _changed_locally(self, path: str, base: str | None, committed: bytes | None) -> bool:
+        """Whether the working tree or the index holds another `path` than `committed` (at `base`)."""
         try:
-            return self.sops.encrypt(text, str(self.repo_root / path))
-        except SopsError as exc:
-            raise Unprocessable(
-                f"{name}: cannot encrypt: {exc.case}", problems=[problem(name, "api_key", exc.case)]
-            ) from None
+            working: bytes | None = (self.repo_root / path).read_bytes()
+        except FileNotFoundError:
+            working = None
+        if working != committed:
+            return True
+        assert self.repo is not None  # noqa: S101 - a path in the repository has one
+        staged = self.repo.run("diff-index", "--cached", "--name-only", base or "HEAD", "--", path)
+        return bool(staged.strip())
+
+    def _sops_name(self, path: str) -> str:
+        """A repository path as sops matches it against `path_regex`: relative to the folder of
+        `.sops.yaml` (as when sops runs there)."""
+        folder = PurePosixPath(self.sops_path or ".sops.yaml").parent
+        try:
+            return PurePosixPath(path).relative_to(folder).as_posix()
+        except ValueError:
+            return path
 
     # -- files ------------------------------------------------------------------------------------
 

@@ -351,9 +351,10 @@ def _read(path: Path) -> bytes | None:
     """A refused file's content, for its attribution; never more than the 1 MiB limit.
 
     A file over the limit gives its head, so it is attributed as uncommitted (with the
-    author of its last commit): reading it whole is what its refusal is there to avoid.
+    author of its last commit): reading it whole is what its refusal is there to avoid. A
+    symbolic link is not followed (it may lead out of the repository: SPEC 4).
     """
     try:
-        return read_limited(path, MAX_FILE_BYTES)[0]
+        return read_limited(path, MAX_FILE_BYTES, follow=False)[0]  # a link out is never read
     except OSError:
         return None

@@ -12,6 +12,12 @@ at a new worktree per commit) is followed: the watch covers the folders holding 
 as well, so a swap is seen at once, and each scan reads one target, resolved once, checked
 again after reading: a batch is one worktree's files, never a mix of two.
 
+A file that is a symbolic link is followed only within the repository (the configuration
+root, links above it resolved, as git-sync's is): one leading out of it, or into its `.git`,
+is refused unread (SPEC 4). Whoever may push to the repository can commit a link to any path
+of the replica; git, git-sync and the pull check it out as a link, and reading it would load
+another team's files or a mounted secret, whose values a refusal may quote.
+
 The registry's apply runs in a worker thread that cancellation cannot stop; `aclose` waits
 for it, so the service closes its event log only once nothing can append to it.
 """
@@ -41,12 +47,14 @@ from service.config.loader import (
 )
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
-from service.files import read_limited
+from service.files import leads_outside, read_limited
 from service.runtime.registry import Outcome, Refusal, Registry
 
 log = logging.getLogger(__name__)
 
 _SCAN_ATTEMPTS = 5
+LINK_OUT = "a symbolic link out of the repository (or into its .git): not read"
+"""Why a file leading out of the repository is refused; it names no path of the replica."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,14 +237,24 @@ class Reloader:
                 f: _Read(None, "unreadable-folder", "unreadable folder", self._known_kind(f))
                 for f in self._cache
             }
+        out = leads_outside(target, self.root)  # the folder itself: a link committed in its place
         for entry in entries:
             if not is_config_file(entry.name):
                 continue
             file = self._name(self.folder / entry.name)
+            path = Path(entry.path)
             try:
+                if out or entry.is_symlink():
+                    real = Path(os.path.realpath(path))
+                    if out or leads_outside(real, self.root):  # decided before any look at the target
+                        found[file] = _Read(None, "link-out", LINK_OUT, self._known_kind(file))
+                        continue
+                    path = real
                 if not entry.is_file():  # follows symlinks; a folder or a dangling link is skipped
                     continue
-                data, size = read_limited(Path(entry.path), MAX_FILE_BYTES)
+                # The link's target, resolved and checked above, is opened as such: one swapped
+                # for a link since fails (ELOOP) and is read again at the next scan.
+                data, size = read_limited(path, MAX_FILE_BYTES, follow=False)
             except FileNotFoundError:
                 continue  # deleted while we looked: the next batch sees it gone
             except OSError as exc:

@@ -10,46 +10,48 @@ with its commit and author like a merged pull request:
    validate the commit (`checks`), so a refusal (422) writes nothing.
 2. Commit it with plumbing (no hook runs), author `NAME <NAME@clients.switchboard.invalid>`.
 3. `branch` mode: the commit goes to `switchboard/<verb>-<id>-<n>` and nothing is applied (202).
-   With `SWITCHBOARD_GIT_PUSH`, push; a rejected push is rebuilt on the remote's head (and
-   validated again), at most 3 times, or the write fails and nothing local moved (409).
-4. `commit` mode: with the watcher held off, move the branch and the files, then reload once;
-   the answer carries the generation that applied it. A failure puts branch and files back.
+4. `commit` mode: with the watcher held off, move the branch and the files, then reload once
+   (`landing`); the answer carries the generation that applied it. A commit the service does
+   not apply is undone: branch and files as before, and 409.
+5. With `SWITCHBOARD_GIT_PUSH`, the commit is pushed first, as a compare-and-swap on the
+   remote's branch (it must be at the base), so a push never lands on a remote that moved nor
+   carries commits the remote lacks. A refused push is drafted again on the remote's head
+   (validated again), at most 3 times, when the local branch can fast-forward to that head; a
+   local branch with commits the remote lacks takes no write (409), so the two never diverge.
+   Once the remote has the commit it is landed here; a commit the remote has that this service
+   does not serve is a 409 that says so, with the commit, and stays (the remote keeps it).
 
-Writes are applied one at a time, in the order they arrive. Where they go (the mode, git-sync's
-checkout, the branch pushed to) is `delivery`'s.
+A 200 or 201 means committed, pushed where push is on, and served. Git failing (a full disk, a
+read-only store) is a 409 with git's reason, and what moved is put back. Writes run one at a
+time, in the order they arrive, to the end even when their client leaves. Where they go (the
+mode, git-sync's checkout, the branch pushed to) is `delivery`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from service.config.snapshot import Snapshot
+from service.config.upstreams import Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
-from service.runtime.delivery import (
-    Mode,
-    branch_name,
-    new_branch,
-    push_target,
-    resolve_mode,
-    synced_checkout,
-)
-from service.runtime.drafts import Draft, Drafter, ProviderKind, Verb
-from service.runtime.registry import Outcome, Registry
-from service.runtime.watcher import Reloader, link_folders
+from service.runtime.delivery import Mode, branch_name, fed_from, new_branch, resolve_mode
+from service.runtime.drafts import Draft, Drafter, ProviderKind, RouteChange, Verb
+from service.runtime.landing import Lander
+from service.runtime.publish import Making, Publisher, not_served
+from service.runtime.registry import Registry
+from service.runtime.watcher import Reloader
 from service.settings import Settings
 from service.vcs.commit import Committer, Identity, message
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 log = logging.getLogger(__name__)
 
-PUSH_ATTEMPTS = 3
 APPLY_WAIT_S = 15.0
 """How long a write pushed from a git-sync checkout waits for git-sync to bring it back (its
 default period is 10 s); then it is answered 202, pending."""
@@ -90,12 +92,15 @@ class Writer:
         registry: Registry,
         reloader: Reloader,
         repo: GitRepo | None,
+        *,
+        lookup: Lookup = system_lookup,
     ) -> None:
+        """`lookup` resolves the host names of the `base_url`s written (SWITCHBOARD_ALLOWED_UPSTREAMS)."""
         self.settings = settings
         self.registry = registry
         self.reloader = reloader
         self.mode: Mode = resolve_mode(settings, repo)
-        self.drafts = Drafter(settings, sops, repo, applies=self.mode == "commit")
+        self.drafts = Drafter(settings, sops, repo, applies=self.mode == "commit", lookup=lookup)
         self.committer = Committer(repo, Identity.parse(settings.git_committer)) if repo is not None else None
         self.lock = asyncio.Lock()
         """Held while a write runs; a pull (runtime.sync) takes it too, so neither moves the branch
@@ -105,6 +110,10 @@ class Writer:
         self.waiting = 0
         self.apply_wait_s = APPLY_WAIT_S
         """With git-sync: how long a write pushed waits for the swap that brings it (SPEC 12)."""
+        self.lander = Lander(registry, reloader, self.drafts.display)
+        self.publisher = Publisher(settings, self.lander, self._prepare)
+        self._running: set[asyncio.Future[Written]] = set()
+        """Writes under way: each runs to its end even when its client left (`aclose` waits)."""
 
     @property
     def repo(self) -> GitRepo | None:
@@ -117,6 +126,12 @@ class Writer:
             done = self.committer.recover()
             if done:
                 log.warning("writes: %s", done)
+
+    async def aclose(self) -> None:
+        """Wait for the writes under way, before the reloader and the log close (the service is
+        stopping: `Committer.abort` has cut their pushes and fetches short)."""
+        if self._running:
+            await asyncio.wait(set(self._running))
 
     # -- what the HTTP layer calls -------------------------------------------------------------
 
@@ -167,9 +182,10 @@ class Writer:
         return await self._write(self.drafts.delete(kind, provider_id, if_match), client, reason)
 
     async def route(
-        self, purpose: str, route: Mapping[str, Any], client: str, reason: str | None, if_match: str | None
+        self, purpose: str, route: RouteChange, client: str, reason: str | None, if_match: str | None
     ) -> Written:
-        """Set the route of `purpose` in the routing file (made when there is none)."""
+        """Set the route of `purpose` in the routing file (made when there is none); `route` may
+        be a function of the route the file has there, made again on each base (the old form)."""
         return await self._write(self.drafts.route(purpose, route, if_match), client, reason)
 
     # -- the common path ----------------------------------------------------------------------
@@ -184,54 +200,50 @@ class Writer:
                 "at a time): try again shortly",
                 retry_after_s=1,
             )
+        # Shielded: a client that leaves (its handler cancelled) must not cut a write short
+        # between its push and its apply, nor let the next write in while git still runs.
         self.waiting += 1
+        running = asyncio.ensure_future(self._in_turn(draft, client, reason))
+        self._running.add(running)
+        running.add_done_callback(self._done)
+        written = await asyncio.shield(running)
+        if written.pending:  # pushed from git-sync's checkout: applied when git-sync brings it
+            return await self._until_served(written)
+        return written
+
+    def _done(self, running: asyncio.Future[Written]) -> None:
+        """Forget a write that ended. Its error is retrieved here: a client that left reads none."""
+        self._running.discard(running)
+        if not running.cancelled():
+            running.exception()
+
+    async def _in_turn(self, draft: Draft, client: str, reason: str | None) -> Written:
         try:
             await self.lock.acquire()
         finally:
             self.waiting -= 1
         try:
             synced = await asyncio.to_thread(self._delivery)
-            written = await self._commit(draft, client, reason, synced)
+            return await self._commit(draft, client, reason, synced)
+        except (GitError, OSError) as exc:
+            # Failed before anything moved: a commit git could not write (a full disk, a
+            # read-only object store), a repository it could not read. Each step that moves
+            # something answers for itself (`Lander.land`, `_landed`).
+            raise Conflict(f"the write failed, and nothing was written: {exc}") from None
         finally:
             self.lock.release()
-        if written.pending:  # pushed from git-sync's checkout: applied when git-sync brings it
-            return await self._until_applied(written)
-        return written
 
     def _delivery(self) -> str | None:
-        """The commit git-sync's checkout is at, when this replica is fed by git-sync; None when
-        it writes to a branch of its own. MethodNotAllowed when a replica that pulls or is
-        synced has nowhere to push a write.
-
-        With the built-in pull or git-sync, the remote is the truth: a commit made here alone
-        would be served by this replica only, and (with the pull) keep its branch from ever
-        fast-forwarding again. A git-sync checkout is a worktree behind a swapped link, on a
-        detached HEAD, and git-sync's: it is never moved here (nor even read after this, since
-        git-sync may delete it any moment). The commit is built in the repository's own git
-        directory, pushed, and applied when git-sync brings it back.
-        """
+        """The commit git-sync's checkout is at, when git-sync feeds this replica (the commit is
+        then built in the repository's own git directory); None for a branch of its own."""
         assert self.committer is not None  # noqa: S101 - checked by _write
-        synced: str | None = None
-        if link_folders(self.settings.providers_dir):
-            found = synced_checkout(self.settings.providers_dir)
-            if found is not None:
-                synced, repo = found
-                if repo.root != self.committer.repo.root:
-                    self.drafts.repo, self.committer = (
-                        repo,
-                        Committer(repo, self.committer.committer, stopping=self.committer.stopping),
-                    )
-        if self.settings.git_push is None and (synced or self.settings.git_pull is not None):
-            feed = "git-sync" if synced else "SWITCHBOARD_GIT_PULL"
-            raise MethodNotAllowed(
-                f"this replica is fed from a remote ({feed}), so a write must reach the remote first: "
-                "set SWITCHBOARD_GIT_PUSH, or write through git"
-            )
+        synced, repo = fed_from(self.settings, self.committer.repo)
+        if repo.root != self.committer.repo.root:
+            self.drafts.repo = repo
+            self.committer = Committer(repo, self.committer.committer, stopping=self.committer.stopping)
         return synced
 
-    async def _commit(
-        self, draft: Draft, client: str, reason: str | None, synced: str | None = None
-    ) -> Written:
+    async def _commit(self, draft: Draft, client: str, reason: str | None, synced: str | None) -> Written:
         committer = self.committer
         assert committer is not None  # noqa: S101 - checked by _write
         local: str | None = synced
@@ -242,90 +254,81 @@ class Writer:
                 branch_name(ref)  # a commit on a detached HEAD is lost at the next checkout or sync
             local = await asyncio.to_thread(committer.resolve, ref)
         subject = f"{draft.verb} {draft.kind} {draft.subject}"
-        text = message(subject, reason, client)
-        author = Identity.client(client)
-        base = local
-        target: str | None = None
-        for attempt in range(1, PUSH_ATTEMPTS + 1):
-            check = attempt == 1 and synced is None  # git-sync's checkouts hold no local edits
-            path, data, changed = await asyncio.to_thread(self._prepare, draft, base, check)
-            if not changed:
-                return self._written(
-                    draft, path, data, base or "", snapshot=self.registry.snapshot, changed=False
-                )
-            commit = await asyncio.to_thread(committer.build, base, {path: data}, author=author, text=text)
-            if self.mode == "branch":
-                branch = await asyncio.to_thread(
-                    new_branch, committer.repo, draft.verb, draft.subject, commit
-                )
-                rejected = await self._push(commit, branch) if self.settings.git_push else None
-                if rejected is not None:
-                    await asyncio.to_thread(committer.repo.run, "update-ref", "-d", f"refs/heads/{branch}")
-                    raise Conflict(f"the push of {branch} failed: {rejected}")
-                return self._written(draft, path, data, commit, branch=branch)
-            if not self.settings.git_push:
-                return await self._apply(draft, ref, local, commit, path, data)
-            target = target or await push_target(self.settings, committer, ref, local, synced is not None)
-            rejected = await self._push(commit, target)
-            if rejected is None:
-                if synced is not None:  # git-sync's checkout is not moved here: it brings the commit back
-                    return self._written(draft, path, data, commit, pending=True)
-                if (
-                    base != local
-                    and local is not None
-                    and not await asyncio.to_thread(committer.is_ancestor, local, commit)
-                ):
-                    raise Conflict(
-                        "the push landed, but the local branch has commits the remote lacks, so it was not "
-                        "moved: reconcile the local branch with the remote"
-                    )
-                return await self._apply(draft, ref, local, commit, path, data)
-            log.info("push of %s rejected (attempt %d): %s", subject, attempt, rejected)
-            if attempt == PUSH_ATTEMPTS:
-                raise Conflict(f"the push was refused {PUSH_ATTEMPTS} times; nothing was written: {rejected}")
-            try:
-                base = await asyncio.to_thread(committer.fetch, self.settings.git_push, target)
-            except GitError as exc:
-                raise Conflict(
-                    f"the push was refused and the fetch failed; nothing was written: {exc}"
-                ) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        making = Making(
+            committer, draft, ref, local, synced is not None, client, message(subject, reason, client)
+        )
+        path, data, changed = await asyncio.to_thread(self._prepare, draft, local, None if synced else local)
+        if self.settings.git_push and self.mode == "commit":
+            landed = await self.publisher.publish(making, path, data, changed)
+            snapshot = None if landed.pending else self.registry.snapshot
+            return self._written(
+                draft,
+                landed.path,
+                landed.data,
+                landed.commit,
+                snapshot=snapshot,
+                changed=landed.changed,
+                pending=landed.pending,
+            )
+        if not changed:
+            return await self._unchanged(draft, path, data, local)
+        commit = await asyncio.to_thread(making.build, local, path, data)
+        if self.mode == "branch":
+            return await self._branch(making, commit, path, data)
+        refusal = await self.lander.land(committer, ref, local, commit, path, undo=True)
+        if refusal is not None:
+            raise Conflict(refusal)
+        return self._written(draft, path, data, commit, snapshot=self.registry.snapshot)
 
-    async def _until_applied(self, written: Written) -> Written:
-        """`written` once this replica applies its commit (or one after it), or still pending
-        after `apply_wait_s`; never longer."""
-        loop = asyncio.get_running_loop()
-        applied = asyncio.Event()
+    async def _branch(self, making: Making, commit: str, path: str, data: bytes | None) -> Written:
+        """`branch` mode: `commit` on a new branch, pushed where push is on; applied nowhere."""
+        repo = making.committer.repo
+        draft = making.draft
+        branch = await asyncio.to_thread(new_branch, repo, draft.verb, draft.subject, commit)
+        if self.settings.git_push:  # a new branch on the remote too: never one that is there
+            rejected = await asyncio.to_thread(
+                making.committer.push, self.settings.git_push, commit, branch, at=None
+            )
+            if rejected is not None:
+                await asyncio.to_thread(repo.run, "update-ref", "-d", f"refs/heads/{branch}", commit)
+                raise Conflict(f"the push of {branch} failed; nothing was written: {rejected}")
+        return self._written(draft, path, data, commit, branch=branch)
 
-        def wake(outcome: Outcome) -> None:  # in the applying thread
-            loop.call_soon_threadsafe(applied.set)
+    async def _unchanged(self, draft: Draft, path: str, data: bytes | None, commit: str | None) -> Written:
+        """A write asking for what `commit` (applied here) already says: no commit. Still a 409
+        when that file is not served as it is (refused: its last good version is)."""
+        refusal = await self.lander.applied(path)
+        if refusal is not None:
+            raise Conflict(
+                f"{self.drafts.display(path)} already says this, but the service does not apply it: {refusal}"
+            )
+        return self._written(draft, path, data, commit or "", snapshot=self.registry.snapshot, changed=False)
 
-        self.registry.on_apply.append(wake)
-        deadline = loop.time() + self.apply_wait_s
-        try:
-            while True:
-                applied.clear()
-                state = self.registry.state
-                if state.last_applied_commit is not None and await asyncio.to_thread(
-                    self._landed, written.commit, state.last_applied_commit
-                ):
-                    snapshot = state.snapshot
-                    return replace(written, generation=snapshot.generation, snapshot=snapshot, pending=False)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    log.info("%s pushed; not applied within %gs", written.commit[:12], self.apply_wait_s)
-                    return written
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(applied.wait(), remaining)
-        finally:
-            self.registry.on_apply.remove(wake)
+    # -- with SWITCHBOARD_GIT_PUSH --------------------------------------------------------------
 
-    def _prepare(self, draft: Draft, base: str | None, first: bool) -> tuple[str, bytes | None, bool]:
-        """Files at `base`, the draft's change on them, validated as `validate` would; raises 4xx."""
+    async def _until_served(self, written: Written) -> Written:
+        """`written` once this replica applies its commit (or one after it); a 409 when it
+        refused it; still pending after `apply_wait_s`."""
+        assert self.committer is not None  # noqa: S101
+        state, refusal = await self.lander.until_served(
+            self.committer, written.commit, written.file, self.apply_wait_s
+        )
+        if refusal is not None:
+            raise not_served(written.commit, refusal)
+        if state is None:
+            return written
+        snapshot = state.snapshot
+        return replace(written, generation=snapshot.generation, snapshot=snapshot, pending=False)
+
+    # -- drafting -----------------------------------------------------------------------------------
+
+    def _prepare(self, draft: Draft, base: str | None, local: str | None) -> tuple[str, bytes | None, bool]:
+        """Files at `base`, the draft's change on them, validated as `validate` would; raises 4xx.
+        With `local`, the file written must hold no local edits against it (409)."""
         assert self.repo is not None  # noqa: S101
         files = self.repo.read_tree(base, self.drafts.folder) if base else {}
-        path, data, changed = draft.make(files)
-        if first and self.committer is not None and self.committer.is_dirty(path, base):
+        path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, local))
+        if local is not None and self.committer is not None and self.committer.is_dirty(path, local):
             raise Conflict(
                 f"{self.drafts.display(path)} has local changes that are not committed; "
                 "commit or discard them first (a write never overwrites them)"
@@ -333,61 +336,6 @@ class Writer:
         if changed:
             check_folder(files, path, data, self.drafts.display)
         return path, data, changed
-
-    async def _push(self, commit: str, branch: str) -> str | None:
-        assert self.committer is not None and self.settings.git_push is not None  # noqa: S101
-        return await asyncio.to_thread(self.committer.push, self.settings.git_push, commit, branch)
-
-    async def _apply(
-        self, draft: Draft, ref: str, local: str | None, commit: str, path: str, data: bytes | None
-    ) -> Written:
-        """Move the branch and files to `commit` with the watcher held off, then reload once."""
-        committer = self.committer
-        assert committer is not None  # noqa: S101
-        paths = await asyncio.to_thread(committer.changed, local, commit)
-        dirty = [p for p in paths if await asyncio.to_thread(committer.is_dirty, p, local)]
-        if dirty:
-            raise Conflict(
-                f"{', '.join(self.drafts.display(p) for p in dirty)}: local changes that are not committed; "
-                "a write never overwrites them"
-            )
-        async with self.reloader.exclusive() as reload:
-            try:
-                moved = await asyncio.to_thread(committer.advance, ref, local, commit)
-            except GitError as exc:
-                raise Conflict(f"git refused the write; nothing changed: {exc}") from None
-            name = self.drafts.display(path)
-            refusal = await self._refusal(reload, name)
-            if refusal is not None and not self.settings.git_push:
-                await asyncio.to_thread(committer.undo, ref, local, commit, moved)
-                await self._refusal(reload, name)
-                raise Conflict(f"the service did not apply the write, and it was undone: {refusal}")
-        return self._written(draft, path, data, commit, snapshot=self.registry.snapshot)
-
-    @staticmethod
-    async def _refusal(reload: Callable[[], Awaitable[Outcome]], name: str) -> str | None:
-        """Reload; why the written file `name` was not applied, or None when it was.
-
-        Not applied: the file refused, the batch refused as a whole (files with local edits may
-        make it fail cross-file checks that passed at HEAD), or the reload failing outright.
-        """
-        try:
-            outcome = await reload()
-        except Exception:  # a write must not stay half-applied, whatever went wrong
-            log.exception("the reload after a write failed")
-            return "the reload failed (see the service log)"
-        if name in outcome.refused:
-            return outcome.refused[name]
-        if not outcome.applied:
-            return "; ".join(f"{file}: {reason}" for file, reason in sorted(outcome.refused.items()))
-        return None
-
-    def _landed(self, commit: str, applied: str) -> bool:
-        """Whether `applied` is `commit` or one after it (asked of the repository's own git
-        directory, which git-sync never removes)."""
-        return commit == applied or (
-            self.committer is not None and self.committer.is_ancestor(commit, applied)
-        )
 
     def _written(
         self,

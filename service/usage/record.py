@@ -64,13 +64,25 @@ class Record:
     priced: bool
     estimated: bool
     replica: str
+    limited: bool = False
+    """Refused by a limit: a 429 always is; set it for a `refuse`-mode 503 too (SPEC 13 counts it
+    as `limited`, not as an error). Not part of the record's JSON."""
 
     def to_json(self) -> dict[str, Any]:
         """The record as SPEC 13's JSON: `ts` ISO 8601 UTC with `Z`, `cost_usd` a decimal string."""
         data = asdict(self)
+        del data["limited"]
         data["ts"] = self.ts.isoformat().replace("+00:00", "Z")
-        data["cost_usd"] = str(self.cost_usd)
+        data["cost_usd"] = money(self.cost_usd)
         return data
+
+
+def money(amount: Decimal) -> str:
+    """A decimal string of USD, never in exponent notation (`"0.00000015"`, not `"1.5E-7"`)."""
+    text = format(amount, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
 
 
 class RecordSink(Protocol):

@@ -15,7 +15,8 @@ A write is three steps, each safe to stop after:
 
 `recover` (run before the service loads anything) finishes a step 2 that a crash cut short,
 so after a restart the working tree is clean and the commit whole, never half of either.
-`undo` puts branch, index and files back as they were when something fails after step 2.
+`undo` puts branch, index and files back as they were when something fails after step 2; it
+is recorded the same way, so a crash in the middle of an undo is finished at the restart too.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ class Committer:
             current: bytes | None = (self.repo.root / path).read_bytes()
         except FileNotFoundError:
             current = None
+        except IsADirectoryError:  # a folder in the file's place is in the way of any write
+            return True
         if current != expected:
             return True
         staged = self.repo.run("diff-index", "--cached", "--name-only", base, "--", path) if base else b""
@@ -173,7 +176,10 @@ class Committer:
         says why, in the reflog.
         """
         paths = self.changed(old, new)
-        self._record(ref, old, new)
+        try:
+            self._record(ref, old, new, paths)
+        except OSError as exc:  # a full disk: nothing has moved
+            raise GitError(f"could not record the write in {self._git_dir}: {exc}") from exc
         try:
             self._move(ref, old, new, note)
         except GitError:
@@ -182,13 +188,24 @@ class Committer:
         try:
             self.tree.bring(new, paths)
         except (GitError, OSError) as exc:
-            self.undo(ref, old, new, paths)
+            try:
+                self.undo(ref, old, new, paths)
+            except (GitError, OSError) as failed:
+                raise GitError(
+                    f"could not update the working tree ({exc}), nor put it back ({failed}); "
+                    "the service finishes that when it starts again"
+                ) from exc
             raise GitError(f"could not update the working tree: {exc}") from exc
         self._forget()
         return paths
 
     def undo(self, ref: str, old: str | None, new: str, paths: list[str]) -> None:
-        """Put `ref`, the index entries and the files of `paths` back as they were at `old`."""
+        """Put `ref`, the index entries and the files of `paths` back as they were at `old`.
+
+        Recorded as a move from `new` to `old`, so that `recover` finishes one a crash cut short.
+        Raises GitError or OSError when it cannot (the record then stays, for `recover`).
+        """
+        self._record(ref, new, old, paths, undo=True)
         self._move(ref, new, old)
         self.tree.bring(old, paths)
         self._forget()
@@ -206,8 +223,11 @@ class Committer:
     def _intent(self) -> Path:
         return self._git_dir / _INTENT
 
-    def _record(self, ref: str, old: str | None, new: str) -> None:
-        write_atomically(self._intent, json.dumps({"ref": ref, "old": old, "new": new}).encode(), mode=0o600)
+    def _record(
+        self, ref: str, old: str | None, new: str | None, paths: list[str], *, undo: bool = False
+    ) -> None:
+        record = {"ref": ref, "old": old, "new": new, "paths": paths, "undo": undo}
+        write_atomically(self._intent, json.dumps(record).encode(), mode=0o600)
 
     def _forget(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -218,20 +238,32 @@ class Committer:
         """Finish a write a crash cut short; returns what was done, or None when there was nothing."""
         try:
             intent = json.loads(self._intent.read_bytes())
-            ref, old, new = str(intent["ref"]), intent.get("old"), str(intent["new"])
+            ref, old, new, paths = str(intent["ref"]), intent.get("old"), intent["new"], intent.get("paths")
+            if not all(isinstance(c, str | None) for c in (old, new)) or not (
+                paths is None or (isinstance(paths, list) and all(isinstance(p, str) for p in paths))
+            ):
+                raise TypeError("not a write record")
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
             self._forget()
             return "a damaged write record was removed"
         current = self.resolve(ref)
-        paths = self.changed(old, new) if self.resolve(new) else []
+        if paths is None:  # a record written before records listed their paths
+            paths = self.changed(old, new) if new is not None and self.resolve(new) else []
         self.tree.clear_leftovers(paths)
         if current == new:
             self.tree.clear_stale_index_lock()
             self.tree.bring(new, paths)
             self._forget()
-            return f"finished a write cut short: {ref} is at {new[:10]}, its files now match"
+            at = f"at {new[:10]}" if new is not None else "removed"
+            return f"finished a write cut short: {ref} is {at}, its files now match"
+        if current == old and old is not None and intent.get("undo") is True:
+            # An undo cut short before it moved the branch back: the write stands, whole.
+            self.tree.clear_stale_index_lock()
+            self.tree.bring(old, paths)
+            self._forget()
+            return f"an undo cut short left {ref} at {old[:10]}; its files now match"
         self._forget()
         if current == old:
             return f"a write cut short before it moved {ref} left nothing to undo"
@@ -247,13 +279,25 @@ class Committer:
         """
         self.stopping.set()
 
-    def push(self, remote: str, commit: str, branch: str) -> str | None:
-        """Push `commit` to `branch` on `remote`; None when done, else git's reason (rejected...)."""
+    def push(self, remote: str, commit: str, branch: str, *, at: str | None) -> str | None:
+        """Push `commit` to `branch` on `remote` if that branch is `at` there (None: if the remote
+        has no such branch); None when done, else git's reason (rejected, stale...).
+
+        A compare-and-swap (`--force-with-lease` with the commit expected), so a push never
+        carries along commits of this branch that the remote lacks, and never lands on a
+        remote that moved since it was last looked at. `commit` must descend from `at`: the
+        lease is never used to rewrite what the remote has.
+        """
+        if at is not None and not self.is_ancestor(at, commit):
+            return (
+                f"{commit[:12]} does not descend from {at[:12]}; a push never rewrites the remote's history"
+            )
         try:
             self.repo.run(
                 "push",
                 "--porcelain",
                 "--no-verify",
+                f"--force-with-lease=refs/heads/{branch}:{at or ''}",
                 # A remote on this machine runs the pack program here: the stock one, never a
                 # `remote.<name>.receivepack` command from the repository's config.
                 "--receive-pack=git-receive-pack",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -21,11 +22,12 @@ from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
 from service.config.sops_rules import check_sops_config
-from service.config.validation import holds_secrets
+from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
 from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
 from service.errors import FileRejected, Problem, SopsError
+from service.files import leads_outside
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
 
@@ -42,6 +44,8 @@ class Side:
     commit: str | None
     files: Mapping[str, bytes]
     sops_config: bytes | None
+    refused: Mapping[str, str] = field(default_factory=dict)
+    """Files not read, and why: in the working tree, links out of the repository (SPEC 4)."""
 
     @property
     def label(self) -> str:
@@ -69,6 +73,8 @@ class Plan:
     secrets: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    limits: list[str] = field(default_factory=list)
+    """Each limit or budget the change raises, lowers, sets or removes, in words (SPEC 13)."""
 
     @property
     def refused(self) -> bool:
@@ -113,9 +119,15 @@ def _side_at(repo: GitRepo, settings: Settings, commit: str, name: str) -> Side:
 def _worktree(settings: Settings) -> Side:
     folder = settings.providers_dir
     shown = _shown_folder(settings)
-    files = {f"{shown}/{path.name}": path.read_bytes() for path in config_files(folder)}
+    links = (
+        [p for p in folder.iterdir() if p.is_symlink() and is_config_file(p.name)] if folder.is_dir() else []
+    )
+    out = {p.name for p in links if leads_outside(p, settings.files_root)}  # never read: a PR's link
+    files = {
+        f"{shown}/{path.name}": path.read_bytes() for path in config_files(folder) if path.name not in out
+    }
     config = settings.sops_config.read_bytes() if settings.sops_config.exists() else None
-    return Side(None, None, files, config)
+    return Side(None, None, files, config, {f"{shown}/{name}": LINK_OUT for name in sorted(out)})
 
 
 def _empty() -> Side:
@@ -145,6 +157,7 @@ def build(side: Side, last_good: Mapping[str, Loaded] | None = None) -> Configur
             problems += exc.problems
             if last_good and file in last_good:
                 loaded[file] = last_good[file]
+    problems += [Problem(file, 1, reason) for file, reason in side.refused.items()]
     problems += cross_check(loaded.values())
     problems += _coverage(side, [f for f, item in loaded.items() if holds_secrets(item)])
     return Configuration(MappingProxyType(loaded), sorted(set(problems), key=_order), _view(loaded))
@@ -209,7 +222,64 @@ def make_plan(base: Side, head: Side, *, sops: Sops | None = None) -> Plan:
         )
     result.secrets = secrets
     result.warnings = _warnings(before, after)
+    result.limits = limit_changes(before.view, after.view)
     return result
+
+
+_LIMITS = (("rpm", "requests a minute"), ("tpm", "tokens a minute"), ("max_parallel", "requests in flight"))
+_PERIODS = {"day": "a day", "week": "a week", "month": "a month", "total": "in all"}
+
+
+def limit_changes(before: ConfigView, after: ConfigView) -> list[str]:
+    """What a change does to limits and budgets, in words a reviewer can approve or not:
+    `client `ops`: budget raised from 50 to 80 USD a month`."""
+    lines: list[str] = []
+    old_clients, new_clients = before.get("clients", {}), after.get("clients", {})
+    for name in sorted(old_clients.keys() | new_clients.keys()):
+        old = (old_clients.get(name) or {}).get("limits") or {}
+        new = (new_clients.get(name) or {}).get("limits") or {}
+        who = f"client `{name}`"
+        for key, unit in _LIMITS:
+            lines += _count_change(who, key, unit, old.get(key), new.get(key))
+        lines += _budget_change(who, old.get("budget"), new.get("budget"))
+    old_providers, new_providers = before.get("providers", {}), after.get("providers", {})
+    for pid in sorted(old_providers.keys() | new_providers.keys()):
+        old_budget = (old_providers.get(pid) or {}).get("budget")
+        new_budget = (new_providers.get(pid) or {}).get("budget")
+        lines += _budget_change(f"provider `{pid}`", old_budget, new_budget)
+    return lines
+
+
+def _count_change(who: str, key: str, unit: str, old: Any, new: Any) -> list[str]:
+    if old == new:
+        return []
+    if old is None:
+        return [f"{who}: {key} set to {new:,} {unit} (unlimited before)"]
+    if new is None:
+        return [f"{who}: {key} removed (unlimited now; {old:,} {unit} before)"]
+    verb = "raised" if new > old else "lowered"
+    return [f"{who}: {key} {verb} from {old:,} to {new:,} {unit}"]
+
+
+def _budget_change(who: str, old: Any, new: Any) -> list[str]:
+    if old == new:
+        return []
+    if not isinstance(new, dict):
+        return [f"{who}: budget removed (no cap now; {_budget(old)} before)"]
+    if not isinstance(old, dict):
+        return [f"{who}: budget set to {_budget(new)} (no cap before)"]
+    if old.get("period") != new.get("period"):
+        return [f"{who}: budget changed from {_budget(old)} to {_budget(new)}"]
+    before_usd, after_usd = Decimal(str(old["usd"])), Decimal(str(new["usd"]))
+    verb = "raised" if after_usd > before_usd else "lowered"
+    return [f"{who}: budget {verb} from {old['usd']} to {_budget(new)}"]
+
+
+def _budget(budget: Any) -> str:
+    if not isinstance(budget, dict):
+        return "none"
+    period = _PERIODS.get(str(budget.get("period")), str(budget.get("period")))
+    return f"{budget.get('usd')} USD {period}"
 
 
 def _by_id(loaded: Mapping[str, Loaded]) -> dict[str, Loaded]:

@@ -79,6 +79,16 @@ def test_serve_refuses_a_pull_it_cannot_do(
     assert code == 1 and "not in a git repository" in err
 
 
+def test_serve_refuses_allowed_upstreams_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "providers.d").mkdir()
+    monkeypatch.setenv("SWITCHBOARD_ALLOWED_UPSTREAMS", "10.0.0.0/8, 10.0.0.0/33")
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 2
+    assert err.count("\n") == 1 and "SWITCHBOARD_ALLOWED_UPSTREAMS: '10.0.0.0/33' is neither a network" in err
+
+
 def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--root", str(tmp_path), "state", "--at", "yesterday-ish")
     assert code == 2

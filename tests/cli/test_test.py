@@ -39,3 +39,16 @@ async def test_the_test_command_checks_one_provider(
 def test_the_test_command_names_an_unknown_provider(sops_project: SopsProject) -> None:
     with pytest.raises(NotFound, match=r"no provider file nope\.yaml"):
         command(argparse.Namespace(provider_id="nope"), _settings(sops_project))
+
+
+async def test_the_test_command_keeps_to_the_allowed_upstreams(
+    sops_project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with FakeUpstream(name="a", api_key=CANARY) as a:
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY)
+        settings = _settings(sops_project).model_copy(update={"allowed_upstreams": "10.0.0.0/8"})
+        code = await asyncio.to_thread(command, argparse.Namespace(provider_id="a"), settings)
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "refused by SWITCHBOARD_ALLOWED_UPSTREAMS" in out
+    assert not a.requests

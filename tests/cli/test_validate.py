@@ -302,3 +302,28 @@ def test_a_missing_path_is_an_error_not_a_traceback(
     code, _, err = run(capsys, "validate", "nowhere")
     assert code == 1
     assert err.strip() == "switchboard: error: nowhere: no such file or folder"
+
+
+def test_a_link_out_of_the_repository_is_reported_unread(
+    project: SopsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service refuses it (SPEC 4): CI must say so before it is merged."""
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text("kind: ai_server\nid: [\n")  # would be a syntax error, if it were read
+    (project.providers / "stolen.yaml").symlink_to(outside)
+    (project.providers / "nowhere-here.yaml").symlink_to("/run/secrets/on-the-replica.yaml")
+    (project.providers / "dangling.yaml").symlink_to("missing.yaml")  # inside, to nothing: skipped
+    (project.root / "shared").mkdir()
+    (project.root / "shared" / "spare.yaml").write_text(
+        SERVER_FILE.format(id="spare", purposes="chat", enabled="true")
+    )
+    (project.providers / "spare.yaml").symlink_to(Path("..") / "shared" / "spare.yaml")  # inside: fine
+    code, out, _ = run(capsys, "validate")
+    assert code == 1
+    why = "a symbolic link out of the repository (or into its .git): the service refuses it unread"
+    assert out.splitlines() == [
+        f"providers.d/nowhere-here.yaml:1: error: {why}",
+        f"providers.d/stolen.yaml:1: error: {why}",
+    ]
+    code, out, _ = run(capsys, "validate", "providers.d/spare.yaml")
+    assert (code, out) == (0, "")

@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from service.client import Forbidden, NotFound, Switchboard, Unavailable
+from service.client import Forbidden, ModelRequired, NotFound, Switchboard, Unavailable
 from service.config.export import litellm_config
 from service.config.snapshot import load_folder
+from service.journal.log import read_events
 from tests.conftest import AgeIdentity, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import CANARY, write_clients, write_provider
 from tests.support.upstreams import FakeUpstream, serving
@@ -88,21 +89,56 @@ async def test_exports_match_switchboard_export(sops_project: SopsProject) -> No
         assert CANARY not in json.dumps(providers["k"].raw)
 
 
-async def test_litellm_params_need_secrets_read_and_give_the_key(sops_project: SopsProject) -> None:
-    write_provider(sops_project, "k", provider="openai", base_url="http://127.0.0.1:12/v1", api_key=CANARY)
+async def test_litellm_params_name_the_model_mapped_and_need_secrets_read(sops_project: SopsProject) -> None:
+    # A key that declares no models (it serves any), with an alias: the model must be named.
+    write_provider(
+        sops_project,
+        "k",
+        provider="openrouter",
+        base_url="http://127.0.0.1:12/v1",
+        api_key=CANARY,
+        model_map={"fast": "openai/gpt-4o-mini"},
+    )
     write_routing(sops_project, ["k"])
     write_clients(
         sops_project, {"app": ("tok-app", ["config:read", "secrets:read"]), "ro": ("tok-ro", ["config:read"])}
     )
     async with serve(sops_project) as service:
         async with Switchboard(service.url, token="tok-app") as sb:
-            params = await sb.litellm_params("chat")
-            assert params["api_key"] == CANARY and params["model"] == "openai/*"
+            params = await sb.litellm_params("chat", model="fast")
+            assert params["api_key"] == CANARY and params["model"] == "openrouter/openai/gpt-4o-mini"
+            params = await sb.litellm_params("chat", model="meta-llama/llama-3.3-70b")
+            assert params["model"] == "openrouter/meta-llama/llama-3.3-70b"
+            with pytest.raises(ModelRequired, match=r"litellm_params\('chat', model=\.\.\.\)") as refused:
+                await sb.litellm_params("chat")
+            assert refused.value.status == 400 and isinstance(refused.value, ValueError)
+            assert "*" not in str(refused.value)
         async with Switchboard(service.url, token="tok-ro") as sb:
             with pytest.raises(Forbidden):
-                await sb.litellm_params("chat")
+                await sb.litellm_params("chat", model="fast")
             with pytest.raises(Forbidden):
                 await sb.test_provider("k")
+    reads = [e for e in read_events(service.events_file) if e.type == "secret.read"]
+    assert [(e.subject, e.client) for e in reads] == [("k", "app"), ("k", "app")]  # refusals give no key
+
+
+async def test_litellm_params_of_a_provider_that_declares_models(sops_project: SopsProject) -> None:
+    write_provider(
+        sops_project,
+        "k",
+        provider="openai",
+        base_url="http://127.0.0.1:12/v1",
+        api_key=CANARY,
+        models=["m1", "m2"],
+    )
+    write_routing(sops_project, ["k"])
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        assert (await sb.litellm_params("chat"))["model"] == "openai/m1"  # the first it declares
+        assert (await sb.litellm_params("chat", model="m2"))["model"] == "openai/m2"
+        with pytest.raises(NotFound, match="serves model 'm3'"):
+            await sb.litellm_params("chat", model="m3")
+        with pytest.raises(ValueError, match="model"):
+            await sb.litellm_params("chat", model="")
 
 
 async def test_the_client_outlives_a_restart_answering_stale_meanwhile(sops_project: SopsProject) -> None:

@@ -159,6 +159,7 @@ def test_an_invalid_configuration_is_not_exported(
     assert "names `gpu`, which does not exist" in err
 
 
+@pytest.mark.filterwarnings(r"ignore:Items? .* using the `ReadOnly` qualifier:UserWarning")  # litellm's
 async def test_litellm_router_completes_through_the_export_and_falls_back(
     project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,3 +253,52 @@ def test_provider_methods_match_the_export(project: SopsProject) -> None:
     assert gpu.to_litellm_config()["model"] == "openai/*"
     wilmer = gpu.to_wilmer_config()
     assert wilmer is not None and wilmer["endpoint"] == "http://127.0.0.1:10"
+
+
+def test_a_model_name_used_by_two_purposes_is_an_export_error(
+    project: SopsProject, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    configure(project, "http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1")
+    write(
+        project,
+        "embedder",
+        "kind: ai_server\nid: embedder\nserver_type: tei\nbase_url: http://127.0.0.1:1/v1\n"
+        "purposes: [embeddings]\nmodels: [fake-model]\n",
+    )
+    out_file = tmp_path / "litellm.yaml"
+    code, out, err = export(capsys, "litellm", "--out", str(out_file))
+    assert (code, out) == (1, "")
+    assert not out_file.exists()
+    (line,) = err.splitlines()
+    assert line.startswith("providers.d/routing.yaml:")
+    assert "model `fake-model`: embeddings routes it to embedder, and chat routes it to vendor" in line
+
+
+def test_a_model_name_holding_a_wildcard_is_an_export_error(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure(project, "http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1")
+    write(
+        project,
+        "gpu",
+        "kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: http://127.0.0.1:10/v1\nmodels: [gpt-*]\n",
+    )
+    code, _, err = export(capsys, "litellm")
+    assert code == 1
+    assert "model `gpt-*` holds `*`" in err
+
+
+def test_what_litellm_cannot_route_is_noted_and_its_master_key_is_an_env_reference(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure(project, "http://127.0.0.1:9/v1", "http://127.0.0.1:10/v1")
+    code, out, err = export(capsys, "litellm")
+    assert code == 0
+    note = (
+        "embeddings: no provider of it declares a model, so LiteLLM reaches `embedder` only as "
+        "`<provider id>/<model>`; list their `models` to route embeddings by model name"
+    )
+    assert err.splitlines() == [f"switchboard: note: {note}"]
+    assert f"# Note: {note}" in out.splitlines()
+    assert "# The proxy's own master key is read from LITELLM_MASTER_KEY (general_settings)." in out
+    assert yaml.safe_load(out)["general_settings"] == {"master_key": "os.environ/LITELLM_MASTER_KEY"}

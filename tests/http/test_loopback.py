@@ -47,5 +47,29 @@ async def test_a_state_changing_request_a_page_could_forge_is_refused(
         async with running_service.http.post(
             running_service.url + path, data=body, headers={"Content-Type": content_type}
         ) as response:
-            assert response.status == 400, path
-            assert "JSON media type" in (await response.json())["error"]["message"]
+            assert response.status == 415, path
+            error = (await response.json())["error"]
+            assert error["type"] == "unsupported_media_type"
+            assert "JSON media type" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", f"{API}/providers/gpu/test"),
+        ("DELETE", f"{API}/servers/gpu"),
+        ("PUT", f"{API}/active/chat"),
+        ("PATCH", f"{API}/servers/gpu"),
+        ("POST", "/v1/chat/completions"),
+    ],
+)
+async def test_without_authentication_a_write_without_a_json_media_type_is_415_body_or_not(
+    running_service: Service, method: str, path: str
+) -> None:
+    async with running_service.http.request(method, running_service.url + path) as response:
+        assert response.status == 415, await response.text()
+        assert (await response.json())["error"]["type"] == "unsupported_media_type"
+    # The same request with the media type gets past the check (to whatever it is answered then).
+    headers = {"Content-Type": "application/json"}
+    async with running_service.http.request(method, running_service.url + path, headers=headers) as response:
+        assert response.status != 415

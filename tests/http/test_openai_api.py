@@ -328,21 +328,58 @@ async def test_every_candidate_failing_is_a_502_listing_each_attempt(sops_projec
     assert CANARY not in text
 
 
-async def test_no_candidate_is_a_503(sops_project: SopsProject) -> None:
+async def test_a_model_no_provider_serves_is_404_model_not_found_and_the_sdk_asks_once(
+    sops_project: SopsProject,
+) -> None:
     async with FakeUpstream(name="a") as a:
         write_provider(
             sops_project, "a", base_url=a.base_url, models=["only-this"], purposes=["chat", "embeddings"]
         )
         write_routing(sops_project, chat="a")
         async with running(sops_project) as board:
+            # The SDK's own retries are on (2, for a 5xx), as a new user has them.
+            async with openai.AsyncOpenAI(base_url=board.base_url, api_key="unused") as client:
+                with pytest.raises(openai.NotFoundError) as caught:
+                    await client.chat.completions.create(
+                        model="another-model", messages=[{"role": "user", "content": "hi"}]
+                    )
+            asked = await board.metrics()
             excluded = await board.chat(model="another-model")
             unrouted = await board.post("/v1/embeddings", {"model": "only-this", "input": "x"})
             served = await board.chat(model="only-this")
-    assert excluded.status == unrouted.status == 503
-    assert (await excluded.json())["error"]["type"] == "no_candidate"
+    assert caught.value.status_code == 404 and caught.value.code == "model_not_found"
+    route = 'route="/v1/chat/completions"'
+    counted = [line for line in asked.splitlines() if "http_requests_total{" in line and route in line]
+    assert counted == [
+        f'switchboard_http_requests_total{{method="POST",{route},status="404"}} 1.0'
+    ]  # one request: the SDK does not retry a 404 as it retries a 503
+    assert excluded.status == unrouted.status == 404
+    for answer in (excluded, unrouted):
+        error = (await answer.json())["error"]
+        assert error["type"] == error["code"] == "model_not_found"
+    assert "another-model" in (await excluded.json())["error"]["message"]
     assert (excluded.headers[PROVIDER], excluded.headers[ATTEMPTS]) == ("none", "0")
     assert served.status == 200
     assert [r.json["model"] for r in a.requests] == ["only-this"]
+
+
+async def test_a_model_whose_providers_are_all_skipped_now_is_503_no_candidate(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, models=["m"])
+        write_provider(sops_project, "off", base_url=a.base_url, models=["m-off"], enabled=False)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": []})
+        async with running(sops_project, circuit_failures=1) as board:
+            a.fail(500)
+            failed = await board.chat(model="m")
+            skipped = await board.chat(model="m")  # its circuit is open: served, but not now
+            disabled = await board.chat(model="m-off")  # only a disabled provider names it
+    assert failed.status == 502
+    assert skipped.status == 503
+    assert (await skipped.json())["error"]["type"] == "no_candidate"
+    assert (skipped.headers[PROVIDER], skipped.headers[ATTEMPTS]) == ("none", "0")
+    assert disabled.status == 404
 
 
 async def test_a_disabled_provider_is_skipped(sops_project: SopsProject) -> None:
@@ -920,29 +957,69 @@ async def test_weights_share_the_load(sops_project: SopsProject) -> None:
 async def test_the_litellm_parameters_are_given_and_audited(sops_project: SopsProject) -> None:
     async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
         write_provider(
-            sops_project, "a", provider="openrouter", base_url=a.base_url, api_key=CANARY, models=["m"]
+            sops_project,
+            "a",
+            provider="openrouter",
+            base_url=a.base_url,
+            api_key=CANARY,
+            models=["m"],
+            model_map={"alias": "m"},
         )
-        write_provider(sops_project, "b", base_url=b.base_url)
+        write_provider(sops_project, "b", base_url=b.base_url, purposes=["chat", "embeddings"])
         write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
         write_clients(
             sops_project, {"deployer": ("tok-d", ["secrets:read"]), "ops": ("tok-o", ["config:read"])}
         )
+        litellm = "/api/v1/llm-config/active/chat/litellm"
         async with running(sops_project) as board:
-            denied = await board.get("/api/v1/llm-config/active/chat/litellm", token="tok-o")
-            answer = await board.get("/api/v1/llm-config/active/chat/litellm", token="tok-d")
+            denied = await board.get(litellm, token="tok-o")
+            answer = await board.get(litellm, token="tok-d")
             unknown = await board.get("/api/v1/llm-config/active/nope/litellm", token="tok-d")
             unrouted = await board.get("/api/v1/llm-config/active/embeddings/litellm", token="tok-d")
+            aliased = await (await board.get(f"{litellm}?model=alias", token="tok-d")).json()
+            other = await (await board.get(f"{litellm}?model=other%2Fmodel", token="tok-d")).json()
             body = await answer.json()
             reads = board.events("secret.read")
     assert denied.status == 403 and unknown.status == 404 and unrouted.status == 404
-    assert body["provider"] == "a"
+    assert (body["provider"], body["model"]) == ("a", "m")
     assert body["litellm_params"] == {
         "model": "openrouter/m",
         "api_base": a.base_url,
         "api_key": CANARY,
         "timeout": 600,
     }
-    assert [(e["subject"], e["client"], e["purpose"]) for e in reads] == [("a", "deployer", "chat")]
+    assert (aliased["provider"], aliased["model"], aliased["litellm_params"]["model"]) == (
+        "a",
+        "alias",
+        "openrouter/m",
+    )
+    # `a` does not serve it; `b`, which declares no models, serves any.
+    assert (other["provider"], other["litellm_params"]["model"]) == ("b", "openai/other/model")
+    assert [(e["subject"], e["client"], e["purpose"]) for e in reads] == [
+        ("a", "deployer", "chat"),
+        ("a", "deployer", "chat"),
+        ("b", "deployer", "chat"),
+    ]
+
+
+async def test_litellm_parameters_never_name_a_wildcard(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "any"}, {"name": "some"}) as (anything, some):
+        write_provider(sops_project, "any", base_url=anything.base_url, purposes=["embeddings"])
+        write_provider(sops_project, "some", base_url=some.base_url, models=["r1"], purposes=["reranking"])
+        write_routing(sops_project, embeddings="any", reranking="some")
+        async with running(sops_project) as board:
+            base = "/api/v1/llm-config/active"
+            unnamed = await board.get(f"{base}/embeddings/litellm")
+            named = await board.get(f"{base}/embeddings/litellm?model=bge-m3")
+            unserved = await board.get(f"{base}/reranking/litellm?model=r2")
+            reads = board.events("secret.read")
+    assert unnamed.status == 400
+    error = (await unnamed.json())["error"]
+    assert error["type"] == "bad_request" and "?model=" in error["message"] and "`any`" in error["message"]
+    assert (await named.json())["litellm_params"]["model"] == "openai/bge-m3"
+    assert unserved.status == 404
+    assert (await unserved.json())["error"]["code"] == "model_not_found"
+    assert [e["subject"] for e in reads] == ["any"]  # a refusal reads no key
 
 
 async def test_provider_test_and_server_models(sops_project: SopsProject) -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 from aiohttp import web
@@ -29,7 +29,7 @@ from tests.conftest import Service, SopsProject, git, git_init, serve
 from tests.support.gateway import write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream
 
-SCOPES: tuple[Scope, ...] = ("completions", "config:read", "config:write", "admin", "secrets:read")
+SCOPES: tuple[Scope, ...] = get_args(Scope)
 TOKEN = "sb_openapi_every_scope_6f1e2d3c4b5a"
 BLOCKING = ("index", "wait", "If-None-Match")
 """SPEC 9: every GET under the API but the stream and `secrets:read` takes these."""

@@ -282,7 +282,7 @@ async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: S
     async with serve(sops_project) as service:
         auth = {"reader": {"Authorization": "Bearer tok-r"}, "boss": {"Authorization": "Bearer tok-a"}}
         streams = {name: sse(service, headers, "?after=0") for name, headers in auth.items()}
-        await get(service, API + "/active/chat/litellm", auth["boss"])  # a secret.read
+        await get(service, API + "/active/chat/litellm?model=m", auth["boss"])  # a secret.read
         clients["new"] = ("tok-n", ["completions"])
         write_clients(sops_project, clients)  # a clients.updated
         move(sops_project, 7020)

@@ -578,7 +578,8 @@ async def test_the_replica_is_named_in_service_started_readyz_and_metrics(sops_p
         started = [e for e in service.events() if e.type == "service.started"]
         assert [getattr(e, "replica", None) for e in started] == ["eu-west-2"]
         _, metrics = await service.text("/metrics")
-        assert re.search(r'^switchboard_info\{replica="eu-west-2",version="[^"]+"\} 1\.0$', metrics, re.M)
+        info = r'^switchboard_info\{litellm="[^"]+",replica="eu-west-2",version="[^"]+"\} 1\.0$'
+        assert re.search(info, metrics, re.M)
 
 
 def test_the_replica_defaults_to_the_host_name() -> None:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from service.config.secret import Secret
+from service.config.upstreams import SETTING
 from service.http.context import WRITER
 from tests.conftest import (
     AgeIdentity,
@@ -35,6 +36,7 @@ from tests.conftest import (
     write_routing,
     write_server,
 )
+from tests.support.dns import Dns
 
 API = "/api/v1/llm-config"
 CANARY = "sk-canary-write-3c1d9e7f5a2b4c6d8e0f"
@@ -79,10 +81,12 @@ async def call(
     sent = dict(headers or {})
     if token:
         sent["Authorization"] = f"Bearer {token}"
+    # Every write says it is JSON, body or not, as the console does: without authentication
+    # a write without a JSON media type is 415 (SPEC 6).
+    sent["Content-Type"] = content_type
     data = None
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        sent["Content-Type"] = content_type
     async with service.http.request(method, service.url + API + path, data=data, headers=sent) as response:
         text = await response.text()
         return response.status, (json.loads(text) if text else None), response.headers
@@ -208,7 +212,7 @@ async def test_a_write_needs_a_json_media_type(service: Service) -> None:
         {"id": "x", "server_type": "vllm", "base_url": "http://h"},
         content_type="text/plain",
     )
-    assert status == 400
+    assert status == 415
 
 
 async def test_a_field_cannot_smuggle_yaml_into_the_file(repo: SopsProject, service: Service) -> None:
@@ -525,13 +529,15 @@ async def test_branch_mode_commits_to_a_new_branch_and_applies_nothing(repo: Sop
 async def test_writes_outside_git_are_405(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     async with serve(sops_project) as service:
-        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+        status, body, headers = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
     assert status == 405 and "git" in body["error"]["message"]
+    assert headers["Allow"] == "GET, HEAD"  # the path is still read
 
 
 async def test_write_mode_off_is_405(repo: SopsProject) -> None:
     async with serve(repo, write_mode="off") as service:
-        assert (await call(service, "PATCH", "/servers/gpu", {"name": "x"}))[0] == 405
+        status, _, headers = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
 # -- a remote --------------------------------------------------------------------------------------
@@ -710,6 +716,52 @@ async def test_a_client_that_cannot_read_a_key_cannot_send_it_to_another_host(
     assert hostile.registry.snapshot.providers["vendor"].endpoint == "https://api.openai.com/v1"
 
 
+KEYED_SERVER = {"id": "keyed", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v1", "api_key": CANARY}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PATCH", "/servers/keyed", {"server_type": "tei"}),
+        ("PUT", "/servers/keyed", {"server_type": "tei", "base_url": "http://127.0.0.1:9/v1"}),
+        ("PUT", "/api-keys/vendor", {"provider": "groq", "purposes": ["chat"]}),
+        ("PATCH", "/api-keys/vendor", {"provider": "anthropic", "base_url": "https://api.openai.com/v1"}),
+    ],
+    ids=["patch-server-type", "put-server-type", "put-vendor", "patch-vendor"],
+)
+async def test_a_keyed_provider_cannot_change_its_protocol_without_its_key(
+    repo: SopsProject, hostile: Service, method: str, path: str, body: dict[str, Any]
+) -> None:
+    """SPEC 8: a write that changes `server_type` or `provider` of a file holding a key, without
+    the key, needs secrets:read as well: the protocol decides the paths and headers the key goes
+    in (a `tei` server gets `/rerank` and `/info` at its root), as `base_url` decides the host.
+    A `server_type` change was answered 200."""
+    status, answer, _ = await call(hostile, "POST", "/servers", KEYED_SERVER, token="tok-w")
+    assert status == 201, answer
+    file = repo.providers / f"{path.rsplit('/', 1)[1]}.yaml"
+    before, data = head(repo.root), file.read_bytes()
+    status, answer, _ = await call(hostile, method, path, body, token="tok-w")
+    assert status == 403, answer
+    assert answer["error"]["type"] == "forbidden" and "api_key" in answer["error"]["message"]
+    assert head(repo.root) == before and file.read_bytes() == data
+    status, answer, _ = await call(hostile, method, path, body, token="tok-k")  # it may read the key
+    assert status == 200, answer
+
+
+async def test_a_keyed_server_changes_its_protocol_with_its_key_sent_along(
+    repo: SopsProject, hostile: Service
+) -> None:
+    status, answer, _ = await call(hostile, "POST", "/servers", KEYED_SERVER, token="tok-w")
+    assert status == 201, answer
+    status, answer, _ = await call(
+        hostile, "PATCH", "/servers/keyed", {"server_type": "tei", "api_key": OTHER_KEY}, token="tok-w"
+    )
+    assert status == 200, answer
+    assert hostile.registry.snapshot.providers["keyed"].label == "tei"
+    status, answer, _ = await call(hostile, "PATCH", "/servers/keyed", {"name": "GPU"}, token="tok-w")
+    assert status == 200, answer  # other fields stay the writer's to change
+
+
 async def test_a_key_moves_with_the_key_sent_along_or_for_a_client_that_may_read_it(
     repo: SopsProject, hostile: Service
 ) -> None:
@@ -828,6 +880,50 @@ async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
     assert status == 200, answer  # a client that may read the key could send it along anyway
 
 
+@pytest.mark.parametrize("how", ["edited", "staged", "untracked"])
+async def test_a_key_is_encrypted_only_for_the_committed_recipients(
+    repo: SopsProject, other_age_identity: AgeIdentity, how: str
+) -> None:
+    """SPEC 8: a key is encrypted for the recipients of the committed `.sops.yaml`. Writes read
+    the working file: whoever could edit it (a shell on the host, a bad merge left uncommitted)
+    had every new or changed key encrypted for a recipient of theirs, with nothing in git to see."""
+    sops_yaml = repo.root / ".sops.yaml"
+    committed = sops_yaml.read_bytes()
+    if how == "untracked":
+        git(repo.root, "rm", "-q", "--cached", ".sops.yaml")
+        git(repo.root, "commit", "-qm", "sops rules not tracked")
+    else:
+        _write_sops_yaml(repo.root, repo.identity.recipient, other_age_identity.recipient)
+        if how == "staged":
+            git(repo.root, "add", ".sops.yaml")
+            sops_yaml.write_bytes(committed)  # the working file as committed; the index is not
+    before = head(repo.root)
+    async with serve(repo) as running:
+        status, answer, _ = await call(running, "POST", "/api-keys", vendor())
+        plain, plain_answer, _ = await call(running, "PATCH", "/servers/gpu", {"name": "no key, no sops"})
+    assert status == 409, answer
+    assert ".sops.yaml" in answer["error"]["message"] and "commit" in answer["error"]["message"]
+    assert not (repo.providers / "vendor.yaml").exists()
+    assert plain == 200, plain_answer  # a file without a key needs no recipient
+    assert git(repo.root, "rev-list", "--count", f"{before}..HEAD") == "1"
+
+
+async def test_a_written_key_has_the_committed_recipients_and_no_other(
+    repo: SopsProject, service: Service, other_age_identity: AgeIdentity
+) -> None:
+    status, answer, _ = await call(service, "POST", "/api-keys", vendor())
+    assert status == 201, answer
+    data = (repo.providers / "vendor.yaml").read_bytes()
+    assert repo.identity.recipient.encode() in data
+    assert other_age_identity.recipient.encode() not in data
+    _write_sops_yaml(repo.root, repo.identity.recipient, other_age_identity.recipient)
+    status, answer, _ = await call(service, "PATCH", "/api-keys/vendor", {"api_key": OTHER_KEY})
+    assert status == 409, answer  # re-encrypting it would use the edited working file
+    git(repo.root, "checkout", "--", ".sops.yaml")
+    status, answer, _ = await call(service, "PATCH", "/api-keys/vendor", {"api_key": OTHER_KEY})
+    assert status == 200, answer
+
+
 async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
     """SPEC 8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
     it was applied and answered 200, then lost at the next checkout."""
@@ -942,3 +1038,79 @@ async def test_an_index_lock_held_by_a_person_is_409_and_changes_nothing(
     assert status == 409 and "index.lock" in answer["error"]["message"], answer
     assert head(repo.root) == before and (repo.providers / "gpu.yaml").read_bytes() == data
     assert git(repo.root, "status", "--porcelain") == ""
+
+
+# -- where a provider may send requests: SWITCHBOARD_ALLOWED_UPSTREAMS (SPEC 7) --------------------
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://169.254.169.254/latest",
+        "http://[fe80::1]:8000/v1",
+        "http://[::ffff:169.254.169.254]/v1",
+        "http://2852039166/v1",
+        "http://metadata.test/v1",
+        "http://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/v1",  # fullwidth
+        "http://169\u3002254\u3002169\u3002254/v1",  # ideographic full stops
+    ],
+)
+async def test_unset_a_write_naming_the_metadata_service_is_refused(repo: SopsProject, base_url: str) -> None:
+    dns = Dns({"metadata.test": ["169.254.169.254"]})
+    before = head(repo.root)
+    async with serve(repo, lookup=dns) as running:
+        body = {"id": "meta", "server_type": "vllm", "base_url": base_url}
+        status, answer, _ = await call(running, "POST", "/servers", body)
+        patched, patch_answer, _ = await call(running, "PATCH", "/servers/gpu", {"base_url": base_url})
+    assert status == patched == 422, (answer, patch_answer)
+    for refused in (answer, patch_answer):
+        [found] = refused["error"]["problems"]
+        assert found["path"] == "base_url" and SETTING in found["message"], found
+    assert head(repo.root) == before and not (repo.providers / "meta.yaml").exists()
+
+
+async def test_a_write_outside_the_list_is_refused_and_inside_it_lands(repo: SopsProject) -> None:
+    async with serve(repo, allowed_upstreams="10.0.0.0/8, *.example.com") as running:
+        outside = {"id": "out", "server_type": "vllm", "base_url": "http://127.0.0.1:8000/v1"}
+        refused, answer, _ = await call(running, "POST", "/servers", outside)
+        inside = {"id": "in", "server_type": "vllm", "base_url": "http://10.0.0.12:8000/v1"}
+        created, _, _ = await call(running, "POST", "/servers", inside)
+        named = {"id": "named", "server_type": "vllm", "base_url": "https://gpu.example.com/v1"}
+        by_name, _, _ = await call(running, "POST", "/servers", named)
+        # a vendor's default URL is where its requests go: a name that is not listed
+        vendor_default, vendor_answer, _ = await call(
+            running, "POST", "/api-keys", vendor(provider="anthropic")
+        )
+    assert refused == 422 and answer["error"]["problems"][0]["path"] == "base_url"
+    assert f"127.0.0.1 is refused by {SETTING}: it is not listed" in answer["error"]["message"]
+    assert created == by_name == 201
+    assert vendor_default == 201, vendor_answer  # api.anthropic.com does not resolve here: told at connect
+
+
+async def test_a_names_only_list_refuses_a_vendors_default_host(repo: SopsProject) -> None:
+    async with serve(repo, allowed_upstreams="api.openai.com") as running:
+        refused, answer, _ = await call(running, "POST", "/api-keys", vendor(provider="anthropic"))
+        allowed, _, _ = await call(running, "POST", "/api-keys", vendor(id="oai"))
+    assert refused == 422 and "api.anthropic.com is refused by" in answer["error"]["message"]
+    assert allowed == 201
+
+
+async def test_a_name_re_pointed_after_its_write_was_checked_reaches_nothing(repo: SopsProject) -> None:
+    """The write's check saw 127.0.0.1; the connection, made later, sees where the name leads then."""
+    from tests.support.upstreams import FakeUpstream
+
+    dns = Dns({"gpu.test": ["127.0.0.1"]})
+    async with FakeUpstream(name="gpu") as up, serve(repo, lookup=dns) as running:
+        server = {"id": "moving", "server_type": "vllm", "base_url": f"http://gpu.test:{up.port}/v1"}
+        status, answer, _ = await call(running, "POST", "/servers", server)
+        assert status == 201, answer
+        status, answer, _ = await call(running, "PUT", "/active/chat", {"primary": "moving"})
+        assert status == 200, answer
+        dns.point("gpu.test", "169.254.169.254")
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with running.http.post(running.url + "/v1/chat/completions", json=payload) as response:
+            body = await response.json()
+    assert response.status == 502
+    assert "link-local" in body["error"]["attempts"][0]["reason"]
+    assert SETTING in body["error"]["attempts"][0]["reason"]
+    assert not up.requests

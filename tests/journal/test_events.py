@@ -137,6 +137,7 @@ def test_schema_has_one_definition_per_event_type() -> None:
         "provider.health_changed",
         "secret.read",
         "sync.failed",
+        "budget.exhausted",
     }
     assert "hash" in schema["$defs"]["SecretRead"]["required"]
     json.dumps(schema)

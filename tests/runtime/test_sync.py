@@ -24,6 +24,7 @@ from service.http.context import EVENTS, PULLER
 from service.journal.events import SyncFailed
 from service.runtime.registry import Outcome
 from service.runtime.sync import Puller, parse_pull
+from service.runtime.watcher import LINK_OUT
 from service.vcs.commit import Committer
 from service.vcs.gitrepo import GitRepo
 from tests.conftest import Service, SopsProject, eventually, serve
@@ -488,11 +489,6 @@ async def test_a_git_error_after_the_fetch_is_a_failed_pull_reported_not_a_silen
         assert re.search(r"^switchboard_sync_failures_total [1-9]", metrics, re.M)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed (a policy call): the watcher follows a link to any file, by design "
-    "(tests/runtime/test_watcher.py::test_symlinks_are_followed_and_dangling_ones_skipped)",
-)
 async def test_a_committed_link_out_of_the_repository_is_not_read(
     sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
 ) -> None:
@@ -512,3 +508,9 @@ async def test_a_committed_link_out_of_the_repository_is_not_read(
         author.push()
         assert await puller(service).pull() == "applied"
         assert "stolen" not in service.registry.snapshot.providers
+        assert service.registry.refused == {"providers.d/stolen.yaml": LINK_OUT}
+        [event] = [e for e in service.events() if e.type == "config.rejected"]
+        assert event.file == "providers.d/stolen.yaml" and event.reason == LINK_OUT
+        _, ready = await service.get("/readyz")
+        assert ready["refused"] == [{"file": "providers.d/stolen.yaml", "reason": LINK_OUT}]
+        assert str(outside) not in json.dumps(ready) and str(outside) not in service.events_file.read_text()

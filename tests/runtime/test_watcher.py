@@ -66,29 +66,95 @@ async def test_a_file_deleted_while_the_folder_is_read_is_taken_as_gone(
     assert service.registry.refused == {}
 
 
-async def test_symlinks_are_followed_and_dangling_ones_skipped(
-    running_service: Service, tmp_path: Path
+async def test_symlinks_inside_the_repository_are_followed_and_dangling_ones_skipped(
+    running_service: Service,
 ) -> None:
-    service, providers = running_service, running_service.project.providers
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "linked.yaml").write_text(SERVER.format(id="linked", port=3000))
-    (providers / "linked.yaml").symlink_to(outside / "linked.yaml")
-    (providers / "dangling.yaml").symlink_to(outside / "missing.yaml")
-    (providers / "folder.yaml").symlink_to(outside, target_is_directory=True)
+    service, project = running_service, running_service.project
+    providers = project.providers
+    shared = project.root / "shared"  # in the repository, beside providers.d/
+    shared.mkdir()
+    (shared / "linked.yaml").write_text(SERVER.format(id="linked", port=3000))
+    (providers / "linked.yaml").symlink_to(
+        Path("..") / "shared" / "linked.yaml"
+    )  # relative, as git makes them
+    (providers / "dangling.yaml").symlink_to(shared / "missing.yaml")
+    (providers / "folder.yaml").symlink_to(shared, target_is_directory=True)
     await eventually(lambda: "linked" in service.registry.snapshot.providers)
     assert service.registry.snapshot.providers["linked"].endpoint == "http://127.0.0.1:3000/v1"
     assert service.registry.refused == {}
 
     # retargeting the link is a change of the file
-    (outside / "moved.yaml").write_text(SERVER.format(id="linked", port=3001))
+    (shared / "moved.yaml").write_text(SERVER.format(id="linked", port=3001))
     tmp_link = providers / ".linked.yaml.tmp"
-    tmp_link.symlink_to(outside / "moved.yaml")
+    tmp_link.symlink_to(shared / "moved.yaml")
     tmp_link.replace(providers / "linked.yaml")
     await eventually(lambda: urls(service)["linked"] == "http://127.0.0.1:3001/v1")
 
     (providers / "linked.yaml").unlink()
     await eventually(lambda: "linked" not in service.registry.snapshot.providers)
+
+
+CANARY_PATH_SECRET = "sk-outside-the-repository-0b1c2d3e"
+
+
+@pytest.mark.parametrize("where", ["outside", "dangling-outside", "git-config", "chain"])
+async def test_a_link_out_of_the_repository_is_refused_unread(
+    running_service: Service, tmp_path: Path, where: str
+) -> None:
+    """SPEC 4: a file of providers.d/ that is a link resolving outside the repository is
+    refused with a `config.rejected` event saying so, whether or not its target exists (its
+    existence is no more told than its content); so is one into the repository's `.git`."""
+    service, project = running_service, running_service.project
+    providers = project.providers
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.yaml"
+    secret.write_text(SERVER.format(id="stolen", port=4000) + f"name: {CANARY_PATH_SECRET}\n")
+    (project.root / ".git").mkdir()
+    (project.root / ".git" / "config").write_text(SERVER.format(id="gitcfg", port=4001))
+    target = {
+        "outside": secret,
+        "dangling-outside": outside / "missing.yaml",
+        "git-config": Path("..") / ".git" / "config",
+    }.get(where)
+    if where == "chain":  # inside at first sight, out in the end
+        (project.root / "hop.yaml").symlink_to(secret)
+        target = Path("..") / "hop.yaml"
+    assert target is not None
+    seq = service.app[EVENTS].last_seq
+    (providers / "stolen.yaml").symlink_to(target)
+    await eventually(lambda: "providers.d/stolen.yaml" in service.registry.refused)
+    assert service.registry.refused == {"providers.d/stolen.yaml": watcher.LINK_OUT}
+    assert set(service.registry.snapshot.providers) == {"gpu"}
+    [event] = service.app[EVENTS].events()[seq:]
+    assert (event.type, event.file, event.reason) == (
+        "config.rejected",
+        "providers.d/stolen.yaml",
+        watcher.LINK_OUT,
+    )
+    assert CANARY_PATH_SECRET not in service.events_file.read_text()
+    assert str(outside) not in service.events_file.read_text()
+
+    # pointed back inside, it is read as any file
+    (project.root / "inside.yaml").write_text(SERVER.format(id="stolen", port=4002))
+    (providers / "stolen.yaml").unlink()
+    (providers / "stolen.yaml").symlink_to(Path("..") / "inside.yaml")
+    await eventually(lambda: urls(service).get("stolen") == "http://127.0.0.1:4002/v1")
+    assert service.registry.refused == {}
+
+
+async def test_a_providers_folder_that_is_itself_a_link_out_is_refused_whole(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """`providers.d` committed as a link to a folder of the replica: every file is refused."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "stolen.yaml").write_text(SERVER.format(id="stolen", port=4000))
+    sops_project.providers.rmdir()
+    sops_project.providers.symlink_to(elsewhere, target_is_directory=True)
+    async with serve(sops_project, root=sops_project.root, providers=sops_project.providers) as service:
+        assert service.registry.snapshot.providers == {}
+        assert service.registry.refused == {"providers.d/stolen.yaml": watcher.LINK_OUT}
 
 
 async def test_editor_droppings_and_other_names_are_ignored(running_service: Service) -> None:
@@ -217,8 +283,8 @@ async def test_a_swap_in_the_middle_of_a_scan_is_scanned_again_never_mixed(
         real_read = watcher.read_limited
         swapped: list[bool] = []
 
-        def read_then_swap(path: Path, limit: int) -> tuple[bytes, int | None]:
-            data = real_read(path, limit)
+        def read_then_swap(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes, int | None]:
+            data = real_read(path, limit, follow=follow)
             if not swapped:  # the first file read, then the link moves on under the scan
                 swapped.append(True)
                 sync.publish(second)

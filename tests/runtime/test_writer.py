@@ -31,13 +31,14 @@ def _free_port() -> int:
         return port
 
 
-async def _start(project: SopsProject, port: int) -> asyncio.subprocess.Process:
+async def _start(project: SopsProject, port: int, **settings: str) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
         "SOPS_AGE_KEY_FILE": str(project.identity.key_file),
         "SWITCHBOARD_HEALTH_INTERVAL_S": "0",
         "SWITCHBOARD_DEBOUNCE_MS": "10",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        **{f"SWITCHBOARD_{name.upper()}": value for name, value in settings.items()},
     }
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -124,3 +125,54 @@ async def test_a_service_killed_mid_write_leaves_a_clean_tree_and_whole_commits(
         assert subject.startswith("create ai_server ")
         name = subject.split()[-1]
         assert git(root, "show", "--name-only", "--format=", sha) == f"providers.d/{name}.yaml"
+
+
+@pytest.mark.timeout(120)
+async def test_a_service_that_pushes_killed_mid_write_never_leaves_local_and_remote_diverged(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """With SWITCHBOARD_GIT_PUSH, killed at random between push and apply: the local branch is
+    never ahead of the remote (nothing unpushed, nothing diverged), the tree is clean, and
+    the next write brings the local branch to the remote's head and serves all of it."""
+    root = sops_project.root
+    git_init(root)
+    (root / ".gitignore").write_text("var/\n")
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    bare = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+    git(root, "remote", "add", "origin", str(bare))
+    git(root, "push", "-q", "origin", "main")
+    rng = random.Random(11)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    index = 0
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):
+            process = await _start(sops_project, port, git_push="origin")
+            await _ready(http, base)  # a write the kill cut short is finished or undone by now
+            assert git(root, "status", "--porcelain") == ""
+            assert git(bare, "merge-base", "--is-ancestor", git(root, "rev-parse", "HEAD"), "main") == ""
+            writes = [asyncio.create_task(_write(http, base, index + i)) for i in range(4)]
+            index += 4
+            await asyncio.sleep(rng.uniform(0.02, 0.4))
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            await asyncio.gather(*writes)
+        process = await _start(sops_project, port, git_push="origin")
+        try:
+            await _ready(http, base)
+            assert git(root, "status", "--porcelain") == ""
+            assert await _write(http, base, index) == 201
+            async with http.get(f"{base}{API}/servers") as response:
+                served = {p["id"] for p in (await response.json())["providers"]}
+        finally:
+            process.terminate()
+            await process.wait()
+    assert git(root, "rev-parse", "HEAD") == git(bare, "rev-parse", "main")
+    assert git(root, "status", "--porcelain") == ""
+    on_remote = {Path(p).stem for p in git(bare, "ls-tree", "--name-only", "main", "providers.d/").split()}
+    assert served == on_remote - {"routing"}
+    assert git(bare, "rev-list", "--merges", "--count", "main") == "0"

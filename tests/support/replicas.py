@@ -163,7 +163,13 @@ class RedisServer:
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, after `stop`) on the same port, empty: nothing was saved."""
+        workdir = self.workdir
         self.process = subprocess.Popen(
             [
                 REDIS_SERVER,

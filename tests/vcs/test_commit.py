@@ -168,6 +168,80 @@ def test_undo_puts_branch_files_and_index_back(repo: GitRepo) -> None:
     assert git(repo.root, "status", "--porcelain") == ""
 
 
+def test_an_undo_cut_short_is_finished_at_the_restart(repo: GitRepo) -> None:
+    """Killed after the undo moved the branch back, before its files: the restart finished
+    nothing (the undo kept no record), and the write's file stayed as a local edit."""
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/a.yaml": b"changed\n"}, author=AUTHOR, text="m\n")
+    paths = committer.advance(ref, base, commit)
+    committer._record(ref, commit, base, paths, undo=True)  # what `undo` does first
+    git(repo.root, "update-ref", ref, base or "", commit)  # then the branch moved back: killed here
+    done = Committer(repo, COMMITTER).recover()
+    assert done is not None and "finished" in done
+    assert (repo.root / "providers.d" / "a.yaml").read_bytes() == b"a: 1\n"
+    assert git(repo.root, "status", "--porcelain") == ""
+
+
+def test_an_undo_cut_short_before_it_moved_leaves_the_write_whole(repo: GitRepo) -> None:
+    """Killed before the undo moved the branch back, with the write's files half written:
+    the write stands, whole."""
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    changes = {"providers.d/a.yaml": b"a: 2\n", "providers.d/c.yaml": b"c\n"}
+    commit = committer.build(base, changes, author=AUTHOR, text="m\n")
+    paths = committer.advance(ref, base, commit)
+    (repo.root / "providers.d" / "c.yaml").unlink()  # the write's files, half there
+    committer._record(ref, commit, base, paths, undo=True)
+    done = Committer(repo, COMMITTER).recover()
+    assert done is not None and "undo cut short" in done
+    assert committer.resolve("HEAD") == commit and git(repo.root, "status", "--porcelain") == ""
+
+
+def test_a_write_that_cannot_be_recorded_moves_nothing(repo: GitRepo) -> None:
+    """The record could not be written (a full disk; here a folder in its place): an OSError
+    escaped as a 500. It is a GitError with the reason, before anything moved."""
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/a.yaml": b"changed\n"}, author=AUTHOR, text="m\n")
+    (repo.root / ".git" / "switchboard-write.json").mkdir()
+    with pytest.raises(GitError, match="could not record the write"):
+        committer.advance(ref, base, commit)
+    assert committer.resolve("HEAD") == base and git(repo.root, "status", "--porcelain") == ""
+
+
+def _bare(tmp_path: Path, repo: GitRepo) -> Path:
+    bare = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+    git(repo.root, "push", "-q", str(bare), "main")
+    return bare
+
+
+def test_a_push_lands_only_on_the_commit_it_expects(repo: GitRepo, tmp_path: Path) -> None:
+    """A compare-and-swap: a remote that is not at `at` (behind a local commit never pushed,
+    or moved on) takes nothing, so no unpushed commit rides along with a write."""
+    bare = _bare(tmp_path, repo)
+    committer = Committer(repo, COMMITTER)
+    pushed = committer.resolve("HEAD")
+    assert pushed is not None
+    unpushed = committer.build(pushed, {"providers.d/b.yaml": b"b\n"}, author=AUTHOR, text="local\n")
+    write = committer.build(unpushed, {"providers.d/c.yaml": b"c\n"}, author=AUTHOR, text="write\n")
+    assert (
+        committer.push(str(bare), write, "main", at=unpushed) is not None
+    )  # stale: the remote is at `pushed`
+    assert git(bare, "rev-parse", "main") == pushed
+    unrelated = committer.build(None, {"providers.d/c.yaml": b"c\n"}, author=AUTHOR, text="root\n")
+    assert "never rewrites" in (committer.push(str(bare), unrelated, "main", at=pushed) or "")
+    assert git(bare, "rev-parse", "main") == pushed
+    on_remote = committer.build(pushed, {"providers.d/c.yaml": b"c\n"}, author=AUTHOR, text="write\n")
+    assert committer.push(str(bare), on_remote, "main", at=pushed) is None
+    assert git(bare, "rev-parse", "main") == on_remote
+    assert committer.push(str(bare), on_remote, "review", at=None) is None  # a new branch
+    again = committer.build(on_remote, {"providers.d/d.yaml": b"d\n"}, author=AUTHOR, text="x\n")
+    assert committer.push(str(bare), again, "review", at=None) is not None  # not new any more
+    assert git(bare, "rev-parse", "review") == on_remote
+
+
 def test_git_runs_without_secrets_identity_or_prompts() -> None:
     env = safe_environ(
         {
@@ -210,7 +284,7 @@ def test_a_remote_that_hangs_takes_nothing_with_it(
     committer = Committer(hanging, COMMITTER)
     base = committer.resolve("HEAD")
     assert base is not None
-    reason = committer.push("ssh://git.example.invalid/repo.git", base, "main")
+    reason = committer.push("ssh://git.example.invalid/repo.git", base, "main", at=None)
     assert reason is not None and "did not finish" in reason
     (pid,) = [int(p) for p in pids.read_text().split()]
     deadline = time.monotonic() + 5  # SIGKILL is delivered, not waited for

@@ -184,6 +184,20 @@ def test_a_plaintext_secret_is_refused_and_never_shown(
     assert "`providers.d/leaky.yaml:4`: `api_key` is in plaintext" in out
 
 
+def test_a_link_out_of_the_repository_is_refused_and_never_read(
+    repo: SopsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pull request adding `providers.d/x.yaml -> ~/.kube/config` (or any file of the CI
+    runner): `plan` of the working tree read it, and showed what it said in the PR's comment."""
+    secret = tmp_path / "runner-secret.yaml"
+    secret.write_text(f"kind: ai_server\nid: stolen\nserver_type: vllm\nbase_url: http://{NEW_KEY}.test/v1\n")
+    (repo.providers / "stolen.yaml").symlink_to(secret)
+    code, out = plan(capsys)
+    assert code == 1
+    assert "providers.d/stolen.yaml" in out and "a symbolic link out of the repository" in out
+    assert "Providers added" not in out
+
+
 def test_a_file_failing_validation_keeps_its_last_good_version(
     repo: SopsProject, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -247,3 +261,31 @@ def test_json_output(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> N
 def test_an_unknown_revision_is_an_error(repo: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli("plan", "no-such-branch") == 1
     assert "unknown revision 'no-such-branch'" in capsys.readouterr().err
+
+
+def test_a_pull_request_that_raises_a_budget_or_a_limit_says_so(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clients = repo.providers / "clients.yaml"
+    entry = "  - name: ops\n    token_sha256: " + "a" * 64 + "\n    scopes: [completions]\n"
+    clients.write_text(
+        "kind: clients\nclients:\n" + entry + "    limits: {rpm: 600, budget: {usd: '50', period: month}}\n"
+    )
+    write_server(repo, "gpu", "budget: {usd: 200, period: month}\n")
+    commit(repo, "limits")
+    clients.write_text(
+        "kind: clients\nclients:\n"
+        + entry
+        + "    limits: {rpm: 300, tpm: 1000, budget: {usd: '80', period: month}}\n"
+    )
+    write_server(repo, "gpu")
+    code, out = plan(capsys, "HEAD")
+    assert code == 0
+    assert "### Limits and budgets" in out
+    assert "- client `ops`: budget raised from 50 to 80 USD a month" in out
+    assert "- client `ops`: rpm lowered from 600 to 300 requests a minute" in out
+    assert "- client `ops`: tpm set to 1,000 tokens a minute (unlimited before)" in out
+    assert "- provider `gpu`: budget removed (no cap now; 200 USD a month before)" in out
+    assert "limits: rpm 300, tpm 1000, budget 80 USD/month" in out
+    _, as_json = plan(capsys, "HEAD", "--format", "json")
+    assert "client `ops`: budget raised from 50 to 80 USD a month" in json.loads(as_json)["limits"]

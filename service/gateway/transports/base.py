@@ -10,6 +10,7 @@ has reached the client.
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping
 
 import aiohttp
@@ -17,7 +18,15 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.secret import Secret
+from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.gateway.call import Call
+from service.gateway.transports.guard import (
+    GuardedResolver,
+    RedirectRefused,
+    UpstreamRefused,
+    check_literal,
+    refuse_redirects,
+)
 
 CONNECTIONS_PER_HOST = 1024
 """Connections open at once to one upstream (host and port); more wait for one to free up.
@@ -35,9 +44,18 @@ class Transport(abc.ABC):
         """Relay `call` to `provider`; `headers` go on the answer. Raises `Failure` to move on."""
 
 
-def open_session() -> aiohttp.ClientSession:
-    """The pooled client session for upstream calls (call inside a running loop)."""
+def open_session(
+    allowed: AllowedUpstreams | None = None, lookup: Lookup = system_lookup
+) -> aiohttp.ClientSession:
+    """The pooled client session for upstream calls (call inside a running loop).
+
+    Its connections reach only what `allowed` lets them (SWITCHBOARD_ALLOWED_UPSTREAMS, checked
+    on the addresses `lookup` resolves names to, at connect time), and it follows no redirect
+    (`transports.guard`); every call passes `allow_redirects=False` as well.
+    """
+    allowed = allowed or AllowedUpstreams()
     connector = aiohttp.TCPConnector(
+        resolver=GuardedResolver(allowed, lookup),
         limit=0,
         limit_per_host=CONNECTIONS_PER_HOST,
         ttl_dns_cache=300,
@@ -50,6 +68,8 @@ def open_session() -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         raise_for_status=False,
         trust_env=False,
+        middlewares=(check_literal(allowed),),
+        trace_configs=[refuse_redirects()],
     )
 
 
@@ -70,6 +90,9 @@ def sendable_key(provider: Provider) -> str | None:
 
 
 _PASSED_BACK = frozenset(("x-request-id", "retry-after"))
+_REQUEST_ID = re.compile(r"[!-~]{1,128}")
+"""An upstream's request id that may name the answer and its ledger record: 1 to 128 visible
+ASCII characters (a longer or stranger one keeps the gateway's own id)."""
 
 
 def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
@@ -77,6 +100,8 @@ def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
     for name, value in upstream.items():
         lower = name.lower()
         if lower in _PASSED_BACK or lower.startswith("x-ratelimit-"):
+            if lower == "x-request-id" and not _REQUEST_ID.fullmatch(value):
+                continue
             headers[lower] = value
 
 
@@ -108,6 +133,10 @@ async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 def describe_error(exc: BaseException) -> str:
     """A short reason for an attempt list: the kind of failure, never a URL's credentials or a key."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UpstreamRefused):
+        return str(exc.os_error.strerror)
+    if isinstance(exc, RedirectRefused):
+        return str(exc)
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
     if isinstance(exc, TimeoutError):

@@ -9,6 +9,11 @@ own retries are off: falling back is ours.
 The contract is the one of `service.gateway.transports.openai.forward`: the answer is relayed in OpenAI's
 shape (JSON, or server-sent events chunk by chunk), and a failure the next candidate may
 fix raises `Failure` as long as nothing reached the client.
+
+litellm's requests go out through the gateway's own session (`transports.bridge`), not an
+HTTP client of litellm's: no redirect is followed, only allowed upstreams are reached, and a
+non-streamed answer is read within `SWITCHBOARD_MAX_UPSTREAM_BYTES` (SPEC 7), as on the
+direct path.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import Transport, sendable_key
+from service.gateway.transports.base import TooLarge, Transport, pass_back, sendable_key
+from service.gateway.transports.guard import RedirectRefused, refusal_of
 from service.vendors import VENDORS
 
 _DONE = b"data: [DONE]\n\n"
@@ -68,12 +75,36 @@ def _import_litellm() -> ModuleType:
     return module
 
 
-class LiteLLMTransport(Transport):
-    """Translates through litellm for vendors with their own protocols (Anthropic, Gemini, Cohere)."""
+def _clients(session: aiohttp.ClientSession, max_bytes: int) -> dict[bool, tuple[Any, Any]]:
+    """By whether the calls they carry stream: (the bridge's transport over `session`, litellm's
+    client on it). Also routes the clients litellm builds itself through the bridge
+    (`bridge.install`). Called after the import."""
+    from service.gateway.transports.bridge import SessionTransport, install
 
-    def __init__(self) -> None:
+    handler = importlib.import_module("litellm.llms.custom_httpx.http_handler").AsyncHTTPHandler
+
+    install(handler)
+    clients = {}
+    for streams in (False, True):
+        transport = SessionTransport(session, max_bytes, streams=streams)
+        clients[streams] = (transport, handler(transport=transport, follow_redirects=False))
+    return clients
+
+
+class LiteLLMTransport(Transport):
+    """Translates through litellm for vendors with their own protocols (Anthropic, Gemini, Cohere).
+
+    `session` carries litellm's requests (`transports.bridge`); `max_bytes` bounds the answers read.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, max_bytes: int = 64 << 20) -> None:
+        self.session = session
+        self.max_bytes = max_bytes
         self._module: ModuleType | None = None
         self._loading: asyncio.Future[ModuleType] | None = None
+        self._clients: dict[bool, tuple[Any, Any]] = {}
+        self._current: Any = None
+        """`bridge.CURRENT`, once litellm is loaded."""
 
     async def warm(self) -> ModuleType:
         """Import litellm once, in a worker thread, so the event loop goes on serving meanwhile."""
@@ -81,17 +112,28 @@ class LiteLLMTransport(Transport):
             return self._module
         if self._loading is None:
             self._loading = asyncio.ensure_future(asyncio.to_thread(_import_litellm))
-        self._module = await asyncio.shield(self._loading)
-        return self._module
+        module = await asyncio.shield(self._loading)
+        if not self._clients:
+            from service.gateway.transports.bridge import CURRENT
+
+            self._clients = _clients(self.session, self.max_bytes)
+            self._current = CURRENT
+        self._module = module
+        return module
 
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
         """Send `call` through litellm to `provider` and relay the answer; raises `Failure` to move on."""
         litellm = self._module or await self.warm()
-        return await _forward(litellm, call, provider, headers)
+        transport, client = self._clients[call.stream and call.purpose == "chat"]
+        token = self._current.set(transport)  # the clients litellm builds itself send through it too
+        try:
+            return await _forward(litellm, client, call, provider, headers)
+        finally:
+            self._current.reset(token)
 
 
 async def _forward(
-    litellm: Any, call: Call, provider: Provider, headers: dict[str, str]
+    litellm: Any, client: Any, call: Call, provider: Provider, headers: dict[str, str]
 ) -> web.StreamResponse:
     try:
         key = sendable_key(provider)
@@ -123,6 +165,7 @@ async def _forward(
         api_key=key,
         api_base=provider.endpoint.rstrip("/"),
         num_retries=0,
+        client=client,
     )
     if call.purpose == "chat":
         params["max_retries"] = 0
@@ -144,6 +187,9 @@ async def _forward(
     except TimeoutError:
         raise Failure(None, late.format(limit)) from None
     except Exception as exc:
+        guarded = _guarded(exc)
+        if guarded is not None:  # refused by the session's rules, or over the size limit
+            raise Failure(None, guarded) from None
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
             return _client_error(exc, status, key, headers)
@@ -243,6 +289,18 @@ def _reached_upstream(exc: BaseException) -> bool:
     )
 
 
+def _guarded(exc: BaseException) -> str | None:
+    """Why the bridge stopped litellm's request (`transports.bridge`): an upstream the allowed
+    upstreams refuse, a redirect, an answer over the size limit; None for anything else."""
+    refusal = refusal_of(exc)
+    if refusal is not None:
+        return refusal
+    for cause in _causes(exc):
+        if isinstance(cause, TooLarge | RedirectRefused):
+            return str(cause)
+    return None
+
+
 def _first_cause(exc: BaseException) -> str:
     return type(_causes(exc)[-1]).__name__
 
@@ -267,7 +325,9 @@ def _pass_back(result: Any, headers: dict[str, str]) -> None:
         name = str(key).removeprefix("llm_provider-").lower()
         if name == "request-id":  # Anthropic's name for it
             name = "x-request-id"
-        if name in ("x-request-id", "retry-after") or name.startswith("x-ratelimit-"):
+        if name == "x-request-id":
+            pass_back({name: str(value)}, headers)  # the vendor's id names the answer, when it is sane
+        elif name == "retry-after" or name.startswith("x-ratelimit-"):
             headers.setdefault(name, str(value))
 
 

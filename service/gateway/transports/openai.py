@@ -21,8 +21,9 @@ upstream falls back), then each chunk within `idle_timeout_s` of the last, or th
 ends with an error event.
 
 An attempt that fails in a way the next candidate may fix (no connection, a timeout, 408,
-429, 5xx, and 401 or 403: the provider's key refused) raises `Failure`, as long as nothing
-has reached the client. Other answers are the client's, sent as they are.
+429, 5xx, a redirect, and 401 or 403: the provider's key refused) raises `Failure`, as long
+as nothing has reached the client. Other answers are the client's, sent as they are. No
+redirect is followed (SPEC 7): the provider's key goes to its `base_url` and nowhere else.
 
 The same path carries requests in the other protocols to providers that speak them natively
 (SPEC 14): Responses and legacy completions to `{base_url}/responses`, `/completions`, and
@@ -175,7 +176,9 @@ class OpenAITransport(Transport):
         response: aiohttp.ClientResponse | None = None
         try:
             headers = self._headers(call, target)
-            response = await self.session.post(url, data=body, headers=headers, timeout=target.plain)
+            response = await self.session.post(
+                url, data=body, headers=headers, timeout=target.plain, allow_redirects=False
+            )
             status = response.status
             if falls_back(status):
                 raise Failure.of_status(status)
@@ -215,13 +218,19 @@ class OpenAITransport(Transport):
         try:
             async with asyncio.timeout(target.first_byte_s):
                 body = call.body_asking_usage(provider) if asked else call.body_for(provider)
-                response = await self.session.post(url, data=body, headers=sent, timeout=target.streaming)
+                response = await self.session.post(
+                    url, data=body, headers=sent, timeout=target.streaming, allow_redirects=False
+                )
                 status = response.status
                 if status == 400 and asked:  # maybe `stream_options` itself: ask again without
                     response.close()
                     response = None
                     response = await self.session.post(
-                        url, data=call.body_for(provider), headers=sent, timeout=target.streaming
+                        url,
+                        data=call.body_for(provider),
+                        headers=sent,
+                        timeout=target.streaming,
+                        allow_redirects=False,
                     )
                     status = response.status
                     asked = False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import subprocess
 import sys
 from typing import Any
@@ -332,3 +334,79 @@ async def test_a_model_name_cannot_choose_the_vendors_endpoint(
     assert seen[-1].startswith("/models/gemini-2.0-flash:") and "?key" not in seen[-1]
     assert [a.headers["x-switchboard-provider"] for a in answers] == ["backup"] * len(HOSTILE_MODELS)
     assert health != "unhealthy" and normal.status == 404
+
+
+# -- what litellm reads is bounded (SWITCHBOARD_MAX_UPSTREAM_BYTES, SPEC 7) -------------------------
+
+
+async def test_an_answer_through_litellm_over_the_limit_fails_and_falls_back(
+    sops_project: SopsProject,
+) -> None:
+    """litellm read whatever the vendor sent, whole, into memory: a hostile or broken upstream
+    could answer gigabytes to one request."""
+    async with upstreams(
+        {"protocol": "anthropic", "name": "claude", "api_key": CANARY, "padding": 200_000}, {"name": "backup"}
+    ) as (up, backup):
+        _anthropic(sops_project, up)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        async with running(sops_project, max_upstream_bytes=50_000) as board:
+            fell_back = await board.chat("hi", max_tokens=10)
+            up.padding = 0
+            fits = await board.chat("hi", max_tokens=10)
+            fits_text = await fits.text()
+    assert fell_back.status == 200 and fell_back.headers["x-switchboard-provider"] == "backup"
+    assert fits.status == 200 and fits.headers["x-switchboard-provider"] == "claude", fits_text
+    assert len(up.requests) == 2
+
+
+async def test_an_answer_through_litellm_over_the_limit_is_a_502_naming_it(sops_project: SopsProject) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY, padding=200_000) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project, max_upstream_bytes=50_000) as board:
+            response = await board.chat("hi", max_tokens=10)
+            body = await response.json()
+    assert response.status == 502
+    assert body["error"]["attempts"] == [
+        {"provider": "claude", "status": None, "reason": "answer over 50000 bytes"}
+    ]
+
+
+async def test_a_compressed_answer_through_litellm_is_bounded_as_it_inflates(
+    sops_project: SopsProject,
+) -> None:
+    """A few kilobytes of gzip inflate to megabytes: the limit is on what is read, decoded."""
+    inflated = json.dumps({"type": "message", "padding": "x" * 5_000_000}).encode()
+    packed = gzip.compress(inflated)
+
+    async def messages(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            body=packed, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    async with serving(app) as url:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project, max_upstream_bytes=1_000_000) as board:
+            response = await board.chat("hi", max_tokens=10)
+            body = await response.json()
+    assert len(packed) < 1_000_000 < len(inflated)
+    assert response.status == 502
+    assert body["error"]["attempts"][0]["reason"] == "answer over 1000000 bytes"
+
+
+async def test_a_stream_through_litellm_is_not_cut_by_the_limit(sops_project: SopsProject) -> None:
+    """The limit is for answers read whole; a stream is relayed as it comes, however long."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project, max_upstream_bytes=300) as board:
+            words = " ".join(f"word{i}" for i in range(200))
+            response = await board.chat(words, max_tokens=10, stream=True)
+            text = await response.text()
+    assert response.status == 200
+    assert "word199" in text and "upstream_failed" not in text

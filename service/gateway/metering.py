@@ -1,0 +1,472 @@
+"""Each request through the gateway, metered (SPEC 13): limited, priced, settled, recorded.
+
+`Meter.start(call, snapshot, candidates)` is the one hook every protocol passes through, in
+the relay, once the candidates are known (after authentication, parsing and the model
+lookup). It gives the call its `x-request-id`, works out an upper bound of its cost at each
+candidate (the prompt bounded by the body's size in bytes, the completion by `max_tokens`,
+`max_completion_tokens` or `max_output_tokens` times `n`, else the model's output limit, else
+`SWITCHBOARD_DEFAULT_MAX_TOKENS`), leaves out the vendors whose price is unknown when the
+request counts toward a budget (reason `unpriced`), and admits it against the client's
+limits (`Refused` becomes a 429, or a 503 in `refuse` mode). The `Metered` it returns is what
+the attempt loop asks before each candidate (`take`: the provider's budget, else reason
+`budget`), tells of a failed attempt (`give_back`), and ends with `served` or `failed`:
+the reservation settled to the cost, the headers set, one `Record` handed to the sink.
+
+Whatever ends a request settles it exactly once: a cancelled one (the client went away) in a
+task of its own, charged its reservation if an upstream had it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from service.config.metering import Limits
+from service.config.models import ApiKey, Provider
+from service.config.snapshot import PerSnapshot, Snapshot
+from service.errors import BudgetExceeded, HTTPError, LimitsUnavailable, RateLimited
+from service.gateway.call import Call, model_label
+from service.gateway.health import Health
+from service.metrics import Metrics
+from service.usage.limits.limiter import Limiter
+from service.usage.limits.tickets import Refused, Ticket, Use
+from service.usage.pricing import Pricing, Rate
+from service.usage.record import Record, RecordSink, Tokens, money
+from service.usage.tokens import MAX_TOKENS, normalise
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = "x-request-id"
+COST = "x-switchboard-cost-usd"
+CLIENT_LEFT = 499
+"""A record's status when the client went away before any answer (nginx's code for it)."""
+MAX_CHOICES = 128
+_ZERO = Decimal(0)
+
+
+class NullSink:
+    """Where records go when no ledger is wired: nowhere (`SWITCHBOARD_USAGE_DB=off` does the same)."""
+
+    def submit(self, record: Record) -> None:
+        return None
+
+
+class Meter:
+    """What every call's metering shares: the limiter, prices, the sink, the metrics."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        pricing: Pricing,
+        metrics: Metrics,
+        health: Health,
+        *,
+        replica: str,
+        default_max_tokens: int = 4096,
+        sink: RecordSink | None = None,
+        label: Callable[[Provider, Call], str] | None = None,
+    ) -> None:
+        self.limiter = limiter
+        self.pricing = pricing
+        self.metrics = metrics
+        self.health = health
+        self.replica = replica
+        self.default_max_tokens = default_max_tokens
+        self.sink: RecordSink = sink or NullSink()
+        self.label = label or (lambda provider, call: model_label(provider, call.model))
+        """The model label of a call's cost metric (the relay's bounded one)."""
+        self.limits = PerSnapshot(_client_limits)
+        self._children: dict[tuple[str, ...], Any] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def start(self, call: Call, snapshot: Snapshot, candidates: Sequence[Provider]) -> Metered:
+        """Meter `call` from here on: admitted against its client's limits, or refused (raised)."""
+        metered = Metered(self, call, self.limits.of(snapshot).get(call.client), candidates)
+        await metered.admit()
+        return metered
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def count(self, metric: str, *labels: str, amount: float = 1) -> None:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            counter = self.metrics.cost_usd if metric == "cost" else self.metrics.limited
+            child = self._children[key] = counter.labels(*labels)
+        child.inc(amount)
+
+    def later(self, settle: Any) -> None:
+        """Run `settle` in a task of its own (the request's task is being cancelled)."""
+        task = asyncio.ensure_future(settle)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (at a stop)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+
+class Metered:
+    """One call's metering, from its admission to its record."""
+
+    __slots__ = (
+        "bounds",
+        "call",
+        "candidates",
+        "completions",
+        "done",
+        "headers",
+        "id",
+        "limits",
+        "meter",
+        "prompt",
+        "provider",
+        "rates",
+        "refused",
+        "sent",
+        "sent_at",
+        "skipped",
+        "started",
+        "started_at",
+        "ticket",
+    )
+
+    def __init__(
+        self, meter: Meter, call: Call, limits: Limits | None, candidates: Sequence[Provider]
+    ) -> None:
+        self.meter = meter
+        self.call = call
+        self.limits = limits
+        self.id = os.urandom(16).hex()
+        self.started = time.perf_counter()
+        self.started_at = datetime.fromtimestamp(meter.limiter.clock(), UTC)
+        self.headers: dict[str, str] = {REQUEST_ID: self.id}
+        """What every answer to the call carries: its id, and the remaining-* of a limited client."""
+        self.rates: dict[str, Rate] = {}
+        self.bounds: dict[str, Decimal] = {}
+        """Provider id -> an upper bound of the request's cost there (made when first needed)."""
+        self.skipped: list[dict[str, str]] = []
+        self.refused: set[str] = set()
+        self.ticket: Ticket | None = None
+        self.provider: Provider | None = None
+        """The provider being tried, or that answered."""
+        self.sent: str | None = None
+        """The provider the request was last sent to."""
+        self.sent_at = 0.0
+        self.done = False
+        self.prompt = len(call.body)
+        """The bound of its prompt tokens: the client's body in bytes (before any translation)."""
+        budgeted = limits is not None and limits.budget is not None
+        wanted = _completion(call.data, call.purpose) if call.purpose == "chat" else 0
+        self.completions: dict[str, int] = {}
+        """Provider id -> the completion tokens bounded there (all choices)."""
+        eligible = []
+        for provider in candidates:
+            rate = meter.pricing.rate(provider, call.model)
+            if (
+                (budgeted or provider.budget is not None)
+                and isinstance(provider, ApiKey)
+                and not rate.known(call.purpose)
+            ):
+                self.skipped.append({"provider": provider.id, "reason": "unpriced"})
+                continue
+            completion = 0
+            if call.purpose == "chat":
+                completion = wanted if wanted is not None else rate.max_output or meter.default_max_tokens
+                if rate.max_output is not None:
+                    completion = min(completion, rate.max_output)
+            self.rates[provider.id] = rate
+            self.completions[provider.id] = completion * _choices(call.data)
+            eligible.append(provider)
+        self.candidates = eligible
+
+    # -- before and between attempts -------------------------------------------------------------
+
+    async def admit(self) -> None:
+        """Admit the call against its client's limits (and its first candidate's budget); a
+        call with no candidate left is not admitted: it goes nowhere, and counts toward nothing."""
+        meter, call = self.meter, self.call
+        if not self.candidates:
+            return
+        first = next(iter(self.candidates), None)
+        provider = None
+        if first is not None and first.budget is not None:
+            provider = (first.id, first.budget, self.bound(first))
+        client_cost = _ZERO
+        if self.limits is not None and self.limits.budget is not None:
+            client_cost = max((self.bound(p) for p in self.candidates), default=_ZERO)
+        try:
+            self.ticket, taken = await meter.limiter.admit(
+                self.id, call.client, self.limits, client_cost, provider
+            )
+        except Refused as refusal:
+            raise self._refusal(refusal) from None
+        if taken is False and first is not None:
+            self._out_of_budget(first)
+        elif taken is True and first is not None:
+            meter.health.release(first.id)
+        if call.stream and self.limits is not None and self.ticket.use is not None:
+            # a stream's headers go before its end: what remains once it was counted. A whole
+            # answer's are set once it is settled (and an error's from the settlement too).
+            self.headers.update(self.ticket.use.remaining(self.limits))
+
+    async def take(self, provider: Provider) -> bool:
+        """Whether `provider` may be tried now: its budget covers the request (reserved here)."""
+        ticket = self.ticket
+        assert ticket is not None  # noqa: S101 - admitted
+        pid = provider.id
+        if pid in self.refused:
+            return False
+        if provider.budget is not None and pid not in ticket.holds:
+            if not await self.meter.limiter.reserve(ticket, pid, provider.budget, self.bound(provider)):
+                self._out_of_budget(provider)
+                return False
+            self.meter.health.release(pid)
+        self.provider = provider
+        return True
+
+    def sending(self, provider: Provider) -> None:
+        """The request is on its way to `provider` (what a client that leaves now is charged for)."""
+        self.sent = provider.id
+        self.sent_at = time.perf_counter()
+        self.meter.limiter.providers.admit(provider.id, self.meter.limiter.now_ms())
+
+    async def give_back(self, provider: Provider) -> None:
+        """`provider`'s attempt failed before anything was relayed: its hold goes back uncharged."""
+        limiter = self.meter.limiter
+        limiter.providers.finish(provider.id, limiter.now_ms(), 0)
+        self.sent = None
+        if self.ticket is not None:
+            await limiter.release(self.ticket, provider.id)
+
+    def _out_of_budget(self, provider: Provider) -> None:
+        self.refused.add(provider.id)
+        self.skipped.append({"provider": provider.id, "reason": "budget"})
+        budget = provider.budget
+        if budget is not None:
+            window = self.meter.limiter.window(budget.period, self.meter.limiter.now_ms())
+            self.meter.health.hold(provider.id, "budget", window.end.timestamp() if window.end else None)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    async def served(self, provider: Provider, response: web.StreamResponse, attempts: int) -> None:
+        """`provider` answered (a stream: its end, or break): settle, set the headers, record."""
+        if self.done:
+            return
+        self.done = True
+        call = self.call
+        rate = self.rates.get(provider.id, Rate())
+        tokens = normalise(call.usage)
+        estimated = False
+        if tokens is not None:
+            cost, priced = rate.cost(tokens, 1 if call.purpose == "reranking" else 0)
+        elif response.status >= 400:
+            cost, priced = _ZERO, rate.any  # the upstream refused it: not billed
+        else:
+            cost, priced, estimated = self.bound(provider), rate.any, True
+        counted = tokens.total if tokens is not None else self._estimated_tokens(provider) if estimated else 0
+        limiter = self.meter.limiter
+        limiter.providers.finish(provider.id, limiter.now_ms(), min(counted, MAX_TOKENS))
+        record_id = response.headers.get(REQUEST_ID) or self.id
+        try:
+            use = await self._settle(cost, min(counted, MAX_TOKENS))
+        except asyncio.CancelledError:  # the client left as it ended: recorded all the same
+            self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
+            raise
+        if not response.prepared:  # a whole answer: what it cost, and what remains once settled
+            response.headers[COST] = money(cost)
+            if use is not None and self.limits is not None:
+                response.headers.update(use.remaining(self.limits))
+        self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
+        if cost:
+            self.meter.count(
+                "cost", call.client, provider.id, self.meter.label(provider, call), amount=float(cost)
+            )
+
+    async def failed(self, error: HTTPError, attempts: int) -> None:
+        """No provider answered (502, 503) or the call failed on the way: nothing is charged."""
+        if self.done:
+            return
+        self.done = True
+        record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
+        try:
+            use = await self._settle(_ZERO, 0)
+        except asyncio.CancelledError:
+            if record:
+                self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+            raise
+        self._headers_on(error, use)
+        if not record:
+            return  # no record (SPEC 13)
+        self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+
+    def abandoned(self, attempts: int) -> None:
+        """The request's task is cancelled (the client left): settle and record in a task of its own;
+        charged the reservation when an upstream had the request."""
+        if self.done:
+            return
+        self.done = True
+        provider = self.provider if self.sent is not None else None
+        cost = self.bound(provider) if provider is not None and provider.id in self.rates else _ZERO
+        counted = self._estimated_tokens(provider) if provider is not None else 0
+
+        async def settle() -> None:
+            try:
+                await self._settle(cost, counted)
+            finally:
+                rate = self.rates.get(provider.id, Rate()) if provider is not None else Rate()
+                self._record(
+                    self.id, CLIENT_LEFT, provider, attempts, None, cost, rate.any, provider is not None
+                )
+
+        self.meter.later(settle())
+
+    def bound(self, provider: Provider) -> Decimal:
+        """An upper bound of the request's cost at `provider`: every byte of the body an input
+        token of its dearest class, and the completion bound an output token each."""
+        found = self.bounds.get(provider.id)
+        if found is None:
+            rate = self.rates.get(provider.id)
+            if rate is None:
+                return _ZERO
+            queries = 1 if self.call.purpose == "reranking" else 0
+            found = self.bounds[provider.id] = rate.bound(self.prompt, self.completions[provider.id], queries)
+        return found
+
+    def _estimated_tokens(self, provider: Provider) -> int:
+        """The tokens a request without usage is counted for: its bounds."""
+        return min(self.prompt + self.completions.get(provider.id, 0), MAX_TOKENS)
+
+    async def _settle(self, cost: Decimal, tokens: int) -> Use | None:
+        ticket = self.ticket
+        if ticket is None:
+            return None
+        try:
+            return await self.meter.limiter.settle(ticket, cost, tokens)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not fail the answer; the lease ends what it held
+            log.exception("limits: settling %s failed", self.id)
+            return None
+
+    def _headers_on(self, error: HTTPError, use: Use | None) -> None:
+        error.added.update(self.headers)
+        error.added[COST] = "0"
+        if use is not None and self.limits is not None:
+            error.added.update(use.remaining(self.limits))
+        if self.skipped and "skipped" not in error.extra:
+            error.extra["skipped"] = self.skipped
+
+    def _refusal(self, refusal: Refused) -> HTTPError:
+        call, limits = self.call, self.limits
+        self.done = True
+        error: HTTPError
+        if refusal.limit == "unavailable":
+            error = LimitsUnavailable(
+                "the limits cannot be checked now "
+                "(Redis is unavailable, and SWITCHBOARD_LIMITS_WITHOUT_REDIS=refuse)"
+            )
+        elif refusal.limit == "budget":
+            window = refusal.window
+            end = window.end_text if window is not None else None
+            seconds = window.seconds_left(self.started_at) if window is not None else None
+            error = BudgetExceeded(
+                f"client {call.client!r} has no budget left for this request in its period",
+                retry_after_ms=None if seconds is None else int(seconds * 1000 + 0.999),
+                period_end=end,
+            )
+        else:
+            error = RateLimited(
+                f"client {call.client!r} is over its {refusal.limit} limit",
+                retry_after_ms=refusal.retry_ms,
+                limit=refusal.limit,
+            )
+        error.added.update(self.headers)
+        error.added[COST] = "0"
+        if limits is not None:
+            error.added.update(refusal.use.remaining(limits))
+        self.meter.count("limited", call.client, refusal.limit)
+        self._record(self.id, error.status, None, 0, None, _ZERO, False, False, limited=True)
+        return error
+
+    def _record(
+        self,
+        record_id: str,
+        status: int,
+        provider: Provider | None,
+        attempts: int,
+        tokens: Tokens | None,
+        cost: Decimal,
+        priced: bool,
+        estimated: bool,
+        *,
+        limited: bool = False,
+    ) -> None:
+        call = self.call
+        now = time.perf_counter()
+        counted = tokens or Tokens()
+        ttfb = None
+        if provider is not None and self.sent_at:
+            ttfb = round((self.sent_at - self.started + call.first_byte_s) * 1000, 3)
+        record = Record(
+            id=record_id,
+            ts=self.started_at,
+            client=call.client,
+            purpose=call.purpose,
+            model=call.model,
+            provider=provider.id if provider is not None else None,
+            upstream_model=provider.upstream_model(call.model)
+            if provider is not None and call.model
+            else None,
+            status=status,
+            stream=call.stream,
+            attempts=attempts,
+            latency_ms=round((now - self.started) * 1000, 3),
+            ttfb_ms=ttfb,
+            prompt_tokens=counted.prompt,
+            cached_tokens=counted.cached_input,
+            cache_write_tokens=counted.cache_write,
+            completion_tokens=counted.output,
+            reasoning_tokens=counted.reasoning,
+            cost_usd=cost,
+            priced=priced,
+            estimated=estimated,
+            replica=self.meter.replica,
+            limited=limited,
+        )
+        try:
+            self.meter.sink.submit(record)
+        except Exception:  # the sink must not fail the request (it should never raise)
+            log.exception("usage: the record of %s could not be handed over", record_id)
+
+
+def _client_limits(snapshot: Snapshot) -> dict[str, Limits]:
+    clients = snapshot.clients.clients if snapshot.clients is not None else []
+    return {c.name: c.limits for c in clients if c.limits is not None}
+
+
+def _completion(data: dict[str, Any], purpose: str) -> int | None:
+    """The completion tokens a chat request asks for at most, if it says."""
+    asked = [
+        value
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+        if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value > 0
+    ]
+    return min(max(asked), MAX_TOKENS) if asked else None
+
+
+def _choices(data: dict[str, Any]) -> int:
+    """How many completions are asked for (`n`), each up to the completion bound."""
+    n = data.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        return min(n, MAX_CHOICES)
+    return 1

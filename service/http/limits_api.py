@@ -1,0 +1,191 @@
+"""Limits and budgets over HTTP (SPEC 13), and their place in the service's lifecycle.
+
+    GET /api/v1/llm-config/limits     usage:read    every client's and provider's limits, and use
+
+The lifecycle makes the `Limiter` (on Redis with `SWITCHBOARD_REDIS_URL`), the `Keeper` that
+keeps its counters (spent read back at start: `/readyz` is 503 until it is; a sync every
+second; the snapshot of spent beside the spool) and the gateway's `Meter` (litellm's price
+map read once, off the loop; the records to `RECORDS`). Budget refusals become
+`budget.exhausted` events, written with the health events, off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from service.config.metering import Budget, Limits
+from service.config.models import Client
+from service.config.snapshot import Snapshot
+from service.gateway.metering import Meter
+from service.http.auth import scoped
+from service.http.context import (
+    HEALTH,
+    HEALTH_EVENTS,
+    LIMITS,
+    METRICS,
+    PREFIX,
+    RECORDS,
+    REGISTRY,
+    RELAY,
+    SETTINGS,
+    SPENT,
+)
+from service.http.push import watched
+from service.journal.events import BudgetExhausted
+from service.runtime.registry import Outcome
+from service.usage.limits.keeper import Keeper
+from service.usage.limits.limiter import Limiter
+from service.usage.limits.remote import Remote
+from service.usage.limits.spent import SpentFile
+from service.usage.periods import Window
+from service.usage.pricing import Pricing, bundled
+
+LIMITS_PATH = f"{PREFIX}/limits"
+
+
+def setup(app: web.Application) -> None:
+    """Add `…/limits`, and run the limits with the gateway (after its context: it needs the relay)."""
+    app.router.add_get(LIMITS_PATH, _limits)
+    app.cleanup_ctx.append(_lifecycle)
+
+
+# -- GET …/limits, whoami ---------------------------------------------------------------------------
+
+
+@scoped("usage:read")
+@watched
+async def _limits(request: web.Request) -> web.StreamResponse:
+    keeper = request.app[LIMITS]
+    snapshot = request.app[REGISTRY].snapshot
+    clients = list(snapshot.clients.clients) if snapshot.clients is not None else []
+    providers = sorted(snapshot.providers.values(), key=lambda p: p.id)
+    client_uses, provider_uses = await keeper.uses(
+        [(c.name, c.limits) for c in clients], [(p.id, p.budget) for p in providers]
+    )
+    return web.json_response(
+        {
+            "clients": [
+                {"name": c.name, "limits": _limits_json(c.limits), "used": client_uses[c.name].answer()}
+                for c in clients
+            ],
+            "providers": [
+                {"id": p.id, "limits": _budget_json(p.budget), "used": provider_uses[p.id].answer()}
+                for p in providers
+            ],
+            "mode": keeper.limiter.mode,
+        }
+    )
+
+
+async def own_limits(app: web.Application, client: Client) -> dict[str, Any]:
+    """A client's own `limits` and `used`, as `whoami` adds them."""
+    client_uses, _ = await app[LIMITS].uses([(client.name, client.limits)], [])
+    return {"limits": _limits_json(client.limits), "used": client_uses[client.name].answer()}
+
+
+def _limits_json(limits: Limits | None) -> dict[str, Any] | None:
+    return limits.model_dump(mode="json", exclude_none=True) if limits is not None else None
+
+
+def _budget_json(budget: Budget | None) -> dict[str, Any] | None:
+    return {"budget": budget.model_dump(mode="json")} if budget is not None else None
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    keeper = app[LIMITS] = _keeper(app)
+    limiter = keeper.limiter
+    relay = app[RELAY]
+    meter = relay.meter = Meter(
+        limiter,
+        Pricing(await asyncio.to_thread(bundled)),  # litellm's price map, read once, off the loop
+        app[METRICS],
+        app[HEALTH],
+        replica=settings.replica,
+        default_max_tokens=settings.default_max_tokens,
+        sink=app[RECORDS],
+        label=relay.model_label,
+    )
+    configure = _configure(keeper)
+    app[REGISTRY].on_apply.append(configure)
+    stop = asyncio.Event()
+    keeping = asyncio.create_task(_keep(app, keeper, stop), name="switchboard-limits")
+    try:
+        yield
+    finally:
+        app[REGISTRY].on_apply.remove(configure)
+        await meter.drain()
+        stop.set()
+        with contextlib.suppress(TimeoutError):  # the last snapshot of spent is written
+            await asyncio.wait_for(asyncio.shield(keeping), timeout=5)
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+        limiter.on_exhausted = None
+        relay.meter = None
+        if limiter.remote is not None:
+            await limiter.remote.aclose()
+
+
+def _keeper(app: web.Application) -> Keeper:
+    settings, queue = app[SETTINGS], app[HEALTH_EVENTS]
+    url = settings.redis_url.get_secret_value() if settings.redis_url is not None else None
+    limiter = Limiter(remote=Remote(url) if url else None, without_redis=settings.limits_without_redis)
+    gauge = app[METRICS].budget_spent
+
+    def exhausted(kind: str, subject: str, window: Window) -> None:
+        kind_ = "client" if kind == "client" else "provider"
+        queue.put_nowait(BudgetExhausted(subject=subject, kind=kind_, period_end=window.end_text))
+
+    limiter.on_exhausted = exhausted
+    return Keeper(
+        limiter,
+        source=app.get(SPENT),
+        file=SpentFile(settings.spent_file),
+        gauge=lambda kind, subject, spent: gauge.labels(kind, subject).set(float(spent)),
+    )
+
+
+def subjects(snapshot: Snapshot) -> tuple[list[tuple[str, str, Budget]], list[str]]:
+    """The budgets of a configuration, and its clients with limits."""
+    budgets: list[tuple[str, str, Budget]] = []
+    limited = []
+    for client in snapshot.clients.clients if snapshot.clients is not None else ():
+        if client.limits is not None:
+            limited.append(client.name)
+            if client.limits.budget is not None:
+                budgets.append(("client", client.name, client.limits.budget))
+    for provider in snapshot.providers.values():
+        if provider.budget is not None:
+            budgets.append(("provider", provider.id, provider.budget))
+    return budgets, limited
+
+
+def _configure(keeper: Keeper) -> Callable[[Outcome], None]:
+    """Tell the keeper of each configuration's budgets (told in the registry's thread; run on the loop)."""
+    loop = asyncio.get_running_loop()
+
+    def applied(outcome: Outcome) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the service has stopped
+            loop.call_soon_threadsafe(keeper.configure, *subjects(outcome.snapshot))
+
+    return applied
+
+
+async def _keep(app: web.Application, keeper: Keeper, stop: asyncio.Event) -> None:
+    """Once the first configuration is loaded: the budgets' spent read back (then `/readyz` may
+    be 200), then the counters kept every second until the stop."""
+    registry = app[REGISTRY]
+    while not registry.ready and not stop.is_set():  # noqa: ASYNC110 - the registry sets no event
+        await asyncio.sleep(0.02)
+    keeper.configure(*subjects(registry.snapshot))
+    await keeper.load()
+    await keeper.run(stop)

@@ -1,0 +1,148 @@
+"""A record as one line of the spool, and back, made safe for any database on the way.
+
+A line is a JSON array in a fixed order (`FIELDS`), led by a format version, ended by `\\n`:
+compact, and quick to write on the request path. Encoding also bounds what a request could
+make absurd, so that no record can fail a batch and hold the spool back: text loses NUL
+characters and lone surrogates and is cut to 256 characters, counts are whole numbers within
+64 bits, times finite, and money a finite decimal between 0 and a million dollars.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from service.usage.record import Record
+
+VERSION = 1
+FIELDS = (
+    "id",
+    "ts",
+    "client",
+    "purpose",
+    "model",
+    "provider",
+    "upstream_model",
+    "status",
+    "stream",
+    "attempts",
+    "latency_ms",
+    "ttfb_ms",
+    "prompt_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "priced",
+    "estimated",
+    "replica",
+    "limited",
+)
+"""The record's fields in the order of a line (after the version)."""
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+TEXT_LIMIT = 256
+MAX_COUNT = 2**62
+MAX_COST = Decimal(1_000_000)
+"""More than any one request costs: a larger cost is an upstream's absurd usage, held to this."""
+
+
+class BadLine(ValueError):
+    """A spool line that is not a record (torn by a crash, or damaged)."""
+
+
+def encode(record: Record) -> bytes:
+    """The record as one spool line."""
+    line = [
+        VERSION,
+        text(record.id) or "-",
+        micros(record.ts),
+        text(record.client),
+        text(record.purpose) or "-",
+        text(record.model),
+        text(record.provider),
+        text(record.upstream_model),
+        _int(record.status, 999),
+        bool(record.stream),
+        _int(record.attempts),
+        _float(record.latency_ms) or 0.0,
+        _float(record.ttfb_ms),
+        _int(record.prompt_tokens),
+        _int(record.cached_tokens),
+        _int(record.cache_write_tokens),
+        _int(record.completion_tokens),
+        _int(record.reasoning_tokens),
+        str(cost(record.cost_usd)),
+        bool(record.priced),
+        bool(record.estimated),
+        text(record.replica) or "-",
+        bool(record.limited) or record.status == 429,
+    ]
+    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode(line: bytes) -> Record:
+    """A spool line back as its record; BadLine when it is not one."""
+    try:
+        values = json.loads(line)
+        if not isinstance(values, list) or len(values) != len(FIELDS) + 1 or values[0] != VERSION:
+            raise BadLine("not a version 1 record")
+        data: dict[str, Any] = dict(zip(FIELDS, values[1:], strict=True))
+        data["ts"] = from_micros(int(data["ts"]))
+        data["cost_usd"] = Decimal(data["cost_usd"])
+        return Record(**data)
+    except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation) as exc:
+        raise BadLine(f"{type(exc).__name__}: {exc}") from None
+
+
+def micros(ts: datetime) -> int:
+    """Microseconds since 1970 UTC (a naive time is taken as UTC)."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (ts - EPOCH) // _MICROSECOND
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+def text(value: object, limit: int = TEXT_LIMIT) -> str | None:
+    """A string any database stores: no NUL, valid UTF-8, at most `limit` characters."""
+    if value is None:
+        return None
+    cleaned = str(value)[:limit].replace("\x00", "")
+    return cleaned.encode("utf-8", "replace").decode("utf-8")
+
+
+def cost(value: object) -> Decimal:
+    """Money within bounds: finite, at least 0, at most `MAX_COST`."""
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return Decimal(0)
+    if not amount.is_finite() or amount < 0:
+        return Decimal(0)
+    return min(amount, MAX_COST)
+
+
+def _int(value: object, limit: int = MAX_COUNT) -> int:
+    try:
+        number: int = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return max(0, min(number, limit))
+
+
+def _float(value: object) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and 0 <= number < 1e12 else None

@@ -1,0 +1,394 @@
+"""The usage ledger (SPEC 13): one record per answered request, kept whatever happens.
+
+    gateway ──submit()──▶ spool (a line, written at once) ──▶ ledger's thread ──▶ database
+                                                        every ~50 ms: fsync, seal, store in
+                                                        batches, delete the segment, retention
+
+`submit` never waits on the database and never raises: it encodes the record and writes one
+line to the spool's active segment (a copy into the page cache, so a kill -9 right after loses
+nothing). The ledger's thread fsyncs the spool in small groups, then stores what is sealed in
+batches and removes a segment only once its batch is committed; a crash in between stores it
+again, which the key on `id` makes harmless. While the database is down the spool keeps
+everything and is retried at least every 5 s (`/readyz` says `"ledger": "degraded"`, and
+reads answer 503 `ledger_unavailable`); a graceful stop stores the spool first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from service.errors import BadRequest, LedgerUnavailable
+from service.journal.events import to_utc
+from service.settings import Settings
+from service.usage.encoding import BadLine, decode, encode
+from service.usage.query import RequestsQuery, UsageQuery, requests_answer, usage_answer
+from service.usage.record import Record
+from service.usage.spool import Spool
+from service.usage.stores import BadBatch, SQLStore, StoreUnavailable, open_store
+
+log = logging.getLogger(__name__)
+
+State = Literal["ok", "degraded", "off"]
+T = TypeVar("T")
+
+BATCH = 1000
+SEGMENT_LIMIT = 64 << 20
+"""An active segment this large is sealed even while older ones wait (the database down)."""
+MEMORY_LIMIT = 100_000
+"""Lines held in memory while the spool cannot be written (a full disk); then the oldest go."""
+
+
+class Ledger:
+    """Records into the database through the spool; the reads of `/usage` and `spent`."""
+
+    def __init__(
+        self,
+        store: SQLStore | None,
+        spool_dir: Path,
+        *,
+        retention_days: int = 90,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        linger_s: float = 0.05,
+        retry_max_s: float = 5.0,
+        retention_every_s: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.spool_dir = spool_dir
+        self.retention = timedelta(days=retention_days)
+        self.clock = clock
+        self._linger_s = linger_s
+        self._retry_max_s = retry_max_s
+        self._retention_every_s = retention_every_s
+        self._spool: Spool | None = None
+        self._memory: list[bytes] = []
+        self._memory_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._opened = False
+        self._db_up = store is not None
+        self._spool_ok = True
+        self._failures = 0
+        self._retry_at = 0.0
+        self._purge_at = 0.0
+        self.stored = 0
+        """Records this ledger stored (a record stored again after a crash is not counted)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> Ledger:
+        """The ledger `SWITCHBOARD_USAGE_DB`, `_USAGE_SPOOL` and `_USAGE_RETENTION_DAYS` describe."""
+        store = open_store(settings.usage_db.get_secret_value(), settings.root)
+        return cls(store, settings.usage_spool_dir, retention_days=settings.usage_retention_days, **options)
+
+    @property
+    def mode(self) -> Literal["off", "sqlite", "postgresql"]:
+        return "off" if self.store is None else self.store.kind
+
+    @property
+    def shared(self) -> bool:
+        """True when replicas share the database (PostgreSQL): `/usage` then covers all of them."""
+        return self.store is not None and self.store.shared
+
+    @property
+    def state(self) -> State:
+        """`off`, `ok`, or `degraded` while the database cannot be reached or the spool written."""
+        if self.store is None:
+            return "off"
+        return "ok" if self._db_up and self._spool_ok else "degraded"
+
+    # -- the request path ------------------------------------------------------------------------
+
+    def submit(self, record: Record) -> None:
+        """Keep `record`: written to the spool now, stored in the database soon. Never raises."""
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            line = encode(record)
+        except Exception:  # a record the gateway got wrong must not fail its request
+            log.exception("usage ledger: a record could not be encoded; it is dropped")
+            return
+        try:
+            spool.append(line)
+        except OSError as exc:
+            self._hold(line, exc)
+        if not self._wake.is_set():  # a plain read; setting takes a lock
+            self._wake.set()
+
+    def _hold(self, line: bytes, exc: OSError) -> None:
+        with self._memory_lock:
+            if self._spool_ok:
+                log.error("usage spool %s: cannot write (%s); records wait in memory", self.spool_dir, exc)
+            self._spool_ok = False
+            self._memory.append(line)
+            if len(self._memory) > MEMORY_LIMIT:
+                del self._memory[0]
+                log.error("usage ledger: over %d records held in memory; the oldest is lost", MEMORY_LIMIT)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the spool, store what a previous run left in it, and start the ledger's thread.
+
+        A database that is down does not stop the start: the ledger is degraded and retries.
+        """
+        if self.store is None:
+            return
+        self._spool = await asyncio.to_thread(Spool, self.spool_dir)  # SpoolBusy: another process has it
+        await asyncio.to_thread(self._cycle, purge=False)  # retention waits for the thread: no slow start
+        self._thread = threading.Thread(target=self._run, name="switchboard-ledger", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Store the spool (as far as the database lets), then release it and the database."""
+        if self.store is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            await asyncio.to_thread(spool.close)
+        await asyncio.to_thread(self.store.close)
+
+    async def flush(self) -> None:
+        """Store everything submitted so far now (StoreUnavailable if the database is down)."""
+        if self.store is not None:
+            await asyncio.to_thread(self._flush)
+
+    def _flush(self) -> None:
+        with self._drain_lock:
+            self._drain()
+
+    # -- the ledger's thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(timeout=1.0)
+            if not self._stopping.is_set():
+                self._stopping.wait(self._linger_s)  # gather a group; a stop cuts it short
+            self._wake.clear()
+            stopping = self._stopping.is_set()
+            self._cycle(final=stopping)
+            if stopping:
+                return
+
+    def _cycle(self, *, final: bool = False, purge: bool = True) -> None:
+        try:
+            with self._drain_lock:
+                self._sync_spool()
+                now = time.monotonic()
+                if now < self._retry_at and not final:
+                    return
+                try:
+                    self._drain()
+                    if purge and not final and now >= self._purge_at:
+                        self._purge_at = now + self._retention_every_s
+                        self._purge()
+                except StoreUnavailable as exc:
+                    self._down(exc)
+        except Exception:  # the thread must go on: the next cycle tries again
+            log.exception("usage ledger: a cycle failed")
+
+    def _sync_spool(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            spool.sync()
+            if spool.active_size >= SEGMENT_LIMIT:
+                spool.seal()
+            self._rewrite_memory(spool)
+        except OSError as exc:
+            log.warning("usage spool %s: %s", self.spool_dir, exc)
+
+    def _rewrite_memory(self, spool: Spool) -> None:
+        """Lines held in memory go back to the spool once it can be written again."""
+        with self._memory_lock:
+            if not self._memory and self._spool_ok:
+                return
+            held, self._memory = self._memory, []
+        try:
+            spool.reopen()
+            for i, line in enumerate(held):
+                try:
+                    spool.append(line)
+                except OSError:
+                    with self._memory_lock:
+                        self._memory[:0] = held[i:]
+                    raise
+        except OSError:
+            return
+        with self._memory_lock:
+            if not self._memory:
+                if not self._spool_ok:
+                    log.warning("usage spool %s can be written again", self.spool_dir)
+                self._spool_ok = True
+
+    def _drain(self) -> None:
+        """Store every sealed segment, then seal the active one and store it; StoreUnavailable
+        when the database cannot take them (what is left stays in the spool)."""
+        store, spool = self._store_or_off(), self._spool
+        if not self._opened:
+            store.open()
+            self._opened = True
+        self._up()
+        if spool is None:
+            return
+        for _ in range(2):  # what waits first, then what came since
+            for segment in spool.sealed():
+                self._store(spool, segment)
+                spool.remove(segment)
+            if not spool.active_size:
+                break
+            spool.seal()
+        with self._memory_lock:
+            held = list(self._memory) if not self._spool_ok else []
+        if held:  # the spool cannot be written but the database can: store them from memory
+            self._insert(spool, [decode(line) for line in held])
+            with self._memory_lock:
+                del self._memory[: len(held)]
+
+    def _store(self, spool: Spool, segment: Path) -> None:
+        batch: list[Record] = []
+        for line in spool.lines(segment):
+            try:
+                batch.append(decode(line))
+            except BadLine as exc:
+                spool.set_aside(line, f"{segment.name}: {exc}")
+                continue
+            if len(batch) >= BATCH:
+                self._insert(spool, batch)
+                batch = []
+        if batch:
+            self._insert(spool, batch)
+
+    def _insert(self, spool: Spool, batch: Sequence[Record]) -> None:
+        """Store a batch; one the database refuses for its data is halved until the record to
+        blame is found and set aside, so one bad record never holds the spool back."""
+        try:
+            self.stored += self._store_or_off().insert(batch)
+        except BadBatch as exc:
+            if len(batch) == 1:
+                spool.set_aside(encode(batch[0]), f"refused by the database: {exc}")
+                return
+            half = len(batch) // 2
+            self._insert(spool, batch[:half])
+            self._insert(spool, batch[half:])
+
+    def _purge(self) -> None:
+        before = self.clock() - self.retention
+        deleted = self._store_or_off().purge(before)
+        if deleted:
+            log.info("usage ledger: %d records older than %s deleted (rollups kept)", deleted, before.date())
+
+    def _up(self) -> None:
+        if not self._db_up:
+            log.warning("usage ledger: the database is back; storing the spool")
+        self._db_up, self._failures, self._retry_at = True, 0, 0.0
+
+    def _down(self, exc: Exception) -> None:
+        if self._db_up:
+            log.error("usage ledger: the database is unavailable (%s); records wait in the spool", exc)
+        self._db_up = False
+        self._opened = False  # the next try makes the tables again, should they be what went
+        self._failures += 1
+        self._retry_at = time.monotonic() + min(0.5 * 2 ** (self._failures - 1), self._retry_max_s)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def usage(self, query: UsageQuery) -> dict[str, Any]:
+        """`GET …/usage`'s answer."""
+        store = self._readable()
+        groups = await self._read(store.grouped, query)
+        return usage_answer(query, groups, self.shared)
+
+    async def requests(self, query: RequestsQuery) -> dict[str, Any]:
+        """`GET …/usage/requests`'s answer."""
+        store = self._readable()
+        records = await self._read(store.requests, query)
+        return requests_answer(records, query.limit)
+
+    async def spent(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
+        """What `subject` (a client's name, or a provider's id) spent since `since`: its stored
+        records and those still in the spool. LedgerUnavailable when the database is down or
+        the ledger is off (then see `spooled`)."""
+        store = self._readable()
+        return await self._read(self._spent, store, kind, subject, to_utc(since))
+
+    def _spent(
+        self, store: SQLStore, kind: Literal["client", "provider"], subject: str, since: datetime
+    ) -> Decimal:
+        with self._drain_lock:  # nothing moves from the spool to the database meanwhile
+            self._drain()
+            stored = store.spent(kind, subject, since)
+            spool = self._spool
+            waiting = spool.active_lines() if spool is not None else []
+            with self._memory_lock:
+                waiting += self._memory
+        return stored + _cost(waiting, kind, subject, since)
+
+    async def spooled(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
+        """The cost of `subject`'s records since `since` that are in the spool, not yet stored:
+        with a snapshot of spent, what a budget needs while the database is down."""
+        return await asyncio.to_thread(self._spooled, kind, subject, to_utc(since))
+
+    def _spooled(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
+        spool = self._spool
+        if spool is None:
+            return Decimal(0)
+        with self._drain_lock:
+            lines: list[bytes] = []
+            for segment in spool.sealed():
+                lines.extend(spool.lines(segment))
+            lines.extend(spool.active_lines())
+            with self._memory_lock:
+                lines.extend(self._memory)
+        return _cost(lines, kind, subject, since)
+
+    def _store_or_off(self) -> SQLStore:
+        if self.store is None:
+            raise LedgerUnavailable("the usage ledger is off (SWITCHBOARD_USAGE_DB=off)")
+        return self.store
+
+    def _readable(self) -> SQLStore:
+        self._store_or_off()
+        if not self._db_up or not self._opened:
+            raise LedgerUnavailable(
+                "the usage ledger's database is unavailable; records wait in the spool until it is back"
+            )
+        return self._store_or_off()
+
+    async def _read(self, call: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(call, *args)
+        except BadBatch as exc:  # the database refused a value of the query: the caller's to fix
+            raise BadRequest(f"the usage ledger refused the query: {exc}") from None
+        except StoreUnavailable as exc:
+            self._down(exc)
+            raise LedgerUnavailable(
+                "the usage ledger's database is unavailable; records wait in the spool until it is back"
+            ) from None
+
+
+def _cost(lines: Iterable[bytes], kind: str, subject: str, since: datetime) -> Decimal:
+    total = Decimal(0)
+    for line in lines:
+        try:
+            record = decode(line)
+        except BadLine:
+            continue
+        who = record.client if kind == "client" else record.provider
+        if who == subject and record.ts >= since:
+            total += record.cost_usd
+    return total

@@ -1,0 +1,37 @@
+"""Money as the counters hold it: whole nano-dollars (10**-9 USD), exact integers.
+
+Costs and prices are exact `Decimal`s everywhere else; counters (in this process and in
+Redis, whose scripts compute in doubles) hold integers. A reservation or a charge is rounded
+up to the next nano-dollar and a budget down, so that what is counted is never less than what
+was spent, and a budget is never taken as larger than written. Budgets above `MAX_UNITS`
+(billions of dollars) are held at it: beyond what any counter needs to tell apart.
+"""
+
+from __future__ import annotations
+
+import decimal
+from decimal import Decimal
+
+UNIT = Decimal("1e-9")
+PER_USD = 10**9
+MAX_UNITS = 2**62
+_CONTEXT = decimal.Context(prec=80)
+
+
+def charge_units(usd: Decimal) -> int:
+    """`usd` in nano-dollars, rounded up (what a cost or a reservation counts)."""
+    if usd <= 0:
+        return 0
+    value = _CONTEXT.multiply(usd, PER_USD).to_integral_value(rounding=decimal.ROUND_CEILING)
+    return min(int(value), MAX_UNITS)
+
+
+def limit_units(usd: Decimal) -> int:
+    """A budget of `usd` in nano-dollars, rounded down."""
+    value = _CONTEXT.multiply(usd, PER_USD).to_integral_value(rounding=decimal.ROUND_FLOOR)
+    return max(0, min(int(value), MAX_UNITS))
+
+
+def usd(units: int) -> Decimal:
+    """Nano-dollars as an exact amount of USD."""
+    return _CONTEXT.divide(Decimal(units), PER_USD)

@@ -1,0 +1,389 @@
+"""What keeps the limiter's counters true over time, off the request path: `Keeper`.
+
+- **At start** (`load`, before `/readyz` is 200) each budget's spent in its current period is
+  read (`spent.py`: the ledger, else the local snapshot plus the spool) into `Limiter.seed`;
+  with Redis it is then given to Redis, which keeps the larger of its own and this.
+- **Every second** (`tick`): with Redis up, the lease of this replica's epoch is renewed and
+  every budget's and limited client's use read back (`known`, `replicas`): what this replica
+  falls back on if Redis goes; with Redis away, it is asked again, and once it answers,
+  `reconcile` gives it what was counted meanwhile: the spend of the outage, the requests still
+  in flight and their reservations, the window entries. An epoch that lost its lease meanwhile
+  had its reservations charged in full by whoever touched them: those are not counted again.
+- **Every few seconds** the snapshot of spent is written beside the spool (and at a stop).
+
+A reconcile holds the limiter's lock for one round trip: local changes wait for it, so what
+is sent is exactly what was counted. Should its answer be lost after Redis applied it, the
+next one counts the outage's spend a second time: over, never under.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from service.config.metering import Budget, Limits
+from service.usage.limits.amounts import charge_units, usd
+from service.usage.limits.limiter import Limiter, _expiry
+from service.usage.limits.remote import Unavailable
+from service.usage.limits.spent import Snapshot, SpentFile, SpentSource, SpoolSource
+from service.usage.limits.tickets import Hold, Use, budget_key
+from service.usage.periods import Window, window
+
+log = logging.getLogger(__name__)
+
+SYNC_S = 1.0
+SNAPSHOT_S = 5.0
+SOURCE_TIMEOUT_S = 10.0
+"""The longest the ledger may take to say what one budget spent, at start."""
+Gauge = Callable[[str, str, Decimal], None]
+"""Told `(kind, subject, spent_usd)` for each budget, every second."""
+
+
+class Keeper:
+    """Loads, syncs, reconciles and snapshots a `Limiter`'s counters."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        *,
+        source: SpentSource | None = None,
+        file: SpentFile | None = None,
+        gauge: Gauge | None = None,
+        interval_s: float = SYNC_S,
+        snapshot_s: float = SNAPSHOT_S,
+    ) -> None:
+        self.limiter = limiter
+        self.source = source
+        self.file = file
+        self.gauge = gauge
+        self.interval_s = interval_s
+        self.snapshot_s = snapshot_s
+        self.budgets: tuple[tuple[str, str, Budget], ...] = ()
+        """(kind, subject, budget) of every budget in the configuration."""
+        self.clients: tuple[str, ...] = ()
+        """Clients with limits: their counters are in Redis."""
+        self.ready = asyncio.Event()
+        self._snapshot: Snapshot | None = None
+        self._written: dict[str, tuple[int, int]] | None = None
+        self._last_write = 0.0
+
+    def configure(self, budgets: Iterable[tuple[str, str, Budget]], clients: Iterable[str]) -> None:
+        """The configuration's budgets and limited clients (on each change of the files)."""
+        self.budgets = tuple(budgets)
+        self.clients = tuple(clients)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read each budget's spent before this process counted, then try Redis once: ready."""
+        if self.file is not None:
+            self._snapshot = await asyncio.to_thread(self.file.read)
+        await self.seed_missing()
+        limiter = self.limiter
+        if limiter.remote is not None and await self.reconcile():
+            await self.refresh()
+        self.ready.set()
+
+    async def seed_missing(self) -> None:
+        """Load the spent of every budget whose current period has none loaded yet."""
+        limiter = self.limiter
+        now = limiter.now_ms()
+        for kind, subject, budget in self.budgets:
+            current = limiter.window(budget.period, now)
+            key = budget_key(kind, subject, current)
+            if key in limiter.seed:
+                continue
+            counters = limiter.counters
+            if key in counters.spent or key in counters.reserved:
+                limiter.seed[key] = 0  # a period that began while this process counted it
+            else:
+                limiter.seed[key] = await self._spent_before(kind, subject, key, current)
+
+    async def _spent_before(self, kind: str, subject: str, key: str, current: Window) -> int:
+        source, snapshot = self.source, self._snapshot
+        found: int | None = None
+        if source is not None:
+            try:
+                async with asyncio.timeout(SOURCE_TIMEOUT_S):
+                    found = charge_units(await source.spent(kind, subject, current.start))  # type: ignore[arg-type]
+            except Exception as exc:  # the ledger is down or off: the snapshot and the spool then
+                log.info(
+                    "limits: the ledger cannot say what %s %s spent (%s)", kind, subject, type(exc).__name__
+                )
+        if snapshot is not None and key in snapshot.budgets:
+            spent, reserved = snapshot.budgets[key]
+            since_snapshot = spent + reserved  # a reservation of a process that died: charged in full
+            if found is None:
+                since_snapshot += await self._spooled(kind, subject, snapshot.at)
+            return max(found or 0, since_snapshot)
+        if found is None:
+            return await self._spooled(kind, subject, current.start)
+        return found
+
+    async def _spooled(self, kind: str, subject: str, since: datetime) -> int:
+        source = self.source
+        if not isinstance(source, SpoolSource):
+            return 0
+        try:
+            async with asyncio.timeout(SOURCE_TIMEOUT_S):
+                return charge_units(await source.spooled(kind, subject, since))
+        except Exception as exc:
+            log.warning(
+                "limits: the spool cannot say what %s %s spent (%s)", kind, subject, type(exc).__name__
+            )
+            return 0
+
+    # -- every second --------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """`tick` every `interval_s` until `stop`; then the last snapshot."""
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:  # never let the keeper die: the limits would freeze
+                log.exception("limits: the sync failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+        await self.write_snapshot(force=True)
+
+    async def tick(self) -> None:
+        limiter = self.limiter
+        await self.seed_missing()
+        if limiter.remote is not None and (limiter.up or await self.reconcile()):
+            await self.refresh()
+        limiter.forget({key for key, _ in self._keys()})
+        limiter.counters.forget_idle(limiter.now_ms())
+        limiter.providers.forget_idle(limiter.now_ms())
+        if self.gauge is not None:
+            for kind, subject, budget in self.budgets:
+                key = budget_key(kind, subject, limiter.window(budget.period, limiter.now_ms()))
+                self.gauge(kind, subject, usd(limiter.spent_here(key)[0]))
+        await self.write_snapshot()
+
+    def _keys(self) -> list[tuple[str, Window]]:
+        now = self.limiter.now_ms()
+        found = []
+        for kind, subject, budget in self.budgets:
+            current = self.limiter.window(budget.period, now)
+            found.append((budget_key(kind, subject, current), current))
+        return found
+
+    async def refresh(self) -> None:
+        """Renew the lease and read back every budget's and limited client's use from Redis."""
+        limiter = self.limiter
+        keys = self._keys()
+        try:
+            answer = await limiter.call("read", limiter.now_ms(), {"renew": 1, "keys": [k for k, _ in keys]})
+            states = _listed(answer.get("keys"))
+            for (key, _), state in zip(keys, states, strict=False):
+                limiter._known(key, state)
+            replicas = answer.get("replicas")
+            if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas > 0:
+                limiter.replicas = min(replicas, 10_000)
+        except Unavailable as exc:
+            limiter.lose(str(exc))
+
+    async def reconcile(self) -> bool:
+        """Give Redis what was counted while it was away; True once the limiter is back on it."""
+        limiter = self.limiter
+        async with limiter.lock:
+            keys, holds = self._reconcile_keys()
+            clients = self._reconcile_clients()
+            args = {"old": limiter.old, "keys": [entry for entry, _ in keys], "clients": clients}
+            if limiter.old is None:
+                del args["old"]
+            try:
+                answer = await limiter.call("reconcile", limiter.now_ms(), args)
+            except Unavailable as exc:
+                log.debug("limits: Redis is still unavailable (%s)", exc)
+                return False
+            kept = _listed(answer.get("keys"))
+            if len(kept) != len(keys):
+                limiter.lose("Redis answered something the script does not answer")
+                return False
+            for (_entry, key), flag in zip(keys, kept, strict=False):
+                for hold in holds.get(key, ()):
+                    if hold.epoch is None or flag is True:
+                        hold.epoch = limiter.epoch
+                    else:
+                        hold.off = True  # its epoch's lease ran out: charged in full there
+            for ticket in limiter.tickets.values():
+                for hold in ticket.holds.values():  # a key without a flag (none sent): local ones
+                    if hold.epoch is None:
+                        hold.epoch = limiter.epoch
+                if ticket.counted:
+                    ticket.slot_epoch = limiter.epoch
+            limiter.counters.spent.clear()
+            limiter.counters.reserved.clear()
+            limiter.pending_old.clear()
+            limiter.unsynced_requests.clear()
+            limiter.unsynced_tokens.clear()
+            limiter.shares.clear()
+            limiter.old = None
+            limiter.up = True
+            log.info("limits: Redis is back; the counts of the outage are in it")
+            return True
+
+    def _reconcile_keys(self) -> tuple[list[tuple[dict[str, Any], str]], dict[str, list[Hold]]]:
+        limiter = self.limiter
+        holds: dict[str, list[Hold]] = {}
+        for ticket in limiter.tickets.values():
+            for hold in ticket.holds.values():
+                if not hold.off and (hold.epoch is None or hold.epoch == limiter.old):
+                    holds.setdefault(hold.key, []).append(hold)
+        windows = {key: w for key, w in self._keys()}
+        for key, listed in holds.items():
+            windows.setdefault(key, listed[0].window)
+        counters = limiter.counters
+        for key in (*counters.spent, *counters.reserved, *limiter.pending_old):
+            windows.setdefault(key, _window_of(key))
+        entries = []
+        for key, current in windows.items():
+            known = max(limiter.seed.get(key, 0), limiter.known.get(key, (0, 0))[0])
+            old = sum(h.amount for h in holds.get(key, ()) if h.epoch is not None)
+            new = sum(h.amount for h in holds.get(key, ()) if h.epoch is None)
+            entry = {
+                "k": key,
+                "known": str(known),
+                "settled_old": str(limiter.pending_old.get(key, 0)),
+                "res_old": str(old),
+                "settled_new": str(counters.spent.get(key, 0)),
+                "res_new": str(new),
+                "exp": _expiry(Hold(key, "", 0, 0, current)),
+            }
+            entries.append((entry, key))
+        return entries, holds
+
+    def _reconcile_clients(self) -> list[dict[str, Any]]:
+        limiter = self.limiter
+        flying: dict[str, int] = {}
+        for ticket in limiter.tickets.values():
+            if ticket.counted:
+                flying[ticket.client] = flying.get(ticket.client, 0) + 1
+        names = {*flying, *limiter.unsynced_requests, *limiter.unsynced_tokens}
+        return [
+            {
+                "n": name,
+                "par": flying.get(name, 0),
+                "reqs": [[int(at), rid] for at, rid in limiter.unsynced_requests.get(name, ())],
+                "toks": [[int(at), rid, tokens] for at, rid, tokens in limiter.unsynced_tokens.get(name, ())],
+            }
+            for name in sorted(names)
+        ]
+
+    # -- what is used --------------------------------------------------------------------------
+
+    async def uses(
+        self, clients: Sequence[tuple[str, Limits | None]], providers: Sequence[tuple[str, Budget | None]]
+    ) -> tuple[dict[str, Use], dict[str, Use]]:
+        """Each client's and provider's use now: from Redis for what it counts, else from here."""
+        limiter = self.limiter
+        now = limiter.now_ms()
+        client_uses = {}
+        for name, limits in clients:
+            hold = None
+            if limits is not None and limits.budget is not None:
+                hold = limiter.hold("client", name, limits.budget, Decimal(0), now)
+            client_uses[name] = limiter.local_use(name, hold)
+        provider_uses = {}
+        for pid, budget in providers:
+            counts = limiter.providers.counts(pid, now)
+            use = Use(counts.requests, counts.tokens, counts.in_flight)
+            if budget is not None:
+                current = limiter.window(budget.period, now)
+                use.spent, use.reserved = limiter.spent_here(budget_key("provider", pid, current))
+                use.window = current
+            provider_uses[pid] = use
+        if limiter.up:
+            await self._read_remote(clients, providers, client_uses, provider_uses)
+        return client_uses, provider_uses
+
+    async def _read_remote(
+        self,
+        clients: Sequence[tuple[str, Limits | None]],
+        providers: Sequence[tuple[str, Budget | None]],
+        client_uses: dict[str, Use],
+        provider_uses: dict[str, Use],
+    ) -> None:
+        limiter = self.limiter
+        limited = [name for name, limits in clients if limits is not None]
+        budgeted: list[tuple[Use, str]] = []
+        for name in limited:
+            use = client_uses[name]
+            if use.window is not None:
+                budgeted.append((use, budget_key("client", name, use.window)))
+        for pid, _ in providers:
+            use = provider_uses[pid]
+            if use.window is not None:
+                budgeted.append((use, budget_key("provider", pid, use.window)))
+        try:
+            answer = await limiter.call(
+                "read", limiter.now_ms(), {"clients": limited, "keys": [k for _, k in budgeted]}
+            )
+            for name, state in zip(limited, _listed(answer.get("clients")), strict=False):
+                if isinstance(state, dict):
+                    use = client_uses[name]
+                    use.requests = _count(state.get("requests"))
+                    use.tokens = _count(state.get("tokens"))
+                    use.in_flight = _count(state.get("par"))
+            for (use, key), state in zip(budgeted, _listed(answer.get("keys")), strict=False):
+                use.spent, use.reserved = limiter._known(key, state)
+        except Unavailable as exc:
+            limiter.lose(str(exc))
+
+    # -- the snapshot --------------------------------------------------------------------------
+
+    async def write_snapshot(self, *, force: bool = False) -> None:
+        """Write the snapshot of spent when it changed (at most every `snapshot_s`, unless `force`)."""
+        if self.file is None:
+            return
+        loop = asyncio.get_running_loop()
+        if not force and loop.time() - self._last_write < self.snapshot_s:
+            return
+        limiter = self.limiter
+        budgets = {key: limiter.spent_here(key) for key, _ in self._keys()}
+        if budgets == self._written and not force:
+            return
+        self._last_write = loop.time()
+        snapshot = Snapshot(datetime.now(UTC), limiter.replicas, budgets)
+        try:
+            await asyncio.to_thread(self.file.write, snapshot)
+        except OSError as exc:
+            log.warning("limits: the snapshot of spent cannot be written (%s)", exc)
+            return
+        self._written = budgets
+
+
+def _listed(value: Any) -> list[Any]:
+    """A list the script answered (cjson writes an empty one as `{}`)."""
+    if isinstance(value, list):
+        return value
+    if value == {}:
+        return []
+    raise Unavailable("Redis answered something the script does not answer")
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit() and len(value) <= 20:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise Unavailable("Redis answered something the script does not answer")
+
+
+def _window_of(key: str) -> Window:
+    """A window for a budget key held only in the counters (for its expiry in Redis): the
+    period its key names, read back from the key (`client:NAME:day:2026-12-04`)."""
+    _kind, _, rest = key.partition(":")
+    _, _, period = rest.partition(":")
+    name, _, start = period.partition(":")
+    try:
+        when = datetime.strptime(start + ("-01" if name == "month" else ""), "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        return window("total", datetime.now(UTC))
+    return window(name, when) if name in ("day", "week", "month") else window("total", when)  # type: ignore[arg-type]

@@ -1,0 +1,583 @@
+"""The limits and budgets of SPEC 13, enforced: `Limiter.admit` before a request goes, `reserve`
+before each provider with a budget, `settle` when it ends.
+
+**Reserve, then settle.** A request is admitted with an upper bound of its cost reserved
+against each budget it counts toward (its client's; each candidate provider's before it is
+tried); when it ends the reservation is replaced by the real cost. Checks and changes are one
+atomic step, so whatever the concurrency, spent plus reserved never passes a budget. A
+client's limits are checked in the order `max_parallel`, `rpm`, `tpm`, budget; the first that
+refuses names the answer and nothing at all is counted.
+
+**Where the counters live.** Without `SWITCHBOARD_REDIS_URL`, in this process (`Counters`),
+with what the ledger (or the local snapshot) says was spent before the start (`seed`). With
+Redis, in Redis, changed by one script call per check (`Remote`), so every replica enforces
+one limit; this process's own counts are kept beside them all the same. When Redis cannot be
+reached (a call fails or times out, the 1 s sync fails) the limiter falls back at once:
+`local` enforces every rate from its own counts, and lets each budget be spent here only up to
+this replica's share of what was left when Redis went away (what was left / the replicas last
+seen), so budgets still hold; `refuse` refuses limited clients (503). The sync tries Redis
+again every second and, once it answers, reconciles (`recovery.reconcile`): what was counted
+meanwhile goes to Redis, and the limiter is back on it.
+
+Nothing here blocks: a local check is a few dictionary and deque operations; a Redis check is
+one round trip within `Remote.timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, TypeVar
+
+from service.config.metering import Budget, Limits, Period
+from service.usage.limits.amounts import charge_units, limit_units
+from service.usage.limits.counters import Counters, Refusal
+from service.usage.limits.remote import Remote, Unavailable
+from service.usage.limits.tickets import Hold, Refused, Ticket, Use, budget_key
+from service.usage.periods import Window, window
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WithoutRedis = Literal["local", "refuse"]
+Clock = Callable[[], float]
+"""Wall-clock seconds (time.time); tests pass their own to cross a period's end."""
+LEASE_MS = 15_000
+"""How long an epoch's lease lasts unrenewed: what a dead replica held is released after it."""
+EXPIRE_GRACE_MS = 40 * 86_400_000
+"""A period's counters stay in Redis this long after it ends."""
+MAX_UNSYNCED = 100_000
+"""Window entries kept for Redis while it is away, per client (older ones leave the window anyway)."""
+
+
+class Limiter:
+    """Client limits and budgets of client and provider, in Redis or in this process."""
+
+    def __init__(
+        self,
+        *,
+        remote: Remote | None = None,
+        without_redis: WithoutRedis = "local",
+        clock: Clock = time.time,
+        lease_ms: int = LEASE_MS,
+    ) -> None:
+        self.remote = remote
+        self.without_redis = without_redis
+        self.clock = clock
+        self.lease_ms = lease_ms
+        self.counters = Counters()
+        self.providers = Counters()
+        """Each provider's requests and tokens through this replica (what `/limits` shows)."""
+        self.up = False
+        """Redis is in use now."""
+        self.epoch = _new_epoch()
+        self.fresh = True
+        """`epoch` has no lease in Redis yet."""
+        self.old: str | None = None
+        """The epoch in use before Redis went away: what it holds is reconciled."""
+        self.replicas = 1
+        """Live replicas last seen in Redis (this one included)."""
+        self.known: dict[str, tuple[int, int]] = {}
+        """Budget key -> (spent, reserved) as Redis last answered."""
+        self.seed: dict[str, int] = {}
+        """Budget key -> spent before this process counted (ledger, snapshot)."""
+        self.shares: dict[str, tuple[int, int]] = {}
+        """Budget key -> (limit, share) this replica may spend while Redis is away."""
+        self.pending_old: dict[str, int] = {}
+        """Budget key -> costs of holds of `old` settled while Redis is away."""
+        self.unsynced_requests: dict[str, list[tuple[float, str]]] = {}
+        self.unsynced_tokens: dict[str, list[tuple[float, str, int]]] = {}
+        self.tickets: dict[str, Ticket] = {}
+        """Admitted requests not settled yet, by id."""
+        self.lock = asyncio.Lock()
+        """Held while reconciling: local changes wait for it (a moment, on a Redis that answers)."""
+        self.on_exhausted: Callable[[str, str, Window], None] | None = None
+        """Told `(kind, subject, window)` the first time a budget refuses in a period."""
+        self._reported: set[str] = set()
+        self._windows: dict[Period, Window] = {}
+        self._keys: dict[tuple[str, str, Budget], tuple[Window, str, int]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        """(kind, subject, budget) -> its current window, key and limit: made once per period."""
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """`redis` while Redis is in use, else `local` or `refuse` (`/readyz`'s `limits`)."""
+        if self.remote is not None and self.up:
+            return "redis"
+        return "local" if self.remote is None else self.without_redis
+
+    @property
+    def degraded(self) -> bool:
+        """Redis is configured but not in use now."""
+        return self.remote is not None and not self.up
+
+    def now_ms(self) -> float:
+        return self.clock() * 1000
+
+    def window(self, period: Period, now_ms: float) -> Window:
+        """The current window of `period` (cached until it ends)."""
+        found = self._windows.get(period)
+        if found is None or (found.end is not None and now_ms >= found.end.timestamp() * 1000):
+            found = self._windows[period] = window(period, _datetime(now_ms))
+        return found
+
+    def hold(self, kind: str, subject: str, budget: Budget, cost: Decimal, now_ms: float) -> Hold:
+        """A reservation of `cost` against `subject`'s `budget`, not taken yet."""
+        current = self.window(budget.period, now_ms)
+        named = (kind, subject, budget)
+        found = self._keys.get(named)
+        if found is None or found[0] is not current:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            found = self._keys[named] = (current, budget_key(kind, subject, current), limit_units(budget.usd))
+        return Hold(found[1], subject, found[2], charge_units(cost), current)
+
+    # -- admitting -----------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        request_id: str,
+        client: str,
+        limits: Limits | None,
+        client_cost: Decimal,
+        provider: tuple[str, Budget, Decimal] | None = None,
+    ) -> tuple[Ticket, bool | None]:
+        """Admit a request of `client`, reserving `client_cost` against its budget and, when
+        given, `provider`'s cost against that provider's budget.
+
+        Returns the ticket and whether the provider's budget took it (None: none given).
+        Raises `Refused` when one of the client's limits refuses (nothing is counted then).
+        """
+        now = self.now_ms()
+        ticket = Ticket(request_id, client, limits, now, counted=limits is not None)
+        client_hold = None
+        if limits is not None and limits.budget is not None:
+            client_hold = self.hold("client", client, limits.budget, client_cost, now)
+        provider_hold = None
+        if provider is not None:
+            provider_hold = self.hold("provider", provider[0], provider[1], provider[2], now)
+        if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
+            raise Refused("unavailable", 1000, None, Use())
+        if self.up and (limits is not None or provider_hold is not None):
+            admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
+            try:
+                taken = await asyncio.shield(admitting)
+            except asyncio.CancelledError:  # the client left: what Redis took is given back
+                self._later(self._orphaned(ticket, admitting))
+                raise
+            except Unavailable as exc:
+                self.lose(str(exc))
+            else:
+                self.tickets[ticket.id] = ticket
+                return ticket, taken
+        if self.lock.locked():
+            async with self.lock:
+                pass
+        taken = self._admit_local(ticket, client_hold, provider_hold, now)
+        self.tickets[ticket.id] = ticket
+        return ticket, taken
+
+    async def _admit_remote(
+        self, ticket: Ticket, client_hold: Hold | None, provider_hold: Hold | None, now: float
+    ) -> bool | None:
+        args: dict[str, Any] = {}
+        limits = ticket.limits
+        if limits is not None:
+            part: dict[str, Any] = {"n": ticket.client, "id": ticket.id}
+            for name, value in (("rpm", limits.rpm), ("tpm", limits.tpm), ("par", limits.max_parallel)):
+                if value is not None:
+                    part[name] = value
+            args["c"] = part
+        if client_hold is not None:
+            args["cb"] = _budget_args(client_hold)
+        if provider_hold is not None:
+            args["pb"] = _budget_args(provider_hold)
+        answer = await self.call("acquire", now, args)
+        use = None
+        if limits is not None:
+            use = Use(_int(answer, "requests"), _int(answer, "tokens"), _int(answer, "par"))
+            if client_hold is not None:
+                use.spent, use.reserved = self._known(client_hold.key, answer.get("cb"))
+                use.window, use.limit = client_hold.window, client_hold.limit
+            refused = answer.get("refused")
+            if refused is not None:
+                if refused not in ("max_parallel", "rpm", "tpm", "budget"):
+                    raise Unavailable("Redis answered something the script does not answer")
+                limit = refused
+                self._refused(limit, ticket, client_hold)
+                raise Refused(
+                    limit, _int(answer, "retry_ms"), client_hold.window if client_hold else None, use
+                )
+        self.counters.admit(ticket.client, now)
+        ticket.slot_epoch = self.epoch if limits is not None else None
+        ticket.use = use
+        if client_hold is not None:
+            client_hold.epoch = self.epoch
+            ticket.holds["client"] = client_hold
+        if provider_hold is None:
+            return None
+        self._known(provider_hold.key, answer.get("pb"))
+        if answer.get("pb_ok") is not True:
+            self._refused_provider(provider_hold)
+            return False
+        provider_hold.epoch = self.epoch
+        ticket.holds[provider_hold.subject] = provider_hold
+        return True
+
+    def _admit_local(
+        self, ticket: Ticket, client_hold: Hold | None, provider_hold: Hold | None, now: float
+    ) -> bool | None:
+        limits = ticket.limits
+        counters = self.counters
+        if limits is not None:
+            refusal = counters.refusal(ticket.client, now, limits.rpm, limits.tpm, limits.max_parallel)
+            if (
+                refusal is None
+                and client_hold is not None
+                and not counters.fits(client_hold.key, self.cap(client_hold), client_hold.amount)
+            ):
+                refusal = Refusal("budget", 0)
+            if refusal is not None:
+                self._refused(refusal.limit, ticket, client_hold)
+                window_ = client_hold.window if client_hold is not None else None
+                raise Refused(
+                    refusal.limit, refusal.retry_ms, window_, self.local_use(ticket.client, client_hold)
+                )
+        counters.admit(ticket.client, now)
+        if limits is not None and self.remote is not None:
+            _append(self.unsynced_requests, ticket.client, (now, ticket.id))
+        if client_hold is not None:
+            counters.reserve(client_hold.key, client_hold.amount)
+            ticket.holds["client"] = client_hold
+        if limits is not None:
+            ticket.use = self.local_use(ticket.client, client_hold)
+        if provider_hold is None:
+            return None
+        return self._reserve_local(ticket, provider_hold)
+
+    def _reserve_local(self, ticket: Ticket, hold: Hold) -> bool:
+        if not self.counters.fits(hold.key, self.cap(hold), hold.amount):
+            self._refused_provider(hold)
+            return False
+        self.counters.reserve(hold.key, hold.amount)
+        ticket.holds[hold.subject] = hold
+        return True
+
+    async def reserve(self, ticket: Ticket, provider_id: str, budget: Budget, cost: Decimal) -> bool:
+        """Reserve `cost` against `provider_id`'s budget for `ticket` (a candidate after the
+        first); False when the budget cannot cover it (the provider is skipped)."""
+        now = self.now_ms()
+        hold = self.hold("provider", provider_id, budget, cost, now)
+        if self.up:
+            try:
+                return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
+            except Unavailable as exc:
+                self.lose(str(exc))
+        if self.lock.locked():
+            async with self.lock:
+                pass
+        return self._reserve_local(ticket, hold)
+
+    async def _reserve_remote(self, ticket: Ticket, hold: Hold, now: float) -> bool:
+        answer = await self.call("acquire", now, {"pb": _budget_args(hold)})
+        self._known(hold.key, answer.get("pb"))
+        if answer.get("pb_ok") is not True:
+            self._refused_provider(hold)
+            return False
+        hold.epoch = self.epoch
+        ticket.holds[hold.subject] = hold
+        return True
+
+    async def release(self, ticket: Ticket, provider_id: str) -> None:
+        """Give back `provider_id`'s hold uncharged: the attempt failed, nothing was relayed."""
+        hold = ticket.holds.pop(provider_id, None)
+        if hold is None or hold.off:
+            return
+        if hold.epoch is None:
+            self.counters.release(hold.key, hold.amount)
+        elif self.up and hold.epoch == self.epoch:
+            try:
+                args = {"k": hold.key, "amount": str(hold.amount)}
+                await self._guarded(ticket, self.call("release", self.now_ms(), args))
+            except Unavailable as exc:
+                self.lose(str(exc))
+        # A hold of an epoch Redis lost: reconciling drops the epoch's reservations, and this
+        # one is no longer the ticket's, so nothing of it is counted again.
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> Use | None:
+        """The request ended: free its slot, count its `tokens`, charge `cost` to each budget it
+        holds (once: a second call does nothing). Returns the client's use after it.
+
+        What must go to Redis runs to its end even if the request is cancelled meanwhile (the
+        client left): a live replica's reservation would otherwise never be given back."""
+        if ticket.settled:
+            return ticket.use
+        ticket.settled = True
+        self.tickets.pop(ticket.id, None)
+        if not ticket.pending and not (self.up and self._remote_parts(ticket)) and not self.lock.locked():
+            self._settle_here(ticket, cost, tokens)  # nothing to wait for: no task is made
+            return ticket.use
+        settling = asyncio.ensure_future(self._settle(ticket, cost, tokens))
+        self._background.add(settling)
+        settling.add_done_callback(self._background.discard)
+        return await asyncio.shield(settling)
+
+    def _remote_parts(self, ticket: Ticket) -> bool:
+        epoch = self.epoch
+        if ticket.counted and ticket.slot_epoch == epoch:
+            return True
+        return any(not h.off and h.epoch == epoch for h in ticket.holds.values())
+
+    def _settle_here(self, ticket: Ticket, cost: Decimal, tokens: int) -> None:
+        now = self.now_ms()
+        self.counters.finish(ticket.client, now, tokens)
+        if ticket.holds or ticket.counted:
+            self._settle_local(ticket, charge_units(cost), tokens, now, done=set(), slot_done=False)
+
+    async def _settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> Use | None:
+        if ticket.pending:  # what a cancelled request still had on its way to Redis, first
+            for outcome in await asyncio.gather(*ticket.pending, return_exceptions=True):
+                if isinstance(outcome, Unavailable):
+                    self.lose(str(outcome))
+        now = self.now_ms()
+        epoch = self.epoch
+        remote = [h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch]
+        slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
+        if self.up and (remote or slot):
+            actual = charge_units(cost)
+            self.counters.finish(ticket.client, now, tokens)
+            try:
+                await self._settle_remote(ticket, remote, slot, actual, tokens, now)
+            except Unavailable as exc:
+                self.lose(str(exc))
+                self._settle_local(ticket, actual, tokens, now, done=set(), slot_done=False)
+            else:
+                self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
+            return ticket.use
+        if self.lock.locked():
+            async with self.lock:
+                pass
+        self._settle_here(ticket, cost, tokens)
+        return ticket.use
+
+    async def _settle_remote(
+        self, ticket: Ticket, holds: list[Hold], slot: bool, actual: int, tokens: int, now: float
+    ) -> None:
+        args: dict[str, Any] = {
+            "b": [{"k": h.key, "r": str(h.amount), "c": str(actual), "exp": _expiry(h)} for h in holds]
+        }
+        if slot:
+            args["c"] = {"n": ticket.client, "id": ticket.id, "tok": str(max(0, tokens))}
+        answer = await self.call("settle", now, args)
+        states = answer.get("b")
+        states = states if isinstance(states, list) else []
+        for hold, state in zip(holds, states, strict=False):
+            spent, reserved = self._known(hold.key, state)
+            if ticket.use is not None and hold is ticket.holds.get("client"):
+                ticket.use.spent, ticket.use.reserved = spent, reserved
+        if slot and ticket.use is not None:
+            ticket.use.requests = _int(answer, "requests")
+            ticket.use.tokens = _int(answer, "tokens")
+            ticket.use.in_flight = _int(answer, "par")
+
+    def _settle_local(
+        self, ticket: Ticket, actual: int, tokens: int, now: float, *, done: set[int], slot_done: bool
+    ) -> None:
+        counters = self.counters
+        for hold in ticket.holds.values():
+            if id(hold) in done or hold.off:
+                continue
+            if hold.epoch is None:
+                counters.release(hold.key, hold.amount)
+                counters.charge(hold.key, actual)
+            elif actual > 0:  # held in Redis before it went away: reconciled when it is back
+                self.pending_old[hold.key] = self.pending_old.get(hold.key, 0) + actual
+        if ticket.counted and self.remote is not None and not slot_done and tokens > 0:
+            _append(self.unsynced_tokens, ticket.client, (now, ticket.id, tokens))
+        if ticket.counted and not slot_done:
+            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"))
+
+    # -- a request cancelled on its way -----------------------------------------------------------
+
+    async def _guarded(self, ticket: Ticket, operation: Coroutine[Any, Any, T]) -> T:
+        """Run `operation` to its end even when the request is cancelled meanwhile (its client
+        left): what Redis took is then the ticket's, and its settlement waits for it first."""
+        task = asyncio.ensure_future(operation)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            ticket.pending.append(task)
+            raise
+
+    async def _orphaned(self, ticket: Ticket, admitting: asyncio.Future[bool | None]) -> None:
+        """An admission whose request was cancelled while Redis took it: settled at no cost."""
+        try:
+            await admitting
+        except (Refused, Unavailable):
+            return  # nothing was taken (or it is Redis' to expire)
+        self.tickets[ticket.id] = ticket
+        await self.settle(ticket, Decimal(0), 0)
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- what is used --------------------------------------------------------------------------
+
+    def cap(self, hold: Hold) -> int:
+        """What this replica may hold of `hold`'s budget in its own counters: all that is left
+        without Redis; while Redis is away, its share of what was left when it went."""
+        if self.remote is None:
+            return hold.limit - self.seed.get(hold.key, 0)
+        share = self.shares.get(hold.key)
+        if share is None or share[0] != hold.limit:
+            spent, reserved = self.known.get(hold.key, (self.seed.get(hold.key, 0), 0))
+            share = (hold.limit, max(0, hold.limit - spent - reserved) // max(1, self.replicas))
+            self.shares[hold.key] = share
+        return share[1]
+
+    def spent_here(self, key: str) -> tuple[int, int]:
+        """A budget's (spent, reserved) as this replica knows it without asking Redis."""
+        counters = self.counters
+        if self.remote is None:
+            return self.seed.get(key, 0) + counters.spent.get(key, 0), counters.reserved.get(key, 0)
+        spent, reserved = self.known.get(key, (self.seed.get(key, 0), 0))
+        if self.up:
+            return spent, reserved
+        return spent + counters.spent.get(key, 0) + self.pending_old.get(
+            key, 0
+        ), reserved + counters.reserved.get(key, 0)
+
+    def local_use(self, client: str, hold: Hold | None) -> Use:
+        counts = self.counters.counts(client, self.now_ms())
+        use = Use(counts.requests, counts.tokens, counts.in_flight)
+        if hold is not None:
+            use.spent, use.reserved = self.spent_here(hold.key)
+            use.window, use.limit = hold.window, hold.limit
+        return use
+
+    # -- Redis ---------------------------------------------------------------------------------
+
+    async def call(self, op: str, now: float, args: dict[str, Any]) -> dict[str, Any]:
+        """One script call with this replica's epoch; `Unavailable` when its lease was lost."""
+        assert self.remote is not None  # noqa: S101 - only called when up
+        args["ttl"] = self.lease_ms
+        if self.fresh:
+            args["fresh"] = 1
+        answer = await self.remote.call(op, int(now), self.epoch, args)
+        if answer.get("lost") is True:
+            raise Unavailable("this replica's lease in Redis ran out")
+        self.fresh = False
+        return answer
+
+    def lose(self, reason: str) -> None:
+        """Redis cannot be used: fall back now (the sync reconciles when it answers again)."""
+        if not self.up:
+            return
+        log.warning(
+            "limits: Redis unavailable (%s); limits are held %s until it is back",
+            reason,
+            "from this replica's counts" if self.without_redis == "local" else "by refusing limited clients",
+        )
+        self.up = False
+        if not self.fresh:
+            self.old = self.epoch
+        self.epoch, self.fresh = _new_epoch(), True
+        self.shares.clear()
+
+    def _known(self, key: str, state: Any) -> tuple[int, int]:
+        if isinstance(state, dict):
+            spent, reserved = _digits(state.get("spent")), _digits(state.get("reserved"))
+            if spent is not None and reserved is not None:
+                self.known[key] = (spent, reserved)
+                return spent, reserved
+        raise Unavailable("Redis answered something the script does not answer")
+
+    # -- refusals ------------------------------------------------------------------------------
+
+    def _refused(self, limit: str, ticket: Ticket, hold: Hold | None) -> None:
+        if limit == "budget" and hold is not None:
+            self.exhausted("client", ticket.client, hold)
+
+    def _refused_provider(self, hold: Hold) -> None:
+        self.exhausted("provider", hold.subject, hold)
+
+    def forget(self, current: set[str]) -> None:
+        """Drop what is known of budget keys no longer `current` (past periods, removed budgets)
+        and held by no request in flight: the maps stay as small as the configuration."""
+        held = {h.key for t in self.tickets.values() for h in t.holds.values()}
+        if self.remote is None:  # its counts are the only ones: a past period's are no longer read
+            for counts in (self.counters.spent, self.counters.reserved):
+                for key in [k for k in counts if k not in current and k not in held]:
+                    del counts[key]
+        keep = current | held | set(self.counters.spent) | set(self.counters.reserved) | set(self.pending_old)
+        tables: tuple[dict[str, Any], ...] = (self.known, self.seed, self.shares)
+        for table in tables:
+            for key in [k for k in table if k not in keep]:
+                del table[key]
+
+    def exhausted(self, kind: str, subject: str, hold: Hold) -> None:
+        """Report a budget that refused, once per subject and period (in this process)."""
+        if hold.key in self._reported:
+            return
+        if len(self._reported) > 100_000:
+            self._reported.clear()
+        self._reported.add(hold.key)
+        if self.on_exhausted is not None:
+            self.on_exhausted(kind, subject, hold.window)
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+def _budget_args(hold: Hold) -> dict[str, Any]:
+    return {"k": hold.key, "limit": hold.limit, "amount": str(hold.amount), "exp": _expiry(hold)}
+
+
+def _expiry(hold: Hold) -> int:
+    end = hold.window.end
+    return 0 if end is None else int(end.timestamp() * 1000) + EXPIRE_GRACE_MS
+
+
+def _int(answer: dict[str, Any], name: str) -> int:
+    value = answer.get(name)
+    if isinstance(value, bool):
+        raise Unavailable("Redis answered something the script does not answer")
+    if isinstance(value, int | float) and 0 <= value < 2**63:
+        return int(value)
+    digits = _digits(value)
+    if digits is None:
+        raise Unavailable("Redis answered something the script does not answer")
+    return digits
+
+
+def _digits(value: Any) -> int | None:
+    if isinstance(value, str) and value.isdigit() and len(value) <= 20:
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None
+
+
+def _append(table: dict[str, list[Any]], client: str, entry: Any) -> None:
+    entries = table.get(client)
+    if entries is None:
+        entries = table[client] = []
+    entries.append(entry)
+    if len(entries) > MAX_UNSYNCED:
+        del entries[: len(entries) - MAX_UNSYNCED]
+
+
+def _datetime(now_ms: float) -> datetime:
+    return datetime.fromtimestamp(now_ms / 1000, UTC)

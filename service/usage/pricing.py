@@ -1,0 +1,278 @@
+"""What a request costs (SPEC 13): its tokens, priced per class, in exact decimal USD.
+
+Prices come, class by class, from the first that has one:
+
+1. the provider file's `pricing` entry for the model (as clients name it, then as it is sent
+   upstream), then its `"*"` entry;
+2. the price map bundled with the installed litellm (`model_prices_and_context_window_backup.json`
+   in the package's folder), for `api_key` providers only, looked up as litellm names the
+   model (`mistral/mistral-large-latest`, `gpt-4o` for OpenAI's own);
+3. nothing: the class costs 0 and the request is recorded `priced: false`.
+
+Cached input and cache writes without a price of their own are priced as input. A self-hosted
+`ai_server` is never priced from litellm's map: it is free unless its file prices it.
+
+The map is read once, off the request path (`PriceMap.load`, in a worker thread at start),
+from the file as the installed package holds it: litellm itself is never imported (that takes
+seconds), and nothing is fetched. Its numbers are read as decimals (`parse_float=Decimal`), so
+`2.5e-06` is exactly 2.5 USD per million tokens. A provider's rates are resolved once per
+version of its file and model (`Pricing.rate`): a request costs a dictionary read and a few
+multiplications, in a decimal context wide enough that no product is ever rounded.
+"""
+
+from __future__ import annotations
+
+import decimal
+import functools
+import importlib.metadata
+import importlib.util
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from service.config.models import ApiKey, Provider
+from service.usage.record import Tokens
+from service.vendors import VENDORS
+
+log = logging.getLogger(__name__)
+
+MILLION = Decimal(1_000_000)
+EXACT = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN, traps=[decimal.InvalidOperation])
+"""Wide enough for any product of a bounded count (10**12) and a bounded price (10**12, 12
+decimals, divided by a million): money is never rounded."""
+MAP_FILE = "model_prices_and_context_window_backup.json"
+MAX_RATES = 4096
+"""Resolved (provider, model) rates kept; a provider that takes any model cannot grow it past this."""
+_ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One model of litellm's map, as pricing needs it: USD per token (per query for a rerank)."""
+
+    provider: str | None
+    input: Decimal | None
+    output: Decimal | None
+    cached_input: Decimal | None
+    cache_write: Decimal | None
+    per_query: Decimal | None
+    max_output: int | None
+
+
+class PriceMap:
+    """litellm's bundled price map, read once from the installed package."""
+
+    def __init__(self, entries: Mapping[str, Entry], version: str | None) -> None:
+        self.entries = entries
+        self.version = version
+        """The installed litellm's version (None when it is not installed)."""
+
+    @classmethod
+    def empty(cls) -> PriceMap:
+        return cls({}, None)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PriceMap:
+        """Read the map from `path`, or from the installed litellm's folder (blocking: a 3 MB file).
+
+        A missing or unreadable map is an empty one (logged): requests are then priced by the
+        provider files alone.
+        """
+        version = litellm_version()
+        path = path or bundled_map()
+        if path is None:
+            return cls({}, version)
+        try:
+            data = json.loads(path.read_bytes(), parse_float=Decimal)
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning(
+                "litellm's price map %s cannot be read (%s): only the files price requests", path, exc
+            )
+            return cls({}, version)
+        entries = {}
+        for name, raw in data.items() if isinstance(data, dict) else ():
+            entry = _entry(raw) if isinstance(name, str) and name != "sample_spec" else None
+            if entry is not None:
+                entries[name] = entry
+        return cls(entries, version)
+
+    def find(self, prefix: str, model: str) -> Entry | None:
+        """The entry of `model` as litellm names it for the vendor whose litellm prefix is `prefix`."""
+        bare = model.removeprefix(f"{prefix}/")
+        found = self.entries.get(f"{prefix}/{bare}")
+        if found is not None:
+            return found
+        found = self.entries.get(bare)
+        if found is not None and found.provider == prefix:
+            return found
+        return None
+
+
+@functools.cache
+def bundled() -> PriceMap:
+    """The installed litellm's map, read once per process (it cannot change while it runs)."""
+    return PriceMap.load()
+
+
+def bundled_map() -> Path | None:
+    """Where the installed litellm keeps its price map, found without importing litellm."""
+    try:
+        spec = importlib.util.find_spec("litellm")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / MAP_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def litellm_version() -> str | None:
+    """The installed litellm's version, from its metadata (no import)."""
+    try:
+        return importlib.metadata.version("litellm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _entry(raw: Any) -> Entry | None:
+    if not isinstance(raw, dict):
+        return None
+    entry = Entry(
+        provider=raw.get("litellm_provider") if isinstance(raw.get("litellm_provider"), str) else None,
+        input=_price(raw.get("input_cost_per_token")),
+        output=_price(raw.get("output_cost_per_token")),
+        cached_input=_price(raw.get("cache_read_input_token_cost")),
+        cache_write=_price(raw.get("cache_creation_input_token_cost")),
+        per_query=_price(raw.get("input_cost_per_query")),
+        max_output=_tokens(raw.get("max_output_tokens")) or _tokens(raw.get("max_tokens")),
+    )
+    if entry.input is None and entry.output is None and entry.per_query is None:
+        return None
+    return entry
+
+
+def _price(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, Decimal | int):
+        return None
+    amount = Decimal(value)
+    return amount if amount.is_finite() and 0 <= amount < 10**6 else None
+
+
+def _tokens(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """One provider's prices for one model, USD per token of each class (None: unpriced)."""
+
+    input: Decimal | None = None
+    output: Decimal | None = None
+    cached_input: Decimal | None = None
+    cache_write: Decimal | None = None
+    per_query: Decimal | None = None
+    """USD per rerank query, where the vendor prices queries."""
+    max_output: int | None = None
+    """The model's output limit, from litellm's map."""
+
+    def known(self, purpose: str) -> bool:
+        """Whether a request of `purpose` has a price: input (and output for chat), or per query."""
+        if purpose == "reranking":
+            return self.per_query is not None or self.input is not None
+        return self.input is not None and (purpose != "chat" or self.output is not None)
+
+    def cost(self, tokens: Tokens, queries: int = 0) -> tuple[Decimal, bool]:
+        """What `tokens` (and `queries` rerank queries) cost, and whether every class was priced."""
+        priced = True
+        total = _ZERO
+        for count, price in (
+            (tokens.input, self.input),
+            (tokens.cached_input, self.cached_input),
+            (tokens.cache_write, self.cache_write),
+            (tokens.output, self.output),
+        ):
+            if count:
+                if price is None:
+                    priced = False
+                else:
+                    total = EXACT.add(total, EXACT.multiply(price, count))
+        if queries and self.per_query is not None:
+            total = EXACT.add(total, EXACT.multiply(self.per_query, queries))
+        elif queries and self.input is None:
+            priced = False
+        return total, priced and self.any
+
+    def bound(self, prompt: int, completion: int, queries: int = 0) -> Decimal:
+        """An upper bound of the cost of `prompt` input tokens of any class and `completion` ones."""
+        prices = [p for p in (self.input, self.cached_input, self.cache_write) if p is not None]
+        total = EXACT.multiply(max(prices), prompt) if prices and prompt else _ZERO
+        if completion and self.output is not None:
+            total = EXACT.add(total, EXACT.multiply(self.output, completion))
+        if queries and self.per_query is not None:
+            total = EXACT.add(total, EXACT.multiply(self.per_query, queries))
+        return total
+
+    @property
+    def any(self) -> bool:
+        """Whether any price at all is known."""
+        return self.input is not None or self.output is not None or self.per_query is not None
+
+
+UNPRICED = Rate()
+
+
+class Pricing:
+    """Resolves each provider's rates for a model, once per version of its file."""
+
+    def __init__(self, price_map: PriceMap | None = None) -> None:
+        self.map = price_map or PriceMap.empty()
+        self._rates: dict[tuple[str, str | None], tuple[Provider, Rate]] = {}
+
+    def rate(self, provider: Provider, model: str | None) -> Rate:
+        """What `model` costs at `provider` (`UNPRICED` when nothing prices it)."""
+        key = (provider.id, model)
+        found = self._rates.get(key)
+        if found is not None and found[0] is provider:
+            return found[1]
+        rate = self._resolve(provider, model)
+        if len(self._rates) >= MAX_RATES:
+            self._rates.clear()
+        self._rates[key] = (provider, rate)
+        return rate
+
+    def _resolve(self, provider: Provider, model: str | None) -> Rate:
+        pricing = provider.pricing
+        upstream = provider.upstream_model(model) if model is not None else None
+        entries = [pricing[m] for m in (model, upstream, "*") if m is not None and m in pricing]
+        found: dict[str, Decimal | None] = {}
+        for name in ("input", "output", "cached_input", "cache_write"):
+            per_million = next((getattr(e, name) for e in entries if getattr(e, name) is not None), None)
+            found[name] = EXACT.divide(per_million, MILLION) if per_million is not None else None
+        mapped = None
+        if isinstance(provider, ApiKey) and upstream is not None:
+            mapped = self.map.find(VENDORS[provider.provider].litellm_prefix, upstream)
+        per_query = None
+        max_output = None
+        if mapped is not None:
+            for name in ("input", "output", "cached_input", "cache_write"):
+                if found[name] is None:
+                    found[name] = getattr(mapped, name)
+            per_query, max_output = mapped.per_query, mapped.max_output
+        for name in ("cached_input", "cache_write"):
+            if found[name] is None:
+                found[name] = found["input"]
+        return Rate(
+            found["input"],
+            found["output"],
+            found["cached_input"],
+            found["cache_write"],
+            per_query,
+            max_output,
+        )

@@ -1,0 +1,117 @@
+"""The ledger in PostgreSQL, shared by every replica (`SWITCHBOARD_USAGE_DB=postgresql://…`).
+
+psycopg 3 with a `psycopg_pool` connection pool: connections are made in the background,
+checked before each use (a restarted server leaves the pool's old ones dead), and a request for
+one waits at most a few seconds, so a server that is down makes calls fail fast with
+StoreUnavailable rather than hang. The URL may hold a password: it is never logged or shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from service.usage.stores.sql import BadBatch, Cursor, SQLStore, StoreUnavailable
+
+_WAIT_S = 3.0
+"""How long a call waits for a connection before the database counts as unavailable."""
+_SCHEMA_LOCK = 0x5B_05A6E
+"""An advisory lock's number: replicas starting together create the tables one at a time."""
+
+
+class PostgresStore(SQLStore):
+    """The ledger's tables in the PostgreSQL database at `url`."""
+
+    kind = "postgresql"
+    shared = True
+    hour_of_ts = "to_char(to_timestamp(ts_us / 1000000) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24')"
+
+    def __init__(self, url: str, *, max_size: int = 4) -> None:
+        self._url = url
+        self._max_size = max_size
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._lock = threading.Lock()
+
+    def _connections(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(
+                    self._url,
+                    min_size=1,
+                    max_size=self._max_size,
+                    open=False,
+                    timeout=_WAIT_S,
+                    check=ConnectionPool.check_connection,
+                    kwargs={"autocommit": True, "connect_timeout": 3, "application_name": "switchboard"},
+                    name="switchboard-usage",
+                )
+                self._pool.open(wait=False)
+            return self._pool
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Cursor]:
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield _Dialect(cur)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[Cursor]:
+        with self._connection() as conn, conn.cursor() as cur:
+            yield _Dialect(cur)
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._connections().connection() as conn:
+                yield conn
+        except PoolTimeout:
+            raise StoreUnavailable("PostgreSQL cannot be reached") from None
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:  # what a record holds: set it aside
+            raise BadBatch(f"{type(exc).__name__}: {exc}") from None
+        except psycopg.Error as exc:  # anything else (a dropped table too) is retried, records kept
+            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {_first_line(exc)}") from None
+
+    def _schema_lock(self, cursor: Cursor) -> None:
+        cursor.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=2.0)
+
+
+class _Dialect:
+    """A psycopg cursor that takes the `?` placeholders the shared statements use."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
+        self._cursor = cursor
+
+    def execute(self, sql: str, params: Any = (), /) -> Any:
+        return self._cursor.execute(_placeholders(sql), params)
+
+    def executemany(self, sql: str, params: Any, /) -> Any:
+        return self._cursor.executemany(_placeholders(sql), params)
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+
+def _placeholders(sql: str) -> str:
+    # The shared statements hold no literal `?` or `%` but the modulo operator.
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,515 @@
+"""The ledger's tables and every statement on them, in the SQL SQLite and PostgreSQL share.
+
+`usage_records` holds one row a record (kept `retention_days`), keyed by its time, `id` and
+replica (an upstream's own `x-request-id` need not be unique), and kept in that order in
+SQLite (a range of time is read in one sweep). Storing a batch twice stores it once: the
+insert returns the rows it really inserted, and only those are added to the rollups,
+`usage_hourly` and `usage_daily` (client, provider, model and purpose a UTC hour, and a UTC
+day, kept for good), in the same transaction. Money is stored as whole pico-dollars
+(10⁻¹² USD): exact for every price with up to six decimals per million tokens. Sums are
+taken in two parts (whole micro-dollars, and the rest; a rollup keeps its cost so too) so
+that no 64-bit integer overflows, however large the total, and come back as `Decimal`.
+
+Subclasses say how to connect (`_transaction`, `_reading`) and the one expression the two
+dialects write differently: the UTC hour of a timestamp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, Literal, Protocol
+
+from service.errors import SwitchboardError
+from service.usage.encoding import from_micros, micros
+from service.usage.query import (
+    MAX_GROUPS,
+    GroupKey,
+    RequestsQuery,
+    Totals,
+    UsageQuery,
+    day_after,
+    day_start,
+    hour_after,
+    hour_start,
+    too_many_groups,
+)
+from service.usage.record import Record
+
+
+class StoreUnavailable(SwitchboardError):
+    """The database cannot take or answer anything now; the ledger retries."""
+
+
+class BadBatch(SwitchboardError):
+    """The database refused a batch for what it holds (not for being unreachable)."""
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor used here."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+    def executemany(self, sql: str, params: Sequence[Sequence[Any]], /) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchone(self) -> Any: ...
+    @property
+    def rowcount(self) -> int: ...
+
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS usage_records (
+        id TEXT NOT NULL,
+        ts_us BIGINT NOT NULL,
+        client TEXT,
+        purpose TEXT NOT NULL,
+        model TEXT,
+        provider TEXT,
+        upstream_model TEXT,
+        status INTEGER NOT NULL,
+        stream SMALLINT NOT NULL,
+        attempts INTEGER NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        ttfb_ms DOUBLE PRECISION,
+        prompt_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        cache_write_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        reasoning_tokens BIGINT NOT NULL,
+        cost_pico BIGINT NOT NULL,
+        priced SMALLINT NOT NULL,
+        estimated SMALLINT NOT NULL,
+        replica TEXT NOT NULL,
+        limited SMALLINT NOT NULL,
+        PRIMARY KEY (ts_us, id, replica)
+    ){clustered}""",
+    "CREATE INDEX IF NOT EXISTS usage_records_client ON usage_records (client, ts_us)",
+    "CREATE INDEX IF NOT EXISTS usage_records_provider ON usage_records (provider, ts_us)",
+    *(
+        statement
+        for table in ("usage_hourly", "usage_daily")
+        for statement in (
+            f"""CREATE TABLE IF NOT EXISTS {table} (
+                period TEXT NOT NULL,
+                client TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                purpose TEXT NOT NULL,
+                requests BIGINT NOT NULL,
+                errors BIGINT NOT NULL,
+                limited BIGINT NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                cached_tokens BIGINT NOT NULL,
+                cache_write_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                reasoning_tokens BIGINT NOT NULL,
+                cost_micro BIGINT NOT NULL,
+                cost_rest BIGINT NOT NULL,
+                PRIMARY KEY (period, client, provider, model, purpose)
+            ){{clustered}}""",
+            f"CREATE INDEX IF NOT EXISTS {table}_client ON {table} (client, period)",
+            f"CREATE INDEX IF NOT EXISTS {table}_provider ON {table} (provider, period)",
+        )
+    ),
+)
+"""Rollups, by UTC hour (`period` `YYYY-MM-DDTHH`) and by UTC day (`YYYY-MM-DD`, so a month by
+day reads 30 rows a route, not 720), store a missing client, provider or model as '' (a key
+column cannot be NULL), and their cost as whole micro-dollars plus the rest in pico-dollars, so
+no period's sum overflows. `{clustered}` is where SQLite keeps them in key order."""
+
+_COLUMNS = (
+    "id, ts_us, client, purpose, model, provider, upstream_model, status, stream, attempts, latency_ms, "
+    "ttfb_ms, prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, reasoning_tokens, "
+    "cost_pico, priced, estimated, replica, limited"
+)
+_ROW = "(" + ", ".join("?" * 22) + ")"
+_ROLLUP_SUMS = (
+    "requests",
+    "errors",
+    "limited",
+    "prompt_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_micro",
+    "cost_rest",
+)
+_UPSERT = (
+    "INSERT INTO {table} (period, client, provider, model, purpose, "
+    + ", ".join(_ROLLUP_SUMS)
+    + ") VALUES ("
+    + ", ".join("?" * (5 + len(_ROLLUP_SUMS)))
+    + ") ON CONFLICT (period, client, provider, model, purpose) DO UPDATE SET "
+    + ", ".join(f"{c} = {{table}}.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
+)
+_COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
+_ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
+_ROWS_PER_INSERT = 500
+_PURGE_CHUNK = 5000
+_PICO = Decimal(10) ** 12
+
+
+class SQLStore:
+    """The statements; a subclass connects. Safe to call from several threads at once."""
+
+    shared: bool = False
+    """Whether several replicas share this database (PostgreSQL)."""
+    kind: Literal["sqlite", "postgresql"]
+    hour_of_ts: str
+    """SQL for the UTC hour of `ts_us`, as `YYYY-MM-DDTHH`."""
+    clustered: str = ""
+    """What makes a table kept in key order (SQLite's `WITHOUT ROWID`)."""
+
+    @property
+    def exists(self) -> bool:
+        """Whether there is a database to read (a SQLite file may not have been made yet)."""
+        return True
+
+    # -- what a subclass provides --------------------------------------------------------------------
+
+    def _transaction(self) -> contextlib.AbstractContextManager[Cursor]:
+        raise NotImplementedError
+
+    def _reading(self) -> contextlib.AbstractContextManager[Cursor]:
+        raise NotImplementedError
+
+    def _schema_lock(self, cursor: Cursor) -> None:
+        """Keep replicas from creating the tables at the same moment (PostgreSQL)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # -- the ledger's side ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the tables when they are not there; StoreUnavailable when it cannot connect."""
+        with self._transaction() as cur:
+            self._schema_lock(cur)
+            for statement in SCHEMA:
+                cur.execute(statement.replace("{clustered}", self.clustered))
+
+    def ping(self) -> None:
+        with self._reading() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+
+    def insert(self, records: Sequence[Record]) -> int:
+        """Store the records and add the new ones to the rollups, in one transaction; returns how
+        many were new (a record whose `id` is already stored is skipped, not counted twice)."""
+        unique = {_identity(r): r for r in reversed(records)}  # the first of a repeated one
+        if not unique:
+            return 0
+        with self._transaction() as cur:
+            inserted: list[Record] = []
+            batch = list(unique.values())
+            for start in range(0, len(batch), _ROWS_PER_INSERT):
+                chunk = batch[start : start + _ROWS_PER_INSERT]
+                values = [value for record in chunk for value in _row(record)]
+                sql = (
+                    f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
+                    + ", ".join([_ROW] * len(chunk))
+                    + " ON CONFLICT (ts_us, id, replica) DO NOTHING RETURNING id, ts_us, replica"
+                )
+                cur.execute(sql, values)
+                inserted.extend(unique[(row[0], int(row[1]), row[2])] for row in cur.fetchall())
+            for table, width in (("usage_hourly", 13), ("usage_daily", 10)):
+                rollups = _rollups(inserted, width)
+                if rollups:
+                    # In key order: replicas adding to the same rows take their locks in one order.
+                    cur.executemany(
+                        _UPSERT.format(table=table), [(*key, *sums) for key, sums in sorted(rollups.items())]
+                    )
+        return len(inserted)
+
+    def purge(self, before: datetime) -> int:
+        """Delete raw records older than `before`, in chunks (rollups stay); returns how many."""
+        deleted = 0
+        while True:
+            with self._transaction() as cur:
+                cur.execute(
+                    "DELETE FROM usage_records WHERE (ts_us, id, replica) IN "
+                    "(SELECT ts_us, id, replica FROM usage_records WHERE ts_us < ? LIMIT ?)",
+                    (micros(before), _PURGE_CHUNK),
+                )
+                count = max(cur.rowcount, 0)
+            deleted += count
+            if count < _PURGE_CHUNK:
+                return deleted
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def grouped(self, query: UsageQuery) -> dict[GroupKey, Totals]:
+        """`/usage`'s groups: whole days from the daily rollups (unless grouped by hour), whole
+        hours from the hourly ones, and the range's ragged edges from the raw records."""
+        groups: dict[GroupKey, Totals] = {}
+        with self._reading() as cur:
+            for table, since, until in _pieces(query):
+                if table == "usage_records":
+                    self._merge(groups, self._from_records(cur, query, since, until))
+                else:
+                    self._merge(groups, self._from_rollups(cur, query, table, since, until))
+        return groups
+
+    def requests(self, query: RequestsQuery) -> list[Record]:
+        """Up to `limit + 1` records, newest first, after the cursor."""
+        where, params = _record_filters(query.since, query.until, query.client, query.provider)
+        if query.status is not None:
+            where.append("status BETWEEN ? AND ?")
+            params.extend(query.status)
+        if query.cursor is not None:
+            where.append("(ts_us < ? OR (ts_us = ? AND id < ?))")
+            params.extend((query.cursor[0], query.cursor[0], query.cursor[1]))
+        sql = (
+            f"SELECT {_COLUMNS} FROM usage_records WHERE {' AND '.join(where) or '1 = 1'} "
+            "ORDER BY ts_us DESC, id DESC LIMIT ?"
+        )
+        with self._reading() as cur:
+            cur.execute(sql, (*params, query.limit + 1))
+            return [_record(row) for row in cur.fetchall()]
+
+    def spent(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
+        """The cost of `subject`'s records since `since` (whole hours from the rollups)."""
+        column = "client" if kind == "client" else "provider"
+        first = hour_after(since)
+        with self._reading() as cur:
+            cur.execute(
+                f"SELECT {_ROLLUP_COST} FROM usage_hourly WHERE {column} = ? AND period >= ?",
+                (subject, first.strftime("%Y-%m-%dT%H")),
+            )
+            total = _cost(*cur.fetchone())
+            cur.execute(
+                f"SELECT {_COST} FROM usage_records WHERE {column} = ? AND ts_us >= ? AND ts_us < ?",
+                (subject, micros(since), micros(first)),
+            )
+            return total + _cost(*cur.fetchone())
+
+    def _from_rollups(
+        self, cur: Cursor, query: UsageQuery, table: str, first: datetime, last: datetime
+    ) -> Iterator[tuple[GroupKey, Totals]]:
+        keys = [_key(k, "client", "provider", "model", "period") for k in query.group_by]
+        shape = "%Y-%m-%dT%H" if table == "usage_hourly" else "%Y-%m-%d"
+        where = ["period >= ?", "period < ?"]
+        params: list[Any] = [first.strftime(shape), last.strftime(shape)]
+        for name in ("client", "provider", "model"):
+            value = getattr(query, name)
+            if value is not None:
+                where.append(f"{name} = ?")
+                params.append(value)
+        sums = (
+            "sum(requests), sum(errors), sum(limited), sum(prompt_tokens), sum(cached_tokens), "
+            f"sum(completion_tokens), sum(reasoning_tokens), {_ROLLUP_COST}"
+        )
+        yield from self._groups(cur, query, keys, sums, table, where, params)
+
+    def _from_records(
+        self, cur: Cursor, query: UsageQuery, since: datetime, until: datetime
+    ) -> Iterator[tuple[GroupKey, Totals]]:
+        if since >= until:
+            return
+        keys = [
+            _key(k, "coalesce(client, '')", "coalesce(provider, '')", "coalesce(model, '')", self.hour_of_ts)
+            for k in query.group_by
+        ]
+        where, params = _record_filters(since, until, query.client, query.provider)
+        if query.model is not None:
+            where.append("model = ?")
+            params.append(query.model)
+        sums = (
+            "count(*), sum(CASE WHEN limited = 0 AND status >= 500 THEN 1 ELSE 0 END), sum(limited), "
+            f"sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), sum(reasoning_tokens), {_COST}"
+        )
+        yield from self._groups(cur, query, keys, sums, "usage_records", where, params)
+
+    @staticmethod
+    def _groups(
+        cur: Cursor,
+        query: UsageQuery,
+        keys: list[str],
+        sums: str,
+        table: str,
+        where: list[str],
+        params: list[Any],
+    ) -> Iterator[tuple[GroupKey, Totals]]:
+        # Every name in this statement comes from fixed lists; every value caller-given is bound.
+        select = ", ".join([*keys, sums])
+        group = f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else ""
+        cur.execute(
+            f"SELECT {select} FROM {table} WHERE {' AND '.join(where)}{group} LIMIT ?",
+            (*params, MAX_GROUPS + 1),
+        )
+        width = len(keys)
+        for row in cur.fetchall():
+            requests, errors, limited, prompt, cached, completion, reasoning = (
+                int(v or 0) for v in row[width : width + 7]
+            )
+            totals = Totals(
+                requests, errors, limited, prompt, cached, completion, reasoning, _cost(*row[width + 7 :])
+            )
+            yield tuple(_shown(name, value) for name, value in zip(query.group_by, row, strict=False)), totals
+
+    @staticmethod
+    def _merge(groups: dict[GroupKey, Totals], found: Iterator[tuple[GroupKey, Totals]]) -> None:
+        for key, totals in found:
+            if totals.requests:
+                groups.setdefault(key, Totals()).add(totals)
+        if len(groups) > MAX_GROUPS:  # a year by hour and model: the answer would be gigabytes
+            raise too_many_groups()
+
+
+# -- rows -------------------------------------------------------------------------------------------
+
+
+def _identity(r: Record) -> tuple[str, int, str]:
+    """What makes a record itself: its `id`, time and replica. The same record stored again (a
+    crash between a commit and its spool's removal) is the same three; two requests whose
+    upstream gave both one `x-request-id` are two records, not one lost."""
+    return r.id, micros(r.ts), r.replica
+
+
+def pico(amount: Decimal) -> int:
+    return int((amount * _PICO).to_integral_value(ROUND_HALF_EVEN))
+
+
+def _cost(micro: Any, rest: Any) -> Decimal:
+    return Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(rest or 0)).scaleb(-12)
+
+
+def _row(r: Record) -> tuple[Any, ...]:
+    return (
+        r.id,
+        micros(r.ts),
+        r.client,
+        r.purpose,
+        r.model,
+        r.provider,
+        r.upstream_model,
+        r.status,
+        int(r.stream),
+        r.attempts,
+        r.latency_ms,
+        r.ttfb_ms,
+        r.prompt_tokens,
+        r.cached_tokens,
+        r.cache_write_tokens,
+        r.completion_tokens,
+        r.reasoning_tokens,
+        pico(r.cost_usd),
+        int(r.priced),
+        int(r.estimated),
+        r.replica,
+        int(r.limited or r.status == 429),
+    )
+
+
+def _record(row: Sequence[Any]) -> Record:
+    (rid, ts, client, purpose, model, provider, upstream, status, stream, attempts, latency, ttfb) = row[:12]
+    prompt, cached, cache_write, completion, reasoning, cost, priced, estimated, replica, limited = row[12:]
+    return Record(
+        id=rid,
+        ts=from_micros(int(ts)),
+        client=client,
+        purpose=purpose,
+        model=model,
+        provider=provider,
+        upstream_model=upstream,
+        status=int(status),
+        stream=bool(stream),
+        attempts=int(attempts),
+        latency_ms=float(latency),
+        ttfb_ms=None if ttfb is None else float(ttfb),
+        prompt_tokens=int(prompt),
+        cached_tokens=int(cached),
+        cache_write_tokens=int(cache_write),
+        completion_tokens=int(completion),
+        reasoning_tokens=int(reasoning),
+        cost_usd=Decimal(int(cost)).scaleb(-12),
+        priced=bool(priced),
+        estimated=bool(estimated),
+        replica=replica,
+        limited=bool(limited),
+    )
+
+
+def _rollups(records: Sequence[Record], width: int) -> dict[tuple[str, str, str, str, str], list[int]]:
+    """The records added up by period (the first `width` characters of their UTC time: 13 an
+    hour, 10 a day), client, provider, model and purpose."""
+    rollups: dict[tuple[str, str, str, str, str], list[int]] = {}
+    for r in records:
+        period = from_micros(micros(r.ts)).isoformat()[:width]
+        key = (period, r.client or "", r.provider or "", r.model or "", r.purpose)
+        sums = rollups.setdefault(key, [0] * len(_ROLLUP_SUMS))
+        limited = r.limited or r.status == 429
+        for i, value in enumerate(
+            (
+                1,
+                int(not limited and r.status >= 500),
+                int(limited),
+                r.prompt_tokens,
+                r.cached_tokens,
+                r.cache_write_tokens,
+                r.completion_tokens,
+                r.reasoning_tokens,
+                *divmod(pico(r.cost_usd), 1_000_000),
+            )
+        ):
+            sums[i] += value
+    return rollups
+
+
+def _pieces(query: UsageQuery) -> Iterator[tuple[str, datetime, datetime]]:
+    """[since, until) cut into what each table answers exactly: (table, since, until)."""
+    since, until = query.since, query.until
+    first_hour, last_hour = hour_after(since), hour_start(until)
+    if first_hour >= last_hour:
+        yield "usage_records", since, until
+        return
+    yield "usage_records", since, first_hour
+    yield "usage_records", last_hour, until
+    first_day, last_day = day_after(first_hour), day_start(last_hour)
+    if "hour" in query.group_by or first_day >= last_day:
+        yield "usage_hourly", first_hour, last_hour
+        return
+    yield "usage_hourly", first_hour, first_day
+    yield "usage_daily", first_day, last_day
+    yield "usage_hourly", last_day, last_hour
+
+
+def _record_filters(
+    since: datetime | None, until: datetime | None, client: str | None, provider: str | None
+) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        where.append("ts_us >= ?")
+        params.append(micros(since))
+    if until is not None:
+        where.append("ts_us < ?")
+        params.append(micros(until))
+    for name, value in (("client", client), ("provider", provider)):
+        if value is not None:
+            where.append(f"{name} = ?")
+            params.append(value)
+    return where, params
+
+
+def _key(name: str, client: str, provider: str, model: str, hour: str) -> str:
+    """The SQL of a group key (from a fixed list: `name` was checked against GROUP_KEYS)."""
+    return {
+        "client": client,
+        "provider": provider,
+        "model": model,
+        "purpose": "purpose",
+        "hour": hour,
+        "day": f"substr({hour}, 1, 10)",
+        "month": f"substr({hour}, 1, 7)",
+    }[name]
+
+
+def _shown(name: str, value: Any) -> str | None:
+    """A group key's value as the answer shows it: '' is null, an hour is ISO 8601 UTC."""
+    if value is None or value == "":
+        return None
+    text = str(value)
+    return f"{text}:00:00Z" if name == "hour" else text

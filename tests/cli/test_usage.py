@@ -1,0 +1,86 @@
+"""`switchboard usage` reads the ledger directly: the service need not run."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from service.cli.main import cli
+from service.usage.ledger import Ledger
+from service.usage.query import UsageQuery
+from service.usage.stores import open_store
+from tests.usage.conftest import record
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+async def recorded(tmp_path: Path) -> Ledger:
+    ledger = Ledger(open_store("var/usage.db", tmp_path), tmp_path / "var" / "usage-spool")
+    await ledger.start()
+    for i in range(4):
+        ledger.submit(record(ts=NOW - timedelta(hours=i), client=("a", "b")[i % 2], cost_usd=Decimal("0.5")))
+    await ledger.stop()  # stored, and the service is gone
+    return ledger
+
+
+async def test_json_prints_what_get_usage_answers(
+    recorded: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("--root", str(tmp_path), "usage", "--since", "1d", "--by", "client", "--format", "json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    await recorded.start()
+    try:
+        query = UsageQuery.parse(
+            {"since": printed["since"], "until": printed["until"], "group_by": "client"}, NOW
+        )
+        assert printed == await recorded.usage(query)
+    finally:
+        await recorded.stop()
+    assert [(r["client"], r["requests"], r["cost_usd"]) for r in printed["rows"]] == [
+        ("a", 2, "1"),
+        ("b", 2, "1"),
+    ]
+
+
+async def test_table_and_csv(recorded: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("--root", str(tmp_path), "usage", "--by", "client,model") == 0
+    table = capsys.readouterr().out
+    assert "client" in table and "gpt-4o" in table and "total" in table and "cost_usd" in table
+    assert cli("--root", str(tmp_path), "usage", "--by", "client", "--format", "csv", "--client", "a") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("client,requests,errors,limited,prompt_tokens") and len(lines) == 2
+
+
+def test_wrong_usage_exits_2_and_an_empty_folder_has_no_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("--root", str(tmp_path), "usage", "--by", "tenant") == 2
+    assert "--by" in capsys.readouterr().err
+    assert cli("--root", str(tmp_path), "usage", "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == []
+    assert not (tmp_path / "var").exists()  # reading made nothing
+
+
+def test_off_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWITCHBOARD_USAGE_DB", "off")
+    assert cli("--root", str(tmp_path), "usage") == 1
+    assert "off" in capsys.readouterr().err
+
+
+async def test_records_left_in_the_spool_are_mentioned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spool = tmp_path / "var" / "usage-spool"
+    spool.mkdir(parents=True)
+    from service.usage.encoding import encode
+
+    (spool / "000000000001.jsonl").write_bytes(encode(record()) * 3)
+    assert cli("--root", str(tmp_path), "usage") == 0
+    assert "3 records" in capsys.readouterr().err

@@ -1,0 +1,497 @@
+"""Each request metered end to end (SPEC 13): a real Switchboard with a clients file that sets
+limits and budgets, in front of local stand-in vendors; records caught by a sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from service.http.context import RELAY
+from service.usage.record import Record
+from tests.conftest import SopsProject, eventually
+from tests.support.gateway import Switchboard, running, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream, serving, upstreams
+
+TOKEN = "sk-client-0123456789abcdef"
+READER = "sk-reader-0123456789abcdef"
+PRICING = {"*": {"input": 1_000_000, "output": 2_000_000}}
+"""1 USD a token in, 2 out: the fake upstream's few tokens cost whole dollars."""
+REQUEST_ID = "x-request-id"
+COST = "x-switchboard-cost-usd"
+
+
+class Records:
+    """A sink that keeps every record."""
+
+    def __init__(self) -> None:
+        self.kept: list[Record] = []
+
+    def submit(self, record: Record) -> None:
+        self.kept.append(record)
+
+    def by_id(self, record_id: str) -> Record:
+        found = [r for r in self.kept if r.id == record_id]
+        assert len(found) == 1, (record_id, [r.id for r in self.kept])
+        return found[0]
+
+
+def write_clients(project: SopsProject, limits: dict[str, Any] | None, **more: dict[str, Any]) -> None:
+    """`clients.yaml` with `client` (token TOKEN, these limits) and `reader` (usage:read)."""
+    entries = [
+        {
+            "name": "client",
+            "token_sha256": _sha(TOKEN),
+            "scopes": ["completions"],
+            **({"limits": limits} if limits else {}),
+        },
+        {
+            "name": "reader",
+            "token_sha256": _sha(READER),
+            "scopes": ["usage:read", "completions", "config:read"],
+        },
+    ]
+    for name, entry in more.items():
+        entries.append({"name": name, **entry})
+    path = project.providers / "clients.yaml"
+    path.write_text(yaml.safe_dump({"kind": "clients", "clients": entries}, sort_keys=False))
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def metered(project: SopsProject, **settings: Any) -> AsyncIterator[tuple[Switchboard, Records]]:
+    records = Records()
+    async with running(project, **settings) as board:
+        meter = board.app[RELAY].meter
+        assert meter is not None
+        meter.sink = records
+        yield board, records
+
+
+async def chat(
+    board: Switchboard, content: str = "hi", token: str = TOKEN, **body: Any
+) -> aiohttp.ClientResponse:
+    return await board.chat(content, token=token, **body)
+
+
+def priced_provider(project: SopsProject, pid: str, up: FakeUpstream, **fields: Any) -> None:
+    write_provider(
+        project,
+        pid,
+        provider="openai",
+        base_url=up.base_url,
+        api_key="sk-up",
+        **{"pricing": PRICING, **fields},
+    )
+
+
+# -- a served request --------------------------------------------------------------------------------
+
+
+async def test_an_answer_carries_its_id_cost_and_what_remains_and_is_one_record(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 5, "tpm": 1000, "budget": {"usd": "1000", "period": "month"}})
+        async with metered(sops_project) as (board, records):
+            response = await chat(board, "hello there", max_tokens=5)
+            assert response.status == 200, await response.text()
+    # prompt "hello there": 2 tokens, completion "a says: hello there": 4 tokens: 2 x 1 + 4 x 2 USD
+    assert response.headers[COST] == "10"
+    assert response.headers[REQUEST_ID] == "req-a-1"  # the upstream's id, passed back
+    assert response.headers["x-switchboard-remaining-requests"] == "4"
+    assert response.headers["x-switchboard-remaining-tokens"] == "994"
+    assert response.headers["x-switchboard-budget-remaining-usd"] == "990"
+    record = records.by_id("req-a-1")
+    assert (record.client, record.provider, record.model, record.status) == ("client", "a", "fake-model", 200)
+    assert (record.prompt_tokens, record.completion_tokens, record.cost_usd) == (2, 4, Decimal(10))
+    assert record.priced and not record.estimated and not record.stream and record.attempts == 1
+    assert record.to_json()["cost_usd"] == "10" and record.ttfb_ms is not None
+
+
+async def test_every_gateway_answer_carries_a_unique_request_id(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}) as (up,):
+        write_provider(sops_project, "a", base_url=up.base_url)  # a server, unpriced: free
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 1})
+        async with metered(sops_project) as (board, records):
+            ours = []
+            response = await board.post("/v1/chat/completions", {"model": 3}, token=TOKEN)  # 400
+            ours.append(response.headers[REQUEST_ID])
+            response = await board.post("/v1/chat/completions", {}, token="wrong")
+            ours.append(response.headers.get(REQUEST_ID, "none"))
+            served = await chat(board, stream=True)
+            assert served.status == 200
+            limited = await chat(board)
+            assert limited.status == 429
+            ours.append(limited.headers[REQUEST_ID])
+    assert len(set(ours)) == len(ours) and "none" not in ours
+    assert served.headers[REQUEST_ID] == "req-a-1"
+    assert [r.status for r in records.kept] == [200, 429]  # the 400 and 401 are no records
+    assert records.kept[1].id == ours[-1] and records.kept[1].limited and records.kept[1].provider is None
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+
+async def test_a_client_over_rpm_gets_429_with_when_to_retry_and_nothing_goes_upstream(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 2, "max_parallel": 4})
+        async with metered(sops_project) as (board, records):
+            remaining = []
+            for _ in range(2):
+                response = await chat(board)
+                remaining.append(response.headers["x-switchboard-remaining-requests"])
+            refused = await chat(board)
+            body = await refused.json()
+            metrics = await board.metrics()
+    assert remaining == ["1", "0"]
+    assert (
+        refused.status == 429 and body["error"]["type"] == "rate_limited" and body["error"]["limit"] == "rpm"
+    )
+    assert body["error"]["message"]
+    retry_ms = int(refused.headers["retry-after-ms"])
+    assert 0 < retry_ms <= 60_000 and refused.headers["Retry-After"] == str(-(-retry_ms // 1000))
+    assert refused.headers["x-switchboard-remaining-requests"] == "0"
+    assert COST in refused.headers and REQUEST_ID in refused.headers
+    assert len(up.requests) == 2
+    assert 'switchboard_limited_total{client="client",limit="rpm"} 1.0' in metrics
+    record = records.kept[-1]
+    assert (record.status, record.limited, record.cost_usd, record.provider) == (429, True, 0, None)
+
+
+async def test_a_budget_that_cannot_cover_the_request_is_429_once_an_event_and_a_metric(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        # "hi": the body is ~70 bytes, so ~70 USD of prompt bound plus 4096 x 2 of completion:
+        # max_tokens bounds it instead.
+        write_clients(sops_project, {"budget": {"usd": "300", "period": "day"}})
+        async with metered(sops_project) as (board, _):
+            first = await chat(board, max_tokens=5)
+            assert first.status == 200, await first.text()
+            refused = await chat(board)  # no max_tokens: 4096 completion tokens at 2 USD: too much
+            body = await refused.json()
+            again = await chat(board)
+            await board.recorded()
+            events = board.events("budget.exhausted")
+            metrics = await board.metrics()
+    assert refused.status == 429 and body["error"]["type"] == "budget_exceeded"
+    end = body["error"]["period_end"]
+    assert end.endswith("T00:00:00Z")
+    assert 0 < int(refused.headers["Retry-After"]) <= 86_400 and "retry-after-ms" in refused.headers
+    assert again.status == 429
+    assert [(e["subject"], e["kind"], e["period_end"]) for e in events] == [("client", "client", end)]
+    assert 'switchboard_budget_spent_usd{kind="client",subject="client"}' in metrics
+    assert [line for line in metrics.splitlines() if line.startswith("switchboard_cost_usd_total")] == [
+        'switchboard_cost_usd_total{client="client",model="fake-model",provider="a"} 7.0'
+    ]  # "hi": 1 token in, "a says: hi" 3 out
+
+
+async def test_a_total_budget_refuses_without_retry_after(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1", "period": "total"}})
+        async with metered(sops_project) as (board, _):
+            refused = await chat(board, max_tokens=5)
+            body = await refused.json()
+    assert refused.status == 429 and body["error"]["period_end"] is None
+    assert "Retry-After" not in refused.headers and "retry-after-ms" not in refused.headers
+
+
+async def test_a_hundred_concurrent_requests_against_a_budget_that_covers_ten(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a", latency_s=0.05) as up:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=up.base_url, api_key="sk-up",
+            pricing={"*": {"input": "0", "output": "1000000"}},
+        )  # fmt: skip
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "30", "period": "month"}})
+        async with metered(sops_project) as (board, records):
+            # "a says: hi", 3 tokens at 1 USD; max_tokens 3 reserves 3 USD: ten fit in 30 USD.
+            answers = await asyncio.gather(*(chat(board, max_tokens=3) for _ in range(100)))
+            statuses = [a.status for a in answers]
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert statuses.count(200) == 10 and statuses.count(429) == 90
+    spent = sum((r.cost_usd for r in records.kept), Decimal(0))
+    assert spent == 30
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert Decimal(used["budget_spent_usd"]) == spent and used["budget_reserved_usd"] == "0"
+
+
+# -- providers and their budgets ---------------------------------------------------------------------
+
+
+async def test_a_provider_out_of_budget_is_skipped_and_the_request_falls_back(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        priced_provider(sops_project, "a", a, budget={"usd": "100", "period": "day"})
+        priced_provider(sops_project, "b", b)
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, records):
+            first = await chat(board, max_tokens=5)  # a bound of ~80 + 10 USD
+            second = await chat(board, max_tokens=5)  # 10 spent of 100: the bound no longer fits
+            _, provider = await _get(board, "/api/v1/llm-config/providers/a")
+            await board.recorded()
+            events = board.events("budget.exhausted")
+            priced_provider(sops_project, "a", a, budget={"usd": "2000", "period": "day"})  # raised
+            await eventually(lambda: _health(board, "a"), timeout=10)
+            third = await chat(board, max_tokens=5)
+    assert (first.headers["x-switchboard-provider"], second.headers["x-switchboard-provider"]) == ("a", "b")
+    assert provider["health"]["status"] == "unhealthy" and provider["health"]["reason"] == "budget"
+    assert [(e["subject"], e["kind"]) for e in events] == [("a", "provider")]
+    assert third.headers["x-switchboard-provider"] == "a"
+    assert [r.provider for r in records.kept] == ["a", "b", "a"]
+
+
+async def _health(board: Switchboard, pid: str) -> bool:
+    _, provider = await _get(board, f"/api/v1/llm-config/providers/{pid}")
+    return bool(provider["health"]["status"] != "unhealthy")
+
+
+async def test_a_vendor_without_a_price_never_takes_a_budgeted_request(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key="sk-up")
+        write_provider(sops_project, "b", base_url=b.base_url)  # a server: free, may serve
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, {"budget": {"usd": "5", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            served = await chat(board)
+            alone = await chat(board, token=READER)  # no budget: the vendor may take it
+            write_routing(sops_project, chat="a")
+            await eventually(lambda: _routed_alone(board), timeout=10)
+            refused = await chat(board)
+            body = await refused.json()
+    assert served.headers["x-switchboard-provider"] == "b" and alone.headers["x-switchboard-provider"] == "a"
+    assert refused.status == 503 and body["error"]["skipped"] == [{"provider": "a", "reason": "unpriced"}]
+    assert len(a.requests) == 1
+    assert records.kept[0].cost_usd == 0 and records.kept[0].priced is False
+
+
+async def _routed_alone(board: Switchboard) -> bool:
+    _, route = await _get(board, "/api/v1/llm-config/active/chat")
+    return [p["id"] for p in route["primary"]] == ["a"] and not route["fallbacks"]
+
+
+# -- streams and failures ----------------------------------------------------------------------------
+
+
+async def test_a_stream_cut_midway_is_charged_its_reservation(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            up.drop_after(2)
+            response = await chat(board, "a b c", stream=True, max_tokens=10)
+            text = await response.text()
+            await eventually(lambda: len(records.kept) == 1)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert response.status == 200 and "upstream_failed" in text
+    assert REQUEST_ID in response.headers and COST not in response.headers
+    assert response.headers["x-switchboard-budget-remaining-usd"]
+    record = records.kept[0]
+    bound = Decimal(
+        len(
+            json.dumps(
+                {
+                    "model": "fake-model",
+                    "messages": [{"role": "user", "content": "a b c"}],
+                    "stream": True,
+                    "max_tokens": 10,
+                }
+            )
+        )
+    )
+    assert record.estimated and record.stream and record.status == 200
+    assert record.cost_usd == bound + 20  # every byte of the body a token at 1 USD, 10 out at 2
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert Decimal(used["budget_spent_usd"]) == record.cost_usd
+
+
+async def test_a_client_that_leaves_midstream_is_charged_its_reservation(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", chunk_interval_s=0.2) as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}, "max_parallel": 1})
+        async with metered(sops_project) as (board, records):
+            payload = {
+                "model": "fake-model",
+                "messages": [{"role": "user", "content": "one two three"}],
+                "stream": True,
+            }
+            async with board.http.post(
+                f"{board.base_url}/chat/completions",
+                json=payload,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            ) as response:
+                await response.content.readany()  # the first chunk, then away
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            after = await chat(board, max_tokens=1)  # its slot was freed
+    record = records.kept[0]
+    assert record.estimated and record.cost_usd > 0 and record.provider == "a"
+    assert after.status == 200
+
+
+async def test_a_request_every_upstream_failed_costs_nothing(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            up.fail(500)
+            failed = await chat(board)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert failed.status == 502 and failed.headers[COST] == "0" and REQUEST_ID in failed.headers
+    assert failed.headers["x-switchboard-budget-remaining-usd"] == "10000"
+    assert [(r.status, r.cost_usd, r.attempts) for r in records.kept] == [(502, 0, 1)]
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+async def test_limits_lists_every_client_and_provider_with_its_use(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, budget={"usd": "500", "period": "week"})
+        write_routing(sops_project, chat="a")
+        write_clients(
+            sops_project,
+            {"rpm": 10, "tpm": 500, "max_parallel": 2, "budget": {"usd": "500.5", "period": "month"}},
+        )
+        async with metered(sops_project) as (board, _):
+            await chat(board, max_tokens=3)
+            status, limits = await _get(board, "/api/v1/llm-config/limits")
+            forbidden, _ = await _get(board, "/api/v1/llm-config/limits", token=TOKEN)
+            _, whoami = await _get(board, "/api/v1/llm-config/whoami", token=TOKEN)
+            _, ready = await _get(board, "/readyz")
+    assert status == 200 and forbidden == 403
+    client = next(c for c in limits["clients"] if c["name"] == "client")
+    assert client["limits"] == {
+        "rpm": 10,
+        "tpm": 500,
+        "max_parallel": 2,
+        "budget": {"usd": "500.5", "period": "month"},
+    }
+    assert client["used"]["requests_60s"] == 1 and client["used"]["tokens_60s"] == 4
+    assert client["used"]["in_flight"] == 0 and client["used"]["budget_spent_usd"] == "7"
+    assert client["used"]["period_end"].endswith("-01T00:00:00Z")
+    reader = next(c for c in limits["clients"] if c["name"] == "reader")
+    assert reader["limits"] is None and reader["used"]["budget_spent_usd"] is None
+    provider = next(p for p in limits["providers"] if p["id"] == "a")
+    assert provider["limits"] == {"budget": {"usd": "500", "period": "week"}}
+    assert provider["used"]["budget_spent_usd"] == "7" and provider["used"]["requests_60s"] == 1
+    assert whoami["client"] == "client" and whoami["limits"] == client["limits"]
+    assert whoami["used"]["budget_spent_usd"] == "7"
+    assert ready["limits"] == "local" and ready["degraded"] is False
+
+
+async def _get(board: Switchboard, path: str, token: str = READER) -> tuple[int, Any]:
+    response = await board.get(path, token=token)
+    return response.status, await response.json() if response.status == 200 else None
+
+
+async def test_a_budget_is_not_reset_by_a_restart(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1000", "period": "month"}})
+        async with metered(sops_project) as (board, _):
+            assert (await chat(board, max_tokens=3)).status == 200
+        assert (sops_project.root / "var" / "usage-spent.json").exists()  # written at the stop
+        async with metered(sops_project) as (board, _):
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    client = next(c for c in limits["clients"] if c["name"] == "client")
+    assert client["used"]["budget_spent_usd"] == "7"
+
+
+async def test_a_client_that_leaves_before_a_whole_answer_is_charged_and_recorded(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a", latency_s=1.0) as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await chat(board, max_tokens=5)
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    record = records.kept[0]
+    assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert Decimal(used["budget_spent_usd"]) == record.cost_usd and used["budget_reserved_usd"] == "0"
+
+
+async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
+    sops_project: SopsProject,
+) -> None:
+    async def odd(request: web.Request) -> web.Response:
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        return web.json_response({"choices": [], "usage": usage}, headers={"x-request-id": "a b" + "x" * 300})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", odd)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, records):
+            response = await chat(board)
+    assert response.status == 200
+    ours = response.headers[REQUEST_ID]
+    assert len(ours) == 32 and records.kept[0].id == ours
+
+
+async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)  # openai: speaks chat and responses, not messages
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 2, "budget": {"usd": "1000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            message = {
+                "model": "fake-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            translated = await board.post("/v1/messages", message, token=TOKEN)
+            assert translated.status == 200, await translated.text()
+            native = await board.post(
+                "/v1/responses", {"model": "fake-model", "input": "hi", "max_output_tokens": 5}, token=TOKEN
+            )
+            assert native.status == 200, await native.text()
+            refused = await board.post("/v1/messages", message, token=TOKEN)
+            body = await refused.json()
+    assert refused.status == 429 and body["type"] == "error"  # in Anthropic's shape
+    assert "Retry-After" in refused.headers and refused.headers["x-switchboard-remaining-requests"] == "0"
+    assert [(r.status, r.provider) for r in records.kept] == [(200, "a"), (200, "a"), (429, None)]
+    assert records.kept[0].cost_usd == 7 and translated.headers[COST] == "7"  # "hi": 1 in, 3 out
+    assert records.kept[1].cost_usd > 0 and not records.kept[1].estimated

@@ -1,0 +1,122 @@
+"""One limit across replicas (SPEC 13): two Switchboards on one Redis (Debian's redis-server)
+share a client's rpm and budget; Redis stopped mid-run leaves each its share, and its return
+reconciles them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.http.context import LIMITS
+from tests.conftest import SopsProject, eventually
+from tests.gateway.test_metering import READER, Records, chat, metered, priced_provider, write_clients
+from tests.support.gateway import Switchboard, write_routing
+from tests.support.replicas import RedisServer
+from tests.support.upstreams import FakeUpstream
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@contextlib.asynccontextmanager
+async def two(
+    project: SopsProject, url: str, **settings: Any
+) -> AsyncIterator[tuple[Switchboard, Switchboard, Records, Records]]:
+    var = project.root / "var"
+    async with (
+        metered(project, redis_url=url, replica="one", events=var / "one" / "events.jsonl", **settings) as (
+            a,
+            ra,
+        ),
+        metered(project, redis_url=url, replica="two", events=var / "two" / "events.jsonl", **settings) as (
+            b,
+            rb,
+        ),
+    ):
+        yield a, b, ra, rb
+
+
+async def test_two_replicas_share_one_rpm_and_one_budget(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, pricing={"*": {"input": "0", "output": "1000000"}})
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 15, "budget": {"usd": "30", "period": "day"}})
+        async with two(sops_project, redis_server.url) as (a, b, ra, rb):
+            _, ready = await _ready(a)
+            assert ready["limits"] == "redis" and ready["degraded"] is False
+            answers = await asyncio.gather(*(chat(a if n % 2 else b, max_tokens=3) for n in range(40)))
+            statuses = [r.status for r in answers]
+            bodies = [await r.json() for r in answers if r.status == 429]
+            # ten fit the budget (3 USD each of 30); the rpm of 15 is not reached
+            assert statuses.count(200) == 10 and {x["error"]["type"] for x in bodies} == {"budget_exceeded"}
+            assert {r.replica for r in ra.kept + rb.kept} == {"one", "two"}
+            # the rpm, across both: 10 admitted, 5 more in the minute
+            write_clients(sops_project, {"rpm": 15})
+            await eventually(lambda: _unbudgeted(a), timeout=10)
+            await eventually(lambda: _unbudgeted(b), timeout=10)
+            answers = await asyncio.gather(*(chat(a if n % 2 else b, max_tokens=3) for n in range(10)))
+            assert sorted(r.status for r in answers) == [200] * 5 + [429] * 5
+
+
+async def _ready(board: Switchboard) -> tuple[int, Any]:
+    response = await board.get("/readyz")
+    return response.status, await response.json()
+
+
+async def _unbudgeted(board: Switchboard) -> bool:
+    response = await board.get("/api/v1/llm-config/limits", token=READER)
+    client = next(c for c in (await response.json())["clients"] if c["name"] == "client")
+    return bool(client["limits"] == {"rpm": 15})
+
+
+async def test_redis_stopped_mid_run_then_back_budgets_still_hold(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, pricing={"*": {"input": "0", "output": "1000000"}})
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "30", "period": "day"}})
+        async with two(sops_project, redis_server.url) as (a, b, ra, rb):
+            for board in (a, b, a, b):  # 12 USD spent, across both
+                assert (await chat(board, max_tokens=3)).status == 200
+            await eventually(lambda: a.app[LIMITS].limiter.replicas == 2, timeout=5)
+            redis_server.stop()
+            for board in (a, b):  # in the fallback mode within 5 s
+                await eventually(lambda board=board: _degraded(board), timeout=5)
+            # 18 USD left when Redis went, 9 each: three requests of 3 USD on each replica
+            served = {"a": 0, "b": 0}
+            for name, board in (("a", a), ("b", b)):
+                for _ in range(5):
+                    if (await chat(board, max_tokens=3)).status == 200:
+                        served[name] += 1
+            assert served == {"a": 3, "b": 3}
+            redis_server.start()  # empty: it saved nothing
+            for board in (a, b):  # back on Redis within 10 s
+                await eventually(lambda board=board: _on_redis(board), timeout=10)
+            refused = await chat(a, max_tokens=3)
+            assert refused.status == 429  # 30 spent: Redis has it all again
+            response = await a.get("/api/v1/llm-config/limits", token=READER)
+            client = next(c for c in (await response.json())["clients"] if c["name"] == "client")
+            assert client["used"]["budget_spent_usd"] == "30"
+            assert sum(r.cost_usd for r in ra.kept + rb.kept) == 30
+
+
+async def _degraded(board: Switchboard) -> bool:
+    _, ready = await _ready(board)
+    return bool(ready["degraded"] and ready["limits"] == "local")
+
+
+async def _on_redis(board: Switchboard) -> bool:
+    _, ready = await _ready(board)
+    return bool(ready["limits"] == "redis")

@@ -1,0 +1,135 @@
+"""What every answer of the app holds to, whatever the route (SPEC 6): 405 with `Allow`, 415 for
+a body that is not JSON, `HEAD /` without a token, a malformed request logged as one line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from service.http.openapi import document
+from tests.conftest import Service, SopsProject, serve, write_routing, write_server
+from tests.support.gateway import write_clients
+
+API = "/api/v1/llm-config"
+TOKEN = "sb_app_every_scope_0f1e2d3c4b5a69788"
+SCOPES = ("completions", "config:read", "config:write", "admin", "secrets:read")
+
+
+@pytest.fixture
+async def guarded(sops_project: SopsProject) -> Service:  # type: ignore[misc]
+    """The service with a clients file: one token with every scope."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    write_clients(sops_project, {"ops": (TOKEN, SCOPES)})
+    async with serve(sops_project) as service:
+        yield service
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/healthz", {"GET", "HEAD"}),
+        ("POST", f"{API}/active/chat", {"GET", "HEAD", "PUT"}),
+        ("PROPFIND", f"{API}/providers", {"GET", "HEAD"}),
+        ("GET", "/v1/chat/completions", {"POST"}),
+    ],
+)
+async def test_a_method_the_path_does_not_take_is_405_with_allow(
+    guarded: Service, method: str, path: str, allowed: set[str]
+) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with guarded.http.request(method, guarded.url + path, headers=headers) as response:
+        assert response.status == 405
+        assert {m.strip() for m in response.headers["Allow"].split(",")} == allowed
+        assert (await response.json())["error"]["type"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/v1/chat/completions", "text/plain"),
+        ("/v1/chat/completions", None),
+        ("/v1/embeddings", "application/x-www-form-urlencoded"),
+        (f"{API}/providers/gpu/test", "text/plain"),
+        (f"{API}/servers", "application/xml"),
+    ],
+)
+async def test_a_body_that_is_not_json_is_415(guarded: Service, path: str, content_type: str | None) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    async with guarded.http.post(
+        guarded.url + path, data=body, headers=headers, skip_auto_headers=["Content-Type"]
+    ) as response:
+        assert response.status == 415, await response.text()
+        error = (await response.json())["error"]
+    assert error["type"] == "unsupported_media_type"
+    assert "JSON" in error["message"]
+
+
+async def test_with_authentication_a_write_without_a_body_needs_no_media_type(guarded: Service) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with guarded.http.post(guarded.url + f"{API}/providers/gpu/test", headers=headers) as response:
+        assert response.status == 200, await response.text()
+
+
+async def test_the_token_is_checked_before_the_media_type(guarded: Service) -> None:
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions", data=b"x", headers={"Content-Type": "text/plain"}
+    ) as response:
+        assert response.status == 401
+
+
+def test_the_document_lists_415_wherever_it_can_be_answered() -> None:
+    doc = document()
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            refused = "415" in operation["responses"]
+            if path.endswith("/hooks/git"):  # signed by the git host: its body is the host's
+                assert not refused, path
+            elif method in ("post", "put", "patch", "delete"):
+                assert refused, (method, path)
+            else:
+                assert not refused, (method, path)
+
+
+@pytest.mark.parametrize("method", ["HEAD", "GET"])
+async def test_the_root_needs_no_token(guarded: Service, method: str) -> None:
+    async with guarded.http.request(method, guarded.url + "/") as response:
+        assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"X-Trace: a\x00b",
+        b"Authorization: Bearer sk-secret-in-a-bad-header\x00",
+        b"X\x00Name: value",
+        b"X-Long: " + b"a" * 70_000,
+    ],
+)
+async def test_a_malformed_header_is_logged_as_one_line_without_its_bytes(
+    guarded: Service, header: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = guarded.url.removeprefix("http://")
+    request = b"GET /healthz HTTP/1.1\r\nHost: " + host.encode() + b"\r\n" + header + b"\r\n\r\n"
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection(*host.split(":"))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(1000), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    records = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    (record,) = records
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None and record.exc_text is None
+    text = record.getMessage()
+    assert "\n" not in text and text.startswith("malformed request from 127.0.0.1")
+    assert "sk-secret" not in text and "\\x00" not in text and "aaaa" not in text

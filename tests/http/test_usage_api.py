@@ -1,0 +1,262 @@
+"""`GET …/usage` and `GET …/usage/requests` (SPEC 13) on a live service, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from service.http.context import LEDGER
+from service.usage.ledger import Ledger
+from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
+from tests.support.gateway import write_clients
+from tests.support.postgres import PostgresServer
+from tests.usage.conftest import record
+
+USAGE = "/api/v1/llm-config/usage"
+REQUESTS = f"{USAGE}/requests"
+READER = "sb_usage_reader_4d6e8f0a1c3b"
+OTHER = "sb_usage_config_only_9e8d7c6b5a"
+TODAY = datetime.now(UTC).replace(minute=30, second=0, microsecond=0) - timedelta(hours=2)
+
+
+def _project(sops_project: SopsProject) -> SopsProject:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    write_clients(
+        sops_project,
+        {"reader": (READER, ["usage:read"]), "operator": (OTHER, ["config:read", "completions", "admin"])},
+    )
+    return sops_project
+
+
+@pytest.fixture
+async def service(sops_project: SopsProject) -> AsyncIterator[Service]:
+    async with serve(_project(sops_project)) as running:
+        yield running
+
+
+async def _get(service: Service, path: str, token: str | None = READER) -> tuple[int, Any, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with service.http.get(service.url + path, headers=headers) as response:
+        body = await response.json() if response.content_type == "application/json" else await response.text()
+        return response.status, body, response.headers.copy()
+
+
+async def _recorded(service: Service, count: int) -> None:
+    async def seen() -> bool:
+        status, body, _ = await _get(service, f"{REQUESTS}?limit=1000&since=30d")
+        return status == 200 and len(body["requests"]) == count
+
+    await eventually(seen, timeout=2)  # SPEC 13: within 2 s of its answer
+
+
+async def test_records_are_seen_within_two_seconds_grouped_as_asked(service: Service) -> None:
+    ledger = service.app[LEDGER]
+    for i in range(6):
+        ledger.submit(
+            record(
+                ts=TODAY - timedelta(days=i % 2),
+                client="ops" if i % 3 else "batch",
+                model="gpt-4o" if i < 4 else "gpt-4o-mini",
+                status=(200, 200, 502, 429, 200, 200)[i],
+                cost_usd=Decimal("0.000825") if i not in (2, 3) else Decimal(0),
+            )
+        )
+    await _recorded(service, 6)
+
+    status, body, headers = await _get(service, f"{USAGE}?since=3d&group_by=client,day")
+    assert status == 200 and headers["ETag"]
+    assert set(body) == {"since", "until", "group_by", "rows", "totals", "shared"}
+    assert body["group_by"] == ["client", "day"] and body["shared"] is False
+    assert body["since"].endswith("Z") and body["until"].endswith("Z")
+    day = TODAY.strftime("%Y-%m-%d")
+    yesterday = (TODAY - timedelta(days=1)).strftime("%Y-%m-%d")
+    assert [(r["client"], r["day"], r["requests"]) for r in body["rows"]] == [
+        ("batch", yesterday, 1),
+        ("batch", day, 1),
+        ("ops", yesterday, 2),
+        ("ops", day, 2),
+    ]
+    assert set(body["rows"][0]) == {
+        "client",
+        "day",
+        "requests",
+        "errors",
+        "limited",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "cost_usd",
+    }
+    assert body["totals"] == {
+        "requests": 6,
+        "errors": 1,
+        "limited": 1,
+        "prompt_tokens": 600,
+        "cached_tokens": 120,
+        "completion_tokens": 300,
+        "reasoning_tokens": 60,
+        "cost_usd": "0.0033",
+    }
+
+    status, by_model, _ = await _get(service, f"{USAGE}?since=3d&group_by=model&client=ops")
+    assert [(r["model"], r["requests"]) for r in by_model["rows"]] == [("gpt-4o", 2), ("gpt-4o-mini", 2)]
+
+
+async def test_csv_has_the_json_rows_keys_as_columns(service: Service) -> None:
+    service.app[LEDGER].submit(record(ts=TODAY, model='=HYPERLINK("http://evil")'))
+    await _recorded(service, 1)
+    status, text, headers = await _get(service, f"{USAGE}?since=1d&group_by=model,hour&format=csv")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    status, body, _ = await _get(service, f"{USAGE}?since=1d&group_by=model,hour")
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == list(body["rows"][0])
+    assert rows[1][0] == '\'=HYPERLINK("http://evil")'  # a spreadsheet shows it, never runs it
+    assert rows[1][1] == TODAY.strftime("%Y-%m-%dT%H:00:00Z")
+    assert rows[1][2:] == [str(v) for v in list(body["rows"][0].values())[2:]]
+
+
+async def test_requests_page_newest_first_with_a_cursor_and_a_clamped_limit(service: Service) -> None:
+    ledger = service.app[LEDGER]
+    for i in range(7):
+        ledger.submit(record(id=f"page-{i}", ts=TODAY + timedelta(seconds=i)))
+    await _recorded(service, 7)
+    seen: list[str] = []
+    path = f"{REQUESTS}?limit=3"
+    while True:
+        status, body, _ = await _get(service, path)
+        assert status == 200
+        seen += [r["id"] for r in body["requests"]]
+        if body["next_cursor"] is None:
+            break
+        path = f"{REQUESTS}?limit=3&cursor={body['next_cursor']}"
+    assert seen == [f"page-{i}" for i in reversed(range(7))]
+    for huge in ("1001", "999999999", "9" * 5000):
+        status, body, _ = await _get(service, f"{REQUESTS}?limit={huge}")
+        assert status == 200 and len(body["requests"]) == 7 and body["next_cursor"] is None
+    (first, *_) = body["requests"]
+    assert set(first) == {
+        "id", "ts", "client", "purpose", "model", "provider", "upstream_model", "status", "stream",
+        "attempts", "latency_ms", "ttfb_ms", "prompt_tokens", "cached_tokens", "cache_write_tokens",
+        "completion_tokens", "reasoning_tokens", "cost_usd", "priced", "estimated", "replica",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"{USAGE}?group_by=client,tenant",
+        f"{USAGE}?group_by=client;DROP TABLE usage_records",
+        f"{USAGE}?since=yesterday-ish",
+        f"{USAGE}?since=99999999999d",
+        f"{USAGE}?since=2026-01-02&until=2026-01-01",
+        f"{USAGE}?format=xml",
+        f"{USAGE}?client=" + "x" * 300,
+        f"{USAGE}?prompt=1",
+        f"{REQUESTS}?limit=0",
+        f"{REQUESTS}?limit=-5",
+        f"{REQUESTS}?limit=lots",
+        f"{REQUESTS}?status=teapot",
+        f"{REQUESTS}?status=6xx",
+        f"{REQUESTS}?cursor=not-a-cursor",
+        f"{REQUESTS}?cursor=WzEsMl0",  # [1,2]: well formed, not ours
+        f"{REQUESTS}?until=0001-01-01",
+        f"{USAGE}?client=%00",
+        f"{REQUESTS}?provider=a%00b",
+        f"{REQUESTS}?cursor=WzEsImFcdTAwMDAiXQ",  # [1,"a\u0000"]
+    ],
+)
+async def test_bad_parameters_are_400_naming_what_is_wrong(service: Service, query: str) -> None:
+    status, body, _ = await _get(service, query)
+    assert status == 400, body
+    assert body["error"]["type"] == "bad_request" and body["error"]["message"]
+
+
+async def test_no_parameter_makes_postgresql_answer_500(sops_project: SopsProject, postgres_url: str) -> None:
+    async with serve(_project(sops_project), usage_db=postgres_url) as service:
+        for query in (
+            f"{USAGE}?client=%00",
+            f"{REQUESTS}?client=%C3%28",
+            f"{REQUESTS}?cursor=WzEsImFcdTAwMDAiXQ",
+            f"{USAGE}?model=" + "%F0%9F%92%A9" * 50,
+            f"{REQUESTS}?provider=\\x27%3B--",
+        ):
+            status, body, _ = await _get(service, query)
+            assert status in (200, 400), (query, status, body)
+
+
+async def test_only_usage_read_reads_the_ledger_and_it_reads_nothing_else(service: Service) -> None:
+    service.app[LEDGER].submit(record(ts=TODAY))
+    await _recorded(service, 1)
+    for path in (USAGE, REQUESTS):
+        assert (await _get(service, path, OTHER))[0] == 403
+        assert (await _get(service, path, None))[0] == 401
+    for path in (
+        "/api/v1/llm-config/providers",
+        "/api/v1/llm-config/audit",
+        "/api/v1/llm-config/events",
+        "/api/v1/llm-config/state",
+        "/api/v1/llm-config/active/chat/litellm",
+        "/v1/models",
+    ):
+        assert (await _get(service, path, READER))[0] == 403, path
+    status, body, _ = await _get(service, f"{REQUESTS}?since=1d")
+    text = str(body)
+    assert status == 200 and "messages" not in text and "content" not in text
+
+
+async def test_readyz_names_the_ledger_state(service: Service) -> None:
+    status, body, _ = await _get(service, "/readyz", None)
+    assert status == 200 and body["ledger"] == "ok" and body["degraded"] is False
+
+
+async def test_the_ledger_off_keeps_nothing_and_answers_503(sops_project: SopsProject) -> None:
+    async with serve(_project(sops_project), usage_db="off") as service:
+        service.app[LEDGER].submit(record())
+        status, body, _ = await _get(service, "/readyz", None)
+        assert body["ledger"] == "off" and body["degraded"] is False
+        status, body, _ = await _get(service, USAGE)
+        assert status == 503 and body["error"]["type"] == "ledger_unavailable"
+        assert not (sops_project.root / "var" / "usage-spool").exists()
+
+
+async def test_postgresql_down_the_service_starts_serves_and_says_so_then_recovers(
+    sops_project: SopsProject, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    postgres_server.stop()
+    try:
+        async with serve(_project(sops_project), usage_db=postgres_url) as service:
+            status, body, _ = await _get(service, "/readyz", None)
+            assert status == 200 and body["ledger"] == "degraded" and body["degraded"] is True
+            status, body, _ = await _get(service, USAGE)
+            assert status == 503 and body["error"]["type"] == "ledger_unavailable"
+            status, body, _ = await _get(service, REQUESTS)
+            assert status == 503 and body["error"]["type"] == "ledger_unavailable"
+            service.app[LEDGER].submit(record(ts=TODAY))  # the gateway goes on answering
+
+            postgres_server.start()
+
+            async def back() -> bool:
+                _, body, _ = await _get(service, "/readyz", None)
+                return body["ledger"] == "ok"
+
+            await eventually(back, timeout=15)  # retried at least every 5 s
+            await _recorded(service, 1)
+            status, body, _ = await _get(service, f"{USAGE}?since=1d")
+            assert body["shared"] is True and body["totals"]["requests"] == 1
+    finally:
+        postgres_server.ensure_running()
+
+
+def test_the_ledger_is_a_record_sink() -> None:
+    from service.usage.record import RecordSink
+
+    sink: RecordSink = Ledger(None, __import__("pathlib").Path("unused"))
+    sink.submit(record())  # off: kept nowhere, never raises

@@ -1,0 +1,163 @@
+"""The limiter on its own counters (no Redis): order of checks, windows, budgets that hold
+under concurrency, settling once, periods rolling over on an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from service.config.metering import Budget, Limits
+from service.usage.limits.amounts import usd
+from service.usage.limits.limiter import Limiter
+from service.usage.limits.tickets import Refused
+
+
+class Clock:
+    """Wall-clock seconds that tests move."""
+
+    def __init__(self, start: str = "2026-12-04T12:00:00") -> None:
+        self.now = datetime.fromisoformat(start).replace(tzinfo=UTC).timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def limits(**fields: Any) -> Limits:
+    return Limits.model_validate(fields)
+
+
+async def admit(limiter: Limiter, n: int, lim: Limits | None, cost: str = "0") -> Any:
+    ticket, _ = await limiter.admit(f"r{n}", "c", lim, Decimal(cost))
+    return ticket
+
+
+async def test_rpm_counts_down_to_zero_then_refuses_with_when_the_window_frees() -> None:
+    clock = Clock()
+    limiter = Limiter(clock=clock)
+    lim = limits(rpm=5)
+    remaining = []
+    for n in range(5):
+        ticket = await admit(limiter, n, lim)
+        remaining.append(ticket.use.remaining(lim)["x-switchboard-remaining-requests"])
+        await limiter.settle(ticket, Decimal(0), 0)
+        clock.advance(1)
+    assert remaining == ["4", "3", "2", "1", "0"]
+    with pytest.raises(Refused) as refused:
+        await admit(limiter, 9, lim)
+    assert refused.value.limit == "rpm"
+    assert refused.value.retry_ms == 55_000  # the first request leaves the window 60 s after it came
+    assert refused.value.use.remaining(lim)["x-switchboard-remaining-requests"] == "0"
+    clock.advance(55)
+    await admit(limiter, 10, lim)
+
+
+async def test_checks_run_in_order_and_a_refused_request_consumes_nothing() -> None:
+    clock = Clock()
+    limiter = Limiter(clock=clock)
+    lim = limits(rpm=2, max_parallel=1, tpm=100, budget={"usd": "1", "period": "day"})
+    first = await admit(limiter, 1, lim, "0.5")
+    with pytest.raises(Refused) as refused:  # max_parallel before rpm, tpm, budget
+        await admit(limiter, 2, lim, "5")
+    assert refused.value.limit == "max_parallel"
+    await limiter.settle(first, Decimal("0.25"), 150)
+    with pytest.raises(Refused) as refused:  # now the tokens of the last 60 s have reached tpm
+        await admit(limiter, 3, lim, "5")
+    assert refused.value.limit == "tpm"
+    counts = limiter.counters.counts("c", limiter.now_ms())
+    assert (counts.requests, counts.in_flight) == (1, 0)  # the refused ones counted nowhere
+    assert (
+        limiter.spent_here(limiter.hold("client", "c", lim.budget, Decimal(0), limiter.now_ms()).key)[0]
+        == 250_000_000
+    )  # type: ignore[arg-type]
+
+
+async def test_a_budget_refuses_what_it_cannot_cover_and_says_when_the_period_ends() -> None:
+    clock = Clock("2026-12-04T23:59:59.900")
+    limiter = Limiter(clock=clock)
+    told: list[tuple[str, str, Any]] = []
+    limiter.on_exhausted = lambda kind, subject, window: told.append((kind, subject, window.end_text))
+    lim = limits(budget={"usd": "1", "period": "day"})
+    ticket = await admit(limiter, 1, lim, "0.6")
+    with pytest.raises(Refused) as refused:
+        await admit(limiter, 2, lim, "0.6")  # 0.6 spent or held + 0.6 > 1
+    assert refused.value.limit == "budget" and refused.value.window is not None
+    assert refused.value.window.end_text == "2026-12-05T00:00:00Z"
+    with pytest.raises(Refused):
+        await admit(limiter, 3, lim, "0.6")
+    assert told == [("client", "c", "2026-12-05T00:00:00Z")]  # once per subject and period
+    await limiter.settle(ticket, Decimal("0.9"), 10)
+    clock.advance(0.1)  # 00:00:00.0: a new day, nothing spent in it
+    await admit(limiter, 4, lim, "0.6")
+
+
+async def test_a_hundred_concurrent_requests_against_a_budget_that_covers_ten() -> None:
+    limiter = Limiter(clock=Clock())
+    lim = limits(budget={"usd": "1", "period": "total"})
+    admitted = []
+
+    async def one(n: int) -> None:
+        try:
+            ticket = await admit(limiter, n, lim, "0.1")
+        except Refused:
+            return
+        admitted.append(ticket)
+        await asyncio.sleep(0)
+        await limiter.settle(ticket, Decimal("0.1"), 5)
+
+    await asyncio.gather(*(one(n) for n in range(100)))
+    key = next(iter(limiter.counters.spent))
+    assert len(admitted) == 10 and usd(limiter.spent_here(key)[0]) == Decimal(1)
+
+
+async def test_settling_twice_charges_once_and_an_answer_without_usage_is_charged_its_hold() -> None:
+    limiter = Limiter(clock=Clock())
+    lim = limits(budget={"usd": "10", "period": "month"})
+    ticket = await admit(limiter, 1, lim, "2")
+    await limiter.settle(ticket, Decimal("0.5"), 1)
+    await limiter.settle(ticket, Decimal("0.5"), 1)
+    key = ticket.holds["client"].key
+    assert limiter.spent_here(key) == (500_000_000, 0)
+
+
+async def test_a_provider_budget_holds_apart_from_the_client() -> None:
+    limiter = Limiter(clock=Clock())
+    budget = Budget(usd=Decimal("1"), period="day")
+    first, taken = await limiter.admit("a", "c", None, Decimal(0), ("p", budget, Decimal("0.8")))
+    assert taken is True
+    second, taken = await limiter.admit("b", "c", None, Decimal(0), ("p", budget, Decimal("0.8")))
+    assert taken is False and "p" not in second.holds
+    await limiter.release(first, "p")  # its attempt failed: nothing charged
+    assert await limiter.reserve(second, "p", budget, Decimal("0.8")) is True
+    await limiter.settle(second, Decimal("0.3"), 0)
+    assert limiter.spent_here(second.holds["p"].key) == (300_000_000, 0)
+
+
+async def test_what_was_spent_before_the_start_counts() -> None:
+    limiter = Limiter(clock=Clock())
+    lim = limits(budget={"usd": "1", "period": "day"})
+    key = limiter.hold("client", "c", lim.budget, Decimal(0), limiter.now_ms()).key  # type: ignore[arg-type]
+    limiter.seed[key] = 900_000_000
+    with pytest.raises(Refused):
+        await admit(limiter, 1, lim, "0.2")
+    await admit(limiter, 2, lim, "0.1")
+
+
+async def test_what_is_kept_of_past_periods_is_dropped() -> None:
+    clock = Clock("2026-12-04T23:59:00")
+    limiter = Limiter(clock=clock)
+    lim = limits(budget={"usd": "10", "period": "day"})
+    for n in range(3):
+        ticket = await admit(limiter, n, lim, "1")
+        await limiter.settle(ticket, Decimal(1), 1)
+        clock.advance(86_400)
+    current = limiter.hold("client", "c", lim.budget, Decimal(0), limiter.now_ms()).key  # type: ignore[arg-type]
+    assert len(limiter.counters.spent) == 3
+    limiter.forget({current})
+    assert set(limiter.counters.spent) <= {current}

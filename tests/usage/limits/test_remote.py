@@ -1,0 +1,356 @@
+"""The limiter on Debian's real redis-server: one limit for many replicas (here, limiters
+sharing one Redis, each with its own epoch), Redis stopped and started mid-run, a replica that
+dies holding reservations, and servers that hang or answer garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from service.config.metering import Limits
+from service.usage.limits.amounts import usd
+from service.usage.limits.keeper import Keeper
+from service.usage.limits.limiter import Limiter
+from service.usage.limits.remote import Remote, Unavailable
+from service.usage.limits.tickets import Refused
+from tests.conftest import eventually
+from tests.support.replicas import RedisServer
+from tests.usage.limits.test_limiter import Clock, limits
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    server = RedisServer(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@contextlib.asynccontextmanager
+async def replica(url: str, clock: Clock, **options: Any) -> AsyncIterator[Keeper]:
+    """A limiter on `url` and its keeper, loaded (as a replica at start)."""
+    limiter = Limiter(remote=Remote(url), clock=clock, **options)
+    keeper = Keeper(limiter)
+    await keeper.load()
+    try:
+        yield keeper
+    finally:
+        assert limiter.remote is not None
+        await limiter.remote.aclose()
+
+
+async def attempt(limiter: Limiter, name: str, lim: Limits, cost: str) -> Any:
+    try:
+        ticket, _ = await limiter.admit(name, "c", lim, Decimal(cost))
+    except Refused as refused:
+        return refused
+    return ticket
+
+
+async def test_two_replicas_share_one_rpm_and_one_budget(redis_server: RedisServer) -> None:
+    clock = Clock()
+    lim = limits(rpm=30, budget={"usd": "1", "period": "day"})
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        assert a.limiter.up and b.limiter.up and a.limiter.mode == "redis"
+        owners = [(a if n % 2 else b).limiter for n in range(100)]
+        results = await asyncio.gather(
+            *(attempt(owner, f"r{n}", lim, "0.1") for n, owner in enumerate(owners))
+        )
+        admitted = [
+            (owner, r) for owner, r in zip(owners, results, strict=True) if not isinstance(r, Refused)
+        ]
+        assert len(admitted) == 10  # ten reservations of 0.1 cover the budget, across both
+        assert {r.limit for r in results if isinstance(r, Refused)} == {"budget"}
+        await asyncio.gather(*(owner.settle(t, Decimal("0.1"), 10) for owner, t in admitted))
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]  # what refresh reads
+        await a.refresh()
+        key = admitted[0][1].holds["client"].key
+        assert a.limiter.known[key] == (1_000_000_000, 0)
+        # The rpm: 10 admitted so far; 20 more fit in the minute across both replicas, then none.
+        cheap = limits(rpm=30)
+        results = await asyncio.gather(
+            *(attempt((a if n % 2 else b).limiter, f"s{n}", cheap, "0") for n in range(40))
+        )
+        assert sum(not isinstance(r, Refused) for r in results) == 20
+        assert {r.limit for r in results if isinstance(r, Refused)} == {"rpm"}
+
+
+async def test_a_replica_that_dies_holding_reservations_is_charged_in_full_when_its_lease_ends(
+    redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    lim = limits(max_parallel=2, budget={"usd": "1", "period": "month"})
+    async with replica(redis_server.url, clock, lease_ms=2000) as a, replica(redis_server.url, clock) as b:
+        held = await attempt(a.limiter, "dying", lim, "0.4")
+        assert not isinstance(held, Refused)
+        assert isinstance(await attempt(b.limiter, "x", lim, "0.7"), Refused)  # 0.4 held + 0.7 > 1
+        a.limiter.up = False  # the replica is gone: no settle, no renewal
+        clock.advance(3)  # past its lease
+        ticket = await attempt(b.limiter, "y", lim, "0.5")
+        assert not isinstance(ticket, Refused)  # its slot was freed...
+        await b.refresh()
+        key = ticket.holds["client"].key
+        assert b.limiter.known[key] == (400_000_000, 500_000_000)  # ...and its 0.4 charged in full
+
+
+async def test_redis_stopped_mid_run_each_replica_spends_only_its_share_then_reconciles(
+    redis_server: RedisServer,
+) -> None:
+    clock = Clock()
+    lim = limits(rpm=1000, budget={"usd": "1", "period": "day"})
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        b.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        first = await attempt(a.limiter, "r0", lim, "0.2")
+        await a.limiter.settle(first, Decimal("0.2"), 10)
+        in_flight = await attempt(b.limiter, "r1", lim, "0.2")  # held across the outage
+        await a.tick()
+        await b.tick()
+        assert a.limiter.replicas == 2
+        redis_server.stop()
+        started = time.monotonic()
+        await a.tick()
+        await b.tick()
+        assert time.monotonic() - started < 2.5  # each call bounded by its timeout
+        assert a.limiter.mode == "local" and a.limiter.degraded and not b.limiter.up
+        # Left when Redis went: 1 - 0.2 spent - 0.2 held = 0.6; each replica's share is 0.3.
+        spent = {"a": Decimal(0), "b": Decimal(0)}
+        for name, keeper in (("a", a), ("b", b)):
+            for n in range(10):
+                ticket = await attempt(keeper.limiter, f"{name}{n}", lim, "0.1")
+                if isinstance(ticket, Refused):
+                    break
+                await keeper.limiter.settle(ticket, Decimal("0.1"), 1)
+                spent[name] += Decimal("0.1")
+        assert spent == {"a": Decimal("0.3"), "b": Decimal("0.3")}
+        await b.limiter.settle(in_flight, Decimal("0.15"), 5)  # settled while Redis is away
+        redis_server.start()  # empty: nothing was saved
+        await a.tick()
+        await b.tick()
+        assert a.limiter.up and b.limiter.up and not a.limiter.degraded
+        key = first.holds["client"].key
+        await a.refresh()
+        spent_now, reserved = a.limiter.known[key]
+        # What Redis lost is back (0.2), with the outage's spend (0.6) and the held request's (0.15).
+        assert usd(spent_now) == Decimal("0.95") and reserved == 0
+        refused = await attempt(a.limiter, "late", lim, "0.1")
+        assert isinstance(refused, Refused) and refused.limit == "budget"
+
+
+async def test_refuse_mode_refuses_limited_clients_while_redis_is_away(redis_server: RedisServer) -> None:
+    clock = Clock()
+    async with replica(redis_server.url, clock, without_redis="refuse") as a:
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.mode == "refuse"
+        refused = await attempt(a.limiter, "r", limits(rpm=5), "0")
+        assert isinstance(refused, Refused) and refused.limit == "unavailable"
+        ticket, _ = await a.limiter.admit("free", "other", None, Decimal(0))  # unlimited: served
+        await a.limiter.settle(ticket, Decimal(0), 0)
+
+
+# -- servers that misbehave ------------------------------------------------------------------------
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_redis(handler: Handler) -> AsyncIterator[str]:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await handler(reader, writer)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+
+
+async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(3600)  # takes the connection, reads nothing, answers nothing
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while await reader.read(65536):
+        writer.write(b"$5\r\nhello\r\n")  # any command: a string that is not the script's JSON
+        await writer.drain()
+
+
+async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while await reader.read(65536):
+        writer.write(b"$1500000000\r\n" + b"x" * 65536)
+        await writer.drain()
+
+
+@pytest.mark.parametrize("handler", [hang, garbage, huge])
+async def test_a_redis_that_hangs_or_answers_garbage_costs_a_request_at_most_its_timeout(
+    handler: Handler,
+) -> None:
+    async with fake_redis(handler) as url:
+        limiter = Limiter(remote=Remote(url), clock=Clock())
+        keeper = Keeper(limiter)
+        started = time.monotonic()
+        await keeper.load()  # Redis does not answer the script: the limiter starts on its own counts
+        assert time.monotonic() - started < 1.0
+        assert not limiter.up and limiter.mode == "local"
+        started = time.monotonic()
+        ticket = await attempt(limiter, "r", limits(rpm=1), "0")
+        await limiter.settle(ticket, Decimal(0), 0)
+        assert time.monotonic() - started < 0.1  # the fallback asks nothing of Redis
+        assert isinstance(await attempt(limiter, "s", limits(rpm=1), "0"), Refused)
+        assert limiter.remote is not None
+        await limiter.remote.aclose()
+
+
+async def test_a_redis_call_that_fails_midway_falls_back_within_that_call(redis_server: RedisServer) -> None:
+    clock = Clock()
+    async with replica(redis_server.url, clock) as a:
+        assert a.limiter.up
+        redis_server.stop()
+        started = time.monotonic()
+        ticket = await attempt(a.limiter, "r", limits(rpm=5), "0")  # counted locally at once
+        assert not isinstance(ticket, Refused) and not a.limiter.up
+        assert time.monotonic() - started < 1.0
+        await a.limiter.settle(ticket, Decimal(0), 3)
+
+
+async def test_the_script_is_loaded_again_after_redis_forgets_it(redis_server: RedisServer) -> None:
+    remote = Remote(redis_server.url)
+    try:
+        await remote.call("read", int(time.time() * 1000), "e", {"keys": []})
+        client = redis.Redis.from_url(redis_server.url)
+        await client.script_flush()
+        await client.aclose()
+        answer = await remote.call("read", int(time.time() * 1000), "e", {"keys": []})
+        assert answer["replicas"] == 0
+        with pytest.raises(Unavailable):
+            await remote.call("nonsense", 0, "e", {"fresh": 1, "ttl": 1000})
+    finally:
+        await remote.aclose()
+
+
+async def test_a_request_cancelled_while_redis_holds_for_it_leaks_nothing(redis_server: RedisServer) -> None:
+    """A client that leaves while its admission, a provider's reservation or its settlement is
+    on its way to Redis (a cancelled request) must not leave a reservation or a slot behind:
+    a live replica's epoch never expires, so nothing else would ever give them back."""
+    clock = Clock()
+    lim = limits(max_parallel=1, budget={"usd": "1", "period": "day"})
+    budget = lim.budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a:
+        a.configure([("client", "c", budget), ("provider", "p", budget)], ["c"])
+        admitting = asyncio.ensure_future(a.limiter.admit("r1", "c", lim, Decimal("0.5")))
+        await asyncio.sleep(0)  # sent, not answered
+        admitting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await admitting
+
+        async def admitted() -> Any:  # its slot comes back once Redis answered the admission
+            try:
+                return (await a.limiter.admit("r2", "c", lim, Decimal("0.5")))[0]
+            except Refused as refused:
+                assert refused.limit == "max_parallel"
+                return False
+
+        ticket = await eventually(admitted)
+        reserving = asyncio.ensure_future(a.limiter.reserve(ticket, "p", budget, Decimal("0.5")))
+        await asyncio.sleep(0)
+        reserving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reserving
+        settling = asyncio.ensure_future(a.limiter.settle(ticket, Decimal("0.5"), 1))
+        await asyncio.sleep(0)
+        settling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await settling
+
+        async def settled() -> bool:
+            await a.refresh()
+            known = a.limiter.known
+            keys = {k.split(":")[0]: v for k, v in known.items()}
+            return keys == {"client": (500_000_000, 0), "provider": (500_000_000, 0)}
+
+        await eventually(settled)
+        third, _ = await a.limiter.admit("r3", "c", lim, Decimal("0.1"))  # max_parallel 1: free again
+        await a.limiter.settle(third, Decimal(0), 0)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b'{"refused": "nonsense", "retry_ms": 5}',
+        b'{"requests": -1, "tokens": "0", "par": 0}',
+        b'{"requests": 1, "tokens": "1e9", "par": 0, "cb": {"spent": "1e9", "reserved": "0"}}',
+        b"[]",
+        b'{"requests": true, "tokens": "0", "par": 0}',
+    ],
+)
+async def test_a_redis_answering_well_formed_lies_is_taken_as_away(reply: bytes) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            writer.write(b"$%d\r\n%s\r\n" % (len(reply), reply))
+            await writer.drain()
+
+    async with fake_redis(answer) as url:
+        limiter = Limiter(remote=Remote(url), clock=Clock())
+        limiter.up, limiter.fresh = True, False  # as if it had answered well until now
+        lim = limits(rpm=5, budget={"usd": "1", "period": "day"})
+        ticket = await attempt(limiter, "r", lim, "0.1")
+        assert not isinstance(ticket, Refused) and not limiter.up  # counted here instead
+        await limiter.settle(ticket, Decimal("0.1"), 1)
+        assert limiter.remote is not None
+        await limiter.remote.aclose()
+
+
+@pytest.mark.parametrize("on_redis", [False, True])
+async def test_absurd_limits_in_a_clients_file_hold_without_overflow(
+    redis_server: RedisServer, on_redis: bool
+) -> None:
+    clock = Clock()
+    top = 10**12
+    lim = limits(rpm=top, tpm=top, max_parallel=top, budget={"usd": str(top), "period": "total"})
+    tiny = limits(budget={"usd": "0.000000000001", "period": "total"})
+    context = (
+        replica(redis_server.url, clock) if on_redis else contextlib.nullcontext(Keeper(Limiter(clock=clock)))
+    )
+    async with context as kept:
+        limiter = kept.limiter
+        ticket = await attempt(limiter, "big", lim, str(10**9))
+        assert not isinstance(ticket, Refused)
+        await limiter.settle(ticket, Decimal(10**9), 10**12 - 1)
+        again = await attempt(limiter, "again", lim, "1")
+        assert not isinstance(again, Refused)  # 1e9 spent (budgets count up to 4.6e9), a token short of tpm
+        await limiter.settle(again, Decimal(0), 1)
+        third = await attempt(limiter, "third", lim, "1")
+        assert isinstance(third, Refused) and third.limit == "tpm"
+        refused = await attempt(limiter, "tiny", tiny, "0.000001")  # lowered below what is spent
+        assert isinstance(refused, Refused) and refused.limit == "budget"
+
+
+async def test_concurrent_checks_share_round_trips(redis_server: RedisServer) -> None:
+    clock = Clock()
+    async with replica(redis_server.url, clock) as a:
+        client = redis.Redis.from_url(redis_server.url)
+        await client.config_resetstat()
+        results = await asyncio.gather(
+            *(attempt(a.limiter, f"r{n}", limits(rpm=1000), "0") for n in range(64))
+        )
+        assert not any(isinstance(r, Refused) for r in results)
+        stats = await client.info("commandstats")
+        await client.aclose()
+        assert stats["cmdstat_evalsha"]["calls"] <= 4  # not one a request

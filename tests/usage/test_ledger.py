@@ -1,0 +1,369 @@
+"""The ledger end to end with real parts: a spool on disk, SQLite or a real PostgreSQL, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.errors import LedgerUnavailable
+from service.usage.encoding import encode
+from service.usage.ledger import Ledger
+from service.usage.query import RequestsQuery, UsageQuery
+from service.usage.spool import TORN, SpoolBusy
+from service.usage.stores import SQLStore, open_store
+from tests.conftest import eventually
+from tests.support.postgres import PostgresServer
+from tests.usage.conftest import NOW, record
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_ledger(url: str, tmp_path: Path, **options: Any) -> Ledger:
+    return Ledger(open_store(url, tmp_path), tmp_path / "spool", retry_max_s=0.2, **options)
+
+
+@pytest.fixture
+async def ledger(store_url: str, tmp_path: Path) -> AsyncIterator[Ledger]:
+    made = make_ledger(store_url, tmp_path)
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.stop()
+
+
+def stored_ids(url: str, tmp_path: Path) -> list[str]:
+    """Every id in the database, repeated ones repeated (read with a store of its own)."""
+    store = open_store(url, tmp_path)
+    assert store is not None
+    try:
+        store.open()
+        return [r.id for r in store.requests(RequestsQuery(limit=10**9))]
+    finally:
+        store.close()
+
+
+def totals(store: SQLStore, **params: str) -> dict[str, Any]:
+    query = UsageQuery.parse({"since": "2000-01-01", **params}, datetime.now(UTC) + timedelta(days=1))
+    groups = store.grouped(query)
+    return {"requests": sum(t.requests for t in groups.values())}
+
+
+async def test_a_submitted_record_is_stored_within_two_seconds_without_being_asked(ledger: Ledger) -> None:
+    submitted = record()
+    ledger.submit(submitted)
+    started = asyncio.get_running_loop().time()
+
+    async def stored() -> bool:
+        page = await ledger.requests(RequestsQuery())
+        return [r["id"] for r in page["requests"]] == [submitted.id]
+
+    await eventually(stored, timeout=2)
+    assert asyncio.get_running_loop().time() - started < 2
+    answer = await ledger.usage(UsageQuery.parse({"since": "2026-11-27"}, NOW + timedelta(hours=1)))
+    assert answer["totals"]["requests"] == 1  # the rollups too
+    assert not list((ledger.spool_dir).glob("*.jsonl")) or all(
+        p.stat().st_size == 0 for p in ledger.spool_dir.glob("*.jsonl")
+    )
+
+
+async def test_spent_counts_stored_records_and_those_still_in_the_spool(ledger: Ledger) -> None:
+    for cost in ("0.10", "0.25", "1.5"):
+        ledger.submit(record(cost_usd=Decimal(cost), client="budgeted"))
+    ledger.submit(record(cost_usd=Decimal(7), client="someone-else"))
+    ledger.submit(record(cost_usd=Decimal(9), client="budgeted", ts=NOW - timedelta(days=40)))
+    assert await ledger.spent("client", "budgeted", NOW - timedelta(days=30)) == Decimal("1.85")
+    assert await ledger.spent("provider", "openai", NOW - timedelta(days=365)) == Decimal("17.85")
+
+
+async def test_a_graceful_stop_stores_the_spool_first(store_url: str, tmp_path: Path) -> None:
+    ledger = make_ledger(store_url, tmp_path, linger_s=30)  # its thread would wait a long time
+    await ledger.start()
+    submitted = [record() for _ in range(50)]
+    for r in submitted:
+        ledger.submit(r)
+    await ledger.stop()
+    assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in submitted)
+
+
+async def test_a_segment_stored_but_not_yet_removed_is_not_stored_twice(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A crash between a batch's commit and its segment's removal: the next start stores it again."""
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    submitted = [record() for _ in range(30)]
+    for r in submitted:
+        ledger.submit(r)
+    await ledger.flush()
+    await ledger.stop()
+    again = tmp_path / "spool" / "000000000001.jsonl"  # as if it had never been removed
+    again.write_bytes(b"".join(encode(r) for r in submitted))
+
+    restarted = make_ledger(store_url, tmp_path)
+    await restarted.start()
+    try:
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in submitted)
+        assert restarted.store is not None
+        assert totals(restarted.store) == {"requests": 30}  # rollups not counted twice
+        assert not again.exists()
+    finally:
+        await restarted.stop()
+
+
+async def test_a_torn_line_is_set_aside_and_the_rest_stored(store_url: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record(), record()]
+    torn = encode(record())[:40]
+    (spool / "000000000007.jsonl").write_bytes(encode(good[0]) + b"not a record\n" + encode(good[1]) + torn)
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in good)
+        aside = (spool / TORN).read_bytes()
+        assert b"not a record" in aside and torn in aside
+    finally:
+        await ledger.stop()
+
+
+async def test_a_record_the_database_refuses_is_set_aside_and_holds_nothing_back(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A line no database takes (a cost past 64 bits, written by hand or an older version)."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record() for _ in range(9)]
+    poison = encode(record(id="poison")).replace(b'"0.000825"', b'"1e30"')
+    lines = [encode(r) for r in good[:4]] + [poison] + [encode(r) for r in good[4:]]
+    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in good)
+        assert b"poison" in (spool / TORN).read_bytes()
+    finally:
+        await ledger.stop()
+
+
+async def test_retention_deletes_old_records_at_start_and_keeps_the_rollups(
+    store_url: str, tmp_path: Path
+) -> None:
+    clock: Callable[[], datetime] = lambda: NOW  # noqa: E731
+    ledger = make_ledger(store_url, tmp_path, clock=clock, retention_days=30)
+    await ledger.start()
+    ledger.submit(record(ts=NOW - timedelta(days=31)))
+    ledger.submit(record(ts=NOW - timedelta(days=29)))
+    await ledger.flush()
+    await ledger.stop()
+
+    restarted = make_ledger(store_url, tmp_path, clock=clock, retention_days=30)
+    await restarted.start()  # retention runs on the ledger's thread at once, then every hour
+    try:
+
+        async def purged() -> bool:
+            page = await restarted.requests(RequestsQuery())
+            return [r["ts"] for r in page["requests"]] == ["2026-10-29T05:33:08.123456Z"]
+
+        await eventually(purged)
+        answer = await restarted.usage(UsageQuery.parse({"since": "60d"}, NOW))
+        assert answer["totals"]["requests"] == 2
+    finally:
+        await restarted.stop()
+
+
+async def test_a_spool_that_cannot_be_written_keeps_records_in_memory_until_it_can(ledger: Ledger) -> None:
+    spool = ledger._spool
+    assert spool is not None and spool._fd is not None
+    read_only = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(read_only, spool._fd)  # the next write fails (EBADF), as a full or failing disk would
+    os.close(read_only)
+    held = [record() for _ in range(5)]
+    for r in held:
+        ledger.submit(r)  # never raises
+    assert ledger._memory
+
+    async def stored() -> bool:
+        page = await ledger.requests(RequestsQuery())
+        return sorted(r["id"] for r in page["requests"]) == sorted(r.id for r in held)
+
+    await eventually(stored, timeout=5)
+    await eventually(lambda: ledger.state == "ok")
+
+
+async def test_two_processes_cannot_share_a_spool(store_url: str, tmp_path: Path) -> None:
+    first = make_ledger(store_url, tmp_path)
+    await first.start()
+    try:
+        with pytest.raises(SpoolBusy, match="give each process its own SWITCHBOARD_USAGE_SPOOL"):
+            await make_ledger(store_url, tmp_path).start()
+    finally:
+        await first.stop()
+
+
+async def test_off_keeps_nothing_and_says_so(tmp_path: Path) -> None:
+    ledger = Ledger(open_store("off", tmp_path), tmp_path / "spool")
+    await ledger.start()
+    ledger.submit(record())
+    assert ledger.state == "off" and not (tmp_path / "spool").exists()
+    with pytest.raises(LedgerUnavailable, match="off"):
+        await ledger.spent("client", "ops-center", NOW)
+    with pytest.raises(LedgerUnavailable, match="off"):
+        await ledger.usage(UsageQuery.parse({}, NOW))
+    await ledger.stop()
+
+
+# -- PostgreSQL stopped and started again ---------------------------------------------------------
+
+
+async def test_postgresql_down_for_a_while_loses_no_record_and_stores_none_twice(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    ledger = make_ledger(postgres_url, tmp_path)
+    await ledger.start()
+    try:
+        before = [record() for _ in range(20)]
+        for r in before:
+            ledger.submit(r)
+        await ledger.flush()
+
+        postgres_server.stop()
+        during = [record(client="spooled", cost_usd=Decimal("0.5")) for _ in range(40)]
+        for r in during:
+            ledger.submit(r)
+        await eventually(lambda: ledger.state == "degraded", timeout=15)
+        with pytest.raises(LedgerUnavailable, match="spool"):
+            await ledger.usage(UsageQuery.parse({}, NOW))
+        with pytest.raises(LedgerUnavailable):
+            await ledger.spent("client", "spooled", NOW - timedelta(days=1))
+        assert await ledger.spooled("client", "spooled", NOW - timedelta(days=1)) == Decimal(20)
+
+        postgres_server.start()
+        await eventually(lambda: ledger.state == "ok", timeout=15)
+
+        async def all_stored() -> bool:
+            return len(stored_ids(postgres_url, tmp_path)) == 60
+
+        await eventually(all_stored, timeout=15)
+        ids = stored_ids(postgres_url, tmp_path)
+        assert sorted(ids) == sorted(r.id for r in before + during)  # each once
+        assert ledger.store is not None and totals(ledger.store) == {"requests": 60}
+        assert await ledger.spent("client", "spooled", NOW - timedelta(days=1)) == Decimal(20)
+    finally:
+        postgres_server.ensure_running()
+        await ledger.stop()
+
+
+async def test_a_service_starts_with_postgresql_down_and_stores_once_it_is_up(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
+) -> None:
+    postgres_server.stop()
+    ledger = make_ledger(postgres_url, tmp_path)
+    try:
+        await asyncio.wait_for(ledger.start(), timeout=10)  # degraded, not stuck
+        assert ledger.state == "degraded"
+        submitted = [record() for _ in range(10)]
+        for r in submitted:
+            ledger.submit(r)
+        postgres_server.start()
+        await eventually(lambda: len(stored_ids(postgres_url, tmp_path)) == 10, timeout=15)
+        assert ledger.state == "ok"
+    finally:
+        postgres_server.ensure_running()
+        await ledger.stop()
+
+
+# -- kill -9 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rounds", [3])
+async def test_kill_9_while_submitting_loses_no_record_and_stores_none_twice(
+    store_url: str, tmp_path: Path, rounds: int
+) -> None:
+    """A process submits as fast as it can and prints each id once `submit` returned; it is
+    killed with SIGKILL at some moment (mid-write, mid-batch, mid-commit), three times over.
+    After a restart every printed id is stored exactly once, and the rollups agree."""
+    printed: list[str] = []
+    for round_ in range(rounds):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.usage.submitter", str(tmp_path / "spool"), store_url, f"r{round_}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert process.stdout is not None
+        wanted = len(printed) + 3000
+        while len(printed) < wanted:
+            line = await asyncio.to_thread(process.stdout.readline)
+            assert line, "the submitter ended before it was killed"
+            printed.append(line.decode().strip())
+        process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(process.wait)
+        process.stdout.close()
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()  # stores what the killed processes left in the spool
+    try:
+        ids = stored_ids(store_url, tmp_path)
+        assert len(ids) == len(set(ids))  # none twice
+        assert set(printed) <= set(ids)  # none lost
+        assert ledger.store is not None and totals(ledger.store) == {"requests": len(ids)}
+    finally:
+        await ledger.stop()
+
+
+async def test_a_sqlite_file_removed_under_the_ledger_is_made_again_and_loses_nothing_more(
+    tmp_path: Path,
+) -> None:
+    """Without this, batches went on into the removed file (the open connection kept it), and
+    their spool segments were deleted: records stored nowhere anyone could read."""
+    db = tmp_path / "usage.db"
+    ledger = make_ledger(str(db), tmp_path)
+    await ledger.start()
+    try:
+        ledger.submit(record())
+        await ledger.flush()
+        for leftover in tmp_path.glob("usage.db*"):
+            leftover.unlink()
+        after = [record() for _ in range(3)]
+        for r in after:
+            ledger.submit(r)
+        await ledger.flush()
+        assert sorted(stored_ids(str(db), tmp_path)) == sorted(r.id for r in after)
+        page = await ledger.requests(RequestsQuery())
+        assert len(page["requests"]) == 3
+    finally:
+        await ledger.stop()
+
+
+async def test_tables_dropped_under_the_ledger_are_made_again_and_no_record_is_set_aside(
+    store_url: str, tmp_path: Path
+) -> None:
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        ledger.submit(record())
+        await ledger.flush()
+        assert ledger.store is not None
+        with ledger.store._transaction() as cur:
+            for table in ("usage_records", "usage_hourly", "usage_daily"):
+                cur.execute(f"DROP TABLE {table}")
+        after = [record() for _ in range(3)]
+        for r in after:
+            ledger.submit(r)
+        await eventually(lambda: sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in after), 10)
+        assert not (tmp_path / "spool" / TORN).exists()
+    finally:
+        await ledger.stop()

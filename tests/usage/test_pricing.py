@@ -1,0 +1,133 @@
+"""Prices (SPEC 13): the file's `pricing`, then litellm's bundled map, then nothing; exact money."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config.models import AiServer, ApiKey
+from service.usage.pricing import PriceMap, Pricing, bundled, bundled_map
+from service.usage.record import Tokens
+
+SEALED = "ENC[AES256_GCM,data:AAAA,iv:AAAA,tag:AAAA,type:str]"
+
+
+def api_key(vendor: str = "openai", **fields: Any) -> ApiKey:
+    return ApiKey.model_validate(
+        {"kind": "api_key", "id": "v", "provider": vendor, "api_key": SEALED, **fields}
+    )
+
+
+def server(**fields: Any) -> AiServer:
+    doc = {"kind": "ai_server", "id": "s", "server_type": "vllm", "base_url": "http://gpu:8000/v1"}
+    return AiServer.model_validate({**doc, **fields})
+
+
+def test_the_file_prices_each_class_and_star_prices_what_a_model_entry_leaves_out() -> None:
+    provider = api_key(
+        pricing={
+            "*": {"input": 0.15, "output": 0.60, "cached_input": 0.075},
+            "gpt-4o": {"input": 2.50, "output": 10.00, "cache_write": 3.125},
+        }
+    )
+    pricing = Pricing()
+    rate = pricing.rate(provider, "gpt-4o")
+    tokens = Tokens(input=1_000_000, cached_input=1_000_000, cache_write=1_000_000, output=1_000_000)
+    cost, priced = rate.cost(tokens)
+    # input 2.50 + cached 0.075 (from "*") + cache writes 3.125 + output 10.00
+    assert cost == Decimal("15.700") and priced
+    other, _ = pricing.rate(provider, "mini").cost(Tokens(input=1000, output=1000))
+    assert other == Decimal("0.00075")
+
+
+def test_money_is_exact_never_a_sum_of_floats() -> None:
+    rate = Pricing().rate(api_key(pricing={"*": {"input": "0.1", "output": "0.2"}}), "m")
+    total = sum((rate.cost(Tokens(input=1, output=1))[0] for _ in range(10)), Decimal(0))
+    assert total == Decimal("0.000003")  # 10 x (0.1 + 0.2) per million; in floats 3.0000000000000004e-06
+
+
+def test_cache_writes_are_priced_at_cache_write_only() -> None:
+    rate = Pricing().rate(api_key(pricing={"*": {"input": 1, "output": 1, "cache_write": 10}}), "m")
+    cost, _ = rate.cost(Tokens(input=0, cache_write=1_000_000))
+    assert cost == Decimal(10)
+
+
+def test_litellms_map_prices_an_api_key_provider_as_litellm_names_its_models() -> None:
+    pricing = Pricing(bundled())
+    gpt = pricing.rate(api_key("openai"), "gpt-4o")
+    assert gpt.input == Decimal("0.0000025") and gpt.cached_input == Decimal("0.00000125")
+    claude = pricing.rate(api_key("anthropic"), "claude-sonnet-4-5")
+    assert claude.cache_write == Decimal("0.00000375") and claude.max_output == 64000
+    mistral = pricing.rate(api_key("mistral"), "mistral-large-latest")  # `mistral/mistral-large-latest`
+    assert mistral.known("chat")
+    # the file wins, class by class
+    mine = pricing.rate(api_key("openai", pricing={"gpt-4o": {"input": 1}}), "gpt-4o")
+    assert mine.input == Decimal("0.000001") and mine.output == gpt.output
+
+
+def test_a_model_map_prices_what_is_sent_upstream() -> None:
+    provider = api_key("openai", model_map={"smart": "gpt-4o"})
+    assert Pricing(bundled()).rate(provider, "smart").input == Decimal("0.0000025")
+
+
+def test_an_ai_server_is_never_priced_from_litellms_map() -> None:
+    pricing = Pricing(bundled())
+    rate = pricing.rate(server(), "gpt-4o")
+    assert not rate.known("chat")
+    cost, priced = rate.cost(Tokens(input=100, output=100))
+    assert cost == 0 and priced is False
+    free = pricing.rate(server(pricing={"*": {"input": 0, "output": 0}}), "x")
+    assert free.cost(Tokens(input=100, output=100)) == (Decimal(0), True)
+
+
+def test_an_unknown_model_is_unpriced() -> None:
+    rate = Pricing(bundled()).rate(api_key("openai"), "no-such-model-xyz")
+    assert not rate.known("chat")
+    assert rate.cost(Tokens(input=5)) == (Decimal(0), False)
+
+
+def test_a_rerank_is_priced_per_query_where_the_vendor_prices_queries() -> None:
+    rate = Pricing(bundled()).rate(api_key("cohere"), "rerank-english-v3.0")
+    assert rate.known("reranking")
+    assert rate.cost(Tokens(input=500), queries=1) == (Decimal("0.002"), True)
+
+
+def test_the_bound_covers_any_split_of_the_prompt_between_classes() -> None:
+    rate = Pricing().rate(api_key(pricing={"*": {"input": 1, "output": 2, "cache_write": 5}}), "m")
+    bound = rate.bound(prompt=100, completion=10)
+    for tokens in (Tokens(input=100, output=10), Tokens(cache_write=100, output=10)):
+        assert rate.cost(tokens)[0] <= bound
+
+
+def test_the_map_is_read_from_the_installed_package_without_importing_litellm() -> None:
+    code = (
+        "import sys; from service.usage.pricing import bundled; m = bundled(); "
+        "assert m.entries and m.version; assert 'litellm' not in sys.modules; print(m.version)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip()
+    path = bundled_map()
+    assert path is not None and path.name == "model_prices_and_context_window_backup.json"
+
+
+def test_a_broken_map_is_an_empty_one(tmp_path: Path) -> None:
+    broken = tmp_path / "map.json"
+    broken.write_text("{not json")
+    assert PriceMap.load(broken).entries == {}
+    odd = tmp_path / "odd.json"
+    odd.write_text(
+        json.dumps({"m": {"input_cost_per_token": "free"}, "n": [1], "o": {"input_cost_per_token": 1e-6}})
+    )
+    assert set(PriceMap.load(odd).entries) == {"o"}
+
+
+@pytest.mark.parametrize("model", [None, ""])
+def test_a_request_without_a_model_takes_star(model: str | None) -> None:
+    rate = Pricing().rate(api_key(pricing={"*": {"input": 1, "output": 1}}), model)
+    assert rate.known("chat")

@@ -1,0 +1,181 @@
+"""The ledger's tables, on SQLite and on a real PostgreSQL: storing once, rollups, reads, retention."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from service.errors import BadRequest
+from service.usage.encoding import MAX_COST
+from service.usage.query import RequestsQuery, UsageQuery
+from service.usage.stores import SQLStore, sql
+from tests.usage.conftest import NOW, record
+
+
+def _usage(store: SQLStore, **params: str) -> dict[tuple[str | None, ...], dict[str, object]]:
+    query = UsageQuery.parse(params, NOW + timedelta(days=1))
+    return {key: totals.to_json() for key, totals in store.grouped(query).items()}
+
+
+def test_a_batch_stored_twice_is_stored_once_and_counted_once(store: SQLStore) -> None:
+    batch = [record(), record(status=502, cost_usd=Decimal(0)), record(status=429, provider=None)]
+    assert store.insert(batch) == 3
+    assert store.insert(batch) == 0  # a crash between the commit and the spool's removal
+    assert store.insert([*batch, record(id=batch[0].id)]) == 0
+
+    (totals,) = _usage(store, since="2026-11-27").values()
+    assert totals == {
+        "requests": 3,
+        "errors": 1,
+        "limited": 1,
+        "prompt_tokens": 300,
+        "cached_tokens": 60,
+        "completion_tokens": 150,
+        "reasoning_tokens": 30,
+        "cost_usd": "0.00165",
+    }
+    page = store.requests(RequestsQuery(limit=10))
+    assert sorted(r.id for r in page) == sorted(r.id for r in batch)
+
+
+def test_grouping_adds_whole_hours_from_rollups_and_the_edges_from_records(store: SQLStore) -> None:
+    start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+    records = [
+        record(
+            ts=start + timedelta(minutes=17 * i), client=f"c{i % 3}", model=f"m{i % 2}", cost_usd=Decimal(i)
+        )
+        for i in range(200)
+    ]
+    store.insert(records)
+    since, until = start + timedelta(minutes=50), start + timedelta(hours=40, minutes=10)  # ragged ends
+    got = _usage(store, since=since.isoformat(), until=until.isoformat(), group_by="client,day")
+
+    expected: dict[tuple[str | None, ...], list[int]] = {}
+    for r in records:
+        if since <= r.ts < until:
+            counted = expected.setdefault((r.client, r.ts.strftime("%Y-%m-%d")), [0, 0])
+            counted[0] += 1
+            counted[1] += int(r.cost_usd)
+    assert {k: [v["requests"], int(str(v["cost_usd"]))] for k, v in got.items()} == expected
+
+
+def test_hours_months_purposes_and_a_missing_provider_are_named_as_the_spec_says(store: SQLStore) -> None:
+    store.insert([record(provider=None, status=429), record(purpose="embeddings")])
+    got = _usage(store, since="2026-11-01", group_by="hour,month,provider,purpose")
+    assert set(got) == {
+        ("2026-11-27T05:00:00Z", "2026-11", None, "chat"),
+        ("2026-11-27T05:00:00Z", "2026-11", "openai", "embeddings"),
+    }
+
+
+def test_money_is_exact_in_sums_far_past_what_64_bits_hold(store: SQLStore) -> None:
+    tiny = [record(cost_usd=Decimal("0.00000015")) for _ in range(1000)]  # 1 token at $0.15 / M
+    huge = [record(ts=NOW - timedelta(days=2), cost_usd=MAX_COST) for _ in range(20)]  # $20M > 2^63 pico
+    store.insert([*tiny, *huge])
+    (totals,) = _usage(store, since="2026-11-20").values()
+    assert totals["cost_usd"] == "20000000.00015"
+    assert store.spent("client", "ops-center", NOW - timedelta(days=30)) == Decimal("20000000.00015")
+
+
+def test_spent_counts_whole_hours_from_rollups_and_a_ragged_start_from_records(store: SQLStore) -> None:
+    hour = NOW.replace(minute=0, second=0, microsecond=0)
+    store.insert([record(ts=hour + timedelta(minutes=m), cost_usd=Decimal(1)) for m in (5, 20, 40)])
+    store.insert([record(ts=hour + timedelta(hours=3), cost_usd=Decimal(10), provider="other")])
+    assert store.spent("client", "ops-center", hour) == 13
+    assert store.spent("client", "ops-center", hour + timedelta(minutes=10)) == 12
+    assert store.spent("provider", "openai", hour) == 3
+    assert store.spent("provider", "other", hour + timedelta(hours=4)) == 0
+    assert store.spent("client", "nobody", hour) == 0
+
+
+def test_pages_go_newest_first_and_end_with_a_null_cursor(store: SQLStore) -> None:
+    from service.usage.query import requests_answer
+
+    records = [record(ts=NOW - timedelta(seconds=i // 2)) for i in range(25)]  # ties in ts
+    store.insert(records)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        query = RequestsQuery(limit=7, cursor=cursor)
+        answer = requests_answer(store.requests(query), query.limit)
+        seen.extend(r["id"] for r in answer["requests"])
+        if answer["next_cursor"] is None:
+            break
+        from service.usage.query import decode_cursor
+
+        cursor = decode_cursor(answer["next_cursor"])
+    assert sorted(seen) == sorted(r.id for r in records) and len(seen) == 25
+    stamps = [(r.ts, r.id) for r in sorted(records, key=lambda r: (r.ts, r.id), reverse=True)]
+    assert seen == [rid for _, rid in stamps]
+
+
+def test_requests_filter_by_client_provider_status_and_time(store: SQLStore) -> None:
+    store.insert(
+        [
+            record(id="a", client="x", status=200),
+            record(id="b", client="y", status=503),
+            record(id="c", client="x", status=502, ts=NOW - timedelta(hours=2)),
+            record(id="d", client="x", provider=None, status=429),
+        ]
+    )
+
+    def ids(**params: str) -> list[str]:
+        return sorted(r.id for r in store.requests(RequestsQuery.parse(params, NOW + timedelta(seconds=1))))
+
+    assert ids(client="x") == ["a", "c", "d"]
+    assert ids(status="5xx") == ["b", "c"]
+    assert ids(status="429") == ["d"]
+    assert ids(provider="openai", since="1h") == ["a", "b"]
+    assert ids(client="x", until=(NOW - timedelta(hours=1)).isoformat()) == ["c"]
+
+
+def test_retention_deletes_old_records_and_keeps_their_rollups(store: SQLStore) -> None:
+    store.insert([record(ts=NOW - timedelta(days=100)) for _ in range(3)])
+    store.insert([record()])
+    assert store.purge(NOW - timedelta(days=90)) == 3
+    assert [r.ts for r in store.requests(RequestsQuery(limit=10))] == [NOW]
+    (totals,) = _usage(store, since="2026-08-01T00:00:00Z").values()
+    assert totals["requests"] == 4  # the old hours still count, from the rollups
+
+
+def test_values_a_caller_chose_are_bound_never_run_as_sql(store: SQLStore) -> None:
+    store.insert([record(client="robert'); DROP TABLE usage_records;--", model="' OR 1=1 --")])
+    hostile = "x' OR '1'='1"
+    assert _usage(store, since="2026-11-01", client=hostile) == {}
+    assert _usage(store, since="2026-11-01", model=hostile) == {}
+    assert store.requests(RequestsQuery(client=hostile)) == []
+    assert store.spent("client", hostile, NOW - timedelta(days=1)) == 0
+    (row,) = store.requests(RequestsQuery())
+    assert row.client == "robert'); DROP TABLE usage_records;--"
+
+
+def test_a_grouping_too_large_to_answer_is_refused_not_built(
+    store: SQLStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A year by hour and model would be gigabytes of JSON: refused once past MAX_GROUPS rows."""
+    store.insert([record(model=f"m{i}", ts=NOW - timedelta(hours=i)) for i in range(30)])
+    monkeypatch.setattr(sql, "MAX_GROUPS", 10)
+    with pytest.raises(BadRequest, match="more than"):
+        store.grouped(UsageQuery.parse({"since": "2026-11-20", "group_by": "hour,model"}, NOW))
+    monkeypatch.setattr(sql, "MAX_GROUPS", 30)
+    assert (
+        len(
+            store.grouped(
+                UsageQuery.parse(
+                    {"since": "2026-11-20", "group_by": "hour,model"}, NOW + timedelta(seconds=1)
+                )
+            )
+        )
+        == 30
+    )
+
+
+def test_two_requests_an_upstream_gave_one_request_id_are_two_records(store: SQLStore) -> None:
+    """The record's id is the answer's x-request-id, the upstream's own when it sends one: a
+    server answering `x-request-id: 1` to everything must not make the ledger keep one request."""
+    first, second = record(id="1"), record(id="1", ts=NOW + timedelta(milliseconds=3))
+    assert store.insert([first, second]) == 2
+    assert store.insert([first, second]) == 0  # each stored again: still once each
+    assert len(store.requests(RequestsQuery())) == 2
