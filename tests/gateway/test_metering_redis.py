@@ -33,11 +33,25 @@ async def two(
 ) -> AsyncIterator[tuple[Switchboard, Switchboard, Records, Records]]:
     var = project.root / "var"
     async with (
-        metered(project, redis_url=url, replica="one", events=var / "one" / "events.jsonl", **settings) as (
+        metered(
+            project,
+            redis_url=url,
+            replica="one",
+            events=var / "one" / "events.jsonl",
+            usage_spool=var / "one" / "spool",
+            **settings,
+        ) as (
             a,
             ra,
         ),
-        metered(project, redis_url=url, replica="two", events=var / "two" / "events.jsonl", **settings) as (
+        metered(
+            project,
+            redis_url=url,
+            replica="two",
+            events=var / "two" / "events.jsonl",
+            usage_spool=var / "two" / "spool",
+            **settings,
+        ) as (
             b,
             rb,
         ),
