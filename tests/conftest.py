@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
@@ -227,6 +228,17 @@ class Service:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with self.http.get(self.url + path, headers=headers) as response:
             return response.status, await response.text()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `/metrics` named `name` (`switchboard_pulls_total`) whose
+        labels include `labels`: 0 when there is none."""
+        _, text = await self.text("/metrics")
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     async def stop(self) -> None:
         """Shut the service down as SIGTERM does (the event log is closed); idempotent."""

@@ -29,6 +29,7 @@ from tests.conftest import (
     Service,
     SopsProject,
     _write_sops_yaml,
+    eventually,
     git,
     git_init,
     serve,
@@ -758,7 +759,12 @@ async def test_a_write_the_service_does_not_apply_is_undone(repo: SopsProject) -
     async with serve(repo) as service:
         routing = repo.providers / "routing.yaml"
         routing.write_text("kind: routing\npurposes:\n  chat:\n    primary: [gpu, spare]\n")
-        await asyncio.sleep(0.3)  # the watcher applies the local edit
+
+        def edit_applied() -> None:
+            routing = service.registry.snapshot.routing
+            assert routing is not None and routing.purposes["chat"].primary == ["gpu", "spare"]
+
+        await eventually(edit_applied)  # the watcher applied the local edit
         before = head(repo.root)
         status, answer, _ = await call(service, "DELETE", "/servers/spare")
         assert status == 409, answer
@@ -856,7 +862,7 @@ async def test_a_route_is_not_written_over_a_routing_file_that_does_not_load(
     async with serve(repo) as service:
         (repo.providers / name).write_text(good.replace("[gpu]\n", "[gpu]\n    typo: 1\n"))
         commit_all(repo.root, "a typo")
-        await asyncio.sleep(0.3)
+        await eventually(lambda: f"providers.d/{name}" in service.registry.refused)  # the typo, refused
         before = head(repo.root)
         status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
         assert status == 409 and name in answer["error"]["message"], answer
