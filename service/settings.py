@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     circuit_cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
     max_watchers: int = Field(1000, ge=0, description="Blocking queries and event streams held at once.")
 
-    # Writes over HTTP (SPEC 8)
+    # Writes over HTTP (docs/reference.md §8)
     write_mode: Literal["commit", "branch", "off"] | None = Field(
         None, description="commit / branch / off; default: commit inside a git repository, else off."
     )
@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         "Switchboard <switchboard@localhost>", description="The committer of writes over HTTP."
     )
 
-    # Many replicas (SPEC 12)
+    # Many replicas (docs/reference.md §12)
     replica: str = Field(default_factory=socket.gethostname, description="This replica's name.")
     git_pull: str | None = Field(None, description="REMOTE/BRANCH to fetch and fast-forward to.")
     git_pull_interval_s: float = Field(30.0, gt=0, description="How often the built-in pull fetches.")

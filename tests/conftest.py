@@ -53,7 +53,7 @@ class AgeIdentity:
 
 @dataclass(frozen=True)
 class SopsProject:
-    """A project directory with `.sops.yaml` (the SPEC rule), an empty `providers.d/` and a `Sops`."""
+    """A project directory with `.sops.yaml` (the documented rule), an empty `providers.d/` and a `Sops`."""
 
     root: Path
     providers: Path
@@ -97,7 +97,7 @@ def other_age_identity(tmp_path_factory: pytest.TempPathFactory) -> AgeIdentity:
 
 
 def _write_sops_yaml(root: Path, *recipients: str) -> Path:
-    """Write the SPEC's `.sops.yaml` rule for the given recipients into `root`."""
+    """Write the `.sops.yaml` rule of docs/reference.md §2.4 for the given recipients into `root`."""
     path = root / ".sops.yaml"
     path.write_text(
         "creation_rules:\n"

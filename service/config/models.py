@@ -310,7 +310,9 @@ class Client(_Document):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = Field(min_length=1)
-    limits: Limits | None = Field(None, description="Rate limits and a budget (SPEC 13); none: unlimited.")
+    limits: Limits | None = Field(
+        None, description="Rate limits and a budget (docs/reference.md §13); none: unlimited."
+    )
 
 
 class Clients(_Document):

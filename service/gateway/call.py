@@ -50,12 +50,12 @@ class Failure(Exception):
 
     @property
     def refused(self) -> bool:
-        """The upstream refused the provider's key: its circuit opens at once (SPEC 7)."""
+        """The upstream refused the provider's key: its circuit opens at once (docs/reference.md §7)."""
         return self.status is not None and refused(self.status)
 
 
 def retryable(status: int) -> bool:
-    """Statuses the upstream may answer otherwise next time (SPEC 7): 408, 429 and 5xx."""
+    """Statuses the upstream may answer otherwise next time (docs/reference.md §7): 408, 429 and 5xx."""
     return status >= 500 or status in (408, 429)
 
 

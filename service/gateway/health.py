@@ -10,7 +10,7 @@ Two sources feed one `Health` per app:
   also fall back on (no connection, a timeout, 408, 429, 5xx) opens it. Another 4xx (no
   models endpoint) shows the provider unhealthy without touching the circuit.
 
-A 401 or 403, from a request or a check, means the provider's own key was refused (SPEC 7):
+A 401 or 403, from a request or a check, means the provider's own key was refused (docs/reference.md §7):
 the circuit opens at once and the provider is marked unhealthy with the reason, without
 waiting for confirmation. Only a request through it that succeeds (the circuit's trial)
 clears the mark: a check that lists models may succeed with a revoked key, since many
@@ -18,7 +18,7 @@ models lists are public.
 
 What `get` shows follows every result at once. A status *change* is reported to
 `on_change` (the gateway turns it into a `provider.health_changed` event and a gauge) only
-once the new status has held for `confirm` consecutive results (SPEC 5), so a flapping
+once the new status has held for `confirm` consecutive results (docs/reference.md §5), so a flapping
 provider cannot flood the log; a refused key is reported at once. The last models a
 successful check listed are kept (`models`) for `/v1/models`.
 
@@ -121,8 +121,9 @@ class Health:
         self._models: dict[str, tuple[str, ...]] = {}
 
     def reset(self, provider_id: str) -> None:
-        """Forget what is known of the provider (SPEC 7: its file changed, a rotated key or a new URL):
-        its circuit closes and its status is `unknown` again until a request or a check tells."""
+        """Forget what is known of the provider (docs/reference.md §7: its file changed, a rotated
+        key or a new URL): its circuit closes and its status is `unknown` again until a request or
+        a check tells."""
         self._states.pop(provider_id, None)
         self._tracks.pop(provider_id, None)
         if self._models.pop(provider_id, None) is not None:

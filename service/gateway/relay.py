@@ -1,4 +1,4 @@
-"""The gateway's core: try each candidate provider in turn until one answers (SPEC 7).
+"""The gateway's core: try each candidate provider in turn until one answers (docs/reference.md §7).
 
 `Relay` holds what every request shares: the router, the health of each provider, the
 transports (OpenAI's protocol directly, TEI's own for reranking on TEI, litellm for the

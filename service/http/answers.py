@@ -136,7 +136,7 @@ class Branched(_Answer):
 
 class Pushed(_Answer):
     """A write from git-sync's checkout, pushed to the remote but not applied here yet: git-sync
-    did not bring it back within the wait (SPEC 12). It is served once git-sync swaps it in."""
+    did not bring it back within the wait (docs/reference.md §12). It is served once git-sync swaps it in."""
 
     pending: Literal[True]
     commit: str
@@ -243,7 +243,7 @@ class RefusedFile(_Answer):
 
 
 class SyncAnswer(_Answer):
-    """The built-in pull (SPEC 12): `failed` while the branch cannot fast-forward, and why."""
+    """The built-in pull (docs/reference.md §12): `failed` while the branch cannot fast-forward, and why."""
 
     status: Literal["ok", "failed"]
     reason: str | None

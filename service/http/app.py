@@ -3,7 +3,8 @@
 The cleanup context opens the event log, records `service.started`, builds the registry
 and runs the watcher as a background task; on shutdown it stops the watcher, waits for any
 apply still running in its thread, and only then closes the log, so no append comes late.
-Every error leaves as SPEC's JSON `{"error": {"type", "message"}}` from one middleware.
+Every error leaves as the JSON of docs/reference.md §6.4, `{"error": {"type", "message"}}`, from
+one middleware.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ async def _readyz(request: web.Request) -> web.Response:
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
         "degraded": state.degraded,
     }
-    if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
+    if puller is not None:  # SWITCHBOARD_GIT_PULL (docs/reference.md §12)
         body["sync"] = puller.status.answer()
     return web.json_response(body)
 

@@ -1,4 +1,4 @@
-"""Bearer tokens and scopes, from the clients file (SPEC 2.3 and 6).
+"""Bearer tokens and scopes, from the clients file (docs/reference.md §2.3, §6).
 
 A clients file is any file of `kind: clients`, whatever its name. With none the service
 runs without authentication, and then it only ever listens on loopback: `serve` refuses
@@ -71,7 +71,7 @@ _JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})
 
 
 def _same_machine_only(request: web.Request) -> None:
-    """Without authentication, only what a program on this machine sends (SPEC 6).
+    """Without authentication, only what a program on this machine sends (docs/reference.md §6).
 
     A web page can make a browser send requests to 127.0.0.1, by DNS rebinding (a name of its
     own that resolves to 127.0.0.1: the `Host` is then not a loopback name, 421) or by a form

@@ -38,9 +38,9 @@ HEALTH = web.AppKey("health", Health)
 RELAY = web.AppKey("relay", Relay)
 WRITER = web.AppKey("writer", Writer)
 PULLER = web.AppKey("puller", Puller)
-"""Only with SWITCHBOARD_GIT_PULL (SPEC 12)."""
+"""Only with SWITCHBOARD_GIT_PULL (docs/reference.md §12)."""
 FANOUT = web.AppKey("fanout", Fanout)
-"""Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
+"""Only with SWITCHBOARD_REDIS_URL (docs/reference.md §12)."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
 

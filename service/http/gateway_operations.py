@@ -1,4 +1,4 @@
-"""The OpenAI-compatible gateway (`/v1/*`, SPEC 7) as `GET /openapi.json` describes it.
+"""The OpenAI-compatible gateway (`/v1/*`, docs/reference.md §7) as `GET /openapi.json` describes it.
 
 The upstream's answer is passed on as it is, so its schema is open; what the gateway adds
 (its headers, its own errors) is described with the parts of `service.http.operations`.

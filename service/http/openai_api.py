@@ -1,4 +1,4 @@
-"""The OpenAI-compatible face of the gateway (SPEC 6 and 7).
+"""The OpenAI-compatible face of the gateway (docs/reference.md §6, §7).
 
     POST /v1/chat/completions, /v1/embeddings, /v1/rerank; GET /v1/models     completions
 
@@ -53,7 +53,8 @@ def setup(app: web.Application) -> None:
 
 
 def _answering(handler: Handler) -> Handler:
-    """Errors as SPEC's JSON, carrying the gateway's headers like every other answer."""
+    """Errors as the documented JSON (docs/reference.md §6.4), with the gateway's headers like
+    every other answer."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
@@ -144,7 +145,7 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 def _reset_on_update(app: web.Application) -> Callable[[Outcome], None]:
     """A provider whose file changed (a rotated key, a new URL) starts again from `unknown`, its
-    circuit closed (SPEC 7). Told by the registry's thread; the reset runs on the loop."""
+    circuit closed (docs/reference.md §7). Told by the registry's thread; the reset runs on the loop."""
     loop = asyncio.get_running_loop()
     health, gauge = app[HEALTH], app[METRICS].provider_healthy
     last = [app[REGISTRY].snapshot]

@@ -179,7 +179,7 @@ def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
 
 
 def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict[str, dict[str, Any]]:
-    """What a write may be answered besides its success (SPEC 8)."""
+    """What a write may be answered besides its success (docs/reference.md §8)."""
     errors = {
         "202": schemas.returns(
             answers.WriteAccepted,

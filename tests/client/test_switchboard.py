@@ -1,4 +1,5 @@
-"""The Python client (SPEC 11) against a real service: the old interface, kept current by push."""
+"""The Python client (docs/reference.md §11) against a real service: the old interface, kept
+current by push."""
 
 from __future__ import annotations
 

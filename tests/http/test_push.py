@@ -1,4 +1,4 @@
-"""Change push (SPEC 9) against a real server: ETags, blocking queries, the event stream."""
+"""Change push (docs/reference.md §9) against a real server: ETags, blocking queries, the event stream."""
 
 from __future__ import annotations
 
@@ -604,8 +604,8 @@ async def test_replays_that_stall_do_not_hold_back_a_change(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="SPEC 6 fixes a provider's tag as `<blob>.<index>`, but its answer shows health that "
-    "changes without an event (a first result, an unconfirmed change, checked_at, latency_ms)",
+    reason="docs/reference.md §9 fixes a provider's tag as `<blob>.<index>`, but its answer shows "
+    "health that changes without an event (a first result, an unconfirmed change, checked_at, latency_ms)",
 )
 async def test_a_providers_tag_changes_when_its_health_does(sops_project: SopsProject) -> None:
     async with FakeUpstream() as upstream:

@@ -1,4 +1,5 @@
-"""Writes over HTTP that become commits (SPEC 8), end to end: real sops, real git, a real server.
+"""Writes over HTTP that become commits (docs/reference.md §8), end to end: real sops, real git,
+a real server.
 
 Every write is checked where it lands: the answer, the file on disk, the commit (author,
 committer, message, reason, trailer), the event log, and what the service then serves.
@@ -700,7 +701,7 @@ async def hostile(repo: SopsProject) -> AsyncIterator[Service]:
 async def test_a_client_that_cannot_read_a_key_cannot_send_it_to_another_host(
     repo: SopsProject, hostile: Service, method: str, body: dict[str, Any]
 ) -> None:
-    """SPEC 2.4: the MAC covers every value so that nobody can send a key they cannot read to a
+    """docs/reference.md §2.4: the MAC covers every value so that nobody can send a key they cannot read to a
     host of their choosing. The service holds the identity, so it must keep that promise itself."""
     path = repo.providers / "vendor.yaml"
     before, data = head(repo.root), path.read_bytes()
@@ -835,7 +836,7 @@ async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
 
 
 async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
-    """SPEC 8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
+    """docs/reference.md §8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
     it was applied and answered 200, then lost at the next checkout."""
     git(repo.root, "checkout", "-q", "--detach")
     before = head(repo.root)

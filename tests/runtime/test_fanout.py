@@ -1,4 +1,5 @@
-"""The Redis fan-out (SPEC 12) with Debian's real `redis-server`, and with servers that misbehave.
+"""The Redis fan-out (docs/reference.md §12) with Debian's real `redis-server`, and with servers
+that misbehave.
 
 Two services in this process share a Redis; a fake TCP server stands in for a Redis that
 hangs or answers garbage. Whatever Redis does, requests are answered at once and the

@@ -1,4 +1,5 @@
-"""The built-in pull (SPEC 12) against a real remote: a bare repository, a replica's clone, real git.
+"""The built-in pull (docs/reference.md §12) against a real remote: a bare repository, a
+replica's clone, real git.
 
 Pulls are run by the test (`Puller.pull`) where their count matters, and otherwise by the
 service's own loop; nothing is slept for.

@@ -150,7 +150,7 @@ async def test_a_file_over_the_limit_is_refused_from_its_size_without_being_read
     assert service.registry.state.auth_required  # its head says what it is: a clients file
 
 
-# -- git-sync: the folder behind a link swapped to a new worktree per commit (SPEC 12) ------------
+# -- git-sync: the folder behind a link swapped to a new worktree per commit (docs/reference.md §12) ---------
 
 
 async def test_a_git_sync_swap_is_applied_at_once_as_one_generation_under_the_new_head(

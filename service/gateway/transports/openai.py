@@ -8,12 +8,12 @@ The answer comes back as it arrives: a JSON answer is read whole, within
 fastest answer), an event stream is relayed chunk by chunk as it is read. Nothing here
 imports litellm.
 
-Every stream is counted (SPEC 7): a client that did not ask for
+Every stream is counted (docs/reference.md §7): a client that did not ask for
 `stream_options.include_usage` gets it asked for on its behalf, and the usage-only chunk is
 dropped before it reaches the client. An upstream that refuses `stream_options` with a 400
 is asked again without them, and once that worked it is not asked again.
 
-Timeouts follow the kind of request (SPEC 2.1). Connecting is bounded by
+Timeouts follow the kind of request (docs/reference.md §2.1). Connecting is bounded by
 `connect_timeout_s`. A non-streaming request has `timeout_s` for its whole answer, which
 comes at the end of the generation: no first-byte limit applies to it. A stream has no
 total limit: its first body byte must come within `first_byte_timeout_s` (so a stalled
@@ -70,7 +70,8 @@ class Upstream:
     stream_options: bool = True
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
     key: bytes = b""
-    """The key as sent, to mask in an error answer that echoes it (SPEC 2.4); empty without one."""
+    """The key as sent, to mask in an error answer that echoes it (docs/reference.md §2.4); empty
+    without one."""
 
     @classmethod
     def of(cls, provider: Provider, via: str = "") -> Upstream:
