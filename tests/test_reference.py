@@ -508,7 +508,7 @@ def lines_of(path: Path) -> list[str]:
         return []  # an image, say
 
 
-SPEC = "SP" + "EC"  # spelled so, this file does not name it
+CONTRACT = "SP" + "EC"  # spelled so, this file does not name it
 """The developers' product contract: not in the repository, so no reader can open it."""
 
 
@@ -518,10 +518,10 @@ def test_nothing_sends_readers_to_a_document_that_is_not_in_the_repository() -> 
         for path in tracked_files()
         if path.name != "CHANGELOG.md"  # the history, as it was written
         for number, line in enumerate(lines_of(path), 1)
-        if re.search(rf"\b{SPEC}\b", line)
+        if re.search(rf"\b{CONTRACT}\b", line)
     ]
     assert not found, (
-        f"these lines send readers to {SPEC}.md, which is not in the repository: point them at the "
+        f"these lines send readers to {CONTRACT}.md, which is not in the repository: point them at the "
         f"section of {WHERE} that says it (`docs/reference.md §8`), or say it in words\n" + "\n".join(found)
     )
 
