@@ -57,6 +57,7 @@ schema:
 bench:
     python -m bench.litellm_proxy setup
     python -m bench.gateway
+    python -m bench.protocols
     python -m bench.config
     python -m bench.events
     python -m bench.replicas

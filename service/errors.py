@@ -15,7 +15,8 @@
     │   └── ChainBroken             the hash chain does not verify; names the first bad seq
     ├── GitError                    a git command failed
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
-        ├── BadRequest (400), Unauthorized (401), Forbidden (403), NotFound (404),
+        ├── BadRequest (400) > InvalidRequest, Unauthorized (401), Forbidden (403),
+        ├── NotFound (404) > ModelNotFound,
         ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
         ├── PayloadTooLarge (413), Unprocessable (422), UpstreamsFailed (502),
         └── NotReady (503), NoCandidate (503), Busy (503)
@@ -149,6 +150,12 @@ class BadRequest(HTTPError):
     type = "bad_request"
 
 
+class InvalidRequest(BadRequest):
+    """A request a protocol refuses as OpenAI names it (`param`: the field at fault)."""
+
+    type = "invalid_request_error"
+
+
 class Unauthorized(HTTPError):
     status = 401
     type = "unauthorized"
@@ -162,6 +169,17 @@ class Forbidden(HTTPError):
 class NotFound(HTTPError):
     status = 404
     type = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """No enabled provider in the route serves the model over the request's protocol (SPEC 6)."""
+
+    type = "model_not_found"
+
+    def __init__(self, message: str, *, over_protocol: bool = False) -> None:
+        super().__init__(message, code="model_not_found")
+        self.over_protocol = over_protocol
+        """Some provider serves the model, but none over the request's protocol."""
 
 
 class MethodNotAllowed(HTTPError):

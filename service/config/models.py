@@ -25,7 +25,7 @@ from service import formats
 from service.config.metering import Budget, Limits, Price
 from service.config.secret import SOPS_VALUE, Sealed, Secret
 from service.errors import ConfigError, Problem
-from service.vendors import VENDORS
+from service.vendors import SERVER_PROTOCOLS, VENDORS
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 SECRET_FIELDS = ("api_key",)
@@ -34,6 +34,8 @@ SECRET_FIELDS = ("api_key",)
 Purpose = Literal["chat", "embeddings", "reranking"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
 ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
+Protocol = Literal["chat", "messages", "responses", "completions"]
+"""A client protocol (SPEC 14), as a provider file lists the ones its upstream speaks natively."""
 Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read", "usage:read"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -138,13 +140,31 @@ class _Provider(_Document):
     budget: Budget | None = Field(
         None, description="A spending cap for this provider (a vendor account's); when spent, it is skipped."
     )
+    protocols: list[Protocol] | None = Field(
+        None,
+        min_length=1,
+        description="The client protocols the upstream speaks natively (requests in them go as they "
+        "are; others are translated to chat). Unset: the vendor's or server type's default "
+        "(anthropic: messages; openai, vllm: chat, responses, completions; openrouter, together, "
+        "fireworks, llamacpp, ollama, lmstudio, tgi, openai_compatible: chat, completions; others: chat).",
+    )
 
-    @field_validator("purposes")
+    @field_validator("purposes", "protocols")
     @classmethod
-    def _unique_purposes(cls, value: list[Purpose]) -> list[Purpose]:
-        if len(set(value)) != len(value):
-            raise ValueError("lists a purpose twice")
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists a value twice")
         return value
+
+    @property
+    def native_protocols(self) -> frozenset[str]:
+        """The protocols the upstream speaks natively: as listed, or the default of its kind."""
+        if self.protocols is not None:
+            return frozenset(self.protocols)
+        return frozenset(self._default_protocols())
+
+    def _default_protocols(self) -> tuple[str, ...]:
+        raise NotImplementedError
 
     @property
     def label(self) -> str:
@@ -189,7 +209,7 @@ class _Provider(_Document):
             "idle_timeout_s": dumped["idle_timeout_s"],
             # Only when set: a view that gained empty fields would read as a change of every
             # provider in the event log of a service upgraded to this version.
-            **{name: dumped[name] for name in ("pricing", "budget") if dumped[name]},
+            **{name: dumped[name] for name in ("pricing", "budget", "protocols") if dumped[name]},
         }
 
     def _label_field(self) -> dict[str, str]:
@@ -238,6 +258,9 @@ class AiServer(_Provider):
     def speaks_openai(self) -> bool:
         return True
 
+    def _default_protocols(self) -> tuple[str, ...]:
+        return SERVER_PROTOCOLS.get(self.server_type, ("chat",))
+
 
 class ApiKey(_Provider):
     """A key for a third-party vendor (OpenRouter, OpenAI, Anthropic...)."""
@@ -268,6 +291,9 @@ class ApiKey(_Provider):
     @property
     def speaks_openai(self) -> bool:
         return VENDORS[self.provider].openai_compatible
+
+    def _default_protocols(self) -> tuple[str, ...]:
+        return VENDORS[self.provider].protocols
 
 
 Provider = AiServer | ApiKey

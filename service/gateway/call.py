@@ -3,6 +3,12 @@
 A `Call` is parsed once (its `model` and `stream`), then handed to one transport after
 another until one answers. An attempt that fails in a way the next candidate may fix raises
 `Failure`, as long as nothing has reached the client.
+
+A call keeps the client's request in its protocol (`protocol`: chat, messages, responses,
+completions, count_tokens). Before each attempt the gateway sets what is sent (`path`,
+`body`, `data`, `upstream_protocol`): the request as it is, to a provider that speaks its
+protocol, or translated to chat, with the `translation` that turns the answer back
+(service/gateway/forms.py).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.errors import BadRequest
+from service.gateway.protocols.translation import Translation
 
 PROVIDER_HEADER = "x-switchboard-provider"
 ATTEMPTS_HEADER = "x-switchboard-attempts"
@@ -54,6 +61,15 @@ class Failure(Exception):
         return self.status is not None and refused(self.status)
 
 
+class NotSpoken(Failure):
+    """A 404 for a protocol's path that the provider speaks only by default (SPEC 14): it does
+    not speak it. The provider is skipped for the request, and remembered."""
+
+    def __init__(self, protocol: str, path: str) -> None:
+        super().__init__(404, f"does not speak {protocol} (404 at {path}); remembered", blames_provider=False)
+        self.protocol = protocol
+
+
 def retryable(status: int) -> bool:
     """Statuses the upstream may answer otherwise next time (docs/reference.md §7): 408, 429 and 5xx."""
     return status >= 500 or status in (408, 429)
@@ -76,14 +92,24 @@ class Call:
         "answer_model",
         "body",
         "broken",
+        "by_default",
+        "chat",
         "client",
+        "client_body",
+        "client_data",
         "data",
         "first_byte_s",
+        "metered",
         "model",
         "path",
+        "pinned",
+        "protocol",
+        "protocol_headers",
         "purpose",
         "request",
         "stream",
+        "translation",
+        "upstream_protocol",
         "usage",
         "wants_usage",
     )
@@ -96,6 +122,7 @@ class Call:
         body: bytes,
         data: dict[str, Any],
         client: str = "anonymous",
+        protocol: str = "chat",
     ) -> None:
         self.request = request
         self.client = client
@@ -118,6 +145,23 @@ class Call:
         self.broken: str | None = None
         """Why a stream ended early, after its first byte reached the client."""
         self.first_byte_s = 0.0
+        self.protocol = protocol
+        """The client's protocol: chat, messages, responses, completions, count_tokens."""
+        self.client_body, self.client_data = body, data
+        self.upstream_protocol = protocol
+        """The protocol this attempt speaks to its upstream: the client's, or chat."""
+        self.translation: Translation | None = None
+        """How this attempt's answer becomes the client's (None: it goes as it is)."""
+        self.by_default = False
+        """This attempt goes natively to a provider that speaks the protocol only by default."""
+        self.protocol_headers: dict[str, str] = {}
+        """The client's protocol headers a native request keeps (`anthropic-version`...)."""
+        self.chat: tuple[bytes, dict[str, Any]] | None = None
+        """The request translated to chat, once translated (it is the same for every provider)."""
+        self.pinned: str | None = None
+        """`previous_response_id`: the provider that gave it serves the call, or none does."""
+        self.metered = protocol != "count_tokens"
+        """Whether the call is a completion to meter (a token count is not)."""
 
     def body_for(self, provider: Provider) -> bytes:
         """The bytes to send `provider`: the client's own, unless the provider renames the model."""
@@ -125,6 +169,10 @@ class Call:
         if model is None or model not in provider.model_map:
             return self.body
         return _encode({**self.data, "model": provider.model_map[model]})
+
+    def send_as(self, path: str, body: bytes, data: dict[str, Any], upstream_protocol: str) -> None:
+        """What the next attempt sends: `body` (parsed: `data`) to the upstream's `path`."""
+        self.path, self.body, self.data, self.upstream_protocol = path, body, data, upstream_protocol
 
     def body_asking_usage(self, provider: Provider) -> bytes:
         """`body_for(provider)`, with `stream_options.include_usage` set so that a stream can be counted."""
@@ -135,6 +183,11 @@ class Call:
         options = data.get("stream_options")
         data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return _encode(data)
+
+
+def encode(data: dict[str, Any]) -> bytes:
+    """`data` as a request body (400 when it is nested too deep to encode)."""
+    return _encode(data)
 
 
 def _encode(data: dict[str, Any]) -> bytes:

@@ -6,11 +6,17 @@ other vendors), and cached metric children. `relay(call, snapshot)` orders the c
 sends through each one's transport, records the outcome (circuit, counters, tokens) and
 answers with the first that worked, or a 502 listing every attempt. It reads one snapshot
 and touches no file.
+
+Every client protocol goes through this one loop (SPEC 14): before each attempt `Forms`
+sets what the provider is sent (the request as it is where the provider speaks its protocol,
+else translated to chat), and after it a whole answer is translated back here; a stream is
+translated by its transport as it is relayed.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -18,7 +24,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
-from service.errors import NoCandidate, UpstreamsFailed
+from service.errors import InvalidRequest, ModelNotFound, NoCandidate, UpstreamsFailed
 from service.gateway.call import (
     ATTEMPTS_HEADER,
     MAX_ANSWER_MODELS,
@@ -26,10 +32,14 @@ from service.gateway.call import (
     PROVIDER_HEADER,
     Call,
     Failure,
+    NotSpoken,
     model_label,
 )
+from service.gateway.forms import Forms
 from service.gateway.health import Health
-from service.gateway.routing import Router
+from service.gateway.protocols import ids
+from service.gateway.protocols.translation import Untranslatable
+from service.gateway.routing import Router, RoutingTable
 from service.gateway.transports.base import Transport
 from service.gateway.transports.litellm import LiteLLMTransport
 from service.gateway.transports.openai import OpenAITransport
@@ -50,6 +60,7 @@ class Relay:
         session: aiohttp.ClientSession,
         *,
         max_upstream_bytes: int = 64 << 20,
+        ids_key: bytes | None = None,
     ) -> None:
         self.metrics = metrics
         self.health = health
@@ -60,13 +71,19 @@ class Relay:
         self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
         self.litellm = LiteLLMTransport()
         self.tei = TEITransport(self.openai)
+        self.forms = Forms(ids_key or secrets.token_bytes(32))
+        """Who speaks which protocol, and the keys of response ids (`ids_key`: for providers
+        without an API key; a random one keeps their ids on this replica)."""
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
 
-    def transport(self, provider: Provider, purpose: str) -> Transport:
+    def transport(self, provider: Provider, purpose: str, protocol: str = "chat") -> Transport:
         """How requests reach `provider`: directly when it speaks OpenAI's protocol (but TEI's
-        own `/rerank` for reranking on a `tei` server), else through litellm."""
+        own `/rerank` for reranking on a `tei` server), else through litellm; a request in
+        another protocol that the provider speaks natively, directly in that protocol."""
+        if protocol != "chat":
+            return self.openai
         if not provider.speaks_openai:
             return self.litellm
         if purpose == "reranking" and provider.label == "tei":
@@ -78,14 +95,24 @@ class Relay:
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
-        for provider in self.router.candidates(table, call.purpose, call.model, health):
+        pinned: ids.ResponseId | None = None
+        candidates: Sequence[Provider]
+        if call.pinned is not None:
+            candidates, pinned = self._pinned(call, snapshot)
+        else:
+            candidates = self._candidates(table, call)
+        for provider in candidates:
             pid = provider.id
             if not health.admit(pid):
                 continue  # half-open, and its one trial request is out
             headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
             try:
-                response = await self.transport(provider, call.purpose).send(call, provider, headers)
+                self.forms.prepare(call, provider, pinned)
+                transport = self.transport(provider, call.purpose, call.upstream_protocol)
+                response = _translated(call, await transport.send(call, provider, headers))
             except Failure as failure:
+                if isinstance(failure, NotSpoken):
+                    self.forms.remember(provider, failure.protocol)
                 if failure.refused:
                     health.refuse(pid, failure.reason)
                 elif failure.blames_provider:
@@ -101,9 +128,54 @@ class Relay:
             self._succeeded(call, provider, response, attempts)
             return response
         if not attempts:
+            if pinned is not None:
+                raise NoCandidate(f"{pinned.provider}, which gave previous_response_id, cannot take it now")
             what = f"model {call.model!r}" if call.model else "this request"
             raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
         raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+
+    def _candidates(self, table: RoutingTable, call: Call) -> Sequence[Provider]:
+        """The call's candidates; 404 `model_not_found` when none in the route could ever serve
+        it over its protocol (a chat call keeps the router's answer)."""
+        found = self.router.candidates(table, call.purpose, call.model, self.health)
+        if call.protocol == "chat":
+            return found
+        found = [p for p in found if self.forms.serves(p, call)]
+        if found:
+            return found
+        route = table.routes.get(call.purpose)
+        serving = [p for p in (route.ordered if route else ()) if p.enabled and p.serves(call.model)]
+        what = f"model {call.model!r}" if call.model else "this request"
+        if not serving:
+            raise ModelNotFound(f"no enabled provider of `{call.purpose}` serves {what}")
+        if not any(self.forms.serves(p, call) for p in serving):
+            name = "Messages" if call.protocol == "count_tokens" else call.protocol
+            raise ModelNotFound(f"no enabled provider serves {what} over {name}", over_protocol=True)
+        return found
+
+    def _pinned(self, call: Call, snapshot: Snapshot) -> tuple[list[Provider], ids.ResponseId]:
+        """The one provider that may continue `previous_response_id` (SPEC 14), or why none."""
+        wrapped = call.pinned or ""
+        pid = ids.provider_of(wrapped)
+        provider = snapshot.providers.get(pid) if pid is not None else None
+        found = ids.unwrap(self.forms.key(provider), call.client, wrapped) if provider is not None else None
+        if provider is None or found is None:
+            raise InvalidRequest(
+                "previous_response_id is not the id of a response Switchboard gave this client",
+                param="previous_response_id",
+            )
+        if not found.native or not self.forms.speaks(provider, "responses"):
+            raise InvalidRequest(
+                f"previous_response_id names a response of {provider.id!r}, which does not speak "
+                "Responses natively: Switchboard keeps no conversation, so send the whole input again",
+                param="previous_response_id",
+            )
+        if not provider.enabled or self.health.is_open(provider.id):
+            state = "disabled" if not provider.enabled else "its circuit is open"
+            raise NoCandidate(
+                f"{provider.id!r}, which gave previous_response_id, cannot be tried now ({state})"
+            )
+        return [provider], found
 
     def _succeeded(
         self, call: Call, provider: Provider, response: web.StreamResponse, attempts: list[Any]
@@ -173,3 +245,23 @@ class Relay:
         for kind, value in (("prompt", prompt), ("completion", completion)):
             if isinstance(value, int) and value > 0:
                 self.count("tokens", provider.id, label, client, kind, amount=value)
+
+
+def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
+    """A whole answer in the client's protocol (a stream was translated as it was relayed).
+
+    An upstream's 2xx that is not what its protocol says fails the attempt (nothing reached the
+    client yet); its 4xx keeps its status in the client protocol's error shape (SPEC 14)."""
+    translation = call.translation
+    if translation is None or not isinstance(response, web.Response) or response.prepared:
+        return response
+    body = response.body
+    try:
+        response.body = translation.answer(response.status, body if isinstance(body, bytes) else b"")
+    except Untranslatable as exc:
+        raise Failure(None, str(exc)) from None
+    except RecursionError:  # an answer nested as deep as the parser allowed
+        raise Failure(None, "the upstream's answer is nested too deep to translate") from None
+    if call.upstream_protocol != call.protocol:
+        response.content_type = "application/json"
+    return response

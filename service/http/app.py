@@ -21,7 +21,17 @@ from service import __version__
 from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
-from service.http import changes, config_api, console, openai_api, openapi, replicas, traffic, write_api
+from service.http import (
+    changes,
+    config_api,
+    console,
+    openai_api,
+    openapi,
+    protocols_api,
+    replicas,
+    traffic,
+    write_api,
+)
 from service.http.auth import Handler
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
@@ -68,6 +78,7 @@ def create_app(settings: Settings, *, sops: Sops | None = None) -> web.Applicati
     config_api.setup(app)
     write_api.setup(app)
     openai_api.setup(app)
+    protocols_api.setup(app)
     openapi.setup(app)
     changes.setup(app)
     replicas.setup(app)

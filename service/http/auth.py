@@ -51,11 +51,10 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
             _same_machine_only(request)
             return None
         raise NotReady("authentication is required but no valid clients file is loaded (see /readyz)")
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = _token(request)
+    if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
-    digest = token_sha256(token.strip())
+    digest = token_sha256(token)
     found = None
     for client in clients.clients:  # every hash compared, in constant time each
         if hmac.compare_digest(client.token_sha256, digest):
@@ -65,6 +64,16 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
     if scope is not None and scope not in found.scopes:
         raise Forbidden(f"client {found.name!r} lacks the scope {scope!r}")
     return found
+
+
+def _token(request: web.Request) -> str | None:
+    """The caller's token: `Authorization: Bearer`, or `x-api-key` as Anthropic's SDKs and Claude
+    Code send it (SPEC 14)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = request.headers.get("x-api-key", "").strip()
+    return key or None
 
 
 _JSON_TYPES = frozenset({"application/json", "application/merge-patch+json"})

@@ -109,3 +109,39 @@ class RerankRequest(_Passed):
     query: str
     documents: list[str]
     top_n: int | None = Field(None, ge=1)
+
+
+class MessagesRequest(_Passed):
+    """Anthropic's Messages request (SPEC 14); `stream: true` is answered with Anthropic's events.
+    The token may come as `x-api-key`."""
+
+    model: str = Field(description="the model; a provider's `model_map` may rename it")
+    messages: list[JsonValue]
+    max_tokens: int | None = None
+    stream: bool = False
+
+
+class CountTokensRequest(_Passed):
+    """Anthropic's token count request: a Messages request without `max_tokens`."""
+
+    model: str = Field(description="the model; a provider's `model_map` may rename it")
+    messages: list[JsonValue]
+
+
+class ResponsesRequest(_Passed):
+    """OpenAI's Responses request (SPEC 14); `stream: true` is answered with Responses events."""
+
+    model: str = Field(description="the model; a provider's `model_map` may rename it")
+    input: JsonValue = Field(None, description="a string, or a list of items")
+    previous_response_id: str | None = Field(
+        None, description="continued on the provider that gave it, when it speaks Responses natively"
+    )
+    stream: bool = False
+
+
+class CompletionRequest(_Passed):
+    """A legacy completion request, to providers that speak legacy completions natively."""
+
+    model: str = Field(description="the model; a provider's `model_map` may rename it")
+    prompt: JsonValue
+    stream: bool = False

@@ -26,7 +26,25 @@ _GATEWAY = (
         bodies.RerankRequest,
         {"model": "fake-model", "query": "hello", "documents": ["hello there", "goodbye"], "top_n": 1},
     ),
+    (
+        "/v1/messages",
+        "chat",
+        bodies.MessagesRequest,
+        {"model": "fake-model", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]},
+    ),
+    (
+        "/v1/messages/count_tokens",
+        "chat",
+        bodies.CountTokensRequest,
+        {"model": "fake-model", "messages": [{"role": "user", "content": "Hello"}]},
+    ),
+    ("/v1/responses", "chat", bodies.ResponsesRequest, {"model": "fake-model", "input": "Hello"}),
+    ("/v1/completions", "chat", bodies.CompletionRequest, {"model": "fake-model", "prompt": "Hello"}),
 )
+
+
+_PROTOCOLS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/completions")
+"""The paths of SPEC 14's protocols: their errors come in the protocol's own shape."""
 
 
 def gateway(s: Schemas) -> Iterable[Operation]:
@@ -37,7 +55,7 @@ def gateway(s: Schemas) -> Iterable[Operation]:
     }
     for path, purpose_, body, example in _GATEWAY:
         ok: dict[str, Any] = {"description": "the provider's answer", "content": {JSON: {"schema": {}}}}
-        if purpose_ == "chat":
+        if purpose_ == "chat" and not path.endswith("count_tokens"):
             ok["content"]["text/event-stream"] = {
                 "schema": s.answer("ServerSentEvent", answers.ServerSentEvent)
             }
@@ -53,12 +71,24 @@ def gateway(s: Schemas) -> Iterable[Operation]:
                 "502": s.returns(
                     answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
                 ),
+                **(
+                    {"404": s.error("no enabled provider serves the model over this protocol")}
+                    if path in _PROTOCOLS
+                    else {}
+                ),
                 "503": s.error("no candidate can take the request now, or the configuration is not loaded"),
                 "508": s.error("the request came back through this gateway: a `base_url` points at it"),
             },
             body=request(s.body(body.__name__, body), example),
             headers=GATEWAY_HEADERS,
         )
+    yield Operation(
+        "GET",
+        "/",
+        None,
+        "A probe of the base URL, as Claude Code sends one (SPEC 14)",
+        {"200": {"description": "the service is there", "content": {JSON: {"schema": {"type": "object"}}}}},
+    )
     yield Operation(
         "GET",
         "/v1/models",

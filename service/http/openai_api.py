@@ -26,12 +26,14 @@ from service.config.models import Provider
 from service.errors import BadRequest, HTTPError, LoopDetected, PayloadTooLarge
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
+from service.gateway.protocols import ids
 from service.gateway.relay import NO_PROVIDER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
 from service.http.context import EVENTS, HEALTH, HEALTH_EVENTS, METRICS, REGISTRY, RELAY, SETTINGS
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,63 +43,77 @@ def setup(app: web.Application) -> None:
     app[HEALTH_EVENTS] = asyncio.Queue()
     add = app.router
     add.add_post(
-        "/v1/chat/completions", _answering(scoped("completions")(_relay("chat", "/chat/completions")))
+        "/v1/chat/completions", answering(scoped("completions")(_relay("chat", "/chat/completions")))
     )
-    add.add_post("/v1/embeddings", _answering(scoped("completions")(_relay("embeddings", "/embeddings"))))
-    add.add_post("/v1/rerank", _answering(scoped("completions")(_relay("reranking", "/rerank"))))
-    add.add_get("/v1/models", _answering(scoped("completions")(_models)))
+    add.add_post("/v1/embeddings", answering(scoped("completions")(_relay("embeddings", "/embeddings"))))
+    add.add_post("/v1/rerank", answering(scoped("completions")(_relay("reranking", "/rerank"))))
+    add.add_get("/v1/models", answering(scoped("completions")(_models)))
     app.cleanup_ctx.append(_lifecycle)
 
 
 # -- /v1/* ---------------------------------------------------------------------------------
 
 
-def _answering(handler: Handler) -> Handler:
-    """Errors as the documented JSON (docs/reference.md §6.4), with the gateway's headers like
-    every other answer."""
+ErrorShape = Callable[[HTTPError], dict[str, Any]]
+"""An error's body in a client protocol's shape."""
+
+
+def _openai_shape(exc: HTTPError) -> dict[str, Any]:
+    return exc.body()
+
+
+def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
+    """Errors as JSON in the protocol's `shape` (by default the one of docs/reference.md §6.4),
+    carrying the gateway's headers like every other answer."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
         except HTTPError as exc:
-            return _error(exc)
+            return _error(exc, shape)
         except web.HTTPRequestEntityTooLarge:
-            return _error(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes))
+            return _error(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), shape)
 
     return answer
 
 
-def _error(exc: HTTPError) -> web.Response:
+def _error(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count)}
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count), **exc.headers()}
+    return web.json_response(shape(exc), status=exc.status, headers=headers)
+
+
+async def read_call(request: web.Request, purpose: str, path: str, protocol: str = "chat") -> Call:
+    """The request as a `Call`: its body read within limits and parsed once, as a JSON object
+    whose `model`, if any, is a string; 508 for a request that came back to this gateway."""
+    app = request.app
+    if came_back(request.headers.get(VIA_HEADER), app[RELAY].via):
+        raise LoopDetected(
+            "the request came back to the gateway that forwarded it: a provider's base_url "
+            "points at this service (or at one that forwards to it)"
+        )
+    length = request.content_length
+    if length is not None and length > app[SETTINGS].max_body_bytes:
+        raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
+    body = await request.read()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise BadRequest("the body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the body is JSON nested too deep") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    if not isinstance(data.get("model", ""), str):
+        raise BadRequest("`model` must be a string")
+    return Call(request, purpose, path, body, data, client_name(request), protocol)
 
 
 def _relay(purpose: str, path: str) -> Handler:
     async def relay(request: web.Request) -> web.StreamResponse:
-        app = request.app
-        if came_back(request.headers.get(VIA_HEADER), app[RELAY].via):
-            raise LoopDetected(
-                "the request came back to the gateway that forwarded it: a provider's base_url "
-                "points at this service (or at one that forwards to it)"
-            )
-        length = request.content_length
-        if length is not None and length > app[SETTINGS].max_body_bytes:
-            raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
-        body = await request.read()
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise BadRequest("the body is not valid JSON") from None
-        except RecursionError:
-            raise BadRequest("the body is JSON nested too deep") from None
-        if not isinstance(data, dict):
-            raise BadRequest("the body must be a JSON object")
-        if not isinstance(data.get("model", ""), str):
-            raise BadRequest("`model` must be a string")
-        call = Call(request, purpose, path, body, data, client_name(request))
-        return await app[RELAY].relay(call, app[REGISTRY].snapshot)
+        call = await read_call(request, purpose, path)
+        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
 
     return relay
 
@@ -115,7 +131,13 @@ async def _models(request: web.Request) -> web.Response:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, health, queue = app[SETTINGS], app[HEALTH], app[HEALTH_EVENTS]
     session = open_session()
-    app[RELAY] = Relay(app[METRICS], health, session, max_upstream_bytes=settings.max_upstream_bytes)
+    app[RELAY] = Relay(
+        app[METRICS],
+        health,
+        session,
+        max_upstream_bytes=settings.max_upstream_bytes,
+        ids_key=_ids_key(settings),
+    )
     health.on_change = _on_health_change(app)
     reset = _reset_on_update(app)
     app[REGISTRY].on_apply.append(reset)
@@ -135,6 +157,21 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait_for(queue.join(), timeout=5)
         await _stop(writer)
         await session.close()
+
+
+def _ids_key(settings: Settings) -> bytes | None:
+    """The MAC key of response ids for providers without an API key (SPEC 14): derived from the
+    age identity, which every replica holds to decrypt the files and nobody outside does.
+    None without one (each replica then makes its own)."""
+    secret: str | None = None
+    if settings.age_key is not None:
+        secret = settings.age_key.get_secret_value()
+    elif settings.age_key_file is not None:
+        try:
+            secret = settings.age_key_file.read_text()
+        except OSError:
+            secret = None
+    return ids.derive_key(secret) if secret and secret.strip() else None
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

@@ -89,7 +89,8 @@ def document() -> dict[str, Any]:
 
 
 _ABOUT = (
-    "Every endpoint but `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, the console's files "
+    "Every endpoint but `/` (a probe), `/healthz`, `/readyz`, `/metrics`, `/openapi.json`, "
+    "the console's files "
     "(`/ui/`) and the signed git webhook needs `Authorization: Bearer TOKEN` with the scope its "
     "description names (`x-switchboard-scope`) once a clients file "
     'exists. Errors are `{"error": {"type", "message", ...}}`; no input makes the service answer 500.'

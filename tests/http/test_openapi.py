@@ -121,8 +121,8 @@ def test_each_operation_names_its_scope_and_the_bearer_scheme() -> None:
     for path, item in doc["paths"].items():
         for method, op in item.items():
             scope = op.get("x-switchboard-scope")
-            unauthenticated = ("/healthz", "/readyz", "/metrics", PATH, "/api/v1/llm-config/hooks/git")
-            if path in unauthenticated or path.startswith("/ui"):  # docs/reference.md §6
+            unauthenticated = ("/", "/healthz", "/readyz", "/metrics", PATH, "/api/v1/llm-config/hooks/git")
+            if path in unauthenticated or path.startswith("/ui"):  # docs/reference.md §6.1
                 assert scope is None and op["security"] == [], (method, path)
                 continue
             assert scope in (*SCOPES, "any") and op["security"] == [{"bearer": []}], (method, path)

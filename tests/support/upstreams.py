@@ -3,10 +3,17 @@
 Three protocols are spoken:
 
 - ``openai``: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE stream),
-  ``POST /v1/embeddings`` (deterministic vectors, float or base64) and ``POST /v1/rerank``
-  (the Cohere/Jina shape served by Infinity and vLLM). Every path also answers without
-  the ``/v1`` prefix.
-- ``anthropic``: ``GET /v1/models`` and ``POST /v1/messages`` (JSON or the real event stream).
+  ``POST /v1/embeddings`` (deterministic vectors, float or base64), ``POST /v1/rerank``
+  (the Cohere/Jina shape served by Infinity and vLLM), ``POST /v1/responses`` (OpenAI's
+  Responses, JSON or its event stream; `previous_response_id` must name one of its own) and
+  ``POST /v1/completions`` (legacy completions). Every path also answers without the ``/v1``
+  prefix; `missing` leaves paths out (a server that does not speak a protocol: 404).
+- ``anthropic``: ``GET /v1/models``, ``POST /v1/messages`` (JSON or the real event stream)
+  and ``POST /v1/messages/count_tokens``.
+
+With `tool_calls` ({tool name: arguments}), a request that offers one of those tools and
+holds no tool result yet is answered with a call to it, in the protocol's shape; arguments
+given as a string are sent as they are (JSON or not).
 - ``tei`` (Hugging Face's Text Embeddings Inference): ``GET /info``, ``POST /rerank``
   (``{"query", "texts"}`` -> ``[{"index", "score"}]``, best first), ``POST /embed`` and the
   OpenAI-compatible ``POST /v1/embeddings``; errors are ``{"error", "error_type"}``.
@@ -45,6 +52,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from tests.support import upstream_answers as answers
 
 Protocol = Literal["openai", "anthropic", "tei"]
 FaultKind = Literal["status", "hang", "stall", "drop"]
@@ -101,11 +110,17 @@ class FakeUpstream:
     """Bytes of filler added to every JSON answer (a `padding` field), to make answers large."""
     stream_options: bool = True
     """Whether chat requests may carry `stream_options`; an older server refuses them with 400."""
+    tool_calls: dict[str, Any] = field(default_factory=dict)
+    """Tool name -> the arguments of a call to it, made when a request offers that tool."""
+    missing: tuple[str, ...] = ()
+    """Paths not served (``/v1/responses``...): a server that does not speak their protocol."""
     port: int = 0
     record_limit: int = 10_000
     requests: deque[RecordedRequest] = field(init=False)
     _fault: Fault | None = field(default=None, init=False)
     _served: int = field(default=0, init=False)
+    _responses: dict[str, str] = field(default_factory=dict, init=False)
+    """Response id -> its text, for `previous_response_id`."""
     _runner: web.AppRunner | None = field(default=None, init=False)
     _site: web.TCPSite | None = field(default=None, init=False)
 
@@ -121,10 +136,14 @@ class FakeUpstream:
             for method, path, handler_name in _TEI_ROUTES:
                 app.router.add_route(method, path, getattr(self, handler_name))
         for method, path, handler_name in _ANTHROPIC_ROUTES if self.protocol == "anthropic" else ():
+            if path in self.missing:
+                continue
             handler = getattr(self, handler_name)
             app.router.add_route(method, path, handler)
             app.router.add_route(method, path.removeprefix("/v1"), handler)
         for method, path, handler_name in _OPENAI_ROUTES if self.protocol == "openai" else ():
+            if path in self.missing:
+                continue
             handler = getattr(self, handler_name)
             app.router.add_route(method, path, handler)
             app.router.add_route(method, path.removeprefix("/v1"), handler)
@@ -360,6 +379,11 @@ class FakeUpstream:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         base: _JSON = {"id": f"chatcmpl-{self.name}", "created": int(time.time()), "model": model}
         base["system_fingerprint"] = self.name
+        offered = [t.get("function", {}).get("name") for t in body.get("tools") or []]
+        answered = any(m.get("role") == "tool" for m in body.get("messages", []))
+        call = self._tool_call(offered, answered)
+        if call is not None:
+            return await self._chat_tool_call(request, body, base, usage, *call)
         if not body.get("stream"):
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
@@ -376,6 +400,79 @@ class FakeUpstream:
             chunks.append({**chunk, "choices": [], "usage": usage})
         events = [f"data: {json.dumps(c)}\n\n".encode() for c in chunks] + [b"data: [DONE]\n\n"]
         return await self._stream(request, events)
+
+    def _tool_call(self, offered: list[Any], answered: bool) -> tuple[str, Any] | None:
+        """The tool call to answer with: one of `tool_calls` the request offers, before any result."""
+        if answered:
+            return None
+        for name in offered:
+            if isinstance(name, str) and name in self.tool_calls:
+                return name, self.tool_calls[name]
+        return None
+
+    async def _chat_tool_call(
+        self, request: web.Request, body: _JSON, base: _JSON, usage: _JSON, name: str, arguments: Any
+    ) -> web.StreamResponse:
+        if not body.get("stream"):
+            choice = {
+                "index": 0,
+                "message": answers.chat_tool_message(name, arguments),
+                "finish_reason": "tool_calls",
+            }
+            return await self._send(
+                request, {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            )
+        chunks = answers.chat_tool_chunks({**base, "object": "chat.completion.chunk"}, name, arguments)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+        return await self._stream(request, [answers.sse(c) for c in chunks] + [b"data: [DONE]\n\n"])
+
+    async def _responses_api(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self._responses:
+            return self._error(400, f"Previous response with id '{previous}' not found.")
+        items = body.get("input")
+        items = items if isinstance(items, list) else [{"role": "user", "content": str(items or "")}]
+        prompt = _last_text(items)
+        offered = [t.get("name") for t in body.get("tools") or [] if t.get("type") == "function"]
+        answered = any(i.get("type") == "function_call_output" for i in items)
+        call = self._tool_call(offered, answered)
+        text = self._reply_text(prompt)
+        if previous is not None:
+            text += f" (after: {self._responses[previous]})"
+        output = [answers.call_item(*call)] if call is not None else [answers.text_item(text)]
+        usage = {
+            "input_tokens": len(prompt.split()),
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": len(text.split()),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": len(prompt.split()) + len(text.split()),
+        }
+        response_id = f"resp_{self.name}_{len(self._responses) + 1}"
+        self._responses[response_id] = text
+        model = str(body.get("model", self.models[0]))
+        done = answers.response(self.name, model, response_id, output, usage, previous)
+        if not body.get("stream"):
+            return await self._send(request, done)
+        return await self._stream(request, answers.response_events(done))
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        prompt = body.get("prompt", "")
+        prompt = " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
+        text = self._reply_text(prompt)
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        model = str(body.get("model", self.models[0]))
+        if not body.get("stream"):
+            return await self._send(request, answers.completion(model, text, usage))
+        with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._stream(request, answers.completion_chunks(model, text, usage, with_usage))
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = _json_body(request)
+        return await self._send(request, {"input_tokens": 1000 + len(json.dumps(body.get("messages", [])))})
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = _json_body(request)
@@ -457,6 +554,9 @@ class FakeUpstream:
         prompt = _last_text(body.get("messages", []))
         text = self._reply_text(prompt)
         usage = {"input_tokens": len(prompt.split()), "output_tokens": len(text.split())}
+        offered = [t.get("name") for t in body.get("tools") or []]
+        answered = "tool_result" in json.dumps(body.get("messages", []))
+        call = self._tool_call(offered, answered)
         message: _JSON = {
             "id": f"msg_{self.name}",
             "type": "message",
@@ -467,12 +567,19 @@ class FakeUpstream:
             "stop_sequence": None,
             "usage": usage,
         }
+        if call is not None:
+            name, arguments = call
+            given = answers.arguments_text(arguments)
+            block = {"type": "tool_use", "id": "toolu_up1", "name": name, "input": arguments}
+            message.update(
+                content=[block if isinstance(arguments, dict) else {**block, "input": given}],
+                stop_reason="tool_use",
+            )
         if not body.get("stream"):
             return await self._send(request, message)
         start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
         words = text.split(" ")
-        events: list[_JSON] = [
-            {"type": "message_start", "message": start},
+        blocks: list[_JSON] = [
             {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
             {"type": "ping"},
             *(
@@ -480,9 +587,15 @@ class FakeUpstream:
                 for t in [words[0], *(f" {w}" for w in words[1:])]
             ),
             {"type": "content_block_stop", "index": 0},
+        ]
+        if call is not None:
+            blocks = answers.messages_tool_events(*call)
+        events: list[_JSON] = [
+            {"type": "message_start", "message": start},
+            *blocks,
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
                 "usage": {"output_tokens": usage["output_tokens"]},
             },
             {"type": "message_stop"},
@@ -496,6 +609,8 @@ _OPENAI_ROUTES = (
     ("POST", "/v1/chat/completions", "_chat_completions"),
     ("POST", "/v1/embeddings", "_embeddings"),
     ("POST", "/v1/rerank", "_rerank"),
+    ("POST", "/v1/responses", "_responses_api"),
+    ("POST", "/v1/completions", "_completions"),
 )
 _TEI_ROUTES = (
     ("GET", "/info", "_tei_info"),
@@ -506,6 +621,7 @@ _TEI_ROUTES = (
 _ANTHROPIC_ROUTES = (
     ("GET", "/v1/models", "_anthropic_models"),
     ("POST", "/v1/messages", "_messages"),
+    ("POST", "/v1/messages/count_tokens", "_count_tokens"),
 )
 
 
@@ -525,9 +641,17 @@ def _last_text(messages: list[_JSON]) -> str:
     """The text of the last message, whether its content is a string or a list of parts."""
     if not messages:
         return ""
-    content = messages[-1].get("content", "")
+    last = messages[-1]
+    if last.get("type") == "function_call_output":  # a Responses item
+        return str(last.get("output", ""))
+    content = last.get("content", "")
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        texts = [
+            p.get("text") or (p.get("content") if p.get("type") == "tool_result" else "")
+            for p in content
+            if isinstance(p, dict)
+        ]
+        return " ".join(t for t in texts if isinstance(t, str) and t)
     return str(content)
 
 

@@ -172,12 +172,19 @@ async def _relay_stream(
     answer = web.StreamResponse(headers=headers)
     chunks: AsyncIterator[Any] = stream
     chunk = first
+    # A request translated from another protocol (SPEC 14): its events, from every chunk.
+    translator = call.translation.stream() if call.translation is not None else None
     try:
         await answer.prepare(call.request)
         call.answer_model = _model(chunk)
         while True:
             usage = _usage(chunk)
-            if usage is None or call.wants_usage or getattr(chunk, "choices", None):
+            if translator is not None:
+                data = chunk.model_dump_json(exclude_none=True).encode()
+                out = translator.feed(b"data: " + data + b"\n\n")
+                if out:
+                    await answer.write(out)
+            elif usage is None or call.wants_usage or getattr(chunk, "choices", None):
                 data = chunk.model_dump_json(exclude_none=True).encode()
                 await answer.write(b"data: " + data + b"\n\n")
             call.usage = usage or call.usage
@@ -185,15 +192,19 @@ async def _relay_stream(
                 async with asyncio.timeout(idle_s):
                     chunk = await anext(chunks)
             except StopAsyncIteration:
-                await answer.write(_DONE)
+                end = _DONE if translator is None else translator.feed(_DONE) + translator.close()
+                await answer.write(end)
                 break
             except Exception as exc:
                 late = isinstance(exc, TimeoutError)
                 call.broken = (
                     f"stream cut short: {f'no chunk within {idle_s:g} s' if late else type(exc).__name__}"
                 )
-                error = {"error": {"type": "upstream_failed", "message": call.broken}}
-                await answer.write(b"\n\ndata: " + json.dumps(error).encode() + b"\n\n")
+                if translator is not None:
+                    await answer.write(translator.fail(call.broken))
+                else:
+                    error = {"error": {"type": "upstream_failed", "message": call.broken}}
+                    await answer.write(b"\n\ndata: " + json.dumps(error).encode() + b"\n\n")
                 await _close(stream)
                 break
         await answer.write_eof()

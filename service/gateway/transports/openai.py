@@ -23,6 +23,12 @@ ends with an error event.
 An attempt that fails in a way the next candidate may fix (no connection, a timeout, 408,
 429, 5xx, and 401 or 403: the provider's key refused) raises `Failure`, as long as nothing
 has reached the client. Other answers are the client's, sent as they are.
+
+The same path carries requests in the other protocols to providers that speak them natively
+(SPEC 14): Responses and legacy completions to `{base_url}/responses`, `/completions`, and
+Messages to `{base_url}/messages`, or for an Anthropic provider, whose `base_url` is the API
+root, to `{base_url}/v1/messages` with the key as `x-api-key`. A 404 there, from a provider
+that speaks the protocol only by default, raises `NotSpoken` unless it names the model.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
-from service.gateway.call import VIA_HEADER, Call, Failure, falls_back
+from service.gateway.call import VIA_HEADER, Call, Failure, NotSpoken, falls_back
+from service.gateway.protocols import usage as usages
 from service.gateway.transports.base import (
     TooLarge,
     Transport,
@@ -48,6 +55,8 @@ from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
 
 _SSE = "text/event-stream"
+ANTHROPIC_VERSION = "2023-06-01"
+"""Sent to Anthropic when the client names no `anthropic-version`."""
 
 
 @dataclass(slots=True, eq=False)
@@ -83,12 +92,18 @@ class Upstream:
             key = sendable_key(provider)
         except ValueError as exc:
             key, unusable = None, str(exc)
-        if key is not None:
+        base = provider.endpoint.rstrip("/")
+        if provider.label == "anthropic" and provider.kind == "api_key":  # the API root: /v1 is ours
+            base += "/v1"
+            headers["anthropic-version"] = ANTHROPIC_VERSION
+            if key is not None:
+                headers["x-api-key"] = key
+        elif key is not None:
             headers["Authorization"] = f"Bearer {key}"
         connect = provider.connect_timeout_s
         return cls(
             provider=provider,
-            base=provider.endpoint.rstrip("/"),
+            base=base,
             headers=headers,
             plain=aiohttp.ClientTimeout(total=provider.timeout_s, sock_connect=connect),
             streaming=aiohttp.ClientTimeout(total=None, sock_connect=connect),
@@ -138,8 +153,10 @@ class OpenAITransport(Transport):
             return await self._send_stream(call, target, headers)
         response, body = await self.exchange(call, target, target.base + call.path, call.body_for(provider))
         status = response.status
+        if status == 404:
+            _check_spoken(call, provider, body)
         if status < 300:
-            call.usage = find_usage(body)
+            call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
             if target.names_models and call.usage is not None:
                 call.answer_model = find_model(body)
         upstream_headers = response.headers
@@ -188,7 +205,12 @@ class OpenAITransport(Transport):
         started = loop.time()
         url, provider = target.base + call.path, target.provider
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.
-        asked = not call.wants_usage and target.stream_options and call.purpose == "chat"
+        asked = (
+            not call.wants_usage
+            and target.stream_options
+            and call.purpose == "chat"
+            and call.upstream_protocol in ("chat", "completions")
+        )
         response: aiohttp.ClientResponse | None = None
         sent = self._headers(call, target)
         try:
@@ -233,6 +255,7 @@ class OpenAITransport(Transport):
                 target.idle_s,
                 drop_usage=asked,
                 name_model=target.names_models,
+                translator=call.translation.stream() if call.translation is not None else None,
             )
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
         try:
@@ -250,18 +273,36 @@ class OpenAITransport(Transport):
             response.close()
             raise
         response.release()
+        if status == 404:
+            _check_spoken(call, provider, body)
         if status < 300:
-            call.usage = find_usage(body)
+            call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
             if target.names_models and call.usage is not None:
                 call.answer_model = find_model(body)
         return web.Response(body=target.masked(body, status), status=status, headers=headers)
 
     def _headers(self, call: Call, target: Upstream) -> Mapping[str, str]:
-        """The upstream request's headers: the provider's, and the gateways it went through."""
+        """The upstream request's headers: the provider's, the protocol's the client sent (a
+        native request), and the gateways it went through."""
+        headers = {**call.protocol_headers, **target.headers} if call.protocol_headers else target.headers
+        if "anthropic-version" in call.protocol_headers:  # the client's version wins over the default
+            headers = {**headers, "anthropic-version": call.protocol_headers["anthropic-version"]}
         inbound = call.request.headers.get(VIA_HEADER)
         if not inbound or not self.via:
-            return target.headers
-        return {**target.headers, VIA_HEADER: f"{inbound[:1000]}, {self.via}"}
+            return headers
+        return {**headers, VIA_HEADER: f"{inbound[:1000]}, {self.via}"}
+
+
+def _check_spoken(call: Call, provider: Provider, body: bytes) -> None:
+    """A 404 on a native request's path from a provider that speaks its protocol only by
+    default: `NotSpoken`, unless the answer names the model (a model the server does not have
+    is the client's error, returned as it is)."""
+    if not call.by_default:
+        return
+    model = provider.upstream_model(call.model) if call.model else None
+    if model and model.encode() in body:
+        return
+    raise NotSpoken(call.upstream_protocol, call.path)
 
 
 def _timed_out(exc: TimeoutError, target: Upstream, otherwise: str) -> str:

@@ -7,17 +7,25 @@ whole events only and drops that usage-only chunk; a torn event waits for its en
 
 After the first byte reached the client nothing can fall back: an upstream that breaks off
 or falls silent for `idle_s` ends the stream with an error event.
+
+A stream in another protocol than the client's goes through a `translator` (SPEC 14): the
+upstream's bytes in, the client's events out, as they arrive; the usage is still read from
+the upstream's own bytes, and kept in chat's shape whatever protocol it came in.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from service.gateway.call import Call
+from service.gateway.protocols import usage as usages
+from service.gateway.protocols.messages import error as messages_error
+from service.gateway.protocols.translation import StreamTranslator
 from service.gateway.transports.base import describe_error
 from service.gateway.transports.scan import find_model, find_usage
 
@@ -36,12 +44,17 @@ async def relay_events(
     *,
     drop_usage: bool = False,
     name_model: bool = False,
+    translator: StreamTranslator | None = None,
 ) -> web.StreamResponse:
     """Relay `upstream`'s event stream (its `first` bytes read already) to the client.
 
     `drop_usage`: the usage-only chunk is the gateway's, not the client's; `name_model`: find
-    the model the stream names (`call.answer_model`), for the metrics.
+    the model the stream names (`call.answer_model`), for the metrics; `translator`: what the
+    client gets instead of the upstream's bytes.
     """
+    if translator is not None:
+        drop_usage = False  # the translator reads the usage chunk; the client never sees it
+    merge = call.upstream_protocol == "messages"  # usage comes in two parts: message_start, message_delta
     headers["Cache-Control"] = "no-cache"
     answer = web.StreamResponse(status=upstream.status, headers=headers)
     usage = None
@@ -55,12 +68,14 @@ async def relay_events(
             window = pending + chunk  # `pending`: a torn event carried over, usually empty
             end = window.rfind(b"\n\n")
             if end >= 0 and _USAGE in window:
-                usage = find_usage(window, end) or usage
+                usage = _usage_in(window, end, usage) if merge else find_usage(window, end) or usage
             if not drop_usage:
                 pending = window[end + 2 :] if end >= 0 else window
                 if len(pending) > _MAX_PENDING:  # no event boundary in sight: stop looking
                     pending = b""
-                await answer.write(chunk)
+                out = chunk if translator is None else translator.feed(chunk)
+                if out:
+                    await answer.write(out)
             elif end >= 0:
                 whole, pending = window[: end + 2], window[end + 2 :]
                 whole = _without_usage_chunks(whole)
@@ -79,10 +94,12 @@ async def relay_events(
             except aiohttp.ClientError as exc:
                 call.broken = f"stream cut short: {describe_error(exc)}"
             if call.broken is not None:
-                await answer.write(error_event(call.broken))
+                await answer.write(_broken(call, call.broken, translator))
                 break
         if drop_usage and pending and call.broken is None:
             await answer.write(pending)  # the last event, without its blank line
+        if translator is not None and call.broken is None:
+            await answer.write(translator.close())
         await answer.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         upstream.close()  # the client left: drop the upstream connection too
@@ -91,7 +108,7 @@ async def relay_events(
         upstream.close()
         raise
     upstream.release()
-    call.usage = usage
+    call.usage = usages.as_chat(call.upstream_protocol, usage)
     if name_model and call.answer_model is None and usage is not None:
         call.answer_model = find_model(window)
     return answer
@@ -101,6 +118,26 @@ def error_event(reason: str) -> bytes:
     """An SSE event the OpenAI SDKs raise as an APIError; the blank lines end any torn event."""
     error = {"error": {"type": "upstream_failed", "message": reason}}
     return b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"
+
+
+def _broken(call: Call, reason: str, translator: StreamTranslator | None) -> bytes:
+    """The event that ends a stream cut short, in the client's protocol."""
+    if translator is not None:
+        return translator.fail(reason)
+    if call.upstream_protocol == "messages":
+        data = json.dumps(messages_error(502, reason)).encode()
+        return b"\n\nevent: error\ndata: " + data + b"\n\n"
+    return error_event(reason)
+
+
+def _usage_in(window: bytes, end: int, usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Anthropic's usage so far: `message_start`'s, updated by `message_delta`'s."""
+    start = window.find(b"message_start", 0, end)
+    if start >= 0:  # its usage (input and cache tokens) is not the last one of the window
+        first = find_usage(window, window.find(b"\n\n", start))
+        usage = {**(usage or {}), **first} if first else usage
+    last = find_usage(window, end)
+    return {**(usage or {}), **last} if last else usage
 
 
 def _without_usage_chunks(events: bytes) -> bytes:

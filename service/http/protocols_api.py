@@ -1,0 +1,87 @@
+"""The gateway in the client protocols besides Chat Completions (SPEC 14).
+
+    POST /v1/messages                 Anthropic Messages                        completions
+    POST /v1/messages/count_tokens    its token count (a local estimate where
+                                      no provider speaks Messages natively)     completions
+    POST /v1/responses                OpenAI Responses                          completions
+    POST /v1/completions              legacy completions                        completions
+    GET|HEAD /                        a probe, as clients send one              no token
+
+Each is a `Call` in its protocol, through the same relay as chat: routing (purpose `chat`),
+fallback, health, metering. The token may come as `x-api-key` (service/http/auth.py); query
+parameters (`?beta=true`) are ignored; errors come in the protocol's shape, with SPEC 6's
+statuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from service.errors import HTTPError, InvalidRequest, ModelNotFound
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
+from service.gateway.forms import PATHS
+from service.gateway.protocols import messages
+from service.gateway.relay import NO_PROVIDER
+from service.http.auth import Handler, scoped
+from service.http.context import REGISTRY, RELAY
+from service.http.openai_api import answering, read_call
+
+
+def setup(app: web.Application) -> None:
+    """Add the protocols' routes."""
+    add = app.router
+    add.add_post("/v1/messages", answering(scoped("completions")(_relay("messages")), _messages_shape))
+    add.add_post(
+        "/v1/messages/count_tokens", answering(scoped("completions")(_count_tokens), _messages_shape)
+    )
+    add.add_post("/v1/responses", answering(scoped("completions")(_relay("responses"))))
+    add.add_post("/v1/completions", answering(scoped("completions")(_relay("completions"))))
+    add.add_get("/", _root)  # HEAD too: clients probe the base URL, with no token
+
+
+def _messages_shape(exc: HTTPError) -> dict[str, Any]:
+    """Anthropic's error shape, keeping what SPEC's adds (attempts, limits...) beside the message."""
+    extra = {k: v for k, v in exc.body()["error"].items() if k not in ("type", "message")}
+    return messages.error(exc.status, exc.message, **extra)
+
+
+def _relay(protocol: str) -> Handler:
+    async def relay(request: web.Request) -> web.StreamResponse:
+        call = await read_call(request, "chat", PATHS[protocol], protocol)
+        data = call.client_data
+        if protocol == "messages" and not isinstance(data.get("messages"), list):
+            raise InvalidRequest("messages: an array of messages is required", param="messages")
+        if protocol == "completions" and "prompt" not in data:
+            raise InvalidRequest("prompt: a prompt is required", param="prompt")
+        if protocol == "responses" and data.get("conversation") is not None:
+            # A vendor's stored conversation, by id: Switchboard keeps none, and would not send
+            # one client's to another's account.
+            raise InvalidRequest("conversation: Switchboard keeps no conversation", param="conversation")
+        if protocol == "responses" and data.get("previous_response_id") is not None:
+            previous = data["previous_response_id"]
+            if not isinstance(previous, str):
+                raise InvalidRequest("previous_response_id must be a string", param="previous_response_id")
+            call.pinned = previous
+        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
+
+    return relay
+
+
+async def _count_tokens(request: web.Request) -> web.StreamResponse:
+    """To a provider that speaks Messages natively; otherwise a local estimate (SPEC 14)."""
+    call = await read_call(request, "chat", PATHS["count_tokens"], "count_tokens")
+    try:
+        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
+    except ModelNotFound as exc:
+        if not exc.over_protocol:
+            raise
+    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0"}
+    return web.json_response(
+        {"input_tokens": messages.estimate_tokens(len(call.client_body))}, headers=headers
+    )
+
+
+async def _root(request: web.Request) -> web.Response:
+    return web.json_response({"service": "switchboard"})

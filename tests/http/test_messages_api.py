@@ -1,0 +1,176 @@
+"""Anthropic Messages at /v1/messages with the real `anthropic` SDK (SPEC 14): translated to
+chat for an OpenAI-protocol upstream, native to an Anthropic one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anthropic
+import pytest
+
+from tests.conftest import SopsProject
+from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream
+
+TOKEN = "tok-messages-client-0001"
+
+
+_OPEN: list[anthropic.AsyncAnthropic] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _OPEN:
+        await _OPEN.pop().close()
+
+
+def client(url: str, token: str = "unused") -> anthropic.AsyncAnthropic:  # noqa: S107 - no auth here
+    """The SDK as an application builds it (closed after the test)."""
+    _OPEN.append(anthropic.AsyncAnthropic(base_url=url, api_key=token, max_retries=0))
+    return _OPEN[-1]
+
+
+async def test_a_translated_message_and_its_stream(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", api_key=CANARY, tool_calls={"look": {"at": "it"}}) as up:
+        write_provider(sops_project, "a", base_url=up.base_url, api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            message = await sdk.messages.create(
+                model="fake-model",
+                max_tokens=100,
+                system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+                messages=[{"role": "user", "content": "hello there"}],
+                thinking={"type": "enabled", "budget_tokens": 1024},
+            )
+            assert message.content[0].type == "text" and message.content[0].text == "a says: hello there"
+            assert message.stop_reason == "end_turn" and message.role == "assistant"
+            assert message.usage.input_tokens == 2 and message.usage.output_tokens == 4
+            sent = up.requests[-1]
+            assert sent.path == "/v1/chat/completions" and sent.headers["authorization"] == f"Bearer {CANARY}"
+            assert sent.json["messages"][0] == {"role": "system", "content": "Be brief."}
+            assert "thinking" not in sent.json
+
+            tools = [{"name": "look", "description": "look at a thing", "input_schema": {"type": "object"}}]
+            async with sdk.messages.stream(
+                model="fake-model",
+                max_tokens=100,
+                tools=tools,
+                messages=[{"role": "user", "content": "look"}],
+            ) as stream:
+                kinds = [event.type async for event in stream]
+                final = await stream.get_final_message()
+            assert final.stop_reason == "tool_use"
+            assert final.content[0].type == "tool_use" and final.content[0].input == {"at": "it"}
+            assert kinds[0] == "message_start" and "input_json" in kinds and kinds[-1] == "message_stop"
+            assert final.usage.output_tokens > 0
+
+            async with sdk.messages.stream(
+                model="fake-model", max_tokens=50, messages=[{"role": "user", "content": "stream me"}]
+            ) as stream:
+                text = "".join([t async for t in stream.text_stream])
+            assert text == "a says: stream me"
+
+
+async def test_a_native_message_goes_as_it_is_with_the_providers_key(sops_project: SopsProject) -> None:
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY, models=("claude-x",)) as up:
+        write_provider(
+            sops_project,
+            "claude",
+            provider="anthropic",
+            base_url=up.url,
+            api_key=CANARY,
+            model_map={"sonnet": "claude-x"},
+        )
+        write_routing(sops_project, chat="claude")
+        write_clients(sops_project, {"cc": (TOKEN, ["completions"])})
+        async with running(sops_project) as board:
+            sdk = client(board.url, TOKEN)  # the token as `x-api-key`, as Claude Code sends it
+            raw = {
+                "model": "sonnet",
+                "max_tokens": 64,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}],
+                    }
+                ],
+                "thinking": {"type": "adaptive"},
+            }
+            message = await sdk.messages.create(
+                **raw, extra_headers={"anthropic-beta": "context-1m-2025-08-07"}
+            )  # type: ignore[arg-type]
+            assert message.content[0].text == "claude says: hi"  # type: ignore[union-attr]
+            sent = up.requests[-1]
+            assert sent.path == "/v1/messages"
+            assert sent.headers["x-api-key"] == CANARY and "authorization" not in sent.headers
+            assert sent.headers["anthropic-beta"] == "context-1m-2025-08-07"
+            assert sent.json == {**raw, "model": "claude-x"}  # as it is, but for the model's name
+            assert TOKEN not in str(sent.headers)
+
+            async with sdk.messages.stream(**raw) as stream:  # type: ignore[arg-type]
+                final = await stream.get_final_message()
+            assert final.content[0].text == "claude says: hi"  # type: ignore[union-attr]
+            assert up.requests[-1].json["stream"] is True
+            metrics = await board.metrics()
+            tokens = 'switchboard_tokens_total{client="cc",kind="%s",model="claude-x",provider="claude"} %s'
+            assert tokens % ("prompt", "2.0") in metrics and tokens % ("completion", "6.0") in metrics
+
+            counted = await sdk.messages.count_tokens(
+                model="sonnet", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert counted.input_tokens > 1000 and up.requests[-1].path == "/v1/messages/count_tokens"
+
+            with pytest.raises(anthropic.AuthenticationError) as refused:
+                await client(board.url, "tok-wrong").messages.create(**raw)  # type: ignore[arg-type]
+            assert refused.value.body["type"] == "error"  # type: ignore[index]
+
+
+async def test_count_tokens_is_a_local_estimate_where_no_provider_speaks_messages(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            short = await sdk.messages.count_tokens(
+                model="fake-model", messages=[{"role": "user", "content": "hi"}]
+            )
+            longer = await sdk.messages.count_tokens(
+                model="fake-model", messages=[{"role": "user", "content": "hi " * 500}]
+            )
+    assert 0 < short.input_tokens < longer.input_tokens
+    assert not up.requests
+
+
+async def test_errors_come_in_anthropics_shape_with_sections_6_statuses(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", models=("only-this",)) as up:
+        write_provider(sops_project, "a", base_url=up.base_url, models=["only-this"])
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            with pytest.raises(anthropic.NotFoundError) as missing:
+                await sdk.messages.create(
+                    model="other", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+            assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+            up.fail(400, times=1)
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await sdk.messages.create(
+                    model="only-this", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+            assert "injected failure 400" in str(refused.value.body)
+            up.fail(500)
+            with pytest.raises(anthropic.APIStatusError) as failed:
+                await sdk.messages.create(
+                    model="only-this", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+            assert failed.value.status_code == 502 and failed.value.body["type"] == "error"  # type: ignore[index]
+            response = await board.post("/v1/messages?beta=true", {"model": "only-this"})
+            assert (
+                response.status == 400 and (await response.json())["error"]["type"] == "invalid_request_error"
+            )
+            async with board.http.head(board.url + "/") as probe:
+                assert probe.status == 200

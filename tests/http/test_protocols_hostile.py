@@ -1,0 +1,150 @@
+"""A hostile reviewer of the protocols (SPEC 14 within SPEC 7): bodies crafted to reach another
+host or another provider's key, malformed upstream streams, tool arguments that are not JSON,
+huge and deep bodies. None may work, and none may make the service answer 500."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from tests.conftest import SopsProject
+from tests.support.gateway import CANARY, running, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream, serving, upstreams
+
+HOSTILE = {
+    "base_url": "ATTACKER",
+    "api_base": "ATTACKER",
+    "api_key": "sk-attacker-chosen",
+    "extra_headers": {"Authorization": "Bearer sk-attacker-chosen"},
+    "custom_llm_provider": "openai",
+    "metadata": {"user_id": "u"},
+}
+JSON = {"Content-Type": "application/json"}
+MESSAGE = {"model": "fake-model", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_no_field_or_header_of_any_protocol_chooses_a_host_or_a_key(sops_project: SopsProject) -> None:
+    async with upstreams(
+        {"name": "a", "api_key": CANARY},
+        {"name": "claude", "protocol": "anthropic", "api_key": CANARY},
+        {"name": "attacker"},
+    ) as (a, claude, attacker):
+        write_provider(sops_project, "a", base_url=a.base_url, api_key=CANARY, models=["fake-model"])
+        write_provider(
+            sops_project,
+            "claude",
+            provider="anthropic",
+            base_url=claude.url,
+            api_key=CANARY,
+            models=["claude-x"],
+        )
+        write_routing(sops_project, chat=["a", "claude"])
+        hostile = {k: attacker.base_url if v == "ATTACKER" else v for k, v in HOSTILE.items()}
+        headers = {"x-api-key": "sk-attacker-chosen", "anthropic-version": "2023-06-01", "Host": "127.0.0.1"}
+        async with running(sops_project) as board:
+            for path, body in (
+                ("/v1/messages", {**MESSAGE, **hostile}),  # translated for `a`
+                ("/v1/messages", {**MESSAGE, "model": "claude-x", **hostile}),  # native to `claude`
+                ("/v1/responses", {"model": "fake-model", "input": "hi", **hostile}),  # native to `a`
+                ("/v1/completions", {"model": "fake-model", "prompt": "hi", **hostile}),
+            ):
+                async with board.http.post(board.url + path, json=body, headers=headers) as response:
+                    assert response.status == 200, (path, await response.text())
+    assert not attacker.requests
+    sent = [*a.requests, *claude.requests]
+    assert len(sent) == 4 and all("sk-attacker-chosen" not in json.dumps(r.headers) for r in sent)
+    assert a.requests[0].headers["authorization"] == f"Bearer {CANARY}"
+    assert claude.requests[0].headers["x-api-key"] == CANARY
+    translated = a.requests[0].json
+    assert not set(HOSTILE) - {"metadata"} & set(translated)  # only chat's fields were translated
+
+
+async def test_tool_arguments_that_are_not_json_reach_the_client_as_they_came(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a", tool_calls={"f": "{not json"}) as up:
+        write_provider(sops_project, "a", server_type="llamacpp", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        tools = [{"name": "f", "input_schema": {"type": "object"}}]
+        async with running(sops_project) as board:
+            response = await board.post("/v1/messages", {**MESSAGE, "tools": tools})
+            assert response.status == 200
+            assert (await response.json())["content"][0]["input"] == "{not json"
+            response = await board.post("/v1/messages", {**MESSAGE, "tools": tools, "stream": True})
+            deltas = [
+                json.loads(line[5:])
+                for line in (await response.text()).splitlines()
+                if "partial_json" in line
+            ]
+            assert "".join(d["delta"]["partial_json"] for d in deltas) == "{not json"
+            tool = {"type": "function", "name": "f", "parameters": {}}
+            response = await board.post(
+                "/v1/responses", {"model": "fake-model", "input": "x", "tools": [tool]}
+            )
+            assert (await response.json())["output"][0]["arguments"] == "{not json"
+
+
+async def garbage(request: web.Request) -> web.StreamResponse:
+    """An upstream whose stream is not what it claims, then breaks off."""
+    body = await request.json()
+    if not body.get("stream"):
+        return web.Response(text="<html>not json</html>", content_type="application/json")
+    answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await answer.prepare(request)
+    await answer.write(b"data: {broken\n\ndata: [1,2]\n\n: comment\n\ndata: " + b'{"choices": "x"}\n\n')
+    await answer.write(b'data: {"choices": [{"index": 0, "delta": {"content": "half"}}]}\n\n')
+    assert request.transport is not None
+    request.transport.abort()
+    return answer
+
+
+async def test_a_malformed_upstream_never_makes_a_500(sops_project: SopsProject) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", garbage)
+    async with serving(app) as url:
+        write_provider(sops_project, "bad", server_type="llamacpp", base_url=f"{url}/v1")
+        write_routing(sops_project, chat="bad")
+        async with running(sops_project, circuit_failures=100) as board:
+            response = await board.post("/v1/messages", MESSAGE)
+            assert response.status == 502 and (await response.json())["type"] == "error"
+            response = await board.post("/v1/responses", {"model": "m", "input": "x"})
+            assert response.status == 502 and (await response.json())["error"]["type"] == "upstreams_failed"
+            response = await board.post("/v1/messages", {**MESSAGE, "stream": True})
+            text = await response.text()
+            assert response.status == 200 and "half" in text and text.rstrip().endswith("}")
+            assert "event: error" in text and "message_stop" not in text
+            response = await board.post("/v1/responses", {"model": "m", "input": "x", "stream": True})
+            assert "response.failed" in await response.text()
+
+
+def deep(depth: int) -> str:
+    """A JSON value nested `depth` arrays deep, as text (too deep for Python to encode)."""
+    return "[" * depth + "1" + "]" * depth
+
+
+async def test_huge_and_deep_bodies_are_refused_in_the_protocols_shape(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", server_type="llamacpp", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project, max_body_bytes=100_000) as board:
+            response = await board.post("/v1/messages", {**MESSAGE, "pad": "x" * 200_000})
+            assert response.status == 413 and (await response.json())["error"]["type"] == "request_too_large"
+            for depth in (*range(850, 1000, 3), 5000):  # around where parsing and encoding give up
+                nested = deep(depth)
+                call = '{"type": "tool_use", "id": "t", "name": "f", "input": {"x": ' + nested + "}}"
+                tool = '{"type": "function", "name": "f", "parameters": {"x": ' + nested + "}}"
+                for path, raw in (
+                    (
+                        "/v1/messages",
+                        '{"model": "m", "messages": [{"role": "assistant", "content": [' + call + "]}]}",
+                    ),
+                    ("/v1/responses", '{"model": "m", "input": "x", "tools": [' + tool + "]}"),
+                    (
+                        "/v1/responses",
+                        '{"model": "m", "input": "x", "stream": true, "tools": [' + tool + "]}",
+                    ),
+                    ("/v1/messages/count_tokens", '{"model": "m", "messages": [], "system": ' + nested + "}"),
+                ):
+                    async with board.http.post(board.url + path, data=raw, headers=JSON) as response:
+                        assert response.status in (200, 400), (path, depth, await response.text())

@@ -1,0 +1,169 @@
+"""OpenAI Responses at /v1/responses and legacy completions at /v1/completions, with the real
+`openai` SDK (SPEC 14): native where the provider speaks them, Responses translated otherwise,
+`previous_response_id` only where the response came from."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+
+from tests.conftest import SopsProject
+from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream, upstreams
+
+_OPEN: list[openai.AsyncOpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _OPEN:
+        await _OPEN.pop().close()
+
+
+def client(url: str, token: str = "unused") -> openai.AsyncOpenAI:  # noqa: S107 - no auth here
+    _OPEN.append(openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0))
+    return _OPEN[-1]
+
+
+TOOLS = [{"type": "function", "name": "look", "parameters": {"type": "object"}}, {"type": "web_search"}]
+
+
+async def test_a_translated_response_its_stream_and_a_tool_round_trip(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a", api_key=CANARY, tool_calls={"look": {"at": "it"}}) as up:
+        write_provider(sops_project, "a", server_type="llamacpp", base_url=up.base_url, api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            answer = await sdk.responses.create(
+                model="fake-model",
+                instructions="Be brief.",
+                input="hello there",
+                include=["reasoning.encrypted_content"],
+            )
+            assert answer.output_text == "a says: hello there" and answer.status == "completed"
+            assert answer.usage is not None and answer.usage.input_tokens == 2
+            sent = up.requests[-1]
+            assert sent.path == "/v1/chat/completions" and sent.json["messages"][0]["content"] == "Be brief."
+
+            called = await sdk.responses.create(model="fake-model", input="look", tools=TOOLS)  # type: ignore[arg-type]
+            call = called.output[0]
+            assert call.type == "function_call" and call.name == "look" and call.arguments == '{"at": "it"}'
+            assert [t["function"]["name"] for t in up.requests[-1].json["tools"]] == [
+                "look"
+            ]  # web_search dropped
+
+            history = [
+                {"role": "user", "content": "look"},
+                {
+                    "type": "function_call",
+                    "call_id": call.call_id,
+                    "name": "look",
+                    "arguments": call.arguments,
+                },
+                {"type": "function_call_output", "call_id": call.call_id, "output": "a cat"},
+            ]
+            async with sdk.responses.stream(model="fake-model", input=history, tools=TOOLS) as stream:  # type: ignore[arg-type]
+                kinds = [event.type async for event in stream]
+                final = await stream.get_final_response()
+            assert final.output_text == "a says: a cat"
+            assert (
+                kinds[:2] == ["response.created", "response.in_progress"]
+                and kinds[-1] == "response.completed"
+            )
+            assert "response.output_text.delta" in kinds
+            assert up.requests[-1].json["messages"][-1] == {
+                "role": "tool",
+                "tool_call_id": call.call_id,
+                "content": "a cat",
+            }
+
+            with pytest.raises(openai.BadRequestError) as refused:
+                await sdk.responses.create(model="fake-model", input="again", previous_response_id=answer.id)
+            assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+            assert "does not speak Responses natively" in refused.value.body["message"]  # type: ignore[index]
+
+
+async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a", "api_key": CANARY}, {"name": "b"}) as (a, b):
+        write_provider(sops_project, "a", base_url=a.base_url, api_key=CANARY)
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        write_clients(
+            sops_project, {"one": ("tok-one-0001", ["completions"]), "two": ("tok-two-0002", ["completions"])}
+        )
+        async with running(sops_project) as board:
+            sdk = client(board.url, "tok-one-0001")
+            first = await sdk.responses.create(
+                model="fake-model", input="hello", extra_headers={"OpenAI-Beta": "x=1"}
+            )
+            assert (
+                first.output_text == "a says: hello"
+                and first.id.startswith("resp_")
+                and "resp_a_1" not in first.id
+            )
+            assert a.requests[-1].path == "/v1/responses" and a.requests[-1].headers["openai-beta"] == "x=1"
+            assert a.requests[-1].headers["authorization"] == f"Bearer {CANARY}"
+
+            async with sdk.responses.stream(
+                model="fake-model", input="next", previous_response_id=first.id
+            ) as stream:
+                second = await stream.get_final_response()
+            assert a.requests[-1].json["previous_response_id"] == "resp_a_1"  # unwrapped for its upstream
+            assert second.output_text.endswith("(after: a says: hello)") and second.id != first.id
+
+            for forged in (first.id + "x", "resp_abc", "resp_a_1", first.id.replace("resp_", "resp_Zm9v", 1)):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await sdk.responses.create(model="fake-model", input="x", previous_response_id=forged)
+                assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+            with pytest.raises(openai.BadRequestError):  # another client cannot continue it
+                await client(board.url, "tok-two-0002").responses.create(
+                    model="fake-model", input="x", previous_response_id=first.id
+                )
+            a.fail(500)
+            with pytest.raises(openai.APIStatusError) as failed:  # its provider's failure, never another's
+                await sdk.responses.create(model="fake-model", input="x", previous_response_id=first.id)
+            assert failed.value.status_code == 502 and not b.requests
+
+
+async def test_a_provider_that_answers_404_on_a_default_protocol_is_skipped_and_remembered(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "a", "missing": ("/v1/responses",)}, {"name": "b"}) as (a, b):
+        write_provider(sops_project, "a", base_url=a.base_url)  # vllm: responses by default
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            first = await sdk.responses.create(model="fake-model", input="one")
+            assert first.output_text == "b says: one"
+            second = await sdk.responses.create(model="fake-model", input="two")
+            assert second.output_text == "a says: two"  # translated to chat for `a` from now on
+    assert [r.path for r in a.requests] == ["/v1/responses", "/v1/chat/completions"]
+
+
+async def test_legacy_completions_go_only_where_they_are_spoken(sops_project: SopsProject) -> None:
+    async with upstreams({"name": "a"}, {"name": "claude", "protocol": "anthropic"}) as (a, claude):
+        write_provider(sops_project, "a", base_url=a.base_url, models=["fake-model"])
+        write_provider(
+            sops_project,
+            "claude",
+            provider="anthropic",
+            base_url=claude.url,
+            api_key=CANARY,
+            models=["claude-x"],
+        )
+        write_routing(sops_project, chat=["a", "claude"])
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            done = await sdk.completions.create(model="fake-model", prompt="once upon", max_tokens=5)
+            assert done.choices[0].text == "a says: once upon" and a.requests[-1].path == "/v1/completions"
+            stream = await sdk.completions.create(model="fake-model", prompt="a time", stream=True)
+            assert "".join([c.choices[0].text async for c in stream if c.choices]) == "a says: a time"
+            assert a.requests[-1].json["stream_options"] == {"include_usage": True}  # counted, then dropped
+            with pytest.raises(openai.NotFoundError) as missing:
+                await sdk.completions.create(model="claude-x", prompt="x")
+            assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert not claude.requests
