@@ -172,7 +172,8 @@ class NotFound(HTTPError):
 
 
 class ModelNotFound(NotFound):
-    """No enabled provider in the route serves the model over the request's protocol (SPEC 6)."""
+    """No enabled provider in the route serves the model over the request's protocol
+    (docs/reference.md §6.4)."""
 
     type = "model_not_found"
 

@@ -35,7 +35,8 @@ Purpose = Literal["chat", "embeddings", "reranking"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
 ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
 Protocol = Literal["chat", "messages", "responses", "completions"]
-"""A client protocol (SPEC 14), as a provider file lists the ones its upstream speaks natively."""
+"""A client protocol (docs/reference.md §14), as a provider file lists the ones its upstream
+speaks natively."""
 Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read", "usage:read"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]

@@ -62,7 +62,7 @@ class Failure(Exception):
 
 
 class NotSpoken(Failure):
-    """A 404 for a protocol's path that the provider speaks only by default (SPEC 14): it does
+    """A 404 for a protocol's path that the provider speaks only by default (docs/reference.md §14): it does
     not speak it. The provider is skipped for the request, and remembered."""
 
     def __init__(self, protocol: str, path: str) -> None:

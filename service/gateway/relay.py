@@ -7,7 +7,7 @@ sends through each one's transport, records the outcome (circuit, counters, toke
 answers with the first that worked, or a 502 listing every attempt. It reads one snapshot
 and touches no file.
 
-Every client protocol goes through this one loop (SPEC 14): before each attempt `Forms`
+Every client protocol goes through this one loop (docs/reference.md §14): before each attempt `Forms`
 sets what the provider is sent (the request as it is where the provider speaks its protocol,
 else translated to chat), and after it a whole answer is translated back here; a stream is
 translated by its transport as it is relayed.
@@ -154,7 +154,7 @@ class Relay:
         return found
 
     def _pinned(self, call: Call, snapshot: Snapshot) -> tuple[list[Provider], ids.ResponseId]:
-        """The one provider that may continue `previous_response_id` (SPEC 14), or why none."""
+        """The one provider that may continue `previous_response_id` (docs/reference.md §14), or why none."""
         wrapped = call.pinned or ""
         pid = ids.provider_of(wrapped)
         provider = snapshot.providers.get(pid) if pid is not None else None
@@ -251,7 +251,7 @@ def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
     """A whole answer in the client's protocol (a stream was translated as it was relayed).
 
     An upstream's 2xx that is not what its protocol says fails the attempt (nothing reached the
-    client yet); its 4xx keeps its status in the client protocol's error shape (SPEC 14)."""
+    client yet); its 4xx keeps its status in the client protocol's error shape (docs/reference.md §14)."""
     translation = call.translation
     if translation is None or not isinstance(response, web.Response) or response.prepared:
         return response

@@ -68,7 +68,7 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
 
 def _token(request: web.Request) -> str | None:
     """The caller's token: `Authorization: Bearer`, or `x-api-key` as Anthropic's SDKs and Claude
-    Code send it (SPEC 14)."""
+    Code send it (docs/reference.md §14)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()

@@ -112,8 +112,8 @@ class RerankRequest(_Passed):
 
 
 class MessagesRequest(_Passed):
-    """Anthropic's Messages request (SPEC 14); `stream: true` is answered with Anthropic's events.
-    The token may come as `x-api-key`."""
+    """Anthropic's Messages request (docs/reference.md §14); `stream: true` is answered with
+    Anthropic's events. The token may come as `x-api-key`."""
 
     model: str = Field(description="the model; a provider's `model_map` may rename it")
     messages: list[JsonValue]
@@ -129,7 +129,8 @@ class CountTokensRequest(_Passed):
 
 
 class ResponsesRequest(_Passed):
-    """OpenAI's Responses request (SPEC 14); `stream: true` is answered with Responses events."""
+    """OpenAI's Responses request (docs/reference.md §14); `stream: true` is answered with
+    Responses events."""
 
     model: str = Field(description="the model; a provider's `model_map` may rename it")
     input: JsonValue = Field(None, description="a string, or a list of items")

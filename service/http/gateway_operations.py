@@ -44,7 +44,7 @@ _GATEWAY = (
 
 
 _PROTOCOLS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/completions")
-"""The paths of SPEC 14's protocols: their errors come in the protocol's own shape."""
+"""The paths of the other protocols (docs/reference.md §14): errors in the protocol's own shape."""
 
 
 def gateway(s: Schemas) -> Iterable[Operation]:
@@ -86,7 +86,7 @@ def gateway(s: Schemas) -> Iterable[Operation]:
         "GET",
         "/",
         None,
-        "A probe of the base URL, as Claude Code sends one (SPEC 14)",
+        "A probe of the base URL, as Claude Code sends one (docs/reference.md §14)",
         {"200": {"description": "the service is there", "content": {JSON: {"schema": {"type": "object"}}}}},
     )
     yield Operation(

@@ -160,7 +160,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def _ids_key(settings: Settings) -> bytes | None:
-    """The MAC key of response ids for providers without an API key (SPEC 14): derived from the
+    """The MAC key of response ids for providers without an API key (docs/reference.md §14): derived from the
     age identity, which every replica holds to decrypt the files and nobody outside does.
     None without one (each replica then makes its own)."""
     secret: str | None = None

@@ -172,7 +172,7 @@ async def _relay_stream(
     answer = web.StreamResponse(headers=headers)
     chunks: AsyncIterator[Any] = stream
     chunk = first
-    # A request translated from another protocol (SPEC 14): its events, from every chunk.
+    # A request translated from another protocol (docs/reference.md §14): its events, from every chunk.
     translator = call.translation.stream() if call.translation is not None else None
     try:
         await answer.prepare(call.request)

@@ -25,7 +25,7 @@ An attempt that fails in a way the next candidate may fix (no connection, a time
 has reached the client. Other answers are the client's, sent as they are.
 
 The same path carries requests in the other protocols to providers that speak them natively
-(SPEC 14): Responses and legacy completions to `{base_url}/responses`, `/completions`, and
+(docs/reference.md §14): Responses and legacy completions to `{base_url}/responses`, `/completions`, and
 Messages to `{base_url}/messages`, or for an Anthropic provider, whose `base_url` is the API
 root, to `{base_url}/v1/messages` with the key as `x-api-key`. A 404 there, from a provider
 that speaks the protocol only by default, raises `NotSpoken` unless it names the model.
