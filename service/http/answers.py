@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from service.config.models import Purpose, Scope, ServerType
+from service.config.metering import Budget, Price
+from service.config.models import Protocol, Purpose, Scope, ServerType
 from service.journal.events import Event
 from service.vendors import VENDORS
 
@@ -51,6 +52,10 @@ class _Provider(_Answer):
     file: str = Field(description="the file that defines it, e.g. `providers.d/gpu.yaml`")
     commit: str | None = Field(description="the last commit that touched the file; null outside git")
     health: ProviderHealth
+    # Only when the file sets them (an answer without them is what it was before they existed).
+    pricing: dict[str, Price] | None = Field(None, description="USD per million tokens, by model")
+    budget: Budget | None = Field(None, description="the provider's spending cap")
+    protocols: list[Protocol] | None = Field(None, description="the protocols its upstream speaks natively")
 
 
 class ServerAnswer(_Provider):
@@ -329,6 +334,14 @@ class ErrorDetail(BaseModel):
 class ErrorAnswer(_Answer):
     """Every error: `{"error": {"type", "message", ...}}`."""
 
+    error: ErrorDetail
+
+
+class MessagesErrorAnswer(_Answer):
+    """An error on Anthropic's Messages paths, in Anthropic's shape:
+    `{"type": "error", "error": {"type", "message", ...}}` (docs/reference.md §14)."""
+
+    type: Literal["error"]
     error: ErrorDetail
 
 
