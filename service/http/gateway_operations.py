@@ -47,6 +47,12 @@ _PROTOCOLS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1
 """The paths of the other protocols (docs/reference.md §14): errors in the protocol's own shape."""
 
 
+def _messages_errors(s: Schemas) -> str:
+    """The schema of an error on the Messages paths: Anthropic's shape."""
+    s.answer("MessagesErrorAnswer", answers.MessagesErrorAnswer)
+    return "MessagesErrorAnswer"
+
+
 def gateway(s: Schemas) -> Iterable[Operation]:
     """`/v1/chat/completions`, `/v1/embeddings`, `/v1/rerank` and `/v1/models`."""
     passed_on = {
@@ -81,6 +87,7 @@ def gateway(s: Schemas) -> Iterable[Operation]:
             },
             body=request(s.body(body.__name__, body), example),
             headers=GATEWAY_HEADERS,
+            errors_as=_messages_errors(s) if path.startswith("/v1/messages") else None,
         )
     yield Operation(
         "GET",

@@ -94,6 +94,8 @@ class Operation:
     description: str = ""
     headers: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """Headers every answer carries, errors included."""
+    errors_as: str | None = None
+    """The schema every error answer takes instead of ours (a protocol's own error shape)."""
 
     @property
     def tag(self) -> str:
@@ -114,6 +116,8 @@ class Operation:
                 "421": schemas.error("without authentication: the `Host` is not a loopback name"),
                 "503": schemas.error("the first load of the configuration is not complete"),
             } | responses
+        if self.errors_as is not None:
+            responses = {status: _error_as(r, self.errors_as) for status, r in responses.items()}
         if self.headers:
             responses = {status: with_headers(r, self.headers) for status, r in responses.items()}
         scope_line = f"Scope: `{self.scope}`." if self.scope else "No authentication."
@@ -166,6 +170,17 @@ GATEWAY_HEADERS = {
     ATTEMPTS_HEADER: header("how many upstreams were tried", pattern="^[0-9]+$"),
 }
 ETAG = header('`"<git blob id of the file written>"`: send it back as `If-Match`')
+
+
+_OUR_ERRORS = (ref("ErrorAnswer"), ref("UpstreamsFailedAnswer"))
+
+
+def _error_as(response: dict[str, Any], name: str) -> dict[str, Any]:
+    """`response` with its schema `name` when it is one of our error answers."""
+    content = response.get("content", {})
+    if content.get(JSON, {}).get("schema") not in _OUR_ERRORS:
+        return response
+    return {**response, "content": {**content, JSON: {**content[JSON], "schema": ref(name)}}}
 
 
 def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
