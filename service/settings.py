@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     circuit_cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
     max_watchers: int = Field(1000, ge=0, description="Blocking queries and event streams held at once.")
 
-    # Writes over HTTP (SPEC 8)
+    # Writes over HTTP (docs/reference.md §8)
     write_mode: Literal["commit", "branch", "off"] | None = Field(
         None, description="commit / branch / off; default: commit inside a git repository, else off."
     )
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
         "Switchboard <switchboard@localhost>", description="The committer of writes over HTTP."
     )
 
-    # Many replicas (SPEC 12)
+    # Many replicas (docs/reference.md §12)
     replica: str = Field(default_factory=socket.gethostname, description="This replica's name.")
     git_pull: str | None = Field(None, description="REMOTE/BRANCH to fetch and fast-forward to.")
     git_pull_interval_s: float = Field(30.0, gt=0, description="How often the built-in pull fetches.")
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         None, description="Redis for fan-out, heartbeats, and the limits shared by every replica (optional)."
     )
 
-    # Limits and budgets (SPEC 13)
+    # Limits and budgets (docs/reference.md §13)
     default_max_tokens: int = Field(
         4096,
         ge=1,
@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         "counts, and its share of each budget) or `refuse` (limited clients get 503).",
     )
 
-    # The usage ledger (SPEC 13)
+    # The usage ledger (docs/reference.md §13)
     usage_db: SecretStr = Field(
         SecretStr("var/usage.db"),
         description="The ledger: a SQLite file, `postgresql://…` (shared by replicas), or `off`.",
@@ -125,7 +125,7 @@ class Settings(BaseSettings):
 
     @property
     def spent_file(self) -> Path:
-        """The local snapshot of budgets' spent (SPEC 13), beside the ledger's spool."""
+        """The local snapshot of budgets' spent (docs/reference.md §13), beside the ledger's spool."""
         return self.usage_spool_dir.parent / "usage-spent.json"
 
     @property

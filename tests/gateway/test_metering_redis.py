@@ -1,4 +1,4 @@
-"""One limit across replicas (SPEC 13): two Switchboards on one Redis (Debian's redis-server)
+"""One limit across replicas (docs/reference.md §13): two Switchboards on one Redis (Debian's redis-server)
 share a client's rpm and budget; Redis stopped mid-run leaves each its share, and its return
 reconciles them."""
 
