@@ -9,8 +9,8 @@ Anthropic Messages and OpenAI Responses requests are translated to chat and back
 sends, at concurrency 1 and alternating, chat completions (native: the body goes as it is),
 Messages and Responses (translated), whole and streamed; the table gives medians over the
 rounds: each protocol's p50 latency and stream time to first byte, and what it adds over
-native chat through the same Switchboard (SPEC 14's targets: < 0.3 ms p50, < 1 ms to the
-first byte). Only 127.0.0.1 is contacted.
+native chat through the same Switchboard (the targets: < 0.3 ms p50, < 1 ms to the first
+byte). Only 127.0.0.1 is contacted.
 
 End to end, on a machine shared with other work, the noise (milliseconds) is larger than
 what is measured (microseconds); so the run starts with the translation's own cost, in

@@ -1,4 +1,5 @@
-"""Benchmark of many replicas (SPEC 12): how fast a push reaches all of three, and what fan-out costs.
+"""Benchmark of many replicas (docs/reference.md §12): how fast a push reaches all of three, and
+what fan-out costs.
 
     python -m bench.replicas                        # 20 pushes each way, 1 s polling, 5 s of lookups
     python -m bench.replicas --pushes 10 --poll-interval 2

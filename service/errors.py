@@ -176,7 +176,7 @@ class NotFound(HTTPError):
 
 class ModelNotFound(NotFound):
     """No enabled provider in the purpose's route serves the model (over the request's protocol),
-    or the purpose has no route (SPEC 6).
+    or the purpose has no route (docs/reference.md §6).
 
     Answered as OpenAI answers it (`type` and `code` both `model_not_found`), so SDKs, which
     retry a 5xx, give up at once: asking again cannot help until the configuration changes.
@@ -234,7 +234,7 @@ class PayloadTooLarge(HTTPError):
 
 class UnsupportedMediaType(HTTPError):
     """415: a body that is not JSON, or (without authentication) a state-changing request without
-    a JSON media type (SPEC 6)."""
+    a JSON media type (docs/reference.md §6)."""
 
     status = 415
     type = "unsupported_media_type"
@@ -301,13 +301,13 @@ class _Throttled(HTTPError):
 
 
 class RateLimited(_Throttled):
-    """A client over `rpm`, `tpm` or `max_parallel` (SPEC 13); `limit` names which."""
+    """A client over `rpm`, `tpm` or `max_parallel` (docs/reference.md §13); `limit` names which."""
 
     type = "rate_limited"
 
 
 class BudgetExceeded(_Throttled):
-    """A client whose budget cannot cover the request (SPEC 13); `period_end` says when it renews."""
+    """A client whose budget cannot cover the request (reference §13); `period_end` says when it renews."""
 
     type = "budget_exceeded"
 
@@ -323,7 +323,7 @@ class LimitsUnavailable(HTTPError):
 
 
 class LedgerUnavailable(HTTPError):
-    """The usage ledger's database cannot be reached now, or the ledger is off (SPEC 13)."""
+    """The usage ledger's database cannot be reached now, or the ledger is off (docs/reference.md §13)."""
 
     status = 503
     type = "ledger_unavailable"

@@ -106,7 +106,7 @@ class Metrics:
             ["provider", "model", "client", "kind"],
             registry=r,
         )
-        # usage (SPEC 13)
+        # usage (docs/reference.md §13)
         self.cost_usd = Counter(
             "switchboard_cost_usd",
             "USD spent through the gateway (what each request cost, or was charged when it said nothing).",

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     circuit_cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
     max_watchers: int = Field(1000, ge=0, description="Blocking queries and event streams held at once.")
 
-    # Writes over HTTP (SPEC 8)
+    # Writes over HTTP (docs/reference.md §8)
     write_mode: Literal["commit", "branch", "off"] | None = Field(
         None, description="commit / branch / off; default: commit inside a git repository, else off."
     )
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         "Switchboard <switchboard@localhost>", description="The committer of writes over HTTP."
     )
 
-    # Many replicas (SPEC 12)
+    # Many replicas (docs/reference.md §12)
     replica: str = Field(default_factory=socket.gethostname, description="This replica's name.")
     git_pull: str | None = Field(None, description="REMOTE/BRANCH to fetch and fast-forward to.")
     git_pull_interval_s: float = Field(30.0, gt=0, description="How often the built-in pull fetches.")
@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         None, description="Redis for fan-out, heartbeats, and the limits shared by every replica (optional)."
     )
 
-    # Limits and budgets (SPEC 13)
+    # Limits and budgets (docs/reference.md §13)
     default_max_tokens: int = Field(
         4096,
         ge=1,
@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         "counts, and its share of each budget) or `refuse` (limited clients get 503).",
     )
 
-    # The usage ledger (SPEC 13)
+    # The usage ledger (docs/reference.md §13)
     usage_db: SecretStr = Field(
         SecretStr("var/usage.db"),
         description="The ledger: a SQLite file, `postgresql://…` (shared by replicas), or `off`.",
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         Path("var/usage-spool"), description="Records not yet in the ledger's database wait here."
     )
 
-    # Traces (SPEC 14): the exporters read the rest of the `OTEL_EXPORTER_OTLP_*` variables
+    # Traces (docs/reference.md §14): the exporters read the rest of the `OTEL_EXPORTER_OTLP_*` variables
     otel_exporter: Literal["otlp", "none"] | None = Field(
         None,
         description="otlp: the gateway's spans and metrics go out over OTLP; unset or none: off.",
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
 
     @property
     def tracing(self) -> bool:
-        """Whether the gateway's spans and metrics go out over OTLP (SPEC 14)."""
+        """Whether the gateway's spans and metrics go out over OTLP (docs/reference.md §14)."""
         return self.otel_exporter == "otlp"
 
     @property
@@ -187,7 +187,7 @@ class Settings(BaseSettings):
 
     @property
     def spent_file(self) -> Path:
-        """The local snapshot of budgets' spent (SPEC 13), beside the ledger's spool."""
+        """The local snapshot of budgets' spent (docs/reference.md §13), beside the ledger's spool."""
         return self.usage_spool_dir.parent / "usage-spent.json"
 
     @property

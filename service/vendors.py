@@ -1,13 +1,13 @@
 """The third-party vendors an `api_key` provider may name, how to reach each one, and the
-protocols each vendor and server type speaks natively when its file does not say (SPEC 14)."""
+protocols each vendor and server type speaks natively when its file does not say (docs/reference.md §14)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 PROTOCOLS = ("chat", "messages", "responses", "completions")
-"""The client protocols (SPEC 14): Chat Completions, Anthropic Messages, OpenAI Responses, legacy
-completions."""
+"""The client protocols (docs/reference.md §14): Chat Completions, Anthropic Messages, OpenAI
+Responses, legacy completions."""
 
 _CHAT = ("chat",)
 _CHAT_COMPLETIONS = ("chat", "completions")

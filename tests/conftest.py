@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
@@ -54,7 +55,7 @@ class AgeIdentity:
 
 @dataclass(frozen=True)
 class SopsProject:
-    """A project directory with `.sops.yaml` (the SPEC rule), an empty `providers.d/` and a `Sops`."""
+    """A project directory with `.sops.yaml` (the documented rule), an empty `providers.d/` and a `Sops`."""
 
     root: Path
     providers: Path
@@ -98,7 +99,7 @@ def other_age_identity(tmp_path_factory: pytest.TempPathFactory) -> AgeIdentity:
 
 
 def _write_sops_yaml(root: Path, *recipients: str) -> Path:
-    """Write the SPEC's `.sops.yaml` rule for the given recipients into `root`."""
+    """Write the `.sops.yaml` rule of docs/reference.md §2.4 for the given recipients into `root`."""
     path = root / ".sops.yaml"
     path.write_text(
         "creation_rules:\n"
@@ -229,6 +230,17 @@ class Service:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with self.http.get(self.url + path, headers=headers) as response:
             return response.status, await response.text()
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `/metrics` named `name` (`switchboard_pulls_total`) whose
+        labels include `labels`: 0 when there is none."""
+        _, text = await self.text("/metrics")
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     async def stop(self) -> None:
         """Shut the service down as SIGTERM does (the event log is closed); idempotent."""

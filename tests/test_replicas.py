@@ -1,4 +1,4 @@
-"""Many replicas (SPEC 12), whole: three `switchboard serve` processes, each with its own clone,
+"""Many replicas (docs/reference.md §12), whole: three `switchboard serve` processes, each with its own clone,
 port and event log, a bare repository as the remote, and Debian's `redis-server`, all on
 loopback. Each test starts its own replicas; every wait is bounded and polled, never slept.
 """

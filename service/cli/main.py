@@ -59,7 +59,9 @@ def cli(*args: str) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"switchboard: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    except Exception as exc:  # one line, never a traceback (SPEC 3); our messages hold no secrets
+    except (
+        Exception
+    ) as exc:  # one line, never a traceback (docs/reference.md §3); our messages hold no secrets
         print(f"switchboard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 

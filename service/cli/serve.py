@@ -23,7 +23,7 @@ from service.vcs.gitrepo import GitRepo
 
 
 def has_clients_file(folder: Path, root: Path | None = None) -> bool:
-    """Whether a file of `folder` is a clients file: by its kind, never by its name (SPEC 2.3).
+    """Whether a file of `folder` is a clients file: by its kind, never by its name (docs/reference.md §2.3).
 
     A file that fails to load counts when its text says `kind: clients` (`declared_kind`):
     the service counts it the same way, so it starts with authentication on and answers 503

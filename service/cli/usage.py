@@ -1,6 +1,6 @@
 """`switchboard usage [--since 7d] [--until T] [--by client,model] [--format table|csv|json]`.
 
-Reads the ledger's database directly (SPEC 13): the service need not run, and a running one
+Reads the ledger's database directly (docs/reference.md §13): the service need not run, and a running one
 is not disturbed (SQLite's WAL lets a reader in beside the writer). `--format json` prints
 what `GET …/usage` answers, `csv` its rows, `table` (the default) the same rows with `rich`.
 """

@@ -1,4 +1,4 @@
-"""The Python client: the old integration interface, kept current by change push (SPEC 9, 11).
+"""The Python client: the old integration interface, kept current by change push (docs/reference.md §9, §11).
 
     from service.client import Switchboard
 

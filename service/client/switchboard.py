@@ -273,7 +273,7 @@ class Switchboard:
             replica = response.headers.get(REPLICA_HEADER)
         routes = parse_routes(body)
         quick = asyncio.get_running_loop().time() - started < wait / 2
-        # Another replica's index means nothing here: start over from the one it gave (SPEC 9).
+        # Another replica's index means nothing here: start over from the one it gave (docs/reference.md §9).
         # Behind a balancer that alternates replicas every answer would be such a start, at
         # once: a replica switch counts as nothing new, and the next question waits a little.
         switched = wait > 0 and self._replica is not None and replica != self._replica

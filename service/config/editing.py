@@ -1,4 +1,4 @@
-"""How a document of `providers.d/` is changed by a write over HTTP (SPEC 8), as text.
+"""How a document of `providers.d/` is changed by a write over HTTP (docs/reference.md §8), as text.
 
 A new file is written in the shape of the examples (the schema modeline, then the fields in
 a fixed order); an existing one is edited as a YAML round trip (ruamel.yaml), so comments,

@@ -260,7 +260,7 @@ class _Plan:
 def litellm_costs(provider: Provider, model: str | None) -> dict[str, float]:
     """The provider's prices for `model` (None: any) as LiteLLM names them, USD per token.
 
-    A class the model's own `pricing` entry leaves out is priced by `"*"` (SPEC 13); a class
+    A class the model's own `pricing` entry leaves out is priced by `"*"` (docs/reference.md §13); a class
     neither prices is left out, for LiteLLM to price as it would. Each price is divided by a
     million in decimal, exactly, then made the nearest binary number once: a YAML reader
     gets back the very number `Decimal` would give.

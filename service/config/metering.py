@@ -1,4 +1,4 @@
-"""What the files declare about money and limits (SPEC 13): prices, budgets and client limits.
+"""What the files declare about money and limits (docs/reference.md §13): prices, budgets and client limits.
 
 Amounts are `Decimal`s, read from YAML numbers or strings through their decimal text (never
 through a binary float's value), so `0.15` is exactly fifteen cents per million tokens.

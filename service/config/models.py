@@ -35,7 +35,8 @@ Purpose = Literal["chat", "embeddings", "reranking"]
 PURPOSES: tuple[Purpose, ...] = ("chat", "embeddings", "reranking")
 ServerType = Literal["vllm", "ollama", "llamacpp", "tgi", "lmstudio", "tei", "infinity", "openai_compatible"]
 Protocol = Literal["chat", "messages", "responses", "completions"]
-"""A client protocol (SPEC 14), as a provider file lists the ones its upstream speaks natively."""
+"""A client protocol (docs/reference.md §14), as a provider file lists the ones its upstream
+speaks natively."""
 Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read", "usage:read"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -336,7 +337,9 @@ class Client(_Document):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = Field(min_length=1)
-    limits: Limits | None = Field(None, description="Rate limits and a budget (SPEC 13); none: unlimited.")
+    limits: Limits | None = Field(
+        None, description="Rate limits and a budget (docs/reference.md §13); none: unlimited."
+    )
 
 
 class Clients(_Document):

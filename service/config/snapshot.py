@@ -23,7 +23,7 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class Attribution:
-    """Where a file's current content came from (SPEC 5): its commit and author.
+    """Where a file's current content came from (docs/reference.md §5): its commit and author.
 
     `commit` is HEAD when the file is committed unchanged there, else None with `uncommitted`;
     `author` is the author of the last commit touching the file. Outside git, all null.
@@ -41,7 +41,7 @@ NO_GIT = Attribution(None, None, False)
 def cross_check(files: Iterable[Loaded], unavailable: Collection[str] = ()) -> list[Problem]:
     """Problems between files: duplicate ids, a second routing or clients file, bad routing.
 
-    `unavailable` are provider ids whose files exist but are refused (SPEC 4): routing may
+    `unavailable` are provider ids whose files exist but are refused (docs/reference.md §4): routing may
     name them, as it may name any provider a file defines.
     """
     problems: list[Problem] = []
@@ -106,7 +106,7 @@ class Snapshot:
     commit: str | None = None
     """The commit this whole configuration is, when every file is committed unchanged in it."""
     unavailable: frozenset[str] = frozenset()
-    """Provider ids whose files are refused and have no good version (SPEC 4): routing may
+    """Provider ids whose files are refused and have no good version (docs/reference.md §4): routing may
     name them, and every reader skips them (they are not in `providers`) until one arrives."""
 
     @classmethod

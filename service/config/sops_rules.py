@@ -2,7 +2,7 @@
 
 Reading only: `service.crypto.keys` edits the file (`keygen`, `rotate`). `validate` and the
 write API check here that `.sops.yaml` encrypts `api_key` of every file that holds one,
-for at least one age recipient (SPEC 2.4).
+for at least one age recipient (docs/reference.md §2.4).
 """
 
 from __future__ import annotations

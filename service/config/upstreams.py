@@ -1,4 +1,4 @@
-"""Where upstream requests may go: `SWITCHBOARD_ALLOWED_UPSTREAMS` (SPEC 7).
+"""Where upstream requests may go: `SWITCHBOARD_ALLOWED_UPSTREAMS` (docs/reference.md §7).
 
 The setting lists networks (`10.0.0.0/8`, `192.168.1.5`, `fd00::/8`) and host names
 (`api.openai.com`, or `*.openai.azure.com` for any name below that one), comma-separated.

@@ -4,7 +4,7 @@ It needs no key. Files are parsed and checked one by one, then together (cross-f
 over each folder involved, so a single changed file is still checked against its siblings),
 and `.sops.yaml` is checked to cover the files that hold secrets. With `decrypt`, each
 encrypted file also goes through sops, which checks its MAC. A file that is a symbolic link
-out of the repository is reported unread, as the service refuses it (SPEC 4).
+out of the repository is reported unread, as the service refuses it (docs/reference.md §4).
 """
 
 from __future__ import annotations

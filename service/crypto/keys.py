@@ -3,7 +3,7 @@
 An identity is written once, in age's `keys.txt` format, mode 0600, never overwritten.
 `.sops.yaml` is edited by a ruamel.yaml round trip: every comment, the key and rule order,
 quoting and the file's indentation are kept, and only the recipients change. The rule
-Switchboard needs (SPEC 2.4) is created when no rule covers `providers.d/`.
+Switchboard needs (docs/reference.md §2.4) is created when no rule covers `providers.d/`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _check_recipient(path: Path, recipient: str) -> None:
 
 
 def add_recipient(path: Path, recipient: str) -> bool:
-    """Add `recipient` to the `providers.d/` rule, creating the SPEC rule first when none covers it.
+    """Add `recipient` to the `providers.d/` rule, creating the documented rule first when none covers it.
 
     Returns False when the recipient was already there (nothing is written).
     """

@@ -68,7 +68,7 @@ def create_token(folder: Path, name: str, scopes: Sequence[str]) -> tuple[str, P
         document = Document(_HEADER + "kind: clients\nclients: []\n")
     token = new_token()
     listed = CommentedSeq(dict.fromkeys(scopes))
-    listed.fa.set_flow_style()  # scopes: [a, b], as SPEC writes them
+    listed.fa.set_flow_style()  # scopes: [a, b], as docs/reference.md writes them
     entry = CommentedMap([("name", name), ("token_sha256", token_sha256(token)), ("scopes", listed)])
     clients = document.data.get("clients")
     if not isinstance(clients, CommentedSeq) or clients.fa.flow_style():

@@ -59,12 +59,12 @@ class Failure(Exception):
 
     @property
     def refused(self) -> bool:
-        """The upstream refused the provider's key: its circuit opens at once (SPEC 7)."""
+        """The upstream refused the provider's key: its circuit opens at once (docs/reference.md §7)."""
         return self.status is not None and refused(self.status)
 
 
 class NotSpoken(Failure):
-    """A 404 for a protocol's path that the provider speaks only by default (SPEC 14): it does
+    """A 404 for a protocol's path that the provider speaks only by default (docs/reference.md §14): it does
     not speak it. The provider is skipped for the request, and remembered."""
 
     def __init__(self, protocol: str, path: str) -> None:
@@ -73,7 +73,7 @@ class NotSpoken(Failure):
 
 
 def retryable(status: int) -> bool:
-    """Statuses the upstream may answer otherwise next time (SPEC 7): 408, 429 and 5xx."""
+    """Statuses the upstream may answer otherwise next time (docs/reference.md §7): 408, 429 and 5xx."""
     return status >= 500 or status in (408, 429)
 
 
@@ -83,7 +83,7 @@ def refused(status: int) -> bool:
 
 
 def redirect(status: int) -> bool:
-    """3xx: an answer that names another place. None is followed (SPEC 7): the provider's key
+    """3xx: an answer that names another place. None is followed (docs/reference.md §7): the provider's key
     goes only to its `base_url`, so for a request it is a failure of the provider."""
     return 300 <= status < 400
 

@@ -66,7 +66,9 @@ async def list_models(provider: Provider, session: aiohttp.ClientSession) -> Mod
     try:
         async with session.get(url, headers=headers, timeout=timeout, allow_redirects=False) as response:
             status = response.status
-            if redirect(status):  # never followed: the key would go to the host it names (SPEC 7)
+            if redirect(
+                status
+            ):  # never followed: the key would go to the host it names (docs/reference.md §7)
                 return ModelList(None, f"HTTP {status}: a redirect, not followed", True, status)
             if status >= 400:
                 return ModelList(None, f"HTTP {status}", retryable(status), status)

@@ -1,4 +1,4 @@
-"""How a call reaches each provider in its protocol: as it is, or translated to chat (SPEC 14).
+"""How a call reaches each provider in its protocol: as it is, or translated to chat (docs/reference.md §14).
 
 A provider speaks a protocol natively when its file lists it in `protocols`, or by its
 vendor's or server type's default. A request goes as it is (model mapped) to a provider

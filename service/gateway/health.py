@@ -10,7 +10,7 @@ Two sources feed one `Health` per app:
   also fall back on (no connection, a timeout, 408, 429, 5xx) opens it. Another 4xx (no
   models endpoint) shows the provider unhealthy without touching the circuit.
 
-A 401 or 403, from a request or a check, means the provider's own key was refused (SPEC 7):
+A 401 or 403, from a request or a check, means the provider's own key was refused (docs/reference.md §7):
 the circuit opens at once and the provider is marked unhealthy with the reason, without
 waiting for confirmation. Only a request through it that succeeds (the circuit's trial)
 clears the mark: a check that lists models may succeed with a revoked key, since many
@@ -18,7 +18,7 @@ models lists are public.
 
 What `get` shows follows every result at once. A status *change* is reported to
 `on_change` (the gateway turns it into a `provider.health_changed` event and a gauge) only
-once the new status has held for `confirm` consecutive results (SPEC 5), so a flapping
+once the new status has held for `confirm` consecutive results (docs/reference.md §5), so a flapping
 provider cannot flood the log; a refused key is reported at once. The last models a
 successful check listed are kept (`models`) for `/v1/models`.
 
@@ -132,8 +132,9 @@ class Health:
         """Provider id -> the health shown instead of its own, and until when (wall clock)."""
 
     def reset(self, provider_id: str) -> None:
-        """Forget what is known of the provider (SPEC 7: its file changed, a rotated key or a new URL):
-        its circuit closes and its status is `unknown` again until a request or a check tells."""
+        """Forget what is known of the provider (docs/reference.md §7: its file changed, a rotated
+        key or a new URL): its circuit closes and its status is `unknown` again until a request or
+        a check tells."""
         self._states.pop(provider_id, None)
         self._tracks.pop(provider_id, None)
         self._held.pop(provider_id, None)
@@ -152,7 +153,7 @@ class Health:
 
     def hold(self, provider_id: str, reason: str, until: float | None) -> None:
         """Show the provider `unhealthy` for `reason` until `until` (wall-clock seconds; None:
-        until `release`), whatever checks find: it is out of budget (SPEC 13), not down."""
+        until `release`), whatever checks find: it is out of budget (docs/reference.md §13), not down."""
         held = self._held.get(provider_id)
         if held is None or held[0].reason != reason or held[1] != until:
             self._held[provider_id] = (HealthState("unhealthy", datetime.now(UTC), None, reason), until)

@@ -1,4 +1,4 @@
-"""Each request through the gateway, metered (SPEC 13): limited, priced, settled, recorded.
+"""Each request through the gateway, metered (docs/reference.md §13): limited, priced, settled, recorded.
 
 `Meter.start(call, snapshot, candidates)` is the one hook every protocol passes through, in
 the relay, once the candidates are known (after authentication, parsing and the model
@@ -306,7 +306,7 @@ class Metered:
             raise
         self._headers_on(error, use)
         if not record:
-            return  # no record (SPEC 13)
+            return  # no record (docs/reference.md §13)
         self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
 
     def abandoned(self, attempts: int) -> None:

@@ -1,4 +1,4 @@
-"""The gateway's core: try each candidate provider in turn until one answers (SPEC 7).
+"""The gateway's core: try each candidate provider in turn until one answers (docs/reference.md §7).
 
 `Relay` holds what every request shares: the router, the health of each provider, the
 transports (OpenAI's protocol directly, TEI's own for reranking on TEI, litellm for the
@@ -7,7 +7,7 @@ sends through each one's transport, records the outcome (circuit, counters, toke
 answers with the first that worked, or a 502 listing every attempt. It reads one snapshot
 and touches no file.
 
-Every client protocol goes through this one loop (SPEC 14): before each attempt `Forms`
+Every client protocol goes through this one loop (docs/reference.md §14): before each attempt `Forms`
 sets what the provider is sent (the request as it is where the provider speaks its protocol,
 else translated to chat), and after it a whole answer is translated back here; a stream is
 translated by its transport as it is relayed.
@@ -87,12 +87,12 @@ class Relay:
         """Who speaks which protocol, and the keys of response ids (`ids_key`: for providers
         without an API key; a random one keeps their ids on this replica)."""
         self.meter: Meter | None = None
-        """Limits, costs and records (SPEC 13); None: requests are not metered."""
+        """Limits, costs and records (docs/reference.md §13); None: requests are not metered."""
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
         self.tracing = tracing
-        """OpenTelemetry's spans and metrics (SPEC 14); None when off, and nothing is traced."""
+        """OpenTelemetry's spans and metrics (docs/reference.md §14); None when off, and nothing is traced."""
 
     def transport(self, provider: Provider, purpose: str, protocol: str = "chat") -> Transport:
         """How requests reach `provider`: directly when it speaks OpenAI's protocol (but TEI's
@@ -214,7 +214,7 @@ class Relay:
         return found
 
     def _pinned(self, call: Call, snapshot: Snapshot) -> tuple[list[Provider], ids.ResponseId]:
-        """The one provider that may continue `previous_response_id` (SPEC 14), or why none."""
+        """The one provider that may continue `previous_response_id` (docs/reference.md §14), or why none."""
         wrapped = call.pinned or ""
         pid = ids.provider_of(wrapped)
         provider = snapshot.providers.get(pid) if pid is not None else None
@@ -311,7 +311,7 @@ def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
     """A whole answer in the client's protocol (a stream was translated as it was relayed).
 
     An upstream's 2xx that is not what its protocol says fails the attempt (nothing reached the
-    client yet); its 4xx keeps its status in the client protocol's error shape (SPEC 14)."""
+    client yet); its 4xx keeps its status in the client protocol's error shape (docs/reference.md §14)."""
     translation = call.translation
     if translation is None or not isinstance(response, web.Response) or response.prepared:
         return response

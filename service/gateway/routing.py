@@ -1,4 +1,4 @@
-"""Which providers a request may go to, in which order (SPEC 7).
+"""Which providers a request may go to, in which order (docs/reference.md §7).
 
 The candidates of a request are its purpose's primaries, in a weighted random order, then
 its fallbacks in the order written; providers that are disabled, whose `models` exclude

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from service.config.metering import Budget, Limits, Price
-from service.config.models import Purpose, Scope, ServerType
+from service.config.models import Protocol, Purpose, Scope, ServerType
 from service.journal.events import Event
 from service.vendors import VENDORS
 
@@ -50,11 +50,13 @@ class _Provider(_Answer):
     timeout_s: float
     first_byte_timeout_s: float
     idle_timeout_s: float
-    pricing: dict[str, Price] | None = Field(None, description="only when the file prices models (SPEC 13)")
-    budget: Budget | None = Field(None, description="only when the file sets one (SPEC 13)")
     file: str = Field(description="the file that defines it, e.g. `providers.d/gpu.yaml`")
     commit: str | None = Field(description="the last commit that touched the file; null outside git")
     health: ProviderHealth
+    # Only when the file sets them (an answer without them is what it was before they existed).
+    pricing: dict[str, Price] | None = Field(None, description="USD per million tokens, by model")
+    budget: Budget | None = Field(None, description="the provider's spending cap")
+    protocols: list[Protocol] | None = Field(None, description="the protocols its upstream speaks natively")
 
 
 class ServerAnswer(_Provider):
@@ -140,7 +142,7 @@ class Branched(_Answer):
 
 class Pushed(_Answer):
     """A write from git-sync's checkout, pushed to the remote but not applied here yet: git-sync
-    did not bring it back within the wait (SPEC 12). It is served once git-sync swaps it in."""
+    did not bring it back within the wait (docs/reference.md §12). It is served once git-sync swaps it in."""
 
     pending: Literal[True]
     commit: str
@@ -248,7 +250,7 @@ class RefusedFile(_Answer):
 
 
 class SyncAnswer(_Answer):
-    """The built-in pull (SPEC 12): `failed` while the branch cannot fast-forward, and why."""
+    """The built-in pull (docs/reference.md §12): `failed` while the branch cannot fast-forward, and why."""
 
     status: Literal["ok", "failed"]
     reason: str | None
@@ -273,7 +275,7 @@ class Readiness(_Answer):
         "with Redis configured and away, `SWITCHBOARD_LIMITS_WITHOUT_REDIS`)"
     )
     ledger: Literal["ok", "degraded", "off"] = Field(
-        description="the usage ledger (SPEC 13): `degraded` while its database cannot be reached "
+        description="the usage ledger (reference §13): `degraded` while its database cannot be reached "
         "(records wait in the spool), `off` with `SWITCHBOARD_USAGE_DB=off`"
     )
     sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
@@ -348,6 +350,14 @@ class ErrorAnswer(_Answer):
     error: ErrorDetail
 
 
+class MessagesErrorAnswer(_Answer):
+    """An error on Anthropic's Messages paths, in Anthropic's shape:
+    `{"type": "error", "error": {"type", "message", ...}}` (docs/reference.md §14)."""
+
+    type: Literal["error"]
+    error: ErrorDetail
+
+
 class ProblemItem(_Answer):
     file: str
     path: str = Field(description="the field to blame, dotted (`purposes.chat.primary.0`); empty for none")
@@ -383,7 +393,7 @@ class UpstreamsFailedAnswer(_Answer):
 
 
 class LimitsUse(_Answer):
-    """What a client or provider uses now (SPEC 13); money as decimal strings of USD."""
+    """What a client or provider uses now (docs/reference.md §13); money as decimal strings of USD."""
 
     requests_60s: int
     tokens_60s: int

@@ -3,7 +3,8 @@
 The cleanup context opens the event log, records `service.started`, builds the registry
 and runs the watcher as a background task; on shutdown it stops the watcher, waits for any
 apply still running in its thread, and only then closes the log, so no append comes late.
-Every error leaves as SPEC's JSON `{"error": {"type", "message"}}` from one middleware.
+Every error leaves as the JSON of docs/reference.md §6.4, `{"error": {"type", "message"}}`, from
+one middleware.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ async def _readyz(request: web.Request) -> web.Response:
         raise NotReady("the first load of the configuration is not complete")
     keeper = request.app.get(LIMITS)
     if keeper is None or not keeper.ready.is_set():
-        raise NotReady("the budgets' spent is not read back yet (SPEC 13)")
+        raise NotReady("the budgets' spent is not read back yet (docs/reference.md §13)")
     limiter = keeper.limiter
     puller = request.app.get(PULLER)
     ledger = request.app[LEDGER].state
@@ -248,7 +249,7 @@ async def _readyz(request: web.Request) -> web.Response:
         "limits": limiter.mode,
         "ledger": ledger,
     }
-    if puller is not None:  # SWITCHBOARD_GIT_PULL (SPEC 12)
+    if puller is not None:  # SWITCHBOARD_GIT_PULL (docs/reference.md §12)
         body["sync"] = puller.status.answer()
     return web.json_response(body)
 

@@ -1,4 +1,4 @@
-"""Bearer tokens and scopes, from the clients file (SPEC 2.3 and 6).
+"""Bearer tokens and scopes, from the clients file (docs/reference.md §2.3, §6).
 
 A clients file is any file of `kind: clients`, whatever its name. With none the service
 runs without authentication, and then it only ever listens on loopback: `serve` refuses
@@ -76,7 +76,7 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
 
 def _token(request: web.Request) -> str | None:
     """The caller's token: `Authorization: Bearer`, or `x-api-key` as Anthropic's SDKs and Claude
-    Code send it (SPEC 14)."""
+    Code send it (docs/reference.md §14)."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
@@ -88,7 +88,7 @@ STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def _same_machine_only(request: web.Request) -> None:
-    """Without authentication, only what a program on this machine sends (SPEC 6).
+    """Without authentication, only what a program on this machine sends (docs/reference.md §6).
 
     A web page can make a browser send requests to 127.0.0.1, by DNS rebinding (a name of its
     own that resolves to 127.0.0.1: the `Host` is then not a loopback name, 421) or by a form
@@ -113,7 +113,7 @@ def _same_machine_only(request: web.Request) -> None:
 
 
 def _typed(request: web.Request) -> None:
-    """A body the handler may read is JSON (SPEC 6): 415 for any other media type, or none."""
+    """A body the handler may read is JSON (docs/reference.md §6): 415 for any other media type, or none."""
     if request.method in STATE_CHANGING and request.body_exists and request.content_type not in JSON_TYPES:
         raise UnsupportedMediaType(
             f"the body must be JSON (Content-Type: {' or '.join(JSON_TYPES)}), "

@@ -14,7 +14,7 @@ from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from service.http.context import SETTINGS
 
 JSON_TYPES = ("application/json", "application/merge-patch+json")
-"""The media types a write may carry (SPEC 6: a page cannot forge one of these)."""
+"""The media types a write may carry (docs/reference.md §6: a page cannot forge one of these)."""
 
 
 async def json_body(
@@ -43,7 +43,7 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-# -- what the write routes take (SPEC 8), for `GET /openapi.json` --------------------------------
+# -- what the write routes take (docs/reference.md §8), for `GET /openapi.json` ------------------------------
 # The handlers read bodies as JSON and the writer validates them as `validate` would; these
 # models only describe the bodies. Provider bodies are described from the file models instead
 # (service/http/openapi.py), so a field added to a file is a field of its body at once.
@@ -75,7 +75,7 @@ class ActiveForm(BaseModel):
     )
 
 
-# -- what the gateway takes (SPEC 7): only what it reads is described; the rest passes on -----------
+# -- what the gateway takes (docs/reference.md §7): only what it reads is described; the rest passes on ------
 
 
 class _Passed(BaseModel):
@@ -112,8 +112,8 @@ class RerankRequest(_Passed):
 
 
 class MessagesRequest(_Passed):
-    """Anthropic's Messages request (SPEC 14); `stream: true` is answered with Anthropic's events.
-    The token may come as `x-api-key`."""
+    """Anthropic's Messages request (docs/reference.md §14); `stream: true` is answered with
+    Anthropic's events. The token may come as `x-api-key`."""
 
     model: str = Field(description="the model; a provider's `model_map` may rename it")
     messages: list[JsonValue]
@@ -129,7 +129,8 @@ class CountTokensRequest(_Passed):
 
 
 class ResponsesRequest(_Passed):
-    """OpenAI's Responses request (SPEC 14); `stream: true` is answered with Responses events."""
+    """OpenAI's Responses request (docs/reference.md §14); `stream: true` is answered with
+    Responses events."""
 
     model: str = Field(description="the model; a provider's `model_map` may rename it")
     input: JsonValue = Field(None, description="a string, or a list of items")

@@ -1,4 +1,4 @@
-"""The hub of change push (SPEC 9): the index, the queries held on it, the streams' backlogs.
+"""The hub of change push (docs/reference.md §9): the index, the queries held on it, the streams' backlogs.
 
 `Changes` is the one place that knows the index and who waits for it. Events reach it from
 the threads that append them; an event of a configuration change becomes visible (moves
@@ -186,7 +186,7 @@ class Changes:
         """Return when the index moves past `index`, or after `timeout_s`, or at shutdown.
 
         An `index` ahead of ours (another replica's, or a log replaced) returns at once: the
-        client starts over from the index it gets (SPEC 9).
+        client starts over from the index it gets (docs/reference.md §9).
         """
         if self.index != index or self.closing or timeout_s <= 0:
             return

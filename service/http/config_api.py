@@ -1,4 +1,4 @@
-"""The configuration API of SPEC 6: what is active, the providers, the audit log, past states.
+"""The configuration API of docs/reference.md §6: what is active, the providers, the audit log, past states.
 
     GET /api/v1/llm-config/active                 config:read  every routed purpose, resolved
     GET /api/v1/llm-config/active/{purpose}       config:read  one purpose; 404 when not routed
@@ -14,9 +14,9 @@
 A purpose with no route in `routing.yaml` (or no routing file at all) answers 404, like an
 unknown purpose, and `active` lists exactly the purposes that `active/{purpose}` answers.
 
-A route may name a provider whose file is refused and has no good version (SPEC 4: it
+A route may name a provider whose file is refused and has no good version (docs/reference.md §4: it
 stays known to routing, and is skipped until a good version arrives). `primary` and
-`fallbacks` list only providers a request can go to, each a whole provider as SPEC 6 shows
+`fallbacks` list only providers a request can go to, each a whole provider as docs/reference.md §6 shows
 it, so a client that takes "the first healthy one" never meets a stub; such a route adds
 `"unavailable": [id, ...]`, the ids it names that are left out (their files are in
 `/readyz`'s `refused`). The key is there only when the list is not empty.
@@ -134,8 +134,9 @@ class _Rendered:
         states = tuple(health.get(i) for i in route.ids)
         if states != route.health:  # HealthState is a frozen value: equal means same answer
             route.encoded = _encode(self.route(route, health))
-            # If-None-Match compares the tag whole; If-Match on `PUT …/active/{purpose}` (SPEC 8)
-            # only its blob part, so a health change does not make an edit of the route fail.
+            # If-None-Match compares the tag whole; If-Match on `PUT …/active/{purpose}`
+            # (docs/reference.md §8) only its blob part, so a health change does not make an edit of
+            # the route fail.
             tag = body_tag(route.encoded)
             route.etag = f'"{self.routing_blob}.{tag[1:]}' if self.routing_blob else tag
             route.health = states

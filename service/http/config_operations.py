@@ -1,6 +1,6 @@
-"""The reads of the configuration API as `GET /openapi.json` describes them (SPEC 6, 9, 12).
+"""The reads of the configuration API as `GET /openapi.json` describes them (docs/reference.md §6, §9, §12).
 
-Each GET but the `secrets:read` one takes SPEC 9's conditional and blocking forms
+Each GET but the `secrets:read` one takes docs/reference.md §9's conditional and blocking forms
 (`watched`); the event stream, `whoami` and the replicas' routes are here too, beside the
 reads they watch. The parts are `service.http.operations`; `service.http.openapi` puts these
 in the document.
@@ -17,7 +17,7 @@ from service.http.operations import JSON, Operation, Schemas, header, path_id, p
 
 
 def configuration(s: Schemas) -> Iterable[Operation]:
-    """The reads of the configuration, each GET with SPEC 9's blocking forms."""
+    """The reads of the configuration, each GET with the blocking forms of docs/reference.md §9."""
     for operation in _reads(s):
         yield watched(operation, s) if _is_watched(operation) else operation
 
@@ -164,7 +164,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
     )
 
 
-# -- change push (SPEC 9) ---------------------------------------------------------------------------
+# -- change push (docs/reference.md §9) ----------------------------------------------------------------------
 
 _PUSH_HEADERS = {
     "ETag": header('the answer\'s tag; for one provider `"<git blob id>.<index>"`'),
@@ -198,7 +198,7 @@ def _is_watched(operation: Operation) -> bool:
 
 
 def watched(operation: Operation, s: Schemas) -> Operation:
-    """A GET with SPEC 9's conditional and blocking forms, and their headers on its answers."""
+    """A GET with docs/reference.md §9's conditional and blocking forms, and their headers on its answers."""
     answers_ = dict(operation.answers)
     answers_["200"] = with_headers(answers_["200"], _PUSH_HEADERS)
     answers_["304"] = with_headers(
@@ -212,7 +212,7 @@ def watched(operation: Operation, s: Schemas) -> Operation:
 
 
 def change_push(s: Schemas) -> Iterable[Operation]:
-    """The event stream and `whoami` (SPEC 9)."""
+    """The event stream and `whoami` (docs/reference.md §9)."""
     events = {
         "text/event-stream": {
             "schema": {
@@ -264,7 +264,7 @@ def change_push(s: Schemas) -> Iterable[Operation]:
             "GET",
             f"{PREFIX}/limits",
             "usage:read",
-            "Every client's and provider's limits and budget, with what each uses now (SPEC 13)",
+            "Every client's and provider's limits and budget, with what each uses now (reference §13)",
             {"200": s.returns(answers.LimitsAnswer, "clients and providers, with their use")},
             description="With Redis, the counts are every replica's; a provider's rates are this replica's.",
         ),
@@ -272,11 +272,11 @@ def change_push(s: Schemas) -> Iterable[Operation]:
     )
 
 
-# -- many replicas (SPEC 12) --------------------------------------------------------------------------
+# -- many replicas (docs/reference.md §12) -------------------------------------------------------------------
 
 
 def many_replicas(s: Schemas) -> Iterable[Operation]:
-    """The git webhook and the live replicas (SPEC 12)."""
+    """The git webhook and the live replicas (docs/reference.md §12)."""
     signature = {
         "name": replicas.GITHUB_HEADER,
         "in": "header",

@@ -1,4 +1,4 @@
-"""The web console (SPEC 10): `/ui/`, a page served from the package, on top of the public API.
+"""The web console (docs/reference.md §10): `/ui/`, a page served from the package, on top of the public API.
 
     GET /ui                      308 to `ui/`
     GET /ui/                     index.html, never cached (it names the assets' version)

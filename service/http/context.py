@@ -46,25 +46,26 @@ HEALTH = web.AppKey("health", Health)
 RELAY = web.AppKey("relay", Relay)
 WRITER = web.AppKey("writer", Writer)
 PULLER = web.AppKey("puller", Puller)
-"""Only with SWITCHBOARD_GIT_PULL (SPEC 12)."""
+"""Only with SWITCHBOARD_GIT_PULL (docs/reference.md §12)."""
 FANOUT = web.AppKey("fanout", Fanout)
-"""Only with SWITCHBOARD_REDIS_URL (SPEC 12)."""
+"""Only with SWITCHBOARD_REDIS_URL (docs/reference.md §12)."""
 TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
-"""Only with SWITCHBOARD_OTEL_EXPORTER=otlp (SPEC 14)."""
+"""Only with SWITCHBOARD_OTEL_EXPORTER=otlp (docs/reference.md §14)."""
 UPSTREAMS = web.AppKey("upstreams", AllowedUpstreams)
-"""SWITCHBOARD_ALLOWED_UPSTREAMS, parsed (SPEC 7)."""
+"""SWITCHBOARD_ALLOWED_UPSTREAMS, parsed (docs/reference.md §7)."""
 LOOKUP: web.AppKey[Lookup] = web.AppKey("lookup")
 """How upstream host names are resolved (the system's resolver; tests pass their own)."""
 RECORDS = web.AppKey("records", RecordSink)
-"""Where the gateway hands each answered request's `Record` (SPEC 13): the usage ledger when it
+"""Where the gateway hands each answered request's `Record` (docs/reference.md §13): the usage ledger when it
 is wired, else nowhere (`create_app` sets a sink that keeps nothing; set it before the app starts)."""
 SPENT = web.AppKey("spent", SpentSource)
 """Optional: what budgets had spent before a start (the usage ledger); without it the local
 snapshot of spent, and the spool if the source offers it (`SpoolSource`)."""
 LIMITS = web.AppKey("limits", Keeper)
-"""The limits and budgets (SPEC 13): `LIMITS.limiter`, kept by the keeper; set by the gateway's lifecycle."""
+"""The limits and budgets (reference §13): `LIMITS.limiter`, kept by the keeper; set by the
+gateway's lifecycle."""
 LEDGER = web.AppKey("ledger", Ledger)
-"""The usage ledger (SPEC 13), always there: the gateway hands it a `Record` per answered request
+"""The usage ledger (reference §13), always there: the gateway hands it a `Record` per answered request
 (`submit`, a `RecordSink`); with `SWITCHBOARD_USAGE_DB=off` it keeps nothing."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""

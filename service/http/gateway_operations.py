@@ -1,4 +1,4 @@
-"""The OpenAI-compatible gateway (`/v1/*`, SPEC 7) as `GET /openapi.json` describes it.
+"""The OpenAI-compatible gateway (`/v1/*`, docs/reference.md §7) as `GET /openapi.json` describes it.
 
 The upstream's answer is passed on as it is, so its schema is open; what the gateway adds
 (its headers, its own errors) is described with the parts of `service.http.operations`.
@@ -58,7 +58,13 @@ _GATEWAY = (
 
 
 _PROTOCOLS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/completions")
-"""The paths of SPEC 14's protocols: their errors come in the protocol's own shape."""
+"""The paths of the other protocols (docs/reference.md §14): errors in the protocol's own shape."""
+
+
+def _messages_errors(s: Schemas) -> str:
+    """The schema of an error on the Messages paths: Anthropic's shape."""
+    s.answer("MessagesErrorAnswer", answers.MessagesErrorAnswer)
+    return "MessagesErrorAnswer"
 
 
 def gateway(s: Schemas) -> Iterable[Operation]:
@@ -87,7 +93,7 @@ def gateway(s: Schemas) -> Iterable[Operation]:
                 ),
                 "429": with_headers(
                     s.error(
-                        "a limit of the client's refuses (SPEC 13): `rate_limited` with `limit` (`rpm`, "
+                        "a limit of the client's refuses: `rate_limited` with `limit` (`rpm`, "
                         "`tpm`, `max_parallel`), or `budget_exceeded` with `period_end`; nothing was sent"
                     ),
                     RETRY,
@@ -107,12 +113,13 @@ def gateway(s: Schemas) -> Iterable[Operation]:
             },
             body=request(s.body(body.__name__, body), example),
             headers=GATEWAY_HEADERS,
+            errors_as=_messages_errors(s) if path.startswith("/v1/messages") else None,
         )
     yield Operation(
         "GET",
         "/",
         None,
-        "A probe of the base URL, as Claude Code sends one (SPEC 14)",
+        "A probe of the base URL, as Claude Code sends one (docs/reference.md §14)",
         {"200": {"description": "the service is there", "content": {JSON: {"schema": {"type": "object"}}}}},
     )
     yield Operation(

@@ -1,4 +1,4 @@
-"""Limits and budgets over HTTP (SPEC 13), and their place in the service's lifecycle.
+"""Limits and budgets over HTTP (docs/reference.md §13), and their place in the service's lifecycle.
 
     GET /api/v1/llm-config/limits     usage:read    every client's and provider's limits, and use
 

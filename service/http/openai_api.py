@@ -1,4 +1,4 @@
-"""The OpenAI-compatible face of the gateway (SPEC 6 and 7).
+"""The OpenAI-compatible face of the gateway (docs/reference.md §6, §7).
 
     POST /v1/chat/completions, /v1/embeddings, /v1/rerank; GET /v1/models     completions
 
@@ -76,8 +76,8 @@ def _openai_shape(exc: HTTPError) -> dict[str, Any]:
 
 
 def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
-    """Errors as JSON in the protocol's `shape` (SPEC's own by default), carrying the gateway's
-    headers like every other answer."""
+    """Errors as JSON in the protocol's `shape` (by default the one of docs/reference.md §6.4),
+    carrying the gateway's headers like every other answer."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         try:
@@ -97,7 +97,7 @@ def _error(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
     headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count), **exc.headers()}
-    headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (SPEC 13)
+    headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (docs/reference.md §13)
     return web.json_response(shape(exc), status=exc.status, headers=headers)
 
 
@@ -183,7 +183,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def _ids_key(settings: Settings) -> bytes | None:
-    """The MAC key of response ids for providers without an API key (SPEC 14): derived from the
+    """The MAC key of response ids for providers without an API key (docs/reference.md §14): derived from the
     age identity, which every replica holds to decrypt the files and nobody outside does.
     None without one (each replica then makes its own)."""
     secret: str | None = None
@@ -205,7 +205,7 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 def _reset_on_update(app: web.Application) -> Callable[[Outcome], None]:
     """A provider whose file changed (a rotated key, a new URL) starts again from `unknown`, its
-    circuit closed (SPEC 7). Told by the registry's thread; the reset runs on the loop."""
+    circuit closed (docs/reference.md §7). Told by the registry's thread; the reset runs on the loop."""
     loop = asyncio.get_running_loop()
     health, gauge = app[HEALTH], app[METRICS].provider_healthy
     last = [app[REGISTRY].snapshot]

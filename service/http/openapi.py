@@ -1,4 +1,5 @@
-"""`GET /openapi.json`: the OpenAPI 3.1 description of every endpoint (SPEC 6), built once per app.
+"""`GET /openapi.json`: the OpenAPI 3.1 description of every endpoint (docs/reference.md §6),
+built once per app.
 
 This module builds the document and serves it; what each operation says (its scope,
 parameters, body, answers and headers) is in the tables beside it, one per part of the API:
@@ -103,11 +104,11 @@ _ABOUT = (
 )
 _TAGS = {
     "service": "Liveness, readiness, metrics and this document.",
-    "configuration": "What is active, the providers, the audit log, past states (SPEC 6).",
-    "writes": "Writes that become git commits (SPEC 8).",
-    "gateway": "The OpenAI-compatible gateway (SPEC 7).",
-    "replicas": "Many replicas: the git webhook, and who serves which commit (SPEC 12).",
-    "usage": "The usage ledger: every answered request, its tokens and its cost (SPEC 13).",
+    "configuration": "What is active, the providers, the audit log, past states (docs/reference.md §6).",
+    "writes": "Writes that become git commits (docs/reference.md §8).",
+    "gateway": "The OpenAI-compatible gateway (docs/reference.md §7).",
+    "replicas": "Many replicas: the git webhook, and who serves which commit (docs/reference.md §12).",
+    "usage": "The usage ledger: every answered request, its tokens and its cost (docs/reference.md §13).",
 }
 
 
@@ -160,7 +161,7 @@ def _service(s: Schemas) -> Iterable[Operation]:
         "GET",
         console.PATH,
         None,
-        "The web console (SPEC 10): a page that asks for a token and calls this API",
+        "The web console (docs/reference.md §10): a page that asks for a token and calls this API",
         {"200": {"description": "the page; never cached", "content": html}},
         description="Its assets are served from the package; a Content-Security-Policy allows this "
         "origin only.",

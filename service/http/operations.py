@@ -95,6 +95,8 @@ class Operation:
     description: str = ""
     headers: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """Headers every answer carries, errors included."""
+    errors_as: str | None = None
+    """The schema every error answer takes instead of ours (a protocol's own error shape)."""
 
     @property
     def tag(self) -> str:
@@ -119,6 +121,8 @@ class Operation:
             } | responses
             if self.method in ("POST", "PUT", "PATCH", "DELETE"):
                 responses = {"415": unsupported_media_type(schemas)} | responses
+        if self.errors_as is not None:
+            responses = {status: _error_as(r, self.errors_as) for status, r in responses.items()}
         if self.headers:
             responses = {status: with_headers(r, self.headers) for status, r in responses.items()}
         scope_line = f"Scope: `{self.scope}`." if self.scope else "No authentication."
@@ -191,6 +195,17 @@ GATEWAY_HEADERS = {
 ETAG = header('`"<git blob id of the file written>"`: send it back as `If-Match`')
 
 
+_OUR_ERRORS = (ref("ErrorAnswer"), ref("UpstreamsFailedAnswer"))
+
+
+def _error_as(response: dict[str, Any], name: str) -> dict[str, Any]:
+    """`response` with its schema `name` when it is one of our error answers."""
+    content = response.get("content", {})
+    if content.get(JSON, {}).get("schema") not in _OUR_ERRORS:
+        return response
+    return {**response, "content": {**content, JSON: {**content[JSON], "schema": ref(name)}}}
+
+
 def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
     """What a request with a JSON body may be answered besides its own errors."""
     return {
@@ -201,7 +216,7 @@ def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
 
 
 def unsupported_media_type(schemas: Schemas) -> dict[str, Any]:
-    """415, which every state-changing operation behind a token may answer (SPEC 6)."""
+    """415, which every state-changing operation behind a token may answer (docs/reference.md §6)."""
     return schemas.error(
         "a body whose `Content-Type` is not JSON (`application/json`, `application/merge-patch+json`); "
         "without authentication, any such request without a JSON media type, body or not"
@@ -209,7 +224,7 @@ def unsupported_media_type(schemas: Schemas) -> dict[str, Any]:
 
 
 def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict[str, dict[str, Any]]:
-    """What a write may be answered besides its success (SPEC 8)."""
+    """What a write may be answered besides its success (docs/reference.md §8)."""
     errors = {
         "202": schemas.returns(
             answers.WriteAccepted,

@@ -1,4 +1,4 @@
-"""The gateway in the client protocols besides Chat Completions (SPEC 14).
+"""The gateway in the client protocols besides Chat Completions (docs/reference.md §14).
 
     POST /v1/messages                 Anthropic Messages                        completions
     POST /v1/messages/count_tokens    its token count (a local estimate where
@@ -9,8 +9,8 @@
 
 Each is a `Call` in its protocol, through the same relay as chat: routing (purpose `chat`),
 fallback, health, metering. The token may come as `x-api-key` (service/http/auth.py); query
-parameters (`?beta=true`) are ignored; errors come in the protocol's shape, with SPEC 6's
-statuses.
+parameters (`?beta=true`) are ignored; errors come in the protocol's shape, with the statuses
+of docs/reference.md §6.4.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def setup(app: web.Application) -> None:
 
 
 def _messages_shape(exc: HTTPError) -> dict[str, Any]:
-    """Anthropic's error shape, keeping what SPEC's adds (attempts, limits...) beside the message."""
+    """Anthropic's error shape, keeping what ours adds (attempts, limits...) beside the message."""
     extra = {k: v for k, v in exc.body()["error"].items() if k not in ("type", "message")}
     return messages.error(exc.status, exc.message, **extra)
 
@@ -70,7 +70,7 @@ def _relay(protocol: str) -> Handler:
 
 
 async def _count_tokens(request: web.Request) -> web.StreamResponse:
-    """To a provider that speaks Messages natively; otherwise a local estimate (SPEC 14)."""
+    """To a provider that speaks Messages natively; otherwise a local estimate (docs/reference.md §14)."""
     call = await read_call(request, "chat", PATHS["count_tokens"], "count_tokens")
     try:
         return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)

@@ -1,4 +1,4 @@
-"""Change push (SPEC 9) over HTTP: conditional GETs, blocking queries, and the event stream.
+"""Change push (docs/reference.md §9) over HTTP: conditional GETs, blocking queries, and the event stream.
 
 The old design cached configuration for five minutes; here a consumer learns of a change
 the moment the service applies it:

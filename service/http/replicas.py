@@ -1,4 +1,5 @@
-"""Many replicas (SPEC 12): the git webhook, `GET …/replicas`, and the pull and fan-out they drive.
+"""Many replicas (docs/reference.md §12): the git webhook, `GET …/replicas`, and the pull and
+fan-out they drive.
 
     POST /api/v1/llm-config/hooks/git   signed by the git host     202: a pull now; 401; 404
     GET  /api/v1/llm-config/replicas    config:read                who serves which commit

@@ -1,4 +1,4 @@
-"""OpenTelemetry for the gateway (SPEC 14): started with the app when it is on, flushed when it stops.
+"""OpenTelemetry for the gateway (docs/reference.md §14): started with the app, flushed as it stops.
 
 With `SWITCHBOARD_OTEL_EXPORTER=otlp`, the cleanup context imports the SDK and the OTLP
 exporters (service/gateway/tracing/exporting.py), before the gateway's own context builds the

@@ -6,7 +6,7 @@ JSON, by provider, for the web console and anyone else who would rather not pars
 Prometheus' text: `{"since", "providers": {id: {"requests", "errors", "latency_ms",
 "tokens": {"prompt", "completion"}}}}`, every provider of the current configuration
 listed (zeros before its first request). Like every GET under the API it carries an ETag
-and takes blocking queries (SPEC 9); traffic does not move the index, so a held query
+and takes blocking queries (docs/reference.md §9); traffic does not move the index, so a held query
 answers when the configuration or a health changes, or when `wait` runs out.
 """
 

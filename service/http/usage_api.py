@@ -1,4 +1,4 @@
-"""The usage ledger over HTTP (SPEC 13), and its place in the service's lifecycle.
+"""The usage ledger over HTTP (docs/reference.md §13), and its place in the service's lifecycle.
 
     GET …/usage?since=&until=&group_by=&client=&provider=&model=&format=json|csv     usage:read
     GET …/usage/requests?client=&provider=&since=&until=&status=&limit=&cursor=      usage:read
@@ -8,7 +8,7 @@ gateway hands it each answered request's record; its cleanup context starts it b
 gateway's and stops it after (so the last requests' records are stored before the process
 ends). Every parameter is checked before anything is asked of the database (400 naming it);
 a database that is down answers 503 `ledger_unavailable`. Like every GET under the API these
-carry an ETag and answer `If-None-Match` (SPEC 9).
+carry an ETag and answer `If-None-Match` (docs/reference.md §9).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from service.usage.query import RequestsQuery, UsageQuery, usage_csv
 USAGE = f"{PREFIX}/usage"
 REQUESTS = f"{PREFIX}/usage/requests"
 _PUSH_PARAMS = frozenset({"index", "wait"})
-"""SPEC 9's parameters, which `watched` reads: not the ledger's."""
+"""docs/reference.md §9's parameters, which `watched` reads: not the ledger's."""
 
 
 def setup(app: web.Application) -> None:

@@ -1,4 +1,4 @@
-"""The usage ledger's reads (SPEC 13) as `GET /openapi.json` describes them, and their answers.
+"""The usage ledger's reads (docs/reference.md §13) as `GET /openapi.json` describes them, and their answers.
 
 `service.http.usage_api` serves them; the answers are built by `service.usage.query`, and the
 models here say their shapes (schemathesis holds the live answers to them).

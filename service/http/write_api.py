@@ -1,4 +1,4 @@
-"""Writes over HTTP that become git commits (SPEC 8), all with the scope `config:write`.
+"""Writes over HTTP that become git commits (docs/reference.md §8), all with the scope `config:write`.
 
     POST   /api/v1/llm-config/api-keys | servers            a new provider          201, Location
     PUT    /api/v1/llm-config/api-keys/{id} | servers/{id}   the whole document      200

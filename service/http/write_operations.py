@@ -1,4 +1,4 @@
-"""The writes of the configuration API as `GET /openapi.json` describes them (SPEC 8).
+"""The writes of the configuration API as `GET /openapi.json` describes them (docs/reference.md §8).
 
 Each write becomes one commit; its body, its `If-Match` and `X-Switchboard-Reason` headers
 and its answers are described here with the parts of `service.http.operations`.

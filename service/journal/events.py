@@ -105,7 +105,9 @@ class ServiceStarted(BaseEvent):
     type: Literal["service.started"] = "service.started"
     version: str
     pid: int
-    replica: str | None = Field(None, description="SWITCHBOARD_REPLICA (SPEC 12); null in older logs")
+    replica: str | None = Field(
+        None, description="SWITCHBOARD_REPLICA (docs/reference.md §12); null in older logs"
+    )
     recovered: str | None = None
 
 
@@ -170,7 +172,7 @@ class SecretRead(BaseEvent):
 
 
 class SyncFailed(BaseEvent):
-    """A pull that could not be applied (SPEC 12), once per distinct failure: the branch cannot
+    """A pull that could not be applied (docs/reference.md §12), once per distinct failure: the branch cannot
     fast-forward (local commits, local edits, a remote rewritten) or the fetch failed. The
     replica goes on serving `commit`, what it has."""
 
@@ -181,7 +183,7 @@ class SyncFailed(BaseEvent):
 
 
 class BudgetExhausted(BaseEvent):
-    """A budget refused a request for the first time in its period (SPEC 13): a client's (its
+    """A budget refused a request for the first time in its period (docs/reference.md §13): a client's (its
     request answered 429) or a provider's (skipped, the request fell back). Once per subject and
     period in each replica's log; nothing else of usage goes to the log."""
 

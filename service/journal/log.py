@@ -39,7 +39,7 @@ _E = TypeVar("_E", bound=BaseEvent)
 OnAppend = Callable[[Event], None]
 
 NOT_CONFIG_CHANGES = frozenset({"secret.read", "service.started"})
-"""Event types that do not move `config_index` (SPEC 9's X-Switchboard-Index)."""
+"""Event types that do not move `config_index` (the X-Switchboard-Index of docs/reference.md §9)."""
 
 _NAMED_FILES = frozenset({"routing.updated", "clients.updated"})
 
@@ -198,7 +198,7 @@ class EventLog:
     def config_index(self) -> int:
         """The seq of the last event but `secret.read` and `service.started` (0: none).
 
-        SPEC 9's `X-Switchboard-Index`: it moves on every configuration and health change,
+        The `X-Switchboard-Index` of docs/reference.md §9: it moves on every configuration and health change,
         and, read back from the file on open, never goes back across restarts.
         """
         return self._config_index

@@ -1,4 +1,5 @@
-"""What a write must be before it is drafted, and what it must leave valid (SPEC 8): refused 422.
+"""What a write must be before it is drafted, and what it must leave valid (docs/reference.md
+§8): refused 422.
 
 A request body is checked before anything is rendered or encrypted; the file a draft makes is
 validated exactly as `switchboard validate` would validate the commit (the file, then the folder

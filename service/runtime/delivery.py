@@ -1,4 +1,4 @@
-"""Where a write goes (SPEC 8, 12): the write mode, and the branch its commit is put on.
+"""Where a write goes (docs/reference.md §8, §12): the write mode, and the branch its commit is put on.
 
 - `commit` mode moves the branch checked out (a commit on a detached HEAD would be lost at the
   next checkout or sync); with `SWITCHBOARD_GIT_PUSH` it pushes to that branch first.

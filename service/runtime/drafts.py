@@ -1,4 +1,5 @@
-"""Drafting a write (SPEC 8): a request turned into the change of one file, on the files at a base.
+"""Drafting a write (docs/reference.md §8): a request turned into the change of one file, on the
+files at a base.
 
 A draft is made on what git holds at a base, never on the working tree, so that a push the
 remote refused can be drafted again on the remote's head. Making it reads the file from the
@@ -221,7 +222,7 @@ class Drafter:
         """Change an existing provider. The service's identity lets it re-encrypt a key it keeps,
         but a client that neither sends the key nor may read it cannot change where the key goes:
         the MAC covers every value so that nobody sends a key they cannot read to a host of
-        their choosing (SPEC 2.4), and a write over HTTP keeps that promise (403).
+        their choosing (docs/reference.md §2.4), and a write over HTTP keeps that promise (403).
 
         A write that sends a key is never "no change", even when it is the current key: the
         answer must not tell a client whether its guess was the key."""
@@ -317,7 +318,7 @@ class Drafter:
                 ) from None
 
     def committed_rules(self, base: str | None, local: str | None) -> bytes:
-        """`.sops.yaml` as committed at `base`: the recipients a write encrypts a key for (SPEC 8).
+        """`.sops.yaml` as committed at `base`: the recipients a write encrypts a key for (reference §8).
 
         Conflict when it is not in the repository or not committed, and, with `local` (the
         commit the working tree is at), when it has uncommitted changes there: a key is never

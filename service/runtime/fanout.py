@@ -1,4 +1,4 @@
-"""Redis fan-out (SPEC 12): replicas tell each other of new commits, and who serves what.
+"""Redis fan-out (docs/reference.md §12): replicas tell each other of new commits, and who serves what.
 
 Each replica publishes a heartbeat on one channel every 2 s, and at once when it applies a
 new commit: `{"replica", "instance", "commit", "generation", "ready"}`. Every replica listens;

@@ -1,4 +1,4 @@
-"""Landing a write's commit here (SPEC 8): the branch and files moved to it, then one reload.
+"""Landing a write's commit here (docs/reference.md §8): the branch and files moved to it, then one reload.
 
 A write is served only once the service applied its commit, through the watcher's path. The
 `Lander` moves the branch and the files with the watcher held off (so no reload sees half a

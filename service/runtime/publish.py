@@ -1,4 +1,4 @@
-"""A write with `SWITCHBOARD_GIT_PUSH` (SPEC 8, 12): on the remote first, then here.
+"""A write with `SWITCHBOARD_GIT_PUSH` (docs/reference.md §8, 12): on the remote first, then here.
 
 The push is a compare-and-swap on the remote's branch (`Committer.push` with the commit it
 must be at), so it never lands on a remote that moved since it was looked at, and never

@@ -50,7 +50,7 @@ class Refusal:
     """Why one file was refused, and the `kind` it declares when that can be told.
 
     The kind matters even for a file that fails: a refused `kind: clients` file keeps
-    authentication on, and a refused provider file stays known to routing (SPEC 2.3, 4).
+    authentication on, and a refused provider file stays known to routing (docs/reference.md §2.3, §4).
     """
 
     reason: str
@@ -70,7 +70,7 @@ class State:
     last_attempted_commit: str | None = None
     auth_required: bool = False
     """A clients file has been seen (good or refused) since the start: authentication stays
-    on from then on, answering 503 while no good clients are loaded (SPEC 2.3, 6)."""
+    on from then on, answering 503 while no good clients are loaded (docs/reference.md §2.3, §6)."""
 
     @property
     def degraded(self) -> bool:
@@ -150,7 +150,7 @@ class Registry:
 
         Files in `rejected` that are new or have a new reason get a `config.rejected` event.
         A refused provider file without a good version still counts as known, so routing
-        naming it applies (SPEC 4). On the first load a set that fails its cross-file checks
+        naming it applies (docs/reference.md §4). On the first load a set that fails its cross-file checks
         is retried without the files at fault, so that a broken routing file cannot keep the
         service from starting. One apply at a time, from any thread; EventLogError once the
         log is closed (the service is stopping), before anything is recorded.
@@ -311,7 +311,7 @@ def _kind(loaded: Loaded | None) -> str | None:
 
 
 def _keep_clients(files: dict[str, Loaded], refusals: dict[str, Refusal], current: Snapshot) -> None:
-    """A clients file removed while the service runs keeps its last good clients (SPEC 6)."""
+    """A clients file removed while the service runs keeps its last good clients (docs/reference.md §6)."""
     if any(isinstance(loaded.document, Clients) for loaded in files.values()):
         return
     kept = current.file_of_kind("clients")
@@ -352,7 +352,7 @@ def _read(path: Path) -> bytes | None:
 
     A file over the limit gives its head, so it is attributed as uncommitted (with the
     author of its last commit): reading it whole is what its refusal is there to avoid. A
-    symbolic link is not followed (it may lead out of the repository: SPEC 4).
+    symbolic link is not followed (it may lead out of the repository: docs/reference.md §4).
     """
     try:
         return read_limited(path, MAX_FILE_BYTES, follow=False)[0]  # a link out is never read

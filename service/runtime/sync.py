@@ -1,4 +1,5 @@
-"""The built-in pull (SPEC 12): `SWITCHBOARD_GIT_PULL=REMOTE/BRANCH`, every interval or on request.
+"""The built-in pull (docs/reference.md §12): `SWITCHBOARD_GIT_PULL=REMOTE/BRANCH`, every
+interval or on request.
 
 One pull: fetch the remote's branch; when it is ahead of the local branch and the working tree
 is clean, fast-forward the branch and its files (`Committer.advance`: an intent record, the

@@ -14,7 +14,7 @@ again after reading: a batch is one worktree's files, never a mix of two.
 
 A file that is a symbolic link is followed only within the repository (the configuration
 root, links above it resolved, as git-sync's is): one leading out of it, or into its `.git`,
-is refused unread (SPEC 4). Whoever may push to the repository can commit a link to any path
+is refused unread (docs/reference.md §4). Whoever may push to the repository can commit a link to any path
 of the replica; git, git-sync and the pull check it out as a link, and reading it would load
 another team's files or a mounted secret, whose values a refusal may quote.
 

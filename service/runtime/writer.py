@@ -1,4 +1,4 @@
-"""Writes over HTTP that become git commits (SPEC 8): the old admin API, with git as the trail.
+"""Writes over HTTP that become git commits (docs/reference.md §8): the old admin API, with git as the trail.
 
 A write never takes a shortcut into the registry. It becomes a file and a commit, and comes
 back through the same path as any change (the watcher's reload), so the event log records it
@@ -109,7 +109,7 @@ class Writer:
         """Writes that may wait for the one running; more are refused (503, `Retry-After`)."""
         self.waiting = 0
         self.apply_wait_s = APPLY_WAIT_S
-        """With git-sync: how long a write pushed waits for the swap that brings it (SPEC 12)."""
+        """With git-sync: how long a write pushed waits for the swap that brings it (reference §12)."""
         self.lander = Lander(registry, reloader, self.drafts.display)
         self.publisher = Publisher(settings, self.lander, self._prepare)
         self._running: set[asyncio.Future[Written]] = set()

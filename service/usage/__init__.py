@@ -1,4 +1,4 @@
-"""Metering (SPEC 13): what each request through the gateway cost, the limits and budgets that
+"""Metering (docs/reference.md §13): what each request through the gateway cost, the limits and budgets that
 hold it, and the ledger that records it.
 
 Fed by the gateway (a `Record` per answered request, reservations before a request is sent),

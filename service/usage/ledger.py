@@ -1,4 +1,4 @@
-"""The usage ledger (SPEC 13): one record per answered request, kept whatever happens.
+"""The usage ledger (docs/reference.md §13): one record per answered request, kept whatever happens.
 
     gateway ──submit()──▶ spool (a line, written at once) ──▶ ledger's thread ──▶ database
                                                         every ~50 ms: fsync, seal, store in

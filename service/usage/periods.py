@@ -1,4 +1,4 @@
-"""A budget's periods (SPEC 13): a UTC day, a week from Monday, a calendar month, or all time.
+"""A budget's periods (docs/reference.md §13): a UTC day, a week from Monday, a calendar month, or all time.
 
 A request counts in the period in which it was admitted: one at 23:59:59.9 in the old day,
 one at 00:00:00.0 in the new. Each period has a key that names it in counters

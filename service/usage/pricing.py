@@ -1,4 +1,4 @@
-"""What a request costs (SPEC 13): its tokens, priced per class, in exact decimal USD.
+"""What a request costs (docs/reference.md §13): its tokens, priced per class, in exact decimal USD.
 
 Prices come, class by class, from the first that has one:
 

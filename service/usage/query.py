@@ -3,7 +3,7 @@
 Parameters arrive as strings (a URL's query, the command line's flags); `UsageQuery.parse`
 and `RequestsQuery.parse` check every one and raise BadRequest (400) naming what is wrong, so
 nothing a caller sends reaches the database but as a bound value or a key from a fixed list.
-The answers' shapes are SPEC 13's exactly; `usage_csv` writes the same rows as CSV, its
+The answers' shapes are docs/reference.md §13's exactly; `usage_csv` writes the same rows as CSV, its
 columns the rows' keys.
 """
 
@@ -164,7 +164,7 @@ def too_many_groups() -> BadRequest:
 
 
 def usage_answer(query: UsageQuery, groups: Mapping[GroupKey, Totals], shared: bool) -> dict[str, Any]:
-    """SPEC 13's answer: `{"since", "until", "group_by", "rows", "totals", "shared"}`."""
+    """docs/reference.md §13's answer: `{"since", "until", "group_by", "rows", "totals", "shared"}`."""
     totals = Totals()
     rows = []
     for key in sorted(groups, key=lambda k: tuple("" if v is None else v for v in k)):
@@ -313,7 +313,7 @@ def _limit(text: str | None) -> int:
         raise BadRequest(f"`limit` is not a whole number: {text[:20]!r}") from None
     if limit < 1:
         raise BadRequest("`limit` must be at least 1")
-    return min(limit, MAX_REQUESTS)  # clamped, not refused (SPEC 13)
+    return min(limit, MAX_REQUESTS)  # clamped, not refused (docs/reference.md §13)
 
 
 def _cell(value: Any) -> Any:

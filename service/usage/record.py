@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True, slots=True)
 class Tokens:
-    """A request's tokens, normalised so that each token is counted in one class only (SPEC 13).
+    """A request's tokens, normalised so that each token is counted in one class only (docs/reference.md §13).
 
     `input` excludes cached and cache-write tokens; `output` includes `reasoning` (as OpenAI
     counts them), which is kept apart only to be reported.
@@ -40,7 +40,7 @@ class Tokens:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """The ledger's record of one answered request (SPEC 13): no prompt, no completion, no key,
+    """The ledger's record of one answered request (docs/reference.md §13): no prompt, no completion, no key,
     no token. `id` is the answer's `x-request-id`."""
 
     id: str
@@ -65,11 +65,12 @@ class Record:
     estimated: bool
     replica: str
     limited: bool = False
-    """Refused by a limit: a 429 always is; set it for a `refuse`-mode 503 too (SPEC 13 counts it
+    """Refused by a limit: a 429 always is; set it for a `refuse`-mode 503 too (reference §13 counts it
     as `limited`, not as an error). Not part of the record's JSON."""
 
     def to_json(self) -> dict[str, Any]:
-        """The record as SPEC 13's JSON: `ts` ISO 8601 UTC with `Z`, `cost_usd` a decimal string."""
+        """The record as JSON (docs/reference.md §13): `ts` ISO 8601 UTC with `Z`, `cost_usd` a
+        decimal string."""
         data = asdict(self)
         del data["limited"]
         data["ts"] = self.ts.isoformat().replace("+00:00", "Z")

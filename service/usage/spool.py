@@ -1,4 +1,4 @@
-"""The spool: records on local disk until the database holds them (SPEC 13).
+"""The spool: records on local disk until the database holds them (docs/reference.md §13).
 
 A folder of numbered segment files (`000000000001.jsonl`…), each append-only, one record a
 line. `append` writes a line to the active segment at once (a `write` into the page cache, so

@@ -1,4 +1,4 @@
-"""An upstream's `usage`, normalised into `Tokens` so that each token is counted once (SPEC 13).
+"""An upstream's `usage`, normalised into `Tokens` so that each token is counted once (docs/reference.md §13).
 
 The protocols count differently:
 

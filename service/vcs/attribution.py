@@ -1,4 +1,4 @@
-"""Which commit and author a change in `providers.d/` came from, as SPEC 5 records them.
+"""Which commit and author a change in `providers.d/` came from, as docs/reference.md §5 records them.
 
 `commit` is HEAD when the file's content is committed unchanged there; otherwise it is null
 and the event says `uncommitted`. `author` is the author of the last commit touching the

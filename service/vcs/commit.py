@@ -67,7 +67,7 @@ class Identity:
 
     @classmethod
     def client(cls, name: str) -> Identity:
-        """The author of a write by the API client `name` (SPEC 8)."""
+        """The author of a write by the API client `name` (docs/reference.md §8)."""
         return cls(name, f"{name}@clients.switchboard.invalid")
 
     def line(self, when: int) -> str:

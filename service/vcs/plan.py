@@ -45,7 +45,7 @@ class Side:
     files: Mapping[str, bytes]
     sops_config: bytes | None
     refused: Mapping[str, str] = field(default_factory=dict)
-    """Files not read, and why: in the working tree, links out of the repository (SPEC 4)."""
+    """Files not read, and why: in the working tree, links out of the repository (docs/reference.md §4)."""
 
     @property
     def label(self) -> str:
@@ -74,7 +74,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
-    """Each limit or budget the change raises, lowers, sets or removes, in words (SPEC 13)."""
+    """Each limit or budget the change raises, lowers, sets or removes, in words (docs/reference.md §13)."""
 
     @property
     def refused(self) -> bool:

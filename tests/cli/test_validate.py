@@ -307,7 +307,7 @@ def test_a_missing_path_is_an_error_not_a_traceback(
 def test_a_link_out_of_the_repository_is_reported_unread(
     project: SopsProject, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The service refuses it (SPEC 4): CI must say so before it is merged."""
+    """The service refuses it (docs/reference.md §4): CI must say so before it is merged."""
     outside = tmp_path / "elsewhere.yaml"
     outside.write_text("kind: ai_server\nid: [\n")  # would be a syntax error, if it were read
     (project.providers / "stolen.yaml").symlink_to(outside)

@@ -163,7 +163,7 @@ def test_a_provider_that_declares_no_models_is_listed_under_its_purposes_models(
     assert (weights["vendor:llama"], weights["gpu:llama"], weights["vendor:*"]) == (3.0, 1.0, 3.0)
 
 
-# -- prices (SPEC 13) ----------------------------------------------------------------------------------
+# -- prices (reference §13) ----------------------------------------------------------------------------------
 
 PRICING = {
     "*": {"input": 0.15, "output": "0.60", "cached_input": 0.075},

@@ -1,4 +1,5 @@
-"""Prices, budgets and limits as files declare them (SPEC 13): exact decimals, bounded, strict."""
+"""Prices, budgets and limits as files declare them (docs/reference.md §13): exact decimals,
+bounded, strict."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The protocols a provider's upstream speaks natively (SPEC 14): listed, or its kind's default."""
+"""The protocols a provider's upstream speaks natively (docs/reference.md §14): listed, or its
+kind's default."""
 
 from __future__ import annotations
 

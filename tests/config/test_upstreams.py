@@ -1,4 +1,4 @@
-"""`SWITCHBOARD_ALLOWED_UPSTREAMS`: what it says, and what an address or a name may reach (SPEC 7)."""
+"""`SWITCHBOARD_ALLOWED_UPSTREAMS`: what it says, and what an address or a name may reach (reference §7)."""
 
 from __future__ import annotations
 

@@ -292,7 +292,7 @@ async def _until(condition: object, timeout: float = 20) -> None:
 
 
 async def test_a_rotated_key_resets_health_and_circuit(sops_project: SopsProject) -> None:
-    """SPEC 7: a provider.updated (a rotated key, a new URL) starts the provider afresh."""
+    """docs/reference.md §7: a provider.updated (a rotated key, a new URL) starts the provider afresh."""
     async with upstreams({"name": "vendor", "api_key": "sk-new-key-0123456789"}, {"name": "backup"}) as (
         vendor,
         backup,

@@ -1,4 +1,4 @@
-"""Each request metered end to end (SPEC 13): a real Switchboard with a clients file that sets
+"""Each request metered end to end (docs/reference.md §13): a real Switchboard with a clients file that sets
 limits and budgets, in front of local stand-in vendors; records caught by a sink."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One limit across replicas (SPEC 13): two Switchboards on one Redis (Debian's redis-server)
+"""One limit across replicas (docs/reference.md §13): two Switchboards on one Redis (Debian's redis-server)
 share a client's rpm and budget; Redis stopped mid-run leaves each its share, and its return
 reconciles them."""
 
@@ -33,11 +33,25 @@ async def two(
 ) -> AsyncIterator[tuple[Switchboard, Switchboard, Records, Records]]:
     var = project.root / "var"
     async with (
-        metered(project, redis_url=url, replica="one", events=var / "one" / "events.jsonl", **settings) as (
+        metered(
+            project,
+            redis_url=url,
+            replica="one",
+            events=var / "one" / "events.jsonl",
+            usage_spool=var / "one" / "spool",
+            **settings,
+        ) as (
             a,
             ra,
         ),
-        metered(project, redis_url=url, replica="two", events=var / "two" / "events.jsonl", **settings) as (
+        metered(
+            project,
+            redis_url=url,
+            replica="two",
+            events=var / "two" / "events.jsonl",
+            usage_spool=var / "two" / "spool",
+            **settings,
+        ) as (
             b,
             rb,
         ),

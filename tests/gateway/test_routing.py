@@ -1,4 +1,4 @@
-"""Candidate ordering (SPEC 7): weighted primaries, fallbacks in order, what is skipped."""
+"""Candidate ordering (docs/reference.md §7): weighted primaries, fallbacks in order, what is skipped."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What every answer of the app holds to, whatever the route (SPEC 6): 405 with `Allow`, 415 for
+"""What every answer of the app holds to, whatever the route (docs/reference.md §6): 405 with `Allow`, 415 for
 a body that is not JSON, `HEAD /` without a token, a malformed request logged as one line."""
 
 from __future__ import annotations

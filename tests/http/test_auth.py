@@ -1,4 +1,4 @@
-"""Bearer tokens and scopes against a real served app (SPEC 2.3, 6): who may call, and what."""
+"""Bearer tokens and scopes against a real served app (docs/reference.md §2.3, §6): who may call, and what."""
 
 from __future__ import annotations
 

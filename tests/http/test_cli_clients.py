@@ -1,5 +1,5 @@
 """The command-line clients teams run behind a gateway, headless against Switchboard with a
-stand-in upstream, offline (SPEC 14): Claude Code 2.1.197 and Codex 0.171.0, pinned in
+stand-in upstream, offline (docs/reference.md §14): Claude Code 2.1.197 and Codex 0.171.0, pinned in
 tests/clients/package.json and installed from npm (`npm ci`, by .ci/run or here once).
 
 Each completes a turn with a tool call: the upstream asks for a shell `echo`, the CLI runs it

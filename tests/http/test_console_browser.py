@@ -1,4 +1,4 @@
-"""The web console in a real browser (SPEC 10): Debian's Chromium driven by Playwright.
+"""The web console in a real browser (docs/reference.md §10): Debian's Chromium driven by Playwright.
 
 Against a real service: a git repository, real sops, a clients file, stand-in upstreams. One
 browser for the session, a fresh context (so a fresh tab and sessionStorage) per test. Every

@@ -1,4 +1,5 @@
-"""`POST …/hooks/git` (SPEC 12): a signed push notification pulls now; nothing else pulls anything.
+"""`POST …/hooks/git` (docs/reference.md §12): a signed push notification pulls now; nothing
+else pulls anything.
 
 A real service with the built-in pull from a bare repository; pulls are counted from
 `/metrics` (`switchboard_pulls_total`), so "pulls nothing" is what the service itself says.

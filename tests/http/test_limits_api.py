@@ -1,4 +1,4 @@
-"""Limits and budgets through the HTTP API (SPEC 13): written over HTTP like any field of a
+"""Limits and budgets through the HTTP API (docs/reference.md §13): written over HTTP like any field of a
 provider file, and read back by `usage:read` without anything of a request's content."""
 
 from __future__ import annotations

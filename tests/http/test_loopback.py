@@ -1,4 +1,4 @@
-"""Without authentication the service serves only this machine's programs (SPEC 6): no DNS
+"""Without authentication the service serves only this machine's programs (docs/reference.md §6): no DNS
 rebinding (421 for a Host that is not a loopback name) and no forged form (JSON media type)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Anthropic Messages at /v1/messages with the real `anthropic` SDK (SPEC 14): translated to
+"""Anthropic Messages at /v1/messages with the real `anthropic` SDK (docs/reference.md §14): translated to
 chat for an OpenAI-protocol upstream, native to an Anthropic one."""
 
 from __future__ import annotations

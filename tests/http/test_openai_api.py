@@ -27,7 +27,7 @@ from tests.support.gateway import (
 from tests.support.upstreams import FakeUpstream, closed_port_url, serving, unanswered_url, upstreams
 
 JSON = {"Content-Type": "application/json"}
-"""Without authentication a POST must say it is JSON (SPEC 6), as every client library does."""
+"""Without authentication a POST must say it is JSON (docs/reference.md §6), as every client library does."""
 PROVIDER = "x-switchboard-provider"
 ATTEMPTS = "x-switchboard-attempts"
 

@@ -32,7 +32,7 @@ from tests.support.upstreams import FakeUpstream
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 TOKEN = "sb_openapi_every_scope_6f1e2d3c4b5a"
 BLOCKING = ("index", "wait", "If-None-Match")
-"""SPEC 9: every GET under the API but the stream and `secrets:read` takes these."""
+"""docs/reference.md §9: every GET under the API but the stream and `secrets:read` takes these."""
 KEY = "sk-openapi-provider-key-0a1b2c3d4e5f"
 METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
 WHERE = "service/http/openapi.py or the table of its part of the API (service/http/*_operations.py)"
@@ -122,7 +122,7 @@ def test_each_operation_names_its_scope_and_the_bearer_scheme() -> None:
         for method, op in item.items():
             scope = op.get("x-switchboard-scope")
             unauthenticated = ("/", "/healthz", "/readyz", "/metrics", PATH, "/api/v1/llm-config/hooks/git")
-            if path in unauthenticated or path.startswith("/ui"):  # SPEC 6
+            if path in unauthenticated or path.startswith("/ui"):  # docs/reference.md §6.1
                 assert scope is None and op["security"] == [], (method, path)
                 continue
             assert scope in (*SCOPES, "any") and op["security"] == [{"bearer": []}], (method, path)

@@ -1,4 +1,4 @@
-"""A hostile reviewer of the protocols (SPEC 14 within SPEC 7): bodies crafted to reach another
+"""A hostile reviewer of the protocols (docs/reference.md §14, §7): bodies crafted to reach another
 host or another provider's key, malformed upstream streams, tool arguments that are not JSON,
 huge and deep bodies. None may work, and none may make the service answer 500."""
 

@@ -1,4 +1,4 @@
-"""Writes on a replica (SPEC 12): pushed to the remote first, applied after, under its commit.
+"""Writes on a replica (docs/reference.md §12): pushed to the remote first, applied after, under its commit.
 
 A replica fed by the built-in pull moves its own branch once the push landed; one fed by
 git-sync never touches git-sync's checkout, and answers once git-sync has brought the commit

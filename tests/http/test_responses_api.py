@@ -1,5 +1,5 @@
 """OpenAI Responses at /v1/responses and legacy completions at /v1/completions, with the real
-`openai` SDK (SPEC 14): native where the provider speaks them, Responses translated otherwise,
+`openai` SDK (docs/reference.md §14): native where the provider speaks them, Responses translated otherwise,
 `previous_response_id` only where the response came from."""
 
 from __future__ import annotations

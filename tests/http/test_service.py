@@ -567,7 +567,7 @@ async def test_stopping_during_the_first_load_waits_for_its_apply_before_closing
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-# -- replica identity (SPEC 12) ----------------------------------------------------------------
+# -- replica identity (docs/reference.md §12) ----------------------------------------------------------------
 
 
 async def test_the_replica_is_named_in_service_started_readyz_and_metrics(sops_project: SopsProject) -> None:

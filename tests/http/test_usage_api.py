@@ -1,4 +1,4 @@
-"""`GET …/usage` and `GET …/usage/requests` (SPEC 13) on a live service, SQLite and PostgreSQL."""
+"""`GET …/usage` and `GET …/usage/requests` (reference §13) on a live service, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ async def _recorded(service: Service, count: int) -> None:
         status, body, _ = await _get(service, f"{REQUESTS}?limit=1000&since=30d")
         return status == 200 and len(body["requests"]) == count
 
-    await eventually(seen, timeout=2)  # SPEC 13: within 2 s of its answer
+    await eventually(seen, timeout=2)  # docs/reference.md §13: within 2 s of its answer
 
 
 async def test_records_are_seen_within_two_seconds_grouped_as_asked(service: Service) -> None:

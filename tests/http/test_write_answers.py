@@ -1,4 +1,4 @@
-"""A write's answer is the truth (SPEC 8): a 200 or 201 means committed, pushed where push is
+"""A write's answer is the truth (docs/reference.md §8): a 200 or 201 means committed, pushed where push is
 on, and served; a commit the remote has but this service does not serve is a 409 that says
 so, with its commit; nothing else that went wrong leaves a trace, local or remote, and git
 failing is a 409 with git's reason, never a 500.

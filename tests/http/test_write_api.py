@@ -1,4 +1,5 @@
-"""Writes over HTTP that become commits (SPEC 8), end to end: real sops, real git, a real server.
+"""Writes over HTTP that become commits (docs/reference.md §8), end to end: real sops, real git,
+a real server.
 
 Every write is checked where it lands: the answer, the file on disk, the commit (author,
 committer, message, reason, trailer), the event log, and what the service then serves.
@@ -30,6 +31,7 @@ from tests.conftest import (
     Service,
     SopsProject,
     _write_sops_yaml,
+    eventually,
     git,
     git_init,
     serve,
@@ -82,7 +84,7 @@ async def call(
     if token:
         sent["Authorization"] = f"Bearer {token}"
     # Every write says it is JSON, body or not, as the console does: without authentication
-    # a write without a JSON media type is 415 (SPEC 6).
+    # a write without a JSON media type is 415 (docs/reference.md §6).
     sent["Content-Type"] = content_type
     data = None
     if body is not None:
@@ -705,7 +707,7 @@ async def hostile(repo: SopsProject) -> AsyncIterator[Service]:
 async def test_a_client_that_cannot_read_a_key_cannot_send_it_to_another_host(
     repo: SopsProject, hostile: Service, method: str, body: dict[str, Any]
 ) -> None:
-    """SPEC 2.4: the MAC covers every value so that nobody can send a key they cannot read to a
+    """docs/reference.md §2.4: the MAC covers every value so that nobody can send a key they cannot read to a
     host of their choosing. The service holds the identity, so it must keep that promise itself."""
     path = repo.providers / "vendor.yaml"
     before, data = head(repo.root), path.read_bytes()
@@ -732,7 +734,7 @@ KEYED_SERVER = {"id": "keyed", "server_type": "vllm", "base_url": "http://127.0.
 async def test_a_keyed_provider_cannot_change_its_protocol_without_its_key(
     repo: SopsProject, hostile: Service, method: str, path: str, body: dict[str, Any]
 ) -> None:
-    """SPEC 8: a write that changes `server_type` or `provider` of a file holding a key, without
+    """docs/reference.md §8: a write that changes `server_type` or `provider` of a file holding a key, without
     the key, needs secrets:read as well: the protocol decides the paths and headers the key goes
     in (a `tei` server gets `/rerank` and `/info` at its root), as `base_url` decides the host.
     A `server_type` change was answered 200."""
@@ -810,7 +812,12 @@ async def test_a_write_the_service_does_not_apply_is_undone(repo: SopsProject) -
     async with serve(repo) as service:
         routing = repo.providers / "routing.yaml"
         routing.write_text("kind: routing\npurposes:\n  chat:\n    primary: [gpu, spare]\n")
-        await asyncio.sleep(0.3)  # the watcher applies the local edit
+
+        def edit_applied() -> None:
+            routing = service.registry.snapshot.routing
+            assert routing is not None and routing.purposes["chat"].primary == ["gpu", "spare"]
+
+        await eventually(edit_applied)  # the watcher applied the local edit
         before = head(repo.root)
         status, answer, _ = await call(service, "DELETE", "/servers/spare")
         assert status == 409, answer
@@ -884,7 +891,7 @@ async def test_a_kept_key_is_not_re_encrypted_for_a_recipient_it_never_had(
 async def test_a_key_is_encrypted_only_for_the_committed_recipients(
     repo: SopsProject, other_age_identity: AgeIdentity, how: str
 ) -> None:
-    """SPEC 8: a key is encrypted for the recipients of the committed `.sops.yaml`. Writes read
+    """docs/reference.md §8: a key is encrypted for the recipients of the committed `.sops.yaml`. Writes read
     the working file: whoever could edit it (a shell on the host, a bad merge left uncommitted)
     had every new or changed key encrypted for a recipient of theirs, with nothing in git to see."""
     sops_yaml = repo.root / ".sops.yaml"
@@ -925,7 +932,7 @@ async def test_a_written_key_has_the_committed_recipients_and_no_other(
 
 
 async def test_a_detached_head_takes_no_commit(repo: SopsProject) -> None:
-    """SPEC 8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
+    """docs/reference.md §8: the commit goes on the current branch. On a detached HEAD (a git-sync checkout)
     it was applied and answered 200, then lost at the next checkout."""
     git(repo.root, "checkout", "-q", "--detach")
     before = head(repo.root)
@@ -952,7 +959,7 @@ async def test_a_route_is_not_written_over_a_routing_file_that_does_not_load(
     async with serve(repo) as service:
         (repo.providers / name).write_text(good.replace("[gpu]\n", "[gpu]\n    typo: 1\n"))
         commit_all(repo.root, "a typo")
-        await asyncio.sleep(0.3)
+        await eventually(lambda: f"providers.d/{name}" in service.registry.refused)  # the typo, refused
         before = head(repo.root)
         status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
         assert status == 409 and name in answer["error"]["message"], answer
@@ -1040,7 +1047,7 @@ async def test_an_index_lock_held_by_a_person_is_409_and_changes_nothing(
     assert git(repo.root, "status", "--porcelain") == ""
 
 
-# -- where a provider may send requests: SWITCHBOARD_ALLOWED_UPSTREAMS (SPEC 7) --------------------
+# -- where a provider may send requests: SWITCHBOARD_ALLOWED_UPSTREAMS (reference §7) --------------------
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The built-in pull (SPEC 12) against a real remote: a bare repository, a replica's clone, real git.
+"""The built-in pull (docs/reference.md §12) against a real remote: a bare repository, a
+replica's clone, real git.
 
 Pulls are run by the test (`Puller.pull`) where their count matters, and otherwise by the
 service's own loop; nothing is slept for.
@@ -109,7 +110,8 @@ async def test_requests_during_a_pull_make_one_more_pull_not_one_each(
         pull.on_result = results.append
         async with pull.lock:  # the git lock held: the pull asked for now waits, as if running
             pull.request()
-            await asyncio.sleep(0.1)  # the loop took the request and waits for the lock
+            # The loop took the request (it clears it just before it waits for the lock).
+            await eventually(lambda: not pull._wanted.is_set())
             for _ in range(50):  # a flood while "it runs"
                 pull.request()
             await asyncio.sleep(0.1)
@@ -457,10 +459,12 @@ async def test_a_token_in_the_remote_url_never_reaches_readyz_or_the_log(
     secret = "glpat-SEKRET0123456789"
     git(mine.root, "remote", "set-url", "origin", f"http://127.0.0.1:1/config.git?private_token={secret}")
     async with replica(sops_project, mine) as service:
+        # The status is set before the event is appended (in a thread): wait on each one read.
         await eventually(lambda: puller(service).status.status == "failed")
         _, ready = await service.get("/readyz")
         assert "unable to access" in ready["sync"]["reason"] and secret not in json.dumps(ready)
-        assert failures(service) and all(secret not in e.reason for e in failures(service))
+        reported = await eventually(lambda: failures(service) or False)
+        assert all(secret not in e.reason for e in reported)
 
 
 async def test_a_git_error_after_the_fetch_is_a_failed_pull_reported_not_a_silent_one(

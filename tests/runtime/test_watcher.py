@@ -101,7 +101,7 @@ CANARY_PATH_SECRET = "sk-outside-the-repository-0b1c2d3e"
 async def test_a_link_out_of_the_repository_is_refused_unread(
     running_service: Service, tmp_path: Path, where: str
 ) -> None:
-    """SPEC 4: a file of providers.d/ that is a link resolving outside the repository is
+    """docs/reference.md §4: a file of providers.d/ that is a link resolving outside the repository is
     refused with a `config.rejected` event saying so, whether or not its target exists (its
     existence is no more told than its content); so is one into the repository's `.git`."""
     service, project = running_service, running_service.project
@@ -216,7 +216,7 @@ async def test_a_file_over_the_limit_is_refused_from_its_size_without_being_read
     assert service.registry.state.auth_required  # its head says what it is: a clients file
 
 
-# -- git-sync: the folder behind a link swapped to a new worktree per commit (SPEC 12) ------------
+# -- git-sync: the folder behind a link swapped to a new worktree per commit (docs/reference.md §12) ---------
 
 
 async def test_a_git_sync_swap_is_applied_at_once_as_one_generation_under_the_new_head(

@@ -1,4 +1,5 @@
-"""Real parts for SPEC 12's tests: a remote, git-sync's symlink swap, Redis, `switchboard serve`.
+"""Real parts for the tests of many replicas (docs/reference.md §12): a remote, git-sync's
+symlink swap, Redis, `switchboard serve`.
 
 - `make_remote` makes a bare repository holding a first commit of a project's files, and
   `Checkout` is a clone of it that tests commit to and push from, as a person would.

@@ -1,4 +1,4 @@
-"""Budget periods (SPEC 13): UTC days, weeks from Monday, calendar months, all time."""
+"""Budget periods (docs/reference.md §13): UTC days, weeks from Monday, calendar months, all time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Prices (SPEC 13): the file's `pricing`, then litellm's bundled map, then nothing; exact money."""
+"""Prices (reference §13): the file's `pricing`, then litellm's bundled map, then nothing; exact money."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Usage normalised before pricing (SPEC 13): each token counted once, whatever the protocol."""
+"""Usage normalised before pricing (docs/reference.md §13): each token counted once, whatever the protocol."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attributor: the commit and author of each file's current content (SPEC 5), from real git."""
+"""Attributor: the commit and author of each file's current content (docs/reference.md §5), from real git."""
 
 from __future__ import annotations
 

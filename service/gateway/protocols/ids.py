@@ -1,5 +1,5 @@
-"""Response ids that carry the provider that gave them, under a MAC (SPEC 14's
-`previous_response_id`).
+"""Response ids that carry the provider that gave them, under a MAC (`previous_response_id`,
+docs/reference.md §14).
 
 Switchboard keeps no conversation, and a response's id must be continuable at once on any
 replica: so the id itself says where the response is. The id a client gets is

@@ -1,4 +1,4 @@
-"""Anthropic Messages as Chat Completions, and back (SPEC 14).
+"""Anthropic Messages as Chat Completions, and back (docs/reference.md §14).
 
 `to_chat` turns a Messages request into a chat request: the system prompt (with any
 `system` message inside `messages`, which joins it at its place) as the first message; text,

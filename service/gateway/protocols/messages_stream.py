@@ -1,4 +1,4 @@
-"""A chat stream as Anthropic's Messages events, event for event (SPEC 14).
+"""A chat stream as Anthropic's Messages events, event for event (docs/reference.md §14).
 
     message_start, ping                      at the upstream's first chunk
     content_block_start / _delta / _stop     text (`text_delta`) and tool calls

@@ -1,4 +1,4 @@
-"""OpenAI Responses as Chat Completions, and back (SPEC 14).
+"""OpenAI Responses as Chat Completions, and back (docs/reference.md §14).
 
 `to_chat` turns a Responses request into a chat request: `instructions` and the leading
 `system`/`developer` messages as one system prompt; `input` as a user message (a string) or

@@ -1,4 +1,4 @@
-"""A chat stream as Responses events, event for event (SPEC 14).
+"""A chat stream as Responses events, event for event (docs/reference.md §14).
 
     response.created, response.in_progress                 at the upstream's first chunk
     response.output_item.added                             each message and function call

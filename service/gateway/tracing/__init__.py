@@ -1,4 +1,4 @@
-"""OpenTelemetry traces and metrics of the gateway's requests (SPEC 14), when they are on.
+"""OpenTelemetry traces and metrics of the gateway's requests (docs/reference.md §14), when they are on.
 
     semconv.py    the names of OpenTelemetry's GenAI conventions, and a request mapped onto them
     spans.py      Tracing: a request's span, a child span per attempt, the `traceparent` sent

@@ -47,7 +47,7 @@ SCOPE = "switchboard.gateway"
 """The instrumentation scope of the spans and metrics."""
 _CLIENT_INPUT_LOGGERS = ("opentelemetry.trace.propagation.tracecontext", "opentelemetry.trace.span")
 """OpenTelemetry's loggers that warn of a malformed `traceparent` or `tracestate`, quoting it: a
-client's header, which starts a new trace (SPEC 14) and is worth no log line per request."""
+client's header, which starts a new trace (docs/reference.md §14) and is worth no log line per request."""
 FLUSH_TIMEOUT_S = 10.0
 """How long stopping waits for the last spans and metrics to be exported."""
 

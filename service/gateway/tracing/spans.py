@@ -1,4 +1,4 @@
-"""A gateway request as OpenTelemetry spans and metrics, after the GenAI conventions (SPEC 14).
+"""A gateway request as OpenTelemetry spans and metrics, after the GenAI conventions (docs/reference.md §14).
 
 Each request is a `SERVER` span named `{operation} {model}`, the child of the client's W3C
 `traceparent` when it sent a valid one (a malformed one starts a new trace: the propagator
@@ -259,7 +259,7 @@ class RequestTrace:
 
 def _estimated(call: Call, exc: BaseException) -> bool:
     """A token count that no provider speaking Messages can take: the handler answers it with a
-    local estimate (SPEC 14, service/http/protocols_api.py), not with the relay's 404."""
+    local estimate (docs/reference.md §14, service/http/protocols_api.py), not with the relay's 404."""
     return call.protocol == "count_tokens" and isinstance(exc, ModelNotFound) and exc.over_protocol
 
 

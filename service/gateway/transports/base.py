@@ -96,7 +96,8 @@ ASCII characters (a longer or stranger one keeps the gateway's own id)."""
 
 
 def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
-    """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer (SPEC 7)."""
+    """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer
+    (docs/reference.md §7)."""
     for name, value in upstream.items():
         lower = name.lower()
         if lower in _PASSED_BACK or lower.startswith("x-ratelimit-"):

@@ -1,4 +1,4 @@
-"""litellm's HTTP client, carried by the gateway's own upstream session (SPEC 7).
+"""litellm's HTTP client, carried by the gateway's own upstream session (docs/reference.md §7).
 
 litellm sends through httpx, with a client of its own unless it is given one. It is given
 one whose transport is `SessionTransport`: every request litellm makes goes out through the
@@ -34,7 +34,7 @@ _NOT_SENT = frozenset(("host", "content-length", "transfer-encoding", "connectio
 _NOT_PASSED = frozenset((b"content-encoding", b"content-length", b"transfer-encoding"))
 """Answer headers that no longer describe the body once aiohttp has decoded it."""
 _REDIRECT = frozenset((b"location", b"uri"))
-"""Dropped from a 3xx: with nowhere named, no httpx client can follow it (SPEC 7)."""
+"""Dropped from a 3xx: with nowhere named, no httpx client can follow it (docs/reference.md §7)."""
 _SSE = "text/event-stream"
 
 
@@ -42,7 +42,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
     """An httpx transport that sends through an aiohttp session, reading within `limit` bytes.
 
     `streams`: the calls it carries ask for event streams, which are read without a limit
-    (SPEC 7 bounds non-streamed answers); any other answer to them is still bounded.
+    (docs/reference.md §7 bounds non-streamed answers); any other answer to them is still bounded.
     """
 
     def __init__(self, session: aiohttp.ClientSession, limit: int, *, streams: bool) -> None:

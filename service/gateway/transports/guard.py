@@ -1,4 +1,4 @@
-"""What keeps upstream connections where the configuration says (SPEC 7).
+"""What keeps upstream connections where the configuration says (docs/reference.md §7).
 
 Two rules hold for every request the upstream session makes (the gateway's, the health
 checks', the models lists', and litellm's through `transports.bridge`):
@@ -55,7 +55,7 @@ class UpstreamRefused(OSError):
 
 
 class RedirectRefused(aiohttp.ClientError):
-    """A redirect was about to be followed: none is (SPEC 7)."""
+    """A redirect was about to be followed: none is (docs/reference.md §7)."""
 
 
 class GuardedResolver(AbstractResolver):

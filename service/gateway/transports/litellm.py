@@ -12,7 +12,7 @@ fix raises `Failure` as long as nothing reached the client.
 
 litellm's requests go out through the gateway's own session (`transports.bridge`), not an
 HTTP client of litellm's: no redirect is followed, only allowed upstreams are reached, and a
-non-streamed answer is read within `SWITCHBOARD_MAX_UPSTREAM_BYTES` (SPEC 7), as on the
+non-streamed answer is read within `SWITCHBOARD_MAX_UPSTREAM_BYTES` (docs/reference.md §7), as on the
 direct path.
 """
 
@@ -48,7 +48,8 @@ OPENAI_FIELDS = frozenset(
         "response_format", "input", "encoding_format", "dimensions", "query", "documents", "top_n",
     )
 )  # fmt: skip
-"""The request fields passed on to litellm (SPEC 7), besides `model` and `stream`, which are ours.
+"""The request fields passed on to litellm (docs/reference.md §7), besides `model` and `stream`,
+which are ours.
 
 litellm takes its routing and credentials from the same keyword arguments as the request
 (`base_url`, `api_base`, `api_key`, `extra_headers`, `custom_llm_provider`, `api_version`,
@@ -66,7 +67,7 @@ def litellm_model(provider: Provider, model: str) -> str:
 def _import_litellm() -> ModuleType:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before the import that reads it
     # Nor anything else it would fetch on its own (Anthropic's beta headers from GitHub, on the
-    # first request to Anthropic: SPEC 1, nothing is downloaded at run time).
+    # first request to Anthropic: docs/reference.md §1, nothing is downloaded at run time).
     os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
     module = importlib.import_module("litellm")
     module.suppress_debug_info = True  # type: ignore[attr-defined]  # litellm's module-level settings
@@ -153,7 +154,7 @@ async def _forward(
     else:
         params.pop("stream_options", None)
     # litellm's own timeout (one number for httpx: connecting and each read) only backs
-    # ours up; the limits of SPEC 2.1 are the asyncio timeouts around what it does.
+    # ours up; the limits of docs/reference.md §2.1 are the asyncio timeouts around what it does.
     if streaming:
         limit, late = provider.first_byte_timeout_s, "no first byte within {:g} s"
         params["timeout"] = max(provider.first_byte_timeout_s, provider.idle_timeout_s)
@@ -169,7 +170,7 @@ async def _forward(
     )
     if call.purpose == "chat":
         params["max_retries"] = 0
-        if call.trace_headers is not None:  # tracing on (SPEC 14): the attempt's `traceparent`
+        if call.trace_headers is not None:  # tracing on (docs/reference.md §14): the attempt's `traceparent`
             params["extra_headers"] = dict(call.trace_headers)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -219,7 +220,7 @@ async def _relay_stream(
     answer = web.StreamResponse(headers=headers)
     chunks: AsyncIterator[Any] = stream
     chunk = first
-    # A request translated from another protocol (SPEC 14): its events, from every chunk.
+    # A request translated from another protocol (docs/reference.md §14): its events, from every chunk.
     translator = call.translation.stream() if call.translation is not None else None
     try:
         await answer.prepare(call.request)
@@ -316,7 +317,8 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
 
 
 def _pass_back(result: Any, headers: dict[str, str]) -> None:
-    """The vendor's request id and rate limits, as litellm kept them, onto the answer (SPEC 7)."""
+    """The vendor's request id and rate limits, as litellm kept them, onto the answer
+    (docs/reference.md §7)."""
     hidden = getattr(result, "_hidden_params", None)
     kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     if not isinstance(kept, dict):

@@ -8,12 +8,12 @@ The answer comes back as it arrives: a JSON answer is read whole, within
 fastest answer), an event stream is relayed chunk by chunk as it is read. Nothing here
 imports litellm.
 
-Every stream is counted (SPEC 7): a client that did not ask for
+Every stream is counted (docs/reference.md §7): a client that did not ask for
 `stream_options.include_usage` gets it asked for on its behalf, and the usage-only chunk is
 dropped before it reaches the client. An upstream that refuses `stream_options` with a 400
 is asked again without them, and once that worked it is not asked again.
 
-Timeouts follow the kind of request (SPEC 2.1). Connecting is bounded by
+Timeouts follow the kind of request (docs/reference.md §2.1). Connecting is bounded by
 `connect_timeout_s`. A non-streaming request has `timeout_s` for its whole answer, which
 comes at the end of the generation: no first-byte limit applies to it. A stream has no
 total limit: its first body byte must come within `first_byte_timeout_s` (so a stalled
@@ -23,10 +23,10 @@ ends with an error event.
 An attempt that fails in a way the next candidate may fix (no connection, a timeout, 408,
 429, 5xx, a redirect, and 401 or 403: the provider's key refused) raises `Failure`, as long
 as nothing has reached the client. Other answers are the client's, sent as they are. No
-redirect is followed (SPEC 7): the provider's key goes to its `base_url` and nowhere else.
+redirect is followed (docs/reference.md §7): the provider's key goes to its `base_url` and nowhere else.
 
 The same path carries requests in the other protocols to providers that speak them natively
-(SPEC 14): Responses and legacy completions to `{base_url}/responses`, `/completions`, and
+(docs/reference.md §14): Responses and legacy completions to `{base_url}/responses`, `/completions`, and
 Messages to `{base_url}/messages`, or for an Anthropic provider, whose `base_url` is the API
 root, to `{base_url}/v1/messages` with the key as `x-api-key`. A 404 there, from a provider
 that speaks the protocol only by default, raises `NotSpoken` unless it names the model.
@@ -80,7 +80,8 @@ class Upstream:
     stream_options: bool = True
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
     key: bytes = b""
-    """The key as sent, to mask in an error answer that echoes it (SPEC 2.4); empty without one."""
+    """The key as sent, to mask in an error answer that echoes it (docs/reference.md §2.4); empty
+    without one."""
 
     @classmethod
     def of(cls, provider: Provider, via: str = "") -> Upstream:
@@ -295,7 +296,7 @@ class OpenAITransport(Transport):
         headers = {**call.protocol_headers, **target.headers} if call.protocol_headers else target.headers
         if "anthropic-version" in call.protocol_headers:  # the client's version wins over the default
             headers = {**headers, "anthropic-version": call.protocol_headers["anthropic-version"]}
-        if call.trace_headers is not None:  # tracing on (SPEC 14): the attempt's `traceparent`
+        if call.trace_headers is not None:  # tracing on (docs/reference.md §14): the attempt's `traceparent`
             headers = {**headers, **call.trace_headers}
         inbound = call.request.headers.get(VIA_HEADER)
         if not inbound or not self.via:

@@ -8,7 +8,7 @@ whole events only and drops that usage-only chunk; a torn event waits for its en
 After the first byte reached the client nothing can fall back: an upstream that breaks off
 or falls silent for `idle_s` ends the stream with an error event.
 
-A stream in another protocol than the client's goes through a `translator` (SPEC 14): the
+A stream in another protocol than the client's goes through a `translator` (docs/reference.md §14): the
 upstream's bytes in, the client's events out, as they arrive; the usage is still read from
 the upstream's own bytes, and kept in chat's shape whatever protocol it came in.
 """

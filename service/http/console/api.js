@@ -12,7 +12,7 @@ export function sendable(token) {
   return typeof token === "string" && /^[\u0020-\u007e\u00a0-\u00ff]+$/.test(token) && token.trim() === token && token !== "";
 }
 
-/** An error answer: `status`, and SPEC's `{"error": {"type", "message", "problems"?}}`. */
+/** An error answer: `status`, and the documented `{"error": {"type", "message", "problems"?}}`. */
 export class ApiError extends Error {
   constructor(status, body) {
     const error = body && typeof body === "object" && body.error ? body.error : {};

@@ -1,5 +1,5 @@
 // Changes (config:write): add, edit and delete a provider, and set a purpose's route, through
-// the write API of SPEC 8. Every write is a commit: edits and deletes carry `If-Match` (the
+// the write API of docs/reference.md §8. Every write is a commit: edits and deletes carry `If-Match` (the
 // ETag the form was loaded with), so a file changed meanwhile answers 412 instead of being
 // overwritten; a 422's problems are shown beside the fields they concern; the commit's
 // short sha is shown when it is done.

@@ -3,7 +3,7 @@ flight, and what each budget has spent and holds reserved here.
 
 They are kept in every mode, exactly and in memory (a check is a few deque operations):
 without Redis they are the limits; with Redis they are what this replica falls back on when
-Redis goes away (SPEC 13: each replica then enforces `rpm`, `tpm` and `max_parallel` from its
+Redis goes away (docs/reference.md §13: each replica then enforces `rpm`, `tpm` and `max_parallel` from its
 own counts). Times are milliseconds of the wall clock the limiter is given.
 """
 

@@ -1,4 +1,4 @@
-"""The limits and budgets of SPEC 13, enforced: `Limiter.admit` before a request goes, `reserve`
+"""The limits and budgets of docs/reference.md §13, enforced: `Limiter.admit` before a request goes, `reserve`
 before each provider with a budget, `settle` when it ends.
 
 **Reserve, then settle.** A request is admitted with an upper bound of its cost reserved

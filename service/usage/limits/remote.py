@@ -26,7 +26,7 @@ from service.usage.limits.script import SCRIPT
 
 PREFIX = "switchboard:limits:"
 TIMEOUT_S = 0.5
-"""The longest one call may take: losing Redis adds at most this to a request (SPEC: 1 s)."""
+"""The longest one call may take: losing Redis adds at most this to a request (docs/reference.md §13: 1 s)."""
 MAX_REPLY = 8 << 20
 """The largest string any reply may hold (a `read` of thousands of clients is far less)."""
 MAX_ITEMS = 16

@@ -1,6 +1,6 @@
 """Where a budget's spent comes from when a replica starts, so that no restart resets a budget.
 
-In order (SPEC 13): Redis, when it is configured and reachable (it holds the counters; what
+In order (docs/reference.md §13): Redis, when it is configured and reachable (it holds the counters; what
 the ledger knows is taken too where it is more); else the ledger, through `SpentSource` (the
 usage ledger implements it: its records since the period's start, spooled ones included); and
 when the ledger cannot answer, the snapshot of spent this replica keeps on local disk

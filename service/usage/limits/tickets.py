@@ -60,7 +60,7 @@ class Use:
         }
 
     def remaining(self, limits: Limits) -> dict[str, str]:
-        """The remaining-* headers for a client with `limits` (SPEC 13), never negative."""
+        """The remaining-* headers for a client with `limits` (docs/reference.md §13), never negative."""
         headers = {}
         if limits.rpm is not None:
             headers["x-switchboard-remaining-requests"] = str(max(0, limits.rpm - self.requests))

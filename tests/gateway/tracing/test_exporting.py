@@ -1,4 +1,4 @@
-"""Exporting over OTLP (SPEC 14): `switchboard serve` flushes on SIGTERM, gRPC as well as HTTP,
+"""Exporting over OTLP (docs/reference.md §14): `switchboard serve` flushes on SIGTERM, gRPC as well as HTTP,
 the standard `OTEL_*` variables honoured, and a collector that is down or slow costs a request
 nothing."""
 

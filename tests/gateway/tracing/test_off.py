@@ -1,4 +1,4 @@
-"""Tracing off (the default) costs nothing (SPEC 14): in a process of its own, a service that
+"""Tracing off (the default) costs nothing (docs/reference.md §14): in a process of its own, a service that
 relays requests, streams and a client's `traceparent` imports nothing while it serves, has
 loaded none of Switchboard's tracing nor OpenTelemetry's tracer, propagator or exporters, and
 sends no trace header upstream.

@@ -1,4 +1,4 @@
-"""No prompt, completion, key or token in anything exported (SPEC 14): canary values sent every
+"""No prompt, completion, key or token in anything exported (docs/reference.md §14): canary values sent every
 way a request can carry them, looked for in the raw bytes the collector received."""
 
 from __future__ import annotations

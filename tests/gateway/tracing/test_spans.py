@@ -1,4 +1,4 @@
-"""The gateway's spans and metrics as an OTLP collector receives them (SPEC 14): a real service
+"""The gateway's spans and metrics as an OTLP collector receives them (docs/reference.md §14): a real service
 exporting to a real receiver, a stand-in upstream that records the `traceparent` it was sent."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The allowed upstreams, held at connect time (SPEC 7): by the gateway, the health checks, the
+"""The allowed upstreams, held at connect time (docs/reference.md §7): by the gateway, the health checks, the
 models lists and litellm alike. A refused connection fails at once, naming the setting; what
 a name resolves to is checked when the connection is made, so re-pointing it gains nothing."""
 

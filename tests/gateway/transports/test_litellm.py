@@ -270,7 +270,7 @@ async def test_nothing_is_fetched_from_the_internet_at_run_time(
     sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """litellm fetched Anthropic's beta headers from raw.githubusercontent.com on the first
-    request to Anthropic (SPEC 1: nothing is downloaded at run time)."""
+    request to Anthropic (docs/reference.md §1: nothing is downloaded at run time)."""
     from service.gateway.transports.litellm import _import_litellm
 
     _import_litellm()  # as the service imports it: importing it here first would fetch the cost map
@@ -336,7 +336,7 @@ async def test_a_model_name_cannot_choose_the_vendors_endpoint(
     assert health != "unhealthy" and normal.status == 404
 
 
-# -- what litellm reads is bounded (SWITCHBOARD_MAX_UPSTREAM_BYTES, SPEC 7) -------------------------
+# -- what litellm reads is bounded (SWITCHBOARD_MAX_UPSTREAM_BYTES, reference §7) -------------------------
 
 
 async def test_an_answer_through_litellm_over_the_limit_fails_and_falls_back(

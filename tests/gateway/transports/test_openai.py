@@ -235,7 +235,7 @@ async def test_other_client_errors_are_the_clients(status: int) -> None:
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_an_error_answer_that_echoes_the_key_has_it_masked(stream: bool) -> None:
     """A client's error is relayed as it is; some servers quote the request's headers in it,
-    and a client with `completions` read the provider's key in the answer (SPEC 2.4)."""
+    and a client with `completions` read the provider's key in the answer (docs/reference.md §2.4)."""
 
     async def echo(request: web.Request) -> web.Response:
         await request.read()

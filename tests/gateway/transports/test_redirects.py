@@ -1,4 +1,4 @@
-"""No upstream request follows a redirect (SPEC 7): not the gateway's, not the checks', not the
+"""No upstream request follows a redirect (docs/reference.md §7): not the gateway's, not the checks', not the
 models lists', not litellm's. An upstream answering 3xx to another host must never bring the
 provider's key (`Authorization`, `x-api-key`, `x-goog-api-key`) or the client's prompt there."""
 
@@ -205,7 +205,7 @@ PROTOCOL_CASES: list[tuple[str, str, dict[str, Any]]] = [
 async def test_a_native_protocol_request_follows_no_redirect(
     sops_project: SopsProject, vendor: str, path: str, body: dict[str, Any]
 ) -> None:
-    """Messages, Responses and legacy completions sent as they are (SPEC 14) keep SPEC 7's rule."""
+    """Messages, Responses and legacy completions sent as they are keep reference §7's rule."""
     async with _redirect_to_other_host(307) as (url, elsewhere):
         base = url if vendor == "anthropic" else f"{url}/v1"
         write_provider(sops_project, "native", provider=vendor, base_url=base, api_key=CANARY)

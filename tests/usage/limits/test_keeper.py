@@ -1,4 +1,4 @@
-"""Budgets' spent survives a restart (SPEC 13): read back from the ledger (`SpentSource`), or
+"""Budgets' spent survives a restart (docs/reference.md §13): read back from the ledger (`SpentSource`), or
 from the snapshot kept on local disk plus the spool when the ledger is down; never zero."""
 
 from __future__ import annotations
