@@ -60,6 +60,7 @@ bench:
     python -m bench.litellm_export
     python -m bench.gateway
     python -m bench.protocols
+    python -m bench.tracing
     python -m bench.config
     python -m bench.events
     python -m bench.replicas

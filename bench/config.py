@@ -89,8 +89,18 @@ def _provider(index: int, variant: str) -> str:
 class Service:
     """`switchboard serve` in its own process; `code` runs another checkout's (a baseline)."""
 
-    def __init__(self, root: Path, key_file: Path, *, code: Path | None = None, name: str = "var") -> None:
+    def __init__(
+        self,
+        root: Path,
+        key_file: Path,
+        *,
+        code: Path | None = None,
+        name: str = "var",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.root, self.key_file, self.code = root, key_file, code
+        self.env = env or {}
+        """Variables the process gets besides the bench's own (`SWITCHBOARD_OTEL_EXPORTER`...)."""
         self.events = root / name / "events.jsonl"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -99,7 +109,12 @@ class Service:
     async def start(self) -> float:
         """Start, and return the seconds until `/readyz` answers 200."""
         shutil.rmtree(self.events.parent, ignore_errors=True)
-        env = {**os.environ, "SOPS_AGE_KEY_FILE": str(self.key_file), "SWITCHBOARD_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "SOPS_AGE_KEY_FILE": str(self.key_file),
+            "SWITCHBOARD_LOG_LEVEL": "WARNING",
+            **self.env,
+        }
         if self.code is not None:  # `python -m service` from there imports that checkout's code
             env["PYTHONPATH"] = str(self.code)
         started = time.perf_counter()

@@ -6,8 +6,14 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_OTLP_VARIABLES = {
+    "otlp_protocol": "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "otlp_traces_protocol": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "otlp_metrics_protocol": "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+}
 
 
 class Settings(BaseSettings):
@@ -98,11 +104,67 @@ class Settings(BaseSettings):
         Path("var/usage-spool"), description="Records not yet in the ledger's database wait here."
     )
 
+    # Traces (docs/reference.md §14): the exporters read the rest of the `OTEL_EXPORTER_OTLP_*` variables
+    otel_exporter: Literal["otlp", "none"] | None = Field(
+        None,
+        description="otlp: the gateway's spans and metrics go out over OTLP; unset or none: off.",
+    )
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        description="The OTLP protocol of spans and metrics (default: http/protobuf).",
+    )
+    otlp_traces_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_traces_protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+        description="The OTLP protocol of spans, when not `otlp_protocol`.",
+    )
+    otlp_metrics_protocol: Literal["http/protobuf", "grpc"] | None = Field(
+        None,
+        validation_alias=AliasChoices("otlp_metrics_protocol", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"),
+        description="The OTLP protocol of metrics, when not `otlp_protocol`.",
+    )
+
     log_level: str = "INFO"
+
+    @field_validator("otel_exporter", mode="before")
+    @classmethod
+    def _exporter(cls, value: object) -> object:
+        """An empty variable is an unset one; the name is matched whatever its case."""
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
+
+    @field_validator("otlp_protocol", "otlp_traces_protocol", "otlp_metrics_protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: object, info: ValidationInfo) -> object:
+        """An empty variable is an unset one; another protocol than the exporters' is refused,
+        naming the variable."""
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        if value and value not in ("http/protobuf", "grpc"):
+            variable = _OTLP_VARIABLES[info.field_name or ""]
+            raise ValueError(
+                f"{variable}={value}: Switchboard's OTLP exporters speak 'http/protobuf' or 'grpc'"
+            )
+        return value or None
 
     def path(self, path: Path) -> Path:
         """A path relative to the configuration repository."""
         return path if path.is_absolute() else self.root / path
+
+    @property
+    def tracing(self) -> bool:
+        """Whether the gateway's spans and metrics go out over OTLP (docs/reference.md §14)."""
+        return self.otel_exporter == "otlp"
+
+    @property
+    def otlp_protocols(self) -> tuple[str, str]:
+        """The OTLP protocols of spans and of metrics: the signal's own, else the general one,
+        else http/protobuf (the OTLP specification's default)."""
+        default = self.otlp_protocol or "http/protobuf"
+        return self.otlp_traces_protocol or default, self.otlp_metrics_protocol or default
 
     @property
     def providers_dir(self) -> Path:

@@ -14,6 +14,7 @@ from aiohttp import web
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
+from service.gateway.tracing import missing_packages
 from service.http.app import create_app
 from service.http.auth import is_loopback
 from service.runtime.sync import parse_pull
@@ -91,6 +92,14 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
             f"switchboard: error: refusing to listen on {settings.host} without authentication: "
             f"there is no clients file in {settings.providers_dir} "
             "(create one with `switchboard token create`), or listen on 127.0.0.1",
+            file=sys.stderr,
+        )
+        return 1
+    if settings.tracing and (missing := missing_packages(*settings.otlp_protocols)):
+        print(
+            "switchboard: error: SWITCHBOARD_OTEL_EXPORTER=otlp needs the Python packages "
+            f"{', '.join(missing)}, which are not installed (pip install {' '.join(missing)}), "
+            "or unset SWITCHBOARD_OTEL_EXPORTER",
             file=sys.stderr,
         )
         return 1

@@ -116,6 +116,7 @@ class Call:
         "purpose",
         "request",
         "stream",
+        "trace_headers",
         "translation",
         "upstream_protocol",
         "usage",
@@ -170,6 +171,9 @@ class Call:
         """`previous_response_id`: the provider that gave it serves the call, or none does."""
         self.metered = protocol != "count_tokens"
         """Whether the call is a completion to meter (a token count is not)."""
+        self.trace_headers: dict[str, str] | None = None
+        """With tracing on, the trace context this attempt sends upstream (`traceparent`,
+        `tracestate`); None when tracing is off."""
 
     def body_for(self, provider: Provider) -> bytes:
         """The bytes to send `provider`: the client's own, unless the provider renames the model."""

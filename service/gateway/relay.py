@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +47,9 @@ from service.gateway.transports.openai import OpenAITransport
 from service.gateway.transports.tei import TEITransport
 from service.metrics import Metrics
 
+if TYPE_CHECKING:  # imported only when tracing is on: OpenTelemetry stays out of the process otherwise
+    from service.gateway.tracing.spans import RequestTrace, Tracing
+
 NO_PROVIDER = "none"
 """`x-switchboard-provider` on an answer that no provider gave."""
 SHOWN_MODEL_CHARS = 200
@@ -69,6 +72,7 @@ class Relay:
         *,
         max_upstream_bytes: int = 64 << 20,
         ids_key: bytes | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.metrics = metrics
         self.health = health
@@ -87,6 +91,8 @@ class Relay:
         self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
+        self.tracing = tracing
+        """OpenTelemetry's spans and metrics (docs/reference.md §14); None when off, and nothing is traced."""
 
     def transport(self, provider: Provider, purpose: str, protocol: str = "chat") -> Transport:
         """How requests reach `provider`: directly when it speaks OpenAI's protocol (but TEI's
@@ -106,7 +112,14 @@ class Relay:
         tried failed.
 
         With a meter, the call is admitted against its client's limits first (a refusal is
-        raised), each candidate must fit its budget, and the end is settled and recorded."""
+        raised), each candidate must fit its budget, and the end is settled and recorded. With
+        tracing on, the request is a span and each attempt a child span of it."""
+        if self.tracing is None:
+            return await self._relay(call, snapshot, None)
+        with self.tracing.request(call) as trace:
+            return await self._relay(call, snapshot, trace)
+
+    async def _relay(self, call: Call, snapshot: Snapshot, trace: RequestTrace | None) -> web.StreamResponse:
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
@@ -132,6 +145,8 @@ class Relay:
                 if metered is not None:
                     headers.update(metered.headers)
                     metered.sending(provider)
+                if trace is not None:
+                    trace.attempt(provider)
                 try:
                     self.forms.prepare(call, provider, pinned)
                     transport = self.transport(provider, call.purpose, call.upstream_protocol)
@@ -149,10 +164,14 @@ class Relay:
                     attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                     if metered is not None:
                         await metered.give_back(provider)
+                    if trace is not None:
+                        trace.failed(failure)
                     continue
                 except BaseException:
                     health.abandon(pid)
                     raise
+                if trace is not None:
+                    trace.succeeded(response)
                 self._succeeded(call, provider, response, attempts)
                 if metered is not None:
                     await metered.served(provider, response, len(attempts) + 1)

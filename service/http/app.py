@@ -33,6 +33,7 @@ from service.http import (
     openapi,
     protocols_api,
     replicas,
+    telemetry,
     traffic,
     usage_api,
     write_api,
@@ -100,6 +101,7 @@ def create_app(
     app.cleanup_ctx.append(_service)  # then: the features' contexts use its log and registry
     config_api.setup(app)
     write_api.setup(app)
+    telemetry.setup(app)  # before the gateway's: its relay is given the tracing, and stops first
     openai_api.setup(app)
     protocols_api.setup(app)
     limits_api.setup(app)  # after the gateway's context: its meter goes on the relay

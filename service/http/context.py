@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -30,6 +30,9 @@ from service.usage.limits.keeper import Keeper
 from service.usage.limits.spent import SpentSource
 from service.usage.record import RecordSink
 
+if TYPE_CHECKING:  # imported only when tracing is on (service/http/telemetry.py)
+    from service.gateway.tracing.exporting import Telemetry
+
 PREFIX = "/api/v1/llm-config"
 """Where the configuration API lives."""
 
@@ -46,6 +49,8 @@ PULLER = web.AppKey("puller", Puller)
 """Only with SWITCHBOARD_GIT_PULL (docs/reference.md §12)."""
 FANOUT = web.AppKey("fanout", Fanout)
 """Only with SWITCHBOARD_REDIS_URL (docs/reference.md §12)."""
+TELEMETRY: web.AppKey[Telemetry] = web.AppKey("telemetry")
+"""Only with SWITCHBOARD_OTEL_EXPORTER=otlp (docs/reference.md §14)."""
 UPSTREAMS = web.AppKey("upstreams", AllowedUpstreams)
 """SWITCHBOARD_ALLOWED_UPSTREAMS, parsed (docs/reference.md §7)."""
 LOOKUP: web.AppKey[Lookup] = web.AppKey("lookup")

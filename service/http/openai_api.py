@@ -41,6 +41,7 @@ from service.http.context import (
     REGISTRY,
     RELAY,
     SETTINGS,
+    TELEMETRY,
     UPSTREAMS,
 )
 from service.journal.events import BaseEvent, ProviderHealthChanged
@@ -158,6 +159,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         session,
         max_upstream_bytes=settings.max_upstream_bytes,
         ids_key=_ids_key(settings),
+        tracing=app[TELEMETRY].tracing if TELEMETRY in app else None,
     )
     health.on_change = _on_health_change(app)
     reset = _reset_on_update(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,34 @@ def test_a_missing_file_is_one_line_not_a_traceback(
     code, _, err = run(capsys, "--root", str(tmp_path), "encrypt", str(tmp_path / "nope.yaml"))
     assert code == 1
     assert err.strip() == f"switchboard: error: No such file or directory: {tmp_path / 'nope.yaml'}"
+
+
+def test_serve_says_which_packages_tracing_needs_when_they_are_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "providers.d").mkdir()
+    monkeypatch.setenv("SWITCHBOARD_OTEL_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    # As if the packages were not installed: importlib finds no module of these names.
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk", None)
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.grpc", None)
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 1
+    assert "SWITCHBOARD_OTEL_EXPORTER=otlp needs the Python packages" in err
+    assert "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-grpc" in err
+    assert "proto-http" not in err  # the protocol asked for is grpc
+
+
+def test_serve_refuses_an_otlp_protocol_it_cannot_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "providers.d").mkdir()
+    monkeypatch.setenv("SWITCHBOARD_OTEL_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 2
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL" in err and "'http/protobuf' or 'grpc'" in err
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    monkeypatch.setenv("SWITCHBOARD_OTEL_EXPORTER", "jaeger")
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 2 and "otel_exporter" in err and "'otlp' or 'none'" in err

@@ -170,6 +170,8 @@ async def _forward(
     )
     if call.purpose == "chat":
         params["max_retries"] = 0
+        if call.trace_headers is not None:  # tracing on (docs/reference.md §14): the attempt's `traceparent`
+            params["extra_headers"] = dict(call.trace_headers)
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:

@@ -158,7 +158,7 @@ class OpenAITransport(Transport):
             _check_spoken(call, provider, body)
         if status < 300:
             call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
-            if target.names_models and call.usage is not None:
+            if (target.names_models or call.trace_headers is not None) and call.usage is not None:
                 call.answer_model = find_model(body)
         upstream_headers = response.headers
         headers["Content-Type"] = upstream_headers.get("Content-Type", "application/json")
@@ -263,7 +263,7 @@ class OpenAITransport(Transport):
                 headers,
                 target.idle_s,
                 drop_usage=asked,
-                name_model=target.names_models,
+                name_model=target.names_models or call.trace_headers is not None,  # a span names it
                 translator=call.translation.stream() if call.translation is not None else None,
             )
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
@@ -286,7 +286,7 @@ class OpenAITransport(Transport):
             _check_spoken(call, provider, body)
         if status < 300:
             call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
-            if target.names_models and call.usage is not None:
+            if (target.names_models or call.trace_headers is not None) and call.usage is not None:
                 call.answer_model = find_model(body)
         return web.Response(body=target.masked(body, status), status=status, headers=headers)
 
@@ -296,6 +296,8 @@ class OpenAITransport(Transport):
         headers = {**call.protocol_headers, **target.headers} if call.protocol_headers else target.headers
         if "anthropic-version" in call.protocol_headers:  # the client's version wins over the default
             headers = {**headers, "anthropic-version": call.protocol_headers["anthropic-version"]}
+        if call.trace_headers is not None:  # tracing on (docs/reference.md §14): the attempt's `traceparent`
+            headers = {**headers, **call.trace_headers}
         inbound = call.request.headers.get(VIA_HEADER)
         if not inbound or not self.via:
             return headers
