@@ -86,6 +86,32 @@ async def test_a_translated_response_its_stream_and_a_tool_round_trip(sops_proje
             assert "does not speak Responses natively" in refused.value.body["message"]  # type: ignore[index]
 
 
+async def test_a_response_translated_for_anthropic_through_litellm_is_answered(
+    sops_project: SopsProject,
+) -> None:
+    """Responses -> chat -> litellm -> Anthropic Messages, and back: litellm's answer is a
+    text, which the translation back to a Response must get as its bytes."""
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",)) as claude:
+        write_provider(
+            sops_project,
+            "claude",
+            provider="anthropic",
+            base_url=claude.url,
+            api_key=CANARY,
+            models=["claude-x"],
+        )
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            answer = await sdk.responses.create(model="claude-x", input="hello")
+            assert answer.output_text == "claude says: hello"
+            assert answer.usage is not None and answer.usage.output_tokens == 3
+            stream = await sdk.responses.create(model="claude-x", input="again", stream=True)
+            texts = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            assert "".join(texts) == "claude says: again"
+    assert [r.path for r in claude.requests] == ["/v1/messages", "/v1/messages"]
+
+
 async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_project: SopsProject) -> None:
     async with upstreams({"name": "a", "api_key": CANARY}, {"name": "b"}) as (a, b):
         write_provider(sops_project, "a", base_url=a.base_url, api_key=CANARY)

@@ -209,7 +209,7 @@ async def _forward(
     call.usage = _usage(result)
     call.answer_model = _model(result)
     headers["Content-Type"] = "application/json"
-    return web.Response(body=result.model_dump_json(exclude_none=True), headers=headers)
+    return web.Response(body=result.model_dump_json(exclude_none=True).encode(), headers=headers)
 
 
 async def _relay_stream(
