@@ -51,6 +51,8 @@ KEY_TWO = "sk-canary-two-9b3e6f1d7a2c8e4b5f0d"
 ANTHROPIC_KEY = "sk-ant-canary-7e2b5d8f3a1c9e6b4d0f"
 REFUSED_KEY = "sk-canary-refused-2d8f4b6e1a9c3f7d5b"
 """A key sent in writes that validation refuses: never written, never echoed."""
+PLAIN_KEY = "sk-canary-plain-6c1f8a3e9d2b7f4a0e"
+"""A key someone left in plaintext in a file beside the others (uncommitted): refused, never repeated."""
 PROMPT = "prompt-canary-b71c4e9a2f5d"
 REPLY = "a reply of the stand-in's own"
 
@@ -58,8 +60,11 @@ TOKENS = {
     "app": ("sb-canary-app-token-5a1e", ["completions"]),
     "reader": ("sb-canary-reader-token-9c2d", ["config:read"]),
     "admin": ("sb-canary-admin-token-3f8b", ["admin", "config:read", "config:write", "usage:read"]),
+    "keeper": ("sb-canary-keeper-token-7d6a", ["secrets:read"]),
 }
-APP, READER, ADMIN = (TOKENS[name][0] for name in ("app", "reader", "admin"))
+APP, READER, ADMIN, KEEPER = (TOKENS[name][0] for name in ("app", "reader", "admin", "keeper"))
+SECRETS_PATH = "/api/v1/llm-config/active/chat/litellm?model=fake-model"
+"""The one answer that holds a key (docs/reference.md §6), to a `secrets:read` token."""
 API = "/api/v1/llm-config"
 
 
@@ -68,21 +73,35 @@ def needles(key: str) -> tuple[str, ...]:
     return (key, key[7:-4])
 
 
-KEY_NEEDLES = (*needles(KEY), *needles(KEY_TWO), *needles(ANTHROPIC_KEY), *needles(REFUSED_KEY))
+KEY_NEEDLES = (
+    *needles(KEY),
+    *needles(KEY_TWO),
+    *needles(ANTHROPIC_KEY),
+    *needles(REFUSED_KEY),
+    *needles(PLAIN_KEY),
+)
+TOKEN_NEEDLES = tuple(token for token, _ in TOKENS.values())
+"""The clients' tokens: credentials too, that go nowhere but the requests that carry them."""
+
+
+ECHO = "echo-your-credentials"
+"""In a request body, makes a `Vendor` refuse it (400) quoting the credential it was sent."""
 
 
 class Vendor(FakeUpstream):
-    """A stand-in vendor that never repeats the prompt, and whose 401 says the key it was
+    """A stand-in vendor that never repeats the prompt, and whose refusals say the key it was
     sent, as some servers do: what it says must not carry the key any further."""
 
     def _reply_text(self, prompt: str) -> str:
         return REPLY
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
+        given = request.headers.get("x-api-key") or request.headers.get("Authorization", "")
+        if self.requests and ECHO.encode() in self.requests[-1].raw:
+            return self._error(400, f"this request cannot be served with the key {given}")
         refused = FakeUpstream._check_auth(self, request)
         if refused is None or refused.status != 401:
             return refused
-        given = request.headers.get("x-api-key") or request.headers.get("Authorization", "")
         return self._error(401, f"Incorrect API key provided: {given}")
 
 
@@ -251,8 +270,8 @@ async def wait_ready(
             await asyncio.sleep(0.05)
 
 
-def command(project: SopsProject, *args: str) -> str:
-    """A `switchboard` command's stdout and stderr (it must succeed)."""
+def command(project: SopsProject, *args: str, status: int = 0) -> str:
+    """A `switchboard` command's stdout and stderr (it must exit with `status`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SWITCHBOARD_", "SOPS_", "OTEL_"))}
     env["PYTHONPATH"] = str(REPO)
     env["SOPS_AGE_KEY_FILE"] = str(project.identity.key_file)
@@ -266,7 +285,7 @@ def command(project: SopsProject, *args: str) -> str:
         text=True,
         timeout=30,
     )
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    assert done.returncode == status, (args, done.stdout, done.stderr)
     return done.stdout + done.stderr
 
 
@@ -329,6 +348,8 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
         write_routing(project, chat={"primary": "vendor", "fallbacks": ["claude"]}, embeddings="vendor-embed")
         write_clients(project)
         bare = make_repository(project, tmp_path)
+        leaky = project.providers / "leaky.yaml"  # never committed: no write may take it along
+        leaky.write_text(f"kind: api_key\nid: leaky\nprovider: openai\napi_key: {PLAIN_KEY}\n")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = tmp_path / "serve.log"
@@ -339,22 +360,30 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
         ):
             await wait_ready(http, url, process, log)
             board = Driver(url, http)
-            await drive(board, vendor)
+            await drive(board, vendor, claude)
             outputs["audit show"] = command(project, "audit", "show", "--events", "var/events.jsonl")
             outputs["audit show json"] = command(
                 project, "audit", "show", "--format", "json", "--events", "var/events.jsonl"
             )
             outputs["usage"] = command(project, "usage", "--format", "json", "--by", "client,model")
+            outputs["state"] = command(project, "state", "--events", "var/events.jsonl")
+            outputs["validate"] = command(project, "validate", "--decrypt", "--format", "json", status=1)
+            leaky.unlink()  # export refuses a folder with a refused file
             outputs["export litellm"] = command(project, "export", "litellm")
         assert process.returncode == 0, log.read_text()[-4000:]
 
     # Kept beside the test's other files, to read when it fails.
     (tmp_path / "answers.txt").write_text("\n\n".join(a.what + "\n" + a.text() for a in board.answers))
     found: list[str] = []
-    everything = (*KEY_NEEDLES, PROMPT)
+    everything = (*KEY_NEEDLES, *TOKEN_NEEDLES, PROMPT)
 
     # The answers: no key, and no prompt (the vendors never repeat it).
     for answer in board.answers:
+        if answer.what == f"GET {SECRETS_PATH}" and answer.status == 200:
+            # The control: the one answer that holds a key has it, so a leak would be seen.
+            assert KEY_TWO in answer.text(), answer.text()
+            found += leaks("the secrets:read answer", answer.text(), set(everything) - set(needles(KEY_TWO)))
+            continue
         found += leaks(f"the answer to {answer.what}", answer.text(), everything)
 
     # The vendors: each key in its own credential header only, the prompt in the body only.
@@ -366,7 +395,9 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
             where = f"{upstream.name}'s request {request.method} {request.path}"
             others = {k: v for k, v in request.headers.items() if k != header}
             found += leaks(f"{where} headers", json.dumps(others), everything)
-            found += leaks(f"{where} body", request.raw.decode("utf-8", "replace"), KEY_NEEDLES)
+            found += leaks(
+                f"{where} body", request.raw.decode("utf-8", "replace"), (*KEY_NEEDLES, *TOKEN_NEEDLES)
+            )
             given = request.headers.get(header, "")
             found += [
                 f"{key!r} in {where} {header}"
@@ -377,6 +408,9 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
     # The service's output, its files (event log, spool, ledger, snapshots), the ledger's rows.
     found += leaks("the service's output (DEBUG)", log.read_text(errors="replace"), everything)
     for path in files_under(project.root):
+        if path == leaky:
+            found += leaks(str(path), path.read_text(), set(everything) - set(needles(PLAIN_KEY)))
+            continue
         if path.parent.name == "providers.d" or path.name == ".sops.yaml":
             found += leaks(str(path), path.read_text(errors="replace"), KEY_NEEDLES)
             continue
@@ -407,7 +441,25 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
     assert git(bare, "log", "-1", "--format=%s") == "update api_key vendor"
 
 
-async def drive(board: Driver, vendor: Vendor) -> None:
+async def malformed(url: str, header: str) -> None:
+    """Send a request aiohttp's parser refuses (a NUL in a header, a folded line), as raw bytes.
+
+    aiohttp's parser answers it before the service sees it, quoting the line it refused: the
+    sender's own bytes, back on its own connection, so they are not looked for in that answer;
+    the log line must not hold them (docs/reference.md §6: one line, naming the fault)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps(chat()).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{header}\r\n"
+    head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer
+
+
+async def drive(board: Driver, vendor: Vendor, claude: Vendor) -> None:
     """Everything a client, an operator and the console do, in an order that makes each happen."""
     ok = {200}
     # -- the gateway, served --------------------------------------------------------------
@@ -499,6 +551,38 @@ async def drive(board: Driver, vendor: Vendor) -> None:
     ]
     for answer, status in refusals:
         assert answer.status < 500 and (status is None or answer.status == status), answer.text()
+    # -- the vendors refusing a request, quoting the key (a client's error: returned to it) --
+    anthropic = {"anthropic-version": "2023-06-01"}
+    echoes = [
+        await board.post("/v1/chat/completions", chat(user=ECHO)),
+        await board.post("/v1/chat/completions", chat(user=ECHO, stream=True)),
+        await board.post("/v1/chat/completions", chat("claude-x", user=ECHO)),  # litellm
+        await board.post("/v1/embeddings", {"model": "embed-model", "input": PROMPT, "user": ECHO}),
+        await board.post("/v1/messages", messages("claude-x", metadata={"user_id": ECHO}), **anthropic),
+        await board.post(
+            "/v1/messages", messages("claude-x", stream=True, metadata={"user_id": ECHO}), **anthropic
+        ),
+        await board.post("/v1/messages", messages("fake-model", metadata={"user_id": ECHO})),  # translated
+        await board.post("/v1/messages", messages("fake-model", stream=True, metadata={"user_id": ECHO})),
+        await board.post("/v1/responses", {"model": "fake-model", "input": PROMPT, "user": ECHO}),
+        await board.post(
+            "/v1/responses", {"model": "fake-model", "input": PROMPT, "user": ECHO, "stream": True}
+        ),
+        await board.post("/v1/responses", {"model": "claude-x", "input": PROMPT, "user": ECHO}),
+        await board.post("/v1/completions", {"model": "fake-model", "prompt": PROMPT, "user": ECHO}),
+        await board.post(
+            "/v1/completions", {"model": "fake-model", "prompt": PROMPT, "user": ECHO, "stream": True}
+        ),
+    ]
+    for answer in echoes:
+        assert answer.status == 400, answer.text()
+    # -- Anthropic's way of sending the token, and a request too malformed to parse ---------
+    native = await board.call(
+        "POST", "/v1/messages", json_body=messages("claude-x"), headers={"x-api-key": APP, **anthropic}
+    )
+    assert native.status == 200, native.text()
+    await malformed(board.url, f"X-Prompt: {PROMPT}\x00\r\nAuthorization: Bearer {APP}\x00")
+    await malformed(board.url, f"Authorization: Bearer {APP} {PROMPT}\r\n X-Folded: {PROMPT}")
     # -- the vendor failing, then refusing the key it revoked ------------------------------
     vendor.fail(500, times=1)
     failed = await board.post("/v1/chat/completions", chat())
@@ -509,6 +593,10 @@ async def drive(board: Driver, vendor: Vendor) -> None:
         assert refused.status in (502, 503), refused.text()
     tested = await board.post(f"{API}/providers/vendor/test", {}, token=ADMIN)
     assert tested.status == 200, tested.text()
+    claude.api_key = "sk-ant-another"  # Anthropic revoked its key too: through litellm, and native
+    for path, body in (("/v1/chat/completions", chat("claude-x")), ("/v1/messages", messages("claude-x"))):
+        refused = await board.post(path, body)
+        assert refused.status in (502, 503), refused.text()
     # -- reads while the key is refused (health and its reason in every answer) -------------
     await read_everything(board)
     # -- writes: refused ones with a key in them, then the rotation -------------------------
@@ -525,6 +613,25 @@ async def drive(board: Driver, vendor: Vendor) -> None:
         f"{API}/api-keys", {"id": "x", "provider": "openai", "api_key": REFUSED_KEY}, token=READER
     )
     assert denied.status == 403, denied.text()
+    for patch in (
+        {"purposes": "nope"},
+        {"models": 5},
+        {"api_key": 5},
+        {"base_url": "ftp://x", "api_key": REFUSED_KEY},
+        {"timeout_s": -1, "api_key": REFUSED_KEY},
+        {"id": "other"},
+    ):
+        refused = await board.call(
+            "PATCH",
+            f"{API}/api-keys/vendor",
+            token=ADMIN,
+            data=json.dumps(patch).encode(),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        assert 400 <= refused.status < 500, refused.text()
+    whole = {"id": "vendor", "provider": "openai", "base_url": "http://127.0.0.1:9/v1", "models": "x"}
+    refused = await board.call("PUT", f"{API}/api-keys/vendor", token=ADMIN, json_body=whole)
+    assert 400 <= refused.status < 500, refused.text()
     rotated = await board.call(
         "PATCH",
         f"{API}/api-keys/vendor",
@@ -538,6 +645,8 @@ async def drive(board: Driver, vendor: Vendor) -> None:
         again = await board.post("/v1/chat/completions", body)
         assert again.status == 200, again.text()
     assert (await board.post("/v1/responses", {"model": "fake-model", "input": PROMPT})).status == 200
+    secret = await board.get(SECRETS_PATH, KEEPER)
+    assert secret.status == 200, secret.text()
     # -- and every read once more, the event stream, the console -------------------------
     await asyncio.sleep(1.2)  # a ledger batch and an OTLP export at least
     await read_everything(board)
