@@ -41,7 +41,7 @@ from aiohttp import web
 from tests.conftest import SopsProject, git, git_init
 from tests.support.gateway import write_provider, write_routing
 from tests.support.otlp import OTLPReceiver
-from tests.support.replicas import REPO, free_port
+from tests.support.replicas import REPO, RedisServer, free_port
 from tests.support.upstreams import FakeUpstream
 
 KEY = "sk-canary-one-4f7d2a9c1e8b6d3f0a5c"
@@ -209,7 +209,7 @@ def make_repository(project: SopsProject, tmp_path: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def switchboard_serve(
-    project: SopsProject, port: int, log: Path, otlp: OTLPReceiver
+    project: SopsProject, port: int, log: Path, otlp: OTLPReceiver, redis: RedisServer
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`switchboard serve` in a subprocess, its output into `log`, stopped by SIGTERM."""
     root = project.root
@@ -225,6 +225,7 @@ async def switchboard_serve(
         "SWITCHBOARD_USAGE_SPOOL": str(root / "var" / "usage-spool"),
         "SWITCHBOARD_MAX_BODY_BYTES": str(64 << 10),
         "SWITCHBOARD_REPLICA": "canary",
+        "SWITCHBOARD_REDIS_URL": redis.url,
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         **otlp.env(),
     }
@@ -268,6 +269,38 @@ async def wait_ready(
                     if response.status == 200:
                         return
             await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def redis_server(workdir: Path) -> AsyncIterator[RedisServer]:
+    redis = RedisServer(workdir)
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@contextlib.asynccontextmanager
+async def monitored(redis: RedisServer) -> AsyncIterator[bytearray]:
+    """Every command Redis runs while the block lasts (`MONITOR`), as the bytes it reports."""
+    seen = bytearray()
+    reader, writer = await asyncio.open_connection("127.0.0.1", redis.port)
+    writer.write(b"MONITOR\r\n")
+    await writer.drain()
+
+    async def read() -> None:
+        while chunk := await reader.read(65536):
+            seen.extend(chunk)
+
+    task = asyncio.create_task(read())
+    try:
+        yield seen
+    finally:
+        await asyncio.sleep(0.2)  # the last commands' reports
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        writer.close()
 
 
 def command(project: SopsProject, *args: str, status: int = 0) -> str:
@@ -355,8 +388,10 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
         log = tmp_path / "serve.log"
         outputs: dict[str, str] = {}
         async with (
+            redis_server(tmp_path / "redis") as redis,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http,
-            switchboard_serve(project, port, log, otlp) as process,
+            monitored(redis) as redis_commands,
+            switchboard_serve(project, port, log, otlp, redis) as process,
         ):
             await wait_ready(http, url, process, log)
             board = Driver(url, http)
@@ -374,6 +409,7 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
 
     # Kept beside the test's other files, to read when it fails.
     (tmp_path / "answers.txt").write_text("\n\n".join(a.what + "\n" + a.text() for a in board.answers))
+    (tmp_path / "redis.txt").write_bytes(redis_commands)
     found: list[str] = []
     everything = (*KEY_NEEDLES, *TOKEN_NEEDLES, PROMPT)
 
@@ -425,6 +461,10 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
     # The commands.
     for name, text in outputs.items():
         found += leaks(f"`switchboard {name}`", text, everything)
+
+    # Redis: every command the service sent it (counters, budgets, heartbeats, fan-out).
+    assert redis_commands, "Redis saw no command"
+    found += leaks("a command to Redis", bytes(redis_commands).decode("utf-8", "replace"), everything)
 
     # Traces and their metrics, as exported.
     for export in otlp.exports:
