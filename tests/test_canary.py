@@ -37,8 +37,10 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from playwright.async_api import async_playwright, expect
 
 from tests.conftest import SopsProject, git, git_init
+from tests.support.browser import launch, tab
 from tests.support.gateway import write_provider, write_routing
 from tests.support.otlp import OTLPReceiver
 from tests.support.replicas import REPO, RedisServer, free_port
@@ -396,6 +398,7 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
             await wait_ready(http, url, process, log)
             board = Driver(url, http)
             await drive(board, vendor, claude)
+            pages = await render_console(url)
             outputs["audit show"] = command(project, "audit", "show", "--events", "var/events.jsonl")
             outputs["audit show json"] = command(
                 project, "audit", "show", "--format", "json", "--events", "var/events.jsonl"
@@ -451,12 +454,18 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
             found += leaks(str(path), path.read_text(errors="replace"), KEY_NEEDLES)
             continue
         found += leaks(str(path), path.read_bytes().decode("utf-8", "replace"), everything)
-    found += leaks("the ledger's rows", ledger_rows(project.root / "var" / "usage.db"), everything)
+    rows = ledger_rows(project.root / "var" / "usage.db")
+    assert "'app'" in rows and "'claude'" in rows, rows[:2000]  # the ledger recorded the traffic
+    found += leaks("the ledger's rows", rows, everything)
 
     # Commits, here and on the remote.
     for where, repository in (("the repository", project.root), ("the remote", bare)):
         history = git(repository, "log", "-p", "--all", "--format=fuller")
         found += leaks(f"git log -p --all of {where}", history, everything)
+
+    # The console, as Chromium drew it.
+    for route, html in pages.items():
+        found += leaks(f"the console's page {route}", html, everything)
 
     # The commands.
     for name, text in outputs.items():
@@ -476,9 +485,43 @@ async def test_no_key_and_no_prompt_leaks_anywhere(sops_project: SopsProject, tm
     assert any(r.path.endswith("/chat/completions") for r in vendor.requests)
     assert any(r.path.endswith("/messages") for r in claude.requests)
     assert any(PROMPT.encode() in r.raw for r in vendor.requests)
+    assert any(PROMPT.encode() in r.raw for r in claude.requests)
+    sent = {r.headers.get("authorization") for r in vendor.requests}
+    assert {f"Bearer {KEY}", f"Bearer {KEY_TWO}"} <= sent, sent
+    assert ANTHROPIC_KEY in {r.headers.get("x-api-key") for r in claude.requests}
+    assert '"provider.updated"' in (project.root / "var" / "events.jsonl").read_text()
     assert otlp.spans, "no span was exported"
     assert "create api_key" not in git(bare, "log", "--format=%s")  # the refused write wrote nothing
     assert git(bare, "log", "-1", "--format=%s") == "update api_key vendor"
+
+
+CONSOLE_ROUTES = {
+    "#/overview": "vendor",
+    "#/providers": "vendor-embed",
+    "#/providers/vendor": "****5f0d",
+    "#/changes": "Base URL",
+    "#/events": "vendor",
+}
+"""Each page, and a text it shows once drawn."""
+
+
+async def render_console(url: str) -> dict[str, str]:
+    """Each page of the console as Chromium draws it for the admin token: its DOM and its text."""
+    drawn: dict[str, str] = {}
+    async with async_playwright() as playwright:
+        browser = await launch(playwright)
+        try:
+            async with tab(browser, url) as page:
+                await page.open("#/overview", token=ADMIN)
+                await page.live()
+                for route, shown in CONSOLE_ROUTES.items():
+                    await page.page.goto(f"{url}/ui/{route}")
+                    await expect(page.page.locator("#main")).to_contain_text(shown)
+                    text = await page.page.inner_text("body")
+                    drawn[route] = await page.page.content() + "\n" + text
+        finally:
+            await browser.close()
+    return drawn
 
 
 async def malformed(url: str, header: str) -> None:
