@@ -552,3 +552,20 @@ def test_a_compose_replica_clones_the_seeded_remote_and_serves_it(
     with _replica(env, port) as proc:
         assert _ready(proc, port)["last_applied_commit"] == head
     assert marker.read_text() == "kept"
+
+
+def test_no_balancer_asks_for_affinity() -> None:
+    """Consumers behind a balancer hold on tags, which every replica serving one commit gives
+    alike (docs/deploy.md, "What the load balancer may do"): nothing here pins a client to one."""
+    haproxy = _text(DEPLOY / "haproxy.cfg")
+    for line in haproxy.splitlines():
+        words = line.split("#", 1)[0].split()
+        assert not words or words[0] not in {"stick", "stick-table", "cookie", "hash-type"}, line
+        if words[:1] == ["balance"]:
+            assert words[1] in {"roundrobin", "leastconn", "random"}, line
+    services = [
+        d for path in KUBERNETES.rglob("*.yaml") for d in _documents(path) if d.get("kind") == "Service"
+    ]
+    assert services
+    for service in services:
+        assert service["spec"].get("sessionAffinity", "None") == "None", service["metadata"]["name"]

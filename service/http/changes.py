@@ -106,6 +106,10 @@ class Changes:
         self.closing = False
         self.held = 0
         self._moved = asyncio.Event()
+        self.touched = asyncio.Event()
+        """Set (and replaced) whenever an answer may have changed: the index moved, the registry
+        applied (a new commit may change no file), a provider's shown health changed. Queries held
+        on a tag (docs/reference.md §9) wait on it and look again."""
         self._streams: set[Stream] = set()
         self._pending: list[BaseEvent] = []
         self._loop = asyncio.get_running_loop()
@@ -143,6 +147,12 @@ class Changes:
     def _release(self) -> None:
         pending, self._pending = self._pending, []
         self._show(sorted(pending, key=_seq))
+        self.touch()
+
+    def touch(self) -> None:
+        """Wake the queries held on a tag: an answer may have changed (on the loop)."""
+        self.touched.set()
+        self.touched = asyncio.Event()
 
     def _show(self, events: list[BaseEvent]) -> None:
         moved = False
@@ -159,6 +169,7 @@ class Changes:
         if moved:
             self._moved.set()
             self._moved = asyncio.Event()
+            self.touch()
 
     def _recheck_clients(self) -> None:
         """End the streams whose token was revoked or lost the scope it was opened with: a
@@ -181,6 +192,14 @@ class Changes:
                 stream.ready.set()
 
     # -- blocking queries --------------------------------------------------------------------------
+
+    async def hold(self, touched: asyncio.Event, timeout_s: float) -> None:
+        """Return once `touched` (the `touched` taken before the answer was made) is set, or after
+        `timeout_s`, or at shutdown; counted among the watchers meanwhile."""
+        if self.closing or timeout_s <= 0:
+            return
+        with self._watching(), contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(touched.wait(), timeout_s)
 
     async def wait_past(self, index: int, timeout_s: float) -> None:
         """Return when the index moves past `index`, or after `timeout_s`, or at shutdown.
@@ -225,6 +244,7 @@ class Changes:
         """Shutdown: every held query answers now, every stream ends."""
         self.closing = True
         self._moved.set()
+        self.touched.set()
         for stream in self._streams:
             stream.closed = True
             stream.ready.set()

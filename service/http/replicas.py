@@ -19,20 +19,25 @@ one that hears of a commit it does not have pulls now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
 
+from service.config.models import AiServer, ApiKey
+from service.config.snapshot import PerSnapshot, Snapshot
 from service.errors import GitError, NotFound, PayloadTooLarge, Unauthorized
+from service.gateway.health import HealthState
 from service.http.auth import scoped
 from service.http.context import (
     EVENTS,
     FANOUT,
+    HEALTH,
     METRICS,
     PREFIX,
     PULLER,
@@ -43,11 +48,12 @@ from service.http.context import (
     stop_task,
 )
 from service.http.push import watched
-from service.runtime.fanout import Beat, Fanout, answer
+from service.runtime.fanout import Beat, Fanout, HealthNote, answer
 from service.runtime.registry import Outcome
 from service.runtime.sync import Puller, Result
 from service.runtime.watcher import link_folders
-from service.vcs.gitrepo import GitRepo
+from service.settings import Settings
+from service.vcs.gitrepo import GitRepo, blob_sha
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,8 @@ HOOK = f"{PREFIX}/hooks/git"
 REPLICAS = f"{PREFIX}/replicas"
 GITHUB_HEADER = "X-Hub-Signature-256"
 GITLAB_HEADER = "X-Gitlab-Token"
+ADOPT_EVERY_S = 1.0
+"""Another replica's health status is adopted at most this often per provider."""
 
 
 def setup(app: web.Application) -> None:
@@ -178,13 +186,17 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
         app[PULLER] = puller
         tasks.append(asyncio.create_task(puller.run(stop), name="switchboard-pull"))
     fanout: Fanout | None = None
+    sharing: Callable[[], None] | None = None
     if settings.redis_url is not None:
         fanout = _fanout(app, settings.redis_url.get_secret_value(), puller, loop)
+        sharing = _share_health(app, fanout, loop)
         app[FANOUT] = fanout
         fanout.start()
     try:
         yield
     finally:
+        if sharing is not None:
+            sharing()
         stop.set()
         if writer.committer is not None:
             writer.committer.abort()  # a fetch or push hanging on a dead remote goes now
@@ -192,6 +204,90 @@ async def _replication(app: web.Application) -> AsyncIterator[None]:
             await asyncio.to_thread(fanout.stop)
         for task in tasks:
             await stop_task(task)
+
+
+def _share_health(
+    app: web.Application, fanout: Fanout, loop: asyncio.AbstractEventLoop
+) -> Callable[[], None]:
+    """Publish each health status this replica confirms, and adopt those the others publish
+    (docs/reference.md §12); the function that stops it. Circuits are not shared.
+
+    A note is adopted only for the version of the provider this replica serves (the blob of its
+    file), and at most once a second per provider: the newest of those heard meanwhile is adopted
+    when the second is over, so a flood of notes (whoever may publish on Redis) cannot flood the
+    event log, and the last word is never lost.
+    """
+    registry, health = app[REGISTRY], app[HEALTH]
+    blobs = PerSnapshot(_provider_blobs)
+    fanout.health_key = _health_key(app[SETTINGS])
+    last: dict[str, float] = {}
+    waiting: dict[str, HealthNote] = {}
+
+    def adopt(provider_id: str) -> None:
+        note = waiting.pop(provider_id, None)
+        if note is None or blobs.of(registry.snapshot).get(note.provider) != note.blob:
+            return
+        last[provider_id] = loop.time()
+        if note.status in ("healthy", "unhealthy"):
+            health.adopt(note.provider, note.status, note.reason, note.at)  # type: ignore[arg-type]
+
+    def arrived(note: HealthNote) -> None:  # on the loop
+        newest = waiting.get(note.provider)
+        if newest is not None and newest.at >= note.at:
+            return
+        fresh = newest is None
+        waiting[note.provider] = note
+        if not fresh:
+            return  # its adoption is scheduled already
+        due = last.get(note.provider, -ADOPT_EVERY_S) + ADOPT_EVERY_S - loop.time()
+        if len(last) > 10_000:
+            last.clear()
+        if due <= 0:
+            adopt(note.provider)
+        else:
+            loop.call_later(due, adopt, note.provider)
+
+    def heard(note: HealthNote) -> None:  # in the fan-out's thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(arrived, note)
+
+    def confirmed(provider_id: str, state: HealthState, at: float) -> None:
+        blob = blobs.of(registry.snapshot).get(provider_id)
+        if blob is not None and state.status != "unknown":
+            fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at))
+
+    fanout.on_health = heard
+    health.on_confirmed.append(confirmed)
+
+    def stop() -> None:
+        fanout.on_health = None
+        health.on_confirmed.remove(confirmed)
+
+    return stop
+
+
+def _provider_blobs(snapshot: Snapshot) -> dict[str, str]:
+    return {
+        loaded.document.id: blob_sha(loaded.data)
+        for loaded in snapshot.files.values()
+        if isinstance(loaded.document, AiServer | ApiKey)
+    }
+
+
+def _health_key(settings: Settings) -> bytes | None:
+    """The key health notes are signed with: derived from the age identity, which every replica
+    holds (to decrypt the files) and nobody who can only reach Redis does. None without one."""
+    secret: str | None = None
+    if settings.age_key is not None:
+        secret = settings.age_key.get_secret_value()
+    elif settings.age_key_file is not None:
+        try:
+            secret = settings.age_key_file.read_text()
+        except OSError:
+            secret = None
+    if not secret or not secret.strip():
+        return None
+    return hmac.new(secret.strip().encode(), b"switchboard health notes v1", hashlib.sha256).digest()
 
 
 def _synced(providers: Path) -> bool:

@@ -1,7 +1,12 @@
 """Redis fan-out (docs/reference.md §12): replicas tell each other of new commits, and who serves what.
 
 Each replica publishes a heartbeat on one channel every 2 s, and at once when it applies a
-new commit: `{"replica", "instance", "commit", "generation", "ready"}`. Every replica listens;
+new commit: `{"replica", "instance", "commit", "generation", "ready"}`. On the same channel
+it publishes each health status it confirmed itself (`HealthNote`: provider, the blob of its
+file, status, reason, when), which the others adopt when it is newer than theirs, so replicas
+show one status per provider (docs/reference.md §12). A note is checked field by field and,
+when the replicas hold an age identity, signed with a key derived from it: anyone else who can
+publish on Redis cannot forge one. Every replica listens;
 one that hears of a commit it does not have asks its pull to run now, so a change that
 reached one replica (a webhook, a write pushed to the remote) reaches the others within a
 second or two. What it heard in the last 10 s is the answer of `GET …/replicas`.
@@ -20,8 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -71,6 +79,86 @@ one is heard again in the next heartbeat)."""
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+_PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_REASON = 300
+HEALTH_OUTBOX = 256
+"""Health notes waiting for a session, at most (the oldest go first)."""
+FUTURE_S = 5.0
+"""A note dated further ahead than this (clocks differ a little, not more) is refused."""
+PAST_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthNote:
+    """A provider's health as one replica confirmed it: `blob` is its file's git blob id, so a
+    replica serving another version of the provider (a rotated key) does not adopt it."""
+
+    provider: str
+    blob: str
+    status: str
+    reason: str | None
+    at: float
+    """When it was confirmed, wall clock (the newest wins)."""
+
+    def signed(self, replica: str, instance: str, key: bytes | None) -> str:
+        body: dict[str, Any] = {
+            "kind": "health",
+            "replica": replica,
+            "instance": instance,
+            "provider": self.provider,
+            "blob": self.blob,
+            "status": self.status,
+            "reason": self.reason,
+            "at": self.at,
+        }
+        if key is not None:
+            body["mac"] = _mac(key, body)
+        return json.dumps(body, separators=(",", ":"))
+
+
+def _mac(key: bytes, body: dict[str, Any]) -> str:
+    fields = {k: v for k, v in body.items() if k != "mac"}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, str] | None:
+    """A health note and its sender's instance from a message's bytes; None for anything else:
+    malformed, unsigned or wrongly signed (with `key`), dated in the future or long past."""
+    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
+        return None
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("kind") != "health":
+        return None
+    provider, blob, status = doc.get("provider"), doc.get("blob"), doc.get("status")
+    reason, at, instance = doc.get("reason"), doc.get("at"), doc.get("instance")
+    if not (isinstance(instance, str) and 0 < len(instance) <= 64):
+        return None
+    if not (isinstance(doc.get("replica"), str) and _NAME.match(doc["replica"])):
+        return None
+    if not (isinstance(provider, str) and _PROVIDER.match(provider)):
+        return None
+    if not (isinstance(blob, str) and _COMMIT.match(blob)):
+        return None
+    if status not in ("healthy", "unhealthy"):
+        return None
+    if reason is not None and not (
+        isinstance(reason, str) and len(reason) <= MAX_REASON and not _CONTROL.search(reason)
+    ):
+        return None
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        return None
+    if not now - PAST_S <= at <= now + FUTURE_S:
+        return None
+    if key is not None:
+        mac = doc.get("mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), _mac(key, doc).encode()):
+            return None
+    return HealthNote(provider, blob, status, reason, min(float(at), now)), instance
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +272,16 @@ class Fanout:
         heartbeat_s: float = HEARTBEAT_S,
         timeout_s: float = TIMEOUT_S,
         on_state: Callable[[bool], None] | None = None,
+        on_health: Callable[[HealthNote], None] | None = None,
+        health_key: bytes | None = None,
     ) -> None:
         self._url = url
+        self.on_health = on_health
+        """Called, in the thread, with each health note another replica published (checked)."""
+        self.health_key = health_key
+        """Signs the notes this replica publishes; with it, notes not signed with it are ignored."""
+        self._outbox: list[str] = []
+        self._told: asyncio.Event | None = None
         self.local = local
         """This replica's heartbeat now (read from the registry's state: any thread may call it)."""
         self.knows = knows
@@ -227,6 +323,19 @@ class Fanout:
         """Publish a heartbeat now (a new commit was applied); from any thread, never blocks."""
         self._call(lambda: self._wake.set() if self._wake is not None else None)
 
+    def tell_health(self, note: HealthNote) -> None:
+        """Publish a health status this replica confirmed; from any thread, never blocks. Without a
+        session it waits (the newest `HEALTH_OUTBOX`) for the next one."""
+        message = note.signed(self.local().replica, self.instance, self.health_key)
+
+        def queue() -> None:
+            self._outbox.append(message)
+            del self._outbox[:-HEALTH_OUTBOX]
+            if self._told is not None:
+                self._told.set()
+
+        self._call(queue)
+
     def stop(self, timeout_s: float = 3.0) -> None:
         """Stop the client and wait (at most `timeout_s`) for its thread. Blocking."""
         self._call(lambda: self._stop.set() if self._stop is not None else None)
@@ -259,7 +368,7 @@ class Fanout:
 
     async def _run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stop, self._wake = asyncio.Event(), asyncio.Event()
+        self._stop, self._wake, self._told = asyncio.Event(), asyncio.Event(), asyncio.Event()
         self._started.set()
         backoff = BACKOFF_S[0]
         while not self._stop.is_set():
@@ -293,6 +402,7 @@ class Fanout:
             tasks = {
                 asyncio.ensure_future(self._listen(pubsub)),
                 asyncio.ensure_future(self._beat(client)),
+                asyncio.ensure_future(self._tell(client)),
             }
             assert self._stop is not None  # noqa: S101 - set in _run
             stopping = asyncio.ensure_future(self._stop.wait())
@@ -331,6 +441,17 @@ class Fanout:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
 
+    async def _tell(self, client: redis.Redis) -> None:
+        """Publish the health notes queued by `tell_health`, as they come."""
+        assert self._told is not None  # noqa: S101
+        while True:
+            while self._outbox:
+                async with asyncio.timeout(self.timeout_s):
+                    await client.publish(self.channel, self._outbox[0])
+                self._outbox.pop(0)
+            self._told.clear()
+            await self._told.wait()
+
     async def _listen(self, pubsub: Any) -> None:
         window, read = 0.0, 0
         while True:
@@ -354,7 +475,7 @@ class Fanout:
     async def _hear(self, data: Any) -> None:
         parsed = parse_beat(data)
         if parsed is None:
-            log.debug("fan-out: a message that is not a heartbeat was ignored")
+            self._hear_health(data)
             return
         beat, instance = parsed
         now = time.monotonic()
@@ -376,6 +497,14 @@ class Fanout:
             self._publish({**self._peers, beat.replica: peer})
         if beat.commit is not None and beat.commit != local.commit:
             await self._consider(beat.commit, now)
+
+    def _hear_health(self, data: Any) -> None:
+        note = parse_health(data, self.health_key, time.time())
+        if note is None:
+            log.debug("fan-out: a message that is neither a heartbeat nor a valid health note was ignored")
+            return
+        if note[1] != self.instance and self.on_health is not None:
+            self.on_health(note[0])
 
     async def _consider(self, commit: str, now: float) -> None:
         """Ask for a pull when `commit` is one this replica does not have (at most every 10 s)."""
