@@ -150,7 +150,9 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     # Before the first load, so blocking queries and streams hear of it.
-    app[CHANGES] = Changes(events, registry, settings.replica, settings.max_watchers)
+    app[CHANGES] = Changes(
+        events, registry, settings.replica, settings.max_watchers, settings.max_watchers_per_client
+    )
     stop = asyncio.Event()
     watcher = asyncio.create_task(reloader.watch(stop), name="switchboard-watcher")
     try:

@@ -78,7 +78,7 @@ def watched(handler: Handler) -> Handler:
         changes = request.app[CHANGES]
         index = parse_index(request.query.get("index"))
         if index is not None:
-            await changes.wait_past(index, parse_wait(request.query.get("wait")))
+            await changes.wait_past(index, parse_wait(request.query.get("wait")), request.get(CLIENT))
             authenticate_again(request)  # the clients may have changed while it waited
         response = await handler(request)
         return conditional(request, response, changes)
