@@ -1,26 +1,29 @@
 """Provider health: passive circuit breakers, active checks, and what the API shows.
 
-Two sources feed one `Health` per app:
+Two different things are known of a provider (docs/reference.md §7):
 
-- **passive**: the gateway reports each upstream attempt. `circuit_failures` consecutive
-  failures open a provider's circuit for `circuit_cooldown_s`; after the cooldown one trial
-  request is let through (half-open): success closes the circuit, failure opens it again.
-- **active**: every `health_interval_s` the gateway asks each enabled provider for its
-  models (`check`). A success closes the circuit; a failure that the request path would
-  also fall back on (no connection, a timeout, 408, 429, 5xx) opens it. Another 4xx (no
-  models endpoint) shows the provider unhealthy without touching the circuit.
+- its **circuit**, this replica's own, fed by the gateway's requests. `circuit_failures`
+  consecutive failures open it for `circuit_cooldown_s`; after the cooldown one trial request
+  is let through (half-open): success closes it, failure opens it again. An open circuit is
+  routed around and shown as `circuit`, but it is not health: another replica's requests
+  may go through, and what one replica's traffic found must not wake every consumer.
+- its **health** `status` and `reason`, from active checks (every `health_interval_s` the
+  gateway asks each enabled provider for its models, `check`) and from refused keys. What is
+  shown is the *confirmed* status: a new status is adopted once it held for `confirm`
+  consecutive results (docs/reference.md §5), so a flapping provider floods nothing; the first
+  result after `unknown` (a start, a new or updated provider) is adopted at once. Confirmed
+  health is what replicas share (with Redis, `adopt`) and what answers' tags cover.
 
-A 401 or 403, from a request or a check, means the provider's own key was refused (docs/reference.md §7):
-the circuit opens at once and the provider is marked unhealthy with the reason, without
-waiting for confirmation. Only a request through it that succeeds (the circuit's trial)
-clears the mark: a check that lists models may succeed with a revoked key, since many
-models lists are public.
+A 401 or 403, from a request or a check, means the provider's own key was refused: its
+circuit opens and it is `unhealthy` at once, as a confirmed result. Only a request through it
+that succeeds (the circuit's trial) clears that: a check that lists models may succeed with a
+revoked key, since many models lists are public. A check that fails the way requests fall back
+on (no connection, a timeout, 408, 429, 5xx) opens the circuit too; one that succeeds closes it.
 
-What `get` shows follows every result at once. A status *change* is reported to
-`on_change` (the gateway turns it into a `provider.health_changed` event and a gauge) only
-once the new status has held for `confirm` consecutive results (docs/reference.md §5), so a flapping
-provider cannot flood the log; a refused key is reported at once. The last models a
-successful check listed are kept (`models`) for `/v1/models`.
+Listeners: `on_change` hears each change of a confirmed status (the gateway writes a
+`provider.health_changed` event); `on_shown` each change of what tags cover (status or reason,
+a budget's hold included); `on_confirmed` each change this replica found itself (published to
+the other replicas). The last models a successful check listed are kept (`models`).
 
 The hot path costs a dictionary read and a few attribute reads per request: `HealthState`
 objects are only built on a change or a check.
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -41,32 +44,41 @@ from service.gateway.call import refused
 from service.gateway.catalog import list_models
 
 Status = Literal["healthy", "unhealthy", "unknown"]
+Circuit = Literal["closed", "open", "half_open"]
 Listener = Callable[[str, Status, Status, str | None], None]
 """Called as `(provider_id, old, new, reason)` on every confirmed status change."""
 Clock = Callable[[], float]
 """Monotonic seconds; tests pass their own to move time instead of sleeping."""
+MAX_REASON = 300
+"""A reason longer than this is cut: it is shown, logged and shared between replicas."""
 
 
 @dataclass(frozen=True, slots=True)
 class HealthState:
-    """The last known health of one provider."""
+    """What is known of one provider: its confirmed health, the last measurement, its circuit."""
 
     status: Status = "unknown"
     checked_at: datetime | None = None
     latency_ms: float | None = None
     reason: str | None = None
     """Why it is unhealthy, where that is known (`budget`: out of budget)."""
+    circuit: Circuit = "closed"
+    """This replica's own circuit (docs/reference.md §7): not health, and not in tags."""
+
+    @property
+    def confirmed(self) -> tuple[Status, str | None]:
+        """What tags cover: the status and its reason (no measurement, no circuit)."""
+        return self.status, self.reason
 
     def as_json(self) -> dict[str, object]:
         checked = self.checked_at.isoformat().replace("+00:00", "Z") if self.checked_at else None
-        shown: dict[str, object] = {
+        return {
             "status": self.status,
+            "reason": self.reason,
             "checked_at": checked,
             "latency_ms": self.latency_ms,
+            "circuit": self.circuit,
         }
-        if self.reason is not None:
-            shown["reason"] = self.reason
-        return shown
 
 
 _UNKNOWN = HealthState()
@@ -92,18 +104,18 @@ class CheckResult:
 
 
 class _Track:
-    """Everything known of one provider: its circuit, and its status and how long it held."""
+    """Everything known of one provider: its circuit, and the results that may change its status."""
 
-    __slots__ = ("failures", "open_until", "refused", "reported", "status", "streak", "trial")
+    __slots__ = ("candidate", "confirmed_at", "failures", "open_until", "refused", "streak", "trial")
 
     def __init__(self) -> None:
         self.failures = 0
         self.open_until = 0.0  # monotonic; 0 = closed
         self.trial = False  # the one half-open request is in flight
         self.refused: str | None = None  # why the upstream refused the key; cleared by a request only
-        self.status: Status = "unknown"  # as shown now
-        self.streak = 0  # consecutive results that agree with `status`
-        self.reported: Status = "unknown"  # the last status told to `on_change`
+        self.candidate: Status = "unknown"  # the status of the last results
+        self.streak = 0  # consecutive results that agree with `candidate`
+        self.confirmed_at = 0.0  # wall clock: when the status shown was confirmed (newest wins)
 
 
 class Health:
@@ -120,9 +132,14 @@ class Health:
         self.failures = failures
         self.cooldown_s = cooldown_s
         self.confirm = confirm
-        """Consecutive results a new status must hold before `on_change` hears of it."""
+        """Consecutive results a new status must hold before it is shown."""
         self.clock = clock
         self.on_change: Listener | None = None
+        self.on_shown: list[Callable[[str], None]] = []
+        """Told the provider id whenever its status or reason as shown changes (what tags cover)."""
+        self.on_confirmed: list[Callable[[str, HealthState, float], None]] = []
+        """Told `(provider_id, state, when)` of each change this replica confirmed itself (not one
+        adopted from another replica, not a budget's hold): what it shares."""
         self.models_version = 0
         """Increases whenever `models` of some provider changes."""
         self._states: dict[str, HealthState] = {}
@@ -133,23 +150,31 @@ class Health:
 
     def reset(self, provider_id: str) -> None:
         """Forget what is known of the provider (docs/reference.md §7: its file changed, a rotated
-        key or a new URL): its circuit closes and its status is `unknown` again until a request or
-        a check tells."""
-        self._states.pop(provider_id, None)
+        key or a new URL): its circuit closes and its status is `unknown` again until a check
+        (or another replica) tells."""
+        before = self._states.pop(provider_id, _UNKNOWN)
         self._tracks.pop(provider_id, None)
         self._held.pop(provider_id, None)
         if self._models.pop(provider_id, None) is not None:
             self.models_version += 1
+        if before.confirmed != _UNKNOWN.confirmed:
+            self._tell_shown(provider_id)
 
     def get(self, provider_id: str) -> HealthState:
-        """The last known health; `unknown` before any request or check."""
+        """What is known now; `unknown` before any check."""
+        state = self._states.get(provider_id, _UNKNOWN)
+        if state.circuit == "open":
+            track = self._tracks.get(provider_id)
+            if track is not None and not track.trial and self.clock() >= track.open_until:
+                state = self._states[provider_id] = replace(state, circuit="half_open")
         if self._held:
             held = self._held.get(provider_id)
             if held is not None:
                 if held[1] is None or time.time() < held[1]:
-                    return held[0]
+                    return replace(held[0], circuit=state.circuit)
                 del self._held[provider_id]
-        return self._states.get(provider_id, _UNKNOWN)
+                self._tell_shown(provider_id)
+        return state
 
     def hold(self, provider_id: str, reason: str, until: float | None) -> None:
         """Show the provider `unhealthy` for `reason` until `until` (wall-clock seconds; None:
@@ -157,15 +182,19 @@ class Health:
         held = self._held.get(provider_id)
         if held is None or held[0].reason != reason or held[1] != until:
             self._held[provider_id] = (HealthState("unhealthy", datetime.now(UTC), None, reason), until)
+            if held is None or held[0].reason != reason:
+                self._tell_shown(provider_id)
 
     def release(self, provider_id: str) -> None:
         """Stop showing a `hold`: the provider's own health shows again."""
-        if self._held:
-            self._held.pop(provider_id, None)
+        if self._held and self._held.pop(provider_id, None) is not None:
+            self._tell_shown(provider_id)
 
     def models(self, provider_id: str) -> tuple[str, ...]:
         """The models the provider's last successful check listed (empty before one)."""
         return self._models.get(provider_id, ())
+
+    # -- the circuit: this replica's requests ------------------------------------------------------
 
     def is_open(self, provider_id: str) -> bool:
         """Whether requests must skip the provider now (open, or half-open with its trial out)."""
@@ -182,6 +211,7 @@ class Health:
         if track.trial or self.clock() < track.open_until:
             return False
         track.trial = True
+        self._circuit(provider_id, "half_open")
         return True
 
     def abandon(self, provider_id: str) -> None:
@@ -194,74 +224,122 @@ class Health:
         """A request to the provider worked: reset its failures, close its circuit, clear a refusal."""
         track = self._tracks.get(provider_id)
         if track is None:
-            track = self._tracks[provider_id] = _Track()
+            return  # nothing to clear: a request is no health check (the hot path stops here)
         track.failures = 0
-        if track.open_until or track.status != "healthy" or track.streak < self.confirm:
-            track.open_until, track.trial, track.refused = 0.0, False, None
-            self._result(provider_id, track, "healthy", latency_s * 1000, None)
+        if track.open_until or track.trial:
+            track.open_until, track.trial = 0.0, False
+            self._circuit(provider_id, "closed")
+        if track.refused is not None:  # the key works again: as sure as its refusal was
+            track.refused = None
+            track.candidate, track.streak = "healthy", self.confirm
+            self._confirm(provider_id, track, "healthy", None, local=True)
 
     def failed(self, provider_id: str, reason: str) -> None:
-        """A request failed in a way that falls back; opens the circuit at the threshold."""
-        track = self._tracks.get(provider_id)
-        if track is None:
-            track = self._tracks[provider_id] = _Track()
+        """A request failed in a way that falls back; opens the circuit at the threshold. The
+        status does not change for it: the circuit is this replica's own."""
+        track = self._track(provider_id)
         track.failures += 1
         if track.trial or (not track.open_until and track.failures >= self.failures):
             track.trial = False
             track.open_until = self.clock() + self.cooldown_s
-            self._result(provider_id, track, "unhealthy", None, reason)
+            self._circuit(provider_id, "open")
 
     def refuse(self, provider_id: str, reason: str) -> None:
-        """The upstream refused the provider's key (401, 403): open its circuit and mark it, now."""
-        track = self._tracks.get(provider_id)
-        if track is None:
-            track = self._tracks[provider_id] = _Track()
+        """The upstream refused the provider's key (401, 403): open its circuit, and mark it
+        `unhealthy` now, as a confirmed result."""
+        track = self._track(provider_id)
         track.failures += 1
         track.trial = False
         track.open_until = self.clock() + self.cooldown_s
-        track.refused = reason
-        self._result(provider_id, track, "unhealthy", None, reason, confirmed=True)
+        track.refused = reason = _cut(reason)
+        track.candidate, track.streak = "unhealthy", self.confirm
+        self._circuit(provider_id, "open")
+        self._confirm(provider_id, track, "unhealthy", reason, local=True)
+
+    # -- health: checks, and what other replicas confirmed -----------------------------------------
 
     def checked(self, provider_id: str, result: CheckResult) -> None:
         """Record an active check (or `POST …/test`)."""
         if result.refused:
             self.refuse(provider_id, result.message)
             return
-        track = self._tracks.get(provider_id)
-        if track is None:
-            track = self._tracks[provider_id] = _Track()
+        track = self._track(provider_id)
         if result.ok and result.models is not None and self._models.get(provider_id) != result.models:
             self._models[provider_id] = result.models
             self.models_version += 1
         if track.refused is not None:
             return  # a models list may be public: only a request through the provider clears this
-        if result.ok:
+        if result.ok and (track.open_until or track.trial):
             track.failures, track.open_until, track.trial = 0, 0.0, False
+            self._circuit(provider_id, "closed")
         elif result.opens:
             track.open_until, track.trial = self.clock() + self.cooldown_s, False
+            self._circuit(provider_id, "open")
         status: Status = "healthy" if result.ok else "unhealthy"
-        self._result(provider_id, track, status, result.latency_ms, None if result.ok else result.message)
+        state = self._states.get(provider_id, _UNKNOWN)
+        latency = round(result.latency_ms, 2)
+        self._states[provider_id] = replace(state, checked_at=datetime.now(UTC), latency_ms=latency)
+        if status == track.candidate:
+            track.streak = min(track.streak + 1, self.confirm)
+        else:
+            track.candidate, track.streak = status, 1
+        if status != state.status and (state.status == "unknown" or track.streak >= self.confirm):
+            self._confirm(provider_id, track, status, None if result.ok else _cut(result.message), local=True)
 
-    def _result(
+    def adopt(self, provider_id: str, status: Status, reason: str | None, at: float) -> bool:
+        """Another replica confirmed `status` at `at` (wall clock): shown here when it is newer
+        than what this replica confirmed (docs/reference.md §12). Circuits are not touched."""
+        track = self._track(provider_id)
+        if at <= track.confirmed_at:
+            return False
+        state = self._states.get(provider_id, _UNKNOWN)
+        track.candidate, track.streak = status, self.confirm
+        if (status, reason) == state.confirmed:
+            track.confirmed_at = at
+            return False
+        self._confirm(provider_id, track, status, reason, local=False, at=at)
+        return True
+
+    def _track(self, provider_id: str) -> _Track:
+        track = self._tracks.get(provider_id)
+        if track is None:
+            track = self._tracks[provider_id] = _Track()
+        return track
+
+    def _circuit(self, provider_id: str, circuit: Circuit) -> None:
+        state = self._states.get(provider_id, _UNKNOWN)
+        if state.circuit != circuit:
+            self._states[provider_id] = replace(state, circuit=circuit)
+
+    def _confirm(
         self,
         provider_id: str,
         track: _Track,
         status: Status,
-        latency_ms: float | None,
         reason: str | None,
         *,
-        confirmed: bool = False,
+        local: bool,
+        at: float | None = None,
     ) -> None:
-        if status == track.status:
-            track.streak = min(track.streak + 1, self.confirm)
-        else:
-            track.status, track.streak = status, 1
-        latency = round(latency_ms, 2) if latency_ms is not None else None
-        self._states[provider_id] = HealthState(status, datetime.now(UTC), latency)
-        if track.reported != status and (confirmed or track.streak >= self.confirm):
-            old, track.reported = track.reported, status
-            if self.on_change is not None:
-                self.on_change(provider_id, old, status, reason)
+        state = self._states.get(provider_id, _UNKNOWN)
+        if (status, reason) == state.confirmed:
+            return
+        track.confirmed_at = time.time() if at is None else at
+        now = self._states[provider_id] = replace(state, status=status, reason=reason)
+        if local:
+            for told in self.on_confirmed:
+                told(provider_id, now, track.confirmed_at)
+        if status != state.status and self.on_change is not None:
+            self.on_change(provider_id, state.status, status, reason)
+        self._tell_shown(provider_id)
+
+    def _tell_shown(self, provider_id: str) -> None:
+        for told in self.on_shown:
+            told(provider_id)
+
+
+def _cut(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
 
 
 async def check(provider: Provider, session: aiohttp.ClientSession) -> CheckResult:

@@ -29,12 +29,20 @@ class _Answer(BaseModel):
 
 
 class ProviderHealth(_Answer):
-    """What the gateway knows of a provider's health now (an open circuit counts as unhealthy)."""
+    """What is known of a provider's health: the confirmed status and reason (shared between
+    replicas, in the answer's tag), the last check's measurements, and this replica's circuit."""
 
-    status: Literal["healthy", "unhealthy", "unknown"]
-    checked_at: datetime | None = Field(description="the last check or request that told, UTC")
-    latency_ms: float | None
-    reason: str | None = Field(None, description="`budget`: skipped, out of budget until its period ends")
+    status: Literal["healthy", "unhealthy", "unknown"] = Field(
+        description="the confirmed status (docs/reference.md §7): not changed by this replica's circuit"
+    )
+    reason: str | None = Field(
+        description="why it is unhealthy; `budget`: skipped, out of budget until its period ends"
+    )
+    checked_at: datetime | None = Field(description="the last check that told, UTC (not in the tag)")
+    latency_ms: float | None = Field(description="the last check's latency (not in the tag)")
+    circuit: Literal["closed", "open", "half_open"] = Field(
+        description="this replica's own circuit: `open` is routed around; not health, not in the tag"
+    )
 
 
 class _Provider(_Answer):

@@ -56,6 +56,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
+from service.http.tags import TAGS, Tags
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
 from service.metrics import CONTENT_TYPE, Metrics
@@ -65,6 +66,7 @@ from service.runtime.writer import Writer
 from service.settings import Settings
 from service.usage.pricing import litellm_version
 from service.vcs.attribution import Attributor
+from service.vcs.gitrepo import GitRepo
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +152,15 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     # Before the first load, so blocking queries and streams hear of it.
-    app[CHANGES] = Changes(
+    changes_ = app[CHANGES] = Changes(
         events, registry, settings.replica, settings.max_watchers, settings.max_watchers_per_client
     )
+    app[TAGS] = Tags(lambda: _repository(registry, writer), lambda: registry.state.last_applied_commit)
+
+    def shown(provider_id: str) -> None:
+        changes_.touch()  # a provider's status or reason is in the tags: held queries look again
+
+    app[HEALTH].on_shown.append(shown)
     stop = asyncio.Event()
     watcher = asyncio.create_task(reloader.watch(stop), name="switchboard-watcher")
     try:
@@ -163,6 +171,13 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         await stop_task(watcher)
         await reloader.aclose()  # a cancelled reload's apply finishes in its thread first
         events.close()
+        app[HEALTH].on_shown.remove(shown)
+
+
+def _repository(registry: Registry, writer: Writer) -> GitRepo | None:
+    """The repository the configuration is read from (git-sync's worktree, followed), for the tags."""
+    attributor = registry.attributor
+    return attributor.repo if attributor is not None and attributor.repo is not None else writer.repo
 
 
 @web.middleware

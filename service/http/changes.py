@@ -117,6 +117,10 @@ class Changes:
         self.held_by: dict[str, int] = {}
         """Held queries and streams per authenticated client, by its name (none without one)."""
         self._moved = asyncio.Event()
+        self.touched = asyncio.Event()
+        """Set (and replaced) whenever an answer may have changed: the index moved, the registry
+        applied (a new commit may change no file), a provider's shown health changed. Queries held
+        on a tag (docs/reference.md §9) wait on it and look again."""
         self._streams: set[Stream] = set()
         self._pending: list[BaseEvent] = []
         self._loop = asyncio.get_running_loop()
@@ -154,6 +158,12 @@ class Changes:
     def _release(self) -> None:
         pending, self._pending = self._pending, []
         self._show(sorted(pending, key=_seq))
+        self.touch()
+
+    def touch(self) -> None:
+        """Wake the queries held on a tag: an answer may have changed (on the loop)."""
+        self.touched.set()
+        self.touched = asyncio.Event()
 
     def _show(self, events: list[BaseEvent]) -> None:
         moved = False
@@ -170,6 +180,7 @@ class Changes:
         if moved:
             self._moved.set()
             self._moved = asyncio.Event()
+            self.touch()
 
     def _recheck_clients(self) -> None:
         """End the streams whose token was revoked or lost the scope it was opened with: a
@@ -193,7 +204,15 @@ class Changes:
 
     # -- blocking queries --------------------------------------------------------------------------
 
-    async def wait_past(self, index: int, timeout_s: float, client: Client | None = None) -> None:
+    async def hold(self, touched: asyncio.Event, timeout_s: float, client: Client | None) -> None:
+        """Return once `touched` (the `touched` taken before the answer was made) is set, or after
+        `timeout_s`, or at shutdown; counted among the watchers (of `client`, too) meanwhile."""
+        if self.closing or timeout_s <= 0:
+            return
+        with self._watching(client), contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(touched.wait(), timeout_s)
+
+    async def wait_past(self, index: int, timeout_s: float, client: Client | None) -> None:
         """Return when the index moves past `index`, or after `timeout_s`, or at shutdown.
 
         An `index` ahead of ours (another replica's, or a log replaced) returns at once: the
@@ -256,6 +275,7 @@ class Changes:
         """Shutdown: every held query answers now, every stream ends."""
         self.closing = True
         self._moved.set()
+        self.touched.set()
         for stream in self._streams:
             stream.closed = True
             stream.ready.set()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,11 +45,11 @@ from service.gateway.catalog import list_models
 from service.gateway.health import Health, HealthState, check
 from service.gateway.relay import shown
 from service.gateway.routing import first_healthy
+from service.http import tags
 from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
-from service.http.changes import CHANGES
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
 from service.http.limits_api import own_limits
-from service.http.push import body_tag, event_stream, watched
+from service.http.push import event_stream, watched
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
 from service.vcs.gitrepo import blob_sha
@@ -94,6 +94,7 @@ class _Route:
     """Ids the routing names whose files are refused with no good version: left out above."""
     health: tuple[HealthState, ...] | None = None
     encoded: bytes = b""
+    confirmed: tuple[tuple[str, str | None], ...] | None = None
     etag: str = ""
 
     @property
@@ -109,12 +110,32 @@ class _Rendered:
     providers: Mapping[str, dict[str, Any]]
     routes: Mapping[str, _Route] = field(default_factory=dict)
     blobs: Mapping[str, str] = field(default_factory=dict)
-    """Provider id -> the git blob id of its file: a provider's ETag is `"<blob>.<index>"`."""
+    """Provider id -> the git blob id of its file: the first part of a provider's tag."""
     routing_blob: str | None = None
-    """The git blob id of the routing file: a route's ETag is `"<blob>.<answer's hash>"`."""
+    """The git blob id of the routing file: the first part of a route's tag."""
+    meanings: dict[str, bytes] = field(default_factory=dict)
+    """Provider id -> its configuration as a tag's hash covers it (rendered once)."""
 
     def provider(self, provider_id: str, health: Health) -> dict[str, Any]:
         return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
+
+    def meaning(self, provider_id: str, health: Health) -> bytes:
+        """What a tag covers of a provider (docs/reference.md §6): its configuration and its
+        confirmed health status and reason; no measurement, no circuit."""
+        config = self.meanings.get(provider_id)
+        if config is None:
+            config = self.meanings[provider_id] = _encode(self.providers[provider_id])
+        status, reason = health.get(provider_id).confirmed
+        return config + _encode([status, reason])
+
+    def provider_tag(self, provider_id: str, health: Health) -> str:
+        commit = self.providers[provider_id]["commit"]
+        return tags.make(self.blobs[provider_id], commit, self.meaning(provider_id, health))
+
+    def list_tag(self, ids: Iterable[str], health: Health, extra: Any = None) -> str:
+        """The tag of an answer built from several files: `-` for its blob."""
+        meaning = b"\n".join(self.meaning(i, health) for i in ids) + _encode(extra)
+        return tags.make(None, self.snapshot.commit, meaning)
 
     def route(self, route: _Route, health: Health) -> dict[str, Any]:
         answer: dict[str, Any] = {
@@ -130,17 +151,25 @@ class _Rendered:
         return answer
 
     def encoded_route(self, route: _Route, health: Health) -> tuple[bytes, str]:
-        """The route's answer encoded, and its ETag: made again only when its health changed."""
+        """The route's answer encoded, and its tag: each made again only when what it shows
+        (measurements and circuits included) or what the tag covers changed."""
         states = tuple(health.get(i) for i in route.ids)
         if states != route.health:  # HealthState is a frozen value: equal means same answer
             route.encoded = _encode(self.route(route, health))
-            # If-None-Match compares the tag whole; If-Match on `PUT …/active/{purpose}`
-            # (docs/reference.md §8) only its blob part, so a health change does not make an edit of
-            # the route fail.
-            tag = body_tag(route.encoded)
-            route.etag = f'"{self.routing_blob}.{tag[1:]}' if self.routing_blob else tag
             route.health = states
+            confirmed = tuple(s.confirmed for s in states)
+            if confirmed != route.confirmed:
+                # If-None-Match compares the tag whole; If-Match on `PUT …/active/{purpose}`
+                # (docs/reference.md §8) only its blob part, so a health change does not make an
+                # edit of the route fail.
+                route.etag = self.route_tag(route, health)
+                route.confirmed = confirmed
         return route.encoded, route.etag
+
+    def route_tag(self, route: _Route, health: Health) -> str:
+        shape = [route.purpose, route.primary, route.fallbacks, route.weights, route.unavailable]
+        meaning = b"\n".join(self.meaning(i, health) for i in route.ids) + _encode(shape)
+        return tags.make(self.routing_blob, self.snapshot.commit, meaning)
 
 
 _CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
@@ -184,6 +213,17 @@ def provider_answer(app: web.Application, snapshot: Snapshot, provider_id: str) 
     return rendered.provider(provider_id, app[HEALTH])
 
 
+def answer_tag(
+    app: web.Application, snapshot: Snapshot, *, provider: str = "", purpose: str = ""
+) -> str | None:
+    """The tag `GET …/providers/{provider}` (or `…/active/{purpose}`) gives for `snapshot` now."""
+    rendered = app[_CACHE].of(snapshot)
+    if provider in rendered.providers:
+        return rendered.provider_tag(provider, app[HEALTH])
+    route = rendered.routes.get(purpose)
+    return rendered.route_tag(route, app[HEALTH]) if route is not None else None
+
+
 def route_answer(app: web.Application, snapshot: Snapshot, purpose: str) -> dict[str, Any] | None:
     """A purpose's route in `snapshot` as `GET …/active/{purpose}` answers it, or None."""
     rendered = app[_CACHE].of(snapshot)
@@ -219,13 +259,17 @@ async def _active(request: web.Request) -> web.StreamResponse:
 async def _active_all(request: web.Request) -> web.StreamResponse:
     rendered = _current(request)
     health = request.app[HEALTH]
-    return _json(
+    response = _json(
         {
             "purposes": {p: rendered.route(r, health) for p, r in rendered.routes.items()},
             "commit": rendered.snapshot.commit,
             "generation": rendered.snapshot.generation,
         }
     )
+    ids = sorted({i for r in rendered.routes.values() for i in r.ids})
+    shapes = [[p, r.primary, r.fallbacks, r.weights, r.unavailable] for p, r in rendered.routes.items()]
+    response.headers["ETag"] = rendered.list_tag(ids, health, shapes)
+    return response
 
 
 def _no_route(purpose: str) -> str:
@@ -243,12 +287,11 @@ def _lister(kind: str | None) -> Handler:
     async def providers(request: web.Request) -> web.StreamResponse:
         rendered = _current(request)
         health = request.app[HEALTH]
-        listed = [
-            rendered.provider(i, health)
-            for i, p in rendered.providers.items()
-            if kind is None or p["kind"] == kind
-        ]
-        return _json({"providers": listed, "generation": rendered.snapshot.generation})
+        ids = [i for i, p in rendered.providers.items() if kind is None or p["kind"] == kind]
+        listed = [rendered.provider(i, health) for i in ids]
+        response = _json({"providers": listed, "generation": rendered.snapshot.generation})
+        response.headers["ETag"] = rendered.list_tag(ids, health)
+        return response
 
     return providers
 
@@ -264,9 +307,10 @@ def _getter(kind: str | None) -> Handler:
             raise NotFound(f"no provider `{provider_id}`")
         if kind is not None and found["kind"] != kind:
             raise NotFound(f"`{provider_id}` is an {found['kind']}, not an {kind}")
-        response = _json(rendered.provider(provider_id, request.app[HEALTH]))
-        # The blob tells an edit (If-Match compares it alone), the index a health change.
-        response.headers["ETag"] = f'"{rendered.blobs[provider_id]}.{request.app[CHANGES].index}"'
+        health = request.app[HEALTH]
+        response = _json(rendered.provider(provider_id, health))
+        # The blob tells an edit (If-Match compares it alone); the hash a health change.
+        response.headers["ETag"] = rendered.provider_tag(provider_id, health)
         return response
 
     return provider

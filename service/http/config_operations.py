@@ -61,7 +61,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         "One purpose, resolved",
         {"200": route, "404": s.error("no route for the purpose")},
         (purpose(),),
-        description='The `ETag` is `"<git blob id of the routing file>.<hash of the answer>"`: '
+        description='The `ETag` is `W/"<git blob id of the routing file>.<commit>.<hash>"`: '
         "`If-None-Match` compares it whole, `If-Match` on `PUT …/active/{purpose}` only its blob part.",
     )
     yield Operation(
@@ -167,7 +167,10 @@ def _reads(s: Schemas) -> Iterable[Operation]:
 # -- change push (docs/reference.md §9) ----------------------------------------------------------------------
 
 _PUSH_HEADERS = {
-    "ETag": header('the answer\'s tag; for one provider `"<git blob id>.<index>"`'),
+    "ETag": header(
+        'the answer\'s weak tag, `W/"<git blob id or ->.<commit or ->.<hash>"`: the same on every replica '
+        "serving one commit with one health (docs/reference.md §6)"
+    ),
     push.INDEX_HEADER: header(
         "the index: the seq of the last configuration or health event", pattern="^[0-9]+$"
     ),
@@ -187,7 +190,8 @@ _BLOCKING = (
     {
         "name": "If-None-Match",
         "in": "header",
-        "description": "an `ETag` held: 304 while it is current",
+        "description": "an `ETag` held: 304 while it is current; with `wait`, held until the answer "
+        "differs from it, on any replica (docs/reference.md §9)",
         "schema": {"type": "string"},
     },
 )

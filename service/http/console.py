@@ -31,7 +31,6 @@ from aiohttp import web
 
 from service.config.models import PURPOSES, ServerType
 from service.errors import NotFound
-from service.http.push import body_tag
 from service.vendors import VENDORS
 
 PATH = "/ui/"
@@ -74,7 +73,7 @@ class Asset:
     def of(cls, name: str, body: bytes) -> Asset:
         suffix = name[name.rfind(".") :]
         content_type = _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
-        return cls(body, gzip.compress(body, compresslevel=9, mtime=0), content_type, body_tag(body))
+        return cls(body, gzip.compress(body, compresslevel=9, mtime=0), content_type, _strong_tag(body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,3 +173,8 @@ def _send(request: web.Request, asset: Asset, cache: str) -> web.StreamResponse:
         headers["Content-Encoding"] = "gzip"
     body = asset.gzipped if zipped else asset.body
     return web.Response(body=body, headers={**headers, "Content-Type": asset.content_type})
+
+
+def _strong_tag(body: bytes) -> str:
+    """A strong tag for an asset: it changes exactly when its bytes do."""
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'

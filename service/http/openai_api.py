@@ -162,11 +162,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         tracing=app[TELEMETRY].tracing if TELEMETRY in app else None,
     )
     health.on_change = _on_health_change(app)
-    reset = _reset_on_update(app)
+    due = _Due()
+    reset = _reset_on_update(app, due if settings.health_interval_s > 0 else None)
     app[REGISTRY].on_apply.append(reset)
     tasks = [asyncio.create_task(_write_events(app, queue), name="switchboard-health-events")]
     if settings.health_interval_s > 0:
-        periodic = _check_periodically(app, settings.health_interval_s)
+        periodic = _check_periodically(app, settings.health_interval_s, due)
         tasks.append(asyncio.create_task(periodic, name="switchboard-health-checks"))
     try:
         yield
@@ -203,25 +204,47 @@ async def _stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _reset_on_update(app: web.Application) -> Callable[[Outcome], None]:
+class _Due:
+    """Providers to check now, out of turn: added or updated (docs/reference.md §7)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.wake = asyncio.Event()
+
+    def add(self, ids: list[str]) -> None:
+        self.ids.update(ids)
+        self.wake.set()
+
+    def take(self) -> set[str]:
+        ids, self.ids = self.ids, set()
+        self.wake.clear()
+        return ids
+
+
+def _reset_on_update(app: web.Application, due: _Due | None) -> Callable[[Outcome], None]:
     """A provider whose file changed (a rotated key, a new URL) starts again from `unknown`, its
-    circuit closed (docs/reference.md §7). Told by the registry's thread; the reset runs on the loop."""
+    circuit closed (docs/reference.md §7), and is checked now, as a new one is. Told by the
+    registry's thread; the reset runs on the loop."""
     loop = asyncio.get_running_loop()
     health, gauge = app[HEALTH], app[METRICS].provider_healthy
     last = [app[REGISTRY].snapshot]
 
-    def reset(changed: list[str]) -> None:
+    def reset(changed: list[str], added: list[str]) -> None:
         for provider_id in changed:
             health.reset(provider_id)
             gauge.labels(provider_id).set(-1)
+        if due is not None and (changed or added):
+            due.add([*changed, *added])
 
     def applied(outcome: Outcome) -> None:
         old, new = last[0], outcome.snapshot
         last[0] = new
         changed = [pid for pid, now in new.providers.items() if _changed(old.providers.get(pid), now)]
-        if changed:
+        # At the first load every provider is new: the periodic checks begin with it anyway.
+        added = [pid for pid in new.providers if pid not in old.providers] if old.generation else []
+        if changed or added:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the service has stopped
-                loop.call_soon_threadsafe(reset, changed)
+                loop.call_soon_threadsafe(reset, changed, added)
 
     return applied
 
@@ -257,12 +280,20 @@ async def _write_events(app: web.Application, queue: asyncio.Queue[BaseEvent]) -
             queue.task_done()
 
 
-async def _check_periodically(app: web.Application, interval_s: float) -> None:
-    """Check every enabled provider's models endpoint, every `interval_s`."""
+async def _check_periodically(app: web.Application, interval_s: float, due: _Due) -> None:
+    """Check every enabled provider's models endpoint, every `interval_s`, and those `due` now."""
     registry, relay = app[REGISTRY], app[RELAY]
+    loop = asyncio.get_running_loop()
+    whole = True
+    next_whole = loop.time()
     while True:
         if registry.ready:
-            providers = [p for p in registry.snapshot.providers.values() if p.enabled]
+            only = None if whole else due.take()
+            if whole:
+                due.take()
+                next_whole = loop.time() + interval_s
+            found = registry.snapshot.providers.values()
+            providers = [p for p in found if p.enabled and (only is None or p.id in only)]
             results = await asyncio.gather(
                 *(check(p, relay.session) for p in providers), return_exceptions=True
             )
@@ -271,4 +302,9 @@ async def _check_periodically(app: web.Application, interval_s: float) -> None:
                     relay.health.checked(provider.id, result)
                 elif isinstance(result, Exception):
                     log.warning("health check of %s failed: %s", provider.id, type(result).__name__)
-        await asyncio.sleep(interval_s if registry.ready else 0.05)
+        if not registry.ready:
+            await asyncio.sleep(0.05)
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(due.wake.wait(), max(0.0, next_whole - loop.time()))
+        whole = loop.time() >= next_whole

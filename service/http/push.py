@@ -16,7 +16,6 @@ The index, the held queries and the streams' backlogs are `service.http.changes.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -24,9 +23,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from service.errors import BadRequest
+from service.http import tags
 from service.http.auth import CLIENT, Handler, authenticate_again
 from service.http.changes import ADMIN_ONLY, CHANGES, Changes, Stream, frame
 from service.http.context import EVENTS
+from service.http.tags import TAGS, Verdict
 from service.journal.log import EventLog
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def parse_index(text: str | None) -> int | None:
 
 def watched(handler: Handler) -> Handler:
     """A GET that carries ETag, X-Switchboard-Index and -Replica, answers 304 to a matching
-    `If-None-Match`, and holds while `?index=N` is current (up to `?wait=`). Put it inside
+    `If-None-Match`, and holds while `?index=N` is current, or while the answer is what the
+    client's tag says (`If-None-Match` with `?wait=`), up to `wait`. Put it inside
     `scoped(...)`, so nothing is held before the client is known."""
 
     async def held(request: web.Request) -> web.StreamResponse:
@@ -80,12 +82,60 @@ def watched(handler: Handler) -> Handler:
         if index is not None:
             await changes.wait_past(index, parse_wait(request.query.get("wait")), request.get(CLIENT))
             authenticate_again(request)  # the clients may have changed while it waited
-        response = await handler(request)
-        return conditional(request, response, changes)
+            return conditional(request, await handler(request), changes)
+        theirs = tags.listed(request.headers.get("If-None-Match"))
+        if not theirs:
+            return conditional(request, await handler(request), changes)
+        wait = request.query.get("wait")
+        return await _held_on_tag(request, handler, theirs, parse_wait(wait) if wait else 0.0)
 
     held.__name__ = getattr(handler, "__name__", "held")
     held.__doc__ = handler.__doc__
     return held
+
+
+async def _held_on_tag(
+    request: web.Request, handler: Handler, theirs: list[str], wait_s: float
+) -> web.StreamResponse:
+    """Answer once the answer differs from the client's tags (docs/reference.md §9), on whichever
+    replica this is: never with content older than the tag's commit (304 when `wait` runs out
+    first), never at once for health this replica never gave (its content when `wait` runs out)."""
+    app = request.app
+    changes, known = app[CHANGES], app[TAGS]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        touched = changes.touched  # taken before the answer is made: a change meanwhile wakes it
+        response = await handler(request)
+        if not isinstance(response, web.Response) or response.status != 200:
+            return conditional(request, response, changes)
+        ours = _tag_of(response)
+        verdict = await known.judge(theirs, ours)
+        left = deadline - loop.time()
+        if verdict is Verdict.DIFFERS or ((left <= 0 or changes.closing) and verdict is Verdict.UNSEEN):
+            known.gave(ours)
+            return conditional(request, response, changes)
+        if left <= 0 or changes.closing:
+            headers = {INDEX_HEADER: str(changes.index), REPLICA_HEADER: changes.replica}
+            if verdict is Verdict.MATCH:
+                known.gave(ours)
+                return web.Response(status=304, headers={**headers, "ETag": ours})
+            # AHEAD: the client's copy is newer than anything here; it keeps it (and its tag).
+            return web.Response(status=304, headers={**headers, "ETag": _newest(theirs)})
+        await changes.hold(touched, left, request.get(CLIENT))
+        authenticate_again(request)  # the clients may have changed while it waited
+
+
+def _tag_of(response: web.Response) -> str:
+    tag = response.headers.get("ETag")
+    if tag is None:
+        tag = response.headers["ETag"] = body_tag(response.body if isinstance(response.body, bytes) else b"")
+    return tag
+
+
+def _newest(theirs: list[str]) -> str:
+    """The client's own tag, to send back with a 304 that keeps its copy: the first of ours."""
+    return next((t for t in theirs if tags.parse(t) is not None), theirs[0])
 
 
 def conditional(request: web.Request, response: web.StreamResponse, changes: Changes) -> web.StreamResponse:
@@ -94,9 +144,9 @@ def conditional(request: web.Request, response: web.StreamResponse, changes: Cha
     if not isinstance(response, web.Response) or response.status != 200:
         response.headers.update(headers)
         return response
-    tag = response.headers.get("ETag")
-    if tag is None:
-        tag = headers["ETag"] = body_tag(response.body if isinstance(response.body, bytes) else b"")
+    tag = _tag_of(response)
+    if TAGS in request.app:
+        request.app[TAGS].gave(tag)
     if _matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers={**headers, "ETag": tag})
     response.headers.update(headers)
@@ -104,15 +154,16 @@ def conditional(request: web.Request, response: web.StreamResponse, changes: Cha
 
 
 def body_tag(body: bytes) -> str:
-    """A strong ETag for an answer: it changes exactly when the bytes do."""
-    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    """A weak tag for an answer that has no configuration of its own (docs/reference.md §6):
+    `W/"-.-.<hash of its bytes>"`."""
+    return tags.make(None, None, body)
 
 
 def _matches(header: str | None, tag: str) -> bool:
     if not header:
         return False
-    wanted = [t.strip().removeprefix("W/") for t in header.split(",")]
-    return "*" in wanted or tag in wanted
+    wanted = [t.removeprefix("W/") for t in tags.listed(header)]
+    return "*" in wanted or tag.removeprefix("W/") in wanted
 
 
 # -- the event stream ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from service.config.loader import MAX_FILE_BYTES
 from service.errors import BadRequest, NotFound, Unprocessable
 from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.bodies import json_body
-from service.http.config_api import provider_answer, route_answer, test_provider
+from service.http.config_api import answer_tag, provider_answer, route_answer, test_provider
 from service.http.context import PREFIX, WRITER
 from service.runtime.drafts import ProviderKind
 from service.runtime.writer import Written
@@ -197,7 +197,10 @@ def _provider(
     answer = provider_answer(request.app, written.snapshot, written.subject)
     if answer is None:
         raise NotFound(f"`{written.subject}` was written but is not in the configuration")
-    headers = _etag(written) | ({"Location": location} if location and written.changed else {})
+    tag = answer_tag(request.app, written.snapshot, provider=written.subject)
+    headers = ({"ETag": tag} if tag else _etag(written)) | (
+        {"Location": location} if location and written.changed else {}
+    )
     body = answer | {"commit": written.commit or answer.get("commit"), "generation": written.generation}
     return web.json_response(body, status=status if written.changed else 200, headers=headers)
 
@@ -209,4 +212,6 @@ def _routed(request: web.Request, written: Written, purpose: str) -> web.Respons
     answer = route_answer(request.app, written.snapshot, purpose)
     if answer is None:
         raise NotFound(f"no route for `{purpose}` after the write")
-    return web.json_response(answer | {"commit": written.commit}, headers=_etag(written))
+    tag = answer_tag(request.app, written.snapshot, purpose=purpose)
+    headers = {"ETag": tag} if tag else _etag(written)
+    return web.json_response(answer | {"commit": written.commit}, headers=headers)

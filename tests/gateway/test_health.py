@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiohttp import web
 
@@ -40,21 +41,22 @@ def test_consecutive_failures_open_the_circuit_and_one_trial_follows_the_cooldow
     assert not health.is_open("p") and health.get("p").status == "unknown"
     health.failed("p", "HTTP 500")
     assert health.is_open("p") and not health.admit("p")
-    assert health.get("p").status == "unhealthy"
+    # The circuit is this replica's own: shown, routed around, but not health (reference §7).
+    assert (health.get("p").status, health.get("p").circuit) == ("unknown", "open")
     clock.advance(29.9)
     assert health.is_open("p")
     clock.advance(0.2)
-    assert not health.is_open("p")
+    assert not health.is_open("p") and health.get("p").circuit == "half_open"
     assert health.admit("p")  # the one trial
     assert health.is_open("p") and not health.admit("p")
     health.failed("p", "HTTP 500")  # the trial failed: open again
-    assert health.is_open("p")
+    assert health.is_open("p") and health.get("p").circuit == "open"
     clock.advance(30.1)
     assert health.admit("p")
     health.succeeded("p", 0.01)
     assert not health.is_open("p") and health.admit("p") and health.admit("p")
-    assert health.get("p").status == "healthy" and health.get("p").latency_ms == 10.0
-    assert changes == [("p", "unknown", "unhealthy", "HTTP 500"), ("p", "unhealthy", "healthy", None)]
+    assert (health.get("p").status, health.get("p").circuit) == ("unknown", "closed")
+    assert changes == []
 
 
 def test_a_success_resets_the_count_of_failures() -> None:
@@ -84,7 +86,7 @@ def test_checks_open_circuits_only_for_failures_requests_would_fall_back_on() ->
     health.checked("p", CheckResult(True, 2.5, "ok"))
     assert not health.is_open("p")
     state = health.get("p")
-    assert (state.status, state.latency_ms) == ("healthy", 2.5)
+    assert (state.status, state.latency_ms) == ("unhealthy", 2.5)  # one result: not confirmed yet
     assert state.as_json()["checked_at"].endswith("Z")  # type: ignore[union-attr]
 
 
@@ -92,8 +94,8 @@ def test_a_refused_key_opens_the_circuit_at_once_and_only_a_request_clears_it() 
     clock = Clock()
     health = Health(failures=3, cooldown_s=30, confirm=2, clock=clock)
     changes = _recording(health)
-    health.succeeded("p", 0.01)
-    health.succeeded("p", 0.01)
+    health.checked("p", CheckResult(True, 1.0, "ok: 3 models listed"))
+    health.checked("p", CheckResult(True, 1.0, "ok: 3 models listed"))
     health.refuse("p", "HTTP 401: the upstream refused the provider's key")
     assert health.is_open("p") and health.get("p").status == "unhealthy"
     assert changes == [  # at once: no confirmation for a refused key
@@ -134,13 +136,14 @@ def test_a_change_is_reported_once_it_held_for_the_confirmation_count() -> None:
     assert changes == [("p", "unknown", "healthy", None)]
     for _ in range(10):  # flapping: never two results alike in a row
         health.checked("p", down)
-        assert health.get("p").status == "unhealthy"  # what is shown follows at once
+        assert health.get("p").status == "healthy"  # what is shown is the confirmed status
         health.checked("p", ok)
         assert health.get("p").status == "healthy"
     assert len(changes) == 1
     health.checked("p", down)
     health.checked("p", down)
     assert changes[1:] == [("p", "healthy", "unhealthy", "HTTP 500")]
+    assert health.get("p").confirmed == ("unhealthy", "HTTP 500")
     health.failed("p", "HTTP 500")  # the circuit was open already; no new status
     assert len(changes) == 2
 
@@ -156,7 +159,8 @@ async def test_a_failing_provider_is_skipped_while_its_circuit_is_open(sops_proj
         ) as board:
             clock = board.app[HEALTH].clock = Clock()
             first = [(await board.chat()).headers["x-switchboard-attempts"] for _ in range(4)]
-            assert board.app[HEALTH].get("flaky").status == "unhealthy"
+            shown = board.app[HEALTH].get("flaky")
+            assert (shown.status, shown.circuit) == ("unknown", "open")
             flaky.answer_normally()
             clock.advance(30.1)
             trial = await board.chat()
@@ -166,8 +170,7 @@ async def test_a_failing_provider_is_skipped_while_its_circuit_is_open(sops_proj
     assert first == ["2", "2", "1", "1"]  # two failures open it; then it is skipped
     assert len(flaky.requests) == 4  # two failures, the trial, and one more once closed
     assert trial.headers["x-switchboard-provider"] == after.headers["x-switchboard-provider"] == "flaky"
-    assert [e["changes"]["status"]["new"] for e in changes] == ["unhealthy", "healthy"]
-    assert changes[0]["subject"] == "flaky" and changes[0]["reason"] == "HTTP 500"
+    assert changes == []  # a replica's circuit is not health: nothing to tell the log or the others
 
 
 async def test_a_revoked_key_falls_back_and_opens_the_circuit_at_once(sops_project: SopsProject) -> None:
@@ -211,7 +214,8 @@ async def test_a_revoked_key_falls_back_and_opens_the_circuit_at_once(sops_proje
             "HTTP 401: the upstream refused the provider's key",
         )
     ]
-    assert len(changes) == 1  # the recovery is one result so far: not yet confirmed
+    # The trial that went through clears the mark at once, as surely as the refusal set it.
+    assert [e["changes"]["status"] for e in changes[1:]] == [{"old": "unhealthy", "new": "healthy"}]
 
 
 async def test_a_flapping_provider_does_not_flood_the_log(sops_project: SopsProject) -> None:
@@ -317,3 +321,53 @@ async def test_a_rotated_key_resets_health_and_circuit(sops_project: SopsProject
             assert health.get("vendor").status == "unknown"
             rotated = await board.chat()
     assert rotated.status == 200 and rotated.headers["x-switchboard-provider"] == "vendor"
+
+
+def test_the_circuit_and_measurements_are_not_what_tags_cover() -> None:
+    clock = Clock()
+    health = Health(failures=1, cooldown_s=30, confirm=2, clock=clock)
+    health.checked("p", CheckResult(True, 1.0, "ok: 1 model listed"))
+    before = health.get("p")
+    health.failed("p", "HTTP 502")
+    health.checked("p", CheckResult(True, 7.5, "ok: 2 models listed"))
+    health.failed("p", "timed out")
+    after = health.get("p")
+    assert after.confirmed == before.confirmed == ("healthy", None)
+    assert (after.latency_ms, after.circuit) == (7.5, "open")
+
+
+def test_an_unhealthy_reason_stays_the_confirmed_one_while_the_status_holds() -> None:
+    health = Health(confirm=2, clock=Clock())
+    shown: list[str] = []
+    health.on_shown.append(shown.append)
+    health.checked("p", CheckResult(False, 1.0, "HTTP 503"))  # after unknown: adopted at once
+    for reason in ("timed out", "HTTP 500", "cannot connect"):
+        health.checked("p", CheckResult(False, 1.0, reason))
+    assert health.get("p").confirmed == ("unhealthy", "HTTP 503") and shown == ["p"]
+
+
+def test_another_replicas_newer_confirmed_status_is_adopted_and_not_told_again() -> None:
+    health = Health(confirm=2, clock=Clock())
+    changes = _recording(health)
+    confirmed: list[str] = []
+    health.on_confirmed.append(lambda pid, state, at: confirmed.append(state.status))
+    health.checked("p", CheckResult(True, 1.0, "ok"))
+    assert confirmed == ["healthy"]
+    assert health.adopt("p", "unhealthy", "HTTP 503", time.time() + 1)
+    assert health.get("p").confirmed == ("unhealthy", "HTTP 503")
+    assert not health.adopt("p", "healthy", None, time.time() - 60)  # older than what is shown
+    assert health.get("p").status == "unhealthy"
+    health.checked("p", CheckResult(True, 1.0, "ok"))  # one result against it: not confirmed
+    assert health.get("p").status == "unhealthy"
+    health.checked("p", CheckResult(True, 1.0, "ok"))
+    assert health.get("p").status == "healthy"
+    assert confirmed == ["healthy", "healthy"]  # the adopted change is not published again
+    assert [c[2] for c in changes] == ["healthy", "unhealthy", "healthy"]
+
+
+def test_a_reset_forgets_the_adopted_time_too() -> None:
+    health = Health(confirm=2, clock=Clock())
+    assert health.adopt("p", "unhealthy", "HTTP 503", time.time())
+    health.reset("p")
+    assert health.get("p").status == "unknown"
+    assert health.adopt("p", "healthy", None, time.time() - 5)

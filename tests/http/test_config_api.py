@@ -66,7 +66,13 @@ async def test_active_purpose_answers_primaries_fallbacks_and_weights_as_masked_
         "idle_timeout_s": 60,
         "file": "providers.d/openrouter-main.yaml",
         "commit": None,
-        "health": {"status": "unknown", "checked_at": None, "latency_ms": None},
+        "health": {
+            "status": "unknown",
+            "reason": None,
+            "checked_at": None,
+            "latency_ms": None,
+            "circuit": "closed",
+        },
     }
     assert (gpu["server_type"], gpu["api_key"], "provider" in gpu) == ("vllm", None, False)
 

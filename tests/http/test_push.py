@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -81,12 +82,13 @@ async def _tag_changed(service: Service, path: str, tag: str) -> Answer:
     return response
 
 
-async def test_one_providers_tag_is_its_blob_and_the_index(running_service: Service) -> None:
+async def test_one_providers_tag_is_weak_its_blob_its_commit_and_a_hash(running_service: Service) -> None:
     from service.vcs.gitrepo import blob_sha
 
     response = await get(running_service, API + "/providers/gpu")
     blob = blob_sha((running_service.project.providers / "gpu.yaml").read_bytes())
-    assert response.headers["ETag"] == f'"{blob}.{response.headers[push.INDEX_HEADER]}"'
+    commit = response.json()["commit"] or "-"
+    assert re.fullmatch(rf'W/"{blob}\.{commit}\.[0-9a-f]{{24}}"', response.headers["ETag"])
 
 
 async def test_saving_the_same_content_keeps_the_tag(running_service: Service) -> None:
@@ -168,14 +170,19 @@ async def test_one_client_cannot_take_every_held_slot(sops_project: SopsProject)
     write_clients(sops_project, {"greedy": ("tok-g", ["config:read"]), "other": ("tok-o", ["config:read"])})
     greedy, other = {"Authorization": "Bearer tok-g"}, {"Authorization": "Bearer tok-o"}
     async with serve(sops_project, max_watchers=10, max_watchers_per_client=2) as service:
-        index = (await get(service, API + "/active", greedy)).headers[push.INDEX_HEADER]
-        blocking = f"{API}/active?index={index}&wait=30s"
-        query = asyncio.create_task(get(service, blocking, greedy))
+        first = await get(service, API + "/active", greedy)
+        blocking = f"{API}/active?index={first.headers[push.INDEX_HEADER]}&wait=30s"
+        on_tag = {**greedy, "If-None-Match": first.headers["ETag"]}
+        query = asyncio.create_task(get(service, API + "/active?wait=30s", on_tag))
         async with service.http.get(service.url + API + "/events", headers=greedy) as stream:
             assert stream.status == 200
             await eventually(lambda: service.app[CHANGES].held == 2)
-            for path in (blocking, API + "/events"):
-                refused = await get(service, path, greedy)
+            for path, headers in (
+                (blocking, greedy),
+                (API + "/events", greedy),
+                (API + "/active?wait=30s", on_tag),
+            ):
+                refused = await get(service, path, headers)
                 assert refused.status == 503 and refused.headers["Retry-After"].isdigit()
                 error = refused.json()["error"]
                 assert error["type"] == "busy" and "SWITCHBOARD_MAX_WATCHERS_PER_CLIENT" in error["message"]
@@ -644,11 +651,6 @@ async def test_replays_that_stall_do_not_hold_back_a_change(
             await stream.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/reference.md §9 fixes a provider's tag as `<blob>.<index>`, but its answer shows "
-    "health that changes without an event (a first result, an unconfirmed change, checked_at, latency_ms)",
-)
 async def test_a_providers_tag_changes_when_its_health_does(sops_project: SopsProject) -> None:
     async with FakeUpstream() as upstream:
         write_server(sops_project, "gpu", base_url=upstream.base_url)

@@ -120,7 +120,7 @@ async def test_a_created_key_is_one_commit_encrypted_applied_and_recorded(
     path = repo.providers / "vendor.yaml"
     data = path.read_bytes()
     assert headers["Location"] == f"{API}/api-keys/vendor"
-    assert headers["ETag"] == f'"{blob(data)}"'
+    assert headers["ETag"].startswith(f'W/"{blob(data)}.{body["commit"]}.')  # as GET gives it
     assert body["id"] == "vendor" and body["api_key"] == "****" + CANARY[-4:]
     assert body["commit"] == head(repo.root) != before
     assert body["generation"] == service.registry.snapshot.generation
@@ -338,7 +338,7 @@ async def test_a_route_is_set_and_the_old_form_still_works(repo: SopsProject, se
         "gpu": 3,
         "spare": 1,
     }
-    assert headers["ETag"] == f'"{blob((repo.providers / "routing.yaml").read_bytes())}"'
+    assert headers["ETag"].startswith(f'W/"{blob((repo.providers / "routing.yaml").read_bytes())}.')
     assert git(repo.root, "log", "-1", "--format=%s") == "update routing chat"
     status, body, _ = await call(
         service, "POST", "/active", {"purpose": "chat", "provider_id": "spare", "fallback_provider_id": "gpu"}
@@ -356,7 +356,8 @@ async def test_a_routes_etag_is_what_if_match_takes_to_change_it(repo: SopsProje
     (the console's route form) is refused when the routing changed in between."""
     async with service.http.get(service.url + API + "/active/chat") as response:
         tag = response.headers["ETag"]
-    assert tag.strip('"').split(".")[0] == blob((repo.providers / "routing.yaml").read_bytes())
+    tagged = tag.removeprefix("W/").strip('"').split(".")[0]
+    assert tagged == blob((repo.providers / "routing.yaml").read_bytes())
     headers = {"If-Match": tag}
     status, body, _ = await call(
         service, "PUT", "/active/chat", {"primary": ["gpu"], "weights": {"gpu": 2}}, headers=headers
