@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import TracebackType
@@ -86,6 +87,9 @@ class Switchboard:
         self._version = 0
         self._index = 0
         self._heard_at: float | None = None
+        """When the service last answered (time.monotonic)."""
+        self._due: float | None = None
+        """When the question in flight must be answered by, if one is."""
         self._stale = True
         self._loaded = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -167,7 +171,10 @@ class Switchboard:
         service cannot be reached, or has answered nothing for `wait_s + grace_s` (about 18 s)."""
         if self._stale or self._heard_at is None:
             return True
-        return asyncio.get_running_loop().time() - self._heard_at > self.wait_s + self.grace_s
+        now = time.monotonic()
+        if self._due is not None and now <= self._due:
+            return False  # a question is in flight, and not late yet (held questions take `wait_s`)
+        return now - self._heard_at > self.wait_s + self.grace_s
 
     @property
     def version(self) -> int:
@@ -329,8 +336,8 @@ class Switchboard:
             if held
             else min(self.request_timeout_s, self.wait_s + self.grace_s)
         )
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.monotonic()
+        self._due = started + (timeout.total or 0)
         async with self._http.get(
             f"{self.base_url}{PREFIX}/active{query}", headers=headers, timeout=timeout
         ) as response:
@@ -351,12 +358,12 @@ class Switchboard:
         async with self._changed:
             self._index = int(index) if index.isascii() and index.isdigit() and len(index) < 19 else 0
             self._stale = False
-            self._heard_at = loop.time()
+            self._heard_at, self._due = time.monotonic(), None
             if changed:
                 self._version += 1
             self._loaded.set()
             self._changed.notify_all()
-        return changed, loop.time() - started
+        return changed, time.monotonic() - started
 
     async def _first_copy(self, timeout_s: float | None) -> None:
         if not self._loaded.is_set():

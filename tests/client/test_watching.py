@@ -286,3 +286,70 @@ async def test_a_304_to_a_question_without_a_tag_is_not_a_copy() -> None:
     async with serving(hand_written(active)) as url, Switchboard(url, backoff_s=(0.05, 0.1)) as sb:
         await asyncio.sleep(0.5)
         assert sb.stale and sb.version == 0
+
+
+async def test_a_service_answering_at_once_with_news_every_time_is_not_a_loop() -> None:
+    """Each answer differs (a field that moves on every read), and comes back at once: each is
+    news, and news at once was asked again at once, forever."""
+    questions = 0
+
+    async def active(request: web.Request) -> web.StreamResponse:
+        nonlocal questions
+        questions += 1
+        body = ROUTES.replace(b"http://x/v1", f"http://x{questions}/v1".encode())
+        return web.Response(body=body, content_type="application/json", headers={"ETag": f'"{questions}"'})
+
+    async with serving(hand_written(active)) as url, Switchboard(url, wait_s=1, backoff_s=(0.05, 1)) as sb:
+        await sb.get_active_llm_provider("chat")
+        await asyncio.sleep(3)
+    assert questions <= 12, questions
+
+
+async def test_a_service_that_holds_again_after_quick_answers_is_not_stale_meanwhile() -> None:
+    """After answers at once the pause grows to `wait`; the next question may then be held for
+    `wait`: the time since the last answer passes `wait + grace` with a question in flight
+    that is not late. `stale` said true then."""
+    questions = 0
+
+    async def active(request: web.Request) -> web.StreamResponse:
+        nonlocal questions
+        questions += 1
+        if questions > 6 and "wait" in request.query:
+            await asyncio.sleep(0.9)  # held, nearly `wait`
+        return web.Response(body=ROUTES, content_type="application/json", headers={"ETag": '"1"'})
+
+    async with serving(hand_written(active)) as url, Switchboard(url, wait_s=1, grace_s=0.3) as sb:
+        await sb.get_active_llm_provider("chat")
+        await eventually(lambda: questions > 6, timeout=10)
+        seen = set()
+        for _ in range(200):
+            seen.add(sb.stale)
+            await asyncio.sleep(0.01)
+    assert seen == {False}
+
+
+async def test_a_balancer_that_cuts_held_questions_is_followed_without_a_loop(
+    sops_project: SopsProject, age_identity: AgeIdentity, tmp_path: Path
+) -> None:
+    """The balancer moves the client mid-hold (its connection closed): the question is asked
+    again on the next replica, with the same tag, and a change still reaches the copy."""
+    project_with_route(sops_project)
+    other = copy_project(sops_project, age_identity, tmp_path / "replica-b")
+    async with (
+        serve(sops_project, replica="a") as a,
+        serve(other, replica="b") as b,
+        Proxy(a.url, b.url) as proxy,
+        Switchboard(proxy.url, wait_s=5, backoff_s=(0.05, 0.2)) as sb,
+    ):
+        await sb.get_active_llm_provider("chat")
+        for _ in range(5):
+            await eventually(lambda: a.app[CHANGES].held + b.app[CHANGES].held == 1, timeout=10)
+            proxy.cut()
+        await eventually(lambda: a.app[CHANGES].held + b.app[CHANGES].held == 1, timeout=10)
+        assert len(proxy.held_questions()) <= 10
+        await eventually(lambda: not sb.stale, timeout=5)
+        version = sb.version
+        await asyncio.gather(applied(a, 7401), applied(b, 7401))
+        await sb.wait_for_change(version, timeout_s=10)
+        chat = await sb.get_active_llm_provider("chat")
+        assert chat is not None and chat.base_url.endswith(":7401/v1") and not chat.stale
