@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     circuit_failures: int = Field(3, ge=1, description="Consecutive failures that open a circuit.")
     circuit_cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
     max_watchers: int = Field(1000, ge=0, description="Blocking queries and event streams held at once.")
+    max_watchers_per_client: int = Field(
+        100,
+        ge=0,
+        description="Of those, at most this many for one authenticated client, counted by its name "
+        "(none without authentication).",
+    )
 
     # Writes over HTTP (docs/reference.md §8)
     write_mode: Literal["commit", "branch", "off"] | None = Field(

@@ -10,7 +10,7 @@
         async for event in sb.events(): ...                 # the live event stream
 
 `service.client` is the import path applications use; its modules are `switchboard` (the
-connection: the copy kept current by blocking queries, the interface, the event stream),
+connection: the copy kept current by questions held on its tag, the interface, the event stream),
 `models` (what it returns), `errors` (what it raises) and `stream` (the event stream's
 wire format).
 

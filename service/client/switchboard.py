@@ -1,19 +1,27 @@
-"""The connection to one service: a copy of every purpose's route kept current by blocking
+"""The connection to one service: a copy of every purpose's route kept current by held
 queries, the old integration interface answered from it, and the live event stream.
 
-The client holds one blocking query open (`GET …/active?index=N&wait=…`): the service
-answers it the moment a configuration or health change is applied, so the copy is current
-without a polling interval or a cache to clear. While the service cannot be reached, answers
-come from the last copy with `stale` true; the client reconnects with exponential backoff and
-full jitter, and catches up.
+The client holds one query open on its copy's tag (`GET …/active?wait=15s` with
+`If-None-Match: <tag>`): the service answers it the moment the answer differs, so the copy is
+current without a polling interval or a cache to clear, and idle it asks once per `wait`.
+Tags, not a replica's index: behind a balancer every replica serving one commit gives one
+tag, so whichever replica takes the question holds it (docs/reference.md §9, §11). The tag is
+opaque here: whatever the service answers is sent back as it is.
+
+A question that is not answered within `wait` and a little more means the service went
+silent (a hung process, a dead peer behind a proxy): answers then come from the last copy
+with `stale` true, as they do while it cannot be reached; the client reconnects with
+exponential backoff and full jitter, and catches up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from types import TracebackType
@@ -40,6 +48,11 @@ log = logging.getLogger("service.client")  # the logger applications configured 
 PREFIX = "/api/v1/llm-config"
 INDEX_HEADER = "X-Switchboard-Index"
 REPLICA_HEADER = "X-Switchboard-Replica"
+STREAM_SILENCE_S = 45.0
+"""An event stream that brings not a byte for this long is reopened: the service sends a
+comment every 15 s, so three missed mean it went silent."""
+MAX_TAG_CHARS = 1024
+"""A longer `ETag` is not kept (nor sent back): the copy is then compared by its content."""
 
 
 class Switchboard:
@@ -50,21 +63,33 @@ class Switchboard:
         base_url: str,
         token: str | None = None,
         *,
-        wait_s: float = 60.0,
+        wait_s: float = 15.0,
+        grace_s: float = 3.0,
         request_timeout_s: float = 10.0,
         backoff_s: tuple[float, float] = (0.1, 10.0),
         session: aiohttp.ClientSession | None = None,
     ) -> None:
+        if wait_s <= 0 or grace_s <= 0:
+            raise ValueError("wait_s and grace_s must be positive")
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.wait_s = wait_s
+        """How long the service holds the client's question (`?wait=`): idle, one request per this."""
+        self.grace_s = grace_s
+        """How much longer than `wait_s` an answer may take before the service counts as silent."""
         self.request_timeout_s = request_timeout_s
         self.backoff_s = backoff_s
         self._session = session
         self._own_session = session is None
         self._routes: dict[str, Route] = {}
+        self._tag: str | None = None
+        self._body: bytes | None = None
+        self._version = 0
         self._index = 0
-        self._replica: str | None = None
+        self._heard_at: float | None = None
+        """When the service last answered (time.monotonic)."""
+        self._due: float | None = None
+        """When the question in flight must be answered by, if one is."""
         self._stale = True
         self._loaded = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -132,7 +157,7 @@ class Switchboard:
         route = self._routes.get(purpose)
         if route is None:
             raise NotFound(f"the service routes no provider for `{purpose}`", 404)
-        if self._stale:
+        if self.stale:
             return replace(
                 route,
                 primary=tuple(replace(p, stale=True) for p in route.primary),
@@ -142,12 +167,24 @@ class Switchboard:
 
     @property
     def stale(self) -> bool:
-        """Whether the copy could not be refreshed lately (answers come from the last one)."""
-        return self._stale
+        """Whether the copy could not be confirmed lately (answers come from the last one): the
+        service cannot be reached, or has answered nothing for `wait_s + grace_s` (about 18 s)."""
+        if self._stale or self._heard_at is None:
+            return True
+        now = time.monotonic()
+        if self._due is not None and now <= self._due:
+            return False  # a question is in flight, and not late yet (held questions take `wait_s`)
+        return now - self._heard_at > self.wait_s + self.grace_s
+
+    @property
+    def version(self) -> int:
+        """How many times the copy has changed since the client started (for `wait_for_change`)."""
+        return self._version
 
     @property
     def index(self) -> int:
-        """The service's index (`X-Switchboard-Index`) the copy is at."""
+        """`X-Switchboard-Index` of the last answer: the index of whichever replica gave it
+        (shown for diagnosis; the copy is kept by tags, which mean the same on every replica)."""
         return self._index
 
     async def litellm_params(self, purpose: str, model: str | None = None) -> dict[str, Any]:
@@ -186,22 +223,29 @@ class Switchboard:
         answer = await self._request("GET", f"{PREFIX}/providers")
         return [Provider.from_json(p) for p in answer.get("providers", [])]
 
-    async def wait_for_change(self, index: int | None = None, timeout_s: float | None = None) -> int:
-        """Wait until the copy is past `index` (default: the current one); the new index."""
-        start = self._index if index is None else index
+    async def wait_for_change(self, version: int | None = None, timeout_s: float | None = None) -> int:
+        """Wait until the copy has changed since `version` (default: the current `version`); the
+        new `version`."""
+        start = self._version if version is None else version
         async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: self._index != start), timeout_s)
-        return self._index
+            await asyncio.wait_for(self._changed.wait_for(lambda: self._version != start), timeout_s)
+        return self._version
 
     # -- the event stream -----------------------------------------------------------------------
 
     async def events(self, after: int | None = None) -> AsyncIterator[Event]:
         """The service's events as they are appended, forever; `after` a seq resumes from the log.
 
-        A broken stream is reopened with backoff and resumed after the last event seen, so
-        nothing is missed or repeated.
+        A broken stream (or one silent for 45 s) is reopened with backoff and resumed after the
+        last event seen, so nothing is missed or repeated, as long as the same replica answers
+        (`X-Switchboard-Replica`). A seq means something only in one replica's log: when
+        another replica answers, the stream starts over there, from now (its seqs may then be
+        lower than those seen before), rather than replay that replica's history as new.
         """
         last = after
+        replica: str | None = None
+        """Whose log `last` counts in, once a stream has been opened."""
+        opened = False
         failures = 0
         while True:
             headers = dict(self._headers)
@@ -211,9 +255,21 @@ class Switchboard:
                 async with self._http.get(
                     f"{self.base_url}{PREFIX}/events",
                     headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.request_timeout_s),
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=self.request_timeout_s, sock_read=STREAM_SILENCE_S
+                    ),
                 ) as response:
                     await raise_for(response)
+                    answered_by = response.headers.get(REPLICA_HEADER)
+                    if opened and answered_by != replica and last is not None:
+                        # Closed before reading: what it replays after `last` is another log's.
+                        log.info(
+                            "event stream: replica %r answers, not %r; starting over", answered_by, replica
+                        )
+                        last = None
+                        opened = False
+                        continue
+                    replica, opened = answered_by, True
                     failures += 1  # until it gives an event: one that ends at once is a failure too
                     async for event in parse_sse(response.content):
                         failures = 0
@@ -228,16 +284,21 @@ class Switchboard:
 
     async def _watch(self) -> None:
         failures = 0
-        idle = 0
+        quick = 0  # answers in a row that came back at once: a question asked again at once loops
         while True:
             try:
-                brought_news = await self._refresh()
+                held = self._holding()
+                changed, took = await self._refresh(held)
                 failures = 0
-                if brought_news:
-                    idle = 0
-                else:  # answered at once with nothing new: do not ask again at once
-                    idle += 1
-                    await asyncio.sleep(self._backoff(idle))
+                if held and took >= self.wait_s / 2:
+                    quick = 0  # it was held: the service is holding as it should
+                    continue
+                quick += 1
+                if changed and quick == 1:
+                    continue  # news at once (a change, or the first copy): the next question holds
+                # Nothing new at once (a service that does not hold, or one shutting down, or
+                # one answering garbage tags): ask again after a pause growing to `wait_s`.
+                await asyncio.sleep(self._pause(quick))
             except asyncio.CancelledError:
                 raise
             except (Unauthorized, Forbidden) as exc:
@@ -257,36 +318,52 @@ class Switchboard:
                 log.warning("%s answered what the client cannot read (%r); retrying", self.base_url, exc)
                 await asyncio.sleep(self._backoff(failures))
 
-    async def _refresh(self) -> bool:
-        """Take the service's current routes (held until they change); False when the answer
-        came at once with nothing new, from which asking again at once would make a loop."""
-        wait = self.wait_s if self._loaded.is_set() and not self._stale else 0
-        query = f"?index={self._index}&wait={wait:g}s" if wait else ""
-        timeout = aiohttp.ClientTimeout(total=wait + self.request_timeout_s)
-        started = asyncio.get_running_loop().time()
+    def _holding(self) -> bool:
+        """Whether the next question is held: only on a tag of a copy just confirmed (catching
+        up after a failure asks without `wait`, so it is answered at once)."""
+        return self._tag is not None and not self._stale
+
+    async def _refresh(self, held: bool) -> tuple[bool, float]:
+        """Ask for the routes (with the copy's tag; held for `wait_s` when `held`): whether the
+        copy changed, and how long the answer took."""
+        headers = dict(self._headers)
+        if self._tag is not None and self._body is not None:
+            headers["If-None-Match"] = self._tag
+        query = f"?wait={self.wait_s:g}s" if held else ""
+        # The read timeout is how a silent service is noticed: the answer is due at `wait_s`.
+        timeout = aiohttp.ClientTimeout(
+            total=self.wait_s + self.grace_s
+            if held
+            else min(self.request_timeout_s, self.wait_s + self.grace_s)
+        )
+        started = time.monotonic()
+        self._due = started + (timeout.total or 0)
         async with self._http.get(
-            f"{self.base_url}{PREFIX}/active{query}", headers=self._headers, timeout=timeout
+            f"{self.base_url}{PREFIX}/active{query}", headers=headers, timeout=timeout
         ) as response:
-            await raise_for(response)
-            body = await response.json()
-            index = int(response.headers.get(INDEX_HEADER, "0") or 0)
-            replica = response.headers.get(REPLICA_HEADER)
-        routes = parse_routes(body)
-        quick = asyncio.get_running_loop().time() - started < wait / 2
-        # Another replica's index means nothing here: start over from the one it gave (docs/reference.md §9).
-        # Behind a balancer that alternates replicas every answer would be such a start, at
-        # once: a replica switch counts as nothing new, and the next question waits a little.
-        switched = wait > 0 and self._replica is not None and replica != self._replica
-        news = not switched and not (quick and index == self._index)
-        self._routes = routes
-        self._replica = replica
+            if response.status == 304:
+                if self._body is None:
+                    raise ValueError("304 to a question without a tag")
+                body, tag = self._body, self._tag
+            else:
+                await raise_for(response)
+                body = await response.read()
+                tag = _usable_tag(response.headers.get("ETag"))
+            index = response.headers.get(INDEX_HEADER, "")
+        changed = body != self._body
+        if changed:
+            self._routes = parse_routes(json.loads(body))  # refused (garbage): the old copy stays
+        self._body, self._tag = body, tag
         self._error = None
         async with self._changed:
-            self._index = index
+            self._index = int(index) if index.isascii() and index.isdigit() and len(index) < 19 else 0
             self._stale = False
+            self._heard_at, self._due = time.monotonic(), None
+            if changed:
+                self._version += 1
             self._loaded.set()
             self._changed.notify_all()
-        return news
+        return changed, time.monotonic() - started
 
     async def _first_copy(self, timeout_s: float | None) -> None:
         if not self._loaded.is_set():
@@ -300,6 +377,15 @@ class Switchboard:
                 raise Unavailable(f"no answer from {self.base_url} yet, and no copy to answer from") from None
         if self._error is not None and not self._routes:
             raise self._error
+
+    def _pause(self, quick: int) -> float:
+        """The pause after `quick` answers in a row that came back at once: growing from the
+        backoff's first step to `wait_s`, jittered below it (idle, one question per `wait_s`)."""
+        low = self.backoff_s[0]
+        step = low * 2.0 ** min(quick - 1, 32)
+        if step >= self.wait_s:
+            return self.wait_s
+        return step * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
 
     def _backoff(self, failures: int) -> float:
         """Exponential backoff with full jitter, so many clients do not come back in step."""
@@ -327,3 +413,11 @@ class Switchboard:
                 return await response.json()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from None
+
+
+def _usable_tag(tag: str | None) -> str | None:
+    """The answer's `ETag` to send back as it is, or None when it cannot be (a copy without a
+    tag is compared by its content)."""
+    if tag is None or not tag or len(tag) > MAX_TAG_CHARS or not (tag.isascii() and tag.isprintable()):
+        return None
+    return tag

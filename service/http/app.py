@@ -152,7 +152,9 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     # Before the first load, so blocking queries and streams hear of it.
-    changes_ = app[CHANGES] = Changes(events, registry, settings.replica, settings.max_watchers)
+    changes_ = app[CHANGES] = Changes(
+        events, registry, settings.replica, settings.max_watchers, settings.max_watchers_per_client
+    )
     app[TAGS] = Tags(lambda: _repository(registry, writer), lambda: registry.state.last_applied_commit)
 
     def shown(provider_id: str) -> None:

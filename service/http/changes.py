@@ -97,14 +97,25 @@ class Stream:
 class Changes:
     """The index, the blocking queries held on it, and the event streams (one per app)."""
 
-    def __init__(self, events: EventLog, registry: Registry, replica: str, max_watchers: int) -> None:
+    def __init__(
+        self,
+        events: EventLog,
+        registry: Registry,
+        replica: str,
+        max_watchers: int,
+        max_watchers_per_client: int | None = None,
+    ) -> None:
         self.replica = replica
         self.max_watchers = max_watchers
+        self.max_watchers_per_client = max_watchers_per_client
+        """At most this many held by one authenticated client (None: no such bound)."""
         self.index = events.config_index
         self.seq = events.last_seq
         """The last event that streams have been given (or that was in the log at the start)."""
         self.closing = False
         self.held = 0
+        self.held_by: dict[str, int] = {}
+        """Held queries and streams per authenticated client, by its name (none without one)."""
         self._moved = asyncio.Event()
         self.touched = asyncio.Event()
         """Set (and replaced) whenever an answer may have changed: the index moved, the registry
@@ -193,46 +204,66 @@ class Changes:
 
     # -- blocking queries --------------------------------------------------------------------------
 
-    async def hold(self, touched: asyncio.Event, timeout_s: float) -> None:
+    async def hold(self, touched: asyncio.Event, timeout_s: float, client: Client | None) -> None:
         """Return once `touched` (the `touched` taken before the answer was made) is set, or after
-        `timeout_s`, or at shutdown; counted among the watchers meanwhile."""
+        `timeout_s`, or at shutdown; counted among the watchers (of `client`, too) meanwhile."""
         if self.closing or timeout_s <= 0:
             return
-        with self._watching(), contextlib.suppress(TimeoutError):
+        with self._watching(client), contextlib.suppress(TimeoutError):
             await asyncio.wait_for(touched.wait(), timeout_s)
 
-    async def wait_past(self, index: int, timeout_s: float) -> None:
+    async def wait_past(self, index: int, timeout_s: float, client: Client | None) -> None:
         """Return when the index moves past `index`, or after `timeout_s`, or at shutdown.
 
         An `index` ahead of ours (another replica's, or a log replaced) returns at once: the
-        client starts over from the index it gets (docs/reference.md §9).
+        client starts over from the index it gets (docs/reference.md §9). `client` is who
+        asks (None without authentication), for its own bound.
         """
         if self.index != index or self.closing or timeout_s <= 0:
             return
-        with self._watching():
+        with self._watching(client):
             moved = self._moved
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(moved.wait(), timeout_s)
 
     @contextlib.contextmanager
-    def _watching(self) -> Iterator[None]:
+    def _watching(self, client: Client | None) -> Iterator[None]:
+        """Count one held query or stream of `client`: refused (503) past either bound, the
+        per-client one first, so one client cannot take every slot (docs/reference.md §9)."""
+        name = client.name if client is not None else None
+        mine = self.held_by.get(name, 0) if name is not None else 0
+        bound = self.max_watchers_per_client
+        if name is not None and bound is not None and mine >= bound:
+            raise Busy(
+                f"this client holds {mine} requests already (SWITCHBOARD_MAX_WATCHERS_PER_CLIENT); "
+                "retry when one ends",
+                retry_after_s=RETRY_AFTER_S,
+            )
         if self.held >= self.max_watchers:
             raise Busy(
                 f"{self.held} requests are held already (SWITCHBOARD_MAX_WATCHERS); retry shortly",
                 retry_after_s=RETRY_AFTER_S,
             )
         self.held += 1
+        if name is not None:
+            self.held_by[name] = mine + 1
         try:
             yield
         finally:
             self.held -= 1
+            if name is not None:
+                left = self.held_by[name] - 1
+                if left:
+                    self.held_by[name] = left
+                else:
+                    del self.held_by[name]
 
     # -- streams -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def stream(self, client: Client | None) -> Iterator[Stream]:
         """A new stream's backlog, counted among the watchers while it is open."""
-        with self._watching():
+        with self._watching(client):
             stream = Stream(client)
             self._streams.add(stream)
             try:

@@ -209,7 +209,10 @@ def watched(operation: Operation, s: Schemas) -> Operation:
         {"description": "the `If-None-Match` tag is current: no body"}, _PUSH_HEADERS
     )
     answers_.setdefault("400", s.error("`index` or `wait` (or another parameter) is not valid"))
-    held = "too many requests held (`SWITCHBOARD_MAX_WATCHERS`; then with `Retry-After`)"
+    held = (
+        "too many requests held (`SWITCHBOARD_MAX_WATCHERS`, or `SWITCHBOARD_MAX_WATCHERS_PER_CLIENT` "
+        "for this client; then with `Retry-After`)"
+    )
     own = operation.answers.get("503")
     answers_["503"] = s.error(f"{own['description']}; or {held}" if own else f"not ready, or {held}")
     return replace(operation, answers=answers_, parameters=(*operation.parameters, *_BLOCKING))
@@ -234,7 +237,10 @@ def change_push(s: Schemas) -> Iterable[Operation]:
         {
             "200": {"description": "events as they are appended", "content": events},
             "400": s.error("`Last-Event-ID` or `after` is not a seq"),
-            "503": s.error("too many streams held (`SWITCHBOARD_MAX_WATCHERS`), or not ready"),
+            "503": s.error(
+                "too many streams held (`SWITCHBOARD_MAX_WATCHERS`, or "
+                "`SWITCHBOARD_MAX_WATCHERS_PER_CLIENT` for this client), or not ready"
+            ),
         },
         (
             {

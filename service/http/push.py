@@ -80,7 +80,7 @@ def watched(handler: Handler) -> Handler:
         changes = request.app[CHANGES]
         index = parse_index(request.query.get("index"))
         if index is not None:
-            await changes.wait_past(index, parse_wait(request.query.get("wait")))
+            await changes.wait_past(index, parse_wait(request.query.get("wait")), request.get(CLIENT))
             authenticate_again(request)  # the clients may have changed while it waited
             return conditional(request, await handler(request), changes)
         theirs = tags.listed(request.headers.get("If-None-Match"))
@@ -122,7 +122,7 @@ async def _held_on_tag(
                 return web.Response(status=304, headers={**headers, "ETag": ours})
             # AHEAD: the client's copy is newer than anything here; it keeps it (and its tag).
             return web.Response(status=304, headers={**headers, "ETag": _newest(theirs)})
-        await changes.hold(touched, left)
+        await changes.hold(touched, left, request.get(CLIENT))
         authenticate_again(request)  # the clients may have changed while it waited
 
 

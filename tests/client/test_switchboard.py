@@ -46,10 +46,10 @@ async def test_the_old_interface_answers_from_a_copy_kept_current(sops_project: 
         with pytest.raises(NotFound):
             await sb.get_active_llm_provider("reranking")
         # A change is seen without asking again: the held query brings it.
-        index = sb.index
+        version = sb.version
         write_routing(sops_project, ["b"], fallbacks=["a"])
         started = time.monotonic()
-        await sb.wait_for_change(index, timeout_s=10)
+        await sb.wait_for_change(version, timeout_s=10)
         assert time.monotonic() - started < 2
         chat = await sb.get_active_llm_provider("chat")
         assert chat is not None and chat.id == "b"

@@ -162,6 +162,53 @@ async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
 
 
+async def test_one_client_cannot_take_every_held_slot(sops_project: SopsProject) -> None:
+    """One `config:read` token could hold every query and stream slot, leaving none to the
+    others: each authenticated client has its own bound, queries and streams counted alike."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    write_clients(sops_project, {"greedy": ("tok-g", ["config:read"]), "other": ("tok-o", ["config:read"])})
+    greedy, other = {"Authorization": "Bearer tok-g"}, {"Authorization": "Bearer tok-o"}
+    async with serve(sops_project, max_watchers=10, max_watchers_per_client=2) as service:
+        first = await get(service, API + "/active", greedy)
+        blocking = f"{API}/active?index={first.headers[push.INDEX_HEADER]}&wait=30s"
+        on_tag = {**greedy, "If-None-Match": first.headers["ETag"]}
+        query = asyncio.create_task(get(service, API + "/active?wait=30s", on_tag))
+        async with service.http.get(service.url + API + "/events", headers=greedy) as stream:
+            assert stream.status == 200
+            await eventually(lambda: service.app[CHANGES].held == 2)
+            for path, headers in (
+                (blocking, greedy),
+                (API + "/events", greedy),
+                (API + "/active?wait=30s", on_tag),
+            ):
+                refused = await get(service, path, headers)
+                assert refused.status == 503 and refused.headers["Retry-After"].isdigit()
+                error = refused.json()["error"]
+                assert error["type"] == "busy" and "SWITCHBOARD_MAX_WATCHERS_PER_CLIENT" in error["message"]
+            assert (await get(service, API + "/active", greedy)).status == 200  # unheld reads go on
+            held = [asyncio.create_task(get(service, blocking, other)) for _ in range(2)]
+            await eventually(lambda: service.app[CHANGES].held == 4)  # the other client is held
+        await eventually(lambda: service.app[CHANGES].held == 3)  # the stream ended: a slot again
+        again = asyncio.create_task(get(service, blocking, greedy))
+        await eventually(lambda: service.app[CHANGES].held == 4)
+        move(sops_project, 7004)
+        answers = await asyncio.wait_for(asyncio.gather(query, again, *held), 10)
+        assert [a.status for a in answers] == [200] * 4
+        assert service.app[CHANGES].held_by == {}
+
+
+async def test_without_authentication_there_is_no_per_client_bound(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project, max_watchers=10, max_watchers_per_client=1) as service:
+        index = (await get(service, API + "/active")).headers[push.INDEX_HEADER]
+        held = [asyncio.create_task(get(service, f"{API}/active?index={index}&wait=30s")) for _ in range(3)]
+        await eventually(lambda: service.app[CHANGES].held == 3)
+        move(sops_project, 7005)
+        assert [a.status for a in await asyncio.wait_for(asyncio.gather(*held), 10)] == [200] * 3
+
+
 async def test_nothing_is_held_before_the_client_is_known(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     write_routing(sops_project, ["gpu"])
