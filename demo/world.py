@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from service import console
 from service.crypto.keys import add_recipient, write_identity
 from service.crypto.sops import Sops
 from service.http.app import create_app
@@ -139,7 +140,7 @@ async def world(port: int, folder: Path = DEMO) -> AsyncIterator[World]:
         _write_providers(folder, examples, ups, sops)
         _commit(folder)
         settings = Settings(root=folder, providers=Path("providers.d"), age_key_file=key_file, port=port)
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        runner = web.AppRunner(create_app(settings, pages=(console,)), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, settings.host, port).start()

@@ -14,7 +14,8 @@ from importlib import resources
 
 import pytest
 
-from service.http.console import CONSOLE, CSP, Console
+from service.console.files import Console
+from service.console.routes import CONSOLE, CSP
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
 from tests.support.gateway import write_clients
 
@@ -26,7 +27,7 @@ SECURITY = {
 
 
 def assets() -> dict[str, str]:
-    folder = resources.files("service.http").joinpath("console")
+    folder = resources.files("service.console").joinpath("assets")
     return {entry.name: entry.read_text(encoding="utf-8") for entry in folder.iterdir() if entry.is_file()}
 
 
