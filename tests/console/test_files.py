@@ -1,6 +1,6 @@
 """The web console's files (docs/reference.md §10): served from the package at `/ui/`, with a strict CSP.
 
-What the page does in a browser is `tests/http/test_console_browser.py`; this is what the
+What the page does in a browser is `tests/console/test_browser.py`; this is what the
 service sends: the page, its assets, their types, caching, compression and security headers,
 and what the assets may not contain (markup from data, another origin, inline script).
 """
