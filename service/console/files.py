@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import get_args
 
-from service.config.models import PURPOSES, ServerType
+from service.config.models import PURPOSES, Protocol, ServerType
 from service.http.push import body_tag
 from service.vendors import VENDORS
 
@@ -85,9 +85,10 @@ class Console:
 
 
 def vocabulary() -> dict[str, object]:
-    """What the console's forms offer, from the models themselves: purposes, vendors, server types."""
+    """What the console's forms offer, from the models: purposes, vendors, server types, protocols."""
     return {
         "purposes": list(PURPOSES),
         "vendors": {name: vendor.base_url for name, vendor in sorted(VENDORS.items())},
         "server_types": list(get_args(ServerType)),
+        "protocols": list(get_args(Protocol)),
     }
