@@ -86,7 +86,6 @@ export function stackedBars({ title, buckets, series, money, format }) {
     class: "chart",
     role: "img",
     "aria-label": `${title}: ${buckets.length} bars, ${series.length} series`,
-    preserveAspectRatio: "none",
   });
   for (const fraction of [0, 0.5, 1]) {
     const at = top + plotH - fraction * plotH;
