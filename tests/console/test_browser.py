@@ -518,7 +518,9 @@ async def test_markup_and_control_characters_from_files_are_shown_as_text(
 async def test_a_read_only_token_is_offered_no_write_and_told_why(browser: Browser, world: World) -> None:
     async with tab(browser, world.service.url) as t:
         await t.open("#/providers/gpu", READER)
-        await expect(t.page.locator("#nav .nav-off")).to_have_text("Changes (needs config:write)")
+        await expect(t.page.locator("#nav .nav-off")).to_have_text(
+            ["Changes (needs config:write)", "Usage (needs usage:read)"]
+        )
         await expect(t.page.locator("#nav a[data-page=changes]")).to_have_count(0)
         await expect(t.page.locator(".actions")).to_contain_text("Test needs the scope admin")
         await expect(t.page.locator(".actions")).to_contain_text("Editing needs the scope config:write")
