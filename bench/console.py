@@ -14,7 +14,10 @@ clock (`performance.now()`, from the start of the navigation):
 - providers: until the table's first page and its "of N" are drawn;
 - filter: typing a whole id into the filter box, until the table shows that one provider;
 - transfer: the bytes the browser received for the page (HTML, scripts, style, icon), as
-  sent (gzip), and separately the API's JSON and the event log replayed by the stream.
+  sent (gzip), and separately the API's JSON and the event log replayed by the stream;
+- usage: until the Usage page has drawn its chart (30 days, stacked by client), the top
+  clients and the budgets, on a ledger of 50 clients x 30 days (`--clients`, `--days`: a
+  record per client and hour, written to the SQLite ledger before the service starts).
 
 Only 127.0.0.1 is contacted. Results print as a Markdown table.
 """
@@ -28,6 +31,8 @@ import shutil
 import statistics
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +42,20 @@ from playwright.async_api import Browser, Page, Request, async_playwright
 from bench.config import CACHE, Service
 from service.crypto.keys import add_recipient, write_identity
 from service.crypto.sops import Sops
+from service.usage.record import Record
+from service.usage.stores.sqlite import SqliteStore
 from tests.support.browser import launch
 
 TOKEN = "sb_bench_console_0123456789abcdef"  # noqa: S105 - a throwaway token of the bench
+LEDGER = "usage-bench.db"
+"""The bench's ledger, beside var/ (which each start empties)."""
 SERVER_TYPES = ("vllm", "ollama", "llamacpp", "tgi", "tei", "infinity")
 VENDORS = ("openai", "openrouter", "groq", "mistral", "together")
 
 
 def build(size: int) -> tuple[Path, Path]:
     """A git repository of `size` providers (cached); returns (root, age key file)."""
-    root = CACHE / f"console-{size}"
+    root = CACHE / f"console-{size}-v2"  # v2: the client reads usage and has a budget
     key_file = CACHE / "age" / "keys.txt"
     if not key_file.exists():
         write_identity(key_file)
@@ -90,7 +99,8 @@ def build(size: int) -> tuple[Path, Path]:
     digest = hashlib.sha256(TOKEN.encode()).hexdigest()
     (folder / "clients.yaml").write_text(
         f"kind: clients\nclients:\n  - name: bench\n    token_sha256: {digest}\n"
-        "    scopes: [config:read, config:write, admin]\n"
+        "    scopes: [config:read, config:write, admin, usage:read]\n"
+        '    limits: {budget: {usd: "500", period: month}}\n'
     )
     (root / ".gitignore").write_text("var/\n")
     git = ["git", "-c", "user.name=Bench", "-c", "user.email=bench@switchboard.invalid"]
@@ -99,6 +109,64 @@ def build(size: int) -> tuple[Path, Path]:
     subprocess.run([*git, "commit", "-qm", f"{size} providers"], cwd=root, check=True)
     (root / ".complete").touch()
     return root, key_file
+
+
+def ledger(root: Path, clients: int, days: int) -> int:
+    """`root`'s bench ledger: a record per client and hour for `days` days to now (remade each run)."""
+    path = root / LEDGER
+    path.unlink(missing_ok=True)
+    store = SqliteStore(path)
+    store.open()
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    count = 0
+    try:
+        for hour in range(days * 24):
+            ts = now - timedelta(hours=hour, minutes=-1)
+            batch = [
+                Record(
+                    id=f"bench-{hour}-{c}",
+                    ts=ts,
+                    client=f"client-{c:02d}",
+                    purpose="chat",
+                    model=f"model-{c % 7}",
+                    provider=f"p{c % 3:04d}",
+                    upstream_model=f"model-{c % 7}",
+                    status=429 if (hour + c) % 97 == 0 else 200,
+                    stream=False,
+                    attempts=1,
+                    latency_ms=100.0,
+                    ttfb_ms=None,
+                    prompt_tokens=1000 + c,
+                    cached_tokens=0,
+                    cache_write_tokens=0,
+                    completion_tokens=200 + hour % 50,
+                    reasoning_tokens=0,
+                    cost_usd=Decimal("0.000123") * (c + 1),
+                    priced=True,
+                    estimated=False,
+                    replica="bench",
+                )
+                for c in range(clients)
+            ]
+            count += store.insert(batch)
+    finally:
+        store.close()
+    return count
+
+
+async def usage(browser: Browser, url: str) -> float:
+    page, _ = await _page(browser)
+    await page.goto(f"{url}/ui/#/usage?range=30d", wait_until="commit")
+    ms = await page.wait_for_function(
+        """() => document.querySelectorAll('svg.chart rect.bar').length >= 30 * 9
+              && document.querySelectorAll('#top-clients + table tbody tr').length === 10
+              && document.querySelector('table.budgets tr[data-name=bench]')
+              && performance.now()""",
+        polling="raf",
+    )
+    drawn = float(await ms.json_value())
+    await page.context.close()
+    return drawn
 
 
 async def _page(browser: Browser) -> tuple[Page, list[Request]]:
@@ -187,11 +255,14 @@ async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--days", type=int, default=30)
     args = parser.parse_args(argv)
     root, key_file = build(args.size)
-    service = Service(root, key_file)
+    records = ledger(root, args.clients, args.days)
+    service = Service(root, key_file, env={"SWITCHBOARD_USAGE_DB": str(root / LEDGER)})
     ready_s = await service.start()
-    results: dict[str, list[float]] = {"overview": [], "providers": [], "filter": []}
+    results: dict[str, list[float]] = {"overview": [], "providers": [], "filter": [], "usage": []}
     sizes: dict[str, Any] = {}
     try:
         async with async_playwright() as playwright:
@@ -202,6 +273,9 @@ async def main(argv: list[str] | None = None) -> None:
                 drawn, filtered, sizes = await providers(browser, service.url, args.size)
                 results["providers"].append(drawn)
                 results["filter"].append(filtered)
+            await usage(browser, service.url)  # warm
+            for _ in range(args.runs):
+                results["usage"].append(await usage(browser, service.url))
             await browser.close()
         log_bytes = await replayed_log(service.url)
     finally:
@@ -212,6 +286,13 @@ async def main(argv: list[str] | None = None) -> None:
     print(_row("overview drawn (navigation start -> routes and status)", results["overview"]))
     print(_row("providers table drawn (navigation start -> first page of 50)", results["providers"]))
     print(_row("filter box: a whole id typed -> the one row", results["filter"]))
+    print(
+        _row(
+            f"Usage page drawn: chart, top clients, budgets ({args.clients} clients x {args.days} days, "
+            f"{records:,} records)",
+            results["usage"],
+        )
+    )
     print(f"| the page: HTML, scripts, style, icon (gzip, as sent) | {sizes['page'] / 1024:.1f} KB | |")
     print(f"| the API's JSON for the providers page (not compressed) | {sizes['api'] / 1024:.0f} KB | |")
     print(f"| the event log replayed by the stream (`?after=0`) | {log_bytes / 1024:.0f} KB | |")

@@ -3,7 +3,8 @@
 Serves the demo's world (`demo/world.py`) from a fresh temporary folder, so every run
 starts from the same files and an empty log; sends a little traffic through the gateway
 (one stand-in fails twice, so there are errors and a fallback) and makes two changes over
-the write API (so the timeline has field-by-field changes with their commits); then opens
+the write API (so the timeline has field-by-field changes with their commits); the demo is
+priced (`demo/world.py`), so that traffic has costs for the Usage page; then opens
 each page of the console in Debian's Chromium, as the browser tests do, and saves a PNG of
 each to `docs/console/`.
 """
@@ -87,6 +88,7 @@ async def main(argv: list[str] | None = None) -> None:
                 await _shoot(page, f"{ui}#/providers", "table.providers tbody tr", "providers", args.out),
                 await _shoot(page, f"{ui}#/providers/local-vllm", ".timeline .event", "provider", args.out),
                 await _shoot(page, f"{ui}#/events", ".timeline .event", "events", args.out, whole=False),
+                await _shoot(page, f"{ui}#/usage?by=provider", "svg.chart rect.bar", "usage", args.out),
             ]
             await page.goto(f"{ui}#/changes/new")
             await page.fill("#f-id", "gpu-2")

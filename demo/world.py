@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from service import console
 from service.crypto.keys import add_recipient, write_identity
 from service.crypto.sops import Sops
 from service.http.app import create_app
@@ -76,6 +77,21 @@ def _protocol(doc: dict[str, Any]) -> Protocol:
     return "openai"
 
 
+_PRICED: dict[str, dict[str, Any]] = {
+    "local-vllm": {
+        "pricing": {"*": {"input": "0.20", "output": "0.60"}},
+        "budget": {"usd": "25", "period": "month"},
+    },
+    "openrouter-default": {
+        "pricing": {"*": {"input": "0.50", "output": "1.50", "cached_input": "0.25"}},
+        "budget": {"usd": "100", "period": "month"},
+    },
+    "anthropic-main": {"pricing": {"*": {"input": "3.00", "output": "15.00"}}},
+    "local-tei": {"pricing": {"*": {"input": "0.02"}}},
+}
+"""The demo is priced (USD per million tokens), so its Usage page has costs and budgets to show."""
+
+
 def _write_providers(
     root: Path, examples: dict[str, dict[str, Any]], ups: dict[str, FakeUpstream], sops: Sops
 ) -> None:
@@ -90,6 +106,7 @@ def _write_providers(
             key = f"demo-{provider_id}-{secrets.token_hex(8)}"
             doc["api_key"] = key
             up.api_key = key  # the stand-in accepts only the key the gateway decrypts
+        doc.update(_PRICED.get(provider_id, {}))
         path = folder / f"{provider_id}.yaml"
         modeline = f"# yaml-language-server: $schema=../../schemas/{doc['kind']}.schema.json\n"
         path.write_text(modeline + yaml.safe_dump(doc, sort_keys=False))
@@ -139,7 +156,7 @@ async def world(port: int, folder: Path = DEMO) -> AsyncIterator[World]:
         _write_providers(folder, examples, ups, sops)
         _commit(folder)
         settings = Settings(root=folder, providers=Path("providers.d"), age_key_file=key_file, port=port)
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        runner = web.AppRunner(create_app(settings, pages=(console,)), access_log=None)
         await runner.setup()
         try:
             await web.TCPSite(runner, settings.host, port).start()

@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import console
 from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
@@ -269,7 +270,7 @@ async def serve(
         "health_interval_s": 0,
     }
     config = Settings(**(values | settings))
-    app = create_app(config, sops=project.sops, lookup=lookup)
+    app = create_app(config, sops=project.sops, lookup=lookup, pages=(console,))
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", config.port).start()

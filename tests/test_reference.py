@@ -24,7 +24,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from pydantic import AliasChoices, SecretStr
 from pydantic.fields import FieldInfo
 
-from service import client, errors
+from service import client, console, errors
 from service.cli.main import _parser
 from service.config.metering import Budget, Limits, Price
 from service.config.models import PURPOSES, SCOPES, AiServer, ApiKey, Client, Route, ServerType
@@ -258,7 +258,8 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> web.Application:
     root = tmp_path_factory.mktemp("reference")
     (root / "providers.d").mkdir()
     return create_app(
-        Settings(root=root, providers=root / "providers.d", events=root / "var" / "events.jsonl")
+        Settings(root=root, providers=root / "providers.d", events=root / "var" / "events.jsonl"),
+        pages=(console,),
     )
 
 
@@ -276,7 +277,7 @@ def app_routes(app: web.Application) -> set[tuple[str, str]]:
 def scopes_in_openapi() -> dict[tuple[str, str], str | None]:
     return {
         (method.upper(), path): operation.get("x-switchboard-scope")
-        for path, operations in document()["paths"].items()
+        for path, operations in document((console,))["paths"].items()
         for method, operation in operations.items()
     }
 

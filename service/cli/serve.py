@@ -11,6 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from service import console
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
@@ -104,7 +105,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     raise_open_files_limit()
-    app = create_app(settings)
+    app = create_app(settings, pages=(console,))
     web.run_app(
         app,
         host=settings.host,

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +27,6 @@ from service.gateway.health import Health
 from service.http import (
     changes,
     config_api,
-    console,
     limits_api,
     openai_api,
     openapi,
@@ -56,6 +55,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
+from service.http.pages import PAGES, Pages
 from service.http.tags import TAGS, Tags
 from service.journal.events import BaseEvent, ServiceStarted
 from service.journal.log import EventLog
@@ -72,12 +72,17 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings, *, sops: Sops | None = None, lookup: Lookup = system_lookup
+    settings: Settings,
+    *,
+    sops: Sops | None = None,
+    lookup: Lookup = system_lookup,
+    pages: Sequence[Pages] = (),
 ) -> web.Application:
     """The service as an aiohttp application; nothing starts until the app runs.
 
-    `lookup` resolves upstream host names (the system's resolver). Raises ValueError when
-    SWITCHBOARD_ALLOWED_UPSTREAMS cannot be read.
+    `lookup` resolves upstream host names (the system's resolver). `pages` are mounted beside
+    the API (`switchboard serve` passes the web console, `service.console`). Raises ValueError
+    when SWITCHBOARD_ALLOWED_UPSTREAMS cannot be read.
     """
     app = web.Application(
         middlewares=[_errors],
@@ -111,7 +116,9 @@ def create_app(
     changes.setup(app)
     replicas.setup(app)
     traffic.setup(app)
-    console.setup(app)
+    app[PAGES] = tuple(pages)
+    for page in pages:
+        page.setup(app)
     return app
 
 

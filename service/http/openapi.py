@@ -22,6 +22,7 @@ import asyncio
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from aiohttp import web
@@ -30,12 +31,12 @@ from service import __version__
 from service.http import (
     answers,
     config_operations,
-    console,
     gateway_operations,
     usage_operations,
     write_operations,
 )
-from service.http.operations import JSON, Operation, Schemas, header, json_answer
+from service.http.operations import JSON, Operation, Schemas, json_answer
+from service.http.pages import PAGES, Pages
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 PATH = "/openapi.json"
@@ -60,16 +61,18 @@ _DOCUMENT = web.AppKey("openapi_document", _Encoded)
 async def _openapi(request: web.Request) -> web.StreamResponse:
     encoded = request.app[_DOCUMENT]
     if encoded.body is None:
-        made = await asyncio.to_thread(document)  # pydantic's schema generation takes a moment
+        # pydantic's schema generation takes a moment
+        pages: tuple[Pages, ...] = request.app[PAGES]
+        made = await asyncio.to_thread(document, pages)
         encoded.body = json.dumps(made, separators=(",", ":")).encode()
     return web.Response(body=encoded.body, content_type=JSON)
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the service."""
+def document(pages: Iterable[Pages] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the service, with the routes of the `pages` it mounts."""
     schemas = Schemas()
     paths: dict[str, dict[str, Any]] = {}
-    for op in operations(schemas):
+    for op in chain(operations(schemas), *(page.operations(schemas) for page in pages)):
         paths.setdefault(op.path, {})[op.method.lower()] = op.render(schemas)
     return {
         "openapi": "3.1.0",
@@ -142,48 +145,3 @@ def _service(s: Schemas) -> Iterable[Operation]:
     yield Operation(
         "GET", PATH, None, "This document", {"200": json_answer({"type": "object"}, "OpenAPI 3.1")}
     )
-    html = {"text/html": {"schema": {"type": "string"}}}
-
-    def file_answers() -> dict[str, Any]:
-        return {
-            "200": {"description": "the file", "content": {"*/*": {"schema": {"type": "string"}}}},
-            "404": s.error("no such file"),
-        }
-
-    yield Operation(
-        "GET",
-        console.PATH.rstrip("/"),
-        None,
-        "The web console, at `ui/`",
-        {"308": {"description": "to `ui/`", "headers": {"Location": header("`ui/`")}}},
-    )
-    yield Operation(
-        "GET",
-        console.PATH,
-        None,
-        "The web console (docs/reference.md §10): a page that asks for a token and calls this API",
-        {"200": {"description": "the page; never cached", "content": html}},
-        description="Its assets are served from the package; a Content-Security-Policy allows this "
-        "origin only.",
-    )
-    yield Operation(
-        "GET",
-        console.ASSETS,
-        None,
-        "A file of the web console (script, style, icon), cached for a year at the current version",
-        file_answers(),
-        (_in_path("version"), _in_path("name")),
-    )
-    yield Operation(
-        "GET",
-        console.PLAIN,
-        None,
-        "A file of the web console by its name alone (`index.html`, `app.js`...), never cached",
-        file_answers(),
-        (_in_path("name"),),
-    )
-
-
-def _in_path(name: str) -> dict[str, Any]:
-    """A string parameter of the path."""
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
 
+from service import console
 from service.config.models import Scope
 from service.http.app import create_app
 from service.http.openapi import PATH, document
@@ -80,39 +81,39 @@ def undescribed(app: web.Application, doc: dict[str, Any]) -> str | None:
 
 
 def test_every_route_of_the_app_is_described_and_nothing_else(settings: Settings) -> None:
-    doc = document()
-    problem = undescribed(create_app(settings), doc)
+    doc = document((console,))
+    problem = undescribed(create_app(settings, pages=(console,)), doc)
     assert problem is None, problem
     assert PATH in doc["paths"]
 
 
 def test_a_route_added_without_a_description_fails_saying_where_to_describe_it(settings: Settings) -> None:
-    app = create_app(settings)
+    app = create_app(settings, pages=(console,))
 
     async def undescribed_example(request: web.Request) -> web.Response:
         raise NotImplementedError
 
     app.router.add_get("/api/v1/llm-config/undescribed-example", undescribed_example)
-    assert undescribed(app, document()) == (
+    assert undescribed(app, document((console,))) == (
         "routes the app has but /openapi.json does not describe: "
         f"[('GET', '/api/v1/llm-config/undescribed-example')]; describe each in {WHERE} "
         "(its scope, parameters, body and answers)"
     )
-    doc = document()
+    doc = document((console,))
     doc["paths"]["/v1/gone"] = {"get": {}}
     assert "describes routes the app does not have: [('GET', '/v1/gone')]" in str(
-        undescribed(create_app(settings), doc)
+        undescribed(create_app(settings, pages=(console,)), doc)
     )
 
 
 def test_the_document_is_valid_openapi_3_1() -> None:
-    doc = document()
+    doc = document((console,))
     assert doc["openapi"].startswith("3.1")
     validate(doc)
 
 
 def test_each_operation_names_its_scope_and_the_bearer_scheme() -> None:
-    doc = document()
+    doc = document((console,))
     assert doc["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
@@ -131,7 +132,7 @@ def test_each_operation_names_its_scope_and_the_bearer_scheme() -> None:
 
 
 def test_writes_describe_their_headers_and_bodies() -> None:
-    doc = document()
+    doc = document((console,))
     prefix = "/api/v1/llm-config"
     patch = doc["paths"][f"{prefix}/servers/{{id}}"]["patch"]
     assert "application/merge-patch+json" in patch["requestBody"]["content"]
@@ -161,7 +162,7 @@ async def test_the_document_is_served_without_a_token_and_built_once(sops_projec
             assert await response.read() == first
         status, _ = await service.get("/api/v1/llm-config/providers")
         assert status == 401  # the rest still needs a token
-    assert json.loads(first) == document()
+    assert json.loads(first) == document((console,))
 
 
 async def test_each_scope_is_the_one_the_handler_asks_for(sops_project: SopsProject) -> None:
@@ -172,7 +173,7 @@ async def test_each_scope_is_the_one_the_handler_asks_for(sops_project: SopsProj
     }
     tokens = {s: f"{TOKEN}-{i}" for i, s in enumerate(SCOPES)}
     write_clients(sops_project, clients)
-    doc = document()
+    doc = document((console,))
     async with serve(sops_project) as service:
         for path, item in doc["paths"].items():
             for method, op in item.items():

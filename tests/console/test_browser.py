@@ -395,6 +395,79 @@ async def test_moving_a_keyed_provider_asks_for_its_key_beside_the_key_field(
         await expect(t.page.locator("#f-api_key")).to_be_focused()
 
 
+async def test_pricing_budget_and_protocols_are_set_through_the_form_with_problems_beside_them(
+    browser: Browser, world: World
+) -> None:
+    writes: list[Request] = []
+    async with tab(browser, world.service.url) as t:
+        t.page.on("request", lambda r: writes.append(r) if r.method in ("POST", "PATCH") else None)
+        await t.open("#/changes/new", WRITER)
+        await t.page.click("#f-kind-ai_server")
+        await t.page.fill("#f-id", "priced")
+        await t.page.fill("#f-base_url", "http://10.0.0.13:8000/v1")
+        await t.page.click("details.costs summary")
+        before = world.head()
+        # What the form cannot read is said beside the field, and nothing is sent.
+        await t.page.fill("#f-pricing", "gpt-4o input")
+        await t.page.fill("#f-budget", "200")
+        await t.page.click("button.primary:text('Create provider')")
+        pricing_problem = t.page.locator("[data-field=pricing] .field-problem")
+        await expect(pricing_problem).to_contain_text('not "class=amount"')
+        await expect(t.page.locator("[data-field=budget] .field-problem")).to_contain_text("period")
+        assert not writes
+        # What the service refuses (markup in a model's name, a negative budget, an amount that
+        # is not one) comes back as a 422 shown beside the fields, as text.
+        await t.page.fill("#f-pricing", "<svg/onload=alert(4)> input=1e999 output=abc")
+        await t.page.fill("#f-budget", "-5")
+        await t.page.select_option("#f-budget-period", "month")
+        await t.page.click("button.primary:text('Create provider')")
+        await expect(pricing_problem).to_contain_text("<svg/onload=alert(4)>")
+        await expect(t.page.locator("[data-field=budget] .field-problem")).to_contain_text("0 or more")
+        assert writes[-1].method == "POST" and world.head() == before
+        # Then right: the amounts go as the strings typed (exact money), protocols as ticked.
+        await t.page.fill("#f-pricing", "* input=0.15 output=0.60\nm-big input=2.50 cached_input=1.25")
+        await t.page.fill("#f-budget", "200.50")
+        await t.page.check("#f-protocols-chat")
+        await t.page.check("#f-protocols-completions")
+        await t.page.click("button.primary:text('Create provider')")
+        await expect(t.page.locator(".done .ok")).to_contain_text("Created priced: commit")
+        sent = json.loads(writes[-1].post_data or "{}")
+        assert sent["pricing"] == {
+            "*": {"input": "0.15", "output": "0.60"},
+            "m-big": {"input": "2.50", "cached_input": "1.25"},
+        }
+        assert sent["budget"] == {"usd": "200.50", "period": "month"}
+        assert sent["protocols"] == ["chat", "completions"]
+        provider = world.service.registry.snapshot.providers["priced"]
+        assert str(provider.pricing["m-big"].input) == "2.50" and str(provider.budget.usd) == "200.50"
+
+        # An edit sends a merge patch of what was touched: a model removed is null, each kept
+        # model's classes all sent (null where removed); the budget and protocols replaced.
+        await t.open("#/changes/edit/priced")
+        await expect(t.page.locator("#f-pricing")).to_have_value(
+            "* input=0.15 output=0.60\nm-big input=2.50 cached_input=1.25"
+        )
+        await expect(t.page.locator("#f-budget")).to_have_value("200.50")
+        await t.page.fill("#f-pricing", "* input=0.20")
+        await t.page.select_option("#f-budget-period", "week")
+        await t.page.uncheck("#f-protocols-chat")
+        await t.page.uncheck("#f-protocols-completions")
+        await t.page.click("button.primary:text('Save changes')")
+        await expect(t.page.locator(".done .ok")).to_contain_text("Saved priced: commit")
+        assert json.loads(writes[-1].post_data or "{}") == {
+            "pricing": {
+                "m-big": None,
+                "*": {"input": "0.20", "output": None, "cached_input": None, "cache_write": None},
+            },
+            "budget": {"usd": "200.50", "period": "week"},
+            "protocols": None,
+        }
+        await expect(t.page.locator("#f-pricing")).to_have_value("* input=0.20")
+    written = yaml.safe_load((world.project.providers / "priced.yaml").read_text())
+    assert written["pricing"] == {"*": {"input": "0.20"}} or written["pricing"] == {"*": {"input": 0.2}}
+    assert "protocols" not in written and written["budget"]["period"] == "week"
+
+
 async def test_a_route_set_through_the_form_is_a_commit_with_if_match(browser: Browser, world: World) -> None:
     puts: list[Request] = []
     async with tab(browser, world.service.url) as t:
@@ -447,7 +520,9 @@ async def test_markup_and_control_characters_from_files_are_shown_as_text(
 async def test_a_read_only_token_is_offered_no_write_and_told_why(browser: Browser, world: World) -> None:
     async with tab(browser, world.service.url) as t:
         await t.open("#/providers/gpu", READER)
-        await expect(t.page.locator("#nav .nav-off")).to_have_text("Changes (needs config:write)")
+        await expect(t.page.locator("#nav .nav-off")).to_have_text(
+            ["Changes (needs config:write)", "Usage (needs usage:read)"]
+        )
         await expect(t.page.locator("#nav a[data-page=changes]")).to_have_count(0)
         await expect(t.page.locator(".actions")).to_contain_text("Test needs the scope admin")
         await expect(t.page.locator(".actions")).to_contain_text("Editing needs the scope config:write")

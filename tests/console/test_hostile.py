@@ -511,7 +511,9 @@ async def test_a_scope_taken_away_takes_its_page_away(browser: Browser, world: W
             await t.page.fill("#f-name", "not mine to change")
             await t.page.click("button.primary:text('Save changes')")
             await expect(t.page.locator("main .note")).to_contain_text("needs the scope config:write")
-            await expect(t.page.locator("#nav .nav-off")).to_have_text("Changes (needs config:write)")
+            await expect(t.page.locator("#nav .nav-off")).to_have_text(
+                ["Changes (needs config:write)", "Usage (needs usage:read)"]
+            )
             await expect(t.page.locator("main form")).to_have_count(0)
         finally:
             write_clients(world.project, CLIENTS)

@@ -14,6 +14,7 @@ import * as providers from "./providers.js";
 import * as provider from "./provider.js";
 import * as changes from "./changes.js";
 import * as events from "./events.js";
+import * as usage from "./usage.js";
 
 // `polled`: what the page shows that moves without an event (traffic, health's details),
 // asked again every few seconds while the page is shown.
@@ -22,6 +23,7 @@ const PAGES = [
   { path: "providers", title: "Providers", scope: "config:read", page: providers, polled: ["providers", "traffic"] },
   { path: "changes", title: "Changes", scope: "config:write", page: changes, polled: [] },
   { path: "events", title: "Events", scope: "config:read", page: events, polled: [] },
+  { path: "usage", title: "Usage", scope: "usage:read", page: usage, polled: [] },
 ];
 
 const api = new Api(new URL("../", location.href).href);
@@ -272,7 +274,9 @@ function forbidden(entry) {
       `) has ${identity.scopes.join(", ") || "none"}. `,
       entry.scope === "config:write"
         ? "The forms that change providers and routes are not offered."
-        : "Nothing of the configuration is shown.",
+        : entry.scope === "usage:read"
+          ? "Nothing of usage, cost or budgets is shown."
+          : "Nothing of the configuration is shown.",
     ),
   );
 }

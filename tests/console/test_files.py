@@ -1,6 +1,6 @@
 """The web console's files (docs/reference.md §10): served from the package at `/ui/`, with a strict CSP.
 
-What the page does in a browser is `tests/http/test_console_browser.py`; this is what the
+What the page does in a browser is `tests/console/test_browser.py`; this is what the
 service sends: the page, its assets, their types, caching, compression and security headers,
 and what the assets may not contain (markup from data, another origin, inline script).
 """
@@ -14,7 +14,8 @@ from importlib import resources
 
 import pytest
 
-from service.http.console import CONSOLE, CSP, Console
+from service.console.files import Console
+from service.console.routes import CONSOLE, CSP
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
 from tests.support.gateway import write_clients
 
@@ -26,7 +27,7 @@ SECURITY = {
 
 
 def assets() -> dict[str, str]:
-    folder = resources.files("service.http").joinpath("console")
+    folder = resources.files("service.console").joinpath("assets")
     return {entry.name: entry.read_text(encoding="utf-8") for entry in folder.iterdir() if entry.is_file()}
 
 

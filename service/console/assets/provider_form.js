@@ -7,6 +7,7 @@
 // it, a name with a line break), and an edit of one field must not rewrite the others.
 
 import { API } from "./api.js";
+import { costControls, costDocument, costFields, costPatch, fillCosts, readCosts } from "./costs.js";
 import { commitCode, h, note, providerLink, replace } from "./dom.js";
 import {
   branched,
@@ -82,6 +83,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
   const enabled = h("input", { type: "checkbox", id: "f-enabled", name: "enabled", checked: true });
   const enabledProblem = h("div", { class: "field-problem", id: "f-enabled-problem", role: "alert" });
   const enabledField = h("div", { class: "field", dataset: { field: "enabled" } }, h("label", { class: "check", for: "f-enabled" }, enabled, " Enabled (disabled providers are kept but never routed to)"), enabledProblem);
+  const costs = costFields(words);
   const timeouts = TIMEOUTS.map(([key, label, help]) => field(key, label, h("input", { type: "number", min: "0", step: "any", inputmode: "decimal" }), help));
   const reason = field("reason", "Reason", h("input", { type: "text", autocomplete: "off" }), "optional: the commit message's body (X-Switchboard-Reason)");
   const general = h("div", { class: "form-problems", role: "alert" });
@@ -101,6 +103,9 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     model_map: modelMap.problem,
     purposes: purposes.problem,
     enabled: enabledProblem,
+    pricing: costs.pricing.problem,
+    budget: costs.budget.problem,
+    protocols: costs.protocols.problem,
     reason: reason.problem,
     ...Object.fromEntries(timeouts.map((t) => [t.input.name, t.problem])),
   };
@@ -121,6 +126,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     modelMap.wrap,
     purposes.wrap,
     enabledField,
+    h("details", { class: "costs", open: Boolean(initial?.pricing && Object.keys(initial.pricing).length) || Boolean(initial?.budget) || Boolean(initial?.protocols) }, h("summary", {}, "Pricing, budget and protocols"), costs.pricing.wrap, costs.budget.wrap, costs.protocols.wrap),
     h("details", { class: "timeouts" }, h("summary", {}, "Timeouts"), timeouts.map((t) => t.wrap)),
     reason.wrap,
     general,
@@ -152,6 +158,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     for (const box of purposes.boxes) box.checked = v.purposes.includes(box.value);
     enabled.checked = v.enabled;
     for (const t of timeouts) t.input.value = v[t.input.name] ?? "";
+    fillCosts(costs, v);
   }
   // Each control's value as filled from the file: a control still so was not touched.
   function controls() {
@@ -166,7 +173,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     if (kind === "api_key") raw.provider = vendor.input.value;
     else raw.server_type = serverType.input.value;
     for (const t of timeouts) raw[t.input.name] = t.input.value;
-    return raw;
+    return { ...raw, ...costControls(costs) };
   }
   let untouched = null;
   if (initial) {
@@ -202,6 +209,9 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     for (const t of timeouts) {
       if (t.input.validity.badInput) problems.push({ path: t.input.name, message: "not a number" });
     }
+    const read = readCosts(costs);
+    Object.assign(form, read.values);
+    problems.push(...read.problems);
     return { form, problems };
   }
 
@@ -218,7 +228,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     doc.purposes = form.purposes;
     if (!form.enabled) doc.enabled = false;
     for (const [key] of TIMEOUTS) if (form[key] !== null) doc[key] = form[key];
-    return doc;
+    return { ...doc, ...costDocument(form) };
   }
 
   function patch(form, touched) {
@@ -227,6 +237,7 @@ export function providerForm(el, { store, api, go }, { mode, provider, etag }) {
     for (const key of touched) {
       if (key === "name" || key === "base_url") changes[key] = form[key] === "" ? null : form[key];
       else if (key === "model_map") changes.model_map = mapPatch(initial.model_map, form.model_map);
+      else if (key === "pricing" || key === "budget" || key === "protocols") changes[key] = costPatch(key, initial[key], form);
       else changes[key] = form[key];
     }
     if (form.api_key) changes.api_key = form.api_key;
@@ -352,6 +363,9 @@ function values(p) {
     model_map: { ...p.model_map },
     purposes: [...p.purposes],
     enabled: p.enabled,
+    pricing: { ...(p.pricing ?? {}) },
+    budget: p.budget ?? null,
+    protocols: p.protocols ?? null,
   };
   if (p.kind === "api_key") v.provider = p.provider;
   else v.server_type = p.server_type;
