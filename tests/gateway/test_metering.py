@@ -207,6 +207,22 @@ async def test_a_budget_that_cannot_cover_the_request_is_429_once_an_event_and_a
     ]  # "hi": 1 token in, "a says: hi" 3 out
 
 
+async def test_budget_exhausted_is_written_once_per_period_in_the_log_across_restarts(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "300", "period": "day"}})
+        for _ in range(2):  # the same replica, stopped and started again in the same day
+            async with metered(sops_project) as (board, _):
+                refused = await chat(board)  # 4096 completion tokens at 2 USD: too much
+                assert refused.status == 429
+                await board.recorded()
+                events = board.events("budget.exhausted")
+    assert [(e["subject"], e["kind"]) for e in events] == [("client", "client")]
+
+
 async def test_a_total_budget_refuses_without_retry_after(sops_project: SopsProject) -> None:
     async with FakeUpstream(name="a") as up:
         priced_provider(sops_project, "a", up)
