@@ -361,7 +361,9 @@ class Metered:
     def _headers_on(self, error: HTTPError, use: Use | None) -> None:
         error.added.update(self.headers)
         error.added[COST] = "0"
-        if use is not None and self.limits is not None:
+        if self.limits is not None:
+            if use is None:  # never admitted (no candidate): what was known, nothing counted
+                use = self.meter.limiter.peek(self.call.client, self.limits)
             error.added.update(use.remaining(self.limits))
         if self.skipped and "skipped" not in error.extra:
             error.extra["skipped"] = self.skipped

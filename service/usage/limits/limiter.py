@@ -459,6 +459,14 @@ class Limiter:
             key, 0
         ), reserved + counters.reserved.get(key, 0)
 
+    def peek(self, client: str, limits: Limits) -> Use:
+        """`client`'s use as this replica last knew it, counting nothing (the remaining-* of an
+        answer to a request that was never admitted: no candidate could take it)."""
+        hold = None
+        if limits.budget is not None:
+            hold = self.hold("client", client, limits.budget, Decimal(0), self.now_ms())
+        return self.local_use(client, hold)
+
     def local_use(self, client: str, hold: Hold | None) -> Use:
         counts = self.counters.counts(client, self.now_ms())
         use = Use(counts.requests, counts.tokens, counts.in_flight)
