@@ -148,7 +148,9 @@ async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_ev
         assert response.headers["x-switchboard-remaining-requests"] == "unlimited"
         assert response.headers["x-switchboard-remaining-tokens"] == "unlimited"
         left = Decimal(response.headers["x-switchboard-budget-remaining-usd"])
-        assert left == 293 if response is not nowhere else (300 - left) % 7 == 0  # "hi": 1 token in, 3 out: 7 USD
+        assert (
+            left == 293 if response is not nowhere else (300 - left) % 7 == 0
+        )  # "hi": 1 token in, 3 out: 7 USD
 
 
 async def test_every_gateway_answer_carries_a_unique_request_id(sops_project: SopsProject) -> None:
