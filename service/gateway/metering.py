@@ -324,9 +324,8 @@ class Metered:
                 await self._settle(cost, counted)
             finally:
                 rate = self.rates.get(provider.id, Rate()) if provider is not None else Rate()
-                self._record(
-                    self.id, CLIENT_LEFT, provider, attempts, None, cost, rate.any, provider is not None
-                )
+                status = self.call.sent_status or CLIENT_LEFT  # a stream cut: the status it was sent
+                self._record(self.id, status, provider, attempts, None, cost, rate.any, provider is not None)
 
         self.meter.later(settle())
 

@@ -401,6 +401,7 @@ async def test_a_client_that_leaves_midstream_is_charged_its_reservation(sops_pr
             after = await chat(board, max_tokens=1)  # its slot was freed
     record = records.kept[0]
     assert record.estimated and record.cost_usd > 0 and record.provider == "a"
+    assert record.status == 200  # the status the client got, before it left
     assert after.status == 200
 
 
