@@ -324,8 +324,13 @@ class Metered:
                 await self._settle(cost, counted)
             finally:
                 rate = self.rates.get(provider.id, Rate()) if provider is not None else Rate()
-                status = self.call.sent_status or CLIENT_LEFT  # a stream cut: the status it was sent
-                self._record(self.id, status, provider, attempts, None, cost, rate.any, provider is not None)
+                status, record_id = CLIENT_LEFT, self.id
+                prepared = self.call.prepared
+                if prepared is not None:  # a stream cut: the status and the id the client was sent
+                    status, record_id = prepared.status, prepared.headers.get(REQUEST_ID) or self.id
+                self._record(
+                    record_id, status, provider, attempts, None, cost, rate.any, provider is not None
+                )
 
         self.meter.later(settle())
 

@@ -81,6 +81,7 @@ async def _limits(request: web.Request) -> web.StreamResponse:
                 for p in providers
             ],
             "mode": keeper.limiter.mode,
+            "replicas": keeper.limiter.replicas,
         }
     )
 

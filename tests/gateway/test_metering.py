@@ -396,12 +396,13 @@ async def test_a_client_that_leaves_midstream_is_charged_its_reservation(sops_pr
                 json=payload,
                 headers={"Authorization": f"Bearer {TOKEN}"},
             ) as response:
+                sent_id = response.headers[REQUEST_ID]
                 await response.content.readany()  # the first chunk, then away
             await eventually(lambda: len(records.kept) == 1, timeout=10)
             after = await chat(board, max_tokens=1)  # its slot was freed
     record = records.kept[0]
     assert record.estimated and record.cost_usd > 0 and record.provider == "a"
-    assert record.status == 200  # the status the client got, before it left
+    assert record.status == 200 and record.id == sent_id  # what the client was sent, before it left
     assert after.status == 200
 
 
