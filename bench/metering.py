@@ -34,7 +34,7 @@ from service.crypto.sops import Sops
 from service.crypto.tokens import token_sha256
 
 UPSTREAM_KEY = "sk-upstream-bench-0123456789"
-TOKEN = "sb_bench_metering_0123456789abcdef"
+TOKEN = "sb_bench_metering_0123456789abcdef"  # noqa: S105 - a bench client, not a secret
 
 
 def build_project(name: str, upstream_base_url: str, *, on: bool) -> tuple[Path, Path]:
