@@ -329,3 +329,51 @@ async def test_a_stream_cut_by_its_client_is_charged_its_whole_reservation_estim
     assert cost == 7 * 10**12  # 7 completion tokens reserved at 1 USD (input is free): all of it
     client = next(c for c in limits["clients"] if c["name"] == "client")
     assert client["used"]["budget_spent_usd"] == "7" and client["used"]["budget_reserved_usd"] == "0"
+
+
+# -- a usage:read client fishing for other tenants' prompts ------------------------------------------------
+
+
+async def test_a_usage_reader_finds_no_prompt_completion_or_token_anywhere_in_the_ledger(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    secret = "tenant-secret-8d1f2a"
+    async with FakeUpstream(name="a") as up:
+        configure(sops_project, up, {"budget": {"usd": "1000", "period": "day"}})
+        member = replica(sops_project, tmp_path, "r1")
+        async with replicas(member):
+            assert member.http is not None
+            for stream in (False, True):
+                payload = {
+                    "model": "fake-model",
+                    "messages": [{"role": "user", "content": f"my {secret} is here"}],
+                    "max_tokens": 9,
+                    "user": secret,
+                    "stream": stream,
+                }
+                headers = {"Authorization": f"Bearer {TOKEN}"}
+                async with member.http.post(
+                    f"{member.url}/v1/chat/completions", json=payload, headers=headers
+                ) as r:
+                    assert r.status == 200 and secret in await r.text()  # the completion echoes it
+            await until(lambda: _stored(tmp_path / "r1" / "usage.db", 2), 10, "two records")
+            reader = {"Authorization": f"Bearer {READER}"}
+            answers = []
+            for path in (
+                f"{API}/usage/requests?limit=5000",
+                f"{API}/usage?group_by=client,model,provider,purpose,hour",
+                f"{API}/usage?group_by=client&format=csv",
+                f"{API}/usage/requests?client={secret}",
+                f"{API}/limits",
+            ):
+                async with member.http.get(member.url + path, headers=reader) as r:
+                    assert r.status == 200, path
+                    answers.append(await r.text())
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file())
+    for text in answers:
+        assert secret not in text and TOKEN not in text and "is here" not in text
+    assert secret.encode() not in stored and TOKEN.encode() not in stored  # nor in the spool or the database
+
+
+async def _stored(path: Path, count: int) -> bool:
+    return path.exists() and len(sqlite_ids(path)) >= count
