@@ -260,18 +260,20 @@ class _Plan:
 def litellm_costs(provider: Provider, model: str | None) -> dict[str, float]:
     """The provider's prices for `model` (None: any) as LiteLLM names them, USD per token.
 
-    A class the model's own `pricing` entry leaves out is priced by `"*"` (docs/reference.md §13); a class
-    neither prices is left out, for LiteLLM to price as it would. Each price is divided by a
+    A model with its own `pricing` entry (as clients name it, else as it is sent upstream) is
+    priced by it alone, a model without one by `"*"`
+    (docs/reference.md §13); a class the entry leaves out is left out, for LiteLLM to price as
+    Switchboard does (its map, else a cache class at the input price). Each price is divided by a
     million in decimal, exactly, then made the nearest binary number once: a YAML reader
     gets back the very number `Decimal` would give.
     """
-    own = provider.pricing.get(model) if model is not None else None
-    every = provider.pricing.get(WILDCARD)
+    pricing = provider.pricing
+    names = (model, provider.upstream_model(model)) if model is not None else ()
+    own = next((pricing[name] for name in names if name in pricing), None)  # as the gateway prices it
+    entry = own if own is not None else pricing.get(WILDCARD)
     costs = {}
     for field_name, litellm_name in _COSTS:
-        price = getattr(own, field_name, None) if own is not None else None
-        if price is None and every is not None:
-            price = getattr(every, field_name)
+        price = getattr(entry, field_name, None) if entry is not None else None
         if price is not None:
             costs[litellm_name] = float(price.scaleb(-6))
     return costs

@@ -111,6 +111,7 @@ class Call:
         "model",
         "path",
         "pinned",
+        "prepared",
         "protocol",
         "protocol_headers",
         "purpose",
@@ -154,6 +155,8 @@ class Call:
         self.broken: str | None = None
         """Why a stream ended early, after its first byte reached the client."""
         self.first_byte_s = 0.0
+        self.prepared: web.StreamResponse | None = None
+        """A stream's answer once its status and headers went to the client (None: not yet)."""
         self.protocol = protocol
         """The client's protocol: chat, messages, responses, completions, count_tokens."""
         self.client_body, self.client_data = body, data

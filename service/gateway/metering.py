@@ -324,8 +324,12 @@ class Metered:
                 await self._settle(cost, counted)
             finally:
                 rate = self.rates.get(provider.id, Rate()) if provider is not None else Rate()
+                status, record_id = CLIENT_LEFT, self.id
+                prepared = self.call.prepared
+                if prepared is not None:  # a stream cut: the status and the id the client was sent
+                    status, record_id = prepared.status, prepared.headers.get(REQUEST_ID) or self.id
                 self._record(
-                    self.id, CLIENT_LEFT, provider, attempts, None, cost, rate.any, provider is not None
+                    record_id, status, provider, attempts, None, cost, rate.any, provider is not None
                 )
 
         self.meter.later(settle())
@@ -361,7 +365,9 @@ class Metered:
     def _headers_on(self, error: HTTPError, use: Use | None) -> None:
         error.added.update(self.headers)
         error.added[COST] = "0"
-        if use is not None and self.limits is not None:
+        if self.limits is not None:
+            if use is None:  # never admitted (no candidate): what was known, nothing counted
+                use = self.meter.limiter.peek(self.call.client, self.limits)
             error.added.update(use.remaining(self.limits))
         if self.skipped and "skipped" not in error.extra:
             error.extra["skipped"] = self.skipped

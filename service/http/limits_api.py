@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +25,7 @@ from service.config.snapshot import Snapshot
 from service.gateway.metering import Meter
 from service.http.auth import scoped
 from service.http.context import (
+    EVENTS,
     HEALTH,
     HEALTH_EVENTS,
     LIMITS,
@@ -37,6 +39,7 @@ from service.http.context import (
 )
 from service.http.push import watched
 from service.journal.events import BudgetExhausted
+from service.journal.log import EventLog
 from service.runtime.registry import Outcome
 from service.usage.limits.keeper import Keeper
 from service.usage.limits.limiter import Limiter
@@ -78,6 +81,7 @@ async def _limits(request: web.Request) -> web.StreamResponse:
                 for p in providers
             ],
             "mode": keeper.limiter.mode,
+            "replicas": keeper.limiter.replicas,
         }
     )
 
@@ -154,6 +158,16 @@ def _keeper(app: web.Application) -> Keeper:
     )
 
 
+def _already_exhausted(events: EventLog, limiter: Limiter) -> None:
+    """Mark the `budget.exhausted` events this replica's log already holds for periods not yet
+    over, so that a restart does not write them again (once per subject and period in the log).
+    Reads the file (only those events' lines are parsed): run in a thread, before `/readyz` is 200."""
+    now = datetime.fromtimestamp(limiter.clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for event in events.select(type="budget.exhausted"):
+        if isinstance(event, BudgetExhausted) and (event.period_end is None or event.period_end > now):
+            limiter.reported(event.kind, event.subject, event.period_end)
+
+
 def subjects(snapshot: Snapshot) -> tuple[list[tuple[str, str, Budget]], list[str]]:
     """The budgets of a configuration, and its clients with limits."""
     budgets: list[tuple[str, str, Budget]] = []
@@ -187,5 +201,6 @@ async def _keep(app: web.Application, keeper: Keeper, stop: asyncio.Event) -> No
     while not registry.ready and not stop.is_set():  # noqa: ASYNC110 - the registry sets no event
         await asyncio.sleep(0.02)
     keeper.configure(*subjects(registry.snapshot))
+    await asyncio.to_thread(_already_exhausted, app[EVENTS], keeper.limiter)
     await keeper.load()
     await keeper.run(stop)

@@ -180,10 +180,13 @@ GATEWAY_HEADERS = {
         "what the request cost, in USD (a whole answer only, not a stream)", required=False, pattern=_MONEY
     ),
     "x-switchboard-remaining-requests": header(
-        "a client with an `rpm`: requests left in the last 60 s, this one counted", required=False
+        "a client with limits: requests left of its `rpm` in the last 60 s, this one counted"
+        " (`unlimited` without an `rpm`)",
+        required=False,
     ),
     "x-switchboard-remaining-tokens": header(
-        "a client with a `tpm`: tokens left in the last 60 s (once settled, for a whole answer)",
+        "a client with limits: tokens left of its `tpm` in the last 60 s (once settled, for a whole"
+        " answer; `unlimited` without a `tpm`)",
         required=False,
     ),
     "x-switchboard-budget-remaining-usd": header(

@@ -2,14 +2,16 @@
 
 Prices come, class by class, from the first that has one:
 
-1. the provider file's `pricing` entry for the model (as clients name it, then as it is sent
-   upstream), then its `"*"` entry;
+1. the provider file's `pricing` entry for the model (as clients name it, else as it is sent
+   upstream), or, for a model without an entry, its `"*"` entry: a class an entry leaves out
+   is not taken from `"*"` (a cheap default would price a dear model's cache reads);
 2. the price map bundled with the installed litellm (`model_prices_and_context_window_backup.json`
    in the package's folder), for `api_key` providers only, looked up as litellm names the
    model (`mistral/mistral-large-latest`, `gpt-4o` for OpenAI's own);
 3. nothing: the class costs 0 and the request is recorded `priced: false`.
 
-Cached input and cache writes without a price of their own are priced as input. A self-hosted
+Cached input and cache writes without a price of their own (in the file or the map) are
+priced as the model's input, as litellm does; a cache write is priced at `cache_write` only. A self-hosted
 `ai_server` is never priced from litellm's map: it is free unless its file prices it.
 
 The map is read once, off the request path (`PriceMap.load`, in a worker thread at start),
@@ -250,10 +252,14 @@ class Pricing:
     def _resolve(self, provider: Provider, model: str | None) -> Rate:
         pricing = provider.pricing
         upstream = provider.upstream_model(model) if model is not None else None
-        entries = [pricing[m] for m in (model, upstream, "*") if m is not None and m in pricing]
+        # A model's own entry (as clients name it, else as sent upstream) prices it alone:
+        # `"*"` prices only the models without one, never the classes an entry leaves out.
+        entry = next((pricing[m] for m in (model, upstream) if m is not None and m in pricing), None)
+        if entry is None:
+            entry = pricing.get("*")
         found: dict[str, Decimal | None] = {}
         for name in ("input", "output", "cached_input", "cache_write"):
-            per_million = next((getattr(e, name) for e in entries if getattr(e, name) is not None), None)
+            per_million = getattr(entry, name) if entry is not None else None
             found[name] = EXACT.divide(per_million, MILLION) if per_million is not None else None
         mapped = None
         if isinstance(provider, ApiKey) and upstream is not None:

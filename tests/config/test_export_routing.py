@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config.export import litellm_export, litellm_yaml
+from service.config.export import litellm_costs, litellm_export, litellm_yaml
 from service.config.snapshot import load_folder
 from service.formats import key_variable
 from tests.conftest import SopsProject
@@ -167,7 +167,7 @@ def test_a_provider_that_declares_no_models_is_listed_under_its_purposes_models(
 
 PRICING = {
     "*": {"input": 0.15, "output": "0.60", "cached_input": 0.075},
-    "llama": {"input": "2.5", "cache_write": 3.125},
+    "llama": {"input": "2.5", "output": "0.9", "cache_write": 3.125},
 }
 
 
@@ -177,26 +177,27 @@ def test_each_deployment_carries_its_prices_per_token_exactly(sops_project: Sops
         sops_project, "gpu", base_url="http://127.0.0.1:10/v1", models=["llama"], model_map={"fast": "llama"},
         pricing=PRICING,
     )  # fmt: skip
-    text = litellm_yaml(load_folder(sops_project.providers, "providers.d", None))
+    snapshot = load_folder(sops_project.providers, "providers.d", None)
+    text = litellm_yaml(snapshot)
     params = {d["model_info"]["id"]: d["litellm_params"] for d in yaml.safe_load(text)["model_list"]}
 
     def per_token(per_million: str) -> float:
         return float(Decimal(per_million) / 1_000_000)
 
     costs = {k: v for k, v in params["gpu:llama"].items() if "cost" in k}
-    assert costs == {  # its own entry, and `*` for the classes the entry leaves out
+    assert costs == {  # its own entry alone: `*` prices only models without one
         "input_cost_per_token": per_token("2.5"),
-        "output_cost_per_token": per_token("0.60"),
-        "cache_read_input_token_cost": per_token("0.075"),
+        "output_cost_per_token": per_token("0.9"),
         "cache_creation_input_token_cost": per_token("3.125"),
     }
-    assert {k: v for k, v in params["gpu:fast"].items() if "cost" in k} == {  # no entry of its own
+    assert {k: v for k, v in params["gpu:fast"].items() if "cost" in k} == costs  # "fast" is sent as llama
+    assert litellm_costs(snapshot.providers["gpu"], "other") == {  # no entry of its own: `*`
         "input_cost_per_token": per_token("0.15"),
         "output_cost_per_token": per_token("0.60"),
         "cache_read_input_token_cost": per_token("0.075"),
     }
     assert not any("cost" in k for k in params["vendor:llama"])  # unpriced: LiteLLM prices it itself
-    assert "input_cost_per_token: 1.5e-07" in text  # 0.15 per million, as the text says it
+    assert "input_cost_per_token: 2.5e-06" in text  # 2.5 per million, as the text says it
     assert "cache_creation_input_token_cost: 3.125e-06" in text
 
 
@@ -207,7 +208,7 @@ async def test_litellm_prices_a_request_with_the_exported_prices(sops_project: S
         answer = await router(sops_project).acompletion(model="llama", messages=MESSAGES)
     usage = answer.usage
     expected = Decimal(usage.prompt_tokens) * Decimal("2.5") + Decimal(usage.completion_tokens) * Decimal(
-        "0.60"
+        "0.9"
     )
     assert answer._hidden_params["response_cost"] == pytest.approx(float(expected / 1_000_000), rel=1e-12)
 

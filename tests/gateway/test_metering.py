@@ -122,6 +122,37 @@ async def test_an_answer_carries_its_id_cost_and_what_remains_and_is_one_record(
     assert record.to_json()["cost_usd"] == "10" and record.ttfb_ms is not None
 
 
+async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_even_without_rpm_or_tpm(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        priced_provider(sops_project, "a", a)
+        write_provider(sops_project, "b", provider="openai", base_url=b.base_url, api_key="sk-up")  # unpriced
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"max_parallel": 4, "budget": {"usd": "300", "period": "day"}})
+        async with metered(sops_project) as (board, _):
+            served = await chat(board, max_tokens=5)
+            refused = await chat(board)  # 4096 completion tokens at 2 USD: over the budget
+            write_routing(sops_project, chat="b")  # with a budget, an unpriced vendor is skipped
+            nowhere = None
+
+            async def skipped() -> bool:
+                nonlocal nowhere
+                nowhere = await chat(board, max_tokens=5)
+                return nowhere.status == 503
+
+            await eventually(skipped, timeout=10)
+            assert nowhere is not None
+    for response, status in ((served, 200), (refused, 429), (nowhere, 503)):
+        assert response.status == status, await response.text()
+        assert response.headers["x-switchboard-remaining-requests"] == "unlimited"
+        assert response.headers["x-switchboard-remaining-tokens"] == "unlimited"
+        left = Decimal(response.headers["x-switchboard-budget-remaining-usd"])
+        assert (
+            left == 293 if response is not nowhere else (300 - left) % 7 == 0
+        )  # "hi": 1 token in, 3 out: 7 USD
+
+
 async def test_every_gateway_answer_carries_a_unique_request_id(sops_project: SopsProject) -> None:
     async with upstreams({"name": "a"}) as (up,):
         write_provider(sops_project, "a", base_url=up.base_url)  # a server, unpriced: free
@@ -205,6 +236,22 @@ async def test_a_budget_that_cannot_cover_the_request_is_429_once_an_event_and_a
     assert [line for line in metrics.splitlines() if line.startswith("switchboard_cost_usd_total")] == [
         'switchboard_cost_usd_total{client="client",model="fake-model",provider="a"} 7.0'
     ]  # "hi": 1 token in, "a says: hi" 3 out
+
+
+async def test_budget_exhausted_is_written_once_per_period_in_the_log_across_restarts(
+    sops_project: SopsProject,
+) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "300", "period": "day"}})
+        for _ in range(2):  # the same replica, stopped and started again in the same day
+            async with metered(sops_project) as (board, _):
+                refused = await chat(board)  # 4096 completion tokens at 2 USD: too much
+                assert refused.status == 429
+                await board.recorded()
+                events = board.events("budget.exhausted")
+    assert [(e["subject"], e["kind"]) for e in events] == [("client", "client")]
 
 
 async def test_a_total_budget_refuses_without_retry_after(sops_project: SopsProject) -> None:
@@ -349,11 +396,13 @@ async def test_a_client_that_leaves_midstream_is_charged_its_reservation(sops_pr
                 json=payload,
                 headers={"Authorization": f"Bearer {TOKEN}"},
             ) as response:
+                sent_id = response.headers[REQUEST_ID]
                 await response.content.readany()  # the first chunk, then away
             await eventually(lambda: len(records.kept) == 1, timeout=10)
             after = await chat(board, max_tokens=1)  # its slot was freed
     record = records.kept[0]
     assert record.estimated and record.cost_usd > 0 and record.provider == "a"
+    assert record.status == 200 and record.id == sent_id  # what the client was sent, before it left
     assert after.status == 200
 
 

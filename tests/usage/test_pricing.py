@@ -29,7 +29,7 @@ def server(**fields: Any) -> AiServer:
     return AiServer.model_validate({**doc, **fields})
 
 
-def test_the_file_prices_each_class_and_star_prices_what_a_model_entry_leaves_out() -> None:
+def test_the_file_prices_each_class_and_star_prices_only_models_without_an_entry() -> None:
     provider = api_key(
         pricing={
             "*": {"input": 0.15, "output": 0.60, "cached_input": 0.075},
@@ -40,10 +40,23 @@ def test_the_file_prices_each_class_and_star_prices_what_a_model_entry_leaves_ou
     rate = pricing.rate(provider, "gpt-4o")
     tokens = Tokens(input=1_000_000, cached_input=1_000_000, cache_write=1_000_000, output=1_000_000)
     cost, priced = rate.cost(tokens)
-    # input 2.50 + cached 0.075 (from "*") + cache writes 3.125 + output 10.00
-    assert cost == Decimal("15.700") and priced
-    other, _ = pricing.rate(provider, "mini").cost(Tokens(input=1000, output=1000))
-    assert other == Decimal("0.00075")
+    # input 2.50 + cached 2.50 (its own input: never "*"'s 0.075) + cache writes 3.125 + output 10.00
+    assert cost == Decimal("18.125") and priced
+    other, _ = pricing.rate(provider, "mini").cost(Tokens(input=1000, cached_input=1000, output=1000))
+    assert other == Decimal("0.000825")  # "*": 0.15 + 0.075 + 0.60 per million
+
+
+def test_a_cache_class_an_entry_leaves_out_comes_from_litellms_map_then_from_input() -> None:
+    pricing = Pricing(bundled())
+    own = {
+        "gpt-4o": {"input": 2.00, "output": 8.00},
+        "*": {"input": 0.1, "output": 0.1, "cached_input": 0.01},
+    }
+    vendor = pricing.rate(api_key("openai", pricing=own), "gpt-4o")
+    assert vendor.input == Decimal("0.000002") and vendor.cached_input == Decimal("0.00000125")  # the map's
+    served = pricing.rate(server(pricing=own), "gpt-4o")  # a server is never priced from the map
+    assert served.cached_input == served.input == Decimal("0.000002")
+    assert served.cache_write == Decimal("0.000002")
 
 
 def test_money_is_exact_never_a_sum_of_floats() -> None:

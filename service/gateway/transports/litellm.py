@@ -224,6 +224,7 @@ async def _relay_stream(
     translator = call.translation.stream() if call.translation is not None else None
     try:
         await answer.prepare(call.request)
+        call.prepared = answer
         call.answer_model = _model(chunk)
         while True:
             usage = _usage(chunk)

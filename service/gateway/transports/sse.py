@@ -64,6 +64,7 @@ async def relay_events(
         call.answer_model = find_model(first)
     try:
         await answer.prepare(call.request)
+        call.prepared = answer
         while chunk:
             window = pending + chunk  # `pending`: a torn event carried over, usually empty
             end = window.rfind(b"\n\n")

@@ -98,7 +98,8 @@ class Limiter:
         """Held while reconciling: local changes wait for it (a moment, on a Redis that answers)."""
         self.on_exhausted: Callable[[str, str, Window], None] | None = None
         """Told `(kind, subject, window)` the first time a budget refuses in a period."""
-        self._reported: set[str] = set()
+        self._reported: set[tuple[str, str, str | None]] = set()
+        """(kind, subject, period_end) of the budgets whose `budget.exhausted` is in the log."""
         self._windows: dict[Period, Window] = {}
         self._keys: dict[tuple[str, str, Budget], tuple[Window, str, int]] = {}
         self._background: set[asyncio.Task[Any]] = set()
@@ -458,6 +459,14 @@ class Limiter:
             key, 0
         ), reserved + counters.reserved.get(key, 0)
 
+    def peek(self, client: str, limits: Limits) -> Use:
+        """`client`'s use as this replica last knew it, counting nothing (the remaining-* of an
+        answer to a request that was never admitted: no candidate could take it)."""
+        hold = None
+        if limits.budget is not None:
+            hold = self.hold("client", client, limits.budget, Decimal(0), self.now_ms())
+        return self.local_use(client, hold)
+
     def local_use(self, client: str, hold: Hold | None) -> Use:
         counts = self.counters.counts(client, self.now_ms())
         use = Use(counts.requests, counts.tokens, counts.in_flight)
@@ -527,14 +536,24 @@ class Limiter:
                 del table[key]
 
     def exhausted(self, kind: str, subject: str, hold: Hold) -> None:
-        """Report a budget that refused, once per subject and period (in this process)."""
-        if hold.key in self._reported:
+        """Report a budget that refused, once per subject and period in this replica's log
+        (what the log already holds is marked at start: `reported`)."""
+        if not self.reported(kind, subject, hold.window.end_text):
             return
-        if len(self._reported) > 100_000:
-            self._reported.clear()
-        self._reported.add(hold.key)
         if self.on_exhausted is not None:
             self.on_exhausted(kind, subject, hold.window)
+
+    def reported(self, kind: str, subject: str, period_end: str | None) -> bool:
+        """Mark the `budget.exhausted` of `subject`'s period ending `period_end` (None: `total`)
+        as written; False when it was already."""
+        key = (kind, subject, period_end)
+        if key in self._reported:
+            return False
+        if len(self._reported) > 100_000:  # past periods' marks: kept only while they matter
+            now = _datetime(self.now_ms()).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self._reported = {k for k in self._reported if k[2] is None or k[2] > now}
+        self._reported.add(key)
+        return True
 
 
 def _new_epoch() -> str:

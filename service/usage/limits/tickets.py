@@ -18,6 +18,9 @@ from service.usage.limits.amounts import limit_units, usd
 from service.usage.periods import Window
 from service.usage.record import money
 
+UNLIMITED = "unlimited"
+"""A remaining-* header's value for a limit the client does not have."""
+
 
 @dataclass(slots=True)
 class Hold:
@@ -60,12 +63,18 @@ class Use:
         }
 
     def remaining(self, limits: Limits) -> dict[str, str]:
-        """The remaining-* headers for a client with `limits` (docs/reference.md §13), never negative."""
-        headers = {}
-        if limits.rpm is not None:
-            headers["x-switchboard-remaining-requests"] = str(max(0, limits.rpm - self.requests))
-        if limits.tpm is not None:
-            headers["x-switchboard-remaining-tokens"] = str(max(0, limits.tpm - self.tokens))
+        """The remaining-* headers for a client with `limits` (docs/reference.md §13), never negative.
+
+        Both counts are sent to every client with limits; one without that limit (no `rpm`, no
+        `tpm`) is told `unlimited`: a number would be a limit it does not have."""
+        headers = {
+            "x-switchboard-remaining-requests": UNLIMITED
+            if limits.rpm is None
+            else str(max(0, limits.rpm - self.requests)),
+            "x-switchboard-remaining-tokens": UNLIMITED
+            if limits.tpm is None
+            else str(max(0, limits.tpm - self.tokens)),
+        }
         if limits.budget is not None and self.spent is not None:
             limit = self.limit if self.limit is not None else limit_units(limits.budget.usd)
             left = max(0, limit - self.spent - (self.reserved or 0))
