@@ -53,7 +53,8 @@ class Counted(Service):
         if self.code is not None:
             env["PYTHONPATH"] = str(self.code)
         command = [
-            "valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
+            "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+            f"--callgrind-out-file={self.out}",
             sys.executable, "-m", "service", "--root", str(self.root), "serve", "--port", str(self.port),
             "--events", str(self.events),
         ]  # fmt: skip
@@ -77,19 +78,25 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def _total(out: Path) -> int:
-    """The instructions counted in every dump of `out` (its `totals:` lines)."""
-    return sum(
-        int(found)
-        for path in out.parent.glob(out.name + "*")
-        for found in re.findall(rb"^totals: (\d+)", path.read_bytes(), re.MULTILINE)
-    )
+def _totals(out: Path) -> tuple[int, int]:
+    """The instructions counted in the dumps of `out`: (the main thread's, every thread's).
+
+    With `--separate-threads=yes` each thread has its own file, `out.1-01` the main thread's
+    (the event loop's), the others the ledger's and the worker threads'."""
+    main = every = 0
+    for path in out.parent.glob(out.name + ".*"):
+        counted = sum(int(n) for n in re.findall(rb"^totals: (\d+)", path.read_bytes(), re.MULTILINE))
+        every += counted
+        if path.name.endswith("-01"):
+            main += counted
+    return main, every
 
 
 async def count(
     upstream: UpstreamProcess, code: Path | None, name: str, requests: int, concurrency: int, stream: bool
-) -> float:
-    """Instructions per request of `code`'s service (this checkout's when None)."""
+) -> tuple[float, float]:
+    """Instructions per request of `code`'s service (this checkout's when None): on the event
+    loop's thread, and on every thread."""
     root, key_file, token = build_project(upstream.base_url)
     workdir = Path(tempfile.mkdtemp(prefix="callgrind-"))
     service = Counted(root, key_file, name, workdir / "callgrind.out", code)
@@ -110,7 +117,8 @@ async def count(
     finally:
         service.stop()
     await asyncio.sleep(1)
-    return _total(workdir / "callgrind.out") / result.ok
+    main, every = _totals(workdir / "callgrind.out")
+    return main / result.ok, every / result.ok
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -131,11 +139,13 @@ async def main(argv: list[str] | None = None) -> None:
                 upstream, base, "var-base", args.requests, args.concurrency, args.stream
             )
     kind = "stream" if args.stream else "chat completion"
-    print(f"instructions per {kind} ({args.requests} at c={args.concurrency}, every thread of serve):")
-    for name, value in counts.items():
-        print(f"  {name:<17} {value:>12,.0f}")
+    print(f"instructions per {kind} ({args.requests} at c={args.concurrency}):")
+    print(f"  {'':<17} {'loop thread':>12} {'all threads':>12}")
+    for name, (main, every) in counts.items():
+        print(f"  {name:<17} {main:>12,.0f} {every:>12,.0f}")
     if "switchboard@base" in counts:
-        print(f"  ratio              {counts['switchboard'] / counts['switchboard@base']:.3f}")
+        (main, every), (base_main, base_every) = counts["switchboard"], counts["switchboard@base"]
+        print(f"  ratio             {main / base_main:>12.3f} {every / base_every:>12.3f}")
 
 
 if __name__ == "__main__":
