@@ -25,8 +25,8 @@ load generator (bench/load.py, aiohttp) shares the 2 cores with the process unde
 the numbers are ratios within one run, not absolutes. Only 127.0.0.1 is contacted.
 
 `--flame PATH` then records `switchboard serve` with py-spy (`pip install py-spy`) under
-load at concurrency 64 and writes a flame graph (SVG), and beside it the collapsed stacks
-(`.txt`) and the share of samples per function of the service (`.shares.txt`).
+load at concurrency 64 and writes a flame graph (SVG), and beside it the share of samples
+per function (`.shares.txt`: inclusive and self, over every thread of the service).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -214,13 +215,15 @@ async def _check_metered(service: Service) -> None:
 
 async def _flame(service: Service, url: str, token: str, svg: Path, seconds: float) -> None:
     """Record `service` with py-spy while it serves chat completions at concurrency 64: once
-    as a flame graph, once as collapsed stacks (each under a load of its own)."""
+    as a flame graph, once as collapsed stacks (each under a load of its own), whose shares
+    are written beside the graph."""
     svg.parent.mkdir(parents=True, exist_ok=True)
-    raw = svg.with_suffix(".txt")
-    for out, form in ((svg, "flamegraph"), (raw, "raw")):
-        await _record(service, url, token, out, form, seconds)
-    svg.with_suffix(".shares.txt").write_text(shares(raw.read_text()))
-    print(f"flame graph: {svg}; collapsed stacks: {raw}", file=sys.stderr)
+    await _record(service, url, token, svg, "flamegraph", seconds)
+    with tempfile.TemporaryDirectory(prefix="py-spy-") as folder:
+        raw = Path(folder) / "stacks.txt"
+        await _record(service, url, token, raw, "raw", seconds)
+        svg.with_suffix(".shares.txt").write_text(shares(raw.read_text()))
+    print(f"flame graph: {svg}; shares: {svg.with_suffix('.shares.txt')}", file=sys.stderr)
 
 
 async def _record(service: Service, url: str, token: str, out: Path, form: str, seconds: float) -> None:
