@@ -59,6 +59,7 @@ bench:
     python -m bench.litellm_proxy setup
     python -m bench.litellm_export
     python -m bench.gateway
+    python -m bench.instructions
     python -m bench.protocols
     python -m bench.tracing
     python -m bench.config

@@ -145,6 +145,11 @@ class Service:
                 await asyncio.sleep(0.01)
         raise RuntimeError("the service did not become ready in 300 s")
 
+    @property
+    def pid(self) -> int | None:
+        """The serving process's id, once started."""
+        return self.process.pid if self.process is not None else None
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()

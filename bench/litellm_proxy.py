@@ -115,6 +115,11 @@ class LiteLLMProxy:
         """Its chat completions endpoint."""
         return f"{self.url}/v1/chat/completions"
 
+    @property
+    def pid(self) -> int | None:
+        """The proxy's process id, once started (with one worker, the one that serves)."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> LiteLLMProxy:
         """Start the proxy and wait until its liveness endpoint answers."""
         litellm = VENV / "bin" / "litellm"

@@ -27,6 +27,11 @@ class UpstreamProcess:
         """The root plus ``/v1``."""
         return f"{self.url}/v1"
 
+    @property
+    def pid(self) -> int | None:
+        """Its process's id, once started."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> UpstreamProcess:
         """Start it and wait for its ``listening on URL`` line."""
         self._process = await asyncio.create_subprocess_exec(

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.config.snapshot import Snapshot
+from service.config.upstreams import AllowedUpstreams
 from service.errors import HTTPError, InvalidRequest, ModelNotFound, NoCandidate, UpstreamsFailed
 from service.gateway.call import (
     ATTEMPTS_HEADER,
@@ -73,6 +74,7 @@ class Relay:
         max_upstream_bytes: int = 64 << 20,
         ids_key: bytes | None = None,
         tracing: Tracing | None = None,
+        allowed: AllowedUpstreams | None = None,
     ) -> None:
         self.metrics = metrics
         self.health = health
@@ -80,7 +82,8 @@ class Relay:
         self.session = session
         self.via = secrets.token_hex(8)
         """This gateway's token in `x-switchboard-via`: a request carrying it came back here."""
-        self.openai = OpenAITransport(session, max_upstream_bytes, self.via)
+        self.openai = OpenAITransport(session, max_upstream_bytes, self.via, allowed)
+        """Its requests hold `allowed` themselves (`session`'s own checks are per request)."""
         self.litellm = LiteLLMTransport(session, max_upstream_bytes)
         self.tei = TEITransport(self.openai)
         self.forms = Forms(ids_key or secrets.token_bytes(32))

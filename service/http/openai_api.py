@@ -160,6 +160,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         max_upstream_bytes=settings.max_upstream_bytes,
         ids_key=_ids_key(settings),
         tracing=app[TELEMETRY].tracing if TELEMETRY in app else None,
+        allowed=app[UPSTREAMS],
     )
     health.on_change = _on_health_change(app)
     due = _Due()

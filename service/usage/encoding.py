@@ -115,6 +115,8 @@ def text(value: object, limit: int = TEXT_LIMIT) -> str | None:
     """A string any database stores: no NUL, valid UTF-8, at most `limit` characters."""
     if value is None:
         return None
+    if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
+        return value  # the common case, as it is: every record has several
     cleaned = str(value)[:limit].replace("\x00", "")
     return cleaned.encode("utf-8", "replace").decode("utf-8")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import subprocess
 import sys
 
-from service.cli.serve import OPEN_FILES
+import uvloop
+
+from service.cli.serve import OPEN_FILES, event_loop
 
 
 def test_serve_raises_a_low_open_file_limit_towards_the_hard_one() -> None:
@@ -26,3 +29,14 @@ def test_serve_raises_a_low_open_file_limit_towards_the_hard_one() -> None:
     )
     expected = OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES)
     assert int(done.stdout) == max(256, expected)
+
+
+def test_serve_runs_on_uvloop() -> None:
+    """uvloop spends fewer instructions per relayed request than asyncio's own loop
+    (BENCHMARKS.md, issue 22); it is a dependency, so `serve` runs on it."""
+    loop = event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+        assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+    finally:
+        loop.close()

@@ -15,6 +15,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from service.gateway.metering import RequestIds
 from service.http.context import RELAY
 from service.usage.record import Record
 from tests.conftest import SopsProject, eventually
@@ -544,3 +545,12 @@ async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProj
     assert [(r.status, r.provider) for r in records.kept] == [(200, "a"), (200, "a"), (429, None)]
     assert records.kept[0].cost_usd == 7 and translated.headers[COST] == "7"  # "hi": 1 in, 3 out
     assert records.kept[1].cost_usd > 0 and not records.kept[1].estimated
+
+
+def test_request_ids_are_random_hex_read_a_batch_at_a_time() -> None:
+    """128 random bits each, 32 hex digits, none twice, across the batches they are read in
+    (one system call per batch, not per request)."""
+    ids = RequestIds(batch=4)
+    made = [ids() for _ in range(1000)]
+    assert len(set(made)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in made)

@@ -73,6 +73,21 @@ def open_session(
     )
 
 
+def hookless(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """A session on `session`'s connections (its pool, its guarded resolver) without its
+    per-request middleware and trace: for callers that pass `allow_redirects=False` on every
+    call and check their hosts with `guard.literal_refusal` themselves. It needs no closing of
+    its own: it is closed when `session` is."""
+    return aiohttp.ClientSession(
+        connector=session.connector,
+        connector_owner=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+        trust_env=False,
+    )
+
+
 def sendable_key(provider: Provider) -> str | None:
     """The provider's decrypted key as it can go in a header (None without one).
 

@@ -13,6 +13,12 @@ checks', the models lists', and litellm's through `transports.bridge`):
   so a name cannot be re-pointed past the rule; `check_literal` refuses an address written
   in the URL itself, which aiohttp connects to without asking the resolver. A refused
   connection fails at once, as a connection error whose reason names the setting.
+
+The gateway's own requests to OpenAI-protocol upstreams (`transports.openai`, every request
+of a busy gateway) hold both rules without the session's per-request hooks, which cost about
+a tenth of a relayed request's time: they go through `hookless(session)`, on the same
+connections (and so the same resolver), each passing `allow_redirects=False`, and the host of
+each provider's URL is checked once per version of its file, with `literal_refusal`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import errno
 import functools
 import socket
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import aiohttp
@@ -96,10 +103,10 @@ class GuardedResolver(AbstractResolver):
         """Nothing to release: lookups run in worker threads."""
 
 
-def check_literal(allowed: AllowedUpstreams) -> aiohttp.ClientMiddlewareType:
-    """A session middleware refusing, before any connection, a URL whose host is an address
-    (`http://169.254.169.254/`, `http://[::ffff:a9fe:a9fe]/`, `http://2852039166/`): aiohttp
-    connects to those without asking the resolver."""
+def literal_refusal(allowed: AllowedUpstreams) -> Callable[[str], str | None]:
+    """Why a URL whose host (`URL.raw_host`) is an address written out (`169.254.169.254`,
+    `[::ffff:a9fe:a9fe]`, `2852039166`) is refused, or None: aiohttp connects to those without
+    asking the resolver. A name is None here: the resolver checks what it resolves to."""
 
     @functools.lru_cache(maxsize=4096)  # a few hosts, asked on every request: read each once
     def refusal(host: str) -> str | None:
@@ -108,6 +115,14 @@ def check_literal(allowed: AllowedUpstreams) -> aiohttp.ClientMiddlewareType:
         found = address(host)
         why = allowed.refusal(found) if found is not None else None
         return _refused(f"the upstream's address is {why}") if why else None
+
+    return refusal
+
+
+def check_literal(allowed: AllowedUpstreams) -> aiohttp.ClientMiddlewareType:
+    """A session middleware refusing, before any connection, a URL whose host is an address the
+    allowed upstreams refuse (`literal_refusal`)."""
+    refusal = literal_refusal(allowed)
 
     async def guard(
         request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType

@@ -35,27 +35,33 @@ that speaks the protocol only by default, raises `NotSpoken` unless it names the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from service.config.models import Provider
+from service.config.upstreams import AllowedUpstreams
 from service.gateway.call import VIA_HEADER, Call, Failure, NotSpoken, falls_back
 from service.gateway.protocols import usage as usages
 from service.gateway.transports.base import (
     TooLarge,
     Transport,
     describe_error,
+    hookless,
     pass_back,
     read_within,
     sendable_key,
 )
+from service.gateway.transports.guard import literal_refusal
 from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
 
 _SSE = "text/event-stream"
+MAX_PATHS = 64
+"""Parsed URLs kept per upstream (the protocols' paths are a handful)."""
 ANTHROPIC_VERSION = "2023-06-01"
 """Sent to Anthropic when the client names no `anthropic-version`."""
 
@@ -83,8 +89,15 @@ class Upstream:
     """The key as sent, to mask in an error answer that echoes it (docs/reference.md §2.4); empty
     without one."""
 
+    urls: dict[str, URL] = field(default_factory=dict)
+    """Path -> the URL it is sent to, parsed once."""
+
     @classmethod
-    def of(cls, provider: Provider, via: str = "") -> Upstream:
+    def of(
+        cls, provider: Provider, via: str = "", refusal: Callable[[str], str | None] | None = None
+    ) -> Upstream:
+        """`provider` made ready; `refusal` (`guard.literal_refusal`) makes one whose URL's host
+        is an address the allowed upstreams refuse unusable, with the reason it gives."""
         headers = {"Content-Type": "application/json"}
         if via:
             headers[VIA_HEADER] = via
@@ -94,6 +107,11 @@ class Upstream:
         except ValueError as exc:
             key, unusable = None, str(exc)
         base = provider.endpoint.rstrip("/")
+        if refusal is not None and unusable is None:
+            try:
+                unusable = refusal(URL(base).raw_host or "")
+            except ValueError:  # not a URL: aiohttp's own error says so when it is sent
+                unusable = None
         if provider.label == "anthropic" and provider.kind == "api_key":  # the API root: /v1 is ours
             base += "/v1"
             headers["anthropic-version"] = ANTHROPIC_VERSION
@@ -115,6 +133,15 @@ class Upstream:
             key=key.encode() if key else b"",
         )
 
+    def url(self, path: str) -> URL:
+        """The URL of `path` under the provider's base (parsed once per path)."""
+        found = self.urls.get(path)
+        if found is None:
+            found = URL(self.base + path)
+            if len(self.urls) < MAX_PATHS:
+                self.urls[path] = found
+        return found
+
     def masked(self, body: bytes, status: int) -> bytes:
         """`body` to relay: an error answer that echoes the provider's key (some servers quote the
         request's headers) has it replaced by `****`; it is the client's to read, not the key."""
@@ -127,10 +154,21 @@ class Upstream:
 
 
 class OpenAITransport(Transport):
-    """Forwards to providers that speak OpenAI's HTTP API, through one pooled session."""
+    """Forwards to providers that speak OpenAI's HTTP API, through one pooled session.
 
-    def __init__(self, session: aiohttp.ClientSession, max_bytes: int = 64 << 20, via: str = "") -> None:
-        self.session = session
+    Its requests go on the session's connections without its per-request hooks
+    (`base.hookless`): every one passes `allow_redirects=False`, and each provider's host is
+    checked against `allowed` once per version of its file (`guard.literal_refusal`)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        max_bytes: int = 64 << 20,
+        via: str = "",
+        allowed: AllowedUpstreams | None = None,
+    ) -> None:
+        self.session = hookless(session)
+        self.refusal = literal_refusal(allowed or AllowedUpstreams())
         self.max_bytes = max_bytes
         self.via = via
         """This gateway's token in `x-switchboard-via` (empty: none sent)."""
@@ -142,7 +180,7 @@ class OpenAITransport(Transport):
         """The prepared URL, headers and timeouts of `provider` (built once per version of its file)."""
         found = self._upstreams.get(provider.id)
         if found is None or found.provider is not provider:
-            found = self._upstreams[provider.id] = Upstream.of(provider, self.via)
+            found = self._upstreams[provider.id] = Upstream.of(provider, self.via, self.refusal)
         return found
 
     async def send(self, call: Call, provider: Provider, headers: dict[str, str]) -> web.StreamResponse:
@@ -152,7 +190,7 @@ class OpenAITransport(Transport):
             raise Failure(None, target.unusable)
         if call.stream:
             return await self._send_stream(call, target, headers)
-        response, body = await self.exchange(call, target, target.base + call.path, call.body_for(provider))
+        response, body = await self.exchange(call, target, target.url(call.path), call.body_for(provider))
         status = response.status
         if status == 404:
             _check_spoken(call, provider, body)
@@ -166,7 +204,7 @@ class OpenAITransport(Transport):
         return web.Response(body=body, status=status, headers=headers)
 
     async def exchange(
-        self, call: Call, target: Upstream, url: str, body: bytes
+        self, call: Call, target: Upstream, url: URL | str, body: bytes
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """POST `body` to `url` and read the whole answer, within `timeout_s` and `max_bytes`.
 
@@ -206,7 +244,7 @@ class OpenAITransport(Transport):
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        url, provider = target.base + call.path, target.provider
+        url, provider = target.url(call.path), target.provider
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.
         asked = (
             not call.wants_usage

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 
 from service.config.models import AiServer, ApiKey, Provider
 from service.config.secret import Secret
+from service.config.upstreams import SETTING, AllowedUpstreams
 from service.gateway.call import Call, Failure
 from service.gateway.transports.base import open_session
 from service.gateway.transports.openai import OpenAITransport
@@ -129,6 +130,30 @@ async def test_a_provider_is_prepared_once_per_version_of_its_file() -> None:
         assert transport.upstream(provider) is prepared
         assert transport.upstream(keyed("http://127.0.0.1:9/v1")) is not prepared
     assert CANARY not in repr(prepared)
+
+
+async def test_the_direct_path_holds_the_allowed_upstreams_without_the_sessions_hooks() -> None:
+    """The gateway's requests skip the session's per-request middleware and trace (a tenth of a
+    relayed request's time) on the same connections; a host the allowed upstreams refuse is
+    then refused once per version of the provider's file, with the reason the middleware gives."""
+    allowed = AllowedUpstreams.parse("localhost")
+    async with open_session(allowed) as session:
+        transport = OpenAITransport(session, allowed=allowed)
+        assert transport.session.connector is session.connector
+        assert transport.session.trace_configs == []
+        for refused in ("http://127.0.0.1:9/v1", "http://169.254.169.254/v1", "http://2852039166/v1"):
+            target = transport.upstream(keyed(refused))
+            assert target.unusable is not None and SETTING in target.unusable, refused
+        assert transport.upstream(keyed("http://localhost:9/v1")).unusable is None
+    assert transport.session.closed  # closed with the session whose connections it uses
+
+
+async def test_a_refused_host_fails_the_attempt_before_any_connection() -> None:
+    allowed = AllowedUpstreams.parse("localhost")
+    async with FakeUpstream() as up, relaying(keyed(up.base_url), allowed=allowed) as harness:
+        status, _, body = await harness.post("/chat/completions", {"model": "m", "messages": []})
+    assert status == FAILED and SETTING in json.loads(body)["reason"]  # 127.0.0.1, written out
+    assert not up.requests
 
 
 # -- what comes back -------------------------------------------------------------------------
