@@ -433,6 +433,11 @@ class LimitsAnswer(_Answer):
     clients: list[ClientLimits]
     providers: list[ProviderLimits]
     mode: Literal["redis", "local", "refuse"] = Field(description="as `/readyz`'s `limits`")
+    replicas: int = Field(
+        ge=1,
+        description="the live replicas this one last saw in Redis (itself included; 1 without Redis): "
+        "in `local` mode each spends only its share of what each budget had left",
+    )
 
 
 class WhoAmI(_Answer):
