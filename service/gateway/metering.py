@@ -258,6 +258,7 @@ class Metered:
         """The request is on its way to `provider` (what a client that leaves now is charged for)."""
         self.sent = provider.id
         self.sent_at = time.perf_counter()
+        self.call.delivered, self.call.upstream_status = False, None
         self.meter.limiter.providers.admit(provider.id, self.meter.limiter.now_ms())
 
     async def give_back(self, provider: Provider) -> None:
@@ -330,14 +331,25 @@ class Metered:
         self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
 
     def abandoned(self, attempts: int) -> None:
-        """The request's task is cancelled (the client left): settle and record in a task of its own;
-        charged the reservation when an upstream had the request."""
+        """The request's task is cancelled (the client left): settle and record in a task of its own.
+
+        Charged the reservation (`estimated`) once the upstream had the request: a byte of the
+        answer was relayed, or the whole request was written to the upstream and it has not
+        refused it (no status yet, or a 2xx). A request still on its way (connecting, its body
+        being written) or that the upstream refused could not be billed: it costs 0."""
         if self.done:
             return
         self.done = True
+        call = self.call
         provider = self.provider if self.sent is not None else None
-        cost = self.bound(provider) if provider is not None and provider.id in self.rates else _ZERO
-        counted = self._estimated_tokens(provider) if provider is not None else 0
+        answered = call.upstream_status
+        charged = provider is not None and (
+            call.prepared is not None or (call.delivered and (answered is None or answered < 300))
+        )
+        cost = (
+            self.bound(provider) if charged and provider is not None and provider.id in self.rates else _ZERO
+        )
+        counted = self._estimated_tokens(provider) if charged and provider is not None else 0
 
         async def settle() -> None:
             try:
@@ -348,9 +360,7 @@ class Metered:
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent
                     status, record_id = prepared.status, prepared.headers.get(REQUEST_ID) or self.id
-                self._record(
-                    record_id, status, provider, attempts, None, cost, rate.any, provider is not None
-                )
+                self._record(record_id, status, provider, attempts, None, cost, rate.any, charged)
 
         self.meter.later(settle())
 

@@ -20,7 +20,7 @@ from service.http.context import RELAY
 from service.usage.record import Record
 from tests.conftest import SopsProject, eventually
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
-from tests.support.upstreams import FakeUpstream, serving, upstreams
+from tests.support.upstreams import FakeUpstream, serving, unanswered_url, upstreams
 
 TOKEN = "sk-client-0123456789abcdef"
 READER = "sk-reader-0123456789abcdef"
@@ -497,6 +497,74 @@ async def test_a_client_that_leaves_before_a_whole_answer_is_charged_and_recorde
     assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
     used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
     assert Decimal(used["budget_spent_usd"]) == record.cost_usd and used["budget_reserved_usd"] == "0"
+
+
+async def _leave_after(board: Switchboard, seconds: float, **body: Any) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await chat(board, max_tokens=5, **body)
+
+
+async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_not_charged(
+    sops_project: SopsProject,
+) -> None:
+    """The request never reached the upstream: nothing could be billed for it (SPEC 13: only once
+    the upstream has the request is a client that leaves charged)."""
+    with unanswered_url() as url:
+        write_provider(
+            sops_project,
+            "a",
+            provider="openai",
+            base_url=url,
+            api_key="sk-up",
+            pricing=PRICING,
+            connect_timeout_s=30,
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}, "max_parallel": 1})
+        async with metered(sops_project) as (board, records):
+            await _leave_after(board, 0.5)
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    record = records.kept[0]
+    assert (record.status, record.cost_usd, record.estimated) == (499, 0, False)
+    assert record.provider == "a" and record.attempts == 1  # the provider it was being sent to
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
+
+
+async def test_a_client_that_leaves_after_the_upstream_answered_2xx_is_charged(
+    sops_project: SopsProject,
+) -> None:
+    """The upstream accepted the request (its 200 and headers came) but the body is slow: the
+    client that leaves now is charged its reservation, `estimated: true`."""
+    accepted = asyncio.Event()
+
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        accepted.set()
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow_body)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            leaving = asyncio.ensure_future(_leave_after(board, 30))
+            await asyncio.wait_for(accepted.wait(), 10)
+            await asyncio.sleep(0.2)
+            leaving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+    record = records.kept[0]
+    assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
 
 
 async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 
 from service.config.models import Provider
 from service.config.secret import Secret
@@ -102,6 +104,25 @@ def sendable_key(provider: Provider) -> str | None:
     if not value.isprintable():
         raise ValueError("the provider's key holds a control character; fix its file")
     return value
+
+
+class Delivered(BytesPayload):
+    """A request's body that marks its call `delivered` once the whole of it is written to the
+    upstream's connection: the upstream has the request, and may bill it from then on.
+
+    aiohttp wraps a body of bytes in a `BytesPayload` anyway; this one only adds the mark."""
+
+    def __init__(self, body: bytes, call: Call) -> None:
+        super().__init__(body, content_type="application/json")
+        self._call = call
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await super().write(writer)
+        self._call.delivered = True
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        await super().write_with_length(writer, content_length)
+        self._call.delivered = True
 
 
 _PASSED_BACK = frozenset(("x-request-id", "retry-after"))

@@ -106,6 +106,8 @@ class LiteLLMTransport(Transport):
         self._clients: dict[bool, tuple[Any, Any]] = {}
         self._current: Any = None
         """`bridge.CURRENT`, once litellm is loaded."""
+        self._call: Any = None
+        """`bridge.CALL`, once litellm is loaded."""
 
     async def warm(self) -> ModuleType:
         """Import litellm once, in a worker thread, so the event loop goes on serving meanwhile."""
@@ -115,10 +117,10 @@ class LiteLLMTransport(Transport):
             self._loading = asyncio.ensure_future(asyncio.to_thread(_import_litellm))
         module = await asyncio.shield(self._loading)
         if not self._clients:
-            from service.gateway.transports.bridge import CURRENT
+            from service.gateway.transports.bridge import CALL, CURRENT
 
             self._clients = _clients(self.session, self.max_bytes)
-            self._current = CURRENT
+            self._current, self._call = CURRENT, CALL
         self._module = module
         return module
 
@@ -127,9 +129,11 @@ class LiteLLMTransport(Transport):
         litellm = self._module or await self.warm()
         transport, client = self._clients[call.stream and call.purpose == "chat"]
         token = self._current.set(transport)  # the clients litellm builds itself send through it too
+        marks = self._call.set(call)  # what its requests mark: delivered, answered
         try:
             return await _forward(litellm, client, call, provider, headers)
         finally:
+            self._call.reset(marks)
             self._current.reset(token)
 
 
