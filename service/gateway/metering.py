@@ -350,6 +350,9 @@ class Metered:
             self.bound(provider) if charged and provider is not None and provider.id in self.rates else _ZERO
         )
         counted = self._estimated_tokens(provider) if charged and provider is not None else 0
+        if provider is not None:  # its count of requests in flight ends here too
+            limiter = self.meter.limiter
+            limiter.providers.finish(provider.id, limiter.now_ms(), counted)
 
         async def settle() -> None:
             try:

@@ -563,8 +563,12 @@ async def test_a_client_that_leaves_after_the_upstream_answered_2xx_is_charged(
             with contextlib.suppress(asyncio.CancelledError):
                 await leaving
             await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
     record = records.kept[0]
     assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
+    provider = next(p for p in limits["providers"] if p["id"] == "a")
+    assert provider["used"]["in_flight"] == 0  # the provider's count ended with the request
+    assert provider["used"]["requests_60s"] == 1
 
 
 async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
