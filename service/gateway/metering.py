@@ -314,21 +314,23 @@ class Metered:
             )
 
     async def failed(self, error: HTTPError, attempts: int) -> None:
-        """No provider answered (502, 503) or the call failed on the way: nothing is charged."""
+        """No provider answered (502, 503) or the call failed on the way: nothing is charged.
+        The record names the last provider tried (None when none was)."""
         if self.done:
             return
         self.done = True
         record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
+        tried = self.provider
         try:
             use = await self._settle(_ZERO, 0)
         except asyncio.CancelledError:
             if record:
-                self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+                self._record(self.id, error.status, tried, attempts, None, _ZERO, False, False, timed=False)
             raise
         self._headers_on(error, use)
         if not record:
             return  # no record (docs/reference.md §13)
-        self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+        self._record(self.id, error.status, tried, attempts, None, _ZERO, False, False, timed=False)
 
     def abandoned(self, attempts: int) -> None:
         """The request's task is cancelled (the client left): settle and record in a task of its own.
@@ -363,7 +365,17 @@ class Metered:
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent
                     status, record_id = prepared.status, prepared.headers.get(REQUEST_ID) or self.id
-                self._record(record_id, status, provider, attempts, None, cost, rate.any, charged)
+                self._record(
+                    record_id,
+                    status,
+                    provider,
+                    attempts,
+                    None,
+                    cost,
+                    rate.any,
+                    charged,
+                    timed=prepared is not None,
+                )
 
         self.meter.later(settle())
 
@@ -449,12 +461,14 @@ class Metered:
         estimated: bool,
         *,
         limited: bool = False,
+        timed: bool = True,
     ) -> None:
+        """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`)."""
         call = self.call
         now = time.perf_counter()
         counted = tokens or Tokens()
         ttfb = None
-        if provider is not None and self.sent_at:
+        if timed and provider is not None and self.sent_at:
             ttfb = round((self.sent_at - self.started + call.first_byte_s) * 1000, 3)
         record = Record(
             id=record_id,

@@ -419,6 +419,8 @@ async def test_a_request_every_upstream_failed_costs_nothing(sops_project: SopsP
     assert failed.status == 502 and failed.headers[COST] == "0" and REQUEST_ID in failed.headers
     assert failed.headers["x-switchboard-budget-remaining-usd"] == "10000"
     assert [(r.status, r.cost_usd, r.attempts) for r in records.kept] == [(502, 0, 1)]
+    record = records.kept[0]  # it names the provider it last tried, which failed it
+    assert (record.provider, record.upstream_model, record.ttfb_ms) == ("a", "fake-model", None)
     used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
     assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
 
