@@ -510,7 +510,7 @@ async def _leave_after(board: Switchboard, seconds: float, **body: Any) -> None:
 async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_not_charged(
     sops_project: SopsProject,
 ) -> None:
-    """The request never reached the upstream: nothing could be billed for it (SPEC 13: only once
+    """The request never reached the upstream: nothing could be billed for it (docs/reference.md §13.2: only once
     the upstream has the request is a client that leaves charged)."""
     with unanswered_url() as url:
         write_provider(
