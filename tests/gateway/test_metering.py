@@ -510,8 +510,8 @@ async def _leave_after(board: Switchboard, seconds: float, **body: Any) -> None:
 async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_not_charged(
     sops_project: SopsProject,
 ) -> None:
-    """The request never reached the upstream: nothing could be billed for it (docs/reference.md §13.2: only once
-    the upstream has the request is a client that leaves charged)."""
+    """The request never reached the upstream: nothing could be billed for it (docs/reference.md
+    §13.2: only once the upstream has the request is a client that leaves charged)."""
     with unanswered_url() as url:
         write_provider(
             sops_project,
@@ -619,6 +619,83 @@ async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProj
     assert [(r.status, r.provider) for r in records.kept] == [(200, "a"), (200, "a"), (429, None)]
     assert records.kept[0].cost_usd == 7 and translated.headers[COST] == "7"  # "hi": 1 in, 3 out
     assert records.kept[1].cost_usd > 0 and not records.kept[1].estimated
+
+
+CACHE_PRICING = {
+    "*": {"input": 1_000_000, "output": 2_000_000, "cached_input": 100_000, "cache_write": 10_000_000}
+}
+"""1 USD an input token, 2 an output one, 0.1 a cache read, 10 a cache write."""
+
+
+async def test_cache_reads_and_writes_are_each_priced_once_in_either_protocol(
+    sops_project: SopsProject,
+) -> None:
+    """Anthropic's input_tokens exclude cache reads and writes; OpenAI's prompt_tokens (with
+    litellm's cache_creation_input_tokens) include them: the same tokens cost the same, a cache
+    write at `cache_write` only, and the record's prompt_tokens counts every input token."""
+
+    async def messages(request: web.Request) -> web.Response:
+        usage = {
+            "input_tokens": 3,
+            "cache_read_input_tokens": 5,
+            "cache_creation_input_tokens": 7,
+            "output_tokens": 2,
+        }
+        answer = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [],
+            "stop_reason": "end_turn",
+            "usage": usage,
+        }
+        return web.json_response(answer)
+
+    async def completions(request: web.Request) -> web.Response:
+        usage = {
+            "prompt_tokens": 15,
+            "prompt_tokens_details": {"cached_tokens": 5},
+            "cache_creation_input_tokens": 7,
+            "completion_tokens": 2,
+            "total_tokens": 17,
+        }
+        return web.json_response({"id": "c1", "object": "chat.completion", "choices": [], "usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/chat/completions", completions)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "anth", provider="anthropic", base_url=url, api_key="sk-up", pricing=CACHE_PRICING
+        )
+        write_provider(
+            sops_project,
+            "oai",
+            provider="openai",
+            base_url=f"{url}/v1",
+            api_key="sk-up",
+            pricing=CACHE_PRICING,
+        )
+        write_routing(sops_project, chat=["anth", "oai"])
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, records):
+            message = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+            first = await board.post("/v1/messages", message, token=TOKEN)
+            assert first.status == 200, await first.text()
+            write_routing(sops_project, chat=["oai"])
+            await eventually(lambda: _routed_alone_to(board, "oai"))
+            second = await chat(board, model="claude-x")
+            assert second.status == 200, await second.text()
+    assert first.headers[COST] == second.headers[COST] == "77.5"  # 3 x 1 + 5 x 0.1 + 7 x 10 + 2 x 2
+    for record in records.kept:
+        assert (record.prompt_tokens, record.cached_tokens, record.cache_write_tokens) == (15, 5, 7)
+        assert record.cost_usd == Decimal("77.5") and record.priced
+
+
+async def _routed_alone_to(board: Switchboard, pid: str) -> bool:
+    _, route = await _get(board, "/api/v1/llm-config/active/chat")
+    return [p["id"] for p in route["primary"]] == [pid]
 
 
 def test_request_ids_are_random_hex_read_a_batch_at_a_time() -> None:
