@@ -461,6 +461,19 @@ async def test_limits_lists_every_client_and_provider_with_its_use(sops_project:
     assert whoami["client"] == "client" and whoami["limits"] == client["limits"]
     assert whoami["used"]["budget_spent_usd"] == "7"
     assert ready["limits"] == "local" and ready["degraded"] is False
+    assert (limits["mode"], limits["replicas"]) == ("local", 1)  # /readyz's limits; the replicas seen
+
+
+async def test_without_a_clients_file_a_request_is_recorded_as_anonymous(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        async with metered(sops_project) as (board, records):
+            response = await board.chat("hi", token=None)
+            _, whoami = await _get(board, "/api/v1/llm-config/whoami", token="")
+    assert response.status == 200 and whoami["client"] is None
+    assert [(r.client, r.provider, r.status) for r in records.kept] == [("anonymous", "a", 200)]
+    assert "x-switchboard-remaining-requests" not in response.headers  # no client, no limits
 
 
 async def _get(board: Switchboard, path: str, token: str = READER) -> tuple[int, Any]:
