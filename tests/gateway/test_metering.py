@@ -690,17 +690,21 @@ async def test_cache_reads_and_writes_are_each_priced_once_in_either_protocol(
             api_key="sk-up",
             pricing=CACHE_PRICING,
         )
-        write_routing(sops_project, chat=["anth", "oai"])
+        write_routing(sops_project, chat="anth")
         write_clients(sops_project, None)
         async with metered(sops_project) as (board, records):
             message = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
             first = await board.post("/v1/messages", message, token=TOKEN)
             assert first.status == 200, await first.text()
+            translated = await chat(board, model="claude-x")  # chat to Anthropic: through litellm
+            assert translated.status == 200, await translated.text()
             write_routing(sops_project, chat=["oai"])
             await eventually(lambda: _routed_alone_to(board, "oai"))
             second = await chat(board, model="claude-x")
             assert second.status == 200, await second.text()
-    assert first.headers[COST] == second.headers[COST] == "77.5"  # 3 x 1 + 5 x 0.1 + 7 x 10 + 2 x 2
+    assert first.headers[COST] == translated.headers[COST] == second.headers[COST] == "77.5"
+    # 3 x 1 + 5 x 0.1 + 7 x 10 + 2 x 2
+    assert [r.provider for r in records.kept] == ["anth", "anth", "oai"]
     for record in records.kept:
         assert (record.prompt_tokens, record.cached_tokens, record.cache_write_tokens) == (15, 5, 7)
         assert record.cost_usd == Decimal("77.5") and record.priced

@@ -344,6 +344,10 @@ def _model(result: Any) -> str | None:
 
 
 def _usage(result: Any) -> dict[str, Any] | None:
+    """litellm's usage in Chat Completions' shape, with what prices it apart (docs/reference.md
+    §13.1): cache reads (`prompt_tokens_details.cached_tokens`), cache writes
+    (`cache_creation_input_tokens`, which litellm counts inside `prompt_tokens`, as it does
+    Anthropic's cache reads) and reasoning tokens."""
     usage = getattr(result, "usage", None)
     if usage is None:
         return None
@@ -351,7 +355,17 @@ def _usage(result: Any) -> dict[str, Any] | None:
     completion = getattr(usage, "completion_tokens", None)
     if prompt is None and completion is None:
         return None
-    return {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0}
+    found: dict[str, Any] = {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0}
+    cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+    if isinstance(cached, int) and cached:
+        found["prompt_tokens_details"] = {"cached_tokens": cached}
+    written = getattr(usage, "cache_creation_input_tokens", None)
+    if isinstance(written, int) and written:
+        found["cache_creation_input_tokens"] = written
+    reasoning = getattr(getattr(usage, "completion_tokens_details", None), "reasoning_tokens", None)
+    if isinstance(reasoning, int) and reasoning:
+        found["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return found
 
 
 async def _close(stream: Any) -> None:
