@@ -34,7 +34,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import TooLarge, Transport, pass_back, sendable_key
+from service.gateway.transports.base import TooLarge, Transport, pass_back, retry_after, sendable_key
 from service.gateway.transports.guard import RedirectRefused, refusal_of
 from service.vendors import VENDORS
 
@@ -334,8 +334,10 @@ def _pass_back(result: Any, headers: dict[str, str]) -> None:
             name = "x-request-id"
         if name == "x-request-id":
             pass_back({name: str(value)}, headers)  # the vendor's id names the answer, when it is sane
-        elif name == "retry-after" or name.startswith("x-ratelimit-"):
+        elif name in ("retry-after", "retry-after-ms") or name.startswith("x-ratelimit-"):
             headers.setdefault(name, str(value))
+    if "retry-after" in headers or "retry-after-ms" in headers:
+        retry_after(headers)
 
 
 def _model(result: Any) -> str | None:

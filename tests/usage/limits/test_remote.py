@@ -357,8 +357,8 @@ async def test_concurrent_checks_share_round_trips(redis_server: RedisServer) ->
 
 
 async def _all_four_refuse_in_order(limiter: Limiter) -> None:
-    """A client that every limit would refuse is refused by the first in SPEC's order; lifting
-    that one shows the next, and no refusal counts toward any limit."""
+    """A client that every limit would refuse is refused by the first in the order of
+    docs/reference.md §13.2; lifting that one shows the next, and no refusal counts toward any limit."""
     budget = {"usd": "1", "period": "day"}
     loose = limits(budget=budget)
     before, _ = await limiter.admit("p", "c", loose, Decimal("0.5"))
