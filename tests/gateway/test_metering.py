@@ -715,6 +715,47 @@ async def _routed_alone_to(board: Switchboard, pid: str) -> bool:
     return [p["id"] for p in route["primary"]] == [pid]
 
 
+async def test_an_answered_request_is_in_usage_and_usage_requests_within_two_seconds(
+    sops_project: SopsProject,
+) -> None:
+    """The real ledger (SQLite), fed by the gateway: the record under the answer's x-request-id."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 10})
+        async with running(sops_project) as board:
+            response = await chat(board, max_tokens=3)
+            answered = asyncio.get_running_loop().time()
+            rid = response.headers[REQUEST_ID]
+
+            async def seen() -> bool:
+                _, page = await _get(board, "/api/v1/llm-config/usage/requests?since=1h")
+                _, usage = await _get(board, "/api/v1/llm-config/usage?since=1h&group_by=client,model")
+                return bool(page and page["requests"] and usage and usage["rows"])
+
+            await eventually(seen, timeout=2)
+            assert asyncio.get_running_loop().time() - answered < 2
+            _, page = await _get(board, "/api/v1/llm-config/usage/requests?since=1h")
+            _, usage = await _get(board, "/api/v1/llm-config/usage?since=1h&group_by=client,model")
+    (record,) = page["requests"]
+    assert record["id"] == rid and record["cost_usd"] == response.headers[COST] == "7"
+    assert record["ts"].endswith("Z") and record["status"] == 200 and page["next_cursor"] is None
+    assert usage["rows"] == [
+        {
+            "client": "client",
+            "model": "fake-model",
+            "requests": 1,
+            "errors": 0,
+            "limited": 0,
+            "prompt_tokens": 1,
+            "cached_tokens": 0,
+            "completion_tokens": 3,
+            "reasoning_tokens": 0,
+            "cost_usd": "7",
+        }
+    ]
+
+
 def test_request_ids_are_random_hex_read_a_batch_at_a_time() -> None:
     """128 random bits each, 32 hex digits, none twice, across the batches they are read in
     (one system call per batch, not per request)."""
