@@ -176,6 +176,42 @@ async def test_every_gateway_answer_carries_a_unique_request_id(sops_project: So
     assert records.kept[1].id == ours[-1] and records.kept[1].limited and records.kept[1].provider is None
 
 
+async def test_answers_before_the_limits_are_checked_are_no_records_and_count_toward_no_limit(
+    sops_project: SopsProject,
+) -> None:
+    """400, 401, 403, 404, 413 and 415 come before the limits: with an rpm of 1, the client is
+    served after all of them, and only that answer is recorded."""
+    noscope = "sk-noscope-0123456789abcdef"
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(
+            sops_project,
+            {"rpm": 1},
+            noscope={"token_sha256": _sha(noscope), "scopes": ["config:read"], "limits": {"rpm": 1}},
+        )
+        async with metered(sops_project, max_body_bytes=4096) as (board, records):
+            url = f"{board.base_url}/chat/completions"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            statuses = [
+                (await board.post("/v1/chat/completions", {"model": 3}, token=TOKEN)).status,
+                (await board.post("/v1/chat/completions", {}, token="sk-wrong")).status,
+                (await board.post("/v1/chat/completions", {"model": "fake-model"}, token=noscope)).status,
+                (await chat(board, model="no-such-model")).status,
+                (await chat(board, "x" * 8192)).status,
+            ]
+            async with board.http.post(url, data="hi", headers={**auth, "Content-Type": "text/plain"}) as r:
+                statuses.append(r.status)
+            served = await chat(board)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert statuses == [400, 401, 403, 404, 413, 415]
+    assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "0"
+    assert [(r.client, r.status) for r in records.kept] == [("client", 200)]
+    used = {c["name"]: c["used"]["requests_60s"] for c in limits["clients"]}
+    assert used == {"client": 1, "reader": 0, "noscope": 0}
+    assert len(up.requests) == 1
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
