@@ -461,6 +461,22 @@ async def test_a_request_every_upstream_failed_costs_nothing(sops_project: SopsP
     assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
 
 
+async def test_a_fallback_records_the_upstreams_tried_as_its_attempts_header_says(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        priced_provider(sops_project, "a", a)
+        priced_provider(sops_project, "b", b)
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            a.fail(500)
+            response = await chat(board, max_tokens=3)
+    assert response.status == 200 and response.headers["x-switchboard-attempts"] == "2"
+    (record,) = records.kept
+    assert (record.attempts, record.provider, record.cost_usd) == (2, "b", 7)
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
