@@ -343,7 +343,8 @@ class Metered:
             return
         self.done = True
         call = self.call
-        provider = self.provider if self.sent is not None else None
+        tried = self.provider  # the record names the last provider tried, as a failure's does
+        provider = tried if self.sent is not None else None
         answered = call.upstream_status
         charged = provider is not None and (
             call.prepared is not None or (call.delivered and (answered is None or answered < 300))
@@ -360,7 +361,7 @@ class Metered:
             try:
                 await self._settle(cost, counted)
             finally:
-                rate = self.rates.get(provider.id, Rate()) if provider is not None else Rate()
+                rate = self.rates.get(tried.id, Rate()) if tried is not None else Rate()
                 status, record_id = CLIENT_LEFT, self.id
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent
@@ -368,7 +369,7 @@ class Metered:
                 self._record(
                     record_id,
                     status,
-                    provider,
+                    tried,
                     attempts,
                     None,
                     cost,
