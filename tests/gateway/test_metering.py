@@ -266,7 +266,12 @@ async def test_a_budget_that_cannot_cover_the_request_is_429_once_an_event_and_a
     assert refused.status == 429 and body["error"]["type"] == "budget_exceeded"
     end = body["error"]["period_end"]
     assert end.endswith("T00:00:00Z")
-    assert 0 < int(refused.headers["Retry-After"]) <= 86_400 and "retry-after-ms" in refused.headers
+    assert 0 < int(refused.headers["Retry-After"]) <= 86_400
+    retry_ms = refused.headers["retry-after-ms"]
+    assert retry_ms.isdigit() and refused.headers["Retry-After"] == str(-(-int(retry_ms) // 1000))
+    # a 429 carries what remains too: 7 USD spent of 300, nothing held
+    assert refused.headers["x-switchboard-budget-remaining-usd"] == "293"
+    assert refused.headers["x-switchboard-remaining-requests"] == "unlimited"
     assert again.status == 429
     assert [(e["subject"], e["kind"], e["period_end"]) for e in events] == [("client", "client", end)]
     assert 'switchboard_budget_spent_usd{kind="client",subject="client"}' in metrics
