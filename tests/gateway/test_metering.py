@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -577,8 +578,9 @@ async def _leave_after(board: Switchboard, seconds: float, **body: Any) -> None:
             await chat(board, max_tokens=5, **body)
 
 
+@pytest.mark.parametrize("vendor", ["openai", "anthropic"])  # directly, and chat through litellm
 async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_not_charged(
-    sops_project: SopsProject,
+    sops_project: SopsProject, vendor: str
 ) -> None:
     """The request never reached the upstream: nothing could be billed for it (docs/reference.md
     §13.2: only once the upstream has the request is a client that leaves charged)."""
@@ -586,7 +588,7 @@ async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_no
         write_provider(
             sops_project,
             "a",
-            provider="openai",
+            provider=vendor,
             base_url=url,
             api_key="sk-up",
             pricing=PRICING,
@@ -603,6 +605,24 @@ async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_no
     assert record.provider == "a" and record.attempts == 1  # the provider it was being sent to
     used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
     assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
+
+
+async def test_a_client_that_leaves_while_litellms_upstream_works_is_charged(
+    sops_project: SopsProject,
+) -> None:
+    """Chat to Anthropic goes through litellm: its request, once written, is the upstream's too."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key="sk-up", latency_s=1.0) as up:
+        write_provider(
+            sops_project, "a", provider="anthropic", base_url=up.url, api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            await chat(board, max_tokens=1)  # litellm loaded: the next one is timed by the upstream
+            await _leave_after(board, 0.5)
+            await eventually(lambda: len(records.kept) == 2, timeout=10)
+    record = records.kept[1]
+    assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
 
 
 async def test_a_client_that_leaves_after_the_upstream_answered_2xx_is_charged(
