@@ -35,10 +35,18 @@ def _to_usd(value: object) -> Decimal:
     return amount
 
 
+def usd_text(amount: Decimal) -> str:
+    """`amount` as decimal digits, never in exponent notation: `str(Decimal("1e3"))` is `1E+3`,
+    which no reader of the JSON Schema below (nor the console's exact arithmetic) takes for an
+    amount. As written otherwise (`100.000` stays `100.000`); no negative zero."""
+    text = format(amount, "f")
+    return text.removeprefix("-") if amount.is_zero() else text
+
+
 Usd = Annotated[
     Decimal,
     BeforeValidator(_to_usd),
-    PlainSerializer(lambda d: str(d), return_type=str, when_used="json"),
+    PlainSerializer(usd_text, return_type=str, when_used="json"),
     WithJsonSchema(
         {
             "anyOf": [

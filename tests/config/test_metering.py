@@ -22,6 +22,26 @@ def test_a_yaml_number_is_read_through_its_decimal_text_not_its_float_value() ->
     assert price.model_dump(mode="json")["input"] == "0.15"
 
 
+@pytest.mark.parametrize(
+    ("given", "shown"),
+    [
+        ("1e3", "1000"),
+        ("1E+11", "100000000000"),
+        ("0.0000001", "0.0000001"),
+        (1e-7, "0.0000001"),
+        ("0.000000000000", "0.000000000000"),
+        ("-0", "0"),
+        ("100.000", "100.000"),
+        (1000.0, "1000.0"),
+    ],
+)
+def test_an_amount_is_answered_in_digits_never_in_exponent_notation(given: object, shown: str) -> None:
+    """`str(Decimal("1e3"))` is `1E+3`: the console read it as no amount (a budget of 1e3 was shown
+    as $0.00 and exhausted), and it is not an amount by the JSON Schema's own pattern."""
+    assert Budget.model_validate({"usd": given, "period": "day"}).model_dump(mode="json")["usd"] == shown
+    assert Price.model_validate({"input": given}).model_dump(mode="json")["input"] == shown
+
+
 @pytest.mark.parametrize("bad", [True, -1, "1e400", "nan", "inf", "abc", [1], "0.0000000000001", 10**13])
 def test_an_amount_that_is_not_a_sane_usd_figure_is_refused(bad: object) -> None:
     with pytest.raises(ValidationError):
