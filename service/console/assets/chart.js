@@ -22,11 +22,17 @@ export function svg(tag, attrs = {}, ...children) {
 
 // -- exact money --------------------------------------------------------------------------------
 
-/** A decimal string of USD as an integer of 10^-12 USD; null when it is not one. */
+/**
+ * A decimal string of USD as an integer of 10^-12 USD (cut, never rounded, past that); null when
+ * it is not one. Exponent notation (`1E+3`, as Python writes some decimals) is read exactly too.
+ */
 export function units(text) {
-  const match = /^\s*(-?)(\d{1,40})(?:\.(\d+))?\s*$/.exec(String(text ?? ""));
+  const match = /^\s*(-?)(\d{1,40})(?:\.(\d{0,60}))?(?:[eE]([+-]?\d{1,2}))?\s*$/.exec(String(text ?? ""));
   if (!match) return null;
-  const value = BigInt(match[2]) * ONE + BigInt((match[3] ?? "").slice(0, SCALE).padEnd(SCALE, "0"));
+  const fraction = match[3] ?? "";
+  const shift = SCALE + Number(match[4] ?? 0) - fraction.length; // the power of ten of the digits
+  const digits = BigInt(match[2] + fraction);
+  const value = shift >= 0 ? digits * 10n ** BigInt(shift) : digits / 10n ** BigInt(-shift);
   return match[1] ? -value : value;
 }
 
@@ -52,11 +58,12 @@ export function approx(value) {
 }
 
 const COMPACT = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+const SMALL = new Intl.NumberFormat("en", { maximumSignificantDigits: 2 });
 
 /** A tick's label: `$1.2K`, `1.5M` tokens. */
 export function compact(value, money) {
   if (!Number.isFinite(value)) return "–";
-  if (money && value > 0 && value < 1) return `$${value.toPrecision(2)}`;
+  if (money && value > 0 && value < 1) return `$${SMALL.format(value)}`; // never `$1.0e-7`
   return `${money ? "$" : ""}${COMPACT.format(value)}`;
 }
 
