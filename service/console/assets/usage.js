@@ -19,6 +19,7 @@ const RANGES = {
 };
 const BY = ["client", "provider", "model"];
 const TOP = 10;
+const TOP_BUDGETS = 20;
 const LIVE_EVENTS = new Set(["budget.exhausted", "clients.updated", "provider.updated", "provider.added", "provider.removed"]);
 
 export function mount(main, { store, api, params }) {
@@ -255,6 +256,16 @@ function drawBudgets(el, limits) {
     ...(limits.body.providers ?? []).filter((p) => p.limits?.budget).map((p) => ({ kind: "provider", name: p.id, budget: p.limits.budget, used: p.used })),
   ];
   if (!subjects.length) return replace(el, title, h("p", { class: "help" }, "No client or provider has a budget (limits.budget in the clients file, budget in a provider file)."));
+  // The closest to their budget first, and only the first TOP_BUDGETS: a clients file of
+  // thousands must not make a table of thousands, drawn again at every poll.
+  for (const s of subjects) {
+    s.budgetUnits = units(s.budget.usd);
+    s.spentUnits = units(s.used.budget_spent_usd) ?? 0n;
+    s.reservedUnits = units(s.used.budget_reserved_usd) ?? 0n;
+    s.share = s.budgetUnits === null ? 0 : s.budgetUnits > 0n ? approx(s.spentUnits + s.reservedUnits) / approx(s.budgetUnits) : 1;
+  }
+  subjects.sort((a, b) => b.share - a.share || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  const more = subjects.length - TOP_BUDGETS;
   replace(
     el,
     title,
@@ -266,10 +277,14 @@ function drawBudgets(el, limits) {
       h(
         "tbody",
         {},
-        subjects.map((s) => {
-          const budget = units(s.budget.usd) ?? 0n;
-          const spent = units(s.used.budget_spent_usd) ?? 0n;
-          const reserved = units(s.used.budget_reserved_usd) ?? 0n;
+        subjects.slice(0, TOP_BUDGETS).map((s) => {
+          if (s.budgetUnits === null) {
+            // Not an amount this page can read: shown as it came, never taken for $0 (exhausted).
+            return h("tr", { dataset: { kind: s.kind, name: clip(s.name, 200) } }, h("td", { class: "name" }, h("span", { class: "kind" }, `${s.kind} `), clip(s.name, 120)), h("td", { colspan: "5" }, `${usd(s.budget.usd)} / ${s.budget.period}`), h("td", {}, s.used.period_end ? when(s.used.period_end) : "never (total)"));
+          }
+          const budget = s.budgetUnits;
+          const spent = s.spentUnits;
+          const reserved = s.reservedUnits;
           const left = budget - spent - reserved > 0n ? budget - spent - reserved : 0n;
           return h(
             "tr",
@@ -285,6 +300,7 @@ function drawBudgets(el, limits) {
         }),
       ),
     ),
+    more > 0 ? h("p", { class: "help budgets-more" }, `and ${number(more)} more, further from their budget (switchboard limits, or GET /limits, has them all)`) : null,
   );
 }
 
@@ -293,7 +309,10 @@ function drawBudgets(el, limits) {
 function drawHits(el, clients, refusals, limits) {
   const title = h("h2", { id: "hits-title" }, "Limit hits");
   const limited = (clients?.rows ?? []).filter((r) => r.limited > 0).sort((a, b) => b.limited - a.limited);
-  const now = (limits?.clients ?? []).filter((c) => c.limits && (c.limits.rpm || c.limits.tpm || c.limits.max_parallel));
+  // The clients nearest one of their limits now, the first TOP of them (see the budgets).
+  const near = (c) => Math.max(c.limits.rpm ? c.used.requests_60s / c.limits.rpm : 0, c.limits.tpm ? c.used.tokens_60s / c.limits.tpm : 0, c.limits.max_parallel ? c.used.in_flight / c.limits.max_parallel : 0);
+  const limitedNow = (limits?.clients ?? []).filter((c) => c.limits && c.used && (c.limits.rpm || c.limits.tpm || c.limits.max_parallel));
+  const now = limitedNow.map((c) => ({ c, near: near(c) || 0 })).sort((a, b) => b.near - a.near || (a.c.name < b.c.name ? -1 : a.c.name > b.c.name ? 1 : 0)).slice(0, TOP).map((x) => x.c);
   const use = (value, limit) => (limit ? `${number(value)} / ${number(limit)}` : "–");
   replace(
     el,
@@ -324,5 +343,6 @@ function drawHits(el, clients, refusals, limits) {
           h("tbody", {}, now.map((c) => h("tr", {}, h("td", { class: "name" }, clip(c.name, 120)), h("td", { class: "num" }, use(c.used.requests_60s, c.limits.rpm)), h("td", { class: "num" }, use(c.used.tokens_60s, c.limits.tpm)), h("td", { class: "num" }, use(c.used.in_flight, c.limits.max_parallel))))),
         )
       : null,
+    limitedNow.length > TOP ? h("p", { class: "help limits-more" }, `and ${number(limitedNow.length - TOP)} more clients with limits, further from them`) : null,
   );
 }
