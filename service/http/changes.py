@@ -204,12 +204,13 @@ class Changes:
 
     # -- blocking queries --------------------------------------------------------------------------
 
-    async def hold(self, touched: asyncio.Event, timeout_s: float, client: Client | None) -> None:
+    async def hold(self, touched: asyncio.Event, timeout_s: float) -> None:
         """Return once `touched` (the `touched` taken before the answer was made) is set, or after
-        `timeout_s`, or at shutdown; counted among the watchers (of `client`, too) meanwhile."""
+        `timeout_s`, or at shutdown. Counted by its caller (`watching`), for all its turns: a
+        query woken to look again keeps its slot while its answer is made again."""
         if self.closing or timeout_s <= 0:
             return
-        with self._watching(client), contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(touched.wait(), timeout_s)
 
     async def wait_past(self, index: int, timeout_s: float, client: Client | None) -> None:
@@ -221,13 +222,13 @@ class Changes:
         """
         if self.index != index or self.closing or timeout_s <= 0:
             return
-        with self._watching(client):
+        with self.watching(client):
             moved = self._moved
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(moved.wait(), timeout_s)
 
     @contextlib.contextmanager
-    def _watching(self, client: Client | None) -> Iterator[None]:
+    def watching(self, client: Client | None) -> Iterator[None]:
         """Count one held query or stream of `client`: refused (503) past either bound, the
         per-client one first, so one client cannot take every slot (docs/reference.md §9)."""
         name = client.name if client is not None else None
@@ -263,7 +264,7 @@ class Changes:
     @contextlib.contextmanager
     def stream(self, client: Client | None) -> Iterator[Stream]:
         """A new stream's backlog, counted among the watchers while it is open."""
-        with self._watching(client):
+        with self.watching(client):
             stream = Stream(client)
             self._streams.add(stream)
             try:

@@ -16,6 +16,7 @@ The index, the held queries and the streams' backlogs are `service.http.changes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -104,26 +105,34 @@ async def _held_on_tag(
     changes, known = app[CHANGES], app[TAGS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    while True:
-        touched = changes.touched  # taken before the answer is made: a change meanwhile wakes it
-        response = await handler(request)
-        if not isinstance(response, web.Response) or response.status != 200:
-            return conditional(request, response, changes)
-        ours = _tag_of(response)
-        verdict = await known.judge(theirs, ours)
-        left = deadline - loop.time()
-        if verdict is Verdict.DIFFERS or ((left <= 0 or changes.closing) and verdict is Verdict.UNSEEN):
-            known.gave(ours)
-            return conditional(request, response, changes)
-        if left <= 0 or changes.closing:
-            headers = {INDEX_HEADER: str(changes.index), REPLICA_HEADER: changes.replica}
-            if verdict is Verdict.MATCH:
+    taken = False
+    with contextlib.ExitStack() as slot:  # one slot from the first hold to the answer
+        while True:
+            touched = changes.touched  # taken before the answer is made: a change meanwhile wakes it
+            response = await handler(request)
+            if not isinstance(response, web.Response) or response.status != 200:
+                return conditional(request, response, changes)
+            ours = _tag_of(response)
+            verdict = await known.judge(theirs, ours)
+            left = deadline - loop.time()
+            if verdict is Verdict.DIFFERS or ((left <= 0 or changes.closing) and verdict is Verdict.UNSEEN):
                 known.gave(ours)
-                return web.Response(status=304, headers={**headers, "ETag": ours})
-            # AHEAD: the client's copy is newer than anything here; it keeps it (and its tag).
-            return web.Response(status=304, headers={**headers, "ETag": _newest(theirs)})
-        await changes.hold(touched, left, request.get(CLIENT))
-        authenticate_again(request)  # the clients may have changed while it waited
+                return conditional(request, response, changes)
+            if left <= 0 or changes.closing:
+                headers = {INDEX_HEADER: str(changes.index), REPLICA_HEADER: changes.replica}
+                if verdict is Verdict.MATCH:
+                    known.gave(ours)
+                    return web.Response(status=304, headers={**headers, "ETag": ours})
+                # AHEAD: the client's copy is newer than anything here; it keeps it (and its tag).
+                return web.Response(status=304, headers={**headers, "ETag": _newest(theirs)})
+            if not taken:
+                # Counted (503 busy past a bound) once, and kept while the answer is made again
+                # after a wake-up: given back meanwhile, the client's next query could take it,
+                # and this one, held already, be refused when it held again.
+                slot.enter_context(changes.watching(request.get(CLIENT)))
+                taken = True
+            await changes.hold(touched, left)
+            authenticate_again(request)  # the clients may have changed while it waited
 
 
 def _tag_of(response: web.Response) -> str:

@@ -12,6 +12,7 @@ import socket
 import struct
 
 import pytest
+from aiohttp import web
 
 from service.http import push
 from service.http.changes import CHANGES
@@ -152,3 +153,54 @@ async def test_shutdown_ends_streams_and_held_queries_and_frees_their_slots(
         assert [a.status for a in answers] == [200, 304]
         assert _counts(service) == (0, {})
         stream.close()
+
+
+async def test_a_query_held_on_a_tag_keeps_its_slot_while_it_looks_again(sops_project: SopsProject) -> None:
+    """Woken (an answer may have changed), a query held on a tag gave its slot back while its
+    answer was made again, here a listing asked of the upstream: the client's next query took
+    the slot, and the first, held for seconds already, was then refused 503 when it held again."""
+    gate = asyncio.Event()
+    gate.set()
+
+    async def models(request: web.Request) -> web.Response:
+        await gate.wait()
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/models", models)
+    runner = web.AppRunner(upstream, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        _world(sops_project)
+        write_server(sops_project, "gpu", base_url=f"http://127.0.0.1:{port}/v1")
+        async with serve(sops_project, max_watchers_per_client=1, health_interval_s=0) as service:
+            listing = f"{API}/servers/gpu/models"
+            await eventually(
+                lambda: service.registry.snapshot.providers["gpu"].endpoint.endswith(f":{port}/v1")
+            )
+            first = await get(service, listing, READER)
+            assert first.status == 200, first.body
+            index = first.headers[push.INDEX_HEADER]
+            held = asyncio.create_task(
+                get(service, f"{listing}?wait=30s", {**READER, "If-None-Match": first.headers["ETag"]})
+            )
+            await eventually(lambda: _counts(service) == (1, {"reader": 1}))
+            gate.clear()
+            try:
+                service.app[CHANGES].touch()  # the held query looks again: the upstream is slow to list
+                await asyncio.sleep(0.2)
+                second = asyncio.create_task(get(service, f"{API}/active?index={index}&wait=2s", READER))
+                await asyncio.sleep(0.3)
+                assert second.done() and second.result().status == 503  # the client holds one already
+            finally:
+                gate.set()
+            await asyncio.sleep(0.3)
+            assert not held.done() and _counts(service) == (1, {"reader": 1})
+            service.app[CHANGES].close()
+            assert (await asyncio.wait_for(held, 10)).status == 304
+    finally:
+        gate.set()
+        await runner.cleanup()
