@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     )
     circuit_failures: int = Field(3, ge=1, description="Consecutive failures that open a circuit.")
     circuit_cooldown_s: float = Field(30.0, gt=0, description="How long an open circuit stays open.")
-    max_watchers: int = Field(1000, ge=0, description="Blocking queries and event streams held at once.")
+    max_watchers: int = Field(2000, ge=0, description="Blocking queries and event streams held at once.")
     max_watchers_per_client: int = Field(
         100,
         ge=0,

@@ -428,7 +428,7 @@ async def test_a_thousand_held_queries_and_a_hundred_streams_all_hear_one_change
 ) -> None:
     write_server(sops_project, "gpu")
     write_routing(sops_project, ["gpu"])
-    async with serve(sops_project, max_watchers=1200) as service:
+    async with serve(sops_project) as service:  # the default bound holds them all
         index = (await get(service, API + "/active/chat")).headers[push.INDEX_HEADER]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
