@@ -42,7 +42,9 @@ def test_an_amount_is_answered_in_digits_never_in_exponent_notation(given: objec
     assert Price.model_validate({"input": given}).model_dump(mode="json")["input"] == shown
 
 
-@pytest.mark.parametrize("bad", [True, -1, "1e400", "nan", "inf", "abc", [1], "0.0000000000001", 10**13])
+@pytest.mark.parametrize(
+    "bad", [True, -1, "-0.01", "1e30", 1e30, "1e400", "nan", "inf", "abc", [1], "0.0000000000001", 10**13]
+)
 def test_an_amount_that_is_not_a_sane_usd_figure_is_refused(bad: object) -> None:
     with pytest.raises(ValidationError):
         Budget.model_validate({"usd": bad, "period": "month"})

@@ -31,6 +31,8 @@ from tests.usage.conftest import record
 
 API = "/api/v1/llm-config"
 OPS = "sb_usage_hostile_ops_1a2b3c4d5e6f"
+METER = "sb_usage_hostile_meter_6f5e4d3c2b1a"
+"""A token with usage:read alone: no config:read (no event stream, no configuration)."""
 PWN = [
     '<img src=x onerror="window.__pwned=1">',
     "<script>window.__pwned=1</script>",
@@ -57,7 +59,8 @@ def _clients(project_root: Path) -> None:
             OPS,
             ["config:read", "usage:read"],
             {"rpm": 1000, "budget": {"usd": "1e3", "period": "day"}},
-        )
+        ),
+        entry("meter", METER, ["usage:read"], {}),
     ]
     clients += [
         entry(
@@ -196,4 +199,19 @@ async def test_money_is_exact_and_absurd_budgets_are_read(browser: Browser, worl
             ("0.1", "$0.10"),
         ):
             assert await call(page, "chart.js", "usd", text) == shown, text
+        assert await page.evaluate("window.__pwned") is None
+
+
+async def test_a_token_with_usage_read_alone_sees_the_usage_page_and_nothing_else(
+    browser: Browser, world: World
+) -> None:
+    status, body = await world.service.get(f"{API}/whoami", METER)
+    assert status == 200, body
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/usage", METER)
+        page = t.page
+        await expect(page.locator("#top-clients + table tbody tr")).to_have_count(10)
+        await expect(page.locator("table.budgets tbody tr")).to_have_count(20)
+        await expect(page.locator("#nav")).to_contain_text("Overview (needs config:read)")
+        assert not [u for u in t.api_requests() if "/events" in u or "/providers" in u]
         assert await page.evaluate("window.__pwned") is None
