@@ -13,7 +13,9 @@ import struct
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
+from service.config.models import Clients
 from service.http import push
 from service.http.changes import CHANGES
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
@@ -204,3 +206,16 @@ async def test_a_query_held_on_a_tag_keeps_its_slot_while_it_looks_again(sops_pr
     finally:
         gate.set()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("same", ["name", "token"])
+def test_one_name_is_one_token_so_a_client_cannot_hold_twice_its_bound(same: str) -> None:
+    """The slots are counted by the client's name: a clients file giving one name two tokens
+    (or one token two names) would split or share a bucket. It is refused."""
+    first = {"name": "a", "token_sha256": "1" * 64, "scopes": ["config:read"]}
+    second = {
+        "name": "a" if same == "name" else "b",
+        "token_sha256": "1" * 64 if same == "token" else "2" * 64,
+    }
+    with pytest.raises(ValidationError, match=f"same {same}"):
+        Clients.model_validate({"kind": "clients", "clients": [first, {**second, "scopes": ["config:read"]}]})
