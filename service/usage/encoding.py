@@ -1,7 +1,8 @@
 """A record as one line of the spool, and back, made safe for any database on the way.
 
 A line is a JSON array in a fixed order (`FIELDS`), led by a format version, ended by `\\n`:
-compact, and quick to write on the request path. Encoding also bounds what a request could
+compact, and quick to write on the request path (orjson writes and reads it; json's own module
+only what orjson refuses, so that a line means what it meant). Encoding also bounds what a request could
 make absurd, so that no record can fail a batch and hold the spool back: text loses NUL
 characters and lone surrogates and is cut to 256 characters, counts are whole numbers within
 64 bits, times finite, and money a finite decimal between 0 and a million dollars.
@@ -14,6 +15,8 @@ import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import orjson
 
 from service.usage.record import Record
 
@@ -83,13 +86,19 @@ def encode(record: Record) -> bytes:
         text(record.replica) or "-",
         bool(record.limited) or record.status == 429,
     ]
-    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    try:
+        return orjson.dumps(line) + b"\n"  # what json.dumps writes, in a tenth of the work
+    except (TypeError, orjson.JSONEncodeError):  # e.g. a surrogate `text` let through: json's way
+        return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 def decode(line: bytes) -> Record:
     """A spool line back as its record; BadLine when it is not one."""
     try:
-        values = json.loads(line)
+        try:
+            values = orjson.loads(line)
+        except orjson.JSONDecodeError:  # what orjson refuses (lone surrogates...): json's verdict
+            values = json.loads(line)
         if not isinstance(values, list) or len(values) != len(FIELDS) + 1 or values[0] != VERSION:
             raise BadLine("not a version 1 record")
         data: dict[str, Any] = dict(zip(FIELDS, values[1:], strict=True))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from service.usage.encoding import TEXT_LIMIT, decode, encode, text
+import json
+from decimal import Decimal
+
+import pytest
+
+from service.usage.encoding import TEXT_LIMIT, BadLine, decode, encode, text
 from tests.usage.conftest import record
 
 
@@ -27,3 +32,27 @@ def test_a_record_comes_back_from_its_line() -> None:
     back = decode(encode(sent))
     assert back.id == "r-1" and back.client == "caf\u00e9" and back.model == "m?"
     assert back.cost_usd == sent.cost_usd and back.ts == sent.ts
+
+
+def test_a_line_is_the_one_jsons_module_writes_and_reads_back_the_same() -> None:
+    """orjson writes and reads the spool (issue 22): the line means what json's module made of it
+    (the same values, in the same order), for plain and non-ASCII records, and a line of the
+    previous writer reads back as before."""
+    for sent in (
+        record(id="r-2", ttfb_ms=0.001, latency_ms=123456.789),
+        record(client="caf\u00e9 \u65e5\u672c", model="m\ud800", upstream_model=None, ttfb_ms=None),
+        record(status=429, cost_usd=Decimal("0.000000001"), attempts=2**70),
+    ):
+        line = encode(sent)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        values = json.loads(line)
+        assert line == json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        assert decode(line) == decode(json.dumps(values, ensure_ascii=True).encode() + b"\n")
+
+
+def test_a_line_orjson_refuses_is_judged_by_jsons_module() -> None:
+    """An escaped lone surrogate is JSON that orjson will not read: json's module reads it, as it did."""
+    line = encode(record(id="r-3", client="x")).replace(b'"x"', b'"\\ud800"')
+    assert decode(line).client == "\ud800"
+    with pytest.raises(BadLine):
+        decode(b"[1,NaN")
