@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +46,7 @@ from service.http.context import (
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
 from service.settings import Settings
+from service.usage.encoding import loads
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
         raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
     body = await request.read()
     try:
-        data = json.loads(body)
+        data = loads(body)  # orjson where it reads as json's module does
     except ValueError:
         raise BadRequest("the body is not valid JSON") from None
     except RecursionError:

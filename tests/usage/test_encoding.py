@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from decimal import Decimal
 
 import pytest
 
-from service.usage.encoding import TEXT_LIMIT, BadLine, decode, encode, text
+from service.usage.encoding import MAX_OPENINGS, TEXT_LIMIT, BadLine, decode, encode, loads, text
 from tests.usage.conftest import record
 
 
@@ -56,3 +57,35 @@ def test_a_line_orjson_refuses_is_judged_by_jsons_module() -> None:
     assert decode(line).client == "\ud800"
     with pytest.raises(BadLine):
         decode(b"[1,NaN")
+
+
+def test_json_reads_as_jsons_module_reads_it() -> None:
+    """orjson reads request bodies and spool lines (issue 22); what it refuses or reads otherwise,
+    json's module reads or refuses as before: NaN, UTF-16, a BOM, an escaped lone surrogate,
+    integers past 64 bits (orjson makes floats of them), deep nesting (some orjson versions crash)."""
+    for raw in (
+        b'{"model": "m", "messages": [{"role": "user", "content": "caf\\u00e9 \xe6\x97\xa5 \\"u\\""}]}',
+        b' {"temperature": 0.1, "top_p": 1e-7, "big": 1.7976931348623157e308, "neg": -0, "x": [true, null]} ',
+        b'{"a": 1, "a": 2}',  # the last one wins, as before
+        b'{"seed": 123456789012345678901234567890, "max_tokens": 18446744073709551615}',
+        b'{"seed": -9223372036854775808, "max_tokens": 9999999999999999999, "t": 0.10000000000000000000001}',
+        '{"model": "m"}'.encode("utf-16"),
+        b'\xef\xbb\xbf{"model": "m"}',
+        b'{"model": "\\ud800"}',
+        b"[" * MAX_OPENINGS + b"]" * MAX_OPENINGS,
+        b"[" * (MAX_OPENINGS + 1) + b"]" * (MAX_OPENINGS + 1),
+    ):
+        assert repr(loads(raw)) == repr(json.loads(raw)), raw[:40]  # the types too: 1 is not 1.0
+    assert math.isnan(loads(b'{"t": NaN}')["t"])
+    for bad in (b"", b"{", b'{"a": 1,}', b"\xff", b'{"a": "\x01"}'):
+        with pytest.raises(ValueError):
+            loads(bad)
+    for deep in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        with pytest.raises(RecursionError):  # json's verdict, not a crash of the process
+            loads(deep)
+
+
+def test_a_damaged_line_is_a_bad_line_not_a_crash() -> None:
+    for damaged in (b"[" * 100_000 + b"\n", b"[1," + b"9" * 30 + b"]\n", b"\xff\n"):
+        with pytest.raises(BadLine):
+            decode(damaged)
