@@ -8,7 +8,17 @@ from decimal import Decimal
 
 import pytest
 
-from service.usage.encoding import MAX_OPENINGS, TEXT_LIMIT, BadLine, decode, encode, loads, text
+from service.usage import encoding
+from service.usage.encoding import (
+    MAX_OPENINGS,
+    MAX_QUICK_BYTES,
+    TEXT_LIMIT,
+    BadLine,
+    decode,
+    encode,
+    loads,
+    text,
+)
 from tests.usage.conftest import record
 
 
@@ -74,6 +84,8 @@ def test_json_reads_as_jsons_module_reads_it() -> None:
         b'{"model": "\\ud800"}',
         b"[" * MAX_OPENINGS + b"]" * MAX_OPENINGS,
         b"[" * (MAX_OPENINGS + 1) + b"]" * (MAX_OPENINGS + 1),
+        b'{"seed": 123456789012345678901234567890, "pad": "' + b"x" * MAX_QUICK_BYTES + b'"}',
+        b'{"n": 1, "pad": "' + b"\\u00e9" * MAX_QUICK_BYTES + b'"}',
     ):
         assert repr(loads(raw)) == repr(json.loads(raw)), raw[:40]  # the types too: 1 is not 1.0
     assert math.isnan(loads(b'{"t": NaN}')["t"])
@@ -89,3 +101,24 @@ def test_a_damaged_line_is_a_bad_line_not_a_crash() -> None:
     for damaged in (b"[" * 100_000 + b"\n", b"[1," + b"9" * 30 + b"]\n", b"\xff\n"):
         with pytest.raises(BadLine):
             decode(damaged)
+
+
+def test_a_text_past_the_quick_size_is_not_checked_or_read_by_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `MAX_QUICK_BYTES` the checks cost more than orjson saves (an 11 MB body took 133 ms
+    to search for long numbers, json's module reads it in 20): json's module reads it alone."""
+
+    class Untouchable(bytes):
+        def count(self, *args: object) -> int:
+            raise AssertionError("checked")
+
+        def translate(self, *args: object) -> bytes:
+            raise AssertionError("checked")
+
+    def refused(data: bytes) -> object:
+        raise AssertionError("read by orjson")
+
+    monkeypatch.setattr(encoding.orjson, "loads", refused)
+    big = b'{"pad": "' + b"x" * MAX_QUICK_BYTES + b'"}'
+    assert loads(Untouchable(big)) == {"pad": "x" * MAX_QUICK_BYTES}
+    with pytest.raises(AssertionError, match="read by orjson"):
+        loads(b'{"pad": "x"}')
