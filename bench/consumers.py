@@ -17,7 +17,7 @@ closed: `unhealthy`, with a reason), so health is part of every tag. Two trios:
 - **without Redis**: each replica pulls every `--poll-interval` s; health is each one's own.
 
 Two consumers on each trio, each through its own proxy (so each one's requests are counted
-alone): the raw HTTP loop of SPEC 9 (`GET …/active/chat?wait=15s` with `If-None-Match: <its
+alone): the raw HTTP loop of docs/reference.md §9 (`GET …/active/chat?wait=15s` with `If-None-Match: <its
 tag>`) and the Python client (`service.client.Switchboard`, `wait_s=15`).
 
 - (a) idle: requests each consumer makes in `--idle-seconds` with no change, as a rate per
@@ -163,7 +163,7 @@ async def _change(trio: Trio, n: int, timeout_s: float) -> tuple[str, float, flo
 
 
 class RawLoop:
-    """SPEC 9's loop: `If-None-Match: <tag>` with `?wait=15s`, through its own proxy."""
+    """The loop of docs/reference.md §9: `If-None-Match: <tag>` with `?wait=15s`, through its own proxy."""
 
     kind = "raw HTTP loop"
 
