@@ -305,8 +305,13 @@ async def main(argv: list[str] | None = None) -> None:
             for trio in (shared, alone):
                 consumers, tasks = watching[trio.name]
                 timeout = 30 if trio.webhook else args.poll_interval * 5 + 10
+                before = [c.requests for c in consumers]
                 for kind, values in (await _latencies(trio, consumers, args.changes, timeout)).items():
                     latency.append((trio.name, kind, values))
+                for c, asked in zip(consumers, before, strict=True):
+                    notes.append(
+                        f"{trio.name} {c.kind}: {c.requests - asked} requests for {args.changes} changes"
+                    )
                 for c in consumers:
                     if isinstance(c, RawLoop):
                         notes.append(f"{trio.name} {c.kind}: answers {dict(sorted(c.statuses.items()))}")
