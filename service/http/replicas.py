@@ -220,6 +220,11 @@ def _share_health(
     registry, health = app[REGISTRY], app[HEALTH]
     blobs = PerSnapshot(_provider_blobs)
     fanout.health_key = _health_key(app[SETTINGS])
+    if fanout.health_key is None:
+        log.warning(
+            "shared health: no age identity to sign health notes with; anyone who can publish on "
+            "Redis can change the health these replicas show (give them SOPS_AGE_KEY_FILE)"
+        )
     last: dict[str, float] = {}
     waiting: dict[str, HealthNote] = {}
 

@@ -5,6 +5,7 @@ process share Debian's real `redis-server` (the pair of tests/http/test_shared_h
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from service.gateway.health import CheckResult
 from service.http.context import FANOUT, HEALTH
 from service.runtime.fanout import HealthNote
 from service.vcs.gitrepo import blob_sha
-from tests.conftest import SopsProject, eventually
+from tests.conftest import SopsProject, eventually, serve, write_routing, write_server
 from tests.http.test_shared_health import changes, forge, pair, redis_server
 from tests.support.replicas import RedisServer
 
@@ -60,3 +61,16 @@ async def test_a_signed_note_about_a_provider_this_replica_does_not_serve_is_ign
         await eventually(lambda: b.app[HEALTH].get("gpu").status == "unhealthy", 5)
         assert b.app[HEALTH].get("other").status == "unknown"
         assert [e.subject for e in changes(b)] == ["gpu"]  # type: ignore[attr-defined]
+
+
+async def test_without_an_age_identity_a_replica_warns_that_its_notes_are_unsigned(
+    sops_project: SopsProject, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing to sign with: a note anyone publishes is taken as a replica's (by design, the
+    key is the identity), so the replica says so at start."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    with caplog.at_level(logging.WARNING, logger="service.http.replicas"):
+        async with serve(sops_project, redis_url=redis_server.url, age_key_file=None) as alone:
+            assert alone.app[FANOUT].health_key is None
+    assert any("no age identity to sign health notes" in r.getMessage() for r in caplog.records)
