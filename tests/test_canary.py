@@ -733,7 +733,7 @@ async def drive(board: Driver, vendor: Vendor, claude: Vendor) -> None:
         assert stream.status == 200 and b"provider.updated" in stream.body, stream.text()
     index = await board.get("/ui/")
     assert index.status == 200
-    console = REPO / "service" / "http" / "console"
+    console = REPO / "service" / "console" / "assets"
     for asset in sorted(p.name for p in console.iterdir() if p.is_file()):
         assert (await board.get(f"/ui/{asset}")).status == 200, asset
 

@@ -61,8 +61,8 @@ class _Part(BaseModel):
 
 class Price(_Part):
     """One model's prices, USD per million tokens of each class; a class left out is not priced
-    here (litellm's map may price it, else a cache class costs as input; `"*"` prices only
-    models without an entry of their own)."""
+    here (litellm's map may price it, else cached input costs as input and cache writes are
+    unpriced; `"*"` prices only models without an entry of their own)."""
 
     input: Usd | None = Field(None, description="Input tokens neither read from nor written to a cache.")
     output: Usd | None = Field(None, description="Completion tokens, reasoning tokens included.")

@@ -106,6 +106,7 @@ class Call:
         "client_body",
         "client_data",
         "data",
+        "delivered",
         "first_byte_s",
         "metered",
         "model",
@@ -120,6 +121,7 @@ class Call:
         "trace_headers",
         "translation",
         "upstream_protocol",
+        "upstream_status",
         "usage",
         "wants_usage",
     )
@@ -155,6 +157,11 @@ class Call:
         self.broken: str | None = None
         """Why a stream ended early, after its first byte reached the client."""
         self.first_byte_s = 0.0
+        self.delivered = False
+        """The upstream has this attempt's whole request (written to its connection): from here on
+        it may bill it, so a client that leaves is charged (docs/reference.md §13.2)."""
+        self.upstream_status: int | None = None
+        """The status this attempt's upstream answered with (None: no answer yet)."""
         self.prepared: web.StreamResponse | None = None
         """A stream's answer once its status and headers went to the client (None: not yet)."""
         self.protocol = protocol

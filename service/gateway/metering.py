@@ -258,6 +258,7 @@ class Metered:
         """The request is on its way to `provider` (what a client that leaves now is charged for)."""
         self.sent = provider.id
         self.sent_at = time.perf_counter()
+        self.call.delivered, self.call.upstream_status = False, None
         self.meter.limiter.providers.admit(provider.id, self.meter.limiter.now_ms())
 
     async def give_back(self, provider: Provider) -> None:
@@ -313,43 +314,68 @@ class Metered:
             )
 
     async def failed(self, error: HTTPError, attempts: int) -> None:
-        """No provider answered (502, 503) or the call failed on the way: nothing is charged."""
+        """No provider answered (502, 503) or the call failed on the way: nothing is charged.
+        The record names the last provider tried (None when none was)."""
         if self.done:
             return
         self.done = True
         record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
+        tried = self.provider
         try:
             use = await self._settle(_ZERO, 0)
         except asyncio.CancelledError:
             if record:
-                self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+                self._record(self.id, error.status, tried, attempts, None, _ZERO, False, False, timed=False)
             raise
         self._headers_on(error, use)
         if not record:
             return  # no record (docs/reference.md §13)
-        self._record(self.id, error.status, None, attempts, None, _ZERO, False, False)
+        self._record(self.id, error.status, tried, attempts, None, _ZERO, False, False, timed=False)
 
     def abandoned(self, attempts: int) -> None:
-        """The request's task is cancelled (the client left): settle and record in a task of its own;
-        charged the reservation when an upstream had the request."""
+        """The request's task is cancelled (the client left): settle and record in a task of its own.
+
+        Charged the reservation (`estimated`) once the upstream had the request: a byte of the
+        answer was relayed, or the whole request was written to the upstream and it has not
+        refused it (no status yet, or a 2xx). A request still on its way (connecting, its body
+        being written) or that the upstream refused could not be billed: it costs 0."""
         if self.done:
             return
         self.done = True
-        provider = self.provider if self.sent is not None else None
-        cost = self.bound(provider) if provider is not None and provider.id in self.rates else _ZERO
-        counted = self._estimated_tokens(provider) if provider is not None else 0
+        call = self.call
+        tried = self.provider  # the record names the last provider tried, as a failure's does
+        provider = tried if self.sent is not None else None
+        answered = call.upstream_status
+        charged = provider is not None and (
+            call.prepared is not None or (call.delivered and (answered is None or answered < 300))
+        )
+        cost = (
+            self.bound(provider) if charged and provider is not None and provider.id in self.rates else _ZERO
+        )
+        counted = self._estimated_tokens(provider) if charged and provider is not None else 0
+        if provider is not None:  # its count of requests in flight ends here too
+            limiter = self.meter.limiter
+            limiter.providers.finish(provider.id, limiter.now_ms(), counted)
 
         async def settle() -> None:
             try:
                 await self._settle(cost, counted)
             finally:
-                rate = self.rates.get(provider.id, Rate()) if provider is not None else Rate()
+                rate = self.rates.get(tried.id, Rate()) if tried is not None else Rate()
                 status, record_id = CLIENT_LEFT, self.id
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent
                     status, record_id = prepared.status, prepared.headers.get(REQUEST_ID) or self.id
                 self._record(
-                    record_id, status, provider, attempts, None, cost, rate.any, provider is not None
+                    record_id,
+                    status,
+                    tried,
+                    attempts,
+                    None,
+                    cost,
+                    rate.any,
+                    charged,
+                    timed=prepared is not None,
                 )
 
         self.meter.later(settle())
@@ -436,12 +462,14 @@ class Metered:
         estimated: bool,
         *,
         limited: bool = False,
+        timed: bool = True,
     ) -> None:
+        """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`)."""
         call = self.call
         now = time.perf_counter()
         counted = tokens or Tokens()
         ttfb = None
-        if provider is not None and self.sent_at:
+        if timed and provider is not None and self.sent_at:
             ttfb = round((self.sent_at - self.started + call.first_byte_s) * 1000, 3)
         record = Record(
             id=record_id,

@@ -10,9 +10,13 @@ Prices come, class by class, from the first that has one:
    model (`mistral/mistral-large-latest`, `gpt-4o` for OpenAI's own);
 3. nothing: the class costs 0 and the request is recorded `priced: false`.
 
-Cached input and cache writes without a price of their own (in the file or the map) are
-priced as the model's input, as litellm does; a cache write is priced at `cache_write` only. A self-hosted
-`ai_server` is never priced from litellm's map: it is free unless its file prices it.
+Cache writes are priced at `cache_write` only (docs/reference.md §13.1), never at the input
+price as well or instead: with no `cache_write` in the file or the map they are unpriced, and
+the record says `priced: false`; every vendor that bills cache writes bills them above input,
+and the map has their price. Cached input without a price of its own is priced as the model's
+input, as litellm does (a vendor that publishes no cache price bills cache reads as ordinary
+input): never more than they cost. A self-hosted `ai_server` is never priced from litellm's
+map: it is free unless its file prices it.
 
 The map is read once, off the request path (`PriceMap.load`, in a worker thread at start),
 from the file as the installed package holds it: litellm itself is never imported (that takes
@@ -271,9 +275,8 @@ class Pricing:
                 if found[name] is None:
                     found[name] = getattr(mapped, name)
             per_query, max_output = mapped.per_query, mapped.max_output
-        for name in ("cached_input", "cache_write"):
-            if found[name] is None:
-                found[name] = found["input"]
+        if found["cached_input"] is None:  # cache reads as input; cache writes at `cache_write` only
+            found["cached_input"] = found["input"]
         return Rate(
             found["input"],
             found["output"],

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -20,7 +21,7 @@ from service.http.context import RELAY
 from service.usage.record import Record
 from tests.conftest import SopsProject, eventually
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
-from tests.support.upstreams import FakeUpstream, serving, upstreams
+from tests.support.upstreams import FakeUpstream, serving, unanswered_url, upstreams
 
 TOKEN = "sk-client-0123456789abcdef"
 READER = "sk-reader-0123456789abcdef"
@@ -176,6 +177,42 @@ async def test_every_gateway_answer_carries_a_unique_request_id(sops_project: So
     assert records.kept[1].id == ours[-1] and records.kept[1].limited and records.kept[1].provider is None
 
 
+async def test_answers_before_the_limits_are_checked_are_no_records_and_count_toward_no_limit(
+    sops_project: SopsProject,
+) -> None:
+    """400, 401, 403, 404, 413 and 415 come before the limits: with an rpm of 1, the client is
+    served after all of them, and only that answer is recorded."""
+    noscope = "sk-noscope-0123456789abcdef"
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(
+            sops_project,
+            {"rpm": 1},
+            noscope={"token_sha256": _sha(noscope), "scopes": ["config:read"], "limits": {"rpm": 1}},
+        )
+        async with metered(sops_project, max_body_bytes=4096) as (board, records):
+            url = f"{board.base_url}/chat/completions"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            statuses = [
+                (await board.post("/v1/chat/completions", {"model": 3}, token=TOKEN)).status,
+                (await board.post("/v1/chat/completions", {}, token="sk-wrong")).status,
+                (await board.post("/v1/chat/completions", {"model": "fake-model"}, token=noscope)).status,
+                (await chat(board, model="no-such-model")).status,
+                (await chat(board, "x" * 8192)).status,
+            ]
+            async with board.http.post(url, data="hi", headers={**auth, "Content-Type": "text/plain"}) as r:
+                statuses.append(r.status)
+            served = await chat(board)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert statuses == [400, 401, 403, 404, 413, 415]
+    assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "0"
+    assert [(r.client, r.status) for r in records.kept] == [("client", 200)]
+    used = {c["name"]: c["used"]["requests_60s"] for c in limits["clients"]}
+    assert used == {"client": 1, "reader": 0, "noscope": 0}
+    assert len(up.requests) == 1
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 
@@ -230,7 +267,12 @@ async def test_a_budget_that_cannot_cover_the_request_is_429_once_an_event_and_a
     assert refused.status == 429 and body["error"]["type"] == "budget_exceeded"
     end = body["error"]["period_end"]
     assert end.endswith("T00:00:00Z")
-    assert 0 < int(refused.headers["Retry-After"]) <= 86_400 and "retry-after-ms" in refused.headers
+    assert 0 < int(refused.headers["Retry-After"]) <= 86_400
+    retry_ms = refused.headers["retry-after-ms"]
+    assert retry_ms.isdigit() and refused.headers["Retry-After"] == str(-(-int(retry_ms) // 1000))
+    # a 429 carries what remains too: 7 USD spent of 300, nothing held
+    assert refused.headers["x-switchboard-budget-remaining-usd"] == "293"
+    assert refused.headers["x-switchboard-remaining-requests"] == "unlimited"
     assert again.status == 429
     assert [(e["subject"], e["kind"], e["period_end"]) for e in events] == [("client", "client", end)]
     assert 'switchboard_budget_spent_usd{kind="client",subject="client"}' in metrics
@@ -419,8 +461,26 @@ async def test_a_request_every_upstream_failed_costs_nothing(sops_project: SopsP
     assert failed.status == 502 and failed.headers[COST] == "0" and REQUEST_ID in failed.headers
     assert failed.headers["x-switchboard-budget-remaining-usd"] == "10000"
     assert [(r.status, r.cost_usd, r.attempts) for r in records.kept] == [(502, 0, 1)]
+    record = records.kept[0]  # it names the provider it last tried, which failed it
+    assert (record.provider, record.upstream_model, record.ttfb_ms) == ("a", "fake-model", None)
     used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
     assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
+
+
+async def test_a_fallback_records_the_upstreams_tried_as_its_attempts_header_says(
+    sops_project: SopsProject,
+) -> None:
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        priced_provider(sops_project, "a", a)
+        priced_provider(sops_project, "b", b)
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            a.fail(500)
+            response = await chat(board, max_tokens=3)
+    assert response.status == 200 and response.headers["x-switchboard-attempts"] == "2"
+    (record,) = records.kept
+    assert (record.attempts, record.provider, record.cost_usd) == (2, "b", 7)
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -459,6 +519,19 @@ async def test_limits_lists_every_client_and_provider_with_its_use(sops_project:
     assert whoami["client"] == "client" and whoami["limits"] == client["limits"]
     assert whoami["used"]["budget_spent_usd"] == "7"
     assert ready["limits"] == "local" and ready["degraded"] is False
+    assert (limits["mode"], limits["replicas"]) == ("local", 1)  # /readyz's limits; the replicas seen
+
+
+async def test_without_a_clients_file_a_request_is_recorded_as_anonymous(sops_project: SopsProject) -> None:
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        async with metered(sops_project) as (board, records):
+            response = await board.chat("hi", token=None)
+            _, whoami = await _get(board, "/api/v1/llm-config/whoami", token="")
+    assert response.status == 200 and whoami["client"] is None
+    assert [(r.client, r.provider, r.status) for r in records.kept] == [("anonymous", "a", 200)]
+    assert "x-switchboard-remaining-requests" not in response.headers  # no client, no limits
 
 
 async def _get(board: Switchboard, path: str, token: str = READER) -> tuple[int, Any]:
@@ -497,6 +570,97 @@ async def test_a_client_that_leaves_before_a_whole_answer_is_charged_and_recorde
     assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
     used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
     assert Decimal(used["budget_spent_usd"]) == record.cost_usd and used["budget_reserved_usd"] == "0"
+
+
+async def _leave_after(board: Switchboard, seconds: float, **body: Any) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await chat(board, max_tokens=5, **body)
+
+
+@pytest.mark.parametrize("vendor", ["openai", "anthropic"])  # directly, and chat through litellm
+async def test_a_client_that_leaves_while_the_upstream_is_still_connecting_is_not_charged(
+    sops_project: SopsProject, vendor: str
+) -> None:
+    """The request never reached the upstream: nothing could be billed for it (docs/reference.md
+    §13.2: only once the upstream has the request is a client that leaves charged)."""
+    with unanswered_url() as url:
+        write_provider(
+            sops_project,
+            "a",
+            provider=vendor,
+            base_url=url,
+            api_key="sk-up",
+            pricing=PRICING,
+            connect_timeout_s=30,
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}, "max_parallel": 1})
+        async with metered(sops_project) as (board, records):
+            await _leave_after(board, 0.5)
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    record = records.kept[0]
+    assert (record.status, record.cost_usd, record.estimated) == (499, 0, False)
+    assert record.provider == "a" and record.attempts == 1  # the provider it was being sent to
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("0", "0", 0)
+
+
+async def test_a_client_that_leaves_while_litellms_upstream_works_is_charged(
+    sops_project: SopsProject,
+) -> None:
+    """Chat to Anthropic goes through litellm: its request, once written, is the upstream's too."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key="sk-up", latency_s=1.0) as up:
+        write_provider(
+            sops_project, "a", provider="anthropic", base_url=up.url, api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            await chat(board, max_tokens=1)  # litellm loaded: the next one is timed by the upstream
+            await _leave_after(board, 0.5)
+            await eventually(lambda: len(records.kept) == 2, timeout=10)
+    record = records.kept[1]
+    assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
+
+
+async def test_a_client_that_leaves_after_the_upstream_answered_2xx_is_charged(
+    sops_project: SopsProject,
+) -> None:
+    """The upstream accepted the request (its 200 and headers came) but the body is slow: the
+    client that leaves now is charged its reservation, `estimated: true`."""
+    accepted = asyncio.Event()
+
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        accepted.set()
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", slow_body)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            leaving = asyncio.ensure_future(_leave_after(board, 30))
+            await asyncio.wait_for(accepted.wait(), 10)
+            await asyncio.sleep(0.2)
+            leaving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    record = records.kept[0]
+    assert (record.status, record.provider, record.estimated) == (499, "a", True) and record.cost_usd > 0
+    provider = next(p for p in limits["providers"] if p["id"] == "a")
+    assert provider["used"]["in_flight"] == 0  # the provider's count ended with the request
+    assert provider["used"]["requests_60s"] == 1
 
 
 async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
@@ -545,6 +709,128 @@ async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProj
     assert [(r.status, r.provider) for r in records.kept] == [(200, "a"), (200, "a"), (429, None)]
     assert records.kept[0].cost_usd == 7 and translated.headers[COST] == "7"  # "hi": 1 in, 3 out
     assert records.kept[1].cost_usd > 0 and not records.kept[1].estimated
+
+
+CACHE_PRICING = {
+    "*": {"input": 1_000_000, "output": 2_000_000, "cached_input": 100_000, "cache_write": 10_000_000}
+}
+"""1 USD an input token, 2 an output one, 0.1 a cache read, 10 a cache write."""
+
+
+async def test_cache_reads_and_writes_are_each_priced_once_in_either_protocol(
+    sops_project: SopsProject,
+) -> None:
+    """Anthropic's input_tokens exclude cache reads and writes; OpenAI's prompt_tokens (with
+    litellm's cache_creation_input_tokens) include them: the same tokens cost the same, a cache
+    write at `cache_write` only, and the record's prompt_tokens counts every input token."""
+
+    async def messages(request: web.Request) -> web.Response:
+        usage = {
+            "input_tokens": 3,
+            "cache_read_input_tokens": 5,
+            "cache_creation_input_tokens": 7,
+            "output_tokens": 2,
+        }
+        answer = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [],
+            "stop_reason": "end_turn",
+            "usage": usage,
+        }
+        return web.json_response(answer)
+
+    async def completions(request: web.Request) -> web.Response:
+        usage = {
+            "prompt_tokens": 15,
+            "prompt_tokens_details": {"cached_tokens": 5},
+            "cache_creation_input_tokens": 7,
+            "completion_tokens": 2,
+            "total_tokens": 17,
+        }
+        return web.json_response({"id": "c1", "object": "chat.completion", "choices": [], "usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/chat/completions", completions)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "anth", provider="anthropic", base_url=url, api_key="sk-up", pricing=CACHE_PRICING
+        )
+        write_provider(
+            sops_project,
+            "oai",
+            provider="openai",
+            base_url=f"{url}/v1",
+            api_key="sk-up",
+            pricing=CACHE_PRICING,
+        )
+        write_routing(sops_project, chat="anth")
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, records):
+            message = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+            first = await board.post("/v1/messages", message, token=TOKEN)
+            assert first.status == 200, await first.text()
+            translated = await chat(board, model="claude-x")  # chat to Anthropic: through litellm
+            assert translated.status == 200, await translated.text()
+            write_routing(sops_project, chat=["oai"])
+            await eventually(lambda: _routed_alone_to(board, "oai"))
+            second = await chat(board, model="claude-x")
+            assert second.status == 200, await second.text()
+    assert first.headers[COST] == translated.headers[COST] == second.headers[COST] == "77.5"
+    # 3 x 1 + 5 x 0.1 + 7 x 10 + 2 x 2
+    assert [r.provider for r in records.kept] == ["anth", "anth", "oai"]
+    for record in records.kept:
+        assert (record.prompt_tokens, record.cached_tokens, record.cache_write_tokens) == (15, 5, 7)
+        assert record.cost_usd == Decimal("77.5") and record.priced
+
+
+async def _routed_alone_to(board: Switchboard, pid: str) -> bool:
+    _, route = await _get(board, "/api/v1/llm-config/active/chat")
+    return [p["id"] for p in route["primary"]] == [pid]
+
+
+async def test_an_answered_request_is_in_usage_and_usage_requests_within_two_seconds(
+    sops_project: SopsProject,
+) -> None:
+    """The real ledger (SQLite), fed by the gateway: the record under the answer's x-request-id."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 10})
+        async with running(sops_project) as board:
+            response = await chat(board, max_tokens=3)
+            answered = asyncio.get_running_loop().time()
+            rid = response.headers[REQUEST_ID]
+
+            async def seen() -> bool:
+                _, page = await _get(board, "/api/v1/llm-config/usage/requests?since=1h")
+                _, usage = await _get(board, "/api/v1/llm-config/usage?since=1h&group_by=client,model")
+                return bool(page and page["requests"] and usage and usage["rows"])
+
+            await eventually(seen, timeout=2)
+            assert asyncio.get_running_loop().time() - answered < 2
+            _, page = await _get(board, "/api/v1/llm-config/usage/requests?since=1h")
+            _, usage = await _get(board, "/api/v1/llm-config/usage?since=1h&group_by=client,model")
+    (record,) = page["requests"]
+    assert record["id"] == rid and record["cost_usd"] == response.headers[COST] == "7"
+    assert record["ts"].endswith("Z") and record["status"] == 200 and page["next_cursor"] is None
+    assert usage["rows"] == [
+        {
+            "client": "client",
+            "model": "fake-model",
+            "requests": 1,
+            "errors": 0,
+            "limited": 0,
+            "prompt_tokens": 1,
+            "cached_tokens": 0,
+            "completion_tokens": 3,
+            "reasoning_tokens": 0,
+            "cost_usd": "7",
+        }
+    ]
 
 
 def test_request_ids_are_random_hex_read_a_batch_at_a_time() -> None:

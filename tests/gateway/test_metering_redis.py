@@ -134,3 +134,47 @@ async def _degraded(board: Switchboard) -> bool:
 async def _on_redis(board: Switchboard) -> bool:
     _, ready = await _ready(board)
     return bool(ready["limits"] == "redis")
+
+
+async def test_refuse_mode_answers_503_recorded_and_counted_as_limited(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    """With Redis away and `refuse`, a limited client gets 503 `limits_unavailable`: a record
+    that `/usage` counts as limited (not an error), with no provider, 0 tokens and cost 0; a
+    client without limits is still served."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 100})
+        async with metered(sops_project, redis_url=redis_server.url, limits_without_redis="refuse") as (
+            board,
+            records,
+        ):
+            redis_server.stop()
+            await eventually(lambda: _refusing(board), timeout=10)
+            refused = await chat(board)
+            body = await refused.json()
+            served = await chat(board, token=READER)  # no limits: nothing to check
+            metrics = await board.metrics()
+    assert refused.status == 503 and body["error"]["type"] == "limits_unavailable"
+    assert refused.headers["Retry-After"] == "1" and refused.headers["retry-after-ms"] == "1000"
+    assert "x-request-id" in refused.headers and served.status == 200
+    record = next(r for r in records.kept if r.client == "client")
+    assert (record.status, record.limited, record.provider, record.cost_usd, record.prompt_tokens) == (
+        503,
+        True,
+        None,
+        0,
+        0,
+    )
+    assert 'switchboard_limited_total{client="client",limit="unavailable"} 1.0' in metrics
+    assert upstream_requests(up) == 1  # only the unlimited client's
+
+
+def upstream_requests(up: FakeUpstream) -> int:
+    return len(up.requests)
+
+
+async def _refusing(board: Switchboard) -> bool:
+    _, ready = await _ready(board)
+    return bool(ready["limits"] == "refuse")

@@ -778,7 +778,7 @@ async def test_upstream_request_ids_and_rate_limits_are_passed_back(sops_project
     for response in answers:
         assert response.status == 200
         assert response.headers["x-request-id"] == "req-123"
-        assert response.headers["retry-after"] == "3"
+        assert response.headers["retry-after"] == "3" and response.headers["retry-after-ms"] == "3000"
         assert response.headers["x-ratelimit-remaining-tokens"] == "9000"
         assert response.headers["x-ratelimit-reset-requests"] == "2s"
         assert "x-internal-secret" not in response.headers and "set-cookie" not in response.headers

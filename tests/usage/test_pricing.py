@@ -46,7 +46,7 @@ def test_the_file_prices_each_class_and_star_prices_only_models_without_an_entry
     assert other == Decimal("0.000825")  # "*": 0.15 + 0.075 + 0.60 per million
 
 
-def test_a_cache_class_an_entry_leaves_out_comes_from_litellms_map_then_from_input() -> None:
+def test_a_cache_class_an_entry_leaves_out_comes_from_litellms_map_then_reads_from_input() -> None:
     pricing = Pricing(bundled())
     own = {
         "gpt-4o": {"input": 2.00, "output": 8.00},
@@ -56,7 +56,9 @@ def test_a_cache_class_an_entry_leaves_out_comes_from_litellms_map_then_from_inp
     assert vendor.input == Decimal("0.000002") and vendor.cached_input == Decimal("0.00000125")  # the map's
     served = pricing.rate(server(pricing=own), "gpt-4o")  # a server is never priced from the map
     assert served.cached_input == served.input == Decimal("0.000002")
-    assert served.cache_write == Decimal("0.000002")
+    assert served.cache_write is None  # at `cache_write` only: none here, nor in the map
+    claude = pricing.rate(api_key("anthropic", pricing={"*": {"input": 2, "output": 8}}), "claude-sonnet-4-5")
+    assert claude.input == Decimal("0.000002") and claude.cache_write == Decimal("0.00000375")  # the map's
 
 
 def test_money_is_exact_never_a_sum_of_floats() -> None:
@@ -69,6 +71,17 @@ def test_cache_writes_are_priced_at_cache_write_only() -> None:
     rate = Pricing().rate(api_key(pricing={"*": {"input": 1, "output": 1, "cache_write": 10}}), "m")
     cost, _ = rate.cost(Tokens(input=0, cache_write=1_000_000))
     assert cost == Decimal(10)
+
+
+def test_cache_writes_without_a_cache_write_price_are_unpriced_never_priced_as_input() -> None:
+    """Cache writes are priced at `cache_write` only (reference §13.1); with no such price in the file or the
+    map they cost nothing here and the record says `priced: false`."""
+    for provider in (api_key(pricing={"*": {"input": 1, "output": 1}}), server(pricing={"*": {"input": 1}})):
+        rate = Pricing(bundled()).rate(provider, "no-such-model-xyz")
+        assert rate.cache_write is None and rate.cached_input == Decimal("0.000001")
+        tokens = Tokens(input=1_000_000, cached_input=1_000_000, cache_write=1_000_000, output=0)
+        assert rate.cost(tokens) == (Decimal(2), False)  # input 1 + cache reads as input 1 + writes 0
+        assert rate.cost(Tokens(input=1_000_000, cached_input=1_000_000)) == (Decimal(2), True)
 
 
 def test_litellms_map_prices_an_api_key_provider_as_litellm_names_its_models() -> None:

@@ -40,6 +40,24 @@ def test_a_batch_stored_twice_is_stored_once_and_counted_once(store: SQLStore) -
     assert sorted(r.id for r in page) == sorted(r.id for r in batch)
 
 
+def test_a_refuse_mode_503_counts_as_limited_not_as_an_error_from_rollups_and_records(
+    store: SQLStore,
+) -> None:
+    hour = NOW.replace(minute=0, second=0, microsecond=0)
+    refusal = {"status": 503, "limited": True, "provider": None, "cost_usd": Decimal(0)}
+    store.insert(
+        [
+            record(ts=hour - timedelta(hours=2), **refusal),  # inside a whole hour: from its rollup
+            record(ts=hour - timedelta(hours=2), status=502, cost_usd=Decimal(0)),
+            record(ts=NOW, **refusal),  # the ragged end: from the records
+            record(ts=NOW, status=503, cost_usd=Decimal(0)),  # a 503 no_candidate: an error
+        ]
+    )
+    since = (hour - timedelta(hours=3, minutes=30)).isoformat()
+    (totals,) = _usage(store, since=since).values()
+    assert (totals["requests"], totals["errors"], totals["limited"]) == (4, 2, 2)
+
+
 def test_grouping_adds_whole_hours_from_rollups_and_the_edges_from_records(store: SQLStore) -> None:
     start = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
     records = [

@@ -10,11 +10,15 @@ has reached the client.
 from __future__ import annotations
 
 import abc
+import email.utils
 import re
+import time
 from collections.abc import Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 
 from service.config.models import Provider
 from service.config.secret import Secret
@@ -104,7 +108,26 @@ def sendable_key(provider: Provider) -> str | None:
     return value
 
 
-_PASSED_BACK = frozenset(("x-request-id", "retry-after"))
+class Delivered(BytesPayload):
+    """A request's body that marks its call `delivered` once the whole of it is written to the
+    upstream's connection: the upstream has the request, and may bill it from then on.
+
+    aiohttp wraps a body of bytes in a `BytesPayload` anyway; this one only adds the mark."""
+
+    def __init__(self, body: bytes, call: Call) -> None:
+        super().__init__(body, content_type="application/json")
+        self._call = call
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await super().write(writer)
+        self._call.delivered = True
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        await super().write_with_length(writer, content_length)
+        self._call.delivered = True
+
+
+_PASSED_BACK = frozenset(("x-request-id", "retry-after", "retry-after-ms"))
 _REQUEST_ID = re.compile(r"[!-~]{1,128}")
 """An upstream's request id that may name the answer and its ledger record: 1 to 128 visible
 ASCII characters (a longer or stranger one keeps the gateway's own id)."""
@@ -112,13 +135,44 @@ ASCII characters (a longer or stranger one keeps the gateway's own id)."""
 
 def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
     """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer
-    (docs/reference.md §7)."""
+    (docs/reference.md §7), `retry-after` with its `retry-after-ms` (`retry_after`)."""
     for name, value in upstream.items():
         lower = name.lower()
         if lower in _PASSED_BACK or lower.startswith("x-ratelimit-"):
             if lower == "x-request-id" and not _REQUEST_ID.fullmatch(value):
                 continue
             headers[lower] = value
+    if "retry-after" in headers or "retry-after-ms" in headers:
+        retry_after(headers)
+
+
+_MAX_RETRY_MS = 10**12
+
+
+def retry_after(headers: dict[str, str]) -> None:
+    """Make an upstream's `retry-after` and `retry-after-ms` a pair (docs/reference.md §13.3):
+    `retry-after-ms` is a whole number, sent exactly when `Retry-After` is. One the upstream did
+    not send is derived from the other (seconds, or an HTTP date, as milliseconds from now); a
+    pair that says no time is dropped."""
+    seconds = headers.pop("retry-after", "").strip()
+    given = headers.pop("retry-after-ms", "").strip()
+    ms = int(given) if given.isdigit() and len(given) <= 12 else None
+    if seconds.isdigit() and len(seconds) <= 9:
+        headers["retry-after"] = seconds
+        headers["retry-after-ms"] = str(ms if ms is not None else int(seconds) * 1000)
+        return
+    if seconds and ms is None:
+        try:
+            when = email.utils.parsedate_to_datetime(seconds)
+        except (TypeError, ValueError, IndexError):
+            return
+        if when.tzinfo is None:
+            return
+        ms = max(0, min(_MAX_RETRY_MS, int((when.timestamp() - time.time()) * 1000 + 0.999)))
+    if ms is None:
+        return
+    headers["retry-after"] = seconds if seconds else str(-(-ms // 1000))
+    headers["retry-after-ms"] = str(ms)
 
 
 class TooLarge(Exception):

@@ -27,7 +27,8 @@ import aiohttp
 import httpx
 from yarl import URL
 
-from service.gateway.transports.base import TooLarge
+from service.gateway.call import Call
+from service.gateway.transports.base import Delivered, TooLarge
 
 _NOT_SENT = frozenset(("host", "content-length", "transfer-encoding", "connection", "accept-encoding"))
 """Request headers aiohttp writes itself (Accept-Encoding: those it can decode)."""
@@ -52,6 +53,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         body = await request.aread()
+        call = CALL.get()
         timeouts = request.extensions.get("timeout", {})
         headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in _NOT_SENT]
         try:
@@ -59,7 +61,7 @@ class SessionTransport(httpx.AsyncBaseTransport):
                 request.method,
                 URL(str(request.url), encoded=True),
                 headers=headers,
-                data=body or None,
+                data=Delivered(body, call) if body and call is not None else body or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
                     sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
@@ -73,6 +75,8 @@ class SessionTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(str(exc), request=request) from exc
         except aiohttp.ClientError as exc:
             raise httpx.ReadError(str(exc), request=request) from exc
+        if call is not None:
+            call.upstream_status = response.status
         streamed = self.streams and response.headers.get("Content-Type", "").startswith(_SSE)
         limit = None if streamed else self.limit
         encoded = "Content-Encoding" in response.headers
@@ -120,6 +124,9 @@ class _Body(httpx.AsyncByteStream):
             self.response.close()
 
 
+CALL: ContextVar[Call | None] = ContextVar("switchboard_litellm_call", default=None)
+"""The gateway call litellm's requests are made for (set by the litellm transport): its requests
+mark it `delivered` once written, and its `upstream_status` once answered."""
 CURRENT: ContextVar[SessionTransport | None] = ContextVar("switchboard_litellm_transport", default=None)
 """The transport of the gateway call running in this context (None outside one)."""
 

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import TooLarge, Transport, pass_back, sendable_key
+from service.gateway.transports.base import TooLarge, Transport, pass_back, retry_after, sendable_key
 from service.gateway.transports.guard import RedirectRefused, refusal_of
 from service.vendors import VENDORS
 
@@ -106,6 +106,8 @@ class LiteLLMTransport(Transport):
         self._clients: dict[bool, tuple[Any, Any]] = {}
         self._current: Any = None
         """`bridge.CURRENT`, once litellm is loaded."""
+        self._call: Any = None
+        """`bridge.CALL`, once litellm is loaded."""
 
     async def warm(self) -> ModuleType:
         """Import litellm once, in a worker thread, so the event loop goes on serving meanwhile."""
@@ -115,10 +117,10 @@ class LiteLLMTransport(Transport):
             self._loading = asyncio.ensure_future(asyncio.to_thread(_import_litellm))
         module = await asyncio.shield(self._loading)
         if not self._clients:
-            from service.gateway.transports.bridge import CURRENT
+            from service.gateway.transports.bridge import CALL, CURRENT
 
             self._clients = _clients(self.session, self.max_bytes)
-            self._current = CURRENT
+            self._current, self._call = CURRENT, CALL
         self._module = module
         return module
 
@@ -127,9 +129,11 @@ class LiteLLMTransport(Transport):
         litellm = self._module or await self.warm()
         transport, client = self._clients[call.stream and call.purpose == "chat"]
         token = self._current.set(transport)  # the clients litellm builds itself send through it too
+        marks = self._call.set(call)  # what its requests mark: delivered, answered
         try:
             return await _forward(litellm, client, call, provider, headers)
         finally:
+            self._call.reset(marks)
             self._current.reset(token)
 
 
@@ -330,8 +334,10 @@ def _pass_back(result: Any, headers: dict[str, str]) -> None:
             name = "x-request-id"
         if name == "x-request-id":
             pass_back({name: str(value)}, headers)  # the vendor's id names the answer, when it is sane
-        elif name == "retry-after" or name.startswith("x-ratelimit-"):
+        elif name in ("retry-after", "retry-after-ms") or name.startswith("x-ratelimit-"):
             headers.setdefault(name, str(value))
+    if "retry-after" in headers or "retry-after-ms" in headers:
+        retry_after(headers)
 
 
 def _model(result: Any) -> str | None:
@@ -340,6 +346,10 @@ def _model(result: Any) -> str | None:
 
 
 def _usage(result: Any) -> dict[str, Any] | None:
+    """litellm's usage in Chat Completions' shape, with what prices it apart (docs/reference.md
+    §13.1): cache reads (`prompt_tokens_details.cached_tokens`), cache writes
+    (`cache_creation_input_tokens`, which litellm counts inside `prompt_tokens`, as it does
+    Anthropic's cache reads) and reasoning tokens."""
     usage = getattr(result, "usage", None)
     if usage is None:
         return None
@@ -347,7 +357,17 @@ def _usage(result: Any) -> dict[str, Any] | None:
     completion = getattr(usage, "completion_tokens", None)
     if prompt is None and completion is None:
         return None
-    return {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0}
+    found: dict[str, Any] = {"prompt_tokens": prompt or 0, "completion_tokens": completion or 0}
+    cached = getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None)
+    if isinstance(cached, int) and cached:
+        found["prompt_tokens_details"] = {"cached_tokens": cached}
+    written = getattr(usage, "cache_creation_input_tokens", None)
+    if isinstance(written, int) and written:
+        found["cache_creation_input_tokens"] = written
+    reasoning = getattr(getattr(usage, "completion_tokens_details", None), "reasoning_tokens", None)
+    if isinstance(reasoning, int) and reasoning:
+        found["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return found
 
 
 async def _close(stream: Any) -> None:

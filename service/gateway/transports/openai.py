@@ -47,6 +47,7 @@ from service.config.upstreams import AllowedUpstreams
 from service.gateway.call import VIA_HEADER, Call, Failure, NotSpoken, falls_back
 from service.gateway.protocols import usage as usages
 from service.gateway.transports.base import (
+    Delivered,
     TooLarge,
     Transport,
     describe_error,
@@ -216,9 +217,9 @@ class OpenAITransport(Transport):
         try:
             headers = self._headers(call, target)
             response = await self.session.post(
-                url, data=body, headers=headers, timeout=target.plain, allow_redirects=False
+                url, data=Delivered(body, call), headers=headers, timeout=target.plain, allow_redirects=False
             )
-            status = response.status
+            status = call.upstream_status = response.status
             if falls_back(status):
                 raise Failure.of_status(status)
             call.first_byte_s = loop.time() - started
@@ -258,20 +259,25 @@ class OpenAITransport(Transport):
             async with asyncio.timeout(target.first_byte_s):
                 body = call.body_asking_usage(provider) if asked else call.body_for(provider)
                 response = await self.session.post(
-                    url, data=body, headers=sent, timeout=target.streaming, allow_redirects=False
+                    url,
+                    data=Delivered(body, call),
+                    headers=sent,
+                    timeout=target.streaming,
+                    allow_redirects=False,
                 )
-                status = response.status
+                status = call.upstream_status = response.status
                 if status == 400 and asked:  # maybe `stream_options` itself: ask again without
                     response.close()
                     response = None
+                    call.delivered, call.upstream_status = False, None
                     response = await self.session.post(
                         url,
-                        data=call.body_for(provider),
+                        data=Delivered(call.body_for(provider), call),
                         headers=sent,
                         timeout=target.streaming,
                         allow_redirects=False,
                     )
-                    status = response.status
+                    status = call.upstream_status = response.status
                     asked = False
                     if status < 400:
                         target.stream_options = False

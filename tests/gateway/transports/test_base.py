@@ -45,4 +45,29 @@ def test_only_request_ids_retry_after_and_rate_limits_are_passed_back() -> None:
         "Set-Cookie": "s",
     }
     pass_back(upstream, headers)
-    assert headers == {"x-request-id": "r1", "retry-after": "3", "x-ratelimit-remaining-requests": "9"}
+    assert headers == {
+        "x-request-id": "r1",
+        "retry-after": "3",
+        "retry-after-ms": "3000",  # sent exactly when Retry-After is
+        "x-ratelimit-remaining-requests": "9",
+    }
+
+
+@pytest.mark.parametrize(
+    ("upstream", "passed"),
+    [
+        ({"Retry-After": "2", "retry-after-ms": "1500"}, ("2", "1500")),
+        ({"retry-after-ms": "1500"}, ("2", "1500")),
+        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, ("Wed, 21 Oct 2015 07:28:00 GMT", "0")),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "soon", "retry-after-ms": "1.5"}, None),
+        ({"retry-after-ms": "-5"}, None),
+    ],
+)
+def test_retry_after_and_retry_after_ms_are_passed_back_as_a_pair(
+    upstream: dict[str, str], passed: tuple[str, str] | None
+) -> None:
+    headers: dict[str, str] = {}
+    pass_back(upstream, headers)
+    pair = (headers["retry-after"], headers["retry-after-ms"]) if "retry-after" in headers else None
+    assert pair == passed and ("retry-after" in headers) == ("retry-after-ms" in headers)

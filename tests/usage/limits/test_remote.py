@@ -354,3 +354,41 @@ async def test_concurrent_checks_share_round_trips(redis_server: RedisServer) ->
         stats = await client.info("commandstats")
         await client.aclose()
         assert stats["cmdstat_evalsha"]["calls"] <= 4  # not one a request
+
+
+async def _all_four_refuse_in_order(limiter: Limiter) -> None:
+    """A client that every limit would refuse is refused by the first in the order of
+    docs/reference.md §13.2; lifting that one shows the next, and no refusal counts toward any limit."""
+    budget = {"usd": "1", "period": "day"}
+    loose = limits(budget=budget)
+    before, _ = await limiter.admit("p", "c", loose, Decimal("0.5"))
+    await limiter.settle(before, Decimal("0.95"), 20)  # 1 request, 20 tokens, 0.95 USD in the window
+    busy, _ = await limiter.admit("a", "c", loose, Decimal(0))  # in flight
+    strict = {"max_parallel": 1, "rpm": 2, "tpm": 10, "budget": budget}
+    named = []
+    for lifted in ({}, {"max_parallel": 5}, {"rpm": 50}, {"tpm": 1000}):
+        strict.update(lifted)
+        refused = await attempt(limiter, f"x{len(named)}", limits(**strict), "0.5")
+        assert isinstance(refused, Refused)
+        named.append(refused.limit)
+    assert named == ["max_parallel", "rpm", "tpm", "budget"]
+    await limiter.settle(busy, Decimal(0), 0)
+    # no refusal counted, the budget's own included: 0.05 USD is left, and a request it covers is
+    # taken, the third of the window (p, a, then this one), its tokens the first 20
+    final = limits(**strict)
+    fits, _ = await limiter.admit("y", "c", final, Decimal("0.05"))
+    remaining = fits.use.remaining(final)
+    assert remaining["x-switchboard-remaining-requests"] == "47"
+    assert remaining["x-switchboard-remaining-tokens"] == "980"
+    assert Decimal(remaining["x-switchboard-budget-remaining-usd"]) == 0  # 0.95 spent, 0.05 held
+    await limiter.settle(fits, Decimal("0.05"), 1)
+
+
+async def test_limits_are_checked_in_order_here() -> None:
+    await _all_four_refuse_in_order(Limiter(clock=Clock()))
+
+
+async def test_limits_are_checked_in_order_on_redis(redis_server: RedisServer) -> None:
+    async with replica(redis_server.url, Clock()) as a:
+        assert a.limiter.mode == "redis"
+        await _all_four_refuse_in_order(a.limiter)
