@@ -44,7 +44,7 @@ async def test_a_replayed_note_moves_no_replica(sops_project: SopsProject, redis
         right = HealthNote("gpu", blob, "unhealthy", "HTTP 502", time.time())
         await forge(redis_server.url, right.signed("a", "a-instance", key))
         await eventually(lambda: b.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 502"), 5)
-        reasons = [e.reason for e in changes(b)]  # type: ignore[attr-defined]
+        reasons = [e.reason for e in await eventually(lambda: changes(b) or False, 5)]  # type: ignore[attr-defined]
     assert reasons == ["HTTP 502"]  # the right note alone: no replay
 
 
@@ -60,6 +60,8 @@ async def test_a_signed_note_about_a_provider_this_replica_does_not_serve_is_ign
         await forge(redis_server.url, right.signed("a", "a-instance", key))
         await eventually(lambda: b.app[HEALTH].get("gpu").status == "unhealthy", 5)
         assert b.app[HEALTH].get("other").status == "unknown"
+        await eventually(lambda: changes(b) or False, 5)
+        await asyncio.sleep(0.2)
         assert [e.subject for e in changes(b)] == ["gpu"]  # type: ignore[attr-defined]
 
 
