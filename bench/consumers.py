@@ -1,7 +1,7 @@
 """Benchmark of consumers behind a load balancer without affinity (docs/reference.md §9, §12;
 issue 19): what an idle consumer costs, and how late a change reaches it.
 
-    python -m bench.consumers                       # 60 s idle, 20 changes each way (~4 min)
+    python -m bench.consumers                       # 60 s idle, 20 changes each way (~2.5-4 min)
     python -m bench.consumers --idle-seconds 300 --changes 50
 
 Three `switchboard serve` replicas from one bare remote, each with its own clone, port and event

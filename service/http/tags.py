@@ -229,6 +229,7 @@ class Tags:
             ancestors = await asyncio.to_thread(self._list, served)
             self._ancestors = (served, ancestors)
         except Exception:
+            self._ancestors = (served, ancestors)  # not asked again for this commit: once is a warning
             log.warning("the ancestors of %s could not be listed", served[:12], exc_info=True)
         finally:  # also when the asking request is cancelled: the others waiting on it go on
             future.set_result(ancestors)
