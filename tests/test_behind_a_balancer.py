@@ -8,7 +8,6 @@ about one request per wait period, and never sees a change and then loses it.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -136,59 +135,3 @@ async def test_a_consumer_behind_a_round_robin_neither_loops_nor_steps_back(
 
 async def _saw(consumer: Consumer, port: str) -> bool:
     return any(port in url for _, _, url in consumer.seen)
-
-
-async def test_replicas_on_two_histories_hold_a_consumer_rather_than_bounce_it(
-    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
-) -> None:
-    """The remote's history rewritten (a force-push): the built-in pull cannot fast-forward, so
-    the replicas keep the old history (having fetched the new); an operator resets one by hand.
-    Each replica now holds the other's commit, neither an ancestor of its own: answering each
-    other's tags at once bounced a consumer between them as fast as it could ask. (Which history
-    it is given is the operator's to settle; that it is not looped is the service's.)"""
-    bare, author = remote
-    key = sops_project.identity.key_file
-    base = author.head()
-    pair = (member(tmp_path, bare, key, "r1"), member(tmp_path, bare, key, "r2"))
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            for m in pair:
-                m.http = http
-                await m.start()
-            for m in pair:
-                await m.wait_ready()
-            old = author.commit({"gpu.yaml": server_yaml("gpu", 7101)}, "the old history")
-            author.push()
-            for m in pair:
-                await m.post(f"{API}/hooks/git", PAYLOAD, **signed(PAYLOAD))
-            await until(lambda: all_serve(pair, old), 15, "both serve the old history")
-            git_reset(author.root, base)
-            new = author.commit({"gpu.yaml": server_yaml("gpu", 7202)}, "the rewritten history")
-            author.push(force=True)
-            for m in pair:  # fetched, not fast-forwarded: each reports the divergence
-                await m.post(f"{API}/hooks/git", PAYLOAD, **signed(PAYLOAD))
-            await asyncio.sleep(1)
-            git_reset(pair[1].root, new)  # the operator's hand on one replica
-            await until(lambda: _serves(pair, (old, new)), 15, "r1 on the old history, r2 on the new")
-
-            async with round_robin([m.url for m in pair]) as proxy:
-                consumer = Consumer(proxy, http)
-                stop = asyncio.Event()
-                loop = asyncio.create_task(consumer.run(stop))
-                await asyncio.sleep(3 * WAIT_S + 0.5)
-                stop.set()
-                await asyncio.wait_for(loop, 2 * WAIT_S + 5)
-    finally:
-        await asyncio.gather(*(m.stop() for m in pair))
-    # Two a wait at most: r1 holds the new history's tag for the wait (it never served it), then
-    # answers; r2 answers the old history's tag at once (it served it and left it, as after a
-    # rollback). Before, each answered the other's at once: 7,764 requests in these 6.5 s.
-    assert consumer.requests <= 12, (consumer.requests, consumer.statuses)
-
-
-def git_reset(root: Path, commit: str) -> None:
-    subprocess.run(["git", "reset", "-q", "--hard", commit], cwd=root, check=True, capture_output=True)
-
-
-async def _serves(pair: tuple[Replica, ...], commits: tuple[str, ...]) -> bool:
-    return tuple([await m.commit() for m in pair]) == commits

@@ -15,14 +15,12 @@ A client's tag is judged against this replica's answer (`Tags.judge`):
   descendant of what it serves) and never served. Answering would be a step back: the query
   holds until the replica applies it, or answers 304 when `wait` runs out.
 - `UNSEEN`: it differs only in its hash (same file, same commit: health seen differently by
-  another replica), and this replica never gave it; or it names a commit of another history
-  (its repository holds it, it is not an ancestor of what is served) that this replica never
-  served, as replicas give while some follow a rewritten history and others cannot. Answering
-  at once would bounce a consumer between replicas that disagree, as fast as it can ask: the
-  query holds until this replica's answer changes, or is answered with the current content
-  when `wait` runs out.
-- `DIFFERS`: anything else (an older commit, a commit this replica served and left: a
-  rollback or a rewritten history applied here, garbage): answered now.
+  another replica), and this replica never gave it. Answering at once would bounce a consumer
+  between replicas that disagree, as fast as it can ask: the query holds until this replica's
+  answer changes, or is answered with the current content when `wait` runs out.
+- `DIFFERS`: anything else (an older commit, a commit of another history that the repository
+  holds, a commit this replica served and left: a rollback, garbage): answered now, as
+  docs/reference.md §9 says of a rewritten history.
 
 What a commit is to the served one is known without git for the commits this replica served
 (`applied`, told by the registry) and the served commit's last `MAX_ANCESTORS` ancestors
@@ -169,8 +167,6 @@ class Tags:
                 relation = await self.relation(parts.commit)
                 if relation == "ahead":
                     return Verdict.AHEAD
-                if relation == "diverged":
-                    verdict = Verdict.UNSEEN
             elif (parts.blob, parts.commit) == (own.blob, own.commit) and not self.given(tag):
                 verdict = Verdict.UNSEEN
         return verdict

@@ -66,12 +66,12 @@ async def test_a_rewritten_history_applied_here_answers_a_tag_of_the_old_one_at_
     assert answer.json()["primary"][0]["base_url"] == "http://127.0.0.1:7103/v1"
 
 
-async def test_a_tag_of_another_history_this_replica_never_served_is_held_not_looped(
+async def test_a_tag_of_a_rewritten_history_the_repository_holds_is_answered_at_once(
     committed: Service,
 ) -> None:
-    """Replicas serving two histories at once (a fresh clone of a force-pushed remote beside
-    replicas whose pull cannot fast-forward): answering each other's tags at once would bounce a
-    consumer between them as fast as it can ask. Held for the wait, then answered."""
+    """A tag naming a commit the repository holds that is not an ancestor of what it serves (a
+    rewritten history), and that this replica never served, is a differing tag like any other
+    (docs/reference.md §9): answered at once, not held as if it were ahead."""
     project = committed.project
     first = served(committed)
     assert first is not None
@@ -86,9 +86,9 @@ async def test_a_tag_of_another_history_this_replica_never_served_is_held_not_lo
     ours = (await get(committed, API + "/active/chat")).headers["ETag"]
     theirs = retagged(ours, commit=elsewhere, digest="3" * 24)
     started = time.monotonic()
-    answer = await get(committed, f"{API}/active/chat?wait=800ms", {"If-None-Match": theirs})
+    answer = await get(committed, f"{API}/active/chat?wait=5s", {"If-None-Match": theirs})
     assert answer.status == 200 and answer.headers["ETag"] == ours
-    assert time.monotonic() - started >= 0.7
+    assert time.monotonic() - started < 2
 
 
 async def test_made_up_commits_cannot_starve_a_consumer_of_a_change(committed: Service) -> None:
