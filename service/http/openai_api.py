@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -46,7 +47,6 @@ from service.http.context import (
 from service.journal.events import BaseEvent, ProviderHealthChanged
 from service.runtime.registry import Outcome
 from service.settings import Settings
-from service.usage.encoding import loads
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
         raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
     body = await request.read()
     try:
-        data = loads(body)  # orjson where it reads as json's module does
+        data = json.loads(body)
     except ValueError:
         raise BadRequest("the body is not valid JSON") from None
     except RecursionError:
