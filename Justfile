@@ -54,7 +54,7 @@ schema:
     python -m service schema
 
 # benchmarks: the gateway against direct and LiteLLM's proxy (which first starts from `export litellm`'s
-# file, checked), the configuration service, replicas
+# file, checked), the configuration service, replicas, consumers behind a balancer
 bench:
     python -m bench.litellm_proxy setup
     python -m bench.litellm_export
@@ -65,6 +65,7 @@ bench:
     python -m bench.config
     python -m bench.events
     python -m bench.replicas
+    python -m bench.consumers
     python -m bench.console
     python -m bench.limits
 

@@ -196,6 +196,20 @@ class Settings(BaseSettings):
         """The local snapshot of budgets' spent (docs/reference.md §13), beside the ledger's spool."""
         return self.usage_spool_dir.parent / "usage-spent.json"
 
+    def age_identity(self) -> str | None:
+        """The age identity's text as given (`age_key`, else the file `age_key_file`), for keys
+        derived from it one-way; None when there is none, it cannot be read, or it is blank.
+        Read at start only, never on a request."""
+        secret: str | None = None
+        if self.age_key is not None:
+            secret = self.age_key.get_secret_value()
+        elif self.age_key_file is not None:
+            try:
+                secret = self.age_key_file.read_text()
+            except OSError:
+                secret = None
+        return secret if secret and secret.strip() else None
+
     @property
     def sops_config(self) -> Path:
         return self.root / ".sops.yaml"

@@ -51,6 +51,9 @@ REPLICA_HEADER = "X-Switchboard-Replica"
 STREAM_SILENCE_S = 45.0
 """An event stream that brings not a byte for this long is reopened: the service sends a
 comment every 15 s, so three missed mean it went silent."""
+NEWS_HELD_S = 0.2
+"""A held question answered with news after this long was held, not answered at once: a
+service that answers at once does so in milliseconds."""
 MAX_TAG_CHARS = 1024
 """A longer `ETag` is not kept (nor sent back): the copy is then compared by its content."""
 
@@ -290,8 +293,10 @@ class Switchboard:
                 held = self._holding()
                 changed, took = await self._refresh(held)
                 failures = 0
-                if held and took >= self.wait_s / 2:
-                    quick = 0  # it was held: the service is holding as it should
+                if held and (took >= self.wait_s / 2 or (changed and took >= NEWS_HELD_S)):
+                    # it was held: the service is holding as it should (held until a change came,
+                    # however soon: changes every few seconds are news, not a loop to slow down)
+                    quick = 0
                     continue
                 quick += 1
                 if changed and quick == 1:

@@ -162,7 +162,11 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
     changes_ = app[CHANGES] = Changes(
         events, registry, settings.replica, settings.max_watchers, settings.max_watchers_per_client
     )
-    app[TAGS] = Tags(lambda: _repository(registry, writer), lambda: registry.state.last_applied_commit)
+    tags_ = app[TAGS] = Tags(
+        lambda: _repository(registry, writer), lambda: registry.state.last_applied_commit
+    )
+    # the commits served, so a tag of one left (a rollback) is never taken for one still to come
+    registry.on_apply.append(lambda _: tags_.applied(registry.state.last_applied_commit))
 
     def shown(provider_id: str) -> None:
         changes_.touch()  # a provider's status or reason is in the tags: held queries look again

@@ -188,15 +188,8 @@ def _ids_key(settings: Settings) -> bytes | None:
     """The MAC key of response ids for providers without an API key (docs/reference.md §14): derived from the
     age identity, which every replica holds to decrypt the files and nobody outside does.
     None without one (each replica then makes its own)."""
-    secret: str | None = None
-    if settings.age_key is not None:
-        secret = settings.age_key.get_secret_value()
-    elif settings.age_key_file is not None:
-        try:
-            secret = settings.age_key_file.read_text()
-        except OSError:
-            secret = None
-    return ids.derive_key(secret) if secret and secret.strip() else None
+    secret = settings.age_identity()
+    return ids.derive_key(secret) if secret is not None else None
 
 
 async def _stop(task: asyncio.Task[None]) -> None:

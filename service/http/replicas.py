@@ -220,6 +220,11 @@ def _share_health(
     registry, health = app[REGISTRY], app[HEALTH]
     blobs = PerSnapshot(_provider_blobs)
     fanout.health_key = _health_key(app[SETTINGS])
+    if fanout.health_key is None:
+        log.warning(
+            "shared health: no age identity to sign health notes with; anyone who can publish on "
+            "Redis can change the health these replicas show (give them SOPS_AGE_KEY_FILE)"
+        )
     last: dict[str, float] = {}
     waiting: dict[str, HealthNote] = {}
 
@@ -277,15 +282,8 @@ def _provider_blobs(snapshot: Snapshot) -> dict[str, str]:
 def _health_key(settings: Settings) -> bytes | None:
     """The key health notes are signed with: derived from the age identity, which every replica
     holds (to decrypt the files) and nobody who can only reach Redis does. None without one."""
-    secret: str | None = None
-    if settings.age_key is not None:
-        secret = settings.age_key.get_secret_value()
-    elif settings.age_key_file is not None:
-        try:
-            secret = settings.age_key_file.read_text()
-        except OSError:
-            secret = None
-    if not secret or not secret.strip():
+    secret = settings.age_identity()
+    if secret is None:
         return None
     return hmac.new(secret.strip().encode(), b"switchboard health notes v1", hashlib.sha256).digest()
 

@@ -12,23 +12,29 @@ A client's tag is judged against this replica's answer (`Tags.judge`):
 
 - `MATCH`: the same tag; the client's copy is current.
 - `AHEAD`: it names a commit this replica has not applied (not in its repository yet, or a
-  descendant of what it serves). Answering would be a step back: the query holds until the
-  replica applies it, or answers 304 when `wait` runs out.
+  descendant of what it serves) and never served. Answering would be a step back: the query
+  holds until the replica applies it, or answers 304 when `wait` runs out.
 - `UNSEEN`: it differs only in its hash (same file, same commit: health seen differently by
   another replica), and this replica never gave it. Answering at once would bounce a consumer
-  between replicas that disagree: the query holds until this replica's answer changes, or
-  is answered with the current content when `wait` runs out.
-- `DIFFERS`: anything else (an older commit, a rewritten history, garbage): answered now.
+  between replicas that disagree, as fast as it can ask: the query holds until this replica's
+  answer changes, or is answered with the current content when `wait` runs out.
+- `DIFFERS`: anything else (an older commit, a commit of another history that the repository
+  holds, a commit this replica served and left: a rollback, garbage): answered now, as
+  docs/reference.md §9 says of a rewritten history.
 
-Whether a commit is applied asks git (`merge-base`), in a thread, once per commit and served
-commit (cached), at most `LOOKUPS_PER_S` a second: made-up commits cannot keep git busy
-(past the rate a tag is taken as `AHEAD`, which only holds a query).
+What a commit is to the served one is known without git for the commits this replica served
+(`applied`, told by the registry) and the served commit's last `MAX_ANCESTORS` ancestors
+(asked of git once per served commit): the tags consumers hold. Any other asks git
+(`merge-base`), in a thread, once per commit and served commit (cached), at most
+`LOOKUPS_PER_S` a second: made-up commits cannot keep git busy (past the rate a tag is taken
+as `AHEAD`, which only holds a query), nor use up the lookups a consumer's tag needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -41,6 +47,8 @@ from aiohttp import web
 from service.errors import GitError
 from service.vcs.gitrepo import GitRepo
 
+log = logging.getLogger(__name__)
+
 REMEMBERED_S = 330.0
 """How long a tag given is remembered: longer than the longest `wait` (300 s)."""
 MAX_REMEMBERED = 100_000
@@ -48,6 +56,10 @@ MAX_VERDICTS = 4096
 LOOKUPS_PER_S = 20
 MAX_TAGS = 16
 """Tags of one `If-None-Match` looked at, at most."""
+MAX_ANCESTORS = 4096
+"""Ancestors of the served commit known without asking git."""
+MAX_APPLIED = 1024
+"""Commits this replica served, remembered (the newest)."""
 
 _ID = r"([0-9a-f]{40}(?:[0-9a-f]{24})?|-)"
 _TAG = re.compile(rf'^(?:W/)?"{_ID}\.{_ID}\.([0-9a-f]{{1,64}})"$')
@@ -91,8 +103,9 @@ def _bare(tag: str) -> str:
 
 
 Relation = str
-"""`applied` (the commit or one of its descendants is served), `ahead` (not here yet, or a
-descendant of what is served), `diverged` (neither: a rewritten history), `unknown` (no git)."""
+"""`applied` (the commit or one of its descendants is served), `left` (served here before, not
+now: a rollback or a rewritten history applied here), `ahead` (not here yet, or a descendant
+of what is served), `diverged` (neither: another history), `unknown` (no git)."""
 
 
 class Tags:
@@ -107,6 +120,17 @@ class Tags:
         self._verdicts: OrderedDict[tuple[str, str], Relation] = OrderedDict()
         self._asking: dict[tuple[str, str], asyncio.Future[Relation]] = {}
         self._lookups: list[float] = []
+        self._applied: dict[str, None] = {}
+        self._ancestors: tuple[str, frozenset[str]] | None = None
+        self._listing: tuple[str, asyncio.Future[frozenset[str]]] | None = None
+
+    def applied(self, commit: str | None) -> None:
+        """This replica applied `commit` (the registry's `on_apply`, in its thread)."""
+        if commit is None or commit in self._applied:
+            return
+        self._applied[commit] = None
+        while len(self._applied) > MAX_APPLIED:
+            del self._applied[next(iter(self._applied))]
 
     # -- the tags given --------------------------------------------------------------------------
 
@@ -140,7 +164,8 @@ class Tags:
             if parts is None:
                 continue
             if parts.commit != own.commit and parts.commit != "-":
-                if await self.relation(parts.commit) == "ahead":
+                relation = await self.relation(parts.commit)
+                if relation == "ahead":
                     return Verdict.AHEAD
             elif (parts.blob, parts.commit) == (own.blob, own.commit) and not self.given(tag):
                 verdict = Verdict.UNSEEN
@@ -152,6 +177,10 @@ class Tags:
         if served is None or not _HEX_COMMIT.match(commit):
             return "unknown"
         if commit == served:
+            return "applied"
+        if commit in self._applied:
+            return "left"
+        if commit in await self._ancestors_of(served):
             return "applied"
         key = (commit, served)
         known = self._verdicts.get(key)
@@ -180,6 +209,37 @@ class Tags:
             while len(self._verdicts) > MAX_VERDICTS:
                 self._verdicts.popitem(last=False)
         return relation
+
+    async def _ancestors_of(self, served: str) -> frozenset[str]:
+        """The last `MAX_ANCESTORS` ancestors of `served` (asked of git once per served commit)."""
+        known = self._ancestors
+        if known is not None and known[0] == served:
+            return known[1]
+        listing = self._listing
+        if listing is not None and listing[0] == served and not listing[1].done():
+            return await asyncio.shield(listing[1])
+        future: asyncio.Future[frozenset[str]] = asyncio.get_running_loop().create_future()
+        self._listing = (served, future)
+        ancestors: frozenset[str] = frozenset()
+        try:
+            ancestors = await asyncio.to_thread(self._list, served)
+            self._ancestors = (served, ancestors)
+        except Exception:
+            self._ancestors = (served, ancestors)  # not asked again for this commit: once is a warning
+            log.warning("the ancestors of %s could not be listed", served[:12], exc_info=True)
+        finally:  # also when the asking request is cancelled: the others waiting on it go on
+            future.set_result(ancestors)
+        return ancestors
+
+    def _list(self, served: str) -> frozenset[str]:
+        repo = self._repo()
+        if repo is None:
+            return frozenset()
+        try:
+            out = repo.run("rev-list", f"--max-count={MAX_ANCESTORS}", served)
+        except GitError:
+            return frozenset()
+        return frozenset(out.decode().split())
 
     def _ask(self, commit: str, served: str) -> Relation:
         repo = self._repo()

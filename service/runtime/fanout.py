@@ -86,7 +86,11 @@ HEALTH_OUTBOX = 256
 """Health notes waiting for a session, at most (the oldest go first)."""
 FUTURE_S = 5.0
 """A note dated further ahead than this (clocks differ a little, not more) is refused."""
-PAST_S = 86_400.0
+PAST_S = 120.0
+"""A note dated further back than this is refused: notes are published as they are confirmed,
+and anyone who can read Redis can publish a genuine one again later. A replica that has
+confirmed nothing since it started would take an old one as news (a provider down yesterday,
+shown down again); past two minutes each replica's own checks are the better word."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """A record as one line of the spool, and back, made safe for any database on the way.
 
 A line is a JSON array in a fixed order (`FIELDS`), led by a format version, ended by `\\n`:
-compact, and quick to write on the request path. Encoding also bounds what a request could
+compact, and quick to write on the request path (orjson writes and reads it; json's own module
+only what orjson refuses, so that a line means what it meant). Encoding also bounds what a request could
 make absurd, so that no record can fail a batch and hold the spool back: text loses NUL
 characters and lone surrogates and is cut to 256 characters, counts are whole numbers within
 64 bits, times finite, and money a finite decimal between 0 and a million dollars.
@@ -14,6 +15,8 @@ import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import orjson
 
 from service.usage.record import Record
 
@@ -83,20 +86,55 @@ def encode(record: Record) -> bytes:
         text(record.replica) or "-",
         bool(record.limited) or record.status == 429,
     ]
-    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    try:
+        return orjson.dumps(line) + b"\n"  # what json.dumps writes, in a tenth of the work
+    except (TypeError, orjson.JSONEncodeError):  # e.g. a surrogate `text` let through: json's way
+        return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_LONG_NUMBER = b"0" * 20
+"""An integer past 64 bits has 20 digits at least (one of 19 or fewer is exact in orjson)."""
+MAX_OPENINGS = 256
+"""A text with more `[` and `{` than this is read by json's module (it may nest that deep)."""
+MAX_QUICK_BYTES = 1024
+"""A text larger than this is read by json's module: past ~2 KB the checks below (1.3 ns a
+byte) cost more than orjson saves (json's module: ~1 ns a byte and 2 µs a call; orjson 0.4 ns)."""
+
+
+def loads(data: bytes) -> Any:
+    """JSON as json's module reads it (`json.loads`), read by orjson where that is the same.
+
+    orjson reads a small text (a spool line, a short request) in a third of the time, but not
+    everything the same way: it refuses NaN, UTF-16, a BOM, escaped lone surrogates, and json's
+    module reads those; it makes floats of integers past 64 bits; and some versions crash on
+    deep nesting. So a text with a run of 20
+    digits, or more than `MAX_OPENINGS` brackets and braces (no nesting can be deeper), one
+    over `MAX_QUICK_BYTES`, and one orjson refuses are json's module's: what is accepted, how
+    it reads and the error of what is not stay as they were (ValueError, or RecursionError)."""
+    if (
+        len(data) <= MAX_QUICK_BYTES
+        and data.count(b"[") + data.count(b"{") <= MAX_OPENINGS
+        and _LONG_NUMBER not in data.translate(_DIGITS)
+    ):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
 
 
 def decode(line: bytes) -> Record:
     """A spool line back as its record; BadLine when it is not one."""
     try:
-        values = json.loads(line)
+        values = loads(line)
         if not isinstance(values, list) or len(values) != len(FIELDS) + 1 or values[0] != VERSION:
             raise BadLine("not a version 1 record")
         data: dict[str, Any] = dict(zip(FIELDS, values[1:], strict=True))
         data["ts"] = from_micros(int(data["ts"]))
         data["cost_usd"] = Decimal(data["cost_usd"])
         return Record(**data)
-    except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation, RecursionError) as exc:
         raise BadLine(f"{type(exc).__name__}: {exc}") from None
 
 

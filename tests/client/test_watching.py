@@ -305,6 +305,29 @@ async def test_a_service_answering_at_once_with_news_every_time_is_not_a_loop() 
     assert questions <= 12, questions
 
 
+async def test_changes_every_few_tenths_of_a_second_each_reach_the_copy_without_a_pause() -> None:
+    """Each question held until a change comes, a few tenths of a second later (an operator
+    saving file after file, health confirmed after a change): each is news delivered by a held
+    question, not a loop. Counted as answers at once, they grew a pause to `wait`, and changes
+    reached the copy up to `wait` late (bench.consumers: p50 13.6 s behind three replicas)."""
+    questions = 0
+
+    async def active(request: web.Request) -> web.StreamResponse:
+        nonlocal questions
+        questions += 1
+        if "wait" in request.query:
+            await asyncio.sleep(0.3)  # held until the next change
+        body = ROUTES.replace(b"http://x/v1", f"http://x{questions}/v1".encode())
+        return web.Response(body=body, content_type="application/json", headers={"ETag": f'"{questions}"'})
+
+    async with serving(hand_written(active)) as url, Switchboard(url, wait_s=2, backoff_s=(0.05, 1)) as sb:
+        await sb.get_active_llm_provider("chat")
+        await asyncio.sleep(3)
+        late = questions - int((await sb.get_active_llm_provider("chat")).base_url[8:-3])  # type: ignore[union-attr]
+    assert questions >= 8, questions  # one per change, about 0.3 s each: no pause grew
+    assert late <= 1
+
+
 async def test_a_service_that_holds_again_after_quick_answers_is_not_stale_meanwhile() -> None:
     """After answers at once the pause grows to `wait`; the next question may then be held for
     `wait`: the time since the last answer passes `wait + grace` with a question in flight

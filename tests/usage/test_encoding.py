@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from service.usage.encoding import TEXT_LIMIT, decode, encode, text
+import json
+import math
+from decimal import Decimal
+
+import pytest
+
+from service.usage import encoding
+from service.usage.encoding import (
+    MAX_OPENINGS,
+    MAX_QUICK_BYTES,
+    TEXT_LIMIT,
+    BadLine,
+    decode,
+    encode,
+    loads,
+    text,
+)
 from tests.usage.conftest import record
 
 
@@ -27,3 +43,82 @@ def test_a_record_comes_back_from_its_line() -> None:
     back = decode(encode(sent))
     assert back.id == "r-1" and back.client == "caf\u00e9" and back.model == "m?"
     assert back.cost_usd == sent.cost_usd and back.ts == sent.ts
+
+
+def test_a_line_is_the_one_jsons_module_writes_and_reads_back_the_same() -> None:
+    """orjson writes and reads the spool (issue 22): the line means what json's module made of it
+    (the same values, in the same order), for plain and non-ASCII records, and a line of the
+    previous writer reads back as before."""
+    for sent in (
+        record(id="r-2", ttfb_ms=0.001, latency_ms=123456.789),
+        record(client="caf\u00e9 \u65e5\u672c", model="m\ud800", upstream_model=None, ttfb_ms=None),
+        record(status=429, cost_usd=Decimal("0.000000001"), attempts=2**70),
+    ):
+        line = encode(sent)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        values = json.loads(line)
+        assert line == json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        assert decode(line) == decode(json.dumps(values, ensure_ascii=True).encode() + b"\n")
+
+
+def test_a_line_orjson_refuses_is_judged_by_jsons_module() -> None:
+    """An escaped lone surrogate is JSON that orjson will not read: json's module reads it, as it did."""
+    line = encode(record(id="r-3", client="x")).replace(b'"x"', b'"\\ud800"')
+    assert decode(line).client == "\ud800"
+    with pytest.raises(BadLine):
+        decode(b"[1,NaN")
+
+
+def test_json_reads_as_jsons_module_reads_it() -> None:
+    """orjson reads request bodies and spool lines (issue 22); what it refuses or reads otherwise,
+    json's module reads or refuses as before: NaN, UTF-16, a BOM, an escaped lone surrogate,
+    integers past 64 bits (orjson makes floats of them), deep nesting (some orjson versions crash)."""
+    for raw in (
+        b'{"model": "m", "messages": [{"role": "user", "content": "caf\\u00e9 \xe6\x97\xa5 \\"u\\""}]}',
+        b' {"temperature": 0.1, "top_p": 1e-7, "big": 1.7976931348623157e308, "neg": -0, "x": [true, null]} ',
+        b'{"a": 1, "a": 2}',  # the last one wins, as before
+        b'{"seed": 123456789012345678901234567890, "max_tokens": 18446744073709551615}',
+        b'{"seed": -9223372036854775808, "max_tokens": 9999999999999999999, "t": 0.10000000000000000000001}',
+        '{"model": "m"}'.encode("utf-16"),
+        b'\xef\xbb\xbf{"model": "m"}',
+        b'{"model": "\\ud800"}',
+        b"[" * MAX_OPENINGS + b"]" * MAX_OPENINGS,
+        b"[" * (MAX_OPENINGS + 1) + b"]" * (MAX_OPENINGS + 1),
+        b'{"seed": 123456789012345678901234567890, "pad": "' + b"x" * MAX_QUICK_BYTES + b'"}',
+        b'{"n": 1, "pad": "' + b"\\u00e9" * MAX_QUICK_BYTES + b'"}',
+    ):
+        assert repr(loads(raw)) == repr(json.loads(raw)), raw[:40]  # the types too: 1 is not 1.0
+    assert math.isnan(loads(b'{"t": NaN}')["t"])
+    for bad in (b"", b"{", b'{"a": 1,}', b"\xff", b'{"a": "\x01"}'):
+        with pytest.raises(ValueError):
+            loads(bad)
+    for deep in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 100_000 + b"1" + b"}" * 100_000):
+        with pytest.raises(RecursionError):  # json's verdict, not a crash of the process
+            loads(deep)
+
+
+def test_a_damaged_line_is_a_bad_line_not_a_crash() -> None:
+    for damaged in (b"[" * 100_000 + b"\n", b"[1," + b"9" * 30 + b"]\n", b"\xff\n"):
+        with pytest.raises(BadLine):
+            decode(damaged)
+
+
+def test_a_text_past_the_quick_size_is_not_checked_or_read_by_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `MAX_QUICK_BYTES` the checks cost more than orjson saves (an 11 MB body took 133 ms
+    to search for long numbers, json's module reads it in 20): json's module reads it alone."""
+
+    class Untouchable(bytes):
+        def count(self, *args: object) -> int:
+            raise AssertionError("checked")
+
+        def translate(self, *args: object) -> bytes:
+            raise AssertionError("checked")
+
+    def refused(data: bytes) -> object:
+        raise AssertionError("read by orjson")
+
+    monkeypatch.setattr(encoding.orjson, "loads", refused)
+    big = b'{"pad": "' + b"x" * MAX_QUICK_BYTES + b'"}'
+    assert loads(Untouchable(big)) == {"pad": "x" * MAX_QUICK_BYTES}
+    with pytest.raises(AssertionError, match="read by orjson"):
+        loads(b'{"pad": "x"}')
