@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -36,6 +36,7 @@ from service.errors import BudgetExceeded, HTTPError, LimitsUnavailable, RateLim
 from service.gateway.call import Call, model_label
 from service.gateway.health import Health
 from service.metrics import Metrics
+from service.usage.encoding import fields, from_micros, record_of
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
 from service.usage.pricing import Pricing, Rate
@@ -77,6 +78,12 @@ class NullSink:
     def submit(self, record: Record) -> None:
         return None
 
+    def write(self, values: list[Any]) -> None:
+        return None
+
+
+_NO_TOKENS = Tokens()
+
 
 class Meter:
     """What every call's metering shares: the limiter, prices, the sink, the metrics."""
@@ -99,13 +106,27 @@ class Meter:
         self.health = health
         self.replica = replica
         self.default_max_tokens = default_max_tokens
-        self.sink: RecordSink = sink or NullSink()
+        self.sink = sink or NullSink()
         self.label = label or (lambda provider, call: model_label(provider, call.model))
         """The model label of a call's cost metric (the relay's bounded one)."""
         self.limits = PerSnapshot(_client_limits)
         self.ids = RequestIds()
         self._children: dict[tuple[str, ...], Any] = {}
         self._settling: set[asyncio.Task[None]] = set()
+
+    @property
+    def sink(self) -> RecordSink:
+        """Where each record goes: given as its line's values (`encoding.fields`) to a sink
+        that takes them (`write`, as the ledger does: no `Record` is made), else as a `Record`."""
+        return self._sink
+
+    @sink.setter
+    def sink(self, sink: RecordSink) -> None:
+        self._sink = sink
+        write = getattr(sink, "write", None)
+        self.write: Callable[[list[Any]], None] = (
+            write if callable(write) else lambda values: sink.submit(record_of(values))
+        )
 
     async def start(self, call: Call, snapshot: Snapshot, candidates: Sequence[Provider]) -> Metered:
         """Meter `call` from here on: admitted against its client's limits, or refused (raised)."""
@@ -156,8 +177,8 @@ class Metered:
         "sent_at",
         "skipped",
         "started",
-        "started_at",
         "ticket",
+        "ts_us",
     )
 
     def __init__(
@@ -168,7 +189,8 @@ class Metered:
         self.limits = limits
         self.id = meter.ids()
         self.started = time.perf_counter()
-        self.started_at = datetime.fromtimestamp(meter.limiter.clock(), UTC)
+        self.ts_us = _micros(meter.limiter.clock())
+        """When it came, in microseconds since 1970 UTC (its record's `ts`)."""
         self.headers: dict[str, str] = {REQUEST_ID: self.id}
         """What every answer to the call carries: its id, and the remaining-* of a limited client."""
         self.rates: dict[str, Rate] = {}
@@ -430,7 +452,8 @@ class Metered:
         elif refusal.limit == "budget":
             window = refusal.window
             end = window.end_text if window is not None else None
-            seconds = window.seconds_left(self.started_at) if window is not None else None
+            started_at = from_micros(self.ts_us)
+            seconds = window.seconds_left(started_at) if window is not None else None
             error = BudgetExceeded(
                 f"client {call.client!r} has no budget left for this request in its period",
                 retry_after_ms=None if seconds is None else int(seconds * 1000 + 0.999),
@@ -465,42 +488,48 @@ class Metered:
         timed: bool = True,
     ) -> None:
         """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`)."""
-        call = self.call
+        call, meter = self.call, self.meter
         now = time.perf_counter()
-        counted = tokens or Tokens()
+        counted = tokens or _NO_TOKENS
         ttfb = None
         if timed and provider is not None and self.sent_at:
             ttfb = round((self.sent_at - self.started + call.first_byte_s) * 1000, 3)
-        record = Record(
-            id=record_id,
-            ts=self.started_at,
-            client=call.client,
-            purpose=call.purpose,
-            model=call.model,
-            provider=provider.id if provider is not None else None,
-            upstream_model=provider.upstream_model(call.model)
-            if provider is not None and call.model
-            else None,
-            status=status,
-            stream=call.stream,
-            attempts=attempts,
-            latency_ms=round((now - self.started) * 1000, 3),
-            ttfb_ms=ttfb,
-            prompt_tokens=counted.prompt,
-            cached_tokens=counted.cached_input,
-            cache_write_tokens=counted.cache_write,
-            completion_tokens=counted.output,
-            reasoning_tokens=counted.reasoning,
-            cost_usd=cost,
-            priced=priced,
-            estimated=estimated,
-            replica=self.meter.replica,
-            limited=limited,
-        )
         try:
-            self.meter.sink.submit(record)
+            meter.write(
+                fields(
+                    record_id,
+                    self.ts_us,
+                    call.client,
+                    call.purpose,
+                    call.model,
+                    provider.id if provider is not None else None,
+                    provider.upstream_model(call.model) if provider is not None and call.model else None,
+                    status,
+                    call.stream,
+                    attempts,
+                    round((now - self.started) * 1000, 3),
+                    ttfb,
+                    counted.input + counted.cached_input + counted.cache_write,
+                    counted.cached_input,
+                    counted.cache_write,
+                    counted.output,
+                    counted.reasoning,
+                    cost,
+                    priced,
+                    estimated,
+                    meter.replica,
+                    limited,
+                )
+            )
         except Exception:  # the sink must not fail the request (it should never raise)
             log.exception("usage: the record of %s could not be handed over", record_id)
+
+
+def _micros(seconds: float) -> int:
+    """Wall-clock `seconds` in whole microseconds, as `datetime.fromtimestamp` rounds them (half
+    to even), with no datetime made."""
+    fraction, whole = math.modf(seconds)
+    return int(whole) * 1_000_000 + round(fraction * 1e6)
 
 
 def _client_limits(snapshot: Snapshot) -> dict[str, Limits]:

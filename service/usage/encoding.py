@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -61,35 +61,152 @@ class BadLine(ValueError):
 
 def encode(record: Record) -> bytes:
     """The record as one spool line."""
-    line = [
-        VERSION,
-        text(record.id) or "-",
+    return dumps(values_of(record))
+
+
+def values_of(record: Record) -> list[Any]:
+    """What the line of `record` holds (`fields`' list)."""
+    return fields(
+        record.id,
         micros(record.ts),
-        text(record.client),
-        text(record.purpose) or "-",
-        text(record.model),
-        text(record.provider),
-        text(record.upstream_model),
-        _int(record.status, 999),
-        bool(record.stream),
-        _int(record.attempts),
-        _float(record.latency_ms) or 0.0,
-        _float(record.ttfb_ms),
-        _int(record.prompt_tokens),
-        _int(record.cached_tokens),
-        _int(record.cache_write_tokens),
-        _int(record.completion_tokens),
-        _int(record.reasoning_tokens),
-        str(cost(record.cost_usd)),
-        bool(record.priced),
-        bool(record.estimated),
-        text(record.replica) or "-",
-        bool(record.limited) or record.status == 429,
+        record.client,
+        record.purpose,
+        record.model,
+        record.provider,
+        record.upstream_model,
+        record.status,
+        record.stream,
+        record.attempts,
+        record.latency_ms,
+        record.ttfb_ms,
+        record.prompt_tokens,
+        record.cached_tokens,
+        record.cache_write_tokens,
+        record.completion_tokens,
+        record.reasoning_tokens,
+        record.cost_usd,
+        record.priced,
+        record.estimated,
+        record.replica,
+        record.limited,
+    )
+
+
+def fields(
+    id_: object,
+    ts_us: int,
+    client: object,
+    purpose: object,
+    model: object,
+    provider: object,
+    upstream_model: object,
+    status: object,
+    stream: object,
+    attempts: object,
+    latency_ms: object,
+    ttfb_ms: object,
+    prompt_tokens: object,
+    cached_tokens: object,
+    cache_write_tokens: object,
+    completion_tokens: object,
+    reasoning_tokens: object,
+    cost_usd: object,
+    priced: object,
+    estimated: object,
+    replica: object,
+    limited: object,
+) -> list[Any]:
+    """A record's line as a list (`VERSION`, then `FIELDS`), each value bounded: what `dumps`
+    writes, and what the ledger stores (`row`) without reading the line back. The gateway calls
+    it with the fields of a request (no `Record` made on the request path); `encode` with a
+    record's. A value of the expected type within bounds is taken as it is (the common case)."""
+    status = status if type(status) is int and 0 <= status <= 999 else _int(status, 999)
+    return [
+        VERSION,
+        text(id_) or "-",
+        ts_us,
+        text(client),
+        text(purpose) or "-",
+        text(model),
+        text(provider),
+        text(upstream_model),
+        status,
+        bool(stream),
+        attempts if type(attempts) is int and 0 <= attempts <= MAX_COUNT else _int(attempts),
+        latency_ms if type(latency_ms) is float and 0 <= latency_ms < 1e12 else _float(latency_ms) or 0.0,
+        _float(ttfb_ms),
+        _count(prompt_tokens),
+        _count(cached_tokens),
+        _count(cache_write_tokens),
+        _count(completion_tokens),
+        _count(reasoning_tokens),
+        str(cost(cost_usd)),
+        bool(priced),
+        bool(estimated),
+        text(replica) or "-",
+        bool(limited) or status == 429,
     ]
+
+
+def dumps(values: list[Any]) -> bytes:
+    """`fields`' list as one spool line."""
     try:
-        return orjson.dumps(line) + b"\n"  # what json.dumps writes, in a tenth of the work
+        return orjson.dumps(values) + b"\n"  # what json.dumps writes, in a tenth of the work
     except (TypeError, orjson.JSONEncodeError):  # e.g. a surrogate `text` let through: json's way
-        return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def row(values: list[Any]) -> tuple[Any, ...]:
+    """A line's values (`fields`) as the database's row: the columns of `usage_records`, in order."""
+    return (
+        *values[1:9],
+        int(values[9]),
+        *values[10:18],
+        pico(Decimal(values[18])),
+        int(values[19]),
+        int(values[20]),
+        values[21],
+        int(values[22]),
+    )
+
+
+def record_of(values: list[Any]) -> Record:
+    """A line's values (`fields`) as a `Record`."""
+    _, rid, ts, client, purpose, model, provider, upstream, status, stream, attempts = values[:11]
+    latency, ttfb, prompt, cached, cache_write, completion, reasoning = values[11:18]
+    amount, priced, estimated, replica, limited = values[18:]
+    return Record(
+        rid,
+        from_micros(int(ts)),
+        client,
+        purpose,
+        model,
+        provider,
+        upstream,
+        status,
+        stream,
+        attempts,
+        latency,
+        ttfb,
+        prompt,
+        cached,
+        cache_write,
+        completion,
+        reasoning,
+        Decimal(amount),
+        priced,
+        estimated,
+        replica,
+        limited,
+    )
+
+
+def pico(amount: Decimal) -> int:
+    """USD as whole pico-dollars (10⁻¹² USD), as the database stores money."""
+    return int((amount * _PICO).to_integral_value(ROUND_HALF_EVEN))
+
+
+_PICO = Decimal(10) ** 12
 
 
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
@@ -126,14 +243,20 @@ def loads(data: bytes) -> Any:
 
 def decode(line: bytes) -> Record:
     """A spool line back as its record; BadLine when it is not one."""
+    return record_of(decode_values(line))
+
+
+def decode_values(line: bytes) -> list[Any]:
+    """A spool line back as `fields`' list (its record's values, types checked); BadLine when it
+    is not one."""
     try:
         values = loads(line)
         if not isinstance(values, list) or len(values) != len(FIELDS) + 1 or values[0] != VERSION:
             raise BadLine("not a version 1 record")
-        data: dict[str, Any] = dict(zip(FIELDS, values[1:], strict=True))
-        data["ts"] = from_micros(int(data["ts"]))
-        data["cost_usd"] = Decimal(data["cost_usd"])
-        return Record(**data)
+        values[2] = int(values[2])
+        from_micros(values[2])  # a time datetime can hold
+        Decimal(values[18])  # a decimal cost
+        return values
     except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation, RecursionError) as exc:
         raise BadLine(f"{type(exc).__name__}: {exc}") from None
 
@@ -168,6 +291,10 @@ def cost(value: object) -> Decimal:
     if not amount.is_finite() or amount < 0:
         return Decimal(0)
     return min(amount, MAX_COST)
+
+
+def _count(value: object) -> int:
+    return value if type(value) is int and 0 <= value <= MAX_COUNT else _int(value)
 
 
 def _int(value: object, limit: int = MAX_COUNT) -> int:

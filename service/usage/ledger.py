@@ -1,16 +1,20 @@
 """The usage ledger (docs/reference.md §13): one record per answered request, kept whatever happens.
 
-    gateway ──submit()──▶ spool (a line, written at once) ──▶ ledger's thread ──▶ database
-                                                        every ~50 ms: fsync, seal, store in
-                                                        batches, delete the segment, retention
+    gateway ──write()──▶ spool (a line, written at once; its row kept in memory)
+                                   ──▶ ledger's thread ──▶ database
+                                       every ~0.2 s: fsync, store the rows in batches; a
+                                       segment stored whole is deleted; retention
 
-`submit` never waits on the database and never raises: it encodes the record and writes one
-line to the spool's active segment (a copy into the page cache, so a kill -9 right after loses
-nothing). The ledger's thread fsyncs the spool in small groups, then stores what is sealed in
-batches and removes a segment only once its batch is committed; a crash in between stores it
-again, which the key on `id` makes harmless. While the database is down the spool keeps
-everything and is retried at least every 5 s (`/readyz` says `"ledger": "degraded"`, and
-reads answer 503 `ledger_unavailable`); a graceful stop stores the spool first.
+`write` (and `submit`, for a `Record`) never waits on the database and never raises: it writes
+the record's line to the spool's active segment (a copy into the page cache, so a kill -9 right
+after loses nothing) and keeps its values beside it. The ledger's thread fsyncs the spool in
+groups, then stores those values in batches, without reading back what this process wrote;
+a segment is removed only once all of it is committed (a crash in between stores it again
+from the file, which the key on `id` makes harmless). Files are read for a previous process's
+segments, and for a segment whose rows memory gave up after a failed store. While the
+database is down the spool keeps everything and is retried at least every 5 s (`/readyz`
+says `"ledger": "degraded"`, and reads answer 503 `ledger_unavailable`); a graceful stop
+stores the spool first.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Literal, TypeVar
 from service.errors import BadRequest, LedgerUnavailable
 from service.journal.events import to_utc
 from service.settings import Settings
-from service.usage.encoding import BadLine, decode, encode
+from service.usage.encoding import BadLine, decode_values, dumps, record_of, row, values_of
 from service.usage.query import RequestsQuery, UsageQuery, requests_answer, usage_answer
 from service.usage.record import Record
 from service.usage.spool import Spool
@@ -39,9 +43,13 @@ log = logging.getLogger(__name__)
 State = Literal["ok", "degraded", "off"]
 T = TypeVar("T")
 
-BATCH = 1000
+BATCH = 2000
 SEGMENT_LIMIT = 64 << 20
 """An active segment this large is sealed even while older ones wait (the database down)."""
+ROTATE_AT = 1 << 20
+"""An active segment is replaced by a new one once stored whole (nothing came meanwhile), or
+once this large: what a crash makes the next start store again (the key on `id` skipping it)
+stays small, and a busy spool is not replaced every cycle."""
 MEMORY_LIMIT = 100_000
 """Lines held in memory while the spool cannot be written (a full disk); then the oldest go."""
 
@@ -56,7 +64,7 @@ class Ledger:
         *,
         retention_days: int = 90,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        linger_s: float = 0.05,
+        linger_s: float = 0.2,
         retry_max_s: float = 5.0,
         retention_every_s: float = 3600.0,
     ) -> None:
@@ -109,16 +117,26 @@ class Ledger:
 
     def submit(self, record: Record) -> None:
         """Keep `record`: written to the spool now, stored in the database soon. Never raises."""
+        try:
+            values = values_of(record)
+        except Exception:  # a record the gateway got wrong must not fail its request
+            log.exception("usage ledger: a record could not be encoded; it is dropped")
+            return
+        self.write(values)
+
+    def write(self, values: list[Any]) -> None:
+        """Keep a record given as its line's values (`encoding.fields`, as the gateway makes
+        them): written to the spool now, stored from memory soon. Never raises."""
         spool = self._spool
         if spool is None:
             return
         try:
-            line = encode(record)
+            line = dumps(values)
         except Exception:  # a record the gateway got wrong must not fail its request
             log.exception("usage ledger: a record could not be encoded; it is dropped")
             return
         try:
-            spool.append(line)
+            spool.append(line, values)
         except OSError as exc:
             self._hold(line, exc)
         if not self._wake.is_set():  # a plain read; setting takes a lock
@@ -236,8 +254,8 @@ class Ledger:
                 self._spool_ok = True
 
     def _drain(self) -> None:
-        """Store every sealed segment, then seal the active one and store it; StoreUnavailable
-        when the database cannot take them (what is left stays in the spool)."""
+        """Store every sealed segment, then what the active one holds; StoreUnavailable when the
+        database cannot take them (what is left stays in the spool)."""
         store, spool = self._store_or_off(), self._spool
         if not self._opened:
             store.open()
@@ -245,25 +263,50 @@ class Ledger:
         self._up()
         if spool is None:
             return
-        for _ in range(2):  # what waits first, then what came since
+        for _ in range(3):  # what waits first, then what came since
             for segment in spool.sealed():
-                self._store(spool, segment)
+                kept = spool.kept(segment)
+                if kept is None:
+                    self._store(spool, segment)
+                else:
+                    self._insert(spool, kept)
                 spool.remove(segment)
-            if not spool.active_size:
+            taken = spool.take()
+            if taken is None:  # its rows are not all in memory: stored from its file
+                if not spool.active_size:
+                    break
+                spool.seal()
+                continue
+            rows, end = taken
+            try:
+                self._insert(spool, rows)
+            except BaseException:
+                spool.spill()  # the rows taken are in its file only now
+                raise
+            spool.stored(end)
+            size = spool.active_size
+            if 0 < size == end or size >= ROTATE_AT:
+                spool.seal()  # removed at once when stored whole, else its last rows are kept
+            if size < ROTATE_AT:
                 break
-            spool.seal()
         with self._memory_lock:
             held = list(self._memory) if not self._spool_ok else []
         if held:  # the spool cannot be written but the database can: store them from memory
-            self._insert(spool, [decode(line) for line in held])
+            good = []
+            for line in held:
+                try:
+                    good.append(decode_values(line))
+                except BadLine as exc:
+                    spool.set_aside(line, f"held in memory: {exc}")
+            self._insert(spool, good)
             with self._memory_lock:
                 del self._memory[: len(held)]
 
     def _store(self, spool: Spool, segment: Path) -> None:
-        batch: list[Record] = []
+        batch: list[list[Any]] = []
         for line in spool.lines(segment):
             try:
-                batch.append(decode(line))
+                batch.append(decode_values(line))
             except BadLine as exc:
                 spool.set_aside(line, f"{segment.name}: {exc}")
                 continue
@@ -273,18 +316,26 @@ class Ledger:
         if batch:
             self._insert(spool, batch)
 
-    def _insert(self, spool: Spool, batch: Sequence[Record]) -> None:
+    def _insert(self, spool: Spool, batch: Sequence[list[Any]]) -> None:
+        """Store records given as their lines' values, `BATCH` at a time."""
+        for start in range(0, len(batch), BATCH):
+            self._insert_batch(spool, batch[start : start + BATCH])
+
+    def _insert_batch(self, spool: Spool, batch: Sequence[list[Any]]) -> None:
         """Store a batch; one the database refuses for its data is halved until the record to
         blame is found and set aside, so one bad record never holds the spool back."""
+        if not batch:
+            return
         try:
-            self.stored += self._store_or_off().insert(batch)
-        except BadBatch as exc:
+            rows = [row(values) for values in batch]
+            self.stored += self._store_or_off().insert_rows(rows)
+        except (BadBatch, ValueError, TypeError, ArithmeticError) as exc:
             if len(batch) == 1:
-                spool.set_aside(encode(batch[0]), f"refused by the database: {exc}")
+                spool.set_aside(dumps(batch[0]), f"refused by the database: {exc}")
                 return
             half = len(batch) // 2
-            self._insert(spool, batch[:half])
-            self._insert(spool, batch[half:])
+            self._insert_batch(spool, batch[:half])
+            self._insert_batch(spool, batch[half:])
 
     def _purge(self) -> None:
         before = self.clock() - self.retention
@@ -296,11 +347,16 @@ class Ledger:
         if not self._db_up:
             log.warning("usage ledger: the database is back; storing the spool")
         self._db_up, self._failures, self._retry_at = True, 0, 0.0
+        if self._spool is not None:
+            self._spool.keep_rows = True
 
     def _down(self, exc: Exception) -> None:
         if self._db_up:
             log.error("usage ledger: the database is unavailable (%s); records wait in the spool", exc)
         self._db_up = False
+        if self._spool is not None:  # what comes meanwhile is read back from the files
+            self._spool.keep_rows = False
+            self._spool.spill()
         self._opened = False  # the next try makes the tables again, should they be what went
         self._failures += 1
         self._retry_at = time.monotonic() + min(0.5 * 2 ** (self._failures - 1), self._retry_max_s)
@@ -385,7 +441,7 @@ def _cost(lines: Iterable[bytes], kind: str, subject: str, since: datetime) -> D
     total = Decimal(0)
     for line in lines:
         try:
-            record = decode(line)
+            record = record_of(decode_values(line))
         except BadLine:
             continue
         who = record.client if kind == "client" else record.provider

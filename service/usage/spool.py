@@ -7,6 +7,13 @@ thread. `seal` closes the active segment and opens the next, so the ledger can s
 sealed ones and `remove` each only after its batch is committed: a crash between the commit
 and the removal stores the segment again, which the database's key on `id` makes harmless.
 
+Beside each line `append` may keep what the ledger stores of it (its row), so that the lines
+this process wrote are stored from memory, never read back: the ledger `take`s the active
+segment's rows, stores them and marks them `stored`, and once a segment it sealed is
+stored (its rows `kept` since the last take too) it is removed. The files are read only for
+what memory does not hold: a previous process's segments, and a segment whose rows were
+given up (`spill`: the database failed, or they grew past `MAX_ROWS`).
+
 One process owns a spool: it holds an exclusive lock on `.lock` while it runs (released by
 the kernel when it dies), and a second process pointed at the same folder is refused. A line
 a crash tore is set aside in `torn.txt` and reported, never silently dropped.
@@ -21,6 +28,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from service.errors import SwitchboardError
 
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".jsonl"
 TORN = "torn.txt"
+MAX_ROWS = 200_000
+"""Rows kept in memory for one segment at most; past it, the segment is read back from its file."""
 
 
 class SpoolBusy(SwitchboardError):
@@ -49,39 +59,90 @@ class Spool:
                 f"the usage spool {folder} is in use by another process; "
                 "give each process its own SWITCHBOARD_USAGE_SPOOL"
             ) from None
-        numbers = [_number(p) for p in folder.glob(f"*{SEGMENT_SUFFIX}")]
-        self._next = max((n for n in numbers if n is not None), default=0) + 1
+        found = sorted((n, p) for p in folder.glob(f"*{SEGMENT_SUFFIX}") if (n := _number(p)) is not None)
+        self._next = max((n for n, _ in found), default=0) + 1
+        self._sealed = [p for _, p in found]
+        """Segments to store, oldest first: a previous process's, and those sealed since."""
+        self._kept: dict[Path, list[Any]] = {}
+        """Sealed segments whose rows not yet taken are in memory."""
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._active: Path | None = None
         self._size = 0
         self._synced = 0
+        self._stored = 0
+        """Bytes of the active segment whose records are in the database."""
+        self._torn = False
+        """A write to the active segment failed: it may end in a torn line (read it back)."""
+        self._rows: list[Any] | None = []
+        """Rows appended to the active segment since the last `take`; None: read it from its file."""
+        self.keep_rows = True
+        """Whether a new segment keeps its rows in memory (not while the database is down)."""
         self._open_next()
 
     # -- writing (any thread) --------------------------------------------------------------------
 
-    def append(self, line: bytes) -> None:
-        """Write one line to the active segment; OSError when it cannot (then the next line goes
-        to a new segment, so a partial write stays a torn tail, never glued to a good line)."""
+    def append(self, line: bytes, row: Any = None) -> None:
+        """Write one line to the active segment, and keep `row` (what the ledger stores of it)
+        beside it; OSError when it cannot (then the next line goes to a new segment, so a partial
+        write stays a torn tail, never glued to a good line). Without a row the segment is read
+        back from its file."""
         with self._lock:
-            if self._fd is None:
+            fd = self._fd
+            if fd is None:
                 raise OSError("the spool has no open segment")
             try:
-                view = memoryview(line)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+                written = os.write(fd, line)
+                if written < len(line):
+                    view = memoryview(line)[written:]
+                    while view:
+                        view = view[os.write(fd, view) :]
                 self._size += len(line)
             except OSError:
-                fd, self._fd = self._fd, None
+                self._fd, self._torn = None, True
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 raise
+            rows = self._rows
+            if rows is not None:
+                if row is None or len(rows) >= MAX_ROWS:
+                    self._rows = None
+                else:
+                    rows.append(row)
 
     @property
     def active_size(self) -> int:
         """Bytes written to the active segment (0 when none is open)."""
         return self._size
+
+    # -- what memory holds (the ledger's thread) -------------------------------------------------
+
+    def take(self) -> tuple[list[Any], int] | None:
+        """The rows appended to the active segment since the last take, and the size of the
+        segment they end at (for `stored`); None when they are not all in memory."""
+        with self._lock:
+            rows = self._rows
+            if rows is None:
+                return None
+            self._rows = []
+            return rows, self._size
+
+    def stored(self, end: int) -> None:
+        """The active segment's records up to `end` (a `take`'s) are in the database."""
+        with self._lock:
+            if end <= self._size:
+                self._stored = max(self._stored, end)
+
+    def spill(self) -> None:
+        """Give up the active segment's rows in memory: it is read back from its file (after
+        a failed store, the rows taken are no longer anywhere else)."""
+        with self._lock:
+            self._rows = None
+
+    def kept(self, segment: Path) -> list[Any] | None:
+        """The rows of a sealed segment not yet taken, when memory holds them (given once);
+        None: read it from its file."""
+        return self._kept.pop(segment, None)
 
     # -- the ledger's thread ---------------------------------------------------------------------
 
@@ -114,8 +175,8 @@ class Spool:
 
     def sealed(self) -> list[Path]:
         """Every segment but the active one, oldest first (those of a previous process too)."""
-        found = [(n, p) for p in self.folder.glob(f"*{SEGMENT_SUFFIX}") if (n := _number(p)) is not None]
-        return [p for _, p in sorted(found) if p != self._active]
+        with self._lock:
+            return list(self._sealed)
 
     def lines(self, segment: Path) -> Iterator[bytes]:
         """The complete lines of a segment, streamed; a torn one is set aside in `torn.txt`."""
@@ -127,13 +188,14 @@ class Spool:
                     self.set_aside(raw, f"{segment.name}: a torn last line")
 
     def active_lines(self) -> list[bytes]:
-        """The complete lines of the active segment so far."""
+        """The complete lines of the active segment so far that are not in the database."""
         with self._lock:
-            active, size = self._active, self._size
-        if active is None or size == 0:
+            active, size, stored = self._active, self._size, self._stored
+        if active is None or size == stored:
             return []
         with active.open("rb") as f:
-            data = f.read(size)
+            f.seek(stored)
+            data = f.read(size - stored)
         return [raw for raw in data.splitlines(keepends=True) if raw.endswith(b"\n")]
 
     def set_aside(self, raw: bytes, reason: str) -> None:
@@ -145,17 +207,21 @@ class Spool:
     def remove(self, segment: Path) -> None:
         """Delete a segment whose records are all in the database."""
         segment.unlink(missing_ok=True)
+        with self._lock:
+            if segment in self._sealed:
+                self._sealed.remove(segment)
+            self._kept.pop(segment, None)
 
     def close(self) -> None:
-        """Close the active segment (removed when empty) and release the folder."""
+        """Close the active segment (removed when all of it is in the database) and release the folder."""
         with self._lock:
-            fd, active, size = self._fd, self._active, self._size
-            self._fd, self._active, self._size, self._synced = None, None, 0, 0
+            fd, active, size, stored = self._fd, self._active, self._size, self._stored
+            self._fd, self._active, self._size, self._synced, self._stored = None, None, 0, 0, 0
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.fsync(fd)
             os.close(fd)
-        if active is not None and size == 0:
+        if active is not None and size == stored:
             active.unlink(missing_ok=True)
         os.close(self._lock_fd)
 
@@ -164,13 +230,27 @@ class Spool:
         self._next += 1
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         _sync_folder(self.folder)  # the new file's name survives a power loss too
+        done = None
         with self._lock:
-            old, self._fd, self._active = self._fd, fd, path
-            self._size = self._synced = 0
+            old, self._fd = self._fd, fd
+            sealed, rows, stored, size, torn = self._active, self._rows, self._stored, self._size, self._torn
+            self._active = path
+            self._size = self._synced = self._stored = 0
+            self._torn = False
+            self._rows = [] if self.keep_rows else None
+            if sealed is not None:
+                if torn or stored < size or size == 0:
+                    self._sealed.append(sealed)
+                    if rows is not None and not torn:
+                        self._kept[sealed] = rows
+                else:  # every record in it is in the database already
+                    done = sealed
         if old is not None:
             with contextlib.suppress(OSError):
                 os.fsync(old)
             os.close(old)
+        if done is not None:
+            done.unlink(missing_ok=True)
 
 
 def _number(path: Path) -> int | None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
-from service.usage.encoding import from_micros, micros
+from service.usage.encoding import from_micros, micros, values_of
+from service.usage.encoding import row as row_of
 from service.usage.query import (
     MAX_GROUPS,
     GroupKey,
@@ -45,6 +46,14 @@ class StoreUnavailable(SwitchboardError):
 
 class BadBatch(SwitchboardError):
     """The database refused a batch for what it holds (not for being unreachable)."""
+
+
+class _Stored(Exception):
+    """A batch held rows stored already: its transaction is undone, and it is stored knowing which."""
+
+
+Row = tuple[Any, ...]
+"""A record as `usage_records` holds it (`encoding.row`)."""
 
 
 class Cursor(Protocol):
@@ -146,9 +155,10 @@ _UPSERT = (
 )
 _COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
 _ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
+_INSERT = f"INSERT INTO usage_records ({_COLUMNS}) VALUES {_ROW} ON CONFLICT (ts_us, id, replica) DO NOTHING"
 _ROWS_PER_INSERT = 500
+_HOUR_US = 3_600_000_000
 _PURGE_CHUNK = 5000
-_PICO = Decimal(10) ** 12
 
 
 class SQLStore:
@@ -159,6 +169,8 @@ class SQLStore:
     kind: Literal["sqlite", "postgresql"]
     hour_of_ts: str
     """SQL for the UTC hour of `ts_us`, as `YYYY-MM-DDTHH`."""
+    counts_many: bool = False
+    """Whether the driver's `executemany` counts the rows it inserted (`rowcount`)."""
     clustered: str = ""
     """What makes a table kept in key order (SQLite's `WITHOUT ROWID`)."""
 
@@ -198,15 +210,37 @@ class SQLStore:
     def insert(self, records: Sequence[Record]) -> int:
         """Store the records and add the new ones to the rollups, in one transaction; returns how
         many were new (a record whose `id` is already stored is skipped, not counted twice)."""
-        unique = {_identity(r): r for r in reversed(records)}  # the first of a repeated one
+        return self.insert_rows([_row(r) for r in records])
+
+    def insert_rows(self, rows: Sequence[Row]) -> int:
+        """`insert` of rows (the columns of `usage_records`, in order: `encoding.row`).
+
+        Where the driver counts the rows an `executemany` inserted (`counts_many`), the batch
+        goes in one prepared statement, and when every row was new (the common case: a batch
+        is stored again only after a crash) they are the ones the rollups add. Else, and when
+        some row was already stored, the rows really inserted are told by RETURNING."""
+        unique = {(r[0], r[1], r[20]): r for r in reversed(rows)}  # the first of a repeated one
         if not unique:
             return 0
+        batch = list(unique.values())
+        if self.counts_many:
+            try:
+                with self._transaction() as cur:
+                    cur.executemany(_INSERT, batch)
+                    if cur.rowcount != len(batch):
+                        raise _Stored  # some were stored already: undone, and done again knowing which
+                    self._add_rollups(cur, batch)
+                    return len(batch)
+            except _Stored:
+                pass
+        return self._insert_returning(unique, batch)
+
+    def _insert_returning(self, unique: dict[tuple[Any, Any, Any], Row], batch: list[Row]) -> int:
         with self._transaction() as cur:
-            inserted: list[Record] = []
-            batch = list(unique.values())
+            inserted: list[Row] = []
             for start in range(0, len(batch), _ROWS_PER_INSERT):
                 chunk = batch[start : start + _ROWS_PER_INSERT]
-                values = [value for record in chunk for value in _row(record)]
+                values = [value for row in chunk for value in row]
                 sql = (
                     f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
                     + ", ".join([_ROW] * len(chunk))
@@ -214,14 +248,28 @@ class SQLStore:
                 )
                 cur.execute(sql, values)
                 inserted.extend(unique[(row[0], int(row[1]), row[2])] for row in cur.fetchall())
-            for table, width in (("usage_hourly", 13), ("usage_daily", 10)):
-                rollups = _rollups(inserted, width)
-                if rollups:
-                    # In key order: replicas adding to the same rows take their locks in one order.
-                    cur.executemany(
-                        _UPSERT.format(table=table), [(*key, *sums) for key, sums in sorted(rollups.items())]
-                    )
+            self._add_rollups(cur, inserted)
         return len(inserted)
+
+    @staticmethod
+    def _add_rollups(cur: Cursor, rows: Sequence[Row]) -> None:
+        hourly = _rollups(rows)
+        if not hourly:
+            return
+        daily: dict[tuple[str, str, str, str, str], list[int]] = {}
+        for (hour, client, provider, model, purpose), sums in hourly.items():
+            key = (hour[:10], client, provider, model, purpose)
+            found = daily.get(key)
+            if found is None:
+                daily[key] = list(sums)
+            else:
+                for i, value in enumerate(sums):
+                    found[i] += value
+        for table, rollups in (("usage_hourly", hourly), ("usage_daily", daily)):
+            # In key order: replicas adding to the same rows take their locks in one order.
+            cur.executemany(
+                _UPSERT.format(table=table), [(*key, *sums) for key, sums in sorted(rollups.items())]
+            )
 
     def purge(self, before: datetime) -> int:
         """Delete raw records older than `before`, in chunks (rollups stay); returns how many."""
@@ -361,46 +409,12 @@ class SQLStore:
 # -- rows -------------------------------------------------------------------------------------------
 
 
-def _identity(r: Record) -> tuple[str, int, str]:
-    """What makes a record itself: its `id`, time and replica. The same record stored again (a
-    crash between a commit and its spool's removal) is the same three; two requests whose
-    upstream gave both one `x-request-id` are two records, not one lost."""
-    return r.id, micros(r.ts), r.replica
-
-
-def pico(amount: Decimal) -> int:
-    return int((amount * _PICO).to_integral_value(ROUND_HALF_EVEN))
-
-
 def _cost(micro: Any, rest: Any) -> Decimal:
     return Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(rest or 0)).scaleb(-12)
 
 
-def _row(r: Record) -> tuple[Any, ...]:
-    return (
-        r.id,
-        micros(r.ts),
-        r.client,
-        r.purpose,
-        r.model,
-        r.provider,
-        r.upstream_model,
-        r.status,
-        int(r.stream),
-        r.attempts,
-        r.latency_ms,
-        r.ttfb_ms,
-        r.prompt_tokens,
-        r.cached_tokens,
-        r.cache_write_tokens,
-        r.completion_tokens,
-        r.reasoning_tokens,
-        pico(r.cost_usd),
-        int(r.priced),
-        int(r.estimated),
-        r.replica,
-        int(r.limited or r.status == 429),
-    )
+def _row(r: Record) -> Row:
+    return row_of(values_of(r))
 
 
 def _record(row: Sequence[Any]) -> Record:
@@ -432,29 +446,32 @@ def _record(row: Sequence[Any]) -> Record:
     )
 
 
-def _rollups(records: Sequence[Record], width: int) -> dict[tuple[str, str, str, str, str], list[int]]:
-    """The records added up by period (the first `width` characters of their UTC time: 13 an
-    hour, 10 a day), client, provider, model and purpose."""
+def _rollups(rows: Sequence[Row]) -> dict[tuple[str, str, str, str, str], list[int]]:
+    """The rows added up by UTC hour (`YYYY-MM-DDTHH`), client, provider, model and purpose."""
     rollups: dict[tuple[str, str, str, str, str], list[int]] = {}
-    for r in records:
-        period = from_micros(micros(r.ts)).isoformat()[:width]
-        key = (period, r.client or "", r.provider or "", r.model or "", r.purpose)
-        sums = rollups.setdefault(key, [0] * len(_ROLLUP_SUMS))
-        limited = r.limited or r.status == 429
-        for i, value in enumerate(
-            (
-                1,
-                int(not limited and r.status >= 500),
-                int(limited),
-                r.prompt_tokens,
-                r.cached_tokens,
-                r.cache_write_tokens,
-                r.completion_tokens,
-                r.reasoning_tokens,
-                *divmod(pico(r.cost_usd), 1_000_000),
-            )
-        ):
-            sums[i] += value
+    hours: dict[int, str] = {}
+    for r in rows:
+        hour = r[1] // _HOUR_US
+        period = hours.get(hour)
+        if period is None:
+            period = hours[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
+        key = (period, r[2] or "", r[5] or "", r[4] or "", r[3])
+        sums = rollups.get(key)
+        if sums is None:
+            sums = rollups[key] = [0] * len(_ROLLUP_SUMS)
+        limited = r[21]
+        micro, rest = divmod(r[17], 1_000_000)
+        sums[0] += 1
+        if not limited and r[7] >= 500:
+            sums[1] += 1
+        sums[2] += limited
+        sums[3] += r[12]
+        sums[4] += r[13]
+        sums[5] += r[14]
+        sums[6] += r[15]
+        sums[7] += r[16]
+        sums[8] += micro
+        sums[9] += rest
     return rollups
 
 

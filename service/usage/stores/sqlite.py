@@ -31,6 +31,7 @@ class SqliteStore(SQLStore):
     shared = False
     hour_of_ts = "strftime('%Y-%m-%dT%H', ts_us / 1000000, 'unixepoch')"
     clustered = " WITHOUT ROWID"
+    counts_many = True
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
         self.path = path
