@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -16,8 +18,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from service.gateway.metering import RequestIds
+from service.gateway.metering import RequestIds, _micros
 from service.http.context import RELAY
+from service.usage.encoding import micros
 from service.usage.record import Record
 from tests.conftest import SopsProject, eventually
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
@@ -840,3 +843,14 @@ def test_request_ids_are_random_hex_read_a_batch_at_a_time() -> None:
     made = [ids() for _ in range(1000)]
     assert len(set(made)) == 1000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+
+
+def test_a_records_time_is_the_microsecond_datetime_makes_of_the_clock() -> None:
+    """A record's `ts` is taken from the limiter's clock with no datetime made (issue 22): the
+    microsecond `datetime.fromtimestamp` rounds it to, half to even, exactly."""
+    rng = random.Random(22)
+    times = [1_764_950_000 + rng.random() * 10**6 for _ in range(20_000)]
+    times += [1_764_950_000 + (i + 0.5) / 1e6 for i in range(2000)]  # the halfway cases
+    times += [0.0, 1e-7, 0.4999999e-6, 0.5e-6, 1.5e-6, 1_764_950_000.9999995, 4_102_444_800.0000005]
+    for t in times:
+        assert _micros(t) == micros(datetime.fromtimestamp(t, UTC)), t

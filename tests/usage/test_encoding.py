@@ -122,3 +122,22 @@ def test_a_text_past_the_quick_size_is_not_checked_or_read_by_orjson(monkeypatch
     assert loads(Untouchable(big)) == {"pad": "x" * MAX_QUICK_BYTES}
     with pytest.raises(AssertionError, match="read by orjson"):
         loads(b'{"pad": "x"}')
+
+
+def test_what_the_ledger_keeps_in_memory_is_what_it_would_read_back_from_the_line() -> None:
+    """The ledger stores the values a line was made of, not the line read back (issue 22): for
+    plain and hostile records alike they are the ones the line gives back, as a row and as a record."""
+    for sent in (
+        record(),
+        record(client="caf\u00e9\x00", model="m\ud800" + "x" * 300, upstream_model=None, ttfb_ms=1.5),
+        record(status=429, provider=None, cost_usd=Decimal(0), attempts=0),
+        record(latency_ms=math.nan, ttfb_ms=math.inf, prompt_tokens=-3, completion_tokens=2**70),
+        record(cost_usd=Decimal("1e-13"), stream=True, estimated=True, priced=False, limited=True),
+        record(cost_usd=Decimal(10) ** 9, status=10_000, reasoning_tokens=True),  # type: ignore[arg-type]
+    ):
+        kept = encoding.values_of(sent)
+        read = encoding.decode_values(encode(sent))
+        assert read == kept
+        assert encoding.row(read) == encoding.row(kept)
+        assert encoding.record_of(kept) == decode(encode(sent))
+        assert encoding.dumps(kept) == encode(sent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from service.errors import LedgerUnavailable
 from service.usage.encoding import encode
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
-from service.usage.spool import TORN, SpoolBusy
+from service.usage.spool import TORN, Spool, SpoolBusy
 from service.usage.stores import SQLStore, open_store
 from tests.conftest import eventually
 from tests.support.postgres import PostgresServer
@@ -367,3 +368,85 @@ async def test_tables_dropped_under_the_ledger_are_made_again_and_no_record_is_s
         assert not (tmp_path / "spool" / TORN).exists()
     finally:
         await ledger.stop()
+
+
+async def test_records_stored_from_memory_are_those_a_kill_9_leaves_in_the_spool(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The ledger stores what this process wrote from memory (issue 22). What a kill -9 leaves
+    in the spool at that moment stores the same records (into a database of its own), and stores
+    nothing twice in the same one (a crash between the commit and the segment's removal)."""
+    ledger = make_ledger(store_url, tmp_path, linger_s=30)
+    await ledger.start()
+    submitted = [
+        record(client="caf\u00e9\x00", model="m\ud800", ttfb_ms=12.25),
+        record(status=429, provider=None, cost_usd=Decimal(0), limited=True),
+        record(status=502, latency_ms=math.nan, completion_tokens=2**70, cost_usd=Decimal("1e-13")),
+        *(record(ts=NOW + timedelta(hours=i), cost_usd=Decimal(i).scaleb(-7)) for i in range(40)),
+    ]
+    for r in submitted:
+        ledger.submit(r)
+    left = {p.name: p.read_bytes() for p in (tmp_path / "spool").glob("*.jsonl")}  # what a kill -9 leaves
+    assert sum(data.count(b"\n") for data in left.values()) == len(submitted)
+    await ledger.flush()
+    assert ledger.stored == len(submitted)
+    assert ledger.store is not None
+    from_memory = sorted(ledger.store.requests(RequestsQuery(limit=1000)), key=lambda r: r.id)
+    by_hour = UsageQuery.parse({"since": "2026-11-01", "group_by": "hour"}, NOW + timedelta(days=3))
+    before = await ledger.usage(by_hour)
+    await ledger.stop()
+
+    for name, data in left.items():  # killed after the commit, before the segment was removed
+        (tmp_path / "spool" / name).write_bytes(data)
+    restarted = make_ledger(store_url, tmp_path)
+    await restarted.start()
+    try:
+        assert restarted.stored == 0
+        assert await restarted.usage(by_hour) == before
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in submitted)
+    finally:
+        await restarted.stop()
+
+    spool = tmp_path / "other-spool"  # the same files, stored from the file alone
+    spool.mkdir()
+    for name, data in left.items():
+        (spool / name).write_bytes(data)
+    other = Ledger(open_store(str(tmp_path / "from-file.db"), tmp_path), spool)
+    await other.start()
+    try:
+        assert other.store is not None
+        from_file = sorted(other.store.requests(RequestsQuery(limit=1000)), key=lambda r: r.id)
+    finally:
+        await other.stop()
+    assert from_file == from_memory
+
+
+def test_the_spool_tells_what_is_stored_and_keeps_the_rows_of_what_is_not(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(b"a\n", "row a")
+    spool.append(b"b\n", "row b")
+    taken = spool.take()
+    assert taken is not None
+    rows, end = taken
+    assert rows == ["row a", "row b"]
+    spool.append(b"c\n", "row c")
+    spool.stored(end)
+    assert spool.active_lines() == [b"c\n"]  # what `spent` adds to the database's
+    spool.seal()  # not stored whole: its file is kept, and the rows not taken
+    (segment,) = spool.sealed()
+    assert spool.kept(segment) == ["row c"] and segment.read_bytes() == b"a\nb\nc\n"
+    spool.remove(segment)
+
+    spool.append(b"d\n", "row d")
+    taken = spool.take()
+    assert taken is not None
+    spool.stored(taken[1])
+    spool.seal()  # stored whole: removed at once
+    assert spool.sealed() == [] and [p.stat().st_size for p in tmp_path.glob("*.jsonl")] == [0]
+
+    spool.append(b"e\n")  # a line without its row (written back from memory): read from the file
+    assert spool.take() is None
+    spool.seal()
+    (segment,) = spool.sealed()
+    assert spool.kept(segment) is None
+    spool.close()

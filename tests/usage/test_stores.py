@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import timedelta
 from decimal import Decimal
 
@@ -197,3 +198,65 @@ def test_two_requests_an_upstream_gave_one_request_id_are_two_records(store: SQL
     assert store.insert([first, second]) == 2
     assert store.insert([first, second]) == 0  # each stored again: still once each
     assert len(store.requests(RequestsQuery())) == 2
+
+
+def test_rollups_are_the_sums_of_the_records_whether_a_batch_is_new_or_partly_stored(store: SQLStore) -> None:
+    """A batch all new is added to the rollups as it was inserted (one prepared statement); one
+    partly stored already (a crash between a commit and its segment's removal) adds only the
+    rows really inserted. Either way each hour's and day's rollup is the sum of its records."""
+    rng = random.Random(22)
+    records = [
+        record(
+            id=f"r-{i}",
+            ts=NOW - timedelta(seconds=rng.randrange(0, 3 * 86_400), microseconds=rng.randrange(10**6)),
+            client=rng.choice(["a", "b", None]),
+            provider=rng.choice(["p", "q", None]),
+            model=rng.choice(["m", "n", None]),
+            purpose=rng.choice(["chat", "embeddings"]),
+            status=rng.choice([200, 200, 200, 429, 499, 502, 503]),
+            limited=rng.random() < 0.1,
+            prompt_tokens=rng.randrange(10**6),
+            cached_tokens=rng.randrange(10**5),
+            cache_write_tokens=rng.randrange(10**4),
+            completion_tokens=rng.randrange(10**6),
+            reasoning_tokens=rng.randrange(10**5),
+            cost_usd=Decimal(rng.randrange(10**15)).scaleb(-12),
+        )
+        for i in range(600)
+    ]
+    assert store.insert(records[:400]) == 400
+    assert store.insert(records[200:]) == 200
+    assert store.insert(records) == 0
+    columns = (
+        "period, client, provider, model, purpose, requests, errors, limited, prompt_tokens, cached_tokens, "
+        "cache_write_tokens, completion_tokens, reasoning_tokens, cost_micro, cost_rest"
+    )
+    for table, width in (
+        (f"SELECT {columns} FROM usage_hourly", 13),  # noqa: S608 - fixed names
+        (f"SELECT {columns} FROM usage_daily", 10),  # noqa: S608
+    ):
+        expected: dict[tuple[str, ...], list[int]] = {}
+        for r in records:
+            key = (r.ts.isoformat()[:width], r.client or "", r.provider or "", r.model or "", r.purpose)
+            sums = expected.setdefault(key, [0] * 10)
+            limited = r.limited or r.status == 429
+            pico = int(r.cost_usd * 10**12)
+            for i, value in enumerate(
+                (
+                    1,
+                    int(not limited and r.status >= 500),
+                    int(limited),
+                    r.prompt_tokens,
+                    r.cached_tokens,
+                    r.cache_write_tokens,
+                    r.completion_tokens,
+                    r.reasoning_tokens,
+                    pico // 10**6,
+                    pico % 10**6,
+                )
+            ):
+                sums[i] += value
+        with store._reading() as cur:
+            cur.execute(table)
+            found = {tuple(row[:5]): [int(v) for v in row[5:]] for row in cur.fetchall()}
+        assert found == expected, table
