@@ -39,7 +39,7 @@ from service.metrics import Metrics
 from service.usage.encoding import fields, from_micros, record_of
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
-from service.usage.pricing import Pricing, Rate
+from service.usage.pricing import UNPRICED, Pricing, Rate
 from service.usage.record import Record, RecordSink, Tokens, money
 from service.usage.tokens import MAX_TOKENS, normalise
 
@@ -307,7 +307,7 @@ class Metered:
             return
         self.done = True
         call = self.call
-        rate = self.rates.get(provider.id, Rate())
+        rate = self.rates.get(provider.id, UNPRICED)
         tokens = normalise(call.usage)
         estimated = False
         if tokens is not None:
@@ -383,7 +383,7 @@ class Metered:
             try:
                 await self._settle(cost, counted)
             finally:
-                rate = self.rates.get(tried.id, Rate()) if tried is not None else Rate()
+                rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
                 status, record_id = CLIENT_LEFT, self.id
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent

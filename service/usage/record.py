@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class Tokens:
+class Tokens(NamedTuple):
     """A request's tokens, normalised so that each token is counted in one class only (docs/reference.md §13).
 
     `input` excludes cached and cache-write tokens; `output` includes `reasoning` (as OpenAI
-    counts them), which is kept apart only to be reported.
+    counts them), which is kept apart only to be reported. A tuple: one is made for each answer.
     """
 
     input: int = 0

@@ -20,10 +20,23 @@ _CONTEXT = decimal.Context(prec=80)
 
 def charge_units(usd: Decimal) -> int:
     """`usd` in nano-dollars, rounded up (what a cost or a reservation counts)."""
+    found = _CHARGES.get(usd)  # a request's bound, and many a cost, are those of the last ones
+    if found is not None:
+        return found
     if usd <= 0:
         return 0
-    value = _CONTEXT.multiply(usd, PER_USD).to_integral_value(rounding=decimal.ROUND_CEILING)
-    return min(int(value), MAX_UNITS)
+    units = _CONTEXT.multiply(usd, PER_USD).to_integral_value(rounding=decimal.ROUND_CEILING)
+    value = min(int(units), MAX_UNITS)
+    if len(_CHARGES) >= _REMEMBERED:
+        _CHARGES.clear()
+    _CHARGES[usd] = value
+    return value
+
+
+_CHARGES: dict[Decimal, int] = {}
+"""Amounts charged lately, and their nano-dollars (equal decimals have one value, whatever their
+exponent: `Decimal("0.10") == Decimal("0.1")`, one hash)."""
+_REMEMBERED = 4096
 
 
 def limit_units(usd: Decimal) -> int:

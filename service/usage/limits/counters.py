@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 WINDOW_MS = 60_000
 PARALLEL_RETRY_MS = 1_000
 """A client at `max_parallel` is told to come back in a second: no window says when a slot frees."""
 
 
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """A client's use now: requests and tokens in the last 60 s, requests in flight."""
+class Counts(NamedTuple):
+    """A client's use now: requests and tokens in the last 60 s, requests in flight (a tuple:
+    one is made at each admission and settlement)."""
 
     requests: int = 0
     tokens: int = 0

@@ -101,9 +101,10 @@ class Limiter:
         self._reported: set[tuple[str, str, str | None]] = set()
         """(kind, subject, period_end) of the budgets whose `budget.exhausted` is in the log."""
         self._windows: dict[Period, Window] = {}
-        self._keys: dict[tuple[str, str, Budget], tuple[Window, str, int]] = {}
+        self._keys: dict[tuple[str, str], tuple[Window, str, int, Budget]] = {}
+        """(kind, subject) -> its current window, key and limit, and the budget they are of: made
+        once per period and version of the budget (its object, not its hash, is compared)."""
         self._background: set[asyncio.Task[Any]] = set()
-        """(kind, subject, budget) -> its current window, key and limit: made once per period."""
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -132,12 +133,17 @@ class Limiter:
     def hold(self, kind: str, subject: str, budget: Budget, cost: Decimal, now_ms: float) -> Hold:
         """A reservation of `cost` against `subject`'s `budget`, not taken yet."""
         current = self.window(budget.period, now_ms)
-        named = (kind, subject, budget)
+        named = (kind, subject)
         found = self._keys.get(named)
-        if found is None or found[0] is not current:
+        if found is None or found[0] is not current or found[3] is not budget:
             if len(self._keys) > 100_000:
                 self._keys.clear()
-            found = self._keys[named] = (current, budget_key(kind, subject, current), limit_units(budget.usd))
+            found = self._keys[named] = (
+                current,
+                budget_key(kind, subject, current),
+                limit_units(budget.usd),
+                budget,
+            )
         return Hold(found[1], subject, found[2], charge_units(cost), current)
 
     # -- admitting -----------------------------------------------------------------------------

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import pytest
 
 from service.config.metering import Budget, Limits
-from service.usage.limits.amounts import usd
+from service.usage.limits.amounts import charge_units, usd
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
 
@@ -161,3 +161,34 @@ async def test_what_is_kept_of_past_periods_is_dropped() -> None:
     assert len(limiter.counters.spent) == 3
     limiter.forget({current})
     assert set(limiter.counters.spent) <= {current}
+
+
+def test_a_charge_is_the_same_exact_nano_dollars_however_often_and_in_whatever_order_asked() -> None:
+    """Charges are remembered (issue 22): what is remembered is what the decimal arithmetic gives,
+    for equal amounts written with any exponent, past as many amounts as are remembered."""
+    amounts = [Decimal(n).scaleb(-exp) for n in range(0, 3000, 7) for exp in (0, 9, 10, 13)]
+    amounts += [Decimal("0.10"), Decimal("0.1"), Decimal("1E-10"), Decimal("-1"), Decimal(2**80)]
+    expected = [
+        0 if a <= 0 else min(int((a * 10**9).to_integral_value(rounding=ROUND_CEILING)), 2**62)
+        for a in amounts
+    ]
+    for _ in range(3):
+        assert [charge_units(a) for a in amounts] == expected
+        assert [charge_units(a) for a in reversed(amounts)] == expected[::-1]
+
+
+def test_a_budget_changed_in_its_period_holds_at_its_new_limit_at_once() -> None:
+    limiter = Limiter(clock=lambda: 1_764_900_000.0)
+    now = limiter.now_ms()
+    first = limiter.hold("client", "c", Budget(usd=Decimal(5), period="month"), Decimal("0.5"), now)
+    same = limiter.hold("client", "c", Budget(usd=Decimal(5), period="month"), Decimal("0.5"), now)
+    raised = limiter.hold("client", "c", Budget(usd=Decimal(7), period="month"), Decimal("0.5"), now)
+    other = limiter.hold("provider", "c", Budget(usd=Decimal(9), period="day"), Decimal("0.5"), now)
+    assert (first.limit, same.limit, raised.limit, other.limit) == (
+        5 * 10**9,
+        5 * 10**9,
+        7 * 10**9,
+        9 * 10**9,
+    )
+    assert first.key == raised.key == "client:c:month:2025-12" and other.key.startswith("provider:c:day:")
+    assert first.amount == raised.amount == 5 * 10**8
