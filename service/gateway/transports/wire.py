@@ -238,7 +238,7 @@ class Response:
         self._chunks.clear()
         if self._inflater is None:
             return raw
-        out = self._inflate(raw, limit + 1)
+        out = self._inflate(self._pending + raw, limit + 1)
         if len(out) > limit or self._pending:
             raise TooLarge(limit)
         return out
@@ -327,16 +327,16 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         response.received += len(data)
-        if not response._headed:
-            self.head += len(data)
-            if self.head > MAX_HEAD:
-                response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self.response is not None:
                 self.response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(exc).__name__}"))
+            return
+        if not response._headed and response._error is None:  # the head is still coming
+            self.head += len(data)
+            if self.head > MAX_HEAD:
+                response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:

@@ -139,6 +139,15 @@ async def test_chunked_and_read_to_eof_and_interim_answers() -> None:
         assert await post(p, two) == (200, b"all of it")
 
 
+async def test_a_large_body_in_the_heads_packet_is_no_large_head() -> None:
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(_answer(200, b"x" * (1 << 20)))
+
+    async with raw(large) as url, pool() as p:
+        assert await post(p, url) == (200, b"x" * (1 << 20))
+
+
 async def test_a_redirect_is_an_answer() -> None:
     async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _head(reader)
