@@ -14,6 +14,7 @@ import email.utils
 import re
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +32,9 @@ from service.gateway.transports.guard import (
     check_literal,
     refuse_redirects,
 )
+from service.gateway.transports.wire import Pool, TooLarge, WireError
+
+__all__ = ["TooLarge"]  # the answer's bound is the same on both clients
 
 CONNECTIONS_PER_HOST = 1024
 """Connections open at once to one upstream (host and port); more wait for one to free up.
@@ -58,7 +62,7 @@ def open_session(
     (`transports.guard`); every call passes `allow_redirects=False` as well.
     """
     allowed = allowed or AllowedUpstreams()
-    connector = aiohttp.TCPConnector(
+    connector = _Connector(
         resolver=GuardedResolver(allowed, lookup),
         limit=0,
         limit_per_host=CONNECTIONS_PER_HOST,
@@ -77,19 +81,26 @@ def open_session(
     )
 
 
-def hookless(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
-    """A session on `session`'s connections (its pool, its guarded resolver) without its
-    per-request middleware and trace: for callers that pass `allow_redirects=False` on every
-    call and check their hosts with `guard.literal_refusal` themselves. It needs no closing of
-    its own: it is closed when `session` is."""
-    return aiohttp.ClientSession(
-        connector=session.connector,
-        connector_owner=False,
-        timeout=aiohttp.ClientTimeout(total=None),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        raise_for_status=False,
-        trust_env=False,
-    )
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's connector, owning the direct path's `wire.Pool` on the same guarded resolver;
+    closing the session closes both."""
+
+    def __init__(self, *, resolver: GuardedResolver, **options: Any) -> None:
+        super().__init__(resolver=resolver, **options)
+        self.wire = Pool(resolver, CONNECTIONS_PER_HOST)
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        self.wire.close()
+        await super().close(abort_ssl=abort_ssl)
+
+
+def wire_pool(session: aiohttp.ClientSession) -> Pool:
+    """The direct path's connections beside `session`'s (`open_session`'s only): the same
+    resolver (SWITCHBOARD_ALLOWED_UPSTREAMS after DNS), closed when `session` is."""
+    connector = session.connector
+    if not isinstance(connector, _Connector):
+        raise TypeError("the session was not opened by open_session")
+    return connector.wire
 
 
 def sendable_key(provider: Provider) -> str | None:
@@ -175,14 +186,6 @@ def retry_after(headers: dict[str, str]) -> None:
     headers["retry-after-ms"] = str(ms)
 
 
-class TooLarge(Exception):
-    """An upstream's answer is over the limit of what is read."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"answer over {limit} bytes")
-        self.limit = limit
-
-
 async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The rest of `response`'s body, or `TooLarge` as soon as it passes `limit` bytes."""
     if response.content_length is not None:
@@ -203,6 +206,8 @@ async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 def describe_error(exc: BaseException) -> str:
     """A short reason for an attempt list: the kind of failure, never a URL's credentials or a key."""
+    if isinstance(exc, WireError):
+        return str(exc)
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, UpstreamRefused):
         return str(exc.os_error.strerror)
     if isinstance(exc, RedirectRefused):

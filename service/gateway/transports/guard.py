@@ -15,10 +15,10 @@ checks', the models lists', and litellm's through `transports.bridge`):
   connection fails at once, as a connection error whose reason names the setting.
 
 The gateway's own requests to OpenAI-protocol upstreams (`transports.openai`, every request
-of a busy gateway) hold both rules without the session's per-request hooks, which cost about
-a tenth of a relayed request's time: they go through `hookless(session)`, on the same
-connections (and so the same resolver), each passing `allow_redirects=False`, and the host of
-each provider's URL is checked once per version of its file, with `literal_refusal`.
+of a busy gateway) hold both rules without the session at all: they go through
+`transports.wire`, whose pool resolves names with the session's own `GuardedResolver` and
+follows no redirect, and the host of each provider's URL is checked once per version of its
+file, with `literal_refusal`.
 """
 
 from __future__ import annotations

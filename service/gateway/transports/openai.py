@@ -1,6 +1,8 @@
 """The direct path: requests relayed to upstreams that speak OpenAI's HTTP API.
 
-One pooled `aiohttp.ClientSession` per app carries every upstream call. The client's body
+Upstream calls go over the lean client of `transports.wire`: kept-alive HTTP/1.1 connections
+pooled beside the app's `aiohttp.ClientSession`, on the same guarded resolver and closed with
+it (`base.wire_pool`); aiohttp's client cost about a third of the loop's time per request. The client's body
 goes out as the same bytes unless the provider renames the model (`model_map`) or a stream
 is asked for its usage (below); the URL and headers come from the provider's file alone.
 The answer comes back as it arrives: a JSON answer is read whole, within
@@ -47,18 +49,16 @@ from service.config.upstreams import AllowedUpstreams
 from service.gateway.call import VIA_HEADER, Call, Failure, NotSpoken, falls_back
 from service.gateway.protocols import usage as usages
 from service.gateway.transports.base import (
-    Delivered,
     TooLarge,
     Transport,
-    describe_error,
-    hookless,
     pass_back,
-    read_within,
     sendable_key,
+    wire_pool,
 )
 from service.gateway.transports.guard import literal_refusal
 from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
+from service.gateway.transports.wire import ConnectTimeout, Endpoint, Response, WireError
 
 _SSE = "text/event-stream"
 MAX_PATHS = 64
@@ -74,10 +74,10 @@ class Upstream:
     provider: Provider
     base: str
     headers: Mapping[str, str]
-    plain: aiohttp.ClientTimeout
-    """Non-streaming requests: connecting, then the whole answer."""
-    streaming: aiohttp.ClientTimeout
-    """Streams: connecting only; the first byte and the silences are timed as they are read."""
+    timeout_s: float
+    """Non-streaming requests: the whole answer, connecting included."""
+    connect_s: float
+    """Connecting (streams: their first byte and silences are timed as they are read)."""
     first_byte_s: float
     idle_s: float
     names_models: bool
@@ -90,8 +90,8 @@ class Upstream:
     """The key as sent, to mask in an error answer that echoes it (docs/reference.md §2.4); empty
     without one."""
 
-    urls: dict[str, URL] = field(default_factory=dict)
-    """Path -> the URL it is sent to, parsed once."""
+    urls: dict[str, Endpoint] = field(default_factory=dict)
+    """Path or URL -> where it is sent, parsed once."""
 
     @classmethod
     def of(
@@ -125,8 +125,8 @@ class Upstream:
             provider=provider,
             base=base,
             headers=headers,
-            plain=aiohttp.ClientTimeout(total=provider.timeout_s, sock_connect=connect),
-            streaming=aiohttp.ClientTimeout(total=None, sock_connect=connect),
+            timeout_s=provider.timeout_s,
+            connect_s=connect,
             first_byte_s=provider.first_byte_timeout_s,
             idle_s=provider.idle_timeout_s,
             names_models=not provider.models,
@@ -134,11 +134,12 @@ class Upstream:
             key=key.encode() if key else b"",
         )
 
-    def url(self, path: str) -> URL:
-        """The URL of `path` under the provider's base (parsed once per path)."""
+    def url(self, path: str) -> Endpoint:
+        """Where `path` under the provider's base goes (parsed once per path); a whole URL
+        (starting with `http`) is taken as it is."""
         found = self.urls.get(path)
         if found is None:
-            found = URL(self.base + path)
+            found = Endpoint.of(URL(path if path.startswith("http") else self.base + path))
             if len(self.urls) < MAX_PATHS:
                 self.urls[path] = found
         return found
@@ -155,11 +156,11 @@ class Upstream:
 
 
 class OpenAITransport(Transport):
-    """Forwards to providers that speak OpenAI's HTTP API, through one pooled session.
+    """Forwards to providers that speak OpenAI's HTTP API, over `transports.wire`.
 
-    Its requests go on the session's connections without its per-request hooks
-    (`base.hookless`): every one passes `allow_redirects=False`, and each provider's host is
-    checked against `allowed` once per version of its file (`guard.literal_refusal`)."""
+    Its connections are pooled beside `session`'s, on its guarded resolver (`base.wire_pool`);
+    no redirect is followed, and each provider's host is checked against `allowed` once per
+    version of its file (`guard.literal_refusal`)."""
 
     def __init__(
         self,
@@ -168,12 +169,12 @@ class OpenAITransport(Transport):
         via: str = "",
         allowed: AllowedUpstreams | None = None,
     ) -> None:
-        self.session = hookless(session)
+        self.pool = wire_pool(session)
         self.refusal = literal_refusal(allowed or AllowedUpstreams())
         self.max_bytes = max_bytes
+        """The largest non-streamed answer read (`SWITCHBOARD_MAX_UPSTREAM_BYTES`); larger ones fail."""
         self.via = via
         """This gateway's token in `x-switchboard-via` (empty: none sent)."""
-        """The largest non-streamed answer read (`SWITCHBOARD_MAX_UPSTREAM_BYTES`); larger ones fail."""
         self._upstreams: dict[str, Upstream] = {}
         """Provider id -> its prepared upstream, rebuilt when the provider object changes."""
 
@@ -191,7 +192,7 @@ class OpenAITransport(Transport):
             raise Failure(None, target.unusable)
         if call.stream:
             return await self._send_stream(call, target, headers)
-        response, body = await self.exchange(call, target, target.url(call.path), call.body_for(provider))
+        response, body = await self.exchange(call, target, call.path, call.body_for(provider))
         status = response.status
         if status == 404:
             _check_spoken(call, provider, body)
@@ -204,48 +205,50 @@ class OpenAITransport(Transport):
         pass_back(upstream_headers, headers)
         return web.Response(body=body, status=status, headers=headers)
 
-    async def exchange(
-        self, call: Call, target: Upstream, url: URL | str, body: bytes
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """POST `body` to `url` and read the whole answer, within `timeout_s` and `max_bytes`.
+    async def exchange(self, call: Call, target: Upstream, path: str, body: bytes) -> tuple[Response, bytes]:
+        """POST `body` to `path` under the provider's base (or a whole URL) and read the whole
+        answer, within `timeout_s` and `max_bytes`.
 
-        Returns the (released) response and its body; raises `Failure` to move on.
+        Returns the (read) response and its body; raises `Failure` to move on.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         try:
-            headers = self._headers(call, target)
-            response = await self.session.post(
-                url, data=Delivered(body, call), headers=headers, timeout=target.plain, allow_redirects=False
-            )
-            status = call.upstream_status = response.status
-            if falls_back(status):
-                raise Failure.of_status(status)
-            call.first_byte_s = loop.time() - started
-            answer = await read_within(response, self.max_bytes)
+            async with asyncio.timeout(target.timeout_s):
+                response = await self.pool.post(
+                    target.url(path),
+                    self._headers(call, target),
+                    body,
+                    connect_s=target.connect_s,
+                    sent=call,
+                    limit=self.max_bytes,
+                )
+                status = call.upstream_status = response.status
+                if falls_back(status):
+                    raise Failure.of_status(status)
+                call.first_byte_s = loop.time() - started
+                answer = await response.read(self.max_bytes)
         except TimeoutError as exc:
             _close(response)
             raise Failure(
-                None, _timed_out(exc, target, f"no whole answer within {target.plain.total:g} s")
+                None, _timed_out(exc, target, f"no whole answer within {target.timeout_s:g} s")
             ) from None
         except TooLarge as exc:
             _close(response)
             raise Failure(None, str(exc)) from None
-        except aiohttp.ClientError as exc:
+        except WireError as exc:
             _close(response)
-            reason = describe_error(exc)
-            raise Failure(None, reason if response is None else f"answer cut short: {reason}") from None
+            raise Failure(None, str(exc) if response is None else f"answer cut short: {exc}") from None
         except BaseException:
             _close(response)
             raise
-        response.release()
         return response, target.masked(answer, status)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        url, provider = target.url(call.path), target.provider
+        endpoint, provider = target.url(call.path), target.provider
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.
         asked = (
             not call.wants_usage
@@ -253,29 +256,19 @@ class OpenAITransport(Transport):
             and call.purpose == "chat"
             and call.upstream_protocol in ("chat", "completions")
         )
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         sent = self._headers(call, target)
         try:
             async with asyncio.timeout(target.first_byte_s):
                 body = call.body_asking_usage(provider) if asked else call.body_for(provider)
-                response = await self.session.post(
-                    url,
-                    data=Delivered(body, call),
-                    headers=sent,
-                    timeout=target.streaming,
-                    allow_redirects=False,
-                )
+                response = await self.pool.post(endpoint, sent, body, connect_s=target.connect_s, sent=call)
                 status = call.upstream_status = response.status
                 if status == 400 and asked:  # maybe `stream_options` itself: ask again without
                     response.close()
                     response = None
                     call.delivered, call.upstream_status = False, None
-                    response = await self.session.post(
-                        url,
-                        data=Delivered(call.body_for(provider), call),
-                        headers=sent,
-                        timeout=target.streaming,
-                        allow_redirects=False,
+                    response = await self.pool.post(
+                        endpoint, sent, call.body_for(provider), connect_s=target.connect_s, sent=call
                     )
                     status = call.upstream_status = response.status
                     asked = False
@@ -283,15 +276,15 @@ class OpenAITransport(Transport):
                         target.stream_options = False
                 if falls_back(status):
                     raise Failure.of_status(status)
-                first = await response.content.readany()
+                first = await response.readany()
         except TimeoutError as exc:
             _close(response)
             raise Failure(
                 None, _timed_out(exc, target, f"no first byte within {target.first_byte_s:g} s")
             ) from None
-        except aiohttp.ClientError as exc:
+        except WireError as exc:
             _close(response)
-            raise Failure(None, describe_error(exc)) from None
+            raise Failure(None, str(exc)) from None
         except BaseException:
             _close(response)
             raise
@@ -315,17 +308,17 @@ class OpenAITransport(Transport):
             if len(first) > self.max_bytes:
                 raise TooLarge(self.max_bytes)
             async with asyncio.timeout(target.idle_s):
-                body = first + await read_within(response, self.max_bytes - len(first))
+                body = first + await response.read(self.max_bytes - len(first))
         except TooLarge as exc:
             response.close()
             raise Failure(None, str(exc)) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (WireError, TimeoutError) as exc:
             response.close()
-            raise Failure(None, f"answer cut short: {describe_error(exc)}") from None
+            reason = f"no chunk within {target.idle_s:g} s" if isinstance(exc, TimeoutError) else str(exc)
+            raise Failure(None, f"answer cut short: {reason}") from None
         except BaseException:
             response.close()
             raise
-        response.release()
         if status == 404:
             _check_spoken(call, provider, body)
         if status < 300:
@@ -362,11 +355,11 @@ def _check_spoken(call: Call, provider: Provider, body: bytes) -> None:
 
 def _timed_out(exc: TimeoutError, target: Upstream, otherwise: str) -> str:
     """Why an attempt timed out: connecting, or `otherwise` (the answer was too slow)."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return f"no connection within {target.plain.sock_connect:g} s"
+    if isinstance(exc, ConnectTimeout):
+        return f"no connection within {target.connect_s:g} s"
     return otherwise
 
 
-def _close(response: aiohttp.ClientResponse | None) -> None:
+def _close(response: Response | None) -> None:
     if response is not None:
         response.close()

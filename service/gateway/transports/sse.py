@@ -15,7 +15,6 @@ the upstream's own bytes, and kept in chat's shape whatever protocol it came in.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -28,6 +27,7 @@ from service.gateway.protocols.messages import error as messages_error
 from service.gateway.protocols.translation import StreamTranslator
 from service.gateway.transports.base import describe_error
 from service.gateway.transports.scan import find_model, find_usage
+from service.gateway.transports.wire import Response, WireError
 
 _USAGE = b'"usage"'
 _NO_CHOICES = (b'"choices":[]', b'"choices": []')
@@ -37,7 +37,7 @@ _MAX_PENDING = 1 << 16
 
 async def relay_events(
     call: Call,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     first: bytes,
     headers: dict[str, str],
     idle_s: float,
@@ -88,11 +88,10 @@ async def relay_events(
             else:
                 pending = window
             try:
-                async with asyncio.timeout(idle_s):
-                    chunk = await upstream.content.readany()
+                chunk = await upstream.readany(idle_s)
             except TimeoutError:
                 call.broken = f"stream cut short: no chunk within {idle_s:g} s"
-            except aiohttp.ClientError as exc:
+            except WireError as exc:
                 call.broken = f"stream cut short: {describe_error(exc)}"
             if call.broken is not None:
                 await answer.write(_broken(call, call.broken, translator))

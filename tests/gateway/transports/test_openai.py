@@ -133,19 +133,19 @@ async def test_a_provider_is_prepared_once_per_version_of_its_file() -> None:
 
 
 async def test_the_direct_path_holds_the_allowed_upstreams_without_the_sessions_hooks() -> None:
-    """The gateway's requests skip the session's per-request middleware and trace (a tenth of a
-    relayed request's time) on the same connections; a host the allowed upstreams refuse is
-    then refused once per version of the provider's file, with the reason the middleware gives."""
+    """The gateway's requests skip the session (its per-request middleware and trace, its whole
+    client) for `transports.wire`, on the same guarded resolver; a host the allowed upstreams
+    refuse is then refused once per version of the provider's file, with the reason the
+    middleware gives."""
     allowed = AllowedUpstreams.parse("localhost")
     async with open_session(allowed) as session:
         transport = OpenAITransport(session, allowed=allowed)
-        assert transport.session.connector is session.connector
-        assert transport.session.trace_configs == []
+        assert transport.pool.resolver is session.connector._resolver  # type: ignore[union-attr]
         for refused in ("http://127.0.0.1:9/v1", "http://169.254.169.254/v1", "http://2852039166/v1"):
             target = transport.upstream(keyed(refused))
             assert target.unusable is not None and SETTING in target.unusable, refused
         assert transport.upstream(keyed("http://localhost:9/v1")).unusable is None
-    assert transport.session.closed  # closed with the session whose connections it uses
+    assert transport.pool.closed  # closed with the session whose resolver it uses
 
 
 async def test_a_refused_host_fails_the_attempt_before_any_connection() -> None:

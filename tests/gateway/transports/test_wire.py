@@ -1,0 +1,289 @@
+"""The lean upstream client against real servers on port 0: aiohttp stand-ins, and raw asyncio
+servers for what no well-behaved server sends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from service.config.upstreams import SETTING, AllowedUpstreams
+from service.gateway.transports.guard import GuardedResolver
+from service.gateway.transports.wire import (
+    BrokenOff,
+    ConnectTimeout,
+    Disconnected,
+    Endpoint,
+    Pool,
+    TooLarge,
+    Unreachable,
+    Unsendable,
+)
+from tests.support.upstreams import closed_port_url, serving
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw(handler: Handler) -> AsyncIterator[str]:
+    """A raw TCP server on port 0 running `handler` per connection; yields its URL."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1/x"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def _head(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        ),
+        0,
+    )
+    return head + await reader.readexactly(length)
+
+
+@contextlib.asynccontextmanager
+async def pool(allowed: str = "") -> AsyncIterator[Pool]:
+    made = Pool(GuardedResolver(AllowedUpstreams.parse(allowed) if allowed else AllowedUpstreams()))
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+async def post(p: Pool, url: str, body: bytes = b"{}") -> tuple[int, bytes]:
+    response = await p.post(Endpoint.of(url), {"Content-Type": "application/json"}, body, connect_s=5)
+    return response.status, await response.read(1 << 20)
+
+
+def _answer(status: int, body: bytes, *extra: bytes) -> bytes:
+    head = b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n" % (status, len(body))
+    return head + b"".join(h + b"\r\n" for h in extra) + b"\r\n" + body
+
+
+async def test_a_kept_alive_connection_is_reused() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await _head(reader)
+                writer.write(_answer(200, b'{"ok":1}'))
+
+    async with raw(serve) as url, pool() as p:
+        answers = [await post(p, url) for _ in range(3)]
+    assert answers == [(200, b'{"ok":1}')] * 3 and connections == 1
+
+
+async def test_a_connection_the_server_closed_is_retried_once_on_a_fresh_one() -> None:
+    seen = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal seen
+        seen += 1
+        await _head(reader)
+        writer.write(_answer(200, b"one"))  # kept alive as far as the client knows...
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")  # ...then closed with the next request unanswered
+        writer.close()
+
+    async with raw(serve) as url, pool() as p:
+        assert await post(p, url) == (200, b"one")
+        assert await post(p, url) == (200, b"one")
+    assert seen == 2
+
+
+async def test_chunked_and_read_to_eof_and_interim_answers() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+
+    async def to_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        writer.close()
+
+    async with raw(chunked) as one, raw(to_eof) as two, pool() as p:
+        assert await post(p, one) == (200, b"abcde")
+        assert await post(p, two) == (200, b"all of it")
+
+
+async def test_a_large_body_in_the_heads_packet_is_no_large_head() -> None:
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(_answer(200, b"x" * (1 << 20)))
+
+    async with raw(large) as url, pool() as p:
+        assert await post(p, url) == (200, b"x" * (1 << 20))
+
+
+async def test_a_redirect_is_an_answer() -> None:
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(_answer(307, b"", b"Location: http://elsewhere.invalid/"))
+
+    async with raw(redirect) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+    assert response.status == 307 and response.headers["location"] == "http://elsewhere.invalid/"
+
+
+async def test_an_answer_over_the_limit_and_a_gzip_bomb_fail_within_it() -> None:
+    bomb = gzip.compress(b"0" * (64 << 20))
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(_answer(200, b"x" * 5000))
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                writer.write(
+                    _answer(
+                        200, bomb if body == b"bomb" else gzip.compress(b"fine"), b"Content-Encoding: gzip"
+                    )
+                )
+
+    async with raw(big) as large, raw(gzipped) as zipped, pool() as p:
+        response = await p.post(Endpoint.of(large), {}, b"{}", connect_s=5, limit=1000)
+        with pytest.raises(TooLarge):
+            await response.read(1000)
+        assert await post(p, zipped) == (200, b"fine")
+        response = await p.post(Endpoint.of(zipped), {}, b"bomb", connect_s=5)
+        with pytest.raises(TooLarge):
+            await response.read(1 << 20)
+
+
+async def test_a_header_with_a_line_break_is_never_sent() -> None:
+    async with pool() as p:
+        with pytest.raises(Unsendable):
+            await p.post(
+                Endpoint.of("http://127.0.0.1:9/v1"), {"X-A": "a\r\nX-Injected: 1"}, b"", connect_s=5
+            )
+    line = Endpoint.of("http://127.0.0.1:9/v1/x\r\nX-Injected: 1").line  # yarl quotes a raw one
+    assert line.count(b"\r\n") == 2 and b"\r\nX-Injected" not in line
+
+
+async def test_a_huge_head_and_garbage_are_broken_answers() -> None:
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    async with raw(huge) as one, raw(garbage) as two, pool() as p:
+        for url in (one, two):
+            with pytest.raises(BrokenOff):
+                await post(p, url)
+
+
+async def test_a_server_that_closes_without_answering_is_disconnected() -> None:
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.close()
+
+    async with raw(close) as url, pool() as p:
+        with pytest.raises(Disconnected, match="closed the connection"):
+            await post(p, url)
+
+
+async def test_a_stream_is_read_as_it_comes_and_times_out_when_idle() -> None:
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await asyncio.sleep(5)
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        assert await response.readany(1) == b"first"
+        with pytest.raises(TimeoutError):
+            await response.readany(0.05)
+        response.close()
+
+
+async def test_a_cancelled_answer_never_goes_back_to_the_pool() -> None:
+    connections = 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await _head(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+                await writer.drain()
+
+    async with raw(slow) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        reading = asyncio.ensure_future(response.read(100))
+        await asyncio.sleep(0.01)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        response.close()
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        response.close()
+    assert connections == 2
+
+
+async def test_what_cannot_be_reached_is_described() -> None:
+    async with pool() as p:
+        with pytest.raises(Unreachable, match=r"^cannot connect"):
+            await post(p, closed_port_url())
+
+
+async def test_a_name_resolving_outside_the_allowed_upstreams_is_refused() -> None:
+    resolver = GuardedResolver(AllowedUpstreams.parse("10.0.0.0/8"), lambda host: ["127.0.0.1"])
+    made = Pool(resolver)
+    try:
+        with pytest.raises(Unreachable, match=f"refused by {SETTING}"):
+            await post(made, "http://gpu.test:9/v1")
+    finally:
+        made.close()
+
+
+async def test_an_aiohttp_upstream_answers() -> None:
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"got": (await request.read()).decode()})
+
+    app = web.Application()
+    app.router.add_post("/v1/x", ok)
+    async with serving(app) as url, pool() as p:
+        assert await post(p, f"{url}/v1/x", b"hi") == (200, b'{"got": "hi"}')
+
+
+def test_connect_timeout_is_a_timeout() -> None:
+    assert issubclass(ConnectTimeout, TimeoutError)
