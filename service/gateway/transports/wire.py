@@ -393,8 +393,11 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         status = self.parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer: the real one follows
-            self.informational = True
+        if status < 200:
+            if status < 100:  # llhttp takes "099": no status to relay to a client
+                response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: status {status}"))
+                return
+            self.informational = True  # an interim answer: the real one follows
             response._fields.clear()
             return
         response._on_head(status)

@@ -225,7 +225,7 @@ async def test_a_header_with_a_line_break_is_never_sent() -> None:
     assert line.count(b"\r\n") == 2 and b"\r\nX-Injected" not in line
 
 
-async def test_a_huge_head_and_garbage_are_broken_answers() -> None:
+async def test_a_huge_head_garbage_and_no_status_are_broken_answers() -> None:
     async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
@@ -234,8 +234,12 @@ async def test_a_huge_head_and_garbage_are_broken_answers() -> None:
         await _head(reader)
         writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
 
-    async with raw(huge) as one, raw(garbage) as two, pool() as p:
-        for url in (one, two):
+    async def no_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 099 Nothing\r\nContent-Length: 2\r\n\r\n{}")  # llhttp takes it
+
+    async with raw(huge) as one, raw(garbage) as two, raw(no_status) as three, pool() as p:
+        for url in (one, two, three):
             with pytest.raises(BrokenOff):
                 await post(p, url)
 
@@ -547,3 +551,21 @@ async def _plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
     await writer.drain()
     await reader.read(1 << 16)
+
+
+async def test_many_requests_share_the_few_connections_allowed() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                await asyncio.sleep(0.001)
+                writer.write(_answer(200, body))
+
+    async with raw(serve) as url, pool(per_host=2) as p:
+        bodies = [str(n).encode() for n in range(50)]
+        answers = await asyncio.wait_for(asyncio.gather(*(post(p, url, body) for body in bodies)), 10)
+    assert answers == [(200, body) for body in bodies] and connections == 2
