@@ -497,10 +497,13 @@ class Pool:
             raise Unreachable(OSError(0, "the gateway is shutting down"))
         loop = asyncio.get_running_loop()
         while True:
-            idle = self._idle.get(key)
+            idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
+            now = loop.time()
+            while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
+                idle.popleft().abort()
             while idle:
                 connection = idle.pop()
-                if not connection.closed and loop.time() - connection.idle_since < self.keepalive_s:
+                if not connection.closed:
                     return connection
                 connection.abort()
             if self._open.get(key, 0) < self.per_host:

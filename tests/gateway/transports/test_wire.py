@@ -569,3 +569,23 @@ async def test_many_requests_share_the_few_connections_allowed() -> None:
         bodies = [str(n).encode() for n in range(50)]
         answers = await asyncio.wait_for(asyncio.gather(*(post(p, url, body) for body in bodies)), 10)
     assert answers == [(200, body) for body in bodies] and connections == 2
+
+
+async def test_connections_idle_past_the_keepalive_are_closed() -> None:
+    """The newest idle connection is taken first; the older ones past the keepalive are
+    closed then too, not kept open for as long as the upstream keeps them."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await _head(reader)
+                await asyncio.sleep(0.01)
+                writer.write(_answer(200, b"ok"))
+
+    async with raw(serve) as url, pool() as p:
+        await asyncio.gather(post(p, url), post(p, url))  # two connections, both idle now
+        idle = p._idle[Endpoint.of(url).key]
+        assert len(idle) == 2
+        idle[0].idle_since -= p.keepalive_s  # the older one's keepalive is over
+        assert await post(p, url) == (200, b"ok")
+        assert len(idle) == 1
