@@ -16,9 +16,18 @@ skipped. What it keeps of aiohttp's rules:
 - **Bounded reads**: a head over `MAX_HEAD` bytes, and a body over the caller's limit
   (`TooLarge`), fail at once. `Accept-Encoding: identity` is asked for; a gzip or deflate
   answer all the same is inflated within the same limit (a bomb stops at the limit).
-- A kept-alive connection the upstream closed before any byte of the answer is tried once
-  more on a fresh connection. A connection is pooled again only once its answer was read
-  whole; one left half-read (a timeout, a client that left) is closed.
+- **A request is sent once.** A kept-alive connection the upstream closed without answering
+  is a failure (`Disconnected`), never a second sending: the upstream may have read the
+  request and acted on it (billed, generated). aiohttp retried no POST either. A connection
+  the upstream closed while idle is dropped, not used.
+- A connection is pooled again only once its answer was read whole and nothing followed it
+  (bytes past the answer's end: the connection is closed); one left half-read (a timeout, a
+  client that left) is closed. An answer read to the end of the connection is whole only if
+  the connection ended cleanly (a reset breaks it off).
+- **TLS** (https): the certificate and the host name are verified (the system's CAs, or
+  `SSL_CERT_FILE`), the name is sent as SNI; a refused certificate is an `Unreachable`
+  whose reason says so.
+- `User-Agent: switchboard/<version>` is sent (some vendors refuse a request without one).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
+from service import __version__
 from service.gateway.transports.guard import GuardedResolver, UpstreamRefused
 
 MAX_HEAD = 64 << 10
@@ -46,6 +56,7 @@ _HIGH_WATER = 256 << 10
 """Bytes of a stream buffered unread before the connection stops reading."""
 _INFLATE_PIECE = 1 << 20
 _DNS_TTL_S = 300.0
+_AGENT = f"User-Agent: switchboard/{__version__}\r\n"
 
 
 class Sent(Protocol):
@@ -76,8 +87,13 @@ class Unreachable(WireError):
     def __init__(self, error: OSError) -> None:
         if isinstance(error, UpstreamRefused):
             reason = str(error.strerror)
-        else:
-            why = os.strerror(error.errno) if error.errno else error.strerror
+        elif isinstance(error, ssl.SSLCertVerificationError):  # its errno (1) says "not permitted"
+            refused = str(error.verify_message or error.reason).split(",")[0]  # not the host it names
+            reason = f"cannot connect: the upstream's TLS certificate is refused ({refused})"
+        elif isinstance(error, ssl.SSLError):
+            reason = f"cannot connect: no TLS handshake ({error.reason or type(error).__name__})"
+        else:  # os.strerror: asyncio's own text names the address; a DNS error's errno is < 0
+            why = os.strerror(error.errno) if error.errno and error.errno > 0 else error.strerror
             reason = f"cannot connect: {why or type(error).__name__}"
         super().__init__(reason)
         self.os_error = error
@@ -196,10 +212,10 @@ class Response:
         self._connection = None
         self._wake()
 
-    def _on_eof(self) -> None:
+    def _on_eof(self, clean: bool) -> None:
         if self._complete or self._error is not None:
             return
-        if self._headed and not self._delimited:  # no length given: the body ends with the connection
+        if self._headed and not self._delimited and clean:  # no length: the body ends with the connection
             self._on_complete()
         elif self._headed:
             self._fail(BrokenOff("the upstream broke off its answer"))
@@ -230,6 +246,8 @@ class Response:
         self._limit = limit
         if self._error is None and (self._size > limit or (self._length or 0) > limit):
             self._fail(TooLarge(limit))
+            if self._error is None:  # it had come whole already: over the limit all the same
+                raise TooLarge(limit)
         while not self._complete and self._error is None:
             await self._wait()
         if self._error is not None:
@@ -241,6 +259,8 @@ class Response:
         out = self._inflate(self._pending + raw, limit + 1)
         if len(out) > limit or self._pending:
             raise TooLarge(limit)
+        if self._size and not self._inflater.eof:  # cut short inside the compressed stream
+            raise BrokenOff("the upstream's answer does not inflate")
         return out
 
     async def readany(self, within: float | None = None) -> bytes:
@@ -304,12 +324,16 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
-        self.reused = False
         self.closed = False
         self.paused = False
         self.idle_since = 0.0
         self.head = 0
         self.informational = False
+        self.done = False
+        """The answer ended in the bytes being parsed (the connection is pooled after them)."""
+        self.keep = False
+        self.stray = False
+        """An answer began after the answer: nobody asked for it, the connection is spoilt."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -317,6 +341,7 @@ class _Connection(asyncio.Protocol):
     def send(self, data: bytes) -> Response:
         self.response = response = Response(self)
         self.head = 0
+        self.done = self.stray = False
         if self.transport is not None:
             self.transport.write(data)
         return response
@@ -329,28 +354,50 @@ class _Connection(asyncio.Protocol):
         response.received += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self.response is not None:
                 self.response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(exc).__name__}"))
+            self.abort()  # garbage past a whole answer too: the connection is not pooled
             return
-        if not response._headed and response._error is None:  # the head is still coming
+        if self.done:  # pooled only now: bytes after the answer, in the same read, spoil it
+            self.done = False
+            if self.keep and not self.stray and not self.closed:
+                self.resume()
+                self.pool._release(self)
+            else:
+                self.abort()
+        elif not response._headed and response._error is None:  # the head is still coming
             self.head += len(data)
             if self.head > MAX_HEAD:
                 response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
 
+    def on_message_begin(self) -> None:
+        if self.response is None:
+            self.stray = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response._fields.append(
-                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            )
+        response = self.response
+        if response is None:
+            return
+        if response._headed:  # a trailer: not kept, but counted, so that no flood of them is endless
+            self.head += len(name) + len(value)
+            if self.head > MAX_HEAD:
+                response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
+            return
+        response._fields.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
 
     def on_headers_complete(self) -> None:
         response = self.response
         if response is None:
             return
         status = self.parser.get_status_code()
-        if 100 <= status < 200:  # an interim answer: the real one follows
-            self.informational = True
+        if status < 200:
+            if status < 100:  # llhttp takes "099": no status to relay to a client
+                response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: status {status}"))
+                return
+            self.informational = True  # an interim answer: the real one follows
             response._fields.clear()
             return
         response._on_head(status)
@@ -364,14 +411,10 @@ class _Connection(asyncio.Protocol):
             self.informational = False
             return
         response, self.response = self.response, None
-        keep = self.parser.should_keep_alive()
         if response is not None:
+            self.keep = self.parser.should_keep_alive()
+            self.done = True
             response._on_complete()
-        if keep and not self.closed:
-            self.resume()
-            self.pool._release(self)
-        else:
-            self.abort()
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -382,7 +425,7 @@ class _Connection(asyncio.Protocol):
         response, self.response = self.response, None
         self.pool._lost(self)
         if response is not None:
-            response._on_eof()
+            response._on_eof(exc is None)
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None:
@@ -403,7 +446,13 @@ class _Connection(asyncio.Protocol):
 class Pool:
     """Kept-alive connections to upstreams, at most `per_host` open to each (scheme, host, port)."""
 
-    def __init__(self, resolver: GuardedResolver, per_host: int = 1024, keepalive_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        resolver: GuardedResolver,
+        per_host: int = 1024,
+        keepalive_s: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.resolver = resolver
         self.per_host = per_host
         self.keepalive_s = keepalive_s
@@ -411,7 +460,8 @@ class Pool:
         self._open: dict[tuple[str, str, int], int] = {}
         self._waiting: dict[tuple[str, str, int], deque[asyncio.Future[None]]] = {}
         self._names: dict[tuple[str, int], tuple[float, list[tuple[str, int]]]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
+        """https: verifies the certificate and the host name (the system's CAs when None)."""
         self._all: set[_Connection] = set()
         self.closed = False
 
@@ -430,45 +480,42 @@ class Pool:
         `sent`, when given, has its `delivered` set once the request is written (`Call`);
         `limit` bounds the body as it arrives (`TooLarge`)."""
         data = endpoint.line + _encode(headers, len(body)) + body
-        for attempt in (0, 1):
-            connection = await self._acquire(endpoint.key, connect_s)
-            reused = connection.reused
-            connection.reused = True
-            response = connection.send(data)
-            response._limit = limit
-            if sent is not None:
-                sent.delivered = True
-            try:
-                await response._headed_in()
-            except (Disconnected, BrokenOff):
-                if attempt == 0 and reused and response.received == 0:  # a stale kept-alive connection
-                    if sent is not None:
-                        sent.delivered = False
-                    continue
-                raise
-            except BaseException:
-                response.close()
-                raise
-            return response
-        raise AssertionError("unreachable")
+        connection = await self._acquire(endpoint.key, connect_s)
+        response = connection.send(data)
+        response._limit = limit
+        if sent is not None:
+            sent.delivered = True
+        try:
+            await response._headed_in()
+        except BaseException:
+            response.close()
+            raise
+        return response
 
     async def _acquire(self, key: tuple[str, str, int], connect_s: float | None) -> _Connection:
         if self.closed:
             raise Unreachable(OSError(0, "the gateway is shutting down"))
-        idle = self._idle.get(key)
-        now = asyncio.get_running_loop().time()
-        while idle:
-            connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < self.keepalive_s:
-                return connection
-            connection.abort()
-        while self._open.get(key, 0) >= self.per_host:
-            waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
+            now = loop.time()
+            while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
+                idle.popleft().abort()
+            while idle:
+                connection = idle.pop()
+                if not connection.closed:
+                    return connection
+                connection.abort()
+            if self._open.get(key, 0) < self.per_host:
+                break
+            waiter = loop.create_future()
             self._waiting.setdefault(key, deque()).append(waiter)
-            await waiter
-            idle = self._idle.get(key)
-            if idle:
-                return idle.pop()
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():  # woken, then cancelled: wake the next
+                    self._wake(key)
+                raise
         self._open[key] = self._open.get(key, 0) + 1
         try:
             if connect_s is None:
@@ -571,5 +618,5 @@ def _encode(headers: Mapping[str, str], length: int) -> bytes:
         line = f"{name}: {value}\r\n"
         _check(line[:-2])
         lines.append(line)
-    lines.append(f"Accept: */*\r\nAccept-Encoding: identity\r\nContent-Length: {length}\r\n\r\n")
+    lines.append(f"{_AGENT}Accept: */*\r\nAccept-Encoding: identity\r\nContent-Length: {length}\r\n\r\n")
     return "".join(lines).encode("utf-8")

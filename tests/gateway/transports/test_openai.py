@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -275,6 +277,26 @@ async def test_an_error_answer_that_echoes_the_key_has_it_masked(stream: bool) -
         )
     assert code == 400 and b"you sent" in body
     assert CANARY.encode() not in body and b"Bearer ****" in body
+
+
+async def test_an_https_upstream_whose_certificate_is_refused_fails_with_the_reason() -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)  # a CA the system does not know
+    listening = await asyncio.start_server(lambda _, writer: writer.close(), "127.0.0.1", 0, ssl=context)
+    port = listening.sockets[0].getsockname()[1]
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with relaying(server(f"https://127.0.0.1:{port}/v1")) as harness:
+            status, _, body = await harness.post("/chat/completions", chat)
+            stream_status, _, stream_body = await harness.post("/chat/completions", {**chat, "stream": True})
+    finally:
+        listening.close()
+        await listening.wait_closed()
+    assert status == stream_status == FAILED
+    for answer in (body, stream_body):
+        assert json.loads(answer)["reason"].startswith(
+            "cannot connect: the upstream's TLS certificate is refused ("
+        )
 
 
 async def test_what_goes_wrong_on_the_way_is_described() -> None:

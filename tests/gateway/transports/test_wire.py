@@ -6,11 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import socket
+import ssl
+import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 
+from service import __version__
 from service.config.upstreams import SETTING, AllowedUpstreams
 from service.gateway.transports.guard import GuardedResolver
 from service.gateway.transports.wire import (
@@ -70,8 +77,10 @@ async def _head(reader: asyncio.StreamReader) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def pool(allowed: str = "") -> AsyncIterator[Pool]:
-    made = Pool(GuardedResolver(AllowedUpstreams.parse(allowed) if allowed else AllowedUpstreams()))
+async def pool(allowed: str = "", **options: Any) -> AsyncIterator[Pool]:
+    made = Pool(
+        GuardedResolver(AllowedUpstreams.parse(allowed) if allowed else AllowedUpstreams()), **options
+    )
     try:
         yield made
     finally:
@@ -104,23 +113,44 @@ async def test_a_kept_alive_connection_is_reused() -> None:
     assert answers == [(200, b'{"ok":1}')] * 3 and connections == 1
 
 
-async def test_a_connection_the_server_closed_is_retried_once_on_a_fresh_one() -> None:
-    seen = 0
+async def test_a_request_the_upstream_may_have_read_is_never_sent_again() -> None:
+    requests = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal seen
-        seen += 1
+        nonlocal requests
         await _head(reader)
+        requests += 1
         writer.write(_answer(200, b"one"))  # kept alive as far as the client knows...
         await writer.drain()
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")  # ...then closed with the next request unanswered
+        await _head(reader)  # ...then the next request is read, maybe acted on, and unanswered
+        requests += 1
         writer.close()
 
     async with raw(serve) as url, pool() as p:
         assert await post(p, url) == (200, b"one")
+        with pytest.raises(Disconnected):
+            await post(p, url)
+    assert requests == 2
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_used() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await _head(reader)
+        writer.write(_answer(200, b"one"))  # kept alive, then closed by an idle timeout
+        await writer.drain()
+
+    async with raw(serve) as url, pool() as p:
         assert await post(p, url) == (200, b"one")
-    assert seen == 2
+        for _ in range(1000):  # until the pool saw the close
+            if not any(p._idle.values()):
+                break
+            await asyncio.sleep(0.001)
+        assert await post(p, url) == (200, b"one")
+    assert connections == 2
 
 
 async def test_chunked_and_read_to_eof_and_interim_answers() -> None:
@@ -195,7 +225,7 @@ async def test_a_header_with_a_line_break_is_never_sent() -> None:
     assert line.count(b"\r\n") == 2 and b"\r\nX-Injected" not in line
 
 
-async def test_a_huge_head_and_garbage_are_broken_answers() -> None:
+async def test_a_huge_head_garbage_and_no_status_are_broken_answers() -> None:
     async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
@@ -204,8 +234,12 @@ async def test_a_huge_head_and_garbage_are_broken_answers() -> None:
         await _head(reader)
         writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
 
-    async with raw(huge) as one, raw(garbage) as two, pool() as p:
-        for url in (one, two):
+    async def no_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 099 Nothing\r\nContent-Length: 2\r\n\r\n{}")  # llhttp takes it
+
+    async with raw(huge) as one, raw(garbage) as two, raw(no_status) as three, pool() as p:
+        for url in (one, two, three):
             with pytest.raises(BrokenOff):
                 await post(p, url)
 
@@ -287,3 +321,271 @@ async def test_an_aiohttp_upstream_answers() -> None:
 
 def test_connect_timeout_is_a_timeout() -> None:
     assert issubclass(ConnectTimeout, TimeoutError)
+
+
+async def test_bytes_past_an_answer_spoil_its_connection() -> None:
+    """A body longer than its length, or a second answer nobody asked for: the connection is
+    closed, never pooled (twice, or with its parser broken), so answers cannot cross."""
+    first = True
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal first
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                if first:
+                    first = False
+                    writer.write(_answer(200, b"one") + _answer(200, b"nobody's"))
+                else:
+                    await asyncio.sleep(0.01)
+                    writer.write(_answer(200, body))
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                writer.write(_answer(200, body) + b"\x00garbage")
+                await writer.drain()
+
+    async with raw(serve) as url, raw(garbage) as spoilt, pool() as p:
+        assert await post(p, url) == (200, b"one")
+        answers = await asyncio.wait_for(asyncio.gather(post(p, url, b"a"), post(p, url, b"b")), 5)
+        assert answers == [(200, b"a"), (200, b"b")]
+        assert await post(p, spoilt, b"c") == (200, b"c")
+        assert await post(p, spoilt, b"d") == (200, b"d")
+
+
+async def test_an_upgrade_is_a_broken_answer_not_a_crash() -> None:
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nxx")
+        await asyncio.sleep(5)
+
+    loop = asyncio.get_running_loop()
+    crashes: list[str] = []
+    loop.set_exception_handler(lambda _, context: crashes.append(context["message"]))
+    try:
+        async with raw(upgrade) as url, pool() as p:
+            with pytest.raises(BrokenOff, match=r"not HTTP/1\.1"):
+                await post(p, url)
+    finally:
+        loop.set_exception_handler(None)
+    assert not [crash for crash in crashes if "data_received" in crash]
+
+
+async def test_a_reset_breaks_off_an_answer_read_to_the_end() -> None:
+    """Without a length, the body ends with the connection: a clean close, not a reset."""
+    resume = asyncio.Event()
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart")
+        await writer.drain()
+        await resume.wait()
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()
+
+    async with raw(reset) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        assert await response.readany(5) == b"part"
+        resume.set()
+        with pytest.raises(BrokenOff, match="broke off"):
+            await response.readany(5)
+
+
+async def test_a_flood_of_trailers_is_bounded() -> None:
+    async def trailers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        for _ in range(4096):
+            writer.write(b"X-T: " + b"t" * 1000 + b"\r\n")
+            await writer.drain()
+        writer.write(b"\r\n")
+
+    async with raw(trailers) as url, pool() as p:
+        with pytest.raises(BrokenOff, match="head is over"):
+            await post(p, url)
+
+
+async def test_a_waiter_cancelled_once_woken_passes_its_turn_on() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                held = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"
+                writer.write(held if body == b"hold" else _answer(200, b"ok"))
+
+    async with raw(serve) as url, pool(per_host=1) as p:
+        held = await p.post(Endpoint.of(url), {}, b"hold", connect_s=5)  # the only connection, busy
+        first = asyncio.ensure_future(post(p, url))
+        second = asyncio.ensure_future(post(p, url))
+        await asyncio.sleep(0.01)  # both wait for it
+        held.close()  # its slot frees: `first` is woken...
+        await asyncio.sleep(0)
+        first.cancel()  # ...and cancelled before it ran (a timeout at that very moment)
+        assert await asyncio.wait_for(second, 5) == (200, b"ok")
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+
+
+async def test_an_answer_over_the_limit_is_too_large_even_once_whole() -> None:
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(_answer(200, b"x" * 5000))
+
+    async with raw(big) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)  # a stream: no limit yet
+        for _ in range(1000):
+            if response.received >= len(_answer(200, b"x" * 5000)):
+                break
+            await asyncio.sleep(0.001)
+        with pytest.raises(TooLarge):
+            await response.read(1000)
+
+
+async def test_a_compressed_answer_cut_short_is_broken() -> None:
+    cut = gzip.compress(b"a whole answer" * 100)[:-20]
+    deflated = zlib.compress(b"fine")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                if body == b"cut":
+                    writer.write(_answer(200, cut, b"Content-Encoding: gzip"))
+                else:
+                    writer.write(_answer(200, deflated, b"Content-Encoding: deflate"))
+
+    async with raw(serve) as url, pool() as p:
+        with pytest.raises(BrokenOff, match="does not inflate"):
+            await post(p, url, b"cut")
+        assert await post(p, url, b"whole") == (200, b"fine")
+
+
+async def test_a_name_that_does_not_resolve_is_described() -> None:
+    def lookup(host: str) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    made = Pool(GuardedResolver(AllowedUpstreams(), lookup))
+    try:
+        with pytest.raises(Unreachable, match=r"^cannot connect: Name or service not known$"):
+            await post(made, "http://gpu.test:9/v1")
+    finally:
+        made.close()
+
+
+async def test_a_user_agent_is_sent() -> None:
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await _head(reader))
+        writer.write(_answer(200, b"ok"))
+
+    async with raw(serve) as url, pool() as p:
+        await post(p, url)
+    assert f"\r\nUser-Agent: switchboard/{__version__}\r\n".encode() in heads[0]
+    assert heads[0].count(b"User-Agent") == 1
+
+
+@contextlib.asynccontextmanager
+async def https(ca: trustme.CA, *names: str) -> AsyncIterator[tuple[int, list[str | None]]]:
+    """An https server on port 0 with a certificate `ca` issued for `names`; yields its port and
+    the server names (SNI) its clients sent."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    sni: list[str | None] = []
+
+    def named(_: ssl.SSLObject, name: str | None, __: ssl.SSLContext) -> None:
+        sni.append(name)
+
+    context.sni_callback = named
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            await _head(reader)
+            writer.write(_answer(200, b"secure"))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1], sni
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_https_upstream_is_verified_and_named() -> None:
+    """A certificate from a CA trusted (here: given to the pool) for the URL's host works, with
+    the host sent as SNI; one from a CA not trusted, or for another host, is refused, and the
+    reason says so."""
+    ca = trustme.CA()
+    trusted = ssl.create_default_context()
+    ca.configure_trust(trusted)
+    resolver = GuardedResolver(AllowedUpstreams(), lambda host: ["127.0.0.1"])
+    verified, default = Pool(resolver, tls=trusted), Pool(resolver)
+    try:
+        async with https(ca, "gpu.test") as (port, sni):
+            assert await post(verified, f"https://gpu.test:{port}/v1") == (200, b"secure")
+            assert sni == ["gpu.test"]
+            with pytest.raises(
+                Unreachable,
+                match=r"^cannot connect: the upstream's TLS certificate is refused \(Hostname mismatch\)$",
+            ):
+                await post(verified, f"https://other.test:{port}/v1")
+            with pytest.raises(
+                Unreachable, match=r"^cannot connect: the upstream's TLS certificate is refused \(.+\)$"
+            ):
+                await post(default, f"https://gpu.test:{port}/v1")
+        async with raw(_plain) as plain:
+            with pytest.raises(Unreachable, match=r"^cannot connect: no TLS handshake"):
+                await post(verified, plain.replace("http://", "https://"))
+    finally:
+        verified.close()
+        default.close()
+
+
+async def _plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    await reader.read(1 << 16)
+
+
+async def test_many_requests_share_the_few_connections_allowed() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                await asyncio.sleep(0.001)
+                writer.write(_answer(200, body))
+
+    async with raw(serve) as url, pool(per_host=2) as p:
+        bodies = [str(n).encode() for n in range(50)]
+        answers = await asyncio.wait_for(asyncio.gather(*(post(p, url, body) for body in bodies)), 10)
+    assert answers == [(200, body) for body in bodies] and connections == 2
+
+
+async def test_connections_idle_past_the_keepalive_are_closed() -> None:
+    """The newest idle connection is taken first; the older ones past the keepalive are
+    closed then too, not kept open for as long as the upstream keeps them."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await _head(reader)
+                await asyncio.sleep(0.01)
+                writer.write(_answer(200, b"ok"))
+
+    async with raw(serve) as url, pool() as p:
+        await asyncio.gather(post(p, url), post(p, url))  # two connections, both idle now
+        idle = p._idle[Endpoint.of(url).key]
+        assert len(idle) == 2
+        idle[0].idle_since -= p.keepalive_s  # the older one's keepalive is over
+        assert await post(p, url) == (200, b"ok")
+        assert len(idle) == 1
