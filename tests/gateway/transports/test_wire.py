@@ -18,7 +18,7 @@ import trustme
 from aiohttp import web
 
 from service import __version__
-from service.config.upstreams import SETTING, AllowedUpstreams
+from service.config.upstreams import SETTING, AllowedUpstreams, Lookup, system_lookup
 from service.gateway.transports.guard import GuardedResolver
 from service.gateway.transports.wire import (
     BrokenOff,
@@ -77,10 +77,9 @@ async def _head(reader: asyncio.StreamReader) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def pool(allowed: str = "", **options: Any) -> AsyncIterator[Pool]:
-    made = Pool(
-        GuardedResolver(AllowedUpstreams.parse(allowed) if allowed else AllowedUpstreams()), **options
-    )
+async def pool(allowed: str = "", lookup: Lookup = system_lookup, **options: Any) -> AsyncIterator[Pool]:
+    limits = AllowedUpstreams.parse(allowed) if allowed else AllowedUpstreams()
+    made = Pool(GuardedResolver(limits, lookup), **options)
     try:
         yield made
     finally:
@@ -300,13 +299,9 @@ async def test_what_cannot_be_reached_is_described() -> None:
 
 
 async def test_a_name_resolving_outside_the_allowed_upstreams_is_refused() -> None:
-    resolver = GuardedResolver(AllowedUpstreams.parse("10.0.0.0/8"), lambda host: ["127.0.0.1"])
-    made = Pool(resolver)
-    try:
+    async with pool("10.0.0.0/8", lambda host: ["127.0.0.1"]) as p:
         with pytest.raises(Unreachable, match=f"refused by {SETTING}"):
-            await post(made, "http://gpu.test:9/v1")
-    finally:
-        made.close()
+            await post(p, "http://gpu.test:9/v1")
 
 
 async def test_an_aiohttp_upstream_answers() -> None:
@@ -468,12 +463,9 @@ async def test_a_name_that_does_not_resolve_is_described() -> None:
     def lookup(host: str) -> list[str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    made = Pool(GuardedResolver(AllowedUpstreams(), lookup))
-    try:
+    async with pool(lookup=lookup) as p:
         with pytest.raises(Unreachable, match=r"^cannot connect: Name or service not known$"):
-            await post(made, "http://gpu.test:9/v1")
-    finally:
-        made.close()
+            await post(p, "http://gpu.test:9/v1")
 
 
 async def test_a_user_agent_is_sent() -> None:
