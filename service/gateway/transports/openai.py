@@ -248,7 +248,7 @@ class OpenAITransport(Transport):
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        endpoint, provider = target.url(call.path), target.provider
+        provider = target.provider
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.
         asked = (
             not call.wants_usage
@@ -260,6 +260,7 @@ class OpenAITransport(Transport):
         sent = self._headers(call, target)
         try:
             async with asyncio.timeout(target.first_byte_s):
+                endpoint = target.url(call.path)  # an Unsendable URL is a failure like any other
                 body = call.body_asking_usage(provider) if asked else call.body_for(provider)
                 response = await self.pool.post(endpoint, sent, body, connect_s=target.connect_s, sent=call)
                 status = call.upstream_status = response.status
@@ -305,10 +306,10 @@ class OpenAITransport(Transport):
             )
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
         try:
-            if len(first) > self.max_bytes:
+            async with asyncio.timeout(target.idle_s):  # the wire bounds the whole answer, `first` too
+                body = first + await response.read(self.max_bytes)
+            if len(body) > self.max_bytes:  # inflated past the bound
                 raise TooLarge(self.max_bytes)
-            async with asyncio.timeout(target.idle_s):
-                body = first + await response.read(self.max_bytes - len(first))
         except TooLarge as exc:
             response.close()
             raise Failure(None, str(exc)) from None

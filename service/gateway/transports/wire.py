@@ -493,10 +493,10 @@ class Pool:
         return response
 
     async def _acquire(self, key: tuple[str, str, int], connect_s: float | None) -> _Connection:
-        if self.closed:
-            raise Unreachable(OSError(0, "the gateway is shutting down"))
         loop = asyncio.get_running_loop()
         while True:
+            if self.closed:  # also for a request woken by close() while it waited
+                raise Unreachable(OSError(0, "the gateway is shutting down"))
             idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
             now = loop.time()
             while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
@@ -610,6 +610,11 @@ class Pool:
         for connection in list(self._all):
             connection.abort()
         self._idle.clear()
+        for waiting in self._waiting.values():  # each fails at once instead of waiting forever
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_result(None)
+        self._waiting.clear()
 
 
 def _encode(headers: Mapping[str, str], length: int) -> bytes:

@@ -319,3 +319,27 @@ async def test_what_goes_wrong_on_the_way_is_described() -> None:
     assert json.loads(slow)["reason"] == "no whole answer within 0.1 s"
     assert json.loads(cut)["reason"].startswith("answer cut short")
     assert json.loads(large)["reason"] == "answer over 100 bytes"
+
+
+async def test_a_stream_answered_whole_is_bounded_once_not_twice() -> None:
+    """A server that ignores `stream` answers whole: its first chunk counts once against the bound."""
+    answer = json.dumps({"choices": [{"message": {"content": "x" * 40}}]}).encode()  # ~70 bytes
+
+    async def whole(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", whole)
+    async with serving(upstream) as url, relaying(server(f"{url}/v1"), max_bytes=100) as harness:
+        status, _, body = await harness.post("/chat/completions", {"model": "m", "stream": True})
+        assert (status, body) == (200, answer)
+    big = json.dumps({"choices": [{"message": {"content": "x" * 200}}]}).encode()
+
+    async def larger(request: web.Request) -> web.Response:
+        return web.Response(body=big, content_type="application/json")
+
+    again = web.Application()
+    again.router.add_post("/v1/chat/completions", larger)
+    async with serving(again) as url, relaying(server(f"{url}/v1"), max_bytes=100) as harness:
+        status, _, refused = await harness.post("/chat/completions", {"model": "m", "stream": True})
+    assert status == FAILED and json.loads(refused)["reason"] == "answer over 100 bytes"

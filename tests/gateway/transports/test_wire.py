@@ -425,6 +425,23 @@ async def test_a_waiter_cancelled_once_woken_passes_its_turn_on() -> None:
             await first
 
 
+async def test_a_request_waiting_for_a_connection_fails_when_the_pool_closes() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")  # held open
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await reader.readexactly(1)
+
+    async with raw(serve) as url, pool(per_host=1) as p:
+        held = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)  # the only connection, busy
+        waiting = asyncio.ensure_future(post(p, url))
+        await asyncio.sleep(0.01)
+        p.close()  # the gateway shuts down: the waiting request ends, it does not hang
+        with pytest.raises(Unreachable, match="shutting down"):
+            await asyncio.wait_for(waiting, 5)
+        held.close()
+
+
 async def test_an_answer_over_the_limit_is_too_large_even_once_whole() -> None:
     async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _head(reader)
