@@ -7,6 +7,8 @@ import asyncio
 import logging
 
 import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractMatchInfo
 
 from service.http.openapi import document
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
@@ -133,3 +135,57 @@ async def test_a_malformed_header_is_logged_as_one_line_without_its_bytes(
     text = record.getMessage()
     assert "\n" not in text and text.startswith("malformed request from 127.0.0.1")
     assert "sk-secret" not in text and "\\x00" not in text and "aaaa" not in text
+
+
+async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(
+    guarded: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /v1/...` is taken before the router (`app._Gateway`): the same answer, headers,
+    metrics and error shape as the router's way; a request with `Expect`, another method or
+    another path still goes the router's way."""
+    router = guarded.app.router
+    resolved: list[str] = []
+    resolve = router.resolve
+
+    async def counting(request: web.Request) -> AbstractMatchInfo:
+        resolved.append(f"{request.method} {request.path}")
+        return await resolve(request)
+
+    monkeypatch.setattr(router, "resolve", counting)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+    answers = []
+    for path, extra in [
+        ("/v1/chat/completions", {}),
+        ("/v1/chat/completions", {"Expect": "100-continue"}),  # the router's expect handler
+        ("/v1/embeddings", {}),
+    ]:
+        async with guarded.http.post(guarded.url + path, json=body, headers=headers | extra) as response:
+            answers.append((response.status, dict(response.headers), await response.json()))
+    assert resolved == ["POST /v1/chat/completions"]  # only the one with `Expect`
+    (fast, fast_headers, fast_body), (usual, usual_headers, usual_body), embeddings = answers
+    assert (fast, fast_body) == (usual, usual_body) == (502, fast_body)  # the server "gpu" is not up
+    changing = {"X-Request-ID", "Date"}
+    assert {k: v for k, v in fast_headers.items() if k not in changing} == {
+        k: v for k, v in usual_headers.items() if k not in changing
+    }
+    assert fast_headers["X-Content-Type-Options"] == "nosniff" and len(fast_headers["X-Request-ID"]) == 32
+    assert embeddings[0] == 404 and embeddings[2]["error"]["type"] == "model_not_found"
+    assert embeddings[1]["X-Content-Type-Options"] == "nosniff"
+    resolved.clear()
+    no_token = {"Content-Type": "application/json"}
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions", json=body, headers=no_token
+    ) as response:
+        assert response.status == 401 and (await response.json())["error"]["type"] == "unauthorized"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions/", json=body, headers=headers
+    ) as response:
+        assert response.status == 404 and (await response.json())["error"]["type"] == "not_found"
+    assert resolved == ["POST /v1/chat/completions/"]
+    async with guarded.http.get(guarded.url + "/metrics", headers=headers) as response:
+        text = await response.text()
+    route = 'switchboard_http_requests_total{method="POST",route="/v1/chat/completions",status="%s"}'
+    assert route % 502 + " 2.0" in text and route % 401 + " 1.0" in text
+    assert 'route="/v1/embeddings",status="404"} 1.0' in text
