@@ -53,6 +53,8 @@ async def test_a_method_the_path_does_not_take_is_405_with_allow(
     [
         ("/v1/chat/completions", "text/plain"),
         ("/v1/chat/completions", None),
+        ("/v1/chat/completions", "application/jsonx"),
+        ("/v1/chat/completions", "text/json"),
         ("/v1/embeddings", "application/x-www-form-urlencoded"),
         (f"{API}/providers/gpu/test", "text/plain"),
         (f"{API}/servers", "application/xml"),
@@ -70,6 +72,26 @@ async def test_a_body_that_is_not_json_is_415(guarded: Service, path: str, conte
         error = (await response.json())["error"]
     assert error["type"] == "unsupported_media_type"
     assert "JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/merge-patch+json",
+    ],
+)
+async def test_a_json_media_type_in_any_spelling_is_json(guarded: Service, content_type: str) -> None:
+    """`application/json` as sent is taken without parsing it (`auth._json_typed`); the other
+    spellings are parsed, and are JSON all the same."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type}
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions", data=body, headers=headers
+    ) as response:
+        assert response.status == 502, await response.text()  # past the check: the server "gpu" is down
 
 
 async def test_with_authentication_a_write_without_a_body_needs_no_media_type(guarded: Service) -> None:

@@ -423,6 +423,46 @@ async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProj
     assert not a.requests
 
 
+async def test_a_body_is_read_whole_however_it_arrives(sops_project: SopsProject) -> None:
+    """With its head or after it, gzipped or not: the upstream gets the body as the client meant
+    it, and one that inflates past the limit is 413 (the body is taken at once when it came whole
+    with the head, read as it comes otherwise)."""
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "z" * 1000}]}
+    raw = json.dumps(body).encode()
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project, max_body_bytes=2048) as board:
+            host, port = board.base_url.removeprefix("http://").split("/")[0].split(":")
+            statuses = []
+            for encoding, data, pause in [
+                (None, raw, False),
+                (None, raw, True),  # the body comes after the handler started
+                ("gzip", gzip.compress(raw), False),
+                ("gzip", gzip.compress(raw), True),
+                ("gzip", gzip.compress(raw.replace(b"z" * 1000, b"z" * 5000)), False),  # 5 KB inflated
+            ]:
+                head = (
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n"
+                    + (f"Content-Encoding: {encoding}\r\n" if encoding else "")
+                    + "\r\n"
+                ).encode()
+                reader, writer = await asyncio.open_connection(host, int(port))
+                if pause:
+                    writer.write(head + data[:10])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(data[10:])
+                else:
+                    writer.write(head + data)
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+                statuses.append(int(answer.split(b" ", 2)[1]))
+    assert statuses == [200, 200, 200, 200, 413]
+    assert [r.json for r in a.requests] == [body] * 4
+
+
 NESTED = "[" * 100_000 + "]" * 100_000
 
 
