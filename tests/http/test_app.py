@@ -94,6 +94,42 @@ async def test_a_json_media_type_in_any_spelling_is_json(guarded: Service, conte
         assert response.status == 502, await response.text()  # past the check: the server "gpu" is down
 
 
+async def test_every_answer_forbids_sniffing(guarded: Service) -> None:
+    """`nosniff` on every answer (docs/reference.md §6), whichever way it is made: by a handler, the
+    middleware's errors (401, 404, 405, 415, 502), the router's expect handler (417), a stream."""
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    requests: list[tuple[str, str, dict[str, str], object]] = [
+        ("GET", "/healthz", {}, None),
+        ("GET", "/readyz", {}, None),
+        ("GET", "/metrics", token, None),
+        ("HEAD", "/", {}, None),
+        ("GET", "/openapi.json", {}, None),
+        ("GET", "/v1/models", token, None),
+        ("GET", f"{API}/providers", token, None),
+        ("POST", "/v1/chat/completions", token, chat),  # 502: the server "gpu" is not up
+        ("POST", "/v1/chat/completions", {}, chat),  # 401
+        ("POST", "/v1/chat/completions", token | {"Content-Type": "text/plain"}, "{}"),  # 415
+        ("POST", "/v1/chat/completions", token | {"Expect": "100-continue"}, chat),
+        ("POST", "/v1/chat/completions", token | {"Expect": "a-teapot"}, chat),  # 417
+        ("GET", "/nowhere/%3Cscript%3E", token, None),  # 404
+        ("DELETE", "/healthz", token, None),  # 405
+    ]
+    statuses = []
+    for method, path, headers, body in requests:
+        data = body if isinstance(body, str) else None
+        json = body if isinstance(body, dict) else None
+        async with guarded.http.request(
+            method, guarded.url + path, headers=headers, data=data, json=json
+        ) as response:
+            statuses.append(response.status)
+            assert response.headers.getall("X-Content-Type-Options") == ["nosniff"], (method, path)
+    assert statuses == [200, 200, 200, 200, 200, 200, 200, 502, 401, 415, 502, 417, 404, 405]
+    async with guarded.http.get(guarded.url + f"{API}/events", headers=token) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        assert stream.headers.getall("X-Content-Type-Options") == ["nosniff"]
+
+
 async def test_with_authentication_a_write_without_a_body_needs_no_media_type(guarded: Service) -> None:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with guarded.http.post(guarded.url + f"{API}/providers/gpu/test", headers=headers) as response:

@@ -463,6 +463,29 @@ async def test_a_body_is_read_whole_however_it_arrives(sops_project: SopsProject
     assert [r.json for r in a.requests] == [body] * 4
 
 
+async def test_every_kind_of_gateway_answer_forbids_sniffing(sops_project: SopsProject) -> None:
+    """`X-Content-Type-Options: nosniff` on a whole answer, a relayed stream (prepared where it is
+    relayed), one cut short, an upstream's error relayed, the gateway's own errors, and
+    `/v1/models`: each taken before the router (`app._Gateway`)."""
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            answers = {"whole": await board.chat(), "stream": await board.chat(stream=True)}
+            up.drop_after(2, times=1)
+            answers["stream cut short"] = await board.chat(stream=True)
+            up.fail(400, times=1)
+            answers["upstream's 400"] = await board.chat()
+            up.fail(500)
+            answers["502"] = await board.chat()
+            answers["404"] = await board.post("/v1/embeddings", {"model": "m", "input": "x"})
+            answers["models"] = await board.get("/v1/models")
+    assert answers["stream"].headers["Content-Type"].startswith("text/event-stream")
+    assert [answers[k].status for k in ("whole", "upstream's 400", "502", "404")] == [200, 400, 502, 404]
+    for kind, response in answers.items():
+        assert response.headers.getall("X-Content-Type-Options") == ["nosniff"], kind
+
+
 NESTED = "[" * 100_000 + "]" * 100_000
 
 
