@@ -16,7 +16,7 @@ import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from service.config.models import Client, Scope
 from service.crypto.tokens import token_sha256
@@ -105,7 +105,7 @@ def _same_machine_only(request: web.Request) -> None:
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge.over(limit)  # what it is first: too large, whatever its type
-    if request.method in STATE_CHANGING and request.content_type not in JSON_TYPES:
+    if request.method in STATE_CHANGING and not _json_typed(request):
         raise UnsupportedMediaType(
             "without authentication a state-changing request must carry a JSON media type "
             "(Content-Type: application/json), body or not"
@@ -114,11 +114,17 @@ def _same_machine_only(request: web.Request) -> None:
 
 def _typed(request: web.Request) -> None:
     """A body the handler may read is JSON (docs/reference.md §6): 415 for any other media type, or none."""
-    if request.method in STATE_CHANGING and request.body_exists and request.content_type not in JSON_TYPES:
+    if request.method in STATE_CHANGING and request.body_exists and not _json_typed(request):
         raise UnsupportedMediaType(
             f"the body must be JSON (Content-Type: {' or '.join(JSON_TYPES)}), "
             f"not {request.content_type[:100]!r}"
         )
+
+
+def _json_typed(request: web.Request) -> bool:
+    """Whether the request's media type is a JSON one. The header as every client sends it
+    (`application/json`) is taken as it is; anything else is parsed (`; charset=utf-8`, case)."""
+    return request.headers.get(hdrs.CONTENT_TYPE) in JSON_TYPES or request.content_type in JSON_TYPES
 
 
 def _loopback_name(host: str) -> bool:

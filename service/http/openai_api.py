@@ -110,10 +110,17 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
             "the request came back to the gateway that forwarded it: a provider's base_url "
             "points at this service (or at one that forwards to it)"
         )
+    limit = app[SETTINGS].max_body_bytes
     length = request.content_length
-    if length is not None and length > app[SETTINGS].max_body_bytes:
-        raise PayloadTooLarge.over(app[SETTINGS].max_body_bytes)
-    body = await request.read()
+    if length is not None and length > limit:
+        raise PayloadTooLarge.over(limit)
+    content = request.content
+    if content.is_eof():  # the whole body came with the head (as a request's usually does): take it
+        body = content.read_nowait()
+        if len(body) > limit:  # decoded (`Content-Encoding`) past the limit
+            raise PayloadTooLarge.over(limit)
+    else:
+        body = await request.read()
     try:
         data = json.loads(body)
     except ValueError:

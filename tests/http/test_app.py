@@ -7,6 +7,8 @@ import asyncio
 import logging
 
 import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractMatchInfo
 
 from service.http.openapi import document
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
@@ -51,6 +53,8 @@ async def test_a_method_the_path_does_not_take_is_405_with_allow(
     [
         ("/v1/chat/completions", "text/plain"),
         ("/v1/chat/completions", None),
+        ("/v1/chat/completions", "application/jsonx"),
+        ("/v1/chat/completions", "text/json"),
         ("/v1/embeddings", "application/x-www-form-urlencoded"),
         (f"{API}/providers/gpu/test", "text/plain"),
         (f"{API}/servers", "application/xml"),
@@ -68,6 +72,62 @@ async def test_a_body_that_is_not_json_is_415(guarded: Service, path: str, conte
         error = (await response.json())["error"]
     assert error["type"] == "unsupported_media_type"
     assert "JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/merge-patch+json",
+    ],
+)
+async def test_a_json_media_type_in_any_spelling_is_json(guarded: Service, content_type: str) -> None:
+    """`application/json` as sent is taken without parsing it (`auth._json_typed`); the other
+    spellings are parsed, and are JSON all the same."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type}
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions", data=body, headers=headers
+    ) as response:
+        assert response.status == 502, await response.text()  # past the check: the server "gpu" is down
+
+
+async def test_every_answer_forbids_sniffing(guarded: Service) -> None:
+    """`nosniff` on every answer (docs/reference.md §6), whichever way it is made: by a handler, the
+    middleware's errors (401, 404, 405, 415, 502), the router's expect handler (417), a stream."""
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    requests: list[tuple[str, str, dict[str, str], object]] = [
+        ("GET", "/healthz", {}, None),
+        ("GET", "/readyz", {}, None),
+        ("GET", "/metrics", token, None),
+        ("HEAD", "/", {}, None),
+        ("GET", "/openapi.json", {}, None),
+        ("GET", "/v1/models", token, None),
+        ("GET", f"{API}/providers", token, None),
+        ("POST", "/v1/chat/completions", token, chat),  # 502: the server "gpu" is not up
+        ("POST", "/v1/chat/completions", {}, chat),  # 401
+        ("POST", "/v1/chat/completions", token | {"Content-Type": "text/plain"}, "{}"),  # 415
+        ("POST", "/v1/chat/completions", token | {"Expect": "100-continue"}, chat),
+        ("POST", "/v1/chat/completions", token | {"Expect": "a-teapot"}, chat),  # 417
+        ("GET", "/nowhere/%3Cscript%3E", token, None),  # 404
+        ("DELETE", "/healthz", token, None),  # 405
+    ]
+    statuses = []
+    for method, path, headers, body in requests:
+        data = body if isinstance(body, str) else None
+        json = body if isinstance(body, dict) else None
+        async with guarded.http.request(
+            method, guarded.url + path, headers=headers, data=data, json=json
+        ) as response:
+            statuses.append(response.status)
+            assert response.headers.getall("X-Content-Type-Options") == ["nosniff"], (method, path)
+    assert statuses == [200, 200, 200, 200, 200, 200, 200, 502, 401, 415, 502, 417, 404, 405]
+    async with guarded.http.get(guarded.url + f"{API}/events", headers=token) as stream:
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        assert stream.headers.getall("X-Content-Type-Options") == ["nosniff"]
 
 
 async def test_with_authentication_a_write_without_a_body_needs_no_media_type(guarded: Service) -> None:
@@ -133,3 +193,57 @@ async def test_a_malformed_header_is_logged_as_one_line_without_its_bytes(
     text = record.getMessage()
     assert "\n" not in text and text.startswith("malformed request from 127.0.0.1")
     assert "sk-secret" not in text and "\\x00" not in text and "aaaa" not in text
+
+
+async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(
+    guarded: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /v1/...` is taken before the router (`app._Gateway`): the same answer, headers,
+    metrics and error shape as the router's way; a request with `Expect`, another method or
+    another path still goes the router's way."""
+    router = guarded.app.router
+    resolved: list[str] = []
+    resolve = router.resolve
+
+    async def counting(request: web.Request) -> AbstractMatchInfo:
+        resolved.append(f"{request.method} {request.path}")
+        return await resolve(request)
+
+    monkeypatch.setattr(router, "resolve", counting)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
+    answers = []
+    for path, extra in [
+        ("/v1/chat/completions", {}),
+        ("/v1/chat/completions", {"Expect": "100-continue"}),  # the router's expect handler
+        ("/v1/embeddings", {}),
+    ]:
+        async with guarded.http.post(guarded.url + path, json=body, headers=headers | extra) as response:
+            answers.append((response.status, dict(response.headers), await response.json()))
+    assert resolved == ["POST /v1/chat/completions"]  # only the one with `Expect`
+    (fast, fast_headers, fast_body), (usual, usual_headers, usual_body), embeddings = answers
+    assert (fast, fast_body) == (usual, usual_body) == (502, fast_body)  # the server "gpu" is not up
+    changing = {"X-Request-ID", "Date"}
+    assert {k: v for k, v in fast_headers.items() if k not in changing} == {
+        k: v for k, v in usual_headers.items() if k not in changing
+    }
+    assert fast_headers["X-Content-Type-Options"] == "nosniff" and len(fast_headers["X-Request-ID"]) == 32
+    assert embeddings[0] == 404 and embeddings[2]["error"]["type"] == "model_not_found"
+    assert embeddings[1]["X-Content-Type-Options"] == "nosniff"
+    resolved.clear()
+    no_token = {"Content-Type": "application/json"}
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions", json=body, headers=no_token
+    ) as response:
+        assert response.status == 401 and (await response.json())["error"]["type"] == "unauthorized"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+    async with guarded.http.post(
+        guarded.url + "/v1/chat/completions/", json=body, headers=headers
+    ) as response:
+        assert response.status == 404 and (await response.json())["error"]["type"] == "not_found"
+    assert resolved == ["POST /v1/chat/completions/"]
+    async with guarded.http.get(guarded.url + "/metrics", headers=headers) as response:
+        text = await response.text()
+    route = 'switchboard_http_requests_total{method="POST",route="/v1/chat/completions",status="%s"}'
+    assert route % 502 + " 2.0" in text and route % 401 + " 1.0" in text
+    assert 'route="/v1/embeddings",status="404"} 1.0' in text

@@ -423,6 +423,69 @@ async def test_malformed_and_oversized_bodies_are_refused(sops_project: SopsProj
     assert not a.requests
 
 
+async def test_a_body_is_read_whole_however_it_arrives(sops_project: SopsProject) -> None:
+    """With its head or after it, gzipped or not: the upstream gets the body as the client meant
+    it, and one that inflates past the limit is 413 (the body is taken at once when it came whole
+    with the head, read as it comes otherwise)."""
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "z" * 1000}]}
+    raw = json.dumps(body).encode()
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project, max_body_bytes=2048) as board:
+            host, port = board.base_url.removeprefix("http://").split("/")[0].split(":")
+            statuses = []
+            for encoding, data, pause in [
+                (None, raw, False),
+                (None, raw, True),  # the body comes after the handler started
+                ("gzip", gzip.compress(raw), False),
+                ("gzip", gzip.compress(raw), True),
+                ("gzip", gzip.compress(raw.replace(b"z" * 1000, b"z" * 5000)), False),  # 5 KB inflated
+            ]:
+                head = (
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n"
+                    + (f"Content-Encoding: {encoding}\r\n" if encoding else "")
+                    + "\r\n"
+                ).encode()
+                reader, writer = await asyncio.open_connection(host, int(port))
+                if pause:
+                    writer.write(head + data[:10])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.write(data[10:])
+                else:
+                    writer.write(head + data)
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+                statuses.append(int(answer.split(b" ", 2)[1]))
+    assert statuses == [200, 200, 200, 200, 413]
+    assert [r.json for r in a.requests] == [body] * 4
+
+
+async def test_every_kind_of_gateway_answer_forbids_sniffing(sops_project: SopsProject) -> None:
+    """`X-Content-Type-Options: nosniff` on a whole answer, a relayed stream (prepared where it is
+    relayed), one cut short, an upstream's error relayed, the gateway's own errors, and
+    `/v1/models`: each taken before the router (`app._Gateway`)."""
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            answers = {"whole": await board.chat(), "stream": await board.chat(stream=True)}
+            up.drop_after(2, times=1)
+            answers["stream cut short"] = await board.chat(stream=True)
+            up.fail(400, times=1)
+            answers["upstream's 400"] = await board.chat()
+            up.fail(500)
+            answers["502"] = await board.chat()
+            answers["404"] = await board.post("/v1/embeddings", {"model": "m", "input": "x"})
+            answers["models"] = await board.get("/v1/models")
+    assert answers["stream"].headers["Content-Type"].startswith("text/event-stream")
+    assert [answers[k].status for k in ("whole", "upstream's 400", "502", "404")] == [200, 400, 502, 404]
+    for kind, response in answers.items():
+        assert response.headers.getall("X-Content-Type-Options") == ["nosniff"], kind
+
+
 NESTED = "[" * 100_000 + "]" * 100_000
 
 

@@ -64,6 +64,7 @@ async def test_a_stream_through_litellm(sops_project: SopsProject) -> None:
                 model="claude-x", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
             )
             assert raw.headers["x-request-id"] == "req_claude_1"
+            assert raw.headers["x-content-type-options"] == "nosniff"  # prepared by the transport
             stream = raw.parse()
             parts, usage = [], None
             async for chunk in stream:
