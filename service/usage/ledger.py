@@ -50,6 +50,9 @@ ROTATE_AT = 1 << 20
 """An active segment is replaced by a new one once stored whole (nothing came meanwhile), or
 once this large: what a crash makes the next start store again (the key on `id` skipping it)
 stays small, and a busy spool is not replaced every cycle."""
+PURGE_SLICE_S = 0.25
+"""The longest one cycle deletes old records: a large purge (a lowered retention over a year
+of records) goes on in the next cycles, and what comes meanwhile is stored between them."""
 MEMORY_LIMIT = 100_000
 """Lines held in memory while the spool cannot be written (a full disk); then the oldest go."""
 
@@ -212,7 +215,9 @@ class Ledger:
                     self._drain()
                     if purge and not final and now >= self._purge_at:
                         self._purge_at = now + self._retention_every_s
-                        self._purge()
+                        if not self._purge():
+                            self._purge_at = now  # more to delete: the next cycle goes on
+                            self._wake.set()
                 except StoreUnavailable as exc:
                     self._down(exc)
         except Exception:  # the thread must go on: the next cycle tries again
@@ -337,11 +342,13 @@ class Ledger:
             self._insert_batch(spool, batch[:half])
             self._insert_batch(spool, batch[half:])
 
-    def _purge(self) -> None:
+    def _purge(self) -> bool:
+        """Delete records past the retention for `PURGE_SLICE_S` at most; whether that was all."""
         before = self.clock() - self.retention
-        deleted = self._store_or_off().purge(before)
+        deleted, done = self._store_or_off().purge_for(before, PURGE_SLICE_S)
         if deleted:
             log.info("usage ledger: %d records older than %s deleted (rollups kept)", deleted, before.date())
+        return done
 
     def _up(self) -> None:
         if not self._db_up:

@@ -21,7 +21,7 @@ from service.usage.encoding import encode
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
 from service.usage.spool import TORN, Spool, SpoolBusy
-from service.usage.stores import SQLStore, open_store
+from service.usage.stores import SQLStore, open_store, sql
 from tests.conftest import eventually
 from tests.support.postgres import PostgresServer
 from tests.usage.conftest import NOW, record
@@ -450,3 +450,44 @@ def test_the_spool_tells_what_is_stored_and_keeps_the_rows_of_what_is_not(tmp_pa
     (segment,) = spool.sealed()
     assert spool.kept(segment) is None
     spool.close()
+
+
+async def test_a_large_purge_holds_back_neither_new_records_nor_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retention lowered over a year of records deletes hundreds of millions of rows, a chunk a
+    transaction: that runs in slices between the ledger's other work, so a record is still stored
+    within 2 s and a stop is not kept waiting. (Scaled down: a chunk is one record here.)"""
+    monkeypatch.setattr(sql, "_PURGE_CHUNK", 1)
+    url = str(tmp_path / "usage.db")
+    store = open_store(url, tmp_path)
+    assert store is not None
+    store.open()
+    old = [record(ts=NOW - timedelta(days=200, seconds=i)) for i in range(40_000)]
+    store.insert(old)
+    store.close()
+
+    clock: Callable[[], datetime] = lambda: NOW  # noqa: E731
+    ledger = make_ledger(url, tmp_path, clock=clock, retention_days=90)
+    await ledger.start()
+    stopped = False
+    try:
+        reader = open_store(url, tmp_path)
+        assert reader is not None
+
+        def left() -> int:
+            return len(reader.requests(RequestsQuery(limit=10**6)))
+
+        await eventually(lambda: left() < len(old), timeout=10)  # the purge has begun
+        new = record(ts=NOW)
+        ledger.submit(new)
+        await eventually(lambda: new.id in stored_ids(url, tmp_path), timeout=2)
+        assert left() > 1  # ... and is not over
+        started = asyncio.get_running_loop().time()
+        await ledger.stop()
+        stopped = True
+        assert asyncio.get_running_loop().time() - started < 2
+        reader.close()
+    finally:
+        if not stopped:
+            await ledger.stop()
