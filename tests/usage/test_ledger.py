@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from service.errors import LedgerUnavailable
+from service.usage import spool as spool_module
 from service.usage.encoding import encode
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
@@ -491,3 +493,37 @@ async def test_a_large_purge_holds_back_neither_new_records_nor_a_stop(
     finally:
         if not stopped:
             await ledger.stop()
+
+
+def test_a_stored_segment_is_kept_a_while_for_a_start_with_the_database_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored whole, a segment is renamed `.stored`: read by `retained` (never stored again), gone
+    `RETAIN_S` later; a start numbers its segments past the kept ones, and keeps those a while."""
+    monkeypatch.setattr(spool_module, "RETAIN_S", 0.3)
+    spool = Spool(tmp_path)
+    spool.append(b"a\n", "row a")
+    taken = spool.take()
+    assert taken is not None
+    spool.stored(taken[1])
+    spool.seal()
+    assert spool.sealed() == [] and spool.retained() == [b"a\n"]
+    assert sorted(p.name for p in tmp_path.glob("0*")) == ["000000000001.stored", "000000000002.jsonl"]
+    spool.close()  # an empty active segment: nothing to keep
+
+    again = Spool(tmp_path)
+    assert again.sealed() == [] and again.retained() == [b"a\n"]
+    again.append(b"b\n", "row b")
+    taken = again.take()
+    assert taken is not None
+    again.stored(taken[1])
+    again.seal()
+    assert sorted(p.name for p in tmp_path.glob("0*")) == [
+        "000000000001.stored",
+        "000000000002.stored",
+        "000000000003.jsonl",
+    ]
+    time.sleep(0.35)
+    again.expire()
+    assert again.retained() == [] and [p.name for p in tmp_path.glob("0*")] == ["000000000003.jsonl"]
+    again.close()
