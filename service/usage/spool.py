@@ -77,8 +77,8 @@ class Spool:
         self._sealed = [p for _, p in found]
         """Segments to store, oldest first: a previous process's, and those sealed since."""
         started = time.monotonic()
-        self._retained: deque[tuple[float, Path]] = deque((started, p) for _, p in kept)
-        """Stored segments (`.stored`) and when they were stored, oldest first."""
+        self._retained: deque[tuple[float, str]] = deque((started, str(p)) for _, p in kept)
+        """Stored segments (`.stored`, their paths) and when they were stored, oldest first."""
         self._kept: dict[Path, list[Any]] = {}
         """Sealed segments whose rows not yet taken are in memory."""
         self._lock = threading.Lock()
@@ -234,10 +234,8 @@ class Spool:
             paths = [p for _, p in self._retained]
         found: list[bytes] = []
         for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                found.extend(
-                    raw for raw in path.read_bytes().splitlines(keepends=True) if raw.endswith(b"\n")
-                )
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:  # noqa: PTH123 - strings kept
+                found.extend(raw for raw in f.read().splitlines(keepends=True) if raw.endswith(b"\n"))
         return found
 
     def expire(self) -> None:
@@ -248,15 +246,15 @@ class Spool:
                 if not self._retained or self._retained[0][0] > cut:
                     return
                 _, path = self._retained.popleft()
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # noqa: PTH108 - once a cycle: no Path made
 
     def _retain(self, segment: Path) -> None:
+        # Once a cycle on the ledger's thread: plain strings and one rename, no Path made.
+        name = str(segment)
+        kept = name.removesuffix(SEGMENT_SUFFIX) + STORED_SUFFIX
         try:
-            if segment.stat().st_size == 0:  # nothing to count: gone at once
-                segment.unlink()
-                return
-            kept = segment.with_suffix(STORED_SUFFIX)
-            segment.rename(kept)
+            os.rename(name, kept)  # noqa: PTH104
         except FileNotFoundError:
             return
         with self._lock:
@@ -272,7 +270,10 @@ class Spool:
                 os.fsync(fd)
             os.close(fd)
         if active is not None and size == stored:
-            self._retain(active)
+            if size:
+                self._retain(active)
+            else:
+                active.unlink(missing_ok=True)
         os.close(self._lock_fd)
 
     def _open_next(self) -> None:
