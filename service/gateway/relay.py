@@ -47,6 +47,7 @@ from service.gateway.transports.litellm import LiteLLMTransport
 from service.gateway.transports.openai import OpenAITransport
 from service.gateway.transports.tei import TEITransport
 from service.metrics import Metrics
+from service.usage.tokens import MAX_TOKENS
 
 if TYPE_CHECKING:  # imported only when tracing is on: OpenTelemetry stays out of the process otherwise
     from service.gateway.tracing.spans import RequestTrace, Tracing
@@ -300,14 +301,15 @@ class Relay:
         return name
 
     def tokens(self, provider: Provider, label: str, client: str, usage: dict[str, Any]) -> None:
-        """Count the prompt and completion tokens an upstream reported, under a model `label`."""
+        """Count the prompt and completion tokens an upstream reported, under a model `label`
+        (a count past `MAX_TOKENS`, which no float could add, is counted as `MAX_TOKENS`)."""
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if prompt is None and completion is None:
             prompt = usage.get("total_tokens")
         for kind, value in (("prompt", prompt), ("completion", completion)):
-            if isinstance(value, int) and value > 0:
-                self.count("tokens", provider.id, label, client, kind, amount=value)
+            if type(value) is int and value > 0:
+                self.count("tokens", provider.id, label, client, kind, amount=min(value, MAX_TOKENS))
 
 
 def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:

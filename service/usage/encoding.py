@@ -210,8 +210,9 @@ _PICO = Decimal(10) ** 12
 
 
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
-_LONG_NUMBER = b"0" * 20
-"""An integer past 64 bits has 20 digits at least (one of 19 or fewer is exact in orjson)."""
+_LONG_NUMBER = b"0" * 19
+"""An integer past 64 bits has 19 digits at least (below -2**63: orjson makes a float of
+`-9223372036854775809`); one of 18 or fewer is exact in orjson."""
 MAX_OPENINGS = 256
 """A text with more `[` and `{` than this is read by json's module (it may nest that deep)."""
 MAX_QUICK_BYTES = 1024
@@ -225,7 +226,7 @@ def loads(data: bytes) -> Any:
     orjson reads a small text (a spool line, a short request) in a third of the time, but not
     everything the same way: it refuses NaN, UTF-16, a BOM, escaped lone surrogates, and json's
     module reads those; it makes floats of integers past 64 bits; and some versions crash on
-    deep nesting. So a text with a run of 20
+    deep nesting. So a text with a run of 19
     digits, or more than `MAX_OPENINGS` brackets and braces (no nesting can be deeper), one
     over `MAX_QUICK_BYTES`, and one orjson refuses are json's module's: what is accepted, how
     it reads and the error of what is not stay as they were (ValueError, or RecursionError)."""

@@ -3,15 +3,17 @@
     gateway ──write()──▶ spool (a line, written at once; its row kept in memory)
                                    ──▶ ledger's thread ──▶ database
                                        every ~0.2 s: fsync, store the rows in batches; a
-                                       segment stored whole is deleted; retention
+                                       segment stored whole is retired; retention
 
 `write` (and `submit`, for a `Record`) never waits on the database and never raises: it writes
 the record's line to the spool's active segment (a copy into the page cache, so a kill -9 right
 after loses nothing) and keeps its values beside it. The ledger's thread fsyncs the spool in
 groups, then stores those values in batches, without reading back what this process wrote;
-a segment is removed only once all of it is committed (a crash in between stores it again
-from the file, which the key on `id` makes harmless). Files are read for a previous process's
-segments, and for a segment whose rows memory gave up after a failed store. While the
+a segment is retired only once all of it is committed (a crash in between stores it again
+from the file, which the key on `id` makes harmless), and kept a few seconds more as
+`.stored`: what a start with the database down counts on top of the last snapshot of spent
+(`spooled`). Files are read for a previous process's segments, and for a segment whose rows
+memory gave up after a failed store. While the
 database is down the spool keeps everything and is retried at least every 5 s (`/readyz`
 says `"ledger": "degraded"`, and reads answer 503 `ledger_unavailable`); a graceful stop
 stores the spool first.
@@ -50,6 +52,9 @@ ROTATE_AT = 1 << 20
 """An active segment is replaced by a new one once stored whole (nothing came meanwhile), or
 once this large: what a crash makes the next start store again (the key on `id` skipping it)
 stays small, and a busy spool is not replaced every cycle."""
+PURGE_SLICE_S = 0.25
+"""The longest one cycle deletes old records: a large purge (a lowered retention over a year
+of records) goes on in the next cycles, and what comes meanwhile is stored between them."""
 MEMORY_LIMIT = 100_000
 """Lines held in memory while the spool cannot be written (a full disk); then the oldest go."""
 
@@ -212,7 +217,9 @@ class Ledger:
                     self._drain()
                     if purge and not final and now >= self._purge_at:
                         self._purge_at = now + self._retention_every_s
-                        self._purge()
+                        if not self._purge():
+                            self._purge_at = now  # more to delete: the next cycle goes on
+                            self._wake.set()
                 except StoreUnavailable as exc:
                     self._down(exc)
         except Exception:  # the thread must go on: the next cycle tries again
@@ -224,6 +231,7 @@ class Ledger:
             return
         try:
             spool.sync()
+            spool.expire()
             if spool.active_size >= SEGMENT_LIMIT:
                 spool.seal()
             self._rewrite_memory(spool)
@@ -337,11 +345,13 @@ class Ledger:
             self._insert_batch(spool, batch[:half])
             self._insert_batch(spool, batch[half:])
 
-    def _purge(self) -> None:
+    def _purge(self) -> bool:
+        """Delete records past the retention for `PURGE_SLICE_S` at most; whether that was all."""
         before = self.clock() - self.retention
-        deleted = self._store_or_off().purge(before)
+        deleted, done = self._store_or_off().purge_for(before, PURGE_SLICE_S)
         if deleted:
             log.info("usage ledger: %d records older than %s deleted (rollups kept)", deleted, before.date())
+        return done
 
     def _up(self) -> None:
         if not self._db_up:
@@ -395,8 +405,9 @@ class Ledger:
         return stored + _cost(waiting, kind, subject, since)
 
     async def spooled(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
-        """The cost of `subject`'s records since `since` that are in the spool, not yet stored:
-        with a snapshot of spent, what a budget needs while the database is down."""
+        """The cost of `subject`'s records since `since` that are in the spool: not yet stored, or
+        stored in the last `RETAIN_S` (since a snapshot of spent, perhaps). With a snapshot of
+        spent, what a budget needs while the database is down."""
         return await asyncio.to_thread(self._spooled, kind, subject, to_utc(since))
 
     def _spooled(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
@@ -404,7 +415,7 @@ class Ledger:
         if spool is None:
             return Decimal(0)
         with self._drain_lock:
-            lines: list[bytes] = []
+            lines = spool.retained()
             for segment in spool.sealed():
                 lines.extend(spool.lines(segment))
             lines.extend(spool.active_lines())

@@ -225,8 +225,9 @@ def decode_cursor(text: str) -> tuple[int, str]:
             and abs(ts) < 2**62
             and "\x00" not in rid
         ):
+            rid.encode()  # a lone surrogate names no record, and no database binds it: ValueError
             return ts, rid
-    except (binascii.Error, ValueError, TypeError):
+    except (binascii.Error, ValueError, TypeError, RecursionError):
         pass
     raise BadRequest("`cursor` is not one this service gave (use `next_cursor` as it is)")
 

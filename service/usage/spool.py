@@ -14,6 +14,13 @@ stored (its rows `kept` since the last take too) it is removed. The files are re
 what memory does not hold: a previous process's segments, and a segment whose rows were
 given up (`spill`: the database failed, or they grew past `MAX_ROWS`).
 
+A segment whose records are all in the database is not deleted at once: it is renamed
+`….stored` and kept `RETAIN_S`, so that what was stored since the last snapshot of spent (written
+every few seconds beside the spool) is still on local disk should the process die and start again
+with the database down (`retained`): the snapshot plus the spool then count it. Nothing replays
+a `.stored` file; each goes `RETAIN_S` after it was stored (one a previous process left, after
+this one's start).
+
 One process owns a spool: it holds an exclusive lock on `.lock` while it runs (released by
 the kernel when it dies), and a second process pointed at the same folder is refused. A line
 a crash tore is set aside in `torn.txt` and reported, never silently dropped.
@@ -26,6 +33,8 @@ import fcntl
 import logging
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,9 @@ from service.errors import SwitchboardError
 log = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".jsonl"
+STORED_SUFFIX = ".stored"
+RETAIN_S = 20.0
+"""How long a stored segment is kept: several times the period of the snapshot of spent (5 s)."""
 TORN = "torn.txt"
 MAX_ROWS = 200_000
 """Rows kept in memory for one segment at most; past it, the segment is read back from its file."""
@@ -60,9 +72,13 @@ class Spool:
                 "give each process its own SWITCHBOARD_USAGE_SPOOL"
             ) from None
         found = sorted((n, p) for p in folder.glob(f"*{SEGMENT_SUFFIX}") if (n := _number(p)) is not None)
-        self._next = max((n for n, _ in found), default=0) + 1
+        kept = sorted((n, p) for p in folder.glob(f"*{STORED_SUFFIX}") if (n := _number(p)) is not None)
+        self._next = max((n for n, _ in found + kept), default=0) + 1
         self._sealed = [p for _, p in found]
         """Segments to store, oldest first: a previous process's, and those sealed since."""
+        started = time.monotonic()
+        self._retained: deque[tuple[float, str]] = deque((started, str(p)) for _, p in kept)
+        """Stored segments (`.stored`, their paths) and when they were stored, oldest first."""
         self._kept: dict[Path, list[Any]] = {}
         """Sealed segments whose rows not yet taken are in memory."""
         self._lock = threading.Lock()
@@ -205,12 +221,44 @@ class Spool:
             f.write(f"# {reason}\n".encode() + raw.rstrip(b"\n") + b"\n")
 
     def remove(self, segment: Path) -> None:
-        """Delete a segment whose records are all in the database."""
-        segment.unlink(missing_ok=True)
+        """Retire a segment whose records are all in the database (kept `RETAIN_S` as `.stored`)."""
+        self._retain(segment)
         with self._lock:
             if segment in self._sealed:
                 self._sealed.remove(segment)
             self._kept.pop(segment, None)
+
+    def retained(self) -> list[bytes]:
+        """The complete lines of the stored segments still kept (records in the database already)."""
+        with self._lock:
+            paths = [p for _, p in self._retained]
+        found: list[bytes] = []
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:  # noqa: PTH123 - strings kept
+                found.extend(raw for raw in f.read().splitlines(keepends=True) if raw.endswith(b"\n"))
+        return found
+
+    def expire(self) -> None:
+        """Delete the stored segments kept `RETAIN_S` already."""
+        cut = time.monotonic() - RETAIN_S
+        while True:
+            with self._lock:
+                if not self._retained or self._retained[0][0] > cut:
+                    return
+                _, path = self._retained.popleft()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # noqa: PTH108 - once a cycle: no Path made
+
+    def _retain(self, segment: Path) -> None:
+        # Once a cycle on the ledger's thread: plain strings and one rename, no Path made.
+        name = str(segment)
+        kept = name.removesuffix(SEGMENT_SUFFIX) + STORED_SUFFIX
+        try:
+            os.rename(name, kept)  # noqa: PTH104
+        except FileNotFoundError:
+            return
+        with self._lock:
+            self._retained.append((time.monotonic(), kept))
 
     def close(self) -> None:
         """Close the active segment (removed when all of it is in the database) and release the folder."""
@@ -222,7 +270,10 @@ class Spool:
                 os.fsync(fd)
             os.close(fd)
         if active is not None and size == stored:
-            active.unlink(missing_ok=True)
+            if size:
+                self._retain(active)
+            else:
+                active.unlink(missing_ok=True)
         os.close(self._lock_fd)
 
     def _open_next(self) -> None:
@@ -250,11 +301,11 @@ class Spool:
                 os.fsync(old)
             os.close(old)
         if done is not None:
-            done.unlink(missing_ok=True)
+            self._retain(done)
 
 
 def _number(path: Path) -> int | None:
-    stem = path.name.removesuffix(SEGMENT_SUFFIX)
+    stem = path.name.removesuffix(SEGMENT_SUFFIX).removesuffix(STORED_SUFFIX)
     return int(stem) if stem.isdigit() else None
 
 

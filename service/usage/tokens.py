@@ -33,7 +33,9 @@ def normalise(usage: Mapping[str, Any] | None) -> Tokens | None:
     """`usage` as `Tokens` (None when there is no usage object to read)."""
     if not isinstance(usage, Mapping):
         return None
-    if len(usage) <= 3:  # the common plain answer: {"prompt_tokens", "completion_tokens", "total_tokens"}
+    size = len(usage)
+    if size == 2 or (size == 3 and "total_tokens" in usage):
+        # the common plain answer: {"prompt_tokens", "completion_tokens"[, "total_tokens"]}, nothing else
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if type(prompt) is int and type(completion) is int and 0 <= prompt <= MAX_TOKENS >= completion >= 0:
             return Tokens(input=prompt, output=completion)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 from collections.abc import AsyncIterator
@@ -171,6 +172,9 @@ async def test_requests_page_newest_first_with_a_cursor_and_a_clamped_limit(serv
         f"{USAGE}?client=%00",
         f"{REQUESTS}?provider=a%00b",
         f"{REQUESTS}?cursor=WzEsImFcdTAwMDAiXQ",  # [1,"a\u0000"]
+        f"{REQUESTS}?cursor=WzEsIlx1ZDgwMCJd",  # [1,"\ud800"]: a lone surrogate no database binds
+        f"{REQUESTS}?cursor=WzEsIu2ggCJd",  # [1,"\xed\xa0\x80"]: one as raw bytes
+        f"{REQUESTS}?cursor=" + base64.urlsafe_b64encode(b"[" * 3000).decode(),  # nested past the stack
     ],
 )
 async def test_bad_parameters_are_400_naming_what_is_wrong(service: Service, query: str) -> None:

@@ -79,6 +79,8 @@ def test_json_reads_as_jsons_module_reads_it() -> None:
         b'{"a": 1, "a": 2}',  # the last one wins, as before
         b'{"seed": 123456789012345678901234567890, "max_tokens": 18446744073709551615}',
         b'{"seed": -9223372036854775808, "max_tokens": 9999999999999999999, "t": 0.10000000000000000000001}',
+        b'{"seed": -9223372036854775809}',  # past 64 bits in 19 digits: a float in orjson
+        b"[-9999999999999999999, 1]",
         '{"model": "m"}'.encode("utf-16"),
         b'\xef\xbb\xbf{"model": "m"}',
         b'{"model": "\\ud800"}',

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,11 +19,12 @@ from typing import Any
 import pytest
 
 from service.errors import LedgerUnavailable
+from service.usage import spool as spool_module
 from service.usage.encoding import encode
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
 from service.usage.spool import TORN, Spool, SpoolBusy
-from service.usage.stores import SQLStore, open_store
+from service.usage.stores import SQLStore, open_store, sql
 from tests.conftest import eventually
 from tests.support.postgres import PostgresServer
 from tests.usage.conftest import NOW, record
@@ -73,9 +76,15 @@ async def test_a_submitted_record_is_stored_within_two_seconds_without_being_ask
     assert asyncio.get_running_loop().time() - started < 2
     answer = await ledger.usage(UsageQuery.parse({"since": "2026-11-27"}, NOW + timedelta(hours=1)))
     assert answer["totals"]["requests"] == 1  # the rollups too
-    assert not list((ledger.spool_dir).glob("*.jsonl")) or all(
-        p.stat().st_size == 0 for p in ledger.spool_dir.glob("*.jsonl")
-    )
+
+    def spool_empty() -> bool:  # the segment goes just after its commit (fsyncs in between)
+        written = 0
+        for segment in ledger.spool_dir.glob("*.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                written += segment.stat().st_size
+        return written == 0
+
+    await eventually(spool_empty, timeout=2)
 
 
 async def test_spent_counts_stored_records_and_those_still_in_the_spool(ledger: Ledger) -> None:
@@ -450,3 +459,78 @@ def test_the_spool_tells_what_is_stored_and_keeps_the_rows_of_what_is_not(tmp_pa
     (segment,) = spool.sealed()
     assert spool.kept(segment) is None
     spool.close()
+
+
+async def test_a_large_purge_holds_back_neither_new_records_nor_a_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retention lowered over a year of records deletes hundreds of millions of rows, a chunk a
+    transaction: that runs in slices between the ledger's other work, so a record is still stored
+    within 2 s and a stop is not kept waiting. (Scaled down: a chunk is one record here.)"""
+    monkeypatch.setattr(sql, "_PURGE_CHUNK", 1)
+    url = str(tmp_path / "usage.db")
+    store = open_store(url, tmp_path)
+    assert store is not None
+    store.open()
+    old = [record(ts=NOW - timedelta(days=200, seconds=i)) for i in range(40_000)]
+    store.insert(old)
+    store.close()
+
+    clock: Callable[[], datetime] = lambda: NOW  # noqa: E731
+    ledger = make_ledger(url, tmp_path, clock=clock, retention_days=90)
+    await ledger.start()
+    stopped = False
+    try:
+        reader = open_store(url, tmp_path)
+        assert reader is not None
+
+        def left() -> int:
+            return len(reader.requests(RequestsQuery(limit=10**6)))
+
+        await eventually(lambda: left() < len(old), timeout=10)  # the purge has begun
+        new = record(ts=NOW)
+        ledger.submit(new)
+        await eventually(lambda: new.id in stored_ids(url, tmp_path), timeout=2)
+        assert left() > 1  # ... and is not over
+        started = asyncio.get_running_loop().time()
+        await ledger.stop()
+        stopped = True
+        assert asyncio.get_running_loop().time() - started < 2
+        reader.close()
+    finally:
+        if not stopped:
+            await ledger.stop()
+
+
+def test_a_stored_segment_is_kept_a_while_for_a_start_with_the_database_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored whole, a segment is renamed `.stored`: read by `retained` (never stored again), gone
+    `RETAIN_S` later; a start numbers its segments past the kept ones, and keeps those a while."""
+    monkeypatch.setattr(spool_module, "RETAIN_S", 0.3)
+    spool = Spool(tmp_path)
+    spool.append(b"a\n", "row a")
+    taken = spool.take()
+    assert taken is not None
+    spool.stored(taken[1])
+    spool.seal()
+    assert spool.sealed() == [] and spool.retained() == [b"a\n"]
+    assert sorted(p.name for p in tmp_path.glob("0*")) == ["000000000001.stored", "000000000002.jsonl"]
+    spool.close()  # an empty active segment: nothing to keep
+
+    again = Spool(tmp_path)
+    assert again.sealed() == [] and again.retained() == [b"a\n"]
+    again.append(b"b\n", "row b")
+    taken = again.take()
+    assert taken is not None
+    again.stored(taken[1])
+    again.seal()
+    assert sorted(p.name for p in tmp_path.glob("0*")) == [
+        "000000000001.stored",
+        "000000000002.stored",
+        "000000000003.jsonl",
+    ]
+    time.sleep(0.35)
+    again.expire()
+    assert again.retained() == [] and [p.name for p in tmp_path.glob("0*")] == ["000000000003.jsonl"]
+    again.close()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from service.errors import BadRequest
 from service.usage.encoding import MAX_COST
 from service.usage.query import RequestsQuery, UsageQuery
-from service.usage.stores import SQLStore, sql
+from service.usage.stores import SQLStore, open_store, sql
 from tests.usage.conftest import NOW, record
 
 
@@ -260,3 +261,30 @@ def test_rollups_are_the_sums_of_the_records_whether_a_batch_is_new_or_partly_st
             cur.execute(table)
             found = {tuple(row[:5]): [int(v) for v in row[5:]] for row in cur.fetchall()}
         assert found == expected, table
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://ledger:pa%zzSECRETPW@127.0.0.1:1/usage",  # a `%` not percent-encoded
+        "postgresql://ledger:SECRET PW@127.0.0.1:1/usage",  # a space
+        "postgresql://ledger:SECRETPW@[::1/usage",  # a host libpq cannot read: the URL quoted whole
+        "postgresql://ledger@127.0.0.1:1/usage?password=SECRET%20PW&bogus=1",
+    ],
+)
+def test_a_malformed_postgresql_url_never_puts_its_password_in_a_log(
+    url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq's errors quote what they cannot read of a URL, its password included, and
+    psycopg's pool logs them at each try: a password is masked in what reaches the logs."""
+    from service.usage.stores import postgres
+
+    monkeypatch.setattr(postgres, "_WAIT_S", 1.0)
+    store = open_store(url, tmp_path)
+    assert store is not None
+    with caplog.at_level("DEBUG"), pytest.raises(sql.StoreUnavailable) as raised:
+        store.open()
+    store.close()
+    assert "error connecting" in caplog.text  # what libpq said is logged...
+    for secret in ("SECRET", "zzS"):
+        assert secret not in caplog.text and secret not in str(raised.value)  # ... but not the password

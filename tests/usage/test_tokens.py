@@ -79,3 +79,21 @@ def test_garbage_counts_never_raise_nor_count_a_token_twice(usage: dict[str, Any
 def test_an_absurd_count_is_bounded() -> None:
     tokens = normalise({"prompt_tokens": 10**30, "completion_tokens": 10**30})
     assert tokens == Tokens(input=MAX_TOKENS, output=MAX_TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("third", "expected"),
+    [
+        ({"prompt_tokens_details": {"cached_tokens": 8}}, Tokens(input=2, cached_input=8, output=5)),
+        ({"cache_creation_input_tokens": 8}, Tokens(input=2, cache_write=8, output=5)),
+        ({"completion_tokens_details": {"reasoning_tokens": 3}}, Tokens(input=10, output=5, reasoning=3)),
+        ({"prompt_cache_hit_tokens": 6}, Tokens(input=4, cached_input=6, output=5)),
+        ({"total_tokens": 15}, Tokens(input=10, output=5)),
+        ({}, Tokens(input=10, output=5)),
+    ],
+)
+def test_a_short_usage_is_read_whole_whatever_its_third_key(third: dict[str, Any], expected: Tokens) -> None:
+    """The quick path for `{prompt_tokens, completion_tokens, total_tokens}` takes only that shape:
+    a server that leaves out `total_tokens` and reports cached, cache-write or reasoning tokens
+    instead has each priced in its own class (at input price they would cost more, or less)."""
+    assert normalise({"prompt_tokens": 10, "completion_tokens": 5, **third}) == expected

@@ -9,9 +9,12 @@ StoreUnavailable rather than hang. The URL may hold a password: it is never logg
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -33,6 +36,7 @@ class PostgresStore(SQLStore):
 
     def __init__(self, url: str, *, max_size: int = 4) -> None:
         self._url = url
+        self._mask = _Masking(_secrets(url))
         self._max_size = max_size
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._lock = threading.Lock()
@@ -50,6 +54,8 @@ class PostgresStore(SQLStore):
                     kwargs={"autocommit": True, "connect_timeout": 3, "application_name": "switchboard"},
                     name="switchboard-usage",
                 )
+                for name in _LOGGERS:  # from now on the pool logs what libpq says of the URL
+                    logging.getLogger(name).addFilter(self._mask)
                 self._pool.open(wait=False)
             return self._pool
 
@@ -73,7 +79,8 @@ class PostgresStore(SQLStore):
         except (psycopg.DataError, psycopg.IntegrityError) as exc:  # what a record holds: set it aside
             raise BadBatch(f"{type(exc).__name__}: {exc}") from None
         except psycopg.Error as exc:  # anything else (a dropped table too) is retried, records kept
-            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {_first_line(exc)}") from None
+            message = self._mask.masked(_first_line(exc))
+            raise StoreUnavailable(f"PostgreSQL: {type(exc).__name__}: {message}") from None
 
     def _schema_lock(self, cursor: Cursor) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
@@ -83,6 +90,8 @@ class PostgresStore(SQLStore):
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close(timeout=2.0)
+            for name in _LOGGERS:
+                logging.getLogger(name).removeFilter(self._mask)
 
 
 class _Dialect:
@@ -115,3 +124,44 @@ def _placeholders(sql: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class _Masking(logging.Filter):
+    """Masks the password of a store's URL in what psycopg logs: libpq quotes what it cannot
+    read of a URL (`invalid percent-encoded token: "pa%zz…"`, a malformed URL whole), and the
+    pool logs that at each try to connect."""
+
+    def __init__(self, secrets: set[str]) -> None:
+        super().__init__()
+        self.secrets = sorted(secrets, key=len, reverse=True)
+
+    def masked(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "****")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = self.masked(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+_LOGGERS = ("psycopg", "psycopg.pool")
+_MIN_SECRET = 4
+"""A shorter piece of a password is not masked on its own (it would mask words of the messages)."""
+
+
+def _secrets(url: str) -> set[str]:
+    """What of `url` must not be logged: the URL, and its password (as written, decoded, and each
+    piece libpq may quote on its own), from its user info or its query."""
+    rest = url.partition("://")[2]
+    passwords = [rest[: rest.rfind("@")].partition(":")[2]] if "@" in rest else []
+    passwords += re.findall(r"[?&]password=([^&]*)", url)
+    found = {url}
+    for password in passwords:
+        for text in (password, unquote(password)):
+            found.add(text)
+            found.update(re.split(r"[@/?#&\s]+", text))
+    return {text for text in found if len(text) >= _MIN_SECRET}

@@ -17,6 +17,7 @@ dialects write differently: the UTC hour of a timestamp.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -273,7 +274,13 @@ class SQLStore:
 
     def purge(self, before: datetime) -> int:
         """Delete raw records older than `before`, in chunks (rollups stay); returns how many."""
+        return self.purge_for(before, None)[0]
+
+    def purge_for(self, before: datetime, seconds: float | None) -> tuple[int, bool]:
+        """`purge` for about `seconds` at most (None: until done): how many were deleted, and
+        whether that was all (else call again: each chunk is a transaction of its own)."""
         deleted = 0
+        stop = None if seconds is None else time.monotonic() + seconds
         while True:
             with self._transaction() as cur:
                 cur.execute(
@@ -284,7 +291,9 @@ class SQLStore:
                 count = max(cur.rowcount, 0)
             deleted += count
             if count < _PURGE_CHUNK:
-                return deleted
+                return deleted, True
+            if stop is not None and time.monotonic() >= stop:
+                return deleted, False
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -11,11 +11,14 @@ from typing import Literal
 import pytest
 
 from service.config.metering import Budget
+from service.usage.ledger import Ledger as UsageLedger
 from service.usage.limits.amounts import usd
 from service.usage.limits.keeper import Keeper
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.spent import Snapshot, SpentFile
 from service.usage.limits.tickets import Refused, budget_key
+from service.usage.stores import open_store
+from tests.usage.conftest import record
 from tests.usage.limits.test_limiter import Clock, limits
 
 BUDGET = Budget(usd=Decimal(10), period="month")
@@ -141,3 +144,38 @@ async def test_a_period_that_began_while_counting_is_not_read_back_on_top_of_the
     kept.source.total = Decimal(1)  # type: ignore[attr-defined]  # the ledger has the record too
     await kept.tick()
     assert kept.limiter.spent_here(key(clock))[0] == 1_000_000_000
+
+
+async def test_what_was_stored_since_the_snapshot_counts_after_a_start_with_the_database_down(
+    tmp_path: Path,
+) -> None:
+    """The process dies after the last snapshot of spent; what it spent since was stored in the
+    database, so its segment left the spool; it starts again with the database down. The
+    stored segment is still on local disk: the snapshot plus the spool count it, not zero."""
+    file = SpentFile(tmp_path / "usage-spent.json")
+    budget = {"usd": "10", "period": "month"}
+    ledger = UsageLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    first = Keeper(Limiter(), source=ledger, file=file)
+    first.configure([("client", "ops-center", BUDGET)], ["ops-center"])
+    await first.load()
+    await first.write_snapshot(force=True)  # the last snapshot before the process dies
+    ticket, _ = await first.limiter.admit("r1", "ops-center", limits(budget=budget), Decimal(4))
+    await first.limiter.settle(ticket, Decimal(3), 1)
+    ledger.submit(record(ts=datetime.now(UTC), client="ops-center", cost_usd=Decimal(3)))
+    await ledger.flush()  # in the database: its segment is done with
+    await ledger.stop()
+
+    down = UsageLedger(open_store(str(tmp_path / "a-file" / "usage.db"), tmp_path), tmp_path / "spool")
+    (tmp_path / "a-file").write_text("not a folder: the database cannot be opened")
+    await down.start()
+    try:
+        assert down.state == "degraded"
+        second = Keeper(Limiter(), source=down, file=file)
+        second.configure([("client", "ops-center", BUDGET)], ["ops-center"])
+        await second.load()
+        current = second.limiter.window("month", second.limiter.now_ms())
+        spent, _ = second.limiter.spent_here(budget_key("client", "ops-center", current))
+        assert usd(spent) == Decimal(3)
+    finally:
+        await down.stop()
