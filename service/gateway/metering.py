@@ -245,7 +245,10 @@ class Metered:
             provider = (first.id, first.budget, self.bound(first))
         client_cost = _ZERO
         if self.limits is not None and self.limits.budget is not None:
-            client_cost = max((self.bound(p) for p in self.candidates), default=_ZERO)
+            candidates = self.candidates
+            client_cost = (
+                self.bound(candidates[0]) if len(candidates) == 1 else max(self.bound(p) for p in candidates)
+            )
         try:
             self.ticket, taken = await meter.limiter.admit(
                 self.id, call.client, self.limits, client_cost, provider

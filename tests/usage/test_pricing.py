@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from service.config.models import AiServer, ApiKey
-from service.usage.pricing import PriceMap, Pricing, bundled, bundled_map
+from service.usage.pricing import PriceMap, Pricing, Rate, bundled, bundled_map
 from service.usage.record import Tokens
 
 SEALED = "ENC[AES256_GCM,data:AAAA,iv:AAAA,tag:AAAA,type:str]"
@@ -122,6 +122,15 @@ def test_a_rerank_is_priced_per_query_where_the_vendor_prices_queries() -> None:
     rate = Pricing(bundled()).rate(api_key("cohere"), "rerank-english-v3.0")
     assert rate.known("reranking")
     assert rate.cost(Tokens(input=500), queries=1) == (Decimal("0.002"), True)
+
+
+def test_the_bound_prices_each_prompt_token_at_the_dearest_input_class_there_is() -> None:
+    """`Rate` keeps its dearest input price (issue 22); it is no part of what a rate is equal to."""
+    assert Rate(Decimal(1), Decimal(2), Decimal(3), Decimal(5)).bound(prompt=10, completion=3) == 56
+    assert Rate(Decimal(4), Decimal(2), Decimal(3)).bound(prompt=10, completion=3) == 46
+    assert Rate(None, Decimal(2)).bound(prompt=10, completion=3) == 6
+    assert Rate().bound(prompt=10, completion=3) == 0 and Rate().dearest_input is None
+    assert Rate(Decimal(1), cache_write=Decimal(7)) == Rate(Decimal(1), cache_write=Decimal(7))
 
 
 def test_the_bound_covers_any_split_of_the_prompt_between_classes() -> None:
