@@ -181,7 +181,8 @@ def test_a_charge_is_the_same_exact_nano_dollars_however_often_and_in_whatever_o
 def test_nano_dollars_are_written_as_the_decimal_amount_is() -> None:
     """The remaining-* header and `/limits` write nano-dollars in whole-number arithmetic (issue
     22): the same text as the exact decimal amount gives, whatever the number."""
-    units = [0, 1, 9, 10, 999_999_999, 10**9, 10**9 + 1, 5 * 10**9, 1_500_000_000, 2**62 - 1, 2**62, -1, -(10**9)]
+    units = [0, 1, 9, 10, 999_999_999, 10**9, 10**9 + 1, 5 * 10**9, 1_500_000_000, 2**62 - 1, 2**62]
+    units += [-1, -(10**9)]
     units += [n * 10**exp + extra for n in range(1, 2000, 37) for exp in range(0, 13, 4) for extra in (0, 1)]
     assert [usd_text(n) for n in units] == [money(usd(n)) for n in units]
 
