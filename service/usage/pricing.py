@@ -204,17 +204,27 @@ class Rate:
         """What `tokens` (and `queries` rerank queries) cost, and whether every class was priced."""
         priced = True
         total = _ZERO
-        for count, price in (
-            (tokens.input, self.input),
-            (tokens.cached_input, self.cached_input),
-            (tokens.cache_write, self.cache_write),
-            (tokens.output, self.output),
-        ):
-            if count:
-                if price is None:
-                    priced = False
-                else:
-                    total = EXACT.add(total, EXACT.multiply(price, count))
+        # Each class in turn, unrolled (a request pays for this on every answer).
+        if tokens.input:
+            if self.input is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.input, tokens.input))
+        if tokens.cached_input:
+            if self.cached_input is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.cached_input, tokens.cached_input))
+        if tokens.cache_write:
+            if self.cache_write is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.cache_write, tokens.cache_write))
+        if tokens.output:
+            if self.output is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.output, tokens.output))
         if queries and self.per_query is not None:
             total = EXACT.add(total, EXACT.multiply(self.per_query, queries))
         elif queries and self.input is None:
