@@ -245,7 +245,10 @@ class Metered:
             provider = (first.id, first.budget, self.bound(first))
         client_cost = _ZERO
         if self.limits is not None and self.limits.budget is not None:
-            client_cost = max((self.bound(p) for p in self.candidates), default=_ZERO)
+            candidates = self.candidates
+            client_cost = (
+                self.bound(candidates[0]) if len(candidates) == 1 else max(self.bound(p) for p in candidates)
+            )
         try:
             self.ticket, taken = await meter.limiter.admit(
                 self.id, call.client, self.limits, client_cost, provider
@@ -539,12 +542,20 @@ def _client_limits(snapshot: Snapshot) -> dict[str, Limits]:
 
 def _completion(data: dict[str, Any], purpose: str) -> int | None:
     """The completion tokens a chat request asks for at most, if it says."""
-    asked = [
-        value
-        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens")
-        if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value > 0
-    ]
-    return min(max(asked), MAX_TOKENS) if asked else None
+    most = None
+    for name in _COMPLETION_FIELDS:
+        value = data.get(name)
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value > 0
+            and (most is None or value > most)
+        ):
+            most = value
+    return min(most, MAX_TOKENS) if most is not None else None
+
+
+_COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 def _choices(data: dict[str, Any]) -> int:

@@ -121,15 +121,12 @@ def fields(
     it with the fields of a request (no `Record` made on the request path); `encode` with a
     record's. A value of the expected type within bounds is taken as it is (the common case)."""
     status = status if type(status) is int and 0 <= status <= 999 else _int(status, 999)
+    named = _names(client, purpose, model, provider, upstream_model, replica)
     return [
         VERSION,
         text(id_) or "-",
         ts_us,
-        text(client),
-        text(purpose) or "-",
-        text(model),
-        text(provider),
-        text(upstream_model),
+        *named[:5],
         status,
         bool(stream),
         attempts if type(attempts) is int and 0 <= attempts <= MAX_COUNT else _int(attempts),
@@ -143,9 +140,38 @@ def fields(
         str(cost(cost_usd)),
         bool(priced),
         bool(estimated),
-        text(replica) or "-",
+        named[5],
         bool(limited) or status == 429,
     ]
+
+
+def _names(*names: object) -> tuple[str | None, ...]:
+    """A record's client, purpose, model, provider, upstream model and replica as `fields`
+    writes them: the same few for most requests, so those of strings are remembered."""
+    try:
+        found = _NAMES.get(names)
+    except TypeError:  # a value that cannot be a key is not a string: made below
+        found = None
+    if found is not None:
+        return found
+    client, purpose, model, provider, upstream_model, replica = names
+    found = (
+        text(client),
+        text(purpose) or "-",
+        text(model),
+        text(provider),
+        text(upstream_model),
+        text(replica) or "-",
+    )
+    if all(name is None or type(name) is str for name in names):
+        if len(_NAMES) >= _NAMES_KEPT:
+            _NAMES.clear()
+        _NAMES[names] = found
+    return found
+
+
+_NAMES: dict[tuple[object, ...], tuple[str | None, ...]] = {}
+_NAMES_KEPT = 4096
 
 
 def dumps(values: list[Any]) -> bytes:
@@ -285,6 +311,8 @@ def text(value: object, limit: int = TEXT_LIMIT) -> str | None:
 
 def cost(value: object) -> Decimal:
     """Money within bounds: finite, at least 0, at most `MAX_COST`."""
+    if type(value) is Decimal and value.is_finite() and not value.is_signed() and value <= MAX_COST:
+        return value  # the common case, as it is: a price's product
     try:
         amount = value if isinstance(value, Decimal) else Decimal(str(value))
     except (InvalidOperation, ValueError):

@@ -35,7 +35,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,12 @@ class Rate:
     """USD per rerank query, where the vendor prices queries."""
     max_output: int | None = None
     """The model's output limit, from litellm's map."""
+    dearest_input: Decimal | None = field(init=False, repr=False, compare=False)
+    """The dearest of the input classes' prices (what `bound` prices each prompt token at)."""
+
+    def __post_init__(self) -> None:
+        prices = [p for p in (self.input, self.cached_input, self.cache_write) if p is not None]
+        object.__setattr__(self, "dearest_input", max(prices) if prices else None)
 
     def known(self, purpose: str) -> bool:
         """Whether a request of `purpose` has a price: input (and output for chat), or per query."""
@@ -198,17 +204,27 @@ class Rate:
         """What `tokens` (and `queries` rerank queries) cost, and whether every class was priced."""
         priced = True
         total = _ZERO
-        for count, price in (
-            (tokens.input, self.input),
-            (tokens.cached_input, self.cached_input),
-            (tokens.cache_write, self.cache_write),
-            (tokens.output, self.output),
-        ):
-            if count:
-                if price is None:
-                    priced = False
-                else:
-                    total = EXACT.add(total, EXACT.multiply(price, count))
+        # Each class in turn, unrolled (a request pays for this on every answer).
+        if tokens.input:
+            if self.input is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.input, tokens.input))
+        if tokens.cached_input:
+            if self.cached_input is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.cached_input, tokens.cached_input))
+        if tokens.cache_write:
+            if self.cache_write is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.cache_write, tokens.cache_write))
+        if tokens.output:
+            if self.output is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(self.output, tokens.output))
         if queries and self.per_query is not None:
             total = EXACT.add(total, EXACT.multiply(self.per_query, queries))
         elif queries and self.input is None:
@@ -217,8 +233,8 @@ class Rate:
 
     def bound(self, prompt: int, completion: int, queries: int = 0) -> Decimal:
         """An upper bound of the cost of `prompt` input tokens of any class and `completion` ones."""
-        prices = [p for p in (self.input, self.cached_input, self.cache_write) if p is not None]
-        total = EXACT.multiply(max(prices), prompt) if prices and prompt else _ZERO
+        dearest = self.dearest_input
+        total = EXACT.multiply(dearest, prompt) if dearest is not None and prompt else _ZERO
         if completion and self.output is not None:
             total = EXACT.add(total, EXACT.multiply(self.output, completion))
         if queries and self.per_query is not None:

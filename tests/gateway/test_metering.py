@@ -18,7 +18,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from service.gateway.metering import RequestIds, _micros
+from service.gateway.metering import RequestIds, _completion, _micros
 from service.http.context import RELAY
 from service.usage.encoding import micros
 from service.usage.record import Record
@@ -854,3 +854,25 @@ def test_a_records_time_is_the_microsecond_datetime_makes_of_the_clock() -> None
     times += [0.0, 1e-7, 0.4999999e-6, 0.5e-6, 1.5e-6, 1_764_950_000.9999995, 4_102_444_800.0000005]
     for t in times:
         assert _micros(t) == micros(datetime.fromtimestamp(t, UTC)), t
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"max_tokens": 5},
+        {"max_tokens": 5, "max_completion_tokens": 9, "max_output_tokens": 7},
+        {"max_tokens": True, "max_completion_tokens": 0, "max_output_tokens": -3},
+        {"max_tokens": 5.0, "max_completion_tokens": "9", "max_output_tokens": None},
+        {"max_tokens": 10**15, "max_completion_tokens": 3},
+        {"max_tokens": False, "max_output_tokens": 1},
+    ],
+)
+def test_the_completion_asked_for_is_the_largest_whole_positive_count_given(data: dict[str, Any]) -> None:
+    """`_completion` as a plain loop (issue 22) reads what the former list comprehension read."""
+    asked = [
+        value
+        for name in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+        if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value > 0
+    ]
+    assert _completion(data, "chat") == (min(max(asked), 10**12) if asked else None)

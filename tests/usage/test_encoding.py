@@ -143,3 +143,67 @@ def test_what_the_ledger_keeps_in_memory_is_what_it_would_read_back_from_the_lin
         assert encoding.row(read) == encoding.row(kept)
         assert encoding.record_of(kept) == decode(encode(sent))
         assert encoding.dumps(kept) == encode(sent)
+
+
+def _bounded(value: object) -> Decimal:
+    """`encoding.cost` as it was before its fast path (issue 22): what it must still give."""
+    try:
+        amount = value if isinstance(value, Decimal) else Decimal(str(value))
+    except (ArithmeticError, ValueError):
+        return Decimal(0)
+    if not amount.is_finite() or amount < 0:
+        return Decimal(0)
+    return min(amount, encoding.MAX_COST)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Decimal("0.00000795"),
+        Decimal(0),
+        Decimal("-0"),
+        Decimal("0E-30"),
+        Decimal("-0.5"),
+        Decimal("1E-30"),
+        Decimal(1_000_000),
+        Decimal("1000000.000001"),
+        Decimal("1E+40"),
+        Decimal("NaN"),
+        Decimal("-NaN"),
+        Decimal("sNaN"),
+        Decimal("Infinity"),
+        Decimal("-Infinity"),
+        0.25,
+        -3,
+        "12.5",
+        "junk",
+        None,
+    ],
+)
+def test_a_cost_is_bounded_as_before_its_fast_path(value: object) -> None:
+    got, expected = encoding.cost(value), _bounded(value)
+    assert str(got) == str(expected) and type(got) is Decimal
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("bench", "chat", "gpt-4o", "openai-main", "gpt-4o-2024", "r1"),
+        (None, "", None, None, None, ""),
+        ("a\x00b", "chat", "m" * 300, "p", "\ud800x", "r1"),
+        (7, "chat", 7.5, True, b"m", "r1"),
+        (["unhashable"], "chat", {"a": 1}, "p", "m", "r1"),
+        (str.__new__(type("Sub", (str,), {}), "bench"), "chat", "m", "p", "m", "r1"),
+    ],
+)
+def test_a_records_names_are_cleaned_the_same_when_remembered(names: tuple[object, ...]) -> None:
+    """`fields` remembers the cleaned client, purpose, model, provider, upstream model and
+    replica of strings (issue 22): the line is the same the first time and every time after."""
+    client, purpose, model, provider, upstream, replica = names
+    expected = [text(client), text(purpose) or "-", text(model), text(provider), text(upstream)]
+    for _ in range(3):
+        values = encoding.fields(
+            "id", 0, client, purpose, model, provider, upstream, 200, False, 1, 1.0, None,
+            0, 0, 0, 0, 0, Decimal(0), True, False, replica, False,
+        )  # fmt: skip
+        assert values[3:8] == expected and values[21] == (text(replica) or "-")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from service.config.models import AiServer, ApiKey
-from service.usage.pricing import PriceMap, Pricing, bundled, bundled_map
+from service.usage.pricing import EXACT, PriceMap, Pricing, Rate, bundled, bundled_map
 from service.usage.record import Tokens
 
 SEALED = "ENC[AES256_GCM,data:AAAA,iv:AAAA,tag:AAAA,type:str]"
@@ -122,6 +122,47 @@ def test_a_rerank_is_priced_per_query_where_the_vendor_prices_queries() -> None:
     rate = Pricing(bundled()).rate(api_key("cohere"), "rerank-english-v3.0")
     assert rate.known("reranking")
     assert rate.cost(Tokens(input=500), queries=1) == (Decimal("0.002"), True)
+
+
+def test_the_bound_prices_each_prompt_token_at_the_dearest_input_class_there_is() -> None:
+    """`Rate` keeps its dearest input price (issue 22); it is no part of what a rate is equal to."""
+    assert Rate(Decimal(1), Decimal(2), Decimal(3), Decimal(5)).bound(prompt=10, completion=3) == 56
+    assert Rate(Decimal(4), Decimal(2), Decimal(3)).bound(prompt=10, completion=3) == 46
+    assert Rate(None, Decimal(2)).bound(prompt=10, completion=3) == 6
+    assert Rate().bound(prompt=10, completion=3) == 0 and Rate().dearest_input is None
+    assert Rate(Decimal(1), cache_write=Decimal(7)) == Rate(Decimal(1), cache_write=Decimal(7))
+
+
+def _cost_as_it_was(rate: Rate, tokens: Tokens) -> tuple[Decimal, bool]:
+    priced, total = True, Decimal(0)
+    for count, price in (
+        (tokens.input, rate.input),
+        (tokens.cached_input, rate.cached_input),
+        (tokens.cache_write, rate.cache_write),
+        (tokens.output, rate.output),
+    ):
+        if count:
+            if price is None:
+                priced = False
+            else:
+                total = EXACT.add(total, EXACT.multiply(price, count))
+    return total, priced and rate.any
+
+
+@pytest.mark.parametrize(
+    "rate",
+    [
+        Rate(Decimal("1.5E-7"), Decimal("6E-7")),
+        Rate(Decimal("2E+1"), Decimal(3), Decimal("0.5"), Decimal("7.25")),
+        Rate(None, Decimal(2)),
+        Rate(),
+    ],
+)
+def test_a_cost_is_the_same_decimal_class_by_class(rate: Rate) -> None:
+    """`Rate.cost` unrolled (issue 22): the same amount, written the same, and the same `priced`."""
+    for tokens in (Tokens(), Tokens(9, 0, 0, 12), Tokens(5, 3, 2, 7, 1), Tokens(output=4), Tokens(0, 8)):
+        got, expected = rate.cost(tokens), _cost_as_it_was(rate, tokens)
+        assert (str(got[0]), got[1]) == (str(expected[0]), expected[1])
 
 
 def test_the_bound_covers_any_split_of_the_prompt_between_classes() -> None:

@@ -48,3 +48,12 @@ def limit_units(usd: Decimal) -> int:
 def usd(units: int) -> Decimal:
     """Nano-dollars as an exact amount of USD."""
     return _CONTEXT.divide(Decimal(units), PER_USD)
+
+
+def usd_text(units: int) -> str:
+    """Nano-dollars as `record.money` writes their USD (`"0.000001234"`, `"5"`), in whole-number
+    arithmetic: a remaining-* header on every answer makes no `Decimal`."""
+    if units <= 0:
+        return "0" if units == 0 else "-" + usd_text(-units)
+    whole, fraction = divmod(units, PER_USD)
+    return f"{whole}.{fraction:09d}".rstrip("0") if fraction else str(whole)

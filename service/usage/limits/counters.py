@@ -109,7 +109,8 @@ class Counters:
         client = self._clients.get(name)
         if client is None:
             return
-        client.in_flight = max(0, client.in_flight - 1)
+        if client.in_flight > 0:
+            client.in_flight -= 1
         if tokens > 0:
             client.tokens.append((now, tokens))
             client.token_sum += tokens

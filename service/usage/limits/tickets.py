@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.config.metering import Budget, Limits
-from service.usage.limits.amounts import limit_units, usd
+from service.usage.limits.amounts import limit_units, usd_text
 from service.usage.periods import Window
-from service.usage.record import money
 
 UNLIMITED = "unlimited"
 """A remaining-* header's value for a limit the client does not have."""
@@ -57,8 +56,8 @@ class Use:
             "requests_60s": self.requests,
             "tokens_60s": self.tokens,
             "in_flight": self.in_flight,
-            "budget_spent_usd": None if self.spent is None else money(usd(self.spent)),
-            "budget_reserved_usd": None if self.reserved is None else money(usd(self.reserved)),
+            "budget_spent_usd": None if self.spent is None else usd_text(self.spent),
+            "budget_reserved_usd": None if self.reserved is None else usd_text(self.reserved),
             "period_end": None if self.window is None else self.window.end_text,
         }
 
@@ -78,7 +77,7 @@ class Use:
         if limits.budget is not None and self.spent is not None:
             limit = self.limit if self.limit is not None else limit_units(limits.budget.usd)
             left = max(0, limit - self.spent - (self.reserved or 0))
-            headers["x-switchboard-budget-remaining-usd"] = money(usd(left))
+            headers["x-switchboard-budget-remaining-usd"] = usd_text(left)
         return headers
 
 

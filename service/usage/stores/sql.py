@@ -154,6 +154,8 @@ _UPSERT = (
     + ") ON CONFLICT (period, client, provider, model, purpose) DO UPDATE SET "
     + ", ".join(f"{c} = {{table}}.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
 )
+_UPSERTS = {table: _UPSERT.format(table=table) for table in ("usage_hourly", "usage_daily")}
+"""Each rollup's upsert, formatted once (a `str.format` of it costs more than a small batch's rows)."""
 _COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
 _ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
 _INSERT = f"INSERT INTO usage_records ({_COLUMNS}) VALUES {_ROW} ON CONFLICT (ts_us, id, replica) DO NOTHING"
@@ -268,9 +270,7 @@ class SQLStore:
                     found[i] += value
         for table, rollups in (("usage_hourly", hourly), ("usage_daily", daily)):
             # In key order: replicas adding to the same rows take their locks in one order.
-            cur.executemany(
-                _UPSERT.format(table=table), [(*key, *sums) for key, sums in sorted(rollups.items())]
-            )
+            cur.executemany(_UPSERTS[table], [(*key, *sums) for key, sums in sorted(rollups.items())])
 
     def purge(self, before: datetime) -> int:
         """Delete raw records older than `before`, in chunks (rollups stay); returns how many."""

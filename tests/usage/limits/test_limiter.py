@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from service.config.metering import Budget, Limits
-from service.usage.limits.amounts import charge_units, usd
+from service.usage.limits.amounts import charge_units, usd, usd_text
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
+from service.usage.record import money
 
 
 class Clock:
@@ -175,6 +176,15 @@ def test_a_charge_is_the_same_exact_nano_dollars_however_often_and_in_whatever_o
     for _ in range(3):
         assert [charge_units(a) for a in amounts] == expected
         assert [charge_units(a) for a in reversed(amounts)] == expected[::-1]
+
+
+def test_nano_dollars_are_written_as_the_decimal_amount_is() -> None:
+    """The remaining-* header and `/limits` write nano-dollars in whole-number arithmetic (issue
+    22): the same text as the exact decimal amount gives, whatever the number."""
+    units = [0, 1, 9, 10, 999_999_999, 10**9, 10**9 + 1, 5 * 10**9, 1_500_000_000, 2**62 - 1, 2**62]
+    units += [-1, -(10**9)]
+    units += [n * 10**exp + extra for n in range(1, 2000, 37) for exp in range(0, 13, 4) for extra in (0, 1)]
+    assert [usd_text(n) for n in units] == [money(usd(n)) for n in units]
 
 
 def test_a_budget_changed_in_its_period_holds_at_its_new_limit_at_once() -> None:
