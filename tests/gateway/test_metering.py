@@ -84,6 +84,20 @@ async def metered(project: SopsProject, **settings: Any) -> AsyncIterator[tuple[
         yield board, records
 
 
+@contextlib.asynccontextmanager
+async def metered_by(
+    project: SopsProject, app: web.Application
+) -> AsyncIterator[tuple[Switchboard, Records]]:
+    """The project metered, its one priced provider `a` served by `app`, its clients unlimited."""
+    async with serving(app) as url:
+        base = f"{url}/v1"
+        write_provider(project, "a", provider="openai", base_url=base, api_key="sk-up", pricing=PRICING)
+        write_routing(project, chat="a")
+        write_clients(project, None)
+        async with metered(project) as both:
+            yield both
+
+
 async def chat(
     board: Switchboard, content: str = "hi", token: str = TOKEN, **body: Any
 ) -> aiohttp.ClientResponse:
@@ -675,14 +689,8 @@ async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", odd)
-    async with serving(app) as url:
-        write_provider(
-            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
-        )
-        write_routing(sops_project, chat="a")
-        write_clients(sops_project, None)
-        async with metered(sops_project) as (board, records):
-            response = await chat(board)
+    async with metered_by(sops_project, app) as (board, records):
+        response = await chat(board)
     assert response.status == 200
     ours = response.headers[REQUEST_ID]
     assert len(ours) == 32 and records.kept[0].id == ours

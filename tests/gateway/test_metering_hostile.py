@@ -10,9 +10,9 @@ from aiohttp import web
 
 from service.usage.tokens import MAX_TOKENS
 from tests.conftest import SopsProject
-from tests.gateway.test_metering import COST, PRICING, TOKEN, chat, metered, write_clients
+from tests.gateway.test_metering import COST, PRICING, TOKEN, chat, metered, metered_by, write_clients
 from tests.support.gateway import write_provider, write_routing
-from tests.support.upstreams import FakeUpstream, serving
+from tests.support.upstreams import FakeUpstream
 
 
 def _answering(usage: Any) -> web.Application:
@@ -31,16 +31,9 @@ async def test_a_usage_count_past_any_float_is_held_to_the_bound_not_a_500(sops_
     """An upstream reporting 10**400 prompt tokens: JSON reads it as an int, the token metric
     could not add it (a float overflows); the answer is served, priced at `MAX_TOKENS`."""
     usage = {"prompt_tokens": 10**400, "completion_tokens": 2**1100, "total_tokens": 1}
-    app = _answering(usage)
-    async with serving(app) as url:
-        write_provider(
-            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
-        )
-        write_routing(sops_project, chat="a")
-        write_clients(sops_project, None)
-        async with metered(sops_project) as (board, records):
-            response = await chat(board)
-            assert response.status == 200, await response.text()
+    async with metered_by(sops_project, _answering(usage)) as (board, records):
+        response = await chat(board)
+        assert response.status == 200, await response.text()
     record = records.kept[0]
     assert (record.prompt_tokens, record.completion_tokens) == (MAX_TOKENS, MAX_TOKENS)
     assert Decimal(response.headers[COST]) == 3 * MAX_TOKENS

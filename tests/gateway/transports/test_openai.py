@@ -323,23 +323,20 @@ async def test_what_goes_wrong_on_the_way_is_described() -> None:
 
 async def test_a_stream_answered_whole_is_bounded_once_not_twice() -> None:
     """A server that ignores `stream` answers whole: its first chunk counts once against the bound."""
-    answer = json.dumps({"choices": [{"message": {"content": "x" * 40}}]}).encode()  # ~70 bytes
 
-    async def whole(request: web.Request) -> web.Response:
-        return web.Response(body=answer, content_type="application/json")
+    async def answered(size: int) -> tuple[int, bytes, bytes]:
+        answer = json.dumps({"choices": [{"message": {"content": "x" * size}}]}).encode()
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", whole)
-    async with serving(upstream) as url, relaying(server(f"{url}/v1"), max_bytes=100) as harness:
-        status, _, body = await harness.post("/chat/completions", {"model": "m", "stream": True})
-        assert (status, body) == (200, answer)
-    big = json.dumps({"choices": [{"message": {"content": "x" * 200}}]}).encode()
+        async def whole(request: web.Request) -> web.Response:
+            return web.Response(body=answer, content_type="application/json")
 
-    async def larger(request: web.Request) -> web.Response:
-        return web.Response(body=big, content_type="application/json")
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", whole)
+        async with serving(upstream) as url, relaying(server(f"{url}/v1"), max_bytes=100) as harness:
+            status, _, body = await harness.post("/chat/completions", {"model": "m", "stream": True})
+        return status, body, answer
 
-    again = web.Application()
-    again.router.add_post("/v1/chat/completions", larger)
-    async with serving(again) as url, relaying(server(f"{url}/v1"), max_bytes=100) as harness:
-        status, _, refused = await harness.post("/chat/completions", {"model": "m", "stream": True})
+    status, body, answer = await answered(40)  # ~70 bytes: within the bound, counted once
+    assert (status, body) == (200, answer)
+    status, refused, _ = await answered(200)
     assert status == FAILED and json.loads(refused)["reason"] == "answer over 100 bytes"
