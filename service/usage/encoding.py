@@ -163,7 +163,8 @@ def _names(*names: object) -> tuple[str | None, ...]:
         text(upstream_model),
         text(replica) or "-",
     )
-    if all(name is None or type(name) is str for name in names):
+    if all(name is None or (type(name) is str and len(name) <= TEXT_LIMIT) for name in names):
+        # only what it keeps as it is: a client's huge `model` names would hold memory
         if len(_NAMES) >= _NAMES_KEPT:
             _NAMES.clear()
         _NAMES[names] = found

@@ -207,3 +207,16 @@ def test_a_records_names_are_cleaned_the_same_when_remembered(names: tuple[objec
             0, 0, 0, 0, 0, Decimal(0), True, False, replica, False,
         )  # fmt: skip
         assert values[3:8] == expected and values[21] == (text(replica) or "-")
+
+
+def test_a_huge_name_is_cleaned_but_never_remembered() -> None:
+    """A client's `model` of megabytes is cut to `TEXT_LIMIT` in the record, and the names
+    remembered for the next request are only those kept as they are: 4,096 requests with
+    distinct huge names must not hold gigabytes."""
+    huge = "m" * (1 << 20)
+    values = encoding.fields(
+        "id", 0, "c", "chat", huge, "p", None, 200, False, 1, 1.0, None,
+        0, 0, 0, 0, 0, Decimal(0), True, False, "r", False,
+    )  # fmt: skip
+    assert values[5] == "m" * TEXT_LIMIT
+    assert not any(huge in key for key in encoding._NAMES)
