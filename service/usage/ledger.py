@@ -348,7 +348,7 @@ class Ledger:
     def _purge(self) -> bool:
         """Delete records past the retention for `PURGE_SLICE_S` at most; whether that was all."""
         before = self.clock() - self.retention
-        deleted, done = self._store_or_off().purge_for(before, PURGE_SLICE_S)
+        deleted, done = self._store_or_off().purge(before, PURGE_SLICE_S)
         if deleted:
             log.info("usage ledger: %d records older than %s deleted (rollups kept)", deleted, before.date())
         return done

@@ -154,7 +154,7 @@ def test_requests_filter_by_client_provider_status_and_time(store: SQLStore) -> 
 def test_retention_deletes_old_records_and_keeps_their_rollups(store: SQLStore) -> None:
     store.insert([record(ts=NOW - timedelta(days=100)) for _ in range(3)])
     store.insert([record()])
-    assert store.purge(NOW - timedelta(days=90)) == 3
+    assert store.purge(NOW - timedelta(days=90)) == (3, True)
     assert [r.ts for r in store.requests(RequestsQuery(limit=10))] == [NOW]
     (totals,) = _usage(store, since="2026-08-01T00:00:00Z").values()
     assert totals["requests"] == 4  # the old hours still count, from the rollups

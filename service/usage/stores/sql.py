@@ -272,13 +272,10 @@ class SQLStore:
             # In key order: replicas adding to the same rows take their locks in one order.
             cur.executemany(_UPSERTS[table], [(*key, *sums) for key, sums in sorted(rollups.items())])
 
-    def purge(self, before: datetime) -> int:
-        """Delete raw records older than `before`, in chunks (rollups stay); returns how many."""
-        return self.purge_for(before, None)[0]
-
-    def purge_for(self, before: datetime, seconds: float | None) -> tuple[int, bool]:
-        """`purge` for about `seconds` at most (None: until done): how many were deleted, and
-        whether that was all (else call again: each chunk is a transaction of its own)."""
+    def purge(self, before: datetime, seconds: float | None = None) -> tuple[int, bool]:
+        """Delete raw records older than `before`, in chunks (rollups stay), for about `seconds`
+        at most (None: until done): how many were deleted, and whether that was all (else call
+        again: each chunk is a transaction of its own)."""
         deleted = 0
         stop = None if seconds is None else time.monotonic() + seconds
         while True:
