@@ -197,7 +197,9 @@ async def test_the_providers_table_shows_each_column_with_traffic(browser: Brows
         await expect(gpu.locator("[data-label=Purposes]")).to_have_text("chat, embeddings")
         await expect(gpu.locator("[data-label=Models]")).to_have_text("any")
         # traffic is read apart from the providers, so the row may be drawn before it: wait for it
-        await expect(gpu.locator("[data-label=Requests]")).to_have_text(re.compile(r"^(?:[2-9]|[1-9][\d,]+)$"))
+        await expect(gpu.locator("[data-label=Requests]")).to_have_text(
+            re.compile(r"^(?:[2-9]|[1-9][\d,]+)$")
+        )
         await expect(gpu.locator("[data-label=Tokens]")).not_to_have_text("0")
         await expect(gpu.locator("[data-label=Latency]")).to_have_text(re.compile(r"\d ms"))
         backup = t.page.locator("tr[data-id=backup]")
