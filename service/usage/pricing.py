@@ -23,7 +23,16 @@ from the file as the installed package holds it: litellm itself is never importe
 seconds), and nothing is fetched. Its numbers are read as decimals (`parse_float=Decimal`), so
 `2.5e-06` is exactly 2.5 USD per million tokens. A provider's rates are resolved once per
 version of its file and model (`Pricing.rate`): a request costs a dictionary read and a few
-multiplications, in a decimal context wide enough that no product is ever rounded.
+multiplications.
+
+**Amounts.** A `Rate` holds each price as whole atto-dollars (10⁻¹⁸ USD) per token too, worked
+out once when it is resolved, and prices a request in integers (`Rate.amount`, `bound_amount`):
+an `Amount` is an `int` of atto-dollars. A file's price (at most 12 decimals per million tokens)
+is always a whole number of atto-dollars per token; a price of litellm's map may not be (a few
+are written with 16 significant digits, `1.142857142857143E-7`): a rate with one such price is
+kept exact instead, priced in `Decimal`s (an `Amount` that is a `Decimal` is USD), in a decimal
+context wide enough that no product is ever rounded. Money is never rounded either way;
+`amount_text` writes either as the same plain digits.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config.models import ApiKey, Provider
-from service.usage.record import Tokens
+from service.usage.record import ATTO_PER_USD, Amount, Tokens
 from service.vendors import VENDORS
 
 log = logging.getLogger(__name__)
@@ -189,10 +198,18 @@ class Rate:
     """The model's output limit, from litellm's map."""
     dearest_input: Decimal | None = field(init=False, repr=False, compare=False)
     """The dearest of the input classes' prices (what `bound` prices each prompt token at)."""
+    atto: tuple[int | None, ...] | None = field(init=False, repr=False, compare=False)
+    """The prices (input, cached input, cache write, output, per query, dearest input) in whole
+    atto-dollars; None when one of them is finer than that (the rate is priced in decimals)."""
 
     def __post_init__(self) -> None:
         prices = [p for p in (self.input, self.cached_input, self.cache_write) if p is not None]
-        object.__setattr__(self, "dearest_input", max(prices) if prices else None)
+        dearest = max(prices) if prices else None
+        object.__setattr__(self, "dearest_input", dearest)
+        classes = (self.input, self.cached_input, self.cache_write, self.output, self.per_query, dearest)
+        atto = tuple(_atto(price) for price in classes)
+        exact = all(a is not None for a, price in zip(atto, classes, strict=True) if price is not None)
+        object.__setattr__(self, "atto", atto if exact else None)
 
     def known(self, purpose: str) -> bool:
         """Whether a request of `purpose` has a price: input (and output for chat), or per query."""
@@ -200,11 +217,60 @@ class Rate:
             return self.per_query is not None or self.input is not None
         return self.input is not None and (purpose != "chat" or self.output is not None)
 
+    def amount(self, tokens: Tokens, queries: int = 0) -> tuple[Amount, bool]:
+        """What `tokens` (and `queries` rerank queries) cost, and whether every class was priced:
+        whole atto-dollars (an `int`), or USD (a `Decimal`) for a rate finer than that."""
+        atto = self.atto
+        if atto is None:
+            return self.cost(tokens, queries)
+        input_, cached_input, cache_write, output, per_query, _ = atto
+        priced = True
+        total = 0
+        # Each class in turn, unrolled (a request pays for this on every answer).
+        if tokens.input:
+            if input_ is None:
+                priced = False
+            else:
+                total += input_ * tokens.input
+        if tokens.cached_input:
+            if cached_input is None:
+                priced = False
+            else:
+                total += cached_input * tokens.cached_input
+        if tokens.cache_write:
+            if cache_write is None:
+                priced = False
+            else:
+                total += cache_write * tokens.cache_write
+        if tokens.output:
+            if output is None:
+                priced = False
+            else:
+                total += output * tokens.output
+        if queries and per_query is not None:
+            total += per_query * queries
+        elif queries and input_ is None:
+            priced = False
+        return total, priced and self.any
+
+    def bound_amount(self, prompt: int, completion: int, queries: int = 0) -> Amount:
+        """`bound` as an `Amount`: whole atto-dollars, or USD for a rate finer than that."""
+        atto = self.atto
+        if atto is None:
+            return self.bound(prompt, completion, queries)
+        dearest, output, per_query = atto[5], atto[3], atto[4]
+        total = dearest * prompt if dearest is not None and prompt else 0
+        if completion and output is not None:
+            total += output * completion
+        if queries and per_query is not None:
+            total += per_query * queries
+        return total
+
     def cost(self, tokens: Tokens, queries: int = 0) -> tuple[Decimal, bool]:
-        """What `tokens` (and `queries` rerank queries) cost, and whether every class was priced."""
+        """What `tokens` (and `queries` rerank queries) cost in USD, and whether every class was
+        priced (the decimal form of `amount`)."""
         priced = True
         total = _ZERO
-        # Each class in turn, unrolled (a request pays for this on every answer).
         if tokens.input:
             if self.input is None:
                 priced = False
@@ -245,6 +311,15 @@ class Rate:
     def any(self) -> bool:
         """Whether any price at all is known."""
         return self.input is not None or self.output is not None or self.per_query is not None
+
+
+def _atto(price: Decimal | None) -> int | None:
+    """`price` (USD) in whole atto-dollars; None when it is finer than that (or not given)."""
+    if price is None:
+        return None
+    scaled = EXACT.multiply(price, ATTO_PER_USD)
+    whole = scaled.to_integral_value()
+    return int(whole) if whole == scaled else None
 
 
 UNPRICED = Rate()

@@ -2,7 +2,9 @@
 
 These two value types are the interface between the parts of metering: the gateway fills a
 `Record` when it answers, pricing turns `Tokens` into money, the ledger stores the record, and
-the limits settle a reservation to its `cost_usd`. Money is a `Decimal` (USD), never a float.
+the limits settle a reservation to its `cost_usd`. Money is never a float: a record's is a
+`Decimal` (USD); on the request path it is an `Amount`, whole atto-dollars as pricing works
+them out (or, for the few prices finer than that, a `Decimal` of USD).
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeAlias
+
+ATTO_PER_USD = 10**18
+Amount: TypeAlias = int | Decimal
+"""Money on the request path: an `int` is whole atto-dollars (10⁻¹⁸ USD), a `Decimal` is USD."""
 
 
 class Tokens(NamedTuple):
@@ -75,6 +81,25 @@ class Record:
         data["ts"] = self.ts.isoformat().replace("+00:00", "Z")
         data["cost_usd"] = money(self.cost_usd)
         return data
+
+
+def amount_text(amount: Amount) -> str:
+    """`amount` as a decimal string of USD (`money`'s text): `"0.00000075"` for 750 giga-atto,
+    plain digits, no exponent, no trailing zero. An `int` (atto-dollars) is written with whole
+    numbers alone: no `Decimal` is made."""
+    if isinstance(amount, Decimal):
+        return money(amount)
+    if amount < 0:
+        return "-" + amount_text(-amount)
+    whole, fraction = divmod(amount, ATTO_PER_USD)
+    return f"{whole}.{fraction:018d}".rstrip("0") if fraction else str(whole)
+
+
+def to_usd(amount: Amount) -> Decimal:
+    """`amount` as exact USD."""
+    if isinstance(amount, Decimal):
+        return amount
+    return Decimal(f"{amount}E-18")  # read, not computed: exact at any size
 
 
 def money(amount: Decimal) -> str:
