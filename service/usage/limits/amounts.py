@@ -1,10 +1,11 @@
 """Money as the counters hold it: whole nano-dollars (10**-9 USD), exact integers.
 
-Costs and prices are exact `Decimal`s everywhere else; counters (in this process and in
-Redis, whose scripts compute in doubles) hold integers. A reservation or a charge is rounded
-up to the next nano-dollar and a budget down, so that what is counted is never less than what
-was spent, and a budget is never taken as larger than written. Budgets above `MAX_UNITS`
-(billions of dollars) are held at it: beyond what any counter needs to tell apart.
+Costs are exact `Amount`s everywhere else (whole atto-dollars, or `Decimal` USD); counters
+(in this process and in Redis, whose scripts compute in doubles) hold integers. A reservation
+or a charge is rounded up to the next nano-dollar and a budget down, so that what is counted
+is never less than what was spent, and a budget is never taken as larger than written.
+Budgets above `MAX_UNITS` (billions of dollars) are held at it: beyond what any counter needs
+to tell apart.
 """
 
 from __future__ import annotations
@@ -12,10 +13,23 @@ from __future__ import annotations
 import decimal
 from decimal import Decimal
 
+from service.usage.record import ATTO_PER_USD, Amount, amount_text
+
 UNIT = Decimal("1e-9")
 PER_USD = 10**9
+ATTO_PER_UNIT = ATTO_PER_USD // PER_USD
 MAX_UNITS = 2**62
 _CONTEXT = decimal.Context(prec=80)
+
+
+def amount_units(amount: Amount) -> int:
+    """An `Amount` in nano-dollars, rounded up as `charge_units` rounds (whole numbers alone
+    for atto-dollars)."""
+    if isinstance(amount, Decimal):
+        return charge_units(amount)
+    if amount <= 0:
+        return 0
+    return min(-(-amount // ATTO_PER_UNIT), MAX_UNITS)
 
 
 def charge_units(usd: Decimal) -> int:
@@ -53,7 +67,4 @@ def usd(units: int) -> Decimal:
 def usd_text(units: int) -> str:
     """Nano-dollars as `record.money` writes their USD (`"0.000001234"`, `"5"`), in whole-number
     arithmetic: a remaining-* header on every answer makes no `Decimal`."""
-    if units <= 0:
-        return "0" if units == 0 else "-" + usd_text(-units)
-    whole, fraction = divmod(units, PER_USD)
-    return f"{whole}.{fraction:09d}".rstrip("0") if fraction else str(whole)
+    return amount_text(units * ATTO_PER_UNIT)

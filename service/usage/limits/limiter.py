@@ -1,5 +1,9 @@
 """The limits and budgets of docs/reference.md §13, enforced: `Limiter.admit` before a request goes, `reserve`
-before each provider with a budget, `settle` when it ends.
+before each provider with a budget, `settle` when it ends. Each takes money in whole
+nano-dollars as the counters hold it (`admit_units`, `reserve_units`, `settle_units`: the
+gateway's atto-dollars, rounded up by `amounts.amount_units`), or in USD (`admit`, `reserve`,
+`settle`: a `Decimal`, rounded up by `amounts.charge_units`); a budget never counts less than
+what was spent.
 
 **Reserve, then settle.** A request is admitted with an upper bound of its cost reserved
 against each budget it counts toward (its client's; each candidate provider's before it is
@@ -131,7 +135,11 @@ class Limiter:
         return found
 
     def hold(self, kind: str, subject: str, budget: Budget, cost: Decimal, now_ms: float) -> Hold:
-        """A reservation of `cost` against `subject`'s `budget`, not taken yet."""
+        """A reservation of `cost` (USD) against `subject`'s `budget`, not taken yet."""
+        return self.hold_units(kind, subject, budget, charge_units(cost), now_ms)
+
+    def hold_units(self, kind: str, subject: str, budget: Budget, units: int, now_ms: float) -> Hold:
+        """A reservation of `units` nano-dollars against `subject`'s `budget`, not taken yet."""
         current = self.window(budget.period, now_ms)
         named = (kind, subject)
         found = self._keys.get(named)
@@ -144,7 +152,7 @@ class Limiter:
                 limit_units(budget.usd),
                 budget,
             )
-        return Hold(found[1], subject, found[2], charge_units(cost), current)
+        return Hold(found[1], subject, found[2], units, current)
 
     # -- admitting -----------------------------------------------------------------------------
 
@@ -156,8 +164,20 @@ class Limiter:
         client_cost: Decimal,
         provider: tuple[str, Budget, Decimal] | None = None,
     ) -> tuple[Ticket, bool | None]:
-        """Admit a request of `client`, reserving `client_cost` against its budget and, when
-        given, `provider`'s cost against that provider's budget.
+        """`admit_units` with costs in USD (each rounded up to the next nano-dollar)."""
+        units = None if provider is None else (provider[0], provider[1], charge_units(provider[2]))
+        return await self.admit_units(request_id, client, limits, charge_units(client_cost), units)
+
+    async def admit_units(
+        self,
+        request_id: str,
+        client: str,
+        limits: Limits | None,
+        client_units: int,
+        provider: tuple[str, Budget, int] | None = None,
+    ) -> tuple[Ticket, bool | None]:
+        """Admit a request of `client`, reserving `client_units` nano-dollars against its budget
+        and, when given, `provider`'s against that provider's budget.
 
         Returns the ticket and whether the provider's budget took it (None: none given).
         Raises `Refused` when one of the client's limits refuses (nothing is counted then).
@@ -166,10 +186,10 @@ class Limiter:
         ticket = Ticket(request_id, client, limits, now, counted=limits is not None)
         client_hold = None
         if limits is not None and limits.budget is not None:
-            client_hold = self.hold("client", client, limits.budget, client_cost, now)
+            client_hold = self.hold_units("client", client, limits.budget, client_units, now)
         provider_hold = None
         if provider is not None:
-            provider_hold = self.hold("provider", provider[0], provider[1], provider[2], now)
+            provider_hold = self.hold_units("provider", provider[0], provider[1], provider[2], now)
         if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
             raise Refused("unavailable", 1000, None, Use())
         if self.up and (limits is not None or provider_hold is not None):
@@ -278,10 +298,14 @@ class Limiter:
         return True
 
     async def reserve(self, ticket: Ticket, provider_id: str, budget: Budget, cost: Decimal) -> bool:
-        """Reserve `cost` against `provider_id`'s budget for `ticket` (a candidate after the
-        first); False when the budget cannot cover it (the provider is skipped)."""
+        """`reserve_units` with a cost in USD (rounded up to the next nano-dollar)."""
+        return await self.reserve_units(ticket, provider_id, budget, charge_units(cost))
+
+    async def reserve_units(self, ticket: Ticket, provider_id: str, budget: Budget, units: int) -> bool:
+        """Reserve `units` nano-dollars against `provider_id`'s budget for `ticket` (a candidate
+        after the first); False when the budget cannot cover it (the provider is skipped)."""
         now = self.now_ms()
-        hold = self.hold("provider", provider_id, budget, cost, now)
+        hold = self.hold_units("provider", provider_id, budget, units, now)
         if self.up:
             try:
                 return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
@@ -321,8 +345,12 @@ class Limiter:
     # -- settling ------------------------------------------------------------------------------
 
     async def settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> Use | None:
-        """The request ended: free its slot, count its `tokens`, charge `cost` to each budget it
-        holds (once: a second call does nothing). Returns the client's use after it.
+        """`settle_units` with a cost in USD (rounded up to the next nano-dollar)."""
+        return await self.settle_units(ticket, charge_units(cost), tokens)
+
+    async def settle_units(self, ticket: Ticket, units: int, tokens: int) -> Use | None:
+        """The request ended: free its slot, count its `tokens`, charge `units` nano-dollars to
+        each budget it holds (once: a second call does nothing). Returns the client's use after it.
 
         What must go to Redis runs to its end even if the request is cancelled meanwhile (the
         client left): a live replica's reservation would otherwise never be given back."""
@@ -331,9 +359,9 @@ class Limiter:
         ticket.settled = True
         self.tickets.pop(ticket.id, None)
         if not ticket.pending and not (self.up and self._remote_parts(ticket)) and not self.lock.locked():
-            self._settle_here(ticket, cost, tokens)  # nothing to wait for: no task is made
+            self._settle_here(ticket, units, tokens)  # nothing to wait for: no task is made
             return ticket.use
-        settling = asyncio.ensure_future(self._settle(ticket, cost, tokens))
+        settling = asyncio.ensure_future(self._settle(ticket, units, tokens))
         self._background.add(settling)
         settling.add_done_callback(self._background.discard)
         return await asyncio.shield(settling)
@@ -344,13 +372,13 @@ class Limiter:
             return True
         return any(not h.off and h.epoch == epoch for h in ticket.holds.values())
 
-    def _settle_here(self, ticket: Ticket, cost: Decimal, tokens: int) -> None:
+    def _settle_here(self, ticket: Ticket, actual: int, tokens: int) -> None:
         now = self.now_ms()
         self.counters.finish(ticket.client, now, tokens)
         if ticket.holds or ticket.counted:
-            self._settle_local(ticket, charge_units(cost), tokens, now, done=set(), slot_done=False)
+            self._settle_local(ticket, actual, tokens, now, done=set(), slot_done=False)
 
-    async def _settle(self, ticket: Ticket, cost: Decimal, tokens: int) -> Use | None:
+    async def _settle(self, ticket: Ticket, actual: int, tokens: int) -> Use | None:
         if ticket.pending:  # what a cancelled request still had on its way to Redis, first
             for outcome in await asyncio.gather(*ticket.pending, return_exceptions=True):
                 if isinstance(outcome, Unavailable):
@@ -360,7 +388,6 @@ class Limiter:
         remote = [h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch]
         slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
         if self.up and (remote or slot):
-            actual = charge_units(cost)
             self.counters.finish(ticket.client, now, tokens)
             try:
                 await self._settle_remote(ticket, remote, slot, actual, tokens, now)
@@ -373,7 +400,7 @@ class Limiter:
         if self.lock.locked():
             async with self.lock:
                 pass
-        self._settle_here(ticket, cost, tokens)
+        self._settle_here(ticket, actual, tokens)
         return ticket.use
 
     async def _settle_remote(
@@ -432,7 +459,7 @@ class Limiter:
         except (Refused, Unavailable):
             return  # nothing was taken (or it is Redis' to expire)
         self.tickets[ticket.id] = ticket
-        await self.settle(ticket, Decimal(0), 0)
+        await self.settle_units(ticket, 0, 0)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -470,7 +497,7 @@ class Limiter:
         answer to a request that was never admitted: no candidate could take it)."""
         hold = None
         if limits.budget is not None:
-            hold = self.hold("client", client, limits.budget, Decimal(0), self.now_ms())
+            hold = self.hold_units("client", client, limits.budget, 0, self.now_ms())
         return self.local_use(client, hold)
 
     def local_use(self, client: str, hold: Hold | None) -> Use:
