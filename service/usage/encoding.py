@@ -5,7 +5,9 @@ compact, and quick to write on the request path (orjson writes and reads it; jso
 only what orjson refuses, so that a line means what it meant). Encoding also bounds what a request could
 make absurd, so that no record can fail a batch and hold the spool back: text loses NUL
 characters and lone surrogates and is cut to 256 characters, counts are whole numbers within
-64 bits, times finite, and money a finite decimal between 0 and a million dollars.
+64 bits, times finite, and money a finite decimal between 0 and a million dollars, written
+once as plain digits (`"0.00000075"`; lines written before issue 22 may say `"7.5E-7"`, and
+are read all the same).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from service.usage.record import Record
+from service.usage.record import ATTO_PER_USD, Record, amount_text, money
 
 VERSION = 1
 FIELDS = (
@@ -53,6 +55,7 @@ TEXT_LIMIT = 256
 MAX_COUNT = 2**62
 MAX_COST = Decimal(1_000_000)
 """More than any one request costs: a larger cost is an upstream's absurd usage, held to this."""
+MAX_COST_ATTO = 1_000_000 * ATTO_PER_USD
 
 
 class BadLine(ValueError):
@@ -84,7 +87,7 @@ def values_of(record: Record) -> list[Any]:
         record.cache_write_tokens,
         record.completion_tokens,
         record.reasoning_tokens,
-        record.cost_usd,
+        _usd(record.cost_usd),
         record.priced,
         record.estimated,
         record.replica,
@@ -119,7 +122,8 @@ def fields(
     """A record's line as a list (`VERSION`, then `FIELDS`), each value bounded: what `dumps`
     writes, and what the ledger stores (`row`) without reading the line back. The gateway calls
     it with the fields of a request (no `Record` made on the request path); `encode` with a
-    record's. A value of the expected type within bounds is taken as it is (the common case)."""
+    record's. A value of the expected type within bounds is taken as it is (the common case).
+    `cost_usd` is an `Amount`: an `int` is atto-dollars (pricing's), a `Decimal` USD (a record's)."""
     status = status if type(status) is int and 0 <= status <= 999 else _int(status, 999)
     named = _names(client, purpose, model, provider, upstream_model, replica)
     return [
@@ -137,7 +141,7 @@ def fields(
         _count(cache_write_tokens),
         _count(completion_tokens),
         _count(reasoning_tokens),
-        str(cost(cost_usd)),
+        cost_text(cost_usd),
         bool(priced),
         bool(estimated),
         named[5],
@@ -189,7 +193,7 @@ def row(values: list[Any]) -> tuple[Any, ...]:
         *values[1:9],
         int(values[9]),
         *values[10:18],
-        pico(Decimal(values[18])),
+        pico_text(values[18]),
         int(values[19]),
         int(values[20]),
         values[21],
@@ -233,7 +237,25 @@ def pico(amount: Decimal) -> int:
     return int((amount * _PICO).to_integral_value(ROUND_HALF_EVEN))
 
 
+def pico_text(text: str) -> int:
+    """A line's cost text as `pico` makes it whole pico-dollars (half to even), in whole
+    numbers for the plain digits `fields` writes; any other form (an older line's `7.5E-7`)
+    through `Decimal`."""
+    whole, dot, fraction = text.partition(".")
+    if not (text.isascii() and whole.isdigit() and (fraction.isdigit() or not dot)):
+        return pico(Decimal(text))
+    value = int(whole) * _PICO_PER_USD + int(fraction[:12].ljust(12, "0"))
+    rest = fraction[12:]
+    if rest:
+        half = 5 * 10 ** (len(rest) - 1)
+        below = int(rest)
+        if below > half or (below == half and value % 2):
+            value += 1
+    return value
+
+
 _PICO = Decimal(10) ** 12
+_PICO_PER_USD = 10**12
 
 
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")
@@ -308,6 +330,19 @@ def text(value: object, limit: int = TEXT_LIMIT) -> str | None:
         return value  # the common case, as it is: every record has several
     cleaned = str(value)[:limit].replace("\x00", "")
     return cleaned.encode("utf-8", "replace").decode("utf-8")
+
+
+def cost_text(value: object) -> str:
+    """A cost within bounds (`cost`) as the line writes it: plain digits (`amount_text`); an
+    `int` is atto-dollars, held to `MAX_COST` in whole numbers."""
+    if type(value) is int:
+        return amount_text(max(0, min(value, MAX_COST_ATTO)))
+    return money(cost(value))
+
+
+def _usd(value: object) -> object:
+    """A record's `cost_usd` as `fields` takes it: an `int` there is USD, not atto-dollars."""
+    return Decimal(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def cost(value: object) -> Decimal:
