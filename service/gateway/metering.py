@@ -24,7 +24,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -37,10 +36,11 @@ from service.gateway.call import Call, model_label
 from service.gateway.health import Health
 from service.metrics import Metrics
 from service.usage.encoding import fields, from_micros, record_of
+from service.usage.limits.amounts import amount_units
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
 from service.usage.pricing import UNPRICED, Pricing, Rate
-from service.usage.record import Record, RecordSink, Tokens, money
+from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, Tokens, amount_text
 from service.usage.tokens import MAX_TOKENS, normalise
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ COST = "x-switchboard-cost-usd"
 CLIENT_LEFT = 499
 """A record's status when the client went away before any answer (nginx's code for it)."""
 MAX_CHOICES = 128
-_ZERO = Decimal(0)
 
 
 class RequestIds:
@@ -194,7 +193,7 @@ class Metered:
         self.headers: dict[str, str] = {REQUEST_ID: self.id}
         """What every answer to the call carries: its id, and the remaining-* of a limited client."""
         self.rates: dict[str, Rate] = {}
-        self.bounds: dict[str, Decimal] = {}
+        self.bounds: dict[str, Amount] = {}
         """Provider id -> an upper bound of the request's cost there (made when first needed)."""
         self.skipped: list[dict[str, str]] = []
         self.refused: set[str] = set()
@@ -242,16 +241,18 @@ class Metered:
         first = next(iter(self.candidates), None)
         provider = None
         if first is not None and first.budget is not None:
-            provider = (first.id, first.budget, self.bound(first))
-        client_cost = _ZERO
+            provider = (first.id, first.budget, amount_units(self.bound(first)))
+        client_units = 0
         if self.limits is not None and self.limits.budget is not None:
             candidates = self.candidates
-            client_cost = (
-                self.bound(candidates[0]) if len(candidates) == 1 else max(self.bound(p) for p in candidates)
+            client_units = (
+                amount_units(self.bound(candidates[0]))
+                if len(candidates) == 1
+                else max(amount_units(self.bound(p)) for p in candidates)
             )
         try:
-            self.ticket, taken = await meter.limiter.admit(
-                self.id, call.client, self.limits, client_cost, provider
+            self.ticket, taken = await meter.limiter.admit_units(
+                self.id, call.client, self.limits, client_units, provider
             )
         except Refused as refusal:
             raise self._refusal(refusal) from None
@@ -272,7 +273,8 @@ class Metered:
         if pid in self.refused:
             return False
         if provider.budget is not None and pid not in ticket.holds:
-            if not await self.meter.limiter.reserve(ticket, pid, provider.budget, self.bound(provider)):
+            units = amount_units(self.bound(provider))
+            if not await self.meter.limiter.reserve_units(ticket, pid, provider.budget, units):
                 self._out_of_budget(provider)
                 return False
             self.meter.health.release(pid)
@@ -313,10 +315,11 @@ class Metered:
         rate = self.rates.get(provider.id, UNPRICED)
         tokens = normalise(call.usage)
         estimated = False
+        cost: Amount
         if tokens is not None:
-            cost, priced = rate.cost(tokens, 1 if call.purpose == "reranking" else 0)
+            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
         elif response.status >= 400:
-            cost, priced = _ZERO, rate.any  # the upstream refused it: not billed
+            cost, priced = 0, rate.any  # the upstream refused it: not billed
         else:
             cost, priced, estimated = self.bound(provider), rate.any, True
         counted = tokens.total if tokens is not None else self._estimated_tokens(provider) if estimated else 0
@@ -329,13 +332,13 @@ class Metered:
             self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
             raise
         if not response.prepared:  # a whole answer: what it cost, and what remains once settled
-            response.headers[COST] = money(cost)
+            response.headers[COST] = amount_text(cost)
             if use is not None and self.limits is not None:
                 response.headers.update(use.remaining(self.limits))
         self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
         if cost:
             self.meter.count(
-                "cost", call.client, provider.id, self.meter.label(provider, call), amount=float(cost)
+                "cost", call.client, provider.id, self.meter.label(provider, call), amount=_float(cost)
             )
 
     async def failed(self, error: HTTPError, attempts: int) -> None:
@@ -347,15 +350,15 @@ class Metered:
         record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
         tried = self.provider
         try:
-            use = await self._settle(_ZERO, 0)
+            use = await self._settle(0, 0)
         except asyncio.CancelledError:
             if record:
-                self._record(self.id, error.status, tried, attempts, None, _ZERO, False, False, timed=False)
+                self._record(self.id, error.status, tried, attempts, None, 0, False, False, timed=False)
             raise
         self._headers_on(error, use)
         if not record:
             return  # no record (docs/reference.md §13)
-        self._record(self.id, error.status, tried, attempts, None, _ZERO, False, False, timed=False)
+        self._record(self.id, error.status, tried, attempts, None, 0, False, False, timed=False)
 
     def abandoned(self, attempts: int) -> None:
         """The request's task is cancelled (the client left): settle and record in a task of its own.
@@ -374,9 +377,7 @@ class Metered:
         charged = provider is not None and (
             call.prepared is not None or (call.delivered and (answered is None or answered < 300))
         )
-        cost = (
-            self.bound(provider) if charged and provider is not None and provider.id in self.rates else _ZERO
-        )
+        cost = self.bound(provider) if charged and provider is not None and provider.id in self.rates else 0
         counted = self._estimated_tokens(provider) if charged and provider is not None else 0
         if provider is not None:  # its count of requests in flight ends here too
             limiter = self.meter.limiter
@@ -405,28 +406,30 @@ class Metered:
 
         self.meter.later(settle())
 
-    def bound(self, provider: Provider) -> Decimal:
+    def bound(self, provider: Provider) -> Amount:
         """An upper bound of the request's cost at `provider`: every byte of the body an input
         token of its dearest class, and the completion bound an output token each."""
         found = self.bounds.get(provider.id)
         if found is None:
             rate = self.rates.get(provider.id)
             if rate is None:
-                return _ZERO
+                return 0
             queries = 1 if self.call.purpose == "reranking" else 0
-            found = self.bounds[provider.id] = rate.bound(self.prompt, self.completions[provider.id], queries)
+            found = self.bounds[provider.id] = rate.bound_amount(
+                self.prompt, self.completions[provider.id], queries
+            )
         return found
 
     def _estimated_tokens(self, provider: Provider) -> int:
         """The tokens a request without usage is counted for: its bounds."""
         return min(self.prompt + self.completions.get(provider.id, 0), MAX_TOKENS)
 
-    async def _settle(self, cost: Decimal, tokens: int) -> Use | None:
+    async def _settle(self, cost: Amount, tokens: int) -> Use | None:
         ticket = self.ticket
         if ticket is None:
             return None
         try:
-            return await self.meter.limiter.settle(ticket, cost, tokens)
+            return await self.meter.limiter.settle_units(ticket, amount_units(cost), tokens)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not fail the answer; the lease ends what it held
@@ -473,7 +476,7 @@ class Metered:
         if limits is not None:
             error.added.update(refusal.use.remaining(limits))
         self.meter.count("limited", call.client, refusal.limit)
-        self._record(self.id, error.status, None, 0, None, _ZERO, False, False, limited=True)
+        self._record(self.id, error.status, None, 0, None, 0, False, False, limited=True)
         return error
 
     def _record(
@@ -483,7 +486,7 @@ class Metered:
         provider: Provider | None,
         attempts: int,
         tokens: Tokens | None,
-        cost: Decimal,
+        cost: Amount,
         priced: bool,
         estimated: bool,
         *,
@@ -526,6 +529,11 @@ class Metered:
             )
         except Exception:  # the sink must not fail the request (it should never raise)
             log.exception("usage: the record of %s could not be handed over", record_id)
+
+
+def _float(amount: Amount) -> float:
+    """USD as the cost metric counts it (a float: a metric, never money that is summed back)."""
+    return amount / ATTO_PER_USD if type(amount) is int else float(amount)
 
 
 def _micros(seconds: float) -> int:
