@@ -238,24 +238,16 @@ def pico(amount: Decimal) -> int:
 
 
 def pico_text(text: str) -> int:
-    """A line's cost text as `pico` makes it whole pico-dollars (half to even), in whole
-    numbers for the plain digits `fields` writes; any other form (an older line's `7.5E-7`)
-    through `Decimal`."""
-    whole, dot, fraction = text.partition(".")
-    if not (text.isascii() and whole.isdigit() and (fraction.isdigit() or not dot)):
-        return pico(Decimal(text))
-    value = int(whole) * _PICO_PER_USD + int(fraction[:12].ljust(12, "0"))
-    rest = fraction[12:]
-    if rest:
-        half = 5 * 10 ** (len(rest) - 1)
-        below = int(rest)
-        if below > half or (below == half and value % 2):
-            value += 1
-    return value
+    """A line's cost text as `pico` makes it whole pico-dollars (half to even): plain digits of
+    12 decimals at most, as `fields` writes nearly every cost, in whole numbers; any other form
+    (finer than a pico-dollar, or an older line's `7.5E-7`) through `Decimal`."""
+    whole, _, fraction = text.partition(".")
+    if len(fraction) <= 12 and text.isascii() and whole.isdigit() and (fraction.isdigit() or not fraction):
+        return int(whole + fraction.ljust(12, "0"))
+    return pico(Decimal(text))
 
 
 _PICO = Decimal(10) ** 12
-_PICO_PER_USD = 10**12
 
 
 _DIGITS = bytes.maketrans(b"123456789", b"000000000")

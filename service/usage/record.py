@@ -85,14 +85,17 @@ class Record:
 
 def amount_text(amount: Amount) -> str:
     """`amount` as a decimal string of USD (`money`'s text): `"0.00000075"` for 750 giga-atto,
-    plain digits, no exponent, no trailing zero. An `int` (atto-dollars) is written with whole
-    numbers alone: no `Decimal` is made."""
+    plain digits, no exponent, no trailing zero. An `int` (atto-dollars) is written from its
+    digits alone: no `Decimal` is made."""
     if isinstance(amount, Decimal):
         return money(amount)
     if amount < 0:
         return "-" + amount_text(-amount)
-    whole, fraction = divmod(amount, ATTO_PER_USD)
-    return f"{whole}.{fraction:018d}".rstrip("0") if fraction else str(whole)
+    digits = str(amount)
+    if len(digits) <= 18:  # below a dollar
+        return "0." + digits.rjust(18, "0").rstrip("0") if amount else "0"
+    whole, fraction = digits[:-18], digits[-18:].rstrip("0")
+    return f"{whole}.{fraction}" if fraction else whole
 
 
 def to_usd(amount: Amount) -> Decimal:
