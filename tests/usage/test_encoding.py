@@ -7,6 +7,8 @@ import math
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.usage import encoding
 from service.usage.encoding import (
@@ -19,6 +21,7 @@ from service.usage.encoding import (
     loads,
     text,
 )
+from service.usage.record import amount_text, to_usd
 from tests.usage.conftest import record
 
 
@@ -220,3 +223,72 @@ def test_a_huge_name_is_cleaned_but_never_remembered() -> None:
     )  # fmt: skip
     assert values[5] == "m" * TEXT_LIMIT
     assert not any(huge in key for key in encoding._NAMES)
+
+
+# -- the cost as plain digits (issue 22) ------------------------------------------------------------
+
+
+def test_a_cost_in_atto_dollars_is_written_as_plain_digits_within_bounds() -> None:
+    """The gateway hands `fields` its cost as an `int` of atto-dollars: written once, as the
+    decimal amount of USD it is, held between 0 and `MAX_COST`; a `Decimal` is USD, written the
+    same way (no exponent: `1E-13` is `0.0000000000001`)."""
+    for amount, written in (
+        (750_000_000_000, "0.00000075"),
+        (0, "0"),
+        (-5, "0"),
+        (10**30, "1000000"),
+        (Decimal("7.5E-7"), "0.00000075"),
+        (Decimal("1E-13"), "0.0000000000001"),
+        (Decimal("-0"), "0"),
+        (Decimal("1E+40"), "1000000"),
+        (True, "0"),
+    ):
+        values = encoding.fields(
+            "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
+            1, 0, 0, 1, 0, amount, True, False, "r", False,
+        )  # fmt: skip
+        assert values[18] == written
+        assert b"E" not in encoding.dumps(values).split(b",")[18]
+        assert encoding.record_of(values).cost_usd == Decimal(written)
+
+
+def test_a_line_of_an_earlier_version_with_an_exponent_is_read_the_same() -> None:
+    """Lines written before issue 22 hold `str(Decimal)`: `"7.5E-7"`, `"1E-13"`. They are read
+    back as the same record, and stored as the same pico-dollars."""
+    for cost_text, pico in (
+        ("7.5E-7", 750_000),
+        ("1E-13", 0),
+        ("6E-13", 1),
+        ("0E-18", 0),
+        ("2.5E+1", 25 * 10**12),
+    ):
+        sent = record(cost_usd=Decimal(cost_text))
+        values = encoding.values_of(sent)
+        values[18] = cost_text  # as the earlier `fields` wrote it
+        line = json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        assert cost_text.encode() in line
+        back = decode(line)
+        assert back.cost_usd == Decimal(cost_text) and back == sent
+        assert encoding.row(encoding.decode_values(line))[17] == pico
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "0", "1", "0.5", "0.000000000001", "0.0000000000005", "0.0000000000015", "0.0000000000025",
+        "0.00000000000050000001", "0.000000000002500000000000001", "123456.123456789012345678",
+        "1000000", "7.5E-7", "1E-13", "5E-13", "1.5E-12", "0E-30", "12.", ".5", "0.000000000000499999",
+    ],
+)  # fmt: skip
+def test_a_cost_s_pico_dollars_are_those_of_its_decimal(written: str) -> None:
+    """`pico_text` reads plain digits in whole numbers, rounding half to even past 12 decimals
+    as `pico` does with the decimal; any other form through `Decimal`."""
+    assert encoding.pico_text(written) == encoding.pico(Decimal(written))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=10**24 + 10**6))
+def test_any_amount_s_text_gives_the_pico_dollars_of_its_decimal(atto: int) -> None:
+    written = amount_text(atto)
+    assert "E" not in written and Decimal(written) == to_usd(atto)
+    assert encoding.pico_text(written) == encoding.pico(to_usd(atto))

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.config.models import AiServer, ApiKey
 from service.usage.pricing import EXACT, PriceMap, Pricing, Rate, bundled, bundled_map
-from service.usage.record import Tokens
+from service.usage.record import Amount, Tokens, amount_text, money, to_usd
 
 SEALED = "ENC[AES256_GCM,data:AAAA,iv:AAAA,tag:AAAA,type:str]"
 
@@ -198,3 +200,84 @@ def test_a_broken_map_is_an_empty_one(tmp_path: Path) -> None:
 def test_a_request_without_a_model_takes_star(model: str | None) -> None:
     rate = Pricing().rate(api_key(pricing={"*": {"input": 1, "output": 1}}), model)
     assert rate.known("chat")
+
+
+# -- amounts in whole atto-dollars (issue 22) ------------------------------------------------------
+
+_PER_MILLION = st.decimals(min_value=0, max_value=10**6, places=12, allow_nan=False, allow_infinity=False)
+_PRICE = st.none() | _PER_MILLION.map(lambda p: EXACT.divide(p, Decimal(1_000_000)))
+_COUNT = st.integers(min_value=0, max_value=10**12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prices=st.tuples(_PRICE, _PRICE, _PRICE, _PRICE, _PRICE),
+    counts=st.tuples(_COUNT, _COUNT, _COUNT, _COUNT, _COUNT),
+    queries=st.integers(min_value=0, max_value=3),
+)
+def test_the_integer_path_prices_as_the_decimal_path(
+    prices: tuple[Decimal | None, ...], counts: tuple[int, ...], queries: int
+) -> None:
+    """Any price a file can write (USD per million tokens, 12 decimals at most) is whole
+    atto-dollars per token: `amount` and `bound_amount` are the exact `cost` and `bound`, and
+    write the same text."""
+    rate = Rate(*prices)
+    tokens = Tokens(*counts)
+    assert rate.atto is not None
+    amount, priced = rate.amount(tokens, queries)
+    cost, priced_as_decimal = rate.cost(tokens, queries)
+    assert type(amount) is int and priced == priced_as_decimal
+    assert to_usd(amount) == cost and amount_text(amount) == money(cost)
+    prompt, completion = counts[0], counts[3]
+    bound = rate.bound_amount(prompt, completion, queries)
+    assert type(bound) is int and to_usd(bound) == rate.bound(prompt, completion, queries)
+    assert amount_text(bound) == money(rate.bound(prompt, completion, queries))
+
+
+def test_a_price_finer_than_an_atto_dollar_keeps_its_rate_exact_in_decimals() -> None:
+    """litellm's map writes a few prices with 16 significant digits (`1.142857142857143E-7`):
+    not whole atto-dollars, so their rate is priced in `Decimal`s, never rounded."""
+    fine = Decimal("1.142857142857143E-7")
+    rate = Rate(fine, Decimal("3E-7"))
+    assert rate.atto is None
+    amount, priced = rate.amount(Tokens(input=7, output=3))
+    assert type(amount) is Decimal and priced
+    assert amount == fine * 7 + Decimal("9E-7")
+    assert amount_text(amount) == "0.0000017000000000000001"
+    bound = rate.bound_amount(10, 2)
+    assert type(bound) is Decimal and bound == rate.bound(10, 2)
+    assert Rate(Decimal("1E-18")).atto is not None and Rate(Decimal("1E-19")).atto is None
+
+
+def test_the_bundled_map_s_finer_prices_are_kept_exact() -> None:
+    """Every rate of the installed map prices as its decimals do, whole atto-dollars or not."""
+    entries = [e for e in bundled().entries.values() if e.input is not None and e.output is not None]
+    assert entries
+    tokens = Tokens(input=123, cached_input=7, output=45)
+    for entry in entries:
+        rate = Rate(entry.input, entry.output, entry.cached_input or entry.input, entry.cache_write)
+        amount, _ = rate.amount(tokens)
+        assert to_usd(amount) == rate.cost(tokens)[0]
+
+
+@pytest.mark.parametrize(
+    ("amount", "written"),
+    [
+        (0, "0"),
+        (1, "0.000000000000000001"),
+        (750_000_000_000, "0.00000075"),
+        (10**18, "1"),
+        (15 * 10**17, "1.5"),
+        (10**24 + 10**17, "1000000.1"),
+        (-750_000_000_000, "-0.00000075"),
+        (Decimal("7.5E-7"), "0.00000075"),
+        (Decimal("0E-30"), "0"),
+        (Decimal("1.500"), "1.5"),
+        (Decimal("1E+3"), "1000"),
+        (Decimal("-0"), "0"),
+    ],
+)
+def test_an_amount_is_written_as_plain_digits(amount: Amount, written: str) -> None:
+    """Never in exponent notation, no trailing zero, whether atto-dollars or a decimal of USD."""
+    assert amount_text(amount) == written
+    assert to_usd(amount) == Decimal(written)

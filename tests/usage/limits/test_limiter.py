@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from service.config.metering import Budget, Limits
-from service.usage.limits.amounts import charge_units, usd, usd_text
+from service.usage.limits.amounts import amount_units, charge_units, usd, usd_text
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
-from service.usage.record import money
+from service.usage.record import money, to_usd
 
 
 class Clock:
@@ -202,3 +202,68 @@ def test_a_budget_changed_in_its_period_holds_at_its_new_limit_at_once() -> None
     )
     assert first.key == raised.key == "client:c:month:2025-12" and other.key.startswith("provider:c:day:")
     assert first.amount == raised.amount == 5 * 10**8
+
+
+# -- nano-dollars from the gateway's atto-dollars (issue 22) ----------------------------------------
+
+
+def test_atto_dollars_are_charged_in_nano_dollars_rounded_up_as_decimals_are() -> None:
+    """`amount_units` rounds an `int` of atto-dollars up, in whole numbers, to what
+    `charge_units` makes of the same amount in USD: a budget never counts less than was spent."""
+    attos = [0, 1, 999_999_999, 10**9, 10**9 + 1, 750_000_000_000, 10**18, 10**18 + 1, -5, 2**100]
+    attos += [n * 10**exp + extra for n in range(1, 3000, 41) for exp in (0, 5, 9, 14) for extra in (0, 1)]
+    for atto in attos:
+        assert amount_units(atto) == charge_units(to_usd(atto))
+        assert amount_units(atto) * 10**9 >= min(atto, 2**62 * 10**9)
+    assert amount_units(Decimal("1E-10")) == 1 and amount_units(Decimal("0.5")) == 500_000_000
+
+
+async def test_the_units_forms_count_what_the_usd_forms_count() -> None:
+    """`admit_units`, `reserve_units`, `settle_units` and `hold_units` take nano-dollars; `admit`,
+    `reserve`, `settle` and `hold` (USD) are them, rounded up: the same counters either way."""
+    budget = Budget(usd=Decimal("1"), period="day")
+    lim = limits(budget={"usd": "1", "period": "day"})
+    by_usd, by_units = Limiter(clock=Clock()), Limiter(clock=Clock())
+    ticket_a, taken_a = await by_usd.admit(
+        "a", "c", lim, Decimal("0.3000000001"), ("p", budget, Decimal("0.2"))
+    )
+    ticket_b, taken_b = await by_units.admit_units("a", "c", lim, 300_000_001, ("p", budget, 200_000_000))
+    assert taken_a is taken_b is True
+    assert await by_usd.reserve(ticket_a, "q", budget, Decimal("0.7")) is True
+    assert await by_units.reserve_units(ticket_b, "q", budget, 700_000_000) is True
+    await by_usd.settle(ticket_a, Decimal("0.00000000011"), 3)
+    await by_units.settle_units(ticket_b, 1, 3)
+    for limiter in (by_usd, by_units):
+        now = limiter.now_ms()
+        keys = [
+            limiter.hold_units(kind, who, budget, 0, now).key
+            for kind, who in (("client", "c"), ("provider", "p"), ("provider", "q"))
+        ]
+        assert [limiter.spent_here(key) for key in keys] == [(1, 0), (1, 0), (1, 0)]
+    held = by_units.hold("client", "c", budget, Decimal("1E-12"), by_units.now_ms())
+    assert held.amount == 1 and held.limit == 10**9
+
+
+async def test_a_budget_is_exact_under_many_concurrent_requests_in_units() -> None:
+    """Two hundred requests at once, each holding 10,000,001 nano-dollars against one dollar: 99
+    fit; each settled to an odd cost in atto-dollars, the budget counts their nano-dollars
+    rounded up, exactly, and nothing stays reserved."""
+    limiter = Limiter(clock=Clock())
+    lim = limits(budget={"usd": "1", "period": "total"})
+    cost = 5 * 10**15 + 3  # atto-dollars: 5,000,001 nano-dollars once rounded up
+    admitted = []
+
+    async def one(n: int) -> None:
+        try:
+            ticket, _ = await limiter.admit_units(f"r{n}", "c", lim, amount_units(10**16 + 1))
+        except Refused:
+            return
+        admitted.append(ticket)
+        await asyncio.sleep(0)
+        await limiter.settle_units(ticket, amount_units(cost), 5)
+
+    await asyncio.gather(*(one(n) for n in range(200)))
+    key = next(iter(limiter.counters.spent))
+    assert len(admitted) == 99
+    assert limiter.spent_here(key) == (99 * 5_000_001, 0)
+    assert usd_text(limiter.spent_here(key)[0]) == "0.495000099"
