@@ -141,6 +141,27 @@ async def test_an_answer_carries_its_id_cost_and_what_remains_and_is_one_record(
     assert record.to_json()["cost_usd"] == "10" and record.ttfb_ms is not None
 
 
+async def test_a_cost_of_millionths_is_written_in_plain_digits_and_charged_rounded_up(
+    sops_project: SopsProject,
+) -> None:
+    """Priced in whole atto-dollars (issue 22): 2 tokens in at 0.15 USD per million and 4 out at
+    0.60 cost 0.0000027 USD, written so (never `2.7E-6`) in the header and the record, and the
+    budget is charged that in nano-dollars."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, pricing={"*": {"input": 0.15, "output": "0.60"}})
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1000", "period": "month"}})
+        async with metered(sops_project) as (board, records):
+            response = await chat(board, "hello there", max_tokens=5)
+            assert response.status == 200, await response.text()
+            metrics = await board.metrics()
+    assert response.headers[COST] == "0.0000027"
+    assert response.headers["x-switchboard-budget-remaining-usd"] == "999.9999973"
+    record = records.by_id("req-a-1")
+    assert record.cost_usd == Decimal("0.0000027") and record.to_json()["cost_usd"] == "0.0000027"
+    assert 'switchboard_cost_usd_total{client="client",model="fake-model",provider="a"} 2.7e-06' in metrics
+
+
 async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_even_without_rpm_or_tpm(
     sops_project: SopsProject,
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -94,6 +95,32 @@ async def test_spent_counts_stored_records_and_those_still_in_the_spool(ledger: 
     ledger.submit(record(cost_usd=Decimal(9), client="budgeted", ts=NOW - timedelta(days=40)))
     assert await ledger.spent("client", "budgeted", NOW - timedelta(days=30)) == Decimal("1.85")
     assert await ledger.spent("provider", "openai", NOW - timedelta(days=365)) == Decimal("17.85")
+
+
+async def test_a_spool_of_an_earlier_version_with_exponent_costs_is_stored_exactly(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Lines written before issue 22 say `"7.5E-7"` where lines now say `"0.00000075"`: a spool
+    left by the earlier version is stored all the same, at the same exact costs."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    old = [record(client="old", cost_usd=Decimal(text)) for text in ("7.5E-7", "1.25E-5", "2E+1")]
+    lines = []
+    for sent in old:
+        values = json.loads(encode(sent))
+        values[18] = str(sent.cost_usd)  # as the earlier `fields` wrote it: str(Decimal)
+        lines.append(json.dumps(values, separators=(",", ":")).encode() + b"\n")
+    assert b'"7.5E-7"' in lines[0]
+    new = record(client="old", cost_usd=Decimal("0.00000075"))
+    (spool / "000000000003.jsonl").write_bytes(b"".join(lines) + encode(new))
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert await ledger.spent("client", "old", NOW - timedelta(days=1)) == Decimal("20.0000140")
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in [*old, new])
+        assert not (spool / TORN).exists()
+    finally:
+        await ledger.stop()
 
 
 async def test_a_graceful_stop_stores_the_spool_first(store_url: str, tmp_path: Path) -> None:
