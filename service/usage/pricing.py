@@ -32,7 +32,7 @@ is always a whole number of atto-dollars per token; a price of litellm's map may
 are written with 16 significant digits, `1.142857142857143E-7`): a rate with one such price is
 kept exact instead, priced in `Decimal`s (an `Amount` that is a `Decimal` is USD), in a decimal
 context wide enough that no product is ever rounded. Money is never rounded either way;
-`amount_text` writes either as the same plain digits.
+`record.amount_text` writes either as the same plain digits.
 """
 
 from __future__ import annotations
