@@ -28,6 +28,10 @@ skipped. What it keeps of aiohttp's rules:
   `SSL_CERT_FILE`), the name is sent as SNI; a refused certificate is an `Unreachable`
   whose reason says so.
 - `User-Agent: switchboard/<version>` is sent (some vendors refuse a request without one).
+- **One deadline per exchange** (`post(deadline=)`, the loop's clock): it bounds the wait for a
+  free connection, connecting and the head, and `read` or `readany` take it for the body. A
+  wait arms one `loop.call_at` timer, cancelled when it wakes; nothing is armed when nothing
+  is waited for (a kept-alive connection free, a body that came with its head).
 """
 
 from __future__ import annotations
