@@ -213,7 +213,7 @@ class OpenAITransport(Transport):
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
-        deadline = started + target.timeout_s  # one for the whole exchange: no timer per wait
+        deadline = started + target.timeout_s  # the whole exchange's, each wait bounded by it
         response: Response | None = None
         try:
             response = await self.pool.post(
