@@ -213,22 +213,23 @@ class OpenAITransport(Transport):
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
+        deadline = started + target.timeout_s  # the whole exchange's, each wait bounded by it
         response: Response | None = None
         try:
-            async with asyncio.timeout(target.timeout_s):
-                response = await self.pool.post(
-                    target.url(path),
-                    self._headers(call, target),
-                    body,
-                    connect_s=target.connect_s,
-                    sent=call,
-                    limit=self.max_bytes,
-                )
-                status = call.upstream_status = response.status
-                if falls_back(status):
-                    raise Failure.of_status(status)
-                call.first_byte_s = loop.time() - started
-                answer = await response.read(self.max_bytes)
+            response = await self.pool.post(
+                target.url(path),
+                self._headers(call, target),
+                body,
+                connect_s=target.connect_s,
+                deadline=deadline,
+                sent=call,
+                limit=self.max_bytes,
+            )
+            status = call.upstream_status = response.status
+            if falls_back(status):
+                raise Failure.of_status(status)
+            call.first_byte_s = loop.time() - started
+            answer = await response.read(self.max_bytes, deadline)
         except TimeoutError as exc:
             _close(response)
             raise Failure(
@@ -258,26 +259,33 @@ class OpenAITransport(Transport):
         )
         response: Response | None = None
         sent = self._headers(call, target)
+        deadline = started + target.first_byte_s  # the first byte's, the second asking's too
         try:
-            async with asyncio.timeout(target.first_byte_s):
-                endpoint = target.url(call.path)  # an Unsendable URL is a failure like any other
-                body = call.body_asking_usage(provider) if asked else call.body_for(provider)
-                response = await self.pool.post(endpoint, sent, body, connect_s=target.connect_s, sent=call)
+            endpoint = target.url(call.path)  # an Unsendable URL is a failure like any other
+            body = call.body_asking_usage(provider) if asked else call.body_for(provider)
+            response = await self.pool.post(
+                endpoint, sent, body, connect_s=target.connect_s, deadline=deadline, sent=call
+            )
+            status = call.upstream_status = response.status
+            if status == 400 and asked:  # maybe `stream_options` itself: ask again without
+                response.close()
+                response = None
+                call.delivered, call.upstream_status = False, None
+                response = await self.pool.post(
+                    endpoint,
+                    sent,
+                    call.body_for(provider),
+                    connect_s=target.connect_s,
+                    deadline=deadline,
+                    sent=call,
+                )
                 status = call.upstream_status = response.status
-                if status == 400 and asked:  # maybe `stream_options` itself: ask again without
-                    response.close()
-                    response = None
-                    call.delivered, call.upstream_status = False, None
-                    response = await self.pool.post(
-                        endpoint, sent, call.body_for(provider), connect_s=target.connect_s, sent=call
-                    )
-                    status = call.upstream_status = response.status
-                    asked = False
-                    if status < 400:
-                        target.stream_options = False
-                if falls_back(status):
-                    raise Failure.of_status(status)
-                first = await response.readany()
+                asked = False
+                if status < 400:
+                    target.stream_options = False
+            if falls_back(status):
+                raise Failure.of_status(status)
+            first = await response.readany(deadline=deadline)
         except TimeoutError as exc:
             _close(response)
             raise Failure(
@@ -305,9 +313,8 @@ class OpenAITransport(Transport):
                 translator=call.translation.stream() if call.translation is not None else None,
             )
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
-        try:
-            async with asyncio.timeout(target.idle_s):  # the wire bounds the whole answer, `first` too
-                body = first + await response.read(self.max_bytes)
+        try:  # the wire bounds the whole answer, `first` too
+            body = first + await response.read(self.max_bytes, loop.time() + target.idle_s)
             if len(body) > self.max_bytes:  # inflated past the bound
                 raise TooLarge(self.max_bytes)
         except TooLarge as exc:

@@ -28,6 +28,10 @@ skipped. What it keeps of aiohttp's rules:
   `SSL_CERT_FILE`), the name is sent as SNI; a refused certificate is an `Unreachable`
   whose reason says so.
 - `User-Agent: switchboard/<version>` is sent (some vendors refuse a request without one).
+- **One deadline per exchange** (`post(deadline=)`, the loop's clock): it bounds the wait for a
+  free connection, connecting and the head, and `read` or `readany` take it for the body. A
+  wait arms one `loop.call_at` timer, cancelled when it wakes; nothing is armed when nothing
+  is waited for (a kept-alive connection free, a body that came with its head).
 """
 
 from __future__ import annotations
@@ -224,32 +228,43 @@ class Response:
 
     # -- read by the caller ----------------------------------------------------------------
 
-    async def _wait(self, within: float | None = None) -> None:
+    async def _until(self, deadline: float | None) -> None:
+        """Wait for the connection's next event; `TimeoutError` once the loop's clock passes
+        `deadline` (None: no limit).
+
+        One `call_at` timer fails the waiter, and is cancelled on waking: about half the cost of
+        `asyncio.timeout_at` or `wait_for`, on every wait of every exchange."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(within, _expire, waiter) if within is not None else None
+        if deadline is None:
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            return
+        timer = loop.call_at(deadline, _expire, waiter)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
-    async def _headed_in(self) -> None:
+    async def _headed_in(self, deadline: float | None) -> None:
         while not self._headed and self._error is None:
-            await self._wait()
+            await self._until(deadline)
         if not self._headed and self._error is not None:  # after the head, the error is read's
             raise self._error
 
-    async def read(self, limit: int) -> bytes:
-        """The whole body (inflated), or `TooLarge` as soon as it passes `limit` bytes."""
+    async def read(self, limit: int, deadline: float | None = None) -> bytes:
+        """The whole body (inflated), or `TooLarge` as soon as it passes `limit` bytes;
+        `TimeoutError` if it is not whole by `deadline` (the loop's clock)."""
         self._limit = limit
         if self._error is None and (self._size > limit or (self._length or 0) > limit):
             self._fail(TooLarge(limit))
             if self._error is None:  # it had come whole already: over the limit all the same
                 raise TooLarge(limit)
         while not self._complete and self._error is None:
-            await self._wait()
+            await self._until(deadline)
         if self._error is not None:
             raise self._error
         raw = b"".join(self._chunks)
@@ -263,9 +278,10 @@ class Response:
             raise BrokenOff("the upstream's answer does not inflate")
         return out
 
-    async def readany(self, within: float | None = None) -> bytes:
-        """What arrived since the last call (waiting for it, at most `within` s: `TimeoutError`);
-        b"" at the end of the answer."""
+    async def readany(self, within: float | None = None, *, deadline: float | None = None) -> bytes:
+        """What arrived since the last call, waiting for it at most `within` s from now or until
+        `deadline` (the loop's clock), whichever comes first: `TimeoutError`; b"" at the end of
+        the answer."""
         while True:
             if self._chunks or self._pending:
                 raw = b"".join(self._chunks)
@@ -283,9 +299,11 @@ class Response:
                 raise self._error
             if self._complete:
                 return b""
-            await self._wait(within)
-            if not self._chunks and self._error is None and not self._complete:
-                raise TimeoutError
+            if within is None:
+                await self._until(deadline)
+            else:  # a silence is timed from the last bytes that came
+                at = asyncio.get_running_loop().time() + within
+                await self._until(at if deadline is None else min(at, deadline))
 
     def _inflate(self, raw: bytes, most: int) -> bytes:
         inflater = self._inflater
@@ -311,8 +329,8 @@ class Response:
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    if not waiter.done():  # else woken already, in the same turn of the loop
+        waiter.set_exception(TimeoutError())
 
 
 class _Connection(asyncio.Protocol):
@@ -472,42 +490,80 @@ class Pool:
         body: bytes,
         *,
         connect_s: float | None,
+        deadline: float | None = None,
         sent: Sent | None = None,
         limit: int | None = None,
     ) -> Response:
         """POST `body` with `headers` to `endpoint`; the `Response` once its head is read.
 
-        `sent`, when given, has its `delivered` set once the request is written (`Call`);
-        `limit` bounds the body as it arrives (`TooLarge`)."""
+        `deadline` (the loop's clock, `loop.time()`) bounds the whole exchange up to the head:
+        the wait for a connection, connecting, the head (`TimeoutError`); connecting alone has
+        `connect_s` too (`ConnectTimeout`, when it ends first). `sent`, when given, has its
+        `delivered` set once the request is written (`Call`); `limit` bounds the body as it
+        arrives (`TooLarge`)."""
         data = endpoint.line + _encode(headers, len(body)) + body
-        connection = await self._acquire(endpoint.key, connect_s)
+        connection = await self._acquire(endpoint.key, connect_s, deadline)
         response = connection.send(data)
         response._limit = limit
         if sent is not None:
             sent.delivered = True
         try:
-            await response._headed_in()
+            await response._headed_in(deadline)
         except BaseException:
             response.close()
             raise
         return response
 
-    async def _acquire(self, key: tuple[str, str, int], connect_s: float | None) -> _Connection:
+    async def _acquire(
+        self, key: tuple[str, str, int], connect_s: float | None, deadline: float | None
+    ) -> _Connection:
+        loop = asyncio.get_running_loop()
+        connection = self._idle_connection(key, loop.time())
+        if connection is not None:
+            return connection
+        if self._open.get(key, 0) >= self.per_host:  # only a wait arms a timeout
+            async with asyncio.timeout_at(deadline):
+                connection = await self._free(key)
+            if connection is not None:
+                return connection
+        self._open[key] = self._open.get(key, 0) + 1
+        try:
+            if connect_s is None and deadline is None:
+                return await self._connect(key)
+            at = None if connect_s is None else loop.time() + connect_s
+            connecting = at is not None and (deadline is None or at < deadline)  # ends first
+            try:
+                async with asyncio.timeout_at(at if connecting else deadline):
+                    return await self._connect(key)
+            except TimeoutError:
+                if connecting:
+                    raise ConnectTimeout(f"no connection within {connect_s:g} s") from None
+                raise
+        except BaseException:
+            self._open[key] -= 1
+            self._wake(key)
+            raise
+
+    def _idle_connection(self, key: tuple[str, str, int], now: float) -> _Connection | None:
+        """A kept-alive connection to `key` to send on (the newest), or None; those idle past
+        the keepalive are closed on the way."""
+        if self.closed:  # also for a request woken by close() while it waited
+            raise Unreachable(OSError(0, "the gateway is shutting down"))
+        idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
+        while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
+            idle.popleft().abort()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+            connection.abort()
+        return None
+
+    async def _free(self, key: tuple[str, str, int]) -> _Connection | None:
+        """Wait until a connection to `key` is released (it, then) or closed (None: one may be
+        opened)."""
         loop = asyncio.get_running_loop()
         while True:
-            if self.closed:  # also for a request woken by close() while it waited
-                raise Unreachable(OSError(0, "the gateway is shutting down"))
-            idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
-            now = loop.time()
-            while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
-                idle.popleft().abort()
-            while idle:
-                connection = idle.pop()
-                if not connection.closed:
-                    return connection
-                connection.abort()
-            if self._open.get(key, 0) < self.per_host:
-                break
             waiter = loop.create_future()
             self._waiting.setdefault(key, deque()).append(waiter)
             try:
@@ -516,19 +572,11 @@ class Pool:
                 if waiter.done() and not waiter.cancelled():  # woken, then cancelled: wake the next
                     self._wake(key)
                 raise
-        self._open[key] = self._open.get(key, 0) + 1
-        try:
-            if connect_s is None:
-                return await self._connect(key)
-            try:
-                async with asyncio.timeout(connect_s):
-                    return await self._connect(key)
-            except TimeoutError:
-                raise ConnectTimeout(f"no connection within {connect_s:g} s") from None
-        except BaseException:
-            self._open[key] -= 1
-            self._wake(key)
-            raise
+            connection = self._idle_connection(key, loop.time())
+            if connection is not None:
+                return connection
+            if self._open.get(key, 0) < self.per_host:
+                return None
 
     async def _connect(self, key: tuple[str, str, int]) -> _Connection:
         scheme, host, port = key

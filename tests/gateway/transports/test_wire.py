@@ -30,7 +30,7 @@ from service.gateway.transports.wire import (
     Unreachable,
     Unsendable,
 )
-from tests.support.upstreams import closed_port_url, serving
+from tests.support.upstreams import closed_port_url, serving, unanswered_url
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -265,6 +265,74 @@ async def test_a_stream_is_read_as_it_comes_and_times_out_when_idle() -> None:
         with pytest.raises(TimeoutError):
             await response.readany(0.05)
         response.close()
+
+
+async def test_a_deadline_bounds_the_head_the_body_and_the_wait_for_a_connection() -> None:
+    """One deadline on the loop's clock per exchange: `post` is bounded by it while it waits for
+    a free connection, connects and waits for the head, `read` and `readany` while the body
+    comes; each stage stalled is a plain `TimeoutError` (a `ConnectTimeout` only when
+    connecting's own limit ends first), its connection closed, never pooled. A deadline that
+    passes after its answer came whole breaks nothing: the connection, reused, answers on."""
+    connections = 0
+    late = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await _head(reader)).split(b"\r\n\r\n", 1)[1]
+                if body == b"half":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+                elif body == b"stream":
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                elif body != b"no head":
+                    if body == b"late":
+                        await late.wait()
+                    writer.write(_answer(200, body))
+                    continue
+                await reader.read(1)  # stalled until the client gives up and closes
+
+    loop = asyncio.get_running_loop()
+
+    def soon() -> float:
+        return loop.time() + 0.05
+
+    async with raw(serve) as url, pool(per_host=1) as p:
+        endpoint = Endpoint.of(url)
+        assert await post(p, url, b"ok") == (200, b"ok")  # a kept-alive connection to stall
+        with pytest.raises(TimeoutError) as head:
+            await p.post(endpoint, {}, b"no head", connect_s=5, deadline=soon())
+        response = await p.post(endpoint, {}, b"half", connect_s=5, deadline=loop.time() + 5)
+        with pytest.raises(TimeoutError) as body:
+            await response.read(100, soon())
+        response.close()
+        response = await p.post(endpoint, {}, b"stream", connect_s=5, deadline=loop.time() + 5)
+        with pytest.raises(TimeoutError) as first:
+            await response.readany(deadline=soon())
+        with pytest.raises(TimeoutError) as waiting:  # the only connection is the stream's
+            await p.post(endpoint, {}, b"queued", connect_s=5, deadline=soon())
+        response.close()
+        assert [type(e.value) for e in (head, body, first, waiting)] == [TimeoutError] * 4
+
+        deadline = loop.time() + 0.5
+        response = await p.post(endpoint, {}, b"one", connect_s=5, deadline=deadline)
+        assert await response.read(100, deadline) == b"one"
+        answering = asyncio.ensure_future(p.post(endpoint, {}, b"late", connect_s=5))
+        await asyncio.sleep(deadline - loop.time() + 0.05)  # the first deadline passes meanwhile
+        late.set()
+        response = await asyncio.wait_for(answering, 5)
+        assert await response.read(100) == b"late"
+        assert connections == 4 and p._open[endpoint.key] == 1  # the stalled three closed
+
+        with unanswered_url() as stalled:
+            nowhere = Endpoint.of(stalled)
+            with pytest.raises(ConnectTimeout, match=r"^no connection within 0\.05 s$"):
+                await p.post(nowhere, {}, b"{}", connect_s=0.05, deadline=loop.time() + 5)
+            with pytest.raises(TimeoutError) as connecting:
+                await p.post(nowhere, {}, b"{}", connect_s=5, deadline=soon())
+            assert type(connecting.value) is TimeoutError
+            assert p._open[nowhere.key] == 0
 
 
 async def test_a_cancelled_answer_never_goes_back_to_the_pool() -> None:
