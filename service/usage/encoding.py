@@ -237,13 +237,20 @@ def pico(amount: Decimal) -> int:
     return int((amount * _PICO).to_integral_value(ROUND_HALF_EVEN))
 
 
-def pico_text(text: str) -> int:
+def pico_text(text: str | Decimal | float) -> int:
     """A line's cost text as `pico` makes it whole pico-dollars (half to even): plain digits of
     12 decimals at most, as `fields` writes nearly every cost, in whole numbers; any other form
-    (finer than a pico-dollar, or an older line's `7.5E-7`) through `Decimal`."""
-    whole, _, fraction = text.partition(".")
-    if len(fraction) <= 12 and text.isascii() and whole.isdigit() and (fraction.isdigit() or not fraction):
-        return int(whole + fraction.ljust(12, "0"))
+    (finer than a pico-dollar, an older line's `7.5E-7`, or a number where a line written by
+    hand has no text: `decode_values` takes it) through `Decimal`."""
+    if type(text) is str:
+        whole, _, fraction = text.partition(".")
+        if (
+            len(fraction) <= 12
+            and text.isascii()
+            and whole.isdigit()
+            and (fraction.isdigit() or not fraction)
+        ):
+            return int(whole + fraction.ljust(12, "0"))
     return pico(Decimal(text))
 
 

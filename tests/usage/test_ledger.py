@@ -195,6 +195,29 @@ async def test_a_record_the_database_refuses_is_set_aside_and_holds_nothing_back
         await ledger.stop()
 
 
+async def test_a_line_whose_cost_is_a_number_holds_nothing_back(store_url: str, tmp_path: Path) -> None:
+    """A line written by hand may give its cost as a JSON number (`0.000825`, not the text
+    `"0.000825"`): it is read as a decimal cost, and stored, as it was before costs were read
+    from their digits; the lines after it are stored too."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record() for _ in range(3)]
+    numeric = encode(record(id="numeric")).replace(b'"0.000825"', b"0.000825")
+    assert b",0.000825," in numeric
+    (spool / "000000000001.jsonl").write_bytes(encode(good[0]) + numeric + b"".join(map(encode, good[1:])))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(["numeric", *(r.id for r in good)])
+        assert not (spool / TORN).exists()
+        assert await ledger.spent("client", good[0].client, NOW - timedelta(days=1)) == 4 * Decimal(
+            "0.000825"
+        )
+    finally:
+        await ledger.stop()
+
+
 async def test_retention_deletes_old_records_at_start_and_keeps_the_rollups(
     store_url: str, tmp_path: Path
 ) -> None:
