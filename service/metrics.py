@@ -226,7 +226,8 @@ def _samples(metric: _Loop[Count] | _Loop[Timing], suffix: str) -> list[Sample]:
 
 # -- loop-local metrics ---------------------------------------------------------------------------
 
-C = TypeVar("C", "Count", "Timing")
+_S = TypeVar("_S", "Count", "Timing")
+"""A series of a loop-local metric."""
 
 
 class Count:
@@ -272,7 +273,7 @@ class Timing:
             self.buckets[bisect_left(self.bounds, value)] += 1
 
 
-class _Loop(Generic[C]):
+class _Loop(Generic[_S]):
     """A metric whose series live in loop-thread-only storage: a dict of label values to plain
     objects, which the event-loop thread alone creates and adds to.
 
@@ -289,13 +290,13 @@ class _Loop(Generic[C]):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], C] = {}
+        self._children: dict[tuple[str, ...], _S] = {}
         Metric(name, documentation, self.type)  # checks the name as prometheus_client does
         if not self.labelnames:  # the one series, shown from the start
             self._children[()] = self._child()
         registry.register(self)
 
-    def labels(self, *values: str) -> C:
+    def labels(self, *values: str) -> _S:
         """The series of these label values, made on first use and kept."""
         child = self._children.get(values)
         if child is None:
@@ -316,10 +317,10 @@ class _Loop(Generic[C]):
             self._samples(family, dict(zip(self.labelnames, values, strict=True)), child, created)
         return [family]
 
-    def _child(self) -> C:
+    def _child(self) -> _S:
         raise NotImplementedError
 
-    def _samples(self, family: Metric, labels: dict[str, str], child: C, created: bool) -> None:
+    def _samples(self, family: Metric, labels: dict[str, str], child: _S, created: bool) -> None:
         raise NotImplementedError
 
 
