@@ -274,12 +274,13 @@ class Timing:
 
 
 class _Loop(Generic[_S]):
-    """A metric whose series live in loop-thread-only storage: a dict of label values to plain
-    objects, which the event-loop thread alone creates and adds to.
+    """A metric whose series live in loop-thread-only storage: plain objects, found by their
+    label values in a dict, which the event-loop thread alone creates and adds to.
 
     It is a collector of its registry: `collect` (at a scrape, or `Metrics.traffic` in a worker
-    thread) reads a copy of the dict taken in one step, which no insertion can interleave with
-    (no Python code runs while a dict of tuples of strings is copied, so the GIL is held).
+    thread) reads the series from a list that only grows, which a thread can walk while the
+    loop appends to it (walking the dict, or copying its items, would raise or could be
+    interleaved with an insertion: a collection of garbage in between runs Python code).
     """
 
     type: ClassVar[str]
@@ -291,9 +292,11 @@ class _Loop(Generic[_S]):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], _S] = {}
+        self._series: list[tuple[tuple[str, ...], _S]] = []
+        """The same series, in the order they were made: what `collect` reads."""
         Metric(name, documentation, self.type)  # checks the name as prometheus_client does
         if not self.labelnames:  # the one series, shown from the start
-            self._children[()] = self._child()
+            self._add(())
         registry.register(self)
 
     def labels(self, *values: str) -> _S:
@@ -302,7 +305,7 @@ class _Loop(Generic[_S]):
         if child is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name}: {len(values)} label values for {self.labelnames}")
-            child = self._children[values] = self._child()
+            child = self._add(values)
         return child
 
     def describe(self) -> list[Metric]:
@@ -313,9 +316,14 @@ class _Loop(Generic[_S]):
         """The family and its samples, as prometheus_client's own metric would give them."""
         family = Metric(self.name, self.documentation, self.type)
         created = _client._use_created  # read now: `disable_created_metrics()` may have changed it
-        for values, child in list(self._children.items()):
+        for values, child in self._series:
             self._samples(family, dict(zip(self.labelnames, values, strict=True)), child, created)
         return [family]
+
+    def _add(self, values: tuple[str, ...]) -> _S:
+        child = self._children[values] = self._child()
+        self._series.append((values, child))
+        return child
 
     def _child(self) -> _S:
         raise NotImplementedError

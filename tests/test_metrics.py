@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import threading
@@ -226,9 +227,18 @@ def test_a_histogram_refuses_what_prometheus_client_refuses(
         LoopHistogram("sb_bad", "Bad.", labels, buckets=buckets, registry=CollectorRegistry())
 
 
+class _Finalized:
+    def __init__(self) -> None:
+        self.cycle = self  # freed by a collection of garbage alone
+
+    def __del__(self) -> None:
+        """Python code that a collection of garbage runs, in whichever thread it happens."""
+
+
 def test_collecting_in_another_thread_while_the_loop_thread_adds_series() -> None:
     """`Metrics.traffic` runs in a worker thread: the series the loop thread adds meanwhile
-    neither break it nor get lost."""
+    neither break it nor get lost (even when a collection of garbage runs Python code in the
+    middle of the reader's copy: copying the dict's items raised here, now and then)."""
     metrics = Metrics()
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -240,12 +250,14 @@ def test_collecting_in_another_thread_while_the_loop_thread_adds_series() -> Non
         except BaseException as error:  # reported by the test, below
             errors.append(error)
 
-    interval = sys.getswitchinterval()
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
     sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    gc.set_threshold(50)
     reader = threading.Thread(target=read)
     reader.start()
     try:
         for i in range(3000):
+            _Finalized()
             count, timing = metrics.answered_upstream(f"p{i}", "ok")
             count.inc()
             timing.observe(0.001)
@@ -254,6 +266,7 @@ def test_collecting_in_another_thread_while_the_loop_thread_adds_series() -> Non
         stop.set()
         reader.join()
         sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
     assert errors == []
     traffic = metrics.traffic()
     assert len(traffic) == 3000 and all(t.requests == 1 and t.prompt_tokens == 2 for t in traffic.values())
