@@ -32,6 +32,7 @@ from service.http.app import create_app
 from service.http.context import METRICS
 from service.http.openapi import document
 from service.journal.events import EVENT_TYPES, BaseEvent
+from service.metrics import LoopCounter, LoopHistogram
 from service.settings import Settings
 from service.vendors import VENDORS
 
@@ -373,20 +374,26 @@ def test_every_metric_is_in_the_metrics_table_with_its_labels(app: web.Applicati
     missing = []
     exported = set()
     # The app's metrics, as objects: their names, types and label names.
-    for metric in [m for m in vars(app[METRICS]).values() if isinstance(m, MetricWrapperBase)]:
-        # prometheus_client keeps the name, type and label names in these attributes.
-        name = metric._name + ("_total" if metric._type == "counter" else "")
+    for metric in vars(app[METRICS]).values():
+        if isinstance(metric, MetricWrapperBase):
+            # prometheus_client keeps the name, type and label names in these attributes.
+            family, kind, labelnames = metric._name, metric._type, metric._labelnames
+        elif isinstance(metric, LoopCounter | LoopHistogram):  # the loop-local ones, in public ones
+            family, kind, labelnames = metric.name, metric.type, metric.labelnames
+        else:
+            continue
+        name = family + ("_total" if kind == "counter" else "")
         exported.add(name)
         row = table.get(name)
         if row is None:
             missing.append(
                 f"metric `{name}` (service/metrics.py): add a row to the table of {WHERE} §6.5: "
-                f"| `{name}` | {', '.join(f'`{x}`' for x in metric._labelnames)} | what it counts |"
+                f"| `{name}` | {', '.join(f'`{x}`' for x in labelnames)} | what it counts |"
             )
             continue
         missing += [
             f"{WHERE} §6.5: the row of `{name}` must name its label `{label}`"
-            for label in metric._labelnames
+            for label in labelnames
             if not names(row[1], label)
         ]
     missing += [

@@ -110,7 +110,6 @@ class Meter:
         """The model label of a call's cost metric (the relay's bounded one)."""
         self.limits = PerSnapshot(_client_limits)
         self.ids = RequestIds()
-        self._children: dict[tuple[str, ...], Any] = {}
         self._settling: set[asyncio.Task[None]] = set()
 
     @property
@@ -132,16 +131,6 @@ class Meter:
         metered = Metered(self, call, self.limits.of(snapshot).get(call.client), candidates)
         await metered.admit()
         return metered
-
-    # -- metrics -------------------------------------------------------------------------------
-
-    def count(self, metric: str, *labels: str, amount: float = 1) -> None:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            counter = self.metrics.cost_usd if metric == "cost" else self.metrics.limited
-            child = self._children[key] = counter.labels(*labels)
-        child.inc(amount)
 
     def later(self, settle: Any) -> None:
         """Run `settle` in a task of its own (the request's task is being cancelled)."""
@@ -337,9 +326,8 @@ class Metered:
                 response.headers.update(use.remaining(self.limits))
         self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
         if cost:
-            self.meter.count(
-                "cost", call.client, provider.id, self.meter.label(provider, call), amount=_float(cost)
-            )
+            label = self.meter.label(provider, call)
+            self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_float(cost))
 
     async def failed(self, error: HTTPError, attempts: int) -> None:
         """No provider answered (502, 503) or the call failed on the way: nothing is charged.
@@ -475,7 +463,7 @@ class Metered:
         error.added[COST] = "0"
         if limits is not None:
             error.added.update(refusal.use.remaining(limits))
-        self.meter.count("limited", call.client, refusal.limit)
+        self.meter.metrics.limited.labels(call.client, refusal.limit).inc()
         self._record(self.id, error.status, None, 0, None, 0, False, False, limited=True)
         return error
 

@@ -92,7 +92,6 @@ class Relay:
         without an API key; a random one keeps their ids on this replica)."""
         self.meter: Meter | None = None
         """Limits, costs and records (docs/reference.md §13); None: requests are not metered."""
-        self._children: dict[tuple[str, ...], Any] = {}
         self._answer_models: dict[str, set[str]] = {}
         """Provider id -> the models its answers named, as labels (at most `MAX_ANSWER_MODELS`)."""
         self.tracing = tracing
@@ -164,7 +163,7 @@ class Relay:
                         health.failed(pid, failure.reason)
                     else:
                         health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
-                    self.count("attempt", pid, "failed")
+                    self.metrics.upstream_requests.labels(pid, "failed").inc()
                     attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                     if metered is not None:
                         await metered.give_back(provider)
@@ -247,37 +246,19 @@ class Relay:
         pid = provider.id
         if call.broken is not None:
             self.health.failed(pid, call.broken)
-            self.count("attempt", pid, "broken")
+            outcome = "broken"
         else:
             self.health.succeeded(pid, call.first_byte_s)
-            self.count("attempt", pid, "ok" if response.status < 400 else "client_error")
-        self.observe(pid, call.first_byte_s)
+            outcome = "ok" if response.status < 400 else "client_error"
+        count, timing = self.metrics.answered_upstream(pid, outcome)
+        count.inc()
+        timing.observe(call.first_byte_s)
         if attempts:
-            self.count("fallback", call.purpose)
+            self.metrics.fallbacks.labels(call.purpose).inc()
         if call.usage is not None:
             self.tokens(provider, self.model_label(provider, call), call.client, call.usage)
 
     # -- metrics -------------------------------------------------------------------------------
-
-    def count(self, *labels: str, amount: float = 1) -> None:
-        """Increase a cached counter child: ("attempt", provider, outcome), ("fallback", purpose)…"""
-        child = self._children.get(labels)
-        if child is None:
-            kind, *values = labels
-            metric = {"attempt": self.metrics.upstream_requests, "fallback": self.metrics.fallbacks}.get(
-                kind, self.metrics.tokens
-            )
-            child = self._children[labels] = metric.labels(*values)
-        child.inc(amount)
-
-    def observe(self, provider_id: str, seconds: float) -> None:
-        """Record an upstream's time to its first byte."""
-        child = self._children.get(("latency", provider_id))
-        if child is None:
-            child = self._children[("latency", provider_id)] = self.metrics.upstream_seconds.labels(
-                provider_id
-            )
-        child.observe(seconds)
 
     def model_label(self, provider: Provider, call: Call) -> str:
         """The model label of a call's tokens, bounded so that no client can grow the metrics.
@@ -309,7 +290,7 @@ class Relay:
             prompt = usage.get("total_tokens")
         for kind, value in (("prompt", prompt), ("completion", completion)):
             if type(value) is int and value > 0:
-                self.count("tokens", provider.id, label, client, kind, amount=min(value, MAX_TOKENS))
+                self.metrics.tokens.labels(provider.id, label, client, kind).inc(min(value, MAX_TOKENS))
 
 
 def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
