@@ -124,6 +124,7 @@ class Metrics:
             "switchboard_cost_usd",
             "USD spent through the gateway (what each request cost, or was charged when it said nothing).",
             ["client", "provider", "model"],
+            unit=10**18,  # whole atto-dollars added, exactly (the usage layer's unit); USD shown
             registry=r,
         )
         self.limited = LoopCounter(
@@ -333,13 +334,26 @@ class _Loop(Generic[_S]):
 
 
 class LoopCounter(_Loop[Count]):
-    """A counter of the event-loop thread: `labels(...)` gives a `Count` to keep and `inc`."""
+    """A counter of the event-loop thread: `labels(...)` gives a `Count` to keep and `inc`.
+
+    With a `unit`, its series add whole numbers of that fraction (`unit=10**18`: atto-dollars),
+    so that a sum of many small amounts stays exact; a scrape shows the sum divided by `unit`.
+    """
 
     type = "counter"
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str] = (), *, registry: CollectorRegistry
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        unit: int = 1,
+        registry: CollectorRegistry,
     ) -> None:
+        if unit < 1:
+            raise ValueError(f"{name}: unit must be a whole number of at least 1")
+        self.unit = unit
         # prometheus_client's name of a counter's family leaves `_total` to its sample.
         super().__init__(name.removesuffix("_total"), documentation, labelnames, registry=registry)
 
@@ -347,7 +361,8 @@ class LoopCounter(_Loop[Count]):
         return Count()
 
     def _samples(self, family: Metric, labels: dict[str, str], child: Count, created: bool) -> None:
-        family.add_sample(self.name + "_total", labels, child.value)
+        value = child.value if self.unit == 1 else child.value / self.unit  # int / int: rounded once
+        family.add_sample(self.name + "_total", labels, value)
         if created:
             family.add_sample(self.name + "_created", labels, child.created)
 

@@ -216,6 +216,22 @@ def test_the_registry_refuses_a_name_taken_twice() -> None:
         Histogram("sb_taken_seconds", "Taken.", registry=registry)
 
 
+def test_a_counter_with_a_unit_sums_whole_units_exactly_and_shows_the_sum_once_divided() -> None:
+    """The cost counter adds atto-dollars: a million requests of $0.0000001 sum to exactly $0.1,
+    where a float sum of 1e-7 a million times drifts (0.09999999999832...)."""
+    registry = CollectorRegistry()
+    cost = LoopCounter("sb_cost_usd", "Cost.", ["client"], unit=10**18, registry=registry)
+    series = cost.labels("c")
+    drifting = 0.0
+    for _ in range(1_000_000):
+        series.inc(100_000_000_000)  # $0.0000001 in atto-dollars
+        drifting += 1e-7
+    assert series.value == 10**17 and drifting != 0.1
+    assert 'sb_cost_usd_total{client="c"} 0.1\n' in generate_latest(registry).decode()
+    with pytest.raises(ValueError, match="unit"):
+        LoopCounter("sb_bad_unit", "Bad.", unit=0, registry=registry)
+
+
 @pytest.mark.parametrize(
     ("buckets", "labels", "error"),
     [((1, 0.5), (), "ascending"), ((), (), "at least one"), ((1,), ("le",), "`le`")],

@@ -327,7 +327,7 @@ class Metered:
         self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
         if cost:
             label = self.meter.label(provider, call)
-            self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_float(cost))
+            self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_atto(cost))
 
     async def failed(self, error: HTTPError, attempts: int) -> None:
         """No provider answered (502, 503) or the call failed on the way: nothing is charged.
@@ -519,9 +519,12 @@ class Metered:
             log.exception("usage: the record of %s could not be handed over", record_id)
 
 
-def _float(amount: Amount) -> float:
-    """USD as the cost metric counts it (a float: a metric, never money that is summed back)."""
-    return amount / ATTO_PER_USD if type(amount) is int else float(amount)
+def _atto(amount: Amount) -> int:
+    """Whole atto-dollars, as the cost metric adds them (exactly): an amount priced finer than an
+    atto-dollar (a Decimal) to the nearest."""
+    if isinstance(amount, int):
+        return amount
+    return int((amount * ATTO_PER_USD).to_integral_value())
 
 
 def _micros(seconds: float) -> int:
