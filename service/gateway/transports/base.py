@@ -25,6 +25,7 @@ from service.config.models import Provider
 from service.config.secret import Secret
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.gateway.call import Call
+from service.gateway.transports.exchange import TooLarge, WireError
 from service.gateway.transports.guard import (
     GuardedResolver,
     RedirectRefused,
@@ -32,7 +33,7 @@ from service.gateway.transports.guard import (
     check_literal,
     refuse_redirects,
 )
-from service.gateway.transports.wire import Pool, TooLarge, WireError
+from service.gateway.transports.wire import Pool
 
 __all__ = ["TooLarge"]  # the answer's bound is the same on both clients
 

@@ -55,10 +55,11 @@ from service.gateway.transports.base import (
     sendable_key,
     wire_pool,
 )
+from service.gateway.transports.exchange import Response, WireError
 from service.gateway.transports.guard import literal_refusal
 from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
-from service.gateway.transports.wire import ConnectTimeout, Endpoint, Response, WireError
+from service.gateway.transports.wire import ConnectTimeout, Endpoint
 
 _SSE = "text/event-stream"
 MAX_PATHS = 64

@@ -1,0 +1,395 @@
+"""One exchange on one kept-alive connection of the lean upstream client (`wire.Pool`): the
+request written, its answer parsed and read.
+
+A request goes out in one `transport.write` (head and body); the answer is parsed by
+`httptools` (llhttp, the parser uvicorn uses): Content-Length, chunked, or read to EOF, 1xx
+skipped. `Connection` is the asyncio protocol whose parser callbacks feed the `Response` being
+read; it tells its pool (a `Keeper`) when it is free again, and when it is gone.
+
+- **Bounded reads**: a head over `MAX_HEAD` bytes, and a body over the caller's limit
+  (`TooLarge`), fail at once. A gzip or deflate answer is inflated within the same limit (a
+  bomb stops at the limit).
+- A connection is pooled again only once its answer was read whole and nothing followed it
+  (bytes past the answer's end: the connection is closed); one left half-read (a timeout, a
+  client that left) is closed. An answer read to the end of the connection is whole only if
+  the connection ended cleanly (a reset breaks it off).
+- **Deadlines**: `read` and `readany` take one for the body (the loop's clock). A wait arms
+  one `loop.call_at` timer, cancelled when it wakes; nothing is armed when nothing is waited
+  for (a body that came with its head).
+
+What goes wrong, here and in `wire` (`str()` of each is a reason fit for an attempt list):
+
+    WireError
+    ├── BrokenOff         the answer broken off, or no HTTP/1.1 answer
+    ├── Disconnected      the connection closed before the answer's head was whole
+    ├── Unsendable        (wire) a request that cannot be written as it stands
+    ├── Unreachable       (wire) no connection
+    └── ConnectTimeout    (wire) no connection in time; a `TimeoutError` too
+    TooLarge              the answer is over the limit of what is read (no `WireError`)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import Protocol, cast
+
+import httptools
+from multidict import CIMultiDict
+
+MAX_HEAD = 64 << 10
+"""The most bytes an answer's status line and headers may take."""
+_HIGH_WATER = 256 << 10
+"""Bytes of a stream buffered unread before the connection stops reading."""
+_INFLATE_PIECE = 1 << 20
+
+
+class TooLarge(Exception):
+    """An upstream's answer is over the limit of what is read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer over {limit} bytes")
+        self.limit = limit
+
+
+class WireError(Exception):
+    """What went wrong on the way; `str()` is a reason fit for an attempt list."""
+
+
+class Disconnected(WireError):
+    """The upstream closed the connection before the answer's head was whole."""
+
+    def __init__(self) -> None:
+        super().__init__("the upstream closed the connection")
+
+
+class BrokenOff(WireError):
+    """The upstream broke off its answer, or sent what is no HTTP/1.1 answer."""
+
+
+class Keeper(Protocol):
+    """What a connection needs of its pool: to be told when it is free for the next request
+    (its answer read whole), and when it is gone."""
+
+    def _release(self, connection: Connection) -> None: ...
+
+    def _lost(self, connection: Connection) -> None: ...
+
+
+class Response:
+    """An answer whose head was read; its body comes with `read` or `readany`."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection: Connection | None = connection
+        self.status = 0
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self._fields: list[tuple[str, str]] = []
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._size = 0
+        self._limit: int | None = None
+        self._length: int | None = None
+        self._delimited = False
+        self._headed = False
+        self._complete = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._inflater: zlib._Decompress | None = None
+        self._pending = b""
+        self._inflated = False
+        self._deflate = False
+        self.received = 0
+        """Bytes of the answer received so far (0: the upstream sent nothing)."""
+
+    # -- fed by the connection -------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None and not self._complete:
+            self._error = error
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.abort()
+        self._wake()
+
+    def _on_head(self, status: int) -> None:
+        self.status = status
+        self.headers = headers = CIMultiDict(self._fields)
+        length = headers.get("Content-Length")
+        self._length = int(length) if length is not None and length.isdigit() else None
+        self._delimited = (
+            self._length is not None or "chunked" in headers.get("Transfer-Encoding", "").lower()
+        )
+        encoding = headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif encoding == "deflate":
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib's header; raw below
+            self._deflate = True
+        elif encoding not in ("identity", ""):
+            self._fail(BrokenOff(f"the upstream's answer is in an encoding not asked for ({encoding[:32]})"))
+            return
+        self._headed = True
+        self._wake()
+
+    def _on_body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._buffered += len(data)
+        if self._limit is not None and self._size > self._limit:
+            self._fail(TooLarge(self._limit))
+        elif self._buffered > _HIGH_WATER and self._connection is not None and self._limit is None:
+            self._connection.pause()
+        self._wake()
+
+    def _on_complete(self) -> None:
+        self._complete = True
+        self._connection = None
+        self._wake()
+
+    def _on_eof(self, clean: bool) -> None:
+        if self._complete or self._error is not None:
+            return
+        if self._headed and not self._delimited and clean:  # no length: the body ends with the connection
+            self._on_complete()
+        elif self._headed:
+            self._fail(BrokenOff("the upstream broke off its answer"))
+        else:
+            self._fail(Disconnected())
+
+    # -- read by the caller ----------------------------------------------------------------
+
+    async def _until(self, deadline: float | None) -> None:
+        """Wait for the connection's next event; `TimeoutError` once the loop's clock passes
+        `deadline` (None: no limit).
+
+        One `call_at` timer fails the waiter, and is cancelled on waking: about half the cost of
+        `asyncio.timeout_at` or `wait_for`, on every wait of every exchange."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if deadline is None:
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            return
+        timer = loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
+
+    async def _headed_in(self, deadline: float | None) -> None:
+        while not self._headed and self._error is None:
+            await self._until(deadline)
+        if not self._headed and self._error is not None:  # after the head, the error is read's
+            raise self._error
+
+    async def read(self, limit: int, deadline: float | None = None) -> bytes:
+        """The whole body (inflated), or `TooLarge` as soon as it passes `limit` bytes;
+        `TimeoutError` if it is not whole by `deadline` (the loop's clock)."""
+        self._limit = limit
+        if self._error is None and (self._size > limit or (self._length or 0) > limit):
+            self._fail(TooLarge(limit))
+            if self._error is None:  # it had come whole already: over the limit all the same
+                raise TooLarge(limit)
+        while not self._complete and self._error is None:
+            await self._until(deadline)
+        if self._error is not None:
+            raise self._error
+        raw = b"".join(self._chunks)
+        self._chunks.clear()
+        if self._inflater is None:
+            return raw
+        out = self._inflate(self._pending + raw, limit + 1)
+        if len(out) > limit or self._pending:
+            raise TooLarge(limit)
+        if self._size and not self._inflater.eof:  # cut short inside the compressed stream
+            raise BrokenOff("the upstream's answer does not inflate")
+        return out
+
+    async def readany(self, within: float | None = None, *, deadline: float | None = None) -> bytes:
+        """What arrived since the last call, waiting for it at most `within` s from now or until
+        `deadline` (the loop's clock), whichever comes first: `TimeoutError`; b"" at the end of
+        the answer."""
+        while True:
+            if self._chunks or self._pending:
+                raw = b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._connection is not None:
+                    self._connection.resume()
+                if self._inflater is None:
+                    return raw
+                out = self._inflate(self._pending + raw, _INFLATE_PIECE)
+                if out:
+                    return out
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            if within is None:
+                await self._until(deadline)
+            else:  # a silence is timed from the last bytes that came
+                at = asyncio.get_running_loop().time() + within
+                await self._until(at if deadline is None else min(at, deadline))
+
+    def _inflate(self, raw: bytes, most: int) -> bytes:
+        inflater = self._inflater
+        if inflater is None:
+            return raw
+        try:
+            out = inflater.decompress(raw, most)
+        except zlib.error:
+            if not self._inflated and self._deflate:  # deflate without zlib's header
+                self._inflater = inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self._inflate(raw, most)
+            self._fail(BrokenOff("the upstream's answer does not inflate"))
+            raise BrokenOff("the upstream's answer does not inflate") from None
+        self._pending = inflater.unconsumed_tail
+        self._inflated = True
+        return out
+
+    def close(self) -> None:
+        """Drop the connection unless the answer was read whole (then it is pooled already)."""
+        self._fail(BrokenOff("closed"))
+
+    release = close
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # else woken already, in the same turn of the loop
+        waiter.set_exception(TimeoutError())
+
+
+class Connection(asyncio.Protocol):
+    """One kept-alive connection; the parser's callbacks feed the `Response` being read."""
+
+    def __init__(self, pool: Keeper, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Response | None = None
+        self.closed = False
+        self.paused = False
+        self.idle_since = 0.0
+        self.head = 0
+        self.informational = False
+        self.done = False
+        """The answer ended in the bytes being parsed (the connection is pooled after them)."""
+        self.keep = False
+        self.stray = False
+        """An answer began after the answer: nobody asked for it, the connection is spoilt."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, data: bytes) -> Response:
+        self.response = response = Response(self)
+        self.head = 0
+        self.done = self.stray = False
+        if self.transport is not None:
+            self.transport.write(data)
+        return response
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # bytes nobody asked for: this connection cannot be trusted again
+            self.abort()
+            return
+        response.received += len(data)
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.response is not None:
+                self.response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(exc).__name__}"))
+            self.abort()  # garbage past a whole answer too: the connection is not pooled
+            return
+        if self.done:  # pooled only now: bytes after the answer, in the same read, spoil it
+            self.done = False
+            if self.keep and not self.stray and not self.closed:
+                self.resume()
+                self.pool._release(self)
+            else:
+                self.abort()
+        elif not response._headed and response._error is None:  # the head is still coming
+            self.head += len(data)
+            if self.head > MAX_HEAD:
+                response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
+
+    def on_message_begin(self) -> None:
+        if self.response is None:
+            self.stray = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self.response
+        if response is None:
+            return
+        if response._headed:  # a trailer: not kept, but counted, so that no flood of them is endless
+            self.head += len(name) + len(value)
+            if self.head > MAX_HEAD:
+                response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
+            return
+        response._fields.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is None:
+            return
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status < 100:  # llhttp takes "099": no status to relay to a client
+                response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: status {status}"))
+                return
+            self.informational = True  # an interim answer: the real one follows
+            response._fields.clear()
+            return
+        response._on_head(status)
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response._on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        response, self.response = self.response, None
+        if response is not None:
+            self.keep = self.parser.should_keep_alive()
+            self.done = True
+            response._on_complete()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response, self.response = self.response, None
+        self.pool._lost(self)
+        if response is not None:
+            response._on_eof(exc is None)
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()

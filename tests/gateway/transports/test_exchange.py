@@ -1,0 +1,257 @@
+"""One exchange on one connection against raw servers on port 0: answers parsed, bounded, broken
+off, and connections that must not be pooled again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import socket
+import struct
+import zlib
+
+import pytest
+
+from service.gateway.transports.exchange import BrokenOff, Disconnected, TooLarge
+from service.gateway.transports.wire import Endpoint
+from tests.support.wire import answer_of, pool, post, raw, read_request
+
+
+async def test_chunked_and_read_to_eof_and_interim_answers() -> None:
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+
+    async def to_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        writer.close()
+
+    async with raw(chunked) as one, raw(to_eof) as two, pool() as p:
+        assert await post(p, one) == (200, b"abcde")
+        assert await post(p, two) == (200, b"all of it")
+
+
+async def test_a_large_body_in_the_heads_packet_is_no_large_head() -> None:
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer_of(200, b"x" * (1 << 20)))
+
+    async with raw(large) as url, pool() as p:
+        assert await post(p, url) == (200, b"x" * (1 << 20))
+
+
+async def test_an_answer_over_the_limit_and_a_gzip_bomb_fail_within_it() -> None:
+    bomb = gzip.compress(b"0" * (64 << 20))
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer_of(200, b"x" * 5000))
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await read_request(reader)).split(b"\r\n\r\n", 1)[1]
+                writer.write(
+                    answer_of(
+                        200, bomb if body == b"bomb" else gzip.compress(b"fine"), b"Content-Encoding: gzip"
+                    )
+                )
+
+    async with raw(big) as large, raw(gzipped) as zipped, pool() as p:
+        response = await p.post(Endpoint.of(large), {}, b"{}", connect_s=5, limit=1000)
+        with pytest.raises(TooLarge):
+            await response.read(1000)
+        assert await post(p, zipped) == (200, b"fine")
+        response = await p.post(Endpoint.of(zipped), {}, b"bomb", connect_s=5)
+        with pytest.raises(TooLarge):
+            await response.read(1 << 20)
+
+
+async def test_a_huge_head_garbage_and_no_status_are_broken_answers() -> None:
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    async def no_status(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 099 Nothing\r\nContent-Length: 2\r\n\r\n{}")  # llhttp takes it
+
+    async with raw(huge) as one, raw(garbage) as two, raw(no_status) as three, pool() as p:
+        for url in (one, two, three):
+            with pytest.raises(BrokenOff):
+                await post(p, url)
+
+
+async def test_a_server_that_closes_without_answering_is_disconnected() -> None:
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.close()
+
+    async with raw(close) as url, pool() as p:
+        with pytest.raises(Disconnected, match="closed the connection"):
+            await post(p, url)
+
+
+async def test_a_stream_is_read_as_it_comes_and_times_out_when_idle() -> None:
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await asyncio.sleep(5)
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        assert await response.readany(1) == b"first"
+        with pytest.raises(TimeoutError):
+            await response.readany(0.05)
+        response.close()
+
+
+async def test_a_cancelled_answer_never_goes_back_to_the_pool() -> None:
+    connections = 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+                await writer.drain()
+
+    async with raw(slow) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        reading = asyncio.ensure_future(response.read(100))
+        await asyncio.sleep(0.01)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        response.close()
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        response.close()
+    assert connections == 2
+
+
+async def test_bytes_past_an_answer_spoil_its_connection() -> None:
+    """A body longer than its length, or a second answer nobody asked for: the connection is
+    closed, never pooled (twice, or with its parser broken), so answers cannot cross."""
+    first = True
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal first
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await read_request(reader)).split(b"\r\n\r\n", 1)[1]
+                if first:
+                    first = False
+                    writer.write(answer_of(200, b"one") + answer_of(200, b"nobody's"))
+                else:
+                    await asyncio.sleep(0.01)
+                    writer.write(answer_of(200, body))
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await read_request(reader)).split(b"\r\n\r\n", 1)[1]
+                writer.write(answer_of(200, body) + b"\x00garbage")
+                await writer.drain()
+
+    async with raw(serve) as url, raw(garbage) as spoilt, pool() as p:
+        assert await post(p, url) == (200, b"one")
+        answers = await asyncio.wait_for(asyncio.gather(post(p, url, b"a"), post(p, url, b"b")), 5)
+        assert answers == [(200, b"a"), (200, b"b")]
+        assert await post(p, spoilt, b"c") == (200, b"c")
+        assert await post(p, spoilt, b"d") == (200, b"d")
+
+
+async def test_an_upgrade_is_a_broken_answer_not_a_crash() -> None:
+    async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\nxx")
+        await asyncio.sleep(5)
+
+    loop = asyncio.get_running_loop()
+    crashes: list[str] = []
+    loop.set_exception_handler(lambda _, context: crashes.append(context["message"]))
+    try:
+        async with raw(upgrade) as url, pool() as p:
+            with pytest.raises(BrokenOff, match=r"not HTTP/1\.1"):
+                await post(p, url)
+    finally:
+        loop.set_exception_handler(None)
+    assert not [crash for crash in crashes if "data_received" in crash]
+
+
+async def test_a_reset_breaks_off_an_answer_read_to_the_end() -> None:
+    """Without a length, the body ends with the connection: a clean close, not a reset."""
+    resume = asyncio.Event()
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart")
+        await writer.drain()
+        await resume.wait()
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()
+
+    async with raw(reset) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        assert await response.readany(5) == b"part"
+        resume.set()
+        with pytest.raises(BrokenOff, match="broke off"):
+            await response.readany(5)
+
+
+async def test_a_flood_of_trailers_is_bounded() -> None:
+    async def trailers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        for _ in range(4096):
+            writer.write(b"X-T: " + b"t" * 1000 + b"\r\n")
+            await writer.drain()
+        writer.write(b"\r\n")
+
+    async with raw(trailers) as url, pool() as p:
+        with pytest.raises(BrokenOff, match="head is over"):
+            await post(p, url)
+
+
+async def test_an_answer_over_the_limit_is_too_large_even_once_whole() -> None:
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer_of(200, b"x" * 5000))
+
+    async with raw(big) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)  # a stream: no limit yet
+        for _ in range(1000):
+            if response.received >= len(answer_of(200, b"x" * 5000)):
+                break
+            await asyncio.sleep(0.001)
+        with pytest.raises(TooLarge):
+            await response.read(1000)
+
+
+async def test_a_compressed_answer_cut_short_is_broken() -> None:
+    cut = gzip.compress(b"a whole answer" * 100)[:-20]
+    deflated = zlib.compress(b"fine")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                body = (await read_request(reader)).split(b"\r\n\r\n", 1)[1]
+                if body == b"cut":
+                    writer.write(answer_of(200, cut, b"Content-Encoding: gzip"))
+                else:
+                    writer.write(answer_of(200, deflated, b"Content-Encoding: deflate"))
+
+    async with raw(serve) as url, pool() as p:
+        with pytest.raises(BrokenOff, match="does not inflate"):
+            await post(p, url, b"cut")
+        assert await post(p, url, b"whole") == (200, b"fine")
