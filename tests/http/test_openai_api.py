@@ -967,6 +967,23 @@ async def test_tokens_of_a_provider_without_models_are_labelled_by_the_answer(
     assert 'kind="prompt",model="other",provider="any"} 6.0' in metrics
 
 
+async def test_a_model_name_that_is_no_text_is_labelled_other_and_metrics_still_answer(
+    sops_project: SopsProject,
+) -> None:
+    # A lone surrogate (`"\\ud800"` in JSON) decodes to a str that UTF-8 cannot encode: kept as
+    # a label, it failed every later scrape with a 500. The fake upstream echoes the model asked.
+    async with FakeUpstream(name="any") as up:
+        write_provider(sops_project, "any", base_url=up.base_url)
+        write_routing(sops_project, chat="any")
+        async with running(sops_project) as board:
+            answered = await board.chat("one", model="\ud800 lone")
+            scrape = await board.get("/metrics")
+            metrics = await scrape.text()
+    assert answered.status == 200
+    assert scrape.status == 200
+    assert 'kind="prompt",model="other",provider="any"} 1.0' in metrics
+
+
 async def test_completions_need_the_scope_once_clients_exist(sops_project: SopsProject) -> None:
     async with FakeUpstream(name="a") as a:
         write_provider(sops_project, "a", base_url=a.base_url, models=["fake-model"])

@@ -91,8 +91,19 @@ def server(endpoint: str) -> tuple[str, int] | None:
 
 
 def cut(value: str, limit: int = MAX_VALUE) -> str:
-    """`value`, at most `limit` characters long."""
-    return value if len(value) <= limit else value[:limit]
+    """`value`, at most `limit` characters long, in characters UTF-8 can encode (a lone
+    surrogate, which no exporter can, is `?`: the SDK would drop the attribute and log it)."""
+    if len(value) > limit:
+        value = value[:limit]
+    return value if value.isascii() or _encodable(value) else value.encode(errors="replace").decode()
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Bounded:
@@ -111,7 +122,7 @@ class Bounded:
             return self.OTHER
         seen = self._seen
         if value not in seen:
-            if len(seen) >= self.limit:
-                return self.OTHER
+            if len(seen) >= self.limit or not (value.isascii() or _encodable(value)):
+                return self.OTHER  # a lone surrogate, kept, would fail every export of the metric
             seen.add(value)
         return value

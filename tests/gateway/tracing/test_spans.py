@@ -312,6 +312,37 @@ async def test_an_upstreams_hostile_answer_is_no_count_and_no_log_line(
         assert not [r for r in caplog.records if "Failed to encode" in r.getMessage()]
 
 
+async def test_a_model_name_that_is_no_text_is_exported_without_an_error(
+    sops_project: SopsProject, otlp: OTLPReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lone surrogate in the model an answer names (`"\\ud800"` in its JSON): no exporter can
+    encode it, and a metric attribute that held it logged a failure at every export, for ever."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": "\ud800 lone",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serving(app) as url:
+        write_provider(sops_project, "odd", base_url=url + "/v1")
+        write_routing(sops_project, chat="odd")
+        async with running(sops_project) as board:
+            assert (await board.chat("hi")).status == 200
+            request = await otlp.span(lambda s: s.kind == "SERVER")
+            point = await otlp.point(lambda p: p.metric == "gen_ai.client.token.usage")
+        assert request.attributes["gen_ai.response.model"] == "? lone"
+        assert point.attributes["gen_ai.response.model"] == "other"
+        assert not [r for r in caplog.records if "Failed to encode" in r.getMessage()]
+
+
 async def test_a_token_count_is_a_span_estimated_or_not(
     sops_project: SopsProject, otlp: OTLPReceiver
 ) -> None:
