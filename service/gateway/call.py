@@ -228,6 +228,19 @@ MAX_MODEL_LABEL = 200
 """A longer model name is labelled `other`."""
 
 
+def encodable(text: str) -> bool:
+    """Whether UTF-8 can encode `text`: a lone surrogate (`"\\ud800"` in an answer's JSON)
+    parses, but is no UTF-8; kept as a metric label it would fail every later scrape of
+    `/metrics`, as a span's attribute every export."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def model_label(provider: Provider, model: str | None) -> str:
     """The model as a metric label for a provider that declares its models: as named, when listed."""
     if model is not None and (model in provider.models or model in provider.model_map):

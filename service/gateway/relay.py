@@ -34,6 +34,7 @@ from service.gateway.call import (
     Call,
     Failure,
     NotSpoken,
+    encodable,
     model_label,
 )
 from service.gateway.forms import Forms
@@ -276,7 +277,7 @@ class Relay:
         if seen is None:
             seen = self._answer_models[provider.id] = set()
         if name not in seen:
-            if len(seen) >= MAX_ANSWER_MODELS or not _text(name):
+            if len(seen) >= MAX_ANSWER_MODELS or not encodable(name):
                 return "other"
             seen.add(name)
         return name
@@ -291,18 +292,6 @@ class Relay:
         for kind, value in (("prompt", prompt), ("completion", completion)):
             if type(value) is int and value > 0:
                 self.metrics.tokens.labels(provider.id, label, client, kind).inc(min(value, MAX_TOKENS))
-
-
-def _text(name: str) -> bool:
-    """Whether `name` is text that UTF-8 can encode: a lone surrogate (`"\\ud800"` in an
-    answer's JSON) is not, and as a label it would fail every later scrape of `/metrics`."""
-    if name.isascii():
-        return True
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from service.gateway.call import encodable
+
 OPERATION = "gen_ai.operation.name"
 PROVIDER = "gen_ai.provider.name"
 REQUEST_MODEL = "gen_ai.request.model"
@@ -95,15 +97,7 @@ def cut(value: str, limit: int = MAX_VALUE) -> str:
     surrogate, which no exporter can, is `?`: the SDK would drop the attribute and log it)."""
     if len(value) > limit:
         value = value[:limit]
-    return value if value.isascii() or _encodable(value) else value.encode(errors="replace").decode()
-
-
-def _encodable(value: str) -> bool:
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+    return value if encodable(value) else value.encode(errors="replace").decode()
 
 
 class Bounded:
@@ -122,7 +116,7 @@ class Bounded:
             return self.OTHER
         seen = self._seen
         if value not in seen:
-            if len(seen) >= self.limit or not (value.isascii() or _encodable(value)):
+            if len(seen) >= self.limit or not encodable(value):
                 return self.OTHER  # a lone surrogate, kept, would fail every export of the metric
             seen.add(value)
         return value
