@@ -62,7 +62,6 @@ decimals, divided by a million): money is never rounded."""
 MAP_FILE = "model_prices_and_context_window_backup.json"
 MAX_RATES = 4096
 """Resolved (provider, model) rates kept; a provider that takes any model cannot grow it past this."""
-_ZERO = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,15 +197,19 @@ class Rate:
     """The model's output limit, from litellm's map."""
     dearest_input: Decimal | None = field(init=False, repr=False, compare=False)
     """The dearest of the input classes' prices (what `bound` prices each prompt token at)."""
+    prices: tuple[Decimal | None, ...] = field(init=False, repr=False, compare=False)
+    """The prices in the order the sums take them: input, cached input, cache write, output,
+    per query, dearest input."""
     atto: tuple[int | None, ...] | None = field(init=False, repr=False, compare=False)
-    """The prices (input, cached input, cache write, output, per query, dearest input) in whole
-    atto-dollars; None when one of them is finer than that (the rate is priced in decimals)."""
+    """`prices` in whole atto-dollars; None when one of them is finer than that (the rate is
+    priced in decimals)."""
 
     def __post_init__(self) -> None:
         prices = [p for p in (self.input, self.cached_input, self.cache_write) if p is not None]
         dearest = max(prices) if prices else None
         object.__setattr__(self, "dearest_input", dearest)
         classes = (self.input, self.cached_input, self.cache_write, self.output, self.per_query, dearest)
+        object.__setattr__(self, "prices", classes)
         atto = tuple(_atto(price) for price in classes)
         exact = all(a is not None for a, price in zip(atto, classes, strict=True) if price is not None)
         object.__setattr__(self, "atto", atto if exact else None)
@@ -223,34 +226,7 @@ class Rate:
         atto = self.atto
         if atto is None:
             return self.cost(tokens, queries)
-        input_, cached_input, cache_write, output, per_query, _ = atto
-        priced = True
-        total = 0
-        # Each class in turn, unrolled (a request pays for this on every answer).
-        if tokens.input:
-            if input_ is None:
-                priced = False
-            else:
-                total += input_ * tokens.input
-        if tokens.cached_input:
-            if cached_input is None:
-                priced = False
-            else:
-                total += cached_input * tokens.cached_input
-        if tokens.cache_write:
-            if cache_write is None:
-                priced = False
-            else:
-                total += cache_write * tokens.cache_write
-        if tokens.output:
-            if output is None:
-                priced = False
-            else:
-                total += output * tokens.output
-        if queries and per_query is not None:
-            total += per_query * queries
-        elif queries and input_ is None:
-            priced = False
+        total, priced = _sum(atto, tokens, queries)
         return total, priced and self.any
 
     def bound_amount(self, prompt: int, completion: int, queries: int = 0) -> Amount:
@@ -258,59 +234,71 @@ class Rate:
         atto = self.atto
         if atto is None:
             return self.bound(prompt, completion, queries)
-        dearest, output, per_query = atto[5], atto[3], atto[4]
-        total = dearest * prompt if dearest is not None and prompt else 0
-        if completion and output is not None:
-            total += output * completion
-        if queries and per_query is not None:
-            total += per_query * queries
-        return total
+        return _bound(atto, prompt, completion, queries)
 
     def cost(self, tokens: Tokens, queries: int = 0) -> tuple[Decimal, bool]:
         """What `tokens` (and `queries` rerank queries) cost in USD, and whether every class was
-        priced (the decimal form of `amount`)."""
-        priced = True
-        total = _ZERO
-        if tokens.input:
-            if self.input is None:
-                priced = False
-            else:
-                total = EXACT.add(total, EXACT.multiply(self.input, tokens.input))
-        if tokens.cached_input:
-            if self.cached_input is None:
-                priced = False
-            else:
-                total = EXACT.add(total, EXACT.multiply(self.cached_input, tokens.cached_input))
-        if tokens.cache_write:
-            if self.cache_write is None:
-                priced = False
-            else:
-                total = EXACT.add(total, EXACT.multiply(self.cache_write, tokens.cache_write))
-        if tokens.output:
-            if self.output is None:
-                priced = False
-            else:
-                total = EXACT.add(total, EXACT.multiply(self.output, tokens.output))
-        if queries and self.per_query is not None:
-            total = EXACT.add(total, EXACT.multiply(self.per_query, queries))
-        elif queries and self.input is None:
-            priced = False
-        return total, priced and self.any
+        priced: `amount`'s sums, in decimals none of which is rounded."""
+        with decimal.localcontext(EXACT):
+            total, priced = _sum(self.prices, tokens, queries)
+        return Decimal(total), priced and self.any
 
     def bound(self, prompt: int, completion: int, queries: int = 0) -> Decimal:
-        """An upper bound of the cost of `prompt` input tokens of any class and `completion` ones."""
-        dearest = self.dearest_input
-        total = EXACT.multiply(dearest, prompt) if dearest is not None and prompt else _ZERO
-        if completion and self.output is not None:
-            total = EXACT.add(total, EXACT.multiply(self.output, completion))
-        if queries and self.per_query is not None:
-            total = EXACT.add(total, EXACT.multiply(self.per_query, queries))
-        return total
+        """An upper bound of the cost of `prompt` input tokens of any class and `completion`
+        ones, in USD."""
+        with decimal.localcontext(EXACT):
+            return Decimal(_bound(self.prices, prompt, completion, queries))
 
     @property
     def any(self) -> bool:
         """Whether any price at all is known."""
         return self.input is not None or self.output is not None or self.per_query is not None
+
+
+def _sum(prices: tuple[Amount | None, ...], tokens: Tokens, queries: int) -> tuple[Amount, bool]:
+    """The sums of `Rate.amount` and `Rate.cost`, with `prices` as `Rate.atto` or `Rate.prices`
+    hold them (decimals in an exact context)."""
+    input_, cached_input, cache_write, output, per_query, _ = prices
+    priced = True
+    total: Amount = 0
+    # Each class in turn, unrolled (a request pays for this on every answer).
+    if tokens.input:
+        if input_ is None:
+            priced = False
+        else:
+            total += input_ * tokens.input
+    if tokens.cached_input:
+        if cached_input is None:
+            priced = False
+        else:
+            total += cached_input * tokens.cached_input
+    if tokens.cache_write:
+        if cache_write is None:
+            priced = False
+        else:
+            total += cache_write * tokens.cache_write
+    if tokens.output:
+        if output is None:
+            priced = False
+        else:
+            total += output * tokens.output
+    if queries and per_query is not None:
+        total += per_query * queries
+    elif queries and input_ is None:
+        priced = False
+    return total, priced
+
+
+def _bound(prices: tuple[Amount | None, ...], prompt: int, completion: int, queries: int) -> Amount:
+    """The sums of `Rate.bound_amount` and `Rate.bound`, with `prices` as `_sum` takes them: each
+    prompt token at the dearest input price."""
+    _, _, _, output, per_query, dearest = prices
+    total: Amount = dearest * prompt if dearest is not None and prompt else 0
+    if completion and output is not None:
+        total += output * completion
+    if queries and per_query is not None:
+        total += per_query * queries
+    return total
 
 
 def _atto(price: Decimal | None) -> int | None:
