@@ -288,7 +288,7 @@ class Keeper:
         for name, limits in clients:
             hold = None
             if limits is not None and limits.budget is not None:
-                hold = limiter.hold("client", name, limits.budget, Decimal(0), now)
+                hold = limiter.hold_units("client", name, limits.budget, 0, now)
             client_uses[name] = limiter.local_use(name, hold)
         provider_uses = {}
         for pid, budget in providers:
