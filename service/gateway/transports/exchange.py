@@ -170,18 +170,13 @@ class Response:
         `asyncio.timeout_at` or `wait_for`, on every wait of every exchange."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        if deadline is None:
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-            return
-        timer = loop.call_at(deadline, _expire, waiter)
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
         try:
             await waiter
         finally:
             self._waiter = None
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def _headed_in(self, deadline: float | None) -> None:
         while not self._headed and self._error is None:
