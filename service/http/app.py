@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_urldispatcher import AbstractRoute, PlainResource, UrlMappingMatchInfo
+from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 
 from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
@@ -207,12 +207,21 @@ class _Gateway:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self.routes: dict[tuple[str, str], AbstractRoute] = {}
+        self.metrics = app[METRICS]
+        self.routes: dict[tuple[str, str], tuple[Handler, UrlMappingMatchInfo, str]] = {}
         for resource in app.router.resources():
             if isinstance(resource, PlainResource) and resource.canonical.startswith("/v1/"):
                 for route in resource:
-                    if route.method == hdrs.METH_POST:  # the first registered wins, as routing does
-                        self.routes.setdefault((route.method, resource.canonical), route)
+                    key = (route.method, resource.canonical)
+                    if (
+                        route.method == hdrs.METH_POST and key not in self.routes
+                    ):  # the first wins, as routing does
+                        # One frozen match a route, shared by its requests: nothing changes a
+                        # frozen match (its apps are fixed; sub-applications are not on this path).
+                        match = UrlMappingMatchInfo({}, route)
+                        match.add_app(app)
+                        match.freeze()
+                        self.routes[key] = (route.handler, match, resource.canonical)
         self.usual = app._handle
 
     def install(self) -> None:
@@ -220,20 +229,26 @@ class _Gateway:
         object.__setattr__(self.app, "_handle", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        route = self.routes.get((request.method, request.rel_url.path_safe))
-        if route is None or request.headers.get(hdrs.EXPECT):
+        found = self.routes.get((request.method, request.rel_url.path_safe))
+        if found is None or request.headers.get(hdrs.EXPECT):
             return await self.usual(request)
-        match = UrlMappingMatchInfo({}, route)
-        match.add_app(self.app)
-        match.freeze()
+        handler, match, name = found
         request._match_info = match
-        return await _errors(request, route.handler)
+        return await _answered(request, handler, name, self.metrics)
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[METRICS]
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    resource = request.match_info.route.resource
+    return await _answered(
+        request, handler, resource.canonical if resource else "unmatched", request.app[METRICS]
+    )
+
+
+async def _answered(
+    request: web.Request, handler: Handler, route: str, metrics: Metrics
+) -> web.StreamResponse:
+    """`handler`'s answer, or the JSON of the error it raised; counted in `metrics` under `route`."""
     started = time.perf_counter()
     try:
         response = await handler(request)
