@@ -197,14 +197,38 @@ class Call:
         self.path, self.body, self.data, self.upstream_protocol = path, body, data, upstream_protocol
 
     def body_asking_usage(self, provider: Provider) -> bytes:
-        """`body_for(provider)`, with `stream_options.include_usage` set so that a stream can be counted."""
+        """`body_for(provider)`, with `stream_options.include_usage` set so that a stream can be counted.
+
+        Without `stream_options` and a model to rename (a stream's usual case), the member is
+        put in front of the client's own bytes: the same object to the upstream, without
+        encoding the whole body again before the first byte (a long conversation is tens of
+        kilobytes, whose encoding takes longer than the gateway's own work on a request).
+        """
         data = dict(self.data)
         model = self.model
-        if model is not None and model in provider.model_map:
+        renamed = model is not None and model in provider.model_map
+        if not renamed and "stream_options" not in data and data:
+            spliced = _with_member(self.body, _ASKING_USAGE)
+            if spliced is not None:
+                return spliced
+        if renamed and model is not None:
             data["model"] = provider.model_map[model]
         options = data.get("stream_options")
         data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return _encode(data)
+
+
+_ASKING_USAGE = b'"stream_options":{"include_usage":true}'
+_SPACE = b" \t\n\r"  # JSON's whitespace
+
+
+def _with_member(body: bytes, member: bytes) -> bytes | None:
+    """`body`, a JSON object with at least one member, with `member` (`"key":value`) first;
+    None when `body` is not UTF-8 text that opens the object at once (UTF-16 or 32, a BOM)."""
+    text = body.lstrip(_SPACE)
+    if text[:1] != b"{" or json.detect_encoding(body[:4]) != "utf-8":
+        return None
+    return b"{" + member + b"," + text[1:]
 
 
 def encode(data: dict[str, Any]) -> bytes:

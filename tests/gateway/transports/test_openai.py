@@ -98,6 +98,27 @@ async def test_the_body_goes_out_as_the_same_bytes() -> None:
     assert up.requests[1].raw == streamed  # the client asked for usage itself: untouched too
 
 
+async def test_a_stream_asks_for_its_usage_in_front_of_the_clients_own_bytes() -> None:
+    # The member is put first, the client's bytes follow untouched: not re-encoded (a long
+    # conversation would be encoded again before the first byte). Where that cannot be done
+    # as text (UTF-16, a model to rename), the body is encoded as before: the same object.
+    raw = ' \n{ "messages":[{"role":"user","content":"h\\u00e9 \u2014 ok"}],  "stream":true, "model":"m" }'
+    utf16 = json.dumps({"model": "m", "messages": [], "stream": True}).encode("utf-16")
+    renamed = {"model": "alias", "messages": [], "stream": True}
+    async with FakeUpstream() as up:
+        async with relaying(server(up.base_url)) as harness:
+            assert (await harness.post("/chat/completions", raw.encode()))[0] == 200
+            assert (await harness.post("/chat/completions", utf16))[0] == 200
+        async with relaying(server(up.base_url, model_map={"alias": "real"})) as harness:
+            assert (await harness.post("/chat/completions", renamed))[0] == 200
+    asked = {"stream_options": {"include_usage": True}}
+    first, second, third = up.requests
+    assert first.raw == b'{"stream_options":{"include_usage":true},' + raw.lstrip().encode()[1:]
+    assert first.json == json.loads(raw) | asked
+    assert second.json == json.loads(utf16) | asked
+    assert third.json == renamed | {"model": "real"} | asked
+
+
 async def test_model_map_renames_the_model_and_nothing_else() -> None:
     body = {"model": "alias", "messages": [], "temperature": 0.5, "unknown": {"kept": True}}
     async with FakeUpstream() as up, relaying(server(up.base_url, model_map={"alias": "real"})) as harness:
