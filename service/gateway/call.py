@@ -200,9 +200,11 @@ class Call:
         """`body_for(provider)`, with `stream_options.include_usage` set so that a stream can be counted.
 
         Without `stream_options` and a model to rename (a stream's usual case), the member is
-        put in front of the client's own bytes: the same object to the upstream, without
-        encoding the whole body again before the first byte (a long conversation is tens of
-        kilobytes, whose encoding takes longer than the gateway's own work on a request).
+        put after the client's own bytes: the same object to the upstream, without encoding
+        the whole body again before the first byte (a long conversation is tens of kilobytes,
+        whose encoding takes longer than the gateway's own work on a request). Last, as the
+        encoding put it: a parser that reads several names as one field (Go's, without case)
+        keeps the last, so a client's `"STREAM_OPTIONS"` cannot override it.
         """
         data = dict(self.data)
         model = self.model
@@ -223,12 +225,12 @@ _SPACE = b" \t\n\r"  # JSON's whitespace
 
 
 def _with_member(body: bytes, member: bytes) -> bytes | None:
-    """`body`, a JSON object with at least one member, with `member` (`"key":value`) first;
-    None when `body` is not UTF-8 text that opens the object at once (UTF-16 or 32, a BOM)."""
-    text = body.lstrip(_SPACE)
-    if text[:1] != b"{" or json.detect_encoding(body[:4]) != "utf-8":
+    """`body`, a JSON object with at least one member, with `member` (`"key":value`) last;
+    None when `body` is not UTF-8 text that closes the object at its end (UTF-16 or 32, a BOM)."""
+    text = body.rstrip(_SPACE)
+    if text[-1:] != b"}" or json.detect_encoding(body[:4]) != "utf-8":
         return None
-    return b"{" + member + b"," + text[1:]
+    return b"".join((memoryview(text)[:-1], b",", member, b"}"))
 
 
 def encode(data: dict[str, Any]) -> bytes:
