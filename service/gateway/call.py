@@ -14,6 +14,7 @@ protocol, or translated to chat, with the `translation` that turns the answer ba
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -222,13 +223,18 @@ class Call:
 
 _ASKING_USAGE = b'"stream_options":{"include_usage":true}'
 _SPACE = b" \t\n\r"  # JSON's whitespace
+_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+"""A lone surrogate's bytes, which json reads (`surrogatepass`) but which are no UTF-8."""
 
 
 def _with_member(body: bytes, member: bytes) -> bytes | None:
     """`body`, a JSON object with at least one member, with `member` (`"key":value`) last;
-    None when `body` is not UTF-8 text that closes the object at its end (UTF-16 or 32, a BOM)."""
+    None when `body` is not UTF-8 text that closes the object at its end (UTF-16 or 32, a
+    BOM, a lone surrogate's bytes: encoded again, those go out as UTF-8)."""
     text = body.rstrip(_SPACE)
     if text[-1:] != b"}" or json.detect_encoding(body[:4]) != "utf-8":
+        return None
+    if b"\xed" in text and _SURROGATE.search(text) is not None:  # \xed also leads Hangul syllables
         return None
     return b"".join((memoryview(text)[:-1], b",", member, b"}"))
 

@@ -139,6 +139,16 @@ async def test_the_gateways_stream_options_come_after_the_clients_members() -> N
         assert json.loads(request.raw, object_pairs_hook=folded)["stream_options"] == {"include_usage": True}
 
 
+async def test_a_lone_surrogates_bytes_are_not_sent_as_they_are_to_ask_for_usage() -> None:
+    # json reads a lone surrogate's bytes (`\xed\xa0\x80`), which are no UTF-8: encoded again,
+    # as before, it goes out escaped (`\ud800`), so the upstream gets UTF-8 JSON.
+    raw = b'{"model":"m","messages":[{"role":"user","content":"a\xed\xa0\x80b"}],"stream":true}'
+    async with FakeUpstream() as up, relaying(server(up.base_url)) as harness:
+        assert (await harness.post("/chat/completions", raw))[0] == 200
+    sent = up.requests[0].raw
+    assert json.loads(sent.decode("utf-8")) == json.loads(raw) | {"stream_options": {"include_usage": True}}
+
+
 async def test_model_map_renames_the_model_and_nothing_else() -> None:
     body = {"model": "alias", "messages": [], "temperature": 0.5, "unknown": {"kept": True}}
     async with FakeUpstream() as up, relaying(server(up.base_url, model_map={"alias": "real"})) as harness:
