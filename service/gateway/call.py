@@ -14,6 +14,7 @@ protocol, or translated to chat, with the `translation` that turns the answer ba
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -200,9 +201,11 @@ class Call:
         """`body_for(provider)`, with `stream_options.include_usage` set so that a stream can be counted.
 
         Without `stream_options` and a model to rename (a stream's usual case), the member is
-        put in front of the client's own bytes: the same object to the upstream, without
-        encoding the whole body again before the first byte (a long conversation is tens of
-        kilobytes, whose encoding takes longer than the gateway's own work on a request).
+        put after the client's own bytes: the same object to the upstream, without encoding
+        the whole body again before the first byte (a long conversation is tens of kilobytes,
+        whose encoding takes longer than the gateway's own work on a request). Last, as the
+        encoding put it: a parser that reads several names as one field (Go's, without case)
+        keeps the last, so a client's `"STREAM_OPTIONS"` cannot override it.
         """
         data = dict(self.data)
         model = self.model
@@ -220,15 +223,20 @@ class Call:
 
 _ASKING_USAGE = b'"stream_options":{"include_usage":true}'
 _SPACE = b" \t\n\r"  # JSON's whitespace
+_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+"""A lone surrogate's bytes, which json reads (`surrogatepass`) but which are no UTF-8."""
 
 
 def _with_member(body: bytes, member: bytes) -> bytes | None:
-    """`body`, a JSON object with at least one member, with `member` (`"key":value`) first;
-    None when `body` is not UTF-8 text that opens the object at once (UTF-16 or 32, a BOM)."""
-    text = body.lstrip(_SPACE)
-    if text[:1] != b"{" or json.detect_encoding(body[:4]) != "utf-8":
+    """`body`, a JSON object with at least one member, with `member` (`"key":value`) last;
+    None when `body` is not UTF-8 text that closes the object at its end (UTF-16 or 32, a
+    BOM, a lone surrogate's bytes: encoded again, those go out as UTF-8)."""
+    text = body.rstrip(_SPACE)
+    if text[-1:] != b"}" or json.detect_encoding(body[:4]) != "utf-8":
         return None
-    return b"{" + member + b"," + text[1:]
+    if b"\xed" in text and _SURROGATE.search(text) is not None:  # \xed also leads Hangul syllables
+        return None
+    return b"".join((memoryview(text)[:-1], b",", member, b"}"))
 
 
 def encode(data: dict[str, Any]) -> bytes:

@@ -98,11 +98,13 @@ async def test_the_body_goes_out_as_the_same_bytes() -> None:
     assert up.requests[1].raw == streamed  # the client asked for usage itself: untouched too
 
 
-async def test_a_stream_asks_for_its_usage_in_front_of_the_clients_own_bytes() -> None:
-    # The member is put first, the client's bytes follow untouched: not re-encoded (a long
+async def test_a_stream_asks_for_its_usage_after_the_clients_own_bytes() -> None:
+    # The client's bytes go untouched, the member is put last: not re-encoded (a long
     # conversation would be encoded again before the first byte). Where that cannot be done
     # as text (UTF-16, a model to rename), the body is encoded as before: the same object.
-    raw = ' \n{ "messages":[{"role":"user","content":"h\\u00e9 \u2014 ok"}],  "stream":true, "model":"m" }'
+    raw = (
+        ' \n{ "messages":[{"role":"user","content":"h\\u00e9 \u2014 ok"}],  "stream":true, "model":"m" }\r\n '
+    )
     utf16 = json.dumps({"model": "m", "messages": [], "stream": True}).encode("utf-16")
     renamed = {"model": "alias", "messages": [], "stream": True}
     async with FakeUpstream() as up:
@@ -113,10 +115,38 @@ async def test_a_stream_asks_for_its_usage_in_front_of_the_clients_own_bytes() -
             assert (await harness.post("/chat/completions", renamed))[0] == 200
     asked = {"stream_options": {"include_usage": True}}
     first, second, third = up.requests
-    assert first.raw == b'{"stream_options":{"include_usage":true},' + raw.lstrip().encode()[1:]
+    assert first.raw == raw.rstrip().encode()[:-1] + b',"stream_options":{"include_usage":true}}'
     assert first.json == json.loads(raw) | asked
     assert second.json == json.loads(utf16) | asked
     assert third.json == renamed | {"model": "real"} | asked
+
+
+async def test_the_gateways_stream_options_come_after_the_clients_members() -> None:
+    # Parsers that take several spellings for one field keep the last: Go's encoding/json
+    # (Ollama, Go gateways) matches names without case, and U+017F (long s) as `s`. The
+    # gateway's member goes last, as when the body was encoded again, or `"STREAM_OPTIONS"`
+    # would hide the usage.
+    spellings = ("STREAM_OPTIONS", "Stream_Options", "\u017ftream_options")
+    async with FakeUpstream() as up, relaying(server(up.base_url)) as harness:
+        for key in spellings:
+            hidden = {"model": "m", "messages": [], "stream": True, key: {"include_usage": False}}
+            assert (await harness.post("/chat/completions", hidden))[0] == 200
+
+    def folded(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        return {key.casefold(): value for key, value in pairs}
+
+    for request in up.requests:
+        assert json.loads(request.raw, object_pairs_hook=folded)["stream_options"] == {"include_usage": True}
+
+
+async def test_a_lone_surrogates_bytes_are_not_sent_as_they_are_to_ask_for_usage() -> None:
+    # json reads a lone surrogate's bytes (`\xed\xa0\x80`), which are no UTF-8: encoded again,
+    # as before, it goes out escaped (`\ud800`), so the upstream gets UTF-8 JSON.
+    raw = b'{"model":"m","messages":[{"role":"user","content":"a\xed\xa0\x80b"}],"stream":true}'
+    async with FakeUpstream() as up, relaying(server(up.base_url)) as harness:
+        assert (await harness.post("/chat/completions", raw))[0] == 200
+    sent = up.requests[0].raw
+    assert json.loads(sent.decode("utf-8")) == json.loads(raw) | {"stream_options": {"include_usage": True}}
 
 
 async def test_model_map_renames_the_model_and_nothing_else() -> None:
