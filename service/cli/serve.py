@@ -17,7 +17,7 @@ from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
 from service.gateway.tracing import missing_packages
-from service.http.app import create_app
+from service.http.app import create_app, settled_collector
 from service.http.auth import is_loopback
 from service.runtime.sync import parse_pull
 from service.settings import Settings
@@ -77,6 +77,14 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def serving_app(settings: Settings) -> web.Application:
+    """The application as `serve` runs it: the service, the web console, and the collector
+    settled once the first configuration is loaded (`settled_collector`)."""
+    app = create_app(settings, pages=(console,))
+    app.cleanup_ctx.append(settled_collector)
+    return app
+
+
 def run(ns: argparse.Namespace, settings: Settings) -> int:
     """Serve until SIGINT or SIGTERM; refuses a non-loopback address without a clients file."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -118,9 +126,8 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     raise_open_files_limit()
-    app = create_app(settings, pages=(console,))
     web.run_app(
-        app,
+        serving_app(settings),
         loop=event_loop(),
         host=settings.host,
         port=settings.port,

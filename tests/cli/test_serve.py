@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import resource
 import subprocess
 import sys
 
+import pytest
 import uvloop
+from aiohttp import web
 
-from service.cli.serve import OPEN_FILES, event_loop
+from service.cli.serve import OPEN_FILES, event_loop, serving_app
+from service.http.app import settled_collector
+from service.http.context import REGISTRY
+from service.settings import Settings
+from tests.conftest import SopsProject, eventually, write_routing, write_server
 
 
 def test_serve_raises_a_low_open_file_limit_towards_the_hard_one() -> None:
@@ -40,3 +48,37 @@ def test_serve_runs_on_uvloop() -> None:
         assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
     finally:
         loop.close()
+
+
+async def test_serve_freezes_what_the_start_left_once_the_first_configuration_is_loaded(
+    sops_project: SopsProject, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full collection walks every object the collector tracks: ~90k after a start, which
+    stopped the service for 50-160 ms on the benchmark machine (BENCHMARKS.md, issue 22).
+    `serve` freezes them once the first configuration is loaded, and says so in its log."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    settings = Settings(
+        root=sops_project.root,
+        providers=sops_project.providers,
+        events=sops_project.root / "var" / "events.jsonl",
+        port=0,
+        age_key_file=sops_project.identity.key_file,
+        health_interval_s=0,
+    )
+    caplog.set_level(logging.INFO, logger="service.http.app")
+    app = serving_app(settings)
+    assert settled_collector in app.cleanup_ctx
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    try:
+        await runner.setup()
+
+        def frozen() -> None:
+            assert app[REGISTRY].state.ready
+            assert gc.get_freeze_count() > 10_000
+
+        await eventually(frozen, timeout=20)
+        assert any(r.getMessage().startswith("collector settled: ") for r in caplog.records)
+    finally:
+        await runner.cleanup()
+        gc.unfreeze()  # this process starts many services: give them back to the collector
