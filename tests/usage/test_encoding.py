@@ -247,9 +247,14 @@ def test_a_cost_in_atto_dollars_is_written_as_plain_digits_within_bounds() -> No
             "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
             1, 0, 0, 1, 0, amount, True, False, "r", False,
         )  # fmt: skip
-        assert values[18] == written
+        assert values[18] == written == encoding.cost_text(amount)
         assert b"E" not in encoding.dumps(values).split(b",")[18]
         assert encoding.record_of(values).cost_usd == Decimal(written)
+        made = encoding.fields(
+            "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
+            1, 0, 0, 1, 0, amount, True, False, "r", False, encoding.cost_text(amount),
+        )  # fmt: skip
+        assert made == values  # the text the gateway made already (its header's) is the same
 
 
 def test_a_line_of_an_earlier_version_with_an_exponent_is_read_the_same() -> None:
