@@ -130,12 +130,15 @@ class Counters:
 
     # -- budgets -------------------------------------------------------------------------------
 
-    def fits(self, key: str, cap: int, amount: int) -> bool:
-        """Whether `amount` more fits under `cap` with what is spent and reserved here."""
-        return self.spent.get(key, 0) + self.reserved.get(key, 0) + amount <= cap
-
-    def reserve(self, key: str, amount: int) -> None:
-        self.reserved[key] = self.reserved.get(key, 0) + amount
+    def hold(self, key: str, cap: int, amount: int) -> bool:
+        """Reserve `amount` when it fits under `cap` with what is spent and reserved here;
+        whether it did."""
+        reserved = self.reserved
+        held = reserved.get(key, 0)
+        if self.spent.get(key, 0) + held + amount > cap:
+            return False
+        reserved[key] = held + amount
+        return True
 
     def release(self, key: str, amount: int) -> None:
         left = self.reserved.get(key, 0) - amount
@@ -144,12 +147,8 @@ class Counters:
         else:
             self.reserved.pop(key, None)
 
-    def charge(self, key: str, amount: int) -> None:
-        if amount > 0:
-            self.spent[key] = self.spent.get(key, 0) + amount
-
     def settle(self, key: str, held: int, actual: int) -> None:
-        """`release` what was `held`, and `charge` the `actual` cost, in one step."""
+        """`release` what was `held`, and count the `actual` cost spent, in one step."""
         reserved = self.reserved
         left = reserved.get(key, 0) - held
         if left > 0:

@@ -212,7 +212,7 @@ class Limiter:
             else:
                 self.tickets[ticket.id] = ticket
                 return ticket, taken
-        if self.lock.locked():
+        if self.remote is not None and self.lock.locked():  # only a reconcile with Redis takes it
             async with self.lock:
                 pass
         taken = self._admit_local(ticket, client_hold, provider_hold, now)
@@ -276,8 +276,8 @@ class Limiter:
             if (
                 refusal is None
                 and client_hold is not None
-                and not counters.fits(client_hold.key, self.cap(client_hold), client_hold.amount)
-            ):
+                and not counters.hold(client_hold.key, self.cap(client_hold), client_hold.amount)
+            ):  # held from here on when it fits
                 refusal = Refusal("budget", 0)
             if refusal is not None:
                 self._refused(refusal.limit, ticket, client_hold)
@@ -289,7 +289,6 @@ class Limiter:
         if limits is not None and self.remote is not None:
             _append(self.unsynced_requests, ticket.client, (now, ticket.id))
         if client_hold is not None:
-            counters.reserve(client_hold.key, client_hold.amount)
             ticket.holds["client"] = client_hold
         if limits is not None:  # its window was trimmed to `now` by `refusal` already
             use = ticket.use = Use(len(counted.requests), counted.token_sum, counted.in_flight)
@@ -301,10 +300,9 @@ class Limiter:
         return self._reserve_local(ticket, provider_hold)
 
     def _reserve_local(self, ticket: Ticket, hold: Hold) -> bool:
-        if not self.counters.fits(hold.key, self.cap(hold), hold.amount):
+        if not self.counters.hold(hold.key, self.cap(hold), hold.amount):
             self._refused_provider(hold)
             return False
-        self.counters.reserve(hold.key, hold.amount)
         ticket.holds[hold.subject] = hold
         return True
 
@@ -372,7 +370,10 @@ class Limiter:
             return ticket.use
         ticket.settled = True
         self.tickets.pop(ticket.id, None)
-        if not ticket.pending and not (self.up and self._remote_parts(ticket)) and not self.lock.locked():
+        if not ticket.pending and (
+            self.remote is None  # no Redis: nothing to wait for, no reconcile holding the lock
+            or (not (self.up and self._remote_parts(ticket)) and not self.lock.locked())
+        ):
             self._settle_here(ticket, units, tokens, now)  # nothing to wait for: no task is made
             return ticket.use
         settling = asyncio.ensure_future(self._settle(ticket, units, tokens))
