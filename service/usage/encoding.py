@@ -130,14 +130,16 @@ def fields(
     named = _names(client, purpose, model, provider, upstream_model, replica)
     return [
         VERSION,
-        text(id_) or "-",
+        id_
+        if type(id_) is str and 0 < len(id_) <= TEXT_LIMIT and id_.isascii() and "\x00" not in id_
+        else text(id_) or "-",  # `text`'s common case, inline
         ts_us,
         *named[:5],
         status,
         bool(stream),
         attempts if type(attempts) is int and 0 <= attempts <= MAX_COUNT else _int(attempts),
         latency_ms if type(latency_ms) is float and 0 <= latency_ms < 1e12 else _float(latency_ms) or 0.0,
-        _float(ttfb_ms),
+        ttfb_ms if type(ttfb_ms) is float and 0 <= ttfb_ms < 1e12 else _float(ttfb_ms),
         # `_count` of each, inline (the common case: a whole number in bounds)
         prompt_tokens
         if type(prompt_tokens) is int and 0 <= prompt_tokens <= MAX_COUNT
