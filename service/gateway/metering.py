@@ -307,13 +307,14 @@ class Metered:
             return
         self.done = True
         call = self.call
+        status, headers = response.status, response.headers  # properties: read once
         rate = self.rates.get(provider.id, UNPRICED)
         tokens = normalise(call.usage)
         estimated = False
         cost: Amount
         if tokens is not None:
             cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
-        elif response.status >= 400:
+        elif status >= 400:
             cost, priced = 0, rate.any  # the upstream refused it: not billed
         else:
             cost, priced, estimated = self.bound(provider), rate.any, True
@@ -322,22 +323,18 @@ class Metered:
         limiter = self.meter.limiter
         now = limiter.now_ms()
         limiter.providers.finish(provider.id, now, counted)
-        record_id = response.headers.get(REQUEST_ID) or self.id
+        record_id = headers.get(REQUEST_ID) or self.id
         written = cost_text(cost)  # the line's text of the cost: the header's too, within its bounds
         try:
             use = await self._settle(cost, counted, now)
         except asyncio.CancelledError:  # the client left as it ended: recorded all the same
-            self._record(
-                record_id, response.status, provider, attempts, tokens, cost, priced, estimated, written
-            )
+            self._record(record_id, status, provider, attempts, tokens, cost, priced, estimated, written)
             raise
         if not response.prepared:  # a whole answer: what it cost, and what remains once settled
-            response.headers[COST] = (
-                written if type(cost) is int and 0 <= cost <= MAX_COST_ATTO else amount_text(cost)
-            )
+            headers[COST] = written if type(cost) is int and 0 <= cost <= MAX_COST_ATTO else amount_text(cost)
             if use is not None and self.limits is not None:
-                response.headers.update(use.remaining(self.limits))
-        self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated, written)
+                headers.update(use.remaining(self.limits))
+        self._record(record_id, status, provider, attempts, tokens, cost, priced, estimated, written)
         if cost:
             label = self.meter.label(provider, call)
             self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_atto(cost))

@@ -197,7 +197,7 @@ _NAMES_KEPT = 4096
 def dumps(values: list[Any]) -> bytes:
     """`fields`' list as one spool line."""
     try:
-        return orjson.dumps(values) + b"\n"  # what json.dumps writes, in a tenth of the work
+        return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)  # json.dumps' text, a tenth of the work
     except (TypeError, orjson.JSONEncodeError):  # e.g. a surrogate `text` let through: json's way
         return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
