@@ -35,7 +35,7 @@ from service.errors import BudgetExceeded, HTTPError, LimitsUnavailable, RateLim
 from service.gateway.call import Call, model_label
 from service.gateway.health import Health
 from service.metrics import Metrics
-from service.usage.encoding import fields, from_micros, record_of
+from service.usage.encoding import MAX_COST_ATTO, cost_text, fields, from_micros, record_of
 from service.usage.limits.amounts import amount_units
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
@@ -148,6 +148,7 @@ class Metered:
     """One call's metering, from its admission to its record."""
 
     __slots__ = (
+        "at",
         "bounds",
         "call",
         "candidates",
@@ -177,7 +178,9 @@ class Metered:
         self.limits = limits
         self.id = meter.ids()
         self.started = time.perf_counter()
-        self.ts_us = _micros(meter.limiter.clock())
+        self.at = meter.limiter.clock()
+        """When it came, wall-clock seconds: its record's `ts` and its admission's time."""
+        self.ts_us = _micros(self.at)
         """When it came, in microseconds since 1970 UTC (its record's `ts`)."""
         self.headers: dict[str, str] = {REQUEST_ID: self.id}
         """What every answer to the call carries: its id, and the remaining-* of a limited client."""
@@ -196,26 +199,29 @@ class Metered:
         self.prompt = len(call.body)
         """The bound of its prompt tokens: the client's body in bytes (before any translation)."""
         budgeted = limits is not None and limits.budget is not None
-        wanted = _completion(call.data, call.purpose) if call.purpose == "chat" else 0
+        purpose, model = call.purpose, call.model
+        chat = purpose == "chat"
+        wanted = _completion(call.data, purpose) if chat else 0
+        choices = _choices(call.data)
         self.completions: dict[str, int] = {}
         """Provider id -> the completion tokens bounded there (all choices)."""
         eligible = []
         for provider in candidates:
-            rate = meter.pricing.rate(provider, call.model)
+            rate = meter.pricing.rate(provider, model)
             if (
                 (budgeted or provider.budget is not None)
-                and isinstance(provider, ApiKey)
-                and not rate.known(call.purpose)
+                and (type(provider) is ApiKey or isinstance(provider, ApiKey))  # an ABC's check is slow
+                and not rate.known(purpose)
             ):
                 self.skipped.append({"provider": provider.id, "reason": "unpriced"})
                 continue
             completion = 0
-            if call.purpose == "chat":
+            if chat:
                 completion = wanted if wanted is not None else rate.max_output or meter.default_max_tokens
                 if rate.max_output is not None:
                     completion = min(completion, rate.max_output)
             self.rates[provider.id] = rate
-            self.completions[provider.id] = completion * _choices(call.data)
+            self.completions[provider.id] = completion * choices
             eligible.append(provider)
         self.candidates = eligible
 
@@ -224,30 +230,30 @@ class Metered:
     async def admit(self) -> None:
         """Admit the call against its client's limits (and its first candidate's budget); a
         call with no candidate left is not admitted: it goes nowhere, and counts toward nothing."""
-        meter, call = self.meter, self.call
-        if not self.candidates:
+        meter, call, candidates = self.meter, self.call, self.candidates
+        if not candidates:
             return
-        first = next(iter(self.candidates), None)
+        first = candidates[0]
         provider = None
-        if first is not None and first.budget is not None:
-            provider = (first.id, first.budget, amount_units(self.bound(first)))
+        units = None  # the first candidate's bound, in nano-dollars
+        if first.budget is not None:
+            units = amount_units(self.bound(first))
+            provider = (first.id, first.budget, units)
         client_units = 0
         if self.limits is not None and self.limits.budget is not None:
-            candidates = self.candidates
-            client_units = (
-                amount_units(self.bound(candidates[0]))
-                if len(candidates) == 1
-                else max(amount_units(self.bound(p)) for p in candidates)
-            )
+            if len(candidates) > 1:
+                client_units = max(amount_units(self.bound(p)) for p in candidates)
+            else:
+                client_units = units if units is not None else amount_units(self.bound(first))
         try:
             self.ticket, taken = await meter.limiter.admit_units(
-                self.id, call.client, self.limits, client_units, provider
+                self.id, call.client, self.limits, client_units, provider, self.at * 1000
             )
         except Refused as refusal:
             raise self._refusal(refusal) from None
-        if taken is False and first is not None:
+        if taken is False:
             self._out_of_budget(first)
-        elif taken is True and first is not None:
+        elif taken is True:
             meter.health.release(first.id)
         if call.stream and self.limits is not None and self.ticket.use is not None:
             # a stream's headers go before its end: what remains once it was counted. A whole
@@ -301,30 +307,34 @@ class Metered:
             return
         self.done = True
         call = self.call
+        status, headers = response.status, response.headers  # properties: read once
         rate = self.rates.get(provider.id, UNPRICED)
         tokens = normalise(call.usage)
         estimated = False
         cost: Amount
         if tokens is not None:
             cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
-        elif response.status >= 400:
+        elif status >= 400:
             cost, priced = 0, rate.any  # the upstream refused it: not billed
         else:
             cost, priced, estimated = self.bound(provider), rate.any, True
         counted = tokens.total if tokens is not None else self._estimated_tokens(provider) if estimated else 0
+        counted = min(counted, MAX_TOKENS)
         limiter = self.meter.limiter
-        limiter.providers.finish(provider.id, limiter.now_ms(), min(counted, MAX_TOKENS))
-        record_id = response.headers.get(REQUEST_ID) or self.id
+        now = limiter.now_ms()
+        limiter.providers.finish(provider.id, now, counted)
+        record_id = headers.get(REQUEST_ID) or self.id
+        written = cost_text(cost)  # the line's text of the cost: the header's too, within its bounds
         try:
-            use = await self._settle(cost, min(counted, MAX_TOKENS))
+            use = await self._settle(cost, counted, now)
         except asyncio.CancelledError:  # the client left as it ended: recorded all the same
-            self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
+            self._record(record_id, status, provider, attempts, tokens, cost, priced, estimated, written)
             raise
         if not response.prepared:  # a whole answer: what it cost, and what remains once settled
-            response.headers[COST] = amount_text(cost)
+            headers[COST] = written if type(cost) is int and 0 <= cost <= MAX_COST_ATTO else amount_text(cost)
             if use is not None and self.limits is not None:
-                response.headers.update(use.remaining(self.limits))
-        self._record(record_id, response.status, provider, attempts, tokens, cost, priced, estimated)
+                headers.update(use.remaining(self.limits))
+        self._record(record_id, status, provider, attempts, tokens, cost, priced, estimated, written)
         if cost:
             label = self.meter.label(provider, call)
             self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_atto(cost))
@@ -412,12 +422,12 @@ class Metered:
         """The tokens a request without usage is counted for: its bounds."""
         return min(self.prompt + self.completions.get(provider.id, 0), MAX_TOKENS)
 
-    async def _settle(self, cost: Amount, tokens: int) -> Use | None:
+    async def _settle(self, cost: Amount, tokens: int, now: float | None = None) -> Use | None:
         ticket = self.ticket
         if ticket is None:
             return None
         try:
-            return await self.meter.limiter.settle_units(ticket, amount_units(cost), tokens)
+            return await self.meter.limiter.settle_units(ticket, amount_units(cost), tokens, now)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not fail the answer; the lease ends what it held
@@ -477,11 +487,13 @@ class Metered:
         cost: Amount,
         priced: bool,
         estimated: bool,
+        written: str | None = None,
         *,
         limited: bool = False,
         timed: bool = True,
     ) -> None:
-        """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`)."""
+        """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`);
+        `written`: the cost's text in the line (`encoding.cost_text`), when made already."""
         call, meter = self.call, self.meter
         now = time.perf_counter()
         counted = tokens or _NO_TOKENS
@@ -513,6 +525,7 @@ class Metered:
                     estimated,
                     meter.replica,
                     limited,
+                    written,
                 )
             )
         except Exception:  # the sink must not fail the request (it should never raise)

@@ -40,7 +40,7 @@ class Tokens(NamedTuple):
     @property
     def total(self) -> int:
         """Prompt and completion tokens: what a `tpm` limit counts."""
-        return self.prompt + self.output
+        return self.input + self.cached_input + self.cache_write + self.output
 
 
 @dataclass(frozen=True, slots=True)

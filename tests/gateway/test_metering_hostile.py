@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from service.usage.encoding import MAX_COST
 from service.usage.tokens import MAX_TOKENS
 from tests.conftest import SopsProject
 from tests.gateway.test_metering import COST, PRICING, TOKEN, chat, metered, metered_by, write_clients
@@ -37,6 +38,7 @@ async def test_a_usage_count_past_any_float_is_held_to_the_bound_not_a_500(sops_
     record = records.kept[0]
     assert (record.prompt_tokens, record.completion_tokens) == (MAX_TOKENS, MAX_TOKENS)
     assert Decimal(response.headers[COST]) == 3 * MAX_TOKENS
+    assert record.cost_usd == MAX_COST  # the line holds what no request could cost to its bound
 
 
 _HI = b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]'

@@ -212,6 +212,31 @@ def test_a_records_names_are_cleaned_the_same_when_remembered(names: tuple[objec
         assert values[3:8] == expected and values[21] == (text(replica) or "-")
 
 
+@pytest.mark.parametrize(
+    ("id_", "ttfb"),
+    [
+        ("0123456789abcdef0123456789abcdef", 12.345),
+        ("", 0.0),
+        ("a\x00b", -1.0),
+        ("é" * 10, float("nan")),
+        ("x" * 300, float("inf")),
+        (7, 1e12),
+        (None, None),
+        (str.__new__(type("Sub", (str,), {}), "req-1"), "12.5"),
+        ("req-2", True),
+    ],
+)
+def test_a_records_id_and_ttfb_are_bounded_as_text_and_a_time_are(id_: object, ttfb: object) -> None:
+    """`fields` takes an id and a first-byte time that need no cleaning as they are (issue 22, its
+    common case inline); any other is what `text` and the bounds of a time make of it."""
+    values = encoding.fields(
+        id_, 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, ttfb,
+        0, 0, 0, 0, 0, 0, True, False, "r", False,
+    )  # fmt: skip
+    assert values[1] == (text(id_) or "-") and type(values[1]) is str
+    assert values[12] == encoding._float(ttfb) and type(values[12]) is type(encoding._float(ttfb))
+
+
 def test_a_huge_name_is_cleaned_but_never_remembered() -> None:
     """A client's `model` of megabytes is cut to `TEXT_LIMIT` in the record, and the names
     remembered for the next request are only those kept as they are: 4,096 requests with
@@ -247,9 +272,14 @@ def test_a_cost_in_atto_dollars_is_written_as_plain_digits_within_bounds() -> No
             "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
             1, 0, 0, 1, 0, amount, True, False, "r", False,
         )  # fmt: skip
-        assert values[18] == written
+        assert values[18] == written == encoding.cost_text(amount)
         assert b"E" not in encoding.dumps(values).split(b",")[18]
         assert encoding.record_of(values).cost_usd == Decimal(written)
+        made = encoding.fields(
+            "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
+            1, 0, 0, 1, 0, amount, True, False, "r", False, encoding.cost_text(amount),
+        )  # fmt: skip
+        assert made == values  # the text the gateway made already (its header's) is the same
 
 
 def test_a_line_of_an_earlier_version_with_an_exponent_is_read_the_same() -> None:

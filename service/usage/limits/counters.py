@@ -96,13 +96,14 @@ class Counters:
                     return Refusal("tpm", _wait(at + WINDOW_MS - now))
         return None
 
-    def admit(self, name: str, now: float) -> None:
-        """Count a request of `name`, now in flight."""
+    def admit(self, name: str, now: float) -> _Client:
+        """Count a request of `name`, now in flight; its counts (trimmed as `refusal` left them)."""
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = _Client()
         client.requests.append(now)
         client.in_flight += 1
+        return client
 
     def finish(self, name: str, now: float, tokens: int) -> None:
         """A request of `name` ended, having used `tokens`."""
@@ -129,12 +130,15 @@ class Counters:
 
     # -- budgets -------------------------------------------------------------------------------
 
-    def fits(self, key: str, cap: int, amount: int) -> bool:
-        """Whether `amount` more fits under `cap` with what is spent and reserved here."""
-        return self.spent.get(key, 0) + self.reserved.get(key, 0) + amount <= cap
-
-    def reserve(self, key: str, amount: int) -> None:
-        self.reserved[key] = self.reserved.get(key, 0) + amount
+    def hold(self, key: str, cap: int, amount: int) -> bool:
+        """Reserve `amount` when it fits under `cap` with what is spent and reserved here;
+        whether it did."""
+        reserved = self.reserved
+        held = reserved.get(key, 0)
+        if self.spent.get(key, 0) + held + amount > cap:
+            return False
+        reserved[key] = held + amount
+        return True
 
     def release(self, key: str, amount: int) -> None:
         left = self.reserved.get(key, 0) - amount
@@ -143,9 +147,17 @@ class Counters:
         else:
             self.reserved.pop(key, None)
 
-    def charge(self, key: str, amount: int) -> None:
-        if amount > 0:
-            self.spent[key] = self.spent.get(key, 0) + amount
+    def settle(self, key: str, held: int, actual: int) -> None:
+        """`release` what was `held`, and count the `actual` cost spent, in one step."""
+        reserved = self.reserved
+        left = reserved.get(key, 0) - held
+        if left > 0:
+            reserved[key] = left
+        else:
+            reserved.pop(key, None)
+        if actual > 0:
+            spent = self.spent
+            spent[key] = spent.get(key, 0) + actual
 
 
 def _wait(ms: float) -> int:

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, TypeVar
@@ -104,7 +106,8 @@ class Limiter:
         """Told `(kind, subject, window)` the first time a budget refuses in a period."""
         self._reported: set[tuple[str, str, str | None]] = set()
         """(kind, subject, period_end) of the budgets whose `budget.exhausted` is in the log."""
-        self._windows: dict[Period, Window] = {}
+        self._windows: dict[Period, tuple[Window, float]] = {}
+        """Period -> its current window and the millisecond it ends (inf: never)."""
         self._keys: dict[tuple[str, str], tuple[Window, str, int, Budget]] = {}
         """(kind, subject) -> its current window, key and limit, and the budget they are of: made
         once per period and version of the budget (its object, not its hash, is compared)."""
@@ -130,9 +133,11 @@ class Limiter:
     def window(self, period: Period, now_ms: float) -> Window:
         """The current window of `period` (cached until it ends)."""
         found = self._windows.get(period)
-        if found is None or (found.end is not None and now_ms >= found.end.timestamp() * 1000):
-            found = self._windows[period] = window(period, _datetime(now_ms))
-        return found
+        if found is None or now_ms >= found[1]:
+            current = window(period, _datetime(now_ms))
+            end = current.end
+            found = self._windows[period] = (current, math.inf if end is None else end.timestamp() * 1000)
+        return found[0]
 
     def hold(self, kind: str, subject: str, budget: Budget, cost: Decimal, now_ms: float) -> Hold:
         """A reservation of `cost` (USD) against `subject`'s `budget`, not taken yet."""
@@ -140,7 +145,8 @@ class Limiter:
 
     def hold_units(self, kind: str, subject: str, budget: Budget, units: int, now_ms: float) -> Hold:
         """A reservation of `units` nano-dollars against `subject`'s `budget`, not taken yet."""
-        current = self.window(budget.period, now_ms)
+        cached = self._windows.get(budget.period)  # `window`'s lookup, inline: twice a request
+        current = self.window(budget.period, now_ms) if cached is None or now_ms >= cached[1] else cached[0]
         named = (kind, subject)
         found = self._keys.get(named)
         if found is None or found[0] is not current or found[3] is not budget:
@@ -175,14 +181,17 @@ class Limiter:
         limits: Limits | None,
         client_units: int,
         provider: tuple[str, Budget, int] | None = None,
+        now: float | None = None,
     ) -> tuple[Ticket, bool | None]:
         """Admit a request of `client`, reserving `client_units` nano-dollars against its budget
-        and, when given, `provider`'s against that provider's budget.
+        and, when given, `provider`'s against that provider's budget; `now`: the clock's
+        milliseconds, when the caller read it already.
 
         Returns the ticket and whether the provider's budget took it (None: none given).
         Raises `Refused` when one of the client's limits refuses (nothing is counted then).
         """
-        now = self.now_ms()
+        if now is None:
+            now = self.now_ms()
         ticket = Ticket(request_id, client, limits, now, counted=limits is not None)
         client_hold = None
         if limits is not None and limits.budget is not None:
@@ -204,7 +213,7 @@ class Limiter:
             else:
                 self.tickets[ticket.id] = ticket
                 return ticket, taken
-        if self.lock.locked():
+        if self.remote is not None and self.lock.locked():  # only a reconcile with Redis takes it
             async with self.lock:
                 pass
         taken = self._admit_local(ticket, client_hold, provider_hold, now)
@@ -268,8 +277,8 @@ class Limiter:
             if (
                 refusal is None
                 and client_hold is not None
-                and not counters.fits(client_hold.key, self.cap(client_hold), client_hold.amount)
-            ):
+                and not counters.hold(client_hold.key, self.cap(client_hold), client_hold.amount)
+            ):  # held from here on when it fits
                 refusal = Refusal("budget", 0)
             if refusal is not None:
                 self._refused(refusal.limit, ticket, client_hold)
@@ -277,23 +286,24 @@ class Limiter:
                 raise Refused(
                     refusal.limit, refusal.retry_ms, window_, self.local_use(ticket.client, client_hold)
                 )
-        counters.admit(ticket.client, now)
+        counted = counters.admit(ticket.client, now)
         if limits is not None and self.remote is not None:
             _append(self.unsynced_requests, ticket.client, (now, ticket.id))
         if client_hold is not None:
-            counters.reserve(client_hold.key, client_hold.amount)
             ticket.holds["client"] = client_hold
-        if limits is not None:
-            ticket.use = self.local_use(ticket.client, client_hold)
+        if limits is not None:  # its window was trimmed to `now` by `refusal` already
+            use = ticket.use = Use(len(counted.requests), counted.token_sum, counted.in_flight)
+            if client_hold is not None:
+                use.spent, use.reserved = self.spent_here(client_hold.key)
+                use.window, use.limit = client_hold.window, client_hold.limit
         if provider_hold is None:
             return None
         return self._reserve_local(ticket, provider_hold)
 
     def _reserve_local(self, ticket: Ticket, hold: Hold) -> bool:
-        if not self.counters.fits(hold.key, self.cap(hold), hold.amount):
+        if not self.counters.hold(hold.key, self.cap(hold), hold.amount):
             self._refused_provider(hold)
             return False
-        self.counters.reserve(hold.key, hold.amount)
         ticket.holds[hold.subject] = hold
         return True
 
@@ -348,9 +358,12 @@ class Limiter:
         """`settle_units` with a cost in USD (rounded up to the next nano-dollar)."""
         return await self.settle_units(ticket, charge_units(cost), tokens)
 
-    async def settle_units(self, ticket: Ticket, units: int, tokens: int) -> Use | None:
+    async def settle_units(
+        self, ticket: Ticket, units: int, tokens: int, now: float | None = None
+    ) -> Use | None:
         """The request ended: free its slot, count its `tokens`, charge `units` nano-dollars to
         each budget it holds (once: a second call does nothing). Returns the client's use after it.
+        `now`: the clock's milliseconds, when the caller read it already.
 
         What must go to Redis runs to its end even if the request is cancelled meanwhile (the
         client left): a live replica's reservation would otherwise never be given back."""
@@ -358,8 +371,11 @@ class Limiter:
             return ticket.use
         ticket.settled = True
         self.tickets.pop(ticket.id, None)
-        if not ticket.pending and not (self.up and self._remote_parts(ticket)) and not self.lock.locked():
-            self._settle_here(ticket, units, tokens)  # nothing to wait for: no task is made
+        if not ticket.pending and (
+            self.remote is None  # no Redis: nothing to wait for, no reconcile holding the lock
+            or (not (self.up and self._remote_parts(ticket)) and not self.lock.locked())
+        ):
+            self._settle_here(ticket, units, tokens, now)  # nothing to wait for: no task is made
             return ticket.use
         settling = asyncio.ensure_future(self._settle(ticket, units, tokens))
         self._background.add(settling)
@@ -372,11 +388,12 @@ class Limiter:
             return True
         return any(not h.off and h.epoch == epoch for h in ticket.holds.values())
 
-    def _settle_here(self, ticket: Ticket, actual: int, tokens: int) -> None:
-        now = self.now_ms()
+    def _settle_here(self, ticket: Ticket, actual: int, tokens: int, now: float | None = None) -> None:
+        if now is None:
+            now = self.now_ms()
         self.counters.finish(ticket.client, now, tokens)
         if ticket.holds or ticket.counted:
-            self._settle_local(ticket, actual, tokens, now, done=set(), slot_done=False)
+            self._settle_local(ticket, actual, tokens, now)
 
     async def _settle(self, ticket: Ticket, actual: int, tokens: int) -> Use | None:
         if ticket.pending:  # what a cancelled request still had on its way to Redis, first
@@ -393,7 +410,7 @@ class Limiter:
                 await self._settle_remote(ticket, remote, slot, actual, tokens, now)
             except Unavailable as exc:
                 self.lose(str(exc))
-                self._settle_local(ticket, actual, tokens, now, done=set(), slot_done=False)
+                self._settle_local(ticket, actual, tokens, now)
             else:
                 self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
             return ticket.use
@@ -424,21 +441,27 @@ class Limiter:
             ticket.use.in_flight = _int(answer, "par")
 
     def _settle_local(
-        self, ticket: Ticket, actual: int, tokens: int, now: float, *, done: set[int], slot_done: bool
+        self,
+        ticket: Ticket,
+        actual: int,
+        tokens: int,
+        now: float,
+        *,
+        done: AbstractSet[int] = frozenset(),
+        slot_done: bool = False,
     ) -> None:
         counters = self.counters
         for hold in ticket.holds.values():
-            if id(hold) in done or hold.off:
+            if hold.off or (done and id(hold) in done):
                 continue
             if hold.epoch is None:
-                counters.release(hold.key, hold.amount)
-                counters.charge(hold.key, actual)
+                counters.settle(hold.key, hold.amount, actual)
             elif actual > 0:  # held in Redis before it went away: reconciled when it is back
                 self.pending_old[hold.key] = self.pending_old.get(hold.key, 0) + actual
         if ticket.counted and self.remote is not None and not slot_done and tokens > 0:
             _append(self.unsynced_tokens, ticket.client, (now, ticket.id, tokens))
         if ticket.counted and not slot_done:
-            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"))
+            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"), now)
 
     # -- a request cancelled on its way -----------------------------------------------------------
 
@@ -500,8 +523,9 @@ class Limiter:
             hold = self.hold_units("client", client, limits.budget, 0, self.now_ms())
         return self.local_use(client, hold)
 
-    def local_use(self, client: str, hold: Hold | None) -> Use:
-        counts = self.counters.counts(client, self.now_ms())
+    def local_use(self, client: str, hold: Hold | None, now: float | None = None) -> Use:
+        """`client`'s use as this replica counts it at `now` (milliseconds; None: the clock's)."""
+        counts = self.counters.counts(client, self.now_ms() if now is None else now)
         use = Use(counts.requests, counts.tokens, counts.in_flight)
         if hold is not None:
             use.spent, use.reserved = self.spent_here(hold.key)

@@ -98,6 +98,30 @@ async def test_a_budget_refuses_what_it_cannot_cover_and_says_when_the_period_en
     await admit(limiter, 4, lim, "0.6")
 
 
+async def test_an_admissions_use_is_the_clients_use_counted_at_that_moment() -> None:
+    """What an admission answers (a stream's remaining-* headers) is what `local_use` counts at
+    the same moment: the window trimmed, the request itself in it and in flight, its budget's
+    reservation held; a settlement's too, once it is counted."""
+    clock = Clock()
+    limiter = Limiter(clock=clock)
+    lim = limits(rpm=100, tpm=10_000, max_parallel=10, budget={"usd": "5", "period": "day"})
+    first = await admit(limiter, 1, lim, "1")
+    await limiter.settle(first, Decimal("0.5"), 40)
+    clock.advance(30)
+    second = await admit(limiter, 2, lim, "1")
+    clock.advance(31)  # the first request and its tokens have left the window; the second not
+    third = await admit(limiter, 3, lim, "2")
+    hold = third.holds["client"]
+    assert third.use == limiter.local_use("c", hold)
+    assert (third.use.requests, third.use.tokens, third.use.in_flight) == (2, 0, 2)
+    assert (third.use.spent, third.use.reserved) == (500_000_000, 3_000_000_000)
+    assert third.use.remaining(lim)["x-switchboard-budget-remaining-usd"] == "1.5"
+    await limiter.settle(second, Decimal("0.25"), 7)
+    assert second.use == limiter.local_use("c", hold)
+    assert (second.use.requests, second.use.tokens, second.use.in_flight) == (2, 7, 1)
+    assert (second.use.spent, second.use.reserved) == (750_000_000, 2_000_000_000)
+
+
 async def test_a_hundred_concurrent_requests_against_a_budget_that_covers_ten() -> None:
     limiter = Limiter(clock=Clock())
     lim = limits(budget={"usd": "1", "period": "total"})
