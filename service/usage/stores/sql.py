@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from itertools import chain
 from datetime import datetime
 from decimal import Decimal
+from itertools import chain
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
