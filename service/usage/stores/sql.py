@@ -256,7 +256,7 @@ class SQLStore:
             inserted: list[Row] = []
             for start in range(0, len(batch), _ROWS_PER_INSERT):
                 chunk = batch[start : start + _ROWS_PER_INSERT]
-                values = [value for row in chunk for value in row]
+                values = list(chain.from_iterable(chunk))
                 sql = (
                     f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
                     + ", ".join([_ROW] * len(chunk))
