@@ -105,6 +105,17 @@ async def _probe(stop: float, lags: list[float], held: list[float], ledger: Ledg
             return
 
 
+async def _busy(stop: float, done: list[int]) -> None:
+    """Keep the loop busy as at concurrency 64: Python work in ~0.2 ms pieces, each a turn of
+    the loop; `done` counts the pieces (the loop's throughput)."""
+    while time.perf_counter() < stop:
+        total = 0
+        for i in range(4000):
+            total += i
+        done[0] += 1
+        await asyncio.sleep(0)
+
+
 async def _writer(ledger: Ledger | None, rate: float, stop: float) -> int:
     started = time.perf_counter()
     written = 0
@@ -119,7 +130,7 @@ async def _writer(ledger: Ledger | None, rate: float, stop: float) -> int:
     return written
 
 
-async def run_once(rate: float, seconds: float, *, ledger_on: bool) -> dict[str, float]:
+async def run_once(rate: float, seconds: float, *, ledger_on: bool, busy: bool = False) -> dict[str, float]:
     """One run: the probe's lateness (ms) and, with the ledger on, its thread's µs a record."""
     with tempfile.TemporaryDirectory(prefix="ledger-stall-") as tmp:
         folder = Path(tmp)
@@ -131,7 +142,9 @@ async def run_once(rate: float, seconds: float, *, ledger_on: bool) -> dict[str,
         held: list[float] = []
         stop = time.perf_counter() + seconds
         try:
-            written, _ = await asyncio.gather(_writer(ledger, rate, stop), _probe(stop, lags, held, ledger))
+            done = [0]
+            tasks = [_writer(ledger, rate, stop), _probe(stop, lags, held, ledger)]
+            written, *_ = await asyncio.gather(*tasks, *([_busy(stop, done)] if busy else []))
             if ledger is not None:
                 await ledger.flush()
         finally:
@@ -144,6 +157,8 @@ async def run_once(rate: float, seconds: float, *, ledger_on: bool) -> dict[str,
             "p99.9": percentile(lags, 99.9),
             "max": max(lags),
         }
+        if busy:
+            result["busy/s"] = done[0] / seconds
         if held:
             held = held[len(held) // 20 :]
             result["held p99.9"] = percentile(held, 99.9)
@@ -228,7 +243,7 @@ def callgrind(records: int, batch: int, code: Path | None) -> dict[str, float]:
 
 
 def _row(name: str, runs: list[dict[str, float]]) -> str:
-    keys = ("p50", "p99", "p99.9", "max", "held p99.9", "held max", "held ms/s", "us/record")
+    keys = ("p50", "p99", "p99.9", "max", "held p99.9", "held max", "held ms/s", "us/record", "busy/s")
     cells = []
     for key in keys:
         values = [r[key] for r in runs if key in r]
@@ -240,8 +255,8 @@ async def in_process(args: argparse.Namespace) -> None:
     on: list[dict[str, float]] = []
     off: list[dict[str, float]] = []
     for _ in range(args.runs):
-        off.append(await run_once(args.rate, args.seconds, ledger_on=False))
-        on.append(await run_once(args.rate, args.seconds, ledger_on=True))
+        off.append(await run_once(args.rate, args.seconds, ledger_on=False, busy=args.busy))
+        on.append(await run_once(args.rate, args.seconds, ledger_on=True, busy=args.busy))
         print("  run: ledger on " + ", ".join(f"{k} {v:.3f}" for k, v in on[-1].items()), file=sys.stderr)
     print(
         f"loop lateness (ms) at {args.rate:.0f} records/s, {args.seconds:.0f} s x {args.runs} "
@@ -249,7 +264,10 @@ async def in_process(args: argparse.Namespace) -> None:
     )
     print(
         f"  {'':<10}"
-        + "".join(f"{k:>9}" for k in ("p50", "p99", "p99.9", "max", "held.999", "held max", "ms/s", "us/rec"))
+        + "".join(
+            f"{k:>9}"
+            for k in ("p50", "p99", "p99.9", "max", "held.999", "held max", "ms/s", "us/rec", "busy/s")
+        )
     )
     print(_row("ledger off", off))
     print(_row("ledger on", on))
@@ -298,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline", type=Path, metavar="CHECKOUT", help="with --callgrind: another checkout too"
     )
+    parser.add_argument("--busy", action="store_true", help="keep the loop busy too (as at c=64): pieces/s")
     parser.add_argument("--serve", action="store_true", help="`switchboard serve` at c=1 instead")
     args = parser.parse_args(argv)
     if args.switch_interval is not None:
