@@ -5,6 +5,11 @@
                                        every ~0.2 s: fsync, store the rows in batches; a
                                        segment stored whole is retired; retention
 
+The ledger's thread shares the GIL with the event loop's: what it does in Python (rows made,
+values bound) it does in short stretches, letting the GIL go between them (SQLite stores a
+batch in a few statements of many rows, each run without the GIL; a large batch's rows are
+made `ROW_SLICE` at a time, with a pause between), so that the loop does not wait long for it.
+
 `write` (and `submit`, for a `Record`) never waits on the database and never raises: it writes
 the record's line to the spool's active segment (a copy into the page cache, so a kill -9 right
 after loses nothing) and keeps its values beside it. The ledger's thread fsyncs the spool in
@@ -324,6 +329,8 @@ class Ledger:
             except BadLine as exc:
                 spool.set_aside(line, f"{segment.name}: {exc}")
                 continue
+            if len(batch) % ROW_SLICE == 0:
+                time.sleep(PAUSE_S)  # a line is read in ~3 µs, the GIL held: 2,000 would be 6 ms
             if len(batch) >= BATCH:
                 self._insert(spool, batch)
                 batch = []

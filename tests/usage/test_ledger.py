@@ -619,3 +619,24 @@ def test_rows_made_in_slices_are_those_made_at_once() -> None:
     ]
     assert ledger_module._rows(batch) == [row(values) for values in batch]
     assert ledger_module._rows(batch[:3]) == [row(values) for values in batch[:3]]
+
+
+async def test_a_previous_process_segment_longer_than_a_slice_is_stored_whole(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A segment read from its file is decoded `ROW_SLICE` lines at a time (the ledger's thread
+    pausing between slices): every record is stored once, a damaged line set aside."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * ledger_module.ROW_SLICE + 3)]
+    lines = [encode(r) for r in good]
+    lines.insert(ledger_module.ROW_SLICE + 1, b'[1, "damaged"\n')
+    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert ledger.stored == len(good)
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in good)
+        assert b"damaged" in (spool / TORN).read_bytes()
+    finally:
+        await ledger.stop()
