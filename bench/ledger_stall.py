@@ -173,12 +173,57 @@ async def run_once(rate: float, seconds: float, *, ledger_on: bool, busy: bool =
         return result
 
 
-async def counted(records: int, batch: int) -> None:
+_LETTING_GO = frozenset(
+    ("execute", "executemany", "fsync", "open", "close", "rename", "unlink", "write", "sleep", "dup", "stat")
+)
+"""The C calls of the ledger's thread that let the GIL go (SQLite's statements, system calls)."""
+
+
+class _Stretches(Ledger):
+    """A ledger whose thread notes, in each cycle, the CPU time it ran Python between two calls
+    that let the GIL go: how long it held the GIL at a stretch (the profiler's own cost in)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.longest: list[float] = []
+        self.held = 0.0
+        self._since: float | None = None
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__name__", "") in _LETTING_GO and self._since is not None:
+            stretch = time.thread_time() - self._since
+            self.held += stretch
+            self.longest[-1] = max(self.longest[-1], stretch)
+            self._since = None
+        elif event == "c_return" and getattr(arg, "__name__", "") in _LETTING_GO and self.longest:
+            self._since = time.thread_time()
+
+    def _cycle(self, *, final: bool = False, purge: bool = True) -> None:
+        if threading.current_thread().name != "switchboard-ledger":
+            super()._cycle(final=final, purge=purge)
+            return
+        self.longest.append(0.0)
+        self._since = time.thread_time()
+        sys.setprofile(self._profile)
+        try:
+            super()._cycle(final=final, purge=purge)
+        finally:
+            sys.setprofile(None)
+            if self._since is not None:
+                stretch = time.thread_time() - self._since
+                self.held += stretch
+                self.longest[-1] = max(self.longest[-1], stretch)
+            self._since = None
+
+
+async def counted(records: int, batch: int, *, stretches: bool = False) -> None:
     """Write `records` in groups of `batch`, each stored by the ledger's thread before the next
-    (what `--callgrind` counts: the same work whatever the machine's load)."""
+    (what `--callgrind` counts: the same work whatever the machine's load). `stretches`: print
+    the longest time the ledger's thread ran Python without letting the GIL go, per cycle."""
     with tempfile.TemporaryDirectory(prefix="ledger-stall-") as tmp:
         folder = Path(tmp)
-        ledger = Ledger(open_store(str(folder / "usage.db"), folder), folder / "spool", linger_s=0.0)
+        kind = _Stretches if stretches else Ledger
+        ledger = kind(open_store(str(folder / "usage.db"), folder), folder / "spool", linger_s=0.0)
         await ledger.start()
         try:
             for start in range(0, records, batch):
@@ -190,6 +235,13 @@ async def counted(records: int, batch: int) -> None:
         finally:
             await ledger.stop()
         print(f"{ledger.stored} records stored")
+        if isinstance(ledger, _Stretches):
+            longest = sorted(ledger.longest)
+            print(
+                f"GIL held at a stretch by the ledger's thread, a cycle of {batch} records (ms, CPU time, "
+                f"profiled): median {statistics.median(longest) * 1000:.3f}, max {longest[-1] * 1000:.3f}; "
+                f"in all {ledger.held / ledger.stored * 1e6:.2f} us a record"
+            )
 
 
 _RELEASED = ("sqlite3_step", "sqlite3_prepare_v2", "sqlite3_reset", "sqlite3_finalize")
@@ -317,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline", type=Path, metavar="CHECKOUT", help="with --callgrind: another checkout too"
     )
     parser.add_argument("--busy", action="store_true", help="keep the loop busy too (as at c=64): pieces/s")
+    parser.add_argument("--stretches", action="store_true", help="with --count: the GIL held at a stretch")
     parser.add_argument("--serve", action="store_true", help="`switchboard serve` at c=1 instead")
     args = parser.parse_args(argv)
     if args.switch_interval is not None:
@@ -332,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {key:<28}" + "".join(f"{c[key]:>14,.1f}" for c in counts.values()))
         return
     if args.count is not None:
-        asyncio.run(counted(args.count, args.batch))
+        asyncio.run(counted(args.count, args.batch, stretches=args.stretches))
         return
     asyncio.run(served(args) if args.serve else in_process(args))
 
