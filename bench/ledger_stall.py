@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -325,9 +326,38 @@ async def in_process(args: argparse.Namespace) -> None:
     print(_row("ledger on", on))
 
 
+async def _sequential(url: str, token: str, seconds: float) -> list[float]:
+    """Chat completions to `url` one at a time for `seconds` (after 50 unmeasured): their
+    latencies in ms."""
+    import aiohttp
+
+    from bench.gateway import MODEL
+    from bench.load import chat_body, check_loopback
+
+    check_loopback(url)
+    payload = json.dumps(chat_body(MODEL, stream=False)).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> float:
+            started = time.perf_counter()
+            async with session.post(url, data=payload, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{url} answered {response.status}")
+            return (time.perf_counter() - started) * 1000
+
+        for _ in range(50):
+            await one()
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            latencies.append(await one())
+    return latencies
+
+
 async def served(args: argparse.Namespace) -> None:
-    from bench.gateway import MODEL, UPSTREAM_KEY, build_project, metered_service
-    from bench.load import run_load
+    from bench.gateway import UPSTREAM_KEY, build_project, metered_service
     from bench.upstream import UpstreamProcess
 
     async with UpstreamProcess(name="bench", api_key=UPSTREAM_KEY) as upstream:
@@ -335,21 +365,30 @@ async def served(args: argparse.Namespace) -> None:
         service = metered_service(root, key_file, "stall")
         await service.start()
         try:
-            url = f"{service.url}/v1/chat/completions"
-            direct = f"{upstream.base_url}/chat/completions"
+            targets = {
+                "direct": (f"{upstream.base_url}/chat/completions", UPSTREAM_KEY),
+                "switchboard": (f"{service.url}/v1/chat/completions", token),
+            }
+            found: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
             for _ in range(args.runs):
-                for name, target in (("direct", direct), ("switchboard", url)):
-                    result = await run_load(
-                        target,
-                        token=token if target == url else UPSTREAM_KEY,
-                        model=MODEL,
-                        seconds=args.seconds,
-                        concurrency=1,
-                        stream=False,
+                for name, (url, key) in targets.items():
+                    ms = await _sequential(url, key, args.seconds)
+                    found[name].append(
+                        {"p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms), "n": len(ms)}
                     )
-                    print(f"  {name:<12} {result.summary()}")
         finally:
             service.stop()
+    print(f"latency at c=1 (ms), {args.seconds:.0f} s x {args.runs} (medians):")
+    print(f"  {'':<12}{'p50':>9}{'p99':>9}{'max':>9}")
+    for name, runs in found.items():
+        cells = "".join(f"{statistics.median(r[k] for r in runs):9.3f}" for k in ("p50", "p99", "max"))
+        print(f"  {name:<12}{cells}")
+    direct, switchboard = found["direct"], found["switchboard"]
+    added = [{k: s[k] - d[k] for k in ("p50", "p99")} for d, s in zip(direct, switchboard, strict=True)]
+    print(
+        f"  added       {statistics.median(a['p50'] for a in added):9.3f}"
+        f"{statistics.median(a['p99'] for a in added):9.3f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
