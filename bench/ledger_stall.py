@@ -16,7 +16,8 @@ record (its `time.thread_time`, over every cycle). Medians over `--runs`.
 
 `--serve`: `switchboard serve` metered as `bench.gateway` serves it, in front of the fake
 upstream, one request at a time: the latency distribution (p50, p99, max), and the same of the
-upstream direct. Wall clock: meaningful only on a quiet machine.
+upstream direct; `--switch-interval` then sets the service's (a `sitecustomize` on its path).
+Wall clock: meaningful only on a quiet machine.
 """
 
 from __future__ import annotations
@@ -363,6 +364,12 @@ async def served(args: argparse.Namespace) -> None:
     async with UpstreamProcess(name="bench", api_key=UPSTREAM_KEY) as upstream:
         root, key_file, token = build_project(upstream.base_url)
         service = metered_service(root, key_file, "stall")
+        if args.switch_interval is not None:  # the service's, through a sitecustomize of its own
+            site = Path(tempfile.mkdtemp(prefix="ledger-stall-site-"))
+            (site / "sitecustomize.py").write_text(
+                f"import sys\nsys.setswitchinterval({args.switch_interval!r})\n"
+            )
+            service.env["PYTHONPATH"] = str(site)
         await service.start()
         try:
             targets = {
@@ -378,7 +385,8 @@ async def served(args: argparse.Namespace) -> None:
                     )
         finally:
             service.stop()
-    print(f"latency at c=1 (ms), {args.seconds:.0f} s x {args.runs} (medians):")
+    interval = "5 ms (default)" if args.switch_interval is None else f"{args.switch_interval * 1000:g} ms"
+    print(f"latency at c=1 (ms), {args.seconds:.0f} s x {args.runs} (medians), switch interval {interval}:")
     print(f"  {'':<12}{'p50':>9}{'p99':>9}{'max':>9}")
     for name, runs in found.items():
         cells = "".join(f"{statistics.median(r[k] for r in runs):9.3f}" for k in ("p50", "p99", "max"))
@@ -411,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stretches", action="store_true", help="with --count: the GIL held at a stretch")
     parser.add_argument("--serve", action="store_true", help="`switchboard serve` at c=1 instead")
     args = parser.parse_args(argv)
-    if args.switch_interval is not None:
+    if args.switch_interval is not None and not args.serve:
         sys.setswitchinterval(args.switch_interval)
     if args.callgrind:
         records = 2000
