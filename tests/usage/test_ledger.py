@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from service.errors import LedgerUnavailable
+from service.usage import ledger as ledger_module
 from service.usage import spool as spool_module
-from service.usage.encoding import encode
+from service.usage.encoding import encode, row, values_of
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
 from service.usage.spool import TORN, Spool, SpoolBusy
@@ -584,3 +585,58 @@ def test_a_stored_segment_is_kept_a_while_for_a_start_with_the_database_down(
     again.expire()
     assert again.retained() == [] and [p.name for p in tmp_path.glob("0*")] == ["000000000003.jsonl"]
     again.close()
+
+
+async def test_a_group_larger_than_a_slice_of_rows_is_stored_whole_and_a_bad_record_in_it_set_aside(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The rows of a large group are made `ROW_SLICE` at a time (the ledger's thread pausing
+    between slices): every record is stored once, and one the database refuses, in a later
+    slice, is still the only one set aside."""
+    ledger = make_ledger(store_url, tmp_path, linger_s=30)
+    await ledger.start()
+    try:
+        good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * ledger_module.ROW_SLICE + 5)]
+        poison = values_of(record(id="poison"))
+        poison[18] = "1e30"  # a cost past what 64 bits hold: refused by the database
+        for i, r in enumerate(good):
+            if i == ledger_module.ROW_SLICE + 7:
+                ledger.write(poison)
+            ledger.submit(r)
+        await ledger.flush()
+        assert ledger.stored == len(good)
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in good)
+        assert b"poison" in (tmp_path / "spool" / TORN).read_bytes()
+        answer = await ledger.usage(UsageQuery.parse({"since": "2026-11-27"}, NOW + timedelta(days=1)))
+        assert answer["totals"]["requests"] == len(good)
+    finally:
+        await ledger.stop()
+
+
+def test_rows_made_in_slices_are_those_made_at_once() -> None:
+    batch = [
+        values_of(record(ts=NOW + timedelta(microseconds=i))) for i in range(2 * ledger_module.ROW_SLICE + 1)
+    ]
+    assert ledger_module._rows(batch) == [row(values) for values in batch]
+    assert ledger_module._rows(batch[:3]) == [row(values) for values in batch[:3]]
+
+
+async def test_a_previous_process_segment_longer_than_a_slice_is_stored_whole(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A segment read from its file is decoded `ROW_SLICE` lines at a time (the ledger's thread
+    pausing between slices): every record is stored once, a damaged line set aside."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * ledger_module.ROW_SLICE + 3)]
+    lines = [encode(r) for r in good]
+    lines.insert(ledger_module.ROW_SLICE + 1, b'[1, "damaged"\n')
+    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert ledger.stored == len(good)
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in good)
+        assert b"damaged" in (spool / TORN).read_bytes()
+    finally:
+        await ledger.stop()

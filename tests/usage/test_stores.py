@@ -288,3 +288,70 @@ def test_a_malformed_postgresql_url_never_puts_its_password_in_a_log(
     assert "error connecting" in caplog.text  # what libpq said is logged...
     for secret in ("SECRET", "zzS"):
         assert secret not in caplog.text and secret not in str(raised.value)  # ... but not the password
+
+
+_ONE_ROW = (
+    f"INSERT INTO usage_records ({sql._COLUMNS}) VALUES ({', '.join('?' * 22)}) "  # noqa: S608 - fixed names
+    "ON CONFLICT (ts_us, id, replica) DO NOTHING"
+)
+
+
+def _dump(store: SQLStore) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of the ledger's tables, each value with its SQLite type."""
+    found = {}
+    with store._reading() as cur:
+        for table in ("usage_records", "usage_hourly", "usage_daily"):
+            cur.execute(f"SELECT * FROM {table}")  # noqa: S608 - fixed names
+            rows = cur.fetchall()
+            found[table] = sorted(tuple((type(v).__name__, v) for v in row) for row in rows)
+    return found
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 17, 64, 85, 149, 600])
+def test_a_batch_in_statements_of_many_rows_is_stored_as_one_row_at_a_time_stores_it(
+    tmp_path: Path, size: int
+) -> None:
+    """SQLite stores a batch in a few statements of many rows (64, 16, 4 and 1): the same rows,
+    each value of the same type, and the same rollups, as a statement a row stores."""
+    rng = random.Random(size)
+    records = [
+        record(
+            id=f"s-{i}",
+            ts=NOW - timedelta(seconds=rng.randrange(0, 86_400), microseconds=rng.randrange(10**6)),
+            client=rng.choice(["a", "b", None]),
+            status=rng.choice([200, 429, 502]),
+            stream=rng.random() < 0.5,
+            ttfb_ms=rng.choice([None, 12.5, 0.1 + rng.random()]),
+            latency_ms=rng.random() * 1000,
+            cost_usd=Decimal(rng.randrange(10**15)).scaleb(-12),
+        )
+        for i in range(size)
+    ]
+    rows = [sql._row(r) for r in records]
+    sliced, single = (
+        open_store(str(tmp_path / "sliced.db"), tmp_path),
+        open_store(str(tmp_path / "one.db"), tmp_path),
+    )
+    assert sliced is not None and single is not None
+    try:
+        sliced.open()
+        single.open()
+        assert sliced.insert_rows(rows) == size
+        with single._transaction() as cur:
+            for one in rows:
+                cur.execute(_ONE_ROW, one)
+            single._add_rollups(cur, rows)
+        assert _dump(sliced) == _dump(single)
+        assert sliced.insert_rows(rows) == 0  # all stored already: nothing added twice
+        assert _dump(sliced) == _dump(single)
+    finally:
+        sliced.close()
+        single.close()
+
+
+def test_a_batch_holding_a_record_twice_stores_it_once_and_counts_it_once(store: SQLStore) -> None:
+    first, other = record(), record()
+    assert store.insert([first, other, first]) == 2
+    assert len(store.requests(RequestsQuery())) == 2
+    (totals,) = _usage(store, since="2026-11-27").values()
+    assert totals["requests"] == 2
