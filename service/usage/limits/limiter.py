@@ -201,21 +201,25 @@ class Limiter:
             provider_hold = self.hold_units("provider", provider[0], provider[1], provider[2], now)
         if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
             raise Refused("unavailable", 1000, None, Use())
-        if self.up and (limits is not None or provider_hold is not None):
-            admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
-            try:
-                taken = await asyncio.shield(admitting)
-            except asyncio.CancelledError:  # the client left: what Redis took is given back
-                self._later(self._orphaned(ticket, admitting))
-                raise
-            except Unavailable as exc:
-                self.lose(str(exc))
-            else:
-                self.tickets[ticket.id] = ticket
-                return ticket, taken
-        if self.remote is not None and self.lock.locked():  # only a reconcile with Redis takes it
+        while True:
+            if self.up and (limits is not None or provider_hold is not None):
+                admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
+                try:
+                    taken = await asyncio.shield(admitting)
+                except asyncio.CancelledError:  # the client left: what Redis took is given back
+                    self._later(self._orphaned(ticket, admitting))
+                    raise
+                except Unavailable as exc:
+                    self.lose(str(exc))
+                else:
+                    self.tickets[ticket.id] = ticket
+                    return ticket, taken
+            if self.remote is None or not self.lock.locked():  # only a reconcile with Redis takes it
+                break
             async with self.lock:
                 pass
+            if not self.up:  # else the reconcile put this replica back on Redis: counted there
+                break
         taken = self._admit_local(ticket, client_hold, provider_hold, now)
         self.tickets[ticket.id] = ticket
         return ticket, taken
@@ -316,14 +320,18 @@ class Limiter:
         after the first); False when the budget cannot cover it (the provider is skipped)."""
         now = self.now_ms()
         hold = self.hold_units("provider", provider_id, budget, units, now)
-        if self.up:
-            try:
-                return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
-            except Unavailable as exc:
-                self.lose(str(exc))
-        if self.lock.locked():
+        while True:
+            if self.up:
+                try:
+                    return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
+                except Unavailable as exc:
+                    self.lose(str(exc))
+            if not self.lock.locked():
+                break
             async with self.lock:
                 pass
+            if not self.up:  # else the reconcile put this replica back on Redis: held there
+                break
         return self._reserve_local(ticket, hold)
 
     async def _reserve_remote(self, ticket: Ticket, hold: Hold, now: float) -> bool:
@@ -400,22 +408,26 @@ class Limiter:
             for outcome in await asyncio.gather(*ticket.pending, return_exceptions=True):
                 if isinstance(outcome, Unavailable):
                     self.lose(str(outcome))
-        now = self.now_ms()
-        epoch = self.epoch
-        remote = [h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch]
-        slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
-        if self.up and (remote or slot):
-            self.counters.finish(ticket.client, now, tokens)
-            try:
-                await self._settle_remote(ticket, remote, slot, actual, tokens, now)
-            except Unavailable as exc:
-                self.lose(str(exc))
-                self._settle_local(ticket, actual, tokens, now)
-            else:
-                self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
-            return ticket.use
-        if self.lock.locked():
-            async with self.lock:
+        while True:
+            now = self.now_ms()
+            epoch = self.epoch
+            remote = [
+                h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch
+            ]
+            slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
+            if self.up and (remote or slot):
+                self.counters.finish(ticket.client, now, tokens)
+                try:
+                    await self._settle_remote(ticket, remote, slot, actual, tokens, now)
+                except Unavailable as exc:
+                    self.lose(str(exc))
+                    self._settle_local(ticket, actual, tokens, now)
+                else:
+                    self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
+                return ticket.use
+            if not self.lock.locked():
+                break
+            async with self.lock:  # a reconcile: what it hands to Redis is settled there (above)
                 pass
         self._settle_here(ticket, actual, tokens)
         return ticket.use

@@ -392,3 +392,102 @@ async def test_limits_are_checked_in_order_on_redis(redis_server: RedisServer) -
     async with replica(redis_server.url, Clock()) as a:
         assert a.limiter.mode == "redis"
         await _all_four_refuse_in_order(a.limiter)
+
+
+async def test_an_admission_that_waited_for_a_reconcile_goes_to_redis_once_it_is_back(
+    redis_server: RedisServer,
+) -> None:
+    """A request admitted while a reconcile holds the lock waits for it; when the reconcile put
+    the limiter back on Redis, the request is counted there (its slot, its hold, its charge), not
+    in this replica's counters, which the reconcile has just handed over and nothing sends again."""
+    clock = Clock()
+    lim = limits(rpm=1000, max_parallel=1, budget={"usd": "1", "period": "day"})
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        b.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        ticket = await attempt(a.limiter, "mid", lim, "0.4")
+        assert await reconciling and a.limiter.up
+        assert not isinstance(ticket, Refused)
+        # the slot is Redis's: the other replica sees it in flight (max_parallel 1)
+        refused = await attempt(b.limiter, "other", lim, "0.1")
+        assert isinstance(refused, Refused) and refused.limit == "max_parallel"
+        await a.limiter.settle(ticket, Decimal("0.4"), 10)
+        await b.refresh()
+        key = ticket.holds["client"].key
+        assert b.limiter.known[key] == (400_000_000, 0)  # charged where every replica sees it
+
+
+async def test_a_settlement_that_waited_for_a_reconcile_gives_redis_back_its_slot_and_hold(
+    redis_server: RedisServer,
+) -> None:
+    """A request admitted while Redis was away, settled while a reconcile holds the lock: the
+    reconcile hands its slot and hold to Redis (under this replica's live epoch, which never
+    expires), so the settlement must free them there, not in this replica's counters."""
+    clock = Clock()
+    lim = limits(rpm=1000, max_parallel=1, budget={"usd": "1", "period": "day"})
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        b.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        ticket = await attempt(a.limiter, "outage", lim, "0.4")  # held here while Redis is away
+        assert not isinstance(ticket, Refused)
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        await a.limiter.settle(ticket, Decimal("0.4"), 10)
+        assert await reconciling and a.limiter.up
+        await b.refresh()
+        key = ticket.holds["client"].key
+        assert b.limiter.known[key] == (400_000_000, 0)  # charged, and its hold given back
+        other = await attempt(b.limiter, "other", lim, "0.1")  # its slot is free again
+        assert not isinstance(other, Refused)
+        await b.limiter.settle(other, Decimal("0.1"), 1)
+
+
+async def test_a_provider_reservation_that_waited_for_a_reconcile_is_held_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A fallback provider's reservation made while a reconcile holds the lock, which put the
+    limiter back on Redis: held and charged in Redis, where every replica sees the provider's
+    budget, not in this replica's counters."""
+    clock = Clock()
+    lim = limits(rpm=1000)
+    budget = limits(budget={"usd": "1", "period": "day"}).budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("provider", "p", budget)], ["c"])
+        b.configure([("provider", "p", budget)], ["c"])
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        ticket = await attempt(a.limiter, "outage", lim, "0")
+        assert not isinstance(ticket, Refused)
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        assert await a.limiter.reserve(ticket, "p", budget, Decimal("0.4"))
+        assert await reconciling and a.limiter.up
+        assert ticket.holds["p"].epoch == a.limiter.epoch
+        await a.limiter.settle(ticket, Decimal("0.4"), 10)
+        await b.refresh()
+        assert b.limiter.known[ticket.holds["p"].key] == (400_000_000, 0)
