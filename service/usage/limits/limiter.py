@@ -201,8 +201,10 @@ class Limiter:
             provider_hold = self.hold_units("provider", provider[0], provider[1], provider[2], now)
         if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
             raise Refused("unavailable", 1000, None, Use())
+        waited = False  # on Redis or a reconcile: the clock moved on since `now`
         while True:
             if self.up and (limits is not None or provider_hold is not None):
+                waited = True
                 admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
                 try:
                     taken = await asyncio.shield(admitting)
@@ -218,9 +220,10 @@ class Limiter:
                 break
             async with self.lock:
                 pass
+            waited = True
             if not self.up:  # else the reconcile put this replica back on Redis: counted there
                 break
-        taken = self._admit_local(ticket, client_hold, provider_hold, now)
+        taken = self._admit_local(ticket, client_hold, provider_hold, now, waited)
         self.tickets[ticket.id] = ticket
         return ticket, taken
 
@@ -272,8 +275,15 @@ class Limiter:
         return True
 
     def _admit_local(
-        self, ticket: Ticket, client_hold: Hold | None, provider_hold: Hold | None, now: float
+        self,
+        ticket: Ticket,
+        client_hold: Hold | None,
+        provider_hold: Hold | None,
+        now: float,
+        waited: bool = False,
     ) -> bool | None:
+        """Admit `ticket` in this replica's counts at `now`; `waited`: the clock moved on since
+        (its use is then counted as the clock reads, as a refusal's is)."""
         limits = ticket.limits
         counters = self.counters
         if limits is not None:
@@ -295,7 +305,9 @@ class Limiter:
             _append(self.unsynced_requests, ticket.client, (now, ticket.id))
         if client_hold is not None:
             ticket.holds["client"] = client_hold
-        if limits is not None:  # its window was trimmed to `now` by `refusal` already
+        if limits is not None and waited:
+            ticket.use = self.local_use(ticket.client, client_hold)
+        elif limits is not None:  # its window was trimmed to `now` by `refusal` already
             use = ticket.use = Use(len(counted.requests), counted.token_sum, counted.in_flight)
             if client_hold is not None:
                 use.spent, use.reserved = self.spent_here(client_hold.key)
@@ -421,7 +433,7 @@ class Limiter:
                     await self._settle_remote(ticket, remote, slot, actual, tokens, now)
                 except Unavailable as exc:
                     self.lose(str(exc))
-                    self._settle_local(ticket, actual, tokens, now)
+                    self._settle_local(ticket, actual, tokens, now, waited=True)
                 else:
                     self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
                 return ticket.use
@@ -461,7 +473,10 @@ class Limiter:
         *,
         done: AbstractSet[int] = frozenset(),
         slot_done: bool = False,
+        waited: bool = False,
     ) -> None:
+        """Settle in this replica's counts what Redis does not hold of `ticket`, ended at `now`;
+        `waited`: the clock moved on since (on Redis): its use is counted as the clock reads."""
         counters = self.counters
         for hold in ticket.holds.values():
             if hold.off or (done and id(hold) in done):
@@ -473,7 +488,7 @@ class Limiter:
         if ticket.counted and self.remote is not None and not slot_done and tokens > 0:
             _append(self.unsynced_tokens, ticket.client, (now, ticket.id, tokens))
         if ticket.counted and not slot_done:
-            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"), now)
+            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"), None if waited else now)
 
     # -- a request cancelled on its way -----------------------------------------------------------
 

@@ -491,3 +491,36 @@ async def test_a_provider_reservation_that_waited_for_a_reconcile_is_held_in_red
         await a.limiter.settle(ticket, Decimal("0.4"), 10)
         await b.refresh()
         assert b.limiter.known[ticket.holds["p"].key] == (400_000_000, 0)
+
+
+class SteppingClock(Clock):
+    """A clock that moves on `step` seconds at each reading once told to (time passing while
+    a call to Redis fails)."""
+
+    step = 0.0
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.step
+        return now
+
+
+async def test_a_settlement_that_falls_back_is_told_its_use_as_the_clock_reads_then(
+    redis_server: RedisServer,
+) -> None:
+    """Redis goes away under a settlement: it is settled in this replica's counts, and the use
+    it answers (the remaining-* headers) is counted when it is settled, not when it began."""
+    clock = SteppingClock()
+    lim = limits(rpm=5)
+    async with replica(redis_server.url, clock, lease_ms=300_000) as a:
+        first = await attempt(a.limiter, "r0", lim, "0")
+        await a.limiter.settle(first, Decimal(0), 0)
+        clock.advance(59.5)
+        second = await attempt(a.limiter, "r1", lim, "0")
+        assert a.limiter.up
+        redis_server.stop()
+        clock.step = 1.0  # the call to Redis takes a while to fail: the first request leaves
+        use = await a.limiter.settle(second, Decimal(0), 0)
+        assert not a.limiter.up
+        assert use is not None and use.requests == 1
+        assert use.remaining(lim)["x-switchboard-remaining-requests"] == "4"
