@@ -361,6 +361,12 @@ class Limiter:
         hold = ticket.holds.pop(provider_id, None)
         if hold is None or hold.off:
             return
+        if hold.epoch is None and self.lock.locked():  # a reconcile may be handing it to Redis
+            try:  # given back where it is once the reconcile is done, even if the client leaves
+                await self._guarded(ticket, self._release_reconciled(hold))
+            except Unavailable as exc:
+                self.lose(str(exc))
+            return
         if hold.epoch is None:
             self.counters.release(hold.key, hold.amount)
         elif self.up and hold.epoch == self.epoch:
@@ -371,6 +377,17 @@ class Limiter:
                 self.lose(str(exc))
         # A hold of an epoch Redis lost: reconciling drops the epoch's reservations, and this
         # one is no longer the ticket's, so nothing of it is counted again.
+
+    async def _release_reconciled(self, hold: Hold) -> None:
+        """`release` of a local hold a reconcile was handing to Redis: in Redis when it took it."""
+        async with self.lock:
+            pass
+        if hold.off:
+            return
+        if hold.epoch is None:
+            self.counters.release(hold.key, hold.amount)
+        elif self.up and hold.epoch == self.epoch:
+            await self.call("release", self.now_ms(), {"k": hold.key, "amount": str(hold.amount)})
 
     # -- settling ------------------------------------------------------------------------------
 

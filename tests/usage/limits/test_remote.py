@@ -524,3 +524,71 @@ async def test_a_settlement_that_falls_back_is_told_its_use_as_the_clock_reads_t
         assert not a.limiter.up
         assert use is not None and use.requests == 1
         assert use.remaining(lim)["x-switchboard-remaining-requests"] == "4"
+
+
+async def test_a_provider_hold_given_back_while_a_reconcile_hands_it_to_redis_is_released_there(
+    redis_server: RedisServer,
+) -> None:
+    """A provider's hold taken while Redis was away and given back (the attempt failed) while a
+    reconcile holds the lock: the reconcile tells Redis it is reserved, under this replica's
+    live epoch, so it must be given back in Redis, or the provider's budget keeps it forever."""
+    clock = Clock()
+    lim = limits(rpm=1000)
+    budget = limits(budget={"usd": "1", "period": "day"}).budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("provider", "p", budget)], ["c"])
+        b.configure([("provider", "p", budget)], ["c"])
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        ticket, taken = await a.limiter.admit("r", "c", lim, Decimal(0), ("p", budget, Decimal("0.4")))
+        assert taken is True
+        key = ticket.holds["p"].key
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        await a.limiter.release(ticket, "p")
+        assert await reconciling and a.limiter.up
+        await a.limiter.settle(ticket, Decimal(0), 0)
+        await b.refresh()
+        assert b.limiter.known[key] == (0, 0)
+
+
+async def test_a_provider_hold_given_back_by_a_request_that_leaves_during_a_reconcile_is_released(
+    redis_server: RedisServer,
+) -> None:
+    """As above, with the request cancelled while its hold waits for the reconcile: the hold
+    is given back all the same (in Redis), and the request's settlement waits for that."""
+    clock = Clock()
+    budget = limits(budget={"usd": "1", "period": "day"}).budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("provider", "p", budget)], ["c"])
+        b.configure([("provider", "p", budget)], ["c"])
+        redis_server.stop()
+        await a.tick()
+        ticket, taken = await a.limiter.admit(
+            "r", "c", limits(rpm=1000), Decimal(0), ("p", budget, Decimal("0.4"))
+        )
+        assert taken is True
+        key = ticket.holds["p"].key
+        redis_server.start()
+        await b.tick()
+        await b.tick()
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)
+        assert a.limiter.lock.locked()
+        releasing = asyncio.ensure_future(a.limiter.release(ticket, "p"))
+        await asyncio.sleep(0)
+        releasing.cancel()  # the client left
+        with contextlib.suppress(asyncio.CancelledError):
+            await releasing
+        assert await reconciling and a.limiter.up
+        await a.limiter.settle(ticket, Decimal(0), 0)
+        await b.refresh()
+        assert b.limiter.known[key] == (0, 0)
