@@ -192,6 +192,9 @@ class Keeper:
         """Give Redis what was counted while it was away; True once the limiter is back on it."""
         limiter = self.limiter
         async with limiter.lock:
+            # What Redis is told is in flight: one settled meanwhile (waiting for the lock) is
+            # still of them, handed to Redis with the rest, and settles there once this is done.
+            tickets = list(limiter.tickets.values())
             keys, holds = self._reconcile_keys()
             clients = self._reconcile_clients()
             args = {"old": limiter.old, "keys": [entry for entry, _ in keys], "clients": clients}
@@ -212,7 +215,7 @@ class Keeper:
                         hold.epoch = limiter.epoch
                     else:
                         hold.off = True  # its epoch's lease ran out: charged in full there
-            for ticket in limiter.tickets.values():
+            for ticket in tickets:
                 for hold in ticket.holds.values():  # a key without a flag (none sent): local ones
                     if hold.epoch is None:
                         hold.epoch = limiter.epoch

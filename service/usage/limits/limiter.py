@@ -201,22 +201,29 @@ class Limiter:
             provider_hold = self.hold_units("provider", provider[0], provider[1], provider[2], now)
         if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
             raise Refused("unavailable", 1000, None, Use())
-        if self.up and (limits is not None or provider_hold is not None):
-            admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
-            try:
-                taken = await asyncio.shield(admitting)
-            except asyncio.CancelledError:  # the client left: what Redis took is given back
-                self._later(self._orphaned(ticket, admitting))
-                raise
-            except Unavailable as exc:
-                self.lose(str(exc))
-            else:
-                self.tickets[ticket.id] = ticket
-                return ticket, taken
-        if self.remote is not None and self.lock.locked():  # only a reconcile with Redis takes it
+        waited = False  # on Redis or a reconcile: the clock moved on since `now`
+        while True:
+            if self.up and (limits is not None or provider_hold is not None):
+                waited = True
+                admitting = asyncio.ensure_future(self._admit_remote(ticket, client_hold, provider_hold, now))
+                try:
+                    taken = await asyncio.shield(admitting)
+                except asyncio.CancelledError:  # the client left: what Redis took is given back
+                    self._later(self._orphaned(ticket, admitting))
+                    raise
+                except Unavailable as exc:
+                    self.lose(str(exc))
+                else:
+                    self.tickets[ticket.id] = ticket
+                    return ticket, taken
+            if self.remote is None or not self.lock.locked():  # only a reconcile with Redis takes it
+                break
             async with self.lock:
                 pass
-        taken = self._admit_local(ticket, client_hold, provider_hold, now)
+            waited = True
+            if not self.up:  # else the reconcile put this replica back on Redis: counted there
+                break
+        taken = self._admit_local(ticket, client_hold, provider_hold, now, waited)
         self.tickets[ticket.id] = ticket
         return ticket, taken
 
@@ -268,8 +275,15 @@ class Limiter:
         return True
 
     def _admit_local(
-        self, ticket: Ticket, client_hold: Hold | None, provider_hold: Hold | None, now: float
+        self,
+        ticket: Ticket,
+        client_hold: Hold | None,
+        provider_hold: Hold | None,
+        now: float,
+        waited: bool = False,
     ) -> bool | None:
+        """Admit `ticket` in this replica's counts at `now`; `waited`: the clock moved on since
+        (its use is then counted as the clock reads, as a refusal's is)."""
         limits = ticket.limits
         counters = self.counters
         if limits is not None:
@@ -291,7 +305,9 @@ class Limiter:
             _append(self.unsynced_requests, ticket.client, (now, ticket.id))
         if client_hold is not None:
             ticket.holds["client"] = client_hold
-        if limits is not None:  # its window was trimmed to `now` by `refusal` already
+        if limits is not None and waited:
+            ticket.use = self.local_use(ticket.client, client_hold)
+        elif limits is not None:  # its window was trimmed to `now` by `refusal` already
             use = ticket.use = Use(len(counted.requests), counted.token_sum, counted.in_flight)
             if client_hold is not None:
                 use.spent, use.reserved = self.spent_here(client_hold.key)
@@ -316,14 +332,18 @@ class Limiter:
         after the first); False when the budget cannot cover it (the provider is skipped)."""
         now = self.now_ms()
         hold = self.hold_units("provider", provider_id, budget, units, now)
-        if self.up:
-            try:
-                return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
-            except Unavailable as exc:
-                self.lose(str(exc))
-        if self.lock.locked():
+        while True:
+            if self.up:
+                try:
+                    return await self._guarded(ticket, self._reserve_remote(ticket, hold, now))
+                except Unavailable as exc:
+                    self.lose(str(exc))
+            if not self.lock.locked():
+                break
             async with self.lock:
                 pass
+            if not self.up:  # else the reconcile put this replica back on Redis: held there
+                break
         return self._reserve_local(ticket, hold)
 
     async def _reserve_remote(self, ticket: Ticket, hold: Hold, now: float) -> bool:
@@ -341,6 +361,12 @@ class Limiter:
         hold = ticket.holds.pop(provider_id, None)
         if hold is None or hold.off:
             return
+        if hold.epoch is None and self.lock.locked():  # a reconcile may be handing it to Redis
+            try:  # given back where it is once the reconcile is done, even if the client leaves
+                await self._guarded(ticket, self._release_reconciled(hold))
+            except Unavailable as exc:
+                self.lose(str(exc))
+            return
         if hold.epoch is None:
             self.counters.release(hold.key, hold.amount)
         elif self.up and hold.epoch == self.epoch:
@@ -351,6 +377,17 @@ class Limiter:
                 self.lose(str(exc))
         # A hold of an epoch Redis lost: reconciling drops the epoch's reservations, and this
         # one is no longer the ticket's, so nothing of it is counted again.
+
+    async def _release_reconciled(self, hold: Hold) -> None:
+        """`release` of a local hold a reconcile was handing to Redis: in Redis when it took it."""
+        async with self.lock:
+            pass
+        if hold.off:
+            return
+        if hold.epoch is None:
+            self.counters.release(hold.key, hold.amount)
+        elif self.up and hold.epoch == self.epoch:
+            await self.call("release", self.now_ms(), {"k": hold.key, "amount": str(hold.amount)})
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -400,22 +437,26 @@ class Limiter:
             for outcome in await asyncio.gather(*ticket.pending, return_exceptions=True):
                 if isinstance(outcome, Unavailable):
                     self.lose(str(outcome))
-        now = self.now_ms()
-        epoch = self.epoch
-        remote = [h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch]
-        slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
-        if self.up and (remote or slot):
-            self.counters.finish(ticket.client, now, tokens)
-            try:
-                await self._settle_remote(ticket, remote, slot, actual, tokens, now)
-            except Unavailable as exc:
-                self.lose(str(exc))
-                self._settle_local(ticket, actual, tokens, now)
-            else:
-                self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
-            return ticket.use
-        if self.lock.locked():
-            async with self.lock:
+        while True:
+            now = self.now_ms()
+            epoch = self.epoch
+            remote = [
+                h for h in ticket.holds.values() if not h.off and h.epoch is not None and h.epoch == epoch
+            ]
+            slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
+            if self.up and (remote or slot):
+                self.counters.finish(ticket.client, now, tokens)
+                try:
+                    await self._settle_remote(ticket, remote, slot, actual, tokens, now)
+                except Unavailable as exc:
+                    self.lose(str(exc))
+                    self._settle_local(ticket, actual, tokens, now, waited=True)
+                else:
+                    self._settle_local(ticket, actual, tokens, now, done=set(map(id, remote)), slot_done=True)
+                return ticket.use
+            if not self.lock.locked():
+                break
+            async with self.lock:  # a reconcile: what it hands to Redis is settled there (above)
                 pass
         self._settle_here(ticket, actual, tokens)
         return ticket.use
@@ -449,7 +490,10 @@ class Limiter:
         *,
         done: AbstractSet[int] = frozenset(),
         slot_done: bool = False,
+        waited: bool = False,
     ) -> None:
+        """Settle in this replica's counts what Redis does not hold of `ticket`, ended at `now`;
+        `waited`: the clock moved on since (on Redis): its use is counted as the clock reads."""
         counters = self.counters
         for hold in ticket.holds.values():
             if hold.off or (done and id(hold) in done):
@@ -461,7 +505,7 @@ class Limiter:
         if ticket.counted and self.remote is not None and not slot_done and tokens > 0:
             _append(self.unsynced_tokens, ticket.client, (now, ticket.id, tokens))
         if ticket.counted and not slot_done:
-            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"), now)
+            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"), None if waited else now)
 
     # -- a request cancelled on its way -----------------------------------------------------------
 

@@ -13,6 +13,7 @@ import pytest
 from service.config.metering import Budget, Limits
 from service.usage.limits.amounts import amount_units, charge_units, usd, usd_text
 from service.usage.limits.limiter import Limiter
+from service.usage.limits.remote import Remote
 from service.usage.limits.tickets import Refused
 from service.usage.record import money, to_usd
 
@@ -291,3 +292,28 @@ async def test_a_budget_is_exact_under_many_concurrent_requests_in_units() -> No
     assert len(admitted) == 99
     assert limiter.spent_here(key) == (99 * 5_000_001, 0)
     assert usd_text(limiter.spent_here(key)[0]) == "0.495000099"
+
+
+async def test_an_admission_that_waited_for_a_reconcile_is_told_its_use_when_it_is_admitted() -> None:
+    """Redis configured and away: an admission waits while a reconcile holds the lock, and is
+    counted at the time it came; the use it is told (its remaining-* headers) is the use when
+    it is admitted, as the clock reads then: a request that left the 60 s window meanwhile no
+    longer counts."""
+    clock = Clock()
+    limiter = Limiter(remote=Remote("redis://127.0.0.1:9/0"), clock=clock)  # never reached
+    lim = limits(rpm=5)
+    first = await admit(limiter, 0, lim)
+    await limiter.settle(first, Decimal(0), 0)
+    clock.advance(59.5)
+    async with limiter.lock:  # a reconcile, on its way to a Redis that does not answer
+        waiting = asyncio.ensure_future(admit(limiter, 1, lim))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        clock.advance(1)  # the first request leaves the window meanwhile
+    ticket = await waiting
+    assert ticket.use.requests == 1
+    assert ticket.use.remaining(lim)["x-switchboard-remaining-requests"] == "4"
+    assert limiter.local_use("c", None).requests == 1
+    await limiter.settle(ticket, Decimal(0), 0)
+    assert limiter.remote is not None
+    await limiter.remote.aclose()

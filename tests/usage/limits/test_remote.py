@@ -392,3 +392,203 @@ async def test_limits_are_checked_in_order_on_redis(redis_server: RedisServer) -
     async with replica(redis_server.url, Clock()) as a:
         assert a.limiter.mode == "redis"
         await _all_four_refuse_in_order(a.limiter)
+
+
+async def test_an_admission_that_waited_for_a_reconcile_goes_to_redis_once_it_is_back(
+    redis_server: RedisServer,
+) -> None:
+    """A request admitted while a reconcile holds the lock waits for it; when the reconcile put
+    the limiter back on Redis, the request is counted there (its slot, its hold, its charge), not
+    in this replica's counters, which the reconcile has just handed over and nothing sends again."""
+    clock = Clock()
+    lim = limits(rpm=1000, max_parallel=1, budget={"usd": "1", "period": "day"})
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        b.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        ticket = await attempt(a.limiter, "mid", lim, "0.4")
+        assert await reconciling and a.limiter.up
+        assert not isinstance(ticket, Refused)
+        # the slot is Redis's: the other replica sees it in flight (max_parallel 1)
+        refused = await attempt(b.limiter, "other", lim, "0.1")
+        assert isinstance(refused, Refused) and refused.limit == "max_parallel"
+        await a.limiter.settle(ticket, Decimal("0.4"), 10)
+        await b.refresh()
+        key = ticket.holds["client"].key
+        assert b.limiter.known[key] == (400_000_000, 0)  # charged where every replica sees it
+
+
+async def test_a_settlement_that_waited_for_a_reconcile_gives_redis_back_its_slot_and_hold(
+    redis_server: RedisServer,
+) -> None:
+    """A request admitted while Redis was away, settled while a reconcile holds the lock: the
+    reconcile hands its slot and hold to Redis (under this replica's live epoch, which never
+    expires), so the settlement must free them there, not in this replica's counters."""
+    clock = Clock()
+    lim = limits(rpm=1000, max_parallel=1, budget={"usd": "1", "period": "day"})
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        b.configure([("client", "c", lim.budget)], ["c"])  # type: ignore[list-item]
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        ticket = await attempt(a.limiter, "outage", lim, "0.4")  # held here while Redis is away
+        assert not isinstance(ticket, Refused)
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        await a.limiter.settle(ticket, Decimal("0.4"), 10)
+        assert await reconciling and a.limiter.up
+        await b.refresh()
+        key = ticket.holds["client"].key
+        assert b.limiter.known[key] == (400_000_000, 0)  # charged, and its hold given back
+        other = await attempt(b.limiter, "other", lim, "0.1")  # its slot is free again
+        assert not isinstance(other, Refused)
+        await b.limiter.settle(other, Decimal("0.1"), 1)
+
+
+async def test_a_provider_reservation_that_waited_for_a_reconcile_is_held_in_redis(
+    redis_server: RedisServer,
+) -> None:
+    """A fallback provider's reservation made while a reconcile holds the lock, which put the
+    limiter back on Redis: held and charged in Redis, where every replica sees the provider's
+    budget, not in this replica's counters."""
+    clock = Clock()
+    lim = limits(rpm=1000)
+    budget = limits(budget={"usd": "1", "period": "day"}).budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("provider", "p", budget)], ["c"])
+        b.configure([("provider", "p", budget)], ["c"])
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        ticket = await attempt(a.limiter, "outage", lim, "0")
+        assert not isinstance(ticket, Refused)
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        assert await a.limiter.reserve(ticket, "p", budget, Decimal("0.4"))
+        assert await reconciling and a.limiter.up
+        assert ticket.holds["p"].epoch == a.limiter.epoch
+        await a.limiter.settle(ticket, Decimal("0.4"), 10)
+        await b.refresh()
+        assert b.limiter.known[ticket.holds["p"].key] == (400_000_000, 0)
+
+
+class SteppingClock(Clock):
+    """A clock that moves on `step` seconds at each reading once told to (time passing while
+    a call to Redis fails)."""
+
+    step = 0.0
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.step
+        return now
+
+
+async def test_a_settlement_that_falls_back_is_told_its_use_as_the_clock_reads_then(
+    redis_server: RedisServer,
+) -> None:
+    """Redis goes away under a settlement: it is settled in this replica's counts, and the use
+    it answers (the remaining-* headers) is counted when it is settled, not when it began."""
+    clock = SteppingClock()
+    lim = limits(rpm=5)
+    async with replica(redis_server.url, clock, lease_ms=300_000) as a:
+        first = await attempt(a.limiter, "r0", lim, "0")
+        await a.limiter.settle(first, Decimal(0), 0)
+        clock.advance(59.5)
+        second = await attempt(a.limiter, "r1", lim, "0")
+        assert a.limiter.up
+        redis_server.stop()
+        clock.step = 1.0  # the call to Redis takes a while to fail: the first request leaves
+        use = await a.limiter.settle(second, Decimal(0), 0)
+        assert not a.limiter.up
+        assert use is not None and use.requests == 1
+        assert use.remaining(lim)["x-switchboard-remaining-requests"] == "4"
+
+
+async def test_a_provider_hold_given_back_while_a_reconcile_hands_it_to_redis_is_released_there(
+    redis_server: RedisServer,
+) -> None:
+    """A provider's hold taken while Redis was away and given back (the attempt failed) while a
+    reconcile holds the lock: the reconcile tells Redis it is reserved, under this replica's
+    live epoch, so it must be given back in Redis, or the provider's budget keeps it forever."""
+    clock = Clock()
+    lim = limits(rpm=1000)
+    budget = limits(budget={"usd": "1", "period": "day"}).budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("provider", "p", budget)], ["c"])
+        b.configure([("provider", "p", budget)], ["c"])
+        redis_server.stop()
+        await a.tick()
+        assert a.limiter.degraded
+        ticket, taken = await a.limiter.admit("r", "c", lim, Decimal(0), ("p", budget, Decimal("0.4")))
+        assert taken is True
+        key = ticket.holds["p"].key
+        redis_server.start()  # empty: the other replica's lease is gone, it reconciles too
+        await b.tick()
+        await b.tick()
+        assert b.limiter.up
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)  # it holds the lock, on its way to Redis
+        assert a.limiter.lock.locked()
+        await a.limiter.release(ticket, "p")
+        assert await reconciling and a.limiter.up
+        await a.limiter.settle(ticket, Decimal(0), 0)
+        await b.refresh()
+        assert b.limiter.known[key] == (0, 0)
+
+
+async def test_a_provider_hold_given_back_by_a_request_that_leaves_during_a_reconcile_is_released(
+    redis_server: RedisServer,
+) -> None:
+    """As above, with the request cancelled while its hold waits for the reconcile: the hold
+    is given back all the same (in Redis), and the request's settlement waits for that."""
+    clock = Clock()
+    budget = limits(budget={"usd": "1", "period": "day"}).budget
+    assert budget is not None
+    async with replica(redis_server.url, clock) as a, replica(redis_server.url, clock) as b:
+        a.configure([("provider", "p", budget)], ["c"])
+        b.configure([("provider", "p", budget)], ["c"])
+        redis_server.stop()
+        await a.tick()
+        ticket, taken = await a.limiter.admit(
+            "r", "c", limits(rpm=1000), Decimal(0), ("p", budget, Decimal("0.4"))
+        )
+        assert taken is True
+        key = ticket.holds["p"].key
+        redis_server.start()
+        await b.tick()
+        await b.tick()
+        reconciling = asyncio.ensure_future(a.reconcile())
+        await asyncio.sleep(0)
+        assert a.limiter.lock.locked()
+        releasing = asyncio.ensure_future(a.limiter.release(ticket, "p"))
+        await asyncio.sleep(0)
+        releasing.cancel()  # the client left
+        with contextlib.suppress(asyncio.CancelledError):
+            await releasing
+        assert await reconciling and a.limiter.up
+        await a.limiter.settle(ticket, Decimal(0), 0)
+        await b.refresh()
+        assert b.limiter.known[key] == (0, 0)
