@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -355,3 +356,22 @@ def test_a_batch_holding_a_record_twice_stores_it_once_and_counts_it_once(store:
     assert len(store.requests(RequestsQuery())) == 2
     (totals,) = _usage(store, since="2026-11-27").values()
     assert totals["requests"] == 2
+
+
+def test_a_sqlite_that_binds_at_most_999_values_a_statement_stores_a_batch_once(tmp_path: Path) -> None:
+    """SQLite before 3.32 binds at most 999 values in one statement (`SQLITE_MAX_VARIABLE_NUMBER`,
+    a build may set another): a batch still goes in, in statements that fit, and a batch stored
+    again (the RETURNING path) too, rather than the database being taken for down for good."""
+    store = open_store(str(tmp_path / "old.db"), tmp_path)
+    assert store is not None
+    try:
+        store.open()
+        assert isinstance(store._writer, sqlite3.Connection)
+        store._writer.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        batch = [record(ts=NOW + timedelta(seconds=i)) for i in range(100)]
+        assert store.insert(batch) == 100
+        assert store.insert([*batch, record(ts=NOW)]) == 1  # some stored already: RETURNING tells which
+        (totals,) = _usage(store, since="2026-11-27").values()
+        assert totals["requests"] == 101
+    finally:
+        store.close()

@@ -134,7 +134,8 @@ _COLUMNS = (
     "ttfb_ms, prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, reasoning_tokens, "
     "cost_pico, priced, estimated, replica, limited"
 )
-_ROW = "(" + ", ".join("?" * 22) + ")"
+VALUES_PER_ROW = 22
+_ROW = "(" + ", ".join("?" * VALUES_PER_ROW) + ")"
 _ROLLUP_SUMS = (
     "requests",
     "errors",
@@ -186,6 +187,9 @@ class SQLStore:
     """Whether the driver's `executemany` counts the rows it inserted (`rowcount`)."""
     clustered: str = ""
     """What makes a table kept in key order (SQLite's `WITHOUT ROWID`)."""
+    max_rows: int = _ROWS_PER_INSERT
+    """The most rows one INSERT may hold: SQLite binds at most 999 values in a statement
+    before 3.32 (32,766 since; a build may set another), `VALUES_PER_ROW` a row."""
 
     @property
     def exists(self) -> bool:
@@ -239,7 +243,7 @@ class SQLStore:
             try:
                 with self._transaction() as cur:
                     inserted = 0
-                    for sql, values in _slices(rows):
+                    for sql, values in _slices(rows, self.max_rows):
                         cur.execute(sql, values)
                         inserted += cur.rowcount
                     if inserted != len(rows):
@@ -254,8 +258,9 @@ class SQLStore:
     def _insert_returning(self, unique: dict[tuple[Any, Any, Any], Row], batch: list[Row]) -> int:
         with self._transaction() as cur:
             inserted: list[Row] = []
-            for start in range(0, len(batch), _ROWS_PER_INSERT):
-                chunk = batch[start : start + _ROWS_PER_INSERT]
+            per_insert = min(_ROWS_PER_INSERT, self.max_rows)
+            for start in range(0, len(batch), per_insert):
+                chunk = batch[start : start + per_insert]
                 values = list(chain.from_iterable(chunk))
                 sql = (
                     f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
@@ -494,10 +499,12 @@ def _rollups(rows: Sequence[Row]) -> dict[tuple[str, str, str, str, str], list[i
     return rollups
 
 
-def _slices(rows: Sequence[Row]) -> Iterator[tuple[str, list[Any]]]:
-    """`rows` as statements of `_SLICES` rows each, largest first, and their values."""
+def _slices(rows: Sequence[Row], max_rows: int) -> Iterator[tuple[str, list[Any]]]:
+    """`rows` as statements of `_SLICES` rows each (`max_rows` at most), largest first, and their values."""
     start = 0
     for size in _SLICES:
+        if size > max_rows:
+            continue
         sql = _INSERTS[size]
         while len(rows) - start >= size:
             yield sql, list(chain.from_iterable(rows[start : start + size]))
