@@ -17,7 +17,7 @@ from service.cli.serve import OPEN_FILES, event_loop, serving_app
 from service.http.app import settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
-from tests.conftest import SopsProject, eventually, write_routing, write_server
+from tests.conftest import SopsProject, eventually, write_atomically, write_key, write_routing, write_server
 
 
 def test_serve_raises_a_low_open_file_limit_towards_the_hard_one() -> None:
@@ -82,3 +82,49 @@ async def test_serve_freezes_what_the_start_left_once_the_first_configuration_is
     finally:
         await runner.cleanup()
         gc.unfreeze()  # this process starts many services: give them back to the collector
+
+
+async def test_reloads_after_the_collector_is_settled_leave_no_frozen_cycle_behind(
+    sops_project: SopsProject,
+) -> None:
+    """What the freeze holds is left out of every collection: should a reload make garbage of
+    a cycle of the start (the first snapshot, its providers, a sops file's state), it would be
+    kept for good. Reloads of a plaintext file, a sops-encrypted one and a refused one leave
+    none of the service's objects unreachable among the frozen."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    settings = Settings(
+        root=sops_project.root,
+        providers=sops_project.providers,
+        events=sops_project.root / "var" / "events.jsonl",
+        port=0,
+        age_key_file=sops_project.identity.key_file,
+        health_interval_s=0,
+    )
+    app = serving_app(settings)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    try:
+        await runner.setup()
+        registry = app[REGISTRY]
+        await eventually(lambda: registry.state.ready and gc.get_freeze_count() > 10_000, timeout=20)
+        for i in range(12):
+            generation = registry.state.snapshot.generation
+            write_server(sops_project, "gpu", base_url=f"http://127.0.0.1:{1000 + i}/v1")
+            if i % 4 == 0:
+                write_key(sops_project, "gpu-key", f"sk-{i}")
+            if i % 4 == 2:
+                write_atomically(sops_project.providers / "bad.yaml", f"kind: nonsense{i}\n: [")
+            await eventually(lambda g=generation: registry.state.snapshot.generation > g, timeout=10)
+        gc.collect()
+        gc.unfreeze()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            leaked = [type(o).__module__ for o in gc.garbage if type(o).__module__.startswith("service.")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert leaked == []
+    finally:
+        await runner.cleanup()
+        gc.unfreeze()
