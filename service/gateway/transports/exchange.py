@@ -68,8 +68,10 @@ class BrokenOff(WireError):
 
 
 class Keeper(Protocol):
-    """What a connection needs of its pool: to be told when it is free for the next request
-    (its answer read whole), and when it is gone."""
+    """What a connection needs of its pool: its loop, and to be told when it is free for the
+    next request (its answer read whole), and when it is gone."""
+
+    loop: asyncio.AbstractEventLoop
 
     def _release(self, connection: Connection) -> None: ...
 
@@ -81,6 +83,7 @@ class Response:
 
     def __init__(self, connection: Connection) -> None:
         self._connection: Connection | None = connection
+        self._loop = connection.loop
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
         self._fields: list[tuple[str, str]] = []
@@ -167,8 +170,9 @@ class Response:
         `deadline` (None: no limit).
 
         One `call_at` timer fails the waiter, and is cancelled on waking: about half the cost of
-        `asyncio.timeout_at` or `wait_for`, on every wait of every exchange."""
-        loop = asyncio.get_running_loop()
+        `asyncio.timeout_at` or `wait_for`, on every wait of every exchange. The loop is the
+        connection's (`asyncio.get_running_loop` makes a system call each time)."""
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
         timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
         try:
@@ -231,7 +235,7 @@ class Response:
             if within is None:
                 await self._until(deadline)
             else:  # a silence is timed from the last bytes that came
-                at = asyncio.get_running_loop().time() + within
+                at = self._loop.time() + within
                 await self._until(at if deadline is None else min(at, deadline))
 
     def _inflate(self, raw: bytes, most: int) -> bytes:
@@ -268,6 +272,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Keeper, key: tuple[str, str, int]) -> None:
         self.pool = pool
         self.key = key
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None

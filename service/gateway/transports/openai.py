@@ -36,7 +36,6 @@ that speaks the protocol only by default, raises `NotSpoken` unless it names the
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -212,7 +211,7 @@ class OpenAITransport(Transport):
 
         Returns the (read) response and its body; raises `Failure` to move on.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         started = loop.time()
         deadline = started + target.timeout_s  # the whole exchange's, each wait bounded by it
         response: Response | None = None
@@ -248,7 +247,7 @@ class OpenAITransport(Transport):
         return response, target.masked(answer, status)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         started = loop.time()
         provider = target.provider
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.

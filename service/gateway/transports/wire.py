@@ -128,6 +128,9 @@ class Pool:
         """https: verifies the certificate and the host name (the system's CAs when None)."""
         self._all: set[Connection] = set()
         self.closed = False
+        self.loop = asyncio.get_running_loop()
+        """The loop its connections live on, kept: `asyncio.get_running_loop` makes a system
+        call (getpid) each time, and the pool is made on its loop (call inside it)."""
 
     async def post(
         self,
@@ -163,7 +166,7 @@ class Pool:
     async def _acquire(
         self, key: tuple[str, str, int], connect_s: float | None, deadline: float | None
     ) -> Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         connection = self._idle_connection(key, loop.time())
         if connection is not None:
             return connection
@@ -208,7 +211,7 @@ class Pool:
     async def _free(self, key: tuple[str, str, int]) -> Connection | None:
         """Wait until a connection to `key` is released (it, then) or closed (None: one may be
         opened)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             waiter = loop.create_future()
             self._waiting.setdefault(key, deque()).append(waiter)
@@ -226,7 +229,7 @@ class Pool:
 
     async def _connect(self, key: tuple[str, str, int]) -> Connection:
         scheme, host, port = key
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         tls = None
         if scheme == "https":
             if self._tls is None:
@@ -259,7 +262,7 @@ class Pool:
             pass
         else:  # written out in the URL: checked by the caller, not resolved (as aiohttp does)
             return [(literal, socket.AF_INET6 if parsed.version == 6 else socket.AF_INET)]
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         cached = self._names.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -277,7 +280,7 @@ class Pool:
         if self.closed:
             connection.abort()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = self.loop.time()
         self._idle.setdefault(connection.key, deque()).append(connection)
         self._wake(connection.key)
 

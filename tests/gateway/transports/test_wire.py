@@ -352,3 +352,38 @@ async def test_connections_idle_past_the_keepalive_are_closed() -> None:
         idle[0].idle_since -= p.keepalive_s  # the older one's keepalive is over
         assert await post(p, url) == (200, b"ok")
         assert len(idle) == 1
+
+
+async def test_an_exchange_on_a_kept_alive_connection_asks_for_no_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool, its connections and their answers keep the loop they were made on:
+    `asyncio.get_running_loop` makes a system call (getpid) on every call, and an exchange
+    made several (the deadline, each wait, the release)."""
+    asked = 0
+    running = asyncio.get_running_loop
+
+    def counted() -> asyncio.AbstractEventLoop:
+        nonlocal asked
+        asked += 1
+        return running()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.001)  # the body after the head: a wait for it
+                writer.write(b"ok")
+
+    async with raw(serve) as url, pool() as p:
+        assert await post(p, url) == (200, b"ok")  # connected
+        monkeypatch.setattr(asyncio, "get_running_loop", counted)
+        endpoint = Endpoint.of(url)
+        for _ in range(3):
+            response = await p.post(endpoint, {}, b"{}", connect_s=5, deadline=p.loop.time() + 5)
+            assert await response.readany(5, deadline=p.loop.time() + 5) == b"ok"
+            assert await response.readany(5) == b""
+        monkeypatch.undo()
+    assert asked == 0
