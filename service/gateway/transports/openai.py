@@ -135,11 +135,13 @@ class Upstream:
         )
 
     def url(self, path: str) -> Endpoint:
-        """Where `path` under the provider's base goes (parsed once per path); a whole URL
-        (starting with `http`) is taken as it is."""
+        """Where `path` under the provider's base goes, with the head of a request sending the
+        provider's `headers` (both made once per path); a whole URL (starting with `http`) is
+        taken as it is."""
         found = self.urls.get(path)
         if found is None:
-            found = Endpoint.of(URL(path if path.startswith("http") else self.base + path))
+            endpoint = Endpoint.of(URL(path if path.startswith("http") else self.base + path))
+            found = endpoint.with_headers(self.headers)
             if len(self.urls) < MAX_PATHS:
                 self.urls[path] = found
         return found

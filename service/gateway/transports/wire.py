@@ -48,7 +48,10 @@ from service.gateway.transports.exchange import Connection, Response, WireError
 from service.gateway.transports.guard import GuardedResolver, UpstreamRefused
 
 _DNS_TTL_S = 300.0
-_AGENT = f"User-Agent: switchboard/{__version__}\r\n"
+_FIXED = (
+    f"User-Agent: switchboard/{__version__}\r\nAccept: */*\r\nAccept-Encoding: identity\r\nContent-Length: "
+)
+"""What every request's head ends with, before its length."""
 
 
 class Sent(Protocol):
@@ -83,12 +86,17 @@ class ConnectTimeout(WireError, TimeoutError):
     """No connection within the connect timeout."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Endpoint:
-    """Where a request goes: its pool key, and its request line and `Host` as bytes."""
+    """Where a request goes: its pool key, and its request line and `Host` as bytes; with
+    `headers` (`with_headers`), the request's head for them, made once."""
 
     key: tuple[str, str, int]
     line: bytes
+    headers: Mapping[str, str] | None = None
+    """The headers `head` was made with: a request sending this very mapping sends `head`."""
+    head: bytes = b""
+    """The head for `headers`, up to the value of its `Content-Length`."""
 
     @classmethod
     def of(cls, url: URL | str) -> Endpoint:
@@ -100,6 +108,11 @@ class Endpoint:
         _check(path + authority)
         line = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
         return cls((parsed.scheme, parsed.raw_host, parsed.port), line.encode())
+
+    def with_headers(self, headers: Mapping[str, str]) -> Endpoint:
+        """This endpoint with its head for `headers` made now, for the requests that send them
+        (a provider's own headers: the same on every request); `Unsendable` as `post` would."""
+        return Endpoint(self.key, self.line, headers, self.line + _encode(headers))
 
 
 def _check(text: str) -> None:
@@ -150,7 +163,8 @@ class Pool:
         `connect_s` too (`ConnectTimeout`, when it ends first). `sent`, when given, has its
         `delivered` set once the request is written (`Call`); `limit` bounds the body as it
         arrives (`TooLarge`)."""
-        data = endpoint.line + _encode(headers, len(body)) + body
+        head = endpoint.head if headers is endpoint.headers else endpoint.line + _encode(headers)
+        data = b"".join((head, b"%d\r\n\r\n" % len(body), body))
         connection = await self._acquire(endpoint.key, connect_s, deadline)
         response = connection.send(data)
         response._limit = limit
@@ -314,11 +328,12 @@ class Pool:
         self._waiting.clear()
 
 
-def _encode(headers: Mapping[str, str], length: int) -> bytes:
+def _encode(headers: Mapping[str, str]) -> bytes:
+    """The head's header lines after `Host`, up to the value of `Content-Length`."""
     lines = []
     for name, value in headers.items():
         line = f"{name}: {value}\r\n"
         _check(line[:-2])
         lines.append(line)
-    lines.append(f"{_AGENT}Accept: */*\r\nAccept-Encoding: identity\r\nContent-Length: {length}\r\n\r\n")
+    lines.append(_FIXED)
     return "".join(lines).encode("utf-8")

@@ -252,6 +252,33 @@ async def test_a_user_agent_is_sent() -> None:
     assert heads[0].count(b"User-Agent") == 1
 
 
+async def test_a_request_is_sent_byte_for_byte_with_its_head_made_once_or_each_time() -> None:
+    """The head an endpoint made once for a provider's headers is sent for that very mapping;
+    any other mapping (equal or not) has its head made for it: the bytes are the same."""
+    sent: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                sent.append(await read_request(reader))
+                writer.write(answer_of(200, b"ok"))
+
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-1"}
+    async with raw(serve) as url, pool() as p:
+        endpoint = Endpoint.of(url).with_headers(headers)
+        for given in (headers, dict(headers), headers, {"X-Other": "é"}):
+            response = await p.post(endpoint, given, b'{"a": 1}', connect_s=5)
+            assert await response.read(100) == b"ok"
+    fixed = f"User-Agent: switchboard/{__version__}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n"
+    own = f"POST /v1/x HTTP/1.1\r\nHost: {url.split('/')[2]}\r\n"
+    expected = f"{own}Content-Type: application/json\r\nAuthorization: Bearer sk-1\r\n{fixed}"
+    other = f"{own}X-Other: é\r\n{fixed}"
+    body = 'Content-Length: 8\r\n\r\n{"a": 1}'
+    assert sent == [(expected + body).encode()] * 3 + [(other + body).encode()]
+    with pytest.raises(Unsendable):
+        Endpoint.of(url).with_headers({"X-A": "a\r\nX-Injected: 1"})
+
+
 @contextlib.asynccontextmanager
 async def https(ca: trustme.CA, *names: str) -> AsyncIterator[tuple[int, list[str | None]]]:
     """An https server on port 0 with a certificate `ca` issued for `names`; yields its port and
