@@ -4,7 +4,9 @@ request written, its answer parsed and read.
 A request goes out in one `transport.write` (head and body); the answer is parsed by
 `httptools` (llhttp, the parser uvicorn uses): Content-Length, chunked, or read to EOF, 1xx
 skipped. `Connection` is the asyncio protocol whose parser callbacks feed the `Response` being
-read; it tells its pool (a `Keeper`) when it is free again, and when it is gone.
+read; it tells its pool (a `Keeper`) when it is free again, and when it is gone. Of the answer's
+headers only those the gateway reads or passes back are kept (`KEPT`): the others, most of what
+a vendor sends, are not decoded.
 
 - **Bounded reads**: a head over `MAX_HEAD` bytes, and a body over the caller's limit
   (`TooLarge`), fail at once. A gzip or deflate answer is inflated within the same limit (a
@@ -42,6 +44,17 @@ MAX_HEAD = 64 << 10
 _HIGH_WATER = 256 << 10
 """Bytes of a stream buffered unread before the connection stops reading."""
 _INFLATE_PIECE = 1 << 20
+KEPT = frozenset(
+    (b"content-length", b"transfer-encoding", b"content-encoding", b"content-type")
+    + (b"x-request-id", b"retry-after", b"retry-after-ms")
+)
+"""The headers of an answer that are kept (in `Response.headers`): those its reading needs,
+its `Content-Type`, and those the gateway passes back to its client (`base.pass_back`), with
+every `x-ratelimit-*`. The others are not decoded."""
+_RATE_LIMITS = b"x-ratelimit-"
+_NAMES: dict[bytes, str | None] = {}
+"""A header's name as it came -> its kept name (in lower case), or None: not kept."""
+_MAX_NAMES = 512
 
 
 class TooLarge(Exception):
@@ -79,7 +92,9 @@ class Keeper(Protocol):
 
 
 class Response:
-    """An answer whose head was read; its body comes with `read` or `readany`."""
+    """An answer whose head was read; its body comes with `read` or `readany`.
+
+    Its `headers` are the answer's `KEPT` ones, their names in lower case."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection: Connection | None = connection
@@ -336,9 +351,12 @@ class Connection(asyncio.Protocol):
             if self.head > MAX_HEAD:
                 response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
             return
-        response._fields.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        try:  # a vendor sends the same names in the same case: each is looked at once
+            kept = _NAMES[name]
+        except KeyError:
+            kept = _kept(name)
+        if kept is not None:
+            response._fields.append((kept, value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -393,3 +411,13 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _kept(name: bytes) -> str | None:
+    """`name` in lower case if its header is kept, else None; remembered (up to `_MAX_NAMES`
+    names: past them, names from an upstream sending ever new ones are looked at each time)."""
+    lower = name.lower()  # a header's name is ASCII (llhttp refuses any other byte)
+    kept = lower.decode() if lower in KEPT or lower.startswith(_RATE_LIMITS) else None
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = kept
+    return kept

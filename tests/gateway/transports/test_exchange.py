@@ -255,3 +255,42 @@ async def test_a_compressed_answer_cut_short_is_broken() -> None:
         with pytest.raises(BrokenOff, match="does not inflate"):
             await post(p, url, b"cut")
         assert await post(p, url, b"whole") == (200, b"fine")
+
+
+async def test_an_answer_keeps_the_headers_read_and_passed_back_in_any_case() -> None:
+    """Kept: the framing headers (honoured in any case), Content-Type and what is passed back
+    (`x-request-id`, `retry-after`, `retry-after-ms`, every `x-ratelimit-*`), named in lower
+    case, values decoded as before (non-UTF-8 bytes kept as surrogates), duplicates in order.
+    Any other header is not kept, nor is a trailer; the names are looked at once however many
+    an upstream sends (past the ones remembered, each is looked at every time)."""
+    many = b"".join(b"X-Junk-%d: j\r\n" % n for n in range(600))  # more names than remembered
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(
+                    b"HTTP/1.1 201 Created\r\nTRANSFER-ENCODING: chunked\r\nContent-Type: text/x; q=\xe9\r\n"
+                    b"Set-Cookie: s=1\r\nX-Request-ID: r1\r\nRetry-After: 3\r\nretry-after-ms: 3000\r\n"
+                    + many
+                    + b"X-RateLimit-Remaining-Tokens: 9\r\nx-ratelimit-remaining-tokens: 8\r\n"
+                    b"content-ENCODING: gzip\r\n\r\n"
+                )
+                body = gzip.compress(b"fine")
+                writer.write(b"%x\r\n%b\r\n0\r\nX-Request-Id: trailer\r\n\r\n" % (len(body), body))
+
+    async with raw(serve) as url, pool() as p:
+        for _ in range(2):  # names seen before, and remembered
+            response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+            assert (response.status, await response.read(100)) == (201, b"fine")
+            assert list(response.headers.items()) == [
+                ("transfer-encoding", "chunked"),
+                ("content-type", "text/x; q=\udce9"),
+                ("x-request-id", "r1"),
+                ("retry-after", "3"),
+                ("retry-after-ms", "3000"),
+                ("x-ratelimit-remaining-tokens", "9"),
+                ("x-ratelimit-remaining-tokens", "8"),
+                ("content-encoding", "gzip"),
+            ]
+            assert response.headers["Content-Type"] == "text/x; q=\udce9"  # looked up in any case

@@ -85,7 +85,7 @@ async def test_a_redirect_is_an_answer() -> None:
 
     async with raw(redirect) as url, pool() as p:
         response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
-    assert response.status == 307 and response.headers["location"] == "http://elsewhere.invalid/"
+    assert response.status == 307 and await response.read(100) == b""
 
 
 async def test_a_header_with_a_line_break_is_never_sent() -> None:
