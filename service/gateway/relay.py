@@ -16,7 +16,7 @@ translated by its transport as it is relayed.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -110,17 +110,23 @@ class Relay:
             return self.tei
         return self.openai
 
-    async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
+    def relay(self, call: Call, snapshot: Snapshot) -> Coroutine[Any, Any, web.StreamResponse]:
         """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
         model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
         tried failed.
 
         With a meter, the call is admitted against its client's limits first (a refusal is
         raised), each candidate must fit its budget, and the end is settled and recorded. With
-        tracing on, the request is a span and each attempt a child span of it."""
+        tracing on, the request is a span and each attempt a child span of it.
+
+        Without tracing it is `_relay`'s coroutine itself: no coroutine around it, which every
+        wait of the request would go through."""
         if self.tracing is None:
-            return await self._relay(call, snapshot, None)
-        with self.tracing.request(call) as trace:
+            return self._relay(call, snapshot, None)
+        return self._traced(call, snapshot, self.tracing)
+
+    async def _traced(self, call: Call, snapshot: Snapshot, tracing: Tracing) -> web.StreamResponse:
+        with tracing.request(call) as trace:
             return await self._relay(call, snapshot, trace)
 
     async def _relay(self, call: Call, snapshot: Snapshot, trace: RequestTrace | None) -> web.StreamResponse:

@@ -45,8 +45,15 @@ _HIGH_WATER = 256 << 10
 """Bytes of a stream buffered unread before the connection stops reading."""
 _INFLATE_PIECE = 1 << 20
 KEPT = frozenset(
-    (b"content-length", b"transfer-encoding", b"content-encoding", b"content-type")
-    + (b"x-request-id", b"retry-after", b"retry-after-ms")
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"content-encoding",
+        b"content-type",
+        b"x-request-id",
+        b"retry-after",
+        b"retry-after-ms",
+    )
 )
 """The headers of an answer that are kept (in `Response.headers`): those its reading needs,
 its `Content-Type`, and those the gateway passes back to its client (`base.pass_back`), with
@@ -196,12 +203,6 @@ class Response:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
-
-    async def _headed_in(self, deadline: float | None) -> None:
-        while not self._headed and self._error is None:
-            await self._until(deadline)
-        if not self._headed and self._error is not None:  # after the head, the error is read's
-            raise self._error
 
     async def read(self, limit: int, deadline: float | None = None) -> bytes:
         """The whole body (inflated), or `TooLarge` as soon as it passes `limit` bytes;

@@ -165,13 +165,18 @@ class Pool:
         arrives (`TooLarge`)."""
         head = endpoint.head if headers is endpoint.headers else endpoint.line + _encode(headers)
         data = b"".join((head, b"%d\r\n\r\n" % len(body), body))
-        connection = await self._acquire(endpoint.key, connect_s, deadline)
+        connection = self._idle_connection(endpoint.key)
+        if connection is None:
+            connection = await self._acquire(endpoint.key, connect_s, deadline)
         response = connection.send(data)
         response._limit = limit
         if sent is not None:
             sent.delivered = True
         try:
-            await response._headed_in(deadline)
+            while not response._headed:  # after the head, an error is read's to raise
+                if response._error is not None:
+                    raise response._error
+                await response._until(deadline)
         except BaseException:
             response.close()
             raise
@@ -180,10 +185,8 @@ class Pool:
     async def _acquire(
         self, key: tuple[str, str, int], connect_s: float | None, deadline: float | None
     ) -> Connection:
+        """A connection to `key` when none is idle: one freed, or a new one."""
         loop = self.loop
-        connection = self._idle_connection(key, loop.time())
-        if connection is not None:
-            return connection
         if self._open.get(key, 0) >= self.per_host:  # only a wait arms a timeout
             async with asyncio.timeout_at(deadline):
                 connection = await self._free(key)
@@ -207,12 +210,15 @@ class Pool:
             self._wake(key)
             raise
 
-    def _idle_connection(self, key: tuple[str, str, int], now: float) -> Connection | None:
+    def _idle_connection(self, key: tuple[str, str, int]) -> Connection | None:
         """A kept-alive connection to `key` to send on (the newest), or None; those idle past
         the keepalive are closed on the way."""
         if self.closed:  # also for a request woken by close() while it waited
             raise Unreachable(OSError(0, "the gateway is shutting down"))
         idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
+        if not idle:
+            return None
+        now = self.loop.time()
         while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
             idle.popleft().abort()
         while idle:
@@ -235,7 +241,7 @@ class Pool:
                 if waiter.done() and not waiter.cancelled():  # woken, then cancelled: wake the next
                     self._wake(key)
                 raise
-            connection = self._idle_connection(key, loop.time())
+            connection = self._idle_connection(key)
             if connection is not None:
                 return connection
             if self._open.get(key, 0) < self.per_host:
