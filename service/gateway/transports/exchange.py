@@ -123,6 +123,8 @@ class Response:
         self._pending = b""
         self._inflated = False
         self._deflate = False
+        self._news = False
+        """Something for the reader came in the bytes being parsed: it is woken once they are."""
         self.received = 0
         """Bytes of the answer received so far (0: the upstream sent nothing)."""
 
@@ -158,7 +160,7 @@ class Response:
             self._fail(BrokenOff(f"the upstream's answer is in an encoding not asked for ({encoding[:32]})"))
             return
         self._headed = True
-        self._wake()
+        self._news = True
 
     def _on_body(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -168,18 +170,19 @@ class Response:
             self._fail(TooLarge(self._limit))
         elif self._buffered > _HIGH_WATER and self._connection is not None and self._limit is None:
             self._connection.pause()
-        self._wake()
+        self._news = True
 
     def _on_complete(self) -> None:
         self._complete = True
         self._connection = None
-        self._wake()
+        self._news = True
 
     def _on_eof(self, clean: bool) -> None:
         if self._complete or self._error is not None:
             return
         if self._headed and not self._delimited and clean:  # no length: the body ends with the connection
             self._on_complete()
+            self._wake()
         elif self._headed:
             self._fail(BrokenOff("the upstream broke off its answer"))
         else:
@@ -320,11 +323,19 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         response.received += len(data)
+        refused: Exception | None = None
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            refused = exc
+        if response._news:  # woken once for the head, the chunks and the end these bytes held
+            response._news = False
+            response._wake()
+        if refused is not None:
             if self.response is not None:
-                self.response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(exc).__name__}"))
+                self.response._fail(
+                    BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(refused).__name__}")
+                )
             self.abort()  # garbage past a whole answer too: the connection is not pooled
             return
         if self.done:  # pooled only now: bytes after the answer, in the same read, spoil it

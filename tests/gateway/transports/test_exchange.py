@@ -294,3 +294,28 @@ async def test_an_answer_keeps_the_headers_read_and_passed_back_in_any_case() ->
                 ("content-encoding", "gzip"),
             ]
             assert response.headers["Content-Type"] == "text/x; q=\udce9"  # looked up in any case
+
+
+async def test_bytes_without_body_do_not_restart_a_streams_silence() -> None:
+    """The reader is woken once per read that brought it something (the head, body bytes, the
+    end), never by bytes that framed nothing yet: a chunk's size line alone keeps the silence
+    timed from the wait's start, however often it trickles in."""
+    loop = asyncio.get_running_loop()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.6)
+        writer.write(b"0000")  # a chunk's size, its digits coming one read at a time: no body
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        assert await response.readany(1) == b"first"
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await response.readany(1)
+        assert loop.time() - started < 1.45  # restarted at 0.6 s, it would end at 1.6 s
+        response.close()
