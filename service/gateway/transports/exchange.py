@@ -162,16 +162,6 @@ class Response:
         self._headed = True
         self._news = True
 
-    def _on_body(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self._buffered += len(data)
-        if self._limit is not None and self._size > self._limit:
-            self._fail(TooLarge(self._limit))
-        elif self._buffered > _HIGH_WATER and self._connection is not None and self._limit is None:
-            self._connection.pause()
-        self._news = True
-
     def _on_complete(self) -> None:
         self._complete = True
         self._connection = None
@@ -385,8 +375,19 @@ class Connection(asyncio.Protocol):
         response._on_head(status)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._on_body(body)
+        response = self.response  # the answer's accounting done here: no second call per chunk
+        if response is None:
+            return
+        response._chunks.append(body)
+        response._size += len(body)
+        response._buffered += len(body)
+        if response._limit is not None and response._size > response._limit:
+            response._fail(TooLarge(response._limit))
+        elif (
+            response._buffered > _HIGH_WATER and response._connection is not None and response._limit is None
+        ):
+            self.pause()
+        response._news = True
 
     def on_message_complete(self) -> None:
         if self.informational:

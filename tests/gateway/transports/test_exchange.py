@@ -319,3 +319,34 @@ async def test_bytes_without_body_do_not_restart_a_streams_silence() -> None:
             await response.readany(1)
         assert loop.time() - started < 1.45  # restarted at 0.6 s, it would end at 1.6 s
         response.close()
+
+
+async def test_a_stream_read_slower_than_it_comes_stops_the_reading_and_loses_nothing() -> None:
+    """Past 256 KiB buffered unread, a stream's connection stops reading (back-pressure on the
+    upstream), and reads on once the reader took what was buffered; a read whole under a
+    limit is never paused (it is bounded by its limit instead)."""
+    piece = b"x" * (64 << 10)
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(16):  # 1 MiB
+                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        (connection,) = p._all
+        for _ in range(1000):
+            if connection.paused:
+                break
+            await asyncio.sleep(0.001)
+        assert connection.paused and response._buffered > 256 << 10
+        got = b""
+        while chunk := await response.readany(5):
+            got += chunk
+        assert got == piece * 16 and not connection.paused
+        assert await post(p, url) == (200, piece * 16)  # read whole: not paused, nor cut
