@@ -158,9 +158,12 @@ class Relay:
                 if trace is not None:
                     trace.attempt(provider)
                 try:
-                    self.forms.prepare(call, provider, pinned)
+                    if call.protocol != "chat":  # a chat request goes as it is: nothing to prepare
+                        self.forms.prepare(call, provider, pinned)
                     transport = self.transport(provider, call.purpose, call.upstream_protocol)
-                    response = _translated(call, await transport.send(call, provider, headers))
+                    response = await transport.send(call, provider, headers)
+                    if call.translation is not None:
+                        response = _translated(call, response)
                 except Failure as failure:
                     if isinstance(failure, NotSpoken):
                         self.forms.remember(provider, failure.protocol)

@@ -228,7 +228,7 @@ class OpenAITransport(Transport):
                 limit=self.max_bytes,
             )
             status = call.upstream_status = response.status
-            if falls_back(status):
+            if status >= 300 and falls_back(status):  # no status under 300 falls back
                 raise Failure.of_status(status)
             call.first_byte_s = loop.time() - started
             answer = await response.read(self.max_bytes, deadline)
@@ -246,7 +246,7 @@ class OpenAITransport(Transport):
         except BaseException:
             _close(response)
             raise
-        return response, target.masked(answer, status)
+        return response, answer if status < 400 else target.masked(answer, status)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = self.pool.loop
