@@ -103,6 +103,30 @@ class Response:
 
     Its `headers` are the answer's `KEPT` ones, their names in lower case."""
 
+    __slots__ = (  # one per exchange: made in half the time without a __dict__
+        "_buffered",
+        "_chunks",
+        "_complete",
+        "_connection",
+        "_deflate",
+        "_delimited",
+        "_error",
+        "_fields",
+        "_headed",
+        "_inflated",
+        "_inflater",
+        "_length",
+        "_limit",
+        "_loop",
+        "_news",
+        "_pending",
+        "_size",
+        "_waiter",
+        "headers",
+        "received",
+        "status",
+    )
+
     def __init__(self, connection: Connection) -> None:
         self._connection: Connection | None = connection
         self._loop = connection.loop
