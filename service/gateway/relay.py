@@ -298,9 +298,11 @@ class Relay:
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if prompt is None and completion is None:
             prompt = usage.get("total_tokens")
-        for kind, value in (("prompt", prompt), ("completion", completion)):
-            if type(value) is int and value > 0:
-                self.metrics.tokens.labels(provider.id, label, client, kind).inc(min(value, MAX_TOKENS))
+        series = self.metrics.tokens
+        if type(prompt) is int and prompt > 0:
+            series.labels(provider.id, label, client, "prompt").inc(min(prompt, MAX_TOKENS))
+        if type(completion) is int and completion > 0:
+            series.labels(provider.id, label, client, "completion").inc(min(completion, MAX_TOKENS))
 
 
 def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
