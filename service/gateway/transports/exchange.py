@@ -289,7 +289,10 @@ class Response:
 
     def close(self) -> None:
         """Drop the connection unless the answer was read whole (then it is pooled already)."""
-        self._fail(BrokenOff("closed"))
+        if self._error is None and not self._complete:
+            self._fail(BrokenOff("closed"))
+        else:  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
+            self._wake()
 
     release = close
 

@@ -350,3 +350,33 @@ async def test_a_stream_read_slower_than_it_comes_stops_the_reading_and_loses_no
             got += chunk
         assert got == piece * 16 and not connection.paused
         assert await post(p, url) == (200, piece * 16)  # read whole: not paused, nor cut
+
+
+async def test_releasing_an_answer_read_whole_keeps_its_connection_and_one_half_read_drops_it() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                body = (await read_request(reader)).split(b"\r\n\r\n", 1)[1]
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+                if body == b"half":
+                    await asyncio.sleep(5)
+                writer.write(b"0\r\n\r\n")
+
+    async with raw(serve) as url, pool() as p:
+        for _ in range(3):  # read to its end, then released: pooled, reused
+            response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+            while await response.readany(5):
+                pass
+            response.release()
+            response.release()  # twice: nothing more happens
+        assert connections == 1
+        response = await p.post(Endpoint.of(url), {}, b"half", connect_s=5)
+        response.release()  # its body not whole: the connection is dropped
+        with pytest.raises(BrokenOff, match=r"^closed$"):  # once what had come is read
+            while await response.readany(5):
+                pass
+        assert await post(p, url) == (200, b"ok") and connections == 2
