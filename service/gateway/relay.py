@@ -16,7 +16,7 @@ translated by its transport as it is relayed.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -110,17 +110,23 @@ class Relay:
             return self.tei
         return self.openai
 
-    async def relay(self, call: Call, snapshot: Snapshot) -> web.StreamResponse:
+    def relay(self, call: Call, snapshot: Snapshot) -> Coroutine[Any, Any, web.StreamResponse]:
         """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
         model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
         tried failed.
 
         With a meter, the call is admitted against its client's limits first (a refusal is
         raised), each candidate must fit its budget, and the end is settled and recorded. With
-        tracing on, the request is a span and each attempt a child span of it."""
+        tracing on, the request is a span and each attempt a child span of it.
+
+        Without tracing it is `_relay`'s coroutine itself: no coroutine around it, which every
+        wait of the request would go through."""
         if self.tracing is None:
-            return await self._relay(call, snapshot, None)
-        with self.tracing.request(call) as trace:
+            return self._relay(call, snapshot, None)
+        return self._traced(call, snapshot, self.tracing)
+
+    async def _traced(self, call: Call, snapshot: Snapshot, tracing: Tracing) -> web.StreamResponse:
+        with tracing.request(call) as trace:
             return await self._relay(call, snapshot, trace)
 
     async def _relay(self, call: Call, snapshot: Snapshot, trace: RequestTrace | None) -> web.StreamResponse:
@@ -152,9 +158,12 @@ class Relay:
                 if trace is not None:
                     trace.attempt(provider)
                 try:
-                    self.forms.prepare(call, provider, pinned)
+                    if call.protocol != "chat":  # a chat request goes as it is: nothing to prepare
+                        self.forms.prepare(call, provider, pinned)
                     transport = self.transport(provider, call.purpose, call.upstream_protocol)
-                    response = _translated(call, await transport.send(call, provider, headers))
+                    response = await transport.send(call, provider, headers)
+                    if call.translation is not None:
+                        response = _translated(call, response)
                 except Failure as failure:
                     if isinstance(failure, NotSpoken):
                         self.forms.remember(provider, failure.protocol)
@@ -289,9 +298,11 @@ class Relay:
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if prompt is None and completion is None:
             prompt = usage.get("total_tokens")
-        for kind, value in (("prompt", prompt), ("completion", completion)):
-            if type(value) is int and value > 0:
-                self.metrics.tokens.labels(provider.id, label, client, kind).inc(min(value, MAX_TOKENS))
+        series = self.metrics.tokens
+        if type(prompt) is int and prompt > 0:
+            series.labels(provider.id, label, client, "prompt").inc(min(prompt, MAX_TOKENS))
+        if type(completion) is int and completion > 0:
+            series.labels(provider.id, label, client, "completion").inc(min(completion, MAX_TOKENS))
 
 
 def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:

@@ -33,11 +33,11 @@ class Route:
     primaries: tuple[Provider, ...]
     exponents: tuple[float, ...]
     fallbacks: tuple[Provider, ...]
+    ordered: tuple[Provider, ...] = ()
+    """Primaries then fallbacks, in the order the routing file names them (made with the route)."""
 
-    @property
-    def ordered(self) -> tuple[Provider, ...]:
-        """Primaries then fallbacks, in the order the routing file names them."""
-        return self.primaries + self.fallbacks
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ordered", self.primaries + self.fallbacks)
 
 
 class RoutingTable:
@@ -105,18 +105,16 @@ class Router:
         route = table.routes.get(purpose)
         if route is None:
             return []
+        ordered = route.ordered  # one primary (or none): the written order is the order
         primaries = route.primaries
         if len(primaries) > 1:
             draw = self._random
             keys = [draw() ** e for e in route.exponents]
-            primaries = tuple(
-                t for _, t in sorted(zip(keys, primaries, strict=True), key=_first, reverse=True)
-            )
-        return [
-            p
-            for p in primaries + route.fallbacks
-            if p.enabled and p.serves(model) and not health.is_open(p.id)
-        ]
+            drawn = sorted(
+                range(len(keys)), key=keys.__getitem__, reverse=True
+            )  # stable: ties keep the order
+            ordered = tuple(primaries[i] for i in drawn) + route.fallbacks
+        return [p for p in ordered if p.enabled and p.serves(model) and not health.is_open(p.id)]
 
 
 def first_healthy(
@@ -134,10 +132,6 @@ def first_healthy(
         ):
             return provider
     return None
-
-
-def _first(pair: tuple[float, Provider]) -> float:
-    return pair[0]
 
 
 def _declared_models(providers: Iterable[Provider]) -> dict[str, dict[str, object]]:

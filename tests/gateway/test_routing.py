@@ -108,3 +108,18 @@ def test_first_healthy_follows_the_written_order() -> None:
     assert target is not None and target.id == "c"
     health.failed("c", "HTTP 500")
     assert first_healthy(table, "chat", health) is None
+
+
+def test_the_weighted_order_is_efraimidis_spirakis_draw_for_draw() -> None:
+    """Each primary draws `u ** (1 / w)` in the written order and the largest goes first (ties
+    keep the written order); the same draws give the same order as this reference."""
+    snapshot = _snapshot(
+        {"chat": {"primary": ["a", "b", "c", "d"], "weights": {"a": 5, "b": 1, "c": 2}, "fallbacks": ["x"]}},
+        *map(_server, "abcdx"),
+    )
+    router, reference = Router(random.Random(3)), random.Random(3)
+    weights = {"a": 5.0, "b": 1.0, "c": 2.0, "d": 1.0}
+    for _ in range(200):
+        keys = [(reference.random() ** (1.0 / weights[p]), p) for p in "abcd"]
+        expected = [p for _, p in sorted(keys, key=lambda pair: pair[0], reverse=True)] + ["x"]
+        assert _ids(router, snapshot) == expected

@@ -4,7 +4,9 @@ request written, its answer parsed and read.
 A request goes out in one `transport.write` (head and body); the answer is parsed by
 `httptools` (llhttp, the parser uvicorn uses): Content-Length, chunked, or read to EOF, 1xx
 skipped. `Connection` is the asyncio protocol whose parser callbacks feed the `Response` being
-read; it tells its pool (a `Keeper`) when it is free again, and when it is gone.
+read; it tells its pool (a `Keeper`) when it is free again, and when it is gone. Of the answer's
+headers only those the gateway reads or passes back are kept (`KEPT`): the others, most of what
+a vendor sends, are not decoded.
 
 - **Bounded reads**: a head over `MAX_HEAD` bytes, and a body over the caller's limit
   (`TooLarge`), fail at once. A gzip or deflate answer is inflated within the same limit (a
@@ -42,6 +44,24 @@ MAX_HEAD = 64 << 10
 _HIGH_WATER = 256 << 10
 """Bytes of a stream buffered unread before the connection stops reading."""
 _INFLATE_PIECE = 1 << 20
+KEPT = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"content-encoding",
+        b"content-type",
+        b"x-request-id",
+        b"retry-after",
+        b"retry-after-ms",
+    )
+)
+"""The headers of an answer that are kept (in `Response.headers`): those its reading needs,
+its `Content-Type`, and those the gateway passes back to its client (`base.pass_back`), with
+every `x-ratelimit-*`. The others are not decoded."""
+_RATE_LIMITS = b"x-ratelimit-"
+_NAMES: dict[bytes, str | None] = {}
+"""A header's name as it came -> its kept name (in lower case), or None: not kept."""
+_MAX_NAMES = 512
 
 
 class TooLarge(Exception):
@@ -68,8 +88,10 @@ class BrokenOff(WireError):
 
 
 class Keeper(Protocol):
-    """What a connection needs of its pool: to be told when it is free for the next request
-    (its answer read whole), and when it is gone."""
+    """What a connection needs of its pool: its loop, and to be told when it is free for the
+    next request (its answer read whole), and when it is gone."""
+
+    loop: asyncio.AbstractEventLoop
 
     def _release(self, connection: Connection) -> None: ...
 
@@ -77,10 +99,37 @@ class Keeper(Protocol):
 
 
 class Response:
-    """An answer whose head was read; its body comes with `read` or `readany`."""
+    """An answer whose head was read; its body comes with `read` or `readany`.
+
+    Its `headers` are the answer's `KEPT` ones, their names in lower case."""
+
+    __slots__ = (  # one per exchange: made in half the time without a __dict__
+        "_buffered",
+        "_chunks",
+        "_complete",
+        "_connection",
+        "_deflate",
+        "_delimited",
+        "_error",
+        "_fields",
+        "_headed",
+        "_inflated",
+        "_inflater",
+        "_length",
+        "_limit",
+        "_loop",
+        "_news",
+        "_pending",
+        "_size",
+        "_waiter",
+        "headers",
+        "received",
+        "status",
+    )
 
     def __init__(self, connection: Connection) -> None:
         self._connection: Connection | None = connection
+        self._loop = connection.loop
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
         self._fields: list[tuple[str, str]] = []
@@ -98,6 +147,8 @@ class Response:
         self._pending = b""
         self._inflated = False
         self._deflate = False
+        self._news = False
+        """Something for the reader came in the bytes being parsed: it is woken once they are."""
         self.received = 0
         """Bytes of the answer received so far (0: the upstream sent nothing)."""
 
@@ -133,28 +184,19 @@ class Response:
             self._fail(BrokenOff(f"the upstream's answer is in an encoding not asked for ({encoding[:32]})"))
             return
         self._headed = True
-        self._wake()
-
-    def _on_body(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self._buffered += len(data)
-        if self._limit is not None and self._size > self._limit:
-            self._fail(TooLarge(self._limit))
-        elif self._buffered > _HIGH_WATER and self._connection is not None and self._limit is None:
-            self._connection.pause()
-        self._wake()
+        self._news = True
 
     def _on_complete(self) -> None:
         self._complete = True
         self._connection = None
-        self._wake()
+        self._news = True
 
     def _on_eof(self, clean: bool) -> None:
         if self._complete or self._error is not None:
             return
         if self._headed and not self._delimited and clean:  # no length: the body ends with the connection
             self._on_complete()
+            self._wake()
         elif self._headed:
             self._fail(BrokenOff("the upstream broke off its answer"))
         else:
@@ -167,8 +209,9 @@ class Response:
         `deadline` (None: no limit).
 
         One `call_at` timer fails the waiter, and is cancelled on waking: about half the cost of
-        `asyncio.timeout_at` or `wait_for`, on every wait of every exchange."""
-        loop = asyncio.get_running_loop()
+        `asyncio.timeout_at` or `wait_for`, on every wait of every exchange. The loop is the
+        connection's (`asyncio.get_running_loop` makes a system call each time)."""
+        loop = self._loop
         waiter = self._waiter = loop.create_future()
         timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
         try:
@@ -177,12 +220,6 @@ class Response:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
-
-    async def _headed_in(self, deadline: float | None) -> None:
-        while not self._headed and self._error is None:
-            await self._until(deadline)
-        if not self._headed and self._error is not None:  # after the head, the error is read's
-            raise self._error
 
     async def read(self, limit: int, deadline: float | None = None) -> bytes:
         """The whole body (inflated), or `TooLarge` as soon as it passes `limit` bytes;
@@ -231,7 +268,7 @@ class Response:
             if within is None:
                 await self._until(deadline)
             else:  # a silence is timed from the last bytes that came
-                at = asyncio.get_running_loop().time() + within
+                at = self._loop.time() + within
                 await self._until(at if deadline is None else min(at, deadline))
 
     def _inflate(self, raw: bytes, most: int) -> bytes:
@@ -252,7 +289,10 @@ class Response:
 
     def close(self) -> None:
         """Drop the connection unless the answer was read whole (then it is pooled already)."""
-        self._fail(BrokenOff("closed"))
+        if self._error is None and not self._complete:
+            self._fail(BrokenOff("closed"))
+        else:  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
+            self._wake()
 
     release = close
 
@@ -268,6 +308,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Keeper, key: tuple[str, str, int]) -> None:
         self.pool = pool
         self.key = key
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
@@ -299,11 +340,19 @@ class Connection(asyncio.Protocol):
             self.abort()
             return
         response.received += len(data)
+        refused: Exception | None = None
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            refused = exc
+        if response._news:  # woken once for the head, the chunks and the end these bytes held
+            response._news = False
+            response._wake()
+        if refused is not None:
             if self.response is not None:
-                self.response._fail(BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(exc).__name__}"))
+                self.response._fail(
+                    BrokenOff(f"the upstream's answer is not HTTP/1.1: {type(refused).__name__}")
+                )
             self.abort()  # garbage past a whole answer too: the connection is not pooled
             return
         if self.done:  # pooled only now: bytes after the answer, in the same read, spoil it
@@ -331,9 +380,12 @@ class Connection(asyncio.Protocol):
             if self.head > MAX_HEAD:
                 response._fail(BrokenOff(f"the upstream's answer head is over {MAX_HEAD} bytes"))
             return
-        response._fields.append(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        )
+        try:  # a vendor sends the same names in the same case: each is looked at once
+            kept = _NAMES[name]
+        except KeyError:
+            kept = _kept(name)
+        if kept is not None:
+            response._fields.append((kept, value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -350,8 +402,19 @@ class Connection(asyncio.Protocol):
         response._on_head(status)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None:
-            self.response._on_body(body)
+        response = self.response  # the answer's accounting done here: no second call per chunk
+        if response is None:
+            return
+        response._chunks.append(body)
+        response._size += len(body)
+        response._buffered += len(body)
+        if response._limit is not None and response._size > response._limit:
+            response._fail(TooLarge(response._limit))
+        elif (
+            response._buffered > _HIGH_WATER and response._connection is not None and response._limit is None
+        ):
+            self.pause()
+        response._news = True
 
     def on_message_complete(self) -> None:
         if self.informational:
@@ -388,3 +451,13 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _kept(name: bytes) -> str | None:
+    """`name` in lower case if its header is kept, else None; remembered (up to `_MAX_NAMES`
+    names: past them, names from an upstream sending ever new ones are looked at each time)."""
+    lower = name.lower()  # a header's name is ASCII (llhttp refuses any other byte)
+    kept = lower.decode() if lower in KEPT or lower.startswith(_RATE_LIMITS) else None
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[name] = kept
+    return kept

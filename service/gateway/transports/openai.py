@@ -36,7 +36,6 @@ that speaks the protocol only by default, raises `NotSpoken` unless it names the
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -136,11 +135,13 @@ class Upstream:
         )
 
     def url(self, path: str) -> Endpoint:
-        """Where `path` under the provider's base goes (parsed once per path); a whole URL
-        (starting with `http`) is taken as it is."""
+        """Where `path` under the provider's base goes, with the head of a request sending the
+        provider's `headers` (both made once per path); a whole URL (starting with `http`) is
+        taken as it is."""
         found = self.urls.get(path)
         if found is None:
-            found = Endpoint.of(URL(path if path.startswith("http") else self.base + path))
+            endpoint = Endpoint.of(URL(path if path.startswith("http") else self.base + path))
+            found = endpoint.with_headers(self.headers)
             if len(self.urls) < MAX_PATHS:
                 self.urls[path] = found
         return found
@@ -212,7 +213,7 @@ class OpenAITransport(Transport):
 
         Returns the (read) response and its body; raises `Failure` to move on.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         started = loop.time()
         deadline = started + target.timeout_s  # the whole exchange's, each wait bounded by it
         response: Response | None = None
@@ -227,7 +228,7 @@ class OpenAITransport(Transport):
                 limit=self.max_bytes,
             )
             status = call.upstream_status = response.status
-            if falls_back(status):
+            if status >= 300 and falls_back(status):  # no status under 300 falls back
                 raise Failure.of_status(status)
             call.first_byte_s = loop.time() - started
             answer = await response.read(self.max_bytes, deadline)
@@ -245,10 +246,10 @@ class OpenAITransport(Transport):
         except BaseException:
             _close(response)
             raise
-        return response, target.masked(answer, status)
+        return response, answer if status < 400 else target.masked(answer, status)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
+        loop = self.pool.loop
         started = loop.time()
         provider = target.provider
         # Every stream is counted: ask for its usage chunk, which the client did not ask for.

@@ -8,11 +8,16 @@ so a large answer costs a search, not a parse. Nothing here raises on a hostile 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 _USAGE = b'"usage"'
 _MODEL = b'"model"'
-_DECODER = json.JSONDecoder()
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+"""The JSON value at an index (`raw_decode` without its frame): `StopIteration` when none."""
+_PLAIN_STRING = re.compile(rb'[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"')
+"""A colon and a string without escapes or control characters: what a model's name is."""
 _MODEL_WINDOW = 512
 """How far after `"model"` its value is looked for."""
 
@@ -39,7 +44,11 @@ def find_model(data: bytes) -> str | None:
     if at < 0:
         return None
     start = at + len(_MODEL)
-    value = _value_after(data, start, min(len(data), start + _MODEL_WINDOW))
+    stop = min(len(data), start + _MODEL_WINDOW)
+    plain = _PLAIN_STRING.match(data, start, stop)  # the usual name, read as JSON would read it
+    if plain is not None:
+        return plain.group(1).decode("utf-8", "replace")
+    value = _value_after(data, start, stop)
     return value if isinstance(value, str) else None
 
 
@@ -50,7 +59,7 @@ def _value_after(data: bytes, at: int, stop: int) -> object:
         return None
     text = data[colon + 1 : stop].decode("utf-8", "replace").lstrip()
     try:
-        value, _ = _DECODER.raw_decode(text)
-    except (ValueError, RecursionError):  # not JSON, or nested past the stack
+        value, _ = _SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError):  # no JSON, or nested past the stack
         return None
     return value

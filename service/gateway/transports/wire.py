@@ -48,7 +48,10 @@ from service.gateway.transports.exchange import Connection, Response, WireError
 from service.gateway.transports.guard import GuardedResolver, UpstreamRefused
 
 _DNS_TTL_S = 300.0
-_AGENT = f"User-Agent: switchboard/{__version__}\r\n"
+_FIXED = (
+    f"User-Agent: switchboard/{__version__}\r\nAccept: */*\r\nAccept-Encoding: identity\r\nContent-Length: "
+)
+"""What every request's head ends with, before its length."""
 
 
 class Sent(Protocol):
@@ -83,12 +86,17 @@ class ConnectTimeout(WireError, TimeoutError):
     """No connection within the connect timeout."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Endpoint:
-    """Where a request goes: its pool key, and its request line and `Host` as bytes."""
+    """Where a request goes: its pool key, and its request line and `Host` as bytes; with
+    `headers` (`with_headers`), the request's head for them, made once."""
 
     key: tuple[str, str, int]
     line: bytes
+    headers: Mapping[str, str] | None = None
+    """The headers `head` was made with: a request sending this very mapping sends `head`."""
+    head: bytes = b""
+    """The head for `headers`, up to the value of its `Content-Length`."""
 
     @classmethod
     def of(cls, url: URL | str) -> Endpoint:
@@ -100,6 +108,11 @@ class Endpoint:
         _check(path + authority)
         line = f"POST {path} HTTP/1.1\r\nHost: {authority}\r\n"
         return cls((parsed.scheme, parsed.raw_host, parsed.port), line.encode())
+
+    def with_headers(self, headers: Mapping[str, str]) -> Endpoint:
+        """This endpoint with its head for `headers` made now, for the requests that send them
+        (a provider's own headers: the same on every request); `Unsendable` as `post` would."""
+        return Endpoint(self.key, self.line, headers, self.line + _encode(headers))
 
 
 def _check(text: str) -> None:
@@ -128,6 +141,9 @@ class Pool:
         """https: verifies the certificate and the host name (the system's CAs when None)."""
         self._all: set[Connection] = set()
         self.closed = False
+        self.loop = asyncio.get_running_loop()
+        """The loop its connections live on, kept: `asyncio.get_running_loop` makes a system
+        call (getpid) each time, and the pool is made on its loop (call inside it)."""
 
     async def post(
         self,
@@ -147,14 +163,20 @@ class Pool:
         `connect_s` too (`ConnectTimeout`, when it ends first). `sent`, when given, has its
         `delivered` set once the request is written (`Call`); `limit` bounds the body as it
         arrives (`TooLarge`)."""
-        data = endpoint.line + _encode(headers, len(body)) + body
-        connection = await self._acquire(endpoint.key, connect_s, deadline)
+        head = endpoint.head if headers is endpoint.headers else endpoint.line + _encode(headers)
+        data = b"".join((head, b"%d\r\n\r\n" % len(body), body))
+        connection = self._idle_connection(endpoint.key)
+        if connection is None:
+            connection = await self._acquire(endpoint.key, connect_s, deadline)
         response = connection.send(data)
         response._limit = limit
         if sent is not None:
             sent.delivered = True
         try:
-            await response._headed_in(deadline)
+            while not response._headed:  # after the head, an error is read's to raise
+                if response._error is not None:
+                    raise response._error
+                await response._until(deadline)
         except BaseException:
             response.close()
             raise
@@ -163,10 +185,8 @@ class Pool:
     async def _acquire(
         self, key: tuple[str, str, int], connect_s: float | None, deadline: float | None
     ) -> Connection:
-        loop = asyncio.get_running_loop()
-        connection = self._idle_connection(key, loop.time())
-        if connection is not None:
-            return connection
+        """A connection to `key` when none is idle: one freed, or a new one."""
+        loop = self.loop
         if self._open.get(key, 0) >= self.per_host:  # only a wait arms a timeout
             async with asyncio.timeout_at(deadline):
                 connection = await self._free(key)
@@ -190,12 +210,15 @@ class Pool:
             self._wake(key)
             raise
 
-    def _idle_connection(self, key: tuple[str, str, int], now: float) -> Connection | None:
+    def _idle_connection(self, key: tuple[str, str, int]) -> Connection | None:
         """A kept-alive connection to `key` to send on (the newest), or None; those idle past
         the keepalive are closed on the way."""
         if self.closed:  # also for a request woken by close() while it waited
             raise Unreachable(OSError(0, "the gateway is shutting down"))
         idle = self._idle.get(key)  # newest on the right, taken first: the oldest wait on the left
+        if not idle:
+            return None
+        now = self.loop.time()
         while idle and now - idle[0].idle_since >= self.keepalive_s:  # else kept open forever
             idle.popleft().abort()
         while idle:
@@ -208,7 +231,7 @@ class Pool:
     async def _free(self, key: tuple[str, str, int]) -> Connection | None:
         """Wait until a connection to `key` is released (it, then) or closed (None: one may be
         opened)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             waiter = loop.create_future()
             self._waiting.setdefault(key, deque()).append(waiter)
@@ -218,7 +241,7 @@ class Pool:
                 if waiter.done() and not waiter.cancelled():  # woken, then cancelled: wake the next
                     self._wake(key)
                 raise
-            connection = self._idle_connection(key, loop.time())
+            connection = self._idle_connection(key)
             if connection is not None:
                 return connection
             if self._open.get(key, 0) < self.per_host:
@@ -226,7 +249,7 @@ class Pool:
 
     async def _connect(self, key: tuple[str, str, int]) -> Connection:
         scheme, host, port = key
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         tls = None
         if scheme == "https":
             if self._tls is None:
@@ -259,7 +282,7 @@ class Pool:
             pass
         else:  # written out in the URL: checked by the caller, not resolved (as aiohttp does)
             return [(literal, socket.AF_INET6 if parsed.version == 6 else socket.AF_INET)]
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         cached = self._names.get((host, port))
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -277,7 +300,7 @@ class Pool:
         if self.closed:
             connection.abort()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = self.loop.time()
         self._idle.setdefault(connection.key, deque()).append(connection)
         self._wake(connection.key)
 
@@ -311,11 +334,12 @@ class Pool:
         self._waiting.clear()
 
 
-def _encode(headers: Mapping[str, str], length: int) -> bytes:
+def _encode(headers: Mapping[str, str]) -> bytes:
+    """The head's header lines after `Host`, up to the value of `Content-Length`."""
     lines = []
     for name, value in headers.items():
         line = f"{name}: {value}\r\n"
         _check(line[:-2])
         lines.append(line)
-    lines.append(f"{_AGENT}Accept: */*\r\nAccept-Encoding: identity\r\nContent-Length: {length}\r\n\r\n")
+    lines.append(_FIXED)
     return "".join(lines).encode("utf-8")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from service.config.models import ApiKey
 from service.config.secret import Secret
-from service.gateway.transports.base import pass_back, sendable_key
+from service.gateway.transports.base import pass_back, sane_request_id, sendable_key
 
 
 def _vendor(key: str | None) -> ApiKey:
@@ -38,11 +40,11 @@ def test_a_sealed_key_is_no_key() -> None:
 
 def test_only_request_ids_retry_after_and_rate_limits_are_passed_back() -> None:
     headers: dict[str, str] = {}
-    upstream = {
-        "X-Request-Id": "r1",
-        "Retry-After": "3",
+    upstream = {  # in lower case, as an answer's headers are kept
+        "x-request-id": "r1",
+        "retry-after": "3",
         "x-ratelimit-remaining-requests": "9",
-        "Set-Cookie": "s",
+        "set-cookie": "s",
     }
     pass_back(upstream, headers)
     assert headers == {
@@ -56,11 +58,11 @@ def test_only_request_ids_retry_after_and_rate_limits_are_passed_back() -> None:
 @pytest.mark.parametrize(
     ("upstream", "passed"),
     [
-        ({"Retry-After": "2", "retry-after-ms": "1500"}, ("2", "1500")),
+        ({"retry-after": "2", "retry-after-ms": "1500"}, ("2", "1500")),
         ({"retry-after-ms": "1500"}, ("2", "1500")),
-        ({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, ("Wed, 21 Oct 2015 07:28:00 GMT", "0")),
-        ({"Retry-After": "soon"}, None),
-        ({"Retry-After": "soon", "retry-after-ms": "1.5"}, None),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, ("Wed, 21 Oct 2015 07:28:00 GMT", "0")),
+        ({"retry-after": "soon"}, None),
+        ({"retry-after": "soon", "retry-after-ms": "1.5"}, None),
         ({"retry-after-ms": "-5"}, None),
     ],
 )
@@ -71,3 +73,25 @@ def test_retry_after_and_retry_after_ms_are_passed_back_as_a_pair(
     pass_back(upstream, headers)
     pair = (headers["retry-after"], headers["retry-after-ms"]) if "retry-after" in headers else None
     assert pair == passed and ("retry-after" in headers) == ("retry-after-ms" in headers)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", " ", "a b", "a\tb", "r\x7f", "r\x00", "é", "r\udce9", "\u0660", "x" * 129, "r1\n", "\uff41"],
+)
+def test_a_request_id_that_is_no_run_of_visible_ascii_is_not_passed_back(value: str) -> None:
+    """`[!-~]{1,128}`, as the regular expression it replaced said."""
+    assert re.fullmatch(r"[!-~]{1,128}", value) is None and not sane_request_id(value)
+    headers: dict[str, str] = {}
+    pass_back({"x-request-id": value}, headers)
+    assert headers == {}
+
+
+@pytest.mark.parametrize(
+    "value", ["r", "!", "~", "req-a_1.B:2/3+4=5", "x" * 128, "".join(map(chr, range(33, 127)))]
+)
+def test_a_run_of_visible_ascii_is_a_request_id(value: str) -> None:
+    assert re.fullmatch(r"[!-~]{1,128}", value) is not None and sane_request_id(value)
+    headers: dict[str, str] = {}
+    pass_back({"x-request-id": value}, headers)
+    assert headers == {"x-request-id": value}

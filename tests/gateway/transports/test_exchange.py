@@ -255,3 +255,128 @@ async def test_a_compressed_answer_cut_short_is_broken() -> None:
         with pytest.raises(BrokenOff, match="does not inflate"):
             await post(p, url, b"cut")
         assert await post(p, url, b"whole") == (200, b"fine")
+
+
+async def test_an_answer_keeps_the_headers_read_and_passed_back_in_any_case() -> None:
+    """Kept: the framing headers (honoured in any case), Content-Type and what is passed back
+    (`x-request-id`, `retry-after`, `retry-after-ms`, every `x-ratelimit-*`), named in lower
+    case, values decoded as before (non-UTF-8 bytes kept as surrogates), duplicates in order.
+    Any other header is not kept, nor is a trailer; the names are looked at once however many
+    an upstream sends (past the ones remembered, each is looked at every time)."""
+    many = b"".join(b"X-Junk-%d: j\r\n" % n for n in range(600))  # more names than remembered
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(
+                    b"HTTP/1.1 201 Created\r\nTRANSFER-ENCODING: chunked\r\nContent-Type: text/x; q=\xe9\r\n"
+                    b"Set-Cookie: s=1\r\nX-Request-ID: r1\r\nRetry-After: 3\r\nretry-after-ms: 3000\r\n"
+                    + many
+                    + b"X-RateLimit-Remaining-Tokens: 9\r\nx-ratelimit-remaining-tokens: 8\r\n"
+                    b"content-ENCODING: gzip\r\n\r\n"
+                )
+                body = gzip.compress(b"fine")
+                writer.write(b"%x\r\n%b\r\n0\r\nX-Request-Id: trailer\r\n\r\n" % (len(body), body))
+
+    async with raw(serve) as url, pool() as p:
+        for _ in range(2):  # names seen before, and remembered
+            response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+            assert (response.status, await response.read(100)) == (201, b"fine")
+            assert list(response.headers.items()) == [
+                ("transfer-encoding", "chunked"),
+                ("content-type", "text/x; q=\udce9"),
+                ("x-request-id", "r1"),
+                ("retry-after", "3"),
+                ("retry-after-ms", "3000"),
+                ("x-ratelimit-remaining-tokens", "9"),
+                ("x-ratelimit-remaining-tokens", "8"),
+                ("content-encoding", "gzip"),
+            ]
+            assert response.headers["Content-Type"] == "text/x; q=\udce9"  # looked up in any case
+
+
+async def test_bytes_without_body_do_not_restart_a_streams_silence() -> None:
+    """The reader is woken once per read that brought it something (the head, body bytes, the
+    end), never by bytes that framed nothing yet: a chunk's size line alone keeps the silence
+    timed from the wait's start, however often it trickles in."""
+    loop = asyncio.get_running_loop()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.6)
+        writer.write(b"0000")  # a chunk's size, its digits coming one read at a time: no body
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        assert await response.readany(1) == b"first"
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await response.readany(1)
+        assert loop.time() - started < 1.45  # restarted at 0.6 s, it would end at 1.6 s
+        response.close()
+
+
+async def test_a_stream_read_slower_than_it_comes_stops_the_reading_and_loses_nothing() -> None:
+    """Past 256 KiB buffered unread, a stream's connection stops reading (back-pressure on the
+    upstream), and reads on once the reader took what was buffered; a read whole under a
+    limit is never paused (it is bounded by its limit instead)."""
+    piece = b"x" * (64 << 10)
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(16):  # 1 MiB
+                    writer.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        (connection,) = p._all
+        for _ in range(1000):
+            if connection.paused:
+                break
+            await asyncio.sleep(0.001)
+        assert connection.paused and response._buffered > 256 << 10
+        got = b""
+        while chunk := await response.readany(5):
+            got += chunk
+        assert got == piece * 16 and not connection.paused
+        assert await post(p, url) == (200, piece * 16)  # read whole: not paused, nor cut
+
+
+async def test_releasing_an_answer_read_whole_keeps_its_connection_and_one_half_read_drops_it() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                body = (await read_request(reader)).split(b"\r\n\r\n", 1)[1]
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+                if body == b"half":
+                    await asyncio.sleep(5)
+                writer.write(b"0\r\n\r\n")
+
+    async with raw(serve) as url, pool() as p:
+        for _ in range(3):  # read to its end, then released: pooled, reused
+            response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+            while await response.readany(5):
+                pass
+            response.release()
+            response.release()  # twice: nothing more happens
+        assert connections == 1
+        response = await p.post(Endpoint.of(url), {}, b"half", connect_s=5)
+        response.release()  # its body not whole: the connection is dropped
+        with pytest.raises(BrokenOff, match=r"^closed$"):  # once what had come is read
+            while await response.readany(5):
+                pass
+        assert await post(p, url) == (200, b"ok") and connections == 2

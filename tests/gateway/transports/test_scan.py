@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from service.gateway.transports.scan import find_model, find_usage
 
 
@@ -29,3 +31,47 @@ def test_the_model_an_answer_names_is_found() -> None:
     assert find_model(b'{"choices": []}') is None
     assert find_model(b'{"model": 12}') is None
     assert find_model(b'{"model": "' + b"x" * 10_000 + b'"}') is None  # past the window: not decoded
+
+
+def _as_json_reads_it(data: bytes) -> object:
+    """What `find_model` found before it read plain names itself: the JSON value after the
+    colon, decoded from the window's text."""
+    at = data.find(b'"model"')
+    if at < 0:
+        return None
+    start = at + len(b'"model"')
+    window = data[start : start + 512]
+    colon = window.find(b":")
+    if colon < 0 or window[:colon].strip():
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(window[colon + 1 :].decode("utf-8", "replace").lstrip())
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'"m"',
+        b' \t\r\n: \n "gpt-4o-2024"',
+        b':"caf\xc3\xa9 \xff\xfe x\x7f"',
+        b': "a\\"b"',
+        b': "tab\tinside"',
+        b': "new\nline"',
+        b': "\\u00e9t\\u00e9"',
+        b': \xc2\xa0"after a no-break space"',
+        b'\x0b: "vertical tab before the colon"',
+        b': "unterminated',
+        b': "' + b"x" * 508 + b'"',
+        b': "' + b"x" * 509 + b'"',
+        b": null",
+        b': ["m"]',
+        b'x: "m"',
+        b': "\xe2\x82"',
+    ],
+)
+def test_a_model_name_is_read_as_json_reads_it(value: bytes) -> None:
+    data = b'{"id": "x", "model"' + value + b', "choices": []}'
+    assert find_model(data) == _as_json_reads_it(data)
