@@ -50,22 +50,27 @@ def test_serve_runs_on_uvloop() -> None:
         loop.close()
 
 
+def _served(project: SopsProject) -> Settings:
+    """A project with one server routed for chat, and the settings `serve` would run it with."""
+    write_server(project, "gpu")
+    write_routing(project, ["gpu"])
+    return Settings(
+        root=project.root,
+        providers=project.providers,
+        events=project.root / "var" / "events.jsonl",
+        port=0,
+        age_key_file=project.identity.key_file,
+        health_interval_s=0,
+    )
+
+
 async def test_serve_freezes_what_the_start_left_once_the_first_configuration_is_loaded(
     sops_project: SopsProject, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A full collection walks every object the collector tracks: ~90k after a start, which
     stopped the service for 50-160 ms on the benchmark machine (BENCHMARKS.md, issue 22).
     `serve` freezes them once the first configuration is loaded, and says so in its log."""
-    write_server(sops_project, "gpu")
-    write_routing(sops_project, ["gpu"])
-    settings = Settings(
-        root=sops_project.root,
-        providers=sops_project.providers,
-        events=sops_project.root / "var" / "events.jsonl",
-        port=0,
-        age_key_file=sops_project.identity.key_file,
-        health_interval_s=0,
-    )
+    settings = _served(sops_project)
     caplog.set_level(logging.INFO, logger="service.http.app")
     app = serving_app(settings)
     assert settled_collector in app.cleanup_ctx
@@ -91,16 +96,7 @@ async def test_reloads_after_the_collector_is_settled_leave_no_frozen_cycle_behi
     a cycle of the start (the first snapshot, its providers, a sops file's state), it would be
     kept for good. Reloads of a plaintext file, a sops-encrypted one and a refused one leave
     none of the service's objects unreachable among the frozen."""
-    write_server(sops_project, "gpu")
-    write_routing(sops_project, ["gpu"])
-    settings = Settings(
-        root=sops_project.root,
-        providers=sops_project.providers,
-        events=sops_project.root / "var" / "events.jsonl",
-        port=0,
-        age_key_file=sops_project.identity.key_file,
-        health_interval_s=0,
-    )
+    settings = _served(sops_project)
     app = serving_app(settings)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     try:
