@@ -403,3 +403,32 @@ async def test_an_upstreams_long_header_names_are_not_remembered(monkeypatch: py
         for _ in range(20):
             assert await post(p, url) == (200, b"ok")
     assert max(map(len, exchange._NAMES), default=0) <= exchange._LONGEST_NAME
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        b"Connection: close\r\n",
+        b"CONNECTION: CLOSE\r\n",
+        b"connection: keep-alive, close\r\n",
+        b"Connection: keep-alive\r\nConnection: close\r\n",
+    ],
+)
+async def test_an_answer_that_says_close_never_pools_its_connection(said: bytes) -> None:
+    """`Connection` is not kept among the answer's headers, yet honoured in any case or form:
+    an upstream that says close and keeps the connection open gets no second request on it
+    (its next answer would go to another client)."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n%d" % (said, 1, connections))
+
+    async with raw(serve) as url, pool() as p:
+        assert [await post(p, url) for _ in range(3)] == [(200, b"1"), (200, b"2"), (200, b"3")]
+        assert "connection" not in (await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)).headers
+    assert connections == 4
