@@ -62,6 +62,8 @@ _RATE_LIMITS = b"x-ratelimit-"
 _NAMES: dict[bytes, str | None] = {}
 """A header's name as it came -> its kept name (in lower case), or None: not kept."""
 _MAX_NAMES = 512
+_LONGEST_NAME = 64
+"""The longest name remembered: an upstream's long names (up to `MAX_HEAD`) pin no memory."""
 
 
 class TooLarge(Exception):
@@ -455,9 +457,10 @@ class Connection(asyncio.Protocol):
 
 def _kept(name: bytes) -> str | None:
     """`name` in lower case if its header is kept, else None; remembered (up to `_MAX_NAMES`
-    names: past them, names from an upstream sending ever new ones are looked at each time)."""
+    names of at most `_LONGEST_NAME` bytes: past them, and longer ones, names from an upstream
+    sending ever new ones are looked at each time)."""
     lower = name.lower()  # a header's name is ASCII (llhttp refuses any other byte)
     kept = lower.decode() if lower in KEPT or lower.startswith(_RATE_LIMITS) else None
-    if len(_NAMES) < _MAX_NAMES:
+    if len(_NAMES) < _MAX_NAMES and len(name) <= _LONGEST_NAME:
         _NAMES[name] = kept
     return kept

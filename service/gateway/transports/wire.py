@@ -38,7 +38,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from yarl import URL
@@ -93,9 +93,10 @@ class Endpoint:
 
     key: tuple[str, str, int]
     line: bytes
-    headers: Mapping[str, str] | None = None
-    """The headers `head` was made with: a request sending this very mapping sends `head`."""
-    head: bytes = b""
+    headers: Mapping[str, str] | None = field(default=None, repr=False)
+    """The headers `head` was made with: a request sending this very mapping sends `head`.
+    Neither is shown: they hold the provider's key."""
+    head: bytes = field(default=b"", repr=False)
     """The head for `headers`, up to the value of its `Content-Length`."""
 
     @classmethod

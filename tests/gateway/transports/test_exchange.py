@@ -12,6 +12,7 @@ import zlib
 
 import pytest
 
+from service.gateway.transports import exchange
 from service.gateway.transports.exchange import BrokenOff, Disconnected, TooLarge
 from service.gateway.transports.wire import Endpoint
 from tests.support.wire import answer_of, pool, post, raw, read_request
@@ -380,3 +381,54 @@ async def test_releasing_an_answer_read_whole_keeps_its_connection_and_one_half_
             while await response.readany(5):
                 pass
         assert await post(p, url) == (200, b"ok") and connections == 2
+
+
+async def test_an_upstreams_long_header_names_are_not_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The names remembered are bounded in size as in number: an upstream sending ever new
+    names of 60 KB each (under the head's limit) pins no megabytes in the gateway for good;
+    those names are looked at each time, and the answer is read as any other."""
+    monkeypatch.setattr(exchange, "_NAMES", {})  # none remembered yet (other tests fill it)
+    sent = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                sent += 1
+                name = b"X-%d-" % sent + b"n" * 60_000
+                writer.write(b"HTTP/1.1 200 OK\r\n%b: v\r\nContent-Length: 2\r\n\r\nok" % name)
+
+    async with raw(serve) as url, pool() as p:
+        for _ in range(20):
+            assert await post(p, url) == (200, b"ok")
+    assert max(map(len, exchange._NAMES), default=0) <= exchange._LONGEST_NAME
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        b"Connection: close\r\n",
+        b"CONNECTION: CLOSE\r\n",
+        b"connection: keep-alive, close\r\n",
+        b"Connection: keep-alive\r\nConnection: close\r\n",
+    ],
+)
+async def test_an_answer_that_says_close_never_pools_its_connection(said: bytes) -> None:
+    """`Connection` is not kept among the answer's headers, yet honoured in any case or form:
+    an upstream that says close and keeps the connection open gets no second request on it
+    (its next answer would go to another client)."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while True:
+                await read_request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n%d" % (said, 1, connections))
+
+    async with raw(serve) as url, pool() as p:
+        assert [await post(p, url) for _ in range(3)] == [(200, b"1"), (200, b"2"), (200, b"3")]
+        assert "connection" not in (await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)).headers
+    assert connections == 4

@@ -391,3 +391,35 @@ async def test_a_stream_answered_whole_is_bounded_once_not_twice() -> None:
     assert (status, body) == (200, answer)
     status, refused, _ = await answered(200)
     assert status == FAILED and json.loads(refused)["reason"] == "answer over 100 bytes"
+
+
+async def test_a_changed_provider_file_never_sends_the_old_head() -> None:
+    """The head made once per path belongs to the provider's version: a rotated key, a new
+    base URL or a new `via` each send their own, never the head made for the old file."""
+    async with FakeUpstream() as up, open_session() as session:
+        transport = OpenAITransport(session)
+        versions = [
+            keyed(f"{up.url}/v1"),
+            ApiKey(
+                kind="api_key", id="k", provider="openai", base_url=f"{up.url}/v1", api_key=Secret("sk-new")
+            ),
+            ApiKey(
+                kind="api_key", id="k", provider="openai", base_url=f"{up.url}/v2", api_key=Secret("sk-new")
+            ),
+        ]
+        for provider in versions:
+            target = transport.upstream(provider)
+            for _ in range(2):  # the head made, then reused
+                response = await transport.pool.post(
+                    target.url("/chat/completions"), target.headers, b"{}", connect_s=5
+                )
+                await response.read(1 << 20)
+    seen = [(r.path, r.headers["authorization"]) for r in up.requests]
+    assert seen == [
+        ("/v1/chat/completions", f"Bearer {CANARY}"),
+        ("/v1/chat/completions", f"Bearer {CANARY}"),
+        ("/v1/chat/completions", "Bearer sk-new"),
+        ("/v1/chat/completions", "Bearer sk-new"),
+        ("/v2/chat/completions", "Bearer sk-new"),
+        ("/v2/chat/completions", "Bearer sk-new"),
+    ]

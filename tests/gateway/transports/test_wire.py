@@ -414,3 +414,11 @@ async def test_an_exchange_on_a_kept_alive_connection_asks_for_no_loop(
             assert await response.readany(5) == b""
         monkeypatch.undo()
     assert asked == 0
+
+
+def test_an_endpoint_with_its_head_never_shows_the_key() -> None:
+    """An endpoint keeps the head made for a provider's headers, key included: like `Upstream`,
+    it never prints it (a log, an error, a debugger's view of it)."""
+    endpoint = Endpoint.of("http://127.0.0.1:1/v1/x").with_headers({"Authorization": "Bearer sk-secret-1"})
+    assert b"sk-secret-1" in endpoint.head  # what is sent
+    assert "sk-secret-1" not in repr(endpoint) and "sk-secret-1" not in str(endpoint)
