@@ -260,11 +260,10 @@ class _Gateway:
             if isinstance(resource, PlainResource) and resource.canonical.startswith("/v1/"):
                 for route in resource:
                     key = (route.method, resource.canonical)
-                    if (
-                        route.method == hdrs.METH_POST and key not in self.routes
-                    ):  # the first wins, as routing does
-                        # One frozen match a route, shared by its requests: nothing changes a
-                        # frozen match (its apps are fixed; sub-applications are not on this path).
+                    # The first registered wins, as routing does. One frozen match a route, shared
+                    # by its requests: nothing changes a frozen match (its apps are fixed, and
+                    # sub-applications are not on this path).
+                    if route.method == hdrs.METH_POST and key not in self.routes:
                         match = UrlMappingMatchInfo({}, route)
                         match.add_app(app)
                         match.freeze()
