@@ -101,6 +101,12 @@ def _error(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
     return web.json_response(shape(exc), status=exc.status, headers=headers)
 
 
+_AMBIGUOUS = (
+    "the body has names that differ only in case (`model` and `MODEL`): an upstream that reads "
+    "names without case (Go's) could take another field than the one the gateway routed and priced"
+)
+
+
 async def read_call(request: web.Request, purpose: str, path: str, protocol: str = "chat") -> Call:
     """The request as a `Call`: its body read within limits and parsed once, as a JSON object
     whose `model`, if any, is a string; 508 for a request that came back to this gateway."""
@@ -131,6 +137,8 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
         raise BadRequest("the body must be a JSON object")
     if not isinstance(data.get("model", ""), str):
         raise BadRequest("`model` must be a string")
+    if len({key.casefold() for key in data}) < len(data):
+        raise BadRequest(_AMBIGUOUS)
     return Call(request, purpose, path, body, data, client_name(request), protocol)
 
 

@@ -1226,3 +1226,33 @@ async def test_streams_that_fill_the_pool_do_not_open_another_providers_circuit(
     assert [a.status for a in answers] == [200, 200, 200]
     assert not opened
     assert waiting == 4
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/rerank"])
+async def test_names_that_differ_only_in_case_are_a_400(sops_project: SopsProject, path: str) -> None:
+    # Go's encoding/json (Ollama, gateways written in Go) reads names without case and keeps the
+    # last: `MODEL` (or `\u017ftream`, whose long s folds to `s`) would be read over the field the
+    # gateway routed, priced and metered on. The body is refused before any upstream sees it.
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url, purposes=["chat", "embeddings", "reranking"])
+        write_routing(sops_project, chat="a", embeddings="a", reranking="a")
+        async with running(sops_project) as board:
+            answers = []
+            for raw in (
+                '{"model": "m", "MODEL": "other", "messages": [], "input": "x", "query": "q"}',
+                '{"model": "m", "messages": [], "stream": false, "\\u017ftream": true, "input": "x"}',
+            ):
+                async with board.http.post(board.url + path, data=raw.encode(), headers=JSON) as response:
+                    answers.append((response.status, await response.json()))
+            async with board.http.post(
+                board.url + path,
+                data=b'{"model": "m", "messages": [], "input": "x", "query": "q", "documents": ["d"]}',
+                headers=JSON,
+            ) as response:
+                plain = response.status
+    for status, body in answers:
+        assert status == 400, body
+        assert body["error"]["type"] == "bad_request"
+        assert "differ only in case" in body["error"]["message"]
+    assert plain != 400
+    assert len(a.requests) == 1  # only the plain body went upstream
