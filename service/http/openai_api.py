@@ -107,6 +107,11 @@ _AMBIGUOUS = (
 )
 
 
+def _ambiguous(names: dict[str, Any]) -> bool:
+    """Some of `names` differ only in case (`casefold`: Go's simple folding and a little more)."""
+    return len({name.casefold() for name in names}) < len(names)
+
+
 async def read_call(request: web.Request, purpose: str, path: str, protocol: str = "chat") -> Call:
     """The request as a `Call`: its body read within limits and parsed once, as a JSON object
     whose `model`, if any, is a string; 508 for a request that came back to this gateway."""
@@ -137,7 +142,10 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
         raise BadRequest("the body must be a JSON object")
     if not isinstance(data.get("model", ""), str):
         raise BadRequest("`model` must be a string")
-    if len({key.casefold() for key in data}) < len(data):
+    if _ambiguous(data):
+        raise BadRequest(_AMBIGUOUS)
+    options = data.get("stream_options")  # its `include_usage`, set to count a stream, must be the one read
+    if isinstance(options, dict) and _ambiguous(options):
         raise BadRequest(_AMBIGUOUS)
     return Call(request, purpose, path, body, data, client_name(request), protocol)
 

@@ -1241,6 +1241,10 @@ async def test_names_that_differ_only_in_case_are_a_400(sops_project: SopsProjec
             for raw in (
                 '{"model": "m", "MODEL": "other", "messages": [], "input": "x", "query": "q"}',
                 '{"model": "m", "messages": [], "stream": false, "\\u017ftream": true, "input": "x"}',
+                # the gateway sets `include_usage` to count a stream: a later `INCLUDE_USAGE` would
+                # be the one Go reads, and the stream would go uncounted (charged its bound only)
+                '{"model": "m", "messages": [], "input": "x", "query": "q", "stream": true,'
+                ' "stream_options": {"include_usage": true, "INCLUDE_USAGE": false}}',
             ):
                 async with board.http.post(board.url + path, data=raw.encode(), headers=JSON) as response:
                     answers.append((response.status, await response.json()))
