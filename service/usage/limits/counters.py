@@ -148,13 +148,8 @@ class Counters:
             self.reserved.pop(key, None)
 
     def settle(self, key: str, held: int, actual: int) -> None:
-        """`release` what was `held`, and count the `actual` cost spent, in one step."""
-        reserved = self.reserved
-        left = reserved.get(key, 0) - held
-        if left > 0:
-            reserved[key] = left
-        else:
-            reserved.pop(key, None)
+        """`release` what was `held`, and count the `actual` cost spent."""
+        self.release(key, held)
         if actual > 0:
             spent = self.spent
             spent[key] = spent.get(key, 0) + actual

@@ -145,8 +145,7 @@ class Limiter:
 
     def hold_units(self, kind: str, subject: str, budget: Budget, units: int, now_ms: float) -> Hold:
         """A reservation of `units` nano-dollars against `subject`'s `budget`, not taken yet."""
-        cached = self._windows.get(budget.period)  # `window`'s lookup, inline: twice a request
-        current = self.window(budget.period, now_ms) if cached is None or now_ms >= cached[1] else cached[0]
+        current = self.window(budget.period, now_ms)
         named = (kind, subject)
         found = self._keys.get(named)
         if found is None or found[0] is not current or found[3] is not budget:
@@ -367,27 +366,30 @@ class Limiter:
             except Unavailable as exc:
                 self.lose(str(exc))
             return
-        if hold.epoch is None:
-            self.counters.release(hold.key, hold.amount)
-        elif self.up and hold.epoch == self.epoch:
+        giving = self._give_back(hold)
+        if giving is not None:
             try:
-                args = {"k": hold.key, "amount": str(hold.amount)}
-                await self._guarded(ticket, self.call("release", self.now_ms(), args))
+                await self._guarded(ticket, giving)
             except Unavailable as exc:
                 self.lose(str(exc))
-        # A hold of an epoch Redis lost: reconciling drops the epoch's reservations, and this
-        # one is no longer the ticket's, so nothing of it is counted again.
 
     async def _release_reconciled(self, hold: Hold) -> None:
         """`release` of a local hold a reconcile was handing to Redis: in Redis when it took it."""
         async with self.lock:
             pass
-        if hold.off:
-            return
+        if not hold.off and (giving := self._give_back(hold)) is not None:
+            await giving
+
+    def _give_back(self, hold: Hold) -> Coroutine[Any, Any, dict[str, Any]] | None:
+        """Give `hold` back where it is: in this replica's counts at once, or the call that gives
+        it back in Redis. None also for a hold of an epoch Redis lost: reconciling drops the
+        epoch's reservations, and this one is no longer the ticket's, so nothing of it is
+        counted again."""
         if hold.epoch is None:
             self.counters.release(hold.key, hold.amount)
         elif self.up and hold.epoch == self.epoch:
-            await self.call("release", self.now_ms(), {"k": hold.key, "amount": str(hold.amount)})
+            return self.call("release", self.now_ms(), {"k": hold.key, "amount": str(hold.amount)})
+        return None
 
     # -- settling ------------------------------------------------------------------------------
 
