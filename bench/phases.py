@@ -1,0 +1,252 @@
+"""Where a request's time goes inside `switchboard serve`, one request at a time (issue 22).
+
+    python -m bench.phases                      # 5,000 chat completions at c=1
+    python -m bench.phases --requests 20000 --runs 3
+
+`switchboard serve`, metered as `bench.gateway` serves it, in front of the fake upstream: a
+wrapper script (on the service's path, ahead of its code) stamps each relayed request with
+`time.perf_counter_ns` at seven points and writes the stamps at exit. The points wrap methods
+by name (aiohttp's server and writer, the gateway's upstream client, its metering), so the
+wrapper follows this checkout's code, not another's. Reported, after a warm-up, per phase:
+p50, p90 and p99 in µs, and the latency the load generator saw, through Switchboard and
+straight to the upstream (medians over `--runs`):
+
+- `in → upstream out`: the request's bytes read, parsed, authenticated, admitted, routed,
+  and written to the upstream;
+- `upstream out → its bytes in`: the upstream's own time and two loopback hops;
+- `its bytes in → answer read`: the upstream's answer parsed and its waiter woken;
+- `answer read → metering`: the answer made (`web.Response`), health and metrics;
+- `metering`: priced, settled, recorded (`Metered.served`);
+- `handler → write`: aiohttp prepares the answer and its head;
+- `write`: the system call that hands the answer to the client. It returns late when the
+  client, woken by it, takes the core first: that time is the client's, not on its path.
+
+The gateway's part of the client's latency is the sum of all but the second and the last.
+Wall clock: meaningful on a quiet machine (at c=1 each request wakes a cold loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from bench.config import _free_port
+from bench.gateway import MODEL, UPSTREAM_KEY, build_project
+from bench.load import percentile, run_load
+from bench.upstream import UpstreamProcess
+
+WRAPPER = """\
+import atexit, json, os, runpy, sys, time
+
+_ns = time.perf_counter_ns
+_arrived, _now, _rows = {}, {}, []
+
+
+def _wrap(owner, name, before=None, after=None):
+    inner = getattr(owner, name)
+
+    def wrapped(self, *args, **kwargs):
+        if before:
+            before(self)
+        result = inner(self, *args, **kwargs)
+        if after:
+            after(self)
+        return result
+
+    setattr(owner, name, wrapped)
+
+
+def _wrap_async(owner, name, before=None, after=None):
+    inner = getattr(owner, name)
+
+    async def wrapped(self, *args, **kwargs):
+        if before:
+            before(self)
+        result = await inner(self, *args, **kwargs)
+        if after:
+            after(self, args)
+        return result
+
+    setattr(owner, name, wrapped)
+
+
+def _stamp(key):
+    def note(*_):
+        _now[key] = _ns()
+    return note
+
+
+def _out(_):
+    _now["out"], _now["back"] = _ns(), 0
+
+
+def _back(_):
+    if not _now.get("back"):
+        _now["back"] = _ns()
+
+
+def _written(handler, args):
+    request = args[0]
+    if request.path.startswith("/v1/"):
+        _rows.append([_arrived.get(id(handler), 0), *(_now.get(k, 0) for k in _KEYS), _ns()])
+
+
+_KEYS = ("out", "back", "read", "metering", "metered", "handled", "write", "wrote")
+
+
+def _install():
+    from aiohttp import http_writer, web_protocol
+    from service.gateway import metering
+    from service.gateway.transports import exchange, openai
+    from service.http import app
+
+    def arrived(handler):
+        _arrived[id(handler)] = _ns()
+
+    _wrap(web_protocol.RequestHandler, "data_received", before=arrived)
+    _wrap_async(web_protocol.RequestHandler, "finish_response", after=_written)
+    _wrap(exchange.Connection, "send", before=_out)
+    _wrap(exchange.Connection, "data_received", before=_back)
+    _wrap_async(openai.OpenAITransport, "exchange", after=_stamp("read"))
+    _wrap_async(metering.Metered, "served", before=_stamp("metering"), after=_stamp("metered"))
+    _wrap_async(app._Gateway, "handle", after=_stamp("handled"))
+    _wrap(http_writer.StreamWriter, "_writelines", before=_stamp("write"), after=_stamp("wrote"))
+
+
+def _dump():
+    with open(os.environ["BENCH_PHASES_OUT"], "w") as out:
+        json.dump(_rows, out)
+
+
+_install()
+atexit.register(_dump)
+sys.argv = ["service", *sys.argv[1:]]
+runpy.run_module("service", run_name="__main__", alter_sys=True)
+"""
+
+PHASES = (
+    ("in → upstream out", 0, 1),
+    ("upstream out → its bytes in", 1, 2),
+    ("its bytes in → answer read", 2, 3),
+    ("answer read → metering", 3, 4),
+    ("metering", 4, 5),
+    ("handler → write", 6, 7),
+    ("write", 7, 8),
+)
+"""A phase: its name, and the indexes of its first and last stamp in a row."""
+OWN = (
+    "in → upstream out",
+    "its bytes in → answer read",
+    "answer read → metering",
+    "metering",
+    "handler → write",
+)
+
+
+async def measured(upstream: UpstreamProcess, requests: int) -> tuple[list[list[int]], float, float]:
+    """One run: the service's stamps a request, and the p50 the load generator saw through
+    Switchboard and straight to the upstream (ms)."""
+    root, key_file, token = build_project(upstream.base_url)
+    work = Path(tempfile.mkdtemp(prefix="phases-"))
+    (work / "wrapper.py").write_text(WRAPPER)
+    out = work / "phases.json"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SOPS_AGE_KEY_FILE": str(key_file),
+        "SWITCHBOARD_LOG_LEVEL": "WARNING",
+        "SWITCHBOARD_USAGE_DB": str(work / "usage.db"),
+        "SWITCHBOARD_USAGE_SPOOL": str(work / "usage-spool"),
+        "PYTHONPATH": str(Path.cwd()),
+        "BENCH_PHASES_OUT": str(out),
+    }
+    command = [
+        sys.executable, str(work / "wrapper.py"), "--root", str(root), "serve", "--port", str(port),
+        "--events", str(work / "events.jsonl"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            started = time.perf_counter()
+            while True:
+                try:
+                    async with session.get(f"{url}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.perf_counter() - started > 120:
+                    raise RuntimeError("the service did not become ready in 120 s")
+                await asyncio.sleep(0.2)
+        switchboard = await run_load(
+            f"{url}/v1/chat/completions", token=token, model=MODEL, requests=requests, concurrency=1
+        )
+        direct = await run_load(
+            f"{upstream.base_url}/chat/completions",
+            token=UPSTREAM_KEY,
+            model=MODEL,
+            requests=requests,
+            concurrency=1,
+        )
+        if switchboard.errors or direct.errors:
+            raise RuntimeError(f"errors: {switchboard.statuses} {direct.statuses}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    rows = [row for row in json.loads(out.read_text()) if all(row)]
+    return rows[len(rows) // 5 :], switchboard.p50_ms, direct.p50_ms  # the first fifth: a warm-up
+
+
+def table(runs: list[tuple[list[list[int]], float, float]]) -> str:
+    """The phases' p50/p90/p99 (µs), medians over the runs, and the latency seen from outside."""
+    lines = [f"  {'phase':<30}{'p50 µs':>9}{'p90 µs':>9}{'p99 µs':>9}"]
+    own = []
+    for name, first, last in PHASES:
+        cells = []
+        for q in (50, 90, 99):
+            cells.append(
+                statistics.median(
+                    percentile([(r[last] - r[first]) / 1000 for r in rows], q) for rows, _, _ in runs
+                )
+            )
+        if name in OWN:
+            own.append(cells[0])
+        lines.append(f"  {name:<30}" + "".join(f"{c:9.1f}" for c in cells))
+    through = statistics.median(s for _, s, _ in runs)
+    direct = statistics.median(d for _, _, d in runs)
+    lines.append(
+        f"  the gateway's own part (sum of p50s, the upstream and the write left out): {sum(own):.1f} µs"
+    )
+    lines.append(
+        f"  seen by the load generator: p50 {through:.3f} ms through Switchboard, {direct:.3f} ms direct, "
+        f"added {through - direct:+.3f} ms"
+    )
+    return "\n".join(lines)
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=5_000)
+    parser.add_argument("--runs", type=int, default=1)
+    args = parser.parse_args(argv)
+    async with UpstreamProcess(name="bench", api_key=UPSTREAM_KEY) as upstream:
+        runs = [await measured(upstream, args.requests) for _ in range(args.runs)]
+    print(f"phases of a chat completion at c=1, {args.requests} requests x {args.runs} (medians):")
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
