@@ -22,6 +22,10 @@ straight to the upstream (medians over `--runs`):
   client, woken by it, takes the core first: that time is the client's, not on its path.
 
 The gateway's part of the client's latency is the sum of all but the second and the last.
+The rest of what it adds is the two loopback hops more (client to gateway, gateway to upstream
+and back), each a process woken on a core. To see that floor, the same run measures a relay
+that only copies bytes (`RELAY`: uvloop, one upstream connection a client connection, no
+parsing) between the load generator and the upstream: what any process in the path adds here.
 Wall clock: meaningful on a quiet machine (at c=1 each request wakes a cold loop).
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -37,11 +42,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from bench.config import _free_port
-from bench.gateway import MODEL, UPSTREAM_KEY, build_project
+from bench.gateway import MODEL, UPSTREAM_KEY, _cpu_s, build_project
 from bench.load import percentile, run_load
 from bench.upstream import UpstreamProcess
 
@@ -134,6 +140,53 @@ sys.argv = ["service", *sys.argv[1:]]
 runpy.run_module("service", run_name="__main__", alter_sys=True)
 """
 
+RELAY = """\
+import asyncio, sys
+
+import uvloop
+
+UP_HOST, UP_PORT, PORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+
+class Side(asyncio.Protocol):
+    def __init__(self, other=None):
+        self.other, self.transport, self.pending = other, None, []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.get_extra_info("socket").setsockopt(6, 1, 1)  # TCP_NODELAY
+        if self.other is None:  # a client: open its upstream side
+            asyncio.ensure_future(self.connect())
+        else:
+            self.other.other = self
+            for data in self.other.pending:
+                transport.write(data)
+
+    async def connect(self):
+        await asyncio.get_running_loop().create_connection(lambda: Side(self), UP_HOST, UP_PORT)
+
+    def data_received(self, data):
+        peer = self.other
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def connection_lost(self, exc):
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.close()
+
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(Side, "127.0.0.1", PORT)
+    print("ready", flush=True)
+    await server.serve_forever()
+
+
+uvloop.run(main())
+"""
+"""A process that only copies bytes between a client and the upstream: the floor of a hop."""
+
 PHASES = (
     ("in → upstream out", 0, 1),
     ("upstream out → its bytes in", 1, 2),
@@ -153,9 +206,14 @@ OWN = (
 )
 
 
-async def measured(upstream: UpstreamProcess, requests: int) -> tuple[list[list[int]], float, float]:
+Run = tuple[list[list[int]], float, float, float, tuple[float, ...]]
+"""A run: the stamps of each request; the p50 (ms) through Switchboard, direct, through the relay;
+the service's CPU seconds a request: all its threads, its loop's, and the loop's in the kernel."""
+
+
+async def measured(upstream: UpstreamProcess, requests: int) -> Run:
     """One run: the service's stamps a request, and the p50 the load generator saw through
-    Switchboard and straight to the upstream (ms)."""
+    Switchboard, straight to the upstream and through the relay (ms)."""
     root, key_file, token = build_project(upstream.base_url)
     work = Path(tempfile.mkdtemp(prefix="phases-"))
     (work / "wrapper.py").write_text(WRAPPER)
@@ -176,7 +234,18 @@ async def measured(upstream: UpstreamProcess, requests: int) -> tuple[list[list[
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    up = urlsplit(upstream.base_url)
+    relay_port = _free_port()
+    (work / "relay.py").write_text(RELAY)
+    relay = subprocess.Popen(
+        [sys.executable, str(work / "relay.py"), up.hostname or "127.0.0.1", str(up.port), str(relay_port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert relay.stdout is not None
+        if relay.stdout.readline().strip() != "ready":
+            raise RuntimeError("the relay did not start")
         async with aiohttp.ClientSession() as session:
             started = time.perf_counter()
             while True:
@@ -189,9 +258,12 @@ async def measured(upstream: UpstreamProcess, requests: int) -> tuple[list[list[
                 if time.perf_counter() - started > 120:
                     raise RuntimeError("the service did not become ready in 120 s")
                 await asyncio.sleep(0.2)
+        cpu = _cpu_s(process.pid), *_thread_cpu_s(process.pid)
         switchboard = await run_load(
             f"{url}/v1/chat/completions", token=token, model=MODEL, requests=requests, concurrency=1
         )
+        now = _cpu_s(process.pid), *_thread_cpu_s(process.pid)
+        used = tuple((b - a) / requests for a, b in zip(cpu, now, strict=True))
         direct = await run_load(
             f"{upstream.base_url}/chat/completions",
             token=UPSTREAM_KEY,
@@ -199,16 +271,37 @@ async def measured(upstream: UpstreamProcess, requests: int) -> tuple[list[list[
             requests=requests,
             concurrency=1,
         )
-        if switchboard.errors or direct.errors:
-            raise RuntimeError(f"errors: {switchboard.statuses} {direct.statuses}")
+        relayed = await run_load(
+            up._replace(netloc=f"127.0.0.1:{relay_port}").geturl() + "/chat/completions",
+            token=UPSTREAM_KEY,
+            model=MODEL,
+            requests=requests,
+            concurrency=1,
+        )
+        if switchboard.errors or direct.errors or relayed.errors:
+            raise RuntimeError(f"errors: {switchboard.statuses} {direct.statuses} {relayed.statuses}")
     finally:
         process.terminate()
+        relay.terminate()
         process.wait(timeout=30)
+        relay.wait(timeout=30)
     rows = [row for row in json.loads(out.read_text()) if all(row)]
-    return rows[len(rows) // 5 :], switchboard.p50_ms, direct.p50_ms  # the first fifth: a warm-up
+    # the first fifth: a warm-up
+    return rows[len(rows) // 5 :], switchboard.p50_ms, direct.p50_ms, relayed.p50_ms, used
 
 
-def table(runs: list[tuple[list[list[int]], float, float]]) -> str:
+def _thread_cpu_s(pid: int) -> tuple[float, float]:
+    """The CPU seconds the main thread of process `pid` (its event loop's) has used so far, in
+    all and in the kernel."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
+
+
+def table(runs: list[Run]) -> str:
     """The phases' p50/p90/p99 (µs), medians over the runs, and the latency seen from outside."""
     lines = [f"  {'phase':<30}{'p50 µs':>9}{'p90 µs':>9}{'p99 µs':>9}"]
     own = []
@@ -217,20 +310,36 @@ def table(runs: list[tuple[list[list[int]], float, float]]) -> str:
         for q in (50, 90, 99):
             cells.append(
                 statistics.median(
-                    percentile([(r[last] - r[first]) / 1000 for r in rows], q) for rows, _, _ in runs
+                    percentile([(r[last] - r[first]) / 1000 for r in rows], q) for rows, *_ in runs
                 )
             )
         if name in OWN:
             own.append(cells[0])
         lines.append(f"  {name:<30}" + "".join(f"{c:9.1f}" for c in cells))
-    through = statistics.median(s for _, s, _ in runs)
-    direct = statistics.median(d for _, _, d in runs)
+    gaps = [
+        statistics.median((b[0] - a[-1]) / 1000 for a, b in itertools.pairwise(rows)) for rows, *_ in runs
+    ]
+    lines.append(f"  {'answer written → next request in':<30}{statistics.median(gaps):9.1f}")
+    through = statistics.median(r[1] for r in runs)
+    direct = statistics.median(r[2] for r in runs)
+    relayed = statistics.median(r[3] for r in runs)
     lines.append(
         f"  the gateway's own part (sum of p50s, the upstream and the write left out): {sum(own):.1f} µs"
     )
     lines.append(
         f"  seen by the load generator: p50 {through:.3f} ms through Switchboard, {direct:.3f} ms direct, "
         f"added {through - direct:+.3f} ms"
+    )
+    cpu = statistics.median(r[4][0] for r in runs) * 1e6
+    loop = statistics.median(r[4][1] for r in runs) * 1e6
+    kernel = statistics.median(r[4][2] for r in runs) * 1e6
+    lines.append(
+        f"  the service's CPU a request: {cpu:.0f} µs, of which its loop's thread {loop:.0f} µs "
+        f"({kernel:.0f} µs in the kernel)"
+    )
+    lines.append(
+        f"  a relay that only copies bytes: p50 {relayed:.3f} ms, added {relayed - direct:+.3f} ms "
+        "(the floor of a process in the path here)"
     )
     return "\n".join(lines)
 
