@@ -4,15 +4,22 @@ a body that is not JSON, `HEAD /` without a token, a malformed request logged as
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractMatchInfo
+from multidict import CIMultiDictProxy
 
+from service.http.context import RELAY
 from service.http.openapi import document
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
-from tests.support.gateway import write_clients
+from tests.support.gateway import Switchboard, running, write_clients, write_provider
+from tests.support.upstreams import FakeUpstream, closed_port_url
 
 API = "/api/v1/llm-config"
 TOKEN = "sb_app_every_scope_0f1e2d3c4b5a69788"
@@ -247,3 +254,144 @@ async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(
     route = 'switchboard_http_requests_total{method="POST",route="/v1/chat/completions",status="%s"}'
     assert route % 502 + " 2.0" in text and route % 401 + " 1.0" in text
     assert 'route="/v1/embeddings",status="404"} 1.0' in text
+
+
+GATEWAY_TOKEN = "sb_app_gateway_only_0f1e2d3c4b5a6978"
+READER_TOKEN = "sb_app_reader_only_0f1e2d3c4b5a69788"
+
+
+@pytest.fixture
+async def gateway(sops_project: SopsProject) -> AsyncIterator[Switchboard]:
+    """A gateway with a clients file, a 2 KiB body limit, a provider up (`fake-model`) and one
+    down (`down-model`)."""
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", base_url=up.base_url, models=["fake-model"])
+        write_provider(sops_project, "b", base_url=closed_port_url(), models=["down-model"])
+        write_routing(sops_project, chat=["a", "b"])
+        write_clients(
+            sops_project, {"app": (GATEWAY_TOKEN, ["completions"]), "reader": (READER_TOKEN, ["config:read"])}
+        )
+        async with running(sops_project, max_body_bytes=2048) as board:
+            yield board
+
+
+def _chat(model: str = "fake-model", **fields: object) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def _too_long() -> Any:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: read after the head, past the limit
+        yield b'{"model": "fake-model", "messages": [{"role": "user", "content": "'
+        yield b"y" * 4096
+        yield b'"}]}'
+
+    return chunks()
+
+
+_BEARER = {"Authorization": f"Bearer {GATEWAY_TOKEN}", "Content-Type": "application/json"}
+_GZIP = _BEARER | {"Content-Encoding": "gzip", "Connection": "close"}  # one broken ends the connection
+_CASES: list[tuple[str, str, dict[str, str], Any, int]] = [
+    ("ok", "/v1/chat/completions", _BEARER, _chat, 200),
+    ("ok, Messages", "/v1/messages", _BEARER, lambda: _chat(max_tokens=5), 200),
+    ("no token", "/v1/chat/completions", {"Content-Type": "application/json"}, _chat, 401),
+    ("no token, Messages", "/v1/messages", {"Content-Type": "application/json"}, _chat, 401),
+    ("unknown token", "/v1/embeddings", _BEARER | {"Authorization": "Bearer sb_nobody"}, _chat, 401),
+    ("no scope", "/v1/rerank", _BEARER | {"Authorization": f"Bearer {READER_TOKEN}"}, _chat, 403),
+    ("not JSON", "/v1/chat/completions", _BEARER | {"Content-Type": "text/plain"}, _chat, 415),
+    ("Content-Length past the limit", "/v1/chat/completions", _BEARER, lambda: b" " * 4096 + _chat(), 413),
+    ("inflated past the limit", "/v1/responses", _GZIP, lambda: gzip.compress(b" " * 4096 + _chat()), 413),
+    ("read past the limit", "/v1/chat/completions", _BEARER, _too_long, 413),
+    ("gzip that is not", "/v1/chat/completions", _GZIP, lambda: b"\x1f\x8b not gzip at all", 400),
+    ("gzip that is not, Messages", "/v1/messages", _GZIP, lambda: b"\x1f\x8b not gzip", 400),
+    ("not JSON text", "/v1/chat/completions", _BEARER, lambda: b"{not json", 400),
+    ("an array", "/v1/completions", _BEARER, lambda: b"[1, 2]", 400),
+    ("model not a string", "/v1/chat/completions", _BEARER, lambda: b'{"model": 1}', 400),
+    ("names differing in case", "/v1/embeddings", _BEARER, lambda: b'{"model": "m", "MODEL": "n"}', 400),
+    ("no messages, Messages", "/v1/messages", _BEARER, lambda: b'{"model": "fake-model"}', 400),
+    ("no prompt", "/v1/completions", _BEARER, lambda: b'{"model": "fake-model"}', 400),
+    ("no such model", "/v1/chat/completions", _BEARER, lambda: _chat("nothing"), 404),
+    ("no such model, Messages", "/v1/messages", _BEARER, lambda: _chat("nothing", max_tokens=5), 404),
+    ("every upstream down", "/v1/chat/completions", _BEARER, lambda: _chat("down-model"), 502),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "headers", "body", "status"), _CASES, ids=[c[0] for c in _CASES])
+async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
+    gateway: Switchboard,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    path: str,
+    headers: dict[str, str],
+    body: Any,
+    status: int,
+) -> None:
+    """A gateway route run as one coroutine (`app._Gateway` with an `Endpoint`) answers every
+    kind of request as the router's way does (`Expect: 100-continue` takes it, through the
+    `_errors` middleware, `answering`, `scoped` and the relaying handler): the same status, body
+    and headers, the gateway's `x-request-id`, provider and attempts headers where that way has
+    them, `nosniff`, and the same metrics."""
+    resolved = _counting_resolves(gateway, monkeypatch)
+    answers = []
+    for extra in ({}, {"Expect": "100-continue"}):
+        async with gateway.http.post(gateway.url + path, data=body(), headers=headers | extra) as response:
+            answers.append((response.status, response.headers.copy(), await response.read()))
+    assert resolved == [f"POST {path}"]  # only the one with `Expect` went through the router
+    (fast, fast_headers, fast_body), (usual, usual_headers, usual_body) = answers
+    assert (fast, fast_body) == (usual, usual_body) and fast == status, (fast, fast_body)
+
+    def kept(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+        # what changes from one request to the next: the date, the request id, the upstream's count
+        changing = ("x-request-id", "date", "x-ratelimit-")
+        return [(k, v) for k, v in headers.items() if not k.lower().startswith(changing)]
+
+    assert kept(fast_headers) == kept(usual_headers)
+    assert fast_headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert len(fast_headers.getall("X-Request-ID", [])) == len(usual_headers.getall("X-Request-ID", []))
+    if status != 400 or "gzip" not in case:  # a body that cannot be decoded is the middleware's 400
+        assert fast_headers["X-Request-ID"] and fast_headers["x-switchboard-provider"]
+    text = await gateway.metrics()
+    route = 'switchboard_http_requests_total{method="POST",route="%s",status="%d"} 2.0'
+    assert route % (path, status) in text
+
+
+async def test_a_bug_on_a_gateway_route_is_a_500_as_the_middleware_answers_it(
+    gateway: Switchboard, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception no handler meant (a bug) is logged and answered 500 `internal_error` with no
+    detail, on the gateway's own way as on the router's; a client that leaves (cancellation) is
+    not answered at all."""
+
+    def broken(*args: object) -> NoReturn:
+        raise RuntimeError("a bug, with sk-secret in it")
+
+    monkeypatch.setattr(gateway.app[RELAY], "relay", broken)
+    answers = []
+    for extra in ({}, {"Expect": "100-continue"}):
+        async with gateway.http.post(
+            gateway.url + "/v1/chat/completions", data=_chat(), headers=_BEARER | extra
+        ) as response:
+            answers.append((response.status, response.headers.copy(), await response.read()))
+    (fast, fast_headers, fast_body), (usual, usual_headers, usual_body) = answers
+    assert fast == usual == 500 and fast_body == usual_body
+    assert json.loads(fast_body) == {
+        "error": {"type": "internal_error", "message": "internal error; see the service log"}
+    }
+    assert fast_headers.keys() == usual_headers.keys() and "X-Request-ID" not in fast_headers
+    assert fast_headers["X-Content-Type-Options"] == "nosniff"
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled error on POST /v1/chat/completions"]
+    assert len(logged) == 2 and all(r.exc_info is not None for r in logged)
+    route = 'switchboard_http_requests_total{method="POST",route="/v1/chat/completions",status="500"} 2.0'
+    assert route in await gateway.metrics()
+
+
+def _counting_resolves(board: Switchboard, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    router = board.app.router
+    resolved: list[str] = []
+    resolve = router.resolve
+
+    async def counting(request: web.Request) -> AbstractMatchInfo:
+        resolved.append(f"{request.method} {request.path}")
+        return await resolve(request)
+
+    monkeypatch.setattr(router, "resolve", counting)
+    return resolved
