@@ -29,6 +29,7 @@ from service.crypto.sops import Sops
 from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
 from service.gateway.metering import REQUEST_ID
+from service.gateway.relay import NOSNIFF_HEADER
 from service.http import (
     changes,
     config_api,
@@ -259,6 +260,12 @@ class _Gateway:
     handler do, in their order. Every wait of a request (the upstream's answer, at least) is
     passed through each coroutine above the one that waits: four fewer here. Any other route
     goes through `_answered`, as the middleware sends it.
+
+    An endpoint's answers carry `nosniff` from where they are made (the relay's headers, the
+    error answers): while `_nosniff` is all `on_response_prepare` holds, they are not sent
+    through it. Their match then has the app as its current app (`request.app`) but in no list
+    of apps, which is where aiohttp finds the signals to send; an app given another receiver
+    sends it every answer, these too.
     """
 
     def __init__(self, app: web.Application) -> None:
@@ -281,12 +288,32 @@ class _Gateway:
                         endpoint = endpoints.get(route.handler)
                         self.routes[key] = (route.handler, match, resource.canonical, endpoint)
         self.usual = app._handle
+        self.unsettled = True
+        """Until the first request: the app's signals are final only once it is frozen."""
 
     def install(self) -> None:
         # aiohttp's server calls `app._handle` for every request (`Application._make_handler`)
         object.__setattr__(self.app, "_handle", self.handle)
 
+    def _settle(self) -> None:
+        """Give the endpoints matches in no app's list (see above) if `on_response_prepare`
+        holds nothing but `_nosniff`, which their answers do without."""
+        self.unsettled = False
+        if any(receiver is not _nosniff for receiver in self.app.on_response_prepare):
+            return
+        for key, (handler, match, name, endpoint) in self.routes.items():
+            if endpoint is not None:
+                bare = UrlMappingMatchInfo({}, match.route)
+                try:
+                    bare.current_app = self.app
+                except RuntimeError:  # aiohttp's debug mode checks it is one of the match's apps
+                    return
+                bare.freeze()
+                self.routes[key] = (handler, bare, name, endpoint)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.unsettled:
+            self._settle()
         found = self.routes.get((request.method, request.rel_url.path_safe))
         if found is None or request.headers.get(hdrs.EXPECT):
             return await self.usual(request)
@@ -313,6 +340,7 @@ class _Gateway:
                     response.headers[REQUEST_ID] = uuid.uuid4().hex
         except Exception as exc:
             response = _failure(request, exc, name)
+            response.headers[NOSNIFF_HEADER] = "nosniff"
         self.metrics.answered(name, request.method, response.status, time.perf_counter() - started)
         return response
 
@@ -367,7 +395,7 @@ def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
 async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault(NOSNIFF_HEADER, "nosniff")
 
 
 class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):

@@ -31,7 +31,7 @@ from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, C
 from service.gateway.health import CheckResult, Status, check
 from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import ids
-from service.gateway.relay import NO_PROVIDER, Relay
+from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
 from service.http.context import (
@@ -136,7 +136,12 @@ def error_answer(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Respo
     id headers."""
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count), **exc.headers()}
+    headers = {
+        PROVIDER_HEADER: NO_PROVIDER,
+        ATTEMPTS_HEADER: str(count),
+        NOSNIFF_HEADER: "nosniff",
+        **exc.headers(),
+    }
     headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (docs/reference.md §13)
     return web.json_response(shape(exc), status=exc.status, headers=headers)
 

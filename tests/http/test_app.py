@@ -15,8 +15,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractMatchInfo
 from multidict import CIMultiDictProxy
 
+from service.http import app as app_module
+from service.http.app import create_app
 from service.http.context import RELAY
 from service.http.openapi import document
+from tests import conftest
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
 from tests.support.gateway import Switchboard, running, write_clients, write_provider
 from tests.support.upstreams import FakeUpstream, closed_port_url
@@ -265,14 +268,18 @@ async def gateway(sops_project: SopsProject) -> AsyncIterator[Switchboard]:
     """A gateway with a clients file, a 2 KiB body limit, a provider up (`fake-model`) and one
     down (`down-model`)."""
     async with FakeUpstream(name="a") as up:
-        write_provider(sops_project, "a", base_url=up.base_url, models=["fake-model"])
-        write_provider(sops_project, "b", base_url=closed_port_url(), models=["down-model"])
-        write_routing(sops_project, chat=["a", "b"])
-        write_clients(
-            sops_project, {"app": (GATEWAY_TOKEN, ["completions"]), "reader": (READER_TOKEN, ["config:read"])}
-        )
+        _write_gateway(sops_project, up)
         async with running(sops_project, max_body_bytes=2048) as board:
             yield board
+
+
+def _write_gateway(project: SopsProject, up: FakeUpstream) -> None:
+    write_provider(project, "a", base_url=up.base_url, models=["fake-model"])
+    write_provider(project, "b", base_url=closed_port_url(), models=["down-model"])
+    write_routing(project, chat=["a", "b"])
+    write_clients(
+        project, {"app": (GATEWAY_TOKEN, ["completions"]), "reader": (READER_TOKEN, ["config:read"])}
+    )
 
 
 def _chat(model: str = "fake-model", **fields: object) -> bytes:
@@ -342,7 +349,7 @@ async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
     def kept(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
         # what changes from one request to the next: the date, the request id, the upstream's count
         changing = ("x-request-id", "date", "x-ratelimit-")
-        return [(k, v) for k, v in headers.items() if not k.lower().startswith(changing)]
+        return sorted((k, v) for k, v in headers.items() if not k.lower().startswith(changing))
 
     assert kept(fast_headers) == kept(usual_headers)
     assert fast_headers.getall("X-Content-Type-Options") == ["nosniff"]
@@ -395,3 +402,77 @@ def _counting_resolves(board: Switchboard, monkeypatch: pytest.MonkeyPatch) -> l
 
     monkeypatch.setattr(router, "resolve", counting)
     return resolved
+
+
+async def test_a_gateway_answer_carries_nosniff_without_the_prepare_signal(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While `_nosniff` is the only receiver of `on_response_prepare`, an endpoint's answers (whole,
+    streamed, refused) are not sent through it: each has `nosniff` already, once. Any other answer
+    is (`/healthz`, `/v1/models`, a gateway route taken by the router). Fails on an aiohttp that
+    finds the signals to send other than through the match's apps: the signal would be sent."""
+    sent: list[str] = []
+
+    async def counted(request: web.Request, response: web.StreamResponse) -> None:
+        sent.append(f"{request.method} {request.path}")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+    monkeypatch.setattr(app_module, "_nosniff", counted)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with FakeUpstream(name="a") as up:
+        _write_gateway(sops_project, up)
+        async with running(sops_project) as board:
+            sent.clear()  # /readyz, asked while the service started
+            answers = []
+            for path, body, extra in [
+                ("/v1/chat/completions", chat, {}),
+                ("/v1/chat/completions", chat | {"stream": True}, {}),
+                ("/v1/messages", chat | {"max_tokens": 5}, {}),
+                ("/v1/chat/completions", chat | {"model": "down-model"}, {}),  # 502
+                ("/v1/embeddings", chat, {"Authorization": f"Bearer {READER_TOKEN}"}),  # 403
+                ("/v1/chat/completions", chat, {"Expect": "100-continue"}),  # the router's way
+            ]:
+                headers = _BEARER | extra
+                async with board.http.post(board.url + path, json=body, headers=headers) as response:
+                    await response.read()
+                    answers.append((response.status, response.headers.getall("X-Content-Type-Options")))
+            async with board.http.get(board.url + "/healthz") as response:
+                assert response.headers.getall("X-Content-Type-Options") == ["nosniff"]
+            async with board.http.get(board.url + "/v1/models", headers=_BEARER) as response:
+                assert response.headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert answers == [(s, ["nosniff"]) for s in (200, 200, 200, 502, 403, 200)]
+    assert sent == ["POST /v1/chat/completions", "GET /healthz", "GET /v1/models"]
+
+
+async def test_another_prepare_receiver_is_sent_the_gateways_answers_too(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app given a receiver of `on_response_prepare` besides `_nosniff` (before it starts) sends
+    it every answer, those of the gateway's own way included."""
+    seen: list[tuple[str, int]] = []
+
+    async def receiver(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append((request.path, response.status))
+
+    def created(*args: Any, **kwargs: Any) -> web.Application:
+        app = create_app(*args, **kwargs)
+        app.on_response_prepare.append(receiver)
+        return app
+
+    monkeypatch.setattr(conftest, "create_app", created)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with FakeUpstream(name="a") as up:
+        _write_gateway(sops_project, up)
+        async with running(sops_project) as board:
+            seen.clear()  # /readyz, asked while the service started
+            for body in (chat, chat | {"stream": True}, chat | {"model": "nothing"}):
+                async with board.http.post(
+                    board.url + "/v1/chat/completions", json=body, headers=_BEARER
+                ) as r:
+                    await r.read()
+                    assert r.headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert seen == [
+        ("/v1/chat/completions", 200),
+        ("/v1/chat/completions", 200),
+        ("/v1/chat/completions", 404),
+    ]
