@@ -26,7 +26,7 @@ from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
-from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
+from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
 from service.gateway.metering import REQUEST_ID
 from service.gateway.relay import NOSNIFF_HEADER
@@ -62,7 +62,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
-from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer
+from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, unreadable
 from service.http.pages import PAGES, Pages
 from service.http.tags import TAGS, Tags
 from service.journal.events import BaseEvent, ServiceStarted
@@ -335,6 +335,8 @@ class _Gateway:
                 response = error_answer(exc, endpoint.shape)
             except web.HTTPRequestEntityTooLarge:
                 response = error_answer(PayloadTooLarge.over(self.max_body_bytes), endpoint.shape)
+            except web.RequestPayloadError as exc:
+                response = error_answer(unreadable(exc), endpoint.shape)
             else:
                 if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
                     response.headers[REQUEST_ID] = uuid.uuid4().hex
@@ -376,8 +378,7 @@ def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
         error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
         return web.json_response(error.body(), status=error.status)
     if isinstance(exc, web.RequestPayloadError):  # a body it cannot decode: gzip that is not
-        reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-        refused = BadRequest(f"the body could not be read: {type(reason).__name__}")
+        refused = unreadable(exc)
         return web.json_response(refused.body(), status=refused.status)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:

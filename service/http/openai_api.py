@@ -124,11 +124,19 @@ def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
             return error_answer(exc, shape)
         except web.HTTPRequestEntityTooLarge:
             return error_answer(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), shape)
+        except web.RequestPayloadError as exc:
+            return error_answer(unreadable(exc), shape)
         if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
             response.headers[REQUEST_ID] = uuid.uuid4().hex
         return response
 
     return answer
+
+
+def unreadable(exc: web.RequestPayloadError) -> BadRequest:
+    """The 400 for a body the server could not decode (gzip that is not), naming only the fault."""
+    reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    return BadRequest(f"the body could not be read: {type(reason).__name__}")
 
 
 def error_answer(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:

@@ -354,11 +354,46 @@ async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
     assert kept(fast_headers) == kept(usual_headers)
     assert fast_headers.getall("X-Content-Type-Options") == ["nosniff"]
     assert len(fast_headers.getall("X-Request-ID", [])) == len(usual_headers.getall("X-Request-ID", []))
-    if status != 400 or "gzip" not in case:  # a body that cannot be decoded is the middleware's 400
-        assert fast_headers["X-Request-ID"] and fast_headers["x-switchboard-provider"]
+    assert fast_headers["X-Request-ID"] and fast_headers["x-switchboard-provider"]
     text = await gateway.metrics()
     route = 'switchboard_http_requests_total{method="POST",route="%s",status="%d"} 2.0'
     assert route % (path, status) in text
+
+
+_COULD_NOT_READ = "the body could not be read: ContentEncodingError"
+_UNREADABLE = [
+    ("/v1/chat/completions", {"error": {"type": "bad_request", "message": _COULD_NOT_READ}}),
+    ("/v1/responses", {"error": {"type": "bad_request", "message": _COULD_NOT_READ}}),
+    ("/v1/embeddings", {"error": {"type": "bad_request", "message": _COULD_NOT_READ}}),
+    (
+        "/v1/messages",
+        {"type": "error", "error": {"type": "invalid_request_error", "message": _COULD_NOT_READ}},
+    ),
+    (
+        "/v1/messages/count_tokens",
+        {"type": "error", "error": {"type": "invalid_request_error", "message": _COULD_NOT_READ}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "error"), _UNREADABLE, ids=[p for p, _ in _UNREADABLE])
+async def test_a_body_that_cannot_be_decoded_is_a_gateway_error_in_the_protocols_shape(
+    gateway: Switchboard, path: str, error: dict[str, Any]
+) -> None:
+    """Gzip that is not (the server cannot decode the body) on a gateway route is the gateway's
+    400 as every other refusal of it is (docs/reference.md §6.4, §13.3): in the protocol's shape
+    (Anthropic's on `/v1/messages`), with `x-request-id`, `x-switchboard-provider: none` and
+    `x-switchboard-attempts: 0`; on the gateway's own way as on the router's (`Expect`)."""
+    for extra in ({}, {"Expect": "100-continue"}):
+        async with gateway.http.post(
+            gateway.url + path, data=b"\x1f\x8b not gzip at all", headers=_GZIP | extra
+        ) as response:
+            assert response.status == 400, extra
+            assert await response.json() == error, extra
+            headers = response.headers
+            assert headers["x-switchboard-provider"] == "none" and headers["x-switchboard-attempts"] == "0"
+            assert len(headers["X-Request-ID"]) == 32
+            assert headers.getall("X-Content-Type-Options") == ["nosniff"]
 
 
 async def test_a_bug_on_a_gateway_route_is_a_500_as_the_middleware_answers_it(
