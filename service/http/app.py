@@ -62,7 +62,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
-from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, unreadable
+from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, internal, unreadable
 from service.http.pages import PAGES, Pages
 from service.http.tags import TAGS, Tags
 from service.journal.events import BaseEvent, ServiceStarted
@@ -337,6 +337,10 @@ class _Gateway:
                 response = error_answer(PayloadTooLarge.over(self.max_body_bytes), endpoint.shape)
             except web.RequestPayloadError as exc:
                 response = error_answer(unreadable(exc), endpoint.shape)
+            except Exception as exc:
+                if isinstance(exc, web.HTTPException):
+                    raise
+                response = error_answer(internal(request, name), endpoint.shape)
             else:
                 if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
                     response.headers[REQUEST_ID] = uuid.uuid4().hex
@@ -388,9 +392,8 @@ def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
         kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
         body = {"error": {"type": kind, "message": exc.reason}}
         return web.json_response(body, status=exc.status, headers=kept)
-    log.exception("unhandled error on %s %s", request.method, route)
-    body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
-    return web.json_response(body, status=500)
+    bug = internal(request, route)
+    return web.json_response(bug.body(), status=bug.status)
 
 
 async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:

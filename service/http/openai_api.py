@@ -126,6 +126,10 @@ def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
             return error_answer(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), shape)
         except web.RequestPayloadError as exc:
             return error_answer(unreadable(exc), shape)
+        except web.HTTPException:
+            raise  # the server's own (a redirect, a 405): the middleware answers it
+        except Exception:
+            return error_answer(internal(request, _route(request)), shape)
         if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
             response.headers[REQUEST_ID] = uuid.uuid4().hex
         return response
@@ -137,6 +141,22 @@ def unreadable(exc: web.RequestPayloadError) -> BadRequest:
     """The 400 for a body the server could not decode (gzip that is not), naming only the fault."""
     reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
     return BadRequest(f"the body could not be read: {type(reason).__name__}")
+
+
+INTERNAL = "internal error; see the service log"
+"""All a 500 says (docs/reference.md §6.4): a bug's detail is in the log, never in an answer."""
+
+
+def internal(request: web.Request, route: str) -> HTTPError:
+    """A bug on `route` (an exception no handler meant): logged with its traceback, so called
+    where it is caught; the 500 `internal_error` that says nothing more."""
+    log.exception("unhandled error on %s %s", request.method, route)
+    return HTTPError(INTERNAL)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 def error_answer(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:

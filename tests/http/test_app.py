@@ -396,12 +396,27 @@ async def test_a_body_that_cannot_be_decoded_is_a_gateway_error_in_the_protocols
             assert headers.getall("X-Content-Type-Options") == ["nosniff"]
 
 
-async def test_a_bug_on_a_gateway_route_is_a_500_as_the_middleware_answers_it(
-    gateway: Switchboard, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+_INTERNAL = "internal error; see the service log"
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/v1/chat/completions", {"error": {"type": "internal_error", "message": _INTERNAL}}),
+        ("/v1/messages", {"type": "error", "error": {"type": "api_error", "message": _INTERNAL}}),
+    ],
+)
+async def test_a_bug_on_a_gateway_route_is_the_gateways_500(
+    gateway: Switchboard,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    error: dict[str, Any],
 ) -> None:
-    """An exception no handler meant (a bug) is logged and answered 500 `internal_error` with no
-    detail, on the gateway's own way as on the router's; a client that leaves (cancellation) is
-    not answered at all."""
+    """An exception no handler meant (a bug) is logged with its traceback and answered 500
+    `internal_error` with no detail, as every error of the gateway is (docs/reference.md §6.4,
+    §13.3): in the protocol's shape, with `x-request-id` and the provider/attempts headers; on the
+    gateway's own way as on the router's (`Expect`)."""
 
     def broken(*args: object) -> NoReturn:
         raise RuntimeError("a bug, with sk-secret in it")
@@ -410,20 +425,21 @@ async def test_a_bug_on_a_gateway_route_is_a_500_as_the_middleware_answers_it(
     answers = []
     for extra in ({}, {"Expect": "100-continue"}):
         async with gateway.http.post(
-            gateway.url + "/v1/chat/completions", data=_chat(), headers=_BEARER | extra
+            gateway.url + path, data=_chat(max_tokens=5), headers=_BEARER | extra
         ) as response:
             answers.append((response.status, response.headers.copy(), await response.read()))
     (fast, fast_headers, fast_body), (usual, usual_headers, usual_body) = answers
     assert fast == usual == 500 and fast_body == usual_body
-    assert json.loads(fast_body) == {
-        "error": {"type": "internal_error", "message": "internal error; see the service log"}
-    }
-    assert fast_headers.keys() == usual_headers.keys() and "X-Request-ID" not in fast_headers
-    assert fast_headers["X-Content-Type-Options"] == "nosniff"
-    logged = [r for r in caplog.records if r.getMessage() == "unhandled error on POST /v1/chat/completions"]
+    assert json.loads(fast_body) == error and b"sk-secret" not in fast_body
+    assert sorted(fast_headers.keys()) == sorted(usual_headers.keys())
+    for headers in (fast_headers, usual_headers):
+        assert headers["x-switchboard-provider"] == "none" and headers["x-switchboard-attempts"] == "0"
+        assert len(headers["X-Request-ID"]) == 32
+        assert headers.getall("X-Content-Type-Options") == ["nosniff"]
+    logged = [r for r in caplog.records if r.getMessage() == f"unhandled error on POST {path}"]
     assert len(logged) == 2 and all(r.exc_info is not None for r in logged)
-    route = 'switchboard_http_requests_total{method="POST",route="/v1/chat/completions",status="500"} 2.0'
-    assert route in await gateway.metrics()
+    route = 'switchboard_http_requests_total{method="POST",route="%s",status="500"} 2.0'
+    assert route % path in await gateway.metrics()
 
 
 def _counting_resolves(board: Switchboard, monkeypatch: pytest.MonkeyPatch) -> list[str]:
