@@ -55,6 +55,9 @@ if TYPE_CHECKING:  # imported only when tracing is on: OpenTelemetry stays out o
 
 NO_PROVIDER = "none"
 """`x-switchboard-provider` on an answer that no provider gave."""
+NOSNIFF_HEADER = "X-Content-Type-Options"
+"""`nosniff` on every answer (docs/reference.md §6): a relayed one has it from the start, before its
+transport prepares it (a stream), so the server need not add it as it sends (`on_response_prepare`)."""
 SHOWN_MODEL_CHARS = 200
 """An error quotes at most this much of a requested model's name."""
 
@@ -151,7 +154,11 @@ class Relay:
                 if metered is not None and not await metered.take(provider):
                     health.abandon(pid)
                     continue  # its budget cannot cover the request
-                headers = {PROVIDER_HEADER: pid, ATTEMPTS_HEADER: str(len(attempts) + 1)}
+                headers = {
+                    PROVIDER_HEADER: pid,
+                    ATTEMPTS_HEADER: str(len(attempts) + 1),
+                    NOSNIFF_HEADER: "nosniff",
+                }
                 if metered is not None:
                     headers.update(metered.headers)
                     metered.sending(provider)

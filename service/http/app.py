@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -25,8 +26,10 @@ from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
-from service.errors import BadRequest, HTTPError, NotReady, PayloadTooLarge
+from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
+from service.gateway.metering import REQUEST_ID
+from service.gateway.relay import NOSNIFF_HEADER
 from service.http import (
     changes,
     config_api,
@@ -40,7 +43,7 @@ from service.http import (
     usage_api,
     write_api,
 )
-from service.http.auth import Handler
+from service.http.auth import Handler, admit
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
@@ -51,6 +54,7 @@ from service.http.context import (
     METRICS,
     PULLER,
     REGISTRY,
+    RELAY,
     RELOADER,
     SETTINGS,
     SOPS,
@@ -58,6 +62,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
+from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, internal, unreadable
 from service.http.pages import PAGES, Pages
 from service.http.tags import TAGS, Tags
 from service.journal.events import BaseEvent, ServiceStarted
@@ -246,16 +251,29 @@ class _Gateway:
 
     Every request pays the router's walk and a frame per middleware; the gateway's requests are
     the service's hot path and go to a handful of fixed paths. Those are looked up here in a
-    dict, by the same key the router matches (`rel_url.path_safe`) and the method, then go
-    through the same `_errors` middleware to the same handler, with the match the router
-    would have made: the same answer, metrics and `on_response_prepare`. Anything else, and
-    a request with `Expect` (the router's expect handler), goes the usual way.
+    dict, by the same key the router matches (`rel_url.path_safe`) and the method, with the
+    match the router would have made: the same answer, metrics and `on_response_prepare`.
+    Anything else, and a request with `Expect` (the router's expect handler), goes the usual way.
+
+    A route added as an `Endpoint` (`openai_api.add_endpoint`) runs here as one coroutine down
+    to the relay's: what the `_errors` middleware, `answering`, `scoped` and the relaying
+    handler do, in their order. Every wait of a request (the upstream's answer, at least) is
+    passed through each coroutine above the one that waits: four fewer here. Any other route
+    goes through `_answered`, as the middleware sends it.
+
+    An endpoint's answers carry `nosniff` from where they are made (the relay's headers, the
+    error answers): while `_nosniff` is all `on_response_prepare` holds, they are not sent
+    through it. Their match then has the app as its current app (`request.app`) but in no list
+    of apps, which is where aiohttp finds the signals to send; an app given another receiver
+    sends it every answer, these too.
     """
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
         self.metrics = app[METRICS]
-        self.routes: dict[tuple[str, str], tuple[Handler, UrlMappingMatchInfo, str]] = {}
+        self.max_body_bytes = app[SETTINGS].max_body_bytes
+        endpoints = app.get(ENDPOINTS, {})
+        self.routes: dict[tuple[str, str], tuple[Handler, UrlMappingMatchInfo, str, Endpoint | None]] = {}
         for resource in app.router.resources():
             if isinstance(resource, PlainResource) and resource.canonical.startswith("/v1/"):
                 for route in resource:
@@ -267,20 +285,70 @@ class _Gateway:
                         match = UrlMappingMatchInfo({}, route)
                         match.add_app(app)
                         match.freeze()
-                        self.routes[key] = (route.handler, match, resource.canonical)
+                        endpoint = endpoints.get(route.handler)
+                        self.routes[key] = (route.handler, match, resource.canonical, endpoint)
         self.usual = app._handle
+        self.unsettled = True
+        """Until the first request: the app's signals are final only once it is frozen."""
 
     def install(self) -> None:
         # aiohttp's server calls `app._handle` for every request (`Application._make_handler`)
         object.__setattr__(self.app, "_handle", self.handle)
 
+    def _settle(self) -> None:
+        """Give the endpoints matches in no app's list (see above) if `on_response_prepare`
+        holds nothing but `_nosniff`, which their answers do without."""
+        self.unsettled = False
+        if any(receiver is not _nosniff for receiver in self.app.on_response_prepare):
+            return
+        for key, (handler, match, name, endpoint) in self.routes.items():
+            if endpoint is not None:
+                bare = UrlMappingMatchInfo({}, match.route)
+                try:
+                    bare.current_app = self.app
+                except RuntimeError:  # aiohttp's debug mode checks it is one of the match's apps
+                    return
+                bare.freeze()
+                self.routes[key] = (handler, bare, name, endpoint)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.unsettled:
+            self._settle()
         found = self.routes.get((request.method, request.rel_url.path_safe))
         if found is None or request.headers.get(hdrs.EXPECT):
             return await self.usual(request)
-        handler, match, name = found
+        handler, match, name, endpoint = found
         request._match_info = match
-        return await _answered(request, handler, name, self.metrics)
+        if endpoint is None:
+            return await _answered(request, handler, name, self.metrics)
+        started = time.perf_counter()
+        try:  # `_answered`
+            try:  # `answering`
+                admit(request, endpoint.scope)  # `scoped`
+                body = arrived(request)  # then the relaying handler
+                if body is None:
+                    body = await request.read()
+                call = endpoint.call(request, body)
+                app = self.app
+                response = await app[RELAY].relay(call, app[REGISTRY].snapshot)
+            except HTTPError as exc:
+                response = error_answer(exc, endpoint.shape)
+            except web.HTTPRequestEntityTooLarge:
+                response = error_answer(PayloadTooLarge.over(self.max_body_bytes), endpoint.shape)
+            except web.RequestPayloadError as exc:
+                response = error_answer(unreadable(exc), endpoint.shape)
+            except Exception as exc:
+                if isinstance(exc, web.HTTPException):
+                    raise
+                response = error_answer(internal(request, name), endpoint.shape)
+            else:
+                if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
+                    response.headers[REQUEST_ID] = uuid.uuid4().hex
+        except Exception as exc:
+            response = _failure(request, exc, name)
+            response.headers[NOSNIFF_HEADER] = "nosniff"
+        self.metrics.answered(name, request.method, response.status, time.perf_counter() - started)
+        return response
 
 
 @web.middleware
@@ -298,35 +366,40 @@ async def _answered(
     started = time.perf_counter()
     try:
         response = await handler(request)
-    except HTTPError as exc:
-        response = web.json_response(exc.body(), status=exc.status, headers=exc.headers())
-    except web.HTTPRequestEntityTooLarge:
+    except Exception as exc:
+        response = _failure(request, exc, route)
+    metrics.answered(route, request.method, response.status, time.perf_counter() - started)
+    return response
+
+
+def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
+    """The JSON answer to `exc`, which a handler of `route` raised; called where it is caught.
+
+    A web.HTTPException below 400 (a redirect) is raised again, for aiohttp to answer."""
+    if isinstance(exc, HTTPError):
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
-        response = web.json_response(error.body(), status=error.status)
-    except web.RequestPayloadError as exc:  # a body it cannot decode: gzip that is not
-        reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-        refused = BadRequest(f"the body could not be read: {type(reason).__name__}")
-        response = web.json_response(refused.body(), status=refused.status)
-    except web.HTTPException as exc:
+        return web.json_response(error.body(), status=error.status)
+    if isinstance(exc, web.RequestPayloadError):  # a body it cannot decode: gzip that is not
+        refused = unreadable(exc)
+        return web.json_response(refused.body(), status=refused.status)
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         kind = exc.reason.lower().replace(" ", "_")
         # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
         kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
         body = {"error": {"type": kind, "message": exc.reason}}
-        response = web.json_response(body, status=exc.status, headers=kept)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, route)
-        body = {"error": {"type": "internal_error", "message": "internal error; see the service log"}}
-        response = web.json_response(body, status=500)
-    metrics.answered(route, request.method, response.status, time.perf_counter() - started)
-    return response
+        return web.json_response(body, status=exc.status, headers=kept)
+    bug = internal(request, route)
+    return web.json_response(bug.body(), status=bug.status)
 
 
 async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault(NOSNIFF_HEADER, "nosniff")
 
 
 class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):

@@ -155,17 +155,23 @@ def _guarded(scope: Scope | None) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def guarded(request: web.Request) -> web.StreamResponse:
-            client = authenticate(request, scope)
-            _typed(request)
-            if client is not None:
-                request[CLIENT] = client
-                if scope is not None:
-                    request[SCOPE] = scope
+            admit(request, scope)
             return await handler(request)
 
         return guarded
 
     return decorate
+
+
+def admit(request: web.Request, scope: Scope | None) -> None:
+    """`authenticate(request, scope)`, then a body's media type (415 for one not JSON); the client
+    is kept at `request[CLIENT]`, and the scope at `request[SCOPE]`."""
+    client = authenticate(request, scope)
+    _typed(request)
+    if client is not None:
+        request[CLIENT] = client
+        if scope is not None:
+            request[SCOPE] = scope
 
 
 def authenticate_again(request: web.Request) -> None:

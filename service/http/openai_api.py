@@ -15,21 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from service.config.models import Provider
+from service.config.models import Provider, Scope
 from service.errors import BadRequest, HTTPError, LoopDetected, PayloadTooLarge
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
 from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import ids
-from service.gateway.relay import NO_PROVIDER, Relay
+from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER, Relay
 from service.gateway.transports.base import open_session
 from service.http.auth import Handler, client_name, scoped
 from service.http.context import (
@@ -54,13 +56,10 @@ log = logging.getLogger(__name__)
 def setup(app: web.Application) -> None:
     """Add the gateway's routes and its cleanup context to the app."""
     app[HEALTH_EVENTS] = asyncio.Queue()
-    add = app.router
-    add.add_post(
-        "/v1/chat/completions", answering(scoped("completions")(_relay("chat", "/chat/completions")))
-    )
-    add.add_post("/v1/embeddings", answering(scoped("completions")(_relay("embeddings", "/embeddings"))))
-    add.add_post("/v1/rerank", answering(scoped("completions")(_relay("reranking", "/rerank"))))
-    add.add_get("/v1/models", answering(scoped("completions")(_models)))
+    add_endpoint(app, "/v1/chat/completions", Endpoint(_called("chat", "/chat/completions")))
+    add_endpoint(app, "/v1/embeddings", Endpoint(_called("embeddings", "/embeddings")))
+    add_endpoint(app, "/v1/rerank", Endpoint(_called("reranking", "/rerank")))
+    app.router.add_get("/v1/models", answering(scoped("completions")(_models)))
     app.cleanup_ctx.append(_lifecycle)
 
 
@@ -75,6 +74,45 @@ def _openai_shape(exc: HTTPError) -> dict[str, Any]:
     return exc.body()
 
 
+CallOf = Callable[[web.Request, bytes], Call]
+"""A request and its body as a `Call`, checked; raises HTTPError (400...) for one refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A gateway route as its parts: who may call it (`scope`), how its body becomes a `Call` to
+    relay (`call`), and the shape of its errors. `add_endpoint` gives the router a handler made
+    of them (`answering`, `scoped`, the relay); `app._Gateway` runs the same parts in one
+    coroutine, for the same answers."""
+
+    call: CallOf
+    shape: ErrorShape = _openai_shape
+    scope: Scope = "completions"
+
+
+ENDPOINTS = web.AppKey("endpoints", dict[Handler, Endpoint])
+"""The `Endpoint`s of the app's routes, by the handler `add_endpoint` gave the router."""
+
+
+def add_endpoint(app: web.Application, path: str, endpoint: Endpoint) -> None:
+    """`POST path`, answered by relaying what `endpoint` makes of the request."""
+    handler = answering(scoped(endpoint.scope)(_relaying(endpoint.call)), endpoint.shape)
+    app.router.add_post(path, handler)
+    if ENDPOINTS not in app:
+        app[ENDPOINTS] = {}
+    app[ENDPOINTS][handler] = endpoint
+
+
+def _relaying(call_of: CallOf) -> Handler:
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = arrived(request)
+        if body is None:
+            body = await request.read()
+        return await request.app[RELAY].relay(call_of(request, body), request.app[REGISTRY].snapshot)
+
+    return relay
+
+
 def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
     """Errors as JSON in the protocol's `shape` (by default the one of docs/reference.md §6.4),
     carrying the gateway's headers like every other answer."""
@@ -83,9 +121,15 @@ def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
         try:
             response = await handler(request)
         except HTTPError as exc:
-            return _error(exc, shape)
+            return error_answer(exc, shape)
         except web.HTTPRequestEntityTooLarge:
-            return _error(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), shape)
+            return error_answer(PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes), shape)
+        except web.RequestPayloadError as exc:
+            return error_answer(unreadable(exc), shape)
+        except web.HTTPException:
+            raise  # the server's own (a redirect, a 405): the middleware answers it
+        except Exception:
+            return error_answer(internal(request, _route(request)), shape)
         if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
             response.headers[REQUEST_ID] = uuid.uuid4().hex
         return response
@@ -93,10 +137,39 @@ def answering(handler: Handler, shape: ErrorShape = _openai_shape) -> Handler:
     return answer
 
 
-def _error(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
+def unreadable(exc: web.RequestPayloadError) -> BadRequest:
+    """The 400 for a body the server could not decode (gzip that is not), naming only the fault."""
+    reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    return BadRequest(f"the body could not be read: {type(reason).__name__}")
+
+
+INTERNAL = "internal error; see the service log"
+"""All a 500 says (docs/reference.md §6.4): a bug's detail is in the log, never in an answer."""
+
+
+def internal(request: web.Request, route: str) -> HTTPError:
+    """A bug on `route` (an exception no handler meant): logged with its traceback, so called
+    where it is caught; the 500 `internal_error` that says nothing more."""
+    log.exception("unhandled error on %s %s", request.method, route)
+    return HTTPError(INTERNAL)
+
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def error_answer(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
+    """`exc` as a gateway's answer: in `shape`, with the provider (`none`), attempts and request
+    id headers."""
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(count), **exc.headers()}
+    headers = {
+        PROVIDER_HEADER: NO_PROVIDER,
+        ATTEMPTS_HEADER: str(count),
+        NOSNIFF_HEADER: "nosniff",
+        **exc.headers(),
+    }
     headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (docs/reference.md §13)
     return web.json_response(shape(exc), status=exc.status, headers=headers)
 
@@ -115,6 +188,16 @@ def _ambiguous(names: dict[str, Any]) -> bool:
 async def read_call(request: web.Request, purpose: str, path: str, protocol: str = "chat") -> Call:
     """The request as a `Call`: its body read within limits and parsed once, as a JSON object
     whose `model`, if any, is a string; 508 for a request that came back to this gateway."""
+    body = arrived(request)
+    if body is None:
+        body = await request.read()
+    return call_of(request, body, purpose, path, protocol)
+
+
+def arrived(request: web.Request) -> bytes | None:
+    """The request's body when the whole of it came with the head (as a request's usually does),
+    None when it is still to be read (`request.read()`, within the app's `client_max_size`);
+    508 for a request that came back to this gateway, 413 for one past the limit."""
     app = request.app
     if came_back(request.headers.get(VIA_HEADER), app[RELAY].via):
         raise LoopDetected(
@@ -126,12 +209,17 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
     if length is not None and length > limit:
         raise PayloadTooLarge.over(limit)
     content = request.content
-    if content.is_eof():  # the whole body came with the head (as a request's usually does): take it
-        body = content.read_nowait()
-        if len(body) > limit:  # decoded (`Content-Encoding`) past the limit
-            raise PayloadTooLarge.over(limit)
-    else:
-        body = await request.read()
+    if not content.is_eof():
+        return None
+    body = content.read_nowait()
+    if len(body) > limit:  # decoded (`Content-Encoding`) past the limit
+        raise PayloadTooLarge.over(limit)
+    return body
+
+
+def call_of(request: web.Request, body: bytes, purpose: str, path: str, protocol: str = "chat") -> Call:
+    """The request and its `body` as a `Call`: the body parsed once, as a JSON object whose
+    `model`, if any, is a string (400 otherwise)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -150,12 +238,8 @@ async def read_call(request: web.Request, purpose: str, path: str, protocol: str
     return Call(request, purpose, path, body, data, client_name(request), protocol)
 
 
-def _relay(purpose: str, path: str) -> Handler:
-    async def relay(request: web.Request) -> web.StreamResponse:
-        call = await read_call(request, purpose, path)
-        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
-
-    return relay
+def _called(purpose: str, path: str) -> CallOf:
+    return functools.partial(call_of, purpose=purpose, path=path)
 
 
 async def _models(request: web.Request) -> web.Response:

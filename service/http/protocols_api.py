@@ -20,25 +20,24 @@ from typing import Any
 from aiohttp import web
 
 from service.errors import HTTPError, InvalidRequest, ModelNotFound
-from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.forms import PATHS
 from service.gateway.protocols import messages
 from service.gateway.relay import NO_PROVIDER
-from service.http.auth import Handler, scoped
+from service.http.auth import scoped
 from service.http.context import REGISTRY, RELAY
-from service.http.openai_api import answering, read_call
+from service.http.openai_api import CallOf, Endpoint, add_endpoint, answering, call_of, read_call
 
 
 def setup(app: web.Application) -> None:
     """Add the protocols' routes."""
-    add = app.router
-    add.add_post("/v1/messages", answering(scoped("completions")(_relay("messages")), _messages_shape))
-    add.add_post(
+    add_endpoint(app, "/v1/messages", Endpoint(_called("messages"), _messages_shape))
+    app.router.add_post(
         "/v1/messages/count_tokens", answering(scoped("completions")(_count_tokens), _messages_shape)
     )
-    add.add_post("/v1/responses", answering(scoped("completions")(_relay("responses"))))
-    add.add_post("/v1/completions", answering(scoped("completions")(_relay("completions"))))
-    add.add_get("/", _root)  # HEAD too: clients probe the base URL, with no token
+    add_endpoint(app, "/v1/responses", Endpoint(_called("responses")))
+    add_endpoint(app, "/v1/completions", Endpoint(_called("completions")))
+    app.router.add_get("/", _root)  # HEAD too: clients probe the base URL, with no token
 
 
 def _messages_shape(exc: HTTPError) -> dict[str, Any]:
@@ -47,9 +46,11 @@ def _messages_shape(exc: HTTPError) -> dict[str, Any]:
     return messages.error(exc.status, exc.message, **extra)
 
 
-def _relay(protocol: str) -> Handler:
-    async def relay(request: web.Request) -> web.StreamResponse:
-        call = await read_call(request, "chat", PATHS[protocol], protocol)
+def _called(protocol: str) -> CallOf:
+    path = PATHS[protocol]
+
+    def called(request: web.Request, body: bytes) -> Call:
+        call = call_of(request, body, "chat", path, protocol)
         data = call.client_data
         if protocol == "messages" and not isinstance(data.get("messages"), list):
             raise InvalidRequest("messages: an array of messages is required", param="messages")
@@ -64,9 +65,9 @@ def _relay(protocol: str) -> Handler:
             if not isinstance(previous, str):
                 raise InvalidRequest("previous_response_id must be a string", param="previous_response_id")
             call.pinned = previous
-        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
+        return call
 
-    return relay
+    return called
 
 
 async def _count_tokens(request: web.Request) -> web.StreamResponse:

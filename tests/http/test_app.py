@@ -4,15 +4,25 @@ a body that is not JSON, `HEAD /` without a token, a malformed request logged as
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractMatchInfo
+from multidict import CIMultiDictProxy
 
+from service.http import app as app_module
+from service.http.app import create_app
+from service.http.context import RELAY
 from service.http.openapi import document
+from tests import conftest
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
-from tests.support.gateway import write_clients
+from tests.support.gateway import Switchboard, running, write_clients, write_provider
+from tests.support.upstreams import FakeUpstream, closed_port_url
 
 API = "/api/v1/llm-config"
 TOKEN = "sb_app_every_scope_0f1e2d3c4b5a69788"
@@ -247,3 +257,273 @@ async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(
     route = 'switchboard_http_requests_total{method="POST",route="/v1/chat/completions",status="%s"}'
     assert route % 502 + " 2.0" in text and route % 401 + " 1.0" in text
     assert 'route="/v1/embeddings",status="404"} 1.0' in text
+
+
+GATEWAY_TOKEN = "sb_app_gateway_only_0f1e2d3c4b5a6978"
+READER_TOKEN = "sb_app_reader_only_0f1e2d3c4b5a69788"
+
+
+@pytest.fixture
+async def gateway(sops_project: SopsProject) -> AsyncIterator[Switchboard]:
+    """A gateway with a clients file, a 2 KiB body limit, a provider up (`fake-model`) and one
+    down (`down-model`)."""
+    async with FakeUpstream(name="a") as up:
+        _write_gateway(sops_project, up)
+        async with running(sops_project, max_body_bytes=2048) as board:
+            yield board
+
+
+def _write_gateway(project: SopsProject, up: FakeUpstream) -> None:
+    write_provider(project, "a", base_url=up.base_url, models=["fake-model"])
+    write_provider(project, "b", base_url=closed_port_url(), models=["down-model"])
+    write_routing(project, chat=["a", "b"])
+    write_clients(
+        project, {"app": (GATEWAY_TOKEN, ["completions"]), "reader": (READER_TOKEN, ["config:read"])}
+    )
+
+
+def _chat(model: str = "fake-model", **fields: object) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+def _too_long() -> Any:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: read after the head, past the limit
+        yield b'{"model": "fake-model", "messages": [{"role": "user", "content": "'
+        yield b"y" * 4096
+        yield b'"}]}'
+
+    return chunks()
+
+
+_BEARER = {"Authorization": f"Bearer {GATEWAY_TOKEN}", "Content-Type": "application/json"}
+_GZIP = _BEARER | {"Content-Encoding": "gzip", "Connection": "close"}  # one broken ends the connection
+_CASES: list[tuple[str, str, dict[str, str], Any, int]] = [
+    ("ok", "/v1/chat/completions", _BEARER, _chat, 200),
+    ("ok, Messages", "/v1/messages", _BEARER, lambda: _chat(max_tokens=5), 200),
+    ("no token", "/v1/chat/completions", {"Content-Type": "application/json"}, _chat, 401),
+    ("no token, Messages", "/v1/messages", {"Content-Type": "application/json"}, _chat, 401),
+    ("unknown token", "/v1/embeddings", _BEARER | {"Authorization": "Bearer sb_nobody"}, _chat, 401),
+    ("no scope", "/v1/rerank", _BEARER | {"Authorization": f"Bearer {READER_TOKEN}"}, _chat, 403),
+    ("not JSON", "/v1/chat/completions", _BEARER | {"Content-Type": "text/plain"}, _chat, 415),
+    ("Content-Length past the limit", "/v1/chat/completions", _BEARER, lambda: b" " * 4096 + _chat(), 413),
+    ("inflated past the limit", "/v1/responses", _GZIP, lambda: gzip.compress(b" " * 4096 + _chat()), 413),
+    ("read past the limit", "/v1/chat/completions", _BEARER, _too_long, 413),
+    ("gzip that is not", "/v1/chat/completions", _GZIP, lambda: b"\x1f\x8b not gzip at all", 400),
+    ("gzip that is not, Messages", "/v1/messages", _GZIP, lambda: b"\x1f\x8b not gzip", 400),
+    ("not JSON text", "/v1/chat/completions", _BEARER, lambda: b"{not json", 400),
+    ("an array", "/v1/completions", _BEARER, lambda: b"[1, 2]", 400),
+    ("model not a string", "/v1/chat/completions", _BEARER, lambda: b'{"model": 1}', 400),
+    ("names differing in case", "/v1/embeddings", _BEARER, lambda: b'{"model": "m", "MODEL": "n"}', 400),
+    ("no messages, Messages", "/v1/messages", _BEARER, lambda: b'{"model": "fake-model"}', 400),
+    ("no prompt", "/v1/completions", _BEARER, lambda: b'{"model": "fake-model"}', 400),
+    ("no such model", "/v1/chat/completions", _BEARER, lambda: _chat("nothing"), 404),
+    ("no such model, Messages", "/v1/messages", _BEARER, lambda: _chat("nothing", max_tokens=5), 404),
+    ("every upstream down", "/v1/chat/completions", _BEARER, lambda: _chat("down-model"), 502),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "headers", "body", "status"), _CASES, ids=[c[0] for c in _CASES])
+async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
+    gateway: Switchboard,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    path: str,
+    headers: dict[str, str],
+    body: Any,
+    status: int,
+) -> None:
+    """A gateway route run as one coroutine (`app._Gateway` with an `Endpoint`) answers every
+    kind of request as the router's way does (`Expect: 100-continue` takes it, through the
+    `_errors` middleware, `answering`, `scoped` and the relaying handler): the same status, body
+    and headers, the gateway's `x-request-id`, provider and attempts headers where that way has
+    them, `nosniff`, and the same metrics."""
+    resolved = _counting_resolves(gateway, monkeypatch)
+    answers = []
+    for extra in ({}, {"Expect": "100-continue"}):
+        async with gateway.http.post(gateway.url + path, data=body(), headers=headers | extra) as response:
+            answers.append((response.status, response.headers.copy(), await response.read()))
+    assert resolved == [f"POST {path}"]  # only the one with `Expect` went through the router
+    (fast, fast_headers, fast_body), (usual, usual_headers, usual_body) = answers
+    assert (fast, fast_body) == (usual, usual_body) and fast == status, (fast, fast_body)
+
+    def kept(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+        # what changes from one request to the next: the date, the request id, the upstream's count
+        changing = ("x-request-id", "date", "x-ratelimit-")
+        return sorted((k, v) for k, v in headers.items() if not k.lower().startswith(changing))
+
+    assert kept(fast_headers) == kept(usual_headers)
+    assert fast_headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert len(fast_headers.getall("X-Request-ID", [])) == len(usual_headers.getall("X-Request-ID", []))
+    assert fast_headers["X-Request-ID"] and fast_headers["x-switchboard-provider"]
+    text = await gateway.metrics()
+    route = 'switchboard_http_requests_total{method="POST",route="%s",status="%d"} 2.0'
+    assert route % (path, status) in text
+
+
+_COULD_NOT_READ = "the body could not be read: ContentEncodingError"
+_UNREADABLE = [
+    ("/v1/chat/completions", {"error": {"type": "bad_request", "message": _COULD_NOT_READ}}),
+    ("/v1/responses", {"error": {"type": "bad_request", "message": _COULD_NOT_READ}}),
+    ("/v1/embeddings", {"error": {"type": "bad_request", "message": _COULD_NOT_READ}}),
+    (
+        "/v1/messages",
+        {"type": "error", "error": {"type": "invalid_request_error", "message": _COULD_NOT_READ}},
+    ),
+    (
+        "/v1/messages/count_tokens",
+        {"type": "error", "error": {"type": "invalid_request_error", "message": _COULD_NOT_READ}},
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "error"), _UNREADABLE, ids=[p for p, _ in _UNREADABLE])
+async def test_a_body_that_cannot_be_decoded_is_a_gateway_error_in_the_protocols_shape(
+    gateway: Switchboard, path: str, error: dict[str, Any]
+) -> None:
+    """Gzip that is not (the server cannot decode the body) on a gateway route is the gateway's
+    400 as every other refusal of it is (docs/reference.md §6.4, §13.3): in the protocol's shape
+    (Anthropic's on `/v1/messages`), with `x-request-id`, `x-switchboard-provider: none` and
+    `x-switchboard-attempts: 0`; on the gateway's own way as on the router's (`Expect`)."""
+    for extra in ({}, {"Expect": "100-continue"}):
+        async with gateway.http.post(
+            gateway.url + path, data=b"\x1f\x8b not gzip at all", headers=_GZIP | extra
+        ) as response:
+            assert response.status == 400, extra
+            assert await response.json() == error, extra
+            headers = response.headers
+            assert headers["x-switchboard-provider"] == "none" and headers["x-switchboard-attempts"] == "0"
+            assert len(headers["X-Request-ID"]) == 32
+            assert headers.getall("X-Content-Type-Options") == ["nosniff"]
+
+
+_INTERNAL = "internal error; see the service log"
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/v1/chat/completions", {"error": {"type": "internal_error", "message": _INTERNAL}}),
+        ("/v1/messages", {"type": "error", "error": {"type": "api_error", "message": _INTERNAL}}),
+    ],
+)
+async def test_a_bug_on_a_gateway_route_is_the_gateways_500(
+    gateway: Switchboard,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    error: dict[str, Any],
+) -> None:
+    """An exception no handler meant (a bug) is logged with its traceback and answered 500
+    `internal_error` with no detail, as every error of the gateway is (docs/reference.md §6.4,
+    §13.3): in the protocol's shape, with `x-request-id` and the provider/attempts headers; on the
+    gateway's own way as on the router's (`Expect`)."""
+
+    def broken(*args: object) -> NoReturn:
+        raise RuntimeError("a bug, with sk-secret in it")
+
+    monkeypatch.setattr(gateway.app[RELAY], "relay", broken)
+    answers = []
+    for extra in ({}, {"Expect": "100-continue"}):
+        async with gateway.http.post(
+            gateway.url + path, data=_chat(max_tokens=5), headers=_BEARER | extra
+        ) as response:
+            answers.append((response.status, response.headers.copy(), await response.read()))
+    (fast, fast_headers, fast_body), (usual, usual_headers, usual_body) = answers
+    assert fast == usual == 500 and fast_body == usual_body
+    assert json.loads(fast_body) == error and b"sk-secret" not in fast_body
+    assert sorted(fast_headers.keys()) == sorted(usual_headers.keys())
+    for headers in (fast_headers, usual_headers):
+        assert headers["x-switchboard-provider"] == "none" and headers["x-switchboard-attempts"] == "0"
+        assert len(headers["X-Request-ID"]) == 32
+        assert headers.getall("X-Content-Type-Options") == ["nosniff"]
+    logged = [r for r in caplog.records if r.getMessage() == f"unhandled error on POST {path}"]
+    assert len(logged) == 2 and all(r.exc_info is not None for r in logged)
+    route = 'switchboard_http_requests_total{method="POST",route="%s",status="500"} 2.0'
+    assert route % path in await gateway.metrics()
+
+
+def _counting_resolves(board: Switchboard, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    router = board.app.router
+    resolved: list[str] = []
+    resolve = router.resolve
+
+    async def counting(request: web.Request) -> AbstractMatchInfo:
+        resolved.append(f"{request.method} {request.path}")
+        return await resolve(request)
+
+    monkeypatch.setattr(router, "resolve", counting)
+    return resolved
+
+
+async def test_a_gateway_answer_carries_nosniff_without_the_prepare_signal(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While `_nosniff` is the only receiver of `on_response_prepare`, an endpoint's answers (whole,
+    streamed, refused) are not sent through it: each has `nosniff` already, once. Any other answer
+    is (`/healthz`, `/v1/models`, a gateway route taken by the router). Fails on an aiohttp that
+    finds the signals to send other than through the match's apps: the signal would be sent."""
+    sent: list[str] = []
+
+    async def counted(request: web.Request, response: web.StreamResponse) -> None:
+        sent.append(f"{request.method} {request.path}")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+    monkeypatch.setattr(app_module, "_nosniff", counted)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with FakeUpstream(name="a") as up:
+        _write_gateway(sops_project, up)
+        async with running(sops_project) as board:
+            sent.clear()  # /readyz, asked while the service started
+            answers = []
+            for path, body, extra in [
+                ("/v1/chat/completions", chat, {}),
+                ("/v1/chat/completions", chat | {"stream": True}, {}),
+                ("/v1/messages", chat | {"max_tokens": 5}, {}),
+                ("/v1/chat/completions", chat | {"model": "down-model"}, {}),  # 502
+                ("/v1/embeddings", chat, {"Authorization": f"Bearer {READER_TOKEN}"}),  # 403
+                ("/v1/chat/completions", chat, {"Expect": "100-continue"}),  # the router's way
+            ]:
+                headers = _BEARER | extra
+                async with board.http.post(board.url + path, json=body, headers=headers) as response:
+                    await response.read()
+                    answers.append((response.status, response.headers.getall("X-Content-Type-Options")))
+            async with board.http.get(board.url + "/healthz") as response:
+                assert response.headers.getall("X-Content-Type-Options") == ["nosniff"]
+            async with board.http.get(board.url + "/v1/models", headers=_BEARER) as response:
+                assert response.headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert answers == [(s, ["nosniff"]) for s in (200, 200, 200, 502, 403, 200)]
+    assert sent == ["POST /v1/chat/completions", "GET /healthz", "GET /v1/models"]
+
+
+async def test_another_prepare_receiver_is_sent_the_gateways_answers_too(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app given a receiver of `on_response_prepare` besides `_nosniff` (before it starts) sends
+    it every answer, those of the gateway's own way included."""
+    seen: list[tuple[str, int]] = []
+
+    async def receiver(request: web.Request, response: web.StreamResponse) -> None:
+        seen.append((request.path, response.status))
+
+    def created(*args: Any, **kwargs: Any) -> web.Application:
+        app = create_app(*args, **kwargs)
+        app.on_response_prepare.append(receiver)
+        return app
+
+    monkeypatch.setattr(conftest, "create_app", created)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    async with FakeUpstream(name="a") as up:
+        _write_gateway(sops_project, up)
+        async with running(sops_project) as board:
+            seen.clear()  # /readyz, asked while the service started
+            for body in (chat, chat | {"stream": True}, chat | {"model": "nothing"}):
+                async with board.http.post(
+                    board.url + "/v1/chat/completions", json=body, headers=_BEARER
+                ) as r:
+                    await r.read()
+                    assert r.headers.getall("X-Content-Type-Options") == ["nosniff"]
+    assert seen == [
+        ("/v1/chat/completions", 200),
+        ("/v1/chat/completions", 200),
+        ("/v1/chat/completions", 404),
+    ]
