@@ -5,6 +5,7 @@ moves by ±30% between runs; an instruction count by well under 1%).
     python -m bench.instructions                          # this checkout
     python -m bench.instructions --baseline ../base       # and another, one after the other
     python -m bench.instructions --requests 2000 --concurrency 8 --stream
+    python -m bench.instructions --stream --chunk-interval 0.002   # each event in a read of its own
 
 `switchboard serve` runs under `valgrind --tool=callgrind --instr-atstart=no` in front of the
 fake upstream (its own process, not counted), metered as `bench.gateway` serves it (the ledger
@@ -13,6 +14,9 @@ turned on (`callgrind_control -i on`) for `--requests` chat completions at `--co
 then off; the count covers every thread of the service (the ledger's too) and is divided by
 the requests. The service runs with `PYTHONHASHSEED=0` unless the environment sets another: with
 a random seed the loop thread's count moves by ~0.7 % between runs, with a fixed one ~0.1 %.
+`--chunk-interval S` makes the fake upstream pause S seconds between a stream's events, so that
+each reaches the gateway in a read of its own: the count then holds the per-chunk work, which a
+stream whose events all come in one read (the default) does not show.
 Needs Debian's `valgrind`; only 127.0.0.1 is contacted.
 """
 
@@ -134,8 +138,19 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--baseline", type=Path, metavar="CHECKOUT", help="count another checkout too")
+    parser.add_argument(
+        "--chunk-interval", type=float, default=0.0, metavar="S", help="the upstream's pause between events"
+    )
     args = parser.parse_args(argv)
     async with UpstreamProcess(name="bench", api_key=UPSTREAM_KEY) as upstream:
+        if args.chunk_interval:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    f"{upstream.url}/_control", json={"chunk_interval_s": args.chunk_interval}
+                ) as set_,
+            ):
+                set_.raise_for_status()
         counted = await count(upstream, None, "var", args.requests, args.concurrency, args.stream)
         counts = {"switchboard": counted}
         if args.baseline is not None:
@@ -144,6 +159,8 @@ async def main(argv: list[str] | None = None) -> None:
                 upstream, base, "var-base", args.requests, args.concurrency, args.stream
             )
     kind = "stream" if args.stream else "chat completion"
+    if args.stream and args.chunk_interval:
+        kind += f", its events {args.chunk_interval:g} s apart"
     print(f"instructions per {kind} ({args.requests} at c={args.concurrency}):")
     print(f"  {'':<17} {'loop thread':>12} {'all threads':>12}")
     for name, (main, every) in counts.items():
