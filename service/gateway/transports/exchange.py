@@ -273,6 +273,11 @@ class Response:
                 at = self._loop.time() + within
                 await self._until(at if deadline is None else min(at, deadline))
 
+    @property
+    def ended(self) -> bool:
+        """The whole answer is read and taken: `readany` has nothing more to give (b"")."""
+        return self._complete and self._error is None and not self._chunks and not self._pending
+
     def _inflate(self, raw: bytes, most: int) -> bytes:
         inflater = self._inflater
         if inflater is None:
