@@ -122,7 +122,10 @@ class Response:
         "_loop",
         "_news",
         "_pending",
+        "_silent_at",
         "_size",
+        "_timer",
+        "_timer_at",
         "_waiter",
         "headers",
         "received",
@@ -145,6 +148,11 @@ class Response:
         self._complete = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._silent_at: float | None = None
+        """The deadline of the silence being waited out (`_silence`); None: no such wait."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        """When `_timer`, the silences' one timer, fires."""
         self._inflater: zlib._Decompress | None = None
         self._pending = b""
         self._inflated = False
@@ -223,6 +231,41 @@ class Response:
             if timer is not None:
                 timer.cancel()
 
+    async def _silence(self, at: float) -> None:
+        """`_until(at)` for a stream's waits, one a chunk: one timer serves them all.
+
+        Arming a timer and cancelling it cost more than the rest of a wait (~2.2 µs on uvloop),
+        and a stream waits once a chunk, each wait's deadline a little later than the last's.
+        So the timer is left armed when a wait ends; when it fires and the wait then under way
+        has a later deadline, it is armed again for that (once per silence's length, not once
+        a chunk). It is moved earlier when a wait's deadline comes before it. A wait still
+        fails with `TimeoutError` at its own deadline, as `_until`'s would."""
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        self._silent_at = at
+        timer = self._timer
+        if timer is None or self._timer_at > at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(at, self._silenced)
+            self._timer_at = at
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            self._silent_at = None
+
+    def _silenced(self) -> None:
+        at, waiter = self._silent_at, self._waiter
+        if at is None or waiter is None or waiter.done():  # no silence waited out now: the next arms one
+            self._timer = None
+        elif at > self._timer_at:  # a later wait's: its deadline is still to come
+            self._timer = self._loop.call_at(at, self._silenced)
+            self._timer_at = at
+        else:
+            self._timer = None
+            waiter.set_exception(TimeoutError())
+
     async def read(self, limit: int, deadline: float | None = None) -> bytes:
         """The whole body (inflated), or `TooLarge` as soon as it passes `limit` bytes;
         `TimeoutError` if it is not whole by `deadline` (the loop's clock)."""
@@ -271,7 +314,7 @@ class Response:
                 await self._until(deadline)
             else:  # a silence is timed from the last bytes that came
                 at = self._loop.time() + within
-                await self._until(at if deadline is None else min(at, deadline))
+                await self._silence(at if deadline is None else min(at, deadline))
 
     @property
     def ended(self) -> bool:
@@ -296,6 +339,9 @@ class Response:
 
     def close(self) -> None:
         """Drop the connection unless the answer was read whole (then it is pooled already)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._error is None and not self._complete:
             self._fail(BrokenOff("closed"))
         else:  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
