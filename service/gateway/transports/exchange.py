@@ -149,7 +149,7 @@ class Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._silent_at: float | None = None
-        """The deadline of the silence being waited out (`_silence`); None: no such wait."""
+        """The deadline of the silence being waited out (`readany`'s `within`); None: no such wait."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         """When `_timer`, the silences' one timer, fires."""
@@ -231,31 +231,15 @@ class Response:
             if timer is not None:
                 timer.cancel()
 
-    async def _silence(self, at: float) -> None:
-        """`_until(at)` for a stream's waits, one a chunk: one timer serves them all.
+    def _silenced(self) -> None:
+        """The silences' timer fired (`readany`'s waits with `within`, one a chunk of a stream).
 
         Arming a timer and cancelling it cost more than the rest of a wait (~2.2 µs on uvloop),
         and a stream waits once a chunk, each wait's deadline a little later than the last's.
-        So the timer is left armed when a wait ends; when it fires and the wait then under way
-        has a later deadline, it is armed again for that (once per silence's length, not once
-        a chunk). It is moved earlier when a wait's deadline comes before it. A wait still
-        fails with `TimeoutError` at its own deadline, as `_until`'s would."""
-        loop = self._loop
-        waiter = self._waiter = loop.create_future()
-        self._silent_at = at
-        timer = self._timer
-        if timer is None or self._timer_at > at:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(at, self._silenced)
-            self._timer_at = at
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            self._silent_at = None
-
-    def _silenced(self) -> None:
+        So one timer serves them all: it is left armed when a wait ends; when it fires and the
+        wait then under way has a later deadline, it is armed again for that (once a silence's
+        length, not once a chunk). A wait whose deadline comes before it moves it earlier. A
+        wait still fails with `TimeoutError` at its own deadline, as `_until`'s would."""
         at, waiter = self._silent_at, self._waiter
         if at is None or waiter is None or waiter.done():  # no silence waited out now: the next arms one
             self._timer = None
@@ -298,8 +282,9 @@ class Response:
                 raw = b"".join(self._chunks)
                 self._chunks.clear()
                 self._buffered = 0
-                if self._connection is not None:
-                    self._connection.resume()
+                connection = self._connection
+                if connection is not None and connection.paused:
+                    connection.resume()
                 if self._inflater is None:
                     return raw
                 out = self._inflate(self._pending + raw, _INFLATE_PIECE)
@@ -312,9 +297,24 @@ class Response:
                 return b""
             if within is None:
                 await self._until(deadline)
-            else:  # a silence is timed from the last bytes that came
-                at = self._loop.time() + within
-                await self._silence(at if deadline is None else min(at, deadline))
+                continue
+            loop = self._loop  # a silence, timed from the last bytes that came (`_silenced`)
+            at = loop.time() + within
+            if deadline is not None and deadline < at:
+                at = deadline
+            waiter = self._waiter = loop.create_future()
+            self._silent_at = at
+            timer = self._timer
+            if timer is None or self._timer_at > at:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(at, self._silenced)
+                self._timer_at = at
+            try:
+                await waiter  # here, not in a coroutine of its own: one frame fewer to resume a chunk
+            finally:
+                self._waiter = None
+                self._silent_at = None
 
     @property
     def ended(self) -> bool:

@@ -76,7 +76,9 @@ async def relay_events(
     head = True  # the first pass: the head goes with its bytes, or alone
     ended = False  # the answer's end is written
     try:
-        await answer.prepare(call.request)
+        writer = await answer.prepare(call.request)
+        if writer is None:  # only an answer whose end was written has none: not a new one
+            raise RuntimeError("the stream's answer has no writer")
         call.prepared = answer
         while chunk:
             window = pending + chunk  # `pending`: a torn event carried over, usually empty
@@ -96,8 +98,8 @@ async def relay_events(
                 chunk = b""
                 ended = True
                 await answer.write_eof(out + _last(pending if drop_usage else b"", translator))
-            elif out or head:  # b"": the head alone
-                await answer.write(out)
+            elif out or head:  # b"": the head alone; by its writer, a coroutine fewer a chunk
+                await writer.write(out)
             if end >= 0 and _USAGE in window:  # the client has the bytes: now looked into
                 usage = _usage_in(window, end, usage) if merge else find_usage(window, end) or usage
             if head and name_model:

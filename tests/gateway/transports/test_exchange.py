@@ -114,7 +114,7 @@ async def test_a_stream_is_read_as_it_comes_and_times_out_when_idle() -> None:
 
 
 async def test_a_stream_longer_than_its_silence_is_read_whole_and_each_silence_timed_from_its_chunk() -> None:
-    """A stream's waits share one timer (`Response._silence`): a stream whose chunks each come
+    """A stream's waits share one timer (`Response._silenced`): a stream whose chunks each come
     within `within`, lasting many times `within` in all, is read whole; the silence that
     follows fails at `within` after the last chunk, not sooner (a timer armed for an earlier
     wait) and not much later."""
