@@ -17,7 +17,8 @@ a vendor sends, are not decoded.
   the connection ended cleanly (a reset breaks it off).
 - **Deadlines**: `read` and `readany` take one for the body (the loop's clock). A wait arms
   one `loop.call_at` timer, cancelled when it wakes; nothing is armed when nothing is waited
-  for (a body that came with its head).
+  for (a body that came with its head). A stream's silences (`readany`'s `within`, a wait a
+  chunk) share one timer, moved on only when it fires early (`Response._silenced`).
 
 What goes wrong, here and in `wire` (`str()` of each is a reason fit for an attempt list):
 
