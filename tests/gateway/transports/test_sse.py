@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from aiohttp import web
 from service.config.models import Provider
 from service.gateway.call import Call
 from service.gateway.transports.base import open_session
+from service.gateway.transports.exchange import Response
 from service.gateway.transports.openai import OpenAITransport
 from tests.gateway.transports.test_openai import server
 from tests.support.upstreams import serving
@@ -199,3 +201,87 @@ async def test_a_stream_cut_short_ends_with_its_error_event_in_the_last_write() 
     assert len(written) == 2  # the head with the first event; the error event with the end
     assert written[1].endswith(b"\r\n0\r\n\r\n") and b"upstream_failed" in written[1]
     assert relayed.calls[0].broken is not None and relayed.calls[0].broken.startswith("stream cut short")
+
+
+async def test_a_steady_stream_many_silences_long_is_whole_and_the_silence_after_it_cut_at_the_limit() -> (
+    None
+):
+    # The waits share one timer, re-armed as the chunks come: none of them cuts a stream whose
+    # chunks each come within the limit, and the silence after them is cut at the limit.
+    idle, chunks = 0.15, 25
+    loop = asyncio.get_running_loop()
+    times: dict[str, float] = {}
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        times["first"] = loop.time()
+        for _ in range(chunks):  # one every 0.04 s: about seven limits in all
+            await response.write(sse(EVENTS[0]).removesuffix(b"data: [DONE]\n\n"))
+            times["last"] = loop.time()
+            await asyncio.sleep(0.04)
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:  # the gateway dropped the connection
+            times["cut"] = loop.time()
+            raise
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", stream)
+    async with serving(upstream) as url, relaying(server(f"{url}/v1", idle_timeout_s=idle)) as relayed:
+        status, body = await relayed.stream({"model": "m", "messages": [], "stream": True})
+        for _ in range(100):
+            if "cut" in times:
+                break
+            await asyncio.sleep(0.01)
+    assert status == 200
+    assert body.count(b'"content": "one"') == chunks
+    assert times["last"] - times["first"] > 5 * idle
+    error = json.loads(body.rstrip().rsplit(b"\n\n", 1)[-1].removeprefix(b"data: "))
+    assert error["error"]["message"] == f"stream cut short: no chunk within {idle:g} s"
+    assert relayed.calls[0].broken is not None
+    assert (
+        idle - 0.01 <= times["cut"] - times["last"] < 2 * idle + 0.1
+    )  # not before the limit, nor long after
+
+
+async def test_no_silence_timer_is_left_armed_after_streams_whole_or_left_by_their_client() -> None:
+    left: list[asyncio.BaseTransport] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        if body.get("leave"):
+            assert request.transport is not None
+            left.append(request.transport)
+        for event in (*EVENTS, USAGE):
+            await response.write(sse(event).removesuffix(b"data: [DONE]\n\n"))
+            await asyncio.sleep(0.01)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", stream)
+    async with serving(upstream) as url, relaying(server(f"{url}/v1", idle_timeout_s=30)) as relayed:
+        for i in range(10):
+            body = {"model": "m", "messages": [], "stream": True, "leave": i % 2 == 1}
+            if not body["leave"]:
+                assert await relayed.stream(body) == (200, sse(*EVENTS))
+                continue
+            async with (
+                aiohttp.ClientSession() as once,  # its connection goes with it, mid-stream
+                once.post(f"{relayed.url}/chat/completions", json=body) as response,
+            ):
+                assert (await response.content.readany()).startswith(b"data: ")
+        await asyncio.sleep(0.2)
+        gc.collect()
+        armed = [
+            r
+            for r in gc.get_objects()
+            if isinstance(r, Response) and r._timer is not None and not r._timer.cancelled()
+        ]
+        assert armed == []  # a timer left armed would hold its answer for the idle limit (30 s)
+        assert len(left) == 5 and all(transport.is_closing() for transport in left)  # dropped, not pooled
+    assert [call.usage for call in relayed.calls[::2]] == [{"prompt_tokens": 5, "completion_tokens": 2}] * 5
