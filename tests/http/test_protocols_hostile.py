@@ -200,3 +200,35 @@ async def test_a_torn_first_event_holds_back_no_protocols_head(sops_project: Sop
                     text = await response.text()
                 assert response.status == 200, path
                 assert "hi" in text and "upstream_failed" not in text and "event: error" not in text, path
+
+
+@pytest.mark.parametrize("status", [204, 205])
+async def test_an_event_stream_with_a_status_that_has_no_body_writes_none(
+    sops_project: SopsProject, status: int
+) -> None:
+    """A 204 or 205 carries no body (RFC 9110 §15.3.5, §15.3.6), whatever its Content-Type: no
+    translator's events may follow its head, or the client reads them as its next answer."""
+
+    async def bodiless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=status, headers={"Content-Type": "text/event-stream"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", bodiless)
+    app.router.add_post("/v1/completions", bodiless)
+    asked = [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/messages", MESSAGE),
+        ("/v1/responses", {"model": "m", "input": "x"}),
+        ("/v1/completions", {"model": "m", "prompt": "x"}),
+    ]
+    async with serving(app) as url:
+        write_provider(sops_project, "up", server_type="llamacpp", base_url=f"{url}/v1")
+        write_routing(sops_project, chat="up")
+        async with running(sops_project, circuit_failures=100) as board:
+            for path, body in asked:
+                async with board.http.post(board.url + path, json={**body, "stream": True}) as response:
+                    await response.read()
+                assert response.status in (status, 502), path
+                ready = await board.get("/readyz")  # the next answer on the same connection
+                assert ready.status == 200, path
