@@ -4,8 +4,11 @@ huge and deep bodies. None may work, and none may make the service answer 500.""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.conftest import SopsProject
@@ -148,3 +151,84 @@ async def test_huge_and_deep_bodies_are_refused_in_the_protocols_shape(sops_proj
                 ):
                     async with board.http.post(board.url + path, data=raw, headers=JSON) as response:
                         assert response.status in (200, 400), (path, depth, await response.text())
+
+
+@pytest.mark.parametrize("torn", [3, 40])
+async def test_a_torn_first_event_holds_back_no_protocols_head(sops_project: SopsProject, torn: int) -> None:
+    """The head goes out with a stream's first bytes, or alone when the first bytes are no
+    whole event (the translators, and a relay that drops the usage chunk, have nothing to
+    write yet): the client has it before the upstream sends more."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "up-model"}
+    delta: dict[str, Any] = {"index": 0, "delta": {"content": "hi"}, "finish_reason": None}
+    stop: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    events = [
+        {**chunk, "choices": [delta], "usage": None},
+        {**chunk, "choices": [stop], "usage": None},
+        {**chunk, "choices": [], "usage": usage},
+    ]
+    wire = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    headed = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await answer.prepare(request)
+        await answer.write(wire[:torn])
+        await asyncio.wait_for(headed.wait(), 5)  # the client must have had the head by then
+        await answer.write(wire[torn:])
+        return answer
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    app.router.add_post("/v1/completions", stream)
+    asked = [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/chat/completions", {"model": "m", "messages": [], "stream_options": {"include_usage": True}}),
+        ("/v1/messages", MESSAGE),
+        ("/v1/responses", {"model": "m", "input": "x"}),
+        ("/v1/completions", {"model": "m", "prompt": "x"}),
+    ]
+    async with serving(app) as url:
+        write_provider(sops_project, "up", server_type="llamacpp", base_url=f"{url}/v1")
+        write_routing(sops_project, chat="up")
+        async with running(sops_project) as board:
+            for path, body in asked:
+                headed.clear()
+                async with board.http.post(board.url + path, json={**body, "stream": True}) as response:
+                    headed.set()
+                    text = await response.text()
+                assert response.status == 200, path
+                assert "hi" in text and "upstream_failed" not in text and "event: error" not in text, path
+
+
+@pytest.mark.parametrize("status", [204, 205])
+async def test_an_event_stream_with_a_status_that_has_no_body_writes_none(
+    sops_project: SopsProject, status: int
+) -> None:
+    """A 204 or 205 carries no body (RFC 9110 §15.3.5, §15.3.6), whatever its Content-Type: no
+    translator's events may follow its head, or the client reads them as its next answer."""
+
+    async def bodiless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=status, headers={"Content-Type": "text/event-stream"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", bodiless)
+    app.router.add_post("/v1/completions", bodiless)
+    asked = [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/messages", MESSAGE),
+        ("/v1/responses", {"model": "m", "input": "x"}),
+        ("/v1/completions", {"model": "m", "prompt": "x"}),
+    ]
+    async with serving(app) as url:
+        write_provider(sops_project, "up", server_type="llamacpp", base_url=f"{url}/v1")
+        write_routing(sops_project, chat="up")
+        async with running(sops_project, circuit_failures=100) as board:
+            for path, body in asked:
+                async with board.http.post(board.url + path, json={**body, "stream": True}) as response:
+                    await response.read()
+                assert response.status in (status, 502), path
+                ready = await board.get("/readyz")  # the next answer on the same connection
+                assert ready.status == 200, path

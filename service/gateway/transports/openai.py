@@ -61,6 +61,10 @@ from service.gateway.transports.sse import relay_events
 from service.gateway.transports.wire import ConnectTimeout, Endpoint
 
 _SSE = "text/event-stream"
+_BODILESS = (204, 205)
+"""2xx statuses whose answer has no body (RFC 9110 §15.3.5, §15.3.6): never relayed as a
+stream, whose events (a translator's, an error event) would follow the head as the client's
+next answer."""
 MAX_PATHS = 64
 """Parsed URLs kept per upstream (the protocols' paths are a handful)."""
 ANTHROPIC_VERSION = "2023-06-01"
@@ -303,7 +307,7 @@ class OpenAITransport(Transport):
         content_type = response.headers.get("Content-Type", "application/json")
         headers["Content-Type"] = content_type
         pass_back(response.headers, headers)
-        if status < 300 and content_type.startswith(_SSE):
+        if status < 300 and content_type.startswith(_SSE) and status not in _BODILESS:
             return await relay_events(
                 call,
                 response,

@@ -18,6 +18,10 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # t
 """The JSON value at an index (`raw_decode` without its frame): `StopIteration` when none."""
 _PLAIN_STRING = re.compile(rb'[ \t\n\r]*:[ \t\n\r]*"([^"\\\x00-\x1f]*)"')
 """A colon and a string without escapes or control characters: what a model's name is."""
+_NULLS = (b"null", b" null")
+"""The value after most `"usage"` keys of a stream (every chunk's but the last, OpenAI's with
+`include_usage`, which the gateway asks for): known None without decoding (~0.7 of 1.1 µs a
+chunk)."""
 _MODEL_WINDOW = 512
 """How far after `"model"` its value is looked for."""
 
@@ -55,7 +59,7 @@ def find_model(data: bytes) -> str | None:
 def _value_after(data: bytes, at: int, stop: int) -> object:
     """The JSON value after the colon that follows `at`, or None."""
     colon = data.find(b":", at, stop)
-    if colon < 0 or data[at:colon].strip():
+    if colon < 0 or data[at:colon].strip() or data.startswith(_NULLS, colon + 1):
         return None
     text = data[colon + 1 : stop].decode("utf-8", "replace").lstrip()
     try:

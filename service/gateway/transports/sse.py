@@ -35,6 +35,15 @@ _MAX_PENDING = 1 << 16
 """A torn event longer than this is given up on: written as it is, not looked into."""
 
 
+class _Answer(web.StreamResponse):
+    """The client's stream, whose status line and headers go out with its first bytes, in one
+    write: aiohttp's `StreamResponse` writes them alone at `prepare` (its `Response` holds them
+    for its body, as here). The relay writes its first pass's bytes at once, or the head alone
+    when that pass has none to give (a torn event), so the head is never held back."""
+
+    _send_headers_immediately = False
+
+
 async def relay_events(
     call: Call,
     upstream: Response,
@@ -51,42 +60,53 @@ async def relay_events(
     `drop_usage`: the usage-only chunk is the gateway's, not the client's; `name_model`: find
     the model the stream names (`call.answer_model`), for the metrics; `translator`: what the
     client gets instead of the upstream's bytes.
+
+    Bytes are written as they come, and looked into (usage, model) once written. The last ones
+    go with the stream's end in one write: those of an upstream whose answer has ended (often
+    the whole stream, read at once), or the error event of a stream cut short.
     """
     if translator is not None:
         drop_usage = False  # the translator reads the usage chunk; the client never sees it
     merge = call.upstream_protocol == "messages"  # usage comes in two parts: message_start, message_delta
     headers["Cache-Control"] = "no-cache"
-    answer = web.StreamResponse(status=upstream.status, headers=headers)
+    answer = _Answer(status=upstream.status, headers=headers)
     usage = None
     pending = b""
     chunk = window = first
-    if name_model:
-        call.answer_model = find_model(first)
+    head = True  # the first pass: the head goes with its bytes, or alone
+    ended = False  # the answer's end is written
     try:
-        await answer.prepare(call.request)
+        writer = await answer.prepare(call.request)
+        if writer is None:  # only an answer whose end was written has none: not a new one
+            raise RuntimeError("the stream's answer has no writer")
         call.prepared = answer
         while chunk:
             window = pending + chunk  # `pending`: a torn event carried over, usually empty
             end = window.rfind(b"\n\n")
-            if end >= 0 and _USAGE in window:
-                usage = _usage_in(window, end, usage) if merge else find_usage(window, end) or usage
             if not drop_usage:
                 pending = window[end + 2 :] if end >= 0 else window
                 if len(pending) > _MAX_PENDING:  # no event boundary in sight: stop looking
                     pending = b""
                 out = chunk if translator is None else translator.feed(chunk)
-                if out:
-                    await answer.write(out)
             elif end >= 0:
-                whole, pending = window[: end + 2], window[end + 2 :]
-                whole = _without_usage_chunks(whole)
-                if whole:
-                    await answer.write(whole)
+                out, pending = _without_usage_chunks(window[: end + 2]), window[end + 2 :]
             elif len(window) > _MAX_PENDING:
-                pending = b""
-                await answer.write(window)
+                out, pending = window, b""
             else:
-                pending = window
+                out, pending = b"", window
+            if upstream.ended:  # nothing more comes: these bytes go with the end, in one write
+                chunk = b""
+                ended = True
+                await answer.write_eof(out + _last(pending if drop_usage else b"", translator))
+            elif out or head:  # b"": the head alone; by its writer, a coroutine fewer a chunk
+                await writer.write(out)
+            if end >= 0 and _USAGE in window:  # the client has the bytes: now looked into
+                usage = _usage_in(window, end, usage) if merge else find_usage(window, end) or usage
+            if head and name_model:
+                call.answer_model = find_model(first)
+            head = False
+            if not chunk:
+                break
             try:
                 chunk = await upstream.readany(idle_s)
             except TimeoutError:
@@ -94,13 +114,11 @@ async def relay_events(
             except WireError as exc:
                 call.broken = f"stream cut short: {describe_error(exc)}"
             if call.broken is not None:
-                await answer.write(_broken(call, call.broken, translator))
+                ended = True
+                await answer.write_eof(_broken(call, call.broken, translator))
                 break
-        if drop_usage and pending and call.broken is None:
-            await answer.write(pending)  # the last event, without its blank line
-        if translator is not None and call.broken is None:
-            await answer.write(translator.close())
-        await answer.write_eof()
+        if not ended:
+            await answer.write_eof(_last(pending if drop_usage else b"", translator))
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         upstream.close()  # the client left: drop the upstream connection too
         return answer
@@ -112,6 +130,12 @@ async def relay_events(
     if name_model and call.answer_model is None and usage is not None:
         call.answer_model = find_model(window)
     return answer
+
+
+def _last(held: bytes, translator: StreamTranslator | None) -> bytes:
+    """What ends a stream the upstream ended: the last event `held` back (without its blank
+    line, when the usage chunk is dropped) and the translator's close."""
+    return held if translator is None else held + translator.close()
 
 
 def error_event(reason: str) -> bytes:

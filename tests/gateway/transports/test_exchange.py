@@ -113,6 +113,64 @@ async def test_a_stream_is_read_as_it_comes_and_times_out_when_idle() -> None:
         response.close()
 
 
+async def test_a_stream_longer_than_its_silence_is_read_whole_and_each_silence_timed_from_its_chunk() -> None:
+    """A stream's waits share one timer (`Response._silenced`): a stream whose chunks each come
+    within `within`, lasting many times `within` in all, is read whole; the silence that
+    follows fails at `within` after the last chunk, not sooner (a timer armed for an earlier
+    wait) and not much later."""
+    chunks = 12
+    gone = asyncio.Event()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(chunks):
+            await asyncio.sleep(0.04)
+            writer.write(b"1\r\n%d\r\n" % (i % 10))
+        await gone.wait()  # then silence
+
+    loop = asyncio.get_running_loop()
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        started = loop.time()
+        read = b""
+        while len(read) < chunks:
+            read += await response.readany(0.1)
+            last = loop.time()
+        assert last - started > 0.3  # three times `within`: each silence is timed, not the whole
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(response.readany(0.1), 5)
+        silent = loop.time() - last
+        response.close()
+        gone.set()
+    assert read == b"".join(b"%d" % (i % 10) for i in range(chunks))
+    assert 0.09 <= silent < 2
+
+
+async def test_a_shorter_silence_after_a_longer_one_times_out_at_its_own_deadline() -> None:
+    more = asyncio.Event()
+
+    async def stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await more.wait()
+        writer.write(b"5\r\nfirst\r\n")
+        await asyncio.sleep(5)
+
+    async with raw(stream) as url, pool() as p:
+        response = await p.post(Endpoint.of(url), {}, b"{}", connect_s=5)
+        waiting = asyncio.ensure_future(response.readany(30))  # a wait that arms its timer for 30 s
+        await asyncio.sleep(0.01)
+        more.set()
+        assert await waiting == b"first"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(TimeoutError):  # not 30 s: the timer is moved earlier
+            await asyncio.wait_for(response.readany(0.05), 5)
+        response.close()
+    assert loop.time() - started < 2  # its own deadline's, not `wait_for`'s
+
+
 async def test_a_cancelled_answer_never_goes_back_to_the_pool() -> None:
     connections = 0
 

@@ -15,6 +15,16 @@ def test_the_last_non_null_usage_is_found() -> None:
     assert find_usage(events, events.index(b'data: {"usage": {')) is None
 
 
+@pytest.mark.parametrize("null", [b"null", b" null", b"\tnull", b"  null", b"nullx", b"nul"])
+def test_a_null_usage_in_every_chunk_is_skipped_for_the_last_one(null: bytes) -> None:
+    chunk = b'data: {"choices": [{"delta": {"content": "a"}}], "usage":' + null + b"}\n\n"
+    last = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}}\n\n'
+    events = chunk * 3 + last + chunk + b"data: [DONE]\n\n"
+    assert find_usage(events) == {"prompt_tokens": 3, "completion_tokens": 1}
+    assert find_usage(chunk * 3) is None
+    assert find_usage(chunk, chunk.rfind(b"\n\n")) is None
+
+
 def test_usage_inside_a_string_is_not_taken() -> None:
     answer = json.dumps({"choices": [{"message": {"content": 'say "usage": {"x": 1}'}}]}).encode()
     assert find_usage(answer) is None
