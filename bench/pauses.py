@@ -20,17 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
-from bench.config import _free_port
-from bench.gateway import MODEL, UPSTREAM_KEY, build_project
+from bench import wrapped
+from bench.gateway import MODEL, UPSTREAM_KEY
 from bench.load import run_load
 from bench.upstream import UpstreamProcess
 
@@ -48,7 +42,7 @@ def _note(phase, info):
 
 
 def _write():
-    with open(os.environ["BENCH_PAUSES_OUT"], "w") as out:
+    with open(os.environ["BENCH_WRAPPED_OUT"], "w") as out:
         json.dump(_seen, out)
 
 
@@ -64,52 +58,25 @@ async def pauses(
 ) -> dict[int, list[float]]:
     """The collections of `code`'s service (this checkout's when None) during the load, by
     generation: their durations in seconds."""
-    root, key_file, token = build_project(upstream.base_url)
-    work = Path(tempfile.mkdtemp(prefix="pauses-"))
-    (work / "wrapper.py").write_text(WRAPPER)
-    out = work / "collections.json"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "SOPS_AGE_KEY_FILE": str(key_file),
-        "SWITCHBOARD_LOG_LEVEL": "WARNING",
-        "SWITCHBOARD_USAGE_DB": str(work / "usage.db"),
-        "SWITCHBOARD_USAGE_SPOOL": str(work / "usage-spool"),
-        "PYTHONPATH": str(code or Path.cwd()),  # the wrapper's folder is first on its path, not a checkout
-        "BENCH_PAUSES_OUT": str(out),
-    }
-    command = [
-        sys.executable, str(work / "wrapper.py"), "--root", str(root), "serve", "--port", str(port),
-        "--events", str(work / "events.jsonl"),
-    ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, cwd=code, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    service = wrapped.start(upstream, WRAPPER, code=code, prefix="pauses-")
     try:
-        async with aiohttp.ClientSession() as session:
-            started = time.perf_counter()
-            while True:
-                try:
-                    async with session.get(f"{url}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.perf_counter() - started > 120:
-                    raise RuntimeError(f"{name}: the service did not become ready in 120 s")
-                await asyncio.sleep(0.2)
+        await wrapped.until_ready(service, name)
         await asyncio.sleep(settle_s)
         began = time.time()
         result = await run_load(
-            f"{url}/v1/chat/completions", token=token, model=MODEL, requests=requests, concurrency=concurrency
+            f"{service.url}/v1/chat/completions",
+            token=service.token,
+            model=MODEL,
+            requests=requests,
+            concurrency=concurrency,
         )
         ended = time.time()
         if result.errors:
             raise RuntimeError(f"{name}: {result.errors} errors: {result.statuses}")
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        service.stop()
     found: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for at, generation, seconds in json.loads(out.read_text()):
+    for at, generation, seconds in json.loads(service.out.read_text()):
         if began <= at <= ended:
             found[generation].append(seconds)
     return found

@@ -39,15 +39,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import aiohttp
-
+from bench import wrapped
 from bench.config import _free_port
-from bench.gateway import MODEL, UPSTREAM_KEY, _cpu_s, build_project
+from bench.gateway import MODEL, UPSTREAM_KEY, _cpu_s
 from bench.load import percentile, run_load
 from bench.upstream import UpstreamProcess
 
@@ -130,7 +127,7 @@ def _install():
 
 
 def _dump():
-    with open(os.environ["BENCH_PHASES_OUT"], "w") as out:
+    with open(os.environ["BENCH_WRAPPED_OUT"], "w") as out:
         json.dump(_rows, out)
 
 
@@ -214,31 +211,18 @@ the service's CPU seconds a request: all its threads, its loop's, and the loop's
 async def measured(upstream: UpstreamProcess, requests: int) -> Run:
     """One run: the service's stamps a request, and the p50 the load generator saw through
     Switchboard, straight to the upstream and through the relay (ms)."""
-    root, key_file, token = build_project(upstream.base_url)
-    work = Path(tempfile.mkdtemp(prefix="phases-"))
-    (work / "wrapper.py").write_text(WRAPPER)
-    out = work / "phases.json"
-    port = _free_port()
-    env = {
-        **os.environ,
-        "SOPS_AGE_KEY_FILE": str(key_file),
-        "SWITCHBOARD_LOG_LEVEL": "WARNING",
-        "SWITCHBOARD_USAGE_DB": str(work / "usage.db"),
-        "SWITCHBOARD_USAGE_SPOOL": str(work / "usage-spool"),
-        "PYTHONPATH": str(Path.cwd()),
-        "BENCH_PHASES_OUT": str(out),
-    }
-    command = [
-        sys.executable, str(work / "wrapper.py"), "--root", str(root), "serve", "--port", str(port),
-        "--events", str(work / "events.jsonl"),
-    ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    service = wrapped.start(upstream, WRAPPER, prefix="phases-")
     up = urlsplit(upstream.base_url)
     relay_port = _free_port()
-    (work / "relay.py").write_text(RELAY)
+    (service.work / "relay.py").write_text(RELAY)
     relay = subprocess.Popen(
-        [sys.executable, str(work / "relay.py"), up.hostname or "127.0.0.1", str(up.port), str(relay_port)],
+        [
+            sys.executable,
+            str(service.work / "relay.py"),
+            up.hostname or "127.0.0.1",
+            str(up.port),
+            str(relay_port),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -246,23 +230,16 @@ async def measured(upstream: UpstreamProcess, requests: int) -> Run:
         assert relay.stdout is not None
         if relay.stdout.readline().strip() != "ready":
             raise RuntimeError("the relay did not start")
-        async with aiohttp.ClientSession() as session:
-            started = time.perf_counter()
-            while True:
-                try:
-                    async with session.get(f"{url}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.perf_counter() - started > 120:
-                    raise RuntimeError("the service did not become ready in 120 s")
-                await asyncio.sleep(0.2)
-        cpu = _cpu_s(process.pid), *_thread_cpu_s(process.pid)
+        await wrapped.until_ready(service, "switchboard")
+        cpu = _cpu_s(service.process.pid), *_thread_cpu_s(service.process.pid)
         switchboard = await run_load(
-            f"{url}/v1/chat/completions", token=token, model=MODEL, requests=requests, concurrency=1
+            f"{service.url}/v1/chat/completions",
+            token=service.token,
+            model=MODEL,
+            requests=requests,
+            concurrency=1,
         )
-        now = _cpu_s(process.pid), *_thread_cpu_s(process.pid)
+        now = _cpu_s(service.process.pid), *_thread_cpu_s(service.process.pid)
         used = tuple((b - a) / requests for a, b in zip(cpu, now, strict=True))
         direct = await run_load(
             f"{upstream.base_url}/chat/completions",
@@ -281,11 +258,10 @@ async def measured(upstream: UpstreamProcess, requests: int) -> Run:
         if switchboard.errors or direct.errors or relayed.errors:
             raise RuntimeError(f"errors: {switchboard.statuses} {direct.statuses} {relayed.statuses}")
     finally:
-        process.terminate()
+        service.stop()
         relay.terminate()
-        process.wait(timeout=30)
         relay.wait(timeout=30)
-    rows = [row for row in json.loads(out.read_text()) if all(row)]
+    rows = [row for row in json.loads(service.out.read_text()) if all(row)]
     # the first fifth: a warm-up
     return rows[len(rows) // 5 :], switchboard.p50_ms, direct.p50_ms, relayed.p50_ms, used
 

@@ -211,15 +211,7 @@ async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(
     """`POST /v1/...` is taken before the router (`app._Gateway`): the same answer, headers,
     metrics and error shape as the router's way; a request with `Expect`, another method or
     another path still goes the router's way."""
-    router = guarded.app.router
-    resolved: list[str] = []
-    resolve = router.resolve
-
-    async def counting(request: web.Request) -> AbstractMatchInfo:
-        resolved.append(f"{request.method} {request.path}")
-        return await resolve(request)
-
-    monkeypatch.setattr(router, "resolve", counting)
+    resolved = _counting_resolves(guarded.app, monkeypatch)
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     body = {"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}
     answers = []
@@ -337,7 +329,7 @@ async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
     `_errors` middleware, `answering`, `scoped` and the relaying handler): the same status, body
     and headers, the gateway's `x-request-id`, provider and attempts headers where that way has
     them, `nosniff`, and the same metrics."""
-    resolved = _counting_resolves(gateway, monkeypatch)
+    resolved = _counting_resolves(gateway.app, monkeypatch)
     answers = []
     for extra in ({}, {"Expect": "100-continue"}):
         async with gateway.http.post(gateway.url + path, data=body(), headers=headers | extra) as response:
@@ -442,8 +434,9 @@ async def test_a_bug_on_a_gateway_route_is_the_gateways_500(
     assert route % path in await gateway.metrics()
 
 
-def _counting_resolves(board: Switchboard, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    router = board.app.router
+def _counting_resolves(app: web.Application, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The requests `app`'s router resolves from now on (`METHOD /path`), as they come."""
+    router = app.router
     resolved: list[str] = []
     resolve = router.resolve
 
