@@ -398,24 +398,36 @@ class Ledger:
         records = await self._read(store.requests, query)
         return requests_answer(records, query.limit)
 
-    async def spent(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
-        """What `subject` (a client's name, or a provider's id) spent since `since`: its stored
-        records and those still in the spool. LedgerUnavailable when the database is down or
-        the ledger is off (then see `spooled`)."""
+    async def spent(
+        self,
+        kind: Literal["client", "provider"],
+        subject: str,
+        since: datetime,
+        until: datetime | None = None,
+    ) -> Decimal:
+        """What `subject` (a client's name, or a provider's id) spent since `since` (and before
+        `until`, when given): its stored records and those still in the spool. LedgerUnavailable
+        when the database is down or the ledger is off (then see `spooled`)."""
         store = self._readable()
-        return await self._read(self._spent, store, kind, subject, to_utc(since))
+        end = None if until is None else to_utc(until)
+        return await self._read(self._spent, store, kind, subject, to_utc(since), end)
 
     def _spent(
-        self, store: SQLStore, kind: Literal["client", "provider"], subject: str, since: datetime
+        self,
+        store: SQLStore,
+        kind: Literal["client", "provider"],
+        subject: str,
+        since: datetime,
+        until: datetime | None,
     ) -> Decimal:
         with self._drain_lock:  # nothing moves from the spool to the database meanwhile
             self._drain()
-            stored = store.spent(kind, subject, since)
+            stored = store.spent(kind, subject, since, until)
             spool = self._spool
             waiting = spool.active_lines() if spool is not None else []
             with self._memory_lock:
                 waiting += self._memory
-        return stored + _cost(waiting, kind, subject, since)
+        return stored + _cost(waiting, kind, subject, since, until)
 
     async def spooled(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
         """The cost of `subject`'s records since `since` that are in the spool: not yet stored, or
@@ -473,7 +485,9 @@ def _rows(batch: Sequence[list[Any]]) -> list[tuple[Any, ...]]:
     return rows
 
 
-def _cost(lines: Iterable[bytes], kind: str, subject: str, since: datetime) -> Decimal:
+def _cost(
+    lines: Iterable[bytes], kind: str, subject: str, since: datetime, until: datetime | None = None
+) -> Decimal:
     total = Decimal(0)
     for line in lines:
         try:
@@ -481,6 +495,6 @@ def _cost(lines: Iterable[bytes], kind: str, subject: str, since: datetime) -> D
         except BadLine:
             continue
         who = record.client if kind == "client" else record.provider
-        if who == subject and record.ts >= since:
+        if who == subject and record.ts >= since and (until is None or record.ts < until):
             total += record.cost_usd
     return total

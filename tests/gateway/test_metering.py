@@ -591,6 +591,38 @@ async def test_a_budget_is_not_reset_by_a_restart(sops_project: SopsProject) -> 
     assert client["used"]["budget_spent_usd"] == "7"
 
 
+async def test_a_budget_given_a_longer_period_keeps_what_was_spent_in_it(sops_project: SopsProject) -> None:
+    """The contract: "A change of limits in the clients file applies with the file [...]; what was
+    already spent in the period stays spent". A day's budget made a month's keeps the day's
+    spend, though a request was counted in the new period before its spent was read back."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1000", "period": "day"}})
+        async with running(sops_project) as board:
+            for _ in range(2):
+                assert (await chat(board, max_tokens=3)).status == 200  # 7 USD each
+
+            async def stored() -> bool:
+                _, page = await _get(board, "/api/v1/llm-config/usage/requests?since=1h")
+                return bool(page and len(page["requests"]) == 2)
+
+            await eventually(stored, timeout=5)
+            write_clients(sops_project, {"budget": {"usd": "1000", "period": "month"}})
+
+            async def used(period: str, spent: str | None = None) -> bool:
+                _, limits = await _get(board, "/api/v1/llm-config/limits")
+                client = next(c for c in limits["clients"] if c["name"] == "client")
+                return bool(
+                    client["limits"]["budget"]["period"] == period
+                    and (spent is None or client["used"]["budget_spent_usd"] == spent)
+                )
+
+            await eventually(lambda: used("month"), timeout=10)
+            assert (await chat(board, max_tokens=3)).status == 200
+            await eventually(lambda: used("month", "21"), timeout=5)
+
+
 async def test_a_client_that_leaves_before_a_whole_answer_is_charged_and_recorded(
     sops_project: SopsProject,
 ) -> None:

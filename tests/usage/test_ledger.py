@@ -98,6 +98,20 @@ async def test_spent_counts_stored_records_and_those_still_in_the_spool(ledger: 
     assert await ledger.spent("provider", "openai", NOW - timedelta(days=365)) == Decimal("17.85")
 
 
+async def test_spent_before_a_time_cuts_whole_hours_and_ragged_ends_alike(ledger: Ledger) -> None:
+    """What a budget new in the configuration had spent before it came (`until`): rollups for the
+    whole hours between, records for the partial hours at either end."""
+    hour = NOW.replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    for minutes, cost in ((10, 1), (90, 2), (120, 4), (170, 8), (185, 16)):
+        ledger.submit(record(ts=hour + timedelta(minutes=minutes), cost_usd=Decimal(cost), client="c"))
+    spent = ledger.spent
+    assert await spent("client", "c", hour) == 31
+    assert await spent("client", "c", hour, hour + timedelta(hours=3)) == 15
+    assert await spent("client", "c", hour + timedelta(minutes=20), hour + timedelta(minutes=160)) == 6
+    assert await spent("client", "c", hour + timedelta(minutes=125), hour + timedelta(minutes=175)) == 8
+    assert await spent("client", "c", hour, hour + timedelta(minutes=10)) == 0
+
+
 async def test_a_spool_of_an_earlier_version_with_exponent_costs_is_stored_exactly(
     store_url: str, tmp_path: Path
 ) -> None:

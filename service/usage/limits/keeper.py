@@ -3,6 +3,9 @@
 - **At start** (`load`, before `/readyz` is 200) each budget's spent in its current period is
   read (`spent.py`: the ledger, else the local snapshot plus the spool) into `Limiter.seed`;
   with Redis it is then given to Redis, which keeps the larger of its own and this.
+- **On a change of the files**, a budget new in them (or given another period) has what it spent
+  in its period before then read the same way at the next tick (the records before the change:
+  those after are counted here), so that what was already spent stays spent.
 - **Every second** (`tick`): with Redis up, the lease of this replica's epoch is renewed and
   every budget's and limited client's use read back (`known`, `replicas`): what this replica
   falls back on if Redis goes; with Redis away, it is asked again, and once it answers,
@@ -65,6 +68,9 @@ class Keeper:
         self.snapshot_s = snapshot_s
         self.budgets: tuple[tuple[str, str, Budget], ...] = ()
         """(kind, subject, budget) of every budget in the configuration."""
+        self.counted_since: dict[tuple[str, str, str], float] = {}
+        """(kind, subject, period) -> since when (the limiter's milliseconds) the configuration
+        has had that budget: what this process counted of it began then."""
         self.clients: tuple[str, ...] = ()
         """Clients with limits: their counters are in Redis."""
         self.ready = asyncio.Event()
@@ -76,6 +82,11 @@ class Keeper:
         """The configuration's budgets and limited clients (on each change of the files)."""
         self.budgets = tuple(budgets)
         self.clients = tuple(clients)
+        now, before = self.limiter.now_ms(), self.counted_since
+        self.counted_since = {
+            (kind, subject, b.period): before.get((kind, subject, b.period), now)
+            for kind, subject, b in self.budgets
+        }
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -99,18 +110,28 @@ class Keeper:
             if key in limiter.seed:
                 continue
             counters = limiter.counters
-            if key in counters.spent or key in counters.reserved:
+            if key not in counters.spent and key not in counters.reserved:
+                limiter.seed[key] = await self._spent_before(kind, subject, key, current)
+                continue
+            since = self.counted_since.get((kind, subject, budget.period), now)
+            if since <= current.start.timestamp() * 1000:
                 limiter.seed[key] = 0  # a period that began while this process counted it
             else:
-                limiter.seed[key] = await self._spent_before(kind, subject, key, current)
+                # A budget (or a period) new in the configuration, already counted here since it
+                # came: what was spent in its period before that stays spent (reference §13).
+                until = datetime.fromtimestamp(since / 1000, UTC)
+                limiter.seed[key] = await self._spent_before(kind, subject, key, current, until)
 
-    async def _spent_before(self, kind: str, subject: str, key: str, current: Window) -> int:
+    async def _spent_before(
+        self, kind: str, subject: str, key: str, current: Window, until: datetime | None = None
+    ) -> int:
         source, snapshot = self.source, self._snapshot
         found: int | None = None
         if source is not None:
             try:
                 async with asyncio.timeout(SOURCE_TIMEOUT_S):
-                    found = charge_units(await source.spent(kind, subject, current.start))  # type: ignore[arg-type]
+                    amount = await source.spent(kind, subject, current.start, until)  # type: ignore[arg-type]
+                    found = charge_units(amount)
             except Exception as exc:  # the ledger is down or off: the snapshot and the spool then
                 log.info(
                     "limits: the ledger cannot say what %s %s spent (%s)", kind, subject, type(exc).__name__

@@ -33,9 +33,16 @@ MAX_SNAPSHOT_BYTES = 16 << 20
 class SpentSource(Protocol):
     """What the ledger answers: the sum of `cost_usd` of `subject`'s records since `since`."""
 
-    async def spent(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
+    async def spent(
+        self,
+        kind: Literal["client", "provider"],
+        subject: str,
+        since: datetime,
+        until: datetime | None = None,
+    ) -> Decimal:
         """`kind` "client": records whose `client` is `subject`; "provider": whose `provider`
-        is. Spooled records included. Raises (anything) when it cannot answer now."""
+        is; only those before `until` when it is given. Spooled records included. Raises
+        (anything) when it cannot answer now."""
         ...
 
 

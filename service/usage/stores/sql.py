@@ -341,21 +341,36 @@ class SQLStore:
             cur.execute(sql, (*params, query.limit + 1))
             return [_record(row) for row in cur.fetchall()]
 
-    def spent(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
-        """The cost of `subject`'s records since `since` (whole hours from the rollups)."""
+    def spent(
+        self,
+        kind: Literal["client", "provider"],
+        subject: str,
+        since: datetime,
+        until: datetime | None = None,
+    ) -> Decimal:
+        """The cost of `subject`'s records in [since, until) (whole hours from the rollups, the
+        partial hours at either end from the records)."""
         column = "client" if kind == "client" else "provider"
         first = hour_after(since)
+        hours = f"SELECT {_ROLLUP_COST} FROM usage_hourly WHERE {column} = ? AND period >= ?"
+        records = f"SELECT {_COST} FROM usage_records WHERE {column} = ? AND ts_us >= ? AND ts_us < ?"
         with self._reading() as cur:
+            if until is None:
+                cur.execute(hours, (subject, first.strftime("%Y-%m-%dT%H")))
+                total = _cost(*cur.fetchone())
+                cur.execute(records, (subject, micros(since), micros(first)))
+                return total + _cost(*cur.fetchone())
+            last = max(hour_start(until), first)
             cur.execute(
-                f"SELECT {_ROLLUP_COST} FROM usage_hourly WHERE {column} = ? AND period >= ?",
-                (subject, first.strftime("%Y-%m-%dT%H")),
+                f"{hours} AND period < ?",
+                (subject, first.strftime("%Y-%m-%dT%H"), last.strftime("%Y-%m-%dT%H")),
             )
             total = _cost(*cur.fetchone())
-            cur.execute(
-                f"SELECT {_COST} FROM usage_records WHERE {column} = ? AND ts_us >= ? AND ts_us < ?",
-                (subject, micros(since), micros(first)),
-            )
-            return total + _cost(*cur.fetchone())
+            for start, end in ((since, min(first, until)), (last, until)):
+                if start < end:
+                    cur.execute(records, (subject, micros(start), micros(end)))
+                    total += _cost(*cur.fetchone())
+            return total
 
     def _from_rollups(
         self, cur: Cursor, query: UsageQuery, table: str, first: datetime, last: datetime

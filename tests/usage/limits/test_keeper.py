@@ -33,7 +33,13 @@ class Ledger:
         self.down = False
         self.asked: list[tuple[str, str, datetime]] = []
 
-    async def spent(self, kind: Literal["client", "provider"], subject: str, since: datetime) -> Decimal:
+    async def spent(
+        self,
+        kind: Literal["client", "provider"],
+        subject: str,
+        since: datetime,
+        until: datetime | None = None,
+    ) -> Decimal:
         self.asked.append((kind, subject, since))
         if self.down:
             raise ConnectionError("the database is down")
