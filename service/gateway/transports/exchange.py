@@ -508,11 +508,14 @@ class Connection(asyncio.Protocol):
 
 
 def _kept(name: bytes) -> str | None:
-    """`name` in lower case if its header is kept, else None; remembered (up to `_MAX_NAMES`
-    names of at most `_LONGEST_NAME` bytes: past them, and longer ones, names from an upstream
-    sending ever new ones are looked at each time)."""
+    """`name` in lower case if its header is kept, else None; remembered if at most
+    `_LONGEST_NAME` bytes long. The memo holds `_MAX_NAMES` names at most: once full it starts
+    again, so that an upstream sending ever new names costs lookups, but never keeps the usual
+    names out of it for good."""
     lower = name.lower()  # a header's name is ASCII (llhttp refuses any other byte)
     kept = lower.decode() if lower in KEPT or lower.startswith(_RATE_LIMITS) else None
-    if len(_NAMES) < _MAX_NAMES and len(name) <= _LONGEST_NAME:
+    if len(name) <= _LONGEST_NAME:
+        if len(_NAMES) >= _MAX_NAMES:
+            _NAMES.clear()
         _NAMES[name] = kept
     return kept

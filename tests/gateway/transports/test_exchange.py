@@ -463,6 +463,22 @@ async def test_an_upstreams_long_header_names_are_not_remembered(monkeypatch: py
     assert max(map(len, exchange._NAMES), default=0) <= exchange._LONGEST_NAME
 
 
+def test_an_upstreams_ever_new_header_names_never_keep_the_usual_ones_out_of_the_memo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memo of names holds `_MAX_NAMES` at most, and starts again once full: an upstream
+    that sent 512 names of junk first does not keep `content-type` from being remembered for
+    good (it is then looked at each time, for every answer of every upstream)."""
+    monkeypatch.setattr(exchange, "_NAMES", {})
+    for n in range(exchange._MAX_NAMES):
+        assert exchange._kept(b"X-Junk-%d" % n) is None
+    assert len(exchange._NAMES) == exchange._MAX_NAMES
+    assert exchange._kept(b"Content-Type") == "content-type"
+    assert exchange._NAMES == {b"Content-Type": "content-type"}
+    assert exchange._kept(b"X-RateLimit-Remaining-Requests") == "x-ratelimit-remaining-requests"
+    assert len(exchange._NAMES) == 2
+
+
 @pytest.mark.parametrize(
     "said",
     [
