@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -352,9 +353,12 @@ def _read(path: Path) -> bytes | None:
 
     A file over the limit gives its head, so it is attributed as uncommitted (with the
     author of its last commit): reading it whole is what its refusal is there to avoid. A
-    symbolic link is not followed (it may lead out of the repository: docs/reference.md §4).
+    symbolic link is not followed (it may lead out of the repository: docs/reference.md §4):
+    it gives its target, what git holds for a link, so it is under HEAD only once committed.
     """
     try:
-        return read_limited(path, MAX_FILE_BYTES, follow=False)[0]  # a link out is never read
+        if path.is_symlink():
+            return os.fsencode(path.readlink())  # a link out is never read
+        return read_limited(path, MAX_FILE_BYTES, follow=False)[0]
     except OSError:
         return None

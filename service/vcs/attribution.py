@@ -84,7 +84,7 @@ class Attributor:
         try:
             blobs: dict[str, str] = {}
             for folder in sorted({str(PurePosixPath(p).parent) for p in known}):
-                blobs.update(store.blob_ids(head, folder))
+                blobs.update(store.blob_ids(head, folder, links=True))
             authors = store.last_authors(known, head)
         except GitError as exc:
             log.warning("git: %s", exc)

@@ -143,6 +143,40 @@ async def test_a_link_out_of_the_repository_is_refused_unread(
     assert service.registry.refused == {}
 
 
+async def test_a_link_out_is_refused_under_head_only_once_committed(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """docs/reference.md §5: `commit` is HEAD when the file is committed unchanged there,
+    otherwise null with `uncommitted`. A link out, refused unread, is attributed by what git
+    holds for it (its target): it was taken as a file removed, so under HEAD, never committed."""
+    root = sops_project.root
+    git(root, "init", "-q", "-b", "main")
+    write_server(sops_project, "gpu")
+    git(root, "add", "providers.d")
+    git(root, "commit", "-q", "-m", "initial")
+    outside = tmp_path / "outside.yaml"
+    outside.write_text(SERVER.format(id="stolen", port=4000))
+    async with serve(sops_project) as service:
+        seq = service.app[EVENTS].last_seq
+        (sops_project.providers / "stolen.yaml").symlink_to(outside)
+        await eventually(lambda: "providers.d/stolen.yaml" in service.registry.refused)
+        [event] = service.app[EVENTS].events()[seq:]
+        assert (event.type, event.commit, event.author, event.uncommitted) == (
+            "config.rejected",
+            None,
+            None,
+            True,
+        )
+    git(root, "add", "providers.d")
+    git(root, "commit", "-q", "-m", "the link")
+    head = git(root, "rev-parse", "HEAD")
+    async with serve(sops_project) as service:
+        *_, event = [e for e in service.app[EVENTS].events() if e.type == "config.rejected"]
+        assert event.seq > seq + 1  # recorded at this start
+        assert (event.file, event.commit, event.uncommitted) == ("providers.d/stolen.yaml", head, False)
+        assert event.author == "Switchboard Tests <tests@switchboard.invalid>"
+
+
 async def test_a_providers_folder_that_is_itself_a_link_out_is_refused_whole(
     sops_project: SopsProject, tmp_path: Path
 ) -> None:
@@ -333,9 +367,11 @@ async def test_a_worktree_git_sync_removes_under_a_reload_is_never_applied_witho
         else:
             blob_ids = GitRepo.blob_ids
 
-            def swap_then_list(self: GitRepo, rev: str, folder: str) -> dict[str, str]:
+            def swap_then_list(
+                self: GitRepo, rev: str, folder: str, *, links: bool = False
+            ) -> dict[str, str]:
                 swap()
-                return blob_ids(self, rev, folder)
+                return blob_ids(self, rev, folder, links=links)
 
             monkeypatch.setattr(GitRepo, "blob_ids", swap_then_list)
         sync.publish(second)
