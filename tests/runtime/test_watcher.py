@@ -177,6 +177,39 @@ async def test_a_link_out_is_refused_under_head_only_once_committed(
         assert event.author == "Switchboard Tests <tests@switchboard.invalid>"
 
 
+async def test_a_link_inside_is_under_head_while_it_and_its_target_are_committed_unchanged(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §5: a file of providers.d/ that is a link inside the repository, committed
+    with what it leads to, is HEAD's (it was always `uncommitted`: git holds a link's target, not
+    the content read through it); an edit of the target not yet committed makes it uncommitted."""
+    root = sops_project.root
+    git(root, "init", "-q", "-b", "main")
+    (root / "shared").mkdir()
+    (root / "shared" / "gpu.yaml").write_text(SERVER.format(id="gpu", port=4000))
+    (sops_project.providers / "gpu.yaml").symlink_to(Path("..") / "shared" / "gpu.yaml")
+    git(root, "add", "providers.d", "shared")
+    git(root, "commit", "-q", "-m", "a shared server")
+    head = git(root, "rev-parse", "HEAD")
+    async with serve(sops_project, rescan_s=0.1) as service:  # a target's edit is seen by a rescan
+        [added] = [e for e in service.app[EVENTS].events() if e.type == "provider.added"]
+        assert (added.commit, added.uncommitted) == (head, False)
+        assert added.author == "Switchboard Tests <tests@switchboard.invalid>"
+        seq = service.app[EVENTS].last_seq
+        (root / "shared" / "gpu.yaml").write_text(SERVER.format(id="gpu", port=4001))
+        await eventually(lambda: urls(service)["gpu"] == "http://127.0.0.1:4001/v1")
+        [updated] = service.app[EVENTS].events()[seq:]
+        assert (updated.type, updated.commit, updated.uncommitted) == ("provider.updated", None, True)
+
+    # refused, a link inside is attributed the same way (what it leads to is read for that alone)
+    (root / "shared" / "gpu.yaml").write_text(SERVER.format(id="gpu", port=4002) + "typo: 1\n")
+    git(root, "commit", "-q", "-am", "a typo")
+    head = git(root, "rev-parse", "HEAD")
+    async with serve(sops_project) as service:
+        *_, rejected = [e for e in service.app[EVENTS].events() if e.type == "config.rejected"]
+        assert (rejected.file, rejected.commit, rejected.uncommitted) == ("providers.d/gpu.yaml", head, False)
+
+
 async def test_a_providers_folder_that_is_itself_a_link_out_is_refused_whole(
     sops_project: SopsProject, tmp_path: Path
 ) -> None:
