@@ -145,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=_lazy("test"))
 
     p = sub.add_parser("rotate", help="re-encrypt every file with a new data key, updating recipients")
-    p.add_argument("--add-recipient", action="append", default=[], metavar="R")
-    p.add_argument("--remove-recipient", action="append", default=[], metavar="R")
+    p.add_argument("--add-recipient", action="extend", nargs="+", default=[], metavar="R")
+    p.add_argument("--remove-recipient", action="extend", nargs="+", default=[], metavar="R")
     p.set_defaults(command=_lazy("rotate"))
 
     p = sub.add_parser("plan", help="semantic diff of the configuration between two git revisions")

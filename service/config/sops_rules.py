@@ -77,6 +77,19 @@ def recipients(path: Path) -> list[str]:
     return rule_recipients(rule) if rule is not None else []
 
 
+def every_recipient(data: bytes | None) -> set[str] | None:
+    """The age recipients of every creation rule in `.sops.yaml`'s content (empty without one);
+    None when it cannot be read, which `check_sops_config` reports."""
+    try:
+        parsed = yaml.safe_load(data) if data else None
+    except yaml.YAMLError:
+        return None
+    rules = parsed.get("creation_rules") if isinstance(parsed, dict) else None
+    if not isinstance(rules, list):
+        return None if parsed else set()
+    return {r for rule in rules if isinstance(rule, dict) for r in rule_recipients(rule)}
+
+
 def check_sops_config(path: Path, files: list[str]) -> list[str]:
     """Problems, in plain words, with how `.sops.yaml` at `path` covers the given provider files.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,7 +29,7 @@ from service.config.secret import Secret
 from service.config.snapshot import NO_GIT, Attribution, Snapshot
 from service.config.view import ConfigView, diff_views
 from service.errors import EventLogError, Problem, SnapshotRejected
-from service.files import read_limited
+from service.files import leads_outside, read_limited
 from service.journal.events import ConfigRejected, draft_from_change
 from service.journal.log import EventLog
 from service.vcs.attribution import Attributor
@@ -276,7 +277,7 @@ class Registry:
 
     def _record_rejections(self, refusals: Mapping[str, Refusal], before: Mapping[str, str]) -> int:
         fresh = {f: r.reason for f, r in refusals.items() if before.get(f) != r.reason}
-        attribution = self._attribute({self.root / f: _read(self.root / f) for f in fresh})
+        attribution = self._attribute({self.root / f: _read(self.root / f, self.root) for f in fresh})
         for file, reason in sorted(fresh.items()):
             who = attribution.get(self.root / file, NO_GIT)
             log.warning("refused %s: %s", file, reason)
@@ -347,14 +348,19 @@ def _secrets_changed(old: Snapshot, new: Snapshot) -> frozenset[str]:
     return frozenset(changed)
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Path, root: Path) -> bytes | None:
     """A refused file's content, for its attribution; never more than the 1 MiB limit.
 
     A file over the limit gives its head, so it is attributed as uncommitted (with the
     author of its last commit): reading it whole is what its refusal is there to avoid. A
-    symbolic link is not followed (it may lead out of the repository: docs/reference.md §4).
+    symbolic link out of the repository is never read (docs/reference.md §4): it gives its
+    target, what git holds for a link, so it is under HEAD only once committed.
     """
     try:
-        return read_limited(path, MAX_FILE_BYTES, follow=False)[0]  # a link out is never read
+        if not path.is_symlink():
+            return read_limited(path, MAX_FILE_BYTES, follow=False)[0]
+        if leads_outside(path, root):
+            return os.fsencode(path.readlink())
+        return read_limited(Path(os.path.realpath(path)), MAX_FILE_BYTES, follow=False)[0]
     except OSError:
         return None

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 
 from service.config.snapshot import NO_GIT, Attribution
 from service.errors import GitError
+from service.files import leads_outside
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 log = logging.getLogger(__name__)
@@ -77,14 +79,16 @@ class Attributor:
             return dict.fromkeys(files, NO_GIT)
         head = self._pin or self.head()
         relative = {path: self._relative(path) for path in files}
+        links = {path: link for path in files if (link := self._link(path)) is not None}
         known = sorted({r for r in relative.values() if r is not None})
         if head is None or not known:
             return dict.fromkeys(files, Attribution(None, None, True))
         store = self._store or self.repo
+        leading = {target for _, target in links.values() if target is not None}
         try:
             blobs: dict[str, str] = {}
-            for folder in sorted({str(PurePosixPath(p).parent) for p in known}):
-                blobs.update(store.blob_ids(head, folder))
+            for folder in sorted({str(PurePosixPath(p).parent) for p in (*known, *leading)}):
+                blobs.update(store.blob_ids(head, folder, links=True))
             authors = store.last_authors(known, head)
         except GitError as exc:
             log.warning("git: %s", exc)
@@ -93,12 +97,33 @@ class Attributor:
         for path, data in files.items():
             rel = relative[path]
             in_head = blobs.get(rel) if rel else None
-            committed = rel is not None and (
-                (in_head is None) if data is None else (in_head == blob_sha(data))
-            )
+            if path in links:  # git holds a link's target; the content read is what it leads to
+                held, target = links[path]
+                committed = in_head == blob_sha(held) and (
+                    target is None or (data is not None and blobs.get(target) == blob_sha(data))
+                )
+            else:
+                committed = rel is not None and (
+                    (in_head is None) if data is None else (in_head == blob_sha(data))
+                )
             author = authors.get(rel) if rel else None
             result[path] = Attribution(head, author, False) if committed else Attribution(None, author, True)
         return result
+
+    def _link(self, path: Path) -> tuple[bytes, str | None] | None:
+        """For a symbolic link: what git holds for it (its target), and the file it leads to
+        relative to the top level, or None when that is out of the repository (never read)."""
+        assert self.repo is not None  # noqa: S101 - checked by the caller
+        try:
+            if not path.is_symlink():
+                return None
+            held = os.fsencode(path.readlink())
+        except OSError:
+            return None
+        top = self.repo.root
+        if leads_outside(path, top):
+            return held, None
+        return held, Path(os.path.realpath(path)).relative_to(os.path.realpath(top)).as_posix()
 
     def _relative(self, path: Path) -> str | None:
         assert self.repo is not None  # noqa: S101 - checked by the caller

@@ -226,8 +226,9 @@ class GitRepo:
         contents = self._cat_blobs(list(blobs.values()))
         return {path: contents[sha] for path, sha in sorted(blobs.items())}
 
-    def blob_ids(self, rev: str, folder: str) -> dict[str, str]:
-        """The blob id of each file directly in `folder` at `rev`, without reading the contents."""
+    def blob_ids(self, rev: str, folder: str, *, links: bool = False) -> dict[str, str]:
+        """The blob id of each file directly in `folder` at `rev`, without reading the contents;
+        with `links`, of each symbolic link too (a blob holding its target)."""
         prefix = PurePosixPath(folder).as_posix().strip("/")
         out = self.run("ls-tree", "-z", "--full-tree", rev, "--", f"{prefix}/" if prefix else ".")
         blobs: dict[str, str] = {}
@@ -236,7 +237,7 @@ class GitRepo:
                 continue
             meta, _, path = entry.partition(b"\t")
             mode, kind, sha = meta.decode().split()
-            if kind == "blob" and mode in ("100644", "100755"):
+            if kind == "blob" and (mode in ("100644", "100755") or (links and mode == "120000")):
                 blobs[path.decode("utf-8", "surrogateescape")] = sha
         return blobs
 

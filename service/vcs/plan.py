@@ -21,7 +21,7 @@ from service.config.loader import Loaded, config_files, is_config_file, parse
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
-from service.config.sops_rules import check_sops_config
+from service.config.sops_rules import check_sops_config, every_recipient
 from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
 from service.crypto.rotation import file_recipients
@@ -221,7 +221,7 @@ def make_plan(base: Side, head: Side, *, sops: Sops | None = None) -> Plan:
             {"type": "provider.updated", "subject": pid, "file": new_files[pid].file, "changes": fields}
         )
     result.secrets = secrets
-    result.warnings = _warnings(before, after)
+    result.warnings = _warnings(before, after) + _recipients_changed(base, head)
     result.limits = limit_changes(before.view, after.view)
     return result
 
@@ -317,6 +317,20 @@ def _decrypted_note(old: Loaded, new: Loaded, sops: Sops | None) -> str | None:
     if a == b:
         return RE_ENCRYPTED
     return f"a new key: {mask(str(a))} → {mask(str(b))}"
+
+
+def _recipients_changed(base: Side, head: Side) -> list[str]:
+    """Who can read the keys is the reviewer's to approve (docs/reference.md §2.4)."""
+    old, new = every_recipient(base.sops_config), every_recipient(head.sops_config)
+    if old is None or new is None or old == new:
+        return []
+    parts = [
+        f"{verb} {', '.join(sorted(r))}" for verb, r in (("adds", new - old), ("removes", old - new)) if r
+    ]
+    return [
+        f"`.sops.yaml` changes its recipients: {'; '.join(parts)}. An identity added can decrypt "
+        "every key encrypted from now on, and every file `switchboard rotate` re-encrypts"
+    ]
 
 
 def _warnings(before: Configuration, after: Configuration) -> list[str]:

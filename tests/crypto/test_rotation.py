@@ -10,6 +10,7 @@ import yaml
 from service.cli.main import cli
 from service.config.loader import decrypt, parse
 from service.config.snapshot import Snapshot
+from service.crypto import keys
 from service.crypto.rotation import RotationStopped, encrypted_files, file_recipients, rotate
 from service.crypto.sops import Sops
 from service.errors import SopsNoKey
@@ -103,6 +104,18 @@ def test_adding_a_recipient_lets_that_identity_decrypt(
             other_age_identity.recipient,
         }
         assert decrypts_with(project, other_age_identity, path)["api_key"] == KEYS[path.stem]
+
+
+def test_one_flag_takes_several_recipients(project: SopsProject, other_age_identity: AgeIdentity) -> None:
+    """docs/reference.md §3: `rotate [--add-recipient R…] [--remove-recipient R…]`."""
+    third = keys.generate_identity()[1]
+    assert cli("rotate", "--add-recipient", other_age_identity.recipient, third) == 0
+    everyone = {project.identity.recipient, other_age_identity.recipient, third}
+    for path in encrypted_files(project.providers):
+        assert file_recipients(path.read_bytes()) == everyone
+    assert cli("rotate", "--remove-recipient", other_age_identity.recipient, third) == 0
+    for path in encrypted_files(project.providers):
+        assert file_recipients(path.read_bytes()) == {project.identity.recipient}
 
 
 def test_removing_a_recipient_locks_it_out_with_a_new_data_key(

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -29,6 +30,7 @@ from service.http.context import EVENTS, REGISTRY
 from service.journal.events import Event
 from service.journal.log import read_events
 from service.journal.replay import replay
+from service.runtime.registry import Outcome, Registry
 from service.settings import Settings
 from tests.conftest import (
     KEY_YAML,
@@ -526,6 +528,56 @@ async def test_a_providers_folder_outside_the_root_is_named_from_its_parent_and_
         assert added.file == "providers.d/gpu.yaml"
         assert added.commit == git(sops_project.root, "rev-parse", "HEAD")
         assert added.author == AUTHOR
+
+
+async def test_readyz_is_503_until_the_first_load_is_complete(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/reference.md §4: `/readyz` answers 503 until the first load is complete, then 200
+    with its fields."""
+    write_server(sops_project, "gpu")
+    settings = Settings(
+        root=sops_project.root,
+        providers=sops_project.providers,
+        events=sops_project.root / "var" / "events.jsonl",
+        debounce_ms=10,
+        health_interval_s=0,
+    )
+    apply, started, release = Registry.apply, threading.Event(), threading.Event()
+
+    def held_apply(self: Registry, *args: Any, **kwargs: Any) -> Outcome:  # held in its worker thread
+        started.set()
+        release.wait(10)
+        return apply(self, *args, **kwargs)
+
+    monkeypatch.setattr(Registry, "apply", held_apply)
+    runner = web.AppRunner(create_app(settings, sops=sops_project.sops), shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/readyz"
+        async with aiohttp.ClientSession() as http:
+            await eventually(started.is_set)
+            async with http.get(url) as response:
+                assert response.status == 503
+                assert (await response.json())["error"]["type"] == "not_ready"
+            release.set()
+
+            async def ready() -> dict[str, Any]:
+                async with http.get(url) as response:
+                    assert response.status == 200
+                    body: dict[str, Any] = await response.json()
+                    return body
+
+            body = await eventually(ready)
+        assert body["status"] == "ready"
+        assert {"generation", "last_applied_commit", "last_attempted_commit", "refused", "degraded"} <= set(
+            body
+        )
+        assert (body["refused"], body["degraded"]) == ([], False)
+    finally:
+        release.set()
+        await runner.cleanup()
 
 
 # -- shutdown ----------------------------------------------------------------------------------

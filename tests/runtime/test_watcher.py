@@ -143,6 +143,73 @@ async def test_a_link_out_of_the_repository_is_refused_unread(
     assert service.registry.refused == {}
 
 
+async def test_a_link_out_is_refused_under_head_only_once_committed(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """docs/reference.md §5: `commit` is HEAD when the file is committed unchanged there,
+    otherwise null with `uncommitted`. A link out, refused unread, is attributed by what git
+    holds for it (its target): it was taken as a file removed, so under HEAD, never committed."""
+    root = sops_project.root
+    git(root, "init", "-q", "-b", "main")
+    write_server(sops_project, "gpu")
+    git(root, "add", "providers.d")
+    git(root, "commit", "-q", "-m", "initial")
+    outside = tmp_path / "outside.yaml"
+    outside.write_text(SERVER.format(id="stolen", port=4000))
+    async with serve(sops_project) as service:
+        seq = service.app[EVENTS].last_seq
+        (sops_project.providers / "stolen.yaml").symlink_to(outside)
+        await eventually(lambda: "providers.d/stolen.yaml" in service.registry.refused)
+        [event] = service.app[EVENTS].events()[seq:]
+        assert (event.type, event.commit, event.author, event.uncommitted) == (
+            "config.rejected",
+            None,
+            None,
+            True,
+        )
+    git(root, "add", "providers.d")
+    git(root, "commit", "-q", "-m", "the link")
+    head = git(root, "rev-parse", "HEAD")
+    async with serve(sops_project) as service:
+        *_, event = [e for e in service.app[EVENTS].events() if e.type == "config.rejected"]
+        assert event.seq > seq + 1  # recorded at this start
+        assert (event.file, event.commit, event.uncommitted) == ("providers.d/stolen.yaml", head, False)
+        assert event.author == "Switchboard Tests <tests@switchboard.invalid>"
+
+
+async def test_a_link_inside_is_under_head_while_it_and_its_target_are_committed_unchanged(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §5: a file of providers.d/ that is a link inside the repository, committed
+    with what it leads to, is HEAD's (it was always `uncommitted`: git holds a link's target, not
+    the content read through it); an edit of the target not yet committed makes it uncommitted."""
+    root = sops_project.root
+    git(root, "init", "-q", "-b", "main")
+    (root / "shared").mkdir()
+    (root / "shared" / "gpu.yaml").write_text(SERVER.format(id="gpu", port=4000))
+    (sops_project.providers / "gpu.yaml").symlink_to(Path("..") / "shared" / "gpu.yaml")
+    git(root, "add", "providers.d", "shared")
+    git(root, "commit", "-q", "-m", "a shared server")
+    head = git(root, "rev-parse", "HEAD")
+    async with serve(sops_project, rescan_s=0.1) as service:  # a target's edit is seen by a rescan
+        [added] = [e for e in service.app[EVENTS].events() if e.type == "provider.added"]
+        assert (added.commit, added.uncommitted) == (head, False)
+        assert added.author == "Switchboard Tests <tests@switchboard.invalid>"
+        seq = service.app[EVENTS].last_seq
+        (root / "shared" / "gpu.yaml").write_text(SERVER.format(id="gpu", port=4001))
+        await eventually(lambda: urls(service)["gpu"] == "http://127.0.0.1:4001/v1")
+        [updated] = service.app[EVENTS].events()[seq:]
+        assert (updated.type, updated.commit, updated.uncommitted) == ("provider.updated", None, True)
+
+    # refused, a link inside is attributed the same way (what it leads to is read for that alone)
+    (root / "shared" / "gpu.yaml").write_text(SERVER.format(id="gpu", port=4002) + "typo: 1\n")
+    git(root, "commit", "-q", "-am", "a typo")
+    head = git(root, "rev-parse", "HEAD")
+    async with serve(sops_project) as service:
+        *_, rejected = [e for e in service.app[EVENTS].events() if e.type == "config.rejected"]
+        assert (rejected.file, rejected.commit, rejected.uncommitted) == ("providers.d/gpu.yaml", head, False)
+
+
 async def test_a_providers_folder_that_is_itself_a_link_out_is_refused_whole(
     sops_project: SopsProject, tmp_path: Path
 ) -> None:
@@ -333,9 +400,11 @@ async def test_a_worktree_git_sync_removes_under_a_reload_is_never_applied_witho
         else:
             blob_ids = GitRepo.blob_ids
 
-            def swap_then_list(self: GitRepo, rev: str, folder: str) -> dict[str, str]:
+            def swap_then_list(
+                self: GitRepo, rev: str, folder: str, *, links: bool = False
+            ) -> dict[str, str]:
                 swap()
-                return blob_ids(self, rev, folder)
+                return blob_ids(self, rev, folder, links=links)
 
             monkeypatch.setattr(GitRepo, "blob_ids", swap_then_list)
         sync.publish(second)

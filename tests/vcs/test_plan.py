@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.cli.main import cli
-from tests.conftest import SopsProject
+from tests.conftest import AgeIdentity, SopsProject
 
 OLD_KEY = "sk-or-old-5d80aaaa1111bbbb5d80"
 NEW_KEY = "sk-or-new-9a1cbbbb2222cccc9a1c"
@@ -215,6 +215,29 @@ def test_a_sops_config_that_stops_covering_the_files_is_refused(
     code, out = plan(capsys)
     assert code == 1
     assert "no creation rule in .sops.yaml covers this file" in out
+
+
+def test_a_change_of_the_recipients_in_sops_yaml_is_warned_of(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str], other_age_identity: AgeIdentity
+) -> None:
+    """docs/reference.md §2.4: `plan` warns when a pull request changes the recipients in
+    `.sops.yaml` (an identity added can read every key encrypted from then on)."""
+    sops_yaml = repo.root / ".sops.yaml"
+    ours, theirs = repo.identity.recipient, other_age_identity.recipient
+    sops_yaml.write_text(sops_yaml.read_text().replace(ours, f"{ours},{theirs}"))
+    code, out = plan(capsys)
+    assert code == 0
+    assert "### ⚠️ Warnings" in out
+    assert f"`.sops.yaml` changes its recipients: adds {theirs}" in out
+    commit(repo, "another recipient")
+    sops_yaml.write_text(sops_yaml.read_text().replace(f"{ours},{theirs}", theirs))
+    code, out = plan(capsys, "HEAD", "--format", "json")
+    assert code == 0
+    [warning] = json.loads(out)["warnings"]
+    assert warning.startswith(f"`.sops.yaml` changes its recipients: removes {ours}")
+    sops_yaml.write_text(sops_yaml.read_text().replace(theirs, f"{theirs},{ours}"))
+    code, out = plan(capsys, "HEAD", "--format", "json")
+    assert json.loads(out)["warnings"] == []  # the same recipients, written in another order
 
 
 def test_default_base_is_the_merge_base_with_main(
