@@ -27,12 +27,16 @@ Messages never contain secret material: they name files, fields and cases, not v
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 
 class SwitchboardError(Exception):
     """Base class of every error Switchboard raises on purpose."""
+
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,11 @@ class Problem:
     line: int
     message: str
     path: str = ""
+
+    def __post_init__(self) -> None:
+        # A message may quote what the file says (an `id`, a field's name), and it is shown by
+        # `/readyz` to anyone: the credentials of a URL quoted there are masked.
+        object.__setattr__(self, "message", _URL_CREDENTIALS.sub(r"\1****@", self.message))
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: error: {self.message}"

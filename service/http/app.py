@@ -316,7 +316,10 @@ class _Gateway:
             self._settle()
         found = self.routes.get((request.method, request.rel_url.path_safe))
         if found is None or request.headers.get(hdrs.EXPECT):
-            return await self.usual(request)
+            try:
+                return await self.usual(request)
+            except web.HTTPException as exc:  # the router's expect handler (417), before any middleware
+                return _failure(request, exc, "unmatched")
         handler, match, name, endpoint = found
         request._match_info = match
         if endpoint is None:

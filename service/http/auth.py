@@ -62,7 +62,10 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
     token = _token(request)
     if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
-    digest = token_sha256(token)
+    try:
+        digest = token_sha256(token)
+    except UnicodeEncodeError:  # header bytes that are no UTF-8 (lone surrogates): no client's token
+        raise Unauthorized("unknown token") from None
     found = None
     for client in clients.clients:  # every hash compared, in constant time each
         if hmac.compare_digest(client.token_sha256, digest):

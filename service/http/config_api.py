@@ -49,7 +49,7 @@ from service.http import tags
 from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
 from service.http.limits_api import own_limits
-from service.http.push import event_stream, watched
+from service.http.push import body_tag, event_stream, watched
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
 from service.vcs.gitrepo import blob_sha
@@ -343,7 +343,10 @@ async def _state(request: web.Request) -> web.StreamResponse:
     seq, config = await asyncio.to_thread(request.app[EVENTS].replay, at)  # reads the file
     # isoformat pads the year to four digits, where strftime's %Y writes year 256 as `256`
     shown = at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return _json({"at": shown, "seq": seq, "config": config})
+    response = _json({"at": shown, "seq": seq, "config": config})
+    # `at` (now by default) is when it was asked, not what it means: not in the tag
+    response.headers["ETag"] = body_tag(_encode({"seq": seq, "config": config}))
+    return response
 
 
 def _time(query: Mapping[str, str], name: str) -> datetime | None:

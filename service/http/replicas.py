@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -47,7 +48,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
-from service.http.push import watched
+from service.http.push import body_tag, watched
 from service.runtime.fanout import Beat, Fanout, HealthNote, answer
 from service.runtime.registry import Outcome
 from service.runtime.sync import Puller, Result
@@ -139,7 +140,11 @@ async def _replicas(request: web.Request) -> web.StreamResponse:
     others = [p.answer() for p in fanout.live()] if fanout is not None else []
     listed = sorted([own, *others], key=lambda r: str(r["replica"]))
     shared = fanout is not None and fanout.connected
-    return web.json_response({"replicas": listed, "shared": shared})
+    response = web.json_response({"replicas": listed, "shared": shared})
+    # `seen_at` is a measurement, moving with every heartbeat: not in the tag
+    meaning = [{k: v for k, v in r.items() if k != "seen_at"} for r in listed]
+    response.headers["ETag"] = body_tag(json.dumps([meaning, shared]).encode())
+    return response
 
 
 def _beat(app: web.Application) -> Beat:

@@ -104,6 +104,26 @@ async def test_a_json_media_type_in_any_spelling_is_json(guarded: Service, conte
         assert response.status == 502, await response.text()  # past the check: the server "gpu" is down
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/chat/completions"), ("POST", f"{API}/providers/gpu/test"), ("GET", f"{API}/providers")],
+)
+async def test_an_expectation_it_cannot_meet_is_417_in_the_json_of_every_error(
+    guarded: Service, method: str, path: str
+) -> None:
+    """The router's expect handler runs before the middleware, and its 417 was aiohttp's text
+    (`Unknown Expect: a-teapot`); errors are JSON (docs/reference.md §6), this one too."""
+    headers = {"Authorization": f"Bearer {TOKEN}", "Expect": "a-teapot"}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with guarded.http.request(
+        method, guarded.url + path, headers=headers, json=chat if method == "POST" else None
+    ) as response:
+        assert response.status == 417
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        error = (await response.json())["error"]
+    assert error == {"type": "expectation_failed", "message": "Expectation Failed"}
+
+
 async def test_every_answer_forbids_sniffing(guarded: Service) -> None:
     """`nosniff` on every answer (docs/reference.md §6), whichever way it is made: by a handler, the
     middleware's errors (401, 404, 405, 415, 502), the router's expect handler (417), a stream."""

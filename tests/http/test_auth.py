@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,29 @@ async def test_an_unknown_token_is_401_and_a_known_one_passes(project: SopsProje
         )
         assert (await call(service, PROVIDERS, f"Bearer {READER}"))[0] == 200
         assert (await call(service, PROVIDERS, f"bearer  {READER} "))[0] == 200  # scheme case, spaces
+
+
+@pytest.mark.parametrize(
+    "header", [b"Authorization: Bearer \xff\xfe-token", b"Authorization: Bearer tok-\xc0", b"x-api-key: \xff"]
+)
+async def test_a_token_that_is_no_utf8_is_an_unknown_token_not_a_500(
+    project: SopsProject, header: bytes
+) -> None:
+    """Header bytes that are no UTF-8 reach the handler as lone surrogates, which hashing the
+    token could not encode: "No input makes the service answer 500" (docs/reference.md §6)."""
+    async with serve(with_clients(project)) as service:
+        host, port = service.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(f"GET {PROVIDERS} HTTP/1.1\r\nHost: {host}\r\n".encode() + header + b"\r\n")
+            writer.write(b"Connection: close\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 "), answer
+    assert json.loads(body) == {"error": {"type": "unauthorized", "message": "unknown token"}}
 
 
 async def test_a_token_is_found_by_its_hash_and_the_hash_is_no_token(project: SopsProject) -> None:

@@ -82,6 +82,23 @@ async def _tag_changed(service: Service, path: str, tag: str) -> Answer:
     return response
 
 
+@pytest.mark.parametrize("path", ["/replicas", "/state"])
+async def test_an_answer_that_shows_the_time_keeps_its_tag_until_it_changes(
+    running_service: Service, path: str
+) -> None:
+    """`replicas` shows when each replica was last heard from (`seen_at`), `state` the time it is
+    the configuration at (`at`, now by default): measurements beside what the answer means, so
+    asked again with its tag the answer is 304 (it was a new tag on every request, never a 304)."""
+    first = await get(running_service, API + path)
+    assert first.status == 200
+    tag = first.headers["ETag"]
+    again = await get(running_service, API + path, {"If-None-Match": tag})
+    assert again.status == 304 and again.headers["ETag"] == tag and again.body == b""
+    await moved(running_service, 7003)
+    changed = await eventually(lambda: _tag_changed(running_service, API + path, tag))
+    assert changed.status == 200
+
+
 async def test_one_providers_tag_is_weak_its_blob_its_commit_and_a_hash(running_service: Service) -> None:
     from service.vcs.gitrepo import blob_sha
 

@@ -258,6 +258,28 @@ async def test_routing_that_names_a_missing_provider_is_refused_whole(running_se
     assert [p["id"] for p in body["primary"]] == ["gpu", "second"]
 
 
+async def test_readyz_carries_no_url_with_credentials_a_refused_file_quotes(
+    sops_project: SopsProject,
+) -> None:
+    """ "No public answer (`/readyz` included) carries a URL with credentials" (docs/reference.md §6):
+    a refusal that quotes what the file says (an `id`, a field's name, a routed id) masks them."""
+    server = (
+        "kind: ai_server\nid: {id}\nserver_type: vllm\nbase_url: http://127.0.0.1:9/v1\npurposes: [chat]\n"
+    )
+    providers = sops_project.providers
+    (providers / "named.yaml").write_text(server.format(id="'http://gina:hunter8@h.example/'"))
+    (providers / "keyed.yaml").write_text(server.format(id="keyed") + "http://kay:hunter9@h.example/: 1\n")
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu", "'https://rita:hunter7@h.example'"])
+    async with serve(sops_project) as service:
+        text = (await service.text("/readyz"))[1]
+        reasons = {r["file"]: r["reason"] for r in json.loads(text)["refused"]}
+    assert set(reasons) == {"providers.d/named.yaml", "providers.d/keyed.yaml", "providers.d/routing.yaml"}
+    assert "hunter" not in text
+    assert "http://****@h.example/" in reasons["providers.d/named.yaml"]
+    assert "http://****@h.example/" in reasons["providers.d/keyed.yaml"]
+
+
 def _encrypt_for(identity: AgeIdentity, tmp_path: Path, provider_id: str, key: str) -> str:
     """An api_key file encrypted for another identity than the service's."""
     other = tmp_path / "other-project"
