@@ -174,3 +174,30 @@ async def test_errors_come_in_anthropics_shape_with_sections_6_statuses(sops_pro
             )
             async with board.http.head(board.url + "/") as probe:
                 assert probe.status == 200
+
+
+async def test_the_routers_own_errors_on_the_messages_paths_come_in_anthropics_shape(
+    sops_project: SopsProject,
+) -> None:
+    """Not only the endpoint's: a method the path does not take is answered by the router (405,
+    its `Allow` kept), and still in Anthropic's shape; so is an unknown path below /v1/messages."""
+    write_provider(sops_project, "a", base_url="http://127.0.0.1:9/v1")
+    write_routing(sops_project, chat="a")
+    json_type = {"Content-Type": "application/json"}
+    async with running(sops_project) as board:
+        for method, path, headers in (
+            ("GET", "/v1/messages", json_type),
+            ("PUT", "/v1/messages", json_type),
+            ("GET", "/v1/messages/count_tokens", json_type),
+            ("POST", "/v1/messages/batches", json_type),
+        ):
+            async with board.http.request(method, board.url + path, headers=headers, data=b"{}") as response:
+                body = await response.json()
+                assert body["type"] == "error" and body["error"]["message"], (method, path, body)
+                if response.status == 405:
+                    assert body["error"]["type"] == "invalid_request_error"
+                    assert response.headers["Allow"] == "POST"
+                else:
+                    assert (response.status, body["error"]["type"]) == (404, "not_found_error")
+        async with board.http.get(board.url + "/v1/responses") as response:  # other paths keep theirs
+            assert (await response.json())["error"]["type"] == "method_not_allowed"
