@@ -196,6 +196,8 @@ async def _forward(
         if guarded is not None:  # refused by the session's rules, or over the size limit
             raise Failure(None, guarded) from None
         status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500:
+            status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
             return _client_error(exc, status, key, headers)
         if not _reached_upstream(exc):
@@ -293,6 +295,16 @@ def _reached_upstream(exc: BaseException) -> bool:
         isinstance(e, OSError | TimeoutError) or type(e).__module__.startswith(_NETWORK_MODULES)
         for e in _causes(exc)
     )
+
+
+def _upstream_client_error(exc: BaseException) -> int | None:
+    """The upstream's own 4xx under litellm's client error: litellm makes some another (an
+    Anthropic 413 its 400), and the client must get the upstream's (docs/reference.md §14)."""
+    for cause in reversed(_causes(exc)):
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if type(cause).__module__.startswith("httpx") and isinstance(status, int):
+            return status if 400 <= status < 500 else None
+    return None
 
 
 def _guarded(exc: BaseException) -> str | None:
