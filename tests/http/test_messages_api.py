@@ -4,6 +4,7 @@ chat for an OpenAI-protocol upstream, native to an Anthropic one."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anthropic
 import pytest
@@ -201,3 +202,31 @@ async def test_the_routers_own_errors_on_the_messages_paths_come_in_anthropics_s
                     assert (response.status, body["error"]["type"]) == (404, "not_found_error")
         async with board.http.get(board.url + "/v1/responses") as response:  # other paths keep theirs
             assert (await response.json())["error"]["type"] == "method_not_allowed"
+
+
+async def test_a_provider_without_count_tokens_is_estimated_at_once_and_keeps_speaking_messages(
+    sops_project: SopsProject,
+) -> None:
+    """A 404 at `/v1/messages/count_tokens` from a provider that speaks Messages by default: it
+    does not count tokens, so that count is a local estimate (not a 502), and it is remembered;
+    its Messages still go as they are."""
+    missing = ("/v1/messages/count_tokens",)
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",), missing=missing) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            question: Any = [{"role": "user", "content": "hi"}]
+            first = await sdk.messages.count_tokens(model="claude-x", messages=question)
+            second = await sdk.messages.count_tokens(model="claude-x", messages=question)
+            assert 0 < first.input_tokens == second.input_tokens
+            assert [r.path for r in up.requests] == ["/v1/messages/count_tokens"]  # then remembered
+            raw = {
+                "model": "claude-x",
+                "max_tokens": 9,
+                "messages": question,
+                "thinking": {"type": "adaptive"},
+            }
+            message = await sdk.messages.create(**raw)
+            assert message.content[0].text == "claude says: hi"  # type: ignore[union-attr]
+            assert up.requests[-1].path == "/v1/messages" and up.requests[-1].json == raw  # as it is
