@@ -113,6 +113,19 @@ async def test_a_response_translated_for_anthropic_through_litellm_is_answered(
     assert [r.path for r in claude.requests] == ["/v1/messages", "/v1/messages"]
 
 
+async def test_a_refusal_through_litellm_keeps_its_status_and_message(sops_project: SopsProject) -> None:
+    """The vendor's 4xx, translated back to a Response's error: its status, and why."""
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",)) as claude:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=claude.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            claude.fail(400, times=1)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client(board.url).responses.create(model="claude-x", input="hello")
+    assert "injected failure 400 from claude" in refused.value.message
+    assert CANARY not in str(refused.value.body)
+
+
 async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_project: SopsProject) -> None:
     async with upstreams({"name": "a", "api_key": CANARY}, {"name": "b"}) as (a, b):
         write_provider(sops_project, "a", base_url=a.base_url, api_key=CANARY)

@@ -330,7 +330,7 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
         message = message.replace(key, "****")
     error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
     headers["Content-Type"] = "application/json"
-    return web.Response(body=json.dumps(error), status=status, headers=headers)
+    return web.Response(body=json.dumps(error).encode(), status=status, headers=headers)
 
 
 def _pass_back(result: Any, headers: dict[str, str]) -> None:
