@@ -106,7 +106,10 @@ class Forms:
         call.by_default = provider.protocols is None
         call.protocol_headers = _protocol_headers(call)
         call.translation = (
-            NativeResponses(self._wrapper(call, provider, native=True))
+            NativeResponses(
+                self._wrapper(call, provider, native=True),
+                (pinned.upstream, call.pinned) if pinned is not None and call.pinned else None,
+            )
             if call.protocol == "responses"
             else None
         )

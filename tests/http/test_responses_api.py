@@ -153,6 +153,9 @@ async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_pro
                 second = await stream.get_final_response()
             assert a.requests[-1].json["previous_response_id"] == "resp_a_1"  # unwrapped for its upstream
             assert second.output_text.endswith("(after: a says: hello)") and second.id != first.id
+            assert second.previous_response_id == first.id  # the id it was given, not its upstream's
+            third = await sdk.responses.create(model="fake-model", input="on", previous_response_id=second.id)
+            assert third.previous_response_id == second.id and "resp_a_" not in third.model_dump_json()
 
             for forged in (first.id + "x", "resp_abc", "resp_a_1", first.id.replace("resp_", "resp_Zm9v", 1)):
                 with pytest.raises(openai.BadRequestError) as refused:
