@@ -54,18 +54,24 @@ class Forms:
 
     def speaks(self, provider: Provider, protocol: str) -> bool:
         """Whether `provider` speaks `protocol` natively, as far as is known."""
-        protocol = SPOKEN_AS.get(protocol, protocol)
-        if protocol not in provider.native_protocols:
+        spoken = SPOKEN_AS.get(protocol, protocol)
+        if spoken not in provider.native_protocols:
             return False
         learned = self._unspoken.get(provider.id)
-        return learned is None or learned[0] is not provider or protocol not in learned[1]
+        return (
+            learned is None
+            or learned[0] is not provider
+            or (spoken not in learned[1] and protocol not in learned[1])
+        )
 
     def remember(self, provider: Provider, protocol: str) -> None:
-        """`provider` answered 404 on `protocol`'s path: it does not speak it (until its file changes)."""
+        """`provider` answered 404 on `protocol`'s path: it does not speak it (until its file
+        changes). A 404 at count_tokens' path is of that path alone: a server that does not
+        count tokens may still speak Messages."""
         learned = self._unspoken.get(provider.id)
         if learned is None or learned[0] is not provider:
             learned = self._unspoken[provider.id] = (provider, set())
-        learned[1].add(SPOKEN_AS.get(protocol, protocol))
+        learned[1].add(protocol)
 
     def serves(self, provider: Provider, call: Call) -> bool:
         """Whether `provider` can take `call` at all: natively, or translated to chat."""
@@ -100,7 +106,10 @@ class Forms:
         call.by_default = provider.protocols is None
         call.protocol_headers = _protocol_headers(call)
         call.translation = (
-            NativeResponses(self._wrapper(call, provider, native=True))
+            NativeResponses(
+                self._wrapper(call, provider, native=True),
+                (pinned.upstream, call.pinned) if pinned is not None and call.pinned else None,
+            )
             if call.protocol == "responses"
             else None
         )

@@ -29,6 +29,7 @@ from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
 from service.gateway.health import Health
 from service.gateway.metering import REQUEST_ID
+from service.gateway.protocols import messages
 from service.gateway.relay import NOSNIFF_HEADER
 from service.http import (
     changes,
@@ -375,28 +376,40 @@ async def _answered(
     return response
 
 
+_MESSAGES = "/v1/messages"
+"""Anthropic's Messages paths begin so: their errors come in Anthropic's shape."""
+
+
 def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
     """The JSON answer to `exc`, which a handler of `route` raised; called where it is caught.
+    On Anthropic's Messages paths it comes in Anthropic's shape, even when the router gives it
+    (a 405, a 417): the SDKs read no other (docs/reference.md §14).
 
     A web.HTTPException below 400 (a redirect) is raised again, for aiohttp to answer."""
+    headers: dict[str, str] = {}
     if isinstance(exc, HTTPError):
-        return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        status, body, headers = exc.status, exc.body(), exc.headers()
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
         error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
-        return web.json_response(error.body(), status=error.status)
-    if isinstance(exc, web.RequestPayloadError):  # a body it cannot decode: gzip that is not
+        status, body = error.status, error.body()
+    elif isinstance(exc, web.RequestPayloadError):  # a body it cannot decode: gzip that is not
         refused = unreadable(exc)
-        return web.json_response(refused.body(), status=refused.status)
-    if isinstance(exc, web.HTTPException):
+        status, body = refused.status, refused.body()
+    elif isinstance(exc, web.HTTPException):
         if exc.status < 400:
             raise exc
         kind = exc.reason.lower().replace(" ", "_")
         # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
-        kept = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
-        body = {"error": {"type": kind, "message": exc.reason}}
-        return web.json_response(body, status=exc.status, headers=kept)
-    bug = internal(request, route)
-    return web.json_response(bug.body(), status=bug.status)
+        headers = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        status, body = exc.status, {"error": {"type": kind, "message": exc.reason}}
+    else:
+        bug = internal(request, route)
+        status, body = bug.status, bug.body()
+    if request.path == _MESSAGES or request.path.startswith(_MESSAGES + "/"):
+        error = body["error"]
+        extra = {k: v for k, v in error.items() if k not in ("type", "message")}
+        body = messages.error(status, error["message"], **extra)
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:

@@ -4,6 +4,7 @@ chat for an OpenAI-protocol upstream, native to an Anthropic one."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anthropic
 import pytest
@@ -174,3 +175,58 @@ async def test_errors_come_in_anthropics_shape_with_sections_6_statuses(sops_pro
             )
             async with board.http.head(board.url + "/") as probe:
                 assert probe.status == 200
+
+
+async def test_the_routers_own_errors_on_the_messages_paths_come_in_anthropics_shape(
+    sops_project: SopsProject,
+) -> None:
+    """Not only the endpoint's: a method the path does not take is answered by the router (405,
+    its `Allow` kept), and still in Anthropic's shape; so is an unknown path below /v1/messages."""
+    write_provider(sops_project, "a", base_url="http://127.0.0.1:9/v1")
+    write_routing(sops_project, chat="a")
+    json_type = {"Content-Type": "application/json"}
+    async with running(sops_project) as board:
+        for method, path, headers in (
+            ("GET", "/v1/messages", json_type),
+            ("PUT", "/v1/messages", json_type),
+            ("GET", "/v1/messages/count_tokens", json_type),
+            ("POST", "/v1/messages/batches", json_type),
+        ):
+            async with board.http.request(method, board.url + path, headers=headers, data=b"{}") as response:
+                body = await response.json()
+                assert body["type"] == "error" and body["error"]["message"], (method, path, body)
+                if response.status == 405:
+                    assert body["error"]["type"] == "invalid_request_error"
+                    assert response.headers["Allow"] == "POST"
+                else:
+                    assert (response.status, body["error"]["type"]) == (404, "not_found_error")
+        async with board.http.get(board.url + "/v1/responses") as response:  # other paths keep theirs
+            assert (await response.json())["error"]["type"] == "method_not_allowed"
+
+
+async def test_a_provider_without_count_tokens_is_estimated_at_once_and_keeps_speaking_messages(
+    sops_project: SopsProject,
+) -> None:
+    """A 404 at `/v1/messages/count_tokens` from a provider that speaks Messages by default: it
+    does not count tokens, so that count is a local estimate (not a 502), and it is remembered;
+    its Messages still go as they are."""
+    missing = ("/v1/messages/count_tokens",)
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",), missing=missing) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            question: Any = [{"role": "user", "content": "hi"}]
+            first = await sdk.messages.count_tokens(model="claude-x", messages=question)
+            second = await sdk.messages.count_tokens(model="claude-x", messages=question)
+            assert 0 < first.input_tokens == second.input_tokens
+            assert [r.path for r in up.requests] == ["/v1/messages/count_tokens"]  # then remembered
+            raw = {
+                "model": "claude-x",
+                "max_tokens": 9,
+                "messages": question,
+                "thinking": {"type": "adaptive"},
+            }
+            message = await sdk.messages.create(**raw)
+            assert message.content[0].text == "claude says: hi"  # type: ignore[union-attr]
+            assert up.requests[-1].path == "/v1/messages" and up.requests[-1].json == raw  # as it is

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -112,6 +113,19 @@ async def test_a_response_translated_for_anthropic_through_litellm_is_answered(
     assert [r.path for r in claude.requests] == ["/v1/messages", "/v1/messages"]
 
 
+async def test_a_refusal_through_litellm_keeps_its_status_and_message(sops_project: SopsProject) -> None:
+    """The vendor's 4xx, translated back to a Response's error: its status, and why."""
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",)) as claude:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=claude.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            claude.fail(400, times=1)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client(board.url).responses.create(model="claude-x", input="hello")
+    assert "injected failure 400 from claude" in refused.value.message
+    assert CANARY not in str(refused.value.body)
+
+
 async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_project: SopsProject) -> None:
     async with upstreams({"name": "a", "api_key": CANARY}, {"name": "b"}) as (a, b):
         write_provider(sops_project, "a", base_url=a.base_url, api_key=CANARY)
@@ -139,6 +153,9 @@ async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_pro
                 second = await stream.get_final_response()
             assert a.requests[-1].json["previous_response_id"] == "resp_a_1"  # unwrapped for its upstream
             assert second.output_text.endswith("(after: a says: hello)") and second.id != first.id
+            assert second.previous_response_id == first.id  # the id it was given, not its upstream's
+            third = await sdk.responses.create(model="fake-model", input="on", previous_response_id=second.id)
+            assert third.previous_response_id == second.id and "resp_a_" not in third.model_dump_json()
 
             for forged in (first.id + "x", "resp_abc", "resp_a_1", first.id.replace("resp_", "resp_Zm9v", 1)):
                 with pytest.raises(openai.BadRequestError) as refused:
@@ -193,3 +210,81 @@ async def test_legacy_completions_go_only_where_they_are_spoken(sops_project: So
                 await sdk.completions.create(model="claude-x", prompt="x")
             assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
     assert not claude.requests
+
+
+async def test_a_response_is_continued_on_another_replica_at_once(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """The id carries its provider (docs/reference.md §14): a second service on the same files
+    continues it, for a provider with a key and for a server without one."""
+    async with upstreams({"name": "a", "api_key": CANARY}, {"name": "s"}) as (a, s):
+        write_provider(
+            sops_project, "a", provider="openai", base_url=a.base_url, api_key=CANARY, models=["m1"]
+        )
+        write_provider(sops_project, "s", base_url=s.base_url, models=["m2"])
+        write_routing(sops_project, chat=["a", "s"])
+        other = {"events": tmp_path / "other.jsonl", "usage_spool": tmp_path / "other-spool"}
+        async with running(sops_project) as one, running(sops_project, **other) as two:
+            for model, up in (("m1", a), ("m2", s)):
+                first = await client(one.url).responses.create(model=model, input="hello")
+                second = await client(two.url).responses.create(
+                    model=model, input="next", previous_response_id=first.id
+                )
+                assert second.output_text.endswith(f"(after: {up.name} says: hello)")
+
+
+async def test_a_pinned_provider_that_cannot_be_tried_now_is_503_naming_it(sops_project: SopsProject) -> None:
+    """Out of budget, circuit open, disabled: 503 naming the provider, and never another one."""
+    pricing = {"*": {"input": 1_000_000, "output": 2_000_000}}  # 1 USD a token: a few use up 100
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        budget = {"usd": "100", "period": "day"}
+        write_provider(
+            sops_project, "a", provider="openai", base_url=a.base_url, api_key="sk-a", pricing=pricing
+        )
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project, circuit_failures=1) as board:
+            sdk = client(board.url)
+            first = await sdk.responses.create(model="fake-model", input="hi", max_output_tokens=5)
+            a.fail(500, times=1)
+            with pytest.raises(openai.APIStatusError) as failed:
+                await sdk.responses.create(model="fake-model", input="x", previous_response_id=first.id)
+            assert failed.value.status_code == 502  # and now its circuit is open
+            with pytest.raises(openai.APIStatusError) as open_circuit:
+                await sdk.responses.create(model="fake-model", input="x", previous_response_id=first.id)
+            write_provider(
+                sops_project, "a", provider="openai", base_url=a.base_url, api_key="sk-a", enabled=False
+            )
+            write_routing(sops_project, chat="b")
+            await board.wait_for_generation(2)
+            with pytest.raises(openai.APIStatusError) as disabled:
+                await sdk.responses.create(model="fake-model", input="x", previous_response_id=first.id)
+    for refused, why in ((open_circuit, "circuit is open"), (disabled, "disabled")):
+        assert (
+            refused.value.status_code == 503
+            and "'a'" in refused.value.message
+            and why in refused.value.message
+        )
+    assert not b.requests
+
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        write_provider(
+            sops_project,
+            "a",
+            provider="openai",
+            base_url=a.base_url,
+            api_key="sk-a",
+            pricing=pricing,
+            budget=budget,
+        )
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            first = await sdk.responses.create(model="fake-model", input="hi", max_output_tokens=5)
+            with pytest.raises(openai.APIStatusError) as spent:  # its bound no longer fits the budget
+                await sdk.responses.create(
+                    model="fake-model", input="x", max_output_tokens=5, previous_response_id=first.id
+                )
+    assert spent.value.status_code == 503 and "a, which gave previous_response_id" in spent.value.message
+    assert not b.requests

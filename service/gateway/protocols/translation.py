@@ -108,32 +108,38 @@ class ToResponses:
 
 
 class NativeResponses:
-    """A native Responses answer whose response id is replaced by the wrapped one (`wrap`)."""
+    """A native Responses answer whose response id is replaced by the wrapped one (`wrap`), and
+    whose `previous_response_id` is the one the client sent (`previous`: the upstream's id and
+    the client's), never the upstream's, which the client could not continue."""
 
-    __slots__ = ("_wrap",)
+    __slots__ = ("_previous", "_wrap")
 
-    def __init__(self, wrap: Callable[[str], str | None]) -> None:
+    def __init__(self, wrap: Callable[[str], str | None], previous: tuple[str, str] | None = None) -> None:
         self._wrap = wrap
+        self._previous = previous
 
     def answer(self, status: int, body: bytes) -> bytes:
         if status >= 300:
             return body
-        return _IdRewriter(self._wrap).rewrite(body, whole=True)
+        return _IdRewriter(self._wrap, self._previous).rewrite(body, whole=True)
 
     def stream(self) -> StreamTranslator:
-        return _IdRewriter(self._wrap)
+        return _IdRewriter(self._wrap, self._previous)
 
 
 class _IdRewriter:
-    """Rewrites a Responses answer's id in whole events, as they come."""
+    """Rewrites a Responses answer's ids in whole events, as they come."""
 
-    __slots__ = ("_new", "_old", "_pending", "_wrap")
+    __slots__ = ("_new", "_old", "_pending", "_previous", "_wrap")
 
-    def __init__(self, wrap: Callable[[str], str | None]) -> None:
+    def __init__(self, wrap: Callable[[str], str | None], previous: tuple[str, str] | None = None) -> None:
         self._wrap = wrap
         self._old: bytes | None = None
         self._new = b""
         self._pending = b""
+        self._previous = (
+            (f'"{previous[0]}"'.encode(), f'"{previous[1]}"'.encode()) if previous is not None else None
+        )
 
     def rewrite(self, data: bytes, *, whole: bool = False) -> bytes:
         if self._old is None:
@@ -142,7 +148,9 @@ class _IdRewriter:
                 wrapped = self._wrap(found)
                 if wrapped is not None:
                     self._old, self._new = f'"{found}"'.encode(), f'"{wrapped}"'.encode()
-        return data.replace(self._old, self._new) if self._old is not None else data
+        if self._old is not None:
+            data = data.replace(self._old, self._new)
+        return data.replace(*self._previous) if self._previous is not None else data
 
     def feed(self, data: bytes) -> bytes:
         window = self._pending + data if self._pending else data

@@ -196,6 +196,8 @@ async def _forward(
         if guarded is not None:  # refused by the session's rules, or over the size limit
             raise Failure(None, guarded) from None
         status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500:
+            status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
             return _client_error(exc, status, key, headers)
         if not _reached_upstream(exc):
@@ -295,6 +297,16 @@ def _reached_upstream(exc: BaseException) -> bool:
     )
 
 
+def _upstream_client_error(exc: BaseException) -> int | None:
+    """The upstream's own 4xx under litellm's client error: litellm makes some another (an
+    Anthropic 413 its 400), and the client must get the upstream's (docs/reference.md §14)."""
+    for cause in reversed(_causes(exc)):
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if type(cause).__module__.startswith("httpx") and isinstance(status, int):
+            return status if 400 <= status < 500 else None
+    return None
+
+
 def _guarded(exc: BaseException) -> str | None:
     """Why the bridge stopped litellm's request (`transports.bridge`): an upstream the allowed
     upstreams refuse, a redirect, an answer over the size limit; None for anything else."""
@@ -318,7 +330,7 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
         message = message.replace(key, "****")
     error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
     headers["Content-Type"] = "application/json"
-    return web.Response(body=json.dumps(error), status=status, headers=headers)
+    return web.Response(body=json.dumps(error).encode(), status=status, headers=headers)
 
 
 def _pass_back(result: Any, headers: dict[str, str]) -> None:

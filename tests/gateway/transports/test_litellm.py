@@ -105,6 +105,26 @@ async def test_an_anthropic_failure_falls_back_and_a_refusal_does_not(sops_proje
     assert len(backup.requests) == 3
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_anthropic_client_error_keeps_its_status_which_litellm_would_change(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """litellm takes Anthropic's 413 (a request too large) for its 400; the client gets the
+    upstream's own status (docs/reference.md §14), in chat's error shape, and no fallback."""
+    async with upstreams({"protocol": "anthropic", "name": "claude"}, {"name": "backup"}) as (up, backup):
+        _anthropic(sops_project, up)
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "claude", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            for status in (413, 422):
+                up.fail(status, times=1)
+                refused = await board.chat(max_tokens=10, stream=stream)
+                assert refused.status == status, await refused.text()
+                assert refused.headers["x-switchboard-provider"] == "claude"
+                assert (await refused.json())["error"]["type"] == "invalid_request_error"
+    assert not backup.requests
+
+
 def test_the_direct_path_does_not_import_litellm() -> None:
     code = (
         "import sys, service.http.app, service.gateway.relay, service.gateway.transports.litellm\n"
