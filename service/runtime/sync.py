@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +35,10 @@ from service.vcs.commit import Committer
 log = logging.getLogger(__name__)
 
 Result = Literal["applied", "unchanged", "failed"]
+
+_NUMBERS = re.compile(r"\d+")
+"""Masked when failures are compared: git's reason names how long it waited (curl's `Failed to
+connect to host port 443 after 131 ms`), a number that differs on each poll of one failure."""
 
 
 def parse_pull(spec: str) -> tuple[str, str]:
@@ -189,9 +194,10 @@ class Puller:
         if self.committer.stopping.is_set():  # a fetch killed because the service stops: no failure
             return "failed"
         self.status = SyncStatus("failed", reason, remote)
-        if self._reported == (reason, remote):
+        failure = (_NUMBERS.sub("#", reason), remote)
+        if self._reported == failure:
             return "failed"
-        self._reported = (reason, remote)
+        self._reported = failure
         log.warning("sync: %s", reason)
         served = self.registry.state.last_applied_commit
         event = SyncFailed(subject=self.spec, reason=reason, remote_commit=remote, commit=served)

@@ -448,6 +448,37 @@ async def test_a_detached_head_is_never_moved_by_the_pull(
         assert len(failures(service)) == 2  # the remote moved once: one failure each, not one per pull
 
 
+async def test_a_failure_whose_message_names_how_long_it_took_is_one_failure_not_one_per_poll(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote that cannot be reached says so with the time it waited (curl's `Failed to connect
+    to host port 443 after 131 ms`), another time on each poll: still the same failure. (The
+    transport is stood in for by GIT_SSH_COMMAND, which says what git says over https.)"""
+    bare, _ = remote
+    mine = clone(bare, tmp_path / "replica")
+    git(mine.root, "remote", "set-url", "origin", "ssh://git.example.invalid/config.git")
+    ssh = tmp_path / "ssh"
+    ssh.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/tries 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {tmp_path}/tries\n"
+        "echo \"fatal: unable to access 'https://git.example.invalid/config.git/': Failed to connect to "
+        'git.example.invalid port 443 after $((n * 1000 + 7)) ms: Timeout was reached" >&2\n'
+        "exit 255\n"
+    )
+    ssh.chmod(0o755)
+    monkeypatch.setenv("GIT_SSH_COMMAND", str(ssh))
+    async with replica(sops_project, mine) as service:
+        pull = puller(service)
+        await eventually(lambda: pull.status.status == "failed")
+        for _ in range(3):
+            assert await pull.pull() == "failed"
+        assert int((tmp_path / "tries").read_text()) >= 4  # each poll asked, and was told another time
+        await eventually(lambda: failures(service) or False)
+        assert len(failures(service)) == 1 and "after 1007 ms" in failures(service)[0].reason
+        _, ready = await service.get("/readyz")
+        assert ready["sync"]["status"] == "failed"
+
+
 async def test_a_token_in_the_remote_url_never_reaches_readyz_or_the_log(
     sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
 ) -> None:
