@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPLICA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+"""A replica's name (SWITCHBOARD_REPLICA): what a host name may be, and what the other replicas
+hear in its heartbeats (docs/reference.md §12)."""
 
 _OTLP_VARIABLES = {
     "otlp_protocol": "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -132,6 +137,23 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+
+    @field_validator("replica", mode="before")
+    @classmethod
+    def _replica(cls, value: object) -> object:
+        """An empty variable is an unset one (the host name); a name the other replicas would
+        not list (its heartbeats dropped as malformed) is refused, naming the variable."""
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:
+            return socket.gethostname()
+        if not REPLICA_NAME.match(value):
+            raise ValueError(
+                f"SWITCHBOARD_REPLICA={value!r}: a replica's name is 1 to 253 letters, digits and "
+                "`._:@-`, starting with a letter or digit (as a host name)"
+            )
+        return value
 
     @field_validator("otel_exporter", mode="before")
     @classmethod

@@ -47,6 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import InvalidResponse
 
+from service.settings import REPLICA_NAME
 from service.vcs.gitrepo import redact
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,6 @@ CHECKS_PER_S = 20
 one is heard again in the next heartbeat)."""
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
 _PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_REASON = 300
@@ -142,7 +142,7 @@ def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, 
     reason, at, instance = doc.get("reason"), doc.get("at"), doc.get("instance")
     if not (isinstance(instance, str) and 0 < len(instance) <= 64):
         return None
-    if not (isinstance(doc.get("replica"), str) and _NAME.match(doc["replica"])):
+    if not (isinstance(doc.get("replica"), str) and REPLICA_NAME.match(doc["replica"])):
         return None
     if not (isinstance(provider, str) and _PROVIDER.match(provider)):
         return None
@@ -226,7 +226,7 @@ def parse_beat(data: Any) -> tuple[Beat, str] | None:
         return None
     replica, instance, commit = doc.get("replica"), doc.get("instance"), doc.get("commit")
     generation, ready = doc.get("generation"), doc.get("ready")
-    if not (isinstance(replica, str) and _NAME.match(replica)):
+    if not (isinstance(replica, str) and REPLICA_NAME.match(replica)):
         return None
     if not (isinstance(instance, str) and 0 < len(instance) <= 64):
         return None

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
 from service.cli.main import cli
 from service.config.secret import Secret
@@ -30,6 +31,7 @@ from service.http.context import EVENTS, REGISTRY
 from service.journal.events import Event
 from service.journal.log import read_events
 from service.journal.replay import replay
+from service.runtime.fanout import Beat, parse_beat
 from service.runtime.registry import Outcome, Registry
 from service.settings import Settings
 from tests.conftest import (
@@ -658,3 +660,23 @@ async def test_the_replica_is_named_in_service_started_readyz_and_metrics(sops_p
 
 def test_the_replica_defaults_to_the_host_name() -> None:
     assert Settings().replica == socket.gethostname()
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_replica_variable_is_the_host_name(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SWITCHBOARD_REPLICA", value)
+    assert Settings().replica == socket.gethostname()
+
+
+@pytest.mark.parametrize("name", ["eu west 1", "a\nb", "-x", "x" * 254, "réplica", "a/b"])
+def test_a_replica_name_the_other_replicas_could_not_list_is_refused_at_start(name: str) -> None:
+    """Its heartbeats were dropped by every other replica (`GET …/replicas` never listed it),
+    and a control character in it made every answer's `X-Switchboard-Replica` header fail."""
+    with pytest.raises(ValidationError, match="SWITCHBOARD_REPLICA"):
+        Settings(replica=name)
+
+
+@pytest.mark.parametrize("name", ["eu-west-2", "pod-7.switchboard.svc", "a:b@c_d", "x" * 253])
+def test_every_replica_name_allowed_is_heard_by_the_others(name: str) -> None:
+    beat = {"replica": Settings(replica=name).replica, "instance": "i", "commit": None, "generation": 1}
+    assert parse_beat(json.dumps(beat | {"ready": True})) == (Beat(name, None, 1, True), "i")
