@@ -305,3 +305,25 @@ async def test_an_event_stream_that_ends_at_once_is_reopened_with_backoff() -> N
             await asyncio.wait_for(anext(stream), 2)
         await stream.aclose()
     assert opened < 12, f"{opened} streams opened in 2 s"
+
+
+async def test_an_events_data_is_the_whole_logged_event(sops_project: SopsProject) -> None:
+    """`events()` without `after` gives events from then on; each `.data` is the event's whole
+    JSON object (docs/reference.md §11), `.seq`, `.type` and `.subject` read from it."""
+    project_with_route(sops_project)
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        stream = sb.events()
+        first = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)  # the stream is open, from now on
+        assert not first.done()
+        write_server(sops_project, "b", base_url="http://127.0.0.1:7778/v1")
+        event = await asyncio.wait_for(first, 10)
+        await stream.aclose()
+    logged = {e.seq: e for e in read_events(service.events_file)}
+    assert (event.type, event.subject) == ("provider.updated", "b")
+    assert event.data == logged[event.seq].model_dump(mode="json")
+    assert (event.data["seq"], event.data["type"], event.data["subject"]) == (
+        event.seq,
+        event.type,
+        event.subject,
+    )

@@ -99,6 +99,24 @@ async def test_an_answer_that_shows_the_time_keeps_its_tag_until_it_changes(
     assert changed.status == 200
 
 
+@pytest.mark.parametrize("path", ["/audit", "/whoami", "/api-keys"])
+async def test_the_other_gets_have_an_etag_too(running_service: Service, path: str) -> None:
+    """ "Every `GET` under `/api/v1/llm-config/` carries an `ETag`" (docs/reference.md §9)."""
+    first = await get(running_service, API + path)
+    assert first.status == 200 and first.headers[push.REPLICA_HEADER]
+    again = await get(running_service, API + path, {"If-None-Match": first.headers["ETag"]})
+    assert again.status == 304 and again.body == b""
+
+
+async def test_the_secrets_answer_has_no_etag_and_moves_no_index(running_service: Service) -> None:
+    """The `secrets:read` endpoint carries no `ETag`, and its `secret.read` event is no change."""
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    secrets = await get(running_service, API + "/active/chat/litellm?model=m")
+    assert secrets.status == 200 and "ETag" not in secrets.headers
+    assert any(e.type == "secret.read" for e in running_service.events())
+    assert (await get(running_service, API + "/active")).headers[push.INDEX_HEADER] == index
+
+
 async def test_one_providers_tag_is_weak_its_blob_its_commit_and_a_hash(running_service: Service) -> None:
     from service.vcs.gitrepo import blob_sha
 
@@ -139,6 +157,25 @@ async def test_a_held_query_answers_when_its_wait_runs_out(running_service: Serv
     answer = await get(running_service, f"{API}/active?index={index}&wait=300ms")
     assert answer.status == 200 and 0.25 < time.monotonic() - started < 3
     assert answer.headers[push.INDEX_HEADER] == index
+
+
+@pytest.mark.parametrize(("wait", "seconds"), [("500ms", 0.5), ("0.4", 0.4), ("1s", 1.0)])
+async def test_wait_is_in_ms_s_or_plain_seconds(running_service: Service, wait: str, seconds: float) -> None:
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    started = time.monotonic()
+    answer = await get(running_service, f"{API}/active?index={index}&wait={wait}")
+    assert answer.status == 200 and seconds - 0.05 < time.monotonic() - started < seconds + 2
+
+
+@pytest.mark.parametrize("wait", ["5m", "10m"])
+async def test_a_wait_in_minutes_holds_and_is_at_most_five(running_service: Service, wait: str) -> None:
+    """`5m` is a wait, and one longer than 300 s is held for 300 s, not refused."""
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    held = asyncio.create_task(get(running_service, f"{API}/active?index={index}&wait={wait}"))
+    await asyncio.sleep(1)
+    assert not held.done()
+    await moved(running_service, 7004)
+    assert (await asyncio.wait_for(held, 10)).status == 200
 
 
 async def test_an_index_ahead_of_the_service_answers_at_once(running_service: Service) -> None:

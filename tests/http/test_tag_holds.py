@@ -194,3 +194,23 @@ async def test_many_made_up_commits_keep_git_to_its_rate(committed: Service) -> 
         *(get(committed, f"{API}/active/chat?wait=300ms", {"If-None-Match": t}) for t in tags)
     )
     assert {a.status for a in answers} == {304}
+
+
+async def test_shutdown_answers_queries_held_on_a_tag_at_once(committed: Service) -> None:
+    """Shutdown answers each held query at once: with 200 and the current content, or 304 for a
+    tag whose commit this replica has not applied (docs/reference.md §9)."""
+    tag = (await get(committed, API + "/active/chat")).headers["ETag"]
+    future = retagged(tag, commit="f" * 40, digest="0" * 24)
+    other = retagged(tag, digest="2" * 24)  # health this replica never gave
+    held = [
+        asyncio.create_task(get(committed, f"{API}/active/chat?wait=300s", {"If-None-Match": t}))
+        for t in (future, other)
+    ]
+    await asyncio.sleep(0.5)
+    assert not any(h.done() for h in held)
+    started = time.monotonic()
+    await committed.stop()
+    ahead, unseen = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert time.monotonic() - started < 5
+    assert ahead.status == 304 and ahead.headers["ETag"] == future and ahead.body == b""
+    assert unseen.status == 200 and unseen.headers["ETag"] == tag and unseen.json()["purpose"] == "chat"
