@@ -583,6 +583,28 @@ async def test_a_write_is_pushed_and_rebased_over_a_colleagues_push(
     ]
 
 
+async def test_branch_mode_pushes_a_branch_new_on_the_remote_too(
+    repo: SopsProject, remote: Path, tmp_path: Path
+) -> None:
+    """docs/reference.md §8: in `branch` mode "the commit goes to a new branch", pushed with
+    `SWITCHBOARD_GIT_PUSH`. The number followed this repository's branches only: a name another
+    replica (or a colleague) had pushed refused the push, and every such write was a 409."""
+    clone = other_clone(remote, tmp_path)
+    git(clone, "checkout", "-q", "-b", "switchboard/update-gpu-1")
+    git(clone, "commit", "-q", "--allow-empty", "-m", "another replica's review branch")
+    git(clone, "push", "-q", "origin", "switchboard/update-gpu-1")
+    theirs = git(remote, "rev-parse", "switchboard/update-gpu-1")
+    async with serve(repo, write_mode="branch", git_push="origin") as service:
+        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "reviewed"})
+    assert status == 202, body
+    assert body["branch"] == "switchboard/update-gpu-2"
+    assert git(remote, "rev-parse", "switchboard/update-gpu-2") == body["commit"]
+    assert git(remote, "rev-parse", "switchboard/update-gpu-1") == theirs  # theirs, untouched
+    assert git(repo.root, "for-each-ref", "--format=%(refname:short)", "refs/heads/switchboard") == (
+        "switchboard/update-gpu-2"
+    )
+
+
 async def test_a_push_refused_every_time_leaves_local_and_remote_as_they_were(
     repo: SopsProject, remote: Path
 ) -> None:
