@@ -395,6 +395,19 @@ async def test_writes_need_config_write_and_name_the_client(repo: SopsProject) -
     assert log.rstrip().endswith("Switchboard-Client: deployer")
 
 
+async def test_the_committer_is_the_one_configured(
+    repo: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/reference.md §8: "committer from `SWITCHBOARD_GIT_COMMITTER`"; the author stays the client."""
+    monkeypatch.setenv("SWITCHBOARD_GIT_COMMITTER", "Config Bot <config-bot@example.org>")
+    async with serve(repo) as service:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+        assert status == 200, answer
+    assert git(repo.root, "log", "-1", "--format=%cn <%ce>|%an <%ae>") == (
+        "Config Bot <config-bot@example.org>|anonymous <anonymous@clients.switchboard.invalid>"
+    )
+
+
 # -- nothing half-done -------------------------------------------------------------------------------
 
 
