@@ -351,6 +351,24 @@ async def test_a_route_is_set_and_the_old_form_still_works(repo: SopsProject, se
     assert (await call(service, "POST", "/active", {"purpose": "chat"}))[0] == 422
 
 
+async def test_a_route_write_leaves_the_other_purposes_as_people_wrote_them(repo: SopsProject) -> None:
+    """docs/reference.md §8: "A route write changes only what it names". A change anywhere under
+    `purposes` wrote the whole mapping again: every other purpose lost its comments and style."""
+    write_server(repo, "tei", purposes="embeddings")
+    embeddings = "  embeddings:\n    # ask #infra before moving this\n    primary: [tei]  # the tei box\n"
+    (repo.providers / "routing.yaml").write_text(
+        "kind: routing\npurposes:\n  chat:\n    primary: [gpu]  # for now\n" + embeddings
+    )
+    commit_all(repo.root, "two purposes, commented")
+    async with serve(repo) as service:
+        status, body, _ = await call(
+            service, "PUT", "/active/chat", {"primary": ["gpu"], "weights": {"gpu": 2}}
+        )
+        assert status == 200, body
+    text = (repo.providers / "routing.yaml").read_text()
+    assert text.endswith(embeddings) and "primary: [gpu]  # for now\n" in text, text
+
+
 async def test_a_routes_etag_is_what_if_match_takes_to_change_it(repo: SopsProject, service: Service) -> None:
     """`GET …/active/{purpose}`'s tag starts with the routing file's blob: a read-modify-write
     (the console's route form) is refused when the routing changed in between."""
