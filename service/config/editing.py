@@ -152,14 +152,22 @@ def render_edit(original: bytes, document: Mapping[str, Any]) -> bytes:
     if not isinstance(tree, CommentedMap):
         return render_new(document)
     tree.pop("sops", None)
+    _merge(tree, document)
+    return _dump(tree)
+
+
+def _merge(tree: CommentedMap, document: Mapping[str, Any]) -> None:
+    """`tree` changed in place to hold exactly `document`, a mapping in it edited key by key, so
+    that what did not change (another purpose of a route) keeps its comments and style."""
     for key in [k for k in tree if k not in document]:
         del tree[key]
     for key, value in document.items():
         if key not in tree:
             tree.insert(_insert_at(tree, key), key, _given(value))
+        elif isinstance(tree[key], CommentedMap) and isinstance(value, Mapping):
+            _merge(tree[key], value)
         elif _plain(tree[key]) != value:
             tree[key] = _given(value)
-    return _dump(tree)
 
 
 def _dump(tree: Any) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -105,16 +106,21 @@ async def push_target(
         raise Conflict(f"cannot tell which branch of the remote to push to: {exc}") from None
 
 
-def new_branch(repo: GitRepo, verb: str, subject: str, commit: str) -> str:
-    """A new branch `switchboard/<verb>-<subject>-<n>` at `commit` (never an existing one).
+def branch_stem(verb: str, subject: str) -> str:
+    """`switchboard/<verb>-<subject>`, the branch names of a write in `branch` mode without their
+    number. An id may hold `..`, which a ref name may not: it is written `.`."""
+    return f"switchboard/{verb}-{re.sub(r'[.]{2,}', '.', subject)}"
+
+
+def new_branch(repo: GitRepo, stem: str, commit: str, taken: Iterable[str] = ()) -> str:
+    """A new branch `<stem>-<n>` at `commit` (never an existing one, nor one of `taken`: the
+    names the remote a write is pushed to holds).
 
     `n` follows the highest taken, found in one listing (trying numbers one git call each
-    made the thousandth write of an id cost a thousand calls). An id may hold `..`, which
-    a ref name may not: it is written `.`.
+    made the thousandth write of an id cost a thousand calls).
     """
-    stem = f"switchboard/{verb}-{re.sub(r'[.]{2,}', '.', subject)}"
     listed = repo.run("for-each-ref", "--format=%(refname:strip=2)", f"refs/heads/{stem}-*")
-    tails = (line.removeprefix(f"{stem}-") for line in listed.decode().splitlines())
+    tails = (line.removeprefix(f"{stem}-") for line in [*listed.decode().splitlines(), *taken])
     highest = max((int(t) for t in tails if t.isdigit()), default=0)
     for n in range(highest + 1, highest + 1 + _BRANCH_ATTEMPTS):
         try:

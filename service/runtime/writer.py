@@ -40,10 +40,10 @@ from service.config.upstreams import Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
-from service.runtime.delivery import Mode, branch_name, fed_from, new_branch, resolve_mode
+from service.runtime.delivery import Mode, branch_name, branch_stem, fed_from, new_branch, resolve_mode
 from service.runtime.drafts import Draft, Drafter, ProviderKind, RouteChange, Verb
 from service.runtime.landing import Lander
-from service.runtime.publish import Making, Publisher, not_served
+from service.runtime.publish import PUSH_ATTEMPTS, Making, Publisher, not_served
 from service.runtime.registry import Registry
 from service.runtime.watcher import Reloader
 from service.settings import Settings
@@ -284,15 +284,28 @@ class Writer:
         """`branch` mode: `commit` on a new branch, pushed where push is on; applied nowhere."""
         repo = making.committer.repo
         draft = making.draft
-        branch = await asyncio.to_thread(new_branch, repo, draft.verb, draft.subject, commit)
-        if self.settings.git_push:  # a new branch on the remote too: never one that is there
+        stem = branch_stem(draft.verb, draft.subject)
+        if not self.settings.git_push:
+            branch = await asyncio.to_thread(new_branch, repo, stem, commit)
+            return self._written(draft, path, data, commit, branch=branch)
+        rejected: str | None = None
+        for _ in range(PUSH_ATTEMPTS):  # a new branch on the remote too: never one that is there
+            try:
+                taken = await asyncio.to_thread(
+                    making.committer.remote_branches, self.settings.git_push, f"{stem}-*"
+                )
+            except GitError as exc:
+                raise Conflict(
+                    f"cannot list the branches of the remote; nothing was written: {exc}"
+                ) from None
+            branch = await asyncio.to_thread(new_branch, repo, stem, commit, taken)
             rejected = await asyncio.to_thread(
                 making.committer.push, self.settings.git_push, commit, branch, at=None
             )
-            if rejected is not None:
-                await asyncio.to_thread(repo.run, "update-ref", "-d", f"refs/heads/{branch}", commit)
-                raise Conflict(f"the push of {branch} failed; nothing was written: {rejected}")
-        return self._written(draft, path, data, commit, branch=branch)
+            if rejected is None:
+                return self._written(draft, path, data, commit, branch=branch)
+            await asyncio.to_thread(repo.run, "update-ref", "-d", f"refs/heads/{branch}", commit)
+        raise Conflict(f"the push of {branch} failed; nothing was written: {rejected}")
 
     async def _unchanged(self, draft: Draft, path: str, data: bytes | None, commit: str | None) -> Written:
         """A write asking for what `commit` (applied here) already says: no commit. Still a 409

@@ -333,6 +333,20 @@ class Committer:
             raise GitError(f"git fetch {remote} {branch} gave no commit")
         return commit
 
+    def remote_branches(self, remote: str, pattern: str) -> list[str]:
+        """The branches of `remote` whose names match `pattern` (`switchboard/update-gpu-*`)."""
+        out = self.repo.run(
+            "ls-remote",
+            "--heads",
+            "--upload-pack=git-upload-pack",
+            remote,
+            f"refs/heads/{pattern}",
+            timeout_s=REMOTE_TIMEOUT_S,
+            abort=self.stopping,
+        )
+        lines = out.decode("utf-8", "replace").splitlines()
+        return [line.partition("\t")[2].removeprefix("refs/heads/") for line in lines]
+
     def remote_branch(self, remote: str, commit: str | None) -> str:
         """The branch of `remote` a detached checkout (git-sync's) follows: the one whose tip is
         `commit`, the remote's default branch among several or when none is; GitError when

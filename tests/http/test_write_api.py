@@ -351,6 +351,24 @@ async def test_a_route_is_set_and_the_old_form_still_works(repo: SopsProject, se
     assert (await call(service, "POST", "/active", {"purpose": "chat"}))[0] == 422
 
 
+async def test_a_route_write_leaves_the_other_purposes_as_people_wrote_them(repo: SopsProject) -> None:
+    """docs/reference.md §8: "A route write changes only what it names". A change anywhere under
+    `purposes` wrote the whole mapping again: every other purpose lost its comments and style."""
+    write_server(repo, "tei", purposes="embeddings")
+    embeddings = "  embeddings:\n    # ask #infra before moving this\n    primary: [tei]  # the tei box\n"
+    (repo.providers / "routing.yaml").write_text(
+        "kind: routing\npurposes:\n  chat:\n    primary: [gpu]  # for now\n" + embeddings
+    )
+    commit_all(repo.root, "two purposes, commented")
+    async with serve(repo) as service:
+        status, body, _ = await call(
+            service, "PUT", "/active/chat", {"primary": ["gpu"], "weights": {"gpu": 2}}
+        )
+        assert status == 200, body
+    text = (repo.providers / "routing.yaml").read_text()
+    assert text.endswith(embeddings) and "primary: [gpu]  # for now\n" in text, text
+
+
 async def test_a_routes_etag_is_what_if_match_takes_to_change_it(repo: SopsProject, service: Service) -> None:
     """`GET …/active/{purpose}`'s tag starts with the routing file's blob: a read-modify-write
     (the console's route form) is refused when the routing changed in between."""
@@ -393,6 +411,19 @@ async def test_writes_need_config_write_and_name_the_client(repo: SopsProject) -
     log = git(repo.root, "log", "-1", "--format=%an <%ae>%n%B")
     assert log.startswith("deployer <deployer@clients.switchboard.invalid>\n")
     assert log.rstrip().endswith("Switchboard-Client: deployer")
+
+
+async def test_the_committer_is_the_one_configured(
+    repo: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/reference.md §8: "committer from `SWITCHBOARD_GIT_COMMITTER`"; the author stays the client."""
+    monkeypatch.setenv("SWITCHBOARD_GIT_COMMITTER", "Config Bot <config-bot@example.org>")
+    async with serve(repo) as service:
+        status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "x"})
+        assert status == 200, answer
+    assert git(repo.root, "log", "-1", "--format=%cn <%ce>|%an <%ae>") == (
+        "Config Bot <config-bot@example.org>|anonymous <anonymous@clients.switchboard.invalid>"
+    )
 
 
 # -- nothing half-done -------------------------------------------------------------------------------
@@ -581,6 +612,28 @@ async def test_a_write_is_pushed_and_rebased_over_a_colleagues_push(
         "update ai_server gpu",
         "colleague adds theirs",
     ]
+
+
+async def test_branch_mode_pushes_a_branch_new_on_the_remote_too(
+    repo: SopsProject, remote: Path, tmp_path: Path
+) -> None:
+    """docs/reference.md §8: in `branch` mode "the commit goes to a new branch", pushed with
+    `SWITCHBOARD_GIT_PUSH`. The number followed this repository's branches only: a name another
+    replica (or a colleague) had pushed refused the push, and every such write was a 409."""
+    clone = other_clone(remote, tmp_path)
+    git(clone, "checkout", "-q", "-b", "switchboard/update-gpu-1")
+    git(clone, "commit", "-q", "--allow-empty", "-m", "another replica's review branch")
+    git(clone, "push", "-q", "origin", "switchboard/update-gpu-1")
+    theirs = git(remote, "rev-parse", "switchboard/update-gpu-1")
+    async with serve(repo, write_mode="branch", git_push="origin") as service:
+        status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "reviewed"})
+    assert status == 202, body
+    assert body["branch"] == "switchboard/update-gpu-2"
+    assert git(remote, "rev-parse", "switchboard/update-gpu-2") == body["commit"]
+    assert git(remote, "rev-parse", "switchboard/update-gpu-1") == theirs  # theirs, untouched
+    assert git(repo.root, "for-each-ref", "--format=%(refname:short)", "refs/heads/switchboard") == (
+        "switchboard/update-gpu-2"
+    )
 
 
 async def test_a_push_refused_every_time_leaves_local_and_remote_as_they_were(
