@@ -16,13 +16,15 @@ SOPS_VALUE = re.compile(
 """A value encrypted by sops, as it appears in a file."""
 
 _MIN_SHOWN_LENGTH = 12
+MASK = "****"
+"""What a masked value begins with (no key does)."""
 
 
 def mask(value: str) -> str:
     """`****` and the last four characters, or `****` alone for a value under 12 characters."""
     if len(value) < _MIN_SHOWN_LENGTH:
-        return "****"
-    return "****" + value[-4:]
+        return MASK
+    return MASK + value[-4:]
 
 
 def unsendable(value: str) -> bool:

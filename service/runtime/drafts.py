@@ -22,6 +22,7 @@ from typing import Any, Literal
 from service.config import editing
 from service.config.loader import Loaded, is_config_file, parse
 from service.config.models import SECRET_FIELDS, Routing
+from service.config.secret import MASK, mask
 from service.config.sops_rules import check_sops_config, recipients
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.rotation import file_recipients
@@ -54,6 +55,29 @@ Rules = Callable[[], bytes]
 RouteChange = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
 """A route, or a function of the route the routing file has for its purpose (None: none)."""
 ProviderKind = Literal["api_key", "ai_server"]
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """An `api_key` sent as the API shows keys (`****` and the last four characters): a client
+    that PUTs back the document a GET gave it. It stands for the current key when it is that
+    key's mask, which keeps the key as leaving `api_key` out does (and, like that, is not a key
+    sent: it moves no key elsewhere); any other mask is refused, never stored as a key."""
+
+    text: str
+
+
+def _masked(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(MASK)
+
+
+def _mask_refused(path: str) -> Unprocessable:
+    return Unprocessable(
+        "`api_key` is a masked key (as the API shows keys), not a key: leave `api_key` out to keep "
+        "the current one, or send the new key",
+        problems=[problem(path, "api_key", "a masked key, not a key")],
+    )
+
 
 DESTINATION_FIELDS = ("base_url", "provider", "server_type")
 """The fields that decide where and how a provider's key is sent: `provider` names the
@@ -106,6 +130,8 @@ class Drafter:
     def create(self, kind: ProviderKind, body: Mapping[str, Any]) -> Draft:
         """A new provider file from `body` (its fields; `api_key` in plaintext)."""
         document = provider_body(kind, body)
+        if _masked(document.get("api_key")):
+            raise _mask_refused("")
         provider_id = str(document["id"])
 
         def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
@@ -131,6 +157,8 @@ class Drafter:
         `key_readable`: the client may read decrypted keys (`secrets:read`); see `_update`.
         """
         document = provider_body(kind, body, provider_id=provider_id)
+        if _masked(document.get("api_key")):  # sent back as a GET showed it
+            document["api_key"] = _Shown(document["api_key"])
         sends_key = isinstance(document.get("api_key"), str)
         if "api_key" not in document:
             document["api_key"] = KEEP
@@ -151,6 +179,8 @@ class Drafter:
                 raise Unprocessable(
                     f"`{name}` cannot be changed", problems=[problem("", name, "cannot be changed")]
                 )
+        if isinstance(patch, Mapping) and _masked(patch.get("api_key")):  # as a GET showed it
+            patch = {**patch, "api_key": _Shown(patch["api_key"])}
         return self._update(
             kind,
             provider_id,
@@ -243,6 +273,12 @@ class Drafter:
                     document["api_key"] = current["api_key"]
                 else:
                     del document["api_key"]
+            shown = document.get("api_key")
+            if isinstance(shown, _Shown):  # the current key, as the API masks it: kept
+                key = current.get("api_key")
+                if not isinstance(key, str) or mask(key) != shown.text:
+                    raise _mask_refused(self.display(path))
+                document["api_key"] = key
             document.setdefault("kind", kind)
             document.setdefault("id", provider_id)
             if document == current and not sends_key:

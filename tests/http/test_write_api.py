@@ -267,6 +267,44 @@ async def test_put_without_a_key_keeps_the_key_and_patch_merges(repo: SopsProjec
     assert subjects == ["update api_key vendor", "update api_key vendor", "create api_key vendor"]
 
 
+async def test_a_document_put_back_as_a_get_showed_it_keeps_its_key(
+    repo: SopsProject, service: Service
+) -> None:
+    """A client that GETs a provider and PUTs (or PATCHes) the document back as it came gets the
+    key kept, as when `api_key` is left out: the mask the API shows (`****` and the last four)
+    was stored as the key, and the real key was gone. A mask that is not the current key's is
+    refused (422), never stored."""
+    assert (await call(service, "POST", "/api-keys", vendor()))[0] == 201
+    status, shown, _ = await call(service, "GET", "/api-keys/vendor")
+    assert status == 200 and shown["api_key"] == "****" + CANARY[-4:]
+    document = {k: v for k, v in shown.items() if k in vendor() or k in ("kind", "name", "models")}
+    for sent in (document, {**document, "models": ["m1"]}):
+        status, body, _ = await call(service, "PUT", "/api-keys/vendor", sent)
+        assert status == 200, body
+        assert body["api_key"] == shown["api_key"]
+        assert service.registry.snapshot.providers["vendor"].api_key == Secret(CANARY)
+    status, body, _ = await call(
+        service,
+        "PATCH",
+        "/api-keys/vendor",
+        {"api_key": shown["api_key"], "name": "V"},
+        content_type="application/merge-patch+json",
+    )
+    assert status == 200, body
+    assert service.registry.snapshot.providers["vendor"].api_key == Secret(CANARY)
+    changed = head(repo.root)
+    for method, path, sent in [
+        ("PUT", "/api-keys/vendor", {**document, "api_key": "****abcd"}),
+        ("PATCH", "/api-keys/vendor", {"api_key": "****"}),
+        ("POST", "/api-keys", {**vendor(), "id": "other", "api_key": shown["api_key"]}),
+    ]:
+        status, body, _ = await call(service, method, path, sent)
+        assert status == 422, (method, body)
+        assert body["error"]["problems"][0]["path"] == "api_key" and "masked" in body["error"]["message"]
+    assert head(repo.root) == changed
+    assert service.registry.snapshot.providers["vendor"].api_key == Secret(CANARY)
+
+
 async def test_an_edit_keeps_the_comments_people_wrote(repo: SopsProject, service: Service) -> None:
     path = repo.providers / "gpu.yaml"
     path.write_text("# Our GPU box: ask #infra before touching it\n" + path.read_text() + "# end\n")
@@ -755,8 +793,9 @@ async def hostile(repo: SopsProject) -> AsyncIterator[Service]:
         ("PATCH", {"base_url": "https://attacker.example/v1"}),
         ("PATCH", {"provider": "groq"}),
         ("PUT", {"provider": "openai", "base_url": "https://attacker.example/v1", "purposes": ["chat"]}),
+        ("PATCH", {"base_url": "https://attacker.example/v1", "api_key": "****" + CANARY[-4:]}),
     ],
-    ids=["patch-base-url", "patch-vendor", "put-without-the-key"],
+    ids=["patch-base-url", "patch-vendor", "put-without-the-key", "patch-with-the-keys-mask"],
 )
 async def test_a_client_that_cannot_read_a_key_cannot_send_it_to_another_host(
     repo: SopsProject, hostile: Service, method: str, body: dict[str, Any]
