@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPLICA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}$")
+REPLICA_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}\Z")
 """A replica's name (SWITCHBOARD_REPLICA): what a host name may be, and what the other replicas
 hear in its heartbeats (docs/reference.md §12)."""
 

@@ -680,3 +680,10 @@ def test_a_replica_name_the_other_replicas_could_not_list_is_refused_at_start(na
 def test_every_replica_name_allowed_is_heard_by_the_others(name: str) -> None:
     beat = {"replica": Settings(replica=name).replica, "instance": "i", "commit": None, "generation": 1}
     assert parse_beat(json.dumps(beat | {"ready": True})) == (Beat(name, None, 1, True), "i")
+
+
+def test_a_heartbeat_whose_name_ends_in_a_line_break_is_not_heard() -> None:
+    """A name is matched whole: `$` would let a final line break through (`re` matches it before
+    one), and a replica named so could not be one of the names `SWITCHBOARD_REPLICA` allows."""
+    beat = {"replica": "eu-west-1\n", "instance": "i", "commit": None, "generation": 1, "ready": True}
+    assert parse_beat(json.dumps(beat)) is None
