@@ -105,10 +105,8 @@ def add_endpoint(app: web.Application, path: str, endpoint: Endpoint) -> None:
 
 def _relaying(call_of: CallOf) -> Handler:
     async def relay(request: web.Request) -> web.StreamResponse:
-        body = arrived(request)
-        if body is None:
-            body = await request.read()
-        return await request.app[RELAY].relay(call_of(request, body), request.app[REGISTRY].snapshot)
+        call = call_of(request, await read_body(request))
+        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
 
     return relay
 
@@ -188,10 +186,13 @@ def _ambiguous(names: dict[str, Any]) -> bool:
 async def read_call(request: web.Request, purpose: str, path: str, protocol: str = "chat") -> Call:
     """The request as a `Call`: its body read within limits and parsed once, as a JSON object
     whose `model`, if any, is a string; 508 for a request that came back to this gateway."""
+    return call_of(request, await read_body(request), purpose, path, protocol)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body within limits: taken at once when it came whole (`arrived`), else read."""
     body = arrived(request)
-    if body is None:
-        body = await request.read()
-    return call_of(request, body, purpose, path, protocol)
+    return body if body is not None else await request.read()
 
 
 def arrived(request: web.Request) -> bytes | None:
