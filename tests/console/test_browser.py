@@ -576,7 +576,13 @@ async def test_a_narrow_window_lays_the_table_out_as_cards(browser: Browser, wor
         await expect(row).to_be_visible()
         width = await t.page.evaluate("document.documentElement.scrollWidth")
         assert width <= 380, "nothing wider than the window"
-        label = await row.locator("td[data-label=Kind]").evaluate(
-            "td => getComputedStyle(td, '::before').content"
+        # Read in one step inside the page: the table may be drawn again (a pushed change) between
+        # a locator's finding the cell and a later evaluate, and a detached cell has no style.
+        label = await t.page.wait_for_function(
+            """() => {
+                const td = document.querySelector("tr[data-id=gpu] td[data-label=Kind]");
+                const content = td && td.isConnected ? getComputedStyle(td, "::before").content : "";
+                return content && content !== "none" ? content : null;
+            }"""
         )
-        assert label == '"Kind"'
+        assert await label.json_value() == '"Kind"'
