@@ -173,10 +173,21 @@ async def test_the_overview_shows_routes_health_commits_and_refused_files(
         await expect(chat.locator("ol li")).to_contain_text(["evil"])  # the fallback
         await expect(chat.locator(".badge").first).to_have_text(re.compile("healthy|unknown"))
         await expect(t.page.locator(".route[data-purpose=embeddings]")).to_contain_text("gpu")
-        await expect(t.page.locator(".route[data-purpose=reranking]")).to_contain_text("Not routed")
+        # "each purpose with its primaries (weights)": a weight is shown with one primary too
+        await expect(chat.locator(".weight")).to_have_text(re.compile(r"weight 3\b"))
+        # what the page says of a purpose without a route is what the gateway answers for it
+        status, answer = await world.request(
+            "POST", "/v1/rerank", ADMIN, {"model": "m", "query": "q", "documents": ["d"]}
+        )
+        assert (status, answer["error"]["type"]) == (404, "model_not_found"), answer
+        await expect(t.page.locator(".route[data-purpose=reranking]")).to_contain_text(
+            "Not routed: requests for it answer 404 (model_not_found)."
+        )
         cards = t.page.locator(".cards")
         await expect(cards).to_contain_text(f"Generation{ready['generation']}")
         await expect(cards.locator(".sha").first).to_have_text(ready["last_applied_commit"][:7])
+        attempted = cards.locator(".card", has_text="Last attempted commit").locator(".sha")
+        await expect(attempted).to_have_text(ready["last_attempted_commit"][:7])
         await expect(cards).to_contain_text("degraded")
         refused = t.page.locator("table.refused tbody tr")
         await expect(refused).to_have_count(len(ready["refused"]))
