@@ -22,6 +22,7 @@ import yaml
 from playwright.async_api import Browser, Request, expect
 
 from service.http.changes import CHANGES
+from service.journal.events import EVENT_TYPES
 from tests.conftest import (
     AgeIdentity,
     Service,
@@ -273,6 +274,15 @@ async def test_the_event_timeline_shows_each_change_field_by_field_and_filters(
             assert await summary.text_content() == f"{len(logged)} events"
 
         await eventually(every_event_once, timeout=10)
+
+
+async def test_the_event_timeline_filters_by_every_type_of_the_log(browser: Browser, world: World) -> None:
+    """ "filterable by subject and type": the type box offers each type an event of the log can have."""
+    types = {event.model_fields["type"].default for event in EVENT_TYPES}
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/events", READER)
+        offered = await t.page.locator("#event-type option").evaluate_all("els => els.map(e => e.value)")
+    assert sorted(offered) == sorted({"", *types})
 
 
 # -- live ---------------------------------------------------------------------------------------------
