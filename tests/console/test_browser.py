@@ -310,6 +310,42 @@ async def test_a_file_edited_on_disk_appears_without_a_reload(browser: Browser, 
         assert await t.page.evaluate("window.__same_page") is True
 
 
+async def test_a_commit_that_changes_no_file_moves_the_overviews_commits(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """A commit of files already served changes no configuration, so no event tells of it; the
+    overview asks for the service's state again while it is shown, so its commits stay true."""
+    root = sops_project.root
+    git(root, "init", "-q", "-b", "main")
+    (root / ".gitignore").write_text("var/\n")
+    server(sops_project, "gpu", "http://127.0.0.1:9/v1")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "one")
+    async with serve(sops_project, rescan_s=0.1) as service, tab(browser, service.url) as t:
+        await t.page.clock.install()
+        await t.open("#/overview")
+        await t.live()
+        applied = t.page.locator(".cards .card", has_text="Last applied commit").locator(".sha")
+        await expect(applied).to_have_text(_head(root)[:7])
+        (root / "README.md").write_text("the configuration of the team\n")
+        git(root, "add", "-A")
+        git(root, "commit", "-qm", "two")
+        second = _head(root)
+
+        async def moved() -> None:
+            assert (await service.get("/readyz"))[1]["last_applied_commit"] == second
+
+        await eventually(moved)
+        await t.page.clock.fast_forward(11_000)  # past the page's 10 s poll
+        await expect(applied).to_have_text(second[:7])
+        attempted = t.page.locator(".cards .card", has_text="Last attempted commit").locator(".sha")
+        await expect(attempted).to_have_text(second[:7])
+
+
+def _head(root: Path) -> str:
+    return git(root, "rev-parse", "HEAD")
+
+
 async def test_the_stream_resumes_with_last_event_id_after_a_drop(browser: Browser, world: World) -> None:
     streams: list[Request] = []
     async with tab(browser, world.service.url) as t:
