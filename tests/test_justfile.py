@@ -45,8 +45,9 @@ async def test_just_serve_is_switchboard_serve(tmp_path: Path) -> None:
         "kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: http://127.0.0.1:9/v1\n"
     )
     port = _free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    args = ["--providers", str(providers), "--port", str(port), "--events", str(tmp_path / "events.jsonl")]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "SWITCHBOARD_ROOT": str(tmp_path)}  # its var/ there, not here
+    args = ["--providers", str(providers), "--port", str(port)]
     process = await asyncio.create_subprocess_exec(
         _just(),
         "serve",
