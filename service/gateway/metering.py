@@ -364,19 +364,31 @@ class Metered:
         Charged the reservation (`estimated`) once the upstream had the request: a byte of the
         answer was relayed, or the whole request was written to the upstream and it has not
         refused it (no status yet, or a 2xx). A request still on its way (connecting, its body
-        being written) or that the upstream refused could not be billed: it costs 0."""
+        being written) or that the upstream refused could not be billed: it costs 0. One whose
+        upstream's whole answer was read, usage and all (a stream whose client left during its
+        last write), is charged that usage: what the vendor billed."""
         if self.done:
             return
         self.done = True
         call = self.call
         tried = self.provider  # the record names the last provider tried, as a failure's does
         provider = tried if self.sent is not None else None
-        answered = call.upstream_status
-        charged = provider is not None and (
-            call.prepared is not None or (call.delivered and (answered is None or answered < 300))
-        )
-        cost = self.bound(provider) if charged and provider is not None and provider.id in self.rates else 0
-        counted = self._estimated_tokens(provider) if charged and provider is not None else 0
+        rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
+        tokens = normalise(call.usage) if provider is not None else None
+        priced = rate.any
+        cost: Amount
+        if tokens is not None:
+            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
+            charged, counted = False, min(tokens.total, MAX_TOKENS)
+        else:
+            answered = call.upstream_status
+            charged = provider is not None and (
+                call.prepared is not None or (call.delivered and (answered is None or answered < 300))
+            )
+            cost = (
+                self.bound(provider) if charged and provider is not None and provider.id in self.rates else 0
+            )
+            counted = self._estimated_tokens(provider) if charged and provider is not None else 0
         if provider is not None:  # its count of requests in flight ends here too
             limiter = self.meter.limiter
             limiter.providers.finish(provider.id, limiter.now_ms(), counted)
@@ -385,7 +397,6 @@ class Metered:
             try:
                 await self._settle(cost, counted)
             finally:
-                rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
                 status, record_id = CLIENT_LEFT, self.id
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent
@@ -395,9 +406,9 @@ class Metered:
                     status,
                     tried,
                     attempts,
-                    None,
+                    tokens,
                     cost,
-                    rate.any,
+                    priced,
                     charged,
                     timed=prepared is not None,
                 )

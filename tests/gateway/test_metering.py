@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import json
 import random
+import socket
+import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,7 +24,7 @@ from service.gateway.metering import RequestIds, _completion, _micros
 from service.http.context import RELAY
 from service.usage.encoding import micros
 from service.usage.record import Record
-from tests.conftest import SopsProject, eventually
+from tests.conftest import SopsProject, eventually, serve
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, serving, unanswered_url, upstreams
 
@@ -485,6 +487,90 @@ async def test_a_client_that_leaves_midstream_is_charged_its_reservation(sops_pr
     assert record.estimated and record.cost_usd > 0 and record.provider == "a"
     assert record.status == 200 and record.id == sent_id  # what the client was sent, before it left
     assert after.status == 200
+
+
+async def test_a_client_that_leaves_during_the_streams_last_write_is_charged_its_usage(
+    sops_project: SopsProject,
+) -> None:
+    """The upstream's whole stream, its usage included, was read when the client left during its
+    last write (the client reads no more; the gateway's socket is full): the vendor billed that
+    usage, so the record and the budget count it, not the request's reservation."""
+    last = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_event({"choices": [{"index": 0, "delta": {"content": "one"}}]}))
+        await last.wait()
+        rest = _event({"choices": [{"index": 0, "delta": {"content": "x" * 30_000}}]})
+        rest += _event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+        await response.write_eof(rest + b"data: [DONE]\n\n")  # its end in the same write
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with serve(sops_project) as service:
+            records = Records()
+            meter = service.app[RELAY].meter
+            assert meter is not None
+            meter.sink = records
+            loop = asyncio.get_running_loop()
+            with socket.socket() as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.setblocking(False)
+                await loop.sock_connect(client, ("127.0.0.1", int(service.url.rsplit(":", 1)[1])))
+                body = json.dumps(
+                    {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+                )
+                await loop.sock_sendall(
+                    client,
+                    (
+                        "POST /v1/chat/completions HTTP/1.1\r\nHost: switchboard\r\n"
+                        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n{body}"
+                    ).encode(),
+                )
+                received = b""
+                while b"one" not in received:  # the first event: then the client reads no more
+                    received += await loop.sock_recv(client, 65536)
+                server = service.runner.server
+                assert server is not None
+                (handler,) = [
+                    h
+                    for h in server.connections
+                    if h.transport is not None
+                    and h.transport.get_extra_info("peername") == client.getsockname()
+                ]
+                transport = handler.transport
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                transport.set_write_buffer_limits(high=1)  # what the kernel does not take waits
+                last.set()
+                await eventually(lambda: transport.get_write_buffer_size() > 0, timeout=5)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await service.get("/api/v1/llm-config/limits", READER)
+    record = records.kept[0]
+    assert (record.status, record.estimated, record.prompt_tokens, record.completion_tokens) == (
+        200,
+        False,
+        5,
+        2,
+    )
+    assert record.cost_usd == 9  # 5 in at 1 USD, 2 out at 2
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("9", "0", 0)
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps({"id": "c", "model": "fake-model", **chunk}).encode() + b"\n\n"
 
 
 async def test_a_request_every_upstream_failed_costs_nothing(sops_project: SopsProject) -> None:
