@@ -301,8 +301,11 @@ class Metered:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    async def served(self, provider: Provider, response: web.StreamResponse, attempts: int) -> None:
-        """`provider` answered (a stream: its end, or break): settle, set the headers, record."""
+    async def served(
+        self, provider: Provider, response: web.StreamResponse, attempts: int, label: str | None = None
+    ) -> None:
+        """`provider` answered (a stream: its end, or break): settle, set the headers, record.
+        `label`: the model label of the answer's metrics, when made already (for its tokens)."""
         if self.done:
             return
         self.done = True
@@ -336,7 +339,8 @@ class Metered:
                 headers.update(use.remaining(self.limits))
         self._record(record_id, status, provider, attempts, tokens, cost, priced, estimated, written)
         if cost:
-            label = self.meter.label(provider, call)
+            if label is None:
+                label = self.meter.label(provider, call)
             self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_atto(cost))
 
     async def failed(self, error: HTTPError, attempts: int) -> None:

@@ -164,6 +164,34 @@ async def test_a_cost_of_millionths_is_written_in_plain_digits_and_charged_round
     assert 'switchboard_cost_usd_total{client="client",model="fake-model",provider="a"} 2.7e-06' in metrics
 
 
+async def test_the_cost_of_an_answer_is_labelled_by_the_model_its_tokens_are(
+    sops_project: SopsProject,
+) -> None:
+    """A provider that declares no models: the model label is the one the answer names (bounded
+    per provider), the same for the answer's cost as for its tokens."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, model_map={"alias": "real-name"})
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, _):
+            for model in ("alias", "alias", "other-model"):
+                assert (await chat(board, max_tokens=3, model=model)).status == 200
+            metrics = await board.metrics()
+    series = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(("switchboard_cost_usd_total", "switchboard_tokens_total"))
+    ]
+    assert sorted(series) == [
+        'switchboard_cost_usd_total{client="client",model="other-model",provider="a"} 7.0',
+        'switchboard_cost_usd_total{client="client",model="real-name",provider="a"} 14.0',
+        'switchboard_tokens_total{client="client",kind="completion",model="other-model",provider="a"} 3.0',
+        'switchboard_tokens_total{client="client",kind="completion",model="real-name",provider="a"} 6.0',
+        'switchboard_tokens_total{client="client",kind="prompt",model="other-model",provider="a"} 1.0',
+        'switchboard_tokens_total{client="client",kind="prompt",model="real-name",provider="a"} 2.0',
+    ]
+
+
 async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_even_without_rpm_or_tpm(
     sops_project: SopsProject,
 ) -> None:
