@@ -280,7 +280,9 @@ class Metered:
         """The request is on its way to `provider` (what a client that leaves now is charged for)."""
         self.sent = provider.id
         self.sent_at = time.perf_counter()
-        self.call.delivered, self.call.upstream_status = False, None
+        call = self.call
+        call.delivered, call.upstream_status = False, None
+        call.usage = None  # an attempt's own: one that failed after its answer was read leaves none
         self.meter.limiter.providers.admit(provider.id, self.meter.limiter.now_ms())
 
     async def give_back(self, provider: Provider) -> None:

@@ -597,6 +597,43 @@ async def test_a_client_that_leaves_during_the_streams_last_write_is_charged_its
     assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("9", "0", 0)
 
 
+async def test_a_client_that_leaves_during_a_fallback_is_charged_its_reservation_not_an_earlier_usage(
+    sops_project: SopsProject,
+) -> None:
+    """A Messages request, translated to chat: `a` answers 2xx with a usage but nothing a message
+    can be made of (its attempt fails), `b` is slow and the client leaves meanwhile. What `b` is
+    charged is its reservation, not `a`'s usage at `b`'s prices."""
+
+    async def untranslatable(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", untranslatable)
+    async with serving(app) as url, FakeUpstream(name="b", latency_s=1.0) as b:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        priced_provider(sops_project, "b", b)
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            message = {
+                "model": "fake-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await board.post("/v1/messages", message, token=TOKEN)
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            await eventually(lambda: len(b.requests) == 1, timeout=5)
+    record = records.kept[0]
+    assert (record.status, record.provider, record.attempts, record.estimated) == (499, "b", 2, True)
+    assert record.prompt_tokens == record.completion_tokens == 0
+    assert record.cost_usd > 10  # the body's bytes at 1 USD and 5 tokens out at 2: not 3 USD
+
+
 def _event(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps({"id": "c", "model": "fake-model", **chunk}).encode() + b"\n\n"
 
