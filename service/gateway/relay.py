@@ -192,9 +192,9 @@ class Relay:
                     raise
                 if trace is not None:
                     trace.succeeded(response)
-                self._succeeded(call, provider, response, attempts)
+                label = self._succeeded(call, provider, response, attempts)
                 if metered is not None:
-                    await metered.served(provider, response, len(attempts) + 1)
+                    await metered.served(provider, response, len(attempts) + 1, label)
                 return response
             if not attempts:
                 if pinned is not None:
@@ -259,7 +259,9 @@ class Relay:
 
     def _succeeded(
         self, call: Call, provider: Provider, response: web.StreamResponse, attempts: list[Any]
-    ) -> None:
+    ) -> str | None:
+        """Count an answer in the provider's health and the metrics; the model label of its
+        tokens, when it has any (None: not made)."""
         pid = provider.id
         if call.broken is not None:
             self.health.failed(pid, call.broken)
@@ -272,8 +274,11 @@ class Relay:
         timing.observe(call.first_byte_s)
         if attempts:
             self.metrics.fallbacks.labels(call.purpose).inc()
-        if call.usage is not None:
-            self.tokens(provider, self.model_label(provider, call), call.client, call.usage)
+        if call.usage is None:
+            return None
+        label = self.model_label(provider, call)
+        self.tokens(provider, label, call.client, call.usage)
+        return label
 
     # -- metrics -------------------------------------------------------------------------------
 
