@@ -64,7 +64,7 @@ SecretField = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^ENC\[AES256_GCM,",
+            "pattern": SOPS_VALUE.pattern,
             "description": "The secret, encrypted by sops (`switchboard encrypt FILE`); never plaintext.",
         }
     ),
@@ -101,6 +101,25 @@ def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
+_UNIQUE = {"uniqueItems": True}
+"""A list that refuses a value twice says so in its JSON Schema too."""
+
+
+# The JSON Schema says what the loader takes: one id, or a list naming each id once.
+_Ids = Annotated[list[ProviderId], Field(json_schema_extra=_UNIQUE)]
+_SomeIds = Annotated[list[ProviderId], Field(min_length=1, json_schema_extra=_UNIQUE)]
+Primaries = Annotated[
+    list[ProviderId],
+    BeforeValidator(_one_or_many, json_schema_input_type=ProviderId | _SomeIds),
+    Field(min_length=1),
+]
+"""One provider id, or a list of them (`primary: local-tei` is `primary: [local-tei]`)."""
+Fallbacks = Annotated[
+    list[ProviderId], BeforeValidator(_one_or_many, json_schema_input_type=ProviderId | _Ids)
+]
+Weight = Annotated[float, Field(gt=0)]
+
+
 class _Document(BaseModel):
     # No `.inf` or `.nan`: a timeout or a weight must be a number, and the event log is strict JSON.
     model_config = ConfigDict(
@@ -117,7 +136,9 @@ class _Provider(_Document):
     model_map: dict[str, str] = Field(
         default_factory=dict, description="Requested model alias -> model name sent upstream."
     )
-    purposes: list[Purpose] = Field(default_factory=lambda: list[Purpose](["chat"]), min_length=1)
+    purposes: list[Purpose] = Field(
+        default_factory=lambda: list[Purpose](["chat"]), min_length=1, json_schema_extra=_UNIQUE
+    )
     connect_timeout_s: Seconds = Field(
         5, description="Seconds to connect to the upstream; then it counts as a failure."
     )
@@ -144,6 +165,7 @@ class _Provider(_Document):
     protocols: list[Protocol] | None = Field(
         None,
         min_length=1,
+        json_schema_extra=_UNIQUE,
         description="The client protocols the upstream speaks natively (requests in them go as they "
         "are; others are translated to chat). Unset: the vendor's or server type's default "
         "(anthropic: messages; openai, vllm: chat, responses, completions; openrouter, together, "
@@ -303,9 +325,11 @@ Provider = AiServer | ApiKey
 class Route(_Document):
     """Who serves one purpose: load-balanced primaries, then fallbacks in order."""
 
-    primary: Annotated[list[ProviderId], BeforeValidator(_one_or_many), Field(min_length=1)]
-    weights: dict[ProviderId, float] = Field(default_factory=dict)
-    fallbacks: Annotated[list[ProviderId], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+    primary: Primaries
+    weights: dict[ProviderId, Weight] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"pattern": ID_PATTERN}}
+    )
+    fallbacks: Fallbacks = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:
@@ -316,8 +340,6 @@ class Route(_Document):
         stray = sorted(set(self.weights) - set(self.primary))
         if stray:
             raise ValueError(f"weights name {', '.join(stray)}, which is not a primary")
-        if any(w <= 0 for w in self.weights.values()):
-            raise ValueError("weights must be greater than 0")
         return self
 
     def weight(self, provider_id: str) -> float:
