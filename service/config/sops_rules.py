@@ -146,6 +146,11 @@ def _rule_problems(rule: dict[str, Any], config_name: str, number: int) -> list[
                 problems.append(f"{where}: encrypted_regex {regex!r} does not match api_key")
         except re.error:
             problems.append(f"{where}: encrypted_regex {regex!r} is not a valid regular expression")
+    if rule.get("mac_only_encrypted") not in (None, False):
+        problems.append(
+            f"{where} sets mac_only_encrypted: the MAC would not cover the URLs and other cleartext "
+            "values (docs/reference.md §2.4); remove it"
+        )
     if not rule_recipients(rule):
         problems.append(f"{where} has no age recipient")
     return problems

@@ -211,6 +211,28 @@ def test_a_cleartext_field_edited_without_sops_is_a_mac_mismatch(
     assert run(capsys, "validate", "providers.d")[0] == 0
 
 
+def test_a_mac_over_the_secrets_only_is_refused(
+    project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/reference.md §2.4: the MAC "covers every value of the file, not only the secrets
+    (sops' default; never `mac_only_encrypted`): a URL in a file that holds a key cannot be
+    changed without that key". A rule asking for it, and a file made under one, are refused:
+    such a file's URL could be pointed anywhere, and sops would still decrypt it."""
+    use_key(monkeypatch, project.identity)
+    config = project.root / ".sops.yaml"
+    config.write_text(config.read_text().replace("    age:", "    mac_only_encrypted: true\n    age:"))
+    path = project.providers / "other.yaml"
+    path.write_text(KEY_FILE.format(id="other", key=CANARY) + "base_url: https://openrouter.ai/api/v1\n")
+    assert run(capsys, "encrypt", "providers.d/other.yaml")[0] == 0
+    path.write_text(path.read_text().replace("https://openrouter.ai/", "https://attacker.example/"))
+    for args in (("validate", "providers.d"), ("validate", "--decrypt", "providers.d")):
+        code, out, err = run(capsys, *args)
+        assert code == 1
+        assert re.search(r"^providers\.d/other\.yaml:\d+: error: .*`mac_only_encrypted`", out, re.M)
+        assert re.search(r"^\.sops\.yaml:1: error: .*sets mac_only_encrypted", out, re.M)
+        assert CANARY not in out + err
+
+
 def test_a_file_encrypted_for_someone_else_cannot_be_decrypted(
     project: SopsProject,
     other_age_identity: AgeIdentity,

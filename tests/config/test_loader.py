@@ -242,3 +242,13 @@ def test_infinite_and_nan_numbers_are_refused() -> None:
     routing = "kind: routing\npurposes:\n  chat:\n    primary: [a]\n    weights: {a: .nan}\n"
     (found,) = problems("providers.d/routing.yaml", routing)
     assert "weights" in found
+
+
+def test_a_file_whose_mac_covers_only_its_secrets_is_refused_unread() -> None:
+    """docs/reference.md §2.4: "never `mac_only_encrypted`"; the service refuses such a file
+    before any decryption, as `validate` does without a key."""
+    text = f"kind: api_key\nid: k\nprovider: openai\napi_key: {ENC}\n{SOPS_BLOCK}  mac_only_encrypted: true\n"
+    found = problems("providers.d/k.yaml", text)
+    assert len(found) == 1
+    assert found[0].startswith("providers.d/k.yaml:8: error: the sops MAC covers only the secrets")
+    assert parse("providers.d/k.yaml", text.replace("true", "false").encode()).encrypted
