@@ -72,6 +72,8 @@ SecretField = Annotated[
 
 
 def _check_url(value: str) -> str:
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must not contain spaces or control characters")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
@@ -89,7 +91,10 @@ def _check_url(value: str) -> str:
 Url = Annotated[
     str,
     BeforeValidator(lambda v: _check_url(v) if isinstance(v, str) else v),
-    WithJsonSchema({"type": "string", "format": "uri", "pattern": "^https?://"}),
+    # The scheme in any case, as urlsplit reads it; no space or control character anywhere.
+    WithJsonSchema(
+        {"type": "string", "format": "uri", "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s\x00-\x1f\x7f]+$"}
+    ),
 ]
 
 

@@ -252,3 +252,15 @@ def test_a_file_whose_mac_covers_only_its_secrets_is_refused_unread() -> None:
     assert len(found) == 1
     assert found[0].startswith("providers.d/k.yaml:8: error: the sops MAC covers only the secrets")
     assert parse("providers.d/k.yaml", text.replace("true", "false").encode()).encrypted
+
+
+@pytest.mark.parametrize(
+    "url", ["http://gpu /v1", "'http://gpu/v1 '", '"http://gpu\\n/v1"', '"http://gpu/\\x7fv1"']
+)
+def test_a_base_url_with_a_space_or_a_control_character_is_refused(url: str) -> None:
+    """docs/reference.md §2.1: `base_url` is an http(s) URL; one of these is no URL, and would
+    reach the upstream request as it is."""
+    text = f"kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: {url}\n"
+    assert problems("providers.d/gpu.yaml", text) == [
+        "providers.d/gpu.yaml:4: error: `base_url`: must not contain spaces or control characters"
+    ]
