@@ -40,6 +40,7 @@ speaks natively."""
 Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read", "usage:read"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
+CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
 class PlaintextSecretError(ValueError):
@@ -361,7 +362,7 @@ class Routing(_Document):
 class Client(_Document):
     """A caller of the HTTP API, known by the sha256 of its bearer token."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    name: str = Field(pattern=CLIENT_NAME_PATTERN)
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = Field(min_length=1)
     limits: Limits | None = Field(
