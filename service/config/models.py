@@ -107,7 +107,7 @@ def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
-_UNIQUE = {"uniqueItems": True}
+_UNIQUE: dict[str, JsonValue] = {"uniqueItems": True}
 """A list that refuses a value twice says so in its JSON Schema too."""
 
 
