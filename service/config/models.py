@@ -80,7 +80,7 @@ def _check_url(value: str) -> str:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials; put the key in `api_key`")
-    if parts.query or parts.fragment:
+    if "?" in value or "#" in value:  # an empty one too: the JSON Schema's pattern refuses it
         raise ValueError("must not have a query or a fragment")
     try:
         parts.port  # noqa: B018 - the property validates the port
@@ -92,9 +92,14 @@ def _check_url(value: str) -> str:
 Url = Annotated[
     str,
     BeforeValidator(lambda v: _check_url(v) if isinstance(v, str) else v),
-    # The scheme in any case, as urlsplit reads it; no space or control character anywhere.
+    # The scheme in any case, as urlsplit reads it; a host without credentials; no query, no
+    # fragment, no space or control character anywhere.
     WithJsonSchema(
-        {"type": "string", "format": "uri", "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s\x00-\x1f\x7f]+$"}
+        {
+            "type": "string",
+            "format": "uri",
+            "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\s\x00-\x1f\x7f]+(/[^?#\s\x00-\x1f\x7f]*)?$",
+        }
     ),
 ]
 
@@ -407,4 +412,7 @@ def json_schema(kind: str) -> dict[str, Any]:
         "type": "object",
         "description": "SOPS metadata, written by sops. Do not edit.",
     }
+    if "api_key" in schema["properties"]:  # an encrypted value needs the metadata sops wrote with it
+        schema["if"] = {"properties": {"api_key": {"type": "string"}}, "required": ["api_key"]}
+        schema["then"] = {"required": ["sops"]}
     return schema

@@ -76,6 +76,12 @@ def test_the_routing_example_of_the_reference_passes_its_schema() -> None:
         (SERVER.replace("http://", "HTTP://"), True),
         (SERVER.replace("/v1", "/v 1"), False),
         (SERVER.replace("http://10.0.0.5:8000/v1", '"http://10.0.0.5:8000/\\tv1"'), False),
+        (SERVER.replace("http://", "http://user:pass@"), False),
+        (SERVER.replace("/v1", "/v1?x=1"), False),
+        (SERVER.replace("/v1", "/v1#top"), False),
+        (SERVER + f"api_key: {ENC}\n", False),  # encrypted, but without the sops block
+        (SERVER + "budget: {usd: 1000000000000, period: month}\n", True),
+        (SERVER + "budget: {usd: 1000000000001, period: month}\n", False),
         (KEY, True),
         (KEY.replace(ENC, "ENC[AES256_GCM,not sops]"), False),
     ],
