@@ -108,6 +108,19 @@ def test_routing_to_missing_disabled_and_wrong_purpose_providers(
     ]
 
 
+def test_routing_that_names_a_refused_provider_is_not_told_it_does_not_exist(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service keeps such routing (docs/reference.md §4: a refused provider file stays known
+    to routing): the one problem is the provider file's own."""
+    (project.providers / "gpu.yaml").write_text("kind: ai_server\nid: gpu\nserver_typo: vllm\n")
+    for args in (("validate", "providers.d"), ("validate", "providers.d/gpu.yaml")):
+        code, out, _ = run(capsys, *args)
+        assert code == 1
+        assert out.splitlines() and all(line.startswith("providers.d/gpu.yaml:") for line in out.splitlines())
+        assert "does not exist" not in out
+
+
 def test_two_routing_files_are_refused(project: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
     (project.providers / "routing-b.yaml").write_text("kind: routing\npurposes: {}\n")
     code, out, _ = run(capsys, "validate", "providers.d")
