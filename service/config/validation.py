@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from service.config.loader import (
+    MAX_FILE_BYTES,
     Decrypter,
     Loaded,
     config_files,
@@ -21,12 +22,13 @@ from service.config.loader import (
     decrypt,
     is_config_file,
     parse,
+    too_large,
 )
 from service.config.models import SECRET_FIELDS
 from service.config.snapshot import cross_check
 from service.config.sops_rules import check_sops_config
 from service.errors import FileRejected, Problem
-from service.files import leads_outside
+from service.files import leads_outside, read_limited
 
 _PROVIDER_KINDS = ("ai_server", "api_key")
 LINK_OUT = "a symbolic link out of the repository (or into its .git): the service refuses it unread"
@@ -115,10 +117,12 @@ def _load(path: Path, refused: set[str]) -> Loaded:
     """The file parsed; when it is refused and says it is a provider, its id joins `refused`."""
     file = _display(path)
     try:
-        data = path.read_bytes()
+        data, size = read_limited(path, MAX_FILE_BYTES)  # as the service reads: never a FIFO, never whole
     except OSError as exc:
         raise FileRejected([Problem(file, 1, f"cannot read: {exc.strerror}")]) from None
     try:
+        if size is not None:
+            raise too_large(file, size)
         return parse(file, data)
     except FileRejected:
         if declared_kind(data) in _PROVIDER_KINDS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from pathlib import Path
@@ -362,3 +363,18 @@ def test_a_link_out_of_the_repository_is_reported_unread(
     ]
     code, out, _ = run(capsys, "validate", "providers.d/spare.yaml")
     assert (code, out) == (0, "")
+
+
+def test_a_fifo_or_a_file_over_the_limit_is_refused_without_being_read_whole(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/reference.md §3: "no more than 1 MiB"; a FIFO named on the command line used to
+    block `validate` for ever, waiting for a writer."""
+    os.mkfifo(project.providers / "fifo.yaml")
+    (project.providers / "big.yaml").write_bytes(b"kind: routing\n" + b"#" * (1 << 20))
+    code, out, _ = run(capsys, "validate", "providers.d/fifo.yaml", "providers.d/big.yaml")
+    assert code == 1
+    assert out.splitlines() == [
+        "providers.d/big.yaml:1: error: file is 1,048,590 bytes; the limit is 1,048,576 (1 MiB)",
+        "providers.d/fifo.yaml:1: error: cannot read: not a regular file",
+    ]
