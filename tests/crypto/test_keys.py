@@ -206,17 +206,15 @@ def test_check_sops_config_wants_every_field_but_the_secret_readable(
     """docs/reference.md §2.4: "Only secret fields are encrypted, so ids, URLs and routing stay
     readable and reviewable in a pull request"; a wider `encrypted_regex` hides them."""
     path = tmp_path / ".sops.yaml"
-    path.write_text(
-        f"creation_rules:\n  - path_regex: providers.d/\n    encrypted_regex: '{regex}'\n    age: {_recipient()}\n"
-    )
+    rule = f"  - path_regex: providers.d/\n    encrypted_regex: '{regex}'\n    age: {_recipient()}\n"
+    path.write_text("creation_rules:\n" + rule)
     problems = sops_rules.check_sops_config(path, ["providers.d/a.yaml"])
     if matched == "api_key":
         assert problems == []
     else:
         assert len(problems) == 1
-        assert problems[0].startswith(
-            f"providers.d/a.yaml: creation rule 1 of .sops.yaml: encrypted_regex {regex!r} also matches {matched}"
-        )
+        where = "providers.d/a.yaml: creation rule 1 of .sops.yaml"
+        assert problems[0].startswith(f"{where}: encrypted_regex {regex!r} also matches {matched}")
         assert problems[0].endswith("which must stay readable for review (want ^(api_key)$)")
 
 
