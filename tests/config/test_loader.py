@@ -264,3 +264,19 @@ def test_a_base_url_with_a_space_or_a_control_character_is_refused(url: str) -> 
     assert problems("providers.d/gpu.yaml", text) == [
         "providers.d/gpu.yaml:4: error: `base_url`: must not contain spaces or control characters"
     ]
+
+
+def test_a_key_holding_a_line_break_is_shown_escaped_on_its_one_line() -> None:
+    """docs/reference.md §3: `validate` prints one line per problem; a key of the file must not
+    start a line of its own (a forged `FILE:LINE: error:` line in a CI log)."""
+    server = "kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: http://h\n"
+    forged = '"x\\ngpu.yaml:1: error: forged": 1\n'
+    assert problems("gpu.yaml", server + forged) == [
+        "gpu.yaml:5: error: unknown field `x\\ngpu.yaml:1: error: forged`"
+    ]
+    assert problems("gpu.yaml", server + 'model_map: {"a\\rb": 1}\n') == [
+        "gpu.yaml:5: error: `model_map.a\\rb`: Input should be a valid string"
+    ]
+    assert problems("gpu.yaml", 'kind: routing\n"a\\tb": 1\n"a\\tb": 2\n') == [
+        "gpu.yaml:3: error: duplicate key `a\\tb`"
+    ]
