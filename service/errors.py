@@ -55,7 +55,14 @@ class Problem:
         object.__setattr__(self, "message", _URL_CREDENTIALS.sub(r"\1****@", self.message))
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: error: {self.message}"
+        # One line, whatever a file's name or a quoted key holds (docs/reference.md §3).
+        return printable(f"{self.file}:{self.line}: error: {self.message}")
+
+
+def printable(text: str) -> str:
+    """`text` with each character that is not printable escaped (a line break reads `\\n`), so
+    it is shown on one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class ConfigError(SwitchboardError):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from service.config.models import MODELS, SECRET_FIELDS, AiServer, ApiKey, Document
 from service.config.secret import SOPS_VALUE, Sealed, Secret, unsendable
-from service.errors import FileRejected, Problem, SopsError, SopsTampered
+from service.errors import FileRejected, Problem, SopsError, SopsTampered, printable
 
 MAX_FILE_BYTES = 1 << 20
 MAX_ALIAS_EXPANSION = 10_000
@@ -278,7 +278,7 @@ def _inspect(file: str, root: yaml.Node, lines: dict[Path_, int]) -> None:
                 name = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
                 line = key_node.start_mark.line + 1
                 if name in seen:
-                    raise FileRejected([Problem(file, line, f"duplicate key `{_printable(str(name))}`")])
+                    raise FileRejected([Problem(file, line, f"duplicate key `{printable(str(name))}`")])
                 seen.add(name)
                 lines.setdefault((*path, name), line)
                 size += 1 + walk(value_node, (*path, name), record)
@@ -295,12 +295,6 @@ def _inspect(file: str, root: yaml.Node, lines: dict[Path_, int]) -> None:
         raise FileRejected(
             [Problem(file, 1, f"YAML aliases expand to {expanded:,} nodes; refused as an alias bomb")]
         )
-
-
-def _printable(text: str) -> str:
-    """`text` with each character that is not printable escaped (a line break reads `\\n`): a key
-    of a file is shown in a problem, which is one line (docs/reference.md §3)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _line_of(lines: Mapping[Path_, int], path: Path_) -> int:
@@ -349,7 +343,7 @@ def _problem(
     file: str, lines: Mapping[Path_, int], error: Mapping[str, Any], fields: Mapping[str, Any]
 ) -> Problem:
     loc = tuple(p for p in error["loc"] if p != "[key]")
-    where = _printable(".".join(str(p) for p in loc))
+    where = printable(".".join(str(p) for p in loc))
     line = _line_of(lines, loc)
     kind = error["type"]
     if kind == "extra_forbidden":

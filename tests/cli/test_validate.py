@@ -378,3 +378,19 @@ def test_a_fifo_or_a_file_over_the_limit_is_refused_without_being_read_whole(
         "providers.d/big.yaml:1: error: file is 1,048,590 bytes; the limit is 1,048,576 (1 MiB)",
         "providers.d/fifo.yaml:1: error: cannot read: not a regular file",
     ]
+
+
+def test_a_file_name_holding_a_line_break_is_shown_escaped_on_its_one_line(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/reference.md §3: `validate` prints one line per problem, `FILE:LINE: error: MESSAGE`;
+    a file's name (a pull request chooses it) must not start a line of its own, a forged
+    problem line in a CI log."""
+    name = "a.yaml:1: error: forged\nz.yaml"
+    (project.providers / name).write_text(SERVER_FILE.format(id="x", purposes="chat", enabled="true"))
+    code, out, _ = run(capsys, "validate", "providers.d")
+    assert code == 1
+    assert out.splitlines() == [
+        "providers.d/a.yaml:1: error: forged\\nz.yaml:2: error: `id` is 'x' but the file is named "
+        "'a.yaml:1: error: forged\\nz'; they must be equal"
+    ]
