@@ -31,6 +31,9 @@ _READABLE_FIELDS = sorted(
 )
 """Keys sops must leave readable: every field of every document but the secrets (sops' `encrypted_regex`
 applies to keys at any depth)."""
+_POSIX_CLASS = re.compile(r"\[:\^?[a-z]+:\]")
+"""A POSIX class such as `[:lower:]`: sops reads its regular expressions as Go does, where
+`[[:lower:]]` means the lower-case letters; Python's `re` reads `[:lowe` and a `]` instead."""
 
 
 def load_sops_config(path: Path) -> dict[str, Any]:
@@ -151,6 +154,11 @@ def _rule_problems(rule: dict[str, Any], config_name: str, number: int) -> list[
     if regex is None:
         problems.append(
             f"{where} has no encrypted_regex, so sops would encrypt every field (want ^(api_key)$)"
+        )
+    elif posix := _POSIX_CLASS.search(str(regex)):
+        problems.append(
+            f"{where}: encrypted_regex {regex!r} holds a character class `{posix.group()}`, which sops "
+            "reads otherwise than this check; spell its characters out (want ^(api_key)$)"
         )
     else:
         try:

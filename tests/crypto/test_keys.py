@@ -218,6 +218,27 @@ def test_check_sops_config_wants_every_field_but_the_secret_readable(
         assert problems[0].endswith("which must stay readable for review (want ^(api_key)$)")
 
 
+def test_check_sops_config_reports_a_posix_class_that_sops_reads_otherwise(tmp_path: Path) -> None:
+    """docs/reference.md §2.4: `encrypted_regex` matching api_key "and no other field". sops reads
+    it as Go does, where `[[:lower:]]` is the lower-case letters; Python's `re` reads the same
+    text as a set of `[:lowe` and a `]`, so the check saw no field but api_key matched while sops
+    encrypted `base_url`."""
+    regex = "^(api_key|[[:lower:]]+_url)$"
+    path = tmp_path / ".sops.yaml"
+    recipient = _recipient()
+    path.write_text(
+        f"creation_rules:\n  - path_regex: providers.d/\n    encrypted_regex: '{regex}'\n    age: {recipient}\n"
+    )
+    plain = b"kind: ai_server\nid: a\nserver_type: vllm\nbase_url: http://h/v1\napi_key: sk-1\n"
+    encrypted = Sops(project_root=tmp_path).encrypt(plain, "providers.d/a.yaml")
+    assert yaml.safe_load(encrypted)["base_url"].startswith("ENC[")  # as sops reads the rule
+    assert sops_rules.check_sops_config(path, ["providers.d/a.yaml"]) == [
+        "providers.d/a.yaml: creation rule 1 of .sops.yaml: encrypted_regex "
+        f"{regex!r} holds a character class `[:lower:]`, which sops reads otherwise than this check; "
+        "spell its characters out (want ^(api_key)$)"
+    ]
+
+
 def test_check_sops_config_reports_an_invalid_regex(tmp_path: Path) -> None:
     path = tmp_path / ".sops.yaml"
     path.write_text(f"creation_rules:\n  - path_regex: providers.d/(\n    age: {_recipient()}\n")
