@@ -63,6 +63,8 @@ def rule_for(rules: list[dict[str, Any]], relpath: str) -> dict[str, Any] | None
         regex = rule.get("path_regex")
         if regex is None:
             return rule
+        if _POSIX_CLASS.search(str(regex)):  # read otherwise by sops: `check_sops_config` reports it
+            continue
         try:
             if re.search(str(regex), relpath):
                 return rule
@@ -121,6 +123,12 @@ def check_sops_config(path: Path, files: list[str]) -> list[str]:
     root = path.resolve().parent
     problems: list[str] = []
     for number, rule in enumerate(rules, 1):
+        if posix := _POSIX_CLASS.search(str(rule.get("path_regex", ""))):
+            problems.append(
+                f"creation rule {number} of {path.name}: path_regex {rule['path_regex']!r} holds a character "
+                f"class `{posix.group()}`, which sops reads otherwise than this check; spell its characters out"
+            )
+            continue
         try:
             re.compile(str(rule.get("path_regex", "")))
         except re.error:

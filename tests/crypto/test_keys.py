@@ -239,6 +239,28 @@ def test_check_sops_config_reports_a_posix_class_that_sops_reads_otherwise(tmp_p
     ]
 
 
+def test_check_sops_config_reports_a_posix_class_in_a_path_regex(tmp_path: Path) -> None:
+    """docs/reference.md §2.4: the first rule whose `path_regex` matches "(as sops chooses)" is
+    checked. sops reads `[[:lower:]]` as the lower-case letters, so it chose a first rule (here
+    with `mac_only_encrypted`) that this check, reading the text otherwise, passed over."""
+    recipient = _recipient()
+    path = tmp_path / ".sops.yaml"
+    path.write_text(
+        "creation_rules:\n"
+        f"  - path_regex: providers\\.d/[[:lower:]]\n    encrypted_regex: ^(api_key)$\n    age: {recipient}\n"
+        "    mac_only_encrypted: true\n"
+        f"  - path_regex: providers.d/\n    encrypted_regex: ^(api_key)$\n    age: {recipient}\n"
+    )
+    plain = b"kind: api_key\nid: a\nprovider: openai\napi_key: sk-1\n"
+    encrypted = Sops(project_root=tmp_path).encrypt(plain, "providers.d/a.yaml")
+    assert yaml.safe_load(encrypted)["sops"]["mac_only_encrypted"] is True  # sops chose rule 1
+    assert (
+        "creation rule 1 of .sops.yaml: path_regex 'providers\\\\.d/[[:lower:]]' holds a character "
+        "class `[:lower:]`, which sops reads otherwise than this check; spell its characters out"
+        in (sops_rules.check_sops_config(path, ["providers.d/a.yaml"]))
+    )
+
+
 def test_check_sops_config_reports_an_invalid_regex(tmp_path: Path) -> None:
     path = tmp_path / ".sops.yaml"
     path.write_text(f"creation_rules:\n  - path_regex: providers.d/(\n    age: {_recipient()}\n")
