@@ -125,8 +125,9 @@ def check_sops_config(path: Path, files: list[str]) -> list[str]:
     for number, rule in enumerate(rules, 1):
         if posix := _POSIX_CLASS.search(str(rule.get("path_regex", ""))):
             problems.append(
-                f"creation rule {number} of {path.name}: path_regex {rule['path_regex']!r} holds a character "
-                f"class `{posix.group()}`, which sops reads otherwise than this check; spell its characters out"
+                f"creation rule {number} of {path.name}: path_regex {rule['path_regex']!r} holds a "
+                f"character class `{posix.group()}`, which sops reads otherwise than this check; spell its "
+                "characters out"
             )
             continue
         try:

@@ -226,9 +226,8 @@ def test_check_sops_config_reports_a_posix_class_that_sops_reads_otherwise(tmp_p
     regex = "^(api_key|[[:lower:]]+_url)$"
     path = tmp_path / ".sops.yaml"
     recipient = _recipient()
-    path.write_text(
-        f"creation_rules:\n  - path_regex: providers.d/\n    encrypted_regex: '{regex}'\n    age: {recipient}\n"
-    )
+    rule = f"  - path_regex: providers.d/\n    encrypted_regex: '{regex}'\n    age: {recipient}\n"
+    path.write_text("creation_rules:\n" + rule)
     plain = b"kind: ai_server\nid: a\nserver_type: vllm\nbase_url: http://h/v1\napi_key: sk-1\n"
     encrypted = Sops(project_root=tmp_path).encrypt(plain, "providers.d/a.yaml")
     assert yaml.safe_load(encrypted)["base_url"].startswith("ENC[")  # as sops reads the rule
@@ -247,8 +246,8 @@ def test_check_sops_config_reports_a_posix_class_in_a_path_regex(tmp_path: Path)
     path = tmp_path / ".sops.yaml"
     path.write_text(
         "creation_rules:\n"
-        f"  - path_regex: providers\\.d/[[:lower:]]\n    encrypted_regex: ^(api_key)$\n    age: {recipient}\n"
-        "    mac_only_encrypted: true\n"
+        "  - path_regex: providers\\.d/[[:lower:]]\n    encrypted_regex: ^(api_key)$\n"
+        f"    age: {recipient}\n    mac_only_encrypted: true\n"
         f"  - path_regex: providers.d/\n    encrypted_regex: ^(api_key)$\n    age: {recipient}\n"
     )
     plain = b"kind: api_key\nid: a\nprovider: openai\napi_key: sk-1\n"
