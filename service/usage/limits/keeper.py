@@ -11,8 +11,11 @@
   replica begins counting (at its start, in a new period) or one whose period is marked
   already (a budget that came back) only raises the counter to what the ledger holds of the
   period, if that is more. "Before the change" is before this replica applied it: a request
-  another replica counted in Redis a moment earlier is counted twice, over, never under. With
-  the ledger off nothing says what was spent before: such a budget counts from the change.
+  another replica counted in Redis a moment earlier is counted twice, over, never under. A
+  request still in flight then (admitted under the former budget: no record of it yet, its
+  cost settled under the former key) counts too, by its reservation: each replica adds what
+  its own hold (`_held_elsewhere`), over by what they will not cost, never under. With the
+  ledger off nothing says what was spent before: such a budget counts from the change.
 - **Every second** (`tick`): with Redis up, the lease of this replica's epoch is renewed and
   every budget's and limited client's use read back (`known`, `replicas`): what this replica
   falls back on if Redis goes; with Redis away, it is asked again, and once it answers,
@@ -80,9 +83,10 @@ class Keeper:
         has had that budget: what this process counted of it began then."""
         self.clients: tuple[str, ...] = ()
         """Clients with limits: their counters are in Redis."""
-        self.unseeded: dict[str, tuple[int | None, int, Window]] = {}
+        self.unseeded: dict[str, tuple[int | None, int, Window, int]] = {}
         """With Redis: budget key -> (what it spent before the change, for a budget that came
-        mid-run; what it spent in its period; its window), not yet given to Redis (`seed`)."""
+        mid-run; what it spent in its period; its window; what this replica's requests in flight
+        hold of it under another key), not yet given to Redis (`seed`)."""
         self._loaded_ms: float | None = None
         """When `load` began: a budget the configuration got after it came mid-run."""
         self.ready = asyncio.Event()
@@ -124,12 +128,34 @@ class Keeper:
             if key in limiter.seed:
                 continue
             since = self.counted_since.get((kind, subject, budget.period), now)
+            held = self._held_elsewhere(kind, subject, key, current)  # before the ledger is read
             if limiter.remote is not None and self._came_mid_run(since, current):
-                await self._seed_mid_run(kind, subject, key, current, since)
+                await self._seed_mid_run(kind, subject, key, current, since, held)
                 continue
-            limiter.seed[key] = await self._seed(kind, subject, key, current, since)
+            spent = await self._seed(kind, subject, key, current, since)
+            limiter.seed[key] = spent + held
             if limiter.remote is not None:  # Redis keeps the larger, and knows it is seeded
-                self.unseeded[key] = (None, limiter.seed[key], current)
+                self.unseeded[key] = (None, spent, current, held)
+
+    def _held_elsewhere(self, kind: str, subject: str, key: str, current: Window) -> int:
+        """What this replica's requests in flight that arrived in `current` hold of `subject`'s
+        budget under another key: admitted before a change of the files gave the budget its
+        period, they count toward it too, though no record of them is in the ledger yet (nor
+        will their cost be counted under `key`). Their reservations, as what they will cost is
+        not known yet: over, never under."""
+        start = current.start.timestamp() * 1000
+        held = 0
+        for ticket in self.limiter.tickets.values():
+            if (
+                ticket.settled
+                or ticket.admitted_ms < start
+                or (kind == "client" and ticket.client != subject)
+            ):
+                continue
+            hold = ticket.holds.get("client" if kind == "client" else subject)
+            if hold is not None and hold.key != key:
+                held += hold.amount
+        return held
 
     async def _seed(self, kind: str, subject: str, key: str, current: Window, since: float) -> int:
         """What a budget spent in its period before this process counted it (since `since`)."""
@@ -148,14 +174,17 @@ class Keeper:
         loaded = self._loaded_ms
         return loaded is not None and since > loaded and since > current.start.timestamp() * 1000
 
-    async def _seed_mid_run(self, kind: str, subject: str, key: str, current: Window, since: float) -> None:
+    async def _seed_mid_run(
+        self, kind: str, subject: str, key: str, current: Window, since: float, held: int
+    ) -> None:
         """Read what a budget that came mid-run (at `since`) spent in its period, before then and
-        in all, for Redis (`_seed_remote`); this replica holds to it meanwhile if Redis is away."""
+        in all, for Redis (`_seed_remote`), with what this replica's requests in flight `held` of
+        it; this replica holds to it meanwhile if Redis is away."""
         until = datetime.fromtimestamp(since / 1000, UTC)
         before = await self._spent_before(kind, subject, key, current, until)
         whole = await self._spent_before(kind, subject, key, current)
-        self.limiter.seed[key] = before
-        self.unseeded[key] = (before, max(before, whole), current)
+        self.limiter.seed[key] = before + held
+        self.unseeded[key] = (before, max(before, whole), current, held)
 
     async def _seed_remote(self) -> None:
         """Give Redis what budgets newly loaded spent (`seed`): added once for one that came
@@ -172,9 +201,10 @@ class Keeper:
                 "k": key,
                 "before": "" if before is None else str(before),
                 "since": str(whole),
+                "held": str(held),
                 "exp": _expiry(Hold(key, "", 0, 0, window_)),
             }
-            for key, (before, whole, window_) in self.unseeded.items()
+            for key, (before, whole, window_, held) in self.unseeded.items()
         ]
         try:
             answer = await limiter.call("seed", limiter.now_ms(), {"keys": entries})
@@ -335,8 +365,12 @@ class Keeper:
         entries = []
         for key, current in windows.items():
             known = limiter.known.get(key, (0, 0))[0]
-            if self.unseeded.get(key, (None,))[0] is None:  # else `seed` adds it once this is done
+            unseeded = self.unseeded.get(key)
+            if unseeded is None:
                 known = max(limiter.seed.get(key, 0), known)
+            elif unseeded[0] is None:  # what is held `seed` adds once this is done
+                known = max(unseeded[1], known)
+            # else `seed` adds it all once this is done
             old = sum(h.amount for h in holds.get(key, ()) if h.epoch is not None)
             new = sum(h.amount for h in holds.get(key, ()) if h.epoch is None)
             entry = {

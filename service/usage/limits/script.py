@@ -36,11 +36,13 @@ Operations (`args`, a JSON object; amounts that go to INCRBY are strings of digi
   `renew` the caller's lease is renewed first (the limiter's sync, every second).
 - `reconcile` {old, keys: [...], clients: [...]}: after an outage, what this replica did
   meanwhile (see `Limiter._reconcile`).
-- `seed` {keys: [{k, before, since, exp}]}: budgets a replica began counting (at its start, a
-  new period, a change of the files): each is marked `seeded`, and raised to `since` (what the
-  ledger holds of its period) if that is more. For a budget that came mid-run, `before` (what
-  its subject spent in the period before the change) is added instead, by the first replica
-  to mark it: every replica applies the change and asks, and it is added once.
+- `seed` {keys: [{k, before, since, held, exp}]}: budgets a replica began counting (at its start,
+  a new period, a change of the files): each is marked `seeded`, and raised to `since` (what
+  the ledger holds of its period) if that is more. For a budget that came mid-run, `before`
+  (what its subject spent in the period before the change) is added instead, by the first
+  replica to mark it: every replica applies the change and asks, and it is added once. `held`
+  (what the replica's requests in flight at the change hold of it under the budget's former
+  key: no record says so yet) is added by each replica, first or not.
 
 Every operation but a plain `read` first renews the caller's lease; an epoch whose lease ran out
 gets `{"lost": true}` and changes nothing (its holdings are, or will be, charged in full).
@@ -317,6 +319,7 @@ local function run(op, a)
       elseif tonumber(redis.call('GET', sk) or '0') < tonumber(b.since) then
         redis.call('SET', sk, b.since)
       end
+      if b.held and b.held ~= '' and b.held ~= '0' then redis.call('INCRBY', sk, b.held) end
       expire(b, sk, rk)
       local spent, reserved = budget(b.k)
       out.keys[i] = money(spent, reserved)

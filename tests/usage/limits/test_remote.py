@@ -211,6 +211,50 @@ async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_repl
         await ledger.stop()
 
 
+async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_new_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "what was already spent in the period stays spent". A request admitted
+    under the day's budget, still in flight when the commit makes it a month's, has no record in
+    the ledger when the month's spend before the change is read, and its cost is settled under
+    the day's key: it counts toward the month's all the same, on every replica (its reservation,
+    as its cost is not known when the month's counter is seeded: over, never under)."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    for day, cost in ((2, 3), (4, 11)):
+        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
+    await ledger.flush()
+    day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
+    daily = limits(budget={"usd": "100", "period": "day"})
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledger, budgets=day) as a,
+            replica(redis_server.url, clock, source=ledger, budgets=day) as b,
+        ):
+            arrived = datetime.fromtimestamp(clock.now, UTC)
+            flying = [
+                (a, await attempt(a.limiter, "r1", daily, "2")),
+                (b, await attempt(b.limiter, "r2", daily, "3")),
+            ]
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            for n, (kept, ticket) in enumerate(flying):
+                await kept.limiter.settle(ticket, Decimal(1), 10)
+                ledger.submit(record(id=f"late-{n}", ts=arrived, client="c", cost_usd=Decimal(1)))
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == b.limiter.known[key] == (19_000_000_000, 0)  # 14 + 2 + 3
+            async with replica(redis_server.url, clock, source=ledger, budgets=month) as c:
+                await c.tick()
+                assert c.limiter.known[key] == (19_000_000_000, 0)  # the ledger's 16 is less
+    finally:
+        await ledger.stop()
+
+
 async def test_refuse_mode_refuses_limited_clients_while_redis_is_away(redis_server: RedisServer) -> None:
     clock = Clock()
     async with replica(redis_server.url, clock, without_redis="refuse") as a:
