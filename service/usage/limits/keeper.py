@@ -4,8 +4,9 @@
   read (`spent.py`: the ledger, else the local snapshot plus the spool) into `Limiter.seed`;
   with Redis it is then given to Redis, which keeps the larger of its own and this.
 - **On a change of the files**, a budget new in them (or given another period) has what it spent
-  in its period before then read the same way at the next tick (the records before the change:
-  those after are counted here), so that what was already spent stays spent. With Redis, that
+  in its period before then read the same way at once (the records before the change: those
+  after are counted here), so that what was already spent stays spent; a request counted
+  toward it waits for that (`Limiter.unknown`), else it could pass the budget. With Redis, that
   is added to Redis's counter once, by the first replica to ask (`seed`: every replica applies
   the same change, and asks); Redis then marks the budget's period seeded. Any other budget a
   replica begins counting (at its start, in a new period) or one whose period is marked
@@ -90,6 +91,9 @@ class Keeper:
         self._loaded_ms: float | None = None
         """When `load` began: a budget the configuration got after it came mid-run."""
         self.ready = asyncio.Event()
+        self._seeding = asyncio.Lock()
+        """Held while budgets' spent is read and given to Redis (a tick, or a change of the files)."""
+        self._tasks: set[asyncio.Task[None]] = set()
         self._snapshot: Snapshot | None = None
         self._written: dict[str, tuple[int, int]] | None = None
         self._last_write = 0.0
@@ -103,6 +107,39 @@ class Keeper:
             (kind, subject, b.period): before.get((kind, subject, b.period), now)
             for kind, subject, b in self.budgets
         }
+        if self._loaded_ms is not None:  # a change of the files: its new budgets are read at once
+            self._learn([(k, s, b) for k, s, b in self.budgets if (k, s, b.period) not in before], now)
+
+    def _learn(self, came: list[tuple[str, str, Budget]], now: float) -> None:
+        """Read what budgets new in the files spent in their period before the change, now, not
+        at the next tick: a request counted toward one waits for it (`Limiter.unknown`), so that
+        none is admitted against a counter without it (docs/reference.md §13.2)."""
+        limiter = self.limiter
+        keys = []
+        for kind, subject, budget in came:
+            key = budget_key(kind, subject, limiter.window(budget.period, now))
+            if key not in limiter.seed and key not in limiter.unknown:
+                limiter.unknown[key] = asyncio.Event()
+                keys.append(key)
+        if keys:
+            task = asyncio.get_running_loop().create_task(self._seed_now(keys))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _seed_now(self, keys: list[str]) -> None:
+        limiter = self.limiter
+        try:
+            async with self._seeding:
+                await self.seed_missing()
+                if limiter.remote is not None and limiter.up:
+                    await self._seed_remote()
+        except Exception:  # the requests go on all the same: the next tick tries again
+            log.exception("limits: what the budgets new in the files spent cannot be read")
+        finally:
+            for key in keys:
+                event = limiter.unknown.pop(key, None)
+                if event is not None:
+                    event.set()
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -111,11 +148,12 @@ class Keeper:
         self._loaded_ms = self.limiter.now_ms()
         if self.file is not None:
             self._snapshot = await asyncio.to_thread(self.file.read)
-        await self.seed_missing()
         limiter = self.limiter
-        if limiter.remote is not None and await self.reconcile():
-            await self._seed_remote()
-            await self.refresh()
+        async with self._seeding:
+            await self.seed_missing()
+            if limiter.remote is not None and await self.reconcile():
+                await self._seed_remote()
+                await self.refresh()
         self.ready.set()
 
     async def seed_missing(self) -> None:
@@ -269,10 +307,11 @@ class Keeper:
 
     async def tick(self) -> None:
         limiter = self.limiter
-        await self.seed_missing()
-        if limiter.remote is not None and (limiter.up or await self.reconcile()):
-            await self._seed_remote()
-            await self.refresh()
+        async with self._seeding:
+            await self.seed_missing()
+            if limiter.remote is not None and (limiter.up or await self.reconcile()):
+                await self._seed_remote()
+                await self.refresh()
         limiter.forget({key for key, _ in self._keys()})
         limiter.counters.forget_idle(limiter.now_ms())
         limiter.providers.forget_idle(limiter.now_ms())

@@ -3,6 +3,7 @@ from the snapshot kept on local disk plus the spool when the ledger is down; nev
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -173,6 +174,24 @@ async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_n
     await kept.limiter.settle(later, Decimal(1), 1)
     await kept.tick()
     assert kept.limiter.spent_here(key(clock)) == (17_000_000_000, 0)  # 14 before, 2 held, 1 after
+
+
+async def test_requests_as_a_change_of_period_lands_do_not_pass_the_budget() -> None:
+    """docs/reference.md §13.2: "spent never exceeds a budget, whatever the concurrency". Ten requests
+    of 1 USD sent as the files make a day's budget of 20 USD a month's, 14 spent in the month
+    before: each waits for that to be read, and six are admitted, not ten."""
+    clock = Clock()
+    kept = Keeper(Limiter(clock=clock), source=Ledger("14"))
+    kept.configure([("client", "c", Budget(usd=Decimal(20), period="day"))], ["c"])
+    await kept.load()
+    clock.advance(1)
+    kept.configure([("client", "c", Budget(usd=Decimal(20), period="month"))], ["c"])
+    monthly = limits(budget={"usd": "20", "period": "month"})
+    results = await asyncio.gather(
+        *(kept.limiter.admit(f"r{n}", "c", monthly, Decimal(1)) for n in range(10)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, Refused) for r in results) == 6
+    assert kept.limiter.spent_here(key(clock)) == (14_000_000_000, 6_000_000_000)
 
 
 async def test_what_was_stored_since_the_snapshot_counts_after_a_start_with_the_database_down(

@@ -255,6 +255,42 @@ async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_n
         await ledger.stop()
 
 
+async def test_requests_on_two_replicas_as_a_change_of_period_lands_do_not_pass_the_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "spent never exceeds a budget, whatever the concurrency", and "what
+    was already spent in the period stays spent". Forty requests of 1 USD on two replicas, sent
+    as the commit that makes a day's budget of 20 USD a month's lands (14 USD spent in the month
+    before it): a request counted toward the month's budget waits for what was spent before the
+    change, so six are admitted, not twenty (34 USD of a budget of 20)."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    for day, cost in ((2, 3), (4, 11)):
+        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
+    await ledger.flush()
+    day = [("client", "c", Budget(usd=Decimal(20), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(20), period="month"))]
+    monthly = limits(budget={"usd": "20", "period": "month"})
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledger, budgets=day) as a,
+            replica(redis_server.url, clock, source=ledger, budgets=day) as b,
+        ):
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            owners = [(a, b)[n % 2].limiter for n in range(40)]
+            results = await asyncio.gather(*(attempt(o, f"r{n}", monthly, "1") for n, o in enumerate(owners)))
+            admitted = [(o, r) for o, r in zip(owners, results, strict=True) if not isinstance(r, Refused)]
+            await asyncio.gather(*(o.settle(t, Decimal(1), 10) for o, t in admitted))
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == (20_000_000_000, 0) and len(admitted) == 6
+    finally:
+        await ledger.stop()
+
+
 async def test_refuse_mode_refuses_limited_clients_while_redis_is_away(redis_server: RedisServer) -> None:
     clock = Clock()
     async with replica(redis_server.url, clock, without_redis="refuse") as a:
