@@ -8,7 +8,8 @@
   after are counted here), so that what was already spent stays spent; a request counted
   toward it waits for that (`Limiter.unknown`), else it could pass the budget. With Redis, that
   is added to Redis's counter once, by the first replica to ask (`seed`: every replica applies
-  the same change, and asks); Redis then marks the budget's period seeded. Any other budget a
+  the same change, and asks); Redis then marks the budget's period seeded. With a ledger of
+  each replica's own (SQLite, not `shared`), each adds what its own recorded. Any other budget a
   replica begins counting (at its start, in a new period) or one whose period is marked
   already (a budget that came back) only raises the counter to what the ledger holds of the
   period, if that is more. "Before the change" is before this replica applied it: a request
@@ -234,10 +235,14 @@ class Keeper:
         if not self.unseeded:
             return
         keys = list(self.unseeded)
+        # A ledger of this replica's own (SQLite) holds none of the others' records: what each
+        # spent before the change is in its own, and each adds it (docs/reference.md §13.4).
+        each = 0 if getattr(self.source, "shared", True) else 1
         entries = [
             {
                 "k": key,
                 "before": "" if before is None else str(before),
+                "each": each,
                 "since": str(whole),
                 "held": str(held),
                 "exp": _expiry(Hold(key, "", 0, 0, window_)),

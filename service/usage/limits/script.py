@@ -40,7 +40,9 @@ Operations (`args`, a JSON object; amounts that go to INCRBY are strings of digi
   a new period, a change of the files): each is marked `seeded`, and raised to `since` (what
   the ledger holds of its period) if that is more. For a budget that came mid-run, `before`
   (what its subject spent in the period before the change) is added instead, by the first
-  replica to mark it: every replica applies the change and asks, and it is added once. `held`
+  replica to mark it: every replica applies the change and asks, and it is added once; with
+  `each` (the replica's ledger is its own, SQLite: its records are in no other's) by every
+  replica, each its own. `held`
   (what the replica's requests in flight at the change hold of it under the budget's former
   key: no record says so yet) is added by each replica, first or not.
 
@@ -314,7 +316,7 @@ local function run(op, a)
       local sk, rk, mk = base .. ':spent', base .. ':res', base .. ':seeded'
       local first = redis.call('SET', mk, '1', 'NX')
       if first and b.exp and b.exp > 0 then redis.call('PEXPIREAT', mk, b.exp) end
-      if first and b.before ~= '' then
+      if (first or b.each == 1) and b.before ~= '' then
         if b.before ~= '0' then redis.call('INCRBY', sk, b.before) end
       elseif tonumber(redis.call('GET', sk) or '0') < tonumber(b.since) then
         redis.call('SET', sk, b.since)

@@ -38,6 +38,14 @@ def redis_server(tmp_path: Path) -> Any:
     server.stop()
 
 
+class SharedLedger(Ledger):
+    """One ledger for every replica, as PostgreSQL is (docs/reference.md §13.4), here in SQLite."""
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+
 @contextlib.asynccontextmanager
 async def replica(
     url: str,
@@ -166,7 +174,7 @@ async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_repl
     counted in the new period before either ticks): the ledger's 14 USD of the month before the
     change are added to Redis once, not twice and not forgotten; a replica started later agrees."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
     await ledger.start()
     for day, cost in ((2, 3), (4, 11)):
         ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
@@ -220,7 +228,7 @@ async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_n
     the day's key: it counts toward the month's all the same, on every replica (its reservation,
     as its cost is not known when the month's counter is seeded: over, never under)."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
     await ledger.start()
     for day, cost in ((2, 3), (4, 11)):
         ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
@@ -264,7 +272,7 @@ async def test_requests_on_two_replicas_as_a_change_of_period_lands_do_not_pass_
     before it): a request counted toward the month's budget waits for what was spent before the
     change, so six are admitted, not twenty (34 USD of a budget of 20)."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
     await ledger.start()
     for day, cost in ((2, 3), (4, 11)):
         ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
@@ -289,6 +297,43 @@ async def test_requests_on_two_replicas_as_a_change_of_period_lands_do_not_pass_
             assert a.limiter.known[key] == (20_000_000_000, 0) and len(admitted) == 6
     finally:
         await ledger.stop()
+
+
+async def test_a_budget_given_a_longer_period_keeps_what_every_replica_spent_in_its_own_ledger(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "what was already spent in the period stays spent". Each replica with
+    a SQLite ledger of its own (docs/reference.md §13.4: only PostgreSQL is shared): what each
+    recorded of the month before the day's budget became a month's is in no other's, so each
+    adds its own (14 and 5 USD), not only the first to apply the change."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledgers = []
+    for name, spent in (("a", ((2, 3), (4, 11))), ("b", ((3, 5),))):
+        ledger = Ledger(open_store(str(tmp_path / name / "usage.db"), tmp_path), tmp_path / name / "spool")
+        await ledger.start()
+        for day, cost in spent:
+            ledger.submit(
+                record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost))
+            )
+        await ledger.flush()
+        ledgers.append(ledger)
+    day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledgers[0], budgets=day) as a,
+            replica(redis_server.url, clock, source=ledgers[1], budgets=day) as b,
+        ):
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == b.limiter.known[key] == (19_000_000_000, 0)
+    finally:
+        for ledger in ledgers:
+            await ledger.stop()
 
 
 async def test_refuse_mode_refuses_limited_clients_while_redis_is_away(redis_server: RedisServer) -> None:
