@@ -9,7 +9,8 @@
   toward it waits for that (`Limiter.unknown`), else it could pass the budget. With Redis, that
   is added to Redis's counter once, by the first replica to ask (`seed`: every replica applies
   the same change, and asks); Redis then marks the budget's period seeded. With a ledger of
-  each replica's own (SQLite, not `shared`), each adds what its own recorded. Any other budget a
+  each replica's own (SQLite, not `shared`), each adds what its own recorded (since the budget
+  last went from this replica's files, if it did in the period: before, Redis counted it). Any other budget a
   replica begins counting (at its start, in a new period) or one whose period is marked
   already (a budget that came back) only raises the counter to what the ledger holds of the
   period, if that is more. "Before the change" is before this replica applied it: a request
@@ -85,6 +86,9 @@ class Keeper:
         has had that budget: what this process counted of it began then."""
         self.clients: tuple[str, ...] = ()
         """Clients with limits: their counters are in Redis."""
+        self.left: dict[tuple[str, str, str], float] = {}
+        """(kind, subject, period) -> when the configuration took that budget away (or gave it
+        another period): what this replica counted of it until then is in Redis."""
         self.unseeded: dict[str, tuple[int | None, int, Window, int]] = {}
         """With Redis: budget key -> (what it spent before the change, for a budget that came
         mid-run; what it spent in its period; its window; what this replica's requests in flight
@@ -108,6 +112,8 @@ class Keeper:
             (kind, subject, b.period): before.get((kind, subject, b.period), now)
             for kind, subject, b in self.budgets
         }
+        for gone in before.keys() - self.counted_since.keys():
+            self.left[gone] = now
         if self._loaded_ms is not None:  # a change of the files: its new budgets are read at once
             self._learn([(k, s, b) for k, s, b in self.budgets if (k, s, b.period) not in before], now)
 
@@ -168,8 +174,9 @@ class Keeper:
                 continue
             since = self.counted_since.get((kind, subject, budget.period), now)
             held = self._held_elsewhere(kind, subject, key, current)  # before the ledger is read
+            left = self.left.pop((kind, subject, budget.period), None)
             if limiter.remote is not None and self._came_mid_run(since, current):
-                await self._seed_mid_run(kind, subject, key, current, since, held)
+                await self._seed_mid_run(kind, subject, key, current, since, held, left)
                 continue
             spent = await self._seed(kind, subject, key, current, since)
             limiter.seed[key] = spent + held
@@ -214,16 +221,33 @@ class Keeper:
         return loaded is not None and since > loaded and since > current.start.timestamp() * 1000
 
     async def _seed_mid_run(
-        self, kind: str, subject: str, key: str, current: Window, since: float, held: int
+        self,
+        kind: str,
+        subject: str,
+        key: str,
+        current: Window,
+        since: float,
+        held: int,
+        left: float | None,
     ) -> None:
         """Read what a budget that came mid-run (at `since`) spent in its period, before then and
         in all, for Redis (`_seed_remote`), with what this replica's requests in flight `held` of
-        it; this replica holds to it meanwhile if Redis is away."""
+        it; this replica holds to it meanwhile if Redis is away. With a ledger of this replica's
+        own, one that this replica counted in Redis until it `left` (the files took it away, or
+        gave it another period) adds only what it spent since: the rest is in Redis."""
         until = datetime.fromtimestamp(since / 1000, UTC)
         before = await self._spent_before(kind, subject, key, current, until)
         whole = await self._spent_before(kind, subject, key, current)
         self.limiter.seed[key] = before + held
-        self.unseeded[key] = (before, max(before, whole), current, held)
+        added = before
+        if left is not None and left > current.start.timestamp() * 1000 and not self._shared():
+            start = datetime.fromtimestamp(left / 1000, UTC)
+            added = await self._spent_before(kind, subject, key, current, until, start)
+        self.unseeded[key] = (added, max(before, whole), current, held)
+
+    def _shared(self) -> bool:
+        """Whether the ledger holds every replica's records (PostgreSQL), or only this one's."""
+        return bool(getattr(self.source, "shared", True))
 
     async def _seed_remote(self) -> None:
         """Give Redis what budgets newly loaded spent (`seed`): added once for one that came
@@ -237,7 +261,7 @@ class Keeper:
         keys = list(self.unseeded)
         # A ledger of this replica's own (SQLite) holds none of the others' records: what each
         # spent before the change is in its own, and each adds it (docs/reference.md §13.4).
-        each = 0 if getattr(self.source, "shared", True) else 1
+        each = 0 if self._shared() else 1
         entries = [
             {
                 "k": key,
@@ -261,14 +285,21 @@ class Keeper:
             limiter.lose(str(exc))
 
     async def _spent_before(
-        self, kind: str, subject: str, key: str, current: Window, until: datetime | None = None
+        self,
+        kind: str,
+        subject: str,
+        key: str,
+        current: Window,
+        until: datetime | None = None,
+        start: datetime | None = None,
     ) -> int:
         source, snapshot = self.source, self._snapshot
         found: int | None = None
         if source is not None:
             try:
                 async with asyncio.timeout(SOURCE_TIMEOUT_S):
-                    amount = await source.spent(kind, subject, current.start, until)  # type: ignore[arg-type]
+                    since = current.start if start is None else start
+                    amount = await source.spent(kind, subject, since, until)  # type: ignore[arg-type]
                     found = charge_units(amount)
             except Exception as exc:  # the ledger is down or off: the snapshot and the spool then
                 log.info(
@@ -281,7 +312,7 @@ class Keeper:
                 since_snapshot += await self._spooled(kind, subject, snapshot.at)
             return max(found or 0, since_snapshot)
         if found is None:
-            return await self._spooled(kind, subject, current.start)
+            return await self._spooled(kind, subject, current.start if start is None else start)
         return found
 
     async def _spooled(self, kind: str, subject: str, since: datetime) -> int:

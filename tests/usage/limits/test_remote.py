@@ -331,6 +331,23 @@ async def test_a_budget_given_a_longer_period_keeps_what_every_replica_spent_in_
             await asyncio.gather(a.tick(), b.tick())
             key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
             assert a.limiter.known[key] == b.limiter.known[key] == (19_000_000_000, 0)
+            # Back to a day's budget, 2 USD spent on `b`, and to a month's again: each adds what
+            # it spent while the month's was not counted, not all it spent in the month again.
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(day, ["c"])
+                await kept.tick()
+            ticket = await attempt(b.limiter, "r2", limits(budget={"usd": "100", "period": "day"}), "2")
+            await b.limiter.settle(ticket, Decimal(2), 10)
+            ledgers[1].submit(
+                record(ts=datetime.fromtimestamp(clock.now, UTC), client="c", cost_usd=Decimal(2))
+            )
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            await asyncio.gather(a.tick(), b.tick())
+            assert a.limiter.known[key] == b.limiter.known[key] == (21_000_000_000, 0)
     finally:
         for ledger in ledgers:
             await ledger.stop()
