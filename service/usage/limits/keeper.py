@@ -10,11 +10,12 @@
   is added to Redis's counter once, by the first replica to ask (`seed`: every replica applies
   the same change, and asks); Redis then marks the budget's period seeded. With a ledger of
   each replica's own (SQLite, not `shared`), each adds what its own recorded (since the budget
-  last went from this replica's files, if it did in the period: before, Redis counted it). Any other budget a
-  replica begins counting (at its start, in a new period) or one whose period is marked
-  already (a budget that came back) only raises the counter to what the ledger holds of the
-  period, if that is more. "Before the change" is before this replica applied it: a request
-  another replica counted in Redis a moment earlier is counted twice, over, never under. A
+  last went from this replica's files, if it did in the period: before, Redis counted it).
+  Any other budget a replica begins counting (at its start, in a new period) or one whose
+  period is marked already (a budget that came back) only raises the counter to what the
+  ledger holds of the period, if that is more. "Before the change" is before this replica
+  applied it: a request another replica counted in Redis a moment earlier is counted twice,
+  over, never under. A
   request still in flight then (admitted under the former budget: no record of it yet, its
   cost settled under the former key) counts too, by its reservation: each replica adds what
   its own hold (`_held_elsewhere`), over by what they will not cost, never under. With the
