@@ -1088,3 +1088,38 @@ def test_the_completion_asked_for_is_the_largest_whole_positive_count_given(data
         if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value > 0
     ]
     assert _completion(data, "chat") == (min(max(asked), 10**12) if asked else None)
+
+
+async def test_a_native_messages_stream_cut_midway_is_charged_its_reservation(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §13.2: "a stream that broke after a byte was relayed ... is charged its whole
+    reservation and recorded `estimated: true`". Anthropic's stream says a usage so far in its
+    first event (`message_start`: the prompt, 1 token out); a stream cut after it is not charged
+    that as if the answer had ended there."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key="sk-up") as up:
+        write_provider(
+            sops_project, "a", provider="anthropic", base_url=up.url, api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            up.drop_after(2)
+            message = {
+                "model": "fake-model",
+                "max_tokens": 10,
+                "stream": True,
+                "messages": [{"role": "user", "content": "one two three four"}],
+            }
+            async with board.http.post(
+                f"{board.base_url}/messages", json=message, headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as response:
+                text = await response.text()
+            await eventually(lambda: len(records.kept) == 1)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert response.status == 200 and "message_start" in text and "error" in text
+    record = records.kept[0]
+    assert (record.status, record.estimated, record.completion_tokens) == (200, True, 0), record
+    assert record.cost_usd > len(json.dumps(message)) + 20 - 1  # every byte a token at 1 USD, 10 out at 2
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert Decimal(used["budget_spent_usd"]) == record.cost_usd

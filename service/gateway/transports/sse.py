@@ -137,7 +137,8 @@ async def relay_events(
         upstream.close()
         raise
     upstream.release()
-    call.usage = usages.as_chat(call.upstream_protocol, usage)
+    if call.broken is None:  # a stream cut short said only part of its usage: its reservation then
+        call.usage = usages.as_chat(call.upstream_protocol, usage)
     if name_model and call.answer_model is None and usage is not None:
         call.answer_model = find_model(window)
     return answer

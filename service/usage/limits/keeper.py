@@ -4,15 +4,22 @@
   read (`spent.py`: the ledger, else the local snapshot plus the spool) into `Limiter.seed`;
   with Redis it is then given to Redis, which keeps the larger of its own and this.
 - **On a change of the files**, a budget new in them (or given another period) has what it spent
-  in its period before then read the same way at the next tick (the records before the change:
-  those after are counted here), so that what was already spent stays spent. With Redis, that
+  in its period before then read the same way at once (the records before the change: those
+  after are counted here), so that what was already spent stays spent; a request counted
+  toward it waits for that (`Limiter.unknown`), else it could pass the budget. With Redis, that
   is added to Redis's counter once, by the first replica to ask (`seed`: every replica applies
-  the same change, and asks); Redis then marks the budget's period seeded. Any other budget a
-  replica begins counting (at its start, in a new period) or one whose period is marked
-  already (a budget that came back) only raises the counter to what the ledger holds of the
-  period, if that is more. "Before the change" is before this replica applied it: a request
-  another replica counted in Redis a moment earlier is counted twice, over, never under. With
-  the ledger off nothing says what was spent before: such a budget counts from the change.
+  the same change, and asks); Redis then marks the budget's period seeded. With a ledger of
+  each replica's own (SQLite, not `shared`), each adds what its own recorded (since the budget
+  last went from this replica's files, if it did in the period: before, Redis counted it).
+  Any other budget a replica begins counting (at its start, in a new period) or one whose
+  period is marked already (a budget that came back) only raises the counter to what the
+  ledger holds of the period, if that is more. "Before the change" is before this replica
+  applied it: a request another replica counted in Redis a moment earlier is counted twice,
+  over, never under. A
+  request still in flight then (admitted under the former budget: no record of it yet, its
+  cost settled under the former key) counts too, by its reservation: each replica adds what
+  its own hold (`_held_elsewhere`), over by what they will not cost, never under. With the
+  ledger off nothing says what was spent before: such a budget counts from the change.
 - **Every second** (`tick`): with Redis up, the lease of this replica's epoch is renewed and
   every budget's and limited client's use read back (`known`, `replicas`): what this replica
   falls back on if Redis goes; with Redis away, it is asked again, and once it answers,
@@ -80,12 +87,19 @@ class Keeper:
         has had that budget: what this process counted of it began then."""
         self.clients: tuple[str, ...] = ()
         """Clients with limits: their counters are in Redis."""
-        self.unseeded: dict[str, tuple[int | None, int, Window]] = {}
+        self.left: dict[tuple[str, str, str], float] = {}
+        """(kind, subject, period) -> when the configuration took that budget away (or gave it
+        another period): what this replica counted of it until then is in Redis."""
+        self.unseeded: dict[str, tuple[int | None, int, Window, int]] = {}
         """With Redis: budget key -> (what it spent before the change, for a budget that came
-        mid-run; what it spent in its period; its window), not yet given to Redis (`seed`)."""
+        mid-run; what it spent in its period; its window; what this replica's requests in flight
+        hold of it under another key), not yet given to Redis (`seed`)."""
         self._loaded_ms: float | None = None
         """When `load` began: a budget the configuration got after it came mid-run."""
         self.ready = asyncio.Event()
+        self._seeding = asyncio.Lock()
+        """Held while budgets' spent is read and given to Redis (a tick, or a change of the files)."""
+        self._tasks: set[asyncio.Task[None]] = set()
         self._snapshot: Snapshot | None = None
         self._written: dict[str, tuple[int, int]] | None = None
         self._last_write = 0.0
@@ -99,6 +113,41 @@ class Keeper:
             (kind, subject, b.period): before.get((kind, subject, b.period), now)
             for kind, subject, b in self.budgets
         }
+        for gone in before.keys() - self.counted_since.keys():
+            self.left[gone] = now
+        if self._loaded_ms is not None:  # a change of the files: its new budgets are read at once
+            self._learn([(k, s, b) for k, s, b in self.budgets if (k, s, b.period) not in before], now)
+
+    def _learn(self, came: list[tuple[str, str, Budget]], now: float) -> None:
+        """Read what budgets new in the files spent in their period before the change, now, not
+        at the next tick: a request counted toward one waits for it (`Limiter.unknown`), so that
+        none is admitted against a counter without it (docs/reference.md §13.2)."""
+        limiter = self.limiter
+        keys = []
+        for kind, subject, budget in came:
+            key = budget_key(kind, subject, limiter.window(budget.period, now))
+            if key not in limiter.seed and key not in limiter.unknown:
+                limiter.unknown[key] = asyncio.Event()
+                keys.append(key)
+        if keys:
+            task = asyncio.get_running_loop().create_task(self._seed_now(keys))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _seed_now(self, keys: list[str]) -> None:
+        limiter = self.limiter
+        try:
+            async with self._seeding:
+                await self.seed_missing()
+                if limiter.remote is not None and limiter.up:
+                    await self._seed_remote()
+        except Exception:  # the requests go on all the same: the next tick tries again
+            log.exception("limits: what the budgets new in the files spent cannot be read")
+        finally:
+            for key in keys:
+                event = limiter.unknown.pop(key, None)
+                if event is not None:
+                    event.set()
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -107,11 +156,12 @@ class Keeper:
         self._loaded_ms = self.limiter.now_ms()
         if self.file is not None:
             self._snapshot = await asyncio.to_thread(self.file.read)
-        await self.seed_missing()
         limiter = self.limiter
-        if limiter.remote is not None and await self.reconcile():
-            await self._seed_remote()
-            await self.refresh()
+        async with self._seeding:
+            await self.seed_missing()
+            if limiter.remote is not None and await self.reconcile():
+                await self._seed_remote()
+                await self.refresh()
         self.ready.set()
 
     async def seed_missing(self) -> None:
@@ -124,12 +174,35 @@ class Keeper:
             if key in limiter.seed:
                 continue
             since = self.counted_since.get((kind, subject, budget.period), now)
+            held = self._held_elsewhere(kind, subject, key, current)  # before the ledger is read
+            left = self.left.pop((kind, subject, budget.period), None)
             if limiter.remote is not None and self._came_mid_run(since, current):
-                await self._seed_mid_run(kind, subject, key, current, since)
+                await self._seed_mid_run(kind, subject, key, current, since, held, left)
                 continue
-            limiter.seed[key] = await self._seed(kind, subject, key, current, since)
+            spent = await self._seed(kind, subject, key, current, since)
+            limiter.seed[key] = spent + held
             if limiter.remote is not None:  # Redis keeps the larger, and knows it is seeded
-                self.unseeded[key] = (None, limiter.seed[key], current)
+                self.unseeded[key] = (None, spent, current, held)
+
+    def _held_elsewhere(self, kind: str, subject: str, key: str, current: Window) -> int:
+        """What this replica's requests in flight that arrived in `current` hold of `subject`'s
+        budget under another key: admitted before a change of the files gave the budget its
+        period, they count toward it too, though no record of them is in the ledger yet (nor
+        will their cost be counted under `key`). Their reservations, as what they will cost is
+        not known yet: over, never under."""
+        start = current.start.timestamp() * 1000
+        held = 0
+        for ticket in self.limiter.tickets.values():
+            if (
+                ticket.settled
+                or ticket.admitted_ms < start
+                or (kind == "client" and ticket.client != subject)
+            ):
+                continue
+            hold = ticket.holds.get("client" if kind == "client" else subject)
+            if hold is not None and hold.key != key:
+                held += hold.amount
+        return held
 
     async def _seed(self, kind: str, subject: str, key: str, current: Window, since: float) -> int:
         """What a budget spent in its period before this process counted it (since `since`)."""
@@ -148,14 +221,34 @@ class Keeper:
         loaded = self._loaded_ms
         return loaded is not None and since > loaded and since > current.start.timestamp() * 1000
 
-    async def _seed_mid_run(self, kind: str, subject: str, key: str, current: Window, since: float) -> None:
+    async def _seed_mid_run(
+        self,
+        kind: str,
+        subject: str,
+        key: str,
+        current: Window,
+        since: float,
+        held: int,
+        left: float | None,
+    ) -> None:
         """Read what a budget that came mid-run (at `since`) spent in its period, before then and
-        in all, for Redis (`_seed_remote`); this replica holds to it meanwhile if Redis is away."""
+        in all, for Redis (`_seed_remote`), with what this replica's requests in flight `held` of
+        it; this replica holds to it meanwhile if Redis is away. With a ledger of this replica's
+        own, one that this replica counted in Redis until it `left` (the files took it away, or
+        gave it another period) adds only what it spent since: the rest is in Redis."""
         until = datetime.fromtimestamp(since / 1000, UTC)
         before = await self._spent_before(kind, subject, key, current, until)
         whole = await self._spent_before(kind, subject, key, current)
-        self.limiter.seed[key] = before
-        self.unseeded[key] = (before, max(before, whole), current)
+        self.limiter.seed[key] = before + held
+        added = before
+        if left is not None and left > current.start.timestamp() * 1000 and not self._shared():
+            start = datetime.fromtimestamp(left / 1000, UTC)
+            added = await self._spent_before(kind, subject, key, current, until, start)
+        self.unseeded[key] = (added, max(before, whole), current, held)
+
+    def _shared(self) -> bool:
+        """Whether the ledger holds every replica's records (PostgreSQL), or only this one's."""
+        return bool(getattr(self.source, "shared", True))
 
     async def _seed_remote(self) -> None:
         """Give Redis what budgets newly loaded spent (`seed`): added once for one that came
@@ -167,14 +260,19 @@ class Keeper:
         if not self.unseeded:
             return
         keys = list(self.unseeded)
+        # A ledger of this replica's own (SQLite) holds none of the others' records: what each
+        # spent before the change is in its own, and each adds it (docs/reference.md §13.4).
+        each = 0 if self._shared() else 1
         entries = [
             {
                 "k": key,
                 "before": "" if before is None else str(before),
+                "each": each,
                 "since": str(whole),
+                "held": str(held),
                 "exp": _expiry(Hold(key, "", 0, 0, window_)),
             }
-            for key, (before, whole, window_) in self.unseeded.items()
+            for key, (before, whole, window_, held) in self.unseeded.items()
         ]
         try:
             answer = await limiter.call("seed", limiter.now_ms(), {"keys": entries})
@@ -188,14 +286,21 @@ class Keeper:
             limiter.lose(str(exc))
 
     async def _spent_before(
-        self, kind: str, subject: str, key: str, current: Window, until: datetime | None = None
+        self,
+        kind: str,
+        subject: str,
+        key: str,
+        current: Window,
+        until: datetime | None = None,
+        start: datetime | None = None,
     ) -> int:
         source, snapshot = self.source, self._snapshot
         found: int | None = None
         if source is not None:
             try:
                 async with asyncio.timeout(SOURCE_TIMEOUT_S):
-                    amount = await source.spent(kind, subject, current.start, until)  # type: ignore[arg-type]
+                    since = current.start if start is None else start
+                    amount = await source.spent(kind, subject, since, until)  # type: ignore[arg-type]
                     found = charge_units(amount)
             except Exception as exc:  # the ledger is down or off: the snapshot and the spool then
                 log.info(
@@ -208,7 +313,7 @@ class Keeper:
                 since_snapshot += await self._spooled(kind, subject, snapshot.at)
             return max(found or 0, since_snapshot)
         if found is None:
-            return await self._spooled(kind, subject, current.start)
+            return await self._spooled(kind, subject, current.start if start is None else start)
         return found
 
     async def _spooled(self, kind: str, subject: str, since: datetime) -> int:
@@ -239,10 +344,11 @@ class Keeper:
 
     async def tick(self) -> None:
         limiter = self.limiter
-        await self.seed_missing()
-        if limiter.remote is not None and (limiter.up or await self.reconcile()):
-            await self._seed_remote()
-            await self.refresh()
+        async with self._seeding:
+            await self.seed_missing()
+            if limiter.remote is not None and (limiter.up or await self.reconcile()):
+                await self._seed_remote()
+                await self.refresh()
         limiter.forget({key for key, _ in self._keys()})
         limiter.counters.forget_idle(limiter.now_ms())
         limiter.providers.forget_idle(limiter.now_ms())
@@ -335,8 +441,12 @@ class Keeper:
         entries = []
         for key, current in windows.items():
             known = limiter.known.get(key, (0, 0))[0]
-            if self.unseeded.get(key, (None,))[0] is None:  # else `seed` adds it once this is done
+            unseeded = self.unseeded.get(key)
+            if unseeded is None:
                 known = max(limiter.seed.get(key, 0), known)
+            elif unseeded[0] is None:  # what is held `seed` adds once this is done
+                known = max(unseeded[1], known)
+            # else `seed` adds it all once this is done
             old = sum(h.amount for h in holds.get(key, ()) if h.epoch is not None)
             new = sum(h.amount for h in holds.get(key, ()) if h.epoch is None)
             entry = {

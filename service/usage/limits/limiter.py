@@ -100,6 +100,9 @@ class Limiter:
         self.unsynced_tokens: dict[str, list[tuple[float, str, int]]] = {}
         self.tickets: dict[str, Ticket] = {}
         """Admitted requests not settled yet, by id."""
+        self.unknown: dict[str, asyncio.Event] = {}
+        """Budget keys a change of the files just gave a budget, while what was spent in their
+        period before it is read (`Keeper.configure`): a request counted toward one waits."""
         self.lock = asyncio.Lock()
         """Held while reconciling: local changes wait for it (a moment, on a Redis that answers)."""
         self.on_exhausted: Callable[[str, str, Window], None] | None = None
@@ -200,7 +203,8 @@ class Limiter:
             provider_hold = self.hold_units("provider", provider[0], provider[1], provider[2], now)
         if limits is not None and self.remote is not None and not self.up and self.without_redis == "refuse":
             raise Refused("unavailable", 1000, None, Use())
-        waited = False  # on Redis or a reconcile: the clock moved on since `now`
+        # on Redis, a reconcile or a budget's spend before a change: the clock moved on since `now`
+        waited = bool(self.unknown) and await self._learned(client_hold, provider_hold)
         while True:
             if self.up and (limits is not None or provider_hold is not None):
                 waited = True
@@ -331,6 +335,8 @@ class Limiter:
         after the first); False when the budget cannot cover it (the provider is skipped)."""
         now = self.now_ms()
         hold = self.hold_units("provider", provider_id, budget, units, now)
+        if self.unknown and await self._learned(hold):
+            now = self.now_ms()
         while True:
             if self.up:
                 try:
@@ -344,6 +350,18 @@ class Limiter:
             if not self.up:  # else the reconcile put this replica back on Redis: held there
                 break
         return self._reserve_local(ticket, hold)
+
+    async def _learned(self, *holds: Hold | None) -> bool:
+        """Wait until what each hold's budget spent before a change of the files is counted
+        (docs/reference.md §13.2: "what was already spent in the period stays spent"); whether
+        it waited."""
+        waited = False
+        for hold in holds:
+            event = self.unknown.get(hold.key) if hold is not None else None
+            if event is not None:
+                await event.wait()
+                waited = True
+        return waited
 
     async def _reserve_remote(self, ticket: Ticket, hold: Hold, now: float) -> bool:
         answer = await self.call("acquire", now, {"pb": _budget_args(hold)})

@@ -36,11 +36,15 @@ Operations (`args`, a JSON object; amounts that go to INCRBY are strings of digi
   `renew` the caller's lease is renewed first (the limiter's sync, every second).
 - `reconcile` {old, keys: [...], clients: [...]}: after an outage, what this replica did
   meanwhile (see `Limiter._reconcile`).
-- `seed` {keys: [{k, before, since, exp}]}: budgets a replica began counting (at its start, a
-  new period, a change of the files): each is marked `seeded`, and raised to `since` (what the
-  ledger holds of its period) if that is more. For a budget that came mid-run, `before` (what
-  its subject spent in the period before the change) is added instead, by the first replica
-  to mark it: every replica applies the change and asks, and it is added once.
+- `seed` {keys: [{k, before, since, held, exp}]}: budgets a replica began counting (at its start,
+  a new period, a change of the files): each is marked `seeded`, and raised to `since` (what
+  the ledger holds of its period) if that is more. For a budget that came mid-run, `before`
+  (what its subject spent in the period before the change) is added instead, by the first
+  replica to mark it: every replica applies the change and asks, and it is added once; with
+  `each` (the replica's ledger is its own, SQLite: its records are in no other's) by every
+  replica, each its own. `held`
+  (what the replica's requests in flight at the change hold of it under the budget's former
+  key: no record says so yet) is added by each replica, first or not.
 
 Every operation but a plain `read` first renews the caller's lease; an epoch whose lease ran out
 gets `{"lost": true}` and changes nothing (its holdings are, or will be, charged in full).
@@ -312,11 +316,12 @@ local function run(op, a)
       local sk, rk, mk = base .. ':spent', base .. ':res', base .. ':seeded'
       local first = redis.call('SET', mk, '1', 'NX')
       if first and b.exp and b.exp > 0 then redis.call('PEXPIREAT', mk, b.exp) end
-      if first and b.before ~= '' then
+      if (first or b.each == 1) and b.before ~= '' then
         if b.before ~= '0' then redis.call('INCRBY', sk, b.before) end
       elseif tonumber(redis.call('GET', sk) or '0') < tonumber(b.since) then
         redis.call('SET', sk, b.since)
       end
+      if b.held and b.held ~= '' and b.held ~= '0' then redis.call('INCRBY', sk, b.held) end
       expire(b, sk, rk)
       local spent, reserved = budget(b.k)
       out.keys[i] = money(spent, reserved)

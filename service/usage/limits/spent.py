@@ -31,7 +31,9 @@ MAX_SNAPSHOT_BYTES = 16 << 20
 
 
 class SpentSource(Protocol):
-    """What the ledger answers: the sum of `cost_usd` of `subject`'s records since `since`."""
+    """What the ledger answers: the sum of `cost_usd` of `subject`'s records since `since`.
+    One whose `shared` is False (a ledger in SQLite) holds only this replica's records; without
+    that attribute, every replica's."""
 
     async def spent(
         self,

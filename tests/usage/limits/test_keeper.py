@@ -3,6 +3,7 @@ from the snapshot kept on local disk plus the spool when the ledger is down; nev
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -150,6 +151,47 @@ async def test_a_period_that_began_while_counting_is_not_read_back_on_top_of_the
     kept.source.total = Decimal(1)  # type: ignore[attr-defined]  # the ledger has the record too
     await kept.tick()
     assert kept.limiter.spent_here(key(clock))[0] == 1_000_000_000
+
+
+async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_new_budget() -> None:
+    """docs/reference.md §13.2: "what was already spent in the period stays spent". A request admitted
+    under a day's budget is still in flight when the files make it a month's: the ledger has no
+    record of it when the month's spend before the change is read, and its cost is settled under
+    the day's key; the month counts it all the same (its reservation: its cost is not known)."""
+    clock = Clock()  # 2026-12-04T12:00
+    kept = Keeper(Limiter(clock=clock), source=Ledger("14"))
+    kept.configure([("client", "c", Budget(usd=Decimal(100), period="day"))], ["c"])
+    await kept.load()
+    ticket, _ = await kept.limiter.admit(
+        "r1", "c", limits(budget={"usd": "100", "period": "day"}), Decimal(2)
+    )
+    clock.advance(1)
+    kept.configure([("client", "c", Budget(usd=Decimal(100), period="month"))], ["c"])
+    monthly = limits(budget={"usd": "100", "period": "month"})
+    later, _ = await kept.limiter.admit("r2", "c", monthly, Decimal(1))  # counted under the month's
+    await kept.tick()
+    await kept.limiter.settle(ticket, Decimal(1), 1)
+    await kept.limiter.settle(later, Decimal(1), 1)
+    await kept.tick()
+    assert kept.limiter.spent_here(key(clock)) == (17_000_000_000, 0)  # 14 before, 2 held, 1 after
+
+
+async def test_requests_as_a_change_of_period_lands_do_not_pass_the_budget() -> None:
+    """docs/reference.md §13.2: "spent never exceeds a budget, whatever the concurrency". Ten requests
+    of 1 USD sent as the files make a day's budget of 20 USD a month's, 14 spent in the month
+    before: each waits for that to be read, and six are admitted, not ten."""
+    clock = Clock()
+    kept = Keeper(Limiter(clock=clock), source=Ledger("14"))
+    kept.configure([("client", "c", Budget(usd=Decimal(20), period="day"))], ["c"])
+    await kept.load()
+    clock.advance(1)
+    kept.configure([("client", "c", Budget(usd=Decimal(20), period="month"))], ["c"])
+    monthly = limits(budget={"usd": "20", "period": "month"})
+    results = await asyncio.gather(
+        *(kept.limiter.admit(f"r{n}", "c", monthly, Decimal(1)) for n in range(10)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, Refused) for r in results) == 6
+    assert kept.limiter.spent_here(key(clock)) == (14_000_000_000, 6_000_000_000)
 
 
 async def test_what_was_stored_since_the_snapshot_counts_after_a_start_with_the_database_down(

@@ -38,6 +38,14 @@ def redis_server(tmp_path: Path) -> Any:
     server.stop()
 
 
+class SharedLedger(Ledger):
+    """One ledger for every replica, as PostgreSQL is (docs/reference.md §13.4), here in SQLite."""
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+
 @contextlib.asynccontextmanager
 async def replica(
     url: str,
@@ -166,7 +174,7 @@ async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_repl
     counted in the new period before either ticks): the ledger's 14 USD of the month before the
     change are added to Redis once, not twice and not forgotten; a replica started later agrees."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
     await ledger.start()
     for day, cost in ((2, 3), (4, 11)):
         ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
@@ -209,6 +217,140 @@ async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_repl
             assert a.limiter.known[key] == b.limiter.known[key] == (17_000_000_000, 0)
     finally:
         await ledger.stop()
+
+
+async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_new_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "what was already spent in the period stays spent". A request admitted
+    under the day's budget, still in flight when the commit makes it a month's, has no record in
+    the ledger when the month's spend before the change is read, and its cost is settled under
+    the day's key: it counts toward the month's all the same, on every replica (its reservation,
+    as its cost is not known when the month's counter is seeded: over, never under)."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    for day, cost in ((2, 3), (4, 11)):
+        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
+    await ledger.flush()
+    day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
+    daily = limits(budget={"usd": "100", "period": "day"})
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledger, budgets=day) as a,
+            replica(redis_server.url, clock, source=ledger, budgets=day) as b,
+        ):
+            arrived = datetime.fromtimestamp(clock.now, UTC)
+            flying = [
+                (a, await attempt(a.limiter, "r1", daily, "2")),
+                (b, await attempt(b.limiter, "r2", daily, "3")),
+            ]
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            for n, (kept, ticket) in enumerate(flying):
+                await kept.limiter.settle(ticket, Decimal(1), 10)
+                ledger.submit(record(id=f"late-{n}", ts=arrived, client="c", cost_usd=Decimal(1)))
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == b.limiter.known[key] == (19_000_000_000, 0)  # 14 + 2 + 3
+            async with replica(redis_server.url, clock, source=ledger, budgets=month) as c:
+                await c.tick()
+                assert c.limiter.known[key] == (19_000_000_000, 0)  # the ledger's 16 is less
+    finally:
+        await ledger.stop()
+
+
+async def test_requests_on_two_replicas_as_a_change_of_period_lands_do_not_pass_the_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "spent never exceeds a budget, whatever the concurrency", and "what
+    was already spent in the period stays spent". Forty requests of 1 USD on two replicas, sent
+    as the commit that makes a day's budget of 20 USD a month's lands (14 USD spent in the month
+    before it): a request counted toward the month's budget waits for what was spent before the
+    change, so six are admitted, not twenty (34 USD of a budget of 20)."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    for day, cost in ((2, 3), (4, 11)):
+        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
+    await ledger.flush()
+    day = [("client", "c", Budget(usd=Decimal(20), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(20), period="month"))]
+    monthly = limits(budget={"usd": "20", "period": "month"})
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledger, budgets=day) as a,
+            replica(redis_server.url, clock, source=ledger, budgets=day) as b,
+        ):
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            owners = [(a, b)[n % 2].limiter for n in range(40)]
+            results = await asyncio.gather(*(attempt(o, f"r{n}", monthly, "1") for n, o in enumerate(owners)))
+            admitted = [(o, r) for o, r in zip(owners, results, strict=True) if not isinstance(r, Refused)]
+            await asyncio.gather(*(o.settle(t, Decimal(1), 10) for o, t in admitted))
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == (20_000_000_000, 0) and len(admitted) == 6
+    finally:
+        await ledger.stop()
+
+
+async def test_a_budget_given_a_longer_period_keeps_what_every_replica_spent_in_its_own_ledger(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "what was already spent in the period stays spent". Each replica with
+    a SQLite ledger of its own (docs/reference.md §13.4: only PostgreSQL is shared): what each
+    recorded of the month before the day's budget became a month's is in no other's, so each
+    adds its own (14 and 5 USD), not only the first to apply the change."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledgers = []
+    for name, spent in (("a", ((2, 3), (4, 11))), ("b", ((3, 5),))):
+        ledger = Ledger(open_store(str(tmp_path / name / "usage.db"), tmp_path), tmp_path / name / "spool")
+        await ledger.start()
+        for day, cost in spent:
+            ledger.submit(
+                record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost))
+            )
+        await ledger.flush()
+        ledgers.append(ledger)
+    day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledgers[0], budgets=day) as a,
+            replica(redis_server.url, clock, source=ledgers[1], budgets=day) as b,
+        ):
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == b.limiter.known[key] == (19_000_000_000, 0)
+            # Back to a day's budget, 2 USD spent on `b`, and to a month's again: each adds what
+            # it spent while the month's was not counted, not all it spent in the month again.
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(day, ["c"])
+                await kept.tick()
+            ticket = await attempt(b.limiter, "r2", limits(budget={"usd": "100", "period": "day"}), "2")
+            await b.limiter.settle(ticket, Decimal(2), 10)
+            ledgers[1].submit(
+                record(ts=datetime.fromtimestamp(clock.now, UTC), client="c", cost_usd=Decimal(2))
+            )
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            await asyncio.gather(a.tick(), b.tick())
+            assert a.limiter.known[key] == b.limiter.known[key] == (21_000_000_000, 0)
+    finally:
+        for ledger in ledgers:
+            await ledger.stop()
 
 
 async def test_refuse_mode_refuses_limited_clients_while_redis_is_away(redis_server: RedisServer) -> None:
