@@ -353,6 +353,8 @@ class Metered:
         self.done = True
         record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
         tried = self.provider
+        if attempts == 0 and self.sent is None and self.ticket is not None:
+            self.ticket.unsent = True  # it went nowhere (503 `no_candidate`): counted toward no limit
         try:
             use = await self._settle(0, 0)
         except asyncio.CancelledError:

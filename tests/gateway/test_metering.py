@@ -426,6 +426,30 @@ async def test_a_provider_out_of_budget_is_skipped_and_the_request_falls_back(
     assert [r.provider for r in records.kept] == ["a", "b", "a"]
 
 
+async def test_a_request_no_provider_could_take_for_its_budget_counts_toward_no_limit(
+    sops_project: SopsProject,
+) -> None:
+    """The contract: "A request refused by one limit consumes nothing of the others"; a provider
+    out of budget is "skipped like an open circuit", and docs/reference.md §13.3 says of a 503
+    `no_candidate`: "what was known, nothing counted". Every candidate's budget refusing, the
+    client's rpm is not used up: it is never told 429 for requests that went nowhere."""
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        for pid, up in (("a", a), ("b", b)):  # ~70 USD of prompt bound alone: neither can take one
+            priced_provider(sops_project, pid, up, budget={"usd": "50", "period": "day"})
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, {"rpm": 2, "max_parallel": 1, "budget": {"usd": "1000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            answers = [await chat(board, max_tokens=5) for _ in range(4)]
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert [r.status for r in answers] == [503] * 4, [r.status for r in answers]
+    assert [r.headers["x-switchboard-remaining-requests"] for r in answers] == ["2"] * 4
+    assert [r.headers["x-switchboard-budget-remaining-usd"] for r in answers] == ["1000"] * 4
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert (used["requests_60s"], used["in_flight"], used["budget_reserved_usd"]) == (0, 0, "0")
+    assert [(r.status, r.provider, r.cost_usd) for r in records.kept] == [(503, None, 0)] * 4
+    assert not a.requests and not b.requests
+
+
 async def _health(board: Switchboard, pid: str) -> bool:
     _, provider = await _get(board, f"/api/v1/llm-config/providers/{pid}")
     return bool(provider["health"]["status"] != "unhealthy")

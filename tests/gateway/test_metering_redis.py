@@ -178,3 +178,23 @@ def upstream_requests(up: FakeUpstream) -> int:
 async def _refusing(board: Switchboard) -> bool:
     _, ready = await _ready(board)
     return bool(ready["limits"] == "refuse")
+
+
+async def test_a_request_no_provider_could_take_for_its_budget_counts_toward_no_limit_on_redis(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    """As without Redis: a 503 `no_candidate` (every candidate's budget refusing) leaves the
+    client's shared rpm as it was (the contract: "A request refused by one limit consumes
+    nothing of the others")."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, budget={"usd": "50", "period": "day"})  # cannot take one
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 2})
+        async with two(sops_project, redis_server.url) as (a, b, _, _):
+            answers = [await chat(a if n % 2 else b, max_tokens=5) for n in range(4)]
+            limits = await (await a.get("/api/v1/llm-config/limits", token=READER)).json()
+    assert [r.status for r in answers] == [503] * 4, [r.status for r in answers]
+    assert [r.headers["x-switchboard-remaining-requests"] for r in answers] == ["2"] * 4
+    client = next(c for c in limits["clients"] if c["name"] == "client")
+    assert (client["used"]["requests_60s"], client["used"]["in_flight"]) == (0, 0)
+    assert limits["mode"] == "redis" and not up.requests

@@ -116,6 +116,18 @@ class Counters:
             client.tokens.append((now, tokens))
             client.token_sum += tokens
 
+    def uncount(self, name: str, at: float) -> None:
+        """Take the request of `name` admitted `at` out of its window: it went nowhere (no
+        provider could take it), so it counts toward no limit (docs/reference.md §13)."""
+        client = self._clients.get(name)
+        if client is None:
+            return
+        requests = client.requests
+        for i in range(len(requests) - 1, -1, -1):  # from the newest: it came a moment ago
+            if requests[i] == at:
+                del requests[i]
+                return
+
     def in_flight(self) -> dict[str, int]:
         """Clients with requests in flight here, and how many."""
         return {name: c.in_flight for name, c in self._clients.items() if c.in_flight}

@@ -448,7 +448,7 @@ class Limiter:
     def _settle_here(self, ticket: Ticket, actual: int, tokens: int, now: float | None = None) -> None:
         if now is None:
             now = self.now_ms()
-        self.counters.finish(ticket.client, now, tokens)
+        self._finish(ticket, now, tokens)
         if ticket.holds or ticket.counted:
             self._settle_local(ticket, actual, tokens, now)
 
@@ -465,7 +465,7 @@ class Limiter:
             ]
             slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
             if self.up and (remote or slot):
-                self.counters.finish(ticket.client, now, tokens)
+                self._finish(ticket, now, tokens)
                 try:
                     await self._settle_remote(ticket, remote, slot, actual, tokens, now)
                 except Unavailable as exc:
@@ -481,6 +481,15 @@ class Limiter:
         self._settle_here(ticket, actual, tokens)
         return ticket.use
 
+    def _finish(self, ticket: Ticket, now: float, tokens: int) -> None:
+        """End `ticket`'s request in this replica's counts (out of its window too when unsent)."""
+        self.counters.finish(ticket.client, now, tokens)
+        if ticket.unsent and ticket.counted:
+            self.counters.uncount(ticket.client, ticket.admitted_ms)
+            unsynced = self.unsynced_requests.get(ticket.client)
+            if unsynced:
+                unsynced[:] = [entry for entry in unsynced if entry[1] != ticket.id]
+
     async def _settle_remote(
         self, ticket: Ticket, holds: list[Hold], slot: bool, actual: int, tokens: int, now: float
     ) -> None:
@@ -489,6 +498,8 @@ class Limiter:
         }
         if slot:
             args["c"] = {"n": ticket.client, "id": ticket.id, "tok": str(max(0, tokens))}
+            if ticket.unsent:
+                args["c"]["u"] = 1
         answer = await self.call("settle", now, args)
         states = answer.get("b")
         states = states if isinstance(states, list) else []

@@ -29,9 +29,10 @@ Operations (`args`, a JSON object; amounts that go to INCRBY are strings of digi
   A budget is `{k, limit, amount, exp}` (`exp`: ms when its counters may expire, 0: never).
 - `reserve` {pb}: a provider's budget alone (a fallback candidate).
 - `release` {k, amount}: a reservation given back uncharged (an attempt that failed).
-- `settle` {c: {n, id, tok}?, b: [{k, r, c, exp}]}: the request ended: its slot freed, its
-  tokens counted, each reservation `r` replaced by its cost `c`; a reservation whose epoch
-  lost its lease meanwhile was charged in full already, and is left alone.
+- `settle` {c: {n, id, tok, u?}?, b: [{k, r, c, exp}]}: the request ended: its slot freed, its
+  tokens counted (with `u`: it went nowhere, and leaves the `rpm` window too), each
+  reservation `r` replaced by its cost `c`; a reservation whose epoch lost its lease meanwhile
+  was charged in full already, and is left alone.
 - `read` {clients: [n], keys: [k], renew?}: use now, and the live epochs (replicas); with
   `renew` the caller's lease is renewed first (the limiter's sync, every second).
 - `reconcile` {old, keys: [...], clients: [...]}: after an outage, what this replica did
@@ -242,6 +243,7 @@ local function run(op, a)
       local par = base .. ':par'
       local left = redis.call('HINCRBY', par, epoch, -1)
       if left <= 0 then redis.call('HDEL', par, epoch) end
+      if c.u == 1 then redis.call('ZREM', base .. ':rpm', c.id) end
       if c.tok and c.tok ~= '0' then
         redis.call('ZADD', base .. ':tpm', int(now), c.id .. ':' .. c.tok)
         redis.call('INCRBY', base .. ':tsum', c.tok)

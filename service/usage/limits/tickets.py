@@ -98,6 +98,9 @@ class Ticket:
     use: Use | None = None
     """The client's use once counted (and settled): the remaining-* headers."""
     settled: bool = False
+    unsent: bool = False
+    """It went nowhere (no candidate could take it): its settlement takes it out of the client's
+    window, so it counts toward no limit."""
     pending: list[asyncio.Future[Any]] = field(default_factory=list)
     """Redis calls of a cancelled request still running: the settlement waits for them."""
 
