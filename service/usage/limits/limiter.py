@@ -448,7 +448,9 @@ class Limiter:
     def _settle_here(self, ticket: Ticket, actual: int, tokens: int, now: float | None = None) -> None:
         if now is None:
             now = self.now_ms()
-        self._finish(ticket, now, tokens)
+        self.counters.finish(ticket.client, now, tokens)
+        if ticket.unsent:
+            self._uncount(ticket)
         if ticket.holds or ticket.counted:
             self._settle_local(ticket, actual, tokens, now)
 
@@ -465,7 +467,9 @@ class Limiter:
             ]
             slot = ticket.counted and ticket.slot_epoch is not None and ticket.slot_epoch == epoch
             if self.up and (remote or slot):
-                self._finish(ticket, now, tokens)
+                self.counters.finish(ticket.client, now, tokens)
+                if ticket.unsent:
+                    self._uncount(ticket)
                 try:
                     await self._settle_remote(ticket, remote, slot, actual, tokens, now)
                 except Unavailable as exc:
@@ -481,10 +485,9 @@ class Limiter:
         self._settle_here(ticket, actual, tokens)
         return ticket.use
 
-    def _finish(self, ticket: Ticket, now: float, tokens: int) -> None:
-        """End `ticket`'s request in this replica's counts (out of its window too when unsent)."""
-        self.counters.finish(ticket.client, now, tokens)
-        if ticket.unsent and ticket.counted:
+    def _uncount(self, ticket: Ticket) -> None:
+        """Take `ticket`'s request, which went nowhere, out of its client's window here."""
+        if ticket.counted:
             self.counters.uncount(ticket.client, ticket.admitted_ms)
             unsynced = self.unsynced_requests.get(ticket.client)
             if unsynced:
