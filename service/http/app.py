@@ -27,10 +27,11 @@ from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
 from service.gateway.health import Health
 from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import messages
-from service.gateway.relay import NOSNIFF_HEADER
+from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER
 from service.http import (
     changes,
     config_api,
@@ -376,6 +377,8 @@ async def _answered(
     return response
 
 
+_GATEWAY = "/v1/"
+"""The gateway's paths: every answer there carries the gateway's headers, the router's too."""
 _MESSAGES = "/v1/messages"
 """Anthropic's Messages paths begin so: their errors come in Anthropic's shape."""
 
@@ -405,10 +408,14 @@ def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
     else:
         bug = internal(request, route)
         status, body = bug.status, bug.body()
-    if request.path == _MESSAGES or request.path.startswith(_MESSAGES + "/"):
-        error = body["error"]
-        extra = {k: v for k, v in error.items() if k not in ("type", "message")}
-        body = messages.error(status, error["message"], **extra)
+    path = request.path
+    if path.startswith(_GATEWAY):  # a gateway answer, the router's too (docs/reference.md §7, §13)
+        headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", **headers}
+        headers.setdefault(REQUEST_ID, uuid.uuid4().hex)
+        if path == _MESSAGES or path.startswith(_MESSAGES + "/"):
+            error = body["error"]
+            extra = {k: v for k, v in error.items() if k not in ("type", "message")}
+            body = messages.error(status, error["message"], **extra)
     return web.json_response(body, status=status, headers=headers)
 
 

@@ -124,6 +124,33 @@ async def test_an_expectation_it_cannot_meet_is_417_in_the_json_of_every_error(
     assert error == {"type": "expectation_failed", "message": "Expectation Failed"}
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/v1/chat/completions", {}, 405),
+        ("PUT", "/v1/messages", {}, 405),
+        ("POST", "/v1/chat/completions", {"Expect": "a-teapot"}, 417),
+        ("POST", "/v1/no-such-thing", {}, 404),
+    ],
+)
+async def test_the_routers_answers_on_gateway_paths_carry_the_gateways_headers(
+    guarded: Service, method: str, path: str, headers: dict[str, str], status: int
+) -> None:
+    """docs/reference.md §7: each gateway answer carries `x-switchboard-provider` and
+    `x-switchboard-attempts`; §13: every one an `x-request-id`. The router's 405, 404 and 417 on
+    `/v1/` paths too (they carried none of them)."""
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    sent = {"Authorization": f"Bearer {TOKEN}", **headers}
+    async with guarded.http.request(
+        method, guarded.url + path, headers=sent, json=chat if method != "GET" else None
+    ) as response:
+        assert response.status == status
+        assert response.headers["x-switchboard-provider"] == "none"
+        assert response.headers["x-switchboard-attempts"] == "0"
+        assert len(response.headers["x-request-id"]) == 32
+        await response.read()
+
+
 async def test_every_answer_forbids_sniffing(guarded: Service) -> None:
     """`nosniff` on every answer (docs/reference.md §6), whichever way it is made: by a handler, the
     middleware's errors (401, 404, 405, 415, 502), the router's expect handler (417), a stream."""
