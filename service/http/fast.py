@@ -1,0 +1,436 @@
+"""The gateway's own HTTP/1.1 server for whole, non-stream requests, in front of aiohttp's.
+
+A `FastSite` listens in place of aiohttp's `TCPSite`; each accepted connection is a
+`FastConnection`, which parses with httptools and answers by itself only a request that is
+all of: a `POST` to one of the gateway's endpoints (`_Gateway.routes` with an `Endpoint`),
+HTTP/1.1 or 1.0, a `Content-Length` within the app's limit and no `Expect`,
+`Transfer-Encoding`, `Content-Encoding` or `Upgrade`, whose whole body has come, with no
+earlier request unanswered, and which is not a stream once its body is read. It runs the
+gateway's own code for it (`_Gateway.called`, `_Gateway.relayed`) and writes the answer as
+aiohttp would, byte for byte but the `Date`.
+
+Any other request hands the connection to aiohttp for the rest of its life, at that
+request's first byte: aiohttp's `RequestHandler` is made for the transport, given it, and
+fed every byte not yet answered. Nothing of the request has happened by then (no client
+admitted, nothing metered or counted): the hand-off of a stream, the one decided after the
+body is parsed, comes before the relay, and what comes before it has no effect.
+
+aiohttp's `Server` keeps the connections, ours too (`connection_made`, `close`,
+`shutdown`, `_task_handler`: what it reads of a connection), so that the runner's shutdown
+closes idle ones at once and waits for a request in flight, as for its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import httptools
+from aiohttp import hdrs, web
+from aiohttp.helpers import (
+    HeadersMixin,
+    must_be_empty_body,
+    rfc822_formatted_time,
+    should_remove_content_length,
+)
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.web_runner import BaseRunner
+from aiohttp.web_server import Server
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from service.gateway.call import Call
+
+if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+
+    from service.http.app import Gateway
+    from service.http.openai_api import Endpoint
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 75.0
+"""An idle connection is closed after this long: aiohttp's `RequestHandler` default."""
+MAX_FIELD = 8000
+"""A request line or header field longer is aiohttp's to judge (its limit: 8190)."""
+MAX_HEADERS = 100
+"""More header fields than this are aiohttp's to judge (its limit: 128)."""
+_REFUSED = frozenset(
+    name.lower().encode()
+    for name in (hdrs.EXPECT, hdrs.TRANSFER_ENCODING, hdrs.CONTENT_ENCODING, hdrs.UPGRADE)
+)
+_POST = b"POST"
+_VERSIONS = {"1.1": HttpVersion11, "1.0": HttpVersion10}
+
+
+class _Whole:
+    """A request's body that came whole: what `openai_api.arrived` reads of `request.content`."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def is_eof(self) -> bool:
+        return True
+
+    def read_nowait(self) -> bytes:
+        return self.body
+
+
+class FastRequest(HeadersMixin):
+    """What the gateway's code reads of an `aiohttp.web.Request`, for a request of the fast path:
+    `app`, `method`, `path`, `headers`, `host`, `content_type`, `content_length`, `body_exists`,
+    `content`, `match_info`, `keep_alive`, `version`, and a mapping of its own (`request[CLIENT]`)."""
+
+    method = hdrs.METH_POST
+    body_exists = True  # the fast path takes only a body of one byte or more
+
+    def __init__(
+        self,
+        app: web.Application,
+        path: str,
+        headers: CIMultiDictProxy[str],
+        body: bytes,
+        match_info: UrlMappingMatchInfo,
+        version: HttpVersion,
+        keep_alive: bool,
+    ) -> None:
+        self.app = app
+        self.path = path
+        self._headers = headers
+        self.content = _Whole(body)
+        self.match_info = match_info
+        self.version = version
+        self.keep_alive = keep_alive
+        self._state: dict[Any, Any] = {}
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return cast(CIMultiDictProxy[str], self._headers)
+
+    @property
+    def host(self) -> str:
+        host = self._headers.get(hdrs.HOST)
+        assert host is not None  # the fast path takes only a request with one
+        return host
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._state[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._state[key] = value
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+
+def _serialized(request: FastRequest, response: web.Response) -> bytes:
+    """`response`'s status line, headers and body as aiohttp's `Response.prepare` and
+    `write_eof` write them (`Response._start`, `StreamResponse._prepare_headers`)."""
+    headers = response.headers
+    status = response.status
+    body = response.body
+    assert body is None or isinstance(body, bytes)
+    empty = must_be_empty_body(hdrs.METH_POST, status)
+    if hdrs.CONTENT_LENGTH in headers:
+        if should_remove_content_length(hdrs.METH_POST, status):
+            del headers[hdrs.CONTENT_LENGTH]
+    else:
+        length = str(len(body)) if body else "0"
+        if length != "0" or status != 304:
+            headers[hdrs.CONTENT_LENGTH] = length
+    keep_alive = response.keep_alive
+    if keep_alive is None:
+        keep_alive = request.keep_alive
+    if empty:
+        if hdrs.CONTENT_LENGTH in headers and should_remove_content_length(hdrs.METH_POST, status):
+            del headers[hdrs.CONTENT_LENGTH]
+        if hdrs.TRANSFER_ENCODING in headers:
+            del headers[hdrs.TRANSFER_ENCODING]
+    elif response.content_length != 0:
+        headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
+    if hdrs.DATE not in headers:
+        headers[hdrs.DATE] = rfc822_formatted_time()
+    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+    version = request.version
+    if hdrs.CONNECTION not in headers:
+        if keep_alive:
+            if version == HttpVersion10:
+                headers[hdrs.CONNECTION] = "keep-alive"
+        elif version == HttpVersion11:
+            headers[hdrs.CONNECTION] = "close"
+    head: bytes = _serialize_headers(f"HTTP/{version[0]}.{version[1]} {status} {response.reason}", headers)
+    return head if empty or not body else head + body
+
+
+def plain(response: web.StreamResponse) -> bool:
+    """Whether `_serialized` writes `response` as aiohttp would: a whole body of bytes, not
+    compressed, without cookies, not yet sent."""
+    return (
+        type(response) is web.Response
+        and not response.prepared
+        and not response.chunked
+        and not response.compression
+        and not response.cookies
+        and (response.body is None or type(response.body) is bytes)
+    )
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection, on the fast path until a request hands it to aiohttp."""
+
+    def __init__(self, site: FastSite) -> None:
+        self.site = site
+        self.loop = site.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending = bytearray()
+        """The bytes of requests not yet answered, from the first one's first byte."""
+        self.task: asyncio.Task[None] | None = None
+        """The request being answered."""
+        self.closing = False
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self._begun = self._complete = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._refused = False
+        self._found: tuple[str, UrlMappingMatchInfo, Endpoint] | None = None
+
+    # -- what aiohttp's Server reads of a connection ----------------------------------------
+
+    @property
+    def _task_handler(self) -> asyncio.Task[None] | None:
+        return self.task
+
+    def close(self) -> None:
+        """Stop taking requests: an idle connection closes now, a busy one after its answer."""
+        self.closing = True
+        if self.task is None and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None) -> None:
+        """Let the request in flight finish within `timeout`, then close."""
+        self.closing = True
+        task = self.task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except (asyncio.CancelledError, TimeoutError):
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            if not task.done():
+                task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.site.server.connection_made(cast(Any, self), self.transport)
+        self.idle_since = self.loop.time()
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        task = self.task
+        self.site.server.connection_lost(cast(Any, self), exc)
+        if task is not None and self.site.server.handler_cancellation:
+            task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        if self.task is None:
+            self._feed(data)
+
+    # -- httptools' callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._begun != 1 or not self._takes():
+            self._refused = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete += 1
+
+    # -- the fast path ----------------------------------------------------------------------
+
+    def _takes(self) -> bool:
+        """Whether the request whose head is parsed may go the fast path, on what its head says."""
+        parser = self.parser
+        if parser.get_method() != _POST or parser.get_http_version() not in _VERSIONS:
+            return False
+        url = self._url
+        if len(url) > MAX_FIELD or len(self._headers) > MAX_HEADERS or b"%" in url or b"#" in url:
+            return False
+        self._found = self.site.gateway.endpoint(url.split(b"?", 1)[0].decode("ascii", "replace"))
+        if self._found is None:
+            return False
+        seen = set()
+        length = None
+        for name, value in self._headers:
+            if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
+                return False
+            lower = name.lower()
+            if lower in seen or lower in _REFUSED:  # a repeated field: aiohttp's to judge
+                return False
+            seen.add(lower)
+            if lower == b"content-length":
+                length = value
+        if b"host" not in seen or length is None or not length.isdigit():
+            return False
+        return 0 < int(length) <= self.site.gateway.max_body_bytes
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:  # malformed, or an upgrade: aiohttp answers it
+            self._hand_off()
+            return
+        if self._refused or self._begun > 1 or self._complete > 1:
+            self._hand_off()
+        elif self._complete == 1:
+            self._take()
+
+    def _take(self) -> None:
+        """Answer the request just parsed, or hand it off if it is a stream."""
+        parser = self.parser
+        gateway = self.site.gateway
+        assert self._found is not None
+        name, match, endpoint = self._found
+        headers = CIMultiDictProxy(
+            CIMultiDict(
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in self._headers
+            )
+        )
+        body = b"".join(self._body)
+        version = _VERSIONS[parser.get_http_version()]
+        request = FastRequest(gateway.app, name, headers, body, match, version, parser.should_keep_alive())
+        started = time.perf_counter()
+        as_aiohttp = cast(web.Request, request)
+        try:
+            call = gateway.called(as_aiohttp, endpoint)
+        except Exception as exc:
+            self._answer(request, gateway.refused(as_aiohttp, name, endpoint, exc, started))
+            return
+        if call.stream:  # streams are aiohttp's
+            self._hand_off()
+            return
+        self.task = self.loop.create_task(self._relay(request, name, endpoint, call, started))
+
+    async def _relay(
+        self, request: FastRequest, name: str, endpoint: Endpoint, call: Call, started: float
+    ) -> None:
+        response = await self.site.gateway.relayed(cast(web.Request, request), name, endpoint, call, started)
+        self.task = None
+        self._answer(request, response)
+
+    def _answer(self, request: FastRequest, response: web.StreamResponse) -> None:
+        transport = self.transport
+        if transport is None:  # the client left: its answer goes nowhere
+            return
+        try:
+            if not plain(response):
+                raise TypeError(f"not a whole answer: {type(response).__name__}")
+            transport.write(_serialized(request, cast(web.Response, response)))
+        except Exception:
+            log.exception("the answer to POST %s could not be written", request.path)
+            transport.close()
+            return
+        if self.closing or not request.keep_alive or response.keep_alive is False:
+            transport.close()
+            return
+        data = bytes(self.pending)  # what came while it was answered
+        self._reset()
+        self.idle_since = self.loop.time()
+        if data:
+            self.data_received(data)
+
+    def _reset(self) -> None:
+        self.pending.clear()
+        self._begun = self._complete = 0
+        self._url = b""
+        self._headers = []
+        self._body = []
+        self._refused = False
+
+    def _hand_off(self) -> None:
+        """Give the connection to aiohttp, with every byte not yet answered."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        server = self.site.server
+        server.connection_lost(cast(Any, self), None)
+        self.transport = None
+        handler = server()
+        handler.connection_made(transport)
+        transport.set_protocol(handler)
+        data, self.pending = bytes(self.pending), bytearray()
+        if data:
+            handler.data_received(data)
+        if self.closing:
+            handler.close()
+
+    # -- keep-alive -------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self.timer = self.loop.call_at(self.idle_since + KEEPALIVE_S, self._idle)
+
+    def _idle(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        if self.task is None and not self.pending and self.loop.time() >= self.idle_since + KEEPALIVE_S:
+            self.transport.close()
+            return
+        if self.task is not None or self.pending:
+            self.idle_since = self.loop.time()
+        self._arm()
+
+
+class FastSite(web.TCPSite):
+    """aiohttp's `TCPSite` whose connections are `FastConnection`s."""
+
+    def __init__(self, runner: BaseRunner, gateway: Gateway, host: str | None, port: int | None) -> None:
+        super().__init__(runner, host, port)
+        self.gateway = gateway
+        self.loop = asyncio.get_running_loop()
+
+    @property
+    def server(self) -> Server:
+        server = self._runner.server
+        assert server is not None
+        return server
+
+    async def start(self) -> None:
+        if not self.gateway.fast():  # the app's answers need aiohttp's signals: all its own
+            await super().start()
+            return
+        self._runner._reg_site(self)
+        factory: Callable[[], asyncio.Protocol] = lambda: FastConnection(self)  # noqa: E731
+        self._server = await self.loop.create_server(factory, self._host, self._port, backlog=self._backlog)
