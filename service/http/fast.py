@@ -58,12 +58,33 @@ MAX_FIELD = 8000
 """A request line or header field longer is aiohttp's to judge (its limit: 8190)."""
 MAX_HEADERS = 100
 """More header fields than this are aiohttp's to judge (its limit: 128)."""
-_REFUSED = frozenset(
-    name.lower().encode()
-    for name in (hdrs.EXPECT, hdrs.TRANSFER_ENCODING, hdrs.CONTENT_ENCODING, hdrs.UPGRADE)
-)
-_POST = b"POST"
-_VERSIONS = {"1.1": HttpVersion11, "1.0": HttpVersion10}
+MAX_HEAD = 65536
+"""A longer head is aiohttp's to judge."""
+_VERSIONS = {"HTTP/1.1": HttpVersion11, "HTTP/1.0": HttpVersion10}
+_FOLDED = (" ", "\t")
+"""A field line that begins so continues the one before (obsolete line folding): aiohttp's."""
+
+
+class _Head:
+    """A request's head as the fast path takes it."""
+
+    __slots__ = ("end", "found", "headers", "start", "version")
+
+    def __init__(
+        self,
+        found: tuple[str, UrlMappingMatchInfo, Endpoint],
+        headers: CIMultiDictProxy[str],
+        version: HttpVersion,
+        start: int,
+        end: int,
+    ) -> None:
+        self.found = found
+        self.headers = headers
+        self.version = version
+        self.start = start
+        """Where the body begins in the connection's pending bytes."""
+        self.end = end
+        """Where it ends: the request's length."""
 
 
 class _Whole:
@@ -101,16 +122,12 @@ class FastRequest(HeadersMixin):
     ) -> None:
         self.app = app
         self.path = path
-        self._headers = headers
+        self._headers = self.headers = headers
         self.content = _Whole(body)
         self.match_info = match_info
         self.version = version
         self.keep_alive = keep_alive
         self._state: dict[Any, Any] = {}
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return cast(CIMultiDictProxy[str], self._headers)
 
     @property
     def host(self) -> str:
@@ -195,12 +212,10 @@ class FastConnection(asyncio.Protocol):
         self.closing = False
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self._begun = self._complete = 0
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._body: list[bytes] = []
-        self._refused = False
-        self._found: tuple[str, UrlMappingMatchInfo, Endpoint] | None = None
+        self.head: _Head | None = None
+        """The parsed head of the request whose body is awaited, or None."""
+        self.refused = False
+        """The request being parsed is aiohttp's (told by the parser's callback)."""
 
     # -- what aiohttp's Server reads of a connection ----------------------------------------
 
@@ -253,54 +268,59 @@ class FastConnection(asyncio.Protocol):
         if self.task is None:
             self._feed(data)
 
-    # -- httptools' callbacks ---------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._begun += 1
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+    # -- httptools' callback: the one it is given, for the fewest calls per request ------------
 
     def on_headers_complete(self) -> None:
-        if self._begun != 1 or not self._takes():
-            self._refused = True
-
-    def on_body(self, body: bytes) -> None:
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self._complete += 1
+        self.head = self._head()
+        if self.head is None:
+            self.refused = True
 
     # -- the fast path ----------------------------------------------------------------------
 
-    def _takes(self) -> bool:
-        """Whether the request whose head is parsed may go the fast path, on what its head says."""
-        parser = self.parser
-        if parser.get_method() != _POST or parser.get_http_version() not in _VERSIONS:
-            return False
-        url = self._url
-        if len(url) > MAX_FIELD or len(self._headers) > MAX_HEADERS or b"%" in url or b"#" in url:
-            return False
-        self._found = self.site.gateway.endpoint(url.split(b"?", 1)[0].decode("ascii", "replace"))
-        if self._found is None:
-            return False
-        seen = set()
-        length = None
-        for name, value in self._headers:
-            if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
-                return False
-            lower = name.lower()
-            if lower in seen or lower in _REFUSED:  # a repeated field: aiohttp's to judge
-                return False
-            seen.add(lower)
-            if lower == b"content-length":
-                length = value
-        if b"host" not in seen or length is None or not length.isdigit():
-            return False
-        return 0 < int(length) <= self.site.gateway.max_body_bytes
+    def _head(self) -> _Head | None:
+        """The head just parsed (the parser found it well formed), if the fast path takes it.
+
+        It is read again from `pending`, where it begins (a request that does not begin there,
+        after empty lines, is aiohttp's): one decoding and a loop, not a call per field."""
+        pending = self.pending
+        if not pending.startswith(b"POST /"):
+            return None
+        end = pending.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_HEAD:
+            return None
+        lines = pending[:end].decode("utf-8", "surrogateescape").split("\r\n")
+        if len(lines) > MAX_HEADERS:
+            return None
+        first = lines[0].split(" ")
+        if len(first) != 3:
+            return None
+        target, version = first[1], _VERSIONS.get(first[2])
+        if version is None or len(target) > MAX_FIELD or "%" in target or "#" in target:
+            return None
+        found = self.site.gateway.endpoint(target.partition("?")[0])
+        if found is None:
+            return None
+        fields = []
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if len(line) > MAX_FIELD or line[:1] in _FOLDED:
+                return None
+            fields.append((name, value.strip(" \t")))
+        headers = CIMultiDict(fields)
+        if len({*map(str.lower, headers)}) != len(headers):  # a repeated field: aiohttp's to judge
+            return None
+        if (
+            hdrs.EXPECT in headers
+            or hdrs.TRANSFER_ENCODING in headers
+            or hdrs.CONTENT_ENCODING in headers
+            or hdrs.UPGRADE in headers
+            or hdrs.HOST not in headers
+        ):
+            return None
+        length = headers.get(hdrs.CONTENT_LENGTH, "")
+        if not length.isdigit() or not 0 < int(length) <= self.site.gateway.max_body_bytes:
+            return None
+        return _Head(found, CIMultiDictProxy(headers), version, end + 4, end + 4 + int(length))
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -308,42 +328,39 @@ class FastConnection(asyncio.Protocol):
         except httptools.HttpParserError:  # malformed, or an upgrade: aiohttp answers it
             self._hand_off()
             return
-        if self._refused or self._begun > 1 or self._complete > 1:
+        head = self.head
+        if self.refused or (head is not None and len(self.pending) > head.end):  # pipelined
             self._hand_off()
-        elif self._complete == 1:
-            self._take()
+        elif head is not None and len(self.pending) == head.end:
+            self._take(head)
 
-    def _take(self) -> None:
+    def _take(self, head: _Head) -> None:
         """Answer the request just parsed, or hand it off if it is a stream."""
-        parser = self.parser
         gateway = self.site.gateway
-        assert self._found is not None
-        name, match, endpoint = self._found
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for n, v in self._headers
-            )
+        name, match, endpoint = head.found
+        body = bytes(self.pending[head.start :])
+        request = FastRequest(
+            gateway.app, name, head.headers, body, match, head.version, self.parser.should_keep_alive()
         )
-        body = b"".join(self._body)
-        version = _VERSIONS[parser.get_http_version()]
-        request = FastRequest(gateway.app, name, headers, body, match, version, parser.should_keep_alive())
         started = time.perf_counter()
-        as_aiohttp = cast(web.Request, request)
         try:
-            call = gateway.called(as_aiohttp, endpoint)
+            call = gateway.called(request, endpoint)  # type: ignore[arg-type]  # what it reads of one
         except Exception as exc:
-            self._answer(request, gateway.refused(as_aiohttp, name, endpoint, exc, started))
+            self.pending.clear()  # parsed and answered: what comes next is the next request's
+            self.head = None
+            self._answer(request, gateway.refused(request, name, endpoint, exc, started))  # type: ignore[arg-type]
             return
         if call.stream:  # streams are aiohttp's
             self._hand_off()
             return
+        self.pending.clear()
+        self.head = None
         self.task = self.loop.create_task(self._relay(request, name, endpoint, call, started))
 
     async def _relay(
         self, request: FastRequest, name: str, endpoint: Endpoint, call: Call, started: float
     ) -> None:
-        response = await self.site.gateway.relayed(cast(web.Request, request), name, endpoint, call, started)
+        response = await self.site.gateway.relayed(request, name, endpoint, call, started)  # type: ignore[arg-type]
         self.task = None
         self._answer(request, response)
 
@@ -363,18 +380,10 @@ class FastConnection(asyncio.Protocol):
             transport.close()
             return
         data = bytes(self.pending)  # what came while it was answered
-        self._reset()
+        self.pending.clear()
         self.idle_since = self.loop.time()
         if data:
             self.data_received(data)
-
-    def _reset(self) -> None:
-        self.pending.clear()
-        self._begun = self._complete = 0
-        self._url = b""
-        self._headers = []
-        self._body = []
-        self._refused = False
 
     def _hand_off(self) -> None:
         """Give the connection to aiohttp, with every byte not yet answered."""
