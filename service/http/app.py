@@ -328,12 +328,13 @@ class Gateway:
             self._settle()
         return self.bare
 
-    def endpoint(self, path: str) -> tuple[str, UrlMappingMatchInfo, Endpoint] | None:
-        """The endpoint `POST path` goes to: its route's name, its match and the `Endpoint`."""
-        found = self.routes.get((hdrs.METH_POST, path))
-        if found is None or found[3] is None:
-            return None
-        return found[2], found[1], found[3]
+    def endpoints(self) -> dict[str, tuple[str, UrlMappingMatchInfo, Endpoint]]:
+        """The endpoints' paths (`POST`), each with its route's name, its match and its `Endpoint`."""
+        return {
+            path: (name, match, endpoint)
+            for (method, path), (_, match, name, endpoint) in self.routes.items()
+            if method == hdrs.METH_POST and endpoint is not None
+        }
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.unsettled:

@@ -32,9 +32,7 @@ import httptools
 from aiohttp import hdrs, web
 from aiohttp.helpers import (
     HeadersMixin,
-    must_be_empty_body,
     rfc822_formatted_time,
-    should_remove_content_length,
 )
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
@@ -65,41 +63,9 @@ _FOLDED = (" ", "\t")
 """A field line that begins so continues the one before (obsolete line folding): aiohttp's."""
 
 
-class _Head:
-    """A request's head as the fast path takes it."""
-
-    __slots__ = ("end", "found", "headers", "start", "version")
-
-    def __init__(
-        self,
-        found: tuple[str, UrlMappingMatchInfo, Endpoint],
-        headers: CIMultiDictProxy[str],
-        version: HttpVersion,
-        start: int,
-        end: int,
-    ) -> None:
-        self.found = found
-        self.headers = headers
-        self.version = version
-        self.start = start
-        """Where the body begins in the connection's pending bytes."""
-        self.end = end
-        """Where it ends: the request's length."""
-
-
-class _Whole:
-    """A request's body that came whole: what `openai_api.arrived` reads of `request.content`."""
-
-    __slots__ = ("body",)
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def is_eof(self) -> bool:
-        return True
-
-    def read_nowait(self) -> bytes:
-        return self.body
+_Head = tuple[tuple[str, "UrlMappingMatchInfo", "Endpoint"], CIMultiDictProxy[str], HttpVersion, int, int]
+"""A request's head as the fast path takes it: its endpoint (name, match, `Endpoint`), its
+fields, its version, and where its body begins and ends in the connection's pending bytes."""
 
 
 class FastRequest(HeadersMixin):
@@ -123,7 +89,8 @@ class FastRequest(HeadersMixin):
         self.app = app
         self.path = path
         self._headers = self.headers = headers
-        self.content = _Whole(body)
+        self.content = self  # what `openai_api.arrived` reads: `is_eof`, `read_nowait`
+        self.body = body
         self.match_info = match_info
         self.version = version
         self.keep_alive = keep_alive
@@ -135,6 +102,12 @@ class FastRequest(HeadersMixin):
         assert host is not None  # the fast path takes only a request with one
         return host
 
+    def is_eof(self) -> bool:
+        return True
+
+    def read_nowait(self) -> bytes:
+        return self.body
+
     def __getitem__(self, key: Any) -> Any:
         return self._state[key]
 
@@ -145,30 +118,31 @@ class FastRequest(HeadersMixin):
         return self._state.get(key, default)
 
 
-def _serialized(request: FastRequest, response: web.Response) -> bytes:
+def _serialized(request: FastRequest, response: web.StreamResponse) -> bytes | None:
     """`response`'s status line, headers and body as aiohttp's `Response.prepare` and
-    `write_eof` write them (`Response._start`, `StreamResponse._prepare_headers`)."""
+    `write_eof` write them (`Response._start`, `StreamResponse._prepare_headers`); None for an
+    answer that is not a whole one of bytes (the relay makes no other for a call not a stream).
+    The answers' headers are the relay's own: it sets no cookie on them."""
+    if type(response) is not web.Response or response.prepared or response.chunked or response.compression:
+        return None
+    body = response.body
+    if body is not None and type(body) is not bytes:
+        return None
     headers = response.headers
     status = response.status
-    body = response.body
-    assert body is None or isinstance(body, bytes)
-    empty = must_be_empty_body(hdrs.METH_POST, status)
+    empty = status < 200 or status == 204 or status == 304  # `must_be_empty_body` of a POST
     if hdrs.CONTENT_LENGTH in headers:
-        if should_remove_content_length(hdrs.METH_POST, status):
+        if empty:  # `should_remove_content_length` of a POST
             del headers[hdrs.CONTENT_LENGTH]
-    else:
-        length = str(len(body)) if body else "0"
-        if length != "0" or status != 304:
-            headers[hdrs.CONTENT_LENGTH] = length
+    elif body or status != 304:
+        headers[hdrs.CONTENT_LENGTH] = str(len(body)) if body else "0"
     keep_alive = response.keep_alive
     if keep_alive is None:
         keep_alive = request.keep_alive
     if empty:
-        if hdrs.CONTENT_LENGTH in headers and should_remove_content_length(hdrs.METH_POST, status):
-            del headers[hdrs.CONTENT_LENGTH]
-        if hdrs.TRANSFER_ENCODING in headers:
-            del headers[hdrs.TRANSFER_ENCODING]
-    elif response.content_length != 0:
+        headers.popall(hdrs.CONTENT_LENGTH, None)
+        headers.popall(hdrs.TRANSFER_ENCODING, None)
+    elif headers[hdrs.CONTENT_LENGTH] != "0":
         headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
     if hdrs.DATE not in headers:
         headers[hdrs.DATE] = rfc822_formatted_time()
@@ -176,25 +150,13 @@ def _serialized(request: FastRequest, response: web.Response) -> bytes:
     version = request.version
     if hdrs.CONNECTION not in headers:
         if keep_alive:
-            if version == HttpVersion10:
+            if version is HttpVersion10:
                 headers[hdrs.CONNECTION] = "keep-alive"
-        elif version == HttpVersion11:
+        elif version is HttpVersion11:
             headers[hdrs.CONNECTION] = "close"
-    head: bytes = _serialize_headers(f"HTTP/{version[0]}.{version[1]} {status} {response.reason}", headers)
+    line = f"HTTP/{version[0]}.{version[1]} {status} {response.reason}"
+    head: bytes = _serialize_headers(line, headers)
     return head if empty or not body else head + body
-
-
-def plain(response: web.StreamResponse) -> bool:
-    """Whether `_serialized` writes `response` as aiohttp would: a whole body of bytes, not
-    compressed, without cookies, not yet sent."""
-    return (
-        type(response) is web.Response
-        and not response.prepared
-        and not response.chunked
-        and not response.compression
-        and not response.cookies
-        and (response.body is None or type(response.body) is bytes)
-    )
 
 
 class FastConnection(asyncio.Protocol):
@@ -265,23 +227,36 @@ class FastConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.pending += data
-        if self.task is None:
-            self._feed(data)
+        if self.task is not None:  # parsed once it is answered
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:  # malformed, or an upgrade: aiohttp answers it
+            self._hand_off()
+            return
+        head = self.head
+        if head is None:
+            if self.refused:
+                self._hand_off()
+        elif len(self.pending) == head[4]:
+            self._take(head)
+        elif len(self.pending) > head[4]:  # the next request came with it (pipelined)
+            self._hand_off()
 
     # -- httptools' callback: the one it is given, for the fewest calls per request ------------
 
     def on_headers_complete(self) -> None:
-        self.head = self._head()
-        if self.head is None:
-            self.refused = True
+        """Keep the head just parsed (the parser found it well formed) if the fast path takes it;
+        else the request is aiohttp's (`refused`).
+
+        It is read again from `pending`, where it begins (a request that does not begin there,
+        after empty lines, is aiohttp's): one decoding and a loop, not a call per field."""
+        self.head = head = self._head()
+        self.refused = head is None
 
     # -- the fast path ----------------------------------------------------------------------
 
     def _head(self) -> _Head | None:
-        """The head just parsed (the parser found it well formed), if the fast path takes it.
-
-        It is read again from `pending`, where it begins (a request that does not begin there,
-        after empty lines, is aiohttp's): one decoding and a loop, not a call per field."""
         pending = self.pending
         if not pending.startswith(b"POST /"):
             return None
@@ -297,7 +272,7 @@ class FastConnection(asyncio.Protocol):
         target, version = first[1], _VERSIONS.get(first[2])
         if version is None or len(target) > MAX_FIELD or "%" in target or "#" in target:
             return None
-        found = self.site.gateway.endpoint(target.partition("?")[0])
+        found = self.site.endpoints.get(target.partition("?")[0])
         if found is None:
             return None
         fields = []
@@ -320,27 +295,15 @@ class FastConnection(asyncio.Protocol):
         length = headers.get(hdrs.CONTENT_LENGTH, "")
         if not length.isdigit() or not 0 < int(length) <= self.site.gateway.max_body_bytes:
             return None
-        return _Head(found, CIMultiDictProxy(headers), version, end + 4, end + 4 + int(length))
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:  # malformed, or an upgrade: aiohttp answers it
-            self._hand_off()
-            return
-        head = self.head
-        if self.refused or (head is not None and len(self.pending) > head.end):  # pipelined
-            self._hand_off()
-        elif head is not None and len(self.pending) == head.end:
-            self._take(head)
+        return found, CIMultiDictProxy(headers), version, end + 4, end + 4 + int(length)
 
     def _take(self, head: _Head) -> None:
         """Answer the request just parsed, or hand it off if it is a stream."""
         gateway = self.site.gateway
-        name, match, endpoint = head.found
-        body = bytes(self.pending[head.start :])
+        (name, match, endpoint), headers, version, start, _ = head
+        body = bytes(self.pending[start:])
         request = FastRequest(
-            gateway.app, name, head.headers, body, match, head.version, self.parser.should_keep_alive()
+            gateway.app, name, headers, body, match, version, self.parser.should_keep_alive()
         )
         started = time.perf_counter()
         try:
@@ -369,9 +332,10 @@ class FastConnection(asyncio.Protocol):
         if transport is None:  # the client left: its answer goes nowhere
             return
         try:
-            if not plain(response):
+            answer = _serialized(request, response)
+            if answer is None:
                 raise TypeError(f"not a whole answer: {type(response).__name__}")
-            transport.write(_serialized(request, cast(web.Response, response)))
+            transport.write(answer)
         except Exception:
             log.exception("the answer to POST %s could not be written", request.path)
             transport.close()
@@ -429,6 +393,8 @@ class FastSite(web.TCPSite):
         super().__init__(runner, host, port)
         self.gateway = gateway
         self.loop = asyncio.get_running_loop()
+        self.endpoints = gateway.endpoints()
+        """The endpoints' paths, each with its route's name, its match and its `Endpoint`."""
 
     @property
     def server(self) -> Server:
