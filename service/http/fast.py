@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -59,13 +60,18 @@ MAX_HEADERS = 100
 MAX_HEAD = 65536
 """A longer head is aiohttp's to judge."""
 _VERSIONS = {"HTTP/1.1": HttpVersion11, "HTTP/1.0": HttpVersion10}
+_STREAM = re.compile(rb'"stream"[ \t\r\n]*:[ \t\r\n]*true')
+"""A body that asks for a stream, told from its bytes (`call.stream` tells the rest)."""
 _FOLDED = (" ", "\t")
 """A field line that begins so continues the one before (obsolete line folding): aiohttp's."""
 
 
-_Head = tuple[tuple[str, "UrlMappingMatchInfo", "Endpoint"], CIMultiDictProxy[str], HttpVersion, int, int]
+_Head = tuple[
+    tuple[str, "UrlMappingMatchInfo", "Endpoint"], CIMultiDictProxy[str], HttpVersion, bool, int, int
+]
 """A request's head as the fast path takes it: its endpoint (name, match, `Endpoint`), its
-fields, its version, and where its body begins and ends in the connection's pending bytes."""
+fields, its version, whether the connection is kept alive after it, and where its body begins
+and ends in the connection's pending bytes."""
 
 
 class FastRequest(HeadersMixin):
@@ -238,9 +244,9 @@ class FastConnection(asyncio.Protocol):
         if head is None:
             if self.refused:
                 self._hand_off()
-        elif len(self.pending) == head[4]:
+        elif len(self.pending) == head[5]:
             self._take(head)
-        elif len(self.pending) > head[4]:  # the next request came with it (pipelined)
+        elif len(self.pending) > head[5]:  # the next request came with it (pipelined)
             self._hand_off()
 
     # -- httptools' callback: the one it is given, for the fewest calls per request ------------
@@ -295,16 +301,18 @@ class FastConnection(asyncio.Protocol):
         length = headers.get(hdrs.CONTENT_LENGTH, "")
         if not length.isdigit() or not 0 < int(length) <= self.site.gateway.max_body_bytes:
             return None
-        return found, CIMultiDictProxy(headers), version, end + 4, end + 4 + int(length)
+        keep_alive = self.parser.should_keep_alive()  # read while it is this request's
+        return found, CIMultiDictProxy(headers), version, keep_alive, end + 4, end + 4 + int(length)
 
     def _take(self, head: _Head) -> None:
         """Answer the request just parsed, or hand it off if it is a stream."""
         gateway = self.site.gateway
-        (name, match, endpoint), headers, version, start, _ = head
+        (name, match, endpoint), headers, version, keep_alive, start, _ = head
         body = bytes(self.pending[start:])
-        request = FastRequest(
-            gateway.app, name, headers, body, match, version, self.parser.should_keep_alive()
-        )
+        if _STREAM.search(body) is not None:  # surely a stream: aiohttp's before any work
+            self._hand_off()
+            return
+        request = FastRequest(gateway.app, name, headers, body, match, version, keep_alive)
         started = time.perf_counter()
         try:
             call = gateway.called(request, endpoint)  # type: ignore[arg-type]  # what it reads of one
