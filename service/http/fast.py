@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 75.0
-"""An idle connection is closed after this long: aiohttp's `RequestHandler` default."""
+"""An idle connection is closed after this long: what `aiohttp.web.run_app` gives its connections."""
 MAX_FIELD = 8000
 """A request line or header field longer is aiohttp's to judge (its limit: 8190)."""
 MAX_HEADERS = 100
@@ -365,6 +365,7 @@ class FastConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.site.handed_off += 1
         server = self.site.server
         server.connection_lost(cast(Any, self), None)
         self.transport = None
@@ -380,13 +381,17 @@ class FastConnection(asyncio.Protocol):
     # -- keep-alive -------------------------------------------------------------------------
 
     def _arm(self) -> None:
-        self.timer = self.loop.call_at(self.idle_since + KEEPALIVE_S, self._idle)
+        self.timer = self.loop.call_at(self.idle_since + self.site.keepalive_s, self._idle)
 
     def _idle(self) -> None:
         self.timer = None
         if self.transport is None:
             return
-        if self.task is None and not self.pending and self.loop.time() >= self.idle_since + KEEPALIVE_S:
+        if (
+            self.task is None
+            and not self.pending
+            and self.loop.time() >= self.idle_since + self.site.keepalive_s
+        ):
             self.transport.close()
             return
         if self.task is not None or self.pending:
@@ -397,9 +402,21 @@ class FastConnection(asyncio.Protocol):
 class FastSite(web.TCPSite):
     """aiohttp's `TCPSite` whose connections are `FastConnection`s."""
 
-    def __init__(self, runner: BaseRunner, gateway: Gateway, host: str | None, port: int | None) -> None:
+    def __init__(
+        self,
+        runner: BaseRunner,
+        gateway: Gateway,
+        host: str | None,
+        port: int | None,
+        *,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
         super().__init__(runner, host, port)
         self.gateway = gateway
+        self.keepalive_s = keepalive_s
+        """An idle connection of the fast path is closed after this long."""
+        self.handed_off = 0
+        """Connections handed to aiohttp so far."""
         self.loop = asyncio.get_running_loop()
         self.endpoints = gateway.endpoints()
         """The endpoints' paths, each with its route's name, its match and its `Endpoint`."""

@@ -15,16 +15,17 @@ from typing import Any
 from aiohttp import web
 
 from service.http.app import GATEWAY
-from service.http.fast import FastSite
+from service.http.fast import KEEPALIVE_S, FastSite
 
 
 async def _serve(
     app: web.Application, host: str, port: int, say: Callable[[str], None], **kwargs: Any
 ) -> None:
-    runner = web.AppRunner(app, handle_signals=True, **kwargs)
+    # aiohttp's connections are kept alive as long as the fast path's: `run_app`'s default
+    runner = web.AppRunner(app, handle_signals=True, keepalive_timeout=KEEPALIVE_S, **kwargs)
     await runner.setup()
     try:
-        site = FastSite(runner, app[GATEWAY], host, port)
+        site = FastSite(runner, app[GATEWAY], host, port, keepalive_s=KEEPALIVE_S)
         await site.start()
         say(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
         while True:
