@@ -28,8 +28,8 @@ from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
 from service.http.app import GATEWAY, create_app
-from service.http.fast import FastSite
 from service.http.context import REGISTRY
+from service.http.fast import FastSite
 from service.journal.events import Event
 from service.journal.log import read_events
 from service.runtime.registry import Registry

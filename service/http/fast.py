@@ -104,9 +104,7 @@ class FastRequest(HeadersMixin):
 
     @property
     def host(self) -> str:
-        host = self._headers.get(hdrs.HOST)
-        assert host is not None  # the fast path takes only a request with one
-        return host
+        return self._headers[hdrs.HOST]  # the fast path takes only a request with one
 
     def is_eof(self) -> bool:
         return True
@@ -197,7 +195,7 @@ class FastConnection(asyncio.Protocol):
         if self.task is None and self.transport is not None:
             self.transport.close()
 
-    async def shutdown(self, timeout: float | None) -> None:
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
         """Let the request in flight finish within `timeout`, then close."""
         self.closing = True
         task = self.task
@@ -424,7 +422,8 @@ class FastSite(web.TCPSite):
     @property
     def server(self) -> Server:
         server = self._runner.server
-        assert server is not None
+        if server is None:
+            raise RuntimeError("the runner is not set up")
         return server
 
     async def start(self) -> None:

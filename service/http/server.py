@@ -28,8 +28,7 @@ async def _serve(
         site = FastSite(runner, app[GATEWAY], host, port, keepalive_s=KEEPALIVE_S)
         await site.start()
         say(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
-        while True:
-            await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # until cancelled (SIGINT, SIGTERM)
     finally:
         await runner.cleanup()
 

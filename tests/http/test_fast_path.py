@@ -362,7 +362,7 @@ async def test_connection_close_closes_after_the_answer(sops_project: SopsProjec
 
 
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(sops_project: SopsProject) -> None:
-    assert KEEPALIVE_S == inspect.signature(web.run_app).parameters["keepalive_timeout"].default
+    assert inspect.signature(web.run_app).parameters["keepalive_timeout"].default == KEEPALIVE_S
     async with _gateway(sops_project) as (service, _):
         site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.2)
         await site.start()
