@@ -2,11 +2,11 @@
 
 A `FastSite` listens in place of aiohttp's `TCPSite`; each accepted connection is a
 `FastConnection`, which parses with httptools and answers by itself only a request that is
-all of: a `POST` to one of the gateway's endpoints (`_Gateway.routes` with an `Endpoint`),
+all of: a `POST` to one of the gateway's endpoints (`Gateway.routes` with an `Endpoint`),
 HTTP/1.1 or 1.0, a `Content-Length` within the app's limit and no `Expect`,
 `Transfer-Encoding`, `Content-Encoding` or `Upgrade`, whose whole body has come, with no
 earlier request unanswered, and which is not a stream once its body is read. It runs the
-gateway's own code for it (`_Gateway.called`, `_Gateway.relayed`) and writes the answer as
+gateway's own code for it (`Gateway.called`, `Gateway.relayed`) and writes the answer as
 aiohttp would, byte for byte but the `Date`.
 
 Any other request hands the connection to aiohttp for the rest of its life, at that
