@@ -182,6 +182,8 @@ class FastConnection(asyncio.Protocol):
         """The parsed head of the request whose body is awaited, or None."""
         self.refused = False
         """The request being parsed is aiohttp's (told by the parser's callback)."""
+        self.paused = False
+        """Reading is paused: a client sent more than a request while one was answered."""
 
     # -- what aiohttp's Server reads of a connection ----------------------------------------
 
@@ -232,15 +234,18 @@ class FastConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.pending += data
         if self.task is not None:  # parsed once it is answered
+            if len(self.pending) > self.site.most and self.transport is not None:
+                self.transport.pause_reading()  # resumed after the answer
+                self.paused = True
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:  # malformed, or an upgrade: aiohttp answers it
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers it
             self._hand_off()
             return
         head = self.head
         if head is None:
-            if self.refused:
+            if self.refused or len(self.pending) > MAX_HEAD:  # a head too long: aiohttp judges it
                 self._hand_off()
         elif len(self.pending) == head[5]:
             self._take(head)
@@ -297,7 +302,10 @@ class FastConnection(asyncio.Protocol):
         ):
             return None
         length = headers.get(hdrs.CONTENT_LENGTH, "")
-        if not length.isdigit() or not 0 < int(length) <= self.site.gateway.max_body_bytes:
+        if (
+            not (length.isascii() and length.isdigit())
+            or not 0 < int(length) <= self.site.gateway.max_body_bytes
+        ):
             return None
         keep_alive = self.parser.should_keep_alive()  # read while it is this request's
         return found, CIMultiDictProxy(headers), version, keep_alive, end + 4, end + 4 + int(length)
@@ -351,6 +359,9 @@ class FastConnection(asyncio.Protocol):
             return
         data = bytes(self.pending)  # what came while it was answered
         self.pending.clear()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
         self.idle_since = self.loop.time()
         if data:
             self.data_received(data)
@@ -416,6 +427,8 @@ class FastSite(web.TCPSite):
         self.handed_off = 0
         """Connections handed to aiohttp so far."""
         self.loop = asyncio.get_running_loop()
+        self.most = gateway.max_body_bytes + MAX_HEAD
+        """A connection holds no more unanswered bytes than a request's most (pipelined ones wait)."""
         self.endpoints = gateway.endpoints()
         """The endpoints' paths, each with its route's name, its match and its `Endpoint`."""
 

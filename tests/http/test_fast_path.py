@@ -311,8 +311,9 @@ async def test_what_the_fast_path_does_not_take_aiohttp_answers(
         b"POST /v1/chat/completions HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"x" * 9000 + b"\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: 1\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"x" * 70000,
     ],
-    ids=["request-line", "field-too-long", "field-name"],
+    ids=["request-line", "field-too-long", "field-name", "head-without-end"],
 )
 async def test_a_malformed_request_gets_aiohttps_answer(
     sops_project: SopsProject, request_bytes: bytes, caplog: pytest.LogCaptureFixture
