@@ -37,6 +37,7 @@ from aiohttp.helpers import (
 )
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
+from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_runner import BaseRunner
 from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -217,6 +218,7 @@ class FastConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        tcp_keepalive(self.transport)  # as aiohttp's connections have it
         self.site.server.connection_made(cast(Any, self), self.transport)
         self.idle_since = self.loop.time()
         self._arm()

@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -23,7 +24,7 @@ from multidict import CIMultiDict
 
 from service.http.app import GATEWAY
 from service.http.context import HEALTH, RELAY
-from service.http.fast import KEEPALIVE_S, FastSite
+from service.http.fast import KEEPALIVE_S, FastConnection, FastSite
 from tests.conftest import Service, SopsProject, serve
 from tests.support.gateway import write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream
@@ -360,6 +361,18 @@ async def test_connection_close_closes_after_the_answer(sops_project: SopsProjec
         (answer,) = await _exchange(service, _request(extra="Connection: close\r\n"), close=True)
         assert answer.status == 200 and answer.field("Connection") == "close"
         assert _site(service).handed_off == before
+
+
+async def test_a_connection_is_kept_alive_by_tcp_as_aiohttps_are(sops_project: SopsProject) -> None:
+    async with _gateway(sops_project) as (service, _):
+        reader, writer = await asyncio.open_connection(*_address(service))
+        writer.write(_request())
+        assert (await _read_answer(reader)).status == 200
+        assert service.runner.server is not None
+        ours = [c for c in service.runner.server.connections if isinstance(c, FastConnection)]
+        sockets = [c.transport.get_extra_info("socket") for c in ours if c.transport is not None]
+        assert sockets and all(s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) for s in sockets)
+        writer.close()
 
 
 async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(sops_project: SopsProject) -> None:
