@@ -272,6 +272,9 @@ class Gateway:
     through it. Their match then has the app as its current app (`request.app`) but in no list
     of apps, which is where aiohttp finds the signals to send; an app given another receiver
     sends it every answer, these too.
+
+    The gateway's own server (`service.http.fast`) runs an endpoint's request through the same
+    parts, `called` then `relayed` (or `refused`), when no signal needs its answers (`fast`).
     """
 
     def __init__(self, app: web.Application) -> None:
