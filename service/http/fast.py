@@ -31,18 +31,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 from aiohttp import hdrs, web
-from aiohttp.helpers import (
-    HeadersMixin,
-    rfc822_formatted_time,
-)
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
-from aiohttp.http_writer import _serialize_headers
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_runner import BaseRunner
 from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
+from service.http.fast_request import FastRequest, serialized
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
@@ -73,95 +69,6 @@ _Head = tuple[
 """A request's head as the fast path takes it: its endpoint (name, match, `Endpoint`), its
 fields, its version, whether the connection is kept alive after it, and where its body begins
 and ends in the connection's pending bytes."""
-
-
-class FastRequest(HeadersMixin):
-    """What the gateway's code reads of an `aiohttp.web.Request`, for a request of the fast path:
-    `app`, `method`, `path`, `headers`, `host`, `content_type`, `content_length`, `body_exists`,
-    `content`, `match_info`, `keep_alive`, `version`, and a mapping of its own (`request[CLIENT]`)."""
-
-    method = hdrs.METH_POST
-    body_exists = True  # the fast path takes only a body of one byte or more
-
-    def __init__(
-        self,
-        app: web.Application,
-        path: str,
-        headers: CIMultiDictProxy[str],
-        body: bytes,
-        match_info: UrlMappingMatchInfo,
-        version: HttpVersion,
-        keep_alive: bool,
-    ) -> None:
-        self.app = app
-        self.path = path
-        self._headers = self.headers = headers
-        self.content = self  # what `openai_api.arrived` reads: `is_eof`, `read_nowait`
-        self.body = body
-        self.match_info = match_info
-        self.version = version
-        self.keep_alive = keep_alive
-        self._state: dict[Any, Any] = {}
-
-    @property
-    def host(self) -> str:
-        return self._headers[hdrs.HOST]  # the fast path takes only a request with one
-
-    def is_eof(self) -> bool:
-        return True
-
-    def read_nowait(self) -> bytes:
-        return self.body
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._state[key]
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self._state[key] = value
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        return self._state.get(key, default)
-
-
-def _serialized(request: FastRequest, response: web.StreamResponse) -> bytes | None:
-    """`response`'s status line, headers and body as aiohttp's `Response.prepare` and
-    `write_eof` write them (`Response._start`, `StreamResponse._prepare_headers`); None for an
-    answer that is not a whole one of bytes (the relay makes no other for a call not a stream).
-    The answers' headers are the relay's own: it sets no cookie on them."""
-    if type(response) is not web.Response or response.prepared or response.chunked or response.compression:
-        return None
-    body = response.body
-    if body is not None and type(body) is not bytes:
-        return None
-    headers = response.headers
-    status = response.status
-    empty = status < 200 or status == 204 or status == 304  # `must_be_empty_body` of a POST
-    if hdrs.CONTENT_LENGTH in headers:
-        if empty:  # `should_remove_content_length` of a POST
-            del headers[hdrs.CONTENT_LENGTH]
-    elif body or status != 304:
-        headers[hdrs.CONTENT_LENGTH] = str(len(body)) if body else "0"
-    keep_alive = response.keep_alive
-    if keep_alive is None:
-        keep_alive = request.keep_alive
-    if empty:
-        headers.popall(hdrs.CONTENT_LENGTH, None)
-        headers.popall(hdrs.TRANSFER_ENCODING, None)
-    elif headers[hdrs.CONTENT_LENGTH] != "0":
-        headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-    if hdrs.DATE not in headers:
-        headers[hdrs.DATE] = rfc822_formatted_time()
-    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
-    version = request.version
-    if hdrs.CONNECTION not in headers:
-        if keep_alive:
-            if version is HttpVersion10:
-                headers[hdrs.CONNECTION] = "keep-alive"
-        elif version is HttpVersion11:
-            headers[hdrs.CONNECTION] = "close"
-    line = f"HTTP/{version[0]}.{version[1]} {status} {response.reason}"
-    head: bytes = _serialize_headers(line, headers)
-    return head if empty or not body else head + body
 
 
 class FastConnection(asyncio.Protocol):
@@ -348,7 +255,7 @@ class FastConnection(asyncio.Protocol):
         if transport is None:  # the client left: its answer goes nowhere
             return
         try:
-            answer = _serialized(request, response)
+            answer = serialized(request, response)
             if answer is None:
                 raise TypeError(f"not a whole answer: {type(response).__name__}")
             transport.write(answer)
