@@ -224,7 +224,7 @@ class FastConnection(asyncio.Protocol):
         gateway = self.site.gateway
         (name, match, endpoint), headers, version, keep_alive, start, _ = head
         body = bytes(self.pending[start:])
-        if _STREAM.search(body) is not None:  # surely a stream: aiohttp's before any work
+        if b'"stream"' in body and _STREAM.search(body) is not None:  # a stream: aiohttp's, before any work
             self._hand_off()
             return
         request = FastRequest(gateway.app, name, headers, body, match, version, keep_alive)
