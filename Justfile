@@ -10,6 +10,11 @@ default:
 install:
     python -m pip install -q -e '.[dev]'
 
+# `switchboard serve` (ARGS: --providers, --host, --port, --events); the age identity from
+# SOPS_AGE_KEY_FILE or SOPS_AGE_KEY, the settings from SWITCHBOARD_* (docs/reference.md §3)
+serve *ARGS:
+    LITELLM_LOCAL_MODEL_COST_MAP=True python -m service serve {{ARGS}}
+
 # serve the example configuration with a throwaway identity and a local stand-in upstream
 demo:
     LITELLM_LOCAL_MODEL_COST_MAP=True python -m demo

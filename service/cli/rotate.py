@@ -7,13 +7,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.crypto.keys import is_recipient
 from service.crypto.rotation import Rotation, RotationStopped, encrypted_files, rotate, update_recipients
 from service.crypto.sops import Sops
 from service.settings import Settings
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
-    """`switchboard rotate [--add-recipient R…] [--remove-recipient R…]`."""
+    """`switchboard rotate [--add-recipient R…] [--remove-recipient R…]`; 2 for a malformed recipient."""
+    for flag, given in (("--add-recipient", ns.add_recipient), ("--remove-recipient", ns.remove_recipient)):
+        for recipient in given:
+            if not is_recipient(recipient):  # wrong usage: checked before `.sops.yaml` is touched
+                print(f"switchboard: error: {flag}: not an age recipient: {recipient!r}", file=sys.stderr)
+                return 2
     sops = Sops.from_settings(settings)
     desired = update_recipients(settings.sops_config, ns.add_recipient, ns.remove_recipient)
     files = encrypted_files(settings.providers_dir)

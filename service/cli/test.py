@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import sys
 
 from service.config.loader import decrypt, is_config_file, parse
-from service.config.models import AiServer, ApiKey, Provider
+from service.config.models import ID_PATTERN, AiServer, ApiKey, Provider
 from service.config.upstreams import AllowedUpstreams
 from service.crypto.sops import Sops
 from service.errors import NotFound
@@ -18,6 +20,9 @@ from service.settings import Settings
 def run(ns: argparse.Namespace, settings: Settings) -> int:
     """Load and decrypt one provider's file, check it now, print the result; 1 when it failed."""
     provider_id: str = ns.provider_id
+    if not re.fullmatch(ID_PATTERN, provider_id):  # wrong usage; nor is `../x` a way out of the folder
+        print(f"switchboard: error: ID: {provider_id!r} is not a provider id", file=sys.stderr)
+        return 2
     folder = settings.providers_dir
     files = [folder / f"{provider_id}.{ext}" for ext in ("yaml", "yml")]
     found = [f for f in files if f.is_file() and is_config_file(f.name)]

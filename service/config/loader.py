@@ -26,6 +26,13 @@ MAX_FILE_BYTES = 1 << 20
 MAX_ALIAS_EXPANSION = 10_000
 """How many more nodes aliases may add to a document than it has: a "billion laughs" stops here."""
 
+MAC_ONLY = (
+    "the sops MAC covers only the secrets (`mac_only_encrypted`), so the URL and every other value "
+    "could be changed unnoticed; re-encrypt the file under a .sops.yaml rule without it"
+)
+"""Why a file made under `mac_only_encrypted` is refused (docs/reference.md §2.4: the MAC covers
+every value of the file, so nobody can send a key they cannot read to a host of their choosing)."""
+
 _IGNORED_SUFFIXES = ("~", ".swp", ".tmp", ".bak")
 _C_LOADER_MAX_BRACKETS = 1_000
 _C_LOADER_MAX_INDENT = 1_000
@@ -82,7 +89,7 @@ class Loaded:
 
 def parse(file: str, data: bytes) -> Loaded:
     """Parse and validate one file without decrypting it. Raises FileRejected with every problem."""
-    tree, lines, has_sops = _read_yaml(file, data)
+    tree, lines, has_sops, meta = _read_yaml(file, data)
     problems: list[Problem] = []
     kind = tree.get("kind")
     model = MODELS.get(kind) if isinstance(kind, str) else None
@@ -91,6 +98,8 @@ def parse(file: str, data: bytes) -> Loaded:
         what = "missing `kind`" if kind is None else "unknown `kind`"
         raise FileRejected([Problem(file, _line_of(lines, ("kind",)), f"{what}; one of {expected}", "kind")])
     problems += _check_secrets(file, tree, lines, has_sops)
+    if isinstance(meta, dict) and meta.get("mac_only_encrypted") not in (None, False):
+        problems.append(Problem(file, _line_of(lines, ("sops", "mac_only_encrypted")), MAC_ONLY, "sops"))
     stem = PurePath(file).stem
     if model in (AiServer, ApiKey) and isinstance(tree.get("id"), str) and tree["id"] != stem:
         message = f"`id` is {tree['id']!r} but the file is named {stem!r}; they must be equal"
@@ -191,7 +200,9 @@ def _sops_rejection(loaded: Loaded, exc: SopsError) -> FileRejected:
 # -- YAML under limits -------------------------------------------------------------------
 
 
-def _read_yaml(file: str, data: bytes) -> tuple[dict[str, Any], dict[Path_, int], bool]:
+def _read_yaml(file: str, data: bytes) -> tuple[dict[str, Any], dict[Path_, int], bool, object]:
+    """The document without its `sops:` block, the line of each key, whether it had one, and the block."""
+
     def reject(message: str, line: int = 1) -> FileRejected:
         return FileRejected([Problem(file, line, message)])
 
@@ -230,8 +241,8 @@ def _read_yaml(file: str, data: bytes) -> tuple[dict[str, Any], dict[Path_, int]
     if not all(isinstance(k, str) for k in tree):
         raise reject("top-level keys must be strings")
     has_sops = "sops" in tree
-    tree.pop("sops", None)
-    return tree, lines, has_sops
+    meta = tree.pop("sops", None)
+    return tree, lines, has_sops, meta
 
 
 def _loader_for(text: str) -> type[yaml.SafeLoader] | type[yaml.CSafeLoader]:
@@ -267,7 +278,7 @@ def _inspect(file: str, root: yaml.Node, lines: dict[Path_, int]) -> None:
                 name = key_node.value if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
                 line = key_node.start_mark.line + 1
                 if name in seen:
-                    raise FileRejected([Problem(file, line, f"duplicate key `{name}`")])
+                    raise FileRejected([Problem(file, line, f"duplicate key `{_printable(str(name))}`")])
                 seen.add(name)
                 lines.setdefault((*path, name), line)
                 size += 1 + walk(value_node, (*path, name), record)
@@ -284,6 +295,12 @@ def _inspect(file: str, root: yaml.Node, lines: dict[Path_, int]) -> None:
         raise FileRejected(
             [Problem(file, 1, f"YAML aliases expand to {expanded:,} nodes; refused as an alias bomb")]
         )
+
+
+def _printable(text: str) -> str:
+    """`text` with each character that is not printable escaped (a line break reads `\\n`): a key
+    of a file is shown in a problem, which is one line (docs/reference.md §3)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _line_of(lines: Mapping[Path_, int], path: Path_) -> int:
@@ -332,7 +349,7 @@ def _problem(
     file: str, lines: Mapping[Path_, int], error: Mapping[str, Any], fields: Mapping[str, Any]
 ) -> Problem:
     loc = tuple(p for p in error["loc"] if p != "[key]")
-    where = ".".join(str(p) for p in loc)
+    where = _printable(".".join(str(p) for p in loc))
     line = _line_of(lines, loc)
     kind = error["type"]
     if kind == "extra_forbidden":

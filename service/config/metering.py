@@ -50,7 +50,7 @@ Usd = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "number", "minimum": 0},
+                {"type": "number", "minimum": 0, "maximum": int(MAX_USD)},
                 {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
             ],
             "description": "An amount in USD, exact: a number or a string of decimal digits.",

@@ -40,6 +40,7 @@ speaks natively."""
 Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:read", "usage:read"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
+CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
 
 class PlaintextSecretError(ValueError):
@@ -64,7 +65,7 @@ SecretField = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^ENC\[AES256_GCM,",
+            "pattern": SOPS_VALUE.pattern,
             "description": "The secret, encrypted by sops (`switchboard encrypt FILE`); never plaintext.",
         }
     ),
@@ -72,12 +73,14 @@ SecretField = Annotated[
 
 
 def _check_url(value: str) -> str:
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must not contain spaces or control characters")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials; put the key in `api_key`")
-    if parts.query or parts.fragment:
+    if "?" in value or "#" in value:  # an empty one too: the JSON Schema's pattern refuses it
         raise ValueError("must not have a query or a fragment")
     try:
         parts.port  # noqa: B018 - the property validates the port
@@ -89,7 +92,15 @@ def _check_url(value: str) -> str:
 Url = Annotated[
     str,
     BeforeValidator(lambda v: _check_url(v) if isinstance(v, str) else v),
-    WithJsonSchema({"type": "string", "format": "uri", "pattern": "^https?://"}),
+    # The scheme in any case, as urlsplit reads it; a host without credentials; no query, no
+    # fragment, no space or control character anywhere.
+    WithJsonSchema(
+        {
+            "type": "string",
+            "format": "uri",
+            "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\s\x00-\x1f\x7f]+(/[^?#\s\x00-\x1f\x7f]*)?$",
+        }
+    ),
 ]
 
 
@@ -99,6 +110,25 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
+
+
+_UNIQUE: dict[str, JsonValue] = {"uniqueItems": True}
+"""A list that refuses a value twice says so in its JSON Schema too."""
+
+
+# The JSON Schema says what the loader takes: one id, or a list naming each id once.
+_Ids = Annotated[list[ProviderId], Field(json_schema_extra=_UNIQUE)]
+_SomeIds = Annotated[list[ProviderId], Field(min_length=1, json_schema_extra=_UNIQUE)]
+Primaries = Annotated[
+    list[ProviderId],
+    BeforeValidator(_one_or_many, json_schema_input_type=ProviderId | _SomeIds),
+    Field(min_length=1),
+]
+"""One provider id, or a list of them (`primary: local-tei` is `primary: [local-tei]`)."""
+Fallbacks = Annotated[
+    list[ProviderId], BeforeValidator(_one_or_many, json_schema_input_type=ProviderId | _Ids)
+]
+Weight = Annotated[float, Field(gt=0)]
 
 
 class _Document(BaseModel):
@@ -117,7 +147,9 @@ class _Provider(_Document):
     model_map: dict[str, str] = Field(
         default_factory=dict, description="Requested model alias -> model name sent upstream."
     )
-    purposes: list[Purpose] = Field(default_factory=lambda: list[Purpose](["chat"]), min_length=1)
+    purposes: list[Purpose] = Field(
+        default_factory=lambda: list[Purpose](["chat"]), min_length=1, json_schema_extra=_UNIQUE
+    )
     connect_timeout_s: Seconds = Field(
         5, description="Seconds to connect to the upstream; then it counts as a failure."
     )
@@ -144,6 +176,7 @@ class _Provider(_Document):
     protocols: list[Protocol] | None = Field(
         None,
         min_length=1,
+        json_schema_extra=_UNIQUE,
         description="The client protocols the upstream speaks natively (requests in them go as they "
         "are; others are translated to chat). Unset: the vendor's or server type's default "
         "(anthropic: messages; openai, vllm: chat, responses, completions; openrouter, together, "
@@ -303,9 +336,11 @@ Provider = AiServer | ApiKey
 class Route(_Document):
     """Who serves one purpose: load-balanced primaries, then fallbacks in order."""
 
-    primary: Annotated[list[ProviderId], BeforeValidator(_one_or_many), Field(min_length=1)]
-    weights: dict[ProviderId, float] = Field(default_factory=dict)
-    fallbacks: Annotated[list[ProviderId], BeforeValidator(_one_or_many)] = Field(default_factory=list)
+    primary: Primaries
+    weights: dict[ProviderId, Weight] = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"pattern": ID_PATTERN}}
+    )
+    fallbacks: Fallbacks = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Route:
@@ -316,8 +351,6 @@ class Route(_Document):
         stray = sorted(set(self.weights) - set(self.primary))
         if stray:
             raise ValueError(f"weights name {', '.join(stray)}, which is not a primary")
-        if any(w <= 0 for w in self.weights.values()):
-            raise ValueError("weights must be greater than 0")
         return self
 
     def weight(self, provider_id: str) -> float:
@@ -334,7 +367,7 @@ class Routing(_Document):
 class Client(_Document):
     """A caller of the HTTP API, known by the sha256 of its bearer token."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    name: str = Field(pattern=CLIENT_NAME_PATTERN)
     token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     scopes: list[Scope] = Field(min_length=1)
     limits: Limits | None = Field(
@@ -379,4 +412,7 @@ def json_schema(kind: str) -> dict[str, Any]:
         "type": "object",
         "description": "SOPS metadata, written by sops. Do not edit.",
     }
+    if "api_key" in schema["properties"]:  # an encrypted value needs the metadata sops wrote with it
+        schema["if"] = {"properties": {"api_key": {"type": "string"}}, "required": ["api_key"]}
+        schema["then"] = {"required": ["sops"]}
     return schema

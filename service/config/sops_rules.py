@@ -13,12 +13,24 @@ from typing import Any
 
 import yaml
 
+from service.config.metering import Budget, Limits, Price
+from service.config.models import MODELS, SECRET_FIELDS, Client, Route
 from service.errors import ConfigError, Problem
 
 PROVIDERS_PATH_REGEX = r"providers.d/.*\.ya?ml$"
 ENCRYPTED_REGEX = r"^(api_key)$"
 SAMPLE_PROVIDER_FILE = "providers.d/example.yaml"
 """A path the `providers.d/` rule must match, to find that rule."""
+_READABLE_FIELDS = sorted(
+    {
+        name
+        for model in (*MODELS.values(), Route, Client, Limits, Price, Budget)
+        for name in model.model_fields
+    }
+    - set(SECRET_FIELDS)
+)
+"""Keys sops must leave readable: every field of every document but the secrets (sops' `encrypted_regex`
+applies to keys at any depth)."""
 
 
 def load_sops_config(path: Path) -> dict[str, Any]:
@@ -144,8 +156,19 @@ def _rule_problems(rule: dict[str, Any], config_name: str, number: int) -> list[
         try:
             if not re.search(str(regex), "api_key"):
                 problems.append(f"{where}: encrypted_regex {regex!r} does not match api_key")
+            readable = [name for name in _READABLE_FIELDS if re.search(str(regex), name)]
+            if readable:
+                problems.append(
+                    f"{where}: encrypted_regex {regex!r} also matches {', '.join(readable)}, which must stay "
+                    "readable for review (want ^(api_key)$)"
+                )
         except re.error:
             problems.append(f"{where}: encrypted_regex {regex!r} is not a valid regular expression")
+    if rule.get("mac_only_encrypted") not in (None, False):
+        problems.append(
+            f"{where} sets mac_only_encrypted: the MAC would not cover the URLs and other cleartext "
+            "values (docs/reference.md §2.4); remove it"
+        )
     if not rule_recipients(rule):
         problems.append(f"{where} has no age recipient")
     return problems

@@ -13,13 +13,24 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.config.loader import Decrypter, Loaded, config_files, decrypt, is_config_file, parse
+from service.config.loader import (
+    MAX_FILE_BYTES,
+    Decrypter,
+    Loaded,
+    config_files,
+    declared_kind,
+    decrypt,
+    is_config_file,
+    parse,
+    too_large,
+)
 from service.config.models import SECRET_FIELDS
 from service.config.snapshot import cross_check
 from service.config.sops_rules import check_sops_config
 from service.errors import FileRejected, Problem
-from service.files import leads_outside
+from service.files import leads_outside, read_limited
 
+_PROVIDER_KINDS = ("ai_server", "api_key")
 LINK_OUT = "a symbolic link out of the repository (or into its .git): the service refuses it unread"
 
 
@@ -51,13 +62,14 @@ def validate(
         named += [p for p in _dangling_links(paths) if _link_out(p, root)]
     problems: list[Problem] = []
     loaded: dict[Path, Loaded] = {}
+    refused: set[str] = set()  # ids of refused provider files: routing may name them, as in the service
     out = {p for p in named if root is not None and _link_out(p, root)}
     for path in named:
         if path in out:
             problems.append(Problem(_display(path), 1, LINK_OUT))
             continue
         try:
-            loaded[path] = _load(path)
+            loaded[path] = _load(path, refused)
             if sops is not None:
                 decrypt(loaded[path], sops)
         except FileRejected as exc:
@@ -67,10 +79,10 @@ def validate(
         if root is not None and _link_out(path, root):
             continue
         try:
-            loaded[path] = _load(path)
+            loaded[path] = _load(path, refused)
         except FileRejected:
             continue  # only the files named are reported; a broken sibling is its own change
-    problems += cross_check(loaded.values())
+    problems += cross_check(loaded.values(), refused)
     secret_files = [p for p in named if p in loaded and holds_secrets(loaded[p])]
     if secret_files:
         config = sops_config or _find_sops_config(secret_files[0])
@@ -101,13 +113,21 @@ def _link_out(path: Path, root: Path) -> bool:
     return leads_outside(named, boundary)
 
 
-def _load(path: Path) -> Loaded:
+def _load(path: Path, refused: set[str]) -> Loaded:
+    """The file parsed; when it is refused and says it is a provider, its id joins `refused`."""
     file = _display(path)
     try:
-        data = path.read_bytes()
+        data, size = read_limited(path, MAX_FILE_BYTES)  # as the service reads: never a FIFO, never whole
     except OSError as exc:
         raise FileRejected([Problem(file, 1, f"cannot read: {exc.strerror}")]) from None
-    return parse(file, data)
+    try:
+        if size is not None:
+            raise too_large(file, size)
+        return parse(file, data)
+    except FileRejected:
+        if declared_kind(data) in _PROVIDER_KINDS:
+            refused.add(path.stem)  # a provider's id is its file's name
+        raise
 
 
 def holds_secrets(loaded: Loaded) -> bool:

@@ -93,11 +93,18 @@ def identity_recipient(path: Path) -> str:
 # -- .sops.yaml --------------------------------------------------------------------------
 
 
-def _check_recipient(path: Path, recipient: str) -> None:
+def is_recipient(text: str) -> bool:
+    """Whether `text` is an age X25519 recipient (`age1…`)."""
     try:
-        pyrage.x25519.Recipient.from_str(recipient)
+        pyrage.x25519.Recipient.from_str(text)
     except pyrage.RecipientError:
-        raise ConfigError([Problem(str(path), 0, f"not an age recipient: {recipient!r}")]) from None
+        return False
+    return True
+
+
+def _check_recipient(path: Path, recipient: str) -> None:
+    if not is_recipient(recipient):
+        raise ConfigError([Problem(str(path), 0, f"not an age recipient: {recipient!r}")])
 
 
 def add_recipient(path: Path, recipient: str) -> bool:

@@ -280,7 +280,9 @@ class Metered:
         """The request is on its way to `provider` (what a client that leaves now is charged for)."""
         self.sent = provider.id
         self.sent_at = time.perf_counter()
-        self.call.delivered, self.call.upstream_status = False, None
+        call = self.call
+        call.delivered, call.upstream_status = False, None
+        call.usage = None  # an attempt's own: one that failed after its answer was read leaves none
         self.meter.limiter.providers.admit(provider.id, self.meter.limiter.now_ms())
 
     async def give_back(self, provider: Provider) -> None:
@@ -301,8 +303,11 @@ class Metered:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    async def served(self, provider: Provider, response: web.StreamResponse, attempts: int) -> None:
-        """`provider` answered (a stream: its end, or break): settle, set the headers, record."""
+    async def served(
+        self, provider: Provider, response: web.StreamResponse, attempts: int, label: str | None = None
+    ) -> None:
+        """`provider` answered (a stream: its end, or break): settle, set the headers, record.
+        `label`: the model label of the answer's metrics, when made already (for its tokens)."""
         if self.done:
             return
         self.done = True
@@ -336,7 +341,8 @@ class Metered:
                 headers.update(use.remaining(self.limits))
         self._record(record_id, status, provider, attempts, tokens, cost, priced, estimated, written)
         if cost:
-            label = self.meter.label(provider, call)
+            if label is None:
+                label = self.meter.label(provider, call)
             self.meter.metrics.cost_usd.labels(call.client, provider.id, label).inc(_atto(cost))
 
     async def failed(self, error: HTTPError, attempts: int) -> None:
@@ -364,19 +370,31 @@ class Metered:
         Charged the reservation (`estimated`) once the upstream had the request: a byte of the
         answer was relayed, or the whole request was written to the upstream and it has not
         refused it (no status yet, or a 2xx). A request still on its way (connecting, its body
-        being written) or that the upstream refused could not be billed: it costs 0."""
+        being written) or that the upstream refused could not be billed: it costs 0. One whose
+        upstream's whole answer was read, usage and all (a stream whose client left during its
+        last write), is charged that usage: what the vendor billed."""
         if self.done:
             return
         self.done = True
         call = self.call
         tried = self.provider  # the record names the last provider tried, as a failure's does
         provider = tried if self.sent is not None else None
-        answered = call.upstream_status
-        charged = provider is not None and (
-            call.prepared is not None or (call.delivered and (answered is None or answered < 300))
-        )
-        cost = self.bound(provider) if charged and provider is not None and provider.id in self.rates else 0
-        counted = self._estimated_tokens(provider) if charged and provider is not None else 0
+        rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
+        tokens = normalise(call.usage) if provider is not None else None
+        priced = rate.any
+        cost: Amount
+        if tokens is not None:
+            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
+            charged, counted = False, min(tokens.total, MAX_TOKENS)
+        else:
+            answered = call.upstream_status
+            charged = provider is not None and (
+                call.prepared is not None or (call.delivered and (answered is None or answered < 300))
+            )
+            cost = (
+                self.bound(provider) if charged and provider is not None and provider.id in self.rates else 0
+            )
+            counted = self._estimated_tokens(provider) if charged and provider is not None else 0
         if provider is not None:  # its count of requests in flight ends here too
             limiter = self.meter.limiter
             limiter.providers.finish(provider.id, limiter.now_ms(), counted)
@@ -385,7 +403,6 @@ class Metered:
             try:
                 await self._settle(cost, counted)
             finally:
-                rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
                 status, record_id = CLIENT_LEFT, self.id
                 prepared = self.call.prepared
                 if prepared is not None:  # a stream cut: the status and the id the client was sent
@@ -395,9 +412,9 @@ class Metered:
                     status,
                     tried,
                     attempts,
-                    None,
+                    tokens,
                     cost,
-                    rate.any,
+                    priced,
                     charged,
                     timed=prepared is not None,
                 )

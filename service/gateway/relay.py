@@ -115,8 +115,9 @@ class Relay:
 
     def relay(self, call: Call, snapshot: Snapshot) -> Coroutine[Any, Any, web.StreamResponse]:
         """Try each candidate in turn; raises ModelNotFound when no provider of the route serves the
-        model, NoCandidate when those that do are all skipped now, UpstreamsFailed when every one
-        tried failed.
+        model (over the call's protocol: also a token count that every provider tried answered
+        404 at its path), NoCandidate when those that do are all skipped now, UpstreamsFailed
+        when every one tried failed.
 
         With a meter, the call is admitted against its client's limits first (a refusal is
         raised), each candidate must fit its budget, and the end is settled and recorded. With
@@ -136,6 +137,8 @@ class Relay:
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
+        unspoken = 0
+        """Attempts that found the provider does not speak the protocol after all (a 404 at its path)."""
         pinned: ids.ResponseId | None = None
         candidates: Sequence[Provider]
         if call.pinned is not None:
@@ -174,6 +177,7 @@ class Relay:
                 except Failure as failure:
                     if isinstance(failure, NotSpoken):
                         self.forms.remember(provider, failure.protocol)
+                        unspoken += 1
                     if failure.refused:
                         health.refuse(pid, failure.reason)
                     elif failure.blames_provider:
@@ -192,9 +196,9 @@ class Relay:
                     raise
                 if trace is not None:
                     trace.succeeded(response)
-                self._succeeded(call, provider, response, attempts)
+                label = self._succeeded(call, provider, response, attempts)
                 if metered is not None:
-                    await metered.served(provider, response, len(attempts) + 1)
+                    await metered.served(provider, response, len(attempts) + 1, label)
                 return response
             if not attempts:
                 if pinned is not None:
@@ -203,6 +207,11 @@ class Relay:
                     )
                 what = f"model {shown(call.model)}" if call.model else "this request"
                 raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
+            if unspoken == len(attempts) and call.protocol == "count_tokens":
+                # None counts tokens after all: the handler answers with its estimate
+                # (docs/reference.md §14), as when no provider speaks Messages at all.
+                what = f"model {shown(call.model)}" if call.model else "this request"
+                raise ModelNotFound(f"no enabled provider serves {what} over Messages", over_protocol=True)
             raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
         except HTTPError as error:
             if metered is not None:
@@ -259,7 +268,9 @@ class Relay:
 
     def _succeeded(
         self, call: Call, provider: Provider, response: web.StreamResponse, attempts: list[Any]
-    ) -> None:
+    ) -> str | None:
+        """Count an answer in the provider's health and the metrics; the model label of its
+        tokens, when it has any (None: not made)."""
         pid = provider.id
         if call.broken is not None:
             self.health.failed(pid, call.broken)
@@ -272,8 +283,11 @@ class Relay:
         timing.observe(call.first_byte_s)
         if attempts:
             self.metrics.fallbacks.labels(call.purpose).inc()
-        if call.usage is not None:
-            self.tokens(provider, self.model_label(provider, call), call.client, call.usage)
+        if call.usage is None:
+            return None
+        label = self.model_label(provider, call)
+        self.tokens(provider, label, call.client, call.usage)
+        return label
 
     # -- metrics -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from service.errors import HTTPError, InvalidRequest, ModelNotFound, UpstreamsFailed
+from service.errors import HTTPError, InvalidRequest, ModelNotFound
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.forms import PATHS
 from service.gateway.protocols import messages
@@ -73,16 +73,10 @@ def _called(protocol: str) -> CallOf:
 async def _count_tokens(request: web.Request) -> web.StreamResponse:
     """To a provider that speaks Messages natively; otherwise a local estimate (docs/reference.md §14)."""
     call = await read_call(request, "chat", PATHS["count_tokens"], "count_tokens")
-    relay, snapshot = request.app[RELAY], request.app[REGISTRY].snapshot
     try:
-        return await relay.relay(call, snapshot)
-    except ModelNotFound as exc:
+        return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
+    except ModelNotFound as exc:  # also when every provider tried answered 404 at the path
         if not exc.over_protocol:
-            raise
-    except UpstreamsFailed as exc:
-        # Every provider tried answered 404 at the path: none counts tokens after all.
-        tried = [snapshot.providers.get(a["provider"]) for a in exc.extra.get("attempts", ())]
-        if any(p is None or relay.forms.speaks(p, "count_tokens") for p in tried):
             raise
     headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0"}
     return web.json_response(

@@ -51,6 +51,20 @@ def test_token_create_refuses_a_name_taken_and_an_unknown_scope(
     assert caught.value.code == 2
 
 
+@pytest.mark.parametrize("name", ["my ops", ".ops", "ops\n", "o" * 64])
+def test_token_create_refuses_a_name_no_client_may_have_as_wrong_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """docs/reference.md §3: "2 wrong usage", one line on stderr; no file is written."""
+    folder = tmp_path / "providers.d"
+    code, out, err = run(capsys, "token", "create", name, "--scope", "admin", "--providers", str(folder))
+    assert (code, out) == (2, "")
+    assert err == f"switchboard: error: NAME: {name!r} is not a client name " + (
+        "(a letter or digit, then letters, digits, `.`, `_` or `-`; at most 63)\n"
+    )
+    assert not folder.exists()
+
+
 def test_serve_refuses_a_public_address_without_a_clients_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

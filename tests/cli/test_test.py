@@ -41,6 +41,16 @@ def test_the_test_command_names_an_unknown_provider(sops_project: SopsProject) -
         command(argparse.Namespace(provider_id="nope"), _settings(sops_project))
 
 
+@pytest.mark.parametrize("provider_id", ["../providers.d/a", "A", "a b"])
+def test_an_id_no_provider_may_have_is_wrong_usage(
+    sops_project: SopsProject, capsys: pytest.CaptureFixture[str], provider_id: str
+) -> None:
+    """docs/reference.md §3: "2 wrong usage"; a path is not read as an id."""
+    write_provider(sops_project, "a", base_url=closed_port_url())
+    assert command(argparse.Namespace(provider_id=provider_id), _settings(sops_project)) == 2
+    assert capsys.readouterr() == ("", f"switchboard: error: ID: {provider_id!r} is not a provider id\n")
+
+
 async def test_the_test_command_keeps_to_the_allowed_upstreams(
     sops_project: SopsProject, capsys: pytest.CaptureFixture[str]
 ) -> None:

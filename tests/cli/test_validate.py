@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
 from pathlib import Path
@@ -108,6 +109,19 @@ def test_routing_to_missing_disabled_and_wrong_purpose_providers(
     ]
 
 
+def test_routing_that_names_a_refused_provider_is_not_told_it_does_not_exist(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service keeps such routing (docs/reference.md §4: a refused provider file stays known
+    to routing): the one problem is the provider file's own."""
+    (project.providers / "gpu.yaml").write_text("kind: ai_server\nid: gpu\nserver_typo: vllm\n")
+    for args in (("validate", "providers.d"), ("validate", "providers.d/gpu.yaml")):
+        code, out, _ = run(capsys, *args)
+        assert code == 1
+        assert out.splitlines() and all(line.startswith("providers.d/gpu.yaml:") for line in out.splitlines())
+        assert "does not exist" not in out
+
+
 def test_two_routing_files_are_refused(project: SopsProject, capsys: pytest.CaptureFixture[str]) -> None:
     (project.providers / "routing-b.yaml").write_text("kind: routing\npurposes: {}\n")
     code, out, _ = run(capsys, "validate", "providers.d")
@@ -209,6 +223,28 @@ def test_a_cleartext_field_edited_without_sops_is_a_mac_mismatch(
     assert "MAC mismatch: the file was changed without sops" in out
     # Without --decrypt the change is a valid file: the MAC needs the key.
     assert run(capsys, "validate", "providers.d")[0] == 0
+
+
+def test_a_mac_over_the_secrets_only_is_refused(
+    project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/reference.md §2.4: the MAC "covers every value of the file, not only the secrets
+    (sops' default; never `mac_only_encrypted`): a URL in a file that holds a key cannot be
+    changed without that key". A rule asking for it, and a file made under one, are refused:
+    such a file's URL could be pointed anywhere, and sops would still decrypt it."""
+    use_key(monkeypatch, project.identity)
+    config = project.root / ".sops.yaml"
+    config.write_text(config.read_text().replace("    age:", "    mac_only_encrypted: true\n    age:"))
+    path = project.providers / "other.yaml"
+    path.write_text(KEY_FILE.format(id="other", key=CANARY) + "base_url: https://openrouter.ai/api/v1\n")
+    assert run(capsys, "encrypt", "providers.d/other.yaml")[0] == 0
+    path.write_text(path.read_text().replace("https://openrouter.ai/", "https://attacker.example/"))
+    for args in (("validate", "providers.d"), ("validate", "--decrypt", "providers.d")):
+        code, out, err = run(capsys, *args)
+        assert code == 1
+        assert re.search(r"^providers\.d/other\.yaml:\d+: error: .*`mac_only_encrypted`", out, re.M)
+        assert re.search(r"^\.sops\.yaml:1: error: .*sets mac_only_encrypted", out, re.M)
+        assert CANARY not in out + err
 
 
 def test_a_file_encrypted_for_someone_else_cannot_be_decrypted(
@@ -327,3 +363,18 @@ def test_a_link_out_of_the_repository_is_reported_unread(
     ]
     code, out, _ = run(capsys, "validate", "providers.d/spare.yaml")
     assert (code, out) == (0, "")
+
+
+def test_a_fifo_or_a_file_over_the_limit_is_refused_without_being_read_whole(
+    project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/reference.md §3: "no more than 1 MiB"; a FIFO named on the command line used to
+    block `validate` for ever, waiting for a writer."""
+    os.mkfifo(project.providers / "fifo.yaml")
+    (project.providers / "big.yaml").write_bytes(b"kind: routing\n" + b"#" * (1 << 20))
+    code, out, _ = run(capsys, "validate", "providers.d/fifo.yaml", "providers.d/big.yaml")
+    assert code == 1
+    assert out.splitlines() == [
+        "providers.d/big.yaml:1: error: file is 1,048,590 bytes; the limit is 1,048,576 (1 MiB)",
+        "providers.d/fifo.yaml:1: error: cannot read: not a regular file",
+    ]

@@ -242,3 +242,41 @@ def test_infinite_and_nan_numbers_are_refused() -> None:
     routing = "kind: routing\npurposes:\n  chat:\n    primary: [a]\n    weights: {a: .nan}\n"
     (found,) = problems("providers.d/routing.yaml", routing)
     assert "weights" in found
+
+
+def test_a_file_whose_mac_covers_only_its_secrets_is_refused_unread() -> None:
+    """docs/reference.md §2.4: "never `mac_only_encrypted`"; the service refuses such a file
+    before any decryption, as `validate` does without a key."""
+    text = f"kind: api_key\nid: k\nprovider: openai\napi_key: {ENC}\n{SOPS_BLOCK}  mac_only_encrypted: true\n"
+    found = problems("providers.d/k.yaml", text)
+    assert len(found) == 1
+    assert found[0].startswith("providers.d/k.yaml:8: error: the sops MAC covers only the secrets")
+    assert parse("providers.d/k.yaml", text.replace("true", "false").encode()).encrypted
+
+
+@pytest.mark.parametrize(
+    "url", ["http://gpu /v1", "'http://gpu/v1 '", '"http://gpu\\n/v1"', '"http://gpu/\\x7fv1"']
+)
+def test_a_base_url_with_a_space_or_a_control_character_is_refused(url: str) -> None:
+    """docs/reference.md §2.1: `base_url` is an http(s) URL; one of these is no URL, and would
+    reach the upstream request as it is."""
+    text = f"kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: {url}\n"
+    assert problems("providers.d/gpu.yaml", text) == [
+        "providers.d/gpu.yaml:4: error: `base_url`: must not contain spaces or control characters"
+    ]
+
+
+def test_a_key_holding_a_line_break_is_shown_escaped_on_its_one_line() -> None:
+    """docs/reference.md §3: `validate` prints one line per problem; a key of the file must not
+    start a line of its own (a forged `FILE:LINE: error:` line in a CI log)."""
+    server = "kind: ai_server\nid: gpu\nserver_type: vllm\nbase_url: http://h\n"
+    forged = '"x\\ngpu.yaml:1: error: forged": 1\n'
+    assert problems("gpu.yaml", server + forged) == [
+        "gpu.yaml:5: error: unknown field `x\\ngpu.yaml:1: error: forged`"
+    ]
+    assert problems("gpu.yaml", server + 'model_map: {"a\\rb": 1}\n') == [
+        "gpu.yaml:5: error: `model_map.a\\rb`: Input should be a valid string"
+    ]
+    assert problems("gpu.yaml", 'kind: routing\n"a\\tb": 1\n"a\\tb": 2\n') == [
+        "gpu.yaml:3: error: duplicate key `a\\tb`"
+    ]

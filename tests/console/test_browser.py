@@ -22,6 +22,7 @@ import yaml
 from playwright.async_api import Browser, Request, expect
 
 from service.http.changes import CHANGES
+from service.journal.events import EVENT_TYPES
 from tests.conftest import (
     AgeIdentity,
     Service,
@@ -173,10 +174,21 @@ async def test_the_overview_shows_routes_health_commits_and_refused_files(
         await expect(chat.locator("ol li")).to_contain_text(["evil"])  # the fallback
         await expect(chat.locator(".badge").first).to_have_text(re.compile("healthy|unknown"))
         await expect(t.page.locator(".route[data-purpose=embeddings]")).to_contain_text("gpu")
-        await expect(t.page.locator(".route[data-purpose=reranking]")).to_contain_text("Not routed")
+        # "each purpose with its primaries (weights)": a weight is shown with one primary too
+        await expect(chat.locator(".weight")).to_have_text(re.compile(r"weight 3\b"))
+        # what the page says of a purpose without a route is what the gateway answers for it
+        status, answer = await world.request(
+            "POST", "/v1/rerank", ADMIN, {"model": "m", "query": "q", "documents": ["d"]}
+        )
+        assert (status, answer["error"]["type"]) == (404, "model_not_found"), answer
+        await expect(t.page.locator(".route[data-purpose=reranking]")).to_contain_text(
+            "Not routed: requests for it answer 404 (model_not_found)."
+        )
         cards = t.page.locator(".cards")
         await expect(cards).to_contain_text(f"Generation{ready['generation']}")
         await expect(cards.locator(".sha").first).to_have_text(ready["last_applied_commit"][:7])
+        attempted = cards.locator(".card", has_text="Last attempted commit").locator(".sha")
+        await expect(attempted).to_have_text(ready["last_attempted_commit"][:7])
         await expect(cards).to_contain_text("degraded")
         refused = t.page.locator("table.refused tbody tr")
         await expect(refused).to_have_count(len(ready["refused"]))
@@ -264,6 +276,15 @@ async def test_the_event_timeline_shows_each_change_field_by_field_and_filters(
         await eventually(every_event_once, timeout=10)
 
 
+async def test_the_event_timeline_filters_by_every_type_of_the_log(browser: Browser, world: World) -> None:
+    """ "filterable by subject and type": the type box offers each type an event of the log can have."""
+    types = {event.model_fields["type"].default for event in EVENT_TYPES}
+    async with tab(browser, world.service.url) as t:
+        await t.open("#/events", READER)
+        offered = await t.page.locator("#event-type option").evaluate_all("els => els.map(e => e.value)")
+    assert sorted(offered) == sorted({"", *types})
+
+
 # -- live ---------------------------------------------------------------------------------------------
 
 
@@ -287,6 +308,42 @@ async def test_a_file_edited_on_disk_appears_without_a_reload(browser: Browser, 
         (world.project.providers / "live-one.yaml").unlink()
         await expect(t.page.locator("table.refused")).not_to_contain_text("live-one")
         assert await t.page.evaluate("window.__same_page") is True
+
+
+async def test_a_commit_that_changes_no_file_moves_the_overviews_commits(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """A commit of files already served changes no configuration, so no event tells of it; the
+    overview asks for the service's state again while it is shown, so its commits stay true."""
+    root = sops_project.root
+    git(root, "init", "-q", "-b", "main")
+    (root / ".gitignore").write_text("var/\n")
+    server(sops_project, "gpu", "http://127.0.0.1:9/v1")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "one")
+    async with serve(sops_project, rescan_s=0.1) as service, tab(browser, service.url) as t:
+        await t.page.clock.install()
+        await t.open("#/overview")
+        await t.live()
+        applied = t.page.locator(".cards .card", has_text="Last applied commit").locator(".sha")
+        await expect(applied).to_have_text(_head(root)[:7])
+        (root / "README.md").write_text("the configuration of the team\n")
+        git(root, "add", "-A")
+        git(root, "commit", "-qm", "two")
+        second = _head(root)
+
+        async def moved() -> None:
+            assert (await service.get("/readyz"))[1]["last_applied_commit"] == second
+
+        await eventually(moved)
+        await t.page.clock.fast_forward(11_000)  # past the page's 10 s poll
+        await expect(applied).to_have_text(second[:7])
+        attempted = t.page.locator(".cards .card", has_text="Last attempted commit").locator(".sha")
+        await expect(attempted).to_have_text(second[:7])
+
+
+def _head(root: Path) -> str:
+    return git(root, "rev-parse", "HEAD")
 
 
 async def test_the_stream_resumes_with_last_event_id_after_a_drop(browser: Browser, world: World) -> None:

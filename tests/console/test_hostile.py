@@ -521,6 +521,38 @@ async def test_a_scope_taken_away_takes_its_page_away(browser: Browser, world: W
     assert world.head() == before
 
 
+async def test_a_token_that_may_write_but_not_read_is_offered_only_what_it_can_do(
+    browser: Browser, sops_project: SopsProject
+) -> None:
+    """config:write without config:read: a new provider needs nothing read, but an edit, a
+    delete or a route starts from what the service has (and its ETag), which this token may not
+    read. Those forms are not offered, and the page says why; adding one still works."""
+    server(sops_project, "gpu", NOWHERE)
+    blind = "sb_hostile_blind_writer_6e5d4c3b2a19"
+    write_clients(sops_project, {"blind": (blind, ["config:write"])})
+    git(sops_project.root, "init", "-q", "-b", "main")
+    (sops_project.root / ".gitignore").write_text("var/\n")
+    git(sops_project.root, "add", "-A")
+    git(sops_project.root, "commit", "-qm", "a blind writer")
+    async with serve(sops_project) as service, tab(browser, service.url) as t:
+        await t.open("#/changes/new", blind)
+        await expect(t.page.locator("#nav a[data-page=changes]")).to_have_count(1)
+        for page in ("#/changes/edit/gpu", "#/changes/route/chat"):
+            await t.page.goto(f"{t.url}/ui/{page}")
+            await expect(t.page.locator("main .note")).to_contain_text("needs the scope config:read")
+            await expect(t.page.locator("main form, main input, main select")).to_have_count(0)
+        await expect(t.page.locator("main nav.tabs a")).to_have_count(1)  # "Add a provider" alone
+        await t.page.click("main nav.tabs a")
+        await t.page.click("#f-kind-ai_server")
+        await t.page.fill("#f-id", "added-blind")
+        await t.page.fill("#f-base_url", NOWHERE)
+        await t.page.click("button.primary:text('Create provider')")
+        await expect(t.page.locator(".done .ok")).to_contain_text("Created added-blind: commit")
+        assert git(sops_project.root, "log", "-1", "--format=%s") == "create ai_server added-blind"
+        forbidden = [url for url in t.api_requests() if "/servers/gpu" in url or "/active/" in url]
+        assert forbidden == []
+
+
 def _may(service: Service, name: str, scope: str) -> bool:
     clients = service.registry.snapshot.clients
     return clients is not None and any(c.name == name and scope in c.scopes for c in clients.clients)

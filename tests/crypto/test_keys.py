@@ -192,6 +192,32 @@ def test_check_sops_config_wants_api_key_encrypted_for_an_age_recipient(tmp_path
     ]
 
 
+@pytest.mark.parametrize(
+    ("regex", "matched"),
+    [
+        (".*", "base_url, budget, cache_write, cached_input, clients"),
+        ("^(api_key|base_url)$", "base_url"),
+        ("key", "api_key"),  # not a readable field: only the secret
+    ],
+)
+def test_check_sops_config_wants_every_field_but_the_secret_readable(
+    tmp_path: Path, regex: str, matched: str
+) -> None:
+    """docs/reference.md §2.4: "Only secret fields are encrypted, so ids, URLs and routing stay
+    readable and reviewable in a pull request"; a wider `encrypted_regex` hides them."""
+    path = tmp_path / ".sops.yaml"
+    rule = f"  - path_regex: providers.d/\n    encrypted_regex: '{regex}'\n    age: {_recipient()}\n"
+    path.write_text("creation_rules:\n" + rule)
+    problems = sops_rules.check_sops_config(path, ["providers.d/a.yaml"])
+    if matched == "api_key":
+        assert problems == []
+    else:
+        assert len(problems) == 1
+        where = "providers.d/a.yaml: creation rule 1 of .sops.yaml"
+        assert problems[0].startswith(f"{where}: encrypted_regex {regex!r} also matches {matched}")
+        assert problems[0].endswith("which must stay readable for review (want ^(api_key)$)")
+
+
 def test_check_sops_config_reports_an_invalid_regex(tmp_path: Path) -> None:
     path = tmp_path / ".sops.yaml"
     path.write_text(f"creation_rules:\n  - path_regex: providers.d/(\n    age: {_recipient()}\n")

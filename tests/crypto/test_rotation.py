@@ -217,3 +217,20 @@ def test_a_stopped_rotation_reports_what_is_done_and_pending(project: SopsProjec
     assert info.value.file == "providers.d/beta.yaml"
     assert info.value.done == (files[0],)
     assert info.value.pending == tuple(files[1:])
+
+
+def test_a_malformed_recipient_is_wrong_usage_and_changes_nothing(
+    project: SopsProject, other_age_identity: AgeIdentity, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/reference.md §3: "2 wrong usage"; one line on stderr, and `.sops.yaml` as it was,
+    even when a good recipient comes before the bad one."""
+    config = (project.root / ".sops.yaml").read_text()
+    alpha = (project.providers / "alpha.yaml").read_bytes()
+    assert cli("rotate", "--add-recipient", other_age_identity.recipient, "age1typo") == 2
+    assert (
+        capsys.readouterr().err == "switchboard: error: --add-recipient: not an age recipient: 'age1typo'\n"
+    )
+    assert cli("rotate", "--remove-recipient", "nobody") == 2
+    assert "--remove-recipient: not an age recipient: 'nobody'" in capsys.readouterr().err
+    assert (project.root / ".sops.yaml").read_text() == config
+    assert (project.providers / "alpha.yaml").read_bytes() == alpha

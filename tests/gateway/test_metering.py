@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import json
 import random
+import socket
+import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,7 +24,7 @@ from service.gateway.metering import RequestIds, _completion, _micros
 from service.http.context import RELAY
 from service.usage.encoding import micros
 from service.usage.record import Record
-from tests.conftest import SopsProject, eventually
+from tests.conftest import SopsProject, eventually, serve
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, serving, unanswered_url, upstreams
 
@@ -160,6 +162,34 @@ async def test_a_cost_of_millionths_is_written_in_plain_digits_and_charged_round
     record = records.by_id("req-a-1")
     assert record.cost_usd == Decimal("0.0000027") and record.to_json()["cost_usd"] == "0.0000027"
     assert 'switchboard_cost_usd_total{client="client",model="fake-model",provider="a"} 2.7e-06' in metrics
+
+
+async def test_the_cost_of_an_answer_is_labelled_by_the_model_its_tokens_are(
+    sops_project: SopsProject,
+) -> None:
+    """A provider that declares no models: the model label is the one the answer names (bounded
+    per provider), the same for the answer's cost as for its tokens."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, model_map={"alias": "real-name"})
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, _):
+            for model in ("alias", "alias", "other-model"):
+                assert (await chat(board, max_tokens=3, model=model)).status == 200
+            metrics = await board.metrics()
+    series = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(("switchboard_cost_usd_total", "switchboard_tokens_total"))
+    ]
+    assert sorted(series) == [
+        'switchboard_cost_usd_total{client="client",model="other-model",provider="a"} 7.0',
+        'switchboard_cost_usd_total{client="client",model="real-name",provider="a"} 14.0',
+        'switchboard_tokens_total{client="client",kind="completion",model="other-model",provider="a"} 3.0',
+        'switchboard_tokens_total{client="client",kind="completion",model="real-name",provider="a"} 6.0',
+        'switchboard_tokens_total{client="client",kind="prompt",model="other-model",provider="a"} 1.0',
+        'switchboard_tokens_total{client="client",kind="prompt",model="real-name",provider="a"} 2.0',
+    ]
 
 
 async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_even_without_rpm_or_tpm(
@@ -485,6 +515,127 @@ async def test_a_client_that_leaves_midstream_is_charged_its_reservation(sops_pr
     assert record.estimated and record.cost_usd > 0 and record.provider == "a"
     assert record.status == 200 and record.id == sent_id  # what the client was sent, before it left
     assert after.status == 200
+
+
+async def test_a_client_that_leaves_during_the_streams_last_write_is_charged_its_usage(
+    sops_project: SopsProject,
+) -> None:
+    """The upstream's whole stream, its usage included, was read when the client left during its
+    last write (the client reads no more; the gateway's socket is full): the vendor billed that
+    usage, so the record and the budget count it, not the request's reservation."""
+    last = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_event({"choices": [{"index": 0, "delta": {"content": "one"}}]}))
+        await last.wait()
+        rest = _event({"choices": [{"index": 0, "delta": {"content": "x" * 30_000}}]})
+        rest += _event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+        await response.write_eof(rest + b"data: [DONE]\n\n")  # its end in the same write
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with serve(sops_project) as service:
+            records = Records()
+            meter = service.app[RELAY].meter
+            assert meter is not None
+            meter.sink = records
+            loop = asyncio.get_running_loop()
+            with socket.socket() as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.setblocking(False)
+                await loop.sock_connect(client, ("127.0.0.1", int(service.url.rsplit(":", 1)[1])))
+                body = json.dumps(
+                    {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+                )
+                await loop.sock_sendall(
+                    client,
+                    (
+                        "POST /v1/chat/completions HTTP/1.1\r\nHost: switchboard\r\n"
+                        f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n{body}"
+                    ).encode(),
+                )
+                received = b""
+                while b"one" not in received:  # the first event: then the client reads no more
+                    received += await loop.sock_recv(client, 65536)
+                server = service.runner.server
+                assert server is not None
+                (handler,) = [
+                    h
+                    for h in server.connections
+                    if h.transport is not None
+                    and h.transport.get_extra_info("peername") == client.getsockname()
+                ]
+                transport = handler.transport
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                transport.set_write_buffer_limits(high=1)  # what the kernel does not take waits
+                last.set()
+                await eventually(lambda: transport.get_write_buffer_size() > 0, timeout=5)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            _, limits = await service.get("/api/v1/llm-config/limits", READER)
+    record = records.kept[0]
+    assert (record.status, record.estimated, record.prompt_tokens, record.completion_tokens) == (
+        200,
+        False,
+        5,
+        2,
+    )
+    assert record.cost_usd == 9  # 5 in at 1 USD, 2 out at 2
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert (used["budget_spent_usd"], used["budget_reserved_usd"], used["in_flight"]) == ("9", "0", 0)
+
+
+async def test_a_client_that_leaves_during_a_fallback_is_charged_its_reservation_not_an_earlier_usage(
+    sops_project: SopsProject,
+) -> None:
+    """A Messages request, translated to chat: `a` answers 2xx with a usage but nothing a message
+    can be made of (its attempt fails), `b` is slow and the client leaves meanwhile. What `b` is
+    charged is its reservation, not `a`'s usage at `b`'s prices."""
+
+    async def untranslatable(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", untranslatable)
+    async with serving(app) as url, FakeUpstream(name="b", latency_s=1.0) as b:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        priced_provider(sops_project, "b", b)
+        write_routing(sops_project, chat={"primary": ["a"], "fallbacks": ["b"]})
+        write_clients(sops_project, {"budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            message = {
+                "model": "fake-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await board.post("/v1/messages", message, token=TOKEN)
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            await eventually(lambda: len(b.requests) == 1, timeout=5)
+    record = records.kept[0]
+    assert (record.status, record.provider, record.attempts, record.estimated) == (499, "b", 2, True)
+    assert record.prompt_tokens == record.completion_tokens == 0
+    assert record.cost_usd > 10  # the body's bytes at 1 USD and 5 tokens out at 2: not 3 USD
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps({"id": "c", "model": "fake-model", **chunk}).encode() + b"\n\n"
 
 
 async def test_a_request_every_upstream_failed_costs_nothing(sops_project: SopsProject) -> None:

@@ -128,6 +128,30 @@ async def test_a_native_message_goes_as_it_is_with_the_providers_key(sops_projec
             assert refused.value.body["type"] == "error"  # type: ignore[index]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_native_answer_and_refusal_carry_anthropics_request_id(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """docs/reference.md §7: the upstream's request id is passed back; Anthropic names it `request-id`,
+    and a native request's answer names it as the same upstream's answer through chat does."""
+    async with FakeUpstream(protocol="anthropic", name="claude") as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            body = {
+                "model": "m",
+                "max_tokens": 8,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            served = await board.post("/v1/messages", body)
+            up.fail(400, times=1)
+            refused = await board.post("/v1/messages", body)
+    assert (served.status, refused.status) == (200, 400)
+    assert served.headers["x-request-id"] == "req_claude_1"
+    assert refused.headers["x-request-id"] == "req_claude_2"
+
+
 async def test_count_tokens_is_a_local_estimate_where_no_provider_speaks_messages(
     sops_project: SopsProject,
 ) -> None:

@@ -585,6 +585,37 @@ async def test_a_stream_request_answered_whole_is_read_within_the_limit(sops_pro
     assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_empty_stream_falls_back_as_one_that_never_started(
+    sops_project: SopsProject, framing: str
+) -> None:
+    """A 200 event stream that ends before its first byte sent the client nothing yet: it falls
+    back as a stream with no first byte does (and as one through litellm does), instead of
+    relaying an empty 200 that no client can read as an answer."""
+
+    async def empty(request: web.Request) -> web.StreamResponse:
+        if framing == "length":
+            return web.Response(body=b"", headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", empty)
+    async with serving(upstream) as url, FakeUpstream(name="backup") as backup:
+        write_provider(sops_project, "empty", base_url=f"{url}/v1")
+        write_provider(sops_project, "backup", base_url=backup.base_url)
+        write_routing(sops_project, chat={"primary": "empty", "fallbacks": ["backup"]})
+        async with running(sops_project) as board:
+            response = await board.chat("ping", stream=True)
+            text = await response.text()
+            metrics = await board.metrics()
+    assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
+    assert "backup says: ping" in text or "backup" in text
+    assert 'switchboard_upstream_requests_total{outcome="failed",provider="empty"} 1.0' in metrics
+
+
 async def test_a_compressed_answer_is_bounded_once_inflated(sops_project: SopsProject) -> None:
     """A gzip answer's `Content-Length` is its compressed size: 10 KB that inflate to 10 MB
     must fail like any answer over the limit, not be read whole because its length is small."""

@@ -16,10 +16,11 @@ import * as changes from "./changes.js";
 import * as events from "./events.js";
 import * as usage from "./usage.js";
 
-// `polled`: what the page shows that moves without an event (traffic, health's details),
+// `polled`: what the page shows that moves without an event (traffic, health's details, the
+// commits readyz names, which a commit of files already served moves),
 // asked again every few seconds while the page is shown.
 const PAGES = [
-  { path: "overview", title: "Overview", scope: "config:read", page: overview, polled: ["providers"] },
+  { path: "overview", title: "Overview", scope: "config:read", page: overview, polled: ["providers", "ready"] },
   { path: "providers", title: "Providers", scope: "config:read", page: providers, polled: ["providers", "traffic"] },
   { path: "changes", title: "Changes", scope: "config:write", page: changes, polled: [] },
   { path: "events", title: "Events", scope: "config:read", page: events, polled: [] },

@@ -16,6 +16,7 @@ const TYPES = [
   "clients.updated",
   "secret.read",
   "sync.failed",
+  "budget.exhausted",
   "service.started",
 ];
 

@@ -119,7 +119,7 @@ function drawRoutes(el, store) {
             "article",
             { class: "card route", dataset: { purpose } },
             h("h3", {}, purpose),
-            h("p", { class: "help" }, "Not routed: requests for it answer 503."),
+            h("p", { class: "help" }, "Not routed: requests for it answer 404 (model_not_found)."),
           ),
     );
   }
@@ -137,7 +137,7 @@ function routeCard(purpose, route, store) {
       p.name ? h("span", { class: "muted" }, ` ${clip(p.name, 200)}`) : null,
       " ",
       p.enabled ? badge(health.status) : badge("disabled"),
-      weight === undefined || route.primary.length < 2
+      weight === undefined
         ? null
         : h("span", { class: "weight", title: `weight ${weight} of ${total}` }, ` weight ${weight} · ${Math.round((weight / total) * 100)}%`),
     );

@@ -185,7 +185,9 @@ class MessagesStream:
         out = b"" if self._started else self._start({})
         out += self._close_block()
         self._ended = True
-        stop = self._stop or ("tool_use" if self._blocks else "end_turn")
+        stop = self._stop or "end_turn"
+        if stop == "end_turn" and self._blocks:  # tool calls ended by `stop`, as `from_chat` reads them
+            stop = "tool_use"
         delta = {"stop_reason": stop, "stop_sequence": None}
         usage = usages.to_messages(self._usage)
         out += event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})

@@ -25,6 +25,8 @@ from service.gateway.protocols.values import as_dict, as_list
 
 _SYSTEM_ROLES = ("system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+"""Chat's `finish_reason`s that leave a Response `incomplete` -> its `incomplete_details.reason`."""
 _ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "temperature", "top_p")
 """Request fields a Response echoes."""
 
@@ -97,9 +99,10 @@ def from_chat(chat: dict[str, Any], request: dict[str, Any], response_id: str) -
     response["model"] = chat.get("model") if isinstance(chat.get("model"), str) else request.get("model")
     response["output"] = output
     response["usage"] = usages.to_responses(usage if isinstance(usage, dict) else None)
-    if choice.get("finish_reason") == "length":
+    reason = choice.get("finish_reason")
+    if isinstance(reason, str) and reason in INCOMPLETE:
         response["status"] = "incomplete"
-        response["incomplete_details"] = {"reason": "max_output_tokens"}
+        response["incomplete_details"] = {"reason": INCOMPLETE[reason]}
     else:
         response["status"] = "completed"
     return response

@@ -21,7 +21,7 @@ from typing import Any
 
 from service.gateway.protocols import usage as usages
 from service.gateway.protocols.chunks import DONE, ChatEvents, UpstreamError
-from service.gateway.protocols.responses import function_item, message_item, shell
+from service.gateway.protocols.responses import INCOMPLETE, function_item, message_item, shell
 from service.gateway.protocols.values import as_dict
 
 
@@ -241,8 +241,9 @@ class ResponsesStream:
             out += self._event("response.output_item.done", output_index=item.index, item=done)
             output.append(done)
         response = {**self._response, "output": output, "usage": usages.to_responses(self._usage)}
-        if self._stop == "length":
-            response.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+        incomplete = INCOMPLETE.get(self._stop) if self._stop is not None else None
+        if incomplete is not None:
+            response.update(status="incomplete", incomplete_details={"reason": incomplete})
             return out + self._event("response.incomplete", response=response)
         response["status"] = "completed"
         return out + self._event("response.completed", response=response)

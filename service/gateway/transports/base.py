@@ -138,7 +138,7 @@ class Delivered(BytesPayload):
         self._call.delivered = True
 
 
-_PASSED_BACK = frozenset(("x-request-id", "retry-after", "retry-after-ms"))
+_PASSED_BACK = frozenset(("x-request-id", "request-id", "retry-after", "retry-after-ms"))
 _MAX_REQUEST_ID = 128
 
 
@@ -151,11 +151,17 @@ def sane_request_id(value: str) -> bool:
 
 def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
     """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer
-    (docs/reference.md §7), `retry-after` with its `retry-after-ms` (`retry_after`).
+    (docs/reference.md §7), `retry-after` with its `retry-after-ms` (`retry_after`). Anthropic names its
+    request id `request-id`: passed back as `x-request-id`, as litellm's answers from it are,
+    when the upstream sent no `x-request-id`.
 
     The upstream's header names are in lower case, as `exchange.Response.headers` keeps them."""
     for name, value in upstream.items():
         if name in _PASSED_BACK or name.startswith("x-ratelimit-"):
+            if name == "request-id":
+                if "x-request-id" in upstream:
+                    continue
+                name = "x-request-id"
             if name == "x-request-id" and not sane_request_id(value):
                 continue
             headers[name] = value

@@ -52,6 +52,7 @@ KEPT = frozenset(
         b"content-encoding",
         b"content-type",
         b"x-request-id",
+        b"request-id",
         b"retry-after",
         b"retry-after-ms",
     )

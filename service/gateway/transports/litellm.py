@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -199,6 +199,7 @@ async def _forward(
         if isinstance(status, int) and 400 <= status < 500:
             status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
+            _pass_back_refusal(exc, headers)
             return _client_error(exc, status, key, headers)
         if not _reached_upstream(exc):
             # litellm failed on the request itself (a malformed `tools`, `messages` of another
@@ -338,8 +339,32 @@ def _pass_back(result: Any, headers: dict[str, str]) -> None:
     (docs/reference.md §7)."""
     hidden = getattr(result, "_hidden_params", None)
     kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
-    if not isinstance(kept, dict):
+    if isinstance(kept, dict):
+        _passed(kept, headers)
+
+
+_VENDOR_LIMIT = re.compile(r"anthropic-ratelimit-(requests|tokens)-(limit|remaining)")
+"""Anthropic's rate limits that litellm names as OpenAI's (`x-ratelimit-remaining-requests`) on an answer."""
+
+
+def _pass_back_refusal(exc: Exception, headers: dict[str, str]) -> None:
+    """The vendor's request id and rate limits onto its refusal of the client's request, as
+    `_pass_back` puts them on an answer (docs/reference.md §7): litellm keeps the upstream's headers on
+    its exception as they came, so Anthropic's rate limits are named here as litellm names them
+    on an answer."""
+    raw = getattr(exc, "litellm_response_headers", None)
+    if not isinstance(raw, Mapping):
         return
+    kept: dict[str, str] = {}
+    for key, value in raw.items():
+        name = str(key).lower()
+        limit = _VENDOR_LIMIT.fullmatch(name)
+        kept[f"x-ratelimit-{limit[2]}-{limit[1]}" if limit else name] = str(value)
+    _passed(kept, headers)
+
+
+def _passed(kept: Mapping[Any, Any], headers: dict[str, str]) -> None:
+    """From the vendor's headers `kept`: its request id, `retry-after` and `x-ratelimit-*`."""
     for key, value in kept.items():
         name = str(key).removeprefix("llm_provider-").lower()
         if name == "request-id":  # Anthropic's name for it

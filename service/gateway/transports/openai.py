@@ -305,9 +305,13 @@ class OpenAITransport(Transport):
             raise
         call.first_byte_s = loop.time() - started
         content_type = response.headers.get("Content-Type", "application/json")
+        is_stream = status < 300 and content_type.startswith(_SSE) and status not in _BODILESS
+        if is_stream and not first:  # ended before its first byte: nothing sent yet, fall back
+            response.close()
+            raise Failure(None, "the stream ended before its first event")
         headers["Content-Type"] = content_type
         pass_back(response.headers, headers)
-        if status < 300 and content_type.startswith(_SSE) and status not in _BODILESS:
+        if is_stream:
             return await relay_events(
                 call,
                 response,

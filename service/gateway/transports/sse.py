@@ -63,7 +63,9 @@ async def relay_events(
 
     Bytes are written as they come, and looked into (usage, model) once written. The last ones
     go with the stream's end in one write: those of an upstream whose answer has ended (often
-    the whole stream, read at once), or the error event of a stream cut short.
+    the whole stream, read at once; looked into for usage before that write, so that a client
+    that leaves during it is charged the usage, which the vendor billed), or the error event of
+    a stream cut short.
     """
     if translator is not None:
         drop_usage = False  # the translator reads the usage chunk; the client never sees it
@@ -75,6 +77,7 @@ async def relay_events(
     chunk = window = first
     head = True  # the first pass: the head goes with its bytes, or alone
     ended = False  # the answer's end is written
+    whole = False  # the upstream's whole answer is read, and its usage looked into
     try:
         writer = await answer.prepare(call.request)
         if writer is None:  # only an answer whose end was written has none: not a new one
@@ -96,12 +99,15 @@ async def relay_events(
                 out, pending = b"", window
             if upstream.ended:  # nothing more comes: these bytes go with the end, in one write
                 chunk = b""
-                ended = True
+                ended = whole = True
+                if end >= 0 and _USAGE in window:  # looked into first: a client that leaves
+                    usage = _scanned(window, end, usage, merge)  # as they go is charged it
+                    end = -1
                 await answer.write_eof(out + _last(pending if drop_usage else b"", translator))
             elif out or head:  # b"": the head alone; by its writer, a coroutine fewer a chunk
                 await writer.write(out)
             if end >= 0 and _USAGE in window:  # the client has the bytes: now looked into
-                usage = _usage_in(window, end, usage) if merge else find_usage(window, end) or usage
+                usage = _scanned(window, end, usage, merge)
             if head and name_model:
                 call.answer_model = find_model(first)
             head = False
@@ -118,11 +124,16 @@ async def relay_events(
                 await answer.write_eof(_broken(call, call.broken, translator))
                 break
         if not ended:
+            whole = True  # the upstream ended (b""): every window was looked into
             await answer.write_eof(_last(pending if drop_usage else b"", translator))
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        if whole:  # the client left during the last write: the vendor billed this usage
+            call.usage = usages.as_chat(call.upstream_protocol, usage)
         upstream.close()  # the client left: drop the upstream connection too
         return answer
-    except BaseException:
+    except BaseException:  # cancelled (the client left), or the connection lost while waiting
+        if whole:
+            call.usage = usages.as_chat(call.upstream_protocol, usage)
         upstream.close()
         raise
     upstream.release()
@@ -152,6 +163,11 @@ def _broken(call: Call, reason: str, translator: StreamTranslator | None) -> byt
         data = json.dumps(messages_error(502, reason)).encode()
         return b"\n\nevent: error\ndata: " + data + b"\n\n"
     return error_event(reason)
+
+
+def _scanned(window: bytes, end: int, usage: dict[str, Any] | None, merge: bool) -> dict[str, Any] | None:
+    """The stream's usage so far, with what the whole events of `window` (up to `end`) say."""
+    return _usage_in(window, end, usage) if merge else find_usage(window, end) or usage
 
 
 def _usage_in(window: bytes, end: int, usage: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -5,7 +5,14 @@
   with Redis it is then given to Redis, which keeps the larger of its own and this.
 - **On a change of the files**, a budget new in them (or given another period) has what it spent
   in its period before then read the same way at the next tick (the records before the change:
-  those after are counted here), so that what was already spent stays spent.
+  those after are counted here), so that what was already spent stays spent. With Redis, that
+  is added to Redis's counter once, by the first replica to ask (`seed`: every replica applies
+  the same change, and asks); Redis then marks the budget's period seeded. Any other budget a
+  replica begins counting (at its start, in a new period) or one whose period is marked
+  already (a budget that came back) only raises the counter to what the ledger holds of the
+  period, if that is more. "Before the change" is before this replica applied it: a request
+  another replica counted in Redis a moment earlier is counted twice, over, never under. With
+  the ledger off nothing says what was spent before: such a budget counts from the change.
 - **Every second** (`tick`): with Redis up, the lease of this replica's epoch is renewed and
   every budget's and limited client's use read back (`known`, `replicas`): what this replica
   falls back on if Redis goes; with Redis away, it is asked again, and once it answers,
@@ -73,6 +80,11 @@ class Keeper:
         has had that budget: what this process counted of it began then."""
         self.clients: tuple[str, ...] = ()
         """Clients with limits: their counters are in Redis."""
+        self.unseeded: dict[str, tuple[int | None, int, Window]] = {}
+        """With Redis: budget key -> (what it spent before the change, for a budget that came
+        mid-run; what it spent in its period; its window), not yet given to Redis (`seed`)."""
+        self._loaded_ms: float | None = None
+        """When `load` began: a budget the configuration got after it came mid-run."""
         self.ready = asyncio.Event()
         self._snapshot: Snapshot | None = None
         self._written: dict[str, tuple[int, int]] | None = None
@@ -92,11 +104,13 @@ class Keeper:
 
     async def load(self) -> None:
         """Read each budget's spent before this process counted, then try Redis once: ready."""
+        self._loaded_ms = self.limiter.now_ms()
         if self.file is not None:
             self._snapshot = await asyncio.to_thread(self.file.read)
         await self.seed_missing()
         limiter = self.limiter
         if limiter.remote is not None and await self.reconcile():
+            await self._seed_remote()
             await self.refresh()
         self.ready.set()
 
@@ -109,18 +123,69 @@ class Keeper:
             key = budget_key(kind, subject, current)
             if key in limiter.seed:
                 continue
-            counters = limiter.counters
-            if key not in counters.spent and key not in counters.reserved:
-                limiter.seed[key] = await self._spent_before(kind, subject, key, current)
-                continue
             since = self.counted_since.get((kind, subject, budget.period), now)
-            if since <= current.start.timestamp() * 1000:
-                limiter.seed[key] = 0  # a period that began while this process counted it
-            else:
-                # A budget (or a period) new in the configuration, already counted here since it
-                # came: what was spent in its period before that stays spent (reference §13).
-                until = datetime.fromtimestamp(since / 1000, UTC)
-                limiter.seed[key] = await self._spent_before(kind, subject, key, current, until)
+            if limiter.remote is not None and self._came_mid_run(since, current):
+                await self._seed_mid_run(kind, subject, key, current, since)
+                continue
+            limiter.seed[key] = await self._seed(kind, subject, key, current, since)
+            if limiter.remote is not None:  # Redis keeps the larger, and knows it is seeded
+                self.unseeded[key] = (None, limiter.seed[key], current)
+
+    async def _seed(self, kind: str, subject: str, key: str, current: Window, since: float) -> int:
+        """What a budget spent in its period before this process counted it (since `since`)."""
+        counters = self.limiter.counters
+        if key not in counters.spent and key not in counters.reserved:
+            return await self._spent_before(kind, subject, key, current)
+        if since <= current.start.timestamp() * 1000:
+            return 0  # a period that began while this process counted it
+        # A budget (or a period) new in the configuration, already counted here since it came:
+        # what was spent in its period before that stays spent (reference §13).
+        until = datetime.fromtimestamp(since / 1000, UTC)
+        return await self._spent_before(kind, subject, key, current, until)
+
+    def _came_mid_run(self, since: float, current: Window) -> bool:
+        """The configuration got a budget at `since`, after `load` began, in its current period."""
+        loaded = self._loaded_ms
+        return loaded is not None and since > loaded and since > current.start.timestamp() * 1000
+
+    async def _seed_mid_run(self, kind: str, subject: str, key: str, current: Window, since: float) -> None:
+        """Read what a budget that came mid-run (at `since`) spent in its period, before then and
+        in all, for Redis (`_seed_remote`); this replica holds to it meanwhile if Redis is away."""
+        until = datetime.fromtimestamp(since / 1000, UTC)
+        before = await self._spent_before(kind, subject, key, current, until)
+        whole = await self._spent_before(kind, subject, key, current)
+        self.limiter.seed[key] = before
+        self.unseeded[key] = (before, max(before, whole), current)
+
+    async def _seed_remote(self) -> None:
+        """Give Redis what budgets newly loaded spent (`seed`): added once for one that came
+        mid-run, a floor for any other; each is then marked seeded there."""
+        limiter = self.limiter
+        current = {key for key, _ in self._keys()}
+        for key in [k for k in self.unseeded if k not in current]:
+            del self.unseeded[key]  # its period ended, or the budget went again
+        if not self.unseeded:
+            return
+        keys = list(self.unseeded)
+        entries = [
+            {
+                "k": key,
+                "before": "" if before is None else str(before),
+                "since": str(whole),
+                "exp": _expiry(Hold(key, "", 0, 0, window_)),
+            }
+            for key, (before, whole, window_) in self.unseeded.items()
+        ]
+        try:
+            answer = await limiter.call("seed", limiter.now_ms(), {"keys": entries})
+            states = _listed(answer.get("keys"))
+            if len(states) != len(keys):
+                raise Unavailable("Redis answered something the script does not answer")
+            for key, state in zip(keys, states, strict=True):
+                limiter._known(key, state)
+                del self.unseeded[key]
+        except Unavailable as exc:
+            limiter.lose(str(exc))
 
     async def _spent_before(
         self, kind: str, subject: str, key: str, current: Window, until: datetime | None = None
@@ -176,6 +241,7 @@ class Keeper:
         limiter = self.limiter
         await self.seed_missing()
         if limiter.remote is not None and (limiter.up or await self.reconcile()):
+            await self._seed_remote()
             await self.refresh()
         limiter.forget({key for key, _ in self._keys()})
         limiter.counters.forget_idle(limiter.now_ms())
@@ -268,7 +334,9 @@ class Keeper:
             windows.setdefault(key, _window_of(key))
         entries = []
         for key, current in windows.items():
-            known = max(limiter.seed.get(key, 0), limiter.known.get(key, (0, 0))[0])
+            known = limiter.known.get(key, (0, 0))[0]
+            if self.unseeded.get(key, (None,))[0] is None:  # else `seed` adds it once this is done
+                known = max(limiter.seed.get(key, 0), known)
             old = sum(h.amount for h in holds.get(key, ()) if h.epoch is not None)
             new = sum(h.amount for h in holds.get(key, ()) if h.epoch is None)
             entry = {

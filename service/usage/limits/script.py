@@ -18,6 +18,7 @@ Keys, under the prefix (a client's name and a budget's key are made of `[A-Za-z0
     c:{client}:par    hash: epoch -> requests in flight
     b:{budget}:spent  nano-dollars charged in the period (a budget key names its period)
     b:{budget}:res    hash: epoch -> nano-dollars reserved
+    b:{budget}:seeded set once a replica has given `spent` what the period spent before it counted
 
 Operations (`args`, a JSON object; amounts that go to INCRBY are strings of digits):
 
@@ -35,6 +36,11 @@ Operations (`args`, a JSON object; amounts that go to INCRBY are strings of digi
   `renew` the caller's lease is renewed first (the limiter's sync, every second).
 - `reconcile` {old, keys: [...], clients: [...]}: after an outage, what this replica did
   meanwhile (see `Limiter._reconcile`).
+- `seed` {keys: [{k, before, since, exp}]}: budgets a replica began counting (at its start, a
+  new period, a change of the files): each is marked `seeded`, and raised to `since` (what the
+  ledger holds of its period) if that is more. For a budget that came mid-run, `before` (what
+  its subject spent in the period before the change) is added instead, by the first replica
+  to mark it: every replica applies the change and asks, and it is added once.
 
 Every operation but a plain `read` first renews the caller's lease; an epoch whose lease ran out
 gets `{"lost": true}` and changes nothing (its holdings are, or will be, charged in full).
@@ -297,6 +303,24 @@ local function run(op, a)
       redis.call('PEXPIRE', base .. ':tsum', WINDOW + 1000)
     end
     if old and old ~= epoch then redis.call('ZREM', EPOCHS, old) end
+    return answer(out)
+  end
+  if op == 'seed' then
+    local out = {keys = {}}
+    for i, b in ipairs(a.keys or {}) do
+      local base = P .. 'b:' .. b.k
+      local sk, rk, mk = base .. ':spent', base .. ':res', base .. ':seeded'
+      local first = redis.call('SET', mk, '1', 'NX')
+      if first and b.exp and b.exp > 0 then redis.call('PEXPIREAT', mk, b.exp) end
+      if first and b.before ~= '' then
+        if b.before ~= '0' then redis.call('INCRBY', sk, b.before) end
+      elseif tonumber(redis.call('GET', sk) or '0') < tonumber(b.since) then
+        redis.call('SET', sk, b.since)
+      end
+      expire(b, sk, rk)
+      local spent, reserved = budget(b.k)
+      out.keys[i] = money(spent, reserved)
+    end
     return answer(out)
   end
   error('unknown operation ' .. tostring(op))

@@ -60,6 +60,16 @@ def test_arguments_that_are_not_json_stream_as_they_came() -> None:
     assert [d["delta"]["partial_json"] for n, d in seen if n == "content_block_delta"] == ["{not json"]
 
 
+def test_tool_calls_that_end_with_stop_are_tool_use_as_in_a_whole_answer() -> None:
+    """Some servers end a turn of tool calls with `finish_reason: "stop"`: the stream says
+    `tool_use`, as `messages.from_chat` does for the same answer whole, so that a client runs
+    the tools whether it streamed or not."""
+    seen = translate(chat_stream(*tool_deltas(0, "c", "f", "{}"), delta(finish="stop")))
+    assert seen[-2][0] == "message_delta" and seen[-2][1]["delta"]["stop_reason"] == "tool_use"
+    text = translate(chat_stream(delta(content="abc"), delta(finish="stop")))
+    assert text[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
 def test_max_tokens_and_an_end_without_done() -> None:
     seen = translate(chat_stream(delta(content="abc"), delta(finish="length"), done=False))
     assert seen[-2][1]["delta"]["stop_reason"] == "max_tokens" and seen[-1][0] == "message_stop"

@@ -147,6 +147,12 @@ def test_a_length_stop_is_incomplete() -> None:
     }
 
 
+def test_a_content_filter_stop_is_incomplete_as_openai_says_it() -> None:
+    answer = responses.from_chat(chat_answer("content_filter", content="abc"), {}, "resp_1")
+    assert answer["status"] == "incomplete"
+    assert answer["incomplete_details"] == {"reason": "content_filter"}
+
+
 @pytest.mark.parametrize(
     "hostile", [{}, {"input": 5}, {"input": [None, 3, {"type": "function_call"}]}, {"tools": "x", "text": 1}]
 )

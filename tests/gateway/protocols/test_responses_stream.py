@@ -58,6 +58,9 @@ def test_length_ends_incomplete_and_a_break_ends_failed() -> None:
     assert (
         translate(chat_stream(delta(content="abc"), delta(finish="length")))[-1][0] == "response.incomplete"
     )
+    filtered = translate(chat_stream(delta(content="abc"), delta(finish="content_filter")))
+    assert filtered[-1][0] == "response.incomplete"
+    assert filtered[-1][1]["response"]["incomplete_details"] == {"reason": "content_filter"}
     failed = translate(chat_stream(delta(content="abc"), done=False))
     assert failed[-1][0] == "response.failed"
     assert failed[-1][1]["response"]["status"] == "failed" and failed[-1][1]["response"]["error"]["message"]

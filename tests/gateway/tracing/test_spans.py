@@ -358,3 +358,26 @@ async def test_a_token_count_is_a_span_estimated_or_not(
             assert span.attributes["switchboard.estimated"] is True
             assert span.attributes["switchboard.attempts"] == 0
             assert "error.type" not in span.attributes and span.status == "UNSET"
+
+
+async def test_a_token_count_a_provider_does_not_take_is_an_estimated_span_not_an_error(
+    sops_project: SopsProject, otlp: OTLPReceiver
+) -> None:
+    """A provider that speaks Messages by default answers 404 at `/v1/messages/count_tokens`: the
+    client has the local estimate (200), and the request's span says so, as when no provider
+    speaks Messages; only the attempt's span holds the 404."""
+    payload = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}
+    missing = ("/v1/messages/count_tokens",)
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",), missing=missing) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            response = await post(board, "/v1/messages/count_tokens", payload)
+            assert response.status == 200
+            span = await otlp.span(lambda s: s.kind == "SERVER")
+            attempt = await otlp.span(lambda s: s.kind == "CLIENT")
+    assert span.attributes["switchboard.estimated"] is True
+    assert span.attributes["switchboard.attempts"] == 1
+    assert "error.type" not in span.attributes and "http.response.status_code" not in span.attributes
+    assert span.status == "UNSET"
+    assert attempt.parent_span_id == span.span_id and attempt.attributes["http.response.status_code"] == 404

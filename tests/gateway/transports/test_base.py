@@ -55,6 +55,15 @@ def test_only_request_ids_retry_after_and_rate_limits_are_passed_back() -> None:
     }
 
 
+def test_anthropics_request_id_is_passed_back_as_x_request_id_unless_one_came() -> None:
+    named = {"x-request-id": "ours"}
+    pass_back({"request-id": "req_1"}, named)
+    both = {"x-request-id": "ours"}
+    pass_back({"request-id": "req_1", "x-request-id": "r2"}, both)
+    assert named == {"x-request-id": "req_1"}
+    assert both == {"x-request-id": "r2"}
+
+
 @pytest.mark.parametrize(
     ("upstream", "passed"),
     [

@@ -125,6 +125,27 @@ async def test_an_anthropic_client_error_keeps_its_status_which_litellm_would_ch
     assert not backup.requests
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_anthropic_client_error_passes_back_its_request_id_and_rate_limits(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """docs/reference.md §7: the upstream's request id and rate limits are passed back, on a
+    refusal returned to the client as on an answer; the id names the answer and its record."""
+    async with FakeUpstream(protocol="anthropic", name="claude") as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            served = await board.chat(max_tokens=10, stream=stream)
+            up.fail(422, times=1)
+            refused = await board.chat(max_tokens=10, stream=stream)
+    assert served.status == 200 and served.headers["x-request-id"] == "req_claude_1"
+    assert refused.status == 422, await refused.text()
+    assert refused.headers["x-request-id"] == "req_claude_2"  # Anthropic's `request-id`
+    assert refused.headers["x-ratelimit-remaining-requests"] == "998"  # named as on an answer
+    assert refused.headers["x-ratelimit-limit-requests"] == "1000"
+    assert "x-upstream-name" not in refused.headers  # only what the gateway passes back
+
+
 def test_the_direct_path_does_not_import_litellm() -> None:
     code = (
         "import sys, service.http.app, service.gateway.relay, service.gateway.transports.litellm\n"

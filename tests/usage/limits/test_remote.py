@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,18 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from service.config.metering import Limits
+from service.config.metering import Budget, Limits
+from service.usage.ledger import Ledger
 from service.usage.limits.amounts import usd
 from service.usage.limits.keeper import Keeper
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.remote import Remote, Unavailable
-from service.usage.limits.tickets import Refused
+from service.usage.limits.spent import SpentSource
+from service.usage.limits.tickets import Refused, budget_key
+from service.usage.stores import open_store
 from tests.conftest import eventually
 from tests.support.replicas import RedisServer
+from tests.usage.conftest import record
 from tests.usage.limits.test_limiter import Clock, limits
 
 
@@ -34,10 +39,19 @@ def redis_server(tmp_path: Path) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def replica(url: str, clock: Clock, **options: Any) -> AsyncIterator[Keeper]:
-    """A limiter on `url` and its keeper, loaded (as a replica at start)."""
+async def replica(
+    url: str,
+    clock: Clock,
+    *,
+    source: SpentSource | None = None,
+    budgets: Sequence[tuple[str, str, Budget]] = (),
+    **options: Any,
+) -> AsyncIterator[Keeper]:
+    """A limiter on `url` and its keeper, loaded (as a replica at start) with `budgets`
+    configured and what they spent read from `source`."""
     limiter = Limiter(remote=Remote(url), clock=clock, **options)
-    keeper = Keeper(limiter)
+    keeper = Keeper(limiter, source=source)
+    keeper.configure(budgets, [subject for kind, subject, _ in budgets if kind == "client"])
     await keeper.load()
     try:
         yield keeper
@@ -142,6 +156,59 @@ async def test_redis_stopped_mid_run_each_replica_spends_only_its_share_then_rec
         assert usd(spent_now) == Decimal("0.95") and reserved == 0
         refused = await attempt(a.limiter, "late", lim, "0.1")
         assert isinstance(refused, Refused) and refused.limit == "budget"
+
+
+async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_replica(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """docs/reference.md §13.2: "what was already spent in the period stays spent", with Redis too.
+    Two replicas apply the commit that makes a day's budget a month's at once (a request is
+    counted in the new period before either ticks): the ledger's 14 USD of the month before the
+    change are added to Redis once, not twice and not forgotten; a replica started later agrees."""
+    clock = Clock()  # 2026-12-04T12:00
+    ledger = Ledger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    for day, cost in ((2, 3), (4, 11)):
+        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
+    await ledger.flush()
+    day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
+    month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
+    monthly = limits(budget={"usd": "100", "period": "month"})
+    try:
+        async with (
+            replica(redis_server.url, clock, source=ledger, budgets=day) as a,
+            replica(redis_server.url, clock, source=ledger, budgets=day) as b,
+        ):
+            clock.advance(1)
+            a.configure(month, ["c"])
+            b.configure(month, ["c"])
+            clock.advance(0.3)
+            ticket = await attempt(a.limiter, "r1", monthly, "2")
+            await a.limiter.settle(ticket, Decimal(1), 10)
+            ledger.submit(record(ts=datetime.fromtimestamp(clock.now, UTC), client="c", cost_usd=Decimal(1)))
+            await asyncio.gather(a.tick(), b.tick())
+            await asyncio.gather(a.tick(), b.tick())
+            key = budget_key("client", "c", a.limiter.window("month", a.limiter.now_ms()))
+            assert a.limiter.known[key] == b.limiter.known[key] == (15_000_000_000, 0)
+            async with replica(redis_server.url, clock, source=ledger, budgets=month) as c:
+                await asyncio.gather(a.tick(), b.tick(), c.tick())
+                assert a.limiter.known[key] == c.limiter.known[key] == (15_000_000_000, 0)
+            # Back to a day's budget, and after 2 USD of the day, to a month's again: the month's
+            # period is marked seeded; it is not added again (32), nor kept at 15.
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(day, ["c"])
+                await kept.tick()
+            ticket = await attempt(a.limiter, "r2", limits(budget={"usd": "100", "period": "day"}), "2")
+            await a.limiter.settle(ticket, Decimal(2), 10)
+            ledger.submit(record(ts=datetime.fromtimestamp(clock.now, UTC), client="c", cost_usd=Decimal(2)))
+            clock.advance(1)
+            for kept in (a, b):
+                kept.configure(month, ["c"])
+            await asyncio.gather(a.tick(), b.tick())
+            assert a.limiter.known[key] == b.limiter.known[key] == (17_000_000_000, 0)
+    finally:
+        await ledger.stop()
 
 
 async def test_refuse_mode_refuses_limited_clients_while_redis_is_away(redis_server: RedisServer) -> None:
