@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+import aiohttp
 import httptools
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
@@ -38,6 +39,7 @@ from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
+from service.http import fast_request
 from service.http.fast_request import FastRequest, serialized
 
 if TYPE_CHECKING:
@@ -91,7 +93,11 @@ class FastConnection(asyncio.Protocol):
         self.refused = False
         """The request being parsed is aiohttp's (told by the parser's callback)."""
         self.paused = False
-        """Reading is paused: a client sent more than a request while one was answered."""
+        """Reading is paused: a client sent more than a request while one was answered, or
+        does not read its answers (`blocked`)."""
+        self.blocked = False
+        """The transport's buffer is over its limit (`pause_writing`): no request is taken
+        until the client reads it down, as aiohttp's `drain` waits."""
 
     # -- what aiohttp's Server reads of a connection ----------------------------------------
 
@@ -140,9 +146,17 @@ class FastConnection(asyncio.Protocol):
         if task is not None and self.site.server.handler_cancellation:
             task.cancel()
 
+    def pause_writing(self) -> None:
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        if self.task is None and self.transport is not None:
+            self._next()
+
     def data_received(self, data: bytes) -> None:
         self.pending += data
-        if self.task is not None:  # parsed once it is answered
+        if self.task is not None or self.blocked:  # parsed once it is answered and read
             if len(self.pending) > self.site.most and self.transport is not None:
                 self.transport.pause_reading()  # resumed after the answer
                 self.paused = True
@@ -246,7 +260,14 @@ class FastConnection(asyncio.Protocol):
     async def _relay(
         self, request: FastRequest, name: str, endpoint: Endpoint, call: Call, started: float
     ) -> None:
-        response = await self.site.gateway.relayed(request, name, endpoint, call, started)  # type: ignore[arg-type]
+        try:
+            response = await self.site.gateway.relayed(request, name, endpoint, call, started)  # type: ignore[arg-type]
+        except Exception:  # a bug: no answer to give, and none to wait for
+            log.exception("no answer to POST %s", request.path)
+            self.task = None
+            if self.transport is not None:
+                self.transport.close()
+            return
         self.task = None
         self._answer(request, response)
 
@@ -266,12 +287,23 @@ class FastConnection(asyncio.Protocol):
         if self.closing or not request.keep_alive or response.keep_alive is False:
             transport.close()
             return
-        data = bytes(self.pending)  # what came while it was answered
+        self.idle_since = self.loop.time()
+        if self.blocked:  # the client reads too slowly: the next request waits for `resume_writing`
+            transport.pause_reading()
+            self.paused = True
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Take up what came while a request was answered."""
+        transport = self.transport
+        if transport is None:
+            return
+        data = bytes(self.pending)
         self.pending.clear()
         if self.paused:
             self.paused = False
             transport.resume_reading()
-        self.idle_since = self.loop.time()
         if data:
             self.data_received(data)
 
@@ -305,15 +337,12 @@ class FastConnection(asyncio.Protocol):
         self.timer = None
         if self.transport is None:
             return
-        if (
-            self.task is None
-            and not self.pending
-            and self.loop.time() >= self.idle_since + self.site.keepalive_s
-        ):
+        if self.task is not None or self.head is not None:  # a request in hand, or its body coming
+            self.idle_since = self.loop.time()
+        elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
+            # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes
             self.transport.close()
             return
-        if self.task is not None or self.pending:
-            self.idle_since = self.loop.time()
         self._arm()
 
 
@@ -352,6 +381,31 @@ class FastSite(web.TCPSite):
         if not self.gateway.fast():  # the app's answers need aiohttp's signals: all its own
             await super().start()
             return
+        lacking = missing(self)
+        if lacking:  # an aiohttp that changed what the fast path uses of it: aiohttp's alone
+            log.warning(
+                "aiohttp %s lacks %s: every request is served by aiohttp (no fast path)",
+                aiohttp.__version__,
+                ", ".join(lacking),
+            )
+            await super().start()
+            return
         self._runner._reg_site(self)
         factory: Callable[[], asyncio.Protocol] = lambda: FastConnection(self)  # noqa: E731
         self._server = await self.loop.create_server(factory, self._host, self._port, backlog=self._backlog)
+
+
+_SITE_PRIVATE = ("_runner", "_server", "_host", "_port", "_backlog")
+"""What `FastSite.start` reads and sets of aiohttp's `BaseSite`, private."""
+
+
+def missing(site: web.BaseSite) -> list[str]:
+    """The private names of aiohttp the fast path uses that this aiohttp lacks (see the module):
+    with any, `FastSite.start` is `TCPSite`'s. (`_task_handler` is what aiohttp's `Server`
+    reads of a connection: without it, it reads nothing of ours.)"""
+    lacking = [f"BaseSite.{name}" for name in _SITE_PRIVATE if not hasattr(site, name)]
+    if not callable(getattr(getattr(site, "_runner", None), "_reg_site", None)):
+        lacking.append("BaseRunner._reg_site")
+    if fast_request._serialize_headers is fast_request._absent:
+        lacking.append("aiohttp.http_writer._serialize_headers")
+    return lacking

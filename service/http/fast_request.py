@@ -3,16 +3,25 @@ answer's bytes as aiohttp writes them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, http_writer, web
 from aiohttp.helpers import HeadersMixin, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
-from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDictProxy
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+
+
+def _absent(line: str, headers: Any) -> bytes:
+    raise RuntimeError("aiohttp.http_writer._serialize_headers is gone from this aiohttp")
+
+
+_serialize_headers: Callable[[str, Any], bytes] = getattr(http_writer, "_serialize_headers", _absent)
+"""aiohttp's own writer of a status line and fields (private): without it (`_absent`), the
+fast path is off (`fast.missing`) and aiohttp's server answers everything."""
 
 
 class FastRequest(HeadersMixin):

@@ -466,3 +466,124 @@ def test_aiohttps_server_keeps_a_connection_while_its_task_handler_runs() -> Non
         *web.BaseSite.__slots__,
     }
     assert hasattr(web.AppRunner, "_reg_site")
+
+
+# -- hostile clients -------------------------------------------------------------------------
+
+
+async def test_a_head_sent_too_slowly_is_closed_after_the_keepalive_timeout(
+    sops_project: SopsProject,
+) -> None:
+    """As aiohttp's keep-alive closes a connection whose request's head has not come whole
+    (`RequestHandler._process_keepalive`): a byte now and then does not hold it open."""
+    async with _gateway(sops_project) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.3)
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.runner.addresses[-1][1])
+        head = _request().partition(b"\r\n\r\n")[0]
+        closed = asyncio.ensure_future(reader.read())
+        for byte in head[:30]:
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(closed, 2) == b""
+        writer.close()
+
+
+async def test_a_client_that_reads_no_answer_is_not_answered_without_end(sops_project: SopsProject) -> None:
+    """As aiohttp waits for a client to read an answer before it takes the next request
+    (`drain`): the fast path takes none while the transport's buffer is over its limit, so a
+    client that sends and never reads neither fills the service's memory nor runs up calls."""
+    prompt = "x" * 30000  # an answer of about as much: the stand-in echoes it
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project) as (service, up):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, _address(service))
+        _, writer = await asyncio.open_connection(sock=sock)
+        assert service.runner.server is not None
+        await asyncio.sleep(0.05)
+        (ours,) = [c for c in service.runner.server.connections if isinstance(c, FastConnection)]
+        assert ours.transport is not None
+        ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        before, most = len(up.requests), 0
+        for _ in range(40):
+            writer.write(_request(body))
+            await asyncio.sleep(0.03)
+            if ours.transport is not None:
+                most = max(most, ours.transport.get_write_buffer_size())
+        taken = len(up.requests) - before
+        writer.transport.abort()
+    assert most < 200_000 and taken < 10, (most, taken)
+
+
+async def test_a_bug_after_the_relay_closes_the_connection_and_the_service_goes_on(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception out of `Gateway.relayed` (a bug) leaves no connection waiting forever:
+    it is logged and the connection closed, and the next connection is answered."""
+    async with _gateway(sops_project) as (service, _):
+        gateway = service.app[GATEWAY]
+
+        async def broken(*args: object) -> NoReturn:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(gateway, "relayed", broken)
+        reader, writer = await asyncio.open_connection(*_address(service))
+        writer.write(_request())
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        monkeypatch.undo()
+        (answer,) = await _exchange(service, _request())
+        assert answer.status == 200
+    assert any("a bug" in str(r.exc_info) for r in caplog.records if r.exc_info)
+
+
+# -- an aiohttp without the private names the fast path uses ----------------------------------
+
+
+def test_the_answers_module_imports_without_aiohttps_header_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aiohttp without `http_writer._serialize_headers`: the module still imports (`serve`
+    starts), and the fast path knows it lacks it (`missing`)."""
+    import importlib.util
+
+    from aiohttp import http_writer
+
+    from service.http import fast_request
+
+    monkeypatch.delattr(http_writer, "_serialize_headers")
+    spec = importlib.util.spec_from_file_location("fast_request_copy", fast_request.__file__)
+    assert spec is not None and spec.loader is not None
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy._serialize_headers is copy._absent
+
+
+async def test_without_a_private_name_serve_runs_on_aiohttps_server_alone(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp upgraded within the allowed range and a private name the fast path uses is gone:
+    the site starts as aiohttp's `TCPSite`, saying so in one log line, and answers as ever."""
+    from service.http import fast_request
+
+    monkeypatch.setattr(fast_request, "_serialize_headers", fast_request._absent)
+    caplog.set_level(logging.WARNING, logger="service.http.fast")
+    async with _gateway(sops_project) as (service, _):
+        (answer,) = await _exchange(service, _request())
+        assert answer.status == 200
+        assert service.runner.server is not None
+        assert not [c for c in service.runner.server.connections if isinstance(c, FastConnection)]
+    said = [r.getMessage() for r in caplog.records if r.name == "service.http.fast"]
+    assert len(said) == 1 and "_serialize_headers" in said[0], said
+
+
+async def test_a_site_lacking_a_private_attribute_is_told(sops_project: SopsProject) -> None:
+    from service.http.fast import missing
+
+    async with _gateway(sops_project) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0)
+        assert missing(site) == []
+        del site._backlog
+        assert missing(site) == ["BaseSite._backlog"]
