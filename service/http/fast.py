@@ -397,6 +397,14 @@ class FastSite(web.TCPSite):
 
 _SITE_PRIVATE = ("_runner", "_server", "_host", "_port", "_backlog")
 """What `FastSite.start` reads and sets of aiohttp's `BaseSite`, private."""
+_SERVER_READS = frozenset(
+    {"_connections", "_task_handler", "add_done_callback", "pop", "close", "shutdown"}
+    | {"asyncio", "gather", "clear"}
+)
+"""The names aiohttp's `Server` uses where it keeps a connection: what it reads of ours is among
+them (`_task_handler`, `close`, `shutdown`); a name not in this set may be one it reads and
+`FastConnection` lacks (a `_task_handler` renamed)."""
+_SERVER_KEEPS = ("connection_made", "connection_lost", "pre_shutdown", "shutdown")
 
 
 def missing(site: web.BaseSite) -> list[str]:
@@ -408,4 +416,12 @@ def missing(site: web.BaseSite) -> list[str]:
         lacking.append("BaseRunner._reg_site")
     if fast_request._serialize_headers is fast_request._absent:
         lacking.append("aiohttp.http_writer._serialize_headers")
+    for name in _SERVER_KEEPS:
+        code = getattr(getattr(Server, name, None), "__code__", None)
+        if code is None:
+            lacking.append(f"Server.{name}")
+            continue
+        inner = [c for c in code.co_consts if hasattr(c, "co_names")]  # its lambdas, generators
+        unknown = {*code.co_names, *(n for c in inner for n in c.co_names)} - _SERVER_READS
+        lacking += [f"Server.{name} as it was (it uses {n})" for n in sorted(unknown)]
     return lacking

@@ -587,3 +587,25 @@ async def test_a_site_lacking_a_private_attribute_is_told(sops_project: SopsProj
         assert missing(site) == []
         del site._backlog
         assert missing(site) == ["BaseSite._backlog"]
+
+
+async def test_a_server_that_reads_more_of_a_connection_is_told(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's `Server` renamed what it reads of a connection it keeps (`_task_handler`): the
+    fast path is off rather than an AttributeError when a connection is lost."""
+    from service.http.fast import missing
+
+    def connection_lost(self: Server, handler: Any, exc: BaseException | None = None) -> None:
+        if handler in self._connections:
+            if handler._handler_task:
+                handler._handler_task.add_done_callback(lambda f: self._connections.pop(handler, None))
+            else:
+                del self._connections[handler]
+
+    async with _gateway(sops_project) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0)
+        assert missing(site) == []
+        with monkeypatch.context() as patched:
+            patched.setattr(Server, "connection_lost", connection_lost)
+            assert missing(site) == ["Server.connection_lost as it was (it uses _handler_task)"]
