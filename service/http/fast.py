@@ -416,6 +416,10 @@ def missing(site: web.BaseSite) -> list[str]:
         lacking.append("BaseRunner._reg_site")
     if fast_request._serialize_headers is fast_request._absent:
         lacking.append("aiohttp.http_writer._serialize_headers")
+    else:
+        amiss = fast_request.unlike_aiohttp()
+        if amiss is not None:
+            lacking.append(f"a fast request or answer as aiohttp's ({amiss})")
     for name in _SERVER_KEEPS:
         code = getattr(getattr(Server, name, None), "__code__", None)
         if code is None:

@@ -6,22 +6,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import hdrs, http_writer, web
-from aiohttp.helpers import HeadersMixin, rfc822_formatted_time
+from aiohttp import hdrs, helpers, http_writer, web
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 if TYPE_CHECKING:
+    from aiohttp.helpers import HeadersMixin
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+else:  # not in `aiohttp.helpers.__all__`: without it, `unlike_aiohttp` tells and the fast path is off
+    HeadersMixin = getattr(helpers, "HeadersMixin", object)
 
 
-def _absent(line: str, headers: Any) -> bytes:
-    raise RuntimeError("aiohttp.http_writer._serialize_headers is gone from this aiohttp")
+def _absent(*args: Any) -> Any:
+    raise RuntimeError("a private name of aiohttp the fast path uses is gone from this aiohttp")
 
 
 _serialize_headers: Callable[[str, Any], bytes] = getattr(http_writer, "_serialize_headers", _absent)
 """aiohttp's own writer of a status line and fields (private): without it (`_absent`), the
 fast path is off (`fast.missing`) and aiohttp's server answers everything."""
+rfc822_formatted_time: Callable[[], str] = getattr(helpers, "rfc822_formatted_time", _absent)
+"""aiohttp's `Date` (not in `aiohttp.helpers.__all__`)."""
 
 
 class FastRequest(HeadersMixin):
@@ -111,3 +115,27 @@ def serialized(request: FastRequest, response: web.StreamResponse) -> bytes | No
     line = f"HTTP/{version[0]}.{version[1]} {status} {response.reason}"
     head: bytes = _serialize_headers(line, headers)
     return head if empty or not body else head + body
+
+
+def unlike_aiohttp() -> str | None:
+    """What is amiss in a request and an answer of the fast path made once, at start, with what
+    it uses of aiohttp (`HeadersMixin`, `_serialize_headers`, the `Date`): None when they are
+    as aiohttp's."""
+    fields = CIMultiDictProxy(
+        CIMultiDict({"Host": "h", "Content-Type": "Application/JSON; charset=utf-8", "Content-Length": "2"})
+    )
+    try:
+        request = FastRequest(None, "/", fields, b"{}", None, HttpVersion11, True)  # type: ignore[arg-type]
+        if request.content_type != "application/json":
+            return f"content_type {request.content_type!r}"
+        if request.content_length != 2:
+            return f"content_length {request.content_length!r}"
+        answer = serialized(request, web.Response(body=b"{}", content_type="application/json"))
+    except Exception as exc:
+        return repr(exc)
+    date = (answer or b"").partition(b"\r\nDate: ")[2].partition(b"\r\n")[0]
+    expected = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nDate: %s\r\n"
+        b"Server: %s\r\n\r\n{}" % (date, SERVER_SOFTWARE.encode())
+    )
+    return None if date and answer == expected else f"an answer {answer!r}"

@@ -544,21 +544,24 @@ async def test_a_bug_after_the_relay_closes_the_connection_and_the_service_goes_
 # -- an aiohttp without the private names the fast path uses ----------------------------------
 
 
-def test_the_answers_module_imports_without_aiohttps_header_writer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An aiohttp without `http_writer._serialize_headers`: the module still imports (`serve`
-    starts), and the fast path knows it lacks it (`missing`)."""
+def test_the_answers_module_imports_without_aiohttps_private_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aiohttp without `http_writer._serialize_headers` or `helpers`' private names: the module
+    still imports (`serve` starts), and the fast path knows it lacks them (`missing`)."""
     import importlib.util
 
-    from aiohttp import http_writer
+    from aiohttp import helpers, http_writer
 
     from service.http import fast_request
 
     monkeypatch.delattr(http_writer, "_serialize_headers")
+    monkeypatch.delattr(helpers, "HeadersMixin")  # not in `aiohttp.helpers.__all__` either
+    monkeypatch.delattr(helpers, "rfc822_formatted_time")
     spec = importlib.util.spec_from_file_location("fast_request_copy", fast_request.__file__)
     assert spec is not None and spec.loader is not None
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
     assert copy._serialize_headers is copy._absent
+    assert copy.unlike_aiohttp() is not None
 
 
 async def test_without_a_private_name_serve_runs_on_aiohttps_server_alone(
@@ -609,3 +612,28 @@ async def test_a_server_that_reads_more_of_a_connection_is_told(
         with monkeypatch.context() as patched:
             patched.setattr(Server, "connection_lost", connection_lost)
             assert missing(site) == ["Server.connection_lost as it was (it uses _handler_task)"]
+
+
+async def test_a_fast_answer_unlike_aiohttps_turns_the_fast_path_off(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the fast path uses of aiohttp, changed in a way no name tells (`HeadersMixin`, the
+    `Date`): a request and an answer made at start show it, and the fast path is off."""
+    from service.http import fast_request
+    from service.http.fast import missing
+
+    async with _gateway(sops_project) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0)
+        assert fast_request.unlike_aiohttp() is None and missing(site) == []
+        with monkeypatch.context() as patched:
+            patched.setattr(HeadersMixin, "content_length", property(lambda self: "7"))
+            assert missing(site) == ["a fast request or answer as aiohttp's (content_length '7')"]
+        with monkeypatch.context() as patched:
+
+            def gone() -> str:
+                raise AttributeError("rfc822_formatted_time")
+
+            patched.setattr(fast_request, "rfc822_formatted_time", gone)
+            assert missing(site) == [
+                "a fast request or answer as aiohttp's (AttributeError('rfc822_formatted_time'))"
+            ]
