@@ -27,8 +27,9 @@ from service import console
 from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
-from service.http.app import create_app
+from service.http.app import GATEWAY, create_app
 from service.http.context import REGISTRY
+from service.http.fast import FastSite
 from service.journal.events import Event
 from service.journal.log import read_events
 from service.runtime.registry import Registry
@@ -250,7 +251,7 @@ class Service:
 
 @contextlib.asynccontextmanager
 async def serve(
-    project: SopsProject, *, lookup: Lookup = system_lookup, **settings: Any
+    project: SopsProject, *, lookup: Lookup = system_lookup, fast: bool = True, **settings: Any
 ) -> AsyncIterator[Service]:
     """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200.
 
@@ -258,7 +259,8 @@ async def serve(
 
     The app runs as `switchboard serve` runs it (handler cancellation on, so a client that
     leaves cancels its upstream request), with a short debounce and health checks off
-    unless `settings` say otherwise.
+    unless `settings` say otherwise; on the gateway's own server (`service.http.fast`) unless
+    `fast` is False (aiohttp's alone).
     """
     values: dict[str, Any] = {
         "root": project.root,
@@ -273,7 +275,12 @@ async def serve(
     app = create_app(config, sops=project.sops, lookup=lookup, pages=(console,))
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", config.port).start()
+    site = (
+        FastSite(runner, app[GATEWAY], "127.0.0.1", config.port)
+        if fast
+        else web.TCPSite(runner, "127.0.0.1", config.port)
+    )
+    await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     async with aiohttp.ClientSession() as http:
         service = Service(app, config, project, url, http, runner)

@@ -17,6 +17,7 @@ from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
 from service.gateway.tracing import missing_packages
+from service.http import server
 from service.http.app import create_app, settled_collector
 from service.http.auth import is_loopback
 from service.runtime.sync import parse_pull
@@ -126,14 +127,14 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     raise_open_files_limit()
-    web.run_app(
+    server.run(
         serving_app(settings),
-        loop=event_loop(),
+        event_loop(),
         host=settings.host,
         port=settings.port,
         access_log=None,
         shutdown_timeout=10,
         handler_cancellation=True,  # a client that leaves cancels its upstream request
-        print=lambda line: logging.getLogger("service").info(line.strip()),
+        say=lambda line: logging.getLogger("service").info(line.strip()),
     )
     return 0

@@ -27,7 +27,7 @@ from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
-from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.health import Health
 from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import messages
@@ -129,7 +129,7 @@ def create_app(
     app[PAGES] = tuple(pages)
     for page in pages:
         page.setup(app)
-    _Gateway(app).install()
+    Gateway(app).install()
     return app
 
 
@@ -247,7 +247,11 @@ def _repository(registry: Registry, writer: Writer) -> GitRepo | None:
     return attributor.repo if attributor is not None and attributor.repo is not None else writer.repo
 
 
-class _Gateway:
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
+"""The app's `Gateway`, for the fast path's server (`service.http.fast`)."""
+
+
+class Gateway:
     """The gateway's routes (`POST /v1/...`) taken before the router: the request handler
     aiohttp calls first (`Application._handle`), in front of the router's.
 
@@ -268,6 +272,9 @@ class _Gateway:
     through it. Their match then has the app as its current app (`request.app`) but in no list
     of apps, which is where aiohttp finds the signals to send; an app given another receiver
     sends it every answer, these too.
+
+    The gateway's own server (`service.http.fast`) runs an endpoint's request through the same
+    parts, `called` then `relayed` (or `refused`), when no signal needs its answers (`fast`).
     """
 
     def __init__(self, app: web.Application) -> None:
@@ -292,10 +299,13 @@ class _Gateway:
         self.usual = app._handle
         self.unsettled = True
         """Until the first request: the app's signals are final only once it is frozen."""
+        self.bare = False
+        """The endpoints' matches are in no app's list: their answers are sent through no signal."""
 
     def install(self) -> None:
         # aiohttp's server calls `app._handle` for every request (`Application._make_handler`)
         object.__setattr__(self.app, "_handle", self.handle)
+        self.app[GATEWAY] = self
 
     def _settle(self) -> None:
         """Give the endpoints matches in no app's list (see above) if `on_response_prepare`
@@ -312,6 +322,22 @@ class _Gateway:
                     return
                 bare.freeze()
                 self.routes[key] = (handler, bare, name, endpoint)
+        self.bare = True
+
+    def fast(self) -> bool:
+        """Whether the endpoints' answers may be written without aiohttp (`service.http.fast`):
+        the app is frozen, and its `on_response_prepare` holds nothing they need."""
+        if self.unsettled:
+            self._settle()
+        return self.bare
+
+    def endpoints(self) -> dict[str, tuple[str, UrlMappingMatchInfo, Endpoint]]:
+        """The endpoints' paths (`POST`), each with its route's name, its match and its `Endpoint`."""
+        return {
+            path: (name, match, endpoint)
+            for (method, path), (_, match, name, endpoint) in self.routes.items()
+            if method == hdrs.METH_POST and endpoint is not None
+        }
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if self.unsettled:
@@ -327,25 +353,48 @@ class _Gateway:
         if endpoint is None:
             return await _answered(request, handler, name, self.metrics)
         started = time.perf_counter()
-        try:  # `_answered`
-            try:  # `answering`
-                admit(request, endpoint.scope)  # `scoped`
-                body = arrived(request)  # then the relaying handler
-                if body is None:
-                    body = await request.read()
-                call = endpoint.call(request, body)
+        try:  # `answering`, `scoped`, then the relaying handler
+            admit(request, endpoint.scope)
+            body = arrived(request)
+            if body is None:
+                body = await request.read()
+            call = endpoint.call(request, body)
+        except Exception as exc:
+            return self.refused(request, name, endpoint, exc, started)
+        return await self.relayed(request, name, endpoint, call, started)
+
+    def called(self, request: web.Request, endpoint: Endpoint) -> Call:
+        """A request whose body came whole as the `Call` to relay; raises what `handle` answers.
+        Nothing happens here that a request handed to aiohttp after it would feel (the fast
+        path hands a stream off once it is known)."""
+        admit(request, endpoint.scope)
+        body = arrived(request)
+        if body is None:
+            raise RuntimeError("the body is not whole")
+        return endpoint.call(request, body)
+
+    def refused(
+        self, request: web.Request, name: str, endpoint: Endpoint, exc: Exception, started: float
+    ) -> web.StreamResponse:
+        """The answer to `exc`, raised before the relay (`called`), counted."""
+        try:
+            response = self._answer(request, name, endpoint, exc)
+        except Exception as failed:
+            response = _failure(request, failed, name)
+            response.headers[NOSNIFF_HEADER] = "nosniff"
+        self.metrics.answered(name, request.method, response.status, time.perf_counter() - started)
+        return response
+
+    async def relayed(
+        self, request: web.Request, name: str, endpoint: Endpoint, call: Call, started: float
+    ) -> web.StreamResponse:
+        """`call` relayed: the answer (`answering`'s), counted as `_answered` counts it."""
+        try:
+            try:
                 app = self.app
                 response = await app[RELAY].relay(call, app[REGISTRY].snapshot)
-            except HTTPError as exc:
-                response = error_answer(exc, endpoint.shape)
-            except web.HTTPRequestEntityTooLarge:
-                response = error_answer(PayloadTooLarge.over(self.max_body_bytes), endpoint.shape)
-            except web.RequestPayloadError as exc:
-                response = error_answer(unreadable(exc), endpoint.shape)
             except Exception as exc:
-                if isinstance(exc, web.HTTPException):
-                    raise
-                response = error_answer(internal(request, name), endpoint.shape)
+                response = self._answer(request, name, endpoint, exc)
             else:
                 if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
                     response.headers[REQUEST_ID] = uuid.uuid4().hex
@@ -354,6 +403,18 @@ class _Gateway:
             response.headers[NOSNIFF_HEADER] = "nosniff"
         self.metrics.answered(name, request.method, response.status, time.perf_counter() - started)
         return response
+
+    def _answer(self, request: web.Request, name: str, endpoint: Endpoint, exc: Exception) -> web.Response:
+        """What `answering` makes of `exc`; a `web.HTTPException` is raised again, for `_failure`."""
+        if isinstance(exc, HTTPError):
+            return error_answer(exc, endpoint.shape)
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):
+            return error_answer(PayloadTooLarge.over(self.max_body_bytes), endpoint.shape)
+        if isinstance(exc, web.RequestPayloadError):
+            return error_answer(unreadable(exc), endpoint.shape)
+        if isinstance(exc, web.HTTPException):
+            raise exc
+        return error_answer(internal(request, name), endpoint.shape)
 
 
 @web.middleware

@@ -1,0 +1,431 @@
+"""The gateway's own HTTP/1.1 server for whole, non-stream requests, in front of aiohttp's.
+
+A `FastSite` listens in place of aiohttp's `TCPSite`; each accepted connection is a
+`FastConnection`, which parses with httptools and answers by itself only a request that is
+all of: a `POST` to one of the gateway's endpoints (`Gateway.routes` with an `Endpoint`),
+HTTP/1.1 or 1.0, a `Content-Length` within the app's limit and no `Expect`,
+`Transfer-Encoding`, `Content-Encoding` or `Upgrade`, whose whole body has come, with no
+earlier request unanswered, and which is not a stream once its body is read. It runs the
+gateway's own code for it (`Gateway.called`, `Gateway.relayed`) and writes the answer as
+aiohttp would, byte for byte but the `Date`.
+
+Any other request hands the connection to aiohttp for the rest of its life, at that
+request's first byte: aiohttp's `RequestHandler` is made for the transport, given it, and
+fed every byte not yet answered. Nothing of the request has happened by then (no client
+admitted, nothing metered or counted): the hand-off of a stream, the one decided after the
+body is parsed, comes before the relay, and what comes before it has no effect.
+
+aiohttp's `Server` keeps the connections, ours too (`connection_made`, `close`,
+`shutdown`, `_task_handler`: what it reads of a connection), so that the runner's shutdown
+closes idle ones at once and waits for a request in flight, as for its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import aiohttp
+import httptools
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.tcp_helpers import tcp_keepalive
+from aiohttp.web_runner import BaseRunner
+from aiohttp.web_server import Server
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from service.gateway.call import Call
+from service.http import fast_request
+from service.http.fast_request import FastRequest, serialized
+
+if TYPE_CHECKING:
+    from aiohttp.web_urldispatcher import UrlMappingMatchInfo
+
+    from service.http.app import Gateway
+    from service.http.openai_api import Endpoint
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_S = 75.0
+"""An idle connection is closed after this long: what `aiohttp.web.run_app` gives its connections."""
+MAX_FIELD = 8000
+"""A request line or header field longer is aiohttp's to judge (its limit: 8190)."""
+MAX_HEADERS = 100
+"""More header fields than this are aiohttp's to judge (its limit: 128)."""
+MAX_HEAD = 65536
+"""A longer head is aiohttp's to judge."""
+_VERSIONS = {"HTTP/1.1": HttpVersion11, "HTTP/1.0": HttpVersion10}
+_STREAM = re.compile(rb'"stream"[ \t\r\n]*:[ \t\r\n]*true')
+"""A body that asks for a stream, told from its bytes (`call.stream` tells the rest)."""
+_FOLDED = (" ", "\t")
+"""A field line that begins so continues the one before (obsolete line folding): aiohttp's."""
+
+
+_Head = tuple[
+    tuple[str, "UrlMappingMatchInfo", "Endpoint"], CIMultiDictProxy[str], HttpVersion, bool, int, int
+]
+"""A request's head as the fast path takes it: its endpoint (name, match, `Endpoint`), its
+fields, its version, whether the connection is kept alive after it, and where its body begins
+and ends in the connection's pending bytes."""
+
+
+class FastConnection(asyncio.Protocol):
+    """One client connection, on the fast path until a request hands it to aiohttp."""
+
+    def __init__(self, site: FastSite) -> None:
+        self.site = site
+        self.loop = site.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending = bytearray()
+        """The bytes of requests not yet answered, from the first one's first byte."""
+        self.task: asyncio.Task[None] | None = None
+        """The request being answered."""
+        self.closing = False
+        self.idle_since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.head: _Head | None = None
+        """The parsed head of the request whose body is awaited, or None."""
+        self.refused = False
+        """The request being parsed is aiohttp's (told by the parser's callback)."""
+        self.paused = False
+        """Reading is paused: a client sent more than a request while one was answered, or
+        does not read its answers (`blocked`)."""
+        self.blocked = False
+        """The transport's buffer is over its limit (`pause_writing`): no request is taken
+        until the client reads it down, as aiohttp's `drain` waits."""
+
+    # -- what aiohttp's Server reads of a connection ----------------------------------------
+
+    @property
+    def _task_handler(self) -> asyncio.Task[None] | None:
+        return self.task
+
+    def close(self) -> None:
+        """Stop taking requests: an idle connection closes now, a busy one after its answer."""
+        self.closing = True
+        if self.task is None and self.transport is not None:
+            self.transport.close()
+
+    async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
+        """Let the request in flight finish within `timeout`, then close."""
+        self.closing = True
+        task = self.task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except (asyncio.CancelledError, TimeoutError):
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            if not task.done():
+                task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        tcp_keepalive(self.transport)  # as aiohttp's connections have it
+        self.site.server.connection_made(cast(Any, self), self.transport)
+        self.idle_since = self.loop.time()
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        task = self.task
+        self.site.server.connection_lost(cast(Any, self), exc)
+        if task is not None and self.site.server.handler_cancellation:
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self.blocked = True
+
+    def resume_writing(self) -> None:
+        self.blocked = False
+        if self.task is None and self.transport is not None:
+            self._next()
+
+    def data_received(self, data: bytes) -> None:
+        self.pending += data
+        if self.task is not None or self.blocked:  # parsed once it is answered and read
+            if len(self.pending) > self.site.most and self.transport is not None:
+                self.transport.pause_reading()  # resumed after the answer
+                self.paused = True
+            return
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers it
+            self._hand_off()
+            return
+        head = self.head
+        if head is None:
+            if self.refused or len(self.pending) > MAX_HEAD:  # a head too long: aiohttp judges it
+                self._hand_off()
+        elif len(self.pending) == head[5]:
+            self._take(head)
+        elif len(self.pending) > head[5]:  # the next request came with it (pipelined)
+            self._hand_off()
+
+    # -- httptools' callback: the one it is given, for the fewest calls per request ------------
+
+    def on_headers_complete(self) -> None:
+        """Keep the head just parsed (the parser found it well formed) if the fast path takes it;
+        else the request is aiohttp's (`refused`).
+
+        It is read again from `pending`, where it begins (a request that does not begin there,
+        after empty lines, is aiohttp's): one decoding and a loop, not a call per field."""
+        self.head = head = self._head()
+        self.refused = head is None
+
+    # -- the fast path ----------------------------------------------------------------------
+
+    def _head(self) -> _Head | None:
+        pending = self.pending
+        if not pending.startswith(b"POST /"):
+            return None
+        end = pending.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_HEAD:
+            return None
+        lines = pending[:end].decode("utf-8", "surrogateescape").split("\r\n")
+        if len(lines) > MAX_HEADERS:
+            return None
+        first = lines[0].split(" ")
+        if len(first) != 3:
+            return None
+        target, version = first[1], _VERSIONS.get(first[2])
+        if version is None or len(target) > MAX_FIELD or "%" in target or "#" in target:
+            return None
+        found = self.site.endpoints.get(target.partition("?")[0])
+        if found is None:
+            return None
+        fields = []
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if len(line) > MAX_FIELD or line[:1] in _FOLDED:
+                return None
+            fields.append((name, value.strip(" \t")))
+        headers = CIMultiDict(fields)
+        if len({*map(str.lower, headers)}) != len(headers):  # a repeated field: aiohttp's to judge
+            return None
+        if (
+            hdrs.EXPECT in headers
+            or hdrs.TRANSFER_ENCODING in headers
+            or hdrs.CONTENT_ENCODING in headers
+            or hdrs.UPGRADE in headers
+            or hdrs.HOST not in headers
+        ):
+            return None
+        length = headers.get(hdrs.CONTENT_LENGTH, "")
+        if (
+            not (length.isascii() and length.isdigit())
+            or not 0 < int(length) <= self.site.gateway.max_body_bytes
+        ):
+            return None
+        keep_alive = self.parser.should_keep_alive()  # read while it is this request's
+        return found, CIMultiDictProxy(headers), version, keep_alive, end + 4, end + 4 + int(length)
+
+    def _take(self, head: _Head) -> None:
+        """Answer the request just parsed, or hand it off if it is a stream."""
+        gateway = self.site.gateway
+        (name, match, endpoint), headers, version, keep_alive, start, _ = head
+        body = bytes(self.pending[start:])
+        if b'"stream"' in body and _STREAM.search(body) is not None:  # a stream: aiohttp's, before any work
+            self._hand_off()
+            return
+        request = FastRequest(gateway.app, name, headers, body, match, version, keep_alive)
+        started = time.perf_counter()
+        try:
+            call = gateway.called(request, endpoint)  # type: ignore[arg-type]  # what it reads of one
+        except Exception as exc:
+            self.pending.clear()  # parsed and answered: what comes next is the next request's
+            self.head = None
+            self._answer(request, gateway.refused(request, name, endpoint, exc, started))  # type: ignore[arg-type]
+            return
+        if call.stream:  # streams are aiohttp's
+            self._hand_off()
+            return
+        self.pending.clear()
+        self.head = None
+        self.task = self.loop.create_task(self._relay(request, name, endpoint, call, started))
+
+    async def _relay(
+        self, request: FastRequest, name: str, endpoint: Endpoint, call: Call, started: float
+    ) -> None:
+        try:
+            response = await self.site.gateway.relayed(request, name, endpoint, call, started)  # type: ignore[arg-type]
+        except Exception:  # a bug: no answer to give, and none to wait for
+            log.exception("no answer to POST %s", request.path)
+            self.task = None
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.task = None
+        self._answer(request, response)
+
+    def _answer(self, request: FastRequest, response: web.StreamResponse) -> None:
+        transport = self.transport
+        if transport is None:  # the client left: its answer goes nowhere
+            return
+        try:
+            answer = serialized(request, response)
+            if answer is None:
+                raise TypeError(f"not a whole answer: {type(response).__name__}")
+            transport.write(answer)
+        except Exception:
+            log.exception("the answer to POST %s could not be written", request.path)
+            transport.close()
+            return
+        if self.closing or not request.keep_alive or response.keep_alive is False:
+            transport.close()
+            return
+        self.idle_since = self.loop.time()
+        if self.blocked:  # the client reads too slowly: the next request waits for `resume_writing`
+            transport.pause_reading()
+            self.paused = True
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Take up what came while a request was answered."""
+        transport = self.transport
+        if transport is None:
+            return
+        data = bytes(self.pending)
+        self.pending.clear()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        if data:
+            self.data_received(data)
+
+    def _hand_off(self) -> None:
+        """Give the connection to aiohttp, with every byte not yet answered."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.site.handed_off += 1
+        server = self.site.server
+        server.connection_lost(cast(Any, self), None)
+        self.transport = None
+        handler = server()
+        handler.connection_made(transport)
+        transport.set_protocol(handler)
+        data, self.pending = bytes(self.pending), bytearray()
+        if data:
+            handler.data_received(data)
+        if self.closing:
+            handler.close()
+
+    # -- keep-alive -------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        self.timer = self.loop.call_at(self.idle_since + self.site.keepalive_s, self._idle)
+
+    def _idle(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        if self.task is not None or self.head is not None:  # a request in hand, or its body coming
+            self.idle_since = self.loop.time()
+        elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
+            # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes
+            self.transport.close()
+            return
+        self._arm()
+
+
+class FastSite(web.TCPSite):
+    """aiohttp's `TCPSite` whose connections are `FastConnection`s."""
+
+    def __init__(
+        self,
+        runner: BaseRunner,
+        gateway: Gateway,
+        host: str | None,
+        port: int | None,
+        *,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
+        super().__init__(runner, host, port)
+        self.gateway = gateway
+        self.keepalive_s = keepalive_s
+        """An idle connection of the fast path is closed after this long."""
+        self.handed_off = 0
+        """Connections handed to aiohttp so far."""
+        self.loop = asyncio.get_running_loop()
+        self.most = gateway.max_body_bytes + MAX_HEAD
+        """A connection holds no more unanswered bytes than a request's most (pipelined ones wait)."""
+        self.endpoints = gateway.endpoints()
+        """The endpoints' paths, each with its route's name, its match and its `Endpoint`."""
+
+    @property
+    def server(self) -> Server:
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("the runner is not set up")
+        return server
+
+    async def start(self) -> None:
+        if not self.gateway.fast():  # the app's answers need aiohttp's signals: all its own
+            await super().start()
+            return
+        lacking = missing(self)
+        if lacking:  # an aiohttp that changed what the fast path uses of it: aiohttp's alone
+            log.warning(
+                "aiohttp %s lacks %s: every request is served by aiohttp (no fast path)",
+                aiohttp.__version__,
+                ", ".join(lacking),
+            )
+            await super().start()
+            return
+        self._runner._reg_site(self)
+        factory: Callable[[], asyncio.Protocol] = lambda: FastConnection(self)  # noqa: E731
+        self._server = await self.loop.create_server(factory, self._host, self._port, backlog=self._backlog)
+
+
+_SITE_PRIVATE = ("_runner", "_server", "_host", "_port", "_backlog")
+"""What `FastSite.start` reads and sets of aiohttp's `BaseSite`, private."""
+_SERVER_READS = frozenset(
+    {"_connections", "_task_handler", "add_done_callback", "pop", "close", "shutdown"}
+    | {"asyncio", "gather", "clear"}
+)
+"""The names aiohttp's `Server` uses where it keeps a connection: what it reads of ours is among
+them (`_task_handler`, `close`, `shutdown`); a name not in this set may be one it reads and
+`FastConnection` lacks (a `_task_handler` renamed)."""
+_SERVER_KEEPS = ("connection_made", "connection_lost", "pre_shutdown", "shutdown")
+
+
+def missing(site: web.BaseSite) -> list[str]:
+    """The private names of aiohttp the fast path uses that this aiohttp lacks (see the module):
+    with any, `FastSite.start` is `TCPSite`'s. (`_task_handler` is what aiohttp's `Server`
+    reads of a connection: without it, it reads nothing of ours.)"""
+    lacking = [f"BaseSite.{name}" for name in _SITE_PRIVATE if not hasattr(site, name)]
+    if not callable(getattr(getattr(site, "_runner", None), "_reg_site", None)):
+        lacking.append("BaseRunner._reg_site")
+    if fast_request._serialize_headers is fast_request._absent:
+        lacking.append("aiohttp.http_writer._serialize_headers")
+    else:
+        amiss = fast_request.unlike_aiohttp()
+        if amiss is not None:
+            lacking.append(f"a fast request or answer as aiohttp's ({amiss})")
+    for name in _SERVER_KEEPS:
+        code = getattr(getattr(Server, name, None), "__code__", None)
+        if code is None:
+            lacking.append(f"Server.{name}")
+            continue
+        inner = [c for c in code.co_consts if hasattr(c, "co_names")]  # its lambdas, generators
+        unknown = {*code.co_names, *(n for c in inner for n in c.co_names)} - _SERVER_READS
+        lacking += [f"Server.{name} as it was (it uses {n})" for n in sorted(unknown)]
+    return lacking

@@ -1,0 +1,80 @@
+"""`run`: what `aiohttp.web.run_app` does for the service, with the gateway's own connections.
+
+The same duties as `run_app`'s (the app's startup and cleanup, SIGINT and SIGTERM, a graceful
+shutdown within `shutdown_timeout`), but the listening socket is a `FastSite`'s: each connection
+is the gateway's fast path until a request hands it to aiohttp (`service.http.fast`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from service.http.app import GATEWAY
+from service.http.fast import KEEPALIVE_S, FastSite
+
+
+async def _serve(
+    app: web.Application, host: str, port: int, say: Callable[[str], None], **kwargs: Any
+) -> None:
+    # aiohttp's connections are kept alive as long as the fast path's: `run_app`'s default
+    runner = web.AppRunner(app, handle_signals=True, keepalive_timeout=KEEPALIVE_S, **kwargs)
+    await runner.setup()
+    try:
+        site = FastSite(runner, app[GATEWAY], host, port, keepalive_s=KEEPALIVE_S)
+        await site.start()
+        say(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
+        await asyncio.Event().wait()  # until cancelled (SIGINT, SIGTERM)
+    finally:
+        await runner.cleanup()
+
+
+def run(
+    app: web.Application,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    host: str,
+    port: int,
+    say: Callable[[str], None],
+    **kwargs: Any,
+) -> None:
+    """Serve `app` on `host:port` until SIGINT or SIGTERM; `kwargs` go to aiohttp's `AppRunner`
+    (`shutdown_timeout`, `handler_cancellation`, `access_log`...), as `run_app` gives them."""
+    main = loop.create_task(_serve(app, host, port, say, **kwargs))
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            _cancel(asyncio.all_tasks(loop), loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+def _cancel(tasks: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left and wait for it, as `asyncio.run` does at its end."""
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception during shutdown",
+                    "exception": task.exception(),
+                    "task": task,
+                }
+            )
