@@ -1,7 +1,9 @@
 """The plan of a pull request (`switchboard plan [BASE [HEAD]]`): what it changes in the configuration.
 
 Both sides are read from git without a checkout (HEAD may be the working tree) and built
-with `parse` alone, so no key is needed: a changed secret shows as changed ciphertext. When
+with `parse` alone, so no key is needed: a changed secret shows as changed ciphertext. A
+key-holding file of HEAD carrying the MAC of a BASE file while its data differs was changed
+outside sops, and is refused as the service refuses it. When
 a key is at hand, both sides of a changed secret are decrypted to tell a re-encryption from
 a new key. The output is Markdown for a pull request comment (or JSON), and the exit code is
 1 when the service would refuse HEAD: exactly the problems `validate` would report there.
@@ -21,6 +23,7 @@ from service.config.loader import Loaded, config_files, is_config_file, parse
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
+from service.config.sops_mac import Known
 from service.config.sops_rules import check_sops_config, every_recipient
 from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
@@ -150,9 +153,14 @@ def build(side: Side, last_good: Mapping[str, Loaded] | None = None) -> Configur
     """
     loaded: dict[str, Loaded] = {}
     problems: list[Problem] = []
+    known = _seals(last_good or {})
     for file, data in sorted(side.files.items()):
         try:
             loaded[file] = parse(file, data)
+            outside = loaded[file].changed_outside_sops(known)
+            if outside is not None:
+                del loaded[file]
+                raise outside
         except FileRejected as exc:
             problems += exc.problems
             if last_good and file in last_good:
@@ -161,6 +169,12 @@ def build(side: Side, last_good: Mapping[str, Loaded] | None = None) -> Configur
     problems += cross_check(loaded.values())
     problems += _coverage(side, [f for f, item in loaded.items() if holds_secrets(item)])
     return Configuration(MappingProxyType(loaded), sorted(set(problems), key=_order), _view(loaded))
+
+
+def _seals(loaded: Mapping[str, Loaded]) -> Known:
+    """The MACs of the base's key-holding files: a head file carrying one with other data was
+    changed outside sops, under its name or another (docs/reference.md §2.4)."""
+    return {x.seal.mac: (f, x.seal) for f, x in sorted(loaded.items()) if x.seal is not None}
 
 
 def _order(problem: Problem) -> tuple[str, int, str]:
