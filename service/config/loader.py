@@ -128,6 +128,16 @@ def parse(file: str, data: bytes) -> Loaded:
     return Loaded(file, digest, document, data, lines, has_sops, seal)
 
 
+def seal(file: str, data: bytes) -> Seal | None:
+    """The seal of a file read as YAML alone, schema aside (None without a MAC, or unreadable):
+    for the versions in git's history that a change may take its MAC from."""
+    try:
+        tree, _, has_sops, meta = _read_yaml(file, data)
+        return seal_of(tree, meta) if has_sops else None
+    except (FileRejected, RecursionError):
+        return None
+
+
 def too_large(file: str, size: int) -> FileRejected:
     """The refusal of a file over `MAX_FILE_BYTES` (1 MiB)."""
     message = f"file is {size:,} bytes; the limit is {MAX_FILE_BYTES:,} (1 MiB)"

@@ -513,3 +513,22 @@ async def test_a_file_without_a_key_changed_by_hand_is_taken(running_service: Se
     write_server(service.project, "gpu", "http://127.0.0.1:4000/v1")
     await eventually(lambda: urls(service).get("gpu") == "http://127.0.0.1:4000/v1")
     assert service.registry.refused == {}
+
+
+async def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_is_taken(
+    running_service: Service,
+) -> None:
+    """Every version loaded since the start counts, not only the one served now."""
+    service, tamper = running_service, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    first = path.read_text()
+    await _write_encrypted(service, provider_yaml("vendor", tamper).replace("GPU box", "GPU box 2"))
+    await eventually(lambda: service.registry.snapshot.providers["vendor"].name == "GPU box 2")
+    write_atomically(path, tamper.apply(first))
+    await eventually(lambda: VENDOR in service.registry.refused)
+    assert "changed outside sops: the MAC is the previous version's" in service.registry.refused[VENDOR]
+    assert urls(service)["vendor"] == URL
+    write_atomically(path, first)  # a revert, as git makes it
+    await eventually(lambda: service.registry.refused == {})
+    assert service.registry.snapshot.providers["vendor"].name == "GPU box"

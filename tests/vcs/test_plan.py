@@ -381,3 +381,24 @@ def test_a_file_without_a_key_changed_by_hand_is_planned(
     code, out = plan(capsys)
     assert code == 0, out
     assert "10.0.0.6" in out
+
+
+def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_is_planned(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The MAC of any version in BASE's history passes sops: a pull request can take an old
+    file and move its bytes. A revert to it as it was is a change like any other."""
+    tamper = TAMPERS[0]
+    path = _vendor(repo, tamper)
+    first = path.read_text()
+    path.write_text(provider_yaml("vendor", tamper).replace("GPU box", "GPU box 2"))
+    repo.sops.encrypt_in_place(path)
+    commit(repo, "rename the vendor")
+    path.write_text(tamper.apply(first))
+    code, out = plan(capsys, "HEAD")
+    assert code == 1
+    assert "changed outside sops: the MAC is that of providers.d/vendor.yaml at " in out
+    assert "but `base_url` and `name` differ" in out
+    path.write_text(first)
+    code, out = plan(capsys, "HEAD")
+    assert code == 0, out
