@@ -532,3 +532,29 @@ async def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_i
     write_atomically(path, first)  # a revert, as git makes it
     await eventually(lambda: service.registry.refused == {})
     assert service.registry.snapshot.providers["vendor"].name == "GPU box"
+
+
+async def test_the_same_change_written_over_http_is_taken(sops_project: SopsProject) -> None:
+    """A write over HTTP re-encrypts the file through sops: its MAC is new (docs/reference.md §8)."""
+    project, tamper = sops_project, TAMPERS[0]
+    git(project.root, "init", "-q", "-b", "main")
+    git(project.root, "config", "commit.gpgsign", "false")
+    (project.root / ".gitignore").write_text("var/\n")
+    write_server(project, "gpu")
+    (project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    path = project.providers / "vendor.yaml"
+    path.write_text(provider_yaml("vendor", tamper))
+    project.sops.encrypt_in_place(path)
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-qm", "setup")
+    before = path.read_bytes()
+    async with serve(project) as service:
+        assert urls(service)["vendor"] == URL
+        headers = {"Content-Type": "application/merge-patch+json"}
+        patch = {"base_url": "https://llm.com", "name": "pany.com/v1GPU box"}
+        url = f"{service.url}/api/v1/llm-config/servers/vendor"
+        async with service.http.patch(url, json=patch, headers=headers) as response:
+            assert response.status == 200, await response.text()
+        await eventually(lambda: urls(service).get("vendor") == "https://llm.com")
+        assert service.registry.refused == {}
+        assert path.read_bytes() != before
