@@ -1,11 +1,11 @@
 """The plan of a pull request (`switchboard plan [BASE [HEAD]]`): what it changes in the configuration.
 
 Both sides are read from git without a checkout (HEAD may be the working tree) and built
-with `parse` alone, so no key is needed: a changed secret shows as changed ciphertext. A
-key-holding file of HEAD carrying the MAC of a BASE file while its data differs was changed
-outside sops, and is refused as the service refuses it. When
+with `parse` alone, so no key is needed: a changed secret shows as changed ciphertext. When
 a key is at hand, both sides of a changed secret are decrypted to tell a re-encryption from
-a new key. The output is Markdown for a pull request comment (or JSON), and the exit code is
+a new key. A key-holding file of HEAD carrying the MAC of a BASE file, or of a version in
+BASE's history, while its data differs was changed outside sops: a problem, as the service
+refuses it (docs/reference.md §2.4). The output is Markdown for a pull request comment (or JSON), and the exit code is
 1 when the service would refuse HEAD: exactly the problems `validate` would report there.
 """
 
