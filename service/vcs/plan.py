@@ -5,8 +5,9 @@ with `parse` alone, so no key is needed: a changed secret shows as changed ciphe
 a key is at hand, both sides of a changed secret are decrypted to tell a re-encryption from
 a new key. A key-holding file of HEAD carrying the MAC of a BASE file, or of a version in
 BASE's history, while its data differs was changed outside sops: a problem, as the service
-refuses it (docs/reference.md §2.4). The output is Markdown for a pull request comment (or JSON), and the exit code is
-1 when the service would refuse HEAD: exactly the problems `validate` would report there.
+refuses it (docs/reference.md §2.4). The output is Markdown for a pull request comment (or
+JSON), and the exit code is 1 when the service would refuse HEAD: the problems `validate`
+would report there, and these.
 """
 
 from __future__ import annotations
