@@ -7,6 +7,7 @@ exit 1 when the service would refuse HEAD.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -16,7 +17,7 @@ from service.crypto.sops import Sops
 from service.errors import GitError
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
-from service.vcs.plan import Plan, make_plan, read_sides
+from service.vcs.plan import Plan, earlier_seals, make_plan, read_sides
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
@@ -25,7 +26,8 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if repo is None:
         raise GitError(f"{settings.root}: not inside a git repository")
     base, head = read_sides(repo, settings, ns.base, ns.head)
-    result = make_plan(base, head, sops=Sops.from_settings(settings))
+    earlier = functools.partial(earlier_seals, repo, settings, base)
+    result = make_plan(base, head, sops=Sops.from_settings(settings), earlier=earlier)
     print(render_json(result) if ns.format == "json" else render_markdown(result), end="")
     return 1 if result.refused else 0
 

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from service.config.models import MODELS, SECRET_FIELDS, AiServer, ApiKey, Document
 from service.config.secret import SOPS_VALUE, Sealed, Secret, unsendable
+from service.config.sops_mac import Known, Seal, changed_outside_sops, seal_of
 from service.errors import FileRejected, Problem, SopsError, SopsTampered, printable
 
 MAX_FILE_BYTES = 1 << 20
@@ -77,10 +78,19 @@ class Loaded:
     lines: Mapping[Path_, int] = field(repr=False, default_factory=dict)
     encrypted: bool = False
     """The file carries a `sops:` block, so loading it decrypts it and checks its MAC."""
+    seal: Seal | None = field(repr=False, default=None)
+    """The MAC it carries and its data's fingerprint (a file with a `sops:` block), to tell a
+    change made outside sops from the version it replaces (docs/reference.md §2.4)."""
 
     def line(self, *path: str | int) -> int:
         """The line of the key at `path`, or of its nearest enclosing key."""
         return _line_of(self.lines, path)
+
+    def changed_outside_sops(self, known: Known) -> FileRejected | None:
+        """The refusal of this file when it carries the MAC of a `known` version whose data
+        differs: only a change made without the identity does that. Decrypts nothing."""
+        problem = changed_outside_sops(self.file, self.line("sops", "mac"), self.seal, known)
+        return FileRejected([problem]) if problem else None
 
     @property
     def decrypted(self) -> bool:
@@ -90,6 +100,10 @@ class Loaded:
 def parse(file: str, data: bytes) -> Loaded:
     """Parse and validate one file without decrypting it. Raises FileRejected with every problem."""
     tree, lines, has_sops, meta = _read_yaml(file, data)
+    try:
+        seal = seal_of(tree, meta) if has_sops else None
+    except RecursionError:
+        raise FileRejected([Problem(file, 1, "YAML nested too deeply")]) from None
     problems: list[Problem] = []
     kind = tree.get("kind")
     model = MODELS.get(kind) if isinstance(kind, str) else None
@@ -111,7 +125,17 @@ def parse(file: str, data: bytes) -> Loaded:
     if problems:
         raise FileRejected(_dedupe(problems))
     digest = hashlib.sha256(data).hexdigest()
-    return Loaded(file, digest, document, data, lines, has_sops)
+    return Loaded(file, digest, document, data, lines, has_sops, seal)
+
+
+def seal(file: str, data: bytes) -> Seal | None:
+    """The seal of a file read as YAML alone, schema aside (None without a MAC, or unreadable):
+    for the versions in git's history that a change may take its MAC from."""
+    try:
+        tree, _, has_sops, meta = _read_yaml(file, data)
+        return seal_of(tree, meta) if has_sops else None
+    except (FileRejected, RecursionError):
+        return None
 
 
 def too_large(file: str, size: int) -> FileRejected:

@@ -45,6 +45,7 @@ from service.config.loader import (
     parse,
     too_large,
 )
+from service.config.sops_mac import Seal
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
 from service.files import leads_outside, read_limited
@@ -53,6 +54,8 @@ from service.runtime.registry import Outcome, Refusal, Registry
 log = logging.getLogger(__name__)
 
 _SCAN_ATTEMPTS = 5
+_MAX_SEALS = 10_000
+"""How many MACs of versions loaded are remembered (a few hundred bytes each), the oldest forgotten."""
 LINK_OUT = "a symbolic link out of the repository (or into its .git): not read"
 """Why a file leading out of the repository is refused; it names no path of the replica."""
 
@@ -89,6 +92,9 @@ class Reloader:
         self.on_reload = on_reload
         self._cache: dict[str, tuple[str, Loaded | Refusal]] = {}
         """file -> (content hash, loaded document or why it was refused)."""
+        self._seals: dict[str, tuple[str, Seal]] = {}
+        """The MAC of each key-holding version loaded since the start -> (its file, its seal):
+        a file carrying one of them with other data was changed outside sops."""
         self._lock = asyncio.Lock()
         self._applying: asyncio.Future[Outcome] | None = None
         self._closed = False
@@ -282,14 +288,22 @@ class Reloader:
         parsed = await asyncio.to_thread(_parse, file, read.data)  # keep the loop free for requests
         if isinstance(parsed, Refusal):
             return read.sha256, parsed
+        outside = parsed.changed_outside_sops(self._seals)
+        if outside is not None:  # refused before sops is asked: its MAC would pass
+            return read.sha256, Refusal(outside.reason, parsed.document.kind)
         try:
-            return read.sha256, await decrypt_async(parsed, self.sops)
+            loaded = await decrypt_async(parsed, self.sops)
         except FileRejected as exc:
             return read.sha256, Refusal(exc.reason, parsed.document.kind)
         except Exception as exc:
             log.exception("loading %s failed", file)
             reason = f"internal error while loading ({type(exc).__name__})"
             return read.sha256, Refusal(reason, parsed.document.kind)
+        if loaded.seal is not None:  # its MAC checked by sops: a version known good from now on
+            self._seals.setdefault(loaded.seal.mac, (file, loaded.seal))
+            if len(self._seals) > _MAX_SEALS:
+                del self._seals[next(iter(self._seals))]
+        return read.sha256, loaded
 
     def _name(self, path: Path) -> str:
         """The file as events name it: relative to the repository root when inside it."""

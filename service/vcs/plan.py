@@ -3,24 +3,28 @@
 Both sides are read from git without a checkout (HEAD may be the working tree) and built
 with `parse` alone, so no key is needed: a changed secret shows as changed ciphertext. When
 a key is at hand, both sides of a changed secret are decrypted to tell a re-encryption from
-a new key. The output is Markdown for a pull request comment (or JSON), and the exit code is
-1 when the service would refuse HEAD: exactly the problems `validate` would report there.
+a new key. A key-holding file of HEAD carrying the MAC of a BASE file, or of a version in
+BASE's history, while its data differs was changed outside sops: a problem, as the service
+refuses it (docs/reference.md §2.4). The output is Markdown for a pull request comment (or
+JSON), and the exit code is 1 when the service would refuse HEAD: the problems `validate`
+would report there, and these.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from service.config.loader import Loaded, config_files, is_config_file, parse
+from service.config.loader import Loaded, config_files, is_config_file, parse, seal
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
+from service.config.sops_mac import Known, Seal
 from service.config.sops_rules import check_sops_config, every_recipient
 from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
@@ -142,17 +146,31 @@ def _shown_folder(settings: Settings) -> str:
 # -- building a side ---------------------------------------------------------------------------
 
 
-def build(side: Side, last_good: Mapping[str, Loaded] | None = None) -> Configuration:
+def build(
+    side: Side, last_good: Mapping[str, Loaded] | None = None, earlier: Callable[[], Known] | None = None
+) -> Configuration:
     """Every problem `validate` would report for `side`, and its view.
 
     A file that fails keeps its `last_good` version in the view, as the service keeps a
-    refused file's last good version; it is still a problem.
+    refused file's last good version; it is still a problem. A key-holding file carrying the
+    MAC of a `last_good` file, or of a version `earlier` (BASE's history, read only when a
+    key-holding file changed), with other data was changed outside sops.
     """
     loaded: dict[str, Loaded] = {}
     problems: list[Problem] = []
+    known = _seals(last_good or {})
+    history: Known | None = None
     for file, data in sorted(side.files.items()):
         try:
             loaded[file] = parse(file, data)
+            outside = loaded[file].changed_outside_sops(known)
+            base = (last_good or {}).get(file)
+            if outside is None and earlier is not None and _changed_seal(loaded[file], base):
+                history = earlier() if history is None else history
+                outside = loaded[file].changed_outside_sops(history)
+            if outside is not None:
+                del loaded[file]
+                raise outside
         except FileRejected as exc:
             problems += exc.problems
             if last_good and file in last_good:
@@ -161,6 +179,43 @@ def build(side: Side, last_good: Mapping[str, Loaded] | None = None) -> Configur
     problems += cross_check(loaded.values())
     problems += _coverage(side, [f for f, item in loaded.items() if holds_secrets(item)])
     return Configuration(MappingProxyType(loaded), sorted(set(problems), key=_order), _view(loaded))
+
+
+def _changed_seal(now: Loaded, base: Loaded | None) -> bool:
+    """A key-holding file whose MAC is not its BASE version's: a new one, or taken from elsewhere."""
+    return now.seal is not None and (base is None or base.seal is None or base.seal.mac != now.seal.mac)
+
+
+def earlier_seals(repo: GitRepo, settings: Settings, base: Side) -> Known:
+    """The seal of every key-holding version of the providers folder in BASE's history, by
+    MAC, labelled with its path and commit: a change cut from an older version's MAC."""
+    if base.commit is None:
+        return {}
+    folder = repo.relative(settings.providers_dir)
+    out = repo.run(
+        "log", "-m", "--format=%x00%H", "--raw", "--no-abbrev", "--no-renames", base.commit, "--", folder
+    )
+    versions: dict[str, str] = {}
+    for chunk in out.decode("utf-8", "replace").split("\0")[1:]:
+        commit, *lines = chunk.split("\n")
+        for line in lines:
+            meta, _, path = line.partition("\t")
+            fields = meta.split()
+            if line.startswith(":") and len(fields) >= 5 and fields[1] in ("100644", "100755"):
+                versions.setdefault(fields[3], f"{path} at {commit[:10]}")
+    contents = repo.blobs(list(versions))
+    found: dict[str, tuple[str, Seal]] = {}
+    for sha, label in versions.items():
+        sealed = seal(label, contents[sha]) if b"sops" in contents[sha] else None
+        if sealed is not None:
+            found.setdefault(sealed.mac, (label, sealed))
+    return found
+
+
+def _seals(loaded: Mapping[str, Loaded]) -> Known:
+    """The MACs of the base's key-holding files: a head file carrying one with other data was
+    changed outside sops, under its name or another (docs/reference.md §2.4)."""
+    return {x.seal.mac: (f, x.seal) for f, x in sorted(loaded.items()) if x.seal is not None}
 
 
 def _order(problem: Problem) -> tuple[str, int, str]:
@@ -190,10 +245,13 @@ def _view(loaded: Mapping[str, Loaded]) -> ConfigView:
 # -- comparing ---------------------------------------------------------------------------------
 
 
-def make_plan(base: Side, head: Side, *, sops: Sops | None = None) -> Plan:
-    """The plan from `base` to `head`; `sops` (optional) tells re-encryptions from new keys."""
+def make_plan(
+    base: Side, head: Side, *, sops: Sops | None = None, earlier: Callable[[], Known] | None = None
+) -> Plan:
+    """The plan from `base` to `head`; `sops` (optional) tells re-encryptions from new keys;
+    `earlier` (optional) gives the MACs of BASE's history (`earlier_seals`)."""
     before = build(base)
-    after = build(head, last_good=before.loaded)
+    after = build(head, last_good=before.loaded, earlier=earlier)
     result = Plan(base, head, problems=after.problems)
     old_files, new_files = _by_id(before.loaded), _by_id(after.loaded)
     secrets = {

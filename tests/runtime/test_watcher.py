@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -12,12 +13,14 @@ from typing import Any
 
 import pytest
 
+from service.cli.main import cli
 from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
 from service.runtime import watcher
 from service.vcs.gitrepo import GitRepo
-from tests.conftest import Service, SopsProject, eventually, serve, write_server
+from tests.conftest import Service, SopsProject, eventually, serve, write_atomically, write_server
 from tests.support.replicas import GitSync, git, make_remote, routing_yaml, server_yaml
+from tests.support.tampering import TAMPERS, URL, Tamper, provider_yaml
 
 SERVER = "kind: ai_server\nid: {id}\nserver_type: vllm\nbase_url: http://127.0.0.1:{port}/v1\n"
 
@@ -414,3 +417,144 @@ async def test_a_worktree_git_sync_removes_under_a_reload_is_never_applied_witho
         assert changes and all(e.commit in (second, third) and not e.uncommitted for e in changes)
         assert changes[-1].commit == third
         assert service.registry.snapshot.providers["a"].endpoint == "http://127.0.0.1:3/v1"
+
+
+# -- a file changed outside sops (docs/reference.md §2.4) -------------------------------------------
+
+VENDOR = "providers.d/vendor.yaml"
+
+
+async def _write_encrypted(service: Service, text: str) -> Path:
+    project = service.project
+    path = project.providers / "vendor.yaml"
+    data = project.sops.encrypt(text.encode(), str(path))
+    return write_atomically(path, data.decode())
+
+
+@pytest.mark.parametrize("tamper", TAMPERS, ids=lambda t: t.name)
+async def test_a_key_holding_file_changed_outside_sops_is_refused_and_the_old_version_kept(
+    running_service: Service, tamper: Tamper
+) -> None:
+    """sops' MAC lets each of these through (checked here), yet the file kept the MAC of the
+    version it replaces while its data changed: only an edit without the identity does that."""
+    service, project = running_service, running_service.project
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    tampered = tamper.apply(path.read_text())
+    assert project.sops.decrypt(tampered.encode(), str(path))  # the MAC passes
+    seq = service.app[EVENTS].last_seq
+    write_atomically(path, tampered)
+    await eventually(lambda: VENDOR in service.registry.refused)
+    reason = service.registry.refused[VENDOR]
+    assert "changed outside sops: the MAC is the previous version's, but" in reason
+    assert "(sops' MAC does not cover names or where values begin and end)" in reason
+    assert urls(service)["vendor"] == URL
+    assert service.registry.snapshot.providers["vendor"].enabled is ("enabled" not in tamper.before)
+    _, ready = await service.get("/readyz")
+    assert {"file": VENDOR, "reason": reason} in ready["refused"]
+    assert [(e.type, e.file, e.reason) for e in service.app[EVENTS].events()[seq:]] == [  # type: ignore[attr-defined]
+        ("config.rejected", VENDOR, reason)
+    ]
+    await _write_encrypted(service, tamper.apply(provider_yaml("vendor", tamper)))  # the same change, by sops
+    await eventually(lambda: service.registry.refused == {})
+    assert urls(service)["vendor"] == tamper.url
+    assert service.registry.snapshot.providers["vendor"].enabled
+
+
+async def test_a_change_made_through_switchboard_edit_is_taken(
+    running_service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, tamper = running_service, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    editor = tmp_path / "editor.py"
+    editor.write_text(
+        "import sys, pathlib\np = pathlib.Path(sys.argv[1])\n"
+        f"p.write_text(p.read_text().replace({tamper.before!r}, {tamper.after!r}))\n"
+    )
+    monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
+    monkeypatch.setenv("SOPS_AGE_KEY_FILE", str(service.project.identity.key_file))
+    assert cli("--root", str(service.project.root), "edit", str(path)) == 0
+    await eventually(lambda: urls(service).get("vendor") == tamper.url)
+    assert service.registry.refused == {}
+
+
+async def test_a_comment_or_formatting_changed_outside_sops_is_taken(running_service: Service) -> None:
+    service, tamper = running_service, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    text = path.read_text().replace("name: GPU box\n", "name: 'GPU box'  # the big one\n")
+    write_atomically(path, "# the vendor's key, for the team\n" + text)
+    await service.app[RELOADER].reload()
+    assert service.registry.refused == {}
+    assert service.registry.snapshot.files[VENDOR].data == path.read_bytes()
+
+
+async def test_a_key_holding_file_renamed_and_changed_outside_sops_is_refused(
+    running_service: Service,
+) -> None:
+    """Another name is no way round: the MAC is still that of a version the service loaded."""
+    service, project = running_service, running_service.project
+    text = f"kind: ai_server\nserver_type: vllm\nid: vendor\nname: 2 GPU box\nbase_url: {URL}\n"
+    path = await _write_encrypted(service, text + "api_key: sk-vendor-5d80aaaa\n")
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    renamed = path.read_text().replace("id: vendor\nname: 2 GPU box\n", "id: vendor2\nname: ' GPU box'\n")
+    assert project.sops.decrypt(renamed.encode(), str(path))  # the MAC passes
+    path.unlink()
+    write_atomically(path.with_name("vendor2.yaml"), renamed)
+    await eventually(lambda: "providers.d/vendor2.yaml" in service.registry.refused)
+    reason = service.registry.refused["providers.d/vendor2.yaml"]
+    assert f"changed outside sops: the MAC is that of {VENDOR}, but `id` and `name` differ" in reason
+    assert "vendor2" not in service.registry.snapshot.providers
+
+
+async def test_a_file_without_a_key_changed_by_hand_is_taken(running_service: Service) -> None:
+    service = running_service
+    write_server(service.project, "gpu", "http://127.0.0.1:4000/v1")
+    await eventually(lambda: urls(service).get("gpu") == "http://127.0.0.1:4000/v1")
+    assert service.registry.refused == {}
+
+
+async def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_is_taken(
+    running_service: Service,
+) -> None:
+    """Every version loaded since the start counts, not only the one served now."""
+    service, tamper = running_service, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    first = path.read_text()
+    await _write_encrypted(service, provider_yaml("vendor", tamper).replace("GPU box", "GPU box 2"))
+    await eventually(lambda: service.registry.snapshot.providers["vendor"].name == "GPU box 2")
+    write_atomically(path, tamper.apply(first))
+    await eventually(lambda: VENDOR in service.registry.refused)
+    assert "changed outside sops: the MAC is the previous version's" in service.registry.refused[VENDOR]
+    assert urls(service)["vendor"] == URL
+    write_atomically(path, first)  # a revert, as git makes it
+    await eventually(lambda: service.registry.refused == {})
+    assert service.registry.snapshot.providers["vendor"].name == "GPU box"
+
+
+async def test_the_same_change_written_over_http_is_taken(sops_project: SopsProject) -> None:
+    """A write over HTTP re-encrypts the file through sops: its MAC is new (docs/reference.md §8)."""
+    project, tamper = sops_project, TAMPERS[0]
+    git(project.root, "init", "-q", "-b", "main")
+    git(project.root, "config", "commit.gpgsign", "false")
+    (project.root / ".gitignore").write_text("var/\n")
+    write_server(project, "gpu")
+    (project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
+    path = project.providers / "vendor.yaml"
+    path.write_text(provider_yaml("vendor", tamper))
+    project.sops.encrypt_in_place(path)
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-qm", "setup")
+    before = path.read_bytes()
+    async with serve(project) as service:
+        assert urls(service)["vendor"] == URL
+        headers = {"Content-Type": "application/merge-patch+json"}
+        patch = {"base_url": "https://llm.com", "name": "pany.com/v1GPU box"}
+        url = f"{service.url}/api/v1/llm-config/servers/vendor"
+        async with service.http.patch(url, json=patch, headers=headers) as response:
+            assert response.status == 200, await response.text()
+        await eventually(lambda: urls(service).get("vendor") == "https://llm.com")
+        assert service.registry.refused == {}
+        assert path.read_bytes() != before

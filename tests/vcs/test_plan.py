@@ -10,6 +10,7 @@ import pytest
 
 from service.cli.main import cli
 from tests.conftest import AgeIdentity, SopsProject
+from tests.support.tampering import TAMPERS, URL, Tamper, provider_yaml
 
 OLD_KEY = "sk-or-old-5d80aaaa1111bbbb5d80"
 NEW_KEY = "sk-or-new-9a1cbbbb2222cccc9a1c"
@@ -312,3 +313,92 @@ def test_a_pull_request_that_raises_a_budget_or_a_limit_says_so(
     assert "limits: rpm 300, tpm 1000, budget 80 USD/month" in out
     _, as_json = plan(capsys, "HEAD", "--format", "json")
     assert "client `ops`: budget raised from 50 to 80 USD a month" in json.loads(as_json)["limits"]
+
+
+# -- a file changed outside sops (docs/reference.md §2.4) ------------------------------------------
+
+
+def _vendor(repo: SopsProject, tamper: Tamper) -> Path:
+    path = repo.providers / "vendor.yaml"
+    path.write_text(provider_yaml("vendor", tamper))
+    repo.sops.encrypt_in_place(path)
+    commit(repo, "add a vendor")
+    return path
+
+
+@pytest.mark.parametrize("tamper", TAMPERS, ids=lambda t: t.name)
+def test_a_key_holding_file_changed_outside_sops_is_refused(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str], tamper: Tamper
+) -> None:
+    """The pull request keeps the base's MAC, which sops' check passes (checked here), while
+    the values are cut differently: only an edit without the identity does that."""
+    path = _vendor(repo, tamper)
+    path.write_text(tamper.apply(path.read_text()))
+    assert repo.sops.decrypt(path.read_bytes(), str(path))  # the MAC passes
+    commit(repo, "point the vendor elsewhere")
+    code, out = plan(capsys, "HEAD~1", "HEAD")
+    assert code == 1
+    assert "**❌ The service would refuse this configuration**" in out
+    assert "`providers.d/vendor.yaml:" in out
+    assert "changed outside sops: the MAC is the previous version's, but" in out
+    assert "(sops' MAC does not cover names or where values begin and end)" in out
+    assert tamper.url == URL or tamper.url not in out  # the change is not shown as one the service takes
+    code, out = plan(capsys, "--format", "json", "HEAD~1", "HEAD")
+    problems = json.loads(out)["problems"]
+    assert [p["file"] for p in problems] == ["providers.d/vendor.yaml"]
+
+
+def test_the_same_change_made_through_sops_is_planned(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tamper = TAMPERS[0]
+    path = _vendor(repo, tamper)
+    path.write_text(tamper.apply(provider_yaml("vendor", tamper)))
+    repo.sops.encrypt_in_place(path)
+    code, out = plan(capsys, "HEAD")
+    assert code == 0, out
+    assert "https://llm.com" in out
+
+
+def test_a_comment_changed_outside_sops_is_planned(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _vendor(repo, TAMPERS[0])
+    path.write_text(
+        "# the vendor's key\n" + path.read_text().replace("name: GPU box", "name: 'GPU box' # ours")
+    )
+    code, out = plan(capsys, "HEAD")
+    assert code == 0, out
+    assert "No configuration changes." in out
+
+
+def test_a_file_without_a_key_changed_by_hand_is_planned(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_server(repo, "gpu").write_text(
+        (repo.providers / "gpu.yaml").read_text().replace("10.0.0.5", "10.0.0.6")
+    )
+    code, out = plan(capsys)
+    assert code == 0, out
+    assert "10.0.0.6" in out
+
+
+def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_is_planned(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The MAC of any version in BASE's history passes sops: a pull request can take an old
+    file and move its bytes. A revert to it as it was is a change like any other."""
+    tamper = TAMPERS[0]
+    path = _vendor(repo, tamper)
+    first = path.read_text()
+    path.write_text(provider_yaml("vendor", tamper).replace("GPU box", "GPU box 2"))
+    repo.sops.encrypt_in_place(path)
+    commit(repo, "rename the vendor")
+    path.write_text(tamper.apply(first))
+    code, out = plan(capsys, "HEAD")
+    assert code == 1
+    assert "changed outside sops: the MAC is that of providers.d/vendor.yaml at " in out
+    assert "but `base_url` and `name` differ" in out
+    path.write_text(first)
+    code, out = plan(capsys, "HEAD")
+    assert code == 0, out
