@@ -74,9 +74,9 @@ def changed_outside_sops(file: str, line: int, seal: Seal | None, known: Known) 
         return None  # the same data: comments, quoting or layout changed, which sops allows
     whose = "the previous version's" if was_file == file else f"that of {printable(was_file)}"
     message = (
-        f"changed outside sops: the MAC is {whose}, but {_what_differs(was, seal)} (sops' MAC does "
-        "not cover names or where values begin and end); restore the file from git, then change it "
-        "with `switchboard edit`"
+        f"MAC mismatch: the file was changed without sops: its MAC is {whose}, but "
+        f"{_what_differs(was, seal)} (sops' MAC does not cover names or where values begin and "
+        "end); restore the file from git, then change it with `switchboard edit`"
     )
     return Problem(file, line, message, "sops")
 

@@ -36,7 +36,8 @@ def test_each_tamper_keeps_a_mac_sops_accepts_and_is_told(sops_project: SopsProj
     tampered = TAMPERS[0].apply(before.decode()).encode()
     assert sops_project.sops.decrypt(tampered, str(path))["base_url"] == "https://llm.com"
     assert _refusal(before, tampered) == (
-        "line 21: changed outside sops: the MAC is the previous version's, but `base_url` and `name` "
+        "line 21: MAC mismatch: the file was changed without sops: its MAC is the previous version's, "
+        "but `base_url` and `name` "
         "differ (sops' MAC does not cover names or where values begin and end); restore the file "
         "from git, then change it with `switchboard edit`"
     )
@@ -52,7 +53,7 @@ def test_a_mac_spelt_otherwise_is_still_the_same_mac(sops_project: SopsProject) 
     tampered = TAMPERS[0].apply(respelt).encode()
     assert sops_project.sops.decrypt(tampered, str(path))["base_url"] == "https://llm.com"
     reason = _refusal(before.encode(), tampered)
-    assert reason is not None and "the MAC is the previous version's" in reason
+    assert reason is not None and "its MAC is the previous version's" in reason
 
 
 def test_comments_quoting_and_layout_are_not_a_change(sops_project: SopsProject) -> None:

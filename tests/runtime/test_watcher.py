@@ -446,7 +446,7 @@ async def test_a_key_holding_file_changed_outside_sops_is_refused_and_the_old_ve
     write_atomically(path, tampered)
     await eventually(lambda: VENDOR in service.registry.refused)
     reason = service.registry.refused[VENDOR]
-    assert "changed outside sops: the MAC is the previous version's, but" in reason
+    assert "MAC mismatch: the file was changed without sops: its MAC is the previous version's, but" in reason
     assert "(sops' MAC does not cover names or where values begin and end)" in reason
     assert urls(service)["vendor"] == URL
     assert service.registry.snapshot.providers["vendor"].enabled is ("enabled" not in tamper.before)
@@ -504,7 +504,10 @@ async def test_a_key_holding_file_renamed_and_changed_outside_sops_is_refused(
     write_atomically(path.with_name("vendor2.yaml"), renamed)
     await eventually(lambda: "providers.d/vendor2.yaml" in service.registry.refused)
     reason = service.registry.refused["providers.d/vendor2.yaml"]
-    assert f"changed outside sops: the MAC is that of {VENDOR}, but `id` and `name` differ" in reason
+    assert (
+        "MAC mismatch: the file was changed without sops: "
+        f"its MAC is that of {VENDOR}, but `id` and `name` differ" in reason
+    )
     assert "vendor2" not in service.registry.snapshot.providers
 
 
@@ -527,7 +530,10 @@ async def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_i
     await eventually(lambda: service.registry.snapshot.providers["vendor"].name == "GPU box 2")
     write_atomically(path, tamper.apply(first))
     await eventually(lambda: VENDOR in service.registry.refused)
-    assert "changed outside sops: the MAC is the previous version's" in service.registry.refused[VENDOR]
+    assert (
+        "MAC mismatch: the file was changed without sops: its MAC is the previous version's"
+        in service.registry.refused[VENDOR]
+    )
     assert urls(service)["vendor"] == URL
     write_atomically(path, first)  # a revert, as git makes it
     await eventually(lambda: service.registry.refused == {})

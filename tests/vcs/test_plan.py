@@ -340,7 +340,7 @@ def test_a_key_holding_file_changed_outside_sops_is_refused(
     assert code == 1
     assert "**❌ The service would refuse this configuration**" in out
     assert "`providers.d/vendor.yaml:" in out
-    assert "changed outside sops: the MAC is the previous version's, but" in out
+    assert "MAC mismatch: the file was changed without sops: its MAC is the previous version's, but" in out
     assert "(sops' MAC does not cover names or where values begin and end)" in out
     assert tamper.url == URL or tamper.url not in out  # the change is not shown as one the service takes
     code, out = plan(capsys, "--format", "json", "HEAD~1", "HEAD")
@@ -397,7 +397,10 @@ def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_is_plan
     path.write_text(tamper.apply(first))
     code, out = plan(capsys, "HEAD")
     assert code == 1
-    assert "changed outside sops: the MAC is that of providers.d/vendor.yaml at " in out
+    assert (
+        "MAC mismatch: the file was changed without sops: its MAC is that of providers.d/vendor.yaml at "
+        in out
+    )
     assert "but `base_url` and `name` differ" in out
     path.write_text(first)
     code, out = plan(capsys, "HEAD")
