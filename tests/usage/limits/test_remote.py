@@ -166,6 +166,17 @@ async def test_redis_stopped_mid_run_each_replica_spends_only_its_share_then_rec
         assert isinstance(refused, Refused) and refused.limit == "budget"
 
 
+async def _month_spent(tmp_path: Path) -> SharedLedger:
+    """A shared ledger, started, holding 14 USD of client `c` in December 2026 before the 4th's
+    noon (3 on the 2nd, 11 on the 4th)."""
+    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
+    await ledger.start()
+    for day, cost in ((2, 3), (4, 11)):
+        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
+    await ledger.flush()
+    return ledger
+
+
 async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_replica(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -174,11 +185,7 @@ async def test_a_budget_given_a_longer_period_keeps_what_was_spent_on_every_repl
     counted in the new period before either ticks): the ledger's 14 USD of the month before the
     change are added to Redis once, not twice and not forgotten; a replica started later agrees."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
-    await ledger.start()
-    for day, cost in ((2, 3), (4, 11)):
-        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
-    await ledger.flush()
+    ledger = await _month_spent(tmp_path)
     day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
     month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
     monthly = limits(budget={"usd": "100", "period": "month"})
@@ -228,11 +235,7 @@ async def test_a_request_in_flight_across_a_change_of_period_counts_toward_the_n
     the day's key: it counts toward the month's all the same, on every replica (its reservation,
     as its cost is not known when the month's counter is seeded: over, never under)."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
-    await ledger.start()
-    for day, cost in ((2, 3), (4, 11)):
-        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
-    await ledger.flush()
+    ledger = await _month_spent(tmp_path)
     day = [("client", "c", Budget(usd=Decimal(100), period="day"))]
     month = [("client", "c", Budget(usd=Decimal(100), period="month"))]
     daily = limits(budget={"usd": "100", "period": "day"})
@@ -272,11 +275,7 @@ async def test_requests_on_two_replicas_as_a_change_of_period_lands_do_not_pass_
     before it): a request counted toward the month's budget waits for what was spent before the
     change, so six are admitted, not twenty (34 USD of a budget of 20)."""
     clock = Clock()  # 2026-12-04T12:00
-    ledger = SharedLedger(open_store(str(tmp_path / "usage.db"), tmp_path), tmp_path / "spool")
-    await ledger.start()
-    for day, cost in ((2, 3), (4, 11)):
-        ledger.submit(record(ts=datetime(2026, 12, day, 9, tzinfo=UTC), client="c", cost_usd=Decimal(cost)))
-    await ledger.flush()
+    ledger = await _month_spent(tmp_path)
     day = [("client", "c", Budget(usd=Decimal(20), period="day"))]
     month = [("client", "c", Budget(usd=Decimal(20), period="month"))]
     monthly = limits(budget={"usd": "20", "period": "month"})
