@@ -564,3 +564,43 @@ async def test_the_same_change_written_over_http_is_taken(sops_project: SopsProj
         await eventually(lambda: urls(service).get("vendor") == "https://llm.com")
         assert service.registry.refused == {}
         assert path.read_bytes() != before
+
+
+async def test_two_files_of_one_reload_sharing_a_mac_are_both_refused(sops_project: SopsProject) -> None:
+    """A new file and a tampered copy under another name, seen in one reload (at the start, or
+    pulled together): neither MAC is known yet, and which one sops wrote cannot be told."""
+    project = sops_project
+    write_server(project, "gpu")
+    text = f"kind: ai_server\nserver_type: vllm\nid: vendor\nname: 2 GPU box\nbase_url: {URL}\n"
+    path = project.providers / "vendor.yaml"
+    data = project.sops.encrypt((text + "api_key: sk-vendor-5d80aaaa\n").encode(), str(path))
+    write_atomically(path, data.decode())
+    renamed = path.read_text().replace("id: vendor\nname: 2 GPU box\n", "id: vendor2\nname: ' GPU box'\n")
+    assert project.sops.decrypt(renamed.encode(), str(path))  # the MAC passes
+    write_atomically(path.with_name("vendor2.yaml"), renamed)
+    async with serve(project) as service:
+        refused = service.registry.refused
+        assert sorted(refused) == [VENDOR, "providers.d/vendor2.yaml"]
+        assert all("MAC mismatch: the file was changed without sops" in r for r in refused.values()), refused
+        assert "vendor" not in urls(service) and "vendor2" not in urls(service)
+
+
+async def test_past_the_cap_the_seal_of_a_file_loaded_now_is_kept(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unchanged file's seal is the oldest; forgetting it first would let a change outside
+    sops through once enough other versions were loaded (docs/reference.md §2.4)."""
+    monkeypatch.setattr(watcher, "_MAX_SEALS", 2)
+    service, project, tamper = running_service, running_service.project, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    other = project.providers / "other.yaml"
+    for n in range(4):  # four versions of another key-holding file, each with a MAC of its own
+        text = provider_yaml("other", tamper, key=f"sk-other-{n}-5d80aaaa1111")
+        write_atomically(other, project.sops.encrypt(text.encode(), str(other)).decode())
+        await eventually(lambda: urls(service).get("other") == URL)
+        await service.app[RELOADER].reload()
+        assert service.registry.snapshot.files["providers.d/other.yaml"].data == other.read_bytes()
+    write_atomically(path, tamper.apply(path.read_text()))
+    await eventually(lambda: VENDOR in service.registry.refused)
+    assert urls(service)["vendor"] == URL
