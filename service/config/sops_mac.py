@@ -92,9 +92,12 @@ def sharing_a_mac(files: Iterable[tuple[str, int, Seal | None]]) -> dict[str, Pr
             by_mac.setdefault(seal.mac, []).append((file, line, seal))
     refused: dict[str, Problem] = {}
     for group in by_mac.values():
+        distinct = {s.fingerprint: (f, s) for f, _, s in reversed(group)}  # the first file of each
+        if len(distinct) < 2:
+            continue
         for file, line, seal in group:
-            other = next(((f, s) for f, _, s in group if s.fingerprint != seal.fingerprint), None)
-            problem = other and changed_outside_sops(file, line, seal, {seal.mac: other})
+            other = next(x for fp, x in distinct.items() if fp != seal.fingerprint)
+            problem = changed_outside_sops(file, line, seal, {seal.mac: other})
             if problem:
                 refused[file] = problem
     return refused
