@@ -18,7 +18,15 @@ from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
 from service.runtime import watcher
 from service.vcs.gitrepo import GitRepo
-from tests.conftest import Service, SopsProject, eventually, serve, write_atomically, write_server
+from tests.conftest import (
+    AgeIdentity,
+    Service,
+    SopsProject,
+    eventually,
+    serve,
+    write_atomically,
+    write_server,
+)
 from tests.support.replicas import GitSync, git, make_remote, routing_yaml, server_yaml
 from tests.support.tampering import TAMPERS, URL, Tamper, provider_yaml
 
@@ -604,3 +612,30 @@ async def test_past_the_cap_the_seal_of_a_file_loaded_now_is_kept(
     write_atomically(path, tamper.apply(path.read_text()))
     await eventually(lambda: VENDOR in service.registry.refused)
     assert urls(service)["vendor"] == URL
+
+
+async def test_writes_through_sops_and_a_rollback_are_taken(
+    running_service: Service, other_age_identity: AgeIdentity
+) -> None:
+    """`sops updatekeys` keeps the MAC and rewraps the data key (the recipients are not
+    compared); `sops rotate` makes a new MAC; a version loaded before, restored byte for byte
+    (a rollback, git checkout of an older commit), carries its own MAC with its own data."""
+    service, project, tamper = running_service, running_service.project, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    first = path.read_bytes()
+    sops_yaml = project.root / ".sops.yaml"
+    recipient = project.identity.recipient
+    sops_yaml.write_text(
+        sops_yaml.read_text().replace(recipient, f"{recipient},{other_age_identity.recipient}")
+    )
+    project.sops.updatekeys(path)
+    assert other_age_identity.recipient in path.read_text()
+    await eventually(lambda: service.registry.snapshot.files[VENDOR].data == path.read_bytes())
+    project.sops.rotate(path)
+    await eventually(lambda: service.registry.snapshot.files[VENDOR].data == path.read_bytes())
+    await _write_encrypted(service, tamper.apply(provider_yaml("vendor", tamper)))
+    await eventually(lambda: urls(service).get("vendor") == tamper.url)
+    write_atomically(path, first.decode())  # the rollback
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    assert service.registry.refused == {}
