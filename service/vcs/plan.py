@@ -197,12 +197,16 @@ def _changed_seal(now: Loaded, base: Loaded | None) -> bool:
 
 
 def earlier_seals(repo: GitRepo, settings: Settings, base: Side, head: Side | None = None) -> Known:
-    """The seal of every key-holding version of the providers folder in the history of BASE
-    and of HEAD (the pull request's own commits; the work tree's HEAD), by MAC, labelled with
-    its path and commit. A MAC is the first version's that carried it, oldest first: sops
-    wrote that one, a change cut from it came later."""
+    """`history_seals` of BASE and of HEAD (the pull request's own commits; the work tree's HEAD)."""
     head_commit = None if head is None else head.commit or repo.head()
-    revs = list(dict.fromkeys(c for c in (base.commit, head_commit) if c))
+    return history_seals(repo, settings, [c for c in (base.commit, head_commit) if c])
+
+
+def history_seals(repo: GitRepo, settings: Settings, revs: list[str]) -> Known:
+    """The seal of every key-holding version of the providers folder in the history of `revs`,
+    by MAC, labelled with its path and commit. A MAC is the first version's that carried it,
+    oldest first: sops wrote that one, a change cut from it came later."""
+    revs = list(dict.fromkeys(revs))
     if not revs:
         return {}
     folder = repo.relative(settings.providers_dir)
