@@ -15,9 +15,12 @@ from pathlib import Path
 
 from service.config.export import litellm_export, wilmer_endpoints
 from service.config.snapshot import load_folder
+from service.config.sops_mac import Known
 from service.crypto.sops import Sops
 from service.files import write_atomically
 from service.settings import Settings
+from service.vcs.gitrepo import GitRepo
+from service.vcs.plan import history_seals
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
@@ -26,7 +29,9 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         print("switchboard: error: export wilmer needs --out DIR", file=sys.stderr)
         return 2
     sops = Sops.from_settings(settings) if ns.with_secrets else None
-    snapshot = load_folder(settings.providers_dir, settings.providers.as_posix(), sops)
+    snapshot = load_folder(
+        settings.providers_dir, settings.providers.as_posix(), sops, _known(settings, sops)
+    )
     if ns.target == "litellm":
         export = litellm_export(snapshot, with_secrets=ns.with_secrets)
         for note in export.notes:  # what LiteLLM cannot route as Switchboard does; also in the header
@@ -47,6 +52,14 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if skipped:
         print(f"skipped (disabled, or no WilmerAI API type): {', '.join(skipped)}", file=sys.stderr)
     return 0
+
+
+def _known(settings: Settings, sops: Sops | None) -> Known | None:
+    """With secrets, in git: the versions of HEAD's history, each MAC the first version's that
+    carried it, for a file changed outside sops (docs/reference.md §2.4)."""
+    repo = GitRepo.find(settings.root) if sops is not None else None
+    head = repo.head() if repo is not None else None
+    return history_seals(repo, settings, [head]) if repo is not None and head is not None else None
 
 
 def _write(path: Path, text: str, *, secret: bool) -> None:

@@ -26,7 +26,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if repo is None:
         raise GitError(f"{settings.root}: not inside a git repository")
     base, head = read_sides(repo, settings, ns.base, ns.head)
-    earlier = functools.partial(earlier_seals, repo, settings, base)
+    earlier = functools.partial(earlier_seals, repo, settings, base, head)
     result = make_plan(base, head, sops=Sops.from_settings(settings), earlier=earlier)
     print(render_json(result) if ns.format == "json" else render_markdown(result), end="")
     return 1 if result.refused else 0

@@ -7,14 +7,16 @@ import asyncio
 import re
 import sys
 
-from service.config.loader import decrypt, is_config_file, parse
+from service.config.loader import Loaded, decrypt, is_config_file, parse
 from service.config.models import ID_PATTERN, AiServer, ApiKey, Provider
 from service.config.upstreams import AllowedUpstreams
 from service.crypto.sops import Sops
-from service.errors import NotFound
+from service.errors import FileRejected, NotFound
 from service.gateway.health import CheckResult, check
 from service.gateway.transports.base import open_session
 from service.settings import Settings
+from service.vcs.gitrepo import GitRepo
+from service.vcs.plan import history_seals
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
@@ -30,7 +32,11 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         raise NotFound(f"no provider file {provider_id}.yaml in {folder}")
     path = found[0]
     name = path.absolute().relative_to(settings.files_root).as_posix()
-    loaded = decrypt(parse(name, path.read_bytes()), Sops.from_settings(settings))
+    parsed = parse(name, path.read_bytes())
+    refused = _changed_outside_sops(parsed, settings)
+    if refused is not None:  # before sops is asked: its MAC would pass, and the key be sent
+        raise refused
+    loaded = decrypt(parsed, Sops.from_settings(settings))
     provider = loaded.document
     if not isinstance(provider, AiServer | ApiKey):
         raise NotFound(f"{name} is not a provider (kind: {provider.kind})")
@@ -39,6 +45,16 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     verdict = "ok" if result.ok else "failed"
     print(f"{provider_id}: {verdict} in {result.latency_ms:.1f} ms: {result.message}")
     return 0 if result.ok else 1
+
+
+def _changed_outside_sops(parsed: Loaded, settings: Settings) -> FileRejected | None:
+    """The refusal of a key-holding file carrying the MAC of the version that first carried it
+    in git's history while its data differs (docs/reference.md §2.4); None outside git."""
+    repo = GitRepo.find(settings.root) if parsed.seal is not None else None
+    head = repo.head() if repo is not None else None
+    if repo is None or head is None:
+        return None
+    return parsed.changed_outside_sops(history_seals(repo, settings, [head]))
 
 
 async def _check_once(provider: Provider, allowed: AllowedUpstreams) -> CheckResult:

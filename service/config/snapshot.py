@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from service.config.loader import Decrypter, Loaded, config_files, decrypt, parse
 from service.config.models import AiServer, ApiKey, Clients, Provider, Routing
+from service.config.sops_mac import Known, sharing_a_mac
 from service.config.view import ConfigView
 from service.errors import ConfigError, FileRejected, Problem, SnapshotRejected
 
@@ -184,18 +185,35 @@ def file_of_kind(files: Mapping[str, Loaded], kind: str) -> str | None:
     return next((f for f, loaded in sorted(files.items()) if loaded.document.kind == kind), None)
 
 
-def load_folder(folder: Path, shown: str, sops: Decrypter | None = None) -> Snapshot:
+def load_folder(
+    folder: Path, shown: str, sops: Decrypter | None = None, known: Known | None = None
+) -> Snapshot:
     """A snapshot of the files in `folder` (named `shown/x.yaml`), decrypted when `sops` is given.
 
-    Raises ConfigError with every problem of every file, or SnapshotRejected.
+    A key-holding file carrying the MAC of a `known` version (or of another file of the
+    folder) while its data differs was changed outside sops (docs/reference.md §2.4): a
+    problem, found before anything is decrypted. Raises ConfigError with every problem of
+    every file, or SnapshotRejected.
     """
-    files: dict[str, Loaded] = {}
+    parsed: dict[str, Loaded] = {}
     problems: list[Problem] = []
     for path in config_files(folder):
         name = f"{shown.rstrip('/')}/{path.name}"
         try:
             loaded = parse(name, path.read_bytes())
-            files[name] = decrypt(loaded, sops) if sops is not None else loaded
+            outside = loaded.changed_outside_sops(known or {})
+            if outside is not None:
+                raise outside
+            parsed[name] = loaded
+        except FileRejected as exc:
+            problems += exc.problems
+    shared = sharing_a_mac((f, x.line("sops", "mac"), x.seal) for f, x in parsed.items())
+    problems += shared.values()
+    files: dict[str, Loaded] = {}
+    for name, loaded in parsed.items():
+        try:
+            if name not in shared:
+                files[name] = decrypt(loaded, sops) if sops is not None else loaded
         except FileRejected as exc:
             problems += exc.problems
     if problems:

@@ -22,7 +22,7 @@ import binascii
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,28 @@ def changed_outside_sops(file: str, line: int, seal: Seal | None, known: Known) 
         "end); restore the file from git, then change it with `switchboard edit`"
     )
     return Problem(file, line, message, "sops")
+
+
+def sharing_a_mac(files: Iterable[tuple[str, int, Seal | None]]) -> dict[str, Problem]:
+    """The refusal of each of `files` (file, line of its MAC, seal: one side, one reload) that
+    carries the MAC of another of them with other data. Which one sops wrote cannot be told,
+    so each is refused: a legitimate copy under another name differs in its `id` and so has a
+    MAC of its own (docs/reference.md §2.4)."""
+    by_mac: dict[str, list[tuple[str, int, Seal]]] = {}
+    for file, line, seal in files:
+        if seal is not None:
+            by_mac.setdefault(seal.mac, []).append((file, line, seal))
+    refused: dict[str, Problem] = {}
+    for group in by_mac.values():
+        distinct = {s.fingerprint: (f, s) for f, _, s in reversed(group)}  # the first file of each
+        if len(distinct) < 2:
+            continue
+        for file, line, seal in group:
+            other = next(x for fp, x in distinct.items() if fp != seal.fingerprint)
+            problem = changed_outside_sops(file, line, seal, {seal.mac: other})
+            if problem:
+                refused[file] = problem
+    return refused
 
 
 def _what_differs(was: Seal, now: Seal) -> str:

@@ -45,7 +45,7 @@ from service.config.loader import (
     parse,
     too_large,
 )
-from service.config.sops_mac import Seal
+from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
 from service.files import leads_outside, read_limited
@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 _SCAN_ATTEMPTS = 5
 _MAX_SEALS = 10_000
-"""How many MACs of versions loaded are remembered (a few hundred bytes each), the oldest forgotten."""
+"""How many MACs of versions loaded are remembered (about 1.5 KB each for a small provider file,
+so some 15 MB at the cap), the oldest forgotten first but never one of a file loaded now."""
 LINK_OUT = "a symbolic link out of the repository (or into its .git): not read"
 """Why a file leading out of the repository is refused; it names no path of the replica."""
 
@@ -130,10 +131,12 @@ class Reloader:
         started = time.perf_counter()
         present, source = await asyncio.to_thread(self._scan_one_target)
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
-        loaded = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
+        results = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
+        loaded = self._remember(list(zip(todo, results, strict=True)))
         for file in set(self._cache) - set(present):
             del self._cache[file]
         self._cache.update(zip(todo, loaded, strict=True))
+        self._forget()
         candidate: dict[str, Loaded] = {}
         rejected: dict[str, Refusal] = {}
         current = self.registry.snapshot.files
@@ -299,11 +302,34 @@ class Reloader:
             log.exception("loading %s failed", file)
             reason = f"internal error while loading ({type(exc).__name__})"
             return read.sha256, Refusal(reason, parsed.document.kind)
-        if loaded.seal is not None:  # its MAC checked by sops: a version known good from now on
-            self._seals.setdefault(loaded.seal.mac, (file, loaded.seal))
-            if len(self._seals) > _MAX_SEALS:
-                del self._seals[next(iter(self._seals))]
         return read.sha256, loaded
+
+    def _remember(
+        self, batch: list[tuple[str, tuple[str, Loaded | Refusal]]]
+    ) -> list[tuple[str, Loaded | Refusal]]:
+        """`batch` with the files that share a MAC with other data refused, and the seals of the
+        others, their MACs checked by sops, remembered as versions known good."""
+        fresh = [(f, r.line("sops", "mac"), r.seal) for f, (_, r) in batch if isinstance(r, Loaded)]
+        shared = sharing_a_mac(fresh)
+        out: list[tuple[str, Loaded | Refusal]] = []
+        for file, (sha, result) in batch:
+            if file in shared and isinstance(result, Loaded):
+                result = Refusal(FileRejected([shared[file]]).reason, result.document.kind)
+            elif isinstance(result, Loaded) and result.seal is not None:
+                self._seals.setdefault(result.seal.mac, (file, result.seal))
+            out.append((sha, result))
+        return out
+
+    def _forget(self) -> None:
+        """Drop the oldest seals over `_MAX_SEALS`, never one of a version loaded now: an
+        unchanged file's seal is the oldest, and the one a change outside sops would copy."""
+        excess = len(self._seals) - _MAX_SEALS
+        if excess <= 0:
+            return
+        loaded = [r for _, r in self._cache.values() if isinstance(r, Loaded)]
+        current = {x.seal.mac for x in [*loaded, *self.registry.snapshot.files.values()] if x.seal}
+        for mac in [m for m in self._seals if m not in current][:excess]:
+            del self._seals[mac]
 
     def _name(self, path: Path) -> str:
         """The file as events name it: relative to the repository root when inside it."""

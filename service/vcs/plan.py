@@ -24,7 +24,7 @@ from service.config.loader import Loaded, config_files, is_config_file, parse, s
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
-from service.config.sops_mac import Known, Seal
+from service.config.sops_mac import Known, Seal, sharing_a_mac
 from service.config.sops_rules import check_sops_config, every_recipient
 from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
@@ -153,8 +153,9 @@ def build(
 
     A file that fails keeps its `last_good` version in the view, as the service keeps a
     refused file's last good version; it is still a problem. A key-holding file carrying the
-    MAC of a `last_good` file, or of a version `earlier` (BASE's history, read only when a
-    key-holding file changed), with other data was changed outside sops.
+    MAC of a `last_good` file, or of the version that first carried it in git's history
+    (`earlier`: BASE's and HEAD's, read only when a key-holding file changed), or of another
+    file of `side`, with other data was changed outside sops.
     """
     loaded: dict[str, Loaded] = {}
     problems: list[Problem] = []
@@ -165,9 +166,12 @@ def build(
             loaded[file] = parse(file, data)
             outside = loaded[file].changed_outside_sops(known)
             base = (last_good or {}).get(file)
-            if outside is None and earlier is not None and _changed_seal(loaded[file], base):
+            seal = loaded[file].seal
+            if earlier is not None and (outside is not None or _changed_seal(loaded[file], base)):
                 history = earlier() if history is None else history
-                outside = loaded[file].changed_outside_sops(history)
+                if seal is not None and seal.mac in history:  # sops wrote its first version
+                    first = loaded[file].changed_outside_sops(history)
+                    outside = first if outside is None or first is None else outside
             if outside is not None:
                 del loaded[file]
                 raise outside
@@ -175,6 +179,12 @@ def build(
             problems += exc.problems
             if last_good and file in last_good:
                 loaded[file] = last_good[file]
+    fresh = [(f, x.line("sops", "mac"), x.seal) for f, x in loaded.items() if x.data == side.files.get(f)]
+    for file, problem in sharing_a_mac(fresh).items():
+        problems.append(problem)
+        del loaded[file]
+        if last_good and file in last_good:
+            loaded[file] = last_good[file]
     problems += [Problem(file, 1, reason) for file, reason in side.refused.items()]
     problems += cross_check(loaded.values())
     problems += _coverage(side, [f for f, item in loaded.items() if holds_secrets(item)])
@@ -186,15 +196,24 @@ def _changed_seal(now: Loaded, base: Loaded | None) -> bool:
     return now.seal is not None and (base is None or base.seal is None or base.seal.mac != now.seal.mac)
 
 
-def earlier_seals(repo: GitRepo, settings: Settings, base: Side) -> Known:
-    """The seal of every key-holding version of the providers folder in BASE's history, by
-    MAC, labelled with its path and commit: a change cut from an older version's MAC."""
-    if base.commit is None:
+def earlier_seals(repo: GitRepo, settings: Settings, base: Side, head: Side | None = None) -> Known:
+    """`history_seals` of BASE and of HEAD (the pull request's own commits; the work tree's HEAD)."""
+    head_commit = None if head is None else head.commit or repo.head()
+    return history_seals(repo, settings, [c for c in (base.commit, head_commit) if c])
+
+
+def history_seals(repo: GitRepo, settings: Settings, revs: list[str]) -> Known:
+    """The seal of every key-holding version of the providers folder in the history of `revs`,
+    by MAC, labelled with its path and commit. A MAC is the first version's that carried it,
+    oldest first: sops wrote that one, a change cut from it came later."""
+    revs = list(dict.fromkeys(revs))
+    if not revs:
         return {}
     folder = repo.relative(settings.providers_dir)
     out = repo.run(
-        "log", "-m", "--format=%x00%H", "--raw", "--no-abbrev", "--no-renames", base.commit, "--", folder
-    )
+        "log", "-m", "--topo-order", "--reverse", "--format=%x00%H", "--raw", "--no-abbrev",
+        "--no-renames", *revs, "--", folder,
+    )  # fmt: skip
     versions: dict[str, str] = {}
     for chunk in out.decode("utf-8", "replace").split("\0")[1:]:
         commit, *lines = chunk.split("\n")

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from service.cli.test import run as command
-from service.errors import NotFound
+from service.errors import FileRejected, NotFound
 from service.settings import Settings
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, git, git_init
 from tests.support.gateway import CANARY, write_provider
+from tests.support.tampering import TAMPERS, provider_yaml
 from tests.support.upstreams import FakeUpstream, closed_port_url
 
 
@@ -62,3 +63,23 @@ async def test_the_test_command_keeps_to_the_allowed_upstreams(
     assert code == 1
     assert "refused by SWITCHBOARD_ALLOWED_UPSTREAMS" in out
     assert not a.requests
+
+
+def test_a_provider_changed_outside_sops_is_not_tested_with_its_key(sops_project: SopsProject) -> None:
+    """`test` sends the key to the file's `base_url`: a file carrying the MAC of the version
+    that first carried it in git's history while its data differs (a pull request checked out
+    to try it) was changed outside sops, and is refused before sops is asked (docs/reference.md §2.4)."""
+    root, tamper = sops_project.root, TAMPERS[0]
+    git_init(root)
+    path = sops_project.providers / "vendor.yaml"
+    path.write_text(provider_yaml("vendor", tamper))
+    sops_project.sops.encrypt_in_place(path)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "add a vendor")
+    path.write_text(tamper.apply(path.read_text()))
+    assert sops_project.sops.decrypt(path.read_bytes(), str(path))  # the MAC passes
+    for committed in (False, True):  # in the work tree, then committed
+        if committed:
+            git(root, "commit", "-q", "-a", "-m", "point the vendor elsewhere")
+        with pytest.raises(FileRejected, match="MAC mismatch: the file was changed without sops: its MAC is"):
+            command(argparse.Namespace(provider_id="vendor"), _settings(sops_project))

@@ -15,7 +15,8 @@ from service.cli.main import cli
 from service.config.export import litellm_config
 from service.config.snapshot import load_folder as load
 from service.formats import key_variable
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, git, git_init
+from tests.support.tampering import TAMPERS, provider_yaml
 from tests.support.upstreams import FakeUpstream
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is first imported
@@ -302,3 +303,24 @@ def test_what_litellm_cannot_route_is_noted_and_its_master_key_is_an_env_referen
     assert f"# Note: {note}" in out.splitlines()
     assert "# The proxy's own master key is read from LITELLM_MASTER_KEY (general_settings)." in out
     assert yaml.safe_load(out)["general_settings"] == {"master_key": "os.environ/LITELLM_MASTER_KEY"}
+
+
+def test_with_secrets_a_provider_changed_outside_sops_is_not_exported(
+    project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The export hands the key and its `base_url` to another tool: a file carrying the MAC of
+    the version that first carried it in HEAD's history while its data differs was changed
+    outside sops, and nothing is written (docs/reference.md §2.4, §3.2)."""
+    root, tamper = project.root, TAMPERS[0]
+    git_init(root)
+    path = project.providers / "vendor.yaml"
+    path.write_text(provider_yaml("vendor", tamper))
+    project.sops.encrypt_in_place(path)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "add a vendor")
+    path.write_text(tamper.apply(path.read_text()))
+    monkeypatch.setenv("SOPS_AGE_KEY_FILE", str(project.identity.key_file))
+    code, _, err = export(capsys, "litellm", "--with-secrets", "--out", str(tmp_path / "x.yaml"))
+    assert code == 1
+    assert "MAC mismatch: the file was changed without sops" in err
+    assert not (tmp_path / "x.yaml").exists()

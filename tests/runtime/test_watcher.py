@@ -18,7 +18,15 @@ from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
 from service.runtime import watcher
 from service.vcs.gitrepo import GitRepo
-from tests.conftest import Service, SopsProject, eventually, serve, write_atomically, write_server
+from tests.conftest import (
+    AgeIdentity,
+    Service,
+    SopsProject,
+    eventually,
+    serve,
+    write_atomically,
+    write_server,
+)
 from tests.support.replicas import GitSync, git, make_remote, routing_yaml, server_yaml
 from tests.support.tampering import TAMPERS, URL, Tamper, provider_yaml
 
@@ -564,3 +572,70 @@ async def test_the_same_change_written_over_http_is_taken(sops_project: SopsProj
         await eventually(lambda: urls(service).get("vendor") == "https://llm.com")
         assert service.registry.refused == {}
         assert path.read_bytes() != before
+
+
+async def test_two_files_of_one_reload_sharing_a_mac_are_both_refused(sops_project: SopsProject) -> None:
+    """A new file and a tampered copy under another name, seen in one reload (at the start, or
+    pulled together): neither MAC is known yet, and which one sops wrote cannot be told."""
+    project = sops_project
+    write_server(project, "gpu")
+    text = f"kind: ai_server\nserver_type: vllm\nid: vendor\nname: 2 GPU box\nbase_url: {URL}\n"
+    path = project.providers / "vendor.yaml"
+    data = project.sops.encrypt((text + "api_key: sk-vendor-5d80aaaa\n").encode(), str(path))
+    write_atomically(path, data.decode())
+    renamed = path.read_text().replace("id: vendor\nname: 2 GPU box\n", "id: vendor2\nname: ' GPU box'\n")
+    assert project.sops.decrypt(renamed.encode(), str(path))  # the MAC passes
+    write_atomically(path.with_name("vendor2.yaml"), renamed)
+    async with serve(project) as service:
+        refused = service.registry.refused
+        assert sorted(refused) == [VENDOR, "providers.d/vendor2.yaml"]
+        assert all("MAC mismatch: the file was changed without sops" in r for r in refused.values()), refused
+        assert "vendor" not in urls(service) and "vendor2" not in urls(service)
+
+
+async def test_past_the_cap_the_seal_of_a_file_loaded_now_is_kept(
+    running_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unchanged file's seal is the oldest; forgetting it first would let a change outside
+    sops through once enough other versions were loaded (docs/reference.md §2.4)."""
+    monkeypatch.setattr(watcher, "_MAX_SEALS", 2)
+    service, project, tamper = running_service, running_service.project, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    other = project.providers / "other.yaml"
+    for n in range(4):  # four versions of another key-holding file, each with a MAC of its own
+        text = provider_yaml("other", tamper, key=f"sk-other-{n}-5d80aaaa1111")
+        write_atomically(other, project.sops.encrypt(text.encode(), str(other)).decode())
+        await eventually(lambda: urls(service).get("other") == URL)
+        await service.app[RELOADER].reload()
+        assert service.registry.snapshot.files["providers.d/other.yaml"].data == other.read_bytes()
+    write_atomically(path, tamper.apply(path.read_text()))
+    await eventually(lambda: VENDOR in service.registry.refused)
+    assert urls(service)["vendor"] == URL
+
+
+async def test_writes_through_sops_and_a_rollback_are_taken(
+    running_service: Service, other_age_identity: AgeIdentity
+) -> None:
+    """`sops updatekeys` keeps the MAC and rewraps the data key (the recipients are not
+    compared); `sops rotate` makes a new MAC; a version loaded before, restored byte for byte
+    (a rollback, git checkout of an older commit), carries its own MAC with its own data."""
+    service, project, tamper = running_service, running_service.project, TAMPERS[0]
+    path = await _write_encrypted(service, provider_yaml("vendor", tamper))
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    first = path.read_bytes()
+    sops_yaml = project.root / ".sops.yaml"
+    recipient = project.identity.recipient
+    sops_yaml.write_text(
+        sops_yaml.read_text().replace(recipient, f"{recipient},{other_age_identity.recipient}")
+    )
+    project.sops.updatekeys(path)
+    assert other_age_identity.recipient in path.read_text()
+    await eventually(lambda: service.registry.snapshot.files[VENDOR].data == path.read_bytes())
+    project.sops.rotate(path)
+    await eventually(lambda: service.registry.snapshot.files[VENDOR].data == path.read_bytes())
+    await _write_encrypted(service, tamper.apply(provider_yaml("vendor", tamper)))
+    await eventually(lambda: urls(service).get("vendor") == tamper.url)
+    write_atomically(path, first.decode())  # the rollback
+    await eventually(lambda: urls(service).get("vendor") == URL)
+    assert service.registry.refused == {}

@@ -405,3 +405,65 @@ def test_a_change_cut_from_an_older_versions_mac_is_refused_and_a_revert_is_plan
     path.write_text(first)
     code, out = plan(capsys, "HEAD")
     assert code == 0, out
+
+
+def test_a_change_cut_from_a_version_of_the_pull_request_itself_is_refused(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The version sops wrote may exist only in the pull request's own commits (a commit pushed
+    on top of a reviewed one): its MAC is no more the tampered file's than BASE's would be."""
+    tamper = TAMPERS[0]
+    path = _vendor(repo, tamper)  # on the branch, not in BASE nor its history
+    first = path.read_text()
+    path.write_text(tamper.apply(first))
+    commit(repo, "point the vendor elsewhere")
+    code, out = plan(capsys)
+    assert code == 1, out
+    assert (
+        "MAC mismatch: the file was changed without sops: its MAC is that of providers.d/vendor.yaml at"
+        in out
+    )
+    path.write_text(first)  # the revert: the version that first carried the MAC, as it was
+    commit(repo, "revert")
+    code, out = plan(capsys)
+    assert code == 0, out
+
+
+def test_a_base_changed_outside_sops_may_be_restored(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The version that first carried a MAC is the one sops wrote: a pull request restoring it
+    over a tampered BASE is planned, and one cutting it otherwise still refused."""
+    tamper = TAMPERS[0]
+    path = _vendor(repo, tamper)
+    first = path.read_text()
+    path.write_text(tamper.apply(first))
+    tampered_base = commit(repo, "tampered, merged unchecked")
+    path.write_text(first)
+    code, out = plan(capsys, tampered_base)
+    assert code == 0, out
+    path.write_text(
+        tamper.apply(first).replace("https://llm.com", "https://llm.co").replace('"pany', '"mpany')
+    )
+    code, out = plan(capsys, tampered_base)
+    assert code == 1, out
+
+
+def test_two_files_of_the_pull_request_sharing_a_mac_are_both_refused(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new file and a copy of it under another name, its bytes moved: neither MAC is in git
+    yet, and which one sops wrote cannot be told."""
+    path = repo.providers / "vendor.yaml"
+    path.write_text(
+        f"kind: ai_server\nserver_type: vllm\nid: vendor\nname: 2 GPU box\nbase_url: {URL}\napi_key: k-5d80\n"
+    )
+    repo.sops.encrypt_in_place(path)
+    renamed = path.read_text().replace("id: vendor\nname: 2 GPU box\n", "id: vendor2\nname: ' GPU box'\n")
+    assert repo.sops.decrypt(renamed.encode(), str(path))  # the MAC passes
+    (repo.providers / "vendor2.yaml").write_text(renamed)
+    code, out = plan(capsys, "--format", "json")
+    assert code == 1, out
+    problems = json.loads(out)["problems"]
+    assert sorted(p["file"] for p in problems) == ["providers.d/vendor.yaml", "providers.d/vendor2.yaml"]
+    assert all("MAC mismatch: the file was changed without sops" in p["message"] for p in problems)
