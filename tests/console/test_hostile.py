@@ -103,7 +103,7 @@ async def world(
             "kind": "ai_server",
             "id": "evil",
             "server_type": "vllm",
-            "base_url": 'http://127.0.0.1:9/"><svg onload=alert(6)>/' + "z" * 3000,
+            "base_url": 'http://127.0.0.1:9/"><svg/onload=alert(6)>/' + "z" * 3000,  # a URL holds no space
             "name": EVIL_NAME,
             "models": EVIL_MODELS,
             "model_map": EVIL_MAP,
