@@ -291,17 +291,17 @@ class Reloader:
         parsed = await asyncio.to_thread(_parse, file, read.data)  # keep the loop free for requests
         if isinstance(parsed, Refusal):
             return read.sha256, parsed
-        outside = parsed.changed_outside_sops(self._seals)
-        if outside is not None:  # refused before sops is asked: its MAC would pass
-            return read.sha256, Refusal(outside.reason, parsed.document.kind)
         try:
             loaded = await decrypt_async(parsed, self.sops)
-        except FileRejected as exc:
+        except FileRejected as exc:  # sops' own case (its exit 128, 51, 25) says it best
             return read.sha256, Refusal(exc.reason, parsed.document.kind)
         except Exception as exc:
             log.exception("loading %s failed", file)
             reason = f"internal error while loading ({type(exc).__name__})"
             return read.sha256, Refusal(reason, parsed.document.kind)
+        outside = parsed.changed_outside_sops(self._seals)
+        if outside is not None:  # sops' MAC passed, but it is a known version's with other data
+            return read.sha256, Refusal(outside.reason, parsed.document.kind)
         return read.sha256, loaded
 
     def _remember(
