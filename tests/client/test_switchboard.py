@@ -304,7 +304,9 @@ async def test_an_event_stream_that_ends_at_once_is_reopened_with_backoff() -> N
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(anext(stream), 2)
         await stream.aclose()
-    assert opened < 12, f"{opened} streams opened in 2 s"
+    # Reset at every answer, it was ~40 in 2 s; with the backoff (full jitter, so a run of
+    # short draws is possible: 12 was seen once) about 7.
+    assert opened < 20, f"{opened} streams opened in 2 s"
 
 
 async def test_an_events_data_is_the_whole_logged_event(sops_project: SopsProject) -> None:
