@@ -126,6 +126,11 @@ class Meter:
             write if callable(write) else lambda values: sink.submit(record_of(values))
         )
 
+    def remaining(self, client: str, limits: Limits) -> dict[str, str]:
+        """The remaining-* headers of `client`, with `limits`, as known now (nothing counted): for
+        an answer refused before its limits were asked."""
+        return self.limiter.peek(client, limits).remaining(limits)
+
     async def start(self, call: Call, snapshot: Snapshot, candidates: Sequence[Provider]) -> Metered:
         """Meter `call` from here on: admitted against its client's limits, or refused (raised)."""
         metered = Metered(self, call, self.limits.of(snapshot).get(call.client), candidates)

@@ -45,7 +45,7 @@ from service.http import (
     usage_api,
     write_api,
 )
-from service.http.auth import Handler, admit
+from service.http.auth import CLIENT, Handler, admit
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
@@ -406,15 +406,26 @@ class Gateway:
 
     def _answer(self, request: web.Request, name: str, endpoint: Endpoint, exc: Exception) -> web.Response:
         """What `answering` makes of `exc`; a `web.HTTPException` is raised again, for `_failure`."""
+        error: HTTPError
         if isinstance(exc, HTTPError):
-            return error_answer(exc, endpoint.shape)
-        if isinstance(exc, web.HTTPRequestEntityTooLarge):
-            return error_answer(PayloadTooLarge.over(self.max_body_bytes), endpoint.shape)
-        if isinstance(exc, web.RequestPayloadError):
-            return error_answer(unreadable(exc), endpoint.shape)
-        if isinstance(exc, web.HTTPException):
+            error = exc
+        elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+            error = PayloadTooLarge.over(self.max_body_bytes)
+        elif isinstance(exc, web.RequestPayloadError):
+            error = unreadable(exc)
+        elif isinstance(exc, web.HTTPException):
             raise exc
-        return error_answer(internal(request, name), endpoint.shape)
+        else:
+            error = internal(request, name)
+        response = error_answer(error, endpoint.shape)
+        client = request.get(CLIENT)
+        meter = self.app[RELAY].meter
+        if client is not None and client.limits is not None and meter is not None:
+            # every answer to a client with limits says what remains (docs/reference.md §13),
+            # one refused before they were asked too: what is known, nothing counted
+            for header, value in meter.remaining(client.name, client.limits).items():
+                response.headers.setdefault(header, value)
+        return response
 
 
 @web.middleware

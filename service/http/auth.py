@@ -170,11 +170,11 @@ def admit(request: web.Request, scope: Scope | None) -> None:
     """`authenticate(request, scope)`, then a body's media type (415 for one not JSON); the client
     is kept at `request[CLIENT]`, and the scope at `request[SCOPE]`."""
     client = authenticate(request, scope)
-    _typed(request)
-    if client is not None:
+    if client is not None:  # known before the media type is judged: a 415 is the client's too
         request[CLIENT] = client
         if scope is not None:
             request[SCOPE] = scope
+    _typed(request)
 
 
 def authenticate_again(request: web.Request) -> None:

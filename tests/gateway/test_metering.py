@@ -192,6 +192,34 @@ async def test_the_cost_of_an_answer_is_labelled_by_the_model_its_tokens_are(
     ]
 
 
+async def test_a_limited_clients_answer_refused_before_its_limits_carries_what_remains(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §13: "every answer to a client with limits carries" the remaining-*
+    headers. An answer given before the limits are asked (a model no provider serves, a body
+    that is not JSON, a media type that is not JSON) counts nothing, and says what remains:
+    none of them carried the headers."""
+    async with FakeUpstream(name="a") as a:
+        priced_provider(sops_project, "a", a, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 5, "budget": {"usd": "300", "period": "day"}})
+        async with metered(sops_project) as (board, _):
+            url = f"{board.base_url}/chat/completions"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            answers = [await chat(board, model="no-such-model", max_tokens=5)]
+            for data, media in ((b"{not json", "application/json"), (b"{}", "text/plain")):
+                async with board.http.post(url, data=data, headers={**auth, "Content-Type": media}) as r:
+                    await r.read()
+                    answers.append(r)
+            served = await chat(board, max_tokens=5)
+    assert [r.status for r in answers] == [404, 400, 415]
+    for refused in answers:
+        assert refused.headers["x-switchboard-remaining-requests"] == "5", refused.status
+        assert refused.headers["x-switchboard-remaining-tokens"] == "unlimited"
+        assert refused.headers["x-switchboard-budget-remaining-usd"] == "300"
+    assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "4"
+
+
 async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_even_without_rpm_or_tpm(
     sops_project: SopsProject,
 ) -> None:
