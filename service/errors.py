@@ -264,8 +264,18 @@ class Unprocessable(HTTPError):
 
 
 class UpstreamsFailed(HTTPError):
+    """502: every candidate failed. When each one's upstream asked to be left alone for a time
+    (`retry-after`), `Retry-After` and `retry-after-ms` say the shortest (docs/reference.md §7)."""
+
     status = 502
     type = "upstreams_failed"
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.retry_after_ms = retry_after_ms
+
+    def headers(self) -> dict[str, str]:
+        return _with_retry_after(self.retry_after_ms, self.added)
 
 
 class LoopDetected(HTTPError):
@@ -310,10 +320,16 @@ class _Throttled(HTTPError):
         self.retry_after_ms = retry_after_ms
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_ms is None:
-            return dict(self.added)
-        ms = max(0, self.retry_after_ms)
-        return {"Retry-After": str(-(-ms // 1000)), "retry-after-ms": str(ms), **self.added}
+        return _with_retry_after(self.retry_after_ms, self.added)
+
+
+def _with_retry_after(ms: int | None, added: dict[str, str]) -> dict[str, str]:
+    """`added`, after `Retry-After` (whole seconds, rounded up) and `retry-after-ms` for `ms`:
+    both or neither."""
+    if ms is None:
+        return dict(added)
+    ms = max(0, ms)
+    return {"Retry-After": str(-(-ms // 1000)), "retry-after-ms": str(ms), **added}
 
 
 class RateLimited(_Throttled):

@@ -43,20 +43,25 @@ class Failure(Exception):
     or a client could open the circuit of a healthy provider with a few malformed requests.
     """
 
-    def __init__(self, status: int | None, reason: str, *, blames_provider: bool = True) -> None:
+    def __init__(
+        self, status: int | None, reason: str, *, blames_provider: bool = True, wait_ms: int | None = None
+    ) -> None:
         self.status = status
         self.reason = reason
         self.blames_provider = blames_provider
+        self.wait_ms = wait_ms
+        """How long the upstream asked to be left alone (its `retry-after`), if it said."""
         super().__init__(reason)
 
     @classmethod
-    def of_status(cls, status: int) -> Failure:
-        """The failure an upstream's status means (one that `falls_back`)."""
+    def of_status(cls, status: int, wait_ms: int | None = None) -> Failure:
+        """The failure an upstream's status means (one that `falls_back`); `wait_ms`, what its
+        `retry-after` asked."""
         if refused(status):
             return cls(status, f"HTTP {status}: the upstream refused the provider's key")
         if redirect(status):
             return cls(status, f"HTTP {status}: a redirect, not followed")
-        return cls(status, f"HTTP {status}")
+        return cls(status, f"HTTP {status}", wait_ms=wait_ms)
 
     @property
     def refused(self) -> bool:

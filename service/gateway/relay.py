@@ -137,6 +137,8 @@ class Relay:
         table = self.router.table(snapshot)
         health = self.health
         attempts: list[dict[str, Any]] = []
+        waits: list[int] = []
+        """What each attempt's upstream asked to wait (ms), of those that said."""
         unspoken = 0
         """Attempts that found the provider does not speak the protocol after all (a 404 at its path)."""
         pinned: ids.ResponseId | None = None
@@ -186,6 +188,8 @@ class Relay:
                         health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
                     self.metrics.upstream_requests.labels(pid, "failed").inc()
                     attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
+                    if failure.wait_ms is not None:
+                        waits.append(failure.wait_ms)
                     if metered is not None:
                         await metered.give_back(provider)
                     if trace is not None:
@@ -212,7 +216,11 @@ class Relay:
                 # (docs/reference.md §14), as when no provider speaks Messages at all.
                 what = f"model {shown(call.model)}" if call.model else "this request"
                 raise ModelNotFound(f"no enabled provider serves {what} over Messages", over_protocol=True)
-            raise UpstreamsFailed(f"every candidate failed ({len(attempts)} attempted)", attempts=attempts)
+            # each asked to be left alone for a time: the shortest, when the first is free again
+            wait = min(waits) if len(waits) == len(attempts) else None
+            raise UpstreamsFailed(
+                f"every candidate failed ({len(attempts)} attempted)", attempts=attempts, retry_after_ms=wait
+            )
         except HTTPError as error:
             if metered is not None:
                 await metered.failed(error, len(attempts))

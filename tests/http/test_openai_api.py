@@ -123,6 +123,30 @@ async def test_a_failing_primary_falls_back(sops_project: SopsProject, fault: st
     assert len(backup.requests) == 1
 
 
+@pytest.mark.parametrize("backup_fails", [429, 500], ids=["both-wait", "one-does-not-say"])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_when_every_candidate_says_wait_the_502_says_how_long(
+    sops_project: SopsProject, stream: bool, backup_fails: int
+) -> None:
+    """docs/reference.md §7: the upstream's `retry-after` is passed back to the client. When every
+    candidate answered with one (a 429), the 502 carries the shortest: a client (the SDKs retry a
+    502) waits as long as the first of them asked, instead of coming back at once. When one of
+    them did not say, nothing is promised."""
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        a.fail(429)  # with `retry-after: 7`
+        b.fail(backup_fails)
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project) as board:
+            answer = await board.chat("ping", stream=stream)
+    assert answer.status == 502, await answer.text()
+    if backup_fails == 429:
+        assert (answer.headers["Retry-After"], answer.headers["retry-after-ms"]) == ("7", "7000")
+    else:
+        assert "Retry-After" not in answer.headers and "retry-after-ms" not in answer.headers
+
+
 @pytest.mark.parametrize(
     "field", ["connect_timeout_s", "timeout_s", "first_byte_timeout_s", "idle_timeout_s"]
 )

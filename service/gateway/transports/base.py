@@ -198,6 +198,17 @@ def retry_after(headers: dict[str, str]) -> None:
     headers["retry-after-ms"] = str(ms)
 
 
+def wait_ms(upstream: Mapping[str, str]) -> int | None:
+    """The milliseconds an upstream's `retry-after` (or `retry-after-ms`) asks a client to wait,
+    read as `retry_after` reads them; None when it says no time. Names in lower case."""
+    given = {name: upstream[name] for name in ("retry-after", "retry-after-ms") if name in upstream}
+    if not given:
+        return None
+    retry_after(given)
+    ms = given.get("retry-after-ms")
+    return int(ms) if ms is not None else None
+
+
 async def read_within(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The rest of `response`'s body, or `TooLarge` as soon as it passes `limit` bytes."""
     if response.content_length is not None:

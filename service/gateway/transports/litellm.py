@@ -34,7 +34,14 @@ from aiohttp import web
 
 from service.config.models import Provider
 from service.gateway.call import Call, Failure, falls_back
-from service.gateway.transports.base import TooLarge, Transport, pass_back, retry_after, sendable_key
+from service.gateway.transports.base import (
+    TooLarge,
+    Transport,
+    pass_back,
+    retry_after,
+    sendable_key,
+    wait_ms,
+)
 from service.gateway.transports.guard import RedirectRefused, refusal_of
 from service.vendors import VENDORS
 
@@ -208,7 +215,7 @@ async def _forward(
             raise Failure(None, reason, blames_provider=False) from None
         if not isinstance(status, int):
             raise Failure(None, type(exc).__name__) from None
-        raise Failure.of_status(status) from None
+        raise Failure.of_status(status, _asked_to_wait(exc)) from None
     call.first_byte_s = loop.time() - started
     _pass_back(result, headers)
     if streaming:
@@ -345,6 +352,14 @@ def _pass_back(result: Any, headers: dict[str, str]) -> None:
 
 _VENDOR_LIMIT = re.compile(r"anthropic-ratelimit-(requests|tokens)-(limit|remaining)")
 """Anthropic's rate limits that litellm names as OpenAI's (`x-ratelimit-remaining-requests`) on an answer."""
+
+
+def _asked_to_wait(exc: Exception) -> int | None:
+    """What the vendor's `retry-after` on a failure litellm raised asks (ms), if it said."""
+    raw = getattr(exc, "litellm_response_headers", None)
+    if not isinstance(raw, Mapping):
+        return None
+    return wait_ms({str(key).lower(): str(value) for key, value in raw.items()})
 
 
 def _pass_back_refusal(exc: Exception, headers: dict[str, str]) -> None:

@@ -52,6 +52,7 @@ from service.gateway.transports.base import (
     Transport,
     pass_back,
     sendable_key,
+    wait_ms,
     wire_pool,
 )
 from service.gateway.transports.exchange import Response, WireError
@@ -233,7 +234,7 @@ class OpenAITransport(Transport):
             )
             status = call.upstream_status = response.status
             if status >= 300 and falls_back(status):  # no status under 300 falls back
-                raise Failure.of_status(status)
+                raise Failure.of_status(status, wait_ms(response.headers))
             call.first_byte_s = loop.time() - started
             answer = await response.read(self.max_bytes, deadline)
         except TimeoutError as exc:
@@ -290,7 +291,7 @@ class OpenAITransport(Transport):
                 if status < 400:
                     target.stream_options = False
             if falls_back(status):
-                raise Failure.of_status(status)
+                raise Failure.of_status(status, wait_ms(response.headers))
             first = await response.readany(deadline=deadline)
         except TimeoutError as exc:
             _close(response)

@@ -105,6 +105,22 @@ async def test_an_anthropic_failure_falls_back_and_a_refusal_does_not(sops_proje
     assert len(backup.requests) == 3
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_vendor_that_says_wait_through_litellm_makes_the_502_say_it(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """docs/reference.md §7: the upstream's `retry-after` passed back. A 429 through litellm
+    (with `retry-after: 7`), its only candidate: the 502 says how long to wait."""
+    async with upstreams({"protocol": "anthropic", "name": "claude"}) as (up,):
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            up.fail(429)
+            answer = await board.chat(max_tokens=10, stream=stream)
+    assert answer.status == 502, await answer.text()
+    assert (answer.headers["Retry-After"], answer.headers["retry-after-ms"]) == ("7", "7000")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_anthropic_client_error_keeps_its_status_which_litellm_would_change(
     sops_project: SopsProject, stream: bool
