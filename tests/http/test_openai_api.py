@@ -147,6 +147,35 @@ async def test_when_every_candidate_says_wait_the_502_says_how_long(
         assert "Retry-After" not in answer.headers and "retry-after-ms" not in answer.headers
 
 
+@pytest.mark.parametrize("status", [200, 429])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_retry_after_of_digits_int_does_not_read_is_no_time(
+    sops_project: SopsProject, stream: bool, status: int
+) -> None:
+    """A hostile upstream's `Retry-After: \u00b2` (a digit to str.isdigit, none to int) on a 429
+    or on an answer is no time said: the 429 falls back and the 502 carries no Retry-After, the
+    answer is relayed without it; neither is a 500."""
+
+    async def hostile(request: web.Request) -> web.StreamResponse:
+        body: dict[str, Any] = {"error": {"message": "slow down"}}
+        if status == 200:  # a whole answer, even to a stream request
+            message = {"role": "assistant", "content": "pong"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            body = {"id": "c1", "object": "chat.completion", "model": "m", "choices": [choice]}
+        return web.json_response(body, status=status, headers={"Retry-After": "\u00b2"})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", hostile)
+    async with serving(upstream) as url:
+        write_provider(sops_project, "hostile", base_url=f"{url}/v1")
+        write_routing(sops_project, chat={"primary": "hostile"})
+        async with running(sops_project) as board:
+            answer = await board.chat("ping", stream=stream)
+            text = await answer.text()
+    assert answer.status == (502 if status == 429 else 200), text
+    assert "Retry-After" not in answer.headers and "retry-after-ms" not in answer.headers
+
+
 @pytest.mark.parametrize(
     "field", ["connect_timeout_s", "timeout_s", "first_byte_timeout_s", "idle_timeout_s"]
 )

@@ -179,8 +179,9 @@ def retry_after(headers: dict[str, str]) -> None:
     pair that says no time is dropped."""
     seconds = headers.pop("retry-after", "").strip()
     given = headers.pop("retry-after-ms", "").strip()
-    ms = int(given) if given.isdigit() and len(given) <= 12 else None
-    if seconds.isdigit() and len(seconds) <= 9:
+    # ASCII digits only: str.isdigit takes '²' (which int refuses) and '٥' (which it reads as 5)
+    ms = int(given) if given.isascii() and given.isdigit() and len(given) <= 12 else None
+    if seconds.isascii() and seconds.isdigit() and len(seconds) <= 9:
         headers["retry-after"] = seconds
         headers["retry-after-ms"] = str(ms if ms is not None else int(seconds) * 1000)
         return

@@ -8,7 +8,7 @@ import pytest
 
 from service.config.models import ApiKey
 from service.config.secret import Secret
-from service.gateway.transports.base import pass_back, sane_request_id, sendable_key
+from service.gateway.transports.base import pass_back, sane_request_id, sendable_key, wait_ms
 
 
 def _vendor(key: str | None) -> ApiKey:
@@ -73,6 +73,11 @@ def test_anthropics_request_id_is_passed_back_as_x_request_id_unless_one_came() 
         ({"retry-after": "soon"}, None),
         ({"retry-after": "soon", "retry-after-ms": "1.5"}, None),
         ({"retry-after-ms": "-5"}, None),
+        # digits str.isdigit takes but int() does not, or reads as another number: no time said
+        ({"retry-after": "\u00b2"}, None),
+        ({"retry-after": "\u0665"}, None),
+        ({"retry-after": "7", "retry-after-ms": "\u00b2"}, ("7", "7000")),
+        ({"retry-after-ms": "\u0665"}, None),
     ],
 )
 def test_retry_after_and_retry_after_ms_are_passed_back_as_a_pair(
@@ -82,6 +87,7 @@ def test_retry_after_and_retry_after_ms_are_passed_back_as_a_pair(
     pass_back(upstream, headers)
     pair = (headers["retry-after"], headers["retry-after-ms"]) if "retry-after" in headers else None
     assert pair == passed and ("retry-after" in headers) == ("retry-after-ms" in headers)
+    assert wait_ms(upstream) == (int(passed[1]) if passed is not None else None)
 
 
 @pytest.mark.parametrize(
