@@ -220,6 +220,40 @@ async def test_a_limited_clients_answer_refused_before_its_limits_carries_what_r
     assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "4"
 
 
+async def test_a_refusal_of_the_token_or_its_scope_says_nothing_of_any_clients_limits(
+    sops_project: SopsProject,
+) -> None:
+    """The remaining-* headers are the calling client's, once it is known to be let in: a wrong
+    token (401) or one without `completions` (403, a client with limits of its own) learns
+    nothing of its limits or another's, and a client without limits (415) carries none."""
+    weak = "sk-weak-0123456789abcdef"
+    async with FakeUpstream(name="a") as a:
+        priced_provider(sops_project, "a", a, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(
+            sops_project,
+            {"rpm": 5, "budget": {"usd": "300", "period": "day"}},
+            weak={"token_sha256": _sha(weak), "scopes": ["config:read"], "limits": {"rpm": 7}},
+        )
+        async with metered(sops_project) as (board, _):
+            url = f"{board.base_url}/chat/completions"
+            answers = []
+            for token, media in (
+                (weak, "application/json"),
+                ("sk-wrong", "application/json"),
+                (READER, "text/plain"),
+            ):
+                headers = {"Authorization": f"Bearer {token}", "Content-Type": media}
+                async with board.http.post(url, data=b"{}", headers=headers) as r:
+                    await r.read()
+                    answers.append(r)
+    assert [r.status for r in answers] == [403, 401, 415]
+    for refused in answers:
+        assert not [
+            h for h in refused.headers if h.lower().startswith("x-switchboard-") and "remaining" in h.lower()
+        ]
+
+
 async def test_every_answer_to_a_limited_client_carries_both_remaining_counts_even_without_rpm_or_tpm(
     sops_project: SopsProject,
 ) -> None:
