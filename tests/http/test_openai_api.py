@@ -147,14 +147,17 @@ async def test_when_every_candidate_says_wait_the_502_says_how_long(
         assert "Retry-After" not in answer.headers and "retry-after-ms" not in answer.headers
 
 
+@pytest.mark.parametrize(
+    "value", ["\u00b2", "1 Jan 2015 07:28:00 +99999999999999"], ids=["superscript", "huge-zone"]
+)
 @pytest.mark.parametrize("status", [200, 429])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-async def test_a_retry_after_of_digits_int_does_not_read_is_no_time(
-    sops_project: SopsProject, stream: bool, status: int
+async def test_a_retry_after_that_says_no_time_it_can_read_is_none(
+    sops_project: SopsProject, stream: bool, status: int, value: str
 ) -> None:
-    """A hostile upstream's `Retry-After: \u00b2` (a digit to str.isdigit, none to int) on a 429
-    or on an answer is no time said: the 429 falls back and the 502 carries no Retry-After, the
-    answer is relayed without it; neither is a 500."""
+    """A hostile upstream's `Retry-After: \u00b2` (a digit to str.isdigit, none to int), or an
+    HTTP date whose zone overflows, on a 429 or on an answer is no time said: the 429 falls
+    back and the 502 carries no Retry-After, the answer is relayed without it; neither is a 500."""
 
     async def hostile(request: web.Request) -> web.StreamResponse:
         body: dict[str, Any] = {"error": {"message": "slow down"}}
@@ -162,7 +165,7 @@ async def test_a_retry_after_of_digits_int_does_not_read_is_no_time(
             message = {"role": "assistant", "content": "pong"}
             choice = {"index": 0, "message": message, "finish_reason": "stop"}
             body = {"id": "c1", "object": "chat.completion", "model": "m", "choices": [choice]}
-        return web.json_response(body, status=status, headers={"Retry-After": "\u00b2"})
+        return web.json_response(body, status=status, headers={"Retry-After": value})
 
     upstream = web.Application()
     upstream.router.add_post("/v1/chat/completions", hostile)

@@ -186,13 +186,13 @@ def retry_after(headers: dict[str, str]) -> None:
         headers["retry-after-ms"] = str(ms if ms is not None else int(seconds) * 1000)
         return
     if seconds and ms is None:
-        try:
+        try:  # a year or a zone too large to hold is OverflowError: no time said, as garbage
             when = email.utils.parsedate_to_datetime(seconds)
-        except (TypeError, ValueError, IndexError):
+            if when.tzinfo is None:
+                return
+            ms = max(0, min(_MAX_RETRY_MS, int((when.timestamp() - time.time()) * 1000 + 0.999)))
+        except (TypeError, ValueError, IndexError, OverflowError):
             return
-        if when.tzinfo is None:
-            return
-        ms = max(0, min(_MAX_RETRY_MS, int((when.timestamp() - time.time()) * 1000 + 0.999)))
     if ms is None:
         return
     headers["retry-after"] = seconds if seconds else str(-(-ms // 1000))

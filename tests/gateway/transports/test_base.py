@@ -78,6 +78,9 @@ def test_anthropics_request_id_is_passed_back_as_x_request_id_unless_one_came() 
         ({"retry-after": "\u0665"}, None),
         ({"retry-after": "7", "retry-after-ms": "\u00b2"}, ("7", "7000")),
         ({"retry-after-ms": "\u0665"}, None),
+        # an HTTP date whose year or zone is too large to hold (OverflowError): no time said
+        ({"retry-after": "Wed, 21 Oct 99999999999999999999 07:28:00 GMT"}, None),
+        ({"retry-after": "1 Jan 2015 07:28:00 +99999999999999"}, None),
     ],
 )
 def test_retry_after_and_retry_after_ms_are_passed_back_as_a_pair(
