@@ -179,7 +179,8 @@ def retry_after(headers: dict[str, str]) -> None:
     pair that says no time is dropped."""
     seconds = headers.pop("retry-after", "").strip()
     given = headers.pop("retry-after-ms", "").strip()
-    # ASCII digits only: str.isdigit takes '²' (which int refuses) and '٥' (which it reads as 5)
+    # ASCII digits only: str.isdigit takes a superscript two (which int refuses) and an Arabic-Indic
+    # five (which it reads as 5)
     ms = int(given) if given.isascii() and given.isdigit() and len(given) <= 12 else None
     if seconds.isascii() and seconds.isdigit() and len(seconds) <= 9:
         headers["retry-after"] = seconds
