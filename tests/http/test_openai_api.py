@@ -641,18 +641,20 @@ async def test_a_stream_request_answered_whole_is_read_within_the_limit(sops_pro
     assert (response.status, response.headers[PROVIDER], response.headers[ATTEMPTS]) == (200, "backup", "2")
 
 
+@pytest.mark.parametrize("media", ["text/event-stream", "Text/Event-Stream; charset=utf-8"])
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_an_empty_stream_falls_back_as_one_that_never_started(
-    sops_project: SopsProject, framing: str
+    sops_project: SopsProject, framing: str, media: str
 ) -> None:
     """A 200 event stream that ends before its first byte sent the client nothing yet: it falls
     back as a stream with no first byte does (and as one through litellm does), instead of
-    relaying an empty 200 that no client can read as an answer."""
+    relaying an empty 200 that no client can read as an answer. A media type's name is not
+    case-sensitive (RFC 9110 §8.3.1): `Text/Event-Stream` is an event stream too."""
 
     async def empty(request: web.Request) -> web.StreamResponse:
         if framing == "length":
-            return web.Response(body=b"", headers={"Content-Type": "text/event-stream"})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            return web.Response(body=b"", headers={"Content-Type": media})
+        response = web.StreamResponse(headers={"Content-Type": media})
         await response.prepare(request)
         await response.write_eof()
         return response

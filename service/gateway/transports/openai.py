@@ -306,7 +306,8 @@ class OpenAITransport(Transport):
             raise
         call.first_byte_s = loop.time() - started
         content_type = response.headers.get("Content-Type", "application/json")
-        is_stream = status < 300 and content_type.startswith(_SSE) and status not in _BODILESS
+        # a media type's name is not case-sensitive (RFC 9110 §8.3.1): `Text/Event-Stream` too
+        is_stream = status < 300 and content_type[: len(_SSE)].lower() == _SSE and status not in _BODILESS
         if is_stream and not first:  # ended before its first byte: nothing sent yet, fall back
             response.close()
             raise Failure(None, "the stream ended before its first event")
