@@ -674,6 +674,38 @@ async def test_an_empty_stream_falls_back_as_one_that_never_started(
     assert 'switchboard_upstream_requests_total{outcome="failed",provider="empty"} 1.0' in metrics
 
 
+async def test_a_stream_in_capitals_is_relayed_as_it_comes(sops_project: SopsProject) -> None:
+    """`Text/Event-Stream` is an event stream: relayed chunk by chunk, each within
+    `idle_timeout_s`, not read whole within it (which cut a stream longer than it short)."""
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "Text/Event-Stream"})
+        await response.prepare(request)
+        for n in range(5):
+            chunk = {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": "m",
+                "choices": [{"index": 0, "delta": {"content": f"part{n} "}, "finish_reason": None}],
+            }
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.1)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", slow)
+    async with serving(upstream) as url:
+        write_provider(sops_project, "slow", base_url=f"{url}/v1", idle_timeout_s=0.3)
+        write_routing(sops_project, chat={"primary": "slow"})
+        async with running(sops_project) as board:
+            response = await board.chat("ping", stream=True)
+            text = await response.text()
+    assert response.status == 200, text
+    assert all(f"part{n}" in text for n in range(5)) and "[DONE]" in text
+
+
 async def test_a_compressed_answer_is_bounded_once_inflated(sops_project: SopsProject) -> None:
     """A gzip answer's `Content-Length` is its compressed size: 10 KB that inflate to 10 MB
     must fail like any answer over the limit, not be read whole because its length is small."""
