@@ -77,7 +77,8 @@ class SessionTransport(httpx.AsyncBaseTransport):
             raise httpx.ReadError(str(exc), request=request) from exc
         if call is not None:
             call.upstream_status = response.status
-        streamed = self.streams and response.headers.get("Content-Type", "").startswith(_SSE)
+        media = response.headers.get("Content-Type", "")[: len(_SSE)].lower()  # names have no case
+        streamed = self.streams and media == _SSE
         limit = None if streamed else self.limit
         encoded = "Content-Encoding" in response.headers
         if limit is not None and not encoded and (response.content_length or 0) > limit:
