@@ -36,13 +36,37 @@ _POSIX_CLASS = re.compile(r"\[:\^?[a-z]+:\]")
 `[[:lower:]]` means the lower-case letters; Python's `re` reads `[:lowe` and a `]` instead."""
 
 
+class _Duplicate(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+
+class _Unique(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key twice in one mapping, as sops refuses it (PyYAML
+    takes the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<`: merged by PyYAML, as by sops
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) or key is None:
+                if key in seen:
+                    raise _Duplicate(key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_sops_config(path: Path) -> dict[str, Any]:
     """The parsed `.sops.yaml`; `{}` when the file does not exist. Raises ConfigError if malformed."""
     path = Path(path)
     if not path.exists():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Unique)  # noqa: S506 - a SafeLoader
+    except _Duplicate as exc:
+        raise ConfigError([Problem(str(path), exc.line, "duplicate key: sops refuses to load it")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 0

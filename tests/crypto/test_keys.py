@@ -146,6 +146,24 @@ def test_recipients_of_a_missing_config_is_empty(tmp_path: Path) -> None:
     assert sops_rules.recipients(tmp_path / ".sops.yaml") == []
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("creation_rules:\n  - path_regex: a\n    age: age1x\ncreation_rules: []\n", 4),
+        ("creation_rules:\n  - path_regex: a\n    age: age1x\n    age: age1y\n", 4),
+    ],
+)
+def test_load_sops_config_refuses_a_duplicate_key_as_sops_does(tmp_path: Path, text: str, line: int) -> None:
+    """sops refuses to load a `.sops.yaml` with a key twice; PyYAML took the last one, so
+    `validate` checked rules sops never reads (a review found it)."""
+    path = tmp_path / ".sops.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        sops_rules.load_sops_config(path)
+    (problem,) = raised.value.problems
+    assert (problem.line, problem.message) == (line, "duplicate key: sops refuses to load it")
+
+
 def test_load_sops_config_reports_invalid_yaml_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / ".sops.yaml"
     path.write_text("creation_rules:\n  - path_regex: [\n")
