@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.config.sops_rules import recipients
 from service.crypto.keys import is_recipient
 from service.crypto.rotation import Rotation, RotationStopped, encrypted_files, rotate, update_recipients
 from service.crypto.sops import Sops
@@ -20,6 +21,14 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
             if not is_recipient(recipient):  # wrong usage: checked before `.sops.yaml` is touched
                 print(f"switchboard: error: {flag}: not an age recipient: {recipient!r}", file=sys.stderr)
                 return 2
+    listed = set(recipients(settings.sops_config))
+    for recipient in ns.remove_recipient:
+        if recipient not in listed:  # already gone, or another key than meant: nothing revoked
+            print(
+                f"switchboard: warning: --remove-recipient: {recipient} is not a recipient in "
+                f"{settings.sops_config.name}; nothing to remove",
+                file=sys.stderr,
+            )
     sops = Sops.from_settings(settings)
     desired = update_recipients(settings.sops_config, ns.add_recipient, ns.remove_recipient)
     files = encrypted_files(settings.providers_dir)

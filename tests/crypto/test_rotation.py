@@ -219,6 +219,18 @@ def test_a_stopped_rotation_reports_what_is_done_and_pending(project: SopsProjec
     assert info.value.pending == tuple(files[1:])
 
 
+def test_removing_a_recipient_that_is_not_listed_says_so(
+    project: SopsProject, other_age_identity: AgeIdentity, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator revoking a colleague's key that `.sops.yaml` does not name (already removed, or
+    another key than they meant) is told, instead of reading the rotation as the revocation;
+    the rotation itself goes on."""
+    assert cli("rotate", "--remove-recipient", other_age_identity.recipient) == 0
+    err = capsys.readouterr().err
+    warning = f"switchboard: warning: --remove-recipient: {other_age_identity.recipient} is not a recipient"
+    assert warning in err
+
+
 def test_a_malformed_recipient_is_wrong_usage_and_changes_nothing(
     project: SopsProject, other_age_identity: AgeIdentity, capsys: pytest.CaptureFixture[str]
 ) -> None:
