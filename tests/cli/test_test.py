@@ -13,7 +13,7 @@ from service.errors import FileRejected, NotFound
 from service.settings import Settings
 from tests.conftest import SopsProject, git, git_init
 from tests.support.gateway import CANARY, write_provider
-from tests.support.tampering import TAMPERS, provider_yaml
+from tests.support.tampering import TAMPERS, encrypted_vendor
 from tests.support.upstreams import FakeUpstream, closed_port_url
 
 
@@ -71,9 +71,7 @@ def test_a_provider_changed_outside_sops_is_not_tested_with_its_key(sops_project
     to try it) was changed outside sops, and is refused before sops is asked (docs/reference.md §2.4)."""
     root, tamper = sops_project.root, TAMPERS[0]
     git_init(root)
-    path = sops_project.providers / "vendor.yaml"
-    path.write_text(provider_yaml("vendor", tamper))
-    sops_project.sops.encrypt_in_place(path)
+    path = encrypted_vendor(sops_project, tamper)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "add a vendor")
     path.write_text(tamper.apply(path.read_text()))

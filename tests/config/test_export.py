@@ -16,7 +16,7 @@ from service.config.export import litellm_config
 from service.config.snapshot import load_folder as load
 from service.formats import key_variable
 from tests.conftest import SopsProject, git, git_init
-from tests.support.tampering import TAMPERS, provider_yaml
+from tests.support.tampering import TAMPERS, encrypted_vendor
 from tests.support.upstreams import FakeUpstream
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is first imported
@@ -313,9 +313,7 @@ def test_with_secrets_a_provider_changed_outside_sops_is_not_exported(
     outside sops, and nothing is written (docs/reference.md §2.4, §3.2)."""
     root, tamper = project.root, TAMPERS[0]
     git_init(root)
-    path = project.providers / "vendor.yaml"
-    path.write_text(provider_yaml("vendor", tamper))
-    project.sops.encrypt_in_place(path)
+    path = encrypted_vendor(project, tamper)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "add a vendor")
     path.write_text(tamper.apply(path.read_text()))

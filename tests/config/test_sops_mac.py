@@ -11,16 +11,13 @@ import pytest
 from service.cli.main import cli
 from service.config.loader import Loaded, parse
 from tests.conftest import AgeIdentity, SopsProject, _write_sops_yaml
-from tests.support.tampering import TAMPERS, Tamper, provider_yaml
+from tests.support.tampering import TAMPERS, Tamper, encrypted_vendor, provider_yaml
 
 FILE = "providers.d/vendor.yaml"
 
 
 def _encrypted(project: SopsProject) -> Path:
-    path = project.providers / "vendor.yaml"
-    path.write_text(provider_yaml("vendor", TAMPERS[0]))
-    project.sops.encrypt_in_place(path)
-    return path
+    return encrypted_vendor(project, TAMPERS[0])
 
 
 def _refusal(before: bytes, after: bytes) -> str | None:

@@ -28,7 +28,7 @@ from tests.conftest import (
     write_server,
 )
 from tests.support.replicas import GitSync, git, make_remote, routing_yaml, server_yaml
-from tests.support.tampering import TAMPERS, URL, Tamper, provider_yaml
+from tests.support.tampering import TAMPERS, URL, Tamper, encrypted_vendor, provider_yaml
 
 SERVER = "kind: ai_server\nid: {id}\nserver_type: vllm\nbase_url: http://127.0.0.1:{port}/v1\n"
 
@@ -556,9 +556,7 @@ async def test_the_same_change_written_over_http_is_taken(sops_project: SopsProj
     (project.root / ".gitignore").write_text("var/\n")
     write_server(project, "gpu")
     (project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
-    path = project.providers / "vendor.yaml"
-    path.write_text(provider_yaml("vendor", tamper))
-    project.sops.encrypt_in_place(path)
+    path = encrypted_vendor(project, tamper)
     git(project.root, "add", "-A")
     git(project.root, "commit", "-qm", "setup")
     before = path.read_bytes()

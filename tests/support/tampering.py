@@ -10,6 +10,11 @@ the legitimate way for comparison.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.conftest import SopsProject
 
 URL = "https://llm.company.com/v1"
 
@@ -56,3 +61,11 @@ def provider_yaml(provider_id: str, tamper: Tamper, key: str = "sk-vendor-5d80aa
         f"kind: ai_server\nid: {provider_id}\nserver_type: vllm\n{tamper.before}"
         f"api_key: {key}\npurposes: [embeddings]\n"
     )
+
+
+def encrypted_vendor(project: SopsProject, tamper: Tamper) -> Path:
+    """`providers.d/vendor.yaml` of `project`: `provider_yaml("vendor", tamper)` encrypted by sops."""
+    path = project.providers / "vendor.yaml"
+    path.write_text(provider_yaml("vendor", tamper))
+    project.sops.encrypt_in_place(path)
+    return path

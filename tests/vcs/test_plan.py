@@ -10,7 +10,7 @@ import pytest
 
 from service.cli.main import cli
 from tests.conftest import AgeIdentity, SopsProject
-from tests.support.tampering import TAMPERS, URL, Tamper, provider_yaml
+from tests.support.tampering import TAMPERS, URL, Tamper, encrypted_vendor, provider_yaml
 
 OLD_KEY = "sk-or-old-5d80aaaa1111bbbb5d80"
 NEW_KEY = "sk-or-new-9a1cbbbb2222cccc9a1c"
@@ -319,9 +319,7 @@ def test_a_pull_request_that_raises_a_budget_or_a_limit_says_so(
 
 
 def _vendor(repo: SopsProject, tamper: Tamper) -> Path:
-    path = repo.providers / "vendor.yaml"
-    path.write_text(provider_yaml("vendor", tamper))
-    repo.sops.encrypt_in_place(path)
+    path = encrypted_vendor(repo, tamper)
     commit(repo, "add a vendor")
     return path
 
