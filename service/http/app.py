@@ -196,6 +196,12 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         app[HEALTH].on_shown.remove(shown)
 
 
+YOUNG_ALLOCATIONS = 50_000
+"""The cyclic collector's youngest generation is collected after this many allocations (net of
+frees) once `serve` is settled; CPython's default is 700. At most this many young objects wait,
+a few MB, for a collection of their cycles."""
+
+
 async def settled_collector(app: web.Application) -> AsyncIterator[None]:
     """What `switchboard serve` adds: once the first configuration is loaded, the garbage of
     the start is collected and what is left is frozen (`gc.freeze`, docs/architecture.md).
@@ -204,10 +210,14 @@ async def settled_collector(app: web.Application) -> AsyncIterator[None]:
     after a start that is ~90k objects (modules, schemas, the registry), which stopped the
     whole service for 50-160 ms on this project's benchmark machine, every request waiting.
     Frozen, they are left out of every later collection, which walks only what came since.
+    The youngest generation is then collected every `YOUNG_ALLOCATIONS` allocations instead of
+    CPython's 700: what such a collection walks is what is alive of the young, the requests in
+    flight, whatever the threshold, so fewer collections walk them fewer times (BENCHMARKS.md).
     What a reload replaces is freed as before (by its reference count; a snapshot holds no
     cycles). Not for a process that starts many services (tests): each start would freeze
     the last one's objects for good.
     """
+    thresholds = gc.get_threshold()
     task = asyncio.create_task(_settle(app[REGISTRY]), name="switchboard-settle-collector")
     try:
         yield
@@ -215,6 +225,7 @@ async def settled_collector(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        gc.set_threshold(*thresholds)
 
 
 async def _settle(registry: Registry) -> None:
@@ -234,6 +245,7 @@ async def _settle(registry: Registry) -> None:
     started = time.perf_counter()
     gc.collect()
     gc.freeze()
+    gc.set_threshold(YOUNG_ALLOCATIONS, *gc.get_threshold()[1:])
     log.info(
         "collector settled: %d objects frozen in %.0f ms",
         gc.get_freeze_count(),

@@ -14,7 +14,7 @@ import uvloop
 from aiohttp import web
 
 from service.cli.serve import OPEN_FILES, event_loop, serving_app
-from service.http.app import settled_collector
+from service.http.app import YOUNG_ALLOCATIONS, settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
 from tests.conftest import SopsProject, eventually, write_atomically, write_key, write_routing, write_server
@@ -71,6 +71,7 @@ async def test_serve_freezes_what_the_start_left_once_the_first_configuration_is
     stopped the service for 50-160 ms on the benchmark machine (BENCHMARKS.md, issue 22).
     `serve` freezes them once the first configuration is loaded, and says so in its log."""
     settings = _served(sops_project)
+    before = gc.get_threshold()
     caplog.set_level(logging.INFO, logger="service.http.app")
     app = serving_app(settings)
     assert settled_collector in app.cleanup_ctx
@@ -84,9 +85,13 @@ async def test_serve_freezes_what_the_start_left_once_the_first_configuration_is
 
         await eventually(frozen, timeout=20)
         assert any(r.getMessage().startswith("collector settled: ") for r in caplog.records)
+        # the youngest generation is collected less often: the requests in flight, walked fewer times
+        assert gc.get_threshold()[0] == YOUNG_ALLOCATIONS
+        assert gc.get_threshold()[1:] == before[1:]
     finally:
         await runner.cleanup()
         gc.unfreeze()  # this process starts many services: give them back to the collector
+    assert gc.get_threshold() == before  # and the collector as it was
 
 
 async def test_reloads_after_the_collector_is_settled_leave_no_frozen_cycle_behind(
