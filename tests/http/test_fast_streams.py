@@ -293,7 +293,7 @@ async def test_a_slow_reader_holds_the_relay_back_not_the_services_memory(sops_p
 # -- shutdown -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pause_s", [0.05, 0.4])
+@pytest.mark.parametrize("pause_s", [0.02, 0.4])
 async def test_shutdown_lets_a_stream_finish_within_its_timeout(
     sops_project: SopsProject, pause_s: float
 ) -> None:
@@ -314,7 +314,7 @@ async def test_shutdown_lets_a_stream_finish_within_its_timeout(
         took = time.perf_counter() - started
         writer.close()
     if pause_s * len(events) < 0.5:
-        assert read.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") and took < 0.5
+        assert read.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") and took < 1.0
     else:
         assert b"data: [DONE]" not in read and 0.4 < took < 1.5
 
