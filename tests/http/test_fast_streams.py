@@ -167,6 +167,33 @@ async def test_a_stream_is_answered_as_aiohttp_answers_it(sops_project: SopsProj
         assert fast.field("Content-Length") and b'"whole"' in fast.body
 
 
+async def test_a_stream_through_litellm_is_answered_as_aiohttp_answers_it(sops_project: SopsProject) -> None:
+    """The litellm bridge's stream (a `StreamResponse` whose head goes out alone at `prepare`,
+    then a write a chunk): the same bytes on both paths, but what litellm stamps on each call."""
+    async with FakeUpstream(protocol="anthropic", name="claude", chunk_interval_s=0.01) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key="sk-up")
+        write_routing(sops_project, chat="claude")
+        async with serve(sops_project) as service:
+            before = _site(service).handed_off
+            request = _request(STREAM.replace(b"fake-model", b"claude-x"))
+            head, _, body = request.partition(b"\r\n\r\n")
+            answers = []
+            for extra in ("", HAND_OFF):
+                (answer,) = await _exchange(service, head + b"\r\n" + extra.encode() + b"\r\n" + body)
+                answers.append(answer)
+            assert _site(service).handed_off == before + 1
+    fast, usual = answers
+    assert fast.status == 200 and b" says" in fast.body and b"data: [DONE]" in fast.body
+    assert fast.field("Transfer-Encoding") == "chunked"
+    line, fields, body = fast.comparable()
+    assert (line, fields, _stamps(body)) == (*usual.comparable()[:2], _stamps(usual.comparable()[2]))
+
+
+def _stamps(body: bytes) -> bytes:
+    """`body` without what litellm stamps on each call (its ids, its times), kept as long."""
+    return re.sub(rb'"(id|created)":("[^"]*"|\d+)', lambda m: re.sub(rb"[0-9a-zA-Z-]", b"x", m[0]), body)
+
+
 async def test_a_stream_in_http_1_0_ends_with_the_connection(sops_project: SopsProject) -> None:
     """HTTP/1.0 has no chunks: the stream's body ends where the connection does, so the fast
     path closes it after the stream even when the client asked to keep it alive (aiohttp's
