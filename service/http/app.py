@@ -377,8 +377,7 @@ class Gateway:
 
     def called(self, request: web.Request, endpoint: Endpoint) -> Call:
         """A request whose body came whole as the `Call` to relay; raises what `handle` answers.
-        Nothing happens here that a request handed to aiohttp after it would feel (the fast
-        path hands a stream off once it is known)."""
+        Nothing happens here that a request handed to aiohttp after it would feel."""
         admit(request, endpoint.scope)
         body = arrived(request)
         if body is None:

@@ -1,19 +1,21 @@
-"""The gateway's own HTTP/1.1 server for whole, non-stream requests, in front of aiohttp's.
+"""The gateway's own HTTP/1.1 server for the endpoints' requests, in front of aiohttp's.
 
 A `FastSite` listens in place of aiohttp's `TCPSite`; each accepted connection is a
 `FastConnection`, which parses with httptools and answers by itself only a request that is
 all of: a `POST` to one of the gateway's endpoints (`Gateway.routes` with an `Endpoint`),
 HTTP/1.1 or 1.0, a `Content-Length` within the app's limit and no `Expect`,
 `Transfer-Encoding`, `Content-Encoding` or `Upgrade`, whose whole body has come, with no
-earlier request unanswered, and which is not a stream once its body is read. It runs the
-gateway's own code for it (`Gateway.called`, `Gateway.relayed`) and writes the answer as
-aiohttp would, byte for byte but the `Date`.
+earlier request unanswered. It runs the gateway's own code for it (`Gateway.called`,
+`Gateway.relayed`) and writes the answer as aiohttp would, byte for byte but the `Date`: a
+whole answer by itself (`fast_request.serialized`), a stream (or any answer not whole) by
+aiohttp's own `StreamResponse` and `StreamWriter`, which the relay writes as it goes onto the
+connection's transport (`FastRequest._payload_writer`), waiting while a slow client reads its
+buffer down (`Outlet`). Once the answer has ended the connection goes on to the next request.
 
 Any other request hands the connection to aiohttp for the rest of its life, at that
 request's first byte: aiohttp's `RequestHandler` is made for the transport, given it, and
 fed every byte not yet answered. Nothing of the request has happened by then (no client
-admitted, nothing metered or counted): the hand-off of a stream, the one decided after the
-body is parsed, comes before the relay, and what comes before it has no effect.
+admitted, nothing metered or counted).
 
 aiohttp's `Server` keeps the connections, ours too (`connection_made`, `close`,
 `shutdown`, `_task_handler`: what it reads of a connection), so that the runner's shutdown
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -40,7 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
 from service.http import fast_request
-from service.http.fast_request import FastRequest, serialized
+from service.http.fast_request import FastRequest, Outlet, serialized
 
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
@@ -59,8 +60,6 @@ MAX_HEADERS = 100
 MAX_HEAD = 65536
 """A longer head is aiohttp's to judge."""
 _VERSIONS = {"HTTP/1.1": HttpVersion11, "HTTP/1.0": HttpVersion10}
-_STREAM = re.compile(rb'"stream"[ \t\r\n]*:[ \t\r\n]*true')
-"""A body that asks for a stream, told from its bytes (`call.stream` tells the rest)."""
 _FOLDED = (" ", "\t")
 """A field line that begins so continues the one before (obsolete line folding): aiohttp's."""
 
@@ -73,7 +72,7 @@ fields, its version, whether the connection is kept alive after it, and where it
 and ends in the connection's pending bytes."""
 
 
-class FastConnection(asyncio.Protocol):
+class FastConnection(asyncio.Protocol, Outlet):
     """One client connection, on the fast path until a request hands it to aiohttp."""
 
     def __init__(self, site: FastSite) -> None:
@@ -97,7 +96,8 @@ class FastConnection(asyncio.Protocol):
         does not read its answers (`blocked`)."""
         self.blocked = False
         """The transport's buffer is over its limit (`pause_writing`): no request is taken
-        until the client reads it down, as aiohttp's `drain` waits."""
+        and no stream written until the client reads it down, as aiohttp's `drain` waits."""
+        self.drained: asyncio.Future[None] | None = None
 
     # -- what aiohttp's Server reads of a connection ----------------------------------------
 
@@ -138,6 +138,7 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        self.unblock()  # a stream's write waiting for the client goes on, to find it gone
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -150,7 +151,7 @@ class FastConnection(asyncio.Protocol):
         self.blocked = True
 
     def resume_writing(self) -> None:
-        self.blocked = False
+        self.unblock()
         if self.task is None and self.transport is not None:
             self._next()
 
@@ -234,14 +235,11 @@ class FastConnection(asyncio.Protocol):
         return found, CIMultiDictProxy(headers), version, keep_alive, end + 4, end + 4 + int(length)
 
     def _take(self, head: _Head) -> None:
-        """Answer the request just parsed, or hand it off if it is a stream."""
+        """Answer the request just parsed."""
         gateway = self.site.gateway
         (name, match, endpoint), headers, version, keep_alive, start, _ = head
         body = bytes(self.pending[start:])
-        if b'"stream"' in body and _STREAM.search(body) is not None:  # a stream: aiohttp's, before any work
-            self._hand_off()
-            return
-        request = FastRequest(gateway.app, name, headers, body, match, version, keep_alive)
+        request = FastRequest(gateway.app, name, headers, body, match, version, keep_alive, self)
         started = time.perf_counter()
         try:
             call = gateway.called(request, endpoint)  # type: ignore[arg-type]  # what it reads of one
@@ -249,9 +247,6 @@ class FastConnection(asyncio.Protocol):
             self.pending.clear()  # parsed and answered: what comes next is the next request's
             self.head = None
             self._answer(request, gateway.refused(request, name, endpoint, exc, started))  # type: ignore[arg-type]
-            return
-        if call.stream:  # streams are aiohttp's
-            self._hand_off()
             return
         self.pending.clear()
         self.head = None
@@ -268,21 +263,62 @@ class FastConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        if self.transport is None:  # the client left: what is left of its answer goes nowhere
+            self.task = None
+            return
+        if not response.prepared:
+            try:
+                whole = serialized(request, response)
+            except Exception:
+                self._failed(request)
+                return
+            if whole is not None:
+                self.task = None
+                self._answer(request, response, whole)
+                return
+        try:  # a stream (its end, if the relay has not written it), or an answer not whole
+            await response.prepare(request)  # type: ignore[arg-type]  # what it reads of one
+            await response.write_eof()
+        except ConnectionError:  # the client left (`StreamWriter`'s ClientConnectionResetError)
+            self.task = None
+            if self.transport is not None:
+                self.transport.close()
+            return
+        except Exception:
+            self._failed(request)
+            return
         self.task = None
-        self._answer(request, response)
+        writer = request.writer
+        if writer is not None and writer.length is None and not writer.chunked:  # HTTP/1.0
+            self.closing = True  # the body ends where the connection does
+        self._went(request, response)
 
-    def _answer(self, request: FastRequest, response: web.StreamResponse) -> None:
+    def _failed(self, request: FastRequest) -> None:
+        log.exception("the answer to POST %s could not be written", request.path)
+        self.task = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def _answer(self, request: FastRequest, response: web.StreamResponse, whole: bytes | None = None) -> None:
+        """Write `response`, a whole answer (`whole`, its bytes, if made already), and go on."""
         transport = self.transport
         if transport is None:  # the client left: its answer goes nowhere
             return
         try:
-            answer = serialized(request, response)
+            answer = serialized(request, response) if whole is None else whole
             if answer is None:
                 raise TypeError(f"not a whole answer: {type(response).__name__}")
             transport.write(answer)
         except Exception:
             log.exception("the answer to POST %s could not be written", request.path)
             transport.close()
+            return
+        self._went(request, response)
+
+    def _went(self, request: FastRequest, response: web.StreamResponse) -> None:
+        """After an answer: close the connection, or take up the next request."""
+        transport = self.transport
+        if transport is None:
             return
         if self.closing or not request.keep_alive or response.keep_alive is False:
             transport.close()

@@ -1,12 +1,15 @@
 """A request of the fast path (service/http/fast.py) as the gateway's code reads it, and its
-answer's bytes as aiohttp writes them."""
+answer's bytes as aiohttp writes them: a whole one's made here (`serialized`), any other's
+(a stream's) by aiohttp's own `StreamResponse` and `StreamWriter`, onto the connection's
+transport (`Outlet`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
-from aiohttp import hdrs, helpers, http_writer, web
+from aiohttp import ClientConnectionResetError, hdrs, helpers, http_writer, web
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -28,10 +31,48 @@ rfc822_formatted_time: Callable[[], str] = getattr(helpers, "rfc822_formatted_ti
 """aiohttp's `Date` (not in `aiohttp.helpers.__all__`)."""
 
 
+class Outlet:
+    """A connection of the fast path as aiohttp's `StreamWriter` writes to it (the `protocol` it
+    is given): its `transport`, and its flow control, `_paused` and `_drain_helper` (private,
+    as aiohttp's `BaseProtocol` has them): a write over the transport's limit waits until the
+    client has read the buffer down (`resume_writing`), or has left."""
+
+    transport: asyncio.Transport | None
+    loop: asyncio.AbstractEventLoop
+    blocked: bool
+    """The transport's buffer is over its limit (`pause_writing`)."""
+    drained: asyncio.Future[None] | None
+    """What a write waiting for `blocked` to end awaits."""
+
+    @property
+    def _paused(self) -> bool:
+        return self.blocked
+
+    async def _drain_helper(self) -> None:
+        if self.transport is None:
+            raise ClientConnectionResetError("Connection lost")
+        if not self.blocked:
+            return
+        waiter = self.drained
+        if waiter is None:
+            waiter = self.drained = self.loop.create_future()
+        await waiter
+
+    def unblock(self) -> None:
+        """The buffer is read down, or the connection lost: a waiting write goes on (to find the
+        transport gone, in that case)."""
+        self.blocked = False
+        waiter, self.drained = self.drained, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class FastRequest(HeadersMixin):
     """What the gateway's code reads of an `aiohttp.web.Request`, for a request of the fast path:
     `app`, `method`, `path`, `headers`, `host`, `content_type`, `content_length`, `body_exists`,
-    `content`, `match_info`, `keep_alive`, `version`, and a mapping of its own (`request[CLIENT]`)."""
+    `content`, `match_info`, `keep_alive`, `version`, and a mapping of its own (`request[CLIENT]`);
+    and what aiohttp's `StreamResponse.prepare` reads of one (`_payload_writer`, `_prepare_hook`,
+    private), so that a stream is written as aiohttp's server writes it."""
 
     method = hdrs.METH_POST
     body_exists = True  # the fast path takes only a body of one byte or more
@@ -45,6 +86,7 @@ class FastRequest(HeadersMixin):
         match_info: UrlMappingMatchInfo,
         version: HttpVersion,
         keep_alive: bool,
+        outlet: Outlet | None = None,
     ) -> None:
         self.app = app
         self.path = path
@@ -54,7 +96,26 @@ class FastRequest(HeadersMixin):
         self.match_info = match_info
         self.version = version
         self.keep_alive = keep_alive
+        self.outlet = outlet
+        self.writer: http_writer.StreamWriter | None = None
+        """aiohttp's writer of its answer, once one is made (`_payload_writer`)."""
         self._state: dict[Any, Any] = {}
+
+    @property
+    def _payload_writer(self) -> http_writer.StreamWriter:
+        """aiohttp's writer of an answer onto the connection, made for the one answer that is
+        not whole (`StreamResponse.prepare` takes it), as aiohttp's server makes one a request."""
+        writer = self.writer
+        if writer is None:
+            outlet = self.outlet
+            if outlet is None:
+                raise RuntimeError("a fast request without a connection has no writer")
+            writer = self.writer = http_writer.StreamWriter(cast(Any, outlet), outlet.loop)
+        return writer
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        """aiohttp's sends `on_response_prepare` of the match's apps: an endpoint's match is in
+        none (`Gateway.fast`)."""
 
     @property
     def host(self) -> str:
@@ -119,8 +180,8 @@ def serialized(request: FastRequest, response: web.StreamResponse) -> bytes | No
 
 def unlike_aiohttp() -> str | None:
     """What is amiss in a request and an answer of the fast path made once, at start, with what
-    it uses of aiohttp (`HeadersMixin`, `_serialize_headers`, the `Date`): None when they are
-    as aiohttp's."""
+    it uses of aiohttp (`HeadersMixin`, `_serialize_headers`, the `Date`, and for a stream
+    `StreamResponse` and `StreamWriter`): None when they are as aiohttp's. Run in the loop."""
     fields = CIMultiDictProxy(
         CIMultiDict({"Host": "h", "Content-Type": "Application/JSON; charset=utf-8", "Content-Length": "2"})
     )
@@ -138,4 +199,62 @@ def unlike_aiohttp() -> str | None:
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nDate: %s\r\n"
         b"Server: %s\r\n\r\n{}" % (date, SERVER_SOFTWARE.encode())
     )
-    return None if date and answer == expected else f"an answer {answer!r}"
+    if not date or answer != expected:
+        return f"an answer {answer!r}"
+    try:
+        return _stream_unlike_aiohttp(fields)
+    except Exception as exc:
+        return f"a stream: {exc!r}"
+
+
+class _Recorder:
+    """What aiohttp's `StreamWriter` calls of a transport, keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.written += b"".join(chunks)
+
+
+def _ran(coroutine: Coroutine[Any, Any, Any]) -> bool:
+    """Run `coroutine` until it waits (False) or ends (True), without a loop's turn."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return True
+    return False
+
+
+def _stream_unlike_aiohttp(fields: CIMultiDictProxy[str]) -> str | None:
+    """What is amiss in a stream written by aiohttp's `StreamResponse` and `StreamWriter` onto an
+    `Outlet`: its bytes, and a write over the buffer's limit waiting while the outlet is
+    `blocked` (what they read of a request and a connection, private, is as the fast path has it)."""
+    outlet = Outlet()
+    outlet.transport = cast(asyncio.Transport, recorder := _Recorder())
+    outlet.loop, outlet.blocked, outlet.drained = asyncio.get_running_loop(), False, None
+    request = FastRequest(None, "/", fields, b"{}", None, HttpVersion11, True, outlet)  # type: ignore[arg-type]
+    answer = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
+    much = b"x" * 0x10001  # over `StreamWriter.write`'s limit: it drains
+    if not _ran(answer.prepare(cast(web.Request, request))):
+        return "a stream's head waits"
+    outlet.blocked = True
+    writing = answer.write(much)
+    if _ran(writing) or outlet.drained is None:
+        return "a stream's write does not wait for a blocked connection"
+    outlet.unblock()
+    if not _ran(writing) or not _ran(answer.write_eof(b"end")):
+        return "a stream's write waits for an unblocked connection"
+    date = recorder.written.partition(b"\r\nDate: ")[2].partition(b"\r\n")[0]
+    expected = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+        b"Date: %s\r\nServer: %s\r\n\r\n10001\r\n%s\r\n3\r\nend\r\n0\r\n\r\n"
+        % (date, SERVER_SOFTWARE.encode(), much)
+    )
+    return None if date and recorder.written == expected else f"a stream {bytes(recorder.written[:300])!r}"

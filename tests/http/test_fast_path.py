@@ -33,6 +33,8 @@ _VARYING = ("date", "x-request-id")
 TOKEN = "sb-fast-path-token-0123456789abcdef"
 NO_SCOPE = "sb-fast-path-token-no-scope-012345"
 CHAT = b'{"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}'
+STREAM = CHAT.replace(b'"model"', b'"stream": true, "model"')
+MESSAGES_STREAM = b'{"model": "fake-model", "max_tokens": 9, "stream": true, ' + CHAT.partition(b", ")[2]
 HAND_OFF = "X-Hand-Off: 1\r\nX-Hand-Off: 1\r\n"
 """A repeated field: the fast path leaves the request to aiohttp, which answers it as any other."""
 
@@ -86,13 +88,25 @@ class _Answer:
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> _Answer:
+    """An answer's head and body; a chunked body as it came, its chunks' framing too."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     line, *lines = head[:-4].split(b"\r\n")
     fields = [tuple(part.strip() for part in raw.decode().split(":", 1)) for raw in lines]
     pairs = [(name, value) for name, value in fields]
+    if any(n.lower() == "transfer-encoding" and v == "chunked" for n, v in pairs):
+        return _Answer(line, pairs, await asyncio.wait_for(_read_chunks(reader), 10))
     length = next((int(v) for n, v in pairs if n.lower() == "content-length"), 0)
     body = await asyncio.wait_for(reader.readexactly(length), 10)
     return _Answer(line, pairs, body)
+
+
+async def _read_chunks(reader: asyncio.StreamReader) -> bytes:
+    read = b""
+    while True:
+        size = await reader.readuntil(b"\r\n")
+        read += size + await reader.readexactly(int(size, 16) + 2)
+        if int(size, 16) == 0:  # the last chunk (no trailer fields)
+            return read
 
 
 async def _exchange(service: Service, *requests: bytes, close: bool = False) -> list[_Answer]:
@@ -126,10 +140,12 @@ async def test_every_class_of_answer_is_the_same_byte_for_byte_on_both_paths(
     sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same request on the fast path and handed to aiohttp: the same status line, fields in
-    the same order (but `Date` and the request id) and body, for every class of answer."""
+    the same order (but `Date` and the request id) and body, for every class of answer; a
+    stream's body chunk by chunk (its events come in reads of their own: one chunk each)."""
     write_clients(sops_project, {"app": (TOKEN, ["completions"]), "reader": (NO_SCOPE, ["usage:read"])})
     async with _gateway(sops_project, max_body_bytes=4096, circuit_failures=1) as (service, up):
         site = _site(service)
+        up.chunk_interval_s = 0.01
         cases: list[tuple[str, bytes, dict[str, Any]]] = [
             ("200", _request(token=TOKEN), {}),
             ("400", _request(b"{not json", token=TOKEN), {}),
@@ -145,6 +161,11 @@ async def test_every_class_of_answer_is_the_same_byte_for_byte_on_both_paths(
             ("503 no provider", _request(token=TOKEN), {"fail": 500, "open": True}),
             ("400 messages", _request(b'{"model": "fake-model"}', path="/v1/messages", token=TOKEN), {}),
             ("500 bug", _request(token=TOKEN), {"bug": True}),
+            ("200 stream", _request(STREAM, token=TOKEN), {}),
+            ("200 messages stream", _request(MESSAGES_STREAM, path="/v1/messages", token=TOKEN), {}),
+            ("502 stream", _request(STREAM, token=TOKEN), {"fail": 500}),  # before its first byte
+            ("422 stream", _request(STREAM, token=TOKEN), {"fail": 422}),  # the upstream's, whole
+            ("500 bug stream", _request(STREAM, token=TOKEN), {"bug": True}),
         ]
         relay = service.app[RELAY].relay
 
@@ -184,6 +205,11 @@ async def test_every_class_of_answer_is_the_same_byte_for_byte_on_both_paths(
         "503 no provider": 503,
         "400 messages": 400,
         "500 bug": 500,
+        "200 stream": 200,
+        "200 messages stream": 200,
+        "502 stream": 502,
+        "422 stream": 422,
+        "500 bug stream": 500,
     }
 
 
@@ -208,22 +234,25 @@ async def test_a_post_then_a_get_hand_off_at_the_get(sops_project: SopsProject) 
         assert answers[2].body == b'{"status": "ok"}'
 
 
-async def test_a_stream_hands_off_and_a_whole_request_follows_it_on_aiohttp(
+async def test_a_stream_is_the_fast_paths_and_a_whole_request_follows_it_on_the_connection(
     sops_project: SopsProject,
 ) -> None:
-    stream = CHAT.replace(b'"model"', b'"stream": true, "model"')
-    escaped = CHAT.replace(b'"model"', b'"\\u0073tream": true, "model"')  # not told by its bytes
+    """A stream, told from the body's bytes or only once it is parsed, is answered on the fast
+    path, and the connection is kept alive after it: the next request is answered on it too."""
+    escaped = CHAT.replace(b'"model"', b'"\\u0073tream": true, "model"')
     async with _gateway(sops_project) as (service, _):
         site, before = _site(service), _site(service).handed_off
-        for asked in (stream, escaped):
+        for asked in (STREAM, escaped):
             reader, writer = await asyncio.open_connection(*_address(service))
             writer.write(_request(asked))
             answer = await _read_stream(reader)
             assert answer.startswith(b"HTTP/1.1 200 OK") and b"data: [DONE]" in answer
             writer.write(_request())
             assert (await _read_answer(reader)).status == 200
+            writer.write(_request(asked))
+            assert b"data: [DONE]" in await _read_stream(reader)
             writer.close()
-        assert site.handed_off == before + 2
+        assert site.handed_off == before
 
 
 async def _read_stream(reader: asyncio.StreamReader) -> bytes:
