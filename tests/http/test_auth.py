@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from service.cli.serve import has_clients_file
+from service.http import auth
 from service.http.auth import is_loopback
 from service.http.context import PREFIX
 from tests.conftest import (
@@ -118,6 +119,45 @@ async def test_a_token_without_the_scope_is_403_naming_the_client_and_scope(proj
             403, "forbidden", "client 'auditor' lacks the scope 'config:read'"
         )
         assert (await call(service, AUDIT, f"Bearer {ADMIN}"))[0] == 200
+
+
+async def test_a_token_revoked_or_rescoped_in_the_clients_file_is_refused_at_once(
+    project: SopsProject,
+) -> None:
+    """A token is hashed once per clients file: the next file, once loaded, is the one asked."""
+    async with serve(with_clients(project)) as service:
+        for _ in range(2):  # the second is found without hashing the token again
+            assert (await call(service, PROVIDERS, f"Bearer {READER}"))[0] == 200
+            assert (await call(service, AUDIT, f"Bearer {ADMIN}"))[0] == 200
+        write_clients(
+            project, {"auditor": (ADMIN, ["config:read"]), "new": ("tok-new-0123456789", ["admin"])}
+        )
+
+        async def loaded() -> None:
+            assert (await call(service, AUDIT, "Bearer tok-new-0123456789"))[0] == 200
+
+        await eventually(loaded)
+        assert await call(service, PROVIDERS, f"Bearer {READER}") == error(
+            401, "unauthorized", "unknown token"
+        )
+        assert await call(service, AUDIT, f"Bearer {ADMIN}") == error(
+            403, "forbidden", "client 'auditor' lacks the scope 'admin'"
+        )
+        assert (await call(service, PROVIDERS, f"Bearer {ADMIN}"))[0] == 200
+
+
+async def test_unknown_tokens_leave_nothing_behind(project: SopsProject) -> None:
+    """What is remembered of tokens holds at most one per client: a caller sending token after
+    token grows nothing (the memo is looked at directly: nothing else shows it)."""
+    async with serve(with_clients(project)) as service:
+        assert (await call(service, PROVIDERS, f"Bearer {READER}"))[0] == 200
+        for n in range(50):
+            assert (await call(service, PROVIDERS, f"Bearer tok-random-{n}"))[0] == 401
+        assert (await call(service, AUDIT, f"Bearer {ADMIN}"))[0] == 200
+        clients, known = auth._KNOWN._last
+        assert clients is service.registry.snapshot.clients
+        assert {client.name for client in known.values()} == {"reader", "auditor"}
+        assert len(known) == 2
 
 
 async def test_a_clients_file_added_while_running_turns_authentication_on(project: SopsProject) -> None:
