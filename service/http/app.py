@@ -45,7 +45,7 @@ from service.http import (
     usage_api,
     write_api,
 )
-from service.http.auth import CLIENT, Handler, admit
+from service.http.auth import CLIENT, KNOWN_TOKENS, Handler, KnownTokens, admit
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
@@ -100,6 +100,7 @@ def create_app(
         handler_args={"logger": _ProtocolLog(logging.getLogger("service.http.protocol"))},
     )
     app[SETTINGS] = settings
+    app[KNOWN_TOKENS] = KnownTokens()
     app[UPSTREAMS] = AllowedUpstreams.parse(settings.allowed_upstreams)
     app[LOOKUP] = lookup
     app[METRICS] = Metrics()

@@ -62,7 +62,7 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
     token = _token(request)
     if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
-    found = _KNOWN.client(clients, token)
+    found = request.app[KNOWN_TOKENS].client(clients, token)
     if found is None:
         raise Unauthorized("unknown token")
     if scope is not None and scope not in found.scopes:
@@ -70,10 +70,10 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
     return found
 
 
-class _Known:
+class KnownTokens:
     """The clients already found by their token, for one clients file (its `Clients`, by
     identity): a token seen before is not hashed again (its sha256 was ~1 % of the event loop's
-    work per request). A cache, as `is_loopback`'s, that no request can grow: only a token that
+    work per request). The app's own (`KNOWN_TOKENS`), a cache that no request can grow: only a token that
     is a client's is kept, so it holds at most one per client of the file, and a change of the
     file (a new `Clients`) starts it afresh: a revoked token stops working at once."""
 
@@ -108,7 +108,8 @@ def _client_of(clients: Clients, token: str) -> Client | None:
     return found
 
 
-_KNOWN = _Known()
+KNOWN_TOKENS = web.AppKey("known_tokens", KnownTokens)
+"""The app's `KnownTokens` (set by `create_app`)."""
 
 
 def _token(request: web.Request) -> str | None:

@@ -154,7 +154,7 @@ async def test_unknown_tokens_leave_nothing_behind(project: SopsProject) -> None
         for n in range(50):
             assert (await call(service, PROVIDERS, f"Bearer tok-random-{n}"))[0] == 401
         assert (await call(service, AUDIT, f"Bearer {ADMIN}"))[0] == 200
-        clients, known = auth._KNOWN._last
+        clients, known = service.app[auth.KNOWN_TOKENS]._last
         assert clients is service.registry.snapshot.clients
         assert {client.name for client in known.values()} == {"reader", "auditor"}
         assert len(known) == 2
