@@ -191,6 +191,14 @@ async def test_bad_index_or_wait_is_400(running_service: Service, query: str) ->
     assert (await get(running_service, f"{API}/active?{query}")).status == 400
 
 
+@pytest.mark.parametrize("query", ["wait=soon", "wait=-1", "wait=10h"])
+async def test_a_bad_wait_is_400_even_when_nothing_would_hold(running_service: Service, query: str) -> None:
+    """A bad query parameter (`wait`) is 400 (docs/reference.md §6.4): without `index` or a tag
+    it was not read, and the answer came at once as if the client had not asked to wait."""
+    answer = await get(running_service, f"{API}/active?{query}")
+    assert answer.status == 400 and "`wait`" in answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("where", ["query", "header"])
 @pytest.mark.parametrize("value", ["²", "-1", "x", "1" * 19])
 async def test_a_bad_last_event_id_is_400(running_service: Service, where: str, value: str) -> None:
@@ -199,7 +207,9 @@ async def test_a_bad_last_event_id_is_400(running_service: Service, where: str, 
         answer = await get(running_service, f"{API}/events?after={quote(value)}")
     else:
         answer = await get(running_service, f"{API}/events", {"Last-Event-ID": value})
-    assert answer.status == 400 and answer.json()["error"]["type"] == "bad_request"
+    error = answer.json()["error"]
+    assert answer.status == 400 and error["type"] == "bad_request"
+    assert ("`Last-Event-ID`" if where == "header" else "`after`") in error["message"]  # not `index`
 
 
 async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
