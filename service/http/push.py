@@ -201,6 +201,10 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             REPLICA_HEADER: changes.replica,
         }
     )
+    if request.method == "HEAD":  # its headers alone: a HEAD answer has no content (RFC 9110)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
     with changes.stream(client) as stream:
         last = changes.seq
         try:

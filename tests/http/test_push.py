@@ -384,6 +384,24 @@ async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicat
     await from_start.aclose()
 
 
+async def test_head_of_the_stream_is_its_headers_alone(running_service: Service) -> None:
+    """ "Every `GET` also answers `HEAD`" (docs/reference.md §6.2): `HEAD …/events` wrote the
+    stream's first comment after its headers, where a HEAD answer has no content (RFC 9110), so
+    the client read it as the next answer's status line; and the stream held its slot for good."""
+    host = running_service.url.removeprefix("http://")
+    reader, writer = await asyncio.open_connection(*host.split(":"))
+    try:
+        writer.write(f"HEAD {API}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())  # the same connection
+        after = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert after.startswith(b"HTTP/1.1 200 "), after
+    finally:
+        writer.close()
+    assert running_service.app[CHANGES].held == 0
+
+
 async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: SopsProject) -> None:
     write_server(sops_project, "gpu")
     write_routing(sops_project, ["gpu"])
