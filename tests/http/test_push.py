@@ -792,3 +792,20 @@ async def test_a_revoked_token_loses_its_stream(sops_project: SopsProject) -> No
         for stream in streams.values():
             await stream.aclose()
     assert refused.status == 401
+
+
+async def test_a_replaced_token_loses_its_stream(sops_project: SopsProject) -> None:
+    """A client's token replaced in the clients file (a leaked one revoked: same name, same
+    scopes) is a token the clients file removes (docs/reference.md §9): its stream went on, as
+    the replacement was no `clients.updated` and nothing looked at the streams' tokens again."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    write_clients(sops_project, {"ops": ("tok-leaked", ["config:read"])})
+    async with serve(sops_project) as service:
+        stream = sse(service, {"Authorization": "Bearer tok-leaked"})
+        assert await anext(stream) == ("comment", None)
+        write_clients(sops_project, {"ops": ("tok-fresh", ["config:read"])})
+        await asyncio.wait_for(take(stream, 1000), 10)  # ends: the service closed it
+        await stream.aclose()
+        refused = await get(service, API + "/events", {"Authorization": "Bearer tok-leaked"})
+    assert refused.status == 401
