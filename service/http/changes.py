@@ -125,6 +125,8 @@ class Changes:
         self._pending: list[BaseEvent] = []
         self._loop = asyncio.get_running_loop()
         self._registry = registry
+        self._clients = registry.state.snapshot.clients
+        """The clients the streams' tokens were last checked against."""
         self.replays = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="switchboard-replay")
         """Where streams read the log back: their own thread, so that replays from the start of
         a long log, for many streams at once, never queue before a reload in the default one."""
@@ -158,6 +160,12 @@ class Changes:
     def _release(self) -> None:
         pending, self._pending = self._pending, []
         self._show(sorted(pending, key=_seq))
+        clients = self._registry.state.snapshot.clients
+        if clients is not self._clients:
+            # Looked at on every change of the clients file, not on `clients.updated` alone: a
+            # token replaced (same name and scopes) is no event, and its streams must end too.
+            self._clients = clients
+            self._recheck_clients()
         self.touch()
 
     def touch(self) -> None:
@@ -175,8 +183,6 @@ class Changes:
                 data = frame(event)
                 for stream in self._streams:
                     stream.offer(event.seq, event.type, data)
-            if event.type == "clients.updated":
-                self._recheck_clients()
         if moved:
             self._moved.set()
             self._moved = asyncio.Event()

@@ -59,12 +59,13 @@ def parse_wait(text: str | None) -> float:
     return min(value, MAX_WAIT_S)
 
 
-def parse_index(text: str | None) -> int | None:
+def parse_index(text: str | None, name: str = "index") -> int | None:
+    """A seq given as `name` (`index`, `after`, `Last-Event-ID`); None when absent."""
     if text is None or text == "":
         return None
     # isascii: `²` is a digit to str.isdigit, but int() refuses it (it made a 500)
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise BadRequest(f"`index` must be a whole number: {text[:40]!r}")
+        raise BadRequest(f"`{name}` must be a whole number: {text[:40]!r}")
     return int(text)
 
 
@@ -80,15 +81,16 @@ def watched(handler: Handler) -> Handler:
     async def held(request: web.Request) -> web.StreamResponse:
         changes = request.app[CHANGES]
         index = parse_index(request.query.get("index"))
+        wait = request.query.get("wait")
+        wait_s = parse_wait(wait)  # read even when nothing holds: a bad one is 400
         if index is not None:
-            await changes.wait_past(index, parse_wait(request.query.get("wait")), request.get(CLIENT))
+            await changes.wait_past(index, wait_s, request.get(CLIENT))
             authenticate_again(request)  # the clients may have changed while it waited
             return conditional(request, await handler(request), changes)
         theirs = tags.listed(request.headers.get("If-None-Match"))
         if not theirs:
             return conditional(request, await handler(request), changes)
-        wait = request.query.get("wait")
-        return await _held_on_tag(request, handler, theirs, parse_wait(wait) if wait else 0.0)
+        return await _held_on_tag(request, handler, theirs, wait_s if wait else 0.0)
 
     held.__name__ = getattr(handler, "__name__", "held")
     held.__doc__ = handler.__doc__
@@ -186,7 +188,10 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
     it starts from now. `secret.read` and `clients.updated` go to `admin` tokens only.
     """
     changes, log_ = request.app[CHANGES], request.app[EVENTS]
-    after = parse_index(request.headers.get("Last-Event-ID") or request.query.get("after"))
+    header = request.headers.get("Last-Event-ID")
+    after = (
+        parse_index(header, "Last-Event-ID") if header else parse_index(request.query.get("after"), "after")
+    )
     client = request.get(CLIENT)
     response = web.StreamResponse(
         headers={
@@ -196,6 +201,10 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             REPLICA_HEADER: changes.replica,
         }
     )
+    if request.method == "HEAD":  # its headers alone: a HEAD answer has no content (RFC 9110)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
     with changes.stream(client) as stream:
         last = changes.seq
         try:

@@ -13,13 +13,14 @@ carry an ETag and answer `If-None-Match` (docs/reference.md §9).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from service.http.auth import scoped
 from service.http.context import LEDGER, PREFIX, RECORDS, SETTINGS, SPENT
-from service.http.push import watched
+from service.http.push import body_tag, watched
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery, usage_csv
 
@@ -27,6 +28,7 @@ USAGE = f"{PREFIX}/usage"
 REQUESTS = f"{PREFIX}/usage/requests"
 _PUSH_PARAMS = frozenset({"index", "wait"})
 """docs/reference.md §9's parameters, which `watched` reads: not the ledger's."""
+_WINDOW = frozenset({"since", "until"})
 
 
 def setup(app: web.Application) -> None:
@@ -56,7 +58,12 @@ async def _usage(request: web.Request) -> web.StreamResponse:
     answer = await ledger.usage(query)
     if query.format == "csv":
         return web.Response(text=usage_csv(answer), content_type="text/csv", charset="utf-8")
-    return web.json_response(answer)
+    response = web.json_response(answer)
+    # the window (the last 7 days up to now by default) is when it was asked, as `state`'s
+    # `at`, not what it means: not in the tag, or no tag would ever be answered 304
+    meaning = {k: v for k, v in answer.items() if k not in _WINDOW}
+    response.headers["ETag"] = body_tag(json.dumps(meaning, sort_keys=True).encode())
+    return response
 
 
 @scoped("usage:read")

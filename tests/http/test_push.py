@@ -191,6 +191,14 @@ async def test_bad_index_or_wait_is_400(running_service: Service, query: str) ->
     assert (await get(running_service, f"{API}/active?{query}")).status == 400
 
 
+@pytest.mark.parametrize("query", ["wait=soon", "wait=-1", "wait=10h"])
+async def test_a_bad_wait_is_400_even_when_nothing_would_hold(running_service: Service, query: str) -> None:
+    """A bad query parameter (`wait`) is 400 (docs/reference.md §6.4): without `index` or a tag
+    it was not read, and the answer came at once as if the client had not asked to wait."""
+    answer = await get(running_service, f"{API}/active?{query}")
+    assert answer.status == 400 and "`wait`" in answer.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("where", ["query", "header"])
 @pytest.mark.parametrize("value", ["²", "-1", "x", "1" * 19])
 async def test_a_bad_last_event_id_is_400(running_service: Service, where: str, value: str) -> None:
@@ -199,7 +207,9 @@ async def test_a_bad_last_event_id_is_400(running_service: Service, where: str, 
         answer = await get(running_service, f"{API}/events?after={quote(value)}")
     else:
         answer = await get(running_service, f"{API}/events", {"Last-Event-ID": value})
-    assert answer.status == 400 and answer.json()["error"]["type"] == "bad_request"
+    error = answer.json()["error"]
+    assert answer.status == 400 and error["type"] == "bad_request"
+    assert ("`Last-Event-ID`" if where == "header" else "`after`") in error["message"]  # not `index`
 
 
 async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
@@ -372,6 +382,24 @@ async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicat
     replayed = await asyncio.wait_for(take(from_start, len(everything)), 10)
     assert [e["seq"] for e in replayed] == everything
     await from_start.aclose()
+
+
+async def test_head_of_the_stream_is_its_headers_alone(running_service: Service) -> None:
+    """ "Every `GET` also answers `HEAD`" (docs/reference.md §6.2): `HEAD …/events` wrote the
+    stream's first comment after its headers, where a HEAD answer has no content (RFC 9110), so
+    the client read it as the next answer's status line; and the stream held its slot for good."""
+    host = running_service.url.removeprefix("http://")
+    reader, writer = await asyncio.open_connection(*host.split(":"))
+    try:
+        writer.write(f"HEAD {API}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in head
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())  # the same connection
+        after = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+        assert after.startswith(b"HTTP/1.1 200 "), after
+    finally:
+        writer.close()
+    assert running_service.app[CHANGES].held == 0
 
 
 async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: SopsProject) -> None:
@@ -763,4 +791,21 @@ async def test_a_revoked_token_loses_its_stream(sops_project: SopsProject) -> No
         refused = await get(service, API + "/events", auth["reader"])
         for stream in streams.values():
             await stream.aclose()
+    assert refused.status == 401
+
+
+async def test_a_replaced_token_loses_its_stream(sops_project: SopsProject) -> None:
+    """A client's token replaced in the clients file (a leaked one revoked: same name, same
+    scopes) is a token the clients file removes (docs/reference.md §9): its stream went on, as
+    the replacement was no `clients.updated` and nothing looked at the streams' tokens again."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    write_clients(sops_project, {"ops": ("tok-leaked", ["config:read"])})
+    async with serve(sops_project) as service:
+        stream = sse(service, {"Authorization": "Bearer tok-leaked"})
+        assert await anext(stream) == ("comment", None)
+        write_clients(sops_project, {"ops": ("tok-fresh", ["config:read"])})
+        await asyncio.wait_for(take(stream, 1000), 10)  # ends: the service closed it
+        await stream.aclose()
+        refused = await get(service, API + "/events", {"Authorization": "Bearer tok-leaked"})
     assert refused.status == 401

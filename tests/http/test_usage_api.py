@@ -111,6 +111,26 @@ async def test_records_are_seen_within_two_seconds_grouped_as_asked(service: Ser
     assert [(r["model"], r["requests"]) for r in by_model["rows"]] == [("gpt-4o", 2), ("gpt-4o-mini", 2)]
 
 
+async def test_the_window_asked_for_keeps_the_tag_until_the_usage_changes(service: Service) -> None:
+    """`since` and `until` (the last 7 days up to now by default) are when it was asked, as
+    `state`'s `at`: the tag of an answer left them out, or it was new on every request and
+    `If-None-Match` never answered 304 (docs/reference.md §9: "so that they too answer a tag
+    with 304 until they change")."""
+    tags = {}
+    for path in (USAGE, f"{USAGE}?since=3d&group_by=client"):
+        status, _, headers = await _get(service, path)
+        tag = tags[path] = headers["ETag"]
+        assert status == 200 and tag.startswith('W/"')
+        async with service.http.get(
+            service.url + path, headers={"Authorization": f"Bearer {READER}", "If-None-Match": tag}
+        ) as again:
+            assert again.status == 304 and await again.read() == b""
+    service.app[LEDGER].submit(record(ts=TODAY))
+    await _recorded(service, 1)
+    status, _, changed = await _get(service, USAGE)
+    assert status == 200 and changed["ETag"] != tags[USAGE]
+
+
 async def test_csv_has_the_json_rows_keys_as_columns(service: Service) -> None:
     service.app[LEDGER].submit(record(ts=TODAY, model='=HYPERLINK("http://evil")'))
     await _recorded(service, 1)
