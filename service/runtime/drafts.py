@@ -216,6 +216,11 @@ class Drafter:
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
             if found is None:
+                if if_match is not None:  # the file the tag names is gone: it changed since
+                    raise PreconditionFailed(
+                        "there is no routing file now: the one `If-Match` names was removed since; "
+                        "read the route again"
+                    )
                 _check_no_broken_routing(files, self.display)
                 if path in files:  # a provider named `routing`: never written over
                     raise Conflict(

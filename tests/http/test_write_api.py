@@ -432,6 +432,27 @@ async def test_a_routes_etag_is_what_if_match_takes_to_change_it(repo: SopsProje
         assert response.status == 304
 
 
+async def test_if_match_on_a_route_whose_routing_file_was_removed_since_is_412(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: `If-Match` answers 412 "when the file changed since"; a routing file
+    removed since is one. The write went on and made a new `routing.yaml`, as if none had been
+    read."""
+    async with service.http.get(service.url + API + "/active/chat") as response:
+        tag = response.headers["ETag"]
+    git(repo.root, "rm", "-q", str(repo.providers / "routing.yaml"))
+    removed = commit_all(repo.root, "no routing")
+    await eventually(lambda: service.registry.snapshot.commit == removed)
+    for if_match in (tag, "*"):
+        status, answer, _ = await call(
+            service, "PUT", "/active/chat", {"primary": ["gpu"]}, headers={"If-Match": if_match}
+        )
+        assert status == 412 and answer["error"]["type"] == "precondition_failed", answer
+    assert head(repo.root) == removed and not (repo.providers / "routing.yaml").exists()
+    status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
+    assert status == 200, answer  # without If-Match, the last write wins
+
+
 # -- auth ----------------------------------------------------------------------------------------------
 
 
