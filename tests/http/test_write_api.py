@@ -498,6 +498,30 @@ async def test_a_file_with_local_edits_is_never_overwritten(repo: SopsProject, s
     assert path.read_text() == edited and head(repo.root) == before
 
 
+async def test_a_file_with_local_edits_is_409_with_the_tag_a_get_gave_of_it_too(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: a file with uncommitted local changes is 409, and 412 is for a file
+    that "changed since". A client holding the tag of what is served (the local edit, which the
+    watcher loaded) got 412 "changed since; read it again", and reading again gave it the same
+    tag: it could never learn what was in the way. The local changes are the answer, whatever
+    the tag."""
+    path = repo.providers / "gpu.yaml"
+    edited = path.read_text() + "name: mine\n"
+    path.write_text(edited)
+    await eventually(lambda: service.registry.snapshot.providers["gpu"].name == "mine")
+    before = head(repo.root)
+    async with service.http.get(service.url + API + "/servers/gpu") as response:
+        tag = response.headers["ETag"]
+    for if_match in (tag, f'"{blob(edited.encode())}"'):
+        for method, body in (("PATCH", {"name": "theirs"}), ("DELETE", None)):
+            status, answer, _ = await call(
+                service, method, "/servers/gpu", body, headers={"If-Match": if_match}
+            )
+            assert status == 409 and "local changes" in answer["error"]["message"], (method, answer)
+    assert path.read_text() == edited and head(repo.root) == before
+
+
 async def test_git_refusing_the_commit_leaves_file_and_branch_as_they_were(
     repo: SopsProject, service: Service
 ) -> None:
