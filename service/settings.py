@@ -155,6 +155,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("git_push", "git_pull", mode="before")
+    @classmethod
+    def _git_remote(cls, value: object) -> object:
+        """An empty variable is an unset one (a template's `SWITCHBOARD_GIT_PUSH=`): counted as
+        set, it let a replica that pulls commit a write the remote never got (docs/reference.md §12)."""
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
     @field_validator("otel_exporter", mode="before")
     @classmethod
     def _exporter(cls, value: object) -> object:

@@ -22,6 +22,7 @@ from service.http.app import create_app, settled_collector
 from service.http.auth import is_loopback
 from service.runtime.sync import parse_pull
 from service.settings import Settings
+from service.vcs.commit import Identity
 from service.vcs.gitrepo import GitRepo
 
 
@@ -96,6 +97,11 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         AllowedUpstreams.parse(settings.allowed_upstreams)
     except ValueError as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        Identity.parse(settings.git_committer)
+    except ValueError as exc:
+        print(f"switchboard: error: SWITCHBOARD_GIT_COMMITTER: {exc}", file=sys.stderr)
         return 2
     if settings.git_pull is not None:
         try:

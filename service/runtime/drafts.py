@@ -85,6 +85,16 @@ vendor's default URL, and `provider` or `server_type` the protocol, so the paths
 the key goes in (`tei`: `/rerank` and `/info` at the server's root; `anthropic`: `x-api-key`)."""
 
 
+class StaleTag(PreconditionFailed):
+    """412: `If-Match` names another version of `path` than the base's. The writer answers 409
+    instead when `path` has local changes: they are what is in the way (the tag a `GET` gave is
+    the local version's, which the watcher serves), not a change since."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 @dataclass(frozen=True, slots=True)
 class Draft:
     """One file's change, made again on each base a push retry lands on."""
@@ -216,6 +226,12 @@ class Drafter:
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
             if found is None:
+                if if_match is not None:  # the file the tag names is gone: it changed since
+                    raise StaleTag(
+                        "there is no routing file now: the one `If-Match` names was removed since; "
+                        "read the route again",
+                        path,
+                    )
                 _check_no_broken_routing(files, self.display)
                 if path in files:  # a provider named `routing`: never written over
                     raise Conflict(
@@ -450,9 +466,7 @@ class Drafter:
         current = blob_sha(files[path])
         tags = [t.strip().removeprefix("W/").strip('"').split(".")[0] for t in if_match.split(",")]
         if "*" not in tags and current not in tags:
-            raise PreconditionFailed(
-                f"{self.display(path)} changed since (it is now {current}); read it again"
-            )
+            raise StaleTag(f"{self.display(path)} changed since (it is now {current}); read it again", path)
 
 
 def _yaml(original: bytes | None, document: Mapping[str, Any]) -> bytes:

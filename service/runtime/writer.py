@@ -41,7 +41,7 @@ from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
 from service.runtime.delivery import Mode, branch_name, branch_stem, fed_from, new_branch, resolve_mode
-from service.runtime.drafts import Draft, Drafter, ProviderKind, RouteChange, Verb
+from service.runtime.drafts import Draft, Drafter, ProviderKind, RouteChange, StaleTag, Verb
 from service.runtime.landing import Lander
 from service.runtime.publish import PUSH_ATTEMPTS, Making, Publisher, not_served
 from service.runtime.registry import Registry
@@ -340,15 +340,23 @@ class Writer:
         With `local`, the file written must hold no local edits against it (409)."""
         assert self.repo is not None  # noqa: S101
         files = self.repo.read_tree(base, self.drafts.folder) if base else {}
-        path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, local))
+        try:
+            path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, local))
+        except StaleTag as stale:
+            self._check_clean(stale.path, local)
+            raise
+        self._check_clean(path, local)
+        if changed:
+            check_folder(files, path, data, self.drafts.display)
+        return path, data, changed
+
+    def _check_clean(self, path: str, local: str | None) -> None:
+        """409 when `path` has local changes against `local` (the commit the files are at)."""
         if local is not None and self.committer is not None and self.committer.is_dirty(path, local):
             raise Conflict(
                 f"{self.drafts.display(path)} has local changes that are not committed; "
                 "commit or discard them first (a write never overwrites them)"
             )
-        if changed:
-            check_folder(files, path, data, self.drafts.display)
-        return path, data, changed
 
     def _written(
         self,

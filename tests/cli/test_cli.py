@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from service.cli.main import cli
+from tests.conftest import git_init
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -91,6 +92,21 @@ def test_serve_refuses_a_pull_it_cannot_do(
     monkeypatch.setenv("SWITCHBOARD_GIT_PULL", "origin/main")
     code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
     assert code == 1 and "not in a git repository" in err
+
+
+@pytest.mark.parametrize("committer", ["nobody", "Bot <bot@example.org", "<bot@example.org>"])
+def test_serve_refuses_a_committer_git_would_not_take_as_wrong_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, committer: str
+) -> None:
+    """docs/reference.md §3: "2 wrong usage", one line naming the variable. It was "internal
+    error: ValueError", exit 1, as for a bug."""
+    (tmp_path / "providers.d").mkdir()
+    git_init(tmp_path)
+    monkeypatch.setenv("SWITCHBOARD_GIT_COMMITTER", committer)
+    code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("switchboard: error: SWITCHBOARD_GIT_COMMITTER")
+    assert "`Name <email>`" in err
 
 
 def test_serve_refuses_allowed_upstreams_it_cannot_read(

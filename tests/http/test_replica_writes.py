@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from service.http.context import PULLER, WRITER
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.replicas import Checkout, GitSync, clone, git, server_yaml
@@ -71,6 +73,32 @@ async def test_a_git_sync_replica_refuses_writes_without_a_push(
         status, body = await write(service)
         assert status == 405
         assert "git-sync" in body["error"]["message"] and "SWITCHBOARD_GIT_PUSH" in body["error"]["message"]
+
+
+async def test_an_empty_push_variable_is_no_push_and_a_replica_that_pulls_refuses_writes(
+    sops_project: SopsProject,
+    remote: tuple[Path, Checkout],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/reference.md §12: with the built-in pull a write needs `SWITCHBOARD_GIT_PUSH` (405
+    otherwise), so no replica serves a commit the remote lacks. `SWITCHBOARD_GIT_PUSH=` (a
+    variable a template left empty) counted as set: the write was committed here alone, answered
+    201 and served, the remote never had it, and the branch could no longer fast-forward."""
+    bare, _ = remote
+    mine = clone(bare, tmp_path / "replica")
+    before = mine.head()
+    monkeypatch.setenv("SWITCHBOARD_GIT_PUSH", "")
+    monkeypatch.setenv("SWITCHBOARD_GIT_PULL", " ")
+    settings = {"root": mine.root, "providers": mine.providers}
+    async with serve(sops_project, **settings) as service:
+        assert service.app.get(PULLER) is None  # an empty pull variable is no pull either
+    monkeypatch.setenv("SWITCHBOARD_GIT_PULL", "origin/main")
+    async with serve(sops_project, **settings) as service:
+        status, body = await write(service)
+        assert status == 405 and "SWITCHBOARD_GIT_PUSH" in body["error"]["message"], body
+    assert mine.head() == before == git(bare, "rev-parse", "main")
+    assert not (mine.providers / "spare.yaml").exists()
 
 
 # -- with the built-in pull -------------------------------------------------------------------------------

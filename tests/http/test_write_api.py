@@ -432,6 +432,27 @@ async def test_a_routes_etag_is_what_if_match_takes_to_change_it(repo: SopsProje
         assert response.status == 304
 
 
+async def test_if_match_on_a_route_whose_routing_file_was_removed_since_is_412(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: `If-Match` answers 412 "when the file changed since"; a routing file
+    removed since is one. The write went on and made a new `routing.yaml`, as if none had been
+    read."""
+    async with service.http.get(service.url + API + "/active/chat") as response:
+        tag = response.headers["ETag"]
+    git(repo.root, "rm", "-q", str(repo.providers / "routing.yaml"))
+    removed = commit_all(repo.root, "no routing")
+    await eventually(lambda: service.registry.snapshot.commit == removed)
+    for if_match in (tag, "*"):
+        status, answer, _ = await call(
+            service, "PUT", "/active/chat", {"primary": ["gpu"]}, headers={"If-Match": if_match}
+        )
+        assert status == 412 and answer["error"]["type"] == "precondition_failed", answer
+    assert head(repo.root) == removed and not (repo.providers / "routing.yaml").exists()
+    status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": ["gpu"]})
+    assert status == 200, answer  # without If-Match, the last write wins
+
+
 # -- auth ----------------------------------------------------------------------------------------------
 
 
@@ -474,6 +495,30 @@ async def test_a_file_with_local_edits_is_never_overwritten(repo: SopsProject, s
     before = head(repo.root)
     status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "theirs"})
     assert status == 409 and "local changes" in answer["error"]["message"]
+    assert path.read_text() == edited and head(repo.root) == before
+
+
+async def test_a_file_with_local_edits_is_409_with_the_tag_a_get_gave_of_it_too(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: a file with uncommitted local changes is 409, and 412 is for a file
+    that "changed since". A client holding the tag of what is served (the local edit, which the
+    watcher loaded) got 412 "changed since; read it again", and reading again gave it the same
+    tag: it could never learn what was in the way. The local changes are the answer, whatever
+    the tag."""
+    path = repo.providers / "gpu.yaml"
+    edited = path.read_text() + "name: mine\n"
+    path.write_text(edited)
+    await eventually(lambda: service.registry.snapshot.providers["gpu"].name == "mine")
+    before = head(repo.root)
+    async with service.http.get(service.url + API + "/servers/gpu") as response:
+        tag = response.headers["ETag"]
+    for if_match in (tag, f'"{blob(edited.encode())}"'):
+        for method, body in (("PATCH", {"name": "theirs"}), ("DELETE", None)):
+            status, answer, _ = await call(
+                service, method, "/servers/gpu", body, headers={"If-Match": if_match}
+            )
+            assert status == 409 and "local changes" in answer["error"]["message"], (method, answer)
     assert path.read_text() == edited and head(repo.root) == before
 
 
