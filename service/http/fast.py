@@ -266,6 +266,13 @@ class FastConnection(asyncio.Protocol, Outlet):
         if self.transport is None:  # the client left: what is left of its answer goes nowhere
             self.task = None
             return
+        stream = call.prepared
+        if stream is not None and stream is not response:  # a failure after its stream began (a bug)
+            if not stream.body_length:  # its end not written: it cannot end as it should
+                self.task = None
+                self.transport.close()
+                return
+            response = stream  # its end written: nothing more is, as by aiohttp's ended writer
         if not response.prepared:
             try:
                 whole = serialized(request, response)

@@ -317,6 +317,65 @@ async def test_a_slow_reader_holds_the_relay_back_not_the_services_memory(sops_p
     assert records.kept[0].completion_tokens == 2 and not records.kept[0].estimated
 
 
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_bug_after_a_stream_ended_writes_nothing_more_and_the_connection_goes_on(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch, fast: bool
+) -> None:
+    """An exception out of the relay after its stream was written whole (a bug: `relayed`
+    answers it with a 500): the client has its answer, and nothing more is written, as aiohttp's
+    ended writer writes nothing; the next request on the connection gets its own answer."""
+    async with FakeUpstream(name="a", chunk_interval_s=0.01) as up:
+        write_provider(sops_project, "a", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with serve(sops_project, fast=fast) as service:
+            relay = service.app[RELAY].relay
+
+            async def late(call: Any, snapshot: Any) -> web.StreamResponse:
+                await relay(call, snapshot)
+                monkeypatch.undo()  # the next request is relayed as usual
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(service.app[RELAY], "relay", late)
+            reader, writer = await asyncio.open_connection(*_address(service))
+            writer.write(_request(STREAM))
+            stream = await _read_answer(reader)
+            writer.write(_request())
+            after = await _read_answer(reader)
+            writer.close()
+    assert stream.status == 200 and stream.body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert after.status == 200 and b"a says: hi" in after.body
+
+
+async def test_a_bug_in_the_middle_of_a_stream_closes_the_connection(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception out of the relay once its stream began (a bug): the stream cannot end as it
+    should, nor an error answer be written in its middle (aiohttp's server writes it as a chunk
+    of the stream): the connection is closed, the stream cut, which the client can tell."""
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with serve(sops_project) as service:
+
+            async def broken(call: Any, snapshot: Any) -> web.StreamResponse:
+                answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await answer.prepare(call.request)
+                call.prepared = answer
+                await answer.write(b"data: {}\n\n")
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(service.app[RELAY], "relay", broken)
+            reader, writer = await asyncio.open_connection(*_address(service))
+            writer.write(_request(STREAM))
+            read = await asyncio.wait_for(reader.read(), 5)  # up to the connection's end
+            writer.close()
+            monkeypatch.undo()
+            (answer,) = await _exchange(service, _request())
+    assert read.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert read.endswith(b"\r\n\r\na\r\ndata: {}\n\n\r\n"), read  # the chunk written, no more
+    assert answer.status == 200
+
+
 # -- shutdown -----------------------------------------------------------------------------------
 
 
@@ -353,7 +412,8 @@ async def test_an_aiohttp_writing_streams_otherwise_turns_the_fast_path_off(
     sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A `StreamWriter` that no longer waits through the connection's `_drain_helper`, or a
-    `StreamResponse` that reads another name of a request: told at start, the fast path is off."""
+    `StreamResponse` that reads another name of a request, or that does not tell its
+    `body_length` once ended: told at start, the fast path is off."""
     async with FakeUpstream(name="a") as up:
         write_provider(sops_project, "a", base_url=up.base_url)
         write_routing(sops_project, chat="a")
@@ -378,3 +438,8 @@ async def test_an_aiohttp_writing_streams_otherwise_turns_the_fast_path_off(
                 patched.setattr(web.StreamResponse, "_start", start)
                 (said,) = missing(site)
                 assert said.startswith("a fast request or answer as aiohttp's (a stream: AttributeError(")
+            with monkeypatch.context() as patched:  # what `_relay` reads to tell a stream ended
+                patched.setattr(web.StreamResponse, "body_length", property(lambda self: 0))
+                assert missing(site) == [
+                    "a fast request or answer as aiohttp's (a stream's body_length is not told at its end)"
+                ]
