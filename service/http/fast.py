@@ -266,13 +266,17 @@ class FastConnection(asyncio.Protocol, Outlet):
         if self.transport is None:  # the client left: what is left of its answer goes nowhere
             self.task = None
             return
-        stream = call.prepared
-        if stream is not None and stream is not response:  # a failure after its stream began (a bug)
-            if not stream.body_length:  # its end not written: it cannot end as it should
+        writer = request.writer
+        if writer is not None and response is not call.prepared:  # a failure once a stream began (a bug)
+            stream = call.prepared
+            if stream is not None and stream.body_length:  # ended: nothing more is written, as by
+                response = stream  # aiohttp's ended writer
+            elif writer.output_size:  # in its middle: it cannot end as it should, nor be answered
                 self.task = None
                 self.transport.close()
                 return
-            response = stream  # its end written: nothing more is, as by aiohttp's ended writer
+            else:  # nothing of it went out (its head waits for its first bytes): the answer goes
+                request.writer = None  # instead, as if the stream had never been
         if not response.prepared:
             try:
                 whole = serialized(request, response)

@@ -346,12 +346,15 @@ async def test_a_bug_after_a_stream_ended_writes_nothing_more_and_the_connection
     assert after.status == 200 and b"a says: hi" in after.body
 
 
-async def test_a_bug_in_the_middle_of_a_stream_closes_the_connection(
-    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("written", [True, False])
+async def test_a_bug_once_a_stream_began_closes_the_connection_unless_nothing_went_out(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch, written: bool
 ) -> None:
-    """An exception out of the relay once its stream began (a bug): the stream cannot end as it
-    should, nor an error answer be written in its middle (aiohttp's server writes it as a chunk
-    of the stream): the connection is closed, the stream cut, which the client can tell."""
+    """An exception out of the relay once its stream was prepared (a bug). Once bytes of it went
+    out, it cannot end as it should, nor an error answer be written in its middle (aiohttp's
+    server writes one as a chunk of the stream): the connection is closed, the stream cut, which
+    the client can tell. While none did (its head held for its first bytes), the error answer
+    goes instead, whole, and the connection goes on."""
     async with FakeUpstream(name="a") as up:
         write_provider(sops_project, "a", base_url=up.base_url)
         write_routing(sops_project, chat="a")
@@ -359,21 +362,34 @@ async def test_a_bug_in_the_middle_of_a_stream_closes_the_connection(
 
             async def broken(call: Any, snapshot: Any) -> web.StreamResponse:
                 answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                answer._send_headers_immediately = False  # as the relay's (`sse._Answer`)
                 await answer.prepare(call.request)
                 call.prepared = answer
-                await answer.write(b"data: {}\n\n")
+                if written:
+                    await answer.write(b"data: {}\n\n")
                 raise RuntimeError("a bug")
 
             monkeypatch.setattr(service.app[RELAY], "relay", broken)
             reader, writer = await asyncio.open_connection(*_address(service))
             writer.write(_request(STREAM))
-            read = await asyncio.wait_for(reader.read(), 5)  # up to the connection's end
+            if written:
+                read = await asyncio.wait_for(reader.read(), 5)  # up to the connection's end
+            else:
+                answer = await _read_answer(reader)
+                monkeypatch.undo()
+                writer.write(_request())
+                after = await _read_answer(reader)
             writer.close()
             monkeypatch.undo()
-            (answer,) = await _exchange(service, _request())
-    assert read.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert read.endswith(b"\r\n\r\na\r\ndata: {}\n\n\r\n"), read  # the chunk written, no more
-    assert answer.status == 200
+            (last,) = await _exchange(service, _request())
+    if written:
+        assert read.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert read.endswith(b"\r\n\r\na\r\ndata: {}\n\n\r\n"), read  # the chunk written, no more
+    else:
+        assert answer.status == 500 and answer.field("Content-Type") == "application/json; charset=utf-8"
+        assert json.loads(answer.body)["error"]["type"] == "internal_error"
+        assert after.status == 200
+    assert last.status == 200
 
 
 # -- shutdown -----------------------------------------------------------------------------------
