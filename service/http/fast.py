@@ -112,12 +112,14 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.transport.close()
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
-        """Let the request in flight finish within `timeout`, then close."""
+        """Let the request in flight finish within twice `timeout`, then close: aiohttp's
+        `RequestHandler.shutdown` waits for its handler within `timeout`, then cancels its
+        request's body (which the fast path has whole) and waits within `timeout` again."""
         self.closing = True
         task = self.task
         if task is not None and not task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(task), timeout)
+                await asyncio.wait_for(asyncio.shield(task), None if timeout is None else 2 * timeout)
             except (asyncio.CancelledError, TimeoutError):
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
