@@ -92,8 +92,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.refused = False
         """The request being parsed is aiohttp's (told by the parser's callback)."""
         self.paused = False
-        """Reading is paused: a client sent more than a request while one was answered, or
-        does not read its answers (`blocked`)."""
+        """Reading is paused: a client sent more than a request's most while one was answered,
+        or while it did not read its answers (`blocked`)."""
         self.blocked = False
         """The transport's buffer is over its limit (`pause_writing`): no request is taken
         and no stream written until the client reads it down, as aiohttp's `drain` waits."""
@@ -154,7 +154,7 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def resume_writing(self) -> None:
         self.unblock()
-        if self.task is None and self.transport is not None:
+        if self.task is None and self.transport is not None and not self.closing:  # closing: none taken
             self._next()
 
     def data_received(self, data: bytes) -> None:
@@ -337,10 +337,9 @@ class FastConnection(asyncio.Protocol, Outlet):
             transport.close()
             return
         self.idle_since = self.loop.time()
-        if self.blocked:  # the client reads too slowly: the next request waits for `resume_writing`
-            transport.pause_reading()
-            self.paused = True
-            return
+        if self.blocked:  # the client reads too slowly: the next request waits for `resume_writing`,
+            return  # read meanwhile up to a request's most, as during an answer (`data_received`):
+            # bytes left unread in the socket would make its close a reset, losing the answer's end
         self._next()
 
     def _next(self) -> None:
