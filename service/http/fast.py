@@ -385,7 +385,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.timer = None
         if self.transport is None:
             return
-        if self.task is not None or self.head is not None:  # a request in hand, or its body coming
+        if self.task is not None or self.head is not None or self.blocked:
+            # a request in hand, its body coming, or its answer being read: as aiohttp's handler,
+            # which waits for its answer to be read (`drain`) before its keep-alive counts
             self.idle_since = self.loop.time()
         elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
             # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes

@@ -417,6 +417,39 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(sops_pro
         writer.close()
 
 
+async def test_a_connection_whose_answer_is_read_slowly_is_not_idle(sops_project: SopsProject) -> None:
+    """A client reading a large answer for longer than the keep-alive timeout, with a request
+    sent behind it: the connection is not idle meanwhile (as aiohttp's, whose handler waits for
+    the answer to be read), and the request behind it is answered once the client has read."""
+    prompt = "x" * 300_000  # an answer of about as much: the stand-in echoes it
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.2)
+        await site.start()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.runner.addresses[-1][1]))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+        assert service.runner.server is not None
+        await asyncio.sleep(0.05)
+        (ours,) = [c for c in service.runner.server.connections if isinstance(c, FastConnection)]
+        assert ours.transport is not None
+        ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        incoming = cast(asyncio.Transport, writer.transport)
+        incoming.pause_reading()  # the client reads nothing yet
+        writer.write(_request(body))
+        await eventually(lambda: ours.blocked and ours.task is None, timeout=10)
+        writer.write(_request())  # behind the answer not read
+        await asyncio.sleep(0.6)  # thrice the keep-alive timeout
+        incoming.resume_reading()
+        first = await _read_answer(reader)
+        second = await _read_answer(reader)
+        writer.close()
+    assert first.status == 200 and len(first.body) > 300_000
+    assert second.status == 200 and b"a says: hi" in second.body
+
+
 # -- shutdown and clients that leave ---------------------------------------------------------
 
 
