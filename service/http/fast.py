@@ -269,16 +269,20 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.task = None
             return
         writer = request.writer
-        if writer is not None and response is not call.prepared:  # a failure once a stream began (a bug)
+        if writer is not None and response is not call.prepared:
+            # `relayed`'s answer to a failure once a stream began (a bug). Once the stream ended,
+            # nothing more is written (as aiohttp's ended writer writes nothing); in its middle,
+            # it can neither end as it should nor be answered: the connection is closed; while
+            # nothing of it went out (its head waits for its first bytes), the answer goes instead.
             stream = call.prepared
-            if stream is not None and stream.body_length:  # ended: nothing more is written, as by
-                response = stream  # aiohttp's ended writer
-            elif writer.output_size:  # in its middle: it cannot end as it should, nor be answered
+            if stream is not None and stream.body_length:
+                response = stream
+            elif writer.output_size:
                 self.task = None
                 self.transport.close()
                 return
-            else:  # nothing of it went out (its head waits for its first bytes): the answer goes
-                request.writer = None  # instead, as if the stream had never been
+            else:
+                request.writer = None  # as if the stream had never been
         if not response.prepared:
             try:
                 whole = serialized(request, response)
@@ -337,9 +341,11 @@ class FastConnection(asyncio.Protocol, Outlet):
             transport.close()
             return
         self.idle_since = self.loop.time()
-        if self.blocked:  # the client reads too slowly: the next request waits for `resume_writing`,
-            return  # read meanwhile up to a request's most, as during an answer (`data_received`):
-            # bytes left unread in the socket would make its close a reset, losing the answer's end
+        if self.blocked:
+            # the client reads too slowly: the next request waits for `resume_writing`, read
+            # meanwhile up to a request's most as during an answer (`data_received`), not left
+            # in the socket, which would make its close a reset, losing the answer's last bytes
+            return
         self._next()
 
     def _next(self) -> None:
