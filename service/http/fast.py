@@ -112,14 +112,17 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.transport.close()
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
-        """Let the request in flight finish within twice `timeout`, then close: aiohttp's
-        `RequestHandler.shutdown` waits for its handler within `timeout`, then cancels its
-        request's body (which the fast path has whole) and waits within `timeout` again."""
+        """Let the request in flight (a stream too) finish within `timeout`, then close.
+
+        On purpose shorter than aiohttp's `RequestHandler.shutdown`, which waits within `timeout`,
+        then cancels its request's body (which the fast path has whole) and waits within
+        `timeout` again: `serve`'s 10 s is what the deployments' grace periods are sized for
+        (docs/reference.md §3.2)."""
         self.closing = True
         task = self.task
         if task is not None and not task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(task), None if timeout is None else 2 * timeout)
+                await asyncio.wait_for(asyncio.shield(task), timeout)
             except (asyncio.CancelledError, TimeoutError):
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
