@@ -92,8 +92,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.refused = False
         """The request being parsed is aiohttp's (told by the parser's callback)."""
         self.paused = False
-        """Reading is paused: a client sent more than a request while one was answered, or
-        does not read its answers (`blocked`)."""
+        """Reading is paused: a client sent more than a request's most while one was answered,
+        or while it did not read its answers (`blocked`)."""
         self.blocked = False
         """The transport's buffer is over its limit (`pause_writing`): no request is taken
         and no stream written until the client reads it down, as aiohttp's `drain` waits."""
@@ -112,7 +112,12 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.transport.close()
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
-        """Let the request in flight finish within `timeout`, then close."""
+        """Let the request in flight (a stream too) finish within `timeout`, then close.
+
+        On purpose shorter than aiohttp's `RequestHandler.shutdown`, which waits within `timeout`,
+        then cancels its request's body (which the fast path has whole) and waits within
+        `timeout` again: `serve`'s 10 s is what the deployments' grace periods are sized for
+        (docs/reference.md §3.2)."""
         self.closing = True
         task = self.task
         if task is not None and not task.done():
@@ -152,7 +157,7 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def resume_writing(self) -> None:
         self.unblock()
-        if self.task is None and self.transport is not None:
+        if self.task is None and self.transport is not None and not self.closing:  # closing: none taken
             self._next()
 
     def data_received(self, data: bytes) -> None:
@@ -266,6 +271,21 @@ class FastConnection(asyncio.Protocol, Outlet):
         if self.transport is None:  # the client left: what is left of its answer goes nowhere
             self.task = None
             return
+        writer = request.writer
+        if writer is not None and response is not call.prepared:
+            # `relayed`'s answer to a failure once a stream began (a bug). Once the stream ended,
+            # nothing more is written (as aiohttp's ended writer writes nothing); in its middle,
+            # it can neither end as it should nor be answered: the connection is closed; while
+            # nothing of it went out (its head waits for its first bytes), the answer goes instead.
+            stream = call.prepared
+            if stream is not None and stream.body_length:
+                response = stream
+            elif writer.output_size:
+                self.task = None
+                self.transport.close()
+                return
+            else:
+                request.writer = None  # as if the stream had never been
         if not response.prepared:
             try:
                 whole = serialized(request, response)
@@ -324,9 +344,10 @@ class FastConnection(asyncio.Protocol, Outlet):
             transport.close()
             return
         self.idle_since = self.loop.time()
-        if self.blocked:  # the client reads too slowly: the next request waits for `resume_writing`
-            transport.pause_reading()
-            self.paused = True
+        if self.blocked:
+            # the client reads too slowly: the next request waits for `resume_writing`, read
+            # meanwhile up to a request's most as during an answer (`data_received`), not left
+            # in the socket, which would make its close a reset, losing the answer's last bytes
             return
         self._next()
 
@@ -373,7 +394,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.timer = None
         if self.transport is None:
             return
-        if self.task is not None or self.head is not None:  # a request in hand, or its body coming
+        if self.task is not None or self.head is not None or self.blocked:
+            # a request in hand, its body coming, or its answer being read: as aiohttp's handler,
+            # which waits for its answer to be read (`drain`) before its keep-alive counts
             self.idle_since = self.loop.time()
         elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
             # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes

@@ -235,7 +235,8 @@ def _ran(coroutine: Coroutine[Any, Any, Any]) -> bool:
 def _stream_unlike_aiohttp(fields: CIMultiDictProxy[str]) -> str | None:
     """What is amiss in a stream written by aiohttp's `StreamResponse` and `StreamWriter` onto an
     `Outlet`: its bytes, and a write over the buffer's limit waiting while the outlet is
-    `blocked` (what they read of a request and a connection, private, is as the fast path has it)."""
+    `blocked` (what they read of a request and a connection, private, is as the fast path has it),
+    and its `body_length` told once its end is written, not before."""
     outlet = Outlet()
     outlet.transport = cast(asyncio.Transport, recorder := _Recorder())
     outlet.loop, outlet.blocked, outlet.drained = asyncio.get_running_loop(), False, None
@@ -249,8 +250,14 @@ def _stream_unlike_aiohttp(fields: CIMultiDictProxy[str]) -> str | None:
     if _ran(writing) or outlet.drained is None:
         return "a stream's write does not wait for a blocked connection"
     outlet.unblock()
-    if not _ran(writing) or not _ran(answer.write_eof(b"end")):
+    if not _ran(writing):
         return "a stream's write waits for an unblocked connection"
+    if answer.body_length:  # told once its end is written: `FastConnection._relay` reads it
+        return "a stream's body_length is told before its end"
+    if not _ran(answer.write_eof(b"end")):
+        return "a stream's end waits for an unblocked connection"
+    if not answer.body_length:
+        return "a stream's body_length is not told at its end"
     date = recorder.written.partition(b"\r\nDate: ")[2].partition(b"\r\n")[0]
     expected = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"

@@ -1,8 +1,10 @@
 """`run`: what `aiohttp.web.run_app` does for the service, with the gateway's own connections.
 
 The same duties as `run_app`'s (the app's startup and cleanup, SIGINT and SIGTERM, a graceful
-shutdown within `shutdown_timeout`), but the listening socket is a `FastSite`'s: each connection
-is the gateway's fast path until a request hands it to aiohttp (`service.http.fast`).
+shutdown within `shutdown_timeout`: a request in flight, a stream too, is cut after it; one
+aiohttp's server answers may have it twice over), but the listening socket is a `FastSite`'s:
+each connection is the gateway's fast path until a request hands it to aiohttp
+(`service.http.fast`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import logging
 import re
 import socket
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import pytest
 from aiohttp import hdrs, web
@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from service.http.app import GATEWAY
 from service.http.context import HEALTH, RELAY
 from service.http.fast import KEEPALIVE_S, FastConnection, FastSite
-from tests.conftest import Service, SopsProject, serve
+from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.gateway import write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream
 
@@ -417,6 +417,39 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(sops_pro
         writer.close()
 
 
+async def test_a_connection_whose_answer_is_read_slowly_is_not_idle(sops_project: SopsProject) -> None:
+    """A client reading a large answer for longer than the keep-alive timeout, with a request
+    sent behind it: the connection is not idle meanwhile (as aiohttp's, whose handler waits for
+    the answer to be read), and the request behind it is answered once the client has read."""
+    prompt = "x" * 300_000  # an answer of about as much: the stand-in echoes it
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.2)
+        await site.start()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.runner.addresses[-1][1]))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+        assert service.runner.server is not None
+        await asyncio.sleep(0.05)
+        (ours,) = [c for c in service.runner.server.connections if isinstance(c, FastConnection)]
+        assert ours.transport is not None
+        ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        incoming = cast(asyncio.Transport, writer.transport)
+        incoming.pause_reading()  # the client reads nothing yet
+        writer.write(_request(body))
+        await eventually(lambda: ours.blocked and ours.task is None, timeout=10)
+        writer.write(_request())  # behind the answer not read
+        await asyncio.sleep(0.6)  # thrice the keep-alive timeout
+        incoming.resume_reading()
+        first = await _read_answer(reader)
+        second = await _read_answer(reader)
+        writer.close()
+    assert first.status == 200 and len(first.body) > 300_000
+    assert second.status == 200 and b"a says: hi" in second.body
+
+
 # -- shutdown and clients that leave ---------------------------------------------------------
 
 
@@ -439,6 +472,44 @@ async def test_shutdown_closes_idle_connections_and_lets_a_request_in_flight_fin
             await stopping
             idle_writer.close()
             busy_writer.close()
+
+
+async def test_an_answer_read_slowly_is_read_whole_when_shutdown_closes_its_connection(
+    sops_project: SopsProject,
+) -> None:
+    """A client that reads nothing of a large answer yet and sends a request behind it: shutdown
+    closes the connection once the answer is written out, and the client reads all of it, then
+    the connection's end, as from aiohttp's server. The request behind it is read (not left in
+    the socket, which a close would answer with a reset, losing the answer's last bytes) but
+    not taken."""
+    prompt = "x" * 300_000  # an answer of about as much: the stand-in echoes it
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project) as (service, up):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, _address(service))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+        assert service.runner.server is not None
+        await asyncio.sleep(0.05)
+        (ours,) = [c for c in service.runner.server.connections if isinstance(c, FastConnection)]
+        assert ours.transport is not None
+        ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        incoming = cast(asyncio.Transport, writer.transport)
+        incoming.pause_reading()  # the client reads nothing yet
+        writer.write(_request(body))
+        await eventually(lambda: ours.blocked and ours.task is None, timeout=10)
+        before = len(up.requests)
+        writer.write(_request())  # behind the answer not read
+        await asyncio.sleep(0.1)
+        await service.stop()
+        incoming.resume_reading()
+        answer = await _read_answer(reader)
+        end = await asyncio.wait_for(reader.read(), 10)  # the connection's end, not a reset
+        writer.close()
+        assert len(up.requests) == before
+    assert answer.status == 200 and len(answer.body) == int(answer.field("Content-Length") or 0) > 300_000
+    assert end == b""
 
 
 async def test_a_client_that_leaves_mid_request_cancels_it_and_the_service_goes_on(
