@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from itertools import chain
+from itertools import chain, repeat
+from operator import floordiv, itemgetter
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
-from service.usage.encoding import from_micros, micros, values_of
+from service.usage.encoding import from_micros, micros, pico_text, values_of
 from service.usage.encoding import row as row_of
 from service.usage.query import (
     MAX_GROUPS,
@@ -135,6 +136,8 @@ _COLUMNS = (
     "cost_pico, priced, estimated, replica, limited"
 )
 VALUES_PER_ROW = 22
+LINE_WIDTH = VALUES_PER_ROW + 1
+"""A line's values (`encoding.fields`): its format's version, then the columns in their order."""
 _ROW = "(" + ", ".join("?" * VALUES_PER_ROW) + ")"
 _ROLLUP_SUMS = (
     "requests",
@@ -162,15 +165,24 @@ _COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
 _ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
 _ROWS_PER_INSERT = 500
 _SLICES = (64, 16, 4, 1)
-"""The rows one statement of `insert_rows` holds: a batch goes in the largest that fit, so a few
+"""The rows one statement of `insert_values` holds: a batch goes in the largest that fit, so a few
 statements (each prepared once, then cached by the driver) store it, not one a row. Each lets
 the GIL go once while SQLite runs it, and binds its values (the GIL held) in well under 0.1 ms."""
 _INSERTS = {
     size: f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
-    + ", ".join([_ROW] * size)
+    + ", ".join(
+        "(" + ", ".join(f"?{start + column}" for column in range(2, LINE_WIDTH + 1)) + ")"
+        for start in range(0, size * LINE_WIDTH, LINE_WIDTH)
+    )
     + " ON CONFLICT (ts_us, id, replica) DO NOTHING"
     for size in _SLICES
 }
+"""Each takes the values of its lines one after the other, as they are (`_statements`): a line's
+version (`?1`, `?24`…) is bound and left unused, so that no row is made of a line."""
+_BOOLEANS = tuple(1 + column for column in (8, 18, 19, 21))
+"""Where a line holds the columns stored as 0 or 1 (`stream`, `priced`, `estimated`, `limited`)."""
+_COST_AT = 1 + 17
+"""Where a line holds its cost (the text `encoding.pico_text` reads)."""
 _HOUR_US = 3_600_000_000
 _PURGE_CHUNK = 5000
 
@@ -189,7 +201,7 @@ class SQLStore:
     """What makes a table kept in key order (SQLite's `WITHOUT ROWID`)."""
     max_rows: int = _ROWS_PER_INSERT
     """The most rows one INSERT may hold: SQLite binds at most 999 values in a statement
-    before 3.32 (32,766 since; a build may set another), `VALUES_PER_ROW` a row."""
+    before 3.32 (32,766 since; a build may set another), `LINE_WIDTH` a row."""
 
     @property
     def exists(self) -> bool:
@@ -227,31 +239,36 @@ class SQLStore:
     def insert(self, records: Sequence[Record]) -> int:
         """Store the records and add the new ones to the rollups, in one transaction; returns how
         many were new (a record whose `id` is already stored is skipped, not counted twice)."""
-        return self.insert_rows([_row(r) for r in records])
+        return self.insert_values([values_of(r) for r in records])
 
-    def insert_rows(self, rows: Sequence[Row]) -> int:
-        """`insert` of rows (the columns of `usage_records`, in order: `encoding.row`).
+    def insert_values(self, batch: Sequence[list[Any]]) -> int:
+        """`insert` of records given as their lines' values (`encoding.fields`, as the ledger
+        keeps them); the lists are not changed.
 
         Where the driver counts the rows a statement inserted (`counts_many`), the batch goes in
-        a few statements of many rows each (`_slices`), and when every row was new (the common
-        case: a batch is stored again only after a crash, and holds a record twice never) they
-        are the ones the rollups add. Else, and when some row was already stored, the rows
+        a few statements of many rows each (`_statements`: the lines' values in one list, no row
+        made of each), and when every row was new (the common case: a batch is stored again
+        only after a crash, and holds a record twice never) they are the ones the rollups add,
+        summed a statement at a time. Else, and when some row was already stored, the rows
         really inserted are told by RETURNING."""
-        if not rows:
+        if not batch:
             return 0
         if self.counts_many:
             try:
                 with self._transaction() as cur:
                     inserted = 0
-                    for sql, values in _slices(rows, self.max_rows):
+                    hourly: _Rollups = {}
+                    for sql, values in _statements(batch, self.max_rows):
                         cur.execute(sql, values)
                         inserted += cur.rowcount
-                    if inserted != len(rows):
+                        _add_up(hourly, values, 1, LINE_WIDTH)
+                    if inserted != len(batch):
                         raise _Stored  # some were stored already: undone, and done again knowing which
-                    self._add_rollups(cur, rows)
+                    self._upsert_rollups(cur, hourly)
                     return inserted
             except _Stored:
                 pass
+        rows = [row_of(values) for values in batch]
         unique = {(r[0], r[1], r[20]): r for r in reversed(rows)}  # the first of a repeated one
         return self._insert_returning(unique, list(unique.values()))
 
@@ -274,10 +291,18 @@ class SQLStore:
 
     @staticmethod
     def _add_rollups(cur: Cursor, rows: Sequence[Row]) -> None:
-        hourly = _rollups(rows)
+        """Add rows (`encoding.row`'s) to the rollups."""
+        hourly: _Rollups = {}
+        if rows:
+            _add_up(hourly, list(chain.from_iterable(rows)), 0, VALUES_PER_ROW)
+        SQLStore._upsert_rollups(cur, hourly)
+
+    @staticmethod
+    def _upsert_rollups(cur: Cursor, hourly: _Rollups) -> None:
+        """Add the hourly sums (`_add_up`'s), and the daily ones they make, to the rollups."""
         if not hourly:
             return
-        daily: dict[tuple[str, str, str, str, str], list[int]] = {}
+        daily: _Rollups = {}
         for (hour, client, provider, model, purpose), sums in hourly.items():
             key = (hour[:10], client, provider, model, purpose)
             found = daily.get(key)
@@ -485,44 +510,93 @@ def _record(row: Sequence[Any]) -> Record:
     )
 
 
-def _rollups(rows: Sequence[Row]) -> dict[tuple[str, str, str, str, str], list[int]]:
-    """The rows added up by UTC hour (`YYYY-MM-DDTHH`), client, provider, model and purpose."""
-    rollups: dict[tuple[str, str, str, str, str], list[int]] = {}
-    hours: dict[int, str] = {}
-    for r in rows:
-        hour = r[1] // _HOUR_US
-        period = hours.get(hour)
+_Rollups = dict[tuple[str, str, str, str, str], list[int]]
+"""Sums (`_ROLLUP_SUMS`) by UTC hour (`YYYY-MM-DDTHH`), client, provider, model and purpose."""
+
+
+def _add_up(rollups: _Rollups, flat: list[Any], first: int, width: int) -> None:
+    """Add rows to `rollups`: rows given one after the other in `flat`, `width` values each, the
+    columns of `usage_records` from `first` on (0 for rows, 1 for lines' values once
+    `_statements` made their stored values). Each group's sums are taken over its columns at
+    once: the batch of one client and model (the common case) is added up without a step a row."""
+    if not flat:
+        return
+
+    def column(index: int) -> list[Any]:
+        return flat[first + index :: width]
+
+    ts = column(1)
+    low, high = min(ts) // _HOUR_US, max(ts) // _HOUR_US
+    hours: Iterable[int] = repeat(low) if low == high else [t // _HOUR_US for t in ts]
+    keys = list(zip(hours, column(2), column(5), column(4), column(3), strict=False))
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    if len(dict.fromkeys(keys)) == 1:
+        picks: Iterable[tuple[tuple[Any, ...], Any]] = [(keys[0], None)]
+    else:
+        for i, key in enumerate(keys):
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [i]
+            else:
+                found.append(i)
+        picks = ((key, _picker(rows)) for key, rows in groups.items())
+    columns = [column(i) for i in (7, 21, 12, 13, 14, 15, 16, 17)]
+    periods: dict[int, str] = {}
+    for (hour, client, provider, model, purpose), pick in picks:
+        status, limited, prompt, cached, cache_write, completion, reasoning, cost = (
+            columns if pick is None else [pick(c) for c in columns]
+        )
+        period = periods.get(hour)
         if period is None:
-            period = hours[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
-        key = (period, r[2] or "", r[5] or "", r[4] or "", r[3])
-        sums = rollups.get(key)
+            period = periods[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
+        named = (period, client or "", provider or "", model or "", purpose)
+        sums = rollups.get(named)
         if sums is None:
-            sums = rollups[key] = [0] * len(_ROLLUP_SUMS)
-        limited = r[21]
-        micro, rest = divmod(r[17], 1_000_000)
-        sums[0] += 1
-        if not limited and r[7] >= 500:
-            sums[1] += 1
-        sums[2] += limited
-        sums[3] += r[12]
-        sums[4] += r[13]
-        sums[5] += r[14]
-        sums[6] += r[15]
-        sums[7] += r[16]
+            sums = rollups[named] = [0] * len(_ROLLUP_SUMS)
+        micro = sum(map(floordiv, cost, repeat(1_000_000)))
+        sums[0] += len(status)
+        if max(status) >= 500:
+            sums[1] += sum(1 for s, lim in zip(status, limited, strict=True) if s >= 500 and not lim)
+        sums[2] += sum(limited)
+        sums[3] += sum(prompt)
+        sums[4] += sum(cached)
+        sums[5] += sum(cache_write)
+        sums[6] += sum(completion)
+        sums[7] += sum(reasoning)
         sums[8] += micro
-        sums[9] += rest
-    return rollups
+        sums[9] += sum(cost) - micro * 1_000_000  # each row's rest (below a micro-dollar), summed
 
 
-def _slices(rows: Sequence[Row], max_rows: int) -> Iterator[tuple[str, list[Any]]]:
-    """`rows` as statements of `_SLICES` rows each (`max_rows` at most), largest first, and their values."""
+def _picker(rows: list[int]) -> Any:
+    """What takes a group's values (`rows`, its indexes) out of a column, as a sequence."""
+    if len(rows) == 1:
+        only = rows[0]
+        return lambda values: (values[only],)
+    return itemgetter(*rows)
+
+
+def _statements(batch: Sequence[list[Any]], max_rows: int) -> Iterator[tuple[str, list[Any]]]:
+    """A batch of lines' values as statements of `_SLICES` rows each (`max_rows` at most),
+    largest first, and their values: the lines' values one after the other, with each boolean
+    made 0 or 1 and each cost whole pico-dollars, as `encoding.row` makes them."""
     start = 0
     for size in _SLICES:
         if size > max_rows:
             continue
         sql = _INSERTS[size]
-        while len(rows) - start >= size:
-            yield sql, list(chain.from_iterable(rows[start : start + size]))
+        while len(batch) - start >= size:
+            values = list(chain.from_iterable(batch[start : start + size]))
+            for at in _BOOLEANS:
+                column = values[at::LINE_WIDTH]
+                try:
+                    values[at::LINE_WIDTH] = bytes(column)  # booleans as 0 and 1, in one C loop
+                except (
+                    TypeError,
+                    ValueError,
+                ):  # not all whole numbers 0 to 255 (a line by hand): each its own
+                    values[at::LINE_WIDTH] = map(int, column)
+            values[_COST_AT::LINE_WIDTH] = map(pico_text, values[_COST_AT::LINE_WIDTH])
+            yield sql, values
             start += size
 
 
