@@ -249,7 +249,7 @@ class SQLStore:
         a few statements of many rows each (`_statements`: the lines' values in one list, no row
         made of each), and when every row was new (the common case: a batch is stored again
         only after a crash, and holds a record twice never) they are the ones the rollups add,
-        summed a statement at a time. Else, and when some row was already stored, the rows
+        summed a column at a time. Else, and when some row was already stored, the rows
         really inserted are told by RETURNING."""
         if not batch:
             return 0
@@ -257,13 +257,20 @@ class SQLStore:
             try:
                 with self._transaction() as cur:
                     inserted = 0
-                    hourly: _Rollups = {}
+                    bound: list[list[Any]] = []
                     for sql, values in _statements(batch, self.max_rows):
                         cur.execute(sql, values)
                         inserted += cur.rowcount
-                        _add_up(hourly, values, 1, LINE_WIDTH)
+                        bound.append(values)
                     if inserted != len(batch):
                         raise _Stored  # some were stored already: undone, and done again knowing which
+                    hourly: _Rollups = {}
+                    _add_up(
+                        hourly,
+                        bound[0] if len(bound) == 1 else list(chain.from_iterable(bound)),
+                        1,
+                        LINE_WIDTH,
+                    )
                     self._upsert_rollups(cur, hourly)
                     return inserted
             except _Stored:
@@ -541,14 +548,15 @@ def _add_up(rollups: _Rollups, flat: list[Any], first: int, width: int) -> None:
                 found.append(i)
         picks = ((key, _picker(rows)) for key, rows in groups.items())
     columns = [column(i) for i in (7, 21, 12, 13, 14, 15, 16, 17)]
-    periods: dict[int, str] = {}
     for (hour, client, provider, model, purpose), pick in picks:
         status, limited, prompt, cached, cache_write, completion, reasoning, cost = (
             columns if pick is None else [pick(c) for c in columns]
         )
-        period = periods.get(hour)
+        period = _PERIODS.get(hour)
         if period is None:
-            period = periods[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
+            if len(_PERIODS) >= _PERIODS_KEPT:
+                _PERIODS.clear()
+            period = _PERIODS[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
         named = (period, client or "", provider or "", model or "", purpose)
         sums = rollups.get(named)
         if sums is None:
@@ -565,6 +573,11 @@ def _add_up(rollups: _Rollups, flat: list[Any], first: int, width: int) -> None:
         sums[7] += sum(reasoning)
         sums[8] += micro
         sums[9] += sum(cost) - micro * 1_000_000  # each row's rest (below a micro-dollar), summed
+
+
+_PERIODS: dict[int, str] = {}
+"""The `YYYY-MM-DDTHH` of the hours (since 1970) added up lately: each batch's are the same few."""
+_PERIODS_KEPT = 1024
 
 
 def _picker(rows: list[int]) -> Any:
