@@ -378,24 +378,41 @@ def test_a_sqlite_that_binds_at_most_999_values_a_statement_stores_a_batch_once(
         store.close()
 
 
-@pytest.mark.parametrize("size", [1, 5, 64, 85])
-def test_a_statement_binds_each_line_s_values_as_its_row_holds_them(size: int) -> None:
-    """`insert_values` binds the lines' values one after the other (a line's version left unused):
-    each value as `encoding.row` makes it, of the same type (booleans 0 or 1, a cost whole
-    pico-dollars), also where a line written by hand holds a number or a text for a boolean;
-    the lines themselves are left as they were."""
-    rng = random.Random(size)
+@pytest.mark.parametrize(
+    ("size", "names"), [(1, 1), (5, 1), (16, 1), (16, 3), (64, 1), (64, 2), (85, 1), (85, 3)]
+)
+def test_a_statement_binds_each_line_s_values_as_its_row_holds_them(size: int, names: int) -> None:
+    """`insert_values` binds the lines' values a column at a time (a name every row of a statement
+    holds bound once): each row as `encoding.row` makes it, each value of the same type (booleans
+    0 or 1, a cost whole pico-dollars), also where a line written by hand holds a number or a
+    text for a boolean, or a number for a name; the lines themselves are left as they were."""
+    rng = random.Random(size * names)
     batch = [
-        values_of(record(stream=rng.random() < 0.5, cost_usd=Decimal(rng.randrange(10**15)).scaleb(-12)))
+        values_of(
+            record(
+                client=rng.choice(["a", None, "c"][:names]),
+                model=rng.choice(["m", "n", "o"][:names]),
+                provider="p" if names == 1 else rng.choice(["p", None]),
+                stream=rng.random() < 0.5,
+                ttfb_ms=rng.choice([None, 12.5]),
+                cost_usd=Decimal(rng.randrange(10**15)).scaleb(-12),
+            )
+        )
         for _ in range(size)
     ]
-    if size > 1:
+    if size > 1 and names > 1:
         batch[1][9], batch[1][19], batch[1][20], batch[1][22] = 1, 0.0, "1", 300  # by hand
         batch[-1][18] = "7.5E-7"  # as lines before issue 22 wrote a cost
+        batch[0][3], batch[-1][3] = 5, 5.0  # a number where a name goes
     kept = [list(values) for values in batch]
-    bound = [value for _, values in sql._statements(batch, 500) for value in values]
-    expected = [value for values in batch for value in (values[0], *row(values))]
-    assert [(type(v), v) for v in bound] == [(type(v), v) for v in expected]
+    db = sqlite3.connect(":memory:")
+    db.execute(f"CREATE TABLE usage_records ({sql._COLUMNS}, UNIQUE (ts_us, id, replica))")  # as bound
+    for statement, values, _ in sql._statements(batch, 500):
+        db.execute(statement, values)
+    found = db.execute("SELECT * FROM usage_records ORDER BY rowid").fetchall()
+    assert [[(type(v), v) for v in r] for r in found] == [
+        [(type(v), v) for v in row(values)] for values in batch
+    ]
     assert batch == kept
 
 

@@ -17,12 +17,13 @@ dialects write differently: the UTC hour of a timestamp.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from itertools import chain, repeat
-from operator import floordiv, itemgetter
+from operator import floordiv, getitem, itemgetter
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
@@ -168,21 +169,18 @@ _SLICES = (64, 16, 4, 1)
 """The rows one statement of `insert_values` holds: a batch goes in the largest that fit, so a few
 statements (each prepared once, then cached by the driver) store it, not one a row. Each lets
 the GIL go once while SQLite runs it, and binds its values (the GIL held) in well under 0.1 ms."""
-_INSERTS = {
-    size: f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
-    + ", ".join(
-        "(" + ", ".join(f"?{start + column}" for column in range(2, LINE_WIDTH + 1)) + ")"
-        for start in range(0, size * LINE_WIDTH, LINE_WIDTH)
-    )
-    + " ON CONFLICT (ts_us, id, replica) DO NOTHING"
-    for size in _SLICES
-}
-"""Each takes the values of its lines one after the other, as they are (`_statements`): a line's
-version (`?1`, `?24`…) is bound and left unused, so that no row is made of a line."""
-_BOOLEANS = tuple(1 + column for column in (8, 18, 19, 21))
-"""Where a line holds the columns stored as 0 or 1 (`stream`, `priced`, `estimated`, `limited`)."""
-_COST_AT = 1 + 17
-"""Where a line holds its cost (the text `encoding.pico_text` reads)."""
+_INSERTS: dict[tuple[int, int], str] = {}
+"""`_insert_sql`'s statements, made once each."""
+_BOOLEANS = (8, 18, 19, 21)
+"""The columns stored as 0 or 1 (`stream`, `priced`, `estimated`, `limited`)."""
+_COST_AT = 17
+"""The column of the cost (whole pico-dollars, from the line's text)."""
+_NAMES = (2, 3, 4, 5, 6, 20)
+"""The columns of names (client, purpose, model, provider, upstream model, replica): the same in
+most rows of a statement (the replica's always), and then bound once for all of them."""
+_SHARED_FROM = 16
+"""A statement this large binds once a name all its rows share: a smaller one, each row's (so
+that the statements of the smaller sizes, each prepared once, stay few)."""
 _HOUR_US = 3_600_000_000
 _PURGE_CHUNK = 5000
 
@@ -201,7 +199,7 @@ class SQLStore:
     """What makes a table kept in key order (SQLite's `WITHOUT ROWID`)."""
     max_rows: int = _ROWS_PER_INSERT
     """The most rows one INSERT may hold: SQLite binds at most 999 values in a statement
-    before 3.32 (32,766 since; a build may set another), `LINE_WIDTH` a row."""
+    before 3.32 (32,766 since; a build may set another), `VALUES_PER_ROW` a row."""
 
     @property
     def exists(self) -> bool:
@@ -246,31 +244,28 @@ class SQLStore:
         keeps them); the lists are not changed.
 
         Where the driver counts the rows a statement inserted (`counts_many`), the batch goes in
-        a few statements of many rows each (`_statements`: the lines' values in one list, no row
-        made of each), and when every row was new (the common case: a batch is stored again
-        only after a crash, and holds a record twice never) they are the ones the rollups add,
-        summed a column at a time. Else, and when some row was already stored, the rows
-        really inserted are told by RETURNING."""
+        a few statements of many rows each (`_statements`: the lines' values bound a column at
+        a time, no row made of each, a name all rows share bound once), and when every row was
+        new (the common case: a batch is stored again only after a crash, and holds a record
+        twice never) they are the ones the rollups add, summed a column at a time. Else, and
+        when some row was already stored, the rows really inserted are told by RETURNING."""
         if not batch:
             return 0
         if self.counts_many:
             try:
                 with self._transaction() as cur:
                     inserted = 0
-                    bound: list[list[Any]] = []
-                    for sql, values in _statements(batch, self.max_rows):
+                    bound: list[list[Sequence[Any]]] = []
+                    for sql, values, columns in _statements(batch, self.max_rows):
                         cur.execute(sql, values)
                         inserted += cur.rowcount
-                        bound.append(values)
+                        bound.append(columns)
                     if inserted != len(batch):
                         raise _Stored  # some were stored already: undone, and done again knowing which
                     hourly: _Rollups = {}
-                    _add_up(
-                        hourly,
-                        bound[0] if len(bound) == 1 else list(chain.from_iterable(bound)),
-                        1,
-                        LINE_WIDTH,
-                    )
+                    if len(bound) > 1:  # the batch's columns, each whole
+                        bound = [list(map(list, map(chain.from_iterable, zip(*bound, strict=True))))]
+                    _add_up(hourly, bound[0])
                     self._upsert_rollups(cur, hourly)
                     return inserted
             except _Stored:
@@ -301,7 +296,7 @@ class SQLStore:
         """Add rows (`encoding.row`'s) to the rollups."""
         hourly: _Rollups = {}
         if rows:
-            _add_up(hourly, list(chain.from_iterable(rows)), 0, VALUES_PER_ROW)
+            _add_up(hourly, list(zip(*rows, strict=True)))
         SQLStore._upsert_rollups(cur, hourly)
 
     @staticmethod
@@ -521,21 +516,16 @@ _Rollups = dict[tuple[str, str, str, str, str], list[int]]
 """Sums (`_ROLLUP_SUMS`) by UTC hour (`YYYY-MM-DDTHH`), client, provider, model and purpose."""
 
 
-def _add_up(rollups: _Rollups, flat: list[Any], first: int, width: int) -> None:
-    """Add rows to `rollups`: rows given one after the other in `flat`, `width` values each, the
-    columns of `usage_records` from `first` on (0 for rows, 1 for lines' values once
-    `_statements` made their stored values). Each group's sums are taken over its columns at
-    once: the batch of one client and model (the common case) is added up without a step a row."""
-    if not flat:
+def _add_up(rollups: _Rollups, columns: Sequence[Sequence[Any]]) -> None:
+    """Add rows to `rollups`, given as the columns of `usage_records` (each a sequence of the rows'
+    values, as stored). Each group's sums are taken over its columns at once: the batch of one
+    client and model (the common case) is added up without a step a row."""
+    if not columns or not columns[1]:
         return
-
-    def column(index: int) -> list[Any]:
-        return flat[first + index :: width]
-
-    ts = column(1)
+    ts = columns[1]
     low, high = min(ts) // _HOUR_US, max(ts) // _HOUR_US
     hours: Iterable[int] = repeat(low) if low == high else [t // _HOUR_US for t in ts]
-    keys = list(zip(hours, column(2), column(5), column(4), column(3), strict=False))
+    keys = list(zip(hours, columns[2], columns[5], columns[4], columns[3], strict=False))
     groups: dict[tuple[Any, ...], list[int]] = {}
     if len(dict.fromkeys(keys)) == 1:
         picks: Iterable[tuple[tuple[Any, ...], Any]] = [(keys[0], None)]
@@ -547,10 +537,10 @@ def _add_up(rollups: _Rollups, flat: list[Any], first: int, width: int) -> None:
             else:
                 found.append(i)
         picks = ((key, _picker(rows)) for key, rows in groups.items())
-    columns = [column(i) for i in (7, 21, 12, 13, 14, 15, 16, 17)]
+    summed = [columns[i] for i in (7, 21, 12, 13, 14, 15, 16, 17)]
     for (hour, client, provider, model, purpose), pick in picks:
         status, limited, prompt, cached, cache_write, completion, reasoning, cost = (
-            columns if pick is None else [pick(c) for c in columns]
+            summed if pick is None else [pick(c) for c in summed]
         )
         period = _PERIODS.get(hour)
         if period is None:
@@ -588,29 +578,74 @@ def _picker(rows: list[int]) -> Any:
     return itemgetter(*rows)
 
 
-def _statements(batch: Sequence[list[Any]], max_rows: int) -> Iterator[tuple[str, list[Any]]]:
+def _statements(
+    batch: Sequence[list[Any]], max_rows: int
+) -> Iterator[tuple[str, list[Any], list[Sequence[Any]]]]:
     """A batch of lines' values as statements of `_SLICES` rows each (`max_rows` at most),
-    largest first, and their values: the lines' values one after the other, with each boolean
-    made 0 or 1 and each cost whole pico-dollars, as `encoding.row` makes them."""
+    largest first: each statement, its values (a column after the other: each boolean 0 or
+    1 and each cost whole pico-dollars, as `encoding.row` makes them; a name all its rows share
+    once), and its columns (`usage_records`', the rows' values as stored)."""
     start = 0
     for size in _SLICES:
         if size > max_rows:
             continue
-        sql = _INSERTS[size]
         while len(batch) - start >= size:
-            values = list(chain.from_iterable(batch[start : start + size]))
-            for at in _BOOLEANS:
-                column = values[at::LINE_WIDTH]
+            flat = list(chain.from_iterable(batch[start : start + size]))
+            columns: list[Sequence[Any]] = list(map(flat.__getitem__, _COLUMNS_OF_LINES))
+            for index in _BOOLEANS:
                 try:
-                    values[at::LINE_WIDTH] = bytes(column)  # booleans as 0 and 1, in one C loop
+                    columns[index] = bytes(columns[index])  # booleans as 0 and 1, in one C loop
                 except (
                     TypeError,
                     ValueError,
                 ):  # not all whole numbers 0 to 255 (a line by hand): each its own
-                    values[at::LINE_WIDTH] = map(int, column)
-            values[_COST_AT::LINE_WIDTH] = map(pico_text, values[_COST_AT::LINE_WIDTH])
-            yield sql, values
+                    columns[index] = list(map(int, columns[index]))
+            columns[_COST_AT] = list(map(pico_text, columns[_COST_AT]))
+            shared = 0
+            if size >= _SHARED_FROM:
+                for index in _NAMES:
+                    names = columns[index]
+                    first = names[0]
+                    if (first is None or type(first) is str) and names.count(first) == size:
+                        shared |= 1 << index
+            if shared:
+                values = list(chain.from_iterable(map(getitem, columns, _bound(shared))))
+            else:
+                values = list(chain.from_iterable(columns))
+            yield _insert_sql(size, shared), values, columns
             start += size
+
+
+_COLUMNS_OF_LINES = tuple(slice(at, None, LINE_WIDTH) for at in range(1, LINE_WIDTH))
+"""Where each column's values are in the lines' values one after the other."""
+_ALL, _FIRST = slice(None), slice(1)
+
+
+@functools.cache
+def _bound(shared: int) -> tuple[slice, ...]:
+    """What of each column a statement binds: all its values, or the first (in `shared`) alone."""
+    return tuple(_FIRST if shared >> index & 1 else _ALL for index in range(VALUES_PER_ROW))
+
+
+def _insert_sql(size: int, shared: int) -> str:
+    """The INSERT of `size` rows bound a column after the other, each column of `shared` (a bit
+    for each, by its index) bound once for every row."""
+    sql = _INSERTS.get((size, shared))
+    if sql is None:
+        numbers = []  # each column's first parameter, and the step from a row to the next
+        at = 1
+        for index in range(VALUES_PER_ROW):
+            step = 0 if shared >> index & 1 else 1
+            numbers.append((at, step))
+            at += 1 if step == 0 else size
+        rows = ", ".join(
+            "(" + ", ".join(f"?{first + step * row}" for first, step in numbers) + ")" for row in range(size)
+        )
+        sql = _INSERTS[(size, shared)] = (
+            f"INSERT INTO usage_records ({_COLUMNS}) VALUES {rows} "
+            "ON CONFLICT (ts_us, id, replica) DO NOTHING"
+        )
+    return sql
 
 
 def _pieces(query: UsageQuery) -> Iterator[tuple[str, datetime, datetime]]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-from service.usage.stores.sql import LINE_WIDTH, SCHEMA, BadBatch, Cursor, SQLStore, StoreUnavailable
+from service.usage.stores.sql import SCHEMA, VALUES_PER_ROW, BadBatch, Cursor, SQLStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class SqliteStore(SQLStore):
                 isolation_level=None,  # transactions are explicit
                 check_same_thread=False,  # each is used by one thread at a time, and closed by any
                 timeout=5.0,
+                cached_statements=256,  # the INSERTs of each size, and of names a statement shares
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -94,7 +95,9 @@ class SqliteStore(SQLStore):
                     for statement in SCHEMA:
                         self._writer.execute(statement.replace("{clustered}", self.clustered))
             # what this SQLite binds in one statement (999 before 3.32): the rows an INSERT holds
-            self.max_rows = max(1, self._writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // LINE_WIDTH)
+            self.max_rows = max(
+                1, self._writer.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // VALUES_PER_ROW
+            )
             cur = self._writer.cursor()
             try:
                 cur.execute("BEGIN IMMEDIATE")
