@@ -137,8 +137,6 @@ _COLUMNS = (
     "cost_pico, priced, estimated, replica, limited"
 )
 VALUES_PER_ROW = 22
-LINE_WIDTH = VALUES_PER_ROW + 1
-"""A line's values (`encoding.fields`): its format's version, then the columns in their order."""
 _ROW = "(" + ", ".join("?" * VALUES_PER_ROW) + ")"
 _ROLLUP_SUMS = (
     "requests",
@@ -590,8 +588,8 @@ def _statements(
         if size > max_rows:
             continue
         while len(batch) - start >= size:
-            flat = list(chain.from_iterable(batch[start : start + size]))
-            columns: list[Sequence[Any]] = list(map(flat.__getitem__, _COLUMNS_OF_LINES))
+            columns: list[Sequence[Any]] = list(zip(*batch[start : start + size], strict=True))
+            del columns[0]  # the lines' version
             for index in _BOOLEANS:
                 try:
                     columns[index] = bytes(columns[index])  # booleans as 0 and 1, in one C loop
@@ -616,8 +614,6 @@ def _statements(
             start += size
 
 
-_COLUMNS_OF_LINES = tuple(slice(at, None, LINE_WIDTH) for at in range(1, LINE_WIDTH))
-"""Where each column's values are in the lines' values one after the other."""
 _ALL, _FIRST = slice(None), slice(1)
 
 
