@@ -477,10 +477,6 @@ def _cost(micro: Any, rest: Any) -> Decimal:
     return Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(rest or 0)).scaleb(-12)
 
 
-def _row(r: Record) -> Row:
-    return row_of(values_of(r))
-
-
 def _record(row: Sequence[Any]) -> Record:
     (rid, ts, client, purpose, model, provider, upstream, status, stream, attempts, latency, ttfb) = row[:12]
     prompt, cached, cache_write, completion, reasoning, cost, priced, estimated, replica, limited = row[12:]
@@ -593,10 +589,8 @@ def _statements(
             for index in _BOOLEANS:
                 try:
                     columns[index] = bytes(columns[index])  # booleans as 0 and 1, in one C loop
-                except (
-                    TypeError,
-                    ValueError,
-                ):  # not all whole numbers 0 to 255 (a line by hand): each its own
+                except (TypeError, ValueError):
+                    # not all whole numbers from 0 to 255 (a line written by hand): `int` of each
                     columns[index] = list(map(int, columns[index]))
             columns[_COST_AT] = list(map(pico_text, columns[_COST_AT]))
             shared = 0
