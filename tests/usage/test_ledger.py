@@ -22,7 +22,7 @@ import pytest
 from service.errors import LedgerUnavailable
 from service.usage import ledger as ledger_module
 from service.usage import spool as spool_module
-from service.usage.encoding import encode, row, values_of
+from service.usage.encoding import encode, values_of
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
 from service.usage.spool import TORN, Spool, SpoolBusy
@@ -625,14 +625,6 @@ async def test_a_group_larger_than_a_slice_of_rows_is_stored_whole_and_a_bad_rec
         assert answer["totals"]["requests"] == len(good)
     finally:
         await ledger.stop()
-
-
-def test_rows_made_in_slices_are_those_made_at_once() -> None:
-    batch = [
-        values_of(record(ts=NOW + timedelta(microseconds=i))) for i in range(2 * ledger_module.ROW_SLICE + 1)
-    ]
-    assert ledger_module._rows(batch) == [row(values) for values in batch]
-    assert ledger_module._rows(batch[:3]) == [row(values) for values in batch[:3]]
 
 
 async def test_a_previous_process_segment_longer_than_a_slice_is_stored_whole(

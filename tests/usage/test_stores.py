@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.errors import BadRequest
-from service.usage.encoding import MAX_COST
+from service.usage.encoding import MAX_COST, row, values_of
 from service.usage.query import RequestsQuery, UsageQuery
 from service.usage.stores import SQLStore, open_store, sql
 from tests.usage.conftest import NOW, record
@@ -328,7 +328,8 @@ def test_a_batch_in_statements_of_many_rows_is_stored_as_one_row_at_a_time_store
         )
         for i in range(size)
     ]
-    rows = [sql._row(r) for r in records]
+    batch = [values_of(r) for r in records]
+    rows = [row(values) for values in batch]
     sliced, single = (
         open_store(str(tmp_path / "sliced.db"), tmp_path),
         open_store(str(tmp_path / "one.db"), tmp_path),
@@ -337,13 +338,13 @@ def test_a_batch_in_statements_of_many_rows_is_stored_as_one_row_at_a_time_store
     try:
         sliced.open()
         single.open()
-        assert sliced.insert_rows(rows) == size
+        assert sliced.insert_values(batch) == size
         with single._transaction() as cur:
             for one in rows:
                 cur.execute(_ONE_ROW, one)
             single._add_rollups(cur, rows)
         assert _dump(sliced) == _dump(single)
-        assert sliced.insert_rows(rows) == 0  # all stored already: nothing added twice
+        assert sliced.insert_values(batch) == 0  # all stored already: nothing added twice
         assert _dump(sliced) == _dump(single)
     finally:
         sliced.close()
@@ -375,3 +376,84 @@ def test_a_sqlite_that_binds_at_most_999_values_a_statement_stores_a_batch_once(
         assert totals["requests"] == 101
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "names"), [(1, 1), (5, 1), (16, 1), (16, 3), (64, 1), (64, 2), (85, 1), (85, 3)]
+)
+def test_a_statement_binds_each_line_s_values_as_its_row_holds_them(size: int, names: int) -> None:
+    """`insert_values` binds the lines' values a column at a time (a name every row of a statement
+    holds bound once): each row as `encoding.row` makes it, each value of the same type (booleans
+    0 or 1, a cost whole pico-dollars), also where a line written by hand holds a number or a
+    text for a boolean, or a number for a name; the lines themselves are left as they were."""
+    rng = random.Random(size * names)
+    batch = [
+        values_of(
+            record(
+                client=rng.choice(["a", None, "c"][:names]),
+                model=rng.choice(["m", "n", "o"][:names]),
+                provider="p" if names == 1 else rng.choice(["p", None]),
+                stream=rng.random() < 0.5,
+                ttfb_ms=rng.choice([None, 12.5]),
+                cost_usd=Decimal(rng.randrange(10**15)).scaleb(-12),
+            )
+        )
+        for _ in range(size)
+    ]
+    if size > 1 and names > 1:
+        batch[1][9], batch[1][19], batch[1][20], batch[1][22] = 1, 0.0, "1", 300  # by hand
+        batch[-1][18] = "7.5E-7"  # as lines before issue 22 wrote a cost
+        batch[0][3], batch[-1][3] = 5, 5.0  # a number where a name goes
+    kept = [list(values) for values in batch]
+    db = sqlite3.connect(":memory:")
+    db.execute(f"CREATE TABLE usage_records ({sql._COLUMNS}, UNIQUE (ts_us, id, replica))")  # as bound
+    for statement, values, _ in sql._statements(batch, 500):
+        db.execute(statement, values)
+    found = db.execute("SELECT * FROM usage_records ORDER BY rowid").fetchall()
+    assert [[(type(v), v) for v in r] for r in found] == [
+        [(type(v), v) for v in row(values)] for values in batch
+    ]
+    assert batch == kept
+
+
+def test_a_line_whose_boolean_is_not_a_number_is_refused_as_its_row_would_be() -> None:
+    values = values_of(record())
+    values[19] = None
+    with pytest.raises(TypeError):
+        row(values)
+    with pytest.raises(TypeError):
+        list(sql._statements([values], 500))
+
+
+@pytest.mark.parametrize("hours", [1, 3])
+def test_a_batch_of_one_group_adds_up_as_row_by_row(store: SQLStore, hours: int) -> None:
+    """A batch of one client, provider, model and purpose (within an hour: the common case, summed
+    a column at a time) adds to the rollups what its records sum to, errors and limits apart."""
+    rng = random.Random(hours)
+    records = [
+        record(
+            ts=NOW + timedelta(minutes=rng.randrange(60 * hours)),
+            status=rng.choice([200, 200, 429, 500, 503]),
+            limited=rng.random() < 0.2,
+            prompt_tokens=rng.randrange(10**6),
+            cost_usd=Decimal(rng.randrange(10**15)).scaleb(-12),
+        )
+        for _ in range(150)
+    ]
+    assert store.insert(records) == 150
+    with store._reading() as cur:
+        cur.execute(
+            "SELECT sum(requests), sum(errors), sum(limited), sum(prompt_tokens), "
+            "sum(cost_micro), sum(cost_rest) FROM usage_hourly"
+        )
+        found = [int(v) for v in cur.fetchone()]
+    picos = [int(r.cost_usd * 10**12) for r in records]
+    limited = [r.limited or r.status == 429 for r in records]
+    assert found == [
+        150,
+        sum(1 for r, lim in zip(records, limited, strict=True) if r.status >= 500 and not lim),
+        sum(limited),
+        sum(r.prompt_tokens for r in records),
+        sum(p // 10**6 for p in picos),
+        sum(p % 10**6 for p in picos),
+    ]

@@ -17,15 +17,17 @@ dialects write differently: the UTC hour of a timestamp.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from itertools import chain
+from itertools import chain, repeat
+from operator import floordiv, getitem, itemgetter
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
-from service.usage.encoding import from_micros, micros, values_of
+from service.usage.encoding import from_micros, micros, pico_text, values_of
 from service.usage.encoding import row as row_of
 from service.usage.query import (
     MAX_GROUPS,
@@ -162,15 +164,21 @@ _COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
 _ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
 _ROWS_PER_INSERT = 500
 _SLICES = (64, 16, 4, 1)
-"""The rows one statement of `insert_rows` holds: a batch goes in the largest that fit, so a few
+"""The rows one statement of `insert_values` holds: a batch goes in the largest that fit, so a few
 statements (each prepared once, then cached by the driver) store it, not one a row. Each lets
 the GIL go once while SQLite runs it, and binds its values (the GIL held) in well under 0.1 ms."""
-_INSERTS = {
-    size: f"INSERT INTO usage_records ({_COLUMNS}) VALUES "
-    + ", ".join([_ROW] * size)
-    + " ON CONFLICT (ts_us, id, replica) DO NOTHING"
-    for size in _SLICES
-}
+_INSERTS: dict[tuple[int, int], str] = {}
+"""`_insert_sql`'s statements, made once each."""
+_BOOLEANS = (8, 18, 19, 21)
+"""The columns stored as 0 or 1 (`stream`, `priced`, `estimated`, `limited`)."""
+_COST_AT = 17
+"""The column of the cost (whole pico-dollars, from the line's text)."""
+_NAMES = (2, 3, 4, 5, 6, 20)
+"""The columns of names (client, purpose, model, provider, upstream model, replica): the same in
+most rows of a statement (the replica's always), and then bound once for all of them."""
+_SHARED_FROM = 16
+"""A statement this large binds once a name all its rows share: a smaller one, each row's (so
+that the statements of the smaller sizes, each prepared once, stay few)."""
 _HOUR_US = 3_600_000_000
 _PURGE_CHUNK = 5000
 
@@ -227,31 +235,40 @@ class SQLStore:
     def insert(self, records: Sequence[Record]) -> int:
         """Store the records and add the new ones to the rollups, in one transaction; returns how
         many were new (a record whose `id` is already stored is skipped, not counted twice)."""
-        return self.insert_rows([_row(r) for r in records])
+        return self.insert_values([values_of(r) for r in records])
 
-    def insert_rows(self, rows: Sequence[Row]) -> int:
-        """`insert` of rows (the columns of `usage_records`, in order: `encoding.row`).
+    def insert_values(self, batch: Sequence[list[Any]]) -> int:
+        """`insert` of records given as their lines' values (`encoding.fields`, as the ledger
+        keeps them); the lists are not changed.
 
         Where the driver counts the rows a statement inserted (`counts_many`), the batch goes in
-        a few statements of many rows each (`_slices`), and when every row was new (the common
-        case: a batch is stored again only after a crash, and holds a record twice never) they
-        are the ones the rollups add. Else, and when some row was already stored, the rows
-        really inserted are told by RETURNING."""
-        if not rows:
+        a few statements of many rows each (`_statements`: the lines' values bound a column at
+        a time, no row made of each, a name all rows share bound once), and when every row was
+        new (the common case: a batch is stored again only after a crash, and holds a record
+        twice never) they are the ones the rollups add, summed a column at a time. Else, and
+        when some row was already stored, the rows really inserted are told by RETURNING."""
+        if not batch:
             return 0
         if self.counts_many:
             try:
                 with self._transaction() as cur:
                     inserted = 0
-                    for sql, values in _slices(rows, self.max_rows):
+                    bound: list[list[Sequence[Any]]] = []
+                    for sql, values, columns in _statements(batch, self.max_rows):
                         cur.execute(sql, values)
                         inserted += cur.rowcount
-                    if inserted != len(rows):
+                        bound.append(columns)
+                    if inserted != len(batch):
                         raise _Stored  # some were stored already: undone, and done again knowing which
-                    self._add_rollups(cur, rows)
+                    hourly: _Rollups = {}
+                    if len(bound) > 1:  # the batch's columns, each whole
+                        bound = [list(map(list, map(chain.from_iterable, zip(*bound, strict=True))))]
+                    _add_up(hourly, bound[0])
+                    self._upsert_rollups(cur, hourly)
                     return inserted
             except _Stored:
                 pass
+        rows = [row_of(values) for values in batch]
         unique = {(r[0], r[1], r[20]): r for r in reversed(rows)}  # the first of a repeated one
         return self._insert_returning(unique, list(unique.values()))
 
@@ -274,10 +291,18 @@ class SQLStore:
 
     @staticmethod
     def _add_rollups(cur: Cursor, rows: Sequence[Row]) -> None:
-        hourly = _rollups(rows)
+        """Add rows (`encoding.row`'s) to the rollups."""
+        hourly: _Rollups = {}
+        if rows:
+            _add_up(hourly, list(zip(*rows, strict=True)))
+        SQLStore._upsert_rollups(cur, hourly)
+
+    @staticmethod
+    def _upsert_rollups(cur: Cursor, hourly: _Rollups) -> None:
+        """Add the hourly sums (`_add_up`'s), and the daily ones they make, to the rollups."""
         if not hourly:
             return
-        daily: dict[tuple[str, str, str, str, str], list[int]] = {}
+        daily: _Rollups = {}
         for (hour, client, provider, model, purpose), sums in hourly.items():
             key = (hour[:10], client, provider, model, purpose)
             found = daily.get(key)
@@ -452,10 +477,6 @@ def _cost(micro: Any, rest: Any) -> Decimal:
     return Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(rest or 0)).scaleb(-12)
 
 
-def _row(r: Record) -> Row:
-    return row_of(values_of(r))
-
-
 def _record(row: Sequence[Any]) -> Record:
     (rid, ts, client, purpose, model, provider, upstream, status, stream, attempts, latency, ttfb) = row[:12]
     prompt, cached, cache_write, completion, reasoning, cost, priced, estimated, replica, limited = row[12:]
@@ -485,45 +506,136 @@ def _record(row: Sequence[Any]) -> Record:
     )
 
 
-def _rollups(rows: Sequence[Row]) -> dict[tuple[str, str, str, str, str], list[int]]:
-    """The rows added up by UTC hour (`YYYY-MM-DDTHH`), client, provider, model and purpose."""
-    rollups: dict[tuple[str, str, str, str, str], list[int]] = {}
-    hours: dict[int, str] = {}
-    for r in rows:
-        hour = r[1] // _HOUR_US
-        period = hours.get(hour)
+_Rollups = dict[tuple[str, str, str, str, str], list[int]]
+"""Sums (`_ROLLUP_SUMS`) by UTC hour (`YYYY-MM-DDTHH`), client, provider, model and purpose."""
+
+
+def _add_up(rollups: _Rollups, columns: Sequence[Sequence[Any]]) -> None:
+    """Add rows to `rollups`, given as the columns of `usage_records` (each a sequence of the rows'
+    values, as stored). Each group's sums are taken over its columns at once: the batch of one
+    client and model (the common case) is added up without a step a row."""
+    if not columns or not columns[1]:
+        return
+    ts = columns[1]
+    low, high = min(ts) // _HOUR_US, max(ts) // _HOUR_US
+    hours: Iterable[int] = repeat(low) if low == high else [t // _HOUR_US for t in ts]
+    keys = list(zip(hours, columns[2], columns[5], columns[4], columns[3], strict=False))
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    if len(dict.fromkeys(keys)) == 1:
+        picks: Iterable[tuple[tuple[Any, ...], Any]] = [(keys[0], None)]
+    else:
+        for i, key in enumerate(keys):
+            found = groups.get(key)
+            if found is None:
+                groups[key] = [i]
+            else:
+                found.append(i)
+        picks = ((key, _picker(rows)) for key, rows in groups.items())
+    summed = [columns[i] for i in (7, 21, 12, 13, 14, 15, 16, 17)]
+    for (hour, client, provider, model, purpose), pick in picks:
+        status, limited, prompt, cached, cache_write, completion, reasoning, cost = (
+            summed if pick is None else [pick(c) for c in summed]
+        )
+        period = _PERIODS.get(hour)
         if period is None:
-            period = hours[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
-        key = (period, r[2] or "", r[5] or "", r[4] or "", r[3])
-        sums = rollups.get(key)
+            if len(_PERIODS) >= _PERIODS_KEPT:
+                _PERIODS.clear()
+            period = _PERIODS[hour] = from_micros(hour * _HOUR_US).isoformat()[:13]
+        named = (period, client or "", provider or "", model or "", purpose)
+        sums = rollups.get(named)
         if sums is None:
-            sums = rollups[key] = [0] * len(_ROLLUP_SUMS)
-        limited = r[21]
-        micro, rest = divmod(r[17], 1_000_000)
-        sums[0] += 1
-        if not limited and r[7] >= 500:
-            sums[1] += 1
-        sums[2] += limited
-        sums[3] += r[12]
-        sums[4] += r[13]
-        sums[5] += r[14]
-        sums[6] += r[15]
-        sums[7] += r[16]
+            sums = rollups[named] = [0] * len(_ROLLUP_SUMS)
+        micro = sum(map(floordiv, cost, repeat(1_000_000)))
+        sums[0] += len(status)
+        if max(status) >= 500:
+            sums[1] += sum(1 for s, lim in zip(status, limited, strict=True) if s >= 500 and not lim)
+        sums[2] += sum(limited)
+        sums[3] += sum(prompt)
+        sums[4] += sum(cached)
+        sums[5] += sum(cache_write)
+        sums[6] += sum(completion)
+        sums[7] += sum(reasoning)
         sums[8] += micro
-        sums[9] += rest
-    return rollups
+        sums[9] += sum(cost) - micro * 1_000_000  # each row's rest (below a micro-dollar), summed
 
 
-def _slices(rows: Sequence[Row], max_rows: int) -> Iterator[tuple[str, list[Any]]]:
-    """`rows` as statements of `_SLICES` rows each (`max_rows` at most), largest first, and their values."""
+_PERIODS: dict[int, str] = {}
+"""The `YYYY-MM-DDTHH` of the hours (since 1970) added up lately: each batch's are the same few."""
+_PERIODS_KEPT = 1024
+
+
+def _picker(rows: list[int]) -> Any:
+    """What takes a group's values (`rows`, its indexes) out of a column, as a sequence."""
+    if len(rows) == 1:
+        only = rows[0]
+        return lambda values: (values[only],)
+    return itemgetter(*rows)
+
+
+def _statements(
+    batch: Sequence[list[Any]], max_rows: int
+) -> Iterator[tuple[str, list[Any], list[Sequence[Any]]]]:
+    """A batch of lines' values as statements of `_SLICES` rows each (`max_rows` at most),
+    largest first: each statement, its values (a column after the other: each boolean 0 or
+    1 and each cost whole pico-dollars, as `encoding.row` makes them; a name all its rows share
+    once), and its columns (`usage_records`', the rows' values as stored)."""
     start = 0
     for size in _SLICES:
         if size > max_rows:
             continue
-        sql = _INSERTS[size]
-        while len(rows) - start >= size:
-            yield sql, list(chain.from_iterable(rows[start : start + size]))
+        while len(batch) - start >= size:
+            columns: list[Sequence[Any]] = list(zip(*batch[start : start + size], strict=True))
+            del columns[0]  # the lines' version
+            for index in _BOOLEANS:
+                try:
+                    columns[index] = bytes(columns[index])  # booleans as 0 and 1, in one C loop
+                except (TypeError, ValueError):
+                    # not all whole numbers from 0 to 255 (a line written by hand): `int` of each
+                    columns[index] = list(map(int, columns[index]))
+            columns[_COST_AT] = list(map(pico_text, columns[_COST_AT]))
+            shared = 0
+            if size >= _SHARED_FROM:
+                for index in _NAMES:
+                    names = columns[index]
+                    first = names[0]
+                    if (first is None or type(first) is str) and names.count(first) == size:
+                        shared |= 1 << index
+            if shared:
+                values = list(chain.from_iterable(map(getitem, columns, _bound(shared))))
+            else:
+                values = list(chain.from_iterable(columns))
+            yield _insert_sql(size, shared), values, columns
             start += size
+
+
+_ALL, _FIRST = slice(None), slice(1)
+
+
+@functools.cache
+def _bound(shared: int) -> tuple[slice, ...]:
+    """What of each column a statement binds: all its values, or the first (in `shared`) alone."""
+    return tuple(_FIRST if shared >> index & 1 else _ALL for index in range(VALUES_PER_ROW))
+
+
+def _insert_sql(size: int, shared: int) -> str:
+    """The INSERT of `size` rows bound a column after the other, each column of `shared` (a bit
+    for each, by its index) bound once for every row."""
+    sql = _INSERTS.get((size, shared))
+    if sql is None:
+        numbers = []  # each column's first parameter, and the step from a row to the next
+        at = 1
+        for index in range(VALUES_PER_ROW):
+            step = 0 if shared >> index & 1 else 1
+            numbers.append((at, step))
+            at += 1 if step == 0 else size
+        rows = ", ".join(
+            "(" + ", ".join(f"?{first + step * row}" for first, step in numbers) + ")" for row in range(size)
+        )
+        sql = _INSERTS[(size, shared)] = (
+            f"INSERT INTO usage_records ({_COLUMNS}) VALUES {rows} "
+            "ON CONFLICT (ts_us, id, replica) DO NOTHING"
+        )
+    return sql
 
 
 def _pieces(query: UsageQuery) -> Iterator[tuple[str, datetime, datetime]]:

@@ -70,6 +70,7 @@ class SqliteStore(SQLStore):
                 isolation_level=None,  # transactions are explicit
                 check_same_thread=False,  # each is used by one thread at a time, and closed by any
                 timeout=5.0,
+                cached_statements=256,  # the INSERTs of each size, and of names a statement shares
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
