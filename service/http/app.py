@@ -202,6 +202,11 @@ YOUNG_ALLOCATIONS = 50_000
 frees) once `serve` is settled; CPython's default is 700. At most this many young objects wait,
 a few MB, for a collection of their cycles."""
 
+YOUNG_PERIOD_S = 1.0
+"""…and at least this often, whatever was allocated: the two younger generations are collected
+on a timer too, so a cycle that holds a large body (a request's, an answer's) lives about a
+second at most, not until 50,000 allocations have come."""
+
 
 async def settled_collector(app: web.Application) -> AsyncIterator[None]:
     """What `switchboard serve` adds: once the first configuration is loaded, the garbage of
@@ -215,8 +220,10 @@ async def settled_collector(app: web.Application) -> AsyncIterator[None]:
     CPython's 700: what such a collection walks is what is alive of the young, the requests in
     flight, whatever the threshold, so fewer collections walk them fewer times (BENCHMARKS.md).
     What a reload replaces is freed as before (by its reference count; a snapshot holds no
-    cycles). Not for a process that starts many services (tests): each start would freeze
-    the last one's objects for good.
+    cycles). The two younger generations are also collected every `YOUNG_PERIOD_S`, so that a
+    cycle the code should not have made (holding a body, say) is freed within about a second
+    even when little is allocated. Not for a process that starts many services (tests): each
+    start would freeze the last one's objects for good.
     """
     thresholds = gc.get_threshold()
     task = asyncio.create_task(_settle(app[REGISTRY]), name="switchboard-settle-collector")
@@ -252,6 +259,9 @@ async def _settle(registry: Registry) -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - started) * 1000,
     )
+    while True:
+        await asyncio.sleep(YOUNG_PERIOD_S)
+        gc.collect(1)
 
 
 def _repository(registry: Registry, writer: Writer) -> GitRepo | None:

@@ -8,12 +8,14 @@ import logging
 import resource
 import subprocess
 import sys
+import weakref
 
 import pytest
 import uvloop
 from aiohttp import web
 
 from service.cli.serve import OPEN_FILES, event_loop, serving_app
+from service.http import app as app_module
 from service.http.app import YOUNG_ALLOCATIONS, settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
@@ -92,6 +94,35 @@ async def test_serve_freezes_what_the_start_left_once_the_first_configuration_is
         await runner.cleanup()
         gc.unfreeze()  # this process starts many services: give them back to the collector
     assert gc.get_threshold() == before  # and the collector as it was
+
+
+async def test_a_cycle_made_after_the_collector_is_settled_is_freed_on_the_timer(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the youngest generation collected only every 50,000 allocations, a cycle holding a
+    large body could wait for thousands of requests. The timer collects the younger
+    generations anyway (`YOUNG_PERIOD_S`): such a cycle is freed with little allocated."""
+    monkeypatch.setattr(app_module, "YOUNG_PERIOD_S", 0.05)
+    settings = _served(sops_project)
+    app = serving_app(settings)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+
+    class Holder:
+        pass
+
+    try:
+        await runner.setup()
+        await eventually(lambda: app[REGISTRY].state.ready and gc.get_freeze_count() > 10_000, timeout=20)
+        held = Holder()
+        held.body = b"x" * 10_000_000  # type: ignore[attr-defined]
+        held.itself = held  # type: ignore[attr-defined]
+        gone = weakref.ref(held)
+        del held
+        assert gone() is not None  # a cycle: its reference count does not free it
+        await eventually(lambda: gone() is None, timeout=5)
+    finally:
+        await runner.cleanup()
+        gc.unfreeze()
 
 
 async def test_reloads_after_the_collector_is_settled_leave_no_frozen_cycle_behind(
