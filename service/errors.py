@@ -175,9 +175,24 @@ class InvalidRequest(BadRequest):
     type = "invalid_request_error"
 
 
+CHALLENGE = 'Bearer realm="switchboard"'
+"""The challenge of every 401 (RFC 6750: a bearer token, in `Authorization`)."""
+
+
 class Unauthorized(HTTPError):
+    """401: no credentials, or wrong ones. Its answer carries the challenge RFC 9110 asks of a
+    401 (`WWW-Authenticate: Bearer realm="switchboard"`), with RFC 6750's `invalid_token` when
+    a token was given and is not known."""
+
     status = 401
     type = "unauthorized"
+
+    def __init__(self, message: str, *, invalid_token: bool = False, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.challenge = f'{CHALLENGE}, error="invalid_token"' if invalid_token else CHALLENGE
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": self.challenge, **self.added}
 
 
 class Forbidden(HTTPError):

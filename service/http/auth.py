@@ -64,7 +64,7 @@ def authenticate(request: web.Request, scope: Scope | None) -> Client | None:
         raise Unauthorized("missing bearer token (Authorization: Bearer TOKEN)")
     found = request.app[KNOWN_TOKENS].client(clients, token)
     if found is None:
-        raise Unauthorized("unknown token")
+        raise Unauthorized("unknown token", invalid_token=True)
     if scope is not None and scope not in found.scopes:
         raise Forbidden(f"client {found.name!r} lacks the scope {scope!r}")
     return found

@@ -76,6 +76,31 @@ async def test_an_unknown_token_is_401_and_a_known_one_passes(project: SopsProje
         assert (await call(service, PROVIDERS, f"bearer  {READER} "))[0] == 200  # scheme case, spaces
 
 
+async def test_a_401_carries_the_bearer_challenge_on_every_path(project: SopsProject) -> None:
+    """RFC 9110 asks a challenge of every 401; RFC 6750 says which, and `invalid_token` when a
+    token was given and is not known: the configuration API, the gateway (on its own fast path)
+    and Anthropic's Messages (`x-api-key`) alike."""
+    plain = 'Bearer realm="switchboard"'
+    invalid = 'Bearer realm="switchboard", error="invalid_token"'
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with serve(with_clients(project)) as service:
+        for method, path, headers, challenge in [
+            ("GET", PROVIDERS, {}, plain),
+            ("GET", PROVIDERS, {"Authorization": "Bearer tok-wrong"}, invalid),
+            ("POST", "/v1/chat/completions", {}, plain),
+            ("POST", "/v1/chat/completions", {"Authorization": "Bearer tok-wrong"}, invalid),
+            ("POST", "/v1/messages", {"x-api-key": "tok-wrong"}, invalid),
+        ]:
+            body = chat if method == "POST" else None
+            async with service.http.request(method, service.url + path, headers=headers, json=body) as answer:
+                assert answer.status == 401, (path, headers)
+                assert answer.headers.getall("WWW-Authenticate") == [challenge], (path, headers)
+        async with service.http.get(
+            service.url + PROVIDERS, headers={"Authorization": f"Bearer {READER}"}
+        ) as ok:
+            assert ok.status == 200 and "WWW-Authenticate" not in ok.headers
+
+
 @pytest.mark.parametrize(
     "header", [b"Authorization: Bearer \xff\xfe-token", b"Authorization: Bearer tok-\xc0", b"x-api-key: \xff"]
 )
