@@ -19,7 +19,7 @@ from aiohttp import web
 from service.http.context import RELAY
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.http.test_fast_path import HAND_OFF, STREAM, _address, _exchange, _request
-from tests.http.test_fast_streams import PRICING, _event, _Records
+from tests.http.test_fast_streams import PRICING, _chunks, _dechunked, _event, _Records, _streaming
 from tests.support.gateway import write_provider, write_routing
 from tests.support.upstreams import serving
 
@@ -98,9 +98,12 @@ async def _metered(
             yield service, records
 
 
-async def _connect(service: Service) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(
+    service: Service, limit: int = 1 << 24
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A client connection whose receive buffer is small, as is the server's send buffer for it,
-    so that a client that stops reading fills them at once."""
+    so that a client that stops reading fills them at once; its reader takes from the socket up
+    to twice `limit` ahead of what is read of it."""
     server = service.runner.server
     assert server is not None
     before = set(server.connections)
@@ -108,7 +111,7 @@ async def _connect(service: Service) -> tuple[asyncio.StreamReader, asyncio.Stre
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, _address(service))
-    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
     (ours,) = await eventually(lambda: [c for c in server.connections if c not in before] or False)
     assert ours.transport is not None
     ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -130,15 +133,14 @@ async def _used(service: Service) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.xfail(strict=True, reason="a stalled client holds its request forever: no send timeout yet")
 async def test_a_client_that_stops_reading_is_let_go_as_one_that_left(
-    sops_project: SopsProject, path: str
+    sops_project: SopsProject, caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
     """It reads the stream's head, then nothing, its connection open: after the send timeout the
     connection is closed, the upstream let go, the reservation settled (charged, as a client that
     left mid-stream is) and the request recorded; no 500 is written, and others are served."""
     up = _Endless()
-    async with _metered(sops_project, up.app(), fast=path != "aiohttp") as (
+    async with _metered(sops_project, up.app(), fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
         service,
         records,
     ):
@@ -164,5 +166,44 @@ async def test_a_client_that_stops_reading_is_let_go_as_one_that_left(
         assert after.status == 200
         assert await service.metric("switchboard_http_requests_total", status="500") == 0
     assert b"HTTP/1." not in rest and len(rest) < len(b"".join(up.events))  # cut, and nothing after
-    (record,) = records.kept
+    assert "took nothing of its answer for 0.3 s (SWITCHBOARD_SEND_TIMEOUT_S)" in caplog.text
+    record = records.kept[0]  # the stalled stream's (the next, the request after it)
     assert record.stream and record.status == 200 and record.estimated and record.cost_usd > 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_slow_client_that_reads_is_never_cut(sops_project: SopsProject, path: str) -> None:
+    """It reads a little at a time, so slowly that the stream's writes wait for it far longer
+    than the send timeout: it took some each time, and gets the whole stream, usage and all."""
+    events = _chunks(" ".join(f"{i:05d}" + "x" * 5_000 for i in range(40)))  # ~200 kB
+    async with _metered(sops_project, _streaming(events), fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        server = service.runner.server
+        assert server is not None
+        reader, writer = await _connect(service, limit=4096)
+        try:
+            writer.write(_stream_request(path))
+            got, held, longest = b"", 0.0, 0.0
+            loop = asyncio.get_running_loop()
+            while not got.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await asyncio.wait_for(reader.read(4096), 10)
+                assert chunk, "cut"
+                got += chunk
+                waiting = any(
+                    c.transport is not None and c.transport.get_write_buffer_size() > 16384
+                    for c in server.connections
+                )  # over asyncio's low-water mark: the writes wait for the client
+                now = loop.time()
+                held = (held or now) if waiting else 0.0
+                longest = max(longest, now - held) if held else longest
+                await asyncio.sleep(0.04)
+        finally:
+            writer.close()
+        await eventually(lambda: len(records.kept) == 1, timeout=10)
+    assert longest > LIMIT_S  # the writes waited longer than the send timeout, and went on
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert _dechunked(body) == b"".join(events[:-2] + events[-1:])  # but the usage chunk
+    assert records.kept[0].completion_tokens == 2 and not records.kept[0].estimated
