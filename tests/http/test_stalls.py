@@ -18,7 +18,7 @@ from aiohttp import web
 
 from service.http.context import RELAY
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.http.test_fast_path import HAND_OFF, STREAM, _address, _exchange, _request
+from tests.http.test_fast_path import CHAT, HAND_OFF, STREAM, _address, _exchange, _request
 from tests.http.test_fast_streams import PRICING, _chunks, _dechunked, _event, _Records, _streaming
 from tests.support.gateway import write_provider, write_routing
 from tests.support.upstreams import serving
@@ -118,8 +118,8 @@ async def _connect(
     return reader, writer
 
 
-def _stream_request(path: str) -> bytes:
-    request = _request(STREAM, token=TOKEN)
+def _stream_request(path: str, body: bytes = STREAM) -> bytes:
+    request = _request(body, token=TOKEN)
     if path != "handed off":
         return request
     head, _, body = request.partition(b"\r\n\r\n")
@@ -207,3 +207,47 @@ async def test_a_slow_client_that_reads_is_never_cut(sops_project: SopsProject, 
     assert head.startswith(b"HTTP/1.1 200 ")
     assert _dechunked(body) == b"".join(events[:-2] + events[-1:])  # but the usage chunk
     assert records.kept[0].completion_tokens == 2 and not records.kept[0].estimated
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
+    sops_project: SopsProject, path: str
+) -> None:
+    """A big answer that is not a stream, written whole, that its client does not read: its
+    connection is closed after the send timeout rather than held for good."""
+    content = "x" * 3_000_000
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        message = {"role": "assistant", "content": content}
+        usage = {"prompt_tokens": 5, "completion_tokens": 2}
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "fake-model",
+                                  "choices": [{"index": 0, "message": message}], "usage": usage})  # fmt: skip
+
+    up = web.Application()
+    up.router.add_post("/v1/chat/completions", chat)
+    async with _metered(sops_project, up, fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        server = service.runner.server
+        assert server is not None
+        before = set(server.connections)  # the test's own session's
+        reader, writer = await _connect(service)
+        try:
+            writer.write(_stream_request(path, CHAT))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            cast(asyncio.Transport, writer.transport).pause_reading()
+            assert head.startswith(b"HTTP/1.1 200 ")
+            await eventually(lambda: not set(server.connections) - before, timeout=10)
+            cast(asyncio.Transport, writer.transport).resume_reading()
+            rest = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                    rest += chunk
+        finally:
+            writer.close()
+        (after,) = await _exchange(service, _request(token=TOKEN))
+        assert after.status == 200
+    assert len(rest) < len(content)
+    assert records.kept[0].status == 200 and records.kept[0].completion_tokens == 2
