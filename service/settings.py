@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_upstream_bytes: int = Field(
         64 << 20, gt=0, description="Larger non-streamed upstream answers (litellm's too): 502."
     )
+    send_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A client that takes nothing of its answer (a stream) for this long is let go "
+        "of as one that went away: its connection closed, its upstream request dropped.",
+    )
     allowed_upstreams: str | None = Field(
         None,
         description="Where upstream requests may connect: comma-separated CIDRs and host names "

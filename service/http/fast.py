@@ -98,6 +98,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         """The transport's buffer is over its limit (`pause_writing`): no request is taken
         and no stream written until the client reads it down, as aiohttp's `drain` waits."""
         self.drained: asyncio.Future[None] | None = None
+        self.send_timeout_s = site.send_timeout_s
 
     # -- what aiohttp's Server reads of a connection ----------------------------------------
 
@@ -347,7 +348,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         if self.blocked:
             # the client reads too slowly: the next request waits for `resume_writing`, read
             # meanwhile up to a request's most as during an answer (`data_received`), not left
-            # in the socket, which would make its close a reset, losing the answer's last bytes
+            # in the socket, which would make its close a reset, losing the answer's last bytes;
+            # a client that reads none of it is let go of after the send timeout
+            self.watch()
             return
         self._next()
 
@@ -419,6 +422,8 @@ class FastSite(web.TCPSite):
     ) -> None:
         super().__init__(runner, host, port)
         self.gateway = gateway
+        self.send_timeout_s = gateway.send_timeout_s
+        """A stalled client is let go of after this long (`service.http.stalls`)."""
         self.keepalive_s = keepalive_s
         """An idle connection of the fast path is closed after this long."""
         self.handed_off = 0

@@ -13,6 +13,8 @@ from aiohttp import ClientConnectionResetError, hdrs, helpers, http_writer, web
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from service.http.stalls import Stall
+
 if TYPE_CHECKING:
     from aiohttp.helpers import HeadersMixin
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
@@ -35,7 +37,8 @@ class Outlet:
     """A connection of the fast path as aiohttp's `StreamWriter` writes to it (the `protocol` it
     is given): its `transport`, and its flow control, `_paused` and `_drain_helper` (private,
     as aiohttp's `BaseProtocol` has them): a write over the transport's limit waits until the
-    client has read the buffer down (`resume_writing`), or has left."""
+    client has read the buffer down (`resume_writing`), or has left; or, once it has taken
+    nothing of it for `send_timeout_s`, until it is let go of (`Stall`)."""
 
     transport: asyncio.Transport | None
     loop: asyncio.AbstractEventLoop
@@ -43,6 +46,10 @@ class Outlet:
     """The transport's buffer is over its limit (`pause_writing`)."""
     drained: asyncio.Future[None] | None
     """What a write waiting for `blocked` to end awaits."""
+    stall: Stall | None = None
+    """The watch on that wait (or on an answer written whole, unread), while it lasts."""
+    send_timeout_s: float
+    """`SWITCHBOARD_SEND_TIMEOUT_S`."""
 
     @property
     def _paused(self) -> bool:
@@ -56,12 +63,21 @@ class Outlet:
         waiter = self.drained
         if waiter is None:
             waiter = self.drained = self.loop.create_future()
+            self.watch()
         await waiter
+
+    def watch(self) -> None:
+        """Watch the client while `blocked`: let go of it once it takes nothing for the limit."""
+        if self.stall is None and self.transport is not None:
+            self.stall = Stall(self.loop, self.transport, self.send_timeout_s)
 
     def unblock(self) -> None:
         """The buffer is read down, or the connection lost: a waiting write goes on (to find the
         transport gone, in that case)."""
         self.blocked = False
+        stall, self.stall = self.stall, None
+        if stall is not None:
+            stall.cancel()
         waiter, self.drained = self.drained, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -216,6 +232,9 @@ class _Recorder:
     def is_closing(self) -> bool:
         return False
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def write(self, data: bytes) -> None:
         self.written += data
 
@@ -240,6 +259,7 @@ def _stream_unlike_aiohttp(fields: CIMultiDictProxy[str]) -> str | None:
     outlet = Outlet()
     outlet.transport = cast(asyncio.Transport, recorder := _Recorder())
     outlet.loop, outlet.blocked, outlet.drained = asyncio.get_running_loop(), False, None
+    outlet.send_timeout_s = 60.0  # its wait is watched too (and unwatched once it ends)
     request = FastRequest(None, "/", fields, b"{}", None, HttpVersion11, True, outlet)  # type: ignore[arg-type]
     answer = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
     much = b"x" * 0x10001  # over `StreamWriter.write`'s limit: it drains

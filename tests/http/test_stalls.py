@@ -1,0 +1,253 @@
+"""A client that stops reading a stream but keeps its connection open
+(service/http/stalls.py): once it has taken nothing for SWITCHBOARD_SEND_TIMEOUT_S, the
+request ends as a client that went away, on the gateway's own server and on aiohttp's alike;
+a slow client that reads is never cut."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+import yaml
+from aiohttp import web
+
+from service.http.context import RELAY
+from tests.conftest import Service, SopsProject, eventually, serve
+from tests.http.test_fast_path import CHAT, HAND_OFF, STREAM, _address, _exchange, _request
+from tests.http.test_fast_streams import PRICING, _chunks, _dechunked, _event, _Records, _streaming
+from tests.support.gateway import write_provider, write_routing
+from tests.support.upstreams import serving
+
+TOKEN = "sb-stalls-client-token-0123456789ab"
+READER = "sb-stalls-reader-token-0123456789ab"
+LIMIT_S = 0.3
+"""The send timeout the tests run with: short, so that a stalled client is cut at once."""
+PATHS = ["fast path", "aiohttp", "handed off"]
+"""Where the stream is written: the gateway's own server, aiohttp's (the fast path off), or
+aiohttp's on a connection the fast path handed to it."""
+
+
+def _write_clients(project: SopsProject) -> None:
+    """`client` (TOKEN) with a budget, so that its requests are metered and reserve; `reader`."""
+    entries = [
+        {
+            "name": "client",
+            "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+            "scopes": ["completions"],
+            "limits": {"budget": {"usd": "1000000000", "period": "day"}, "max_parallel": 4},
+        },
+        {
+            "name": "reader",
+            "token_sha256": hashlib.sha256(READER.encode()).hexdigest(),
+            "scopes": ["usage:read"],
+        },
+    ]
+    path = project.providers / "clients.yaml"
+    path.write_text(yaml.safe_dump({"kind": "clients", "clients": entries}, sort_keys=False))
+
+
+class _Endless:
+    """An upstream streaming big chunks as fast as it is read, far more than any buffer holds;
+    `ended` once its handler is done (the gateway let go of it, or it wrote them all)."""
+
+    def __init__(self, count: int = 400, size: int = 50_000) -> None:
+        self.events = [_event({"choices": [{"index": 0, "delta": {"content": f"{i:05d}" + "x" * size}}]})
+                       for i in range(count)]  # fmt: skip
+        self.ended = asyncio.Event()
+        self.whole = False
+
+    def app(self) -> web.Application:
+        async def chat(request: web.Request) -> web.StreamResponse:
+            try:
+                await request.read()
+                response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await response.prepare(request)
+                for event in self.events:
+                    await response.write(event)
+                await response.write_eof()
+                self.whole = True
+                return response
+            finally:
+                self.ended.set()
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        return app
+
+
+@contextlib.asynccontextmanager
+async def _metered(
+    project: SopsProject, up: web.Application, *, fast: bool, **settings: Any
+) -> AsyncIterator[tuple[Service, _Records]]:
+    async with serving(up) as url:
+        write_provider(
+            project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=PRICING
+        )
+        write_routing(project, chat="a")
+        _write_clients(project)
+        async with serve(project, fast=fast, **settings) as service:
+            records = _Records()
+            meter = service.app[RELAY].meter
+            assert meter is not None
+            meter.sink = records
+            yield service, records
+
+
+async def _connect(
+    service: Service, limit: int = 1 << 24
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection whose receive buffer is small, as is the server's send buffer for it,
+    so that a client that stops reading fills them at once; its reader takes from the socket up
+    to twice `limit` ahead of what is read of it."""
+    server = service.runner.server
+    assert server is not None
+    before = set(server.connections)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, _address(service))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+    (ours,) = await eventually(lambda: [c for c in server.connections if c not in before] or False)
+    assert ours.transport is not None
+    ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return reader, writer
+
+
+def _stream_request(path: str, body: bytes = STREAM) -> bytes:
+    request = _request(body, token=TOKEN)
+    if path != "handed off":
+        return request
+    head, _, body = request.partition(b"\r\n\r\n")
+    return head + b"\r\n" + HAND_OFF.encode() + b"\r\n" + body
+
+
+async def _used(service: Service) -> dict[str, Any]:
+    status, limits = await service.get("/api/v1/llm-config/limits", token=READER)
+    assert status == 200
+    return cast(dict[str, Any], next(c for c in limits["clients"] if c["name"] == "client")["used"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_client_that_stops_reading_is_let_go_as_one_that_left(
+    sops_project: SopsProject, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """It reads the stream's head, then nothing, its connection open: after the send timeout the
+    connection is closed, the upstream let go, the reservation settled (charged, as a client that
+    left mid-stream is) and the request recorded; no 500 is written, and others are served."""
+    up = _Endless()
+    async with _metered(sops_project, up.app(), fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        reader, writer = await _connect(service)
+        try:
+            writer.write(_stream_request(path))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            cast(asyncio.Transport, writer.transport).pause_reading()  # then reads nothing, ever
+            assert head.startswith(b"HTTP/1.1 200 ")
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            await asyncio.wait_for(up.ended.wait(), 10)
+            assert not up.whole  # let go of, not read to its end
+            used = await _used(service)
+            assert (used["in_flight"], used["budget_reserved_usd"]) == (0, "0")
+            cast(asyncio.Transport, writer.transport).resume_reading()
+            rest = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                    rest += chunk
+        finally:
+            writer.close()
+        (after,) = await _exchange(service, _request(token=TOKEN))
+        assert after.status == 200
+        assert await service.metric("switchboard_http_requests_total", status="500") == 0
+    assert b"HTTP/1." not in rest and len(rest) < len(b"".join(up.events))  # cut, and nothing after
+    assert "took nothing of its answer for 0.3 s (SWITCHBOARD_SEND_TIMEOUT_S)" in caplog.text
+    record = records.kept[0]  # the stalled stream's (the next, the request after it)
+    assert record.stream and record.status == 200 and record.estimated and record.cost_usd > 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_slow_client_that_reads_is_never_cut(sops_project: SopsProject, path: str) -> None:
+    """It reads a little at a time, so slowly that the stream's writes wait for it far longer
+    than the send timeout: it took some each time, and gets the whole stream, usage and all."""
+    events = _chunks(" ".join(f"{i:05d}" + "x" * 5_000 for i in range(40)))  # ~200 kB
+    async with _metered(sops_project, _streaming(events), fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        server = service.runner.server
+        assert server is not None
+        reader, writer = await _connect(service, limit=4096)
+        try:
+            writer.write(_stream_request(path))
+            got, held, longest = b"", 0.0, 0.0
+            loop = asyncio.get_running_loop()
+            while not got.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await asyncio.wait_for(reader.read(4096), 10)
+                assert chunk, "cut"
+                got += chunk
+                waiting = any(
+                    c.transport is not None and c.transport.get_write_buffer_size() > 16384
+                    for c in server.connections
+                )  # over asyncio's low-water mark: the writes wait for the client
+                now = loop.time()
+                held = (held or now) if waiting else 0.0
+                longest = max(longest, now - held) if held else longest
+                await asyncio.sleep(0.04)
+        finally:
+            writer.close()
+        await eventually(lambda: len(records.kept) == 1, timeout=10)
+    assert longest > LIMIT_S  # the writes waited longer than the send timeout, and went on
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert _dechunked(body) == b"".join(events[:-2] + events[-1:])  # but the usage chunk
+    assert records.kept[0].completion_tokens == 2 and not records.kept[0].estimated
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
+    sops_project: SopsProject, path: str
+) -> None:
+    """A big answer that is not a stream, written whole, that its client does not read: its
+    connection is closed after the send timeout rather than held for good."""
+    content = "x" * 3_000_000
+
+    async def chat(request: web.Request) -> web.Response:
+        await request.read()
+        message = {"role": "assistant", "content": content}
+        usage = {"prompt_tokens": 5, "completion_tokens": 2}
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "fake-model",
+                                  "choices": [{"index": 0, "message": message}], "usage": usage})  # fmt: skip
+
+    up = web.Application()
+    up.router.add_post("/v1/chat/completions", chat)
+    async with _metered(sops_project, up, fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        server = service.runner.server
+        assert server is not None
+        before = set(server.connections)  # the test's own session's
+        reader, writer = await _connect(service)
+        try:
+            writer.write(_stream_request(path, CHAT))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            cast(asyncio.Transport, writer.transport).pause_reading()
+            assert head.startswith(b"HTTP/1.1 200 ")
+            await eventually(lambda: not set(server.connections) - before, timeout=10)
+            cast(asyncio.Transport, writer.transport).resume_reading()
+            rest = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                    rest += chunk
+        finally:
+            writer.close()
+        (after,) = await _exchange(service, _request(token=TOKEN))
+        assert after.status == 200
+    assert len(rest) < len(content)
+    assert records.kept[0].status == 200 and records.kept[0].completion_tokens == 2
