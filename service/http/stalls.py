@@ -100,12 +100,28 @@ class Server(web.Server):
         return Handler(self, loop=self._loop, **self._kwargs)
 
 
+_HANDLER_PRIVATE = ("_drain_helper", "_paused", "_loop")
+"""What `Handler` uses of aiohttp's `RequestHandler` (its `BaseProtocol`) that is private."""
+
+
 def install(app: web.Application, send_timeout_s: float) -> None:
-    """Make `app`'s server (`Application._make_handler`, what any runner calls) a `Server`."""
+    """Make `app`'s server (`Application._make_handler`, what any runner calls) a `Server`.
+
+    It is made from aiohttp's own (its `_loop` and `_kwargs`, private): an aiohttp that lacks
+    what it reads, here or of a connection, keeps its own server, said in one log line, without
+    the send timeout on its connections (the fast path's own keep theirs)."""
     usual = app._make_handler
 
     def make_handler(**kwargs: Any) -> web.Server:
         server = usual(**kwargs)
+        lacking = [
+            name
+            for name in ("_loop", "_kwargs", "request_factory", "handler_cancellation")
+            if not hasattr(server, name)
+        ] + [f"RequestHandler.{name}" for name in _HANDLER_PRIVATE if not _has(name)]
+        if lacking:
+            log.warning("aiohttp's server lacks %s: its connections have no send timeout", ", ".join(lacking))
+            return server
         return Server(
             server.request_handler,
             request_factory=server.request_factory,
@@ -116,3 +132,10 @@ def install(app: web.Application, send_timeout_s: float) -> None:
         )
 
     object.__setattr__(app, "_make_handler", make_handler)
+
+
+def _has(name: str) -> bool:
+    """`RequestHandler` has `name` (an attribute of its class, or a slot of its instances)."""
+    return any(
+        name in vars(kind) or name in getattr(kind, "__slots__", ()) for kind in RequestHandler.__mro__
+    )
