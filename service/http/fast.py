@@ -143,6 +143,7 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        del self.parser  # it holds this connection's callbacks: a cycle, left to the collector
         self.unblock()  # a stream's write waiting for the client goes on, to find it gone
         if self.timer is not None:
             self.timer.cancel()
@@ -376,6 +377,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         server = self.site.server
         server.connection_lost(cast(Any, self), None)
         self.transport = None
+        del self.parser  # as in `connection_lost`: no cycle outlives the connection's hand-off
         handler = server()
         handler.connection_made(transport)
         transport.set_protocol(handler)
