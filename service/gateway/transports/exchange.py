@@ -487,6 +487,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        del self.parser  # it holds this connection's callbacks: a cycle, left to the collector
         response, self.response = self.response, None
         self.pool._lost(self)
         if response is not None:
