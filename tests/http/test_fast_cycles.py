@@ -144,3 +144,20 @@ async def test_an_answer_of_each_kind_leaves_no_cycle(sops_project: SopsProject)
             await _left_to_collector(
                 service, label, lambda extra, r=request: _send(service, _with(r, extra)), status
             )
+
+
+async def test_a_refused_upstream_leaves_no_cycle(sops_project: SopsProject) -> None:
+    """A connection refused keeps its `OSError` (told in the attempt's reason), whose traceback
+    held the frame that kept it: kept without it. The `Connection` is made once connected only."""
+    async with _gateway(sops_project) as (service, a, b):
+
+        async def refused(status: int, extra: str) -> int:
+            a.fail(500, times=1)  # then `down`, refused
+            if status == 502:
+                b.fail(503, times=1)
+            return await _send(service, _with(_request(token=TOKEN), extra))
+
+        await _left_to_collector(
+            service, "a fallback past a refused upstream", lambda e: refused(200, e), 200
+        )
+        await _left_to_collector(service, "a 502, every upstream failed", lambda e: refused(502, e), 502)
