@@ -263,6 +263,11 @@ class FastConnection(asyncio.Protocol, Outlet):
     ) -> None:
         try:
             response = await self.site.gateway.relayed(request, name, endpoint, call, started)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            # the client left (`connection_lost`). The task keeps this error, whose traceback holds
+            # this frame (the connection, the request and its body): held here, it is a cycle
+            self.task = None
+            raise
         except Exception:  # a bug: no answer to give, and none to wait for
             log.exception("no answer to POST %s", request.path)
             self.task = None
@@ -300,6 +305,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         try:  # a stream (its end, if the relay has not written it), or an answer not whole
             await response.prepare(request)  # type: ignore[arg-type]  # what it reads of one
             await response.write_eof()
+        except asyncio.CancelledError:  # as above: the task let go of
+            self.task = None
+            raise
         except ConnectionError:  # the client left (`StreamWriter`'s ClientConnectionResetError)
             self.task = None
             if self.transport is not None:

@@ -146,6 +146,18 @@ async def test_an_answer_of_each_kind_leaves_no_cycle(sops_project: SopsProject)
             )
 
 
+async def test_a_client_that_leaves_mid_stream_leaves_no_cycle(sops_project: SopsProject) -> None:
+    """The request's task, cancelled, keeps its `CancelledError`, whose traceback holds the
+    frames that held the connection, the request and its body: the connection lets go of it."""
+    async with _gateway(sops_project) as (service, a, _):
+        a.chunk_interval_s = 0.2  # the stream is under way when the client leaves
+
+        async def leave(extra: str) -> int:
+            return await _send(service, _with(_request(STREAM, token=TOKEN), extra), leave=True)
+
+        await _left_to_collector(service, "a stream the client left", leave, 200)
+
+
 async def test_a_refused_upstream_leaves_no_cycle(sops_project: SopsProject) -> None:
     """A connection refused keeps its `OSError` (told in the attempt's reason), whose traceback
     held the frame that kept it: kept without it. The `Connection` is made once connected only."""
