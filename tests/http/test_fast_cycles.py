@@ -158,6 +158,18 @@ async def test_a_client_that_leaves_mid_stream_leaves_no_cycle(sops_project: Sop
         await _left_to_collector(service, "a stream the client left", leave, 200)
 
 
+async def test_an_upstream_timeout_leaves_no_cycle(sops_project: SopsProject) -> None:
+    """A wait for the upstream's answer failed by its deadline keeps its `TimeoutError`, whose
+    traceback holds the frames that sent the request (its 1 MB body): the frame lets go of it."""
+    async with _gateway(sops_project) as (service, a, _):
+
+        async def timed_out(extra: str) -> int:
+            a.hang(1.0, times=1)  # over `a`'s timeout_s: then `down`, refused, then `b`
+            return await _send(service, _with(_request(BIG, token=TOKEN), extra))
+
+        await _left_to_collector(service, "a 1 MB body whose upstream timed out", timed_out, 200, times=2)
+
+
 async def test_a_refused_upstream_leaves_no_cycle(sops_project: SopsProject) -> None:
     """A connection refused keeps its `OSError` (told in the attempt's reason), whose traceback
     held the frame that kept it: kept without it. The `Connection` is made once connected only."""

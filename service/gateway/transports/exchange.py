@@ -232,6 +232,7 @@ class Response:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+            del waiter  # failed (`_expire`), it holds its error, whose traceback holds this frame: a cycle
 
     def _silenced(self) -> None:
         """The silences' timer fired (`readany`'s waits with `within`, one a chunk of a stream).
@@ -317,6 +318,7 @@ class Response:
             finally:
                 self._waiter = None
                 self._silent_at = None
+                del waiter  # as in `_until`: a failed one would be a cycle with this frame
 
     @property
     def ended(self) -> bool:
