@@ -170,6 +170,25 @@ async def test_an_upstream_timeout_leaves_no_cycle(sops_project: SopsProject) ->
         await _left_to_collector(service, "a 1 MB body whose upstream timed out", timed_out, 200, times=2)
 
 
+async def test_an_upstream_that_breaks_off_leaves_no_cycle(sops_project: SopsProject) -> None:
+    """An answer broken off keeps its error (`Response._error`), raised to its reader: its
+    traceback holds the frames that read it, the answer among them; and the upstream connection,
+    gone, is held by its parser's callbacks. Neither outlives the exchange."""
+    async with _gateway(sops_project) as (service, a, _):
+
+        async def broken_off(request: bytes, extra: str) -> int:
+            a.drop_after(1, times=1)  # a whole answer cut in half, a stream after its first event
+            return await _send(service, _with(request, extra))
+
+        for label, request in (
+            ("a whole answer", _request(token=TOKEN)),
+            ("a stream", _request(STREAM, token=TOKEN)),
+        ):
+            await _left_to_collector(
+                service, f"{label} the upstream broke off", lambda extra, r=request: broken_off(r, extra), 200
+            )
+
+
 async def test_a_refused_upstream_leaves_no_cycle(sops_project: SopsProject) -> None:
     """A connection refused keeps its `OSError` (told in the attempt's reason), whose traceback
     held the frame that kept it: kept without it. The `Connection` is made once connected only."""

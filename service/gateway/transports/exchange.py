@@ -346,10 +346,15 @@ class Response:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._error is None and not self._complete:
+        error = self._error
+        if error is None and not self._complete:
             self._fail(BrokenOff("closed"))
-        else:  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
-            self._wake()
+            return
+        if error is not None:
+            # raised by a read, its traceback holds the frames that read this answer (this one,
+            # the exchange's body too): a cycle, once its reader is done with it (it closes it)
+            error.__traceback__ = None
+        self._wake()  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
 
     release = close
 
