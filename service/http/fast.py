@@ -144,6 +144,7 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        del self.parser  # it holds this connection's callbacks: a cycle, left to the collector
         self.unblock()  # a stream's write waiting for the client goes on, to find it gone
         if self.timer is not None:
             self.timer.cancel()
@@ -263,6 +264,11 @@ class FastConnection(asyncio.Protocol, Outlet):
     ) -> None:
         try:
             response = await self.site.gateway.relayed(request, name, endpoint, call, started)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            # the client left (`connection_lost`). The task keeps this error, whose traceback holds
+            # this frame (the connection, the request and its body): held here, it is a cycle
+            self.task = None
+            raise
         except Exception:  # a bug: no answer to give, and none to wait for
             log.exception("no answer to POST %s", request.path)
             self.task = None
@@ -300,6 +306,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         try:  # a stream (its end, if the relay has not written it), or an answer not whole
             await response.prepare(request)  # type: ignore[arg-type]  # what it reads of one
             await response.write_eof()
+        except asyncio.CancelledError:  # as above: the task let go of
+            self.task = None
+            raise
         except ConnectionError:  # the client left (`StreamWriter`'s ClientConnectionResetError)
             self.task = None
             if self.transport is not None:
@@ -379,6 +388,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         server = self.site.server
         server.connection_lost(cast(Any, self), None)
         self.transport = None
+        del self.parser  # as in `connection_lost`: no cycle outlives the connection's hand-off
         handler = server()
         handler.connection_made(transport)
         transport.set_protocol(handler)

@@ -107,7 +107,6 @@ class FastRequest(HeadersMixin):
         self.app = app
         self.path = path
         self._headers = self.headers = headers
-        self.content = self  # what `openai_api.arrived` reads: `is_eof`, `read_nowait`
         self.body = body
         self.match_info = match_info
         self.version = version
@@ -116,6 +115,13 @@ class FastRequest(HeadersMixin):
         self.writer: http_writer.StreamWriter | None = None
         """aiohttp's writer of its answer, once one is made (`_payload_writer`)."""
         self._state: dict[Any, Any] = {}
+
+    @property
+    def content(self) -> FastRequest:
+        """What `openai_api.arrived` reads (`is_eof`, `read_nowait`): the request itself. A
+        property, not an attribute: a request that held itself would be a reference cycle,
+        its body freed only by the cyclic collector, long after its answer (`YOUNG_ALLOCATIONS`)."""
+        return self
 
     @property
     def _payload_writer(self) -> http_writer.StreamWriter:

@@ -232,6 +232,7 @@ class Response:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+            del waiter  # failed (`_expire`), it holds its error, whose traceback holds this frame: a cycle
 
     def _silenced(self) -> None:
         """The silences' timer fired (`readany`'s waits with `within`, one a chunk of a stream).
@@ -317,6 +318,7 @@ class Response:
             finally:
                 self._waiter = None
                 self._silent_at = None
+                del waiter  # as in `_until`: a failed one would be a cycle with this frame
 
     @property
     def ended(self) -> bool:
@@ -344,10 +346,15 @@ class Response:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._error is None and not self._complete:
+        error = self._error
+        if error is None and not self._complete:
             self._fail(BrokenOff("closed"))
-        else:  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
-            self._wake()
+            return
+        if error is not None:
+            # raised by a read, its traceback holds the frames that read this answer (this one,
+            # the exchange's body too): a cycle, once its reader is done with it (it closes it)
+            error.__traceback__ = None
+        self._wake()  # what `_fail` does then, without making an error that goes nowhere (every stream's end)
 
     release = close
 
@@ -487,6 +494,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        del self.parser  # it holds this connection's callbacks: a cycle, left to the collector
         response, self.response = self.response, None
         self.pool._lost(self)
         if response is not None:

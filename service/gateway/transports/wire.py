@@ -39,6 +39,7 @@ import ssl
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from yarl import URL
@@ -258,10 +259,9 @@ class Pool:
             tls = self._tls
         error: OSError = OSError(0, "no address")
         for address, family in await self._addresses(host, port):
-            connection = Connection(self, key)
-            try:
-                await loop.create_connection(
-                    lambda c=connection: c,
+            try:  # the connection made once connected: one refused leaves none to collect
+                _, connection = await loop.create_connection(
+                    partial(Connection, self, key),
                     address,
                     port,
                     family=family,
@@ -269,7 +269,7 @@ class Pool:
                     server_hostname=host.strip("[]") if tls is not None else None,
                 )
             except OSError as exc:
-                error = exc
+                error = exc.with_traceback(None)  # kept, its traceback would hold this frame: a cycle
                 continue
             self._all.add(connection)
             return connection
