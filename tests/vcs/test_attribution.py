@@ -197,3 +197,22 @@ def test_a_change_merged_from_a_branch_is_dated_by_its_merge(folder: Path, tmp_p
     batch = Attributor(folder).attribute_batch(current(b))
     assert batch.files[b] == Attribution(merge, ADA, False, merge)  # the author is still the branch's
     assert batch.changed == merge
+
+
+def test_a_link_changed_through_its_target_is_dated_by_the_targets_commit(
+    folder: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "b.yaml").write_bytes(server("b"))
+    (folder / "b.yaml").symlink_to("../shared/b.yaml")
+    added = commit(folder, "link b")
+    b = folder / "b.yaml"
+    (shared / "other.txt").write_text("beside the target, not configuration\n")
+    commit(tmp_path, "beside")
+    batch = Attributor(folder).attribute_batch(current(b))
+    assert (batch.files[b].changed, batch.changed) == (added, added)
+    (shared / "b.yaml").write_bytes(server("b", "http://moved:8000/v1"))
+    moved = commit(tmp_path, "move b's target")
+    batch = Attributor(folder).attribute_batch(current(b))
+    assert (batch.files[b].commit, batch.files[b].changed, batch.changed) == (moved, moved, moved)
