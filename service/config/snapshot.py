@@ -27,13 +27,16 @@ class Attribution:
     """Where a file's current content came from (docs/reference.md §5): its commit and author.
 
     `commit` is HEAD when the file is committed unchanged there, else None with `uncommitted`;
-    `author` is the author of the last commit touching the file. Outside git, all null.
+    `author` is the author of the last commit touching the file. `changed`, for a file committed
+    unchanged, is the last commit of HEAD's first-parent line that changed it (or the file a
+    link leads to): the commit part of its answer's tag (docs/reference.md §6). Outside git, all null.
     `service.vcs.attribution` asks git; the snapshot only carries the answers.
     """
 
     commit: str | None
     author: str | None
     uncommitted: bool
+    changed: str | None = None
 
 
 NO_GIT = Attribution(None, None, False)
@@ -106,6 +109,10 @@ class Snapshot:
     """Where each file came from (commit, author), set by the registry when it swaps this in."""
     commit: str | None = None
     """The commit this whole configuration is, when every file is committed unchanged in it."""
+    changed: str | None = None
+    """With `commit`: the last commit of its first-parent line that touched `providers.d/` (a
+    removal included), where this configuration last changed; the commit part of the tag of
+    an answer built from several files (docs/reference.md §6). Otherwise None."""
     unavailable: frozenset[str] = frozenset()
     """Provider ids whose files are refused and have no good version (docs/reference.md §4): routing may
     name them, and every reader skips them (they are not in `providers`) until one arrives."""

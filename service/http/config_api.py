@@ -111,6 +111,9 @@ class _Rendered:
     routes: Mapping[str, _Route] = field(default_factory=dict)
     blobs: Mapping[str, str] = field(default_factory=dict)
     """Provider id -> the git blob id of its file: the first part of a provider's tag."""
+    changed: Mapping[str, str | None] = field(default_factory=dict)
+    """Provider id -> the commit where its file last changed (None: uncommitted, or no git):
+    the second part of a provider's tag. Not the served commit, which moves with any commit."""
     routing_blob: str | None = None
     """The git blob id of the routing file: the first part of a route's tag."""
     meanings: dict[str, bytes] = field(default_factory=dict)
@@ -124,18 +127,23 @@ class _Rendered:
         confirmed health status and reason; no measurement, no circuit."""
         config = self.meanings.get(provider_id)
         if config is None:
-            config = self.meanings[provider_id] = _encode(self.providers[provider_id])
+            # not the served `commit` shown beside it: it moves with commits of other files
+            shown = {k: v for k, v in self.providers[provider_id].items() if k != "commit"}
+            config = self.meanings[provider_id] = _encode(shown)
         status, reason = health.get(provider_id).confirmed
         return config + _encode([status, reason])
 
     def provider_tag(self, provider_id: str, health: Health) -> str:
-        commit = self.providers[provider_id]["commit"]
-        return tags.make(self.blobs[provider_id], commit, self.meaning(provider_id, health))
+        """The commit part is where the provider's file last changed: a commit of another file
+        (or outside `providers.d/`) leaves the tag as it was, and wakes no held query."""
+        changed = self.changed.get(provider_id)
+        return tags.make(self.blobs[provider_id], changed, self.meaning(provider_id, health))
 
     def list_tag(self, ids: Iterable[str], health: Health, extra: Any = None) -> str:
-        """The tag of an answer built from several files: `-` for its blob."""
+        """The tag of an answer built from several files: `-` for its blob, and for its commit
+        the last that touched `providers.d/` (a removal too)."""
         meaning = b"\n".join(self.meaning(i, health) for i in ids) + _encode(extra)
-        return tags.make(None, self.snapshot.commit, meaning)
+        return tags.make(None, self.snapshot.changed or self.snapshot.commit, meaning)
 
     def route(self, route: _Route, health: Health) -> dict[str, Any]:
         answer: dict[str, Any] = {
@@ -169,7 +177,8 @@ class _Rendered:
     def route_tag(self, route: _Route, health: Health) -> str:
         shape = [route.purpose, route.primary, route.fallbacks, route.weights, route.unavailable]
         meaning = b"\n".join(self.meaning(i, health) for i in route.ids) + _encode(shape)
-        return tags.make(self.routing_blob, self.snapshot.commit, meaning)
+        # a route shows its providers whole: the last commit that touched any file of the folder
+        return tags.make(self.routing_blob, self.snapshot.changed or self.snapshot.commit, meaning)
 
 
 _CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
@@ -178,12 +187,14 @@ _CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
 def _render(snapshot: Snapshot) -> _Rendered:
     providers: dict[str, dict[str, Any]] = {}
     blobs: dict[str, str] = {}
+    changed: dict[str, str | None] = {}
     for path, loaded in snapshot.files.items():
         doc = loaded.document
         if isinstance(doc, AiServer | ApiKey):
-            commit = snapshot.attribution_of(path).commit
-            providers[doc.id] = {**doc.describe(), "file": path, "commit": commit}
+            attribution = snapshot.attribution_of(path)
+            providers[doc.id] = {**doc.describe(), "file": path, "commit": attribution.commit}
             blobs[doc.id] = blob_sha(loaded.data)
+            changed[doc.id] = (attribution.changed or attribution.commit) if attribution.commit else None
     routes: dict[str, _Route] = {}
     routing_file = snapshot.file_of_kind("routing")
     routing_blob = blob_sha(snapshot.files[routing_file].data) if routing_file else None
@@ -194,7 +205,7 @@ def _render(snapshot: Snapshot) -> _Rendered:
             missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
             weights = {i: route.weight(i) for i in primary}
             routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
-    return _Rendered(snapshot, dict(sorted(providers.items())), routes, blobs, routing_blob)
+    return _Rendered(snapshot, dict(sorted(providers.items())), routes, blobs, changed, routing_blob)
 
 
 def _encode(body: Any) -> bytes:

@@ -1,12 +1,17 @@
 """Weak tags (docs/reference.md §6, §9): what they are made of, and how a client's tag is judged.
 
 A tag is `W/"<blob>.<commit>.<hash>"`: the git blob id of the answer's file (`-` for an answer
-built from several), the commit its configuration is at (`-` outside git or uncommitted), and
-a hash of what the answer means: its configuration and each provider's confirmed health status
-and reason, never a measurement (`checked_at`, `latency_ms`, counters), a replica's circuits,
-its generation or its index. So replicas serving one commit with one health give one tag,
-whatever their event logs hold, and a consumer behind a balancer without affinity can hold
-its query on any of them.
+built from several), the commit at which its configuration last changed (`-` outside git or
+uncommitted), and a hash of what the answer means: its configuration and each provider's
+confirmed health status and reason, never a measurement (`checked_at`, `latency_ms`, counters),
+a replica's circuits, its generation, its index or the commit it serves. The commit is the last
+of the served commit's first-parent line that touched the provider's file, for a provider; the
+last that touched `providers.d/` at all (a removal too), for a route or a list (the
+registry's attribution, computed at reload). So a commit of another file, or outside the folder,
+changes no tag and wakes no held query; replicas serving one commit with one health give one
+tag, whatever their event logs hold, and a consumer behind a balancer without affinity can hold
+its query on any of them. Such a commit is still one of the served history: a client's tag
+naming one this replica has not applied is `AHEAD`, one it served or that precedes it is not.
 
 A client's tag is judged against this replica's answer (`Tags.judge`):
 

@@ -32,7 +32,7 @@ from service.errors import EventLogError, Problem, SnapshotRejected
 from service.files import leads_outside, read_limited
 from service.journal.events import ConfigRejected, draft_from_change
 from service.journal.log import EventLog
-from service.vcs.attribution import Attributor
+from service.vcs.attribution import Attributor, Batch
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Registry:
                 # Same files, new HEAD (a commit, or git moving HEAD after writing the files):
                 # the answers' commits are refreshed; nothing changed, so no event.
                 current = {self.root / f: x.data for f, x in old.files.items()}
-                return self._attributed(old, self._attribute(current), head), 0
+                return self._attributed(old, self._attribute_batch(current), head), 0
             return old, 0
         view = snapshot.view()
         changes = diff_views(
@@ -247,8 +247,9 @@ class Registry:
         for change in changes:
             if change.file is not None and change.file not in snapshot.files:
                 contents[self.root / change.file] = None  # removed
-        attribution = self._attribute(contents)
-        snapshot = self._attributed(snapshot, attribution, head)
+        batch = self._attribute_batch(contents)
+        attribution = batch.files
+        snapshot = self._attributed(snapshot, batch, head)
         for change in changes:
             who = attribution.get(self.root / change.file, NO_GIT) if change.file else NO_GIT
             draft = draft_from_change(
@@ -266,14 +267,18 @@ class Registry:
         the log last named."""
         return new.file_of_kind(kind) or old.file_of_kind(kind) or self.events.last_file_of(f"{kind}.updated")
 
-    def _attributed(
-        self, snapshot: Snapshot, attribution: Mapping[Path, Attribution], head: str | None
-    ) -> Snapshot:
-        """`snapshot` carrying its files' attribution, so a reader needs nothing else."""
+    def _attributed(self, snapshot: Snapshot, batch: Batch, head: str | None) -> Snapshot:
+        """`snapshot` carrying its files' attribution, so a reader needs nothing else: each
+        file's commits, and the commit where the folder last changed when it is whole at HEAD."""
         self._attributed_head = head
-        files = {f: attribution.get(self.root / f, NO_GIT) for f in snapshot.files}
+        files = {f: batch.files.get(self.root / f, NO_GIT) for f in snapshot.files}
         whole = head is not None and all(a.commit == head for a in files.values())
-        return replace(snapshot, attribution=MappingProxyType(files), commit=head if whole else None)
+        return replace(
+            snapshot,
+            attribution=MappingProxyType(files),
+            commit=head if whole else None,
+            changed=(batch.changed or head) if whole else None,
+        )
 
     def _record_rejections(self, refusals: Mapping[str, Refusal], before: Mapping[str, str]) -> int:
         fresh = {f: r.reason for f, r in refusals.items() if before.get(f) != r.reason}
@@ -294,9 +299,12 @@ class Registry:
         return len(fresh)
 
     def _attribute(self, contents: Mapping[Path, bytes | None]) -> Mapping[Path, Attribution]:
+        return self._attribute_batch(contents).files
+
+    def _attribute_batch(self, contents: Mapping[Path, bytes | None]) -> Batch:
         if not contents or self.attributor is None:
-            return {}
-        return self.attributor.attribute(contents)
+            return Batch({}, None)
+        return self.attributor.attribute_batch(contents)
 
 
 def _refusal(value: Refusal | str) -> Refusal:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from service.config.snapshot import NO_GIT, Attribution
@@ -19,6 +20,16 @@ from service.files import leads_outside
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The attribution of a batch of files, and `changed`: the last commit of HEAD's first-parent
+    line that touched their folder (or a file a link of it leads to), removals included; None
+    outside git or before the first commit."""
+
+    files: dict[Path, Attribution]
+    changed: str | None
 
 
 class Attributor:
@@ -70,33 +81,43 @@ class Attributor:
             return None
 
     def attribute(self, files: Mapping[Path, bytes | None]) -> dict[Path, Attribution]:
-        """Attribution of each file, given its current content (None: the file was removed).
+        """Attribution of each file, given its current content (None: the file was removed)."""
+        return self.attribute_batch(files).files
 
-        Three git calls for the whole batch, whatever its size: HEAD, the blob ids of HEAD's
-        tree, and one walk of the log for the last author of each file.
+    def attribute_batch(self, files: Mapping[Path, bytes | None]) -> Batch:
+        """Attribution of each file, given its current content (None: the file was removed), and
+        the last commit that touched their folder (`Batch`).
+
+        Four git calls for the whole batch, whatever its size: HEAD, the blob ids of HEAD's
+        tree, one walk of the log for the last author of each file and one of its first-parent
+        line for the last commit that changed each (`GitRepo.last_changes`).
         """
         if self.repo is None:
-            return dict.fromkeys(files, NO_GIT)
+            return Batch(dict.fromkeys(files, NO_GIT), None)
         head = self._pin or self.head()
         relative = {path: self._relative(path) for path in files}
         links = {path: link for path in files if (link := self._link(path)) is not None}
         known = sorted({r for r in relative.values() if r is not None})
         if head is None or not known:
-            return dict.fromkeys(files, Attribution(None, None, True))
+            return Batch(dict.fromkeys(files, Attribution(None, None, True)), None)
         store = self._store or self.repo
         leading = {target for _, target in links.values() if target is not None}
+        folders = sorted({str(PurePosixPath(p).parent) for p in known})
         try:
             blobs: dict[str, str] = {}
             for folder in sorted({str(PurePosixPath(p).parent) for p in (*known, *leading)}):
                 blobs.update(store.blob_ids(head, folder, links=True))
             authors = store.last_authors(known, head)
+            # a link's target is walked by itself: what else its folder holds is not configuration
+            changes = store.last_changes(folders, sorted({*known, *leading}), head)
         except GitError as exc:
             log.warning("git: %s", exc)
-            return dict.fromkeys(files, Attribution(None, None, True))
+            return Batch(dict.fromkeys(files, Attribution(None, None, True)), None)
         result = {}
         for path, data in files.items():
             rel = relative[path]
             in_head = blobs.get(rel) if rel else None
+            target = None
             if path in links:  # git holds a link's target; the content read is what it leads to
                 held, target = links[path]
                 committed = in_head == blob_sha(held) and (
@@ -107,8 +128,14 @@ class Attributor:
                     (in_head is None) if data is None else (in_head == blob_sha(data))
                 )
             author = authors.get(rel) if rel else None
-            result[path] = Attribution(head, author, False) if committed else Attribution(None, author, True)
-        return result
+            if committed:
+                # a file HEAD holds was touched on its line; `head` only if the walk missed it
+                # (a name git quotes): a later commit than the true one, never an earlier
+                changed = changes.last(*(p for p in (rel, target) if p is not None)) or head
+                result[path] = Attribution(head, author, False, changed)
+            else:
+                result[path] = Attribution(None, author, True)
+        return Batch(result, changes.newest or head)
 
     def _link(self, path: Path) -> tuple[bytes, str | None] | None:
         """For a symbolic link: what git holds for it (its target), and the file it leads to

@@ -86,6 +86,25 @@ class Commit:
     author: str
 
 
+@dataclass(frozen=True, slots=True)
+class LastChanges:
+    """What one walk of the log found (`GitRepo.last_changes`): the commits met, newest first,
+    as far as the oldest one needed, and for each path the index of the last that touched it."""
+
+    commits: tuple[str, ...]
+    touched: Mapping[str, int]
+
+    @property
+    def newest(self) -> str | None:
+        """The last commit that touched anything walked; None when none did."""
+        return self.commits[0] if self.commits else None
+
+    def last(self, *paths: str) -> str | None:
+        """The newest of the last commits that touched `paths`; None when none did."""
+        found = [self.touched[p] for p in paths if p in self.touched]
+        return self.commits[min(found)] if found else None
+
+
 def blob_sha(data: bytes) -> str:
     """The id git gives a blob with this content (`git hash-object`), without asking git."""
     header = f"blob {len(data)}\0".encode()
@@ -256,6 +275,36 @@ class GitRepo:
                 if len(authors) == len(wanted):
                     break
         return authors
+
+    def last_changes(self, folders: list[str], paths: list[str], rev: str = "HEAD") -> LastChanges:
+        """The last commit of `rev`'s first-parent line that touched each of `paths`, and the last
+        that touched anything in `folders` or `paths` (removals included), in one walk of the log.
+
+        First parents only: a change merged from a branch is dated by its merge, a commit of the
+        line a replica serves, not by the branch's own commit, which a replica that has fetched
+        the branch but not yet applied the merge would take for another history.
+        """
+        spec = sorted({PurePosixPath(p).as_posix().strip("/") or "." for p in (*folders, *paths)})
+        out = self.run(
+            "log",
+            "--first-parent",
+            "--no-renames",
+            "--format=%x00%H",
+            "--name-only",
+            rev,
+            "--",
+            *spec,
+            ok=(0, 128),
+        )
+        wanted = set(paths)
+        order: list[str] = []
+        touched: dict[str, int] = {}
+        for line in out.decode("utf-8", "replace").splitlines():
+            if line.startswith("\0"):
+                order.append(line[1:])
+            elif line in wanted and line not in touched and order:
+                touched[line] = len(order) - 1
+        return LastChanges(tuple(order[: max(touched.values(), default=0) + 1]), touched)
 
     def read_file(self, rev: str, path: str) -> bytes | None:
         """One file at `rev` (path relative to the top level), or None when it is not there."""

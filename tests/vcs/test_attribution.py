@@ -47,7 +47,7 @@ def test_a_file_committed_unchanged_is_heads_commit_and_its_author(folder: Path)
     head = git(folder, "rev-parse", "HEAD")
     assert attributor.head() == head
     path = folder / "a.yaml"
-    assert attributor.attribute(current(path)) == {path: Attribution(head, ADA, False)}
+    assert attributor.attribute(current(path)) == {path: Attribution(head, ADA, False, head)}
 
 
 def test_an_edited_file_is_uncommitted_with_the_last_author(folder: Path) -> None:
@@ -68,16 +68,17 @@ def test_a_removed_file_is_uncommitted_until_the_removal_is(folder: Path) -> Non
     attributor = Attributor(folder)
     assert attributor.attribute({path: None}) == {path: Attribution(None, ADA, True)}
     head = commit(folder, "drop a")
-    assert attributor.attribute({path: None}) == {path: Attribution(head, ME, False)}
+    assert attributor.attribute({path: None}) == {path: Attribution(head, ME, False, head)}
 
 
-def test_the_author_is_of_the_last_commit_touching_the_file(folder: Path) -> None:
+def test_the_author_and_the_change_are_of_the_last_commit_touching_the_file(folder: Path) -> None:
+    first = git(folder, "rev-parse", "HEAD")
     (folder / "b.yaml").write_bytes(server("b"))
     head = commit(folder, "add b")
     a, b = folder / "a.yaml", folder / "b.yaml"
     assert Attributor(folder).attribute(current(a, b)) == {
-        a: Attribution(head, ADA, False),
-        b: Attribution(head, ME, False),
+        a: Attribution(head, ADA, False, first),
+        b: Attribution(head, ME, False, head),
     }
 
 
@@ -118,12 +119,15 @@ def test_a_folder_reached_through_a_symlink_is_attributed(folder: Path, tmp_path
     link.symlink_to(tmp_path, target_is_directory=True)
     path = link / "providers.d" / "a.yaml"
     head = git(folder, "rev-parse", "HEAD")
-    assert Attributor(link / "providers.d").attribute(current(path)) == {path: Attribution(head, ADA, False)}
+    assert Attributor(link / "providers.d").attribute(current(path)) == {
+        path: Attribution(head, ADA, False, head)
+    }
 
 
-def test_a_batch_of_many_files_is_attributed_file_by_file_in_three_git_calls(
+def test_a_batch_of_many_files_is_attributed_file_by_file_in_four_git_calls(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    first = git(folder, "rev-parse", "HEAD")
     ids = [f"p{i:03d}" for i in range(300)]
     for provider_id in ids:
         (folder / f"{provider_id}.yaml").write_bytes(server(provider_id))
@@ -148,12 +152,67 @@ def test_a_batch_of_many_files_is_attributed_file_by_file_in_three_git_calls(
     monkeypatch.setattr(GitRepo, "run", counted)  # the worktree's and its git directory's calls
     found = attributor.attribute(current(*paths))
 
-    assert len(calls) == 3, calls  # HEAD, HEAD's blob ids, one walk of the log
+    assert len(calls) == 4, calls  # HEAD, HEAD's blob ids, a walk of the log, one of its first parents
     assert list(found) == paths
     edited, removed, unchanged = ids[:100], ids[100:150], ids[150:]
     for provider_id in edited + removed:
         assert found[folder / f"{provider_id}.yaml"] == Attribution(None, ME, True), provider_id
     for provider_id in unchanged:
-        assert found[folder / f"{provider_id}.yaml"] == Attribution(head, ME, False), provider_id
+        assert found[folder / f"{provider_id}.yaml"] == Attribution(head, ME, False, head), provider_id
     assert found[folder / "new1.yaml"] == found[folder / "new2.yaml"] == Attribution(None, None, True)
-    assert found[folder / "a.yaml"] == Attribution(head, ADA, False)
+    assert found[folder / "a.yaml"] == Attribution(head, ADA, False, first)
+
+
+def test_a_batch_names_the_last_commit_that_touched_each_file_and_the_folder(
+    folder: Path, tmp_path: Path
+) -> None:
+    first = git(folder, "rev-parse", "HEAD")
+    (folder / "b.yaml").write_bytes(server("b"))
+    added = commit(folder, "add b")
+    (tmp_path / "README").write_text("not configuration\n")
+    commit(tmp_path, "a readme")  # outside the folder: nothing changed there
+    a, b = folder / "a.yaml", folder / "b.yaml"
+    batch = Attributor(folder).attribute_batch(current(a, b))
+    assert (batch.files[a].changed, batch.files[b].changed, batch.changed) == (first, added, added)
+    b.unlink()
+    removed = commit(folder, "drop b")
+    batch = Attributor(folder).attribute_batch(current(a, b))
+    assert (batch.files[a].changed, batch.files[b].changed, batch.changed) == (first, removed, removed)
+    a.write_bytes(server("a", "http://elsewhere:8000/v1"))  # not committed: no change commit
+    assert Attributor(folder).attribute_batch(current(a)).files[a] == Attribution(None, ADA, True)
+
+
+def test_a_change_merged_from_a_branch_is_dated_by_its_merge(folder: Path, tmp_path: Path) -> None:
+    """A replica that fetched the branch but serves the commit before the merge must see the
+    tag's commit as ahead, not as another history: the merge is on the line it serves."""
+    git(tmp_path, "checkout", "-q", "-b", "side")
+    (folder / "b.yaml").write_bytes(server("b"))
+    commit(folder, "add b on a branch", author=ADA)
+    git(tmp_path, "checkout", "-q", "-")
+    (tmp_path / "README").write_text("meanwhile\n")
+    commit(tmp_path, "a readme")
+    git(tmp_path, "merge", "-q", "--no-edit", "side")
+    merge = git(tmp_path, "rev-parse", "HEAD")
+    b = folder / "b.yaml"
+    batch = Attributor(folder).attribute_batch(current(b))
+    assert batch.files[b] == Attribution(merge, ADA, False, merge)  # the author is still the branch's
+    assert batch.changed == merge
+
+
+def test_a_link_changed_through_its_target_is_dated_by_the_targets_commit(
+    folder: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "b.yaml").write_bytes(server("b"))
+    (folder / "b.yaml").symlink_to("../shared/b.yaml")
+    added = commit(folder, "link b")
+    b = folder / "b.yaml"
+    (shared / "other.txt").write_text("beside the target, not configuration\n")
+    commit(tmp_path, "beside")
+    batch = Attributor(folder).attribute_batch(current(b))
+    assert (batch.files[b].changed, batch.changed) == (added, added)
+    (shared / "b.yaml").write_bytes(server("b", "http://moved:8000/v1"))
+    moved = commit(tmp_path, "move b's target")
+    batch = Attributor(folder).attribute_batch(current(b))
+    assert (batch.files[b].commit, batch.files[b].changed, batch.changed) == (moved, moved, moved)

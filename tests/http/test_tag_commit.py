@@ -1,0 +1,131 @@
+"""The commit part of a tag (docs/reference.md §6): where the answer's configuration last changed,
+not the commit served. A commit of one provider leaves another provider's tag as it was (304,
+and a query held on it stays held); a commit outside `providers.d/` leaves every tag as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from service.http.context import RELOADER
+from service.http.tags import parse
+from tests.conftest import Service, SopsProject, eventually, git, git_init, serve, write_routing, write_server
+from tests.http.test_push import API, get
+from tests.http.test_tag_holds import commit_all
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def two(sops_project: SopsProject) -> AsyncIterator[Service]:
+    """A service on a git repository with `a` and `b` routed for chat, committed."""
+    git_init(sops_project.root)
+    (sops_project.root / ".gitignore").write_text("var/\n")
+    write_server(sops_project, "a")
+    write_server(sops_project, "b")
+    write_routing(sops_project, ["a", "b"])
+    commit_all(sops_project, "setup")
+    async with serve(sops_project) as service:
+        yield service
+
+
+def commit_of(tag: str) -> str:
+    parts = parse(tag)
+    assert parts is not None, tag
+    return parts.commit
+
+
+async def applied(service: Service, commit: str) -> None:
+    await service.app[RELOADER].reload()  # a commit that changes no file is seen at the next rescan
+    await eventually(lambda: service.registry.state.last_applied_commit == commit, 10)
+
+
+async def tags_now(service: Service) -> dict[str, str]:
+    paths = ("/providers/a", "/providers/b", "/active/chat", "/providers", "/active")
+    return {p: (await get(service, API + p)).headers["ETag"] for p in paths}
+
+
+async def test_a_commit_of_one_provider_leaves_the_others_tag_as_it_was(two: Service) -> None:
+    setup = git(two.project.root, "rev-parse", "HEAD")
+    before = await tags_now(two)
+    assert {commit_of(t) for t in before.values()} == {setup}
+    held = asyncio.create_task(
+        get(two, f"{API}/providers/b?wait=3s", {"If-None-Match": before["/providers/b"]})
+    )
+    await asyncio.sleep(0.3)
+    write_server(two.project, "a", base_url="http://127.0.0.1:7011/v1")
+    change = commit_all(two.project, "move a")
+    await applied(two, change)
+    after = await tags_now(two)
+    assert after["/providers/b"] == before["/providers/b"]
+    assert commit_of(after["/providers/a"]) == change and after["/providers/a"] != before["/providers/a"]
+    for listed in ("/active/chat", "/providers", "/active"):  # they show `a`: the folder's commit
+        assert commit_of(after[listed]) == change, listed
+    # the body still says what is served
+    assert (await get(two, API + "/providers/b")).json()["commit"] == change
+    started = time.monotonic()
+    assert not held.done()  # the reload woke it, and it held on: b's answer is what its tag says
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.status == 304 and answer.headers["ETag"] == before["/providers/b"]
+    assert time.monotonic() - started > 1.5
+    answer = await get(two, API + "/providers/b", {"If-None-Match": before["/providers/b"]})
+    assert answer.status == 304
+
+
+async def test_a_commit_outside_the_providers_folder_changes_no_tag(two: Service) -> None:
+    before = await tags_now(two)
+    held = [
+        asyncio.create_task(get(two, f"{API}{path}?wait=2s", {"If-None-Match": tag}))
+        for path, tag in before.items()
+    ]
+    await asyncio.sleep(0.3)
+    (two.project.root / "README.md").write_text("not configuration\n")
+    readme = commit_all(two.project, "a readme")
+    await applied(two, readme)
+    assert await tags_now(two) == before
+    assert not any(task.done() for task in held)
+    answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert [a.status for a in answers] == [304] * len(answers)
+    assert (await get(two, API + "/active/chat")).json()["commit"] == readme
+
+
+async def test_the_route_and_the_lists_change_with_the_folder_a_removal_included(two: Service) -> None:
+    write_server(two.project, "c")
+    added = commit_all(two.project, "add c, routed nowhere")
+    await applied(two, added)
+    before = await tags_now(two)
+    assert commit_of(before["/active/chat"]) == commit_of(before["/providers"]) == added
+    assert commit_of(before["/providers/a"]) != added
+    held = asyncio.create_task(get(two, f"{API}/providers?wait=20s", {"If-None-Match": before["/providers"]}))
+    await asyncio.sleep(0.3)
+    (two.project.providers / "c.yaml").unlink()
+    removed = commit_all(two.project, "drop c")
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.status == 200 and [p["id"] for p in answer.json()["providers"]] == ["a", "b"]
+    await applied(two, removed)
+    after = await tags_now(two)
+    assert commit_of(after["/providers"]) == commit_of(after["/active/chat"]) == removed
+    assert after["/providers/a"] == before["/providers/a"] and after["/providers/b"] == before["/providers/b"]
+
+
+async def test_a_tag_of_a_provider_changed_on_a_replica_ahead_holds(two: Service) -> None:
+    """Another replica applied a commit that changed `b`: its tag of `b` names that commit, which
+    this replica has not applied; it holds, never answering with the older `b`."""
+    project = two.project
+    old = (await get(two, API + "/providers/b")).headers["ETag"]
+    git(project.root, "checkout", "-q", "-b", "ahead")
+    write_server(project, "b", base_url="http://127.0.0.1:7012/v1")
+    ahead = commit_all(project)
+    git(project.root, "checkout", "-q", "main")
+    await asyncio.sleep(0.5)  # the checkout back is applied
+    assert (await get(two, API + "/providers/b")).headers["ETag"] == old
+    theirs = f'W/"{"0" * 40}.{ahead}.{"1" * 24}"'
+    answer = await get(two, f"{API}/providers/b?wait=800ms", {"If-None-Match": theirs})
+    assert answer.status == 304 and answer.headers["ETag"] == theirs
+    git(project.root, "merge", "-q", "--ff-only", "ahead")
+    await applied(two, ahead)
+    answer = await get(two, API + "/providers/b", {"If-None-Match": old})
+    assert answer.status == 200 and commit_of(answer.headers["ETag"]) == ahead
