@@ -198,8 +198,9 @@ def dumps(values: list[Any]) -> bytes:
     """`fields`' list as one spool line."""
     try:
         return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)  # json.dumps' text, a tenth of the work
-    except (TypeError, orjson.JSONEncodeError):  # e.g. a surrogate `text` let through: json's way
-        return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    except (TypeError, orjson.JSONEncodeError):  # e.g. a lone surrogate a file's line held: json's way
+        # escaped (`\ud800`): UTF-8 has no lone surrogate, and json's module reads it back the same
+        return json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
 def row(values: list[Any]) -> tuple[Any, ...]:

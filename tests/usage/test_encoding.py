@@ -72,6 +72,17 @@ def test_a_line_orjson_refuses_is_judged_by_jsons_module() -> None:
         decode(b"[1,NaN")
 
 
+def test_a_value_orjson_refuses_is_written_by_jsons_module_as_ascii_and_read_back_the_same() -> None:
+    """`dumps`' fallback (a lone surrogate, an integer past 64 bits: what a line read from a file
+    may hold, written again when it is set aside) writes a line UTF-8 can hold, read back the same."""
+    values = encoding.values_of(record(id="r-4"))
+    values[5], values[13] = "gpt\ud800é", 10**30
+    line = encoding.dumps(values)
+    assert b"\\ud800" in line and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert line.isascii()
+    assert encoding.loads(line) == values
+
+
 def test_json_reads_as_jsons_module_reads_it() -> None:
     """orjson reads request bodies and spool lines (issue 22); what it refuses or reads otherwise,
     json's module reads or refuses as before: NaN, UTF-16, a BOM, an escaped lone surrogate,
