@@ -312,16 +312,30 @@ def decode(line: bytes) -> Record:
 
 
 def decode_values(line: bytes) -> list[Any]:
-    """A spool line back as `fields`' list (its record's values, types checked); BadLine when it
-    is not one."""
+    """A spool line back as `fields`' list; BadLine when it is not one.
+
+    A line this version wrote holds what `fields` made, and is given back as it is. One written
+    otherwise (by an older version, or by hand) may hold what no database binds, or binds and
+    then cannot read back (a name that is a number, a list or holds `\\u0000` or a lone
+    surrogate, a status `true`, a count past 64 bits or `"100"`, a latency `"abc"`): its values
+    are bounded by `fields` as a request's are, so that it is stored and never holds the spool
+    back. Its cost is not changed: one that is not a decimal from 0 to `MAX_COST` (`"-1"`,
+    `"NaN"`, `"1e30"`) makes the line a BadLine, set aside, never stored as other money."""
     try:
         values = loads(line)
         if not isinstance(values, list) or len(values) != len(FIELDS) + 1 or values[0] != VERSION:
             raise BadLine("not a version 1 record")
-        values[2] = int(values[2])
-        from_micros(values[2])  # a time datetime can hold
-        Decimal(values[18])  # a decimal cost
-        return values
+        ts = int(values[2])
+        from_micros(ts)  # a time datetime can hold
+        amount = values[18]
+        usd = Decimal(amount)  # a decimal cost
+        if not (usd.is_finite() and 0 <= usd <= MAX_COST) or isinstance(amount, bool):
+            raise BadLine(f"a cost out of bounds: {str(amount)[:40]!r}")
+        v = values
+        return fields(
+            v[1], ts, v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14],
+            v[15], v[16], v[17], None, v[19], v[20], v[21], v[22], written=amount,
+        )  # fmt: skip
     except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation, RecursionError) as exc:
         raise BadLine(f"{type(exc).__name__}: {exc}") from None
 

@@ -63,7 +63,7 @@ PURGE_SLICE_S = 0.25
 """The longest one cycle deletes old records: a large purge (a lowered retention over a year
 of records) goes on in the next cycles, and what comes meanwhile is stored between them."""
 ROW_SLICE = 256
-"""Lines decoded at a time from a segment's file (pure Python, the GIL held: ~0.8 ms); between
+"""Lines decoded at a time from a segment's file (pure Python, the GIL held: ~1.1 ms); between
 two slices the ledger's thread sleeps `PAUSE_S`, so that the event loop's thread, should it wait for the GIL,
 takes it at once rather than after the whole batch (CPython makes a waiting thread wait up to
 `sys.getswitchinterval()`, 5 ms, before it forces a switch)."""
@@ -332,7 +332,7 @@ class Ledger:
                 spool.set_aside(line, f"{segment.name}: {exc}")
                 continue
             if len(batch) % ROW_SLICE == 0:
-                time.sleep(PAUSE_S)  # a line is read in ~3 µs, the GIL held: 2,000 would be 6 ms
+                time.sleep(PAUSE_S)  # a line is read in ~4 µs, the GIL held: 2,000 would be 8 ms
             if len(batch) >= BATCH:
                 self._insert(spool, batch)
                 batch = []
