@@ -100,6 +100,40 @@ def test_money_is_exact_in_sums_far_past_what_64_bits_hold(store: SQLStore) -> N
     assert store.spent("client", "ops-center", NOW - timedelta(days=30)) == Decimal("20000000.00015")
 
 
+def _seed_rollups(store: SQLStore, day: str, prompt_tokens: int) -> None:
+    """A route's rollups for the hour of NOW on `day` holding `prompt_tokens`, as a few million
+    answers an upstream said used `MAX_TOKENS` would leave them."""
+    values = "VALUES (?, 'ops-center', 'openai', 'gpt-4o', 'chat', 1, 0, 0, ?, 0, 0, 0, 0, 0, 0)"
+    with store._transaction() as cur:
+        cur.execute("INSERT INTO usage_hourly " + values, (f"{day}T05", prompt_tokens))
+        cur.execute("INSERT INTO usage_daily " + values, (day, prompt_tokens))
+
+
+def test_a_record_past_what_its_rollup_can_add_is_stored_and_the_rollup_held(store: SQLStore) -> None:
+    """An upstream reporting absurd usage fills a route's rollups to 64 bits in a few million
+    answers: PostgreSQL then refused every later record of that route and day (`bigint out of
+    range`: set aside, lost), and SQLite made the sum a float. The sum is held at its largest."""
+    _seed_rollups(store, "2026-11-27", sql.MAX_SUM - 10)
+    assert store.insert([record(prompt_tokens=100), record(prompt_tokens=7)]) == 2
+    (totals,) = _usage(store, since="2026-11-27").values()
+    assert totals["prompt_tokens"] == sql.MAX_SUM and totals["requests"] == 3
+    assert type(totals["prompt_tokens"]) is int
+
+
+def test_token_sums_past_64_bits_are_exact_and_answer(store: SQLStore) -> None:
+    """Rollups of several days each near 64 bits, and records past them: SQLite's `sum` failed
+    ("integer overflow"), which the ledger took for the database being down (`/usage` 503), and
+    a batch's sums past 64 bits were refused. The sums are exact (a rollup held) and answer."""
+    for day in ("2026-11-24", "2026-11-25", "2026-11-26"):
+        _seed_rollups(store, day, sql.MAX_SUM)
+    big = [record(ts=NOW + timedelta(minutes=10), prompt_tokens=2**62) for _ in range(4)]
+    assert store.insert(big) == 4
+    (totals,) = _usage(store, since="2026-11-20").values()
+    assert totals["prompt_tokens"] == 4 * sql.MAX_SUM  # the records' own day held too
+    (edge,) = _usage(store, since="2026-11-27T05:40:00Z").values()  # from the records themselves
+    assert edge["prompt_tokens"] == 4 * 2**62 and edge["requests"] == 4
+
+
 def test_spent_counts_whole_hours_from_rollups_and_a_ragged_start_from_records(store: SQLStore) -> None:
     hour = NOW.replace(minute=0, second=0, microsecond=0)
     store.insert([record(ts=hour + timedelta(minutes=m), cost_usd=Decimal(1)) for m in (5, 20, 40)])
