@@ -336,6 +336,8 @@ def decode_values(line: bytes) -> list[Any]:
             v[1], ts, v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14],
             v[15], v[16], v[17], None, v[19], v[20], v[21], v[22], written=amount,
         )  # fmt: skip
+    except BadLine:
+        raise
     except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation, RecursionError) as exc:
         raise BadLine(f"{type(exc).__name__}: {exc}") from None
 
@@ -400,6 +402,6 @@ def _float(value: object) -> float | None:
         return None
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past any float
         return None
     return number if math.isfinite(number) and 0 <= number < 1e12 else None

@@ -272,6 +272,7 @@ HOSTILE_LINES = {
     "a status true": (8, True, 1),
     "a latency that is text": (11, "abc", 0.0),
     "a latency null": (11, None, 0.0),
+    "a latency past any float": (11, 10**400, 0.0),
     "a count past 64 bits": (13, 10**30, encoding.MAX_COUNT),
     "a count that is text": (13, "100", 100),
     "a purpose null": (4, None, "-"),
