@@ -134,6 +134,26 @@ def test_token_sums_past_64_bits_are_exact_and_answer(store: SQLStore) -> None:
     assert edge["prompt_tokens"] == 4 * 2**62 and edge["requests"] == 4
 
 
+def test_costs_past_64_bits_of_micro_dollars_are_summed_exactly(store: SQLStore) -> None:
+    """Rollups whose cost is near 64 bits of micro-dollars (millions of answers held to
+    `MAX_COST`): SQLite's `sum` of them failed ("integer overflow"), taken for the database being
+    down (`/usage` 503, and no budget's spent). They are summed in parts, exactly."""
+    values = "VALUES (?, 'ops-center', 'openai', 'gpt-4o', 'chat', 1, 0, 0, 0, 0, 0, 0, 0, ?, 999999)"
+    with store._transaction() as cur:
+        for day in ("2026-11-24", "2026-11-25", "2026-11-26"):
+            cur.execute("INSERT INTO usage_hourly " + values, (f"{day}T05", sql.MAX_SUM))
+            cur.execute("INSERT INTO usage_daily " + values, (day, sql.MAX_SUM))
+    store.insert([record(cost_usd=MAX_COST) for _ in range(10)])
+    each = Decimal(sql.MAX_SUM).scaleb(-6) + Decimal("0.000000999999")
+    expected = 3 * each + 10 * MAX_COST
+    (totals,) = _usage(store, since="2026-11-20").values()
+    assert Decimal(str(totals["cost_usd"])) == expected
+    (edge,) = _usage(store, since="2026-11-27T05:10:00Z").values()  # from the records themselves
+    assert Decimal(str(edge["cost_usd"])) == 10 * MAX_COST
+    assert store.spent("client", "ops-center", NOW - timedelta(days=30)) == expected
+    assert store.spent("client", "ops-center", NOW - timedelta(minutes=1)) == 10 * MAX_COST
+
+
 def test_spent_counts_whole_hours_from_rollups_and_a_ragged_start_from_records(store: SQLStore) -> None:
     hour = NOW.replace(minute=0, second=0, microsecond=0)
     store.insert([record(ts=hour + timedelta(minutes=m), cost_usd=Decimal(1)) for m in (5, 20, 40)])

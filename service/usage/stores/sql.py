@@ -6,9 +6,10 @@ SQLite (a range of time is read in one sweep). Storing a batch twice stores it o
 insert returns the rows it really inserted, and only those are added to the rollups,
 `usage_hourly` and `usage_daily` (client, provider, model and purpose a UTC hour, and a UTC
 day, kept for good), in the same transaction. Money is stored as whole pico-dollars
-(10⁻¹² USD): exact for every price with up to six decimals per million tokens. Sums are
-taken in two parts (whole micro-dollars, and the rest; a rollup keeps its cost so too) so
-that no 64-bit integer overflows, however large the total, and come back as `Decimal`.
+(10⁻¹² USD): exact for every price with up to six decimals per million tokens. A rollup keeps
+its cost in two parts (whole micro-dollars, and the rest), each held at 64 bits; sums are read
+in parts small a row (whole dollars, micro-dollars, the rest; tokens by the million and the
+rest) so that no 64-bit integer overflows, however large the total, and come back exact.
 
 Subclasses say how to connect (`_transaction`, `_reading`) and the one expression the two
 dialects write differently: the UTC hour of a timestamp.
@@ -169,14 +170,16 @@ _UPSERT = (
 )
 _UPSERTS = {table: _UPSERT.format(table=table) for table in ("usage_hourly", "usage_daily")}
 """Each rollup's upsert, formatted once (a `str.format` of it costs more than a small batch's rows)."""
-_COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
+_COST = "sum(cost_pico / 1000000000000), sum(cost_pico / 1000000 % 1000000), sum(cost_pico % 1000000)"
+"""A cost sum in three parts (`_cost`'s: whole dollars, micro-dollars, pico-dollars), each
+small a row, so that no sum passes 64 bits (SQLite's `sum` fails past it, "integer overflow")."""
 _TOKENS = ", ".join(
     f"sum({c} / 1000000), sum({c} % 1000000)"
     for c in ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 )
-"""The token sums of `/usage`, each in two parts as costs are (millions, and the rest): SQLite's
+"""The token sums of `/usage`, each in parts as costs are (millions, and the rest): SQLite's
 `sum` fails past 64 bits ("integer overflow"), which a month of rollups held at `MAX_SUM` reaches."""
-_ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
+_ROLLUP_COST = "sum(cost_micro / 1000000), sum(cost_micro % 1000000), sum(cost_rest)"
 _ROWS_PER_INSERT = 500
 _SLICES = (64, 16, 4, 1)
 """The rows one statement of `insert_values` holds: a batch goes in the largest that fit, so a few
@@ -490,8 +493,9 @@ class SQLStore:
 # -- rows -------------------------------------------------------------------------------------------
 
 
-def _cost(micro: Any, rest: Any) -> Decimal:
-    return Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(rest or 0)).scaleb(-12)
+def _cost(usd: Any, micro: Any, pico: Any) -> Decimal:
+    """The USD of a sum in three parts (`_COST`, `_ROLLUP_COST`)."""
+    return Decimal(int(usd or 0)) + Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(pico or 0)).scaleb(-12)
 
 
 def _record(row: Sequence[Any]) -> Record:
