@@ -4,7 +4,7 @@ A line is a JSON array in a fixed order (`FIELDS`), led by a format version, end
 compact, and quick to write on the request path (orjson writes and reads it; json's own module
 only what orjson refuses, so that a line means what it meant). Encoding also bounds what a request could
 make absurd, so that no record can fail a batch and hold the spool back: text loses NUL
-characters and lone surrogates and is cut to 256 characters, counts are whole numbers within
+characters and lone surrogates and is cut to 256 characters (and 512 bytes), counts are whole numbers within
 64 bits, times finite, and money a finite decimal between 0 and a million dollars, written
 once as plain digits (`"0.00000075"`; lines written before issue 22 may say `"7.5E-7"`, and
 are read all the same).
@@ -354,13 +354,18 @@ def from_micros(value: int) -> datetime:
 
 
 def text(value: object, limit: int = TEXT_LIMIT) -> str | None:
-    """A string any database stores: no NUL, valid UTF-8, at most `limit` characters."""
+    """A string any database stores: no NUL, valid UTF-8, at most `limit` characters and
+    `2 * limit` bytes of UTF-8 (cut between characters), so that the keys a record makes stay
+    within what an index holds: PostgreSQL refuses a B-tree entry past 2,704 bytes, and a
+    rollup's key holds four names."""
     if value is None:
         return None
     if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
         return value  # the common case, as it is: every record has several
-    cleaned = str(value)[:limit].replace("\x00", "")
-    return cleaned.encode("utf-8", "replace").decode("utf-8")
+    data = str(value)[:limit].replace("\x00", "").encode("utf-8", "replace")
+    if len(data) > 2 * limit:  # characters of 3 or 4 bytes: cut, a partial one dropped
+        return data[: 2 * limit].decode("utf-8", "ignore")
+    return data.decode("utf-8")
 
 
 def cost_text(value: object) -> str:

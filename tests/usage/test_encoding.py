@@ -41,6 +41,16 @@ def test_a_text_loses_nuls_and_lone_surrogates_and_is_cut() -> None:
     assert text("\u00e9" * (TEXT_LIMIT + 5)) == "\u00e9" * TEXT_LIMIT
 
 
+def test_a_text_of_wide_characters_is_cut_to_twice_its_limit_in_bytes() -> None:
+    """Names of 3- and 4-byte characters are cut between characters at 512 bytes, so that a
+    rollup's key (four names) stays within what a PostgreSQL index holds; 2-byte ones are not."""
+    assert text("é" * 300) == "é" * TEXT_LIMIT
+    for wide in ("😀" * 300, "a" + "😀" * 300, "中" * 300, "ab" + "中" * 300):
+        cut = text(wide)
+        assert cut is not None and len(cut.encode()) <= 2 * TEXT_LIMIT
+        assert wide.startswith(cut) and len(cut.encode()) > 2 * TEXT_LIMIT - 4
+
+
 def test_a_record_comes_back_from_its_line() -> None:
     sent = record(id="r-1", client="caf\u00e9\x00", model="m\ud800")
     back = decode(encode(sent))

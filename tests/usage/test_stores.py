@@ -154,6 +154,38 @@ def test_costs_past_64_bits_of_micro_dollars_are_summed_exactly(store: SQLStore)
     assert store.spent("client", "ops-center", NOW - timedelta(minutes=1)) == 10 * MAX_COST
 
 
+def _wide(seed: int) -> str:
+    """256 characters of 4 bytes each, none repeated (nothing to compress)."""
+    return "".join(chr(0x10000 + seed * 1000 + i) for i in range(256))
+
+
+def test_a_record_of_long_wide_names_is_stored(store: SQLStore) -> None:
+    """Names of 256 4-byte characters made a rollup key of 4 KB: PostgreSQL refused it
+    (`index row size … exceeds btree version 4 maximum 2704`), which the ledger took for the
+    database being down, retrying the batch for good. Names are cut at 512 bytes too."""
+    sent = record(client=_wide(1), model=_wide(2), provider=_wide(3), purpose=_wide(4), id=_wide(5))
+    assert store.insert([sent]) == 1
+    (found,) = store.requests(RequestsQuery())
+    assert found.model is not None and _wide(2).startswith(found.model) and len(found.model.encode()) == 512
+    (totals,) = _usage(store, since="2026-11-27", group_by="client,model").values()
+    assert totals["requests"] == 1
+
+
+def test_a_key_past_what_postgresql_indexes_is_a_bad_batch(postgres_url: str, tmp_path: Path) -> None:
+    """A row whose key no index holds (values not bounded by `encoding.fields`) is refused for its
+    data (set aside by the ledger), not taken for the database being down (retried for good)."""
+    store = open_store(postgres_url, tmp_path)
+    assert store is not None
+    store.open()
+    try:
+        values = values_of(record())
+        values[3], values[4], values[5], values[6] = _wide(1), _wide(2), _wide(3), _wide(4)
+        with pytest.raises(sql.BadBatch, match="ProgramLimitExceeded"):
+            store.insert_values([values])
+    finally:
+        store.close()
+
+
 def test_spent_counts_whole_hours_from_rollups_and_a_ragged_start_from_records(store: SQLStore) -> None:
     hour = NOW.replace(minute=0, second=0, microsecond=0)
     store.insert([record(ts=hour + timedelta(minutes=m), cost_usd=Decimal(1)) for m in (5, 20, 40)])
