@@ -106,6 +106,8 @@ class Ledger:
         self._failures = 0
         self._retry_at = 0.0
         self._purge_at = 0.0
+        self._unreadable: set[Path] = set()
+        """Sealed segments that could not be read (said once each), tried again every cycle."""
         self.stored = 0
         """Records this ledger stored (a record stored again after a crash is not counted)."""
 
@@ -288,7 +290,16 @@ class Ledger:
             for segment in spool.sealed():
                 kept = spool.kept(segment)
                 if kept is None:
-                    self._store(spool, segment)
+                    try:
+                        self._store(spool, segment)
+                    except OSError as exc:  # unreadable (a disk error): kept, tried again, the rest stored
+                        if segment not in self._unreadable:
+                            self._unreadable.add(segment)
+                            log.error(
+                                "usage spool: cannot read %s (%s); the rest is stored meanwhile", segment, exc
+                            )
+                        continue
+                    self._unreadable.discard(segment)
                 else:
                     self._insert(spool, kept)
                 spool.remove(segment)

@@ -340,6 +340,29 @@ async def test_a_line_whose_cost_is_negative_is_set_aside_not_stored_as_money(
         await ledger.stop()
 
 
+async def test_a_segment_that_cannot_be_read_holds_back_no_other(store_url: str, tmp_path: Path) -> None:
+    """A sealed segment the ledger cannot read (a disk error; here a folder in its place) made
+    every drain cycle fail before the later segments and the active one were stored: nothing was
+    stored again until it was gone. It is kept and tried again; every other record is stored."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "000000000001.jsonl").mkdir()  # open() fails: IsADirectoryError
+    older = [record() for _ in range(3)]
+    (spool / "000000000002.jsonl").write_bytes(b"".join(map(encode, older)))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        new = record()
+        ledger.submit(new)
+        await ledger.flush()
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in [*older, new])
+        assert (spool / "000000000001.jsonl").is_dir()  # kept, not removed
+        assert ledger.state == "ok"
+    finally:
+        await ledger.stop()
+
+
 async def test_retention_deletes_old_records_at_start_and_keeps_the_rollups(
     store_url: str, tmp_path: Path
 ) -> None:
