@@ -454,7 +454,10 @@ class Ledger:
         with self._drain_lock:
             lines = spool.retained()
             for segment in spool.sealed():
-                lines.extend(spool.lines(segment))
+                try:
+                    lines.extend(spool.lines(segment))
+                except OSError as exc:  # unreadable: what the others hold still counts
+                    log.error("usage spool: cannot read %s (%s); its costs are not counted", segment, exc)
             lines.extend(spool.active_lines())
             with self._memory_lock:
                 lines.extend(self._memory)

@@ -359,6 +359,9 @@ async def test_a_segment_that_cannot_be_read_holds_back_no_other(store_url: str,
         assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in [*older, new])
         assert (spool / "000000000001.jsonl").is_dir()  # kept, not removed
         assert ledger.state == "ok"
+        # with the database down at start, what the spool holds is counted still (it raised)
+        spooled = await ledger.spooled("client", new.client or "", NOW - timedelta(days=1))
+        assert spooled == 4 * Decimal("0.000825")
     finally:
         await ledger.stop()
 
