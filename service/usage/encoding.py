@@ -4,7 +4,7 @@ A line is a JSON array in a fixed order (`FIELDS`), led by a format version, end
 compact, and quick to write on the request path (orjson writes and reads it; json's own module
 only what orjson refuses, so that a line means what it meant). Encoding also bounds what a request could
 make absurd, so that no record can fail a batch and hold the spool back: text loses NUL
-characters and lone surrogates and is cut to 256 characters, counts are whole numbers within
+characters and lone surrogates and is cut to 256 characters (and 512 bytes), counts are whole numbers within
 64 bits, times finite, and money a finite decimal between 0 and a million dollars, written
 once as plain digits (`"0.00000075"`; lines written before issue 22 may say `"7.5E-7"`, and
 are read all the same).
@@ -198,8 +198,9 @@ def dumps(values: list[Any]) -> bytes:
     """`fields`' list as one spool line."""
     try:
         return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)  # json.dumps' text, a tenth of the work
-    except (TypeError, orjson.JSONEncodeError):  # e.g. a surrogate `text` let through: json's way
-        return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    except (TypeError, orjson.JSONEncodeError):  # e.g. a lone surrogate a file's line held: json's way
+        # escaped (`\ud800`): UTF-8 has no lone surrogate, and json's module reads it back the same
+        return json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 
 def row(values: list[Any]) -> tuple[Any, ...]:
@@ -311,16 +312,32 @@ def decode(line: bytes) -> Record:
 
 
 def decode_values(line: bytes) -> list[Any]:
-    """A spool line back as `fields`' list (its record's values, types checked); BadLine when it
-    is not one."""
+    """A spool line back as `fields`' list; BadLine when it is not one.
+
+    A line this version wrote holds what `fields` made, and is given back as it is. One written
+    otherwise (by an older version, or by hand) may hold what no database binds, or binds and
+    then cannot read back (a name that is a number, a list or holds `\\u0000` or a lone
+    surrogate, a status `true`, a count past 64 bits or `"100"`, a latency `"abc"`): its values
+    are bounded by `fields` as a request's are, so that it is stored and never holds the spool
+    back. Its cost is not changed: one that is not a decimal from 0 to `MAX_COST` (`"-1"`,
+    `"NaN"`, `"1e30"`) makes the line a BadLine, set aside, never stored as other money."""
     try:
         values = loads(line)
         if not isinstance(values, list) or len(values) != len(FIELDS) + 1 or values[0] != VERSION:
             raise BadLine("not a version 1 record")
-        values[2] = int(values[2])
-        from_micros(values[2])  # a time datetime can hold
-        Decimal(values[18])  # a decimal cost
-        return values
+        ts = int(values[2])
+        from_micros(ts)  # a time datetime can hold
+        amount = values[18]
+        usd = Decimal(amount)  # a decimal cost
+        if not (usd.is_finite() and 0 <= usd <= MAX_COST) or isinstance(amount, bool):
+            raise BadLine(f"a cost out of bounds: {str(amount)[:40]!r}")
+        v = values
+        return fields(
+            v[1], ts, v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14],
+            v[15], v[16], v[17], None, v[19], v[20], v[21], v[22], written=amount,
+        )  # fmt: skip
+    except BadLine:
+        raise
     except (ValueError, TypeError, KeyError, OverflowError, InvalidOperation, RecursionError) as exc:
         raise BadLine(f"{type(exc).__name__}: {exc}") from None
 
@@ -337,13 +354,18 @@ def from_micros(value: int) -> datetime:
 
 
 def text(value: object, limit: int = TEXT_LIMIT) -> str | None:
-    """A string any database stores: no NUL, valid UTF-8, at most `limit` characters."""
+    """A string any database stores: no NUL, valid UTF-8, at most `limit` characters and
+    `2 * limit` bytes of UTF-8 (cut between characters), so that the keys a record makes stay
+    within what an index holds: PostgreSQL refuses a B-tree entry past 2,704 bytes, and a
+    rollup's key holds four names."""
     if value is None:
         return None
     if type(value) is str and len(value) <= limit and value.isascii() and "\x00" not in value:
         return value  # the common case, as it is: every record has several
-    cleaned = str(value)[:limit].replace("\x00", "")
-    return cleaned.encode("utf-8", "replace").decode("utf-8")
+    data = str(value)[:limit].replace("\x00", "").encode("utf-8", "replace")
+    if len(data) > 2 * limit:  # characters of 3 or 4 bytes: cut, a partial one dropped
+        return data[: 2 * limit].decode("utf-8", "ignore")
+    return data.decode("utf-8")
 
 
 def cost_text(value: object) -> str:
@@ -385,6 +407,6 @@ def _float(value: object) -> float | None:
         return None
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past any float
         return None
     return number if math.isfinite(number) and 0 <= number < 1e12 else None

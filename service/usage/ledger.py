@@ -63,7 +63,7 @@ PURGE_SLICE_S = 0.25
 """The longest one cycle deletes old records: a large purge (a lowered retention over a year
 of records) goes on in the next cycles, and what comes meanwhile is stored between them."""
 ROW_SLICE = 256
-"""Lines decoded at a time from a segment's file (pure Python, the GIL held: ~0.8 ms); between
+"""Lines decoded at a time from a segment's file (pure Python, the GIL held: ~1.1 ms); between
 two slices the ledger's thread sleeps `PAUSE_S`, so that the event loop's thread, should it wait for the GIL,
 takes it at once rather than after the whole batch (CPython makes a waiting thread wait up to
 `sys.getswitchinterval()`, 5 ms, before it forces a switch)."""
@@ -106,6 +106,8 @@ class Ledger:
         self._failures = 0
         self._retry_at = 0.0
         self._purge_at = 0.0
+        self._unreadable: set[Path] = set()
+        """Sealed segments that could not be read (said once each), tried again every cycle."""
         self.stored = 0
         """Records this ledger stored (a record stored again after a crash is not counted)."""
 
@@ -288,7 +290,16 @@ class Ledger:
             for segment in spool.sealed():
                 kept = spool.kept(segment)
                 if kept is None:
-                    self._store(spool, segment)
+                    try:
+                        self._store(spool, segment)
+                    except OSError as exc:  # unreadable (a disk error): kept, tried again, the rest stored
+                        if segment not in self._unreadable:
+                            self._unreadable.add(segment)
+                            log.error(
+                                "usage spool: cannot read %s (%s); the rest is stored meanwhile", segment, exc
+                            )
+                        continue
+                    self._unreadable.discard(segment)
                 else:
                     self._insert(spool, kept)
                 spool.remove(segment)
@@ -332,7 +343,7 @@ class Ledger:
                 spool.set_aside(line, f"{segment.name}: {exc}")
                 continue
             if len(batch) % ROW_SLICE == 0:
-                time.sleep(PAUSE_S)  # a line is read in ~3 µs, the GIL held: 2,000 would be 6 ms
+                time.sleep(PAUSE_S)  # a line is read in ~4 µs, the GIL held: 2,000 would be 8 ms
             if len(batch) >= BATCH:
                 self._insert(spool, batch)
                 batch = []
@@ -443,7 +454,10 @@ class Ledger:
         with self._drain_lock:
             lines = spool.retained()
             for segment in spool.sealed():
-                lines.extend(spool.lines(segment))
+                try:
+                    lines.extend(spool.lines(segment))
+                except OSError as exc:  # unreadable: what the others hold still counts
+                    log.error("usage spool: cannot read %s (%s); its costs are not counted", segment, exc)
             lines.extend(spool.active_lines())
             with self._memory_lock:
                 lines.extend(self._memory)

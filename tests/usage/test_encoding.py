@@ -41,6 +41,16 @@ def test_a_text_loses_nuls_and_lone_surrogates_and_is_cut() -> None:
     assert text("\u00e9" * (TEXT_LIMIT + 5)) == "\u00e9" * TEXT_LIMIT
 
 
+def test_a_text_of_wide_characters_is_cut_to_twice_its_limit_in_bytes() -> None:
+    """Names of 3- and 4-byte characters are cut between characters at 512 bytes, so that a
+    rollup's key (four names) stays within what a PostgreSQL index holds; 2-byte ones are not."""
+    assert text("é" * 300) == "é" * TEXT_LIMIT
+    for wide in ("😀" * 300, "a" + "😀" * 300, "中" * 300, "ab" + "中" * 300):
+        cut = text(wide)
+        assert cut is not None and len(cut.encode()) <= 2 * TEXT_LIMIT
+        assert wide.startswith(cut) and len(cut.encode()) > 2 * TEXT_LIMIT - 4
+
+
 def test_a_record_comes_back_from_its_line() -> None:
     sent = record(id="r-1", client="caf\u00e9\x00", model="m\ud800")
     back = decode(encode(sent))
@@ -65,11 +75,23 @@ def test_a_line_is_the_one_jsons_module_writes_and_reads_back_the_same() -> None
 
 
 def test_a_line_orjson_refuses_is_judged_by_jsons_module() -> None:
-    """An escaped lone surrogate is JSON that orjson will not read: json's module reads it, as it did."""
+    """An escaped lone surrogate is JSON that orjson will not read: json's module reads it, as it
+    did (and the text is then cleaned as a request's is: no database binds a lone surrogate)."""
     line = encode(record(id="r-3", client="x")).replace(b'"x"', b'"\\ud800"')
-    assert decode(line).client == "\ud800"
+    assert decode(line).client == "?"
     with pytest.raises(BadLine):
         decode(b"[1,NaN")
+
+
+def test_a_value_orjson_refuses_is_written_by_jsons_module_as_ascii_and_read_back_the_same() -> None:
+    """`dumps`' fallback (a lone surrogate, an integer past 64 bits: what a line read from a file
+    may hold, written again when it is set aside) writes a line UTF-8 can hold, read back the same."""
+    values = encoding.values_of(record(id="r-4"))
+    values[5], values[13] = "gpt\ud800é", 10**30
+    line = encoding.dumps(values)
+    assert b"\\ud800" in line and line.endswith(b"\n") and line.count(b"\n") == 1
+    assert line.isascii()
+    assert encoding.loads(line) == values
 
 
 def test_json_reads_as_jsons_module_reads_it() -> None:
@@ -146,6 +168,23 @@ def test_what_the_ledger_keeps_in_memory_is_what_it_would_read_back_from_the_lin
         assert encoding.row(read) == encoding.row(kept)
         assert encoding.record_of(kept) == decode(encode(sent))
         assert encoding.dumps(kept) == encode(sent)
+
+
+def test_a_line_written_otherwise_comes_back_bounded_as_fields_bounds_a_request() -> None:
+    """A line of an older version or written by hand: its values of another type are made what
+    `fields` writes (what every database binds); its cost is kept, or the line refused."""
+    values = encoding.values_of(record(id="r-5"))
+    values[1], values[3], values[5], values[8], values[9] = 7, ["a"], "m\x00\ud800", True, "yes"
+    values[11], values[13], values[14], values[22] = "abc", 10**30, "12", None
+    line = json.dumps(values).encode() + b"\n"
+    read = encoding.decode_values(line)
+    assert read[1:10] == ["7", values[2], "['a']", "chat", "m?", "openai", "gpt-4o-2024-08-06", 1, True]
+    assert read[11] == 0.0 and read[13:15] == [encoding.MAX_COUNT, 12] and read[22] is False
+    assert read[18] == "0.000825"
+    assert encoding.dumps(read) == encoding.dumps(encoding.decode_values(encoding.dumps(read)))
+    for cost in (b'"-1"', b'"NaN"', b'"1e30"', b"true", b'"-0.000001"'):
+        with pytest.raises(BadLine, match=r"^a cost out of bounds"):
+            decode(encode(record()).replace(b'"0.000825"', cost))
 
 
 def _bounded(value: object) -> Decimal:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from service.errors import LedgerUnavailable
+from service.usage import encoding
 from service.usage import ledger as ledger_module
 from service.usage import spool as spool_module
 from service.usage.encoding import encode, values_of
@@ -229,6 +230,138 @@ async def test_a_line_whose_cost_is_a_number_holds_nothing_back(store_url: str, 
         assert await ledger.spent("client", good[0].client, NOW - timedelta(days=1)) == 4 * Decimal(
             "0.000825"
         )
+    finally:
+        await ledger.stop()
+
+
+async def test_a_line_with_a_lone_surrogate_holds_nothing_back(store_url: str, tmp_path: Path) -> None:
+    """A spool line (an older version's, or written by hand) may hold an escaped lone surrogate
+    (`"gpt\\ud800"`), which json's module reads and neither database binds: setting it aside
+    wrote it with `dumps`' fallback, which could not encode it either, so every drain cycle
+    failed on it and held back every record behind it. Now it is kept, and the rest stored."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record() for _ in range(5)]
+    poison = encode(record(id="poison")).replace(b'"gpt-4o"', b'"gpt\\ud800"', 1)
+    lines = [encode(r) for r in good[:2]] + [poison] + [encode(r) for r in good[2:]]
+    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        await ledger.flush()
+        assert ledger.state == "ok"
+        assert set(stored_ids(store_url, tmp_path)) >= {r.id for r in good}
+        answer = await ledger.usage(UsageQuery.parse({"since": "2026-11-27"}, NOW + timedelta(hours=1)))
+        assert answer["totals"]["requests"] >= len(good)
+    finally:
+        await ledger.stop()
+    assert not list(spool.glob("*.jsonl"))  # the segment is stored, not tried again each cycle
+    kept = (spool / TORN).read_bytes() if (spool / TORN).exists() else b""
+    if b"poison" in kept:  # set aside: as the line said it
+        assert kept.splitlines()[-1] + b"\n" == poison
+    else:
+        assert "poison" in stored_ids(store_url, tmp_path)
+
+
+HOSTILE_LINES = {
+    "an id that is a number": (1, 12345, "12345"),
+    "a client that is a list": (3, ["a"], "['a']"),
+    "a model holding NUL": (5, "gpt\x00-4o", "gpt-4o"),
+    "a model holding a lone surrogate": (5, "gpt\ud800", "gpt?"),
+    "a status true": (8, True, 1),
+    "a latency that is text": (11, "abc", 0.0),
+    "a latency null": (11, None, 0.0),
+    "a latency past any float": (11, 10**400, 0.0),
+    "a count past 64 bits": (13, 10**30, encoding.MAX_COUNT),
+    "a count that is text": (13, "100", 100),
+    "a purpose null": (4, None, "-"),
+    "a flag null": (9, None, False),
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE_LINES))
+async def test_a_line_written_otherwise_is_bounded_as_a_request_is_and_holds_nothing_back(
+    store_url: str, tmp_path: Path, hostile: str
+) -> None:
+    """A spool line an older version or a hand wrote may hold a value of another type than
+    `encoding.fields` writes. Such values failed every drain cycle, holding back every record
+    behind them: PostgreSQL refused a status `true` or a list for a type, not for its data, and
+    the ledger took it for the database being down (`/usage` answered 503); an id that is a
+    number came back as text and was not found among the batch's (KeyError); SQLite stored a
+    latency `"abc"`, and `/usage/requests` failed on it ever after. Now the line's values are
+    bounded as a request's are, and it is stored with the rest."""
+    at, value, stored = HOSTILE_LINES[hostile]
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record() for _ in range(5)]
+    poison = values_of(record(id="poison"))
+    poison[at] = value
+    line = json.dumps(poison, separators=(",", ":")).encode() + b"\n"
+    lines = [encode(r) for r in good[:2]] + [line] + [encode(r) for r in good[2:]]
+    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        await ledger.flush()
+        assert ledger.state == "ok"
+        page = await ledger.requests(RequestsQuery(limit=100))
+        assert len(page["requests"]) == len(good) + 1
+        found = next(r for r in page["requests"] if r["id"] not in {g.id for g in good})
+        assert found[encoding.FIELDS[at - 1]] == stored
+        answer = await ledger.usage(UsageQuery.parse({"since": "2026-11-27"}, NOW + timedelta(hours=1)))
+        assert answer["totals"]["requests"] == len(good) + 1
+        assert not (spool / TORN).exists()
+        assert not (spool / "000000000001.jsonl").exists()  # stored, not tried again each cycle
+    finally:
+        await ledger.stop()
+
+
+async def test_a_line_whose_cost_is_negative_is_set_aside_not_stored_as_money(
+    store_url: str, tmp_path: Path
+) -> None:
+    """A line written by hand with a cost of `"-1"` was stored as minus a dollar, taking it off
+    what its client spent. A cost out of bounds is never made other money: the line is set aside."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    good = [record() for _ in range(3)]
+    poison = encode(record(id="poison")).replace(b'"0.000825"', b'"-1"')
+    (spool / "000000000001.jsonl").write_bytes(encode(good[0]) + poison + b"".join(map(encode, good[1:])))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in good)
+        assert b"poison" in (spool / TORN).read_bytes()
+        spent = await ledger.spent("client", good[0].client, NOW - timedelta(days=1))
+        assert spent == 3 * Decimal("0.000825")
+    finally:
+        await ledger.stop()
+
+
+async def test_a_segment_that_cannot_be_read_holds_back_no_other(store_url: str, tmp_path: Path) -> None:
+    """A sealed segment the ledger cannot read (a disk error; here a folder in its place) made
+    every drain cycle fail before the later segments and the active one were stored: nothing was
+    stored again until it was gone. It is kept and tried again; every other record is stored."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "000000000001.jsonl").mkdir()  # open() fails: IsADirectoryError
+    older = [record() for _ in range(3)]
+    (spool / "000000000002.jsonl").write_bytes(b"".join(map(encode, older)))
+
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        new = record()
+        ledger.submit(new)
+        await ledger.flush()
+        assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in [*older, new])
+        assert (spool / "000000000001.jsonl").is_dir()  # kept, not removed
+        assert ledger.state == "ok"
+        # with the database down at start, what the spool holds is counted still (it raised)
+        spooled = await ledger.spooled("client", new.client or "", NOW - timedelta(days=1))
+        assert spooled == 4 * Decimal("0.000825")
     finally:
         await ledger.stop()
 

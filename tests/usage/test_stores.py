@@ -100,6 +100,92 @@ def test_money_is_exact_in_sums_far_past_what_64_bits_hold(store: SQLStore) -> N
     assert store.spent("client", "ops-center", NOW - timedelta(days=30)) == Decimal("20000000.00015")
 
 
+def _seed_rollups(store: SQLStore, day: str, prompt_tokens: int) -> None:
+    """A route's rollups for the hour of NOW on `day` holding `prompt_tokens`, as a few million
+    answers an upstream said used `MAX_TOKENS` would leave them."""
+    values = "VALUES (?, 'ops-center', 'openai', 'gpt-4o', 'chat', 1, 0, 0, ?, 0, 0, 0, 0, 0, 0)"
+    with store._transaction() as cur:
+        cur.execute("INSERT INTO usage_hourly " + values, (f"{day}T05", prompt_tokens))
+        cur.execute("INSERT INTO usage_daily " + values, (day, prompt_tokens))
+
+
+def test_a_record_past_what_its_rollup_can_add_is_stored_and_the_rollup_held(store: SQLStore) -> None:
+    """An upstream reporting absurd usage fills a route's rollups to 64 bits in a few million
+    answers: PostgreSQL then refused every later record of that route and day (`bigint out of
+    range`: set aside, lost), and SQLite made the sum a float. The sum is held at its largest."""
+    _seed_rollups(store, "2026-11-27", sql.MAX_SUM - 10)
+    assert store.insert([record(prompt_tokens=100), record(prompt_tokens=7)]) == 2
+    (totals,) = _usage(store, since="2026-11-27").values()
+    assert totals["prompt_tokens"] == sql.MAX_SUM and totals["requests"] == 3
+    assert type(totals["prompt_tokens"]) is int
+
+
+def test_token_sums_past_64_bits_are_exact_and_answer(store: SQLStore) -> None:
+    """Rollups of several days each near 64 bits, and records past them: SQLite's `sum` failed
+    ("integer overflow"), which the ledger took for the database being down (`/usage` 503), and
+    a batch's sums past 64 bits were refused. The sums are exact (a rollup held) and answer."""
+    for day in ("2026-11-24", "2026-11-25", "2026-11-26"):
+        _seed_rollups(store, day, sql.MAX_SUM)
+    big = [record(ts=NOW + timedelta(minutes=10), prompt_tokens=2**62) for _ in range(4)]
+    assert store.insert(big) == 4
+    (totals,) = _usage(store, since="2026-11-20").values()
+    assert totals["prompt_tokens"] == 4 * sql.MAX_SUM  # the records' own day held too
+    (edge,) = _usage(store, since="2026-11-27T05:40:00Z").values()  # from the records themselves
+    assert edge["prompt_tokens"] == 4 * 2**62 and edge["requests"] == 4
+
+
+def test_costs_past_64_bits_of_micro_dollars_are_summed_exactly(store: SQLStore) -> None:
+    """Rollups whose cost is near 64 bits of micro-dollars (millions of answers held to
+    `MAX_COST`): SQLite's `sum` of them failed ("integer overflow"), taken for the database being
+    down (`/usage` 503, and no budget's spent). They are summed in parts, exactly."""
+    values = "VALUES (?, 'ops-center', 'openai', 'gpt-4o', 'chat', 1, 0, 0, 0, 0, 0, 0, 0, ?, 999999)"
+    with store._transaction() as cur:
+        for day in ("2026-11-24", "2026-11-25", "2026-11-26"):
+            cur.execute("INSERT INTO usage_hourly " + values, (f"{day}T05", sql.MAX_SUM))
+            cur.execute("INSERT INTO usage_daily " + values, (day, sql.MAX_SUM))
+    store.insert([record(cost_usd=MAX_COST) for _ in range(10)])
+    each = Decimal(sql.MAX_SUM).scaleb(-6) + Decimal("0.000000999999")
+    expected = 3 * each + 10 * MAX_COST
+    (totals,) = _usage(store, since="2026-11-20").values()
+    assert Decimal(str(totals["cost_usd"])) == expected
+    (edge,) = _usage(store, since="2026-11-27T05:10:00Z").values()  # from the records themselves
+    assert Decimal(str(edge["cost_usd"])) == 10 * MAX_COST
+    assert store.spent("client", "ops-center", NOW - timedelta(days=30)) == expected
+    assert store.spent("client", "ops-center", NOW - timedelta(minutes=1)) == 10 * MAX_COST
+
+
+def _wide(seed: int) -> str:
+    """256 characters of 4 bytes each, none repeated (nothing to compress)."""
+    return "".join(chr(0x10000 + seed * 1000 + i) for i in range(256))
+
+
+def test_a_record_of_long_wide_names_is_stored(store: SQLStore) -> None:
+    """Names of 256 4-byte characters made a rollup key of 4 KB: PostgreSQL refused it
+    (`index row size … exceeds btree version 4 maximum 2704`), which the ledger took for the
+    database being down, retrying the batch for good. Names are cut at 512 bytes too."""
+    sent = record(client=_wide(1), model=_wide(2), provider=_wide(3), purpose=_wide(4), id=_wide(5))
+    assert store.insert([sent]) == 1
+    (found,) = store.requests(RequestsQuery())
+    assert found.model is not None and _wide(2).startswith(found.model) and len(found.model.encode()) == 512
+    (totals,) = _usage(store, since="2026-11-27", group_by="client,model").values()
+    assert totals["requests"] == 1
+
+
+def test_a_key_past_what_postgresql_indexes_is_a_bad_batch(postgres_url: str, tmp_path: Path) -> None:
+    """A row whose key no index holds (values not bounded by `encoding.fields`) is refused for its
+    data (set aside by the ledger), not taken for the database being down (retried for good)."""
+    store = open_store(postgres_url, tmp_path)
+    assert store is not None
+    store.open()
+    try:
+        values = values_of(record())
+        values[3], values[4], values[5], values[6] = _wide(1), _wide(2), _wide(3), _wide(4)
+        with pytest.raises(sql.BadBatch, match="ProgramLimitExceeded"):
+            store.insert_values([values])
+    finally:
+        store.close()
+
+
 def test_spent_counts_whole_hours_from_rollups_and_a_ragged_start_from_records(store: SQLStore) -> None:
     hour = NOW.replace(minute=0, second=0, microsecond=0)
     store.insert([record(ts=hour + timedelta(minutes=m), cost_usd=Decimal(1)) for m in (5, 20, 40)])

@@ -76,7 +76,8 @@ class PostgresStore(SQLStore):
                 yield conn
         except PoolTimeout:
             raise StoreUnavailable("PostgreSQL cannot be reached") from None
-        except (psycopg.DataError, psycopg.IntegrityError) as exc:  # what a record holds: set it aside
+        except (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded) as exc:
+            # what a record holds (a value, or a key past what an index holds): set it aside
             raise BadBatch(f"{type(exc).__name__}: {exc}") from None
         except psycopg.Error as exc:  # anything else (a dropped table too) is retried, records kept
             message = self._mask.masked(_first_line(exc))

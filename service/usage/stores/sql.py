@@ -6,9 +6,10 @@ SQLite (a range of time is read in one sweep). Storing a batch twice stores it o
 insert returns the rows it really inserted, and only those are added to the rollups,
 `usage_hourly` and `usage_daily` (client, provider, model and purpose a UTC hour, and a UTC
 day, kept for good), in the same transaction. Money is stored as whole pico-dollars
-(10⁻¹² USD): exact for every price with up to six decimals per million tokens. Sums are
-taken in two parts (whole micro-dollars, and the rest; a rollup keeps its cost so too) so
-that no 64-bit integer overflows, however large the total, and come back as `Decimal`.
+(10⁻¹² USD): exact for every price with up to six decimals per million tokens. A rollup keeps
+its cost in two parts (whole micro-dollars, and the rest), each held at 64 bits; sums are read
+in parts small a row (whole dollars, micro-dollars, the rest; tokens by the million and the
+rest) so that no 64-bit integer overflows, however large the total, and come back exact.
 
 Subclasses say how to connect (`_transaction`, `_reading`) and the one expression the two
 dialects write differently: the UTC hour of a timestamp.
@@ -150,18 +151,35 @@ _ROLLUP_SUMS = (
     "cost_micro",
     "cost_rest",
 )
+MAX_SUM = 2**63 - 1
+"""What a rollup's sum is held to: a BIGINT's largest. Each record's counts are bounded, but an
+upstream reporting absurd usage (`MAX_TOKENS` a class, every answer) fills one route's day in a
+few million requests; past it PostgreSQL refused the record (`bigint out of range`: set aside, lost)
+and SQLite made the sum a float."""
 _UPSERT = (
     "INSERT INTO {table} (period, client, provider, model, purpose, "
     + ", ".join(_ROLLUP_SUMS)
     + ") VALUES ("
     + ", ".join("?" * (5 + len(_ROLLUP_SUMS)))
     + ") ON CONFLICT (period, client, provider, model, purpose) DO UPDATE SET "
-    + ", ".join(f"{c} = {{table}}.{c} + excluded.{c}" for c in _ROLLUP_SUMS)
+    + ", ".join(
+        f"{c} = CASE WHEN {{table}}.{c} > {MAX_SUM} - excluded.{c} THEN {MAX_SUM} "
+        f"ELSE {{table}}.{c} + excluded.{c} END"
+        for c in _ROLLUP_SUMS
+    )
 )
 _UPSERTS = {table: _UPSERT.format(table=table) for table in ("usage_hourly", "usage_daily")}
 """Each rollup's upsert, formatted once (a `str.format` of it costs more than a small batch's rows)."""
-_COST = "sum(cost_pico / 1000000), sum(cost_pico % 1000000)"
-_ROLLUP_COST = "sum(cost_micro), sum(cost_rest)"
+_COST = "sum(cost_pico / 1000000000000), sum(cost_pico / 1000000 % 1000000), sum(cost_pico % 1000000)"
+"""A cost sum in three parts (`_cost`'s: whole dollars, micro-dollars, pico-dollars), each
+small a row, so that no sum passes 64 bits (SQLite's `sum` fails past it, "integer overflow")."""
+_TOKENS = ", ".join(
+    f"sum({c} / 1000000), sum({c} % 1000000)"
+    for c in ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+)
+"""The token sums of `/usage`, each in parts as costs are (millions, and the rest): SQLite's
+`sum` fails past 64 bits ("integer overflow"), which a month of rollups held at `MAX_SUM` reaches."""
+_ROLLUP_COST = "sum(cost_micro / 1000000), sum(cost_micro % 1000000), sum(cost_rest)"
 _ROWS_PER_INSERT = 500
 _SLICES = (64, 16, 4, 1)
 """The rows one statement of `insert_values` holds: a batch goes in the largest that fit, so a few
@@ -313,7 +331,10 @@ class SQLStore:
                     found[i] += value
         for table, rollups in (("usage_hourly", hourly), ("usage_daily", daily)):
             # In key order: replicas adding to the same rows take their locks in one order.
-            cur.executemany(_UPSERTS[table], [(*key, *sums) for key, sums in sorted(rollups.items())])
+            rows = [(*key, *sums) for key, sums in sorted(rollups.items())]
+            if max(map(max, rollups.values())) > MAX_SUM:  # a batch of lines past 64 bits: held
+                rows = [(*key, *(min(v, MAX_SUM) for v in sums)) for key, sums in sorted(rollups.items())]
+            cur.executemany(_UPSERTS[table], rows)
 
     def purge(self, before: datetime, seconds: float | None = None) -> tuple[int, bool]:
         """Delete raw records older than `before`, in chunks (rollups stay), for about `seconds`
@@ -409,10 +430,7 @@ class SQLStore:
             if value is not None:
                 where.append(f"{name} = ?")
                 params.append(value)
-        sums = (
-            "sum(requests), sum(errors), sum(limited), sum(prompt_tokens), sum(cached_tokens), "
-            f"sum(completion_tokens), sum(reasoning_tokens), {_ROLLUP_COST}"
-        )
+        sums = f"sum(requests), sum(errors), sum(limited), {_TOKENS}, {_ROLLUP_COST}"
         yield from self._groups(cur, query, keys, sums, table, where, params)
 
     def _from_records(
@@ -430,7 +448,7 @@ class SQLStore:
             params.append(query.model)
         sums = (
             "count(*), sum(CASE WHEN limited = 0 AND status >= 500 THEN 1 ELSE 0 END), sum(limited), "
-            f"sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), sum(reasoning_tokens), {_COST}"
+            f"{_TOKENS}, {_COST}"
         )
         yield from self._groups(cur, query, keys, sums, "usage_records", where, params)
 
@@ -453,11 +471,13 @@ class SQLStore:
         )
         width = len(keys)
         for row in cur.fetchall():
-            requests, errors, limited, prompt, cached, completion, reasoning = (
-                int(v or 0) for v in row[width : width + 7]
+            requests, errors, limited = (int(v or 0) for v in row[width : width + 3])
+            prompt, cached, completion, reasoning = (
+                int(row[at] or 0) * 1_000_000 + int(row[at + 1] or 0)
+                for at in range(width + 3, width + 11, 2)
             )
             totals = Totals(
-                requests, errors, limited, prompt, cached, completion, reasoning, _cost(*row[width + 7 :])
+                requests, errors, limited, prompt, cached, completion, reasoning, _cost(*row[width + 11 :])
             )
             yield tuple(_shown(name, value) for name, value in zip(query.group_by, row, strict=False)), totals
 
@@ -473,8 +493,9 @@ class SQLStore:
 # -- rows -------------------------------------------------------------------------------------------
 
 
-def _cost(micro: Any, rest: Any) -> Decimal:
-    return Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(rest or 0)).scaleb(-12)
+def _cost(usd: Any, micro: Any, pico: Any) -> Decimal:
+    """The USD of a sum in three parts (`_COST`, `_ROLLUP_COST`)."""
+    return Decimal(int(usd or 0)) + Decimal(int(micro or 0)).scaleb(-6) + Decimal(int(pico or 0)).scaleb(-12)
 
 
 def _record(row: Sequence[Any]) -> Record:
