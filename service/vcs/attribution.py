@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -90,7 +91,8 @@ class Attributor:
 
         Four git calls for the whole batch, whatever its size: HEAD, the blob ids of HEAD's
         tree, one walk of the log for the last author of each file and one of its first-parent
-        line for the last commit that changed each (`GitRepo.last_changes`).
+        line for the last commit that changed each (`GitRepo.last_changes`); the two walks run
+        at once (with a long history each takes longest: ~0.4 s at 20,000 commits).
         """
         if self.repo is None:
             return Batch(dict.fromkeys(files, NO_GIT), None)
@@ -107,9 +109,12 @@ class Attributor:
             blobs: dict[str, str] = {}
             for folder in sorted({str(PurePosixPath(p).parent) for p in (*known, *leading)}):
                 blobs.update(store.blob_ids(head, folder, links=True))
-            authors = store.last_authors(known, head)
-            # a link's target is walked by itself: what else its folder holds is not configuration
-            changes = store.last_changes(folders, sorted({*known, *leading}), head)
+            # the two walks of the log at once, each in its own git: a reload waits for the longer
+            with ThreadPoolExecutor(1, thread_name_prefix="switchboard-git-authors") as other:
+                walking = other.submit(store.last_authors, known, head)
+                # a link's target is walked by itself: what else its folder holds is not configuration
+                changes = store.last_changes(folders, sorted({*known, *leading}), head)
+                authors = walking.result()
         except GitError as exc:
             log.warning("git: %s", exc)
             return Batch(dict.fromkeys(files, Attribution(None, None, True)), None)
