@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -264,16 +264,14 @@ class GitRepo:
         """The author of the last commit touching each path, in one walk of the log."""
         wanted = set(paths)
         folders = sorted({str(PurePosixPath(p).parent) for p in paths})
-        out = self.run("log", "--format=%x00%an <%ae>", "--name-only", rev, "--", *folders, ok=(0, 128))
+        out = self.run("log", "--format=%x00%an <%ae>", "--name-only", "-z", rev, "--", *folders, ok=(0, 128))
         authors: dict[str, str] = {}
-        author = ""
-        for line in out.decode("utf-8", "replace").splitlines():
-            if line.startswith("\0"):
-                author = line[1:]
-            elif line in wanted and line not in authors:
-                authors[line] = author
-                if len(authors) == len(wanted):
-                    break
+        for author, names in _walked(out):
+            for name in names:
+                if name in wanted and name not in authors:
+                    authors[name] = author
+            if len(authors) == len(wanted):
+                break
         return authors
 
     def last_changes(self, folders: list[str], paths: list[str], rev: str = "HEAD") -> LastChanges:
@@ -294,6 +292,7 @@ class GitRepo:
             "--no-renames",
             "--format=%x00%H",
             "--name-only",
+            "-z",
             rev,
             "--",
             *spec,
@@ -302,11 +301,11 @@ class GitRepo:
         wanted = set(paths)
         order: list[str] = []
         touched: dict[str, int] = {}
-        for line in out.decode("utf-8", "replace").splitlines():
-            if line.startswith("\0"):
-                order.append(line[1:])
-            elif line in wanted and line not in touched and order:
-                touched[line] = len(order) - 1
+        for commit, names in _walked(out):
+            order.append(commit)
+            for name in names:
+                if name in wanted and name not in touched:
+                    touched[name] = len(order) - 1
         return LastChanges(tuple(order[: max(touched.values(), default=0) + 1]), touched)
 
     def read_file(self, rev: str, path: str) -> bytes | None:
@@ -354,6 +353,26 @@ class GitRepo:
             return path.resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             raise GitError(f"{path} is not inside the repository at {self.root}") from None
+
+
+def _walked(out: bytes) -> Iterator[tuple[str, list[str]]]:
+    """Each commit of `git log --format=%x00… --name-only -z`: its header and the names it
+    touched, as git holds them. With `-z` names are never quoted (without it, core.quotePath
+    quotes any name with a space, a quote or a byte past ASCII, and such a file was never found).
+    Every field ends in NUL; a header follows an empty field, and the first name of a commit
+    starts with the newline that ends its header."""
+    header: str | None = None
+    names: list[str] = []
+    fields = out.split(b"\0")
+    for i, field in enumerate(fields):
+        if i > 0 and not fields[i - 1] and field:
+            if header is not None:
+                yield header, names
+            header, names = field.decode("utf-8", "replace"), []
+        elif field and header is not None:
+            names.append(field.removeprefix(b"\n").decode("utf-8", "surrogateescape"))
+    if header is not None:
+        yield header, names
 
 
 def _within(path: str, folders: set[str]) -> bool:

@@ -216,3 +216,19 @@ def test_a_link_changed_through_its_target_is_dated_by_the_targets_commit(
     moved = commit(tmp_path, "move b's target")
     batch = Attributor(folder).attribute_batch(current(b))
     assert (batch.files[b].commit, batch.files[b].changed, batch.changed) == (moved, moved, moved)
+
+
+@pytest.mark.parametrize("name", ["café.yaml", "a b.yaml", 'q"uote.yaml', "tab\there.yaml"])
+def test_a_name_git_quotes_is_dated_by_its_own_commit_not_head(
+    folder: Path, tmp_path: Path, name: str
+) -> None:
+    """`git log --name-only` quotes such names (core.quotePath): read as they were, the file
+    was never found in the walk and its tag took HEAD, so every commit, even outside the
+    folder, changed it and woke the queries held on it."""
+    odd = folder / name
+    odd.write_bytes(server("odd"))
+    added = commit(folder, "add odd", author=ADA)
+    (tmp_path / "README").write_text("not configuration\n")
+    commit(tmp_path, "a readme")
+    batch = Attributor(folder).attribute_batch(current(odd))
+    assert (batch.files[odd].changed, batch.files[odd].author, batch.changed) == (added, ADA, added)
