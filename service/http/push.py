@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.errors import BadRequest
+from service.errors import BadRequest, NotFound
 from service.http import tags
 from service.http.auth import CLIENT, Handler, authenticate_again
 from service.http.changes import ADMIN_ONLY, CHANGES, Changes, Stream, frame
@@ -111,11 +111,19 @@ async def _held_on_tag(
     with contextlib.ExitStack() as slot:  # one slot from the first hold to the answer
         while True:
             touched = changes.touched  # taken before the answer is made: a change meanwhile wakes it
-            response = await handler(request)
-            if not isinstance(response, web.Response) or response.status != 200:
-                return conditional(request, response, changes)
-            ours = _tag_of(response)
-            verdict = await known.judge(theirs, ours)
+            try:
+                response = await handler(request)
+            except NotFound:
+                # the id is not here yet (added, or added back, by a commit not applied here):
+                # a 404 would take from the consumer what another replica showed it
+                if not await known.ahead(theirs):
+                    raise
+                ours, verdict = "", Verdict.AHEAD
+            else:
+                if not isinstance(response, web.Response) or response.status != 200:
+                    return conditional(request, response, changes)
+                ours = _tag_of(response)
+                verdict = await known.judge(theirs, ours)
             left = deadline - loop.time()
             if verdict is Verdict.DIFFERS or ((left <= 0 or changes.closing) and verdict is Verdict.UNSEEN):
                 known.gave(ours)

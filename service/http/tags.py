@@ -176,6 +176,15 @@ class Tags:
                 verdict = Verdict.UNSEEN
         return verdict
 
+    async def ahead(self, theirs: list[str]) -> bool:
+        """One of the client's tags names a commit this replica has not applied: an answer with
+        no tag of its own (a 404: the id is not here yet) would be older content too."""
+        for tag in theirs:
+            parts = parse(tag)
+            if parts is not None and parts.commit != "-" and await self.relation(parts.commit) == "ahead":
+                return True
+        return False
+
     async def relation(self, commit: str) -> Relation:
         """What `commit` is to the one this replica serves (see `Relation`)."""
         served = self._served()

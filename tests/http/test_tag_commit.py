@@ -129,3 +129,34 @@ async def test_a_tag_of_a_provider_changed_on_a_replica_ahead_holds(two: Service
     await applied(two, ahead)
     answer = await get(two, API + "/providers/b", {"If-None-Match": old})
     assert answer.status == 200 and commit_of(answer.headers["ETag"]) == ahead
+
+
+async def test_a_tag_of_a_provider_added_on_a_replica_ahead_holds_not_404(two: Service) -> None:
+    """Another replica applied a commit adding `c` (or re-adding it after its removal): its tag
+    of `c` names that commit. Here `c` is not known yet: a 404 at once would be older content,
+    the consumer would see `c` and then lose it. It holds, then 304; once applied, `c`."""
+    project = two.project
+    git(project.root, "checkout", "-q", "-b", "ahead")
+    write_server(project, "c")
+    ahead = commit_all(project, "add c")
+    blob = git(project.root, "rev-parse", f"{ahead}:providers.d/c.yaml")
+    git(project.root, "checkout", "-q", "main")
+    await asyncio.sleep(0.5)  # the checkout back is applied
+    assert (await get(two, API + "/providers/c")).status == 404
+    theirs = f'W/"{blob}.{ahead}.{"1" * 24}"'
+    started = time.monotonic()
+    answer = await get(two, f"{API}/providers/c?wait=800ms", {"If-None-Match": theirs})
+    assert answer.status == 304 and answer.headers["ETag"] == theirs
+    assert time.monotonic() - started >= 0.7
+    held = asyncio.create_task(get(two, f"{API}/providers/c?wait=10s", {"If-None-Match": theirs}))
+    await asyncio.sleep(0.3)
+    assert not held.done()
+    git(project.root, "merge", "-q", "--ff-only", "ahead")
+    await applied(two, ahead)
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.status == 200 and answer.json()["id"] == "c"
+    # a tag of an older commit, or made up, for an id that is not there: 404 at once, as before
+    old = f'W/"{blob}.{git(project.root, "rev-parse", "HEAD~1")}.{"1" * 24}"'
+    started = time.monotonic()
+    assert (await get(two, f"{API}/providers/zz?wait=5s", {"If-None-Match": old})).status == 404
+    assert time.monotonic() - started < 2
