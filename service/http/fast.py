@@ -158,6 +158,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.blocked = True
 
     def resume_writing(self) -> None:
+        if self.transport is not None and self.transport.is_closing():
+            self.blocked = False  # closed after its answer: the rest still watched (`_went`)
+            return
         self.unblock()
         if self.task is None and self.transport is not None and not self.closing:  # closing: none taken
             self._next()
@@ -351,6 +354,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         if transport is None:
             return
         if self.closing or not request.keep_alive or response.keep_alive is False:
+            if transport.get_write_buffer_size():
+                self.watch()  # its close waits for the client to read the answer: it may never
             transport.close()
             return
         self.idle_since = self.loop.time()

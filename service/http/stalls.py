@@ -50,7 +50,7 @@ class Stall:
 
     def _fire(self) -> None:
         transport = self._transport
-        if transport.is_closing():
+        if transport.is_closing() and not transport.get_write_buffer_size():  # aborted, or gone
             return
         left = transport.get_write_buffer_size()
         if left < self._left:  # it took some: a slow client, not a gone one

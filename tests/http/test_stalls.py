@@ -210,12 +210,14 @@ async def test_a_slow_client_that_reads_is_never_cut(sops_project: SopsProject, 
     assert records.kept[0].completion_tokens == 2 and not records.kept[0].estimated
 
 
+@pytest.mark.parametrize("closing", [False, True], ids=["kept alive", "Connection: close"])
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
-    sops_project: SopsProject, path: str
+    sops_project: SopsProject, path: str, closing: bool
 ) -> None:
     """A big answer that is not a stream, written whole, that its client does not read: its
-    connection is closed after the send timeout rather than held for good."""
+    connection is closed after the send timeout rather than held for good, one the server
+    closes after the answer (`Connection: close`: its close waits for the buffer) too."""
     content = "x" * 3_000_000
 
     async def chat(request: web.Request) -> web.Response:
@@ -236,7 +238,11 @@ async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
         before = set(server.connections)  # the test's own session's
         reader, writer = await _connect(service)
         try:
-            writer.write(_stream_request(path, CHAT))
+            request = _stream_request(path, CHAT)
+            if closing:
+                head, _, body = request.partition(b"\r\n\r\n")
+                request = head + b"\r\nConnection: close\r\n\r\n" + body
+            writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             cast(asyncio.Transport, writer.transport).pause_reading()
             assert head.startswith(b"HTTP/1.1 200 ")
