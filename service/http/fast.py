@@ -110,7 +110,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         """Stop taking requests: an idle connection closes now, a busy one after its answer."""
         self.closing = True
         if self.task is None and self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
         """Let the request in flight (a stream too) finish within `timeout`, then close.
@@ -354,9 +354,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         if transport is None:
             return
         if self.closing or not request.keep_alive or response.keep_alive is False:
-            if transport.get_write_buffer_size():
-                self.watch()  # its close waits for the client to read the answer: it may never
-            transport.close()
+            self._close(transport)
             return
         self.idle_since = self.loop.time()
         if self.blocked:
@@ -367,6 +365,13 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.watch()
             return
         self._next()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close after an answer: the close waits for the client to read what is left of it,
+        which one that reads nothing never does, so it is watched (`Stall`) until it has."""
+        if transport.get_write_buffer_size():
+            self.watch()
+        transport.close()
 
     def _next(self) -> None:
         """Take up what came while a request was answered."""
@@ -418,7 +423,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.idle_since = self.loop.time()
         elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
             # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes
-            self.transport.close()
+            self._close(self.transport)
             return
         self._arm()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -17,9 +18,11 @@ import yaml
 from aiohttp import web
 
 from service.http import stalls
+from service.http.app import GATEWAY
 from service.http.context import RELAY
+from service.http.fast import FastConnection, FastSite
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.http.test_fast_path import CHAT, HAND_OFF, STREAM, _address, _exchange, _request
+from tests.http.test_fast_path import CHAT, HAND_OFF, STREAM, _address, _exchange, _gateway, _request
 from tests.http.test_fast_streams import PRICING, _chunks, _dechunked, _event, _Records, _streaming
 from tests.support.gateway import write_provider, write_routing
 from tests.support.upstreams import serving
@@ -272,3 +275,35 @@ async def test_an_aiohttp_lacking_what_the_timeout_reads_keeps_its_own_server(
         (answer,) = await _exchange(service, _request(token=TOKEN))
         assert answer.status == 200
     assert "aiohttp's server lacks RequestHandler._not_in_this_aiohttp" in caplog.text
+
+
+async def test_a_connection_closed_when_idle_with_its_answer_unread_is_let_go(
+    sops_project: SopsProject,
+) -> None:
+    """An answer under the buffer's limit (no write waits for it), that its client does not read:
+    once idle for the keep-alive timeout, the connection is closed, and its close waits for the
+    client to read the rest. A client that never does is let go of after the send timeout."""
+    prompt = "x" * 40_000  # an answer of about as much: the stand-in echoes it; under 64 KiB
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project, send_timeout_s=LIMIT_S) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.2)
+        await site.start()
+        server = service.runner.server
+        assert server is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.runner.addresses[-1][1]))
+        _, writer = await asyncio.open_connection(sock=sock)
+        try:
+            (ours,) = await eventually(
+                lambda: [c for c in server.connections if isinstance(c, FastConnection)]
+            )
+            assert ours.transport is not None
+            ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            cast(asyncio.Transport, writer.transport).pause_reading()  # reads nothing, ever
+            writer.write(_request(body))
+            await eventually(lambda: ours.transport is None or ours.transport.is_closing(), timeout=5)
+            await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
+        finally:
+            writer.close()
