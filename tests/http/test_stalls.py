@@ -307,3 +307,25 @@ async def test_a_connection_closed_when_idle_with_its_answer_unread_is_let_go(
             await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("path", ["aiohttp", "handed off"])
+async def test_aiohttp_closing_with_its_answer_unread_lets_go(sops_project: SopsProject, path: str) -> None:
+    """aiohttp's server closes a connection after its answer (`Connection: close`) with part of
+    it unsent, under the buffer's limit (no write waited for it): a client that never reads it
+    is let go of after the send timeout, not held with it for good."""
+    prompt = "x" * 40_000  # an answer of about as much: the stand-in echoes it; under 64 KiB
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project, fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (service, _):
+        server = service.runner.server
+        assert server is not None
+        before = set(server.connections)
+        _, writer = await _connect(service)
+        try:
+            cast(asyncio.Transport, writer.transport).pause_reading()  # reads nothing, ever
+            head, _, rest = _stream_request(path, body).partition(b"\r\n\r\n")
+            writer.write(head + b"\r\nConnection: close\r\n\r\n" + rest)
+            await asyncio.sleep(LIMIT_S)
+            await eventually(lambda: not set(server.connections) - before, timeout=5)  # let go of
+        finally:
+            writer.close()
