@@ -22,7 +22,16 @@ from service.http.app import GATEWAY
 from service.http.context import RELAY
 from service.http.fast import FastConnection, FastSite
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.http.test_fast_path import CHAT, HAND_OFF, STREAM, _address, _exchange, _gateway, _request
+from tests.http.test_fast_path import (
+    CHAT,
+    HAND_OFF,
+    MESSAGES_STREAM,
+    STREAM,
+    _address,
+    _exchange,
+    _gateway,
+    _request,
+)
 from tests.http.test_fast_streams import PRICING, _chunks, _dechunked, _event, _Records, _streaming
 from tests.support.gateway import write_provider, write_routing
 from tests.support.upstreams import serving
@@ -329,3 +338,39 @@ async def test_aiohttp_closing_with_its_answer_unread_lets_go(sops_project: Sops
             await eventually(lambda: not set(server.connections) - before, timeout=5)  # let go of
         finally:
             writer.close()
+
+
+TRANSLATED = {"/v1/messages": MESSAGES_STREAM}
+"""Streams translated from an upstream's chat stream (docs/reference.md §14)."""
+
+
+@pytest.mark.parametrize("endpoint", list(TRANSLATED))
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_client_that_stops_reading_a_translated_stream_is_let_go(
+    sops_project: SopsProject, path: str, endpoint: str
+) -> None:
+    """As a chat stream's, a stream translated to Messages events: let go of, settled, no 500."""
+    up = _Endless()
+    async with _metered(sops_project, up.app(), fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        reader, writer = await _connect(service)
+        try:
+            request = _request(TRANSLATED[endpoint], path=endpoint, token=TOKEN)
+            if path == "handed off":
+                head, _, body = request.partition(b"\r\n\r\n")
+                request = head + b"\r\n" + HAND_OFF.encode() + b"\r\n" + body
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            cast(asyncio.Transport, writer.transport).pause_reading()
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            await asyncio.wait_for(up.ended.wait(), 10)
+            assert not up.whole
+            used = await _used(service)
+            assert (used["in_flight"], used["budget_reserved_usd"]) == (0, "0")
+        finally:
+            writer.close()
+        assert await service.metric("switchboard_http_requests_total", status="500") == 0
+    assert records.kept[0].status == 200
