@@ -90,10 +90,10 @@ class Handler(RequestHandler):
         super().force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)  # its `force_close` first: no watch outlives the connection
         if self._closed_stall is not None:
             self._closed_stall.cancel()
             self._closed_stall = None
-        super().connection_lost(exc)
 
     def _watch_close(self) -> None:
         transport = self.transport
