@@ -131,7 +131,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             if not task.done():
                 task.cancel()
         if self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             log.exception("no answer to POST %s", request.path)
             self.task = None
             if self.transport is not None:
-                self.transport.close()
+                self._close(self.transport)
             return
         if self.transport is None:  # the client left: what is left of its answer goes nowhere
             self.task = None
@@ -292,7 +292,7 @@ class FastConnection(asyncio.Protocol, Outlet):
                 response = stream
             elif writer.output_size:
                 self.task = None
-                self.transport.close()
+                self._close(self.transport)
                 return
             else:
                 request.writer = None  # as if the stream had never been
@@ -315,7 +315,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         except ConnectionError:  # the client left (`StreamWriter`'s ClientConnectionResetError)
             self.task = None
             if self.transport is not None:
-                self.transport.close()
+                self._close(self.transport)
             return
         except Exception:
             self._failed(request)
@@ -330,7 +330,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         log.exception("the answer to POST %s could not be written", request.path)
         self.task = None
         if self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
 
     def _answer(self, request: FastRequest, response: web.StreamResponse, whole: bytes | None = None) -> None:
         """Write `response`, a whole answer (`whole`, its bytes, if made already), and go on."""
@@ -344,7 +344,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             transport.write(answer)
         except Exception:
             log.exception("the answer to POST %s could not be written", request.path)
-            transport.close()
+            self._close(transport)
             return
         self._went(request, response)
 
@@ -367,8 +367,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         self._next()
 
     def _close(self, transport: asyncio.Transport) -> None:
-        """Close after an answer: the close waits for the client to read what is left of it,
-        which one that reads nothing never does, so it is watched (`Stall`) until it has."""
+        """Close the connection: the close waits for the client to read what is left of its
+        answer, which one that reads nothing never does, so it is watched (`Stall`) until then."""
         if transport.get_write_buffer_size():
             self.watch()
         transport.close()

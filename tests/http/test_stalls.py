@@ -374,3 +374,33 @@ async def test_a_client_that_stops_reading_a_translated_stream_is_let_go(
             writer.close()
         assert await service.metric("switchboard_http_requests_total", status="500") == 0
     assert records.kept[0].status == 200
+
+
+async def test_a_stream_cut_by_a_failure_with_its_answer_unread_is_let_go(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the gateway's own server closes on a failure of its relay (a bug) with part
+    of a stream unsent: a client that reads none of it is let go of after the send timeout."""
+    events = _chunks(" ".join("x" * 10_000 for _ in range(4)))  # ~40 kB: no write waits
+    async with _metered(sops_project, _streaming(events), fast=True, send_timeout_s=LIMIT_S) as (service, _):
+        gateway = service.app[GATEWAY]
+        relayed = gateway.relayed
+
+        async def failing(*args: Any) -> web.StreamResponse:
+            await relayed(*args)
+            raise RuntimeError("a bug after the stream")
+
+        monkeypatch.setattr(gateway, "relayed", failing)
+        server = service.runner.server
+        assert server is not None
+        before = set(server.connections)
+        _, writer = await _connect(service)
+        try:
+            cast(asyncio.Transport, writer.transport).pause_reading()  # reads nothing, ever
+            writer.write(_stream_request("fast path"))
+            (ours,) = set(server.connections) - before
+            await eventually(lambda: ours.transport is None or ours.transport.is_closing(), timeout=5)
+            assert ours.transport is None or ours.transport.get_write_buffer_size()
+            await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
+        finally:
+            writer.close()
