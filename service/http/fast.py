@@ -159,7 +159,7 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def resume_writing(self) -> None:
         if self.transport is not None and self.transport.is_closing():
-            self.blocked = False  # closed after its answer: the rest still watched (`_went`)
+            self.blocked = False  # closed: what is left still watched (`_close`)
             return
         self.unblock()
         if self.task is None and self.transport is not None and not self.closing:  # closing: none taken
