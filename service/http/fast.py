@@ -110,7 +110,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         """Stop taking requests: an idle connection closes now, a busy one after its answer."""
         self.closing = True
         if self.task is None and self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
 
     async def shutdown(self, timeout: float | None) -> None:  # noqa: ASYNC109 - aiohttp's Server calls it so
         """Let the request in flight (a stream too) finish within `timeout`, then close.
@@ -131,7 +131,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             if not task.done():
                 task.cancel()
         if self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -158,6 +158,9 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.blocked = True
 
     def resume_writing(self) -> None:
+        if self.transport is not None and self.transport.is_closing():
+            self.blocked = False  # closed: what is left still watched (`_close`)
+            return
         self.unblock()
         if self.task is None and self.transport is not None and not self.closing:  # closing: none taken
             self._next()
@@ -273,7 +276,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             log.exception("no answer to POST %s", request.path)
             self.task = None
             if self.transport is not None:
-                self.transport.close()
+                self._close(self.transport)
             return
         if self.transport is None:  # the client left: what is left of its answer goes nowhere
             self.task = None
@@ -289,7 +292,7 @@ class FastConnection(asyncio.Protocol, Outlet):
                 response = stream
             elif writer.output_size:
                 self.task = None
-                self.transport.close()
+                self._close(self.transport)
                 return
             else:
                 request.writer = None  # as if the stream had never been
@@ -312,7 +315,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         except ConnectionError:  # the client left (`StreamWriter`'s ClientConnectionResetError)
             self.task = None
             if self.transport is not None:
-                self.transport.close()
+                self._close(self.transport)
             return
         except Exception:
             self._failed(request)
@@ -327,7 +330,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         log.exception("the answer to POST %s could not be written", request.path)
         self.task = None
         if self.transport is not None:
-            self.transport.close()
+            self._close(self.transport)
 
     def _answer(self, request: FastRequest, response: web.StreamResponse, whole: bytes | None = None) -> None:
         """Write `response`, a whole answer (`whole`, its bytes, if made already), and go on."""
@@ -341,7 +344,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             transport.write(answer)
         except Exception:
             log.exception("the answer to POST %s could not be written", request.path)
-            transport.close()
+            self._close(transport)
             return
         self._went(request, response)
 
@@ -351,7 +354,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         if transport is None:
             return
         if self.closing or not request.keep_alive or response.keep_alive is False:
-            transport.close()
+            self._close(transport)
             return
         self.idle_since = self.loop.time()
         if self.blocked:
@@ -362,6 +365,13 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.watch()
             return
         self._next()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close the connection: the close waits for the client to read what is left of its
+        answer, which one that reads nothing never does, so it is watched (`Stall`) until then."""
+        if transport.get_write_buffer_size():
+            self.watch()
+        transport.close()
 
     def _next(self) -> None:
         """Take up what came while a request was answered."""
@@ -413,7 +423,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.idle_since = self.loop.time()
         elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
             # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes
-            self.transport.close()
+            self._close(self.transport)
             return
         self._arm()
 

@@ -67,7 +67,8 @@ class Outlet:
         await waiter
 
     def watch(self) -> None:
-        """Watch the client while `blocked`: let go of it once it takes nothing for the limit."""
+        """Watch the client while `blocked`, or while a close waits for it: let go of it once it
+        takes nothing for the limit."""
         if self.stall is None and self.transport is not None:
             self.stall = Stall(self.loop, self.transport, self.send_timeout_s)
 

@@ -50,7 +50,7 @@ class Stall:
 
     def _fire(self) -> None:
         transport = self._transport
-        if transport.is_closing():
+        if transport.is_closing() and not transport.get_write_buffer_size():  # aborted, or gone
             return
         left = transport.get_write_buffer_size()
         if left < self._left:  # it took some: a slow client, not a gone one
@@ -70,11 +70,35 @@ class Stall:
 class Handler(RequestHandler):
     """aiohttp's connection whose writes' waits for the client are watched (`Stall`)."""
 
-    __slots__ = ("_send_timeout_s",)
+    __slots__ = ("_closed_stall", "_send_timeout_s")
 
     def __init__(self, manager: Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._send_timeout_s = manager.send_timeout_s
+        self._closed_stall: Stall | None = None
+        """The watch on its close, which waits for the client to read what is left of its
+        answer: one that reads nothing would hold it for good."""
+
+    async def start(self) -> None:
+        try:
+            await super().start()
+        finally:  # it closed the connection after its last answer (unless `force_close` did)
+            self._watch_close()
+
+    def force_close(self) -> None:  # the keep-alive timeout's close, among others
+        self._watch_close()
+        super().force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)  # its `force_close` first: no watch outlives the connection
+        if self._closed_stall is not None:
+            self._closed_stall.cancel()
+            self._closed_stall = None
+
+    def _watch_close(self) -> None:
+        transport = self.transport
+        if transport is not None and self._closed_stall is None and transport.get_write_buffer_size():
+            self._closed_stall = Stall(self._loop, transport, self._send_timeout_s)
 
     async def _drain_helper(self) -> None:
         # `StreamWriter.drain` calls it only when writing is paused: a write that waits

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -17,9 +18,20 @@ import yaml
 from aiohttp import web
 
 from service.http import stalls
+from service.http.app import GATEWAY
 from service.http.context import RELAY
+from service.http.fast import FastConnection, FastSite
 from tests.conftest import Service, SopsProject, eventually, serve
-from tests.http.test_fast_path import CHAT, HAND_OFF, STREAM, _address, _exchange, _request
+from tests.http.test_fast_path import (
+    CHAT,
+    HAND_OFF,
+    MESSAGES_STREAM,
+    STREAM,
+    _address,
+    _exchange,
+    _gateway,
+    _request,
+)
 from tests.http.test_fast_streams import PRICING, _chunks, _dechunked, _event, _Records, _streaming
 from tests.support.gateway import write_provider, write_routing
 from tests.support.upstreams import serving
@@ -210,12 +222,14 @@ async def test_a_slow_client_that_reads_is_never_cut(sops_project: SopsProject, 
     assert records.kept[0].completion_tokens == 2 and not records.kept[0].estimated
 
 
+@pytest.mark.parametrize("closing", [False, True], ids=["kept alive", "Connection: close"])
 @pytest.mark.parametrize("path", PATHS)
 async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
-    sops_project: SopsProject, path: str
+    sops_project: SopsProject, path: str, closing: bool
 ) -> None:
     """A big answer that is not a stream, written whole, that its client does not read: its
-    connection is closed after the send timeout rather than held for good."""
+    connection is closed after the send timeout rather than held for good, one the server
+    closes after the answer (`Connection: close`: its close waits for the buffer) too."""
     content = "x" * 3_000_000
 
     async def chat(request: web.Request) -> web.Response:
@@ -236,7 +250,11 @@ async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
         before = set(server.connections)  # the test's own session's
         reader, writer = await _connect(service)
         try:
-            writer.write(_stream_request(path, CHAT))
+            request = _stream_request(path, CHAT)
+            if closing:
+                head, _, body = request.partition(b"\r\n\r\n")
+                request = head + b"\r\nConnection: close\r\n\r\n" + body
+            writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             cast(asyncio.Transport, writer.transport).pause_reading()
             assert head.startswith(b"HTTP/1.1 200 ")
@@ -266,3 +284,123 @@ async def test_an_aiohttp_lacking_what_the_timeout_reads_keeps_its_own_server(
         (answer,) = await _exchange(service, _request(token=TOKEN))
         assert answer.status == 200
     assert "aiohttp's server lacks RequestHandler._not_in_this_aiohttp" in caplog.text
+
+
+async def test_a_connection_closed_when_idle_with_its_answer_unread_is_let_go(
+    sops_project: SopsProject,
+) -> None:
+    """An answer under the buffer's limit (no write waits for it), that its client does not read:
+    once idle for the keep-alive timeout, the connection is closed, and its close waits for the
+    client to read the rest. A client that never does is let go of after the send timeout."""
+    prompt = "x" * 40_000  # an answer of about as much: the stand-in echoes it; under 64 KiB
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project, send_timeout_s=LIMIT_S) as (service, _):
+        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.2)
+        await site.start()
+        server = service.runner.server
+        assert server is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", service.runner.addresses[-1][1]))
+        _, writer = await asyncio.open_connection(sock=sock)
+        try:
+            (ours,) = await eventually(
+                lambda: [c for c in server.connections if isinstance(c, FastConnection)]
+            )
+            assert ours.transport is not None
+            ours.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            cast(asyncio.Transport, writer.transport).pause_reading()  # reads nothing, ever
+            writer.write(_request(body))
+            await eventually(lambda: ours.transport is None or ours.transport.is_closing(), timeout=5)
+            await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("path", ["aiohttp", "handed off"])
+async def test_aiohttp_closing_with_its_answer_unread_lets_go(sops_project: SopsProject, path: str) -> None:
+    """aiohttp's server closes a connection after its answer (`Connection: close`) with part of
+    it unsent, under the buffer's limit (no write waited for it): a client that never reads it
+    is let go of after the send timeout, not held with it for good."""
+    prompt = "x" * 40_000  # an answer of about as much: the stand-in echoes it; under 64 KiB
+    body = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": prompt}]}).encode()
+    async with _gateway(sops_project, fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (service, _):
+        server = service.runner.server
+        assert server is not None
+        before = set(server.connections)
+        _, writer = await _connect(service)
+        try:
+            cast(asyncio.Transport, writer.transport).pause_reading()  # reads nothing, ever
+            head, _, rest = _stream_request(path, body).partition(b"\r\n\r\n")
+            writer.write(head + b"\r\nConnection: close\r\n\r\n" + rest)
+            await asyncio.sleep(LIMIT_S)
+            await eventually(lambda: not set(server.connections) - before, timeout=5)  # let go of
+        finally:
+            writer.close()
+
+
+TRANSLATED = {"/v1/messages": MESSAGES_STREAM}
+"""Streams translated from an upstream's chat stream (docs/reference.md §14)."""
+
+
+@pytest.mark.parametrize("endpoint", list(TRANSLATED))
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_client_that_stops_reading_a_translated_stream_is_let_go(
+    sops_project: SopsProject, path: str, endpoint: str
+) -> None:
+    """As a chat stream's, a stream translated to Messages events: let go of, settled, no 500."""
+    up = _Endless()
+    async with _metered(sops_project, up.app(), fast=path != "aiohttp", send_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        reader, writer = await _connect(service)
+        try:
+            request = _request(TRANSLATED[endpoint], path=endpoint, token=TOKEN)
+            if path == "handed off":
+                head, _, body = request.partition(b"\r\n\r\n")
+                request = head + b"\r\n" + HAND_OFF.encode() + b"\r\n" + body
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            cast(asyncio.Transport, writer.transport).pause_reading()
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            await eventually(lambda: len(records.kept) == 1, timeout=10)
+            await asyncio.wait_for(up.ended.wait(), 10)
+            assert not up.whole
+            used = await _used(service)
+            assert (used["in_flight"], used["budget_reserved_usd"]) == (0, "0")
+        finally:
+            writer.close()
+        assert await service.metric("switchboard_http_requests_total", status="500") == 0
+    assert records.kept[0].status == 200
+
+
+async def test_a_stream_cut_by_a_failure_with_its_answer_unread_is_let_go(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the gateway's own server closes on a failure of its relay (a bug) with part
+    of a stream unsent: a client that reads none of it is let go of after the send timeout."""
+    events = _chunks(" ".join("x" * 10_000 for _ in range(4)))  # ~40 kB: no write waits
+    async with _metered(sops_project, _streaming(events), fast=True, send_timeout_s=LIMIT_S) as (service, _):
+        gateway = service.app[GATEWAY]
+        relayed = gateway.relayed
+
+        async def failing(*args: Any) -> web.StreamResponse:
+            await relayed(*args)
+            raise RuntimeError("a bug after the stream")
+
+        monkeypatch.setattr(gateway, "relayed", failing)
+        server = service.runner.server
+        assert server is not None
+        before = set(server.connections)
+        _, writer = await _connect(service)
+        try:
+            cast(asyncio.Transport, writer.transport).pause_reading()  # reads nothing, ever
+            writer.write(_stream_request("fast path"))
+            (ours,) = set(server.connections) - before
+            await eventually(lambda: ours.transport is None or ours.transport.is_closing(), timeout=5)
+            assert ours.transport is None or ours.transport.get_write_buffer_size()
+            await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
+        finally:
+            writer.close()
