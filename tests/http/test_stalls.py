@@ -131,6 +131,16 @@ async def _connect(
     return reader, writer
 
 
+async def _rest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """What the client reads once it reads again, until the server closed or cut the connection."""
+    cast(asyncio.Transport, writer.transport).resume_reading()
+    rest = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            rest += chunk
+    return rest
+
+
 def _stream_request(path: str, body: bytes = STREAM) -> bytes:
     request = _request(body, token=TOKEN)
     if path != "handed off":
@@ -168,11 +178,7 @@ async def test_a_client_that_stops_reading_is_let_go_as_one_that_left(
             assert not up.whole  # let go of, not read to its end
             used = await _used(service)
             assert (used["in_flight"], used["budget_reserved_usd"]) == (0, "0")
-            cast(asyncio.Transport, writer.transport).resume_reading()
-            rest = b""
-            with contextlib.suppress(ConnectionError):
-                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
-                    rest += chunk
+            rest = await _rest(reader, writer)
         finally:
             writer.close()
         (after,) = await _exchange(service, _request(token=TOKEN))
@@ -259,11 +265,7 @@ async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
             cast(asyncio.Transport, writer.transport).pause_reading()
             assert head.startswith(b"HTTP/1.1 200 ")
             await eventually(lambda: not set(server.connections) - before, timeout=10)
-            cast(asyncio.Transport, writer.transport).resume_reading()
-            rest = b""
-            with contextlib.suppress(ConnectionError):
-                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
-                    rest += chunk
+            rest = await _rest(reader, writer)
         finally:
             writer.close()
         (after,) = await _exchange(service, _request(token=TOKEN))
