@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from datetime import timedelta
@@ -543,3 +544,44 @@ def test_a_batch_of_one_group_adds_up_as_row_by_row(store: SQLStore, hours: int)
         sum(p // 10**6 for p in picos),
         sum(p % 10**6 for p in picos),
     ]
+
+
+@pytest.mark.parametrize(
+    ("column", "stored"),
+    [
+        ("latency_ms", "abc"),
+        ("latency_ms", 1e308 * 10),  # inf: no JSON number
+        ("ttfb_ms", "-"),
+        ("status", "200x"),
+        ("ts_us", 10**18),  # 31,000 years: no datetime
+        ("cost_pico", "x"),
+        ("client", b"\xff\xfe"),
+        ("model", 12345),
+        ("prompt_tokens", "many"),
+    ],
+)
+def test_a_row_an_older_version_stored_otherwise_is_read_bounded_not_a_failure(
+    tmp_path: Path, column: str, stored: object
+) -> None:
+    """SQLite keeps whatever it was given: a row stored by an older version with a value of
+    another kind in a column (a latency `"abc"`) made every read of its page fail, a 500 from
+    `/usage/requests`. It is read as a request's values are bounded, its other values as stored."""
+    store = open_store(str(tmp_path / "old.db"), tmp_path)
+    assert store is not None
+    try:
+        store.open()
+        kept = record(model="kept-model")
+        assert store.insert([kept, record()]) == 2
+        assert isinstance(store._writer, sqlite3.Connection)
+        update = f"UPDATE usage_records SET {column} = ? WHERE id = ?"  # noqa: S608 - a column of the test's own
+        store._writer.execute(update, (stored, kept.id))
+        store._writer.commit()
+        found = {r.id: r for r in store.requests(RequestsQuery())}
+        assert len(found) == 2
+        read = found[kept.id]
+        json.dumps(read.to_json(), allow_nan=False)  # an answer's JSON, whatever was stored
+        assert read.latency_ms >= 0 and read.cost_usd >= 0
+        if column != "model":
+            assert read.model == "kept-model"
+    finally:
+        store.close()

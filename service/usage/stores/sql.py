@@ -28,7 +28,7 @@ from operator import floordiv, getitem, itemgetter
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
-from service.usage.encoding import from_micros, micros, pico_text, values_of
+from service.usage.encoding import fields, from_micros, micros, pico_text, record_of, values_of
 from service.usage.encoding import row as row_of
 from service.usage.query import (
     MAX_GROUPS,
@@ -499,6 +499,47 @@ def _cost(usd: Any, micro: Any, pico: Any) -> Decimal:
 
 
 def _record(row: Sequence[Any]) -> Record:
+    """A stored row as a `Record`; one whose values are not of their column's kind (SQLite keeps
+    what it was given: a latency `"abc"` stored by an older version) is read as `fields` bounds
+    a request's values, so that no row makes a reader fail (`/usage/requests` answered 500)."""
+    try:
+        if all(type(row[i]) is str or row[i] is None for i in _TEXTS):
+            record = _stored(row)
+            if 0 <= record.latency_ms < 1e12 and (record.ttfb_ms is None or 0 <= record.ttfb_ms < 1e12):
+                return record
+    except (TypeError, ValueError, ArithmeticError):
+        pass
+    return _bounded(row)
+
+
+_TEXTS = (0, 2, 3, 4, 5, 6, 20)
+"""The columns of text (id, names, replica): a row holding another kind there is read bounded."""
+
+
+def _bounded(row: Sequence[Any]) -> Record:
+    ts = _whole(row[1])
+    try:
+        from_micros(ts)
+    except (OverflowError, ValueError):
+        ts = 0  # a time no datetime holds: shown at the epoch
+    atto = max(_whole(row[17]), 0) * 10**6  # pico-dollars stored, atto-dollars for `fields`
+    r = row
+    values = fields(
+        r[0], ts, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
+        r[14], r[15], r[16], atto, r[18], r[19], r[20], r[21],
+    )  # fmt: skip
+    return record_of(values)
+
+
+def _whole(value: Any) -> int:
+    """`value` as a whole number (whatever SQLite held), 0 when it is none."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _stored(row: Sequence[Any]) -> Record:
     (rid, ts, client, purpose, model, provider, upstream, status, stream, attempts, latency, ttfb) = row[:12]
     prompt, cached, cache_write, completion, reasoning, cost, priced, estimated, replica, limited = row[12:]
     return Record(
