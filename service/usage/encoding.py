@@ -126,7 +126,7 @@ def fields(
     record's. A value of the expected type within bounds is taken as it is (the common case).
     `cost_usd` is an `Amount`: an `int` is atto-dollars (pricing's), a `Decimal` USD (a record's);
     `written`, when given, is `cost_text(cost_usd)` as the caller made it already."""
-    status = status if type(status) is int and 0 <= status <= 999 else _int(status, 999)
+    status = status if type(status) is int and 0 <= status <= 999 else count(status, 999)
     named = _names(client, purpose, model, provider, upstream_model, replica)
     return [
         VERSION,
@@ -137,25 +137,25 @@ def fields(
         *named[:5],
         status,
         bool(stream),
-        attempts if type(attempts) is int and 0 <= attempts <= MAX_COUNT else _int(attempts),
+        attempts if type(attempts) is int and 0 <= attempts <= MAX_COUNT else count(attempts),
         latency_ms if type(latency_ms) is float and 0 <= latency_ms < 1e12 else _float(latency_ms) or 0.0,
         ttfb_ms if type(ttfb_ms) is float and 0 <= ttfb_ms < 1e12 else _float(ttfb_ms),
         # `_count` of each, inline (the common case: a whole number in bounds)
         prompt_tokens
         if type(prompt_tokens) is int and 0 <= prompt_tokens <= MAX_COUNT
-        else _int(prompt_tokens),
+        else count(prompt_tokens),
         cached_tokens
         if type(cached_tokens) is int and 0 <= cached_tokens <= MAX_COUNT
-        else _int(cached_tokens),
+        else count(cached_tokens),
         cache_write_tokens
         if type(cache_write_tokens) is int and 0 <= cache_write_tokens <= MAX_COUNT
-        else _int(cache_write_tokens),
+        else count(cache_write_tokens),
         completion_tokens
         if type(completion_tokens) is int and 0 <= completion_tokens <= MAX_COUNT
-        else _int(completion_tokens),
+        else count(completion_tokens),
         reasoning_tokens
         if type(reasoning_tokens) is int and 0 <= reasoning_tokens <= MAX_COUNT
-        else _int(reasoning_tokens),
+        else count(reasoning_tokens),
         cost_text(cost_usd) if written is None else written,
         bool(priced),
         bool(estimated),
@@ -394,7 +394,8 @@ def cost(value: object) -> Decimal:
     return min(amount, MAX_COST)
 
 
-def _int(value: object, limit: int = MAX_COUNT) -> int:
+def count(value: object, limit: int = MAX_COUNT) -> int:
+    """`value` as a whole number from 0 to `limit` (clamped), 0 when it is none."""
     try:
         number: int = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError, OverflowError):

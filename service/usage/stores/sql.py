@@ -28,7 +28,7 @@ from operator import floordiv, getitem, itemgetter
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
-from service.usage.encoding import fields, from_micros, micros, pico_text, record_of, values_of
+from service.usage.encoding import count, fields, from_micros, micros, pico_text, record_of, values_of
 from service.usage.encoding import row as row_of
 from service.usage.query import (
     MAX_GROUPS,
@@ -517,26 +517,18 @@ _TEXTS = (0, 2, 3, 4, 5, 6, 20)
 
 
 def _bounded(row: Sequence[Any]) -> Record:
-    ts = _whole(row[1])
+    ts = count(row[1])
     try:
         from_micros(ts)
     except (OverflowError, ValueError):
         ts = 0  # a time no datetime holds: shown at the epoch
-    atto = max(_whole(row[17]), 0) * 10**6  # pico-dollars stored, atto-dollars for `fields`
+    atto = count(row[17]) * 10**6  # pico-dollars stored, atto-dollars for `fields`
     r = row
     values = fields(
         r[0], ts, r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
         r[14], r[15], r[16], atto, r[18], r[19], r[20], r[21],
     )  # fmt: skip
     return record_of(values)
-
-
-def _whole(value: Any) -> int:
-    """`value` as a whole number (whatever SQLite held), 0 when it is none."""
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _stored(row: Sequence[Any]) -> Record:
