@@ -26,6 +26,7 @@ from service.usage import spool as spool_module
 from service.usage.encoding import encode, values_of
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
+from service.usage.record import Record
 from service.usage.spool import TORN, Spool, SpoolBusy
 from service.usage.stores import SQLStore, open_store, sql
 from tests.conftest import eventually
@@ -47,6 +48,16 @@ async def ledger(store_url: str, tmp_path: Path) -> AsyncIterator[Ledger]:
         yield made
     finally:
         await made.stop()
+
+
+def _spooled(tmp_path: Path, good: list[Record], poison: bytes, at: int) -> Path:
+    """A spool whose one segment holds `good`'s lines with `poison` among them, at `at`."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    lines = [encode(r) for r in good]
+    lines.insert(at, poison)
+    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+    return spool
 
 
 def stored_ids(url: str, tmp_path: Path) -> list[str]:
@@ -195,12 +206,9 @@ async def test_a_record_the_database_refuses_is_set_aside_and_holds_nothing_back
     store_url: str, tmp_path: Path
 ) -> None:
     """A line no database takes (a cost past 64 bits, written by hand or an older version)."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
     good = [record() for _ in range(9)]
     poison = encode(record(id="poison")).replace(b'"0.000825"', b'"1e30"')
-    lines = [encode(r) for r in good[:4]] + [poison] + [encode(r) for r in good[4:]]
-    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+    spool = _spooled(tmp_path, good, poison, at=4)
 
     ledger = make_ledger(store_url, tmp_path)
     await ledger.start()
@@ -239,12 +247,9 @@ async def test_a_line_with_a_lone_surrogate_holds_nothing_back(store_url: str, t
     (`"gpt\\ud800"`), which json's module reads and neither database binds: setting it aside
     wrote it with `dumps`' fallback, which could not encode it either, so every drain cycle
     failed on it and held back every record behind it. Now it is kept, and the rest stored."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
     good = [record() for _ in range(5)]
     poison = encode(record(id="poison")).replace(b'"gpt-4o"', b'"gpt\\ud800"', 1)
-    lines = [encode(r) for r in good[:2]] + [poison] + [encode(r) for r in good[2:]]
-    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+    spool = _spooled(tmp_path, good, poison, at=2)
 
     ledger = make_ledger(store_url, tmp_path)
     await ledger.start()
@@ -292,14 +297,11 @@ async def test_a_line_written_otherwise_is_bounded_as_a_request_is_and_holds_not
     latency `"abc"`, and `/usage/requests` failed on it ever after. Now the line's values are
     bounded as a request's are, and it is stored with the rest."""
     at, value, stored = HOSTILE_LINES[hostile]
-    spool = tmp_path / "spool"
-    spool.mkdir()
     good = [record() for _ in range(5)]
     poison = values_of(record(id="poison"))
     poison[at] = value
     line = json.dumps(poison, separators=(",", ":")).encode() + b"\n"
-    lines = [encode(r) for r in good[:2]] + [line] + [encode(r) for r in good[2:]]
-    (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
+    spool = _spooled(tmp_path, good, line, at=2)
 
     ledger = make_ledger(store_url, tmp_path)
     await ledger.start()
@@ -323,11 +325,9 @@ async def test_a_line_whose_cost_is_negative_is_set_aside_not_stored_as_money(
 ) -> None:
     """A line written by hand with a cost of `"-1"` was stored as minus a dollar, taking it off
     what its client spent. A cost out of bounds is never made other money: the line is set aside."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
     good = [record() for _ in range(3)]
     poison = encode(record(id="poison")).replace(b'"0.000825"', b'"-1"')
-    (spool / "000000000001.jsonl").write_bytes(encode(good[0]) + poison + b"".join(map(encode, good[1:])))
+    spool = _spooled(tmp_path, good, poison, at=1)
 
     ledger = make_ledger(store_url, tmp_path)
     await ledger.start()
