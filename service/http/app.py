@@ -17,10 +17,8 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_urldispatcher import PlainResource, UrlMappingMatchInfo
 
 from service import __version__
@@ -65,6 +63,7 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
+from service.http.malformed import ProtocolLog
 from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, internal, unreadable
 from service.http.pages import PAGES, Pages
 from service.http.tags import TAGS, Tags
@@ -98,7 +97,7 @@ def create_app(
     app = web.Application(
         middlewares=[_errors],
         client_max_size=settings.max_body_bytes,
-        handler_args={"logger": _ProtocolLog(logging.getLogger("service.http.protocol"))},
+        handler_args={"logger": ProtocolLog(logging.getLogger("service.http.protocol"))},
     )
     app[SETTINGS] = settings
     app[KNOWN_TOKENS] = KnownTokens()
@@ -520,28 +519,6 @@ async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
     response.headers.setdefault(NOSNIFF_HEADER, "nosniff")
-
-
-class _ProtocolLog(logging.LoggerAdapter[logging.Logger]):
-    """aiohttp's server log, where a request too malformed to parse (a NUL or a line break in a
-    header, a line too long) is one warning line, not a traceback: the client's mistake, not the
-    service's. Its text names the fault, never the bytes, which may hold a token."""
-
-    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError):
-            remote = args[0] if args else "?"
-            self.warning("malformed request from %s: %s (%s)", remote, _fault(exc_info), exc_info.code)
-            return
-        super().exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
-
-
-def _fault(exc: HttpProcessingError) -> str:
-    """What the parser found wrong, without what it quotes: `Invalid header value char`."""
-    lines = str(exc.message).strip().splitlines()
-    said = lines[0].split(":", 1)[0] if lines else ""
-    for quote in (" b'", ' b"', " '", ' "'):
-        said = said.split(quote, 1)[0]
-    return f"{type(exc).__name__}: {said[:100]}" if said else type(exc).__name__
 
 
 async def _healthz(request: web.Request) -> web.Response:

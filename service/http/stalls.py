@@ -27,6 +27,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from service.http.malformed import JsonErrors
+
 log = logging.getLogger(__name__)
 
 
@@ -67,8 +69,9 @@ class Stall:
         transport.abort()
 
 
-class Handler(RequestHandler):
-    """aiohttp's connection whose writes' waits for the client are watched (`Stall`)."""
+class Handler(JsonErrors):
+    """aiohttp's connection whose writes' waits for the client are watched (`Stall`), and whose
+    own answers to what it cannot parse are the service's JSON errors (`malformed.JsonErrors`)."""
 
     __slots__ = ("_closed_stall", "_send_timeout_s")
 

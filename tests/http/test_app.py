@@ -228,20 +228,30 @@ async def test_the_root_needs_no_token(guarded: Service, method: str) -> None:
         b"X-Long: " + b"a" * 70_000,
     ],
 )
-async def test_a_malformed_header_is_logged_as_one_line_without_its_bytes(
-    guarded: Service, header: bytes, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("line", [b"GET /healthz", b"POST /v1/chat/completions"])
+async def test_a_malformed_header_is_answered_and_logged_without_its_bytes(
+    guarded: Service, header: bytes, line: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """aiohttp's own answer quoted the bytes (a token in them) as plain text: it is the
+    service's JSON error now, naming the fault only, and one line in the log."""
     host = guarded.url.removeprefix("http://")
-    request = b"GET /healthz HTTP/1.1\r\nHost: " + host.encode() + b"\r\n" + header + b"\r\n\r\n"
+    request = line + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Length: 2\r\n" + header
     caplog.set_level(logging.DEBUG)
     reader, writer = await asyncio.open_connection(*host.split(":"))
     try:
-        writer.write(request)
+        writer.write(request + b"\r\n\r\n{}")
         await writer.drain()
-        answer = await asyncio.wait_for(reader.read(1000), 5)
+        answer = await asyncio.wait_for(reader.read(), 5)  # and the connection closed
     finally:
         writer.close()
-    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n")[0]
+    fields = {k.lower(): v.strip() for k, _, v in (f.partition(b":") for f in head.split(b"\r\n")[1:])}
+    assert fields[b"content-type"].startswith(b"application/json")
+    assert fields[b"x-content-type-options"] == b"nosniff"
+    error = json.loads(body)["error"]
+    assert error["type"] == "bad_request" and error["message"].startswith("malformed request: ")
+    assert b"sk-secret" not in answer and b"\\x00" not in answer and b"aaaa" not in answer
     records = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len(records) == 1, [r.getMessage() for r in records]
     (record,) = records
