@@ -43,6 +43,10 @@ class Provider:
     """The key's mask (`****5d80`), or None when the provider has no key; never the key."""
     file: str | None = None
     commit: str | None = None
+    """The commit served by the answer it was read from (None: its file was not committed there).
+    From the client's copy, that answer may be older than the commit served now: a commit that
+    touches nothing in `providers.d/` leaves the tag as it was, so the copy is not taken again
+    (docs/reference.md §11). Its file at that commit is what the copy shows."""
     health: Health = Health()
     purpose: str | None = None
     role: str | None = None
@@ -100,7 +104,10 @@ class Route:
     fallbacks: tuple[Provider, ...]
     weights: Mapping[str, float] = field(default_factory=dict)
     commit: str | None = None
+    """As `Provider.commit`: the commit served by the answer the copy was taken from (None: a
+    file was not committed there), whose `providers.d/` is what the copy shows."""
     generation: int | None = None
+    """The generation of the replica that gave that answer (each replica counts its own)."""
 
     @property
     def candidates(self) -> tuple[Provider, ...]:

@@ -299,10 +299,12 @@ class Registry:
         return len(fresh)
 
     def _attribute(self, contents: Mapping[Path, bytes | None]) -> Mapping[Path, Attribution]:
-        return self._attribute_batch(contents).files
+        return self._attribute_batch(contents).files if contents else {}
 
     def _attribute_batch(self, contents: Mapping[Path, bytes | None]) -> Batch:
-        if not contents or self.attributor is None:
+        """The batch's attribution; without files (an empty folder) still where the folder last
+        changed, the commit part of the lists' tags (docs/reference.md §9), asked of git."""
+        if self.attributor is None:
             return Batch({}, None)
         return self.attributor.attribute_batch(contents)
 

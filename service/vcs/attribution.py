@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class Batch:
     """The attribution of a batch of files, and `changed`: the last commit of HEAD's first-parent
     line that touched their folder (or a file a link of it leads to), removals included; None
-    outside git or before the first commit."""
+    outside git or before the first commit. A batch without files (an empty folder) names the
+    folder's own last change, or the line's first commit when nothing ever touched it."""
 
     files: dict[Path, Attribution]
     changed: str | None
@@ -97,6 +98,8 @@ class Attributor:
         if self.repo is None:
             return Batch(dict.fromkeys(files, NO_GIT), None)
         head = self._pin or self.head()
+        if not files:
+            return Batch({}, self._folder_changed(head))
         relative = {path: self._relative(path) for path in files}
         links = {path: link for path in files if (link := self._link(path)) is not None}
         known = sorted({r for r in relative.values() if r is not None})
@@ -141,6 +144,39 @@ class Attributor:
             else:
                 result[path] = Attribution(None, author, True)
         return Batch(result, changes.newest or head)
+
+    def _folder_changed(self, head: str | None) -> str | None:
+        """Where an empty folder last changed: the last commit of HEAD's first-parent line that
+        touched it (the removal of its last file), or the line's first commit when none did.
+
+        Asked of git's log, not of the files removed: a replica that saw them go and one started
+        after (a clone has no empty folder) must name the same commit, and a later commit
+        elsewhere must not move it. One walk of the log; a second call only for a folder with
+        no history.
+        """
+        folder = self._relative_folder()
+        if head is None or folder is None:
+            return None
+        store = self._store or self.repo
+        assert store is not None  # noqa: S101 - checked by the caller
+        try:
+            return store.last_changes([folder], [], head).newest or store.first_commit(head)
+        except GitError as exc:
+            log.warning("git: %s", exc)
+            return None
+
+    def _relative_folder(self) -> str | None:
+        """The folder relative to the top level: the one read (a link's target) when followed."""
+        assert self.repo is not None  # noqa: S101 - checked by the caller
+        top = self.repo.root
+        for candidate in (self._target, self.folder, self.folder.parent.resolve() / self.folder.name):
+            if candidate is None:
+                continue
+            try:
+                return candidate.relative_to(top).as_posix()
+            except ValueError:
+                continue
+        return None
 
     def _link(self, path: Path) -> tuple[bytes, str | None] | None:
         """For a symbolic link: what git holds for it (its target), and the file it leads to

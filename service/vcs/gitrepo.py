@@ -308,6 +308,11 @@ class GitRepo:
                     touched[name] = len(order) - 1
         return LastChanges(tuple(order[: max(touched.values(), default=0) + 1]), touched)
 
+    def first_commit(self, rev: str = "HEAD") -> str | None:
+        """The first commit of `rev`'s first-parent line (its root), or None without commits."""
+        out = self.run("rev-list", "--first-parent", "--max-parents=0", rev, ok=(0, 128)).split()
+        return out[-1].decode() if out else None
+
     def read_file(self, rev: str, path: str) -> bytes | None:
         """One file at `rev` (path relative to the top level), or None when it is not there."""
         out = self.run("ls-tree", "-z", "--full-tree", rev, "--", path)

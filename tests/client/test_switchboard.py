@@ -18,8 +18,18 @@ from aiohttp import web
 from service.client import Forbidden, ModelRequired, NotFound, Switchboard, Unavailable
 from service.config.export import litellm_config
 from service.config.snapshot import load_folder
+from service.http.context import RELOADER
 from service.journal.log import read_events
-from tests.conftest import AgeIdentity, SopsProject, eventually, serve, write_routing, write_server
+from tests.conftest import (
+    AgeIdentity,
+    SopsProject,
+    eventually,
+    git,
+    git_init,
+    serve,
+    write_routing,
+    write_server,
+)
 from tests.support.gateway import CANARY, write_clients, write_provider
 from tests.support.upstreams import FakeUpstream, serving
 
@@ -159,6 +169,41 @@ async def test_the_client_outlives_a_restart_answering_stale_meanwhile(sops_proj
         assert second.url.endswith(f":{port}")
         await eventually(lambda: _first_is(sb, "c", stale=False), timeout=15)
     await sb.close()
+
+
+def commit_all(project: SopsProject, message: str) -> str:
+    git(project.root, "add", "-A")
+    git(project.root, "commit", "-qm", message)
+    return git(project.root, "rev-parse", "HEAD")
+
+
+async def test_a_copys_commit_is_the_one_its_answer_was_served_at(sops_project: SopsProject) -> None:
+    """docs/reference.md §11: a commit that touches nothing in `providers.d/` is no news to the
+    copy (its tag is the same, the question stays held), so `commit` stays the one the copy was
+    taken at, whose files are what it shows; the next change brings the commit then served."""
+    git_init(sops_project.root)
+    (sops_project.root / ".gitignore").write_text("var/\n")
+    project_with_route(sops_project)
+    setup = commit_all(sops_project, "setup")
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        route = await sb.route("chat")
+        assert route.commit == setup and {p.commit for p in route.candidates} == {setup}
+        version = sb.version
+        (sops_project.root / "README.md").write_text("not configuration\n")
+        readme = commit_all(sops_project, "a readme")
+        await service.app[RELOADER].reload()
+        assert service.registry.state.last_applied_commit == readme
+        with pytest.raises(TimeoutError):
+            await sb.wait_for_change(version, timeout_s=1)
+        route = await sb.route("chat")
+        assert route.commit == setup and {p.commit for p in route.candidates} == {setup}
+        assert not route.primary[0].stale
+        write_server(sops_project, "c", base_url="http://127.0.0.1:13/v1")
+        moved = commit_all(sops_project, "move c")
+        await service.app[RELOADER].reload()
+        await sb.wait_for_change(version, timeout_s=10)
+        route = await sb.route("chat")
+        assert route.commit == moved and {p.commit for p in route.candidates} == {moved}
 
 
 async def test_no_copy_yet_is_unavailable(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +162,60 @@ async def test_a_tag_of_a_provider_added_on_a_replica_ahead_holds_not_404(two: S
     started = time.monotonic()
     assert (await get(two, f"{API}/providers/zz?wait=5s", {"If-None-Match": old})).status == 404
     assert time.monotonic() - started < 2
+
+
+LISTS = ("/providers", "/api-keys", "/servers", "/active")
+"""The answers an empty `providers.d/` still gives: lists, built from no file."""
+
+
+async def list_tags(service: Service) -> dict[str, str]:
+    return {p: (await get(service, API + p)).headers["ETag"] for p in LISTS}
+
+
+async def emptied(service: Service) -> str:
+    """Every file of `providers.d/` removed in one commit, applied; that commit."""
+    for name in ("a", "b", "routing"):
+        (service.project.providers / f"{name}.yaml").unlink()
+    removed = commit_all(service.project, "drop every file")
+    await applied(service, removed)
+    return removed
+
+
+async def test_an_emptied_folder_keeps_the_tag_of_its_emptying_through_other_commits(two: Service) -> None:
+    """With no file left, the lists were tagged with the commit served: every commit, even a
+    README's, changed them and woke every query held on them."""
+    removed = await emptied(two)
+    before = await list_tags(two)
+    assert {commit_of(t) for t in before.values()} == {removed}
+    held = [
+        asyncio.create_task(get(two, f"{API}{path}?wait=2s", {"If-None-Match": tag}))
+        for path, tag in before.items()
+    ]
+    await asyncio.sleep(0.3)
+    (two.project.root / "README.md").write_text("not configuration\n")
+    readme = commit_all(two.project, "a readme")
+    await applied(two, readme)
+    assert await list_tags(two) == before
+    assert not any(task.done() for task in held)
+    answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert [a.status for a in answers] == [304] * len(answers)
+    assert (await get(two, API + "/active")).json()["commit"] == readme  # the body says what is served
+
+
+async def test_a_replica_started_on_an_emptied_folder_gives_the_running_replicas_tags(
+    two: Service, tmp_path: Path
+) -> None:
+    """A replica started at a commit after the emptying has no removal to attribute (a clone has
+    no `providers.d/` at all): it dates the empty folder by git's log, as the running one does."""
+    removed = await emptied(two)
+    (two.project.root / "README.md").write_text("not configuration\n")
+    readme = commit_all(two.project, "a readme")
+    await applied(two, readme)
+    running = await list_tags(two)
+    assert {commit_of(t) for t in running.values()} == {removed}
+    clone = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(two.project.root), str(clone))
+    fresh_project = replace(two.project, root=clone, providers=clone / "providers.d")
+    async with serve(fresh_project) as fresh:
+        assert fresh.registry.state.last_applied_commit == readme
+        assert await list_tags(fresh) == running

@@ -232,3 +232,27 @@ def test_a_name_git_quotes_is_dated_by_its_own_commit_not_head(
     commit(tmp_path, "a readme")
     batch = Attributor(folder).attribute_batch(current(odd))
     assert (batch.files[odd].changed, batch.files[odd].author, batch.changed) == (added, ADA, added)
+
+
+def test_a_batch_without_files_names_the_commit_that_emptied_the_folder(folder: Path, tmp_path: Path) -> None:
+    """An empty folder is dated by git's log, not by the files a replica saw go: one started
+    after the removal (a clone, which has no `providers.d/` at all) has none to attribute."""
+    (folder / "a.yaml").unlink()
+    removed = commit(folder, "drop a")
+    (tmp_path / "README").write_text("not configuration\n")
+    commit(tmp_path, "a readme")
+    assert Attributor(folder).attribute_batch({}).changed == removed
+    folder.rmdir()
+    assert Attributor(folder).attribute_batch({}).changed == removed
+
+
+def test_a_folder_that_never_held_a_file_is_dated_by_the_first_commit(tmp_path: Path) -> None:
+    """Nothing in it ever changed: the first commit of the line, which every later commit keeps."""
+    git_init(tmp_path)
+    (tmp_path / "README").write_text("top\n")
+    first = commit(tmp_path, "first")
+    (tmp_path / "README").write_text("top, again\n")
+    head = commit(tmp_path, "second")
+    attributor = Attributor(tmp_path / "providers.d")
+    assert attributor.head() == head
+    assert attributor.attribute_batch({}).changed == first

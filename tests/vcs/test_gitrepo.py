@@ -202,3 +202,18 @@ def test_a_failing_git_command_or_a_missing_binary_is_a_git_error(root: Path, re
         repo.read_tree("no-such-rev", "providers.d")
     with pytest.raises(GitError, match="the git binary 'no-such-git-binary' was not found"):
         GitRepo(root, binary="no-such-git-binary").head()
+
+
+def test_first_commit_is_the_root_of_the_first_parent_line_or_none(
+    root: Path, repo: GitRepo, tmp_path: Path
+) -> None:
+    first = git(root, "rev-list", "--max-parents=0", "HEAD")
+    empty_tree = git(root, "hash-object", "-t", "tree", "/dev/null")
+    other = git(root, "commit-tree", "-m", "another history", empty_tree)
+    git(root, "merge", "-q", "--allow-unrelated-histories", "--no-edit", other)
+    assert set(git(root, "rev-list", "--max-parents=0", "HEAD").split()) == {first, other}
+    assert repo.first_commit("HEAD") == first  # the merged history's root is not on the line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git_init(empty)
+    assert GitRepo(empty).first_commit("HEAD") is None
