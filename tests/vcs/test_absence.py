@@ -1,0 +1,78 @@
+"""absence: whether git says a missing `providers.d/` is the configuration, asked of real git."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.vcs.absence import Absence, absence
+from tests.conftest import git, git_init
+from tests.vcs.test_attribution import commit, server
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """`providers.d/` of a repository, with `a.yaml` committed."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    git_init(root)
+    providers = root / "providers.d"
+    providers.mkdir()
+    (providers / "a.yaml").write_bytes(server("a"))
+    commit(root, "add a")
+    return providers
+
+
+def test_a_folder_removed_by_a_commit_is_confirmed_at_that_commit(folder: Path) -> None:
+    git(folder.parent, "rm", "-r", "-q", "providers.d")
+    removed = commit(folder.parent, "drop every provider")
+    assert not folder.exists()  # git removed the folder its last file left
+    assert absence(folder, ["a.yaml"]) == Absence(removed)
+
+
+def test_a_folder_deleted_by_hand_while_head_holds_it_is_not(folder: Path) -> None:
+    head = git(folder.parent, "rev-parse", "HEAD")
+    shutil.rmtree(folder)
+    found = absence(folder, ["a.yaml"])
+    assert (found.confirmed, found.commit) == (False, head)
+    assert found.doubt == f"commit {head[:12]} (HEAD) holds it"
+
+
+def test_a_removal_staged_but_not_committed_is_not(folder: Path) -> None:
+    git(folder.parent, "rm", "-r", "-q", "providers.d")
+    assert not absence(folder).confirmed  # HEAD still holds it
+
+
+def test_files_staged_then_deleted_by_hand_are_not(folder: Path) -> None:
+    other = folder.parent / "config"
+    other.mkdir()
+    (other / "b.yaml").write_bytes(server("b"))
+    git(folder.parent, "add", "config")  # staged, never committed
+    shutil.rmtree(other)
+    assert absence(other).doubt == "the git index holds files of it"
+
+
+@pytest.mark.parametrize("rule", ["providers.d/", "providers.d/*", "*.yaml"])
+def test_a_folder_git_ignores_is_not(folder: Path, rule: str) -> None:
+    """A folder filled by another tool, kept out of git: git cannot say it was removed."""
+    git(folder.parent, "rm", "-r", "-q", "--cached", "providers.d")
+    (folder.parent / ".gitignore").write_text(f"{rule}\n")
+    commit(folder.parent, "providers.d is kept out of git")
+    shutil.rmtree(folder)
+    assert absence(folder, ["a.yaml"]).doubt == "git ignores it: git does not hold it"
+
+
+def test_outside_git_or_before_the_first_commit_it_is_not(tmp_path: Path) -> None:
+    assert absence(tmp_path / "providers.d") == Absence(None, "not in a git working tree")
+    git_init(tmp_path)
+    assert absence(tmp_path / "providers.d") == Absence(None, "the repository has no commit yet")
+
+
+def test_a_link_to_the_worktree_is_followed(folder: Path, tmp_path: Path) -> None:
+    """git-sync's `current`: the folder is asked of the worktree the link leads to."""
+    git(folder.parent, "rm", "-r", "-q", "providers.d")
+    removed = commit(folder.parent, "drop every provider")
+    (tmp_path / "current").symlink_to(folder.parent)
+    assert absence(tmp_path / "current" / "providers.d") == Absence(removed)
