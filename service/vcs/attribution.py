@@ -39,9 +39,7 @@ class Attributor:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder.absolute()
-        # The repository holding the folder; the folder itself may not exist yet.
-        existing = next((p for p in (folder, *folder.absolute().parents) if p.is_dir()), folder)
-        self.repo = GitRepo.find(existing)
+        self.repo = GitRepo.find(_nearest_folder(folder))
         self._store = _object_store(self.repo)
         self._target: Path | None = None
         self._pin: str | None = None
@@ -51,12 +49,13 @@ class Attributor:
 
         Behind a link that git-sync swaps, each commit is a new worktree with its own HEAD;
         the repository is looked up again when the target changes (two git calls), so `commit`
-        is the HEAD of the worktree the files came from.
+        is the HEAD of the worktree the files came from. A target that is not there (a worktree
+        of a commit without the folder) belongs to the repository around it.
         """
         if target == self._target:
             return
         self._target = target
-        self.repo = GitRepo.find(target)
+        self.repo = GitRepo.find(_nearest_folder(target))
         self._store = _object_store(self.repo)
 
     @contextlib.contextmanager
@@ -205,6 +204,12 @@ class Attributor:
             except ValueError:
                 continue
         return None
+
+
+def _nearest_folder(path: Path) -> Path:
+    """`path`, or the nearest of its parents that is a folder: the one git is asked about (the
+    folder itself may not exist, yet or any more)."""
+    return next((p for p in (path, *path.absolute().parents) if p.is_dir()), path)
 
 
 def _object_store(repo: GitRepo | None) -> GitRepo | None:

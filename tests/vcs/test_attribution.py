@@ -114,6 +114,18 @@ def test_a_folder_that_does_not_exist_yet_belongs_to_the_repository_around_it(tm
     assert attributor.head() == head
 
 
+def test_a_folder_followed_where_it_is_not_is_the_worktree_theres(folder: Path, tmp_path: Path) -> None:
+    """git-sync's worktree of a commit without `providers.d/`: its HEAD is the commit served."""
+    other = tmp_path.parent / f"{tmp_path.name}-worktree"
+    git(tmp_path, "worktree", "add", "-q", "--detach", str(other))
+    git(other, "rm", "-r", "-q", "providers.d")
+    removed = commit(other, "drop every provider")
+    attributor = Attributor(folder)
+    attributor.follow(other / "providers.d")
+    assert attributor.repo is not None and attributor.head() == removed
+    assert attributor.attribute_batch({}).changed == removed
+
+
 def test_a_folder_reached_through_a_symlink_is_attributed(folder: Path, tmp_path: Path) -> None:
     link = tmp_path.parent / f"{tmp_path.name}-link"
     link.symlink_to(tmp_path, target_is_directory=True)
