@@ -99,6 +99,8 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._applying: asyncio.Future[Outcome] | None = None
         self._closed = False
+        self._told: tuple[object, ...] | None = None
+        """What was last logged of a folder that cannot be listed: each state is logged once."""
 
     async def reload(self) -> Outcome:
         """Rescan the folder, load what changed, and apply the result. Never raises on bad files.
@@ -239,13 +241,16 @@ class Reloader:
         try:
             entries = sorted(os.scandir(target), key=lambda e: e.name)
         except OSError as exc:
-            log.error("cannot list %s: %s", self.folder, exc.strerror)
+            state = ("unlisted", exc.errno)
+            self._tell(state, logging.ERROR, "cannot list %s: %s", self.folder, exc.strerror)
             # A hash no content has: the files are refused (their last good versions stay)
             # and reloaded once the folder can be read again.
             return {
                 f: _Read(None, "unreadable-folder", "unreadable folder", self._known_kind(f))
                 for f in self._cache
             }
+        if self._told is not None:
+            self._tell(None, logging.INFO, "%s can be listed again", self.folder)
         out = leads_outside(target, self.root)  # the folder itself: a link committed in its place
         for entry in entries:
             if not is_config_file(entry.name):
@@ -276,6 +281,12 @@ class Reloader:
                 continue
             found[file] = _Read(data, hashlib.sha256(data).hexdigest())
         return found
+
+    def _tell(self, state: tuple[object, ...] | None, level: int, message: str, *args: object) -> None:
+        """Log `message` when the folder's `state` is new: once, not at every rescan of it."""
+        if state != self._told:
+            self._told = state
+            log.log(level, message, *args)
 
     def _known_kind(self, file: str) -> str | None:
         """The kind a file had when it was last read, for one that cannot be read now."""
