@@ -146,6 +146,7 @@ class Registry:
         rejected: Mapping[str, Refusal | str],
         *,
         source: Path | None = None,
+        absent: bool = False,
     ) -> Outcome:
         """Try `candidate` (file -> loaded) as the next configuration; `rejected` failed on their own.
 
@@ -157,7 +158,9 @@ class Registry:
         log is closed (the service is stopping), before anything is recorded.
 
         `source` is the folder the files were read from, links resolved: behind a link that
-        git-sync swaps, commits and authors are asked of that worktree's repository.
+        git-sync swaps, commits and authors are asked of that worktree's repository. With
+        `absent`, it is where the folder would be, the folder holding it resolved: missing there,
+        and git says so at the commit served (`service.vcs.absence`), so the candidate is empty.
         """
         with self._lock:
             if self.events.closed:
@@ -166,7 +169,7 @@ class Registry:
                 self.attributor.follow(source)
             pinned = self.attributor.pinned() if self.attributor else contextlib.nullcontext(None)
             with pinned as head:
-                if source is not None and not source.is_dir():
+                if source_gone(source, absent=absent):
                     # The worktree read was removed since (git-sync swapped the link on): what it
                     # held cannot be attributed, and a newer one is there to read instead.
                     state = self._state
@@ -307,6 +310,14 @@ class Registry:
         if self.attributor is None:
             return Batch({}, None)
         return self.attributor.attribute_batch(contents)
+
+
+def source_gone(source: Path | None, *, absent: bool = False) -> bool:
+    """The worktree `source` was read from was removed since (git-sync swapped its link on): the
+    folder read, or for an `absent` folder the folder that holds it, is no longer there."""
+    if source is None:
+        return False
+    return not (source.parent if absent else source).is_dir()
 
 
 def _refusal(value: Refusal | str) -> Refusal:

@@ -12,6 +12,12 @@ at a new worktree per commit) is followed: the watch covers the folders holding 
 as well, so a swap is seen at once, and each scan reads one target, resolved once, checked
 again after reading: a batch is one worktree's files, never a mix of two.
 
+A folder that cannot be listed keeps its files' last good versions (a mount gone, a folder
+deleted by hand must not take every provider away), unless it is missing and git says that is
+the configuration: git removes a folder a commit empties, and a replica cloned at that commit
+has none (`service.vcs.absence`, asked only while the folder is missing). While it is missing,
+the folder holding it is watched, so its return is seen at once.
+
 A file that is a symbolic link is followed only within the repository (the configuration
 root, links above it resolved, as git-sync's is): one leading out of it, or into its `.git`,
 is refused unread (docs/reference.md §4). Whoever may push to the repository can commit a link to any path
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -49,7 +56,8 @@ from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
 from service.files import leads_outside, read_limited
-from service.runtime.registry import Outcome, Refusal, Registry
+from service.runtime.registry import Outcome, Refusal, Registry, source_gone
+from service.vcs.absence import absence
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,33 @@ class _Read:
     error: str | None = None
     kind: str | None = None
     """For a file that could not be read whole: the kind it declares, when that can be told."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """One scan: the files found, named as in the folder, and where they were read."""
+
+    files: dict[str, _Read]
+    source: Path | None
+    """The folder read, links resolved; None when it could not be listed."""
+    absent: bool = False
+    """The folder is missing and git says that is the configuration: `source` is where it would
+    be (the folder holding it resolved), and there are no files."""
+
+    def gone(self) -> bool:
+        """What was read was removed since (git-sync swapped the link on): to be read again."""
+        return source_gone(self.source, absent=self.absent)
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """What the watch is set on: the folder, or while it is missing the folder holding it (a
+    git-sync swap changes it), and whether git says the absence is the configuration."""
+
+    folder: tuple[int, int] | None
+    """The folder's device and inode; None while it is missing."""
+    holder: tuple[int, int] | None = None
+    absent: bool = False
 
 
 class Reloader:
@@ -101,6 +136,8 @@ class Reloader:
         self._closed = False
         self._told: tuple[object, ...] | None = None
         """What was last logged of a folder that cannot be listed: each state is logged once."""
+        self._absent = False
+        """The last scan found the folder missing, and git says that is the configuration."""
 
     async def reload(self) -> Outcome:
         """Rescan the folder, load what changed, and apply the result. Never raises on bad files.
@@ -121,17 +158,18 @@ class Reloader:
         """`_reload_once`, again while what it read was swapped away before it could be applied
         (the registry applies no worktree git-sync has removed: its commit cannot be told)."""
         for _ in range(_SCAN_ATTEMPTS):
-            outcome, source = await self._reload_once()
-            if outcome.applied or source is None or source.is_dir():
+            outcome, scan = await self._reload_once()
+            if outcome.applied or scan is None or not scan.gone():
                 break
         return outcome
 
-    async def _reload_once(self) -> tuple[Outcome, Path | None]:
+    async def _reload_once(self) -> tuple[Outcome, _Scan | None]:
         if self._closed:
             state = self.registry.state
             return Outcome(state.snapshot, False, 0, state.refused), None
         started = time.perf_counter()
-        present, source = await asyncio.to_thread(self._scan_one_target)
+        scan = await asyncio.to_thread(self._scan_one_target)
+        present = scan.files
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
         results = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
         loaded = self._remember(list(zip(todo, results, strict=True)))
@@ -152,56 +190,75 @@ class Reloader:
         # The apply goes on in its thread even if this task is cancelled (shutdown):
         # shielded, and remembered so that `aclose` can wait for it.
         applying = asyncio.ensure_future(
-            asyncio.to_thread(self.registry.apply, candidate, rejected, source=source)
+            asyncio.to_thread(
+                self.registry.apply, candidate, rejected, source=scan.source, absent=scan.absent
+            )
         )
         self._applying = applying
         outcome = await asyncio.shield(applying)
         if self.on_reload is not None:
             self.on_reload(outcome, time.perf_counter() - started)
-        return outcome, source
+        return outcome, scan
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Load, then reload on every batch of changes until `stop` is set.
 
         Each load runs once the watch is set, so nothing written before it goes unseen. A
         folder deleted and made again is watched afresh: the old watch would only ever see
-        its changes through the periodic rescan. While there is no folder, it is rescanned
-        every second (its files stay refused, their last good versions served).
+        its changes through the periodic rescan. While there is no folder, the folder that
+        holds it is watched, so one made again (a commit bringing it back) is seen at once;
+        and while git does not say the folder's absence is the configuration (it was deleted
+        by hand: its files stay refused, their last good versions served), it is rescanned
+        every second too, for the commit that may say so.
         """
-        timeout_ms = max(int(self.rescan_s * 1000), 1)
         while not stop.is_set():
-            watched = _identity(self.folder)
-            if watched is None:
+            place = self._place()
+            if place.folder is not None:
+                await self._watch(stop, place, self.folder, self.rescan_s)
+            elif place.holder is not None:
+                rescan_s = self.rescan_s if place.absent else min(self.rescan_s, 1.0)
+                await self._watch(stop, place, self.folder.parent, rescan_s)
+            else:  # nothing to watch: looked at every second
                 await self._reload_logged()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=min(self.rescan_s, 1.0))
-                continue
-            changes = awatch(
-                self.folder,
-                *link_folders(self.folder),  # a swapped link is an event there, not in the folder
-                watch_filter=None,  # every event is a hint; the rescan decides what changed
-                debounce=self.debounce_ms,
-                step=min(self.debounce_ms, 10),
-                stop_event=stop,
-                rust_timeout=timeout_ms,
-                yield_on_timeout=True,
-                recursive=False,
-            )
-            # Starts when this task first waits inside awatch, that is once the watch is set.
-            catch_up = asyncio.create_task(self._reload_logged())
-            try:
-                async with contextlib.aclosing(changes):
-                    async for _ in changes:
-                        await self._reload_logged()
-                        if _identity(self.folder) != watched:
-                            break
-            except FileNotFoundError:  # gone between the check and the watch
-                pass
-            finally:
-                if not catch_up.done():  # stopping, or the folder went before the watch was set
-                    catch_up.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await catch_up
+
+    def _place(self) -> _Place:
+        """What the watch is set on now."""
+        folder = _identity(self.folder)
+        if folder is not None:
+            return _Place(folder)
+        return _Place(None, _identity(self.folder.parent), self._absent)
+
+    async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> None:
+        """Reload on every batch of changes in `path` (and at least every `rescan_s`) until
+        `stop` is set, or until after a batch the watch is to be set on another `_Place`."""
+        changes = awatch(
+            path,
+            *link_folders(self.folder),  # a swapped link is an event there, not in the folder
+            watch_filter=None,  # every event is a hint; the rescan decides what changed
+            debounce=self.debounce_ms,
+            step=min(self.debounce_ms, 10),
+            stop_event=stop,
+            rust_timeout=max(int(rescan_s * 1000), 1),
+            yield_on_timeout=True,
+            recursive=False,
+        )
+        # Starts when this task first waits inside awatch, that is once the watch is set.
+        catch_up = asyncio.create_task(self._reload_logged())
+        try:
+            async with contextlib.aclosing(changes):
+                async for _ in changes:
+                    await self._reload_logged()
+                    if self._place() != place:
+                        break
+        except FileNotFoundError:  # gone between the check and the watch
+            pass
+        finally:
+            if not catch_up.done():  # stopping, or the path went before the watch was set
+                catch_up.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await catch_up
 
     async def aclose(self) -> None:
         """Stop reloading, and wait for an apply still running in its thread (after a cancel).
@@ -222,36 +279,31 @@ class Reloader:
         except Exception:  # the watcher must outlive any bug in one batch
             log.exception("reload failed; the previous configuration stays")
 
-    def _scan_one_target(self) -> tuple[dict[str, _Read], Path | None]:
-        """`_scan` of the folder the path leads to now, and that folder (None when there is none).
+    def _scan_one_target(self) -> _Scan:
+        """`_scan` of the folder the path leads to now.
 
         A link swapped during the scan (the old target may be deleted under it) is scanned
         again on its new target: what is applied is always one target's files.
         """
         for _ in range(_SCAN_ATTEMPTS):
             target = _target(self.folder)
-            found = self._scan(target or self.folder)
+            scan = self._scan(target)
             if _target(self.folder) == target:
                 break
-        return found, target
+        self._absent = scan.absent
+        return scan
 
-    def _scan(self, target: Path) -> dict[str, _Read]:
+    def _scan(self, target: Path | None) -> _Scan:
         """The config files of `target` (the folder, links resolved), named as in the folder."""
         found: dict[str, _Read] = {}
         try:
-            entries = sorted(os.scandir(target), key=lambda e: e.name)
+            entries = sorted(os.scandir(target or self.folder), key=lambda e: e.name)
         except OSError as exc:
-            state = ("unlisted", exc.errno)
-            self._tell(state, logging.ERROR, "cannot list %s: %s", self.folder, exc.strerror)
-            # A hash no content has: the files are refused (their last good versions stay)
-            # and reloaded once the folder can be read again.
-            return {
-                f: _Read(None, "unreadable-folder", "unreadable folder", self._known_kind(f))
-                for f in self._cache
-            }
+            return self._unlisted(exc)
         if self._told is not None:
             self._tell(None, logging.INFO, "%s can be listed again", self.folder)
-        out = leads_outside(target, self.root)  # the folder itself: a link committed in its place
+        # the folder itself: a link committed in its place
+        out = leads_outside(target or self.folder, self.root)
         for entry in entries:
             if not is_config_file(entry.name):
                 continue
@@ -280,7 +332,38 @@ class Reloader:
                 found[file] = _Read(None, f"too-large:{size}", error, declared_kind(data))
                 continue
             found[file] = _Read(data, hashlib.sha256(data).hexdigest())
-        return found
+        return _Scan(found, target)
+
+    def _unlisted(self, exc: OSError) -> _Scan:
+        """The folder cannot be listed. Missing (git removed a folder a commit emptied), and git
+        says so at the commit served: an empty folder, every file removed, as a replica started
+        fresh there has it. Otherwise (deleted by hand, outside git, a mount gone, permissions)
+        its files are refused and their last good versions stay: no outage for a folder that
+        will be back. Each state is logged once."""
+        where = _missing(self.folder) if exc.errno == errno.ENOENT else None
+        doubt = ""
+        if where is not None:
+            verdict = absence(where, sorted({Path(f).name for f in self._cache}))
+            if verdict.confirmed:
+                state = ("absent", verdict.commit)
+                message = "%s is not in commit %s, which removed it: no providers are served from it"
+                self._tell(state, logging.INFO, message, self.folder, verdict.commit)
+                return _Scan({}, where, absent=True)
+            doubt = f" ({verdict.doubt})"
+        self._tell(
+            ("unlisted", exc.errno, doubt),
+            logging.ERROR,
+            "cannot list %s: %s%s; what was loaded from it stays",
+            self.folder,
+            exc.strerror,
+            doubt,
+        )
+        # A hash no content has: the files are refused (their last good versions stay)
+        # and reloaded once the folder can be read again.
+        refused = {
+            f: _Read(None, "unreadable-folder", "unreadable folder", self._known_kind(f)) for f in self._cache
+        }
+        return _Scan(refused, None)
 
     def _tell(self, state: tuple[object, ...] | None, level: int, message: str, *args: object) -> None:
         """Log `message` when the folder's `state` is new: once, not at every rescan of it."""
@@ -368,6 +451,19 @@ def _target(folder: Path) -> Path | None:
     except OSError:
         return None
     return target if target.is_dir() else None
+
+
+def _missing(folder: Path) -> Path | None:
+    """Where `folder` would be, the folder holding it resolved, when nothing at all is there
+    (not even a dangling link) and the folder holding it is there; None otherwise."""
+    try:
+        os.lstat(folder)
+    except FileNotFoundError:
+        holder = Path(os.path.realpath(folder.parent))
+        return holder / folder.name if holder.is_dir() else None
+    except OSError:
+        return None
+    return None
 
 
 def link_folders(folder: Path) -> list[Path]:

@@ -44,8 +44,8 @@ class WorkTree:
         every later pull would refuse to run over those "local edits". Removals go first, so a
         file can take the place of a link or of a folder the commit emptied, and a folder they
         empty goes too, as git removes it (a commit that deletes `providers.d/` whole leaves no
-        empty folder to be served as an empty configuration: the watcher keeps the last good
-        one, as after a `git pull` or a git-sync swap). Blobs are read in
+        folder, as after a `git pull` or a git-sync swap: the watcher asks git, which says the
+        commit has none, and serves an empty configuration). Blobs are read in
         batches (one git call each, not two per file), and nothing is written through a link
         that leads out of the repository.
         """

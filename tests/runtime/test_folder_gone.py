@@ -9,16 +9,22 @@ files are refused and their last good versions stay. Real git, a real watcher, a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from service.http.context import RELOADER
-from tests.conftest import Service, SopsProject, eventually, git_init, serve, write_routing, write_server
+from service.http.context import EVENTS, RELOADER
+from tests.conftest import Service, SopsProject, eventually, git, git_init, serve, write_routing, write_server
 from tests.http.test_push import API, get
+from tests.http.test_tag_commit import list_tags
 from tests.http.test_tag_holds import commit_all
+from tests.support.replicas import GitSync, make_remote, routing_yaml, server_yaml
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,6 +58,76 @@ async def served(service: Service) -> list[str]:
     return [p["id"] for p in (await get(service, API + "/providers")).json()["providers"]]
 
 
+async def test_a_commit_removing_every_file_empties_the_configuration_as_a_fresh_replica_has_it(
+    running: Service, tmp_path: Path
+) -> None:
+    service, project = running, running.project
+    seq = service.app[EVENTS].last_seq
+    git(project.root, "rm", "-r", "-q", "providers.d")
+    removed = commit_all(project, "drop every provider")
+    assert not project.providers.exists()  # git removed the folder its last file left
+
+    def emptied() -> None:
+        state = service.registry.state
+        assert state.last_applied_commit == removed and state.snapshot.providers == {}
+
+    await eventually(emptied, timeout=3)
+    state = service.registry.state
+    assert state.refused == {} and state.snapshot.routing is None
+    assert await served(service) == []
+    _, ready = await service.get("/readyz")
+    assert ready["degraded"] is False and ready["last_applied_commit"] == removed
+    changes = [(e.type, e.subject, e.commit) for e in service.app[EVENTS].events()[seq:]]
+    assert sorted(changes) == [("provider.removed", "a", removed), ("routing.updated", "routing", removed)]
+    running_tags = await list_tags(service)
+    clone = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(project.root), str(clone))
+    assert not (clone / "providers.d").exists()
+    async with serve(replace(project, root=clone, providers=clone / "providers.d")) as fresh:
+        assert fresh.registry.state.last_applied_commit == removed
+        assert await served(fresh) == []
+        assert await list_tags(fresh) == running_tags
+
+
+async def test_a_folder_a_later_commit_brings_back_is_served_again(running: Service) -> None:
+    service, project = running, running.project
+    git(project.root, "rm", "-r", "-q", "providers.d")
+    removed = commit_all(project, "drop every provider")
+    await eventually(lambda: service.registry.state.last_applied_commit == removed, timeout=3)
+    assert await served(service) == []
+    git(project.root, "revert", "--no-edit", "HEAD")  # the folder and its files, made by git
+    back = git(project.root, "rev-parse", "HEAD")
+    started = time.monotonic()
+    await eventually(lambda: set(service.registry.snapshot.providers) == {"a"}, timeout=3)
+    assert time.monotonic() - started < 1.0  # seen by a watch, not found by a rescan
+    assert await served(service) == ["a"] and service.registry.refused == {}
+    await service.app[RELOADER].reload()  # the commit itself changed no file: seen at a rescan
+    assert service.registry.state.last_applied_commit == back
+    write_server(project, "b")  # and the folder that came back is watched as any
+    await eventually(lambda: "b" in service.registry.snapshot.providers, timeout=3)
+
+
+async def test_a_folder_deleted_by_hand_keeps_the_last_good_files_and_says_so_once(
+    running: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    service, project = running, running.project
+    head = git(project.root, "rev-parse", "HEAD")
+    caplog.set_level(logging.INFO, logger=WATCHER)
+    shutil.rmtree(project.providers)  # HEAD still holds the files: not a removal
+    await eventually(lambda: service.registry.refused == UNREADABLE, timeout=3)
+    for _ in range(3):
+        await service.app[RELOADER].reload()
+    await asyncio.sleep(1.5)  # the watch of a missing folder looks every second, too
+    assert set(service.registry.snapshot.providers) == {"a"}
+    assert service.registry.state.last_applied_commit == head
+    [error] = errors(caplog)
+    assert error.startswith(f"cannot list {project.providers}: No such file or directory")
+    assert f"commit {head[:12]} (HEAD) holds it" in error
+    git(project.root, "checkout", "-q", "--", "providers.d")  # git puts it back
+    await eventually(lambda: service.registry.refused == {}, timeout=3)
+    assert f"{project.providers} can be listed again" in caplog.messages
+
+
 async def test_outside_git_a_folder_deleted_keeps_the_last_good_files_and_says_so_once(
     running_service: Service, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -71,3 +147,46 @@ async def test_outside_git_a_folder_deleted_keeps_the_last_good_files_and_says_s
     write_server(project, "back")
     await eventually(lambda: "back" in service.registry.snapshot.providers)
     assert service.registry.refused == {}
+
+
+async def test_a_fresh_clone_without_the_folder_serves_an_empty_configuration_quietly(
+    sops_project: SopsProject, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    committed(sops_project)
+    git(sops_project.root, "rm", "-r", "-q", "providers.d")
+    removed = commit_all(sops_project, "drop every provider")
+    clone = tmp_path / "fresh"
+    git(tmp_path, "clone", "-q", str(sops_project.root), str(clone))
+    caplog.set_level(logging.INFO, logger=WATCHER)
+    async with serve(replace(sops_project, root=clone, providers=clone / "providers.d")) as service:
+        for _ in range(3):
+            await service.app[RELOADER].reload()
+        state = service.registry.state
+        assert state.last_applied_commit == removed and state.refused == {}
+        assert await served(service) == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_git_sync_swap_to_a_commit_without_the_folder_empties_the_configuration(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    (sops_project.providers / "a.yaml").write_text(server_yaml("a", 9))
+    (sops_project.providers / "routing.yaml").write_text(routing_yaml("a"))
+    remote, author = make_remote(tmp_path, sops_project.root)
+    sync = GitSync(tmp_path / "git", remote)
+    sync.sync()
+    async with serve(sops_project, root=sync.link, providers=sync.providers, rescan_s=60) as service:
+        git(author.root, "rm", "-r", "-q", "providers.d")
+        git(author.root, "commit", "-q", "-m", "drop every provider")
+        author.push()
+        removed = sync.sync()  # the old worktree, read last, is removed
+        await eventually(lambda: service.registry.state.last_applied_commit == removed, timeout=1.0)
+        assert service.registry.snapshot.providers == {} and service.registry.refused == {}
+        removals = [e for e in service.events() if e.type == "provider.removed"]
+        assert [(e.subject, e.commit) for e in removals] == [("a", removed)]
+        author.providers.mkdir()
+        back = author.commit({"a.yaml": server_yaml("a", 12), "routing.yaml": routing_yaml("a")})
+        author.push()
+        sync.sync()
+        await eventually(lambda: service.registry.state.last_applied_commit == back, timeout=1.0)
+        assert service.registry.snapshot.providers["a"].endpoint == "http://127.0.0.1:12/v1"

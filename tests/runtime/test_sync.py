@@ -341,12 +341,12 @@ async def test_a_replica_stops_at_once_while_its_fetch_hangs_on_a_dead_remote(
     assert not [e for e in logged if e["type"] == "sync.failed"]  # stopping is not a failed pull
 
 
-async def test_a_commit_that_deletes_the_providers_folder_leaves_the_last_good_configuration_served(
+async def test_a_pulled_commit_that_deletes_the_providers_folder_is_an_empty_configuration(
     sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
 ) -> None:
-    """git removes a folder a commit empties, and then the watcher keeps the last good files
-    (as after a `git pull` or a git-sync swap); the pull left the folder, empty, and the
-    replica served an empty configuration."""
+    """git removes a folder a commit empties, and so does the pull: the commit says there are no
+    providers, as a replica cloned at it has none (docs/reference.md §4). The missing folder
+    was taken for an unreadable one, and the last good files were served on, refused."""
     bare, author = remote
     mine = clone(bare, tmp_path / "replica")
     async with replica(sops_project, mine) as service:
@@ -356,11 +356,16 @@ async def test_a_commit_that_deletes_the_providers_folder_leaves_the_last_good_c
         git(author.root, "commit", "-qm", "no more providers")
         author.push()
         assert await pull.pull() == "applied"
+        removed = author.head()
         assert not mine.providers.exists() and git(mine.root, "status", "--porcelain") == ""
-        status, route = await service.get(f"{API}/active/chat")
-        assert status == 200 and [p["id"] for p in route["primary"]] == ["gpu"]
+        state = service.registry.state
+        assert state.last_applied_commit == removed and state.snapshot.providers == {}
+        status, _ = await service.get(f"{API}/active/chat")
+        assert status == 404
         _, ready = await service.get("/readyz")
-        assert ready["degraded"] is True
+        assert ready["degraded"] is False and ready["refused"] == []
+        removals = [(e.subject, e.commit) for e in service.events() if e.type == "provider.removed"]
+        assert removals == [("gpu", removed)]
         author.providers.mkdir()
         back = author.commit({"gpu.yaml": server_yaml("gpu", 12), "routing.yaml": routing_yaml("gpu")})
         author.push()
