@@ -346,7 +346,7 @@ class Reloader:
             verdict = absence(where, sorted({Path(f).name for f in self._cache}))
             if verdict.confirmed:
                 state = ("absent", verdict.commit)
-                message = "%s is not in commit %s, which removed it: no providers are served from it"
+                message = "%s is not in commit %s (HEAD): no providers are served from it"
                 self._tell(state, logging.INFO, message, self.folder, verdict.commit)
                 return _Scan({}, where, absent=True)
             doubt = f" ({verdict.doubt})"

@@ -20,7 +20,19 @@ from pathlib import Path
 import pytest
 
 from service.http.context import EVENTS, RELOADER
-from tests.conftest import Service, SopsProject, eventually, git, git_init, serve, write_routing, write_server
+from service.runtime.registry import CLIENTS_GONE
+from tests.conftest import (
+    Service,
+    SopsProject,
+    eventually,
+    git,
+    git_init,
+    serve,
+    write_atomically,
+    write_routing,
+    write_server,
+)
+from tests.http.test_auth import TOKEN, clients_yaml
 from tests.http.test_push import API, get
 from tests.http.test_tag_commit import list_tags
 from tests.http.test_tag_holds import commit_all
@@ -107,6 +119,23 @@ async def test_a_folder_a_later_commit_brings_back_is_served_again(running: Serv
     await eventually(lambda: "b" in service.registry.snapshot.providers, timeout=3)
 
 
+async def test_a_clients_file_gone_with_the_folder_keeps_authentication_on(sops_project: SopsProject) -> None:
+    """As after the clients file's own removal (docs/reference.md §6.1): never turned off while
+    the service runs."""
+    committed(sops_project)
+    write_atomically(sops_project.providers / "clients.yaml", clients_yaml("config:read"))
+    commit_all(sops_project, "clients")
+    async with serve(sops_project, rescan_s=60) as service:
+        git(sops_project.root, "rm", "-r", "-q", "providers.d")
+        removed = commit_all(sops_project, "drop every file")
+        await eventually(lambda: service.registry.state.last_applied_commit == removed, timeout=3)
+        assert service.registry.snapshot.providers == {}
+        assert service.registry.refused == {"providers.d/clients.yaml": CLIENTS_GONE}
+        assert (await service.get(API + "/providers"))[0] == 401
+        status, body = await service.get(API + "/providers", TOKEN)
+        assert (status, body["providers"]) == (200, [])
+
+
 async def test_a_folder_deleted_by_hand_keeps_the_last_good_files_and_says_so_once(
     running: Service, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -165,6 +194,8 @@ async def test_a_fresh_clone_without_the_folder_serves_an_empty_configuration_qu
         assert state.last_applied_commit == removed and state.refused == {}
         assert await served(service) == []
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    said = [r.getMessage() for r in caplog.records if r.name == WATCHER]  # one line, not one a rescan
+    assert said == [f"{clone}/providers.d is not in commit {removed} (HEAD): no providers are served from it"]
 
 
 async def test_a_git_sync_swap_to_a_commit_without_the_folder_empties_the_configuration(
