@@ -36,6 +36,7 @@ from tests.http.test_auth import TOKEN, clients_yaml
 from tests.http.test_push import API, get
 from tests.http.test_tag_commit import list_tags
 from tests.http.test_tag_holds import commit_all
+from tests.http.test_write_api import call
 from tests.support.replicas import GitSync, make_remote, routing_yaml, server_yaml
 
 pytestmark = pytest.mark.timeout(60)
@@ -134,6 +135,23 @@ async def test_a_clients_file_gone_with_the_folder_keeps_authentication_on(sops_
         assert (await service.get(API + "/providers"))[0] == 401
         status, body = await service.get(API + "/providers", TOKEN)
         assert (status, body["providers"]) == (200, [])
+
+
+async def test_a_write_deleting_the_last_file_is_applied(sops_project: SopsProject) -> None:
+    """A write is a commit (docs/reference.md §8), and its files come as a checkout leaves them:
+    the folder the deletion of the last file empties goes. The write was undone, refused as an
+    `unreadable folder`."""
+    git_init(sops_project.root)
+    (sops_project.root / ".gitignore").write_text("var/\n")
+    write_server(sops_project, "a")
+    commit_all(sops_project, "setup")
+    async with serve(sops_project, rescan_s=60) as service:
+        status, answer, _ = await call(service, "DELETE", "/servers/a")
+        assert status == 200, answer
+        assert not sops_project.providers.exists()
+        state = service.registry.state
+        assert state.snapshot.providers == {} and state.refused == {}
+        assert state.last_applied_commit == answer["commit"] == git(sops_project.root, "rev-parse", "HEAD")
 
 
 async def test_a_folder_deleted_by_hand_keeps_the_last_good_files_and_says_so_once(
