@@ -9,7 +9,6 @@ files are refused and their last good versions stay. Real git, a real watcher, a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from service.http.context import EVENTS, RELOADER
-from service.runtime.registry import CLIENTS_GONE
+from service.runtime.registry import CLIENTS_GONE, Outcome
 from tests.conftest import (
     Service,
     SopsProject,
@@ -164,7 +163,9 @@ async def test_a_folder_deleted_by_hand_keeps_the_last_good_files_and_says_so_on
     await eventually(lambda: service.registry.refused == UNREADABLE, timeout=3)
     for _ in range(3):
         await service.app[RELOADER].reload()
-    await asyncio.sleep(1.5)  # the watch of a missing folder looks every second, too
+    applies: list[Outcome] = []
+    service.registry.on_apply.append(applies.append)
+    await eventually(lambda: len(applies) >= 2, timeout=5)  # the watch of it looks every second too
     assert set(service.registry.snapshot.providers) == {"a"}
     assert service.registry.state.last_applied_commit == head
     [error] = errors(caplog)
