@@ -41,7 +41,7 @@ def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
     Confirmed when that working tree's HEAD commit has no entry at `folder`'s path, its index
     none under it, and git ignores neither the folder nor the files `names` (those last read
     in it): a folder git does not hold (`.gitignore`d, filled by another tool) is never taken
-    as removed by git. Four git calls at most; any failure of git is a doubt.
+    as removed by git. Five git calls at most; any failure of git is a doubt.
     """
     holder = Path(os.path.realpath(folder.parent))
     repo = GitRepo.find(holder)
