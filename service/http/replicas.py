@@ -51,8 +51,8 @@ from service.http.context import (
 from service.http.push import body_tag, watched
 from service.runtime.fanout import Beat, Fanout, HealthNote, answer
 from service.runtime.registry import Outcome
+from service.runtime.scan import link_folders
 from service.runtime.sync import Puller, Result
-from service.runtime.watcher import link_folders
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo, blob_sha
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.errors import Conflict, GitError, MethodNotAllowed
-from service.runtime.watcher import link_folders
+from service.runtime.scan import link_folders
 from service.settings import Settings
 from service.vcs.commit import Committer
 from service.vcs.gitrepo import GitRepo

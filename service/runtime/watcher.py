@@ -1,28 +1,18 @@
 """The watcher: `providers.d/` on disk -> the registry, within a short debounce.
 
-Watch events are only hints. Each batch rescans the folder and compares files by content
-hash, so a missed, merged or mislabelled event cannot leave the registry wrong; a periodic
-rescan covers events lost altogether. Only changed files are parsed and decrypted, and many
-at once (sops takes ~70 ms a file). A file that fails keeps its last good version, and its
-refusal carries the kind it declares (a refused clients file keeps authentication on). No
-file is read past the 1 MiB limit.
+Watch events are only hints. Each batch rescans the folder (`service.runtime.scan`) and
+compares files by content hash, so a missed, merged or mislabelled event cannot leave the
+registry wrong; a periodic rescan covers events lost altogether. Only changed files are parsed
+and decrypted, and many at once (sops takes ~70 ms a file). A file that fails keeps its last
+good version, and its refusal carries the kind it declares (a refused clients file keeps
+authentication on).
 
 A folder reached through a symlink that is swapped whole (git-sync's `/git/current`, pointed
 at a new worktree per commit) is followed: the watch covers the folders holding the links
-as well, so a swap is seen at once, and each scan reads one target, resolved once, checked
-again after reading: a batch is one worktree's files, never a mix of two.
+as well, so a swap is seen at once, and a reload whose worktree was removed before it could
+be applied is done again on the new one.
 
-A folder that cannot be listed keeps its files' last good versions (a mount gone, a folder
-deleted by hand must not take every provider away), unless it is missing and git says that is
-the configuration: git removes a folder a commit empties, and a replica cloned at that commit
-has none (`service.vcs.absence`, asked only while the folder is missing). While it is missing,
-the folder holding it is watched, so its return is seen at once.
-
-A file that is a symbolic link is followed only within the repository (the configuration
-root, links above it resolved, as git-sync's is): one leading out of it, or into its `.git`,
-is refused unread (docs/reference.md §4). Whoever may push to the repository can commit a link to any path
-of the replica; git, git-sync and the pull check it out as a link, and reading it would load
-another team's files or a mounted secret, whose values a refusal may quote.
+While the folder is missing, the folder holding it is watched, so its return is seen at once.
 
 The registry's apply runs in a worker thread that cancellation cannot stop; `aclose` waits
 for it, so the service closes its event log only once nothing can append to it.
@@ -32,10 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -43,55 +30,18 @@ from pathlib import Path
 
 from watchfiles import awatch
 
-from service.config.loader import (
-    MAX_FILE_BYTES,
-    Loaded,
-    declared_kind,
-    decrypt_async,
-    is_config_file,
-    parse,
-    too_large,
-)
+from service.config.loader import Loaded, declared_kind, decrypt_async, parse
 from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
-from service.files import leads_outside, read_limited
-from service.runtime.registry import Outcome, Refusal, Registry, source_gone
-from service.vcs.absence import absence
+from service.runtime.registry import Outcome, Refusal, Registry
+from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, link_folders
 
 log = logging.getLogger(__name__)
 
-_SCAN_ATTEMPTS = 5
 _MAX_SEALS = 10_000
 """How many MACs of versions loaded are remembered (about 1.5 KB each for a small provider file,
 so some 15 MB at the cap), the oldest forgotten first but never one of a file loaded now."""
-LINK_OUT = "a symbolic link out of the repository (or into its .git): not read"
-"""Why a file leading out of the repository is refused; it names no path of the replica."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Read:
-    data: bytes | None
-    sha256: str
-    error: str | None = None
-    kind: str | None = None
-    """For a file that could not be read whole: the kind it declares, when that can be told."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Scan:
-    """One scan: the files found, named as in the folder, and where they were read."""
-
-    files: dict[str, _Read]
-    source: Path | None
-    """The folder read, links resolved; None when it could not be listed."""
-    absent: bool = False
-    """The folder is missing and git says that is the configuration: `source` is where it would
-    be (the folder holding it resolved), and there are no files."""
-
-    def gone(self) -> bool:
-        """What was read was removed since (git-sync swapped the link on): to be read again."""
-        return source_gone(self.source, absent=self.absent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +81,10 @@ class Reloader:
         self._seals: dict[str, tuple[str, Seal]] = {}
         """The MAC of each key-holding version loaded since the start -> (its file, its seal):
         a file carrying one of them with other data was changed outside sops."""
+        self._scanner = Scanner(folder, root)
         self._lock = asyncio.Lock()
         self._applying: asyncio.Future[Outcome] | None = None
         self._closed = False
-        self._told: tuple[object, ...] | None = None
-        """What was last logged of a folder that cannot be listed: each state is logged once."""
-        self._absent = False
-        """The last scan found the folder missing, and git says that is the configuration."""
 
     async def reload(self) -> Outcome:
         """Rescan the folder, load what changed, and apply the result. Never raises on bad files.
@@ -157,18 +104,18 @@ class Reloader:
     async def _reload(self) -> Outcome:
         """`_reload_once`, again while what it read was swapped away before it could be applied
         (the registry applies no worktree git-sync has removed: its commit cannot be told)."""
-        for _ in range(_SCAN_ATTEMPTS):
+        for _ in range(SCAN_ATTEMPTS):
             outcome, scan = await self._reload_once()
             if outcome.applied or scan is None or not scan.gone():
                 break
         return outcome
 
-    async def _reload_once(self) -> tuple[Outcome, _Scan | None]:
+    async def _reload_once(self) -> tuple[Outcome, Scan | None]:
         if self._closed:
             state = self.registry.state
             return Outcome(state.snapshot, False, 0, state.refused), None
         started = time.perf_counter()
-        scan = await asyncio.to_thread(self._scan_one_target)
+        scan = await asyncio.to_thread(self._scanner.scan, self._known())
         present = scan.files
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
         results = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
@@ -228,7 +175,7 @@ class Reloader:
         folder = _identity(self.folder)
         if folder is not None:
             return _Place(folder)
-        return _Place(None, _identity(self.folder.parent), self._absent)
+        return _Place(None, _identity(self.folder.parent), self._scanner.absent)
 
     async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> None:
         """Reload on every batch of changes in `path` (and at least every `rescan_s`) until
@@ -279,107 +226,15 @@ class Reloader:
         except Exception:  # the watcher must outlive any bug in one batch
             log.exception("reload failed; the previous configuration stays")
 
-    def _scan_one_target(self) -> _Scan:
-        """`_scan` of the folder the path leads to now.
-
-        A link swapped during the scan (the old target may be deleted under it) is scanned
-        again on its new target: what is applied is always one target's files.
-        """
-        for _ in range(_SCAN_ATTEMPTS):
-            target = _target(self.folder)
-            scan = self._scan(target)
-            if _target(self.folder) == target:
-                break
-        self._absent = scan.absent
-        return scan
-
-    def _scan(self, target: Path | None) -> _Scan:
-        """The config files of `target` (the folder, links resolved), named as in the folder."""
-        found: dict[str, _Read] = {}
-        try:
-            entries = sorted(os.scandir(target or self.folder), key=lambda e: e.name)
-        except OSError as exc:
-            return self._unlisted(exc)
-        if self._told is not None:
-            self._tell(None, logging.INFO, "%s can be listed again", self.folder)
-        # the folder itself: a link committed in its place
-        out = leads_outside(target or self.folder, self.root)
-        for entry in entries:
-            if not is_config_file(entry.name):
-                continue
-            file = self._name(self.folder / entry.name)
-            path = Path(entry.path)
-            try:
-                if out or entry.is_symlink():
-                    real = Path(os.path.realpath(path))
-                    if out or leads_outside(real, self.root):  # decided before any look at the target
-                        found[file] = _Read(None, "link-out", LINK_OUT, self._known_kind(file))
-                        continue
-                    path = real
-                if not entry.is_file():  # follows symlinks; a folder or a dangling link is skipped
-                    continue
-                # The link's target, resolved and checked above, is opened as such: one swapped
-                # for a link since fails (ELOOP) and is read again at the next scan.
-                data, size = read_limited(path, MAX_FILE_BYTES, follow=False)
-            except FileNotFoundError:
-                continue  # deleted while we looked: the next batch sees it gone
-            except OSError as exc:
-                reason = f"cannot read: {exc.strerror}"
-                found[file] = _Read(None, f"error:{exc.errno}", reason, self._known_kind(file))
-                continue
-            if size is not None:  # too large: refused from its size and a head, never read whole
-                error = too_large(file, size).reason
-                found[file] = _Read(None, f"too-large:{size}", error, declared_kind(data))
-                continue
-            found[file] = _Read(data, hashlib.sha256(data).hexdigest())
-        return _Scan(found, target)
-
-    def _unlisted(self, exc: OSError) -> _Scan:
-        """The folder cannot be listed. Missing (git removed a folder a commit emptied), and git
-        says so at the commit served: an empty folder, every file removed, as a replica started
-        fresh there has it. Otherwise (deleted by hand, outside git, a mount gone, permissions)
-        its files are refused and their last good versions stay: no outage for a folder that
-        will be back. Each state is logged once."""
-        where = _missing(self.folder) if exc.errno == errno.ENOENT else None
-        doubt = ""
-        if where is not None:
-            verdict = absence(where, sorted({Path(f).name for f in self._cache}))
-            if verdict.confirmed:
-                state = ("absent", verdict.commit)
-                message = "%s is not in commit %s (HEAD): no providers are served from it"
-                self._tell(state, logging.INFO, message, self.folder, verdict.commit)
-                return _Scan({}, where, absent=True)
-            doubt = f" ({verdict.doubt})"
-        self._tell(
-            ("unlisted", exc.errno, doubt),
-            logging.ERROR,
-            "cannot list %s: %s%s; what was loaded from it stays",
-            self.folder,
-            exc.strerror,
-            doubt,
-        )
-        # A hash no content has: the files are refused (their last good versions stay)
-        # and reloaded once the folder can be read again.
-        refused = {
-            f: _Read(None, "unreadable-folder", "unreadable folder", self._known_kind(f)) for f in self._cache
+    def _known(self) -> dict[str, str | None]:
+        """The files loaded before, each with the kind it had when it was last read: what the
+        scan refuses one that cannot be read now as."""
+        return {
+            file: result.document.kind if isinstance(result, Loaded) else result.kind
+            for file, (_, result) in self._cache.items()
         }
-        return _Scan(refused, None)
 
-    def _tell(self, state: tuple[object, ...] | None, level: int, message: str, *args: object) -> None:
-        """Log `message` when the folder's `state` is new: once, not at every rescan of it."""
-        if state != self._told:
-            self._told = state
-            log.log(level, message, *args)
-
-    def _known_kind(self, file: str) -> str | None:
-        """The kind a file had when it was last read, for one that cannot be read now."""
-        cached = self._cache.get(file)
-        if cached is None:
-            return None
-        result = cached[1]
-        return result.document.kind if isinstance(result, Loaded) else result.kind
-
-    async def _load(self, file: str, read: _Read) -> tuple[str, Loaded | Refusal]:
+    async def _load(self, file: str, read: Read) -> tuple[str, Loaded | Refusal]:
         if read.data is None:
             return read.sha256, Refusal(read.error or "cannot read", read.kind)
         parsed = await asyncio.to_thread(_parse, file, read.data)  # keep the loop free for requests
@@ -425,13 +280,6 @@ class Reloader:
         for mac in [m for m in self._seals if m not in current][:excess]:
             del self._seals[mac]
 
-    def _name(self, path: Path) -> str:
-        """The file as events name it: relative to the repository root when inside it."""
-        try:
-            return path.absolute().relative_to(self.root.absolute()).as_posix()
-        except ValueError:
-            return path.absolute().as_posix()
-
 
 def _parse(file: str, data: bytes) -> Loaded | Refusal:
     """`parse`, or the refusal with the kind the file declares (told from its text if need be)."""
@@ -442,39 +290,6 @@ def _parse(file: str, data: bytes) -> Loaded | Refusal:
     except Exception as exc:
         log.exception("parsing %s failed", file)
         return Refusal(f"internal error while loading ({type(exc).__name__})", declared_kind(data))
-
-
-def _target(folder: Path) -> Path | None:
-    """The folder `folder` leads to now, every link resolved; None when there is none."""
-    try:
-        target = Path(os.path.realpath(folder, strict=True))
-    except OSError:
-        return None
-    return target if target.is_dir() else None
-
-
-def _missing(folder: Path) -> Path | None:
-    """Where `folder` would be, the folder holding it resolved, when nothing at all is there
-    (not even a dangling link) and the folder holding it is there; None otherwise."""
-    try:
-        os.lstat(folder)
-    except FileNotFoundError:
-        holder = Path(os.path.realpath(folder.parent))
-        return holder / folder.name if holder.is_dir() else None
-    except OSError:
-        return None
-    return None
-
-
-def link_folders(folder: Path) -> list[Path]:
-    """The folders holding a symlink on the way to `folder`: a link swapped by a rename shows
-    as an event there (a watch of `folder` follows the old target and sees nothing)."""
-    found: list[Path] = []
-    path = folder.absolute()
-    for step in (*reversed(path.parents), path):
-        if step.is_symlink() and step.parent.is_dir() and step.parent not in found:
-            found.append(step.parent)
-    return found
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

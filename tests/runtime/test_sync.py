@@ -24,8 +24,8 @@ from service.errors import GitError
 from service.http.context import EVENTS, PULLER
 from service.journal.events import SyncFailed
 from service.runtime.registry import Outcome
+from service.runtime.scan import LINK_OUT
 from service.runtime.sync import Puller, parse_pull
-from service.runtime.watcher import LINK_OUT
 from service.vcs.commit import Committer
 from service.vcs.gitrepo import GitRepo
 from tests.conftest import Service, SopsProject, eventually, serve

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 from service.cli.main import cli
 from service.http.context import EVENTS, RELOADER
 from service.journal.replay import replay
-from service.runtime import watcher
+from service.runtime import scan, watcher
 from service.vcs.gitrepo import GitRepo
 from tests.conftest import (
     AgeIdentity,
@@ -134,13 +134,13 @@ async def test_a_link_out_of_the_repository_is_refused_unread(
     seq = service.app[EVENTS].last_seq
     (providers / "stolen.yaml").symlink_to(target)
     await eventually(lambda: "providers.d/stolen.yaml" in service.registry.refused)
-    assert service.registry.refused == {"providers.d/stolen.yaml": watcher.LINK_OUT}
+    assert service.registry.refused == {"providers.d/stolen.yaml": scan.LINK_OUT}
     assert set(service.registry.snapshot.providers) == {"gpu"}
     [event] = service.app[EVENTS].events()[seq:]
     assert (event.type, event.file, event.reason) == (
         "config.rejected",
         "providers.d/stolen.yaml",
-        watcher.LINK_OUT,
+        scan.LINK_OUT,
     )
     assert CANARY_PATH_SECRET not in service.events_file.read_text()
     assert str(outside) not in service.events_file.read_text()
@@ -231,7 +231,7 @@ async def test_a_providers_folder_that_is_itself_a_link_out_is_refused_whole(
     sops_project.providers.symlink_to(elsewhere, target_is_directory=True)
     async with serve(sops_project, root=sops_project.root, providers=sops_project.providers) as service:
         assert service.registry.snapshot.providers == {}
-        assert service.registry.refused == {"providers.d/stolen.yaml": watcher.LINK_OUT}
+        assert service.registry.refused == {"providers.d/stolen.yaml": scan.LINK_OUT}
 
 
 async def test_editor_droppings_and_other_names_are_ignored(running_service: Service) -> None:
@@ -341,7 +341,7 @@ async def test_a_swap_in_the_middle_of_a_scan_is_scanned_again_never_mixed(
     author.push()
     git(sync.root, "fetch", "-q", "origin", "main")
     async with serve(sops_project, root=sync.link, providers=sync.providers, rescan_s=60) as service:
-        real_read = watcher.read_limited
+        real_read = scan.read_limited
         swapped: list[bool] = []
 
         def read_then_swap(path: Path, limit: int, *, follow: bool = True) -> tuple[bytes, int | None]:
@@ -351,7 +351,7 @@ async def test_a_swap_in_the_middle_of_a_scan_is_scanned_again_never_mixed(
                 sync.publish(second)
             return data
 
-        monkeypatch.setattr(watcher, "read_limited", read_then_swap)
+        monkeypatch.setattr(scan, "read_limited", read_then_swap)
         await service.app[RELOADER].reload()
         snapshot = service.registry.snapshot
         assert swapped
@@ -383,14 +383,14 @@ async def test_a_worktree_git_sync_removes_under_a_reload_is_never_applied_witho
                 swapped.append(sync.publish(third))  # and the worktree just read is removed
 
         if when == "before the apply":
-            scan = watcher.Reloader._scan_one_target
+            real_scan = scan.Scanner.scan
 
-            def scan_then_swap(self: watcher.Reloader) -> Any:
-                found = scan(self)
+            def scan_then_swap(self: scan.Scanner, known: Mapping[str, str | None]) -> Any:
+                found = real_scan(self, known)
                 swap()
                 return found
 
-            monkeypatch.setattr(watcher.Reloader, "_scan_one_target", scan_then_swap)
+            monkeypatch.setattr(scan.Scanner, "scan", scan_then_swap)
         else:
             blob_ids = GitRepo.blob_ids
 
