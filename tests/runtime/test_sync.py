@@ -88,7 +88,10 @@ async def test_a_push_is_pulled_and_applied_as_one_generation_under_its_commit(
             {"spare.yaml": server_yaml("spare", 11), "gpu.yaml": None, "routing.yaml": routing_yaml("spare")}
         )
         author.push()
-        await eventually(lambda: service.registry.state.last_applied_commit == pushed, timeout=5)
+        # the state is set before the registry's thread calls `on_apply`: wait for both
+        await eventually(
+            lambda: service.registry.state.last_applied_commit == pushed and bool(outcomes), timeout=5
+        )
         assert service.registry.snapshot.generation == generation + 1
         assert all(o.applied and o.refused == {} for o in outcomes)
         assert {frozenset(o.snapshot.providers) for o in outcomes} == {frozenset({"spare"})}
