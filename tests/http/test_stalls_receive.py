@@ -20,9 +20,9 @@ from tests.http.test_stalls import TOKEN, _metered, _used
 
 LIMIT_S = 0.3
 """The receive timeout the tests run with."""
-SERVERS = ["aiohttp", "handed off"]
-"""Where the request is read: aiohttp's server (the fast path off), or aiohttp's on a connection
-the fast path handed to it (before the request, or in its middle)."""
+SERVERS = ["fast path", "aiohttp", "handed off"]
+"""Where the request is read: the gateway's own server, aiohttp's (the fast path off), or
+aiohttp's on a connection the fast path handed to it (before the request, or in its middle)."""
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 """A request the fast path hands to aiohttp with its connection."""
 
