@@ -176,6 +176,31 @@ async def test_a_body_that_stops_coming_is_answered_408_and_nothing_of_it_happen
 
 
 @pytest.mark.parametrize("server", ["fast path", "aiohttp"])
+async def test_a_chunked_body_that_stops_coming_is_answered_408(
+    sops_project: SopsProject, server: str
+) -> None:
+    """A body in chunks (aiohttp's to read): one chunk, then silence, is answered 408 too."""
+    up = _Upstream()
+    async with _metered(sops_project, up.app(), fast=server != "aiohttp", receive_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        head = (
+            _request(CHAT, token=TOKEN)
+            .partition(b"\r\n\r\n")[0]
+            .replace(b"Content-Length: %d" % len(CHAT), b"Transfer-Encoding: chunked")
+        )
+        reader, writer = await asyncio.open_connection(*_address(service))
+        try:
+            writer.write(head + b"\r\n\r\n" + b"a\r\n" + CHAT[:10] + b"\r\n")
+            got = await asyncio.wait_for(_until_closed(reader), 10)
+        finally:
+            writer.close()
+        await _nothing_happened(service, up, records)
+    _timed_out(got)
+
+
+@pytest.mark.parametrize("server", ["fast path", "aiohttp"])
 async def test_a_body_that_stops_after_100_continue_is_answered_408(
     sops_project: SopsProject, server: str
 ) -> None:
