@@ -17,9 +17,9 @@
     └── HTTPError                   answered to an HTTP client as {"error": {"type", "message"}}
         ├── BadRequest (400) > InvalidRequest, Unauthorized (401), Forbidden (403),
         ├── NotFound (404) > ModelNotFound (`model_not_found`, as OpenAI answers it),
-        ├── MethodNotAllowed (405), Conflict (409), PreconditionFailed (412), MisdirectedRequest (421),
-        ├── PayloadTooLarge (413), UnsupportedMediaType (415), Unprocessable (422), RateLimited (429),
-        ├── BudgetExceeded (429), UpstreamsFailed (502),
+        ├── MethodNotAllowed (405), RequestTimeout (408), Conflict (409), PreconditionFailed (412),
+        ├── MisdirectedRequest (421), PayloadTooLarge (413), UnsupportedMediaType (415),
+        ├── Unprocessable (422), RateLimited (429), BudgetExceeded (429), UpstreamsFailed (502),
         └── NotReady (503), NoCandidate (503), Busy (503), LimitsUnavailable (503), LedgerUnavailable (503)
 
 Messages never contain secret material: they name files, fields and cases, not values.
@@ -234,6 +234,15 @@ class MethodNotAllowed(HTTPError):
 
     def headers(self) -> dict[str, str]:
         return {"Allow": self.allow}
+
+
+class RequestTimeout(HTTPError):
+    """408: a request that did not come within `SWITCHBOARD_RECEIVE_TIMEOUT_S`: its head did not
+    end in that time, or its body stopped coming for that long (`service.http.stalls`). Answered
+    by the HTTP server itself, before any route is chosen, and its connection closed."""
+
+    status = 408
+    type = "request_timeout"
 
 
 class MisdirectedRequest(HTTPError):

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         description="A client that takes nothing of its answer (a stream) for this long is let go "
         "of as one that went away: its connection closed, its upstream request dropped.",
     )
+    receive_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,  # no limit would hold a trickled head for good, where the keep-alive did not
+        description="A request whose head has not ended this long after it began, or whose body has "
+        "sent nothing for this long, is answered 408 and its connection closed.",
+    )
     allowed_upstreams: str | None = Field(
         None,
         description="Where upstream requests may connect: comma-separated CIDRs and host names "

@@ -29,7 +29,7 @@ from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
 from service.http.app import GATEWAY, create_app
 from service.http.context import REGISTRY
-from service.http.fast import FastSite
+from service.http.fast import KEEPALIVE_S, FastSite
 from service.journal.events import Event
 from service.journal.log import read_events
 from service.runtime.registry import Registry
@@ -251,7 +251,12 @@ class Service:
 
 @contextlib.asynccontextmanager
 async def serve(
-    project: SopsProject, *, lookup: Lookup = system_lookup, fast: bool = True, **settings: Any
+    project: SopsProject,
+    *,
+    lookup: Lookup = system_lookup,
+    fast: bool = True,
+    keepalive_s: float | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Service]:
     """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200.
 
@@ -260,7 +265,8 @@ async def serve(
     The app runs as `switchboard serve` runs it (handler cancellation on, so a client that
     leaves cancels its upstream request), with a short debounce and health checks off
     unless `settings` say otherwise; on the gateway's own server (`service.http.fast`) unless
-    `fast` is False (aiohttp's alone).
+    `fast` is False (aiohttp's alone); `keepalive_s`, when given, is both servers' keep-alive
+    timeout (else the fast path's 75 s, and aiohttp's own default).
     """
     values: dict[str, Any] = {
         "root": project.root,
@@ -273,10 +279,11 @@ async def serve(
     }
     config = Settings(**(values | settings))
     app = create_app(config, sops=project.sops, lookup=lookup, pages=(console,))
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+    kept: dict[str, float] = {} if keepalive_s is None else {"keepalive_timeout": keepalive_s}
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5, **kept)
     await runner.setup()
     site = (
-        FastSite(runner, app[GATEWAY], "127.0.0.1", config.port)
+        FastSite(runner, app[GATEWAY], "127.0.0.1", config.port, keepalive_s=keepalive_s or KEEPALIVE_S)
         if fast
         else web.TCPSite(runner, "127.0.0.1", config.port)
     )

@@ -305,6 +305,7 @@ class Gateway:
         self.metrics = app[METRICS]
         self.max_body_bytes = app[SETTINGS].max_body_bytes
         self.send_timeout_s = app[SETTINGS].send_timeout_s
+        self.receive_timeout_s = app[SETTINGS].receive_timeout_s
         endpoints = app.get(ENDPOINTS, {})
         self.routes: dict[tuple[str, str], tuple[Handler, UrlMappingMatchInfo, str, Endpoint | None]] = {}
         for resource in app.router.resources():
@@ -329,7 +330,8 @@ class Gateway:
     def install(self) -> None:
         # aiohttp's server calls `app._handle` for every request (`Application._make_handler`)
         object.__setattr__(self.app, "_handle", self.handle)
-        stalls.install(self.app, self.send_timeout_s)  # aiohttp's connections: the send timeout
+        # aiohttp's connections: the send and receive timeouts
+        stalls.install(self.app, self.send_timeout_s, self.receive_timeout_s)
         self.app[GATEWAY] = self
 
     def _settle(self) -> None:

@@ -11,6 +11,8 @@ whole answer by itself (`fast_request.serialized`), a stream (or any answer not 
 aiohttp's own `StreamResponse` and `StreamWriter`, which the relay writes as it goes onto the
 connection's transport (`FastRequest._payload_writer`), waiting while a slow client reads its
 buffer down (`Outlet`). Once the answer has ended the connection goes on to the next request.
+A request that does not come whole in time is answered 408 and the connection closed (the
+receive timeout, `service.http.stalls`): its one timer, the keep-alive's, times that too (`_idle`).
 
 Any other request hands the connection to aiohttp for the rest of its life, at that
 request's first byte: aiohttp's `RequestHandler` is made for the transport, given it, and
@@ -40,7 +42,7 @@ from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
-from service.http import fast_request
+from service.http import fast_request, stalls
 from service.http.fast_request import FastRequest, Outlet, serialized
 
 if TYPE_CHECKING:
@@ -87,6 +89,11 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.closing = False
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        """The connection's one timer: its keep-alive, and the receive timeout (`_idle`)."""
+        self.since = 0.0
+        """When the request now coming began, or (its body) was last seen to come on."""
+        self.seen = 0
+        """How much of it had come then (`pending`'s length)."""
         self.head: _Head | None = None
         """The parsed head of the request whose body is awaited, or None."""
         self.refused = False
@@ -181,10 +188,16 @@ class FastConnection(asyncio.Protocol, Outlet):
         if head is None:
             if self.refused or len(self.pending) > MAX_HEAD:  # a head too long: aiohttp judges it
                 self._hand_off()
+                return
         elif len(self.pending) == head[5]:
             self._take(head)
+            return
         elif len(self.pending) > head[5]:  # the next request came with it (pipelined)
             self._hand_off()
+            return
+        if len(self.pending) == len(data):  # a request's first read, not all of it: timed (`_idle`)
+            self.since = self.loop.time()
+            self.seen = len(data)
 
     # -- httptools' callback: the one it is given, for the fewest calls per request ------------
 
@@ -408,24 +421,48 @@ class FastConnection(asyncio.Protocol, Outlet):
         if self.closing:
             handler.close()
 
-    # -- keep-alive -------------------------------------------------------------------------
+    # -- keep-alive and the receive timeout ------------------------------------------------
 
     def _arm(self) -> None:
-        self.timer = self.loop.call_at(self.idle_since + self.site.keepalive_s, self._idle)
+        """Arm the timer for the keep-alive, but no later than a receive timeout from now: a
+        request that begins after this is timed from its first read (`since`) without a timer
+        of its own, since this one fires before its limit, and is armed then for that limit."""
+        site = self.site
+        at = min(self.idle_since + site.keepalive_s, self.loop.time() + site.receive_timeout_s)
+        self.timer = self.loop.call_at(at, self._idle)
 
     def _idle(self) -> None:
         self.timer = None
-        if self.transport is None:
+        transport = self.transport
+        if transport is None or transport.is_closing():  # its close waits for the client (`Stall`)
             return
-        if self.task is not None or self.head is not None or self.blocked:
-            # a request in hand, its body coming, or its answer being read: as aiohttp's handler,
-            # which waits for its answer to be read (`drain`) before its keep-alive counts
-            self.idle_since = self.loop.time()
-        elif self.loop.time() >= self.idle_since + self.site.keepalive_s:
-            # idle, or a head still coming: as aiohttp's keep-alive, however slowly it comes
-            self._close(self.transport)
+        now = self.loop.time()
+        if self.task is not None or self.blocked:
+            # a request in hand, or its answer being read: as aiohttp's handler, which waits for
+            # its answer to be read (`drain`) before its keep-alive counts
+            self.idle_since = now
+        elif self.pending:  # a request coming: the receive timeout's (service.http.stalls)
+            limit_s = self.site.receive_timeout_s
+            if self.head is not None and len(self.pending) > self.seen:  # its body came on
+                self.since, self.seen = now, len(self.pending)
+            elif now - self.since >= limit_s:  # its head did not end in time, or its body stopped
+                self._timed_out(transport)
+                return
+            self.timer = self.loop.call_at(self.since + limit_s, self._idle)
+            return
+        elif now >= self.idle_since + self.site.keepalive_s:  # idle: as aiohttp's keep-alive
+            self._close(transport)
             return
         self._arm()
+
+    def _timed_out(self, transport: asyncio.Transport) -> None:
+        """Answer 408 to a request that did not come in time, and close: nothing of it happened."""
+        stalls.say(transport, self.head is None, self.site.receive_timeout_s)
+        self.pending.clear()
+        self.head = None
+        self.closing = True
+        transport.write(stalls.answer())
+        self._close(transport)
 
 
 class FastSite(web.TCPSite):
@@ -444,6 +481,8 @@ class FastSite(web.TCPSite):
         self.gateway = gateway
         self.send_timeout_s = gateway.send_timeout_s
         """A stalled client is let go of after this long (`service.http.stalls`)."""
+        self.receive_timeout_s = gateway.receive_timeout_s
+        """A request that does not come in this long is answered 408 (`service.http.stalls`)."""
         self.keepalive_s = keepalive_s
         """An idle connection of the fast path is closed after this long."""
         self.handed_off = 0

@@ -1,4 +1,6 @@
-"""The send timeout (`SWITCHBOARD_SEND_TIMEOUT_S`): a client that takes nothing of its answer for
+"""A client that stalls, on either side of its request: it is let go of.
+
+The send timeout (`SWITCHBOARD_SEND_TIMEOUT_S`): a client that takes nothing of its answer for
 that long is let go of, as one that went away.
 
 A write to a client waits while the connection's buffer is over its limit (flow control: the
@@ -13,20 +15,40 @@ reservation settled and recorded as the ledger records a client that left: docs/
 A slow client that reads is never cut: each time the timer fires, a buffer smaller than when
 it was armed (the client took some) arms it again. (nginx's `send_timeout` is the same idea.)
 
-Both servers have it: the gateway's own (`service.http.fast`, whose `Outlet` is its own
-`drain`) and aiohttp's, whose connections are made by `Server` here as `Handler`s (a
-`RequestHandler` whose `drain` is watched) — the connections the fast path hands to aiohttp too.
+The receive timeout (`SWITCHBOARD_RECEIVE_TIMEOUT_S`): a client that trickles its request (a
+head that never ends, a body that stops coming) would hold its connection, and its socket, for
+good: a few hundred such clients exhaust the service's open files (slowloris). A request whose
+head has not ended within the timeout of its first byte, or whose body sent nothing for a whole
+period of it (it is cut between one and two periods after its last byte), is answered 408
+(`answer`) and its connection closed, one log line saying so (`say`). Nothing of the request has
+happened: a handler reads its body before it acts on it (its authentication aside), so no call
+was made, nothing metered, counted or recorded, and the handler waiting for it ends as for a
+client that left. Only a read that is incomplete is timed (a request that comes whole in one
+read arms nothing), and an idle connection between requests is the keep-alive's, as before. A
+body that comes on, however slowly, is never cut, nor one the server is not reading (its buffer
+full, the request before it still answered, or one answered without it). (nginx's
+`client_header_timeout` and `client_body_timeout` are the same idea.)
+
+Both servers have both: the gateway's own (`service.http.fast`, whose `Outlet` is its own
+`drain`, and whose connection times what it reads itself) and aiohttp's, whose connections are
+made by `Server` here as `Handler`s (a `RequestHandler` whose `drain` is watched, and whose
+reads are timed) — the connections the fast path hands to aiohttp too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
+from service.errors import RequestTimeout
 from service.http.malformed import JsonErrors
 
 log = logging.getLogger(__name__)
@@ -59,21 +81,63 @@ class Stall:
             self._left = left
             self._handle = self._loop.call_later(self._limit_s, self._fire)
             return
-        peer = transport.get_extra_info("peername")
         log.warning(
             "client %s took nothing of its answer for %g s (SWITCHBOARD_SEND_TIMEOUT_S): "
             "closing its connection, as a client that went away",
-            peer[0] if isinstance(peer, tuple) and peer else "?",
+            _peer(transport),
             self._limit_s,
         )
         transport.abort()
 
 
-class Handler(JsonErrors):
-    """aiohttp's connection whose writes' waits for the client are watched (`Stall`), and whose
-    own answers to what it cannot parse are the service's JSON errors (`malformed.JsonErrors`)."""
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
-    __slots__ = ("_closed_stall", "_send_timeout_s")
+
+def say(transport: asyncio.BaseTransport, head: bool, limit_s: float) -> None:
+    """The one log line of a request answered 408: its client's address, nothing it sent."""
+    log.warning(
+        "client %s %s (SWITCHBOARD_RECEIVE_TIMEOUT_S): answered 408, its connection closed",
+        _peer(transport),
+        f"did not end its request's head within {limit_s:g} s"
+        if head
+        else f"sent nothing of its request's body for {limit_s:g} s",
+    )
+
+
+_TIMED_OUT = json.dumps(
+    RequestTimeout("the request did not come within the server's receive timeout").body()
+).encode()
+
+
+def answer() -> bytes:
+    """The 408 to a request that did not come in time, whole: the server's own answer, on any
+    path (no route is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after
+    which the connection is closed (`Connection: close`)."""
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\nConnection: close\r\n"
+        b"X-Content-Type-Options: nosniff\r\n\r\n%s"
+        % (len(_TIMED_OUT), formatdate(usegmt=True).encode(), SERVER_SOFTWARE.encode(), _TIMED_OUT)
+    )
+
+
+class Handler(JsonErrors):
+    """aiohttp's connection whose writes' waits for the client are watched (`Stall`), whose reads
+    of a request are timed (the receive timeout), and whose own answers to what it cannot parse
+    are the service's JSON errors (`malformed.JsonErrors`)."""
+
+    __slots__ = (
+        "_body",
+        "_closed_stall",
+        "_got",
+        "_head_since",
+        "_receive_timeout_s",
+        "_receiving",
+        "_seen",
+        "_send_timeout_s",
+    )
 
     def __init__(self, manager: Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -81,6 +145,17 @@ class Handler(JsonErrors):
         self._closed_stall: Stall | None = None
         """The watch on its close, which waits for the client to read what is left of its
         answer: one that reads nothing would hold it for good."""
+        self._receive_timeout_s = manager.receive_timeout_s
+        self._receiving: asyncio.TimerHandle | None = None
+        """The receive timeout's timer, while a read is incomplete (`_received`)."""
+        self._head_since: float | None = None
+        """When the head now coming began; None when none is."""
+        self._body: StreamReader | None = None
+        """The body of the last request parsed, while it has not all come."""
+        self._got = 0
+        """The bytes received so far (a compressed or chunked body's own, not what they make)."""
+        self._seen = -1
+        """`_got` when a body coming was last looked at (-1: look again before judging it)."""
 
     async def start(self) -> None:
         try:
@@ -97,6 +172,82 @@ class Handler(JsonErrors):
         if self._closed_stall is not None:
             self._closed_stall.cancel()
             self._closed_stall = None
+        if self._receiving is not None:
+            self._receiving.cancel()
+            self._receiving = None
+        self._body = None
+
+    def data_received(self, data: bytes) -> None:
+        count, body = self._request_count, self._body
+        self._got += len(data)
+        super().data_received(data)
+        if self._request_count != count:  # a head ended here: its body comes next, if it has one
+            self._head_since = None
+            payload = self._messages[-1][1]  # the last one parsed (they are taken in a later turn)
+            if payload.is_eof():
+                self._body = None
+                return  # whole (what may follow it, a head begun, is the keep-alive's)
+            self._body = payload
+            # a timer armed before it (its head's) fires sooner than a period of the body
+            self._seen = -1 if self._receiving is not None else self._got
+        elif body is not None:  # more of a body
+            if body.is_eof():
+                self._body = None
+                return  # it ended here (what may follow it, as above)
+        elif data and self._head_since is None:  # a head begun, all of this read
+            self._head_since = self._loop.time()
+        else:
+            return
+        if self._receiving is None:
+            self._receiving = self._loop.call_later(self._receive_timeout_s, self._received)
+
+    def _received(self) -> None:
+        """The receive timeout's timer: a request coming too slowly is answered 408; else it is
+        armed again while one is coming."""
+        self._receiving = None
+        transport = self.transport
+        if transport is None or transport.is_closing():  # closed, or closing after its answer
+            return
+        loop, limit_s = self._loop, self._receive_timeout_s
+        since = self._head_since
+        if since is not None:  # a head coming
+            if self._request_in_progress:  # after a request being answered: read after it
+                self._receiving = loop.call_later(limit_s, self._received)
+            elif loop.time() - since >= limit_s:
+                self._timed_out(transport, head=True)
+            else:
+                self._receiving = loop.call_at(since + limit_s, self._received)
+            return
+        body = self._body
+        if body is None:
+            return
+        if body.is_eof():
+            self._body = None
+            return
+        request = self._current_request
+        if (
+            self._got == self._seen
+            and request is not None
+            and request.content is body  # its own request's turn (not the one before it)
+            and not request.writer.output_size  # nothing answered yet (one answered without it)
+            and transport.is_reading()  # not held back by the server (its buffer full)
+        ):
+            self._timed_out(transport, head=False)
+            return
+        self._seen = self._got
+        self._receiving = loop.call_later(limit_s, self._received)
+
+    def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
+        say(transport, head, self._receive_timeout_s)
+        transport.write(answer())
+        self.force_close()  # its request, if one is answered, ends as for a client that left
+
+    def _process_keepalive(self) -> None:
+        if self._head_since is not None and self._receiving is not None:
+            # a head coming is not an idle connection: it is the receive timeout's (looked at again after it)
+            self._keepalive_handle = self._loop.call_later(self._receive_timeout_s, self._process_keepalive)
+            return
+        super()._process_keepalive()
 
     def _watch_close(self) -> None:
         transport = self.transport
@@ -119,24 +270,35 @@ class Handler(JsonErrors):
 class Server(web.Server):
     """aiohttp's `Server` whose connections are `Handler`s."""
 
-    def __init__(self, *args: Any, send_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, send_timeout_s: float, receive_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.send_timeout_s = send_timeout_s
+        self.receive_timeout_s = receive_timeout_s
 
     def __call__(self) -> Handler:
         return Handler(self, loop=self._loop, **self._kwargs)
 
 
-_HANDLER_PRIVATE = ("_drain_helper", "_paused", "_loop")
+_HANDLER_PRIVATE = (
+    "_drain_helper",
+    "_paused",
+    "_loop",
+    "_request_count",
+    "_messages",
+    "_current_request",
+    "_request_in_progress",
+    "_process_keepalive",
+    "_keepalive_handle",
+)
 """What `Handler` uses of aiohttp's `RequestHandler` (its `BaseProtocol`) that is private."""
 
 
-def install(app: web.Application, send_timeout_s: float) -> None:
+def install(app: web.Application, send_timeout_s: float, receive_timeout_s: float) -> None:
     """Make `app`'s server (`Application._make_handler`, what any runner calls) a `Server`.
 
     It is made from aiohttp's own (its `_loop` and `_kwargs`, private): an aiohttp that lacks
     what it reads, here or of a connection, keeps its own server, said in one log line, without
-    the send timeout on its connections (the fast path's own keep theirs)."""
+    the send and receive timeouts on its connections (the fast path's own keep theirs)."""
     usual = app._make_handler
 
     def make_handler(**kwargs: Any) -> web.Server:
@@ -147,7 +309,10 @@ def install(app: web.Application, send_timeout_s: float) -> None:
             if not hasattr(server, name)
         ] + [f"RequestHandler.{name}" for name in _HANDLER_PRIVATE if not _has(name)]
         if lacking:
-            log.warning("aiohttp's server lacks %s: its connections have no send timeout", ", ".join(lacking))
+            log.warning(
+                "aiohttp's server lacks %s: its connections have no send or receive timeout",
+                ", ".join(lacking),
+            )
             return server
         return Server(
             server.request_handler,
@@ -155,6 +320,7 @@ def install(app: web.Application, send_timeout_s: float) -> None:
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             send_timeout_s=send_timeout_s,
+            receive_timeout_s=receive_timeout_s,
             **server._kwargs,
         )
 

@@ -119,6 +119,20 @@ def test_serve_refuses_allowed_upstreams_it_cannot_read(
     assert err.count("\n") == 1 and "SWITCHBOARD_ALLOWED_UPSTREAMS: '10.0.0.0/33' is neither a network" in err
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "abc", ""])
+def test_serve_refuses_a_receive_timeout_that_is_no_time_as_wrong_usage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """docs/reference.md §3.3: SWITCHBOARD_RECEIVE_TIMEOUT_S is a number of seconds over 0, and
+    finite (none would let a trickled head hold its connection for good): anything else is one
+    line, exit 2, before anything is served."""
+    (tmp_path / "providers.d").mkdir()
+    monkeypatch.setenv("SWITCHBOARD_RECEIVE_TIMEOUT_S", value)
+    code, out, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("switchboard: error: setting receive_timeout_s: "), err
+
+
 def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "--root", str(tmp_path), "state", "--at", "yesterday-ish")
     assert code == 2

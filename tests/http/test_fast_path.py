@@ -571,26 +571,6 @@ def test_aiohttps_server_keeps_a_connection_while_its_task_handler_runs() -> Non
 # -- hostile clients -------------------------------------------------------------------------
 
 
-async def test_a_head_sent_too_slowly_is_closed_after_the_keepalive_timeout(
-    sops_project: SopsProject,
-) -> None:
-    """As aiohttp's keep-alive closes a connection whose request's head has not come whole
-    (`RequestHandler._process_keepalive`): a byte now and then does not hold it open."""
-    async with _gateway(sops_project) as (service, _):
-        site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0, keepalive_s=0.3)
-        await site.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", service.runner.addresses[-1][1])
-        head = _request().partition(b"\r\n\r\n")[0]
-        closed = asyncio.ensure_future(reader.read())
-        for byte in head[:30]:
-            if closed.done():
-                break
-            writer.write(bytes([byte]))
-            await asyncio.sleep(0.05)
-        assert await asyncio.wait_for(closed, 2) == b""
-        writer.close()
-
-
 async def test_a_client_that_reads_no_answer_is_not_answered_without_end(sops_project: SopsProject) -> None:
     """As aiohttp waits for a client to read an answer before it takes the next request
     (`drain`): the fast path takes none while the transport's buffer is over its limit, so a

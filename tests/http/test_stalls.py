@@ -285,7 +285,10 @@ async def test_an_aiohttp_lacking_what_the_timeout_reads_keeps_its_own_server(
         assert server is not None and not isinstance(server, stalls.Server)
         (answer,) = await _exchange(service, _request(token=TOKEN))
         assert answer.status == 200
-    assert "aiohttp's server lacks RequestHandler._not_in_this_aiohttp" in caplog.text
+    assert (
+        "aiohttp's server lacks RequestHandler._not_in_this_aiohttp: its connections have no send or "
+        "receive timeout" in caplog.text
+    )
 
 
 async def test_a_connection_closed_when_idle_with_its_answer_unread_is_let_go(
