@@ -85,6 +85,8 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._applying: asyncio.Future[Outcome] | None = None
         self._closed = False
+        self._unwatched: tuple[Path, str] | None = None
+        """The path a watch could not be set on and why, as last logged: logged once."""
 
     async def reload(self) -> Outcome:
         """Rescan the folder, load what changed, and apply the result. Never raises on bad files.
@@ -160,12 +162,13 @@ class Reloader:
         """
         while not stop.is_set():
             place = self._place()
+            watched = False
             if place.folder is not None:
-                await self._watch(stop, place, self.folder, self.rescan_s)
+                watched = await self._watch(stop, place, self.folder, self.rescan_s)
             elif place.holder is not None:
                 rescan_s = self.rescan_s if place.absent else min(self.rescan_s, 1.0)
-                await self._watch(stop, place, self.folder.parent, rescan_s)
-            else:  # nothing to watch: looked at every second
+                watched = await self._watch(stop, place, self.folder.parent, rescan_s)
+            if not watched:  # nothing to watch, or it cannot be watched: looked at every second
                 await self._reload_logged()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=min(self.rescan_s, 1.0))
@@ -177,9 +180,14 @@ class Reloader:
             return _Place(folder)
         return _Place(None, _identity(self.folder.parent), self._scanner.absent)
 
-    async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> None:
+    async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> bool:
         """Reload on every batch of changes in `path` (and at least every `rescan_s`) until
-        `stop` is set, or until after a batch the watch is to be set on another `_Place`."""
+        `stop` is set, or until after a batch the watch is to be set on another `_Place`.
+
+        False when the watch cannot be set (a folder the service's user may not read, the OS's
+        limit of inotify watches or instances reached): logged once, not at every try, and the
+        caller rescans every second instead. Raised, it ended the watcher: nothing reloaded again.
+        """
         changes = awatch(
             path,
             *link_folders(self.folder),  # a swapped link is an event there, not in the folder
@@ -196,16 +204,25 @@ class Reloader:
         try:
             async with contextlib.aclosing(changes):
                 async for _ in changes:
+                    if self._unwatched is not None:
+                        self._unwatched = None
+                        log.info("%s is watched again", path)
                     await self._reload_logged()
                     if self._place() != place:
                         break
         except FileNotFoundError:  # gone between the check and the watch
             pass
+        except OSError as exc:
+            if self._unwatched != (path, str(exc)):
+                self._unwatched = (path, str(exc))
+                log.warning("cannot watch %s: %s; it is rescanned every second", path, exc)
+            return False
         finally:
             if not catch_up.done():  # stopping, or the path went before the watch was set
                 catch_up.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await catch_up
+        return True
 
     async def aclose(self) -> None:
         """Stop reloading, and wait for an apply still running in its thread (after a cancel).
