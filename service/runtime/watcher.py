@@ -35,7 +35,7 @@ from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
 from service.runtime.registry import Outcome, Refusal, Registry
-from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, link_folders
+from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, holding, link_folders
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ so some 15 MB at the cap), the oldest forgotten first but never one of a file lo
 
 @dataclass(frozen=True, slots=True)
 class _Place:
-    """What the watch is set on: the folder, or while it is missing the folder holding it (a
-    git-sync swap changes it), and whether git says the absence is the configuration."""
+    """What the watch is set on: the folder, or while it is missing the nearest folder holding
+    it (a git-sync swap changes it), and whether git says the absence is the configuration."""
 
     folder: tuple[int, int] | None
     """The folder's device and inode; None while it is missing."""
     holder: tuple[int, int] | None = None
+    path: Path | None = None
+    """Where the holder is: the folder's parent, or one above it that git left (scan.holding)."""
     absent: bool = False
 
 
@@ -140,7 +142,7 @@ class Reloader:
         # shielded, and remembered so that `aclose` can wait for it.
         applying = asyncio.ensure_future(
             asyncio.to_thread(
-                self.registry.apply, candidate, rejected, source=scan.source, absent=scan.absent
+                self.registry.apply, candidate, rejected, source=scan.source, holder=scan.holder
             )
         )
         self._applying = applying
@@ -154,20 +156,20 @@ class Reloader:
 
         Each load runs once the watch is set, so nothing written before it goes unseen. A
         folder deleted and made again is watched afresh: the old watch would only ever see
-        its changes through the periodic rescan. While there is no folder, the folder that
-        holds it is watched, so one made again (a commit bringing it back) is seen at once;
-        and while git does not say the folder's absence is the configuration (it was deleted
-        by hand: its files stay refused, their last good versions served), it is rescanned
-        every second too, for the commit that may say so.
+        its changes through the periodic rescan. While there is no folder, the nearest folder
+        that holds it is watched (git removes every folder a commit empties), so one made again
+        (a commit bringing it back) is seen at once; and while git does not say the folder's
+        absence is the configuration (it was deleted by hand: its files stay refused, their last
+        good versions served), it is rescanned every second too, for the commit that may say so.
         """
         while not stop.is_set():
             place = self._place()
             watched = False
             if place.folder is not None:
                 watched = await self._watch(stop, place, self.folder, self.rescan_s)
-            elif place.holder is not None:
+            elif place.holder is not None and place.path is not None:
                 rescan_s = self.rescan_s if place.absent else min(self.rescan_s, 1.0)
-                watched = await self._watch(stop, place, self.folder.parent, rescan_s)
+                watched = await self._watch(stop, place, place.path, rescan_s)
             if not watched:  # nothing to watch, or it cannot be watched: looked at every second
                 await self._reload_logged()
                 with contextlib.suppress(TimeoutError):
@@ -178,7 +180,9 @@ class Reloader:
         folder = _identity(self.folder)
         if folder is not None:
             return _Place(folder)
-        return _Place(None, _identity(self.folder.parent), self._scanner.absent)
+        path = holding(self.folder, self.root)
+        holder = _identity(path) if path is not None else None
+        return _Place(None, holder, path, self._scanner.absent)
 
     async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> bool:
         """Reload on every batch of changes in `path` (and at least every `rescan_s`) until
