@@ -146,7 +146,7 @@ class Registry:
         rejected: Mapping[str, Refusal | str],
         *,
         source: Path | None = None,
-        absent: bool = False,
+        holder: Path | None = None,
     ) -> Outcome:
         """Try `candidate` (file -> loaded) as the next configuration; `rejected` failed on their own.
 
@@ -159,8 +159,9 @@ class Registry:
 
         `source` is the folder the files were read from, links resolved: behind a link that
         git-sync swaps, commits and authors are asked of that worktree's repository. With
-        `absent`, it is where the folder would be, the folder holding it resolved: missing there,
-        and git says so at the commit served (`service.vcs.absence`), so the candidate is empty.
+        `holder`, it is where the folder would be, under `holder`, the folder found holding it
+        (resolved): missing there, and git says so at the commit served (`service.vcs.absence`),
+        so the candidate is empty.
         """
         with self._lock:
             if self.events.closed:
@@ -169,7 +170,7 @@ class Registry:
                 self.attributor.follow(source)
             pinned = self.attributor.pinned() if self.attributor else contextlib.nullcontext(None)
             with pinned as head:
-                if source_gone(source, absent=absent):
+                if source_gone(source, holder=holder):
                     # The worktree read was removed since (git-sync swapped the link on): what it
                     # held cannot be attributed, and a newer one is there to read instead.
                     state = self._state
@@ -312,12 +313,12 @@ class Registry:
         return self.attributor.attribute_batch(contents)
 
 
-def source_gone(source: Path | None, *, absent: bool = False) -> bool:
+def source_gone(source: Path | None, *, holder: Path | None = None) -> bool:
     """The worktree `source` was read from was removed since (git-sync swapped its link on): the
-    folder read, or for an `absent` folder the folder that holds it, is no longer there."""
+    folder read, or for a missing folder the `holder` found holding it, is no longer there."""
     if source is None:
         return False
-    return not (source.parent if absent else source).is_dir()
+    return not (holder or source).is_dir()
 
 
 def _refusal(value: Refusal | str) -> Refusal:

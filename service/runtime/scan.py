@@ -61,13 +61,18 @@ class Scan:
     files: dict[str, Read]
     source: Path | None
     """The folder read, links resolved; None when it could not be listed."""
-    absent: bool = False
-    """The folder is missing and git says that is the configuration: `source` is where it would
-    be (the folder holding it resolved), and there are no files."""
+    holder: Path | None = None
+    """Set when the folder is missing and git says that is the configuration: the folder found
+    holding it (resolved), and `source` is where the folder would be. There are no files."""
+
+    @property
+    def absent(self) -> bool:
+        """The folder is missing, and git says that is the configuration."""
+        return self.holder is not None
 
     def gone(self) -> bool:
         """What was read was removed since (git-sync swapped the link on): to be read again."""
-        return source_gone(self.source, absent=self.absent)
+        return source_gone(self.source, holder=self.holder)
 
 
 class Scanner:
@@ -143,15 +148,16 @@ class Scanner:
         fresh there has it. Otherwise (deleted by hand, outside git, a mount gone, permissions)
         its files are refused and their last good versions stay: no outage for a folder that
         will be back. Each state is logged once."""
-        where = _missing(self.folder) if exc.errno == errno.ENOENT else None
+        missing = _missing(self.folder, self.root) if exc.errno == errno.ENOENT else None
         doubt = ""
-        if where is not None:
+        if missing is not None:
+            holder, where = missing
             verdict = absence(where, sorted({Path(f).name for f in known}))
             if verdict.confirmed:
                 state = ("absent", verdict.commit)
                 message = "%s is not in commit %s (HEAD): no providers are served from it"
                 self._tell(state, logging.INFO, message, self.folder, verdict.commit)
-                return Scan({}, where, absent=True)
+                return Scan({}, where, holder)
             doubt = f" ({verdict.doubt})"
         self._tell(
             ("unlisted", exc.errno, doubt),
@@ -189,16 +195,35 @@ def _target(folder: Path) -> Path | None:
     return target if target.is_dir() else None
 
 
-def _missing(folder: Path) -> Path | None:
-    """Where `folder` would be, the folder holding it resolved, when nothing at all is there
-    (not even a dangling link) and the folder holding it is there; None otherwise."""
+def _missing(folder: Path, root: Path) -> tuple[Path, Path] | None:
+    """When nothing at all is at `folder` (not even a dangling link): the folder holding it that
+    is there (resolved), and where `folder` would be under it. None when there is none.
+
+    git removes every folder a commit empties, up to the repository's top: the folders between
+    `root` and `folder` (`--providers config/providers.d`) may have gone with it. `root` itself
+    (git-sync's link) and the folders above it are never looked past."""
     try:
         os.lstat(folder)
     except FileNotFoundError:
-        holder = Path(os.path.realpath(folder.parent))
-        return holder / folder.name if holder.is_dir() else None
+        holder = holding(folder, root)
+        if holder is None:
+            return None
+        real = Path(os.path.realpath(holder))
+        return real, real / folder.absolute().relative_to(holder.absolute())
     except OSError:
         return None
+    return None
+
+
+def holding(folder: Path, root: Path) -> Path | None:
+    """The nearest folder holding `folder` that is there: its parent, or one between it and
+    `root` (git removes every folder a commit empties); None when there is none."""
+    path, top = folder.absolute(), root.absolute()
+    for step in path.parents:
+        if step.is_dir():
+            return step
+        if step == top or not step.is_relative_to(top):
+            return None
     return None
 
 

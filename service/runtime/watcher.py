@@ -35,7 +35,7 @@ from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
 from service.runtime.registry import Outcome, Refusal, Registry
-from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, link_folders
+from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, holding, link_folders
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ so some 15 MB at the cap), the oldest forgotten first but never one of a file lo
 
 @dataclass(frozen=True, slots=True)
 class _Place:
-    """What the watch is set on: the folder, or while it is missing the folder holding it (a
-    git-sync swap changes it), and whether git says the absence is the configuration."""
+    """What the watch is set on: the folder, or while it is missing the nearest folder holding
+    it (a git-sync swap changes it), and whether git says the absence is the configuration."""
 
     folder: tuple[int, int] | None
     """The folder's device and inode; None while it is missing."""
     holder: tuple[int, int] | None = None
+    path: Path | None = None
+    """Where the holder is: the folder's parent, or one above it that git left (scan.holding)."""
     absent: bool = False
 
 
@@ -85,6 +87,8 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._applying: asyncio.Future[Outcome] | None = None
         self._closed = False
+        self._unwatched: tuple[Path, str] | None = None
+        """The path a watch could not be set on and why, as last logged: logged once."""
 
     async def reload(self) -> Outcome:
         """Rescan the folder, load what changed, and apply the result. Never raises on bad files.
@@ -138,7 +142,7 @@ class Reloader:
         # shielded, and remembered so that `aclose` can wait for it.
         applying = asyncio.ensure_future(
             asyncio.to_thread(
-                self.registry.apply, candidate, rejected, source=scan.source, absent=scan.absent
+                self.registry.apply, candidate, rejected, source=scan.source, holder=scan.holder
             )
         )
         self._applying = applying
@@ -152,20 +156,21 @@ class Reloader:
 
         Each load runs once the watch is set, so nothing written before it goes unseen. A
         folder deleted and made again is watched afresh: the old watch would only ever see
-        its changes through the periodic rescan. While there is no folder, the folder that
-        holds it is watched, so one made again (a commit bringing it back) is seen at once;
-        and while git does not say the folder's absence is the configuration (it was deleted
-        by hand: its files stay refused, their last good versions served), it is rescanned
-        every second too, for the commit that may say so.
+        its changes through the periodic rescan. While there is no folder, the nearest folder
+        that holds it is watched (git removes every folder a commit empties), so one made again
+        (a commit bringing it back) is seen at once; and while git does not say the folder's
+        absence is the configuration (it was deleted by hand: its files stay refused, their last
+        good versions served), it is rescanned every second too, for the commit that may say so.
         """
         while not stop.is_set():
             place = self._place()
+            watched = False
             if place.folder is not None:
-                await self._watch(stop, place, self.folder, self.rescan_s)
-            elif place.holder is not None:
+                watched = await self._watch(stop, place, self.folder, self.rescan_s)
+            elif place.holder is not None and place.path is not None:
                 rescan_s = self.rescan_s if place.absent else min(self.rescan_s, 1.0)
-                await self._watch(stop, place, self.folder.parent, rescan_s)
-            else:  # nothing to watch: looked at every second
+                watched = await self._watch(stop, place, place.path, rescan_s)
+            if not watched:  # nothing to watch, or it cannot be watched: looked at every second
                 await self._reload_logged()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=min(self.rescan_s, 1.0))
@@ -175,11 +180,18 @@ class Reloader:
         folder = _identity(self.folder)
         if folder is not None:
             return _Place(folder)
-        return _Place(None, _identity(self.folder.parent), self._scanner.absent)
+        path = holding(self.folder, self.root)
+        holder = _identity(path) if path is not None else None
+        return _Place(None, holder, path, self._scanner.absent)
 
-    async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> None:
+    async def _watch(self, stop: asyncio.Event, place: _Place, path: Path, rescan_s: float) -> bool:
         """Reload on every batch of changes in `path` (and at least every `rescan_s`) until
-        `stop` is set, or until after a batch the watch is to be set on another `_Place`."""
+        `stop` is set, or until after a batch the watch is to be set on another `_Place`.
+
+        False when the watch cannot be set (a folder the service's user may not read, the OS's
+        limit of inotify watches or instances reached): logged once, not at every try, and the
+        caller rescans every second instead. Raised, it ended the watcher: nothing reloaded again.
+        """
         changes = awatch(
             path,
             *link_folders(self.folder),  # a swapped link is an event there, not in the folder
@@ -196,16 +208,25 @@ class Reloader:
         try:
             async with contextlib.aclosing(changes):
                 async for _ in changes:
+                    if self._unwatched is not None:
+                        self._unwatched = None
+                        log.info("%s is watched again", path)
                     await self._reload_logged()
                     if self._place() != place:
                         break
         except FileNotFoundError:  # gone between the check and the watch
             pass
+        except OSError as exc:
+            if self._unwatched != (path, str(exc)):
+                self._unwatched = (path, str(exc))
+                log.warning("cannot watch %s: %s; it is rescanned every second", path, exc)
+            return False
         finally:
             if not catch_up.done():  # stopping, or the path went before the watch was set
                 catch_up.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await catch_up
+        return True
 
     async def aclose(self) -> None:
         """Stop reloading, and wait for an apply still running in its thread (after a cancel).

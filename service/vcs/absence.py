@@ -36,7 +36,8 @@ class Absence:
 
 
 def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
-    """What git says of `folder`, missing from a working tree whose folder holding it is there.
+    """What git says of `folder`, missing from a working tree that holds its parent, or, git
+    removing every folder a commit empties, a folder above it (the caller decides how far up).
 
     Confirmed when that working tree's HEAD commit has no entry at `folder`'s path, its index
     none under it, and git ignores neither the folder nor the files `names` (those last read
@@ -44,7 +45,7 @@ def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
     as removed by git. Five git calls at most; any failure of git is a doubt.
     """
     holder = Path(os.path.realpath(folder.parent))
-    repo = GitRepo.find(holder)
+    repo = GitRepo.find(next((p for p in (holder, *holder.parents) if p.is_dir()), holder))
     if repo is None:
         return Absence(None, "not in a git working tree")
     try:

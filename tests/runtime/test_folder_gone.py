@@ -240,3 +240,44 @@ async def test_a_git_sync_swap_to_a_commit_without_the_folder_empties_the_config
         sync.sync()
         await eventually(lambda: service.registry.state.last_applied_commit == back, timeout=1.0)
         assert service.registry.snapshot.providers["a"].endpoint == "http://127.0.0.1:12/v1"
+
+
+async def test_a_nested_folder_git_removed_with_the_folder_holding_it_is_empty_as_a_fresh_replica_has_it(
+    sops_project: SopsProject, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--providers config/providers.d`: git removes every folder a commit empties, up to the
+    repository's top, so `config/` goes with the folder. A write deleting the last provider was
+    undone (409, `unreadable folder`); a commit doing so left `a` served for ever (while /readyz
+    named that commit), where a fresh replica at that commit serves nothing."""
+    git_init(sops_project.root)
+    (sops_project.root / ".gitignore").write_text("var/\n")
+    nested = replace(sops_project, providers=sops_project.root / "config" / "providers.d")
+    nested.providers.mkdir(parents=True)
+    write_server(nested, "a")
+    commit_all(nested, "setup")
+    caplog.set_level(logging.INFO, logger=WATCHER)
+    async with serve(nested, rescan_s=60) as service:
+        status, answer, _ = await call(service, "DELETE", "/servers/a")  # a commit, checked out
+        assert status == 200, answer
+        removed = answer["commit"]
+        assert not (nested.root / "config").exists()  # git removed the folder holding it too
+        state = service.registry.state
+        assert state.last_applied_commit == removed == git(nested.root, "rev-parse", "HEAD")
+        assert state.snapshot.providers == {} and state.refused == {}
+        tags = await list_tags(service)
+        clone = tmp_path / "fresh"
+        git(tmp_path, "clone", "-q", str(nested.root), str(clone))
+        async with serve(replace(nested, root=clone, providers=clone / "config" / "providers.d")) as fresh:
+            assert fresh.registry.state.last_applied_commit == removed
+            assert await served(fresh) == [] and await list_tags(fresh) == tags
+        git(nested.root, "revert", "--no-edit", "HEAD")  # both made again by git: seen by a watch
+        await eventually(lambda: set(service.registry.snapshot.providers) == {"a"}, timeout=3)
+        shutil.rmtree(nested.root / "config")  # by hand, HEAD holding it: not a removal
+        kept = {"config/providers.d/a.yaml": "unreadable folder"}
+        await eventually(lambda: service.registry.refused == kept)
+        assert set(service.registry.snapshot.providers) == {"a"}
+    head = git(nested.root, "rev-parse", "HEAD")
+    assert errors(caplog) == [
+        f"cannot list {nested.providers}: No such file or directory"
+        f" (commit {head[:12]} (HEAD) holds it); what was loaded from it stays"
+    ]

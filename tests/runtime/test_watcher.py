@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sys
 import time
 import tracemalloc
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import watchfiles
 
 from service.cli.main import cli
 from service.http.context import EVENTS, RELOADER
@@ -620,3 +623,42 @@ async def test_writes_through_sops_and_a_rollback_are_taken(
     write_atomically(path, first.decode())  # the rollback
     await eventually(lambda: urls(service).get("vendor") == URL)
     assert service.registry.refused == {}
+
+
+async def test_a_folder_that_cannot_be_watched_is_rescanned_every_second_and_watched_once_it_can(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watch that cannot be set (a folder the service's user may not read, the OS's limit of
+    inotify watches or instances reached: watchfiles raises PermissionError or OSError) killed
+    the watcher: nothing was ever reloaded again, and /readyz said nothing. Simulated (the
+    tests may run as root, whom chmod 000 does not stop): the error is what watchfiles raises."""
+    write_server(sops_project, "a")
+    real_awatch = watchfiles.awatch
+    refusing = True
+
+    async def refused(paths: tuple[Path, ...]) -> AsyncIterator[set[Any]]:
+        raise PermissionError(f"Permission denied (os error 13) about {[str(p) for p in paths]}")
+        yield set()  # pragma: no cover - an async generator, as awatch is, failing as it does
+
+    def awatch(*paths: Path, **kwargs: Any) -> AsyncIterator[set[Any]]:
+        return refused(paths) if refusing else real_awatch(*paths, **kwargs)
+
+    monkeypatch.setattr(watcher, "awatch", awatch)
+    caplog.set_level(logging.INFO, logger="service.runtime.watcher")
+    async with serve(sops_project, rescan_s=60) as service:  # the first load, without a watch
+        assert set(service.registry.snapshot.providers) == {"a"}
+        write_server(sops_project, "b")
+        await eventually(lambda: "b" in service.registry.snapshot.providers, timeout=3)  # a rescan
+        assert service.registry.refused == {}
+        refusing = False
+        await asyncio.sleep(1.5)  # the next try sets the watch
+        started = time.monotonic()
+        write_server(sops_project, "c")
+        await eventually(lambda: "c" in service.registry.snapshot.providers, timeout=3)
+        assert time.monotonic() - started < 0.9  # seen by the watch
+    said = [r for r in caplog.records if r.name == "service.runtime.watcher" and r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in said] == [
+        f"cannot watch {sops_project.providers}: Permission denied (os error 13) about"
+        f" ['{sops_project.providers}']; it is rescanned every second"
+    ]
+    assert all(r.exc_info is None for r in said)
