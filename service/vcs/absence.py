@@ -4,7 +4,7 @@ git removes a folder that a commit empties: `git rm` of its last file, a pull, a
 a fast-forward, all leave no `providers.d/` at such a commit, and neither has git-sync's
 worktree of it. There the missing folder is the configuration, an empty one, as a replica
 started fresh at that commit serves it. A folder missing otherwise (deleted by hand while the
-commit still holds it, a copy half done, a folder git does not hold at all) says nothing of
+commit still holds it, a copy half done, a folder git never held) says nothing of
 the configuration. Only git tells the two apart: it is asked only while the folder is
 missing, never on a reload of a folder that is there, never on a request.
 """
@@ -40,9 +40,11 @@ def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
     removing every folder a commit empties, a folder above it (the caller decides how far up).
 
     Confirmed when that working tree's HEAD commit has no entry at `folder`'s path, its index
-    none under it, and git ignores neither the folder nor the files `names` (those last read
-    in it): a folder git does not hold (`.gitignore`d, filled by another tool) is never taken
-    as removed by git. Five git calls at most; any failure of git is a doubt.
+    none under it, a commit before it held it (git removed it: a folder no commit ever held,
+    made and deleted by hand or by another tool, was not), and git ignores neither the folder
+    nor the files `names` (those last read in it): a folder git does not hold (`.gitignore`d,
+    filled by another tool) is never taken as removed by git. Six git calls at most; any
+    failure of git is a doubt.
     """
     holder = Path(os.path.realpath(folder.parent))
     repo = GitRepo.find(next((p for p in (holder, *holder.parents) if p.is_dir()), holder))
@@ -61,6 +63,8 @@ def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
             return Absence(head, f"commit {head[:12]} (HEAD) holds it")
         if repo.run("ls-files", "-z", "--", path).strip(b"\0"):
             return Absence(head, "the git index holds files of it")
+        if not repo.run("log", "-1", "--format=%H", head, "--", path).strip():
+            return Absence(head, f"no commit up to {head[:12]} (HEAD) ever held it: git did not remove it")
         probes = "".join(f"{p}\0" for p in (f"{path}/", *(f"{path}/{name}" for name in names)))
         data = probes.encode("utf-8", "surrogateescape")
         if repo.run("check-ignore", "--stdin", "-z", data=data, ok=(0, 1)).strip(b"\0"):

@@ -76,3 +76,16 @@ def test_a_link_to_the_worktree_is_followed(folder: Path, tmp_path: Path) -> Non
     removed = commit(folder.parent, "drop every provider")
     (tmp_path / "current").symlink_to(folder.parent)
     assert absence(tmp_path / "current" / "providers.d") == Absence(removed)
+
+
+def test_a_folder_no_commit_ever_held_is_not(folder: Path) -> None:
+    """Made and deleted by hand (or by another tool) beside what git holds, not ignored: git did
+    not remove it, so its last good files are kept (a review found it taken as removed)."""
+    other = folder.parent / "untracked.d"
+    other.mkdir()
+    (other / "b.yaml").write_bytes(server("b"))
+    shutil.rmtree(other)
+    head = git(folder.parent, "rev-parse", "HEAD")
+    found = absence(other, ["b.yaml"])
+    assert (found.confirmed, found.commit) == (False, head)
+    assert found.doubt == f"no commit up to {head[:12]} (HEAD) ever held it: git did not remove it"
