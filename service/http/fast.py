@@ -418,6 +418,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         data, self.pending = bytes(self.pending), bytearray()
         if data:
             handler.data_received(data)
+            if isinstance(handler, stalls.Handler):  # a head in its middle: timed from its first byte
+                handler.began(self.since)
         if self.closing:
             handler.close()
 

@@ -51,14 +51,40 @@ class JsonErrors(RequestHandler):
 class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's server log, where a request too malformed to parse (a NUL or a line break in a
     header, a line too long) is one warning line, not a traceback: the client's mistake, not the
-    service's. Its text names the fault, never the bytes, which may hold a token."""
+    service's. Its text names the fault, never the bytes, which may hold a token.
+
+    So is a body aiohttp could not decode (`Content-Encoding: gzip` that is not), found once its
+    request was answered without it (aiohttp reads what is left of it, and logs what stops that as
+    an unhandled exception); and a request line that is not HTTP at all, which aiohttp logs at
+    debug level only, its traceback quoting the line."""
 
     def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError):
-            remote = args[0] if args else "?"
-            self.warning("malformed request from %s: %s (%s)", remote, fault(exc_info), exc_info.code)
+        malformed = _malformed(exc_info)
+        if malformed is not None:
+            self.warning(*_line(malformed, args))
             return
         super().exception(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+    def debug(self, msg: object, *args: object, exc_info: object = None, **kwargs: Any) -> None:
+        malformed = _malformed(exc_info)
+        if malformed is not None:
+            super().debug(*_line(malformed, args))
+            return
+        super().debug(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
+def _malformed(exc: object) -> HttpProcessingError | None:
+    """The parser's error that `exc` is, or that made it (a body's `RequestPayloadError`)."""
+    if isinstance(exc, web.RequestPayloadError):
+        exc = exc.__cause__
+    return exc if isinstance(exc, HttpProcessingError) else None
+
+
+def _line(exc: HttpProcessingError, args: tuple[object, ...]) -> tuple[object, ...]:
+    """The log line of a malformed request: its client's address (aiohttp's first argument, when
+    it gives one), and its fault."""
+    remote = args[0] if args else "?"
+    return "malformed request from %s: %s (%s)", remote, fault(exc), exc.code
 
 
 def fault(exc: HttpProcessingError) -> str:

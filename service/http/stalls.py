@@ -201,6 +201,16 @@ class Handler(JsonErrors):
         if self._receiving is None:
             self._receiving = self._loop.call_later(self._receive_timeout_s, self._received)
 
+    def began(self, since: float) -> None:
+        """The head coming was begun before this connection was handed to it (by the fast path,
+        at `since`): it is timed from there, as it was, not from the hand-off."""
+        if self._head_since is None or since >= self._head_since:
+            return
+        self._head_since = since
+        if self._receiving is not None:
+            self._receiving.cancel()
+        self._receiving = self._loop.call_at(since + self._receive_timeout_s, self._received)
+
     def _received(self) -> None:
         """The receive timeout's timer: a request coming too slowly is answered 408; else it is
         armed again while one is coming."""

@@ -20,7 +20,7 @@ from service.http.app import create_app
 from service.http.context import RELAY
 from service.http.openapi import document
 from tests import conftest
-from tests.conftest import Service, SopsProject, serve, write_routing, write_server
+from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import Switchboard, running, write_clients, write_provider
 from tests.support.upstreams import FakeUpstream, closed_port_url
 
@@ -260,6 +260,53 @@ async def test_a_malformed_header_is_answered_and_logged_without_its_bytes(
     text = record.getMessage()
     assert "\n" not in text and text.startswith("malformed request from 127.0.0.1")
     assert "sk-secret" not in text and "\\x00" not in text and "aaaa" not in text
+
+
+async def test_a_request_line_that_is_not_http_is_logged_without_its_bytes_at_debug_level_too(
+    guarded: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logs a connection's first request line that is not HTTP (TLS, a port scan) at
+    debug level only, with a traceback quoting the line: with `SWITCHBOARD_LOG_LEVEL=DEBUG`, a
+    token in it was in the log. It is the one line naming the fault, at debug level still."""
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await asyncio.open_connection(*guarded.url.removeprefix("http://").split(":"))
+    try:
+        writer.write(b"sk-secret-in-a-request-line /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert b" 400 " in answer.split(b"\r\n")[0] and b"sk-secret" not in answer
+    assert "sk-secret" not in caplog.text
+    assert all(r.exc_info is None and "sk-secret" not in r.getMessage() for r in caplog.records)
+    (line,) = [r for r in caplog.records if r.name == "service.http.protocol"]
+    assert line.levelno == logging.DEBUG
+    assert line.getMessage().startswith("malformed request from 127.0.0.1: BadHttpMethod")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/chat/completions"])
+async def test_a_body_that_cannot_be_decoded_and_is_not_read_is_one_warning_line(
+    guarded: Service, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """`Content-Encoding: gzip` over bytes that are not: a request answered without its body
+    (405, 401) left aiohttp reading it after the answer, which logged the decoding's failure as an
+    unhandled exception (an ERROR and a traceback, at a client's will). One warning line now."""
+    reader, writer = await asyncio.open_connection(*guarded.url.removeprefix("http://").split(":"))
+    try:
+        writer.write(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-secret-token\r\n"
+            b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 15\r\n\r\n"
+        )
+        await asyncio.sleep(0.1)  # the body after its answer
+        writer.write(b"sk-secret-token")
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith((b"HTTP/1.1 405 ", b"HTTP/1.1 401 ")), answer[:40]
+    await eventually(lambda: any(r.name == "service.http.protocol" for r in caplog.records))
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info) for r in records] == [(logging.WARNING, None)], caplog.text
+    assert records[0].getMessage().startswith("malformed request from ?: ContentEncodingError")
+    assert "sk-secret" not in caplog.text
 
 
 async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from service.http.fast import MAX_HEAD
 from tests.conftest import Service, SopsProject, eventually, git, git_init, serve, write_routing, write_server
 from tests.http.test_fast_path import CHAT, HAND_OFF, _address, _read_answer, _request
 from tests.http.test_stalls import TOKEN, _metered, _used
@@ -378,3 +379,35 @@ async def test_a_write_whose_body_stops_coming_is_answered_408_and_nothing_is_wr
             writer.close()
         assert git(root, "rev-parse", "HEAD") != before
     _timed_out(got)
+
+
+@pytest.mark.parametrize("server", ["fast path", "aiohttp"])
+async def test_a_head_handed_to_aiohttp_in_its_middle_is_timed_from_its_first_byte(
+    sops_project: SopsProject, server: str
+) -> None:
+    """A head longer than the fast path takes (`fast.MAX_HEAD`) is handed to aiohttp before it
+    ends: it is still answered 408 once the timeout has passed since its first byte, not a whole
+    timeout after the hand-off (which a slowloris would time to just before its deadline)."""
+    up = _Upstream()
+    async with _metered(sops_project, up.app(), fast=server != "aiohttp", receive_timeout_s=LIMIT_S) as (
+        service,
+        records,
+    ):
+        head, _ = _split(_request(token=TOKEN), "fast path")
+        fields = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 7000) for i in range(10))
+        assert len(fields) > MAX_HEAD
+        begun = head[:-2] + fields
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection(*_address(service))
+        try:
+            started = loop.time()
+            writer.write(begun[:60_000])  # under the fast path's most
+            await asyncio.sleep(LIMIT_S * 0.8)
+            writer.write(begun[60_000:])  # over it: handed to aiohttp, its head not ended
+            got = await _trickled(reader, writer, b"X-More: " + b"b" * 100)
+            waited = loop.time() - started
+        finally:
+            writer.close()
+        await _nothing_happened(service, up, records)
+    _timed_out(got)
+    assert waited < LIMIT_S * 1.6, waited
