@@ -104,6 +104,22 @@ async def _chat(service: Service) -> int:
         return answer.status
 
 
+async def _head_trickled(service: Service, server: str) -> tuple[bytes, float]:
+    """A request's head trickled on a connection of its own (after a request that gave the
+    connection to aiohttp, when `server` says so): what came back, and after how long."""
+    reader, writer = await asyncio.open_connection(*_address(service))
+    try:
+        if server == "handed off":  # a request before it gave the connection to aiohttp
+            writer.write(HEALTHZ)
+            assert (await _read_answer(reader)).status == 200
+        head, _ = _split(_request(token=TOKEN), "fast path")
+        started = asyncio.get_running_loop().time()
+        got = await _trickled(reader, writer, head)
+        return got, asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+
+
 async def _nothing_happened(service: Service, up: _Upstream, records: Any) -> None:
     """No call went upstream, nothing was recorded or counted against the client, nothing held."""
     await asyncio.sleep(LIMIT_S)
@@ -125,17 +141,7 @@ async def test_a_head_that_does_not_end_in_time_is_answered_408_and_closed(
         service,
         records,
     ):
-        reader, writer = await asyncio.open_connection(*_address(service))
-        try:
-            if server == "handed off":  # a request before it gave the connection to aiohttp
-                writer.write(HEALTHZ)
-                assert (await _read_answer(reader)).status == 200
-            head, _ = _split(_request(token=TOKEN), "fast path")
-            started = asyncio.get_running_loop().time()
-            got = await _trickled(reader, writer, head)
-            waited = asyncio.get_running_loop().time() - started
-        finally:
-            writer.close()
+        got, waited = await _head_trickled(service, server)
         await _nothing_happened(service, up, records)
         assert await _chat(service) == 200
     _timed_out(got)
@@ -324,17 +330,7 @@ async def test_a_head_coming_is_the_receive_timeouts_not_the_keepalives(
         keepalive_s=LIMIT_S / 2,
         receive_timeout_s=LIMIT_S * 2,
     ) as (service, _):
-        reader, writer = await asyncio.open_connection(*_address(service))
-        try:
-            if server == "handed off":
-                writer.write(HEALTHZ)
-                assert (await _read_answer(reader)).status == 200
-            head, _ = _split(_request(token=TOKEN), "fast path")
-            started = asyncio.get_running_loop().time()
-            got = await _trickled(reader, writer, head)
-            waited = asyncio.get_running_loop().time() - started
-        finally:
-            writer.close()
+        got, waited = await _head_trickled(service, server)
     _timed_out(got)
     assert waited >= LIMIT_S * 2 * 0.9, waited
 

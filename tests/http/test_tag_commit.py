@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,19 +78,7 @@ async def test_a_commit_of_one_provider_leaves_the_others_tag_as_it_was(two: Ser
 
 
 async def test_a_commit_outside_the_providers_folder_changes_no_tag(two: Service) -> None:
-    before = await tags_now(two)
-    held = [
-        asyncio.create_task(get(two, f"{API}{path}?wait=2s", {"If-None-Match": tag}))
-        for path, tag in before.items()
-    ]
-    await asyncio.sleep(0.3)
-    (two.project.root / "README.md").write_text("not configuration\n")
-    readme = commit_all(two.project, "a readme")
-    await applied(two, readme)
-    assert await tags_now(two) == before
-    assert not any(task.done() for task in held)
-    answers = await asyncio.wait_for(asyncio.gather(*held), 10)
-    assert [a.status for a in answers] == [304] * len(answers)
+    readme = await _held_through_a_readme(two, tags_now)
     assert (await get(two, API + "/active/chat")).json()["commit"] == readme
 
 
@@ -185,20 +173,8 @@ async def test_an_emptied_folder_keeps_the_tag_of_its_emptying_through_other_com
     """With no file left, the lists were tagged with the commit served: every commit, even a
     README's, changed them and woke every query held on them."""
     removed = await emptied(two)
-    before = await list_tags(two)
-    assert {commit_of(t) for t in before.values()} == {removed}
-    held = [
-        asyncio.create_task(get(two, f"{API}{path}?wait=2s", {"If-None-Match": tag}))
-        for path, tag in before.items()
-    ]
-    await asyncio.sleep(0.3)
-    (two.project.root / "README.md").write_text("not configuration\n")
-    readme = commit_all(two.project, "a readme")
-    await applied(two, readme)
-    assert await list_tags(two) == before
-    assert not any(task.done() for task in held)
-    answers = await asyncio.wait_for(asyncio.gather(*held), 10)
-    assert [a.status for a in answers] == [304] * len(answers)
+    assert {commit_of(t) for t in (await list_tags(two)).values()} == {removed}
+    readme = await _held_through_a_readme(two, list_tags)
     assert (await get(two, API + "/active")).json()["commit"] == readme  # the body says what is served
 
 
@@ -219,3 +195,22 @@ async def test_a_replica_started_on_an_emptied_folder_gives_the_running_replicas
     async with serve(fresh_project) as fresh:
         assert fresh.registry.state.last_applied_commit == readme
         assert await list_tags(fresh) == running
+
+
+async def _held_through_a_readme(two: Service, tags: Callable[[Service], Awaitable[dict[str, str]]]) -> str:
+    """Hold a query on each answer `tags` gives, commit a README: no tag moves, no held query
+    ends before its wait, each then 304. The README's commit."""
+    before = await tags(two)
+    held = [
+        asyncio.create_task(get(two, f"{API}{path}?wait=2s", {"If-None-Match": tag}))
+        for path, tag in before.items()
+    ]
+    await asyncio.sleep(0.3)
+    (two.project.root / "README.md").write_text("not configuration\n")
+    readme = commit_all(two.project, "a readme")
+    await applied(two, readme)
+    assert await tags(two) == before
+    assert not any(task.done() for task in held)
+    answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert [a.status for a in answers] == [304] * len(answers)
+    return readme
