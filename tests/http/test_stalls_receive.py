@@ -104,6 +104,17 @@ async def _chat(service: Service) -> int:
         return answer.status
 
 
+async def _sent_until_closed(service: Service, data: bytes) -> bytes:
+    """Send `data` on a connection of its own and nothing more: what came back before the
+    server closed it."""
+    reader, writer = await asyncio.open_connection(*_address(service))
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(_until_closed(reader), 10)
+    finally:
+        writer.close()
+
+
 async def _head_trickled(service: Service, server: str) -> tuple[bytes, float]:
     """A request's head trickled on a connection of its own (after a request that gave the
     connection to aiohttp, when `server` says so): what came back, and after how long."""
@@ -167,12 +178,7 @@ async def test_a_body_that_stops_coming_is_answered_408_and_nothing_of_it_happen
     ):
         head, body = _split(_request(b'{"model": "fake-model", ' + b" " * 976, token=TOKEN), server)
         assert b"Content-Length: 1000\r\n" in head
-        reader, writer = await asyncio.open_connection(*_address(service))
-        try:
-            writer.write(head + body[:10])
-            got = await asyncio.wait_for(_until_closed(reader), 10)
-        finally:
-            writer.close()
+        got = await _sent_until_closed(service, head + body[:10])
         await _nothing_happened(service, up, records)
         for _ in range(5):  # more than its `max_parallel` (4), one after another
             assert await _chat(service) == 200
@@ -357,12 +363,7 @@ async def test_a_write_whose_body_stops_coming_is_answered_408_and_nothing_is_wr
     )
     async with serve(sops_project, fast=server == "fast path", receive_timeout_s=LIMIT_S) as service:
         before = git(root, "rev-parse", "HEAD")
-        reader, writer = await asyncio.open_connection(*_address(service))
-        try:
-            writer.write(head + body[:10])
-            got = await asyncio.wait_for(_until_closed(reader), 10)
-        finally:
-            writer.close()
+        got = await _sent_until_closed(service, head + body[:10])
         await asyncio.sleep(LIMIT_S)
         assert git(root, "rev-parse", "HEAD") == before
         assert (sops_project.providers / "routing.yaml").read_text() == routing
