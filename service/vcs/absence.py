@@ -12,6 +12,7 @@ missing, never on a reload of a folder that is there, never on a request.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
     holder = Path(os.path.realpath(folder.parent))
     repo = GitRepo.find(next((p for p in (holder, *holder.parents) if p.is_dir()), holder))
     if repo is None:
+        if shutil.which("git") is None:
+            return Absence(None, "git is not installed (no `git` on PATH)")
         return Absence(None, "not in a git working tree")
     try:
         path = (holder / folder.name).relative_to(os.path.realpath(repo.root)).as_posix()

@@ -89,3 +89,11 @@ def test_a_folder_no_commit_ever_held_is_not(folder: Path) -> None:
     found = absence(other, ["b.yaml"])
     assert (found.confirmed, found.commit) == (False, head)
     assert found.doubt == f"no commit up to {head[:12]} (HEAD) ever held it: git did not remove it"
+
+
+def test_without_git_on_path_the_doubt_says_so(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not "not in a git working tree": the operator is told what to install."""
+    git(folder.parent, "rm", "-r", "-q", "providers.d")
+    commit(folder.parent, "drop every provider")
+    monkeypatch.setenv("PATH", str(folder.parent / "nothing-here"))
+    assert absence(folder) == Absence(None, "git is not installed (no `git` on PATH)")
