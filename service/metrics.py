@@ -30,7 +30,16 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE", "Count", "LoopCounter", "LoopHistogram", "Metrics", "Timing", "Traffic"]
+__all__ = [
+    "CONTENT_TYPE",
+    "Count",
+    "Cuts",
+    "LoopCounter",
+    "LoopHistogram",
+    "Metrics",
+    "Timing",
+    "Traffic",
+]
 
 ERROR_OUTCOMES = frozenset({"failed", "broken"})
 """Upstream attempts that count as the provider's errors (a 4xx passed on is the client's)."""
@@ -93,6 +102,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # added to only by a connection that cuts (its timers and callbacks: the loop thread)
+        self.http_cut = LoopCounter(
+            "switchboard_http_cut",
+            "Connections the HTTP servers cut or refused, by reason: receive_timeout (answered 408), "
+            "send_timeout (a client that took nothing of its answer, let go of), "
+            "malformed (a request the parser refused, answered 400).",
+            ["reason"],
+            registry=r,
+        )
+        self.cuts = Cuts(self.http_cut)
+        """Its series, for the servers' connections (`service.http.stalls`, `service.http.fast`)."""
         # gateway
         self.upstream_requests = LoopCounter(
             "switchboard_upstream_requests",
@@ -199,6 +219,27 @@ class Metrics:
             else:
                 traffic.completion_tokens += int(sample.value)
         return dict(found)
+
+
+class Cuts:
+    """The series of `switchboard_http_cut_total`, one a reason, made at the start (each shown
+    from 0): what a server's connection adds one to when it cuts one, and only then.
+
+    The reason is the server's, never anything the client sent: the labels stay bounded. Without
+    a counter, they count nowhere (a connection made only to check what it does)."""
+
+    __slots__ = ("malformed", "receive_timeout", "send_timeout")
+
+    def __init__(self, counter: LoopCounter | None = None) -> None:
+        def series(reason: str) -> Count:
+            return Count() if counter is None else counter.labels(reason)
+
+        self.receive_timeout = series("receive_timeout")
+        """A request that did not come within `SWITCHBOARD_RECEIVE_TIMEOUT_S`, answered 408."""
+        self.send_timeout = series("send_timeout")
+        """A client that took nothing of its answer for `SWITCHBOARD_SEND_TIMEOUT_S`, let go of."""
+        self.malformed = series("malformed")
+        """A request aiohttp's parser refused, answered 400 (`service.http.malformed`)."""
 
 
 @dataclass(slots=True)

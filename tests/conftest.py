@@ -244,6 +244,13 @@ class Service:
             if sample.name == name and labels.items() <= sample.labels.items()
         )
 
+    async def cuts(self) -> dict[str, float]:
+        """`switchboard_http_cut_total` of each reason: the connections the servers cut or refused."""
+        return {
+            reason: await self.metric("switchboard_http_cut_total", reason=reason)
+            for reason in ("receive_timeout", "send_timeout", "malformed")
+        }
+
     async def stop(self) -> None:
         """Shut the service down as SIGTERM does (the event log is closed); idempotent."""
         await self.runner.cleanup()

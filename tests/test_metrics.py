@@ -303,3 +303,26 @@ def test_the_gateway_series_are_loop_local_and_answered_keeps_one_pair() -> None
     assert 'switchboard_http_request_seconds_bucket{le="0.005",route="/v1/models"} 3.0' in text
     assert 'switchboard_http_request_seconds_count{route="/v1/models"} 3.0' in text
     assert metrics.answered_upstream("a", "ok") is metrics.answered_upstream("a", "ok")
+
+
+def test_the_cuts_are_shown_from_the_start_one_series_a_reason() -> None:
+    """`switchboard_http_cut_total`: its three reasons at 0 before any cut (so that a rate of
+    them is there from the first scrape), and each `Cuts` series adds to its own."""
+    metrics = Metrics()
+    assert isinstance(metrics.http_cut, LoopCounter)
+
+    def shown() -> dict[str, float]:
+        text = metrics.render().decode()
+        return {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "switchboard_http_cut_total"
+        }
+
+    assert shown() == {"receive_timeout": 0, "send_timeout": 0, "malformed": 0}
+    metrics.cuts.send_timeout.inc()
+    metrics.cuts.malformed.inc()
+    metrics.cuts.malformed.inc()
+    assert shown() == {"receive_timeout": 0, "send_timeout": 1, "malformed": 2}
+    assert metrics.http_cut.labels("malformed") is metrics.cuts.malformed

@@ -331,7 +331,7 @@ class Gateway:
         # aiohttp's server calls `app._handle` for every request (`Application._make_handler`)
         object.__setattr__(self.app, "_handle", self.handle)
         # aiohttp's connections: the send and receive timeouts
-        stalls.install(self.app, self.send_timeout_s, self.receive_timeout_s)
+        stalls.install(self.app, self.send_timeout_s, self.receive_timeout_s, self.metrics.cuts)
         self.app[GATEWAY] = self
 
     def _settle(self) -> None:

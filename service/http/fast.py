@@ -13,6 +13,8 @@ connection's transport (`FastRequest._payload_writer`), waiting while a slow cli
 buffer down (`Outlet`). Once the answer has ended the connection goes on to the next request.
 A request that does not come whole in time is answered 408 and the connection closed (the
 receive timeout, `service.http.stalls`): its one timer, the keep-alive's, times that too (`_idle`).
+Each cut (a 408, a client let go of) is counted in the app's metrics, reached through the
+site's gateway (`FastSite.cuts`); a malformed request is aiohttp's, counted there.
 
 Any other request hands the connection to aiohttp for the rest of its life, at that
 request's first byte: aiohttp's `RequestHandler` is made for the transport, given it, and
@@ -106,6 +108,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         and no stream written until the client reads it down, as aiohttp's `drain` waits."""
         self.drained: asyncio.Future[None] | None = None
         self.send_timeout_s = site.send_timeout_s
+        self.cuts = site.cuts
 
     # -- what aiohttp's Server reads of a connection ----------------------------------------
 
@@ -460,6 +463,7 @@ class FastConnection(asyncio.Protocol, Outlet):
     def _timed_out(self, transport: asyncio.Transport) -> None:
         """Answer 408 to a request that did not come in time, and close: nothing of it happened."""
         stalls.say(transport, self.head is None, self.site.receive_timeout_s)
+        self.site.cuts.receive_timeout.inc()
         self.pending.clear()
         self.head = None
         self.closing = True
@@ -487,6 +491,8 @@ class FastSite(web.TCPSite):
         """A request that does not come in this long is answered 408 (`service.http.stalls`)."""
         self.keepalive_s = keepalive_s
         """An idle connection of the fast path is closed after this long."""
+        self.cuts = gateway.metrics.cuts
+        """The app's metrics' series of the connections cut (`switchboard_http_cut_total`)."""
         self.handed_off = 0
         """Connections handed to aiohttp so far."""
         self.loop = asyncio.get_running_loop()

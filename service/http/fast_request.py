@@ -14,6 +14,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersio
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.http.stalls import Stall
+from service.metrics import Cuts
 
 if TYPE_CHECKING:
     from aiohttp.helpers import HeadersMixin
@@ -38,7 +39,7 @@ class Outlet:
     is given): its `transport`, and its flow control, `_paused` and `_drain_helper` (private,
     as aiohttp's `BaseProtocol` has them): a write over the transport's limit waits until the
     client has read the buffer down (`resume_writing`), or has left; or, once it has taken
-    nothing of it for `send_timeout_s`, until it is let go of (`Stall`)."""
+    nothing of it for `send_timeout_s`, until it is let go of (`Stall`), and counted (`cuts`)."""
 
     transport: asyncio.Transport | None
     loop: asyncio.AbstractEventLoop
@@ -50,6 +51,8 @@ class Outlet:
     """The watch on that wait (or on an answer written whole, unread), while it lasts."""
     send_timeout_s: float
     """`SWITCHBOARD_SEND_TIMEOUT_S`."""
+    cuts: Cuts
+    """The app's metrics' series of cut connections: a client let go of adds to `send_timeout`."""
 
     @property
     def _paused(self) -> bool:
@@ -70,7 +73,7 @@ class Outlet:
         """Watch the client while `blocked`, or while a close waits for it: let go of it once it
         takes nothing for the limit."""
         if self.stall is None and self.transport is not None:
-            self.stall = Stall(self.loop, self.transport, self.send_timeout_s)
+            self.stall = Stall(self.loop, self.transport, self.send_timeout_s, self.cuts.send_timeout)
 
     def unblock(self) -> None:
         """The buffer is read down, or the connection lost: a waiting write goes on (to find the
@@ -267,6 +270,7 @@ def _stream_unlike_aiohttp(fields: CIMultiDictProxy[str]) -> str | None:
     outlet.transport = cast(asyncio.Transport, recorder := _Recorder())
     outlet.loop, outlet.blocked, outlet.drained = asyncio.get_running_loop(), False, None
     outlet.send_timeout_s = 60.0  # its wait is watched too (and unwatched once it ends)
+    outlet.cuts = Cuts()  # counted nowhere
     request = FastRequest(None, "/", fields, b"{}", None, HttpVersion11, True, outlet)  # type: ignore[arg-type]
     answer = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "text/event-stream"})
     much = b"x" * 0x10001  # over `StreamWriter.write`'s limit: it drains

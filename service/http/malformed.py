@@ -6,6 +6,7 @@ aiohttp answers such a request itself, before any handler or middleware sees it
 `Authorization` header's token among them. Here the answer is the service's JSON error
 (`{"error": {"type", "message"}}`, `X-Content-Type-Options: nosniff`, the connection closed)
 whose message names the fault, never the bytes; the log's line says the same (`ProtocolLog`).
+Each such answer is `refused`: the connection (`stalls.Handler`) counts it in the metrics.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ _ERRORS: dict[int, type[HTTPError]] = {400: BadRequest, 413: PayloadTooLarge}
 
 
 class JsonErrors(RequestHandler):
-    """aiohttp's connection whose own answers to what it cannot parse are JSON errors."""
+    """aiohttp's connection whose own answers to what it cannot parse are JSON errors, each one
+    `refused`."""
 
     __slots__ = ()
 
@@ -41,11 +43,16 @@ class JsonErrors(RequestHandler):
         super().handle_error(request, status, exc, message)
         if isinstance(exc, HttpProcessingError):
             error = _ERRORS.get(status, BadRequest)(f"malformed request: {fault(exc)}")
+            self.refused()
         else:
             error = HTTPError("the request could not be answered")
         answer = web.json_response(error.body(), status=status, headers=NOSNIFF)
         answer.force_close()
         return answer
+
+    def refused(self) -> None:
+        """A request the parser refused is answered (its connection closed after): nothing to
+        do here; `stalls.Handler` counts it (`switchboard_http_cut_total{reason="malformed"}`)."""
 
 
 class ProtocolLog(logging.LoggerAdapter[logging.Logger]):

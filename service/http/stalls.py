@@ -33,6 +33,11 @@ Both servers have both: the gateway's own (`service.http.fast`, whose `Outlet` i
 `drain`, and whose connection times what it reads itself) and aiohttp's, whose connections are
 made by `Server` here as `Handler`s (a `RequestHandler` whose `drain` is watched, and whose
 reads are timed) — the connections the fast path hands to aiohttp too.
+
+Each cut is counted in the app's metrics (`switchboard_http_cut_total`, by reason:
+`receive_timeout`, `send_timeout`, and `malformed` for a request aiohttp's parser refused):
+the server is given the app's `metrics.Cuts`, and its connections keep it, adding to it only
+when they cut one.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from service.errors import RequestTimeout
 from service.http.malformed import JsonErrors
+from service.metrics import Count, Cuts
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +63,18 @@ log = logging.getLogger(__name__)
 class Stall:
     """A wait for a client to read its connection's buffer down, limited to `limit_s` without
     progress: then the connection is aborted (`transport.abort`: its buffer will never go out,
-    so `close` would wait for it forever). `cancel` when the wait ends."""
+    so `close` would wait for it forever), and counted in `cut` (`Cuts.send_timeout`). `cancel`
+    when the wait ends."""
 
-    __slots__ = ("_handle", "_left", "_limit_s", "_loop", "_transport")
+    __slots__ = ("_cut", "_handle", "_left", "_limit_s", "_loop", "_transport")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, limit_s: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, limit_s: float, cut: Count
+    ) -> None:
         self._loop = loop
         self._transport = transport
         self._limit_s = limit_s
+        self._cut = cut
         self._left = transport.get_write_buffer_size()
         """What the client had yet to take when last looked: nothing is added while it waits."""
         self._handle = loop.call_later(limit_s, self._fire)
@@ -87,6 +97,7 @@ class Stall:
             _peer(transport),
             self._limit_s,
         )
+        self._cut.inc()
         transport.abort()
 
 
@@ -126,11 +137,13 @@ def answer() -> bytes:
 class Handler(JsonErrors):
     """aiohttp's connection whose writes' waits for the client are watched (`Stall`), whose reads
     of a request are timed (the receive timeout), and whose own answers to what it cannot parse
-    are the service's JSON errors (`malformed.JsonErrors`)."""
+    are the service's JSON errors (`malformed.JsonErrors`); each cut counted in its server's
+    `Cuts`."""
 
     __slots__ = (
         "_body",
         "_closed_stall",
+        "_cuts",
         "_got",
         "_head_since",
         "_receive_timeout_s",
@@ -142,6 +155,7 @@ class Handler(JsonErrors):
     def __init__(self, manager: Server, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._send_timeout_s = manager.send_timeout_s
+        self._cuts = manager.cuts
         self._closed_stall: Stall | None = None
         """The watch on its close, which waits for the client to read what is left of its
         answer: one that reads nothing would hold it for good."""
@@ -249,6 +263,7 @@ class Handler(JsonErrors):
 
     def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
         say(transport, head, self._receive_timeout_s)
+        self._cuts.receive_timeout.inc()
         transport.write(answer())
         self.force_close()  # its request, if one is answered, ends as for a client that left
 
@@ -262,7 +277,7 @@ class Handler(JsonErrors):
     def _watch_close(self) -> None:
         transport = self.transport
         if transport is not None and self._closed_stall is None and transport.get_write_buffer_size():
-            self._closed_stall = Stall(self._loop, transport, self._send_timeout_s)
+            self._closed_stall = Stall(self._loop, transport, self._send_timeout_s, self._cuts.send_timeout)
 
     async def _drain_helper(self) -> None:
         # `StreamWriter.drain` calls it only when writing is paused: a write that waits
@@ -270,20 +285,26 @@ class Handler(JsonErrors):
         if transport is None or not self._paused:
             await super()._drain_helper()
             return
-        stall = Stall(self._loop, transport, self._send_timeout_s)
+        stall = Stall(self._loop, transport, self._send_timeout_s, self._cuts.send_timeout)
         try:
             await super()._drain_helper()
         finally:
             stall.cancel()
 
+    def refused(self) -> None:  # a request its parser refused, answered 400 (`JsonErrors`)
+        self._cuts.malformed.inc()
+
 
 class Server(web.Server):
-    """aiohttp's `Server` whose connections are `Handler`s."""
+    """aiohttp's `Server` whose connections are `Handler`s, counting their cuts in `cuts`."""
 
-    def __init__(self, *args: Any, send_timeout_s: float, receive_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, send_timeout_s: float, receive_timeout_s: float, cuts: Cuts, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.send_timeout_s = send_timeout_s
         self.receive_timeout_s = receive_timeout_s
+        self.cuts = cuts
 
     def __call__(self) -> Handler:
         return Handler(self, loop=self._loop, **self._kwargs)
@@ -303,12 +324,14 @@ _HANDLER_PRIVATE = (
 """What `Handler` uses of aiohttp's `RequestHandler` (its `BaseProtocol`) that is private."""
 
 
-def install(app: web.Application, send_timeout_s: float, receive_timeout_s: float) -> None:
-    """Make `app`'s server (`Application._make_handler`, what any runner calls) a `Server`.
+def install(app: web.Application, send_timeout_s: float, receive_timeout_s: float, cuts: Cuts) -> None:
+    """Make `app`'s server (`Application._make_handler`, what any runner calls) a `Server`,
+    whose connections count their cuts in `cuts` (the app's metrics').
 
     It is made from aiohttp's own (its `_loop` and `_kwargs`, private): an aiohttp that lacks
     what it reads, here or of a connection, keeps its own server, said in one log line, without
-    the send and receive timeouts on its connections (the fast path's own keep theirs)."""
+    the send and receive timeouts on its connections, nor their JSON errors and their counts
+    (the fast path's own keep theirs)."""
     usual = app._make_handler
 
     def make_handler(**kwargs: Any) -> web.Server:
@@ -331,6 +354,7 @@ def install(app: web.Application, send_timeout_s: float, receive_timeout_s: floa
             loop=server._loop,
             send_timeout_s=send_timeout_s,
             receive_timeout_s=receive_timeout_s,
+            cuts=cuts,
             **server._kwargs,
         )
 

@@ -358,6 +358,8 @@ async def test_a_malformed_request_gets_aiohttps_answer(
                 writer.write(request_bytes)
                 answers.append(await _read_answer(reader))
                 writer.close()
+                # on the connection handed to aiohttp, or aiohttp's own
+                assert await service.cuts() == {"receive_timeout": 0, "send_timeout": 0, "malformed": 1}
     fast, usual = answers
     assert fast.status >= 400 and fast.comparable() == usual.comparable()
 

@@ -149,6 +149,11 @@ def _stream_request(path: str, body: bytes = STREAM) -> bytes:
     return head + b"\r\n" + HAND_OFF.encode() + b"\r\n" + body
 
 
+LET_GO = {"receive_timeout": 0, "send_timeout": 1, "malformed": 0}
+"""The cuts once one client was let go of by the send timeout."""
+NONE_CUT = {"receive_timeout": 0, "send_timeout": 0, "malformed": 0}
+
+
 async def _used(service: Service) -> dict[str, Any]:
     status, limits = await service.get("/api/v1/llm-config/limits", token=READER)
     assert status == 200
@@ -184,6 +189,7 @@ async def test_a_client_that_stops_reading_is_let_go_as_one_that_left(
         (after,) = await _exchange(service, _request(token=TOKEN))
         assert after.status == 200
         assert await service.metric("switchboard_http_requests_total", status="500") == 0
+        assert await service.cuts() == LET_GO
     assert b"HTTP/1." not in rest and len(rest) < len(b"".join(up.events))  # cut, and nothing after
     assert "took nothing of its answer for 0.3 s (SWITCHBOARD_SEND_TIMEOUT_S)" in caplog.text
     record = records.kept[0]  # the stalled stream's (the next, the request after it)
@@ -221,6 +227,7 @@ async def test_a_slow_client_that_reads_is_never_cut(sops_project: SopsProject, 
         finally:
             writer.close()
         await eventually(lambda: len(records.kept) == 1, timeout=10)
+        assert await service.cuts() == NONE_CUT
     assert longest > LIMIT_S  # the writes waited longer than the send timeout, and went on
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ")
@@ -270,6 +277,7 @@ async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
             writer.close()
         (after,) = await _exchange(service, _request(token=TOKEN))
         assert after.status == 200
+        assert await service.cuts() == LET_GO
     assert len(rest) < len(content)
     assert records.kept[0].status == 200 and records.kept[0].completion_tokens == 2
 
@@ -321,6 +329,7 @@ async def test_a_connection_closed_when_idle_with_its_answer_unread_is_let_go(
             await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
         finally:
             writer.close()
+        assert await service.cuts() == LET_GO
 
 
 @pytest.mark.parametrize("path", ["aiohttp", "handed off"])
@@ -343,6 +352,7 @@ async def test_aiohttp_closing_with_its_answer_unread_lets_go(sops_project: Sops
             await eventually(lambda: not set(server.connections) - before, timeout=5)  # let go of
         finally:
             writer.close()
+        assert await service.cuts() == LET_GO
 
 
 TRANSLATED = {"/v1/messages": MESSAGES_STREAM}
@@ -378,6 +388,7 @@ async def test_a_client_that_stops_reading_a_translated_stream_is_let_go(
         finally:
             writer.close()
         assert await service.metric("switchboard_http_requests_total", status="500") == 0
+        assert await service.cuts() == LET_GO
     assert records.kept[0].status == 200
 
 
@@ -409,3 +420,4 @@ async def test_a_stream_cut_by_a_failure_with_its_answer_unread_is_let_go(
             await eventually(lambda: ours not in server.connections, timeout=5)  # let go of
         finally:
             writer.close()
+        assert await service.cuts() == LET_GO

@@ -17,7 +17,7 @@ from aiohttp import web
 from service.http.fast import MAX_HEAD
 from tests.conftest import Service, SopsProject, eventually, git, git_init, serve, write_routing, write_server
 from tests.http.test_fast_path import CHAT, HAND_OFF, _address, _read_answer, _request
-from tests.http.test_stalls import TOKEN, _metered, _used
+from tests.http.test_stalls import NONE_CUT, TOKEN, _metered, _used
 
 LIMIT_S = 0.3
 """The receive timeout the tests run with."""
@@ -26,6 +26,8 @@ SERVERS = ["fast path", "aiohttp", "handed off"]
 aiohttp's on a connection the fast path handed to it (before the request, or in its middle)."""
 HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 """A request the fast path hands to aiohttp with its connection."""
+TIMED_OUT = {"receive_timeout": 1, "send_timeout": 0, "malformed": 0}
+"""The cuts once one request was answered 408."""
 
 
 class _Upstream:
@@ -132,12 +134,15 @@ async def _head_trickled(service: Service, server: str) -> tuple[bytes, float]:
 
 
 async def _nothing_happened(service: Service, up: _Upstream, records: Any) -> None:
-    """No call went upstream, nothing was recorded or counted against the client, nothing held."""
+    """No call went upstream, nothing was recorded or counted against the client, nothing held;
+    but the one 408 is counted, as a cut of the receive timeout."""
     await asyncio.sleep(LIMIT_S)
     assert up.calls == 0 and records.kept == []
     used = await _used(service)
     assert (used["in_flight"], used["requests_60s"], used["budget_reserved_usd"]) == (0, 0, "0")
     assert await service.metric("switchboard_http_requests_total", status="500") == 0
+    assert await service.metric("switchboard_http_requests_total", status="408") == 0  # no route's
+    assert await service.cuts() == TIMED_OUT
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -262,6 +267,7 @@ async def test_a_body_that_comes_on_slowly_is_never_cut(sops_project: SopsProjec
             writer.close()
         await eventually(lambda: len(records.kept) == 1)
         assert await service.metric("switchboard_http_requests_total", status="500") == 0
+        assert await service.cuts() == NONE_CUT
     assert answer.status == 200 and b'"hi"' in answer.body
     assert up.calls == 1 and records.kept[0].status == 200
 
@@ -288,6 +294,7 @@ async def test_an_idle_connection_is_not_timed(sops_project: SopsProject, server
                 assert (await _read_answer(reader)).status == 200
         finally:
             writer.close()
+        assert await service.cuts() == NONE_CUT
     assert up.calls == 2
 
 
@@ -319,6 +326,7 @@ async def test_an_idle_connection_is_closed_silently_by_the_keepalive(
             waited = asyncio.get_running_loop().time() - started
         finally:
             writer.close()
+        assert await service.cuts() == NONE_CUT  # the keep-alive's close is none
     assert waited >= LIMIT_S * 2.5, waited
 
 
@@ -337,6 +345,7 @@ async def test_a_head_coming_is_the_receive_timeouts_not_the_keepalives(
         receive_timeout_s=LIMIT_S * 2,
     ) as (service, _):
         got, waited = await _head_trickled(service, server)
+        assert await service.cuts() == TIMED_OUT
     _timed_out(got)
     assert waited >= LIMIT_S * 2 * 0.9, waited
 
@@ -368,6 +377,7 @@ async def test_a_write_whose_body_stops_coming_is_answered_408_and_nothing_is_wr
         assert git(root, "rev-parse", "HEAD") == before
         assert (sops_project.providers / "routing.yaml").read_text() == routing
         assert await service.metric("switchboard_http_requests_total", status="500") == 0
+        assert await service.cuts() == TIMED_OUT
         reader, writer = await asyncio.open_connection(*_address(service))
         try:
             writer.write(head + body)  # the same write, whole: done
