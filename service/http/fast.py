@@ -462,12 +462,12 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def _timed_out(self, transport: asyncio.Transport) -> None:
         """Answer 408 to a request that did not come in time, and close: nothing of it happened."""
-        stalls.say(transport, self.head is None, self.site.receive_timeout_s)
-        self.site.cuts.receive_timeout.inc()
+        stalls.refuse_late(
+            transport, self.head is None, self.site.receive_timeout_s, self.site.cuts.receive_timeout
+        )
         self.pending.clear()
         self.head = None
         self.closing = True
-        transport.write(stalls.answer())
         self._close(transport)
 
 

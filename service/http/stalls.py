@@ -20,7 +20,7 @@ head that never ends, a body that stops coming) would hold its connection, and i
 good: a few hundred such clients exhaust the service's open files (slowloris). A request whose
 head has not ended within the timeout of its first byte, or whose body sent nothing for a whole
 period of it (it is cut between one and two periods after its last byte), is answered 408
-(`answer`) and its connection closed, one log line saying so (`say`). Nothing of the request has
+and its connection closed, one log line saying so (`refuse_late`). Nothing of the request has
 happened: a handler reads its body before it acts on it (its authentication aside), so no call
 was made, nothing metered, counted or recorded, and the handler waiting for it ends as for a
 client that left. Only a read that is incomplete is timed (a request that comes whole in one
@@ -106,8 +106,10 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
-def say(transport: asyncio.BaseTransport, head: bool, limit_s: float) -> None:
-    """The one log line of a request answered 408: its client's address, nothing it sent."""
+def refuse_late(transport: asyncio.Transport, head: bool, limit_s: float, cut: Count) -> None:
+    """Answer 408 to a request that did not come within `limit_s` (its `head` did not end, or
+    its body stopped), count it (`cut`) and log it in one line: its client's address, nothing it
+    sent. Both servers' connections call it, each closing itself after."""
     log.warning(
         "client %s %s (SWITCHBOARD_RECEIVE_TIMEOUT_S): answered 408, its connection closed",
         _peer(transport),
@@ -115,6 +117,8 @@ def say(transport: asyncio.BaseTransport, head: bool, limit_s: float) -> None:
         if head
         else f"sent nothing of its request's body for {limit_s:g} s",
     )
+    cut.inc()
+    transport.write(_answer())
 
 
 _TIMED_OUT = json.dumps(
@@ -122,7 +126,7 @@ _TIMED_OUT = json.dumps(
 ).encode()
 
 
-def answer() -> bytes:
+def _answer() -> bytes:
     """The 408 to a request that did not come in time, whole: the server's own answer, on any
     path (no route is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after
     which the connection is closed (`Connection: close`)."""
@@ -262,9 +266,7 @@ class Handler(JsonErrors):
         self._receiving = loop.call_later(limit_s, self._received)
 
     def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
-        say(transport, head, self._receive_timeout_s)
-        self._cuts.receive_timeout.inc()
-        transport.write(answer())
+        refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout)
         self.force_close()  # its request, if one is answered, ends as for a client that left
 
     def _process_keepalive(self) -> None:
