@@ -50,7 +50,8 @@ from service.journal.events import (
     ServiceStarted,
     draft_from_change,
 )
-from service.journal.log import EventLog, read_events
+from service.journal.log import EventLog
+from service.journal.reader import read_events
 
 SIZE = 10
 

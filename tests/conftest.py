@@ -31,7 +31,7 @@ from service.http.app import GATEWAY, create_app
 from service.http.context import REGISTRY
 from service.http.fast import KEEPALIVE_S, FastSite
 from service.journal.events import Event
-from service.journal.log import read_events
+from service.journal.reader import read_events
 from service.runtime.registry import Registry
 from service.settings import Settings
 from tests.support.postgres import PostgresServer, binaries

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.journal.log import iter_events
-from service.journal.log import verify as verify_chain
+from service.journal.reader import iter_events
+from service.journal.reader import verify as verify_chain
 from service.journal.replay import filter_events, parse_time
 from service.settings import Settings
 

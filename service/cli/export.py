@@ -20,7 +20,7 @@ from service.crypto.sops import Sops
 from service.files import write_atomically
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
-from service.vcs.plan import history_seals
+from service.vcs.seals import history_seals
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from service.journal.log import iter_events
+from service.journal.reader import iter_events
 from service.journal.replay import parse_time, replay
 from service.settings import Settings
 

@@ -16,7 +16,7 @@ from service.gateway.health import CheckResult, check
 from service.gateway.transports.base import open_session
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
-from service.vcs.plan import history_seals
+from service.vcs.seals import history_seals
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:

@@ -49,7 +49,8 @@ from service.http.context import (
     stop_task,
 )
 from service.http.push import body_tag, watched
-from service.runtime.fanout import Beat, Fanout, HealthNote, answer
+from service.runtime.fanout import Fanout
+from service.runtime.messages import Beat, HealthNote, answer
 from service.runtime.registry import Outcome
 from service.runtime.scan import link_folders
 from service.runtime.sync import Puller, Result

@@ -1,7 +1,8 @@
 """The event log file: append-only, hash-chained JSON Lines, one writer at a time.
 
 Each append is one write, flushed and fsynced; a torn last line left by a crash is set
-aside on open and reported. `verify` checks the whole chain and names the first bad seq.
+aside on open and reported. `journal.reader` reads a log without opening it, and
+checks its whole chain.
 
 The log grows for years, so the process keeps no event in memory: an `Index` of where each
 one is in the file, and the configuration the log ends with (the checkpoint the registry
@@ -24,13 +25,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, TypeVar, cast
 
-from pydantic import ValidationError
-
 from service.config.view import VIEW_CHANGING_TYPES, ConfigView, apply_change, empty_view
-from service.errors import ChainBroken, EventLogError
+from service.errors import EventLogError
 from service.files import fsync_path
-from service.journal.events import EVENT, EVENT_TYPES, GENESIS, BaseEvent, Event, event_hash, now, parse_event
+from service.journal.events import EVENT_TYPES, GENESIS, BaseEvent, Event, event_hash, now, parse_event
 from service.journal.index import VIEW_CHANGING_CODES, Index, type_codes
+from service.journal.reader import is_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class EventLog:
                 pending = line
         if pending is None:
             return
-        if pending.endswith(b"\n") and _is_json(pending):
+        if pending.endswith(b"\n") and is_json(pending):
             self._take(offset, pending, number + 1)
         else:
             self._set_aside(pending, offset, number)
@@ -337,83 +337,3 @@ def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
     if len(data) != size:
         raise EventLogError(f"{f.name}: the file is shorter than its index; was it replaced?")
     return data
-
-
-def _is_json(line: bytes) -> bool:
-    try:
-        json.loads(line)
-    except ValueError:
-        return False
-    return True
-
-
-# -- reading a log without opening it for appending (the commands) ------------------------------
-
-
-def iter_events(path: Path | str) -> Iterator[Event]:
-    """The events of a log, streamed from the file (a torn last line is skipped).
-
-    For the commands, which may read while the service appends; memory stays bounded
-    whatever the length of the log.
-    """
-    with contextlib.suppress(FileNotFoundError), Path(path).open("rb") as f:
-        pending: bytes | None = None
-        for line in f:
-            if pending is not None:
-                yield _event(path, pending)
-            pending = line
-        if pending is not None and pending.endswith(b"\n") and _is_json(pending):
-            yield _event(path, pending)
-
-
-def _event(path: Path | str, line: bytes) -> Event:
-    try:
-        return parse_event(line)
-    except ValueError as exc:
-        message = f"{path}: the event log has invalid lines; run `switchboard audit verify`"
-        raise EventLogError(message) from exc
-
-
-def read_events(path: Path | str) -> list[Event]:
-    """Every event of a log, without opening it for writing (a torn last line is skipped)."""
-    return list(iter_events(path))
-
-
-def verify(path: Path | str) -> int:
-    """Check the whole chain; the number of events, or ChainBroken naming the first bad seq."""
-    prev = GENESIS
-    seq = 0
-    try:
-        with Path(path).open("rb") as f:
-            for seq, line in enumerate(f, start=1):
-                if not line.endswith(b"\n"):
-                    raise ChainBroken(seq, "the last line is torn (no newline at its end)")
-                prev = _check_link(seq, line, prev)
-    except OSError as exc:
-        raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
-    return seq
-
-
-def _check_link(seq: int, line: bytes, prev: str) -> str:
-    """Check one line against the hash before it; returns its own hash."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        raise ChainBroken(seq, f"line {seq} is not valid JSON") from None
-    if not isinstance(record, dict):
-        raise ChainBroken(seq, f"line {seq} is not a JSON object")
-    if record.get("seq") != seq:
-        raise ChainBroken(seq, f"expected seq {seq} on line {seq}, found {record.get('seq')!r}")
-    if record.get("prev") != prev:
-        raise ChainBroken(seq, "prev is not the hash of the event before it")
-    try:
-        intact = record.get("hash") == event_hash(record)
-    except ValueError:  # NaN or Infinity: json.loads takes them, canonical JSON does not
-        intact = False
-    if not intact:
-        raise ChainBroken(seq, "hash does not match the event's content")
-    try:
-        EVENT.validate_python(record)
-    except ValidationError as exc:
-        raise ChainBroken(seq, f"not a valid event ({exc.error_count()} errors)") from None
-    return str(record["hash"])

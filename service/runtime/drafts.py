@@ -12,18 +12,15 @@ then validates the result (`checks.check_folder`) and commits it.
 from __future__ import annotations
 
 import contextlib
-import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 from service.config import editing
-from service.config.loader import Loaded, is_config_file, parse
-from service.config.models import SECRET_FIELDS, Routing
-from service.config.secret import MASK, mask
-from service.config.sops_rules import check_sops_config, recipients
+from service.config.loader import Loaded, parse
+from service.config.models import SECRET_FIELDS
+from service.config.secret import mask
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.rotation import file_recipients
 from service.crypto.sops import Sops
@@ -34,9 +31,16 @@ from service.errors import (
     GitError,
     NotFound,
     PreconditionFailed,
-    SopsError,
-    SopsNoKey,
     Unprocessable,
+)
+from service.runtime.api_keys import (
+    Shown,
+    committed_sops_config,
+    encrypt,
+    mask_refused,
+    masked,
+    plaintext,
+    sops_name,
 )
 from service.runtime.checks import (
     KEEP,
@@ -46,6 +50,7 @@ from service.runtime.checks import (
     problem,
     provider_body,
 )
+from service.runtime.routing_file import check_no_broken_routing, purposes_naming, routing_file
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo, blob_sha
 
@@ -55,28 +60,6 @@ Rules = Callable[[], bytes]
 RouteChange = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
 """A route, or a function of the route the routing file has for its purpose (None: none)."""
 ProviderKind = Literal["api_key", "ai_server"]
-
-
-@dataclass(frozen=True)
-class _Shown:
-    """An `api_key` sent as the API shows keys (`****` and the last four characters): a client
-    that PUTs back the document a GET gave it. It stands for the current key when it is that
-    key's mask, which keeps the key as leaving `api_key` out does (and, like that, is not a key
-    sent: it moves no key elsewhere); any other mask is refused, never stored as a key."""
-
-    text: str
-
-
-def _masked(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(MASK)
-
-
-def _mask_refused(path: str) -> Unprocessable:
-    return Unprocessable(
-        "`api_key` is a masked key (as the API shows keys), not a key: leave `api_key` out to keep "
-        "the current one, or send the new key",
-        problems=[problem(path, "api_key", "a masked key, not a key")],
-    )
 
 
 DESTINATION_FIELDS = ("base_url", "provider", "server_type")
@@ -140,8 +123,8 @@ class Drafter:
     def create(self, kind: ProviderKind, body: Mapping[str, Any]) -> Draft:
         """A new provider file from `body` (its fields; `api_key` in plaintext)."""
         document = provider_body(kind, body)
-        if _masked(document.get("api_key")):
-            raise _mask_refused("")
+        if masked(document.get("api_key")):
+            raise mask_refused("")
         provider_id = str(document["id"])
 
         def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
@@ -167,8 +150,8 @@ class Drafter:
         `key_readable`: the client may read decrypted keys (`secrets:read`); see `_update`.
         """
         document = provider_body(kind, body, provider_id=provider_id)
-        if _masked(document.get("api_key")):  # sent back as a GET showed it
-            document["api_key"] = _Shown(document["api_key"])
+        if masked(document.get("api_key")):  # sent back as a GET showed it
+            document["api_key"] = Shown(document["api_key"])
         sends_key = isinstance(document.get("api_key"), str)
         if "api_key" not in document:
             document["api_key"] = KEEP
@@ -189,8 +172,8 @@ class Drafter:
                 raise Unprocessable(
                     f"`{name}` cannot be changed", problems=[problem("", name, "cannot be changed")]
                 )
-        if isinstance(patch, Mapping) and _masked(patch.get("api_key")):  # as a GET showed it
-            patch = {**patch, "api_key": _Shown(patch["api_key"])}
+        if isinstance(patch, Mapping) and masked(patch.get("api_key")):  # as a GET showed it
+            patch = {**patch, "api_key": Shown(patch["api_key"])}
         return self._update(
             kind,
             provider_id,
@@ -206,7 +189,7 @@ class Drafter:
         def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             path, _ = self._existing(files, kind, provider_id)
             self._check_match(path, files, if_match)
-            naming = _purposes_naming(files, provider_id, self.display)
+            naming = purposes_naming(files, provider_id, self.display)
             if naming:
                 raise Conflict(
                     f"routing names `{provider_id}` for {', '.join(naming)}; change the route first"
@@ -221,7 +204,7 @@ class Drafter:
         check_route(purpose, route if isinstance(route, Mapping) else {})
 
         def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
-            found = _routing_file(files, self.display)
+            found = routing_file(files, self.display)
             original: bytes | None = None
             current: dict[str, Any] = {"kind": "routing", "purposes": {}}
             path = self._path("routing.yaml")
@@ -232,7 +215,7 @@ class Drafter:
                         "read the route again",
                         path,
                     )
-                _check_no_broken_routing(files, self.display)
+                check_no_broken_routing(files, self.display)
                 if path in files:  # a provider named `routing`: never written over
                     raise Conflict(
                         f"there is no routing file, and {self.display(path)}, where a route write makes "
@@ -276,7 +259,7 @@ class Drafter:
         def make(files: Mapping[str, bytes], rules: Rules) -> tuple[str, bytes | None, bool]:
             path, loaded = self._existing(files, kind, provider_id)
             self._check_match(path, files, if_match)
-            original = self._plaintext(path, files[path], loaded)
+            original = plaintext(self.sops, self.display(path), files[path], loaded)
             current = editing.load(original)
             desired = change(dict(current))
             if not isinstance(desired, Mapping):
@@ -290,10 +273,10 @@ class Drafter:
                 else:
                     del document["api_key"]
             shown = document.get("api_key")
-            if isinstance(shown, _Shown):  # the current key, as the API masks it: kept
+            if isinstance(shown, Shown):  # the current key, as the API masks it: kept
                 key = current.get("api_key")
                 if not isinstance(key, str) or mask(key) != shown.text:
-                    raise _mask_refused(self.display(path))
+                    raise mask_refused(self.display(path))
                 document["api_key"] = key
             document.setdefault("kind", kind)
             document.setdefault("id", provider_id)
@@ -321,20 +304,6 @@ class Drafter:
 
         return Draft("update", kind, provider_id, make)
 
-    def _plaintext(self, path: str, data: bytes, loaded: Loaded) -> bytes:
-        """The file's plaintext YAML: decrypted by sops when it holds a key (its MAC covers every value)."""
-        if not loaded.encrypted:
-            return data
-        try:
-            return self.sops.decrypt_text(data, self.display(path))
-        except SopsNoKey:
-            raise Conflict(
-                f"{self.display(path)} holds a key, so changing it needs the service's identity "
-                "(SOPS_AGE_KEY_FILE), and this one cannot decrypt it"
-            ) from None
-        except SopsError as exc:
-            raise Conflict(f"{self.display(path)}: {exc.case}") from None
-
     def _render(self, path: str, original: bytes | None, document: Mapping[str, Any], rules: Rules) -> bytes:
         """The file's new bytes: YAML, with any secret encrypted by sops (in memory, never on disk),
         for the recipients of the committed `.sops.yaml` (`rules`), never of a working copy."""
@@ -343,83 +312,14 @@ class Drafter:
             return text
         name = self.display(path)
         committed = rules()
-        with tempfile.TemporaryDirectory(prefix="switchboard-sops-") as folder:
-            config = Path(folder) / ".sops.yaml"
-            config.write_bytes(committed)  # public recipients and rules: no secret
-            target = self._sops_name(path)
-            problems = check_sops_config(config, [target])
-            if problems:
-                raise Unprocessable(
-                    "`.sops.yaml` cannot encrypt this file",
-                    problems=[problem(".sops.yaml", "", p) for p in problems],
-                )
-            if self.applies:
-                own = self.sops.own_recipients()
-                if own and not own & set(recipients(config)):
-                    raise Unprocessable(
-                        "the service could not read this key: its identity is not a recipient in .sops.yaml",
-                        problems=[
-                            problem(".sops.yaml", "", "the service's identity is not among the recipients")
-                        ],
-                    )
-            try:
-                return self.sops.encrypt(text, target, config=config)
-            except SopsError as exc:
-                raise Unprocessable(
-                    f"{name}: cannot encrypt: {exc.case}", problems=[problem(name, "api_key", exc.case)]
-                ) from None
+        return encrypt(
+            self.sops, text, name, sops_name(self.sops_path, path), committed, applies=self.applies
+        )
 
     def committed_rules(self, base: str | None, local: str | None) -> bytes:
-        """`.sops.yaml` as committed at `base`: the recipients a write encrypts a key for (reference §8).
-
-        Conflict when it is not in the repository or not committed, and, with `local` (the
-        commit the working tree is at), when it has uncommitted changes there: a key is never
-        encrypted for recipients nobody committed (someone who may edit the working tree, not
-        the repo).
-        """
-        where = self.sops_path
-        if where is None:
-            raise Conflict(
-                f"{self.settings.sops_config} is outside the repository: a key is encrypted only for "
-                "the recipients of a committed .sops.yaml"
-            )
-        committed = self.repo.read_file(base, where) if self.repo is not None and base else None
-        if committed is None:
-            raise Conflict(
-                f"{where} is not committed: commit it first (a key is encrypted only for the recipients "
-                "of the committed .sops.yaml)"
-            )
-        if local is not None and self._changed_locally(
-            where,
-            local,
-            committed if local == base or self.repo is None else self.repo.read_file(local, where),
-        ):
-            raise Conflict(
-                f"{where} has uncommitted changes: commit or discard them first (a key is encrypted "
-                "only for the recipients of the committed .sops.yaml)"
-            )
-        return committed
-
-    def _changed_locally(self, path: str, base: str | None, committed: bytes | None) -> bool:
-        """Whether the working tree or the index holds another `path` than `committed` (at `base`)."""
-        try:
-            working: bytes | None = (self.repo_root / path).read_bytes()
-        except FileNotFoundError:
-            working = None
-        if working != committed:
-            return True
-        assert self.repo is not None  # noqa: S101 - a path in the repository has one
-        staged = self.repo.run("diff-index", "--cached", "--name-only", base or "HEAD", "--", path)
-        return bool(staged.strip())
-
-    def _sops_name(self, path: str) -> str:
-        """A repository path as sops matches it against `path_regex`: relative to the folder of
-        `.sops.yaml` (as when sops runs there)."""
-        folder = PurePosixPath(self.sops_path or ".sops.yaml").parent
-        try:
-            return PurePosixPath(path).relative_to(folder).as_posix()
-        except ValueError:
-            return path
+        """`.sops.yaml` as committed at `base`: the recipients a write encrypts a key for
+        (`api_keys.committed_sops_config`)."""
+        return committed_sops_config(self.repo, self.sops_path, self.settings.sops_config, base, local)
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -472,52 +372,3 @@ class Drafter:
 def _yaml(original: bytes | None, document: Mapping[str, Any]) -> bytes:
     """`document` as YAML: an edit of `original` (its comments kept), or a new file."""
     return editing.render_edit(original, document) if original is not None else editing.render_new(document)
-
-
-# -- the routing file at a base ---------------------------------------------------------------------
-
-
-def _routing_file(files: Mapping[str, bytes], display: Callable[[str], str]) -> tuple[str, bytes] | None:
-    for path, data in sorted(files.items()):
-        if not is_config_file(PurePosixPath(path).name):
-            continue
-        try:
-            loaded = parse(display(path), data)
-        except FileRejected:
-            continue
-        if isinstance(loaded.document, Routing):
-            return path, data
-    return None
-
-
-def _check_no_broken_routing(files: Mapping[str, bytes], display: Callable[[str], str]) -> None:
-    """Conflict when a routing file in git does not load: a route written beside it, or over
-    it, would drop every purpose it holds (the service still serves them from its last good
-    version)."""
-    for path, data in sorted(files.items()):
-        if not is_config_file(PurePosixPath(path).name):
-            continue
-        try:
-            parse(display(path), data)
-        except FileRejected as exc:
-            if PurePosixPath(path).stem == "routing" or _ROUTING_KIND.search(data):
-                raise Conflict(
-                    f"{display(path)} is not valid in git ({exc.reason}); fix it through git first, "
-                    "since a route written now would drop the routes it holds"
-                ) from None
-
-
-_ROUTING_KIND = re.compile(rb"""(?m)^kind[ \t]*:[ \t]*(routing|'routing'|"routing")[ \t]*(#.*)?$""")
-"""`kind: routing` at the top level, found without loading YAML that failed to load (an alias
-bomb, say)."""
-
-
-def _purposes_naming(
-    files: Mapping[str, bytes], provider_id: str, display: Callable[[str], str]
-) -> list[str]:
-    found = _routing_file(files, display)
-    if found is None:
-        return []
-    routing = parse(display(found[0]), found[1]).document
-    assert isinstance(routing, Routing)  # noqa: S101
-    return [p for p, r in sorted(routing.purposes.items()) if provider_id in r.primary + r.fallbacks]

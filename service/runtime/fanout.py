@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
-import math
-import re
 import secrets
 import threading
 import time
@@ -47,7 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import InvalidResponse
 
-from service.settings import REPLICA_NAME
+from service.runtime.messages import Beat, HealthNote, answer, parse_beat, parse_health
 from service.vcs.gitrepo import redact
 
 log = logging.getLogger(__name__)
@@ -60,9 +56,8 @@ LIVE_S = 10.0
 TIMEOUT_S = 1.0
 """The longest any one Redis call may take."""
 BACKOFF_S = (0.1, 5.0)
-MAX_MESSAGE = 2048
 MAX_REPLY = 64 << 10
-"""The largest string any reply may hold: a heartbeat is at most `MAX_MESSAGE`."""
+"""The largest string any reply may hold: a heartbeat is at most `messages.MAX_MESSAGE`."""
 MAX_ITEMS = 64
 """The most items any array, map or set of a reply may hold."""
 MAX_PEERS = 1000
@@ -77,102 +72,8 @@ REPULL_S = 10.0
 CHECKS_PER_S = 20
 """Commits looked up in git per second, at most: made-up commits cannot keep git busy (a real
 one is heard again in the next heartbeat)."""
-
-_COMMIT = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
-_PROVIDER = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MAX_REASON = 300
 HEALTH_OUTBOX = 256
 """Health notes waiting for a session, at most (the oldest go first)."""
-FUTURE_S = 5.0
-"""A note dated further ahead than this (clocks differ a little, not more) is refused."""
-PAST_S = 120.0
-"""A note dated further back than this is refused: notes are published as they are confirmed,
-and anyone who can read Redis can publish a genuine one again later. A replica that has
-confirmed nothing since it started would take an old one as news (a provider down yesterday,
-shown down again); past two minutes each replica's own checks are the better word."""
-
-
-@dataclass(frozen=True, slots=True)
-class HealthNote:
-    """A provider's health as one replica confirmed it: `blob` is its file's git blob id, so a
-    replica serving another version of the provider (a rotated key) does not adopt it."""
-
-    provider: str
-    blob: str
-    status: str
-    reason: str | None
-    at: float
-    """When it was confirmed, wall clock (the newest wins)."""
-
-    def signed(self, replica: str, instance: str, key: bytes | None) -> str:
-        body: dict[str, Any] = {
-            "kind": "health",
-            "replica": replica,
-            "instance": instance,
-            "provider": self.provider,
-            "blob": self.blob,
-            "status": self.status,
-            "reason": self.reason,
-            "at": self.at,
-        }
-        if key is not None:
-            body["mac"] = _mac(key, body)
-        return json.dumps(body, separators=(",", ":"))
-
-
-def _mac(key: bytes, body: dict[str, Any]) -> str:
-    fields = {k: v for k, v in body.items() if k != "mac"}
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-
-def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, str] | None:
-    """A health note and its sender's instance from a message's bytes; None for anything else:
-    malformed, unsigned or wrongly signed (with `key`), dated in the future or long past."""
-    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
-        return None
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict) or doc.get("kind") != "health":
-        return None
-    provider, blob, status = doc.get("provider"), doc.get("blob"), doc.get("status")
-    reason, at, instance = doc.get("reason"), doc.get("at"), doc.get("instance")
-    if not (isinstance(instance, str) and 0 < len(instance) <= 64):
-        return None
-    if not (isinstance(doc.get("replica"), str) and REPLICA_NAME.match(doc["replica"])):
-        return None
-    if not (isinstance(provider, str) and _PROVIDER.match(provider)):
-        return None
-    if not (isinstance(blob, str) and _COMMIT.match(blob)):
-        return None
-    if status not in ("healthy", "unhealthy"):
-        return None
-    if reason is not None and not (
-        isinstance(reason, str) and len(reason) <= MAX_REASON and not _CONTROL.search(reason)
-    ):
-        return None
-    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
-        return None
-    if not now - PAST_S <= at <= now + FUTURE_S:
-        return None
-    if key is not None:
-        mac = doc.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), _mac(key, doc).encode()):
-            return None
-    return HealthNote(provider, blob, status, reason, min(float(at), now)), instance
-
-
-@dataclass(frozen=True, slots=True)
-class Beat:
-    """What one replica serves: the heartbeat's content."""
-
-    replica: str
-    commit: str | None
-    generation: int
-    ready: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,17 +90,6 @@ class Peer:
         return answer(self.beat, self.seen_at)
 
 
-def answer(beat: Beat, seen_at: datetime) -> dict[str, Any]:
-    """One replica as `GET …/replicas` lists it."""
-    return {
-        "replica": beat.replica,
-        "commit": beat.commit,
-        "generation": beat.generation,
-        "ready": beat.ready,
-        "seen_at": seen_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-    }
-
-
 def channel_of(url: str) -> str:
     """The channel of the deployment whose Redis is `url`.
 
@@ -212,31 +102,6 @@ def channel_of(url: str) -> str:
     except (ValueError, TypeError):
         db = 0  # a URL redis-py refuses: the session fails on it anyway
     return CHANNEL if db == 0 else f"{CHANNEL}:{db}"
-
-
-def parse_beat(data: Any) -> tuple[Beat, str] | None:
-    """A heartbeat and its sender's instance from a message's bytes; None for anything else."""
-    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
-        return None
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    replica, instance, commit = doc.get("replica"), doc.get("instance"), doc.get("commit")
-    generation, ready = doc.get("generation"), doc.get("ready")
-    if not (isinstance(replica, str) and REPLICA_NAME.match(replica)):
-        return None
-    if not (isinstance(instance, str) and 0 < len(instance) <= 64):
-        return None
-    if commit is not None and not (isinstance(commit, str) and _COMMIT.match(commit)):
-        return None
-    if isinstance(generation, bool) or not isinstance(generation, int) or not 0 <= generation < 2**53:
-        return None
-    if not isinstance(ready, bool):
-        return None
-    return Beat(replica, commit, generation, ready), instance
 
 
 class _BoundedParser(_AsyncRESP3Parser):

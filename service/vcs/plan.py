@@ -15,16 +15,15 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from service.config.loader import Loaded, config_files, is_config_file, parse, seal
+from service.config.loader import Loaded, config_files, is_config_file, parse
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
-from service.config.sops_mac import Known, Seal, sharing_a_mac
+from service.config.sops_mac import Known, sharing_a_mac
 from service.config.sops_rules import check_sops_config, every_recipient
 from service.config.validation import LINK_OUT, holds_secrets
 from service.config.view import ConfigView, diff_views
@@ -34,6 +33,8 @@ from service.errors import FileRejected, Problem, SopsError
 from service.files import leads_outside
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
+from service.vcs.limits import limit_changes
+from service.vcs.seals import history_seals
 
 CIPHERTEXT_CHANGED = "ciphertext changed (re-encrypted or a new key)"
 RE_ENCRYPTED = "re-encrypted; the key is unchanged"
@@ -202,35 +203,6 @@ def earlier_seals(repo: GitRepo, settings: Settings, base: Side, head: Side | No
     return history_seals(repo, settings, [c for c in (base.commit, head_commit) if c])
 
 
-def history_seals(repo: GitRepo, settings: Settings, revs: list[str]) -> Known:
-    """The seal of every key-holding version of the providers folder in the history of `revs`,
-    by MAC, labelled with its path and commit. A MAC is the first version's that carried it,
-    oldest first: sops wrote that one, a change cut from it came later."""
-    revs = list(dict.fromkeys(revs))
-    if not revs:
-        return {}
-    folder = repo.relative(settings.providers_dir)
-    out = repo.run(
-        "log", "-m", "--topo-order", "--reverse", "--format=%x00%H", "--raw", "--no-abbrev",
-        "--no-renames", *revs, "--", folder,
-    )  # fmt: skip
-    versions: dict[str, str] = {}
-    for chunk in out.decode("utf-8", "replace").split("\0")[1:]:
-        commit, *lines = chunk.split("\n")
-        for line in lines:
-            meta, _, path = line.partition("\t")
-            fields = meta.split()
-            if line.startswith(":") and len(fields) >= 5 and fields[1] in ("100644", "100755"):
-                versions.setdefault(fields[3], f"{path} at {commit[:10]}")
-    contents = repo.blobs(list(versions))
-    found: dict[str, tuple[str, Seal]] = {}
-    for sha, label in versions.items():
-        sealed = seal(label, contents[sha]) if b"sops" in contents[sha] else None
-        if sealed is not None:
-            found.setdefault(sealed.mac, (label, sealed))
-    return found
-
-
 def _seals(loaded: Mapping[str, Loaded]) -> Known:
     """The MACs of the base's key-holding files: a head file carrying one with other data was
     changed outside sops, under its name or another (docs/reference.md §2.4)."""
@@ -301,62 +273,6 @@ def make_plan(
     result.warnings = _warnings(before, after) + _recipients_changed(base, head)
     result.limits = limit_changes(before.view, after.view)
     return result
-
-
-_LIMITS = (("rpm", "requests a minute"), ("tpm", "tokens a minute"), ("max_parallel", "requests in flight"))
-_PERIODS = {"day": "a day", "week": "a week", "month": "a month", "total": "in all"}
-
-
-def limit_changes(before: ConfigView, after: ConfigView) -> list[str]:
-    """What a change does to limits and budgets, in words a reviewer can approve or not:
-    `client `ops`: budget raised from 50 to 80 USD a month`."""
-    lines: list[str] = []
-    old_clients, new_clients = before.get("clients", {}), after.get("clients", {})
-    for name in sorted(old_clients.keys() | new_clients.keys()):
-        old = (old_clients.get(name) or {}).get("limits") or {}
-        new = (new_clients.get(name) or {}).get("limits") or {}
-        who = f"client `{name}`"
-        for key, unit in _LIMITS:
-            lines += _count_change(who, key, unit, old.get(key), new.get(key))
-        lines += _budget_change(who, old.get("budget"), new.get("budget"))
-    old_providers, new_providers = before.get("providers", {}), after.get("providers", {})
-    for pid in sorted(old_providers.keys() | new_providers.keys()):
-        old_budget = (old_providers.get(pid) or {}).get("budget")
-        new_budget = (new_providers.get(pid) or {}).get("budget")
-        lines += _budget_change(f"provider `{pid}`", old_budget, new_budget)
-    return lines
-
-
-def _count_change(who: str, key: str, unit: str, old: Any, new: Any) -> list[str]:
-    if old == new:
-        return []
-    if old is None:
-        return [f"{who}: {key} set to {new:,} {unit} (unlimited before)"]
-    if new is None:
-        return [f"{who}: {key} removed (unlimited now; {old:,} {unit} before)"]
-    verb = "raised" if new > old else "lowered"
-    return [f"{who}: {key} {verb} from {old:,} to {new:,} {unit}"]
-
-
-def _budget_change(who: str, old: Any, new: Any) -> list[str]:
-    if old == new:
-        return []
-    if not isinstance(new, dict):
-        return [f"{who}: budget removed (no cap now; {_budget(old)} before)"]
-    if not isinstance(old, dict):
-        return [f"{who}: budget set to {_budget(new)} (no cap before)"]
-    if old.get("period") != new.get("period"):
-        return [f"{who}: budget changed from {_budget(old)} to {_budget(new)}"]
-    before_usd, after_usd = Decimal(str(old["usd"])), Decimal(str(new["usd"]))
-    verb = "raised" if after_usd > before_usd else "lowered"
-    return [f"{who}: budget {verb} from {old['usd']} to {_budget(new)}"]
-
-
-def _budget(budget: Any) -> str:
-    if not isinstance(budget, dict):
-        return "none"
-    period = _PERIODS.get(str(budget.get("period")), str(budget.get("period")))
-    return f"{budget.get('usd')} USD {period}"
 
 
 def _by_id(loaded: Mapping[str, Loaded]) -> dict[str, Loaded]:

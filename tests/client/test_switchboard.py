@@ -19,7 +19,7 @@ from service.client import Forbidden, ModelRequired, NotFound, Switchboard, Unav
 from service.config.export import litellm_config
 from service.config.snapshot import load_folder
 from service.http.context import RELOADER
-from service.journal.log import read_events
+from service.journal.reader import read_events
 from tests.conftest import (
     AgeIdentity,
     SopsProject,

@@ -12,7 +12,7 @@ import pytest
 
 from service.gateway.health import CheckResult
 from service.http.context import FANOUT, HEALTH
-from service.runtime.fanout import HealthNote
+from service.runtime.messages import HealthNote
 from service.vcs.gitrepo import blob_sha
 from tests.conftest import SopsProject, eventually, serve, write_routing, write_server
 from tests.http.test_shared_health import changes, forge, pair, redis_server

@@ -24,7 +24,7 @@ from service import console
 from service.config.models import Scope
 from service.http.app import create_app
 from service.http.openapi import PATH, document
-from service.journal.log import verify
+from service.journal.reader import verify
 from service.settings import Settings
 from tests.conftest import Service, SopsProject, git, git_init, serve
 from tests.support.gateway import write_clients, write_provider, write_routing

@@ -29,9 +29,9 @@ from service.crypto.sops import Sops
 from service.http.app import create_app
 from service.http.context import EVENTS, REGISTRY
 from service.journal.events import Event
-from service.journal.log import read_events
+from service.journal.reader import read_events
 from service.journal.replay import replay
-from service.runtime.fanout import Beat, parse_beat
+from service.runtime.messages import Beat, parse_beat
 from service.runtime.registry import Outcome, Registry
 from service.settings import Settings
 from tests.conftest import (

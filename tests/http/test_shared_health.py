@@ -21,7 +21,8 @@ import redis.asyncio as redis
 
 from service.gateway.health import CheckResult
 from service.http.context import FANOUT, HEALTH
-from service.runtime.fanout import HealthNote, channel_of, parse_health
+from service.runtime.fanout import channel_of
+from service.runtime.messages import HealthNote, parse_health
 from service.vcs.gitrepo import blob_sha
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.http.test_push import API, get

@@ -27,7 +27,8 @@ from service.journal.events import (
     event_log_schema,
     parse_event,
 )
-from service.journal.log import EventLog, read_events, verify
+from service.journal.log import EventLog
+from service.journal.reader import read_events, verify
 from service.journal.replay import filter_events, replay
 from tests.support.strategies import views
 from tests.support.views import provider_view

@@ -18,7 +18,8 @@ from service.journal.events import (
     ServiceStarted,
     draft_from_change,
 )
-from service.journal.log import EventLog, read_events
+from service.journal.log import EventLog
+from service.journal.reader import read_events
 from service.journal.replay import filter_events, replay
 from tests.journal.test_events import record
 from tests.support.views import provider_view

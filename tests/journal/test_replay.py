@@ -9,7 +9,8 @@ import pytest
 
 from service.config.view import empty_view
 from service.journal.events import ProviderHealthChanged, ServiceStarted
-from service.journal.log import EventLog, read_events
+from service.journal.log import EventLog
+from service.journal.reader import read_events
 from service.journal.replay import filter_events, parse_time, replay
 from tests.journal.test_events import record
 from tests.support.views import provider_view

@@ -21,7 +21,8 @@ import pytest
 import redis.asyncio as redis
 
 from service.http.context import FANOUT, PULLER
-from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, MESSAGES_PER_S, Beat, Fanout, parse_beat
+from service.runtime.fanout import CHECKS_PER_S, MAX_PEERS, MESSAGES_PER_S, Fanout
+from service.runtime.messages import Beat, parse_beat
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.replicas import Checkout, RedisServer, clone, git, routing_yaml, server_yaml
 

@@ -12,7 +12,8 @@ import pytest
 
 from service.config.loader import Loaded, parse, with_secrets
 from service.gateway.routing import RoutingTable
-from service.journal.log import EventLog, read_events
+from service.journal.log import EventLog
+from service.journal.reader import read_events
 from service.journal.replay import replay
 from service.runtime.registry import Outcome, Refusal, Registry
 from service.vcs.attribution import Attributor

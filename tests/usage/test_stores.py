@@ -14,7 +14,7 @@ import pytest
 from service.errors import BadRequest
 from service.usage.encoding import MAX_COST, row, values_of
 from service.usage.query import RequestsQuery, UsageQuery
-from service.usage.stores import SQLStore, open_store, sql
+from service.usage.stores import SQLStore, inserts, open_store, schema, sql
 from tests.usage.conftest import NOW, record
 
 
@@ -114,10 +114,10 @@ def test_a_record_past_what_its_rollup_can_add_is_stored_and_the_rollup_held(sto
     """An upstream reporting absurd usage fills a route's rollups to 64 bits in a few million
     answers: PostgreSQL then refused every later record of that route and day (`bigint out of
     range`: set aside, lost), and SQLite made the sum a float. The sum is held at its largest."""
-    _seed_rollups(store, "2026-11-27", sql.MAX_SUM - 10)
+    _seed_rollups(store, "2026-11-27", schema.MAX_SUM - 10)
     assert store.insert([record(prompt_tokens=100), record(prompt_tokens=7)]) == 2
     (totals,) = _usage(store, since="2026-11-27").values()
-    assert totals["prompt_tokens"] == sql.MAX_SUM and totals["requests"] == 3
+    assert totals["prompt_tokens"] == schema.MAX_SUM and totals["requests"] == 3
     assert type(totals["prompt_tokens"]) is int
 
 
@@ -126,11 +126,11 @@ def test_token_sums_past_64_bits_are_exact_and_answer(store: SQLStore) -> None:
     ("integer overflow"), which the ledger took for the database being down (`/usage` 503), and
     a batch's sums past 64 bits were refused. The sums are exact (a rollup held) and answer."""
     for day in ("2026-11-24", "2026-11-25", "2026-11-26"):
-        _seed_rollups(store, day, sql.MAX_SUM)
+        _seed_rollups(store, day, schema.MAX_SUM)
     big = [record(ts=NOW + timedelta(minutes=10), prompt_tokens=2**62) for _ in range(4)]
     assert store.insert(big) == 4
     (totals,) = _usage(store, since="2026-11-20").values()
-    assert totals["prompt_tokens"] == 4 * sql.MAX_SUM  # the records' own day held too
+    assert totals["prompt_tokens"] == 4 * schema.MAX_SUM  # the records' own day held too
     (edge,) = _usage(store, since="2026-11-27T05:40:00Z").values()  # from the records themselves
     assert edge["prompt_tokens"] == 4 * 2**62 and edge["requests"] == 4
 
@@ -142,10 +142,10 @@ def test_costs_past_64_bits_of_micro_dollars_are_summed_exactly(store: SQLStore)
     values = "VALUES (?, 'ops-center', 'openai', 'gpt-4o', 'chat', 1, 0, 0, 0, 0, 0, 0, 0, ?, 999999)"
     with store._transaction() as cur:
         for day in ("2026-11-24", "2026-11-25", "2026-11-26"):
-            cur.execute("INSERT INTO usage_hourly " + values, (f"{day}T05", sql.MAX_SUM))
-            cur.execute("INSERT INTO usage_daily " + values, (day, sql.MAX_SUM))
+            cur.execute("INSERT INTO usage_hourly " + values, (f"{day}T05", schema.MAX_SUM))
+            cur.execute("INSERT INTO usage_daily " + values, (day, schema.MAX_SUM))
     store.insert([record(cost_usd=MAX_COST) for _ in range(10)])
-    each = Decimal(sql.MAX_SUM).scaleb(-6) + Decimal("0.000000999999")
+    each = Decimal(schema.MAX_SUM).scaleb(-6) + Decimal("0.000000999999")
     expected = 3 * each + 10 * MAX_COST
     (totals,) = _usage(store, since="2026-11-20").values()
     assert Decimal(str(totals["cost_usd"])) == expected
@@ -379,7 +379,7 @@ def test_a_malformed_postgresql_url_never_puts_its_password_in_a_log(
 
 
 _ONE_ROW = (
-    f"INSERT INTO usage_records ({sql._COLUMNS}) VALUES ({', '.join('?' * 22)}) "  # noqa: S608 - fixed names
+    f"INSERT INTO usage_records ({schema.COLUMNS}) VALUES ({', '.join('?' * 22)}) "  # noqa: S608 - fixed names
     "ON CONFLICT (ts_us, id, replica) DO NOTHING"
 )
 
@@ -493,8 +493,8 @@ def test_a_statement_binds_each_line_s_values_as_its_row_holds_them(size: int, n
         batch[0][3], batch[-1][3] = 5, 5.0  # a number where a name goes
     kept = [list(values) for values in batch]
     db = sqlite3.connect(":memory:")
-    db.execute(f"CREATE TABLE usage_records ({sql._COLUMNS}, UNIQUE (ts_us, id, replica))")  # as bound
-    for statement, values, _ in sql._statements(batch, 500):
+    db.execute(f"CREATE TABLE usage_records ({schema.COLUMNS}, UNIQUE (ts_us, id, replica))")  # as bound
+    for statement, values, _ in inserts.statements(batch, 500):
         db.execute(statement, values)
     found = db.execute("SELECT * FROM usage_records ORDER BY rowid").fetchall()
     assert [[(type(v), v) for v in r] for r in found] == [
@@ -509,7 +509,7 @@ def test_a_line_whose_boolean_is_not_a_number_is_refused_as_its_row_would_be() -
     with pytest.raises(TypeError):
         row(values)
     with pytest.raises(TypeError):
-        list(sql._statements([values], 500))
+        list(inserts.statements([values], 500))
 
 
 @pytest.mark.parametrize("hours", [1, 3])

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-from service.usage.stores.sql import SCHEMA, VALUES_PER_ROW, BadBatch, Cursor, SQLStore, StoreUnavailable
+from service.usage.stores.schema import SCHEMA, VALUES_PER_ROW
+from service.usage.stores.sql import BadBatch, Cursor, SQLStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
