@@ -33,7 +33,7 @@ from service.errors import FileRejected, Problem, SopsError
 from service.files import leads_outside
 from service.settings import Settings
 from service.vcs.gitrepo import GitRepo
-from service.vcs.limits import limit_changes
+from service.vcs.limit_changes import limit_changes
 from service.vcs.seals import history_seals
 
 CIPHERTEXT_CHANGED = "ciphertext changed (re-encrypted or a new key)"
