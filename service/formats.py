@@ -2,7 +2,8 @@
 
 The input is a provider as the HTTP API describes it (`id`, `kind`, `provider` or
 `server_type`, the resolved `base_url`, `models`, `model_map`, `purposes`, `name`,
-`timeout_s`, and `api_key`: a mask, or null when there is no key), so that the server
+`timeout_s`, `pricing` when the file prices it, and `api_key`: a mask, or null when there is
+no key), so that the server
 (`switchboard export`, `…/active/{purpose}/litellm`, the provider models) and the Python
 client (`service.client`) build the same dictionaries from one definition. This module
 imports nothing but `service.vendors`: the client ships it without the server.
@@ -15,12 +16,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from service.vendors import VENDORS
 
 NO_KEY = "no-key"
 """Sent to servers without a key: OpenAI clients refuse to run with none at all."""
+
+ANY_MODEL = "*"
+"""A `pricing` entry for the models without one of their own; in LiteLLM, the catch-all."""
+_COSTS = (
+    ("input", "input_cost_per_token"),
+    ("output", "output_cost_per_token"),
+    ("cached_input", "cache_read_input_token_cost"),
+    ("cache_write", "cache_creation_input_token_cost"),
+)
+"""A `pricing` class (USD per million tokens) -> LiteLLM's name for it (USD per token)."""
 
 WILMER_CONTEXT_TOKENS = 8192
 """`maxContextTokenSize` for WilmerAI, which requires one; provider files do not say."""
@@ -64,6 +76,34 @@ def litellm_params(
         "api_key": key if key is not None else NO_KEY,
         "timeout": provider["timeout_s"],
     }
+
+
+def litellm_costs(provider: Mapping[str, Any], model: str | None) -> dict[str, float]:
+    """The provider's prices for `model` (None: any) as LiteLLM names them, USD per token.
+
+    A model with its own `pricing` entry (as clients name it, else as it is sent upstream) is
+    priced by it alone, a model without one by `"*"` (docs/reference.md §13), as the gateway
+    prices it; a class the entry leaves out is left out, for LiteLLM to price as Switchboard
+    does. Each price (a string of decimals, as the API answers it) is divided by a million in
+    decimal, exactly, then made the nearest binary number once: a YAML or JSON
+    reader gets back the very number `Decimal` would give.
+    """
+    pricing: Mapping[str, Any] = provider.get("pricing") or {}
+    names = (model, upstream_model(provider, model)) if model is not None else ()
+    own = next((pricing[name] for name in names if name in pricing), None)
+    entry: Mapping[str, Any] = (own if own is not None else pricing.get(ANY_MODEL)) or {}
+    costs = {}
+    for class_name, litellm_name in _COSTS:
+        price = entry.get(class_name)
+        if price is not None:
+            costs[litellm_name] = float(Decimal(str(price)).scaleb(-6))
+    return costs
+
+
+def litellm_deployment(provider: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
+    """A deployment's `litellm_params` in a LiteLLM proxy config, as `switchboard export litellm`
+    writes it (but its route's `weight`): `litellm_params` and the provider's prices for `model`."""
+    return litellm_params(provider, model) | litellm_costs(provider, model)
 
 
 def wilmer_endpoint(provider: Mapping[str, Any], *, key: str | None = None) -> dict[str, Any] | None:

@@ -84,11 +84,18 @@ class Provider:
         return self.enabled and self.health.status in HEALTHY
 
     def to_litellm_config(self, model: str | None = None) -> dict[str, Any]:
-        """LiteLLM `litellm_params` for `model`, as `switchboard export litellm` writes a deployment
-        (without its weight and prices): the key as an `os.environ/SWITCHBOARD_KEY_<ID>` reference
-        (`litellm_params()` has it). None is any model: `<prefix>/*`, a wildcard deployment of a
-        proxy config, never a model to send (`Switchboard.litellm_params` refuses to)."""
-        return formats.litellm_params(self.raw, model)
+        """LiteLLM `litellm_params` for `model`, as `switchboard export litellm` writes the
+        provider's deployment for it: the prices of its `pricing` as LiteLLM's per-token costs, the
+        key as an `os.environ/SWITCHBOARD_KEY_<ID>` reference (`litellm_params()` has it); not the
+        route's `weight`, which belongs to a route, not to the provider.
+
+        Without `model`, its first declared model, as `litellm_params(purpose)` names it (an
+        export lists no `*` for a provider that declares models); for a provider that declares
+        none, `<prefix>/*`, the export's wildcard deployment, never a model to send
+        (`Switchboard.litellm_params` refuses to)."""
+        if model is None and self.models:
+            model = self.models[0]
+        return formats.litellm_deployment(self.raw, model)
 
     def to_wilmer_config(self) -> dict[str, Any] | None:
         """A WilmerAI endpoint, as `switchboard export wilmer` writes it (None: WilmerAI cannot use it)."""

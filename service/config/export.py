@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from service import formats
 from service.config.models import Provider, Route
 from service.config.snapshot import Snapshot
 from service.errors import ConfigError, Problem
@@ -44,13 +45,6 @@ WILDCARD = "*"
 MASTER_KEY = "os.environ/LITELLM_MASTER_KEY"
 """LiteLLM's proxy refuses to start without a master key; the file names where it is read."""
 _LITELLM_MODE = {"chat": "chat", "embeddings": "embedding", "reranking": "rerank"}
-_COSTS = (
-    ("input", "input_cost_per_token"),
-    ("output", "output_cost_per_token"),
-    ("cached_input", "cache_read_input_token_cost"),
-    ("cache_write", "cache_creation_input_token_cost"),
-)
-"""`Price` field (USD per million tokens) -> LiteLLM's name for it (USD per token)."""
 
 
 class ExportRefused(ConfigError):
@@ -148,6 +142,8 @@ class _Plan:
     _owners: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Model name -> (what it means, as a message says it; for a provider's own name
     `<id>/<model>`, its target, which another use of that very name may share)."""
+    _described: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Provider id -> its description (`Provider.describe`), what its deployments are made from."""
 
     def route(self, purpose: str, route: Route, catch_all: bool) -> None:
         """One purpose: a group per model its providers declare, chat's `*` for the others."""
@@ -245,10 +241,14 @@ class _Plan:
     def _deploy(
         self, name: str, provider: Provider, model: str | None, purpose: str, weight: float | None
     ) -> None:
-        params = provider.to_litellm_config(model, with_secrets=self.with_secrets)
+        described = self._described.get(provider.id)
+        if described is None:  # once a provider: its pricing table may be long, and so its models
+            described = self._described[provider.id] = provider.describe()
+        key = provider.revealed_key() if self.with_secrets else None
+        params = formats.litellm_params(described, model, key=key)
         if weight is not None:
             params["weight"] = weight
-        params.update(litellm_costs(provider, model))
+        params.update(formats.litellm_costs(described, model))
         info = {
             "id": f"{provider.id}:{name}",
             "mode": _LITELLM_MODE[purpose],
@@ -258,25 +258,9 @@ class _Plan:
 
 
 def litellm_costs(provider: Provider, model: str | None) -> dict[str, float]:
-    """The provider's prices for `model` (None: any) as LiteLLM names them, USD per token.
-
-    A model with its own `pricing` entry (as clients name it, else as it is sent upstream) is
-    priced by it alone, a model without one by `"*"`
-    (docs/reference.md §13); a class the entry leaves out is left out, for LiteLLM to price as
-    Switchboard does (its map, else a cache class at the input price). Each price is divided by a
-    million in decimal, exactly, then made the nearest binary number once: a YAML reader
-    gets back the very number `Decimal` would give.
-    """
-    pricing = provider.pricing
-    names = (model, provider.upstream_model(model)) if model is not None else ()
-    own = next((pricing[name] for name in names if name in pricing), None)  # as the gateway prices it
-    entry = own if own is not None else pricing.get(WILDCARD)
-    costs = {}
-    for field_name, litellm_name in _COSTS:
-        price = getattr(entry, field_name, None) if entry is not None else None
-        if price is not None:
-            costs[litellm_name] = float(price.scaleb(-6))
-    return costs
+    """The provider's prices for `model` (None: any) as LiteLLM names them (`formats.litellm_costs`,
+    which the Python client uses too, so both price a deployment alike)."""
+    return formats.litellm_costs(provider.describe(), model)
 
 
 def _listed(names: list[str], most: int = 8) -> str:

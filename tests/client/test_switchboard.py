@@ -13,8 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
+from service.cli.main import cli
 from service.client import Forbidden, ModelRequired, NotFound, Switchboard, Unavailable
 from service.config.export import litellm_config
 from service.config.snapshot import load_folder
@@ -31,6 +33,7 @@ from tests.conftest import (
     write_server,
 )
 from tests.support.gateway import CANARY, write_clients, write_provider
+from tests.support.gateway import write_routing as write_routing_of
 from tests.support.upstreams import FakeUpstream, serving
 
 
@@ -99,6 +102,80 @@ async def test_exports_match_switchboard_export(sops_project: SopsProject) -> No
         assert providers["k"].to_litellm_config() == snapshot.providers["k"].to_litellm_config()
         assert providers["k"].api_key == "****" + CANARY[-4:]
         assert CANARY not in json.dumps(providers["k"].raw)
+
+
+def _every_kind_of_provider(project: SopsProject) -> None:
+    """A server and a key priced (an entry of its own, and `*`), a key and a server that declare
+    no models, an Anthropic key (translated; WilmerAI's `Claude`), an embeddings server."""
+    write_provider(
+        project,
+        "gpu",
+        base_url="http://127.0.0.1:9/v1",
+        models=["fake-model"],
+        pricing={
+            "*": {"input": 1, "output": 2},
+            "fake-model": {"input": 3, "cached_input": 1.5, "cache_write": 4},
+        },
+    )
+    write_provider(
+        project,
+        "vendor",
+        provider="openai",
+        base_url="http://127.0.0.1:10/v1",
+        api_key=CANARY,
+        models=["m1", "m2"],
+        model_map={"fast": "m1"},
+        pricing={"*": {"input": "0.15", "output": "0.6", "cached_input": "0.075"}, "m2": {"output": 10}},
+    )
+    write_provider(project, "claude", provider="anthropic", api_key=CANARY, name="Claude")
+    write_provider(project, "any", base_url="http://127.0.0.1:11/v1")
+    write_provider(
+        project, "embedder", server_type="tei", base_url="http://127.0.0.1:12", purposes=["embeddings"]
+    )
+    write_routing_of(
+        project,
+        chat={"primary": ["gpu", "vendor"], "fallbacks": ["claude", "any"]},
+        embeddings="embedder",
+    )
+
+
+async def test_exports_match_switchboard_export_for_every_kind_of_provider(
+    sops_project: SopsProject,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    _every_kind_of_provider(sops_project)
+    monkeypatch.chdir(sops_project.root)
+    assert cli("export", "litellm") == 0
+    exported = yaml.safe_load(capsys.readouterr().out)["model_list"]
+    assert cli("export", "wilmer", "--out", str(tmp_path / "wilmer")) == 0
+    wilmer = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "wilmer").iterdir()}
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        providers = {p.id: p for p in await sb.providers()}
+        route = [*(await sb.route("chat")).candidates, *(await sb.route("embeddings")).candidates]
+    assert sorted(providers) == sorted(p.id for p in route) == ["any", "claude", "embedder", "gpu", "vendor"]
+    priced = 0
+    for deployment in exported:
+        pid = deployment["model_info"]["switchboard_provider"]
+        name = deployment["model_name"].removeprefix(f"{pid}/")  # a provider's own `<id>/<model>`
+        model = None if name == "*" else name
+        for provider in (providers[pid], *(p for p in route if p.id == pid)):
+            assert provider.to_litellm_config(model) == deployment["litellm_params"], (pid, model)
+        params = deployment["litellm_params"]
+        priced += any(name.endswith(("_cost_per_token", "_token_cost")) for name in params)
+    assert priced == 4  # gpu's fake-model, vendor's m1, m2 (its own entry) and fast: prices compared too
+    by_id = {d["model_info"]["switchboard_provider"]: d["litellm_params"] for d in exported}
+    # Without a model: the first declared one (no `*` where the provider declares models), as
+    # the export lists it and `litellm_params(purpose)` names it; `*` for one that declares none.
+    assert providers["vendor"].to_litellm_config()["model"] == "openai/m1"
+    assert providers["gpu"].to_litellm_config() == by_id["gpu"]
+    assert providers["any"].to_litellm_config()["model"] == "openai/*"
+    for pid, provider in providers.items():
+        assert provider.to_wilmer_config() == wilmer.get(pid), pid
+    assert sorted(wilmer) == ["any", "claude", "embedder", "gpu", "vendor"]
+    shown = json.dumps([[p.to_litellm_config(), p.to_wilmer_config(), p.raw] for p in providers.values()])
+    assert CANARY not in shown and CANARY[-12:] not in shown
 
 
 async def test_litellm_params_name_the_model_mapped_and_need_secrets_read(sops_project: SopsProject) -> None:

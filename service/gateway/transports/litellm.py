@@ -64,6 +64,30 @@ litellm takes its routing and credentials from the same keyword arguments as the
 fields could choose where the provider's key goes, so it is dropped, not forwarded."""
 
 
+_USAGE: Mapping[str, Any] = {
+    "prompt_tokens": True,
+    "completion_tokens": True,
+    "total_tokens": True,
+    "prompt_tokens_details": {
+        "cached_tokens", "cache_write_tokens", "audio_tokens", "image_tokens", "text_tokens",
+    },
+    "completion_tokens_details": {
+        "reasoning_tokens", "audio_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens",
+        "text_tokens",
+    },
+}  # fmt: skip
+_CHAT_ANSWER: Mapping[str, Any] = dict.fromkeys(
+    ("id", "object", "created", "model", "choices", "system_fingerprint", "service_tier"), True
+) | {"usage": _USAGE}
+"""What a chat answer (or chunk) translated by litellm carries to the client: the fields of OpenAI's
+schema, and not litellm's own. Its usage chunk has `cost`, litellm's bill from its own price map
+as a binary float (docs/reference.md §13: Switchboard prices by the provider's `pricing`, exactly,
+and says so in `x-switchboard-cost-usd` and the ledger), and its usage Anthropic's
+`cache_creation_input_tokens`/`cache_read_input_tokens`, which OpenAI's `prompt_tokens_details`
+already say. `choices` are the answer's content and pass as litellm gives them (its
+`reasoning_content`, which clients of reasoning models read, included)."""
+
+
 def litellm_model(provider: Provider, model: str) -> str:
     """`vendor/model` as litellm names it, for the model the provider is asked for."""
     vendor = getattr(provider, "provider", None)
@@ -223,7 +247,11 @@ async def _forward(
     call.usage = _usage(result)
     call.answer_model = _model(result)
     headers["Content-Type"] = "application/json"
-    return web.Response(body=result.model_dump_json(exclude_none=True).encode(), headers=headers)
+    # A client of another protocol gets its own shape from all of it (Anthropic's cache writes).
+    shape = _CHAT_ANSWER if call.purpose == "chat" and call.translation is None else None
+    return web.Response(
+        body=result.model_dump_json(exclude_none=True, include=shape).encode(), headers=headers
+    )
 
 
 async def _relay_stream(
@@ -248,7 +276,7 @@ async def _relay_stream(
                 if out:
                     await answer.write(out)
             elif usage is None or call.wants_usage or getattr(chunk, "choices", None):
-                data = chunk.model_dump_json(exclude_none=True).encode()
+                data = chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode()
                 await answer.write(b"data: " + data + b"\n\n")
             call.usage = usage or call.usage
             try:

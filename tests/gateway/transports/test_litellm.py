@@ -10,8 +10,10 @@ import sys
 from typing import Any
 
 import openai
+import pydantic
 import pytest
 from aiohttp import web
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from service.http.context import HEALTH
 from tests.conftest import SopsProject
@@ -247,6 +249,44 @@ async def test_a_stream_through_litellm_that_falls_silent_ends_with_an_error_eve
     assert response.status == 200
     assert "no chunk within 0.1 s" in text
     assert CANARY not in text
+
+
+def _litellm_only(answer: pydantic.BaseModel, where: str = "") -> list[str]:
+    """The fields of `answer` (and of its usage, all the way down) that OpenAI's schema, as the
+    pinned `openai` SDK has it, does not name: what litellm added of its own."""
+    found = [f"{where}{name}" for name in answer.model_extra or {}]
+    for name in type(answer).model_fields:
+        value = getattr(answer, name)
+        if isinstance(value, pydantic.BaseModel) and name != "choices":
+            found += _litellm_only(value, f"{where}{name}.")
+    return found
+
+
+async def test_a_stream_through_litellm_carries_openai_fields_alone_as_the_plain_answer_does(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §13: money is exact, in strings of decimals. litellm stamps its own bill on
+    a stream's usage chunk (`"cost": 0.00008400000000000001`, a binary float from its price map,
+    whatever the provider's `pricing` says); the plain answer has no such field, nor may the stream."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        # A model litellm's map prices, and a price of the provider's own: neither reaches the client.
+        _anthropic(sops_project, up, pricing={"*": {"input": 3, "output": 15}})
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            body: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 10}
+            streamed = await board.chat("a b c", stream=True, stream_options={"include_usage": True}, **body)
+            plain = await board.chat("a b c", **body)
+    text = await streamed.text()
+    assert "cost" not in text
+    events = [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]
+    assert [_litellm_only(chunk) for chunk in chunks] == [[]] * len(chunks)
+    answer = ChatCompletion.model_validate(await plain.json())
+    assert _litellm_only(answer) == []
+    assert chunks[-1].choices == [] and chunks[-1].usage == answer.usage  # the same counts, the same shape
+    assert answer.usage is not None and answer.usage.prompt_tokens == 3
+    assert plain.headers["x-switchboard-cost-usd"] == "0.000084"  # the provider's price, exactly
 
 
 async def test_a_stream_through_litellm_is_counted_when_the_client_did_not_ask(
