@@ -246,6 +246,7 @@ class Registry:
             _secrets_changed(old, snapshot),
             routing_file=self._file_of("routing", snapshot, old),
             clients_file=self._file_of("clients", snapshot, old),
+            token_changed=_tokens_changed(old, snapshot),
         )
         contents: dict[Path, bytes | None] = {self.root / f: x.data for f, x in snapshot.files.items()}
         for change in changes:
@@ -368,6 +369,16 @@ def _secrets_changed(old: Snapshot, new: Snapshot) -> frozenset[str]:
             if isinstance(a, Secret) and isinstance(b, Secret) and a != b:
                 changed.add(provider_id)
     return frozenset(changed)
+
+
+def _tokens_changed(old: Snapshot, new: Snapshot) -> frozenset[str]:
+    """Names of the clients whose token hash changed: recorded even when the masks match."""
+    if old.clients is None or new.clients is None:
+        return frozenset()
+    before = {c.name: c.token_sha256 for c in old.clients.clients}
+    return frozenset(
+        c.name for c in new.clients.clients if before.get(c.name, c.token_sha256) != c.token_sha256
+    )
 
 
 def _read(path: Path, root: Path) -> bytes | None:
