@@ -67,6 +67,8 @@ class State:
     """Files refused now, with the reason: their last good version (if any) is served."""
     ready: bool = False
     """The first load is complete."""
+    waiting: str | None = None
+    """Before the first load: why it cannot be done yet (the folder cannot be listed), for `/readyz`."""
     last_applied_commit: str | None = None
     last_attempted_commit: str | None = None
     auth_required: bool = False
@@ -183,6 +185,14 @@ class Registry:
                 except Exception:
                     log.exception("an on_apply callback failed")
         return outcome
+
+    def wait(self, reason: str) -> None:
+        """Not ready yet, and why: the first load cannot be done now (the folder cannot be
+        listed, so an empty configuration would be served as if it were the one). Once ready,
+        nothing: the last good configuration is served, and refusals say what is wrong."""
+        with self._lock:
+            if not self._state.ready:
+                self._state = replace(self._state, waiting=reason)
 
     def _apply(
         self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal], head: str | None
