@@ -56,7 +56,7 @@ class _Place:
     """Where the holder is: the folder's parent, or one above it that git left (scan.holding)."""
     absent: bool = False
     unlisted: bool = False
-    """The folder is there but cannot be listed: rescanned every second until it can be."""
+    """Before the first load, the folder is there but cannot be listed: rescanned every second."""
 
 
 class Reloader:
@@ -172,8 +172,8 @@ class Reloader:
         (a commit bringing it back) is seen at once; and while git does not say the folder's
         absence is the configuration (it was deleted by hand: its files stay refused, their last
         good versions served), it is rescanned every second too, for the commit that may say so.
-        So is a folder that is there but cannot be listed: before the first load, what it holds
-        is what readiness waits for.
+        So is a folder that is there but cannot be listed before the first load: what it holds is
+        what readiness waits for.
         """
         while not stop.is_set():
             place = self._place()
@@ -193,7 +193,8 @@ class Reloader:
         """What the watch is set on now."""
         folder = _identity(self.folder)
         if folder is not None:
-            return _Place(folder, unlisted=not listable(self.folder))
+            # Only before the first load: once ready, the last good files are served meanwhile.
+            return _Place(folder, unlisted=not self.registry.ready and not listable(self.folder))
         path = holding(self.folder, self.root)
         holder = _identity(path) if path is not None else None
         return _Place(None, holder, path, self._scanner.absent)

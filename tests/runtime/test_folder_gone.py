@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from service.http.context import EVENTS, RELOADER
+from service.http.context import EVENTS, LIMITS, RELOADER
 from service.runtime.registry import CLIENTS_GONE, Outcome
 from tests.conftest import (
     Service,
@@ -341,11 +341,14 @@ async def test_a_fresh_start_on_a_folder_it_cannot_list_is_not_ready_until_it_ca
             "the first load of the configuration is not complete: cannot list providers.d: Permission denied"
         )
         assert not service.registry.ready and service.registry.snapshot.providers == {}
+        status, body = await service.get(API + "/providers")  # no clients read: no authentication
+        assert (status, body["error"]["type"]) == (503, "not_ready")  # is not taken for none
         assert [e.type for e in service.events()] == ["service.started"]  # nothing was taken for removed
         unlistable(False)
         started = time.monotonic()
         await eventually(lambda: service.registry.ready, timeout=3)
         assert time.monotonic() - started < 2.5  # a rescan every second while it cannot be listed
+        await eventually(lambda: service.app[LIMITS].ready.is_set(), timeout=3)  # read back after the load
         assert (await readyz(service))[0] == 200
         assert set(service.registry.snapshot.providers) == {"a"} and service.registry.refused == {}
         assert service.registry.state.waiting is None
@@ -393,8 +396,9 @@ async def test_a_running_service_whose_folder_flips_unlistable_keeps_its_files_a
     sops_project: SopsProject, unlistable: Callable[[bool], None]
 ) -> None:
     """Once ready, a folder that cannot be listed keeps the last good files (refused, the reason
-    said), as a folder deleted by hand does; each time it can be listed again what changed
-    meanwhile is loaded, within the second. No provider is ever recorded as removed."""
+    said), as a folder deleted by hand does, and `/readyz` stays 200; each time it can be listed
+    again what changed meanwhile is loaded (the folder's mode changing is an event of its watch).
+    No provider is ever recorded as removed."""
     write_server(sops_project, "a")
     write_routing(sops_project, ["a"])
     unreadable = {"providers.d/a.yaml": "unreadable folder", "providers.d/routing.yaml": "unreadable folder"}

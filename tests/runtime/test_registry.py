@@ -354,6 +354,8 @@ def test_a_token_replaced_alone_is_a_clients_updated_event_showing_its_hash_mask
     assert verify(log.path) == log.last_seq
     outcome = registry.apply(files, {})  # the same file again: nothing
     assert outcome.events == 0
+    restarted = Registry(log, tmp_path)  # the log's checkpoint has the last mask: nothing either
+    assert restarted.apply(files, {}).events == 0
 
 
 def test_a_refused_clients_file_fixed_with_a_new_token_is_one_event_and_the_refused_hash_is_never_logged(
