@@ -263,9 +263,11 @@ async def serve(
     lookup: Lookup = system_lookup,
     fast: bool = True,
     keepalive_s: float | None = None,
+    wait_ready: bool = True,
     **settings: Any,
 ) -> AsyncIterator[Service]:
-    """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200.
+    """Serve `project` on 127.0.0.1, a free port, until the block ends; waits for /readyz 200
+    (unless `wait_ready` is False: a test of a service that is not ready).
 
     `lookup` is how the service resolves upstream host names (a test's own DNS).
 
@@ -304,7 +306,8 @@ async def serve(
                 status, _ = await service.get("/readyz")
                 assert status == 200
 
-            await eventually(ready, timeout=20)
+            if wait_ready:
+                await eventually(ready, timeout=20)
             yield service
         finally:
             await service.stop()

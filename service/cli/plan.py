@@ -149,6 +149,8 @@ def _scopes(client: Mapping[str, Any] | None) -> str:
         if "budget" in limits:
             parts.append(f"budget {limits['budget']['usd']} USD/{limits['budget']['period']}")
         shown += f"; limits: {', '.join(parts)}"
+    if client.get("token_sha256"):  # masked (`****5d80`): a token replaced shows as one
+        shown += f"; token `{client['token_sha256']}`"
     return _cell(shown)
 
 

@@ -37,8 +37,13 @@ def has_clients_file(folder: Path, root: Path | None = None) -> bool:
     all counts too, for the same reason: without good clients, a service on an address
     other than loopback answers 503 to every protected endpoint (it fails closed). So does a
     link out of the repository `root` (which the service refuses unread): it is not read here.
+    And so does a folder that cannot be listed: the service is not ready until it can be.
     """
-    for path in config_files(folder):
+    try:
+        paths = config_files(folder)
+    except OSError:
+        return True
+    for path in paths:
         if root is not None and leads_outside(path, root):
             return True
         try:

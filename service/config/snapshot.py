@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from service.config.loader import Decrypter, Loaded, config_files, decrypt, parse
 from service.config.models import AiServer, ApiKey, Clients, Provider, Routing
+from service.config.secret import mask
 from service.config.sops_mac import Known, sharing_a_mac
 from service.config.view import ConfigView
 from service.errors import ConfigError, FileRejected, Problem, SnapshotRejected
@@ -179,6 +180,8 @@ class Snapshot:
             {
                 c.name: {"scopes": list(c.scopes)}
                 | ({"limits": c.limits.model_dump(mode="json", exclude_none=True)} if c.limits else {})
+                # Masked like a key: a token replaced alone is a change the log must show.
+                | {"token_sha256": mask(c.token_sha256)}
                 for c in self.clients.clients
             }
             if self.clients

@@ -4,7 +4,11 @@ A `ConfigView` is the configuration as the event log sees it: plain JSON, secret
 
     {"providers": {id: {field: value, ..., "file": "providers.d/x.yaml"}},
      "routing":   {purpose: {"primary": [...], "weights": {...}, "fallbacks": [...]}},
-     "clients":   {name: {"scopes": [...], "limits"?: {...}}}}
+     "clients":   {name: {"scopes": [...], "limits"?: {...}, "token_sha256": "****9f86"}}}
+
+A client's `token_sha256` is masked as a key is (`****` and its last four hex characters):
+enough for the log to show that a token was replaced, never enough to use or look it up.
+Logs written before it was recorded have client entries without it.
 
 `diff_views(a, b)` lists the `Change`s that lead from `a` to `b`; applying them in order with
 `apply_change` rebuilds `b` exactly. That is what lets the event log rebuild the configuration
@@ -64,6 +68,7 @@ def diff_views(
     *,
     routing_file: str | None,
     clients_file: str | None,
+    token_changed: frozenset[str] = frozenset(),
 ) -> list[Change]:
     """The changes from `old` to `new`, in an order that replays validly.
 
@@ -74,6 +79,7 @@ def diff_views(
 
     `secret_changed` holds the ids whose decrypted key changed: a key rotated to one with the
     same last four characters has the same mask, and is still recorded as a change.
+    `token_changed` does the same for the names of clients whose token hash changed.
     `routing_file` and `clients_file` are the files the routing and clients changes name:
     whatever the files are called (any name counts by its kind), or None when there is none.
     """
@@ -100,7 +106,7 @@ def diff_views(
     if routing:
         result.append(Change(ROUTING_UPDATED, "routing", routing_file, routing))
     result += removed
-    clients = _keyed_changes(old.get("clients", {}), new.get("clients", {}))
+    clients = _keyed_changes(old.get("clients", {}), new.get("clients", {}), always=token_changed)
     if clients:
         result.append(Change(CLIENTS_UPDATED, "clients", clients_file, clients))
     return result
@@ -156,12 +162,16 @@ def _provider_changes(
     return changes
 
 
-def _keyed_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per key (purpose, client name): {"old": value-or-None, "new": value-or-None}."""
+def _keyed_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any], always: frozenset[str] = frozenset()
+) -> dict[str, dict[str, Any]]:
+    """Per key (purpose, client name): {"old": value-or-None, "new": value-or-None}; a key in
+    `always` that is on both sides is listed even when its two values read the same."""
     changes: dict[str, dict[str, Any]] = {}
     for key in sorted(before.keys() | after.keys()):
         old_value, new_value = before.get(key), after.get(key)
-        if not _same(old_value, new_value):
+        forced = key in always and old_value is not None and new_value is not None
+        if forced or not _same(old_value, new_value):
             changes[key] = {"old": _copy(old_value), "new": _copy(new_value)}
     return changes
 

@@ -531,7 +531,8 @@ async def _readyz(request: web.Request) -> web.Response:
     registry = request.app.get(REGISTRY)
     state = registry.state if registry is not None else None
     if state is None or not state.ready:
-        raise NotReady("the first load of the configuration is not complete")
+        why = f": {state.waiting}" if state is not None and state.waiting else ""
+        raise NotReady(f"the first load of the configuration is not complete{why}")
     keeper = request.app.get(LIMITS)
     if keeper is None or not keeper.ready.is_set():
         raise NotReady("the budgets' spent is not read back yet (docs/reference.md §13)")

@@ -163,7 +163,8 @@ class Changes:
         clients = self._registry.state.snapshot.clients
         if clients is not self._clients:
             # Looked at on every change of the clients file, not on `clients.updated` alone: a
-            # token replaced (same name and scopes) is no event, and its streams must end too.
+            # token gone ends its streams whatever the change recorded (a clients file fixed
+            # back, a refused one whose last good clients stay).
             self._clients = clients
             self._recheck_clients()
         self.touch()

@@ -140,7 +140,9 @@ class RoutingUpdated(BaseEvent):
 
 
 class ClientsUpdated(BaseEvent):
-    """The clients changed; `changes` maps each client that differs to its old and new entry."""
+    """The clients changed; `changes` maps each client that differs to its old and new entry
+    (`scopes`, `limits`, `token_sha256` masked as `****` and its last four: a token replaced alone
+    is a change too; logs from before it have entries without it)."""
 
     type: Literal["clients.updated"] = "clients.updated"
     subject: str = "clients"

@@ -67,6 +67,8 @@ class State:
     """Files refused now, with the reason: their last good version (if any) is served."""
     ready: bool = False
     """The first load is complete."""
+    waiting: str | None = None
+    """Before the first load: why it cannot be done yet (the folder cannot be listed), for `/readyz`."""
     last_applied_commit: str | None = None
     last_attempted_commit: str | None = None
     auth_required: bool = False
@@ -184,6 +186,14 @@ class Registry:
                     log.exception("an on_apply callback failed")
         return outcome
 
+    def wait(self, reason: str) -> None:
+        """Not ready yet, and why: the first load cannot be done now (the folder cannot be
+        listed, so an empty configuration would be served as if it were the one). Once ready,
+        nothing: the last good configuration is served, and refusals say what is wrong."""
+        with self._lock:
+            if not self._state.ready:
+                self._state = replace(self._state, waiting=reason)
+
     def _apply(
         self, candidate: Mapping[str, Loaded], rejected: Mapping[str, Refusal], head: str | None
     ) -> Outcome:
@@ -246,6 +256,7 @@ class Registry:
             _secrets_changed(old, snapshot),
             routing_file=self._file_of("routing", snapshot, old),
             clients_file=self._file_of("clients", snapshot, old),
+            token_changed=_tokens_changed(old, snapshot),
         )
         contents: dict[Path, bytes | None] = {self.root / f: x.data for f, x in snapshot.files.items()}
         for change in changes:
@@ -368,6 +379,16 @@ def _secrets_changed(old: Snapshot, new: Snapshot) -> frozenset[str]:
             if isinstance(a, Secret) and isinstance(b, Secret) and a != b:
                 changed.add(provider_id)
     return frozenset(changed)
+
+
+def _tokens_changed(old: Snapshot, new: Snapshot) -> frozenset[str]:
+    """Names of the clients whose token hash changed: recorded even when the masks match."""
+    if old.clients is None or new.clients is None:
+        return frozenset()
+    before = {c.name: c.token_sha256 for c in old.clients.clients}
+    return frozenset(
+        c.name for c in new.clients.clients if before.get(c.name, c.token_sha256) != c.token_sha256
+    )
 
 
 def _read(path: Path, root: Path) -> bytes | None:

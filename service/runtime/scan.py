@@ -10,7 +10,9 @@ again after reading: a batch is one worktree's files, never a mix of two.
 A folder that cannot be listed keeps its files' last good versions (a mount gone, a folder
 deleted by hand must not take every provider away), unless it is missing and git says that is
 the configuration: git removes a folder a commit empties, and a replica cloned at that commit
-has none (`service.vcs.absence`, asked only while the folder is missing).
+has none (`service.vcs.absence`, asked only while the folder is missing). At the start there
+are no last good versions: a folder that is there but cannot be listed says why (`Scan.unlisted`),
+and the watcher holds the first load, and readiness, back until it can be.
 
 A file that is a symbolic link is followed only within the repository (the configuration
 root, links above it resolved, as git-sync's is): one leading out of it, or into its `.git`,
@@ -64,6 +66,9 @@ class Scan:
     holder: Path | None = None
     """Set when the folder is missing and git says that is the configuration: the folder found
     holding it (resolved), and `source` is where the folder would be. There are no files."""
+    unlisted: str | None = None
+    """Why the folder, which is there (a folder the service may not read, a file or a link
+    leading nowhere in its place), could not be listed; None when it was, or is missing."""
 
     @property
     def absent(self) -> bool:
@@ -170,7 +175,9 @@ class Scanner:
         # A hash no content has: the files are refused (their last good versions stay)
         # and reloaded once the folder can be read again.
         refused = {f: Read(None, "unreadable-folder", "unreadable folder", kind) for f, kind in known.items()}
-        return Scan(refused, None)
+        there = exc.errno != errno.ENOENT or _lexists(self.folder)
+        unlisted = f"cannot list {self._name(self.folder)}: {exc.strerror}" if there else None
+        return Scan(refused, None, unlisted=unlisted)
 
     def _tell(self, state: tuple[object, ...] | None, level: int, message: str, *args: object) -> None:
         """Log `message` when the folder's `state` is new: once, not at every rescan of it."""
@@ -193,6 +200,24 @@ def _target(folder: Path) -> Path | None:
     except OSError:
         return None
     return target if target.is_dir() else None
+
+
+def _lexists(path: Path) -> bool:
+    """Whether anything is at `path`, a link leading nowhere included."""
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def listable(folder: Path) -> bool:
+    """Whether `folder` can be listed now (opened as a directory; nothing is read)."""
+    try:
+        with os.scandir(folder):
+            return True
+    except OSError:
+        return False
 
 
 def _missing(folder: Path, root: Path) -> tuple[Path, Path] | None:

@@ -35,7 +35,7 @@ from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
 from service.runtime.registry import Outcome, Refusal, Registry
-from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, holding, link_folders
+from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, holding, link_folders, listable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class _Place:
     path: Path | None = None
     """Where the holder is: the folder's parent, or one above it that git left (scan.holding)."""
     absent: bool = False
+    unlisted: bool = False
+    """Before the first load, the folder is there but cannot be listed: rescanned every second."""
 
 
 class Reloader:
@@ -120,6 +122,15 @@ class Reloader:
             return Outcome(state.snapshot, False, 0, state.refused), None
         started = time.perf_counter()
         scan = await asyncio.to_thread(self._scanner.scan, self._known())
+        if scan.unlisted is not None and not self.registry.ready:
+            # Nothing was read: an empty configuration served as if it were the one would
+            # take every provider and client away. Not ready until the folder can be listed.
+            self.registry.wait(scan.unlisted)
+            state = self.registry.state
+            outcome = Outcome(state.snapshot, False, 0, state.refused)
+            if self.on_reload is not None:
+                self.on_reload(outcome, time.perf_counter() - started)
+            return outcome, scan
         present = scan.files
         todo = {f: r for f, r in present.items() if self._cache.get(f, ("",))[0] != r.sha256}
         results = await asyncio.gather(*(self._load(f, r) for f, r in todo.items()))
@@ -161,12 +172,15 @@ class Reloader:
         (a commit bringing it back) is seen at once; and while git does not say the folder's
         absence is the configuration (it was deleted by hand: its files stay refused, their last
         good versions served), it is rescanned every second too, for the commit that may say so.
+        So is a folder that is there but cannot be listed before the first load: what it holds is
+        what readiness waits for.
         """
         while not stop.is_set():
             place = self._place()
             watched = False
             if place.folder is not None:
-                watched = await self._watch(stop, place, self.folder, self.rescan_s)
+                rescan_s = min(self.rescan_s, 1.0) if place.unlisted else self.rescan_s
+                watched = await self._watch(stop, place, self.folder, rescan_s)
             elif place.holder is not None and place.path is not None:
                 rescan_s = self.rescan_s if place.absent else min(self.rescan_s, 1.0)
                 watched = await self._watch(stop, place, place.path, rescan_s)
@@ -179,7 +193,8 @@ class Reloader:
         """What the watch is set on now."""
         folder = _identity(self.folder)
         if folder is not None:
-            return _Place(folder)
+            # Only before the first load: once ready, the last good files are served meanwhile.
+            return _Place(folder, unlisted=not self.registry.ready and not listable(self.folder))
         path = holding(self.folder, self.root)
         holder = _identity(path) if path is not None else None
         return _Place(None, holder, path, self._scanner.absent)

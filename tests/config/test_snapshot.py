@@ -180,7 +180,7 @@ def test_view_is_the_masked_configuration_with_each_providers_file() -> None:
     assert view["providers"]["or"]["api_key"] == "****"
     assert ENC not in str(view)
     assert view["routing"] == {"chat": {"primary": ["gpu"], "weights": {}, "fallbacks": ["or"]}}
-    assert view["clients"] == {"ops": {"scopes": ["admin"]}}
+    assert view["clients"] == {"ops": {"scopes": ["admin"], "token_sha256": "****aaaa"}}
     assert HASH not in str(view)  # token hashes are not part of the recorded configuration
 
 

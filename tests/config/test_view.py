@@ -94,6 +94,31 @@ def test_routing_and_clients_changes_are_per_purpose_and_per_client() -> None:
     }
 
 
+def test_a_token_replaced_to_one_with_the_same_mask_is_still_a_clients_change() -> None:
+    """`token_changed` names the clients whose hash changed: listed even when the two masks read
+    the same (the hashes end alike), as a rotated key is; one not on both sides adds nothing."""
+    entry = {"scopes": ["admin"], "token_sha256": "****5d80"}
+    old = view_of(clients={"ops": entry, "ci": {"scopes": ["admin"], "token_sha256": "****0001"}})
+    new = view_of(clients={"ops": dict(entry)})
+
+    [change] = diff_views(
+        old,
+        new,
+        routing_file=None,
+        clients_file="providers.d/clients.yaml",
+        token_changed=frozenset({"ops", "x"}),
+    )
+
+    assert change.type == "clients.updated"
+    assert change.changes == {
+        "ci": {"old": {"scopes": ["admin"], "token_sha256": "****0001"}, "new": None},
+        "ops": {"old": entry, "new": entry},
+    }
+    view = copy.deepcopy(old)
+    assert apply_change(view, change.type, change.subject, change.changes) == new
+    assert diff_views(old, new, routing_file=None, clients_file=None)[0].changes.keys() == {"ci"}
+
+
 def test_order_keeps_every_prefix_naming_only_existing_providers() -> None:
     old = view_of(provider("gone"), provider("kept"), routing={"chat": {"primary": ["gone"]}})
     new = view_of(provider("kept", enabled=False), provider("new"), routing={"chat": {"primary": ["new"]}})

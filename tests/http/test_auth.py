@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +334,32 @@ async def test_a_clients_file_refused_before_any_good_one_keeps_authentication_o
     path.unlink()
     await eventually(lambda: service.registry.refused == {})
     assert await status(service) == 503  # the mode was set once a clients file was seen
+
+
+def test_serve_on_a_folder_it_cannot_list_starts_failing_closed_not_with_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve` on a public address looks for a clients file first: a folder that cannot be
+    listed (mode 300) ended it with `Permission denied`, so a replica restarted in a loop
+    instead of starting not ready until the folder can be listed (docs/reference.md §4). It
+    counts as holding one, as a file that cannot be read does: the service fails closed. As
+    root, whom no mode stops, listing it fails as the OS fails it for another user."""
+    folder = tmp_path / "providers.d"
+    folder.mkdir()
+    real_listdir = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        if os.fspath(path) == os.fspath(folder):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_listdir(path)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "listdir", listdir)
+    folder.chmod(0o300)
+    try:
+        assert has_clients_file(folder)
+    finally:
+        folder.chmod(0o755)
 
 
 def test_serve_finds_the_clients_file_by_its_kind_not_its_name(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from service.http import push
 from service.http.app import create_app
 from service.http.changes import CHANGES
 from service.http.context import REGISTRY
+from service.journal.log import verify
 from service.settings import Settings
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import write_clients
@@ -424,6 +426,66 @@ async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: S
             await stream.aclose()
     assert "secret.read" in seen["boss"] and "clients.updated" in seen["boss"]
     assert "secret.read" not in seen["reader"] and "clients.updated" not in seen["reader"]
+
+
+async def test_a_token_replaced_alone_is_a_masked_clients_updated_for_admin_streams_only(
+    sops_project: SopsProject,
+) -> None:
+    """A token replaced alone (same name and scopes) was no event at all: an admin watching the
+    stream, or reading the log, never saw a token change. Now an admin's stream gets the
+    `clients.updated` with the hashes masked; a config:read stream does not; `state?at=` before
+    and after it shows each mask, and the log's chain holds."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {"reader": ("tok-r", ["config:read"]), "boss": ("tok-a", ["config:read", "admin"])}
+    write_clients(sops_project, clients)
+    old, new = (hashlib.sha256(t.encode()).hexdigest() for t in ("tok-r", "tok-r2"))
+    async with serve(sops_project) as service:
+        auth = {"reader": {"Authorization": "Bearer tok-r"}, "boss": {"Authorization": "Bearer tok-a"}}
+        boss = sse(service, auth["boss"])
+        assert await anext(boss) == ("comment", None)
+        before = service.events()[-1].ts
+        clients["reader"] = ("tok-r2", ["config:read"])
+        write_clients(sops_project, clients)
+        events = await asyncio.wait_for(_frames_until(boss, "clients.updated"), 10)
+        await boss.aclose()
+        assert events[-1]["changes"] == {
+            "reader": {
+                "old": {"scopes": ["config:read"], "token_sha256": "****" + old[-4:]},
+                "new": {"scopes": ["config:read"], "token_sha256": "****" + new[-4:]},
+            }
+        }
+        reader = sse(service, {"Authorization": "Bearer tok-r2"}, "?after=0")
+        seen = await asyncio.wait_for(
+            _frames_until(reader, "provider.updated", move_to=(sops_project, 7030)), 10
+        )
+        await reader.aclose()
+        assert "clients.updated" not in [e["type"] for e in seen]
+        for at, digest in ((before, old), (service.events()[-1].ts, new)):
+            answer = await get(service, f"{API}/state?at={quote(at.isoformat())}", auth["boss"])
+            assert answer.status == 200
+            state = json.loads(answer.body)
+            assert state["config"]["clients"]["reader"]["token_sha256"] == "****" + digest[-4:]
+        text = service.events_file.read_text()
+    assert old not in text and new not in text
+    assert verify(service.events_file) == text.count("\n")
+
+
+async def _frames_until(
+    stream: AsyncIterator[tuple[str, dict[str, Any] | None]],
+    kind: str,
+    move_to: tuple[SopsProject, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The events of `stream` up to the first of type `kind`; `move_to` makes a change first."""
+    if move_to is not None:
+        move(*move_to)
+    found = []
+    async for frame_kind, data in stream:
+        if frame_kind == "event" and data is not None:
+            found.append(data)
+            if data["type"] == kind:
+                return found
+    return found
 
 
 async def test_a_revoked_or_demoted_client_hears_no_more(sops_project: SopsProject) -> None:

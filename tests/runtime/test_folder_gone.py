@@ -9,16 +9,19 @@ files are refused and their last good versions stay. Real git, a real watcher, a
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from service.http.context import EVENTS, RELOADER
+from service.http.context import EVENTS, LIMITS, RELOADER
 from service.runtime.registry import CLIENTS_GONE, Outcome
 from tests.conftest import (
     Service,
@@ -281,3 +284,139 @@ async def test_a_nested_folder_git_removed_with_the_folder_holding_it_is_empty_a
         f"cannot list {nested.providers}: No such file or directory"
         f" (commit {head[:12]} (HEAD) holds it); what was loaded from it stays"
     ]
+
+
+# -- a folder that is there but cannot be listed ------------------------------------------------
+
+
+@pytest.fixture
+def unlistable(
+    sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[bool], None]]:
+    """`set(True)` makes `providers.d` a folder that cannot be listed (mode 300: files can still be
+    written in it, not listed), `set(False)` undoes it. No mode stops root, as the tests may run:
+    then listing it fails as the OS fails it for another user (EACCES from `os.scandir`)."""
+    folder = sops_project.providers
+    denied = False
+    real_scandir = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if denied and os.fspath(path) in (os.fspath(folder), os.path.realpath(folder)):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "scandir", scandir)
+
+    def set_(value: bool) -> None:
+        nonlocal denied
+        denied = value
+        folder.chmod(0o300 if value else 0o755)
+
+    yield set_
+    folder.chmod(0o755)
+
+
+async def readyz(service: Service) -> tuple[int, Any]:
+    return await service.get("/readyz")
+
+
+async def test_a_fresh_start_on_a_folder_it_cannot_list_is_not_ready_until_it_can(
+    sops_project: SopsProject, unlistable: Callable[[bool], None]
+) -> None:
+    """A fresh replica whose `providers.d` was there but could not be listed (its mode, a mount
+    not ready) served an empty configuration and said it was ready: no provider, no route, and
+    a load balancer sending it traffic. It is 503 with the reason until the folder can be
+    listed, then loads it within the second, as every folder that cannot be listed is rescanned."""
+    write_server(sops_project, "a")
+    write_routing(sops_project, ["a"])
+    unlistable(True)
+    async with serve(sops_project, wait_ready=False, rescan_s=60) as service:
+        await eventually(lambda: service.registry.state.waiting is not None, timeout=5)
+        for _ in range(3):
+            await service.app[RELOADER].reload()
+        status, body = await readyz(service)
+        assert (status, body["error"]["type"]) == (503, "not_ready")
+        assert body["error"]["message"] == (
+            "the first load of the configuration is not complete: cannot list providers.d: Permission denied"
+        )
+        assert not service.registry.ready and service.registry.snapshot.providers == {}
+        status, body = await service.get(API + "/providers")  # no clients read: no authentication
+        assert (status, body["error"]["type"]) == (503, "not_ready")  # is not taken for none
+        assert [e.type for e in service.events()] == ["service.started"]  # nothing was taken for removed
+        unlistable(False)
+        started = time.monotonic()
+        await eventually(lambda: service.registry.ready, timeout=3)
+        assert time.monotonic() - started < 2.5  # a rescan every second while it cannot be listed
+        await eventually(lambda: service.app[LIMITS].ready.is_set(), timeout=3)  # read back after the load
+        assert (await readyz(service))[0] == 200
+        assert set(service.registry.snapshot.providers) == {"a"} and service.registry.refused == {}
+        assert service.registry.state.waiting is None
+
+
+async def test_a_restart_on_a_folder_it_cannot_list_records_no_removal(
+    sops_project: SopsProject, unlistable: Callable[[bool], None]
+) -> None:
+    """At start the difference between the log and the files is recorded (docs/reference.md §5): read as
+    an empty folder, one that could not be listed wrote every provider's `provider.removed`,
+    then their `provider.added` once it could, as if they had gone and come back."""
+    write_server(sops_project, "a")
+    write_routing(sops_project, ["a"])
+    async with serve(sops_project) as service:
+        before = [e.type for e in service.events()]
+    unlistable(True)
+    async with serve(sops_project, wait_ready=False, rescan_s=60) as service:
+        await eventually(lambda: service.registry.state.waiting is not None, timeout=5)
+        unlistable(False)
+        await eventually(lambda: service.registry.ready, timeout=3)
+        after = [e.type for e in service.events()]
+    assert after == [*before, "service.started"]
+
+
+async def test_a_fresh_start_on_a_link_loop_in_place_of_the_folder_is_not_ready_until_it_is_a_folder(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """Something that is there but cannot be listed, as any user (no simulation): a link that
+    leads to itself (ELOOP), as a half-done deployment may leave it."""
+    write_server(sops_project, "a")
+    aside = tmp_path / "aside"
+    sops_project.providers.rename(aside)
+    sops_project.providers.symlink_to(sops_project.providers.name)  # providers.d -> providers.d
+    async with serve(sops_project, wait_ready=False, rescan_s=60) as service:
+        await eventually(lambda: service.registry.state.waiting is not None, timeout=5)
+        status, body = await readyz(service)
+        assert status == 503 and "cannot list providers.d: Too many levels of symbolic links" in str(body)
+        sops_project.providers.unlink()
+        aside.rename(sops_project.providers)
+        await eventually(lambda: service.registry.ready, timeout=3)
+        assert set(service.registry.snapshot.providers) == {"a"}
+
+
+async def test_a_running_service_whose_folder_flips_unlistable_keeps_its_files_and_stays_ready(
+    sops_project: SopsProject, unlistable: Callable[[bool], None]
+) -> None:
+    """Once ready, a folder that cannot be listed keeps the last good files (refused, the reason
+    said), as a folder deleted by hand does, and `/readyz` stays 200; each time it can be listed
+    again what changed meanwhile is loaded (the folder's mode changing is an event of its watch).
+    No provider is ever recorded as removed."""
+    write_server(sops_project, "a")
+    write_routing(sops_project, ["a"])
+    unreadable = {"providers.d/a.yaml": "unreadable folder", "providers.d/routing.yaml": "unreadable folder"}
+    async with serve(sops_project, rescan_s=60) as service:
+        for port in (8001, 8002, 8003):
+            unlistable(True)
+            await eventually(lambda: service.registry.refused == unreadable, timeout=3)
+            status, body = await readyz(service)
+            assert (status, body["degraded"]) == (200, True)
+            assert service.registry.state.waiting is None
+            write_server(
+                sops_project, "a", f"http://127.0.0.1:{port}/v1"
+            )  # changed while it cannot be listed
+            unlistable(False)
+            url = f"http://127.0.0.1:{port}/v1"
+            await eventually(
+                lambda url=url: service.registry.snapshot.providers["a"].endpoint == url, timeout=3
+            )
+            assert service.registry.refused == {}
+        types = [e.type for e in service.events()]
+    assert "provider.removed" not in types and types.count("provider.updated") == 3

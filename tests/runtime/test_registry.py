@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import threading
 from collections.abc import Iterator
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from service.config.loader import Loaded, parse, with_secrets
+from service.errors import FileRejected
 from service.gateway.routing import RoutingTable
+from service.journal.events import ClientsUpdated
 from service.journal.log import EventLog
-from service.journal.reader import read_events
+from service.journal.reader import read_events, verify
 from service.journal.replay import replay
 from service.runtime.registry import Outcome, Refusal, Registry
 from service.vcs.attribution import Attributor
@@ -306,3 +309,119 @@ def test_on_apply_hears_every_outcome_applied_or_refused_in_order(tmp_path: Path
     registry.apply(files, {})
 
     assert heard == [(True, 1, 0), (False, 1, 1), (True, 1, 0)]
+
+
+# -- a client's token replaced -------------------------------------------------------------------
+
+
+def clients_file(**tokens: str) -> Loaded:
+    """A clients file: each name with its token's sha256, scope `admin`."""
+    body = "".join(f"  - name: {n}\n    token_sha256: {h}\n    scopes: [admin]\n" for n, h in tokens.items())
+    return load("clients", f"kind: clients\nclients:\n{body}".encode())
+
+
+def test_a_token_replaced_alone_is_a_clients_updated_event_showing_its_hash_masked(
+    tmp_path: Path, log: EventLog
+) -> None:
+    """A token replaced alone (a leaked one revoked: same name, same scopes) wrote no event, so the
+    log an auditor reads showed no trace of it. Each replacement is now one `clients.updated`,
+    the hash masked as a key is (`****` and its last four), never the hash itself; rotated many
+    times, back to an old token, and to one whose hash ends alike (the same mask: still a change)."""
+    registry = Registry(log, tmp_path)
+    a = "ab" * 30 + "1111"
+    hashes = [a, "cd" * 30 + "2222", "ef" * 30 + "2222", "0a" * 30 + "3333", a]
+    files = {"providers.d/clients.yaml": clients_file(ops=hashes[0], ci="c9" * 32)}
+    registry.apply(files, {})
+    for before, after in itertools.pairwise(hashes):
+        files = {"providers.d/clients.yaml": clients_file(ops=after, ci="c9" * 32)}
+        outcome = registry.apply(files, {})
+        assert outcome.applied and outcome.events == 1
+        event = log.events()[-1]
+        assert (event.type, event.subject, event.file) == (
+            "clients.updated",
+            "clients",
+            "providers.d/clients.yaml",
+        )
+        assert event.changes == {
+            "ops": {
+                "old": {"scopes": ["admin"], "token_sha256": "****" + before[-4:]},
+                "new": {"scopes": ["admin"], "token_sha256": "****" + after[-4:]},
+            }
+        }
+        assert replay(log.events()) == registry.snapshot.view()
+    text = log.path.read_text()
+    assert not any(h in text for h in hashes) and "c9" * 32 not in text
+    assert not any(h[-5:] in text for h in hashes)  # the mask's four, never a fifth
+    assert verify(log.path) == log.last_seq
+    outcome = registry.apply(files, {})  # the same file again: nothing
+    assert outcome.events == 0
+    restarted = Registry(log, tmp_path)  # the log's checkpoint has the last mask: nothing either
+    assert restarted.apply(files, {}).events == 0
+
+
+def test_a_refused_clients_file_fixed_with_a_new_token_is_one_event_and_the_refused_hash_is_never_logged(
+    tmp_path: Path, log: EventLog
+) -> None:
+    """A clients file refused (its new token's hash mistyped, in upper case) keeps the last good
+    clients and writes `config.rejected`, whose reason names the field, not its value; fixed,
+    one `clients.updated` goes from the last good token to the new one."""
+    registry = Registry(log, tmp_path)
+    old, new = "ab" * 32, "cd" * 30 + "5d80"
+    registry.apply({"providers.d/clients.yaml": clients_file(ops=old)}, {})
+    typo = new.upper()
+    with pytest.raises(FileRejected) as refused:
+        entry = f"  - name: ops\n    token_sha256: {typo}\n    scopes: [admin]\n"
+        load("clients", f"kind: clients\nclients:\n{entry}".encode())
+    kept = {"providers.d/clients.yaml": registry.snapshot.files["providers.d/clients.yaml"]}
+    registry.apply(kept, {"providers.d/clients.yaml": Refusal(refused.value.reason, "clients")})
+    assert [e.type for e in log.events()][-1] == "config.rejected"
+    assert registry.snapshot.clients is not None and registry.snapshot.clients.clients[0].token_sha256 == old
+    registry.apply({"providers.d/clients.yaml": clients_file(ops=new)}, {})
+    updates = [e for e in log.events() if e.type == "clients.updated"]
+    assert len(updates) == 2  # the first load, and the fix: the refused version changed nothing
+    assert updates[-1].changes["ops"] == {
+        "old": {"scopes": ["admin"], "token_sha256": "****abab"},
+        "new": {"scopes": ["admin"], "token_sha256": "****5d80"},
+    }
+    text = log.path.read_text()
+    assert typo not in text and typo.lower() not in text and old not in text
+    assert replay(log.events()) == registry.snapshot.view()
+
+
+def test_a_log_from_before_token_hashes_replays_as_it_did_and_the_first_start_records_them_once(
+    tmp_path: Path,
+) -> None:
+    """Logs written before the hash was recorded have client entries without `token_sha256`:
+    they replay as they did, and the first start on them records the masks in one
+    `clients.updated` whose old entries have none (no token changed: the old entry never said),
+    so that the log rebuilds the configuration exactly again. The next start records nothing."""
+    path = tmp_path / "events.jsonl"
+    with EventLog(path) as old_log:
+        old_log.append(ClientsUpdated(changes={"ops": {"old": None, "new": {"scopes": ["admin"]}}}))
+        old_log.append(ClientsUpdated(changes={"ci": {"old": None, "new": {"scopes": ["config:read"]}}}))
+    files = {}
+    files["providers.d/clients.yaml"] = load(
+        "clients",
+        b"kind: clients\nclients:\n"
+        + f"  - name: ops\n    token_sha256: {'ab' * 32}\n    scopes: [admin]\n".encode()
+        + f"  - name: ci\n    token_sha256: {'cd' * 32}\n    scopes: ['config:read']\n".encode(),
+    )
+    with EventLog(path) as log:
+        assert log.replay()[1]["clients"] == {"ops": {"scopes": ["admin"]}, "ci": {"scopes": ["config:read"]}}
+        registry = Registry(log, tmp_path)
+        assert registry.apply(files, {}).events == 1
+        (upgrade,) = log.events()[2:]
+        assert upgrade.type == "clients.updated"
+        assert upgrade.changes == {
+            "ci": {
+                "old": {"scopes": ["config:read"]},
+                "new": {"scopes": ["config:read"], "token_sha256": "****cdcd"},
+            },
+            "ops": {"old": {"scopes": ["admin"]}, "new": {"scopes": ["admin"], "token_sha256": "****abab"}},
+        }
+        assert log.replay()[1] == replay(log.events()) == registry.snapshot.view()
+        first_two = replay(log.events()[:2])
+        assert first_two["clients"] == {"ops": {"scopes": ["admin"]}, "ci": {"scopes": ["config:read"]}}
+    with EventLog(path) as log:
+        assert Registry(log, tmp_path).apply(files, {}).events == 0
+    assert verify(path) == 3

@@ -315,6 +315,23 @@ def test_a_pull_request_that_raises_a_budget_or_a_limit_says_so(
     assert "client `ops`: budget raised from 50 to 80 USD a month" in json.loads(as_json)["limits"]
 
 
+def test_a_pull_request_that_replaces_a_token_alone_shows_it_masked(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token replaced (same name and scopes) is a change a reviewer must see: masked, as in the
+    event log (`****` and the hash's last four), never the hash."""
+    clients = repo.providers / "clients.yaml"
+    old, new = "a" * 60 + "1111", "b" * 60 + "2222"
+    entry = "kind: clients\nclients:\n  - name: ops\n    token_sha256: {}\n    scopes: [completions]\n"
+    clients.write_text(entry.format(old))
+    commit(repo, "a token")
+    clients.write_text(entry.format(new))
+    code, out = plan(capsys, "HEAD")
+    assert code == 0
+    assert "| `ops` | completions; token `****1111` | completions; token `****2222` |" in out
+    assert old not in out and new not in out
+
+
 # -- a file changed outside sops (docs/reference.md §2.4) ------------------------------------------
 
 
