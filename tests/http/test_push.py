@@ -23,7 +23,7 @@ from service.http import push
 from service.http.app import create_app
 from service.http.changes import CHANGES
 from service.http.context import REGISTRY
-from service.journal.log import verify
+from service.journal.reader import verify
 from service.settings import Settings
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.gateway import write_clients
