@@ -167,12 +167,90 @@ def serialized(request: FastRequest, response: web.StreamResponse) -> bytes | No
     """`response`'s status line, headers and body as aiohttp's `Response.prepare` and
     `write_eof` write them (`Response._start`, `StreamResponse._prepare_headers`); None for an
     answer that is not a whole one of bytes (the relay makes no other for a call not a stream).
-    The answers' headers are the relay's own: it sets no cookie on them."""
-    if type(response) is not web.Response or response.prepared or response.chunked or response.compression:
+    The answers' headers are the relay's own: it sets no cookie on them.
+
+    The relay's usual answer is `_plain`'s, any other `_written`'s. What they read of `response`
+    they read from its private attributes, not its properties (a call each): that they are what
+    its properties give is checked at start (`unlike_aiohttp`)."""
+    if (
+        type(response) is not web.Response
+        or response._eof_sent  # `prepared`
+        or response._payload_writer is not None
+        or response._chunked
+        or response._compression
+    ):
         return None
-    body = response.body
+    body = response._body
     if body is not None and type(body) is not bytes:
         return None
+    return _plain(request, response, body) or _written(request, response, body)
+
+
+_LINES: dict[tuple[HttpVersion, int, str], str] = {}
+"""Status lines already made (at most `_MAX_LINES`)."""
+_MAX_LINES = 256
+_ABSENT = (hdrs.CONTENT_LENGTH, hdrs.DATE, hdrs.SERVER, hdrs.CONNECTION, hdrs.TRANSFER_ENCODING)
+"""The fields aiohttp adds to an answer or judges in it: an answer with one is `_written`."""
+_UNTYPED = f"{hdrs.CONTENT_TYPE}: application/octet-stream\r\n".encode()
+_SERVER = f"{hdrs.SERVER}: {SERVER_SOFTWARE}\r\n".encode()
+_KEPT_10 = f"{hdrs.CONNECTION}: keep-alive\r\n".encode()
+_CLOSED_11 = f"{hdrs.CONNECTION}: close\r\n".encode()
+_date = ("", b"")
+"""aiohttp's `Date` of this second, and its bytes."""
+
+
+def _plain(request: FastRequest, response: web.Response, body: bytes | None) -> bytes | None:
+    """The bytes `_written` makes of `response`, when it is a relay's usual answer: a body, a
+    status that has one, and none of the fields aiohttp adds or judges (`_ABSENT`); else None.
+
+    The fields aiohttp would add to `headers` (`Content-Length`, `Content-Type`, `Date`,
+    `Server`, `Connection`, in that order, after the others) are added to its writer's bytes
+    instead, already made: no field is added to `headers`, no status line made again."""
+    if not body:
+        return None
+    status = response._status
+    if status < 200 or status == 204 or status == 304:
+        return None
+    headers = response._headers
+    for name in _ABSENT:
+        if name in headers:
+            return None
+    version = request.version
+    key = (version, status, response._reason)
+    line = _LINES.get(key)
+    if line is None:
+        line = f"HTTP/{version[0]}.{version[1]} {status} {key[2]}"
+        if len(_LINES) < _MAX_LINES:
+            _LINES[key] = line
+    head: bytes = _serialize_headers(line, headers)  # which checks the line and the fields
+    keep_alive = response._keep_alive
+    if keep_alive is None:
+        keep_alive = request.keep_alive
+    if keep_alive:
+        connection = _KEPT_10 if version is HttpVersion10 else b""
+    else:
+        connection = _CLOSED_11 if version is HttpVersion11 else b""
+    global _date
+    date = rfc822_formatted_time()
+    if date is not _date[0]:  # aiohttp's is made once a second
+        _date = (date, f"{hdrs.DATE}: {date}\r\n".encode())
+    return b"".join(
+        (
+            head[:-2],  # its last line's end is the head's
+            b"Content-Length: %d\r\n" % len(body),
+            b"" if hdrs.CONTENT_TYPE in headers else _UNTYPED,
+            _date[1],
+            _SERVER,
+            connection,
+            b"\r\n",
+            body,
+        )
+    )
+
+
+def _written(request: FastRequest, response: web.Response, body: bytes | None) -> bytes:
+    """`serialized`'s bytes as aiohttp's `_prepare_headers` adds the fields and its writer
+    writes them."""
     headers = response.headers
     status = response.status
     empty = status < 200 or status == 204 or status == 304  # `must_be_empty_body` of a POST
@@ -218,8 +296,11 @@ def unlike_aiohttp() -> str | None:
         if request.content_length != 2:
             return f"content_length {request.content_length!r}"
         answer = serialized(request, web.Response(body=b"{}", content_type="application/json"))
+        amiss = _private_unlike_public()
     except Exception as exc:
         return repr(exc)
+    if amiss is not None:
+        return amiss
     date = (answer or b"").partition(b"\r\nDate: ")[2].partition(b"\r\n")[0]
     expected = (
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nDate: %s\r\n"
@@ -231,6 +312,35 @@ def unlike_aiohttp() -> str | None:
         return _stream_unlike_aiohttp(fields)
     except Exception as exc:
         return f"a stream: {exc!r}"
+
+
+def _private_unlike_public() -> str | None:
+    """Which private attribute of aiohttp's `Response` that `serialized` reads is not what its
+    property gives (None: each is), on answers as the relay makes them and as it does not."""
+    plain = web.Response(body=b"{}", status=201, reason="Made", headers={"x-a": "1"})
+    closed = web.Response(text="t", status=422)
+    closed.force_close()
+    closed.enable_compression()
+    chunked = web.Response(body=b"")
+    chunked.enable_chunked_encoding()
+    for response in (plain, closed, chunked):
+        pairs = {
+            "_status": (response._status, response.status),
+            "_reason": (response._reason, response.reason),
+            "_headers": (response._headers, response.headers),
+            "_body": (response._body, response.body),
+            "_keep_alive": (response._keep_alive, response.keep_alive),
+            "_chunked": (response._chunked, response.chunked),
+            "_compression": (response._compression, response.compression),
+            "_eof_sent, _payload_writer": (
+                response._eof_sent or response._payload_writer is not None,
+                response.prepared,
+            ),
+        }
+        for name, (private, public) in pairs.items():
+            if private is not public and private != public:
+                return f"Response.{name} {private!r}, not {public!r}"
+    return None
 
 
 class _Recorder:
