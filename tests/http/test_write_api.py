@@ -206,6 +206,48 @@ async def test_malformed_bodies_are_400_or_422_never_500(service: Service, paylo
     assert status in (400, 422), answer
 
 
+WRITES_WITH_A_BODY = [
+    ("POST", "/api-keys"),
+    ("POST", "/servers"),
+    ("PUT", "/api-keys/vendor"),
+    ("PUT", "/servers/gpu"),
+    ("PATCH", "/api-keys/vendor"),
+    ("PATCH", "/servers/gpu"),
+    ("PUT", "/active/chat"),
+    ("PUT", "/active/dreaming"),
+    ("POST", "/active"),
+]
+NOT_OBJECTS = [
+    b"[]",
+    b"[1]",
+    b'["gpu"]',
+    b'"x"',
+    b"5",
+    b"-1.5",
+    b"null",
+    b"true",
+    b"false",
+    b'[{"primary": "gpu"}]',
+]
+
+
+async def test_every_write_refuses_a_body_that_is_not_an_object_alike(
+    repo: SopsProject, service: Service
+) -> None:
+    """An array, a string, a number, `null` or a boolean is 400 on every write route, and writes
+    nothing: `PUT …/active/{purpose}` took `[]` for a function of the current route (a 500)."""
+    before = head(repo.root)
+    for method, path in WRITES_WITH_A_BODY:
+        for payload in NOT_OBJECTS:
+            status, answer, _ = await call(service, method, path, payload)
+            assert status == 400, (method, path, payload, answer)
+            assert answer["error"]["type"] == "bad_request", (method, path, payload, answer)
+            assert "must be a JSON object" in answer["error"]["message"], (method, path, payload, answer)
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    status, _, _ = await call(service, "PUT", "/active/chat", {"primary": "gpu", "weights": {"gpu": 2}})
+    assert status == 200  # and the writer still takes the next write
+
+
 async def test_a_write_needs_a_json_media_type(service: Service) -> None:
     status, _, _ = await call(
         service,
