@@ -152,27 +152,31 @@ async def _route(request: web.Request) -> web.StreamResponse:
 async def _route_old_form(request: web.Request) -> web.StreamResponse:
     """The old design's `{"purpose", "provider_id", "fallback_provider_id"?}`: one active provider.
 
-    Without `fallback_provider_id` the route keeps the fallbacks its file lists (but the new
-    primary): a route write changes only what it names.
+    The route keeps every fallback its file lists (but the new primary): a route write changes
+    only what it names. `fallback_provider_id` comes first, before those.
     """
     body = await _body(request)
     unknown = sorted(set(body) - {"purpose", "provider_id", "fallback_provider_id"})
     missing = [name for name in ("purpose", "provider_id") if not isinstance(body.get(name), str)]
-    if unknown or missing:
+    fallback = body.get("fallback_provider_id")
+    if unknown or missing or not isinstance(fallback, str | None):
         problems = [{"file": "", "path": n, "message": "unknown field"} for n in unknown]
         problems += [{"file": "", "path": n, "message": "required: a string"} for n in missing]
+        if not isinstance(fallback, str | None):
+            problems += [{"file": "", "path": "fallback_provider_id", "message": "a string or null"}]
         raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
     purpose, primary = body["purpose"], body["provider_id"]
-    fallback = body.get("fallback_provider_id")
 
     def route(current: Any) -> dict[str, Any]:
         """From the route in the routing file (at the commit the write is made on, not what is
         served now): every fallback it lists is kept, those refused right now included."""
         made: dict[str, Any] = {"primary": [primary]}
         listed = current.get("fallbacks", []) if isinstance(current, Mapping) else []
-        kept = [fallback] if fallback is not None else [listed] if isinstance(listed, str) else list(listed)
-        if [f for f in kept if f != primary]:
-            made["fallbacks"] = [f for f in kept if f != primary]
+        listed = [listed] if isinstance(listed, str) else list(listed) if isinstance(listed, list) else []
+        named = [fallback] if fallback is not None else []
+        kept = [f for f in named + [f for f in listed if f not in named] if f != primary]
+        if kept:
+            made["fallbacks"] = kept
         return made
 
     written = await request.app[WRITER].route(purpose, route, client_name(request), _reason(request), None)
