@@ -765,12 +765,17 @@ async def test_a_push_refused_every_time_leaves_local_and_remote_as_they_were(
     repo: SopsProject, remote: Path
 ) -> None:
     hook = remote / "hooks" / "pre-receive"
-    hook.write_text("#!/bin/sh\necho 'main is protected' >&2\nexit 1\n")
+    hook.write_text(
+        "#!/bin/sh\necho 'main is protected: see https://bot:pw-9c1d@rules.example/' >&2\nexit 1\n"
+    )
     hook.chmod(0o755)
     before, remote_before = head(repo.root), git(remote, "rev-parse", "main")
     async with serve(repo, git_push="origin") as service:
         status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "ours"})
     assert status == 409 and "push" in body["error"]["message"]
+    # the hook's reason, not only git's `failed to push some refs`, and no credential of a URL
+    assert "remote: main is protected: see https://****@rules.example/" in body["error"]["message"], body
+    assert "pw-9c1d" not in json.dumps(body)
     assert head(repo.root) == before and git(remote, "rev-parse", "main") == remote_before
     assert git(repo.root, "status", "--porcelain") == ""
 
