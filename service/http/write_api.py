@@ -164,7 +164,8 @@ async def _route_old_form(request: web.Request) -> web.StreamResponse:
         problems += [{"file": "", "path": n, "message": "required: a string"} for n in missing]
         if not isinstance(fallback, str | None):
             problems += [{"file": "", "path": "fallback_provider_id", "message": "a string or null"}]
-        raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
+        with request.app[WRITER].naming("routing", body.get("purpose")):  # the routing file
+            raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
     purpose, primary = body["purpose"], body["provider_id"]
 
     def route(current: Any) -> dict[str, Any]:

@@ -183,6 +183,69 @@ async def test_a_refused_write_is_422_with_its_problems_and_writes_nothing(
     assert sorted(p.name for p in repo.providers.iterdir()) == ["gpu.yaml", "routing.yaml"]
 
 
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field", "file"),
+    [
+        ("POST", "/servers", {"id": "new", "kind": "api_key", "server_type": "vllm"}, "kind", "new.yaml"),
+        ("POST", "/servers", {"id": "new", "server_type": "vllm", "sops": {}}, "sops", "new.yaml"),
+        ("POST", "/servers", {"id": "new", "server_type": "vllm", "api_key": 5}, "api_key", "new.yaml"),
+        (
+            "POST",
+            "/api-keys",
+            {"id": "new", "provider": "openai", "api_key": "****abcd"},
+            "api_key",
+            "new.yaml",
+        ),
+        ("POST", "/servers", {"server_type": "vllm", "base_url": "http://h"}, "id", ""),
+        ("POST", "/servers", {"id": "../x", "server_type": "vllm", "base_url": "http://h"}, "id", ""),
+        (
+            "PUT",
+            "/servers/gpu",
+            {"id": "other", "server_type": "vllm", "base_url": "http://h"},
+            "id",
+            "gpu.yaml",
+        ),
+        ("PUT", "/servers/gpu", {"kind": "api_key", "server_type": "vllm"}, "kind", "gpu.yaml"),
+        (
+            "PUT",
+            "/servers/gpu",
+            {"server_type": "vllm", "base_url": "http://h", "api_key": []},
+            "api_key",
+            "gpu.yaml",
+        ),
+        ("PATCH", "/servers/gpu", {"kind": "api_key"}, "kind", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"id": "other"}, "id", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"api_key": 5}, "api_key", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"sops": {"mac": "x"}}, "sops", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"api_key": "sk-a\nb"}, "api_key", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"name": nested(40)}, "", "gpu.yaml"),
+        ("PUT", "/active/chat", {"primary": "gpu", "weights": nested(40)}, "", "routing.yaml"),
+        ("POST", "/active", {"purpose": "chat"}, "provider_id", "routing.yaml"),
+        ("POST", "/active", {"purpose": "chat", "provider_id": "gpu", "x": 1}, "x", "routing.yaml"),
+    ],
+)
+async def test_a_problem_in_the_body_names_the_file_the_write_changes(
+    repo: SopsProject, service: Service, method: str, path: str, body: dict[str, Any], field: str, file: str
+) -> None:
+    """A 422's problems each name a file (docs/reference.md §8), those found in the body itself
+    too: they said `"file": ""`. The file is the one the write changes, or makes; the folder for
+    a body whose `id` names no file."""
+    before = head(repo.root)
+    status, answer, _ = await call(service, method, path, body)
+    assert status == 422, answer
+    problems = answer["error"]["problems"]
+    assert field in [p["path"] for p in problems], problems
+    assert {p["file"] for p in problems} == {f"providers.d/{file}".rstrip("/")}, problems
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+
+
 async def test_a_route_naming_a_missing_provider_is_refused_as_a_pull_request_would_be(
     repo: SopsProject, service: Service
 ) -> None:
