@@ -71,7 +71,9 @@ class ActiveForm(BaseModel):
     purpose: Purpose
     provider_id: ProviderId
     fallback_provider_id: ProviderId | None = Field(
-        None, description="left out: the route keeps the fallbacks it has"
+        None,
+        description="the first fallback, before every fallback the route has (but this one and "
+        "`provider_id`); left out, the route keeps the fallbacks it has",
     )
 
 

@@ -86,7 +86,8 @@ def watched(handler: Handler) -> Handler:
         if index is not None:
             await changes.wait_past(index, wait_s, request.get(CLIENT))
             authenticate_again(request)  # the clients may have changed while it waited
-            return conditional(request, await handler(request), changes)
+            # at shutdown the content, even to a client whose tag matches it (docs/reference.md §9)
+            return conditional(request, await handler(request), changes, compare=not changes.closing)
         theirs = tags.listed(request.headers.get("If-None-Match"))
         if not theirs:
             return conditional(request, await handler(request), changes)
@@ -102,7 +103,9 @@ async def _held_on_tag(
 ) -> web.StreamResponse:
     """Answer once the answer differs from the client's tags (docs/reference.md §9), on whichever
     replica this is: never with content older than the tag's commit (304 when `wait` runs out
-    first), never at once for health this replica never gave (its content when `wait` runs out)."""
+    first), never at once for health this replica never gave (its content when `wait` runs out).
+    Shutdown answers at once with the current content, to a client whose tag matches it too: only
+    a tag whose commit this replica has not applied is 304 then."""
     app = request.app
     changes, known = app[CHANGES], app[TAGS]
     loop = asyncio.get_running_loop()
@@ -128,6 +131,10 @@ async def _held_on_tag(
             if verdict is Verdict.DIFFERS or ((left <= 0 or changes.closing) and verdict is Verdict.UNSEEN):
                 known.gave(ours)
                 return conditional(request, response, changes)
+            if changes.closing and verdict is Verdict.MATCH:
+                # A wait that runs out finds the client's copy current (304); shutdown answers with
+                # the content instead: the client is not left without an answer to look at.
+                return conditional(request, response, changes, compare=False)
             if left <= 0 or changes.closing:
                 headers = {INDEX_HEADER: str(changes.index), REPLICA_HEADER: changes.replica}
                 if verdict is Verdict.MATCH:
@@ -157,8 +164,11 @@ def _newest(theirs: list[str]) -> str:
     return next((t for t in theirs if tags.parse(t) is not None), theirs[0])
 
 
-def conditional(request: web.Request, response: web.StreamResponse, changes: Changes) -> web.StreamResponse:
-    """`response` with the push headers, or 304 when the client's copy is current."""
+def conditional(
+    request: web.Request, response: web.StreamResponse, changes: Changes, *, compare: bool = True
+) -> web.StreamResponse:
+    """`response` with the push headers, or 304 when the client's copy is current (and `compare`:
+    not at shutdown, which answers a held query with the content)."""
     headers = {INDEX_HEADER: str(changes.index), REPLICA_HEADER: changes.replica}
     if not isinstance(response, web.Response) or response.status != 200:
         response.headers.update(headers)
@@ -166,7 +176,7 @@ def conditional(request: web.Request, response: web.StreamResponse, changes: Cha
     tag = _tag_of(response)
     if TAGS in request.app:
         request.app[TAGS].gave(tag)
-    if _matches(request.headers.get("If-None-Match"), tag):
+    if compare and _matches(request.headers.get("If-None-Match"), tag):
         return web.Response(status=304, headers={**headers, "ETag": tag})
     response.headers.update(headers)
     return response

@@ -47,10 +47,26 @@ def setup(app: web.Application) -> None:
     router.add_post(f"{PREFIX}/active", _route_old_form)
 
 
-async def _body(request: web.Request) -> Any:
-    """The write's JSON: no larger than the file it becomes may be (MAX_FILE_BYTES), so a body of
-    16 MiB is refused at once instead of being rendered and encrypted for seconds, lock held."""
-    return await json_body(request, limit=MAX_FILE_BYTES)
+async def _body(request: web.Request) -> Mapping[str, Any]:
+    """The write's JSON object: no larger than the file it becomes may be (MAX_FILE_BYTES), so a
+    body of 16 MiB is refused at once instead of being rendered and encrypted for seconds, lock
+    held. Every write route takes an object, and refuses anything else alike (400) before the
+    writer sees it: `[]` passed on as a route was taken for a function of the current one (a 500)."""
+    body = await json_body(request, limit=MAX_FILE_BYTES)
+    if not isinstance(body, Mapping):
+        raise BadRequest(f"the body must be a JSON object, not {_json_type(body)}")
+    return body
+
+
+def _json_type(value: Any) -> str:
+    """What JSON calls the type of `value` (for a body that is not an object)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    return "a string" if isinstance(value, str) else "a number"
 
 
 def _reason(request: web.Request) -> str | None:
@@ -80,8 +96,6 @@ def _change(kind: ProviderKind, *, merge: bool) -> Handler:
     @scoped("config:write")
     async def change(request: web.Request) -> web.StreamResponse:
         body = await _body(request)
-        if merge and not isinstance(body, Mapping):
-            raise BadRequest("a merge patch is a JSON object")
         writer = request.app[WRITER]
         write = writer.patch if merge else writer.replace
         written = await write(
@@ -138,29 +152,32 @@ async def _route(request: web.Request) -> web.StreamResponse:
 async def _route_old_form(request: web.Request) -> web.StreamResponse:
     """The old design's `{"purpose", "provider_id", "fallback_provider_id"?}`: one active provider.
 
-    Without `fallback_provider_id` the route keeps the fallbacks its file lists (but the new
-    primary): a route write changes only what it names.
+    The route keeps every fallback its file lists (but the new primary): a route write changes
+    only what it names. `fallback_provider_id` comes first, before those.
     """
     body = await _body(request)
-    if not isinstance(body, Mapping):
-        raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - {"purpose", "provider_id", "fallback_provider_id"})
     missing = [name for name in ("purpose", "provider_id") if not isinstance(body.get(name), str)]
-    if unknown or missing:
+    fallback = body.get("fallback_provider_id")
+    if unknown or missing or not isinstance(fallback, str | None):
         problems = [{"file": "", "path": n, "message": "unknown field"} for n in unknown]
         problems += [{"file": "", "path": n, "message": "required: a string"} for n in missing]
-        raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
+        if not isinstance(fallback, str | None):
+            problems += [{"file": "", "path": "fallback_provider_id", "message": "a string or null"}]
+        with request.app[WRITER].naming("routing", body.get("purpose")):  # the routing file
+            raise Unprocessable("expected {purpose, provider_id, fallback_provider_id?}", problems=problems)
     purpose, primary = body["purpose"], body["provider_id"]
-    fallback = body.get("fallback_provider_id")
 
     def route(current: Any) -> dict[str, Any]:
         """From the route in the routing file (at the commit the write is made on, not what is
         served now): every fallback it lists is kept, those refused right now included."""
         made: dict[str, Any] = {"primary": [primary]}
         listed = current.get("fallbacks", []) if isinstance(current, Mapping) else []
-        kept = [fallback] if fallback is not None else [listed] if isinstance(listed, str) else list(listed)
-        if [f for f in kept if f != primary]:
-            made["fallbacks"] = [f for f in kept if f != primary]
+        listed = [listed] if isinstance(listed, str) else list(listed) if isinstance(listed, list) else []
+        named = [fallback] if fallback is not None else []
+        kept = [f for f in named + [f for f in listed if f not in named] if f != primary]
+        if kept:
+            made["fallbacks"] = kept
         return made
 
     written = await request.app[WRITER].route(purpose, route, client_name(request), _reason(request), None)

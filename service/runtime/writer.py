@@ -30,6 +30,7 @@ mode, git-sync's checkout, the branch pushed to) is `delivery`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -44,6 +45,7 @@ from service.runtime.delivery import Mode, branch_name, branch_stem, fed_from, n
 from service.runtime.drafts import Draft, Drafter, ProviderKind, RouteChange, StaleTag, Verb
 from service.runtime.landing import Lander
 from service.runtime.publish import PUSH_ATTEMPTS, Making, Publisher, not_served
+from service.runtime.refusals import file_of, naming
 from service.runtime.registry import Registry
 from service.runtime.watcher import Reloader
 from service.settings import Settings
@@ -139,7 +141,9 @@ class Writer:
         self, kind: ProviderKind, body: Mapping[str, Any], client: str, reason: str | None
     ) -> Written:
         """A new provider file from `body` (its fields; `api_key` in plaintext)."""
-        return await self._write(self.drafts.create(kind, body), client, reason)
+        with self.naming(kind, body.get("id") if isinstance(body, Mapping) else None):
+            draft = self.drafts.create(kind, body)
+        return await self._write(draft, client, reason)
 
     async def replace(
         self,
@@ -157,7 +161,8 @@ class Writer:
         `key_readable`: the client may read decrypted keys (`secrets:read`), which lets it move
         a key it does not send (`Drafter._update`).
         """
-        draft = self.drafts.replace(kind, provider_id, body, if_match, key_readable=key_readable)
+        with self.naming(kind, provider_id):
+            draft = self.drafts.replace(kind, provider_id, body, if_match, key_readable=key_readable)
         return await self._write(draft, client, reason)
 
     async def patch(
@@ -172,7 +177,8 @@ class Writer:
         key_readable: bool,
     ) -> Written:
         """`provider_id`'s document with a JSON merge patch (RFC 7386); `key_readable` as in `replace`."""
-        draft = self.drafts.patch(kind, provider_id, patch, if_match, key_readable=key_readable)
+        with self.naming(kind, provider_id):
+            draft = self.drafts.patch(kind, provider_id, patch, if_match, key_readable=key_readable)
         return await self._write(draft, client, reason)
 
     async def delete(
@@ -186,7 +192,14 @@ class Writer:
     ) -> Written:
         """Set the route of `purpose` in the routing file (made when there is none); `route` may
         be a function of the route the file has there, made again on each base (the old form)."""
-        return await self._write(self.drafts.route(purpose, route, if_match), client, reason)
+        with self.naming("routing", purpose):
+            draft = self.drafts.route(purpose, route, if_match)
+        return await self._write(draft, client, reason)
+
+    def naming(self, kind: str, subject: object) -> contextlib.AbstractContextManager[None]:
+        """Within it, a refusal's problems found in the body itself name the file a write of `kind`
+        to `subject` changes (`refusals`)."""
+        return naming(lambda: file_of(self.settings, self.registry.snapshot, kind, subject))
 
     # -- the common path ----------------------------------------------------------------------
 
@@ -341,7 +354,8 @@ class Writer:
         assert self.repo is not None  # noqa: S101
         files = self.repo.read_tree(base, self.drafts.folder) if base else {}
         try:
-            path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, local))
+            with self.naming(draft.kind, draft.subject):
+                path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, local))
         except StaleTag as stale:
             self._check_clean(stale.path, local)
             raise

@@ -214,3 +214,28 @@ async def test_shutdown_answers_queries_held_on_a_tag_at_once(committed: Service
     assert time.monotonic() - started < 5
     assert ahead.status == 304 and ahead.headers["ETag"] == future and ahead.body == b""
     assert unseen.status == 200 and unseen.headers["ETag"] == tag and unseen.json()["purpose"] == "chat"
+
+
+async def test_shutdown_answers_a_query_held_on_the_current_tag_with_the_content(committed: Service) -> None:
+    """A consumer holding on the tag it has (the usual case: nothing changed) gets 200 and the
+    current content at shutdown, as every held query does, not a 304 that would leave it
+    asking this replica again; with `?index=` and the same tag alike (docs/reference.md §9)."""
+    first = await get(committed, API + "/active/chat")
+    tag, index = first.headers["ETag"], first.headers["X-Switchboard-Index"]
+    held = [
+        asyncio.create_task(get(committed, f"{API}/active/chat?wait=300s", {"If-None-Match": tag})),
+        asyncio.create_task(
+            get(committed, f"{API}/active/chat?index={index}&wait=300s", {"If-None-Match": tag})
+        ),
+        asyncio.create_task(get(committed, f"{API}/providers/gpu?wait=300s", {"If-None-Match": "*"})),
+    ]
+    await asyncio.sleep(0.5)
+    assert not any(h.done() for h in held)
+    started = time.monotonic()
+    await committed.stop()
+    on_tag, on_index, on_star = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert time.monotonic() - started < 5
+    for answer in (on_tag, on_index):
+        assert answer.status == 200, answer.status
+        assert answer.headers["ETag"] == tag and answer.json() == first.json()
+    assert on_star.status == 200 and on_star.json()["id"] == "gpu"

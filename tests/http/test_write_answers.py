@@ -337,6 +337,51 @@ async def test_the_old_form_keeps_a_fallback_whose_file_is_refused_right_now(
     assert routing["purposes"]["chat"] == {"primary": ["gpu2"], "fallbacks": ["backup"]}
 
 
+async def test_the_old_form_with_a_fallback_puts_it_first_and_keeps_the_fallbacks_listed(
+    repo: SopsProject, other_age_identity: AgeIdentity, tmp_path: Path
+) -> None:
+    """`fallback_provider_id` replaced every fallback the routing file listed: the named one comes
+    first, then those listed, in their order (`backup`, refused right now, included), but the
+    named one and the new primary, each once (docs/reference.md §8)."""
+    write_atomically(repo.providers / "backup.yaml", encrypted_for(other_age_identity, tmp_path, "backup"))
+    for name in ("gpu2", "gpu3", "gpu4"):
+        write_server(repo, name)
+    write_routing(repo, ["gpu"], fallbacks=["gpu2", "backup", "gpu3", "gpu4"])
+    commit_all(repo.root, "fallbacks")
+    async with serve(repo) as service:
+        assert "backup" in service.registry.snapshot.unavailable
+        body = {"purpose": "chat", "provider_id": "gpu3", "fallback_provider_id": "gpu4"}
+        status, answer, _ = await call(service, "POST", "/active", body)
+        assert status == 200, answer
+        assert [p["id"] for p in answer["primary"]] == ["gpu3"]
+        assert [p["id"] for p in answer["fallbacks"]] == ["gpu4", "gpu2"]
+        assert answer["unavailable"] == ["backup"]
+        routing = yaml.safe_load(git(repo.root, "show", "HEAD:providers.d/routing.yaml"))
+        assert routing["purposes"]["chat"] == {"primary": ["gpu3"], "fallbacks": ["gpu4", "gpu2", "backup"]}
+        # the fallback named is the old primary, and the new primary was a fallback: each once
+        body = {"purpose": "chat", "provider_id": "gpu2", "fallback_provider_id": "gpu3"}
+        status, answer, _ = await call(service, "POST", "/active", body)
+        assert status == 200, answer
+        routing = yaml.safe_load(git(repo.root, "show", "HEAD:providers.d/routing.yaml"))
+        assert routing["purposes"]["chat"] == {"primary": ["gpu2"], "fallbacks": ["gpu3", "gpu4", "backup"]}
+        # the fallback named is the primary: no fallback is the primary
+        body = {"purpose": "chat", "provider_id": "gpu4", "fallback_provider_id": "gpu4"}
+        status, answer, _ = await call(service, "POST", "/active", body)
+        assert status == 200, answer
+        routing = yaml.safe_load(git(repo.root, "show", "HEAD:providers.d/routing.yaml"))
+        assert routing["purposes"]["chat"] == {"primary": ["gpu4"], "fallbacks": ["gpu3", "backup"]}
+        for bad in (5, ["gpu2"], {"id": "gpu2"}, True):
+            body = {"purpose": "chat", "provider_id": "gpu", "fallback_provider_id": bad}
+            status, answer, _ = await call(service, "POST", "/active", body)
+            assert status == 422, (bad, answer)
+            assert answer["error"]["problems"][0]["path"] == "fallback_provider_id", answer
+        body = {"purpose": "chat", "provider_id": "gpu", "fallback_provider_id": None}  # as if left out
+        status, answer, _ = await call(service, "POST", "/active", body)
+        assert status == 200, answer
+        routing = yaml.safe_load(git(repo.root, "show", "HEAD:providers.d/routing.yaml"))
+        assert routing["purposes"]["chat"] == {"primary": ["gpu"], "fallbacks": ["gpu3", "backup"]}
+
+
 async def test_the_old_form_keeps_the_fallbacks_a_colleague_pushed_meanwhile(
     repo: SopsProject, origin: Path, tmp_path: Path
 ) -> None:

@@ -183,6 +183,69 @@ async def test_a_refused_write_is_422_with_its_problems_and_writes_nothing(
     assert sorted(p.name for p in repo.providers.iterdir()) == ["gpu.yaml", "routing.yaml"]
 
 
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field", "file"),
+    [
+        ("POST", "/servers", {"id": "new", "kind": "api_key", "server_type": "vllm"}, "kind", "new.yaml"),
+        ("POST", "/servers", {"id": "new", "server_type": "vllm", "sops": {}}, "sops", "new.yaml"),
+        ("POST", "/servers", {"id": "new", "server_type": "vllm", "api_key": 5}, "api_key", "new.yaml"),
+        (
+            "POST",
+            "/api-keys",
+            {"id": "new", "provider": "openai", "api_key": "****abcd"},
+            "api_key",
+            "new.yaml",
+        ),
+        ("POST", "/servers", {"server_type": "vllm", "base_url": "http://h"}, "id", ""),
+        ("POST", "/servers", {"id": "../x", "server_type": "vllm", "base_url": "http://h"}, "id", ""),
+        (
+            "PUT",
+            "/servers/gpu",
+            {"id": "other", "server_type": "vllm", "base_url": "http://h"},
+            "id",
+            "gpu.yaml",
+        ),
+        ("PUT", "/servers/gpu", {"kind": "api_key", "server_type": "vllm"}, "kind", "gpu.yaml"),
+        (
+            "PUT",
+            "/servers/gpu",
+            {"server_type": "vllm", "base_url": "http://h", "api_key": []},
+            "api_key",
+            "gpu.yaml",
+        ),
+        ("PATCH", "/servers/gpu", {"kind": "api_key"}, "kind", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"id": "other"}, "id", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"api_key": 5}, "api_key", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"sops": {"mac": "x"}}, "sops", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"api_key": "sk-a\nb"}, "api_key", "gpu.yaml"),
+        ("PATCH", "/servers/gpu", {"name": nested(40)}, "", "gpu.yaml"),
+        ("PUT", "/active/chat", {"primary": "gpu", "weights": nested(40)}, "", "routing.yaml"),
+        ("POST", "/active", {"purpose": "chat"}, "provider_id", "routing.yaml"),
+        ("POST", "/active", {"purpose": "chat", "provider_id": "gpu", "x": 1}, "x", "routing.yaml"),
+    ],
+)
+async def test_a_problem_in_the_body_names_the_file_the_write_changes(
+    repo: SopsProject, service: Service, method: str, path: str, body: dict[str, Any], field: str, file: str
+) -> None:
+    """A 422's problems each name a file (docs/reference.md §8), those found in the body itself
+    too: they said `"file": ""`. The file is the one the write changes, or makes; the folder for
+    a body whose `id` names no file."""
+    before = head(repo.root)
+    status, answer, _ = await call(service, method, path, body)
+    assert status == 422, answer
+    problems = answer["error"]["problems"]
+    assert field in [p["path"] for p in problems], problems
+    assert {p["file"] for p in problems} == {f"providers.d/{file}".rstrip("/")}, problems
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+
+
 async def test_a_route_naming_a_missing_provider_is_refused_as_a_pull_request_would_be(
     repo: SopsProject, service: Service
 ) -> None:
@@ -204,6 +267,48 @@ async def test_a_route_naming_a_missing_provider_is_refused_as_a_pull_request_wo
 async def test_malformed_bodies_are_400_or_422_never_500(service: Service, payload: bytes) -> None:
     status, answer, _ = await call(service, "POST", "/servers", payload)
     assert status in (400, 422), answer
+
+
+WRITES_WITH_A_BODY = [
+    ("POST", "/api-keys"),
+    ("POST", "/servers"),
+    ("PUT", "/api-keys/vendor"),
+    ("PUT", "/servers/gpu"),
+    ("PATCH", "/api-keys/vendor"),
+    ("PATCH", "/servers/gpu"),
+    ("PUT", "/active/chat"),
+    ("PUT", "/active/dreaming"),
+    ("POST", "/active"),
+]
+NOT_OBJECTS = [
+    b"[]",
+    b"[1]",
+    b'["gpu"]',
+    b'"x"',
+    b"5",
+    b"-1.5",
+    b"null",
+    b"true",
+    b"false",
+    b'[{"primary": "gpu"}]',
+]
+
+
+async def test_every_write_refuses_a_body_that_is_not_an_object_alike(
+    repo: SopsProject, service: Service
+) -> None:
+    """An array, a string, a number, `null` or a boolean is 400 on every write route, and writes
+    nothing: `PUT …/active/{purpose}` took `[]` for a function of the current route (a 500)."""
+    before = head(repo.root)
+    for method, path in WRITES_WITH_A_BODY:
+        for payload in NOT_OBJECTS:
+            status, answer, _ = await call(service, method, path, payload)
+            assert status == 400, (method, path, payload, answer)
+            assert answer["error"]["type"] == "bad_request", (method, path, payload, answer)
+            assert "must be a JSON object" in answer["error"]["message"], (method, path, payload, answer)
+    assert head(repo.root) == before and git(repo.root, "status", "--porcelain") == ""
+    status, _, _ = await call(service, "PUT", "/active/chat", {"primary": "gpu", "weights": {"gpu": 2}})
+    assert status == 200  # and the writer still takes the next write
 
 
 async def test_a_write_needs_a_json_media_type(service: Service) -> None:
@@ -723,12 +828,17 @@ async def test_a_push_refused_every_time_leaves_local_and_remote_as_they_were(
     repo: SopsProject, remote: Path
 ) -> None:
     hook = remote / "hooks" / "pre-receive"
-    hook.write_text("#!/bin/sh\necho 'main is protected' >&2\nexit 1\n")
+    hook.write_text(
+        "#!/bin/sh\necho 'main is protected: see https://bot:pw-9c1d@rules.example/' >&2\nexit 1\n"
+    )
     hook.chmod(0o755)
     before, remote_before = head(repo.root), git(remote, "rev-parse", "main")
     async with serve(repo, git_push="origin") as service:
         status, body, _ = await call(service, "PATCH", "/servers/gpu", {"name": "ours"})
     assert status == 409 and "push" in body["error"]["message"]
+    # the hook's reason, not only git's `failed to push some refs`, and no credential of a URL
+    assert "remote: main is protected: see https://****@rules.example/" in body["error"]["message"], body
+    assert "pw-9c1d" not in json.dumps(body)
     assert head(repo.root) == before and git(remote, "rev-parse", "main") == remote_before
     assert git(repo.root, "status", "--porcelain") == ""
 

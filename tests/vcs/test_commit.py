@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import os
+import shlex
 import stat
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +19,7 @@ import pytest
 import service.vcs.commit as commit_module
 from service.errors import GitError
 from service.vcs.commit import Committer, Identity, message
-from service.vcs.gitrepo import GitRepo, redact, safe_environ
+from service.vcs.gitrepo import GitRepo, failure, redact, safe_environ
 from tests.conftest import git, git_init
 
 COMMITTER = Identity("Switchboard", "switchboard@localhost")
@@ -300,3 +307,132 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
+
+
+PASSWORD = "hunter2-pw-5f1e"
+
+
+def _refusing(bare: Path, *lines: str) -> None:
+    """A pre-receive hook on `bare` that prints `lines` (git shows them as `remote: …`) and refuses."""
+    hook = bare / "hooks" / "pre-receive"
+    printed = "".join(f"printf '%s\\n' {shlex.quote(line)} >&2\n" for line in lines)
+    hook.write_text(f"#!/bin/sh\n{printed}exit 1\n")
+    hook.chmod(0o755)
+
+
+@contextlib.contextmanager
+def _git_over_http(root: Path) -> Iterator[str]:
+    """A real git server over HTTP for the repositories under `root` (`git http-backend`, the CGI
+    program git ships), on a port of its own: its URL."""
+
+    class Backend(http.server.BaseHTTPRequestHandler):
+        def _cgi(self) -> None:
+            path, _, query = self.path.partition("?")
+            env = {
+                "PATH": os.environ["PATH"],
+                "GIT_PROJECT_ROOT": str(root),
+                "GIT_HTTP_EXPORT_ALL": "1",
+                "REMOTE_USER": "tester",  # receive-pack (a push) is served to a known user only
+                "REMOTE_ADDR": "127.0.0.1",
+                "REQUEST_METHOD": self.command,
+                "PATH_INFO": path,
+                "QUERY_STRING": query,
+                "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            }
+            if self.headers.get("Content-Encoding"):
+                env["HTTP_CONTENT_ENCODING"] = self.headers["Content-Encoding"]
+            if self.headers.get("Git-Protocol"):
+                env["GIT_PROTOCOL"] = self.headers["Git-Protocol"]
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            env["CONTENT_LENGTH"] = str(len(body))
+            done = subprocess.run(
+                ["git", "http-backend"], input=body, env=env, capture_output=True, check=False, timeout=30
+            )
+            head, _, content = done.stdout.partition(b"\r\n\r\n")
+            status = 200
+            headers = []
+            for line in head.decode("latin-1").split("\r\n"):
+                name, _, value = line.partition(":")
+                if name.lower() == "status":
+                    status = int(value.split()[0])
+                elif name:
+                    headers.append((name, value.strip()))
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        do_GET = do_POST = _cgi  # the names http.server calls
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_a_push_a_remote_hook_refuses_says_the_hooks_reason_and_no_credential(
+    repo: GitRepo, tmp_path: Path
+) -> None:
+    """git's first `error:` line (`failed to push some refs`) was all a refused push said: the
+    reason the remote's hook gave (`remote: …`) was dropped. It is kept, masked and bounded,
+    and no credential of the remote's URL, nor of a URL the hook prints, is in it."""
+    bare = _bare(tmp_path, repo)
+    _refusing(
+        bare,
+        "main is protected: open a pull request",
+        f"see https://bot:{PASSWORD}@policy.example/rules?token={PASSWORD}",
+        "x" * 5_000,
+        *[f"line {n}" for n in range(50)],
+    )
+    committer = Committer(repo, COMMITTER)
+    base = committer.resolve("HEAD")
+    assert base is not None
+    commit = committer.build(base, {"providers.d/b.yaml": b"b\n"}, author=AUTHOR, text="write\n")
+    with _git_over_http(tmp_path) as url:
+        authed = f"{url.replace('//', f'//bot:{PASSWORD}@')}/remote.git"
+        for remote in (str(bare), authed):
+            reason = committer.push(remote, commit, "main", at=base)
+            assert reason is not None
+            assert "failed to push some refs" in reason, reason
+            assert "remote: main is protected: open a pull request" in reason, reason
+            assert "https://****@policy.example/rules?****" in reason, reason
+            assert PASSWORD not in reason and "bot:" not in reason, reason
+            assert len(reason) < 5_000 and "more line(s)" in reason, reason
+            assert git(bare, "rev-parse", "main") == base
+        _refusing(bare)  # says nothing: git's own verdict alone
+        quiet = committer.push(str(bare), commit, "main", at=base)
+        assert quiet is not None and quiet.endswith(f"failed to push some refs to '{bare}'"), quiet
+        (bare / "hooks" / "pre-receive").unlink()
+        assert committer.push(authed, commit, "main", at=base) is None  # the server does take a push
+        assert git(bare, "rev-parse", "main") == commit
+        closed = authed.replace(url.rsplit(":", 1)[1], "1")  # nothing listens there
+        reason = committer.push(closed, commit, "main", at=commit)
+        assert reason is not None and PASSWORD not in reason and "bot:" not in reason, reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"https://bot:{PASSWORD}@host/r.git",
+        f"https://bot:p@ss{PASSWORD}@host/r.git",  # an `@` in the password
+        f"https://bot:{PASSWORD}\x00@host/r.git",
+        f"https://bot:\x1b[K{PASSWORD}@host/r.git",
+        f"https://bot:{PASSWORD}" + "@host" + "/x" * 500,
+        "y" * 290 + f" https://bot:{PASSWORD}@host/r.git",  # cut past the line's length
+    ],
+)
+def test_no_credential_survives_a_git_error_line(text: str) -> None:
+    reason = failure(f"remote: {text}\nerror: failed to push some refs to 'x'\n".encode(), 1)
+    assert PASSWORD not in reason and "bot:" not in reason and "\x1b" not in reason, reason
+    assert "****" in reason or reason.endswith("…)"), reason
