@@ -19,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from service.config.models import MODELS, SECRET_FIELDS, AiServer, ApiKey, Document
-from service.config.secret import SOPS_VALUE, Sealed, Secret, unsendable
+from service.config.secret import NOT_A_STRING, SOPS_STRING, SOPS_VALUE, Sealed, Secret, unsendable
 from service.config.sops_mac import Known, Seal, changed_outside_sops, seal_of
 from service.errors import FileRejected, Problem, SopsError, SopsTampered, printable
 
@@ -180,6 +180,9 @@ def with_secrets(loaded: Loaded, plaintext: Mapping[str, Any]) -> Loaded:
     for name in SECRET_FIELDS:
         value = plaintext.get(name)
         if isinstance(getattr(loaded.document, name, None), Sealed):
+            if isinstance(value, int | float):  # sops' int, float or bool: written unquoted
+                problem = Problem(loaded.file, loaded.line(name), f"`{name}` {NOT_A_STRING}", name)
+                raise FileRejected([problem])
             if not isinstance(value, str):
                 raise FileRejected([Problem(loaded.file, loaded.line(name), f"`{name}` did not decrypt")])
             value = value.strip()  # a key pasted with its line break works as the key it is
@@ -355,6 +358,8 @@ def _check_secrets(
                 )
             )
             tree[name] = Sealed("")  # reported here; keep the schema check from repeating it
+        elif not value.endswith(SOPS_STRING):  # `api_key: 0123…` unquoted: sops kept it an int
+            problems.append(Problem(file, line, f"`{name}` {NOT_A_STRING}", name))
     return problems
 
 

@@ -65,7 +65,7 @@ SecretField = Annotated[
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": SOPS_VALUE.pattern,
+            "pattern": SOPS_VALUE.pattern.replace(r"type:\w+", "type:str"),  # a key is a string
             "description": "The secret, encrypted by sops (`switchboard encrypt FILE`); never plaintext.",
         }
     ),

@@ -14,6 +14,10 @@ SOPS_VALUE = re.compile(
     r"^ENC\[AES256_GCM,data:[A-Za-z0-9+/=]*,iv:[A-Za-z0-9+/=]+,tag:[A-Za-z0-9+/=]+,type:\w+\]$"
 )
 """A value encrypted by sops, as it appears in a file."""
+SOPS_STRING = ",type:str]"
+"""How a value sops encrypted as a string ends; a secret is one (docs/reference.md §2.4)."""
+NOT_A_STRING = 'must be a string: quote it (`api_key: "0123…"`) and encrypt the file again'
+"""Why a secret sops encrypted as a number or a boolean (written unquoted) is refused."""
 
 _MIN_SHOWN_LENGTH = 12
 MASK = "****"

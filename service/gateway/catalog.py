@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from service.config.models import Provider
+from service.config.secret import Secret
 from service.gateway.call import redirect, retryable
 from service.gateway.transports.base import TooLarge, describe_error, read_within, sendable_key
 
@@ -81,7 +82,11 @@ async def list_models(provider: Provider, session: aiohttp.ClientSession) -> Mod
         payload = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested past the stack
         return ModelList(None, "the models endpoint did not answer JSON")
-    return ModelList(_model_ids(payload))
+    ids = _model_ids(payload)
+    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else ""
+    if key and any(key in name for name in ids):  # reflected: never a name `/v1/models` shows
+        ids = [name for name in ids if key not in name]
+    return ModelList(ids)
 
 
 def _model_ids(payload: Any) -> list[str]:

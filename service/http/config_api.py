@@ -414,7 +414,7 @@ async def _litellm(request: web.Request) -> web.StreamResponse:
             )
         model = provider.models[0]
     params = provider.to_litellm_config(model, with_secrets=True)
-    read = SecretRead(subject=provider.id, client=client_name(request), purpose=purpose)
+    read = SecretRead(subject=provider.id, provider=provider.id, client=client_name(request), purpose=purpose)
     await asyncio.to_thread(app[EVENTS].append, read)  # recorded before the key leaves
     answer = {
         "purpose": purpose,

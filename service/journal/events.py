@@ -171,6 +171,19 @@ class SecretRead(BaseEvent):
     subject: str = Field(description="the provider whose key was read")
     client: str
     purpose: str | None = None
+    provider: Annotated[str | None, WithJsonSchema({"type": "string"})] = Field(
+        None,
+        description="the provider whose key was read, as `subject` (absent from older events)",
+        exclude_if=lambda value: value is None,  # an older line read back is dumped as it was hashed
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider(cls, data: Any) -> Any:
+        """A draft (no `seq` yet) names its `provider` as its `subject`; a line read back is as written."""
+        if isinstance(data, dict) and not data.get("seq") and "provider" not in data and "subject" in data:
+            return {**data, "provider": data["subject"]}
+        return data
 
 
 class SyncFailed(BaseEvent):

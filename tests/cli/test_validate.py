@@ -302,6 +302,47 @@ def test_keygen_encrypt_validate_round_trip(
     assert key_file.read_bytes() == before
 
 
+def test_an_all_digit_key_is_encrypted_as_the_string_it_was_typed_as(
+    project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """YAML reads `api_key: 123456789012345` as a number, which sops encrypts as `type:int`: the
+    service then could not use it. `encrypt` quotes it first (docs/reference.md §2.4)."""
+    use_key(monkeypatch, project.identity)
+    keys = {"digits": "012345678901234", "hex": "0x1F", "float": "1e5", "flag": "yes"}
+    for provider_id, key in keys.items():
+        path = project.providers / f"{provider_id}.yaml"
+        path.write_text(
+            KEY_FILE.format(id=provider_id, key=f"{key}  # typed unquoted").replace("purposes: [chat]\n", "")
+        )
+        code, _, err = run(capsys, "encrypt", str(path))
+        assert code == 0, err
+        assert re.search(r"^api_key: ENC\[AES256_GCM,.*,type:str\]$", path.read_text(), re.M), (
+            path.read_text()
+        )
+        assert project.sops.decrypt(path.read_bytes(), str(path))["api_key"] == key
+    code, out, err = run(capsys, "validate", "--decrypt")
+    assert (code, out) == (0, ""), out + err
+
+
+def test_a_key_sops_encrypted_as_a_number_is_an_error_saying_to_quote_it(
+    project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encrypted by sops itself (or an older `encrypt`): `validate` says so, with or without the
+    identity, and so does the service's refusal, not "did not decrypt"."""
+    use_key(monkeypatch, project.identity)
+    path = project.providers / "numkey.yaml"
+    text = KEY_FILE.format(id="numkey", key="123456789012345")
+    path.write_bytes(project.sops.encrypt(text.encode(), str(path)))
+    assert ",type:int]" in path.read_text()
+    expected = (
+        "providers.d/numkey.yaml:4: error: `api_key` must be a string: quote it "
+        '(`api_key: "0123…"`) and encrypt the file again'
+    )
+    for flags in ([], ["--decrypt"]):
+        code, out, _ = run(capsys, "validate", *flags, "providers.d")
+        assert (code, out.strip()) == (1, expected)
+
+
 def test_schema_check_fails_when_stale(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ import yaml
 
 from service.config import editing
 from service.config.loader import parse
+from tests.conftest import SopsProject
 
 
 @pytest.mark.parametrize(
@@ -124,3 +125,15 @@ def test_an_edit_leaves_the_values_it_does_not_change_as_they_were_written() -> 
     original = b"kind: ai_server\nid: gpu\nenabled: yes\n"
     text = editing.render_edit(original, {"kind": "ai_server", "id": "gpu", "enabled": "yes", "name": "on"})
     assert text == b'kind: ai_server\nid: gpu\nname: "on"\nenabled: yes\n'
+
+
+@pytest.mark.parametrize("key", ["123456789012345", "012345678901234", "1e5", "0x1F", "yes", "true", "1_000"])
+def test_a_key_a_write_sends_as_digits_is_encrypted_as_a_string(sops_project: SopsProject, key: str) -> None:
+    """A write over HTTP renders its file before sops encrypts it: a key of digits is quoted
+    there, so sops (YAML 1.2) stores it as `type:str` (docs/reference.md §2.4)."""
+    document = {"kind": "api_key", "id": "k", "provider": "openrouter", "api_key": key}
+    path = sops_project.providers / "k.yaml"
+    for text in (editing.render_new(document), editing.render_edit(b"kind: api_key\nid: k\n", document)):
+        encrypted = sops_project.sops.encrypt(text, str(path))
+        assert b",type:str]" in encrypted
+        assert parse("providers.d/k.yaml", encrypted).encrypted

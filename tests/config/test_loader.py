@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from service.config.loader import MAX_FILE_BYTES, decrypt, is_config_file, parse
+from service.config.loader import MAX_FILE_BYTES, decrypt, is_config_file, parse, with_secrets
 from service.config.models import AiServer, ApiKey, Routing
 from service.config.secret import Sealed
 from service.errors import FileRejected
@@ -142,6 +142,28 @@ def test_a_key_with_a_line_break_is_refused_once_decrypted(sops_project: SopsPro
     (found,) = caught.value.problems
     assert "control character" in found.message and found.path == "api_key"
     assert "Injected" not in str(caught.value)
+
+
+def test_a_key_sops_encrypted_as_a_number_is_refused_saying_to_quote_it(sops_project: SopsProject) -> None:
+    """`api_key: 123456789012345` unquoted is an int to YAML and `type:int` to sops: refused
+    before decrypting, saying what to do (docs/reference.md §2.4), not "did not decrypt"."""
+    path = sops_project.providers / "k.yaml"
+    text = "kind: api_key\nid: k\nprovider: openrouter\napi_key: 123456789012345\n"
+    data = sops_project.sops.encrypt(text.encode(), str(path))
+    with pytest.raises(FileRejected) as caught:
+        parse("providers.d/k.yaml", data)
+    (found,) = caught.value.problems
+    assert (
+        found.message
+        == '`api_key` must be a string: quote it (`api_key: "0123…"`) and encrypt the file again'
+    )
+    assert (found.line, found.path) == (4, "api_key")
+    quoted = text.replace("123456789012345", '"123456789012345"')
+    loaded = parse("providers.d/k.yaml", sops_project.sops.encrypt(quoted.encode(), str(path)))
+    with pytest.raises(FileRejected) as caught:  # a decrypted number (whatever let it through)
+        with_secrets(loaded, {"api_key": 123456789012345})
+    assert "must be a string: quote it" in str(caught.value.problems[0].message)
+    assert decrypt(loaded, sops_project.sops).document.api_key.reveal() == "123456789012345"  # type: ignore[union-attr]
 
 
 def test_an_empty_file_is_refused() -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from service.config.models import AiServer
+from service.config.secret import Secret
 from service.gateway.catalog import MAX_MODELS_BYTES, list_models
 from service.gateway.transports.base import open_session
 from tests.conftest import SopsProject
-from tests.support.gateway import running, write_provider
+from tests.support.gateway import CANARY, running, write_provider
 from tests.support.upstreams import FakeUpstream, serving
 
 
@@ -34,6 +35,25 @@ def _answering(body: bytes, *, chunked: bool = False) -> web.Application:
 async def test_models_are_listed() -> None:
     async with FakeUpstream(models=("m1", "m2")) as up, open_session() as session:
         listed = await list_models(_server(up.base_url), session)
+    assert listed.models == ["m1", "m2"]
+
+
+async def test_a_model_id_that_reflects_the_key_is_not_listed() -> None:
+    """A models list is shown to clients (`/v1/models`, `…/servers/{id}/models`): an id holding
+    the provider's key (an upstream that reflects the request's headers) is left out
+    (docs/reference.md §2.4)."""
+
+    async def models(request: web.Request) -> web.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        return web.json_response({"data": [{"id": "m1"}, {"id": key}, {"id": f"ft:{key}:x"}, {"id": "m2"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    async with serving(app) as url, open_session() as session:
+        server = AiServer(
+            kind="ai_server", id="s", server_type="vllm", base_url=f"{url}/v1", api_key=Secret(CANARY)
+        )
+        listed = await list_models(server, session)
     assert listed.models == ["m1", "m2"]
 
 

@@ -25,7 +25,7 @@ from service.http.context import RELAY
 from service.usage.encoding import micros
 from service.usage.record import Record
 from tests.conftest import SopsProject, eventually, serve
-from tests.support.gateway import Switchboard, running, write_provider, write_routing
+from tests.support.gateway import CANARY, Switchboard, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, serving, unanswered_url, upstreams
 
 TOKEN = "sk-client-0123456789abcdef"
@@ -984,6 +984,35 @@ async def test_an_upstream_request_id_that_cannot_name_a_record_is_replaced(
     assert response.status == 200
     ours = response.headers[REQUEST_ID]
     assert len(ours) == 32 and records.kept[0].id == ours
+
+
+async def test_an_upstream_request_id_holding_the_key_names_neither_answer_nor_record(
+    sops_project: SopsProject,
+) -> None:
+    """An upstream that reflects the request's key as its `x-request-id` (and in a rate limit, and
+    its body): the answer and its ledger record keep the gateway's own id (docs/reference.md §2.4)."""
+
+    async def reflect(request: web.Request) -> web.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        headers = {"x-request-id": key, "x-ratelimit-remaining-tokens": f"7; key={key}"}
+        return web.json_response({"choices": [], "usage": usage, "echo": key}, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key=CANARY, pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, None)
+        async with metered(sops_project) as (board, records):
+            response = await chat(board)
+            body = (await response.text()).encode()
+    assert response.status == 200 and CANARY.encode() not in body and b'"echo": "****"' in body
+    assert not any(CANARY in value for value in response.headers.values())
+    ours = response.headers[REQUEST_ID]
+    assert len(ours) == 32 and [r.id for r in records.kept] == [ours]
 
 
 async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProject) -> None:

@@ -1196,10 +1196,10 @@ async def test_the_litellm_parameters_are_given_and_audited(sops_project: SopsPr
     )
     # `a` does not serve it; `b`, which declares no models, serves any.
     assert (other["provider"], other["litellm_params"]["model"]) == ("b", "openai/other/model")
-    assert [(e["subject"], e["client"], e["purpose"]) for e in reads] == [
-        ("a", "deployer", "chat"),
-        ("a", "deployer", "chat"),
-        ("b", "deployer", "chat"),
+    assert [(e["subject"], e["provider"], e["client"], e["purpose"]) for e in reads] == [
+        ("a", "a", "deployer", "chat"),  # docs/reference.md §5: secret.read (client, provider)
+        ("a", "a", "deployer", "chat"),
+        ("b", "b", "deployer", "chat"),
     ]
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -323,3 +324,40 @@ def test_replaying_the_log_rebuilds_each_view_after_a_json_round_trip(
             rebuilt = replay(read_events(path))
             assert json.dumps(rebuilt, sort_keys=True) == json.dumps(target, sort_keys=True)
     assert verify(path) == len(read_events(path))
+
+
+def test_a_secret_read_names_its_provider_and_an_older_one_without_it_still_verifies(log_path: Path) -> None:
+    """docs/reference.md §5: `secret.read` (client, provider). A line written before `provider` was
+    added verifies, reads back, replays and is shown (`/audit`) as it was hashed; the schema of
+    the log takes both."""
+    old = {
+        "seq": 1,
+        "ts": "2026-11-27T05:33:08.123456Z",
+        "type": "secret.read",
+        "subject": "openrouter-main",
+        "file": None,
+        "commit": None,
+        "author": None,
+        "uncommitted": False,
+        "changes": {},
+        "prev": GENESIS,
+        "client": "deployer",
+        "purpose": "chat",
+    }
+    old["hash"] = hashlib.sha256(json.dumps(old, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    log_path.parent.mkdir()
+    log_path.write_text(json.dumps(old) + "\n")
+    with EventLog(log_path) as log:
+        log.append(SecretRead(subject="gpu", provider="gpu", client="deployer", purpose="chat"))
+        log.append(SecretRead(subject="gpu", client="ops"))  # a draft names it as its subject
+    assert verify(log_path) == 3
+    first, second, third = read_events(log_path)
+    shown = first.model_dump(mode="json")
+    assert "provider" not in shown and shown == old  # as it was hashed
+    assert [e["provider"] for e in map(json.loads, lines(log_path)[1:])] == ["gpu", "gpu"]
+    assert (second.model_dump(mode="json")["provider"], third.subject) == ("gpu", "gpu")
+    assert replay([first, second, third]) == empty_view()
+    schema = event_log_schema()
+    assert schema["$defs"]["SecretRead"]["properties"]["provider"]["type"] == "string"
+    for line in lines(log_path):
+        jsonschema.validate(json.loads(line), schema)

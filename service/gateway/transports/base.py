@@ -149,15 +149,21 @@ def sane_request_id(value: str) -> bool:
     return 0 < len(value) <= _MAX_REQUEST_ID and value.isascii() and value.isprintable() and " " not in value
 
 
-def pass_back(upstream: Mapping[str, str], headers: dict[str, str]) -> None:
+def pass_back(upstream: Mapping[str, str], headers: dict[str, str], key: str = "") -> None:
     """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer
     (docs/reference.md §7), `retry-after` with its `retry-after-ms` (`retry_after`). Anthropic names its
     request id `request-id`: passed back as `x-request-id`, as litellm's answers from it are,
     when the upstream sent no `x-request-id`.
 
+    A header whose value holds the provider's `key` (an upstream that reflects the request's
+    headers) is not passed back (docs/reference.md §2.4): an `x-request-id` holding it leaves
+    the gateway's own id on the answer, and on its ledger record.
+
     The upstream's header names are in lower case, as `exchange.Response.headers` keeps them."""
     for name, value in upstream.items():
         if name in _PASSED_BACK or name.startswith("x-ratelimit-"):
+            if key and key in value:
+                continue
             if name == "request-id":
                 if "x-request-id" in upstream:
                     continue

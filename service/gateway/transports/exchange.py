@@ -60,6 +60,11 @@ KEPT = frozenset(
 """The headers of an answer that are kept (in `Response.headers`): those its reading needs,
 its `Content-Type`, and those the gateway passes back to its client (`base.pass_back`), with
 every `x-ratelimit-*`. The others are not decoded."""
+_CODINGS = frozenset(
+    ("br", "zstd", "compress", "x-compress", "dcb", "dcz", "aes128gcm", "exi", "pack200-gzip")
+)
+"""Content codings named in a refusal (IANA's registry); another value is the upstream's own
+text, which may quote the request's key (docs/reference.md §2.4): not repeated."""
 _RATE_LIMITS = b"x-ratelimit-"
 _NAMES: dict[bytes, str | None] = {}
 """A header's name as it came -> its kept name (in lower case), or None: not kept."""
@@ -193,7 +198,8 @@ class Response:
             self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib's header; raw below
             self._deflate = True
         elif encoding not in ("identity", ""):
-            self._fail(BrokenOff(f"the upstream's answer is in an encoding not asked for ({encoding[:32]})"))
+            named = f" ({encoding})" if encoding in _CODINGS else ""  # never any text of the upstream's
+            self._fail(BrokenOff(f"the upstream's answer is in an encoding not asked for{named}"))
             return
         self._headed = True
         self._news = True

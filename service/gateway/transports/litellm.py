@@ -230,7 +230,7 @@ async def _forward(
         if isinstance(status, int) and 400 <= status < 500:
             status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
-            _pass_back_refusal(exc, headers)
+            _pass_back_refusal(exc, headers, key or "")
             return _client_error(exc, status, key, headers)
         if not _reached_upstream(exc):
             # litellm failed on the request itself (a malformed `tools`, `messages` of another
@@ -241,21 +241,28 @@ async def _forward(
             raise Failure(None, type(exc).__name__) from None
         raise Failure.of_status(status, _asked_to_wait(exc)) from None
     call.first_byte_s = loop.time() - started
-    _pass_back(result, headers)
+    secret = (key or "").encode()
+    _pass_back(result, headers, key or "")
     if streaming:
-        return await _relay_stream(call, result, first, headers, provider.idle_timeout_s)
+        return await _relay_stream(call, result, first, headers, provider.idle_timeout_s, secret)
     call.usage = _usage(result)
-    call.answer_model = _model(result)
+    call.answer_model = _model(result, key)
     headers["Content-Type"] = "application/json"
     # A client of another protocol gets its own shape from all of it (Anthropic's cache writes).
     shape = _CHAT_ANSWER if call.purpose == "chat" and call.translation is None else None
-    return web.Response(
-        body=result.model_dump_json(exclude_none=True, include=shape).encode(), headers=headers
-    )
+    body = _masked(result.model_dump_json(exclude_none=True, include=shape).encode(), secret)
+    return web.Response(body=body, headers=headers)
+
+
+def _masked(data: bytes, key: bytes) -> bytes:
+    """`data` with the provider's `key` (the vendor echoed it) replaced by `****` (docs/reference.md §2.4).
+    A stream's chunks are masked one by one: litellm hands over whole chunks, each its own JSON,
+    so a key the vendor split across two of them is not seen (docs/reference.md §7)."""
+    return data.replace(key, b"****") if key and key in data else data
 
 
 async def _relay_stream(
-    call: Call, stream: Any, first: Any, headers: dict[str, str], idle_s: float
+    call: Call, stream: Any, first: Any, headers: dict[str, str], idle_s: float, key: bytes
 ) -> web.StreamResponse:
     headers["Content-Type"] = "text/event-stream"
     headers["Cache-Control"] = "no-cache"
@@ -267,16 +274,16 @@ async def _relay_stream(
     try:
         await answer.prepare(call.request)
         call.prepared = answer
-        call.answer_model = _model(chunk)
+        call.answer_model = _model(chunk, key.decode())
         while True:
             usage = _usage(chunk)
             if translator is not None:
-                data = chunk.model_dump_json(exclude_none=True).encode()
+                data = _masked(chunk.model_dump_json(exclude_none=True).encode(), key)
                 out = translator.feed(b"data: " + data + b"\n\n")
                 if out:
                     await answer.write(out)
             elif usage is None or call.wants_usage or getattr(chunk, "choices", None):
-                data = chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode()
+                data = _masked(chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode(), key)
                 await answer.write(b"data: " + data + b"\n\n")
             call.usage = usage or call.usage
             try:
@@ -369,13 +376,13 @@ def _client_error(exc: Exception, status: int, key: str | None, headers: dict[st
     return web.Response(body=json.dumps(error).encode(), status=status, headers=headers)
 
 
-def _pass_back(result: Any, headers: dict[str, str]) -> None:
+def _pass_back(result: Any, headers: dict[str, str], key: str) -> None:
     """The vendor's request id and rate limits, as litellm kept them, onto the answer
     (docs/reference.md §7)."""
     hidden = getattr(result, "_hidden_params", None)
     kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     if isinstance(kept, dict):
-        _passed(kept, headers)
+        _passed(kept, headers, key)
 
 
 _VENDOR_LIMIT = re.compile(r"anthropic-ratelimit-(requests|tokens)-(limit|remaining)")
@@ -390,7 +397,7 @@ def _asked_to_wait(exc: Exception) -> int | None:
     return wait_ms({str(key).lower(): str(value) for key, value in raw.items()})
 
 
-def _pass_back_refusal(exc: Exception, headers: dict[str, str]) -> None:
+def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str) -> None:
     """The vendor's request id and rate limits onto its refusal of the client's request, as
     `_pass_back` puts them on an answer (docs/reference.md §7): litellm keeps the upstream's headers on
     its exception as they came, so Anthropic's rate limits are named here as litellm names them
@@ -403,15 +410,18 @@ def _pass_back_refusal(exc: Exception, headers: dict[str, str]) -> None:
         name = str(key).lower()
         limit = _VENDOR_LIMIT.fullmatch(name)
         kept[f"x-ratelimit-{limit[2]}-{limit[1]}" if limit else name] = str(value)
-    _passed(kept, headers)
+    _passed(kept, headers, key)
 
 
-def _passed(kept: Mapping[Any, Any], headers: dict[str, str]) -> None:
-    """From the vendor's headers `kept`: its request id, `retry-after` and `x-ratelimit-*`."""
-    for key, value in kept.items():
-        name = str(key).removeprefix("llm_provider-").lower()
+def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str) -> None:
+    """From the vendor's headers `kept`: its request id, `retry-after` and `x-ratelimit-*`, none
+    holding the provider's `key` (docs/reference.md §2.4)."""
+    for field, value in kept.items():
+        name = str(field).removeprefix("llm_provider-").lower()
         if name == "request-id":  # Anthropic's name for it
             name = "x-request-id"
+        if key and key in str(value):
+            continue
         if name == "x-request-id":
             pass_back({name: str(value)}, headers)  # the vendor's id names the answer, when it is sane
         elif name in ("retry-after", "retry-after-ms") or name.startswith("x-ratelimit-"):
@@ -420,9 +430,11 @@ def _passed(kept: Mapping[Any, Any], headers: dict[str, str]) -> None:
         retry_after(headers)
 
 
-def _model(result: Any) -> str | None:
+def _model(result: Any, key: str | None) -> str | None:
+    """The model the vendor's answer names; none when it holds the provider's `key` (a metric's
+    label, a span's attribute: docs/reference.md §2.4)."""
     model = getattr(result, "model", None)
-    return model if isinstance(model, str) else None
+    return model if isinstance(model, str) and not (key and key in model) else None
 
 
 def _usage(result: Any) -> dict[str, Any] | None:

@@ -92,8 +92,10 @@ class Upstream:
     stream_options: bool = True
     """The upstream takes `stream_options`; False once it refused them (400) and took the request without."""
     key: bytes = b""
-    """The key as sent, to mask in an error answer that echoes it (docs/reference.md §2.4); empty
+    """The key as sent, to mask in an answer that echoes it (docs/reference.md §2.4); empty
     without one."""
+    key_text: str = ""
+    """`key` as text: a passed-back header holding it is dropped (`base.pass_back`)."""
 
     urls: dict[str, Endpoint] = field(default_factory=dict)
     """Path or URL -> where it is sent, parsed once."""
@@ -137,6 +139,7 @@ class Upstream:
             names_models=not provider.models,
             unusable=unusable,
             key=key.encode() if key else b"",
+            key_text=key or "",
         )
 
     def url(self, path: str) -> Endpoint:
@@ -151,12 +154,23 @@ class Upstream:
                 self.urls[path] = found
         return found
 
-    def masked(self, body: bytes, status: int) -> bytes:
-        """`body` to relay: an error answer that echoes the provider's key (some servers quote the
-        request's headers) has it replaced by `****`; it is the client's to read, not the key."""
-        if status >= 400 and self.key and self.key in body:
+    def masked(self, body: bytes) -> bytes:
+        """`body` to relay: an answer of any status that echoes the provider's key (some servers
+        quote the request's headers, in an error or a 200) has it replaced by `****`; it is the
+        client's to read, not the key. One search of the body (a memmem) when there is a key."""
+        if self.key and self.key in body:
             return body.replace(self.key, b"****")
         return body
+
+    def pass_back(self, upstream: Mapping[str, str], headers: dict[str, str]) -> None:
+        """The upstream's `Content-Type` (the key masked in it) and the headers `base.pass_back`
+        passes back, none holding the key, onto the answer's `headers`."""
+        content_type = upstream.get("Content-Type", "application/json")
+        key = self.key_text
+        if key and key in content_type:
+            content_type = content_type.replace(key, "****")
+        headers["Content-Type"] = content_type
+        pass_back(upstream, headers, key)
 
     def __repr__(self) -> str:  # the headers hold the key
         return f"Upstream({self.provider.id!r})"
@@ -207,9 +221,7 @@ class OpenAITransport(Transport):
             call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
             if (target.names_models or call.trace_headers is not None) and call.usage is not None:
                 call.answer_model = find_model(body)
-        upstream_headers = response.headers
-        headers["Content-Type"] = upstream_headers.get("Content-Type", "application/json")
-        pass_back(upstream_headers, headers)
+        target.pass_back(response.headers, headers)
         return web.Response(body=body, status=status, headers=headers)
 
     async def exchange(self, call: Call, target: Upstream, path: str, body: bytes) -> tuple[Response, bytes]:
@@ -251,7 +263,7 @@ class OpenAITransport(Transport):
         except BaseException:
             _close(response)
             raise
-        return response, answer if status < 400 else target.masked(answer, status)
+        return response, target.masked(answer)
 
     async def _send_stream(self, call: Call, target: Upstream, headers: dict[str, str]) -> web.StreamResponse:
         loop = self.pool.loop
@@ -311,8 +323,7 @@ class OpenAITransport(Transport):
         if is_stream and not first:  # ended before its first byte: nothing sent yet, fall back
             response.close()
             raise Failure(None, "the stream ended before its first event")
-        headers["Content-Type"] = content_type
-        pass_back(response.headers, headers)
+        target.pass_back(response.headers, headers)
         if is_stream:
             return await relay_events(
                 call,
@@ -323,6 +334,7 @@ class OpenAITransport(Transport):
                 drop_usage=asked,
                 name_model=target.names_models or call.trace_headers is not None,  # a span names it
                 translator=call.translation.stream() if call.translation is not None else None,
+                key=target.key,
             )
         # Not a stream after all (an error, or a server that ignores `stream`): read it whole.
         try:  # the wire bounds the whole answer, `first` too
@@ -339,13 +351,14 @@ class OpenAITransport(Transport):
         except BaseException:
             response.close()
             raise
+        body = target.masked(body)  # before the model it names is read: a label, a span's attribute
         if status == 404:
             _check_spoken(call, provider, body)
         if status < 300:
             call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
             if (target.names_models or call.trace_headers is not None) and call.usage is not None:
                 call.answer_model = find_model(body)
-        return web.Response(body=target.masked(body, status), status=status, headers=headers)
+        return web.Response(body=body, status=status, headers=headers)
 
     def _headers(self, call: Call, target: Upstream) -> Mapping[str, str]:
         """The upstream request's headers: the provider's, the protocol's the client sent (a

@@ -54,12 +54,14 @@ async def relay_events(
     drop_usage: bool = False,
     name_model: bool = False,
     translator: StreamTranslator | None = None,
+    key: bytes = b"",
 ) -> web.StreamResponse:
     """Relay `upstream`'s event stream (its `first` bytes read already) to the client.
 
     `drop_usage`: the usage-only chunk is the gateway's, not the client's; `name_model`: find
     the model the stream names (`call.answer_model`), for the metrics; `translator`: what the
-    client gets instead of the upstream's bytes.
+    client gets instead of the upstream's bytes; `key`: the provider's key, masked in every
+    chunk as it is read (`_masked`), before anything looks into it.
 
     Bytes are written as they come, and looked into (usage, model) once written. The last ones
     go with the stream's end in one write: those of an upstream whose answer has ended (often
@@ -74,6 +76,9 @@ async def relay_events(
     answer = _Answer(status=upstream.status, headers=headers)
     usage = None
     pending = b""
+    held = b""  # the end of the last chunk that may begin the key: it goes with the next
+    if key and (key in first or first[-1:] != b"\n"):  # else as it came: a whole event, no key
+        first, held = _masked(first, key, upstream.ended)
     chunk = window = first
     head = True  # the first pass: the head goes with its bytes, or alone
     ended = False  # the answer's end is written
@@ -83,7 +88,7 @@ async def relay_events(
         if writer is None:  # only an answer whose end was written has none: not a new one
             raise RuntimeError("the stream's answer has no writer")
         call.prepared = answer
-        while chunk:
+        while chunk or held:
             window = pending + chunk  # `pending`: a torn event carried over, usually empty
             end = window.rfind(b"\n\n")
             if not drop_usage:
@@ -111,10 +116,12 @@ async def relay_events(
             if head and name_model:
                 call.answer_model = find_model(first)
             head = False
-            if not chunk:
+            if not chunk and not held:
                 break
             try:
                 chunk = await upstream.readany(idle_s)
+                if key and (held or key in chunk or chunk[-1:] != b"\n"):  # else as it came
+                    chunk, held = _masked(held + chunk, key, upstream.ended)
             except TimeoutError:
                 call.broken = f"stream cut short: no chunk within {idle_s:g} s"
             except WireError as exc:
@@ -142,6 +149,27 @@ async def relay_events(
     if name_model and call.answer_model is None and usage is not None:
         call.answer_model = find_model(window)
     return answer
+
+
+def _masked(data: bytes, key: bytes, ended: bool) -> tuple[bytes, bytes]:
+    """`data` read from the upstream with the provider's `key` replaced by `****`
+    (docs/reference.md §2.4), split in what may go now and what is held for the next chunk: its
+    end when it may be the start of the key, torn between two chunks (not once the upstream
+    `ended`). A key holds no line break, so a chunk ending one (a whole event: nearly all of
+    them) holds nothing back; else the longest end of it that begins the key (at most
+    `len(key) - 1` bytes) waits for the next chunk, where the key is whole and masked, or not
+    the key after all and sent. Bytes are delayed only then, never a whole event's."""
+    if key in data:
+        data = data.replace(key, b"****")
+    if ended or data[-1:] == b"\n":
+        return data, b""
+    first = key[:1]
+    at = data.find(first, max(0, len(data) - len(key) + 1))
+    while at >= 0:
+        if key.startswith(data[at:]):
+            return data[:at], data[at:]
+        at = data.find(first, at + 1)
+    return data, b""
 
 
 def _last(held: bytes, translator: StreamTranslator | None) -> bytes:

@@ -164,6 +164,65 @@ async def test_an_anthropic_client_error_passes_back_its_request_id_and_rate_lim
     assert "x-upstream-name" not in refused.headers  # only what the gateway passes back
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_answer_through_litellm_that_reflects_the_key_has_it_masked(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """A vendor that quotes the key it was sent, in its answer's text and its headers: the client
+    reads `****` and the gateway's own request id (docs/reference.md §2.4)."""
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        key = request.headers["x-api-key"]
+        headers = {"request-id": key, "x-ratelimit-remaining-requests": f"9 {key}"}
+        text = f"you sent {key}"
+        usage = {"input_tokens": 3, "output_tokens": 4}
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": key}
+        if not stream:
+            content = [{"type": "text", "text": text}]
+            answer = {**message, "content": content, "stop_reason": "end_turn", "usage": usage}
+            return web.json_response(answer, headers=headers)
+        events = [
+            (
+                "message_start",
+                {"type": "message_start", "message": {**message, "content": [], "usage": usage}},
+            ),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+            (
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+            ),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage},
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for name, data in events:
+            await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    async with serving(app) as url:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            response = await board.chat("hi", max_tokens=10, stream=stream)
+            body = await response.text()
+            metrics = await board.metrics()  # the model an answer names labels them
+    assert response.status == 200 and "you sent ****" in body and CANARY not in body
+    assert CANARY not in metrics
+    assert not any(CANARY in value for value in response.headers.values()), response.headers
+    assert len(response.headers["x-request-id"]) == 32  # the gateway's own
+
+
 def test_the_direct_path_does_not_import_litellm() -> None:
     code = (
         "import sys, service.http.app, service.gateway.relay, service.gateway.transports.litellm\n"

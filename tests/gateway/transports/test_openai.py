@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -328,6 +329,149 @@ async def test_an_error_answer_that_echoes_the_key_has_it_masked(stream: bool) -
         )
     assert code == 400 and b"you sent" in body
     assert CANARY.encode() not in body and b"Bearer ****" in body
+
+
+def _reflecting(status: int, *, gzipped: bool = False) -> web.Application:
+    """An upstream that reflects the request's key (docs/reference.md §2.4) in its body, a
+    passed-back rate limit, its request id and its `Content-Type`, header names in mixed case."""
+
+    async def reflect(request: web.Request) -> web.Response:
+        await request.read()
+        auth = request.headers["Authorization"]
+        body = json.dumps({"id": "x", "choices": [], "echo": auth}).encode()
+        headers = {
+            "Content-Type": f"application/json; charset=utf-8; k={auth.split()[-1]}",
+            "X-Request-Id": auth.split()[-1],
+            "X-RateLimit-Remaining-Requests": auth,
+            "x-ratelimit-limit-requests": "100",
+        }
+        if gzipped:
+            body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+        return web.Response(body=body, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    return app
+
+
+@pytest.mark.parametrize("status", [200, 201, 400, 404])
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_answer_of_any_status_that_reflects_the_key_has_it_masked(status: int, stream: bool) -> None:
+    """Not only an error: a 200 body, the passed-back headers and the request id the upstream
+    reflected the key in never carry it to the client (docs/reference.md §2.4)."""
+    async with serving(_reflecting(status)) as url, relaying(keyed(f"{url}/v1")) as harness:
+        code, headers, body = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": stream}
+        )
+    assert code == status and b'"echo": "Bearer ****"' in body
+    assert CANARY.encode() not in body and int(headers["Content-Length"]) == len(body)
+    assert not any(CANARY in value for value in headers.values()), headers
+    assert "x-request-id" not in headers and "x-ratelimit-remaining-requests" not in headers
+    assert headers["x-ratelimit-limit-requests"] == "100"  # the others are passed back still
+    assert headers["Content-Type"] == "application/json; charset=utf-8; k=****"
+
+
+async def test_a_gzipped_answer_that_reflects_the_key_has_it_masked() -> None:
+    async with serving(_reflecting(200, gzipped=True)) as url, relaying(keyed(f"{url}/v1")) as harness:
+        code, headers, body = await harness.post("/chat/completions", {"model": "m", "messages": []})
+    assert code == 200 and json.loads(body)["echo"] == "Bearer ****"
+    assert "Content-Encoding" not in headers and CANARY.encode() not in body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_encoding_that_reflects_the_key_is_not_named_in_the_failure(stream: bool) -> None:
+    """The refusal of an encoding not asked for named the upstream's `Content-Encoding` (32
+    characters of it): a reflected key went into the attempt's reason, the client's 502."""
+
+    reasons = []
+    for reflected in (True, False):
+
+        async def reflect(request: web.Request, reflected: bool = reflected) -> web.Response:
+            await request.read()
+            coding = request.headers["Authorization"].split()[-1] if reflected else "br"
+            headers = {"Content-Type": "application/json", "Content-Encoding": coding}
+            return web.Response(body=b"{}", headers=headers)
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", reflect)
+        async with serving(app) as url, relaying(keyed(f"{url}/v1")) as harness:
+            code, _, body = await harness.post(
+                "/chat/completions", {"model": "m", "messages": [], "stream": stream}
+            )
+        assert code == FAILED
+        reasons.append(json.loads(body)["reason"])
+    assert reasons[0] == "the upstream's answer is in an encoding not asked for"
+    assert reasons[1] == "the upstream's answer is in an encoding not asked for (br)"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream-answered-whole"])
+async def test_a_model_name_that_reflects_the_key_is_no_label(stream: bool) -> None:
+    """The model an answer names labels the metrics of a provider that declares none, and the
+    spans: read from the masked answer, never the key (docs/reference.md §2.4)."""
+
+    async def reflect(request: web.Request) -> web.Response:
+        await request.read()
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        return web.json_response({"model": request.headers["Authorization"], "choices": [], "usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    async with serving(app) as url, relaying(keyed(f"{url}/v1")) as harness:
+        code, _, body = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": stream}
+        )
+    assert code == 200 and CANARY.encode() not in body
+    assert harness.calls[0].answer_model == "Bearer ****"
+
+
+def _torn_stream(wire: bytes, size: int) -> web.Application:
+    """An upstream streaming `wire` torn in pieces of `size` bytes, each its own write."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for at in range(0, len(wire), size):
+            await response.write(wire[at : at + size])
+            await asyncio.sleep(0.002)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", stream)
+    return app
+
+
+def _events(*contents: str) -> bytes:
+    chunks = [{"choices": [{"delta": {"content": c}}]} for c in contents]
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("size", [3, 7, 40, 4096])
+@pytest.mark.parametrize("ends_with_it", [False, True], ids=["within", "at-the-end"])
+async def test_a_stream_that_reflects_the_key_torn_across_chunks_has_it_masked(
+    size: int, ends_with_it: bool
+) -> None:
+    """A key split between two chunks (or more) is held back and masked whole; text that only
+    begins like the key goes out as it came, once the next chunk shows it is not the key."""
+    wire = _events("one", f"you sent {CANARY} ok", "sk-canary-5e1f0c not it", "two")
+    if ends_with_it:  # torn, the last bytes of the stream: held, masked, sent with its end
+        wire += b"data: " + CANARY.encode()
+    async with serving(_torn_stream(wire, size)) as url, relaying(keyed(f"{url}/v1")) as harness:
+        body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+        _, _, relayed = await harness.post("/chat/completions", body)
+    assert relayed == wire.replace(CANARY.encode(), b"****")
+
+
+async def test_a_stream_whose_usage_chunk_is_dropped_has_the_key_masked_too() -> None:
+    """The gateway asked for the usage chunk (`drop_usage`): whole events only, the key masked."""
+    usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}
+    wire = _events(f"key {CANARY}") + b"data: " + json.dumps(usage).encode() + b"\n\n"
+    async with serving(_torn_stream(wire, 5)) as url, relaying(keyed(f"{url}/v1")) as harness:
+        _, _, relayed = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": True}
+        )
+    assert relayed == _events("key ****")
+    assert harness.calls[0].usage == {"prompt_tokens": 5, "completion_tokens": 2}
 
 
 async def test_an_https_upstream_whose_certificate_is_refused_fails_with_the_reason() -> None:
