@@ -17,7 +17,7 @@ import aiohttp
 from service.config.models import Provider
 from service.config.secret import Secret
 from service.gateway.call import redirect, retryable
-from service.gateway.transports.base import TooLarge, describe_error, read_within, sendable_key
+from service.gateway.transports.base import TooLarge, describe_error, read_within, reflected, sendable_key
 
 ANTHROPIC_VERSION = "2023-06-01"
 MAX_MODELS_BYTES = 8 << 20
@@ -83,7 +83,7 @@ async def list_models(provider: Provider, session: aiohttp.ClientSession) -> Mod
     except (ValueError, RecursionError):  # not JSON, or nested past the stack
         return ModelList(None, "the models endpoint did not answer JSON")
     ids = _model_ids(payload)
-    key = provider.api_key.reveal() if isinstance(provider.api_key, Secret) else ""
+    key = reflected(provider.api_key.reveal()) if isinstance(provider.api_key, Secret) else ""
     if key and any(key in name for name in ids):  # reflected: never a name `/v1/models` shows
         ids = [name for name in ids if key not in name]
     return ModelList(ids)

@@ -138,6 +138,18 @@ class Delivered(BytesPayload):
         self._call.delivered = True
 
 
+MIN_REFLECTED = 8
+"""A key shorter than this is a placeholder (`EMPTY`, `ollama`, `none`: what a local server
+takes or ignores), not a secret: an answer is not searched for it, since masking a common word
+would change what a model wrote (docs/reference.md §2.4)."""
+
+
+def reflected(key: str | None) -> str:
+    """The provider's key as looked for in what its upstream sends back: empty for none or a
+    placeholder shorter than `MIN_REFLECTED`."""
+    return key if key is not None and len(key) >= MIN_REFLECTED else ""
+
+
 _PASSED_BACK = frozenset(("x-request-id", "request-id", "retry-after", "retry-after-ms"))
 _MAX_REQUEST_ID = 128
 

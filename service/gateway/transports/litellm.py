@@ -38,6 +38,7 @@ from service.gateway.transports.base import (
     TooLarge,
     Transport,
     pass_back,
+    reflected,
     retry_after,
     sendable_key,
     wait_ms,
@@ -230,7 +231,7 @@ async def _forward(
         if isinstance(status, int) and 400 <= status < 500:
             status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
-            _pass_back_refusal(exc, headers, key or "")
+            _pass_back_refusal(exc, headers, reflected(key))
             return _client_error(exc, status, key, headers)
         if not _reached_upstream(exc):
             # litellm failed on the request itself (a malformed `tools`, `messages` of another
@@ -241,12 +242,13 @@ async def _forward(
             raise Failure(None, type(exc).__name__) from None
         raise Failure.of_status(status, _asked_to_wait(exc)) from None
     call.first_byte_s = loop.time() - started
-    secret = (key or "").encode()
-    _pass_back(result, headers, key or "")
+    shown = reflected(key)  # looked for in what the vendor sends back
+    secret = shown.encode()
+    _pass_back(result, headers, shown)
     if streaming:
         return await _relay_stream(call, result, first, headers, provider.idle_timeout_s, secret)
     call.usage = _usage(result)
-    call.answer_model = _model(result, key)
+    call.answer_model = _model(result, shown)
     headers["Content-Type"] = "application/json"
     # A client of another protocol gets its own shape from all of it (Anthropic's cache writes).
     shape = _CHAT_ANSWER if call.purpose == "chat" and call.translation is None else None

@@ -51,6 +51,7 @@ from service.gateway.transports.base import (
     TooLarge,
     Transport,
     pass_back,
+    reflected,
     sendable_key,
     wait_ms,
     wire_pool,
@@ -138,8 +139,8 @@ class Upstream:
             idle_s=provider.idle_timeout_s,
             names_models=not provider.models,
             unusable=unusable,
-            key=key.encode() if key else b"",
-            key_text=key or "",
+            key=reflected(key).encode(),
+            key_text=reflected(key),
         )
 
     def url(self, path: str) -> Endpoint:

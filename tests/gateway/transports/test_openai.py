@@ -371,6 +371,30 @@ async def test_an_answer_of_any_status_that_reflects_the_key_has_it_masked(statu
     assert headers["Content-Type"] == "application/json; charset=utf-8; k=****"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_placeholder_key_is_not_masked_in_what_the_model_wrote(stream: bool) -> None:
+    """A key shorter than `MIN_REFLECTED` is a placeholder a local server takes or ignores
+    (`ollama`, `EMPTY`), not a secret: the model's words that happen to be it are left as written."""
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "x", "choices": [{"message": {"content": "run ollama"}}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    placeholder = ApiKey(
+        kind="api_key", id="k", provider="openai", base_url="http://x/v1", api_key=Secret("ollama")
+    )
+    async with (
+        serving(app) as url,
+        relaying(placeholder.model_copy(update={"base_url": f"{url}/v1"})) as harness,
+    ):
+        code, _, body = await harness.post(
+            "/chat/completions", {"model": "m", "messages": [], "stream": stream}
+        )
+    assert code == 200 and b"run ollama" in body
+
+
 async def test_a_gzipped_answer_that_reflects_the_key_has_it_masked() -> None:
     async with serving(_reflecting(200, gzipped=True)) as url, relaying(keyed(f"{url}/v1")) as harness:
         code, headers, body = await harness.post("/chat/completions", {"model": "m", "messages": []})
