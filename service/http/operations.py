@@ -111,12 +111,13 @@ class Operation:
         return "configuration" if self.method == "GET" or self.path.endswith("/test") else "writes"
 
     def render(self, schemas: Schemas) -> dict[str, Any]:
-        responses = dict(self.answers)
+        # every endpoint, the public ones too (docs/reference.md §6.1)
+        responses = {"421": schemas.error("without authentication: the `Host` is not a loopback name")}
+        responses |= self.answers
         if self.scope is not None:
             responses = {
                 "401": schemas.error("no token, or an unknown one"),
                 "403": schemas.error("the token lacks the scope"),
-                "421": schemas.error("without authentication: the `Host` is not a loopback name"),
                 "503": schemas.error("the first load of the configuration is not complete"),
             } | responses
             if self.method in ("POST", "PUT", "PATCH", "DELETE"):
