@@ -169,8 +169,9 @@ def _misdirected(request: web.Request) -> MisdirectedRequest:
 
 
 def _typed(request: web.Request) -> None:
-    """A body the handler may read is JSON (docs/reference.md §6): 415 for any other media type, or none."""
-    if request.method in STATE_CHANGING and request.body_exists and not _json_typed(request):
+    """A body is JSON (docs/reference.md §6), whatever the method (a `GET` may carry one, which
+    no handler reads): 415 for any other media type, or none."""
+    if request.body_exists and not _json_typed(request):
         raise UnsupportedMediaType(
             f"the body must be JSON (Content-Type: {' or '.join(JSON_TYPES)}), "
             f"not {request.content_type[:100]!r}"
