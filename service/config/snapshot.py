@@ -80,13 +80,13 @@ def cross_check(files: Iterable[Loaded], unavailable: Collection[str] = ()) -> l
     return problems
 
 
-def newcomers(files: Mapping[str, Loaded], applied: Snapshot) -> dict[str, Problem]:
-    """Routing or clients files beside the one `applied` holds (docs/reference.md §4): refused,
-    each on its own, while the applied one stays. Before one is applied, none is kept over the
-    others (`cross_check` refuses them all)."""
+def newcomers(files: Mapping[str, Loaded], applied: Mapping[str, str]) -> dict[str, Problem]:
+    """Routing or clients files beside the one applied (`applied`: kind -> file; docs/reference.md
+    §4): refused, each on its own, while the applied one stays. Before one is applied, none is
+    kept over the others (`cross_check` refuses them all)."""
     found: dict[str, Problem] = {}
     for kind in ("routing", "clients"):
-        kept = applied.file_of_kind(kind)
+        kept = applied.get(kind)
         if kept is None or kept not in files or files[kept].document.kind != kind:
             continue
         for file, loaded in sorted(files.items()):

@@ -201,7 +201,7 @@ class Registry:
         files = dict(candidate)
         refusals = dict(rejected)
         _keep_clients(files, refusals, state.snapshot)
-        for file, problem in newcomers(files, state.snapshot).items():
+        for file, problem in newcomers(files, self._applied(state)).items():
             refusals[file] = Refusal(f"line {problem.line}: {problem.message}", _kind(files.pop(file)))
         recorded = self._record_rejections(refusals, state.refused)
         unavailable = _unavailable(files, refusals)
@@ -276,6 +276,14 @@ class Registry:
         if not changes and state.ready:  # same configuration, new bytes (a re-encryption)
             snapshot = replace(snapshot, generation=old.generation)
         return snapshot, len(changes)
+
+    def _applied(self, state: State) -> dict[str, str]:
+        """The routing and clients files applied: the snapshot's, or at the first load the ones
+        the log last named, so that a restart keeps the file the service kept (docs/reference.md §4)."""
+        files = {k: state.snapshot.file_of_kind(k) for k in ("routing", "clients")}
+        if not state.ready:
+            files = {k: f or self.events.last_file_of(f"{k}.updated") for k, f in files.items()}
+        return {k: f for k, f in files.items() if f is not None}
 
     def _file_of(self, kind: str, new: Snapshot, old: Snapshot) -> str | None:
         """The file a routing or clients change names: the new one, the old one, or (at the

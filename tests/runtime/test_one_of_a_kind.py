@@ -156,3 +156,28 @@ async def test_two_clients_files_at_the_first_load_keep_every_protected_endpoint
 
         await eventually(opened)
         assert (await service.get(PROVIDERS, OTHER))[0] == 401
+
+
+@pytest.mark.parametrize("kind", list(FILES))
+async def test_a_restart_keeps_the_file_the_log_says_was_applied(
+    sops_project: SopsProject, kind: str
+) -> None:
+    """The newcomer left in place must not turn a restart into an outage (no route, every
+    protected endpoint closed): the event log says which file was applied, and it stays."""
+    applied, newcomer = (f"providers.d/{name}" for name in FILES[kind])
+    write_server(sops_project, "gpu")
+    write_server(sops_project, "spare")
+    write_routing(sops_project, ["gpu"])
+    write_atomically(sops_project.providers / "clients.yaml", clients_yaml("ops", TOKEN))
+    async with serve(sops_project) as service:
+        second = {"routing": routing_yaml("spare"), "clients": clients_yaml("intruder", OTHER)}
+        write_atomically(sops_project.root / newcomer, second[kind])
+        await eventually(lambda: list(service.registry.refused) == [newcomer])
+        before = service.registry.snapshot
+    async with serve(sops_project) as service:  # the same folder and the same log
+        assert list(await refused(service)) == [newcomer]
+        snapshot = service.registry.snapshot
+        assert snapshot.file_of_kind(kind) == applied
+        assert (snapshot.routing, snapshot.clients) == (before.routing, before.clients)
+        assert (await service.get(PROVIDERS, TOKEN))[0] == 200
+        assert (await service.get(PROVIDERS, OTHER))[0] == 401
