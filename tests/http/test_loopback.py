@@ -54,7 +54,7 @@ async def test_without_authentication_no_endpoint_answers_another_host(
         if method != "HEAD":
             assert (await response.json())["error"]["type"] == "misdirected_request"
     async with running_service.http.request(method, url, headers={"Host": "localhost"}) as response:
-        assert response.status != 421
+        assert response.status not in (421, 500)
 
 
 async def test_with_authentication_probes_answer_any_host(sops_project: SopsProject) -> None:
