@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from service.errors import EventLogError
 from service.journal.reader import iter_events
 from service.journal.reader import verify as verify_chain
 from service.journal.replay import filter_events, parse_time
@@ -12,9 +13,15 @@ from service.settings import Settings
 
 
 def show(ns: argparse.Namespace, settings: Settings) -> int:
-    """Events matching the filters, oldest first, as text lines or JSON."""
+    """Events matching the filters, oldest first, as text lines or JSON; EventLogError (exit 1)
+    for a log that cannot be read, a missing one too, as `audit verify` says it."""
 
-    events = iter_events(settings.events_file)  # streamed: the log may be long
+    path = settings.events_file
+    try:
+        path.open("rb").close()
+    except OSError as exc:  # an empty answer would read as "nothing happened"
+        raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
+    events = iter_events(path)  # streamed: the log may be long
     try:
         since = parse_time(ns.since) if ns.since else None
         until = parse_time(ns.until) if ns.until else None

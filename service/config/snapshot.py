@@ -44,14 +44,15 @@ NO_GIT = Attribution(None, None, False)
 
 
 def cross_check(files: Iterable[Loaded], unavailable: Collection[str] = ()) -> list[Problem]:
-    """Problems between files: duplicate ids, a second routing or clients file, bad routing.
+    """Problems between files: duplicate ids, more than one routing or clients file (each of
+    them), bad routing.
 
     `unavailable` are provider ids whose files exist but are refused (docs/reference.md §4): routing may
     name them, as it may name any provider a file defines.
     """
     problems: list[Problem] = []
     providers: dict[str, Loaded] = {}
-    singles: dict[str, Loaded] = {}
+    singles: dict[str, list[Loaded]] = {}
     for loaded in sorted(files, key=lambda f: f.file):
         doc = loaded.document
         if isinstance(doc, AiServer | ApiKey):
@@ -61,17 +62,41 @@ def cross_check(files: Iterable[Loaded], unavailable: Collection[str] = ()) -> l
                 problems.append(Problem(loaded.file, loaded.line("id"), message, "id"))
             else:
                 providers[doc.id] = loaded
-        elif doc.kind in singles:
-            first = singles[doc.kind].file
-            message = f"more than one {doc.kind} file: {first} already defines `kind: {doc.kind}`"
-            problems.append(Problem(loaded.file, loaded.line("kind"), message, "kind"))
         else:
-            singles[doc.kind] = loaded
-    routing = singles.get("routing")
+            singles.setdefault(doc.kind, []).append(loaded)
+    for kind, claimants in singles.items():
+        if len(claimants) > 1:  # none is taken over the others: which one is meant is unknown
+            for loaded in claimants:
+                others = ", ".join(c.file for c in claimants if c is not loaded)
+                message = (
+                    f"more than one {kind} file: {others} also defines `kind: {kind}`; "
+                    f"none is applied while there is more than one"
+                )
+                problems.append(Problem(loaded.file, loaded.line("kind"), message, "kind"))
+    routing = singles["routing"][0] if len(singles.get("routing", ())) == 1 else None
     if routing is not None and isinstance(routing.document, Routing):
         known = {k: v.document for k, v in providers.items() if isinstance(v.document, AiServer | ApiKey)}
         problems += _check_routing(routing, routing.document, known, unavailable)
     return problems
+
+
+def newcomers(files: Mapping[str, Loaded], applied: Mapping[str, str]) -> dict[str, Problem]:
+    """Routing or clients files beside the one applied (`applied`: kind -> file; docs/reference.md
+    §4): refused, each on its own, while the applied one stays. Before one is applied, none is
+    kept over the others (`cross_check` refuses them all)."""
+    found: dict[str, Problem] = {}
+    for kind in ("routing", "clients"):
+        kept = applied.get(kind)
+        if kept is None or kept not in files or files[kept].document.kind != kind:
+            continue
+        for file, loaded in sorted(files.items()):
+            if file != kept and loaded.document.kind == kind:
+                message = (
+                    f"more than one {kind} file: {kept} is the {kind} file applied, and stays; "
+                    f"this one is refused while both are there"
+                )
+                found[file] = Problem(file, loaded.line("kind"), message, "kind")
+    return found
 
 
 def _check_routing(

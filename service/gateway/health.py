@@ -259,7 +259,11 @@ class Health:
     # -- health: checks, and what other replicas confirmed -----------------------------------------
 
     def checked(self, provider_id: str, result: CheckResult) -> None:
-        """Record an active check (or `POST …/test`)."""
+        """Record an active check (or `POST …/test`): when it ran and how long it took, whatever
+        it found, a refused key too (the status stays what that says)."""
+        state = self._states.get(provider_id, _UNKNOWN)
+        latency = round(result.latency_ms, 2)
+        self._states[provider_id] = replace(state, checked_at=datetime.now(UTC), latency_ms=latency)
         if result.refused:
             self.refuse(provider_id, result.message)
             return
@@ -276,9 +280,7 @@ class Health:
             track.open_until, track.trial = self.clock() + self.cooldown_s, False
             self._circuit(provider_id, "open")
         status: Status = "healthy" if result.ok else "unhealthy"
-        state = self._states.get(provider_id, _UNKNOWN)
-        latency = round(result.latency_ms, 2)
-        self._states[provider_id] = replace(state, checked_at=datetime.now(UTC), latency_ms=latency)
+        state = self._states[provider_id]
         if status == track.candidate:
             track.streak = min(track.streak + 1, self.confirm)
         else:

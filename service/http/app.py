@@ -44,7 +44,7 @@ from service.http import (
     usage_api,
     write_api,
 )
-from service.http.auth import CLIENT, KNOWN_TOKENS, Handler, KnownTokens, admit
+from service.http.auth import CLIENT, KNOWN_TOKENS, Handler, KnownTokens, admit, same_machine
 from service.http.changes import CHANGES, Changes
 from service.http.context import (
     EVENTS,
@@ -468,6 +468,7 @@ async def _answered(
     """`handler`'s answer, or the JSON of the error it raised; counted in `metrics` under `route`."""
     started = time.perf_counter()
     try:
+        same_machine(request)
         response = await handler(request)
     except Exception as exc:
         response = _failure(request, exc, route)

@@ -136,10 +136,7 @@ def _same_machine_only(request: web.Request) -> None:
     preflight anyway; they are held to the same rule so that the rule reads as one.
     """
     if not _loopback_name(request.host):
-        raise MisdirectedRequest(
-            f"without authentication only loopback names are served (Host: {request.host[:100]!r}); "
-            "use http://127.0.0.1 or http://localhost, or set up a clients file"
-        )
+        raise _misdirected(request)
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge.over(limit)  # what it is first: too large, whatever its type
@@ -150,9 +147,31 @@ def _same_machine_only(request: web.Request) -> None:
         )
 
 
+def same_machine(request: web.Request) -> None:
+    """421 for a `Host` that is no loopback name while the service runs without authentication,
+    whatever the endpoint (docs/reference.md §6): a page reaching it by DNS rebinding reads no
+    answer, the public ones (`/readyz`, `/metrics`, the console) included. Before the first
+    load, which mode it runs in is not known yet: such a `Host` is refused then too."""
+    if _loopback_name(request.host):
+        return
+    state = request.app[REGISTRY].state
+    if state.ready and (state.auth_required or state.snapshot.clients is not None):
+        return
+    if is_loopback(request.app[SETTINGS].host):  # elsewhere it runs with clients or answers 503
+        raise _misdirected(request)
+
+
+def _misdirected(request: web.Request) -> MisdirectedRequest:
+    return MisdirectedRequest(
+        f"without authentication only loopback names are served (Host: {request.host[:100]!r}); "
+        "use http://127.0.0.1 or http://localhost, or set up a clients file"
+    )
+
+
 def _typed(request: web.Request) -> None:
-    """A body the handler may read is JSON (docs/reference.md §6): 415 for any other media type, or none."""
-    if request.method in STATE_CHANGING and request.body_exists and not _json_typed(request):
+    """A body is JSON (docs/reference.md §6), whatever the method (a `GET` may carry one, which
+    no handler reads): 415 for any other media type, or none."""
+    if request.body_exists and not _json_typed(request):
         raise UnsupportedMediaType(
             f"the body must be JSON (Content-Type: {' or '.join(JSON_TYPES)}), "
             f"not {request.content_type[:100]!r}"

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from service.config.models import Provider, Scope
-from service.errors import BadRequest, HTTPError, LoopDetected, PayloadTooLarge
+from service.errors import BadRequest, HTTPError, InvalidRequest, LoopDetected, PayloadTooLarge
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
 from service.gateway.metering import REQUEST_ID
@@ -220,7 +220,8 @@ def arrived(request: web.Request) -> bytes | None:
 
 def call_of(request: web.Request, body: bytes, purpose: str, path: str, protocol: str = "chat") -> Call:
     """The request and its `body` as a `Call`: the body parsed once, as a JSON object whose
-    `model`, if any, is a string (400 otherwise)."""
+    `model` is a string (there may be none for embeddings and rerank, as TEI's clients send
+    them) and `stream`, if any, a boolean (400 otherwise)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -231,6 +232,10 @@ def call_of(request: web.Request, body: bytes, purpose: str, path: str, protocol
         raise BadRequest("the body must be a JSON object")
     if not isinstance(data.get("model", ""), str):
         raise BadRequest("`model` must be a string")
+    if purpose == "chat" and "model" not in data:  # embeddings and rerank may leave it to the server
+        raise BadRequest("`model` is required: a string")
+    if not isinstance(data.get("stream", False), bool | None):  # "yes" would stream upstream, unseen
+        raise InvalidRequest("`stream` must be a boolean (true or false)", param="stream")
     if _ambiguous(data):
         raise BadRequest(_AMBIGUOUS)
     options = data.get("stream_options")  # its `include_usage`, set to count a stream, must be the one read

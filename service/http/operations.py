@@ -111,16 +111,16 @@ class Operation:
         return "configuration" if self.method == "GET" or self.path.endswith("/test") else "writes"
 
     def render(self, schemas: Schemas) -> dict[str, Any]:
-        responses = dict(self.answers)
+        # every endpoint, the public ones too (docs/reference.md §6.1)
+        responses = {"421": schemas.error("without authentication: the `Host` is not a loopback name")}
+        responses |= self.answers
         if self.scope is not None:
             responses = {
                 "401": schemas.error("no token, or an unknown one"),
                 "403": schemas.error("the token lacks the scope"),
-                "421": schemas.error("without authentication: the `Host` is not a loopback name"),
                 "503": schemas.error("the first load of the configuration is not complete"),
             } | responses
-            if self.method in ("POST", "PUT", "PATCH", "DELETE"):
-                responses = {"415": unsupported_media_type(schemas)} | responses
+            responses = {"415": unsupported_media_type(schemas)} | responses  # a GET's body too
         if self.errors_as is not None:
             responses = {status: _error_as(r, self.errors_as) for status, r in responses.items()}
         if self.headers:
@@ -219,7 +219,7 @@ def body_errors(schemas: Schemas) -> dict[str, dict[str, Any]]:
 
 
 def unsupported_media_type(schemas: Schemas) -> dict[str, Any]:
-    """415, which every state-changing operation behind a token may answer (docs/reference.md §6)."""
+    """415, which every operation behind a token may answer (docs/reference.md §6)."""
     return schemas.error(
         "a body whose `Content-Type` is not JSON (`application/json`, `application/merge-patch+json`); "
         "without authentication, any such request without a JSON media type, body or not"

@@ -51,7 +51,9 @@ async def _body(request: web.Request) -> Mapping[str, Any]:
     """The write's JSON object: no larger than the file it becomes may be (MAX_FILE_BYTES), so a
     body of 16 MiB is refused at once instead of being rendered and encrypted for seconds, lock
     held. Every write route takes an object, and refuses anything else alike (400) before the
-    writer sees it: `[]` passed on as a route was taken for a function of the current one (a 500)."""
+    writer sees it: `[]` passed on as a route was taken for a function of the current one (a 500).
+    Writes off: 405 first, whatever the body (docs/reference.md §8)."""
+    request.app[WRITER].writable()
     body = await json_body(request, limit=MAX_FILE_BYTES)
     if not isinstance(body, Mapping):
         raise BadRequest(f"the body must be a JSON object, not {_json_type(body)}")

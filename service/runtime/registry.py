@@ -26,7 +26,7 @@ from types import MappingProxyType
 from service.config.loader import MAX_FILE_BYTES, Loaded
 from service.config.models import AiServer, ApiKey, Clients
 from service.config.secret import Secret
-from service.config.snapshot import NO_GIT, Attribution, Snapshot
+from service.config.snapshot import NO_GIT, Attribution, Snapshot, newcomers
 from service.config.view import ConfigView, diff_views
 from service.errors import EventLogError, Problem, SnapshotRejected
 from service.files import leads_outside, read_limited
@@ -201,9 +201,10 @@ class Registry:
         files = dict(candidate)
         refusals = dict(rejected)
         _keep_clients(files, refusals, state.snapshot)
+        for file, problem in newcomers(files, self._applied(state)).items():
+            refusals[file] = Refusal(f"line {problem.line}: {problem.message}", _kind(files.pop(file)))
         recorded = self._record_rejections(refusals, state.refused)
         unavailable = _unavailable(files, refusals)
-        auth_required = state.auth_required or any(r.kind == "clients" for r in refusals.values())
         generation = state.snapshot.generation + 1
         for _ in range(_FIRST_LOAD_ATTEMPTS if not state.ready else 1):
             try:
@@ -219,7 +220,7 @@ class Registry:
                         state,
                         refused=_reasons(refusals),
                         last_attempted_commit=head,
-                        auth_required=auth_required,
+                        auth_required=_auth_required(state, refusals),
                     )
                     return Outcome(state.snapshot, False, recorded, self._state.refused)
                 files = {f: loaded for f, loaded in files.items() if f not in reasons}
@@ -232,7 +233,7 @@ class Registry:
             ready=True,
             last_applied_commit=head,
             last_attempted_commit=head,
-            auth_required=auth_required or snapshot.clients is not None,
+            auth_required=_auth_required(state, refusals) or snapshot.clients is not None,
         )
         return Outcome(snapshot, True, recorded + changed, self._state.refused)
 
@@ -275,6 +276,14 @@ class Registry:
         if not changes and state.ready:  # same configuration, new bytes (a re-encryption)
             snapshot = replace(snapshot, generation=old.generation)
         return snapshot, len(changes)
+
+    def _applied(self, state: State) -> dict[str, str]:
+        """The routing and clients files applied: the snapshot's, or at the first load the ones
+        the log last named, so that a restart keeps the file the service kept (docs/reference.md §4)."""
+        files = {k: state.snapshot.file_of_kind(k) for k in ("routing", "clients")}
+        if not state.ready:
+            files = {k: f or self.events.last_file_of(f"{k}.updated") for k, f in files.items()}
+        return {k: f for k, f in files.items() if f is not None}
 
     def _file_of(self, kind: str, new: Snapshot, old: Snapshot) -> str | None:
         """The file a routing or clients change names: the new one, the old one, or (at the
@@ -352,6 +361,12 @@ def _keep_clients(files: dict[str, Loaded], refusals: dict[str, Refusal], curren
     if kept is not None:
         files[kept] = current.files[kept]
         refusals.setdefault(kept, Refusal(CLIENTS_GONE, "clients"))
+
+
+def _auth_required(state: State, refusals: Mapping[str, Refusal]) -> bool:
+    """Authentication stays on once a clients file was seen, good or refused (docs/reference.md §2.3);
+    a file the cross-file checks refused counts too (two clients files at the first load)."""
+    return state.auth_required or any(r.kind == "clients" for r in refusals.values())
 
 
 def _unavailable(files: Mapping[str, Loaded], refusals: Mapping[str, Refusal]) -> frozenset[str]:

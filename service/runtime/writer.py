@@ -141,6 +141,7 @@ class Writer:
         self, kind: ProviderKind, body: Mapping[str, Any], client: str, reason: str | None
     ) -> Written:
         """A new provider file from `body` (its fields; `api_key` in plaintext)."""
+        self.writable()
         with self.naming(kind, body.get("id") if isinstance(body, Mapping) else None):
             draft = self.drafts.create(kind, body)
         return await self._write(draft, client, reason)
@@ -161,6 +162,7 @@ class Writer:
         `key_readable`: the client may read decrypted keys (`secrets:read`), which lets it move
         a key it does not send (`Drafter._update`).
         """
+        self.writable()
         with self.naming(kind, provider_id):
             draft = self.drafts.replace(kind, provider_id, body, if_match, key_readable=key_readable)
         return await self._write(draft, client, reason)
@@ -177,6 +179,7 @@ class Writer:
         key_readable: bool,
     ) -> Written:
         """`provider_id`'s document with a JSON merge patch (RFC 7386); `key_readable` as in `replace`."""
+        self.writable()
         with self.naming(kind, provider_id):
             draft = self.drafts.patch(kind, provider_id, patch, if_match, key_readable=key_readable)
         return await self._write(draft, client, reason)
@@ -185,6 +188,7 @@ class Writer:
         self, kind: ProviderKind, provider_id: str, client: str, reason: str | None, if_match: str | None
     ) -> Written:
         """Remove `provider_id`'s file; 409 while routing names it."""
+        self.writable()
         return await self._write(self.drafts.delete(kind, provider_id, if_match), client, reason)
 
     async def route(
@@ -192,6 +196,7 @@ class Writer:
     ) -> Written:
         """Set the route of `purpose` in the routing file (made when there is none); `route` may
         be a function of the route the file has there, made again on each base (the old form)."""
+        self.writable()
         with self.naming("routing", purpose):
             draft = self.drafts.route(purpose, route, if_match)
         return await self._write(draft, client, reason)
@@ -203,10 +208,15 @@ class Writer:
 
     # -- the common path ----------------------------------------------------------------------
 
-    async def _write(self, draft: Draft, client: str, reason: str | None) -> Written:
+    def writable(self) -> None:
+        """405 (`Allow: GET, HEAD`) when writes over HTTP are off: said before a body is read or
+        judged, so that a write that could never be made is not told how to fix its body."""
         if self.mode == "off" or self.committer is None:
             why = "outside a git repository" if self.repo is None else "SWITCHBOARD_WRITE_MODE is off"
             raise MethodNotAllowed(f"writes over HTTP are off ({why}): change the files through git")
+
+    async def _write(self, draft: Draft, client: str, reason: str | None) -> Written:
+        self.writable()
         if self.waiting >= self.max_waiting:
             raise Busy(
                 f"{self.waiting} writes are waiting for their turn (each is a commit, applied one "

@@ -139,13 +139,16 @@ def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.Cap
     assert "not a time" in err
 
 
-def test_audit_on_a_missing_log_is_empty_and_verify_fails(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("command", ["show", "verify"])
+def test_audit_on_a_missing_log_is_one_error_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    assert run(capsys, "--root", str(tmp_path), "audit", "show") == (0, "", "")
-    code, _, err = run(capsys, "--root", str(tmp_path), "audit", "verify")
-    assert code == 1
-    assert err.startswith("switchboard: error:")
+    """`show` said nothing and exited 0, as if the log were there and empty (a wrong `--events`
+    read as "nothing happened"); both commands now say what `verify` said."""
+    code, out, err = run(capsys, "--root", str(tmp_path), "audit", command)
+    missing = tmp_path / "var" / "events.jsonl"
+    assert (code, out) == (1, "")
+    assert err == f"switchboard: error: {missing}: cannot read the event log: No such file or directory\n"
 
 
 def test_a_missing_file_is_one_line_not_a_traceback(

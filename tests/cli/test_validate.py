@@ -126,9 +126,12 @@ def test_two_routing_files_are_refused(project: SopsProject, capsys: pytest.Capt
     (project.providers / "routing-b.yaml").write_text("kind: routing\npurposes: {}\n")
     code, out, _ = run(capsys, "validate", "providers.d")
     assert code == 1
+    none = "none is applied while there is more than one"
     assert out.splitlines() == [
+        "providers.d/routing-b.yaml:1: error: more than one routing file: "
+        f"providers.d/routing.yaml also defines `kind: routing`; {none}",
         "providers.d/routing.yaml:1: error: more than one routing file: "
-        "providers.d/routing-b.yaml already defines `kind: routing`"
+        f"providers.d/routing-b.yaml also defines `kind: routing`; {none}",
     ]
 
 

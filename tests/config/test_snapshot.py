@@ -115,13 +115,16 @@ SECOND_FILES = {
 
 
 @pytest.mark.parametrize("kind", list(SECOND_FILES))
-def test_a_second_routing_or_clients_file_is_refused(kind: str) -> None:
+def test_each_of_two_routing_or_clients_files_is_refused(kind: str) -> None:
     first, second = SECOND_FILES[kind]()
     with pytest.raises(SnapshotRejected) as caught:
         Snapshot.build(files(server("gpu"), first, second))
-    later, earlier = sorted([first.file, second.file], reverse=True)
-    assert messages(caught) == [
-        f"{later}:1: error: more than one {kind} file: {earlier} already defines `kind: {kind}`"
+    one, two = sorted([first.file, second.file])
+    assert messages(caught) == [  # each of them: none is taken over the other
+        f"{one}:1: error: more than one {kind} file: {two} also defines `kind: {kind}`; "
+        "none is applied while there is more than one",
+        f"{two}:1: error: more than one {kind} file: {one} also defines `kind: {kind}`; "
+        "none is applied while there is more than one",
     ]
 
 
@@ -160,7 +163,8 @@ def test_every_cross_file_problem_is_reported_at_once() -> None:
     )
     with pytest.raises(SnapshotRejected) as caught:
         Snapshot.build(batch)
-    assert [p.file for p in caught.value.problems] == [
+    assert sorted(p.file for p in caught.value.problems) == [
+        "providers.d/clients.yaml",
         "providers.d/clients2.yaml",
         "providers.d/gpu.yml",
         "providers.d/routing.yaml",

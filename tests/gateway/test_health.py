@@ -371,3 +371,26 @@ def test_a_reset_forgets_the_adopted_time_too() -> None:
     health.reset("p")
     assert health.get("p").status == "unknown"
     assert health.adopt("p", "healthy", None, time.time() - 5)
+
+
+async def test_a_check_whose_key_is_refused_is_a_check_still(sops_project: SopsProject) -> None:
+    """The provider stays unhealthy with the reason, and `checked_at` and `latency_ms` say when the
+    last check ran and how long it took, as for any check (docs/reference.md §6.3)."""
+    async with FakeUpstream(name="k", api_key="sk-needed-0123456789") as up:
+        write_provider(sops_project, "k", base_url=up.base_url)  # no key: every check is a 401
+        async with running(sops_project, health_interval_s=0.05) as board:
+
+            async def health() -> dict[str, object]:
+                body = await (await board.get("/api/v1/llm-config/providers/k")).json()
+                return dict(body["health"])
+
+            async with asyncio.timeout(20):
+                while (first := await health())["checked_at"] is None:
+                    await asyncio.sleep(0.02)
+            assert first["status"] == "unhealthy" and "401" in str(first["reason"])
+            assert isinstance(first["latency_ms"], float)
+            async with asyncio.timeout(20):  # and it goes on telling the last one
+                while (later := await health())["checked_at"] == first["checked_at"]:
+                    await asyncio.sleep(0.02)
+            assert later["status"] == "unhealthy" and later["reason"] == first["reason"]
+            assert sum(r.path.endswith("/models") for r in up.requests) >= 2

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Service
+from tests.conftest import Service, SopsProject, serve, write_server
+from tests.support.gateway import write_clients
 
 API = "/api/v1/llm-config"
 
@@ -29,11 +30,40 @@ async def test_another_host_is_421_whatever_resolves_to_here(running_service: Se
         assert (await response.json())["error"]["type"] == "misdirected_request"
 
 
-async def test_probes_answer_any_host(running_service: Service) -> None:
-    async with running_service.http.get(
-        running_service.url + "/readyz", headers={"Host": "lb.internal"}
-    ) as response:
-        assert response.status == 200
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/ui/"),
+        ("HEAD", "/"),
+        ("GET", "/no-such-path"),
+        ("POST", f"{API}/hooks/git"),
+    ],
+)
+async def test_without_authentication_no_endpoint_answers_another_host(
+    running_service: Service, method: str, path: str
+) -> None:
+    """The public endpoints too (docs/reference.md §6): a page that rebinds its name to 127.0.0.1
+    reads nothing, not the provider ids `/metrics` names nor the readiness `/readyz` tells."""
+    url = running_service.url + path
+    async with running_service.http.request(method, url, headers={"Host": "evil.example"}) as response:
+        assert response.status == 421
+        if method != "HEAD":
+            assert (await response.json())["error"]["type"] == "misdirected_request"
+    async with running_service.http.request(method, url, headers={"Host": "localhost"}) as response:
+        assert response.status not in (421, 500)
+
+
+async def test_with_authentication_probes_answer_any_host(sops_project: SopsProject) -> None:
+    write_server(sops_project, "gpu")
+    write_clients(sops_project, {"ops": ("sb_probe-token-0123456789", ["config:read"])})
+    async with serve(sops_project) as service:
+        for path in ("/readyz", "/healthz", "/metrics"):
+            async with service.http.get(service.url + path, headers={"Host": "lb.internal"}) as response:
+                assert response.status == 200, path
 
 
 @pytest.mark.parametrize(

@@ -232,3 +232,64 @@ async def test_an_event_stream_with_a_status_that_has_no_body_writes_none(
                 assert response.status in (status, 502), path
                 ready = await board.get("/readyz")  # the next answer on the same connection
                 assert ready.status == 200, path
+
+
+BODIES = {
+    "/v1/chat/completions": {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/completions": {"model": "fake-model", "prompt": "hi"},
+    "/v1/messages": MESSAGE,
+    "/v1/responses": {"model": "fake-model", "input": "hi"},
+}
+
+
+@pytest.mark.parametrize("stream", ["yes", 1, "true", {}, []])
+async def test_a_stream_that_is_no_boolean_is_a_400_in_each_protocols_shape(
+    sops_project: SopsProject, stream: object
+) -> None:
+    """`"stream": "yes"` made the upstream stream while the gateway read the answer as one body
+    (no usage counted, no stream's headers): refused before anything is sent."""
+    async with FakeUpstream(name="a") as a:
+        write_provider(sops_project, "a", base_url=a.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            for path, body in BODIES.items():
+                async with board.http.post(board.url + path, json={**body, "stream": stream}) as response:
+                    answer = await response.json()
+                    assert response.status == 400, (path, answer)
+                    if path == "/v1/messages":
+                        assert answer["type"] == "error"
+                    assert answer["error"]["type"] == "invalid_request_error", (path, answer)
+                    assert "`stream` must be a boolean" in answer["error"]["message"]
+            for path, body in BODIES.items():  # a boolean, or null, is as it was
+                for allowed in (False, None):
+                    async with board.http.post(
+                        board.url + path, json={**body, "stream": allowed}
+                    ) as response:
+                        assert response.status == 200, (path, allowed, await response.text())
+    assert len(a.requests) == 2 * len(BODIES)
+
+
+async def test_a_chat_request_without_a_model_is_a_400_as_one_whose_model_is_null(
+    sops_project: SopsProject,
+) -> None:
+    """Each chat protocol names its model (OpenAI's and Anthropic's APIs require it): none was
+    forwarded, and on /v1/messages answered as model "None". Embeddings and rerank may leave it
+    to the server, as TEI's clients do."""
+    async with upstreams({"name": "a"}, {"protocol": "tei", "name": "tei"}) as (a, tei):
+        write_provider(sops_project, "a", base_url=a.base_url, purposes=["chat", "embeddings"])
+        write_provider(sops_project, "tei", base_url=tei.base_url, server_type="tei", purposes=["reranking"])
+        write_routing(sops_project, chat="a", embeddings="a", reranking="tei")
+        async with running(sops_project) as board:
+            for path, body in BODIES.items():
+                for model in ({}, {"model": None}):
+                    without = {k: v for k, v in body.items() if k != "model"} | model
+                    async with board.http.post(board.url + path, json=without) as response:
+                        answer = await response.json()
+                        assert response.status == 400, (path, model, answer)
+                        assert "`model`" in answer["error"]["message"]
+                        assert (path == "/v1/messages") == (answer.get("type") == "error")
+            sent = len(a.requests)
+            embedded = await board.post("/v1/embeddings", {"input": "hi"})
+            reranked = await board.post("/v1/rerank", {"query": "q", "documents": ["d"]})
+    assert sent == 0
+    assert (embedded.status, reranked.status) == (200, 200)

@@ -762,6 +762,30 @@ async def test_write_mode_off_is_405(repo: SopsProject) -> None:
     assert status == 405 and headers["Allow"] == "GET, HEAD"
 
 
+INVALID_WRITES = [
+    ("POST", "/servers", {}),  # no id: 422 when writes are on
+    ("POST", "/active", {"purpose": 5}),
+    ("PUT", "/active/chat", []),
+    ("PUT", "/servers/gpu", {"base_url": 5}),
+    ("PATCH", "/servers/gpu", []),  # not a merge patch: 400 when writes are on
+    ("DELETE", "/servers/nobody", None),  # 404 when writes are on
+    ("POST", "/servers", "not json"),  # sent as its bytes: a body that is no JSON
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), INVALID_WRITES)
+async def test_writes_off_are_405_before_the_body_is_judged(
+    sops_project: SopsProject, method: str, path: str, body: Any
+) -> None:
+    """docs/reference.md §8: a write that could never be made says so first, with `Allow: GET,
+    HEAD`, not what its body lacks (422, 400) nor that its target is unknown (404)."""
+    write_server(sops_project, "gpu")
+    async with serve(sops_project) as service:  # outside git: writes are off
+        status, answer, sent = await call(service, method, path, b"{not json" if body == "not json" else body)
+    assert (status, sent["Allow"]) == (405, "GET, HEAD"), answer
+    assert "writes over HTTP are off" in answer["error"]["message"]
+
+
 # -- a remote --------------------------------------------------------------------------------------
 
 
