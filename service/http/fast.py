@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -64,8 +65,11 @@ MAX_HEADERS = 100
 MAX_HEAD = 65536
 """A longer head is aiohttp's to judge."""
 _VERSIONS = {"HTTP/1.1": HttpVersion11, "HTTP/1.0": HttpVersion10}
-_FOLDED = (" ", "\t")
-"""A field line that begins so continues the one before (obsolete line folding): aiohttp's."""
+_COLON = repeat(":")
+"""`str.partition`'s separator for each field line (`map`'s second iterable: never exhausted)."""
+_KEYS_ONCE = len(CIMultiDict((("A", ""), ("a", ""))).keys()) == 1
+"""A `CIMultiDict`'s keys count each name once, whatever its case (multidict 7's): the count of a
+head's fields with a repeated name (ASCII) is one pass in C. Else names are lowered and counted."""
 
 
 _Head = tuple[
@@ -209,7 +213,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         else the request is aiohttp's (`refused`).
 
         It is read again from `pending`, where it begins (a request that does not begin there,
-        after empty lines, is aiohttp's): one decoding and a loop, not a call per field."""
+        after empty lines, is aiohttp's): one decoding and passes in C over the head and its lines,
+        not a call per field nor a Python loop over them (tests/http/test_fast_head.py)."""
         self.head = head = self._head()
         self.refused = head is None
 
@@ -222,7 +227,8 @@ class FastConnection(asyncio.Protocol, Outlet):
         end = pending.find(b"\r\n\r\n")
         if end < 0 or end > MAX_HEAD:
             return None
-        lines = pending[:end].decode("utf-8", "surrogateescape").split("\r\n")
+        text = pending[:end].decode("utf-8", "surrogateescape")
+        lines = text.split("\r\n")
         if len(lines) > MAX_HEADERS:
             return None
         first = lines[0].split(" ")
@@ -234,14 +240,17 @@ class FastConnection(asyncio.Protocol, Outlet):
         found = self.site.endpoints.get(target.partition("?")[0])
         if found is None:
             return None
-        fields = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if len(line) > MAX_FIELD or line[:1] in _FOLDED:
-                return None
-            fields.append((name, value.strip(" \t")))
-        headers = CIMultiDict(fields)
-        if len({*map(str.lower, headers)}) != len(headers):  # a repeated field: aiohttp's to judge
+        del lines[0]  # the field lines
+        if "\r\n " in text or ("\t" in text and "\r\n\t" in text):  # a field line folded (obsolete
+            return None  # line folding): aiohttp's. Each CRLF in the head ends a line, one begins after it
+        if len(text) > MAX_FIELD and max(map(len, lines), default=0) > MAX_FIELD:
+            return None
+        headers = CIMultiDict(
+            [(name, value.strip(" \t")) for name, _, value in map(str.partition, lines, _COLON)]
+        )
+        if len(headers.keys()) != len(headers) or (  # a repeated field: aiohttp's to judge
+            not (_KEYS_ONCE and text.isascii()) and len({*map(str.lower, headers)}) != len(headers)
+        ):  # (names not ASCII: as the multidict and `str.lower` fold their case, both)
             return None
         if (
             hdrs.EXPECT in headers
@@ -252,13 +261,13 @@ class FastConnection(asyncio.Protocol, Outlet):
         ):
             return None
         length = headers.get(hdrs.CONTENT_LENGTH, "")
-        if (
-            not (length.isascii() and length.isdigit())
-            or not 0 < int(length) <= self.site.gateway.max_body_bytes
-        ):
+        if not (length.isascii() and length.isdigit()):
+            return None
+        size = int(length)
+        if not 0 < size <= self.site.gateway.max_body_bytes:
             return None
         keep_alive = self.parser.should_keep_alive()  # read while it is this request's
-        return found, CIMultiDictProxy(headers), version, keep_alive, end + 4, end + 4 + int(length)
+        return found, CIMultiDictProxy(headers), version, keep_alive, end + 4, end + 4 + size
 
     def _take(self, head: _Head) -> None:
         """Answer the request just parsed."""
