@@ -369,10 +369,12 @@ def _first_cause(exc: BaseException) -> str:
 
 
 def _client_error(exc: Exception, status: int, key: str | None, headers: dict[str, str]) -> web.Response:
-    """The vendor's refusal of the client's request, in OpenAI's error shape."""
+    """The vendor's refusal of the client's request, in OpenAI's error shape, the provider's key
+    masked in it (not a placeholder's word: `reflected`)."""
     message = str(exc)
-    if key:
-        message = message.replace(key, "****")
+    shown = reflected(key)
+    if shown:
+        message = message.replace(shown, "****")
     error = {"error": {"type": "invalid_request_error", "message": message, "code": status}}
     headers["Content-Type"] = "application/json"
     return web.Response(body=json.dumps(error).encode(), status=status, headers=headers)
