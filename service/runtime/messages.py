@@ -73,13 +73,8 @@ def _mac(key: bytes, body: dict[str, Any]) -> str:
 def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, str] | None:
     """A health note and its sender's instance from a message's bytes; None for anything else:
     malformed, unsigned or wrongly signed (with `key`), dated in the future or long past."""
-    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
-        return None
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict) or doc.get("kind") != "health":
+    doc = _document(data)
+    if doc is None or doc.get("kind") != "health":
         return None
     provider, blob, status = doc.get("provider"), doc.get("blob"), doc.get("status")
     reason, at, instance = doc.get("reason"), doc.get("at"), doc.get("instance")
@@ -131,13 +126,8 @@ def answer(beat: Beat, seen_at: datetime) -> dict[str, Any]:
 
 def parse_beat(data: Any) -> tuple[Beat, str] | None:
     """A heartbeat and its sender's instance from a message's bytes; None for anything else."""
-    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
-        return None
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict):
+    doc = _document(data)
+    if doc is None:
         return None
     replica, instance, commit = doc.get("replica"), doc.get("instance"), doc.get("commit")
     generation, ready = doc.get("generation"), doc.get("ready")
@@ -152,3 +142,15 @@ def parse_beat(data: Any) -> tuple[Beat, str] | None:
     if not isinstance(ready, bool):
         return None
     return Beat(replica, commit, generation, ready), instance
+
+
+def _document(data: Any) -> dict[str, Any] | None:
+    """A message's JSON object, or None: not bytes or text, over `MAX_MESSAGE`, not JSON, too
+    deep, or not an object."""
+    if not isinstance(data, bytes | str) or len(data) > MAX_MESSAGE:
+        return None
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
