@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from service.errors import EventLogError
-from service.journal.reader import iter_events
+from service.journal.reader import iter_events, readable
 from service.journal.reader import verify as verify_chain
 from service.journal.replay import filter_events, parse_time
 from service.settings import Settings
@@ -17,10 +16,7 @@ def show(ns: argparse.Namespace, settings: Settings) -> int:
     for a log that cannot be read, a missing one too, as `audit verify` says it."""
 
     path = settings.events_file
-    try:
-        path.open("rb").close()
-    except OSError as exc:  # an empty answer would read as "nothing happened"
-        raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
+    readable(path)
     events = iter_events(path)  # streamed: the log may be long
     try:
         since = parse_time(ns.since) if ns.since else None

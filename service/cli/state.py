@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 
-from service.journal.reader import iter_events
+from service.journal.reader import iter_events, readable
 from service.journal.replay import parse_time, replay
 from service.settings import Settings
 
 
 def run(ns: argparse.Namespace, settings: Settings) -> int:
-    """Print the masked configuration at `--at` (default: now) as JSON.
+    """Print the masked configuration at `--at` (default: now) as JSON; EventLogError (exit 1)
+    for a log that cannot be read, a missing one too (an empty configuration would be a wrong
+    answer).
 
     The log is streamed (the service may be appending to it): memory stays bounded.
     """
@@ -22,5 +24,6 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         return 2
+    readable(settings.events_file)
     print(json.dumps(replay(iter_events(settings.events_file), at), indent=2, sort_keys=True))
     return 0

@@ -35,6 +35,16 @@ def iter_events(path: Path | str) -> Iterator[Event]:
             yield _event(path, pending)
 
 
+def readable(path: Path | str) -> None:
+    """EventLogError unless the log at `path` can be opened for reading: a command that reads it
+    says so for a missing one (a wrong `--events`), where its empty answer would read as "nothing
+    happened" or as an empty configuration."""
+    try:
+        Path(path).open("rb").close()
+    except OSError as exc:
+        raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
+
+
 def _event(path: Path | str, line: bytes) -> Event:
     try:
         return parse_event(line)

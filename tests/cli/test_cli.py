@@ -139,13 +139,14 @@ def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.Cap
     assert "not a time" in err
 
 
-@pytest.mark.parametrize("command", ["show", "verify"])
-def test_audit_on_a_missing_log_is_one_error_line_and_exit_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+@pytest.mark.parametrize("command", [["audit", "show"], ["audit", "verify"], ["state"]], ids=" ".join)
+def test_a_command_reading_a_missing_log_is_one_error_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    """`show` said nothing and exited 0, as if the log were there and empty (a wrong `--events`
-    read as "nothing happened"); both commands now say what `verify` said."""
-    code, out, err = run(capsys, "--root", str(tmp_path), "audit", command)
+    """`audit show` said nothing and exited 0, as if the log were there and empty (a wrong
+    `--events` read as "nothing happened"), and `state` printed an empty configuration; each now
+    says what `audit verify` said."""
+    code, out, err = run(capsys, "--root", str(tmp_path), *command)
     missing = tmp_path / "var" / "events.jsonl"
     assert (code, out) == (1, "")
     assert err == f"switchboard: error: {missing}: cannot read the event log: No such file or directory\n"
