@@ -150,6 +150,12 @@ def reflected(key: str | None) -> str:
     return key if key is not None and len(key) >= MIN_REFLECTED else ""
 
 
+def masked(data: bytes, key: bytes) -> bytes:
+    """`data` from an upstream with the provider's `key` (as `reflected` gives it; empty: none)
+    replaced by `****` (docs/reference.md §2.4). One search (a memmem) when there is a key."""
+    return data.replace(key, b"****") if key and key in data else data
+
+
 _PASSED_BACK = frozenset(("x-request-id", "request-id", "retry-after", "retry-after-ms"))
 _MAX_REQUEST_ID = 128
 

@@ -37,6 +37,7 @@ from service.gateway.call import Call, Failure, falls_back
 from service.gateway.transports.base import (
     TooLarge,
     Transport,
+    masked,
     pass_back,
     reflected,
     retry_after,
@@ -252,15 +253,8 @@ async def _forward(
     headers["Content-Type"] = "application/json"
     # A client of another protocol gets its own shape from all of it (Anthropic's cache writes).
     shape = _CHAT_ANSWER if call.purpose == "chat" and call.translation is None else None
-    body = _masked(result.model_dump_json(exclude_none=True, include=shape).encode(), secret)
+    body = masked(result.model_dump_json(exclude_none=True, include=shape).encode(), secret)
     return web.Response(body=body, headers=headers)
-
-
-def _masked(data: bytes, key: bytes) -> bytes:
-    """`data` with the provider's `key` (the vendor echoed it) replaced by `****` (docs/reference.md §2.4).
-    A stream's chunks are masked one by one: litellm hands over whole chunks, each its own JSON,
-    so a key the vendor split across two of them is not seen (docs/reference.md §7)."""
-    return data.replace(key, b"****") if key and key in data else data
 
 
 async def _relay_stream(
@@ -277,15 +271,16 @@ async def _relay_stream(
         await answer.prepare(call.request)
         call.prepared = answer
         call.answer_model = _model(chunk, key.decode())
+        # each chunk is its own JSON, masked alone: a key the vendor split across two is not seen
         while True:
             usage = _usage(chunk)
             if translator is not None:
-                data = _masked(chunk.model_dump_json(exclude_none=True).encode(), key)
+                data = masked(chunk.model_dump_json(exclude_none=True).encode(), key)
                 out = translator.feed(b"data: " + data + b"\n\n")
                 if out:
                     await answer.write(out)
             elif usage is None or call.wants_usage or getattr(chunk, "choices", None):
-                data = _masked(chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode(), key)
+                data = masked(chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode(), key)
                 await answer.write(b"data: " + data + b"\n\n")
             call.usage = usage or call.usage
             try:

@@ -50,6 +50,7 @@ from service.gateway.protocols import usage as usages
 from service.gateway.transports.base import (
     TooLarge,
     Transport,
+    masked,
     pass_back,
     reflected,
     sendable_key,
@@ -159,9 +160,7 @@ class Upstream:
         """`body` to relay: an answer of any status that echoes the provider's key (some servers
         quote the request's headers, in an error or a 200) has it replaced by `****`; it is the
         client's to read, not the key. One search of the body (a memmem) when there is a key."""
-        if self.key and self.key in body:
-            return body.replace(self.key, b"****")
-        return body
+        return masked(body, self.key)
 
     def pass_back(self, upstream: Mapping[str, str], headers: dict[str, str]) -> None:
         """The upstream's `Content-Type` (the key masked in it) and the headers `base.pass_back`

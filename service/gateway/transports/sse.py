@@ -25,7 +25,7 @@ from service.gateway.call import Call
 from service.gateway.protocols import usage as usages
 from service.gateway.protocols.messages import error as messages_error
 from service.gateway.protocols.translation import StreamTranslator
-from service.gateway.transports.base import describe_error
+from service.gateway.transports.base import describe_error, masked
 from service.gateway.transports.exchange import Response, WireError
 from service.gateway.transports.scan import find_model, find_usage
 
@@ -159,8 +159,7 @@ def _masked(data: bytes, key: bytes, ended: bool) -> tuple[bytes, bytes]:
     them) holds nothing back; else the longest end of it that begins the key (at most
     `len(key) - 1` bytes) waits for the next chunk, where the key is whole and masked, or not
     the key after all and sent. Bytes are delayed only then, never a whole event's."""
-    if key in data:
-        data = data.replace(key, b"****")
+    data = masked(data, key)
     if ended or data[-1:] == b"\n":
         return data, b""
     first = key[:1]
