@@ -42,7 +42,11 @@ def readable(path: Path | str) -> None:
     try:
         Path(path).open("rb").close()
     except OSError as exc:
-        raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path | str, exc: OSError) -> EventLogError:
+    return EventLogError(f"{path}: cannot read the event log: {exc.strerror}")
 
 
 def _event(path: Path | str, line: bytes) -> Event:
@@ -69,7 +73,7 @@ def verify(path: Path | str) -> int:
                     raise ChainBroken(seq, "the last line is torn (no newline at its end)")
                 prev = _check_link(seq, line, prev)
     except OSError as exc:
-        raise EventLogError(f"{path}: cannot read the event log: {exc.strerror}") from exc
+        raise _unreadable(path, exc) from exc
     return seq
 
 
