@@ -4,7 +4,6 @@ applied, none is taken over the others."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import pytest
@@ -18,15 +17,14 @@ from tests.conftest import (
     write_routing,
     write_server,
 )
+from tests.support.gateway import clients_text
 
 TOKEN, OTHER = "sb_one-of-a-kind-0123456789", "sb_the-newcomer-9876543210"
 PROVIDERS = "/api/v1/llm-config/providers"
 
 
 def clients_yaml(name: str, token: str) -> str:
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    entry = f"  - name: {name}\n    token_sha256: {digest}\n    scopes: [config:read]\n"
-    return f"kind: clients\nclients:\n{entry}"
+    return clients_text({name: (token, ["config:read"])})
 
 
 def routing_yaml(*primary: str) -> str:

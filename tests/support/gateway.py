@@ -50,13 +50,18 @@ def write_routing(project: SopsProject, **purposes: dict[str, Any] | str | list[
 
 def write_clients(project: SopsProject, clients: dict[str, tuple[str, Iterable[str]]]) -> Path:
     """Write `clients.yaml` from {name: (token, scopes)}."""
+    path = project.providers / "clients.yaml"
+    path.write_text(clients_text(clients))
+    return path
+
+
+def clients_text(clients: dict[str, tuple[str, Iterable[str]]]) -> str:
+    """A `kind: clients` file's text from {name: (token, scopes)}."""
     entries = [
         {"name": name, "token_sha256": hashlib.sha256(token.encode()).hexdigest(), "scopes": list(scopes)}
         for name, (token, scopes) in clients.items()
     ]
-    path = project.providers / "clients.yaml"
-    path.write_text(yaml.safe_dump({"kind": "clients", "clients": entries}, sort_keys=False))
-    return path
+    return yaml.safe_dump({"kind": "clients", "clients": entries}, sort_keys=False)
 
 
 @dataclass
