@@ -45,7 +45,8 @@ from typing import Any
 
 from service.config.metering import Budget, Limits
 from service.usage.limits.amounts import charge_units, usd
-from service.usage.limits.limiter import Limiter, _expiry
+from service.usage.limits.in_redis import _expiry
+from service.usage.limits.limiter import Limiter
 from service.usage.limits.remote import Unavailable
 from service.usage.limits.spent import Snapshot, SpentFile, SpentSource, SpoolSource
 from service.usage.limits.tickets import Hold, Use, budget_key
