@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from service.errors import LedgerUnavailable
+from service.usage import drain as drain_module
 from service.usage import encoding
-from service.usage import ledger as ledger_module
 from service.usage import spool as spool_module
 from service.usage.encoding import encode, values_of
 from service.usage.ledger import Ledger
@@ -743,11 +743,11 @@ async def test_a_group_larger_than_a_slice_of_rows_is_stored_whole_and_a_bad_rec
     ledger = make_ledger(store_url, tmp_path, linger_s=30)
     await ledger.start()
     try:
-        good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * ledger_module.ROW_SLICE + 5)]
+        good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * drain_module.ROW_SLICE + 5)]
         poison = values_of(record(id="poison"))
         poison[18] = "1e30"  # a cost past what 64 bits hold: refused by the database
         for i, r in enumerate(good):
-            if i == ledger_module.ROW_SLICE + 7:
+            if i == drain_module.ROW_SLICE + 7:
                 ledger.write(poison)
             ledger.submit(r)
         await ledger.flush()
@@ -767,9 +767,9 @@ async def test_a_previous_process_segment_longer_than_a_slice_is_stored_whole(
     pausing between slices): every record is stored once, a damaged line set aside."""
     spool = tmp_path / "spool"
     spool.mkdir()
-    good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * ledger_module.ROW_SLICE + 3)]
+    good = [record(ts=NOW + timedelta(seconds=i)) for i in range(2 * drain_module.ROW_SLICE + 3)]
     lines = [encode(r) for r in good]
-    lines.insert(ledger_module.ROW_SLICE + 1, b'[1, "damaged"\n')
+    lines.insert(drain_module.ROW_SLICE + 1, b'[1, "damaged"\n')
     (spool / "000000000001.jsonl").write_bytes(b"".join(lines))
     ledger = make_ledger(store_url, tmp_path)
     await ledger.start()
