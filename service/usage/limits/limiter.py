@@ -20,7 +20,7 @@ reached (a call fails or times out, the 1 s sync fails) the limiter falls back a
 `local` enforces every rate from its own counts, and lets each budget be spent here only up to
 this replica's share of what was left when Redis went away (what was left / the replicas last
 seen), so budgets still hold; `refuse` refuses limited clients (503). The sync tries Redis
-again every second and, once it answers, reconciles (`recovery.reconcile`): what was counted
+again every second and, once it answers, reconciles (`keeper.Keeper.reconcile`): what was counted
 meanwhile goes to Redis, and the limiter is back on it.
 
 Nothing here blocks: a local check is a few dictionary and deque operations; a Redis check is
