@@ -23,6 +23,7 @@ from tests.gateway.test_metering import (
     write_clients,
 )
 from tests.support.gateway import Switchboard, running, write_provider, write_routing
+from tests.support.postgres import PostgresServer
 from tests.support.upstreams import FakeUpstream, serving
 
 USAGE = "/api/v1/llm-config/usage"
@@ -123,7 +124,7 @@ async def test_a_clients_limits_are_checked_max_parallel_then_rpm_then_tpm_then_
     """Each refusal is named by the first limit in that order that refuses, though the later ones
     would refuse too: one request in flight and every other limit used up."""
     async with FakeUpstream(name="a", latency_s=0.5) as up:
-        priced_provider(sops_project, "a", up)
+        priced_provider(sops_project, "a", up, models=["fake-model"])
         write_routing(sops_project, chat="a")
         # "hi" with max_tokens 3 costs 7 USD (4 tokens), reserved 95 (89 bytes, 3 x 2): the budget covers one
         budget = {"usd": "100", "period": "day"}
@@ -140,8 +141,13 @@ async def test_a_clients_limits_are_checked_max_parallel_then_rpm_then_tpm_then_
             write_clients(sops_project, {"budget": budget})
             await eventually(lambda: _without_tpm(board), timeout=10)
             last = await (await chat(board, max_tokens=3)).json()
+            metrics = (await board.metrics()).splitlines()
     assert limits == ["max_parallel", "rpm", "tpm"]
     assert last["error"]["type"] == "budget_exceeded"
+    for limit in ("max_parallel", "rpm", "tpm", "budget"):
+        assert f'switchboard_limited_total{{client="client",limit="{limit}"}} 1.0' in metrics, [
+            m for m in metrics if "limited_total" in m
+        ]
 
 
 async def _without_rpm(board: Switchboard) -> bool:
@@ -247,3 +253,32 @@ async def test_the_budget_spent_metric_says_what_was_spent_as_soon_as_it_is_answ
     assert [a.headers[BUDGET_LEFT] for a in answers] == ["993", "986", "979"]
     assert 'switchboard_budget_spent_usd{kind="client",subject="client"} 21.0' in metrics
     assert 'switchboard_budget_spent_usd{kind="provider",subject="a"} 21.0' in metrics
+
+
+async def test_a_start_with_the_shared_ledger_down_keeps_what_was_spent_and_serves(
+    sops_project: SopsProject, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """Spent before the stop comes back from the snapshot beside the spool, never from zero; the
+    service is ready, says the ledger is degraded, serves, and `/usage` answers 503 until it is back."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1000", "period": "month"}})
+        async with running(sops_project, usage_db=postgres_url) as board:
+            assert (await chat(board, max_tokens=3)).status == 200  # 7 USD
+            await _records(board, 1)
+        postgres_server.stop()
+        try:
+            async with running(sops_project, usage_db=postgres_url) as board:
+                ready = await (await board.get("/readyz")).json()
+                used = (await _read(board, "/api/v1/llm-config/limits"))["clients"][0]["used"]
+                served = await chat(board, max_tokens=3)
+                down = await board.get(USAGE, token=READER)
+                down_body = await down.json()
+                paged = await board.get(REQUESTS, token=READER)
+        finally:
+            postgres_server.ensure_running()
+    assert ready["ledger"] == "degraded" and used["budget_spent_usd"] == "7"
+    assert served.status == 200 and served.headers[BUDGET_LEFT] == "986"
+    assert down.status == 503 and down_body["error"]["type"] == "ledger_unavailable"
+    assert paged.status == 503
