@@ -61,7 +61,17 @@ def _answering(usage: Any, request_id: str | None = None) -> web.Application:
     """An OpenAI-style upstream whose every chat answer reports `usage` (None: no usage at all)
     and carries `request_id` as its `x-request-id` (None: none)."""
 
-    async def completions(request: web.Request) -> web.Response:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        headers = {"x-request-id": request_id} if request_id else {}
+        if (await request.json()).get("stream"):  # one chunk of text, one of usage
+            stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+            await stream.prepare(request)
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "fake-model"}
+            text = {"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}
+            for part in ({"choices": [text]}, {"choices": [], "usage": usage}):
+                await stream.write(f"data: {json.dumps(chunk | part)}\n\n".encode())
+            await stream.write(b"data: [DONE]\n\n")
+            return stream
         answer: dict[str, Any] = {
             "id": "c1",
             "object": "chat.completion",
@@ -72,7 +82,7 @@ def _answering(usage: Any, request_id: str | None = None) -> web.Application:
         }
         if usage is not None:
             answer["usage"] = usage
-        return web.json_response(answer, headers={"x-request-id": request_id} if request_id else None)
+        return web.json_response(answer, headers=headers)
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", completions)
@@ -87,11 +97,14 @@ async def test_an_rpm_of_five_gives_four_three_two_one_zero_then_a_429_that_says
         write_routing(sops_project, chat="a")
         write_clients(sops_project, {"rpm": 5})
         async with running(sops_project) as board:
-            answers = [await chat(board, max_tokens=5) for _ in range(6)]
+            answers = [await chat(board, max_tokens=5) for _ in range(8)]
             body = await answers[-1].json()
-            records = await _records(board, 6)
-    assert [a.status for a in answers] == [200] * 5 + [429]
-    assert [a.headers[REQUESTS_LEFT] for a in answers] == ["4", "3", "2", "1", "0", "0"]
+            records = await _records(board, 8)
+            limits = await _read(board, "/api/v1/llm-config/limits")
+    assert [a.status for a in answers] == [200] * 5 + [429] * 3
+    assert [a.headers[REQUESTS_LEFT] for a in answers] == ["4", "3", "2", "1", "0", "0", "0", "0"]
+    used = next(c["used"] for c in limits["clients"] if c["name"] == "client")
+    assert used["requests_60s"] == 5  # the refused ones used up nothing, rpm included
     assert body["error"]["type"] == "rate_limited" and body["error"]["limit"] == "rpm"
     assert 0 < _retry_pair(answers[-1]) <= 60_000
     assert all("Retry-After" not in a.headers and "retry-after-ms" not in a.headers for a in answers[:5])
@@ -194,7 +207,7 @@ async def test_every_answer_of_an_upstream_that_sends_no_request_id_has_its_own_
         write_routing(sops_project, chat="s")
         write_clients(sops_project, {"rpm": 10})
         async with running(sops_project) as board:
-            answers = [await chat(board, model="gpt-4o", max_tokens=5) for _ in range(3)]
+            answers = [await chat(board, model="gpt-4o", max_tokens=5, stream=i > 0) for i in range(3)]
             # a 400, refused before the limits: no record, an id of its own all the same
             refused = await board.post("/v1/chat/completions", {"model": 3}, token=TOKEN)
             records = await _records(board, 3)
@@ -202,7 +215,8 @@ async def test_every_answer_of_an_upstream_that_sends_no_request_id_has_its_own_
     assert refused.status == 400 and refused.headers[REQUEST_ID] not in ids
     assert len(set(ids)) == 3 and [r["id"] for r in reversed(records)] == ids
     assert all((r["priced"], r["cost_usd"], r["prompt_tokens"]) == (False, "0", 2) for r in records)
-    assert all(a.headers[COST] == "0" for a in answers)
+    assert answers[0].headers[COST] == "0" and all(a.status == 200 for a in answers)
+    assert [r["stream"] for r in reversed(records)] == [False, True, True]
 
 
 async def test_an_answer_without_usage_is_charged_its_reservation_and_an_explicit_zero_is_a_zero(
