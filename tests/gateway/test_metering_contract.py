@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -68,7 +69,10 @@ def _answering(usage: Any, request_id: str | None = None) -> web.Application:
             await stream.prepare(request)
             chunk = {"id": "c1", "object": "chat.completion.chunk", "model": "fake-model"}
             text = {"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}
-            for part in ({"choices": [text]}, {"choices": [], "usage": usage}):
+            for part in (
+                {"choices": [text]},
+                *([{"choices": [], "usage": usage}] if usage is not None else []),
+            ):
                 await stream.write(f"data: {json.dumps(chunk | part)}\n\n".encode())
             await stream.write(b"data: [DONE]\n\n")
             return stream
@@ -222,10 +226,10 @@ async def test_every_answer_of_an_upstream_that_sends_no_request_id_has_its_own_
 async def test_an_answer_without_usage_is_charged_its_reservation_and_an_explicit_zero_is_a_zero(
     sops_project: SopsProject,
 ) -> None:
-    """The reservation of "hi" with max_tokens 5: the body's bytes at 1 USD and 5 tokens at 2.
-    A usage that leaves a count out: that count is 0, not estimated."""
-    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-    reservation = len(json.dumps(body)) + 5 * 2  # aiohttp's `json=` writes json.dumps's text
+    """The reservation of "hi" with max_tokens 5: the body's bytes at 1 USD and 5 tokens at 2; a
+    stream's is settled when it ends. A usage that leaves a count out: that count is 0, not
+    estimated."""
+    whole = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     found = []
     zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     for usage in (None, zero, {"prompt_tokens": 3}):
@@ -236,21 +240,26 @@ async def test_an_answer_without_usage_is_charged_its_reservation_and_an_explici
             write_routing(sops_project, chat="a")
             write_clients(sops_project, {"budget": {"usd": "1000", "period": "total"}})
             async with running(sops_project) as board:
-                answer = await board.post("/v1/chat/completions", body, token=TOKEN)
-                assert answer.status == 200, await answer.text()
-                (record,) = (await _records(board, len(found) + 1))[:1]
-                found.append(
-                    (
-                        answer.headers[COST],
-                        record["cost_usd"],
-                        record["estimated"],
-                        record["completion_tokens"],
+                for body in (whole, whole | {"stream": True}):
+                    answer = await board.post("/v1/chat/completions", body, token=TOKEN)
+                    assert answer.status == 200, await answer.text()
+                    (record,) = (await _records(board, len(found) + 1))[:1]
+                    reservation = len(json.dumps(body)) + 5 * 2  # aiohttp's `json=` sends json.dumps's text
+                    found.append(
+                        (
+                            answer.headers.get(COST),
+                            Decimal(record["cost_usd"]) - (reservation if record["estimated"] else 0),
+                            record["estimated"],
+                            record["completion_tokens"],
+                        )
                     )
-                )
     assert found == [
-        (str(reservation), str(reservation), True, 0),
-        ("0", "0", False, 0),
-        ("3", "3", False, 0),
+        (str(len(json.dumps(whole)) + 10), 0, True, 0),
+        (None, 0, True, 0),
+        ("0", 0, False, 0),
+        (None, 0, False, 0),
+        ("3", 3, False, 0),
+        (None, 3, False, 0),
     ]
 
 
