@@ -42,7 +42,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if store is None:
         raise LedgerUnavailable("the usage ledger is off (SWITCHBOARD_USAGE_DB=off)")
     try:
-        groups = store.grouped(query) if store.exists else {}  # a SQLite file not made yet: nothing
+        groups = store.grouped(query) if store.exists else {}  # no table made yet: nothing
     except StoreUnavailable as exc:
         raise LedgerUnavailable(f"the usage ledger cannot be read: {exc}") from None
     finally:

@@ -13,6 +13,7 @@ from service.cli.main import cli
 from service.usage.ledger import Ledger
 from service.usage.query import UsageQuery
 from service.usage.stores import open_store
+from tests.support.postgres import PostgresServer
 from tests.usage.conftest import record
 
 NOW = datetime.now(UTC)
@@ -84,3 +85,24 @@ async def test_records_left_in_the_spool_are_mentioned(
     (spool / "000000000001.jsonl").write_bytes(encode(record()) * 3)
     assert cli("--root", str(tmp_path), "usage") == 0
     assert "3 records" in capsys.readouterr().err
+
+
+def test_a_postgresql_database_the_service_never_wrote_to_has_no_usage_and_one_down_is_said(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_server: PostgresServer,
+    postgres_url: str,
+) -> None:
+    """As an empty folder's SQLite: a fresh database holds no usage yet (not an error naming a
+    missing table); a database that cannot be reached exits 1."""
+    monkeypatch.setenv("SWITCHBOARD_USAGE_DB", postgres_url)
+    assert cli("--root", str(tmp_path), "usage", "--format", "json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rows"] == [] and printed["totals"]["requests"] == 0 and printed["shared"] is True
+    postgres_server.stop()
+    try:
+        assert cli("--root", str(tmp_path), "usage", "--format", "json") == 1
+    finally:
+        postgres_server.ensure_running()
+    assert "cannot be reached" in capsys.readouterr().err

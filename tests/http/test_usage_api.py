@@ -6,9 +6,10 @@ import base64
 import csv
 import io
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -168,6 +169,41 @@ async def test_requests_page_newest_first_with_a_cursor_and_a_clamped_limit(serv
         "attempts", "latency_ms", "ttfb_ms", "prompt_tokens", "cached_tokens", "cache_write_tokens",
         "completion_tokens", "reasoning_tokens", "cost_usd", "priced", "estimated", "replica",
     }  # fmt: skip
+
+
+async def test_since_and_until_are_iso_8601_in_utc_with_z_an_offset_or_a_date_alone(service: Service) -> None:
+    """The same instants said in UTC, in another zone, or as a date (its midnight, UTC) bound the
+    same records, in `/usage` and `/usage/requests` alike; a record's `status` is an integer, and
+    `status` filters by it."""
+    ledger = service.app[LEDGER]
+    for i, status in enumerate((200, 429, 502)):
+        ledger.submit(record(id=f"at-{i}", ts=TODAY + timedelta(minutes=i), status=status))
+    await _recorded(service, 3)
+    plus_two = timezone(timedelta(hours=2))
+
+    def said(at: datetime) -> list[str]:
+        return [
+            at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            quote(at.astimezone(plus_two).isoformat()),  # 2026-…T…+02:00, its `+` sent as %2B
+            at.astimezone(timezone(timedelta(hours=-5))).isoformat(),
+        ]
+
+    for since in said(TODAY + timedelta(seconds=30)):  # after the first record
+        for until in said(TODAY + timedelta(minutes=1, seconds=30)):  # before the last
+            status, body, _ = await _get(service, f"{REQUESTS}?since={since}&until={until}")
+            assert status == 200 and [r["id"] for r in body["requests"]] == ["at-1"], (since, until)
+            status, body, _ = await _get(service, f"{USAGE}?since={since}&until={until}")
+            assert status == 200 and body["totals"]["requests"] == 1 and body["totals"]["limited"] == 1
+    day = TODAY.strftime("%Y-%m-%d")
+    status, body, _ = await _get(service, f"{USAGE}?since={day}")
+    assert body["since"] == f"{day}T00:00:00Z" and body["totals"]["requests"] == 3
+    status, body, _ = await _get(service, f"{REQUESTS}?until={day}")
+    assert status == 200 and body == {"requests": [], "next_cursor": None}
+    status, body, _ = await _get(service, f"{REQUESTS}?status=429&since={day}")
+    assert [(r["id"], r["status"]) for r in body["requests"]] == [("at-1", 429)]
+    status, body, _ = await _get(service, f"{REQUESTS}?status=5xx")
+    assert [(r["id"], r["status"]) for r in body["requests"]] == [("at-2", 502)]
+    assert all(type(r["status"]) is int for r in (await _get(service, REQUESTS))[1]["requests"])
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,14 @@ class PostgresStore(SQLStore):
                 self._pool.open(wait=False)
             return self._pool
 
+    @property
+    def exists(self) -> bool:
+        """Whether a service made the ledger's tables in this database yet (a fresh one holds no
+        usage, as a SQLite file not made yet). StoreUnavailable when it cannot be reached."""
+        with self._reading() as cursor:
+            cursor.execute("SELECT to_regclass('usage_records') IS NOT NULL")
+            return bool(cursor.fetchone()[0])
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Cursor]:
         with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
