@@ -18,7 +18,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ClassVar, Generic, TypeVar
@@ -56,6 +56,8 @@ class Metrics:
     def __init__(self) -> None:
         self.started_at = datetime.now(UTC)
         """When the counters started: every count is since then."""
+        self.before_render: list[Callable[[], None]] = []
+        """What sets gauges read at a scrape, not kept on the request's path (the budgets' spent)."""
         r = self.registry = CollectorRegistry()
         self.info = Gauge(
             "switchboard_info",
@@ -193,7 +195,9 @@ class Metrics:
         return pair
 
     def render(self) -> bytes:
-        """The text exposition format."""
+        """The text exposition format, after each of `before_render` has set what it shows."""
+        for show in self.before_render:
+            show()
         return generate_latest(self.registry)
 
     def traffic(self) -> dict[str, Traffic]:

@@ -36,7 +36,7 @@ from service.gateway.call import Call, model_label
 from service.gateway.health import Health
 from service.metrics import Metrics
 from service.usage.encoding import MAX_COST_ATTO, cost_text, fields, from_micros, record_of
-from service.usage.limits.amounts import amount_units, usd
+from service.usage.limits.amounts import amount_units
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
 from service.usage.pricing import UNPRICED, Pricing, Rate
@@ -136,15 +136,6 @@ class Meter:
         metered = Metered(self, call, self.limits.of(snapshot).get(call.client), candidates)
         await metered.admit()
         return metered
-
-    def spent(self, ticket: Ticket) -> None:
-        """Set `switchboard_budget_spent_usd` of each budget `ticket` held, now it is settled: a
-        scrape sees what was spent as soon as it was answered (the keeper sets every budget's
-        each second too, the periods' turns and other replicas' spending with them)."""
-        limiter, gauge = self.limiter, self.metrics.budget_spent
-        for hold in ticket.holds.values():
-            kind = hold.key.partition(":")[0]  # `client` or `provider` (`tickets.budget_key`)
-            gauge.labels(kind, hold.subject).set(float(usd(limiter.spent_here(hold.key)[0])))
 
     def later(self, settle: Any) -> None:
         """Run `settle` in a task of its own (the request's task is being cancelled)."""
@@ -460,15 +451,12 @@ class Metered:
         if ticket is None:
             return None
         try:
-            use = await self.meter.limiter.settle_units(ticket, amount_units(cost), tokens, now)
+            return await self.meter.limiter.settle_units(ticket, amount_units(cost), tokens, now)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here must not fail the answer; the lease ends what it held
             log.exception("limits: settling %s failed", self.id)
             return None
-        if ticket.holds:
-            self.meter.spent(ticket)
-        return use
 
     def _headers_on(self, error: HTTPError, use: Use | None) -> None:
         error.added.update(self.headers)

@@ -120,12 +120,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     configure = _configure(keeper)
     app[REGISTRY].on_apply.append(configure)
+    app[METRICS].before_render.append(keeper.show_spent)
     stop = asyncio.Event()
     keeping = asyncio.create_task(_keep(app, keeper, stop), name="switchboard-limits")
     try:
         yield
     finally:
         app[REGISTRY].on_apply.remove(configure)
+        app[METRICS].before_render.remove(keeper.show_spent)
         await meter.drain()
         stop.set()
         with contextlib.suppress(TimeoutError):  # the last snapshot of spent is written

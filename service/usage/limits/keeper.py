@@ -95,11 +95,20 @@ class Keeper(Seeder):
         limiter.forget({key for key, _ in self._keys()})
         limiter.counters.forget_idle(limiter.now_ms())
         limiter.providers.forget_idle(limiter.now_ms())
-        if self.gauge is not None:
-            for kind, subject, budget in self.budgets:
-                key = budget_key(kind, subject, limiter.window(budget.period, limiter.now_ms()))
-                self.gauge(kind, subject, usd(limiter.spent_here(key)[0]))
+        self.show_spent()
         await self.write_snapshot()
+
+    def show_spent(self) -> None:
+        """Give `gauge` each budget's spent in its current period, as this replica knows it: each
+        second, and on each scrape of `/metrics` (so a scrape right after an answer shows what it
+        spent, at no cost on the request's path)."""
+        if self.gauge is None:
+            return
+        limiter = self.limiter
+        now = limiter.now_ms()
+        for kind, subject, budget in self.budgets:
+            key = budget_key(kind, subject, limiter.window(budget.period, now))
+            self.gauge(kind, subject, usd(limiter.spent_here(key)[0]))
 
     async def refresh(self) -> None:
         """Renew the lease and read back every budget's and limited client's use from Redis."""
