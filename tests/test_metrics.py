@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import DuplicateTimeseries
 
-from service.metrics import LoopCounter, LoopHistogram, Metrics
+from service.loop_metrics import LoopCounter, LoopHistogram
+from service.metrics import Metrics
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 HOSTILE = 'a "quoted"\nnew line \\ back\\slash {x="}"} é'

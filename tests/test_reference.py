@@ -32,7 +32,7 @@ from service.http.app import create_app
 from service.http.context import METRICS
 from service.http.openapi import document
 from service.journal.events import EVENT_TYPES, BaseEvent
-from service.metrics import LoopCounter, LoopHistogram
+from service.loop_metrics import LoopCounter, LoopHistogram
 from service.settings import Settings
 from service.vendors import VENDORS
 

@@ -19,8 +19,6 @@ task of its own, charged its reservation if an upstream had it.
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,27 +27,23 @@ from typing import Any
 from aiohttp import web
 
 from service.config.metering import Limits
-from service.config.models import ApiKey, Provider
+from service.config.models import Provider
 from service.config.snapshot import PerSnapshot, Snapshot
-from service.errors import BudgetExceeded, HTTPError, LimitsUnavailable, RateLimited
+from service.errors import HTTPError
+from service.gateway.account import COST, REQUEST_ID, Account
 from service.gateway.call import Call, model_label
 from service.gateway.health import Health
 from service.metrics import Metrics
-from service.usage.encoding import MAX_COST_ATTO, cost_text, fields, from_micros, record_of
+from service.usage.encoding import MAX_COST_ATTO, cost_text, record_of
 from service.usage.limits.amounts import amount_units
 from service.usage.limits.limiter import Limiter
-from service.usage.limits.tickets import Refused, Ticket, Use
-from service.usage.pricing import UNPRICED, Pricing, Rate
-from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, Tokens, amount_text
+from service.usage.limits.tickets import Refused
+from service.usage.pricing import UNPRICED, Pricing
+from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, amount_text
 from service.usage.tokens import MAX_TOKENS, normalise
 
-log = logging.getLogger(__name__)
-
-REQUEST_ID = "x-request-id"
-COST = "x-switchboard-cost-usd"
 CLIENT_LEFT = 499
 """A record's status when the client went away before any answer (nginx's code for it)."""
-MAX_CHOICES = 128
 
 
 class RequestIds:
@@ -79,9 +73,6 @@ class NullSink:
 
     def write(self, values: list[Any]) -> None:
         return None
-
-
-_NO_TOKENS = Tokens()
 
 
 class Meter:
@@ -149,86 +140,10 @@ class Meter:
             await asyncio.gather(*self._settling, return_exceptions=True)
 
 
-class Metered:
+class Metered(Account):
     """One call's metering, from its admission to its record."""
 
-    __slots__ = (
-        "at",
-        "bounds",
-        "call",
-        "candidates",
-        "completions",
-        "done",
-        "headers",
-        "id",
-        "limits",
-        "meter",
-        "prompt",
-        "provider",
-        "rates",
-        "refused",
-        "sent",
-        "sent_at",
-        "skipped",
-        "started",
-        "ticket",
-        "ts_us",
-    )
-
-    def __init__(
-        self, meter: Meter, call: Call, limits: Limits | None, candidates: Sequence[Provider]
-    ) -> None:
-        self.meter = meter
-        self.call = call
-        self.limits = limits
-        self.id = meter.ids()
-        self.started = time.perf_counter()
-        self.at = meter.limiter.clock()
-        """When it came, wall-clock seconds: its record's `ts` and its admission's time."""
-        self.ts_us = _micros(self.at)
-        """When it came, in microseconds since 1970 UTC (its record's `ts`)."""
-        self.headers: dict[str, str] = {REQUEST_ID: self.id}
-        """What every answer to the call carries: its id, and the remaining-* of a limited client."""
-        self.rates: dict[str, Rate] = {}
-        self.bounds: dict[str, Amount] = {}
-        """Provider id -> an upper bound of the request's cost there (made when first needed)."""
-        self.skipped: list[dict[str, str]] = []
-        self.refused: set[str] = set()
-        self.ticket: Ticket | None = None
-        self.provider: Provider | None = None
-        """The provider being tried, or that answered."""
-        self.sent: str | None = None
-        """The provider the request was last sent to."""
-        self.sent_at = 0.0
-        self.done = False
-        self.prompt = len(call.body)
-        """The bound of its prompt tokens: the client's body in bytes (before any translation)."""
-        budgeted = limits is not None and limits.budget is not None
-        purpose, model = call.purpose, call.model
-        chat = purpose == "chat"
-        wanted = _completion(call.data, purpose) if chat else 0
-        choices = _choices(call.data)
-        self.completions: dict[str, int] = {}
-        """Provider id -> the completion tokens bounded there (all choices)."""
-        eligible = []
-        for provider in candidates:
-            rate = meter.pricing.rate(provider, model)
-            if (
-                (budgeted or provider.budget is not None)
-                and (type(provider) is ApiKey or isinstance(provider, ApiKey))  # an ABC's check is slow
-                and not rate.known(purpose)
-            ):
-                self.skipped.append({"provider": provider.id, "reason": "unpriced"})
-                continue
-            completion = 0
-            if chat:
-                completion = wanted if wanted is not None else rate.max_output or meter.default_max_tokens
-                if rate.max_output is not None:
-                    completion = min(completion, rate.max_output)
-            self.rates[provider.id] = rate
-            self.completions[provider.id] = completion * choices
-            eligible.append(provider)
-        self.candidates = eligible
+    __slots__ = ()
 
     # -- before and between attempts -------------------------------------------------------------
 
@@ -428,133 +343,6 @@ class Metered:
 
         self.meter.later(settle())
 
-    def bound(self, provider: Provider) -> Amount:
-        """An upper bound of the request's cost at `provider`: every byte of the body an input
-        token of its dearest class, and the completion bound an output token each."""
-        found = self.bounds.get(provider.id)
-        if found is None:
-            rate = self.rates.get(provider.id)
-            if rate is None:
-                return 0
-            queries = 1 if self.call.purpose == "reranking" else 0
-            found = self.bounds[provider.id] = rate.bound_amount(
-                self.prompt, self.completions[provider.id], queries
-            )
-        return found
-
-    def _estimated_tokens(self, provider: Provider) -> int:
-        """The tokens a request without usage is counted for: its bounds."""
-        return min(self.prompt + self.completions.get(provider.id, 0), MAX_TOKENS)
-
-    async def _settle(self, cost: Amount, tokens: int, now: float | None = None) -> Use | None:
-        ticket = self.ticket
-        if ticket is None:
-            return None
-        try:
-            return await self.meter.limiter.settle_units(ticket, amount_units(cost), tokens, now)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug here must not fail the answer; the lease ends what it held
-            log.exception("limits: settling %s failed", self.id)
-            return None
-
-    def _headers_on(self, error: HTTPError, use: Use | None) -> None:
-        error.added.update(self.headers)
-        error.added[COST] = "0"
-        if self.limits is not None:
-            if use is None:  # never admitted (no candidate): what was known, nothing counted
-                use = self.meter.limiter.peek(self.call.client, self.limits)
-            error.added.update(use.remaining(self.limits))
-        if self.skipped and "skipped" not in error.extra:
-            error.extra["skipped"] = self.skipped
-
-    def _refusal(self, refusal: Refused) -> HTTPError:
-        call, limits = self.call, self.limits
-        self.done = True
-        error: HTTPError
-        if refusal.limit == "unavailable":
-            error = LimitsUnavailable(
-                "the limits cannot be checked now "
-                "(Redis is unavailable, and SWITCHBOARD_LIMITS_WITHOUT_REDIS=refuse)"
-            )
-        elif refusal.limit == "budget":
-            window = refusal.window
-            end = window.end_text if window is not None else None
-            started_at = from_micros(self.ts_us)
-            seconds = window.seconds_left(started_at) if window is not None else None
-            error = BudgetExceeded(
-                f"client {call.client!r} has no budget left for this request in its period",
-                retry_after_ms=None if seconds is None else int(seconds * 1000 + 0.999),
-                period_end=end,
-            )
-        else:
-            error = RateLimited(
-                f"client {call.client!r} is over its {refusal.limit} limit",
-                retry_after_ms=refusal.retry_ms,
-                limit=refusal.limit,
-            )
-        error.added.update(self.headers)
-        error.added[COST] = "0"
-        if limits is not None:
-            error.added.update(refusal.use.remaining(limits))
-        self.meter.metrics.limited.labels(call.client, refusal.limit).inc()
-        self._record(self.id, error.status, None, 0, None, 0, False, False, limited=True)
-        return error
-
-    def _record(
-        self,
-        record_id: str,
-        status: int,
-        provider: Provider | None,
-        attempts: int,
-        tokens: Tokens | None,
-        cost: Amount,
-        priced: bool,
-        estimated: bool,
-        written: str | None = None,
-        *,
-        limited: bool = False,
-        timed: bool = True,
-    ) -> None:
-        """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`);
-        `written`: the cost's text in the line (`encoding.cost_text`), when made already."""
-        call, meter = self.call, self.meter
-        now = time.perf_counter()
-        counted = tokens or _NO_TOKENS
-        ttfb = None
-        if timed and provider is not None and self.sent_at:
-            ttfb = round((self.sent_at - self.started + call.first_byte_s) * 1000, 3)
-        try:
-            meter.write(
-                fields(
-                    record_id,
-                    self.ts_us,
-                    call.client,
-                    call.purpose,
-                    call.model,
-                    provider.id if provider is not None else None,
-                    provider.upstream_model(call.model) if provider is not None and call.model else None,
-                    status,
-                    call.stream,
-                    attempts,
-                    round((now - self.started) * 1000, 3),
-                    ttfb,
-                    counted.input + counted.cached_input + counted.cache_write,
-                    counted.cached_input,
-                    counted.cache_write,
-                    counted.output,
-                    counted.reasoning,
-                    cost,
-                    priced,
-                    estimated,
-                    meter.replica,
-                    limited,
-                    written,
-                )
-            )
-        except Exception:  # the sink must not fail the request (it should never raise)
-            log.exception("usage: the record of %s could not be handed over", record_id)
-
 
 def _atto(amount: Amount) -> int:
     """Whole atto-dollars, as the cost metric adds them (exactly): an amount priced finer than an
@@ -564,39 +352,6 @@ def _atto(amount: Amount) -> int:
     return int((amount * ATTO_PER_USD).to_integral_value())
 
 
-def _micros(seconds: float) -> int:
-    """Wall-clock `seconds` in whole microseconds, as `datetime.fromtimestamp` rounds them (half
-    to even), with no datetime made."""
-    fraction, whole = math.modf(seconds)
-    return int(whole) * 1_000_000 + round(fraction * 1e6)
-
-
 def _client_limits(snapshot: Snapshot) -> dict[str, Limits]:
     clients = snapshot.clients.clients if snapshot.clients is not None else []
     return {c.name: c.limits for c in clients if c.limits is not None}
-
-
-def _completion(data: dict[str, Any], purpose: str) -> int | None:
-    """The completion tokens a chat request asks for at most, if it says."""
-    most = None
-    for name in _COMPLETION_FIELDS:
-        value = data.get(name)
-        if (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and value > 0
-            and (most is None or value > most)
-        ):
-            most = value
-    return min(most, MAX_TOKENS) if most is not None else None
-
-
-_COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-
-
-def _choices(data: dict[str, Any]) -> int:
-    """How many completions are asked for (`n`), each up to the completion bound."""
-    n = data.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        return min(n, MAX_CHOICES)
-    return 1

@@ -25,9 +25,9 @@ from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
 from service.errors import HTTPError, NotReady, PayloadTooLarge
+from service.gateway.account import REQUEST_ID
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.health import Health
-from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import messages
 from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER
 from service.http import (

@@ -22,7 +22,7 @@ it, so a client that takes "the first healthy one" never meets a stub; such a ro
 `/readyz`'s `refused`). The key is there only when the list is not empty.
 
 Every handler takes `registry.snapshot` once and answers from that snapshot alone. The JSON
-of each provider and route is rendered once per snapshot; `active/{purpose}`, the hot path,
+of each provider and route is rendered once per snapshot (`rendering`); `active/{purpose}`, the hot path,
 keeps its encoded answer and re-encodes only when the snapshot or its providers' health
 changed, so a lookup costs a few dictionary reads.
 """
@@ -30,29 +30,26 @@ changed, so a lookup costs a few dictionary reads.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from service.config.models import PURPOSES, SCOPES, AiServer, ApiKey, Provider
-from service.config.snapshot import PerSnapshot, Snapshot
+from service.config.models import PURPOSES, SCOPES, AiServer, Provider
+from service.config.snapshot import PerSnapshot
 from service.errors import BadRequest, ModelNotFound, NoCandidate, NotFound, NotReady, UpstreamsFailed
 from service.gateway.catalog import list_models
-from service.gateway.health import Health, HealthState, check
+from service.gateway.health import check
 from service.gateway.relay import shown
 from service.gateway.routing import first_healthy
-from service.http import tags
 from service.http.auth import CLIENT, Handler, authenticated, client_name, scoped
 from service.http.context import EVENTS, HEALTH, PREFIX, REGISTRY, RELAY
 from service.http.limits_api import own_limits
 from service.http.push import body_tag, event_stream, watched
+from service.http.rendering import RENDERED, Rendered, encode, render
 from service.journal.events import SecretRead
 from service.journal.replay import parse_time
-from service.vcs.gitrepo import blob_sha
 
 DEFAULT_AUDIT_LIMIT = 1000
 MAX_AUDIT_LIMIT = 10_000
@@ -63,7 +60,7 @@ _KINDS = {"providers": None, "api-keys": "api_key", "servers": "ai_server"}
 
 def setup(app: web.Application) -> None:
     """Add the configuration endpoints to the app."""
-    app[_CACHE] = PerSnapshot(_render)
+    app[RENDERED] = PerSnapshot(render)
     add = app.router.add_get
     add(f"{PREFIX}/active", _active_all)
     add(f"{PREFIX}/active/{{purpose}}", _active)
@@ -79,175 +76,16 @@ def setup(app: web.Application) -> None:
     add(f"{PREFIX}/whoami", _whoami)
 
 
-# -- what is rendered once per snapshot ----------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Route:
-    """One routed purpose: its answer without health, and the last encoding with health."""
-
-    purpose: str
-    primary: tuple[str, ...]
-    fallbacks: tuple[str, ...]
-    weights: dict[str, float]
-    unavailable: tuple[str, ...] = ()
-    """Ids the routing names whose files are refused with no good version: left out above."""
-    health: tuple[HealthState, ...] | None = None
-    encoded: bytes = b""
-    confirmed: tuple[tuple[str, str | None], ...] | None = None
-    etag: str = ""
-
-    @property
-    def ids(self) -> tuple[str, ...]:
-        return self.primary + self.fallbacks
-
-
-@dataclass(frozen=True, slots=True)
-class _Rendered:
-    """The JSON-ready parts of one snapshot."""
-
-    snapshot: Snapshot
-    providers: Mapping[str, dict[str, Any]]
-    routes: Mapping[str, _Route] = field(default_factory=dict)
-    blobs: Mapping[str, str] = field(default_factory=dict)
-    """Provider id -> the git blob id of its file: the first part of a provider's tag."""
-    changed: Mapping[str, str | None] = field(default_factory=dict)
-    """Provider id -> the commit where its file last changed (None: uncommitted, or no git):
-    the second part of a provider's tag. Not the served commit, which moves with any commit."""
-    routing_blob: str | None = None
-    """The git blob id of the routing file: the first part of a route's tag."""
-    meanings: dict[str, bytes] = field(default_factory=dict)
-    """Provider id -> its configuration as a tag's hash covers it (rendered once)."""
-
-    def provider(self, provider_id: str, health: Health) -> dict[str, Any]:
-        return {**self.providers[provider_id], "health": health.get(provider_id).as_json()}
-
-    def meaning(self, provider_id: str, health: Health) -> bytes:
-        """What a tag covers of a provider (docs/reference.md §6): its configuration and its
-        confirmed health status and reason; no measurement, no circuit."""
-        config = self.meanings.get(provider_id)
-        if config is None:
-            # not the served `commit` shown beside it: it moves with commits of other files
-            shown = {k: v for k, v in self.providers[provider_id].items() if k != "commit"}
-            config = self.meanings[provider_id] = _encode(shown)
-        status, reason = health.get(provider_id).confirmed
-        return config + _encode([status, reason])
-
-    def provider_tag(self, provider_id: str, health: Health) -> str:
-        """The commit part is where the provider's file last changed: a commit of another file
-        (or outside `providers.d/`) leaves the tag as it was, and wakes no held query."""
-        changed = self.changed.get(provider_id)
-        return tags.make(self.blobs[provider_id], changed, self.meaning(provider_id, health))
-
-    def list_tag(self, ids: Iterable[str], health: Health, extra: Any = None) -> str:
-        """The tag of an answer built from several files: `-` for its blob, and for its commit
-        the last that touched `providers.d/` (a removal too)."""
-        meaning = b"\n".join(self.meaning(i, health) for i in ids) + _encode(extra)
-        return tags.make(None, self.snapshot.changed or self.snapshot.commit, meaning)
-
-    def route(self, route: _Route, health: Health) -> dict[str, Any]:
-        answer: dict[str, Any] = {
-            "purpose": route.purpose,
-            "primary": [self.provider(i, health) for i in route.primary],
-            "fallbacks": [self.provider(i, health) for i in route.fallbacks],
-            "weights": route.weights,
-            "commit": self.snapshot.commit,
-            "generation": self.snapshot.generation,
-        }
-        if route.unavailable:
-            answer["unavailable"] = list(route.unavailable)
-        return answer
-
-    def encoded_route(self, route: _Route, health: Health) -> tuple[bytes, str]:
-        """The route's answer encoded, and its tag: each made again only when what it shows
-        (measurements and circuits included) or what the tag covers changed."""
-        states = tuple(health.get(i) for i in route.ids)
-        if states != route.health:  # HealthState is a frozen value: equal means same answer
-            route.encoded = _encode(self.route(route, health))
-            route.health = states
-            confirmed = tuple(s.confirmed for s in states)
-            if confirmed != route.confirmed:
-                # If-None-Match compares the tag whole; If-Match on `PUT …/active/{purpose}`
-                # (docs/reference.md §8) only its blob part, so a health change does not make an
-                # edit of the route fail.
-                route.etag = self.route_tag(route, health)
-                route.confirmed = confirmed
-        return route.encoded, route.etag
-
-    def route_tag(self, route: _Route, health: Health) -> str:
-        shape = [route.purpose, route.primary, route.fallbacks, route.weights, route.unavailable]
-        meaning = b"\n".join(self.meaning(i, health) for i in route.ids) + _encode(shape)
-        # a route shows its providers whole: the last commit that touched any file of the folder
-        return tags.make(self.routing_blob, self.snapshot.changed or self.snapshot.commit, meaning)
-
-
-_CACHE = web.AppKey("llm_config_cache", PerSnapshot[_Rendered])
-
-
-def _render(snapshot: Snapshot) -> _Rendered:
-    providers: dict[str, dict[str, Any]] = {}
-    blobs: dict[str, str] = {}
-    changed: dict[str, str | None] = {}
-    for path, loaded in snapshot.files.items():
-        doc = loaded.document
-        if isinstance(doc, AiServer | ApiKey):
-            attribution = snapshot.attribution_of(path)
-            providers[doc.id] = {**doc.describe(), "file": path, "commit": attribution.commit}
-            blobs[doc.id] = blob_sha(loaded.data)
-            changed[doc.id] = (attribution.changed or attribution.commit) if attribution.commit else None
-    routes: dict[str, _Route] = {}
-    routing_file = snapshot.file_of_kind("routing")
-    routing_blob = blob_sha(snapshot.files[routing_file].data) if routing_file else None
-    if snapshot.routing is not None:
-        for purpose, route in sorted(snapshot.routing.purposes.items()):
-            primary = tuple(i for i in route.primary if i in providers)
-            fallbacks = tuple(i for i in route.fallbacks if i in providers)
-            missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
-            weights = {i: route.weight(i) for i in primary}
-            routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
-    return _Rendered(snapshot, dict(sorted(providers.items())), routes, blobs, changed, routing_blob)
-
-
-def _encode(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def _json(body: Any) -> web.Response:
-    return web.Response(body=_encode(body), content_type="application/json")
+    return web.Response(body=encode(body), content_type="application/json")
 
 
-def provider_answer(app: web.Application, snapshot: Snapshot, provider_id: str) -> dict[str, Any] | None:
-    """A provider of `snapshot` as the API shows it (masked, with health), or None."""
-    rendered = app[_CACHE].of(snapshot)
-    if provider_id not in rendered.providers:
-        return None
-    return rendered.provider(provider_id, app[HEALTH])
-
-
-def answer_tag(
-    app: web.Application, snapshot: Snapshot, *, provider: str = "", purpose: str = ""
-) -> str | None:
-    """The tag `GET …/providers/{provider}` (or `…/active/{purpose}`) gives for `snapshot` now."""
-    rendered = app[_CACHE].of(snapshot)
-    if provider in rendered.providers:
-        return rendered.provider_tag(provider, app[HEALTH])
-    route = rendered.routes.get(purpose)
-    return rendered.route_tag(route, app[HEALTH]) if route is not None else None
-
-
-def route_answer(app: web.Application, snapshot: Snapshot, purpose: str) -> dict[str, Any] | None:
-    """A purpose's route in `snapshot` as `GET …/active/{purpose}` answers it, or None."""
-    rendered = app[_CACHE].of(snapshot)
-    route = rendered.routes.get(purpose)
-    return rendered.route(route, app[HEALTH]) if route is not None else None
-
-
-def _current(request: web.Request) -> _Rendered:
+def _current(request: web.Request) -> Rendered:
     """The rendering of the current snapshot: the one read of the registry per request."""
     registry = request.app[REGISTRY]
     if not registry.ready:
         raise NotReady("the first load of the configuration is not complete")
-    return request.app[_CACHE].of(registry.snapshot)
+    return request.app[RENDERED].of(registry.snapshot)
 
 
 # -- active --------------------------------------------------------------------------------
@@ -356,7 +194,7 @@ async def _state(request: web.Request) -> web.StreamResponse:
     shown = at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     response = _json({"at": shown, "seq": seq, "config": config})
     # `at` (now by default) is when it was asked, not what it means: not in the tag
-    response.headers["ETag"] = body_tag(_encode({"seq": seq, "config": config}))
+    response.headers["ETag"] = body_tag(encode({"seq": seq, "config": config}))
     return response
 
 

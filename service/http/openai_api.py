@@ -27,9 +27,9 @@ from aiohttp import web
 
 from service.config.models import Provider, Scope
 from service.errors import BadRequest, HTTPError, InvalidRequest, LoopDetected, PayloadTooLarge
+from service.gateway.account import REQUEST_ID
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
-from service.gateway.metering import REQUEST_ID
 from service.gateway.protocols import ids
 from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER, Relay
 from service.gateway.transports.base import open_session

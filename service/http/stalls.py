@@ -56,7 +56,8 @@ from aiohttp.web_protocol import RequestHandler
 from service.errors import RequestTimeout
 from service.http.malformed import JsonErrors
 from service.http.openai_api import ENDPOINTS, ErrorShape
-from service.metrics import Count, Cuts
+from service.loop_metrics import Count
+from service.metrics import Cuts
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from service.config.loader import MAX_FILE_BYTES
 from service.errors import BadRequest, NotFound, Unprocessable
 from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.bodies import json_body
-from service.http.config_api import answer_tag, provider_answer, route_answer, test_provider
+from service.http.config_api import test_provider
 from service.http.context import PREFIX, WRITER
+from service.http.rendering import answer_tag, provider_answer, route_answer
 from service.runtime.drafts import ProviderKind
 from service.runtime.writer import Written
 

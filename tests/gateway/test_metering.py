@@ -20,7 +20,8 @@ import pytest
 import yaml
 from aiohttp import web
 
-from service.gateway.metering import RequestIds, _completion, _micros
+from service.gateway.account import _completion, _micros
+from service.gateway.metering import RequestIds
 from service.http.context import RELAY
 from service.usage.encoding import micros
 from service.usage.record import Record

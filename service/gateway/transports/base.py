@@ -24,7 +24,7 @@ from service.config.models import Provider
 from service.config.secret import Secret
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.gateway.call import Call
-from service.gateway.transports.exchange import TooLarge, WireError
+from service.gateway.transports.errors import TooLarge, WireError
 from service.gateway.transports.guard import (
     GuardedResolver,
     RedirectRefused,
@@ -177,7 +177,7 @@ def pass_back(upstream: Mapping[str, str], headers: dict[str, str], key: str = "
     headers) is not passed back (docs/reference.md §2.4): an `x-request-id` holding it leaves
     the gateway's own id on the answer, and on its ledger record.
 
-    The upstream's header names are in lower case, as `exchange.Response.headers` keeps them."""
+    The upstream's header names are in lower case, as `response.Response.headers` keeps them."""
     for name, value in upstream.items():
         if name in _PASSED_BACK or name.startswith("x-ratelimit-"):
             if key and key in value:

@@ -57,8 +57,9 @@ from service.gateway.transports.base import (
     wait_ms,
     wire_pool,
 )
-from service.gateway.transports.exchange import Response, WireError
+from service.gateway.transports.errors import WireError
 from service.gateway.transports.guard import literal_refusal
+from service.gateway.transports.response import Response
 from service.gateway.transports.scan import find_model, find_usage
 from service.gateway.transports.sse import relay_events
 from service.gateway.transports.wire import ConnectTimeout, Endpoint

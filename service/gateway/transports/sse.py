@@ -26,7 +26,8 @@ from service.gateway.protocols import usage as usages
 from service.gateway.protocols.messages import error as messages_error
 from service.gateway.protocols.translation import StreamTranslator
 from service.gateway.transports.base import describe_error, masked
-from service.gateway.transports.exchange import Response, WireError
+from service.gateway.transports.errors import WireError
+from service.gateway.transports.response import Response
 from service.gateway.transports.scan import find_model, find_usage
 
 _USAGE = b'"usage"'

@@ -26,7 +26,7 @@ reading, is `exchange`'s. What it keeps of aiohttp's rules:
   free connection, connecting and the head, and `Response.read` or `readany` take it for the
   body. Only a wait arms a timeout (none when a kept-alive connection is free).
 
-Its errors (`Unsendable`, `Unreachable`, `ConnectTimeout`) are `exchange.WireError`s.
+Its errors (`Unsendable`, `Unreachable`, `ConnectTimeout`) are `errors.WireError`s.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from typing import Protocol
 from yarl import URL
 
 from service import __version__
-from service.gateway.transports.exchange import Connection, Response, WireError
+from service.gateway.transports.errors import WireError
+from service.gateway.transports.exchange import Connection
 from service.gateway.transports.guard import GuardedResolver, UpstreamRefused
+from service.gateway.transports.response import Response
 
 _DNS_TTL_S = 300.0
 _FIXED = (

@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from service.gateway.transports import exchange
-from service.gateway.transports.exchange import BrokenOff, Disconnected, TooLarge
+from service.gateway.transports.errors import BrokenOff, Disconnected, TooLarge
 from service.gateway.transports.wire import Endpoint
 from tests.support.wire import answer_of, pool, post, raw, read_request
 

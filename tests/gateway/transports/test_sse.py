@@ -21,8 +21,8 @@ from aiohttp import web
 from service.config.models import Provider
 from service.gateway.call import Call
 from service.gateway.transports.base import open_session
-from service.gateway.transports.exchange import Response
 from service.gateway.transports.openai import OpenAITransport
+from service.gateway.transports.response import Response
 from tests.gateway.transports.test_openai import server
 from tests.support.upstreams import serving
 from tests.support.wire import raw, read_request

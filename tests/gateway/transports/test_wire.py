@@ -15,7 +15,7 @@ from aiohttp import web
 
 from service import __version__
 from service.config.upstreams import SETTING, AllowedUpstreams
-from service.gateway.transports.exchange import Disconnected
+from service.gateway.transports.errors import Disconnected
 from service.gateway.transports.guard import GuardedResolver
 from service.gateway.transports.wire import ConnectTimeout, Endpoint, Pool, Unreachable, Unsendable
 from tests.support.upstreams import closed_port_url, serving, unanswered_url
