@@ -65,6 +65,10 @@ _RELATIVE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+_PLUS_AS_SPACE = re.compile(r"^(.*T[\d:.]+) (\d\d:?\d\d)$")
+"""A time whose offset's `+` came through a URL's query as a space."""
+
+
 def parse_time(text: str, now: datetime | None = None) -> datetime:
     """A time argument: ISO 8601 (naive = UTC), a date (midnight UTC), `now`, or `10m`/`2h`/`3d` ago."""
     reference = current_time() if now is None else to_utc(now)
@@ -76,7 +80,9 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         if relative:
             amount, unit = relative.groups()
             return reference - timedelta(**{_UNITS[unit]: int(amount)})
-        return to_utc(datetime.fromisoformat(value))  # a date alone is its midnight
+        # a date alone is its midnight; RFC 3339's lower-case `t` and `z` are read too, and an
+        # offset's `+` that a query string turned into a space (`?since=...T05:00:00 02:00`)
+        return to_utc(datetime.fromisoformat(_PLUS_AS_SPACE.sub(r"\1+\2", value.upper())))
     except OverflowError:  # `99999999d` ago, or a time that leaves the calendar once in UTC
         raise ValueError(f"out of range: {text!r}") from None
     except ValueError:

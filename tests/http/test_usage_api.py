@@ -185,6 +185,8 @@ async def test_since_and_until_are_iso_8601_in_utc_with_z_an_offset_or_a_date_al
         return [
             at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             quote(at.astimezone(plus_two).isoformat()),  # 2026-…T…+02:00, its `+` sent as %2B
+            at.astimezone(plus_two).isoformat(),  # its `+` sent as it is: a space once the query is read
+            at.strftime("%Y-%m-%dt%H:%M:%Sz"),  # RFC 3339's lower case
             at.astimezone(timezone(timedelta(hours=-5))).isoformat(),
         ]
 
