@@ -471,13 +471,8 @@ class FastConnection(asyncio.Protocol, Outlet):
 
     def _timed_out(self, transport: asyncio.Transport) -> None:
         """Answer 408 to a request that did not come in time, and close: nothing of it happened."""
-        head = self.head
         stalls.refuse_late(
-            transport,
-            head is None,
-            self.site.receive_timeout_s,
-            self.site.cuts.receive_timeout,
-            None if head is None else head[0][2].shape,
+            transport, self.head is None, self.site.receive_timeout_s, self.site.cuts.receive_timeout
         )
         self.pending.clear()
         self.head = None

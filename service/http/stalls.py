@@ -55,7 +55,6 @@ from aiohttp.web_protocol import RequestHandler
 
 from service.errors import RequestTimeout
 from service.http.malformed import JsonErrors
-from service.http.openai_api import ENDPOINTS, ErrorShape
 from service.loop_metrics import Count
 from service.metrics import Cuts
 
@@ -108,18 +107,10 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
-def refuse_late(
-    transport: asyncio.Transport,
-    head: bool,
-    limit_s: float,
-    cut: Count,
-    shape: ErrorShape | None = None,
-) -> None:
+def refuse_late(transport: asyncio.Transport, head: bool, limit_s: float, cut: Count) -> None:
     """Answer 408 to a request that did not come within `limit_s` (its `head` did not end, or
     its body stopped), count it (`cut`) and log it in one line: its client's address, nothing it
-    sent. The answer is in the error `shape` of the request's endpoint when its head named one
-    (Anthropic's for `/v1/messages`), else in the service's. Both servers' connections call it,
-    each closing itself after."""
+    sent. Both servers' connections call it, each closing itself after."""
     log.warning(
         "client %s %s (SWITCHBOARD_RECEIVE_TIMEOUT_S): answered 408, its connection closed",
         _peer(transport),
@@ -128,22 +119,23 @@ def refuse_late(
         else f"sent nothing of its request's body for {limit_s:g} s",
     )
     cut.inc()
-    transport.write(_answer(shape))
+    transport.write(_answer())
 
 
-_TIMED_OUT = RequestTimeout("the request did not come within the server's receive timeout")
+_TIMED_OUT = json.dumps(
+    RequestTimeout("the request did not come within the server's receive timeout").body()
+).encode()
 
 
-def _answer(shape: ErrorShape | None) -> bytes:
-    """The 408 to a request that did not come in time, whole: the server's own answer, as an
-    error's JSON (`{"error": {"type", "message"}}`, or the endpoint's `shape` of it), after
+def _answer() -> bytes:
+    """The 408 to a request that did not come in time, whole: the server's own answer, on any
+    path (no route is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after
     which the connection is closed (`Connection: close`)."""
-    body = json.dumps(_TIMED_OUT.body() if shape is None else shape(_TIMED_OUT)).encode()
     return (
         b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
         b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\nConnection: close\r\n"
         b"X-Content-Type-Options: nosniff\r\n\r\n%s"
-        % (len(body), formatdate(usegmt=True).encode(), SERVER_SOFTWARE.encode(), body)
+        % (len(_TIMED_OUT), formatdate(usegmt=True).encode(), SERVER_SOFTWARE.encode(), _TIMED_OUT)
     )
 
 
@@ -275,12 +267,7 @@ class Handler(JsonErrors):
         self._receiving = loop.call_later(limit_s, self._received)
 
     def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
-        request = self._current_request
-        endpoint = None
-        if not head and isinstance(request, web.Request):  # its route known: its endpoint's shape
-            endpoint = request.app.get(ENDPOINTS, {}).get(request.match_info.handler)
-        shape = None if endpoint is None else endpoint.shape
-        refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout, shape)
+        refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout)
         self.force_close()  # its request, if one is answered, ends as for a client that left
 
     def _process_keepalive(self) -> None:

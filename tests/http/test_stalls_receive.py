@@ -193,28 +193,6 @@ async def test_a_body_that_stops_coming_is_answered_408_and_nothing_of_it_happen
     assert TOKEN not in caplog.text
 
 
-@pytest.mark.parametrize("server", SERVERS)
-async def test_a_messages_body_that_stops_coming_is_answered_408_in_anthropics_shape(
-    sops_project: SopsProject, server: str
-) -> None:
-    """On `/v1/messages`, whose errors are Anthropic's (docs/reference.md §14), the 408 to a body
-    that stopped coming is too: `{"type": "error", "error": {"type", "message"}}`. A head that
-    never ended names no endpoint, and its 408 stays in the service's own shape."""
-    up = _Upstream()
-    async with _metered(sops_project, up.app(), fast=server != "aiohttp", receive_timeout_s=LIMIT_S) as (
-        service,
-        records,
-    ):
-        body = b'{"model": "fake-model", ' + b" " * 976
-        head, body = _split(_request(body, path="/v1/messages", token=TOKEN), server)
-        got = await _sent_until_closed(service, head + body[:10])
-        await _nothing_happened(service, up, records)
-    assert got.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), got
-    answer = json.loads(got.partition(b"\r\n\r\n")[2])
-    assert answer["type"] == "error"
-    assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["message"]
-
-
 @pytest.mark.parametrize("server", ["fast path", "aiohttp"])
 async def test_a_chunked_body_that_stops_coming_is_answered_408(
     sops_project: SopsProject, server: str
