@@ -45,7 +45,7 @@ from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
-from service.http import fast_request, stalls
+from service.http import fast_request, malformed, stalls
 from service.http.fast_request import FastRequest, Outlet, serialized
 
 if TYPE_CHECKING:
@@ -476,7 +476,7 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.head is None,
             self.site.receive_timeout_s,
             self.site.cuts.receive_timeout,
-            stalls.path_of(bytes(self.pending[: stalls.START])),
+            malformed.path_of(bytes(self.pending[: stalls.START])),
         )
         self.pending.clear()
         self.head = None

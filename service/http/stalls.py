@@ -54,8 +54,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from service.errors import RequestTimeout
-from service.gateway.protocols import messages
-from service.http.malformed import JsonErrors
+from service.http.malformed import JsonErrors, path_of, shaped
 from service.metrics import Count, Cuts
 
 log = logging.getLogger(__name__)
@@ -129,10 +128,7 @@ def refuse_late(
 START = 512
 """How much of a request's first bytes a connection keeps while its head comes (`path_of`):
 enough for the request line of any gateway path."""
-_TIMED_OUT_ERROR = RequestTimeout("the request did not come within the server's receive timeout")
-_TIMED_OUT = json.dumps(_TIMED_OUT_ERROR.body()).encode()
-_TIMED_OUT_MESSAGES = json.dumps(messages.error(_TIMED_OUT_ERROR.status, _TIMED_OUT_ERROR.message)).encode()
-_GATEWAY_HEADERS = b"x-switchboard-provider: none\r\nx-switchboard-attempts: 0\r\n"
+_TIMED_OUT = RequestTimeout("the request did not come within the server's receive timeout")
 
 
 def _answer(path: bytes) -> bytes:
@@ -140,26 +136,17 @@ def _answer(path: bytes) -> bytes:
     is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after which the connection
     is closed (`Connection: close`). On a gateway path (its request line came) it carries the
     gateway's headers, and on Anthropic's Messages paths it comes in Anthropic's shape
-    (`{"type": "error", "error": {...}}`), as every error there does (docs/reference.md §14)."""
-    body = _TIMED_OUT_MESSAGES if path == b"/v1/messages" or path.startswith(b"/v1/messages/") else _TIMED_OUT
+    (`{"type": "error", "error": {...}}`), as every error there does (`malformed.shaped`;
+    docs/reference.md §14)."""
+    error, headers = shaped(_TIMED_OUT, _TIMED_OUT.status, path)
+    body = json.dumps(error).encode()
+    fields = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items())
     return (
         b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
         b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\nConnection: close\r\n"
         b"%sX-Content-Type-Options: nosniff\r\n\r\n%s"
-        % (
-            len(body),
-            formatdate(usegmt=True).encode(),
-            SERVER_SOFTWARE.encode(),
-            _GATEWAY_HEADERS if path.startswith(b"/v1/") else b"",
-            body,
-        )
+        % (len(body), formatdate(usegmt=True).encode(), SERVER_SOFTWARE.encode(), fields, body)
     )
-
-
-def path_of(start: bytes) -> bytes:
-    """The path of the request line `start` begins with (empty while its target has not ended)."""
-    parts = start.lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ", 2)
-    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
 
 
 class Handler(JsonErrors):
@@ -225,6 +212,10 @@ class Handler(JsonErrors):
     def data_received(self, data: bytes) -> None:
         count, body = self._request_count, self._body
         self._got += len(data)
+        if body is None and self._head_since is None:  # a head begins here (its request line)
+            self._start = bytes(data[:START])
+        elif body is None and len(self._start) < START:  # more of a head begun
+            self._start += data[: START - len(self._start)]
         super().data_received(data)
         if self._request_count != count:  # a head ended here: its body comes next, if it has one
             self._head_since = None
@@ -241,10 +232,7 @@ class Handler(JsonErrors):
                 return  # it ended here (what may follow it, as above)
         elif data and self._head_since is None:  # a head begun, all of this read
             self._head_since = self._loop.time()
-            self._start = bytes(data[:START])
         else:
-            if self._head_since is not None and len(self._start) < START:  # more of a head
-                self._start += data[: START - len(self._start)]
             return
         if self._receiving is None:
             self._receiving = self._loop.call_later(self._receive_timeout_s, self._received)
@@ -329,6 +317,9 @@ class Handler(JsonErrors):
 
     def refused(self) -> None:  # a request its parser refused, answered 400 (`JsonErrors`)
         self._cuts.malformed.inc()
+
+    def path(self) -> bytes:  # the path of the head it refused, when its request line came (`JsonErrors`)
+        return path_of(self._start)
 
 
 class Server(web.Server):
