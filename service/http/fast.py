@@ -45,7 +45,7 @@ from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
-from service.http import fast_request, stalls
+from service.http import fast_request, malformed, stalls
 from service.http.fast_request import FastRequest, Outlet, serialized
 
 if TYPE_CHECKING:
@@ -472,7 +472,11 @@ class FastConnection(asyncio.Protocol, Outlet):
     def _timed_out(self, transport: asyncio.Transport) -> None:
         """Answer 408 to a request that did not come in time, and close: nothing of it happened."""
         stalls.refuse_late(
-            transport, self.head is None, self.site.receive_timeout_s, self.site.cuts.receive_timeout
+            transport,
+            self.head is None,
+            self.site.receive_timeout_s,
+            self.site.cuts.receive_timeout,
+            malformed.path_of(bytes(self.pending[: stalls.START])),
         )
         self.pending.clear()
         self.head = None

@@ -7,6 +7,10 @@ aiohttp answers such a request itself, before any handler or middleware sees it
 (`{"error": {"type", "message"}}`, `X-Content-Type-Options: nosniff`, the connection closed)
 whose message names the fault, never the bytes; the log's line says the same (`ProtocolLog`).
 Each such answer is `refused`: the connection (`stalls.Handler`) counts it in the metrics.
+
+When the refused request's line came (its connection kept its first bytes: `path`), the answer
+is `shaped` as the app's errors are: in Anthropic's shape on its Messages paths, with the
+gateway's headers on a gateway path (docs/reference.md §14). So is the receive timeout's 408.
 """
 
 from __future__ import annotations
@@ -20,9 +24,28 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from service.errors import BadRequest, HTTPError, PayloadTooLarge
+from service.gateway.protocols import messages
 
 NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 _ERRORS: dict[int, type[HTTPError]] = {400: BadRequest, 413: PayloadTooLarge}
+_MESSAGES = b"/v1/messages"
+_GATEWAY_HEADERS = {"x-switchboard-provider": "none", "x-switchboard-attempts": "0"}
+
+
+def path_of(start: bytes) -> bytes:
+    """The path of the request line `start` begins with (empty while its target has not ended)."""
+    parts = start.lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ", 2)
+    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
+
+
+def shaped(error: HTTPError, status: int, path: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """The body and headers of `error` (answered `status`) when the server answers it itself on
+    `path` (empty when unknown), as the app answers its own errors: in Anthropic's shape on its
+    Messages paths, with the gateway's headers on a gateway path (`/v1/`)."""
+    body = error.body()
+    if path == _MESSAGES or path.startswith(_MESSAGES + b"/"):
+        body = messages.error(status, error.message)
+    return body, dict(_GATEWAY_HEADERS) if path.startswith(b"/v1/") else {}
 
 
 class JsonErrors(RequestHandler):
@@ -46,9 +69,14 @@ class JsonErrors(RequestHandler):
             self.refused()
         else:
             error = HTTPError("the request could not be answered")
-        answer = web.json_response(error.body(), status=status, headers=NOSNIFF)
+        body, headers = shaped(error, status, self.path())
+        answer = web.json_response(body, status=status, headers={**headers, **NOSNIFF})
         answer.force_close()
         return answer
+
+    def path(self) -> bytes:
+        """The path of the request it refused, when its request line came (`stalls.Handler`)."""
+        return b""
 
     def refused(self) -> None:
         """A request the parser refused is answered (its connection closed after): nothing to

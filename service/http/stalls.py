@@ -54,7 +54,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from service.errors import RequestTimeout
-from service.http.malformed import JsonErrors
+from service.http.malformed import JsonErrors, path_of, shaped
 from service.loop_metrics import Count
 from service.metrics import Cuts
 
@@ -107,10 +107,14 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
-def refuse_late(transport: asyncio.Transport, head: bool, limit_s: float, cut: Count) -> None:
+def refuse_late(
+    transport: asyncio.Transport, head: bool, limit_s: float, cut: Count, path: bytes = b""
+) -> None:
     """Answer 408 to a request that did not come within `limit_s` (its `head` did not end, or
     its body stopped), count it (`cut`) and log it in one line: its client's address, nothing it
-    sent. Both servers' connections call it, each closing itself after."""
+    sent. `path` is the request's, when its request line came (`path_of`): it chooses the
+    answer's shape (`_answer`). Both servers' connections call it, each
+    closing itself after."""
     log.warning(
         "client %s %s (SWITCHBOARD_RECEIVE_TIMEOUT_S): answered 408, its connection closed",
         _peer(transport),
@@ -119,23 +123,30 @@ def refuse_late(transport: asyncio.Transport, head: bool, limit_s: float, cut: C
         else f"sent nothing of its request's body for {limit_s:g} s",
     )
     cut.inc()
-    transport.write(_answer())
+    transport.write(_answer(path))
 
 
-_TIMED_OUT = json.dumps(
-    RequestTimeout("the request did not come within the server's receive timeout").body()
-).encode()
+START = 512
+"""How much of a request's first bytes a connection keeps while its head comes (`path_of`):
+enough for the request line of any gateway path."""
+_TIMED_OUT = RequestTimeout("the request did not come within the server's receive timeout")
 
 
-def _answer() -> bytes:
-    """The 408 to a request that did not come in time, whole: the server's own answer, on any
-    path (no route is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after
-    which the connection is closed (`Connection: close`)."""
+def _answer(path: bytes) -> bytes:
+    """The 408 to a request that did not come in time, whole: the server's own answer (no route
+    is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after which the connection
+    is closed (`Connection: close`). On a gateway path (its request line came) it carries the
+    gateway's headers, and on Anthropic's Messages paths it comes in Anthropic's shape
+    (`{"type": "error", "error": {...}}`), as every error there does (`malformed.shaped`;
+    docs/reference.md §14)."""
+    error, headers = shaped(_TIMED_OUT, _TIMED_OUT.status, path)
+    body = json.dumps(error).encode()
+    fields = b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in headers.items())
     return (
         b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
         b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\nConnection: close\r\n"
-        b"X-Content-Type-Options: nosniff\r\n\r\n%s"
-        % (len(_TIMED_OUT), formatdate(usegmt=True).encode(), SERVER_SOFTWARE.encode(), _TIMED_OUT)
+        b"%sX-Content-Type-Options: nosniff\r\n\r\n%s"
+        % (len(body), formatdate(usegmt=True).encode(), SERVER_SOFTWARE.encode(), fields, body)
     )
 
 
@@ -155,6 +166,7 @@ class Handler(JsonErrors):
         "_receiving",
         "_seen",
         "_send_timeout_s",
+        "_start",
     )
 
     def __init__(self, manager: Server, **kwargs: Any) -> None:
@@ -175,6 +187,8 @@ class Handler(JsonErrors):
         """The bytes received so far (a compressed or chunked body's own, not what they make)."""
         self._seen = -1
         """`_got` when a body coming was last looked at (-1: look again before judging it)."""
+        self._start = b""
+        """The first bytes of the head coming (`START` at most): its request line names its path."""
 
     async def start(self) -> None:
         try:
@@ -199,6 +213,10 @@ class Handler(JsonErrors):
     def data_received(self, data: bytes) -> None:
         count, body = self._request_count, self._body
         self._got += len(data)
+        if body is None and self._head_since is None:  # a head begins here (its request line)
+            self._start = bytes(data[:START])
+        elif body is None and len(self._start) < START:  # more of a head begun
+            self._start += data[: START - len(self._start)]
         super().data_received(data)
         if self._request_count != count:  # a head ended here: its body comes next, if it has one
             self._head_since = None
@@ -267,7 +285,11 @@ class Handler(JsonErrors):
         self._receiving = loop.call_later(limit_s, self._received)
 
     def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
-        refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout)
+        request = self._current_request
+        path = (
+            path_of(self._start) if head or request is None else request.raw_path.partition("?")[0].encode()
+        )
+        refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout, path)
         self.force_close()  # its request, if one is answered, ends as for a client that left
 
     def _process_keepalive(self) -> None:
@@ -296,6 +318,9 @@ class Handler(JsonErrors):
 
     def refused(self) -> None:  # a request its parser refused, answered 400 (`JsonErrors`)
         self._cuts.malformed.inc()
+
+    def path(self) -> bytes:  # the path of the head it refused, when its request line came (`JsonErrors`)
+        return path_of(self._start)
 
 
 class Server(web.Server):

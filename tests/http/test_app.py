@@ -262,13 +262,17 @@ async def test_the_root_needs_no_token(guarded: Service, method: str) -> None:
         b"X-Long: " + b"a" * 70_000,
     ],
 )
-@pytest.mark.parametrize("line", [b"GET /healthz", b"POST /v1/chat/completions"])
+@pytest.mark.parametrize(
+    "line", [b"GET /healthz", b"POST /v1/chat/completions", b"POST /v1/messages?beta=true"]
+)
 async def test_a_malformed_header_is_answered_and_logged_without_its_bytes(
     guarded: Service, header: bytes, line: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiohttp's own answer quoted the bytes (a token in them) as plain text: it is the
     service's JSON error now, naming the fault only, and one line in the log; counted as a cut,
-    `malformed`, on the connection the fast path handed to aiohttp (in no route's count)."""
+    `malformed`, on the connection the fast path handed to aiohttp (in no route's count). On a
+    gateway path it carries the gateway's headers, and on Anthropic's Messages paths it comes in
+    Anthropic's shape, as every error there (docs/reference.md §14)."""
     host = guarded.url.removeprefix("http://")
     request = line + b" HTTP/1.1\r\nHost: " + host.encode() + b"\r\nContent-Length: 2\r\n" + header
     caplog.set_level(logging.DEBUG)
@@ -284,8 +288,15 @@ async def test_a_malformed_header_is_answered_and_logged_without_its_bytes(
     fields = {k.lower(): v.strip() for k, _, v in (f.partition(b":") for f in head.split(b"\r\n")[1:])}
     assert fields[b"content-type"].startswith(b"application/json")
     assert fields[b"x-content-type-options"] == b"nosniff"
-    error = json.loads(body)["error"]
-    assert error["type"] == "bad_request" and error["message"].startswith("malformed request: ")
+    answered = json.loads(body)
+    error = answered["error"]
+    if b"/v1/messages" in line:
+        assert answered["type"] == "error" and error["type"] == "invalid_request_error"
+    else:
+        assert error["type"] == "bad_request"
+    assert error["message"].startswith("malformed request: ")
+    if b"/v1/" in line:
+        assert (fields[b"x-switchboard-provider"], fields[b"x-switchboard-attempts"]) == (b"none", b"0")
     assert b"sk-secret" not in answer and b"\\x00" not in answer and b"aaaa" not in answer
     records = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len(records) == 1, [r.getMessage() for r in records]

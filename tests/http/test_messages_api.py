@@ -254,3 +254,60 @@ async def test_a_provider_without_count_tokens_is_estimated_at_once_and_keeps_sp
             message = await sdk.messages.create(**raw)
             assert message.content[0].text == "claude says: hi"  # type: ignore[union-attr]
             assert up.requests[-1].path == "/v1/messages" and up.requests[-1].json == raw  # as it is
+
+
+async def test_a_translated_message_maps_what_chat_has_and_drops_the_rest_never_refusing(
+    sops_project: SopsProject,
+) -> None:
+    """SPEC §14's details, as Claude Code sends them (`?beta=true`, its betas' header and fields):
+    `stop_sequences` as `stop`, `metadata` kept, a `system` message inside `messages` joined to
+    the system prompt in its order; hosted tools, `thinking`, `cache_control` and the betas'
+    fields dropped, and the Anthropic headers not sent to a chat upstream."""
+    async with FakeUpstream(name="a") as up:
+        write_provider(sops_project, "a", server_type="llamacpp", base_url=up.base_url)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            body = {
+                "model": "fake-model",
+                "max_tokens": 9,
+                "system": [{"type": "text", "text": "First.", "cache_control": {"type": "ephemeral"}}],
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "Second."},
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "b", "cache_control": {"type": "ephemeral"}}],
+                    },
+                ],
+                "stop_sequences": ["END"],
+                "metadata": {"user_id": "u-1"},
+                "thinking": {"type": "enabled", "budget_tokens": 1024},
+                "tools": [
+                    {"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
+                    {"type": "bash_20250124", "name": "bash"},
+                    {"name": "f", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}},
+                ],
+                "context_management": {"edits": []},
+                "top_k": 5,
+            }
+            headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "context-management-2025-06-27"}
+            async with board.http.post(
+                board.url + "/v1/messages?beta=true", json=body, headers=headers
+            ) as response:
+                assert response.status == 200, await response.text()
+                assert (await response.json())["type"] == "message"
+    sent = up.requests[-1]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.json == {
+        "model": "fake-model",
+        "messages": [
+            {"role": "system", "content": "First.\n\nSecond."},
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+        ],
+        "max_tokens": 9,
+        "stop": ["END"],
+        "metadata": {"user_id": "u-1"},
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    }
+    assert not {"anthropic-version", "anthropic-beta"} & set(sent.headers)

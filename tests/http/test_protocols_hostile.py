@@ -5,6 +5,7 @@ huge and deep bodies. None may work, and none may make the service answer 500.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from typing import Any
 
@@ -293,3 +294,55 @@ async def test_a_chat_request_without_a_model_is_a_400_as_one_whose_model_is_nul
             reranked = await board.post("/v1/rerank", {"query": "q", "documents": ["d"]})
     assert sent == 0
     assert (embedded.status, reranked.status) == (200, 200)
+
+
+WRONG = [None, [], {}, "", 0, -1, 10**30, 1e308, True, [None], [{}], {"type": None}, "\ud800"]
+"""A field's value of every wrong kind: null, empty, huge, a lone surrogate..."""
+FIELDS = {
+    "/v1/chat/completions": ("messages", "max_tokens", "tools", "tool_choice", "stop", "stream_options"),
+    "/v1/embeddings": ("input", "encoding_format", "dimensions"),
+    "/v1/rerank": ("query", "documents", "top_n"),
+    "/v1/completions": ("prompt", "max_tokens", "stream_options"),
+    "/v1/messages": (
+        "messages",
+        "system",
+        "max_tokens",
+        "tools",
+        "tool_choice",
+        "stop_sequences",
+        "metadata",
+    ),
+    "/v1/messages/count_tokens": ("messages", "system", "tools"),
+    "/v1/responses": ("input", "instructions", "tools", "tool_choice", "text", "reasoning", "include"),
+}
+
+
+async def test_a_field_of_any_wrong_kind_is_never_a_500_and_keeps_the_protocols_shape(
+    sops_project: SopsProject,
+) -> None:
+    """Every gateway endpoint, native (`n`: vLLM) and translated (`t`: llama.cpp): each field of
+    every wrong kind is answered (as the upstream answers it, or refused), never 500, and on the
+    Messages paths in Anthropic's shape."""
+    bodies = {
+        **BODIES,
+        "/v1/embeddings": {"model": "fake-model", "input": "hi"},
+        "/v1/rerank": {"model": "fake-model", "query": "q", "documents": ["a", "b"]},
+        "/v1/messages/count_tokens": {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    everything = ["chat", "embeddings", "reranking"]
+    async with upstreams({"name": "n", "models": ("n",)}, {"name": "t", "models": ("t",)}) as (n, t):
+        write_provider(sops_project, "n", base_url=n.base_url, models=["n"], purposes=everything)
+        write_provider(
+            sops_project, "t", server_type="llamacpp", base_url=t.base_url, models=["t"], purposes=everything
+        )
+        write_routing(sops_project, chat=["n", "t"], embeddings=["n", "t"], reranking=["n", "t"])
+        async with running(sops_project, circuit_failures=10_000) as board:
+            for path, fields in FIELDS.items():
+                for model, field, value in itertools.product(("n", "t"), fields, WRONG):
+                    body = {**bodies[path], "model": model, field: value}
+                    data = json.dumps(body).encode("utf-8", "surrogatepass")
+                    async with board.http.post(board.url + path, data=data, headers=JSON) as response:
+                        answer = await response.read()
+                    assert response.status != 500, (path, model, field, value, answer)
+                    if path.startswith("/v1/messages") and response.status >= 400:
+                        assert json.loads(answer)["type"] == "error", (path, model, field, value, answer)

@@ -161,6 +161,7 @@ async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_pro
                 with pytest.raises(openai.BadRequestError) as refused:
                     await sdk.responses.create(model="fake-model", input="x", previous_response_id=forged)
                 assert refused.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+                assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
             with pytest.raises(openai.BadRequestError):  # another client cannot continue it
                 await client(board.url, "tok-two-0002").responses.create(
                     model="fake-model", input="x", previous_response_id=first.id
@@ -169,6 +170,13 @@ async def test_a_native_response_keeps_its_conversation_on_its_provider(sops_pro
             with pytest.raises(openai.APIStatusError) as failed:  # its provider's failure, never another's
                 await sdk.responses.create(model="fake-model", input="x", previous_response_id=first.id)
             assert failed.value.status_code == 502 and not b.requests
+            assert failed.value.body["attempts"] == [  # type: ignore[index]
+                {"provider": "a", "status": 500, "reason": "HTTP 500"}
+            ]
+            with pytest.raises(openai.APIStatusError) as streamed:  # streamed alike, before its first byte
+                async with sdk.responses.stream(model="fake-model", input="x", previous_response_id=first.id):
+                    pass
+            assert streamed.value.status_code == 502 and not b.requests
 
 
 async def test_a_provider_that_answers_404_on_a_default_protocol_is_skipped_and_remembered(

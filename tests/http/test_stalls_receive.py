@@ -418,3 +418,42 @@ async def test_a_head_handed_to_aiohttp_in_its_middle_is_timed_from_its_first_by
         await _nothing_happened(service, up, records)
     _timed_out(got)
     assert waited < LIMIT_S * 1.6, waited
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize("stall", ["head", "body"])
+async def test_a_408_on_a_messages_path_comes_in_anthropics_shape(
+    sops_project: SopsProject, server: str, stall: str
+) -> None:
+    """docs/reference.md §14: every error on Anthropic's Messages paths comes in Anthropic's shape,
+    the receive timeout's 408 too, once its request line has come (its query aside); on the
+    other gateway paths it is the usual error, and every gateway path's carries the gateway's
+    headers."""
+    up = _Upstream()
+    async with _metered(sops_project, up.app(), fast=server != "aiohttp", receive_timeout_s=LIMIT_S) as (
+        service,
+        _,
+    ):
+        got = {}
+        for path in ("/v1/messages?beta=true", "/v1/messages/count_tokens", "/v1/responses"):
+            head, body = _split(
+                _request(b'{"model": "fake-model", ' + b" " * 976, path=path, token=TOKEN), server
+            )
+            reader, writer = await asyncio.open_connection(*_address(service))
+            try:
+                if stall == "head" and server == "handed off":  # a request gave the connection to aiohttp
+                    writer.write(HEALTHZ)
+                    assert (await _read_answer(reader)).status == 200
+                writer.write(head[:-30] if stall == "head" else head + body[:10])
+                got[path] = (await asyncio.wait_for(_until_closed(reader), 10)).partition(b"HTTP/1.1 408")
+            finally:
+                writer.close()
+    for path, (_, line, answer) in got.items():
+        fields, _, text = answer.partition(b"\r\n\r\n")
+        error = json.loads(text)
+        assert line and b"\r\nx-switchboard-provider: none\r\nx-switchboard-attempts: 0\r\n" in fields, path
+        if path.startswith("/v1/messages"):
+            assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", path
+            assert "receive timeout" in error["error"]["message"]
+        else:
+            assert error["error"]["type"] == "request_timeout", path
