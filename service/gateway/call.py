@@ -78,6 +78,15 @@ class NotSpoken(Failure):
         self.protocol = protocol
 
 
+class NotTranslated(Failure):
+    """litellm could not make the request its provider's (a field of the wrong kind, a `tools` of
+    another shape), before anything was sent: not the provider's failure. When no candidate
+    could take the request for this, it is the client's to mend: 400 (docs/reference.md §14)."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(None, f"litellm could not translate the request ({cause})", blames_provider=False)
+
+
 def retryable(status: int) -> bool:
     """Statuses the upstream may answer otherwise next time (docs/reference.md §7): 408, 429 and 5xx."""
     return status >= 500 or status in (408, 429)

@@ -34,6 +34,7 @@ from service.gateway.call import (
     Call,
     Failure,
     NotSpoken,
+    NotTranslated,
     encodable,
     model_label,
 )
@@ -141,6 +142,8 @@ class Relay:
         """What each attempt's upstream asked to wait (ms), of those that said."""
         unspoken = 0
         """Attempts that found the provider does not speak the protocol after all (a 404 at its path)."""
+        untranslated = 0
+        """Attempts litellm could not translate the request for (a field of the wrong kind)."""
         pinned: ids.ResponseId | None = None
         candidates: Sequence[Provider]
         if call.pinned is not None:
@@ -180,6 +183,8 @@ class Relay:
                     if isinstance(failure, NotSpoken):
                         self.forms.remember(provider, failure.protocol)
                         unspoken += 1
+                    elif isinstance(failure, NotTranslated):
+                        untranslated += 1
                     if failure.refused:
                         health.refuse(pid, failure.reason)
                     elif failure.blames_provider:
@@ -216,6 +221,12 @@ class Relay:
                 # (docs/reference.md §14), as when no provider speaks Messages at all.
                 what = f"model {shown(call.model)}" if call.model else "this request"
                 raise ModelNotFound(f"no enabled provider serves {what} over Messages", over_protocol=True)
+            if untranslated == len(attempts):  # the request's own fault, whoever took it: 400
+                raise InvalidRequest(
+                    "the request could not be translated for its provider: check its fields' types "
+                    "and shapes",
+                    attempts=attempts,
+                )
             # each asked to be left alone for a time: the shortest, when the first is free again
             wait = min(waits) if len(waits) == len(attempts) else None
             raise UpstreamsFailed(

@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp import web
 
 from service.config.models import Provider
-from service.gateway.call import Call, Failure, falls_back
+from service.gateway.call import Call, Failure, NotTranslated, falls_back
 from service.gateway.transports.base import (
     TooLarge,
     Transport,
@@ -237,8 +237,7 @@ async def _forward(
         if not _reached_upstream(exc):
             # litellm failed on the request itself (a malformed `tools`, `messages` of another
             # shape: it reports them as a 500 "connection error"), before sending anything.
-            reason = f"litellm could not translate the request ({_first_cause(exc)})"
-            raise Failure(None, reason, blames_provider=False) from None
+            raise NotTranslated(_first_cause(exc)) from None
         if not isinstance(status, int):
             raise Failure(None, type(exc).__name__) from None
         raise Failure.of_status(status, _asked_to_wait(exc)) from None

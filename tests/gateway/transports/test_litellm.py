@@ -403,9 +403,17 @@ async def test_malformed_requests_cannot_open_a_healthy_providers_circuit(
     assert CANARY not in text
 
 
-async def test_a_malformed_request_answers_with_why_and_leaves_a_half_open_trial_free(
-    sops_project: SopsProject,
+@pytest.mark.parametrize(
+    "fields",
+    [{"tools": [{"type": "function"}]}, {"max_tokens": "x"}, {"messages": 0}],
+    ids=["tools", "max_tokens", "messages"],
+)
+async def test_a_malformed_request_is_400_with_why_and_leaves_a_half_open_trial_free(
+    sops_project: SopsProject, fields: dict[str, Any]
 ) -> None:
+    """A request litellm cannot translate for any candidate is the client's to mend: 400
+    `invalid_request_error` listing the attempts (it was 502, as if the vendor had failed), and
+    the provider's half-open trial stays free for the next request."""
     async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
         _anthropic(sops_project, up)
         write_routing(sops_project, chat="claude")
@@ -415,11 +423,13 @@ async def test_a_malformed_request_answers_with_why_and_leaves_a_half_open_trial
                 health.failed("claude", "HTTP 500")
             assert health.is_open("claude")
             await asyncio.sleep(0.05)  # half-open: the next request is its trial
-            refused = await board.chat("hi", max_tokens=10, tools=[{"type": "function"}])
+            refused = await board.chat("hi", **{"max_tokens": 10, **fields})
             body = await refused.json()
             trial = await board.chat("hi", max_tokens=10)
-    assert refused.status == 502
+    assert refused.status == 400, body
+    assert body["error"]["type"] == "invalid_request_error" and "translated" in body["error"]["message"]
     assert "litellm could not translate the request" in body["error"]["attempts"][0]["reason"]
+    assert CANARY not in json.dumps(body)
     assert trial.status == 200 and trial.headers["x-switchboard-provider"] == "claude"
 
 
