@@ -266,6 +266,12 @@ class Relay:
         wrapped = call.pinned or ""
         pid = ids.provider_of(wrapped)
         provider = snapshot.providers.get(pid) if pid is not None else None
+        if pid is not None and provider is None:  # its MAC cannot be checked: its provider's key is gone
+            raise InvalidRequest(
+                f"previous_response_id names provider {shown(pid)}, which is not configured now: "
+                "Switchboard keeps no conversation, so send the whole input again",
+                param="previous_response_id",
+            )
         found = ids.unwrap(self.forms.key(provider), call.client, wrapped) if provider is not None else None
         if provider is None or found is None:
             raise InvalidRequest(

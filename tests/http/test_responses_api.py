@@ -10,7 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import SopsProject
+from service.http.context import REGISTRY
+from tests.conftest import SopsProject, eventually
 from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, upstreams
 
@@ -239,6 +240,31 @@ async def test_a_response_is_continued_on_another_replica_at_once(
                     model=model, input="next", previous_response_id=first.id
                 )
                 assert second.output_text.endswith(f"(after: {up.name} says: hello)")
+
+
+async def test_a_pinned_provider_removed_from_the_configuration_is_400_naming_it(
+    sops_project: SopsProject,
+) -> None:
+    """Its file deleted, a response id of it can no longer be checked nor continued: 400 with
+    `param`, naming the provider (it said "not the id of a response Switchboard gave this
+    client", about an id Switchboard did give), and no other provider is asked."""
+    async with upstreams({"name": "a"}, {"name": "b"}) as (a, b):
+        write_provider(sops_project, "a", provider="openai", base_url=a.base_url, api_key="sk-a")
+        write_provider(sops_project, "b", base_url=b.base_url)
+        write_routing(sops_project, chat={"primary": "a", "fallbacks": ["b"]})
+        async with running(sops_project) as board:
+            sdk = client(board.url)
+            first = await sdk.responses.create(model="fake-model", input="hi")
+            write_routing(sops_project, chat="b")
+            (sops_project.root / "providers.d" / "a.yaml").unlink()
+            registry = board.app[REGISTRY]
+            await eventually(lambda: "a" not in registry.snapshot.providers)
+            asked = len(b.requests)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await sdk.responses.create(model="fake-model", input="x", previous_response_id=first.id)
+    assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    assert "'a'" in refused.value.message and "not configured now" in refused.value.message
+    assert len(b.requests) == asked
 
 
 async def test_a_pinned_provider_that_cannot_be_tried_now_is_503_naming_it(sops_project: SopsProject) -> None:
