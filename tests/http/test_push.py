@@ -180,6 +180,50 @@ async def test_a_wait_in_minutes_holds_and_is_at_most_five(running_service: Serv
     assert (await asyncio.wait_for(held, 10)).status == 200
 
 
+async def test_an_index_without_a_wait_holds_for_the_default(running_service: Service) -> None:
+    """`wait` defaults to 60 s: `?index=N` alone is a blocking query, not an answer at once."""
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    held = asyncio.create_task(get(running_service, f"{API}/active?index={index}"))
+    await asyncio.sleep(2)
+    assert not held.done()
+    await moved(running_service, 7005)
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.status == 200 and int(answer.headers[push.INDEX_HEADER]) > int(index)
+
+
+@pytest.mark.parametrize("wait", ["301", "9" * 400, "999999999ms", "1000000m"])
+async def test_a_wait_past_five_minutes_in_any_unit_is_held_not_refused(
+    running_service: Service, wait: str
+) -> None:
+    """A wait longer than 300 s is clamped to 300 s however it is written (a number too large
+    for a float included), never a 400 nor a 500."""
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    held = asyncio.create_task(get(running_service, f"{API}/active?index={index}&wait={wait}"))
+    await asyncio.sleep(1)
+    assert not held.done()
+    await moved(running_service, 7006)
+    assert (await asyncio.wait_for(held, 10)).status == 200
+
+
+@pytest.mark.parametrize("form", ["bare", "weak", "star", "list"])
+async def test_if_none_match_compares_weakly_and_takes_a_list_or_a_star(
+    running_service: Service, form: str
+) -> None:
+    """`If-None-Match` is compared weakly (RFC 9110 §13.1.2): the tag with or without `W/`, `*`,
+    or a list holding it, is 304 with no body; a list of other tags is the content."""
+    tag = (await get(running_service, API + "/active/chat")).headers["ETag"]
+    header = {
+        "bare": tag.removeprefix("W/"),
+        "weak": tag,
+        "star": "*",
+        "list": f'"other", W/"another",{tag.removeprefix("W/")}',
+    }[form]
+    answer = await get(running_service, API + "/active/chat", {"If-None-Match": header})
+    assert answer.status == 304 and answer.body == b"" and answer.headers["ETag"] == tag
+    others = await get(running_service, API + "/active/chat", {"If-None-Match": '"other", W/"another"'})
+    assert others.status == 200 and others.headers["ETag"] == tag
+
+
 async def test_an_index_ahead_of_the_service_answers_at_once(running_service: Service) -> None:
     started = time.monotonic()
     answer = await get(running_service, f"{API}/active?index=999999&wait=30s")
@@ -386,6 +430,31 @@ async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicat
     await from_start.aclose()
 
 
+@pytest.mark.parametrize("where", ["header", "query"])
+async def test_a_last_event_id_ahead_of_the_log_starts_from_now(running_service: Service, where: str) -> None:
+    """An id this log never reached (another replica's, or a log replaced) replays nothing and
+    does not wait for the log to reach it: the next event is sent, though its seq is lower."""
+    ahead = str(running_service.events()[-1].seq + 1000)
+    stream = (
+        sse(running_service, {"Last-Event-ID": ahead})
+        if where == "header"
+        else sse(running_service, query=f"?after={ahead}")
+    )
+    assert await asyncio.wait_for(anext(stream), 5) == ("comment", None)  # nothing replayed
+    move(running_service.project, 7014)
+    (updated,) = await asyncio.wait_for(take(stream, 1), 10)
+    assert updated["type"] == "provider.updated" and updated["seq"] < int(ahead)
+    await stream.aclose()
+
+
+async def test_a_last_event_id_of_zero_replays_the_whole_log(running_service: Service) -> None:
+    everything = [e.seq for e in running_service.events()]
+    stream = sse(running_service, {"Last-Event-ID": "0"})
+    replayed = await asyncio.wait_for(take(stream, len(everything)), 10)
+    assert [e["seq"] for e in replayed] == everything and replayed[0]["type"] == "service.started"
+    await stream.aclose()
+
+
 async def test_head_of_the_stream_is_its_headers_alone(running_service: Service) -> None:
     """ "Every `GET` also answers `HEAD`" (docs/reference.md §6.2): `HEAD …/events` wrote the
     stream's first comment after its headers, where a HEAD answer has no content (RFC 9110), so
@@ -426,6 +495,36 @@ async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: S
             await stream.aclose()
     assert "secret.read" in seen["boss"] and "clients.updated" in seen["boss"]
     assert "secret.read" not in seen["reader"] and "clients.updated" not in seen["reader"]
+
+
+async def test_a_replay_from_the_log_shows_secret_reads_and_clients_to_admin_streams_only(
+    sops_project: SopsProject,
+) -> None:
+    """What a stream replays from the log (`Last-Event-ID`) is filtered as what it gets live."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {
+        "reader": ("tok-r", ["config:read"]),
+        "boss": ("tok-a", ["config:read", "admin", "secrets:read"]),
+    }
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        auth = {"reader": {"Authorization": "Bearer tok-r"}, "boss": {"Authorization": "Bearer tok-a"}}
+        assert (await get(service, API + "/active/chat/litellm?model=m", auth["boss"])).status == 200
+        clients["new"] = ("tok-n", ["completions"])
+        write_clients(sops_project, clients)
+        await eventually(lambda: [e.type for e in service.events()].count("clients.updated") >= 1)
+        await moved(service, 7021)
+        logged = [e.type for e in service.events()]
+        assert "secret.read" in logged and "clients.updated" in logged
+        seen: dict[str, list[str]] = {}
+        for name, headers in auth.items():
+            stream = sse(service, {**headers, "Last-Event-ID": "0"})
+            seen[name] = [e["type"] for e in await asyncio.wait_for(_until(stream, "provider.updated"), 10)]
+            await stream.aclose()
+    assert "secret.read" in seen["boss"] and "clients.updated" in seen["boss"]
+    assert "secret.read" not in seen["reader"] and "clients.updated" not in seen["reader"]
+    assert seen["reader"] == [t for t in seen["boss"] if t not in ("secret.read", "clients.updated")]
 
 
 async def test_a_token_replaced_alone_is_a_masked_clients_updated_for_admin_streams_only(
