@@ -272,6 +272,33 @@ async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
 
 
+async def test_streams_and_held_queries_share_the_bound(sops_project: SopsProject) -> None:
+    """`SWITCHBOARD_MAX_WATCHERS` counts held queries and event streams alike: with streams
+    taking every slot, a held query and another stream are 503 `busy` with `Retry-After`, and
+    a query that holds nothing is answered as ever."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project, max_watchers=2) as service:
+        first = await get(service, API + "/active")
+        async with (
+            service.http.get(service.url + API + "/events") as one,
+            service.http.get(service.url + API + "/events") as two,
+        ):
+            assert one.status == two.status == 200
+            await eventually(lambda: service.app[CHANGES].held == 2)
+            for path, headers in (
+                (f"{API}/active?index={first.headers[push.INDEX_HEADER]}&wait=30s", {}),
+                (f"{API}/active?wait=30s", {"If-None-Match": first.headers["ETag"]}),
+                (f"{API}/events", {}),
+            ):
+                refused = await get(service, path, headers)
+                assert refused.status == 503 and refused.headers["Retry-After"].isdigit(), path
+                assert refused.json()["error"]["type"] == "busy"
+            assert (await get(service, API + "/active")).status == 200
+        await eventually(lambda: service.app[CHANGES].held == 0)
+        assert (await get(service, f"{API}/active?index=0&wait=30s")).status == 200  # a slot again
+
+
 async def test_one_client_cannot_take_every_held_slot(sops_project: SopsProject) -> None:
     """One `config:read` token could hold every query and stream slot, leaving none to the
     others: each authenticated client has its own bound, queries and streams counted alike."""
