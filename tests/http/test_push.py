@@ -482,6 +482,30 @@ async def test_a_last_event_id_of_zero_replays_the_whole_log(running_service: Se
     await stream.aclose()
 
 
+@pytest.mark.parametrize("path", ["/events", "/replicas"])
+async def test_the_stream_and_the_replicas_need_config_read(sops_project: SopsProject, path: str) -> None:
+    """`…/events` and `…/replicas` are `config:read`'s: no token is 401, a token without the
+    scope 403 (nothing streamed, nothing held), the scope 200."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {
+        "app": ("tok-c", ["completions"]),
+        "auditor": ("tok-a", ["admin"]),
+        "ops": ("tok-r", ["config:read"]),
+    }
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        assert (await get(service, API + path)).status == 401
+        for token in ("tok-c", "tok-a"):
+            refused = await get(service, API + path, {"Authorization": f"Bearer {token}"})
+            assert refused.status == 403 and refused.json()["error"]["type"] == "forbidden"
+        assert service.app[CHANGES].held == 0
+        async with service.http.get(
+            service.url + API + path, headers={"Authorization": "Bearer tok-r"}
+        ) as allowed:
+            assert allowed.status == 200
+
+
 async def test_head_of_the_stream_is_its_headers_alone(running_service: Service) -> None:
     """ "Every `GET` also answers `HEAD`" (docs/reference.md §6.2): `HEAD …/events` wrote the
     stream's first comment after its headers, where a HEAD answer has no content (RFC 9110), so
