@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from service.client import Switchboard
 from tests.conftest import SopsProject
 from tests.support.balancer import RoundRobin, round_robin
 from tests.support.replicas import Checkout, RedisServer, Replica, clone, free_port, replica_env, server_yaml
@@ -135,3 +136,50 @@ async def test_a_consumer_behind_a_round_robin_neither_loops_nor_steps_back(
 
 async def _saw(consumer: Consumer, port: str) -> bool:
     return any(port in url for _, _, url in consumer.seen)
+
+
+async def test_the_python_client_behind_a_round_robin_sees_each_change_soon_after_the_last_replica(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """docs/reference.md §9 measured with the Python client itself: three replicas (no Redis,
+    each told by its own webhook) behind a per-request round-robin; a change reaches the client
+    within 500 ms of the last replica applying it (asserted with room for a loaded machine), and
+    idle it asks about once per `wait`."""
+    bare, author = remote
+    key = sops_project.identity.key_file
+    trio = tuple(member(tmp_path, bare, key, f"r{i}") for i in (1, 2, 3))
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            for m in trio:
+                m.http = http
+                await m.start()
+            for m in trio:
+                await m.wait_ready()
+            async with (
+                round_robin([m.url for m in trio]) as proxy,
+                Switchboard(proxy.url, wait_s=WAIT_S) as sb,
+            ):
+                assert await sb.get_active_llm_provider("chat") is not None
+                for port in (7301, 7302):
+                    version = sb.version
+                    author.commit({"gpu.yaml": server_yaml("gpu", port)})
+                    author.push()
+                    new = author.head()
+                    waiting = asyncio.create_task(sb.wait_for_change(version, timeout_s=20))
+                    for m in trio:
+                        status, _ = await m.post(f"{API}/hooks/git", PAYLOAD, **signed(PAYLOAD))
+                        assert status == 202
+                    await until(lambda: all_serve(trio, new), 15, "every replica serves the change")  # noqa: B023
+                    applied = time.monotonic()
+                    await asyncio.wait_for(waiting, 15)
+                    assert time.monotonic() - applied < 1.5
+                    chat = await sb.get_active_llm_provider("chat")
+                    assert (
+                        chat is not None and chat.base_url == f"http://127.0.0.1:{port}/v1" and not chat.stale
+                    )
+                await asyncio.sleep(0.5)
+                before = len(proxy.sent)
+                await asyncio.sleep(3 * WAIT_S + 0.5)
+                assert len(proxy.sent) - before <= 5, proxy.sent[before:]
+    finally:
+        await asyncio.gather(*(m.stop() for m in trio))

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import resource
+import signal
 import subprocess
 import sys
+import time
 import weakref
+from pathlib import Path
 
+import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
@@ -20,6 +25,7 @@ from service.http.app import YOUNG_ALLOCATIONS, settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
 from tests.conftest import SopsProject, eventually, write_atomically, write_key, write_routing, write_server
+from tests.support.replicas import Replica, free_port, replica_env, replicas
 
 
 def test_serve_raises_a_low_open_file_limit_towards_the_hard_one() -> None:
@@ -160,3 +166,57 @@ async def test_reloads_after_the_collector_is_settled_leave_no_frozen_cycle_behi
     finally:
         await runner.cleanup()
         gc.unfreeze()
+
+
+# -- SIGTERM with consumers waiting (docs/reference.md §9) ------------------------------------------
+
+
+async def test_sigterm_answers_held_queries_at_once_and_ends_the_streams(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """`switchboard serve` stopped by SIGTERM answers each held query at once with 200 and the
+    current content (a query held on the current tag as well as one held on the index), and
+    ends each event stream, rather than leave consumers hanging until their `wait` runs out."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    api = "/api/v1/llm-config"
+    member = Replica(
+        "stopping",
+        sops_project.root,
+        sops_project.providers,
+        free_port(),
+        replica_env(sops_project.identity.key_file),
+        tmp_path,
+    )
+    async with replicas(member):
+        assert member.http is not None
+        http = member.http
+        async with http.get(member.url + api + "/active/chat") as first:
+            tag, index = first.headers["ETag"], first.headers["X-Switchboard-Index"]
+        long = aiohttp.ClientTimeout(total=60)
+
+        async def held(path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+            async with http.get(member.url + path, headers=headers, timeout=long) as response:
+                return response.status, await response.read()
+
+        async def streamed() -> bytes:
+            async with http.get(member.url + api + "/events", timeout=long) as response:
+                assert response.status == 200
+                return await response.read()  # to its end
+
+        queries = [
+            asyncio.create_task(held(f"{api}/active/chat?index={index}&wait=300s", {})),
+            asyncio.create_task(held(f"{api}/active/chat?wait=300s", {"If-None-Match": tag})),
+        ]
+        stream = asyncio.create_task(streamed())
+        await asyncio.sleep(1)
+        assert not any(t.done() for t in [*queries, stream])
+        started = time.monotonic()
+        await member.stop(signal.SIGTERM)
+        answers = await asyncio.wait_for(asyncio.gather(*queries), 15)
+        await asyncio.wait_for(stream, 15)
+        assert time.monotonic() - started < 12
+        for status, body in answers:
+            assert status == 200 and json.loads(body)["primary"][0]["id"] == "gpu"
+        assert member.process is not None and member.process.returncode == 0, member.log()
+        assert "Traceback" not in member.log()

@@ -248,6 +248,37 @@ async def test_the_client_outlives_a_restart_answering_stale_meanwhile(sops_proj
     await sb.close()
 
 
+async def test_while_the_service_is_down_the_copy_answers_and_the_rest_is_unavailable(
+    sops_project: SopsProject,
+) -> None:
+    """The service gone after a copy was taken: the route's answers come from the copy (stale,
+    fallbacks included), and what needs the service now (`litellm_params`, `test_provider`,
+    `providers`) raises `Unavailable` at once, neither hanging nor returning made-up data."""
+    project_with_route(sops_project)
+    async with serve(sops_project) as service:
+        sb = Switchboard(service.url, backoff_s=(0.05, 0.2), request_timeout_s=5)
+        await sb.start()
+        chat = await sb.get_active_llm_provider("chat")
+        assert chat is not None and not chat.stale
+    try:
+        await eventually(lambda: sb.stale, timeout=10)
+        chat = await sb.get_active_llm_provider("chat")
+        backup = await sb.get_fallback_provider(chat)  # type: ignore[arg-type]
+        assert chat is not None and backup is not None and (chat.id, backup.id) == ("a", "b")
+        assert chat.stale and backup.stale
+        for call in (
+            lambda: sb.litellm_params("chat", model="m"),
+            lambda: sb.test_provider("a"),
+            lambda: sb.providers(),
+        ):
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                await call()
+            assert time.monotonic() - started < 3
+    finally:
+        await sb.close()
+
+
 def commit_all(project: SopsProject, message: str) -> str:
     git(project.root, "add", "-A")
     git(project.root, "commit", "-qm", message)

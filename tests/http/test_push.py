@@ -180,6 +180,50 @@ async def test_a_wait_in_minutes_holds_and_is_at_most_five(running_service: Serv
     assert (await asyncio.wait_for(held, 10)).status == 200
 
 
+async def test_an_index_without_a_wait_holds_for_the_default(running_service: Service) -> None:
+    """`wait` defaults to 60 s: `?index=N` alone is a blocking query, not an answer at once."""
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    held = asyncio.create_task(get(running_service, f"{API}/active?index={index}"))
+    await asyncio.sleep(2)
+    assert not held.done()
+    await moved(running_service, 7005)
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.status == 200 and int(answer.headers[push.INDEX_HEADER]) > int(index)
+
+
+@pytest.mark.parametrize("wait", ["301", "9" * 400, "999999999ms", "1000000m"])
+async def test_a_wait_past_five_minutes_in_any_unit_is_held_not_refused(
+    running_service: Service, wait: str
+) -> None:
+    """A wait longer than 300 s is clamped to 300 s however it is written (a number too large
+    for a float included), never a 400 nor a 500."""
+    index = (await get(running_service, API + "/active")).headers[push.INDEX_HEADER]
+    held = asyncio.create_task(get(running_service, f"{API}/active?index={index}&wait={wait}"))
+    await asyncio.sleep(1)
+    assert not held.done()
+    await moved(running_service, 7006)
+    assert (await asyncio.wait_for(held, 10)).status == 200
+
+
+@pytest.mark.parametrize("form", ["bare", "weak", "star", "list"])
+async def test_if_none_match_compares_weakly_and_takes_a_list_or_a_star(
+    running_service: Service, form: str
+) -> None:
+    """`If-None-Match` is compared weakly (RFC 9110 §13.1.2): the tag with or without `W/`, `*`,
+    or a list holding it, is 304 with no body; a list of other tags is the content."""
+    tag = (await get(running_service, API + "/active/chat")).headers["ETag"]
+    header = {
+        "bare": tag.removeprefix("W/"),
+        "weak": tag,
+        "star": "*",
+        "list": f'"other", W/"another",{tag.removeprefix("W/")}',
+    }[form]
+    answer = await get(running_service, API + "/active/chat", {"If-None-Match": header})
+    assert answer.status == 304 and answer.body == b"" and answer.headers["ETag"] == tag
+    others = await get(running_service, API + "/active/chat", {"If-None-Match": '"other", W/"another"'})
+    assert others.status == 200 and others.headers["ETag"] == tag
+
+
 async def test_an_index_ahead_of_the_service_answers_at_once(running_service: Service) -> None:
     started = time.monotonic()
     answer = await get(running_service, f"{API}/active?index=999999&wait=30s")
@@ -226,6 +270,33 @@ async def test_held_queries_are_bounded(sops_project: SopsProject) -> None:
         assert refused.json()["error"]["type"] == "busy"
         move(sops_project, 7003)
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+
+
+async def test_streams_and_held_queries_share_the_bound(sops_project: SopsProject) -> None:
+    """`SWITCHBOARD_MAX_WATCHERS` counts held queries and event streams alike: with streams
+    taking every slot, a held query and another stream are 503 `busy` with `Retry-After`, and
+    a query that holds nothing is answered as ever."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with serve(sops_project, max_watchers=2) as service:
+        first = await get(service, API + "/active")
+        async with (
+            service.http.get(service.url + API + "/events") as one,
+            service.http.get(service.url + API + "/events") as two,
+        ):
+            assert one.status == two.status == 200
+            await eventually(lambda: service.app[CHANGES].held == 2)
+            for path, headers in (
+                (f"{API}/active?index={first.headers[push.INDEX_HEADER]}&wait=30s", {}),
+                (f"{API}/active?wait=30s", {"If-None-Match": first.headers["ETag"]}),
+                (f"{API}/events", {}),
+            ):
+                refused = await get(service, path, headers)
+                assert refused.status == 503 and refused.headers["Retry-After"].isdigit(), path
+                assert refused.json()["error"]["type"] == "busy"
+            assert (await get(service, API + "/active")).status == 200
+        await eventually(lambda: service.app[CHANGES].held == 0)
+        assert (await get(service, f"{API}/active?index=0&wait=30s")).status == 200  # a slot again
 
 
 async def test_one_client_cannot_take_every_held_slot(sops_project: SopsProject) -> None:
@@ -386,6 +457,55 @@ async def test_the_stream_gives_live_events_then_resumes_without_gap_or_duplicat
     await from_start.aclose()
 
 
+@pytest.mark.parametrize("where", ["header", "query"])
+async def test_a_last_event_id_ahead_of_the_log_starts_from_now(running_service: Service, where: str) -> None:
+    """An id this log never reached (another replica's, or a log replaced) replays nothing and
+    does not wait for the log to reach it: the next event is sent, though its seq is lower."""
+    ahead = str(running_service.events()[-1].seq + 1000)
+    stream = (
+        sse(running_service, {"Last-Event-ID": ahead})
+        if where == "header"
+        else sse(running_service, query=f"?after={ahead}")
+    )
+    assert await asyncio.wait_for(anext(stream), 5) == ("comment", None)  # nothing replayed
+    move(running_service.project, 7014)
+    (updated,) = await asyncio.wait_for(take(stream, 1), 10)
+    assert updated["type"] == "provider.updated" and updated["seq"] < int(ahead)
+    await stream.aclose()
+
+
+async def test_a_last_event_id_of_zero_replays_the_whole_log(running_service: Service) -> None:
+    everything = [e.seq for e in running_service.events()]
+    stream = sse(running_service, {"Last-Event-ID": "0"})
+    replayed = await asyncio.wait_for(take(stream, len(everything)), 10)
+    assert [e["seq"] for e in replayed] == everything and replayed[0]["type"] == "service.started"
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("path", ["/events", "/replicas"])
+async def test_the_stream_and_the_replicas_need_config_read(sops_project: SopsProject, path: str) -> None:
+    """`…/events` and `…/replicas` are `config:read`'s: no token is 401, a token without the
+    scope 403 (nothing streamed, nothing held), the scope 200."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {
+        "app": ("tok-c", ["completions"]),
+        "auditor": ("tok-a", ["admin"]),
+        "ops": ("tok-r", ["config:read"]),
+    }
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        assert (await get(service, API + path)).status == 401
+        for token in ("tok-c", "tok-a"):
+            refused = await get(service, API + path, {"Authorization": f"Bearer {token}"})
+            assert refused.status == 403 and refused.json()["error"]["type"] == "forbidden"
+        assert service.app[CHANGES].held == 0
+        async with service.http.get(
+            service.url + API + path, headers={"Authorization": "Bearer tok-r"}
+        ) as allowed:
+            assert allowed.status == 200
+
+
 async def test_head_of_the_stream_is_its_headers_alone(running_service: Service) -> None:
     """ "Every `GET` also answers `HEAD`" (docs/reference.md §6.2): `HEAD …/events` wrote the
     stream's first comment after its headers, where a HEAD answer has no content (RFC 9110), so
@@ -426,6 +546,36 @@ async def test_secret_reads_and_clients_go_to_admin_streams_only(sops_project: S
             await stream.aclose()
     assert "secret.read" in seen["boss"] and "clients.updated" in seen["boss"]
     assert "secret.read" not in seen["reader"] and "clients.updated" not in seen["reader"]
+
+
+async def test_a_replay_from_the_log_shows_secret_reads_and_clients_to_admin_streams_only(
+    sops_project: SopsProject,
+) -> None:
+    """What a stream replays from the log (`Last-Event-ID`) is filtered as what it gets live."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    clients = {
+        "reader": ("tok-r", ["config:read"]),
+        "boss": ("tok-a", ["config:read", "admin", "secrets:read"]),
+    }
+    write_clients(sops_project, clients)
+    async with serve(sops_project) as service:
+        auth = {"reader": {"Authorization": "Bearer tok-r"}, "boss": {"Authorization": "Bearer tok-a"}}
+        assert (await get(service, API + "/active/chat/litellm?model=m", auth["boss"])).status == 200
+        clients["new"] = ("tok-n", ["completions"])
+        write_clients(sops_project, clients)
+        await eventually(lambda: [e.type for e in service.events()].count("clients.updated") >= 1)
+        await moved(service, 7021)
+        logged = [e.type for e in service.events()]
+        assert "secret.read" in logged and "clients.updated" in logged
+        seen: dict[str, list[str]] = {}
+        for name, headers in auth.items():
+            stream = sse(service, {**headers, "Last-Event-ID": "0"})
+            seen[name] = [e["type"] for e in await asyncio.wait_for(_until(stream, "provider.updated"), 10)]
+            await stream.aclose()
+    assert "secret.read" in seen["boss"] and "clients.updated" in seen["boss"]
+    assert "secret.read" not in seen["reader"] and "clients.updated" not in seen["reader"]
+    assert seen["reader"] == [t for t in seen["boss"] if t not in ("secret.read", "clients.updated")]
 
 
 async def test_a_token_replaced_alone_is_a_masked_clients_updated_for_admin_streams_only(

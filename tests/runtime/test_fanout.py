@@ -14,6 +14,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -435,3 +436,66 @@ async def test_made_up_commits_and_a_peer_posing_as_this_replica_move_nothing(
         assert a.app[PULLER].status.status == "ok"
         own = [r for r in (await replicas(a))["replicas"] if r["replica"] == "a"]
         assert len(own) == 1 and own[0]["commit"] == ahead
+
+
+# -- who is listed, and for how long (docs/reference.md §12) -----------------------------------------
+
+
+async def test_a_replica_that_stops_leaves_the_list_within_ten_seconds_and_each_entry_has_its_fields(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """`…/replicas` lists "every replica heard from in the last 10 s", each as `replica`,
+    `commit`, `generation`, `ready`, `seen_at`: one that stopped is gone from the list once it
+    has not been heard from for 10 s (and not long after: heartbeats are every 2 s)."""
+    bare, _ = remote
+    async with member(sops_project, clone(bare, tmp_path / "a"), "a", redis_url=redis_server.url) as a:
+        async with member(sops_project, clone(bare, tmp_path / "b"), "b", redis_url=redis_server.url) as b:
+
+            async def both() -> None:
+                assert [r["replica"] for r in (await replicas(a))["replicas"]] == ["a", "b"]
+
+            await eventually(both, timeout=6)
+            body = await replicas(a)
+            assert set(body) == {"replicas", "shared"} and body["shared"] is True
+            for entry in body["replicas"]:
+                assert set(entry) == {"replica", "commit", "generation", "ready", "seen_at"}
+                seen = datetime.fromisoformat(entry["seen_at"].replace("Z", "+00:00"))
+                assert abs((datetime.now(UTC) - seen).total_seconds()) < 10
+            (_, other) = body["replicas"]
+            assert other["commit"] == b.registry.state.last_applied_commit and other["ready"] is True
+        stopped = time.monotonic()
+
+        async def alone() -> None:
+            assert [r["replica"] for r in (await replicas(a))["replicas"]] == ["a"]
+
+        await eventually(alone, timeout=20)
+        assert time.monotonic() - stopped > 5  # heard from until it stopped, listed about 10 s more
+
+
+async def test_redis_back_after_an_outage_shares_again_and_fans_out_again(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis away for a while, then back (empty, as after a restart): the replicas reconnect by
+    themselves, list each other again (`"shared": true`), and a commit one applies is pulled
+    by the other at once again."""
+    bare, author = remote
+    async with (
+        member(sops_project, clone(bare, tmp_path / "a"), "a", redis_url=redis_server.url) as a,
+        member(sops_project, clone(bare, tmp_path / "b"), "b", redis_url=redis_server.url) as b,
+    ):
+        await eventually(lambda: a.app[FANOUT].connected and b.app[FANOUT].connected, timeout=5)
+        redis_server.stop()
+        await eventually(lambda: not a.app[FANOUT].connected and not b.app[FANOUT].connected, timeout=8)
+        assert (await replicas(a))["shared"] is False
+        redis_server.start()
+
+        async def together() -> None:
+            body = await replicas(a)
+            assert body["shared"] is True and [r["replica"] for r in body["replicas"]] == ["a", "b"]
+
+        await eventually(together, timeout=15)
+        await eventually(lambda: b.app[FANOUT].connected, timeout=10)
+        pushed = author.commit({"gpu.yaml": server_yaml("gpu", 10)})
+        author.push()
+        await a.app[PULLER].pull()
+        await eventually(lambda: b.registry.state.last_applied_commit == pushed, timeout=3)
