@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 
 from service import __version__
 from service.config.models import Scope
@@ -50,7 +50,7 @@ def cli(*args: str) -> int:
     except ValidationError as exc:
         for error in exc.errors(include_input=False, include_url=False):
             where = ".".join(str(p) for p in error["loc"])
-            print(f"switchboard: error: setting {where}: {error['msg']}", file=sys.stderr)
+            print(f"switchboard: error: setting {_named(where)}: {error['msg']}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("switchboard: interrupted", file=sys.stderr)
@@ -64,6 +64,18 @@ def cli(*args: str) -> int:
     ) as exc:  # one line, never a traceback (docs/reference.md §3); our messages hold no secrets
         print(f"switchboard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def _named(field: str) -> str:
+    """A setting as its error names it: the environment variable an operator sets, then its
+    field (`SWITCHBOARD_RECEIVE_TIMEOUT_S (receive_timeout_s)`)."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field
+    alias = info.validation_alias
+    choices = alias.choices if isinstance(alias, AliasChoices) else []
+    names = [c for c in choices if isinstance(c, str) and c.isupper()]
+    return f"{names[0] if names else 'SWITCHBOARD_' + field.upper()} ({field})"
 
 
 def _settings(ns: argparse.Namespace) -> Settings:

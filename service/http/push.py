@@ -45,7 +45,7 @@ WRITE_PIECE = 64 << 10
 REPLAY_BATCH = 500
 """Events read back from the log at a time for a resuming stream."""
 
-_WAIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+_WAIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m)?\s*$")
 
 
 def parse_wait(text: str | None) -> float:

@@ -130,7 +130,9 @@ def test_serve_refuses_a_receive_timeout_that_is_no_time_as_wrong_usage(
     monkeypatch.setenv("SWITCHBOARD_RECEIVE_TIMEOUT_S", value)
     code, out, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
     assert (code, out) == (2, "")
-    assert err.count("\n") == 1 and err.startswith("switchboard: error: setting receive_timeout_s: "), err
+    assert err.count("\n") == 1 and err.startswith(
+        "switchboard: error: setting SWITCHBOARD_RECEIVE_TIMEOUT_S (receive_timeout_s): "
+    ), err
 
 
 def test_a_bad_time_argument_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -237,7 +237,7 @@ async def test_bad_index_or_wait_is_400(running_service: Service, query: str) ->
     assert (await get(running_service, f"{API}/active?{query}")).status == 400
 
 
-@pytest.mark.parametrize("query", ["wait=soon", "wait=-1", "wait=10h"])
+@pytest.mark.parametrize("query", ["wait=soon", "wait=-1", "wait=10h", "wait=%EF%BC%91", "wait=1.%D9%A1s"])
 async def test_a_bad_wait_is_400_even_when_nothing_would_hold(running_service: Service, query: str) -> None:
     """A bad query parameter (`wait`) is 400 (docs/reference.md §6.4): without `index` or a tag
     it was not read, and the answer came at once as if the client had not asked to wait."""
