@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import resource
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -19,7 +21,18 @@ from service.http import app as app_module
 from service.http.app import YOUNG_ALLOCATIONS, settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
-from tests.conftest import SopsProject, eventually, write_atomically, write_key, write_routing, write_server
+from tests.conftest import (
+    AgeIdentity,
+    SopsProject,
+    eventually,
+    git,
+    git_init,
+    write_atomically,
+    write_key,
+    write_routing,
+    write_server,
+)
+from tests.support.replicas import Replica, free_port, replica_env, replicas
 
 
 def test_serve_raises_a_low_open_file_limit_towards_the_hard_one() -> None:
@@ -160,3 +173,36 @@ async def test_reloads_after_the_collector_is_settled_leave_no_frozen_cycle_behi
     finally:
         await runner.cleanup()
         gc.unfreeze()
+
+
+async def test_serve_started_from_another_folder_writes_keys_for_the_providers_repository(
+    sops_project: SopsProject, other_age_identity: AgeIdentity, tmp_path: Path
+) -> None:
+    """`serve --providers DIR` started elsewhere (another checkout, with a `.sops.yaml` of its
+    own, as the tests' working directory is): a key written over HTTP is encrypted by the rules
+    of the `.sops.yaml` beside DIR, as `validate` reads them, and named `providers.d/…`."""
+    root = sops_project.root
+    git_init(root)
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    git_init(elsewhere)
+    (elsewhere / ".sops.yaml").write_text(
+        "creation_rules:\n  - path_regex: providers.d/.*\\.ya?ml$\n"
+        f"    encrypted_regex: ^(api_key)$\n    age: {other_age_identity.recipient}\n"
+    )
+    env = replica_env(sops_project.identity.key_file)
+    member = Replica("elsewhere", elsewhere, sops_project.providers, free_port(), env, tmp_path)
+    async with replicas(member):
+        body = json.dumps({"id": "vendor", "provider": "openai", "api_key": "sk-elsewhere-0123456789"})
+        status, answer = await member.post(
+            "/api/v1/llm-config/api-keys", body.encode(), **{"Content-Type": "application/json"}
+        )
+        assert status == 201, answer
+        assert answer["file"] == "providers.d/vendor.yaml" and answer["api_key"] == "****6789"
+    written = (sops_project.providers / "vendor.yaml").read_text()
+    assert sops_project.identity.recipient in written and other_age_identity.recipient not in written
+    assert git(root, "status", "--porcelain") == ""
