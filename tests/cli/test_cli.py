@@ -152,6 +152,22 @@ def test_a_command_reading_a_missing_log_is_one_error_line_and_exit_1(
     assert err == f"switchboard: error: {missing}: cannot read the event log: No such file or directory\n"
 
 
+@pytest.mark.parametrize(
+    "command", [["export", "litellm"], ["export", "wilmer", "--out"], ["rotate"]], ids=" ".join
+)
+def test_a_command_reading_a_missing_providers_folder_is_one_error_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Run in the wrong folder (or with a wrong `--providers`), `export` printed an empty LiteLLM
+    configuration and `rotate` "0 file(s) re-encrypted", both exiting 0 as if there were nothing
+    to do; each now says what `serve` says, and writes nothing."""
+    args = [*command, str(tmp_path / "wilmer")] if command[-1] == "--out" else command
+    code, out, err = run(capsys, "--root", str(tmp_path), *args)
+    assert (code, out) == (1, "")
+    assert err == f"switchboard: error: {tmp_path / 'providers.d'}: no such folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_missing_file_is_one_line_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
