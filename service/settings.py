@@ -256,4 +256,6 @@ class Settings(BaseSettings):
 
     @property
     def sops_config(self) -> Path:
-        return self.root / ".sops.yaml"
+        """`.sops.yaml` of the providers' repository: beside the files' root (`files_root`), so a
+        service started from another folder encrypts by the rules `validate` reads there."""
+        return self.files_root / ".sops.yaml"

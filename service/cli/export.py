@@ -28,6 +28,9 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if ns.target == "wilmer" and ns.out is None:
         print("switchboard: error: export wilmer needs --out DIR", file=sys.stderr)
         return 2
+    if not settings.providers_dir.is_dir():
+        print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
+        return 1
     sops = Sops.from_settings(settings) if ns.with_secrets else None
     snapshot = load_folder(
         settings.providers_dir, settings.providers.as_posix(), sops, _known(settings, sops)

@@ -21,6 +21,9 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
             if not is_recipient(recipient):  # wrong usage: checked before `.sops.yaml` is touched
                 print(f"switchboard: error: {flag}: not an age recipient: {recipient!r}", file=sys.stderr)
                 return 2
+    if not settings.providers_dir.is_dir():
+        print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
+        return 1
     listed = set(recipients(settings.sops_config))
     for recipient in ns.remove_recipient:
         if recipient not in listed:  # already gone, or another key than meant: nothing revoked

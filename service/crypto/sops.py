@@ -166,7 +166,7 @@ class Sops:
             settings.sops_binary,
             age_key_file=settings.age_key_file,
             age_key=key,
-            project_root=settings.root,
+            project_root=settings.files_root,
         )
 
     def __repr__(self) -> str:

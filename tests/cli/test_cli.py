@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 import yaml
 
 from service.cli.main import cli
+from service.journal.events import ServiceStarted
+from service.journal.log import EventLog
 from tests.conftest import git_init
 
 
@@ -154,6 +158,22 @@ def test_a_command_reading_a_missing_log_is_one_error_line_and_exit_1(
     assert err == f"switchboard: error: {missing}: cannot read the event log: No such file or directory\n"
 
 
+@pytest.mark.parametrize(
+    "command", [["export", "litellm"], ["export", "wilmer", "--out"], ["rotate"]], ids=" ".join
+)
+def test_a_command_reading_a_missing_providers_folder_is_one_error_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Run in the wrong folder (or with a wrong `--providers`), `export` printed an empty LiteLLM
+    configuration and `rotate` "0 file(s) re-encrypted", both exiting 0 as if there were nothing
+    to do; each now says what `serve` says, and writes nothing."""
+    args = [*command, str(tmp_path / "wilmer")] if command[-1] == "--out" else command
+    code, out, err = run(capsys, "--root", str(tmp_path), *args)
+    assert (code, out) == (1, "")
+    assert err == f"switchboard: error: {tmp_path / 'providers.d'}: no such folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_missing_file_is_one_line_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -191,3 +211,65 @@ def test_serve_refuses_an_otlp_protocol_it_cannot_export(
     monkeypatch.setenv("SWITCHBOARD_OTEL_EXPORTER", "jaeger")
     code, _, err = run(capsys, "--root", str(tmp_path), "serve", "--port", "0")
     assert code == 2 and "otel_exporter" in err and "'otlp' or 'none'" in err
+
+
+SPEC_COMMANDS = [
+    ["serve"],
+    ["validate"],
+    ["schema"],
+    ["keygen"],
+    ["encrypt"],
+    ["edit"],
+    ["rotate"],
+    ["plan"],
+    ["audit"],
+    ["audit", "show"],
+    ["audit", "verify"],
+    ["state"],
+    ["export"],
+    ["test"],
+    ["token"],
+    ["token", "create"],
+    ["usage"],
+]
+
+
+@pytest.mark.parametrize("command", SPEC_COMMANDS, ids=" ".join)
+def test_every_command_of_the_table_answers_help_with_its_usage(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """docs/reference.md §3: every command of the table takes `--help`: its usage on stdout, exit 0."""
+    with pytest.raises(SystemExit) as caught:
+        cli(*command, "--help")
+    out, err = capsys.readouterr()
+    assert (caught.value.code, err) == (0, "")
+    assert out.startswith(f"usage: switchboard {' '.join(command)} ")
+
+
+def test_python_dash_m_service_is_the_switchboard_command() -> None:
+    """docs/reference.md §3: `python -m service` is `switchboard`, exit codes included."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: switchboard ")
+    wrong = subprocess.run(
+        [sys.executable, "-m", "service", "no-such-command"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert wrong.returncode == 2 and wrong.stdout == "" and "Traceback" not in wrong.stderr
+
+
+def test_state_before_the_first_event_is_the_empty_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`state --at` a time before the log began: nothing was configured yet (exit 0), not an
+    error; a time after its last event is the configuration as it stands."""
+    log = EventLog(tmp_path / "events.jsonl")
+    log.append(ServiceStarted(version="0", pid=1))
+    log.close()
+    code, out, err = run(capsys, "state", "--at", "2001-01-01T00:00:00Z", "--events", str(log.path))
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {"providers": {}, "routing": {}, "clients": {}}

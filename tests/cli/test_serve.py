@@ -24,7 +24,17 @@ from service.http import app as app_module
 from service.http.app import YOUNG_ALLOCATIONS, settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
-from tests.conftest import SopsProject, eventually, write_atomically, write_key, write_routing, write_server
+from tests.conftest import (
+    AgeIdentity,
+    SopsProject,
+    eventually,
+    git,
+    git_init,
+    write_atomically,
+    write_key,
+    write_routing,
+    write_server,
+)
 from tests.support.replicas import Replica, free_port, replica_env, replicas
 
 
@@ -220,3 +230,36 @@ async def test_sigterm_answers_held_queries_at_once_and_ends_the_streams(
             assert status == 200 and json.loads(body)["primary"][0]["id"] == "gpu"
         assert member.process is not None and member.process.returncode == 0, member.log()
         assert "Traceback" not in member.log()
+
+
+async def test_serve_started_from_another_folder_writes_keys_for_the_providers_repository(
+    sops_project: SopsProject, other_age_identity: AgeIdentity, tmp_path: Path
+) -> None:
+    """`serve --providers DIR` started elsewhere (another checkout, with a `.sops.yaml` of its
+    own, as the tests' working directory is): a key written over HTTP is encrypted by the rules
+    of the `.sops.yaml` beside DIR, as `validate` reads them, and named `providers.d/…`."""
+    root = sops_project.root
+    git_init(root)
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    git_init(elsewhere)
+    (elsewhere / ".sops.yaml").write_text(
+        "creation_rules:\n  - path_regex: providers.d/.*\\.ya?ml$\n"
+        f"    encrypted_regex: ^(api_key)$\n    age: {other_age_identity.recipient}\n"
+    )
+    env = replica_env(sops_project.identity.key_file)
+    member = Replica("elsewhere", elsewhere, sops_project.providers, free_port(), env, tmp_path)
+    async with replicas(member):
+        body = json.dumps({"id": "vendor", "provider": "openai", "api_key": "sk-elsewhere-0123456789"})
+        status, answer = await member.post(
+            "/api/v1/llm-config/api-keys", body.encode(), **{"Content-Type": "application/json"}
+        )
+        assert status == 201, answer
+        assert answer["file"] == "providers.d/vendor.yaml" and answer["api_key"] == "****6789"
+    written = (sops_project.providers / "vendor.yaml").read_text()
+    assert sops_project.identity.recipient in written and other_age_identity.recipient not in written
+    assert git(root, "status", "--porcelain") == ""
