@@ -14,6 +14,7 @@ prometheus_client `Counter` or `Histogram` of the same name, help and labels wou
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ __all__ = [
     "Metrics",
     "Traffic",
 ]
+
+log = logging.getLogger(__name__)
 
 ERROR_OUTCOMES = frozenset({"failed", "broken"})
 """Upstream attempts that count as the provider's errors (a 4xx passed on is the client's)."""
@@ -188,7 +191,10 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format, after each of `before_render` has set what it shows."""
         for show in self.before_render:
-            show()
+            try:
+                show()
+            except Exception:  # a bug: the scrape shows what it has, never a 500 for /metrics
+                log.exception("metrics: a gauge read at the scrape failed; it shows its last value")
         return generate_latest(self.registry)
 
     def traffic(self) -> dict[str, Traffic]:

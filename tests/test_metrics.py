@@ -327,3 +327,20 @@ def test_the_cuts_are_shown_from_the_start_one_series_a_reason() -> None:
     metrics.cuts.malformed.inc()
     assert shown() == {"receive_timeout": 0, "send_timeout": 1, "malformed": 2}
     assert metrics.http_cut.labels("malformed") is metrics.cuts.malformed
+
+
+def test_a_gauge_that_cannot_be_read_at_a_scrape_does_not_fail_the_scrape(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`before_render` sets gauges at each scrape (the budgets' spent): one that raises is logged
+    and the others are shown as they were, never a 500 for `/metrics`."""
+    metrics = Metrics()
+    shown: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    metrics.before_render += [broken, lambda: shown.append(1)]
+    text = metrics.render()
+    assert b"switchboard_info" in text and shown == [1]
+    assert any("a bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)

@@ -271,7 +271,9 @@ class Metered(Account):
         if self.done:
             return
         self.done = True
-        record = error.status not in (400, 401, 403, 404, 413, 415)  # else the client's own error
+        # a client's error answered before any attempt is not recorded; one answered after its
+        # attempts (a request no candidate's litellm could translate: 400) is, as its 502 was
+        record = attempts > 0 or error.status not in (400, 401, 403, 404, 413, 415)
         tried = self.provider
         if attempts == 0 and self.sent is None and self.ticket is not None:
             self.ticket.unsent = True  # it went nowhere (503 `no_candidate`): counted toward no limit

@@ -180,18 +180,20 @@ class Relay:
                     if call.translation is not None:
                         response = _translated(call, response)
                 except Failure as failure:
+                    outcome = "failed"
                     if isinstance(failure, NotSpoken):
                         self.forms.remember(provider, failure.protocol)
                         unspoken += 1
-                    elif isinstance(failure, NotTranslated):
+                    elif isinstance(failure, NotTranslated):  # the client's error: nothing was sent
                         untranslated += 1
+                        outcome = "client_error"
                     if failure.refused:
                         health.refuse(pid, failure.reason)
                     elif failure.blames_provider:
                         health.failed(pid, failure.reason)
                     else:
                         health.abandon(pid)  # no outcome: a half-open circuit's trial is free again
-                    self.metrics.upstream_requests.labels(pid, "failed").inc()
+                    self.metrics.upstream_requests.labels(pid, outcome).inc()
                     attempts.append({"provider": pid, "status": failure.status, "reason": failure.reason})
                     if failure.wait_ms is not None:
                         waits.append(failure.wait_ms)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -33,9 +34,16 @@ _GATEWAY_HEADERS = {"x-switchboard-provider": "none", "x-switchboard-attempts": 
 
 
 def path_of(start: bytes) -> bytes:
-    """The path of the request line `start` begins with (empty while its target has not ended)."""
+    """The path of the request line `start` begins with (empty while its target has not ended),
+    as the app routes by it: percent-decoded, an absolute-form target's (`http://host/v1/...`)."""
     parts = start.lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ", 2)
-    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
+    if len(parts) != 3:
+        return b""
+    target = parts[1].split(b"?", 1)[0]
+    scheme, found, rest = target.partition(b"://")
+    if found and not scheme.startswith(b"/"):  # absolute form: its path follows the authority
+        target = b"/" + rest.partition(b"/")[2]
+    return unquote_to_bytes(target)
 
 
 def shaped(error: HTTPError, status: int, path: bytes) -> tuple[dict[str, Any], dict[str, str]]:

@@ -286,9 +286,8 @@ class Handler(JsonErrors):
 
     def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
         request = self._current_request
-        path = (
-            path_of(self._start) if head or request is None else request.raw_path.partition("?")[0].encode()
-        )
+        # the path as the app routes by it (decoded, an absolute-form target's): `path_of`'s
+        path = path_of(self._start) if head or request is None else request.path.encode(errors="replace")
         refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout, path)
         self.force_close()  # its request, if one is answered, ends as for a client that left
 

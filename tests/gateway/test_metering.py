@@ -1239,3 +1239,27 @@ async def test_a_native_messages_stream_cut_midway_is_charged_its_reservation(
     assert record.cost_usd > len(json.dumps(message)) + 20 - 1  # every byte a token at 1 USD, 10 out at 2
     used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
     assert Decimal(used["budget_spent_usd"]) == record.cost_usd
+
+
+async def test_a_request_litellm_cannot_translate_is_recorded_400_costing_nothing(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §13: answers given before the limits are checked are not recorded; a
+    request that no candidate's litellm could translate is answered 400 after them (it took
+    its client's rpm and was tried), so it is recorded, as its 502 was: status 400, cost 0,
+    its reservation given back."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key="sk-up") as up:
+        write_provider(
+            sops_project, "a", provider="anthropic", base_url=up.url, api_key="sk-up", pricing=PRICING
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 100, "budget": {"usd": "10000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            refused = await board.chat("hi", token=TOKEN, max_tokens=10, tools=[{"type": "function"}])
+            await eventually(lambda: len(records.kept) == 1)
+            _, limits = await _get(board, "/api/v1/llm-config/limits")
+    assert refused.status == 400, await refused.text()
+    (record,) = records.kept
+    assert (record.status, record.cost_usd, record.provider, record.attempts) == (400, 0, "a", 1), record
+    used = next(c for c in limits["clients"] if c["name"] == "client")["used"]
+    assert Decimal(used["budget_spent_usd"]) == 0 and len(up.requests) == 0, used

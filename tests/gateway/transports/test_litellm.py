@@ -426,8 +426,12 @@ async def test_a_malformed_request_is_400_with_why_and_leaves_a_half_open_trial_
             refused = await board.chat("hi", **{"max_tokens": 10, **fields})
             body = await refused.json()
             trial = await board.chat("hi", max_tokens=10)
+            metrics = await board.metrics()
     assert refused.status == 400, body
     assert body["error"]["type"] == "invalid_request_error" and "translated" in body["error"]["message"]
+    # the client's error, not the provider's: not an error outcome of its upstream attempts
+    assert 'switchboard_upstream_requests_total{outcome="failed",provider="claude"}' not in metrics
+    assert 'switchboard_upstream_requests_total{outcome="client_error",provider="claude"} 1.0' in metrics
     assert "litellm could not translate the request" in body["error"]["attempts"][0]["reason"]
     assert CANARY not in json.dumps(body)
     assert trial.status == 200 and trial.headers["x-switchboard-provider"] == "claude"
