@@ -30,7 +30,7 @@ from service.usage.pricing import Pricing, Rate
 from service.usage.record import Amount, Tokens
 from service.usage.tokens import MAX_TOKENS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.gateway.metering")  # its lines as before the split (account.py)
 
 REQUEST_ID = "x-request-id"
 COST = "x-switchboard-cost-usd"
