@@ -61,16 +61,15 @@ class InRedis(LimiterState):
             ticket.holds["client"] = client_hold
         if provider_hold is None:
             return None
-        self._known(provider_hold.key, answer.get("pb"))
-        if answer.get("pb_ok") is not True:
-            self._refused_provider(provider_hold)
-            return False
-        provider_hold.epoch = self.epoch
-        ticket.holds[provider_hold.subject] = provider_hold
-        return True
+        return self._provider_held(ticket, provider_hold, answer)
 
     async def _reserve_remote(self, ticket: Ticket, hold: Hold, now: float) -> bool:
         answer = await self.call("acquire", now, {"pb": _budget_args(hold)})
+        return self._provider_held(ticket, hold, answer)
+
+    def _provider_held(self, ticket: Ticket, hold: Hold, answer: dict[str, Any]) -> bool:
+        """Whether Redis's `answer` reserved the provider's budget `hold`: then the ticket holds
+        it under this epoch; else the provider is refused (reported once a period)."""
         self._known(hold.key, answer.get("pb"))
         if answer.get("pb_ok") is not True:
             self._refused_provider(hold)
