@@ -111,7 +111,7 @@ def _install():
     from aiohttp import http_writer, web_protocol
     from service.gateway import metering
     from service.gateway.transports import exchange, openai
-    from service.http import app
+    from service.http import gateway
 
     def arrived(handler):
         _arrived[id(handler)] = _ns()
@@ -122,7 +122,7 @@ def _install():
     _wrap(exchange.Connection, "data_received", before=_back)
     _wrap_async(openai.OpenAITransport, "exchange", after=_stamp("read"))
     _wrap_async(metering.Metered, "served", before=_stamp("metering"), after=_stamp("metered"))
-    _wrap_async(app._Gateway, "handle", after=_stamp("handled"))
+    _wrap_async(gateway.Gateway, "handle", after=_stamp("handled"))
     _wrap(http_writer.StreamWriter, "_writelines", before=_stamp("write"), after=_stamp("wrote"))
 
 

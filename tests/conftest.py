@@ -27,9 +27,10 @@ from service import console
 from service.config.upstreams import Lookup, system_lookup
 from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
-from service.http.app import GATEWAY, create_app
+from service.http.app import create_app
 from service.http.context import REGISTRY
 from service.http.fast import KEEPALIVE_S, FastSite
+from service.http.gateway import GATEWAY
 from service.journal.events import Event
 from service.journal.reader import read_events
 from service.runtime.registry import Registry

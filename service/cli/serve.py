@@ -18,8 +18,9 @@ from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
 from service.gateway.tracing import missing_packages
 from service.http import server
-from service.http.app import create_app, settled_collector
+from service.http.app import create_app
 from service.http.auth import is_loopback
+from service.http.collector import settled_collector
 from service.runtime.sync import parse_pull
 from service.settings import Settings
 from service.vcs.commit import Identity

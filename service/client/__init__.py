@@ -10,9 +10,9 @@
         async for event in sb.events(): ...                 # the live event stream
 
 `service.client` is the import path applications use; its modules are `switchboard` (the
-connection: the copy kept current by questions held on its tag, the interface, the event stream),
-`models` (what it returns), `errors` (what it raises) and `stream` (the event stream's
-wire format).
+connection: the copy kept current by questions held on its tag, the interface),
+`models` (what it returns), `errors` (what it raises) and `stream` (the event stream, followed
+across breaks and replicas, and its wire format).
 
 This package imports nothing of the server: only aiohttp's client, the standard library,
 and `service.formats` / `service.vendors` (which it ships with). It is packaged alone as the
@@ -34,9 +34,9 @@ from service.client.errors import ModelRequired as ModelRequired
 from service.client.models import HEALTHY as HEALTHY
 from service.client.models import Event, Health, Provider, Route, TestResult
 from service.client.stream import MAX_EVENT_BYTES as MAX_EVENT_BYTES
+from service.client.stream import REPLICA_HEADER as REPLICA_HEADER
 from service.client.switchboard import INDEX_HEADER as INDEX_HEADER
 from service.client.switchboard import PREFIX as PREFIX
-from service.client.switchboard import REPLICA_HEADER as REPLICA_HEADER
 from service.client.switchboard import Switchboard
 
 __all__ = [

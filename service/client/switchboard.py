@@ -1,5 +1,6 @@
 """The connection to one service: a copy of every purpose's route kept current by held
-queries, the old integration interface answered from it, and the live event stream.
+queries, the old integration interface answered from it, and the live event stream (followed
+by `service.client.stream`).
 
 The client holds one query open on its copy's tag (`GET …/active?wait=15s` with
 `If-None-Match: <tag>`): the service answers it the moment the answer differs, so the copy is
@@ -41,16 +42,12 @@ from service.client.errors import (
     raise_for,
 )
 from service.client.models import Event, Provider, Route, TestResult, parse_routes
-from service.client.stream import parse_sse
+from service.client.stream import follow
 
 log = logging.getLogger("service.client")  # the logger applications configured before the split
 
 PREFIX = "/api/v1/llm-config"
 INDEX_HEADER = "X-Switchboard-Index"
-REPLICA_HEADER = "X-Switchboard-Replica"
-STREAM_SILENCE_S = 45.0
-"""An event stream that brings not a byte for this long is reopened: the service sends a
-comment every 15 s, so three missed mean it went silent."""
 NEWS_HELD_S = 0.2
 """A held question answered with news after this long was held, not answered at once: a
 service that answers at once does so in milliseconds."""
@@ -236,7 +233,7 @@ class Switchboard:
 
     # -- the event stream -----------------------------------------------------------------------
 
-    async def events(self, after: int | None = None) -> AsyncIterator[Event]:
+    def events(self, after: int | None = None) -> AsyncIterator[Event]:
         """The service's events as they are appended, forever; `after` a seq resumes from the log.
 
         A broken stream (or one silent for 45 s) is reopened with backoff and resumed after the
@@ -245,43 +242,14 @@ class Switchboard:
         another replica answers, the stream starts over there, from now (its seqs may then be
         lower than those seen before), rather than replay that replica's history as new.
         """
-        last = after
-        replica: str | None = None
-        """Whose log `last` counts in, once a stream has been opened."""
-        opened = False
-        failures = 0
-        while True:
-            headers = dict(self._headers)
-            if last is not None:
-                headers["Last-Event-ID"] = str(last)
-            try:
-                async with self._http.get(
-                    f"{self.base_url}{PREFIX}/events",
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None, sock_connect=self.request_timeout_s, sock_read=STREAM_SILENCE_S
-                    ),
-                ) as response:
-                    await raise_for(response)
-                    answered_by = response.headers.get(REPLICA_HEADER)
-                    if opened and answered_by != replica and last is not None:
-                        # Closed before reading: what it replays after `last` is another log's.
-                        log.info(
-                            "event stream: replica %r answers, not %r; starting over", answered_by, replica
-                        )
-                        last = None
-                        opened = False
-                        continue
-                    replica, opened = answered_by, True
-                    failures += 1  # until it gives an event: one that ends at once is a failure too
-                    async for event in parse_sse(response.content):
-                        failures = 0
-                        last = event.seq
-                        yield event
-            except (aiohttp.ClientError, TimeoutError, Unavailable) as exc:
-                failures += 1
-                log.debug("event stream broken (%s); reopening", type(exc).__name__)
-            await asyncio.sleep(self._backoff(failures))
+        return follow(
+            lambda: self._http,
+            f"{self.base_url}{PREFIX}/events",
+            self._headers,
+            after,
+            self.request_timeout_s,
+            self._backoff,
+        )
 
     # -- keeping the copy current ----------------------------------------------------------------
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import replace
 
-from service.http import answers, push, replicas, traffic
+from service.http import (
+    config_answers,
+    error_answers,
+    limits_answers,
+    push,
+    replicas,
+    service_answers,
+    traffic,
+)
 from service.http.context import PREFIX
 from service.http.operations import JSON, Operation, Schemas, header, path_id, purpose, query, with_headers
 
@@ -43,16 +51,16 @@ _KINDS = (
 
 
 def _reads(s: Schemas) -> Iterable[Operation]:
-    route = s.returns(answers.RouteAnswer, "the purpose's route, resolved")
-    provider = s.returns(answers.ProviderAnswer, "the provider", name="ProviderAnswer")
-    check = s.returns(answers.CheckAnswer, "the outcome, which counts as the provider's health")
+    route = s.returns(config_answers.RouteAnswer, "the purpose's route, resolved")
+    provider = s.returns(config_answers.ProviderAnswer, "the provider", name="ProviderAnswer")
+    check = s.returns(config_answers.CheckAnswer, "the outcome, which counts as the provider's health")
     active = f"{PREFIX}/active"
     yield Operation(
         "GET",
         active,
         "config:read",
         "Every routed purpose",
-        {"200": s.returns(answers.ActiveAnswer, "by purpose")},
+        {"200": s.returns(config_answers.ActiveAnswer, "by purpose")},
     )
     yield Operation(
         "GET",
@@ -70,7 +78,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         "secrets:read",
         "The first healthy candidate that serves the model as LiteLLM parameters, its key decrypted",
         {
-            "200": s.returns(answers.LitellmAnswer, "recorded in the event log as `secret.read`"),
+            "200": s.returns(config_answers.LitellmAnswer, "recorded in the event log as `secret.read`"),
             "400": s.error("no `model` given, and the first healthy candidate declares no models"),
             "404": s.error(
                 "no route for the purpose; or `model_not_found`: no provider of the route serves the model"
@@ -93,7 +101,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
             f"{PREFIX}/{segment}",
             "config:read",
             f"{what}, masked, with health",
-            {"200": s.returns(answers.ProviderList, "by id")},
+            {"200": s.returns(config_answers.ProviderList, "by id")},
         )
         yield Operation(
             "GET",
@@ -108,7 +116,11 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         traffic.PATH,
         "config:read",
         "Each provider's traffic since the service started: requests, errors, latency, tokens",
-        {"200": s.returns(answers.TrafficAnswer, "every provider of the current configuration, by id")},
+        {
+            "200": s.returns(
+                config_answers.TrafficAnswer, "every provider of the current configuration, by id"
+            )
+        },
         description="The gateway's own counters (the numbers `/metrics` shows), by provider: attempts "
         "sent, those that failed, the mean time to the first byte of an answer, and the tokens the "
         "upstream reported.",
@@ -118,7 +130,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         f"{PREFIX}/audit",
         "admin",
         "Events of the log, oldest first",
-        {"200": s.returns(answers.AuditAnswer, "the events"), "400": s.error("a filter is not valid")},
+        {"200": s.returns(config_answers.AuditAnswer, "the events"), "400": s.error("a filter is not valid")},
         (
             query("subject", "a provider id, `routing` or `clients`"),
             query("type", "an event type (`provider.updated`) or a family (`provider`)"),
@@ -136,7 +148,7 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         f"{PREFIX}/state",
         "admin",
         "The configuration at a time, rebuilt from the event log",
-        {"200": s.returns(answers.StateAnswer, "masked"), "400": s.error("`at` is not a time")},
+        {"200": s.returns(config_answers.StateAnswer, "masked"), "400": s.error("`at` is not a time")},
         (query("at", "the time (default: now)", _TIME),),
     )
     for segment, kind, example in _KINDS:
@@ -156,9 +168,9 @@ def _reads(s: Schemas) -> Iterable[Operation]:
         "config:read",
         "The models a server reports",
         {
-            "200": s.returns(answers.ServerModels, "the server's models"),
+            "200": s.returns(config_answers.ServerModels, "the server's models"),
             "404": s.error("no such server"),
-            "502": s.returns(answers.UpstreamsFailedAnswer, "the server did not list its models"),
+            "502": s.returns(error_answers.UpstreamsFailedAnswer, "the server did not list its models"),
         },
         (path_id("gpu", "server"),),
     )
@@ -264,7 +276,11 @@ def change_push(s: Schemas) -> Iterable[Operation]:
             f"{PREFIX}/whoami",
             "any",
             "Who the token is and what it may do",
-            {"200": s.returns(answers.WhoAmI, "the client, its scopes, its limits and what it uses now")},
+            {
+                "200": s.returns(
+                    limits_answers.WhoAmI, "the client, its scopes, its limits and what it uses now"
+                )
+            },
             description="Any valid token. Without a clients file: `client` null and every scope.",
         ),
         s,
@@ -275,7 +291,7 @@ def change_push(s: Schemas) -> Iterable[Operation]:
             f"{PREFIX}/limits",
             "usage:read",
             "Every client's and provider's limits and budget, with what each uses now (reference §13)",
-            {"200": s.returns(answers.LimitsAnswer, "clients and providers, with their use")},
+            {"200": s.returns(limits_answers.LimitsAnswer, "clients and providers, with their use")},
             description="With Redis, the counts are every replica's; a provider's rates are this replica's.",
         ),
         s,
@@ -307,7 +323,7 @@ def many_replicas(s: Schemas) -> Iterable[Operation]:
         None,
         "A git host's push notification: pull now",
         {
-            "202": s.returns(answers.HookAccepted, "verified: a pull runs now (requests coalesce)"),
+            "202": s.returns(service_answers.HookAccepted, "verified: a pull runs now (requests coalesce)"),
             "401": s.error("no signature, a wrong one, or no `SWITCHBOARD_WEBHOOK_SECRET` here"),
             "404": s.error("no pull is configured here (`SWITCHBOARD_GIT_PULL`)"),
             "413": s.error("the body is over `SWITCHBOARD_MAX_BODY_BYTES`"),
@@ -324,7 +340,11 @@ def many_replicas(s: Schemas) -> Iterable[Operation]:
             replicas.REPLICAS,
             "config:read",
             "Live replicas and the commit each serves",
-            {"200": s.returns(answers.ReplicasAnswer, "this replica and every other heard from in 10 s")},
+            {
+                "200": s.returns(
+                    service_answers.ReplicasAnswer, "this replica and every other heard from in 10 s"
+                )
+            },
             description="From Redis heartbeats (every 2 s) when `SWITCHBOARD_REDIS_URL` is set; without "
             "Redis, or while it is unreachable, this replica alone and `shared` false. Never waits on Redis.",
         ),

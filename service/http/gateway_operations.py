@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from service.http import answers, bodies
+from service.http import bodies, error_answers, gateway_answers
 from service.http.operations import (
     GATEWAY_HEADERS,
     JSON,
@@ -63,7 +63,7 @@ _PROTOCOLS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1
 
 def _messages_errors(s: Schemas) -> str:
     """The schema of an error on the Messages paths: Anthropic's shape."""
-    s.answer("MessagesErrorAnswer", answers.MessagesErrorAnswer)
+    s.answer("MessagesErrorAnswer", error_answers.MessagesErrorAnswer)
     return "MessagesErrorAnswer"
 
 
@@ -77,7 +77,7 @@ def gateway(s: Schemas) -> Iterable[Operation]:
         ok: dict[str, Any] = {"description": "the provider's answer", "content": {JSON: {"schema": {}}}}
         if purpose_ == "chat" and not path.endswith("count_tokens"):
             ok["content"]["text/event-stream"] = {
-                "schema": s.answer("ServerSentEvent", answers.ServerSentEvent)
+                "schema": s.answer("ServerSentEvent", gateway_answers.ServerSentEvent)
             }
         yield Operation(
             "POST",
@@ -89,7 +89,7 @@ def gateway(s: Schemas) -> Iterable[Operation]:
                 "4XX": passed_on,
                 **body_errors(s),
                 "502": s.returns(
-                    answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
+                    error_answers.UpstreamsFailedAnswer, "every candidate failed; each attempt listed"
                 ),
                 "429": with_headers(
                     s.error(
@@ -127,6 +127,6 @@ def gateway(s: Schemas) -> Iterable[Operation]:
         "/v1/models",
         "completions",
         "The models of the enabled providers",
-        {"200": s.returns(answers.ModelsAnswer, "OpenAI's model list")},
+        {"200": s.returns(gateway_answers.ModelsAnswer, "OpenAI's model list")},
         headers=GATEWAY_HEADERS,
     )

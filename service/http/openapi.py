@@ -6,8 +6,9 @@ parameters, body, answers and headers) is in the tables beside it, one per part 
 the service's own routes here, `service.http.config_operations` (the reads, change push,
 replicas), `service.http.write_operations` and `service.http.gateway_operations`, made of
 the parts of `service.http.operations`. Schemas come from pydantic models: the answers
-(`service.http.answers`), the write bodies (`service.http.bodies`), the file models (a
-provider body is the file's fields, `api_key` in plaintext) and the events.
+(`service.http.answers` and the `*_answers` modules beside it), the write bodies
+(`service.http.bodies`), the file models (a provider body is the file's fields, `api_key` in
+plaintext) and the events.
 `tests/http/test_openapi.py` fails when the app has a route that is not described, and runs
 schemathesis against a live service, so an answer that does not match its description fails
 the tests too.
@@ -29,9 +30,9 @@ from aiohttp import web
 
 from service import __version__
 from service.http import (
-    answers,
     config_operations,
     gateway_operations,
+    service_answers,
     usage_operations,
     write_operations,
 )
@@ -131,13 +132,18 @@ def operations(schemas: Schemas) -> Iterable[Operation]:
 
 def _service(s: Schemas) -> Iterable[Operation]:
     metrics = {METRICS_CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}
-    yield Operation("GET", "/healthz", None, "Liveness", {"200": s.returns(answers.Liveness, "it answers")})
+    yield Operation(
+        "GET", "/healthz", None, "Liveness", {"200": s.returns(service_answers.Liveness, "it answers")}
+    )
     yield Operation(
         "GET",
         "/readyz",
         None,
         "Readiness: the first load is done; the files the last load refused, and why",
-        {"200": s.returns(answers.Readiness, "ready"), "503": s.error("the first load is not complete")},
+        {
+            "200": s.returns(service_answers.Readiness, "ready"),
+            "503": s.error("the first load is not complete"),
+        },
     )
     yield Operation(
         "GET", "/metrics", None, "Prometheus metrics", {"200": {"description": "text", "content": metrics}}

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 
 from service.config.models import PURPOSES, AiServer, ApiKey, Scope
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
-from service.http import answers
+from service.http import error_answers, write_answers
 from service.http.context import PREFIX
 
 REF = "#/components/schemas/{model}"
@@ -54,7 +54,7 @@ class Schemas:
 
     def error(self, description: str) -> dict[str, Any]:
         """An error answer: `{"error": {"type", "message", ...}}`."""
-        return self.returns(answers.ErrorAnswer, description)
+        return self.returns(error_answers.ErrorAnswer, description)
 
     def render(self) -> dict[str, Any]:
         rendered: dict[str, Any] = {}
@@ -230,7 +230,7 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
     """What a write may be answered besides its success (docs/reference.md §8)."""
     errors = {
         "202": schemas.returns(
-            answers.WriteAccepted,
+            write_answers.WriteAccepted,
             "`branch` mode: committed to a new branch for review, nothing applied; or, from git-sync's "
             "checkout, pushed and not applied here yet (`pending`)",
             name="WriteAccepted",
@@ -252,7 +252,7 @@ def write_errors(schemas: Schemas, *, if_match: bool, body: bool = True) -> dict
             '`"pushed": true` and the `commit` the remote keeps'
         ),
         "422": schemas.returns(
-            answers.InvalidAnswer,
+            error_answers.InvalidAnswer,
             "the configuration after the write would not be valid, or a `base_url` is outside "
             "`SWITCHBOARD_ALLOWED_UPSTREAMS` (link-local when unset); nothing was written",
         ),

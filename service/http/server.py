@@ -16,8 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from service.http.app import GATEWAY
 from service.http.fast import KEEPALIVE_S, FastSite
+from service.http.gateway import GATEWAY
 
 
 async def _serve(

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from service.config.models import AiServer, ApiKey
-from service.http import answers, bodies
+from service.http import bodies, config_answers, write_answers
 from service.http.context import PREFIX
 from service.http.operations import (
     ETAG,
@@ -58,7 +58,7 @@ def writes(s: Schemas) -> Iterable[Operation]:
             s.plain(name, schema)
     reason, if_match = _string_header(_REASON), _string_header(_IF_MATCH)
     for segment, kind, stem in (("servers", "ai_server", "Server"), ("api-keys", "api_key", "ApiKey")):
-        written = s.answer("WrittenProvider", answers.WrittenProvider)
+        written = s.answer("WrittenProvider", write_answers.WrittenProvider)
         one = (path_id("spare"), if_match, reason)
         example = _EXAMPLES[kind]
         yield Operation(
@@ -109,7 +109,7 @@ def writes(s: Schemas) -> Iterable[Operation]:
             "config:write",
             f"Delete a provider of kind `{kind}`: one commit; 409 while routing names it",
             {
-                "200": s.returns(answers.Deleted, "deleted"),
+                "200": s.returns(write_answers.Deleted, "deleted"),
                 "404": s.error(f"no such {kind}"),
                 **write_errors(s, if_match=True, body=False),
             },
@@ -117,7 +117,7 @@ def writes(s: Schemas) -> Iterable[Operation]:
             None,
             _WRITES,
         )
-    route = s.answer("RouteAnswer", answers.RouteAnswer)
+    route = s.answer("RouteAnswer", config_answers.RouteAnswer)
     yield Operation(
         "PUT",
         f"{PREFIX}/active/{{purpose}}",

@@ -20,8 +20,8 @@ import uvloop
 from aiohttp import web
 
 from service.cli.serve import OPEN_FILES, event_loop, serving_app
-from service.http import app as app_module
-from service.http.app import YOUNG_ALLOCATIONS, settled_collector
+from service.http import collector
+from service.http.collector import YOUNG_ALLOCATIONS, settled_collector
 from service.http.context import REGISTRY
 from service.settings import Settings
 from tests.conftest import (
@@ -118,7 +118,7 @@ async def test_a_cycle_made_after_the_collector_is_settled_is_freed_on_the_timer
     """With the youngest generation collected only every 50,000 allocations, a cycle holding a
     large body could wait for thousands of requests. The timer collects the younger
     generations anyway (`YOUNG_PERIOD_S`): such a cycle is freed with little allocated."""
-    monkeypatch.setattr(app_module, "YOUNG_PERIOD_S", 0.05)
+    monkeypatch.setattr(collector, "YOUNG_PERIOD_S", 0.05)
     settings = _served(sops_project)
     app = serving_app(settings)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)

@@ -16,6 +16,7 @@ from aiohttp.abc import AbstractMatchInfo
 from multidict import CIMultiDictProxy
 
 from service.http import app as app_module
+from service.http import gateway as gateway_module
 from service.http.app import create_app
 from service.http.context import RELAY
 from service.http.openapi import document
@@ -614,7 +615,8 @@ async def test_a_gateway_answer_carries_nosniff_without_the_prepare_signal(
         sent.append(f"{request.method} {request.path}")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
-    monkeypatch.setattr(app_module, "_nosniff", counted)
+    monkeypatch.setattr(app_module, "_nosniff", counted)  # the receiver the app is given
+    monkeypatch.setattr(gateway_module, "_nosniff", counted)  # the one `Gateway` looks for
     chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
     async with FakeUpstream(name="a") as up:
         _write_gateway(sops_project, up)

@@ -22,9 +22,9 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_server import Server
 from multidict import CIMultiDict
 
-from service.http.app import GATEWAY
 from service.http.context import HEALTH, RELAY
 from service.http.fast import KEEPALIVE_S, FastConnection, FastSite
+from service.http.gateway import GATEWAY
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.gateway import write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from aiohttp import http_writer, web
 
-from service.http.app import GATEWAY
 from service.http.context import RELAY
 from service.http.fast import FastConnection, FastSite, missing
+from service.http.gateway import GATEWAY
 from service.usage.record import Record
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.http.test_fast_path import (

@@ -18,9 +18,9 @@ import yaml
 from aiohttp import web
 
 from service.http import stalls
-from service.http.app import GATEWAY
 from service.http.context import RELAY
 from service.http.fast import FastConnection, FastSite
+from service.http.gateway import GATEWAY
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.http.test_fast_path import (
     CHAT,

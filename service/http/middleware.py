@@ -1,0 +1,93 @@
+"""What every answer goes through: the one middleware that turns every error into the JSON of
+docs/reference.md §6.4, `{"error": {"type", "message"}}` (`_errors`, and `_answered` for the
+routes `Gateway` takes before the router), that JSON made of an exception (`_failure`), and
+`nosniff` on every answer (`_nosniff`). Its names are the app's internals, `_`-prefixed as they
+were.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from aiohttp import web
+
+from service.errors import HTTPError, PayloadTooLarge
+from service.gateway.account import REQUEST_ID
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
+from service.gateway.protocols import messages
+from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER
+from service.http.auth import Handler, same_machine
+from service.http.context import METRICS, SETTINGS
+from service.http.openai_api import internal, unreadable
+from service.metrics import Metrics
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    return await _answered(
+        request, handler, resource.canonical if resource else "unmatched", request.app[METRICS]
+    )
+
+
+async def _answered(
+    request: web.Request, handler: Handler, route: str, metrics: Metrics
+) -> web.StreamResponse:
+    """`handler`'s answer, or the JSON of the error it raised; counted in `metrics` under `route`."""
+    started = time.perf_counter()
+    try:
+        same_machine(request)
+        response = await handler(request)
+    except Exception as exc:
+        response = _failure(request, exc, route)
+    metrics.answered(route, request.method, response.status, time.perf_counter() - started)
+    return response
+
+
+_GATEWAY = "/v1/"
+"""The gateway's paths: every answer there carries the gateway's headers, the router's too."""
+_MESSAGES = "/v1/messages"
+"""Anthropic's Messages paths begin so: their errors come in Anthropic's shape."""
+
+
+def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
+    """The JSON answer to `exc`, which a handler of `route` raised; called where it is caught.
+    On Anthropic's Messages paths it comes in Anthropic's shape, even when the router gives it
+    (a 405, a 417): the SDKs read no other (docs/reference.md §14).
+
+    A web.HTTPException below 400 (a redirect) is raised again, for aiohttp to answer."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, HTTPError):
+        status, body, headers = exc.status, exc.body(), exc.headers()
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+        error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
+        status, body = error.status, error.body()
+    elif isinstance(exc, web.RequestPayloadError):  # a body it cannot decode: gzip that is not
+        refused = unreadable(exc)
+        status, body = refused.status, refused.body()
+    elif isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        kind = exc.reason.lower().replace(" ", "_")
+        # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
+        headers = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        status, body = exc.status, {"error": {"type": kind, "message": exc.reason}}
+    else:
+        bug = internal(request, route)
+        status, body = bug.status, bug.body()
+    path = request.path
+    if path.startswith(_GATEWAY):  # a gateway answer, the router's too (docs/reference.md §7, §13)
+        headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", **headers}
+        headers.setdefault(REQUEST_ID, uuid.uuid4().hex)
+        if path == _MESSAGES or path.startswith(_MESSAGES + "/"):
+            error = body["error"]
+            extra = {k: v for k, v in error.items() if k not in ("type", "message")}
+            body = messages.error(status, error["message"], **extra)
+    return web.json_response(body, status=status, headers=headers)
+
+
+async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+    # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
+    # Content-Type says, never guessed into a page that would run in the console's origin.
+    response.headers.setdefault(NOSNIFF_HEADER, "nosniff")
