@@ -16,5 +16,5 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 
-class _Answer(BaseModel):
+class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -53,9 +53,9 @@ from service.http.context import (
     WRITER,
     stop_task,
 )
-from service.http.gateway import Gateway as Gateway  # `as`: service.http.fast imports it from here
+from service.http.gateway import Gateway
 from service.http.malformed import ProtocolLog
-from service.http.middleware import _errors, _nosniff
+from service.http.middleware import answer_errors, nosniff
 from service.http.pages import PAGES, Pages
 from service.http.tags import TAGS, Tags
 from service.journal.events import BaseEvent, ServiceStarted
@@ -86,7 +86,7 @@ def create_app(
     when SWITCHBOARD_ALLOWED_UPSTREAMS cannot be read.
     """
     app = web.Application(
-        middlewares=[_errors],
+        middlewares=[answer_errors],
         client_max_size=settings.max_body_bytes,
         handler_args={"logger": ProtocolLog(logging.getLogger("service.http.protocol"))},
     )
@@ -102,7 +102,7 @@ def create_app(
         confirm=settings.health_confirm,
     )
     app[SOPS] = sops or Sops.from_settings(settings)
-    app.on_response_prepare.append(_nosniff)
+    app.on_response_prepare.append(nosniff)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

@@ -10,14 +10,14 @@ from pydantic import Field, JsonValue
 
 from service.config.metering import Budget, Price
 from service.config.models import Protocol, Purpose, ServerType
-from service.http.answers import _Answer
+from service.http.answers import Answer
 from service.journal.events import Event
 from service.vendors import VENDORS
 
 # -- providers and routes ------------------------------------------------------------------------
 
 
-class ProviderHealth(_Answer):
+class ProviderHealth(Answer):
     """What is known of a provider's health: the confirmed status and reason (shared between
     replicas, in the answer's tag), the last check's measurements, and this replica's circuit."""
 
@@ -34,7 +34,7 @@ class ProviderHealth(_Answer):
     )
 
 
-class _Provider(_Answer):
+class _Provider(Answer):
     id: str
     name: str | None
     base_url: str = Field(description="where requests go (the vendor's default when the file sets none)")
@@ -74,14 +74,14 @@ ProviderAnswer = Annotated[ServerAnswer | ApiKeyAnswer, Field(discriminator="kin
 """A provider as `GET …/providers/{id}` answers it."""
 
 
-class ProviderList(_Answer):
+class ProviderList(Answer):
     """Providers of the current configuration, by id."""
 
     providers: list[ProviderAnswer]
     generation: int
 
 
-class RouteAnswer(_Answer):
+class RouteAnswer(Answer):
     """One purpose, resolved: its primaries (load-balanced by weight), then its fallbacks in order."""
 
     purpose: Purpose
@@ -95,7 +95,7 @@ class RouteAnswer(_Answer):
     generation: int
 
 
-class ActiveAnswer(_Answer):
+class ActiveAnswer(Answer):
     """Every routed purpose, resolved."""
 
     purposes: dict[Purpose, RouteAnswer]
@@ -106,7 +106,7 @@ class ActiveAnswer(_Answer):
 # -- checks, models, secrets ----------------------------------------------------------------------
 
 
-class CheckAnswer(_Answer):
+class CheckAnswer(Answer):
     """A health check run now: the provider's models endpoint asked with its key."""
 
     ok: bool
@@ -114,14 +114,14 @@ class CheckAnswer(_Answer):
     message: str
 
 
-class ServerModels(_Answer):
+class ServerModels(Answer):
     """The models a server reports."""
 
     id: str
     models: list[str]
 
 
-class LitellmAnswer(_Answer):
+class LitellmAnswer(Answer):
     """The first healthy candidate of a purpose as LiteLLM parameters, its key decrypted."""
 
     purpose: Purpose
@@ -135,12 +135,12 @@ class LitellmAnswer(_Answer):
 # -- traffic -----------------------------------------------------------------------------------------
 
 
-class TokenCounts(_Answer):
+class TokenCounts(Answer):
     prompt: int
     completion: int
 
 
-class ProviderTraffic(_Answer):
+class ProviderTraffic(Answer):
     """One provider's upstream traffic since the service started, from its own counters."""
 
     requests: int = Field(description="attempts sent to the provider, whatever came of them")
@@ -152,7 +152,7 @@ class ProviderTraffic(_Answer):
     tokens: TokenCounts = Field(description="tokens the upstream reported in `usage`")
 
 
-class TrafficAnswer(_Answer):
+class TrafficAnswer(Answer):
     """Each provider of the current configuration, with its traffic since `since`."""
 
     since: str = Field(
@@ -164,14 +164,14 @@ class TrafficAnswer(_Answer):
 # -- the event log -----------------------------------------------------------------------------------
 
 
-class AuditAnswer(_Answer):
+class AuditAnswer(Answer):
     """Events of the log that match the filters, oldest first."""
 
     events: list[Event]
     count: int
 
 
-class ConfigView(_Answer):
+class ConfigView(Answer):
     """The configuration as the event log records it: masked, providers by id."""
 
     providers: dict[str, dict[str, JsonValue]]
@@ -179,7 +179,7 @@ class ConfigView(_Answer):
     clients: dict[str, dict[str, JsonValue]]
 
 
-class StateAnswer(_Answer):
+class StateAnswer(Answer):
     """The configuration as it stood at a time, rebuilt from the event log."""
 
     at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")

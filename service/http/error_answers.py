@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.http.answers import _Answer
+from service.http.answers import Answer
 
 # -- errors ---------------------------------------------------------------------------------------
 
@@ -21,13 +21,13 @@ class ErrorDetail(BaseModel):
     message: str
 
 
-class ErrorAnswer(_Answer):
+class ErrorAnswer(Answer):
     """Every error: `{"error": {"type", "message", ...}}`."""
 
     error: ErrorDetail
 
 
-class MessagesErrorAnswer(_Answer):
+class MessagesErrorAnswer(Answer):
     """An error on Anthropic's Messages paths, in Anthropic's shape:
     `{"type": "error", "error": {"type", "message", ...}}` (docs/reference.md §14)."""
 
@@ -35,7 +35,7 @@ class MessagesErrorAnswer(_Answer):
     error: ErrorDetail
 
 
-class ProblemItem(_Answer):
+class ProblemItem(Answer):
     file: str
     path: str = Field(description="the field to blame, dotted (`purposes.chat.primary.0`); empty for none")
     message: str
@@ -46,13 +46,13 @@ class InvalidDetail(ErrorDetail):
     problems: list[ProblemItem]
 
 
-class InvalidAnswer(_Answer):
+class InvalidAnswer(Answer):
     """422: the write would make the configuration invalid; nothing was written."""
 
     error: InvalidDetail
 
 
-class Attempt(_Answer):
+class Attempt(Answer):
     provider: str
     status: int | None = Field(description="the upstream's HTTP status; null when none came back")
     reason: str
@@ -63,7 +63,7 @@ class UpstreamsFailedDetail(ErrorDetail):
     attempts: list[Attempt]
 
 
-class UpstreamsFailedAnswer(_Answer):
+class UpstreamsFailedAnswer(Answer):
     """502: every candidate upstream failed; each attempt is listed."""
 
     error: UpstreamsFailedDetail

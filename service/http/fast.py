@@ -51,7 +51,7 @@ from service.http.fast_request import FastRequest, Outlet, serialized
 if TYPE_CHECKING:
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
-    from service.http.app import Gateway
+    from service.http.gateway import Gateway
     from service.http.openai_api import Endpoint
 
 log = logging.getLogger(__name__)

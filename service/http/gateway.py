@@ -17,7 +17,7 @@ from service.gateway.relay import NOSNIFF_HEADER
 from service.http import stalls
 from service.http.auth import CLIENT, Handler, admit
 from service.http.context import METRICS, REGISTRY, RELAY, SETTINGS
-from service.http.middleware import _answered, _failure, _nosniff
+from service.http.middleware import answered, failure_answer, nosniff
 from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, internal, unreadable
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
@@ -35,13 +35,13 @@ class Gateway:
     Anything else, and a request with `Expect` (the router's expect handler), goes the usual way.
 
     A route added as an `Endpoint` (`openai_api.add_endpoint`) runs here as one coroutine down
-    to the relay's: what the `_errors` middleware, `answering`, `scoped` and the relaying
+    to the relay's: what the `answer_errors` middleware, `answering`, `scoped` and the relaying
     handler do, in their order. Every wait of a request (the upstream's answer, at least) is
     passed through each coroutine above the one that waits: four fewer here. Any other route
-    goes through `_answered`, as the middleware sends it.
+    goes through `answered`, as the middleware sends it.
 
     An endpoint's answers carry `nosniff` from where they are made (the relay's headers, the
-    error answers): while `_nosniff` is all `on_response_prepare` holds, they are not sent
+    error answers): while `nosniff` is all `on_response_prepare` holds, they are not sent
     through it. Their match then has the app as its current app (`request.app`) but in no list
     of apps, which is where aiohttp finds the signals to send; an app given another receiver
     sends it every answer, these too.
@@ -86,9 +86,9 @@ class Gateway:
 
     def _settle(self) -> None:
         """Give the endpoints matches in no app's list (see above) if `on_response_prepare`
-        holds nothing but `_nosniff`, which their answers do without."""
+        holds nothing but `nosniff`, which their answers do without."""
         self.unsettled = False
-        if any(receiver is not _nosniff for receiver in self.app.on_response_prepare):
+        if any(receiver is not nosniff for receiver in self.app.on_response_prepare):
             return
         for key, (handler, match, name, endpoint) in self.routes.items():
             if endpoint is not None:
@@ -124,11 +124,11 @@ class Gateway:
             try:
                 return await self.usual(request)
             except web.HTTPException as exc:  # the router's expect handler (417), before any middleware
-                return _failure(request, exc, "unmatched")
+                return failure_answer(request, exc, "unmatched")
         handler, match, name, endpoint = found
         request._match_info = match
         if endpoint is None:
-            return await _answered(request, handler, name, self.metrics)
+            return await answered(request, handler, name, self.metrics)
         started = time.perf_counter()
         try:  # `answering`, `scoped`, then the relaying handler
             admit(request, endpoint.scope)
@@ -156,7 +156,7 @@ class Gateway:
         try:
             response = self._answer(request, name, endpoint, exc)
         except Exception as failed:
-            response = _failure(request, failed, name)
+            response = failure_answer(request, failed, name)
             response.headers[NOSNIFF_HEADER] = "nosniff"
         self.metrics.answered(name, request.method, response.status, time.perf_counter() - started)
         return response
@@ -164,7 +164,7 @@ class Gateway:
     async def relayed(
         self, request: web.Request, name: str, endpoint: Endpoint, call: Call, started: float
     ) -> web.StreamResponse:
-        """`call` relayed: the answer (`answering`'s), counted as `_answered` counts it."""
+        """`call` relayed: the answer (`answering`'s), counted as `answered` counts it."""
         try:
             try:
                 app = self.app
@@ -175,13 +175,13 @@ class Gateway:
                 if not response.prepared and REQUEST_ID not in response.headers:  # every gateway answer
                     response.headers[REQUEST_ID] = uuid.uuid4().hex
         except Exception as exc:
-            response = _failure(request, exc, name)
+            response = failure_answer(request, exc, name)
             response.headers[NOSNIFF_HEADER] = "nosniff"
         self.metrics.answered(name, request.method, response.status, time.perf_counter() - started)
         return response
 
     def _answer(self, request: web.Request, name: str, endpoint: Endpoint, exc: Exception) -> web.Response:
-        """What `answering` makes of `exc`; a `web.HTTPException` is raised again, for `_failure`."""
+        """What `answering` makes of `exc`; a `web.HTTPException` is raised again, for `failure_answer`."""
         error: HTTPError
         if isinstance(exc, HTTPError):
             error = exc

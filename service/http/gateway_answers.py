@@ -7,12 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.http.answers import _Answer
+from service.http.answers import Answer
 
 # -- the gateway --------------------------------------------------------------------------------------
 
 
-class ModelEntry(_Answer):
+class ModelEntry(Answer):
     id: str
     object: Literal["model"]
     created: int
@@ -29,7 +29,7 @@ class ServerSentEvent(BaseModel):
     id: str | None = None
 
 
-class ModelsAnswer(_Answer):
+class ModelsAnswer(Answer):
     """OpenAI's model list: the models of the enabled providers."""
 
     object: Literal["list"]

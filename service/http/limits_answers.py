@@ -9,10 +9,10 @@ from pydantic import Field
 
 from service.config.metering import Budget, Limits
 from service.config.models import Scope
-from service.http.answers import _Answer
+from service.http.answers import Answer
 
 
-class LimitsUse(_Answer):
+class LimitsUse(Answer):
     """What a client or provider uses now (docs/reference.md §13); money as decimal strings of USD."""
 
     requests_60s: int
@@ -23,23 +23,23 @@ class LimitsUse(_Answer):
     period_end: str | None = Field(description="ISO 8601 UTC; null for `total` or without a budget")
 
 
-class ClientLimits(_Answer):
+class ClientLimits(Answer):
     name: str
     limits: Limits | None
     used: LimitsUse
 
 
-class ProviderBudget(_Answer):
+class ProviderBudget(Answer):
     budget: Budget
 
 
-class ProviderLimits(_Answer):
+class ProviderLimits(Answer):
     id: str
     limits: ProviderBudget | None
     used: LimitsUse
 
 
-class LimitsAnswer(_Answer):
+class LimitsAnswer(Answer):
     """Every client's and provider's limits, with what is used now."""
 
     clients: list[ClientLimits]
@@ -52,7 +52,7 @@ class LimitsAnswer(_Answer):
     )
 
 
-class WhoAmI(_Answer):
+class WhoAmI(Answer):
     """Who a token is: its client's name (null without a clients file), its scopes, and its own
     limits and use (null without a clients file)."""
 

@@ -1,7 +1,7 @@
 """What every answer goes through: the one middleware that turns every error into the JSON of
-docs/reference.md §6.4, `{"error": {"type", "message"}}` (`_errors`, and `_answered` for the
-routes `Gateway` takes before the router), that JSON made of an exception (`_failure`), and
-`nosniff` on every answer (`_nosniff`). Its names are the app's internals, `_`-prefixed as they
+docs/reference.md §6.4, `{"error": {"type", "message"}}` (`answer_errors`, and `answered` for the
+routes `Gateway` takes before the router), that JSON made of an exception (`failure_answer`), and
+`nosniff` on every answer (`nosniff`). Its names are the app's internals, `_`-prefixed as they
 were.
 """
 
@@ -24,14 +24,14 @@ from service.metrics import Metrics
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     resource = request.match_info.route.resource
-    return await _answered(
+    return await answered(
         request, handler, resource.canonical if resource else "unmatched", request.app[METRICS]
     )
 
 
-async def _answered(
+async def answered(
     request: web.Request, handler: Handler, route: str, metrics: Metrics
 ) -> web.StreamResponse:
     """`handler`'s answer, or the JSON of the error it raised; counted in `metrics` under `route`."""
@@ -40,7 +40,7 @@ async def _answered(
         same_machine(request)
         response = await handler(request)
     except Exception as exc:
-        response = _failure(request, exc, route)
+        response = failure_answer(request, exc, route)
     metrics.answered(route, request.method, response.status, time.perf_counter() - started)
     return response
 
@@ -51,7 +51,7 @@ _MESSAGES = "/v1/messages"
 """Anthropic's Messages paths begin so: their errors come in Anthropic's shape."""
 
 
-def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
+def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Response:
     """The JSON answer to `exc`, which a handler of `route` raised; called where it is caught.
     On Anthropic's Messages paths it comes in Anthropic's shape, even when the router gives it
     (a 405, a 417): the SDKs read no other (docs/reference.md §14).
@@ -87,7 +87,7 @@ def _failure(request: web.Request, exc: Exception, route: str) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
-async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:
+async def nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
     response.headers.setdefault(NOSNIFF_HEADER, "nosniff")

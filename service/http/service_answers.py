@@ -8,21 +8,21 @@ from typing import Literal
 
 from pydantic import Field
 
-from service.http.answers import _Answer
+from service.http.answers import Answer
 
 # -- the service ----------------------------------------------------------------------------------
 
 
-class Liveness(_Answer):
+class Liveness(Answer):
     status: Literal["ok"]
 
 
-class RefusedFile(_Answer):
+class RefusedFile(Answer):
     file: str
     reason: str
 
 
-class SyncAnswer(_Answer):
+class SyncAnswer(Answer):
     """The built-in pull (docs/reference.md §12): `failed` while the branch cannot fast-forward, and why."""
 
     status: Literal["ok", "failed"]
@@ -30,7 +30,7 @@ class SyncAnswer(_Answer):
     remote_commit: str | None = Field(description="what the remote's branch is at; null before a fetch")
 
 
-class Readiness(_Answer):
+class Readiness(Answer):
     """Ready once the first load is done; `refused` lists the files the last load set aside."""
 
     status: Literal["ready"]
@@ -54,7 +54,7 @@ class Readiness(_Answer):
     sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
 
 
-class ReplicaAnswer(_Answer):
+class ReplicaAnswer(Answer):
     """One replica and the commit it serves, as its last heartbeat said."""
 
     replica: str
@@ -64,14 +64,14 @@ class ReplicaAnswer(_Answer):
     seen_at: datetime = Field(description="when this replica last heard from it, UTC")
 
 
-class ReplicasAnswer(_Answer):
+class ReplicasAnswer(Answer):
     """Every replica heard from in the last 10 s (with Redis), this one included."""
 
     replicas: list[ReplicaAnswer]
     shared: bool = Field(description="false without Redis (or while it is unreachable): this replica alone")
 
 
-class HookAccepted(_Answer):
+class HookAccepted(Answer):
     """A git host's notification, verified: a pull runs now."""
 
     status: Literal["accepted"]

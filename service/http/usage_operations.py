@@ -19,11 +19,11 @@ from service.usage.query import GROUP_KEYS, MAX_REQUESTS
 _MONEY = r"^[0-9]+(\.[0-9]+)?$"
 
 
-class _Answer(BaseModel):
+class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class UsageTotals(_Answer):
+class UsageTotals(Answer):
     """Counts and cost of a set of records."""
 
     requests: int = Field(description="every record")
@@ -48,7 +48,7 @@ class UsageRow(UsageTotals):
     month: str | None = Field(None, description="with `group_by=month`: `YYYY-MM`, UTC")
 
 
-class UsageAnswer(_Answer):
+class UsageAnswer(Answer):
     """The ledger's records in [since, until), grouped."""
 
     since: datetime
@@ -59,7 +59,7 @@ class UsageAnswer(_Answer):
     shared: bool = Field(description="true when the ledger is PostgreSQL, shared by every replica")
 
 
-class UsageRecord(_Answer):
+class UsageRecord(Answer):
     """One answered request; no prompt, no completion, no key, no token."""
 
     id: str = Field(description="the answer's `x-request-id`")
@@ -85,7 +85,7 @@ class UsageRecord(_Answer):
     replica: str
 
 
-class UsageRequests(_Answer):
+class UsageRequests(Answer):
     """A page of records, newest first."""
 
     requests: list[UsageRecord]

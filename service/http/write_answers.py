@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from service.http.answers import _Answer
+from service.http.answers import Answer
 from service.http.config_answers import ApiKeyAnswer, ServerAnswer
 
 ProviderKind = Literal["ai_server", "api_key"]
@@ -28,7 +28,7 @@ class WrittenApiKey(ApiKeyAnswer):
 WrittenProvider = Annotated[WrittenServer | WrittenApiKey, Field(discriminator="kind")]
 
 
-class Deleted(_Answer):
+class Deleted(Answer):
     """A provider whose file a write removed."""
 
     id: str
@@ -39,7 +39,7 @@ class Deleted(_Answer):
     generation: int
 
 
-class Branched(_Answer):
+class Branched(Answer):
     """A write in `branch` mode: committed to a new branch for review, nothing applied."""
 
     branch: str = Field(description="`switchboard/<verb>-<id>-<n>`")
@@ -47,7 +47,7 @@ class Branched(_Answer):
     file: str
 
 
-class Pushed(_Answer):
+class Pushed(Answer):
     """A write from git-sync's checkout, pushed to the remote but not applied here yet: git-sync
     did not bring it back within the wait (docs/reference.md §12). It is served once git-sync swaps it in."""
 

@@ -480,7 +480,7 @@ async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
 ) -> None:
     """A gateway route run as one coroutine (`app.Gateway` with an `Endpoint`) answers every
     kind of request as the router's way does (`Expect: 100-continue` takes it, through the
-    `_errors` middleware, `answering`, `scoped` and the relaying handler): the same status, body
+    `answer_errors` middleware, `answering`, `scoped` and the relaying handler): the same status, body
     and headers, the gateway's `x-request-id`, provider and attempts headers where that way has
     them, `nosniff`, and the same metrics."""
     resolved = _counting_resolves(gateway.app, monkeypatch)
@@ -605,7 +605,7 @@ def _counting_resolves(app: web.Application, monkeypatch: pytest.MonkeyPatch) ->
 async def test_a_gateway_answer_carries_nosniff_without_the_prepare_signal(
     sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While `_nosniff` is the only receiver of `on_response_prepare`, an endpoint's answers (whole,
+    """While `nosniff` is the only receiver of `on_response_prepare`, an endpoint's answers (whole,
     streamed, refused) are not sent through it: each has `nosniff` already, once. Any other answer
     is (`/healthz`, `/v1/models`, a gateway route taken by the router). Fails on an aiohttp that
     finds the signals to send other than through the match's apps: the signal would be sent."""
@@ -615,8 +615,8 @@ async def test_a_gateway_answer_carries_nosniff_without_the_prepare_signal(
         sent.append(f"{request.method} {request.path}")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
-    monkeypatch.setattr(app_module, "_nosniff", counted)  # the receiver the app is given
-    monkeypatch.setattr(gateway_module, "_nosniff", counted)  # the one `Gateway` looks for
+    monkeypatch.setattr(app_module, "nosniff", counted)  # the receiver the app is given
+    monkeypatch.setattr(gateway_module, "nosniff", counted)  # the one `Gateway` looks for
     chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
     async with FakeUpstream(name="a") as up:
         _write_gateway(sops_project, up)
@@ -646,7 +646,7 @@ async def test_a_gateway_answer_carries_nosniff_without_the_prepare_signal(
 async def test_another_prepare_receiver_is_sent_the_gateways_answers_too(
     sops_project: SopsProject, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An app given a receiver of `on_response_prepare` besides `_nosniff` (before it starts) sends
+    """An app given a receiver of `on_response_prepare` besides `nosniff` (before it starts) sends
     it every answer, those of the gateway's own way included."""
     seen: list[tuple[str, int]] = []
 

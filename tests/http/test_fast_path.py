@@ -64,7 +64,7 @@ def _request(
     return head.encode() + body
 
 
-class _Answer:
+class Answer:
     """An HTTP answer read off the wire: its status line, its fields in order, its body."""
 
     def __init__(self, line: bytes, fields: list[tuple[str, str]], body: bytes) -> None:
@@ -87,17 +87,17 @@ class _Answer:
         return self.line, masked, re.sub(rb'"created": \d+', b'"created": 0', self.body)
 
 
-async def _read_answer(reader: asyncio.StreamReader) -> _Answer:
+async def _read_answer(reader: asyncio.StreamReader) -> Answer:
     """An answer's head and body; a chunked body as it came, its chunks' framing too."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     line, *lines = head[:-4].split(b"\r\n")
     fields = [tuple(part.strip() for part in raw.decode().split(":", 1)) for raw in lines]
     pairs = [(name, value) for name, value in fields]
     if any(n.lower() == "transfer-encoding" and v == "chunked" for n, v in pairs):
-        return _Answer(line, pairs, await asyncio.wait_for(_read_chunks(reader), 10))
+        return Answer(line, pairs, await asyncio.wait_for(_read_chunks(reader), 10))
     length = next((int(v) for n, v in pairs if n.lower() == "content-length"), 0)
     body = await asyncio.wait_for(reader.readexactly(length), 10)
-    return _Answer(line, pairs, body)
+    return Answer(line, pairs, body)
 
 
 async def _read_chunks(reader: asyncio.StreamReader) -> bytes:
@@ -109,7 +109,7 @@ async def _read_chunks(reader: asyncio.StreamReader) -> bytes:
             return read
 
 
-async def _exchange(service: Service, *requests: bytes, close: bool = False) -> list[_Answer]:
+async def _exchange(service: Service, *requests: bytes, close: bool = False) -> list[Answer]:
     """Send `requests` on one connection, one after another, and read an answer to each."""
     reader, writer = await asyncio.open_connection(*_address(service))
     try:

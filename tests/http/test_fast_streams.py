@@ -366,7 +366,7 @@ async def test_a_bug_once_a_stream_began_closes_the_connection_unless_nothing_we
 
             async def broken(call: Any, snapshot: Any) -> web.StreamResponse:
                 answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-                answer._send_headers_immediately = False  # as the relay's (`sse._Answer`)
+                answer._send_headers_immediately = False  # as the relay's (`sse.Answer`)
                 await answer.prepare(call.request)
                 call.prepared = answer
                 if written:

@@ -259,7 +259,7 @@ async def test_a_provider_without_count_tokens_is_estimated_at_once_and_keeps_sp
 async def test_a_translated_message_maps_what_chat_has_and_drops_the_rest_never_refusing(
     sops_project: SopsProject,
 ) -> None:
-    """SPEC §14's details, as Claude Code sends them (`?beta=true`, its betas' header and fields):
+    """The reference's §14 details, as Claude Code sends them (`?beta=true`, its betas' header and fields):
     `stop_sequences` as `stop`, `metadata` kept, a `system` message inside `messages` joined to
     the system prompt in its order; hosted tools, `thinking`, `cache_control` and the betas'
     fields dropped, and the Anthropic headers not sent to a chat upstream."""

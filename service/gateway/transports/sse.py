@@ -36,7 +36,7 @@ _MAX_PENDING = 1 << 16
 """A torn event longer than this is given up on: written as it is, not looked into."""
 
 
-class _Answer(web.StreamResponse):
+class Answer(web.StreamResponse):
     """The client's stream, whose status line and headers go out with its first bytes, in one
     write: aiohttp's `StreamResponse` writes them alone at `prepare` (its `Response` holds them
     for its body, as here). The relay writes its first pass's bytes at once, or the head alone
@@ -74,7 +74,7 @@ async def relay_events(
         drop_usage = False  # the translator reads the usage chunk; the client never sees it
     merge = call.upstream_protocol == "messages"  # usage comes in two parts: message_start, message_delta
     headers["Cache-Control"] = "no-cache"
-    answer = _Answer(status=upstream.status, headers=headers)
+    answer = Answer(status=upstream.status, headers=headers)
     usage = None
     pending = b""
     held = b""  # the end of the last chunk that may begin the key: it goes with the next
