@@ -29,7 +29,8 @@ from service.crypto.keys import write_identity
 from service.crypto.sops import Sops
 from service.http.app import create_app
 from service.http.context import REGISTRY
-from service.http.fast import KEEPALIVE_S, FastSite
+from service.http.fast import KEEPALIVE_S
+from service.http.fast_site import FastSite
 from service.http.gateway import GATEWAY
 from service.journal.events import Event
 from service.journal.reader import read_events

@@ -1,6 +1,6 @@
 """The gateway's own HTTP/1.1 server for the endpoints' requests, in front of aiohttp's.
 
-A `FastSite` listens in place of aiohttp's `TCPSite`; each accepted connection is a
+A `FastSite` (`service.http.fast_site`) listens in place of aiohttp's `TCPSite`; each accepted connection is a
 `FastConnection`, which parses with httptools and answers by itself only a request that is
 all of: a `POST` to one of the gateway's endpoints (`Gateway.routes` with an `Endpoint`),
 HTTP/1.1 or 1.0, a `Content-Length` within the app's limit and no `Expect`,
@@ -31,28 +31,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-import aiohttp
 import httptools
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.tcp_helpers import tcp_keepalive
-from aiohttp.web_runner import BaseRunner
-from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
-from service.http import fast_request, malformed, stalls
+from service.http import malformed, stalls
 from service.http.fast_request import FastRequest, Outlet, serialized
 
 if TYPE_CHECKING:
+    from aiohttp.web_server import Server
     from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
     from service.http.gateway import Gateway
     from service.http.openai_api import Endpoint
+    from service.metrics import Cuts
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +78,28 @@ fields, its version, whether the connection is kept alive after it, and where it
 and ends in the connection's pending bytes."""
 
 
+class Site(Protocol):
+    """What a connection reads of the site that accepted it (`fast_site.FastSite`, which makes
+    the connections, so it is named here by what it gives them, not imported)."""
+
+    gateway: Gateway
+    loop: asyncio.AbstractEventLoop
+    send_timeout_s: float
+    receive_timeout_s: float
+    keepalive_s: float
+    cuts: Cuts
+    handed_off: int
+    most: int
+    endpoints: dict[str, tuple[str, UrlMappingMatchInfo, Endpoint]]
+
+    @property
+    def server(self) -> Server: ...
+
+
 class FastConnection(asyncio.Protocol, Outlet):
     """One client connection, on the fast path until a request hands it to aiohttp."""
 
-    def __init__(self, site: FastSite) -> None:
+    def __init__(self, site: Site) -> None:
         self.site = site
         self.loop = site.loop
         self.transport: asyncio.Transport | None = None
@@ -482,94 +498,3 @@ class FastConnection(asyncio.Protocol, Outlet):
         self.head = None
         self.closing = True
         self._close(transport)
-
-
-class FastSite(web.TCPSite):
-    """aiohttp's `TCPSite` whose connections are `FastConnection`s."""
-
-    def __init__(
-        self,
-        runner: BaseRunner,
-        gateway: Gateway,
-        host: str | None,
-        port: int | None,
-        *,
-        keepalive_s: float = KEEPALIVE_S,
-    ) -> None:
-        super().__init__(runner, host, port)
-        self.gateway = gateway
-        self.send_timeout_s = gateway.send_timeout_s
-        """A stalled client is let go of after this long (`service.http.stalls`)."""
-        self.receive_timeout_s = gateway.receive_timeout_s
-        """A request that does not come in this long is answered 408 (`service.http.stalls`)."""
-        self.keepalive_s = keepalive_s
-        """An idle connection of the fast path is closed after this long."""
-        self.cuts = gateway.metrics.cuts
-        """The app's metrics' series of the connections cut (`switchboard_http_cut_total`)."""
-        self.handed_off = 0
-        """Connections handed to aiohttp so far."""
-        self.loop = asyncio.get_running_loop()
-        self.most = gateway.max_body_bytes + MAX_HEAD
-        """A connection holds no more unanswered bytes than a request's most (pipelined ones wait)."""
-        self.endpoints = gateway.endpoints()
-        """The endpoints' paths, each with its route's name, its match and its `Endpoint`."""
-
-    @property
-    def server(self) -> Server:
-        server = self._runner.server
-        if server is None:
-            raise RuntimeError("the runner is not set up")
-        return server
-
-    async def start(self) -> None:
-        if not self.gateway.fast():  # the app's answers need aiohttp's signals: all its own
-            await super().start()
-            return
-        lacking = missing(self)
-        if lacking:  # an aiohttp that changed what the fast path uses of it: aiohttp's alone
-            log.warning(
-                "aiohttp %s lacks %s: every request is served by aiohttp (no fast path)",
-                aiohttp.__version__,
-                ", ".join(lacking),
-            )
-            await super().start()
-            return
-        self._runner._reg_site(self)
-        factory: Callable[[], asyncio.Protocol] = lambda: FastConnection(self)  # noqa: E731
-        self._server = await self.loop.create_server(factory, self._host, self._port, backlog=self._backlog)
-
-
-_SITE_PRIVATE = ("_runner", "_server", "_host", "_port", "_backlog")
-"""What `FastSite.start` reads and sets of aiohttp's `BaseSite`, private."""
-_SERVER_READS = frozenset(
-    {"_connections", "_task_handler", "add_done_callback", "pop", "close", "shutdown"}
-    | {"asyncio", "gather", "clear"}
-)
-"""The names aiohttp's `Server` uses where it keeps a connection: what it reads of ours is among
-them (`_task_handler`, `close`, `shutdown`); a name not in this set may be one it reads and
-`FastConnection` lacks (a `_task_handler` renamed)."""
-_SERVER_KEEPS = ("connection_made", "connection_lost", "pre_shutdown", "shutdown")
-
-
-def missing(site: web.BaseSite) -> list[str]:
-    """The private names of aiohttp the fast path uses that this aiohttp lacks (see the module):
-    with any, `FastSite.start` is `TCPSite`'s. (`_task_handler` is what aiohttp's `Server`
-    reads of a connection: without it, it reads nothing of ours.)"""
-    lacking = [f"BaseSite.{name}" for name in _SITE_PRIVATE if not hasattr(site, name)]
-    if not callable(getattr(getattr(site, "_runner", None), "_reg_site", None)):
-        lacking.append("BaseRunner._reg_site")
-    if fast_request._serialize_headers is fast_request._absent:
-        lacking.append("aiohttp.http_writer._serialize_headers")
-    else:
-        amiss = fast_request.unlike_aiohttp()
-        if amiss is not None:
-            lacking.append(f"a fast request or answer as aiohttp's ({amiss})")
-    for name in _SERVER_KEEPS:
-        code = getattr(getattr(Server, name, None), "__code__", None)
-        if code is None:
-            lacking.append(f"Server.{name}")
-            continue
-        inner = [c for c in code.co_consts if hasattr(c, "co_names")]  # its lambdas, generators
-        unknown = {*code.co_names, *(n for c in inner for n in c.co_names)} - _SERVER_READS
-        lacking += [f"Server.{name} as it was (it uses {n})" for n in sorted(unknown)]
-    return lacking

@@ -29,7 +29,7 @@ def _absent(*args: Any) -> Any:
 
 _serialize_headers: Callable[[str, Any], bytes] = getattr(http_writer, "_serialize_headers", _absent)
 """aiohttp's own writer of a status line and fields (private): without it (`_absent`), the
-fast path is off (`fast.missing`) and aiohttp's server answers everything."""
+fast path is off (`fast_site.missing`) and aiohttp's server answers everything."""
 rfc822_formatted_time: Callable[[], str] = getattr(helpers, "rfc822_formatted_time", _absent)
 """aiohttp's `Date` (not in `aiohttp.helpers.__all__`)."""
 

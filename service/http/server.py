@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from service.http.fast import KEEPALIVE_S, FastSite
+from service.http.fast import KEEPALIVE_S
+from service.http.fast_site import FastSite
 from service.http.gateway import GATEWAY
 
 

@@ -23,7 +23,8 @@ from aiohttp.web_server import Server
 from multidict import CIMultiDict
 
 from service.http.context import HEALTH, RELAY
-from service.http.fast import KEEPALIVE_S, FastConnection, FastSite
+from service.http.fast import KEEPALIVE_S, FastConnection
+from service.http.fast_site import FastSite
 from service.http.gateway import GATEWAY
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.support.gateway import write_clients, write_provider, write_routing
@@ -665,7 +666,7 @@ async def test_without_a_private_name_serve_runs_on_aiohttps_server_alone(
 
 
 async def test_a_site_lacking_a_private_attribute_is_told(sops_project: SopsProject) -> None:
-    from service.http.fast import missing
+    from service.http.fast_site import missing
 
     async with _gateway(sops_project) as (service, _):
         site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0)
@@ -679,7 +680,7 @@ async def test_a_server_that_reads_more_of_a_connection_is_told(
 ) -> None:
     """aiohttp's `Server` renamed what it reads of a connection it keeps (`_task_handler`): the
     fast path is off rather than an AttributeError when a connection is lost."""
-    from service.http.fast import missing
+    from service.http.fast_site import missing
 
     def connection_lost(self: Server, handler: Any, exc: BaseException | None = None) -> None:
         if handler in self._connections:
@@ -702,7 +703,7 @@ async def test_a_fast_answer_unlike_aiohttps_turns_the_fast_path_off(
     """What the fast path uses of aiohttp, changed in a way no name tells (`HeadersMixin`, the
     `Date`): a request and an answer made at start show it, and the fast path is off."""
     from service.http import fast_request
-    from service.http.fast import missing
+    from service.http.fast_site import missing
 
     async with _gateway(sops_project) as (service, _):
         site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0)

@@ -21,7 +21,8 @@ import yaml
 from aiohttp import http_writer, web
 
 from service.http.context import RELAY
-from service.http.fast import FastConnection, FastSite, missing
+from service.http.fast import FastConnection
+from service.http.fast_site import FastSite, missing
 from service.http.gateway import GATEWAY
 from service.usage.record import Record
 from tests.conftest import Service, SopsProject, eventually, serve

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from service.http import stalls
 from service.http.context import RELAY
-from service.http.fast import FastConnection, FastSite
+from service.http.fast import FastConnection
+from service.http.fast_site import FastSite
 from service.http.gateway import GATEWAY
 from tests.conftest import Service, SopsProject, eventually, serve
 from tests.http.test_fast_path import (
