@@ -6,10 +6,10 @@
 `switchboard serve`, metered as `bench.gateway` serves it, in front of the fake upstream: a
 wrapper script (on the service's path, ahead of its code) stamps each relayed request with
 `time.perf_counter_ns` at seven points and writes the stamps at exit. The points wrap methods
-by name (aiohttp's server and writer, the gateway's upstream client, its metering), so the
-wrapper follows this checkout's code, not another's. Reported, after a warm-up, per phase:
-p50, p90 and p99 in µs, and the latency the load generator saw, through Switchboard and
-straight to the upstream (medians over `--runs`):
+by name (the gateway's own connections, `http/fast.py`, and aiohttp's server and writer, the
+gateway's upstream client, its metering), so the wrapper follows this checkout's code, not
+another's. Reported, after a warm-up, per phase: p50, p90 and p99 in µs, and the latency the
+load generator saw, through Switchboard and straight to the upstream (medians over `--runs`):
 
 - `in → upstream out`: the request's bytes read, parsed, authenticated, admitted, routed,
   and written to the upstream;
@@ -17,7 +17,7 @@ straight to the upstream (medians over `--runs`):
 - `its bytes in → answer read`: the upstream's answer parsed and its waiter woken;
 - `answer read → metering`: the answer made (`web.Response`), health and metrics;
 - `metering`: priced, settled, recorded (`Metered.served`);
-- `handler → write`: aiohttp prepares the answer and its head;
+- `handler → write`: the answer and its head made into bytes (the fast path's, or aiohttp's);
 - `write`: the system call that hands the answer to the client. It returns late when the
   client, woken by it, takes the core first: that time is the client's, not on its path.
 
@@ -107,22 +107,40 @@ def _written(handler, args):
 _KEYS = ("out", "back", "read", "metering", "metered", "handled", "write", "wrote")
 
 
+def _went(connection, request, response):
+    _now["wrote"] = _ns()  # its bytes were just handed to the transport (`_answer`, `write_eof`)
+    _written(connection, (request,))
+
+
 def _install():
     from aiohttp import http_writer, web_protocol
     from service.gateway import metering
     from service.gateway.transports import exchange, openai
-    from service.http import gateway
+    from service.http import fast, gateway
 
     def arrived(handler):
         _arrived[id(handler)] = _ns()
 
+    # aiohttp's server: the requests the fast path hands it
     _wrap(web_protocol.RequestHandler, "data_received", before=arrived)
     _wrap_async(web_protocol.RequestHandler, "finish_response", after=_written)
+    _wrap_async(gateway.Gateway, "handle", after=_stamp("handled"))
+    # the gateway's own connections (`serve`'s fast path), where a relayed request goes
+    _wrap(fast.FastConnection, "data_received", before=arrived)
+    _wrap_async(gateway.Gateway, "relayed", after=_stamp("handled"))
+    _wrap(fast.FastConnection, "_answer", before=_stamp("write"))
+    went = fast.FastConnection._went
+
+    def wrapped_went(self, request, response):
+        _went(self, request, response)
+        return went(self, request, response)
+
+    fast.FastConnection._went = wrapped_went
+    # both
     _wrap(exchange.Connection, "send", before=_out)
     _wrap(exchange.Connection, "data_received", before=_back)
     _wrap_async(openai.OpenAITransport, "exchange", after=_stamp("read"))
     _wrap_async(metering.Metered, "served", before=_stamp("metering"), after=_stamp("metered"))
-    _wrap_async(gateway.Gateway, "handle", after=_stamp("handled"))
     _wrap(http_writer.StreamWriter, "_writelines", before=_stamp("write"), after=_stamp("wrote"))
 
 

@@ -1,8 +1,8 @@
 """What every answer goes through: the one middleware that turns every error into the JSON of
 docs/reference.md §6.4, `{"error": {"type", "message"}}` (`answer_errors`, and `answered` for the
 routes `Gateway` takes before the router), that JSON made of an exception (`failure_answer`), and
-`nosniff` on every answer (`nosniff`). Its names are the app's internals, `_`-prefixed as they
-were.
+`nosniff` on every answer (`nosniff`). `app.py` installs them and `gateway.py` calls them; they
+are the app's internals, not an API.
 """
 
 from __future__ import annotations

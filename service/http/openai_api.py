@@ -82,7 +82,7 @@ CallOf = Callable[[web.Request, bytes], Call]
 class Endpoint:
     """A gateway route as its parts: who may call it (`scope`), how its body becomes a `Call` to
     relay (`call`), and the shape of its errors. `add_endpoint` gives the router a handler made
-    of them (`answering`, `scoped`, the relay); `app.Gateway` runs the same parts in one
+    of them (`answering`, `scoped`, the relay); `gateway.Gateway` runs the same parts in one
     coroutine, for the same answers."""
 
     call: CallOf

@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -34,7 +35,7 @@ from tests.conftest import (
 )
 from tests.support.gateway import CANARY, write_clients, write_provider
 from tests.support.gateway import write_routing as write_routing_of
-from tests.support.upstreams import FakeUpstream, serving
+from tests.support.upstreams import FakeUpstream, closed_port_url, serving
 
 
 def project_with_route(project: SopsProject, *, key: bool = False) -> None:
@@ -460,6 +461,45 @@ async def test_an_event_stream_that_ends_at_once_is_reopened_with_backoff() -> N
     # Reset at every answer, it was ~40 in 2 s; with the backoff (full jitter, so a run of
     # short draws is possible: 12 was seen once) about 7.
     assert opened < 20, f"{opened} streams opened in 2 s"
+
+
+async def test_an_event_stream_waits_out_a_service_that_is_down_and_ends_at_aclose() -> None:
+    """`events()` with nothing listening raises nothing: `async for` waits, reopening with
+    backoff, and reads the first event once the service is up (the `Last-Event-ID` it was given
+    sent); `aclose()` then ends it, and a stream closed before its first read ends too."""
+    asked: list[str | None] = []
+
+    async def one_event(request: web.Request) -> web.StreamResponse:
+        asked.append(request.headers.get("Last-Event-ID"))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'id: 8\nevent: service.started\ndata: {"seq": 8}\n\n')
+        await asyncio.sleep(30)  # held open, as the service's is
+        return response
+
+    down = urlsplit(closed_port_url())
+    async with Switchboard(f"http://{down.netloc}", backoff_s=(0.01, 0.05)) as sb:
+        stream = sb.events(after=7)
+        reading = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.5)  # refused, again and again
+        assert not reading.done()
+        app = web.Application()
+        app.router.add_get("/api/v1/llm-config/events", one_event)
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, down.hostname, down.port).start()
+        try:
+            event = await asyncio.wait_for(reading, 5)
+            assert (event.seq, event.type) == (8, "service.started") and asked == ["7"]
+            await stream.aclose()
+            with pytest.raises(StopAsyncIteration):
+                await anext(stream)
+            unread = sb.events()
+            await unread.aclose()
+            with pytest.raises(StopAsyncIteration):
+                await anext(unread)
+        finally:
+            await runner.cleanup()
 
 
 async def test_an_events_data_is_the_whole_logged_event(sops_project: SopsProject) -> None:

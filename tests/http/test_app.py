@@ -362,7 +362,7 @@ async def test_a_body_that_cannot_be_decoded_and_is_not_read_is_one_warning_line
 async def test_the_gateways_routes_skip_the_router_and_answer_as_it_would(
     guarded: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`POST /v1/...` is taken before the router (`app.Gateway`): the same answer, headers,
+    """`POST /v1/...` is taken before the router (`gateway.Gateway`): the same answer, headers,
     metrics and error shape as the router's way; a request with `Expect`, another method or
     another path still goes the router's way."""
     resolved = _counting_resolves(guarded.app, monkeypatch)
@@ -478,7 +478,7 @@ async def test_a_gateway_route_answers_as_the_router_and_middleware_would(
     body: Any,
     status: int,
 ) -> None:
-    """A gateway route run as one coroutine (`app.Gateway` with an `Endpoint`) answers every
+    """A gateway route run as one coroutine (`gateway.Gateway` with an `Endpoint`) answers every
     kind of request as the router's way does (`Expect: 100-continue` takes it, through the
     `answer_errors` middleware, `answering`, `scoped` and the relaying handler): the same status, body
     and headers, the gateway's `x-request-id`, provider and attempts headers where that way has

@@ -522,7 +522,7 @@ async def test_a_body_is_read_whole_however_it_arrives(sops_project: SopsProject
 async def test_every_kind_of_gateway_answer_forbids_sniffing(sops_project: SopsProject) -> None:
     """`X-Content-Type-Options: nosniff` on a whole answer, a relayed stream (prepared where it is
     relayed), one cut short, an upstream's error relayed, the gateway's own errors, and
-    `/v1/models`: each taken before the router (`app.Gateway`)."""
+    `/v1/models`: each taken before the router (`gateway.Gateway`)."""
     async with FakeUpstream(name="a") as up:
         write_provider(sops_project, "a", base_url=up.base_url)
         write_routing(sops_project, chat="a")
