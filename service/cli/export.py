@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from service.cli.folders import providers_folder
 from service.config.export import litellm_export, wilmer_endpoints
 from service.config.snapshot import load_folder
 from service.config.sops_mac import Known
@@ -28,9 +29,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     if ns.target == "wilmer" and ns.out is None:
         print("switchboard: error: export wilmer needs --out DIR", file=sys.stderr)
         return 2
-    if not settings.providers_dir.is_dir():
-        print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
-        return 1
+    providers_folder(settings)
     sops = Sops.from_settings(settings) if ns.with_secrets else None
     snapshot = load_folder(
         settings.providers_dir, settings.providers.as_posix(), sops, _known(settings, sops)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.cli.folders import providers_folder
 from service.config.sops_rules import recipients
 from service.crypto.keys import is_recipient
 from service.crypto.rotation import Rotation, RotationStopped, encrypted_files, rotate, update_recipients
@@ -21,9 +22,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
             if not is_recipient(recipient):  # wrong usage: checked before `.sops.yaml` is touched
                 print(f"switchboard: error: {flag}: not an age recipient: {recipient!r}", file=sys.stderr)
                 return 2
-    if not settings.providers_dir.is_dir():
-        print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
-        return 1
+    providers_folder(settings)
     listed = set(recipients(settings.sops_config))
     for recipient in ns.remove_recipient:
         if recipient not in listed:  # already gone, or another key than meant: nothing revoked

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from service import console
+from service.cli.folders import providers_folder
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
@@ -96,9 +97,7 @@ def serving_app(settings: Settings) -> web.Application:
 def run(ns: argparse.Namespace, settings: Settings) -> int:
     """Serve until SIGINT or SIGTERM; refuses a non-loopback address without a clients file."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.providers_dir.is_dir():
-        print(f"switchboard: error: {settings.providers_dir}: no such folder", file=sys.stderr)
-        return 1
+    providers_folder(settings)
     try:
         AllowedUpstreams.parse(settings.allowed_upstreams)
     except ValueError as exc:
