@@ -61,6 +61,15 @@ class Consumer:
                     assert answer.status == 304, await answer.text()
 
 
+async def started(trio: tuple[Replica, ...], http: aiohttp.ClientSession) -> None:
+    """Start each replica on `http`, then wait until every one is ready."""
+    for m in trio:
+        m.http = http
+        await m.start()
+    for m in trio:
+        await m.wait_ready()
+
+
 async def test_a_consumer_behind_a_round_robin_neither_loops_nor_steps_back(
     sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path
 ) -> None:
@@ -73,11 +82,7 @@ async def test_a_consumer_behind_a_round_robin_neither_loops_nor_steps_back(
     trio = (one, two, three)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            for m in trio:
-                m.http = http
-                await m.start()
-            for m in trio:
-                await m.wait_ready()
+            await started(trio, http)
             # a first change everywhere, then r2 again with a fresh event log: its index is not
             # the others' (as a pod replaced with a new emptyDir)
             author.commit({"gpu.yaml": server_yaml("gpu", 7001)})
@@ -150,11 +155,7 @@ async def test_the_python_client_behind_a_round_robin_sees_each_change_soon_afte
     trio = tuple(member(tmp_path, bare, key, f"r{i}") for i in (1, 2, 3))
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-            for m in trio:
-                m.http = http
-                await m.start()
-            for m in trio:
-                await m.wait_ready()
+            await started(trio, http)
             async with (
                 round_robin([m.url for m in trio]) as proxy,
                 Switchboard(proxy.url, wait_s=WAIT_S) as sb,
