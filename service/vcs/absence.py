@@ -48,7 +48,13 @@ def absence(folder: Path, names: Iterable[str] = ()) -> Absence:
     failure of git is a doubt.
     """
     holder = Path(os.path.realpath(folder.parent))
-    repo = GitRepo.find(next((p for p in (holder, *holder.parents) if p.is_dir()), holder))
+    repo = None
+    for place in (holder, *holder.parents):
+        if not place.is_dir():
+            continue
+        repo = GitRepo.find(place)
+        if repo is not None or place.is_dir():  # its answer, unless it went while git was asked
+            break
     if repo is None:
         if shutil.which("git") is None:
             return Absence(None, "git is not installed (no `git` on PATH)")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.vcs.absence import Absence, absence
+from service.vcs.gitrepo import GitRepo
 from tests.conftest import git, git_init
 from tests.vcs.test_attribution import commit, server
 
@@ -38,6 +40,31 @@ def test_a_folder_deleted_by_hand_while_head_holds_it_is_not(folder: Path) -> No
     found = absence(folder, ["a.yaml"])
     assert (found.confirmed, found.commit) == (False, head)
     assert found.doubt == f"commit {head[:12]} (HEAD) holds it"
+
+
+def test_a_folder_holding_it_that_goes_while_git_is_asked_is_looked_past(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`config/providers.d` deleted by hand with `config` while git is asked in `config`: that
+    ask fails (its folder went), and the working tree is found from the folder above, not
+    taken as "not in a git working tree" (a race CI met once)."""
+    root = tmp_path / "repo"
+    nested = root / "config" / "providers.d"
+    nested.mkdir(parents=True)
+    git_init(root)
+    (nested / "a.yaml").write_bytes(server("a"))
+    head = commit(root, "add a")
+    shutil.rmtree(nested)
+    find = GitRepo.find
+
+    def racing(path: Path, **kwargs: Any) -> GitRepo | None:
+        if path.name == "config":
+            shutil.rmtree(path)  # gone while git is asked there
+        return find(path, **kwargs)
+
+    monkeypatch.setattr(GitRepo, "find", staticmethod(racing))
+    found = absence(nested, ["a.yaml"])
+    assert (found.commit, found.doubt) == (head, f"commit {head[:12]} (HEAD) holds it")
 
 
 def test_a_removal_staged_but_not_committed_is_not(folder: Path) -> None:
