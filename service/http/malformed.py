@@ -25,35 +25,50 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from service.errors import BadRequest, HTTPError, PayloadTooLarge
+from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
 from service.gateway.protocols import messages
+from service.gateway.relay import NO_PROVIDER
 
 NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 _ERRORS: dict[int, type[HTTPError]] = {400: BadRequest, 413: PayloadTooLarge}
-_MESSAGES = b"/v1/messages"
-_GATEWAY_HEADERS = {"x-switchboard-provider": "none", "x-switchboard-attempts": "0"}
+GATEWAY = "/v1/"
+"""The gateway's paths: every answer there carries the gateway's headers, the router's too."""
+MESSAGES = "/v1/messages"
+"""Anthropic's Messages paths begin so: their errors come in Anthropic's shape."""
 
 
-def path_of(start: bytes) -> bytes:
+def path_of(start: bytes) -> str:
     """The path of the request line `start` begins with (empty while its target has not ended),
     as the app routes by it: percent-decoded, an absolute-form target's (`http://host/v1/...`)."""
     parts = start.lstrip(b"\r\n").split(b"\r\n", 1)[0].split(b" ", 2)
     if len(parts) != 3:
-        return b""
+        return ""
     target = parts[1].split(b"?", 1)[0]
     scheme, found, rest = target.partition(b"://")
     if found and not scheme.startswith(b"/"):  # absolute form: its path follows the authority
         target = b"/" + rest.partition(b"/")[2]
-    return unquote_to_bytes(target)
+    return unquote_to_bytes(target).decode("utf-8", "replace")
 
 
-def shaped(error: HTTPError, status: int, path: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+def on_path(path: str, status: int, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """An error's `body` (answered `status`) and the headers it adds, as answered on `path`: on
+    the gateway's paths with the gateway's headers (no provider, no attempt), on Anthropic's
+    Messages paths in Anthropic's shape, what ours adds (attempts, limits...) kept beside the
+    message (docs/reference.md §7, §14). The app's errors (`middleware.failure_answer`) and the
+    server's own (`shaped`) alike."""
+    if not path.startswith(GATEWAY):
+        return body, {}
+    if path == MESSAGES or path.startswith(MESSAGES + "/"):
+        error = body["error"]
+        extra = {k: v for k, v in error.items() if k not in ("type", "message")}
+        body = messages.error(status, error["message"], **extra)
+    return body, {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0"}
+
+
+def shaped(error: HTTPError, status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:
     """The body and headers of `error` (answered `status`) when the server answers it itself on
-    `path` (empty when unknown), as the app answers its own errors: in Anthropic's shape on its
-    Messages paths, with the gateway's headers on a gateway path (`/v1/`)."""
-    body = error.body()
-    if path == _MESSAGES or path.startswith(_MESSAGES + b"/"):
-        body = messages.error(status, error.message)
-    return body, dict(_GATEWAY_HEADERS) if path.startswith(b"/v1/") else {}
+    `path` (empty when unknown), as the app answers its own errors (`on_path`)."""
+    return on_path(path, status, error.body())
 
 
 class JsonErrors(RequestHandler):
@@ -82,9 +97,9 @@ class JsonErrors(RequestHandler):
         answer.force_close()
         return answer
 
-    def path(self) -> bytes:
+    def path(self) -> str:
         """The path of the request it refused, when its request line came (`stalls.Handler`)."""
-        return b""
+        return ""
 
     def refused(self) -> None:
         """A request the parser refused is answered (its connection closed after): nothing to

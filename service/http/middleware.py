@@ -14,11 +14,10 @@ from aiohttp import web
 
 from service.errors import HTTPError, PayloadTooLarge
 from service.gateway.account import REQUEST_ID
-from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
-from service.gateway.protocols import messages
-from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER
+from service.gateway.relay import NOSNIFF_HEADER
 from service.http.auth import Handler, same_machine
 from service.http.context import METRICS, SETTINGS
+from service.http.malformed import on_path
 from service.http.openai_api import internal, unreadable
 from service.metrics import Metrics
 
@@ -43,12 +42,6 @@ async def answered(
         response = failure_answer(request, exc, route)
     metrics.answered(route, request.method, response.status, time.perf_counter() - started)
     return response
-
-
-_GATEWAY = "/v1/"
-"""The gateway's paths: every answer there carries the gateway's headers, the router's too."""
-_MESSAGES = "/v1/messages"
-"""Anthropic's Messages paths begin so: their errors come in Anthropic's shape."""
 
 
 def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Response:
@@ -76,14 +69,10 @@ def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Resp
     else:
         bug = internal(request, route)
         status, body = bug.status, bug.body()
-    path = request.path
-    if path.startswith(_GATEWAY):  # a gateway answer, the router's too (docs/reference.md §7, §13)
-        headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", **headers}
+    body, gateway = on_path(request.path, status, body)
+    if gateway:  # a gateway answer, the router's too (docs/reference.md §7, §13)
+        headers = {**gateway, **headers}
         headers.setdefault(REQUEST_ID, uuid.uuid4().hex)
-        if path == _MESSAGES or path.startswith(_MESSAGES + "/"):
-            error = body["error"]
-            extra = {k: v for k, v in error.items() if k not in ("type", "message")}
-            body = messages.error(status, error["message"], **extra)
     return web.json_response(body, status=status, headers=headers)
 
 

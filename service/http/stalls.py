@@ -107,9 +107,7 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
-def refuse_late(
-    transport: asyncio.Transport, head: bool, limit_s: float, cut: Count, path: bytes = b""
-) -> None:
+def refuse_late(transport: asyncio.Transport, head: bool, limit_s: float, cut: Count, path: str = "") -> None:
     """Answer 408 to a request that did not come within `limit_s` (its `head` did not end, or
     its body stopped), count it (`cut`) and log it in one line: its client's address, nothing it
     sent. `path` is the request's, when its request line came (`path_of`): it chooses the
@@ -132,7 +130,7 @@ enough for the request line of any gateway path."""
 _TIMED_OUT = RequestTimeout("the request did not come within the server's receive timeout")
 
 
-def _answer(path: bytes) -> bytes:
+def _answer(path: str) -> bytes:
     """The 408 to a request that did not come in time, whole: the server's own answer (no route
     is chosen), as an error's JSON (`{"error": {"type", "message"}}`), after which the connection
     is closed (`Connection: close`). On a gateway path (its request line came) it carries the
@@ -287,7 +285,7 @@ class Handler(JsonErrors):
     def _timed_out(self, transport: asyncio.Transport, *, head: bool) -> None:
         request = self._current_request
         # the path as the app routes by it (decoded, an absolute-form target's): `path_of`'s
-        path = path_of(self._start) if head or request is None else request.path.encode(errors="replace")
+        path = path_of(self._start) if head or request is None else request.path
         refuse_late(transport, head, self._receive_timeout_s, self._cuts.receive_timeout, path)
         self.force_close()  # its request, if one is answered, ends as for a client that left
 
@@ -318,7 +316,7 @@ class Handler(JsonErrors):
     def refused(self) -> None:  # a request its parser refused, answered 400 (`JsonErrors`)
         self._cuts.malformed.inc()
 
-    def path(self) -> bytes:  # the path of the head it refused, when its request line came (`JsonErrors`)
+    def path(self) -> str:  # the path of the head it refused, when its request line came (`JsonErrors`)
         return path_of(self._start)
 
 
