@@ -344,6 +344,23 @@ async def test_answers_before_the_limits_are_checked_are_no_records_and_count_to
     assert len(up.requests) == 1
 
 
+async def test_concurrent_answers_each_say_what_remained_once_they_were_counted(
+    sops_project: SopsProject,
+) -> None:
+    """The contract: "an `rpm` of 5 gives 4, 3, 2, 1, 0", each answer saying what remains after
+    it was counted. Five requests in flight at once are counted one after the other at
+    admission: their answers say 4, 3, 2, 1 and 0 between them, not all 0 as the window
+    stands when each ends."""
+    async with FakeUpstream(name="a", latency_s=0.3) as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 5, "max_parallel": 5})
+        async with metered(sops_project) as (board, _):
+            answers = await asyncio.gather(*(chat(board) for _ in range(5)))
+    assert [r.status for r in answers] == [200] * 5
+    assert sorted(r.headers["x-switchboard-remaining-requests"] for r in answers) == ["0", "1", "2", "3", "4"]
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 

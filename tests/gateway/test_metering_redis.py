@@ -198,3 +198,18 @@ async def test_a_request_no_provider_could_take_for_its_budget_counts_toward_no_
     client = next(c for c in limits["clients"] if c["name"] == "client")
     assert (client["used"]["requests_60s"], client["used"]["in_flight"]) == (0, 0)
     assert limits["mode"] == "redis" and not up.requests
+
+
+async def test_concurrent_answers_on_two_replicas_each_say_what_remained_once_they_were_counted(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    """As in one process: six requests in flight at once on two replicas sharing an rpm of 6
+    are counted one after the other in Redis, and their answers say 5 to 0 between them."""
+    async with FakeUpstream(name="a", latency_s=0.3) as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 6})
+        async with two(sops_project, redis_server.url) as (a, b, _, _):
+            answers = await asyncio.gather(*(chat(a if n % 2 else b) for n in range(6)))
+    assert [r.status for r in answers] == [200] * 6
+    assert sorted(r.headers["x-switchboard-remaining-requests"] for r in answers) == list("012345")

@@ -102,7 +102,11 @@ class InProcess(LimiterState):
         if ticket.counted and self.remote is not None and not slot_done and tokens > 0:
             _append(self.unsynced_tokens, ticket.client, (now, ticket.id, tokens))
         if ticket.counted and not slot_done:
-            ticket.use = self.local_use(ticket.client, ticket.holds.get("client"), None if waited else now)
+            counted = ticket.use
+            client_hold = ticket.holds.get("client")
+            use = ticket.use = self.local_use(ticket.client, client_hold, None if waited else now)
+            if counted is not None and not ticket.unsent:
+                use.requests = counted.requests  # what remained once it was counted (`Ticket.use`)
 
     # -- what is used --------------------------------------------------------------------------
 

@@ -96,7 +96,8 @@ class InRedis(LimiterState):
             if ticket.use is not None and hold is ticket.holds.get("client"):
                 ticket.use.spent, ticket.use.reserved = spent, reserved
         if slot and ticket.use is not None:
-            ticket.use.requests = _int(answer, "requests")
+            if ticket.unsent:  # taken out of the window again: it counts toward nothing
+                ticket.use.requests = _int(answer, "requests")
             ticket.use.tokens = _int(answer, "tokens")
             ticket.use.in_flight = _int(answer, "par")
 

@@ -96,7 +96,11 @@ class Ticket:
     holds: dict[str, Hold] = field(default_factory=dict)
     """By subject: `client`, or a provider's id."""
     use: Use | None = None
-    """The client's use once counted (and settled): the remaining-* headers."""
+    """The client's use once counted (and settled): the remaining-* headers. Its `requests` stay
+    what they were when this request was counted (docs/reference.md §13: what remains after this
+    request was counted), so that requests in flight at once are told 4, 3, 2, 1, 0 of an rpm of
+    5, not each the window as it stands when it ends; but for one that went nowhere (`unsent`),
+    which counts toward nothing."""
     settled: bool = False
     unsent: bool = False
     """It went nowhere (no candidate could take it): its settlement takes it out of the client's

@@ -717,7 +717,9 @@ async def test_a_settlement_that_falls_back_is_told_its_use_as_the_clock_reads_t
     redis_server: RedisServer,
 ) -> None:
     """Redis goes away under a settlement: it is settled in this replica's counts, and the use
-    it answers (the remaining-* headers) is counted when it is settled, not when it began."""
+    it answers (the remaining-* headers) is counted when it is settled, not when it began; but
+    for its requests, which say what remained once this request was counted (docs/reference.md
+    §13): the first was still in the window then."""
     clock = SteppingClock()
     lim = limits(rpm=5)
     async with replica(redis_server.url, clock, lease_ms=300_000) as a:
@@ -730,8 +732,9 @@ async def test_a_settlement_that_falls_back_is_told_its_use_as_the_clock_reads_t
         clock.step = 1.0  # the call to Redis takes a while to fail: the first request leaves
         use = await a.limiter.settle(second, Decimal(0), 0)
         assert not a.limiter.up
-        assert use is not None and use.requests == 1
-        assert use.remaining(lim)["x-switchboard-remaining-requests"] == "4"
+        assert use is not None and use.requests == 2 and use.in_flight == 0
+        assert use.remaining(lim)["x-switchboard-remaining-requests"] == "3"
+        assert a.limiter.peek("c", lim).requests == 1  # the first has left the window since
 
 
 async def test_a_provider_hold_given_back_while_a_reconcile_hands_it_to_redis_is_released_there(
