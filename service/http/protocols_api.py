@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from service.errors import HTTPError, InvalidRequest, ModelNotFound
+from service.errors import HTTPError, InvalidRequest
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.forms import PATHS
 from service.gateway.protocols import messages
@@ -71,14 +71,16 @@ def _called(protocol: str) -> CallOf:
 
 
 async def _count_tokens(request: web.Request) -> web.StreamResponse:
-    """To a provider that speaks Messages natively; otherwise a local estimate (docs/reference.md §14)."""
+    """To a provider that speaks Messages natively; otherwise a local estimate
+    (docs/reference.md §14, `messages.estimated_for`)."""
     call = await read_call(request, "chat", PATHS["count_tokens"], "count_tokens")
     try:
         return await request.app[RELAY].relay(call, request.app[REGISTRY].snapshot)
-    except ModelNotFound as exc:  # also when every provider tried answered 404 at the path
-        if not exc.over_protocol:
+    except HTTPError as exc:
+        if not messages.estimated_for(exc):
             raise
-    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0"}
+        tried = len(exc.extra.get("attempts", ()))
+    headers = {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: str(tried)}
     return web.json_response(
         {"input_tokens": messages.estimate_tokens(len(call.client_body))}, headers=headers
     )

@@ -170,6 +170,30 @@ async def test_count_tokens_is_a_local_estimate_where_no_provider_speaks_message
     assert not up.requests
 
 
+async def test_count_tokens_is_a_local_estimate_when_the_provider_that_counts_cannot_now(
+    sops_project: SopsProject,
+) -> None:
+    """The provider that speaks Messages natively fails (a 500, then its circuit open): the count
+    is the local estimate, not a 502 or a 503 that would stop a client sizing its context by it;
+    its headers say no provider answered, and how many were tried."""
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",)) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project, circuit_failures=1) as board:
+            up.fail(500)
+            question = {"model": "claude-x", "messages": [{"role": "user", "content": "hi " * 50}]}
+            failed = await board.post("/v1/messages/count_tokens", question)
+            failed_body = await failed.json()
+            opened = await board.post("/v1/messages/count_tokens", question)
+            opened_body = await opened.json()
+    assert (failed.status, opened.status) == (200, 200), (failed_body, opened_body)
+    assert failed_body["input_tokens"] == opened_body["input_tokens"] > 0
+    assert failed.headers["x-switchboard-provider"] == "none"
+    assert failed.headers["x-switchboard-attempts"] == "1"
+    assert opened.headers["x-switchboard-attempts"] == "0"
+    assert [r.path for r in up.requests] == ["/v1/messages/count_tokens"]  # then its circuit is open
+
+
 async def test_errors_come_in_anthropics_shape_with_sections_6_statuses(sops_project: SopsProject) -> None:
     async with FakeUpstream(name="a", models=("only-this",)) as up:
         write_provider(sops_project, "a", base_url=up.base_url, models=["only-this"])

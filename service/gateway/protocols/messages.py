@@ -17,6 +17,7 @@ import json
 import secrets
 from typing import Any
 
+from service.errors import ModelNotFound, NoCandidate, UpstreamsFailed
 from service.gateway.protocols import usage as usages
 from service.gateway.protocols.values import as_dict, as_list
 
@@ -122,6 +123,18 @@ def estimate_tokens(size: int) -> int:
     number that grows with the input (about four bytes a token), for `count_tokens` when no
     provider that speaks Messages can count them."""
     return max(1, (size + 3) // 4)
+
+
+def estimated_for(exc: BaseException) -> bool:
+    """Whether a token count the relay ended with `exc` is answered with the local estimate
+    (docs/reference.md §14): no provider speaks Messages natively (each answered 404 at the path,
+    or none does), or none that does can count now (each failed, or none can be tried: circuit
+    open, disabled). A count only guides the client's next request (Claude Code sizes its context
+    by it): an estimate serves it better than an error, and the next Messages request meets the
+    providers as they are."""
+    if isinstance(exc, ModelNotFound):
+        return exc.over_protocol
+    return isinstance(exc, (UpstreamsFailed, NoCandidate))
 
 
 def message_id(upstream: object) -> str:

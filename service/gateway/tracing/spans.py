@@ -28,8 +28,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from service.config.models import Provider
-from service.errors import HTTPError, ModelNotFound
+from service.errors import HTTPError
 from service.gateway.call import Call, Failure
+from service.gateway.protocols import messages
 from service.gateway.tracing import semconv as sc
 
 _INT64 = 1 << 63
@@ -258,9 +259,10 @@ class RequestTrace:
 
 
 def _estimated(call: Call, exc: BaseException) -> bool:
-    """A token count that no provider speaking Messages can take: the handler answers it with a
-    local estimate (docs/reference.md §14, service/http/protocols_api.py), not with the relay's 404."""
-    return call.protocol == "count_tokens" and isinstance(exc, ModelNotFound) and exc.over_protocol
+    """A token count that no provider speaking Messages can take now: the handler answers it with
+    a local estimate (docs/reference.md §14, service/http/protocols_api.py), not with the relay's
+    error."""
+    return call.protocol == "count_tokens" and messages.estimated_for(exc)
 
 
 def _error_type(reason: str) -> str:

@@ -360,6 +360,27 @@ async def test_a_token_count_is_a_span_estimated_or_not(
             assert "error.type" not in span.attributes and span.status == "UNSET"
 
 
+async def test_a_token_count_the_provider_that_counts_fails_is_an_estimated_span_not_an_error(
+    sops_project: SopsProject, otlp: OTLPReceiver
+) -> None:
+    """The provider that speaks Messages natively fails (500): the client has the local estimate
+    (200), the request's span says so, and only the attempt's span holds the failure."""
+    payload = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",)) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            up.fail(500)
+            response = await post(board, "/v1/messages/count_tokens", payload)
+            assert response.status == 200
+            span = await otlp.span(lambda s: s.kind == "SERVER")
+            attempt = await otlp.span(lambda s: s.kind == "CLIENT")
+    assert span.attributes["switchboard.estimated"] is True
+    assert span.attributes["switchboard.attempts"] == 1
+    assert "error.type" not in span.attributes and span.status == "UNSET"
+    assert attempt.parent_span_id == span.span_id and attempt.attributes["http.response.status_code"] == 500
+
+
 async def test_a_token_count_a_provider_does_not_take_is_an_estimated_span_not_an_error(
     sops_project: SopsProject, otlp: OTLPReceiver
 ) -> None:
