@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.web_runner import BaseRunner
 from aiohttp.web_server import Server
 
-from service.http import fast_request
+from service.http import fast_check, fast_request
 from service.http.fast import KEEPALIVE_S, MAX_HEAD, FastConnection
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def missing(site: web.BaseSite) -> list[str]:
     if fast_request._serialize_headers is fast_request._absent:
         lacking.append("aiohttp.http_writer._serialize_headers")
     else:
-        amiss = fast_request.unlike_aiohttp()
+        amiss = fast_check.unlike_aiohttp()
         if amiss is not None:
             lacking.append(f"a fast request or answer as aiohttp's ({amiss})")
     for name in _SERVER_KEEPS:

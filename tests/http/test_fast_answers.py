@@ -149,13 +149,3 @@ def test_status_lines_are_kept_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) ->
         answer = serialized(request, web.Response(body=BODY, reason=f"R{n}", headers=RELAYED))
         assert answer is not None and answer.startswith(f"HTTP/1.1 200 R{n}\r\n".encode())
     assert len(fast_request._LINES) == fast_request._MAX_LINES
-
-
-async def test_a_private_attribute_unlike_its_property_turns_the_fast_path_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`serialized` reads `Response`'s private attributes: an aiohttp whose properties give
-    something else is told at start (`unlike_aiohttp`), and the fast path is off."""
-    assert fast_request.unlike_aiohttp() is None
-    monkeypatch.setattr(web.StreamResponse, "reason", property(lambda self: "Elsewhere"))
-    assert fast_request.unlike_aiohttp() == "Response._reason 'Made', not 'Elsewhere'"

@@ -634,7 +634,7 @@ def test_the_answers_module_imports_without_aiohttps_private_helpers(monkeypatch
 
     from aiohttp import helpers, http_writer
 
-    from service.http import fast_request
+    from service.http import fast_check, fast_request
 
     monkeypatch.delattr(http_writer, "_serialize_headers")
     monkeypatch.delattr(helpers, "HeadersMixin")  # not in `aiohttp.helpers.__all__` either
@@ -644,7 +644,8 @@ def test_the_answers_module_imports_without_aiohttps_private_helpers(monkeypatch
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
     assert copy._serialize_headers is copy._absent
-    assert copy.unlike_aiohttp() is not None
+    monkeypatch.setattr(fast_check, "fast_request", copy)
+    assert fast_check.unlike_aiohttp() is not None
 
 
 async def test_without_a_private_name_serve_runs_on_aiohttps_server_alone(
@@ -702,12 +703,12 @@ async def test_a_fast_answer_unlike_aiohttps_turns_the_fast_path_off(
 ) -> None:
     """What the fast path uses of aiohttp, changed in a way no name tells (`HeadersMixin`, the
     `Date`): a request and an answer made at start show it, and the fast path is off."""
-    from service.http import fast_request
+    from service.http import fast_check, fast_request
     from service.http.fast_site import missing
 
     async with _gateway(sops_project) as (service, _):
         site = FastSite(service.runner, service.app[GATEWAY], "127.0.0.1", 0)
-        assert fast_request.unlike_aiohttp() is None and missing(site) == []
+        assert fast_check.unlike_aiohttp() is None and missing(site) == []
         with monkeypatch.context() as patched:
             patched.setattr(HeadersMixin, "content_length", property(lambda self: "7"))
             assert missing(site) == ["a fast request or answer as aiohttp's (content_length '7')"]
