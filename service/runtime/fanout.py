@@ -41,8 +41,8 @@ from redis._parsers import _AsyncRESP3Parser
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import InvalidResponse
 
+from service.redis_replies import bounded
 from service.runtime.messages import Beat, HealthNote, answer, parse_beat, parse_health
 from service.vcs.gitrepo import redact
 
@@ -102,29 +102,6 @@ def channel_of(url: str) -> str:
     except (ValueError, TypeError):
         db = 0  # a URL redis-py refuses: the session fails on it anyway
     return CHANNEL if db == 0 else f"{CHANNEL}:{db}"
-
-
-class _BoundedParser(_AsyncRESP3Parser):
-    """redis-py's RESP parser, refusing a reply larger than anything Redis sends this client.
-
-    As it stands, the parser buffers whatever length a reply announces: a server (or whoever
-    answers at that address) that sends `$1500000000` and streams made the thread hold 5 GB
-    within the seconds before a timeout, `*100000000` built a list of as many items. Each
-    length is checked as its header is read, before anything of it is: a reply over the
-    bounds ends the session like any garbage.
-    """
-
-    async def _readline(self) -> bytes:
-        line = await super()._readline()
-        kind = line[:1]
-        if kind in (b"$", b"=", b"!", b"*", b"%", b"~", b">", b"|"):
-            try:
-                size = int(line[1:])
-            except ValueError:
-                return line  # the parser refuses it itself
-            if size > (MAX_REPLY if kind in (b"$", b"=", b"!") else MAX_ITEMS):
-                raise InvalidResponse(f"a reply of {size} (header {kind!r}) is larger than Redis sends here")
-        return line
 
 
 class Fanout:
@@ -261,7 +238,7 @@ class Fanout:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
             max_connections=4,
-            parser_class=_BoundedParser,
+            parser_class=bounded(_AsyncRESP3Parser, MAX_REPLY, MAX_ITEMS),
         )
         pubsub = client.pubsub()
         self._heard_self = time.monotonic()

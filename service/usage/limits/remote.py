@@ -20,8 +20,9 @@ import redis.asyncio as redis
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import InvalidResponse, NoScriptError
+from redis.exceptions import NoScriptError
 
+from service.redis_replies import bounded
 from service.usage.limits.script import SCRIPT
 
 PREFIX = "switchboard:limits:"
@@ -37,23 +38,6 @@ MAX_BATCH = 256
 
 class Unavailable(Exception):
     """Redis cannot be used now: down, slow, or answering what the script never answers."""
-
-
-class _BoundedParser(_AsyncRESP2Parser):
-    """redis-py's parser, refusing a reply larger than any the script sends (checked from the
-    header, before anything of the reply is read)."""
-
-    async def _readline(self) -> bytes:
-        line = await super()._readline()
-        kind = line[:1]
-        if kind in (b"$", b"*"):
-            try:
-                size = int(line[1:])
-            except ValueError:
-                return line  # the parser refuses it itself
-            if size > (MAX_REPLY if kind == b"$" else MAX_ITEMS):
-                raise InvalidResponse(f"a reply of {size} (header {kind!r}) is larger than the script sends")
-        return line
 
 
 class Remote:
@@ -73,7 +57,7 @@ class Remote:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
-            parser_class=_BoundedParser,
+            parser_class=bounded(_AsyncRESP2Parser, MAX_REPLY, MAX_ITEMS),
             protocol=2,
         )
         self._sha: str | None = None
