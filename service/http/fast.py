@@ -205,18 +205,18 @@ class FastConnection(asyncio.Protocol, Outlet):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # aiohttp answers it
-            self._hand_off()
+            self._hand_off(len(self.pending) == len(data))
             return
         head = self.head
         if head is None:
             if self.refused or len(self.pending) > MAX_HEAD:  # a head too long: aiohttp judges it
-                self._hand_off()
+                self._hand_off(len(self.pending) == len(data))
                 return
         elif len(self.pending) == head[5]:
             self._take(head)
             return
         elif len(self.pending) > head[5]:  # the next request came with it (pipelined)
-            self._hand_off()
+            self._hand_off(len(self.pending) == len(data))
             return
         if len(self.pending) == len(data):  # a request's first read, not all of it: timed (`_idle`)
             self.since = self.loop.time()
@@ -427,11 +427,15 @@ class FastConnection(asyncio.Protocol, Outlet):
         if data:
             self.data_received(data)
 
-    def _hand_off(self) -> None:
-        """Give the connection to aiohttp, with every byte not yet answered."""
+    def _hand_off(self, fresh: bool = False) -> None:
+        """Give the connection to aiohttp, with every byte not yet answered; `fresh`: they all
+        came in the read that hands it off, so a head begun among them (pipelined after a whole
+        request) is timed from now, not from a read before them (`since`)."""
         transport = self.transport
         if transport is None:
             return
+        if fresh:
+            self.since = self.loop.time()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

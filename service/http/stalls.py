@@ -50,6 +50,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
@@ -148,6 +149,23 @@ def _answer(path: str) -> bytes:
     )
 
 
+def _head_after(data: bytes, message: object) -> bytes:
+    """The start of a head that follows, in `data`, the whole request `message` it ended with
+    (a client that pipelines), when that request has no body: its head's end is then the last
+    `CRLF CRLF` of `data` (the head begun holds none, or it would have ended). Empty when nothing
+    follows but line ends, which a parser skips between requests, or when the request has a body
+    (whose end the parser does not tell: what follows it is then the keep-alive's)."""
+    if (
+        not isinstance(message, RawRequestMessage)  # a request it refused (answered 400, closed)
+        or message.chunked
+        or message.headers.get("Content-Length", "0") != "0"
+    ):
+        return b""
+    end = data.rfind(b"\r\n\r\n")
+    rest = data[end + 4 :] if end >= 0 else b""
+    return rest if rest.strip(b"\r\n") else b""
+
+
 class Handler(JsonErrors):
     """aiohttp's connection whose writes' waits for the client are watched (`Stall`), whose reads
     of a request are timed (the receive timeout), and whose own answers to what it cannot parse
@@ -218,10 +236,13 @@ class Handler(JsonErrors):
         super().data_received(data)
         if self._request_count != count:  # a head ended here: its body comes next, if it has one
             self._head_since = None
-            payload = self._messages[-1][1]  # the last one parsed (they are taken in a later turn)
+            message, payload = self._messages[-1]  # the last one parsed (taken in a later turn)
             if payload.is_eof():
                 self._body = None
-                return  # whole (what may follow it, a head begun, is the keep-alive's)
+                begun = _head_after(data, message)
+                if not begun:
+                    return  # whole, and nothing after it
+                self._start, self._head_since = begun[:START], self._loop.time()  # pipelined
             self._body = payload
             # a timer armed before it (its head's) fires sooner than a period of the body
             self._seen = -1 if self._receiving is not None else self._got

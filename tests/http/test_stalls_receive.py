@@ -457,3 +457,24 @@ async def test_a_408_on_a_messages_path_comes_in_anthropics_shape(
             assert "receive timeout" in error["error"]["message"]
         else:
             assert error["error"]["type"] == "request_timeout", path
+
+
+@pytest.mark.parametrize("server", ["fast path", "aiohttp"])
+async def test_a_pipelined_head_that_does_not_end_in_time_is_answered_408(
+    sops_project: SopsProject, server: str
+) -> None:
+    """A request answered and the start of the next one's head in the same write (pipelined):
+    the first is answered, and the second, whose head does not end, is answered 408 once the
+    receive timeout has passed since it came, not left to the keep-alive."""
+    up = _Upstream()
+    async with _metered(
+        sops_project, up.app(), fast=server != "aiohttp", receive_timeout_s=LIMIT_S, keepalive_s=30
+    ) as (service, _):
+        started = asyncio.get_running_loop().time()
+        got = await _sent_until_closed(service, HEALTHZ + b"POST /v1/chat/completions HTTP/1.1\r\nHost: 1")
+        waited = asyncio.get_running_loop().time() - started
+        assert await service.cuts() == TIMED_OUT
+    first, separator, rest = got.partition(b"HTTP/1.1 408")
+    assert first.startswith(b"HTTP/1.1 200 OK") and separator, got
+    _timed_out(separator + rest)
+    assert waited < LIMIT_S * 5, waited
