@@ -627,6 +627,25 @@ async def test_a_file_with_local_edits_is_409_with_the_tag_a_get_gave_of_it_too(
     assert path.read_text() == edited and head(repo.root) == before
 
 
+async def test_a_provider_served_from_a_file_not_yet_committed_is_409_not_404(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: a file with uncommitted local changes is never overwritten (409).
+    A file that git does not hold yet is such a change: the service serves it (a GET answers
+    200), so a PUT, PATCH or DELETE of it answered 404 "no provider", as if it did not exist."""
+    path = write_server(repo, "draft")
+    await eventually(lambda: "draft" in service.registry.snapshot.providers)
+    assert (await call(service, "GET", "/servers/draft"))[0] == 200
+    before, text = head(repo.root), path.read_text()
+    whole = {"id": "draft", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v2"}
+    for method, body in (("PUT", whole), ("PATCH", {"name": "theirs"}), ("DELETE", None)):
+        status, answer, _ = await call(service, method, "/servers/draft", body)
+        assert status == 409 and "local changes" in answer["error"]["message"], (method, answer)
+    assert path.read_text() == text and head(repo.root) == before
+    # a provider nobody has, committed or not, is still 404
+    assert (await call(service, "PATCH", "/servers/nobody", {"name": "x"}))[0] == 404
+
+
 async def test_git_refusing_the_commit_leaves_file_and_branch_as_they_were(
     repo: SopsProject, service: Service
 ) -> None:
