@@ -461,6 +461,26 @@ async def test_delete_is_refused_while_routed_then_removes_the_file(
     assert git(repo.root, "log", "-1", "--format=%s") == "delete ai_server spare"
 
 
+async def test_a_provider_file_git_holds_broken_does_not_refuse_writes_to_the_others(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: a write is checked as `validate` checks the folder after it. When
+    git holds a provider file that does not load, and routing names that provider, `validate`
+    reports that file alone (routing may name a provider whose file is refused, section 4); a
+    write to another file was refused 422, "routing names `spare`, which does not exist"."""
+    write_server(repo, "spare")
+    write_routing(repo, ["gpu"], fallbacks=["spare"])
+    commit_all(repo.root, "spare")
+    (repo.providers / "spare.yaml").write_text("kind: ai_server\nid: spare\nserver_type: vllm\n")
+    commit_all(repo.root, "spare broken")
+    await eventually(lambda: any(f.endswith("spare.yaml") for f in service.registry.refused))
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "still writable"})
+    assert status == 200, answer
+    assert service.registry.snapshot.providers["gpu"].name == "still writable"
+    status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": "gpu", "fallbacks": ["spare"]})
+    assert status == 200, answer
+
+
 async def test_a_write_to_the_wrong_kind_or_id_is_404(service: Service) -> None:
     assert (await call(service, "PATCH", "/api-keys/gpu", {"name": "x"}))[0] == 404
     assert (await call(service, "PATCH", "/servers/nobody", {"name": "x"}))[0] == 404
