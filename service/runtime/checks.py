@@ -16,7 +16,7 @@ from typing import Any
 from yarl import URL
 
 from service.config import editing
-from service.config.loader import Loaded, declared_kind, is_config_file, parse
+from service.config.loader import Loaded, is_config_file, parse, refused_provider
 from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS
 from service.config.secret import unsendable
 from service.config.snapshot import cross_check
@@ -134,8 +134,9 @@ def check_folder(
         try:
             loaded[display(other)] = parse(display(other), content)
         except FileRejected:  # a broken sibling is its own change, as `validate` reports it
-            if declared_kind(content) in ("ai_server", "api_key"):
-                refused.add(PurePosixPath(other).stem)  # a provider's id is its file's name
+            provider_id = refused_provider(other, content)
+            if provider_id is not None:
+                refused.add(provider_id)
     found = cross_check(loaded.values(), refused)
     if found:
         raise Unprocessable(
