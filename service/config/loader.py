@@ -174,6 +174,13 @@ def declared_kind(data: bytes) -> str | None:
     return known[0] if known else None
 
 
+def refused_provider(name: str, data: bytes) -> str | None:
+    """The id a refused file would define when it declares a provider kind (its file's name),
+    else None: routing may name it, as it may name any provider a file defines (docs/reference.md
+    §4), so the cross-file checks take it as known."""
+    return PurePath(name).stem if declared_kind(data) in ("ai_server", "api_key") else None
+
+
 def with_secrets(loaded: Loaded, plaintext: Mapping[str, Any]) -> Loaded:
     """The same file with its secret fields replaced by the decrypted values."""
     update: dict[str, Secret] = {}

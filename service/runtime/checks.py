@@ -16,7 +16,7 @@ from typing import Any
 from yarl import URL
 
 from service.config import editing
-from service.config.loader import Loaded, is_config_file, parse
+from service.config.loader import Loaded, is_config_file, parse, refused_provider
 from service.config.models import ID_PATTERN, PURPOSES, SECRET_FIELDS
 from service.config.secret import unsendable
 from service.config.snapshot import cross_check
@@ -127,14 +127,17 @@ def check_folder(
                 f"{name} would not be valid ({len(exc.problems)} problem(s))",
                 problems=problems(exc.problems),
             ) from None
+    refused: set[str] = set()  # routing may name a provider whose file is refused, as `validate` says
     for other, content in files.items():
         if other == path or not is_config_file(PurePosixPath(other).name):
             continue
         try:
             loaded[display(other)] = parse(display(other), content)
-        except FileRejected:
-            continue  # a broken sibling is its own change, as `validate` reports it
-    found = cross_check(loaded.values())
+        except FileRejected:  # a broken sibling is its own change, as `validate` reports it
+            provider_id = refused_provider(other, content)
+            if provider_id is not None:
+                refused.add(provider_id)
+    found = cross_check(loaded.values(), refused)
     if found:
         raise Unprocessable(
             f"the configuration would not be valid ({len(found)} problem(s))", problems=problems(found)

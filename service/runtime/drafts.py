@@ -78,6 +78,16 @@ class StaleTag(PreconditionFailed):
         self.path = path
 
 
+class NoFile(NotFound):
+    """404: the provider has no file at the base. The writer answers 409 instead when one of
+    `paths` has local changes: a file not committed yet, which the watcher serves, is in the
+    way of the write, not missing."""
+
+    def __init__(self, message: str, paths: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
 @dataclass(frozen=True, slots=True)
 class Draft:
     """One file's change, made again on each base a push retry lands on."""
@@ -349,7 +359,8 @@ class Drafter:
     def _existing(self, files: Mapping[str, bytes], kind: str, provider_id: str) -> tuple[str, Loaded]:
         path = self._find(files, provider_id)
         if path is None:
-            raise NotFound(f"no provider `{provider_id}`")
+            paths = tuple(self._path(f"{provider_id}.{ext}") for ext in ("yaml", "yml"))
+            raise NoFile(f"no provider `{provider_id}`", paths)
         try:
             loaded = parse(self.display(path), files[path])
         except FileRejected as exc:

@@ -42,7 +42,7 @@ from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
 from service.runtime.delivery import Mode, branch_name, branch_stem, fed_from, new_branch, resolve_mode
-from service.runtime.drafts import Draft, Drafter, ProviderKind, RouteChange, StaleTag, Verb
+from service.runtime.drafts import Draft, Drafter, NoFile, ProviderKind, RouteChange, StaleTag, Verb
 from service.runtime.landing import Lander
 from service.runtime.publish import PUSH_ATTEMPTS, Making, Publisher, not_served
 from service.runtime.refusals import file_of, naming
@@ -368,6 +368,10 @@ class Writer:
                 path, data, changed = draft.make(files, lambda: self.drafts.committed_rules(base, local))
         except StaleTag as stale:
             self._check_clean(stale.path, local)
+            raise
+        except NoFile as missing:
+            for candidate in missing.paths:
+                self._check_clean(candidate, local)
             raise
         self._check_clean(path, local)
         if changed:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from service.config.loader import Loaded, config_files, is_config_file, parse
+from service.config.loader import Loaded, config_files, is_config_file, parse, refused_provider
 from service.config.models import AiServer, ApiKey, Clients, Routing
 from service.config.secret import Sealed, mask
 from service.config.snapshot import Snapshot, cross_check, file_of_kind
@@ -187,7 +187,8 @@ def build(
         if last_good and file in last_good:
             loaded[file] = last_good[file]
     problems += [Problem(file, 1, reason) for file, reason in side.refused.items()]
-    problems += cross_check(loaded.values())
+    refused = {refused_provider(f, data) for f, data in side.files.items() if f not in loaded}
+    problems += cross_check(loaded.values(), {r for r in refused if r is not None})
     problems += _coverage(side, [f for f, item in loaded.items() if holds_secrets(item)])
     return Configuration(MappingProxyType(loaded), sorted(set(problems), key=_order), _view(loaded))
 

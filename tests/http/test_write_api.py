@@ -461,6 +461,26 @@ async def test_delete_is_refused_while_routed_then_removes_the_file(
     assert git(repo.root, "log", "-1", "--format=%s") == "delete ai_server spare"
 
 
+async def test_a_provider_file_git_holds_broken_does_not_refuse_writes_to_the_others(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: a write is checked as `validate` checks the folder after it. When
+    git holds a provider file that does not load, and routing names that provider, `validate`
+    reports that file alone (routing may name a provider whose file is refused, section 4); a
+    write to another file was refused 422, "routing names `spare`, which does not exist"."""
+    write_server(repo, "spare")
+    write_routing(repo, ["gpu"], fallbacks=["spare"])
+    commit_all(repo.root, "spare")
+    (repo.providers / "spare.yaml").write_text("kind: ai_server\nid: spare\nserver_type: vllm\n")
+    commit_all(repo.root, "spare broken")
+    await eventually(lambda: any(f.endswith("spare.yaml") for f in service.registry.refused))
+    status, answer, _ = await call(service, "PATCH", "/servers/gpu", {"name": "still writable"})
+    assert status == 200, answer
+    assert service.registry.snapshot.providers["gpu"].name == "still writable"
+    status, answer, _ = await call(service, "PUT", "/active/chat", {"primary": "gpu", "fallbacks": ["spare"]})
+    assert status == 200, answer
+
+
 async def test_a_write_to_the_wrong_kind_or_id_is_404(service: Service) -> None:
     assert (await call(service, "PATCH", "/api-keys/gpu", {"name": "x"}))[0] == 404
     assert (await call(service, "PATCH", "/servers/nobody", {"name": "x"}))[0] == 404
@@ -625,6 +645,25 @@ async def test_a_file_with_local_edits_is_409_with_the_tag_a_get_gave_of_it_too(
             )
             assert status == 409 and "local changes" in answer["error"]["message"], (method, answer)
     assert path.read_text() == edited and head(repo.root) == before
+
+
+async def test_a_provider_served_from_a_file_not_yet_committed_is_409_not_404(
+    repo: SopsProject, service: Service
+) -> None:
+    """docs/reference.md §8: a file with uncommitted local changes is never overwritten (409).
+    A file that git does not hold yet is such a change: the service serves it (a GET answers
+    200), so a PUT, PATCH or DELETE of it answered 404 "no provider", as if it did not exist."""
+    path = write_server(repo, "draft")
+    await eventually(lambda: "draft" in service.registry.snapshot.providers)
+    assert (await call(service, "GET", "/servers/draft"))[0] == 200
+    before, text = head(repo.root), path.read_text()
+    whole = {"id": "draft", "server_type": "vllm", "base_url": "http://127.0.0.1:9/v2"}
+    for method, body in (("PUT", whole), ("PATCH", {"name": "theirs"}), ("DELETE", None)):
+        status, answer, _ = await call(service, method, "/servers/draft", body)
+        assert status == 409 and "local changes" in answer["error"]["message"], (method, answer)
+    assert path.read_text() == text and head(repo.root) == before
+    # a provider nobody has, committed or not, is still 404
+    assert (await call(service, "PATCH", "/servers/nobody", {"name": "x"}))[0] == 404
 
 
 async def test_git_refusing_the_commit_leaves_file_and_branch_as_they_were(

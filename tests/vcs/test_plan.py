@@ -209,6 +209,22 @@ def test_a_file_failing_validation_keeps_its_last_good_version(
     assert "unknown field `server_typo`" in out
 
 
+def test_routing_may_name_a_new_provider_whose_file_is_refused_as_validate_says(
+    repo: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/reference.md §3, §4: a refused provider file still counts as known to routing, and
+    plan reports what `validate` reports. With no last good version of the file, plan added
+    "routing names `spare`, which does not exist", which `validate` does not say."""
+    (repo.providers / "spare.yaml").write_text("kind: ai_server\nid: spare\nserver_type: vllm\n")
+    (repo.providers / "routing.yaml").write_text(ROUTING.replace("[gpu]", "[gpu, spare]"))
+    code, out = plan(capsys, "--format", "json")
+    assert code == 1
+    found = [(p["file"], p["message"]) for p in json.loads(out)["problems"]]
+    assert found == [("providers.d/spare.yaml", "missing required field `base_url`")]
+    assert cli("validate") == 1
+    assert capsys.readouterr().out == "providers.d/spare.yaml:1: error: missing required field `base_url`\n"
+
+
 def test_a_sops_config_that_stops_covering_the_files_is_refused(
     repo: SopsProject, capsys: pytest.CaptureFixture[str]
 ) -> None:
