@@ -41,7 +41,7 @@ from aiohttp.tcp_helpers import tcp_keepalive
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.gateway.call import Call
-from service.http import malformed, stalls
+from service.http import connections, malformed, stalls
 from service.http.fast_request import FastRequest, Outlet, serialized
 
 if TYPE_CHECKING:
@@ -450,7 +450,7 @@ class FastConnection(asyncio.Protocol, Outlet):
         data, self.pending = bytes(self.pending), bytearray()
         if data:
             handler.data_received(data)
-            if isinstance(handler, stalls.Handler):  # a head in its middle: timed from its first byte
+            if isinstance(handler, connections.Handler):  # a head in its middle: timed from its first byte
                 handler.began(self.since)
         if self.closing:
             handler.close()

@@ -14,7 +14,7 @@ from service.errors import HTTPError, PayloadTooLarge
 from service.gateway.account import REQUEST_ID
 from service.gateway.call import Call
 from service.gateway.relay import NOSNIFF_HEADER
-from service.http import stalls
+from service.http import connections
 from service.http.auth import CLIENT, Handler, admit
 from service.http.context import METRICS, REGISTRY, RELAY, SETTINGS
 from service.http.middleware import answered, failure_answer, nosniff
@@ -81,7 +81,7 @@ class Gateway:
         # aiohttp's server calls `app._handle` for every request (`Application._make_handler`)
         object.__setattr__(self.app, "_handle", self.handle)
         # aiohttp's connections: the send and receive timeouts
-        stalls.install(self.app, self.send_timeout_s, self.receive_timeout_s, self.metrics.cuts)
+        connections.install(self.app, self.send_timeout_s, self.receive_timeout_s, self.metrics.cuts)
         self.app[GATEWAY] = self
 
     def _settle(self) -> None:

@@ -6,7 +6,7 @@ aiohttp answers such a request itself, before any handler or middleware sees it
 `Authorization` header's token among them. Here the answer is the service's JSON error
 (`{"error": {"type", "message"}}`, `X-Content-Type-Options: nosniff`, the connection closed)
 whose message names the fault, never the bytes; the log's line says the same (`ProtocolLog`).
-Each such answer is `refused`: the connection (`stalls.Handler`) counts it in the metrics.
+Each such answer is `refused`: the connection (`connections.Handler`) counts it in the metrics.
 
 When the refused request's line came (its connection kept its first bytes: `path`), the answer
 is `shaped` as the app's errors are: in Anthropic's shape on its Messages paths, with the
@@ -98,12 +98,12 @@ class JsonErrors(RequestHandler):
         return answer
 
     def path(self) -> str:
-        """The path of the request it refused, when its request line came (`stalls.Handler`)."""
+        """The path of the request it refused, when its request line came (`connections.Handler`)."""
         return ""
 
     def refused(self) -> None:
         """A request the parser refused is answered (its connection closed after): nothing to
-        do here; `stalls.Handler` counts it (`switchboard_http_cut_total{reason="malformed"}`)."""
+        do here; `connections.Handler` counts it (`switchboard_http_cut_total{reason="malformed"}`)."""
 
 
 class ProtocolLog(logging.LoggerAdapter[logging.Logger]):

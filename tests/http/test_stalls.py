@@ -17,7 +17,6 @@ import pytest
 import yaml
 from aiohttp import web
 
-from service.http import stalls
 from service.http.context import RELAY
 from service.http.fast import FastConnection
 from service.http.fast_site import FastSite
@@ -281,23 +280,6 @@ async def test_a_client_that_reads_none_of_a_whole_answer_is_let_go(
         assert await service.cuts() == LET_GO
     assert len(rest) < len(content)
     assert records.kept[0].status == 200 and records.kept[0].completion_tokens == 2
-
-
-async def test_an_aiohttp_lacking_what_the_timeout_reads_keeps_its_own_server(
-    sops_project: SopsProject, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`stalls.Server` is made of aiohttp's own server's private parts: an aiohttp without one
-    of them keeps its own server, says so in one line, and serves on (without the timeout)."""
-    monkeypatch.setattr(stalls, "_HANDLER_PRIVATE", (*stalls._HANDLER_PRIVATE, "_not_in_this_aiohttp"))
-    async with _metered(sops_project, _Endless(count=3, size=10).app(), fast=False) as (service, _):
-        server = service.runner.server
-        assert server is not None and not isinstance(server, stalls.Server)
-        (answer,) = await _exchange(service, _request(token=TOKEN))
-        assert answer.status == 200
-    assert (
-        "aiohttp's server lacks RequestHandler._not_in_this_aiohttp: its connections have no send or "
-        "receive timeout" in caplog.text
-    )
 
 
 async def test_a_connection_closed_when_idle_with_its_answer_unread_is_let_go(
