@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 
 from service.redis_replies import bounded
 from service.runtime.messages import Beat, HealthNote, answer, parse_beat, parse_health
-from service.vcs.gitrepo import redact
+from service.vcs.git_output import redact
 
 log = logging.getLogger(__name__)
 

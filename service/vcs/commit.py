@@ -33,7 +33,8 @@ from pathlib import Path
 
 from service.errors import GitError
 from service.files import fsync_path, write_atomically
-from service.vcs.gitrepo import GitRepo, redact
+from service.vcs.git_output import redact
+from service.vcs.gitrepo import GitRepo
 from service.vcs.worktree import WorkTree, no_filters
 
 _IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from service.errors import GitError
+from service.vcs.git_output import failure
 
 _TIMEOUT_S = 30.0
 _ABORT_POLL_S = 0.1
@@ -47,48 +47,6 @@ filter, and push and fetch name the stock pack programs.)"""
 
 _DROPPED_PREFIXES = ("SOPS_", "SWITCHBOARD_", "GIT_AUTHOR_", "GIT_COMMITTER_", "GIT_CONFIG")
 _DROPPED = frozenset({"EMAIL", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY"})
-
-
-_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s]*@")
-"""A URL's user and password, up to the last `@` before its path: a password may hold an `@`."""
-_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#'\"]*)[?#][^\s'\"]*")
-
-
-def redact(text: str) -> str:
-    """`text` with the credentials of any URL in it masked (`https://****@host/...`), and its query
-    too (`?private_token=…`): git masks the user and password of a URL it names, not a query."""
-    return _QUERY.sub(r"\1?****", _CREDENTIALS.sub(r"\1****@", text))
-
-
-_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x1f\x7f]")
-REMOTE_LINES = 10
-"""The most lines of what the remote said that a git error keeps."""
-LINE_CHARS = 300
-"""The longest line a git error keeps of git's output (the rest is cut, after credentials are
-masked: a cut must not leave the start of a password where the mask no longer finds it)."""
-
-
-def failure(stderr: bytes, returncode: int) -> str:
-    """Why git failed, from its error output, with the credentials of any URL masked: git's own
-    verdict (`fatal: Unable to create '…/index.lock': File exists.`, not the advice after it,
-    `remove the file manually to continue.`), then what the remote said (`remote: …`, the
-    reason a hook on the remote gave for refusing a push; git's `error: failed to push some
-    refs` alone says nothing of it), at most REMOTE_LINES lines of LINE_CHARS characters."""
-    lines = [_line(raw) for raw in stderr.decode("utf-8", "replace").splitlines()]
-    lines = [line for line in lines if line]
-    verdicts = [line for line in lines if line.startswith(("fatal:", "error:"))]
-    detail = (verdicts or lines or [f"exit {returncode}"])[0 if verdicts else -1]
-    said = [line for line in lines if line.startswith("remote:") and line != "remote:" and line != detail]
-    if said:
-        more = f"; and {len(said) - REMOTE_LINES} more line(s)" if len(said) > REMOTE_LINES else ""
-        detail = f"{detail} ({'; '.join(said[:REMOTE_LINES])}{more})"
-    return detail
-
-
-def _line(raw: str) -> str:
-    """One line of git's output, masked, without terminal codes or padding, cut to LINE_CHARS."""
-    line = redact(_CONTROL.sub("", redact(raw))).strip()  # masked before and after: either may join a URL
-    return line if len(line) <= LINE_CHARS else line[: LINE_CHARS - 1] + "…"
 
 
 def safe_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -19,7 +19,8 @@ import pytest
 import service.vcs.commit as commit_module
 from service.errors import GitError
 from service.vcs.commit import Committer, Identity, message
-from service.vcs.gitrepo import GitRepo, failure, redact, safe_environ
+from service.vcs.git_output import failure, redact
+from service.vcs.gitrepo import GitRepo, safe_environ
 from tests.conftest import git, git_init
 
 COMMITTER = Identity("Switchboard", "switchboard@localhost")
