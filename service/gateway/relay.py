@@ -218,11 +218,15 @@ class Relay:
                     )
                 what = f"model {shown(call.model)}" if call.model else "this request"
                 raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
-            if unspoken == len(attempts) and call.protocol == "count_tokens":
-                # None counts tokens after all: the handler answers with its estimate
-                # (docs/reference.md §14), as when no provider speaks Messages at all.
+            if unspoken == len(attempts) and call.protocol in ("count_tokens", "completions"):
+                # None speaks it after all, and it has no translation: as when no provider speaks
+                # it at all, 404 (docs/reference.md §14), listing the attempts that found it out;
+                # a token count is answered by its estimate.
                 what = f"model {shown(call.model)}" if call.model else "this request"
-                raise ModelNotFound(f"no enabled provider serves {what} over Messages", over_protocol=True)
+                name = "Messages" if call.protocol == "count_tokens" else call.protocol
+                raise ModelNotFound(
+                    f"no enabled provider serves {what} over {name}", over_protocol=True, attempts=attempts
+                )
             if untranslated == len(attempts):  # the request's own fault, whoever took it: 400
                 raise InvalidRequest(
                     "the request could not be translated for its provider: check its fields' types "
