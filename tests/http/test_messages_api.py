@@ -356,3 +356,27 @@ async def test_a_token_count_for_a_limited_client_says_what_remains_and_counts_n
         assert answer.headers["x-switchboard-remaining-tokens"] == "unlimited"
         assert answer.headers["x-switchboard-budget-remaining-usd"] == "300"
     assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "4"
+
+
+async def test_a_native_message_keeps_the_clients_anthropic_version_and_betas(
+    sops_project: SopsProject,
+) -> None:
+    """The reference's §14: a native request keeps its protocol's headers (`anthropic-version`,
+    `anthropic-beta`), the count of tokens too; the URL and the key still come from the file."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            headers = {"anthropic-version": "2023-01-01", "anthropic-beta": "a-2025-01-01,b-2025-02-02"}
+            question = [{"role": "user", "content": "hi"}]
+            for path, body in (
+                ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": question}),
+                ("/v1/messages/count_tokens", {"model": "m", "messages": question}),
+            ):
+                async with board.http.post(board.url + path, json=body, headers=headers) as response:
+                    assert response.status == 200, await response.text()
+    for sent in up.requests:
+        assert sent.headers["anthropic-version"] == "2023-01-01"
+        assert sent.headers["anthropic-beta"] == "a-2025-01-01,b-2025-02-02"
+        assert sent.headers["x-api-key"] == CANARY
+    assert [r.path for r in up.requests] == ["/v1/messages", "/v1/messages/count_tokens"]
