@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -265,7 +265,7 @@ class Relay:
             raise ModelNotFound(f"no enabled provider serves {what} over {name}", over_protocol=True)
         return found
 
-    def _unspoken(self, table: RoutingTable, call: Call, attempts: list[dict[str, Any]]) -> None:
+    def _unspoken(self, table: RoutingTable, call: Call, attempts: list[dict[str, Any]]) -> NoReturn:
         """Raise what a legacy completion is answered when every provider tried turned out not to
         speak them (a 404 at the path, now remembered): they have no translation, so the answer is
         the one had they not been candidates (docs/reference.md §14), listing the attempts: 404
