@@ -215,8 +215,8 @@ class ModelNotFound(NotFound):
 
     type = "model_not_found"
 
-    def __init__(self, message: str, *, over_protocol: bool = False) -> None:
-        super().__init__(message, code="model_not_found")
+    def __init__(self, message: str, *, over_protocol: bool = False, **extra: Any) -> None:
+        super().__init__(message, code="model_not_found", **extra)
         self.over_protocol = over_protocol
         """Some provider serves the model, but none over the request's protocol."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -223,6 +223,8 @@ class Relay:
                 # (docs/reference.md §14), as when no provider speaks Messages at all.
                 what = f"model {shown(call.model)}" if call.model else "this request"
                 raise ModelNotFound(f"no enabled provider serves {what} over Messages", over_protocol=True)
+            if unspoken == len(attempts) and call.protocol == "completions":
+                self._unspoken(table, call, attempts)
             if untranslated == len(attempts):  # the request's own fault, whoever took it: 400
                 raise InvalidRequest(
                     "the request could not be translated for its provider: check its fields' types "
@@ -262,6 +264,19 @@ class Relay:
             name = "Messages" if call.protocol == "count_tokens" else call.protocol
             raise ModelNotFound(f"no enabled provider serves {what} over {name}", over_protocol=True)
         return found
+
+    def _unspoken(self, table: RoutingTable, call: Call, attempts: list[dict[str, Any]]) -> NoReturn:
+        """Raise what a legacy completion is answered when every provider tried turned out not to
+        speak them (a 404 at the path, now remembered): they have no translation, so the answer is
+        the one had they not been candidates (docs/reference.md §14), listing the attempts: 404
+        `model_not_found` when no provider of the route speaks them, else 503 (those that do are
+        skipped now)."""
+        try:
+            self._candidates(table, call)
+        except ModelNotFound as exc:
+            raise ModelNotFound(exc.message, over_protocol=True, attempts=attempts) from None
+        what = f"model {shown(call.model)}" if call.model else "this request"
+        raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now", attempts=attempts)
 
     def _pinned(self, call: Call, snapshot: Snapshot) -> tuple[list[Provider], ids.ResponseId]:
         """The one provider that may continue `previous_response_id` (docs/reference.md §14), or why none."""

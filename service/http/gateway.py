@@ -194,11 +194,15 @@ class Gateway:
         else:
             error = internal(request, name)
         response = error_answer(error, endpoint.shape)
-        client = request.get(CLIENT)
-        meter = self.app[RELAY].meter
-        if client is not None and client.limits is not None and meter is not None:
-            # every answer to a client with limits says what remains (docs/reference.md §13),
-            # one refused before they were asked too: what is known, nothing counted
-            for header, value in meter.remaining(client.name, client.limits).items():
-                response.headers.setdefault(header, value)
+        say_what_remains(request, response)  # one refused before the limits were asked too
         return response
+
+
+def say_what_remains(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to a client with limits says what remains (docs/reference.md §13): to one not
+    counted (refused before its limits were asked, a token count), what is known, nothing counted."""
+    client = request.get(CLIENT)
+    meter = request.app[RELAY].meter
+    if client is not None and client.limits is not None and meter is not None and not response.prepared:
+        for header, value in meter.remaining(client.name, client.limits).items():
+            response.headers.setdefault(header, value)

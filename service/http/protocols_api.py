@@ -24,17 +24,17 @@ from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.forms import PATHS
 from service.gateway.protocols import messages
 from service.gateway.relay import NO_PROVIDER
-from service.http.auth import scoped
+from service.http.auth import Handler, scoped
 from service.http.context import REGISTRY, RELAY
+from service.http.gateway import say_what_remains
 from service.http.openai_api import CallOf, Endpoint, add_endpoint, answering, call_of, read_call
 
 
 def setup(app: web.Application) -> None:
     """Add the protocols' routes."""
     add_endpoint(app, "/v1/messages", Endpoint(_called("messages"), _messages_shape))
-    app.router.add_post(
-        "/v1/messages/count_tokens", answering(scoped("completions")(_count_tokens), _messages_shape)
-    )
+    counting = answering(scoped("completions")(_count_tokens), _messages_shape)
+    app.router.add_post("/v1/messages/count_tokens", _saying_what_remains(counting))
     add_endpoint(app, "/v1/responses", Endpoint(_called("responses")))
     add_endpoint(app, "/v1/completions", Endpoint(_called("completions")))
     app.router.add_get("/", _root)  # HEAD too: clients probe the base URL, with no token
@@ -68,6 +68,18 @@ def _called(protocol: str) -> CallOf:
         return call
 
     return called
+
+
+def _saying_what_remains(handler: Handler) -> Handler:
+    """A token count is not metered (no completion: nothing counted or charged); its answer,
+    served or refused, says what remains of a limited client's limits all the same."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        say_what_remains(request, response)
+        return response
+
+    return answer
 
 
 async def _count_tokens(request: web.Request) -> web.StreamResponse:

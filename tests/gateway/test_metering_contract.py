@@ -14,6 +14,7 @@ from aiohttp import web
 
 from tests.conftest import SopsProject, eventually
 from tests.gateway.test_metering import (
+    CACHE_PRICING,
     COST,
     PRICING,
     READER,
@@ -305,3 +306,73 @@ async def test_a_start_with_the_shared_ledger_down_keeps_what_was_spent_and_serv
     assert served.status == 200 and served.headers[BUDGET_LEFT] == "986"
     assert down.status == 503 and down_body["error"]["type"] == "ledger_unavailable"
     assert paged.status == 503
+
+
+def _anthropic(usage: dict[str, int]) -> web.Application:
+    """An Anthropic upstream answering every message with `usage`; streamed, as Anthropic splits
+    it: the input (cache reads and writes too) in `message_start`, the output in `message_delta`."""
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        message = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-x",
+            "content": [{"type": "text", "text": "ok"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        if not (await request.json()).get("stream"):
+            return web.json_response(message)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        delta = {"stop_reason": "end_turn", "stop_sequence": None}
+        for kind, data in (
+            ("message_start", {"message": start}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "ok"}}),
+            ("content_block_stop", {"index": 0}),
+            ("message_delta", {"delta": delta, "usage": {"output_tokens": usage["output_tokens"]}}),
+            ("message_stop", {}),
+        ):
+            await stream.write(f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode())
+        return stream
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    return app
+
+
+async def test_a_native_messages_stream_is_recorded_as_its_whole_answer_cache_tokens_included(
+    sops_project: SopsProject,
+) -> None:
+    """Anthropic's stream gives the input (its cache reads and writes) at its start and the output
+    at its end: the record of a streamed message holds both, priced as the same answer whole."""
+    usage = {
+        "input_tokens": 3,
+        "cache_read_input_tokens": 5,
+        "cache_creation_input_tokens": 7,
+        "output_tokens": 2,
+    }
+    async with serving(_anthropic(usage)) as url:
+        write_provider(
+            sops_project, "anth", provider="anthropic", base_url=url, api_key="sk-up", pricing=CACHE_PRICING
+        )
+        write_routing(sops_project, chat="anth")
+        write_clients(sops_project, None)
+        async with running(sops_project) as board:
+            message = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+            whole = await board.post("/v1/messages", message, token=TOKEN)
+            streamed = await board.post("/v1/messages", {**message, "stream": True}, token=TOKEN)
+            assert (whole.status, streamed.status) == (200, 200)
+            records = await _records(board, 2)
+    assert whole.headers[COST] == "77.5"  # 3 x 1 + 5 x 0.1 + 7 x 10 + 2 x 2
+    by_stream = {r["stream"]: r for r in records}
+    for record in by_stream.values():
+        tokens = [
+            record[k] for k in ("prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens")
+        ]
+        assert tokens == [15, 5, 7, 2] and record["cost_usd"] == "77.5"
+        assert record["priced"] is True and record["estimated"] is False

@@ -10,6 +10,8 @@ import anthropic
 import pytest
 
 from tests.conftest import SopsProject
+from tests.gateway.test_metering import TOKEN as LIMITED
+from tests.gateway.test_metering import write_clients as write_limited
 from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream
 
@@ -335,3 +337,70 @@ async def test_a_translated_message_maps_what_chat_has_and_drops_the_rest_never_
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     }
     assert not {"anthropic-version", "anthropic-beta"} & set(sent.headers)
+
+
+async def test_a_token_count_for_a_limited_client_says_what_remains_and_counts_nothing(
+    sops_project: SopsProject,
+) -> None:
+    """The reference's §13: every answer to a client with limits carries the remaining-* headers. A
+    token count is no completion (nothing is counted or charged), and says what remains all the
+    same: counted by its provider, estimated, or refused."""
+    async with (
+        FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",)) as claude,
+        FakeUpstream(name="a") as a,
+    ):
+        write_provider(
+            sops_project,
+            "claude",
+            provider="anthropic",
+            base_url=claude.url,
+            api_key=CANARY,
+            models=["claude-x"],
+            pricing={"*": {"input": 1, "output": 2}},
+        )
+        write_provider(sops_project, "a", base_url=a.base_url, models=["fake-model"])
+        write_routing(sops_project, chat=["claude", "a"])
+        write_limited(sops_project, {"rpm": 5, "budget": {"usd": "300", "period": "day"}})
+        async with running(sops_project) as board:
+            question = [{"role": "user", "content": "hi"}]
+            answers = [
+                await board.post(
+                    "/v1/messages/count_tokens", {"model": m, "messages": question}, token=LIMITED
+                )
+                for m in ("claude-x", "fake-model", "no-such-model")
+            ]
+            served = await board.post(
+                "/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": question}, token=LIMITED
+            )
+    assert [r.status for r in answers] == [200, 200, 404]
+    assert answers[0].headers["x-switchboard-provider"] == "claude"  # counted by its provider
+    assert answers[1].headers["x-switchboard-provider"] == "none"  # estimated
+    for answer in answers:
+        assert answer.headers["x-switchboard-remaining-requests"] == "5", answer.status
+        assert answer.headers["x-switchboard-remaining-tokens"] == "unlimited"
+        assert answer.headers["x-switchboard-budget-remaining-usd"] == "300"
+    assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "4"
+
+
+async def test_a_native_message_keeps_the_clients_anthropic_version_and_betas(
+    sops_project: SopsProject,
+) -> None:
+    """The reference's §14: a native request keeps its protocol's headers (`anthropic-version`,
+    `anthropic-beta`), the count of tokens too; the URL and the key still come from the file."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            headers = {"anthropic-version": "2023-01-01", "anthropic-beta": "a-2025-01-01,b-2025-02-02"}
+            question = [{"role": "user", "content": "hi"}]
+            for path, body in (
+                ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": question}),
+                ("/v1/messages/count_tokens", {"model": "m", "messages": question}),
+            ):
+                async with board.http.post(board.url + path, json=body, headers=headers) as response:
+                    assert response.status == 200, await response.text()
+    for sent in up.requests:
+        assert sent.headers["anthropic-version"] == "2023-01-01"
+        assert sent.headers["anthropic-beta"] == "a-2025-01-01,b-2025-02-02"
+        assert sent.headers["x-api-key"] == CANARY
+    assert [r.path for r in up.requests] == ["/v1/messages", "/v1/messages/count_tokens"]

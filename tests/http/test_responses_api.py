@@ -221,6 +221,59 @@ async def test_legacy_completions_go_only_where_they_are_spoken(sops_project: So
     assert not claude.requests
 
 
+async def test_legacy_completions_to_a_server_that_turns_out_not_to_speak_them_are_404_at_once(
+    sops_project: SopsProject,
+) -> None:
+    """A 404 at `/v1/completions` from a server that speaks them only by default: it is skipped
+    for that request as for the next, and when no candidate is left none serves the model over
+    completions (404 `model_not_found`, as SDKs do not retry), never a 502; the attempt that
+    found it out is counted and listed."""
+    async with FakeUpstream(name="v", missing=("/v1/completions",)) as up:
+        write_provider(sops_project, "v", base_url=up.base_url)  # vllm: completions by default
+        write_routing(sops_project, chat="v")
+        async with running(sops_project) as board:
+            first = await board.post("/v1/completions", {"model": "fake-model", "prompt": "x"})
+            error = (await first.json())["error"]
+            assert (first.status, error["code"], first.headers["x-switchboard-attempts"]) == (
+                404,
+                "model_not_found",
+                "1",
+            )
+            assert [a["provider"] for a in error["attempts"]] == ["v"]
+            sdk = client(board.url)
+            for _ in range(2):
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await sdk.completions.create(model="fake-model", prompt="x")
+                assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert [r.path for r in up.requests] == ["/v1/completions"]  # then remembered
+
+
+async def test_a_completion_whose_only_speaker_is_skipped_now_is_503_not_404(
+    sops_project: SopsProject,
+) -> None:
+    """The server tried turns out not to speak completions (404 at the path), and the one that
+    does is skipped now (its circuit open): a candidate exists but none can take the request now,
+    503 listing the attempt, as the next request, which tries nobody, says too."""
+    async with upstreams({"name": "v", "missing": ("/v1/completions",)}, {"name": "w"}) as (v, w):
+        write_provider(sops_project, "v", base_url=v.base_url)  # vllm: completions by default
+        write_provider(sops_project, "w", base_url=w.base_url)
+        write_routing(sops_project, chat={"primary": "w", "fallbacks": ["v"]})
+        async with running(sops_project, circuit_failures=1) as board:
+            w.fail(500, times=1)  # its circuit opens; v answers
+            assert (await board.chat("hi")).headers["x-switchboard-provider"] == "v"
+            first = await board.post("/v1/completions", {"model": "fake-model", "prompt": "x"})
+            first_error = (await first.json())["error"]
+            second = await board.post("/v1/completions", {"model": "fake-model", "prompt": "x"})
+    assert (first.status, first_error["type"], first.headers["x-switchboard-attempts"]) == (
+        503,
+        "no_candidate",
+        "1",
+    )
+    assert [a["provider"] for a in first_error["attempts"]] == ["v"]
+    assert (second.status, second.headers["x-switchboard-attempts"]) == (503, "0")
+    assert [r.path for r in v.requests] == ["/v1/chat/completions", "/v1/completions"]
+
+
 async def test_a_response_is_continued_on_another_replica_at_once(
     sops_project: SopsProject, tmp_path: Path
 ) -> None:
