@@ -8,12 +8,10 @@ are the app's internals, not an API.
 from __future__ import annotations
 
 import time
-import uuid
 
 from aiohttp import web
 
 from service.errors import HTTPError, PayloadTooLarge
-from service.gateway.account import REQUEST_ID
 from service.gateway.relay import NOSNIFF_HEADER
 from service.http.auth import Handler, same_machine
 from service.http.context import METRICS, SETTINGS
@@ -72,7 +70,6 @@ def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Resp
     body, gateway = on_path(request.path, status, body)
     if gateway:  # a gateway answer, the router's too (docs/reference.md §7, §13)
         headers = {**gateway, **headers}
-        headers.setdefault(REQUEST_ID, uuid.uuid4().hex)
     return web.json_response(body, status=status, headers=headers)
 
 

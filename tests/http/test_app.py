@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -298,6 +299,7 @@ async def test_a_malformed_header_is_answered_and_logged_without_its_bytes(
     assert error["message"].startswith("malformed request: ")
     if b"/v1/" in line:
         assert (fields[b"x-switchboard-provider"], fields[b"x-switchboard-attempts"]) == (b"none", b"0")
+        assert re.fullmatch(rb"[0-9a-f]{32}", fields[b"x-request-id"])  # every gateway answer has one
     assert b"sk-secret" not in answer and b"\\x00" not in answer and b"aaaa" not in answer
     records = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len(records) == 1, [r.getMessage() for r in records]
