@@ -62,7 +62,9 @@ def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Resp
             raise exc
         kind = exc.reason.lower().replace(" ", "_")
         # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
-        headers = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        # Written as every other 405 of ours writes them (`GET, HEAD`), not aiohttp's `GET,HEAD`.
+        if "Allow" in exc.headers:
+            headers = {"Allow": ", ".join(m.strip() for m in exc.headers["Allow"].split(","))}
         status, body = exc.status, {"error": {"type": kind, "message": exc.reason}}
     else:
         bug = internal(request, route)
