@@ -43,7 +43,7 @@ from service.gateway.health import Health
 from service.gateway.metering import Meter
 from service.gateway.protocols import ids
 from service.gateway.protocols.translation import Untranslatable
-from service.gateway.routing import Router, RoutingTable
+from service.gateway.routing import Router, RoutingTable, skipped_now
 from service.gateway.transports.base import Transport
 from service.gateway.transports.litellm import LiteLLMTransport
 from service.gateway.transports.openai import OpenAITransport
@@ -216,8 +216,7 @@ class Relay:
                     raise NoCandidate(
                         f"{pinned.provider}, which gave previous_response_id, cannot take it now"
                     )
-                what = f"model {shown(call.model)}" if call.model else "this request"
-                raise NoCandidate(f"no provider of `{call.purpose}` can take {what} now")
+                raise self._none_now(table, call, metered.skipped if metered is not None else [])
             if unspoken == len(attempts) and call.protocol == "count_tokens":
                 # None counts tokens after all: the handler answers with its estimate
                 # (docs/reference.md §14), as when no provider speaks Messages at all.
@@ -243,6 +242,15 @@ class Relay:
         finally:
             if metered is not None and not metered.done:  # cancelled (the client left), or a bug
                 metered.abandoned(len(attempts) + (metered.sent is not None))
+
+    def _none_now(self, table: RoutingTable, call: Call, skipped: list[dict[str, str]]) -> NoCandidate:
+        """The 503 when the call's candidates were all skipped now: each one with why (its open
+        circuit and its health's reason, its budget), in `skipped` and in the message."""
+        skipped = [*skipped_now(table, call.purpose, call.model, self.health), *skipped]
+        why = "; ".join(f"{s['provider']}: {s.get('health') or s['reason']}" for s in skipped)
+        what = f"model {shown(call.model)}" if call.model else "this request"
+        message = f"no provider of `{call.purpose}` can take {what} now" + (f" ({why})" if why else "")
+        return NoCandidate(message, skipped=skipped) if skipped else NoCandidate(message)
 
     def _candidates(self, table: RoutingTable, call: Call) -> Sequence[Provider]:
         """The call's candidates; 404 `model_not_found` when no enabled provider of the route

@@ -117,6 +117,23 @@ class Router:
         return [p for p in ordered if p.enabled and p.serves(model) and not health.is_open(p.id)]
 
 
+def skipped_now(table: RoutingTable, purpose: str, model: str | None, health: Health) -> list[dict[str, str]]:
+    """Each provider of the route that serves `model` but whose circuit is open now (half-open
+    with its trial out too), and why: the 503's `skipped` (docs/reference.md §6), with the
+    provider's confirmed health reason when it is unhealthy (a refused key, an address outside
+    the allowed upstreams), so the client learns why no provider was tried."""
+    route = table.routes.get(purpose)
+    found: list[dict[str, str]] = []
+    for provider in route.ordered if route is not None else ():
+        if provider.enabled and provider.serves(model) and health.is_open(provider.id):
+            entry = {"provider": provider.id, "reason": "circuit_open"}
+            state = health.get(provider.id)
+            if state.status == "unhealthy" and state.reason:
+                entry["health"] = state.reason
+            found.append(entry)
+    return found
+
+
 def first_healthy(
     table: RoutingTable, purpose: str, health: Health, model: str | None = None
 ) -> Provider | None:

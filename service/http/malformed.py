@@ -16,6 +16,7 @@ gateway's headers on a gateway path (docs/reference.md §14). So is the receive 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -25,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from service.errors import BadRequest, HTTPError, PayloadTooLarge
+from service.gateway.account import REQUEST_ID
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER
 from service.gateway.protocols import messages
 from service.gateway.relay import NO_PROVIDER
@@ -52,7 +54,8 @@ def path_of(start: bytes) -> str:
 
 def on_path(path: str, status: int, body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """An error's `body` (answered `status`) and the headers it adds, as answered on `path`: on
-    the gateway's paths with the gateway's headers (no provider, no attempt), on Anthropic's
+    the gateway's paths with the gateway's headers (no provider, no attempt, a new
+    `x-request-id`: every gateway answer has one, docs/reference.md §13), on Anthropic's
     Messages paths in Anthropic's shape, what ours adds (attempts, limits...) kept beside the
     message (docs/reference.md §7, §14). The app's errors (`middleware.failure_answer`) and the
     server's own (`shaped`) alike."""
@@ -62,7 +65,7 @@ def on_path(path: str, status: int, body: dict[str, Any]) -> tuple[dict[str, Any
         error = body["error"]
         extra = {k: v for k, v in error.items() if k not in ("type", "message")}
         body = messages.error(status, error["message"], **extra)
-    return body, {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0"}
+    return body, {PROVIDER_HEADER: NO_PROVIDER, ATTEMPTS_HEADER: "0", REQUEST_ID: uuid.uuid4().hex}
 
 
 def shaped(error: HTTPError, status: int, path: str) -> tuple[dict[str, Any], dict[str, str]]:

@@ -8,12 +8,10 @@ are the app's internals, not an API.
 from __future__ import annotations
 
 import time
-import uuid
 
 from aiohttp import web
 
 from service.errors import HTTPError, PayloadTooLarge
-from service.gateway.account import REQUEST_ID
 from service.gateway.relay import NOSNIFF_HEADER
 from service.http.auth import Handler, same_machine
 from service.http.context import METRICS, SETTINGS
@@ -64,7 +62,9 @@ def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Resp
             raise exc
         kind = exc.reason.lower().replace(" ", "_")
         # aiohttp's 405 names the methods the path takes: an answer without them breaks RFC 9110.
-        headers = {name: exc.headers[name] for name in ("Allow",) if name in exc.headers}
+        # Written as every other 405 of ours writes them (`GET, HEAD`), not aiohttp's `GET,HEAD`.
+        if "Allow" in exc.headers:
+            headers = {"Allow": ", ".join(m.strip() for m in exc.headers["Allow"].split(","))}
         status, body = exc.status, {"error": {"type": kind, "message": exc.reason}}
     else:
         bug = internal(request, route)
@@ -72,7 +72,6 @@ def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Resp
     body, gateway = on_path(request.path, status, body)
     if gateway:  # a gateway answer, the router's too (docs/reference.md §7, §13)
         headers = {**gateway, **headers}
-        headers.setdefault(REQUEST_ID, uuid.uuid4().hex)
     return web.json_response(body, status=status, headers=headers)
 
 

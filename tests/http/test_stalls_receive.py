@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from typing import Any
 
 import pytest
@@ -452,6 +453,7 @@ async def test_a_408_on_a_messages_path_comes_in_anthropics_shape(
         fields, _, text = answer.partition(b"\r\n\r\n")
         error = json.loads(text)
         assert line and b"\r\nx-switchboard-provider: none\r\nx-switchboard-attempts: 0\r\n" in fields, path
+        assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", fields), path  # every gateway answer's
         if path.startswith("/v1/messages"):
             assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", path
             assert "receive timeout" in error["error"]["message"]

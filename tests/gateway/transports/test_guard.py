@@ -104,6 +104,28 @@ async def test_checks_and_models_lists_are_refused_with_the_reason(sops_project:
     assert tested["ok"] is False and SETTING in tested["message"]
 
 
+async def test_a_request_after_a_refused_check_is_a_503_that_names_the_setting(
+    sops_project: SopsProject,
+) -> None:
+    """With health checks on (as `serve` runs), the first check is refused and opens the
+    circuit, so a request finds no candidate to try: its 503 still says why (docs/reference.md
+    §7: a request refused by the rule fails at once, its reason naming the setting), each
+    provider skipped with its reason."""
+    async with FakeUpstream(name="gpu") as up:
+        write_provider(sops_project, "gpu", base_url=up.base_url, models=["m"])
+        write_routing(sops_project, chat="gpu")
+        async with running(sops_project, allowed_upstreams="10.0.0.0/8", health_interval_s=30) as board:
+            await eventually(lambda: board.app[HEALTH].get("gpu").status == "unhealthy")
+            response = await board.chat("hi", model="m")
+            error = (await response.json())["error"]
+    assert not up.requests
+    assert response.status == 503 and error["type"] == "no_candidate"
+    refused = f"refused by {SETTING}: the upstream's address is not listed"
+    assert error["skipped"] == [{"provider": "gpu", "reason": "circuit_open", "health": refused}]
+    assert SETTING in error["message"]
+    assert "127.0.0.1" not in str(error)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_requests_directly_and_through_litellm_are_refused_with_the_reason(
     sops_project: SopsProject, stream: bool
