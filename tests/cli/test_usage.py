@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -106,3 +109,24 @@ def test_a_postgresql_database_the_service_never_wrote_to_has_no_usage_and_one_d
     finally:
         postgres_server.ensure_running()
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_a_postgresql_that_cannot_be_reached_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """docs/reference.md §3: errors go to stderr as one line each. The connection pool's own
+    warnings (one a try, each of two lines) are not printed beside the command's error."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://switchboard:pw-0123456789@127.0.0.1:{port}/usage"
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--root", str(tmp_path), "usage", "--db", url],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "switchboard: error: the usage ledger cannot be read: PostgreSQL cannot be reached"
+    ]
