@@ -60,6 +60,23 @@ async def test_table_and_csv(recorded: Ledger, tmp_path: Path, capsys: pytest.Ca
     assert lines[0].startswith("client,requests,errors,limited,prompt_tokens") and len(lines) == 2
 
 
+async def test_until_ends_the_window_and_by_takes_several_keys(
+    recorded: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records in [since, until): of the four an hour apart, the two before 90 minutes ago."""
+    until = (NOW - timedelta(minutes=90)).isoformat()
+    argv = ("--root", str(tmp_path), "usage", "--since", "1d", "--until", until, "--by", "client,hour")
+    assert cli(*argv, "--format", "json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    hours = [(NOW - timedelta(hours=i)).strftime("%Y-%m-%dT%H:00:00Z") for i in (2, 3)]
+    assert printed["group_by"] == ["client", "hour"]
+    assert [(r["client"], r["hour"], r["requests"]) for r in printed["rows"]] == [
+        ("a", hours[0], 1),
+        ("b", hours[1], 1),
+    ]
+    assert printed["until"] == until.replace("+00:00", "Z") and printed["totals"]["cost_usd"] == "1"
+
+
 def test_wrong_usage_exits_2_and_an_empty_folder_has_no_usage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
