@@ -305,3 +305,35 @@ async def test_a_start_with_the_shared_ledger_down_keeps_what_was_spent_and_serv
     assert served.status == 200 and served.headers[BUDGET_LEFT] == "986"
     assert down.status == 503 and down_body["error"]["type"] == "ledger_unavailable"
     assert paged.status == 503
+
+
+async def test_an_error_answered_before_the_relay_carries_a_cost_of_zero(sops_project: SopsProject) -> None:
+    """docs/reference.md §13.3: an answer that is not streamed carries `x-switchboard-cost-usd`,
+    `0` on an error or a refusal: those given before the limits are asked (no token, a body
+    that is not JSON, a media type that is not JSON, a model no provider serves, a body too
+    large) too, in either protocol's shape."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 5})
+        async with running(sops_project, max_body_bytes=1000) as board:
+            url = f"{board.base_url}/chat/completions"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            message = {
+                "model": "no-such-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            answers = [
+                await chat(board, token="sk-nobody-0123456789"),
+                await chat(board, model="no-such-model", max_tokens=5),
+                await chat(board, "x" * 2000),
+                await board.post("/v1/messages", message, token=TOKEN),
+            ]
+            for data, media in ((b"{not json", "application/json"), (b"{}", "text/plain")):
+                async with board.http.post(url, data=data, headers={**auth, "Content-Type": media}) as r:
+                    await r.read()
+                    answers.append(r)
+    assert [a.status for a in answers] == [401, 404, 413, 404, 400, 415]
+    assert [a.headers.get(COST) for a in answers] == ["0"] * 6
+    assert not up.requests
