@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,9 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     except BadRequest as exc:
         print(f"switchboard: error: {exc.message.replace('`group_by`', '--by')}", file=sys.stderr)
         return 2
+    # The connection pool warns of each failed try to connect (two lines each); the command says
+    # once, in one line, that the ledger cannot be read (docs/reference.md §3).
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
     store = open_store(settings.usage_db.get_secret_value(), settings.root, create=False)
     if store is None:
         raise LedgerUnavailable("the usage ledger is off (SWITCHBOARD_USAGE_DB=off)")

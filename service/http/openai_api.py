@@ -27,7 +27,7 @@ from aiohttp import web
 
 from service.config.models import Provider, Scope
 from service.errors import BadRequest, HTTPError, InvalidRequest, LoopDetected, PayloadTooLarge
-from service.gateway.account import REQUEST_ID
+from service.gateway.account import COST, REQUEST_ID
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, VIA_HEADER, Call, came_back
 from service.gateway.health import CheckResult, Status, check
 from service.gateway.protocols import ids
@@ -158,8 +158,8 @@ def _route(request: web.Request) -> str:
 
 
 def error_answer(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Response:
-    """`exc` as a gateway's answer: in `shape`, with the provider (`none`), attempts and request
-    id headers."""
+    """`exc` as a gateway's answer: in `shape`, with the provider (`none`), attempts, request id
+    and cost (`0`: an error costs nothing, docs/reference.md §13.3) headers."""
     attempts = exc.extra.get("attempts")
     count = len(attempts) if isinstance(attempts, list) else 0
     headers = {
@@ -169,6 +169,7 @@ def error_answer(exc: HTTPError, shape: ErrorShape = _openai_shape) -> web.Respo
         **exc.headers(),
     }
     headers.setdefault(REQUEST_ID, uuid.uuid4().hex)  # every gateway answer has one (docs/reference.md §13)
+    headers.setdefault(COST, "0")
     return web.json_response(shape(exc), status=exc.status, headers=headers)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -57,6 +60,23 @@ async def test_table_and_csv(recorded: Ledger, tmp_path: Path, capsys: pytest.Ca
     assert lines[0].startswith("client,requests,errors,limited,prompt_tokens") and len(lines) == 2
 
 
+async def test_until_ends_the_window_and_by_takes_several_keys(
+    recorded: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records in [since, until): of the four an hour apart, the two before 90 minutes ago."""
+    until = (NOW - timedelta(minutes=90)).isoformat()
+    argv = ("--root", str(tmp_path), "usage", "--since", "1d", "--until", until, "--by", "client,hour")
+    assert cli(*argv, "--format", "json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    hours = [(NOW - timedelta(hours=i)).strftime("%Y-%m-%dT%H:00:00Z") for i in (2, 3)]
+    assert printed["group_by"] == ["client", "hour"]
+    assert [(r["client"], r["hour"], r["requests"]) for r in printed["rows"]] == [
+        ("a", hours[0], 1),
+        ("b", hours[1], 1),
+    ]
+    assert printed["until"] == until.replace("+00:00", "Z") and printed["totals"]["cost_usd"] == "1"
+
+
 def test_wrong_usage_exits_2_and_an_empty_folder_has_no_usage(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -106,3 +126,24 @@ def test_a_postgresql_database_the_service_never_wrote_to_has_no_usage_and_one_d
     finally:
         postgres_server.ensure_running()
     assert "cannot be reached" in capsys.readouterr().err
+
+
+def test_a_postgresql_that_cannot_be_reached_is_one_line_on_stderr(tmp_path: Path) -> None:
+    """docs/reference.md §3: errors go to stderr as one line each. The connection pool's own
+    warnings (one a try, each of two lines) are not printed beside the command's error."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://switchboard:pw-0123456789@127.0.0.1:{port}/usage"
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--root", str(tmp_path), "usage", "--db", url],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "switchboard: error: the usage ledger cannot be read: PostgreSQL cannot be reached"
+    ]

@@ -376,3 +376,35 @@ async def test_a_native_messages_stream_is_recorded_as_its_whole_answer_cache_to
         ]
         assert tokens == [15, 5, 7, 2] and record["cost_usd"] == "77.5"
         assert record["priced"] is True and record["estimated"] is False
+
+
+async def test_an_error_answered_before_the_relay_carries_a_cost_of_zero(sops_project: SopsProject) -> None:
+    """docs/reference.md §13.3: an answer that is not streamed carries `x-switchboard-cost-usd`,
+    `0` on an error or a refusal: those given before the limits are asked (no token, a body
+    that is not JSON, a media type that is not JSON, a model no provider serves, a body too
+    large) too, in either protocol's shape."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, models=["fake-model"])
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 5})
+        async with running(sops_project, max_body_bytes=1000) as board:
+            url = f"{board.base_url}/chat/completions"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            message = {
+                "model": "no-such-model",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+            }
+            answers = [
+                await chat(board, token="sk-nobody-0123456789"),
+                await chat(board, model="no-such-model", max_tokens=5),
+                await chat(board, "x" * 2000),
+                await board.post("/v1/messages", message, token=TOKEN),
+            ]
+            for data, media in ((b"{not json", "application/json"), (b"{}", "text/plain")):
+                async with board.http.post(url, data=data, headers={**auth, "Content-Type": media}) as r:
+                    await r.read()
+                    answers.append(r)
+    assert [a.status for a in answers] == [401, 404, 413, 404, 400, 415]
+    assert [a.headers.get(COST) for a in answers] == ["0"] * 6
+    assert not up.requests

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,24 @@ async def test_concurrent_answers_on_two_replicas_each_say_what_remained_once_th
             answers = await asyncio.gather(*(chat(a if n % 2 else b) for n in range(6)))
     assert [r.status for r in answers] == [200] * 6
     assert sorted(r.headers["x-switchboard-remaining-requests"] for r in answers) == list("012345")
+
+
+async def test_a_replica_started_without_redis_is_ready_degraded_and_enforces_each_limit_locally(
+    sops_project: SopsProject,
+) -> None:
+    """Redis unreachable from the start: the service is ready all the same, `/readyz` says
+    `"limits": "local"` and degraded, and each limit holds from this replica's own counts."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 2})
+        async with metered(sops_project, redis_url=url) as (board, _):
+            status, ready = await _ready(board)
+            answers = [await chat(board, max_tokens=3) for _ in range(3)]
+    assert status == 200 and ready["limits"] == "local" and ready["degraded"] is True
+    assert [a.status for a in answers] == [200, 200, 429]
+    assert [a.headers["x-switchboard-remaining-requests"] for a in answers] == ["1", "0", "0"]
+    assert len(up.requests) == 2

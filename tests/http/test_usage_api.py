@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import csv
 import io
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -315,6 +318,83 @@ async def test_postgresql_down_the_service_starts_serves_and_says_so_then_recove
             assert body["shared"] is True and body["totals"]["requests"] == 1
     finally:
         postgres_server.ensure_running()
+
+
+class _Freezer:
+    """A TCP relay to PostgreSQL that can stop relaying while keeping every connection open: a
+    server that no longer answers, its sockets alive (hung, or cut off without a reset)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self._url = parts
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return self._url._replace(netloc=f"{self._url.username}@127.0.0.1:{port}").geturl()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
+
+    def freeze(self) -> None:
+        self._thawed.clear()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += (writer, up_writer)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.ensure_future(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                await self._thawed.wait()
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
+
+async def test_a_database_that_stops_answering_is_503_and_holds_up_neither_the_gateway_nor_a_stop(
+    sops_project: SopsProject, postgres_url: str
+) -> None:
+    """A PostgreSQL that no longer answers on the connections already made (they stay open) is a
+    database that is down: `/usage` and `/usage/requests` answer 503 `ledger_unavailable` in a few
+    seconds, the records wait in the spool, and a graceful stop ends, keeping them there."""
+    freezer = _Freezer(postgres_url)
+    async with freezer as url:
+        async with serve(_project(sops_project), usage_db=url) as service:
+            service.app[LEDGER].submit(record(ts=TODAY))
+            await _recorded(service, 1)
+            freezer.freeze()
+            asked = time.monotonic()
+            usage = await asyncio.wait_for(_get(service, USAGE), timeout=30)
+            requests = await asyncio.wait_for(_get(service, REQUESTS), timeout=30)
+            answered = time.monotonic() - asked
+            service.app[LEDGER].submit(record(ts=TODAY))  # it waits in the spool
+            stopping = time.monotonic()
+        stopped = time.monotonic() - stopping
+    for status, body, _ in (usage, requests):
+        assert status == 503 and body["error"]["type"] == "ledger_unavailable"
+    assert answered < 25 and stopped < 20, (answered, stopped)
+    spool = sops_project.root / "var" / "usage-spool"
+    assert sum(p.read_bytes().count(b"\n") for p in spool.glob("*.jsonl")) == 1
 
 
 def test_the_ledger_is_a_record_sink() -> None:

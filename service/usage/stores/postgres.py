@@ -3,14 +3,20 @@
 psycopg 3 with a `psycopg_pool` connection pool: connections are made in the background,
 checked before each use (a restarted server leaves the pool's old ones dead), and a request for
 one waits at most a few seconds, so a server that is down makes calls fail fast with
-StoreUnavailable rather than hang. The URL may hold a password: it is never logged or shown.
+StoreUnavailable rather than hang. A server that stops answering on a connection already made
+(hung, or cut off without a reset: the socket stays open, and psycopg would wait on it for good)
+is given a deadline: the check, a read and a transaction each wait for it at most `_CHECK_S`,
+`_READ_S` and `_WRITE_S`, then the connection is cut, and the call fails as a lost connection.
+The URL may hold a password: it is never logged or shown.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +29,14 @@ from service.usage.stores.sql import BadBatch, Cursor, SQLStore, StoreUnavailabl
 
 _WAIT_S = 3.0
 """How long a call waits for a connection before the database counts as unavailable."""
+_CHECK_S = 3.0
+"""How long a pooled connection's check waits for the server before the connection is cut."""
+_READ_S = 10.0
+"""How long a read waits for the server (`/usage` answers in well under a second): then it is
+cut, and the read is 503 `ledger_unavailable` (docs/reference.md §13.4)."""
+_WRITE_S = 60.0
+"""How long a transaction (a batch stored with its rollups, a slice of old records deleted)
+waits for the server: then it is cut and rolled back, and its records stay in the spool."""
 _SCHEMA_LOCK = 0x5B_05A6E
 """An advisory lock's number: replicas starting together create the tables one at a time."""
 
@@ -50,7 +64,7 @@ class PostgresStore(SQLStore):
                     max_size=self._max_size,
                     open=False,
                     timeout=_WAIT_S,
-                    check=ConnectionPool.check_connection,
+                    check=_check,
                     kwargs={"autocommit": True, "connect_timeout": 3, "application_name": "switchboard"},
                     name="switchboard-usage",
                 )
@@ -69,18 +83,18 @@ class PostgresStore(SQLStore):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Cursor]:
-        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+        with self._connection(_WRITE_S) as conn, conn.transaction(), conn.cursor() as cur:
             yield _Dialect(cur)
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[Cursor]:
-        with self._connection() as conn, conn.cursor() as cur:
+        with self._connection(_READ_S) as conn, conn.cursor() as cur:
             yield _Dialect(cur)
 
     @contextlib.contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self, seconds: float) -> Iterator[psycopg.Connection[Any]]:
         try:
-            with self._connections().connection() as conn:
+            with self._connections().connection() as conn, _deadline(conn, seconds):
                 yield conn
         except PoolTimeout:
             raise StoreUnavailable("PostgreSQL cannot be reached") from None
@@ -124,6 +138,46 @@ class _Dialect:
     @property
     def rowcount(self) -> int:
         return self._cursor.rowcount
+
+
+def _check(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection before it is used, within `_CHECK_S`."""
+    with _deadline(conn, _CHECK_S):
+        ConnectionPool.check_connection(conn)
+
+
+@contextlib.contextmanager
+def _deadline(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Cut `conn` should the block still run after `seconds` (waiting on a server that does not
+    answer): its socket is shut down, so psycopg's wait ends as a lost connection
+    (`OperationalError`), and the pool discards it."""
+    state = {"done": False}
+    lock = threading.Lock()
+
+    def cut() -> None:
+        with lock:
+            if not state["done"]:
+                _shut(conn)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+
+
+def _shut(conn: psycopg.Connection[Any]) -> None:
+    """Shut down `conn`'s socket (through a duplicate of its descriptor: libpq still owns it)."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:  # no socket any more: nothing waits on it
+        return
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
 
 
 def _placeholders(sql: str) -> str:
