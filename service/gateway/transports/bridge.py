@@ -19,6 +19,7 @@ Imported only with litellm (`transports.litellm`), so the direct path loads neit
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any
@@ -103,6 +104,8 @@ class _Body(httpx.AsyncByteStream):
         size = 0
         try:
             while chunk := await self.response.content.readany():
+                if not size:
+                    _began(self.response.status)
                 size += len(chunk)
                 if self.limit is not None and size > self.limit:
                     raise TooLarge(self.limit)
@@ -130,6 +133,15 @@ CALL: ContextVar[Call | None] = ContextVar("switchboard_litellm_call", default=N
 mark it `delivered` once written, and its `upstream_status` once answered."""
 CURRENT: ContextVar[SessionTransport | None] = ContextVar("switchboard_litellm_transport", default=None)
 """The transport of the gateway call running in this context (None outside one)."""
+BEGAN: ContextVar[asyncio.Future[int] | None] = ContextVar("switchboard_litellm_began", default=None)
+"""Told the status of the vendor's answer once the first bytes of its body came: the client's
+answer to a stream may begin then, before litellm has a chunk to give (`litellm._began`)."""
+
+
+def _began(status: int) -> None:
+    began = BEGAN.get()
+    if began is not None and not began.done():
+        began.set_result(status)
 
 
 class _Routed(httpx.AsyncBaseTransport):

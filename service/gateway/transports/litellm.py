@@ -26,6 +26,7 @@ import importlib
 import logging
 import os
 import re
+from contextvars import ContextVar
 from types import ModuleType
 from typing import Any
 
@@ -121,6 +122,8 @@ class LiteLLMTransport(Transport):
         """`bridge.CURRENT`, once litellm is loaded."""
         self._call: Any = None
         """`bridge.CALL`, once litellm is loaded."""
+        self._began: Any = None
+        """`bridge.BEGAN`, once litellm is loaded."""
 
     async def warm(self) -> ModuleType:
         """Import litellm once, in a worker thread, so the event loop goes on serving meanwhile."""
@@ -130,10 +133,10 @@ class LiteLLMTransport(Transport):
             self._loading = asyncio.ensure_future(asyncio.to_thread(_import_litellm))
         module = await asyncio.shield(self._loading)
         if not self._clients:
-            from service.gateway.transports.bridge import CALL, CURRENT
+            from service.gateway.transports.bridge import BEGAN, CALL, CURRENT
 
             self._clients = _clients(self.session, self.max_bytes)
-            self._current, self._call = CURRENT, CALL
+            self._current, self._call, self._began = CURRENT, CALL, BEGAN
         self._module = module
         return module
 
@@ -144,14 +147,19 @@ class LiteLLMTransport(Transport):
         token = self._current.set(transport)  # the clients litellm builds itself send through it too
         marks = self._call.set(call)  # what its requests mark: delivered, answered
         try:
-            return await _forward(litellm, client, call, provider, headers)
+            return await _forward(litellm, client, call, provider, headers, self._began)
         finally:
             self._call.reset(marks)
             self._current.reset(token)
 
 
 async def _forward(
-    litellm: Any, client: Any, call: Call, provider: Provider, headers: dict[str, str]
+    litellm: Any,
+    client: Any,
+    call: Call,
+    provider: Provider,
+    headers: dict[str, str],
+    began: ContextVar[asyncio.Future[int] | None],
 ) -> web.StreamResponse:
     try:
         key = sendable_key(provider)
@@ -199,7 +207,7 @@ async def _forward(
                 result = await litellm.arerank(**params)
             elif streaming:
                 result = await litellm.acompletion(stream=True, drop_params=True, **params)
-                first = await anext(result)
+                first = await _began(result, began)
             else:
                 result = await litellm.acompletion(drop_params=True, **params)
     except TimeoutError:
@@ -234,6 +242,30 @@ async def _forward(
     shape = _CHAT_ANSWER if call.purpose == "chat" and call.translation is None else None
     body = masked(result.model_dump_json(exclude_none=True, include=shape).encode(), secret)
     return web.Response(body=body, headers=headers)
+
+
+async def _began(stream: Any, began: ContextVar[asyncio.Future[int] | None]) -> asyncio.Future[Any]:
+    """The read of `stream`'s first chunk, under way, once the vendor's answer began: the first
+    bytes of its body came with a status under 300 (the bridge tells `began`, `bridge.BEGAN`).
+    litellm gives no chunk until the vendor's first content (an Anthropic stream's
+    `message_start` makes none), which a client need not wait for (docs/reference.md §14: the
+    first byte of a translated stream follows the vendor's). What the read raises before
+    (a refusal, a stream that ends with no byte) is the attempt's, to move on."""
+    told: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    token = began.set(told)  # in the read's context (a copy of this one), for the bridge to tell
+    try:
+        first: asyncio.Future[Any] = asyncio.ensure_future(anext(stream))
+    finally:
+        began.reset(token)
+    try:
+        await asyncio.wait((first, told), return_when=asyncio.FIRST_COMPLETED)
+        if not told.done() or told.result() >= 300:
+            await asyncio.wait((first,))
+            first.result()  # raises what the read raised
+    except BaseException:
+        first.cancel()
+        raise
+    return first
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,255}\Z")

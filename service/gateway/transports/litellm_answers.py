@@ -46,34 +46,32 @@ already say. `choices` are the answer's content and pass as litellm gives them (
 
 
 async def _relay_stream(
-    call: Call, stream: Any, first: Any, headers: dict[str, str], idle_s: float, key: bytes
+    call: Call, stream: Any, first: asyncio.Future[Any], headers: dict[str, str], idle_s: float, key: bytes
 ) -> web.StreamResponse:
+    """Relay `stream`, litellm's chunks of a vendor's answer that began, to the client; `first`
+    reads its first chunk (`litellm._began`).
+
+    The answer's head goes at once, as a native stream's first chunk does: litellm gives no
+    chunk until the vendor's first content (an Anthropic stream's `message_start` and `ping`
+    make none), and a client waiting for it would wait the model's whole time to its first
+    token (docs/reference.md §14: the first byte of a translated stream follows the vendor's).
+    From then on, as for a native stream, a failure ends the stream with an error event; a
+    failure before it (a refusal, a status that falls back) is the attempt's (`_forward`)."""
     headers["Content-Type"] = "text/event-stream"
     headers["Cache-Control"] = "no-cache"
     answer = web.StreamResponse(headers=headers)
     chunks: AsyncIterator[Any] = stream
-    chunk = first
     # A request translated from another protocol (docs/reference.md §14): its events, from every chunk.
     translator = call.translation.stream() if call.translation is not None else None
+    named = False
     try:
         await answer.prepare(call.request)
         call.prepared = answer
-        call.answer_model = _model(chunk, key.decode())
         # each chunk is its own JSON, masked alone: a key the vendor split across two is not seen
         while True:
-            usage = _usage(chunk)
-            if translator is not None:
-                data = masked(chunk.model_dump_json(exclude_none=True).encode(), key)
-                out = translator.feed(b"data: " + data + b"\n\n")
-                if out:
-                    await answer.write(out)
-            elif usage is None or call.wants_usage or getattr(chunk, "choices", None):
-                data = masked(chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode(), key)
-                await answer.write(b"data: " + data + b"\n\n")
-            call.usage = usage or call.usage
             try:
                 async with asyncio.timeout(idle_s):
-                    chunk = await anext(chunks)
+                    chunk = await (anext(chunks) if named else first)
             except StopAsyncIteration:
                 end = _DONE if translator is None else translator.feed(_DONE) + translator.close()
                 await answer.write(end)
@@ -90,10 +88,24 @@ async def _relay_stream(
                     await answer.write(b"\n\ndata: " + json.dumps(error).encode() + b"\n\n")
                 await _close(stream)
                 break
+            if not named:
+                call.answer_model, named = _model(chunk, key.decode()), True
+            usage = _usage(chunk)
+            if translator is not None:
+                data = masked(chunk.model_dump_json(exclude_none=True).encode(), key)
+                out = translator.feed(b"data: " + data + b"\n\n")
+                if out:
+                    await answer.write(out)
+            elif usage is None or call.wants_usage or getattr(chunk, "choices", None):
+                data = masked(chunk.model_dump_json(exclude_none=True, include=_CHAT_ANSWER).encode(), key)
+                await answer.write(b"data: " + data + b"\n\n")
+            call.usage = usage or call.usage
         await answer.write_eof()
     except ConnectionResetError:
+        first.cancel()
         await _close(stream)  # the client left: drop the upstream request too
     except BaseException:
+        first.cancel()
         await _close(stream)
         raise
     return answer

@@ -296,6 +296,30 @@ async def test_a_plain_answer_slower_than_the_first_byte_timeout_is_not_cut(
     assert len(up.requests) == 1 and not backup.requests
 
 
+async def test_a_stream_through_litellm_begins_when_the_vendors_answer_does_not_at_its_first_token(
+    sops_project: SopsProject,
+) -> None:
+    """An Anthropic stream begins with `message_start`, its first token a model's while later;
+    litellm gives nothing until that token. The client has the answer's head as soon as the
+    vendor's answer began (docs/reference.md §14: the first byte of a translated stream follows
+    the vendor's), not half a minute later with the token."""
+    async with FakeUpstream(protocol="anthropic", name="claude", api_key=CANARY, chunk_interval_s=30) as up:
+        _anthropic(sops_project, up)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            warm = await board.chat("warm", max_tokens=5)  # litellm is imported on its first call
+            assert warm.status == 200
+            payload = {"model": "claude-x", "messages": MESSAGES, "max_tokens": 5, "stream": True}
+            started = asyncio.get_running_loop().time()
+            async with asyncio.timeout(10):  # the first token would come 30 s after the head
+                response = await board.http.post(board.base_url + "/chat/completions", json=payload)
+            began = asyncio.get_running_loop().time() - started
+            assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+            assert response.headers["x-switchboard-provider"] == "claude"
+            response.close()  # the client leaves: the vendor's request is let go of
+    assert began < 10
+
+
 async def test_a_stream_through_litellm_that_falls_silent_ends_with_an_error_event(
     sops_project: SopsProject,
 ) -> None:
