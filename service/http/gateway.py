@@ -15,10 +15,18 @@ from service.gateway.account import REQUEST_ID
 from service.gateway.call import Call
 from service.gateway.relay import NOSNIFF_HEADER
 from service.http import connections
-from service.http.auth import CLIENT, Handler, admit
+from service.http.auth import Handler, admit
 from service.http.context import METRICS, REGISTRY, RELAY, SETTINGS
 from service.http.middleware import answered, failure_answer, nosniff
-from service.http.openai_api import ENDPOINTS, Endpoint, arrived, error_answer, internal, unreadable
+from service.http.openai_api import (
+    ENDPOINTS,
+    Endpoint,
+    arrived,
+    error_answer,
+    internal,
+    say_what_remains,
+    unreadable,
+)
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 """The app's `Gateway`, for the fast path's server (`service.http.fast`)."""
@@ -196,13 +204,3 @@ class Gateway:
         response = error_answer(error, endpoint.shape)
         say_what_remains(request, response)  # one refused before the limits were asked too
         return response
-
-
-def say_what_remains(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer to a client with limits says what remains (docs/reference.md §13): to one not
-    counted (refused before its limits were asked, a token count), what is known, nothing counted."""
-    client = request.get(CLIENT)
-    meter = request.app[RELAY].meter
-    if client is not None and client.limits is not None and meter is not None and not response.prepared:
-        for header, value in meter.remaining(client.name, client.limits).items():
-            response.headers.setdefault(header, value)

@@ -33,7 +33,7 @@ from service.gateway.health import CheckResult, Status, check
 from service.gateway.protocols import ids
 from service.gateway.relay import NO_PROVIDER, NOSNIFF_HEADER, Relay
 from service.gateway.transports.base import open_session
-from service.http.auth import Handler, client_name, scoped
+from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.context import (
     EVENTS,
     HEALTH,
@@ -139,6 +139,16 @@ def unreadable(exc: web.RequestPayloadError) -> BadRequest:
     """The 400 for a body the server could not decode (gzip that is not), naming only the fault."""
     reason = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
     return BadRequest(f"the body could not be read: {type(reason).__name__}")
+
+
+def say_what_remains(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to a client with limits says what remains (docs/reference.md §13): to one not
+    counted (refused before its limits were asked, a token count), what is known, nothing counted."""
+    client = request.get(CLIENT)
+    meter = request.app[RELAY].meter
+    if client is not None and client.limits is not None and meter is not None and not response.prepared:
+        for header, value in meter.remaining(client.name, client.limits).items():
+            response.headers.setdefault(header, value)
 
 
 INTERNAL = "internal error; see the service log"
@@ -256,9 +266,12 @@ async def _models(request: web.Request) -> web.Response:
         PROVIDER_HEADER: NO_PROVIDER,
         ATTEMPTS_HEADER: "0",
         REQUEST_ID: uuid.uuid4().hex,
+        COST: "0",
         "Content-Type": "application/json",
     }
-    return web.Response(body=table.models_answer(relay.health), headers=headers)
+    response = web.Response(body=table.models_answer(relay.health), headers=headers)
+    say_what_remains(request, response)  # a listing is no completion: nothing counted
+    return response
 
 
 # -- lifecycle -----------------------------------------------------------------------------

@@ -20,14 +20,22 @@ from typing import Any
 from aiohttp import web
 
 from service.errors import HTTPError, InvalidRequest
+from service.gateway.account import COST
 from service.gateway.call import ATTEMPTS_HEADER, PROVIDER_HEADER, Call
 from service.gateway.forms import PATHS
 from service.gateway.protocols import messages
 from service.gateway.relay import NO_PROVIDER
 from service.http.auth import Handler, scoped
 from service.http.context import REGISTRY, RELAY
-from service.http.gateway import say_what_remains
-from service.http.openai_api import CallOf, Endpoint, add_endpoint, answering, call_of, read_call
+from service.http.openai_api import (
+    CallOf,
+    Endpoint,
+    add_endpoint,
+    answering,
+    call_of,
+    read_call,
+    say_what_remains,
+)
 
 
 def setup(app: web.Application) -> None:
@@ -72,11 +80,14 @@ def _called(protocol: str) -> CallOf:
 
 def _saying_what_remains(handler: Handler) -> Handler:
     """A token count is not metered (no completion: nothing counted or charged); its answer,
-    served or refused, says what remains of a limited client's limits all the same."""
+    served or refused, says what remains of a limited client's limits all the same, and that it
+    cost nothing (`x-switchboard-cost-usd: 0`, as every answer not streamed says its cost)."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         response = await handler(request)
         say_what_remains(request, response)
+        if not response.prepared:
+            response.headers.setdefault(COST, "0")
         return response
 
     return answer

@@ -344,6 +344,28 @@ async def test_answers_before_the_limits_are_checked_are_no_records_and_count_to
     assert len(up.requests) == 1
 
 
+async def test_a_model_listing_says_what_remains_and_that_it_cost_nothing(sops_project: SopsProject) -> None:
+    """`GET /v1/models` to a client with limits is an answer like any other (docs/reference.md
+    §13): it says what remains, and that it cost nothing; it is no completion, so it counts
+    toward no limit and is no record."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"rpm": 2, "budget": {"usd": "1000", "period": "day"}})
+        async with metered(sops_project) as (board, records):
+            listed = [await board.get("/v1/models", token=TOKEN) for _ in range(3)]
+            served = await chat(board, max_tokens=5)
+            await board.recorded()
+    assert [r.status for r in listed] == [200] * 3
+    for answer in listed:
+        assert answer.headers["x-switchboard-remaining-requests"] == "2"
+        assert answer.headers["x-switchboard-remaining-tokens"] == "unlimited"
+        assert answer.headers["x-switchboard-budget-remaining-usd"] == "1000"
+        assert answer.headers["x-switchboard-cost-usd"] == "0"
+    assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "1"
+    assert [r.status for r in records.kept] == [200]
+
+
 async def test_concurrent_answers_each_say_what_remained_once_they_were_counted(
     sops_project: SopsProject,
 ) -> None:

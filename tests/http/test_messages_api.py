@@ -379,6 +379,7 @@ async def test_a_token_count_for_a_limited_client_says_what_remains_and_counts_n
         assert answer.headers["x-switchboard-remaining-requests"] == "5", answer.status
         assert answer.headers["x-switchboard-remaining-tokens"] == "unlimited"
         assert answer.headers["x-switchboard-budget-remaining-usd"] == "300"
+        assert answer.headers["x-switchboard-cost-usd"] == "0"  # not streamed: it says its cost
     assert served.status == 200 and served.headers["x-switchboard-remaining-requests"] == "4"
 
 
