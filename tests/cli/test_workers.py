@@ -1,0 +1,269 @@
+"""`switchboard serve --workers N` (docs/reference.md §3.2) with real processes: a leader and a
+follower on one port (SO_REUSEPORT), Debian's `redis-server` sharing the limits, a local
+stand-in vendor. Every connection is a new one, so the kernel spreads them over both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from service.cli.main import cli
+from tests.conftest import SopsProject
+from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
+from tests.support.upstreams import FakeUpstream
+
+pytestmark = pytest.mark.timeout(180)
+
+LIMITED = "sk-limited-0123456789abcdef"
+LOAD = "sk-load-0123456789abcdef"
+READER = "sk-reader-0123456789abcdef"
+API = "/api/v1/llm-config"
+ROUNDS = 40
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def configure(project: SopsProject, *upstreams: FakeUpstream) -> None:
+    """A server per upstream, chat routed to the first; `limited` (rpm 5), `load`, `reader`."""
+    for up in upstreams:
+        provider = {
+            "kind": "ai_server",
+            "id": up.name,
+            "server_type": "vllm",
+            "base_url": up.base_url,
+            "purposes": ["chat"],
+        }
+        (project.providers / f"{up.name}.yaml").write_text(yaml.safe_dump(provider))
+    route(project, upstreams[0].name)
+    entries = [
+        {"name": "limited", "token_sha256": _sha(LIMITED), "scopes": ["completions"], "limits": {"rpm": 5}},
+        {"name": "load", "token_sha256": _sha(LOAD), "scopes": ["completions"]},
+        {"name": "reader", "token_sha256": _sha(READER), "scopes": ["config:read", "usage:read"]},
+    ]
+    (project.providers / "clients.yaml").write_text(yaml.safe_dump({"kind": "clients", "clients": entries}))
+
+
+def route(project: SopsProject, provider_id: str) -> None:
+    routing = {"kind": "routing", "purposes": {"chat": {"primary": [provider_id]}}}
+    (project.providers / "routing.yaml").write_text(yaml.safe_dump(routing))
+
+
+def leader(project: SopsProject, tmp_path: Path, redis: RedisServer | None, **settings: str) -> Replica:
+    var = tmp_path / "var"
+    var.mkdir(exist_ok=True)
+    values = {
+        "usage_spool": str(var / "spool"),
+        "usage_db": str(var / "usage.db"),
+        "workers": "2",
+        "log_level": "INFO",
+    } | settings
+    if redis is not None:
+        values["redis_url"] = redis.url
+    env = replica_env(project.identity.key_file, **values)
+    return Replica("leader", project.root, project.providers, free_port(), env, tmp_path)
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def fresh(
+    member: Replica, method: str, path: str, token: str, **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a connection of its own (the kernel picks the worker that accepts it)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    headers = {"Authorization": f"Bearer {token}"} | kwargs.pop("headers", {})
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.request(method, member.url + path, headers=headers, **kwargs) as answer,
+    ):
+        return answer.status, {k.lower(): v for k, v in answer.headers.items()}, await answer.read()
+
+
+async def chat(member: Replica, token: str) -> tuple[int, dict[str, str], bytes]:
+    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    return await fresh(member, "POST", "/v1/chat/completions", token, json=payload)
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def private_folder(member: Replica) -> Path:
+    found = re.search(r"private sockets in (\S+)", member.log())
+    assert found, member.log()
+    return Path(found.group(1))
+
+
+async def worker_requests(folder: Path) -> float:
+    """The follower's own count of chat answers, read on its private socket."""
+    connector = aiohttp.UnixConnector(path=str(folder / "worker-1.sock"))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get("http://w/metrics") as answer:
+        text = await answer.text()
+    return _chat_answers(text)
+
+
+def _chat_answers(text: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("switchboard_http_requests_total{") and "chat" in line
+    )
+
+
+async def test_two_workers_serve_one_port_as_one_service(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
+        configure(sops_project, a, b)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+
+            # both accept connections, and /metrics (the leader's) counts every answer
+            answers = [await chat(member, LOAD) for _ in range(ROUNDS)]
+            assert [s for s, _, _ in answers] == [200] * ROUNDS
+            assert all(h["x-switchboard-provider"] == "a" for _, h, _ in answers)
+            by_follower = await worker_requests(folder)
+            assert 0 < by_follower < ROUNDS, "the kernel gave the follower none (or all) of 40 connections"
+            _, _, text = await fresh(member, "GET", "/metrics", READER)
+            assert _chat_answers(text.decode()) == ROUNDS
+
+            # the API answers the same whichever worker the connection landed on: the leader's
+            tags = {(await fresh(member, "GET", f"{API}/active", READER))[1]["etag"] for _ in range(20)}
+            assert len(tags) == 1
+            audits = {(await fresh(member, "GET", f"{API}/audit", READER))[2] for _ in range(20)}
+            assert len(audits) == 1
+
+            # an rpm of 5 across both workers is 5
+            statuses = [(await chat(member, LIMITED))[0] for _ in range(12)]
+            assert statuses.count(200) == 5 and statuses.count(429) == 7, statuses
+
+            # a change of the files is served by both within the reload budget
+            route(sops_project, "b")
+
+            async def moved() -> bool:
+                found = [(await chat(member, LOAD))[1]["x-switchboard-provider"] for _ in range(10)]
+                return set(found) == {"b"}
+
+            assert await until(moved, 10, "both workers route to b") < 5
+
+            # one writer of the event log: the leader's start, not the follower's
+            lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
+            assert [e["type"] for e in lines].count("service.started") == 1
+            assert len({e["seq"] for e in lines}) == len(lines)
+
+            # a follower killed is started again, and serves
+            (follower,) = children(member.process.pid)
+            os.kill(follower, signal.SIGKILL)
+            await until(lambda: _async(_restarted(member, follower)), 20, "the follower started again")
+            await until(
+                lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening again"
+            )
+            assert [(await chat(member, LOAD))[0] for _ in range(10)] == [200] * 10
+            (follower,) = children(member.process.pid)
+
+            # SIGTERM to the leader stops both
+            await member.stop(signal.SIGTERM)
+            assert member.process.returncode == 0, member.log()
+            await until(lambda: _async(not alive(follower)), 20, "the follower stopped")
+            assert not folder.exists()
+
+
+async def test_a_follower_ends_with_its_leader_even_one_starting(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+            (follower,) = children(member.process.pid)
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await member.stop(signal.SIGKILL)
+            await until(lambda: _async(not alive(follower)), 20, "the follower gone with its leader")
+        member = leader(sops_project, tmp_path, redis)
+        await member.start()  # killed while its follower starts: the follower does not stay
+        assert member.process is not None
+        await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+        (follower,) = children(member.process.pid)
+        await member.stop(signal.SIGKILL)
+        await until(lambda: _async(not alive(follower)), 20, "the starting follower gone with its leader")
+
+
+def _restarted(member: Replica, pid: int) -> bool:
+    assert member.process is not None
+    now = children(member.process.pid)
+    return bool(now) and pid not in now
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_fewer_than_one_worker_is_refused(
+    workers: str, sops_project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("--root", str(sops_project.root), "serve", "--workers", workers) == 2
+    assert "SWITCHBOARD_WORKERS" in capsys.readouterr().err
+
+
+def test_workers_without_redis_are_refused_in_one_line(
+    sops_project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SWITCHBOARD_REDIS_URL", raising=False)
+    assert cli("--root", str(sops_project.root), "serve", "--workers", "2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SWITCHBOARD_REDIS_URL" in err and "shared" in err
