@@ -294,4 +294,11 @@ def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -
         )
     finally:
         shutil.rmtree(private, ignore_errors=True)
-    return 0
+    # Stopped, every cleanup done: exit now. A worker thread of anyio's (watchfiles') left
+    # waiting for work was seen to hold the interpreter's exit for good in a follower stopped
+    # soon after its start (its leader killed): a follower outliving its leader is what must
+    # never happen.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

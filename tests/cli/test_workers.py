@@ -53,7 +53,7 @@ def configure(project: SopsProject, *upstreams: FakeUpstream) -> None:
     entries = [
         {"name": "limited", "token_sha256": _sha(LIMITED), "scopes": ["completions"], "limits": {"rpm": 5}},
         {"name": "load", "token_sha256": _sha(LOAD), "scopes": ["completions"]},
-        {"name": "reader", "token_sha256": _sha(READER), "scopes": ["config:read", "usage:read"]},
+        {"name": "reader", "token_sha256": _sha(READER), "scopes": ["config:read", "usage:read", "admin"]},
     ]
     (project.providers / "clients.yaml").write_text(yaml.safe_dump({"kind": "clients", "clients": entries}))
 
@@ -143,10 +143,22 @@ def private_folder(member: Replica) -> Path:
 
 async def worker_requests(folder: Path) -> float:
     """The follower's own count of chat answers, read on its private socket."""
-    connector = aiohttp.UnixConnector(path=str(folder / "worker-1.sock"))
-    async with aiohttp.ClientSession(connector=connector) as http, http.get("http://w/metrics") as answer:
-        text = await answer.text()
-    return _chat_answers(text)
+    return _chat_answers(await _worker_metrics(folder))
+
+
+async def replayed(member: Replica, last: int) -> bytes:
+    """`GET …/events?after=0` on a connection of its own, read up to the event `last`."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    headers = {"Authorization": f"Bearer {READER}"}
+    got = b""
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.get(f"{member.url}{API}/events?after=0", headers=headers) as answer,
+    ):
+        assert answer.status == 200
+        while f"id: {last}\n".encode() not in got:
+            got += await asyncio.wait_for(answer.content.readany(), 5)
+    return got
 
 
 def _chat_answers(text: str) -> float:
@@ -179,10 +191,21 @@ async def test_two_workers_serve_one_port_as_one_service(
             assert _chat_answers(text.decode()) == ROUNDS
 
             # the API answers the same whichever worker the connection landed on: the leader's
-            tags = {(await fresh(member, "GET", f"{API}/active", READER))[1]["etag"] for _ in range(20)}
+            tags = set()
+            for _ in range(20):
+                status, headers, _ = await fresh(member, "GET", f"{API}/active", READER)
+                assert status == 200
+                tags.add(headers["etag"])
             assert len(tags) == 1
-            audits = {(await fresh(member, "GET", f"{API}/audit", READER))[2] for _ in range(20)}
+            audits = set()
+            for _ in range(20):
+                status, headers, body = await fresh(member, "GET", f"{API}/audit", READER)
+                assert status == 200
+                audits.add((headers["etag"], headers.get("x-switchboard-index"), body))
             assert len(audits) == 1
+            last = len(member.events_file.read_text().splitlines())
+            streams = {await replayed(member, last) for _ in range(10)}
+            assert len(streams) == 1
 
             # an rpm of 5 across both workers is 5
             statuses = [(await chat(member, LIMITED))[0] for _ in range(12)]
@@ -267,3 +290,55 @@ def test_workers_without_redis_are_refused_in_one_line(
     assert cli("--root", str(sops_project.root), "serve", "--workers", "2") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SWITCHBOARD_REDIS_URL" in err and "shared" in err
+
+
+async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_no_token_is_logged(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        priced = yaml.safe_load((sops_project.providers / "a.yaml").read_text())
+        priced["pricing"] = {"*": {"input": "0", "output": "1000000"}}  # 1 USD a token out
+        (sops_project.providers / "a.yaml").write_text(yaml.safe_dump(priced))
+        clients = yaml.safe_load((sops_project.providers / "clients.yaml").read_text())
+        clients["clients"][0]["limits"] = {"budget": {"usd": "1", "period": "day"}}
+        (sops_project.providers / "clients.yaml").write_text(yaml.safe_dump(clients))
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+
+            async def the_follower_refused() -> bool:
+                await chat(member, LIMITED)
+                text = await _worker_metrics(folder)
+                return any("chat" in line and 'status="429"' in line for line in text.splitlines())
+
+            await until(the_follower_refused, 20, "a refusal by the follower")
+            for _ in range(6):  # and more, landing on either
+                await chat(member, LIMITED)
+
+            async def written() -> bool:
+                return '"budget.exhausted"' in member.events_file.read_text()
+
+            await until(written, 10, "budget.exhausted in the log")
+            await asyncio.sleep(0.5)
+            lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
+            exhausted = [e for e in lines if e["type"] == "budget.exhausted"]
+            assert [(e["subject"], e["kind"]) for e in exhausted] == [("limited", "client")]
+
+            # the private surfaces are not on TCP: the leader's `/events` of followers is not a route there
+            status, _, _ = await fresh(
+                member, "POST", "/events", READER, json={"subject": "x", "kind": "client"}
+            )
+            assert status in (401, 403, 404, 405)
+        log = (tmp_path / "leader.log").read_text()  # the leader's lines and its follower's
+        assert "worker-1" in log
+        for token in (LIMITED, LOAD, READER):
+            assert token not in log
+
+
+async def _worker_metrics(folder: Path) -> str:
+    connector = aiohttp.UnixConnector(path=str(folder / "worker-1.sock"))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get("http://w/metrics") as answer:
+        return await answer.text()
