@@ -146,6 +146,22 @@ async def worker_requests(folder: Path) -> float:
     return _chat_answers(await _worker_metrics(folder))
 
 
+async def relayed_then_asked(member: Replica) -> tuple[int, int, str | None]:
+    """Two chat calls, then `GET …/active`, on one kept-alive connection: the statuses and ETag."""
+    connector = aiohttp.TCPConnector(limit=1)
+    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for _ in range(2):
+            headers = {"Authorization": f"Bearer {LOAD}"}
+            async with http.post(f"{member.url}/v1/chat/completions", json=payload, headers=headers) as first:
+                await first.read()
+        async with http.get(
+            f"{member.url}{API}/active", headers={"Authorization": f"Bearer {READER}"}
+        ) as then:
+            await then.read()
+            return first.status, then.status, then.headers.get("ETag")
+
+
 async def replayed(member: Replica, last: int) -> bytes:
     """`GET …/events?after=0` on a connection of its own, read up to the event `last`."""
     connector = aiohttp.TCPConnector(force_close=True)
@@ -156,9 +172,11 @@ async def replayed(member: Replica, last: int) -> bytes:
         http.get(f"{member.url}{API}/events?after=0", headers=headers) as answer,
     ):
         assert answer.status == 200
-        while f"id: {last}\n".encode() not in got:
+        marker = f"id: {last}\n".encode()
+        while marker not in got or b"\n\n" not in got[got.index(marker) :]:
             got += await asyncio.wait_for(answer.content.readany(), 5)
-    return got
+    events = got[: got.index(b"\n\n", got.index(marker))]  # the replay, without SSE comments (`: connected`)
+    return b"\n".join(line for line in events.split(b"\n") if not line.startswith(b":"))
 
 
 def _chat_answers(text: str) -> float:
@@ -203,6 +221,9 @@ async def test_two_workers_serve_one_port_as_one_service(
                 assert status == 200
                 audits.add((headers["etag"], headers.get("x-switchboard-index"), body))
             assert len(audits) == 1
+            for _ in range(10):  # relayed calls first, then the API on the same connection: the leader's
+                assert await relayed_then_asked(member) == (200, 200, tags.pop() if len(tags) == 1 else None)
+                tags = {(await fresh(member, "GET", f"{API}/active", READER))[1]["etag"]}
             last = len(member.events_file.read_text().splitlines())
             streams = {await replayed(member, last) for _ in range(10)}
             assert len(streams) == 1
