@@ -12,7 +12,8 @@ format Prometheus reads from one process. The rule, by family (docs/reference.md
 - gauges (and info) are the leader's: the generation, providers, health, budgets' spent and
   the fan-out are the same state in every worker, shared through the files and Redis.
 
-A family only a follower has is taken from the first that has it.
+A family only followers have is taken from the first that has it (and, a counter or a
+histogram, summed with the others').
 """
 
 from __future__ import annotations

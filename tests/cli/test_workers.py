@@ -363,3 +363,31 @@ async def _worker_metrics(folder: Path) -> str:
     connector = aiohttp.UnixConnector(path=str(folder / "worker-1.sock"))
     async with aiohttp.ClientSession(connector=connector) as http, http.get("http://w/metrics") as answer:
         return await answer.text()
+
+
+async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            a.fail(401)  # the upstream refuses the key: `unhealthy` at once, a confirmed status
+            for _ in range(10):
+                await chat(member, LOAD)
+
+            def unhealthy(text: str) -> bool:
+                return 'switchboard_provider_healthy{provider="a"} 0.0' in text
+
+            async def both_know() -> bool:
+                _, _, text = await fresh(member, "GET", "/metrics", READER)
+                return unhealthy(text.decode()) and unhealthy(await _worker_metrics(folder))
+
+            await until(both_know, 10, "both workers show `a` unhealthy")
+            await asyncio.sleep(1.5)  # a note adopted late would write a second event by now
+            lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
+            changed = [e for e in lines if e["type"] == "provider.health_changed" and e["subject"] == "a"]
+            assert [e["changes"]["status"]["new"] for e in changed] == ["unhealthy"], changed
