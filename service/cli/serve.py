@@ -171,7 +171,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     app = serving_app(settings)
     options: dict[str, Any] = {}
     if settings.workers > 1:
-        options = _leading(app, ns, settings)
+        options = _leading(app, settings)
     server.run(
         app,
         event_loop(),
@@ -186,7 +186,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _leading(app: web.Application, ns: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+def _leading(app: web.Application, settings: Settings) -> dict[str, Any]:
     """`server.run`'s options for the leader of `--workers N`: the port shared (SO_REUSEPORT),
     its private sockets, and N-1 followers started once it listens (`service.cli.workers`)."""
     leader = app[LEADER] = Leader(app, settings.workers - 1)
