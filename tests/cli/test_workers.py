@@ -162,6 +162,14 @@ async def relayed_then_asked(member: Replica) -> tuple[int, int, str | None]:
             return first.status, then.status, then.headers.get("ETag")
 
 
+async def chunked_chat() -> AsyncIterator[bytes]:
+    """A chat request's body sent chunked (no Content-Length), a long message in many pieces."""
+    yield b'{"model": "fake-model", "max_tokens": 3, "messages": [{"role": "user", "content": "'
+    for _ in range(32):  # 512 KiB: the stand-in vendor takes 1 MiB at most
+        yield b"x" * 16384
+    yield b'"}]}'
+
+
 async def replayed(member: Replica, last: int) -> bytes:
     """`GET …/events?after=0` on a connection of its own, read up to the event `last`."""
     connector = aiohttp.TCPConnector(force_close=True)
@@ -227,6 +235,18 @@ async def test_two_workers_serve_one_port_as_one_service(
             last = len(member.events_file.read_text().splitlines())
             streams = {await replayed(member, last) for _ in range(10)}
             assert len(streams) == 1
+
+            # a call the fast path leaves to aiohttp (a chunked body, 512 KiB) is piped to the leader whole
+            for _ in range(6):
+                status, headers, body = await fresh(
+                    member,
+                    "POST",
+                    "/v1/chat/completions",
+                    LOAD,
+                    data=chunked_chat(),
+                    headers={"Content-Type": "application/json"},
+                )
+                assert status == 200 and headers["x-switchboard-provider"] == "a", body
 
             # an rpm of 5 across both workers is 5
             statuses = [(await chat(member, LIMITED))[0] for _ in range(12)]
