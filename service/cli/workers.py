@@ -49,7 +49,9 @@ class Followers:
         while not self._stopping:
             began = loop.time()
             try:
-                process = await asyncio.create_subprocess_exec(*self.command(worker))
+                # a session of its own: a terminal's Ctrl-C reaches the leader alone, which then
+                # stops the followers in order (not restarting one that the same key stopped)
+                process = await asyncio.create_subprocess_exec(*self.command(worker), start_new_session=True)
             except OSError as exc:
                 log.error("workers: worker %d cannot start (%s)", worker, exc)
             else:
