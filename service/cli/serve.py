@@ -10,9 +10,8 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
+import signal
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,14 @@ from service.http.collector import settled_collector
 from service.http.context import WORKER
 from service.http.fast_site import FastSite
 from service.http.follower import Follower
-from service.http.leader import LEADER, LEADER_SOCKET, Leader
+from service.http.leader import (
+    LEADER,
+    LEADER_SOCKET,
+    Leader,
+    remove_private,
+    remove_worker_folder,
+    worker_folder,
+)
 from service.runtime.sync import parse_pull
 from service.settings import Settings
 from service.vcs.commit import Identity
@@ -258,13 +264,21 @@ def follower_settings(settings: Settings, worker: int, private: Path) -> Setting
     )
 
 
+def _stop_starting(signum: int, frame: object) -> None:
+    """SIGTERM before the server's own handler: the stop it would make (`server.run` takes it)."""
+    raise web.GracefulExit
+
+
 def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -> int:
     """Serve as follower `worker` of the leader `leader` whose private folder is `folder`."""
+    signal.signal(signal.SIGTERM, _stop_starting)  # until the server's own handler: its folders removed
     follow_parent()
     if leader is None or os.getppid() != leader:  # gone before this one could follow it
+        if leader is not None:
+            remove_private(folder)  # what the leader made alone: anything else in it stays
         print("switchboard: error: the leader of this worker is gone", file=sys.stderr)
         return 1
-    private = Path(tempfile.mkdtemp(prefix=f"switchboard-worker-{worker}-"))
+    private = worker_folder(folder, worker)  # in the leader's: removed with it, whatever ends this one
     try:
         app = serving_app(follower_settings(settings, worker, private))
         app[WORKER] = worker
@@ -292,8 +306,12 @@ def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -
             ready=follower.ready,
             beside=beside,
         )
+    except web.GracefulExit:  # stopped before `server.run` (`_stop_starting`)
+        pass
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        remove_worker_folder(private)
+        if os.getppid() != leader:  # its leader was killed: no one else removes its folder
+            remove_private(folder)
     # Stopped, every cleanup done: exit now. A worker thread of anyio's (watchfiles') left
     # waiting for work was seen to hold the interpreter's exit for good in a follower stopped
     # soon after its start (its leader killed): a follower outliving its leader is what must

@@ -9,8 +9,9 @@ directory of its own (`tempfile.mkdtemp`: mode 0700, removed at its stop), on
   written once per subject and period in the one log, as the leader's own refusals are).
 
 Each follower listens on `worker-<K>.sock` in the same directory, where the leader reads its
-`/metrics` to merge them into its own (`service.http.merged_metrics`). Nothing of these is
-reachable over TCP.
+`/metrics` to merge them into its own (`service.http.merged_metrics`), and keeps its own
+throwaway event log in `worker-<K>.d/`. Nothing of these is reachable over TCP. A leader
+killed cannot remove the directory: its followers do as they stop (`remove_private`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,46 @@ _SCRAPE = aiohttp.ClientTimeout(total=METRICS_WAIT_S)
 def worker_socket(folder: Path, worker: int) -> Path:
     """Where follower `worker` answers the leader's scrape."""
     return folder / f"worker-{worker}.sock"
+
+
+_WORKER_FILES = ("events.jsonl", "events.jsonl.broken")
+"""What a follower keeps in its folder: the event log of its own, which nothing reads."""
+
+
+def worker_folder(folder: Path, worker: int) -> Path:
+    """Follower `worker`'s own folder, inside its leader's (made empty: a follower before it
+    that was killed left its log there)."""
+    path = folder / f"worker-{worker}.d"
+    path.mkdir(mode=0o700, exist_ok=True)
+    for name in _WORKER_FILES:
+        (path / name).unlink(missing_ok=True)
+    return path
+
+
+def remove_worker_folder(path: Path) -> None:
+    """Remove a follower's folder, holding what `worker_folder` says and nothing else."""
+    for name in _WORKER_FILES:
+        with contextlib.suppress(OSError):
+            (path / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def remove_private(folder: Path) -> None:
+    """Remove a leader's private folder when its leader cannot (it was killed): its sockets and
+    its followers' folders, and the folder only if nothing else is in it (a folder named by
+    hand to `--follow` keeps whatever else it holds)."""
+    for name in (LEADER_SOCKET, CONTROL_SOCKET):
+        with contextlib.suppress(OSError):
+            (folder / name).unlink(missing_ok=True)
+    for path in folder.glob("worker-*"):
+        if path.name.endswith(".sock") and path.is_socket():
+            with contextlib.suppress(OSError):
+                path.unlink()
+        elif path.name.endswith(".d") and path.is_dir():
+            remove_worker_folder(path)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 class Leader:

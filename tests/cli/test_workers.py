@@ -115,14 +115,17 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str)
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
+    """The followers whose parent is `pid` (from /proc; not the sops or git it runs meanwhile)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             stat = (entry / "stat").read_text()
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
+            if (
+                int(stat.rpartition(")")[2].split()[1]) == pid
+                and b"--follow" in (entry / "cmdline").read_bytes()
+            ):
                 found.append(int(entry.name))
     return found
 
@@ -297,6 +300,7 @@ async def test_a_follower_ends_with_its_leader_even_one_starting(
             await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
             await member.stop(signal.SIGKILL)
             await until(lambda: _async(not alive(follower)), 20, "the follower gone with its leader")
+            assert not folder.exists()  # the leader's private folder, which it had no time to remove
         member = leader(sops_project, tmp_path, redis)
         await member.start()  # killed while its follower starts: the follower does not stay
         assert member.process is not None
@@ -304,6 +308,7 @@ async def test_a_follower_ends_with_its_leader_even_one_starting(
         (follower,) = children(member.process.pid)
         await member.stop(signal.SIGKILL)
         await until(lambda: _async(not alive(follower)), 20, "the starting follower gone with its leader")
+        await until(lambda: _async(not private_folder(member).exists()), 10, "the leader's folder removed")
 
 
 def _restarted(member: Replica, pid: int) -> bool:
