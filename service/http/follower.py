@@ -1,9 +1,10 @@
 """A follower of `serve --workers N` (docs/reference.md §3.2): what it does beside relaying.
 
 A follower is the service's app on settings of its own (`serve` makes them: an event log of
-its own in its folder inside the leader's, `worker-<K>.d`, which nothing reads; its own spool; no pull, no health checks;
-its own name to Redis), started with `WORKER` set. Its gateway relays the calls the fast path
-answers; every other connection is piped to the leader (`service.http.forward`). This module:
+its own in its folder inside the leader's, `worker-<K>.d`, which nothing reads; its own spool;
+no pull, no health checks; its own name to Redis), started with `WORKER` set. Its gateway
+relays the calls the fast path answers; every other connection is piped to the leader
+(`service.http.forward`). This module:
 
 - `ready`: the follower listens only once its first configuration is loaded and the budgets'
   spent read back, so the kernel never gives a connection to a follower that cannot answer it;
