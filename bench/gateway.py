@@ -5,6 +5,7 @@
     python -m bench.gateway --rounds 3 --seconds 3 --no-litellm   # quicker, without LiteLLM
     python -m bench.gateway --baseline ../base    # and another checkout, in the same run
     python -m bench.gateway --rounds 0 --flame docs/perf/flame.svg   # py-spy on serve at c=64
+    python -m bench.gateway --workers 2 --no-litellm   # serve and serve --workers 2, both on Redis
 
 One fake OpenAI-protocol upstream (its own process) answers every path:
 
@@ -23,6 +24,10 @@ throughput and p99 at concurrency 32 and 64, and time to first byte of a stream.
 under it are medians of each round's ratio (both sides measured minutes apart at most). The
 load generator (bench/load.py, aiohttp) shares the 2 cores with the process under test, so
 the numbers are ratios within one run, not absolutes. Only 127.0.0.1 is contacted.
+
+`--workers N` (2 or more) adds `switchboard-wN`: `serve --workers N` on the same project, with
+Debian's `redis-server` (which `--workers` needs) for its limits; `switchboard` then uses the
+same Redis (so the two differ only in their processes). Its CPU per request is every worker's.
 
 `--flame PATH` then records `switchboard serve` with py-spy (`pip install py-spy`) under
 load at concurrency 64 and writes a flame graph (SVG), and beside it the share of samples
@@ -90,13 +95,22 @@ def build_project(upstream_base_url: str) -> tuple[Path, Path, str]:
     return root, key_file, token
 
 
-def metered_service(root: Path, key_file: Path, name: str, code: Path | None = None) -> Service:
+def metered_service(
+    root: Path, key_file: Path, name: str, code: Path | None = None, env: dict[str, str] | None = None
+) -> Service:
     """`switchboard serve` with a ledger of its own (a SQLite file and its spool under `root/name`)."""
-    env = {
+    ledger = {
         "SWITCHBOARD_USAGE_DB": str(root / name / "usage.db"),
         "SWITCHBOARD_USAGE_SPOOL": str(root / name / "usage-spool"),
     }
-    return Service(root, key_file, code=code, name=name, env=env)
+    return Service(root, key_file, code=code, name=name, env=ledger | (env or {}))
+
+
+def _redis() -> Any:
+    """Debian's `redis-server` on a free loopback port (the tests' own, tests/support/replicas.py)."""
+    from tests.support.replicas import RedisServer
+
+    return RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-")))
 
 
 LOADS: list[tuple[str, dict[str, Any]]] = [
@@ -124,11 +138,21 @@ async def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--flame", type=Path, metavar="SVG", help="then profile serve at c=64 with py-spy")
     parser.add_argument("--flame-seconds", type=float, default=10.0, help="how long py-spy records")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="also serve --workers N (Redis)")
     args = parser.parse_args(argv)
 
     upstream = await UpstreamProcess(name="bench", api_key=UPSTREAM_KEY).start()
     root, key_file, token = build_project(upstream.base_url)
-    service = metered_service(root, key_file, "var")
+    redis = _redis() if args.workers > 1 else None
+    shared = {"SWITCHBOARD_REDIS_URL": redis.url} if redis is not None else {}
+    service = metered_service(root, key_file, "var", env=shared)
+    workers = (
+        metered_service(
+            root, key_file, "var-workers", env=shared | {"SWITCHBOARD_WORKERS": str(args.workers)}
+        )
+        if redis is not None
+        else None
+    )
     proxy = (
         None
         if args.no_litellm or args.runs == 0
@@ -141,6 +165,8 @@ async def main(argv: list[str] | None = None) -> None:
     }
     if baseline is not None:
         paths["switchboard@base"] = (f"{baseline.url}/v1/chat/completions", token)
+    if workers is not None:
+        paths[f"switchboard-w{args.workers}"] = (f"{workers.url}/v1/chat/completions", token)
     results: dict[tuple[str, str], list[LoadResult]] = defaultdict(list)
     cpu: dict[tuple[str, str], list[float]] = defaultdict(list)
     """(path, load) -> µs of CPU its serving process spent per request, each round."""
@@ -150,6 +176,10 @@ async def main(argv: list[str] | None = None) -> None:
         if baseline is not None:
             await baseline.start()
             await _check_metered(baseline)
+        if workers is not None:
+            await workers.start()
+            await _check_metered(workers)
+            await asyncio.sleep(5)  # `/readyz` is the leader's: the followers listen once they loaded too
         if proxy is not None:
             await proxy.start()
             paths["litellm"] = (proxy.chat_url, proxy.master_key)
@@ -158,6 +188,7 @@ async def main(argv: list[str] | None = None) -> None:
             "switchboard": service.pid,
             "switchboard@base": baseline.pid if baseline is not None else None,
             "litellm": proxy.pid if proxy is not None else None,
+            f"switchboard-w{args.workers}": workers.pid if workers is not None else None,
         }
         for run in range(args.runs):
             for load, options in LOADS:
@@ -183,6 +214,10 @@ async def main(argv: list[str] | None = None) -> None:
         service.stop()
         if baseline is not None:
             baseline.stop()
+        if workers is not None:
+            workers.stop()
+        if redis is not None:
+            redis.stop()
         if proxy is not None:
             await proxy.stop()
         await upstream.stop()
@@ -197,11 +232,27 @@ def _cpu_s(pid: int | None) -> float:
     than it moves the wall clock."""
     if pid is None:
         return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for each in [pid, *_children(pid)]:  # `serve --workers N`: the leader's followers too
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                found.append(int(entry.name))
+    return found
 
 
 async def _check_metered(service: Service) -> None:

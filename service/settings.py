@@ -35,6 +35,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     events: Path = Field(Path("var/events.jsonl"), description="The event log (JSON Lines).")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Processes serving the port (`serve --workers N`, SO_REUSEPORT): one leads (the "
+        "watcher, the event log, writes, every API but the gateway's relayed calls), the others relay "
+        "gateway calls and pipe every other connection to it. 2 or more needs SWITCHBOARD_REDIS_URL.",
+    )
 
     sops_binary: str = "sops"
     age_key_file: Path | None = Field(

@@ -122,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", metavar="H", help="default: 127.0.0.1")
     p.add_argument("--port", type=int, metavar="P", help="default: 8080")
     p.add_argument("--events", type=Path, metavar="FILE", help="default: var/events.jsonl")
+    p.add_argument("--workers", type=int, metavar="N", help="processes on the port (default: 1)")
+    p.add_argument("--follow", metavar="DIR", help=argparse.SUPPRESS)  # a follower's leader (workers)
+    p.add_argument("--worker", type=int, metavar="K", help=argparse.SUPPRESS)
+    p.add_argument("--leader", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(command=_lazy("serve"))
 
     p = sub.add_parser("audit", help="read or check the event log")

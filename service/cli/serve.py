@@ -1,4 +1,6 @@
-"""`switchboard serve [--providers DIR] [--host H] [--port P] [--events FILE]`: run the service."""
+"""`switchboard serve [--providers DIR] [--host H] [--port P] [--events FILE] [--workers N]`: run
+the service; with `--workers N` (2 or more), as a leader and N-1 followers on one port
+(docs/reference.md §3.2: `service.http.leader`, `service.http.follower`, `service.cli.workers`)."""
 
 from __future__ import annotations
 
@@ -6,14 +8,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import resource
+import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from service import console
 from service.cli.folders import providers_folder
+from service.cli.workers import Followers, follow_parent
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
@@ -22,6 +29,17 @@ from service.http import server
 from service.http.app import create_app
 from service.http.auth import is_loopback
 from service.http.collector import settled_collector
+from service.http.context import WORKER
+from service.http.fast_site import FastSite
+from service.http.follower import Follower
+from service.http.leader import (
+    LEADER,
+    LEADER_SOCKET,
+    Leader,
+    remove_private,
+    remove_worker_folder,
+    worker_folder,
+)
 from service.runtime.sync import parse_pull
 from service.settings import Settings
 from service.vcs.commit import Identity
@@ -94,10 +112,26 @@ def serving_app(settings: Settings) -> web.Application:
     return app
 
 
+SHUTDOWN_S = 10.0
+"""A request in flight is given this long at a stop (docs/reference.md §3.2); a follower too."""
+
+
 def run(ns: argparse.Namespace, settings: Settings) -> int:
     """Serve until SIGINT or SIGTERM; refuses a non-loopback address without a clients file."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = getattr(ns, "worker", None)
+    tag = f"worker-{worker} " if getattr(ns, "follow", None) and worker else ""
+    logging.basicConfig(
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"
+    )
     providers_folder(settings)
+    if settings.workers > 1 and settings.redis_url is None:
+        print(
+            f"switchboard: error: --workers {settings.workers} needs SWITCHBOARD_REDIS_URL: limits, "
+            "budgets and health are shared between workers through Redis, as between replicas "
+            "(docs/reference.md §12, §13)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         AllowedUpstreams.parse(settings.allowed_upstreams)
     except ValueError as exc:
@@ -138,14 +172,151 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         )
         return 1
     raise_open_files_limit()
+    if getattr(ns, "follow", None) and worker:
+        return _follow(settings, Path(ns.follow), worker, ns.leader)
+    app = serving_app(settings)
+    options: dict[str, Any] = {}
+    if settings.workers > 1:
+        options = _leading(app, settings)
     server.run(
-        serving_app(settings),
+        app,
         event_loop(),
         host=settings.host,
         port=settings.port,
         access_log=None,
-        shutdown_timeout=10,
+        shutdown_timeout=SHUTDOWN_S,
         handler_cancellation=True,  # a client that leaves cancels its upstream request
         say=lambda line: logging.getLogger("service").info(line.strip()),
+        **options,
     )
     return 0
+
+
+def _leading(app: web.Application, settings: Settings) -> dict[str, Any]:
+    """`server.run`'s options for the leader of `--workers N`: the port shared (SO_REUSEPORT),
+    its private sockets, and N-1 followers started once it listens (`service.cli.workers`)."""
+    leader = app[LEADER] = Leader(app, settings.workers - 1)
+
+    @contextlib.asynccontextmanager
+    async def beside(runner: web.AppRunner, site: FastSite) -> AsyncIterator[None]:
+        await leader.start(runner)
+        port = site.port
+
+        def command(worker: int) -> list[str]:
+            return _follower_command(settings, port, leader.private, worker)
+
+        followers = Followers(command, settings.workers - 1, SHUTDOWN_S + 5)
+        followers.start()
+        logging.getLogger("service.workers").info(
+            "workers: %d followers; private sockets in %s", settings.workers - 1, leader.private
+        )
+        try:
+            yield
+        finally:
+            await followers.stop()
+            await leader.aclose()
+
+    return {"reuse_port": True, "beside": beside}
+
+
+def _follower_command(settings: Settings, port: int, folder: Path, worker: int) -> list[str]:
+    """The follower's command line: the leader's settings given as flags (its environment is the
+    leader's), the port it listens on (the one chosen for port 0), and where its leader is."""
+    return [
+        sys.executable,
+        "-m",
+        "service",
+        "--root",
+        str(settings.root),
+        "serve",
+        "--providers",
+        str(settings.providers),
+        "--host",
+        settings.host,
+        "--port",
+        str(port),
+        "--events",
+        str(settings.events),
+        "--workers",
+        str(settings.workers),
+        "--follow",
+        str(folder),
+        "--worker",
+        str(worker),
+        "--leader",
+        str(os.getpid()),
+    ]
+
+
+def follower_settings(settings: Settings, worker: int, private: Path) -> Settings:
+    """A follower's settings: its own event log (in `private`, read by nothing), spool and name
+    to Redis; no pull, push or health checks (the leader's, adopted through Redis)."""
+    suffix = f":w{worker}"
+    return settings.model_copy(
+        update={
+            "events": private / "events.jsonl",
+            "usage_spool": settings.usage_spool_dir / f"worker-{worker}",
+            "replica": settings.replica[: 253 - len(suffix)] + suffix,
+            "git_pull": None,
+            "git_push": None,
+            "health_interval_s": 0.0,
+        }
+    )
+
+
+def _stop_starting(signum: int, frame: object) -> None:
+    """SIGTERM before the server's own handler: the stop it would make (`server.run` takes it)."""
+    raise web.GracefulExit
+
+
+def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -> int:
+    """Serve as follower `worker` of the leader `leader` whose private folder is `folder`."""
+    signal.signal(signal.SIGTERM, _stop_starting)  # until the server's own handler: its folders removed
+    follow_parent()
+    if leader is None or os.getppid() != leader:  # gone before this one could follow it
+        if leader is not None:
+            remove_private(folder)  # what the leader made alone: anything else in it stays
+        print("switchboard: error: the leader of this worker is gone", file=sys.stderr)
+        return 1
+    private = worker_folder(folder, worker)  # in the leader's: removed with it, whatever ends this one
+    try:
+        app = serving_app(follower_settings(settings, worker, private))
+        app[WORKER] = worker
+        follower = Follower(app, folder, worker, leader)
+
+        @contextlib.asynccontextmanager
+        async def beside(runner: web.AppRunner, site: FastSite) -> AsyncIterator[None]:
+            await follower.start()
+            try:
+                yield
+            finally:
+                await follower.aclose()
+
+        server.run(
+            app,
+            event_loop(),
+            host=settings.host,
+            port=settings.port,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_S,
+            handler_cancellation=True,
+            say=lambda line: logging.getLogger("service").info(line.strip()),
+            reuse_port=True,
+            forward=str(folder / LEADER_SOCKET),
+            ready=follower.ready,
+            beside=beside,
+        )
+    except web.GracefulExit:  # stopped before `server.run` (`_stop_starting`)
+        pass
+    finally:
+        remove_worker_folder(private)
+        if os.getppid() != leader:  # its leader was killed: no one else removes its folder
+            remove_private(folder)
+    # Stopped, every cleanup done: exit now. A worker thread of anyio's (watchfiles') left
+    # waiting for work was seen to hold the interpreter's exit for good in a follower stopped
+    # soon after its start (its leader killed): a follower outliving its leader is what must
+    # never happen.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -50,10 +50,12 @@ from service.http.context import (
     SETTINGS,
     SOPS,
     UPSTREAMS,
+    WORKER,
     WRITER,
     stop_task,
 )
 from service.http.gateway import Gateway
+from service.http.leader import LEADER
 from service.http.malformed import ProtocolLog
 from service.http.middleware import answer_errors, nosniff
 from service.http.pages import PAGES, Pages
@@ -159,7 +161,8 @@ async def _service(app: web.Application) -> AsyncIterator[None]:
         on_reload=on_reload,
     )
     writer = Writer(settings, app[SOPS], registry, reloader, attributor.repo, lookup=app[LOOKUP])
-    await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
+    if WORKER not in app:  # a follower's leader recovered it: a follower writes nothing
+        await asyncio.to_thread(writer.recover)  # a write a crash cut short, before anything loads
     app[EVENTS], app[REGISTRY], app[RELOADER], app[WRITER] = events, registry, reloader, writer
     # Before the first load, so blocking queries and streams hear of it.
     changes_ = app[CHANGES] = Changes(
@@ -227,4 +230,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+    body = request.app[METRICS].render()
+    leader = request.app.get(LEADER)
+    if leader is not None:  # `serve --workers N`: every worker's (service.http.merged_metrics)
+        body = await leader.metrics(body)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

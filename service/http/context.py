@@ -69,6 +69,9 @@ LEDGER = web.AppKey("ledger", Ledger)
 (`submit`, a `RecordSink`); with `SWITCHBOARD_USAGE_DB=off` it keeps nothing."""
 HEALTH_EVENTS = web.AppKey("health_events", asyncio.Queue[BaseEvent])
 """Health transitions waiting to be appended to the log, off the request path."""
+WORKER = web.AppKey("worker", int)
+"""Set in a follower of `serve --workers N` (its number, 1 to N-1): it loads the files and relays
+the gateway's calls, and leaves the rest to the leader (no recovery of a write, no pull)."""
 
 
 async def stop_task(task: asyncio.Task[Any], timeout_s: float = 5.0) -> None:

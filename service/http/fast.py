@@ -18,7 +18,8 @@ site's gateway (`FastSite.cuts`); a malformed request is aiohttp's, counted ther
 
 Any other request hands the connection to aiohttp for the rest of its life, at that
 request's first byte: aiohttp's `RequestHandler` is made for the transport, given it, and
-fed every byte not yet answered. Nothing of the request has happened by then (no client
+fed every byte not yet answered (a follower of `serve --workers N` pipes it to its leader
+instead, `service.http.forward`). Nothing of the request has happened by then (no client
 admitted, nothing metered or counted).
 
 aiohttp's `Server` keeps the connections, ours too (`connection_made`, `close`,
@@ -43,6 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from service.gateway.call import Call
 from service.http import connections, malformed, stalls
 from service.http.fast_request import FastRequest, Outlet, serialized
+from service.http.forward import Forwarder
 
 if TYPE_CHECKING:
     from aiohttp.web_server import Server
@@ -91,6 +93,8 @@ class Site(Protocol):
     handed_off: int
     most: int
     endpoints: dict[str, tuple[str, UrlMappingMatchInfo, Endpoint]]
+    forward: Forwarder | None
+    """A follower's (`serve --workers N`): where a connection goes instead of to aiohttp."""
 
     @property
     def server(self) -> Server: ...
@@ -444,6 +448,11 @@ class FastConnection(asyncio.Protocol, Outlet):
         server.connection_lost(cast(Any, self), None)
         self.transport = None
         del self.parser  # as in `connection_lost`: no cycle outlives the connection's hand-off
+        forward = self.site.forward
+        if forward is not None:  # a follower's: the leader answers the rest of the connection
+            data, self.pending = bytes(self.pending), bytearray()
+            forward(transport, data)
+            return
         handler = server()
         handler.connection_made(transport)
         transport.set_protocol(handler)

@@ -17,6 +17,7 @@ from aiohttp.web_server import Server
 
 from service.http import fast_check, fast_request
 from service.http.fast import KEEPALIVE_S, MAX_HEAD, FastConnection
+from service.http.forward import Forwarder
 
 if TYPE_CHECKING:
     from service.http.gateway import Gateway
@@ -35,8 +36,10 @@ class FastSite(web.TCPSite):
         port: int | None,
         *,
         keepalive_s: float = KEEPALIVE_S,
+        reuse_port: bool = False,
+        forward: Forwarder | None = None,
     ) -> None:
-        super().__init__(runner, host, port)
+        super().__init__(runner, host, port, reuse_port=reuse_port or None)
         self.gateway = gateway
         self.send_timeout_s = gateway.send_timeout_s
         """A stalled client is let go of after this long (`service.http.stalls`)."""
@@ -53,6 +56,8 @@ class FastSite(web.TCPSite):
         """A connection holds no more unanswered bytes than a request's most (pipelined ones wait)."""
         self.endpoints = gateway.endpoints()
         """The endpoints' paths, each with its route's name, its match and its `Endpoint`."""
+        self.forward = forward
+        """A follower's (`serve --workers N`): every connection aiohttp would answer goes to the leader."""
 
     @property
     def server(self) -> Server:
@@ -62,24 +67,29 @@ class FastSite(web.TCPSite):
         return server
 
     async def start(self) -> None:
-        if not self.gateway.fast():  # the app's answers need aiohttp's signals: all its own
-            await super().start()
-            return
-        lacking = missing(self)
+        lacking = missing(self) if self.gateway.fast() else []
         if lacking:  # an aiohttp that changed what the fast path uses of it: aiohttp's alone
             log.warning(
                 "aiohttp %s lacks %s: every request is served by aiohttp (no fast path)",
                 aiohttp.__version__,
                 ", ".join(lacking),
             )
-            await super().start()
-            return
+        if not self.gateway.fast() or lacking:  # the app's answers need aiohttp's signals: all its own
+            if self.forward is None:
+                await super().start()
+                return
+            factory: Callable[[], asyncio.Protocol] = self.forward.protocol  # a follower: all the leader's
+        else:
+            factory = lambda: FastConnection(self)  # noqa: E731
         self._runner._reg_site(self)
-        factory: Callable[[], asyncio.Protocol] = lambda: FastConnection(self)  # noqa: E731
-        self._server = await self.loop.create_server(factory, self._host, self._port, backlog=self._backlog)
+        self._server = await self.loop.create_server(
+            factory, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port
+        )
+        if self._server.sockets and hasattr(self, "_bound_port"):  # `port`: the one chosen for 0
+            self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
-_SITE_PRIVATE = ("_runner", "_server", "_host", "_port", "_backlog")
+_SITE_PRIVATE = ("_runner", "_server", "_host", "_port", "_backlog", "_reuse_port")
 """What `FastSite.start` reads and sets of aiohttp's `BaseSite`, private."""
 _SERVER_READS = frozenset(
     {"_connections", "_task_handler", "add_done_callback", "pop", "close", "shutdown"}

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -44,7 +45,7 @@ from service.runtime.registry import Outcome
 from service.usage.limits.keeper import Keeper
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.remote import Remote
-from service.usage.limits.spent import SpentFile
+from service.usage.limits.spent import Kind, SpentFile, SpentSource, SpoolSource
 from service.usage.periods import Window
 from service.usage.pricing import Pricing, bundled
 
@@ -152,12 +153,36 @@ def _keeper(app: web.Application) -> Keeper:
         queue.put_nowait(BudgetExhausted(subject=subject, kind=kind_, period_end=window.end_text))
 
     limiter.on_exhausted = exhausted
+    source = app.get(SPENT)
+    if settings.workers > 1 and source is not None and not getattr(source, "shared", True):
+        source = _Workers(source)
     return Keeper(
         limiter,
-        source=app.get(SPENT),
+        source=source,
         file=SpentFile(settings.spent_file),
         gauge=lambda kind, subject, spent: gauge.labels(kind, subject).set(float(spent)),
     )
+
+
+class _Workers:
+    """The ledger as the workers of `serve --workers N` share it: a SQLite file that holds every
+    worker's records, so what a budget spent before is in it once for all of them (`shared`, as
+    PostgreSQL is between replicas), not once for each worker to add to Redis."""
+
+    shared = True
+
+    def __init__(self, source: SpentSource) -> None:
+        self.source = source
+
+    async def spent(
+        self, kind: Kind, subject: str, since: datetime, until: datetime | None = None
+    ) -> Decimal:
+        return await self.source.spent(kind, subject, since, until)
+
+    async def spooled(self, kind: Kind, subject: str, since: datetime) -> Decimal:
+        if isinstance(self.source, SpoolSource):
+            return await self.source.spooled(kind, subject, since)
+        return Decimal(0)
 
 
 def _already_exhausted(events: EventLog, limiter: Limiter) -> None:

@@ -11,28 +11,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from service.http.fast import KEEPALIVE_S
 from service.http.fast_site import FastSite
+from service.http.forward import Forwarder
 from service.http.gateway import GATEWAY
+
+Beside = Callable[[web.AppRunner, FastSite], contextlib.AbstractAsyncContextManager[None]]
+"""What runs beside the site once it listens, until the stop (`serve --workers N`'s leader and
+followers: `service.cli.serve`)."""
 
 
 async def _serve(
-    app: web.Application, host: str, port: int, say: Callable[[str], None], **kwargs: Any
+    app: web.Application,
+    host: str,
+    port: int,
+    say: Callable[[str], None],
+    *,
+    reuse_port: bool = False,
+    forward: str | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+    beside: Beside | None = None,
+    **kwargs: Any,
 ) -> None:
     # aiohttp's connections are kept alive as long as the fast path's: `run_app`'s default
     runner = web.AppRunner(app, handle_signals=True, keepalive_timeout=KEEPALIVE_S, **kwargs)
     await runner.setup()
+    forwarder = Forwarder(forward, asyncio.get_running_loop()) if forward is not None else None
     try:
-        site = FastSite(runner, app[GATEWAY], host, port, keepalive_s=KEEPALIVE_S)
+        if ready is not None:  # a follower listens once it can answer (service.http.follower)
+            await ready()
+        gateway = app[GATEWAY]
+        site = FastSite(runner, gateway, host, port, reuse_port=reuse_port, forward=forwarder)
         await site.start()
         say(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
-        await asyncio.Event().wait()  # until cancelled (SIGINT, SIGTERM)
+        async with beside(runner, site) if beside is not None else contextlib.nullcontext():
+            await asyncio.Event().wait()  # until cancelled (SIGINT, SIGTERM)
     finally:
+        if forwarder is not None:
+            await forwarder.aclose()
         await runner.cleanup()
 
 
@@ -45,7 +66,8 @@ def run(
     say: Callable[[str], None],
     **kwargs: Any,
 ) -> None:
-    """Serve `app` on `host:port` until SIGINT or SIGTERM; `kwargs` go to aiohttp's `AppRunner`
+    """Serve `app` on `host:port` until SIGINT or SIGTERM; `kwargs` go to `_serve` (`reuse_port`,
+    `forward`, `ready`, `beside`: `serve --workers N`'s) and on to aiohttp's `AppRunner`
     (`shutdown_timeout`, `handler_cancellation`, `access_log`...), as `run_app` gives them."""
     main = loop.create_task(_serve(app, host, port, say, **kwargs))
     try:

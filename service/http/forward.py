@@ -1,0 +1,149 @@
+"""A follower's connections that are not the gateway's relayed calls, piped to the leader
+(`serve --workers N`, docs/reference.md §3.2).
+
+`Forwarder(path)` is given a client's transport and the bytes of it not yet answered (the fast
+path's hand-off, `FastConnection._hand_off`): it connects to the leader's private Unix socket,
+writes those bytes, and from then on copies bytes both ways, raw, for the rest of the
+connection, so that the leader's aiohttp answers it as if the client had connected to it.
+Each side's reading pauses while the other's writing is over its limit (the slower side sets
+the pace), a half-close is passed on, and either side closing closes the other once what it
+was sent is written. A leader that cannot be reached closes the client's connection (the
+follower has nothing of its own to answer with: the next connection may land on another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+log = logging.getLogger(__name__)
+
+
+class _Side(asyncio.Protocol):
+    """One end of a pipe: what it reads is written to `peer`."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+        else:
+            self.pipe.waiting += data  # the leader's end not connected yet
+            if self.transport is not None and len(self.pipe.waiting) > _MOST:
+                self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+                return True  # half-closed: the answer still comes back
+            peer.transport.close()
+        elif peer is None:
+            self.pipe.eof = True
+            return True
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.transport = None
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.close()  # once what it was sent is written
+        elif peer is None:
+            self.pipe.lost = True
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.resume_reading()
+
+
+_MOST = 1 << 20
+"""Bytes of a client held while the leader's end connects, at most, before its reading pauses."""
+
+
+class _Pipe:
+    def __init__(self) -> None:
+        self.waiting = bytearray()
+        self.eof = False
+        self.lost = False
+
+
+class _Whole(asyncio.Protocol):
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.forwarder(cast(asyncio.Transport, transport), b"")
+
+
+class Forwarder:
+    """Pipes connections to the Unix socket at `path` (the leader's)."""
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.path = path
+        self.loop = loop
+        self.failed = 0
+        """Connections closed because the leader could not be reached."""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, transport: asyncio.Transport, data: bytes) -> None:
+        """Pipe `transport` (a client's, from now on this pipe's) to the leader, `data` first."""
+        pipe = _Pipe()
+        client = _Side(pipe)
+        client.transport = transport
+        transport.set_protocol(client)
+        pipe.waiting += data
+        task = self.loop.create_task(self._connect(pipe, client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, pipe: _Pipe, client: _Side) -> None:
+        try:
+            _, leader = await self.loop.create_unix_connection(lambda: _Side(pipe), self.path)
+        except OSError as exc:
+            self.failed += 1
+            log.warning("workers: the leader cannot be reached (%s): a connection closed", type(exc).__name__)
+            if client.transport is not None:
+                client.transport.abort()
+            return
+        transport = client.transport
+        if transport is None or pipe.lost:  # the client left meanwhile
+            if leader.transport is not None:
+                leader.transport.close()
+            return
+        client.peer, leader.peer = leader, client
+        out = leader.transport
+        if out is None:  # the leader closed it at once
+            transport.close()
+            return
+        if pipe.waiting:
+            out.write(bytes(pipe.waiting))
+            pipe.waiting.clear()
+        if pipe.eof and out.can_write_eof():
+            out.write_eof()
+        if not transport.is_reading():
+            transport.resume_reading()
+
+    def protocol(self) -> asyncio.Protocol:
+        """A protocol that pipes its whole connection (a follower without the fast path)."""
+        return _Whole(self)
+
+    async def aclose(self) -> None:
+        """Wait for connections still connecting (the service is stopping)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,418 @@
+"""`switchboard serve --workers N` (docs/reference.md §3.2) with real processes: a leader and a
+follower on one port (SO_REUSEPORT), Debian's `redis-server` sharing the limits, a local
+stand-in vendor. Every connection is a new one, so the kernel spreads them over both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from service.cli.main import cli
+from tests.conftest import SopsProject
+from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
+from tests.support.upstreams import FakeUpstream
+
+pytestmark = pytest.mark.timeout(180)
+
+LIMITED = "sk-limited-0123456789abcdef"
+LOAD = "sk-load-0123456789abcdef"
+READER = "sk-reader-0123456789abcdef"
+API = "/api/v1/llm-config"
+ROUNDS = 40
+
+
+def _sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def configure(project: SopsProject, *upstreams: FakeUpstream) -> None:
+    """A server per upstream, chat routed to the first; `limited` (rpm 5), `load`, `reader`."""
+    for up in upstreams:
+        provider = {
+            "kind": "ai_server",
+            "id": up.name,
+            "server_type": "vllm",
+            "base_url": up.base_url,
+            "purposes": ["chat"],
+        }
+        (project.providers / f"{up.name}.yaml").write_text(yaml.safe_dump(provider))
+    route(project, upstreams[0].name)
+    entries = [
+        {"name": "limited", "token_sha256": _sha(LIMITED), "scopes": ["completions"], "limits": {"rpm": 5}},
+        {"name": "load", "token_sha256": _sha(LOAD), "scopes": ["completions"]},
+        {"name": "reader", "token_sha256": _sha(READER), "scopes": ["config:read", "usage:read", "admin"]},
+    ]
+    (project.providers / "clients.yaml").write_text(yaml.safe_dump({"kind": "clients", "clients": entries}))
+
+
+def route(project: SopsProject, provider_id: str) -> None:
+    routing = {"kind": "routing", "purposes": {"chat": {"primary": [provider_id]}}}
+    (project.providers / "routing.yaml").write_text(yaml.safe_dump(routing))
+
+
+def leader(project: SopsProject, tmp_path: Path, redis: RedisServer | None, **settings: str) -> Replica:
+    var = tmp_path / "var"
+    var.mkdir(exist_ok=True)
+    values = {
+        "usage_spool": str(var / "spool"),
+        "usage_db": str(var / "usage.db"),
+        "workers": "2",
+        "log_level": "INFO",
+    } | settings
+    if redis is not None:
+        values["redis_url"] = redis.url
+    env = replica_env(project.identity.key_file, **values)
+    return Replica("leader", project.root, project.providers, free_port(), env, tmp_path)
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def fresh(
+    member: Replica, method: str, path: str, token: str, **kwargs: Any
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a connection of its own (the kernel picks the worker that accepts it)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    headers = {"Authorization": f"Bearer {token}"} | kwargs.pop("headers", {})
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.request(method, member.url + path, headers=headers, **kwargs) as answer,
+    ):
+        return answer.status, {k.lower(): v for k, v in answer.headers.items()}, await answer.read()
+
+
+async def chat(member: Replica, token: str) -> tuple[int, dict[str, str], bytes]:
+    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    return await fresh(member, "POST", "/v1/chat/completions", token, json=payload)
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+def children(pid: int) -> list[int]:
+    """The followers whose parent is `pid` (from /proc; not the sops or git it runs meanwhile)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if (
+                int(stat.rpartition(")")[2].split()[1]) == pid
+                and b"--follow" in (entry / "cmdline").read_bytes()
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def private_folder(member: Replica) -> Path:
+    found = re.search(r"private sockets in (\S+)", member.log())
+    assert found, member.log()
+    return Path(found.group(1))
+
+
+async def worker_requests(folder: Path) -> float:
+    """The follower's own count of chat answers, read on its private socket."""
+    return _chat_answers(await _worker_metrics(folder))
+
+
+async def relayed_then_asked(member: Replica) -> tuple[int, int, str | None]:
+    """Two chat calls, then `GET …/active`, on one kept-alive connection: the statuses and ETag."""
+    connector = aiohttp.TCPConnector(limit=1)
+    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http:
+        for _ in range(2):
+            headers = {"Authorization": f"Bearer {LOAD}"}
+            async with http.post(f"{member.url}/v1/chat/completions", json=payload, headers=headers) as first:
+                await first.read()
+        async with http.get(
+            f"{member.url}{API}/active", headers={"Authorization": f"Bearer {READER}"}
+        ) as then:
+            await then.read()
+            return first.status, then.status, then.headers.get("ETag")
+
+
+async def chunked_chat() -> AsyncIterator[bytes]:
+    """A chat request's body sent chunked (no Content-Length), a long message in many pieces."""
+    yield b'{"model": "fake-model", "max_tokens": 3, "messages": [{"role": "user", "content": "'
+    for _ in range(32):  # 512 KiB: the stand-in vendor takes 1 MiB at most
+        yield b"x" * 16384
+    yield b'"}]}'
+
+
+async def replayed(member: Replica, last: int) -> bytes:
+    """`GET …/events?after=0` on a connection of its own, read up to the event `last`."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    headers = {"Authorization": f"Bearer {READER}"}
+    got = b""
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.get(f"{member.url}{API}/events?after=0", headers=headers) as answer,
+    ):
+        assert answer.status == 200
+        marker = f"id: {last}\n".encode()
+        while marker not in got or b"\n\n" not in got[got.index(marker) :]:
+            got += await asyncio.wait_for(answer.content.readany(), 5)
+    events = got[: got.index(b"\n\n", got.index(marker))]  # the replay, without SSE comments (`: connected`)
+    return b"\n".join(line for line in events.split(b"\n") if not line.startswith(b":"))
+
+
+def _chat_answers(text: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("switchboard_http_requests_total{") and "chat" in line
+    )
+
+
+async def test_two_workers_serve_one_port_as_one_service(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
+        configure(sops_project, a, b)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+
+            # both accept connections, and /metrics (the leader's) counts every answer
+            answers = [await chat(member, LOAD) for _ in range(ROUNDS)]
+            assert [s for s, _, _ in answers] == [200] * ROUNDS
+            assert all(h["x-switchboard-provider"] == "a" for _, h, _ in answers)
+            by_follower = await worker_requests(folder)
+            assert 0 < by_follower < ROUNDS, "the kernel gave the follower none (or all) of 40 connections"
+            _, _, text = await fresh(member, "GET", "/metrics", READER)
+            assert _chat_answers(text.decode()) == ROUNDS
+
+            # the API answers the same whichever worker the connection landed on: the leader's
+            tags = set()
+            for _ in range(20):
+                status, headers, _ = await fresh(member, "GET", f"{API}/active", READER)
+                assert status == 200
+                tags.add(headers["etag"])
+            assert len(tags) == 1
+            audits = set()
+            for _ in range(20):
+                status, headers, body = await fresh(member, "GET", f"{API}/audit", READER)
+                assert status == 200
+                audits.add((headers["etag"], headers.get("x-switchboard-index"), body))
+            assert len(audits) == 1
+            for _ in range(10):  # relayed calls first, then the API on the same connection: the leader's
+                assert await relayed_then_asked(member) == (200, 200, tags.pop() if len(tags) == 1 else None)
+                tags = {(await fresh(member, "GET", f"{API}/active", READER))[1]["etag"]}
+            last = len(member.events_file.read_text().splitlines())
+            streams = {await replayed(member, last) for _ in range(10)}
+            assert len(streams) == 1
+
+            # a call the fast path leaves to aiohttp (a chunked body, 512 KiB) is piped to the leader whole
+            for _ in range(6):
+                status, headers, body = await fresh(
+                    member,
+                    "POST",
+                    "/v1/chat/completions",
+                    LOAD,
+                    data=chunked_chat(),
+                    headers={"Content-Type": "application/json"},
+                )
+                assert status == 200 and headers["x-switchboard-provider"] == "a", body
+
+            # an rpm of 5 across both workers is 5
+            statuses = [(await chat(member, LIMITED))[0] for _ in range(12)]
+            assert statuses.count(200) == 5 and statuses.count(429) == 7, statuses
+
+            # a change of the files is served by both within the reload budget
+            route(sops_project, "b")
+
+            async def moved() -> bool:
+                found = [(await chat(member, LOAD))[1]["x-switchboard-provider"] for _ in range(10)]
+                return set(found) == {"b"}
+
+            assert await until(moved, 10, "both workers route to b") < 5
+
+            # one writer of the event log: the leader's start, not the follower's
+            lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
+            assert [e["type"] for e in lines].count("service.started") == 1
+            assert len({e["seq"] for e in lines}) == len(lines)
+
+            # a follower killed is started again, and serves
+            (follower,) = children(member.process.pid)
+            os.kill(follower, signal.SIGKILL)
+            await until(lambda: _async(_restarted(member, follower)), 20, "the follower started again")
+            await until(
+                lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening again"
+            )
+            assert [(await chat(member, LOAD))[0] for _ in range(10)] == [200] * 10
+            (follower,) = children(member.process.pid)
+
+            # SIGTERM to the leader stops both
+            await member.stop(signal.SIGTERM)
+            assert member.process.returncode == 0, member.log()
+            await until(lambda: _async(not alive(follower)), 20, "the follower stopped")
+            assert not folder.exists()
+
+
+async def test_a_follower_ends_with_its_leader_even_one_starting(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+            (follower,) = children(member.process.pid)
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await member.stop(signal.SIGKILL)
+            await until(lambda: _async(not alive(follower)), 20, "the follower gone with its leader")
+            assert not folder.exists()  # the leader's private folder, which it had no time to remove
+        member = leader(sops_project, tmp_path, redis)
+        await member.start()  # killed while its follower starts: the follower does not stay
+        assert member.process is not None
+        await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+        (follower,) = children(member.process.pid)
+        await member.stop(signal.SIGKILL)
+        await until(lambda: _async(not alive(follower)), 20, "the starting follower gone with its leader")
+        await until(lambda: _async(not private_folder(member).exists()), 10, "the leader's folder removed")
+
+
+def _restarted(member: Replica, pid: int) -> bool:
+    assert member.process is not None
+    now = children(member.process.pid)
+    return bool(now) and pid not in now
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_fewer_than_one_worker_is_refused(
+    workers: str, sops_project: SopsProject, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli("--root", str(sops_project.root), "serve", "--workers", workers) == 2
+    assert "SWITCHBOARD_WORKERS" in capsys.readouterr().err
+
+
+def test_workers_without_redis_are_refused_in_one_line(
+    sops_project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SWITCHBOARD_REDIS_URL", raising=False)
+    assert cli("--root", str(sops_project.root), "serve", "--workers", "2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SWITCHBOARD_REDIS_URL" in err and "shared" in err
+
+
+async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_no_token_is_logged(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        priced = yaml.safe_load((sops_project.providers / "a.yaml").read_text())
+        priced["pricing"] = {"*": {"input": "0", "output": "1000000"}}  # 1 USD a token out
+        (sops_project.providers / "a.yaml").write_text(yaml.safe_dump(priced))
+        clients = yaml.safe_load((sops_project.providers / "clients.yaml").read_text())
+        clients["clients"][0]["limits"] = {"budget": {"usd": "1", "period": "day"}}
+        (sops_project.providers / "clients.yaml").write_text(yaml.safe_dump(clients))
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+
+            async def the_follower_refused() -> bool:
+                await chat(member, LIMITED)
+                text = await _worker_metrics(folder)
+                return any("chat" in line and 'status="429"' in line for line in text.splitlines())
+
+            await until(the_follower_refused, 20, "a refusal by the follower")
+            for _ in range(6):  # and more, landing on either
+                await chat(member, LIMITED)
+
+            async def written() -> bool:
+                return '"budget.exhausted"' in member.events_file.read_text()
+
+            await until(written, 10, "budget.exhausted in the log")
+            await asyncio.sleep(0.5)
+            lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
+            exhausted = [e for e in lines if e["type"] == "budget.exhausted"]
+            assert [(e["subject"], e["kind"]) for e in exhausted] == [("limited", "client")]
+
+            # the private surfaces are not on TCP: the leader's `/events` of followers is not a route there
+            status, _, _ = await fresh(
+                member, "POST", "/events", READER, json={"subject": "x", "kind": "client"}
+            )
+            assert status in (401, 403, 404, 405)
+        log = (tmp_path / "leader.log").read_text()  # the leader's lines and its follower's
+        assert "worker-1" in log
+        for token in (LIMITED, LOAD, READER):
+            assert token not in log
+
+
+async def _worker_metrics(folder: Path) -> str:
+    connector = aiohttp.UnixConnector(path=str(folder / "worker-1.sock"))
+    async with aiohttp.ClientSession(connector=connector) as http, http.get("http://w/metrics") as answer:
+        return await answer.text()
+
+
+async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            a.fail(401)  # the upstream refuses the key: `unhealthy` at once, a confirmed status
+            for _ in range(10):
+                await chat(member, LOAD)
+
+            def unhealthy(text: str) -> bool:
+                return 'switchboard_provider_healthy{provider="a"} 0.0' in text
+
+            async def both_know() -> bool:
+                _, _, text = await fresh(member, "GET", "/metrics", READER)
+                return unhealthy(text.decode()) and unhealthy(await _worker_metrics(folder))
+
+            await until(both_know, 10, "both workers show `a` unhealthy")
+            await asyncio.sleep(1.5)  # a note adopted late would write a second event by now
+            lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
+            changed = [e for e in lines if e["type"] == "provider.health_changed" and e["subject"] == "a"]
+            assert [e["changes"]["status"]["new"] for e in changed] == ["unhealthy"], changed
