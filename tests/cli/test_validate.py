@@ -305,6 +305,23 @@ def test_keygen_encrypt_validate_round_trip(
     assert key_file.read_bytes() == before
 
 
+def test_keygen_without_a_key_file_writes_where_sops_age_key_file_points(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`SOPS_AGE_KEY_FILE` is where sops (and the service) read the identity: a new one made
+    without `--key-file` goes there, not to the default place no one would read it from."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "providers.d").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    key_file = tmp_path / "keys" / "from-env.txt"
+    monkeypatch.setenv("SOPS_AGE_KEY_FILE", str(key_file))
+    code, out, err = run(capsys, "keygen")
+    assert code == 0, err
+    assert f"identity: {key_file}" in out and key_file.is_file()
+    assert not (tmp_path / "home" / ".config" / "sops" / "age" / "keys.txt").exists()
+
+
 def test_an_all_digit_key_is_encrypted_as_the_string_it_was_typed_as(
     project: SopsProject, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
