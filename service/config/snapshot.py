@@ -139,6 +139,11 @@ class Snapshot:
     """With `commit`: the last commit of its first-parent line that touched `providers.d/` (a
     removal included), where this configuration last changed; the commit part of the tag of
     an answer built from several files (docs/reference.md §6). Otherwise None."""
+    order: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
+    """With `commit`: the commits of its first-parent line that last touched its files, newest
+    first (0: the newest), so that which of two files' `changed` is the later is known without
+    git: the commit part of the tag of an answer built from some of the files (a route, a list)
+    is the latest of theirs (docs/reference.md §6). Empty otherwise."""
     unavailable: frozenset[str] = frozenset()
     """Provider ids whose files are refused and have no good version (docs/reference.md §4): routing may
     name them, and every reader skips them (they are not in `providers`) until one arrives."""

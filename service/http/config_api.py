@@ -117,7 +117,7 @@ async def _active_all(request: web.Request) -> web.StreamResponse:
     )
     ids = sorted({i for r in rendered.routes.values() for i in r.ids})
     shapes = [[p, r.primary, r.fallbacks, r.weights, r.unavailable] for p, r in rendered.routes.items()]
-    response.headers["ETag"] = rendered.list_tag(ids, health, shapes)
+    response.headers["ETag"] = rendered.routes_tag(ids, health, shapes)
     return response
 
 

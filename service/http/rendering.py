@@ -59,6 +59,8 @@ class Rendered:
     the second part of a provider's tag. Not the served commit, which moves with any commit."""
     routing_blob: str | None = None
     """The git blob id of the routing file: the first part of a route's tag."""
+    routing_changed: str | None = None
+    """The commit where the routing file last changed (None: uncommitted, no git, no file)."""
     meanings: dict[str, bytes] = field(default_factory=dict)
     """Provider id -> its configuration as a tag's hash covers it (rendered once)."""
 
@@ -83,10 +85,34 @@ class Rendered:
         return tags.make(self.blobs[provider_id], changed, self.meaning(provider_id, health))
 
     def list_tag(self, ids: Iterable[str], health: Health, extra: Any = None) -> str:
-        """The tag of an answer built from several files: `-` for its blob, and for its commit
-        the last that touched `providers.d/` (a removal too)."""
+        """The tag of a list of providers: `-` for its blob, and for its commit the last that
+        touched `providers.d/` (a removal too: which of the files it showed went, and when, is
+        not in the files left)."""
         meaning = b"\n".join(self.meaning(i, health) for i in ids) + encode(extra)
         return tags.make(None, self.snapshot.changed or self.snapshot.commit, meaning)
+
+    def routes_tag(self, ids: Iterable[str], health: Health, shapes: Any) -> str:
+        """The tag of every route at once (`GET …/active`): `-` for its blob, and for its commit
+        the latest where the routing file or a provider it names changed, as a route's."""
+        ids = list(ids)
+        meaning = b"\n".join(self.meaning(i, health) for i in ids) + encode(shapes)
+        commit = self.latest(self.routing_changed, *(self.changed.get(i) for i in ids))
+        return tags.make(None, commit, meaning)
+
+    def latest(self, *commits: str | None) -> str | None:
+        """The latest of `commits` (where each of a route's files last changed: the routing
+        file, the providers it names) on the served commit's first-parent line: a commit of a
+        file the route does not show leaves its tag as it was. When one is not known there
+        (uncommitted, no git), where the folder last changed. A provider the route names cannot
+        go without the routing file changing, or the route showing it unavailable (its hash)."""
+        order, latest, rank = self.snapshot.order, None, len(self.snapshot.order)
+        for commit in commits:
+            at = order.get(commit) if commit is not None else None
+            if at is None:
+                return self.snapshot.changed or self.snapshot.commit
+            if at < rank:
+                latest, rank = commit, at
+        return latest or self.snapshot.changed or self.snapshot.commit
 
     def route(self, route: _Route, health: Health) -> dict[str, Any]:
         answer: dict[str, Any] = {
@@ -120,8 +146,9 @@ class Rendered:
     def route_tag(self, route: _Route, health: Health) -> str:
         shape = [route.purpose, route.primary, route.fallbacks, route.weights, route.unavailable]
         meaning = b"\n".join(self.meaning(i, health) for i in route.ids) + encode(shape)
-        # a route shows its providers whole: the last commit that touched any file of the folder
-        return tags.make(self.routing_blob, self.snapshot.changed or self.snapshot.commit, meaning)
+        # a route shows its routing and its providers whole: the latest where one of them changed
+        commit = self.latest(self.routing_changed, *(self.changed.get(i) for i in route.ids))
+        return tags.make(self.routing_blob, commit, meaning)
 
 
 RENDERED = web.AppKey("llm_config_cache", PerSnapshot[Rendered])
@@ -143,6 +170,10 @@ def render(snapshot: Snapshot) -> Rendered:
     routes: dict[str, _Route] = {}
     routing_file = snapshot.file_of_kind("routing")
     routing_blob = blob_sha(snapshot.files[routing_file].data) if routing_file else None
+    routing_changed = None
+    if routing_file:
+        attribution = snapshot.attribution_of(routing_file)
+        routing_changed = (attribution.changed or attribution.commit) if attribution.commit else None
     if snapshot.routing is not None:
         for purpose, route in sorted(snapshot.routing.purposes.items()):
             primary = tuple(i for i in route.primary if i in providers)
@@ -150,7 +181,15 @@ def render(snapshot: Snapshot) -> Rendered:
             missing = tuple(i for i in (*route.primary, *route.fallbacks) if i not in providers)
             weights = {i: route.weight(i) for i in primary}
             routes[purpose] = _Route(purpose, primary, fallbacks, weights, missing)
-    return Rendered(snapshot, dict(sorted(providers.items())), routes, blobs, changed, routing_blob)
+    return Rendered(
+        snapshot,
+        dict(sorted(providers.items())),
+        routes,
+        blobs,
+        changed,
+        routing_blob,
+        routing_changed=routing_changed,
+    )
 
 
 def encode(body: Any) -> bytes:

@@ -6,13 +6,15 @@ uncommitted), and a hash of what the answer means: its configuration and each pr
 confirmed health status and reason, never a measurement (`checked_at`, `latency_ms`, counters),
 a replica's circuits, its generation, its index or the commit it serves. The commit is the last
 of the served commit's first-parent line that touched the provider's file, for a provider; the
-last that touched `providers.d/` at all (a removal too, and for an empty folder the one that
-emptied it, or the line's first commit when it never held a file), for a route or a list (the
-registry's attribution, computed at reload). So a commit of another file, or outside the folder,
-changes no tag and wakes no held query; replicas serving one commit with one health give one
-tag, whatever their event logs hold, and a consumer behind a balancer without affinity can hold
-its query on any of them. Such a commit is still one of the served history: a client's tag
-naming one this replica has not applied is `AHEAD`, one it served or that precedes it is not.
+latest of those of the routing file and the providers it names, for a route (`Snapshot.order`
+tells which is the later); the last that touched `providers.d/` at all (a removal too, and for
+an empty folder the one that emptied it, or the line's first commit when it never held a file),
+for a list (the registry's attribution, computed at reload). So a commit of another file, or
+outside the folder, changes no provider's or route's tag and wakes no query held on it;
+replicas serving one commit with one health give one tag, whatever their event logs hold,
+and a consumer behind a balancer without affinity can hold its query on any of them. Such a
+commit is still one of the served history: a client's tag naming one this replica has not
+applied is `AHEAD`, one it served or that precedes it is not.
 
 A client's tag is judged against this replica's answer (`Tags.judge`):
 

@@ -302,6 +302,7 @@ class Registry:
             attribution=MappingProxyType(files),
             commit=head if whole else None,
             changed=(batch.changed or head) if whole else None,
+            order=MappingProxyType(dict(batch.order)) if whole else MappingProxyType({}),
         )
 
     def _record_rejections(self, refusals: Mapping[str, Refusal], before: Mapping[str, str]) -> int:

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from service.config.snapshot import NO_GIT, Attribution
@@ -32,6 +32,9 @@ class Batch:
 
     files: dict[Path, Attribution]
     changed: str | None
+    order: Mapping[str, int] = field(default_factory=dict)
+    """The commits of HEAD's first-parent line the walk met, newest first (0: the newest): what
+    tells, without git, which of two files' `changed` commits is the later."""
 
 
 class Attributor:
@@ -142,7 +145,7 @@ class Attributor:
                 result[path] = Attribution(head, author, False, changed)
             else:
                 result[path] = Attribution(None, author, True)
-        return Batch(result, changes.newest or head)
+        return Batch(result, changes.newest or head, {c: i for i, c in enumerate(changes.commits)})
 
     def _folder_changed(self, head: str | None) -> str | None:
         """Where an empty folder last changed: the last commit of HEAD's first-parent line that

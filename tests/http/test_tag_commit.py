@@ -64,7 +64,7 @@ async def test_a_commit_of_one_provider_leaves_the_others_tag_as_it_was(two: Ser
     after = await tags_now(two)
     assert after["/providers/b"] == before["/providers/b"]
     assert commit_of(after["/providers/a"]) == change and after["/providers/a"] != before["/providers/a"]
-    for listed in ("/active/chat", "/providers", "/active"):  # they show `a`: the folder's commit
+    for listed in ("/active/chat", "/providers", "/active"):  # they show `a`
         assert commit_of(after[listed]) == change, listed
     # the body still says what is served
     assert (await get(two, API + "/providers/b")).json()["commit"] == change
@@ -82,13 +82,25 @@ async def test_a_commit_outside_the_providers_folder_changes_no_tag(two: Service
     assert (await get(two, API + "/active/chat")).json()["commit"] == readme
 
 
-async def test_the_route_and_the_lists_change_with_the_folder_a_removal_included(two: Service) -> None:
+async def test_the_lists_change_with_the_folder_a_removal_included_the_routes_with_what_they_show(
+    two: Service,
+) -> None:
+    """A list of providers changes with any file of the folder, a removal too (which file went,
+    and when, is not in the files left). A route shows its routing and the providers it names:
+    a provider routed nowhere, added or removed, leaves its tag as it was, and a query held on
+    it holds (docs/reference.md §6: the commit at which the answer's configuration last changed)."""
+    setup = git(two.project.root, "rev-parse", "HEAD")
+    route = (await get(two, API + "/active/chat")).headers["ETag"]
+    held_route = asyncio.create_task(get(two, f"{API}/active/chat?wait=2s", {"If-None-Match": route}))
     write_server(two.project, "c")
     added = commit_all(two.project, "add c, routed nowhere")
     await applied(two, added)
     before = await tags_now(two)
-    assert commit_of(before["/active/chat"]) == commit_of(before["/providers"]) == added
+    assert commit_of(before["/providers"]) == added
+    assert before["/active/chat"] == route and commit_of(before["/active"]) == setup
     assert commit_of(before["/providers/a"]) != added
+    answer = await asyncio.wait_for(held_route, 10)
+    assert (answer.status, answer.headers["ETag"]) == (304, route)
     held = asyncio.create_task(get(two, f"{API}/providers?wait=20s", {"If-None-Match": before["/providers"]}))
     await asyncio.sleep(0.3)
     (two.project.providers / "c.yaml").unlink()
@@ -97,8 +109,13 @@ async def test_the_route_and_the_lists_change_with_the_folder_a_removal_included
     assert answer.status == 200 and [p["id"] for p in answer.json()["providers"]] == ["a", "b"]
     await applied(two, removed)
     after = await tags_now(two)
-    assert commit_of(after["/providers"]) == commit_of(after["/active/chat"]) == removed
+    assert commit_of(after["/providers"]) == removed
+    assert after["/active/chat"] == route and commit_of(after["/active"]) == setup
     assert after["/providers/a"] == before["/providers/a"] and after["/providers/b"] == before["/providers/b"]
+    write_routing(two.project, ["b", "a"])
+    reordered = commit_all(two.project, "b first")
+    await applied(two, reordered)
+    assert commit_of((await get(two, API + "/active/chat")).headers["ETag"]) == reordered
 
 
 async def test_a_tag_of_a_provider_changed_on_a_replica_ahead_holds(two: Service) -> None:
