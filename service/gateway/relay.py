@@ -221,7 +221,9 @@ class Relay:
                 # None counts tokens after all: the handler answers with its estimate
                 # (docs/reference.md §14), as when no provider speaks Messages at all.
                 what = f"model {shown(call.model)}" if call.model else "this request"
-                raise ModelNotFound(f"no enabled provider serves {what} over Messages", over_protocol=True)
+                raise ModelNotFound(
+                    f"no enabled provider serves {what} over Messages", over_protocol=True, attempts=attempts
+                )
             if unspoken == len(attempts) and call.protocol == "completions":
                 self._unspoken(table, call, attempts)
             if untranslated == len(attempts):  # the request's own fault, whoever took it: 400

@@ -213,14 +213,17 @@ class FastConnection(asyncio.Protocol, Outlet):
             return
         head = self.head
         if head is None:
-            if self.refused or len(self.pending) > MAX_HEAD:  # a head too long: aiohttp judges it
+            if self.refused:  # its head ended in this read: a head after it began in it too
+                self._hand_off(fresh=True)
+                return
+            if len(self.pending) > MAX_HEAD:  # a head too long: aiohttp judges it
                 self._hand_off(len(self.pending) == len(data))
                 return
         elif len(self.pending) == head[5]:
             self._take(head)
             return
         elif len(self.pending) > head[5]:  # the next request came with it (pipelined)
-            self._hand_off(len(self.pending) == len(data))
+            self._hand_off(fresh=True)  # in this read: a request whole in an earlier one was taken
             return
         if len(self.pending) == len(data):  # a request's first read, not all of it: timed (`_idle`)
             self.since = self.loop.time()
@@ -432,9 +435,9 @@ class FastConnection(asyncio.Protocol, Outlet):
             self.data_received(data)
 
     def _hand_off(self, fresh: bool = False) -> None:
-        """Give the connection to aiohttp, with every byte not yet answered; `fresh`: they all
-        came in the read that hands it off, so a head begun among them (pipelined after a whole
-        request) is timed from now, not from a read before them (`since`)."""
+        """Give the connection to aiohttp, with every byte not yet answered; `fresh`: a head begun
+        among them (pipelined after a whole request) began in the read that hands it off, so it is
+        timed from now, not from the first read of the request before it (`since`)."""
         transport = self.transport
         if transport is None:
             return

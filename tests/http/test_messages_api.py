@@ -282,6 +282,26 @@ async def test_a_provider_without_count_tokens_is_estimated_at_once_and_keeps_sp
             assert up.requests[-1].path == "/v1/messages" and up.requests[-1].json == raw  # as it is
 
 
+async def test_a_count_estimated_after_a_404_at_the_path_says_the_attempt_it_made(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §14: an estimated count's `x-switchboard-attempts` is how many providers
+    were tried. The one that answered 404 at `/v1/messages/count_tokens` was (its 404 is what
+    made the count an estimate); the next count, which tries none, says 0."""
+    missing = ("/v1/messages/count_tokens",)
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",), missing=missing) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            question = {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}]}
+            first = await board.post("/v1/messages/count_tokens", question)
+            second = await board.post("/v1/messages/count_tokens", question)
+    assert (first.status, second.status) == (200, 200)
+    assert [r.path for r in up.requests] == ["/v1/messages/count_tokens"]
+    assert first.headers["x-switchboard-provider"] == second.headers["x-switchboard-provider"] == "none"
+    assert (first.headers["x-switchboard-attempts"], second.headers["x-switchboard-attempts"]) == ("1", "0")
+
+
 async def test_a_translated_message_maps_what_chat_has_and_drops_the_rest_never_refusing(
     sops_project: SopsProject,
 ) -> None:

@@ -480,3 +480,33 @@ async def test_a_pipelined_head_that_does_not_end_in_time_is_answered_408(
     assert first.startswith(b"HTTP/1.1 200 OK") and separator, got
     _timed_out(separator + rest)
     assert waited < LIMIT_S * 5, waited
+
+
+@pytest.mark.parametrize("server", ["fast path", "aiohttp"])
+@pytest.mark.parametrize("first", ["get", "post"])
+async def test_a_pipelined_head_is_timed_from_its_own_first_byte_not_the_request_before_it(
+    sops_project: SopsProject, server: str, first: str
+) -> None:
+    """A request without a body whose head came in two reads, the second with the start of the
+    next head (pipelined): that head is timed from the read it began in, so one that ends within
+    the receive timeout of it is answered, though the request before it began longer ago."""
+    up = _Upstream()
+    async with _metered(
+        sops_project, up.app(), fast=server != "aiohttp", receive_timeout_s=LIMIT_S, keepalive_s=30
+    ) as (service, _):
+        before = HEALTHZ if first == "get" else _request(b"", token=TOKEN)  # whole once its head is
+        last = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        reader, writer = await asyncio.open_connection(*_address(service))
+        try:
+            closed = asyncio.ensure_future(_until_closed(reader))
+            writer.write(before[:20])
+            await asyncio.sleep(LIMIT_S * 0.7)
+            writer.write(before[20:] + HEALTHZ[:10])  # the next head begins
+            await asyncio.sleep(LIMIT_S * 0.6)  # over the timeout since the first, not since it
+            writer.write(HEALTHZ[10:] + last)
+            got = await asyncio.wait_for(closed, 10)
+        finally:
+            writer.close()
+        assert await service.cuts() == NONE_CUT
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", got)
+    assert statuses == [b"200" if first == "get" else b"400", b"200", b"200"], got
