@@ -22,13 +22,14 @@ from service.errors import BudgetExceeded, HTTPError, LimitsUnavailable, RateLim
 from service.gateway.call import Call
 from service.gateway.health import Health
 from service.metrics import Metrics
-from service.usage.encoding import fields, from_micros
+from service.usage.encoding import fields
 from service.usage.limits.amounts import amount_units
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
 from service.usage.pricing import Pricing, Rate
 from service.usage.record import Amount, Tokens
 from service.usage.tokens import MAX_TOKENS
+from service.usage.values import from_micros
 
 log = logging.getLogger("service.gateway.metering")  # its lines as before the split (account.py)
 
@@ -231,7 +232,7 @@ class Account:
         timed: bool = True,
     ) -> None:
         """Hand the call's record to the sink; `timed`: the provider's first byte came (its `ttfb_ms`);
-        `written`: the cost's text in the line (`encoding.cost_text`), when made already."""
+        `written`: the cost's text in the line (`values.cost_text`), when made already."""
         call, meter = self.call, self.meter
         now = time.perf_counter()
         counted = tokens or _NO_TOKENS

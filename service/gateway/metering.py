@@ -34,13 +34,14 @@ from service.gateway.account import COST, REQUEST_ID, Account
 from service.gateway.call import Call, model_label
 from service.gateway.health import Health
 from service.metrics import Metrics
-from service.usage.encoding import MAX_COST_ATTO, cost_text, record_of
+from service.usage.encoding import record_of
 from service.usage.limits.amounts import amount_units
 from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
 from service.usage.pricing import UNPRICED, Pricing
 from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, amount_text
 from service.usage.tokens import MAX_TOKENS, normalise
+from service.usage.values import MAX_COST_ATTO, cost_text
 
 CLIENT_LEFT = 499
 """A record's status when the client went away before any answer (nginx's code for it)."""

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from service.errors import BadRequest
 from service.journal.replay import parse_time
-from service.usage.encoding import micros
 from service.usage.record import Record, money
+from service.usage.values import micros
 
 GROUP_KEYS = ("client", "provider", "model", "purpose", "hour", "day", "month")
 TIME_KEYS = frozenset({"hour", "day", "month"})

@@ -23,8 +23,8 @@ from aiohttp import web
 from service.gateway.account import _completion, _micros
 from service.gateway.metering import RequestIds
 from service.http.context import RELAY
-from service.usage.encoding import micros
 from service.usage.record import Record
+from service.usage.values import micros
 from tests.conftest import SopsProject, eventually, serve
 from tests.support.gateway import CANARY, Switchboard, running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, serving, unanswered_url, upstreams

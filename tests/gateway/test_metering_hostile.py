@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from service.usage.encoding import MAX_COST
 from service.usage.tokens import MAX_TOKENS
+from service.usage.values import MAX_COST
 from tests.conftest import SopsProject
 from tests.gateway.test_metering import COST, PRICING, TOKEN, chat, metered, metered_by, write_clients
 from tests.support.gateway import write_provider, write_routing

@@ -11,17 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.usage import encoding
-from service.usage.encoding import (
-    MAX_OPENINGS,
-    MAX_QUICK_BYTES,
-    TEXT_LIMIT,
-    BadLine,
-    decode,
-    encode,
-    loads,
-    text,
-)
+from service.usage import values as bounds
+from service.usage.encoding import MAX_OPENINGS, MAX_QUICK_BYTES, BadLine, decode, encode, loads
 from service.usage.record import amount_text, to_usd
+from service.usage.values import TEXT_LIMIT, text
 from tests.usage.conftest import record
 
 
@@ -179,7 +172,7 @@ def test_a_line_written_otherwise_comes_back_bounded_as_fields_bounds_a_request(
     line = json.dumps(values).encode() + b"\n"
     read = encoding.decode_values(line)
     assert read[1:10] == ["7", values[2], "['a']", "chat", "m?", "openai", "gpt-4o-2024-08-06", 1, True]
-    assert read[11] == 0.0 and read[13:15] == [encoding.MAX_COUNT, 12] and read[22] is False
+    assert read[11] == 0.0 and read[13:15] == [bounds.MAX_COUNT, 12] and read[22] is False
     assert read[18] == "0.000825"
     assert encoding.dumps(read) == encoding.dumps(encoding.decode_values(encoding.dumps(read)))
     for cost in (b'"-1"', b'"NaN"', b'"1e30"', b"true", b'"-0.000001"'):
@@ -188,14 +181,14 @@ def test_a_line_written_otherwise_comes_back_bounded_as_fields_bounds_a_request(
 
 
 def _bounded(value: object) -> Decimal:
-    """`encoding.cost` as it was before its fast path (issue 22): what it must still give."""
+    """`bounds.cost` as it was before its fast path (issue 22): what it must still give."""
     try:
         amount = value if isinstance(value, Decimal) else Decimal(str(value))
     except (ArithmeticError, ValueError):
         return Decimal(0)
     if not amount.is_finite() or amount < 0:
         return Decimal(0)
-    return min(amount, encoding.MAX_COST)
+    return min(amount, bounds.MAX_COST)
 
 
 @pytest.mark.parametrize(
@@ -223,7 +216,7 @@ def _bounded(value: object) -> Decimal:
     ],
 )
 def test_a_cost_is_bounded_as_before_its_fast_path(value: object) -> None:
-    got, expected = encoding.cost(value), _bounded(value)
+    got, expected = bounds.cost(value), _bounded(value)
     assert str(got) == str(expected) and type(got) is Decimal
 
 
@@ -311,12 +304,12 @@ def test_a_cost_in_atto_dollars_is_written_as_plain_digits_within_bounds() -> No
             "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
             1, 0, 0, 1, 0, amount, True, False, "r", False,
         )  # fmt: skip
-        assert values[18] == written == encoding.cost_text(amount)
+        assert values[18] == written == bounds.cost_text(amount)
         assert b"E" not in encoding.dumps(values).split(b",")[18]
         assert encoding.record_of(values).cost_usd == Decimal(written)
         made = encoding.fields(
             "id", 0, "c", "chat", "m", "p", None, 200, False, 1, 1.0, None,
-            1, 0, 0, 1, 0, amount, True, False, "r", False, encoding.cost_text(amount),
+            1, 0, 0, 1, 0, amount, True, False, "r", False, bounds.cost_text(amount),
         )  # fmt: skip
         assert made == values  # the text the gateway made already (its header's) is the same
 
@@ -352,7 +345,7 @@ def test_a_line_of_an_earlier_version_with_an_exponent_is_read_the_same() -> Non
 def test_a_cost_s_pico_dollars_are_those_of_its_decimal(written: str) -> None:
     """`pico_text` reads plain digits in whole numbers, rounding half to even past 12 decimals
     as `pico` does with the decimal; any other form through `Decimal`."""
-    assert encoding.pico_text(written) == encoding.pico(Decimal(written))
+    assert bounds.pico_text(written) == bounds.pico(Decimal(written))
 
 
 @settings(max_examples=300, deadline=None)
@@ -360,4 +353,4 @@ def test_a_cost_s_pico_dollars_are_those_of_its_decimal(written: str) -> None:
 def test_any_amount_s_text_gives_the_pico_dollars_of_its_decimal(atto: int) -> None:
     written = amount_text(atto)
     assert "E" not in written and Decimal(written) == to_usd(atto)
-    assert encoding.pico_text(written) == encoding.pico(to_usd(atto))
+    assert bounds.pico_text(written) == bounds.pico(to_usd(atto))

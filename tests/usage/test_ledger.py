@@ -23,6 +23,7 @@ from service.errors import LedgerUnavailable
 from service.usage import drain as drain_module
 from service.usage import encoding
 from service.usage import spool as spool_module
+from service.usage import values as bounds
 from service.usage.encoding import encode, values_of
 from service.usage.ledger import Ledger
 from service.usage.query import RequestsQuery, UsageQuery
@@ -278,7 +279,7 @@ HOSTILE_LINES = {
     "a latency that is text": (11, "abc", 0.0),
     "a latency null": (11, None, 0.0),
     "a latency past any float": (11, 10**400, 0.0),
-    "a count past 64 bits": (13, 10**30, encoding.MAX_COUNT),
+    "a count past 64 bits": (13, 10**30, bounds.MAX_COUNT),
     "a count that is text": (13, "100", 100),
     "a purpose null": (4, None, "-"),
     "a flag null": (9, None, False),

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from service.errors import BadRequest
-from service.usage.encoding import MAX_COST, row, values_of
+from service.usage.encoding import row, values_of
 from service.usage.query import RequestsQuery, UsageQuery
 from service.usage.stores import SQLStore, inserts, open_store, schema, sql
+from service.usage.values import MAX_COST
 from tests.usage.conftest import NOW, record
 
 

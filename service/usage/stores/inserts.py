@@ -13,8 +13,8 @@ from itertools import chain
 from operator import getitem
 from typing import Any
 
-from service.usage.encoding import pico_text
 from service.usage.stores.schema import COLUMNS, VALUES_PER_ROW
+from service.usage.values import pico_text
 
 _SLICES = (64, 16, 4, 1)
 """The rows one statement of `insert_values` holds: a batch goes in the largest that fit, so a few

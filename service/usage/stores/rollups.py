@@ -15,9 +15,9 @@ from itertools import repeat
 from operator import floordiv, itemgetter
 from typing import Any
 
-from service.usage.encoding import from_micros
 from service.usage.query import UsageQuery, day_after, day_start, hour_after, hour_start
 from service.usage.stores.schema import MAX_SUM, ROLLUP_SUMS
+from service.usage.values import from_micros
 
 _UPSERT = (
     "INSERT INTO {table} (period, client, provider, model, purpose, "

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from service.usage.encoding import count, fields, from_micros, record_of
+from service.usage.encoding import fields, record_of
 from service.usage.record import Record
+from service.usage.values import count, from_micros
 
 
 def dollars(usd: Any, micro: Any, pico: Any) -> Decimal:

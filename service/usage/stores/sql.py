@@ -19,8 +19,8 @@ from itertools import chain
 from typing import Any, Literal, Protocol
 
 from service.errors import SwitchboardError
-from service.usage.encoding import micros, values_of
 from service.usage.encoding import row as row_of
+from service.usage.encoding import values_of
 from service.usage.query import (
     MAX_GROUPS,
     GroupKey,
@@ -36,6 +36,7 @@ from service.usage.stores.inserts import statements
 from service.usage.stores.rollups import UPSERTS, Rollups, add_up, pieces
 from service.usage.stores.rows import as_record, dollars, shown
 from service.usage.stores.schema import COLUMNS, COST, MAX_SUM, ROLLUP_COST, ROW, SCHEMA, TOKENS, Row
+from service.usage.values import micros
 
 
 class StoreUnavailable(SwitchboardError):
