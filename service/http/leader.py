@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from service.http.context import HEALTH_EVENTS, LIMITS
-from service.http.merged_metrics import merged
+from service.http.merged_metrics import Scrapes
 from service.journal.events import BudgetExhausted
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ METRICS_WAIT_S = 2.0
 """A follower that does not give its metrics this fast is left out of the scrape (logged)."""
 
 
+WORKER_PID = "X-Switchboard-Worker-Pid"
+"""The header of a follower's answer to the scrape: its process (another one: counts from 0)."""
 _SCRAPE = aiohttp.ClientTimeout(total=METRICS_WAIT_S)
 
 
@@ -96,6 +98,7 @@ class Leader:
         self.folder: Path | None = None
         """Made by `start`, mode 0700 (mkdtemp's): only this user reaches the sockets."""
         self._control: web.AppRunner | None = None
+        self._scrapes = Scrapes()
 
     @property
     def private(self) -> Path:
@@ -134,10 +137,12 @@ class Leader:
 
     async def metrics(self, own: bytes) -> bytes:
         """`own` merged with every follower's that answers within `METRICS_WAIT_S`."""
-        texts = await asyncio.gather(*(self._scrape(k) for k in range(1, self.followers + 1)))
-        return merged(own, [t for t in texts if t is not None])
+        workers = range(1, self.followers + 1)
+        answers = await asyncio.gather(*(self._scrape(k) for k in workers))
+        return self._scrapes.merged(own, dict(zip(workers, answers, strict=True)))
 
-    async def _scrape(self, worker: int) -> bytes | None:
+    async def _scrape(self, worker: int) -> tuple[int, bytes] | None:
+        """Follower `worker`'s process id and exposition."""
         path = worker_socket(self.private, worker)
         try:
             async with (
@@ -146,8 +151,8 @@ class Leader:
             ):
                 if answer.status != 200:
                     raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status)
-                return await answer.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                return int(answer.headers[WORKER_PID]), await answer.read()
+        except (aiohttp.ClientError, TimeoutError, OSError, KeyError, ValueError) as exc:
             with contextlib.suppress(Exception):
                 log.warning("workers: the metrics of worker %d are left out (%s)", worker, type(exc).__name__)
             return None

@@ -269,7 +269,9 @@ async def test_two_workers_serve_one_port_as_one_service(
             assert [e["type"] for e in lines].count("service.started") == 1
             assert len({e["seq"] for e in lines}) == len(lines)
 
-            # a follower killed is started again, and serves
+            # a follower killed is started again, and serves; the merged counts do not go down
+            _, _, text = await fresh(member, "GET", "/metrics", READER)
+            counted = _chat_answers(text.decode())
             (follower,) = children(member.process.pid)
             os.kill(follower, signal.SIGKILL)
             await until(lambda: _async(_restarted(member, follower)), 20, "the follower started again")
@@ -277,6 +279,8 @@ async def test_two_workers_serve_one_port_as_one_service(
                 lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening again"
             )
             assert [(await chat(member, LOAD))[0] for _ in range(10)] == [200] * 10
+            _, _, text = await fresh(member, "GET", "/metrics", READER)
+            assert _chat_answers(text.decode()) >= counted + 10
             (follower,) = children(member.process.pid)
 
             # SIGTERM to the leader stops both
