@@ -20,7 +20,7 @@ from aiohttp import web
 
 from service import console
 from service.cli.folders import providers_folder
-from service.cli.workers import Followers, follow_parent
+from service.cli.workers import Followers, follow_parent, gone
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
@@ -310,7 +310,7 @@ def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -
         pass
     finally:
         remove_worker_folder(private)
-        if os.getppid() != leader:  # its leader was killed: no one else removes its folder
+        if os.getppid() != leader or gone(leader):  # its leader was killed: no one else removes its folder
             remove_private(folder)
     # Stopped, every cleanup done: exit now. A worker thread of anyio's (watchfiles') left
     # waiting for work was seen to hold the interpreter's exit for good in a follower stopped

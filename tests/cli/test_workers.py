@@ -11,6 +11,8 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from service.cli.main import cli
+from service.cli.workers import gone
 from tests.conftest import SopsProject
 from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
 from tests.support.upstreams import FakeUpstream
@@ -420,3 +423,24 @@ async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
             lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
             changed = [e for e in lines if e["type"] == "provider.health_changed" and e["subject"] == "a"]
             assert [e["changes"]["status"]["new"] for e in changed] == ["unhealthy"], changed
+
+
+def test_a_leader_is_gone_once_dead_even_before_its_followers_are_given_another_parent() -> None:
+    """A leader killed with threads running dies thread by thread: its main thread, a zombie,
+    sends its followers SIGTERM (PR_SET_PDEATHSIG) while its other threads still make it their
+    parent (`getppid()` unchanged); a follower that stops must see it gone all the same, and
+    remove its private folder, which no one else will."""
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        until_dead = time.monotonic() + 10
+        while "Z" not in Path(f"/proc/{dead.pid}/stat").read_text().rpartition(")")[2].split()[0]:
+            assert time.monotonic() < until_dead
+            time.sleep(0.01)
+        assert not gone(running.pid)
+        assert gone(dead.pid)  # a zombie: dead, not yet reaped
+    finally:
+        running.kill()
+        running.wait()
+        dead.wait()
+    assert gone(dead.pid)
