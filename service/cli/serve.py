@@ -42,6 +42,7 @@ from service.http.leader import (
 )
 from service.runtime.sync import parse_pull
 from service.settings import Settings
+from service.usage import spool
 from service.vcs.commit import Identity
 from service.vcs.gitrepo import GitRepo
 
@@ -174,6 +175,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     raise_open_files_limit()
     if getattr(ns, "follow", None) and worker:
         return _follow(settings, Path(ns.follow), worker, ns.leader)
+    adopt_follower_spools(settings)
     app = serving_app(settings)
     options: dict[str, Any] = {}
     if settings.workers > 1:
@@ -246,6 +248,21 @@ def _follower_command(settings: Settings, port: int, folder: Path, worker: int) 
         "--leader",
         str(os.getpid()),
     ]
+
+
+def adopt_follower_spools(settings: Settings) -> None:
+    """Move into the leader's usage spool the spools of followers it does not start (`worker-K`,
+    K ≥ N: a run with more workers left them), which no follower would drain."""
+    folder = settings.usage_spool_dir
+    for path in folder.glob("worker-*") if folder.is_dir() else ():
+        number = path.name.removeprefix("worker-")
+        if path.is_dir() and number.isdigit() and int(number) >= settings.workers:
+            with contextlib.suppress(OSError):
+                moved = spool.adopt(folder, path)
+                if moved:
+                    logging.getLogger("service.usage").warning(
+                        "usage spool %s: %d segments of a follower not started are this one's", path, moved
+                    )
 
 
 def follower_settings(settings: Settings, worker: int, private: Path) -> Settings:

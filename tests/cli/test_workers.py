@@ -23,10 +23,18 @@ import pytest
 import yaml
 
 from service.cli.main import cli
+from service.cli.serve import adopt_follower_spools
 from service.cli.workers import gone
+from service.settings import Settings
+from service.usage.encoding import encode
+from service.usage.ledger import Ledger
+from service.usage.spool import Spool
+from service.usage.stores import open_store
 from tests.conftest import SopsProject
 from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
 from tests.support.upstreams import FakeUpstream
+from tests.usage.conftest import record
+from tests.usage.test_ledger import stored_ids
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -444,3 +452,54 @@ def test_a_leader_is_gone_once_dead_even_before_its_followers_are_given_another_
         running.wait()
         dead.wait()
     assert gone(dead.pid)
+
+
+async def test_the_spools_of_followers_no_longer_started_are_stored_by_the_leader(tmp_path: Path) -> None:
+    """A follower's usage spool is `<spool>/worker-K`, drained by the follower K started next. A
+    leader started with fewer workers (or one) has no follower K: what such a spool holds (a
+    follower killed, the database down) is moved into the leader's own spool at its start, and
+    stored once; a spool a process still holds is left to it."""
+    spool = tmp_path / "spool"
+    records = {k: [record(id=f"w{k}-{i}") for i in range(3)] for k in (1, 2, 3)}
+    for k, made in records.items():
+        worker = Spool(spool / f"worker-{k}")
+        for r in made:
+            worker.append(encode(r))
+        if k != 3:
+            worker.close()  # left as a follower killed leaves it
+        else:
+            held = worker  # a process still runs with it
+    (spool / "worker-1" / "000000000007.stored").write_bytes(encode(records[1][0]))  # stored already
+    leaders = Spool(spool)
+    leaders.append(encode(record(id="leader")))
+    leaders.close()
+    try:
+        db = str(tmp_path / "usage.db")
+        settings = Settings(usage_spool=spool, usage_db=db, workers=2)
+        adopt_follower_spools(settings)  # a leader with follower 1: 2 and 3 are no one's
+        assert sorted(p.name for p in (spool / "worker-1").glob("0*")) == [
+            "000000000001.jsonl",
+            "000000000007.stored",
+        ]
+        assert not (spool / "worker-2").exists()
+        ledger = Ledger(open_store(db, tmp_path), spool, retry_max_s=0.2)
+        await ledger.start()
+        try:
+            await ledger.flush()
+        finally:
+            await ledger.stop()
+        expected = ["leader", *(r.id for r in records[2])]
+        assert sorted(stored_ids(db, tmp_path)) == sorted(expected)
+    finally:
+        held.close()
+    settings = settings.model_copy(update={"workers": 1})
+    adopt_follower_spools(settings)  # back to one process: every follower's spool is the leader's
+    assert not (spool / "worker-1").exists() and not (spool / "worker-3").exists()
+    ledger = Ledger(open_store(db, tmp_path), spool, retry_max_s=0.2)
+    await ledger.start()
+    try:
+        await ledger.flush()
+    finally:
+        await ledger.stop()
+    stored = stored_ids(db, tmp_path)
+    assert sorted(stored) == sorted(["leader", *(r.id for rs in records.values() for r in rs)])
