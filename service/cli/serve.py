@@ -215,7 +215,8 @@ def _leading(app: web.Application, settings: Settings) -> dict[str, Any]:
         try:
             yield
         finally:
-            await followers.stop()
+            await site.stop()  # new connections go to the followers, stopping too: none stays
+            await leader.drain(runner, followers.stop())
             await leader.aclose()
 
     return {"reuse_port": True, "beside": beside}

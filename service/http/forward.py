@@ -14,7 +14,9 @@ follower has nothing of its own to answer with: the next connection may land on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from typing import cast
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class _Side(asyncio.Protocol):
         self.pipe = pipe
         self.transport: asyncio.Transport | None = None
         self.peer: _Side | None = None
+        self.ended = False
+        """Whether this end sent its EOF (half-closed): both ends' close the pipe."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -41,8 +45,12 @@ class _Side(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        self.ended = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            if peer.ended:  # both ends are done sending: the connection is over (closed both ways)
+                peer.transport.close()
+                return False
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
                 return True  # half-closed: the answer still comes back
@@ -54,6 +62,7 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        self.pipe.ended(self)
         peer = self.peer
         if peer is not None and peer.transport is not None:
             peer.transport.close()  # once what it was sent is written
@@ -76,10 +85,12 @@ _MOST = 1 << 20
 
 
 class _Pipe:
-    def __init__(self) -> None:
+    def __init__(self, ended: Callable[[_Side], None]) -> None:
         self.waiting = bytearray()
         self.eof = False
         self.lost = False
+        self.ended = ended
+        """Called with each side whose connection is lost."""
 
 
 class _Whole(asyncio.Protocol):
@@ -99,11 +110,21 @@ class Forwarder:
         self.failed = 0
         """Connections closed because the leader could not be reached."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: set[_Side] = set()
+        """The client's side of each pipe not yet closed."""
+        self._none_open = asyncio.Event()
+
+    def _ended(self, side: _Side) -> None:
+        self._clients.discard(side)
+        if not self._clients:
+            self._none_open.set()
 
     def __call__(self, transport: asyncio.Transport, data: bytes) -> None:
         """Pipe `transport` (a client's, from now on this pipe's) to the leader, `data` first."""
-        pipe = _Pipe()
+        pipe = _Pipe(self._ended)
         client = _Side(pipe)
+        self._clients.add(client)
+        self._none_open.clear()
         client.transport = transport
         transport.set_protocol(client)
         pipe.waiting += data
@@ -142,8 +163,19 @@ class Forwarder:
         """A protocol that pipes its whole connection (a follower without the fast path)."""
         return _Whole(self)
 
-    async def aclose(self) -> None:
-        """Wait for connections still connecting (the service is stopping)."""
+    async def aclose(self, timeout_s: float = 0.0) -> None:
+        """The service is stopping (no new connection comes): wait up to `timeout_s` for each
+        pipe to be closed (the leader closes each once it answered the request in it, as at
+        its own stop), then close the rest."""
+        loop = self.loop
+        deadline = loop.time() + timeout_s
+        if self._clients:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_open.wait(), max(0.0, deadline - loop.time()))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in list(self._clients):
+            if client.transport is not None:
+                client.transport.abort()
+        self._clients.clear()

@@ -22,11 +22,13 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from service.http.changes import CHANGES
 from service.http.context import HEALTH_EVENTS, LIMITS
 from service.http.merged_metrics import Scrapes
 from service.journal.events import BudgetExhausted
@@ -41,6 +43,8 @@ METRICS_WAIT_S = 2.0
 
 WORKER_PID = "X-Switchboard-Worker-Pid"
 """The header of a follower's answer to the scrape: its process (another one: counts from 0)."""
+_DRAIN_S = 0.05
+"""How often, while its followers stop, the leader closes the connections they pipe (new ones too)."""
 _SCRAPE = aiohttp.ClientTimeout(total=METRICS_WAIT_S)
 
 
@@ -116,6 +120,24 @@ class Leader:
         self._control = web.AppRunner(control, access_log=None, handle_signals=False)
         await self._control.setup()
         await web.UnixSite(self._control, str(self.folder / CONTROL_SOCKET)).start()
+
+    async def drain(self, runner: web.AppRunner, followers_stopped: Awaitable[None]) -> None:
+        """The leader's stop, while its followers stop (`followers_stopped`): held queries and
+        streams end (as at one process's stop), and each connection a follower pipes here is
+        closed once the request in it is answered, so that the follower, which waits for its
+        pipes to close, stops with every answer given."""
+        changes = self.app.get(CHANGES)
+        if changes is not None:
+            changes.close()
+        path = str(self.private / LEADER_SOCKET)
+        stopped = asyncio.ensure_future(followers_stopped)
+        while not stopped.done():
+            server = runner.server
+            for handler, transport in list(server._connections.items()) if server is not None else ():
+                if transport.get_extra_info("sockname") == path:
+                    handler.close()  # once the request it answers, if any, is answered
+            await asyncio.wait([stopped], timeout=_DRAIN_S)
+        await stopped
 
     async def aclose(self) -> None:
         if self._control is not None:

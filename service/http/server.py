@@ -52,9 +52,11 @@ async def _serve(
         async with beside(runner, site) if beside is not None else contextlib.nullcontext():
             await asyncio.Event().wait()  # until cancelled (SIGINT, SIGTERM)
     finally:
-        if forwarder is not None:
-            await forwarder.aclose()
-        await runner.cleanup()
+        stopping = asyncio.get_running_loop().time()
+        await runner.cleanup()  # no new connection, each answer in flight given
+        if forwarder is not None:  # then the connections piped, closed by the leader (`Leader.drain`)
+            timeout_s = kwargs.get("shutdown_timeout", 60.0)
+            await forwarder.aclose(max(0.0, stopping + timeout_s - asyncio.get_running_loop().time()))
 
 
 def run(

@@ -503,3 +503,64 @@ async def test_the_spools_of_followers_no_longer_started_are_stored_by_the_leade
         await ledger.stop()
     stored = stored_ids(db, tmp_path)
     assert sorted(stored) == sorted(["leader", *(r.id for rs in records.values() for r in rs)])
+
+
+async def test_at_a_stop_each_request_in_flight_is_answered_whichever_worker_holds_it(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    """SIGTERM to the leader: as one process does, every request in flight is answered before
+    the stop, those a follower relays and those it pipes to the leader (a chunked body)."""
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            a.latency_s = 2.0
+
+            async def piped() -> int:
+                headers = {"Content-Type": "application/json"}
+                return (
+                    await fresh(
+                        member, "POST", "/v1/chat/completions", LOAD, data=chunked_chat(), headers=headers
+                    )
+                )[0]
+
+            async def relayed() -> int:
+                return (await chat(member, LOAD))[0]
+
+            in_flight = [asyncio.create_task(piped()) for _ in range(8)]
+            in_flight += [asyncio.create_task(relayed()) for _ in range(4)]
+            await asyncio.sleep(1)
+            assert member.process is not None
+            member.process.send_signal(signal.SIGTERM)
+            statuses = await asyncio.gather(*in_flight, return_exceptions=True)
+            assert statuses == [200] * 12
+            await member.process.wait()
+            assert member.process.returncode == 0, member.log()
+            assert not folder.exists()
+
+
+async def test_a_connection_piped_and_closed_leaves_no_open_file_in_the_follower(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    """The leader closes a connection once it answered (`Connection: close`), the client then
+    closes its end: both ends of the pipe close, none is left half-closed for good (two file
+    descriptors of the follower per connection)."""
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            (follower,) = children(member.process.pid)
+            before = len(list(Path(f"/proc/{follower}/fd").iterdir()))
+            for _ in range(40):
+                assert (await fresh(member, "GET", f"{API}/active", READER))[0] == 200
+            # about half landed on the follower (the kernel spreads new connections)
+
+            async def closed() -> bool:
+                return len(list(Path(f"/proc/{follower}/fd").iterdir())) < before + 6
+
+            await until(closed, 5, "the follower's pipes closed")
