@@ -41,7 +41,10 @@ async def _serve(
     # aiohttp's connections are kept alive as long as the fast path's: `run_app`'s default
     runner = web.AppRunner(app, handle_signals=True, keepalive_timeout=KEEPALIVE_S, **kwargs)
     await runner.setup()
-    forwarder = Forwarder(forward, asyncio.get_running_loop()) if forward is not None else None
+    forwarder = None
+    if forward is not None:
+        send_timeout_s = app[GATEWAY].send_timeout_s
+        forwarder = Forwarder(forward, asyncio.get_running_loop(), send_timeout_s=send_timeout_s)
     try:
         if ready is not None:  # a follower listens once it can answer (service.http.follower)
             await ready()
