@@ -132,8 +132,8 @@ class Leader:
         path = str(self.private / LEADER_SOCKET)
         stopped = asyncio.ensure_future(followers_stopped)
         while not stopped.done():
-            server = runner.server
-            for handler, transport in list(server._connections.items()) if server is not None else ():
+            connections = getattr(runner.server, "_connections", {})  # aiohttp's (fast_site checks it)
+            for handler, transport in list(connections.items()):
                 if transport.get_extra_info("sockname") == path:
                     handler.close()  # once the request it answers, if any, is answered
             await asyncio.wait([stopped], timeout=_DRAIN_S)
