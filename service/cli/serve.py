@@ -20,7 +20,7 @@ from aiohttp import web
 
 from service import console
 from service.cli.folders import providers_folder
-from service.cli.workers import Followers, follow_parent
+from service.cli.workers import Followers, follow_parent, gone
 from service.config.loader import MAX_FILE_BYTES, config_files, declared_kind
 from service.config.upstreams import AllowedUpstreams
 from service.files import leads_outside, read_limited
@@ -42,6 +42,7 @@ from service.http.leader import (
 )
 from service.runtime.sync import parse_pull
 from service.settings import Settings
+from service.usage import spool
 from service.vcs.commit import Identity
 from service.vcs.gitrepo import GitRepo
 
@@ -174,6 +175,7 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     raise_open_files_limit()
     if getattr(ns, "follow", None) and worker:
         return _follow(settings, Path(ns.follow), worker, ns.leader)
+    adopt_follower_spools(settings)
     app = serving_app(settings)
     options: dict[str, Any] = {}
     if settings.workers > 1:
@@ -213,7 +215,8 @@ def _leading(app: web.Application, settings: Settings) -> dict[str, Any]:
         try:
             yield
         finally:
-            await followers.stop()
+            await site.stop()  # new connections go to the followers, stopping too: none stays
+            await leader.drain(runner, followers.stop())
             await leader.aclose()
 
     return {"reuse_port": True, "beside": beside}
@@ -246,6 +249,21 @@ def _follower_command(settings: Settings, port: int, folder: Path, worker: int) 
         "--leader",
         str(os.getpid()),
     ]
+
+
+def adopt_follower_spools(settings: Settings) -> None:
+    """Move into the leader's usage spool the spools of followers it does not start (`worker-K`,
+    K ≥ N: a run with more workers left them), which no follower would drain."""
+    folder = settings.usage_spool_dir
+    for path in folder.glob("worker-*") if folder.is_dir() else ():
+        number = path.name.removeprefix("worker-")
+        if path.is_dir() and number.isdigit() and int(number) >= settings.workers:
+            with contextlib.suppress(OSError):
+                moved = spool.adopt(folder, path)
+                if moved:
+                    logging.getLogger("service.usage").warning(
+                        "usage spool %s: %d segments of a follower not started are this one's", path, moved
+                    )
 
 
 def follower_settings(settings: Settings, worker: int, private: Path) -> Settings:
@@ -310,7 +328,7 @@ def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -
         pass
     finally:
         remove_worker_folder(private)
-        if os.getppid() != leader:  # its leader was killed: no one else removes its folder
+        if os.getppid() != leader or gone(leader):  # its leader was killed: no one else removes its folder
             remove_private(folder)
     # Stopped, every cleanup done: exit now. A worker thread of anyio's (watchfiles') left
     # waiting for work was seen to hold the interpreter's exit for good in a follower stopped

@@ -90,7 +90,8 @@ def _waiting(settings: Settings) -> None:
     """Say so when records wait in the spool (the service stores them when it runs)."""
     folder = settings.usage_spool_dir
     count = 0
-    for segment in folder.glob(f"*{SEGMENT_SUFFIX}") if folder.is_dir() else ():
+    segments = [*folder.glob(f"*{SEGMENT_SUFFIX}"), *folder.glob(f"worker-*/*{SEGMENT_SUFFIX}")]
+    for segment in segments if folder.is_dir() else ():  # a follower's too (`serve --workers N`)
         try:
             with segment.open("rb") as f:
                 count += sum(1 for line in f if line.endswith(b"\n"))

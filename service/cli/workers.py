@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 log = logging.getLogger("service.workers")
 
@@ -103,3 +105,17 @@ def follow_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` (a follower's leader) has ended, or is ending: a zombie counts, as
+    a leader killed with threads running is while its other threads end. Its followers are
+    sent SIGTERM when its main thread ends, and `getppid()` still names it until the last ends:
+    that alone does not tell them it is gone. Where /proc is not, what `getppid()` says."""
+    if not Path("/proc/self/stat").exists():
+        return os.getppid() != pid
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X", "x")

@@ -29,7 +29,7 @@ from pathlib import Path
 from aiohttp import web
 
 from service.http.context import EVENTS, LIMITS, METRICS, REGISTRY
-from service.http.leader import CONTROL_SOCKET, worker_socket
+from service.http.leader import CONTROL_SOCKET, WORKER_PID, worker_socket
 from service.journal.events import BaseEvent, BudgetExhausted
 from service.metrics import CONTENT_TYPE
 
@@ -82,7 +82,8 @@ class Follower:
             events.on_append.remove(self._appended)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+        headers = {"Content-Type": CONTENT_TYPE, WORKER_PID: str(os.getpid())}
+        return web.Response(body=self.app[METRICS].render(), headers=headers)
 
     async def _watch_leader(self) -> None:
         while os.getppid() == self.leader_pid:  # noqa: ASYNC110 - no event tells of a parent's end

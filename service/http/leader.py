@@ -22,13 +22,15 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from service.http.changes import CHANGES
 from service.http.context import HEALTH_EVENTS, LIMITS
-from service.http.merged_metrics import merged
+from service.http.merged_metrics import Scrapes
 from service.journal.events import BudgetExhausted
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ METRICS_WAIT_S = 2.0
 """A follower that does not give its metrics this fast is left out of the scrape (logged)."""
 
 
+WORKER_PID = "X-Switchboard-Worker-Pid"
+"""The header of a follower's answer to the scrape: its process (another one: counts from 0)."""
+_DRAIN_S = 0.05
+"""How often, while its followers stop, the leader closes the connections they pipe (new ones too)."""
 _SCRAPE = aiohttp.ClientTimeout(total=METRICS_WAIT_S)
 
 
@@ -96,6 +102,7 @@ class Leader:
         self.folder: Path | None = None
         """Made by `start`, mode 0700 (mkdtemp's): only this user reaches the sockets."""
         self._control: web.AppRunner | None = None
+        self._scrapes = Scrapes()
 
     @property
     def private(self) -> Path:
@@ -113,6 +120,24 @@ class Leader:
         self._control = web.AppRunner(control, access_log=None, handle_signals=False)
         await self._control.setup()
         await web.UnixSite(self._control, str(self.folder / CONTROL_SOCKET)).start()
+
+    async def drain(self, runner: web.AppRunner, followers_stopped: Awaitable[None]) -> None:
+        """The leader's stop, while its followers stop (`followers_stopped`): held queries and
+        streams end (as at one process's stop), and each connection a follower pipes here is
+        closed once the request in it is answered, so that the follower, which waits for its
+        pipes to close, stops with every answer given."""
+        changes = self.app.get(CHANGES)
+        if changes is not None:
+            changes.close()
+        path = str(self.private / LEADER_SOCKET)
+        stopped = asyncio.ensure_future(followers_stopped)
+        while not stopped.done():
+            connections = getattr(runner.server, "_connections", {})  # aiohttp's (fast_site checks it)
+            for handler, transport in list(connections.items()):
+                if transport.get_extra_info("sockname") == path:
+                    handler.close()  # once the request it answers, if any, is answered
+            await asyncio.wait([stopped], timeout=_DRAIN_S)
+        await stopped
 
     async def aclose(self) -> None:
         if self._control is not None:
@@ -134,10 +159,12 @@ class Leader:
 
     async def metrics(self, own: bytes) -> bytes:
         """`own` merged with every follower's that answers within `METRICS_WAIT_S`."""
-        texts = await asyncio.gather(*(self._scrape(k) for k in range(1, self.followers + 1)))
-        return merged(own, [t for t in texts if t is not None])
+        workers = range(1, self.followers + 1)
+        answers = await asyncio.gather(*(self._scrape(k) for k in workers))
+        return self._scrapes.merged(own, dict(zip(workers, answers, strict=True)))
 
-    async def _scrape(self, worker: int) -> bytes | None:
+    async def _scrape(self, worker: int) -> tuple[int, bytes] | None:
+        """Follower `worker`'s process id and exposition."""
         path = worker_socket(self.private, worker)
         try:
             async with (
@@ -146,8 +173,8 @@ class Leader:
             ):
                 if answer.status != 200:
                     raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status)
-                return await answer.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                return int(answer.headers[WORKER_PID]), await answer.read()
+        except (aiohttp.ClientError, TimeoutError, OSError, KeyError, ValueError) as exc:
             with contextlib.suppress(Exception):
                 log.warning("workers: the metrics of worker %d are left out (%s)", worker, type(exc).__name__)
             return None

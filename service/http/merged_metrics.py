@@ -14,6 +14,11 @@ format Prometheus reads from one process. The rule, by family (docs/reference.md
 
 A family only followers have is taken from the first that has it (and, a counter or a
 histogram, summed with the others').
+
+Prometheus reads a counter that goes down as a reset, and all of its value then as new counts:
+the sums must only ever go up, as one process's counters do (`Scrapes`). A follower that does
+not answer a scrape is counted with what it last answered, and a follower started again (another
+process, counting from 0) keeps in the sums what the one before it last answered.
 """
 
 from __future__ import annotations
@@ -47,6 +52,33 @@ class _Families:
 
     def collect(self) -> Iterable[Metric]:
         return self.families
+
+
+class Scrapes:
+    """The leader's followers' last expositions, by worker, so that the merge never goes down."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[int, bytes]] = {}
+        """Each follower's last answer: its process id and its exposition."""
+        self.gone = b""
+        """The sums of followers that were started again: what each last answered."""
+
+    def merged(self, own: bytes, scraped: dict[int, tuple[int, bytes] | None]) -> bytes:
+        """`own` with each follower's answer `(pid, exposition)` to this scrape (None: none)."""
+        texts = []
+        for worker, answer in scraped.items():
+            before = self.last.get(worker)
+            if answer is None:
+                if before is not None:  # too slow this time: what it answered last
+                    texts.append(before[1])
+                continue
+            if before is not None and before[0] != answer[0]:  # another process: its counts start at 0
+                self.gone = merged(b"", [self.gone, before[1]])
+            self.last[worker] = answer
+            texts.append(answer[1])
+        if self.gone:
+            texts.append(self.gone)
+        return merged(own, texts)
 
 
 def merged(own: bytes, others: Sequence[bytes]) -> bytes:

@@ -41,7 +41,10 @@ async def _serve(
     # aiohttp's connections are kept alive as long as the fast path's: `run_app`'s default
     runner = web.AppRunner(app, handle_signals=True, keepalive_timeout=KEEPALIVE_S, **kwargs)
     await runner.setup()
-    forwarder = Forwarder(forward, asyncio.get_running_loop()) if forward is not None else None
+    forwarder = None
+    if forward is not None:
+        send_timeout_s = app[GATEWAY].send_timeout_s
+        forwarder = Forwarder(forward, asyncio.get_running_loop(), send_timeout_s=send_timeout_s)
     try:
         if ready is not None:  # a follower listens once it can answer (service.http.follower)
             await ready()
@@ -52,9 +55,11 @@ async def _serve(
         async with beside(runner, site) if beside is not None else contextlib.nullcontext():
             await asyncio.Event().wait()  # until cancelled (SIGINT, SIGTERM)
     finally:
-        if forwarder is not None:
-            await forwarder.aclose()
-        await runner.cleanup()
+        stopping = asyncio.get_running_loop().time()
+        await runner.cleanup()  # no new connection, each answer in flight given
+        if forwarder is not None:  # then the connections piped, closed by the leader (`Leader.drain`)
+            timeout_s = kwargs.get("shutdown_timeout", 60.0)
+            await forwarder.aclose(max(0.0, stopping + timeout_s - asyncio.get_running_loop().time()))
 
 
 def run(

@@ -304,6 +304,44 @@ class Spool:
             self._retain(done)
 
 
+def adopt(folder: Path, orphan: Path) -> int:
+    """Move what the spool `orphan` holds into the spool `folder`, numbered after its own (both
+    held meanwhile: neither may be a running process's), and remove `orphan` once empty: its
+    segments are then stored by `folder`'s process as a previous process's, and its stored ones
+    retained as its own. The segments moved; 0 when a process holds either."""
+    folder.mkdir(parents=True, exist_ok=True)
+    locks = []
+    try:
+        for path in (folder, orphan):
+            fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            locks.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return 0
+        files = [p for p in (*folder.glob("*.jsonl"), *folder.glob("*.stored")) if _number(p) is not None]
+        after = max((n for p in files if (n := _number(p)) is not None), default=0)
+        theirs = sorted(
+            (n, p)
+            for p in (*orphan.glob(f"*{SEGMENT_SUFFIX}"), *orphan.glob(f"*{STORED_SUFFIX}"))
+            if (n := _number(p)) is not None
+        )
+        moved = 0
+        for _, path in theirs:
+            after += 1
+            suffix = STORED_SUFFIX if path.name.endswith(STORED_SUFFIX) else SEGMENT_SUFFIX
+            path.rename(folder / f"{after:012d}{suffix}")
+            moved += suffix == SEGMENT_SUFFIX
+        _sync_folder(folder)
+        (orphan / ".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            orphan.rmdir()  # unless it holds more (`torn.txt`: lines set aside, reported)
+        return moved
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
 def _number(path: Path) -> int | None:
     stem = path.name.removesuffix(SEGMENT_SUFFIX).removesuffix(STORED_SUFFIX)
     return int(stem) if stem.isdigit() else None

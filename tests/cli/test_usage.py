@@ -147,3 +147,16 @@ def test_a_postgresql_that_cannot_be_reached_is_one_line_on_stderr(tmp_path: Pat
     assert done.stderr.splitlines() == [
         "switchboard: error: the usage ledger cannot be read: PostgreSQL cannot be reached"
     ]
+
+
+async def test_records_waiting_in_a_followers_spool_are_said_too(
+    recorded: Ledger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve --workers N`: each follower spools in `<spool>/worker-K`; what waits there is not
+    stored yet either, and said so."""
+    spool = tmp_path / "var" / "usage-spool"
+    (spool / "000000000009.jsonl").write_text('{"a": 1}\n')
+    (spool / "worker-1").mkdir()
+    (spool / "worker-1" / "000000000001.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    assert cli("--root", str(tmp_path), "usage", "--format", "json") == 0
+    assert "3 records in" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import hashlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,9 +23,18 @@ import pytest
 import yaml
 
 from service.cli.main import cli
+from service.cli.serve import adopt_follower_spools
+from service.cli.workers import gone
+from service.settings import Settings
+from service.usage.encoding import encode
+from service.usage.ledger import Ledger
+from service.usage.spool import Spool
+from service.usage.stores import open_store
 from tests.conftest import SopsProject
 from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
 from tests.support.upstreams import FakeUpstream
+from tests.usage.conftest import record
+from tests.usage.test_ledger import stored_ids
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -269,7 +280,9 @@ async def test_two_workers_serve_one_port_as_one_service(
             assert [e["type"] for e in lines].count("service.started") == 1
             assert len({e["seq"] for e in lines}) == len(lines)
 
-            # a follower killed is started again, and serves
+            # a follower killed is started again, and serves; the merged counts do not go down
+            _, _, text = await fresh(member, "GET", "/metrics", READER)
+            counted = _chat_answers(text.decode())
             (follower,) = children(member.process.pid)
             os.kill(follower, signal.SIGKILL)
             await until(lambda: _async(_restarted(member, follower)), 20, "the follower started again")
@@ -277,6 +290,8 @@ async def test_two_workers_serve_one_port_as_one_service(
                 lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening again"
             )
             assert [(await chat(member, LOAD))[0] for _ in range(10)] == [200] * 10
+            _, _, text = await fresh(member, "GET", "/metrics", READER)
+            assert _chat_answers(text.decode()) >= counted + 10
             (follower,) = children(member.process.pid)
 
             # SIGTERM to the leader stops both
@@ -416,3 +431,136 @@ async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
             lines = [yaml.safe_load(line) for line in member.events_file.read_text().splitlines()]
             changed = [e for e in lines if e["type"] == "provider.health_changed" and e["subject"] == "a"]
             assert [e["changes"]["status"]["new"] for e in changed] == ["unhealthy"], changed
+
+
+def test_a_leader_is_gone_once_dead_even_before_its_followers_are_given_another_parent() -> None:
+    """A leader killed with threads running dies thread by thread: its main thread, a zombie,
+    sends its followers SIGTERM (PR_SET_PDEATHSIG) while its other threads still make it their
+    parent (`getppid()` unchanged); a follower that stops must see it gone all the same, and
+    remove its private folder, which no one else will."""
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        until_dead = time.monotonic() + 10
+        while "Z" not in Path(f"/proc/{dead.pid}/stat").read_text().rpartition(")")[2].split()[0]:
+            assert time.monotonic() < until_dead
+            time.sleep(0.01)
+        assert not gone(running.pid)
+        assert gone(dead.pid)  # a zombie: dead, not yet reaped
+    finally:
+        running.kill()
+        running.wait()
+        dead.wait()
+    assert gone(dead.pid)
+
+
+async def test_the_spools_of_followers_no_longer_started_are_stored_by_the_leader(tmp_path: Path) -> None:
+    """A follower's usage spool is `<spool>/worker-K`, drained by the follower K started next. A
+    leader started with fewer workers (or one) has no follower K: what such a spool holds (a
+    follower killed, the database down) is moved into the leader's own spool at its start, and
+    stored once; a spool a process still holds is left to it."""
+    spool = tmp_path / "spool"
+    records = {k: [record(id=f"w{k}-{i}") for i in range(3)] for k in (1, 2, 3)}
+    for k, made in records.items():
+        worker = Spool(spool / f"worker-{k}")
+        for r in made:
+            worker.append(encode(r))
+        if k != 3:
+            worker.close()  # left as a follower killed leaves it
+        else:
+            held = worker  # a process still runs with it
+    (spool / "worker-1" / "000000000007.stored").write_bytes(encode(records[1][0]))  # stored already
+    leaders = Spool(spool)
+    leaders.append(encode(record(id="leader")))
+    leaders.close()
+    try:
+        db = str(tmp_path / "usage.db")
+        settings = Settings(usage_spool=spool, usage_db=db, workers=2)
+        adopt_follower_spools(settings)  # a leader with follower 1: 2 and 3 are no one's
+        assert sorted(p.name for p in (spool / "worker-1").glob("0*")) == [
+            "000000000001.jsonl",
+            "000000000007.stored",
+        ]
+        assert not (spool / "worker-2").exists()
+        ledger = Ledger(open_store(db, tmp_path), spool, retry_max_s=0.2)
+        await ledger.start()
+        try:
+            await ledger.flush()
+        finally:
+            await ledger.stop()
+        expected = ["leader", *(r.id for r in records[2])]
+        assert sorted(stored_ids(db, tmp_path)) == sorted(expected)
+    finally:
+        held.close()
+    settings = settings.model_copy(update={"workers": 1})
+    adopt_follower_spools(settings)  # back to one process: every follower's spool is the leader's
+    assert not (spool / "worker-1").exists() and not (spool / "worker-3").exists()
+    ledger = Ledger(open_store(db, tmp_path), spool, retry_max_s=0.2)
+    await ledger.start()
+    try:
+        await ledger.flush()
+    finally:
+        await ledger.stop()
+    stored = stored_ids(db, tmp_path)
+    assert sorted(stored) == sorted(["leader", *(r.id for rs in records.values() for r in rs)])
+
+
+async def test_at_a_stop_each_request_in_flight_is_answered_whichever_worker_holds_it(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    """SIGTERM to the leader: as one process does, every request in flight is answered before
+    the stop, those a follower relays and those it pipes to the leader (a chunked body)."""
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            a.latency_s = 2.0
+
+            async def piped() -> int:
+                headers = {"Content-Type": "application/json"}
+                return (
+                    await fresh(
+                        member, "POST", "/v1/chat/completions", LOAD, data=chunked_chat(), headers=headers
+                    )
+                )[0]
+
+            async def relayed() -> int:
+                return (await chat(member, LOAD))[0]
+
+            in_flight = [asyncio.create_task(piped()) for _ in range(8)]
+            in_flight += [asyncio.create_task(relayed()) for _ in range(4)]
+            await asyncio.sleep(1)
+            assert member.process is not None
+            member.process.send_signal(signal.SIGTERM)
+            statuses = await asyncio.gather(*in_flight, return_exceptions=True)
+            assert statuses == [200] * 12
+            await member.process.wait()
+            assert member.process.returncode == 0, member.log()
+            assert not folder.exists()
+
+
+async def test_a_connection_piped_and_closed_leaves_no_open_file_in_the_follower(
+    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+) -> None:
+    """The leader closes a connection once it answered (`Connection: close`), the client then
+    closes its end: both ends of the pipe close, none is left half-closed for good (two file
+    descriptors of the follower per connection)."""
+    async with FakeUpstream(name="a") as a:
+        configure(sops_project, a)
+        member = leader(sops_project, tmp_path, redis)
+        async with replicas(member):
+            assert member.process is not None
+            folder = private_folder(member)
+            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            (follower,) = children(member.process.pid)
+            before = len(list(Path(f"/proc/{follower}/fd").iterdir()))
+            for _ in range(40):
+                assert (await fresh(member, "GET", f"{API}/active", READER))[0] == 200
+            # about half landed on the follower (the kernel spreads new connections)
+
+            async def closed() -> bool:
+                return len(list(Path(f"/proc/{follower}/fd").iterdir())) < before + 6
+
+            await until(closed, 5, "the follower's pipes closed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.http.merged_metrics import merged
+from service.http.merged_metrics import Scrapes, merged
 from service.metrics import Metrics
 
 
@@ -47,3 +47,30 @@ def test_without_followers_the_exposition_says_the_same() -> None:
     leader = Metrics()
     leader.answered("chat", "POST", 200, 0.01)
     assert _values(merged(leader.render(), [])) == _values(leader.render())
+
+
+def _requests(text: bytes) -> float:
+    return _values(text)[
+        ("switchboard_http_requests_total", (("method", "POST"), ("route", "chat"), ("status", "200")))
+    ]
+
+
+def test_a_follower_restarted_or_left_out_never_takes_its_counts_back() -> None:
+    """Prometheus reads a counter that goes down as a reset (and the whole value as new counts):
+    the merged counters of the workers only ever go up, as one process's do."""
+    leader, follower = Metrics(), Metrics()
+    for _ in range(3):
+        leader.answered("chat", "POST", 200, 0.01)
+    for _ in range(5):
+        follower.answered("chat", "POST", 200, 0.01)
+    scrapes = Scrapes()
+    assert _requests(scrapes.merged(leader.render(), {1: (100, follower.render())})) == 8
+    assert _requests(scrapes.merged(leader.render(), {1: None})) == 8  # too slow this time
+    again = Metrics()  # the follower killed, started again (another process): counting from 0
+    again.answered("chat", "POST", 200, 0.01)
+    assert _requests(scrapes.merged(leader.render(), {1: (101, again.render())})) == 9
+    assert _requests(scrapes.merged(leader.render(), {1: (101, again.render())})) == 9
+    third = Metrics()
+    assert _requests(scrapes.merged(leader.render(), {1: (102, third.render())})) == 9
+    leader.answered("chat", "POST", 200, 0.01)
+    assert _requests(scrapes.merged(leader.render(), {1: None})) == 10
