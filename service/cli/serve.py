@@ -180,6 +180,13 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
     options: dict[str, Any] = {}
     if settings.workers > 1:
         options = _leading(app, settings)
+    _serve(app, settings, **options)
+    return 0
+
+
+def _serve(app: web.Application, settings: Settings, **options: Any) -> None:
+    """Serve `app` on the settings' address until SIGINT or SIGTERM; `options` are a worker's
+    (`server.run`'s `reuse_port`, `forward`, `ready`, `beside`)."""
     server.run(
         app,
         event_loop(),
@@ -191,7 +198,6 @@ def run(ns: argparse.Namespace, settings: Settings) -> int:
         say=lambda line: logging.getLogger("service").info(line.strip()),
         **options,
     )
-    return 0
 
 
 def _leading(app: web.Application, settings: Settings) -> dict[str, Any]:
@@ -310,15 +316,9 @@ def _follow(settings: Settings, folder: Path, worker: int, leader: int | None) -
             finally:
                 await follower.aclose()
 
-        server.run(
+        _serve(
             app,
-            event_loop(),
-            host=settings.host,
-            port=settings.port,
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_S,
-            handler_cancellation=True,
-            say=lambda line: logging.getLogger("service").info(line.strip()),
+            settings,
             reuse_port=True,
             forward=str(folder / LEADER_SOCKET),
             ready=follower.ready,

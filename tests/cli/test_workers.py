@@ -6,19 +6,14 @@ stand-in vendor. Every connection is a new one, so the kernel spreads them over 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 
@@ -31,62 +26,37 @@ from service.usage.ledger import Ledger
 from service.usage.spool import Spool
 from service.usage.stores import open_store
 from tests.conftest import SopsProject
-from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
+from tests.support.replicas import RedisServer, replicas
 from tests.support.upstreams import FakeUpstream
+from tests.support.workers import (
+    API,
+    LIMITED,
+    LOAD,
+    READER,
+    ROUNDS,
+    alive,
+    awaitable,
+    chat,
+    chat_answers,
+    children,
+    chunked_chat,
+    configure,
+    fresh,
+    leader,
+    listening,
+    private_folder,
+    relayed_then_asked,
+    replayed,
+    restarted,
+    route,
+    until,
+    worker_metrics,
+    worker_requests,
+)
 from tests.usage.conftest import record
 from tests.usage.test_ledger import stored_ids
 
 pytestmark = pytest.mark.timeout(180)
-
-LIMITED = "sk-limited-0123456789abcdef"
-LOAD = "sk-load-0123456789abcdef"
-READER = "sk-reader-0123456789abcdef"
-API = "/api/v1/llm-config"
-ROUNDS = 40
-
-
-def _sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def configure(project: SopsProject, *upstreams: FakeUpstream) -> None:
-    """A server per upstream, chat routed to the first; `limited` (rpm 5), `load`, `reader`."""
-    for up in upstreams:
-        provider = {
-            "kind": "ai_server",
-            "id": up.name,
-            "server_type": "vllm",
-            "base_url": up.base_url,
-            "purposes": ["chat"],
-        }
-        (project.providers / f"{up.name}.yaml").write_text(yaml.safe_dump(provider))
-    route(project, upstreams[0].name)
-    entries = [
-        {"name": "limited", "token_sha256": _sha(LIMITED), "scopes": ["completions"], "limits": {"rpm": 5}},
-        {"name": "load", "token_sha256": _sha(LOAD), "scopes": ["completions"]},
-        {"name": "reader", "token_sha256": _sha(READER), "scopes": ["config:read", "usage:read", "admin"]},
-    ]
-    (project.providers / "clients.yaml").write_text(yaml.safe_dump({"kind": "clients", "clients": entries}))
-
-
-def route(project: SopsProject, provider_id: str) -> None:
-    routing = {"kind": "routing", "purposes": {"chat": {"primary": [provider_id]}}}
-    (project.providers / "routing.yaml").write_text(yaml.safe_dump(routing))
-
-
-def leader(project: SopsProject, tmp_path: Path, redis: RedisServer | None, **settings: str) -> Replica:
-    var = tmp_path / "var"
-    var.mkdir(exist_ok=True)
-    values = {
-        "usage_spool": str(var / "spool"),
-        "usage_db": str(var / "usage.db"),
-        "workers": "2",
-        "log_level": "INFO",
-    } | settings
-    if redis is not None:
-        values["redis_url"] = redis.url
-    env = replica_env(project.identity.key_file, **values)
-    return Replica("leader", project.root, project.providers, free_port(), env, tmp_path)
 
 
 @pytest.fixture
@@ -98,117 +68,6 @@ async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
         server.stop()
 
 
-async def fresh(
-    member: Replica, method: str, path: str, token: str, **kwargs: Any
-) -> tuple[int, dict[str, str], bytes]:
-    """One request on a connection of its own (the kernel picks the worker that accepts it)."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    headers = {"Authorization": f"Bearer {token}"} | kwargs.pop("headers", {})
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.request(method, member.url + path, headers=headers, **kwargs) as answer,
-    ):
-        return answer.status, {k.lower(): v for k, v in answer.headers.items()}, await answer.read()
-
-
-async def chat(member: Replica, token: str) -> tuple[int, dict[str, str], bytes]:
-    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    return await fresh(member, "POST", "/v1/chat/completions", token, json=payload)
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
-def children(pid: int) -> list[int]:
-    """The followers whose parent is `pid` (from /proc; not the sops or git it runs meanwhile)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            if (
-                int(stat.rpartition(")")[2].split()[1]) == pid
-                and b"--follow" in (entry / "cmdline").read_bytes()
-            ):
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def private_folder(member: Replica) -> Path:
-    found = re.search(r"private sockets in (\S+)", member.log())
-    assert found, member.log()
-    return Path(found.group(1))
-
-
-async def worker_requests(folder: Path) -> float:
-    """The follower's own count of chat answers, read on its private socket."""
-    return _chat_answers(await _worker_metrics(folder))
-
-
-async def relayed_then_asked(member: Replica) -> tuple[int, int, str | None]:
-    """Two chat calls, then `GET …/active`, on one kept-alive connection: the statuses and ETag."""
-    connector = aiohttp.TCPConnector(limit=1)
-    payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http:
-        for _ in range(2):
-            headers = {"Authorization": f"Bearer {LOAD}"}
-            async with http.post(f"{member.url}/v1/chat/completions", json=payload, headers=headers) as first:
-                await first.read()
-        async with http.get(
-            f"{member.url}{API}/active", headers={"Authorization": f"Bearer {READER}"}
-        ) as then:
-            await then.read()
-            return first.status, then.status, then.headers.get("ETag")
-
-
-async def chunked_chat() -> AsyncIterator[bytes]:
-    """A chat request's body sent chunked (no Content-Length), a long message in many pieces."""
-    yield b'{"model": "fake-model", "max_tokens": 3, "messages": [{"role": "user", "content": "'
-    for _ in range(32):  # 512 KiB: the stand-in vendor takes 1 MiB at most
-        yield b"x" * 16384
-    yield b'"}]}'
-
-
-async def replayed(member: Replica, last: int) -> bytes:
-    """`GET …/events?after=0` on a connection of its own, read up to the event `last`."""
-    connector = aiohttp.TCPConnector(force_close=True)
-    headers = {"Authorization": f"Bearer {READER}"}
-    got = b""
-    async with (
-        aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as http,
-        http.get(f"{member.url}{API}/events?after=0", headers=headers) as answer,
-    ):
-        assert answer.status == 200
-        marker = f"id: {last}\n".encode()
-        while marker not in got or b"\n\n" not in got[got.index(marker) :]:
-            got += await asyncio.wait_for(answer.content.readany(), 5)
-    events = got[: got.index(b"\n\n", got.index(marker))]  # the replay, without SSE comments (`: connected`)
-    return b"\n".join(line for line in events.split(b"\n") if not line.startswith(b":"))
-
-
-def _chat_answers(text: str) -> float:
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in text.splitlines()
-        if line.startswith("switchboard_http_requests_total{") and "chat" in line
-    )
-
-
 async def test_two_workers_serve_one_port_as_one_service(
     sops_project: SopsProject, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -217,9 +76,9 @@ async def test_two_workers_serve_one_port_as_one_service(
         member = leader(sops_project, tmp_path, redis)
         async with replicas(member):
             assert member.process is not None
-            await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+            await until(lambda: awaitable(len(children(member.process.pid)) == 1), 20, "a follower")
             folder = private_folder(member)
-            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await listening(folder)
 
             # both accept connections, and /metrics (the leader's) counts every answer
             answers = [await chat(member, LOAD) for _ in range(ROUNDS)]
@@ -228,7 +87,7 @@ async def test_two_workers_serve_one_port_as_one_service(
             by_follower = await worker_requests(folder)
             assert 0 < by_follower < ROUNDS, "the kernel gave the follower none (or all) of 40 connections"
             _, _, text = await fresh(member, "GET", "/metrics", READER)
-            assert _chat_answers(text.decode()) == ROUNDS
+            assert chat_answers(text.decode()) == ROUNDS
 
             # the API answers the same whichever worker the connection landed on: the leader's
             tags = set()
@@ -282,22 +141,22 @@ async def test_two_workers_serve_one_port_as_one_service(
 
             # a follower killed is started again, and serves; the merged counts do not go down
             _, _, text = await fresh(member, "GET", "/metrics", READER)
-            counted = _chat_answers(text.decode())
+            counted = chat_answers(text.decode())
             (follower,) = children(member.process.pid)
             os.kill(follower, signal.SIGKILL)
-            await until(lambda: _async(_restarted(member, follower)), 20, "the follower started again")
+            await until(lambda: awaitable(restarted(member, follower)), 20, "the follower started again")
             await until(
-                lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening again"
+                lambda: awaitable((folder / "worker-1.sock").exists()), 20, "the follower listening again"
             )
             assert [(await chat(member, LOAD))[0] for _ in range(10)] == [200] * 10
             _, _, text = await fresh(member, "GET", "/metrics", READER)
-            assert _chat_answers(text.decode()) >= counted + 10
+            assert chat_answers(text.decode()) >= counted + 10
             (follower,) = children(member.process.pid)
 
             # SIGTERM to the leader stops both
             await member.stop(signal.SIGTERM)
             assert member.process.returncode == 0, member.log()
-            await until(lambda: _async(not alive(follower)), 20, "the follower stopped")
+            await until(lambda: awaitable(not alive(follower)), 20, "the follower stopped")
             assert not folder.exists()
 
 
@@ -309,31 +168,21 @@ async def test_a_follower_ends_with_its_leader_even_one_starting(
         member = leader(sops_project, tmp_path, redis)
         async with replicas(member):
             assert member.process is not None
-            await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+            await until(lambda: awaitable(len(children(member.process.pid)) == 1), 20, "a follower")
             (follower,) = children(member.process.pid)
             folder = private_folder(member)
-            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await listening(folder)
             await member.stop(signal.SIGKILL)
-            await until(lambda: _async(not alive(follower)), 20, "the follower gone with its leader")
+            await until(lambda: awaitable(not alive(follower)), 20, "the follower gone with its leader")
             assert not folder.exists()  # the leader's private folder, which it had no time to remove
         member = leader(sops_project, tmp_path, redis)
         await member.start()  # killed while its follower starts: the follower does not stay
         assert member.process is not None
-        await until(lambda: _async(len(children(member.process.pid)) == 1), 20, "a follower")
+        await until(lambda: awaitable(len(children(member.process.pid)) == 1), 20, "a follower")
         (follower,) = children(member.process.pid)
         await member.stop(signal.SIGKILL)
-        await until(lambda: _async(not alive(follower)), 20, "the starting follower gone with its leader")
-        await until(lambda: _async(not private_folder(member).exists()), 10, "the leader's folder removed")
-
-
-def _restarted(member: Replica, pid: int) -> bool:
-    assert member.process is not None
-    now = children(member.process.pid)
-    return bool(now) and pid not in now
-
-
-async def _async(value: bool) -> bool:
-    return value
+        await until(lambda: awaitable(not alive(follower)), 20, "the starting follower gone with its leader")
+        await until(lambda: awaitable(not private_folder(member).exists()), 10, "the leader's folder removed")
 
 
 @pytest.mark.parametrize("workers", ["0", "-1"])
@@ -368,11 +217,11 @@ async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_
         async with replicas(member):
             assert member.process is not None
             folder = private_folder(member)
-            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await listening(folder)
 
             async def the_follower_refused() -> bool:
                 await chat(member, LIMITED)
-                text = await _worker_metrics(folder)
+                text = await worker_metrics(folder)
                 return any("chat" in line and 'status="429"' in line for line in text.splitlines())
 
             await until(the_follower_refused, 20, "a refusal by the follower")
@@ -399,12 +248,6 @@ async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_
             assert token not in log
 
 
-async def _worker_metrics(folder: Path) -> str:
-    connector = aiohttp.UnixConnector(path=str(folder / "worker-1.sock"))
-    async with aiohttp.ClientSession(connector=connector) as http, http.get("http://w/metrics") as answer:
-        return await answer.text()
-
-
 async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
     sops_project: SopsProject, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -414,7 +257,7 @@ async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
         async with replicas(member):
             assert member.process is not None
             folder = private_folder(member)
-            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await listening(folder)
             a.fail(401)  # the upstream refuses the key: `unhealthy` at once, a confirmed status
             for _ in range(10):
                 await chat(member, LOAD)
@@ -424,7 +267,7 @@ async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
 
             async def both_know() -> bool:
                 _, _, text = await fresh(member, "GET", "/metrics", READER)
-                return unhealthy(text.decode()) and unhealthy(await _worker_metrics(folder))
+                return unhealthy(text.decode()) and unhealthy(await worker_metrics(folder))
 
             await until(both_know, 10, "both workers show `a` unhealthy")
             await asyncio.sleep(1.5)  # a note adopted late would write a second event by now
@@ -515,7 +358,7 @@ async def test_at_a_stop_each_request_in_flight_is_answered_whichever_worker_hol
         member = leader(sops_project, tmp_path, redis)
         async with replicas(member):
             folder = private_folder(member)
-            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await listening(folder)
             a.latency_s = 2.0
 
             async def piped() -> int:
@@ -553,7 +396,7 @@ async def test_a_connection_piped_and_closed_leaves_no_open_file_in_the_follower
         async with replicas(member):
             assert member.process is not None
             folder = private_folder(member)
-            await until(lambda: _async((folder / "worker-1.sock").exists()), 20, "the follower listening")
+            await listening(folder)
             (follower,) = children(member.process.pid)
             before = len(list(Path(f"/proc/{follower}/fd").iterdir()))
             for _ in range(40):
