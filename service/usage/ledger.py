@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 State = Literal["ok", "degraded", "off"]
 T = TypeVar("T")
 
+STOP_WAIT_S = 5.0
+"""How long a stop waits for the ledger's thread to store what it holds before it cuts the calls
+waiting on the database (`Store.interrupt`): a database that stopped answering would otherwise
+hold the stop for a transaction's whole deadline."""
 MEMORY_LIMIT = 100_000
 """Lines held in memory while the spool cannot be written (a full disk); then the oldest go."""
 
@@ -140,7 +144,15 @@ class Ledger(Drain):
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._thread.join, STOP_WAIT_S)
+            if self._thread.is_alive():  # waiting on a database that does not answer: cut it
+                log.warning(
+                    "ledger: the database did not answer within %g s of the stop; what is not "
+                    "stored stays in the spool, stored at the next start",
+                    STOP_WAIT_S,
+                )
+                await asyncio.to_thread(self.store.interrupt)
+                await asyncio.to_thread(self._thread.join)
         spool, self._spool = self._spool, None
         if spool is not None:
             await asyncio.to_thread(spool.close)

@@ -397,6 +397,30 @@ async def test_a_database_that_stops_answering_is_503_and_holds_up_neither_the_g
     assert sum(p.read_bytes().count(b"\n") for p in spool.glob("*.jsonl")) == 1
 
 
+async def test_a_stop_while_a_write_waits_on_the_database_is_quick_and_keeps_its_record(
+    sops_project: SopsProject, postgres_url: str
+) -> None:
+    """The ledger's thread waits in a transaction the database does not answer (here a lock
+    another session holds on the records' table: a server that answers nothing looks the same)
+    when the service is stopped: the stop cuts it rather than wait out the transaction's
+    deadline (a minute), and its record stays in the spool for the next start."""
+    import psycopg
+
+    with psycopg.connect(postgres_url) as blocker:
+        async with serve(_project(sops_project), usage_db=postgres_url) as service:
+            service.app[LEDGER].submit(record(ts=TODAY))
+            await _recorded(service, 1)
+            blocker.execute("LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE")  # held by its transaction
+            service.app[LEDGER].submit(record(ts=TODAY))  # its batch's insert waits for the lock
+            await asyncio.sleep(1.5)
+            stopping = time.monotonic()
+        stopped = time.monotonic() - stopping
+        blocker.rollback()
+    assert stopped < 15, stopped
+    spool = sops_project.root / "var" / "usage-spool"
+    assert sum(p.read_bytes().count(b"\n") for p in spool.glob("*.jsonl")) == 1
+
+
 def test_the_ledger_is_a_record_sink() -> None:
     from service.usage.record import RecordSink
 

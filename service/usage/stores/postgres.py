@@ -54,6 +54,9 @@ class PostgresStore(SQLStore):
         self._max_size = max_size
         self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
         self._lock = threading.Lock()
+        self._using: set[psycopg.Connection[Any]] = set()
+        """The connections calls are using now: what `interrupt` cuts."""
+        self._interrupted = False
 
     def _connections(self) -> ConnectionPool[psycopg.Connection[Any]]:
         with self._lock:
@@ -93,8 +96,10 @@ class PostgresStore(SQLStore):
 
     @contextlib.contextmanager
     def _connection(self, seconds: float) -> Iterator[psycopg.Connection[Any]]:
+        if self._interrupted:
+            raise StoreUnavailable("PostgreSQL did not answer before the service stopped")
         try:
-            with self._connections().connection() as conn, _deadline(conn, seconds):
+            with self._connections().connection() as conn, _deadline(conn, seconds), self._used(conn):
                 yield conn
         except PoolTimeout:
             raise StoreUnavailable("PostgreSQL cannot be reached") from None
@@ -107,6 +112,25 @@ class PostgresStore(SQLStore):
 
     def _schema_lock(self, cursor: Cursor) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+
+    @contextlib.contextmanager
+    def _used(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        with self._lock:
+            self._using.add(conn)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._using.discard(conn)
+
+    def interrupt(self) -> None:
+        """Cut every call waiting on PostgreSQL now (their sockets shut down: each fails as a lost
+        connection, its transaction rolled back), and fail those that come after."""
+        with self._lock:
+            self._interrupted = True
+            using = list(self._using)
+        for conn in using:
+            _shut(conn)
 
     def close(self) -> None:
         with self._lock:

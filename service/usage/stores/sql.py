@@ -101,6 +101,11 @@ class SQLStore:
     def close(self) -> None:
         raise NotImplementedError
 
+    def interrupt(self) -> None:
+        """Cut the calls waiting on the database now, and fail those that come after (a stop that
+        cannot wait: their records stay in the spool). A database of a local file never keeps a
+        call waiting long: nothing to do."""
+
     # -- the ledger's side ---------------------------------------------------------------------------
 
     def open(self) -> None:
