@@ -77,7 +77,7 @@ def _private_unlike_public() -> str | None:
     return None
 
 
-class _Recorder:
+class Recorder:
     """What aiohttp's `StreamWriter` calls of a transport, keeping what it is given."""
 
     def __init__(self) -> None:
@@ -111,7 +111,7 @@ def _stream_unlike_aiohttp(fields: CIMultiDictProxy[str]) -> str | None:
     `blocked` (what they read of a request and a connection, private, is as the fast path has it),
     and its `body_length` told once its end is written, not before."""
     outlet = fast_request.Outlet()
-    outlet.transport = cast(asyncio.Transport, recorder := _Recorder())
+    outlet.transport = cast(asyncio.Transport, recorder := Recorder())
     outlet.loop, outlet.blocked, outlet.drained = asyncio.get_running_loop(), False, None
     outlet.send_timeout_s = 60.0  # its wait is watched too (and unwatched once it ends)
     outlet.cuts = Cuts()  # counted nowhere

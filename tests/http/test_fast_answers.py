@@ -14,6 +14,7 @@ from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.http import fast_request
+from service.http.fast_check import Recorder
 from service.http.fast_request import FastRequest, Outlet, serialized
 from service.metrics import Cuts
 
@@ -29,23 +30,6 @@ RELAYED = {
 BODY = b'{"id": "chatcmpl-1", "choices": []}'
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.written = bytearray()
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.written += b"".join(chunks)
-
-
 def _request(version: HttpVersion, keep_alive: bool, outlet: Outlet | None = None) -> FastRequest:
     fields = CIMultiDictProxy(CIMultiDict({"Host": "h", "Content-Length": "2"}))
     path, none = "/v1/chat/completions", cast(Any, None)
@@ -55,7 +39,7 @@ def _request(version: HttpVersion, keep_alive: bool, outlet: Outlet | None = Non
 async def _aiohttps(make: Callable[[], web.Response], version: HttpVersion, keep_alive: bool) -> bytes:
     """What aiohttp's own `Response.prepare` and `write_eof` write of `make()`."""
     outlet = Outlet()
-    outlet.transport = cast(asyncio.Transport, recorder := _Recorder())
+    outlet.transport = cast(asyncio.Transport, recorder := Recorder())
     outlet.loop, outlet.blocked, outlet.drained = asyncio.get_running_loop(), False, None
     outlet.send_timeout_s, outlet.cuts = 60.0, Cuts()
     request = _request(version, keep_alive, outlet)
