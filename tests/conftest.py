@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from service.journal.reader import read_events
 from service.runtime.registry import Registry
 from service.settings import Settings
 from tests.support.postgres import PostgresServer, binaries
-from tests.support.replicas import Checkout, make_remote, routing_yaml, server_yaml
+from tests.support.replicas import Checkout, RedisServer, make_remote, routing_yaml, server_yaml
 
 _AMBIENT_SOPS_VARS = (
     "SOPS_AGE_KEY",
@@ -203,6 +203,16 @@ async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> Any:
         await asyncio.sleep(0.01)
 
 
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
+    """Poll `check` until it holds; the seconds it took. AssertionError after `timeout`."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
 @dataclass
 class Service:
     """A running service (as `switchboard serve` runs it) and an HTTP session to call it."""
@@ -331,6 +341,16 @@ def remote(sops_project: SopsProject, tmp_path: Path) -> tuple[Path, Checkout]:
     (sops_project.providers / "gpu.yaml").write_text(server_yaml("gpu", 9))
     (sops_project.providers / "routing.yaml").write_text(routing_yaml("gpu"))
     return make_remote(tmp_path, sops_project.root)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """Debian's `redis-server` of the test's own, on a free port, stopped after it."""
+    server = RedisServer(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 
 from service.client import Switchboard
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, until
 from tests.support.balancer import RoundRobin, round_robin
 from tests.support.replicas import Checkout, RedisServer, Replica, clone, free_port, replica_env, server_yaml
-from tests.test_replicas import PAYLOAD, SECRET, all_serve, signed, until
+from tests.test_replicas import PAYLOAD, SECRET, all_serve, signed
 
 API = "/api/v1/llm-config"
 WAIT_S = 2.0

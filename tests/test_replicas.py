@@ -10,15 +10,14 @@ import hashlib
 import hmac
 import json
 import signal
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, until
 from tests.support.replicas import (
     Checkout,
     GitSync,
@@ -43,16 +42,6 @@ pytestmark = pytest.mark.timeout(90)
 def signed(body: bytes) -> dict[str, str]:
     digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     return {"X-Hub-Signature-256": f"sha256={digest}", "Content-Type": "application/json"}
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    """Poll `check` until it holds; the seconds it took. AssertionError after `timeout`."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 async def all_serve(members: tuple[Replica, ...], commit: str) -> bool:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from service.usage.encoding import encode
 from service.usage.ledger import Ledger
 from service.usage.spool import Spool
 from service.usage.stores import open_store
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, until
 from tests.support.replicas import RedisServer, replicas
 from tests.support.upstreams import FakeUpstream
 from tests.support.workers import (
@@ -49,7 +48,6 @@ from tests.support.workers import (
     replayed,
     restarted,
     route,
-    until,
     worker_metrics,
     worker_requests,
 )
@@ -59,21 +57,12 @@ from tests.usage.test_ledger import stored_ids
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_two_workers_serve_one_port_as_one_service(
-    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+    sops_project: SopsProject, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with FakeUpstream(name="a") as a, FakeUpstream(name="b") as b:
         configure(sops_project, a, b)
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         async with replicas(member):
             assert member.process is not None
             await until(lambda: awaitable(len(children(member.process.pid)) == 1), 20, "a follower")
@@ -161,11 +150,11 @@ async def test_two_workers_serve_one_port_as_one_service(
 
 
 async def test_a_follower_ends_with_its_leader_even_one_starting(
-    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+    sops_project: SopsProject, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with FakeUpstream(name="a") as a:
         configure(sops_project, a)
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         async with replicas(member):
             assert member.process is not None
             await until(lambda: awaitable(len(children(member.process.pid)) == 1), 20, "a follower")
@@ -175,7 +164,7 @@ async def test_a_follower_ends_with_its_leader_even_one_starting(
             await member.stop(signal.SIGKILL)
             await until(lambda: awaitable(not alive(follower)), 20, "the follower gone with its leader")
             assert not folder.exists()  # the leader's private folder, which it had no time to remove
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         await member.start()  # killed while its follower starts: the follower does not stay
         assert member.process is not None
         await until(lambda: awaitable(len(children(member.process.pid)) == 1), 20, "a follower")
@@ -203,7 +192,7 @@ def test_workers_without_redis_are_refused_in_one_line(
 
 
 async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_no_token_is_logged(
-    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+    sops_project: SopsProject, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with FakeUpstream(name="a") as a:
         configure(sops_project, a)
@@ -213,7 +202,7 @@ async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_
         clients = yaml.safe_load((sops_project.providers / "clients.yaml").read_text())
         clients["clients"][0]["limits"] = {"budget": {"usd": "1", "period": "day"}}
         (sops_project.providers / "clients.yaml").write_text(yaml.safe_dump(clients))
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         async with replicas(member):
             assert member.process is not None
             folder = private_folder(member)
@@ -249,11 +238,11 @@ async def test_a_budget_a_follower_exhausts_is_one_event_in_the_leaders_log_and_
 
 
 async def test_a_key_refused_is_one_health_event_and_both_workers_know_it(
-    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+    sops_project: SopsProject, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with FakeUpstream(name="a") as a:
         configure(sops_project, a)
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         async with replicas(member):
             assert member.process is not None
             folder = private_folder(member)
@@ -349,13 +338,13 @@ async def test_the_spools_of_followers_no_longer_started_are_stored_by_the_leade
 
 
 async def test_at_a_stop_each_request_in_flight_is_answered_whichever_worker_holds_it(
-    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+    sops_project: SopsProject, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """SIGTERM to the leader: as one process does, every request in flight is answered before
     the stop, those a follower relays and those it pipes to the leader (a chunked body)."""
     async with FakeUpstream(name="a") as a:
         configure(sops_project, a)
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         async with replicas(member):
             folder = private_folder(member)
             await listening(folder)
@@ -385,14 +374,14 @@ async def test_at_a_stop_each_request_in_flight_is_answered_whichever_worker_hol
 
 
 async def test_a_connection_piped_and_closed_leaves_no_open_file_in_the_follower(
-    sops_project: SopsProject, tmp_path: Path, redis: RedisServer
+    sops_project: SopsProject, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """The leader closes a connection once it answered (`Connection: close`), the client then
     closes its end: both ends of the pipe close, none is left half-closed for good (two file
     descriptors of the follower per connection)."""
     async with FakeUpstream(name="a") as a:
         configure(sops_project, a)
-        member = leader(sops_project, tmp_path, redis)
+        member = leader(sops_project, tmp_path, redis_server)
         async with replicas(member):
             assert member.process is not None
             folder = private_folder(member)

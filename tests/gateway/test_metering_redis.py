@@ -8,10 +8,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from service.http.context import LIMITS
 from tests.conftest import SopsProject, eventually
@@ -19,13 +16,6 @@ from tests.gateway.test_metering import READER, Records, chat, metered, priced_p
 from tests.support.gateway import Switchboard, write_routing
 from tests.support.replicas import RedisServer
 from tests.support.upstreams import FakeUpstream
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 @contextlib.asynccontextmanager

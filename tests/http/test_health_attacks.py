@@ -15,10 +15,8 @@ from service.http.context import FANOUT, HEALTH
 from service.runtime.messages import HealthNote
 from service.vcs.gitrepo import blob_sha
 from tests.conftest import SopsProject, eventually, serve, write_routing, write_server
-from tests.http.test_shared_health import changes, forge, pair, redis_server
+from tests.http.test_shared_health import changes, forge, pair
 from tests.support.replicas import RedisServer
-
-__all__ = ["redis_server"]  # the fixture, used here
 
 pytestmark = pytest.mark.timeout(60)
 

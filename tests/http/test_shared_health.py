@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,13 +28,6 @@ from tests.http.test_push import API, get
 from tests.support.replicas import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 @asynccontextmanager

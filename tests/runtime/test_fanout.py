@@ -30,13 +30,6 @@ from tests.support.replicas import Checkout, RedisServer, clone, git, routing_ya
 API = "/api/v1/llm-config"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
 @asynccontextmanager
 async def member(
     project: SopsProject, checkout: Checkout, name: str, **settings: Any

@@ -8,15 +8,14 @@ import asyncio
 import contextlib
 import hashlib
 import re
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
 
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, until
 from tests.support.replicas import RedisServer, Replica, free_port, replica_env
 from tests.support.upstreams import FakeUpstream
 
@@ -87,15 +86,6 @@ async def fresh(
 async def chat(member: Replica, token: str) -> tuple[int, dict[str, str], bytes]:
     payload = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     return await fresh(member, "POST", "/v1/chat/completions", token, json=payload)
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 def children(pid: int) -> list[int]:

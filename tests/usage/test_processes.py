@@ -11,8 +11,7 @@ import contextlib
 import hashlib
 import signal
 import sqlite3
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.conftest import SopsProject
+from tests.conftest import SopsProject, until
 from tests.support.postgres import PostgresServer
 from tests.support.replicas import RedisServer, Replica, free_port, replica_env, replicas
 from tests.support.upstreams import FakeUpstream
@@ -84,16 +83,6 @@ async def chat(member: Replica, token: str = TOKEN, **body: Any) -> tuple[int, d
     headers = {"Authorization": f"Bearer {token}"}
     async with member.http.post(f"{member.url}/v1/chat/completions", json=payload, headers=headers) as r:
         return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.text()
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    """Poll `check` until it holds; the seconds it took."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 def sqlite_ids(path: Path) -> list[str]:
@@ -166,13 +155,6 @@ async def two(
     )
     async with replicas(*members) as (one, other):
         yield one, other
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 async def test_two_replicas_hold_one_budget_and_one_rpm_and_charge_exactly_what_they_answered(

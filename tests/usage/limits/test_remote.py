@@ -31,13 +31,6 @@ from tests.usage.conftest import record
 from tests.usage.limits.test_limiter import Clock, limits
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Any:
-    server = RedisServer(tmp_path / "redis")
-    yield server
-    server.stop()
-
-
 class SharedLedger(Ledger):
     """One ledger for every replica, as PostgreSQL is (docs/reference.md §13.4), here in SQLite."""
 
