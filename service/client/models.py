@@ -15,11 +15,15 @@ HEALTHY = ("healthy", "unknown")
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    """A provider's last known health, as the service reported it."""
+    """A provider's last known health, as the service reported it: the confirmed `status` and
+    `reason` (shared between replicas), the last check's time and latency, and the `circuit` of
+    the replica that answered (`closed`, `open` or `half_open`)."""
 
     status: str = "unknown"
     checked_at: str | None = None
     latency_ms: float | None = None
+    reason: str | None = None
+    circuit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +76,11 @@ class Provider:
             file=data.get("file"),
             commit=data.get("commit"),
             health=Health(
-                health.get("status", "unknown"), health.get("checked_at"), health.get("latency_ms")
+                health.get("status", "unknown"),
+                health.get("checked_at"),
+                health.get("latency_ms"),
+                health.get("reason"),
+                health.get("circuit"),
             ),
             raw=dict(data),
             **extra,

@@ -137,9 +137,12 @@ class Switchboard:
         return next((p for p in route.candidates if p.healthy), None)
 
     async def get_fallback_provider(
-        self, provider: Provider, *, timeout_s: float | None = None
+        self, provider: Provider | None, *, timeout_s: float | None = None
     ) -> Provider | None:
-        """The healthy candidate after `provider` in its purpose's route, or None."""
+        """The healthy candidate after `provider` in its purpose's route, or None (also for None:
+        what `get_active_llm_provider` gives when no candidate is healthy has no next one)."""
+        if provider is None:
+            return None
         if provider.purpose is None:
             raise ValueError(
                 "this provider was not taken from a route: pass one get_active_llm_provider gave"

@@ -81,6 +81,28 @@ async def test_unhealthy_candidates_are_skipped(sops_project: SopsProject) -> No
             await eventually(lambda: _first_is(sb, "c"), timeout=10)
 
 
+async def test_with_no_healthy_candidate_there_is_no_fallback_and_health_says_why(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §11's example passes what `get_active_llm_provider` gave to
+    `get_fallback_provider`: None when no candidate is healthy, and then there is no next one
+    (it raised AttributeError). A provider's health is what §6 shows: `reason` and `circuit` too."""
+    project_with_route(sops_project)  # a, b and c on ports nobody listens on
+    async with serve(sops_project) as service, Switchboard(service.url) as sb:
+        for provider_id in "abc":  # the first result after `unknown` is adopted at once
+            assert not (await sb.test_provider(provider_id)).ok
+
+        async def none_healthy() -> None:
+            assert await sb.get_active_llm_provider("chat") is None
+
+        await eventually(none_healthy, timeout=10)
+        assert await sb.get_fallback_provider(None) is None
+        for provider in (await sb.route("chat")).candidates:
+            health = provider.health
+            assert health.status == "unhealthy" and health.reason and "cannot connect" in health.reason
+            assert health.circuit in ("closed", "open", "half_open")
+
+
 async def _first_is(sb: Switchboard, provider_id: str, *, stale: bool | None = None) -> None:
     chat = await sb.get_active_llm_provider("chat")
     assert chat is not None and chat.id == provider_id
