@@ -83,12 +83,16 @@ def watched(handler: Handler) -> Handler:
         index = parse_index(request.query.get("index"))
         wait = request.query.get("wait")
         wait_s = parse_wait(wait)  # read even when nothing holds: a bad one is 400
+        theirs = tags.listed(request.headers.get("If-None-Match"))
         if index is not None:
             await changes.wait_past(index, wait_s, request.get(CLIENT))
             authenticate_again(request)  # the clients may have changed while it waited
+            if theirs:
+                # Answered now, as the index says, but judged as a tag is: a tag of a commit not
+                # applied here is 304, never older content (docs/reference.md §9), shutdown too.
+                return await _held_on_tag(request, handler, theirs, 0.0)
             # at shutdown the content, even to a client whose tag matches it (docs/reference.md §9)
             return conditional(request, await handler(request), changes, compare=not changes.closing)
-        theirs = tags.listed(request.headers.get("If-None-Match"))
         if not theirs:
             return conditional(request, await handler(request), changes)
         return await _held_on_tag(request, handler, theirs, wait_s if wait else 0.0)

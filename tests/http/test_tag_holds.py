@@ -115,6 +115,30 @@ async def test_a_tag_from_the_future_holds_and_never_steps_back(committed: Servi
     assert (await get(committed, f"{API}/active/chat", {"If-None-Match": future})).status == 304
 
 
+async def test_a_tag_from_the_future_sent_with_an_index_never_steps_back(committed: Service) -> None:
+    """`?index=N` answers at once when N is not this replica's index, and at shutdown; a tag this
+    replica has not applied, sent with it, still never gets older content (docs/reference.md §9:
+    "A replica never answers a tag with older content", and shutdown's "304 for a tag whose
+    commit it has not applied"): 304 with the client's own tag. It was 200 with the old content."""
+    first = await get(committed, API + "/active/chat")
+    index = int(first.headers["X-Switchboard-Index"])
+    future = retagged(first.headers["ETag"], commit="f" * 40, digest="0" * 24)
+    started = time.monotonic()
+    elsewhere = await get(
+        committed, f"{API}/active/chat?index={index + 5}&wait=30s", {"If-None-Match": future}
+    )
+    assert time.monotonic() - started < 2
+    assert elsewhere.status == 304 and elsewhere.headers["ETag"] == future and elsewhere.body == b""
+    held = asyncio.create_task(
+        get(committed, f"{API}/active/chat?index={index}&wait=300s", {"If-None-Match": future})
+    )
+    await asyncio.sleep(0.5)
+    assert not held.done()
+    await committed.stop()
+    answer = await asyncio.wait_for(held, 10)
+    assert answer.status == 304 and answer.headers["ETag"] == future and answer.body == b""
+
+
 async def test_a_tag_of_a_commit_not_applied_yet_holds_until_it_is(committed: Service) -> None:
     """The replica's clone has the commit (fetched) but serves an older one: the query holds until
     it applies it, then answers with it."""
