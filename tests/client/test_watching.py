@@ -376,3 +376,23 @@ async def test_a_balancer_that_cuts_held_questions_is_followed_without_a_loop(
         await sb.wait_for_change(version, timeout_s=10)
         chat = await sb.get_active_llm_provider("chat")
         assert chat is not None and chat.base_url.endswith(":7401/v1") and not chat.stale
+
+
+async def test_by_default_the_held_question_is_the_tag_with_wait_15s_due_within_18_s() -> None:
+    """docs/reference.md §11: its held query is `If-None-Match` with `wait=15s` and a read timeout
+    of about 18 s, never a replica's index; the tag sent back is the one given, as it was given."""
+    questions: list[tuple[str, str | None]] = []
+    tag = 'W/"-.-.0123abcd"'
+
+    async def active(request: web.Request) -> web.StreamResponse:
+        questions.append((request.path_qs, request.headers.get("If-None-Match")))
+        if len(questions) == 1:
+            return web.Response(body=ROUTES, content_type="application/json", headers={"ETag": tag})
+        await asyncio.sleep(30)  # held: the client's own timeout ends it
+        return web.Response(status=304, headers={"ETag": tag})
+
+    async with serving(hand_written(active)) as url, Switchboard(url) as sb:
+        assert (await sb.get_active_llm_provider("chat")) is not None
+        await eventually(lambda: len(questions) == 2)
+        assert questions == [(f"{API}/active", None), (f"{API}/active?wait=15s", tag)]
+        assert (sb.wait_s, sb.wait_s + sb.grace_s) == (15, 18) and not sb.stale
