@@ -302,6 +302,14 @@ class Health:
         self._confirm(provider_id, track, status, reason, local=False, at=at)
         return True
 
+    def confirmed(self, provider_id: str) -> tuple[HealthState, float] | None:
+        """The status this replica shows for the provider (a budget's hold aside) and when it was
+        confirmed, here or by the replica it was adopted from; None while it is `unknown`."""
+        state, track = self._states.get(provider_id), self._tracks.get(provider_id)
+        if state is None or track is None or state.status == "unknown":
+            return None
+        return state, track.confirmed_at
+
     def _track(self, provider_id: str) -> _Track:
         track = self._tracks.get(provider_id)
         if track is None:

@@ -221,7 +221,9 @@ def _share_health(
     A note is adopted only for the version of the provider this replica serves (the blob of its
     file), and at most once a second per provider: the newest of those heard meanwhile is adopted
     when the second is over, so a flood of notes (whoever may publish on Redis) cannot flood the
-    event log, and the last word is never lost.
+    event log, and the last word is never lost. When a replica joins (`Fanout.on_joined`), every
+    status shown is published again (at most once a second), dated when it was confirmed, so the
+    newcomer shows what the others do rather than `unknown` until its own checks tell.
     """
     registry, health = app[REGISTRY], app[HEALTH]
     blobs = PerSnapshot(_provider_blobs)
@@ -267,11 +269,34 @@ def _share_health(
         if blob is not None and state.status != "unknown":
             fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at))
 
+    told_at, due = -ADOPT_EVERY_S, False  # when every status was told last; whether a telling is due
+
+    def tell_all() -> None:  # on the loop
+        nonlocal told_at, due
+        told_at, due = loop.time(), False
+        for provider_id, blob in blobs.of(registry.snapshot).items():
+            shown = health.confirmed(provider_id)
+            if shown is not None:
+                state, at = shown
+                fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at))
+
+    def newcomer() -> None:  # on the loop: at most once a second, however many join
+        nonlocal due
+        if not due:
+            due = True
+            loop.call_later(max(0.0, told_at + ADOPT_EVERY_S - loop.time()), tell_all)
+
+    def joined() -> None:  # in the fan-out's thread
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(newcomer)
+
     fanout.on_health = heard
+    fanout.on_joined = joined
     health.on_confirmed.append(confirmed)
 
     def stop() -> None:
         fanout.on_health = None
+        fanout.on_joined = None
         health.on_confirmed.remove(confirmed)
 
     return stop
@@ -333,12 +358,12 @@ def _fanout(app: web.Application, url: str, puller: Puller | None, loop: asyncio
         on_new=on_new,
         on_state=lambda up: metrics.fanout_connected.set(1 if up else 0),
     )
-    announced: list[str | None] = [None]
+    announced: list[tuple[str | None, bool]] = [(None, False)]
 
     def on_apply(outcome: Outcome) -> None:  # in the applying thread
-        commit = registry.state.last_applied_commit
-        if commit != announced[0]:
-            announced[0] = commit
+        serving = (registry.state.last_applied_commit, registry.state.ready)
+        if serving != announced[0]:  # a new commit, or ready at last: the others hear it now
+            announced[0] = serving
             fanout.announce()
 
     registry.on_apply.append(on_apply)

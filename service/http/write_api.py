@@ -26,8 +26,9 @@ from service.errors import BadRequest, NotFound, Unprocessable
 from service.http.auth import CLIENT, Handler, client_name, scoped
 from service.http.bodies import json_body
 from service.http.config_api import test_provider
-from service.http.context import PREFIX, WRITER
+from service.http.context import PREFIX, SETTINGS, WRITER
 from service.http.rendering import answer_tag, provider_answer, route_answer
+from service.runtime.delivery import refuse_unfed
 from service.runtime.drafts import ProviderKind
 from service.runtime.writer import Written
 
@@ -53,8 +54,11 @@ async def _body(request: web.Request) -> Mapping[str, Any]:
     body of 16 MiB is refused at once instead of being rendered and encrypted for seconds, lock
     held. Every write route takes an object, and refuses anything else alike (400) before the
     writer sees it: `[]` passed on as a route was taken for a function of the current one (a 500).
-    Writes off: 405 first, whatever the body (docs/reference.md §8)."""
-    request.app[WRITER].writable()
+    Writes off, or a replica without a push: 405 first, whatever the body (docs/reference.md §8, §12)."""
+    writer = request.app[WRITER]
+    writer.writable()
+    if writer.committer is not None:
+        await refuse_unfed(request.app[SETTINGS], writer.committer.repo)
     body = await json_body(request, limit=MAX_FILE_BYTES)
     if not isinstance(body, Mapping):
         raise BadRequest(f"the body must be a JSON object, not {_json_type(body)}")

@@ -61,6 +61,17 @@ def fed_from(settings: Settings, repo: GitRepo) -> tuple[str | None, GitRepo]:
     return synced, repo
 
 
+async def refuse_unfed(settings: Settings, repo: GitRepo) -> None:
+    """`fed_from`'s 405 alone, asked before a write's body is read: without a link on the way
+    to the providers it asks no git (and does not leave the loop); behind one, git tells whether
+    it is git-sync's checkout, in a thread."""
+    if settings.git_push is None:
+        if link_folders(settings.providers_dir):
+            await asyncio.to_thread(fed_from, settings, repo)
+        else:
+            fed_from(settings, repo)
+
+
 def synced_checkout(providers_dir: Path) -> tuple[str, GitRepo] | None:
     """(HEAD, the repository's git directory) of the detached worktree behind the link; None
     for a branch checked out. A worktree git-sync removes under the question is asked again."""

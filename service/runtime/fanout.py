@@ -4,7 +4,9 @@ Each replica publishes a heartbeat on one channel every 2 s, and at once when it
 new commit: `{"replica", "instance", "commit", "generation", "ready"}`. On the same channel
 it publishes each health status it confirmed itself (`HealthNote`: provider, the blob of its
 file, status, reason, when), which the others adopt when it is newer than theirs, so replicas
-show one status per provider (docs/reference.md §12). A note is checked field by field and,
+show one status per provider (docs/reference.md §12); when a replica is heard ready that was not
+(a new one, one restarted, one back after an outage) `on_joined` is told, and the service publishes
+again what it shows, so the newcomer shows it too. A note is checked field by field and,
 when the replicas hold an age identity, signed with a key derived from it: anyone else who can
 publish on Redis cannot forge one. Every replica listens;
 one that hears of a commit it does not have asks its pull to run now, so a change that
@@ -72,8 +74,8 @@ REPULL_S = 10.0
 CHECKS_PER_S = 20
 """Commits looked up in git per second, at most: made-up commits cannot keep git busy (a real
 one is heard again in the next heartbeat)."""
-HEALTH_OUTBOX = 256
-"""Health notes waiting for a session, at most (the oldest go first)."""
+HEALTH_OUTBOX = 4096
+"""Health notes waiting for a session, at most (the oldest go first; `on_joined` tells each provider's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class Peer:
     seen_at: datetime
     heard: float
     """`time.monotonic()` when it came."""
+    instance: str = ""
+    """The process that sent it (a restarted replica is another one)."""
 
     def answer(self) -> dict[str, Any]:
         """As `GET …/replicas` lists it."""
@@ -124,6 +128,8 @@ class Fanout:
         self._url = url
         self.on_health = on_health
         """Called, in the thread, with each health note another replica published (checked)."""
+        self.on_joined: Callable[[], None] | None = None
+        """Called, in the thread, when a replica is heard ready that was not a moment ago."""
         self.health_key = health_key
         """Signs the notes this replica publishes; with it, notes not signed with it are ignored."""
         self._outbox: list[str] = []
@@ -172,7 +178,7 @@ class Fanout:
     def tell_health(self, note: HealthNote) -> None:
         """Publish a health status this replica confirmed; from any thread, never blocks. Without a
         session it waits (the newest `HEALTH_OUTBOX`) for the next one."""
-        message = note.signed(self.local().replica, self.instance, self.health_key)
+        message = note.signed(self.local().replica, self.instance, self.health_key, time.time())
 
         def queue() -> None:
             self._outbox.append(message)
@@ -331,7 +337,11 @@ class Fanout:
                 self._heard_self = now
                 self._set_connected(True)
             return
-        peer = Peer(beat, datetime.now(UTC), now)
+        peer = Peer(beat, datetime.now(UTC), now, instance)
+        known = self._peers.get(beat.replica)
+        joined = beat.ready and (
+            known is None or known.instance != instance or now - known.heard > LIVE_S or not known.beat.ready
+        )
         if now - self._pruned >= 1.0:  # the silent ones go once a second, not a copy per message
             self._pruned = now
             self._publish({n: p for n, p in self._peers.items() if now - p.heard <= LIVE_S})
@@ -341,6 +351,8 @@ class Fanout:
             self._peers[beat.replica] = peer
         elif len(self._peers) < MAX_PEERS:
             self._publish({**self._peers, beat.replica: peer})
+        if joined and self.on_joined is not None:
+            self.on_joined()
         if beat.commit is not None and beat.commit != local.commit:
             await self._consider(beat.commit, now)
 

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from service.settings import REPLICA_NAME
 
@@ -30,10 +30,11 @@ MAX_REASON = 300
 FUTURE_S = 5.0
 """A note dated further ahead than this (clocks differ a little, not more) is refused."""
 PAST_S = 120.0
-"""A note dated further back than this is refused: notes are published as they are confirmed,
-and anyone who can read Redis can publish a genuine one again later. A replica that has
-confirmed nothing since it started would take an old one as news (a provider down yesterday,
-shown down again); past two minutes each replica's own checks are the better word."""
+"""A note sent further back than this is refused: anyone who can read Redis can publish a
+genuine one again later, and a replica that has confirmed nothing since it started would take
+it as news (a provider down yesterday, shown down again). A note is dated twice: `at`, when its
+status was confirmed (the newest wins, however old), and `sent`, when it was published (this
+check): a replica that joins is told what the others show now (`Fanout.on_joined`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,8 @@ class HealthNote:
     at: float
     """When it was confirmed, wall clock (the newest wins)."""
 
-    def signed(self, replica: str, instance: str, key: bytes | None) -> str:
+    def signed(self, replica: str, instance: str, key: bytes | None, sent: float | None = None) -> str:
+        """The message, sent at `sent` (wall clock; `at` when None), signed with `key` if any."""
         body: dict[str, Any] = {
             "kind": "health",
             "replica": replica,
@@ -58,10 +60,15 @@ class HealthNote:
             "status": self.status,
             "reason": self.reason,
             "at": self.at,
+            "sent": self.at if sent is None else sent,
         }
         if key is not None:
             body["mac"] = _mac(key, body)
         return json.dumps(body, separators=(",", ":"))
+
+
+def _finite(value: object) -> TypeGuard[float]:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _mac(key: bytes, body: dict[str, Any]) -> str:
@@ -78,6 +85,7 @@ def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, 
         return None
     provider, blob, status = doc.get("provider"), doc.get("blob"), doc.get("status")
     reason, at, instance = doc.get("reason"), doc.get("at"), doc.get("instance")
+    sent = doc.get("sent", at)
     if not (isinstance(instance, str) and 0 < len(instance) <= 64):
         return None
     if not (isinstance(doc.get("replica"), str) and REPLICA_NAME.match(doc["replica"])):
@@ -92,9 +100,9 @@ def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, 
         isinstance(reason, str) and len(reason) <= MAX_REASON and not _CONTROL.search(reason)
     ):
         return None
-    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+    if not (_finite(at) and _finite(sent)):
         return None
-    if not now - PAST_S <= at <= now + FUTURE_S:
+    if not (at <= now + FUTURE_S and now - PAST_S <= sent <= now + FUTURE_S):
         return None
     if key is not None:
         mac = doc.get("mac")

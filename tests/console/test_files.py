@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import re
+import tomllib
 from collections.abc import AsyncIterator
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from service.console.routes import CONSOLE, CSP
 from tests.conftest import Service, SopsProject, serve, write_routing, write_server
 from tests.support.gateway import write_clients
 
+REPO = Path(__file__).resolve().parents[2]
 SECURITY = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -160,6 +163,18 @@ def test_the_assets_are_small() -> None:
     console = Console.load()
     sent = len(console.index.gzipped) + sum(len(a.gzipped) for a in console.assets.values())
     assert sent < 80_000, sent
+
+
+def test_every_asset_is_in_the_package_data_the_wheel_is_built_from() -> None:
+    """§10: "every asset is in the package": the wheel takes the console's files by the globs of
+    pyproject's `package-data`, so an asset of a new kind (a font, a map) would be served from a
+    checkout and missing from an installed service."""
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    folder = REPO / "service" / "console"
+    shipped = {p for pattern in globs["service.console"] for p in folder.glob(pattern)}
+    every = {p for p in (folder / "assets").rglob("*") if p.is_file()}
+    assert every and every <= shipped, sorted(str(p.relative_to(folder)) for p in every - shipped)
+    assert set(assets()) == {p.name for p in every}
 
 
 def _code(source: str) -> str:

@@ -208,7 +208,8 @@ async def test_a_body_that_cannot_be_decoded_is_400_not_500(
     raised out of the handler: the unauthenticated webhook (and every endpoint reading a body)
     answered 500 to anyone."""
     bare, _ = remote
-    async with pulling(sops_project, clone(bare, tmp_path / "replica")) as service:
+    # With a push, so the write below reads its body (without one it is 405 before reading it).
+    async with pulling(sops_project, clone(bare, tmp_path / "replica"), git_push="origin") as service:
         before = await pulls(service)
         garbage = b"\x1f\x8b not gzip at all"
         for path, headers in (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,41 @@ async def test_a_git_sync_replica_refuses_writes_without_a_push(
         status, body = await write(service)
         assert status == 405
         assert "git-sync" in body["error"]["message"] and "SWITCHBOARD_GIT_PUSH" in body["error"]["message"]
+
+
+WHATEVER_THE_BODY = [
+    ("POST", "/api-keys", {}),
+    ("POST", SERVERS, {"id": "NOT A NAME"}),
+    ("PUT", "/active/chat", {"primary": "nobody"}),
+    ("POST", "/active", {"purpose": "chat"}),
+    ("PATCH", SERVERS + "/gpu", {"base_url": "not a url"}),
+    ("DELETE", SERVERS + "/nobody", None),
+]
+
+
+@pytest.mark.parametrize("synced", [False, True], ids=["pull", "git-sync"])
+async def test_a_replica_without_a_push_refuses_every_write_with_405_before_judging_its_body(
+    sops_project: SopsProject, remote: tuple[Path, Checkout], tmp_path: Path, synced: bool
+) -> None:
+    """§12 "a write needs SWITCHBOARD_GIT_PUSH (otherwise 405, saying why)": a write that could
+    never be made here is not told how to fix its body (a create's body was judged first: 422)."""
+    bare, _ = remote
+    if synced:
+        sync = GitSync(tmp_path / "git", bare)
+        sync.sync()
+        settings: dict[str, Any] = {"root": sync.link, "providers": sync.providers}
+    else:
+        mine = clone(bare, tmp_path / "replica")
+        settings = {"root": mine.root, "providers": mine.providers, "git_pull": "origin/main"}
+    async with serve(sops_project, **settings) as service:
+        for method, path, body in WHATEVER_THE_BODY:
+            url = service.url + (path if path.startswith("/api/") else "/api/v1/llm-config" + path)
+            data = None if body is None else json.dumps(body)
+            headers = {"Content-Type": "application/json"}
+            async with service.http.request(method, url, data=data, headers=headers) as response:
+                answer = await response.json()
+                assert (response.status, response.headers.get("Allow")) == (405, "GET, HEAD"), (path, answer)
+                assert "SWITCHBOARD_GIT_PUSH" in answer["error"]["message"]
 
 
 async def test_an_empty_push_variable_is_no_push_and_a_replica_that_pulls_refuses_writes(

@@ -147,6 +147,11 @@ def test_a_note_is_checked_field_by_field() -> None:
     assert parse_health(unknown.signed("r", "i", None), None, now) is None
     nan = json.dumps({**json.loads(good.signed("r", "i", None)), "at": float("nan")})
     assert parse_health(nan, None, now) is None
+    # confirmed long ago and sent now (told to a replica that joined): news; sent long ago: a replay
+    old = HealthNote("gpu", "a" * 40, "unhealthy", "HTTP 503", now - 86_400)
+    assert parse_health(old.signed("r", "i", b"k", now), b"k", now) == (old, "i")
+    assert parse_health(old.signed("r", "i", b"k"), b"k", now) is None
+    assert parse_health(good.signed("r", "i", b"k", now - 3600), b"k", now) is None
 
 
 async def test_a_flood_of_notes_adopts_at_most_one_a_second_and_the_last_wins(
@@ -169,3 +174,34 @@ async def test_a_flood_of_notes_adopts_at_most_one_a_second_and_the_last_wins(
         events = [e for e in b.events() if e.type == "provider.health_changed"]
         assert b.app[HEALTH].get("gpu").status == "healthy"  # the last note published
     assert len(events) <= 4
+
+
+async def test_a_replica_that_starts_later_shows_what_the_others_confirmed_long_before(
+    sops_project: SopsProject, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "All replicas show one health status per provider within 1 s": a replica that joins (a
+    new pod, a restart) is told what the others show, however long ago they confirmed it, and
+    does not show `unknown` (and give another tag) until its own checks find out. Notes are
+    dated twice: when the status was confirmed (the newest wins) and when the note was sent
+    (what a replayed note is refused by)."""
+    monkeypatch.setattr("service.runtime.messages.PAST_S", 0.5)  # "long before", without a wait
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    var = sops_project.root / "var"
+    url = redis_server.url
+    async with serve(
+        sops_project, replica="a", redis_url=url, events=var / "a.jsonl", usage_spool=var / "a-s"
+    ) as a:
+        await eventually(lambda: a.app[FANOUT].connected, 10)
+        a.app[HEALTH].checked("gpu", CheckResult(False, 2.0, "HTTP 503"))
+        await asyncio.sleep(1.0)  # past PAST_S: the note a published then is no news to anyone now
+        async with serve(
+            sops_project, replica="b", redis_url=url, events=var / "b.jsonl", usage_spool=var / "b-s"
+        ) as b:
+            await eventually(lambda: b.app[FANOUT].connected, 10)
+            joined = time.monotonic()
+            await eventually(lambda: b.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 503"), 5)
+            assert time.monotonic() - joined < 1.0
+            assert (await get(a, API + "/active/chat")).headers["ETag"] == (
+                await get(b, API + "/active/chat")
+            ).headers["ETag"]
