@@ -48,6 +48,8 @@ log = logging.getLogger("service.client")  # the logger applications configured 
 
 PREFIX = "/api/v1/llm-config"
 INDEX_HEADER = "X-Switchboard-Index"
+MAX_WAIT_S = 300.0
+"""The longest the service holds a question (`?wait=`, docs/reference.md §9)."""
 NEWS_HELD_S = 0.2
 """A held question answered with news after this long was held, not answered at once: a
 service that answers at once does so in milliseconds."""
@@ -71,6 +73,8 @@ class Switchboard:
     ) -> None:
         if wait_s <= 0 or grace_s <= 0:
             raise ValueError("wait_s and grace_s must be positive")
+        if wait_s > MAX_WAIT_S:
+            raise ValueError(f"wait_s is at most {MAX_WAIT_S:g}: the service holds a question no longer")
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.wait_s = wait_s
@@ -305,7 +309,7 @@ class Switchboard:
         headers = dict(self._headers)
         if self._tag is not None and self._body is not None:
             headers["If-None-Match"] = self._tag
-        query = f"?wait={self.wait_s:g}s" if held else ""
+        query = f"?wait={_duration(self.wait_s)}" if held else ""
         # The read timeout is how a silent service is noticed: the answer is due at `wait_s`.
         timeout = aiohttp.ClientTimeout(
             total=self.wait_s + self.grace_s
@@ -397,3 +401,10 @@ def _usable_tag(tag: str | None) -> str | None:
     if tag is None or not tag or len(tag) > MAX_TAG_CHARS or not (tag.isascii() and tag.isprintable()):
         return None
     return tag
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as the service reads a `wait`: whole seconds (`15s`), else milliseconds
+    (`1500ms`, at least `1ms`); never a form it refuses (`1e-05s`)."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"

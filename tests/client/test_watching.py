@@ -19,6 +19,7 @@ from aiohttp import web
 
 from service.client import Event, Switchboard
 from service.http.changes import CHANGES
+from service.http.push import parse_wait
 from tests.conftest import AgeIdentity, Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.support.replicas import Replica, free_port, replica_env, replicas
 from tests.support.upstreams import serving
@@ -396,3 +397,31 @@ async def test_by_default_the_held_question_is_the_tag_with_wait_15s_due_within_
         await eventually(lambda: len(questions) == 2)
         assert questions == [(f"{API}/active", None), (f"{API}/active?wait=15s", tag)]
         assert (sb.wait_s, sb.wait_s + sb.grace_s) == (15, 18) and not sb.stale
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "sent"), [(0.00001, "1ms"), (1.5, "1500ms"), (300, "300s"), (0.25, "250ms")]
+)
+async def test_the_held_question_says_its_wait_in_a_form_the_service_reads(wait_s: float, sent: str) -> None:
+    """A `wait_s` of any size the service holds is sent as `Ns` or `Nms` (`{:g}` made `1e-05s`,
+    which the service refuses with 400, and the client then asked again and again)."""
+    questions: list[str] = []
+    tag = 'W/"-.-.0123abcd"'
+
+    async def active(request: web.Request) -> web.StreamResponse:
+        questions.append(request.path_qs)
+        if len(questions) == 1:
+            return web.Response(body=ROUTES, content_type="application/json", headers={"ETag": tag})
+        await asyncio.sleep(30)
+        return web.Response(status=304, headers={"ETag": tag})
+
+    async with serving(hand_written(active)) as url, Switchboard(url, wait_s=wait_s) as sb:
+        assert (await sb.get_active_llm_provider("chat")) is not None
+        await eventually(lambda: len(questions) >= 2)
+        assert questions[1] == f"{API}/active?wait={sent}"
+        parse_wait(sent)  # the service's own reading takes it
+
+
+def test_a_wait_longer_than_the_service_holds_is_refused_when_the_client_is_made() -> None:
+    with pytest.raises(ValueError, match="at most 300"):
+        Switchboard("http://127.0.0.1:1", wait_s=301)
