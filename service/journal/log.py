@@ -67,9 +67,10 @@ class EventLog:
         """Called with each event once it is written, in the appending thread (metrics count
         events here). A callback that raises is logged and the others still run."""
         self.recovered_tail: str | None = None
-        self.fault: str | None = None
-        """What was found wrong with the file the last time it was appended to or read (None:
-        nothing): replaced, removed, truncated or written by another hand under the service."""
+        self._changed: str | None = None
+        """How the file was found changed under the log the last time it was checked."""
+        self._unwritable: str | None = None
+        """Why the last append failed (a full disk), until one succeeds."""
         self._lock = threading.Lock()
         self._tail = b""
         """The last line, as written: the end of the file is checked against it."""
@@ -189,10 +190,23 @@ class EventLog:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)
-            raise EventLogError(f"{self.path}: cannot append: {exc}") from exc
+            failure = f"cannot append: {exc}"
+            if self._unwritable is None:
+                log.error("%s: %s", self.path, failure)
+            self._unwritable = failure
+            raise EventLogError(f"{self.path}: {failure}") from exc
+        if self._unwritable is not None:
+            log.warning("%s: appends go on", self.path)
+            self._unwritable = None
         return size
 
     # -- whether the file is still the one written ---------------------------------------------
+
+    @property
+    def fault(self) -> str | None:
+        """What is wrong with the file (None: nothing), as last found: changed under the log
+        (replaced, removed, truncated, written by another hand), or its last append failed."""
+        return self._changed or self._unwritable
 
     def check(self) -> None:
         """EventLogError naming the fault when the file is not the one this log wrote, whole
@@ -204,12 +218,12 @@ class EventLog:
     def _check(self) -> None:
         """`check`, under the lock, with the file open."""
         fault = self._trouble()
-        if fault != self.fault:
+        if fault != self._changed:
             if fault is not None:
                 log.error("%s: %s; nothing is appended to it until it is whole again", self.path, fault)
             else:
                 log.warning("%s: the event log is whole again; appends go on", self.path)
-            self.fault = fault
+            self._changed = fault
         if fault is not None:
             raise EventLogError(f"{self.path}: {fault}; nothing is appended to it (restore it, or restart)")
 

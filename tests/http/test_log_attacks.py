@@ -5,6 +5,8 @@ that is not the one written, and the service goes on once the file is back."""
 
 from __future__ import annotations
 
+import json
+import resource
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +18,11 @@ from service.journal.reader import read_events, verify
 from tests.conftest import Service, SopsProject, eventually, git, serve, write_routing, write_server
 from tests.http.test_write_api import call
 from tests.http.test_write_api import repo as repo  # a fixture
+from tests.support.replicas import Replica, free_port, replica_env, replicas
 
 pytestmark = pytest.mark.timeout(60)
+
+API = "/api/v1/llm-config"
 
 READERS = (
     "/api/v1/llm-config/audit",
@@ -118,3 +123,37 @@ async def test_a_write_while_the_log_is_away_is_a_409_that_leaves_git_as_it_was(
     assert git(repo.root, "rev-parse", "HEAD") == before
     assert git(repo.root, "status", "--porcelain") == ""
     assert not (repo.providers / "new.yaml").exists()
+
+
+async def test_a_log_that_cannot_grow_refuses_appends_and_keeps_its_chain(
+    sops_project: SopsProject, tmp_path: Path
+) -> None:
+    """A real `switchboard serve` whose files may not grow (the kernel's file size limit, lowered
+    on the running process: every write past it fails, as on a full disk): a `secret.read` that
+    cannot be recorded gives no key (503 `not_ready`, not 500), `/readyz` says why, nothing torn
+    is left, and appends go on once the file may grow."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    env = replica_env(sops_project.identity.key_file, usage_db="off")
+    member = Replica("full", sops_project.root, sops_project.providers, free_port(), env, tmp_path)
+    path = f"{API}/active/chat/litellm?model=m"
+    async with replicas(member):
+        assert member.process is not None
+        pid, events = member.process.pid, member.events_file
+        _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (events.stat().st_size + 100, hard))
+        status, body = await member.get(path)
+        assert status == 503, body
+        assert body["error"]["type"] == "not_ready" and "cannot append" in body["error"]["message"]
+        assert "api_key" not in json.dumps(body)
+        status, ready = await member.get("/readyz")
+        assert ready["degraded"] is True and ready["event_log"]["status"] == "failed"
+        assert verify(events) == len(read_events(events))  # cut back to its last whole line
+
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        status, body = await member.get(path)
+        assert status == 200, body
+        status, ready = await member.get("/readyz")
+        assert ready["event_log"] == {"status": "ok", "reason": None}
+    assert [e.type for e in read_events(events)][-1] == "secret.read"
+    assert verify(events) == len(read_events(events))
