@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -82,6 +83,9 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO would hang the start, read forever
+            os.close(self._fd)
+            raise EventLogError(f"{self.path}: the event log is not a regular file")
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

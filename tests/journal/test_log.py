@@ -282,3 +282,10 @@ def test_a_log_made_unreadable_under_the_service_is_still_read_and_appended_to(l
         finally:
             log_path.chmod(0o600)
     assert verify(log_path) == 2
+
+
+def test_a_log_that_is_a_fifo_is_refused_at_once(log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True)
+    os.mkfifo(log_path)
+    with pytest.raises(EventLogError, match="not a regular file"):
+        EventLog(log_path)  # not read: nothing would ever end it
