@@ -11,6 +11,7 @@ one middleware (`service.http.middleware`). The gateway's routes are taken befor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +21,7 @@ from aiohttp import web
 from service import __version__
 from service.config.upstreams import AllowedUpstreams, Lookup, system_lookup
 from service.crypto.sops import Sops
-from service.errors import NotReady
+from service.errors import EventLogError, NotReady
 from service.gateway.health import Health
 from service.http import (
     changes,
@@ -213,6 +214,9 @@ async def _readyz(request: web.Request) -> web.Response:
     limiter = keeper.limiter
     puller = request.app.get(PULLER)
     ledger = request.app[LEDGER].state
+    events = request.app[EVENTS]
+    with contextlib.suppress(EventLogError):  # its fault is said below
+        await asyncio.to_thread(events.check)  # reads the file's end: off the loop
     body = {
         "status": "ready",
         "replica": request.app[SETTINGS].replica,
@@ -220,9 +224,10 @@ async def _readyz(request: web.Request) -> web.Response:
         "last_applied_commit": state.last_applied_commit,
         "last_attempted_commit": state.last_attempted_commit,
         "refused": [{"file": f, "reason": r} for f, r in sorted(state.refused.items())],
-        "degraded": state.degraded or limiter.degraded or ledger == "degraded",
+        "degraded": state.degraded or limiter.degraded or ledger == "degraded" or events.fault is not None,
         "limits": limiter.mode,
         "ledger": ledger,
+        "event_log": {"status": "ok" if events.fault is None else "failed", "reason": events.fault},
     }
     if puller is not None:  # SWITCHBOARD_GIT_PULL (docs/reference.md §12)
         body["sync"] = puller.status.answer()

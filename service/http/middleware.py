@@ -7,17 +7,20 @@ are the app's internals, not an API.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
 
-from service.errors import HTTPError, PayloadTooLarge
+from service.errors import EventLogError, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.relay import NOSNIFF_HEADER
 from service.http.auth import Handler, same_machine
 from service.http.context import METRICS, SETTINGS
 from service.http.malformed import on_path
 from service.http.openai_api import internal, unreadable
 from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 @web.middleware
@@ -47,10 +50,16 @@ def failure_answer(request: web.Request, exc: Exception, route: str) -> web.Resp
     On Anthropic's Messages paths it comes in Anthropic's shape, even when the router gives it
     (a 405, a 417): the SDKs read no other (docs/reference.md §14).
 
-    A web.HTTPException below 400 (a redirect) is raised again, for aiohttp to answer."""
+    The event log's EventLogError (replaced, truncated or full under the service) is 503
+    `not_ready`, its message saying what; a web.HTTPException below 400 (a redirect) is raised
+    again, for aiohttp to answer."""
     headers: dict[str, str] = {}
     if isinstance(exc, HTTPError):
         status, body, headers = exc.status, exc.body(), exc.headers()
+    elif isinstance(exc, EventLogError):  # a log that cannot be read or appended: no bug of ours
+        log.warning("%s %s: %s", request.method, route, exc)
+        unlogged = NotReady(str(exc))
+        status, body = unlogged.status, unlogged.body()
     elif isinstance(exc, web.HTTPRequestEntityTooLarge):
         error = PayloadTooLarge.over(request.app[SETTINGS].max_body_bytes)
         status, body = error.status, error.body()

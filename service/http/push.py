@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, EventLogError, NotFound
 from service.http import tags
 from service.http.auth import CLIENT, Handler, authenticate_again
 from service.http.changes import ADMIN_ONLY, CHANGES, Changes, Stream, frame
@@ -227,14 +227,17 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         await response.write_eof()
         return response
+    replaying = after if after is not None and after <= log_.last_seq else None
     with changes.stream(client) as stream:
         last = changes.seq
+        if replaying is not None:  # a log that cannot be read is said before the stream starts (503)
+            await asyncio.to_thread(log_.check)  # quick: not queued behind the replays' thread
         try:
             await response.prepare(request)
             stream.transport = request.transport
             send = _sender(response)
-            if after is not None and after <= log_.last_seq:
-                last = await _replay(changes, log_, stream, after, send)
+            if replaying is not None:
+                last = await _replay(changes, log_, stream, replaying, send)
             # An id ahead of this log (another replica's, or a log replaced) starts from now.
             await send(b": connected\n\n")
             while not stream.closed:
@@ -255,6 +258,8 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
             await response.write_eof()
         except ConnectionResetError:  # the client left, or took nothing for WRITE_TIMEOUT_S
             log.debug("an event stream's client is gone")
+        except EventLogError as exc:  # broken under the service mid-replay: the client resumes later
+            log.warning("an event stream was closed: %s", exc)
     return response
 
 

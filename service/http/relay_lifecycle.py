@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from service.config.models import Provider
+from service.errors import EventLogError
 from service.gateway.health import CheckResult, Status, check
 from service.gateway.protocols import ids
 from service.gateway.relay import Relay
@@ -155,6 +156,8 @@ async def _write_events(app: web.Application, queue: asyncio.Queue[BaseEvent]) -
         draft = await queue.get()
         try:
             await asyncio.to_thread(app[EVENTS].append, draft)
+        except EventLogError as exc:  # said once by the log, and by /readyz: no traceback
+            log.warning("cannot record %s: %s", draft.type, exc)
         except Exception:
             log.exception("cannot record %s", draft.type)
         finally:

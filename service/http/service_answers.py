@@ -30,6 +30,14 @@ class SyncAnswer(Answer):
     remote_commit: str | None = Field(description="what the remote's branch is at; null before a fetch")
 
 
+class EventLogAnswer(Answer):
+    """The event log (docs/reference.md §5): `failed` while the file was replaced, removed,
+    truncated or written by another hand under the service, and nothing is appended to it."""
+
+    status: Literal["ok", "failed"]
+    reason: str | None
+
+
 class Readiness(Answer):
     """Ready once the first load is done; `refused` lists the files the last load set aside."""
 
@@ -40,8 +48,8 @@ class Readiness(Answer):
     last_attempted_commit: str | None
     refused: list[RefusedFile]
     degraded: bool = Field(
-        description="true while any file is refused, Redis is configured but away, or the usage ledger "
-        "is degraded"
+        description="true while any file is refused, Redis is configured but away, the usage ledger "
+        "is degraded, or the event log failed"
     )
     limits: Literal["redis", "local", "refuse"] = Field(
         description="where limits and budgets are counted: `redis`, or this replica alone (`local`; "
@@ -51,6 +59,7 @@ class Readiness(Answer):
         description="the usage ledger (reference §13): `degraded` while its database cannot be reached "
         "(records wait in the spool), `off` with `SWITCHBOARD_USAGE_DB=off`"
     )
+    event_log: EventLogAnswer
     sync: SyncAnswer | None = Field(None, description="only with `SWITCHBOARD_GIT_PULL`")
 
 

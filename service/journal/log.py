@@ -8,6 +8,10 @@ The log grows for years, so the process keeps no event in memory: an `Index` of 
 one is in the file, and the configuration the log ends with (the checkpoint the registry
 starts from). Reading past events (`events_after`, `select`, `replay`) goes back to the
 file, from any thread, while appends go on.
+
+The file is the service's while it runs: one replaced, moved, removed, truncated, appended to
+or edited at its end under it (`fault`) is appended to no more, and not read, until it is
+whole again, so that the hash chain never forks and no answer is read from another file.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, TypeVar, cast
+from typing import TypeVar, cast
 
 from service.config.view import VIEW_CHANGING_TYPES, ConfigView, apply_change, empty_view
 from service.errors import EventLogError
@@ -63,7 +68,13 @@ class EventLog:
         """Called with each event once it is written, in the appending thread (metrics count
         events here). A callback that raises is logged and the others still run."""
         self.recovered_tail: str | None = None
+        self._changed: str | None = None
+        """How the file was found changed under the log the last time it was checked."""
+        self._unwritable: str | None = None
+        """Why the last append failed (a full disk), until one succeeds."""
         self._lock = threading.Lock()
+        self._tail = b""
+        """The last line, as written: the end of the file is checked against it."""
         self._index = Index()
         self._view = empty_view()
         self._last: BaseEvent | None = None
@@ -72,6 +83,9 @@ class EventLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):  # a FIFO would hang the start, read forever
+            os.close(self._fd)
+            raise EventLogError(f"{self.path}: the event log is not a regular file")
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -111,12 +125,12 @@ class EventLog:
             raise EventLogError(
                 f"{self.path}: line {number} is not a valid event; run `switchboard audit verify`"
             ) from exc
-        self._track(offset, len(line), event)
+        self._track(offset, line, event)
 
-    def _track(self, offset: int, length: int, event: BaseEvent) -> None:
+    def _track(self, offset: int, line: bytes, event: BaseEvent) -> None:
         """Index `event` and bring the checkpoint and counters up to it (under the lock)."""
-        self._index.add(offset, length, event.seq, event.ts, event.type)
-        self._last = event
+        self._index.add(offset, len(line), event.seq, event.ts, event.type)
+        self._last, self._tail = event, line
         if event.type in VIEW_CHANGING_TYPES:
             apply_change(self._view, event.type, event.subject, event.changes)
             if event.type in _NAMED_FILES:
@@ -158,9 +172,10 @@ class EventLog:
                 line = (json.dumps(data, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
             except ValueError as exc:
                 raise EventLogError(f"{self.path}: event is not valid JSON: {exc}") from exc
+            self._check()
             offset = self._write(line)
             event = event.model_copy(update={"hash": data["hash"]})
-            self._track(offset, len(line), event)
+            self._track(offset, line, event)
         for callback in list(self.on_append):
             try:
                 callback(cast("Event", event))
@@ -179,8 +194,61 @@ class EventLog:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, size)
-            raise EventLogError(f"{self.path}: cannot append: {exc}") from exc
+            failure = f"cannot append: {exc}"
+            if self._unwritable is None:
+                log.error("%s: %s", self.path, failure)
+            self._unwritable = failure
+            raise EventLogError(f"{self.path}: {failure}") from exc
+        if self._unwritable is not None:
+            log.warning("%s: appends go on", self.path)
+            self._unwritable = None
         return size
+
+    # -- whether the file is still the one written ---------------------------------------------
+
+    @property
+    def fault(self) -> str | None:
+        """What is wrong with the file (None: nothing), as last found: changed under the log
+        (replaced, removed, truncated, written by another hand), or its last append failed."""
+        return self._changed or self._unwritable
+
+    def check(self) -> None:
+        """EventLogError naming the fault when the file is not the one this log wrote, whole
+        (`fault` says the same). Reads the file's end: call it off the event loop."""
+        with self._lock:
+            if self._fd >= 0:
+                self._check()
+
+    def _check(self) -> None:
+        """`check`, under the lock, with the file open."""
+        fault = self._trouble()
+        if fault != self._changed:
+            if fault is not None:
+                log.error("%s: %s; nothing is appended to it until it is whole again", self.path, fault)
+            else:
+                log.warning("%s: the event log is whole again; appends go on", self.path)
+            self._changed = fault
+        if fault is not None:
+            raise EventLogError(f"{self.path}: {fault}; nothing is appended to it (restore it, or restart)")
+
+    def _trouble(self) -> str | None:
+        try:
+            there = self.path.stat()
+        except OSError as exc:
+            return f"the event log was removed or moved away under the service ({exc.strerror})"
+        mine = os.fstat(self._fd)
+        if (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+            return "the event log was replaced by another file under the service"
+        end = self._index.end
+        if mine.st_size < end:
+            return f"the event log was truncated under the service ({mine.st_size} of {end} bytes left)"
+        if mine.st_size > end:
+            extra = mine.st_size - end
+            return f"the event log was written to by another hand ({extra} bytes after the last event)"
+        tail = self._tail
+        if tail and os.pread(self._fd, len(tail), end - len(tail)) != tail:
+            return "the event log's last line was changed under the service"
+        return None
 
     # -- where the log stands ----------------------------------------------------------------
 
@@ -287,7 +355,7 @@ class EventLog:
     def _lines(self, start: int, stop: int | None) -> Iterator[tuple[int, bytes]]:
         """(position, line) of the events from `start` to `stop` (None: to the end, as it grows)."""
         index = self._index
-        with self.path.open("rb") as f:
+        with self._reader() as fd:
             position = start
             while True:
                 with self._lock:
@@ -296,11 +364,35 @@ class EventLog:
                         return
                     last, first, after = index.block(position, end, _BLOCK)
                     offsets = index.offsets[position:last]
-                data = _read_at(f, first, after - first)
+                data = self._read_at(fd, first, after - first)
                 bounds = [*offsets, after]
                 for i in range(len(offsets)):
                     yield position + i, data[bounds[i] - first : bounds[i + 1] - first]
                 position = last
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[int]:
+        """A descriptor of the file to read past events from: the one appended to (checked
+        first, so an answer is never read from another file), or once closed the path's."""
+        with self._lock:
+            if self._fd >= 0:
+                self._check()
+                fd = os.dup(self._fd)
+            else:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise EventLogError(f"{self.path}: cannot read the event log: {exc.strerror}") from exc
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read_at(self, fd: int, offset: int, size: int) -> bytes:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise EventLogError(f"{self.path}: the event log was truncated under the service")
+        return data
 
     def _parse(self, line: bytes) -> Event:
         try:
@@ -329,11 +421,3 @@ class EventLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
-    f.seek(offset)
-    data = f.read(size)
-    if len(data) != size:
-        raise EventLogError(f"{f.name}: the file is shorter than its index; was it replaced?")
-    return data

@@ -9,9 +9,13 @@ the first bad seq, a torn last line included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import ValidationError
 
@@ -25,7 +29,7 @@ def iter_events(path: Path | str) -> Iterator[Event]:
     For the commands, which may read while the service appends; memory stays bounded
     whatever the length of the log.
     """
-    with contextlib.suppress(FileNotFoundError), Path(path).open("rb") as f:
+    with contextlib.suppress(FileNotFoundError), _open(path) as f:
         pending: bytes | None = None
         for line in f:
             if pending is not None:
@@ -40,9 +44,19 @@ def readable(path: Path | str) -> None:
     says so for a missing one (a wrong `--events`), where its empty answer would read as "nothing
     happened" or as an empty configuration."""
     try:
-        Path(path).open("rb").close()
+        _open(path).close()
     except OSError as exc:
         raise _unreadable(path, exc) from exc
+
+
+def _open(path: Path | str) -> BinaryIO:
+    """The log at `path`, opened for reading; OSError for a FIFO or a device, which would block
+    the command or never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return os.fdopen(fd, "rb")
 
 
 def _unreadable(path: Path | str, exc: OSError) -> EventLogError:
@@ -67,7 +81,7 @@ def verify(path: Path | str) -> int:
     prev = GENESIS
     seq = 0
     try:
-        with Path(path).open("rb") as f:
+        with _open(path) as f:
             for seq, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
                     raise ChainBroken(seq, "the last line is torn (no newline at its end)")

@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from service.errors import GitError
+from service.errors import EventLogError, GitError
 from service.runtime.registry import Outcome, Registry, State
 from service.runtime.watcher import Reloader
 from service.vcs.commit import Committer
@@ -87,10 +87,13 @@ class Lander:
         """Reload; why the written file `name` was not applied, or None when it was.
 
         Not applied: the file refused, the batch refused as a whole (files with local edits may
-        make it fail cross-file checks that passed at HEAD), or the reload failing outright.
+        make it fail cross-file checks that passed at HEAD), the event log unable to record it,
+        or the reload failing outright.
         """
         try:
             outcome = await reload()
+        except EventLogError as exc:  # a change that cannot be recorded is not applied
+            return f"the event log cannot record it: {exc}"
         except Exception:  # a write must not stay half-applied, whatever went wrong
             log.exception("the reload after a write failed")
             return "the reload failed (see the service log)"

@@ -177,6 +177,7 @@ class Committer:
         says why, in the reflog.
         """
         paths = self.changed(old, new)
+        expected = self.tree.contents(old, paths)
         try:
             self._record(ref, old, new, paths)
         except OSError as exc:  # a full disk: nothing has moved
@@ -186,11 +187,20 @@ class Committer:
         except GitError:
             self._forget()
             raise
+        edited: list[str] = []
+
+        def untouched() -> None:
+            # Local changes made since the caller checked for them (a hand edit, another
+            # program): checked again at the last moment, and never written over.
+            edited.extend(self.tree.edited(expected))
+            if edited:
+                raise GitError(f"{', '.join(edited)}: changed in the working tree meanwhile; not overwritten")
+
         try:
-            self.tree.bring(new, paths)
+            self.tree.bring(new, paths, before=untouched)
         except (GitError, OSError) as exc:
             try:
-                self.undo(ref, old, new, paths)
+                self.undo(ref, old, new, [] if edited else paths)  # nothing written: the branch alone
             except (GitError, OSError) as failed:
                 raise GitError(
                     f"could not update the working tree ({exc}), nor put it back ({failed}); "

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from service.errors import GitError
@@ -36,7 +36,9 @@ class WorkTree:
         self.repo = repo
         self._git_dir = git_dir
 
-    def bring(self, commit: str | None, paths: list[str]) -> None:
+    def bring(
+        self, commit: str | None, paths: list[str], *, before: Callable[[], None] | None = None
+    ) -> None:
         """Each of `paths` as it is in `commit`, as a checkout leaves it; then their index entries.
 
         Files are written atomically with their mode (100755 executable), a symlink is made a
@@ -47,9 +49,12 @@ class WorkTree:
         folder, as after a `git pull` or a git-sync swap: the watcher asks git, which says the
         commit has none, and serves an empty configuration). Blobs are read in
         batches (one git call each, not two per file), and nothing is written through a link
-        that leads out of the repository.
+        that leads out of the repository. `before` is called once git has listed the commit,
+        before anything is written: what it raises leaves the tree as it was.
         """
         entries = self._entries(commit, paths)
+        if before is not None:
+            before()
         for path in sorted((p for p in paths if p not in entries), reverse=True):
             target = self._inside(path)
             with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
@@ -65,6 +70,17 @@ class WorkTree:
                 self._place(self._inside(path), contents[sha.decode()], mode)
         if paths:
             self._set_index(paths, entries)
+
+    def contents(self, commit: str | None, paths: list[str]) -> dict[str, bytes | None]:
+        """What each of `paths` holds in `commit` (a link: where it leads; None: nothing), to
+        tell with `edited` whether the working tree still holds it."""
+        entries = {p: e for p, e in self._entries(commit, paths).items() if e[0] != b"160000"}
+        blobs = self.repo.blobs(sorted({e[1].decode() for e in entries.values()})) if entries else {}
+        return {p: blobs[entries[p][1].decode()] if p in entries else None for p in paths}
+
+    def edited(self, expected: Mapping[str, bytes | None]) -> list[str]:
+        """Those of `expected`'s paths whose working tree file no longer holds what it gives."""
+        return [path for path, data in expected.items() if _held(self.repo.root / path) != data]
 
     def _entries(self, commit: str | None, paths: list[str]) -> dict[str, tuple[bytes, bytes]]:
         """(mode, object id) in `commit` of those of `paths` it holds: one listing of the whole
@@ -146,6 +162,19 @@ class WorkTree:
             log.warning("removing a stale %s left by a write cut short", lock)
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
+
+
+def _held(target: Path) -> bytes | None:
+    """What the working tree holds at `target`: a link's target, a file's bytes, None when
+    nothing is there (or an empty folder a removal left, as git sees it)."""
+    try:
+        if target.is_symlink():
+            return os.fsencode(target.readlink())
+        return target.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except IsADirectoryError:
+        return None if not any(target.iterdir()) else b"\0a folder"
 
 
 def no_filters(repo: GitRepo) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,19 @@ def test_a_command_reading_a_missing_log_is_one_error_line_and_exit_1(
     missing = tmp_path / "var" / "events.jsonl"
     assert (code, out) == (1, "")
     assert err == f"switchboard: error: {missing}: cannot read the event log: No such file or directory\n"
+
+
+@pytest.mark.parametrize("command", [["audit", "show"], ["audit", "verify"], ["state"]], ids=" ".join)
+def test_a_command_reading_a_log_that_is_a_fifo_says_so_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """Opening a FIFO for reading waits for a writer: each command hung, forever."""
+    fifo = tmp_path / "var" / "events.jsonl"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    code, out, err = run(capsys, "--root", str(tmp_path), *command)
+    assert (code, out) == (1, "")
+    assert err == f"switchboard: error: {fifo}: cannot read the event log: not a regular file\n"
 
 
 @pytest.mark.parametrize(

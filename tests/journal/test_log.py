@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import tracemalloc
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from service.config.view import diff_views, empty_view
+from service.errors import EventLogError
 from service.journal.events import (
     ConfigRejected,
     ProviderHealthChanged,
@@ -19,7 +21,7 @@ from service.journal.events import (
     draft_from_change,
 )
 from service.journal.log import EventLog
-from service.journal.reader import read_events
+from service.journal.reader import read_events, verify
 from service.journal.replay import filter_events, replay
 from tests.journal.test_events import record
 from tests.support.views import provider_view
@@ -190,3 +192,100 @@ def test_the_file_a_routing_change_named_is_remembered_across_a_restart(log_path
     with EventLog(log_path) as reopened:
         assert reopened.last_file_of("routing.updated") == "providers.d/routes.yaml"
         assert reopened.last_file_of("clients.updated") is None
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _replace(path: Path) -> None:
+    copy = path.with_name("copy.jsonl")
+    copy.write_bytes(path.read_bytes())
+    copy.replace(path)
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+def _append(path: Path) -> None:
+    with path.open("ab") as f:
+        f.write(b'{"seq": 99}\n')
+
+
+def _edit_last_line(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-3] + b"X" + data[-2:])  # same length, in place
+
+
+def _a_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "fault"),
+    [
+        (_truncate, "truncated"),
+        (_replace, "replaced"),
+        (_remove, "removed"),
+        (_a_directory, "replaced"),
+        (_append, "written to by another hand"),
+        (_edit_last_line, "last line was changed"),
+    ],
+)
+def test_a_file_changed_under_the_log_is_neither_appended_to_nor_read(
+    log_path: Path, tamper: Callable[[Path], None], fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with EventLog(log_path) as log:
+        log.append(ServiceStarted(version="0.1.0", pid=1))
+        log.append(health("a"))
+        tamper(log_path)
+        before = log_path.read_bytes() if log_path.is_file() else None
+
+        for attempt in (
+            lambda: log.append(health("b")),
+            lambda: list(log.events_after(0)),
+            lambda: log.select(),
+            lambda: log.replay(),
+            log.check,
+        ):
+            with pytest.raises(EventLogError, match=fault):
+                attempt()
+        # nothing appended: no event whose `prev` forks the chain from what is there now
+        assert (log_path.read_bytes() if log_path.is_file() else None) == before
+        assert log.last_seq == 2 and log.fault is not None and fault in log.fault
+    assert caplog.text.count(fault) == 1  # logged once, not at each refusal
+
+
+def test_a_log_moved_back_under_the_service_is_appended_to_again(log_path: Path) -> None:
+    aside = log_path.with_name("aside.jsonl")
+    with EventLog(log_path) as log:
+        log.append(ServiceStarted(version="0.1.0", pid=1))
+        log_path.rename(aside)
+        with pytest.raises(EventLogError, match="removed or moved away"):
+            log.append(health("a"))
+        aside.rename(log_path)
+        log.append(health("a"))
+        assert log.fault is None
+        assert [e.seq for e in log.events_after(0)] == [1, 2]
+    assert verify(log_path) == 2
+
+
+def test_a_log_made_unreadable_under_the_service_is_still_read_and_appended_to(log_path: Path) -> None:
+    with EventLog(log_path) as log:
+        log.append(ServiceStarted(version="0.1.0", pid=1))
+        log_path.chmod(0)
+        try:
+            log.append(health("a"))
+            assert [e.seq for e in log.select()] == [1, 2]  # through the file it holds open
+        finally:
+            log_path.chmod(0o600)
+    assert verify(log_path) == 2
+
+
+def test_a_log_that_is_a_fifo_is_refused_at_once(log_path: Path) -> None:
+    log_path.parent.mkdir(parents=True)
+    os.mkfifo(log_path)
+    with pytest.raises(EventLogError, match="not a regular file"):
+        EventLog(log_path)  # not read: nothing would ever end it

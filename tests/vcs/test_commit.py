@@ -106,6 +106,30 @@ def test_a_branch_moved_meanwhile_is_refused_and_nothing_changes(repo: GitRepo) 
     assert not (repo.root / ".git" / "switchboard-write.json").exists()
 
 
+@pytest.mark.parametrize("edit", ["changed", "removed", "added"])
+def test_a_file_edited_since_the_callers_check_is_never_written_over(repo: GitRepo, edit: str) -> None:
+    """A hand edit (or another program) between the writer's check for local changes and the
+    files' move: the branch goes back, and the edit stays as it was made."""
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    changes = {"providers.d/a.yaml": b"a: 2\n", "providers.d/b.yaml": b"b: 2\n"}
+    commit = committer.build(base, changes, author=AUTHOR, text="m\n")
+    a, b = repo.root / "providers.d" / "a.yaml", repo.root / "providers.d" / "b.yaml"
+    if edit == "changed":
+        a.write_text("a: 1  # by hand\n")
+    elif edit == "removed":
+        a.unlink()
+    else:
+        b.write_text("b: by hand\n")
+    before = {path: path.read_bytes() if path.exists() else None for path in (a, b)}
+    with pytest.raises(GitError, match="changed in the working tree meanwhile; not overwritten"):
+        committer.advance(ref, base, commit)
+    assert committer.resolve("HEAD") == base
+    assert {path: path.read_bytes() if path.exists() else None for path in (a, b)} == before
+    assert git(repo.root, "diff", "--cached", "--name-only") == ""  # the index as it was
+    assert not (repo.root / ".git" / "switchboard-write.json").exists()
+
+
 def test_no_hook_runs(repo: GitRepo, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     for name in ("pre-commit", "post-commit", "reference-transaction", "post-index-change", "post-checkout"):
