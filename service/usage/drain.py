@@ -73,6 +73,9 @@ class Drain:
         self._opened = False
         self._db_up = store is not None
         self._spool_ok = True
+        self._spool_fault: str | None = None
+        """Why the last cycle could not use the spool's folder (removed, or replaced by a file
+        under the service), until one can: `state` is degraded meanwhile."""
         self._failures = 0
         self._retry_at = 0.0
         self._purge_at = 0.0
@@ -108,8 +111,28 @@ class Drain:
                             self._wake.set()
                 except StoreUnavailable as exc:
                     self._down(exc)
+                except OSError as exc:  # the spool's folder gone or replaced: said once, tried again
+                    self._spool_failed(exc)
+                else:
+                    self._spool_back()
         except Exception:  # the thread must go on: the next cycle tries again
             log.exception("usage ledger: a cycle failed")
+
+    def _spool_failed(self, exc: OSError) -> None:
+        fault = exc.strerror or type(exc).__name__  # the same fault each cycle, whatever the segment
+        if fault != self._spool_fault:
+            log.error(
+                "usage spool %s: cannot be used (%s; was it removed or replaced?); records are "
+                "stored from memory meanwhile, and the spool is used again once it can be",
+                self.spool_dir,
+                fault,
+            )
+        self._spool_fault = fault
+
+    def _spool_back(self) -> None:
+        if self._spool_fault is not None:
+            log.warning("usage spool %s can be used again", self.spool_dir)
+            self._spool_fault = None
 
     def _sync_spool(self) -> None:
         spool = self._spool

@@ -82,7 +82,7 @@ class Ledger(Drain):
         """`off`, `ok`, or `degraded` while the database cannot be reached or the spool written."""
         if self.store is None:
             return "off"
-        return "ok" if self._db_up and self._spool_ok else "degraded"
+        return "ok" if self._db_up and self._spool_ok and self._spool_fault is None else "degraded"
 
     # -- the request path ------------------------------------------------------------------------
 

@@ -255,7 +255,7 @@ class Spool:
         kept = name.removesuffix(SEGMENT_SUFFIX) + STORED_SUFFIX
         try:
             os.rename(name, kept)  # noqa: PTH104
-        except FileNotFoundError:
+        except OSError:  # gone, or its folder replaced under the service: its records are stored
             return
         with self._lock:
             self._retained.append((time.monotonic(), kept))
@@ -273,13 +273,22 @@ class Spool:
             if size:
                 self._retain(active)
             else:
-                active.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # its folder may be gone: nothing in it to keep
+                    active.unlink(missing_ok=True)
         os.close(self._lock_fd)
 
     def _open_next(self) -> None:
         path = self.folder / f"{self._next:012d}{SEGMENT_SUFFIX}"
         self._next += 1
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # the folder was removed under the service: made again, and taken
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock_fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(self._lock_fd)  # the removed folder's
+            self._lock_fd = lock_fd
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: another process took it
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_EXCL, 0o600)
         _sync_folder(self.folder)  # the new file's name survives a power loss too
         done = None
         with self._lock:

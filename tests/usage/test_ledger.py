@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -780,3 +781,54 @@ async def test_a_previous_process_segment_longer_than_a_slice_is_stored_whole(
         assert b"damaged" in (spool / TORN).read_bytes()
     finally:
         await ledger.stop()
+
+
+async def test_a_spool_folder_replaced_by_a_file_is_said_once_and_loses_no_record(
+    store_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's `rm -rf spool; touch spool` under the service: every cycle logged a traceback
+    and `state` stayed `ok`. It is one error line now, `degraded` until the folder can be used
+    again (made again once the file is gone), and every record is stored once."""
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    try:
+        ledger.submit(record())
+        await ledger.flush()
+        shutil.rmtree(tmp_path / "spool")
+        (tmp_path / "spool").write_bytes(b"")
+        during = [record() for _ in range(4)]
+        for r in during:
+            ledger.submit(r)
+            await asyncio.sleep(0.3)  # a cycle each (`flush` would raise the spool's error)
+
+        async def stored(n: int) -> bool:
+            page = await ledger.requests(RequestsQuery(limit=100))
+            return len(page["requests"]) == n == len({r["id"] for r in page["requests"]})
+
+        await eventually(lambda: stored(5), timeout=10)
+        assert ledger.state == "degraded"
+        said = [r for r in caplog.records if r.levelname == "ERROR" and "usage spool" in r.getMessage()]
+        assert len(said) == 1 and said[0].exc_info is None and "cannot be used" in said[0].getMessage()
+        (tmp_path / "spool").unlink()
+        after = [record() for _ in range(3)]
+        for r in after:
+            ledger.submit(r)
+        await eventually(lambda: ledger.state == "ok", timeout=10)
+        await eventually(lambda: stored(8), timeout=10)
+        assert (tmp_path / "spool").is_dir()
+    finally:
+        await ledger.stop()
+
+
+async def test_a_stop_while_the_spool_folder_is_a_file_stores_what_came_and_ends(
+    store_url: str, tmp_path: Path
+) -> None:
+    ledger = make_ledger(store_url, tmp_path)
+    await ledger.start()
+    shutil.rmtree(tmp_path / "spool")
+    (tmp_path / "spool").write_bytes(b"")
+    came = [record() for _ in range(3)]
+    for r in came:
+        ledger.submit(r)
+    await ledger.stop()  # it raised NotADirectoryError (the last segment kept as `.stored`)
+    assert sorted(stored_ids(store_url, tmp_path)) == sorted(r.id for r in came)
