@@ -1,7 +1,8 @@
 """What every answer goes through: the one middleware that turns every error into the JSON of
 docs/reference.md §6.4, `{"error": {"type", "message"}}` (`answer_errors`, and `answered` for the
 routes `Gateway` takes before the router), that JSON made of an exception (`failure_answer`), and
-`nosniff` on every answer (`nosniff`). `app.py` installs them and `gateway.py` calls them; they
+`nosniff` on every answer and `X-Switchboard-Replica` on every one under the configuration's
+prefix (`nosniff`). `app.py` installs them and `gateway.py` calls them; they
 are the app's internals, not an API.
 """
 
@@ -15,9 +16,10 @@ from aiohttp import web
 from service.errors import EventLogError, HTTPError, NotReady, PayloadTooLarge
 from service.gateway.relay import NOSNIFF_HEADER
 from service.http.auth import Handler, same_machine
-from service.http.context import METRICS, SETTINGS
+from service.http.context import METRICS, PREFIX, SETTINGS
 from service.http.malformed import on_path
 from service.http.openai_api import internal, unreadable
+from service.http.push import REPLICA_HEADER
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -88,3 +90,5 @@ async def nosniff(request: web.Request, response: web.StreamResponse) -> None:
     # Errors quote what was asked (`no provider '<script>…'`): every answer is what its
     # Content-Type says, never guessed into a page that would run in the console's origin.
     response.headers.setdefault(NOSNIFF_HEADER, "nosniff")
+    if request.path.startswith(PREFIX):  # an error's too: which replica said it (§9, §12)
+        response.headers.setdefault(REPLICA_HEADER, request.app[SETTINGS].replica)

@@ -44,6 +44,24 @@ async def test_every_answer_a_consumer_may_hold_names_the_replica_that_gave_it(
             assert held.headers[INDEX] == index
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/providers/nobody", 404), ("GET", "/active/nothing", 404), ("PUT", "/active", 405)],
+)
+async def test_an_error_under_the_configuration_names_its_replica_too(
+    sops_project: SopsProject, method: str, path: str, status: int
+) -> None:
+    """A consumer that gets a 404 from one replica behind a balancer and a 200 from another
+    can tell them apart: every answer under the prefix says which replica gave it."""
+    write_server(sops_project, "gpu")
+    write_routing(sops_project, ["gpu"])
+    async with (
+        serve(sops_project, replica="eu-west-1") as service,
+        service.http.request(method, service.url + API + path) as answer,
+    ):
+        assert answer.status == status and answer.headers[REPLICA] == "eu-west-1"
+
+
 async def test_the_event_stream_names_its_replica_too(sops_project: SopsProject) -> None:
     """The stream's `id:` is a `seq` of this replica's own log (§5, §12: each replica keeps its own
     event log), so the stream says whose it is."""
