@@ -7,7 +7,6 @@ in a pull request fails validation instead of passing silently.
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -15,15 +14,14 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
-    PlainSerializer,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from service import formats
+from service.config.fields import Seconds, SecretField, Url
 from service.config.metering import Budget, Limits, Price
-from service.config.secret import SOPS_VALUE, Sealed, Secret
+from service.config.secret import Secret
 from service.errors import ConfigError, Problem
 from service.vendors import SERVER_PROTOCOLS, VENDORS
 
@@ -41,71 +39,6 @@ Scope = Literal["completions", "config:read", "config:write", "admin", "secrets:
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 ProviderId = Annotated[str, Field(pattern=ID_PATTERN)]
 CLIENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-
-
-class PlaintextSecretError(ValueError):
-    """A secret field holds a plaintext value in a file that should carry SOPS ciphertext."""
-
-
-def _to_secret(value: object) -> Secret | Sealed:
-    if isinstance(value, Secret | Sealed):
-        return value
-    if isinstance(value, str) and SOPS_VALUE.match(value):
-        return Sealed(value)
-    if isinstance(value, str):
-        # The value itself must never be echoed: this message is all that is reported.
-        raise PlaintextSecretError("is in plaintext; encrypt the file with `switchboard encrypt FILE`")
-    raise ValueError("must be a string encrypted by sops")
-
-
-SecretField = Annotated[
-    Secret | Sealed,
-    BeforeValidator(_to_secret),
-    PlainSerializer(lambda s: s.masked, return_type=str),
-    WithJsonSchema(
-        {
-            "type": "string",
-            "pattern": SOPS_VALUE.pattern.replace(r"type:\w+", "type:str"),  # a key is a string
-            "description": "The secret, encrypted by sops (`switchboard encrypt FILE`); never plaintext.",
-        }
-    ),
-]
-
-
-def _check_url(value: str) -> str:
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError("must not contain spaces or control characters")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if parts.username or parts.password:
-        raise ValueError("must not carry credentials; put the key in `api_key`")
-    if "?" in value or "#" in value:  # an empty one too: the JSON Schema's pattern refuses it
-        raise ValueError("must not have a query or a fragment")
-    try:
-        parts.port  # noqa: B018 - the property validates the port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    return value.rstrip("/")
-
-
-Url = Annotated[
-    str,
-    BeforeValidator(lambda v: _check_url(v) if isinstance(v, str) else v),
-    # The scheme in any case, as urlsplit reads it; a host without credentials; no query, no
-    # fragment, no space or control character anywhere.
-    WithJsonSchema(
-        {
-            "type": "string",
-            "format": "uri",
-            "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#@\s\x00-\x1f\x7f]+(/[^?#\s\x00-\x1f\x7f]*)?$",
-        }
-    ),
-]
-
-
-Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-"""A duration in seconds: finite and positive (`.inf` is no way to say "no limit")."""
 
 
 def _one_or_many(value: object) -> object:

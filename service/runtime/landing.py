@@ -18,7 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from service.errors import EventLogError, GitError
-from service.runtime.registry import Outcome, Registry, State
+from service.runtime.registry import Outcome, Registry
+from service.runtime.state import State
 from service.runtime.watcher import Reloader
 from service.vcs.commit import Committer
 

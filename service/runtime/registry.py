@@ -32,53 +32,18 @@ from service.errors import EventLogError, Problem, SnapshotRejected
 from service.files import leads_outside, read_limited
 from service.journal.events import ConfigRejected, draft_from_change
 from service.journal.log import EventLog
+from service.runtime.state import Refusal, State
 from service.vcs.attribution import Attributor, Batch
 
 log = logging.getLogger(__name__)
 
 _FIRST_LOAD_ATTEMPTS = 8
 _PROVIDER_KINDS = ("ai_server", "api_key")
-_EMPTY: Mapping[str, str] = MappingProxyType({})
 
 CLIENTS_GONE = (
     "the clients file was removed; its last good clients stay until a clients file is back "
     "(authentication is never turned off while the service runs)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why one file was refused, and the `kind` it declares when that can be told.
-
-    The kind matters even for a file that fails: a refused `kind: clients` file keeps
-    authentication on, and a refused provider file stays known to routing (docs/reference.md §2.3, §4).
-    """
-
-    reason: str
-    kind: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    """Everything readers see of the registry at one moment, published whole."""
-
-    snapshot: Snapshot = field(default_factory=Snapshot)
-    refused: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-    """Files refused now, with the reason: their last good version (if any) is served."""
-    ready: bool = False
-    """The first load is complete."""
-    waiting: str | None = None
-    """Before the first load: why it cannot be done yet (the folder cannot be listed), for `/readyz`."""
-    last_applied_commit: str | None = None
-    last_attempted_commit: str | None = None
-    auth_required: bool = False
-    """A clients file has been seen (good or refused) since the start: authentication stays
-    on from then on, answering 503 while no good clients are loaded (docs/reference.md §2.3, §6)."""
-
-    @property
-    def degraded(self) -> bool:
-        """Some file is refused (`/readyz`)."""
-        return bool(self.refused)
 
 
 @dataclass(frozen=True, slots=True)

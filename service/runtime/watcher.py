@@ -34,8 +34,9 @@ from service.config.loader import Loaded, declared_kind, decrypt_async, parse
 from service.config.sops_mac import Seal, sharing_a_mac
 from service.crypto.sops import Sops
 from service.errors import EventLogError, FileRejected
-from service.runtime.registry import Outcome, Refusal, Registry
+from service.runtime.registry import Outcome, Registry
 from service.runtime.scan import SCAN_ATTEMPTS, Read, Scan, Scanner, holding, link_folders, listable
+from service.runtime.state import Refusal
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from service.config.snapshot import Snapshot
@@ -42,12 +42,13 @@ from service.crypto.sops import Sops
 from service.errors import Busy, Conflict, GitError, MethodNotAllowed
 from service.runtime.checks import check_folder
 from service.runtime.delivery import Mode, branch_name, branch_stem, fed_from, new_branch, resolve_mode
-from service.runtime.drafts import Draft, Drafter, NoFile, ProviderKind, RouteChange, StaleTag, Verb
+from service.runtime.drafts import Draft, Drafter, NoFile, ProviderKind, RouteChange, StaleTag
 from service.runtime.landing import Lander
 from service.runtime.publish import PUSH_ATTEMPTS, Making, Publisher, not_served
 from service.runtime.refusals import file_of, naming
 from service.runtime.registry import Registry
 from service.runtime.watcher import Reloader
+from service.runtime.written import Written as Written  # re-exported: http/write_api.py imports it from here
 from service.settings import Settings
 from service.vcs.commit import Committer, Identity, message
 from service.vcs.gitrepo import GitRepo, blob_sha
@@ -62,26 +63,6 @@ MAX_WAITING = 64
 """Writes queued behind the one running, at most: each takes a commit and a reload (~0.1 s),
 so a client sending writes without waiting for answers cannot pile up tasks, bodies and
 connections without bound."""
-
-
-@dataclass(frozen=True, slots=True)
-class Written:
-    """What a write did: its commit, and the generation that applied it (None in branch mode)."""
-
-    verb: Verb
-    kind: str
-    subject: str
-    file: str
-    commit: str
-    blob: str | None
-    """The git blob id of the file written (None when it was deleted): the answer's ETag."""
-    generation: int | None = None
-    snapshot: Snapshot | None = None
-    branch: str | None = None
-    changed: bool = True
-    """False when the write asked for what the file already says: no commit was made."""
-    pending: bool = False
-    """Pushed, but not applied here yet (git-sync had not brought it within `apply_wait_s`)."""
 
 
 class Writer:

@@ -18,7 +18,8 @@ from service.journal.events import ClientsUpdated
 from service.journal.log import EventLog
 from service.journal.reader import read_events, verify
 from service.journal.replay import replay
-from service.runtime.registry import Outcome, Refusal, Registry
+from service.runtime.registry import Outcome, Registry
+from service.runtime.state import Refusal
 from service.vcs.attribution import Attributor
 from tests.conftest import git, git_init
 
