@@ -30,7 +30,7 @@ from service.http.context import PREFIX, SETTINGS, WRITER
 from service.http.rendering import answer_tag, provider_answer, route_answer
 from service.runtime.delivery import refuse_unfed
 from service.runtime.drafts import ProviderKind
-from service.runtime.writer import Written
+from service.runtime.written import Written
 
 REASON_HEADER = "X-Switchboard-Reason"
 _SEGMENTS: dict[str, ProviderKind] = {"api-keys": "api_key", "servers": "ai_server"}

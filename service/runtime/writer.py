@@ -48,7 +48,7 @@ from service.runtime.publish import PUSH_ATTEMPTS, Making, Publisher, not_served
 from service.runtime.refusals import file_of, naming
 from service.runtime.registry import Registry
 from service.runtime.watcher import Reloader
-from service.runtime.written import Written as Written  # re-exported: http/write_api.py imports it from here
+from service.runtime.written import Written
 from service.settings import Settings
 from service.vcs.commit import Committer, Identity, message
 from service.vcs.gitrepo import GitRepo, blob_sha

@@ -1,4 +1,4 @@
-"""Promises of docs/reference.md §9 (SPEC §9) held to their exact words: the index's events, its
+"""Promises of docs/reference.md §9 held to their exact words: the index's events, its
 course across a restart, the event stream's frames, and the defaults of the bounds."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Many replicas (docs/reference.md §12, SPEC §9 and §12), as an outside test reads them: the replica
+"""Many replicas (docs/reference.md §9 and §12), as an outside test reads them: the replica
 each answer names, `GET …/replicas` as a conditional and blocking GET like any other, and the
 settings §3 and §12 name, with their defaults.
 
