@@ -153,6 +153,33 @@ def test_a_note_is_checked_field_by_field() -> None:
     assert parse_health(old.signed("r", "i", b"k", now), b"k", now) == (old, "i")
     assert parse_health(old.signed("r", "i", b"k"), b"k", now) is None
     assert parse_health(good.signed("r", "i", b"k", now - 3600), b"k", now) is None
+    # what the status says of the key: `refused` goes with unhealthy, `works` with healthy
+    refused = HealthNote("gpu", "a" * 40, "unhealthy", "HTTP 401", now, "refused")
+    assert parse_health(refused.signed("r", "i", b"k"), b"k", now) == (refused, "i")
+    for status, key in (("healthy", "refused"), ("unhealthy", "works"), ("healthy", "yes")):
+        odd = HealthNote("gpu", "a" * 40, status, None, now, key)
+        assert parse_health(odd.signed("r", "i", b"k"), b"k", now) is None
+
+
+async def test_a_refused_key_is_shared_as_one_and_only_a_request_through_it_clears_it(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    """§7: "Only a request through it that succeeds clears [a refused key]: a check that lists
+    models may succeed with a revoked key". Shared, a refusal was a plain `unhealthy`: another
+    replica's checks (a public models list) confirmed `healthy` over it, and the replica whose
+    key was refused adopted that, showing the revoked key healthy (to `…/litellm` too)."""
+    async with pair(sops_project, redis_server.url) as (a, b):
+        a.app[HEALTH].refuse("gpu", "HTTP 401: invalid api key")
+        await eventually(lambda: b.app[HEALTH].get("gpu").status == "unhealthy", 5)
+        await asyncio.sleep(1.1)  # past b's adoption of a second: b's own word would be heard
+        for _ in range(2):  # b's checks: the models list answers, the key is still revoked
+            b.app[HEALTH].checked("gpu", CheckResult(True, 1.0, "ok", models=("m",)))
+        await asyncio.sleep(1.5)
+        assert a.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 401: invalid api key")
+        assert b.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 401: invalid api key")
+        b.app[HEALTH].succeeded("gpu", 0.1)  # a request through it, on b, worked: the key does
+        await eventually(lambda: a.app[HEALTH].get("gpu").status == "healthy", 5)
+        assert b.app[HEALTH].get("gpu").status == "healthy"
 
 
 async def test_a_flood_of_notes_adopts_at_most_one_a_second_and_the_last_wins(
