@@ -71,7 +71,7 @@ class Switchboard:
         backoff_s: tuple[float, float] = (0.1, 10.0),
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        if wait_s <= 0 or grace_s <= 0:
+        if not (wait_s > 0 and grace_s > 0):  # NaN too: it is neither <= 0 nor > MAX_WAIT_S
             raise ValueError("wait_s and grace_s must be positive")
         if wait_s > MAX_WAIT_S:
             raise ValueError(f"wait_s is at most {MAX_WAIT_S:g}: the service holds a question no longer")

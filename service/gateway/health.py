@@ -17,7 +17,8 @@ Two different things are known of a provider (docs/reference.md §7):
 A 401 or 403, from a request or a check, means the provider's own key was refused: its
 circuit opens and it is `unhealthy` at once, as a confirmed result. Only a request through it
 that succeeds (the circuit's trial) clears that: a check that lists models may succeed with a
-revoked key, since many models lists are public. A check that fails the way requests fall back
+revoked key, since many models lists are public; nor does another replica's check, a refusal
+being shared as one (`KeyState`). A check that fails the way requests fall back
 on (no connection, a timeout, 408, 429, 5xx) opens the circuit too; one that succeeds closes it.
 
 Listeners: `on_change` hears each change of a confirmed status (the gateway writes a
@@ -44,6 +45,9 @@ from service.gateway.call import refused
 from service.gateway.catalog import list_models
 
 Status = Literal["healthy", "unhealthy", "unknown"]
+KeyState = Literal["refused", "works"]
+"""What a status says of the provider's key, shared with it (docs/reference.md §12): `refused` (a
+401 or 403), or `works` (a request through it succeeded after a refusal); None: a check said."""
 Circuit = Literal["closed", "open", "half_open"]
 Listener = Callable[[str, Status, Status, str | None], None]
 """Called as `(provider_id, old, new, reason)` on every confirmed status change."""
@@ -106,7 +110,7 @@ class CheckResult:
 class _Track:
     """Everything known of one provider: its circuit, and the results that may change its status."""
 
-    __slots__ = ("candidate", "confirmed_at", "failures", "open_until", "refused", "streak", "trial")
+    __slots__ = ("candidate", "confirmed_at", "failures", "key", "open_until", "refused", "streak", "trial")
 
     def __init__(self) -> None:
         self.failures = 0
@@ -116,6 +120,7 @@ class _Track:
         self.candidate: Status = "unknown"  # the status of the last results
         self.streak = 0  # consecutive results that agree with `candidate`
         self.confirmed_at = 0.0  # wall clock: when the status shown was confirmed (newest wins)
+        self.key: KeyState | None = None  # what the status shown says of the key (`KeyState`)
 
 
 class Health:
@@ -232,7 +237,7 @@ class Health:
         if track.refused is not None:  # the key works again: as sure as its refusal was
             track.refused = None
             track.candidate, track.streak = "healthy", self.confirm
-            self._confirm(provider_id, track, "healthy", None, local=True)
+            self._confirm(provider_id, track, "healthy", None, local=True, key="works")
 
     def failed(self, provider_id: str, reason: str) -> None:
         """A request failed in a way that falls back; opens the circuit at the threshold. The
@@ -252,9 +257,9 @@ class Health:
         track.trial = False
         track.open_until = self.clock() + self.cooldown_s
         track.refused = reason = _cut(reason)
-        track.candidate, track.streak = "unhealthy", self.confirm
+        track.candidate, track.streak, track.key = "unhealthy", self.confirm, "refused"
         self._circuit(provider_id, "open")
-        self._confirm(provider_id, track, "unhealthy", reason, local=True)
+        self._confirm(provider_id, track, "unhealthy", reason, local=True, key="refused")
 
     # -- health: checks, and what other replicas confirmed -----------------------------------------
 
@@ -288,27 +293,36 @@ class Health:
         if status != state.status and (state.status == "unknown" or track.streak >= self.confirm):
             self._confirm(provider_id, track, status, None if result.ok else _cut(result.message), local=True)
 
-    def adopt(self, provider_id: str, status: Status, reason: str | None, at: float) -> bool:
+    def adopt(
+        self, provider_id: str, status: Status, reason: str | None, at: float, key: KeyState | None = None
+    ) -> bool:
         """Another replica confirmed `status` at `at` (wall clock): shown here when it is newer
-        than what this replica confirmed (docs/reference.md §12). Circuits are not touched."""
+        than what this replica confirmed (docs/reference.md §12). Circuits are not touched.
+
+        A refused key (`key`) is taken as this replica's own refusal: its checks do not clear it,
+        nor does another replica's `healthy` that a check found (a models list may be public);
+        a request through the provider that succeeded, here or there (`works`), does."""
         track = self._track(provider_id)
-        if at <= track.confirmed_at:
+        if at <= track.confirmed_at or (status == "healthy" and key != "works" and track.refused is not None):
             return False
         state = self._states.get(provider_id, _UNKNOWN)
         track.candidate, track.streak = status, self.confirm
+        if key is not None:  # a `healthy` or `unhealthy` a check found leaves a refusal here as it is
+            track.refused = (reason or "refused") if key == "refused" else None
         if (status, reason) == state.confirmed:
-            track.confirmed_at = at
+            track.confirmed_at, track.key = at, key
             return False
-        self._confirm(provider_id, track, status, reason, local=False, at=at)
+        self._confirm(provider_id, track, status, reason, local=False, at=at, key=key)
         return True
 
-    def confirmed(self, provider_id: str) -> tuple[HealthState, float] | None:
-        """The status this replica shows for the provider (a budget's hold aside) and when it was
-        confirmed, here or by the replica it was adopted from; None while it is `unknown`."""
+    def confirmed(self, provider_id: str) -> tuple[HealthState, float, KeyState | None] | None:
+        """The status this replica shows for the provider (a budget's hold aside), when it was
+        confirmed, here or by the replica it was adopted from, and what it says of the key
+        (`KeyState`); None while it is `unknown`."""
         state, track = self._states.get(provider_id), self._tracks.get(provider_id)
         if state is None or track is None or state.status == "unknown":
             return None
-        return state, track.confirmed_at
+        return state, track.confirmed_at, track.key
 
     def _track(self, provider_id: str) -> _Track:
         track = self._tracks.get(provider_id)
@@ -330,11 +344,13 @@ class Health:
         *,
         local: bool,
         at: float | None = None,
+        key: KeyState | None = None,
     ) -> None:
         state = self._states.get(provider_id, _UNKNOWN)
         if (status, reason) == state.confirmed:
             return
         track.confirmed_at = time.time() if at is None else at
+        track.key = key
         now = self._states[provider_id] = replace(state, status=status, reason=reason)
         if local:
             for told in self.on_confirmed:

@@ -242,7 +242,7 @@ def _share_health(
             return
         last[provider_id] = loop.time()
         if note.status in ("healthy", "unhealthy"):
-            health.adopt(note.provider, note.status, note.reason, note.at)  # type: ignore[arg-type]
+            health.adopt(note.provider, note.status, note.reason, note.at, note.key)  # type: ignore[arg-type]
 
     def arrived(note: HealthNote) -> None:  # on the loop
         newest = waiting.get(note.provider)
@@ -265,9 +265,10 @@ def _share_health(
             loop.call_soon_threadsafe(arrived, note)
 
     def confirmed(provider_id: str, state: HealthState, at: float) -> None:
-        blob = blobs.of(registry.snapshot).get(provider_id)
+        blob, shown = blobs.of(registry.snapshot).get(provider_id), health.confirmed(provider_id)
         if blob is not None and state.status != "unknown":
-            fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at))
+            key = shown[2] if shown is not None else None
+            fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at, key))
 
     told_at, due = -ADOPT_EVERY_S, False  # when every status was told last; whether a telling is due
 
@@ -277,8 +278,8 @@ def _share_health(
         for provider_id, blob in blobs.of(registry.snapshot).items():
             shown = health.confirmed(provider_id)
             if shown is not None:
-                state, at = shown
-                fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at))
+                state, at, key = shown
+                fanout.tell_health(HealthNote(provider_id, blob, state.status, state.reason, at, key))
 
     def newcomer() -> None:  # on the loop: at most once a second, however many join
         nonlocal due

@@ -5,7 +5,8 @@ new commit: `{"replica", "instance", "commit", "generation", "ready"}`. On the s
 it publishes each health status it confirmed itself (`HealthNote`: provider, the blob of its
 file, status, reason, when), which the others adopt when it is newer than theirs, so replicas
 show one status per provider (docs/reference.md §12); when a replica is heard ready that was not
-(a new one, one restarted, one back after an outage) `on_joined` is told, and the service publishes
+(a new one, one restarted, one back after an outage), or serving this replica's commit after
+another (one that joined behind and caught up), `on_joined` is told, and the service publishes
 again what it shows, so the newcomer shows it too. A note is checked field by field and,
 when the replicas hold an age identity, signed with a key derived from it: anyone else who can
 publish on Redis cannot forge one. Every replica listens;
@@ -129,7 +130,8 @@ class Fanout:
         self.on_health = on_health
         """Called, in the thread, with each health note another replica published (checked)."""
         self.on_joined: Callable[[], None] | None = None
-        """Called, in the thread, when a replica is heard ready that was not a moment ago."""
+        """Called, in the thread, when a replica is heard ready that was not a moment ago, or
+        serving this replica's commit that served another (it joined on an older one)."""
         self.health_key = health_key
         """Signs the notes this replica publishes; with it, notes not signed with it are ignored."""
         self._outbox: list[str] = []
@@ -340,7 +342,12 @@ class Fanout:
         peer = Peer(beat, datetime.now(UTC), now, instance)
         known = self._peers.get(beat.replica)
         joined = beat.ready and (
-            known is None or known.instance != instance or now - known.heard > LIVE_S or not known.beat.ready
+            known is None
+            or known.instance != instance
+            or now - known.heard > LIVE_S
+            or not known.beat.ready
+            # caught up with this replica's commit: the files that changed are `unknown` there now
+            or (beat.commit != known.beat.commit and beat.commit == local.commit)
         )
         if now - self._pruned >= 1.0:  # the silent ones go once a second, not a copy per message
             self._pruned = now

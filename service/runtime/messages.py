@@ -48,6 +48,9 @@ class HealthNote:
     reason: str | None
     at: float
     """When it was confirmed, wall clock (the newest wins)."""
+    key: str | None = None
+    """`refused` (a 401 or 403) or `works` (a request through it succeeded since): only a request
+    clears a refused key, not a check (`service.gateway.health.KeyState`); None: a check said."""
 
     def signed(self, replica: str, instance: str, key: bytes | None, sent: float | None = None) -> str:
         """The message, sent at `sent` (wall clock; `at` when None), signed with `key` if any."""
@@ -62,6 +65,8 @@ class HealthNote:
             "at": self.at,
             "sent": self.at if sent is None else sent,
         }
+        if self.key is not None:  # absent otherwise: the notes of replicas that do not send it
+            body["key_state"] = self.key
         if key is not None:
             body["mac"] = _mac(key, body)
         return json.dumps(body, separators=(",", ":"))
@@ -85,7 +90,7 @@ def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, 
         return None
     provider, blob, status = doc.get("provider"), doc.get("blob"), doc.get("status")
     reason, at, instance = doc.get("reason"), doc.get("at"), doc.get("instance")
-    sent = doc.get("sent", at)
+    sent, key_state = doc.get("sent", at), doc.get("key_state")
     if not (isinstance(instance, str) and 0 < len(instance) <= 64):
         return None
     if not (isinstance(doc.get("replica"), str) and REPLICA_NAME.match(doc["replica"])):
@@ -95,6 +100,8 @@ def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, 
     if not (isinstance(blob, str) and _COMMIT.match(blob)):
         return None
     if status not in ("healthy", "unhealthy"):
+        return None
+    if key_state is not None and (status, key_state) not in (("unhealthy", "refused"), ("healthy", "works")):
         return None
     if reason is not None and not (
         isinstance(reason, str) and len(reason) <= MAX_REASON and not _CONTROL.search(reason)
@@ -108,7 +115,7 @@ def parse_health(data: Any, key: bytes | None, now: float) -> tuple[HealthNote, 
         mac = doc.get("mac")
         if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), _mac(key, doc).encode()):
             return None
-    return HealthNote(provider, blob, status, reason, min(float(at), now)), instance
+    return HealthNote(provider, blob, status, reason, min(float(at), now), key_state), instance
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,7 +200,7 @@ class Committer:
             self.tree.bring(new, paths, before=untouched)
         except (GitError, OSError) as exc:
             try:
-                self.undo(ref, old, new, [] if edited else paths)  # nothing written: the branch alone
+                self.undo(ref, old, new, paths, written=not edited)  # nothing written: the branch alone
             except (GitError, OSError) as failed:
                 raise GitError(
                     f"could not update the working tree ({exc}), nor put it back ({failed}); "
@@ -210,13 +210,15 @@ class Committer:
         self._forget()
         return paths
 
-    def undo(self, ref: str, old: str | None, new: str, paths: list[str]) -> None:
-        """Put `ref`, the index entries and the files of `paths` back as they were at `old`.
+    def undo(self, ref: str, old: str | None, new: str, paths: list[str], *, written: bool = True) -> None:
+        """Put `ref`, the index entries and the files of `paths` back as they were at `old`; the
+        branch alone when none of `new`'s files was `written` (a hand edit found first).
 
         Recorded as a move from `new` to `old`, so that `recover` finishes one a crash cut short.
         Raises GitError or OSError when it cannot (the record then stays, for `recover`).
         """
-        self._record(ref, new, old, paths, undo=True)
+        paths = paths if written else []
+        self._record(ref, new, old, paths, undo=True, written=written)
         self._move(ref, new, old)
         self.tree.bring(old, paths)
         self._forget()
@@ -235,9 +237,16 @@ class Committer:
         return self._git_dir / _INTENT
 
     def _record(
-        self, ref: str, old: str | None, new: str | None, paths: list[str], *, undo: bool = False
+        self,
+        ref: str,
+        old: str | None,
+        new: str | None,
+        paths: list[str],
+        *,
+        undo: bool = False,
+        written: bool = True,
     ) -> None:
-        record = {"ref": ref, "old": old, "new": new, "paths": paths, "undo": undo}
+        record = {"ref": ref, "old": old, "new": new, "paths": paths, "undo": undo, "written": written}
         write_atomically(self._intent, json.dumps(record).encode(), mode=0o600)
 
     def _forget(self) -> None:
@@ -270,6 +279,12 @@ class Committer:
             at = f"at {new[:10]}" if new is not None else "removed"
             return f"finished a write cut short: {ref} is {at}, its files now match"
         if current == old and old is not None and intent.get("undo") is True:
+            if intent.get("written") is False:
+                # The undo of a write that wrote none of its files (a hand edit found first), cut
+                # short before it moved the branch back: it goes back, the files as they were left.
+                self._move(ref, old, new)
+                self._forget()
+                return f"a write refused before its files moved left {ref} at {old[:10]}; it is back"
             # An undo cut short before it moved the branch back: the write stands, whole.
             self.tree.clear_stale_index_lock()
             self.tree.bring(old, paths)

@@ -6,6 +6,7 @@ services that misbehave."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -425,3 +426,11 @@ async def test_the_held_question_says_its_wait_in_a_form_the_service_reads(wait_
 def test_a_wait_longer_than_the_service_holds_is_refused_when_the_client_is_made() -> None:
     with pytest.raises(ValueError, match="at most 300"):
         Switchboard("http://127.0.0.1:1", wait_s=301)
+
+
+@pytest.mark.parametrize("times", [{"wait_s": math.nan}, {"grace_s": math.nan}])
+def test_a_wait_that_is_no_number_is_refused_when_the_client_is_made(times: dict[str, float]) -> None:
+    """NaN passed `<= 0` and `> 300` alike: made, the client failed at its first held question
+    (`round(nan)`), in the task that watches, where nobody reads the error."""
+    with pytest.raises(ValueError, match="positive"):
+        Switchboard("http://127.0.0.1:1", **times)

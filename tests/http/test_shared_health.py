@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from service.runtime.messages import HealthNote, parse_health
 from service.vcs.gitrepo import blob_sha
 from tests.conftest import Service, SopsProject, eventually, serve, write_routing, write_server
 from tests.http.test_push import API, get
-from tests.support.replicas import RedisServer
+from tests.support.replicas import Checkout, RedisServer, clone, git, server_yaml
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,6 +153,33 @@ def test_a_note_is_checked_field_by_field() -> None:
     assert parse_health(old.signed("r", "i", b"k", now), b"k", now) == (old, "i")
     assert parse_health(old.signed("r", "i", b"k"), b"k", now) is None
     assert parse_health(good.signed("r", "i", b"k", now - 3600), b"k", now) is None
+    # what the status says of the key: `refused` goes with unhealthy, `works` with healthy
+    refused = HealthNote("gpu", "a" * 40, "unhealthy", "HTTP 401", now, "refused")
+    assert parse_health(refused.signed("r", "i", b"k"), b"k", now) == (refused, "i")
+    for status, key in (("healthy", "refused"), ("unhealthy", "works"), ("healthy", "yes")):
+        odd = HealthNote("gpu", "a" * 40, status, None, now, key)
+        assert parse_health(odd.signed("r", "i", b"k"), b"k", now) is None
+
+
+async def test_a_refused_key_is_shared_as_one_and_only_a_request_through_it_clears_it(
+    sops_project: SopsProject, redis_server: RedisServer
+) -> None:
+    """§7: "Only a request through it that succeeds clears [a refused key]: a check that lists
+    models may succeed with a revoked key". Shared, a refusal was a plain `unhealthy`: another
+    replica's checks (a public models list) confirmed `healthy` over it, and the replica whose
+    key was refused adopted that, showing the revoked key healthy (to `…/litellm` too)."""
+    async with pair(sops_project, redis_server.url) as (a, b):
+        a.app[HEALTH].refuse("gpu", "HTTP 401: invalid api key")
+        await eventually(lambda: b.app[HEALTH].get("gpu").status == "unhealthy", 5)
+        await asyncio.sleep(1.1)  # past b's adoption of a second: b's own word would be heard
+        for _ in range(2):  # b's checks: the models list answers, the key is still revoked
+            b.app[HEALTH].checked("gpu", CheckResult(True, 1.0, "ok", models=("m",)))
+        await asyncio.sleep(1.5)
+        assert a.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 401: invalid api key")
+        assert b.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 401: invalid api key")
+        b.app[HEALTH].succeeded("gpu", 0.1)  # a request through it, on b, worked: the key does
+        await eventually(lambda: a.app[HEALTH].get("gpu").status == "healthy", 5)
+        assert b.app[HEALTH].get("gpu").status == "healthy"
 
 
 async def test_a_flood_of_notes_adopts_at_most_one_a_second_and_the_last_wins(
@@ -202,6 +230,43 @@ async def test_a_replica_that_starts_later_shows_what_the_others_confirmed_long_
             joined = time.monotonic()
             await eventually(lambda: b.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 503"), 5)
             assert time.monotonic() - joined < 1.0
+            assert (await get(a, API + "/active/chat")).headers["ETag"] == (
+                await get(b, API + "/active/chat")
+            ).headers["ETag"]
+
+
+async def test_a_replica_that_catches_up_to_the_others_commit_after_joining_is_told_then(
+    sops_project: SopsProject, redis_server: RedisServer, remote: tuple[Path, Checkout], tmp_path: Path
+) -> None:
+    """A replica that joins on an older commit (a checkout behind, git-sync not yet swapped) is
+    told the others' statuses for versions of the files it does not serve, and ignores them. Once
+    it serves their commit, the provider whose file changed is `unknown` there (reset, §7): it is
+    told again then, and does not show `unknown` (another tag) for ever with checks off."""
+    bare, author = remote
+    old = author.head()
+    author.commit({"gpu.yaml": server_yaml("gpu", 9) + "# tuned\n"})
+    author.push()
+    url, var = redis_server.url, tmp_path / "var"
+    first, second = clone(bare, tmp_path / "a"), clone(bare, tmp_path / "b")
+    git(second.root, "reset", "-q", "--hard", old)
+    places = [{"root": c.root, "providers": c.providers} for c in (first, second)]
+    async with serve(sops_project, replica="a", redis_url=url, events=var / "a.jsonl", **places[0]) as a:
+        await eventually(lambda: a.app[FANOUT].connected, 10)
+        a.app[HEALTH].checked("gpu", CheckResult(False, 2.0, "HTTP 503"))
+        async with serve(sops_project, replica="b", redis_url=url, events=var / "b.jsonl", **places[1]) as b:
+            await eventually(lambda: b.app[FANOUT].connected, 10)
+            await asyncio.sleep(1.5)  # told, for a version of gpu.yaml it does not serve: ignored
+            assert b.app[HEALTH].get("gpu").status == "unknown"
+            git(second.root, "merge", "-q", "--ff-only", "origin/main")  # b catches up
+            caught_up = time.monotonic()
+
+            async def serving() -> None:
+                _, ready = await b.get("/readyz")
+                assert ready["last_applied_commit"] == first.head()
+
+            await eventually(serving, 5)
+            await eventually(lambda: b.app[HEALTH].get("gpu").confirmed == ("unhealthy", "HTTP 503"), 5)
+            assert time.monotonic() - caught_up < 2.5
             assert (await get(a, API + "/active/chat")).headers["ETag"] == (
                 await get(b, API + "/active/chat")
             ).headers["ETag"]

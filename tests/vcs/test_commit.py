@@ -230,6 +230,39 @@ def test_an_undo_cut_short_before_it_moved_leaves_the_write_whole(repo: GitRepo)
     assert committer.resolve("HEAD") == commit and git(repo.root, "status", "--porcelain") == ""
 
 
+class _Killed(BaseException):
+    """The process killed at that point: nothing after it runs, no handler either."""
+
+
+def test_a_write_refused_for_a_hand_edit_and_cut_short_is_put_back_at_the_restart(
+    repo: GitRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file edited by hand during a write: nothing was written, and the branch goes back. Killed
+    before it went back, the restart took the undo's record for one of a written write ("the
+    write stands, whole") and left the branch at the write's commit with none of its files:
+    the commit's files showing as local edits, every later write to them refused."""
+    committer = Committer(repo, COMMITTER)
+    ref, base = committer.ref(), committer.resolve("HEAD")
+    commit = committer.build(base, {"providers.d/a.yaml": b"a: 2\n"}, author=AUTHOR, text="m\n")
+    (repo.root / "providers.d" / "a.yaml").write_text("a: 1  # by hand\n")
+    move = committer._move
+
+    def killed_going_back(ref: str, old: str | None, new: str | None, note: str = "undo") -> None:
+        if note == "undo":
+            raise _Killed
+        move(ref, old, new, note)
+
+    monkeypatch.setattr(committer, "_move", killed_going_back)
+    with pytest.raises(_Killed):
+        committer.advance(ref, base, commit)
+    done = Committer(repo, COMMITTER).recover()
+    assert done is not None
+    assert committer.resolve("HEAD") == base
+    assert (repo.root / "providers.d" / "a.yaml").read_text() == "a: 1  # by hand\n"
+    assert git(repo.root, "status", "--porcelain") == "M providers.d/a.yaml"  # the edit, alone
+    assert Committer(repo, COMMITTER).recover() is None
+
+
 def test_a_write_that_cannot_be_recorded_moves_nothing(repo: GitRepo) -> None:
     """The record could not be written (a full disk; here a folder in its place): an OSError
     escaped as a 500. It is a GitError with the reason, before anything moved."""
