@@ -28,7 +28,7 @@ from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
 from service.usage.pricing import Pricing, Rate
 from service.usage.record import Amount, Tokens
-from service.usage.tokens import MAX_TOKENS
+from service.usage.tokens import MAX_TOKENS, queries_asked
 from service.usage.values import from_micros
 
 log = logging.getLogger("service.gateway.metering")  # its lines as before the split (account.py)
@@ -151,7 +151,7 @@ class Account:
             rate = self.rates.get(provider.id)
             if rate is None:
                 return 0
-            queries = 1 if self.call.purpose == "reranking" else 0
+            queries = queries_asked(self.call.data) if self.call.purpose == "reranking" else 0
             found = self.bounds[provider.id] = rate.bound_amount(
                 self.prompt, self.completions[provider.id], queries
             )

@@ -40,7 +40,7 @@ from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
 from service.usage.pricing import UNPRICED, Pricing
 from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, amount_text
-from service.usage.tokens import MAX_TOKENS, normalise
+from service.usage.tokens import MAX_TOKENS, normalise, queries
 from service.usage.values import MAX_COST_ATTO, cost_text
 
 CLIENT_LEFT = 499
@@ -239,7 +239,7 @@ class Metered(Account):
         estimated = False
         cost: Amount
         if tokens is not None:
-            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
+            cost, priced = rate.amount(tokens, queries(call.usage) if call.purpose == "reranking" else 0)
         elif status >= 400:
             cost, priced = 0, rate.any  # the upstream refused it: not billed
         else:
@@ -309,7 +309,7 @@ class Metered(Account):
         priced = rate.any
         cost: Amount
         if tokens is not None:
-            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
+            cost, priced = rate.amount(tokens, queries(call.usage) if call.purpose == "reranking" else 0)
             charged, counted = False, min(tokens.total, MAX_TOKENS)
         else:
             answered = call.upstream_status
