@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from tests.conftest import SopsProject
-from tests.gateway.test_metering import COST, TOKEN, _sha, write_clients
-from tests.gateway.test_metering_contract import BUDGET_LEFT, _records
+from tests.gateway.test_metering import COST, TOKEN, _sha, chat, write_clients
+from tests.gateway.test_metering_contract import BUDGET_LEFT, _answering, _read, _records
 from tests.support.gateway import running, write_provider, write_routing
 from tests.support.upstreams import FakeUpstream, serving
 
@@ -73,3 +73,60 @@ async def test_a_rerank_costs_the_vendors_price_for_each_query_it_billed_and_is_
         assert (record["purpose"], record["provider"], record["cost_usd"]) == ("reranking", "co", cost)
         assert record["priced"] is True and record["estimated"] is False
     assert (await refused.json())["error"]["type"] == "budget_exceeded"
+
+
+async def test_cached_and_reasoning_tokens_are_each_priced_once_in_their_own_class(
+    sops_project: SopsProject,
+) -> None:
+    """1,000 prompt tokens of which 400 cached, 500 completion of which 300 reasoning: 600 at input
+    (1 USD a million), 400 at cached_input (0.5), 500 at output (2), the reasoning ones among them:
+    0.0018 USD, in the answer's header, its record, and `/usage`, which counts each class."""
+    usage = {
+        "prompt_tokens": 1000,
+        "completion_tokens": 500,
+        "total_tokens": 1500,
+        "prompt_tokens_details": {"cached_tokens": 400},
+        "completion_tokens_details": {"reasoning_tokens": 300},
+    }
+    pricing = {"*": {"input": 1, "output": 2, "cached_input": 0.5}}
+    async with serving(_answering(usage)) as url:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key="sk-up", pricing=pricing
+        )
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, None)
+        async with running(sops_project) as board:
+            whole = await chat(board, max_tokens=600)
+            streamed = await chat(board, max_tokens=600, stream=True)
+            records = await _records(board, 2)
+            grouped = await _read(board, f"{USAGE}?group_by=model")
+    assert whole.headers[COST] == "0.0018" and COST not in streamed.headers  # a stream's is in its record
+    for record in records:
+        tokens = [record[k] for k in ("prompt_tokens", "cached_tokens", "cache_write_tokens")]
+        assert [*tokens, record["completion_tokens"], record["reasoning_tokens"]] == [1000, 400, 0, 500, 300]
+        assert (record["cost_usd"], record["priced"], record["estimated"]) == ("0.0018", True, False)
+    assert [r["stream"] for r in records] == [True, False]
+    row = grouped["rows"][0]
+    assert (row["model"], row["prompt_tokens"], row["cached_tokens"]) == ("fake-model", 2000, 800)
+    assert (row["completion_tokens"], row["reasoning_tokens"], row["cost_usd"]) == (1000, 600, "0.0036")
+
+
+async def test_embeddings_are_priced_on_input_alone(sops_project: SopsProject) -> None:
+    """The stand-in counts 2 tokens in "hello world": 2 at 1,000 USD a million, no completion."""
+    async with FakeUpstream(name="a") as up:
+        write_provider(
+            sops_project, "a", provider="openai", base_url=up.base_url, api_key="sk-up",
+            purposes=["embeddings"], pricing={"*": {"input": 1000, "output": 5000}},
+        )  # fmt: skip
+        write_provider(sops_project, "c", base_url=up.base_url)
+        write_routing(sops_project, chat="c", embeddings="a")
+        write_clients(sops_project, {"budget": {"usd": "1", "period": "day"}})
+        async with running(sops_project) as board:
+            answer = await board.post(
+                "/v1/embeddings", {"model": "fake-model", "input": "hello world"}, token=TOKEN
+            )
+            (record,) = await _records(board, 1)
+    assert answer.status == 200 and answer.headers[COST] == "0.002"
+    assert answer.headers[BUDGET_LEFT] == "0.998"
+    assert (record["purpose"], record["prompt_tokens"], record["completion_tokens"]) == ("embeddings", 2, 0)
+    assert (record["cost_usd"], record["priced"], record["estimated"]) == ("0.002", True, False)
