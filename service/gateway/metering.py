@@ -40,7 +40,7 @@ from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
 from service.usage.pricing import UNPRICED, Pricing
 from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, amount_text
-from service.usage.tokens import MAX_TOKENS, normalise, queries
+from service.usage.tokens import MAX_TOKENS, queries
 from service.usage.values import MAX_COST_ATTO, cost_text
 
 CLIENT_LEFT = 499
@@ -235,7 +235,7 @@ class Metered(Account):
         call = self.call
         status, headers = response.status, response.headers  # properties: read once
         rate = self.rates.get(provider.id, UNPRICED)
-        tokens = normalise(call.usage)
+        tokens = self.used(rate)
         estimated = False
         cost: Amount
         if tokens is not None:
@@ -305,7 +305,7 @@ class Metered(Account):
         tried = self.provider  # the record names the last provider tried, as a failure's does
         provider = tried if self.sent is not None else None
         rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
-        tokens = normalise(call.usage) if provider is not None else None
+        tokens = self.used(rate) if provider is not None else None
         priced = rate.any
         cost: Amount
         if tokens is not None:

@@ -4,7 +4,9 @@ the vendor's price, as the answers' `x-switchboard-cost-usd` and the records rea
 
 from __future__ import annotations
 
+import json
 import math
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -130,3 +132,26 @@ async def test_embeddings_are_priced_on_input_alone(sops_project: SopsProject) -
     assert answer.headers[BUDGET_LEFT] == "0.998"
     assert (record["purpose"], record["prompt_tokens"], record["completion_tokens"]) == ("embeddings", 2, 0)
     assert (record["cost_usd"], record["priced"], record["estimated"]) == ("0.002", True, False)
+
+
+async def test_a_rerank_billed_in_queries_that_its_prices_cannot_price_is_charged_its_reservation(
+    sops_project: SopsProject,
+) -> None:
+    """A model the price map does not know, priced by its file per input token only: its answer
+    says one search unit and no token, which no price here can cost, so it is charged what was
+    held for it (each byte of the body a token), an estimate, never 0."""
+    async with serving(_cohere()) as url, FakeUpstream(name="chat") as chat_server:
+        write_provider(
+            sops_project, "co", provider="cohere", base_url=url, api_key="sk-up", purposes=["reranking"],
+            pricing={"*": {"input": 1000}},
+        )  # fmt: skip
+        write_provider(sops_project, "c", base_url=chat_server.base_url)
+        write_routing(sops_project, chat="c", reranking="co")
+        write_clients(sops_project, None)
+        async with running(sops_project) as board:
+            body = {**_rerank(3), "model": "house-reranker"}
+            answer = await board.post("/v1/rerank", body, token=TOKEN)
+            (record,) = await _records(board, 1)
+    size = len(json.dumps(body).encode())  # as aiohttp sends it
+    assert answer.status == 200 and answer.headers[COST] == str(Decimal(size) / 1000)
+    assert (record["cost_usd"], record["priced"], record["estimated"]) == (answer.headers[COST], True, True)
