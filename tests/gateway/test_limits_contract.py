@@ -12,6 +12,7 @@ from tests.gateway.test_metering_contract import (
     BUDGET_LEFT,
     REQUESTS_LEFT,
     TOKENS_LEFT,
+    _read,
     _records,
     _retry_pair,
 )
@@ -20,6 +21,7 @@ from tests.support.upstreams import FakeUpstream
 
 CHEAP = {"*": {"input": 1000, "output": 2000}}
 """A thousandth of a USD a token in, two out: "hi" with max_tokens 5 holds about 0.08 USD."""
+LIMITS = "/api/v1/llm-config/limits"
 
 
 async def test_a_client_over_max_parallel_gets_429_with_when_to_retry_and_nothing_goes_upstream(
@@ -67,3 +69,27 @@ async def test_a_budget_refusal_says_to_retry_when_its_period_ends(sops_project:
     assert end.weekday() == 0 and (end.hour, end.minute, end.second) == (0, 0, 0) and end > asked
     assert abs(_retry_pair(refused) / 1000 - (end - asked).total_seconds()) < 2
     assert refused.headers[BUDGET_LEFT] == "0.01" and refused.headers[REQUESTS_LEFT] == "unlimited"
+
+
+async def test_limits_shows_what_was_spent_as_soon_as_it_shows_a_changed_budget(
+    sops_project: SopsProject,
+) -> None:
+    """The contract: a change of limits applies with the file, and what was already spent in the
+    period stays spent. A day's budget made a month's: `/limits` never shows the month's budget
+    with nothing spent, however soon it is asked."""
+    async with FakeUpstream(name="a") as up:
+        priced_provider(sops_project, "a", up, pricing=CHEAP)
+        write_routing(sops_project, chat="a")
+        write_clients(sops_project, {"budget": {"usd": "1", "period": "day"}})
+        async with running(sops_project) as board:
+            assert (await chat(board, max_tokens=5)).status == 200  # 1 token in, 3 out: 0.007 USD
+            await _records(board, 1)
+            write_clients(sops_project, {"budget": {"usd": "1", "period": "month"}})
+            seen = []
+            for _ in range(500):
+                client = next(c for c in (await _read(board, LIMITS))["clients"] if c["name"] == "client")
+                if client["limits"]["budget"]["period"] == "month":
+                    seen.append(client["used"]["budget_spent_usd"])
+                    if len(seen) == 5:
+                        break
+    assert seen == ["0.007"] * 5
