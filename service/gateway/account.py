@@ -28,7 +28,7 @@ from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused, Ticket, Use
 from service.usage.pricing import Pricing, Rate
 from service.usage.record import Amount, Tokens
-from service.usage.tokens import MAX_TOKENS
+from service.usage.tokens import MAX_TOKENS, normalise, queries_asked
 from service.usage.values import from_micros
 
 log = logging.getLogger("service.gateway.metering")  # its lines as before the split (account.py)
@@ -151,11 +151,26 @@ class Account:
             rate = self.rates.get(provider.id)
             if rate is None:
                 return 0
-            queries = 1 if self.call.purpose == "reranking" else 0
+            queries = queries_asked(self.call.data) if self.call.purpose == "reranking" else 0
             found = self.bounds[provider.id] = rate.bound_amount(
                 self.prompt, self.completions[provider.id], queries
             )
         return found
+
+    def used(self, rate: Rate) -> Tokens | None:
+        """The answer's usage as tokens (None: it said none). A rerank's that says only the queries
+        it billed says nothing a rate without a per-query price can cost: none, to be charged
+        its reservation, not nothing."""
+        usage = self.call.usage
+        tokens = normalise(usage)
+        if (
+            tokens is not None
+            and rate.per_query is None
+            and usage is not None
+            and set(usage) == {"search_units"}
+        ):
+            return None
+        return tokens
 
     def _estimated_tokens(self, provider: Provider) -> int:
         """The tokens a request without usage is counted for: its bounds."""

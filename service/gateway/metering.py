@@ -40,7 +40,7 @@ from service.usage.limits.limiter import Limiter
 from service.usage.limits.tickets import Refused
 from service.usage.pricing import UNPRICED, Pricing
 from service.usage.record import ATTO_PER_USD, Amount, Record, RecordSink, amount_text
-from service.usage.tokens import MAX_TOKENS, normalise
+from service.usage.tokens import MAX_TOKENS, queries
 from service.usage.values import MAX_COST_ATTO, cost_text
 
 CLIENT_LEFT = 499
@@ -235,11 +235,11 @@ class Metered(Account):
         call = self.call
         status, headers = response.status, response.headers  # properties: read once
         rate = self.rates.get(provider.id, UNPRICED)
-        tokens = normalise(call.usage)
+        tokens = self.used(rate)
         estimated = False
         cost: Amount
         if tokens is not None:
-            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
+            cost, priced = rate.amount(tokens, queries(call.usage) if call.purpose == "reranking" else 0)
         elif status >= 400:
             cost, priced = 0, rate.any  # the upstream refused it: not billed
         else:
@@ -305,11 +305,11 @@ class Metered(Account):
         tried = self.provider  # the record names the last provider tried, as a failure's does
         provider = tried if self.sent is not None else None
         rate = self.rates.get(tried.id, UNPRICED) if tried is not None else UNPRICED
-        tokens = normalise(call.usage) if provider is not None else None
+        tokens = self.used(rate) if provider is not None else None
         priced = rate.any
         cost: Amount
         if tokens is not None:
-            cost, priced = rate.amount(tokens, 1 if call.purpose == "reranking" else 0)
+            cost, priced = rate.amount(tokens, queries(call.usage) if call.purpose == "reranking" else 0)
             charged, counted = False, min(tokens.total, MAX_TOKENS)
         else:
             answered = call.upstream_status

@@ -10,7 +10,8 @@ The protocols count differently:
   `output_tokens` include reasoning (`output_tokens_details`).
 - Anthropic's Messages: `input_tokens` exclude cache reads (`cache_read_input_tokens`) and
   cache writes (`cache_creation_input_tokens`); `output_tokens` are every output token.
-- A rerank's `{"total_tokens"}` alone (Jina, Infinity) is all input.
+- A rerank's `{"total_tokens"}` alone (Jina, Infinity) is all input; its `search_units` (what
+  Cohere bills, `meta.billed_units`) are the queries a per-query price multiplies (`queries`).
 
 A count that is missing, not a whole number, negative or a boolean is 0 (a hostile upstream
 can make a request cost nothing it did not also report, but never raise); one larger than
@@ -27,6 +28,9 @@ from service.usage.record import Tokens
 
 MAX_TOKENS = 10**12
 """No class of one request counts more (a reported 10**30 would overflow every counter)."""
+DOCUMENTS_PER_QUERY = 100
+"""A rerank query as the vendors that price queries bill it (Cohere's search unit, Bedrock's and
+Vertex's query): one query of up to 100 documents."""
 
 
 def normalise(usage: Mapping[str, Any] | None) -> Tokens | None:
@@ -48,6 +52,23 @@ def normalise(usage: Mapping[str, Any] | None) -> Tokens | None:
     if "total_tokens" in usage:
         return Tokens(input=_count(usage, "total_tokens"))
     return Tokens()
+
+
+def queries(usage: Mapping[str, Any] | None) -> int:
+    """The rerank queries an answer's usage says were billed (`search_units`), else one, as
+    litellm prices them."""
+    value = usage.get("search_units") if isinstance(usage, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return 1
+    return min(value, MAX_TOKENS)
+
+
+def queries_asked(data: Mapping[str, Any]) -> int:
+    """The rerank queries a request may be billed as: one for each 100 of its `documents`, at
+    least one (a bound of its cost)."""
+    documents = data.get("documents")
+    count = len(documents) if isinstance(documents, list) else 0
+    return max(1, -(-count // DOCUMENTS_PER_QUERY))
 
 
 def _chat(usage: Mapping[str, Any]) -> Tokens:

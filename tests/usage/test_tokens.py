@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from service.usage.record import Tokens
-from service.usage.tokens import MAX_TOKENS, normalise
+from service.usage.tokens import MAX_TOKENS, normalise, queries, queries_asked
 
 
 def test_openai_prompt_tokens_include_the_cached_ones_and_completion_the_reasoning() -> None:
@@ -97,3 +97,30 @@ def test_a_short_usage_is_read_whole_whatever_its_third_key(third: dict[str, Any
     a server that leaves out `total_tokens` and reports cached, cache-write or reasoning tokens
     instead has each priced in its own class (at input price they would cost more, or less)."""
     assert normalise({"prompt_tokens": 10, "completion_tokens": 5, **third}) == expected
+
+
+def test_a_reranks_billed_search_units_are_its_queries_and_no_tokens() -> None:
+    """Cohere bills a rerank in search units, a query of up to 100 documents each: an answer that
+    says them has usage (it is not an estimate), its queries priced per query, none a token."""
+    assert normalise({"search_units": 3}) == Tokens() and queries({"search_units": 3}) == 3
+    assert normalise({"search_units": 1, "total_tokens": 40}) == Tokens(input=40)
+    for said in (
+        None,
+        {},
+        {"search_units": 0},
+        {"search_units": -2},
+        {"search_units": True},
+        {"search_units": "3"},
+    ):
+        assert queries(said) == 1
+    assert queries({"search_units": 10**30}) == MAX_TOKENS
+
+
+@pytest.mark.parametrize(("documents", "expected"), [(None, 1), (0, 1), (1, 1), (100, 1), (101, 2), (250, 3)])
+def test_a_rerank_request_is_bounded_at_a_query_for_each_hundred_documents(
+    documents: int | None, expected: int
+) -> None:
+    data: dict[str, Any] = {"query": "q"}
+    if documents is not None:
+        data["documents"] = ["d"] * documents
+    assert queries_asked(data) == expected

@@ -171,7 +171,7 @@ def _usage(result: Any) -> dict[str, Any] | None:
     Anthropic's cache reads) and reasoning tokens."""
     usage = getattr(result, "usage", None)
     if usage is None:
-        return None
+        return _billed(getattr(result, "meta", None))
     prompt = getattr(usage, "prompt_tokens", None)
     completion = getattr(usage, "completion_tokens", None)
     if prompt is None and completion is None:
@@ -187,6 +187,16 @@ def _usage(result: Any) -> dict[str, Any] | None:
     if isinstance(reasoning, int) and reasoning:
         found["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return found
+
+
+def _billed(meta: Any) -> dict[str, Any] | None:
+    """A rerank's usage: what its vendor says it billed (`meta.billed_units`), search units (the
+    queries a per-query price multiplies) or tokens (all input)."""
+    billed = meta.get("billed_units") if isinstance(meta, Mapping) else None
+    if not isinstance(billed, Mapping):
+        return None
+    found = {name: billed[name] for name in ("search_units", "total_tokens") if type(billed.get(name)) is int}
+    return found or None
 
 
 async def _close(stream: Any) -> None:

@@ -229,6 +229,8 @@ class Keeper(Seeder):
     ) -> tuple[dict[str, Use], dict[str, Use]]:
         """Each client's and provider's use now: from Redis for what it counts, else from here."""
         limiter = self.limiter
+        budgets = [("client", name, limits.budget) for name, limits in clients if limits and limits.budget]
+        await self._told(budgets + [("provider", pid, budget) for pid, budget in providers if budget])
         now = limiter.now_ms()
         client_uses = {}
         for name, limits in clients:
@@ -248,6 +250,25 @@ class Keeper(Seeder):
         if limiter.up:
             await self._read_remote(clients, providers, client_uses, provider_uses)
         return client_uses, provider_uses
+
+    async def _told(self, budgets: Sequence[tuple[str, str, Budget]]) -> None:
+        """Wait until this keeper was told of `budgets` (a change of the files reaches it a moment
+        after the configuration is served) and what each new one spent before the change is
+        read: a budget is never shown with nothing spent that had spent (docs/reference.md §13.2),
+        as a request counted toward it waits for it too."""
+        if self._loaded_ms is None:
+            return
+        deadline = asyncio.get_running_loop().time() + 1
+        while any((kind, subject, b.period) not in self.counted_since for kind, subject, b in budgets):
+            if asyncio.get_running_loop().time() > deadline:  # a configuration it is not told of
+                break
+            await asyncio.sleep(0.005)
+        limiter = self.limiter
+        now = limiter.now_ms()
+        for kind, subject, budget in budgets:
+            event = limiter.unknown.get(budget_key(kind, subject, limiter.window(budget.period, now)))
+            if event is not None:
+                await event.wait()
 
     async def _read_remote(
         self,
