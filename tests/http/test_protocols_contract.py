@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import SopsProject
-from tests.support.gateway import running, write_provider, write_routing
-from tests.support.upstreams import serving
+from tests.support.gateway import running, write_clients, write_provider, write_routing
+from tests.support.upstreams import FakeUpstream, serving
 
 _OPEN: list[anthropic.AsyncAnthropic | openai.AsyncOpenAI] = []
 
@@ -26,8 +26,8 @@ async def _close_clients() -> AsyncIterator[None]:
         await _OPEN.pop().close()
 
 
-def claude(url: str) -> anthropic.AsyncAnthropic:
-    _OPEN.append(anthropic.AsyncAnthropic(base_url=url, api_key="unused", max_retries=0))
+def claude(url: str, token: str = "unused") -> anthropic.AsyncAnthropic:  # noqa: S107 - no auth
+    _OPEN.append(anthropic.AsyncAnthropic(base_url=url, api_key=token, max_retries=0))
     return _OPEN[-1]  # type: ignore[return-value]
 
 
@@ -93,3 +93,53 @@ async def test_a_translated_stream_whose_upstream_answered_whole_still_comes_as_
             assert call.type == "function_call" and json.loads(call.arguments) == {"at": "it"}
             assert response.usage is not None and response.usage.output_tokens == 9
     assert [body["stream"] for body in asked] == [True, True]
+
+
+async def test_each_status_comes_to_the_anthropic_sdk_with_anthropics_error_type(
+    sops_project: SopsProject,
+) -> None:
+    """docs/reference.md §14: errors on /v1/messages keep section 6's statuses in Anthropic's shape,
+    `{"type": "error", "error": {"type", "message"}}`, each with the `type` Anthropic gives that
+    status, so that the SDK raises the class it raises for Anthropic's own."""
+    client, reader, stranger = "tok-messages-client-01", "tok-messages-reader-01", "tok-messages-nobody-01"
+    async with FakeUpstream(name="a", models=("m",)) as up:
+        write_provider(sops_project, "a", base_url=up.base_url, models=["m"])
+        write_routing(sops_project, chat="a")
+        clients = write_clients(sops_project, {"reader": (reader, ["config:read"]), "client": (client, [])})
+        limited = "scopes: [completions]\n  limits: {rpm: 1}"
+        clients.write_text(clients.read_text().replace("scopes: []", limited))
+        async with running(sops_project, max_body_bytes=4096, circuit_failures=2) as board:
+            question: Any = [{"role": "user", "content": "hi"}]
+            seen: list[tuple[type[Exception], int, str]] = []
+
+            async def refused(token: str, **body: Any) -> None:
+                request = {"model": "m", "max_tokens": 5, "messages": question, **body}
+                with pytest.raises(anthropic.APIStatusError) as caught:
+                    await claude(board.url, token).messages.create(**request)
+                error = caught.value.body
+                assert isinstance(error, dict) and error["type"] == "error", error
+                assert isinstance(error["error"]["message"], str) and error["error"]["message"]
+                seen.append((type(caught.value), caught.value.status_code, error["error"]["type"]))
+
+            await refused(stranger)
+            await refused(reader)
+            await refused(client, model="no-such-model")
+            await refused(client, system="x" * 5000)
+            up.fail(500)
+            await refused(client)  # the upstream fails: 502
+            await refused(client)  # over its rpm now: 429
+            generation = (await (await board.get("/readyz")).json())["generation"]
+            write_clients(sops_project, {"client": (client, ["completions"])})  # no limit any more
+            await board.wait_for_generation(generation + 1)
+            await refused(client)  # its second failure opens its circuit
+            await refused(client)  # no candidate now: 503
+    assert seen == [
+        (anthropic.AuthenticationError, 401, "authentication_error"),
+        (anthropic.PermissionDeniedError, 403, "permission_error"),
+        (anthropic.NotFoundError, 404, "not_found_error"),
+        (anthropic.ContentTooLargeError, 413, "request_too_large"),
+        (anthropic.InternalServerError, 502, "api_error"),
+        (anthropic.RateLimitError, 429, "rate_limit_error"),
+        (anthropic.InternalServerError, 502, "api_error"),
+        (anthropic.ServiceUnavailableError, 503, "api_error"),
+    ]
