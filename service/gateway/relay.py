@@ -386,9 +386,14 @@ def _translated(call: Call, response: web.StreamResponse) -> web.StreamResponse:
     translation = call.translation
     if translation is None or not isinstance(response, web.Response) or response.prepared:
         return response
-    body = response.body
+    body = response.body if isinstance(response.body, bytes) else b""
     try:
-        response.body = translation.answer(response.status, body if isinstance(body, bytes) else b"")
+        events = translation.events(body) if call.stream and response.status < 300 else None
+        if events is not None:  # the upstream ignored `stream`: the client's SDK reads events alone
+            response.body = events
+            response.content_type = "text/event-stream"
+            return response
+        response.body = translation.answer(response.status, body)
     except Untranslatable as exc:
         raise Failure(None, str(exc)) from None
     except RecursionError:  # an answer nested as deep as the parser allowed

@@ -1,7 +1,9 @@
 """What the gateway does with an answer in another protocol than the client's: one object per
 attempt, for a whole answer (`answer`) or a stream (`stream`).
 
-- `ToMessages`, `ToResponses`: a chat answer translated into the client's protocol.
+- `ToMessages`, `ToResponses`: a chat answer translated into the client's protocol; a whole
+  answer to a request that asked for a stream (a server that ignores `stream`) as the events
+  it would have streamed, since the client's SDK reads nothing else.
 - `NativeResponses`: a Responses answer from a provider that speaks it, with its response id
   wrapped (`ids.py`) wherever it appears, so that the client can continue it.
 
@@ -19,7 +21,7 @@ from typing import Any, Protocol
 from service.gateway.protocols import messages, responses
 from service.gateway.protocols.messages_stream import MessagesStream
 from service.gateway.protocols.responses_stream import ResponsesStream
-from service.gateway.protocols.values import as_dict
+from service.gateway.protocols.values import as_dict, as_list
 
 MAX_PENDING = 16 << 20
 """The longest event `NativeResponses` keeps whole to rewrite; a longer one passes as it is."""
@@ -46,6 +48,11 @@ class Translation(Protocol):
 
     def stream(self) -> StreamTranslator: ...
 
+    def events(self, body: bytes) -> bytes | None:
+        """A whole 2xx answer to a request that asked for a stream, as the client protocol's
+        events; None when it goes as it is."""
+        ...
+
 
 def error_message(body: bytes) -> str:
     """The message of an upstream's error answer, whatever its shape (OpenAI's, Anthropic's, text)."""
@@ -56,6 +63,24 @@ def error_message(body: bytes) -> str:
     error = as_dict(data).get("error", data)
     message = as_dict(error).get("message") if isinstance(error, dict) else error
     return str(message)[:1000] if message else "the upstream refused the request"
+
+
+def replayed(translator: StreamTranslator, chat: dict[str, Any]) -> bytes:
+    """A whole chat completion as the events `translator` makes of the one-chunk stream that
+    says the same: its text, its tool calls, its finish reason and its usage."""
+    choices = chat["choices"]
+    choice = as_dict(choices[0]) if choices else {}
+    message = as_dict(choice.get("message"))
+    delta: dict[str, Any] = {"role": "assistant", "content": messages.text_of(message.get("content"))}
+    calls = [c for c in as_list(message.get("tool_calls")) if isinstance(c, dict)]
+    if calls:
+        delta["tool_calls"] = [{**call, "index": index} for index, call in enumerate(calls)]
+    chunk: dict[str, Any] = {key: chat[key] for key in ("id", "model") if key in chat}
+    chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]
+    if isinstance(chat.get("usage"), dict):
+        chunk["usage"] = chat["usage"]
+    data = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    return translator.feed(data) + translator.close()
 
 
 def _chat(body: bytes) -> dict[str, Any]:
@@ -84,6 +109,9 @@ class ToMessages:
     def stream(self) -> StreamTranslator:
         return MessagesStream(self.model)
 
+    def events(self, body: bytes) -> bytes:
+        return replayed(self.stream(), _chat(body))
+
 
 class ToResponses:
     """A chat answer as a Response, under the id the client gets."""
@@ -106,6 +134,9 @@ class ToResponses:
     def stream(self) -> StreamTranslator:
         return ResponsesStream(self.request, self.response_id)
 
+    def events(self, body: bytes) -> bytes:
+        return replayed(self.stream(), _chat(body))
+
 
 class NativeResponses:
     """A native Responses answer whose response id is replaced by the wrapped one (`wrap`), and
@@ -125,6 +156,9 @@ class NativeResponses:
 
     def stream(self) -> StreamTranslator:
         return _IdRewriter(self._wrap, self._previous)
+
+    def events(self, body: bytes) -> None:
+        return None  # a native answer goes as it is, as a chat one does
 
 
 class _IdRewriter:

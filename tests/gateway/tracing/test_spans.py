@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import aiohttp
+import anthropic
 import pytest
 from aiohttp import web
 
@@ -402,3 +403,45 @@ async def test_a_token_count_a_provider_does_not_take_is_an_estimated_span_not_a
     assert "error.type" not in span.attributes and "http.response.status_code" not in span.attributes
     assert span.status == "UNSET"
     assert attempt.parent_span_id == span.span_id and attempt.attributes["http.response.status_code"] == 404
+
+
+async def test_an_anthropic_sdks_native_stream_continues_its_trace_with_the_streams_usage(
+    sops_project: SopsProject, otlp: OTLPReceiver
+) -> None:
+    """A Messages stream the `anthropic` SDK sends, native to an Anthropic provider: the client's
+    trace is continued and passed upstream (the attempt as parent), the span names Anthropic as
+    the conventions do, and its token counts are the stream's own (`message_start`'s input,
+    `message_delta`'s output)."""
+    async with FakeUpstream(protocol="anthropic", name="claude", models=("claude-x",), api_key=CANARY) as up:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=up.url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            sdk = anthropic.AsyncAnthropic(base_url=board.url, api_key="unused", max_retries=0)
+            try:
+                async with sdk.messages.stream(
+                    model="claude-x",
+                    max_tokens=20,
+                    messages=[{"role": "user", "content": "one two three"}],
+                    extra_headers={"traceparent": TRACEPARENT},
+                ) as stream:
+                    final = await stream.get_final_message()
+            finally:
+                await sdk.close()
+            request = await otlp.span(lambda s: s.kind == "SERVER")
+            attempt = await otlp.span(lambda s: s.kind == "CLIENT")
+    trace_id, parent = sent_traceparent(up)
+    assert up.requests[-1].path == "/v1/messages" and up.requests[-1].json["stream"] is True
+    assert request.trace_id == attempt.trace_id == trace_id == TRACE_ID
+    assert request.parent_span_id == CLIENT_SPAN and parent == attempt.span_id
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (3, 5)  # "claude says: one two three"
+    for span in (request, attempt):
+        assert span.attributes["gen_ai.operation.name"] == "chat"
+        assert span.attributes["gen_ai.provider.name"] == "anthropic"
+        assert span.attributes["gen_ai.request.model"] == "claude-x"
+        assert span.attributes["gen_ai.response.model"] == "claude-x"
+        assert span.attributes["gen_ai.usage.input_tokens"] == 3
+        assert span.attributes["gen_ai.usage.output_tokens"] == 5
+        assert span.attributes["server.address"] == "127.0.0.1"
+    assert request.attributes["switchboard.protocol"] == "messages"
+    assert request.attributes["gen_ai.request.stream"] is True
+    assert attempt.attributes["switchboard.upstream.protocol"] == "messages"
