@@ -133,8 +133,8 @@ def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str) -> Non
     if not isinstance(raw, Mapping):
         return
     kept: dict[str, str] = {}
-    for key, value in raw.items():
-        name = str(key).lower()
+    for field, value in raw.items():  # not `key`: that is the provider's, looked for below
+        name = str(field).lower()
         limit = _VENDOR_LIMIT.fullmatch(name)
         kept[f"x-ratelimit-{limit[2]}-{limit[1]}" if limit else name] = str(value)
     _passed(kept, headers, key)
