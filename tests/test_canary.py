@@ -211,9 +211,9 @@ def make_repository(project: SopsProject, tmp_path: Path) -> Path:
 
 @contextlib.asynccontextmanager
 async def switchboard_serve(
-    project: SopsProject, port: int, log: Path, otlp: OTLPReceiver, redis: RedisServer
+    project: SopsProject, port: int, log: Path, otlp: OTLPReceiver, redis: RedisServer, *flags: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`switchboard serve` in a subprocess, its output into `log`, stopped by SIGTERM."""
+    """`switchboard serve` (and `flags`) in a subprocess, its output into `log`, stopped by SIGTERM."""
     root = project.root
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SWITCHBOARD_", "SOPS_", "OTEL_"))}
     env |= {
@@ -243,6 +243,7 @@ async def switchboard_serve(
             str(port),
             "--events",
             str(root / "var" / "events.jsonl"),
+            *flags,
             cwd=root,
             env=env,
             stdout=out,

@@ -112,7 +112,7 @@ class Call:
     """One client request being relayed: what every attempt needs, and what it learned."""
 
     __slots__ = (
-        "answer_model",
+        "_answer_model",
         "body",
         "broken",
         "by_default",
@@ -167,8 +167,7 @@ class Call:
             options = data.get("stream_options")
             self.wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         self.usage: dict[str, Any] | None = None
-        self.answer_model: str | None = None
-        """The model the upstream's answer names (read only where the metrics need it)."""
+        self._answer_model: str | None = None
         self.broken: str | None = None
         """Why a stream ended early, after its first byte reached the client."""
         self.first_byte_s = 0.0
@@ -199,6 +198,19 @@ class Call:
         self.trace_headers: dict[str, str] | None = None
         """With tracing on, the trace context this attempt sends upstream (`traceparent`,
         `tracestate`); None when tracing is off."""
+
+    @property
+    def answer_model(self) -> str | None:
+        """The model the upstream's answer names (read only where the metrics and spans need it)."""
+        return self._answer_model
+
+    @answer_model.setter
+    def answer_model(self, name: str | None) -> None:
+        # A name the client's body holds, but the model it asked for, is its own words reflected
+        # (a prompt), not a model's name: it would label the metrics and the spans (docs/reference.md §14).
+        if name is not None and name != self.model and _quoted(name, self.client_body):
+            name = None
+        self._answer_model = name
 
     def body_for(self, provider: Provider) -> bytes:
         """The bytes to send `provider`: the client's own, unless the provider renames the model."""
@@ -233,6 +245,12 @@ class Call:
         options = data.get("stream_options")
         data["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return _encode(data)
+
+
+def _quoted(text: str, body: bytes) -> bool:
+    """Whether `body` holds `text`, as it is or as JSON escapes it (`\\u00e9`); a lone surrogate
+    (`\\ud800` in an answer's JSON) is looked for as the bytes Python would write for it."""
+    return text.encode("utf-8", "surrogatepass") in body or json.dumps(text)[1:-1].encode() in body
 
 
 _ASKING_USAGE = b'"stream_options":{"include_usage":true}'

@@ -1055,6 +1055,40 @@ async def test_an_upstream_request_id_holding_the_key_names_neither_answer_nor_r
     assert len(ours) == 32 and [r.id for r in records.kept] == [ours]
 
 
+PROMPT_WORD = "prompt-canary-word-5c2e9a71"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_upstream_request_id_quoting_the_prompt_names_neither_answer_nor_record(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """An upstream that reflects the request's body as its `x-request-id` (a word of the prompt):
+    the record, which holds no prompt (docs/reference.md §13), and its answer keep the gateway's
+    own id."""
+
+    async def reflect(request: web.Request) -> web.StreamResponse:
+        sent = await request.json()
+        word = sent["messages"][-1]["content"].split()[-1]
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        if not stream:
+            return web.json_response({"choices": [], "usage": usage}, headers={"x-request-id": word})
+        response = web.StreamResponse(headers={"x-request-id": word, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(
+            f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode()
+        )
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    async with metered_by(sops_project, app) as (board, records):
+        response = await chat(board, f"say {PROMPT_WORD}", stream=stream)
+        await eventually(lambda: len(records.kept) == 1)
+    assert response.status == 200
+    ours = response.headers[REQUEST_ID]
+    assert len(ours) == 32 and [r.id for r in records.kept] == [ours]
+
+
 async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProject) -> None:
     async with FakeUpstream(name="a") as up:
         priced_provider(sops_project, "a", up)  # openai: speaks chat and responses, not messages

@@ -111,20 +111,20 @@ async def _relay_stream(
     return answer
 
 
-def _pass_back(result: Any, headers: dict[str, str], key: str) -> None:
+def _pass_back(result: Any, headers: dict[str, str], key: str, sent: bytes) -> None:
     """The vendor's request id and rate limits, as litellm kept them, onto the answer
-    (docs/reference.md §7)."""
+    (docs/reference.md §7); `sent` is the client's body (`_passed`)."""
     hidden = getattr(result, "_hidden_params", None)
     kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     if isinstance(kept, dict):
-        _passed(kept, headers, key)
+        _passed(kept, headers, key, sent)
 
 
 _VENDOR_LIMIT = re.compile(r"anthropic-ratelimit-(requests|tokens)-(limit|remaining)")
 """Anthropic's rate limits that litellm names as OpenAI's (`x-ratelimit-remaining-requests`) on an answer."""
 
 
-def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str) -> None:
+def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str, sent: bytes) -> None:
     """The vendor's request id and rate limits onto its refusal of the client's request, as
     `_pass_back` puts them on an answer (docs/reference.md §7): litellm keeps the upstream's headers on
     its exception as they came, so Anthropic's rate limits are named here as litellm names them
@@ -133,16 +133,17 @@ def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str) -> Non
     if not isinstance(raw, Mapping):
         return
     kept: dict[str, str] = {}
-    for key, value in raw.items():
-        name = str(key).lower()
+    for field, value in raw.items():  # not `key`: that is the provider's, looked for below
+        name = str(field).lower()
         limit = _VENDOR_LIMIT.fullmatch(name)
         kept[f"x-ratelimit-{limit[2]}-{limit[1]}" if limit else name] = str(value)
-    _passed(kept, headers, key)
+    _passed(kept, headers, key, sent)
 
 
-def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str) -> None:
+def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str, sent: bytes) -> None:
     """From the vendor's headers `kept`: its request id, `retry-after` and `x-ratelimit-*`, none
-    holding the provider's `key` (docs/reference.md §2.4)."""
+    holding the provider's `key` (docs/reference.md §2.4), and a request id not found in `sent`,
+    the client's body (`base.pass_back`)."""
     for field, value in kept.items():
         name = str(field).removeprefix("llm_provider-").lower()
         if name == "request-id":  # Anthropic's name for it
@@ -150,7 +151,7 @@ def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str) -> None:
         if key and key in str(value):
             continue
         if name == "x-request-id":
-            pass_back({name: str(value)}, headers)  # the vendor's id names the answer, when it is sane
+            pass_back({name: str(value)}, headers, sent=sent)  # the vendor's id names the answer, when sane
         elif name in ("retry-after", "retry-after-ms") or name.startswith("x-ratelimit-"):
             headers.setdefault(name, str(value))
     if "retry-after" in headers or "retry-after-ms" in headers:

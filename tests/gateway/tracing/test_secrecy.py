@@ -3,12 +3,16 @@ way a request can carry them, looked for in the raw bytes the collector received
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
+from aiohttp import web
 
 from tests.conftest import SopsProject
 from tests.support.gateway import CANARY, running, write_clients, write_provider, write_routing
 from tests.support.otlp import OTLPReceiver
-from tests.support.upstreams import FakeUpstream
+from tests.support.upstreams import FakeUpstream, serving
 
 PROMPT = "prompt-canary-7c1e9d02b4"
 SYSTEM = "system-canary-51aa7be3c0"
@@ -94,3 +98,47 @@ async def test_no_prompt_completion_key_or_token_is_exported(
                 assert canary not in repr(span), (canary, span.name)
         clients = {s.attributes.get("switchboard.client.name") for s in otlp.spans if s.kind == "SERVER"}
         assert clients == {"team"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_an_answer_naming_the_prompt_as_its_model_exports_no_prompt(
+    sops_project: SopsProject, otlp: OTLPReceiver, stream: bool
+) -> None:
+    """An upstream that reflects the request's prompt as the model its answer names: no span
+    holds it (`gen_ai.response.model`), nor a metric (the tokens' model label of a provider that
+    declares no models, the token histogram's attribute)."""
+
+    async def reflect(request: web.Request) -> web.StreamResponse:
+        named = (await request.json())["messages"][-1]["content"]
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        message = {"role": "assistant", "content": "hi"}
+        answer = {"id": "c1", "object": "chat.completion", "model": named, "usage": usage}
+        if not stream:
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return web.json_response({**answer, "choices": [choice]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {**answer, "object": "chat.completion.chunk", "usage": None}
+        for data in (
+            {**chunk, "choices": [{"index": 0, "delta": message, "finish_reason": None}]},
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {**chunk, "choices": [], "usage": usage},
+        ):
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    async with serving(app) as url:
+        write_provider(sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            response = await board.chat(PROMPT, stream=stream, stream_options={"include_usage": True})
+            assert response.status == 200, await response.text()
+            assert PROMPT in await response.text()  # the client's own answer names it
+            metrics = await board.metrics()
+            await otlp.spans_matching(lambda s: s.kind == "SERVER", 1)
+            await otlp.point(lambda p: p.metric == "gen_ai.client.token.usage")
+    assert PROMPT not in metrics
+    assert PROMPT.encode() not in b"".join(otlp.exports)

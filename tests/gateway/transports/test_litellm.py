@@ -223,6 +223,68 @@ async def test_an_answer_through_litellm_that_reflects_the_key_has_it_masked(
     assert len(response.headers["x-request-id"]) == 32  # the gateway's own
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+async def test_a_refusal_through_litellm_that_reflects_the_key_in_its_headers_has_none_passed_back(
+    sops_project: SopsProject, stream: bool
+) -> None:
+    """A vendor refusing the client's request (422) with the key it was sent as its request id
+    and its rate limits: the client gets the gateway's own id, and no header holds the key
+    (docs/reference.md §2.4). The id also names the request's usage record."""
+
+    async def messages(request: web.Request) -> web.Response:
+        await request.read()
+        key = request.headers["x-api-key"]
+        headers = {"request-id": key, "anthropic-ratelimit-requests-remaining": f"9 {key}"}
+        error = {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}}
+        return web.json_response(error, status=422, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    async with serving(app) as url:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            response = await board.chat("hi", max_tokens=10, stream=stream)
+            body = await response.text()
+    assert response.status == 422, body
+    assert CANARY not in body
+    assert not any(CANARY in value for value in response.headers.values()), response.headers
+    assert len(response.headers["x-request-id"]) == 32  # the gateway's own
+
+
+@pytest.mark.parametrize("status", [200, 422])
+async def test_a_request_id_through_litellm_quoting_the_prompt_is_not_passed_back(
+    sops_project: SopsProject, status: int
+) -> None:
+    """Anthropic's `request-id` holding a word of the request's prompt, on an answer or on a
+    refusal: the gateway's own id names the answer and its record (docs/reference.md §13)."""
+    word = "prompt-canary-word-8d1f3b60"
+
+    async def messages(request: web.Request) -> web.Response:
+        content = (await request.json())["messages"][-1]["content"]  # litellm sends text blocks
+        text = content if isinstance(content, str) else content[-1]["text"]
+        headers = {"request-id": text.split()[-1]}
+        if status != 200:
+            error = {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}}
+            return web.json_response(error, status=status, headers=headers)
+        usage = {"input_tokens": 3, "output_tokens": 4}
+        answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x"}
+        content = [{"type": "text", "text": "hello"}]
+        return web.json_response(
+            {**answer, "content": content, "stop_reason": "end_turn", "usage": usage}, headers=headers
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", messages)
+    async with serving(app) as url:
+        write_provider(sops_project, "claude", provider="anthropic", base_url=url, api_key=CANARY)
+        write_routing(sops_project, chat="claude")
+        async with running(sops_project) as board:
+            response = await board.chat(f"say {word}", max_tokens=10)
+    assert response.status == status, await response.text()
+    assert len(response.headers["x-request-id"]) == 32  # the gateway's own
+
+
 def test_the_direct_path_does_not_import_litellm() -> None:
     code = (
         "import sys, service.http.app, service.gateway.relay, service.gateway.transports.litellm\n"
