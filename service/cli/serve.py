@@ -43,7 +43,7 @@ from service.http.leader import (
 from service.runtime.sync import parse_pull
 from service.settings import Settings
 from service.usage import spool
-from service.vcs.commit import Identity
+from service.vcs.authorship import Identity
 from service.vcs.gitrepo import GitRepo
 
 

@@ -26,7 +26,8 @@ from service.runtime.delivery import push_target
 from service.runtime.drafts import Draft
 from service.runtime.landing import Lander
 from service.settings import Settings
-from service.vcs.commit import Committer, Identity
+from service.vcs.authorship import Identity
+from service.vcs.commit import Committer
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,8 @@ from service.runtime.registry import Registry
 from service.runtime.watcher import Reloader
 from service.runtime.written import Written
 from service.settings import Settings
-from service.vcs.commit import Committer, Identity, message
+from service.vcs.authorship import Identity, message
+from service.vcs.commit import Committer
 from service.vcs.gitrepo import GitRepo, blob_sha
 
 log = logging.getLogger(__name__)

@@ -23,25 +23,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import secrets
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import GitError
 from service.files import fsync_path, write_atomically
+from service.vcs.authorship import Identity
 from service.vcs.git_output import redact
 from service.vcs.gitrepo import GitRepo
 from service.vcs.worktree import WorkTree, no_filters
 
-_IDENTITY = re.compile(r"^(?P<name>[^<>\n]*[^<>\s]) *<(?P<email>[^<>\s]+)>$")
 _INTENT = "switchboard-write.json"
-_MAX_REASON = 2000
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 REMOTE_TIMEOUT_S = 60.0
 """The longest a push or a fetch may take (a write waits for it, the write lock held)."""
 FETCHED = "refs/switchboard/fetched/"
@@ -49,47 +44,6 @@ FETCHED = "refs/switchboard/fetched/"
 
 Changes = Mapping[str, bytes | None]
 """Path (relative to the top level, POSIX) -> new content, or None to delete the file."""
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """An author or committer: `Name <email>`."""
-
-    name: str
-    email: str
-
-    @classmethod
-    def parse(cls, text: str) -> Identity:
-        """`Name <email>`; ValueError for anything git would not take as one."""
-        match = _IDENTITY.match(text.strip())
-        if match is None:
-            raise ValueError(f"not an identity of the form `Name <email>`: {text!r}")
-        return cls(match["name"].strip(), match["email"])
-
-    @classmethod
-    def client(cls, name: str) -> Identity:
-        """The author of a write by the API client `name` (docs/reference.md §8)."""
-        return cls(name, f"{name}@clients.switchboard.invalid")
-
-    def line(self, when: int) -> str:
-        return f"{self.name} <{self.email}> {when} +0000"
-
-    def __str__(self) -> str:
-        return f"{self.name} <{self.email}>"
-
-
-def message(subject: str, reason: str | None, client: str) -> str:
-    """A commit message: the subject, the reason (the request's X-Switchboard-Reason) as the body,
-    and a `Switchboard-Client` trailer."""
-    parts = [subject.strip()]
-    # One paragraph of text: a header's bytes that are not UTF-8 come as lone surrogates, which
-    # no commit can hold; control characters (and line breaks) become spaces.
-    text = _UNPRINTABLE.sub(" ", _SURROGATE.sub("\ufffd", reason or ""))
-    text = " ".join(text.split())[:_MAX_REASON]
-    if text:
-        parts.append(text)
-    parts.append(f"Switchboard-Client: {client}")
-    return "\n\n".join(parts) + "\n"
 
 
 class Committer:
