@@ -34,7 +34,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -46,7 +45,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from service.redis_replies import bounded
-from service.runtime.messages import Beat, HealthNote, answer, parse_beat, parse_health
+from service.runtime.messages import Beat, HealthNote, parse_beat, parse_health
+from service.runtime.peer import Peer
 from service.vcs.git_output import redact
 
 log = logging.getLogger(__name__)
@@ -77,22 +77,6 @@ CHECKS_PER_S = 20
 one is heard again in the next heartbeat)."""
 HEALTH_OUTBOX = 4096
 """Health notes waiting for a session, at most (the oldest go first; `on_joined` tells each provider's)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """A replica heard from: its last heartbeat, and when it came (this replica's clock)."""
-
-    beat: Beat
-    seen_at: datetime
-    heard: float
-    """`time.monotonic()` when it came."""
-    instance: str = ""
-    """The process that sent it (a restarted replica is another one)."""
-
-    def answer(self) -> dict[str, Any]:
-        """As `GET …/replicas` lists it."""
-        return answer(self.beat, self.seen_at)
 
 
 def channel_of(url: str) -> str:
