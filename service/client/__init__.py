@@ -10,9 +10,9 @@
         async for event in sb.events(): ...                 # the live event stream
 
 `service.client` is the import path applications use; its modules are `switchboard` (the
-connection: the copy kept current by questions held on its tag, the interface),
-`models` (what it returns), `errors` (what it raises) and `stream` (the event stream, followed
-across breaks and replicas, and its wire format).
+connection: the copy kept current by questions held on its tag, the interface), `question`
+(that held question's limits, tag and `wait`), `models` (what it returns), `errors` (what it
+raises) and `stream` (the event stream, followed across breaks and replicas, and its wire format).
 
 This package imports nothing of the server: only aiohttp's client, the standard library,
 and `service.formats` / `service.vendors` (which it ships with). It is packaged alone as the
