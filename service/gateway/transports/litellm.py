@@ -220,7 +220,7 @@ async def _forward(
         if isinstance(status, int) and 400 <= status < 500:
             status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
-            _pass_back_refusal(exc, headers, reflected(key), call.client_body)
+            _pass_back_refusal(exc, headers, reflected(key), call.said)
             return _client_error(exc, status, key, headers)
         if not _reached_upstream(exc):
             # litellm failed on the request itself (a malformed `tools`, `messages` of another
@@ -232,7 +232,7 @@ async def _forward(
     call.first_byte_s = loop.time() - started
     shown = reflected(key)  # looked for in what the vendor sends back
     secret = shown.encode()
-    _pass_back(result, headers, shown, call.client_body)
+    _pass_back(result, headers, shown, call.said)
     if streaming:
         return await _relay_stream(call, result, first, headers, provider.idle_timeout_s, secret)
     call.usage = _usage(result)
