@@ -208,9 +208,15 @@ class Call:
     def answer_model(self, name: str | None) -> None:
         # A name the client's body holds, but the model it asked for, is its own words reflected
         # (a prompt), not a model's name: it would label the metrics and the spans (docs/reference.md §14).
-        if name is not None and name != self.model and _quoted(name, self.client_body):
+        if name is not None and name != self.model and self.said(name):
             name = None
         self._answer_model = name
+
+    def said(self, text: str) -> bool:
+        """Whether the client's request holds `text` (its own words, when an upstream reflects
+        them): in its bytes as they are, or in its strings as JSON reads them, whatever its
+        encoder escaped (.NET's `\\u0027`, Go's `\\u003c`, anyone's `\\"`)."""
+        return _quoted(text, self.client_body, self.client_data)
 
     def body_for(self, provider: Provider) -> bytes:
         """The bytes to send `provider`: the client's own, unless the provider renames the model."""
@@ -247,10 +253,35 @@ class Call:
         return _encode(data)
 
 
-def _quoted(text: str, body: bytes) -> bool:
-    """Whether `body` holds `text`, as it is or as JSON escapes it (`\\u00e9`); a lone surrogate
-    (`\\ud800` in an answer's JSON) is looked for as the bytes Python would write for it."""
-    return text.encode("utf-8", "surrogatepass") in body or json.dumps(text)[1:-1].encode() in body
+def _quoted(text: str, body: bytes, data: Any) -> bool:
+    """Whether `body`, parsed as `data`, holds `text`. One search of the bytes (a memmem; a lone
+    surrogate, `\\ud800` in an answer's JSON, looked for as the bytes Python would write for it);
+    when `text` has a character some encoder escapes and the body escapes any, its strings are
+    searched as JSON reads them."""
+    if text.encode("utf-8", "surrogatepass") in body:
+        return True
+    if _UNESCAPED.fullmatch(text) is not None or b"\\" not in body:
+        return False  # no encoder spells such text otherwise; a body without a backslash escapes nothing
+    if _UNESCAPED.fullmatch(text.replace("/", "")) is not None:  # a model's path: `\\/` is PHP's spelling
+        return text.replace("/", "\\/").encode() in body
+    found: list[Any] = [data]
+    while found:  # a loop, not a recursion: the body may be nested as deep as the parser allows
+        value = found.pop()
+        if isinstance(value, str):
+            if text in value:
+                return True
+        elif isinstance(value, dict):
+            found += value
+            found += value.values()
+        elif isinstance(value, list):
+            found += value
+    return False
+
+
+_UNESCAPED = re.compile(r"[ !#$%()*,\-.0-9:;?@A-Z\[\]^_a-z{|}~]*")
+"""Text no JSON encoder escapes: ASCII letters, digits and punctuation but `"`, `\\` and `/`, and
+`<>&'+=` and the backtick, which the HTML-safe ones (Go's, .NET's, Gson's) write as `\\u003c`... A client that
+escapes a letter hides its own prompt from itself alone."""
 
 
 _ASKING_USAGE = b'"stream_options":{"include_usage":true}'

@@ -1089,6 +1089,45 @@ async def test_an_upstream_request_id_quoting_the_prompt_names_neither_answer_no
     assert len(ours) == 32 and [r.id for r in records.kept] == [ours]
 
 
+@pytest.mark.parametrize(
+    ("word", "spelled"),
+    [
+        ("don't-" + PROMPT_WORD, "don\\u0027t-" + PROMPT_WORD),  # .NET's encoder: an apostrophe escaped
+        ("a<b&c-" + PROMPT_WORD, "a\\u003Cb\\u0026c-" + PROMPT_WORD),  # Go's and .NET's: HTML's characters
+        ('say"' + PROMPT_WORD, 'say\\"' + PROMPT_WORD),  # every encoder: a quote
+        ("a/b-" + PROMPT_WORD, "a\\/b-" + PROMPT_WORD),  # PHP's: a slash
+    ],
+    ids=["apostrophe", "html", "quote", "slash"],
+)
+async def test_an_upstream_request_id_quoting_the_prompt_as_the_client_escaped_it_names_no_record(
+    sops_project: SopsProject, word: str, spelled: str
+) -> None:
+    """A client whose JSON encoder escapes some characters of its prompt (`\\u0027`, `\\"`) sends
+    bytes that do not hold the words as they are; an upstream reads them as JSON does and
+    reflects one as its `x-request-id`: the record and the answer keep the gateway's own id all
+    the same."""
+
+    async def reflect(request: web.Request) -> web.StreamResponse:
+        said = (await request.json())["messages"][-1]["content"].split()[-1]
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        return web.json_response({"choices": [], "usage": usage}, headers={"x-request-id": said})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    async with metered_by(sops_project, app) as (board, records):
+        body = '{"model": "fake-model", "messages": [{"role": "user", "content": "say ' + spelled + '"}]}'
+        assert json.loads(body)["messages"][0]["content"] == f"say {word}"
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        async with board.http.post(
+            f"{board.url}/v1/chat/completions", data=body, headers=headers
+        ) as response:
+            await response.read()
+        await eventually(lambda: len(records.kept) == 1)
+    assert response.status == 200
+    ours = response.headers[REQUEST_ID]
+    assert len(ours) == 32 and [r.id for r in records.kept] == [ours]
+
+
 async def test_every_protocol_is_metered_in_the_one_relay(sops_project: SopsProject) -> None:
     async with FakeUpstream(name="a") as up:
         priced_provider(sops_project, "a", up)  # openai: speaks chat and responses, not messages

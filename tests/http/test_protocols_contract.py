@@ -36,13 +36,14 @@ def gpt(url: str) -> openai.AsyncOpenAI:
     return _OPEN[-1]  # type: ignore[return-value]
 
 
-def _whole_chat_app(answers: list[dict[str, Any]]) -> web.Application:
+def _whole_chat_app(answers: list[dict[str, Any]], arguments: Any = '{"at": "it"}') -> web.Application:
     """A chat server that answers every request whole, `stream` or not (as some servers do
-    with tools), recording the requests' bodies in `answers`."""
+    with tools), recording the requests' bodies in `answers`; its tool call's `arguments` are
+    text, or an object as some servers write them."""
 
     async def whole(request: web.Request) -> web.Response:
         answers.append(await request.json())
-        call = {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": '{"at": "it"}'}}
+        call = {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": arguments}}
         message = {"role": "assistant", "content": "Let me look.", "tool_calls": [call]}
         return web.json_response(
             {
@@ -59,14 +60,16 @@ def _whole_chat_app(answers: list[dict[str, Any]]) -> web.Application:
     return app
 
 
+@pytest.mark.parametrize("arguments", ['{"at": "it"}', {"at": "it"}], ids=["text", "object"])
 async def test_a_translated_stream_whose_upstream_answered_whole_still_comes_as_events(
-    sops_project: SopsProject,
+    sops_project: SopsProject, arguments: Any
 ) -> None:
     """A client that asked for a stream reads events alone (the SDKs raise on a JSON body); an
     upstream that ignored `stream` and answered whole is translated into the events it would
-    have streamed, text, tool call, stop reason and usage."""
+    have streamed, text, tool call (its arguments as a whole answer's are read, an object too),
+    stop reason and usage."""
     asked: list[dict[str, Any]] = []
-    async with serving(_whole_chat_app(asked)) as url:
+    async with serving(_whole_chat_app(asked, arguments)) as url:
         write_provider(sops_project, "a", server_type="llamacpp", base_url=f"{url}/v1")
         write_routing(sops_project, chat="a")
         async with running(sops_project) as board:

@@ -74,13 +74,24 @@ def replayed(translator: StreamTranslator, chat: dict[str, Any]) -> bytes:
     delta: dict[str, Any] = {"role": "assistant", "content": messages.text_of(message.get("content"))}
     calls = [c for c in as_list(message.get("tool_calls")) if isinstance(c, dict)]
     if calls:
-        delta["tool_calls"] = [{**call, "index": index} for index, call in enumerate(calls)]
+        delta["tool_calls"] = [_streamed(call, index) for index, call in enumerate(calls)]
     chunk: dict[str, Any] = {key: chat[key] for key in ("id", "model") if key in chat}
     chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}]
     if isinstance(chat.get("usage"), dict):
         chunk["usage"] = chat["usage"]
     data = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
     return translator.feed(data) + translator.close()
+
+
+def _streamed(call: dict[str, Any], index: int) -> dict[str, Any]:
+    """A whole answer's tool call as a stream's delta says it: its arguments as text (an object,
+    as some servers answer them whole, is read as `from_chat` reads it: a stream's deltas are
+    text alone)."""
+    function = call.get("function")
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if isinstance(function, dict) and isinstance(arguments, dict):
+        function = {**function, "arguments": json.dumps(arguments)}
+    return {**call, "index": index, "function": function}
 
 
 def _chat(body: bytes) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -167,7 +167,12 @@ def sane_request_id(value: str) -> bool:
     return 0 < len(value) <= _MAX_REQUEST_ID and value.isascii() and value.isprintable() and " " not in value
 
 
-def pass_back(upstream: Mapping[str, str], headers: dict[str, str], key: str = "", sent: bytes = b"") -> None:
+def pass_back(
+    upstream: Mapping[str, str],
+    headers: dict[str, str],
+    key: str = "",
+    said: Callable[[str], bool] | None = None,
+) -> None:
     """Copy the upstream's `x-request-id`, `retry-after` and `x-ratelimit-*` onto the answer
     (docs/reference.md §7), `retry-after` with its `retry-after-ms` (`retry_after`). Anthropic names its
     request id `request-id`: passed back as `x-request-id`, as litellm's answers from it are,
@@ -175,9 +180,9 @@ def pass_back(upstream: Mapping[str, str], headers: dict[str, str], key: str = "
 
     A header whose value holds the provider's `key` (an upstream that reflects the request's
     headers) is not passed back (docs/reference.md §2.4): an `x-request-id` holding it leaves
-    the gateway's own id on the answer, and on its ledger record. Nor is an `x-request-id` found
-    in `sent`, the client's request body: a word of the prompt reflected would name the record,
-    which holds no prompt (docs/reference.md §13). One search of the body (a memmem).
+    the gateway's own id on the answer, and on its ledger record. Nor is an `x-request-id` the
+    client's request holds (`said`: `Call.said`, as it is or as its JSON escaped it): a word of the
+    prompt reflected would name the record, which holds no prompt (docs/reference.md §13).
 
     The upstream's header names are in lower case, as `response.Response.headers` keeps them."""
     for name, value in upstream.items():
@@ -188,7 +193,7 @@ def pass_back(upstream: Mapping[str, str], headers: dict[str, str], key: str = "
                 if "x-request-id" in upstream:
                     continue
                 name = "x-request-id"
-            if name == "x-request-id" and (not sane_request_id(value) or value.encode() in sent):
+            if name == "x-request-id" and (not sane_request_id(value) or (said is not None and said(value))):
                 continue
             headers[name] = value
     if "retry-after" in headers or "retry-after-ms" in headers:

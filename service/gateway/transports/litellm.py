@@ -199,6 +199,7 @@ async def _forward(
             params["extra_headers"] = dict(call.trace_headers)
     loop = asyncio.get_running_loop()
     started = loop.time()
+    call.upstream_status = None  # this attempt's: the bridge sets it once the vendor answers
     try:
         async with asyncio.timeout(limit):
             if call.purpose == "embeddings":
@@ -220,19 +221,23 @@ async def _forward(
         if isinstance(status, int) and 400 <= status < 500:
             status = _upstream_client_error(exc) or status
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
-            _pass_back_refusal(exc, headers, reflected(key), call.client_body)
+            _pass_back_refusal(exc, headers, reflected(key), call.said)
             return _client_error(exc, status, key, headers)
-        if not _reached_upstream(exc):
+        if not _reached_upstream(exc) and call.upstream_status is None:
             # litellm failed on the request itself (a malformed `tools`, `messages` of another
             # shape: it reports them as a 500 "connection error"), before sending anything.
             raise NotTranslated(_first_cause(exc)) from None
+        if not _reached_upstream(
+            exc
+        ):  # the vendor answered: litellm could not read it (a field of another type)
+            raise Failure(None, f"the upstream's answer could not be read ({_first_cause(exc)})") from None
         if not isinstance(status, int):
             raise Failure(None, type(exc).__name__) from None
         raise Failure.of_status(status, _asked_to_wait(exc)) from None
     call.first_byte_s = loop.time() - started
     shown = reflected(key)  # looked for in what the vendor sends back
     secret = shown.encode()
-    _pass_back(result, headers, shown, call.client_body)
+    _pass_back(result, headers, shown, call.said)
     if streaming:
         return await _relay_stream(call, result, first, headers, provider.idle_timeout_s, secret)
     call.usage = _usage(result)

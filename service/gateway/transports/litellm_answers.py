@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -111,20 +111,22 @@ async def _relay_stream(
     return answer
 
 
-def _pass_back(result: Any, headers: dict[str, str], key: str, sent: bytes) -> None:
+def _pass_back(result: Any, headers: dict[str, str], key: str, said: Callable[[str], bool]) -> None:
     """The vendor's request id and rate limits, as litellm kept them, onto the answer
-    (docs/reference.md §7); `sent` is the client's body (`_passed`)."""
+    (docs/reference.md §7); `said`: whether the client's request holds a text (`_passed`)."""
     hidden = getattr(result, "_hidden_params", None)
     kept = hidden.get("additional_headers") if isinstance(hidden, dict) else None
     if isinstance(kept, dict):
-        _passed(kept, headers, key, sent)
+        _passed(kept, headers, key, said)
 
 
 _VENDOR_LIMIT = re.compile(r"anthropic-ratelimit-(requests|tokens)-(limit|remaining)")
 """Anthropic's rate limits that litellm names as OpenAI's (`x-ratelimit-remaining-requests`) on an answer."""
 
 
-def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str, sent: bytes) -> None:
+def _pass_back_refusal(
+    exc: Exception, headers: dict[str, str], key: str, said: Callable[[str], bool]
+) -> None:
     """The vendor's request id and rate limits onto its refusal of the client's request, as
     `_pass_back` puts them on an answer (docs/reference.md §7): litellm keeps the upstream's headers on
     its exception as they came, so Anthropic's rate limits are named here as litellm names them
@@ -137,13 +139,13 @@ def _pass_back_refusal(exc: Exception, headers: dict[str, str], key: str, sent: 
         name = str(field).lower()
         limit = _VENDOR_LIMIT.fullmatch(name)
         kept[f"x-ratelimit-{limit[2]}-{limit[1]}" if limit else name] = str(value)
-    _passed(kept, headers, key, sent)
+    _passed(kept, headers, key, said)
 
 
-def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str, sent: bytes) -> None:
+def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str, said: Callable[[str], bool]) -> None:
     """From the vendor's headers `kept`: its request id, `retry-after` and `x-ratelimit-*`, none
-    holding the provider's `key` (docs/reference.md §2.4), and a request id not found in `sent`,
-    the client's body (`base.pass_back`)."""
+    holding the provider's `key` (docs/reference.md §2.4), and a request id the client's request
+    does not hold (`said`, `base.pass_back`)."""
     for field, value in kept.items():
         name = str(field).removeprefix("llm_provider-").lower()
         if name == "request-id":  # Anthropic's name for it
@@ -151,7 +153,7 @@ def _passed(kept: Mapping[Any, Any], headers: dict[str, str], key: str, sent: by
         if key and key in str(value):
             continue
         if name == "x-request-id":
-            pass_back({name: str(value)}, headers, sent=sent)  # the vendor's id names the answer, when sane
+            pass_back({name: str(value)}, headers, said=said)  # the vendor's id names the answer, when sane
         elif name in ("retry-after", "retry-after-ms") or name.startswith("x-ratelimit-"):
             headers.setdefault(name, str(value))
     if "retry-after" in headers or "retry-after-ms" in headers:

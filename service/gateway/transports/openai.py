@@ -163,16 +163,18 @@ class Upstream:
         client's to read, not the key. One search of the body (a memmem) when there is a key."""
         return masked(body, self.key)
 
-    def pass_back(self, upstream: Mapping[str, str], headers: dict[str, str], sent: bytes) -> None:
+    def pass_back(
+        self, upstream: Mapping[str, str], headers: dict[str, str], said: Callable[[str], bool]
+    ) -> None:
         """The upstream's `Content-Type` (the key masked in it) and the headers `base.pass_back`
-        passes back, none holding the key (nor a request id found in `sent`, the client's
-        body), onto the answer's `headers`."""
+        passes back, none holding the key (nor a request id the client's request holds: `said`),
+        onto the answer's `headers`."""
         content_type = upstream.get("Content-Type", "application/json")
         key = self.key_text
         if key and key in content_type:
             content_type = content_type.replace(key, "****")
         headers["Content-Type"] = content_type
-        pass_back(upstream, headers, key, sent)
+        pass_back(upstream, headers, key, said)
 
     def __repr__(self) -> str:  # the headers hold the key
         return f"Upstream({self.provider.id!r})"
@@ -223,7 +225,7 @@ class OpenAITransport(Transport):
             call.usage = usages.as_chat(call.upstream_protocol, find_usage(body))
             if (target.names_models or call.trace_headers is not None) and call.usage is not None:
                 call.answer_model = find_model(body)
-        target.pass_back(response.headers, headers, call.client_body)
+        target.pass_back(response.headers, headers, call.said)
         return web.Response(body=body, status=status, headers=headers)
 
     async def exchange(self, call: Call, target: Upstream, path: str, body: bytes) -> tuple[Response, bytes]:
@@ -325,7 +327,7 @@ class OpenAITransport(Transport):
         if is_stream and not first:  # ended before its first byte: nothing sent yet, fall back
             response.close()
             raise Failure(None, "the stream ended before its first event")
-        target.pass_back(response.headers, headers, call.client_body)
+        target.pass_back(response.headers, headers, call.said)
         if is_stream:
             return await relay_events(
                 call,

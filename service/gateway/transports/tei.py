@@ -39,7 +39,7 @@ class TEITransport(Transport):
         url = target.base.removesuffix("/v1") + "/rerank"
         body = json.dumps({"query": query, "texts": texts}).encode()  # ASCII: a lone surrogate stays valid
         response, answer = await self.direct.exchange(call, target, url, body)
-        pass_back(response.headers, headers, target.key_text, call.client_body)
+        pass_back(response.headers, headers, target.key_text, call.said)
         headers["Content-Type"] = "application/json"
         if response.status >= 300:
             return web.Response(body=_error(answer, response.status), status=response.status, headers=headers)

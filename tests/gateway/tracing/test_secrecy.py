@@ -142,3 +142,35 @@ async def test_an_answer_naming_the_prompt_as_its_model_exports_no_prompt(
             await otlp.point(lambda p: p.metric == "gen_ai.client.token.usage")
     assert PROMPT not in metrics
     assert PROMPT.encode() not in b"".join(otlp.exports)
+
+
+async def test_an_answer_naming_the_prompt_as_the_client_escaped_it_exports_no_prompt(
+    sops_project: SopsProject, otlp: OTLPReceiver
+) -> None:
+    """A client whose JSON encoder escapes characters of its prompt (.NET's: an apostrophe as
+    `\\u0027`) sends bytes that do not hold it as it is; an upstream reflecting the prompt it
+    read as its answer's model has it in no span and no metric all the same."""
+    prompt = f"don't-{PROMPT}"
+
+    async def reflect(request: web.Request) -> web.Response:
+        named = (await request.json())["messages"][-1]["content"]
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        return web.json_response({"id": "c1", "model": named, "choices": [choice], "usage": usage})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reflect)
+    async with serving(app) as url:
+        write_provider(sops_project, "a", provider="openai", base_url=f"{url}/v1", api_key=CANARY)
+        write_routing(sops_project, chat="a")
+        async with running(sops_project) as board:
+            body = '{"model": "m", "messages": [{"role": "user", "content": "don\\u0027t-' + PROMPT + '"}]}'
+            assert json.loads(body)["messages"][0]["content"] == prompt
+            headers = {"Content-Type": "application/json"}
+            async with board.http.post(f"{board.url}/v1/chat/completions", data=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+            metrics = await board.metrics()
+            await otlp.spans_matching(lambda s: s.kind == "SERVER", 1)
+            await otlp.point(lambda p: p.metric == "gen_ai.client.token.usage")
+    assert PROMPT not in metrics
+    assert PROMPT.encode() not in b"".join(otlp.exports)

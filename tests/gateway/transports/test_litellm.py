@@ -667,3 +667,36 @@ async def test_a_stream_through_litellm_is_not_cut_by_the_limit(sops_project: So
             text = await response.text()
     assert response.status == 200
     assert "word199" in text and "upstream_failed" not in text
+
+
+@pytest.mark.parametrize("units", [b"1.5", b"NaN", b"1e400"], ids=["fraction", "nan", "infinite"])
+async def test_an_answer_litellm_cannot_read_is_the_vendors_failure_not_the_clients_request(
+    sops_project: SopsProject, units: bytes
+) -> None:
+    """A Cohere rerank whose `meta.billed_units` litellm refuses to read (a fraction of a search
+    unit, NaN): the vendor had the request and answered, so it is the vendor's failure (502, the
+    provider's circuit hears of it), not a request litellm could not translate (a 400 that blamed
+    the client)."""
+
+    async def rerank(request: web.Request) -> web.Response:
+        await request.read()
+        meta = b'{"billed_units":{"search_units":' + units + b"}}"
+        body = b'{"id":"rr","results":[{"index":0,"relevance_score":0.5}],"meta":' + meta + b"}"
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v2/rerank", rerank)
+    async with serving(app) as url:
+        write_provider(
+            sops_project, "co", provider="cohere", base_url=url, api_key="sk-up", purposes=["reranking"]
+        )
+        write_routing(sops_project, reranking="co")
+        async with running(sops_project) as board:
+            response = await board.post(
+                "/v1/rerank", {"model": "rerank-v3.5", "query": "q", "documents": ["a"]}
+            )
+            failed = (await response.json())["error"]
+    assert response.status == 502, failed
+    assert (
+        failed["attempts"][0]["provider"] == "co" and "could not be read" in failed["attempts"][0]["reason"]
+    )
