@@ -57,10 +57,7 @@ def normalise(usage: Mapping[str, Any] | None) -> Tokens | None:
 def queries(usage: Mapping[str, Any] | None) -> int:
     """The rerank queries an answer's usage says were billed (`search_units`), else one, as
     litellm prices them."""
-    value = usage.get("search_units") if isinstance(usage, Mapping) else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return 1
-    return min(value, MAX_TOKENS)
+    return max(1, _count(usage, "search_units")) if isinstance(usage, Mapping) else 1
 
 
 def queries_asked(data: Mapping[str, Any]) -> int:

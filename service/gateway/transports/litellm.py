@@ -223,13 +223,12 @@ async def _forward(
         if isinstance(status, int) and 400 <= status < 500 and not falls_back(status):
             _pass_back_refusal(exc, headers, reflected(key), call.said)
             return _client_error(exc, status, key, headers)
-        if not _reached_upstream(exc) and call.upstream_status is None:
-            # litellm failed on the request itself (a malformed `tools`, `messages` of another
-            # shape: it reports them as a 500 "connection error"), before sending anything.
-            raise NotTranslated(_first_cause(exc)) from None
-        if not _reached_upstream(
-            exc
-        ):  # the vendor answered: litellm could not read it (a field of another type)
+        if not _reached_upstream(exc):
+            if call.upstream_status is None:
+                # litellm failed on the request itself (a malformed `tools`, `messages` of another
+                # shape: it reports them as a 500 "connection error"), before sending anything.
+                raise NotTranslated(_first_cause(exc)) from None
+            # the vendor answered: litellm could not read it (a field of another type)
             raise Failure(None, f"the upstream's answer could not be read ({_first_cause(exc)})") from None
         if not isinstance(status, int):
             raise Failure(None, type(exc).__name__) from None
